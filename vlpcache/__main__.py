@@ -1,0 +1,3 @@
+from vlpcache.cli import main
+
+main()

@@ -1,0 +1,127 @@
+"""Random access to a region cache by index or id, safe in DataLoader workers.
+
+The reader lists the finished shards and their ids once, closes every file, and opens shards lazily
+per process on first read: h5py handles do not survive fork, so a handle opened in the parent is
+never used in a worker.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from vlpcache.cache.schema import ARRAYS, SHARD_DIR, SHARD_SUFFIX, STRINGS, CacheSettings
+from vlpcache.cache.writer import read_failures, read_manifest
+from vlpcache.errors import UserError
+
+
+def _decode(values) -> list[str]:
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+class RegionCache:
+    """A read-only view of every finished shard in a cache directory.
+
+    `cache[i]` and `cache.get(id)` return one video's arrays (schema.ARRAYS names) plus "id",
+    "path" and "kind".
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike):
+        self.cache_dir = Path(cache_dir)
+        if not self.cache_dir.is_dir():
+            raise UserError(f"{self.cache_dir}: no such cache directory; run `vlpcache extract` first")
+        self.settings: CacheSettings = read_manifest(self.cache_dir)
+        self._handles: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-list the shards (other processes may have committed more since)."""
+        self.close()
+        self.shard_paths: list[Path] = sorted((self.cache_dir / SHARD_DIR).glob(f"*{SHARD_SUFFIX}"))
+        ids, paths, kinds, locations = [], [], [], []
+        seen: dict[str, int] = {}
+        for s, shard in enumerate(self.shard_paths):
+            try:
+                with h5py.File(shard, "r") as f:
+                    shard_ids = _decode(f["ids"][:])
+                    shard_paths = _decode(f["paths"][:])
+                    shard_kinds = _decode(f["kinds"][:])
+            except (OSError, KeyError) as err:
+                print(f"{shard}: unreadable shard ({err}); ignored", file=sys.stderr)
+                continue
+            for row, item_id in enumerate(shard_ids):
+                if item_id in seen:  # only if two writers were given overlapping work; keep the first
+                    continue
+                seen[item_id] = len(ids)
+                ids.append(item_id)
+                paths.append(shard_paths[row])
+                kinds.append(shard_kinds[row])
+                locations.append((s, row))
+        self.ids: list[str] = ids
+        self.paths: list[str] = paths
+        self.kinds: list[str] = kinds
+        self._index_of = seen
+        self._locations = np.array(locations, dtype=np.int64).reshape(-1, 2)
+
+    @property
+    def failures(self) -> dict[str, dict]:
+        """Failed items not since extracted successfully: id -> {"id", "path", "reason", "time"}."""
+        return {k: v for k, v in read_failures(self.cache_dir).items() if k not in self._index_of}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._index_of
+
+    def index_of(self, item_id: str) -> int:
+        try:
+            return self._index_of[item_id]
+        except KeyError:
+            raise KeyError(f"{item_id!r} is not in cache {self.cache_dir}") from None
+
+    def _shard(self, s: int) -> h5py.File:
+        if os.getpid() != self._pid:  # forked into a worker: the parent's handles are not ours to use
+            self._handles = {}
+            self._pid = os.getpid()
+        f = self._handles.get(s)
+        if f is None:
+            f = self._handles[s] = h5py.File(self.shard_paths[s], "r")
+        return f
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a cache of {len(self)} items")
+        s, row = self._locations[index]
+        f = self._shard(int(s))
+        item = {spec.name: f[spec.name][row] for spec in ARRAYS}
+        item["id"], item["path"], item["kind"] = self.ids[index], self.paths[index], self.kinds[index]
+        return item
+
+    def get(self, item_id: str) -> dict:
+        return self[self.index_of(item_id)]
+
+    def size_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.cache_dir.rglob("*") if p.is_file())
+
+    def close(self) -> None:
+        if os.getpid() == self._pid:
+            for f in self._handles.values():
+                f.close()
+        self._handles = {}
+
+    def __getstate__(self):  # picklable for spawn-started workers: handles are reopened there
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,102 @@
+"""The HDF5 region-cache format, defined once; the shard writer and the reader both import it.
+
+A cache is a directory:
+
+    manifest.json                  settings and provenance every shard must share (CacheSettings)
+    shards/<writer>-<seq>.h5       finished shards; a shard is renamed here only once complete
+    shards/<writer>-<seq>.h5.tmp   the shard being written (ignored by readers, redone on resume)
+    failures/<writer>.jsonl        one JSON line per failed item: {"id", "path", "reason"}
+
+Per shard file, V videos with fixed-shape arrays (T frames, N regions per frame, D feature dims),
+chunked one video per chunk so that one training read is one chunk read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+MANIFEST_NAME = "manifest.json"
+SHARD_DIR = "shards"
+FAILURE_DIR = "failures"
+SHARD_SUFFIX = ".h5"
+TMP_SUFFIX = ".tmp"
+
+# label of the whole-frame region that every frame carries at region index 0
+FRAME_REGION_LABEL = -1
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    name: str
+    dims: tuple[str, ...]  # symbolic shape after the leading video axis V
+    dtype: Any
+
+
+# Per-video arrays; "T", "N", "D" and "4" are resolved from CacheSettings.
+ARRAYS: tuple[ArraySpec, ...] = (
+    ArraySpec("features", ("T", "N", "D"), np.float16),
+    ArraySpec("boxes", ("T", "N", "4"), np.float32),  # normalised x1, y1, x2, y2 in [0, 1]
+    ArraySpec("scores", ("T", "N"), np.float16),
+    ArraySpec("labels", ("T", "N"), np.int16),  # COCO class index, FRAME_REGION_LABEL for the whole frame
+    ArraySpec("region_mask", ("T", "N"), np.bool_),
+    ArraySpec("frame_mask", ("T",), np.bool_),
+    ArraySpec("timestamps", ("T",), np.float32),  # seconds from the start of the item
+    ArraySpec("frame_size", ("2",), np.int32),  # original (height, width) in pixels
+    ArraySpec("duration", (), np.float32),  # seconds; 0 for still images and frame folders
+)
+# Per-video strings (variable-length UTF-8).
+STRINGS: tuple[str, ...] = ("ids", "paths", "kinds")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Everything that must be equal for two extraction runs to write into one cache."""
+
+    frames: int  # T
+    regions: int  # N, including the whole-frame region
+    feature_dim: int  # D
+    detector: str
+    detector_weights_sha256: str
+    backbone: str
+    backbone_weights_sha256: str
+    sampling: str = "segment-centres"
+    score_threshold: float = 0.1
+    nms_iou: float = 0.5
+    schema_version: int = SCHEMA_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def shape_of(self, spec: ArraySpec) -> tuple[int, ...]:
+        sizes = {"T": self.frames, "N": self.regions, "D": self.feature_dim, "4": 4, "2": 2}
+        return tuple(sizes[d] for d in spec.dims)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CacheSettings":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def differences(self, other: "CacheSettings") -> list[str]:
+        """Human-readable list of the settings in which two caches differ."""
+        mine, theirs = self.to_json(), other.to_json()
+        return [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in mine if mine[k] != theirs.get(k)]
+
+
+def shard_attrs(settings: CacheSettings, tool_version: str) -> dict[str, Any]:
+    """Provenance attributes stored on every shard file, so a shard read alone is self-describing."""
+    attrs = {k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in settings.to_json().items()}
+    attrs["vlpcache_version"] = tool_version
+    return attrs
+
+
+def empty_item(settings: CacheSettings) -> dict[str, np.ndarray]:
+    """Zero arrays of the right shapes and dtypes for one video, all masks False."""
+    return {s.name: np.zeros(settings.shape_of(s), dtype=s.dtype) for s in ARRAYS}
