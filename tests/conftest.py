@@ -1,0 +1,47 @@
+"""Shared fixtures: the real data in ../shared (or $VLPCACHE_SHARED), skipped with a reason where absent."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("VLPCACHE_SHARED", REPO.parent / "shared")).resolve()
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"shared data not found at {path} (set VLPCACHE_SHARED to the shared/ folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return _need(SHARED)
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    return _need(SHARED / "models")
+
+
+@pytest.fixture(scope="session")
+def videos_dir() -> Path:
+    return _need(SHARED / "data" / "videos")
+
+
+@pytest.fixture(scope="session")
+def msrvtt_dir() -> Path:
+    return _need(SHARED / "data" / "msrvtt")
+
+
+@pytest.fixture(scope="session")
+def flickr_dir() -> Path:
+    return _need(SHARED / "data" / "flickr8k")
+
+
+@pytest.fixture(autouse=True)
+def _models_env(monkeypatch):
+    # tests use the offline weights in shared/models unless a test says otherwise
+    if (SHARED / "models").exists():
+        monkeypatch.setenv("VLPCACHE_MODELS", str(SHARED / "models"))

@@ -1,0 +1,98 @@
+"""Caption files, read by pretraining and evaluation alike.
+
+JSON Lines: one object per video, {"video": id, "captions": [...]} (extra keys such as "split" are
+kept aside). CSV: a header with `video` and `caption` columns, one row per caption, several rows per
+video allowed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlpcache.errors import UserError
+
+
+@dataclass
+class Captions:
+    """Captions per item id, in file order, plus what was dropped while reading."""
+
+    by_id: dict[str, list[str]] = field(default_factory=dict)
+    splits: dict[str, str] = field(default_factory=dict)
+    empty_captions: int = 0
+    bad_lines: int = 0
+    sources: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def merge(self, other: "Captions") -> "Captions":
+        for item_id, caps in other.by_id.items():
+            self.by_id.setdefault(item_id, []).extend(caps)
+        self.splits.update(other.splits)
+        self.empty_captions += other.empty_captions
+        self.bad_lines += other.bad_lines
+        self.sources += other.sources
+        return self
+
+    def restrict(self, ids) -> tuple["Captions", dict[str, int]]:
+        """Captions of the given item ids only, and counts of what did not match either way."""
+        ids = list(ids)
+        present = set(ids)
+        kept = Captions({i: self.by_id[i] for i in ids if i in self.by_id}, self.splits, sources=self.sources)
+        report = {
+            "items_with_captions": len(kept.by_id),
+            "items_without_captions": sum(1 for i in ids if i not in self.by_id),
+            "captions_without_items": sum(1 for i in self.by_id if i not in present),
+            "empty_captions": self.empty_captions,
+            "bad_lines": self.bad_lines,
+        }
+        return kept, report
+
+
+def _add(captions: Captions, item_id, texts) -> None:
+    for text in texts:
+        text = str(text).strip() if text is not None else ""
+        if text:
+            captions.by_id.setdefault(str(item_id), []).append(text)
+        else:
+            captions.empty_captions += 1
+
+
+def read_captions(path: str | Path) -> Captions:
+    """Read a .jsonl/.json-lines or .csv caption file; malformed lines are counted, not fatal."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: caption file not found")
+    captions = Captions(sources=[str(path)])
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"video", "caption"} <= set(reader.fieldnames):
+                raise UserError(f"{path}: a CSV caption file needs 'video' and 'caption' columns")
+            for row in reader:
+                if not row.get("video"):
+                    captions.bad_lines += 1
+                    continue
+                _add(captions, row["video"], [row.get("caption")])
+        return captions
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                item_id, texts = record["video"], record["captions"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                captions.bad_lines += 1
+                continue
+            if isinstance(texts, str):
+                texts = [texts]
+            _add(captions, item_id, texts)
+            if "split" in record:
+                captions.splits[str(item_id)] = str(record["split"])
+            if str(item_id) not in captions.by_id:
+                captions.by_id[str(item_id)] = []  # present in the file, but every caption was empty
+    return captions

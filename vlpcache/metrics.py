@@ -1,0 +1,39 @@
+"""Retrieval metrics: the one function that pretraining validation, `eval` and benchmarks all call."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def retrieval_metrics(similarity: np.ndarray, targets: Sequence) -> dict[str, float]:
+    """Recall@1/5/10 (percent), median and mean rank (1-based) of the best-ranked correct candidate.
+
+    similarity: (Q, C) scores, higher is better. targets: for each query, the index of its correct
+    candidate, or a sequence of indices where several candidates are correct (video -> all its
+    captions). Ties count against the query: a correct candidate ranks after every candidate whose
+    score is greater or equal, so a constant scorer never looks good.
+    """
+    similarity = np.asarray(similarity, dtype=np.float64)
+    if similarity.ndim != 2 or similarity.shape[0] != len(targets):
+        raise ValueError(f"similarity {similarity.shape} does not match {len(targets)} queries")
+    if similarity.shape[0] == 0:
+        raise ValueError("no queries to evaluate")
+    ranks = np.empty(similarity.shape[0], dtype=np.int64)
+    for q, target in enumerate(targets):
+        correct = np.atleast_1d(np.asarray(target, dtype=np.int64))
+        row = similarity[q]
+        best = row[correct].max()
+        others = np.ones(row.shape[0], dtype=bool)
+        others[correct] = False
+        ranks[q] = 1 + int(np.count_nonzero(row[others] >= best))
+    return {
+        "R@1": 100.0 * float(np.mean(ranks <= 1)),
+        "R@5": 100.0 * float(np.mean(ranks <= 5)),
+        "R@10": 100.0 * float(np.mean(ranks <= 10)),
+        "MdR": float(np.median(ranks)),
+        "MnR": float(np.mean(ranks)),
+        "queries": int(len(ranks)),
+        "candidates": int(similarity.shape[1]),
+    }
