@@ -93,6 +93,4 @@ def read_captions(path: str | Path) -> Captions:
             _add(captions, item_id, texts)
             if "split" in record:
                 captions.splits[str(item_id)] = str(record["split"])
-            if str(item_id) not in captions.by_id:
-                captions.by_id[str(item_id)] = []  # present in the file, but every caption was empty
     return captions
