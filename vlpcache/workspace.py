@@ -1,0 +1,84 @@
+"""Where caches, runs and indexes live by default, so that the short command forms work.
+
+The workspace is `.vlpcache/` in the current directory, or $VLPCACHE_WORKSPACE:
+
+    .vlpcache/cache/           the region cache written by `extract`
+    .vlpcache/runs/<name>/     pretraining runs (checkpoints, logs)
+    .vlpcache/index/           the FAISS index of the latest run
+    .vlpcache/roots.json       the roots `extract` was given (to find caption files beside them)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from vlpcache.errors import UserError
+
+MODEL_FILES_HINT = "pass --models DIR or set VLPCACHE_MODELS to the folder that holds it"
+
+
+class Workspace:
+    def __init__(self, root: str | os.PathLike | None = None):
+        root = root or os.environ.get("VLPCACHE_WORKSPACE") or Path.cwd() / ".vlpcache"
+        self.root = Path(root)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.root / "index"
+
+    def new_run_dir(self, name: str | None = None) -> Path:
+        """A fresh run directory: runs/<name> or runs/run-NNN."""
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        if name:
+            return self.runs_dir / name
+        taken = [int(p.name[4:]) for p in self.runs_dir.glob("run-*") if p.name[4:].isdigit()]
+        return self.runs_dir / f"run-{max(taken, default=0) + 1:03d}"
+
+    def latest_run(self) -> Path:
+        """The most recently modified run directory that holds a checkpoint."""
+        runs = [p for p in self.runs_dir.glob("*") if p.is_dir() and any(p.glob("**/*.safetensors"))]
+        if not runs:
+            raise UserError(f"no pretraining run in {self.runs_dir}; run `vlpcache pretrain` first or pass --run")
+        return max(runs, key=lambda p: p.stat().st_mtime)
+
+    def remember_roots(self, roots: list[Path]) -> None:
+        known = self.extracted_roots()
+        for root in roots:
+            if str(root.resolve()) not in known:
+                known.append(str(root.resolve()))
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "roots.json").write_text(json.dumps(known, indent=2))
+
+    def extracted_roots(self) -> list[str]:
+        try:
+            return json.loads((self.root / "roots.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return []
+
+
+def models_dir(option: str | os.PathLike | None = None) -> Path:
+    """The folder holding offline weights: --models, else $VLPCACHE_MODELS, else ~/.cache/vlpcache/models."""
+    if option:
+        return Path(option)
+    if os.environ.get("VLPCACHE_MODELS"):
+        return Path(os.environ["VLPCACHE_MODELS"])
+    return Path.home() / ".cache" / "vlpcache" / "models"
+
+
+def model_file(name: str, option: str | os.PathLike | None = None) -> Path:
+    """Path of a weights file in the models folder, or one clear error naming it and where to put it."""
+    folder = models_dir(option)
+    path = folder / name
+    if not path.is_file():
+        raise UserError(f"weights file {name} not found in {folder}; put it there, or {MODEL_FILES_HINT}")
+    return path
