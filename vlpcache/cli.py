@@ -1,0 +1,90 @@
+"""The command table: each command parses its options and calls one function, nothing more.
+
+Stage modules are imported inside the commands so that `vlpcache --help` and `vlpcache search`
+start without loading what they do not use.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from vlpcache import __version__
+from vlpcache.errors import UserError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="vlpcache")
+def cli() -> None:
+    """Affordable video-language pretraining on cached region features.
+
+    \b
+    vlpcache extract videos/                 sparse frames -> detector -> region cache
+    vlpcache pretrain                        cache + captions -> model checkpoint
+    vlpcache search "person cuts onion"      ranked videos with times and matching regions
+    vlpcache index / eval / inspect          build the index; R@K on a caption file; look at a cache
+    """
+
+
+@cli.command()
+@click.argument("roots", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("-o", "--output", "cache_dir", type=click.Path(), help="Cache directory [default: .vlpcache/cache].")
+@click.option("--frames", default=8, show_default=True, type=click.IntRange(1, 512), help="Frames sampled per item (T).")
+@click.option("--regions", default=30, show_default=True, type=click.IntRange(1, 1000),
+              help="Detected regions kept per frame; one whole-frame region is added (N = regions + 1).")
+@click.option("--detector", default="yolox", show_default=True, type=click.Choice(["yolox", "frcnn"]))
+@click.option("--backbone", default=None,
+              help="Region features. yolox: mobilenet_v2 (1280-d, default), neck (448-d YOLOX neck maps) or "
+                   "mobilenet_v2+neck; frcnn: its box head (default) or a torchvision model name for --detector frcnn.")
+@click.option("--weights", type=click.Path(), help="Detector weights file (frcnn state dict) instead of the default.")
+@click.option("--models", "models", type=click.Path(), help="Folder of offline weights [env VLPCACHE_MODELS].")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--batch-size", default=None, type=click.IntRange(1), help="Frames per detector batch [default: 32 on CPU, 128 on CUDA].")
+@click.option("--workers", default=None, type=click.IntRange(0), help="Decoding worker processes [default: CPU cores - 1, at least 1].")
+@click.option("--shard", default="0/1", show_default=True, help="Process only part i of n of the items (i/n), for many machines.")
+@click.option("--retry-failed", is_flag=True, help="Retry items recorded as failed in an earlier run.")
+@click.option("--score-threshold", default=0.1, show_default=True, type=click.FloatRange(0, 1), help="Minimum detection score.")
+@click.option("--quiet", is_flag=True, help="No progress bar or per-item lines; the summary only.")
+def extract(**options) -> None:
+    """Sample frames of every video/image/frame folder under ROOTS and cache their region features."""
+    from vlpcache.extract.runner import run_extract
+
+    summary = run_extract(**options)
+    sys.exit(0 if summary.ok else 1)
+
+
+@cli.command()
+@click.argument("cache_dir", required=False, type=click.Path())
+@click.option("--render", "render_id", metavar="ID", help="Draw the sampled frames of item ID with its boxes.")
+@click.option("-o", "--output", type=click.Path(), help="Image file for --render [default: ID.png].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--failures", is_flag=True, help="List every failed item with its reason.")
+def inspect(cache_dir, render_id, output, as_json, failures) -> None:
+    """Summarise a cache (items, failures, T/N/D, provenance, size), or render one item."""
+    from vlpcache.cache.inspect import inspect_cache
+
+    inspect_cache(cache_dir, render_id=render_id, output=output, as_json=as_json, list_failures=failures)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except UserError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted; what was committed is kept, re-run the same command to resume", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
