@@ -62,7 +62,7 @@ def extract(**options) -> None:
 @click.option("--failures", is_flag=True, help="List every failed item with its reason.")
 def inspect(cache_dir, render_id, output, as_json, failures) -> None:
     """Summarise a cache (items, failures, T/N/D, provenance, size), or render one item."""
-    from vlpcache.cache.inspect import inspect_cache
+    from vlpcache.extract.inspect import inspect_cache
 
     inspect_cache(cache_dir, render_id=render_id, output=output, as_json=as_json, list_failures=failures)
 

@@ -106,6 +106,16 @@ class RegionCache:
     def get(self, item_id: str) -> dict:
         return self[self.index_of(item_id)]
 
+    def column(self, name: str) -> np.ndarray:
+        """One array for every video in cache order, read a shard at a time (e.g. "frame_mask")."""
+        parts = {}
+        for s in np.unique(self._locations[:, 0]):
+            parts[int(s)] = self._shard(int(s))[name][:]
+        if not parts:
+            spec = next(a for a in ARRAYS if a.name == name)
+            return np.zeros((0, *self.settings.shape_of(spec)), dtype=spec.dtype)
+        return np.stack([parts[int(s)][row] for s, row in self._locations])
+
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.cache_dir.rglob("*") if p.is_file())
 

@@ -1,0 +1,144 @@
+"""The HDF5 region cache: schema, crash-safe shard writer, lazy reader."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from vlpcache.cache.reader import RegionCache
+from vlpcache.cache.schema import ARRAYS, SHARD_DIR, CacheSettings, empty_item
+from vlpcache.cache.writer import ShardWriter, read_failures
+from vlpcache.errors import UserError
+
+SETTINGS = CacheSettings(frames=3, regions=4, feature_dim=8, detector="test", detector_weights_sha256="d" * 64,
+                         backbone="test", backbone_weights_sha256="b" * 64)
+
+
+def random_item(seed: int, settings: CacheSettings = SETTINGS) -> dict:
+    rng = np.random.default_rng(seed)
+    item = empty_item(settings)
+    item["features"][:] = rng.standard_normal(item["features"].shape)
+    item["boxes"][:] = np.sort(rng.random(item["boxes"].shape), axis=-1)
+    item["scores"][:] = rng.random(item["scores"].shape)
+    item["labels"][:] = rng.integers(-1, 80, item["labels"].shape)
+    item["region_mask"][:] = rng.random(item["region_mask"].shape) > 0.3
+    item["frame_mask"][:2] = True
+    item["timestamps"][:] = [0.5, 1.5, 0.0]
+    item["frame_size"][:] = [240, 320]
+    item["duration"][...] = 3.0
+    return item
+
+
+def write_items(cache_dir, ids, writer_name="s0of1", **kwargs):
+    with ShardWriter(cache_dir, SETTINGS, writer_name=writer_name, **kwargs) as writer:
+        for i, item_id in enumerate(ids):
+            writer.add(item_id, f"/data/{item_id}.mp4", "video", random_item(i))
+
+
+def test_written_items_read_back_identical_by_index_and_id(tmp_path):
+    write_items(tmp_path, ["a", "b/ü n", "c"])
+    cache = RegionCache(tmp_path)
+    assert len(cache) == 3 and cache.ids == ["a", "b/ü n", "c"]
+    for i, item_id in enumerate(cache.ids):
+        expected = random_item(i)
+        got = cache.get(item_id)
+        for spec in ARRAYS:
+            assert got[spec.name].dtype == spec.dtype
+            np.testing.assert_array_equal(got[spec.name], expected[spec.name].astype(spec.dtype))
+        assert got["path"] == f"/data/{item_id}.mp4" and got["kind"] == "video"
+    assert cache[1]["id"] == "b/ü n"
+
+
+def test_shard_is_chunked_one_video_per_chunk_with_provenance(tmp_path):
+    write_items(tmp_path, ["a", "b"])
+    (shard,) = (tmp_path / SHARD_DIR).glob("*.h5")
+    with h5py.File(shard) as f:
+        assert f["features"].chunks == (1, 3, 4, 8)
+        assert f["features"].dtype == np.float16
+        assert f.attrs["schema_version"] == 1 and f.attrs["frames"] == 3
+        assert f.attrs["detector_weights_sha256"] == "d" * 64 and "vlpcache_version" in f.attrs
+
+
+def test_shards_commit_after_max_items_and_reader_sees_union(tmp_path):
+    write_items(tmp_path, [f"v{i}" for i in range(5)], max_items=2)
+    write_items(tmp_path, ["w0", "w1"], writer_name="s1of2")
+    assert len(list((tmp_path / SHARD_DIR).glob("*.h5"))) == 4
+    assert sorted(RegionCache(tmp_path).ids) == sorted([f"v{i}" for i in range(5)] + ["w0", "w1"])
+
+
+def test_uncommitted_shard_is_invisible_and_removed_on_resume(tmp_path):
+    writer = ShardWriter(tmp_path, SETTINGS)
+    writer.add("lost", "/x", "video", random_item(0))  # as if killed before commit
+    writer._file.flush()
+    assert len(RegionCache(tmp_path)) == 0
+    assert list((tmp_path / SHARD_DIR).glob("*.tmp"))
+    ShardWriter(tmp_path, SETTINGS).close()
+    assert not list((tmp_path / SHARD_DIR).glob("*.tmp"))
+
+
+def test_cache_with_different_settings_is_refused(tmp_path):
+    write_items(tmp_path, ["a"])
+    other = CacheSettings(**{**SETTINGS.to_json(), "frames": 4})
+    with pytest.raises(UserError, match="frames: 3 != 4"):
+        ShardWriter(tmp_path, other)
+
+
+def test_wrong_shape_is_rejected_before_anything_is_written(tmp_path):
+    item = random_item(0)
+    item["features"] = item["features"][:, :2]
+    with ShardWriter(tmp_path, SETTINGS) as writer, pytest.raises(ValueError, match="features"):
+        writer.add("bad", "/x", "video", item)
+    assert len(RegionCache(tmp_path)) == 0
+
+
+def test_failure_log_survives_a_partial_last_line(tmp_path):
+    with ShardWriter(tmp_path, SETTINGS) as writer:
+        writer.record_failure("x", "/x.mp4", "no video stream")
+    log = next((tmp_path / "failures").glob("*.jsonl"))
+    with open(log, "ab") as f:
+        f.write(b'{"id": "half')  # a kill -9 mid-write
+    with ShardWriter(tmp_path, SETTINGS) as writer:
+        writer.record_failure("y", "/y.mp4", "corrupt")
+    assert set(read_failures(tmp_path)) == {"x", "y"}
+
+
+def test_succeeded_retry_clears_the_failure(tmp_path):
+    with ShardWriter(tmp_path, SETTINGS) as writer:
+        writer.record_failure("a", "/a.mp4", "corrupt")
+    assert set(RegionCache(tmp_path).failures) == {"a"}
+    write_items(tmp_path, ["a"])
+    assert RegionCache(tmp_path).failures == {}
+
+
+def test_missing_cache_is_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="run `vlpcache extract` first"):
+        RegionCache(tmp_path / "nope")
+
+
+class _CacheDataset(torch.utils.data.Dataset):
+    def __init__(self, cache):
+        self.cache = cache
+
+    def __len__(self):
+        return len(self.cache)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.cache[i]["features"].astype(np.float32))
+
+
+def test_reader_opened_in_parent_works_in_dataloader_workers(tmp_path):
+    write_items(tmp_path, [f"v{i}" for i in range(6)], max_items=2)
+    cache = RegionCache(tmp_path)
+    first = cache[0]["features"]  # opens a handle in the parent before the workers fork
+    loader = torch.utils.data.DataLoader(_CacheDataset(cache), batch_size=2, num_workers=2)
+    batches = torch.cat(list(loader))
+    assert batches.shape == (6, 3, 4, 8)
+    np.testing.assert_array_equal(batches[0].numpy(), first.astype(np.float32))
+
+
+def test_column_reads_one_array_for_all_videos_in_cache_order(tmp_path):
+    write_items(tmp_path, ["a", "b", "c"], max_items=2)
+    cache = RegionCache(tmp_path)
+    masks = cache.column("region_mask")
+    assert masks.shape == (3, 3, 4)
+    np.testing.assert_array_equal(masks[2], cache[2]["region_mask"])
