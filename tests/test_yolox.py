@@ -1,0 +1,86 @@
+"""The offline `yolox` detector on real frames: decoding, letterbox inverse, regions and features."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlpcache.errors import UserError
+from vlpcache.extract.regions import pack_frame_regions
+from vlpcache.extract.yolox import INPUT_SIZE, YoloxConfig, YoloxDetector, decode_yolox, letterbox
+
+
+@pytest.fixture(scope="module")
+def detector(models_dir):
+    return YoloxDetector(YoloxConfig(backbone="mobilenet_v2+neck"), models=str(models_dir))
+
+
+@pytest.fixture(scope="module")
+def people_frame(msrvtt_dir):
+    # a val frame with three clearly visible people (checked by eye with `vlpcache inspect --render`)
+    folder = msrvtt_dir / "frames" / "val" / "video6513"
+    return np.asarray(Image.open(sorted(folder.iterdir())[0]).convert("RGB"))
+
+
+def test_letterbox_keeps_aspect_and_pads_bottom_right_with_114():
+    frame = np.full((100, 200, 3), 7, np.uint8)
+    image, scale = letterbox(frame)
+    assert image.shape == (3, INPUT_SIZE, INPUT_SIZE) and scale == INPUT_SIZE / 200
+    assert torch.all(image[:, :208, :] == 7) and torch.all(image[:, 208:, :] == 114)
+
+
+def test_decode_places_a_centred_cell_box_at_its_grid_position():
+    raw = torch.zeros(52 * 52 + 26 * 26 + 13 * 13, 85)
+    raw[:, 4] = 1.0
+    raw[:, 5] = 0.5  # class 0 score
+    from vlpcache.extract.yolox import _grid
+
+    grid, strides = _grid(INPUT_SIZE)
+    boxes, scores, labels = decode_yolox(raw, grid, strides)
+    # cell (x=3, y=2) at stride 8: centre (3*8, 2*8), exp(0)*8 = 8 wide
+    np.testing.assert_allclose(boxes[2 * 52 + 3].numpy(), [20, 12, 28, 20])
+    assert scores[0] == 0.5 and labels[0] == 0
+
+
+def test_people_are_found_with_the_whole_frame_region_first(detector, people_frame):
+    (regions,) = detector.detect([people_frame], max_detections=30)
+    assert regions.labels[0] == -1 and np.allclose(regions.boxes[0], [0, 0, 1, 1])
+    assert list(regions.labels[1:4]) == [0, 0, 0]  # three people, best first
+    assert np.all(regions.scores[1:4] > 0.5) and np.all(np.diff(regions.scores[1:]) <= 0)
+    assert regions.features.shape == (len(regions.labels), 1280 + 448)
+    assert np.all((regions.boxes >= 0) & (regions.boxes <= 1))
+
+
+def test_boxes_are_normalised_to_the_given_frame_whatever_its_resolution(detector, people_frame):
+    small = detector.detect([people_frame], 30)[0]
+    big = np.asarray(Image.fromarray(people_frame).resize((640, 480), Image.BILINEAR))
+    large = detector.detect([big], 30)[0]
+    np.testing.assert_allclose(small.boxes[1:4], large.boxes[1:4], atol=0.02)
+
+
+def test_batched_detection_equals_one_frame_at_a_time(detector, people_frame):
+    other = people_frame[::-1].copy()
+    batched = detector.detect([people_frame, other], 30)
+    alone = [detector.detect([f], 30)[0] for f in (people_frame, other)]
+    for b, a in zip(batched, alone):
+        np.testing.assert_allclose(b.boxes, a.boxes, atol=1e-4)
+        np.testing.assert_allclose(b.features, a.features, atol=1e-3, rtol=1e-3)
+
+
+def test_max_detections_bounds_regions_and_packing_pads_with_masked_zeros(detector, people_frame):
+    (regions,) = detector.detect([people_frame], max_detections=2)
+    assert len(regions.labels) == 3
+    packed = pack_frame_regions(regions, 6)
+    assert packed["region_mask"].tolist() == [True] * 3 + [False] * 3
+    assert np.all(packed["features"][3:] == 0) and np.all(packed["boxes"][3:] == 0)
+
+
+def test_tiny_and_blank_frames_give_only_the_whole_frame(detector):
+    results = detector.detect([np.zeros((1, 1, 3), np.uint8), np.full((50, 900, 3), 255, np.uint8)], 30)
+    for regions in results:
+        assert regions.labels[0] == -1 and np.isfinite(regions.features).all()
+
+
+def test_missing_weights_file_names_the_file_and_the_fix(tmp_path):
+    with pytest.raises(UserError, match="yolox_nano_coco.onnx not found in .*--models DIR or set VLPCACHE_MODELS"):
+        YoloxDetector(YoloxConfig(), models=str(tmp_path))

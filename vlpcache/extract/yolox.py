@@ -1,0 +1,210 @@
+"""The `yolox` detector: YOLOX-Nano (ONNX, onnxruntime) boxes with RoIAlign region features.
+
+Features come from an ImageNet MobileNetV2 trunk (1280-d, stride 32) and/or the detector's own neck
+maps (64 + 128 + 256 = 448-d at strides 8/16/32), both pooled with torchvision's roi_align on the
+final boxes. Both networks see the same letterboxed 416x416 frame.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from vlpcache.extract.regions import FrameRegions, file_sha256, select_detections, with_frame_region
+from vlpcache.workspace import model_file
+
+YOLOX_FILE = "yolox_nano_coco.onnx"
+MOBILENET_FILE = "mobilenet_v2_imagenet_features.pth"
+INPUT_SIZE = 416
+STRIDES = (8, 16, 32)
+PAD_VALUE = 114.0
+NECK_OUTPUTS = (  # inputs of the head's stem convolutions: the neck maps at strides 8, 16, 32
+    "/backbone/C3_p3/conv3/act/Mul_output_0",
+    "/backbone/C3_n3/conv3/act/Mul_output_0",
+    "/backbone/C3_n4/conv3/act/Mul_output_0",
+)
+NECK_DIMS = (64, 128, 256)
+MOBILENET_DIM = 1280
+BACKBONES = {"mobilenet_v2": MOBILENET_DIM, "neck": sum(NECK_DIMS), "mobilenet_v2+neck": MOBILENET_DIM + sum(NECK_DIMS)}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ROI_OUTPUT = 2  # 2x2 RoIAlign bins, averaged: a 13x13 stride-32 map has little more to give
+
+
+@dataclass
+class YoloxConfig:
+    backbone: str = "mobilenet_v2"
+    score_threshold: float = 0.1
+    nms_iou: float = 0.5
+    device: str = "cpu"  # "cpu" or "cuda"
+    threads: int = 0  # 0: onnxruntime and torch defaults
+
+
+def _batched_onnx(path: Path, with_neck: bool) -> bytes:
+    """The exported graph declares batch 1; a symbolic batch dim gives batched inference, and the
+    neck maps become extra outputs for RoI pooling."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    for value in (*graph.input, *graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    if with_neck:
+        for name in NECK_OUTPUTS:
+            graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return model.SerializeToString()
+
+
+def _onnx_session(model_bytes: bytes, device: str, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        else:
+            print("note: onnxruntime has no CUDA provider (pip install onnxruntime-gpu); "
+                  "YOLOX runs on the CPU, features on the GPU", file=sys.stderr)
+    return ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
+
+
+def _mobilenet_trunk(path: Path) -> torch.nn.Module:
+    from torchvision.models import mobilenet_v2
+
+    trunk = mobilenet_v2(weights=None).features
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        trunk.load_state_dict(state)
+    except Exception as err:  # a wrong or damaged file: say which, not a torch traceback
+        from vlpcache.errors import UserError
+
+        raise UserError(f"{path}: not a MobileNetV2 features state dict ({type(err).__name__}: {err})") from None
+    return trunk.eval()
+
+
+def letterbox(frame: np.ndarray, size: int = INPUT_SIZE) -> tuple[torch.Tensor, float]:
+    """Resize keeping aspect so the longer side is `size`, pad bottom/right with 114.
+
+    frame: (H, W, 3) uint8 RGB. Returns (3, size, size) float32 RGB 0-255 and the scale used.
+    """
+    h, w = frame.shape[:2]
+    scale = min(size / h, size / w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    image = torch.from_numpy(np.asarray(frame, dtype=np.float32)).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    if (nh, nw) != (h, w):
+        image = F.interpolate(image, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+    out = torch.full((3, size, size), PAD_VALUE)
+    out[:, :nh, :nw] = image[0].clamp_(0, 255)
+    return out, scale
+
+
+def _grid(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cell offsets (A, 2) and strides (A, 1) in the order of YOLOX's concatenated head outputs."""
+    grids, strides = [], []
+    for stride in STRIDES:
+        n = size // stride
+        ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        grids.append(torch.stack((xs, ys), -1).reshape(-1, 2))
+        strides.append(torch.full((n * n, 1), stride))
+    return torch.cat(grids).float(), torch.cat(strides).float()
+
+
+def decode_yolox(raw: torch.Tensor, grid: torch.Tensor, strides: torch.Tensor):
+    """raw (A, 85) head output -> boxes (A, 4) xyxy in letterbox pixels, scores (A,), labels (A,)."""
+    xy = (raw[:, :2] + grid) * strides
+    wh = torch.exp(raw[:, 2:4].clamp(max=10.0)) * strides
+    boxes = torch.cat((xy - wh / 2, xy + wh / 2), dim=1)
+    class_scores, labels = raw[:, 5:].max(dim=1)
+    return boxes, raw[:, 4] * class_scores, labels
+
+
+class YoloxDetector:
+    """Detector protocol implementation for the offline YOLOX-Nano + MobileNetV2 pair."""
+
+    name = "yolox"
+    max_side = INPUT_SIZE
+
+    def __init__(self, config: YoloxConfig | None = None, models: str | None = None):
+        self.config = config or YoloxConfig()
+        if self.config.backbone not in BACKBONES:
+            from vlpcache.errors import UserError
+
+            raise UserError(f"unknown backbone {self.config.backbone!r} for yolox; choose from {', '.join(BACKBONES)}")
+        self.feature_dim = BACKBONES[self.config.backbone]
+        self.use_mobilenet = "mobilenet_v2" in self.config.backbone
+        self.use_neck = "neck" in self.config.backbone
+        self.device = torch.device(self.config.device)
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        self.yolox_path = model_file(YOLOX_FILE, models)
+        self.session = _onnx_session(_batched_onnx(self.yolox_path, self.use_neck), self.config.device, self.config.threads)
+        self.mobilenet_path = model_file(MOBILENET_FILE, models) if self.use_mobilenet else None
+        self.trunk = _mobilenet_trunk(self.mobilenet_path).to(self.device) if self.use_mobilenet else None
+        self.grid, self.strides = _grid(INPUT_SIZE)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
+
+    def provenance(self) -> dict[str, str]:
+        yolox_sha = file_sha256(self.yolox_path)
+        return {
+            "detector": f"yolox:{YOLOX_FILE}",
+            "detector_weights_sha256": yolox_sha,
+            "backbone": self.config.backbone,
+            "backbone_weights_sha256": file_sha256(self.mobilenet_path) if self.use_mobilenet else yolox_sha,
+        }
+
+    @torch.inference_mode()
+    def detect(self, frames: list[np.ndarray], max_detections: int) -> list[FrameRegions]:
+        if not frames:
+            return []
+        letterboxed = [letterbox(f) for f in frames]
+        images = torch.stack([image for image, _ in letterboxed])  # (B, 3, S, S) RGB 0-255
+        scales = [scale for _, scale in letterboxed]
+        outputs = self.session.run(None, {"images": np.ascontiguousarray(images.flip(1).numpy())})  # BGR for YOLOX
+        raw = torch.from_numpy(outputs[0])  # (B, A, 85)
+
+        rois, kept = [], []
+        for b, frame in enumerate(frames):
+            h, w = frame.shape[:2]
+            boxes, scores, labels = decode_yolox(raw[b], self.grid, self.strides)
+            keep = select_detections(boxes, scores, labels, self.config.score_threshold, self.config.nms_iou, max_detections)
+            visible = torch.tensor([0.0, 0.0, w * scales[b], h * scales[b]])  # the frame inside the letterbox
+            boxes = torch.minimum(torch.maximum(boxes[keep], torch.zeros(4)), visible[[2, 3, 2, 3]])
+            boxes = torch.cat((visible[None], boxes))  # whole frame first, (1 + n, 4) letterbox pixels
+            rois.append(torch.cat((torch.full((len(boxes), 1), float(b)), boxes), dim=1))
+            kept.append((boxes, scores[keep], labels[keep], scales[b], (h, w)))
+        rois = torch.cat(rois)  # (R, 5): batch index, x1, y1, x2, y2
+
+        features = []
+        if self.use_mobilenet:
+            x = (images.to(self.device, non_blocking=True) - self.mean) / self.std
+            feature_map = self.trunk(x)  # (B, 1280, S/32, S/32)
+            features.append(self._pool(feature_map, rois, 1 / 32))
+        if self.use_neck:
+            for level, stride in zip(outputs[1:], STRIDES):
+                features.append(self._pool(torch.from_numpy(level).to(self.device), rois, 1 / stride))
+        features = torch.cat(features, dim=1).float().cpu().numpy()  # (R, D)
+
+        results, start = [], 0
+        for boxes, scores, labels, scale, (h, w) in kept:
+            n = len(boxes)
+            normalised = (boxes[1:] / scale / torch.tensor([w, h, w, h])).clamp_(0, 1).numpy()
+            all_boxes, all_scores, all_labels = with_frame_region(normalised, scores.numpy(), labels.numpy())
+            results.append(FrameRegions(all_boxes, all_scores, all_labels, features[start : start + n]))
+            start += n
+        return results
+
+    def _pool(self, feature_map: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
+        pooled = roi_align(feature_map.float(), rois.to(feature_map.device), ROI_OUTPUT, spatial_scale=scale,
+                           sampling_ratio=2, aligned=True)  # (R, C, 2, 2)
+        return pooled.mean(dim=(2, 3))
