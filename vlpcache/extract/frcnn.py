@@ -1,0 +1,273 @@
+"""The `frcnn` detector: torchvision Faster R-CNN (COCO) with its own box-head features per region.
+
+As bottom-up-attention does with its 2048-d head, the feature of a region is the box head's output
+(1024-d here: TwoMLPHead, or the conv head of the v2 model) RoI-pooled on the FINAL box, i.e. after
+box regression, per-class NMS and our selection (score threshold, class-agnostic NMS, top N). The
+whole-frame region is the same head on the whole-image box. The backbone runs once per batch; its
+FPN maps serve both the detection pass and the pooling of the final boxes.
+
+Weights: a torchvision weights name ("DEFAULT", "COCO_V1"), fetched and cached by torch.hub in
+<torch hub dir>/checkpoints/ when online, or a state-dict file (`--weights FILE`); `weights=None`
+builds the architecture with random weights (tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlpcache.errors import UserError
+from vlpcache.extract.regions import COCO_CLASSES, FrameRegions, file_sha256, select_detections, with_frame_region
+
+ARCHITECTURES = (  # torchvision builders whose box head gives 1024-d region features
+    "fasterrcnn_resnet50_fpn_v2",
+    "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+)
+DEFAULT_ARCH = "fasterrcnn_resnet50_fpn_v2"
+FEATURE_DIM = 1024
+NOT_COCO = -100  # background and the "N/A" gaps of torchvision's 91-way COCO label space
+# bottom-up-attention's test scale (600/1000) rather than torchvision's 800/1333: about 1.8x fewer
+# pixels and time on CPU; the 320 model keeps the small scale it was trained for.
+DEFAULT_SIZES = {arch: (600, 1000) for arch in ARCHITECTURES} | {"fasterrcnn_mobilenet_v3_large_320_fpn": (320, 640)}
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class FrcnnConfig:
+    arch: str = DEFAULT_ARCH
+    weights: str | None = "DEFAULT"  # torchvision weights name; None: random weights (tests)
+    weights_file: str | None = None  # a state dict file, instead of `weights`
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"
+    score_threshold: float = 0.1
+    nms_iou: float = 0.5
+    # Resize: shorter side to min_size, longer side at most max_size; None: DEFAULT_SIZES[arch].
+    min_size: int | None = None
+    max_size: int | None = None
+    proposals: int = 1000  # RPN proposals kept per frame after NMS (torchvision's test default)
+    autocast: str = "auto"  # "auto" (fp16 on CUDA, off on CPU), "fp16", "bf16" or "none"
+
+
+def coco_label_index(categories: list[str]) -> torch.Tensor:
+    """torchvision's 91-way category index -> our 80-class COCO index, NOT_COCO for gaps."""
+    return torch.tensor([COCO_CLASSES.index(c) if c in COCO_CLASSES else NOT_COCO for c in categories])
+
+
+def _weights_enum(arch: str):
+    from torchvision.models import get_model_weights
+
+    return get_model_weights(arch)
+
+
+def _hub_checkpoint(url: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def fetch_torchvision_weights(arch: str, name: str) -> Path:
+    """The file of torchvision weights `name` for `arch`: from the torch hub cache, downloaded there
+    when online; one clear UserError otherwise."""
+    enum = _weights_enum(arch)
+    try:
+        weights = enum.verify(name)
+    except (KeyError, ValueError):
+        choices = ", ".join(enum.__members__)
+        raise UserError(f"unknown weights {name!r} for {arch}; choose from {choices} or pass --weights FILE") from None
+    path = _hub_checkpoint(weights.url)
+    if not path.is_file():
+        try:
+            torch.hub.load_state_dict_from_url(weights.url, progress=sys.stderr.isatty(), check_hash=True,
+                                               map_location="cpu", weights_only=True)
+        except Exception as err:  # offline, proxy, hash mismatch: the user needs the file, not a traceback
+            reason = str(getattr(err, "reason", err)).strip() or type(err).__name__
+            raise UserError(
+                f"cannot download {arch} weights ({reason}): put {path.name} (from {weights.url}) "
+                f"in {path.parent}/ or pass --weights FILE"
+            ) from None
+    return path
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """A bare state dict or {"model": state_dict}, from .pth (never unpickled) or .safetensors."""
+    if not path.is_file():
+        raise UserError(f"weights file {path} not found; pass --weights with an existing state dict file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{path}: not a readable state dict ({type(err).__name__}: {err})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: expected a state dict (name -> tensor) or {{'model': state_dict}}")
+    return state
+
+
+def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    # torchvision's COCO MobileNetV3 checkpoints come from FrozenBatchNorm2d layers, which have no
+    # num_batches_tracked; in eval mode BatchNorm2d computes the same, so only that key may be missing.
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatch: another architecture or class count
+        first = str(err).split("\n")[1].strip() if "\n" in str(err) else str(err)
+        raise UserError(f"{path}: not a {arch} state dict ({first})") from None
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        keys = ", ".join((missing + unexpected)[:3])
+        raise UserError(f"{path}: not a {arch} state dict ({len(missing)} missing, {len(unexpected)} "
+                        f"unexpected keys, e.g. {keys})")
+
+
+def build_faster_rcnn(config: FrcnnConfig) -> tuple[torch.nn.Module, Path | None]:
+    """The torchvision model in eval mode on the CPU, and the weights file it was loaded from."""
+    from torchvision.models import get_model_builder
+
+    if config.arch not in ARCHITECTURES:
+        raise UserError(f"unknown Faster R-CNN architecture {config.arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    if config.weights_file:
+        path = Path(config.weights_file).expanduser()
+    elif config.weights:
+        path = fetch_torchvision_weights(config.arch, config.weights)
+    else:
+        path = None
+    state = load_state_dict_file(path) if path else None
+    min_size, max_size = model_sizes(config)
+    model = get_model_builder(config.arch)(
+        weights=None, weights_backbone=None, num_classes=91, min_size=min_size, max_size=max_size,
+        rpn_pre_nms_top_n_test=config.proposals, rpn_post_nms_top_n_test=config.proposals,
+    )
+    if state is not None:
+        _load_weights(model, state, path, config.arch)
+    return model.eval(), path
+
+
+def model_sizes(config: FrcnnConfig) -> tuple[int, int]:
+    min_size, max_size = DEFAULT_SIZES.get(config.arch, (600, 1000))
+    return config.min_size or min_size, config.max_size or max_size
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible to torch; use --device cpu or auto")
+    return resolved
+
+
+class FasterRCNNDetector:
+    """Detector protocol implementation: torchvision Faster R-CNN boxes, box-head region features."""
+
+    name = "frcnn"
+    feature_dim = FEATURE_DIM
+
+    def __init__(self, config: FrcnnConfig | None = None):
+        self.config = config or FrcnnConfig()
+        self.device = _resolve_device(self.config.device)
+        self.max_side = model_sizes(self.config)[1]  # the model's transform never looks at more pixels
+        model, self.weights_path = build_faster_rcnn(self.config)
+        self.model = model.to(self.device)
+        # Keep every class score above our threshold and enough per-class survivors for our own
+        # class-agnostic NMS and top N to choose from.
+        self.model.roi_heads.score_thresh = self.config.score_threshold
+        self.model.roi_heads.detections_per_img = 300
+        self.coco_index = coco_label_index(_weights_enum(self.config.arch).DEFAULT.meta["categories"]).to(self.device)
+        self.autocast_dtype = self._autocast_dtype()
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # few distinct batch shapes (aspect ratios) in practice
+        self._sha256: str | None = None
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        choice = self.config.autocast
+        if choice == "auto":
+            return torch.float16 if self.device.type == "cuda" else None
+        if choice == "none":
+            return None
+        if choice not in AUTOCAST_DTYPES:
+            raise UserError(f"unknown autocast {choice!r}; choose from auto, none, {', '.join(AUTOCAST_DTYPES)}")
+        return AUTOCAST_DTYPES[choice]
+
+    def provenance(self) -> dict[str, str]:
+        if self._sha256 is None:
+            self._sha256 = file_sha256(self.weights_path) if self.weights_path else "random-init"
+        return {
+            "detector": f"frcnn:{self.config.arch}",
+            "detector_weights_sha256": self._sha256,
+            "backbone": "frcnn-box-head",
+            "backbone_weights_sha256": self._sha256,
+        }
+
+    def _images_on_device(self, frames: list) -> list[torch.Tensor]:
+        """(H, W, 3) uint8 frames -> (3, H, W) float in [0, 1] on the device.
+
+        On CUDA the uint8 pixels (4x smaller than float) go over in one non-blocking copy from a
+        pinned staging buffer, or straight from frames that are already pinned tensors.
+        """
+        pixels = [torch.as_tensor(f) for f in frames]  # (H, W, 3) uint8 each
+        if self.device.type == "cuda":
+            if all(p.is_pinned() for p in pixels):
+                pixels = [p.to(self.device, non_blocking=True) for p in pixels]
+            else:
+                sizes = [p.numel() for p in pixels]
+                staging = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
+                for chunk, p in zip(staging.split(sizes), pixels):
+                    chunk.copy_(p.reshape(-1))
+                on_device = staging.to(self.device, non_blocking=True)
+                pixels = [chunk.view(p.shape) for chunk, p in zip(on_device.split(sizes), pixels)]
+        return [p.permute(2, 0, 1).float().div_(255) for p in pixels]
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @torch.inference_mode()
+    def detect(self, frames: list[np.ndarray], max_detections: int) -> list[FrameRegions]:
+        if not frames:
+            return []
+        model = self.model
+        images = self._images_on_device(frames)
+        with self._autocast():
+            image_list, _ = model.transform(images)  # resized, normalised, padded: (B, 3, H', W')
+            features = model.backbone(image_list.tensors)  # FPN maps, reused for the final boxes
+            proposals, _ = model.rpn(image_list, features)
+            detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
+
+            rois, kept = [], []
+            for detection, (h, w) in zip(detections, image_list.image_sizes):
+                labels = self.coco_index[detection["labels"]]
+                coco = torch.nonzero(labels != NOT_COCO).flatten()
+                boxes, scores, labels = detection["boxes"][coco], detection["scores"][coco], labels[coco]
+                keep = select_detections(boxes, scores, labels, self.config.score_threshold,
+                                         self.config.nms_iou, max_detections)
+                frame_box = torch.tensor([[0.0, 0.0, w, h]], device=boxes.device, dtype=boxes.dtype)
+                rois.append(torch.cat((frame_box, boxes[keep])))  # whole frame first, (1 + n, 4)
+                kept.append((scores[keep], labels[keep], (h, w)))
+            pooled = model.roi_heads.box_roi_pool(features, rois, image_list.image_sizes)  # (R, C, 7, 7)
+            region_features = model.roi_heads.box_head(pooled)  # (R, 1024)
+
+        # one device -> host transfer per array for the whole batch
+        counts = [len(r) for r in rois]
+        sizes = torch.tensor([[w, h, w, h] for _, _, (h, w) in kept], dtype=torch.float32, device=self.device)
+        boxes = torch.cat([r.float() / size for r, size in zip(rois, sizes)]).clamp_(0, 1).cpu().numpy()  # (R, 4)
+        scores = torch.cat([s for s, _, _ in kept]).float().cpu().numpy()  # (R - B,)
+        labels = torch.cat([lab for _, lab, _ in kept]).cpu().numpy()
+        region_features = region_features.float().cpu().numpy()  # (R, 1024)
+        results, start = [], 0
+        for b, n in enumerate(counts):  # rows start .. start + n: whole frame, then n - 1 detections
+            detections = slice(start - b, start - b + n - 1)
+            all_boxes, all_scores, all_labels = with_frame_region(boxes[start + 1 : start + n], scores[detections],
+                                                                  labels[detections])
+            results.append(FrameRegions(all_boxes, all_scores, all_labels, region_features[start : start + n]))
+            start += n
+        return results
