@@ -1,0 +1,134 @@
+"""The alignment model: real forward/backward on small shapes, with a tiny random BERT and the real MiniLM."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vlpcache.errors import UserError
+from vlpcache.model.batch import tokenize, video_batch
+from vlpcache.model.model import AlignmentModel, ModelConfig, PretrainLoss, build_model, default_text_model
+
+
+def build_tiny_text_model(folder: Path) -> Path:
+    """A 2-layer, 32-wide BERT with random weights and the MiniLM WordPiece tokenizer, saved to folder."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        config = BertConfig(
+            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=64,
+        )
+        BertModel(config).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(default_text_model()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_text_model(tmp_path_factory) -> Path:
+    return build_tiny_text_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def random_items(count: int, frames=2, regions=5, dim=12, seed=0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(count):
+        xy = rng.uniform(0, 0.5, (frames, regions, 2))
+        region_mask = np.ones((frames, regions), dtype=bool)
+        region_mask[:, regions - 1 - i % 2 :] = False  # a few padded regions
+        items.append({
+            "features": rng.standard_normal((frames, regions, dim)).astype(np.float16),
+            "boxes": np.concatenate([xy, xy + 0.4], -1).astype(np.float32),
+            "region_mask": region_mask,
+            "frame_mask": np.array([True] * (frames - 1) + [i % 2 == 0]),
+            "timestamps": np.arange(frames, dtype=np.float32),
+            "id": f"v{i}",
+        })
+    return items
+
+
+def tiny_config(text_model: Path, **overrides) -> ModelConfig:
+    values = dict(feature_dim=12, text_model=str(text_model), width=16, layers=1, heads=2, embed_dim=8)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def test_forward_backward_trains_region_encoder_and_top_text_layers_only(tiny_text_model):
+    model, tokenizer = build_model(tiny_config(tiny_text_model, text_trainable_layers=1))
+    input_ids, attention_mask = tokenize(tokenizer, ["a dog runs", "a man is cooking onions in a pan", "cat"], 16)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, **video_batch(random_items(3))}
+    text, video, scale, rwa_scale = model(batch)
+    assert text.global_.shape == (3, 8) and text.words.shape == (3, input_ids.shape[1], 8)
+    assert video.global_.shape == (3, 8) and video.regions.shape == (3, 2 * 5, 8)
+    assert torch.allclose(text.global_.norm(dim=-1), torch.ones(3)) and torch.allclose(video.regions.norm(dim=-1), torch.ones(3, 10))
+    losses = PretrainLoss(model.config)(text, video, scale, rwa_scale)
+    losses["loss"].backward()
+    assert set(losses) == {"contrastive", "rwa", "loss"} and torch.isfinite(losses["loss"])
+    bert = model.text_encoder.backbone
+    assert all(p.grad is not None for p in bert.encoder.layer[1].parameters())
+    assert all(p.grad is None for p in bert.encoder.layer[0].parameters())
+    assert bert.embeddings.word_embeddings.weight.grad is None
+    assert model.region_encoder.feature_proj.weight.grad.abs().sum() > 0
+    assert model.logit_scale.grad is not None and model.rwa_logit_scale.grad is not None
+
+
+def test_word_mask_excludes_special_and_padding_tokens(tiny_text_model):
+    model, tokenizer = build_model(tiny_config(tiny_text_model))
+    input_ids, attention_mask = tokenize(tokenizer, ["a dog", "a dog runs fast"], 16)
+    text = model.encode_text(input_ids, attention_mask)
+    # [CLS] a dog [SEP] [PAD] [PAD] / [CLS] a dog runs fast [SEP]
+    assert text.word_mask.tolist() == [[False, True, True, False, False, False], [False, True, True, True, True, False]]
+
+
+def test_video_embedding_ignores_padded_regions_and_frames(tiny_text_model):
+    model, _ = build_model(tiny_config(tiny_text_model))
+    model.eval()
+    items = random_items(2)
+    reference = model.encode_video(**video_batch(items))
+    for item in items:  # change whatever padding holds
+        item["features"][~item["region_mask"]] = 100
+        item["features"][~item["frame_mask"]] = -7
+        item["boxes"][~item["region_mask"]] = 3
+    changed = model.encode_video(**video_batch(items))
+    assert torch.allclose(reference.global_, changed.global_, atol=1e-5)
+    mask = reference.region_mask
+    assert mask.tolist()[1][5:] == [False] * 5  # item 1's second frame is masked
+    assert torch.allclose(reference.regions[mask], changed.regions[mask], atol=1e-5)
+
+
+def test_video_batch_pads_items_with_fewer_frames_and_regions():
+    video, image = random_items(1, frames=3, regions=4)[0], random_items(1, frames=1, regions=2)[0]
+    batch = video_batch([video, image])
+    assert batch["features"].shape == (2, 3, 4, 12)
+    assert batch["frame_mask"][1].tolist() == [True, False, False]
+    assert not batch["region_mask"][1, 0, 2:].any()
+
+
+def test_without_rwa_the_loss_is_contrastive_only_and_rwa_scale_is_frozen(tiny_text_model):
+    model, tokenizer = build_model(tiny_config(tiny_text_model, rwa=False))
+    input_ids, attention_mask = tokenize(tokenizer, ["a", "b"], 8)
+    text, video, scale, rwa_scale = model({"input_ids": input_ids, "attention_mask": attention_mask, **video_batch(random_items(2))})
+    losses = PretrainLoss(model.config)(text, video, scale, rwa_scale)
+    assert set(losses) == {"contrastive", "loss"}
+    assert not model.rwa_logit_scale.requires_grad
+
+
+def test_default_minilm_text_encoder_runs_forward_and_backward():
+    config = ModelConfig(feature_dim=12, width=16, layers=1, heads=2, embed_dim=8, text_trainable_layers=2)
+    model, tokenizer = build_model(config)
+    assert model.text_encoder.width == 384
+    input_ids, attention_mask = tokenize(tokenizer, ["a person is slicing an onion", "two dogs play"], 32)
+    text, video, scale, rwa_scale = model({"input_ids": input_ids, "attention_mask": attention_mask, **video_batch(random_items(2))})
+    PretrainLoss(config)(text, video, scale, rwa_scale)["loss"].backward()
+    trainable = [n for n, p in model.text_encoder.named_parameters() if p.requires_grad]
+    assert trainable and all(".layer.4." in n or ".layer.5." in n for n in trainable)
+
+
+def test_text_model_that_cannot_be_had_offline_is_one_clear_user_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without internet
+    with pytest.raises(UserError, match="no-such-org/no-such-model.*--text-model"):
+        build_model(ModelConfig(feature_dim=4, text_model="no-such-org/no-such-model"))
+    with pytest.raises(UserError, match="cannot load it"):
+        build_model(ModelConfig(feature_dim=4, text_model=str(tmp_path)))  # an empty directory
