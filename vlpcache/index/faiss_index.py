@@ -1,0 +1,402 @@
+"""The FAISS layer: choose an index type for a collection, build it, tune it, save and load it.
+
+An index directory holds
+
+    index.faiss       the FAISS index; its row r (FAISS label r) is the r-th item of ids.json
+    ids.json          item ids in FAISS label order (labels are positions, so no IndexIDMap is needed)
+    embeddings.npy    (V, E) float32 global video embeddings in the same order, so that the FAISS
+                      index can be rebuilt with another type without re-encoding, and eval can
+                      score video -> text exactly
+    index.json        IndexMeta: checkpoint sha256, cache settings, embedding dim, factory string,
+                      search parameters, item count
+
+Every file is written under a temporary name and renamed into place; index.json goes last and
+records the count, so a crash mid-save leaves either the old index or one that `load` refuses as
+inconsistent (never one whose ids and vectors disagree silently).
+
+All vectors are L2-normalised and compared by inner product (= cosine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from vlpcache.errors import UserError
+
+INDEX_FORMAT = 1
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.json"
+EMBEDDINGS_FILE = "embeddings.npy"
+META_FILE = "index.json"
+
+# Measured on this 2-core machine (bench/search_latency.py): one exact 256-d query over 50k vectors
+# costs ~3 ms, so beyond that the exact index no longer meets a 5 ms budget per query.
+EXACT_LIMIT = 50_000
+DEFAULT_MEMORY_BUDGET_MB = 2048
+HNSW_NEIGHBOURS = 32  # M: 2*M links per vector on the base layer
+TARGET_RECALL = 0.95
+
+
+@dataclass
+class IndexConfig:
+    """How `build_faiss_index` chooses and tunes the index; every field has a working default."""
+
+    factory: str | None = None  # a FAISS factory string overrides the chooser, e.g. "HNSW32,Flat"
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB  # for the index structure in RAM
+    exact_limit: int = EXACT_LIMIT  # collections up to this size get the exact index
+    target_recall: float = TARGET_RECALL  # recall@10 the search parameters are tuned for
+    tune_queries: int = 200  # indexed vectors used as tuning queries
+
+
+@dataclass
+class IndexMeta:
+    """index.json: what the index was built from, so that a mismatched model or cache is refused."""
+
+    checkpoint_sha256: str
+    cache_settings: dict
+    embedding_dim: int
+    factory: str
+    search_params: str = ""  # FAISS ParameterSpace string, e.g. "efSearch=64"
+    count: int = 0
+    run_dir: str = ""
+    checkpoint_path: str = ""
+    cache_dir: str = ""
+    tuned_recall: float | None = None  # recall@10 measured when the parameters were tuned
+    factory_given: bool = False  # the user chose the factory: keep it as the collection grows
+    format: int = INDEX_FORMAT
+    updated: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "IndexMeta":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# ---------------------------------------------------------------- choosing the index type
+
+
+def ivf_lists(n: int) -> int:
+    """IVF list count: about 4*sqrt(n) (FAISS guideline), a power of two, with >= 39 training points each."""
+    nlist = 2 ** round(math.log2(max(4 * math.sqrt(n), 1)))
+    while nlist > 16 and n < 39 * nlist:
+        nlist //= 2
+    return int(min(max(nlist, 16), 65536))
+
+
+def pq_subquantizers(dim: int) -> int:
+    """PQ code size: one byte per 8 dimensions (32 bytes for 256-d), a divisor of dim."""
+    m = max(dim // 8, 1)
+    while dim % m:
+        m -= 1
+    return m
+
+
+def estimated_bytes(factory: str, n: int, dim: int) -> int:
+    """RAM of an index of n vectors, from the factory string's parts (the structure dominates)."""
+    per_vector = 8.0  # ids in inverted lists / bookkeeping
+    for part in factory.split(","):
+        if part == "Flat" or part == "RFlat":
+            per_vector += 4 * dim
+        elif part.startswith("HNSW"):
+            m = int(part[4:] or HNSW_NEIGHBOURS)
+            per_vector += 2 * m * 4 * 1.1  # base-layer links plus the upper layers (~1/M of vectors)
+        elif part.startswith("PQ"):
+            per_vector += int(part[2:].split("x")[0])
+        elif part == "Refine(SQ8)" or part == "SQ8":
+            per_vector += dim
+    return int(per_vector * n)
+
+
+def choose_factory(n: int, dim: int, config: IndexConfig = IndexConfig()) -> tuple[str, str]:
+    """The FAISS factory string for n vectors of dim, and a one-line reason for the choice.
+
+    - up to `exact_limit` vectors: "Flat", exact inner product; fast enough and nothing to tune.
+    - beyond, if it fits the memory budget: "HNSW32,Flat", graph search over full vectors; best
+      recall per millisecond on CPU, ~1.3 KB per 256-d vector.
+    - beyond the budget: "IVF{nlist},PQ{m},Refine(SQ8)", 32-byte PQ codes searched in nprobe
+      lists, the top candidates re-scored with 8-bit scalar-quantised vectors (~0.3 KB per vector).
+    - still beyond: "IVF{nlist},PQ{m}" alone (lower recall; the budget wins).
+    """
+    if config.factory:
+        return config.factory, "given with --factory"
+    if n <= config.exact_limit:
+        return "Flat", f"{n} vectors <= {config.exact_limit}: exact search"
+    budget = config.memory_budget_mb * 2**20
+    candidates = [
+        f"HNSW{HNSW_NEIGHBOURS},Flat",
+        f"IVF{ivf_lists(n)},PQ{pq_subquantizers(dim)},Refine(SQ8)",
+        f"IVF{ivf_lists(n)},PQ{pq_subquantizers(dim)}",
+    ]
+    for factory in candidates:
+        need = estimated_bytes(factory, n, dim)
+        if need <= budget:
+            return factory, f"{n} vectors, ~{need / 2**20:.0f} MB fits the {config.memory_budget_mb:.0f} MB budget"
+    return candidates[-1], f"{n} vectors: even the smallest index exceeds the {config.memory_budget_mb:.0f} MB budget"
+
+
+# ---------------------------------------------------------------- building and tuning
+
+
+def new_faiss_index(factory: str, dim: int) -> faiss.Index:
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else "invalid"
+        raise UserError(f"FAISS cannot build factory string {factory!r} for {dim}-d vectors ({first})") from None
+
+
+def _as_vectors(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def train_and_add(index: faiss.Index, vectors: np.ndarray, factory: str) -> None:
+    vectors = _as_vectors(vectors)
+    if not index.is_trained:
+        if len(vectors) < 2:
+            raise UserError(f"index type {factory!r} needs training vectors; the collection has {len(vectors)}")
+        # k-means cost grows with training points; 256 per list is plenty (FAISS caps at 256 too)
+        sample = vectors
+        limit = 256 * max(ivf_lists(len(vectors)), 256)
+        if len(vectors) > limit:
+            sample = vectors[np.random.default_rng(0).choice(len(vectors), limit, replace=False)]
+        index.train(sample)
+    index.add(vectors)
+
+
+def tuning_ladder(index: faiss.Index) -> list[str]:
+    """Search-parameter settings from fastest to most accurate, for the index's kind."""
+    names = _parameter_names(index)
+    if "efSearch" in names:
+        return [f"efSearch={ef}" for ef in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)]
+    if "nprobe" in names:
+        refine = ",k_factor_rf=8" if "k_factor_rf" in names else ""
+        nlist = faiss.extract_index_ivf(index).nlist
+        return [f"nprobe={p}{refine}" for p in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if p <= nlist]
+    return []
+
+
+def _parameter_names(index: faiss.Index) -> set[str]:
+    space = faiss.ParameterSpace()
+    space.initialize(index)
+    names = {space.parameter_ranges.at(i).name for i in range(space.parameter_ranges.size())}
+    if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
+        names.add("efSearch")
+    return names
+
+
+def apply_search_params(index: faiss.Index, params: str) -> None:
+    if params:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of each query's true top-k found in its returned top-k."""
+    k = truth.shape[1]
+    return float(np.mean([len(set(f[:k]) & set(t)) / k for f, t in zip(found, truth)]))
+
+
+def tune_search_params(index: faiss.Index, vectors: np.ndarray, config: IndexConfig, k: int = 10) -> tuple[str, float | None]:
+    """The fastest setting of the ladder that reaches config.target_recall on indexed vectors used as queries.
+
+    Each tuning query is an indexed vector; it finds itself trivially, so its own label is removed
+    from both the exact and the approximate answer before recall is counted.
+    """
+    ladder = tuning_ladder(index)
+    if not ladder:
+        return "", None
+    vectors = _as_vectors(vectors)
+    rng = np.random.default_rng(0)
+    rows = rng.choice(len(vectors), min(config.tune_queries, len(vectors)), replace=False)
+    queries = vectors[rows]
+    _, truth = faiss.knn(queries, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    truth = _drop_self(truth, rows, k)
+    recall = None
+    for params in ladder:
+        apply_search_params(index, params)
+        _, found = index.search(queries, k + 1)
+        recall = recall_at(_drop_self(found, rows, k), truth)
+        if recall >= config.target_recall:
+            return params, recall
+    return ladder[-1], recall
+
+
+def _drop_self(labels: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    return np.stack([[x for x in row if x != r][:k] for row, r in zip(labels, rows)])
+
+
+# ---------------------------------------------------------------- the index directory
+
+
+class VideoIndex:
+    """A FAISS index of global video embeddings with its id map and metadata, in one directory."""
+
+    def __init__(self, index: faiss.Index, ids: list[str], embeddings: np.ndarray, meta: IndexMeta):
+        self.index = index
+        self.ids = ids
+        self.embeddings = embeddings  # (V, E) float32, row r = FAISS label r
+        self.meta = meta
+        self._row_of = {item_id: r for r, item_id in enumerate(ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._row_of
+
+    def row_of(self, item_id: str) -> int:
+        return self._row_of[item_id]
+
+    # -- building
+
+    @classmethod
+    def build(cls, ids: list[str], embeddings: np.ndarray, meta: IndexMeta, config: IndexConfig = IndexConfig()) -> "VideoIndex":
+        """A new index over embeddings (V, E); meta.factory and search_params are filled in here."""
+        embeddings = _as_vectors(embeddings).reshape(len(ids), -1)
+        index, factory, params, recall = _faiss_for(embeddings, config)
+        meta = dataclasses.replace(
+            meta, factory=factory, search_params=params, tuned_recall=recall, factory_given=bool(config.factory),
+            count=len(ids), embedding_dim=embeddings.shape[1], updated=time.time(),
+        )
+        return cls(index, list(ids), embeddings, meta)
+
+    def add(self, ids: list[str], embeddings: np.ndarray, config: IndexConfig = IndexConfig()) -> str:
+        """Append new items (ids not yet indexed). Returns what was done, in one line.
+
+        When the grown collection calls for another index type (say it crossed the exact limit), the
+        FAISS index is rebuilt from the stored embeddings; nothing is re-encoded.
+        """
+        if not ids:
+            return "nothing new to add"
+        clash = [i for i in ids if i in self._row_of]
+        if clash:
+            raise ValueError(f"{len(clash)} ids are already indexed, e.g. {clash[0]!r}")
+        embeddings = _as_vectors(embeddings).reshape(len(ids), -1)
+        self.embeddings = np.concatenate([self.embeddings, embeddings]) if len(self.embeddings) else embeddings
+        for item_id in ids:
+            self._row_of[item_id] = len(self.ids)
+            self.ids.append(item_id)
+        wanted, _ = choose_factory(len(self.ids), self.embeddings.shape[1], _keep_factory(config, self.meta))
+        if wanted != self.meta.factory:
+            self.index, factory, params, recall = _faiss_for(self.embeddings, dataclasses.replace(config, factory=wanted))
+            how = f"rebuilt as {factory} ({self.meta.factory} no longer suits {len(self.ids)} vectors)"
+            self.meta = dataclasses.replace(self.meta, factory=factory, search_params=params, tuned_recall=recall)
+        else:
+            self.index.add(embeddings)
+            how = f"added to the {self.meta.factory} index"
+        self.meta = dataclasses.replace(self.meta, count=len(self.ids), updated=time.time())
+        return f"{len(ids)} new items {how}"
+
+    # -- searching
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores (Q, k) float32, rows (Q, k) int64) for L2-normalised queries (Q, E); -1 = none."""
+        k = min(k, len(self))
+        if k <= 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        queries = _as_vectors(queries)
+        if len(queries) > 1:
+            return self.index.search(queries, k)
+        # one query has nothing to split over threads; OpenMP start-up alone costs more than it saves
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            return self.index.search(queries, k)
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    # -- files
+
+    def save(self, index_dir: str | os.PathLike) -> None:
+        index_dir = Path(index_dir)
+        index_dir.mkdir(parents=True, exist_ok=True)
+        pid = os.getpid()
+        _replace(index_dir / EMBEDDINGS_FILE, lambda tmp: np.save(tmp, self.embeddings), pid, suffix=".npy")
+        _replace(index_dir / IDS_FILE, lambda tmp: tmp.write_text(json.dumps(self.ids, ensure_ascii=False)), pid)
+        _replace(index_dir / INDEX_FILE, lambda tmp: faiss.write_index(self.index, str(tmp)), pid)
+        _replace(index_dir / META_FILE, lambda tmp: tmp.write_text(json.dumps(self.meta.to_json(), indent=2)), pid)
+
+    @classmethod
+    def load(cls, index_dir: str | os.PathLike) -> "VideoIndex":
+        index_dir = Path(index_dir)
+        meta = read_meta(index_dir)
+        rebuild = f"rebuild it with `vlpcache index -o {index_dir} --rebuild`"
+        try:
+            ids = json.loads((index_dir / IDS_FILE).read_text(encoding="utf-8"))
+            embeddings = np.load(index_dir / EMBEDDINGS_FILE)
+            index = faiss.read_index(str(index_dir / INDEX_FILE))
+        except (OSError, ValueError, RuntimeError) as err:
+            raise UserError(f"{index_dir}: incomplete or unreadable index ({type(err).__name__}); {rebuild}") from None
+        counts = {"index.json": meta.count, IDS_FILE: len(ids), EMBEDDINGS_FILE: len(embeddings), INDEX_FILE: index.ntotal}
+        if len(set(counts.values())) != 1:
+            raise UserError(f"{index_dir}: index files disagree on the item count ({counts}); {rebuild}")
+        apply_search_params(index, meta.search_params)
+        return cls(index, ids, embeddings, meta)
+
+
+def read_meta(index_dir: str | os.PathLike) -> IndexMeta:
+    path = Path(index_dir) / META_FILE
+    try:
+        meta = IndexMeta.from_json(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise UserError(f"{index_dir}: no index here ({META_FILE} missing); build one with `vlpcache index`") from None
+    except (json.JSONDecodeError, TypeError) as err:
+        raise UserError(f"{path}: unreadable index metadata ({err}); rebuild with `vlpcache index --rebuild`") from None
+    if meta.format != INDEX_FORMAT:
+        raise UserError(f"{index_dir}: index format {meta.format}, this vlpcache reads {INDEX_FORMAT}; rebuild with `vlpcache index --rebuild`")
+    return meta
+
+
+def check_same_source(meta: IndexMeta, index_dir, checkpoint_sha256: str, cache_settings: dict, run_dir="") -> None:
+    """Refuse, in one line, an index built from another checkpoint or from a cache with other settings."""
+    if meta.checkpoint_sha256 != checkpoint_sha256:
+        raise UserError(
+            f"{index_dir}: index was built from checkpoint {meta.checkpoint_sha256[:12]} ({meta.run_dir or '?'}), "
+            f"not from {checkpoint_sha256[:12]} ({run_dir or 'this run'}); "
+            f"run `vlpcache index --rebuild` (or pass the matching --run)"
+        )
+    diffs = [f"{k}: {meta.cache_settings.get(k)!r} != {v!r}" for k, v in cache_settings.items() if meta.cache_settings.get(k) != v]
+    if diffs:
+        raise UserError(
+            f"{index_dir}: index was built from a cache with other settings ({'; '.join(diffs[:3])}); "
+            "run `vlpcache index --rebuild` (or pass the matching --cache)"
+        )
+
+
+def _keep_factory(config: IndexConfig, meta: IndexMeta) -> IndexConfig:
+    """A factory string the user gave once stays in force when items are added later."""
+    if config.factory or not meta.factory_given:
+        return config
+    return dataclasses.replace(config, factory=meta.factory)
+
+
+def _faiss_for(embeddings: np.ndarray, config: IndexConfig) -> tuple[faiss.Index, str, str, float | None]:
+    factory, _ = choose_factory(len(embeddings), embeddings.shape[1], config)
+    index = new_faiss_index(factory, embeddings.shape[1])
+    train_and_add(index, embeddings, factory)
+    params, recall = tune_search_params(index, embeddings, config)
+    apply_search_params(index, params)
+    return index, factory, params, recall
+
+
+def _replace(path: Path, write, pid: int, suffix: str = "") -> None:
+    tmp = path.with_name(f".{path.name}.{pid}.tmp{suffix}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
