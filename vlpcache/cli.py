@@ -44,6 +44,8 @@ def cli() -> None:
 @click.option("--workers", default=None, type=click.IntRange(0), help="Decoding worker processes [default: CPU cores - 1, at least 1].")
 @click.option("--shard", default="0/1", show_default=True, help="Process only part i of n of the items (i/n), for many machines.")
 @click.option("--retry-failed", is_flag=True, help="Retry items recorded as failed in an earlier run.")
+@click.option("--items-per-shard", default=512, show_default=True, type=click.IntRange(1),
+              help="Items per shard file; a crash loses at most the shard in progress (also committed every 2 min).")
 @click.option("--score-threshold", default=0.1, show_default=True, type=click.FloatRange(0, 1), help="Minimum detection score.")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-item lines; the summary only.")
 def extract(**options) -> None:

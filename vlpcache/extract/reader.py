@@ -1,0 +1,88 @@
+"""Decode the sampled frames of many items in parallel worker processes.
+
+Yields one `DecodedItem` per input item, in completion order, with at most `window` items in
+flight so that memory stays bounded however large the collection. A worker that crashes (a decoder
+segfault on a hostile file) does not end the run: the items it may have held are re-decoded one at a
+time, and the one that crashes alone is reported as failed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from vlpcache.errors import ItemError
+from vlpcache.extract.sampling import SampledFrames, read_item
+from vlpcache.extract.sources import Item
+
+
+@dataclass
+class DecodedItem:
+    item: Item
+    sampled: SampledFrames | None  # None when decoding failed
+    error: str | None = None
+
+
+def decode_item(item: Item, num_frames: int, max_side: int) -> DecodedItem:
+    """Decode one item; bad input becomes a DecodedItem with an error, never an exception."""
+    try:
+        return DecodedItem(item, read_item(item, num_frames, max_side))
+    except ItemError as err:
+        return DecodedItem(item, None, str(err) or "unreadable")
+    except MemoryError:
+        return DecodedItem(item, None, "too large to decode in memory")
+    except Exception as err:  # a decoder bug on a hostile file must not end the run
+        return DecodedItem(item, None, f"decoder error ({type(err).__name__}: {err})")
+
+
+class FrameReader:
+    def __init__(self, num_frames: int, max_side: int, workers: int, window: int | None = None):
+        self.num_frames = num_frames
+        self.max_side = max_side
+        self.workers = workers
+        self.window = window or max(4, 4 * workers)
+
+    def __call__(self, items: Iterable[Item]) -> Iterator[DecodedItem]:
+        if self.workers == 0:  # in-process decoding: simplest to debug and profile
+            for item in items:
+                yield decode_item(item, self.num_frames, self.max_side)
+            return
+        pending = deque(items)
+        suspects: deque[Item] = deque()  # in flight when a worker crashed: retried alone
+        while pending or suspects:
+            alone = bool(suspects)
+            queue = suspects if alone else pending
+            try:
+                yield from self._run_pool(queue, window=1 if alone else self.window)
+            except _PoolCrashed as crash:
+                if alone:  # it crashed with nothing else in flight: this item is the culprit
+                    yield DecodedItem(crash.in_flight[0], None, "decoder crashed on this file")
+                else:
+                    suspects.extend(crash.in_flight)
+
+    def _run_pool(self, queue: deque, window: int) -> Iterator[DecodedItem]:
+        context = multiprocessing.get_context("spawn")  # no inherited torch/onnxruntime threads or h5py handles
+        with ProcessPoolExecutor(max_workers=min(self.workers, window), mp_context=context) as pool:
+            in_flight: dict[Future, Item] = {}
+            while queue or in_flight:
+                while queue and len(in_flight) < window:
+                    item = queue.popleft()
+                    in_flight[pool.submit(decode_item, item, self.num_frames, self.max_side)] = item
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    item = in_flight.pop(future)
+                    try:
+                        yield future.result()
+                    except BrokenProcessPool:
+                        lost = [item, *in_flight.values()]
+                        raise _PoolCrashed(lost) from None
+
+
+class _PoolCrashed(Exception):
+    def __init__(self, in_flight: list[Item]):
+        super().__init__(f"decoder worker crashed with {len(in_flight)} items in flight")
+        self.in_flight = in_flight
