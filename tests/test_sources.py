@@ -1,0 +1,176 @@
+"""discover_items: which items a set of roots holds, their ids and kinds, and the problems on the way."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vlpcache.extract.sources import (
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    Item,
+    discover_items,
+    frame_files,
+    natural_key,
+    shard_of,
+)
+
+
+def touch(path: Path, data: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def kinds_by_id(items: list[Item]) -> dict[str, str]:
+    return {item.id: item.kind for item in items}
+
+
+def test_videos_images_and_frame_folders_get_relative_ids_without_extension(tmp_path):
+    touch(tmp_path / "a.mp4")
+    touch(tmp_path / "sub" / "b.JPG")
+    touch(tmp_path / "sub" / "clip with space é.mkv")
+    for name in ("1.jpg", "2.jpg", "10.jpg"):
+        touch(tmp_path / "frames" / "video7" / name)
+    touch(tmp_path / "notes.txt")
+
+    items, problems = discover_items([tmp_path])
+
+    assert problems == []
+    assert kinds_by_id(items) == {
+        "a": "video", "sub/b": "image", "sub/clip with space é": "video", "frames/video7": "frames",
+    }
+    assert all(item.path.is_absolute() and item.path.exists() for item in items)
+    assert next(i for i in items if i.kind == "frames").path == tmp_path.absolute() / "frames" / "video7"
+
+
+def test_images_directly_in_a_root_are_image_items_not_one_frames_item(tmp_path):
+    for name in ("dog.jpg", "cat.png"):
+        touch(tmp_path / name)
+    items, _ = discover_items([tmp_path])
+    assert kinds_by_id(items) == {"cat": "image", "dog": "image"}
+
+
+def test_folder_with_images_and_a_video_is_not_a_frames_folder(tmp_path):
+    touch(tmp_path / "mixed" / "1.jpg")
+    touch(tmp_path / "mixed" / "clip.mp4")
+    touch(tmp_path / "nested" / "inner" / "1.jpg")
+    touch(tmp_path / "nested" / "top.jpg")
+    items, _ = discover_items([tmp_path])
+    assert kinds_by_id(items) == {
+        "mixed/1": "image", "mixed/clip": "video", "nested/top": "image", "nested/inner": "frames",
+    }
+
+
+def test_frames_of_a_folder_are_in_natural_order(tmp_path):
+    for name in ("10.jpg", "2.jpg", "1.png", "frame_0003.jpg", "notes.txt", ".hidden.jpg"):
+        touch(tmp_path / name)
+    assert [p.name for p in frame_files(tmp_path)] == ["1.png", "2.jpg", "10.jpg", "frame_0003.jpg"]
+    assert sorted(["b10", "b9", "a"], key=natural_key) == ["a", "b9", "b10"]
+
+
+def test_items_come_in_the_same_order_every_time(tmp_path):
+    for name in ("b.mp4", "a10.mp4", "a9.mp4", "c/x.jpg", "c/y.avi"):
+        touch(tmp_path / name)
+    first, _ = discover_items([tmp_path])
+    assert [i.id for i in first] == ["a9", "a10", "b", "c/x", "c/y"]
+    assert discover_items([tmp_path])[0] == first
+
+
+def test_duplicate_id_keeps_the_first_and_reports_the_second(tmp_path):
+    touch(tmp_path / "one" / "clip.avi")
+    touch(tmp_path / "one" / "clip.mp4")
+    touch(tmp_path / "two" / "clip.mp4")
+    items, problems = discover_items([tmp_path / "one", tmp_path / "two"])
+    assert [(i.id, i.path.name) for i in items] == [("clip", "clip.avi")]
+    assert len(problems) == 2
+    assert all("duplicate id 'clip'" in reason for _, reason in problems)
+    assert {Path(path).parent.name for path, _ in problems} == {"one", "two"}
+
+
+def test_missing_root_is_a_problem_and_the_other_roots_still_count(tmp_path):
+    touch(tmp_path / "a.mp4")
+    items, problems = discover_items([tmp_path / "nope", tmp_path])
+    assert [i.id for i in items] == ["a"]
+    assert problems == [(str(tmp_path / "nope"), "does not exist")]
+
+
+def test_a_root_may_be_a_single_file(tmp_path):
+    video = touch(tmp_path / "deep" / "clip.webm")
+    items, problems = discover_items([video])
+    assert items == [Item("clip", video.absolute(), "video")] and problems == []
+
+
+def test_a_root_file_that_is_not_media_is_a_problem(tmp_path):
+    items, problems = discover_items([touch(tmp_path / "captions.jsonl")])
+    assert items == [] and "not a video or image" in problems[0][1]
+
+
+def test_hidden_and_non_media_files_and_empty_folders_are_ignored_silently(tmp_path):
+    touch(tmp_path / "._clip.mp4")
+    touch(tmp_path / ".cache" / "x.mp4")
+    touch(tmp_path / "readme.md")
+    (tmp_path / "empty").mkdir()
+    touch(tmp_path / "only_text" / "a.txt")
+    assert discover_items([tmp_path]) == ([], [])
+
+
+def test_symlink_loop_does_not_hang_and_each_folder_is_walked_once(tmp_path):
+    touch(tmp_path / "a" / "clip.mp4")
+    os.symlink(tmp_path, tmp_path / "a" / "loop")
+    os.symlink(tmp_path / "a", tmp_path / "again")
+    items, _ = discover_items([tmp_path])
+    assert [i.id for i in items] == ["a/clip"]
+
+
+def test_broken_symlink_with_media_extension_is_reported(tmp_path):
+    os.symlink(tmp_path / "gone.mp4", tmp_path / "link.mp4")
+    items, problems = discover_items([tmp_path])
+    assert items == [] and problems == [(str(tmp_path / "link.mp4"), "broken symbolic link; skipped")]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads folders whatever their permissions")
+def test_unreadable_folder_is_reported_and_the_rest_is_walked(tmp_path):
+    touch(tmp_path / "ok.mp4")
+    locked = tmp_path / "locked"
+    touch(locked / "x.mp4")
+    locked.chmod(0)
+    try:
+        items, problems = discover_items([tmp_path])
+    finally:
+        locked.chmod(0o755)
+    assert [i.id for i in items] == ["ok"]
+    assert problems == [(str(locked), "cannot read folder: permission denied; skipped")]
+
+
+def test_extensions_are_lowercase_with_a_dot():
+    assert {".mp4", ".avi", ".mkv", ".webm", ".mov", ".gif"} <= VIDEO_EXTENSIONS
+    assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"} == IMAGE_EXTENSIONS
+    assert all(e.startswith(".") and e == e.lower() for e in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS)
+    assert not VIDEO_EXTENSIONS & IMAGE_EXTENSIONS
+
+
+def test_shard_of_is_stable_across_runs_and_spreads_items():
+    # crc32 values are fixed by the algorithm, so these hold on every machine and Python version
+    assert shard_of("video1", 1) == 0
+    assert shard_of("video1", 7) == 2977449102 % 7 == 5  # zlib.crc32(b"video1")
+    counts = [0] * 4
+    for i in range(400):
+        counts[shard_of(f"train/video{i}", 4)] += 1
+    assert min(counts) > 60
+
+
+def test_real_videos_folder_has_18_files_and_one_duplicate_stem(videos_dir):
+    items, problems = discover_items([videos_dir])
+    assert len(items) == 17 and all(i.kind == "video" for i in items)
+    # tests_data_test.avi and tests_data_test.mp4 share an id: the first in name order keeps it
+    assert problems == [(str(videos_dir.absolute() / "tests_data_test.mp4"),
+                         f"duplicate id 'tests_data_test' (already used by {videos_dir.absolute() / 'tests_data_test.avi'}); skipped")]
+
+
+def test_msrvtt_split_gives_one_frames_item_per_video(msrvtt_dir):
+    items, problems = discover_items([msrvtt_dir / "frames" / "val"])
+    assert problems == [] and len(items) == 244
+    assert all(i.kind == "frames" and i.id.startswith("video") and "/" not in i.id for i in items)

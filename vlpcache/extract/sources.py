@@ -1,0 +1,159 @@
+"""Which items an extraction covers: video files, still images and folders of frames under the roots.
+
+Rules (DESIGN.md section 1):
+- A video file or an image file is one item. Its id is its path relative to the root, without
+  extension, with `/` separators (`clips/a b.mp4` -> `clips/a b`).
+- A folder *below* a root whose direct children are images only (no videos, no subfolders holding
+  media) is ONE "frames" item whose id is its relative path (`val/video7/0.jpg, 1.jpg` -> `val/video7`).
+  A root's own images are image items, never a frames item, so that `extract flickr8k/images` gives
+  one item per photo; to extract a single frames folder, give its parent as the root.
+- A root may be a single file; its id is its file name without extension.
+- Hidden files and folders (name starting with `.`, e.g. macOS `._x.jpg`) and non-media files are
+  ignored silently. Symbolic links are followed, each real folder is walked once (no loops).
+- Order is deterministic: roots in the order given, entries by natural name order (2.jpg < 10.jpg).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+VIDEO_EXTENSIONS: frozenset[str] = frozenset({
+    ".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".gif", ".mpg", ".mpeg", ".m2v", ".wmv", ".asf",
+    ".flv", ".f4v", ".ts", ".mts", ".m2ts", ".vob", ".3gp", ".3g2", ".ogv", ".ogg", ".divx", ".dv",
+    ".mxf", ".rm", ".rmvb", ".y4m", ".nut",
+})  # fmt: skip
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+
+KINDS = ("video", "image", "frames")
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str  # path relative to its root without extension, POSIX separators
+    path: Path  # absolute path of the file or frames folder
+    kind: str  # "video" | "image" | "frames"
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key in which digit runs compare as numbers: 2.jpg < 10.jpg; ties broken by the name."""
+    parts = re.split(r"(\d+)", name)
+    return tuple(int(p) if i % 2 else p.casefold() for i, p in enumerate(parts)), name
+
+
+def media_kind(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_EXTENSIONS:
+        return "video"
+    if suffix in IMAGE_EXTENSIONS:
+        return "image"
+    return None
+
+
+def frame_files(folder: Path) -> list[Path]:
+    """The frames of a frames folder: its image files (not hidden), in natural name order."""
+    with os.scandir(folder) as entries:
+        names = [e.name for e in entries if not e.name.startswith(".") and _is_file(e)
+                 and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS]
+    return [folder / n for n in sorted(names, key=natural_key)]
+
+
+def shard_of(item_id: str, n: int) -> int:
+    """Which of n shards an item belongs to: crc32 of the UTF-8 id, the same on every machine and run."""
+    return zlib.crc32(item_id.encode("utf-8")) % n
+
+
+def discover_items(roots: list[Path]) -> tuple[list[Item], list[tuple[str, str]]]:
+    """All items under the roots, and the problems met on the way as (path, reason).
+
+    Problems: a root that does not exist or is not media, a folder that cannot be read, a broken
+    symbolic link with a media extension, an id already taken (the first keeps it).
+    """
+    walk = _Walk()
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            walk.problems.append((str(root), "broken symbolic link" if root.is_symlink() else "does not exist"))
+        elif root.is_dir():
+            for item in walk.folder(root.absolute(), root.absolute(), is_root=True)[0]:
+                walk.add(item)
+        elif media_kind(root) is None:
+            walk.problems.append((str(root), "not a video or image file (unknown extension); skipped"))
+        else:
+            walk.add(Item(root.stem, root.absolute(), media_kind(root)))
+    return walk.items, walk.problems
+
+
+class _Walk:
+    def __init__(self) -> None:
+        self.items: list[Item] = []
+        self.problems: list[tuple[str, str]] = []
+        self._owner: dict[str, Path] = {}  # id -> path that took it
+        self._visited: set[tuple[int, int]] = set()  # (st_dev, st_ino) of folders walked
+
+    def add(self, item: Item) -> None:
+        if item.id in self._owner:
+            self.problems.append((str(item.path), f"duplicate id '{item.id}' (already used by "
+                                  f"{self._owner[item.id]}); skipped"))
+            return
+        self._owner[item.id] = item.path
+        self.items.append(item)
+
+    def folder(self, root: Path, folder: Path, is_root: bool = False) -> tuple[list[Item], bool]:
+        """The items in and below one folder (its own files first), and whether it holds any media."""
+        try:
+            stat = folder.stat()
+            if (stat.st_dev, stat.st_ino) in self._visited:
+                return [], False  # a symlink loop, or a second link to a folder already walked
+            self._visited.add((stat.st_dev, stat.st_ino))
+            with os.scandir(folder) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: natural_key(e.name))
+        except PermissionError:
+            self.problems.append((str(folder), "cannot read folder: permission denied; skipped"))
+            return [], False
+        except OSError as err:
+            self.problems.append((str(folder), f"cannot read folder: {err.strerror or err}; skipped"))
+            return [], False
+
+        files, subfolders = [], []
+        for entry in entries:
+            path = folder / entry.name
+            if _is_dir(entry):
+                subfolders.append(path)
+            elif _is_file(entry):
+                if media_kind(path) is not None:
+                    files.append(path)
+            elif entry.is_symlink() and media_kind(path) is not None:
+                self.problems.append((str(path), "broken symbolic link; skipped"))
+
+        below, sub_has_media = [], False
+        for sub in subfolders:
+            sub_items, has_media = self.folder(root, sub)
+            below += sub_items
+            sub_has_media |= has_media
+        only_images = files and all(media_kind(p) == "image" for p in files)
+        if only_images and not sub_has_media and not is_root:
+            return [Item(_relative_id(root, folder), folder, "frames")], True
+        own = [Item(_relative_id(root, p.with_suffix("")), p, media_kind(p)) for p in files]
+        return own + below, bool(files) or sub_has_media
+
+
+def _relative_id(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows symlinks
+    except OSError:
+        return False
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
