@@ -1,0 +1,278 @@
+"""read_item: T frames at segment centres, by seeking, from real and generated videos, images and frame
+folders; every bad input becomes an ItemError with a short reason."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlpcache.errors import ItemError
+from vlpcache.extract.sampling import SampledFrames, read_item, segment_centres
+from vlpcache.extract.sources import Item, discover_items
+
+sys.path.insert(0, str(Path(__file__).parent))
+from broken_media import SHARED, SHORT_VIDEO_FRAMES, frame_number, make_broken_media, make_video  # noqa: E402
+
+T, MAX_SIDE = 8, 416
+REAL_VIDEOS = sorted(p.name for p in (SHARED / "data" / "videos").glob("*"))
+
+
+def video(path: Path) -> Item:
+    return Item(path.stem, path, "video")
+
+
+def check_frames(out: SampledFrames, max_side: int = MAX_SIDE) -> None:
+    assert out.frames and len(out.frames) == len(out.timestamps) <= T
+    shapes = {f.shape for f in out.frames}
+    assert len(shapes) == 1, "one frame size per item"
+    (h, w, c), = shapes
+    assert c == 3 and max(h, w) <= max_side
+    assert all(f.dtype == np.uint8 and f.flags.c_contiguous for f in out.frames)
+    assert all(b > a for a, b in zip(out.timestamps, out.timestamps[1:]))
+    assert all(0.0 <= t <= out.duration for t in out.timestamps)
+    # aspect kept to within rounding (videos with a display rotation swap height and width)
+    assert abs(h / w - out.size[0] / out.size[1]) < 0.02 or abs(w / h - out.size[0] / out.size[1]) < 0.02
+
+
+def test_segment_centres_are_the_middles_of_equal_segments():
+    assert segment_centres(8.0, 4) == [1.0, 3.0, 5.0, 7.0]
+    assert segment_centres(2, 8)[0] == 0.125 and segment_centres(2, 8)[-1] == 1.875
+
+
+# ----------------------------------------------------------------------------------------- real videos
+
+
+@pytest.mark.parametrize("name", REAL_VIDEOS or ["(no shared videos)"])
+def test_every_real_video_gives_8_frames_in_order_within_its_duration(videos_dir, name):
+    out = read_item(video(videos_dir / name), T, MAX_SIDE)
+    check_frames(out)
+    assert len(out.frames) == T
+    assert out.notes == []  # Megamind_bugy.avi included: its keyframe flags are odd, decoding is fine
+
+
+@pytest.mark.parametrize("name", ["box.mp4", "Megamind_bugy.avi", "vtest.avi", "cup.mp4"])
+def test_seeking_gives_the_same_frames_as_decoding_straight_through(videos_dir, name):
+    # box.mp4 and the AVIs carry decode-order pts; vtest.avi and cup.mp4 have several GOPs
+    by_seeking = read_item(video(videos_dir / name), 12, 96)
+    straight = read_item(video(videos_dir / name), 12, 96, seek=False)
+    assert by_seeking.timestamps == straight.timestamps
+    assert all(np.array_equal(a, b) for a, b in zip(by_seeking.frames, straight.frames))
+    assert by_seeking.decoded_frames < straight.decoded_frames
+
+
+def test_large_real_video_is_downscaled_keeping_its_aspect(videos_dir):
+    out = read_item(video(videos_dir / "demo_demo_skeleton.mp4"), 2, 384)
+    assert out.size == (1080, 1920) and out.frames[0].shape == (216, 384, 3)
+
+
+def test_truncated_real_video_keeps_the_frames_before_the_cut(videos_dir, tmp_path):
+    data = (videos_dir / "cup.mp4").read_bytes()
+    cut = tmp_path / "cup.mp4"
+    cut.write_bytes(data[: len(data) * 3 // 10])
+    out = read_item(video(cut), T, MAX_SIDE)
+    check_frames(out)
+    assert 1 <= len(out.frames) < T
+    assert any("truncated" in note for note in out.notes)
+
+
+# ------------------------------------------------------------------------------------ generated videos
+
+
+def test_sampled_frame_is_the_one_shown_at_each_segment_centre(tmp_path):
+    out = read_item(video(make_video(tmp_path / "v.mp4", 36, fps=10, gop=12)), T, MAX_SIDE)
+    # 36 frames, 8 segments of 4.5 frames: centres at 2.25, 6.75, ... -> frames 2, 6, 11, 15, 20, 24, 29, 33
+    assert [frame_number(f) for f in out.frames] == [2, 6, 11, 15, 20, 24, 29, 33]
+    assert out.timestamps == pytest.approx([0.2, 0.6, 1.1, 1.5, 2.0, 2.4, 2.9, 3.3])
+    assert out.duration == pytest.approx(3.6)
+
+
+def test_seeking_decodes_a_small_part_of_a_long_video(tmp_path):
+    out = read_item(video(make_video(tmp_path / "long.mp4", 900, fps=30, size=(16, 16), gop=30)), T, MAX_SIDE)
+    assert len(out.frames) == T
+    # one GOP (30 frames) at most per target, instead of 900
+    assert out.decoded_frames <= T * 30
+    assert out.decoded_frames < 900 / 3
+
+
+def test_targets_within_one_gop_are_decoded_in_one_pass(tmp_path):
+    # a single keyframe: seeking back to it for each target would decode ~4.5x the frames
+    out = read_item(video(make_video(tmp_path / "one_gop.mp4", 200, fps=25, size=(16, 16), gop=250)), T, MAX_SIDE)
+    last_target = int(segment_centres(200, T)[-1])
+    assert len(out.frames) == T
+    assert out.decoded_frames <= last_target + 2
+
+
+def test_video_shorter_than_T_gives_each_frame_once(tmp_path):
+    out = read_item(video(make_video(tmp_path / "short.mp4", SHORT_VIDEO_FRAMES)), T, MAX_SIDE)
+    check_frames(out)
+    assert [frame_number(f) for f in out.frames] == list(range(SHORT_VIDEO_FRAMES))
+
+
+def test_rotated_phone_video_is_returned_upright(tmp_path):
+    out = read_item(video(make_video(tmp_path / "r.mp4", 2, size=(32, 64), rotation=90)), T, MAX_SIDE)
+    frame = out.frames[0]  # frame 0: its top-left quarter (value 0) is dark, the rest a bright gradient
+    assert frame.shape == (64, 32, 3) and out.size == (64, 32)
+    # displayed turned a quarter counterclockwise: the dark quarter is now bottom-left
+    assert frame[56, 4].mean() < 20 and frame[4, 4].mean() > 100
+
+
+class _Pipe(io.RawIOBase):
+    """A write-only, unseekable output: muxers cannot go back to write the duration."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.data += bytes(b)
+        return len(b)
+
+
+def streamed_video(path: Path, fmt: str, frames: int = 36, fps: int = 10, gop: int = 12) -> Path:
+    pipe = _Pipe()
+    with av.open(pipe, "w", format=fmt) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"preset": "ultrafast", "x264-params": f"keyint={gop}:scenecut=0:bframes=0"}
+        for i in range(frames):
+            image = np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (48, 1, 3))
+            image[:24, :32] = (i * 7) % 256
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    path.write_bytes(pipe.data)
+    return path
+
+
+@pytest.mark.parametrize("fmt, ext", [("matroska", "mkv"), ("mpegts", "ts"), ("h264", "h264")])
+def test_streams_without_duration_or_exact_seeking_still_give_the_centre_frames(tmp_path, fmt, ext):
+    # mkv written to a pipe has no duration; MPEG-TS seeks to any packet, not to a keyframe;
+    # a raw .h264 stream has no timestamps at all (25 fps assumed by FFmpeg, so its own times differ)
+    out = read_item(video(streamed_video(tmp_path / f"s.{ext}", fmt)), T, MAX_SIDE)
+    check_frames(out)
+    assert [frame_number(f) for f in out.frames] == [2, 6, 11, 15, 20, 24, 29, 33]
+
+
+# --------------------------------------------------------------------------------- images and folders
+
+
+def test_image_is_one_frame_at_time_zero(tmp_path):
+    Image.new("RGB", (640, 480), (10, 200, 30)).save(tmp_path / "p.png")
+    out = read_item(Item("p", tmp_path / "p.png", "image"), T, 320)
+    assert out.timestamps == [0.0] and out.duration == 0.0 and out.size == (480, 640)
+    assert out.frames[0].shape == (240, 320, 3) and tuple(out.frames[0][5, 5]) == (10, 200, 30)
+
+
+def test_frames_folder_is_sampled_by_position_and_timestamped_by_position(tmp_path):
+    for i in range(20):
+        Image.fromarray(np.full((24, 32, 3), i * 10, np.uint8)).save(tmp_path / f"{i * 5}.png")
+    out = read_item(Item("f", tmp_path, "frames"), 4, MAX_SIDE)
+    assert out.timestamps == [2.0, 7.0, 12.0, 17.0] and out.duration == 20.0
+    assert [int(f[0, 0, 0]) for f in out.frames] == [20, 70, 120, 170]
+
+
+def test_msrvtt_frames_folder_gives_its_two_frames(msrvtt_dir):
+    folder = sorted((msrvtt_dir / "frames" / "val").iterdir())[0]
+    out = read_item(Item(folder.name, folder, "frames"), T, MAX_SIDE)
+    check_frames(out)
+    assert out.timestamps == [0.0, 1.0] and out.size == (240, 320)
+
+
+# -------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory, request) -> tuple[Path, dict[str, str]]:
+    folder = tmp_path_factory.mktemp("broken")
+    return folder, make_broken_media(folder)
+
+
+def test_discovery_finds_every_broken_input_except_the_ignored(broken):
+    folder, expected = broken
+    items, problems = discover_items([folder])
+    assert problems == []
+    assert {i.path.name for i in items} == {name for name, want in expected.items() if want != "ignored"}
+
+
+def test_each_broken_input_decodes_or_fails_with_its_reason(broken):
+    folder, expected = broken
+    items, _ = discover_items([folder])
+    outcomes = {}
+    for item in items:
+        try:
+            out = read_item(item, T, MAX_SIDE)
+            check_frames(out)
+            outcomes[item.path.name] = "ok"
+        except ItemError as err:
+            outcomes[item.path.name] = str(err)
+    for name, outcome in outcomes.items():
+        want = expected[name]
+        assert (outcome == "ok") if want == "ok" else (want in outcome), f"{name}: {outcome!r}, expected {want!r}"
+
+
+def read_broken(broken, name: str) -> SampledFrames:
+    folder, _ = broken
+    kind = "frames" if (folder / name).is_dir() else ("image" if name.rsplit(".", 1)[-1] in
+                                                      ("png", "jpg", "webp", "bmp", "tiff") else "video")
+    return read_item(Item(name, folder / name, kind), T, MAX_SIDE)
+
+
+def test_alpha_is_composited_on_white(broken):
+    frame = read_broken(broken, "alpha.png").frames[0]
+    assert frame[0, 0].min() >= 250  # alpha 0 in the top rows of the gradient
+
+
+def test_16_bit_image_is_scaled_not_clipped(broken):
+    frame = read_broken(broken, "gray16.png").frames[0]
+    assert frame[0, 0, 0] < 10 and frame[-1, -1, 0] > 245 and 100 < frame.mean() < 155
+
+
+def test_exif_orientation_is_applied(broken):
+    out = read_broken(broken, "exif_rotated.jpg")
+    assert out.size == (64, 48) and out.frames[0].shape == (64, 48, 3)
+
+
+def test_very_large_jpeg_is_decoded_reduced(broken):
+    out = read_broken(broken, "large_12000x9000.jpg")
+    assert out.size == (9000, 12000) and out.frames[0].shape == (312, 416, 3)
+
+
+def test_frames_folder_replaces_a_corrupt_frame_and_notes_it(broken):
+    out = read_broken(broken, "frames_one_bad")
+    assert len(out.frames) == T and 3.0 not in out.timestamps  # 4.jpg, at position 3, is corrupt
+    assert out.notes and "4.jpg" in out.notes[0]
+
+
+def test_video_with_garbage_in_the_middle_keeps_what_decodes(broken):
+    out = read_broken(broken, "garbage_in_middle.mp4")
+    assert 1 <= len(out.frames) <= T and any("failed to decode" in n for n in out.notes)
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".avi", ".mkv", ".webm", ".gif", ".jpg", ".png", ".webp", ".tiff"])
+def test_random_bytes_with_a_media_extension_give_an_item_error(tmp_path, ext):
+    path = tmp_path / f"noise{ext}"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes())
+    kind = "image" if ext in (".jpg", ".png", ".webp", ".tiff") else "video"
+    with pytest.raises(ItemError):
+        read_item(Item("noise", path, kind), T, MAX_SIDE)
+
+
+def test_file_removed_before_reading_gives_an_item_error(tmp_path):
+    with pytest.raises(ItemError, match="file not found"):
+        read_item(Item("gone", tmp_path / "gone.mp4", "video"), T, MAX_SIDE)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file_gives_permission_denied(tmp_path):
+    path = make_video(tmp_path / "locked.mp4", 3)
+    path.chmod(0)
+    with pytest.raises(ItemError, match="permission denied"):
+        read_item(video(path), T, MAX_SIDE)

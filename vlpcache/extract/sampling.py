@@ -1,0 +1,493 @@
+"""Sparse frame sampling: T frames per item at the centres of T equal segments (DESIGN.md section 1).
+
+Videos (PyAV) are decoded by seeking: before decoding, one cheap demux-only seek per target finds the
+keyframe that decoding would have to start from; then for each target the decoder either seeks to
+that keyframe (when it lies ahead of the frames already decoded) or decodes on from where it is (when
+the target is in the GOP being decoded). So targets that share a GOP cost one seek, and a video with a
+single keyframe is decoded once, up to its last target, never from its start T times.
+
+A target takes the frame shown at that time (the last frame starting at or before it). A video with
+fewer frames than T gives each frame once: fewer than T frames come back and the caller masks the rest.
+
+Still images are a 1-frame item at time 0. A frames folder is a video at 1 frame per second: its
+frames (natural name order) are sampled by position, and a frame's timestamp is its position in the
+folder (not the number in its file name).
+
+Every problem with the input becomes `ItemError(reason)` with a short reason; the caller adds the path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vlpcache.errors import ItemError
+from vlpcache.extract.sources import Item, frame_files
+
+# Largest image decoded at full size (~600 MB as RGB); JPEGs count after DCT-domain reduction.
+MAX_IMAGE_PIXELS = 200_000_000
+# Give up on a stretch of video after this many packets in a row that fail to decode.
+MAX_CONSECUTIVE_DECODE_ERRORS = 100
+# Packets read after a seek in search of the keyframe where decoding will start.
+PROBE_MAX_PACKETS = 2000
+PROBE_MAX_STEPS_BACK = 10
+# A tiny file whose length is unknown from its metadata is measured by a demux pass (no decoding).
+DEMUX_PASS_MAX_BYTES = 256 << 20
+
+
+@dataclass
+class SampledFrames:
+    frames: list[np.ndarray]  # each (H, W, 3) uint8 RGB, C-contiguous, max(H, W) <= max_side; same size within an item
+    timestamps: list[float]  # seconds from the start, strictly increasing
+    duration: float  # seconds (0 for an image; a frames folder counts 1 s per frame)
+    size: tuple[int, int]  # original (height, width), as displayed
+    decoded_frames: int = 0  # frames the decoder produced to get these (shows that seeking works)
+    notes: list[str] = field(default_factory=list)  # problems survived, e.g. "2 of 40 frames unreadable"
+
+
+def segment_centres(duration_or_count: float, num_frames: int) -> list[float]:
+    """Centres of `num_frames` equal segments of [0, duration_or_count)."""
+    step = duration_or_count / num_frames
+    return [(k + 0.5) * step for k in range(num_frames)]
+
+
+def read_item(item: Item, num_frames: int, max_side: int, *, seek: bool = True, threads: str = "NONE") -> SampledFrames:
+    """Decode the sampled frames of one item; raises ItemError(reason) for any bad input.
+
+    `seek=False` decodes videos straight through from the start (the reference for benchmarks).
+    `threads` is PyAV's thread_type for video decoding; "NONE" is fastest when, as in `extract`, one
+    decoding process runs per core (see the report in tests/test_sampling.py's module docstring).
+    """
+    try:
+        if item.kind == "video":
+            return _VideoSampler(item.path, num_frames, max_side, seek=seek, threads=threads).sample()
+        if item.kind == "image":
+            frame, size = _read_image(item.path, max_side)
+            return SampledFrames([frame], [0.0], 0.0, size, decoded_frames=1)
+        if item.kind == "frames":
+            return _read_frames_folder(item.path, num_frames, max_side)
+        raise ItemError(f"unknown item kind {item.kind!r}")
+    except ItemError:
+        raise
+    except MemoryError:
+        raise ItemError("out of memory while decoding") from None
+    except av.error.FFmpegError as err:  # before OSError: PyAV's errors subclass both
+        raise ItemError(f"cannot decode video: {_ffmpeg_reason(err)}") from None
+    except PermissionError:
+        raise ItemError("permission denied") from None
+    except FileNotFoundError:
+        raise ItemError("file not found (removed during the run?)") from None
+    except Exception as err:  # a decoder library failing on odd input must not stop the run
+        raise ItemError(f"cannot decode: {type(err).__name__}: {err}") from None
+
+
+# ----------------------------------------------------------------------------------------------- videos
+
+
+class _VideoSampler:
+    def __init__(self, path: Path, num_frames: int, max_side: int, seek: bool, threads: str) -> None:
+        self.path, self.num_frames, self.max_side = path, num_frames, max_side
+        self.use_seek, self.threads = seek, threads
+        self.decoded = 0  # frames out of the decoder
+        self.decode_errors = 0  # packets the decoder rejected
+        self.demuxed = False  # whether the demuxer has moved from the first packet
+        self.notes: list[str] = []
+
+    def sample(self) -> SampledFrames:
+        _check_file(self.path)
+        self.container = self._open()
+        try:
+            if not self.container.streams.video:
+                audio = bool(self.container.streams.audio)
+                raise ItemError("no video stream (audio only)" if audio else "no video stream")
+            stream = self.stream
+            if stream.codec_context is None:
+                raise ItemError("no decoder for its video codec in this FFmpeg build")
+            self.time_base = stream.time_base or Fraction(1, 1_000_000)
+            self.start = stream.start_time if stream.start_time is not None else 0  # in time_base units
+            rate = stream.guessed_rate or stream.average_rate or stream.base_rate
+            self.frame_step = float(1 / (rate * self.time_base)) if rate else 1.0  # nominal, in time_base units
+            self.clock = _FrameClock(self.frame_step)
+            return self._sample(self._duration())
+        finally:
+            self.container.close()
+
+    def _open(self) -> av.container.InputContainer:
+        try:
+            container = av.open(str(self.path), metadata_errors="ignore")
+        except av.error.FFmpegError as err:
+            raise ItemError(f"cannot open video: {_ffmpeg_reason(err)}") from None
+        if container.streams.video:
+            self.stream = container.streams.video[0]
+            self.stream.thread_type = self.threads
+        return container
+
+    # -- how long is it
+
+    def _duration(self) -> float:
+        """Seconds from the start of the stream to its end, from the best metadata there is."""
+        stream, tb = self.stream, float(self.time_base)
+        if stream.duration and stream.duration > 0:
+            return stream.duration * tb
+        if self.container.duration and self.container.duration > 0:
+            return self.container.duration / av.time_base
+        rate = stream.average_rate or stream.guessed_rate
+        if stream.frames and rate:
+            return float(stream.frames / rate)
+        # last resort: read (not decode) every packet of a small file for its last timestamp
+        if self.path.stat().st_size <= DEMUX_PASS_MAX_BYTES:
+            end, length = None, 0.0
+            for packet in self.container.demux(stream):
+                step = packet.duration or self.frame_step
+                length += step if packet.size else 0
+                ts = packet.pts if packet.pts is not None else packet.dts
+                if ts is not None:
+                    end = max(end or ts, ts + step)
+            if end is None and length:  # no timestamps at all (raw streams): add up packet durations
+                self.start, end = 0, length
+            self._rewind()
+            if end is not None and end > self.start:
+                return (end - self.start) * tb
+        raise ItemError("video length unknown (no duration, frame count or timestamps in the file)")
+
+    # -- sampling plan
+
+    def _sample(self, duration: float) -> SampledFrames:
+        tb = float(self.time_base)
+        targets = [self.start + t / tb for t in segment_centres(duration, self.num_frames)]  # time_base units
+        plan = [self._probe(t) for t in targets] if self.use_seek else [(None, None)] * len(targets)
+
+        frames, times = [], []
+        run = None  # the generator of decoded (frame, time) since the last seek
+        last: tuple[av.VideoFrame, float] | None = None  # latest frame decoded, and its time
+        ended_at = -math.inf  # time of the last frame before the data ran out, if it did
+        for target, (seek_ts, keyframe) in zip(targets, plan):
+            # the keyframe the target needs lies ahead of what was decoded: jump there for free;
+            # otherwise a seek would restart before our position, so decode on instead
+            if run is None or (keyframe is not None and last is not None and keyframe > last[1]):
+                run = self._decode_from(seek_ts)
+                last = None
+            chosen = None
+            while chosen is None:
+                if last is not None and target < last[1] + (last[0].duration or self.frame_step):
+                    chosen = last  # shown at the target's time (or the first frame after a gap)
+                    break
+                nxt = next(run, None)
+                if nxt is None:  # end of stream (or of what decodes) before the target
+                    chosen = last
+                    ended_at = max(ended_at, last[1] if last else self.start)
+                    break
+                last = nxt
+            if chosen is None or (times and chosen[1] <= times[-1]):
+                continue  # nothing decoded, or the same frame as the previous target: keep each frame once
+            frames.append(chosen[0])
+            times.append(chosen[1])
+
+        if not frames:
+            reason = "no frame could be decoded"
+            if self.decode_errors:
+                reason += f" ({self.decode_errors} packets failed to decode)"
+            raise ItemError(reason)
+        if self.decode_errors:
+            self.notes.append(f"{self.decode_errors} packets failed to decode; {len(frames)} frames kept")
+        end = (ended_at - self.start) * tb
+        if len(frames) < self.num_frames and end < 0.9 * duration - 1.0:
+            self.notes.append(f"video data ends at {end:.1f} s of {duration:.1f} s (truncated file?)")
+        first = frames[0]
+        coded = (first.height, _display_width(first, self.stream))  # before rotation
+        out_h, out_w = _fit(coded, self.max_side)
+        arrays = [_to_rgb(f, out_h, out_w) for f in frames]
+        size = coded[::-1] if _quarter_turns(first) % 2 else coded
+        seconds = [min(max((t - self.start) * tb, 0.0), duration) for t in times]
+        return SampledFrames(arrays, seconds, duration, size, decoded_frames=self.decoded, notes=self.notes)
+
+    def _probe(self, target: float) -> tuple[int | None, int | None]:
+        """(seek timestamp, keyframe timestamp) such that seeking there starts decoding at that keyframe,
+        at or before `target`; found by demuxing, not decoding. Demuxers whose index is keyed on decode
+        time (MP4 with B-frames) or that seek inexactly (MPEG-TS) can land past the target: then step
+        back, twice as far each time. (None, None): the input cannot seek.
+        """
+        ts, back = math.floor(target), max(4 * self.frame_step, 1.0)
+        for _ in range(PROBE_MAX_STEPS_BACK):
+            if not self._seek_to(ts):
+                return None, None
+            keyframe = self._next_keyframe_time()
+            if (keyframe is not None and keyframe <= target) or ts <= self.start:
+                return ts, keyframe
+            ts, back = max(self.start, math.floor(ts - back)), back * 2
+        return self.start, None  # unknown: decode on from wherever decoding is
+
+    def _rewind(self) -> None:
+        """Back to the first packet: by seeking, or where the input cannot seek, by opening it again."""
+        if not self._seek_to(self.start):
+            self.container.close()
+            self.container = self._open()
+        self.demuxed = False
+
+    def _seek_to(self, ts: int) -> bool:
+        self.demuxed = True
+        try:
+            self.container.seek(int(ts), stream=self.stream, backward=True, any_frame=False)
+            return True
+        except av.error.FFmpegError:
+            self.use_seek = False  # unseekable input: decode straight through
+            return False
+
+    def _next_keyframe_time(self) -> int | None:
+        """Timestamp of the next keyframe packet: where decoding really starts after a seek, also when
+        the demuxer seeks to any packet (MPEG-TS) and the decoder drops what precedes a keyframe.
+        None at the end of the stream; the first packet's time if no keyframe flag shows up."""
+        first = None
+        for count, packet in enumerate(self.container.demux(self.stream)):
+            ts = packet.pts if packet.pts is not None else packet.dts
+            if packet.is_keyframe and ts is not None:
+                return ts
+            first = ts if first is None else first
+            if count >= PROBE_MAX_PACKETS:
+                return first
+        return None
+
+    # -- decoding
+
+    def _decode_from(self, seek_ts: int | None):
+        """Yield (frame, time in time_base units) from the keyframe at or before seek_ts."""
+        if self.use_seek and seek_ts is not None:
+            self._seek_to(seek_ts)
+        elif self.decoded or self.demuxed:
+            self._rewind()  # back to the start after probing or a failed seek
+        self.clock.restart()
+        errors_in_a_row = 0
+        for packet in self.container.demux(self.stream):
+            try:
+                decoded = packet.decode()
+            except av.error.FFmpegError:
+                self.decode_errors += 1
+                errors_in_a_row += 1
+                if errors_in_a_row >= MAX_CONSECUTIVE_DECODE_ERRORS:
+                    self.notes.append(f"gave up after {errors_in_a_row} undecodable packets in a row")
+                    return
+                continue
+            errors_in_a_row = 0
+            for frame in decoded:
+                self.decoded += 1
+                yield frame, self.clock.time(frame)
+
+
+class _FrameClock:
+    """Presentation time of decoded frames, choosing pts or dts as FFmpeg's best_effort_timestamp does.
+
+    Some files carry decode-order timestamps as pts (old AVIs with packed B-frames, badly muxed MP4):
+    their frames come out of the decoder with pts that go backwards, while dts keep increasing.
+    One clock serves a whole file, so what it learnt about pts before a seek still holds after it.
+    """
+
+    def __init__(self, frame_step: float) -> None:
+        self.frame_step = frame_step
+        self.faulty_pts = self.faulty_dts = 0
+        self.last_pts = self.last_dts = self.last_time = None
+
+    def restart(self) -> None:
+        """After a seek: timestamps jump, which is no evidence of faulty pts or dts."""
+        self.last_pts = self.last_dts = self.last_time = None
+
+    def time(self, frame: av.VideoFrame) -> float:
+        pts, dts = frame.pts, frame.dts
+        if dts is not None:
+            self.faulty_dts += self.last_dts is not None and dts <= self.last_dts
+            self.last_dts = dts
+        if pts is not None:
+            self.faulty_pts += self.last_pts is not None and pts <= self.last_pts
+            self.last_pts = pts
+        if pts is not None and (self.faulty_pts <= self.faulty_dts or dts is None):
+            t = float(pts)
+        elif dts is not None:
+            t = float(dts)
+        else:  # no timestamps at all: add up frame durations
+            t = 0.0 if self.last_time is None else self.last_time + self.last_duration
+        self.last_time, self.last_duration = t, frame.duration or self.frame_step
+        return t
+
+
+def _display_width(frame: av.VideoFrame, stream) -> int:
+    """Width as displayed: anamorphic video (sample aspect ratio != 1) is stretched."""
+    sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    if sar and sar > 0 and sar != 1:
+        return max(1, round(frame.width * sar))
+    return frame.width
+
+
+def _to_rgb(frame: av.VideoFrame, height: int, width: int) -> np.ndarray:
+    # swscale converts and downscales in one pass, much cheaper than resizing the full-size RGB array
+    array = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA")
+    if turns := _quarter_turns(frame):
+        array = np.rot90(array, k=turns)
+    return np.ascontiguousarray(array)
+
+
+def _quarter_turns(frame: av.VideoFrame) -> int:
+    """Counterclockwise quarter turns that show the frame upright (phone videos carry a display matrix)."""
+    return round((frame.rotation or 0) / 90) % 4
+
+
+def _ffmpeg_reason(err: av.error.FFmpegError) -> str:
+    text = (err.strerror or str(err)).strip().rstrip(".")
+    if isinstance(err, av.error.InvalidDataError):
+        return "invalid data (corrupt, truncated or not a video file)"
+    return text[0].lower() + text[1:] if text else type(err).__name__
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+
+def _read_image(path: Path, max_side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """One image as (H, W, 3) uint8 RGB fitted into max_side, and its displayed (height, width)."""
+    _check_file(path)
+    with _large_images_allowed():
+        try:
+            image = Image.open(path)
+        except UnidentifiedImageError:
+            raise ItemError("not a readable image (unknown format or corrupt)") from None
+        except OSError as err:
+            raise ItemError(f"cannot read image: {err.strerror or err}") from None
+    with image:
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise ItemError(f"image has no pixels ({width}x{height})")
+        transposed = _exif_orientation(image) in (5, 6, 7, 8)
+        size = (width, height) if transposed else (height, width)  # displayed (height, width)
+        if image.format == "JPEG":
+            # decode at 1/2, 1/4 or 1/8 scale in the DCT domain when the target is that much smaller
+            scale = max_side / max(width, height)
+            if scale < 1:
+                image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
+        if image.size[0] * image.size[1] > MAX_IMAGE_PIXELS:
+            raise ItemError(f"image too large ({width}x{height} pixels; the limit is {MAX_IMAGE_PIXELS:,} pixels)")
+        try:
+            with _large_images_allowed():
+                image.load()
+                image = ImageOps.exif_transpose(image)
+            rgb = _image_to_rgb(image)
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ItemError(f"cannot decode image: {err}") from None
+        out_h, out_w = _fit((rgb.height, rgb.width), max_side)
+        if (out_h, out_w) != (rgb.height, rgb.width):
+            rgb = rgb.resize((out_w, out_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)), size
+
+
+def _image_to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB: alpha composited on white, 16-bit and float scaled to 0..255."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(image).astype(np.float64)
+        if mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values / 257.0  # 16-bit range to 8-bit
+        elif mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0
+        gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if mode == "RGB" else image.convert("RGB")
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:  # malformed EXIF is common and harmless: show the image as stored
+        return 1
+
+
+@contextlib.contextmanager
+def _large_images_allowed():
+    """Pillow's decompression-bomb guard off: our own limit (MAX_IMAGE_PIXELS) applies after draft()."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+# ------------------------------------------------------------------------------------------ frame folders
+
+
+def _read_frames_folder(folder: Path, num_frames: int, max_side: int) -> SampledFrames:
+    """Frames at the segment centres of the folder's image list; an unreadable frame is replaced by the
+    nearest readable one in its segment, or dropped when its whole segment is unreadable."""
+    try:
+        files = frame_files(folder)
+    except PermissionError:
+        raise ItemError("cannot read folder: permission denied") from None
+    except OSError as err:
+        raise ItemError(f"cannot read folder: {err.strerror or err}") from None
+    count = len(files)
+    if count == 0:
+        raise ItemError("frames folder has no images")
+
+    frames, timestamps, failed = [], [], {}
+    size = out_size = None
+    decoded = 0
+    for k, centre in enumerate(segment_centres(count, num_frames)):
+        primary = math.floor(centre)
+        if timestamps and primary <= timestamps[-1]:
+            continue  # fewer frames than T: this frame was taken by the previous segment
+        # a bad frame is replaced by the nearest readable one that overlaps its segment
+        lo, hi = math.floor(k * count / num_frames), math.ceil((k + 1) * count / num_frames)
+        others = sorted(set(range(lo, min(hi, count))) - {primary}, key=lambda i: (abs(i + 0.5 - centre), i))
+        for index in [primary, *others]:
+            if (timestamps and index <= timestamps[-1]) or index in failed:
+                continue
+            try:
+                frame, frame_size = _read_image(files[index], max_side)
+            except ItemError as err:
+                failed[index] = str(err)
+                continue
+            decoded += 1
+            if out_size is None:
+                size, out_size = frame_size, frame.shape[:2]
+            elif frame.shape[:2] != out_size:  # one frame size per item: boxes are normalised by it
+                frame = np.asarray(Image.fromarray(frame).resize((out_size[1], out_size[0]), Image.Resampling.BILINEAR))
+            frames.append(np.ascontiguousarray(frame))
+            timestamps.append(float(index))
+            break
+
+    if not frames:
+        first = next(iter(failed.items()), (0, "?"))
+        raise ItemError(f"no readable frame among {count} images ({files[first[0]].name}: {first[1]})")
+    notes = [f"{len(failed)} of {count} frames unreadable, e.g. {files[i].name}: {r}" for i, r in list(failed.items())[:1]]
+    return SampledFrames(frames, timestamps, float(count), size, decoded_frames=decoded, notes=notes)
+
+
+# ----------------------------------------------------------------------------------------------- shared
+
+
+def _check_file(path: Path) -> None:
+    try:
+        if path.stat().st_size == 0:
+            raise ItemError("empty file (0 bytes)")
+        if not os.access(path, os.R_OK):
+            raise ItemError("permission denied")
+    except FileNotFoundError:
+        raise ItemError("file not found") from None
+
+
+def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(height, width) scaled down so that the longer side is at most max_side, aspect kept, never up."""
+    height, width = size
+    scale = min(1.0, max_side / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
