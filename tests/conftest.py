@@ -8,6 +8,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VLPCACHE_SHARED", REPO.parent / "shared")).resolve()
 
+# tests (and the CLI subprocesses they start) use the offline weights in shared/models
+if (SHARED / "models").exists():
+    os.environ.setdefault("VLPCACHE_MODELS", str(SHARED / "models"))
+
 
 def _need(path: Path) -> Path:
     if not path.exists():
@@ -38,10 +42,3 @@ def msrvtt_dir() -> Path:
 @pytest.fixture(scope="session")
 def flickr_dir() -> Path:
     return _need(SHARED / "data" / "flickr8k")
-
-
-@pytest.fixture(autouse=True)
-def _models_env(monkeypatch):
-    # tests use the offline weights in shared/models unless a test says otherwise
-    if (SHARED / "models").exists():
-        monkeypatch.setenv("VLPCACHE_MODELS", str(SHARED / "models"))

@@ -109,7 +109,7 @@ def render_item(cache: RegionCache, item_id: str, output: Path) -> Path:
             label = int(cached["labels"][t, n])
             if label < 0:
                 continue  # the whole-frame region
-            x1, y1, x2, y2 = cached["boxes"][t, n] * [picture.width, picture.height] * 2
+            x1, y1, x2, y2 = cached["boxes"][t, n] * np.array([picture.width, picture.height] * 2)
             colour = palette[label % len(palette)]
             box = (x0 + x1, y0 + 18 + y1, x0 + x2, y0 + 18 + y2)
             draw.rectangle(box, outline=colour, width=2)

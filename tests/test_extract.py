@@ -1,0 +1,184 @@
+"""`vlpcache extract` and `vlpcache inspect` end to end, as a user runs them, on real files."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlpcache.cache.reader import RegionCache
+from vlpcache.cache.schema import ARRAYS, SHARD_DIR
+
+SMALL_VIDEOS = ("tests_data_test.mp4", "bikes.mp4", "tree.avi", "cup.mp4")
+
+
+def vlpcache(*args, cwd, check=True, timeout=240):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, "-m", "vlpcache", *map(str, args)], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory, videos_dir, msrvtt_dir, flickr_dir):
+    """A small mixed root: real videos, real photos, real frame folders, under awkward names."""
+    root = tmp_path_factory.mktemp("media")
+    (root / "clips").mkdir()
+    for name in SMALL_VIDEOS:
+        shutil.copy(videos_dir / name, root / "clips" / name)
+    shutil.copy(videos_dir / "tests_data_test.mp4", root / "clips" / "ünïcode name.mp4")
+    for photo in sorted((flickr_dir / "images").iterdir())[:3]:
+        shutil.copy(photo, root / photo.name)
+    for folder in sorted((msrvtt_dir / "frames" / "val").iterdir())[:3]:
+        shutil.copytree(folder, root / "frames" / folder.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def extracted(media, tmp_path_factory):
+    work = tmp_path_factory.mktemp("work")
+    result = vlpcache("extract", media, "-o", work / "cache", "--frames", 4, cwd=work)
+    return work / "cache", result
+
+
+def test_extract_caches_every_item_once_with_masks_and_timestamps(extracted, media):
+    cache_dir, result = extracted
+    cache = RegionCache(cache_dir)
+    assert sorted(cache.ids) == sorted(
+        [f"clips/{Path(n).stem}" for n in SMALL_VIDEOS] + ["clips/ünïcode name"]
+        + [p.stem for p in media.glob("*.jpg")] + [f"frames/{p.name}" for p in (media / "frames").iterdir()])
+    assert cache.settings.frames == 4 and cache.settings.regions == 31 and cache.settings.feature_dim == 1280
+    video = cache.get("clips/bikes")
+    assert video["frame_mask"].all() and np.all(np.diff(video["timestamps"]) > 0)
+    assert video["duration"] > video["timestamps"][-1]
+    photo = cache.get(next(media.glob("*.jpg")).stem)
+    assert photo["frame_mask"].tolist() == [True, False, False, False] and photo["kind"] == "image"
+    frames = cache.get(f"frames/{next((media / 'frames').iterdir()).name}")
+    assert frames["frame_mask"].sum() == 2 and frames["kind"] == "frames"  # 2 frames on disk, 4 asked
+    for item_id in cache.ids:
+        item = cache.get(item_id)
+        valid = item["frame_mask"]
+        assert np.all(item["region_mask"][valid, 0]) and np.all(item["labels"][valid, 0] == -1)
+        assert not item["region_mask"][~valid].any()
+    assert "extract: 11 done" in result.stderr
+
+
+def test_rerun_skips_everything_already_cached(extracted, media):
+    cache_dir, _ = extracted
+    before = sorted(p.name for p in (cache_dir / SHARD_DIR).iterdir())
+    again = vlpcache("extract", media, "-o", cache_dir, "--frames", 4, cwd=cache_dir.parent)
+    assert "0 done, 11 already cached" in again.stderr
+    assert sorted(p.name for p in (cache_dir / SHARD_DIR).iterdir()) == before
+
+
+def test_other_settings_are_refused_for_an_existing_cache(extracted, media):
+    cache_dir, _ = extracted
+    result = vlpcache("extract", media, "-o", cache_dir, "--frames", 8, cwd=cache_dir.parent, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "frames: 4 != 8" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_inspect_summarises_and_renders_an_item(extracted, tmp_path):
+    cache_dir, _ = extracted
+    summary = json.loads(vlpcache("inspect", cache_dir, "--json", cwd=tmp_path).stdout)
+    assert summary["items"] == 11 and summary["T"] == 4 and summary["N"] == 31 and summary["D"] == 1280
+    assert summary["provenance"]["detector_weights_sha256"].startswith("d39bee73")
+    text = vlpcache("inspect", cache_dir, cwd=tmp_path).stdout
+    assert "T=4 frames, N=31 regions" in text and "on disk" in text
+    out = tmp_path / "bikes.png"
+    vlpcache("inspect", cache_dir, "--render", "clips/bikes", "-o", out, cwd=tmp_path)
+    picture = Image.open(out)
+    assert picture.width >= 4 * 200 and picture.height > 100
+    missing = vlpcache("inspect", cache_dir, "--render", "nope", cwd=tmp_path, check=False)
+    assert missing.returncode == 2 and "'nope' is not in" in missing.stderr
+
+
+def test_broken_files_get_one_line_each_and_the_run_goes_on(tmp_path, videos_dir):
+    from tests.broken_media import make_broken_media
+
+    root = tmp_path / "broken"
+    expected = make_broken_media(root, videos_dir)
+    shutil.copy(videos_dir / "tests_data_test.mp4", root / "good.mp4")
+    result = vlpcache("extract", root, "-o", tmp_path / "cache", "--frames", 2, cwd=tmp_path)
+    assert "Traceback" not in result.stderr
+    cache = RegionCache(tmp_path / "cache")
+    failures = cache.failures
+    assert "good" in cache
+    for name, outcome in expected.items():
+        item_id = Path(name).with_suffix("").as_posix()
+        if outcome == "ok":
+            assert item_id in cache, f"{name} should have been extracted: {failures.get(item_id)}"
+        else:
+            assert item_id in failures, f"{name} should have failed"
+            lines = [line for line in result.stderr.splitlines() if line.startswith(str(root / name))]
+            assert len(lines) == 1, result.stderr
+    # failed items are skipped on a re-run, retried with --retry-failed
+    again = vlpcache("extract", root, "-o", tmp_path / "cache", "--frames", 2, cwd=tmp_path)
+    assert f"{len(failures)} skipped (failed before" in again.stderr
+    retry = vlpcache("extract", root, "-o", tmp_path / "cache", "--frames", 2, "--retry-failed", cwd=tmp_path)
+    assert f"{len(failures)} failed" in retry.stderr
+
+
+def test_nothing_processable_exits_non_zero_and_no_media_is_one_error(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.mp4").write_bytes(b"")
+    result = vlpcache("extract", tmp_path / "bad", "-o", tmp_path / "cache", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "x.mp4: " in result.stderr and "0 done" in result.stderr
+    (tmp_path / "empty").mkdir()
+    result = vlpcache("extract", tmp_path / "empty", "-o", tmp_path / "c2", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "no videos, images or frame folders found" in result.stderr
+
+
+def test_two_shard_processes_fill_one_cache_together(media, tmp_path):
+    cache_dir = tmp_path / "cache"
+    procs = [subprocess.Popen([sys.executable, "-m", "vlpcache", "extract", str(media), "-o", str(cache_dir),
+                               "--frames", "2", "--shard", f"{i}/2", "--quiet", "--workers", "1"],
+                              cwd=tmp_path, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=240)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    cache = RegionCache(cache_dir)
+    assert len(cache) == 11 and len(set(cache.ids)) == 11
+    names = {p.name.split("-")[0] for p in (cache_dir / SHARD_DIR).glob("*.h5")}
+    assert names == {"s0of2", "s1of2"}
+
+
+def _assert_same_content(a: RegionCache, b: RegionCache):
+    assert sorted(a.ids) == sorted(b.ids) and len(a.ids) == len(set(a.ids))
+    for item_id in a.ids:
+        x, y = a.get(item_id), b.get(item_id)
+        for spec in ARRAYS:
+            np.testing.assert_array_equal(x[spec.name], y[spec.name], err_msg=f"{item_id} {spec.name}")
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, msrvtt_dir):
+    root = tmp_path / "frames"
+    for folder in sorted((msrvtt_dir / "frames" / "val").iterdir())[:24]:
+        shutil.copytree(folder, root / folder.name)
+    args = [root, "--frames", 2, "--items-per-shard", 3, "--batch-size", 2, "--workers", 1]
+    vlpcache("extract", *args, "-o", tmp_path / "whole", cwd=tmp_path)
+
+    victim = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "vlpcache", "extract", *map(str, args), "-o", str(victim)],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(list((victim / SHARD_DIR).glob("*.h5"))) < 2:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the decoder workers die with it
+    proc.wait()
+    partial = RegionCache(victim)
+    assert 0 < len(partial) < 24, "the kill should land mid-run"
+
+    vlpcache("extract", *args, "-o", victim, cwd=tmp_path)
+    _assert_same_content(RegionCache(victim), RegionCache(tmp_path / "whole"))
+    assert not list((victim / SHARD_DIR).glob("*.tmp"))
