@@ -135,11 +135,28 @@ def region_word_alignment(
 
     E.g. words[:, None], regions[None] give all (Bt, Bv) pairs. Computed in float32.
     """
-    word_mask, region_mask = word_mask.bool(), region_mask.bool()
-    # zero padding first: whatever it holds (even NaN) cannot leak into a score
-    words = F.normalize(words.float().masked_fill(~word_mask[..., None], 0), dim=-1, eps=EPS)  # (..., L, E)
-    regions = F.normalize(regions.float().masked_fill(~region_mask[..., None], 0), dim=-1, eps=EPS)  # (..., R, E)
+    words, word_mask = _unit_tokens(words, word_mask)
+    regions, region_mask = _unit_tokens(regions, region_mask)
     cosine = words @ regions.transpose(-1, -2)  # (..., L, R)
+    word_gram = words @ words.transpose(-1, -2)  # (..., L, L)
+    region_gram = regions @ regions.transpose(-1, -2)  # (..., R, R)
+    return _alignment_from_cosine(cosine, word_gram, region_gram, word_mask, region_mask, lam)
+
+
+def _unit_tokens(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # zero padding first: whatever it holds (even NaN) cannot leak into a score
+    mask = mask.bool()
+    return F.normalize(tokens.float().masked_fill(~mask[..., None], 0), dim=-1, eps=EPS), mask
+
+
+def _alignment_from_cosine(
+    cosine: torch.Tensor,  # (..., L, R) cos(w_t, r_i), 0 where either is padding
+    word_gram: torch.Tensor,  # (..., L, L) cos(w_t, w_s)
+    region_gram: torch.Tensor,  # (..., R, R) cos(r_i, r_j)
+    word_mask: torch.Tensor,  # (..., L)
+    region_mask: torch.Tensor,  # (..., R)
+    lam: float,
+) -> RegionWordAlignment:
     word_valid = word_mask[..., :, None]  # (..., L, 1)
     region_valid = region_mask[..., None, :]  # (..., 1, R)
     valid = word_valid & region_valid  # (..., L, R)
@@ -148,7 +165,6 @@ def region_word_alignment(
     # word -> region: attend regions (softmax over R) with scores normalised over words
     a_hat = a / a.norm(dim=-2, keepdim=True).clamp_min(EPS)
     alpha = focal_filter(_masked_softmax(lam * a_hat, valid, dim=-1), valid, dim=-1)  # (..., L, R)
-    region_gram = regions @ regions.transpose(-1, -2)  # (..., R, R)
     context_dot = (alpha * cosine).sum(-1)  # (..., L)  w_t · c_t
     context_norm = ((alpha @ region_gram) * alpha).sum(-1).clamp_min(EPS).sqrt()  # (..., L)  |c_t|
     word_scores = (context_dot / context_norm) * word_mask
@@ -157,7 +173,6 @@ def region_word_alignment(
     # region -> word: attend words (softmax over L) with scores normalised over regions
     a_hat = a / a.norm(dim=-1, keepdim=True).clamp_min(EPS)
     beta = focal_filter(_masked_softmax(lam * a_hat, valid, dim=-2), valid, dim=-2)  # (..., L, R)
-    word_gram = words @ words.transpose(-1, -2)  # (..., L, L)
     context_dot = (beta * cosine).sum(-2)  # (..., R)  r_i · c_i
     context_norm = ((word_gram @ beta) * beta).sum(-2).clamp_min(EPS).sqrt()  # (..., R)  |c_i|
     region_scores = (context_dot / context_norm) * region_mask
@@ -233,13 +248,20 @@ class RegionWordLoss(nn.Module):
         sim.fill_diagonal_(float("-inf"))
         videos_of_text = torch.cat([labels[:, None], sim.topk(k, dim=1).indices], 1)  # (B, 1+k)
         texts_of_video = torch.cat([labels[:, None], sim.T.topk(k, dim=1).indices], 1)  # (B, 1+k)
-        t2v = region_word_alignment(
-            text.words[:, None], text.word_mask[:, None],
-            video.regions[videos_of_text], video.region_mask[videos_of_text], self.lam,
+        # cosines and Gram matrices once per token set, then gathered per candidate pair
+        words, word_mask = _unit_tokens(text.words, text.word_mask)  # (B, L, E)
+        regions, region_mask = _unit_tokens(video.regions, video.region_mask)  # (B, R, E)
+        cosine = torch.einsum("ble,vre->bvlr", words, regions)  # (B, B, L, R)
+        word_gram = words @ words.transpose(-1, -2)  # (B, L, L)
+        region_gram = regions @ regions.transpose(-1, -2)  # (B, R, R)
+        rows = labels[:, None]
+        t2v = _alignment_from_cosine(
+            cosine[rows, videos_of_text], word_gram[:, None], region_gram[videos_of_text],
+            word_mask[:, None], region_mask[videos_of_text], self.lam,
         ).score  # (B, 1+k)
-        v2t = region_word_alignment(
-            text.words[texts_of_video], text.word_mask[texts_of_video],
-            video.regions[:, None], video.region_mask[:, None], self.lam,
+        v2t = _alignment_from_cosine(
+            cosine[texts_of_video, rows], word_gram[texts_of_video], region_gram[:, None],
+            word_mask[texts_of_video], region_mask[:, None], self.lam,
         ).score  # (B, 1+k)
         target = torch.zeros_like(labels)
         return symmetric_cross_entropy(logit_scale * t2v, logit_scale * v2t, target)
