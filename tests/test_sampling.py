@@ -18,7 +18,9 @@ from vlpcache.extract.sampling import SampledFrames, read_item, segment_centres
 from vlpcache.extract.sources import Item, discover_items
 
 sys.path.insert(0, str(Path(__file__).parent))
-from broken_media import SHARED, SHORT_VIDEO_FRAMES, frame_number, make_broken_media, make_video  # noqa: E402
+from broken_media import (  # noqa: E402
+    SHARED, SHORT_VIDEO_FRAMES, frame_number, frame_pattern, make_broken_media, make_video,
+)
 
 T, MAX_SIDE = 8, 416
 REAL_VIDEOS = sorted(p.name for p in (SHARED / "data" / "videos").glob("*"))
@@ -144,9 +146,7 @@ def streamed_video(path: Path, fmt: str, frames: int = 36, fps: int = 10, gop: i
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         stream.options = {"preset": "ultrafast", "x264-params": f"keyint={gop}:scenecut=0:bframes=0"}
         for i in range(frames):
-            image = np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (48, 1, 3))
-            image[:24, :32] = (i * 7) % 256
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame_pattern(i, 48, 64), format="rgb24")))
         container.mux(stream.encode())
     path.write_bytes(pipe.data)
     return path
@@ -190,7 +190,7 @@ def test_msrvtt_frames_folder_gives_its_two_frames(msrvtt_dir):
 
 
 @pytest.fixture(scope="module")
-def broken(tmp_path_factory, request) -> tuple[Path, dict[str, str]]:
+def broken(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     folder = tmp_path_factory.mktemp("broken")
     return folder, make_broken_media(folder)
 
