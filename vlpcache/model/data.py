@@ -1,0 +1,280 @@
+"""Pretraining data: cached region features paired with captions.
+
+Several caches (videos, images) and several caption files mix into one dataset; every item with at
+least one caption is one sample per epoch, with one of its captions drawn at random (deterministic in
+seed, epoch and item, so a resumed run sees the same data). Caches are read lazily inside each
+DataLoader worker (RegionCache opens its HDF5 files per process); captions are tokenized in the
+workers too, a batch at a time, padded to the batch's longest caption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vlpcache.cache.reader import RegionCache
+from vlpcache.captions import Captions, read_captions
+from vlpcache.errors import UserError
+from vlpcache.model.batch import tokenize, video_batch
+from vlpcache.workspace import Workspace
+
+CAPTION_SUFFIXES = (".jsonl", ".csv")
+HELD_OUT_STEMS = {"val", "valid", "validation", "test", "devtest", "dev"}
+# the provenance that must agree for two caches to feed one model (frames and regions may differ)
+COMPATIBLE_SETTINGS = ("feature_dim", "detector", "detector_weights_sha256", "backbone", "backbone_weights_sha256")
+
+
+# ---------------------------------------------------------------- finding and reading captions
+
+
+def find_caption_files(workspace: Workspace) -> list[Path]:
+    """Default training caption files: in the workspace, or next to the roots `extract` was given.
+
+    For a root such as frames/train, a caption file named after it (train.jsonl) in the root, its
+    parent or grandparent is preferred; otherwise every caption file there except held-out splits
+    (val.jsonl, test.csv...), which must never be trained on by default.
+    """
+    named, others = [], []
+    folders: list[tuple[Path, str | None]] = [(workspace.root, None)]
+    for root in map(Path, workspace.extracted_roots()):
+        folders += [(root, root.name), (root.parent, root.name), (root.parent.parent, root.name)]
+    for folder, root_name in folders:
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() not in CAPTION_SUFFIXES or not path.is_file():
+                continue
+            if root_name is not None and path.stem == root_name:
+                named.append(path)
+            elif path.stem.lower() not in HELD_OUT_STEMS:
+                others.append(path)
+    found = named or others
+    return list(dict.fromkeys(p.resolve() for p in found))
+
+
+def find_validation_file(training_files: list[Path]) -> Path | None:
+    """val.jsonl (or .csv) beside the first training caption file, if there is one."""
+    for folder in dict.fromkeys(p.parent for p in training_files):
+        for stem in ("val", "valid", "validation"):
+            for suffix in CAPTION_SUFFIXES:
+                if (folder / f"{stem}{suffix}").is_file():
+                    return folder / f"{stem}{suffix}"
+    return None
+
+
+def read_caption_files(paths: list[Path]) -> Captions:
+    captions = Captions()
+    for path in paths:
+        captions.merge(read_captions(path))
+    return captions
+
+
+def open_caches(cache_dirs: list[Path]) -> list[RegionCache]:
+    """Open every cache and refuse to mix caches whose features are not comparable."""
+    caches = [RegionCache(d) for d in cache_dirs]
+    first = caches[0].settings.to_json()
+    for cache in caches[1:]:
+        other = cache.settings.to_json()
+        diffs = [f"{k}: {first[k]!r} != {other[k]!r}" for k in COMPATIBLE_SETTINGS if first[k] != other[k]]
+        if diffs:
+            raise UserError(
+                f"{cache.cache_dir}: its features are not comparable with {caches[0].cache_dir} ({'; '.join(diffs)}); "
+                "extract both with the same --detector/--backbone"
+            )
+    return caches
+
+
+# ---------------------------------------------------------------- the dataset
+
+
+@dataclass
+class CaptionReport:
+    """What matched between caches and caption files, reported before training."""
+
+    items_with_captions: int = 0
+    items_without_captions: int = 0
+    captions_without_items: int = 0
+    empty_captions: int = 0
+    bad_lines: int = 0
+    duplicate_ids: int = 0
+    per_cache: dict[str, int] = field(default_factory=dict)
+
+    def line(self) -> str:
+        text = (
+            f"{self.items_with_captions} items with captions; {self.items_without_captions} items without captions, "
+            f"{self.captions_without_items} captioned ids not in the cache(s), {self.empty_captions} empty captions"
+        )
+        if self.bad_lines:
+            text += f", {self.bad_lines} unreadable caption lines"
+        if self.duplicate_ids:
+            text += f", {self.duplicate_ids} ids in more than one cache (first kept)"
+        return text
+
+
+def match_captions(caches: list[RegionCache], captions: Captions) -> tuple[list[tuple[int, int, list[str]]], CaptionReport]:
+    """(cache index, item index, captions) of every cached item that has captions, and the counts."""
+    samples, seen = [], set()
+    report = CaptionReport(empty_captions=captions.empty_captions, bad_lines=captions.bad_lines)
+    for c, cache in enumerate(caches):
+        kept = 0
+        for i, item_id in enumerate(cache.ids):
+            if item_id in seen:
+                report.duplicate_ids += 1
+                continue
+            seen.add(item_id)
+            texts = captions.by_id.get(item_id)
+            if texts:
+                samples.append((c, i, texts))
+                kept += 1
+            else:
+                report.items_without_captions += 1
+        report.per_cache[str(cache.cache_dir)] = kept
+    report.items_with_captions = len(samples)
+    report.captions_without_items = sum(1 for item_id in captions.by_id if item_id not in seen)
+    return samples, report
+
+
+class CaptionedRegions(Dataset):
+    """One sample per captioned item: its cached arrays and one caption drawn for this epoch."""
+
+    def __init__(self, caches: list[RegionCache], samples: list[tuple[int, int, list[str]]], seed: int = 0):
+        self.caches = caches
+        self.samples = samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch  # workers are re-created each epoch and see the new value
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        c, i, texts = self.samples[index]
+        item = self.caches[c][i]
+        choice = np.random.default_rng([self.seed, self.epoch, index]).integers(len(texts))
+        item["caption"] = texts[choice]
+        return item
+
+
+class CollateCaptionedRegions:
+    """Worker-side batching: pad videos to a common T/N and tokenize the batch's captions."""
+
+    def __init__(self, tokenizer, max_words: int):
+        self.tokenizer = tokenizer
+        self.max_words = max_words
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        batch = video_batch(items)
+        batch["input_ids"], batch["attention_mask"] = tokenize(self.tokenizer, [it["caption"] for it in items], self.max_words)
+        return batch
+
+
+@dataclass
+class ValidationSet:
+    """Standard text→video protocol: the first caption of every cached video that has one;
+    all those videos are the candidates."""
+
+    caches: list[RegionCache]
+    locations: list[tuple[int, int]]  # (cache index, item index)
+    queries: list[str]
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def items(self, start: int, stop: int) -> list[dict]:
+        return [self.caches[c][i] for c, i in self.locations[start:stop]]
+
+
+def validation_set(caches: list[RegionCache], captions: Captions) -> tuple[ValidationSet, CaptionReport]:
+    samples, report = match_captions(caches, captions)
+    return ValidationSet(caches, [(c, i) for c, i, _ in samples], [texts[0] for _, _, texts in samples]), report
+
+
+def held_out(captions: Captions, keep_held_out: bool) -> tuple[Captions, int]:
+    """Captions of one side of a caption file's "split" key: training drops val/test items,
+    validation keeps only val items (files without splits are taken whole)."""
+    if not captions.splits:
+        return captions, 0
+    if keep_held_out:
+        wanted = {i for i, s in captions.splits.items() if s.lower() in {"val", "valid", "validation"}}
+        if not wanted:
+            return captions, 0
+    else:
+        wanted = {i for i in captions.by_id if captions.splits.get(i, "").lower() not in HELD_OUT_STEMS}
+    kept = {i: t for i, t in captions.by_id.items() if i in wanted}
+    dropped = len(captions.by_id) - len(kept)
+    return Captions(kept, captions.splits, captions.empty_captions, captions.bad_lines, captions.sources), dropped
+
+
+@dataclass
+class PretrainData:
+    caches: list[RegionCache]
+    train: CaptionedRegions
+    train_report: CaptionReport
+    caption_files: list[Path]
+    validation: ValidationSet | None = None
+    validation_report: CaptionReport | None = None
+    validation_file: Path | None = None
+    held_out_skipped: int = 0  # training captions of val/test items (by their "split" key) left out
+
+    def summary(self) -> list[str]:
+        lines = [f"training captions: {', '.join(map(str, self.caption_files))}", f"training: {self.train_report.line()}"]
+        if self.held_out_skipped:
+            lines.append(f"training: {self.held_out_skipped} captioned items of val/test splits left out")
+        if self.validation is not None:
+            lines.append(f"validation ({self.validation_file}): {len(self.validation)} videos, first caption each")
+        return lines
+
+
+def load_pretrain_data(
+    cache_dirs: list[Path],
+    caption_files: list[Path] | None,
+    validation_file: Path | None,
+    seed: int = 0,
+    workspace: Workspace | None = None,
+) -> PretrainData:
+    """Open the caches and match them with the training (and validation) captions."""
+    workspace = workspace or Workspace()
+    caches = open_caches(cache_dirs)
+    if not caption_files:
+        caption_files = find_caption_files(workspace)
+        if not caption_files:
+            looked = [str(workspace.root)] + [f"{r} (and its parent folders)" for r in workspace.extracted_roots()]
+            raise UserError(f"no caption file (.jsonl or .csv) found in {', '.join(looked)}; pass --captions FILE")
+        if validation_file is None:
+            validation_file = find_validation_file(caption_files)
+    caption_files = [Path(p) for p in caption_files]
+    training_captions, skipped = held_out(read_caption_files(caption_files), keep_held_out=False)
+    samples, report = match_captions(caches, training_captions)
+    if not samples:
+        example_item = next((c.ids[0] for c in caches if len(c)), None)
+        example_caption = next(iter(training_captions.by_id), None)
+        raise UserError(
+            f"no cached item has a caption in {', '.join(map(str, caption_files))} "
+            f"(cache ids look like {example_item!r}, caption ids like {example_caption!r}); pass the caption file "
+            "of the extracted items with --captions"
+        )
+    data = PretrainData(caches, CaptionedRegions(caches, samples, seed), report, caption_files, held_out_skipped=skipped)
+    if validation_file is not None:
+        validation_captions, _ = held_out(read_captions(validation_file), keep_held_out=True)
+        data.validation, data.validation_report = validation_set(caches, validation_captions)
+        data.validation_file = Path(validation_file)
+        if not len(data.validation):
+            raise UserError(
+                f"{validation_file}: none of its videos is in the cache(s); extract them into the same cache "
+                "(or pass --cache for their cache too), or leave out --val-captions"
+            )
+        overlap = {data.validation.caches[c].ids[i] for c, i in data.validation.locations} & {
+            caches[c].ids[i] for c, i, _ in samples
+        }
+        if overlap:
+            raise UserError(
+                f"{validation_file}: {len(overlap)} validation videos also have training captions "
+                f"(e.g. {sorted(overlap)[0]!r}); validate on held-out videos"
+            )
+    return data
