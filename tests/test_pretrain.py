@@ -1,0 +1,222 @@
+"""`vlpcache pretrain` end to end on small real caches: checkpoints, logs, validation, kill -9 and
+--resume, a 2-process torchrun with gloo, and the user errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_model import build_tiny_text_model
+from vlpcache.cache.schema import CacheSettings, empty_item
+from vlpcache.cache.writer import ShardWriter
+from vlpcache.errors import UserError
+from vlpcache.model import checkpoint as ckpt
+from vlpcache.model.checkpoint import load_run
+from vlpcache.model.data import find_caption_files, load_pretrain_data
+from vlpcache.model.train import run_pretrain
+from vlpcache.workspace import Workspace
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ["dog", "cat", "car", "man", "woman", "ball", "kitchen", "street", "beach", "horse"]
+
+
+def write_cache(cache_dir: Path, count: int, frames=2, regions=4, dim=16, prefix="v", seed=0) -> list[str]:
+    """A real HDF5 cache whose item i carries the feature direction of concept i % len(WORDS)."""
+    settings = CacheSettings(frames=frames, regions=regions, feature_dim=dim, detector="synthetic",
+                             detector_weights_sha256="0", backbone="synthetic", backbone_weights_sha256="0")
+    rng = np.random.default_rng(seed)
+    concepts = rng.standard_normal((len(WORDS), dim))
+    ids = []
+    with ShardWriter(cache_dir, settings, max_items=16) as writer:
+        for i in range(count):
+            item = empty_item(settings)
+            item["features"][:] = concepts[i % len(WORDS)] + 0.3 * rng.standard_normal((frames, regions, dim))
+            xy = rng.uniform(0, 0.5, (frames, regions, 2))
+            item["boxes"][:] = np.concatenate([xy, xy + 0.3], -1)
+            item["region_mask"][:, : regions - i % 2] = True
+            item["frame_mask"][:] = True
+            item["timestamps"][:] = np.arange(frames)
+            ids.append(f"{prefix}{i}")
+            writer.add(ids[-1], f"{ids[-1]}.mp4", "video", item)
+    return ids
+
+
+def write_captions(path: Path, ids: list[str], extra: dict | None = None) -> Path:
+    with open(path, "w") as f:
+        for i, item_id in enumerate(ids):
+            word = WORDS[int(item_id.lstrip("vwx")) % len(WORDS)]
+            f.write(json.dumps({"video": item_id, "captions": [f"a {word}", f"the {word} here", ""]}) + "\n")
+        for item_id, captions in (extra or {}).items():
+            f.write(json.dumps({"video": item_id, "captions": captions}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_text(tmp_path_factory) -> Path:
+    return build_tiny_text_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("corpus")
+    ids = write_cache(root / "cache", 48)
+    train, val = ids[:40], ids[40:]
+    return {
+        "cache": root / "cache",
+        "train": write_captions(root / "train.jsonl", train, extra={"not-cached": ["a caption without item"]}),
+        "val": write_captions(root / "val.jsonl", val),
+    }
+
+
+def small_options(tiny_text: Path, **overrides) -> dict:
+    options = dict(text_model=str(tiny_text), width=16, layers=1, batch_size=8, epochs=2, workers=0, quiet=True, device="cpu")
+    options.update(overrides)
+    return options
+
+
+def test_pretrain_writes_checkpoints_logs_and_validation_metrics(tmp_path, corpus, tiny_text, monkeypatch):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    run_dir = tmp_path / "run"
+    summary = run_pretrain(
+        cache_dirs=[corpus["cache"]], captions=[corpus["train"]], val_captions=corpus["val"], run_dir=run_dir,
+        **small_options(tiny_text, workers=1),
+    )
+    assert summary["trained_epochs"] == 2
+    assert set(ckpt.checkpoints(run_dir)) >= {2}
+    last = ckpt.checkpoints(run_dir)[2]
+    assert {p.name for p in last.iterdir()} == {"model.safetensors", "training_state.pt", "meta.json"}
+    assert (run_dir / "text" / "tokenizer_config.json").exists() and (run_dir / "config.json").exists()
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert {"loss", "contrastive", "rwa", "samples_per_s"} <= set(records[0])
+    assert records[0]["val"]["queries"] == 8 and records[0]["val"]["candidates"] == 8
+    assert {"R@1", "R@5", "R@10", "MdR"} <= set(records[0]["val"])
+
+    loaded = load_run(run_dir)
+    assert loaded.epoch == ckpt.read_best(run_dir)["epoch"]
+    assert loaded.checkpoint_sha256 == ckpt.sha256_of(loaded.checkpoint_path)
+    assert loaded.cache_settings["feature_dim"] == 16
+    assert not loaded.model.training
+    from vlpcache.model.batch import tokenize
+
+    ids, mask = tokenize(loaded.tokenizer, ["a dog"], loaded.config.max_words)
+    assert loaded.model.encode_text(ids, mask).global_.shape == (1, loaded.config.embed_dim)
+
+
+def test_run_without_checkpoint_is_a_user_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="no checkpoint"):
+        load_run(tmp_path)
+
+
+def test_caption_report_counts_missing_items_missing_captions_and_empty_captions(tmp_path, corpus):
+    ids = write_cache(tmp_path / "cache", 6)
+    captions = write_captions(tmp_path / "c.jsonl", ids[:4], extra={"ghost": ["boo"], "blank": ["", " "]})
+    data = load_pretrain_data([tmp_path / "cache"], [captions], None, workspace=Workspace(tmp_path / "ws"))
+    report = data.train_report
+    assert report.items_with_captions == 4 and report.items_without_captions == 2
+    assert report.captions_without_items == 1  # "ghost"; "blank" had only empty captions
+    assert report.empty_captions == 4 + 2
+    assert len(data.train) == 4
+
+
+def test_two_caches_mix_videos_and_images_with_different_frame_counts(tmp_path, tiny_text, monkeypatch):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    videos = write_cache(tmp_path / "videos", 12, frames=3, prefix="v")
+    images = write_cache(tmp_path / "images", 12, frames=1, regions=3, prefix="x", seed=1)
+    summary = run_pretrain(
+        cache_dirs=[tmp_path / "videos", tmp_path / "images"],
+        captions=[write_captions(tmp_path / "v.jsonl", videos), write_captions(tmp_path / "images.jsonl", images)],
+        run_dir=tmp_path / "run", **small_options(tiny_text, epochs=1),
+    )
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert summary["trained_epochs"] == 1 and np.isfinite(record["loss"])
+
+
+def test_default_captions_are_found_beside_the_extracted_root_but_never_held_out_splits(tmp_path):
+    frames = tmp_path / "msrvtt" / "frames" / "train"
+    frames.mkdir(parents=True)
+    for name in ("train.jsonl", "val.jsonl", "devtest.jsonl"):
+        (tmp_path / "msrvtt" / name).write_text("")
+    workspace = Workspace(tmp_path / "ws")
+    assert find_caption_files(workspace) == []
+    workspace.remember_roots([frames])
+    assert find_caption_files(workspace) == [(tmp_path / "msrvtt" / "train.jsonl").resolve()]
+
+
+def test_no_caption_file_anywhere_is_one_clear_error(tmp_path, corpus, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("VLPCACHE_WORKSPACE", raising=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "vlpcache", "pretrain", "--cache", str(corpus["cache"])],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no caption file")
+    assert "Traceback" not in result.stderr
+
+
+def _pretrain_command(corpus, tiny_text, run_dir, epochs, *extra) -> list[str]:
+    return [
+        sys.executable, "-m", "vlpcache", "pretrain", "--cache", str(corpus["cache"]), "--captions", str(corpus["train"]),
+        "-o", str(run_dir), "--epochs", str(epochs), "--batch-size", "4", "--text-model", str(tiny_text),
+        "--width", "16", "--layers", "1", "--workers", "1", "--device", "cpu", "--quiet", *extra,
+    ]
+
+
+def test_kill_9_mid_training_then_resume_finishes_from_the_last_checkpoint(tmp_path, corpus, tiny_text):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "VLPCACHE_WORKSPACE": str(tmp_path / "ws")}
+    process = subprocess.Popen(_pretrain_command(corpus, tiny_text, run_dir, 200), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not ckpt.checkpoints(run_dir) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, process.stderr.read().decode()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    killed_at = max(ckpt.checkpoints(run_dir))
+    assert killed_at < 200
+    # resume, with fewer epochs in all so that it finishes soon
+    result = subprocess.run(_pretrain_command(corpus, tiny_text, run_dir, killed_at + 2, "--resume"),
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert epochs[-2:] == [killed_at + 1, killed_at + 2]
+    assert max(ckpt.checkpoints(run_dir)) == killed_at + 2
+    assert not list((run_dir / "checkpoints").glob(".*tmp*"))
+
+
+def test_resume_of_a_finished_run_trains_nothing_more(tmp_path, corpus, tiny_text, monkeypatch):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    options = dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=tmp_path / "run")
+    run_pretrain(**options, **small_options(tiny_text, epochs=1))
+    again = run_pretrain(**options, **small_options(tiny_text, epochs=None, resume=True))
+    assert again["trained_epochs"] == 0
+    with pytest.raises(UserError, match="--resume"):
+        run_pretrain(**options, **small_options(tiny_text, epochs=1))
+
+
+def test_torchrun_two_processes_on_cpu_with_gloo_trains_one_run(tmp_path, corpus, tiny_text):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "VLPCACHE_WORKSPACE": str(tmp_path / "ws"), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        *_pretrain_command(corpus, tiny_text, run_dir, 1, "--val-captions", str(corpus["val"]))[1:],
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert len(records) == 1  # rank 0 alone writes
+    assert records[0]["step"] == 40 // (4 * 2)  # each process a disjoint half of the 40 samples
+    assert records[0]["val"]["queries"] == 8
+    assert list(ckpt.checkpoints(run_dir)) == [1]

@@ -1,0 +1,234 @@
+"""Run directories: what pretraining writes and what index/search/eval load.
+
+    <run>/config.json                 {"model": ModelConfig, "train": TrainConfig, "cache_settings": ..., ...}
+    <run>/text/                       tokenizer and text-model architecture (config.json), no weights
+    <run>/checkpoints/epoch-0003/     model.safetensors, training_state.pt, meta.json (written last)
+    <run>/checkpoints/.epoch-0004.tmp-<pid>/   a checkpoint being written: never read, removed on resume
+    <run>/best.json                   {"epoch": 3, "metric": ...}: the epoch with the best validation
+    <run>/log.jsonl, <run>/tensorboard/
+
+A checkpoint is written whole into a temporary directory (files fsynced) and renamed into place, so a
+kill -9 at any instant leaves the previous checkpoints intact and never a partial one under a final
+name. Weights are safetensors; the optimizer state is loaded with torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlpcache.errors import UserError
+
+CONFIG_NAME = "config.json"
+TEXT_DIR = "text"
+CHECKPOINT_DIR = "checkpoints"
+BEST_NAME = "best.json"
+WEIGHTS_NAME = "model.safetensors"
+STATE_NAME = "training_state.pt"
+META_NAME = "meta.json"
+_EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_run_files(run_dir: Path, config: dict, tokenizer, text_config) -> None:
+    """The run's config and text side, written once when a run starts."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(run_dir / TEXT_DIR)
+    text_config.save_pretrained(run_dir / TEXT_DIR)
+    write_json_atomic(run_dir / CONFIG_NAME, config)
+
+
+def read_run_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / CONFIG_NAME
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{run_dir}: not a pretraining run (no {CONFIG_NAME}); run `vlpcache pretrain` or pass --run") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: unreadable ({err})") from None
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoints(run_dir: Path) -> dict[int, Path]:
+    """epoch -> directory of every complete checkpoint (temporaries are never listed)."""
+    found = {}
+    for path in (Path(run_dir) / CHECKPOINT_DIR).glob("epoch-*"):
+        m = _EPOCH_DIR.match(path.name)
+        if m and (path / META_NAME).is_file():
+            found[int(m.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def remove_temporaries(run_dir: Path) -> None:
+    for tmp in (Path(run_dir) / CHECKPOINT_DIR).glob(".epoch-*.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_checkpoint(
+    run_dir: Path, epoch: int, model: torch.nn.Module, training_state: dict, meta: dict, is_best: bool = False
+) -> Path:
+    """Write checkpoints/epoch-NNNN atomically, then drop older checkpoints except the best."""
+    parent = Path(run_dir) / CHECKPOINT_DIR
+    parent.mkdir(parents=True, exist_ok=True)
+    final = parent / f"epoch-{epoch:04d}"
+    tmp = parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, tmp / WEIGHTS_NAME, metadata={"epoch": str(epoch)})
+    torch.save(training_state, tmp / STATE_NAME)
+    meta = {**meta, "epoch": epoch, "sha256": sha256_of(tmp / WEIGHTS_NAME)}
+    (tmp / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    for name in (WEIGHTS_NAME, STATE_NAME, META_NAME):
+        _fsync(tmp / name)
+    if final.exists():  # the same epoch saved by a run that was killed before moving on: replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(parent)
+    if is_best:
+        write_json_atomic(Path(run_dir) / BEST_NAME, {"epoch": epoch, "metrics": meta.get("metrics", {})})
+    best = read_best(run_dir)
+    for old_epoch, path in checkpoints(run_dir).items():
+        if old_epoch < epoch and old_epoch != (best or {}).get("epoch"):
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def read_best(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((Path(run_dir) / BEST_NAME).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def load_training_state(checkpoint_dir: Path) -> dict:
+    return torch.load(checkpoint_dir / STATE_NAME, map_location="cpu", weights_only=True)
+
+
+def load_weights(model: torch.nn.Module, checkpoint_dir: Path) -> None:
+    path = checkpoint_dir / WEIGHTS_NAME
+    try:
+        state = load_file(path)
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise UserError(f"{path}: unreadable checkpoint ({err})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"{path}: does not match the model of {checkpoint_dir.parent.parent / CONFIG_NAME} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+
+
+def resolve_checkpoint(run_dir: Path, checkpoint: str | int | os.PathLike | None = None) -> Path:
+    """checkpoint: None (the best by validation, else the last), "best", "last", an epoch or a directory."""
+    run_dir = Path(run_dir)
+    found = checkpoints(run_dir)
+    if checkpoint is not None and Path(str(checkpoint)).is_dir():
+        return Path(checkpoint)
+    if not found:
+        raise UserError(f"{run_dir}: no checkpoint yet; run `vlpcache pretrain` (or --resume it) first")
+    if checkpoint in (None, "best"):
+        best = read_best(run_dir)
+        if best and best.get("epoch") in found:
+            return found[best["epoch"]]
+        if checkpoint == "best":
+            raise UserError(f"{run_dir}: no best checkpoint (the run had no validation captions); use 'last'")
+        return found[max(found)]
+    if checkpoint == "last":
+        return found[max(found)]
+    try:
+        return found[int(checkpoint)]
+    except (KeyError, ValueError):
+        raise UserError(f"{run_dir}: no checkpoint {checkpoint!r}; there are epochs {sorted(found)}") from None
+
+
+@dataclass
+class LoadedRun:
+    model: torch.nn.Module  # AlignmentModel, eval mode
+    tokenizer: object
+    config: object  # ModelConfig
+    checkpoint_path: Path
+    checkpoint_sha256: str
+    cache_settings: dict
+    epoch: int
+    metrics: dict
+    run_dir: Path
+
+
+def load_run(run_dir, device: str | torch.device = "cpu", checkpoint=None) -> LoadedRun:
+    """The trained model of a run directory, ready for encoding (eval mode, on `device`)."""
+    from vlpcache.model.model import AlignmentModel, ModelConfig, load_text_backbone
+
+    run_dir = Path(run_dir)
+    stored = read_run_config(run_dir)
+    checkpoint_dir = resolve_checkpoint(run_dir, checkpoint)
+    config = ModelConfig.from_json(stored["model"])
+    backbone, tokenizer = load_text_backbone(str(run_dir / TEXT_DIR), weights=False)
+    model = AlignmentModel(config, backbone)
+    load_weights(model, checkpoint_dir)
+    model.to(device).eval()
+    meta = json.loads((checkpoint_dir / META_NAME).read_text())
+    return LoadedRun(
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        checkpoint_path=checkpoint_dir / WEIGHTS_NAME,
+        checkpoint_sha256=meta.get("sha256") or sha256_of(checkpoint_dir / WEIGHTS_NAME),
+        cache_settings=stored.get("cache_settings", {}),
+        epoch=int(meta.get("epoch", 0)),
+        metrics=meta.get("metrics", {}),
+        run_dir=run_dir,
+    )
