@@ -69,6 +69,34 @@ def inspect(cache_dir, render_id, output, as_json, failures) -> None:
     inspect_cache(cache_dir, render_id=render_id, output=output, as_json=as_json, list_failures=failures)
 
 
+@cli.command()
+@click.option("--cache", "cache_dirs", multiple=True, type=click.Path(), help="Region cache(s) to train on, repeatable [default: .vlpcache/cache].")
+@click.option("--captions", multiple=True, type=click.Path(),
+              help="Caption file(s), .jsonl or .csv, repeatable [default: found in the workspace or beside the extracted roots].")
+@click.option("--val-captions", type=click.Path(), help="Held-out caption file: text->video R@K every epoch [default: val.jsonl beside the captions].")
+@click.option("-o", "--output", "run_dir", type=click.Path(), help="Run directory [default: .vlpcache/runs/run-NNN; with --resume the latest].")
+@click.option("--epochs", default=None, type=click.IntRange(1), help="Epochs [default: 10; on --resume the run's, or more to extend it].")
+@click.option("--batch-size", default=None, type=click.IntRange(1), help="Samples per step and process [default: 64].")
+@click.option("--text-model", default=None, metavar="NAME|DIR", help="Hugging Face name or directory [default: offline all-MiniLM-L6-v2].")
+@click.option("--trainable-layers", default=None, type=click.IntRange(0), help="Top text-encoder layers that train [default: 2].")
+@click.option("--no-rwa", is_flag=True, help="Train with the video-text contrastive loss only (no region-word alignment).")
+@click.option("--rwa-weight", default=None, type=click.FloatRange(0), help="Weight of the region-word alignment loss [default: 1.0].")
+@click.option("--lr", default=None, type=click.FloatRange(0, min_open=True), help="Learning rate of the region encoder [default: 5e-4].")
+@click.option("--text-lr", default=None, type=click.FloatRange(0, min_open=True), help="Learning rate of the text layers [default: 5e-5].")
+@click.option("--width", default=None, type=click.IntRange(8), help="Region transformer width [default: 256].")
+@click.option("--layers", default=None, type=click.IntRange(1), help="Region transformer layers [default: 2].")
+@click.option("--resume", is_flag=True, help="Continue the run (-o, or the latest) from its last checkpoint.")
+@click.option("--workers", default=None, type=click.IntRange(0), help="Data-loading worker processes [default: 1 on CPU, 4 on CUDA].")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--seed", default=None, type=int, help="Random seed [default: 0].")
+@click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
+def pretrain(**options) -> None:
+    """Pretrain the region-word alignment model on cached regions and captions (torchrun for several processes)."""
+    from vlpcache.model.train import run_pretrain
+
+    run_pretrain(**options)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
