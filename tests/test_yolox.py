@@ -22,10 +22,10 @@ def people_frame(msrvtt_dir):
     return np.asarray(Image.open(sorted(folder.iterdir())[0]).convert("RGB"))
 
 
-def test_letterbox_keeps_aspect_and_pads_bottom_right_with_114():
+def test_letterbox_keeps_aspect_and_pads_bottom_right_with_114_to_a_stride_multiple():
     frame = np.full((100, 200, 3), 7, np.uint8)
     image, scale = letterbox(frame)
-    assert image.shape == (3, INPUT_SIZE, INPUT_SIZE) and scale == INPUT_SIZE / 200
+    assert image.shape == (3, 224, INPUT_SIZE) and scale == INPUT_SIZE / 200
     assert torch.all(image[:, :208, :] == 7) and torch.all(image[:, 208:, :] == 114)
 
 
@@ -35,7 +35,7 @@ def test_decode_places_a_centred_cell_box_at_its_grid_position():
     raw[:, 5] = 0.5  # class 0 score
     from vlpcache.extract.yolox import _grid
 
-    grid, strides = _grid(INPUT_SIZE)
+    grid, strides = _grid(INPUT_SIZE, INPUT_SIZE)
     boxes, scores, labels = decode_yolox(raw, grid, strides)
     # cell (x=3, y=2) at stride 8: centre (3*8, 2*8), exp(0)*8 = 8 wide
     np.testing.assert_allclose(boxes[2 * 52 + 3].numpy(), [20, 12, 28, 20])
@@ -60,8 +60,9 @@ def test_boxes_are_normalised_to_the_given_frame_whatever_its_resolution(detecto
 
 def test_batched_detection_equals_one_frame_at_a_time(detector, people_frame):
     other = people_frame[::-1].copy()
-    batched = detector.detect([people_frame, other], 30)
-    alone = [detector.detect([f], 30)[0] for f in (people_frame, other)]
+    portrait = people_frame.transpose(1, 0, 2).copy()  # another canvas shape in the same batch
+    batched = detector.detect([people_frame, portrait, other], 30)
+    alone = [detector.detect([f], 30)[0] for f in (people_frame, portrait, other)]
     for b, a in zip(batched, alone):
         np.testing.assert_allclose(b.boxes, a.boxes, atol=1e-4)
         np.testing.assert_allclose(b.features, a.features, atol=1e-3, rtol=1e-3)

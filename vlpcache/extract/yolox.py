@@ -48,14 +48,17 @@ class YoloxConfig:
 
 
 def _batched_onnx(path: Path, with_neck: bool) -> bytes:
-    """The exported graph declares batch 1; a symbolic batch dim gives batched inference, and the
-    neck maps become extra outputs for RoI pooling."""
+    """The exported graph declares (1, 3, 416, 416); its reshapes follow the input's shape, so symbolic
+    batch, height and width give batched inference on canvases that fit the frame (less padding to
+    compute), and the neck maps become extra outputs for RoI pooling."""
     import onnx
 
     model = onnx.load(str(path))
     graph = model.graph
-    for value in (*graph.input, *graph.output):
-        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    for value, names in ((graph.input[0], ("batch", None, "height", "width")), (graph.output[0], ("batch", "anchors"))):
+        for dim, name in zip(value.type.tensor_type.shape.dim, names):
+            if name:
+                dim.dim_param = name
     if with_neck:
         for name in NECK_OUTPUTS:
             graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
@@ -100,7 +103,7 @@ def _mobilenet_onnx(path: Path, sha256: str) -> bytes:
     import io
     import warnings
 
-    cached = Path.home() / ".cache" / "vlpcache" / "onnx" / f"mobilenet_v2_features-{sha256[:16]}.onnx"
+    cached = Path.home() / ".cache" / "vlpcache" / "onnx" / f"mobilenet_v2_features-{sha256[:16]}-v2.onnx"
     if cached.is_file():
         return cached.read_bytes()
     trunk = _mobilenet_trunk(path)
@@ -108,7 +111,9 @@ def _mobilenet_onnx(path: Path, sha256: str) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(trunk, torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE), buffer, input_names=["images"],
-                          output_names=["features"], dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+                          output_names=["features"],
+                          dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
+                                        "features": {0: "batch", 2: "rows", 3: "columns"}},
                           opset_version=17, dynamo=False)
     data = buffer.getvalue()
     try:
@@ -122,9 +127,10 @@ def _mobilenet_onnx(path: Path, sha256: str) -> bytes:
 
 
 def letterbox(frame: np.ndarray, size: int = INPUT_SIZE) -> tuple[torch.Tensor, float]:
-    """Resize keeping aspect so the longer side is `size`, pad bottom/right with 114.
+    """Resize keeping aspect so the longer side is `size`, pad bottom/right with 114 up to the next
+    multiple of the largest stride (a 4:3 frame gets a 416x320 canvas, not 416x416).
 
-    frame: (H, W, 3) uint8 RGB. Returns (3, size, size) float32 RGB 0-255 and the scale used.
+    frame: (H, W, 3) uint8 RGB. Returns (3, Hc, Wc) float32 RGB 0-255 and the scale used.
     """
     h, w = frame.shape[:2]
     scale = min(size / h, size / w)
@@ -132,19 +138,20 @@ def letterbox(frame: np.ndarray, size: int = INPUT_SIZE) -> tuple[torch.Tensor, 
     image = torch.from_numpy(np.asarray(frame, dtype=np.float32)).permute(2, 0, 1)[None]  # (1, 3, H, W)
     if (nh, nw) != (h, w):
         image = F.interpolate(image, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
-    out = torch.full((3, size, size), PAD_VALUE)
+    stride = STRIDES[-1]
+    out = torch.full((3, -(-nh // stride) * stride, -(-nw // stride) * stride), PAD_VALUE)
     out[:, :nh, :nw] = image[0].clamp_(0, 255)
     return out, scale
 
 
-def _grid(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _grid(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Cell offsets (A, 2) and strides (A, 1) in the order of YOLOX's concatenated head outputs."""
     grids, strides = [], []
     for stride in STRIDES:
-        n = size // stride
-        ys, xs = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        ny, nx = height // stride, width // stride
+        ys, xs = torch.meshgrid(torch.arange(ny), torch.arange(nx), indexing="ij")
         grids.append(torch.stack((xs, ys), -1).reshape(-1, 2))
-        strides.append(torch.full((n * n, 1), stride))
+        strides.append(torch.full((ny * nx, 1), stride))
     return torch.cat(grids).float(), torch.cat(strides).float()
 
 
@@ -185,7 +192,7 @@ class YoloxDetector:
         elif self.use_mobilenet:
             self.trunk_session = _onnx_session(
                 _mobilenet_onnx(self.mobilenet_path, self.mobilenet_sha256), "cpu", self.config.threads)
-        self.grid, self.strides = _grid(INPUT_SIZE)
+        self.grids: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
 
@@ -200,18 +207,31 @@ class YoloxDetector:
 
     @torch.inference_mode()
     def detect(self, frames: list[np.ndarray], max_detections: int) -> list[FrameRegions]:
-        if not frames:
-            return []
         letterboxed = [letterbox(f) for f in frames]
-        images = torch.stack([image for image, _ in letterboxed])  # (B, 3, S, S) RGB 0-255
+        canvases: dict[tuple[int, int], list[int]] = {}  # frames of one canvas shape run as one batch
+        for i, (image, _) in enumerate(letterboxed):
+            canvases.setdefault(tuple(image.shape[1:]), []).append(i)
+        results: list[FrameRegions | None] = [None] * len(frames)
+        for canvas, indices in canvases.items():
+            batch = self._detect_canvas(
+                canvas, [frames[i] for i in indices], [letterboxed[i] for i in indices], max_detections)
+            for i, regions in zip(indices, batch):
+                results[i] = regions
+        return results
+
+    def _detect_canvas(self, canvas, frames, letterboxed, max_detections: int) -> list[FrameRegions]:
+        images = torch.stack([image for image, _ in letterboxed])  # (B, 3, Hc, Wc) RGB 0-255
         scales = [scale for _, scale in letterboxed]
         outputs = self.session.run(None, {"images": np.ascontiguousarray(images.flip(1).numpy())})  # BGR for YOLOX
         raw = torch.from_numpy(outputs[0])  # (B, A, 85)
+        if canvas not in self.grids:
+            self.grids[canvas] = _grid(*canvas)
+        grid, strides = self.grids[canvas]
 
         rois, kept = [], []
         for b, frame in enumerate(frames):
             h, w = frame.shape[:2]
-            boxes, scores, labels = decode_yolox(raw[b], self.grid, self.strides)
+            boxes, scores, labels = decode_yolox(raw[b], grid, strides)
             keep = select_detections(boxes, scores, labels, self.config.score_threshold, self.config.nms_iou, max_detections)
             visible = torch.tensor([0.0, 0.0, w * scales[b], h * scales[b]])  # the frame inside the letterbox
             boxes = torch.minimum(torch.maximum(boxes[keep], torch.zeros(4)), visible[[2, 3, 2, 3]])
@@ -224,7 +244,7 @@ class YoloxDetector:
         if self.use_mobilenet:
             x = (images.to(self.device, non_blocking=True) - self.mean) / self.std
             if self.trunk is not None:
-                feature_map = self.trunk(x)  # (B, 1280, S/32, S/32)
+                feature_map = self.trunk(x)  # (B, 1280, Hc/32, Wc/32)
             else:
                 feature_map = torch.from_numpy(self.trunk_session.run(None, {"images": x.numpy()})[0])
             features.append(self._pool(feature_map, rois, 1 / 32))
