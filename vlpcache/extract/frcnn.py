@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,9 @@ class FrcnnConfig:
     # Resize: shorter side to min_size, longer side at most max_size; None: DEFAULT_SIZES[arch].
     min_size: int | None = None
     max_size: int | None = None
-    proposals: int = 1000  # RPN proposals kept per frame after NMS (torchvision's test default)
+    # RPN proposals per frame after NMS. 300 as in bottom-up-attention's py-faster-rcnn test config
+    # (torchvision: 1000): on CPU the box head over all proposals costs as much as the backbone.
+    proposals: int = 300
     autocast: str = "auto"  # "auto" (fp16 on CUDA, off on CPU), "fp16", "bf16" or "none"
 
 
@@ -213,7 +216,9 @@ class FasterRCNNDetector:
         On CUDA the uint8 pixels (4x smaller than float) go over in one non-blocking copy from a
         pinned staging buffer, or straight from frames that are already pinned tensors.
         """
-        pixels = [torch.as_tensor(f) for f in frames]  # (H, W, 3) uint8 each
+        with warnings.catch_warnings():  # decoded frames may be read-only arrays; they are only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            pixels = [torch.as_tensor(f) for f in frames]  # (H, W, 3) uint8 each
         if self.device.type == "cuda":
             if all(p.is_pinned() for p in pixels):
                 pixels = [p.to(self.device, non_blocking=True) for p in pixels]
