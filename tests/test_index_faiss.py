@@ -81,7 +81,7 @@ def test_hnsw_search_parameters_are_tuned_to_the_target_recall():
 
 def test_tight_budget_on_a_small_collection_still_chooses_ivf_pq():
     factory, _ = choose_factory(3000, DIM, IndexConfig(exact_limit=100, memory_budget_mb=0.5))
-    assert factory == "IVF64,PQ4,Refine(SQ8)"
+    assert factory == "IVF64,PQ4np,Refine(SQ8)"
 
 
 def test_ivf_pq_index_is_trained_tuned_and_finds_near_neighbours():
