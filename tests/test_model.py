@@ -132,3 +132,30 @@ def test_text_model_that_cannot_be_had_offline_is_one_clear_user_error(tmp_path,
         build_model(ModelConfig(feature_dim=4, text_model="no-such-org/no-such-model"))
     with pytest.raises(UserError, match="cannot load it"):
         build_model(ModelConfig(feature_dim=4, text_model=str(tmp_path)))  # an empty directory
+
+
+def test_trailing_padding_frames_and_regions_change_nothing_and_keep_the_frame_major_layout(tiny_text_model):
+    model, _ = build_model(tiny_config(tiny_text_model))
+    model.eval()
+    items = random_items(2, frames=2, regions=5)
+    reference = model.encode_video(**video_batch(items))
+    wider = []
+    for item in items:  # the same clips in a cache with T=4 frames and N=7 regions per frame
+        big = {k: v for k, v in item.items()}
+        for key in ("features", "boxes", "region_mask"):
+            value = item[key]
+            big[key] = np.zeros((4, 7, *value.shape[2:]), dtype=value.dtype)
+            big[key][:2, :5] = value
+        big["frame_mask"] = np.r_[item["frame_mask"], [False, False]]
+        big["timestamps"] = np.arange(4, dtype=np.float32)
+        wider.append(big)
+    padded = model.encode_video(**video_batch(wider))
+    assert padded.regions.shape == (2, 4 * 7, 8)
+    assert torch.allclose(reference.global_, padded.global_, atol=1e-5)
+    # region n of frame t is token t*N + n in both layouts
+    ref = reference.regions.reshape(2, 2, 5, 8)
+    big = padded.regions.reshape(2, 4, 7, 8)
+    ref_mask = reference.region_mask.reshape(2, 2, 5)
+    assert torch.equal(padded.region_mask.reshape(2, 4, 7)[:, :2, :5], ref_mask)
+    assert not padded.region_mask.reshape(2, 4, 7)[:, 2:].any()
+    assert torch.allclose(ref[ref_mask], big[:, :2, :5][ref_mask], atol=1e-5)

@@ -209,24 +209,29 @@ class RegionEncoder(nn.Module):
         self.max_frames = config.max_frames
 
     def forward(self, features, boxes, region_mask, frame_mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """features (B, T, N, D), boxes (B, T, N, 4), masks (B, T, N) and (B, T) ->
+        [CLS] (B, W), region tokens (B, T*N, W) frame-major, their mask (B, T*N)."""
         B, T, N, _ = features.shape
         if T > self.max_frames:
             raise UserError(f"items have {T} frames, the model was built for at most {self.max_frames}")
-        mask = (region_mask.bool() & frame_mask.bool()[..., None]).reshape(B, T * N)  # (B, T*N)
+        mask = region_mask.bool() & frame_mask.bool()[..., None]  # (B, T, N)
+        # trailing frames and regions that are padding in every item (a T=8 cache of 2-frame clips,
+        # short region lists) cost attention for nothing: run on the used block, pad the output back
+        used_t = int(mask.any(dim=(0, 2)).nonzero().max()) + 1 if mask.any() else 1
+        used_n = int(mask.any(dim=(0, 1)).nonzero().max()) + 1 if mask.any() else 1
+        used = mask[:, :used_t, :used_n].reshape(B, -1)  # (B, T'*N')
         weight = self.feature_proj.weight
         # padding may hold anything: zero it so it cannot reach real tokens through LayerNorm statistics
-        features = features.to(weight.dtype).reshape(B, T * N, -1).masked_fill(~mask[..., None], 0)
-        boxes = boxes.to(weight.dtype).reshape(B, T * N, 4).masked_fill(~mask[..., None], 0)
-        frame_index = torch.arange(T, device=features.device).repeat_interleave(N)  # (T*N,) frame-major
-        tokens = (
-            self.feature_norm(self.feature_proj(features))
-            + self.box_proj(box_geometry(boxes))
-            + self.frame_embedding(frame_index)[None]
-        )  # (B, T*N, W)
-        tokens = torch.cat([self.cls.expand(B, -1, -1).to(tokens.dtype), tokens], 1)  # (B, 1+T*N, W)
-        padding = torch.cat([torch.zeros(B, 1, dtype=torch.bool, device=mask.device), ~mask], 1)
+        feats = features[:, :used_t, :used_n].to(weight.dtype).reshape(B, used.shape[1], -1).masked_fill(~used[..., None], 0)
+        geometry = box_geometry(boxes[:, :used_t, :used_n].to(weight.dtype).reshape(B, -1, 4)).masked_fill(~used[..., None], 0)
+        frame_index = torch.arange(used_t, device=features.device).repeat_interleave(used_n)  # (T'*N',) frame-major
+        tokens = self.feature_norm(self.feature_proj(feats)) + self.box_proj(geometry) + self.frame_embedding(frame_index)[None]
+        tokens = torch.cat([self.cls.expand(B, -1, -1).to(tokens.dtype), tokens], 1)  # (B, 1+T'*N', W)
+        padding = torch.cat([torch.zeros(B, 1, dtype=torch.bool, device=mask.device), ~used], 1)
         out = self.norm(self.transformer(tokens, src_key_padding_mask=padding))
-        return out[:, 0], out[:, 1:], mask
+        regions = out.new_zeros(B, T, N, out.shape[-1])
+        regions[:, :used_t, :used_n] = out[:, 1:].reshape(B, used_t, used_n, -1)
+        return out[:, 0], regions.reshape(B, T * N, -1), mask.reshape(B, T * N)
 
 
 # ---------------------------------------------------------------- joint model

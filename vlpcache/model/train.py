@@ -135,6 +135,26 @@ def validate(model: AlignmentModel, tokenizer, validation: ValidationSet, device
     return retrieval_metrics(similarity, np.arange(len(validation)))
 
 
+def train_step(trainable, criterion, optimizer, inputs: dict, autocast, scaler, grad_clip: float):
+    """One optimisation step on a batch already on the device; returns (loss values, logit scale)."""
+    with autocast():
+        text, video, logit_scale, rwa_scale = trainable(inputs)
+        losses = criterion(text, video, logit_scale, rwa_scale)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(losses["loss"]).backward()
+        scaler.unscale_(optimizer)
+    else:
+        losses["loss"].backward()
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return {k: float(v.detach()) for k, v in losses.items()}, logit_scale.detach()
+
+
 def selection_score(metrics: dict) -> float:
     return metrics["R@1"] + metrics["R@5"] + metrics["R@10"]
 
@@ -149,7 +169,7 @@ def _latest_started_run(workspace: Workspace) -> Path:
     return max(runs, key=lambda p: p.stat().st_mtime)
 
 
-def _parameter_groups(model: AlignmentModel, config: TrainConfig) -> list[dict]:
+def parameter_groups(model: AlignmentModel, config: TrainConfig) -> list[dict]:
     text, decay, no_decay = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -288,7 +308,7 @@ def _run(processes: Processes, **o) -> dict:
             ckpt.save_run_files(run_dir, config, tokenizer, model.text_encoder.backbone.config)
     processes.barrier()
     model.to(processes.device)
-    optimizer = torch.optim.AdamW(_parameter_groups(model, train_config), betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(parameter_groups(model, train_config), betas=(0.9, 0.98), eps=1e-6)
     criterion = PretrainLoss(model_config)
     autocast, scaler = autocast_for(processes.device)
     if resume_dir is not None:
@@ -358,25 +378,12 @@ def _run(processes: Processes, **o) -> dict:
             factor = learning_rate_factor(step, total_steps, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-            inputs = _to_device(batch_cpu, processes.device)
-            with autocast():
-                text, video, logit_scale, rwa_scale = trainable(inputs)
-                losses = criterion(text, video, logit_scale, rwa_scale)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(losses["loss"]).backward()
-                scaler.unscale_(optimizer)
-            else:
-                losses["loss"].backward()
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], train_config.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            values, logit_scale = train_step(
+                trainable, criterion, optimizer, _to_device(batch_cpu, processes.device), autocast, scaler,
+                train_config.grad_clip,
+            )
             model.clamp_logit_scales()
             step += 1
-            values = {k: float(v.detach()) for k, v in losses.items()}
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.update(batch * processes.world)

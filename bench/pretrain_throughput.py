@@ -1,0 +1,200 @@
+"""Pretraining throughput: the data loader alone, the model step alone, and training end to end.
+
+The data loader is also measured against a reference layout read in the same run: one `.npz` file
+per frame (features, boxes, mask), as DemoVLP stores its region features, through the same batching.
+Both layouts are built here from the same random arrays with MSR-VTT-like shapes (by default 2 frames
+× 31 regions × 1280-d, as `vlpcache extract` writes for the shared MSR-VTT frames), and both are read
+warm (a first pass fills the page cache), so the ratio compares file formats, not disks.
+
+    python bench/pretrain_throughput.py                       # CPU (and CUDA when present)
+    python bench/pretrain_throughput.py --videos 256 --steps 3 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vlpcache.cache.reader import RegionCache
+from vlpcache.cache.schema import CacheSettings, empty_item
+from vlpcache.cache.writer import ShardWriter
+from vlpcache.model.batch import video_batch
+from vlpcache.model.data import CaptionedRegions, CollateCaptionedRegions
+from vlpcache.model.model import ModelConfig, PretrainLoss, build_model
+from vlpcache.model.train import autocast_for, parameter_groups, train_step, TrainConfig
+
+WORDS = "a man woman dog cat is are cooking playing running in on the kitchen street field ball car red blue".split()
+
+
+def make_corpus(folder: Path, videos: int, frames: int, regions: int, dim: int, seed: int = 0):
+    """The same random items as an HDF5 cache and as one .npz per frame; returns (cache, npz root, samples)."""
+    rng = np.random.default_rng(seed)
+    settings = CacheSettings(frames=frames, regions=regions, feature_dim=dim, detector="bench",
+                             detector_weights_sha256="0", backbone="bench", backbone_weights_sha256="0")
+    npz_root = folder / "npz"
+    samples = []
+    with ShardWriter(folder / "cache", settings, max_items=512) as writer:
+        for v in range(videos):
+            item = empty_item(settings)
+            item["features"][:] = rng.standard_normal((frames, regions, dim)).astype(np.float16)
+            xy = rng.uniform(0, 0.6, (frames, regions, 2))
+            item["boxes"][:] = np.concatenate([xy, xy + 0.3], -1)
+            item["region_mask"][:, : regions - v % 5] = True
+            item["frame_mask"][:] = True
+            item["timestamps"][:] = np.arange(frames)
+            item_id = f"video{v}"
+            writer.add(item_id, f"{item_id}.mp4", "video", item)
+            (npz_root / item_id).mkdir(parents=True, exist_ok=True)
+            for t in range(frames):
+                np.savez(npz_root / item_id / f"{t}.npz", features=item["features"][t], boxes=item["boxes"][t],
+                         region_mask=item["region_mask"][t])
+            captions = [" ".join(rng.choice(WORDS, size=rng.integers(6, 14))) for _ in range(20)]
+            samples.append((0, v, captions))
+    return RegionCache(folder / "cache"), npz_root, samples
+
+
+class NpzFrames(Dataset):
+    """Reference reader: one .npz per frame (DemoVLP's layout), same item dict as RegionCache."""
+
+    def __init__(self, root: Path, ids: list[str], frames: int, samples, seed: int = 0):
+        self.root, self.ids, self.frames, self.samples, self.seed = root, ids, frames, samples, seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        _, v, texts = self.samples[index]
+        per_frame = [np.load(self.root / self.ids[v] / f"{t}.npz") for t in range(self.frames)]
+        item = {key: np.stack([f[key] for f in per_frame]) for key in ("features", "boxes", "region_mask")}
+        item["frame_mask"] = np.ones(self.frames, dtype=bool)
+        item["timestamps"] = np.arange(self.frames, dtype=np.float32)
+        item["caption"] = texts[np.random.default_rng([self.seed, 0, index]).integers(len(texts))]
+        return item
+
+
+def loader_rate(dataset, collate, batch_size: int, workers: int) -> float:
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate,
+                        prefetch_factor=4 if workers else None)
+    for _ in loader:  # warm: page cache and worker start-up measured out
+        pass
+    started = time.perf_counter()
+    count = sum(batch["features"].shape[0] for batch in loader)
+    return count / (time.perf_counter() - started)
+
+
+def model_setup(feature_dim: int, device: torch.device, **config):
+    model_config = ModelConfig(feature_dim=feature_dim, **config)
+    model, tokenizer = build_model(model_config)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(parameter_groups(model, TrainConfig()))
+    autocast, scaler = autocast_for(device)
+    return model, tokenizer, PretrainLoss(model_config), optimizer, autocast, scaler
+
+
+def step_rate(setup, batch: dict, device: torch.device, steps: int) -> float:
+    model, _, criterion, optimizer, autocast, scaler = setup
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    train_step(model, criterion, optimizer, inputs, autocast, scaler, 1.0)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, criterion, optimizer, inputs, autocast, scaler, 1.0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch["features"].shape[0] / (time.perf_counter() - started)
+
+
+def end_to_end_rate(setup, dataset, collate, batch_size: int, workers: int, device: torch.device, steps: int) -> float:
+    model, _, criterion, optimizer, autocast, scaler = setup
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate,
+                        pin_memory=device.type == "cuda", drop_last=True, prefetch_factor=4 if workers else None)
+    iterator = iter(loader)
+    train_step(model, criterion, optimizer, {k: v.to(device) for k, v in next(iterator).items()}, autocast, scaler, 1.0)
+    started, count = time.perf_counter(), 0
+    for _ in range(steps):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            iterator = iter(loader)
+            batch = next(iterator)
+        train_step(model, criterion, optimizer, {k: v.to(device, non_blocking=True) for k, v in batch.items()},
+                   autocast, scaler, 1.0)
+        count += batch["features"].shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return count / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--videos", type=int, default=512)
+    parser.add_argument("--frames", type=int, default=2)
+    parser.add_argument("--regions", type=int, default=31)
+    parser.add_argument("--dim", type=int, default=1280)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=5, help="timed model steps per configuration")
+    parser.add_argument("--device", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    parser.add_argument("--text-model", default="", help="default: the offline all-MiniLM-L6-v2")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results: dict = {"machine": {"cpus": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+                     "shape": {"videos": args.videos, "frames": args.frames, "regions": args.regions, "dim": args.dim,
+                               "batch_size": args.batch_size}}
+
+    def report(key: str, value: float, unit: str = "samples/s") -> None:
+        results[key] = value
+        print(f"{key:<58} {value:10.1f} {unit}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        cache, npz_root, samples = make_corpus(Path(tmp), args.videos, args.frames, args.regions, args.dim)
+        print(f"corpus: {args.videos} videos × {args.frames} frames × {args.regions} regions × {args.dim}-d, "
+              f"written in {time.perf_counter() - started:.1f} s", flush=True)
+        _, tokenizer = build_model(ModelConfig(feature_dim=args.dim, text_model=args.text_model), weights=False)
+        collate = CollateCaptionedRegions(tokenizer, 32)
+        hdf5 = CaptionedRegions([cache], samples)
+        npz = NpzFrames(npz_root, cache.ids, args.frames, samples)
+
+        # 1. data loader alone, against the one-.npz-per-frame reference
+        for workers in args.workers:
+            ours = loader_rate(hdf5, collate, args.batch_size, workers)
+            reference = loader_rate(npz, collate, args.batch_size, workers)
+            report(f"loader hdf5 cache, {workers} workers", ours)
+            report(f"loader npz per frame (DemoVLP layout), {workers} workers", reference)
+            report(f"  ratio hdf5 / npz, {workers} workers", ours / reference, "x")
+
+        # 2. model step alone and 3. end to end
+        batch = collate([hdf5[i] for i in range(args.batch_size)])
+        for device_name in args.device:
+            device = torch.device(device_name)
+            for label, config in (
+                ("RWA, 2 text layers trainable", dict(rwa=True, text_trainable_layers=2)),
+                ("no RWA, 2 text layers trainable", dict(rwa=False, text_trainable_layers=2)),
+                ("RWA, text frozen", dict(rwa=True, text_trainable_layers=0)),
+                ("RWA, all 6 text layers trainable", dict(rwa=True, text_trainable_layers=6)),
+            ):
+                setup = model_setup(args.dim, device, text_model=args.text_model, **config)
+                report(f"model step {device_name}, {label}", step_rate(setup, batch, device, args.steps))
+            setup = model_setup(args.dim, device, text_model=args.text_model)
+            workers = 1 if device.type == "cpu" else 4
+            report(f"end to end {device_name} (defaults, {workers} workers)",
+                   end_to_end_rate(setup, hdf5, collate, args.batch_size, workers, device, args.steps))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
