@@ -88,6 +88,7 @@ class RegionCache:
     def _shard(self, s: int) -> h5py.File:
         if os.getpid() != self._pid:  # forked into a worker: the parent's handles are not ours to use
             self._handles = {}
+            self._datasets = {}
             self._pid = os.getpid()
         f = self._handles.get(s)
         if f is None:
@@ -99,7 +100,10 @@ class RegionCache:
             raise IndexError(f"index {index} out of range for a cache of {len(self)} items")
         s, row = self._locations[index]
         f = self._shard(int(s))
-        item = {spec.name: f[spec.name][row] for spec in ARRAYS}
+        datasets = self._datasets.get(int(s))
+        if datasets is None:  # looking a dataset up by name costs more than reading one video's row
+            datasets = self._datasets[int(s)] = {spec.name: f[spec.name] for spec in ARRAYS}
+        item = {name: ds[row] for name, ds in datasets.items()}
         item["id"], item["path"], item["kind"] = self.ids[index], self.paths[index], self.kinds[index]
         return item
 
@@ -124,10 +128,12 @@ class RegionCache:
             for f in self._handles.values():
                 f.close()
         self._handles = {}
+        self._datasets = {}
 
     def __getstate__(self):  # picklable for spawn-started workers: handles are reopened there
         state = self.__dict__.copy()
         state["_handles"] = {}
+        state["_datasets"] = {}
         return state
 
     def __del__(self):
