@@ -1,0 +1,143 @@
+"""`vlpcache index`: encode every cached video with a run's checkpoint into a FAISS index.
+
+Indexing again adds only the items the index lacks (the cache grew since); the checkpoint and the
+cache settings recorded in index.json must match, or the command refuses and names --rebuild.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vlpcache.cache.reader import RegionCache
+from vlpcache.errors import UserError
+from vlpcache.index.faiss_index import (
+    META_FILE,
+    IndexConfig,
+    IndexMeta,
+    VideoIndex,
+    check_same_source,
+    choose_factory,
+    read_meta,
+)
+from vlpcache.workspace import Workspace
+
+# cache settings that decide what a region feature means: a model trained on one cannot read another
+FEATURE_SETTINGS = ("feature_dim", "detector", "detector_weights_sha256", "backbone", "backbone_weights_sha256")
+
+
+@dataclass
+class Sources:
+    """Where an index comes from and goes: resolved from the options and the workspace defaults."""
+
+    run_dir: Path
+    cache_dir: Path
+    index_dir: Path
+
+
+def resolve_sources(run_dir=None, cache_dir=None, index_dir=None) -> Sources:
+    workspace = Workspace()
+    cache_dir = Path(cache_dir) if cache_dir else workspace.cache_dir
+    if not cache_dir.is_dir():
+        raise UserError(f"no cache at {cache_dir}; run `vlpcache extract` first or pass --cache DIR")
+    run_dir = Path(run_dir) if run_dir else workspace.latest_run()
+    if not run_dir.is_dir():
+        raise UserError(f"--run {run_dir}: no such run directory")
+    return Sources(run_dir, cache_dir, Path(index_dir) if index_dir else workspace.index_dir)
+
+
+def open_cache(cache_dir: Path) -> RegionCache:
+    cache = RegionCache(cache_dir)
+    if len(cache) == 0:
+        raise UserError(f"cache {cache_dir} holds no items yet; run `vlpcache extract` first")
+    return cache
+
+
+def check_run_reads_cache(run, cache: RegionCache) -> None:
+    """Refuse a cache whose region features are not the kind the run was trained on."""
+    trained = run.cache_settings or {}
+    current = cache.settings.to_json()
+    diffs = [f"{k}: {current.get(k)!r} vs {trained.get(k)!r}" for k in FEATURE_SETTINGS if k in trained and trained[k] != current.get(k)]
+    if diffs:
+        raise UserError(
+            f"cache {cache.cache_dir} has other region features than run {run.run_dir} was trained on "
+            f"({'; '.join(diffs[:2])}); pass the matching --cache or --run"
+        )
+
+
+def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, *, device, batch_size: int,
+                 rebuild: bool = False, progress: bool = True, say=print) -> VideoIndex:
+    """The index of `cache` under `run` in index_dir: built, or brought up to date by encoding only new items."""
+    from vlpcache.index.encode import as_numpy, encode_video_rows
+
+    check_run_reads_cache(run, cache)
+    settings = cache.settings.to_json()
+    exists = (index_dir / META_FILE).exists()
+    index = None
+    if exists and not rebuild:
+        check_same_source(read_meta(index_dir), index_dir, run.checkpoint_sha256, settings, run.run_dir)
+        index = VideoIndex.load(index_dir)
+        if config.factory and config.factory != index.meta.factory:
+            raise UserError(
+                f"{index_dir}: index is {index.meta.factory}, not {config.factory}; add --rebuild to change its type"
+            )
+    rows = [r for r, item_id in enumerate(cache.ids) if index is None or item_id not in index]
+    if index is not None and not rows:
+        say(f"index {index_dir} is up to date: {len(index)} items ({index.meta.factory})")
+        return index
+    started = time.monotonic()
+    video = encode_video_rows(run, cache, rows, device, batch_size, progress=progress)
+    embeddings = as_numpy(video.global_)  # (V_new, E)
+    ids = [cache.ids[r] for r in rows]
+    encoded = f"encoded {len(rows)} videos in {time.monotonic() - started:.1f} s"
+    if index is None:
+        factory, reason = choose_factory(len(ids), embeddings.shape[1], config)
+        meta = IndexMeta(
+            checkpoint_sha256=run.checkpoint_sha256,
+            cache_settings=settings,
+            embedding_dim=embeddings.shape[1],
+            factory=factory,
+            run_dir=str(Path(run.run_dir).resolve()),
+            checkpoint_path=str(Path(run.checkpoint_path).resolve()),
+            cache_dir=str(Path(cache.cache_dir).resolve()),
+        )
+        index = VideoIndex.build(ids, embeddings, meta, config)
+        how = f"built {factory} ({reason})"
+    else:
+        how = index.add(ids, embeddings, config)
+    if index.meta.search_params:
+        how += f", search {index.meta.search_params} (recall@10 {index.meta.tuned_recall:.3f} on indexed vectors)"
+    index.save(index_dir)
+    say(f"index {index_dir}: {len(index)} items; {encoded}; {how}")
+    return index
+
+
+def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory_budget_mb=None,
+              rebuild=False, device="auto", batch_size=None, checkpoint=None, quiet=False) -> VideoIndex:
+    """The `vlpcache index` command."""
+    from vlpcache.index.encode import default_batch_size, resolve_device
+    from vlpcache.model.checkpoint import load_run
+
+    sources = resolve_sources(run_dir, cache_dir, index_dir)
+    cache = open_cache(sources.cache_dir)
+    device = resolve_device(device)
+    run = load_run(sources.run_dir, device=device, checkpoint=checkpoint)
+    config = IndexConfig(factory=factory or None)
+    if memory_budget_mb:
+        config.memory_budget_mb = memory_budget_mb
+    say = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr))
+    say(f"run {sources.run_dir} (epoch {run.epoch}, checkpoint {run.checkpoint_sha256[:12]}), cache {sources.cache_dir} "
+        f"({len(cache)} items), device {device}")
+    return update_index(
+        run, cache, sources.index_dir, config, device=device,
+        batch_size=batch_size or default_batch_size(device), rebuild=rebuild, progress=not quiet, say=say,
+    )
+
+
+def embeddings_of(index: VideoIndex, ids: list[str]) -> np.ndarray:
+    """(len(ids), E) stored global embeddings of indexed items."""
+    return index.embeddings[[index.row_of(i) for i in ids]]

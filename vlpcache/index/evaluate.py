@@ -1,0 +1,142 @@
+"""`vlpcache eval --captions FILE`: text->video and video->text retrieval metrics of a run, with and
+without region-word re-ranking.
+
+Standard protocol: every cached video that has captions is a candidate; each contributes its first
+caption as a query (all of them with --all-captions). Video->text counts a video as found at the
+best rank of any of its captions. Metrics come from vlpcache.metrics.retrieval_metrics, the function
+pretraining validation uses. Embeddings are computed exactly here (no approximate index), so the
+figures describe the model, not the FAISS settings.
+
+Re-ranking follows search: the top `rerank_candidates` of each query by global cosine are re-ordered
+by global + weight * S_loc and stay above every other candidate, whose global order is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vlpcache.captions import read_captions
+from vlpcache.errors import UserError
+from vlpcache.index.build import check_run_reads_cache, open_cache, resolve_sources
+from vlpcache.index.encode import default_batch_size, encode_texts, encode_video_rows, resolve_device
+from vlpcache.index.rerank import RERANK_CANDIDATES, rerank_scores
+from vlpcache.metrics import retrieval_metrics
+
+# re-ranked candidates are lifted by this much: above any global cosine, keeping their new order
+_RERANKED_ON_TOP = 100.0
+
+
+def rerank_rows(similarity: np.ndarray, candidates: int, rescore) -> np.ndarray:
+    """similarity (Q, C) with each row's top `candidates` replaced by rescore(q, columns) + offset."""
+    result = similarity.copy()
+    p = min(candidates, similarity.shape[1])
+    top = np.argpartition(-similarity, p - 1, axis=1)[:, :p]  # (Q, p), unordered
+    for q in tqdm(range(similarity.shape[0]), desc="re-ranking", unit="query", leave=False, dynamic_ncols=True,
+                  disable=similarity.shape[0] < 200):
+        result[q, top[q]] = rescore(q, top[q]) + _RERANKED_ON_TOP
+    return result
+
+
+def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: bool, device, batch_size: int,
+             rerank_candidates: int = RERANK_CANDIDATES, progress: bool = True) -> dict:
+    """Retrieval metrics over the cached videos in captions_by_id (insertion order = candidate order)."""
+    ids = list(captions_by_id)
+    texts, text_video = [], []  # query text, and the candidate index of its video
+    for c, item_id in enumerate(ids):
+        for caption in captions_by_id[item_id] if all_captions else captions_by_id[item_id][:1]:
+            texts.append(caption)
+            text_video.append(c)
+    video_texts = [[] for _ in ids]
+    for q, c in enumerate(text_video):
+        video_texts[c].append(q)
+
+    rerank = rerank_candidates > 0 and run.config.rwa
+    started = time.monotonic()
+    video = encode_video_rows(run, cache, [cache.index_of(i) for i in ids], device, batch_size,
+                              regions=rerank, progress=progress)
+    text = encode_texts(run, texts, device, batch_size, progress=progress).embedding
+    t2v = (text.global_ @ video.global_.T).numpy()  # (Q, C)
+    results = {
+        "text_to_video": retrieval_metrics(t2v, text_video),
+        "video_to_text": retrieval_metrics(t2v.T, video_texts),
+    }
+    if rerank:
+        config = run.config
+
+        def t2v_rescore(q, columns):
+            columns = torch.from_numpy(columns)
+            return rerank_scores(config, text.words[q : q + 1], text.word_mask[q : q + 1], text.global_[q : q + 1],
+                                 video.regions[columns], video.region_mask[columns], video.global_[columns]).score[0].numpy()
+
+        def v2t_rescore(c, columns):
+            columns = torch.from_numpy(columns)
+            return rerank_scores(config, text.words[columns], text.word_mask[columns], text.global_[columns],
+                                 video.regions[c : c + 1], video.region_mask[c : c + 1], video.global_[c : c + 1]).score[:, 0].numpy()
+
+        results["text_to_video_rerank"] = retrieval_metrics(rerank_rows(t2v, rerank_candidates, t2v_rescore), text_video)
+        results["video_to_text_rerank"] = retrieval_metrics(rerank_rows(t2v.T, rerank_candidates, v2t_rescore), video_texts)
+    results["protocol"] = {
+        "videos": len(ids),
+        "queries": len(texts),
+        "captions_per_video": "all" if all_captions else "first",
+        "rerank_candidates": rerank_candidates if rerank else 0,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    return results
+
+
+def format_results(results: dict) -> str:
+    header = f"{'':22s}{'R@1':>7s}{'R@5':>7s}{'R@10':>7s}{'MdR':>7s}{'MnR':>8s}"
+    lines = [header]
+    names = {
+        "text_to_video": "text->video",
+        "text_to_video_rerank": "text->video re-ranked",
+        "video_to_text": "video->text",
+        "video_to_text_rerank": "video->text re-ranked",
+    }
+    for key, name in names.items():
+        if key in results:
+            m = results[key]
+            lines.append(f"{name:22s}{m['R@1']:7.1f}{m['R@5']:7.1f}{m['R@10']:7.1f}{m['MdR']:7.1f}{m['MnR']:8.1f}")
+    return "\n".join(lines)
+
+
+def run_eval(captions_file, run_dir=None, cache_dir=None, all_captions=False, as_json=False,
+             rerank_candidates=RERANK_CANDIDATES, device="auto", batch_size=None, checkpoint=None, quiet=False) -> dict:
+    """The `vlpcache eval` command."""
+    from vlpcache.model.checkpoint import load_run
+
+    sources = resolve_sources(run_dir, cache_dir)
+    cache = open_cache(sources.cache_dir)
+    captions = read_captions(captions_file)
+    kept, report = captions.restrict(cache.ids)
+    if not kept.by_id:
+        raise UserError(
+            f"{captions_file}: none of its {len(captions)} videos is in cache {sources.cache_dir} "
+            "(caption ids must be the cache item ids); pass the matching --cache"
+        )
+    device = resolve_device(device)
+    run = load_run(sources.run_dir, device=device, checkpoint=checkpoint)
+    check_run_reads_cache(run, cache)
+    say = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr))
+    say(f"eval: run {sources.run_dir} (epoch {run.epoch}), {len(kept.by_id)} captioned videos of {len(cache)} cached "
+        f"({report['captions_without_items']} caption entries without a cached video), device {device}")
+    results = evaluate(run, cache, kept.by_id, all_captions, device, batch_size or default_batch_size(device),
+                       rerank_candidates, progress=not quiet)
+    results["run"] = {"run_dir": str(sources.run_dir), "epoch": run.epoch, "checkpoint_sha256": run.checkpoint_sha256,
+                      "captions": str(Path(captions_file)), "cache": str(sources.cache_dir)}
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(format_results(results))
+        p = results["protocol"]
+        print(f"{p['queries']} queries ({p['captions_per_video']} caption per video), {p['videos']} candidate videos, "
+              f"re-rank of the top {p['rerank_candidates']}, {p['seconds']} s")
+    return results
