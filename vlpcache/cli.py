@@ -97,6 +97,62 @@ def pretrain(**options) -> None:
     run_pretrain(**options)
 
 
+@cli.command()
+@click.option("--run", "run_dir", type=click.Path(), help="Run directory [default: the workspace's latest run].")
+@click.option("--cache", "cache_dir", type=click.Path(), help="Region cache [default: .vlpcache/cache].")
+@click.option("-o", "--output", "index_dir", type=click.Path(), help="Index directory [default: .vlpcache/index].")
+@click.option("--factory", default=None, metavar="STRING",
+              help='FAISS factory string instead of the automatic choice, e.g. "Flat", "HNSW32,Flat", "IVF1024,PQ32np,Refine(SQ8)".')
+@click.option("--memory-budget", "memory_budget_mb", default=None, type=click.FloatRange(1), metavar="MB",
+              help="RAM the index may use; decides HNSW vs IVF-PQ beyond 50k videos [default: 2048].")
+@click.option("--rebuild", is_flag=True, help="Discard an existing index (another checkpoint, cache or type) and build anew.")
+@click.option("--checkpoint", default=None, help="best, last or an epoch [default: best by validation, else last].")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--batch-size", default=None, type=click.IntRange(1), help="Videos per encoding batch [default: 64 on CPU, 256 on CUDA].")
+@click.option("--quiet", is_flag=True, help="No progress bar; errors only.")
+def index(**options) -> None:
+    """Encode every cached video with a run's checkpoint into a FAISS index (new videos only, when it exists)."""
+    from vlpcache.index.build import run_index
+
+    run_index(**options)
+
+
+@cli.command()
+@click.argument("text", required=False)
+@click.option("--queries", "queries_file", type=click.Path(allow_dash=True), help="File with one query per line (- for stdin).")
+@click.option("-k", default=10, show_default=True, type=click.IntRange(1), help="Results per query.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per query.")
+@click.option("--no-rerank", is_flag=True, help="Rank by global similarity only (no region-word re-rank).")
+@click.option("--run", "run_dir", type=click.Path(), help="Run directory [default: the workspace's latest run].")
+@click.option("--cache", "cache_dir", type=click.Path(), help="Region cache [default: .vlpcache/cache].")
+@click.option("--index", "index_dir", type=click.Path(), help="Index directory [default: .vlpcache/index; built on first use].")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+def search(text, queries_file, k, as_json, no_rerank, run_dir, cache_dir, index_dir, device) -> None:
+    """Videos that match TEXT, best first, with the best-matching time and the regions that matched the words."""
+    from vlpcache.index.search import run_search
+
+    run_search(text, queries_file, run_dir, cache_dir, index_dir, k, as_json, no_rerank, device)
+
+
+@cli.command(name="eval")
+@click.option("--captions", "captions_file", required=True, type=click.Path(), help="Caption file (.jsonl or .csv) of cached videos.")
+@click.option("--run", "run_dir", type=click.Path(), help="Run directory [default: the workspace's latest run].")
+@click.option("--cache", "cache_dir", type=click.Path(), help="Region cache [default: .vlpcache/cache].")
+@click.option("--all-captions", is_flag=True, help="Every caption is a query (default: the first caption of each video).")
+@click.option("--rerank-candidates", default=32, show_default=True, type=click.IntRange(0),
+              help="Top candidates per query re-ranked by region-word score (0: no re-rank).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("--checkpoint", default=None, help="best, last or an epoch [default: best by validation, else last].")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--batch-size", default=None, type=click.IntRange(1), help="Videos or captions per encoding batch.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def eval_(**options) -> None:
+    """Text->video and video->text R@1/5/10, median and mean rank on a caption file, with and without re-rank."""
+    from vlpcache.index.evaluate import run_eval
+
+    run_eval(**options)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
