@@ -15,6 +15,13 @@ from vlpcache.model.losses import region_word_details, region_word_score, rerank
 
 RERANK_CANDIDATES = 32  # FAISS candidates per query that the region-word score re-orders
 
+# words the model does read, but whose attended region tells a reader nothing ("a -> person")
+FUNCTION_WORDS = frozenset(
+    "a an the this that these those is are was were be been being am of in on at to into onto for with "
+    "without by from as and or but while his her its their my your our it he she they them there here "
+    "some very just".split()
+)
+
 
 @dataclass
 class Rescored:
@@ -60,14 +67,17 @@ def query_words(tokens: list[str], word_mask: np.ndarray) -> list[tuple[str, lis
 
 
 def align(config, words, word_mask, regions, region_mask, tokens: list[str], regions_per_frame: int) -> Alignment:
-    """Which region each query word attends to, and the frame that holds most of the attention.
+    """Which region each query word attends to (function words left out), and the frame that holds
+    most of the attention of all words.
 
     words (L, E), word_mask (L,), regions (R, E), region_mask (R,) for one text and one video.
     """
     details = region_word_details(words.float(), word_mask, regions.float(), region_mask, config.rwa_lambda)
     attention = details.word_attention  # (L, R): rows of real words sum to 1
     matches = []
-    for text, positions in query_words(tokens, word_mask.numpy()):
+    words_of_query = query_words(tokens, word_mask.numpy())
+    content = [(w, p) for w, p in words_of_query if w.lower() not in FUNCTION_WORDS]
+    for text, positions in content or words_of_query:
         weights = attention[positions].mean(0)  # (R,)
         region = int(weights.argmax())
         matches.append(WordMatch(text, region, region // regions_per_frame, float(weights[region]),

@@ -1,0 +1,213 @@
+"""`vlpcache index` and `vlpcache search` end to end: a real HDF5 cache, a tiny run trained by the
+model package's own pretraining code, real FAISS indexes, the CLI entry point in-process."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_model import build_tiny_text_model
+from test_pretrain import write_cache, write_captions
+from vlpcache.cli import main
+from vlpcache.index.faiss_index import VideoIndex, read_meta
+from vlpcache.index.rerank import query_words
+from vlpcache.model.checkpoint import load_run
+from vlpcache.model.train import run_pretrain
+
+ITEMS = 24
+
+
+def build_tiny_workspace(root: Path) -> Path:
+    """root/ws: cache (ITEMS videos), runs/run-001 (one epoch of a tiny model); captions beside it."""
+    ws = root / "ws"
+    if not (ws / "runs" / "run-001" / "best.json").exists():
+        ids = write_cache(ws / "cache", ITEMS)
+        write_captions(root / "train.jsonl", ids[:16])
+        write_captions(root / "val.jsonl", ids[16:])
+        text = build_tiny_text_model(root / "tiny-bert")
+        run_pretrain(
+            cache_dirs=[ws / "cache"], captions=[root / "train.jsonl"], val_captions=root / "val.jsonl",
+            run_dir=ws / "runs" / "run-001", text_model=str(text), width=16, layers=1, batch_size=8, epochs=1,
+            workers=0, quiet=True, device="cpu",
+        )
+    return ws
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    return build_tiny_workspace(tmp_path_factory.mktemp("search"))
+
+
+@pytest.fixture
+def ws(template, tmp_path, monkeypatch) -> Path:
+    """A private copy of the workspace (tests add items, build indexes), set as the current workspace."""
+    ws = tmp_path / "ws"
+    shutil.copytree(template, ws)
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(ws))
+    return ws
+
+
+def vlpcache(monkeypatch, capsys, *args, stdin=None) -> tuple[int, str, str]:
+    """Run the CLI entry point in this process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["vlpcache", *map(str, args)])
+    if stdin is not None:
+        import io
+
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = 0
+    try:
+        main()
+    except SystemExit as exit:
+        code = exit.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def search_json(monkeypatch, capsys, *args) -> list[dict]:
+    code, out, err = vlpcache(monkeypatch, capsys, "search", *args, "--json")
+    assert code == 0, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def test_first_search_builds_the_workspace_index_and_says_so(ws, monkeypatch, capsys):
+    code, out, err = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", "3")
+    assert code == 0, err
+    assert "building it" in err
+    assert read_meta(ws / "index").count == ITEMS
+    assert out.splitlines()[0] == "query: a dog"
+
+
+def test_search_prints_rank_score_id_path_time_and_matched_regions(ws, monkeypatch, capsys):
+    code, out, _ = vlpcache(monkeypatch, capsys, "search", "the dog here", "-k", "2")
+    lines = out.splitlines()
+    assert code == 0
+    rank, score, item_id, path, at, seconds, unit = lines[1].split()
+    assert (rank, at, unit) == ("1", "@", "s") and item_id.startswith("v") and path == f"{item_id}.mp4"
+    float(score), float(seconds)
+    assert "dog -> person [" in lines[2]  # the cache's labels are all 0 (COCO "person")
+
+
+def test_json_results_carry_scores_times_and_regions_of_real_frames(ws, monkeypatch, capsys):
+    [result] = search_json(monkeypatch, capsys, "a cat", "-k", "5")
+    assert result["query"] == "a cat" and [h["rank"] for h in result["results"]] == [1, 2, 3, 4, 5]
+    for hit in result["results"]:
+        assert hit["time"] in (0.0, 1.0)  # write_cache stamps frames 0 s and 1 s
+        words = [r["word"] for r in hit["regions"]]
+        assert words == ["cat"]  # "a" is a real word to the model, but says nothing about a region
+        assert all(0 <= v <= 1 for r in hit["regions"] for v in r["box"])
+
+
+def test_rerank_orders_by_global_plus_weighted_region_word_score(ws, monkeypatch, capsys):
+    [result] = search_json(monkeypatch, capsys, "a horse", "-k", "8")
+    weight = load_run(ws / "runs" / "run-001").config.rerank_weight
+    hits = result["results"]
+    for h in hits:
+        assert h["score"] == pytest.approx(h["global_score"] + weight * h["local_score"], abs=1e-5)
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+
+def test_no_rerank_orders_by_global_similarity_alone(ws, monkeypatch, capsys):
+    [result] = search_json(monkeypatch, capsys, "a horse", "-k", "8", "--no-rerank")
+    hits = result["results"]
+    assert all(h["local_score"] is None for h in hits)
+    assert [h["score"] for h in hits] == pytest.approx([h["global_score"] for h in hits], abs=1e-5)
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+
+def test_several_queries_from_a_file_are_answered_in_one_process(ws, tmp_path, monkeypatch, capsys):
+    queries = tmp_path / "queries.txt"
+    queries.write_text("a dog\n\nthe beach here\na man\n")
+    results = search_json(monkeypatch, capsys, "--queries", queries, "-k", "2")
+    assert [r["query"] for r in results] == ["a dog", "the beach here", "a man"]
+
+
+def test_queries_are_read_from_stdin_with_a_dash(ws, monkeypatch, capsys):
+    code, out, err = vlpcache(monkeypatch, capsys, "search", "--queries", "-", "-k", "1", "--json", stdin="a car\na ball\n")
+    assert code == 0, err
+    assert [json.loads(line)["query"] for line in out.splitlines()] == ["a car", "a ball"]
+
+
+def test_k_larger_than_the_collection_shows_every_item_with_a_note(ws, monkeypatch, capsys):
+    code, out, err = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", "500", "--json")
+    assert code == 0
+    assert "more than the 24 indexed items" in err
+    assert len(json.loads(out)["results"]) == ITEMS
+
+
+def test_empty_query_is_one_line_error(ws, monkeypatch, capsys):
+    code, out, err = vlpcache(monkeypatch, capsys, "search", "   ")
+    assert code == 2 and err.startswith("error: empty query") and err.count("\n") == 1
+
+
+def test_missing_run_is_one_line_error(ws, monkeypatch, capsys):
+    shutil.rmtree(ws / "runs")
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog")
+    assert code == 2 and err.startswith("error: no pretraining run") and err.count("\n") == 1
+
+
+def test_missing_cache_is_one_line_error(ws, monkeypatch, capsys):
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "--cache", ws / "nowhere")
+    assert code == 2 and err.startswith("error: no cache at") and err.count("\n") == 1
+
+
+def test_index_from_another_checkpoint_is_refused_with_one_line(ws, monkeypatch, capsys):
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    meta_path = ws / "index" / "index.json"
+    meta = json.loads(meta_path.read_text())
+    meta["checkpoint_sha256"] = "f" * 64  # as left by a run that has since been retrained
+    meta_path.write_text(json.dumps(meta))
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog")
+    assert code == 2 and "built from checkpoint ffffffffffff" in err and "--rebuild" in err
+    assert err.count("\n") == 1
+    assert vlpcache(monkeypatch, capsys, "index", "--rebuild", "--quiet")[0] == 0
+    assert read_meta(ws / "index").checkpoint_sha256 == load_run(ws / "runs" / "run-001").checkpoint_sha256
+
+
+def test_indexing_again_encodes_only_the_new_videos(ws, monkeypatch, capsys):
+    assert vlpcache(monkeypatch, capsys, "index")[0] == 0
+    before = VideoIndex.load(ws / "index")
+    write_cache(ws / "cache", 3, prefix="w", seed=5)  # a second writer's shard: w0, w1, w2
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    after = VideoIndex.load(ws / "index")
+    assert code == 0 and "encoded 3 videos" in err and "3 new items" in err
+    assert after.ids == before.ids + ["w0", "w1", "w2"]
+    assert np.array_equal(after.embeddings[:ITEMS], before.embeddings)
+
+
+def test_index_refuses_a_cache_with_other_settings(ws, monkeypatch, capsys):
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    write_cache(ws / "other", 4, frames=3)
+    code, _, err = vlpcache(monkeypatch, capsys, "index", "--cache", ws / "other")
+    assert code == 2 and "cache with other settings" in err and "frames" in err
+
+
+def test_indexed_embeddings_equal_the_models_own_encoding(ws, monkeypatch, capsys):
+    from vlpcache.cache.reader import RegionCache
+    from vlpcache.model.batch import video_batch
+
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    index = VideoIndex.load(ws / "index")
+    run, cache = load_run(ws / "runs" / "run-001"), RegionCache(ws / "cache")
+    with torch.inference_mode():
+        direct = run.model.encode_video(**video_batch([cache.get(i) for i in index.ids[:5]])).global_
+    assert np.allclose(index.embeddings[:5], direct.numpy(), atol=1e-5)
+
+
+def test_factory_string_needs_rebuild_to_change_an_existing_index(ws, monkeypatch, capsys):
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    code, _, err = vlpcache(monkeypatch, capsys, "index", "--factory", "HNSW16,Flat")
+    assert code == 2 and "--rebuild" in err
+    assert vlpcache(monkeypatch, capsys, "index", "--factory", "HNSW16,Flat", "--rebuild", "--quiet")[0] == 0
+    assert read_meta(ws / "index").factory == "HNSW16,Flat"
+    [result] = search_json(monkeypatch, capsys, "a dog", "-k", "3")
+    assert len(result["results"]) == 3
+
+
+def test_wordpiece_continuations_join_the_word_before():
+    tokens = ["[CLS]", "person", "cuts", "on", "##ion", "[SEP]", "[PAD]"]
+    mask = np.array([False, True, True, True, True, False, False])
+    assert query_words(tokens, mask) == [("person", [1]), ("cuts", [2]), ("onion", [3, 4])]
