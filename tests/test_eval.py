@@ -1,0 +1,82 @@
+"""`vlpcache eval` end to end on a tiny trained run and a real cache, and its re-rank bookkeeping."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from test_search import build_tiny_workspace, vlpcache
+from vlpcache.cache.reader import RegionCache
+from vlpcache.captions import read_captions
+from vlpcache.index.evaluate import rerank_rows
+from vlpcache.metrics import retrieval_metrics
+from vlpcache.model.batch import tokenize, video_batch
+from vlpcache.model.checkpoint import load_run
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    build_tiny_workspace(root)
+    return root
+
+
+@pytest.fixture
+def ws(root, monkeypatch):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(root / "ws"))
+    return root / "ws"
+
+
+def eval_json(monkeypatch, capsys, *args) -> dict:
+    code, out, err = vlpcache(monkeypatch, capsys, "eval", *args, "--json", "--quiet")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_eval_reports_both_directions_with_and_without_rerank(root, ws, monkeypatch, capsys):
+    results = eval_json(monkeypatch, capsys, "--captions", root / "val.jsonl")
+    for key in ("text_to_video", "video_to_text", "text_to_video_rerank", "video_to_text_rerank"):
+        assert {"R@1", "R@5", "R@10", "MdR", "MnR"} <= set(results[key])
+    assert results["text_to_video"]["queries"] == 8 and results["text_to_video"]["candidates"] == 8
+    assert results["protocol"]["captions_per_video"] == "first"
+
+
+def test_global_metrics_equal_retrieval_metrics_on_the_models_own_similarities(root, ws, monkeypatch, capsys):
+    results = eval_json(monkeypatch, capsys, "--captions", root / "val.jsonl", "--rerank-candidates", "0")
+    run, cache = load_run(ws / "runs" / "run-001"), RegionCache(ws / "cache")
+    captions = read_captions(root / "val.jsonl").by_id
+    ids = [i for i in cache.ids if i in captions]
+    with torch.inference_mode():
+        video = run.model.encode_video(**video_batch([cache.get(i) for i in ids])).global_
+        text = run.model.encode_text(*tokenize(run.tokenizer, [captions[i][0] for i in ids], run.config.max_words)).global_
+    expected = retrieval_metrics((text @ video.T).numpy(), np.arange(len(ids)))
+    assert results["text_to_video"] == pytest.approx(expected)
+    assert "text_to_video_rerank" not in results
+
+
+def test_all_captions_makes_every_caption_a_query(root, ws, monkeypatch, capsys):
+    results = eval_json(monkeypatch, capsys, "--captions", root / "val.jsonl", "--all-captions")
+    assert results["text_to_video"]["queries"] == 16  # two non-empty captions per video
+    assert results["video_to_text"]["queries"] == 8 and results["video_to_text"]["candidates"] == 16
+
+
+def test_eval_prints_a_table_by_default(root, ws, monkeypatch, capsys):
+    code, out, _ = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl", "--quiet")
+    assert code == 0
+    assert out.splitlines()[0].split() == ["R@1", "R@5", "R@10", "MdR", "MnR"]
+    assert out.splitlines()[2].startswith("text->video re-ranked")
+
+
+def test_captions_of_videos_not_in_the_cache_are_one_line_error(tmp_path, ws, monkeypatch, capsys):
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"video": "elsewhere", "captions": ["a dog"]}) + "\n")
+    code, _, err = vlpcache(monkeypatch, capsys, "eval", "--captions", other)
+    assert code == 2 and "none of its 1 videos is in cache" in err and err.count("\n") == 1
+
+
+def test_reranked_candidates_stay_above_the_rest_in_their_new_order():
+    similarity = np.array([[0.9, 0.8, 0.7, 0.1]])
+    reranked = rerank_rows(similarity, 2, lambda q, columns: -similarity[q, columns])  # reverses the top 2
+    order = list(np.argsort(-reranked[0]))
+    assert order == [1, 0, 2, 3]
