@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -72,11 +73,19 @@ class RegionMapper:
         self.detector = detector
         self.settings = settings
         self.batch_size = batch_size
+        self.wait_seconds = 0.0  # time the detector stood idle waiting for decoded frames
+        self.detect_seconds = 0.0
 
     def __call__(self, decoded: Iterable[DecodedItem]) -> Iterator[RegionItem]:
         batch: list[DecodedItem] = []
         frames = 0
-        for item in decoded:
+        decoded = iter(decoded)
+        while True:
+            waiting = time.perf_counter()
+            item = next(decoded, None)
+            self.wait_seconds += time.perf_counter() - waiting
+            if item is None:
+                break
             if item.sampled is None:
                 yield RegionItem(item, None, item.error)
                 continue
@@ -90,7 +99,9 @@ class RegionMapper:
 
     def _detect(self, batch: list[DecodedItem]) -> Iterator[RegionItem]:
         frames = [f for item in batch for f in item.sampled.frames]
+        started = time.perf_counter()
         regions = self.detector.detect(frames, max_detections=self.settings.regions - 1)
+        self.detect_seconds += time.perf_counter() - started
         start = 0
         for item in batch:
             count = len(item.sampled.frames)

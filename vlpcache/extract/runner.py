@@ -32,6 +32,8 @@ class ExtractSummary:
     failed: int = 0
     frames: int = 0
     seconds: float = 0.0
+    detect_seconds: float = 0.0
+    wait_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -43,7 +45,8 @@ class ExtractSummary:
         return (
             f"extract: {self.done} done, {self.skipped_cached} already cached, "
             f"{self.skipped_failed} skipped (failed before; --retry-failed retries), {self.failed} failed, "
-            f"{self.seconds:.1f} s, {rate}"
+            f"{self.seconds:.1f} s, {rate}; detector busy {self.detect_seconds:.1f} s, "
+            f"waited {self.wait_seconds:.1f} s for decoded frames"
         )
 
 
@@ -132,6 +135,7 @@ def run_extract(
                 bar.set_postfix_str(f"{summary.frames / elapsed:.1f} frames/s, {summary.failed} failed", refresh=False)
         finally:
             bar.close()
+            summary.detect_seconds, summary.wait_seconds = mapper.detect_seconds, mapper.wait_seconds
     summary.seconds = time.monotonic() - started
     print(summary.line(), file=sys.stderr)
     return summary
