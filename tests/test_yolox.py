@@ -85,3 +85,13 @@ def test_tiny_and_blank_frames_give_only_the_whole_frame(detector):
 def test_missing_weights_file_names_the_file_and_the_fix(tmp_path):
     with pytest.raises(UserError, match="yolox_nano_coco.onnx not found in .*--models DIR or set VLPCACHE_MODELS"):
         YoloxDetector(YoloxConfig(), models=str(tmp_path))
+
+
+def test_torch_runtime_of_the_gpu_path_matches_onnxruntime_on_cpu(detector, people_frame, models_dir):
+    pytest.importorskip("onnx2torch", reason="onnx2torch converts the YOLOX graph for the torch runtime")
+    torch_detector = YoloxDetector(YoloxConfig(backbone="mobilenet_v2+neck", runtime="torch"), models=str(models_dir))
+    assert torch_detector.runtime == "torch" and detector.runtime == "onnxruntime"
+    for ours, reference in zip(torch_detector.detect([people_frame], 30), detector.detect([people_frame], 30)):
+        np.testing.assert_array_equal(ours.labels, reference.labels)
+        np.testing.assert_allclose(ours.boxes, reference.boxes, atol=1e-3)
+        np.testing.assert_allclose(ours.features, reference.features, atol=2e-2, rtol=2e-2)

@@ -45,6 +45,11 @@ class YoloxConfig:
     nms_iou: float = 0.5
     device: str = "cpu"  # "cpu" or "cuda"
     threads: int = 0  # 0: onnxruntime and torch defaults
+    # "onnxruntime" or "torch" (the ONNX graphs converted with onnx2torch / the torchvision trunk);
+    # "auto": torch on CUDA (frames, head and RoIAlign stay on the GPU), onnxruntime on CPU, where
+    # its fused kernels are several times faster than torch's for these two small networks
+    runtime: str = "auto"
+    autocast: str | None = "float16"  # CUDA only: float16, bfloat16 or None
 
 
 def _batched_onnx(path: Path, with_neck: bool) -> bytes:
@@ -180,21 +185,56 @@ class YoloxDetector:
         self.use_mobilenet = "mobilenet_v2" in self.config.backbone
         self.use_neck = "neck" in self.config.backbone
         self.device = torch.device(self.config.device)
+        runtime = self.config.runtime
+        self.runtime = runtime if runtime != "auto" else ("torch" if self.device.type == "cuda" else "onnxruntime")
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         self.yolox_path = model_file(YOLOX_FILE, models)
-        self.session = _onnx_session(_batched_onnx(self.yolox_path, self.use_neck), self.config.device, self.config.threads)
         self.mobilenet_path = model_file(MOBILENET_FILE, models) if self.use_mobilenet else None
         self.mobilenet_sha256 = file_sha256(self.mobilenet_path) if self.use_mobilenet else None
-        self.trunk = self.trunk_session = None
-        if self.use_mobilenet and self.device.type == "cuda":
-            self.trunk = _mobilenet_trunk(self.mobilenet_path).to(self.device)
-        elif self.use_mobilenet:
-            self.trunk_session = _onnx_session(
-                _mobilenet_onnx(self.mobilenet_path, self.mobilenet_sha256), "cpu", self.config.threads)
+        self.session = self.trunk_session = self.graph = self.trunk = None
+        if self.runtime == "torch":
+            from vlpcache.extract.yolox_torch import yolox_torch_module
+
+            self.graph = yolox_torch_module(self.yolox_path, with_neck=self.use_neck).to(self.device)
+            if self.use_mobilenet:
+                self.trunk = _mobilenet_trunk(self.mobilenet_path).to(self.device)
+            if self.device.type == "cuda":
+                torch.backends.cudnn.benchmark = True
+        else:
+            self.session = _onnx_session(_batched_onnx(self.yolox_path, self.use_neck), self.config.device,
+                                         self.config.threads)
+            if self.use_mobilenet:
+                self.trunk_session = _onnx_session(
+                    _mobilenet_onnx(self.mobilenet_path, self.mobilenet_sha256), self.config.device, self.config.threads)
         self.grids: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
+
+    def _autocast(self):
+        import contextlib
+
+        if self.device.type != "cuda" or not self.config.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=getattr(torch, self.config.autocast))
+
+    def _run_yolox(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """images (B, 3, Hc, Wc) RGB 0-255 on self.device -> head output (B, A, 85), neck maps."""
+        bgr = images.flip(1)
+        if self.graph is not None:
+            with self._autocast():
+                outputs = self.graph(bgr)
+            return outputs[0].float(), [o.float() for o in outputs[1:]]
+        outputs = self.session.run(None, {"images": np.ascontiguousarray(bgr.cpu().numpy())})
+        return torch.from_numpy(outputs[0]).to(self.device), [torch.from_numpy(o).to(self.device) for o in outputs[1:]]
+
+    def _run_trunk(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, Hc, Wc) RGB 0-255 -> MobileNetV2 map (B, 1280, Hc/32, Wc/32)."""
+        x = (images - self.mean) / self.std
+        if self.trunk is not None:
+            with self._autocast():
+                return self.trunk(x).float()
+        return torch.from_numpy(self.trunk_session.run(None, {"images": x.cpu().numpy()})[0]).to(self.device)
 
     def provenance(self) -> dict[str, str]:
         yolox_sha = file_sha256(self.yolox_path)
@@ -221,11 +261,12 @@ class YoloxDetector:
 
     def _detect_canvas(self, canvas, frames, letterboxed, max_detections: int) -> list[FrameRegions]:
         images = torch.stack([image for image, _ in letterboxed])  # (B, 3, Hc, Wc) RGB 0-255
+        if self.device.type == "cuda":  # pinned host memory lets the copy overlap with queued GPU work
+            images = images.pin_memory().to(self.device, non_blocking=True)
         scales = [scale for _, scale in letterboxed]
-        outputs = self.session.run(None, {"images": np.ascontiguousarray(images.flip(1).numpy())})  # BGR for YOLOX
-        raw = torch.from_numpy(outputs[0])  # (B, A, 85)
+        raw, neck_maps = self._run_yolox(images)  # (B, A, 85)
         if canvas not in self.grids:
-            self.grids[canvas] = _grid(*canvas)
+            self.grids[canvas] = tuple(t.to(self.device) for t in _grid(*canvas))
         grid, strides = self.grids[canvas]
 
         rois, kept = [], []
@@ -233,24 +274,19 @@ class YoloxDetector:
             h, w = frame.shape[:2]
             boxes, scores, labels = decode_yolox(raw[b], grid, strides)
             keep = select_detections(boxes, scores, labels, self.config.score_threshold, self.config.nms_iou, max_detections)
-            visible = torch.tensor([0.0, 0.0, w * scales[b], h * scales[b]])  # the frame inside the letterbox
-            boxes = torch.minimum(torch.maximum(boxes[keep], torch.zeros(4)), visible[[2, 3, 2, 3]])
+            visible = torch.tensor([0.0, 0.0, w * scales[b], h * scales[b]], device=self.device)  # frame in the letterbox
+            boxes = torch.minimum(boxes[keep].clamp_min(0), visible[[2, 3, 2, 3]])
             boxes = torch.cat((visible[None], boxes))  # whole frame first, (1 + n, 4) letterbox pixels
-            rois.append(torch.cat((torch.full((len(boxes), 1), float(b)), boxes), dim=1))
-            kept.append((boxes, scores[keep], labels[keep], scales[b], (h, w)))
+            rois.append(torch.cat((torch.full((len(boxes), 1), float(b), device=self.device), boxes), dim=1))
+            kept.append((boxes.cpu(), scores[keep].cpu(), labels[keep].cpu(), scales[b], (h, w)))
         rois = torch.cat(rois)  # (R, 5): batch index, x1, y1, x2, y2
 
         features = []
         if self.use_mobilenet:
-            x = (images.to(self.device, non_blocking=True) - self.mean) / self.std
-            if self.trunk is not None:
-                feature_map = self.trunk(x)  # (B, 1280, Hc/32, Wc/32)
-            else:
-                feature_map = torch.from_numpy(self.trunk_session.run(None, {"images": x.numpy()})[0])
-            features.append(self._pool(feature_map, rois, 1 / 32))
+            features.append(self._pool(self._run_trunk(images), rois, 1 / 32))
         if self.use_neck:
-            for level, stride in zip(outputs[1:], STRIDES):
-                features.append(self._pool(torch.from_numpy(level).to(self.device), rois, 1 / stride))
+            for level, stride in zip(neck_maps, STRIDES):
+                features.append(self._pool(level, rois, 1 / stride))
         features = torch.cat(features, dim=1).float().cpu().numpy()  # (R, D)
 
         results, start = [], 0
