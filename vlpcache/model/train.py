@@ -318,7 +318,7 @@ def _run(processes: Processes, **o) -> dict:
             scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"][min(processes.rank, len(state["rng"]) - 1)])
         start_epoch, step, best_score = state["epoch"] + 1, state["step"], state.get("best_score")
-        _say(processes, quiet, f"resuming {run_dir} after epoch {state['epoch']} (step {step})")
+        _say(processes, False, f"resuming {run_dir} after epoch {state['epoch']} (step {step})")
     trainable = model
     if processes.world > 1:
         trainable = torch.nn.parallel.DistributedDataParallel(
@@ -328,6 +328,9 @@ def _run(processes: Processes, **o) -> dict:
     # data loader: each process a disjoint shard of a per-epoch permutation
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers run inside forked workers
     workers = train_config.workers if train_config.workers is not None else (4 if processes.device.type == "cuda" else 1)
+    if processes.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # one core per loader worker, the rest for the model: oversubscribed cores slow torch down many times
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // processes.world - workers))
     dataset = data.train
     sampler = DistributedSampler(
         dataset, num_replicas=processes.world, rank=processes.rank, shuffle=True, seed=train_config.seed,
