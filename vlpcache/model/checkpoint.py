@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlpcache.cache.writer import _fsync_dir as _fsync  # fsyncs a file or a directory
 from vlpcache.errors import UserError
 
 CONFIG_NAME = "config.json"
@@ -37,14 +38,6 @@ WEIGHTS_NAME = "model.safetensors"
 STATE_NAME = "training_state.pt"
 META_NAME = "meta.json"
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_json_atomic(path: Path, data) -> None:
