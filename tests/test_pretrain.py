@@ -108,11 +108,14 @@ def test_pretrain_writes_checkpoints_logs_and_validation_metrics(tmp_path, corpu
     assert {"loss", "contrastive", "rwa", "samples_per_s"} <= set(records[0])
     assert records[0]["val"]["queries"] == 8 and records[0]["val"]["candidates"] == 8
     assert {"R@1", "R@5", "R@10", "MdR"} <= set(records[0]["val"])
+    assert set(records[0]["val"]["rerank"]) == {"0.0", "0.1", "0.25", "0.5", "1.0", "2.0"}  # re-rank weights tried
 
     loaded = load_run(run_dir)
     assert loaded.epoch == ckpt.read_best(run_dir)["epoch"]
     assert loaded.checkpoint_sha256 == ckpt.sha256_of(loaded.checkpoint_path)
     assert loaded.cache_settings["feature_dim"] == 16
+    best_record = records[loaded.epoch - 1]
+    assert loaded.config.rerank_weight == best_record["val"]["rerank_weight"]  # the weight chosen on validation
     assert not loaded.model.training
     from vlpcache.model.batch import tokenize
 

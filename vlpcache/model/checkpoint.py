@@ -214,6 +214,8 @@ def load_run(run_dir, device: str | torch.device = "cpu", checkpoint=None) -> Lo
     load_weights(model, checkpoint_dir)
     model.to(device).eval()
     meta = json.loads((checkpoint_dir / META_NAME).read_text())
+    if "rerank_weight" in meta:  # chosen on the validation set when this checkpoint was saved
+        config.rerank_weight = float(meta["rerank_weight"])
     return LoadedRun(
         model=model,
         tokenizer=tokenizer,

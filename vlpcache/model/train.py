@@ -27,6 +27,7 @@ from vlpcache.errors import UserError
 from vlpcache.metrics import retrieval_metrics
 from vlpcache.model import checkpoint as ckpt
 from vlpcache.model.batch import tokenize, video_batch
+from vlpcache.model.losses import region_word_score, rerank_score
 from vlpcache.model.data import CollateCaptionedRegions, PretrainData, ValidationSet, load_pretrain_data
 from vlpcache.model.model import AlignmentModel, ModelConfig, PretrainLoss, build_model, load_text_backbone
 from vlpcache.workspace import Workspace
@@ -120,19 +121,39 @@ def autocast_for(device: torch.device):
 # ---------------------------------------------------------------- validation
 
 
+RERANK_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)  # candidates for global + w·S_loc, chosen on validation
+
+
 @torch.no_grad()
 def validate(model: AlignmentModel, tokenizer, validation: ValidationSet, device, batch_size: int) -> dict:
-    """Text→video R@1/5/10, MdR, MnR on the validation set (global embeddings, no re-rank)."""
+    """Text→video R@1/5/10, MdR, MnR on the validation set by global cosine; with RWA also by the
+    re-rank score for each weight in RERANK_WEIGHTS (every candidate re-ranked) and the best weight."""
     model.eval()
     texts, videos = [], []
     for start in range(0, len(validation), batch_size):
         stop = min(start + batch_size, len(validation))
         input_ids, attention_mask = tokenize(tokenizer, validation.queries[start:stop], model.config.max_words)
-        texts.append(model.encode_text(input_ids.to(device), attention_mask.to(device)).global_.float().cpu())
-        videos.append(model.encode_video(**video_batch(validation.items(start, stop), device)).global_.float().cpu())
+        texts.append(model.encode_text(input_ids.to(device), attention_mask.to(device)))
+        videos.append(model.encode_video(**video_batch(validation.items(start, stop), device)))
     model.train()
-    similarity = (torch.cat(texts) @ torch.cat(videos).T).numpy()  # (Q, C): query q's video is candidate q
-    return retrieval_metrics(similarity, np.arange(len(validation)))
+    text_global = torch.cat([t.global_.float() for t in texts])
+    video_global = torch.cat([v.global_.float() for v in videos])
+    similarity = text_global @ video_global.T  # (Q, C): query q's video is candidate q
+    targets = np.arange(len(validation))
+    metrics = retrieval_metrics(similarity.cpu().numpy(), targets)
+    if model.config.rwa:
+        local = torch.cat([
+            region_word_score(t.words, t.word_mask, torch.cat([v.regions for v in videos]),
+                              torch.cat([v.region_mask for v in videos]), model.config.rwa_lambda)
+            for t in texts
+        ])  # (Q, C)
+        reranked = {
+            w: retrieval_metrics(rerank_score(similarity, local, w).cpu().numpy(), targets) for w in RERANK_WEIGHTS
+        }
+        best = max(RERANK_WEIGHTS, key=lambda w: (selection_score(reranked[w]), -w))
+        metrics["rerank"] = {str(w): {k: reranked[w][k] for k in ("R@1", "R@5", "R@10", "MdR")} for w in RERANK_WEIGHTS}
+        metrics["rerank_weight"] = best
+    return metrics
 
 
 def train_step(trainable, criterion, optimizer, inputs: dict, autocast, scaler, grad_clip: float):
@@ -423,14 +444,15 @@ def _run(processes: Processes, **o) -> dict:
             }
             ckpt.save_checkpoint(
                 run_dir, epoch, model, training_state,
-                {"metrics": record.get("val", {}), "loss": record.get("loss"), "vlpcache_version": __version__},
+                {"metrics": record.get("val", {}), "loss": record.get("loss"), "vlpcache_version": __version__,
+                 "rerank_weight": record.get("val", {}).get("rerank_weight", model_config.rerank_weight)},
                 is_best=is_best,
             )
             record["time"] = time.time()
             with open(log_path, "a") as log:
                 log.write(json.dumps(record) + "\n")
             for k, v in record.get("val", {}).items():
-                if isinstance(v, float):
+                if isinstance(v, (int, float)):
                     tensorboard.add_scalar(f"val/{k}", v, step)
             tensorboard.flush()
             val = record.get("val")
@@ -438,6 +460,8 @@ def _run(processes: Processes, **o) -> dict:
                 f"epoch {epoch}/{train_config.epochs}: loss {record.get('loss', float('nan')):.4f}, "
                 f"{record['samples_per_s']:.1f} samples/s, {seconds:.0f} s"
                 + (f"; val R@1 {val['R@1']:.1f} R@5 {val['R@5']:.1f} R@10 {val['R@10']:.1f} MdR {val['MdR']:.0f}" if val else "")
+                + (f" (re-ranked, weight {val['rerank_weight']}: R@1 {val['rerank'][str(val['rerank_weight'])]['R@1']:.1f})"
+                   if val and "rerank" in val else "")
             ))
         history.append(record)
         processes.barrier()
