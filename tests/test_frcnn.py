@@ -139,3 +139,21 @@ def test_unknown_architecture_or_weights_name_is_a_user_error():
         FasterRCNNDetector(small_config(arch="retinanet_resnet50_fpn"))
     with pytest.raises(UserError, match="choose from COCO_V1, DEFAULT"):
         FasterRCNNDetector(small_config(weights="IMAGENET"))
+
+
+def test_bf16_autocast_keeps_float32_outputs_close_to_full_precision(detector, frames):
+    torch.manual_seed(0)  # the same random weights as the fixture
+    mixed = FasterRCNNDetector(small_config(autocast="bf16"))
+    (ours,), (theirs,) = detector.detect(frames[:1], 5), mixed.detect(frames[:1], 5)
+    assert theirs.features.dtype == np.float32 and theirs.boxes.dtype == np.float32
+    whole_frame, whole_frame_mixed = ours.features[0], theirs.features[0]  # row 0 does not depend on selection
+    cosine = whole_frame @ whole_frame_mixed / np.linalg.norm(whole_frame) / np.linalg.norm(whole_frame_mixed)
+    assert cosine > 0.99
+
+
+def test_box_decoding_stays_float32_for_half_precision_heads(detector):
+    coder = detector.model.rpn.box_coder
+    proposals = [torch.tensor([[0.0, 0.0, 600.0, 500.0]], dtype=torch.float16)]  # area 300000 > fp16 max
+    decoded = coder.decode(torch.zeros(1, 4, dtype=torch.float16), proposals)  # zero deltas: the box itself
+    assert decoded.dtype == torch.float32
+    torch.testing.assert_close(decoded.reshape(-1, 4), proposals[0].float())

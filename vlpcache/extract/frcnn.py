@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.models.detection._utils import BoxCoder
 
 from vlpcache.errors import UserError
 from vlpcache.extract.regions import COCO_CLASSES, FrameRegions, file_sha256, select_detections, with_frame_region
@@ -56,6 +57,17 @@ class FrcnnConfig:
     # (torchvision: 1000): on CPU the box head over all proposals costs as much as the backbone.
     proposals: int = 300
     autocast: str = "auto"  # "auto" (fp16 on CUDA, off on CPU), "fp16", "bf16" or "none"
+
+
+class Float32BoxCoder(BoxCoder):
+    """torchvision's box decoding, in float32 whatever the head's dtype.
+
+    Under fp16 autocast torchvision decodes in the head's fp16: box areas above 65504 px² (a 256x256
+    box) overflow, which sends large boxes to the wrong FPN level, and coordinates lose precision.
+    """
+
+    def decode(self, rel_codes: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+        return super().decode(rel_codes.float(), [b.float() for b in boxes])
 
 
 def coco_label_index(categories: list[str]) -> torch.Tensor:
@@ -151,6 +163,8 @@ def build_faster_rcnn(config: FrcnnConfig) -> tuple[torch.nn.Module, Path | None
     )
     if state is not None:
         _load_weights(model, state, path, config.arch)
+    for stage in (model.rpn, model.roi_heads):
+        stage.box_coder = Float32BoxCoder(stage.box_coder.weights, stage.box_coder.bbox_xform_clip)
     return model.eval(), path
 
 
@@ -255,8 +269,8 @@ class FasterRCNNDetector:
                 boxes, scores, labels = detection["boxes"][coco], detection["scores"][coco], labels[coco]
                 keep = select_detections(boxes, scores, labels, self.config.score_threshold,
                                          self.config.nms_iou, max_detections)
-                frame_box = torch.tensor([[0.0, 0.0, w, h]], device=boxes.device, dtype=boxes.dtype)
-                rois.append(torch.cat((frame_box, boxes[keep])))  # whole frame first, (1 + n, 4)
+                frame_box = torch.tensor([[0.0, 0.0, w, h]], device=boxes.device)
+                rois.append(torch.cat((frame_box, boxes[keep])).float())  # whole frame first, (1 + n, 4)
                 kept.append((scores[keep], labels[keep], (h, w)))
             pooled = model.roi_heads.box_roi_pool(features, rois, image_list.image_sizes)  # (R, C, 7, 7)
             region_features = model.roi_heads.box_head(pooled)  # (R, 1024)
