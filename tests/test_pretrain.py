@@ -154,13 +154,13 @@ def test_two_caches_mix_videos_and_images_with_different_frame_counts(tmp_path, 
 
 
 def test_default_captions_are_found_beside_the_extracted_root_but_never_held_out_splits(tmp_path):
-    frames = tmp_path / "msrvtt" / "frames" / "train"
-    frames.mkdir(parents=True)
-    for name in ("train.jsonl", "val.jsonl", "devtest.jsonl"):
-        (tmp_path / "msrvtt" / name).write_text("")
+    frames = tmp_path / "msrvtt" / "frames"
+    for split in ("train", "val", "devtest"):
+        (frames / split).mkdir(parents=True)
+        (tmp_path / "msrvtt" / f"{split}.jsonl").write_text("")
     workspace = Workspace(tmp_path / "ws")
     assert find_caption_files(workspace) == []
-    workspace.remember_roots([frames])
+    workspace.remember_roots([frames / "train", frames / "val", frames / "devtest"])
     assert find_caption_files(workspace) == [(tmp_path / "msrvtt" / "train.jsonl").resolve()]
 
 

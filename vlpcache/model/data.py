@@ -48,10 +48,9 @@ def find_caption_files(workspace: Workspace) -> list[Path]:
         for path in sorted(folder.iterdir()):
             if path.suffix.lower() not in CAPTION_SUFFIXES or not path.is_file():
                 continue
-            if root_name is not None and path.stem == root_name:
-                named.append(path)
-            elif path.stem.lower() not in HELD_OUT_STEMS:
-                others.append(path)
+            if path.stem.lower() in HELD_OUT_STEMS:
+                continue
+            (named if path.stem == root_name else others).append(path)
     found = named or others
     return list(dict.fromkeys(p.resolve() for p in found))
 
