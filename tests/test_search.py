@@ -211,3 +211,42 @@ def test_wordpiece_continuations_join_the_word_before():
     tokens = ["[CLS]", "person", "cuts", "on", "##ion", "[SEP]", "[PAD]"]
     mask = np.array([False, True, True, True, True, False, False])
     assert query_words(tokens, mask) == [("person", [1]), ("cuts", [2]), ("onion", [3, 4])]
+
+
+def test_index_leaves_an_onnx_query_model_that_matches_the_torch_one(ws, monkeypatch, capsys):
+    from vlpcache.index.query_graphs import TorchQueryModel
+    from vlpcache.index.query_model import OnnxQueryModel
+
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    onnx, torch_model = OnnxQueryModel(ws / "index"), TorchQueryModel(load_run(ws / "runs" / "run-001"))
+    long_query = " ".join(["a dog runs on the beach with a ball"] * 10)  # beyond max_words: truncated alike
+    for query in ["a dog", "the woman in the kitchen cuts an onion", long_query]:
+        a, b = onnx.encode(query), torch_model.encode(query)
+        assert a[3] == b[3] and np.array_equal(a[2], b[2])  # tokens, word mask
+        assert np.allclose(a[0], b[0], atol=1e-4) and np.allclose(a[1], b[1], atol=1e-4)
+    index = VideoIndex.load(ws / "index")
+    regions, mask, _ = index.regions.gather([0, 3, 7])
+    text_global, words, word_mask, _ = torch_model.encode("a horse on the street")
+    inputs = (words, word_mask, text_global, regions, mask, index.embeddings[[0, 3, 7]])
+    for x, y in zip(onnx.rescore(*inputs), torch_model.rescore(*inputs)):
+        assert np.allclose(x, y, atol=1e-4)
+
+
+def test_search_with_an_exported_index_never_imports_torch(ws, monkeypatch, capsys):
+    import subprocess
+
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    probe = ("import sys; from vlpcache.cli import main; sys.argv = ['vlpcache', 'search', 'a dog', '-k', '2']\n"
+             "try:\n    main()\nexcept SystemExit:\n    pass\n"
+             "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "False False"
+    assert "query: a dog" in result.stdout
+
+
+def test_checkpoint_sha_read_without_torch_agrees_with_load_run(ws):
+    from vlpcache.index.build import designated_checkpoint_sha256
+
+    run_dir = ws / "runs" / "run-001"
+    assert designated_checkpoint_sha256(run_dir) == load_run(run_dir).checkpoint_sha256

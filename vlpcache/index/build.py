@@ -26,6 +26,8 @@ from vlpcache.index.faiss_index import (
 )
 from vlpcache.workspace import Workspace
 
+ENCODE_CHUNK = 1024  # videos encoded between two appends to the region store
+
 # cache settings that decide what a region feature means: a model trained on one cannot read another
 FEATURE_SETTINGS = ("feature_dim", "detector", "detector_weights_sha256", "backbone", "backbone_weights_sha256")
 
@@ -69,10 +71,39 @@ def check_run_reads_cache(run, cache: RegionCache) -> None:
         )
 
 
+def designated_checkpoint_sha256(run_dir: Path) -> str | None:
+    """sha256 of the checkpoint load_run(run_dir) would load (the best by validation, else the last),
+    read from its meta.json without importing torch; None when it cannot be told.
+
+    Mirrors vlpcache.model.checkpoint.resolve_checkpoint(run_dir, None); tests/test_search.py checks
+    that both agree.
+    """
+    import json
+    import re
+
+    epochs = {}
+    for path in (Path(run_dir) / "checkpoints").glob("epoch-*"):
+        m = re.fullmatch(r"epoch-(\d+)", path.name)
+        if m and (path / "meta.json").is_file():
+            epochs[int(m.group(1))] = path
+    if not epochs:
+        return None
+    try:
+        best = json.loads((Path(run_dir) / "best.json").read_text()).get("epoch")
+    except (OSError, ValueError):
+        best = None
+    chosen = epochs.get(best) or epochs[max(epochs)]
+    try:
+        return json.loads((chosen / "meta.json").read_text()).get("sha256")
+    except (OSError, ValueError):
+        return None
+
+
 def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, *, device, batch_size: int,
                  rebuild: bool = False, progress: bool = True, say=print) -> VideoIndex:
     """The index of `cache` under `run` in index_dir: built, or brought up to date by encoding only new items."""
     from vlpcache.index.encode import as_numpy, encode_video_rows
+    from vlpcache.index.region_store import RegionStore
 
     check_run_reads_cache(run, cache)
     settings = cache.settings.to_json()
@@ -86,12 +117,21 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
                 f"{index_dir}: index is {index.meta.factory}, not {config.factory}; add --rebuild to change its type"
             )
     rows = [r for r, item_id in enumerate(cache.ids) if index is None or item_id not in index]
+    if index is not None and index.regions is None:  # made by an older vlpcache: re-rank needs regions
+        rows, index = list(range(len(cache))), None
     if index is not None and not rows:
+        export_for_search(run, index_dir, say)
         say(f"index {index_dir} is up to date: {len(index)} items ({index.meta.factory})")
         return index
     started = time.monotonic()
-    video = encode_video_rows(run, cache, rows, device, batch_size, progress=progress)
-    embeddings = as_numpy(video.global_)  # (V_new, E)
+    regions = RegionStore.empty(run.config.embed_dim)
+    parts = []
+    for start in range(0, len(rows), ENCODE_CHUNK):  # bounded memory: region tokens are (B, T*N, E)
+        video = encode_video_rows(run, cache, rows[start : start + ENCODE_CHUNK], device, batch_size, regions=True,
+                                  progress=progress, desc=f"encoding videos {start + 1}-{min(start + ENCODE_CHUNK, len(rows))} of {len(rows)}")
+        parts.append(as_numpy(video.global_))
+        regions.append(video.regions.numpy(), video.region_mask.numpy())
+    embeddings = np.concatenate(parts) if parts else np.zeros((0, run.config.embed_dim), np.float32)  # (V_new, E)
     ids = [cache.ids[r] for r in rows]
     encoded = f"encoded {len(rows)} videos in {time.monotonic() - started:.1f} s"
     if index is None:
@@ -106,14 +146,31 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
             cache_dir=str(Path(cache.cache_dir).resolve()),
         )
         index = VideoIndex.build(ids, embeddings, meta, config)
+        index.regions = regions
         how = f"built {factory} ({reason})"
     else:
         how = index.add(ids, embeddings, config)
+        index.regions.append_store(regions)
     if index.meta.search_params:
         how += f", search {index.meta.search_params} (recall@10 {index.meta.tuned_recall:.3f} on indexed vectors)"
     index.save(index_dir)
+    export_for_search(run, index_dir, say)
     say(f"index {index_dir}: {len(index)} items; {encoded}; {how}")
     return index
+
+
+def export_for_search(run, index_dir: Path, say) -> None:
+    """The run's query side as ONNX beside the index (fast search start), unless already there."""
+    from vlpcache.index.query_graphs import export_query_model
+    from vlpcache.index.query_model import query_export_sha
+
+    if query_export_sha(index_dir) == run.checkpoint_sha256:
+        return
+    try:
+        export_query_model(run, index_dir)
+    except Exception as err:  # search still works through torch, only slower to start
+        say(f"note: no ONNX export of the query model ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+            "search will load it with torch")
 
 
 def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory_budget_mb=None,
@@ -137,7 +194,3 @@ def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory
         batch_size=batch_size or default_batch_size(device), rebuild=rebuild, progress=not quiet, say=say,
     )
 
-
-def embeddings_of(index: VideoIndex, ids: list[str]) -> np.ndarray:
-    """(len(ids), E) stored global embeddings of indexed items."""
-    return index.embeddings[[index.row_of(i) for i in ids]]

@@ -35,6 +35,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vlpcache.errors import UserError
+from vlpcache.index.region_store import RegionStore
 
 INDEX_FORMAT = 1
 INDEX_FILE = "index.faiss"
@@ -257,11 +258,13 @@ def _drop_self(labels: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
 class VideoIndex:
     """A FAISS index of global video embeddings with its id map and metadata, in one directory."""
 
-    def __init__(self, index: faiss.Index, ids: list[str], embeddings: np.ndarray, meta: IndexMeta):
+    def __init__(self, index: faiss.Index, ids: list[str], embeddings: np.ndarray, meta: IndexMeta,
+                 regions: RegionStore | None = None):
         self.index = index
         self.ids = ids
         self.embeddings = embeddings  # (V, E) float32, row r = FAISS label r
         self.meta = meta
+        self.regions = regions  # region embeddings per row, for re-ranking (see region_store.py)
         self._row_of = {item_id: r for r, item_id in enumerate(ids)}
 
     def __len__(self) -> int:
@@ -340,6 +343,8 @@ class VideoIndex:
         _replace(index_dir / EMBEDDINGS_FILE, lambda tmp: np.save(tmp, self.embeddings), pid, suffix=".npy")
         _replace(index_dir / IDS_FILE, lambda tmp: tmp.write_text(json.dumps(self.ids, ensure_ascii=False)), pid)
         _replace(index_dir / INDEX_FILE, lambda tmp: faiss.write_index(self.index, str(tmp)), pid)
+        if self.regions is not None:
+            self.regions.save(index_dir, lambda path, write: _replace(path, write, pid, suffix=".npy"))
         _replace(index_dir / META_FILE, lambda tmp: tmp.write_text(json.dumps(self.meta.to_json(), indent=2)), pid)
 
     @classmethod
@@ -354,10 +359,13 @@ class VideoIndex:
         except (OSError, ValueError, RuntimeError) as err:
             raise UserError(f"{index_dir}: incomplete or unreadable index ({type(err).__name__}); {rebuild}") from None
         counts = {"index.json": meta.count, IDS_FILE: len(ids), EMBEDDINGS_FILE: len(embeddings), INDEX_FILE: index.ntotal}
+        regions = RegionStore.load(index_dir) if RegionStore.exists(index_dir) else None
+        if regions is not None:
+            counts["region_offsets.npy"] = len(regions)
         if len(set(counts.values())) != 1:
             raise UserError(f"{index_dir}: index files disagree on the item count ({counts}); {rebuild}")
         apply_search_params(index, meta.search_params)
-        return cls(index, ids, embeddings, meta)
+        return cls(index, ids, embeddings, meta, regions)
 
 
 def read_meta(index_dir: str | os.PathLike) -> IndexMeta:

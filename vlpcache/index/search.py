@@ -1,8 +1,11 @@
 """`vlpcache search TEXT`: text -> embedding -> FAISS top candidates -> region-word re-rank -> results
 with the best-matching time and the regions that matched the query words.
 
-Several queries (--queries FILE, or - for stdin) share one process: the model, index and cache open
-once, and candidate videos encoded for one query are reused by the next.
+The query model is the ONNX export that `vlpcache index` leaves in the index directory
+(query_model.py): a search then never imports torch or transformers, and starts in about a second.
+An index without it falls back to the run loaded with torch. Candidate regions come from the index's
+region store, so no video is encoded at query time. Several queries (--queries FILE, or - for stdin)
+share one process.
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from vlpcache.errors import UserError
-from vlpcache.index.build import open_cache, resolve_sources, update_index
-from vlpcache.index.encode import encode_texts, encode_video_rows, resolve_device
+from vlpcache.extract.labels import label_name
+from vlpcache.index.build import designated_checkpoint_sha256, open_cache, resolve_sources, update_index
 from vlpcache.index.faiss_index import META_FILE, IndexConfig, VideoIndex, check_same_source, read_meta
-from vlpcache.index.rerank import RERANK_CANDIDATES, align, rerank_scores
+from vlpcache.index.query_model import OnnxQueryModel, query_export_sha
+from vlpcache.index.rerank import RERANK_CANDIDATES, align
 
 
 @dataclass
@@ -43,74 +47,52 @@ class Hit:
 
 
 class Searcher:
-    """A run's model, the cache and its index, open for any number of queries."""
+    """A query model, the cache and its index, open for any number of queries."""
 
-    def __init__(self, run, cache, index: VideoIndex, device, rerank_candidates: int = RERANK_CANDIDATES):
-        self.run, self.cache, self.index, self.device = run, cache, index, device
+    def __init__(self, query_model, cache, index: VideoIndex, rerank_candidates: int = RERANK_CANDIDATES):
+        self.query_model, self.cache, self.index = query_model, cache, index
         self.rerank_candidates = rerank_candidates
-        self._videos: dict[int, tuple] = {}  # cache row -> (global (E,), regions (R, E), region_mask (R,))
-
-    def _encoded(self, cache_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        missing = [r for r in dict.fromkeys(cache_rows) if r not in self._videos]
-        if missing:
-            video = encode_video_rows(self.run, self.cache, missing, self.device, 64, regions=True, progress=False)
-            for i, r in enumerate(missing):
-                self._videos[r] = (video.global_[i], video.regions[i], video.region_mask[i])
-        parts = [self._videos[r] for r in cache_rows]
-        longest = max(p[1].shape[0] for p in parts)  # items of caches with other T*N: pad regions
-        regions = torch.zeros((len(parts), longest, parts[0][1].shape[1]), dtype=parts[0][1].dtype)
-        mask = torch.zeros((len(parts), longest), dtype=torch.bool)
-        for i, (_, r, m) in enumerate(parts):
-            regions[i, : len(r)], mask[i, : len(m)] = r, m
-        return torch.stack([p[0] for p in parts]), regions, mask
 
     def search(self, query: str, k: int, rerank: bool = True) -> list[Hit]:
         """The top k of the index for one query, best first."""
-        config = self.run.config
-        encoded = encode_texts(self.run, [query], self.device)
-        text = encoded.embedding
+        text_global, words, word_mask, tokens = self.query_model.encode(query)  # (1, E), (1, L, E), (1, L)
         pool = max(k, self.rerank_candidates) if rerank else k
-        faiss_scores, faiss_rows = self.index.search(text.global_.numpy(), pool)
-        found = [(float(s), int(r)) for s, r in zip(faiss_scores[0], faiss_rows[0]) if r >= 0]
+        faiss_scores, faiss_rows = self.index.search(text_global, pool)
         # candidates no longer in the cache (it was rebuilt without them) cannot be shown
-        found = [(s, self.index.ids[r]) for s, r in found if self.index.ids[r] in self.cache]
+        found = [(float(s), int(r)) for s, r in zip(faiss_scores[0], faiss_rows[0])
+                 if r >= 0 and self.index.ids[r] in self.cache]
         if not found:
             return []
-        cache_rows = [self.cache.index_of(item_id) for _, item_id in found]
-        video_global, regions, region_mask = self._encoded(cache_rows)
-        scored = rerank_scores(config, text.words, text.word_mask, text.global_, regions, region_mask, video_global)
+        rows = [r for _, r in found]
+        regions, region_mask, positions = self.index.regions.gather(rows)  # (P, K, E), (P, K), (P, K)
+        score, global_, local, attention = self.query_model.rescore(
+            words, word_mask, text_global, regions, region_mask, self.index.embeddings[rows])
         if rerank:
-            order = torch.argsort(scored.score[0], descending=True, stable=True)[:k].tolist()
+            order = np.argsort(-score[0], kind="stable")[:k]
         else:
-            order = list(range(min(k, len(found))))
-        tokens = self.run.tokenizer.convert_ids_to_tokens(encoded.input_ids[0].tolist())
+            order = np.arange(min(k, len(found)))
         hits = []
         for rank, j in enumerate(order, 1):
-            item = self.cache[cache_rows[j]]
-            T, N = item["labels"].shape
-            alignment = align(config, text.words[0], text.word_mask[0], regions[j, : T * N], region_mask[j, : T * N], tokens, N)
-            regions_hit = []
+            item_id = self.index.ids[rows[j]]
+            item = self.cache.get(item_id)
+            N = item["labels"].shape[1]
+            alignment = align(attention[0, j], word_mask[0], tokens, positions[j], N)
+            matched = []
             for match in alignment.words:
                 t, n = divmod(match.region, N)
-                regions_hit.append(RegionHit(
+                matched.append(RegionHit(
                     match.word, label_name(int(item["labels"][t, n])), [round(float(v), 3) for v in item["boxes"][t, n]],
                     round(float(item["timestamps"][t]), 2), round(match.weight, 3),
                 ))
             hits.append(Hit(
-                rank=rank, id=found[j][1], path=item["path"],
-                score=float(scored.score[0, j] if rerank else found[j][0]),
-                global_score=float(scored.global_[0, j]),
-                local_score=float(scored.local[0, j]) if rerank else None,
+                rank=rank, id=item_id, path=item["path"],
+                score=float(score[0, j] if rerank else found[j][0]),
+                global_score=float(global_[0, j]),
+                local_score=float(local[0, j]) if rerank else None,
                 time=round(float(item["timestamps"][alignment.best_frame]), 2),
-                regions=regions_hit,
+                regions=matched,
             ))
         return hits
-
-
-def label_name(label: int) -> str:
-    from vlpcache.extract.regions import label_name as coco_name
-
-    return coco_name(label)
 
 
 # ---------------------------------------------------------------- output
@@ -160,26 +142,38 @@ def read_queries(text: str | None, queries_file: str | None) -> list[str]:
 
 
 def open_searcher(run_dir=None, cache_dir=None, index_dir=None, device="auto", say=print) -> Searcher:
-    """The Searcher for the options and workspace defaults; builds the index on first use."""
-    from vlpcache.model.checkpoint import load_run
+    """The Searcher for the options and workspace defaults; builds the index on first use.
 
+    With an up-to-date ONNX export in the index, neither torch nor the run's weights are loaded.
+    """
     sources = resolve_sources(run_dir, cache_dir, index_dir)
     cache = open_cache(sources.cache_dir)
-    device = resolve_device(device)
-    if (sources.index_dir / META_FILE).exists():  # refuse a mismatch before paying for the model
-        meta = read_meta(sources.index_dir)
-        run = load_run(sources.run_dir, device=device)
-        check_same_source(meta, sources.index_dir, run.checkpoint_sha256, cache.settings.to_json(), sources.run_dir)
-        index = VideoIndex.load(sources.index_dir)
-        unindexed = sum(1 for item_id in cache.ids if item_id not in index)
-        if unindexed:
-            say(f"note: {unindexed} cached items are not in the index yet; run `vlpcache index` to add them")
+    index_dir = sources.index_dir
+    run_sha = designated_checkpoint_sha256(sources.run_dir)
+    if (index_dir / META_FILE).exists() and run_sha is not None:
+        # refuse a mismatch before paying for anything
+        check_same_source(read_meta(index_dir), index_dir, run_sha, cache.settings.to_json(), sources.run_dir)
+    index = VideoIndex.load(index_dir) if (index_dir / META_FILE).exists() else None
+    if index is not None and index.regions is not None and run_sha is not None and query_export_sha(index_dir) == run_sha:
+        query_model = OnnxQueryModel(index_dir)
     else:
+        from vlpcache.index.encode import resolve_device
+        from vlpcache.index.query_graphs import TorchQueryModel
+        from vlpcache.model.checkpoint import load_run
+
+        device = resolve_device(device)
         run = load_run(sources.run_dir, device=device)
-        say(f"no index at {sources.index_dir} yet: building it from run {sources.run_dir} (first use only)")
-        index = update_index(run, cache, sources.index_dir, IndexConfig(), device=device, batch_size=64,
-                             progress=True, say=say)
-    return Searcher(run, cache, index, device)
+        if index is None:
+            say(f"no index at {index_dir} yet: building it from run {sources.run_dir} (first use only)")
+        else:
+            check_same_source(index.meta, index_dir, run.checkpoint_sha256, cache.settings.to_json(), sources.run_dir)
+        if index is None or index.regions is None:
+            index = update_index(run, cache, index_dir, IndexConfig(), device=device, batch_size=64, say=say)
+        query_model = TorchQueryModel(run)
+    unindexed = sum(1 for item_id in cache.ids if item_id not in index)
+    if unindexed:
+        say(f"note: {unindexed} cached items are not in the index yet; run `vlpcache index` to add them")
+    return Searcher(query_model, cache, index)
 
 
 def run_search(text=None, queries_file=None, run_dir=None, cache_dir=None, index_dir=None, k=10,
@@ -192,7 +186,7 @@ def run_search(text=None, queries_file=None, run_dir=None, cache_dir=None, index
 
     searcher = open_searcher(run_dir, cache_dir, index_dir, device, say)
     rerank = not no_rerank
-    if rerank and not searcher.run.config.rwa:
+    if rerank and not searcher.query_model.rwa:
         say("note: the run was trained without region-word alignment; results are not re-ranked")
         rerank = False
     if k > len(searcher.index):

@@ -1,0 +1,68 @@
+"""The query side of a run from its ONNX export in the index directory: no torch, no transformers.
+
+    <index>/query/text_encoder.onnx   encode_text: (input_ids, attention_mask) -> global, words
+    <index>/query/rerank.onnx         RerankGraph: global + weight * S_loc and word attention
+    <index>/query/tokenizer.json      the run's fast tokenizer
+    <index>/query/query.json          checkpoint sha256, max_words, special token ids
+
+Written by `vlpcache index` (query_graphs.export_query_model). Both query models answer
+`encode(text) -> (global (1, E), words (1, L, E), word_mask (1, L), tokens)` and
+`rescore(words, word_mask, text_global, regions, region_mask, video_global) -> [score, global, local, word_attention]`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+QUERY_DIR = "query"
+TEXT_GRAPH = "text_encoder.onnx"
+RERANK_GRAPH = "rerank.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+QUERY_CONFIG = "query.json"
+
+
+def query_export_sha(index_dir: Path) -> str | None:
+    """The checkpoint sha256 the index's ONNX export was made from, or None when there is none."""
+    try:
+        return json.loads((Path(index_dir) / QUERY_DIR / QUERY_CONFIG).read_text())["checkpoint_sha256"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+class OnnxQueryModel:
+    def __init__(self, index_dir: Path):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        folder = Path(index_dir) / QUERY_DIR
+        config = json.loads((folder / QUERY_CONFIG).read_text())
+        self.special = np.array(config["special_token_ids"], dtype=np.int64)
+        self.rwa = config["rwa"]
+        self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(config["max_words"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # no warnings about unused initialisers on every start
+        providers = ["CPUExecutionProvider"]
+        self.text = ort.InferenceSession(str(folder / TEXT_GRAPH), options, providers=providers)
+        self.rerank = ort.InferenceSession(str(folder / RERANK_GRAPH), options, providers=providers)
+
+    def encode(self, text: str):
+        encoding = self.tokenizer.encode(text)
+        input_ids = np.array([encoding.ids], dtype=np.int64)  # (1, L)
+        attention_mask = np.array([encoding.attention_mask], dtype=np.int64)
+        global_, words = self.text.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
+        word_mask = attention_mask.astype(bool) & ~np.isin(input_ids, self.special)
+        return global_, words, word_mask, list(encoding.tokens)
+
+    def rescore(self, words, word_mask, text_global, regions, region_mask, video_global):
+        feeds = dict(zip(
+            ["words", "word_mask", "text_global", "regions", "region_mask", "video_global"],
+            [np.ascontiguousarray(words, np.float32), np.ascontiguousarray(word_mask, bool),
+             np.ascontiguousarray(text_global, np.float32), np.ascontiguousarray(regions, np.float32),
+             np.ascontiguousarray(region_mask, bool), np.ascontiguousarray(video_global, np.float32)],
+        ))
+        return self.rerank.run(None, feeds)
