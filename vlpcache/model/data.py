@@ -227,6 +227,8 @@ class PretrainData:
             lines.append(f"training: {self.held_out_skipped} captioned items of val/test splits left out")
         if self.validation is not None:
             lines.append(f"validation ({self.validation_file}): {len(self.validation)} videos, first caption each")
+        else:
+            lines.append("validation: none (pass --val-captions FILE of held-out cached videos to get R@K each epoch)")
         return lines
 
 
@@ -240,13 +242,14 @@ def load_pretrain_data(
     """Open the caches and match them with the training (and validation) captions."""
     workspace = workspace or Workspace()
     caches = open_caches(cache_dirs)
+    found_validation = None
     if not caption_files:
         caption_files = find_caption_files(workspace)
         if not caption_files:
             looked = [str(workspace.root)] + [f"{r} (and its parent folders)" for r in workspace.extracted_roots()]
             raise UserError(f"no caption file (.jsonl or .csv) found in {', '.join(looked)}; pass --captions FILE")
         if validation_file is None:
-            validation_file = find_validation_file(caption_files)
+            validation_file = found_validation = find_validation_file(caption_files)
     caption_files = [Path(p) for p in caption_files]
     training_captions, skipped = held_out(read_caption_files(caption_files), keep_held_out=False)
     samples, report = match_captions(caches, training_captions)
@@ -263,14 +266,15 @@ def load_pretrain_data(
         validation_captions, _ = held_out(read_captions(validation_file), keep_held_out=True)
         data.validation, data.validation_report = validation_set(caches, validation_captions)
         data.validation_file = Path(validation_file)
-        if not len(data.validation):
+        if not len(data.validation) and found_validation is not None:  # a default that does not apply
+            data.validation = data.validation_file = None
+        elif not len(data.validation):
             raise UserError(
                 f"{validation_file}: none of its videos is in the cache(s); extract them into the same cache "
                 "(or pass --cache for their cache too), or leave out --val-captions"
             )
-        overlap = {data.validation.caches[c].ids[i] for c, i in data.validation.locations} & {
-            caches[c].ids[i] for c, i, _ in samples
-        }
+    if data.validation is not None:
+        overlap = {caches[c].ids[i] for c, i in data.validation.locations} & {caches[c].ids[i] for c, i, _ in samples}
         if overlap:
             raise UserError(
                 f"{validation_file}: {len(overlap)} validation videos also have training captions "
