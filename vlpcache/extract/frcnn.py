@@ -17,7 +17,7 @@ import contextlib
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -188,8 +188,9 @@ class FasterRCNNDetector:
     name = "frcnn"
     feature_dim = FEATURE_DIM
 
-    def __init__(self, config: FrcnnConfig | None = None):
-        self.config = config or FrcnnConfig()
+    def __init__(self, config: FrcnnConfig | None = None, **options):
+        """FasterRCNNDetector(FrcnnConfig(...)) or FasterRCNNDetector(arch=..., weights_file=..., ...)."""
+        self.config = replace(config or FrcnnConfig(), **options)
         self.device = _resolve_device(self.config.device)
         self.max_side = model_sizes(self.config)[1]  # the model's transform never looks at more pixels
         model, self.weights_path = build_faster_rcnn(self.config)
