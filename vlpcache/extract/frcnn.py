@@ -25,6 +25,7 @@ import torch
 from torchvision.models.detection._utils import BoxCoder
 
 from vlpcache.errors import UserError
+from vlpcache.extract.mapper import resolve_device
 from vlpcache.extract.regions import COCO_CLASSES, FrameRegions, file_sha256, select_detections, with_frame_region
 
 ARCHITECTURES = (  # torchvision builders whose box head gives 1024-d region features
@@ -173,15 +174,6 @@ def model_sizes(config: FrcnnConfig) -> tuple[int, int]:
     return config.min_size or min_size, config.max_size or max_size
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible to torch; use --device cpu or auto")
-    return resolved
-
-
 class FasterRCNNDetector:
     """Detector protocol implementation: torchvision Faster R-CNN boxes, box-head region features."""
 
@@ -191,7 +183,7 @@ class FasterRCNNDetector:
     def __init__(self, config: FrcnnConfig | None = None, **options):
         """FasterRCNNDetector(FrcnnConfig(...)) or FasterRCNNDetector(arch=..., weights_file=..., ...)."""
         self.config = replace(config or FrcnnConfig(), **options)
-        self.device = _resolve_device(self.config.device)
+        self.device = torch.device(resolve_device(self.config.device))
         self.max_side = model_sizes(self.config)[1]  # the model's transform never looks at more pixels
         model, self.weights_path = build_faster_rcnn(self.config)
         self.model = model.to(self.device)
