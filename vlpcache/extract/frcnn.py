@@ -37,9 +37,12 @@ ARCHITECTURES = (  # torchvision builders whose box head gives 1024-d region fea
 DEFAULT_ARCH = "fasterrcnn_resnet50_fpn_v2"
 FEATURE_DIM = 1024
 NOT_COCO = -100  # background and the "N/A" gaps of torchvision's 91-way COCO label space
-# bottom-up-attention's test scale (600/1000) rather than torchvision's 800/1333: about 1.8x fewer
-# pixels and time on CPU; the 320 model keeps the small scale it was trained for.
-DEFAULT_SIZES = {arch: (600, 1000) for arch in ARCHITECTURES} | {"fasterrcnn_mobilenet_v3_large_320_fpn": (320, 640)}
+# (min_size, max_size, proposals). Resize as bottom-up-attention tests (shorter side 600, longer at
+# most 1000; torchvision: 800/1333, 1.8x the pixels) and keep its 300 RPN proposals (py-faster-rcnn's
+# test setting; torchvision: 1000): on CPU the box head over all proposals costs about as much as the
+# backbone. The 320 model keeps the small scale and 150 proposals it was tuned for.
+ARCH_DEFAULTS = {arch: (600, 1000, 300) for arch in ARCHITECTURES} | {
+    "fasterrcnn_mobilenet_v3_large_320_fpn": (320, 640, 150)}
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -51,12 +54,11 @@ class FrcnnConfig:
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"
     score_threshold: float = 0.1
     nms_iou: float = 0.5
-    # Resize: shorter side to min_size, longer side at most max_size; None: DEFAULT_SIZES[arch].
+    # shorter side resized to min_size, longer side at most max_size; RPN proposals per frame after
+    # NMS. None: ARCH_DEFAULTS[arch].
     min_size: int | None = None
     max_size: int | None = None
-    # RPN proposals per frame after NMS. 300 as in bottom-up-attention's py-faster-rcnn test config
-    # (torchvision: 1000): on CPU the box head over all proposals costs as much as the backbone.
-    proposals: int = 300
+    proposals: int | None = None
     autocast: str = "auto"  # "auto" (fp16 on CUDA, off on CPU), "fp16", "bf16" or "none"
 
 
@@ -157,10 +159,10 @@ def build_faster_rcnn(config: FrcnnConfig) -> tuple[torch.nn.Module, Path | None
     else:
         path = None
     state = load_state_dict_file(path) if path else None
-    min_size, max_size = model_sizes(config)
+    min_size, max_size, proposals = model_settings(config)
     model = get_model_builder(config.arch)(
         weights=None, weights_backbone=None, num_classes=91, min_size=min_size, max_size=max_size,
-        rpn_pre_nms_top_n_test=config.proposals, rpn_post_nms_top_n_test=config.proposals,
+        rpn_pre_nms_top_n_test=proposals, rpn_post_nms_top_n_test=proposals,
     )
     if state is not None:
         _load_weights(model, state, path, config.arch)
@@ -169,9 +171,10 @@ def build_faster_rcnn(config: FrcnnConfig) -> tuple[torch.nn.Module, Path | None
     return model.eval(), path
 
 
-def model_sizes(config: FrcnnConfig) -> tuple[int, int]:
-    min_size, max_size = DEFAULT_SIZES.get(config.arch, (600, 1000))
-    return config.min_size or min_size, config.max_size or max_size
+def model_settings(config: FrcnnConfig) -> tuple[int, int, int]:
+    """(min_size, max_size, proposals): the configured ones, else the architecture's defaults."""
+    min_size, max_size, proposals = ARCH_DEFAULTS.get(config.arch, (600, 1000, 300))
+    return config.min_size or min_size, config.max_size or max_size, config.proposals or proposals
 
 
 class FasterRCNNDetector:
@@ -184,7 +187,7 @@ class FasterRCNNDetector:
         """FasterRCNNDetector(FrcnnConfig(...)) or FasterRCNNDetector(arch=..., weights_file=..., ...)."""
         self.config = replace(config or FrcnnConfig(), **options)
         self.device = torch.device(resolve_device(self.config.device))
-        self.max_side = model_sizes(self.config)[1]  # the model's transform never looks at more pixels
+        self.max_side = model_settings(self.config)[1]  # the model's transform never looks at more pixels
         model, self.weights_path = build_faster_rcnn(self.config)
         self.model = model.to(self.device)
         # Keep every class score above our threshold and enough per-class survivors for our own
@@ -276,10 +279,10 @@ class FasterRCNNDetector:
         labels = torch.cat([lab for _, lab, _ in kept]).cpu().numpy()
         region_features = region_features.float().cpu().numpy()  # (R, 1024)
         results, start = [], 0
-        for b, n in enumerate(counts):  # rows start .. start + n: whole frame, then n - 1 detections
-            detections = slice(start - b, start - b + n - 1)
-            all_boxes, all_scores, all_labels = with_frame_region(boxes[start + 1 : start + n], scores[detections],
-                                                                  labels[detections])
+        for b, n in enumerate(counts):  # region rows start .. start + n: whole frame, then n - 1 detections
+            kept_rows = slice(start - b, start - b + n - 1)  # scores and labels have no whole-frame rows
+            all_boxes, all_scores, all_labels = with_frame_region(boxes[start + 1 : start + n], scores[kept_rows],
+                                                                  labels[kept_rows])
             results.append(FrameRegions(all_boxes, all_scores, all_labels, region_features[start : start + n]))
             start += n
         return results
