@@ -9,6 +9,8 @@ time, and the one that crashes alone is reported as failed.
 from __future__ import annotations
 
 import multiprocessing
+import queue
+import threading
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -80,6 +82,49 @@ class FrameReader:
                     except BrokenProcessPool:
                         lost = [item, *in_flight.values()]
                         raise _PoolCrashed(lost) from None
+
+
+_DONE = object()
+
+
+def prefetch(iterable: Iterable, depth: int) -> Iterator:
+    """Iterate `iterable` in a background thread, up to `depth` items ahead.
+
+    Receiving and unpickling decoded frames then overlaps with detection (onnxruntime and CUDA
+    release the GIL), so the detector finds its next batch ready instead of waiting for it."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(element) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(element, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill() -> None:
+        try:
+            for element in iterable:
+                if not put(element):
+                    return
+            put(_DONE)
+        except BaseException as err:  # re-raised in the consumer's thread
+            put(err)
+        finally:
+            getattr(iterable, "close", lambda: None)()  # a reader generator shuts its worker pool down
+
+    thread = threading.Thread(target=fill, name="vlpcache-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (element := buffer.get()) is not _DONE:
+            if isinstance(element, BaseException):
+                raise element
+            yield element
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 class _PoolCrashed(Exception):

@@ -18,7 +18,7 @@ from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
 from vlpcache.extract.mapper import RegionMapper, build_detector, cache_settings, resolve_device
-from vlpcache.extract.reader import FrameReader
+from vlpcache.extract.reader import FrameReader, prefetch
 from vlpcache.extract.sources import discover_items, shard_of
 from vlpcache.workspace import Workspace
 
@@ -37,8 +37,8 @@ class ExtractSummary:
 
     @property
     def ok(self) -> bool:
-        """False only when there was work to do and none of it succeeded."""
-        return self.done > 0 or self.failed == 0
+        """False only when items failed and none of the roots' items is in the cache."""
+        return self.done > 0 or self.skipped_cached > 0 or self.failed == 0
 
     def line(self) -> str:
         rate = f"{self.done / self.seconds:.2f} items/s, {self.frames / self.seconds:.1f} frames/s" if self.seconds else "-"
@@ -119,7 +119,7 @@ def run_extract(
         bar = tqdm(total=len(todo), unit="item", disable=quiet or not todo, dynamic_ncols=True,
                    desc=f"extract {shard_index}/{shard_count}" if shard_count > 1 else "extract")
         try:
-            for result in mapper(reader(todo)):
+            for result in mapper(prefetch(reader(todo), depth=max(8, 2 * batch_size // frames))):
                 item = result.decoded.item
                 if result.arrays is None:
                     summary.failed += 1
