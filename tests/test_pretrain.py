@@ -164,16 +164,18 @@ def test_default_captions_are_found_beside_the_extracted_root_but_never_held_out
     assert find_caption_files(workspace) == [(tmp_path / "msrvtt" / "train.jsonl").resolve()]
 
 
-def test_no_caption_file_anywhere_is_one_clear_error(tmp_path, corpus, monkeypatch):
+def test_no_caption_file_anywhere_is_one_clear_error(tmp_path, corpus, monkeypatch, capsys):
+    from vlpcache.cli import main
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("VLPCACHE_WORKSPACE", raising=False)
-    result = subprocess.run(
-        [sys.executable, "-m", "vlpcache", "pretrain", "--cache", str(corpus["cache"])],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: no caption file")
-    assert "Traceback" not in result.stderr
+    monkeypatch.setattr(sys, "argv", ["vlpcache", "pretrain", "--cache", str(corpus["cache"])])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.strip().splitlines()[-1].startswith("error: no caption file")
+    assert "Traceback" not in stderr
 
 
 def _pretrain_command(corpus, tiny_text, run_dir, epochs, *extra) -> list[str]:
