@@ -36,8 +36,10 @@ def cli() -> None:
 @click.option("--detector", default="yolox", show_default=True, type=click.Choice(["yolox", "frcnn"]))
 @click.option("--backbone", default=None,
               help="Region features. yolox: mobilenet_v2 (1280-d, default), neck (448-d YOLOX neck maps) or "
-                   "mobilenet_v2+neck; frcnn: its box head (default) or a torchvision model name for --detector frcnn.")
-@click.option("--weights", type=click.Path(), help="Detector weights file (frcnn state dict) instead of the default.")
+                   "mobilenet_v2+neck (1728-d). frcnn: the architecture, whose 1024-d box head gives the features: "
+                   "fasterrcnn_resnet50_fpn_v2 (default), fasterrcnn_resnet50_fpn, fasterrcnn_mobilenet_v3_large_fpn, "
+                   "fasterrcnn_mobilenet_v3_large_320_fpn.")
+@click.option("--weights", type=click.Path(), help="frcnn: a state dict file (.pth or .safetensors) instead of torchvision's COCO weights.")
 @click.option("--models", "models", type=click.Path(), help="Folder of offline weights [env VLPCACHE_MODELS].")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="Frames per detector batch [default: 32 on CPU, 128 on CUDA].")
