@@ -184,3 +184,26 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, msrvtt
     vlpcache("extract", *args, "-o", victim, cwd=tmp_path)
     _assert_same_content(RegionCache(victim), RegionCache(tmp_path / "whole"))
     assert not list((victim / SHARD_DIR).glob("*.tmp"))
+
+
+def test_frcnn_extracts_with_a_saved_state_dict_and_fails_offline_without_one(tmp_path, msrvtt_dir):
+    import torch
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+
+    root = tmp_path / "frames"
+    for folder in sorted((msrvtt_dir / "frames" / "val").iterdir())[:2]:
+        shutil.copytree(folder, root / folder.name)
+    weights = tmp_path / "frcnn.pth"
+    torch.save(fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None).state_dict(), weights)
+    arch = ["--detector", "frcnn", "--backbone", "fasterrcnn_mobilenet_v3_large_320_fpn", "--frames", 2]
+    vlpcache("extract", root, "-o", tmp_path / "cache", *arch, "--weights", weights, cwd=tmp_path)
+    cache = RegionCache(tmp_path / "cache")
+    assert len(cache) == 2 and cache.settings.feature_dim == 1024
+    assert cache.settings.detector == "frcnn:fasterrcnn_mobilenet_v3_large_320_fpn"
+    assert cache[0]["frame_mask"].all() and cache[0]["region_mask"][:, 0].all()
+
+    offline = subprocess.run([sys.executable, "-m", "vlpcache", "extract", str(root), "-o", str(tmp_path / "c2"),
+                              *map(str, arch)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "HTTPS_PROXY": "http://127.0.0.1:9"})
+    assert offline.returncode == 2 and "Traceback" not in offline.stderr
+    assert "--weights FILE" in offline.stderr.strip().splitlines()[-1]
