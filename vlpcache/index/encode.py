@@ -6,7 +6,7 @@ many batches without holding device memory.
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -70,16 +70,11 @@ def _cat_padded(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
     return torch.cat(padded)
 
 
-class EncodedTexts(NamedTuple):
-    embedding: TextEmbedding  # global_ (Q, E) float32; words (Q, L, E) float16; word_mask (Q, L)
-    input_ids: torch.Tensor  # (Q, L), to name the words that matched
-
-
 @torch.inference_mode()
-def encode_texts(run, texts: list[str], device, batch_size: int = 256, progress: bool = False) -> EncodedTexts:
-    """Global and word embeddings of texts, padded to the longest over all batches."""
+def encode_texts(run, texts: list[str], device, batch_size: int = 256, progress: bool = False) -> TextEmbedding:
+    """Global (Q, E) float32 and word (Q, L, E) float16 embeddings of texts, padded to the longest over all batches."""
     model = run.model
-    globals_, words, masks, ids = [], [], [], []
+    globals_, words, masks = [], [], []
     for start in tqdm(range(0, len(texts), batch_size), desc="encoding captions", unit="batch",
                       disable=not progress, leave=False, dynamic_ncols=True):
         input_ids, attention_mask = tokenize(run.tokenizer, texts[start : start + batch_size], model.config.max_words)
@@ -87,9 +82,7 @@ def encode_texts(run, texts: list[str], device, batch_size: int = 256, progress:
         globals_.append(text.global_.float().cpu())  # (B, E)
         words.append(text.words.half().cpu())  # (B, L, E)
         masks.append(text.word_mask.cpu())  # (B, L)
-        ids.append(input_ids)
-    embedding = TextEmbedding(torch.cat(globals_), _cat_padded(words, 1), _cat_padded(masks, 1))
-    return EncodedTexts(embedding, _cat_padded(ids, 1))
+    return TextEmbedding(torch.cat(globals_), _cat_padded(words, 1), _cat_padded(masks, 1))
 
 
 def as_numpy(x: torch.Tensor) -> np.ndarray:

@@ -62,7 +62,7 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
     started = time.monotonic()
     video = encode_video_rows(run, cache, [cache.index_of(i) for i in ids], device, batch_size,
                               regions=rerank, progress=progress)
-    text = encode_texts(run, texts, device, batch_size, progress=progress).embedding
+    text = encode_texts(run, texts, device, batch_size, progress=progress)
     t2v = (text.global_ @ video.global_.T).numpy()  # (Q, C)
     results = {
         "text_to_video": retrieval_metrics(t2v, text_video),
