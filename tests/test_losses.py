@@ -192,9 +192,10 @@ def test_contrastive_loss_all_gathers_negatives_across_processes_with_gloo(tmp_p
     g = torch.Generator().manual_seed(0)
     text = F.normalize(torch.randn(8, E, generator=g), dim=-1)
     video = F.normalize(torch.randn(8, E, generator=g), dim=-1)
-    # fork: the children reuse the imported torch instead of importing it again
+    # spawn, not fork: a child forked from a parent whose OpenMP pool has run can hang in its first
+    # parallel kernel (seen here: cross_entropy never returned)
     torch.multiprocessing.start_processes(
-        _gathered_loss_worker, args=(_free_port(), text, video, str(tmp_path)), nprocs=2, start_method="fork"
+        _gathered_loss_worker, args=(_free_port(), text, video, str(tmp_path)), nprocs=2, start_method="spawn"
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     # one process over the whole batch: the mean of the per-process losses, and (DDP averages the
