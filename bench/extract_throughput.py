@@ -6,6 +6,12 @@ one frame at a time, save one .npz per frame.
 
     python bench/extract_throughput.py                       # real videos + 200 MSR-VTT frame folders
     python bench/extract_throughput.py --msrvtt-items 50 --frames 8 --device cpu
+    python bench/extract_throughput.py --device cuda         # + detector x batch-size matrix on the GPU
+
+The matrix (`--matrix`, on by default with `--device cuda`) runs `extract` in-process for each
+detector and batch size and reports frames/s, the share of time the detector waited for decoded
+frames, and peak GPU memory. frcnn runs with `--frcnn-weights FILE` or, offline, random weights
+(speed barely depends on the weights; the number of detections does).
 
 Prints one line per dataset with both throughputs and the ratio; BENCHMARKS.md keeps the results.
 """
@@ -86,6 +92,33 @@ def run_vlpcache(root: Path, cache_dir: Path, args) -> tuple[int, float, str]:
     return frames, seconds, summary
 
 
+def run_matrix(root: Path, scratch: Path, args) -> None:
+    """extract in-process for each detector x batch size: frames/s, detector wait share, peak memory."""
+    import torch
+
+    from vlpcache.extract.runner import run_extract
+
+    frcnn_weights = args.frcnn_weights
+    if "frcnn" in args.detectors and not frcnn_weights:
+        from torchvision.models import detection
+
+        frcnn_weights = str(scratch / "frcnn-random.pth")
+        torch.save(getattr(detection, args.frcnn_arch)(weights=None, weights_backbone=None).state_dict(), frcnn_weights)
+    for detector in args.detectors.split(","):
+        for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            summary = run_extract(
+                [root], cache_dir=scratch / f"matrix-{root.name}-{detector}-{batch_size}", frames=args.frames,
+                detector=detector, backbone=args.frcnn_arch if detector == "frcnn" else None,
+                weights=frcnn_weights if detector == "frcnn" else None, device=args.device,
+                batch_size=batch_size, workers=args.workers, quiet=True)
+            busy = summary.detect_seconds + summary.wait_seconds
+            peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if args.device == "cuda" else ""
+            print(f"  matrix {detector:5s} batch {batch_size:4d}: {summary.frames / summary.seconds:7.2f} frames/s, "
+                  f"detector waited {100 * summary.wait_seconds / max(busy, 1e-9):5.1f}% of its time for frames{peak}")
+
+
 def dataset_root(name: str, args, scratch: Path) -> Path:
     if name == "videos":
         return SHARED / "data" / "videos"
@@ -106,7 +139,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--datasets", default="videos,msrvtt")
+    parser.add_argument("--matrix", action=argparse.BooleanOptionalAction, default=None,
+                        help="detector x batch-size matrix [default: on with --device cuda]")
+    parser.add_argument("--detectors", default="yolox,frcnn")
+    parser.add_argument("--batch-sizes", default="32,128")
+    parser.add_argument("--frcnn-arch", default="fasterrcnn_resnet50_fpn_v2")
+    parser.add_argument("--frcnn-weights", default=None)
     args = parser.parse_args()
+    if args.matrix is None:
+        args.matrix = args.device == "cuda"
     os.environ.setdefault("VLPCACHE_MODELS", str(SHARED / "models"))
 
     from vlpcache.extract.yolox import YoloxConfig, YoloxDetector
@@ -131,6 +172,8 @@ def main() -> None:
             print(f"  {summary}")
             print(f"  ratio: {ours_rate / ref_rate:.2f}x")
             shutil.rmtree(ref_dir)
+            if args.matrix:
+                run_matrix(root, scratch, args)
 
 
 if __name__ == "__main__":
