@@ -14,7 +14,6 @@ from vlpcache.model.losses import (
     RegionWordLoss,
     focal_filter,
     region_word_alignment,
-    region_word_details,
     region_word_score,
     rerank_score,
 )
@@ -85,7 +84,7 @@ def test_focal_filter_keeps_only_weights_above_the_mean_and_renormalises():
 def test_word_attention_is_focal_and_sums_to_one_over_real_regions():
     words, word_mask, regions, region_mask = aligned_batch(batch=1)
     regions, region_mask = pad(regions[0], region_mask[0], 3)
-    details = region_word_details(words[0], word_mask[0], regions, region_mask, LAM)
+    details = region_word_alignment(words[0], word_mask[0], regions, region_mask, LAM)
     alpha = details.word_attention  # (L, R)
     assert torch.allclose(alpha.sum(-1), torch.ones(3))
     assert (alpha[:, ~region_mask] == 0).all()
@@ -114,7 +113,7 @@ def test_masked_words_and_regions_take_no_attention_and_no_score():
     words, word_mask, regions, region_mask = aligned_batch(batch=1)
     word_mask[0, 1] = False
     region_mask[0, 2] = False
-    details = region_word_details(words[0], word_mask[0], regions[0], region_mask[0], LAM)
+    details = region_word_alignment(words[0], word_mask[0], regions[0], region_mask[0], LAM)
     assert details.word_scores[1] == 0 and (details.word_attention[1] == 0).all()
     assert details.region_scores[2] == 0 and (details.region_attention[:, 2] == 0).all()
     assert (details.word_attention[:, 2] == 0).all() and (details.region_attention[1] == 0).all()

@@ -216,18 +216,6 @@ def region_word_score(
     return torch.cat(rows)
 
 
-def region_word_details(
-    words: torch.Tensor,
-    word_mask: torch.Tensor,
-    regions: torch.Tensor,
-    region_mask: torch.Tensor,
-    lam: float,
-) -> RegionWordAlignment:
-    """RWA of one text (L, E) and one video (R, E): per word its attention over regions
-    (`word_attention` (L, R)) and how well it matched (`word_scores` (L,)), and the converse."""
-    return region_word_alignment(words, word_mask, regions, region_mask, lam)
-
-
 def rerank_score(global_similarity: torch.Tensor, local_score: torch.Tensor, rerank_weight: float) -> torch.Tensor:
     """The score search and eval rank by after re-ranking: global cosine + weight · S_loc."""
     return global_similarity + rerank_weight * local_score
