@@ -25,7 +25,6 @@ from vlpcache.workspace import Workspace
 
 @dataclass
 class ExtractSummary:
-    found: int = 0
     done: int = 0
     skipped_cached: int = 0
     skipped_failed: int = 0
@@ -103,7 +102,6 @@ def run_extract(
         for item in items:
             if shard_of(item.id, shard_count) != shard_index:
                 continue
-            summary.found += 1
             if item.id in cache:
                 summary.skipped_cached += 1
             elif item.id in failed_before and not retry_failed:
