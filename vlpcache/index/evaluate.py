@@ -34,13 +34,13 @@ from vlpcache.metrics import retrieval_metrics
 _RERANKED_ON_TOP = 100.0
 
 
-def rerank_rows(similarity: np.ndarray, candidates: int, rescore) -> np.ndarray:
+def rerank_rows(similarity: np.ndarray, candidates: int, rescore, progress: bool = True) -> np.ndarray:
     """similarity (Q, C) with each row's top `candidates` replaced by rescore(q, columns) + offset."""
     result = similarity.copy()
     p = min(candidates, similarity.shape[1])
     top = np.argpartition(-similarity, p - 1, axis=1)[:, :p]  # (Q, p), unordered
     for q in tqdm(range(similarity.shape[0]), desc="re-ranking", unit="query", leave=False, dynamic_ncols=True,
-                  disable=similarity.shape[0] < 200):
+                  disable=not progress or similarity.shape[0] < 200):
         result[q, top[q]] = rescore(q, top[q]) + _RERANKED_ON_TOP
     return result
 
@@ -81,8 +81,10 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
             return rerank_scores(config, text.words[columns], text.word_mask[columns], text.global_[columns],
                                  video.regions[c : c + 1], video.region_mask[c : c + 1], video.global_[c : c + 1]).score[:, 0].numpy()
 
-        results["text_to_video_rerank"] = retrieval_metrics(rerank_rows(t2v, rerank_candidates, t2v_rescore), text_video)
-        results["video_to_text_rerank"] = retrieval_metrics(rerank_rows(t2v.T, rerank_candidates, v2t_rescore), video_texts)
+        results["text_to_video_rerank"] = retrieval_metrics(
+            rerank_rows(t2v, rerank_candidates, t2v_rescore, progress), text_video)
+        results["video_to_text_rerank"] = retrieval_metrics(
+            rerank_rows(t2v.T, rerank_candidates, v2t_rescore, progress), video_texts)
     results["protocol"] = {
         "videos": len(ids),
         "queries": len(texts),
