@@ -13,12 +13,13 @@ chunked one video per chunk so that one training read is one chunk read.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from vlpcache.records import JsonRecord
 
 SCHEMA_VERSION = 1
 
@@ -56,7 +57,7 @@ STRINGS: tuple[str, ...] = ("ids", "paths", "kinds")
 
 
 @dataclass(frozen=True)
-class CacheSettings:
+class CacheSettings(JsonRecord):
     """Everything that must be equal for two extraction runs to write into one cache."""
 
     frames: int  # T
@@ -75,14 +76,6 @@ class CacheSettings:
     def shape_of(self, spec: ArraySpec) -> tuple[int, ...]:
         sizes = {"T": self.frames, "N": self.regions, "D": self.feature_dim, "4": 4, "2": 2}
         return tuple(sizes[d] for d in spec.dims)
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> "CacheSettings":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
     def differences(self, other: "CacheSettings") -> list[str]:
         """Human-readable list of the settings in which two caches differ."""

@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 
 from vlpcache.errors import UserError
 from vlpcache.index.region_store import RegionStore
+from vlpcache.records import JsonRecord
 
 INDEX_FORMAT = 1
 INDEX_FILE = "index.faiss"
@@ -65,7 +66,7 @@ class IndexConfig:
 
 
 @dataclass
-class IndexMeta:
+class IndexMeta(JsonRecord):
     """index.json: what the index was built from, so that a mismatched model or cache is refused."""
 
     checkpoint_sha256: str
@@ -81,14 +82,6 @@ class IndexMeta:
     factory_given: bool = False  # the user chose the factory: keep it as the collection grows
     format: int = INDEX_FORMAT
     updated: float = field(default_factory=time.time)
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> "IndexMeta":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 # ---------------------------------------------------------------- choosing the index type

@@ -12,7 +12,6 @@ Regions are flattened frame-major: region r = t·N + n, so its frame is r // N.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import socket
@@ -26,6 +25,7 @@ from torch import nn
 
 from vlpcache.errors import UserError
 from vlpcache.model.losses import ContrastiveLoss, RegionWordLoss
+from vlpcache.records import JsonRecord
 
 
 def default_text_model() -> str:
@@ -41,7 +41,7 @@ def default_text_model() -> str:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(JsonRecord):
     """Everything needed to rebuild the model; stored as JSON in every run directory."""
 
     feature_dim: int  # D of the region cache
@@ -64,14 +64,6 @@ class ModelConfig:
     rwa_hard_negatives: int = 15  # RWA candidates per query beyond the positive when the batch is large
     rwa_full_batch_max: int = 32  # up to this batch size RWA scores every pair
     rerank_weight: float = 0.5  # search/eval re-rank score = global cosine + rerank_weight * S_loc
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class TextEmbedding(NamedTuple):

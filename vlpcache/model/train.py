@@ -30,13 +30,14 @@ from vlpcache.model.batch import tokenize, video_batch
 from vlpcache.model.losses import region_word_score, rerank_score
 from vlpcache.model.data import CollateCaptionedRegions, PretrainData, ValidationSet, load_pretrain_data
 from vlpcache.model.model import AlignmentModel, ModelConfig, PretrainLoss, build_model, load_text_backbone
+from vlpcache.records import JsonRecord
 from vlpcache.workspace import Workspace
 
 LOG_NAME = "log.jsonl"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonRecord):
     epochs: int = 10
     batch_size: int = 64
     lr: float = 5e-4  # region encoder, projections, temperatures
@@ -50,11 +51,6 @@ class TrainConfig:
     caches: list[str] = dataclasses.field(default_factory=list)
     captions: list[str] = dataclasses.field(default_factory=list)
     val_captions: str | None = None
-
-    @classmethod
-    def from_json(cls, data: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def learning_rate_factor(step: int, total: int, warmup: int) -> float:
