@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torchvision.models.detection._utils import BoxCoder
 
+from vlpcache.devices import resolve_device
 from vlpcache.errors import UserError
-from vlpcache.extract.mapper import resolve_device
 from vlpcache.extract.regions import COCO_CLASSES, FrameRegions, file_sha256, select_detections, with_frame_region
 
 ARCHITECTURES = (  # torchvision builders whose box head gives 1024-d region features
@@ -186,7 +186,7 @@ class FasterRCNNDetector:
     def __init__(self, config: FrcnnConfig | None = None, **options):
         """FasterRCNNDetector(FrcnnConfig(...)) or FasterRCNNDetector(arch=..., weights_file=..., ...)."""
         self.config = replace(config or FrcnnConfig(), **options)
-        self.device = torch.device(resolve_device(self.config.device))
+        self.device = resolve_device(self.config.device)
         self.max_side = model_settings(self.config)[1]  # the model's transform never looks at more pixels
         model, self.weights_path = build_faster_rcnn(self.config)
         self.model = model.to(self.device)

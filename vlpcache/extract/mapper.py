@@ -21,16 +21,6 @@ class RegionItem:
     error: str | None = None
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible to torch; use --device cpu or auto")
-    return device
-
-
 def build_detector(
     detector: str,
     backbone: str | None,

@@ -17,7 +17,8 @@ from tqdm import tqdm
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
-from vlpcache.extract.mapper import RegionMapper, build_detector, cache_settings, resolve_device
+from vlpcache.devices import resolve_device
+from vlpcache.extract.mapper import RegionMapper, build_detector, cache_settings
 from vlpcache.extract.reader import FrameReader, prefetch
 from vlpcache.extract.sources import discover_items, shard_of
 from vlpcache.workspace import Workspace
@@ -90,7 +91,7 @@ def run_extract(
         raise UserError(f"no videos, images or frame folders found under {', '.join(map(str, roots))}")
     workspace.remember_roots([r for r in roots if r.exists()])
 
-    device = resolve_device(device)
+    device = resolve_device(device).type
     region_detector = build_detector(detector, backbone, weights, models, device, score_threshold)
     settings = cache_settings(region_detector, frames, regions, score_threshold)
     summary = ExtractSummary()

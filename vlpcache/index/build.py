@@ -176,7 +176,8 @@ def export_for_search(run, index_dir: Path, say) -> None:
 def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory_budget_mb=None,
               rebuild=False, device="auto", batch_size=None, checkpoint=None, quiet=False) -> VideoIndex:
     """The `vlpcache index` command."""
-    from vlpcache.index.encode import default_batch_size, resolve_device
+    from vlpcache.devices import resolve_device
+    from vlpcache.index.encode import default_batch_size
     from vlpcache.model.checkpoint import load_run
 
     sources = resolve_sources(run_dir, cache_dir, index_dir)

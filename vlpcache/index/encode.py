@@ -12,17 +12,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vlpcache.errors import UserError
 from vlpcache.model.batch import tokenize, video_batch
 from vlpcache.model.model import TextEmbedding, VideoEmbedding
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible to torch; use --device cpu or auto")
-    return torch.device(device)
 
 
 def default_batch_size(device: torch.device) -> int:

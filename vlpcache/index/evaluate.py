@@ -25,7 +25,8 @@ from tqdm import tqdm
 from vlpcache.captions import read_captions
 from vlpcache.errors import UserError
 from vlpcache.index.build import check_run_reads_cache, open_cache, resolve_sources
-from vlpcache.index.encode import default_batch_size, encode_texts, encode_video_rows, resolve_device
+from vlpcache.devices import resolve_device
+from vlpcache.index.encode import default_batch_size, encode_texts, encode_video_rows
 from vlpcache.index.query_graphs import rerank_scores
 from vlpcache.index.rerank import RERANK_CANDIDATES
 from vlpcache.metrics import retrieval_metrics

@@ -157,7 +157,7 @@ def open_searcher(run_dir=None, cache_dir=None, index_dir=None, device="auto", s
     if index is not None and index.regions is not None and run_sha is not None and query_export_sha(index_dir) == run_sha:
         query_model = OnnxQueryModel(index_dir)
     else:
-        from vlpcache.index.encode import resolve_device
+        from vlpcache.devices import resolve_device
         from vlpcache.index.query_graphs import TorchQueryModel
         from vlpcache.model.checkpoint import load_run
 

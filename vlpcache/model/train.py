@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from vlpcache import __version__
+from vlpcache.devices import resolve_device
 from vlpcache.errors import UserError
 from vlpcache.metrics import retrieval_metrics
 from vlpcache.model import checkpoint as ckpt
@@ -89,15 +90,12 @@ class Processes:
 
 def start_processes(device: str) -> Processes:
     """One process, or one of torchrun's (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    device = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return Processes(device=torch.device(device))
+        return Processes(device=device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda":
+    if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl")
         return Processes(dist.get_rank(), world, torch.device("cuda", local_rank))
