@@ -26,7 +26,6 @@ from torch.utils.data import DataLoader, Dataset
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import CacheSettings, empty_item
 from vlpcache.cache.writer import ShardWriter
-from vlpcache.model.batch import video_batch
 from vlpcache.model.data import CaptionedRegions, CollateCaptionedRegions
 from vlpcache.model.model import ModelConfig, PretrainLoss, build_model
 from vlpcache.model.train import autocast_for, parameter_groups, train_step, TrainConfig

@@ -5,7 +5,6 @@ import os
 import socket
 from types import SimpleNamespace
 
-import pytest
 import torch
 import torch.nn.functional as F
 

@@ -8,7 +8,7 @@ import torch
 
 from vlpcache.errors import UserError
 from vlpcache.model.batch import tokenize, video_batch
-from vlpcache.model.model import AlignmentModel, ModelConfig, PretrainLoss, build_model, default_text_model
+from vlpcache.model.model import ModelConfig, PretrainLoss, build_model, default_text_model
 
 
 def build_tiny_text_model(folder: Path) -> Path:
