@@ -7,7 +7,8 @@ import torch
 from vlpcache.cache.schema import FRAME_REGION_LABEL
 from vlpcache.errors import UserError
 from vlpcache.extract.frcnn import FasterRCNNDetector, FrcnnConfig
-from vlpcache.extract.regions import COCO_CLASSES, file_sha256
+from vlpcache.extract.regions import COCO_CLASSES
+from vlpcache.files import file_sha256
 
 ARCH = "fasterrcnn_mobilenet_v3_large_fpn"
 MOBILENET_URL_FILE = "fasterrcnn_mobilenet_v3_large_fpn-fb6a3cc7.pth"  # torchvision's COCO_V1 file name

@@ -17,6 +17,7 @@ from test_model import build_tiny_text_model
 from vlpcache.cache.schema import CacheSettings, empty_item
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
+from vlpcache.files import file_sha256
 from vlpcache.model import checkpoint as ckpt
 from vlpcache.model.checkpoint import load_run
 from vlpcache.model.data import find_caption_files, load_pretrain_data
@@ -112,7 +113,7 @@ def test_pretrain_writes_checkpoints_logs_and_validation_metrics(tmp_path, corpu
 
     loaded = load_run(run_dir)
     assert loaded.epoch == ckpt.read_best(run_dir)["epoch"]
-    assert loaded.checkpoint_sha256 == ckpt.sha256_of(loaded.checkpoint_path)
+    assert loaded.checkpoint_sha256 == file_sha256(loaded.checkpoint_path)
     assert loaded.cache_settings["feature_dim"] == 16
     best_record = records[loaded.epoch - 1]
     assert loaded.config.rerank_weight == best_record["val"]["rerank_weight"]  # the weight chosen on validation

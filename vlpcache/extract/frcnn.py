@@ -26,7 +26,8 @@ from torchvision.models.detection._utils import BoxCoder
 
 from vlpcache.devices import resolve_device
 from vlpcache.errors import UserError
-from vlpcache.extract.regions import COCO_CLASSES, FrameRegions, file_sha256, select_detections, with_frame_region
+from vlpcache.extract.regions import COCO_CLASSES, FrameRegions, select_detections, with_frame_region
+from vlpcache.files import file_sha256
 
 ARCHITECTURES = (  # torchvision builders whose box head gives 1024-d region features
     "fasterrcnn_resnet50_fpn_v2",

@@ -7,9 +7,7 @@ at index 0 and pads to N with masked zeros (never by repeating boxes).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -90,12 +88,3 @@ def with_frame_region(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray)
         np.concatenate([np.ones(1, np.float32), scores.astype(np.float32)]),
         np.concatenate([np.full(1, FRAME_REGION_LABEL, np.int64), labels.astype(np.int64)]),
     )
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-

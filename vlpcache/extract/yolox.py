@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from vlpcache.extract.regions import FrameRegions, file_sha256, select_detections, with_frame_region
+from vlpcache.extract.regions import FrameRegions, select_detections, with_frame_region
+from vlpcache.files import file_sha256
 from vlpcache.workspace import model_file
 
 YOLOX_FILE = "yolox_nano_coco.onnx"

@@ -14,7 +14,6 @@ name. Weights are safetensors; the optimizer state is loaded with torch.load(wei
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -29,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from vlpcache.cache.writer import _fsync_dir as _fsync  # fsyncs a file or a directory
 from vlpcache.errors import UserError
+from vlpcache.files import file_sha256
 
 CONFIG_NAME = "config.json"
 TEXT_DIR = "text"
@@ -46,14 +46,6 @@ def write_json_atomic(path: Path, data) -> None:
     _fsync(tmp)
     os.replace(tmp, path)
     _fsync(path.parent)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_run_files(run_dir: Path, config: dict, tokenizer, text_config) -> None:
@@ -123,7 +115,7 @@ def save_checkpoint(
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, tmp / WEIGHTS_NAME, metadata={"epoch": str(epoch)})
     torch.save(training_state, tmp / STATE_NAME)
-    meta = {**meta, "epoch": epoch, "sha256": sha256_of(tmp / WEIGHTS_NAME)}
+    meta = {**meta, "epoch": epoch, "sha256": file_sha256(tmp / WEIGHTS_NAME)}
     (tmp / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
     for name in (WEIGHTS_NAME, STATE_NAME, META_NAME):
         _fsync(tmp / name)
@@ -221,7 +213,7 @@ def load_run(run_dir, device: str | torch.device = "cpu", checkpoint=None) -> Lo
         tokenizer=tokenizer,
         config=config,
         checkpoint_path=checkpoint_dir / WEIGHTS_NAME,
-        checkpoint_sha256=meta.get("sha256") or sha256_of(checkpoint_dir / WEIGHTS_NAME),
+        checkpoint_sha256=meta.get("sha256") or file_sha256(checkpoint_dir / WEIGHTS_NAME),
         cache_settings=stored.get("cache_settings", {}),
         epoch=int(meta.get("epoch", 0)),
         metrics=meta.get("metrics", {}),
