@@ -29,16 +29,9 @@ from vlpcache.cache.schema import (
     shard_attrs,
 )
 from vlpcache.errors import UserError
+from vlpcache.files import fsync_path
 
 FEATURE_COMPRESSION = "lzf"  # fast; padded frames and regions are zeros and shrink to almost nothing
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def open_cache_dir(cache_dir: Path, settings: CacheSettings) -> None:
@@ -56,7 +49,7 @@ def open_cache_dir(cache_dir: Path, settings: CacheSettings) -> None:
             pass
         finally:
             tmp.unlink()
-        _fsync_dir(cache_dir)
+        fsync_path(cache_dir)
     existing = read_manifest(cache_dir)
     diffs = existing.differences(settings)
     if diffs:
@@ -206,11 +199,10 @@ class ShardWriter:
         self._file.flush()
         self._file.close()
         self._file = None
-        with open(self._tmp_path, "rb") as fh:
-            os.fsync(fh.fileno())
+        fsync_path(self._tmp_path)
         final = self._tmp_path.with_name(self._tmp_path.name[: -len(TMP_SUFFIX)])
         os.replace(self._tmp_path, final)
-        _fsync_dir(self.shard_dir)
+        fsync_path(self.shard_dir)
         self.committed_items += self._count
         self._count = 0
 

@@ -35,6 +35,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vlpcache.errors import UserError
+from vlpcache.files import fsync_path
 from vlpcache.index.region_store import RegionStore
 from vlpcache.records import JsonRecord
 
@@ -414,8 +415,7 @@ def _replace(path: Path, write, pid: int, suffix: str = "") -> None:
     tmp = path.with_name(f".{path.name}.{pid}.tmp{suffix}")
     try:
         write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

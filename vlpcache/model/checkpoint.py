@@ -26,9 +26,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlpcache.cache.writer import _fsync_dir as _fsync  # fsyncs a file or a directory
 from vlpcache.errors import UserError
-from vlpcache.files import file_sha256
+from vlpcache.files import file_sha256, fsync_path
 
 CONFIG_NAME = "config.json"
 TEXT_DIR = "text"
@@ -43,9 +42,9 @@ _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
 def write_json_atomic(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 def save_run_files(run_dir: Path, config: dict, tokenizer, text_config) -> None:
@@ -118,11 +117,11 @@ def save_checkpoint(
     meta = {**meta, "epoch": epoch, "sha256": file_sha256(tmp / WEIGHTS_NAME)}
     (tmp / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
     for name in (WEIGHTS_NAME, STATE_NAME, META_NAME):
-        _fsync(tmp / name)
+        fsync_path(tmp / name)
     if final.exists():  # the same epoch saved by a run that was killed before moving on: replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(parent)
+    fsync_path(parent)
     if is_best:
         write_json_atomic(Path(run_dir) / BEST_NAME, {"epoch": epoch, "metrics": meta.get("metrics", {})})
     best = read_best(run_dir)
