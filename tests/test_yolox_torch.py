@@ -22,7 +22,7 @@ def yolox_path(models_dir):
 def images(msrvtt_dir) -> torch.Tensor:
     paths = sorted((msrvtt_dir / "frames" / "val").glob("*/*.jpg"))[:2]
     frames = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
-    return torch.stack([letterbox(f)[0].flip(0) for f in frames])  # (2, 3, Hc, Wc) BGR 0-255, a 4:3 canvas
+    return torch.stack([letterbox(f)[0] for f in frames])  # (2, 3, Hc, Wc) BGR 0-255, a 4:3 canvas
 
 
 def test_torch_module_matches_onnxruntime_with_neck_maps_on_real_frames(yolox_path, images):

@@ -42,7 +42,7 @@ def cli() -> None:
 @click.option("--weights", type=click.Path(), help="frcnn: a state dict file (.pth or .safetensors) instead of torchvision's COCO weights.")
 @click.option("--models", "models", type=click.Path(), help="Folder of offline weights [env VLPCACHE_MODELS].")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--batch-size", default=None, type=click.IntRange(1), help="Frames per detector batch [default: 32 on CPU, 128 on CUDA].")
+@click.option("--batch-size", default=None, type=click.IntRange(1), help="Frames per detector batch [default: 8 on CPU, 128 on CUDA].")
 @click.option("--workers", default=None, type=click.IntRange(0), help="Decoding worker processes [default: CPU cores - 1, at least 1].")
 @click.option("--shard", default="0/1", show_default=True, help="Process only part i of n of the items (i/n), for many machines.")
 @click.option("--retry-failed", is_flag=True, help="Retry items recorded as failed in an earlier run.")

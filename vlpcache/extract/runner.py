@@ -112,7 +112,7 @@ def run_extract(
         cache.close()
 
         workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
-        batch_size = batch_size or (128 if device == "cuda" else 32)
+        batch_size = batch_size or (128 if device == "cuda" else 8)  # CPU: bigger batches only add memory traffic
         reader = FrameReader(frames, region_detector.max_side, workers)
         mapper = RegionMapper(region_detector, settings, batch_size)
         bar = tqdm(total=len(todo), unit="item", disable=quiet or not todo, dynamic_ncols=True,
