@@ -80,6 +80,15 @@ def test_rerun_skips_everything_already_cached(extracted, media):
     assert sorted(p.name for p in (cache_dir / SHARD_DIR).iterdir()) == before
 
 
+def test_a_rerun_with_nothing_left_to_do_loads_no_network(extracted, media):
+    cache_dir, _ = extracted
+    probe = ("import sys; from vlpcache.extract.runner import run_extract\n"
+             f"summary = run_extract([{str(media)!r}], cache_dir={str(cache_dir)!r}, frames=4, quiet=True)\n"
+             "print(summary.skipped_cached, 'torch' in sys.modules, 'onnxruntime' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.split() == ["11", "False", "False"]
+
+
 def test_other_settings_are_refused_for_an_existing_cache(extracted, media):
     cache_dir, _ = extracted
     result = vlpcache("extract", media, "-o", cache_dir, "--frames", 8, cwd=cache_dir.parent, check=False)

@@ -6,6 +6,7 @@ start without loading what they do not use.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -55,7 +56,11 @@ def extract(**options) -> None:
     from vlpcache.extract.runner import run_extract
 
     summary = run_extract(**options)
-    sys.exit(0 if summary.ok else 1)
+    # Everything is committed by now (shards renamed and fsynced, failure log closed): skip the
+    # interpreter's teardown of torch, torchvision and onnxruntime, about 1 s of every run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if summary.ok else 1)
 
 
 @cli.command()

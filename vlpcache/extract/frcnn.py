@@ -26,6 +26,7 @@ from torchvision.models.detection._utils import BoxCoder
 
 from vlpcache.devices import resolve_device
 from vlpcache.errors import UserError
+from vlpcache.extract.detectors import frcnn_provenance
 from vlpcache.extract.regions import COCO_CLASSES, FrameRegions, select_detections, with_frame_region
 from vlpcache.files import file_sha256
 
@@ -214,12 +215,7 @@ class FasterRCNNDetector:
     def provenance(self) -> dict[str, str]:
         if self._sha256 is None:
             self._sha256 = file_sha256(self.weights_path) if self.weights_path else "random-init"
-        return {
-            "detector": f"frcnn:{self.config.arch}",
-            "detector_weights_sha256": self._sha256,
-            "backbone": "frcnn-box-head",
-            "backbone_weights_sha256": self._sha256,
-        }
+        return frcnn_provenance(self.config.arch, self._sha256)
 
     def _images_on_device(self, frames: list) -> list[torch.Tensor]:
         """(H, W, 3) uint8 frames -> (3, H, W) float in [0, 1] on the device.

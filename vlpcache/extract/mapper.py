@@ -9,7 +9,6 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from vlpcache.cache.schema import CacheSettings, empty_item
-from vlpcache.errors import UserError
 from vlpcache.extract.reader import DecodedItem
 from vlpcache.extract.regions import Detector, pack_frame_regions
 
@@ -19,41 +18,6 @@ class RegionItem:
     decoded: DecodedItem
     arrays: dict[str, np.ndarray] | None  # schema.ARRAYS for one video; None when it failed
     error: str | None = None
-
-
-def build_detector(
-    detector: str,
-    backbone: str | None,
-    weights: str | None,
-    models: str | None,
-    device: str,
-    score_threshold: float,
-    nms_iou: float = 0.5,
-) -> Detector:
-    """The detector named on the command line, with its weights found or one clear error."""
-    if detector == "yolox":
-        from vlpcache.extract.yolox import YoloxConfig, YoloxDetector
-
-        if weights:
-            raise UserError("--weights is for --detector frcnn; yolox reads its files from --models")
-        config = YoloxConfig(backbone=backbone or "mobilenet_v2", score_threshold=score_threshold,
-                             nms_iou=nms_iou, device=device)
-        return YoloxDetector(config, models=models)
-    if detector == "frcnn":
-        from vlpcache.extract.frcnn import FasterRCNNDetector
-
-        return FasterRCNNDetector(
-            arch=backbone or "fasterrcnn_resnet50_fpn_v2", weights_file=weights, device=device,
-            score_threshold=score_threshold, nms_iou=nms_iou,
-        )
-    raise UserError(f"unknown detector {detector!r}; choose yolox or frcnn")
-
-
-def cache_settings(detector: Detector, frames: int, regions: int, score_threshold: float, nms_iou: float = 0.5) -> CacheSettings:
-    return CacheSettings(
-        frames=frames, regions=regions + 1, feature_dim=detector.feature_dim,
-        score_threshold=score_threshold, nms_iou=nms_iou, **detector.provenance(),
-    )
 
 
 class RegionMapper:

@@ -87,44 +87,55 @@ class FrameReader:
 _DONE = object()
 
 
-def prefetch(iterable: Iterable, depth: int) -> Iterator:
-    """Iterate `iterable` in a background thread, up to `depth` items ahead.
+class Prefetch:
+    """Iterate `iterable` in a background thread, up to `depth` items ahead, from construction on.
 
-    Receiving and unpickling decoded frames then overlaps with detection (onnxruntime and CUDA
-    release the GIL), so the detector finds its next batch ready instead of waiting for it."""
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+    Decoding thus starts while the detector is still loading, and receiving and unpickling decoded
+    frames overlaps with detection (onnxruntime and CUDA release the GIL), so the detector finds its
+    next batch ready instead of waiting for it. Use as a context manager: leaving it stops the thread
+    and closes `iterable` (a reader generator shuts its worker pool down)."""
 
-    def put(element) -> bool:
-        while not stop.is_set():
+    def __init__(self, iterable: Iterable, depth: int):
+        self._buffer: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(iterable,), name="vlpcache-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, element) -> bool:
+        while not self._stop.is_set():
             try:
-                buffer.put(element, timeout=0.1)
+                self._buffer.put(element, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def fill() -> None:
+    def _fill(self, iterable: Iterable) -> None:
         try:
             for element in iterable:
-                if not put(element):
+                if not self._put(element):
                     return
-            put(_DONE)
+            self._put(_DONE)
         except BaseException as err:  # re-raised in the consumer's thread
-            put(err)
+            self._put(err)
         finally:
-            getattr(iterable, "close", lambda: None)()  # a reader generator shuts its worker pool down
+            getattr(iterable, "close", lambda: None)()
 
-    thread = threading.Thread(target=fill, name="vlpcache-prefetch", daemon=True)
-    thread.start()
-    try:
-        while (element := buffer.get()) is not _DONE:
+    def __iter__(self) -> Iterator:
+        while (element := self._buffer.get()) is not _DONE:
             if isinstance(element, BaseException):
                 raise element
             yield element
-    finally:
-        stop.set()
-        thread.join(timeout=5)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> "Prefetch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class _PoolCrashed(Exception):

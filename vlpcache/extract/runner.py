@@ -17,9 +17,8 @@ from tqdm import tqdm
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
-from vlpcache.devices import resolve_device
-from vlpcache.extract.mapper import RegionMapper, build_detector, cache_settings
-from vlpcache.extract.reader import FrameReader, prefetch
+from vlpcache.extract.detectors import choose_detector, load_detector
+from vlpcache.extract.reader import FrameReader, Prefetch
 from vlpcache.extract.sources import discover_items, shard_of
 from vlpcache.workspace import Workspace
 
@@ -34,6 +33,7 @@ class ExtractSummary:
     seconds: float = 0.0
     detect_seconds: float = 0.0
     wait_seconds: float = 0.0
+    load_seconds: float = 0.0  # from the start until the detector was ready (torch import, model loading)
 
     @property
     def ok(self) -> bool:
@@ -45,9 +45,32 @@ class ExtractSummary:
         return (
             f"extract: {self.done} done, {self.skipped_cached} already cached, "
             f"{self.skipped_failed} skipped (failed before; --retry-failed retries), {self.failed} failed, "
-            f"{self.seconds:.1f} s, {rate}; detector busy {self.detect_seconds:.1f} s, "
+            f"{self.seconds:.1f} s, {rate}; detector loaded after {self.load_seconds:.1f} s, "
+            f"busy {self.detect_seconds:.1f} s, "
             f"waited {self.wait_seconds:.1f} s for decoded frames"
         )
+
+
+def _write_results(results, writer: ShardWriter, summary: ExtractSummary, total: int, quiet: bool, desc: str) -> None:
+    """Each RegionItem into the shard writer (or the failure log), with the progress bar."""
+    bar = tqdm(total=total, unit="item", disable=quiet, dynamic_ncols=True, desc=desc)
+    try:
+        for result in results:
+            item = result.decoded.item
+            if result.arrays is None:
+                summary.failed += 1
+                writer.record_failure(item.id, str(item.path), result.error)
+                if not quiet:
+                    bar.write(f"{item.path}: {result.error}", file=sys.stderr)
+            else:
+                writer.add(item.id, str(item.path), item.kind, result.arrays)
+                summary.done += 1
+                summary.frames += int(result.arrays["frame_mask"].sum())
+            bar.update(1)
+            elapsed = max(bar.format_dict["elapsed"], 1e-9)
+            bar.set_postfix_str(f"{summary.frames / elapsed:.1f} frames/s, {summary.failed} failed", refresh=False)
+    finally:
+        bar.close()
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -91,9 +114,8 @@ def run_extract(
         raise UserError(f"no videos, images or frame folders found under {', '.join(map(str, roots))}")
     workspace.remember_roots([r for r in roots if r.exists()])
 
-    device = resolve_device(device).type
-    region_detector = build_detector(detector, backbone, weights, models, device, score_threshold)
-    settings = cache_settings(region_detector, frames, regions, score_threshold)
+    choice = choose_detector(detector, backbone, weights, models)  # weight files found, nothing loaded yet
+    settings = choice.cache_settings(frames, regions, score_threshold)
     summary = ExtractSummary()
     with ShardWriter(cache_dir, settings, writer_name=f"s{shard_index}of{shard_count}",
                      max_items=items_per_shard) as writer:
@@ -110,31 +132,23 @@ def run_extract(
             else:
                 todo.append(item)
         cache.close()
+        if todo:
+            workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
+            reader = FrameReader(frames, choice.max_side, workers)
+            # the workers start decoding now, while torch and the networks load; deep enough for a CUDA batch
+            with Prefetch(reader(todo), depth=max(8, 2 * (batch_size or 128) // frames)) as decoded:
+                from vlpcache.devices import resolve_device
+                from vlpcache.extract.mapper import RegionMapper
 
-        workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
-        batch_size = batch_size or (128 if device == "cuda" else 8)  # CPU: bigger batches only add memory traffic
-        reader = FrameReader(frames, region_detector.max_side, workers)
-        mapper = RegionMapper(region_detector, settings, batch_size)
-        bar = tqdm(total=len(todo), unit="item", disable=quiet or not todo, dynamic_ncols=True,
-                   desc=f"extract {shard_index}/{shard_count}" if shard_count > 1 else "extract")
-        try:
-            for result in mapper(prefetch(reader(todo), depth=max(8, 2 * batch_size // frames))):
-                item = result.decoded.item
-                if result.arrays is None:
-                    summary.failed += 1
-                    writer.record_failure(item.id, str(item.path), result.error)
-                    if not quiet:
-                        bar.write(f"{item.path}: {result.error}", file=sys.stderr)
-                else:
-                    writer.add(item.id, str(item.path), item.kind, result.arrays)
-                    summary.done += 1
-                    summary.frames += int(result.arrays["frame_mask"].sum())
-                bar.update(1)
-                elapsed = max(bar.format_dict["elapsed"], 1e-9)
-                bar.set_postfix_str(f"{summary.frames / elapsed:.1f} frames/s, {summary.failed} failed", refresh=False)
-        finally:
-            bar.close()
-            summary.detect_seconds, summary.wait_seconds = mapper.detect_seconds, mapper.wait_seconds
+                device = resolve_device(device).type
+                batch_size = batch_size or (128 if device == "cuda" else 8)  # CPU: bigger batches only add memory traffic
+                mapper = RegionMapper(load_detector(choice, device, score_threshold), settings, batch_size)
+                summary.load_seconds = time.monotonic() - started
+                try:
+                    _write_results(mapper(decoded), writer, summary, len(todo), quiet,
+                                   desc=f"extract {shard_index}/{shard_count}" if shard_count > 1 else "extract")
+                finally:
+                    summary.detect_seconds, summary.wait_seconds = mapper.detect_seconds, mapper.wait_seconds
     summary.seconds = time.monotonic() - started
     print(summary.line(), file=sys.stderr)
     return summary

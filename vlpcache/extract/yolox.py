@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from vlpcache.extract.detectors import MOBILENET_FILE, YOLOX_FILE, yolox_provenance
+from vlpcache.extract.detectors import YOLOX_BACKBONES as BACKBONES
+from vlpcache.extract.detectors import YOLOX_INPUT_SIZE as INPUT_SIZE
 from vlpcache.extract.regions import FrameRegions, select_detections, with_frame_region
 from vlpcache.files import file_sha256
 from vlpcache.workspace import model_file
 
-YOLOX_FILE = "yolox_nano_coco.onnx"
-MOBILENET_FILE = "mobilenet_v2_imagenet_features.pth"
-INPUT_SIZE = 416
 STRIDES = (8, 16, 32)
 PAD_VALUE = 114.0
 NECK_OUTPUTS = (  # inputs of the head's stem convolutions: the neck maps at strides 8, 16, 32
@@ -33,9 +33,6 @@ NECK_OUTPUTS = (  # inputs of the head's stem convolutions: the neck maps at str
     "/backbone/C3_n3/conv3/act/Mul_output_0",
     "/backbone/C3_n4/conv3/act/Mul_output_0",
 )
-NECK_DIMS = (64, 128, 256)
-MOBILENET_DIM = 1280
-BACKBONES = {"mobilenet_v2": MOBILENET_DIM, "neck": sum(NECK_DIMS), "mobilenet_v2+neck": MOBILENET_DIM + sum(NECK_DIMS)}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ROI_OUTPUT = 2  # 2x2 RoIAlign bins, averaged: a 13x13 stride-32 map has little more to give
@@ -274,13 +271,7 @@ class YoloxDetector:
         return torch.from_numpy(self.trunk_session.run(None, {"images": images.numpy()})[0])
 
     def provenance(self) -> dict[str, str]:
-        yolox_sha = file_sha256(self.yolox_path)
-        return {
-            "detector": f"yolox:{YOLOX_FILE}",
-            "detector_weights_sha256": yolox_sha,
-            "backbone": self.config.backbone,
-            "backbone_weights_sha256": self.mobilenet_sha256 or yolox_sha,
-        }
+        return yolox_provenance(self.config.backbone, file_sha256(self.yolox_path), self.mobilenet_sha256)
 
     @torch.inference_mode()
     def detect(self, frames: list[np.ndarray], max_detections: int) -> list[FrameRegions]:
