@@ -244,10 +244,12 @@ def main() -> None:
             items, _ = discover_items([root])
             print(f"{name}: {len(items)} items, T={args.frames}")
             ours_frames, ours_seconds, summary = run_vlpcache(root, scratch / f"cache-{name}", args)
-            ours_loop = float(re.search(r"failed, ([0-9.]+) s", summary).group(1))
+            # after start-up: from the detector being ready (imports and model loading done) to the end
+            ours_loop = (float(re.search(r"failed, ([0-9.]+) s", summary).group(1))
+                         - float(re.search(r"loaded after ([0-9.]+) s", summary).group(1)))
             ours_rate, ours_loop_rate = ours_frames / ours_seconds, ours_frames / ours_loop
             print(f"  vlpcache extract: {ours_frames} frames in {ours_seconds:.1f} s = {ours_rate:.2f} frames/s "
-                  f"({ours_loop_rate:.2f} frames/s after start-up, model loading included)")
+                  f"({ours_loop_rate:.2f} frames/s after start-up and model loading)")
             print(f"  {summary}")
             for kind in args.references.split(","):
                 frames, seconds, loop, decoded = run_reference_command(kind, root, scratch / f"ref-{kind}-{name}", args)
