@@ -251,7 +251,7 @@ def main() -> None:
             print(f"  vlpcache extract: {ours_frames} frames in {ours_seconds:.1f} s = {ours_rate:.2f} frames/s "
                   f"({ours_loop_rate:.2f} frames/s after start-up and model loading)")
             print(f"  {summary}")
-            for kind in args.references.split(","):
+            for kind in filter(None, args.references.split(",")):
                 frames, seconds, loop, decoded = run_reference_command(kind, root, scratch / f"ref-{kind}-{name}", args)
                 print(f"  reference {kind} (decodes all {decoded} frames, one frame at a time, npz per frame): "
                       f"{frames} frames in {seconds:.1f} s = {frames / seconds:.2f} frames/s "
