@@ -51,3 +51,28 @@ def test_leaving_early_stops_the_thread_and_closes_the_source():
         assert next(iter(ahead)) == 0
     assert closed.wait(5)
     assert not any(t.name == "vlpcache-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_decoding_worker_killed_mid_run_loses_and_duplicates_nothing(tmp_path, videos_dir):
+    import multiprocessing
+    import os
+    import shutil
+    import signal
+
+    from vlpcache.extract.reader import FrameReader
+    from vlpcache.extract.sources import discover_items
+
+    for i in range(4):
+        for name in ("bikes.mp4", "cup.mp4"):
+            shutil.copy(videos_dir / name, tmp_path / f"{i}-{name}")
+    items, _ = discover_items([tmp_path])
+    results, killed = [], 0
+    for decoded in FrameReader(num_frames=4, max_side=128, workers=1, window=3)(items):
+        results.append(decoded)
+        if not killed:  # a real crash: the worker process dies with items in flight
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGKILL)
+                killed += 1
+    assert killed >= 1
+    assert sorted(r.item.id for r in results) == sorted(item.id for item in items)
+    assert all(r.error is None and len(r.sampled.frames) == 4 for r in results)

@@ -51,26 +51,22 @@ class ExtractSummary:
         )
 
 
-def _write_results(results, writer: ShardWriter, summary: ExtractSummary, total: int, quiet: bool, desc: str) -> None:
-    """Each RegionItem into the shard writer (or the failure log), with the progress bar."""
-    bar = tqdm(total=total, unit="item", disable=quiet, dynamic_ncols=True, desc=desc)
-    try:
-        for result in results:
-            item = result.decoded.item
-            if result.arrays is None:
-                summary.failed += 1
-                writer.record_failure(item.id, str(item.path), result.error)
-                if not quiet:
-                    bar.write(f"{item.path}: {result.error}", file=sys.stderr)
-            else:
-                writer.add(item.id, str(item.path), item.kind, result.arrays)
-                summary.done += 1
-                summary.frames += int(result.arrays["frame_mask"].sum())
-            bar.update(1)
-            elapsed = max(bar.format_dict["elapsed"], 1e-9)
-            bar.set_postfix_str(f"{summary.frames / elapsed:.1f} frames/s, {summary.failed} failed", refresh=False)
-    finally:
-        bar.close()
+def _write_results(results, writer: ShardWriter, summary: ExtractSummary, bar: tqdm, quiet: bool) -> None:
+    """Each RegionItem into the shard writer (or the failure log), advancing the progress bar."""
+    for result in results:
+        item = result.decoded.item
+        if result.arrays is None:
+            summary.failed += 1
+            writer.record_failure(item.id, str(item.path), result.error)
+            if not quiet:
+                bar.write(f"{item.path}: {result.error}", file=sys.stderr)
+        else:
+            writer.add(item.id, str(item.path), item.kind, result.arrays)
+            summary.done += 1
+            summary.frames += int(result.arrays["frame_mask"].sum())
+        bar.update(1)
+        elapsed = max(bar.format_dict["elapsed"], 1e-9)
+        bar.set_postfix_str(f"{summary.frames / elapsed:.1f} frames/s, {summary.failed} failed", refresh=False)
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -135,8 +131,11 @@ def run_extract(
         if todo:
             workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
             reader = FrameReader(frames, choice.max_side, workers)
+            desc = f"extract {shard_index}/{shard_count}" if shard_count > 1 else "extract"
             # the workers start decoding now, while torch and the networks load; deep enough for a CUDA batch
-            with Prefetch(reader(todo), depth=max(8, 2 * (batch_size or 128) // frames)) as decoded:
+            with (Prefetch(reader(todo), depth=max(8, 2 * (batch_size or 128) // frames)) as decoded,
+                  tqdm(total=len(todo), unit="item", disable=quiet, dynamic_ncols=True,
+                       desc=f"{desc} (loading {choice.detector})") as bar):
                 from vlpcache.devices import resolve_device
                 from vlpcache.extract.mapper import RegionMapper
 
@@ -144,9 +143,10 @@ def run_extract(
                 batch_size = batch_size or (128 if device == "cuda" else 8)  # CPU: bigger batches only add memory traffic
                 mapper = RegionMapper(load_detector(choice, device, score_threshold), settings, batch_size)
                 summary.load_seconds = time.monotonic() - started
+                bar.set_description(desc)
+                bar.reset()  # rates and the ETA count from here: loading is over
                 try:
-                    _write_results(mapper(decoded), writer, summary, len(todo), quiet,
-                                   desc=f"extract {shard_index}/{shard_count}" if shard_count > 1 else "extract")
+                    _write_results(mapper(decoded), writer, summary, bar, quiet)
                 finally:
                     summary.detect_seconds, summary.wait_seconds = mapper.detect_seconds, mapper.wait_seconds
     summary.seconds = time.monotonic() - started
