@@ -216,3 +216,15 @@ def test_frcnn_extracts_with_a_saved_state_dict_and_fails_offline_without_one(tm
                              env={**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "HTTPS_PROXY": "http://127.0.0.1:9"})
     assert offline.returncode == 2 and "Traceback" not in offline.stderr
     assert "--weights FILE" in offline.stderr.strip().splitlines()[-1]
+
+
+def test_device_cuda_without_a_gpu_is_one_error_before_anything_is_written(tmp_path, msrvtt_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: --device cuda is valid here")
+    folder = next((msrvtt_dir / "frames" / "val").iterdir())
+    result = vlpcache("extract", folder.parent, "-o", tmp_path / "cache", "--device", "cuda", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --device cuda: no CUDA device")
+    assert not (tmp_path / "cache").exists()

@@ -110,6 +110,10 @@ def run_extract(
         raise UserError(f"no videos, images or frame folders found under {', '.join(map(str, roots))}")
     workspace.remember_roots([r for r in roots if r.exists()])
 
+    if device == "cuda":  # a missing GPU fails before anything is written; auto resolves while the workers decode
+        from vlpcache.devices import resolve_device
+
+        resolve_device(device)
     choice = choose_detector(detector, backbone, weights, models)  # weight files found, nothing loaded yet
     settings = choice.cache_settings(frames, regions, score_threshold)
     summary = ExtractSummary()

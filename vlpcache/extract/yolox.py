@@ -150,11 +150,17 @@ def _mobilenet_onnx(path: Path, sha256: str) -> bytes:
     return data
 
 
-def canvas_shape(height: int, width: int, size: int = INPUT_SIZE) -> tuple[int, int]:
-    """The letterbox canvas of a frame: longer side `size`, both sides rounded up to the largest stride."""
+def _fit(height: int, width: int, size: int) -> tuple[int, int, float]:
+    """Resized height and width with the longer side `size`, and the scale."""
     scale = min(size / height, size / width)
+    return max(1, round(height * scale)), max(1, round(width * scale)), scale
+
+
+def canvas_shape(height: int, width: int, size: int = INPUT_SIZE) -> tuple[int, int]:
+    """The letterbox canvas of a frame: the resized frame's sides rounded up to the largest stride."""
+    nh, nw, _ = _fit(height, width, size)
     stride = STRIDES[-1]
-    return tuple(-(-max(1, round(side * scale)) // stride) * stride for side in (height, width))
+    return -(-nh // stride) * stride, -(-nw // stride) * stride
 
 
 def letterbox(frame: np.ndarray, size: int = INPUT_SIZE, out: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
@@ -165,8 +171,7 @@ def letterbox(frame: np.ndarray, size: int = INPUT_SIZE, out: torch.Tensor | Non
     (a slot of a batch), and the scale used.
     """
     h, w = frame.shape[:2]
-    scale = min(size / h, size / w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    nh, nw, scale = _fit(h, w, size)
     bgr = np.asarray(frame[..., ::-1], dtype=np.float32)  # the flip comes free with the float copy
     image = torch.from_numpy(bgr).permute(2, 0, 1)[None]  # (1, 3, H, W)
     if (nh, nw) != (h, w):
@@ -260,7 +265,7 @@ class YoloxDetector:
             with self._autocast():
                 outputs = self.graph(images)
             return outputs[0].float(), [o.float() for o in outputs[1:]]
-        outputs = self.session.run(None, {"images": images.numpy()})
+        outputs = self.session.run(None, {"images": images.cpu().numpy()})
         return torch.from_numpy(outputs[0]).to(self.device), [torch.from_numpy(o).to(self.device) for o in outputs[1:]]
 
     def _run_trunk(self, images: torch.Tensor) -> torch.Tensor:
@@ -268,7 +273,7 @@ class YoloxDetector:
         if self.trunk is not None:
             with self._autocast():
                 return self.trunk(images).float()
-        return torch.from_numpy(self.trunk_session.run(None, {"images": images.numpy()})[0])
+        return torch.from_numpy(self.trunk_session.run(None, {"images": images.cpu().numpy()})[0]).to(self.device)
 
     def provenance(self) -> dict[str, str]:
         return yolox_provenance(self.config.backbone, file_sha256(self.yolox_path), self.mobilenet_sha256)
