@@ -18,7 +18,9 @@ frames, detect one frame at a time and save one .npz per frame, as bottom-up-att
 The matrix (`--matrix`, on by default with `--device cuda`) runs `extract` in-process for each
 detector and batch size and reports frames/s, the share of time the detector waited for decoded
 frames, and peak GPU memory. frcnn runs with `--frcnn-weights FILE` or, offline, random weights
-(speed barely depends on the weights; the number of detections does).
+(speed barely depends on the weights; the number of detections does). `--runtimes` (also on by
+default with `--device cuda`) times yolox's two runtimes, onnxruntime (CUDA provider with
+onnxruntime-gpu installed) and the ONNX graph converted to torch, on the same decoded frames.
 
 Prints one line per dataset and run with its throughput and ratios; BENCHMARKS.md keeps the results.
 """
@@ -183,9 +185,33 @@ def run_matrix(root: Path, scratch: Path, args) -> None:
                 weights=frcnn_weights if detector == "frcnn" else None, device=args.device,
                 batch_size=batch_size, workers=args.workers, quiet=True)
             busy = summary.detect_seconds + summary.wait_seconds
+            loaded = summary.seconds - summary.load_seconds
             peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if args.device == "cuda" else ""
-            print(f"  matrix {detector:5s} batch {batch_size:4d}: {summary.frames / summary.seconds:7.2f} frames/s, "
+            print(f"  matrix {detector:5s} batch {batch_size:4d}: {summary.frames / loaded:7.2f} frames/s once loaded, "
                   f"detector waited {100 * summary.wait_seconds / max(busy, 1e-9):5.1f}% of its time for frames{peak}")
+
+
+def run_runtimes(root: Path, args) -> None:
+    """yolox's two runtimes (onnxruntime; the ONNX graph converted to torch with the torchvision trunk)
+    on the same decoded frames, detector only, per batch size: the measurement issue 5 asks to choose by."""
+    import torch
+
+    from vlpcache.extract.reader import FrameReader
+    from vlpcache.extract.yolox import YoloxConfig, YoloxDetector
+
+    items, _ = discover_items([root])
+    frames = [f for d in FrameReader(args.frames, 416, workers=0)(items) if d.sampled for f in d.sampled.frames]
+    for runtime in ("onnxruntime", "torch"):
+        detector = YoloxDetector(YoloxConfig(device=args.device, runtime=runtime))
+        where = detector.session.get_providers()[0] if detector.session else f"torch on {args.device}"
+        for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+            detector.detect(frames[:batch_size], 30)  # warm-up: cudnn autotuning, onnxruntime arenas
+            start = time.perf_counter()
+            for k in range(0, len(frames), batch_size):
+                detector.detect(frames[k : k + batch_size], 30)  # returns host arrays: synchronised
+            rate = len(frames) / (time.perf_counter() - start)
+            peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if args.device == "cuda" else ""
+            print(f"  runtime {runtime:11s} ({where}) batch {batch_size:4d}: {rate:7.2f} frames/s, detector only{peak}")
 
 
 def dataset_root(name: str, args, scratch: Path) -> Path:
@@ -210,6 +236,8 @@ def main() -> None:
     parser.add_argument("--datasets", default="videos,msrvtt")
     parser.add_argument("--matrix", action=argparse.BooleanOptionalAction, default=None,
                         help="detector x batch-size matrix [default: on with --device cuda]")
+    parser.add_argument("--runtimes", action=argparse.BooleanOptionalAction, default=None,
+                        help="yolox onnxruntime vs torch runtime, detector only [default: on with --device cuda]")
     parser.add_argument("--detectors", default="yolox,frcnn")
     parser.add_argument("--batch-sizes", default="8,32,128")
     parser.add_argument("--frcnn-arch", default="fasterrcnn_resnet50_fpn_v2")
@@ -221,6 +249,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.matrix is None:
         args.matrix = args.device == "cuda"
+    if args.runtimes is None:
+        args.runtimes = args.device == "cuda"
     os.environ.setdefault("VLPCACHE_MODELS", str(SHARED / "models"))
 
     if args.reference_only:  # child process: a reference, timed from its own start like `vlpcache extract`
@@ -260,6 +290,8 @@ def main() -> None:
                       f"after start-up {ours_loop_rate / (frames / loop):.2f}x")
             if args.matrix:
                 run_matrix(root, scratch, args)
+            if args.runtimes:
+                run_runtimes(root, args)
 
 
 if __name__ == "__main__":
