@@ -109,6 +109,10 @@ def test_saved_state_dict_round_trips_through_weights_file(detector, frames, tmp
         np.testing.assert_array_equal(ours.boxes, theirs.boxes)
         np.testing.assert_array_equal(ours.features, theirs.features)
     assert loaded.provenance()["detector_weights_sha256"] == file_sha256(path)
+    from vlpcache.extract.detectors import choose_detector
+
+    choice = choose_detector("frcnn", loaded.config.arch, str(path), None)  # what extract writes before loading
+    assert choice.provenance == loaded.provenance() and choice.feature_dim == loaded.feature_dim
 
 
 def test_torchvision_weights_already_in_the_hub_cache_load_offline(detector, frames, offline_torch_home):

@@ -95,3 +95,15 @@ def test_torch_runtime_of_the_gpu_path_matches_onnxruntime_on_cpu(detector, peop
         np.testing.assert_array_equal(ours.labels, reference.labels)
         np.testing.assert_allclose(ours.boxes, reference.boxes, atol=1e-3)
         np.testing.assert_allclose(ours.features, reference.features, atol=2e-2, rtol=2e-2)
+
+
+def test_the_choice_made_before_loading_describes_the_loaded_detector(detector, models_dir):
+    from vlpcache.extract.detectors import choose_detector
+
+    choice = choose_detector("yolox", "mobilenet_v2+neck", None, str(models_dir))
+    assert choice.provenance == detector.provenance()
+    assert (choice.feature_dim, choice.max_side) == (detector.feature_dim, detector.max_side)
+    with pytest.raises(UserError, match="unknown backbone 'resnet' for yolox"):
+        choose_detector("yolox", "resnet", None, str(models_dir))
+    with pytest.raises(UserError, match="--weights is for --detector frcnn"):
+        choose_detector("yolox", None, "x.pth", str(models_dir))
