@@ -136,8 +136,10 @@ def run_extract(
             workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
             reader = FrameReader(frames, choice.max_side, workers)
             desc = f"extract {shard_index}/{shard_count}" if shard_count > 1 else "extract"
-            # the workers start decoding now, while torch and the networks load; deep enough for a CUDA batch
-            with (Prefetch(reader(todo), depth=max(8, 2 * (batch_size or 128) // frames)) as decoded,
+            # the workers start decoding now, while torch and the networks load, up to about 256 MB of
+            # decoded frames ahead (yolox at T=8: 64 items, four CUDA batches)
+            depth = max(8, 256 * 2**20 // (3 * choice.max_side**2 * frames))
+            with (Prefetch(reader(todo), depth=depth) as decoded,
                   tqdm(total=len(todo), unit="item", disable=quiet, dynamic_ncols=True,
                        desc=f"{desc} (loading {choice.detector})") as bar):
                 from vlpcache.devices import resolve_device
