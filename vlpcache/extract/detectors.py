@@ -41,6 +41,13 @@ class DetectorChoice:
                              score_threshold=score_threshold, nms_iou=nms_iou, **self.provenance)
 
 
+def yolox_feature_dim(backbone: str) -> int:
+    """Feature size of a yolox backbone, or one clear error listing the choices."""
+    if backbone not in YOLOX_BACKBONES:
+        raise UserError(f"unknown backbone {backbone!r} for yolox; choose from {', '.join(YOLOX_BACKBONES)}")
+    return YOLOX_BACKBONES[backbone]
+
+
 def yolox_provenance(backbone: str, yolox_sha256: str, mobilenet_sha256: str | None) -> dict[str, str]:
     return {
         "detector": f"yolox:{YOLOX_FILE}",
@@ -66,22 +73,24 @@ def choose_detector(detector: str, backbone: str | None, weights: str | None, mo
         backbone = backbone or "mobilenet_v2"
         if weights:
             raise UserError("--weights is for --detector frcnn; yolox reads its files from --models")
-        if backbone not in YOLOX_BACKBONES:
-            raise UserError(f"unknown backbone {backbone!r} for yolox; choose from {', '.join(YOLOX_BACKBONES)}")
+        feature_dim = yolox_feature_dim(backbone)
         yolox = model_file(YOLOX_FILE, models)
         mobilenet = model_file(MOBILENET_FILE, models) if "mobilenet_v2" in backbone else None
         provenance = yolox_provenance(backbone, file_sha256(yolox), mobilenet and file_sha256(mobilenet))
         files = (yolox, mobilenet) if mobilenet else (yolox,)
-        return DetectorChoice("yolox", backbone, YOLOX_BACKBONES[backbone], YOLOX_INPUT_SIZE, provenance, files)
+        return DetectorChoice("yolox", backbone, feature_dim, YOLOX_INPUT_SIZE, provenance, files)
     if detector == "frcnn":
-        from vlpcache.extract.frcnn import ARCH_DEFAULTS, DEFAULT_ARCH, FEATURE_DIM, fetch_torchvision_weights
+        from vlpcache.extract.frcnn import (
+            ARCH_DEFAULTS,
+            DEFAULT_ARCH,
+            FEATURE_DIM,
+            check_architecture,
+            existing_weights_file,
+            fetch_torchvision_weights,
+        )
 
-        arch = backbone or DEFAULT_ARCH
-        if arch not in ARCH_DEFAULTS:
-            raise UserError(f"unknown Faster R-CNN architecture {arch!r}; choose from {', '.join(ARCH_DEFAULTS)}")
-        path = Path(weights).expanduser() if weights else fetch_torchvision_weights(arch, "DEFAULT")
-        if not path.is_file():
-            raise UserError(f"weights file {path} not found; pass --weights with an existing state dict file")
+        arch = check_architecture(backbone or DEFAULT_ARCH)
+        path = existing_weights_file(Path(weights).expanduser() if weights else fetch_torchvision_weights(arch, "DEFAULT"))
         max_side = ARCH_DEFAULTS[arch][1]  # the model's transform never looks at more pixels
         return DetectorChoice("frcnn", arch, FEATURE_DIM, max_side, frcnn_provenance(arch, file_sha256(path)), (path,))
     raise UserError(f"unknown detector {detector!r}; choose from {', '.join(DETECTORS)}")

@@ -113,10 +113,21 @@ def fetch_torchvision_weights(arch: str, name: str) -> Path:
     return path
 
 
-def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """A bare state dict or {"model": state_dict}, from .pth (never unpickled) or .safetensors."""
+def check_architecture(arch: str) -> str:
+    if arch not in ARCHITECTURES:
+        raise UserError(f"unknown Faster R-CNN architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    return arch
+
+
+def existing_weights_file(path: Path) -> Path:
     if not path.is_file():
         raise UserError(f"weights file {path} not found; pass --weights with an existing state dict file")
+    return path
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """A bare state dict or {"model": state_dict}, from .pth (never unpickled) or .safetensors."""
+    existing_weights_file(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -152,8 +163,7 @@ def build_faster_rcnn(config: FrcnnConfig) -> tuple[torch.nn.Module, Path | None
     """The torchvision model in eval mode on the CPU, and the weights file it was loaded from."""
     from torchvision.models import get_model_builder
 
-    if config.arch not in ARCHITECTURES:
-        raise UserError(f"unknown Faster R-CNN architecture {config.arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    check_architecture(config.arch)
     if config.weights_file:
         path = Path(config.weights_file).expanduser()
     elif config.weights:

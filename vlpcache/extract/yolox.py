@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from vlpcache.extract.detectors import MOBILENET_FILE, YOLOX_FILE, yolox_provenance
-from vlpcache.extract.detectors import YOLOX_BACKBONES as BACKBONES
+from vlpcache.extract.detectors import MOBILENET_FILE, YOLOX_FILE, yolox_feature_dim, yolox_provenance
 from vlpcache.extract.detectors import YOLOX_INPUT_SIZE as INPUT_SIZE
 from vlpcache.extract.regions import FrameRegions, select_detections, with_frame_region
 from vlpcache.files import file_sha256
@@ -222,11 +221,7 @@ class YoloxDetector:
 
     def __init__(self, config: YoloxConfig | None = None, models: str | None = None):
         self.config = config or YoloxConfig()
-        if self.config.backbone not in BACKBONES:
-            from vlpcache.errors import UserError
-
-            raise UserError(f"unknown backbone {self.config.backbone!r} for yolox; choose from {', '.join(BACKBONES)}")
-        self.feature_dim = BACKBONES[self.config.backbone]
+        self.feature_dim = yolox_feature_dim(self.config.backbone)
         self.use_mobilenet = "mobilenet_v2" in self.config.backbone
         self.use_neck = "neck" in self.config.backbone
         self.device = torch.device(self.config.device)
