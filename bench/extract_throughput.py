@@ -73,7 +73,7 @@ class SimpleReference:
         import torch
         from torchvision.models import mobilenet_v2
 
-        from vlpcache.extract.yolox import INPUT_SIZE, MOBILENET_FILE, YOLOX_FILE, _grid
+        from vlpcache.extract.yolox import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE, MOBILENET_FILE, YOLOX_FILE, _grid
 
         self.torch, self.size, self.device = torch, INPUT_SIZE, torch.device(device)
         providers = (["CUDAExecutionProvider"] if device == "cuda" else []) + ["CPUExecutionProvider"]
@@ -82,8 +82,8 @@ class SimpleReference:
         self.trunk.load_state_dict(torch.load(models / MOBILENET_FILE, map_location="cpu", weights_only=True))
         self.trunk = self.trunk.eval().to(self.device)
         self.grid, self.strides = _grid(INPUT_SIZE, INPUT_SIZE)
-        self.mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
 
     def detect(self, frames: list[np.ndarray], max_detections: int):
         from torchvision.ops import roi_align
