@@ -247,6 +247,9 @@ def main() -> None:
     parser.add_argument("--reference-kind", choices=("simple", "detector"), default="simple", help=argparse.SUPPRESS)
     parser.add_argument("--references", default="simple,detector", help="references to run (simple, detector)")
     args = parser.parse_args()
+    unknown = set(filter(None, args.references.split(","))) - {"simple", "detector"}
+    if unknown:
+        parser.error(f"--references: unknown {', '.join(sorted(unknown))}; choose from simple, detector")
     if args.matrix is None:
         args.matrix = args.device == "cuda"
     if args.runtimes is None:
