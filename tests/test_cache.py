@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vlpcache.cache.reader import RegionCache
-from vlpcache.cache.schema import ARRAYS, SHARD_DIR, CacheSettings, empty_item
+from vlpcache.cache.schema import ARRAYS, MANIFEST_NAME, SCHEMA_VERSION, SHARD_DIR, CacheSettings, empty_item
 from vlpcache.cache.writer import ShardWriter, read_failures
 from vlpcache.errors import UserError
 
@@ -55,7 +55,7 @@ def test_shard_is_chunked_one_video_per_chunk_with_provenance(tmp_path):
     with h5py.File(shard) as f:
         assert f["features"].chunks == (1, 3, 4, 8)
         assert f["features"].dtype == np.float16
-        assert f.attrs["schema_version"] == 1 and f.attrs["frames"] == 3
+        assert f.attrs["schema_version"] == SCHEMA_VERSION and f.attrs["frames"] == 3
         assert f.attrs["detector_weights_sha256"] == "d" * 64 and "vlpcache_version" in f.attrs
 
 
@@ -81,6 +81,14 @@ def test_cache_with_different_settings_is_refused(tmp_path):
     other = CacheSettings(**{**SETTINGS.to_json(), "frames": 4})
     with pytest.raises(UserError, match="frames: 3 != 4"):
         ShardWriter(tmp_path, other)
+
+
+def test_cache_of_an_older_schema_is_refused_with_what_changed_and_the_fix(tmp_path):
+    write_items(tmp_path, ["a"])
+    manifest = tmp_path / MANIFEST_NAME
+    manifest.write_text(manifest.read_text().replace(f'"schema_version": {SCHEMA_VERSION}', '"schema_version": 1'))
+    with pytest.raises(UserError, match=r"cache schema 1, this vlpcache writes 2 \(the whole-frame region.*-o\) or delete"):
+        ShardWriter(tmp_path, SETTINGS)
 
 
 def test_wrong_shape_is_rejected_before_anything_is_written(tmp_path):

@@ -51,6 +51,21 @@ def test_people_are_found_with_the_whole_frame_region_first(detector, people_fra
     assert np.all((regions.boxes >= 0) & (regions.boxes <= 1))
 
 
+def test_whole_frame_feature_is_the_mean_of_each_map_over_the_visible_frame(detector, people_frame):
+    (regions,) = detector.detect([people_frame], max_detections=30)
+    image, scale = letterbox(people_frame)  # 240x320 -> 312x416 frame on a 320x416 canvas
+    h, w = people_frame.shape[0] * scale, people_frame.shape[1] * scale
+    with torch.inference_mode():
+        trunk = detector._run_trunk(image[None])[0]  # (1280, 10, 13)
+        _, necks = detector._run_yolox(image[None])
+    # cells that show the frame: ceil(312 / stride) rows, every column; the padding's cells are left out
+    # (at stride 8 the map has 40 rows, of which the 40th shows only padding)
+    expected = [trunk[:, : -(-int(h) // 32), : -(-int(w) // 32)].mean((1, 2))]
+    expected += [m[0, :, : -(-int(h) // s), : -(-int(w) // s)].mean((1, 2)) for m, s in zip(necks, (8, 16, 32))]
+    np.testing.assert_allclose(regions.features[0], torch.cat(expected).numpy(), rtol=1e-4, atol=1e-5)
+    assert necks[0].shape[2] == 40 and -(-int(h) // 8) == 39
+
+
 def test_boxes_are_normalised_to_the_given_frame_whatever_its_resolution(detector, people_frame):
     small = detector.detect([people_frame], 30)[0]
     big = np.asarray(Image.fromarray(people_frame).resize((640, 480), Image.BILINEAR))

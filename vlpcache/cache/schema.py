@@ -21,7 +21,12 @@ import numpy as np
 
 from vlpcache.records import JsonRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# what changed at each version, for the message that tells a user why an older cache must be re-extracted
+SCHEMA_CHANGES = {
+    2: "the whole-frame region's feature is the exact mean of the feature map over the frame "
+       "(schema 1 sampled it with a 2x2 RoIAlign)",
+}
 
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
@@ -81,6 +86,14 @@ class CacheSettings(JsonRecord):
         """Human-readable list of the settings in which two caches differ."""
         mine, theirs = self.to_json(), other.to_json()
         return [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in mine if mine[k] != theirs.get(k)]
+
+
+def outdated_schema(settings: CacheSettings) -> str | None:
+    """Why a cache written by an older vlpcache differs from what extract writes now; None if current."""
+    if settings.schema_version >= SCHEMA_VERSION:
+        return None
+    changes = "; ".join(text for version, text in sorted(SCHEMA_CHANGES.items()) if version > settings.schema_version)
+    return f"written with cache schema {settings.schema_version}, this vlpcache writes {SCHEMA_VERSION} ({changes})"
 
 
 def shard_attrs(settings: CacheSettings, tool_version: str) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from vlpcache.cache.schema import (
     STRINGS,
     TMP_SUFFIX,
     CacheSettings,
+    outdated_schema,
     shard_attrs,
 )
 from vlpcache.errors import UserError
@@ -51,6 +52,9 @@ def open_cache_dir(cache_dir: Path, settings: CacheSettings) -> None:
             tmp.unlink()
         fsync_path(cache_dir)
     existing = read_manifest(cache_dir)
+    outdated = outdated_schema(existing)
+    if outdated:
+        raise UserError(f"{cache_dir}: {outdated}; extract into a new directory (-o) or delete this one to re-extract")
     diffs = existing.differences(settings)
     if diffs:
         raise UserError(

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from vlpcache.cache.reader import RegionCache
+from vlpcache.cache.schema import outdated_schema
 from vlpcache.errors import ItemError, UserError
 from vlpcache.extract.regions import label_name
 from vlpcache.workspace import Workspace
@@ -50,6 +51,7 @@ def cache_summary(cache: RegionCache) -> dict:
         "provenance": settings,
         "shards": len(cache.shard_paths),
         "size_bytes": cache.size_on_disk(),
+        "outdated_schema": outdated_schema(cache.settings),
     }
 
 
@@ -67,6 +69,8 @@ def print_summary(summary: dict) -> None:
         f"sampling    {p['sampling']}, score >= {p['score_threshold']}, NMS IoU {p['nms_iou']}, schema v{p['schema_version']}",
         f"on disk     {_human_size(summary['size_bytes'])} in {summary['shards']} shards",
     ]
+    if summary["outdated_schema"]:
+        lines.append(f"note        {summary['outdated_schema']}; re-extract for the current features")
     print("\n".join(lines))
 
 

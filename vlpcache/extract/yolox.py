@@ -9,6 +9,7 @@ convention); the trunk turns it into ImageNet-normalised RGB inside its graph.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ NECK_OUTPUTS = (  # inputs of the head's stem convolutions: the neck maps at str
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ROI_OUTPUT = 2  # 2x2 RoIAlign bins, averaged: a 13x13 stride-32 map has little more to give
+# (detected boxes only: the whole-frame region is the exact mean of the map over the visible frame)
 
 
 @dataclass
@@ -313,13 +315,15 @@ class YoloxDetector:
             rois.append(torch.cat((torch.full((len(boxes), 1), float(b), device=self.device), boxes), dim=1))
             kept.append((boxes.cpu(), scores[keep].cpu(), labels[keep].cpu(), scales[b], (h, w)))
         rois = torch.cat(rois)  # (R, 5): batch index, x1, y1, x2, y2
+        frame_rows = torch.cumsum(torch.tensor([0] + [len(k[0]) for k in kept[:-1]]), 0)  # whole-frame roi of each frame
+        frame_sizes = [(h * scale, w * scale) for (_, _, _, scale, (h, w)) in kept]  # frame size in letterbox pixels
 
         features = []
         if self.use_mobilenet:
-            features.append(self._pool(self._run_trunk(images), rois, 1 / 32))
+            features.append(self._pool(self._run_trunk(images), rois, 32, frame_rows, frame_sizes))
         if self.use_neck:
             for level, stride in zip(neck_maps, STRIDES):
-                features.append(self._pool(level, rois, 1 / stride))
+                features.append(self._pool(level, rois, stride, frame_rows, frame_sizes))
         features = torch.cat(features, dim=1).float().cpu().numpy()  # (R, D)
 
         results, start = [], 0
@@ -331,7 +335,21 @@ class YoloxDetector:
             start += n
         return results
 
-    def _pool(self, feature_map: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
-        pooled = roi_align(feature_map.float(), rois.to(feature_map.device), ROI_OUTPUT, spatial_scale=scale,
-                           sampling_ratio=2, aligned=True)  # (R, C, 2, 2)
-        return pooled.mean(dim=(2, 3))
+    def _pool(self, feature_map: torch.Tensor, rois: torch.Tensor, stride: int, frame_rows: torch.Tensor,
+              frame_sizes: list[tuple[float, float]]) -> torch.Tensor:
+        """Region features (R, C): detected boxes by RoIAlign, each frame's whole-frame region by
+        frame_average (what a global-feature model reads, not a 2x2 sampling of it)."""
+        feature_map = feature_map.float()
+        pooled = roi_align(feature_map, rois.to(feature_map.device), ROI_OUTPUT, spatial_scale=1 / stride,
+                           sampling_ratio=2, aligned=True).mean(dim=(2, 3))  # (R, C)
+        pooled[frame_rows.to(pooled.device)] = torch.stack(
+            [frame_average(feature_map[b], height, width, stride) for b, (height, width) in enumerate(frame_sizes)])
+        return pooled
+
+
+def frame_average(feature_map: torch.Tensor, height: float, width: float, stride: int) -> torch.Tensor:
+    """(C, Hm, Wm) map of a letterbox canvas -> (C,) mean over the cells that show the frame
+    (height x width letterbox pixels at the top left; the padding's cells are left out)."""
+    rows = max(1, min(feature_map.shape[1], math.ceil(height / stride - 1e-3)))
+    columns = max(1, min(feature_map.shape[2], math.ceil(width / stride - 1e-3)))
+    return feature_map[:, :rows, :columns].mean(dim=(1, 2))

@@ -29,7 +29,7 @@ from vlpcache.workspace import Workspace
 ENCODE_CHUNK = 1024  # videos encoded between two appends to the region store
 
 # cache settings that decide what a region feature means: a model trained on one cannot read another
-FEATURE_SETTINGS = ("feature_dim", "detector", "detector_weights_sha256", "backbone", "backbone_weights_sha256")
+FEATURE_SETTINGS = ("schema_version", "feature_dim", "detector", "detector_weights_sha256", "backbone", "backbone_weights_sha256")
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vlpcache.cache.reader import RegionCache
+from vlpcache.cache.schema import outdated_schema
 from vlpcache.captions import Captions, read_captions
 from vlpcache.errors import UserError
 from vlpcache.model.batch import tokenize, video_batch
@@ -25,7 +26,7 @@ from vlpcache.workspace import Workspace
 CAPTION_SUFFIXES = (".jsonl", ".csv")
 HELD_OUT_STEMS = {"val", "valid", "validation", "test", "devtest", "dev"}
 # the provenance that must agree for two caches to feed one model (frames and regions may differ)
-COMPATIBLE_SETTINGS = ("feature_dim", "detector", "detector_weights_sha256", "backbone", "backbone_weights_sha256")
+COMPATIBLE_SETTINGS = ("schema_version", "feature_dim", "detector", "detector_weights_sha256", "backbone", "backbone_weights_sha256")
 
 
 # ---------------------------------------------------------------- finding and reading captions
@@ -223,6 +224,10 @@ class PretrainData:
 
     def summary(self) -> list[str]:
         lines = [f"training captions: {', '.join(map(str, self.caption_files))}", f"training: {self.train_report.line()}"]
+        for cache in self.caches:
+            outdated = outdated_schema(cache.settings)
+            if outdated:
+                lines.append(f"note: {cache.cache_dir}: {outdated}; re-extract it for the features this vlpcache computes")
         if self.held_out_skipped:
             lines.append(f"training: {self.held_out_skipped} captioned items of val/test splits left out")
         if self.validation is not None:
