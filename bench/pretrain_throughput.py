@@ -75,7 +75,7 @@ class NpzFrames(Dataset):
         item = {key: np.stack([f[key] for f in per_frame]) for key in ("features", "boxes", "region_mask")}
         item["frame_mask"] = np.ones(self.frames, dtype=bool)
         item["timestamps"] = np.arange(self.frames, dtype=np.float32)
-        item["caption"] = texts[np.random.default_rng([self.seed, 0, index]).integers(len(texts))]
+        item["captions"] = [texts[np.random.default_rng([self.seed, 0, index]).integers(len(texts))]]
         return item
 
 

@@ -9,8 +9,7 @@ import torch
 from test_search import build_tiny_workspace, vlpcache
 from vlpcache.cache.reader import RegionCache
 from vlpcache.captions import read_captions
-from vlpcache.index.evaluate import rerank_rows
-from vlpcache.metrics import retrieval_metrics
+from vlpcache.metrics import reranked, retrieval_metrics, top_candidates
 from vlpcache.model.batch import tokenize, video_batch
 from vlpcache.model.checkpoint import load_run
 
@@ -77,6 +76,8 @@ def test_captions_of_videos_not_in_the_cache_are_one_line_error(tmp_path, ws, mo
 
 def test_reranked_candidates_stay_above_the_rest_in_their_new_order():
     similarity = np.array([[0.9, 0.8, 0.7, 0.1]])
-    reranked = rerank_rows(similarity, 2, lambda q, columns: -similarity[q, columns])  # reverses the top 2
-    order = list(np.argsort(-reranked[0]))
+    top = top_candidates(similarity, 2)
+    assert sorted(top[0]) == [0, 1]
+    local = -2 * similarity[0, top[0]][None]  # global + 1 * local reverses the top 2
+    order = list(np.argsort(-reranked(similarity, top, local, 1.0)[0]))
     assert order == [1, 0, 2, 3]

@@ -107,7 +107,8 @@ def test_pretrain_writes_checkpoints_logs_and_validation_metrics(tmp_path, corpu
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     assert {"loss", "contrastive", "rwa", "samples_per_s"} <= set(records[0])
-    assert records[0]["val"]["queries"] == 8 and records[0]["val"]["candidates"] == 8
+    # every validation caption is a query: 8 videos with two non-empty captions each
+    assert records[0]["val"]["queries"] == 16 and records[0]["val"]["candidates"] == 8
     assert {"R@1", "R@5", "R@10", "MdR"} <= set(records[0]["val"])
     assert set(records[0]["val"]["rerank"]) == {"0.0", "0.1", "0.25", "0.5", "1.0", "2.0"}  # re-rank weights tried
 
@@ -234,5 +235,5 @@ def test_torchrun_two_processes_on_cpu_with_gloo_trains_one_run(tmp_path, corpus
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert len(records) == 1  # rank 0 alone writes
     assert records[0]["step"] == 40 // (4 * 2)  # each process a disjoint half of the 40 samples
-    assert records[0]["val"]["queries"] == 8
+    assert records[0]["val"]["queries"] == 16
     assert list(ckpt.checkpoints(run_dir)) == [1]

@@ -94,3 +94,14 @@ def read_captions(path: str | Path) -> Captions:
             if "split" in record:
                 captions.splits[str(item_id)] = str(record["split"])
     return captions
+
+
+def caption_queries(captions: list[list[str]], all_captions: bool) -> tuple[list[str], list[int]]:
+    """Retrieval queries from the captions of each item: the first caption of each (the standard
+    protocol) or all of them, and for each query the index of its item."""
+    texts, owners = [], []
+    for item, item_captions in enumerate(captions):
+        for caption in item_captions if all_captions else item_captions[:1]:
+            texts.append(caption)
+            owners.append(item)
+    return texts, owners

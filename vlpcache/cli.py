@@ -83,15 +83,24 @@ def inspect(cache_dir, render_id, output, as_json, failures) -> None:
 @click.option("--val-captions", type=click.Path(), help="Held-out caption file: text->video R@K every epoch [default: val.jsonl beside the captions].")
 @click.option("-o", "--output", "run_dir", type=click.Path(), help="Run directory [default: .vlpcache/runs/run-NNN; with --resume the latest].")
 @click.option("--epochs", default=None, type=click.IntRange(1), help="Epochs [default: 10; on --resume the run's, or more to extend it].")
-@click.option("--batch-size", default=None, type=click.IntRange(1), help="Samples per step and process [default: 64].")
+@click.option("--batch-size", default=None, type=click.IntRange(1), help="Videos per step and process [default: 64].")
+@click.option("--captions-per-video", default=None, type=click.IntRange(1),
+              help="Captions of each video per step, all positives of it (multi-positive InfoNCE) [default: 1].")
 @click.option("--text-model", default=None, metavar="NAME|DIR", help="Hugging Face name or directory [default: offline all-MiniLM-L6-v2].")
-@click.option("--trainable-layers", default=None, type=click.IntRange(0), help="Top text-encoder layers that train [default: 2].")
+@click.option("--trainable-layers", default=None, type=click.IntRange(0),
+              help="Top text-encoder layers that train; 0 freezes it and encodes every caption once [default: 2].")
 @click.option("--no-rwa", is_flag=True, help="Train with the video-text contrastive loss only (no region-word alignment).")
 @click.option("--rwa-weight", default=None, type=click.FloatRange(0), help="Weight of the region-word alignment loss [default: 1.0].")
 @click.option("--lr", default=None, type=click.FloatRange(0, min_open=True), help="Learning rate of the region encoder [default: 5e-4].")
 @click.option("--text-lr", default=None, type=click.FloatRange(0, min_open=True), help="Learning rate of the text layers [default: 5e-5].")
 @click.option("--width", default=None, type=click.IntRange(8), help="Region transformer width [default: 256].")
 @click.option("--layers", default=None, type=click.IntRange(1), help="Region transformer layers [default: 2].")
+@click.option("--frame-time", default=None, type=click.Choice(["relative", "none"]),
+              help="Frame position embedding: each frame's place among the item's frames, or none [default: relative].")
+@click.option("--global-path/--no-global-path", default=None,
+              help="Add the whole-frame features' mean over frames to the video embedding [default: on].")
+@click.option("--frame-dropout", default=None, type=click.FloatRange(0, 1, max_open=True), help="Training: chance to hide a frame [default: 0].")
+@click.option("--region-dropout", default=None, type=click.FloatRange(0, 1, max_open=True), help="Training: chance to hide a region [default: 0].")
 @click.option("--resume", is_flag=True, help="Continue the run (-o, or the latest) from its last checkpoint.")
 @click.option("--workers", default=None, type=click.IntRange(0), help="Data-loading worker processes [default: 1 on CPU, 4 on CUDA].")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))

@@ -37,3 +37,25 @@ def retrieval_metrics(similarity: np.ndarray, targets: Sequence) -> dict[str, fl
         "queries": int(len(ranks)),
         "candidates": int(similarity.shape[1]),
     }
+
+
+# ---------------------------------------------------------------- re-ranking protocol
+
+RERANK_CANDIDATES = 32  # candidates per query, by global similarity, that the region-word score re-orders
+_RERANKED_ON_TOP = 100.0  # re-ranked candidates are lifted above any global cosine, keeping their new order
+
+
+def top_candidates(similarity: np.ndarray, candidates: int = RERANK_CANDIDATES) -> np.ndarray:
+    """(Q, C) scores -> (Q, P) column indices of each row's P best (unordered), P = min(candidates, C)."""
+    p = min(candidates, similarity.shape[1])
+    return np.argpartition(-similarity, p - 1, axis=1)[:, :p]
+
+
+def reranked(similarity: np.ndarray, top: np.ndarray, local: np.ndarray, weight: float) -> np.ndarray:
+    """The scores a re-ranked search ranks by: each row's `top` candidates get global + weight · S_loc
+    (local (Q, P), S_loc of those candidates) and stay above every other candidate, whose global order
+    is kept. The one re-rank policy of search, eval and pretraining validation."""
+    result = np.array(similarity, dtype=np.float64)  # (Q, C)
+    rows = np.arange(len(top))[:, None]
+    result[rows, top] = result[rows, top] + weight * local + _RERANKED_ON_TOP
+    return result

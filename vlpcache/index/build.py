@@ -102,7 +102,7 @@ def designated_checkpoint_sha256(run_dir: Path) -> str | None:
 def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, *, device, batch_size: int,
                  rebuild: bool = False, progress: bool = True, say=print) -> VideoIndex:
     """The index of `cache` under `run` in index_dir: built, or brought up to date by encoding only new items."""
-    from vlpcache.index.encode import as_numpy, encode_video_rows
+    from vlpcache.model.retrieval import as_numpy, encode_videos
     from vlpcache.index.region_store import RegionStore
 
     check_run_reads_cache(run, cache)
@@ -127,7 +127,7 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
     regions = RegionStore.empty(run.config.embed_dim)
     parts = []
     for start in range(0, len(rows), ENCODE_CHUNK):  # bounded memory: region tokens are (B, T*N, E)
-        video = encode_video_rows(run, cache, rows[start : start + ENCODE_CHUNK], device, batch_size, regions=True,
+        video = encode_videos(run.model, cache, rows[start : start + ENCODE_CHUNK], device, batch_size, regions=True,
                                   progress=progress, desc=f"encoding videos {start + 1}-{min(start + ENCODE_CHUNK, len(rows))} of {len(rows)}")
         parts.append(as_numpy(video.global_))
         regions.append(video.regions.numpy(), video.region_mask.numpy())
@@ -177,7 +177,7 @@ def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory
               rebuild=False, device="auto", batch_size=None, checkpoint=None, quiet=False) -> VideoIndex:
     """The `vlpcache index` command."""
     from vlpcache.devices import resolve_device
-    from vlpcache.index.encode import default_batch_size
+    from vlpcache.model.retrieval import default_batch_size
     from vlpcache.model.checkpoint import load_run
 
     sources = resolve_sources(run_dir, cache_dir, index_dir)

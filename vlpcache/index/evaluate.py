@@ -7,8 +7,9 @@ best rank of any of its captions. Metrics come from vlpcache.metrics.retrieval_m
 pretraining validation uses. Embeddings are computed exactly here (no approximate index), so the
 figures describe the model, not the FAISS settings.
 
-Re-ranking follows search: the top `rerank_candidates` of each query by global cosine are re-ordered
-by global + weight * S_loc and stay above every other candidate, whose global order is kept.
+Re-ranking follows search (and pretraining validation: vlpcache.metrics.reranked): the top
+`rerank_candidates` of each query by global cosine are re-ordered by global + weight * S_loc and stay
+above every other candidate, whose global order is kept.
 """
 
 from __future__ import annotations
@@ -18,74 +19,41 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
-from vlpcache.captions import read_captions
+from vlpcache.captions import caption_queries, read_captions
+from vlpcache.devices import resolve_device
 from vlpcache.errors import UserError
 from vlpcache.index.build import check_run_reads_cache, open_cache, resolve_sources
-from vlpcache.devices import resolve_device
-from vlpcache.index.encode import default_batch_size, encode_texts, encode_video_rows
-from vlpcache.index.query_graphs import rerank_scores
-from vlpcache.index.rerank import RERANK_CANDIDATES
-from vlpcache.metrics import retrieval_metrics
-
-# re-ranked candidates are lifted by this much: above any global cosine, keeping their new order
-_RERANKED_ON_TOP = 100.0
-
-
-def rerank_rows(similarity: np.ndarray, candidates: int, rescore, progress: bool = True) -> np.ndarray:
-    """similarity (Q, C) with each row's top `candidates` replaced by rescore(q, columns) + offset."""
-    result = similarity.copy()
-    p = min(candidates, similarity.shape[1])
-    top = np.argpartition(-similarity, p - 1, axis=1)[:, :p]  # (Q, p), unordered
-    for q in tqdm(range(similarity.shape[0]), desc="re-ranking", unit="query", leave=False, dynamic_ncols=True,
-                  disable=not progress or similarity.shape[0] < 200):
-        result[q, top[q]] = rescore(q, top[q]) + _RERANKED_ON_TOP
-    return result
+from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics
 
 
 def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: bool, device, batch_size: int,
              rerank_candidates: int = RERANK_CANDIDATES, progress: bool = True) -> dict:
     """Retrieval metrics over the cached videos in captions_by_id (insertion order = candidate order)."""
+    from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
+
     ids = list(captions_by_id)
-    texts, text_video = [], []  # query text, and the candidate index of its video
-    for c, item_id in enumerate(ids):
-        for caption in captions_by_id[item_id] if all_captions else captions_by_id[item_id][:1]:
-            texts.append(caption)
-            text_video.append(c)
+    texts, text_video = caption_queries(list(captions_by_id.values()), all_captions)
     video_texts = [[] for _ in ids]
     for q, c in enumerate(text_video):
         video_texts[c].append(q)
 
     rerank = rerank_candidates > 0 and run.config.rwa
     started = time.monotonic()
-    video = encode_video_rows(run, cache, [cache.index_of(i) for i in ids], device, batch_size,
-                              regions=rerank, progress=progress)
-    text = encode_texts(run, texts, device, batch_size, progress=progress)
+    video = encode_videos(run.model, cache, [cache.index_of(i) for i in ids], device, batch_size,
+                          regions=rerank, progress=progress)
+    text = encode_texts(run.model, run.tokenizer, texts, device, batch_size, progress=progress)
     t2v = (text.global_ @ video.global_.T).numpy()  # (Q, C)
     results = {
         "text_to_video": retrieval_metrics(t2v, text_video),
         "video_to_text": retrieval_metrics(t2v.T, video_texts),
     }
     if rerank:
-        config = run.config
-
-        def t2v_rescore(q, columns):
-            columns = torch.from_numpy(columns)
-            return rerank_scores(config, text.words[q : q + 1], text.word_mask[q : q + 1], text.global_[q : q + 1],
-                                 video.regions[columns], video.region_mask[columns], video.global_[columns]).score[0].numpy()
-
-        def v2t_rescore(c, columns):
-            columns = torch.from_numpy(columns)
-            return rerank_scores(config, text.words[columns], text.word_mask[columns], text.global_[columns],
-                                 video.regions[c : c + 1], video.region_mask[c : c + 1], video.global_[c : c + 1]).score[:, 0].numpy()
-
-        results["text_to_video_rerank"] = retrieval_metrics(
-            rerank_rows(t2v, rerank_candidates, t2v_rescore, progress), text_video)
-        results["video_to_text_rerank"] = retrieval_metrics(
-            rerank_rows(t2v.T, rerank_candidates, v2t_rescore, progress), video_texts)
+        lam, weight = run.config.rwa_lambda, run.config.rerank_weight
+        top, local = candidate_local_scores(text, video, t2v, lam, rerank_candidates, progress=progress)
+        results["text_to_video_rerank"] = retrieval_metrics(reranked(t2v, top, local, weight), text_video)
+        top, local = candidate_local_scores(text, video, t2v.T, lam, rerank_candidates, texts_are_queries=False,
+                                            progress=progress)
+        results["video_to_text_rerank"] = retrieval_metrics(reranked(t2v.T, top, local, weight), video_texts)
     results["protocol"] = {
         "videos": len(ids),
         "queries": len(texts),
@@ -116,6 +84,7 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, all_captions=False, as
              rerank_candidates=RERANK_CANDIDATES, device="auto", batch_size=None, checkpoint=None, quiet=False) -> dict:
     """The `vlpcache eval` command."""
     from vlpcache.model.checkpoint import load_run
+    from vlpcache.model.retrieval import default_batch_size
 
     sources = resolve_sources(run_dir, cache_dir)
     cache = open_cache(sources.cache_dir)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-RERANK_CANDIDATES = 32  # FAISS candidates per query that the region-word score re-orders
+from vlpcache.metrics import RERANK_CANDIDATES  # noqa: F401  (search's candidate count, one home)
+
 
 # words the model does read, but whose attended region tells a reader nothing ("a -> person")
 FUNCTION_WORDS = frozenset(

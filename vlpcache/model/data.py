@@ -1,10 +1,11 @@
 """Pretraining data: cached region features paired with captions.
 
 Several caches (videos, images) and several caption files mix into one dataset; every item with at
-least one caption is one sample per epoch, with one of its captions drawn at random (deterministic in
-seed, epoch and item, so a resumed run sees the same data). Caches are read lazily inside each
-DataLoader worker (RegionCache opens its HDF5 files per process); captions are tokenized in the
-workers too, a batch at a time, padded to the batch's longest caption.
+least one caption is one sample per epoch, with K of its captions (`captions_per_video`): each item
+walks through a fixed shuffle of its captions, K per epoch, so that every caption is used (the walk
+depends only on seed, epoch and item, so a resumed run sees the same data). Caches are read lazily
+inside each DataLoader worker (RegionCache opens its HDF5 files per process); captions are tokenized
+in the workers too, a batch at a time, or looked up in a frozen text encoder's cached outputs.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from torch.utils.data import Dataset
 
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import outdated_schema
-from vlpcache.captions import Captions, read_captions
+from vlpcache.captions import Captions, caption_queries, read_captions
 from vlpcache.errors import UserError
 from vlpcache.model.batch import tokenize, video_batch
+from vlpcache.model.text_features import TextFeatures
 from vlpcache.workspace import Workspace
 
 CAPTION_SUFFIXES = (".jsonl", ".csv")
@@ -139,12 +141,14 @@ def match_captions(caches: list[RegionCache], captions: Captions) -> tuple[list[
 
 
 class CaptionedRegions(Dataset):
-    """One sample per captioned item: its cached arrays and one caption drawn for this epoch."""
+    """One sample per captioned item: its cached arrays and `captions_per_video` of its captions."""
 
-    def __init__(self, caches: list[RegionCache], samples: list[tuple[int, int, list[str]]], seed: int = 0):
+    def __init__(self, caches: list[RegionCache], samples: list[tuple[int, int, list[str]]], seed: int = 0,
+                 captions_per_video: int = 1):
         self.caches = caches
         self.samples = samples
         self.seed = seed
+        self.captions_per_video = captions_per_video
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -156,43 +160,65 @@ class CaptionedRegions(Dataset):
     def __getitem__(self, index: int) -> dict:
         c, i, texts = self.samples[index]
         item = self.caches[c][i]
-        choice = np.random.default_rng([self.seed, self.epoch, index]).integers(len(texts))
-        item["caption"] = texts[choice]
+        item["captions"] = self.captions_of(index)
         return item
+
+    def captions_of(self, index: int) -> list[str]:
+        """This epoch's K captions of sample `index`: the next K of its fixed caption shuffle (repeating
+        when it has fewer than K)."""
+        texts = self.samples[index][2]
+        shuffle = np.random.default_rng([self.seed, index]).permutation(len(texts))
+        start = max(0, self.epoch - 1) * self.captions_per_video
+        return [texts[shuffle[(start + k) % len(texts)]] for k in range(self.captions_per_video)]
+
+    def all_captions(self) -> list[str]:
+        return [text for _, _, texts in self.samples for text in texts]
 
 
 class CollateCaptionedRegions:
-    """Worker-side batching: pad videos to a common T/N and tokenize the batch's captions."""
+    """Worker-side batching: pad videos to a common T/N; tokenize the batch's captions (K per video,
+    grouped by video), or look them up in a frozen text encoder's TextFeatures."""
 
-    def __init__(self, tokenizer, max_words: int):
+    def __init__(self, tokenizer, max_words: int, text_features: TextFeatures | None = None):
         self.tokenizer = tokenizer
         self.max_words = max_words
+        self.text_features = text_features
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         batch = video_batch(items)
-        batch["input_ids"], batch["attention_mask"] = tokenize(self.tokenizer, [it["caption"] for it in items], self.max_words)
+        captions = [caption for item in items for caption in item["captions"]]  # (B*K,)
+        if self.text_features is not None:  # the words of the first caption of each video: what RWA reads
+            batch.update(self.text_features.model_inputs(captions, [item["captions"][0] for item in items]))
+        else:
+            batch["input_ids"], batch["attention_mask"] = tokenize(self.tokenizer, captions, self.max_words)
         return batch
 
 
 @dataclass
 class ValidationSet:
-    """Standard text→video protocol: the first caption of every cached video that has one;
-    all those videos are the candidates."""
+    """Text→video retrieval over every cached video that has a validation caption (all of them are
+    the candidates), with every caption as a query: ~20 per MSR-VTT video, so that one query is a
+    twentieth of what it is under the first-caption protocol."""
 
     caches: list[RegionCache]
-    locations: list[tuple[int, int]]  # (cache index, item index)
-    queries: list[str]
+    locations: list[tuple[int, int]]  # (cache index, item index) of each video
+    captions: list[list[str]]  # each video's captions
 
     def __len__(self) -> int:
-        return len(self.queries)
+        return len(self.locations)
 
-    def items(self, start: int, stop: int) -> list[dict]:
-        return [self.caches[c][i] for c, i in self.locations[start:stop]]
+    def __getitem__(self, video: int) -> dict:
+        c, i = self.locations[video]
+        return self.caches[c][i]
+
+    def queries(self) -> tuple[list[str], list[int]]:
+        """Every caption, and the index of its video."""
+        return caption_queries(self.captions, all_captions=True)
 
 
 def validation_set(caches: list[RegionCache], captions: Captions) -> tuple[ValidationSet, CaptionReport]:
     samples, report = match_captions(caches, captions)
-    return ValidationSet(caches, [(c, i) for c, i, _ in samples], [texts[0] for _, _, texts in samples]), report
+    return ValidationSet(caches, [(c, i) for c, i, _ in samples], [texts for _, _, texts in samples]), report
 
 
 def held_out(captions: Captions, keep_held_out: bool) -> tuple[Captions, int]:
@@ -231,7 +257,8 @@ class PretrainData:
         if self.held_out_skipped:
             lines.append(f"training: {self.held_out_skipped} captioned items of val/test splits left out")
         if self.validation is not None:
-            lines.append(f"validation ({self.validation_file}): {len(self.validation)} videos, first caption each")
+            queries = sum(len(c) for c in self.validation.captions)
+            lines.append(f"validation ({self.validation_file}): {len(self.validation)} videos, {queries} captions as queries")
         else:
             lines.append("validation: none (pass --val-captions FILE of held-out cached videos to get R@K each epoch)")
         return lines
@@ -243,6 +270,7 @@ def load_pretrain_data(
     validation_file: Path | None,
     seed: int = 0,
     workspace: Workspace | None = None,
+    captions_per_video: int = 1,
 ) -> PretrainData:
     """Open the caches and match them with the training (and validation) captions."""
     workspace = workspace or Workspace()
@@ -266,7 +294,8 @@ def load_pretrain_data(
             f"(cache ids look like {example_item!r}, caption ids like {example_caption!r}); pass the caption file "
             "of the extracted items with --captions"
         )
-    data = PretrainData(caches, CaptionedRegions(caches, samples, seed), report, caption_files, held_out_skipped=skipped)
+    data = PretrainData(caches, CaptionedRegions(caches, samples, seed, captions_per_video), report, caption_files,
+                        held_out_skipped=skipped)
     if validation_file is not None:
         validation_captions, _ = held_out(read_captions(validation_file), keep_held_out=True)
         data.validation, data.validation_report = validation_set(caches, validation_captions)

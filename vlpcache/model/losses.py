@@ -75,18 +75,35 @@ def symmetric_cross_entropy(logits_t2v: torch.Tensor, logits_v2t: torch.Tensor, 
 # ---------------------------------------------------------------- video-text InfoNCE
 
 
+def multi_positive_cross_entropy(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Mean over positive pairs of -log(e^s_pos / (e^s_pos + Σ_negatives e^s)): each positive is
+    contrasted with the row's negatives only, never with the row's other positives.
+
+    logits (B, C), positive (B, C) bool. With one positive per row this is the usual cross-entropy.
+    """
+    negatives = torch.logsumexp(logits.masked_fill(positive, float("-inf")), dim=1, keepdim=True)  # (B, 1)
+    return (torch.logaddexp(logits, negatives) - logits)[positive].mean()
+
+
 class ContrastiveLoss(nn.Module):
     """Symmetric InfoNCE between the global text and video embeddings of a batch (and, under DDP,
-    of every process's batch). The temperature is the model's learnable logit scale."""
+    of every process's batch). The temperature is the model's learnable logit scale.
+
+    Each video may come with K captions (rows b*K .. b*K+K-1 of text describe video b): text->video
+    has one positive per caption; video->text has K, none of which is a negative of the others."""
 
     def forward(self, text: torch.Tensor, video: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-        # text, video: (B, E) L2-normalised, row b of each is a matching pair
-        all_text, offset = gather_batch(text)  # (W*B, E)
-        all_video, _ = gather_batch(video)
-        labels = torch.arange(text.shape[0], device=text.device) + offset
-        logits_t2v = logit_scale * text.float() @ all_video.float().T  # (B, W*B)
-        logits_v2t = logit_scale * video.float() @ all_text.float().T
-        return symmetric_cross_entropy(logits_t2v, logits_v2t, labels)
+        # text (B*K, E), video (B, E): L2-normalised
+        per_video = text.shape[0] // video.shape[0]
+        all_text, text_offset = gather_batch(text)  # (W*B*K, E)
+        all_video, video_offset = gather_batch(video)  # (W*B, E)
+        owner = torch.arange(all_text.shape[0], device=text.device) // per_video  # (W*B*K,) video of each caption
+        logits_t2v = logit_scale * text.float() @ all_video.float().T  # (B*K, W*B)
+        logits_v2t = logit_scale * video.float() @ all_text.float().T  # (B, W*B*K)
+        own = torch.arange(video.shape[0], device=video.device) + video_offset  # (B,)
+        t2v = F.cross_entropy(logits_t2v, owner[text_offset : text_offset + text.shape[0]])
+        v2t = multi_positive_cross_entropy(logits_v2t, owner[None, :] == own[:, None])
+        return (t2v + v2t) / 2
 
 
 # ---------------------------------------------------------------- region-word alignment

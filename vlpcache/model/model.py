@@ -50,7 +50,14 @@ class ModelConfig(JsonRecord):
     text_pooling: str = "mean"  # "mean" over tokens (how all-MiniLM-L6-v2 was trained) or "cls"
     max_words: int = 32  # tokens per caption, special tokens included
     special_token_ids: list[int] = field(default_factory=list)  # excluded from words (filled from the tokenizer)
-    max_frames: int = 64  # frame-time embeddings
+    # how a region token knows its frame's place in the item: "relative" embeds the frame's position
+    # among the item's real frames in [0, 1] (a 2-frame folder at 0.25/0.75, an 8-frame video at
+    # 1/16..15/16), "none" embeds nothing, "slot" (runs before schema 2 only) one learned vector per slot
+    frame_time: str = "relative"
+    max_frames: int = 64  # "slot" only: number of slot embeddings
+    global_path: bool = True  # the whole-frame regions' mean over frames enters the video embedding
+    frame_dropout: float = 0.0  # training only: chance that a real frame is hidden (one always stays)
+    region_dropout: float = 0.0  # training only: chance that a detected region is hidden (whole frames stay)
     width: int = 256  # region transformer width
     layers: int = 2
     heads: int = 4
@@ -64,6 +71,13 @@ class ModelConfig(JsonRecord):
     rwa_hard_negatives: int = 15  # RWA candidates per query beyond the positive when the batch is large
     rwa_full_batch_max: int = 32  # up to this batch size RWA scores every pair
     rerank_weight: float = 0.5  # search/eval re-rank score = global cosine + rerank_weight * S_loc
+
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelConfig":
+        """Configs of runs made before frame_time/global_path existed describe the model they trained."""
+        legacy = {"frame_time": "slot", "global_path": False}
+        return super().from_json({**{k: v for k, v in legacy.items() if k not in data}, **data})
 
 
 class TextEmbedding(NamedTuple):
@@ -181,6 +195,35 @@ def box_geometry(boxes: torch.Tensor) -> torch.Tensor:
     return torch.cat([boxes, boxes[..., 2:3] - boxes[..., 0:1], boxes[..., 3:4] - boxes[..., 1:2]], -1)
 
 
+def frame_positions(frame_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool -> (B, T): each real frame's place among the item's real frames, in [0, 1].
+
+    The k-th of K real frames sits at (k + 0.5) / K, the centre of its segment (where extract samples
+    a video's frames); padded frames get 0. Neither the cache's T nor the slots the frames occupy
+    change a position, so a model trained on 2-frame folders reads 8-frame videos and still images.
+    """
+    real = frame_mask.float()
+    rank = real.cumsum(1) - real  # (B, T) k for the k-th real frame
+    return (rank + 0.5) / real.sum(1, keepdim=True).clamp_min(1) * real
+
+
+class FrameTimeEmbedding(nn.Module):
+    """Position in [0, 1] -> (..., W): sines and cosines at a few frequencies through a Linear that
+    starts at zero, so a position no training item had gets a smooth interpolation of trained ones,
+    never an untrained random vector."""
+
+    def __init__(self, width: int, frequencies: int = 4):
+        super().__init__()
+        self.register_buffer("frequencies", math.pi * 2.0 ** torch.arange(frequencies).float(), persistent=False)
+        self.proj = nn.Linear(2 * frequencies, width)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, position: torch.Tensor) -> torch.Tensor:
+        angles = position[..., None] * self.frequencies  # (..., F)
+        return self.proj(torch.cat([angles.sin(), angles.cos()], -1))  # (..., W)
+
+
 class RegionEncoder(nn.Module):
     """[CLS] + one token per region: LayerNorm(Linear(feature)) + Linear(box) + frame-time embedding,
     through a small pre-norm transformer that ignores padded regions and frames."""
@@ -191,7 +234,13 @@ class RegionEncoder(nn.Module):
         self.feature_proj = nn.Linear(config.feature_dim, w)
         self.feature_norm = nn.LayerNorm(w)
         self.box_proj = nn.Linear(6, w)
-        self.frame_embedding = nn.Embedding(config.max_frames, w)
+        self.frame_time = config.frame_time
+        if config.frame_time == "relative":
+            self.time_embedding = FrameTimeEmbedding(w)
+        elif config.frame_time == "slot":
+            self.frame_embedding = nn.Embedding(config.max_frames, w)
+        elif config.frame_time != "none":
+            raise ValueError(f"frame_time {config.frame_time!r}: choose relative, none or slot")
         self.cls = nn.Parameter(torch.randn(1, 1, w) * 0.02)
         layer = nn.TransformerEncoderLayer(
             w, config.heads, 4 * w, config.dropout, activation="gelu", batch_first=True, norm_first=True
@@ -200,13 +249,23 @@ class RegionEncoder(nn.Module):
         self.norm = nn.LayerNorm(w)
         self.max_frames = config.max_frames
 
+    def _frame_time(self, frame_mask: torch.Tensor, frame_of_token: torch.Tensor, dtype) -> torch.Tensor | int:
+        """The time term of each packed token: frame_of_token (B, K) -> (B, K, W), or 0 without one."""
+        if self.frame_time == "relative":
+            positions = frame_positions(frame_mask).gather(1, frame_of_token)  # (B, K)
+            return self.time_embedding(positions.to(dtype))
+        if self.frame_time == "slot":
+            if frame_mask.shape[1] > self.max_frames:
+                raise ValueError(f"items have {frame_mask.shape[1]} frames, the model was built for at most {self.max_frames}")
+            return self.frame_embedding(frame_of_token)
+        return 0
+
     def forward(self, features, boxes, region_mask, frame_mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """features (B, T, N, D), boxes (B, T, N, 4), masks (B, T, N) and (B, T) ->
         [CLS] (B, W), region tokens (B, T*N, W) frame-major, their mask (B, T*N)."""
         B, T, N, _ = features.shape
-        if T > self.max_frames:
-            raise UserError(f"items have {T} frames, the model was built for at most {self.max_frames}")
-        mask = (region_mask.bool() & frame_mask.bool()[..., None]).reshape(B, T * N)  # (B, T*N)
+        frame_mask = frame_mask.bool()
+        mask = (region_mask.bool() & frame_mask[..., None]).reshape(B, T * N)  # (B, T*N)
         # pack each item's real regions to the front (in frame-major order) and keep only as many
         # tokens as the fullest item has: a T=8 cache of 2-frame clips with ~6 regions per frame
         # costs ~12 tokens instead of 248; the output is scattered back to the frame-major layout
@@ -219,13 +278,38 @@ class RegionEncoder(nn.Module):
         # padding may hold anything: zero it so it cannot reach real tokens through LayerNorm statistics
         feats = feats.to(weight.dtype).masked_fill(~packed[..., None], 0)  # (B, K, D)
         geometry = geometry.masked_fill(~packed[..., None], 0)  # (B, K, 6)
-        tokens = self.feature_norm(self.feature_proj(feats)) + self.box_proj(geometry) + self.frame_embedding(order // N)
+        tokens = self.feature_norm(self.feature_proj(feats)) + self.box_proj(geometry)  # (B, K, W)
+        tokens = tokens + self._frame_time(frame_mask, order // N, tokens.dtype)
         tokens = torch.cat([self.cls.expand(B, -1, -1).to(tokens.dtype), tokens], 1)  # (B, 1+K, W)
         padding = torch.cat([torch.zeros(B, 1, dtype=torch.bool, device=mask.device), ~packed], 1)
         out = self.norm(self.transformer(tokens, src_key_padding_mask=padding))  # (B, 1+K, W)
         regions = out.new_zeros(B, T * N, out.shape[-1])
         regions = regions.scatter(1, order[..., None].expand(-1, -1, out.shape[-1]), out[:, 1:] * packed[..., None])
         return out[:, 0], regions, mask  # (B, W), (B, T*N, W) frame-major, (B, T*N)
+
+
+def whole_frame_mean(features: torch.Tensor, region_mask: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, N, D) -> (B, D): the whole-frame region's feature (region 0 of every frame, by the cache
+    schema) averaged over the item's real frames: a global feature of the item."""
+    real = (frame_mask.bool() & region_mask.bool()[..., 0]).to(torch.float32)  # (B, T)
+    summed = (features[:, :, 0].float() * real[..., None]).sum(1)  # (B, D)
+    return summed / real.sum(1, keepdim=True).clamp_min(1)
+
+
+def hide_at_random(region_mask: torch.Tensor, frame_mask: torch.Tensor, frame_p: float, region_p: float):
+    """Training augmentation: hide each real frame with chance frame_p (every item keeps its first real
+    frame when all would go) and each detected region with chance region_p (whole frames stay)."""
+    region_mask, frame_mask = region_mask.bool(), frame_mask.bool()
+    if frame_p > 0:
+        kept = frame_mask & (torch.rand(frame_mask.shape, device=frame_mask.device) >= frame_p)  # (B, T)
+        emptied = ~kept.any(1)
+        kept[emptied, frame_mask.float().argmax(1)[emptied]] = True
+        frame_mask = kept & frame_mask
+    if region_p > 0:
+        kept = torch.rand(region_mask.shape, device=region_mask.device) >= region_p  # (B, T, N)
+        kept[..., 0] = True
+        region_mask = region_mask & kept
+    return region_mask, frame_mask
 
 
 # ---------------------------------------------------------------- joint model
@@ -239,6 +323,8 @@ class AlignmentModel(nn.Module):
         self.region_encoder = RegionEncoder(config)
         self.text_proj = nn.Linear(self.text_encoder.width, config.embed_dim)
         self.video_proj = nn.Linear(config.width, config.embed_dim)
+        if config.global_path:  # the frozen-feature baseline's path, so the model can only add to it
+            self.frame_proj = nn.Sequential(nn.LayerNorm(config.feature_dim), nn.Linear(config.feature_dim, config.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
         self.rwa_logit_scale = nn.Parameter(torch.tensor(math.log(config.rwa_init_scale)))
         self.rwa_logit_scale.requires_grad_(config.rwa)  # unused without RWA: DDP must not wait for its gradient
@@ -246,27 +332,55 @@ class AlignmentModel(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextEmbedding:
         hidden, pooled = self.text_encoder(input_ids, attention_mask)  # (B, L, H), (B, H)
-        word_mask = attention_mask.bool() & ~torch.isin(input_ids, self.special_token_ids)
+        return self.project_text(hidden, pooled, self.word_mask(input_ids, attention_mask))
+
+    def word_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: real words, special and padding tokens excluded."""
+        return attention_mask.bool() & ~torch.isin(input_ids, self.special_token_ids)
+
+    def project_text(self, hidden: torch.Tensor, pooled: torch.Tensor, word_mask: torch.Tensor) -> TextEmbedding:
+        """The text encoder's outputs, computed now or read from cached TextFeatures when the encoder
+        is frozen, in the joint space: pooled (B, H) -> global_; hidden (Bw, L, H) -> words of the
+        same captions (Bw = B) or, in training, of the first caption of each video (Bw = videos)."""
         return TextEmbedding(
-            F.normalize(self.text_proj(pooled), dim=-1),
-            F.normalize(self.text_proj(hidden), dim=-1),
-            word_mask,
+            F.normalize(self.text_proj(pooled.to(self.text_proj.weight.dtype)), dim=-1),  # (B, E)
+            F.normalize(self.text_proj(hidden.to(self.text_proj.weight.dtype)), dim=-1),  # (B, L, E)
+            word_mask.bool(),
         )
 
     def encode_video(self, features, boxes, region_mask, frame_mask, timestamps=None) -> VideoEmbedding:
-        # timestamps are carried for callers (search prints them); the model embeds the frame order
+        # timestamps are carried for callers (search prints them); the model embeds frame positions
+        if self.training:
+            region_mask, frame_mask = hide_at_random(region_mask, frame_mask, self.config.frame_dropout,
+                                                     self.config.region_dropout)
         cls, tokens, mask = self.region_encoder(features, boxes, region_mask, frame_mask)
+        global_ = self.video_proj(cls)  # (B, E)
+        if self.config.global_path:
+            global_ = global_ + self.frame_proj(whole_frame_mean(features, region_mask, frame_mask).to(global_.dtype))
         return VideoEmbedding(
-            F.normalize(self.video_proj(cls), dim=-1),
+            F.normalize(global_, dim=-1),
             F.normalize(self.video_proj(tokens), dim=-1),
             mask,
         )
 
     def forward(self, batch: dict) -> tuple[TextEmbedding, VideoEmbedding, torch.Tensor, torch.Tensor]:
         """One training batch -> both embeddings and the two logit scales (returned from forward so
-        that DistributedDataParallel sees every parameter the loss uses)."""
-        text = self.encode_text(batch["input_ids"], batch["attention_mask"])
+        that DistributedDataParallel sees every parameter the loss uses).
+
+        The batch holds B videos and B*K captions, captions b*K .. b*K+K-1 describing video b; the
+        captions come as tokens (input_ids, attention_mask) or, with a frozen text encoder, as its
+        cached outputs (text_pooled (B*K, H); text_hidden and word_mask of the first caption of each
+        video). The text embedding's global_ has B*K rows, its words B: region-word alignment reads
+        the first caption of each video only (it costs batch² × regions × words).
+        """
         video = self.encode_video(batch["features"], batch["boxes"], batch["region_mask"], batch["frame_mask"])
+        if "text_pooled" in batch:
+            text = self.project_text(batch["text_hidden"], batch["text_pooled"], batch["word_mask"])
+        else:
+            input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+            first = slice(None, None, input_ids.shape[0] // video.global_.shape[0])  # the first caption of each video
+            hidden, pooled = self.text_encoder(input_ids, attention_mask)  # (B*K, L, H), (B*K, H)
+            text = self.project_text(hidden[first], pooled, self.word_mask(input_ids, attention_mask)[first])
         return text, video, self.logit_scale.exp(), self.rwa_logit_scale.exp()
 
     @torch.no_grad()
@@ -276,7 +390,8 @@ class AlignmentModel(nn.Module):
 
 
 class PretrainLoss(nn.Module):
-    """InfoNCE on the global embeddings + rwa_weight × contrastive loss on S_loc."""
+    """InfoNCE on the global embeddings (every caption of the batch) + rwa_weight × contrastive loss
+    on S_loc (the first caption of each video: RWA costs batch² × regions × words)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -285,10 +400,13 @@ class PretrainLoss(nn.Module):
         self.region_word = RegionWordLoss(config.rwa_lambda, config.rwa_hard_negatives, config.rwa_full_batch_max)
 
     def forward(self, text: TextEmbedding, video: VideoEmbedding, logit_scale, rwa_logit_scale) -> dict[str, torch.Tensor]:
+        # text: global_ (B*K, E), K captions per video grouped by video; words (B, L, E) of the first
+        # caption of each video (AlignmentModel.forward)
         losses = {"contrastive": self.contrastive(text.global_, video.global_, logit_scale)}
         if self.config.rwa:
-            global_similarity = text.global_.detach() @ video.global_.detach().T  # (B, B): picks hard negatives
-            losses["rwa"] = self.region_word(text, video, global_similarity, rwa_logit_scale)
+            first = text._replace(global_=text.global_[:: text.global_.shape[0] // video.global_.shape[0]])  # (B, E)
+            global_similarity = first.global_.detach() @ video.global_.detach().T  # (B, B): picks hard negatives
+            losses["rwa"] = self.region_word(first, video, global_similarity, rwa_logit_scale)
             losses["loss"] = losses["contrastive"] + self.config.rwa_weight * losses["rwa"]
         else:
             losses["loss"] = losses["contrastive"]

@@ -1,7 +1,10 @@
 """The pretraining loop: AdamW, warmup + cosine, autocast on GPU, gradient clipping, a checkpoint and
 validation every epoch, resume after kill -9, DistributedDataParallel under torchrun.
 
-The loop knows the model only through `model(batch) -> (text, video, scales)` and `PretrainLoss`.
+It reads as four steps: resolve the run (options, or the stored settings on --resume, and the data),
+make the trainer (model, optimizer, resumed state) and the loader, then one epoch and the end of an
+epoch (validation, checkpoint, logs) until done. The loop knows the model only through
+`model(batch) -> (text, video, scales)` and `PretrainLoss`.
 """
 
 from __future__ import annotations
@@ -25,22 +28,24 @@ from tqdm import tqdm
 from vlpcache import __version__
 from vlpcache.devices import resolve_device
 from vlpcache.errors import UserError
-from vlpcache.metrics import retrieval_metrics
+from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics
 from vlpcache.model import checkpoint as ckpt
-from vlpcache.model.batch import tokenize, video_batch
-from vlpcache.model.losses import region_word_score, rerank_score
 from vlpcache.model.data import CollateCaptionedRegions, PretrainData, ValidationSet, load_pretrain_data
 from vlpcache.model.model import AlignmentModel, ModelConfig, PretrainLoss, build_model, load_text_backbone
+from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
+from vlpcache.model.text_features import TextFeatures, cached_text_features
 from vlpcache.records import JsonRecord
 from vlpcache.workspace import Workspace
 
 LOG_NAME = "log.jsonl"
+RERANK_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)  # candidates for global + w·S_loc, chosen on validation
 
 
 @dataclass
 class TrainConfig(JsonRecord):
     epochs: int = 10
-    batch_size: int = 64
+    batch_size: int = 64  # videos per step and process
+    captions_per_video: int = 1  # K captions of each video per step (multi-positive InfoNCE)
     lr: float = 5e-4  # region encoder, projections, temperatures
     text_lr: float = 5e-5  # the pretrained text layers that train
     weight_decay: float = 0.05
@@ -52,6 +57,45 @@ class TrainConfig(JsonRecord):
     caches: list[str] = dataclasses.field(default_factory=list)
     captions: list[str] = dataclasses.field(default_factory=list)
     val_captions: str | None = None
+
+
+# options of `vlpcache pretrain` that set a TrainConfig field, and those that set a ModelConfig field
+TRAIN_OPTIONS = ("epochs", "batch_size", "captions_per_video", "lr", "text_lr", "seed", "workers")
+MODEL_OPTIONS = {"text_model": "text_model", "trainable_layers": "text_trainable_layers", "rwa_weight": "rwa_weight",
+                 "width": "width", "layers": "layers", "frame_time": "frame_time", "global_path": "global_path",
+                 "frame_dropout": "frame_dropout", "region_dropout": "region_dropout"}
+RESUMABLE_OPTIONS = ("epochs", "workers")  # what --resume may change: a longer schedule, other hardware
+
+
+@dataclass
+class PretrainOptions:
+    """What `vlpcache pretrain` was asked for. None takes the default for a new run, or the run's
+    stored value on --resume (where any other value is refused)."""
+
+    cache_dirs: tuple = ()
+    captions: tuple = ()
+    val_captions: str | None = None
+    run_dir: str | None = None
+    resume: bool = False
+    no_rwa: bool = False
+    device: str = "auto"
+    quiet: bool = False
+    epochs: int | None = None
+    batch_size: int | None = None
+    captions_per_video: int | None = None
+    lr: float | None = None
+    text_lr: float | None = None
+    seed: int | None = None
+    workers: int | None = None
+    text_model: str | None = None
+    trainable_layers: int | None = None
+    rwa_weight: float | None = None
+    width: int | None = None
+    layers: int | None = None
+    frame_time: str | None = None
+    global_path: bool | None = None
+    frame_dropout: float | None = None
+    region_dropout: float | None = None
 
 
 def learning_rate_factor(step: int, total: int, warmup: int) -> float:
@@ -70,6 +114,7 @@ class Processes:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    quiet: bool = False
 
     @property
     def main(self) -> bool:
@@ -87,20 +132,25 @@ class Processes:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def say(self, message: str, always: bool = False) -> None:
+        """One line on stderr from the main process (unless --quiet, or `always`)."""
+        if self.main and (always or not self.quiet):
+            print(message, file=sys.stderr, flush=True)
 
-def start_processes(device: str) -> Processes:
+
+def start_processes(device: str, quiet: bool) -> Processes:
     """One process, or one of torchrun's (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA."""
     device = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return Processes(device=device)
+        return Processes(device=device, quiet=quiet)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl")
-        return Processes(dist.get_rank(), world, torch.device("cuda", local_rank))
+        return Processes(dist.get_rank(), world, torch.device("cuda", local_rank), quiet)
     dist.init_process_group("gloo")
-    return Processes(dist.get_rank(), world, torch.device("cpu"))
+    return Processes(dist.get_rank(), world, torch.device("cpu"), quiet)
 
 
 def autocast_for(device: torch.device):
@@ -112,69 +162,49 @@ def autocast_for(device: torch.device):
     return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
 
 
-# ---------------------------------------------------------------- validation
+# ---------------------------------------------------------------- step 1: the run
 
 
-RERANK_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)  # candidates for global + w·S_loc, chosen on validation
+@dataclass
+class Run:
+    dir: Path
+    train: TrainConfig
+    model: ModelConfig
+    data: PretrainData
+    resumed: bool  # settings read back from the run's config.json
 
 
-@torch.no_grad()
-def validate(model: AlignmentModel, tokenizer, validation: ValidationSet, device, batch_size: int) -> dict:
-    """Text→video R@1/5/10, MdR, MnR on the validation set by global cosine; with RWA also by the
-    re-rank score for each weight in RERANK_WEIGHTS (every candidate re-ranked) and the best weight."""
-    model.eval()
-    texts, videos = [], []
-    for start in range(0, len(validation), batch_size):
-        stop = min(start + batch_size, len(validation))
-        input_ids, attention_mask = tokenize(tokenizer, validation.queries[start:stop], model.config.max_words)
-        texts.append(model.encode_text(input_ids.to(device), attention_mask.to(device)))
-        videos.append(model.encode_video(**video_batch(validation.items(start, stop), device)))
-    model.train()
-    text_global = torch.cat([t.global_.float() for t in texts])
-    video_global = torch.cat([v.global_.float() for v in videos])
-    similarity = text_global @ video_global.T  # (Q, C): query q's video is candidate q
-    targets = np.arange(len(validation))
-    metrics = retrieval_metrics(similarity.cpu().numpy(), targets)
-    if model.config.rwa:
-        local = torch.cat([
-            region_word_score(t.words, t.word_mask, torch.cat([v.regions for v in videos]),
-                              torch.cat([v.region_mask for v in videos]), model.config.rwa_lambda)
-            for t in texts
-        ])  # (Q, C)
-        reranked = {
-            w: retrieval_metrics(rerank_score(similarity, local, w).cpu().numpy(), targets) for w in RERANK_WEIGHTS
-        }
-        best = max(RERANK_WEIGHTS, key=lambda w: (selection_score(reranked[w]), -w))
-        metrics["rerank"] = {str(w): {k: reranked[w][k] for k in ("R@1", "R@5", "R@10", "MdR")} for w in RERANK_WEIGHTS}
-        metrics["rerank_weight"] = best
-    return metrics
-
-
-def train_step(trainable, criterion, optimizer, inputs: dict, autocast, scaler, grad_clip: float):
-    """One optimisation step on a batch already on the device; returns (loss values, logit scale)."""
-    with autocast():
-        text, video, logit_scale, rwa_scale = trainable(inputs)
-        losses = criterion(text, video, logit_scale, rwa_scale)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(losses["loss"]).backward()
-        scaler.unscale_(optimizer)
+def resolve_run(options: PretrainOptions, processes: Processes, workspace: Workspace) -> Run:
+    """The run directory, its settings (the options', or the stored ones on --resume) and its data."""
+    run_dir = Path(options.run_dir) if options.run_dir else None
+    if run_dir is None:  # every process must agree, so rank 0 decides
+        run_dir = processes.broadcast(_latest_started_run(workspace) if options.resume else workspace.new_run_dir())
+    stored = ckpt.read_run_config(run_dir) if options.resume and (run_dir / ckpt.CONFIG_NAME).exists() else None
+    if options.resume and stored is None and not run_dir.exists():
+        raise UserError(f"--resume: {run_dir} does not exist; start the run without --resume")
+    if not options.resume and ckpt.checkpoints(run_dir):
+        raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or another -o RUN_DIR")
+    if stored:
+        train_config, model_config = _stored_settings(options, stored, run_dir, processes)
     else:
-        losses["loss"].backward()
-    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    return {k: float(v.detach()) for k, v in losses.items()}, logit_scale.detach()
-
-
-def selection_score(metrics: dict) -> float:
-    return metrics["R@1"] + metrics["R@5"] + metrics["R@10"]
-
-
-# ---------------------------------------------------------------- the run
+        train_config = TrainConfig(
+            **{k: getattr(options, k) for k in TRAIN_OPTIONS if getattr(options, k) is not None},
+            caches=[str(Path(c).resolve()) for c in (options.cache_dirs or [workspace.cache_dir])],
+            captions=[str(Path(c).resolve()) for c in options.captions],
+            val_captions=str(Path(options.val_captions).resolve()) if options.val_captions else None,
+        )
+    data = load_pretrain_data(
+        [Path(c) for c in train_config.caches], [Path(c) for c in train_config.captions],
+        Path(train_config.val_captions) if train_config.val_captions else None,
+        seed=train_config.seed, workspace=workspace, captions_per_video=train_config.captions_per_video,
+    )
+    if not stored:  # record what the defaults resolved to, so that resume reads the same data
+        train_config.captions = [str(p) for p in data.caption_files]
+        train_config.val_captions = str(data.validation_file) if data.validation_file else None
+        model_config = _new_model_config(options, data)
+    for line in data.summary():
+        processes.say(line)
+    return Run(run_dir, train_config, model_config, data, resumed=bool(stored))
 
 
 def _latest_started_run(workspace: Workspace) -> Path:
@@ -182,6 +212,67 @@ def _latest_started_run(workspace: Workspace) -> Path:
     if not runs:
         raise UserError(f"--resume: no run in {workspace.runs_dir} to resume; pass -o RUN_DIR or start without --resume")
     return max(runs, key=lambda p: p.stat().st_mtime)
+
+
+def _new_model_config(options: PretrainOptions, data: PretrainData) -> ModelConfig:
+    chosen = {field: getattr(options, option) for option, field in MODEL_OPTIONS.items() if getattr(options, option) is not None}
+    config = ModelConfig(
+        feature_dim=data.caches[0].settings.feature_dim,
+        max_frames=max(64, max(c.settings.frames for c in data.caches)),
+        **chosen,
+    )
+    config.rwa = not options.no_rwa
+    return config
+
+
+def _stored_settings(options: PretrainOptions, stored: dict, run_dir: Path, processes: Processes):
+    """The run's stored configs; options that would change them are refused (only RESUMABLE_OPTIONS may)."""
+    train_config = TrainConfig.from_json(stored["train"])
+    model_config = ModelConfig.from_json(stored["model"])
+    conflicts = []
+    for option in TRAIN_OPTIONS:
+        value = getattr(options, option)
+        if value is not None and option not in RESUMABLE_OPTIONS and value != getattr(train_config, option):
+            conflicts.append(f"--{option.replace('_', '-')} {value} (the run has {getattr(train_config, option)})")
+    for option, field in MODEL_OPTIONS.items():
+        value = getattr(options, option)
+        if value is not None and value != getattr(model_config, field):
+            conflicts.append(f"--{option.replace('_', '-')} {value} (the run has {getattr(model_config, field)})")
+    if options.no_rwa and model_config.rwa:
+        conflicts.append("--no-rwa (the run trains with region-word alignment)")
+    for given, kept, name in ((options.cache_dirs, train_config.caches, "--cache"), (options.captions, train_config.captions, "--captions")):
+        if given and sorted(str(Path(p).resolve()) for p in given) != sorted(kept):
+            conflicts.append(f"{name} {' '.join(map(str, given))} (the run reads {' '.join(kept)})")
+    if options.val_captions and str(Path(options.val_captions).resolve()) != train_config.val_captions:
+        conflicts.append(f"--val-captions {options.val_captions} (the run has {train_config.val_captions})")
+    if conflicts:
+        raise UserError(f"--resume continues {run_dir} with its stored settings; these options differ: "
+                        f"{'; '.join(conflicts)}. Leave them out, or start a new run with -o")
+    for option in RESUMABLE_OPTIONS:
+        if getattr(options, option) is not None:
+            setattr(train_config, option, getattr(options, option))
+    processes.say(f"resuming {run_dir} with its stored settings: {train_config.epochs} epochs, batch "
+                  f"{train_config.batch_size}, {train_config.captions_per_video} caption(s) per video, lr {train_config.lr:g}, "
+                  f"text layers trained {model_config.text_trainable_layers}, RWA {'on' if model_config.rwa else 'off'}")
+    return train_config, model_config
+
+
+# ---------------------------------------------------------------- step 2: the trainer and the loader
+
+
+@dataclass
+class Trainer:
+    model: AlignmentModel
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    criterion: PretrainLoss
+    autocast: object
+    scaler: object
+    trainable: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    text_features: TextFeatures | None  # a frozen text encoder's outputs, else None
+    start_epoch: int = 1
+    step: int = 0
+    best_score: float | None = None
 
 
 def parameter_groups(model: AlignmentModel, config: TrainConfig) -> list[dict]:
@@ -205,277 +296,311 @@ def parameter_groups(model: AlignmentModel, config: TrainConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _say(processes: Processes, quiet: bool, message: str) -> None:
-    if processes.main and not quiet:
-        print(message, file=sys.stderr, flush=True)
-
-
-def run_pretrain(
-    cache_dirs=(),
-    captions=(),
-    val_captions=None,
-    run_dir=None,
-    epochs=None,
-    batch_size=None,
-    text_model=None,
-    no_rwa=False,
-    resume=False,
-    lr=None,
-    text_lr=None,
-    rwa_weight=None,
-    trainable_layers=None,
-    width=None,
-    layers=None,
-    workers=None,
-    device="auto",
-    seed=None,
-    quiet=False,
-) -> dict:
-    """Pretrain (or resume) a run; returns a summary dict. Options left None take defaults (or, on
-    --resume, the run's stored values)."""
-    processes = start_processes(device)
-    try:
-        return _run(processes, **{k: v for k, v in locals().items() if k != "processes"})
-    finally:
-        if processes.world > 1:
-            dist.destroy_process_group()
-
-
-def _run(processes: Processes, **o) -> dict:
-    workspace = Workspace()
-    quiet = o["quiet"]
-    # which run directory: every process must agree, so rank 0 decides
-    run_dir = Path(o["run_dir"]) if o["run_dir"] else None
-    if run_dir is None:
-        run_dir = processes.broadcast(_latest_started_run(workspace) if o["resume"] else workspace.new_run_dir())
-    stored = ckpt.read_run_config(run_dir) if (o["resume"] and (run_dir / ckpt.CONFIG_NAME).exists()) else None
-    if o["resume"] and stored is None and not run_dir.exists():
-        raise UserError(f"--resume: {run_dir} does not exist; start the run without --resume")
-    if not o["resume"] and ckpt.checkpoints(run_dir):
-        raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or another -o RUN_DIR")
-
-    # configs: stored ones on resume (only --epochs may change), else from the options
-    if stored:
-        train_config = TrainConfig.from_json(stored["train"])
-        model_config = ModelConfig.from_json(stored["model"])
-        if o["epochs"]:
-            train_config.epochs = o["epochs"]
+def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Trainer:
+    """Model, optimizer and loss; on resume their state from the last checkpoint; the run's files."""
+    last = ckpt.checkpoints(run.dir)
+    if run.resumed and last:
+        backbone, tokenizer = load_text_backbone(str(run.dir / ckpt.TEXT_DIR), weights=False)
+        model = AlignmentModel(run.model, backbone)
+        ckpt.load_weights(model, last[max(last)])
     else:
-        train_config = TrainConfig(
-            **{k: o[k] for k in ("epochs", "batch_size", "lr", "text_lr", "seed", "workers") if o[k] is not None},
-            caches=[str(Path(c).resolve()) for c in (o["cache_dirs"] or [workspace.cache_dir])],
-            captions=[str(Path(c).resolve()) for c in o["captions"]],
-            val_captions=str(Path(o["val_captions"]).resolve()) if o["val_captions"] else None,
-        )
-    torch.manual_seed(train_config.seed + processes.rank)
-    np.random.seed(train_config.seed + processes.rank)
-
-    data: PretrainData = load_pretrain_data(
-        [Path(c) for c in train_config.caches],
-        [Path(c) for c in train_config.captions],
-        Path(train_config.val_captions) if train_config.val_captions else None,
-        seed=train_config.seed,
-        workspace=workspace,
-    )
-    if not stored:  # record what the defaults resolved to, so that resume reads the same data
-        train_config.captions = [str(p) for p in data.caption_files]
-        train_config.val_captions = str(data.validation_file) if data.validation_file else None
-        settings = data.caches[0].settings
-        model_config = ModelConfig(
-            feature_dim=settings.feature_dim,
-            max_frames=max(64, max(c.settings.frames for c in data.caches)),
-            **{k: v for k, v in {
-                "text_model": o["text_model"],
-                "text_trainable_layers": o["trainable_layers"],
-                "rwa_weight": o["rwa_weight"],
-                "width": o["width"],
-                "layers": o["layers"],
-            }.items() if v is not None},
-        )
-        model_config.rwa = not o["no_rwa"]
-    for line in data.summary():
-        _say(processes, quiet, line)
-
-    # model, optimizer and, on resume, their state
-    last = ckpt.checkpoints(run_dir)
-    start_epoch, step, best_score = 1, 0, None
-    if stored and last:
-        backbone, tokenizer = load_text_backbone(str(run_dir / ckpt.TEXT_DIR), weights=False)
-        model = AlignmentModel(model_config, backbone)
-        resume_dir = last[max(last)]
-        ckpt.load_weights(model, resume_dir)
-    else:
-        model, tokenizer = build_model(model_config)
-        resume_dir = None
+        model, tokenizer = build_model(run.model)
     if processes.main:
-        ckpt.remove_temporaries(run_dir)
-        if not stored:
+        ckpt.remove_temporaries(run.dir)
+        if not run.resumed:
             config = {
-                "model": model_config.to_json(),
-                "train": dataclasses.asdict(train_config),
-                "cache_settings": data.caches[0].settings.to_json(),
+                "model": run.model.to_json(),
+                "train": dataclasses.asdict(run.train),
+                "cache_settings": run.data.caches[0].settings.to_json(),
                 "vlpcache_version": __version__,
             }
-            ckpt.save_run_files(run_dir, config, tokenizer, model.text_encoder.backbone.config)
+            ckpt.save_run_files(run.dir, config, tokenizer, model.text_encoder.backbone.config)
     processes.barrier()
     model.to(processes.device)
-    optimizer = torch.optim.AdamW(parameter_groups(model, train_config), betas=(0.9, 0.98), eps=1e-6)
-    criterion = PretrainLoss(model_config)
+    text_features = _frozen_text_features(run, model, tokenizer, processes, workspace)
     autocast, scaler = autocast_for(processes.device)
-    if resume_dir is not None:
-        state = ckpt.load_training_state(resume_dir)
+    optimizer = torch.optim.AdamW(parameter_groups(model, run.train), betas=(0.9, 0.98), eps=1e-6)
+    trainer = Trainer(model, tokenizer, optimizer, PretrainLoss(run.model), autocast, scaler, model, text_features)
+    if run.resumed and last:
+        state = ckpt.load_training_state(last[max(last)])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"][min(processes.rank, len(state["rng"]) - 1)])
-        start_epoch, step, best_score = state["epoch"] + 1, state["step"], state.get("best_score")
-        _say(processes, False, f"resuming {run_dir} after epoch {state['epoch']} (step {step})")
-    trainable = model
+        trainer.start_epoch, trainer.step, trainer.best_score = state["epoch"] + 1, state["step"], state.get("best_score")
+        if processes.main:
+            keep_log_until(run.dir / LOG_NAME, state["epoch"])
+        processes.say(f"resuming {run.dir} after epoch {state['epoch']} (step {trainer.step})", always=True)
     if processes.world > 1:
-        trainable = torch.nn.parallel.DistributedDataParallel(
+        trainer.trainable = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[processes.device.index] if processes.device.type == "cuda" else None
         )
+    return trainer
 
-    # data loader: each process a disjoint shard of a per-epoch permutation
+
+def _frozen_text_features(run: Run, model, tokenizer, processes: Processes, workspace: Workspace) -> TextFeatures | None:
+    """With no text layer training, every training and validation caption encoded once (rank 0
+    computes, the others read the same file)."""
+    if run.model.text_trainable_layers > 0:
+        return None
+    captions = run.data.train.all_captions()
+    if run.data.validation is not None:
+        captions += [c for caps in run.data.validation.captions for c in caps]
+    features = None
+    if processes.main:
+        features = cached_text_features(model, tokenizer, captions, workspace.root, with_words=run.model.rwa,
+                                        device=processes.device, progress=not processes.quiet)
+    processes.barrier()
+    if features is None:
+        features = cached_text_features(model, tokenizer, captions, workspace.root, with_words=run.model.rwa,
+                                        device=processes.device, progress=False)
+    return features
+
+
+@dataclass
+class Loader:
+    loader: DataLoader
+    sampler: DistributedSampler
+    batch: int  # videos per step and process
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+
+
+def make_loader(run: Run, trainer: Trainer, processes: Processes) -> Loader:
+    """Each process a disjoint shard of a per-epoch permutation of the captioned items."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers run inside forked workers
-    workers = train_config.workers if train_config.workers is not None else (4 if processes.device.type == "cuda" else 1)
+    workers = run.train.workers if run.train.workers is not None else (4 if processes.device.type == "cuda" else 1)
     if processes.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # one core per loader worker, the rest for the model: oversubscribed cores slow torch down many times
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // processes.world - workers))
-    dataset = data.train
-    sampler = DistributedSampler(
-        dataset, num_replicas=processes.world, rank=processes.rank, shuffle=True, seed=train_config.seed,
-        drop_last=processes.world > 1,
-    )
-    per_process = len(sampler)
-    batch = min(train_config.batch_size, per_process)
+    dataset = run.data.train
+    sampler = DistributedSampler(dataset, num_replicas=processes.world, rank=processes.rank, shuffle=True,
+                                 seed=run.train.seed, drop_last=processes.world > 1)
+    batch = min(run.train.batch_size, len(sampler))
     loader = DataLoader(
         dataset,
         batch_size=batch,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=CollateCaptionedRegions(tokenizer, model_config.max_words),
+        collate_fn=CollateCaptionedRegions(trainer.tokenizer, run.model.max_words, trainer.text_features),
         pin_memory=processes.device.type == "cuda",
         drop_last=True,  # equal batches: all-gather needs them, and a tiny last batch has no negatives
         prefetch_factor=4 if workers else None,
     )
-    steps_per_epoch = per_process // batch
-    total_steps = steps_per_epoch * train_config.epochs
-    warmup = max(1, int(train_config.warmup_fraction * total_steps))
+    steps = len(sampler) // batch
+    total = steps * run.train.epochs
+    return Loader(loader, sampler, batch, steps, total, max(1, int(run.train.warmup_fraction * total)))
 
-    log_path = run_dir / LOG_NAME
+
+def keep_log_until(log_path: Path, epoch: int) -> None:
+    """Drop the log lines of epochs after `epoch` (written before a kill -9 took their checkpoint)."""
+    if not log_path.exists():
+        return
+    lines = log_path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _logged_epoch(line) <= epoch]
+    if len(kept) != len(lines):
+        tmp = log_path.with_name(f".{log_path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, log_path)
+
+
+def _logged_epoch(line: str) -> float:
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a partial line from a kill: dropped
+
+
+# ---------------------------------------------------------------- step 3: one epoch
+
+
+def train_step(trainable, criterion, optimizer, inputs: dict, autocast, scaler, grad_clip: float):
+    """One optimisation step on a batch already on the device; returns (loss values, logit scale)."""
+    with autocast():
+        text, video, logit_scale, rwa_scale = trainable(inputs)
+        losses = criterion(text, video, logit_scale, rwa_scale)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(losses["loss"]).backward()
+        scaler.unscale_(optimizer)
+    else:
+        losses["loss"].backward()
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return {k: float(v.detach()) for k, v in losses.items()}, logit_scale.detach()
+
+
+def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, processes: Processes, tensorboard) -> dict:
+    """One pass over the training items; returns the epoch's log record (mean losses, speed)."""
+    loader.sampler.set_epoch(epoch)
+    run.data.train.set_epoch(epoch)
+    trainer.model.train()
+    sums: dict[str, float] = {}
+    started = time.monotonic()
+    samples = loader.steps_per_epoch * loader.batch * processes.world
+    bar = tqdm(total=samples, unit="video", unit_scale=True, desc=f"epoch {epoch}/{run.train.epochs}",
+               disable=processes.quiet or not processes.main, leave=False, dynamic_ncols=True)
+    for batch_cpu in loader.loader:
+        factor = learning_rate_factor(trainer.step, loader.total_steps, loader.warmup)
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        inputs = {k: v.to(processes.device, non_blocking=True) for k, v in batch_cpu.items()}
+        values, logit_scale = train_step(trainer.trainable, trainer.criterion, trainer.optimizer, inputs,
+                                         trainer.autocast, trainer.scaler, run.train.grad_clip)
+        trainer.model.clamp_logit_scales()
+        trainer.step += 1
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        bar.update(loader.batch * processes.world)
+        bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
+        if tensorboard is not None:
+            for k, v in values.items():
+                tensorboard.add_scalar(f"train/{k}", v, trainer.step)
+            tensorboard.add_scalar("train/lr", trainer.optimizer.param_groups[0]["lr"], trainer.step)
+            tensorboard.add_scalar("train/temperature", 1 / float(logit_scale), trainer.step)
+    bar.close()
+    seconds = time.monotonic() - started
+    return {
+        "epoch": epoch,
+        "step": trainer.step,
+        **{k: v / max(1, loader.steps_per_epoch) for k, v in sums.items()},
+        "samples_per_s": samples / max(seconds, 1e-9),
+        "epoch_seconds": seconds,
+        "temperature": float(1 / trainer.model.logit_scale.detach().exp()),
+    }
+
+
+# ---------------------------------------------------------------- step 4: end of an epoch
+
+
+def selection_score(metrics: dict) -> float:
+    return metrics["R@1"] + metrics["R@5"] + metrics["R@10"]
+
+
+@torch.no_grad()
+def validate(model: AlignmentModel, tokenizer, validation: ValidationSet, device, batch_size: int,
+             text_features: TextFeatures | None = None) -> dict:
+    """Text→video R@1/5/10, MdR, MnR on the validation set (every caption a query) by global cosine;
+    with RWA also re-ranked as search and eval re-rank (the top RERANK_CANDIDATES by global + w·S_loc)
+    for each w in RERANK_WEIGHTS, and the best w."""
+    model.eval()
+    queries, owners = validation.queries()
+    video = encode_videos(model, validation, list(range(len(validation))), device, batch_size, regions=model.config.rwa,
+                          progress=False)
+    text = encode_texts(model, tokenizer, queries, device, batch_size, text_features=text_features)
+    model.train()
+    similarity = (text.global_ @ video.global_.T).numpy()  # (Q, C)
+    metrics = retrieval_metrics(similarity, owners)
+    if model.config.rwa:
+        top, local = candidate_local_scores(text, video, similarity, model.config.rwa_lambda, RERANK_CANDIDATES)
+        scored = {w: retrieval_metrics(reranked(similarity, top, local, w), owners) for w in RERANK_WEIGHTS}
+        metrics["rerank"] = {str(w): {k: scored[w][k] for k in ("R@1", "R@5", "R@10", "MdR")} for w in RERANK_WEIGHTS}
+        metrics["rerank_weight"] = max(RERANK_WEIGHTS, key=lambda w: (selection_score(scored[w]), -w))
+    return metrics
+
+
+def end_of_epoch(record: dict, run: Run, trainer: Trainer, processes: Processes, tensorboard) -> None:
+    """Validation, the checkpoint (best by validation kept), the log line and file (main process)."""
+    if not processes.main:
+        return
+    if run.data.validation is not None:
+        record["val"] = validate(trainer.model, trainer.tokenizer, run.data.validation, processes.device,
+                                 run.train.val_batch_size, trainer.text_features)
+    is_best = "val" in record and (trainer.best_score is None or selection_score(record["val"]) > trainer.best_score)
+    if is_best:
+        trainer.best_score = selection_score(record["val"])
+    # every process's RNG would be equal to save only with gather; rank 0's serves all on resume
+    training_state = {
+        "optimizer": trainer.optimizer.state_dict(),
+        "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+        "rng": [ckpt.rng_state()],
+        "epoch": record["epoch"],
+        "step": trainer.step,
+        "best_score": trainer.best_score,
+    }
+    val = record.get("val", {})
+    record["time"] = time.time()
+    # the log line first, then the checkpoint: a kill between the two leaves a line that resume drops
+    # (keep_log_until), never a checkpoint without its line
+    with open(run.dir / LOG_NAME, "a") as log:
+        log.write(json.dumps(record) + "\n")
+    ckpt.save_checkpoint(
+        run.dir, record["epoch"], trainer.model, training_state,
+        {"metrics": val, "loss": record.get("loss"), "vlpcache_version": __version__,
+         "rerank_weight": val.get("rerank_weight", run.model.rerank_weight)},
+        is_best=is_best,
+    )
+    for k, v in val.items():
+        if isinstance(v, (int, float)):
+            tensorboard.add_scalar(f"val/{k}", v, trainer.step)
+    tensorboard.flush()
+    line = (f"epoch {record['epoch']}/{run.train.epochs}: loss {record.get('loss', float('nan')):.4f}, "
+            f"{record['samples_per_s']:.1f} videos/s, {record['epoch_seconds']:.0f} s")
+    if val:
+        line += f"; val ({val['queries']} captions) R@1 {val['R@1']:.1f} R@5 {val['R@5']:.1f} R@10 {val['R@10']:.1f} MdR {val['MdR']:.0f}"
+    if "rerank" in val:
+        line += f" (re-ranked, weight {val['rerank_weight']}: R@1 {val['rerank'][str(val['rerank_weight'])]['R@1']:.1f})"
+    processes.say(line)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def run_pretrain(**options) -> dict:
+    """Pretrain (or resume) a run; returns a summary dict. Keyword options are PretrainOptions fields."""
+    options = PretrainOptions(**options)
+    processes = start_processes(options.device, options.quiet)
+    try:
+        return _pretrain(options, processes)
+    finally:
+        if processes.world > 1:
+            dist.destroy_process_group()
+
+
+def _pretrain(options: PretrainOptions, processes: Processes) -> dict:
+    workspace = Workspace()
+    run = resolve_run(options, processes, workspace)
+    torch.manual_seed(run.train.seed + processes.rank)
+    np.random.seed(run.train.seed + processes.rank)
+    trainer = make_trainer(run, processes, workspace)
+    loader = make_loader(run, trainer, processes)
     tensorboard = None
     if processes.main:
         from torch.utils.tensorboard import SummaryWriter
 
-        tensorboard = SummaryWriter(run_dir / "tensorboard", purge_step=step if step else None)
-        _say(processes, quiet, (
-            f"run {run_dir}: {len(dataset)} samples, {processes.world} process(es) on {processes.device}, "
-            f"batch {batch}×{processes.world}, {steps_per_epoch} steps/epoch, epochs {start_epoch}..{train_config.epochs}, "
-            f"RWA {'on' if model_config.rwa else 'off'}"
-        ))
-
+        tensorboard = SummaryWriter(run.dir / "tensorboard", purge_step=trainer.step or None)
+    processes.say(
+        f"run {run.dir}: {len(run.data.train)} videos x {run.train.captions_per_video} caption(s), {processes.world} "
+        f"process(es) on {processes.device}, batch {loader.batch}x{processes.world}, {loader.steps_per_epoch} steps/epoch, "
+        f"epochs {trainer.start_epoch}..{run.train.epochs}, text layers trained {run.model.text_trainable_layers}"
+        f"{' (frozen: cached outputs)' if trainer.text_features is not None else ''}, RWA {'on' if run.model.rwa else 'off'}"
+    )
     started = time.monotonic()
     history = []
-    for epoch in range(start_epoch, train_config.epochs + 1):
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        model.train()
-        sums: dict[str, float] = {}
-        epoch_started = time.monotonic()
-        bar = tqdm(
-            total=steps_per_epoch * batch * processes.world, unit="sample", unit_scale=True,
-            desc=f"epoch {epoch}/{train_config.epochs}", disable=quiet or not processes.main, leave=False,
-            dynamic_ncols=True,
-        )
-        for batch_cpu in loader:
-            factor = learning_rate_factor(step, total_steps, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            values, logit_scale = train_step(
-                trainable, criterion, optimizer, _to_device(batch_cpu, processes.device), autocast, scaler,
-                train_config.grad_clip,
-            )
-            model.clamp_logit_scales()
-            step += 1
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.update(batch * processes.world)
-            bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
-            if tensorboard is not None:
-                for k, v in values.items():
-                    tensorboard.add_scalar(f"train/{k}", v, step)
-                tensorboard.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-                tensorboard.add_scalar("train/temperature", 1 / float(logit_scale.detach()), step)
-        bar.close()
-        seconds = time.monotonic() - epoch_started
-        record = {
-            "epoch": epoch,
-            "step": step,
-            **{k: v / max(1, steps_per_epoch) for k, v in sums.items()},
-            "samples_per_s": steps_per_epoch * batch * processes.world / max(seconds, 1e-9),
-            "epoch_seconds": seconds,
-            "temperature": float(1 / model.logit_scale.detach().exp()),
-        }
-        if processes.main:
-            if data.validation is not None:
-                record["val"] = validate(model, tokenizer, data.validation, processes.device, train_config.val_batch_size)
-            is_best = "val" in record and (best_score is None or selection_score(record["val"]) > best_score)
-            if is_best:
-                best_score = selection_score(record["val"])
-            # every process's RNG would be equal to save only with gather; rank 0's serves all on resume
-            training_state = {
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": [ckpt.rng_state()],
-                "epoch": epoch,
-                "step": step,
-                "best_score": best_score,
-            }
-            ckpt.save_checkpoint(
-                run_dir, epoch, model, training_state,
-                {"metrics": record.get("val", {}), "loss": record.get("loss"), "vlpcache_version": __version__,
-                 "rerank_weight": record.get("val", {}).get("rerank_weight", model_config.rerank_weight)},
-                is_best=is_best,
-            )
-            record["time"] = time.time()
-            with open(log_path, "a") as log:
-                log.write(json.dumps(record) + "\n")
-            for k, v in record.get("val", {}).items():
-                if isinstance(v, (int, float)):
-                    tensorboard.add_scalar(f"val/{k}", v, step)
-            tensorboard.flush()
-            val = record.get("val")
-            _say(processes, quiet, (
-                f"epoch {epoch}/{train_config.epochs}: loss {record.get('loss', float('nan')):.4f}, "
-                f"{record['samples_per_s']:.1f} samples/s, {seconds:.0f} s"
-                + (f"; val R@1 {val['R@1']:.1f} R@5 {val['R@5']:.1f} R@10 {val['R@10']:.1f} MdR {val['MdR']:.0f}" if val else "")
-                + (f" (re-ranked, weight {val['rerank_weight']}: R@1 {val['rerank'][str(val['rerank_weight'])]['R@1']:.1f})"
-                   if val and "rerank" in val else "")
-            ))
+    for epoch in range(trainer.start_epoch, run.train.epochs + 1):
+        record = train_one_epoch(epoch, run, trainer, loader, processes, tensorboard)
+        end_of_epoch(record, run, trainer, processes, tensorboard)
         history.append(record)
         processes.barrier()
-
     if tensorboard is not None:
         tensorboard.close()
-    best = ckpt.read_best(run_dir)
+    best = ckpt.read_best(run.dir)
     summary = {
-        "run_dir": str(run_dir),
-        "epochs": train_config.epochs,
+        "run_dir": str(run.dir),
+        "epochs": run.train.epochs,
         "trained_epochs": len(history),
         "seconds": time.monotonic() - started,
         "best": best,
         "last": history[-1] if history else None,
     }
     if not history:
-        _say(processes, quiet, f"{run_dir}: already trained for {train_config.epochs} epochs; pass a larger --epochs to continue")
+        processes.say(f"{run.dir}: already trained for {run.train.epochs} epochs; pass a larger --epochs to continue")
     else:
-        _say(processes, quiet, (
-            f"done: {len(history)} epoch(s) in {summary['seconds']:.0f} s; checkpoints in {run_dir / ckpt.CHECKPOINT_DIR}"
-            + (f"; best val epoch {best['epoch']}" if best else "")
-        ))
+        processes.say(f"done: {len(history)} epoch(s) in {summary['seconds']:.0f} s; checkpoints in "
+                      f"{run.dir / ckpt.CHECKPOINT_DIR}" + (f"; best val epoch {best['epoch']}" if best else ""))
     return summary

@@ -1,0 +1,114 @@
+"""A model over cached videos and query texts: the embeddings that validation, index, search and eval
+work on, and the region-word scores of the candidates a re-rank re-orders.
+
+Everything here runs under torch.inference_mode and returns CPU tensors, so that callers can keep
+many batches without holding device memory. `model` is an AlignmentModel; `tokenizer` its tokenizer.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vlpcache.metrics import top_candidates
+from vlpcache.model.batch import tokenize, video_batch
+from vlpcache.model.losses import pack_tokens, region_word_alignment
+from vlpcache.model.model import TextEmbedding, VideoEmbedding
+
+
+def default_batch_size(device: torch.device) -> int:
+    return 256 if device.type == "cuda" else 64
+
+
+def _batches(rows: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+@torch.inference_mode()
+def encode_videos(model, items, rows: list[int], device, batch_size: int, regions: bool = False,
+                  progress: bool = True, desc: str = "encoding videos") -> VideoEmbedding:
+    """Embeddings of items[r] for r in rows, in that order (items: a RegionCache, or anything indexed
+    the same way): global_ (V, E) float32, and with regions=True also regions (V, T*N, E) float16
+    and region_mask (V, T*N) (else empty tensors)."""
+    globals_, region_parts, mask_parts = [], [], []
+    with tqdm(total=len(rows), unit="video", desc=desc, disable=not progress, dynamic_ncols=True, leave=False) as bar:
+        for part in _batches(rows, batch_size):
+            video = model.encode_video(**video_batch([items[r] for r in part], device))
+            globals_.append(video.global_.float().cpu())  # (B, E)
+            if regions:
+                region_parts.append(video.regions.half().cpu())  # (B, T*N, E)
+                mask_parts.append(video.region_mask.cpu())  # (B, T*N)
+            bar.update(len(part))
+    dim = model.config.embed_dim
+    global_ = torch.cat(globals_) if globals_ else torch.zeros((0, dim))
+    if not regions:
+        return VideoEmbedding(global_, torch.zeros((0, 0, dim)), torch.zeros((0, 0), dtype=torch.bool))
+    return VideoEmbedding(global_, _cat_padded(region_parts, 1), _cat_padded(mask_parts, 1))
+
+
+def _cat_padded(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """Concatenate batches whose region axis differs (items of caches with other T or N) by zero-padding it."""
+    longest = max(p.shape[dim] for p in parts)
+    padded = []
+    for p in parts:
+        if p.shape[dim] < longest:
+            pad = list(p.shape)
+            pad[dim] = longest - p.shape[dim]
+            p = torch.cat([p, p.new_zeros(pad)], dim)
+        padded.append(p)
+    return torch.cat(padded)
+
+
+@torch.inference_mode()
+def encode_texts(model, tokenizer, texts: list[str], device, batch_size: int = 256, progress: bool = False,
+                 text_features=None) -> TextEmbedding:
+    """Global (Q, E) float32 and word (Q, L, E) float16 embeddings of texts, padded to the longest over
+    all batches. With text_features (a frozen encoder's TextFeatures holding every text) the encoder
+    is not run."""
+    globals_, words, masks = [], [], []
+    for start in tqdm(range(0, len(texts), batch_size), desc="encoding captions", unit="batch",
+                      disable=not progress, leave=False, dynamic_ncols=True):
+        part = texts[start : start + batch_size]
+        if text_features is not None:
+            cached = text_features.model_inputs(part, part)
+            text = model.project_text(*(cached[k].to(device) for k in ("text_hidden", "text_pooled", "word_mask")))
+        else:
+            input_ids, attention_mask = tokenize(tokenizer, part, model.config.max_words)
+            text = model.encode_text(input_ids.to(device), attention_mask.to(device))
+        globals_.append(text.global_.float().cpu())  # (B, E)
+        words.append(text.words.half().cpu())  # (B, L, E)
+        masks.append(text.word_mask.cpu())  # (B, L)
+    return TextEmbedding(torch.cat(globals_), _cat_padded(words, 1), _cat_padded(masks, 1))
+
+
+def as_numpy(x: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.float().numpy())
+
+
+@torch.inference_mode()
+def candidate_local_scores(text: TextEmbedding, video: VideoEmbedding, similarity: np.ndarray, lam: float,
+                           candidates: int, texts_are_queries: bool = True, chunk: int = 16,
+                           progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """S_loc of each query's top `candidates` by global similarity: (top (Q, P), local (Q, P)).
+
+    texts_are_queries: similarity is (texts, videos) and each text's candidates are videos; else
+    similarity is (videos, texts) and each video's candidates are texts.
+    """
+    top = top_candidates(similarity, candidates)  # (Q, P)
+    words, word_mask = pack_tokens(text.words, text.word_mask)  # (Bt, L, E)
+    regions, region_mask = pack_tokens(video.regions, video.region_mask)  # (Bv, R, E)
+    local = np.zeros(top.shape, np.float32)
+    for start in tqdm(range(0, len(top), chunk), desc="re-ranking", unit="chunk", leave=False, dynamic_ncols=True,
+                      disable=not progress):
+        rows = torch.arange(start, min(start + chunk, len(top)))  # (c,)
+        columns = torch.from_numpy(top[start : start + chunk])  # (c, P)
+        if texts_are_queries:
+            pairs = region_word_alignment(words[rows, None], word_mask[rows, None], regions[columns], region_mask[columns], lam)
+        else:
+            pairs = region_word_alignment(words[columns], word_mask[columns], regions[rows, None], region_mask[rows, None], lam)
+        local[start : start + chunk] = pairs.score.float().numpy()  # (c, P)
+    return top, local
