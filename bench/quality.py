@@ -82,11 +82,54 @@ def ensure_cache(path: Path, roots: list[Path], workspace: Path) -> Path:
     return path
 
 
-def video_features(split: Split) -> torch.Tensor:
+# ---------------------------------------------------------------- frames moved, repeated or cut
+
+
+REARRANGEMENTS = ("moved", "repeated", "first")
+
+
+def rearrange(item: dict, how: str) -> dict:
+    """The item with its real frames moved to other slots ("moved": spread over T, order kept),
+    repeated to fill all T slots ("repeated"), or cut to the first ("first"). A model that reads
+    frame positions, not slots, must score the first two like the original."""
+    frame_mask = item["frame_mask"]
+    real = np.flatnonzero(frame_mask)
+    T, K = len(frame_mask), len(real)
+    if how == "moved":
+        source = {int(round((k + 1) * T / (K + 1))) % T: real[k] for k in range(K)}  # slot -> real frame
+    elif how == "repeated":
+        source = {t: real[t * K // T] for t in range(T)}
+    elif how == "first":
+        source = {int(real[0]): real[0]}
+    else:
+        raise ValueError(how)
+    out = dict(item)
+    for name in ("features", "boxes", "scores", "labels", "region_mask", "frame_mask", "timestamps"):
+        value = np.zeros_like(item[name])
+        for slot, frame in source.items():
+            value[slot] = item[name][frame]
+        out[name] = value
+    return out
+
+
+class RearrangedCache:
+    """A RegionCache whose items come back rearranged (for evaluate())."""
+
+    def __init__(self, cache: RegionCache, how: str):
+        self.cache, self.how, self.settings, self.cache_dir = cache, how, cache.settings, cache.cache_dir
+
+    def index_of(self, item_id: str) -> int:
+        return self.cache.index_of(item_id)
+
+    def __getitem__(self, row: int) -> dict:
+        return rearrange(self.cache[row], self.how)
+
+
+def video_features(split: Split, how: str | None = None) -> torch.Tensor:
     """(V, D) the baseline's video side: whole-frame features averaged over each item's real frames."""
     rows = []
     for item_id in split.ids:
-        item = split.cache.get(item_id)
+        item = split.cache.get(item_id) if how is None else rearrange(split.cache.get(item_id), how)
         rows.append(whole_frame_mean(*(torch.from_numpy(item[k])[None] for k in ("features", "region_mask", "frame_mask"))))
     return torch.cat(rows)
 
@@ -182,9 +225,10 @@ class BaselineData:
         return {"videos": self.videos[name], "texts": self.text(texts),
                 "caption_rows": [[local[c] for c in caps] for caps in split.captions]}
 
-    def eval_inputs(self, name: str, all_captions: bool) -> dict:
+    def eval_inputs(self, name: str, all_captions: bool, how: str | None = None) -> dict:
         texts, owners = self.splits[name].queries(all_captions)
-        return {"videos": self.videos[name], "texts": self.text(texts), "owners": owners}
+        videos = self.videos[name] if how is None else video_features(self.splits[name], how)
+        return {"videos": videos, "texts": self.text(texts), "owners": owners}
 
 
 # ---------------------------------------------------------------- vlpcache's own pretraining
@@ -205,10 +249,11 @@ def train_vlpcache(options: dict, seed: int, splits: dict[str, Split], files: di
     return load_run(run_dir), minutes
 
 
-def evaluate_run(run, split: Split, all_captions: bool, rerank: bool) -> dict:
+def evaluate_run(run, split: Split, all_captions: bool, rerank: bool, how: str | None = None) -> dict:
     from vlpcache.index.evaluate import evaluate
 
-    results = evaluate(run, split.cache, dict(zip(split.ids, split.captions)), all_captions, torch.device("cpu"),
+    cache = RearrangedCache(split.cache, how) if how else split.cache
+    results = evaluate(run, cache, dict(zip(split.ids, split.captions)), all_captions, torch.device("cpu"),
                        64, rerank_candidates=32 if rerank else 0, progress=False)
     key = "text_to_video_rerank" if rerank and "text_to_video_rerank" in results else "text_to_video"
     return results[key]
@@ -267,6 +312,8 @@ def main() -> None:
     parser.add_argument("--baseline-epochs", type=int, default=40)
     parser.add_argument("--rerank", action="store_true", help="score vlpcache runs re-ranked (top 32 by global + w * S_loc)")
     parser.add_argument("--test", action="store_true", help="also report devtest and Flickr8k test (once: never tune on them)")
+    parser.add_argument("--rearranged", action="store_true",
+                        help="also score val with every item's frames moved to other slots, repeated to fill T, cut to one")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
@@ -281,10 +328,12 @@ def main() -> None:
         flickr = RegionCache(args.flickr_cache or ensure_cache(
             args.workspace / "flickr-cache", [data / "flickr8k" / "images"], args.workspace))
         splits["flickr-test"] = load_split("flickr-test", flickr, data / "flickr8k" / "captions.jsonl", split="test")
-    evaluations = [("val all", "val", True)]
+    evaluations = [("val all", "val", True, None)]
+    if args.rearranged:
+        evaluations += [(f"val all, frames {how}", "val", True, how) for how in REARRANGEMENTS]
     if args.test:
-        evaluations += [("devtest first", "devtest", False), ("devtest all", "devtest", True),
-                        ("Flickr8k test first", "flickr-test", False), ("Flickr8k test all", "flickr-test", True)]
+        evaluations += [("devtest first", "devtest", False, None), ("devtest all", "devtest", True, None),
+                        ("Flickr8k test first", "flickr-test", False, None), ("Flickr8k test all", "flickr-test", True, None)]
     rows: dict[str, dict[str, list[dict]]] = {}
     record: dict = {"seeds": args.seeds, "baseline": {}, "vlpcache": {}}
 
@@ -306,27 +355,27 @@ def main() -> None:
                 record["baseline"][f"{captions} lr={lr:g}"] = {"selection": scores, "best_epochs": best_epochs}
         _, config, results = max(grid.values(), key=lambda g: g[0])
         name = f"frozen baseline ({config.captions} caption{'s' if config.captions == 'all' else ''}/epoch, lr {config.lr:g})"
-        rows[name] = {e: [score_heads(heads, **frozen.eval_inputs(split, all_caps)) for heads, _ in results]
-                      for e, split, all_caps in evaluations}
+        rows[name] = {e: [score_heads(heads, **frozen.eval_inputs(split, all_caps, how)) for heads, _ in results]
+                      for e, split, all_caps, how in evaluations}
         record["baseline"]["chosen"] = asdict(config)
 
-    for text in args.variant or ["defaults:"]:
+    for text in [] if args.only == "baseline" else args.variant or ["defaults:"]:
         variant, options = parse_variant(text)
-        per_eval: dict[str, list[dict]] = {e: [] for e, _, _ in evaluations}
+        per_eval: dict[str, list[dict]] = {e: [] for e, _, _, _ in evaluations}
         minutes = []
         for seed in args.seeds:
             run, spent = train_vlpcache(options, seed, splits, files, args.workspace / "runs" / f"{variant}-seed{seed}",
                                         args.workspace)
             minutes.append(spent)
-            for e, split, all_caps in evaluations:
-                per_eval[e].append(evaluate_run(run, splits[split], all_caps, args.rerank))
+            for e, split, all_caps, how in evaluations:
+                per_eval[e].append(evaluate_run(run, splits[split], all_caps, args.rerank, how))
             print(f"vlpcache {variant} seed {seed}: val-all R@1 {per_eval['val all'][-1]['R@1']:.1f} "
                   f"({spent:.1f} min)", file=sys.stderr)
         rows[f"vlpcache {variant}"] = per_eval
         record["vlpcache"][variant] = {"options": options, "minutes": minutes}
 
     baseline = next((n for n in rows if n.startswith("frozen baseline")), None)
-    print(table(rows, [e for e, _, _ in evaluations], baseline))
+    print(table(rows, [e for e, _, _, _ in evaluations], baseline))
     for name, per_eval in rows.items():
         record.setdefault("rows", {})[name] = per_eval
     if args.json:

@@ -5,11 +5,13 @@ import os
 import socket
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from vlpcache.model.losses import (
     ContrastiveLoss,
+    multi_positive_cross_entropy,
     RegionWordLoss,
     focal_filter,
     region_word_alignment,
@@ -161,6 +163,39 @@ def test_contrastive_loss_prefers_matching_pairs_and_trains_the_temperature():
     assert scale.grad < 0  # sharper logits help a well-aligned batch
 
 
+def _reference_multi_caption_loss(text, video, scale, per_video):
+    """The symmetric multi-positive InfoNCE written out pair by pair, from its definition."""
+    logits = scale * text @ video.T  # (B*K, B)
+    owner = [i // per_video for i in range(len(text))]
+    t2v = sum(-torch.log_softmax(logits[i], 0)[owner[i]] for i in range(len(text))) / len(text)
+    terms = []
+    for v in range(len(video)):
+        negatives = [logits[i, v] for i in range(len(text)) if owner[i] != v]
+        for i in (i for i in range(len(text)) if owner[i] == v):
+            terms.append(-logits[i, v] + torch.logsumexp(torch.stack([logits[i, v], *negatives]), 0))
+    return (t2v + sum(terms) / len(terms)) / 2
+
+
+def test_contrastive_loss_with_several_captions_per_video_never_uses_own_captions_as_negatives():
+    g = torch.Generator().manual_seed(3)
+    video = F.normalize(torch.randn(4, E, generator=g), dim=-1)
+    text = F.normalize(video.repeat_interleave(3, 0) + 0.5 * torch.randn(12, E, generator=g), dim=-1)  # 3 per video
+    loss = ContrastiveLoss()(text, video, torch.tensor(10.0))
+    assert torch.allclose(loss, _reference_multi_caption_loss(text, video, 10.0, 3), atol=1e-5)
+    # every caption equal to its video, videos orthogonal: nearly zero loss; were a video's other
+    # captions its negatives, video->text alone would cost log(3) / 2
+    perfect = ContrastiveLoss()(basis(0, 1, 2, 3).repeat_interleave(3, 0), basis(0, 1, 2, 3), torch.tensor(10.0))
+    assert perfect < 0.01
+
+
+def test_multi_positive_cross_entropy_with_one_positive_is_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 7, generator=g)
+    labels = torch.tensor([0, 3, 6, 2, 2])
+    positive = F.one_hot(labels, 7).bool()
+    assert torch.allclose(multi_positive_cross_entropy(logits, positive), F.cross_entropy(logits, labels), atol=1e-6)
+
+
 def test_rerank_score_adds_weighted_local_score():
     assert torch.allclose(rerank_score(torch.tensor([0.5]), torch.tensor([1.0]), 0.25), torch.tensor([0.75]))
 
@@ -176,8 +211,9 @@ def _gathered_loss_worker(rank: int, port: int, text, video, out_dir: str) -> No
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
+        per_video = len(text) // len(video)
         half = slice(rank * 4, rank * 4 + 4)
-        t = text[half].clone().requires_grad_(True)
+        t = text[rank * 4 * per_video : (rank + 1) * 4 * per_video].clone().requires_grad_(True)
         v = video[half].clone().requires_grad_(True)
         loss = ContrastiveLoss()(t, v, torch.tensor(10.0))
         loss.backward()
@@ -186,9 +222,10 @@ def _gathered_loss_worker(rank: int, port: int, text, video, out_dir: str) -> No
         dist.destroy_process_group()
 
 
-def test_contrastive_loss_all_gathers_negatives_across_processes_with_gloo(tmp_path):
+@pytest.mark.parametrize("per_video", [1, 3])
+def test_contrastive_loss_all_gathers_negatives_across_processes_with_gloo(tmp_path, per_video):
     g = torch.Generator().manual_seed(0)
-    text = F.normalize(torch.randn(8, E, generator=g), dim=-1)
+    text = F.normalize(torch.randn(8 * per_video, E, generator=g), dim=-1)
     video = F.normalize(torch.randn(8, E, generator=g), dim=-1)
     # spawn, not fork: a child forked from a parent whose OpenMP pool has run can hang in its first
     # parallel kernel (seen here: cross_entropy never returned)

@@ -159,3 +159,102 @@ def test_trailing_padding_frames_and_regions_change_nothing_and_keep_the_frame_m
     assert torch.equal(padded.region_mask.reshape(2, 4, 7)[:, :2, :5], ref_mask)
     assert not padded.region_mask.reshape(2, 4, 7)[:, 2:].any()
     assert torch.allclose(ref[ref_mask], big[:, :2, :5][ref_mask], atol=1e-5)
+
+
+def test_frame_positions_spread_real_frames_over_their_segment_centres_whatever_their_slots():
+    from vlpcache.model.model import frame_positions
+
+    mask = torch.tensor([[True, True, False, False], [False, True, False, True], [True, True, True, True]])
+    assert torch.allclose(frame_positions(mask), torch.tensor([[0.25, 0.75, 0, 0], [0, 0.25, 0, 0.75],
+                                                               [0.125, 0.375, 0.625, 0.875]]))
+
+
+def _moved_and_repeated(item: dict, slots: int = 8) -> tuple[dict, dict]:
+    """The item's two real frames in slots 2 and 5 of a T=8 item, and repeated to fill all 8 slots."""
+    real = np.flatnonzero(item["frame_mask"])[:2]
+    moved, repeated = dict(item), dict(item)
+    for name in ("features", "boxes", "region_mask", "timestamps"):
+        value = item[name]
+        moved[name] = np.zeros((slots, *value.shape[1:]), value.dtype)
+        moved[name][[2, 5]] = value[real]
+        repeated[name] = value[np.repeat(real, slots // 2)]
+    moved["frame_mask"] = np.isin(np.arange(slots), [2, 5])
+    repeated["frame_mask"] = np.ones(slots, bool)
+    return moved, repeated
+
+
+def test_video_embedding_does_not_depend_on_the_slots_of_its_frames(tiny_text_model):
+    model, _ = build_model(tiny_config(tiny_text_model))
+    model.eval()
+    with torch.no_grad():  # a trained-looking time embedding: the test must see it if slots leaked in
+        model.region_encoder.time_embedding.proj.weight.normal_()
+    items = [i for i in random_items(4, frames=2) if i["frame_mask"].all()]
+    moved = [_moved_and_repeated(i)[0] for i in items]
+    with torch.no_grad():
+        reference, shifted = (model.encode_video(**video_batch(x)).global_ for x in (items, moved))
+    assert torch.allclose(reference, shifted, atol=1e-5)
+
+
+def test_the_legacy_slot_embedding_is_what_moving_frames_would_break(tiny_text_model):
+    model, _ = build_model(tiny_config(tiny_text_model, frame_time="slot"))
+    model.eval()
+    items = [i for i in random_items(4, frames=2) if i["frame_mask"].all()]
+    with torch.no_grad():
+        reference, shifted = (model.encode_video(**video_batch(x)).global_ for x in (items, [_moved_and_repeated(i)[0] for i in items]))
+    assert not torch.allclose(reference, shifted, atol=1e-2)
+
+
+def test_global_path_is_the_mean_of_the_whole_frame_regions_of_real_frames():
+    from vlpcache.model.model import whole_frame_mean
+
+    features = torch.arange(2 * 3 * 2 * 1, dtype=torch.float32).reshape(1, 3, 2, 1).repeat(2, 1, 1, 1)  # (B, T, N, D)
+    region_mask = torch.ones(2, 3, 2, dtype=torch.bool)
+    frame_mask = torch.tensor([[True, False, True], [False, True, False]])
+    # region 0 of frames 0, 1, 2 holds 0, 2, 4
+    assert whole_frame_mean(features, region_mask, frame_mask).flatten().tolist() == [2.0, 2.0]
+
+
+def test_hiding_at_random_keeps_whole_frames_and_at_least_one_frame_per_item():
+    from vlpcache.model.model import hide_at_random
+
+    torch.manual_seed(0)
+    region_mask = torch.ones(64, 4, 5, dtype=torch.bool)
+    frame_mask = torch.ones(64, 4, dtype=torch.bool)
+    frame_mask[0] = False  # an item without frames stays without
+    regions, frames = hide_at_random(region_mask, frame_mask, frame_p=0.9, region_p=0.5)
+    assert frames[1:].any(1).all() and not frames[0].any()
+    assert regions[..., 0].all() and 0.3 < regions[..., 1:].float().mean() < 0.7
+    assert 0.05 < frames[1:].float().mean() < 0.5
+
+
+def test_training_hides_regions_and_frames_only_in_train_mode(tiny_text_model):
+    model, _ = build_model(tiny_config(tiny_text_model, frame_dropout=0.5, region_dropout=0.5))
+    items = random_items(4)
+    model.eval()
+    with torch.no_grad():
+        a, b = (model.encode_video(**video_batch(items)).global_ for _ in range(2))
+    assert torch.equal(a, b)
+    model.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        c = model.encode_video(**video_batch(items)).region_mask
+    assert c.sum() < model.encode_video(**video_batch(items)).region_mask.numel()
+
+
+def test_cached_text_inputs_give_what_the_live_encoder_gives(tiny_text_model, tmp_path):
+    from vlpcache.model.text_features import cached_text_features
+
+    model, tokenizer = build_model(tiny_config(tiny_text_model, text_trainable_layers=0))
+    model.eval()
+    captions = ["a dog runs", "a man is cooking onions in a pan", "cat"]
+    features = cached_text_features(model, tokenizer, captions, tmp_path, with_words=True, device=torch.device("cpu"),
+                                    progress=False)
+    with torch.no_grad():
+        live = model.encode_text(*tokenize(tokenizer, captions, 16))
+        cached = model.project_text(*(features.model_inputs(captions, captions)[k] for k in ("text_hidden", "text_pooled", "word_mask")))
+    assert torch.allclose(live.global_, cached.global_, atol=2e-3)
+    for b in range(3):  # the same words, packed to the front
+        assert torch.allclose(live.words[b][live.word_mask[b]], cached.words[b][cached.word_mask[b]], atol=2e-3)
+    again = cached_text_features(model, tokenizer, list(reversed(captions)), tmp_path, with_words=True,
+                                 device=torch.device("cpu"), progress=False)
+    assert again.path == features.path and len(list(tmp_path.glob("text-features/*.h5"))) == 1

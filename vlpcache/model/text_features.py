@@ -101,6 +101,7 @@ def cached_text_features(model, tokenizer, captions: list[str], workspace_root: 
     captions = sorted(set(captions))
     config = model.config
     key = features_key(config.text_model, config.text_pooling, config.max_words, with_words, captions)
+    captions.sort(key=len)  # batches of similar length: little padding to encode
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = Path(workspace_root) / FEATURES_DIR / f"{digest}.h5"
     if path.is_file():
