@@ -14,8 +14,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from vlpcache.cache.manifest import read_failures, read_manifest
 from vlpcache.cache.schema import ARRAYS, SHARD_DIR, SHARD_SUFFIX, CacheSettings
-from vlpcache.cache.writer import read_failures, read_manifest
 from vlpcache.errors import UserError
 
 

@@ -28,9 +28,6 @@ from vlpcache.workspace import Workspace
 
 ENCODE_CHUNK = 1024  # videos encoded between two appends to the region store
 
-# cache settings that decide what a region feature means: a model trained on one cannot read another
-FEATURE_SETTINGS = ("schema_version", "feature_dim", "detector", "detector_weights_sha256", "backbone", "backbone_weights_sha256")
-
 
 @dataclass
 class Sources:
@@ -61,9 +58,7 @@ def open_cache(cache_dir: Path) -> RegionCache:
 
 def check_run_reads_cache(run, cache: RegionCache) -> None:
     """Refuse a cache whose region features are not the kind the run was trained on."""
-    trained = run.cache_settings or {}
-    current = cache.settings.to_json()
-    diffs = [f"{k}: {current.get(k)!r} vs {trained.get(k)!r}" for k in FEATURE_SETTINGS if k in trained and trained[k] != current.get(k)]
+    diffs = cache.settings.feature_differences(run.cache_settings or {})
     if diffs:
         raise UserError(
             f"cache {cache.cache_dir} has other region features than run {run.run_dir} was trained on "
