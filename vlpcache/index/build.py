@@ -15,15 +15,9 @@ import numpy as np
 
 from vlpcache.cache.reader import RegionCache
 from vlpcache.errors import UserError
-from vlpcache.index.faiss_index import (
-    META_FILE,
-    IndexConfig,
-    IndexMeta,
-    VideoIndex,
-    check_same_source,
-    choose_factory,
-    read_meta,
-)
+from vlpcache.index.faiss_index import VideoIndex, choose_factory
+from vlpcache.index.layout import META_FILE, IndexConfig, IndexMeta, check_same_source, read_meta
+from vlpcache.model.run_layout import latest_run
 from vlpcache.workspace import Workspace
 
 ENCODE_CHUNK = 1024  # videos encoded between two appends to the region store
@@ -43,7 +37,7 @@ def resolve_sources(run_dir=None, cache_dir=None, index_dir=None) -> Sources:
     cache_dir = Path(cache_dir) if cache_dir else workspace.cache_dir
     if not cache_dir.is_dir():
         raise UserError(f"no cache at {cache_dir}; run `vlpcache extract` first or pass --cache DIR")
-    run_dir = Path(run_dir) if run_dir else workspace.latest_run()
+    run_dir = Path(run_dir) if run_dir else latest_run(workspace.runs_dir)
     if not run_dir.is_dir():
         raise UserError(f"--run {run_dir}: no such run directory")
     return Sources(run_dir, cache_dir, Path(index_dir) if index_dir else workspace.index_dir)
@@ -64,34 +58,6 @@ def check_run_reads_cache(run, cache: RegionCache) -> None:
             f"cache {cache.cache_dir} has other region features than run {run.run_dir} was trained on "
             f"({'; '.join(diffs[:2])}); pass the matching --cache or --run"
         )
-
-
-def designated_checkpoint_sha256(run_dir: Path) -> str | None:
-    """sha256 of the checkpoint load_run(run_dir) would load (the best by validation, else the last),
-    read from its meta.json without importing torch; None when it cannot be told.
-
-    Mirrors vlpcache.model.checkpoint.resolve_checkpoint(run_dir, None); tests/test_search.py checks
-    that both agree.
-    """
-    import json
-    import re
-
-    epochs = {}
-    for path in (Path(run_dir) / "checkpoints").glob("epoch-*"):
-        m = re.fullmatch(r"epoch-(\d+)", path.name)
-        if m and (path / "meta.json").is_file():
-            epochs[int(m.group(1))] = path
-    if not epochs:
-        return None
-    try:
-        best = json.loads((Path(run_dir) / "best.json").read_text()).get("epoch")
-    except (OSError, ValueError):
-        best = None
-    chosen = epochs.get(best) or epochs[max(epochs)]
-    try:
-        return json.loads((chosen / "meta.json").read_text()).get("sha256")
-    except (OSError, ValueError):
-        return None
 
 
 def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, *, device, batch_size: int,

@@ -8,7 +8,6 @@ instead of the several that importing torch and transformers costs. One definiti
 
 from __future__ import annotations
 
-import json
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from torch import nn
 from vlpcache.index.query_model import QUERY_CONFIG, QUERY_DIR, RERANK_GRAPH, TEXT_GRAPH, TOKENIZER_FILE
 from vlpcache.model.batch import tokenize
 from vlpcache.model.losses import region_word_alignment, region_word_score, rerank_score
+from vlpcache.records import write_json
 
 
 class TextGraph(nn.Module):
@@ -124,13 +124,13 @@ def export_query_model(run, index_dir: Path) -> Path:
                           dynamo=False, input_names=names, output_names=["score", "global", "local", "word_attention"],
                           dynamic_axes=dims, opset_version=17)
     backend.save(str(tmp / TOKENIZER_FILE))
-    (tmp / QUERY_CONFIG).write_text(json.dumps({
+    write_json(tmp / QUERY_CONFIG, {
         "checkpoint_sha256": run.checkpoint_sha256,
         "max_words": run.config.max_words,
         "special_token_ids": special_token_ids(run),
         "rwa": run.config.rwa,
         "embed_dim": E,
-    }, indent=2))
+    })
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

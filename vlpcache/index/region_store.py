@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-EMBEDDINGS_FILE = "regions.npy"
-OFFSETS_FILE = "region_offsets.npy"
-POSITIONS_FILE = "region_positions.npy"
+from vlpcache.files import replace_atomically
+from vlpcache.index.layout import REGION_OFFSETS_FILE as OFFSETS_FILE
+from vlpcache.index.layout import REGION_POSITIONS_FILE as POSITIONS_FILE
+from vlpcache.index.layout import REGIONS_FILE as EMBEDDINGS_FILE
 
 
 class RegionStore:
@@ -65,10 +66,9 @@ class RegionStore:
             positions[i, :count] = self.positions[start : start + count]
         return regions, mask, positions
 
-    def save(self, index_dir: Path, replace) -> None:
-        """replace(path, write): the index directory's atomic file writer."""
+    def save(self, index_dir: Path) -> None:
         for name, array in ((EMBEDDINGS_FILE, self.embeddings), (POSITIONS_FILE, self.positions), (OFFSETS_FILE, self.offsets)):
-            replace(Path(index_dir) / name, lambda tmp, a=array: np.save(tmp, a))
+            replace_atomically(Path(index_dir) / name, lambda tmp, a=array: np.save(tmp, a), suffix=".npy")
 
     @classmethod
     def load(cls, index_dir: Path) -> "RegionStore":

@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from vlpcache.errors import UserError
-from vlpcache.extract.labels import label_name
-from vlpcache.index.build import designated_checkpoint_sha256, open_cache, resolve_sources, update_index
-from vlpcache.index.faiss_index import META_FILE, IndexConfig, VideoIndex, check_same_source, read_meta
+from vlpcache.cache.labels import label_name
+from vlpcache.index.build import open_cache, resolve_sources, update_index
+from vlpcache.index.faiss_index import VideoIndex
+from vlpcache.index.layout import META_FILE, IndexConfig, check_same_source, read_meta
 from vlpcache.index.query_model import OnnxQueryModel, query_export_sha
 from vlpcache.index.rerank import RERANK_CANDIDATES, align
+from vlpcache.model.run_layout import designated_checkpoint_sha256
 
 
 @dataclass
