@@ -15,9 +15,7 @@ import torch
 from torchvision.ops import nms
 
 from vlpcache.cache.schema import FRAME_REGION_LABEL
-
-# the names live in a torch-free module so that search can print them without importing torch
-from vlpcache.extract.labels import COCO_CLASSES, label_name  # noqa: F401
+from vlpcache.extract.detectors.spec import DetectorSpec
 
 
 @dataclass
@@ -34,12 +32,9 @@ class Detector(Protocol):
     """frames (uint8 RGB, any sizes) -> per frame: boxes, scores, labels, features."""
 
     name: str
+    spec: DetectorSpec  # the weight files it was built from and their provenance, for the cache manifest
     feature_dim: int
     max_side: int  # decoder workers downscale frames so that their longer side is at most this
-
-    def provenance(self) -> dict[str, str]:
-        """detector/backbone names and sha256 of their weights, for the cache manifest."""
-        ...
 
     def detect(self, frames: list[np.ndarray], max_detections: int) -> list[FrameRegions]:
         """Detect up to `max_detections` regions per frame and compute one feature per region
