@@ -6,7 +6,6 @@ cache settings recorded in index.json must match, or the command refuses and nam
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from vlpcache.cache.reader import RegionCache
+from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.index.faiss_index import VideoIndex, choose_factory
-from vlpcache.index.layout import META_FILE, IndexConfig, IndexMeta, check_same_source, read_meta
+from vlpcache.index.layout import DEFAULT_MEMORY_BUDGET_MB, META_FILE, IndexConfig, IndexMeta, check_same_source, read_meta
 from vlpcache.model.run_layout import latest_run
+from vlpcache.report import Say, say, sayer
 from vlpcache.workspace import Workspace
 
 ENCODE_CHUNK = 1024  # videos encoded between two appends to the region store
@@ -61,7 +62,7 @@ def check_run_reads_cache(run, cache: RegionCache) -> None:
 
 
 def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, *, device, batch_size: int,
-                 rebuild: bool = False, progress: bool = True, say=print) -> VideoIndex:
+                 rebuild: bool = False, progress: bool = True, say: Say = say) -> VideoIndex:
     """The index of `cache` under `run` in index_dir: built, or brought up to date by encoding only new items."""
     from vlpcache.model.retrieval import as_numpy, encode_videos
     from vlpcache.index.region_store import RegionStore
@@ -134,10 +135,9 @@ def export_for_search(run, index_dir: Path, say) -> None:
             "search will load it with torch")
 
 
-def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory_budget_mb=None,
-              rebuild=False, device="auto", batch_size=None, checkpoint=None, quiet=False) -> VideoIndex:
+def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory_budget_mb=DEFAULT_MEMORY_BUDGET_MB,
+              rebuild=False, device=DEFAULT_DEVICE, batch_size=None, checkpoint=None, quiet=False) -> VideoIndex:
     """The `vlpcache index` command."""
-    from vlpcache.devices import resolve_device
     from vlpcache.model.retrieval import default_batch_size
     from vlpcache.model.checkpoint import load_run
 
@@ -145,10 +145,8 @@ def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory
     cache = open_cache(sources.cache_dir)
     device = resolve_device(device)
     run = load_run(sources.run_dir, device=device, checkpoint=checkpoint)
-    config = IndexConfig(factory=factory or None)
-    if memory_budget_mb:
-        config.memory_budget_mb = memory_budget_mb
-    say = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr))
+    config = IndexConfig(factory=factory or None, memory_budget_mb=memory_budget_mb)
+    say = sayer(quiet)
     say(f"run {sources.run_dir} (epoch {run.epoch}, checkpoint {run.checkpoint_sha256[:12]}), cache {sources.cache_dir} "
         f"({len(cache)} items), device {device}")
     return update_index(
