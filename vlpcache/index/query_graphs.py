@@ -47,6 +47,7 @@ class RerankGraph(nn.Module):
         self.lam, self.weight = lam, weight
 
     def forward(self, words, word_mask, text_global, regions, region_mask, video_global):
+        # the query (1, 1, L, E) against every candidate (1, P, K, E): pairs.score (1, P), word_attention (1, P, L, K)
         pairs = region_word_alignment(words[:, None], word_mask[:, None], regions[None], region_mask[None], self.lam)
         global_ = text_global @ video_global.T  # (1, P)
         return rerank_score(global_, pairs.score, self.weight), global_, pairs.score, pairs.word_attention
@@ -82,9 +83,9 @@ class TorchQueryModel:
 
     @torch.inference_mode()
     def encode(self, text: str):
-        input_ids, attention_mask = tokenize(self.run.tokenizer, [text], self.run.config.max_words)
-        global_, words = TextGraph(self.run.model)(input_ids.to(self.device), attention_mask.to(self.device))
-        word_mask = attention_mask.bool().numpy() & ~np.isin(input_ids.numpy(), self.special)
+        input_ids, attention_mask = tokenize(self.run.tokenizer, [text], self.run.config.max_words)  # (1, L) each
+        global_, words = TextGraph(self.run.model)(input_ids.to(self.device), attention_mask.to(self.device))  # (1, E), (1, L, E)
+        word_mask = attention_mask.bool().numpy() & ~np.isin(input_ids.numpy(), self.special)  # (1, L) real words
         tokens = self.run.tokenizer.convert_ids_to_tokens(input_ids[0].tolist())
         return global_.float().cpu().numpy(), words.float().cpu().numpy(), word_mask, tokens
 

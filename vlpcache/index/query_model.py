@@ -53,8 +53,8 @@ class OnnxQueryModel:
         encoding = self.tokenizer.encode(text)
         input_ids = np.array([encoding.ids], dtype=np.int64)  # (1, L)
         attention_mask = np.array([encoding.attention_mask], dtype=np.int64)
-        global_, words = self.text.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
-        word_mask = attention_mask.astype(bool) & ~np.isin(input_ids, self.special)
+        global_, words = self.text.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})  # (1, E), (1, L, E)
+        word_mask = attention_mask.astype(bool) & ~np.isin(input_ids, self.special)  # (1, L) real words
         return global_, words, word_mask, list(encoding.tokens)
 
     def rescore(self, words, word_mask, text_global, regions, region_mask, video_global):

@@ -40,9 +40,9 @@ class RegionStore:
 
     def append(self, regions: np.ndarray, region_mask: np.ndarray) -> None:
         """Add videos: regions (B, R, E) in their T*N frame-major layout, region_mask (B, R)."""
-        video, position = np.nonzero(region_mask)  # row-major: video by video, positions ascending
-        counts = np.bincount(video, minlength=len(region_mask))
-        self.embeddings = np.concatenate([self.embeddings, regions[video, position].astype(np.float16)])
+        video, position = np.nonzero(region_mask)  # (n,) each; row-major: video by video, positions ascending
+        counts = np.bincount(video, minlength=len(region_mask))  # (B,) real regions per video
+        self.embeddings = np.concatenate([self.embeddings, regions[video, position].astype(np.float16)])  # (total + n, E)
         self.positions = np.concatenate([self.positions, position.astype(np.int32)])
         self.offsets = np.concatenate([self.offsets, self.offsets[-1] + np.cumsum(counts)])
 

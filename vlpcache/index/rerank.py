@@ -66,6 +66,7 @@ def align(attention: np.ndarray, word_mask: np.ndarray, tokens: list[str], posit
         k = int(weights.argmax())
         region = int(positions[k])
         matches.append(WordMatch(text, region, region // regions_per_frame, float(weights[k])))
-    real = positions >= 0
+    real = positions >= 0  # (K,)
+    # attention of all real words summed per region (K_real,), then per frame (T,)
     mass = np.bincount(positions[real] // regions_per_frame, weights=attention[word_mask][:, real].sum(0))
     return Alignment(int(mass.argmax()) if len(mass) and mass.any() else 0, matches)

@@ -61,7 +61,7 @@ class Searcher:
         """The top k of the index for one query, best first."""
         text_global, words, word_mask, tokens = self.query_model.encode(query)  # (1, E), (1, L, E), (1, L)
         pool = max(k, self.rerank_candidates) if rerank else k
-        faiss_scores, faiss_rows = self.index.search(text_global, pool)
+        faiss_scores, faiss_rows = self.index.search(text_global, pool)  # (1, pool) each
         # candidates no longer in the cache (it was rebuilt without them) cannot be shown
         found = [(float(s), int(r)) for s, r in zip(faiss_scores[0], faiss_rows[0])
                  if r >= 0 and self.index.ids[r] in self.cache]
@@ -69,10 +69,10 @@ class Searcher:
             return []
         rows = [r for _, r in found]
         regions, region_mask, positions = self.index.regions.gather(rows)  # (P, K, E), (P, K), (P, K)
-        score, global_, local, attention = self.query_model.rescore(
+        score, global_, local, attention = self.query_model.rescore(  # (1, P) x 3, (1, P, L, K)
             words, word_mask, text_global, regions, region_mask, self.index.embeddings[rows])
         if rerank:
-            order = np.argsort(-score[0], kind="stable")[:k]
+            order = np.argsort(-score[0], kind="stable")[:k]  # (k,) candidate positions, best first
         else:
             order = np.arange(min(k, len(found)))
         hits = []

@@ -72,7 +72,7 @@ class Float32BoxCoder(BoxCoder):
 
 def coco_label_index(categories: list[str]) -> torch.Tensor:
     """torchvision's 91-way category index -> our 80-class COCO index, NOT_COCO for gaps."""
-    return torch.tensor([COCO_CLASSES.index(c) if c in COCO_CLASSES else NOT_COCO for c in categories])
+    return torch.tensor([COCO_CLASSES.index(c) if c in COCO_CLASSES else NOT_COCO for c in categories])  # (91,)
 
 
 def _weights_enum(arch: str):
@@ -253,9 +253,9 @@ class FasterRCNNDetector:
 
             rois, kept = [], []
             for detection, (h, w) in zip(detections, image_list.image_sizes):
-                labels = self.coco_index[detection["labels"]]
+                labels = self.coco_index[detection["labels"]]  # (m,) our COCO index
                 coco = torch.nonzero(labels != NOT_COCO).flatten()
-                boxes, scores, labels = detection["boxes"][coco], detection["scores"][coco], labels[coco]
+                boxes, scores, labels = detection["boxes"][coco], detection["scores"][coco], labels[coco]  # (m', 4), (m',), (m',)
                 keep = select_detections(boxes, scores, labels, self.config.score_threshold,
                                          self.config.nms_iou, max_detections)
                 frame_box = torch.tensor([[0.0, 0.0, w, h]], device=boxes.device)
@@ -266,10 +266,10 @@ class FasterRCNNDetector:
 
         # one device -> host transfer per array for the whole batch
         counts = [len(r) for r in rois]
-        sizes = torch.tensor([[w, h, w, h] for _, _, (h, w) in kept], dtype=torch.float32, device=self.device)
+        sizes = torch.tensor([[w, h, w, h] for _, _, (h, w) in kept], dtype=torch.float32, device=self.device)  # (B, 4)
         boxes = torch.cat([r.float() / size for r, size in zip(rois, sizes)]).clamp_(0, 1).cpu().numpy()  # (R, 4)
         scores = torch.cat([s for s, _, _ in kept]).float().cpu().numpy()  # (R - B,)
-        labels = torch.cat([lab for _, lab, _ in kept]).cpu().numpy()
+        labels = torch.cat([lab for _, lab, _ in kept]).cpu().numpy()  # (R - B,)
         region_features = region_features.float().cpu().numpy()  # (R, 1024)
         results, start = [], 0
         for b, n in enumerate(counts):  # region rows start .. start + n: whole frame, then n - 1 detections

@@ -50,7 +50,7 @@ def select_detections(
 
     boxes (n, 4) xyxy in any pixel frame; returns indices sorted by descending score.
     """
-    keep = torch.nonzero(scores >= score_threshold).flatten()
+    keep = torch.nonzero(scores >= score_threshold).flatten()  # (k,) indices into the n detections
     if keep.numel() == 0 or max_detections <= 0:
         return keep[:0]
     kept = nms(boxes[keep].float(), scores[keep].float(), nms_iou)  # sorted by score already
@@ -79,7 +79,7 @@ def pack_frame_regions(regions: FrameRegions, n_regions: int) -> dict[str, np.nd
 def with_frame_region(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, ...]:
     """Prepend the whole-frame region (box [0,0,1,1], score 1, label FRAME_REGION_LABEL)."""
     return (
-        np.concatenate([np.array([[0.0, 0.0, 1.0, 1.0]], np.float32), boxes.astype(np.float32)]),
-        np.concatenate([np.ones(1, np.float32), scores.astype(np.float32)]),
-        np.concatenate([np.full(1, FRAME_REGION_LABEL, np.int64), labels.astype(np.int64)]),
+        np.concatenate([np.array([[0.0, 0.0, 1.0, 1.0]], np.float32), boxes.astype(np.float32)]),  # (1 + n, 4)
+        np.concatenate([np.ones(1, np.float32), scores.astype(np.float32)]),  # (1 + n,)
+        np.concatenate([np.full(1, FRAME_REGION_LABEL, np.int64), labels.astype(np.int64)]),  # (1 + n,)
     )

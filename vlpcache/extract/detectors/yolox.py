@@ -158,9 +158,9 @@ def letterbox(frame: np.ndarray, size: int = INPUT_SIZE, out: torch.Tensor | Non
     bgr = np.asarray(frame[..., ::-1], dtype=np.float32)  # the flip comes free with the float copy
     image = torch.from_numpy(bgr).permute(2, 0, 1)[None]  # (1, 3, H, W)
     if (nh, nw) != (h, w):
-        image = F.interpolate(image, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+        image = F.interpolate(image, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)  # (1, 3, nh, nw)
     if out is None:
-        out = torch.empty((3, *canvas_shape(h, w, size)))
+        out = torch.empty((3, *canvas_shape(h, w, size)))  # (3, Hc, Wc)
     out[:, nh:] = PAD_VALUE
     out[:, :nh, nw:] = PAD_VALUE
     out[:, :nh, :nw] = image[0].clamp_(0, 255)
@@ -172,19 +172,19 @@ def _grid(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     grids, strides = [], []
     for stride in STRIDES:
         ny, nx = height // stride, width // stride
-        ys, xs = torch.meshgrid(torch.arange(ny), torch.arange(nx), indexing="ij")
-        grids.append(torch.stack((xs, ys), -1).reshape(-1, 2))
-        strides.append(torch.full((ny * nx, 1), stride))
+        ys, xs = torch.meshgrid(torch.arange(ny), torch.arange(nx), indexing="ij")  # (ny, nx) each
+        grids.append(torch.stack((xs, ys), -1).reshape(-1, 2))  # (ny*nx, 2) cell x, y
+        strides.append(torch.full((ny * nx, 1), stride))  # (ny*nx, 1)
     return torch.cat(grids).float(), torch.cat(strides).float()
 
 
 def decode_yolox(raw: torch.Tensor, grid: torch.Tensor, strides: torch.Tensor):
     """raw (A, 85) head output -> boxes (A, 4) xyxy in letterbox pixels, scores (A,), labels (A,)."""
-    xy = (raw[:, :2] + grid) * strides
-    wh = torch.exp(raw[:, 2:4].clamp(max=10.0)) * strides
-    boxes = torch.cat((xy - wh / 2, xy + wh / 2), dim=1)
-    class_scores, labels = raw[:, 5:].max(dim=1)
-    return boxes, raw[:, 4] * class_scores, labels
+    xy = (raw[:, :2] + grid) * strides  # (A, 2) box centres
+    wh = torch.exp(raw[:, 2:4].clamp(max=10.0)) * strides  # (A, 2) widths, heights
+    boxes = torch.cat((xy - wh / 2, xy + wh / 2), dim=1)  # (A, 4)
+    class_scores, labels = raw[:, 5:].max(dim=1)  # (A,) best of the 80 classes
+    return boxes, raw[:, 4] * class_scores, labels  # score = objectness x class probability
 
 
 @contextlib.contextmanager
@@ -280,10 +280,10 @@ class YoloxDetector:
 
     def _detect_canvas(self, canvas, frames, max_detections: int) -> list[FrameRegions]:
         # pinned host memory lets the copy to the GPU overlap with queued GPU work
-        images = torch.empty((len(frames), 3, *canvas), pin_memory=self.device.type == "cuda")  # BGR 0-255
+        images = torch.empty((len(frames), 3, *canvas), pin_memory=self.device.type == "cuda")  # (B, 3, Hc, Wc) BGR 0-255
         scales = [letterbox(frame, out=slot)[1] for frame, slot in zip(frames, images)]
         images = images.to(self.device, non_blocking=True)
-        raw, neck_maps = self._run_yolox(images)  # (B, A, 85)
+        raw, neck_maps = self._run_yolox(images)  # (B, A, 85), [(B, C_l, Hc/s_l, Wc/s_l) per stride s_l]
         if canvas not in self.grids:
             self.grids[canvas] = tuple(t.to(self.device) for t in _grid(*canvas))
         grid, strides = self.grids[canvas]
@@ -291,12 +291,12 @@ class YoloxDetector:
         rois, kept = [], []
         for b, frame in enumerate(frames):
             h, w = frame.shape[:2]
-            boxes, scores, labels = decode_yolox(raw[b], grid, strides)
+            boxes, scores, labels = decode_yolox(raw[b], grid, strides)  # (A, 4), (A,), (A,)
             keep = select_detections(boxes, scores, labels, self.config.score_threshold, self.config.nms_iou, max_detections)
             visible = torch.tensor([0.0, 0.0, w * scales[b], h * scales[b]], device=self.device)  # frame in the letterbox
-            boxes = torch.minimum(boxes[keep].clamp_min(0), visible[[2, 3, 2, 3]])
+            boxes = torch.minimum(boxes[keep].clamp_min(0), visible[[2, 3, 2, 3]])  # (n, 4) clipped to the frame
             boxes = torch.cat((visible[None], boxes))  # whole frame first, (1 + n, 4) letterbox pixels
-            rois.append(torch.cat((torch.full((len(boxes), 1), float(b), device=self.device), boxes), dim=1))
+            rois.append(torch.cat((torch.full((len(boxes), 1), float(b), device=self.device), boxes), dim=1))  # (1 + n, 5)
             kept.append((boxes.cpu(), scores[keep].cpu(), labels[keep].cpu(), scales[b], (h, w)))
         rois = torch.cat(rois)  # (R, 5): batch index, x1, y1, x2, y2
         frame_rows = torch.cumsum(torch.tensor([0] + [len(k[0]) for k in kept[:-1]]), 0)  # whole-frame roi of each frame
@@ -313,7 +313,7 @@ class YoloxDetector:
         results, start = [], 0
         for boxes, scores, labels, scale, (h, w) in kept:
             n = len(boxes)
-            normalised = (boxes[1:] / scale / torch.tensor([w, h, w, h])).clamp_(0, 1).numpy()
+            normalised = (boxes[1:] / scale / torch.tensor([w, h, w, h])).clamp_(0, 1).numpy()  # (n, 4) in [0, 1]
             all_boxes, all_scores, all_labels = with_frame_region(normalised, scores.numpy(), labels.numpy())
             results.append(FrameRegions(all_boxes, all_scores, all_labels, features[start : start + n]))
             start += n
@@ -323,11 +323,11 @@ class YoloxDetector:
               frame_sizes: list[tuple[float, float]]) -> torch.Tensor:
         """Region features (R, C): detected boxes by RoIAlign, each frame's whole-frame region by
         frame_average (what a global-feature model reads, not a 2x2 sampling of it)."""
-        feature_map = feature_map.float()
+        feature_map = feature_map.float()  # (B, C, Hc/stride, Wc/stride)
         pooled = roi_align(feature_map, rois.to(feature_map.device), ROI_OUTPUT, spatial_scale=1 / stride,
                            sampling_ratio=2, aligned=True).mean(dim=(2, 3))  # (R, C)
         pooled[frame_rows.to(pooled.device)] = torch.stack(
-            [frame_average(feature_map[b], height, width, stride) for b, (height, width) in enumerate(frame_sizes)])
+            [frame_average(feature_map[b], height, width, stride) for b, (height, width) in enumerate(frame_sizes)])  # (B, C)
         return pooled
 
 
