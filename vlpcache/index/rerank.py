@@ -11,9 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlpcache.metrics import RERANK_CANDIDATES  # noqa: F401  (search's candidate count, one home)
-
-
 # words the model does read, but whose attended region tells a reader nothing ("a -> person")
 FUNCTION_WORDS = frozenset(
     "a an the this that these those is are was were be been being am of in on at to into onto for with "

@@ -24,7 +24,8 @@ from vlpcache.index.build import open_cache, resolve_sources, update_index
 from vlpcache.index.faiss_index import VideoIndex
 from vlpcache.index.layout import META_FILE, IndexConfig, check_same_source, read_meta
 from vlpcache.index.query_model import OnnxQueryModel, query_export_sha
-from vlpcache.index.rerank import RERANK_CANDIDATES, align
+from vlpcache.index.rerank import align
+from vlpcache.metrics import RERANK_CANDIDATES
 from vlpcache.model.run_layout import designated_checkpoint_sha256
 from vlpcache.report import Say, say
 
