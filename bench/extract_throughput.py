@@ -73,7 +73,7 @@ class SimpleReference:
         import torch
         from torchvision.models import mobilenet_v2
 
-        from vlpcache.extract.yolox import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE, MOBILENET_FILE, YOLOX_FILE, _grid
+        from vlpcache.extract.detectors.yolox import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE, MOBILENET_FILE, YOLOX_FILE, _grid
 
         self.torch, self.size, self.device = torch, INPUT_SIZE, torch.device(device)
         providers = (["CUDAExecutionProvider"] if device == "cuda" else []) + ["CPUExecutionProvider"]
@@ -88,8 +88,8 @@ class SimpleReference:
     def detect(self, frames: list[np.ndarray], max_detections: int):
         from torchvision.ops import roi_align
 
-        from vlpcache.extract.regions import FrameRegions, select_detections, with_frame_region
-        from vlpcache.extract.yolox import decode_yolox, letterbox
+        from vlpcache.extract.detectors.regions import FrameRegions, select_detections, with_frame_region
+        from vlpcache.extract.detectors.yolox import decode_yolox, letterbox
 
         torch = self.torch
         (frame,) = frames
@@ -196,8 +196,8 @@ def run_runtimes(root: Path, args) -> None:
     on the same decoded frames, detector only, per batch size: the measurement issue 5 asks to choose by."""
     import torch
 
+    from vlpcache.extract.detectors.yolox import YoloxConfig, YoloxDetector
     from vlpcache.extract.reader import FrameReader
-    from vlpcache.extract.yolox import YoloxConfig, YoloxDetector
 
     items, _ = discover_items([root])
     frames = [f for d in FrameReader(args.frames, 416, workers=0)(items) if d.sampled for f in d.sampled.frames]
@@ -262,7 +262,7 @@ def main() -> None:
         if args.reference_kind == "simple":
             detector = SimpleReference(Path(os.environ["VLPCACHE_MODELS"]), args.device)
         else:
-            from vlpcache.extract.yolox import YoloxConfig, YoloxDetector
+            from vlpcache.extract.detectors.yolox import YoloxConfig, YoloxDetector
 
             detector = YoloxDetector(YoloxConfig(device=args.device))
         frames, seconds, decoded = run_reference(items, args.frames, detector, 30, args.reference_out)

@@ -31,7 +31,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from vlpcache.index.faiss_index import IndexConfig, IndexMeta, VideoIndex, candidate_factories, recall_at
+from vlpcache.index.faiss_index import VideoIndex, candidate_factories, recall_at
+from vlpcache.index.layout import IndexConfig, IndexMeta
 
 
 def synthetic_vectors(n: int, dim: int, kind: str, rng: np.random.Generator) -> np.ndarray:
@@ -112,11 +113,12 @@ def bench_text_encoding(workspace: Path, queries: list[str]) -> dict:
     from vlpcache.index.query_graphs import TorchQueryModel
     from vlpcache.index.query_model import OnnxQueryModel
     from vlpcache.model.checkpoint import load_run
+    from vlpcache.model.run_layout import latest_run
     from vlpcache.workspace import Workspace
 
     workspace = Workspace(workspace)
     result = {}
-    for name, model in (("onnx", OnnxQueryModel(workspace.index_dir)), ("torch", TorchQueryModel(load_run(workspace.latest_run())))):
+    for name, model in (("onnx", OnnxQueryModel(workspace.index_dir)), ("torch", TorchQueryModel(load_run(latest_run(workspace.runs_dir))))):
         model.encode("warm up")
         times = []
         for q in queries:

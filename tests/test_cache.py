@@ -7,7 +7,8 @@ import torch
 
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import ARRAYS, MANIFEST_NAME, SCHEMA_VERSION, SHARD_DIR, CacheSettings, empty_item
-from vlpcache.cache.writer import ShardWriter, read_failures
+from vlpcache.cache.manifest import read_failures
+from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
 
 SETTINGS = CacheSettings(frames=3, regions=4, feature_dim=8, detector="test", detector_weights_sha256="d" * 64,

@@ -6,8 +6,8 @@ import torch
 
 from vlpcache.cache.schema import FRAME_REGION_LABEL
 from vlpcache.errors import UserError
-from vlpcache.extract.frcnn import FasterRCNNDetector, FrcnnConfig
-from vlpcache.extract.regions import COCO_CLASSES
+from vlpcache.cache.labels import COCO_CLASSES
+from vlpcache.extract.detectors.frcnn import FasterRCNNDetector, FrcnnConfig
 from vlpcache.files import file_sha256
 
 ARCH = "fasterrcnn_mobilenet_v3_large_fpn"
@@ -98,7 +98,7 @@ def test_default_architecture_resnet50_fpn_v2_gives_1024_d_features(frames):
     assert resnet.feature_dim == 1024
     (regions,) = resnet.detect(frames[:1], max_detections=3)
     assert regions.features.shape == (len(regions.scores), 1024) and len(regions.scores) >= 2
-    assert resnet.provenance()["detector"] == "frcnn:fasterrcnn_resnet50_fpn_v2"
+    assert resnet.spec.provenance["detector"] == "frcnn:fasterrcnn_resnet50_fpn_v2"
 
 
 def test_saved_state_dict_round_trips_through_weights_file(detector, frames, tmp_path):
@@ -108,11 +108,11 @@ def test_saved_state_dict_round_trips_through_weights_file(detector, frames, tmp
     for ours, theirs in zip(detector.detect(frames, 5), loaded.detect(frames, 5)):
         np.testing.assert_array_equal(ours.boxes, theirs.boxes)
         np.testing.assert_array_equal(ours.features, theirs.features)
-    assert loaded.provenance()["detector_weights_sha256"] == file_sha256(path)
-    from vlpcache.extract.detectors import choose_detector
+    assert loaded.spec.provenance["detector_weights_sha256"] == file_sha256(path)
+    from vlpcache.extract.detectors.choice import choose_detector
 
     choice = choose_detector("frcnn", loaded.config.arch, str(path), None)  # what extract writes before loading
-    assert choice.provenance == loaded.provenance() and choice.feature_dim == loaded.feature_dim
+    assert choice.provenance == loaded.spec.provenance and choice.feature_dim == loaded.feature_dim
 
 
 def test_torchvision_weights_already_in_the_hub_cache_load_offline(detector, frames, offline_torch_home):

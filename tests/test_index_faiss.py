@@ -6,15 +6,8 @@ import numpy as np
 import pytest
 
 from vlpcache.errors import UserError
-from vlpcache.index.faiss_index import (
-    IDS_FILE,
-    IndexConfig,
-    IndexMeta,
-    VideoIndex,
-    check_same_source,
-    choose_factory,
-    read_meta,
-)
+from vlpcache.index.faiss_index import VideoIndex, choose_factory
+from vlpcache.index.layout import IDS_FILE, IndexConfig, IndexMeta, check_same_source, read_meta
 
 DIM = 32
 SETTINGS = {"frames": 2, "regions": 4, "feature_dim": 16, "detector": "test"}

@@ -13,7 +13,8 @@ import torch
 from test_model import build_tiny_text_model
 from test_pretrain import write_cache, write_captions
 from vlpcache.cli import main
-from vlpcache.index.faiss_index import VideoIndex, read_meta
+from vlpcache.index.faiss_index import VideoIndex
+from vlpcache.index.layout import read_meta
 from vlpcache.index.rerank import query_words
 from vlpcache.model.checkpoint import load_run
 from vlpcache.model.train import run_pretrain
@@ -243,10 +244,3 @@ def test_search_with_an_exported_index_never_imports_torch(ws, monkeypatch, caps
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "False False"
     assert "query: a dog" in result.stdout
-
-
-def test_checkpoint_sha_read_without_torch_agrees_with_load_run(ws):
-    from vlpcache.index.build import designated_checkpoint_sha256
-
-    run_dir = ws / "runs" / "run-001"
-    assert designated_checkpoint_sha256(run_dir) == load_run(run_dir).checkpoint_sha256

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from vlpcache.errors import UserError
-from vlpcache.extract.regions import pack_frame_regions
-from vlpcache.extract.yolox import INPUT_SIZE, YoloxConfig, YoloxDetector, decode_yolox, letterbox
+from vlpcache.extract.detectors.regions import pack_frame_regions
+from vlpcache.extract.detectors.yolox import INPUT_SIZE, YoloxConfig, YoloxDetector, decode_yolox, letterbox
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_decode_places_a_centred_cell_box_at_its_grid_position():
     raw = torch.zeros(52 * 52 + 26 * 26 + 13 * 13, 85)
     raw[:, 4] = 1.0
     raw[:, 5] = 0.5  # class 0 score
-    from vlpcache.extract.yolox import _grid
+    from vlpcache.extract.detectors.yolox import _grid
 
     grid, strides = _grid(INPUT_SIZE, INPUT_SIZE)
     boxes, scores, labels = decode_yolox(raw, grid, strides)
@@ -113,10 +113,10 @@ def test_torch_runtime_of_the_gpu_path_matches_onnxruntime_on_cpu(detector, peop
 
 
 def test_the_choice_made_before_loading_describes_the_loaded_detector(detector, models_dir):
-    from vlpcache.extract.detectors import choose_detector
+    from vlpcache.extract.detectors.choice import choose_detector
 
     choice = choose_detector("yolox", "mobilenet_v2+neck", None, str(models_dir))
-    assert choice.provenance == detector.provenance()
+    assert choice.provenance == detector.spec.provenance
     assert (choice.feature_dim, choice.max_side) == (detector.feature_dim, detector.max_side)
     with pytest.raises(UserError, match="unknown backbone 'resnet' for yolox"):
         choose_detector("yolox", "resnet", None, str(models_dir))

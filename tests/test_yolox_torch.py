@@ -5,12 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from vlpcache.extract.yolox import YOLOX_FILE, _batched_onnx, letterbox
+from vlpcache.extract.detectors.yolox import YOLOX_FILE, letterbox
+from vlpcache.extract.detectors.yolox_graph import batched_onnx
 
 pytest.importorskip("onnx2torch", reason="onnx2torch is needed only for the yolox detector on CUDA")
 ort = pytest.importorskip("onnxruntime")
 
-from vlpcache.extract.yolox_torch import yolox_torch_module  # noqa: E402
+from vlpcache.extract.detectors.yolox_torch import yolox_torch_module  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def images(msrvtt_dir) -> torch.Tensor:
 
 
 def test_torch_module_matches_onnxruntime_with_neck_maps_on_real_frames(yolox_path, images):
-    session = ort.InferenceSession(_batched_onnx(yolox_path, with_neck=True), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(batched_onnx(yolox_path, with_neck=True), providers=["CPUExecutionProvider"])
     expected = session.run(None, {"images": images.numpy()})
     with torch.inference_mode():
         outputs = yolox_torch_module(yolox_path, with_neck=True)(images)

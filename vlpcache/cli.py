@@ -1,7 +1,8 @@
 """The command table: each command parses its options and calls one function, nothing more.
 
 Stage modules are imported inside the commands so that `vlpcache --help` and `vlpcache search`
-start without loading what they do not use.
+start without loading what they do not use; defaults come from the light modules that define them
+(ExtractOptions, IndexConfig, RERANK_CANDIDATES, DEVICES), never restated here.
 """
 
 from __future__ import annotations
@@ -12,7 +13,20 @@ import sys
 import click
 
 from vlpcache import __version__
+from vlpcache.cache.schema import SHARD_SECONDS
+from vlpcache.devices import DEFAULT_DEVICE, DEVICES
 from vlpcache.errors import UserError
+from vlpcache.extract.detectors.spec import (
+    DEFAULT_FRCNN_ARCH,
+    DEFAULT_YOLOX_BACKBONE,
+    DETECTORS,
+    FRCNN_ARCHITECTURES,
+    FRCNN_FEATURE_DIM,
+    YOLOX_BACKBONES,
+)
+from vlpcache.extract.options import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, ExtractOptions
+from vlpcache.index.layout import EXACT_LIMIT, IndexConfig
+from vlpcache.metrics import RERANK_CANDIDATES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -28,29 +42,57 @@ def cli() -> None:
     """
 
 
+# ---------------------------------------------------------------- options several commands share
+
+device_option = click.option("--device", default=DEFAULT_DEVICE, show_default=True, type=click.Choice(DEVICES),
+                             help="auto: CUDA when torch sees a GPU, else CPU.")
+run_option = click.option("--run", "run_dir", type=click.Path(), help="Run directory [default: the workspace's latest run].")
+cache_option = click.option("--cache", "cache_dir", type=click.Path(), help="Region cache [default: .vlpcache/cache].")
+checkpoint_option = click.option("--checkpoint", default=None,
+                                 help="best, last or an epoch [default: best by validation, else last].")
+
+
+def quiet_option(help: str):
+    return click.option("--quiet", is_flag=True, help=help)
+
+
+def json_option(help: str):
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def backbone_help() -> str:
+    yolox = ", ".join(f"{name} ({dim}-d)" for name, dim in YOLOX_BACKBONES.items())
+    return (f"Region features. yolox: {yolox} [default: {DEFAULT_YOLOX_BACKBONE}]. frcnn: the architecture, whose "
+            f"{FRCNN_FEATURE_DIM}-d box head gives the features: {', '.join(FRCNN_ARCHITECTURES)} "
+            f"[default: {DEFAULT_FRCNN_ARCH}].")
+
+
+# ---------------------------------------------------------------- the commands
+
 @cli.command()
 @click.argument("roots", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("-o", "--output", "cache_dir", type=click.Path(), help="Cache directory [default: .vlpcache/cache].")
-@click.option("--frames", default=8, show_default=True, type=click.IntRange(1, 512), help="Frames sampled per item (T).")
-@click.option("--regions", default=30, show_default=True, type=click.IntRange(1, 1000),
+@click.option("--frames", default=ExtractOptions.frames, show_default=True, type=click.IntRange(1, 512),
+              help="Frames sampled per item (T).")
+@click.option("--regions", default=ExtractOptions.regions, show_default=True, type=click.IntRange(1, 1000),
               help="Detected regions kept per frame; one whole-frame region is added (N = regions + 1).")
-@click.option("--detector", default="yolox", show_default=True, type=click.Choice(["yolox", "frcnn"]))
-@click.option("--backbone", default=None,
-              help="Region features. yolox: mobilenet_v2 (1280-d, default), neck (448-d YOLOX neck maps) or "
-                   "mobilenet_v2+neck (1728-d). frcnn: the architecture, whose 1024-d box head gives the features: "
-                   "fasterrcnn_resnet50_fpn_v2 (default), fasterrcnn_resnet50_fpn, fasterrcnn_mobilenet_v3_large_fpn, "
-                   "fasterrcnn_mobilenet_v3_large_320_fpn.")
+@click.option("--detector", default=ExtractOptions.detector, show_default=True, type=click.Choice(DETECTORS))
+@click.option("--backbone", default=None, help=backbone_help())
 @click.option("--weights", type=click.Path(), help="frcnn: a state dict file (.pth or .safetensors) instead of torchvision's COCO weights.")
 @click.option("--models", "models", type=click.Path(), help="Folder of offline weights [env VLPCACHE_MODELS].")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--batch-size", default=None, type=click.IntRange(1), help="Frames per detector batch [default: 8 on CPU, 128 on CUDA].")
+@device_option
+@click.option("--batch-size", default=None, type=click.IntRange(1),
+              help=f"Frames per detector batch [default: {CPU_BATCH_SIZE} on CPU, {CUDA_BATCH_SIZE} on CUDA].")
 @click.option("--workers", default=None, type=click.IntRange(0), help="Decoding worker processes [default: CPU cores - 1, at least 1].")
-@click.option("--shard", default="0/1", show_default=True, help="Process only part i of n of the items (i/n), for many machines.")
+@click.option("--shard", default=ExtractOptions.shard, show_default=True,
+              help="Process only part i of n of the items (i/n), for many machines.")
 @click.option("--retry-failed", is_flag=True, help="Retry items recorded as failed in an earlier run.")
-@click.option("--items-per-shard", default=512, show_default=True, type=click.IntRange(1),
-              help="Items per shard file; a crash loses at most the shard in progress (also committed every 2 min).")
-@click.option("--score-threshold", default=0.1, show_default=True, type=click.FloatRange(0, 1), help="Minimum detection score.")
-@click.option("--quiet", is_flag=True, help="No progress bar or per-item lines; the summary only.")
+@click.option("--items-per-shard", default=ExtractOptions.items_per_shard, show_default=True, type=click.IntRange(1),
+              help=f"Items per shard file; a crash loses at most the shard in progress (also committed every "
+                   f"{SHARD_SECONDS / 60:g} min).")
+@click.option("--score-threshold", default=ExtractOptions.score_threshold, show_default=True, type=click.FloatRange(0, 1),
+              help="Minimum detection score.")
+@quiet_option("No progress bar or per-item lines; the summary only.")
 def extract(**options) -> None:
     """Sample frames of every video/image/frame folder under ROOTS and cache their region features."""
     from vlpcache.extract.runner import run_extract
@@ -67,13 +109,18 @@ def extract(**options) -> None:
 @click.argument("cache_dir", required=False, type=click.Path())
 @click.option("--render", "render_id", metavar="ID", help="Draw the sampled frames of item ID with its boxes.")
 @click.option("-o", "--output", type=click.Path(), help="Image file for --render [default: ID.png].")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@json_option("Print the summary as JSON.")
 @click.option("--failures", is_flag=True, help="List every failed item with its reason.")
 def inspect(cache_dir, render_id, output, as_json, failures) -> None:
     """Summarise a cache (items, failures, T/N/D, provenance, size), or render one item."""
-    from vlpcache.extract.inspect import inspect_cache
+    if render_id is not None:  # re-decodes the item's sources: extraction's business
+        from vlpcache.extract.render import render_cache_item
 
-    inspect_cache(cache_dir, render_id=render_id, output=output, as_json=as_json, list_failures=failures)
+        render_cache_item(cache_dir, render_id, output)
+        return
+    from vlpcache.cache.inspect import inspect_cache
+
+    inspect_cache(cache_dir, as_json=as_json, list_failures=failures)
 
 
 @cli.command()
@@ -103,9 +150,9 @@ def inspect(cache_dir, render_id, output, as_json, failures) -> None:
 @click.option("--region-dropout", default=None, type=click.FloatRange(0, 1, max_open=True), help="Training: chance to hide a region [default: 0].")
 @click.option("--resume", is_flag=True, help="Continue the run (-o, or the latest) from its last checkpoint.")
 @click.option("--workers", default=None, type=click.IntRange(0), help="Data-loading worker processes [default: 1 on CPU, 4 on CUDA].")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@device_option
 @click.option("--seed", default=None, type=int, help="Random seed [default: 0].")
-@click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
+@quiet_option("No progress bar or per-epoch lines.")
 def pretrain(**options) -> None:
     """Pretrain the region-word alignment model on cached regions and captions (torchrun for several processes)."""
     from vlpcache.model.train import run_pretrain
@@ -114,18 +161,19 @@ def pretrain(**options) -> None:
 
 
 @cli.command()
-@click.option("--run", "run_dir", type=click.Path(), help="Run directory [default: the workspace's latest run].")
-@click.option("--cache", "cache_dir", type=click.Path(), help="Region cache [default: .vlpcache/cache].")
+@run_option
+@cache_option
 @click.option("-o", "--output", "index_dir", type=click.Path(), help="Index directory [default: .vlpcache/index].")
 @click.option("--factory", default=None, metavar="STRING",
               help='FAISS factory string instead of the automatic choice, e.g. "Flat", "HNSW32,Flat", "IVF1024,PQ32np,Refine(SQ8)".')
-@click.option("--memory-budget", "memory_budget_mb", default=None, type=click.FloatRange(1), metavar="MB",
-              help="RAM the index may use; decides HNSW vs IVF-PQ beyond 50k videos [default: 2048].")
+@click.option("--memory-budget", "memory_budget_mb", default=IndexConfig.memory_budget_mb, show_default=True,
+              type=click.FloatRange(1), metavar="MB",
+              help=f"RAM the index may use; decides HNSW vs IVF-PQ beyond {EXACT_LIMIT:,} videos.")
 @click.option("--rebuild", is_flag=True, help="Discard an existing index (another checkpoint, cache or type) and build anew.")
-@click.option("--checkpoint", default=None, help="best, last or an epoch [default: best by validation, else last].")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@checkpoint_option
+@device_option
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="Videos per encoding batch [default: 64 on CPU, 256 on CUDA].")
-@click.option("--quiet", is_flag=True, help="No progress bar; errors only.")
+@quiet_option("No progress bar; errors only.")
 def index(**options) -> None:
     """Encode every cached video with a run's checkpoint into a FAISS index (new videos only, when it exists)."""
     from vlpcache.index.build import run_index
@@ -137,31 +185,31 @@ def index(**options) -> None:
 @click.argument("text", required=False)
 @click.option("--queries", "queries_file", type=click.Path(allow_dash=True), help="File with one query per line (- for stdin).")
 @click.option("-k", default=10, show_default=True, type=click.IntRange(1), help="Results per query.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per query.")
+@json_option("One JSON object per query.")
 @click.option("--no-rerank", is_flag=True, help="Rank by global similarity only (no region-word re-rank).")
-@click.option("--run", "run_dir", type=click.Path(), help="Run directory [default: the workspace's latest run].")
-@click.option("--cache", "cache_dir", type=click.Path(), help="Region cache [default: .vlpcache/cache].")
+@run_option
+@cache_option
 @click.option("--index", "index_dir", type=click.Path(), help="Index directory [default: .vlpcache/index; built on first use].")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-def search(text, queries_file, k, as_json, no_rerank, run_dir, cache_dir, index_dir, device) -> None:
+@device_option
+def search(**options) -> None:
     """Videos that match TEXT, best first, with the best-matching time and the regions that matched the words."""
     from vlpcache.index.search import run_search
 
-    run_search(text, queries_file, run_dir, cache_dir, index_dir, k, as_json, no_rerank, device)
+    run_search(**options)
 
 
 @cli.command(name="eval")
 @click.option("--captions", "captions_file", required=True, type=click.Path(), help="Caption file (.jsonl or .csv) of cached videos.")
-@click.option("--run", "run_dir", type=click.Path(), help="Run directory [default: the workspace's latest run].")
-@click.option("--cache", "cache_dir", type=click.Path(), help="Region cache [default: .vlpcache/cache].")
+@run_option
+@cache_option
 @click.option("--all-captions", is_flag=True, help="Every caption is a query (default: the first caption of each video).")
-@click.option("--rerank-candidates", default=32, show_default=True, type=click.IntRange(0),
+@click.option("--rerank-candidates", default=RERANK_CANDIDATES, show_default=True, type=click.IntRange(0),
               help="Top candidates per query re-ranked by region-word score (0: no re-rank).")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-@click.option("--checkpoint", default=None, help="best, last or an epoch [default: best by validation, else last].")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@json_option("Print the metrics as JSON.")
+@checkpoint_option
+@device_option
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="Videos or captions per encoding batch.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option("No progress bar.")
 def eval_(**options) -> None:
     """Text->video and video->text R@1/5/10, median and mean rank on a caption file, with and without re-rank."""
     from vlpcache.index.evaluate import run_eval

@@ -1,11 +1,12 @@
-"""File-level durability and identity shared by every stage: fsync, and content hashes of weights and
-checkpoints (what provenance and index checks compare)."""
+"""File-level durability and identity shared by every stage: fsync, whole-or-nothing replacement, and
+content hashes of weights and checkpoints (what provenance and index checks compare)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
+from typing import Callable
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -23,3 +24,37 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_atomically(path: Path, write: Callable[[Path], object], suffix: str = "") -> None:
+    """Write `path` whole or not at all: `write(tmp)` fills a temporary beside it, which is fsynced and
+    renamed over `path`, and the folder fsynced. A crash at any instant leaves the old file or the new
+    one, never a part. `suffix` ends the temporary's name, for writers that add one (np.save: ".npy")."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        write(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def create_atomically(path: Path, write: Callable[[Path], object]) -> bool:
+    """Create `path` whole, unless it exists: when several processes race, the first one's file stays
+    and the others leave it alone (False). Filled and fsynced under a temporary name, then hard-linked."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        fsync_path(tmp)
+        os.link(tmp, path)  # fails if the file exists: never replaces it
+        fsync_path(path.parent)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -10,12 +10,13 @@ The workspace is `.vlpcache/` in the current directory, or $VLPCACHE_WORKSPACE:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from vlpcache.errors import UserError
+from vlpcache.records import read_optional_json, write_json
 
+ROOTS_NAME = "roots.json"
 MODEL_FILES_HINT = "pass --models DIR or set VLPCACHE_MODELS to the folder that holds it"
 
 
@@ -44,26 +45,17 @@ class Workspace:
         taken = [int(p.name[4:]) for p in self.runs_dir.glob("run-*") if p.name[4:].isdigit()]
         return self.runs_dir / f"run-{max(taken, default=0) + 1:03d}"
 
-    def latest_run(self) -> Path:
-        """The most recently modified run directory that holds a checkpoint."""
-        runs = [p for p in self.runs_dir.glob("*") if p.is_dir() and any(p.glob("**/*.safetensors"))]
-        if not runs:
-            raise UserError(f"no pretraining run in {self.runs_dir}; run `vlpcache pretrain` first or pass --run")
-        return max(runs, key=lambda p: p.stat().st_mtime)
-
     def remember_roots(self, roots: list[Path]) -> None:
         known = self.extracted_roots()
         for root in roots:
             if str(root.resolve()) not in known:
                 known.append(str(root.resolve()))
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "roots.json").write_text(json.dumps(known, indent=2))
+        write_json(self.root / ROOTS_NAME, known)
 
     def extracted_roots(self) -> list[str]:
-        try:
-            return json.loads((self.root / "roots.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return []
+        roots = read_optional_json(self.root / ROOTS_NAME)
+        return roots if isinstance(roots, list) else []
 
 
 def models_dir(option: str | os.PathLike | None = None) -> Path:

@@ -8,15 +8,15 @@ never used in a worker.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from vlpcache.cache.manifest import read_failures, read_manifest
 from vlpcache.cache.schema import ARRAYS, SHARD_DIR, SHARD_SUFFIX, CacheSettings
-from vlpcache.cache.writer import read_failures, read_manifest
 from vlpcache.errors import UserError
+from vlpcache.report import say
 
 
 def _decode(values) -> list[str]:
@@ -52,7 +52,7 @@ class RegionCache:
                     shard_paths = _decode(f["paths"][:])
                     shard_kinds = _decode(f["kinds"][:])
             except (OSError, KeyError) as err:
-                print(f"{shard}: unreadable shard ({err}); ignored", file=sys.stderr)
+                say(f"{shard}: unreadable shard ({err}); ignored")
                 continue
             for row, item_id in enumerate(shard_ids):
                 if item_id in seen:  # only if two writers were given overlapping work; keep the first

@@ -37,6 +37,18 @@ TMP_SUFFIX = ".tmp"
 # label of the whole-frame region that every frame carries at region index 0
 FRAME_REGION_LABEL = -1
 
+# detection settings every cache records (CacheSettings); extract uses these unless told otherwise
+SCORE_THRESHOLD = 0.1  # detections below this score are dropped
+NMS_IOU = 0.5  # class-agnostic NMS: of two boxes overlapping more, the lower-scored one goes
+SHARD_ITEMS = 512  # videos per shard file: a crash loses at most the shard in progress
+SHARD_SECONDS = 120.0  # a shard is also committed after this long
+
+# the settings that decide what a region feature means: a model reads a cache, and caches mix into
+# one training set, only where these agree (frames and regions per frame may differ)
+FEATURE_SETTINGS = (
+    "schema_version", "feature_dim", "detector", "detector_weights_sha256", "backbone", "backbone_weights_sha256",
+)
+
 
 @dataclass(frozen=True)
 class ArraySpec:
@@ -73,8 +85,8 @@ class CacheSettings(JsonRecord):
     backbone: str
     backbone_weights_sha256: str
     sampling: str = "segment-centres"
-    score_threshold: float = 0.1
-    nms_iou: float = 0.5
+    score_threshold: float = SCORE_THRESHOLD
+    nms_iou: float = NMS_IOU
     schema_version: int = SCHEMA_VERSION
     extra: dict = field(default_factory=dict)
 
@@ -86,6 +98,14 @@ class CacheSettings(JsonRecord):
         """Human-readable list of the settings in which two caches differ."""
         mine, theirs = self.to_json(), other.to_json()
         return [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in mine if mine[k] != theirs.get(k)]
+
+    def feature_differences(self, other: "CacheSettings | dict") -> list[str]:
+        """Human-readable list of the FEATURE_SETTINGS in which `other` differs: empty when a model
+        trained on one reads the other, and when the two caches may feed one model. `other` may be the
+        settings a run recorded (a dict); settings it does not record are not compared."""
+        mine = self.to_json()
+        theirs = other if isinstance(other, dict) else other.to_json()
+        return [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in FEATURE_SETTINGS if k in theirs and theirs[k] != mine[k]]
 
 
 def outdated_schema(settings: CacheSettings) -> str | None:

@@ -17,11 +17,14 @@ import h5py
 import numpy as np
 
 from vlpcache import __version__
+from vlpcache.cache.manifest import read_manifest
 from vlpcache.cache.schema import (
     ARRAYS,
     FAILURE_DIR,
     MANIFEST_NAME,
     SHARD_DIR,
+    SHARD_ITEMS,
+    SHARD_SECONDS,
     SHARD_SUFFIX,
     STRINGS,
     TMP_SUFFIX,
@@ -31,6 +34,7 @@ from vlpcache.cache.schema import (
 )
 from vlpcache.errors import UserError
 from vlpcache.files import fsync_path
+from vlpcache.records import write_json
 
 FEATURE_COMPRESSION = "lzf"  # fast; padded frames and regions are zeros and shrink to almost nothing
 
@@ -40,17 +44,8 @@ def open_cache_dir(cache_dir: Path, settings: CacheSettings) -> None:
     cache_dir = Path(cache_dir)
     (cache_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     (cache_dir / FAILURE_DIR).mkdir(parents=True, exist_ok=True)
-    manifest = cache_dir / MANIFEST_NAME
-    if not manifest.exists():
-        tmp = manifest.with_name(f"{MANIFEST_NAME}.{os.getpid()}{TMP_SUFFIX}")
-        tmp.write_text(json.dumps(settings.to_json(), indent=2, sort_keys=True))
-        try:  # link() fails if another process created the manifest first: theirs wins, we compare below
-            os.link(tmp, manifest)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-        fsync_path(cache_dir)
+    # the first writer's manifest stays when several start at once; theirs is compared below
+    write_json(cache_dir / MANIFEST_NAME, settings.to_json(), keep_existing=True)
     existing = read_manifest(cache_dir)
     outdated = outdated_schema(existing)
     if outdated:
@@ -61,16 +56,6 @@ def open_cache_dir(cache_dir: Path, settings: CacheSettings) -> None:
             f"{cache_dir}: cache was made with different settings ({'; '.join(diffs)}); "
             "use another output directory (-o) or the same settings"
         )
-
-
-def read_manifest(cache_dir: Path) -> CacheSettings:
-    path = Path(cache_dir) / MANIFEST_NAME
-    try:
-        return CacheSettings.from_json(json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise UserError(f"{cache_dir}: not a vlpcache cache (no {MANIFEST_NAME}); run `vlpcache extract` first") from None
-    except (json.JSONDecodeError, TypeError) as err:
-        raise UserError(f"{path}: unreadable manifest ({err})") from None
 
 
 class FailureLog:
@@ -96,19 +81,6 @@ class FailureLog:
         self._file.close()
 
 
-def read_failures(cache_dir: Path) -> dict[str, dict]:
-    """id -> last failure record, over every writer's log; partial lines from a crash are ignored."""
-    failures: dict[str, dict] = {}
-    for log in sorted((Path(cache_dir) / FAILURE_DIR).glob("*.jsonl")):
-        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-                failures[record["id"]] = record
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-    return failures
-
-
 class ShardWriter:
     """Appends videos to the current temporary shard; `commit()` renames it into place.
 
@@ -121,8 +93,8 @@ class ShardWriter:
         cache_dir: Path,
         settings: CacheSettings,
         writer_name: str = "s0of1",
-        max_items: int = 512,
-        max_seconds: float = 120.0,
+        max_items: int = SHARD_ITEMS,
+        max_seconds: float = SHARD_SECONDS,
     ):
         self.cache_dir = Path(cache_dir)
         self.settings = settings

@@ -10,7 +10,7 @@ import numpy as np
 
 from vlpcache.cache.schema import CacheSettings, empty_item
 from vlpcache.extract.reader import DecodedItem
-from vlpcache.extract.regions import Detector, pack_frame_regions
+from vlpcache.extract.detectors.regions import Detector, pack_frame_regions
 
 
 @dataclass

@@ -6,8 +6,6 @@ Resumable: items already in the cache are skipped, items recorded as failed too 
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +15,12 @@ from tqdm import tqdm
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
-from vlpcache.extract.detectors import choose_detector, load_detector
+from vlpcache.extract.detectors.choice import choose_detector, load_detector
+from vlpcache.extract.detectors.spec import DetectorSpec
+from vlpcache.extract.options import ExtractOptions
 from vlpcache.extract.reader import FrameReader, Prefetch
 from vlpcache.extract.sources import discover_items, shard_of
+from vlpcache.report import say
 from vlpcache.workspace import Workspace
 
 
@@ -59,7 +60,7 @@ def _write_results(results, writer: ShardWriter, summary: ExtractSummary, bar: t
             summary.failed += 1
             writer.record_failure(item.id, str(item.path), result.error)
             if not quiet:
-                bar.write(f"{item.path}: {result.error}", file=sys.stderr)
+                say(f"{item.path}: {result.error}")
         else:
             writer.add(item.id, str(item.path), item.kind, result.arrays)
             summary.done += 1
@@ -69,92 +70,80 @@ def _write_results(results, writer: ShardWriter, summary: ExtractSummary, bar: t
         bar.set_postfix_str(f"{summary.frames / elapsed:.1f} frames/s, {summary.failed} failed", refresh=False)
 
 
-def parse_shard(spec: str) -> tuple[int, int]:
-    try:
-        index, count = (int(x) for x in spec.split("/"))
-    except ValueError:
-        raise UserError(f"--shard {spec!r}: expected i/n, e.g. 0/4") from None
-    if not (count >= 1 and 0 <= index < count):
-        raise UserError(f"--shard {spec!r}: need 0 <= i < n")
-    return index, count
+def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary: ExtractSummary) -> list:
+    """This shard's items that are neither cached nor (unless --retry-failed) recorded as failed."""
+    shard_index, shard_count = options.shard_part()
+    failed_before = cache.failures
+    todo = []
+    for item in items:
+        if shard_of(item.id, shard_count) != shard_index:
+            continue
+        if item.id in cache:
+            summary.skipped_cached += 1
+        elif item.id in failed_before and not options.retry_failed:
+            summary.skipped_failed += 1
+        else:
+            todo.append(item)
+    return todo
 
 
-def run_extract(
-    roots,
-    cache_dir=None,
-    frames: int = 8,
-    regions: int = 30,
-    detector: str = "yolox",
-    backbone: str | None = None,
-    weights: str | None = None,
-    models: str | None = None,
-    device: str = "auto",
-    batch_size: int | None = None,
-    workers: int | None = None,
-    shard: str = "0/1",
-    retry_failed: bool = False,
-    items_per_shard: int = 512,
-    score_threshold: float = 0.1,
-    quiet: bool = False,
-) -> ExtractSummary:
+def detect_and_write(todo, spec: DetectorSpec, writer: ShardWriter, options: ExtractOptions,
+                     summary: ExtractSummary, started: float) -> None:
+    """Decode `todo` in worker processes, run the detector on the frames, write each item or its failure."""
+    from vlpcache.devices import resolve_device
+    from vlpcache.extract.mapper import RegionMapper
+
+    shard_index, shard_count = options.shard_part()
+    reader = FrameReader(options.frames, spec.max_side, options.worker_count())
+    desc = f"extract {shard_index}/{shard_count}" if shard_count > 1 else "extract"
+    # the workers start decoding now, while torch and the networks load, up to about 256 MB of
+    # decoded frames ahead (yolox at T=8: 64 items, four CUDA batches)
+    depth = max(8, 256 * 2**20 // (3 * spec.max_side**2 * options.frames))
+    with (Prefetch(reader(todo), depth=depth) as decoded,
+          tqdm(total=len(todo), unit="item", disable=options.quiet, dynamic_ncols=True,
+               desc=f"{desc} (loading {spec.detector})") as bar):
+        device = resolve_device(options.device).type
+        detector = load_detector(spec, device, options.score_threshold)
+        mapper = RegionMapper(detector, writer.settings, options.detector_batch_size(device))
+        summary.load_seconds = time.monotonic() - started
+        bar.set_description(desc)
+        bar.reset()  # rates and the ETA count from here: loading is over
+        try:
+            _write_results(mapper(decoded), writer, summary, bar, options.quiet)
+        finally:
+            summary.detect_seconds, summary.wait_seconds = mapper.detect_seconds, mapper.wait_seconds
+
+
+def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
+    """The `vlpcache extract` command; `options` are ExtractOptions fields."""
     started = time.monotonic()
-    shard_index, shard_count = parse_shard(shard)
+    options = ExtractOptions(**options)
+    shard_index, shard_count = options.shard_part()
     workspace = Workspace()
     cache_dir = Path(cache_dir) if cache_dir else workspace.cache_dir
     roots = [Path(r) for r in roots]
 
     items, problems = discover_items(roots)
     for path, reason in problems:
-        print(f"{path}: {reason}", file=sys.stderr)
+        say(f"{path}: {reason}")
     if not items:
         raise UserError(f"no videos, images or frame folders found under {', '.join(map(str, roots))}")
     workspace.remember_roots([r for r in roots if r.exists()])
 
-    if device == "cuda":  # a missing GPU fails before anything is written; auto resolves while the workers decode
+    if options.device == "cuda":  # a missing GPU fails before anything is written; auto resolves while the workers decode
         from vlpcache.devices import resolve_device
 
-        resolve_device(device)
-    choice = choose_detector(detector, backbone, weights, models)  # weight files found, nothing loaded yet
-    settings = choice.cache_settings(frames, regions, score_threshold)
+        resolve_device(options.device)
+    spec = choose_detector(options.detector, options.backbone, options.weights, options.models)  # nothing loaded yet
+    settings = spec.cache_settings(options.frames, options.regions, options.score_threshold)
     summary = ExtractSummary()
     with ShardWriter(cache_dir, settings, writer_name=f"s{shard_index}of{shard_count}",
-                     max_items=items_per_shard) as writer:
+                     max_items=options.items_per_shard) as writer:
         cache = RegionCache(cache_dir)
-        failed_before = cache.failures
-        todo = []
-        for item in items:
-            if shard_of(item.id, shard_count) != shard_index:
-                continue
-            if item.id in cache:
-                summary.skipped_cached += 1
-            elif item.id in failed_before and not retry_failed:
-                summary.skipped_failed += 1
-            else:
-                todo.append(item)
+        todo = items_to_extract(items, cache, options, summary)
         cache.close()
         if todo:
-            workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
-            reader = FrameReader(frames, choice.max_side, workers)
-            desc = f"extract {shard_index}/{shard_count}" if shard_count > 1 else "extract"
-            # the workers start decoding now, while torch and the networks load, up to about 256 MB of
-            # decoded frames ahead (yolox at T=8: 64 items, four CUDA batches)
-            depth = max(8, 256 * 2**20 // (3 * choice.max_side**2 * frames))
-            with (Prefetch(reader(todo), depth=depth) as decoded,
-                  tqdm(total=len(todo), unit="item", disable=quiet, dynamic_ncols=True,
-                       desc=f"{desc} (loading {choice.detector})") as bar):
-                from vlpcache.devices import resolve_device
-                from vlpcache.extract.mapper import RegionMapper
-
-                device = resolve_device(device).type
-                batch_size = batch_size or (128 if device == "cuda" else 8)  # CPU: bigger batches only add memory traffic
-                mapper = RegionMapper(load_detector(choice, device, score_threshold), settings, batch_size)
-                summary.load_seconds = time.monotonic() - started
-                bar.set_description(desc)
-                bar.reset()  # rates and the ETA count from here: loading is over
-                try:
-                    _write_results(mapper(decoded), writer, summary, bar, quiet)
-                finally:
-                    summary.detect_seconds, summary.wait_seconds = mapper.detect_seconds, mapper.wait_seconds
+            detect_and_write(todo, spec, writer, options, summary, started)
     summary.seconds = time.monotonic() - started
-    print(summary.line(), file=sys.stderr)
+    say(summary.line())
     return summary

@@ -1,4 +1,4 @@
-"""Sparse frame sampling: T frames per item at the centres of T equal segments (DESIGN.md section 1).
+"""Sparse frame sampling: T frames per item at the centres of T equal segments (docs/design.md section 1).
 
 Videos (PyAV) are decoded by seeking: before decoding, one cheap demux-only seek per target finds the
 keyframe that decoding would have to start from; then for each target the decoder either seeks to

@@ -1,6 +1,6 @@
 """Which items an extraction covers: video files, still images and folders of frames under the roots.
 
-Rules (DESIGN.md section 1):
+Rules (docs/design.md section 1):
 - A video file or an image file is one item. Its id is its path relative to the root, without
   extension, with `/` separators (`clips/a b.mp4` -> `clips/a b`).
 - A folder *below* a root whose direct children are images only (no videos, no subfolders holding

@@ -6,7 +6,6 @@ cache settings recorded in index.json must match, or the command refuses and nam
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,22 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from vlpcache.cache.reader import RegionCache
+from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
-from vlpcache.index.faiss_index import (
-    META_FILE,
-    IndexConfig,
-    IndexMeta,
-    VideoIndex,
-    check_same_source,
-    choose_factory,
-    read_meta,
-)
+from vlpcache.index.faiss_index import VideoIndex, choose_factory
+from vlpcache.index.layout import DEFAULT_MEMORY_BUDGET_MB, META_FILE, IndexConfig, IndexMeta, check_same_source, read_meta
+from vlpcache.model.run_layout import latest_run
+from vlpcache.report import Say, say, sayer
 from vlpcache.workspace import Workspace
 
 ENCODE_CHUNK = 1024  # videos encoded between two appends to the region store
-
-# cache settings that decide what a region feature means: a model trained on one cannot read another
-FEATURE_SETTINGS = ("schema_version", "feature_dim", "detector", "detector_weights_sha256", "backbone", "backbone_weights_sha256")
 
 
 @dataclass
@@ -46,7 +38,7 @@ def resolve_sources(run_dir=None, cache_dir=None, index_dir=None) -> Sources:
     cache_dir = Path(cache_dir) if cache_dir else workspace.cache_dir
     if not cache_dir.is_dir():
         raise UserError(f"no cache at {cache_dir}; run `vlpcache extract` first or pass --cache DIR")
-    run_dir = Path(run_dir) if run_dir else workspace.latest_run()
+    run_dir = Path(run_dir) if run_dir else latest_run(workspace.runs_dir)
     if not run_dir.is_dir():
         raise UserError(f"--run {run_dir}: no such run directory")
     return Sources(run_dir, cache_dir, Path(index_dir) if index_dir else workspace.index_dir)
@@ -61,9 +53,7 @@ def open_cache(cache_dir: Path) -> RegionCache:
 
 def check_run_reads_cache(run, cache: RegionCache) -> None:
     """Refuse a cache whose region features are not the kind the run was trained on."""
-    trained = run.cache_settings or {}
-    current = cache.settings.to_json()
-    diffs = [f"{k}: {current.get(k)!r} vs {trained.get(k)!r}" for k in FEATURE_SETTINGS if k in trained and trained[k] != current.get(k)]
+    diffs = cache.settings.feature_differences(run.cache_settings or {})
     if diffs:
         raise UserError(
             f"cache {cache.cache_dir} has other region features than run {run.run_dir} was trained on "
@@ -71,36 +61,8 @@ def check_run_reads_cache(run, cache: RegionCache) -> None:
         )
 
 
-def designated_checkpoint_sha256(run_dir: Path) -> str | None:
-    """sha256 of the checkpoint load_run(run_dir) would load (the best by validation, else the last),
-    read from its meta.json without importing torch; None when it cannot be told.
-
-    Mirrors vlpcache.model.checkpoint.resolve_checkpoint(run_dir, None); tests/test_search.py checks
-    that both agree.
-    """
-    import json
-    import re
-
-    epochs = {}
-    for path in (Path(run_dir) / "checkpoints").glob("epoch-*"):
-        m = re.fullmatch(r"epoch-(\d+)", path.name)
-        if m and (path / "meta.json").is_file():
-            epochs[int(m.group(1))] = path
-    if not epochs:
-        return None
-    try:
-        best = json.loads((Path(run_dir) / "best.json").read_text()).get("epoch")
-    except (OSError, ValueError):
-        best = None
-    chosen = epochs.get(best) or epochs[max(epochs)]
-    try:
-        return json.loads((chosen / "meta.json").read_text()).get("sha256")
-    except (OSError, ValueError):
-        return None
-
-
 def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, *, device, batch_size: int,
-                 rebuild: bool = False, progress: bool = True, say=print) -> VideoIndex:
+                 rebuild: bool = False, progress: bool = True, say: Say = say) -> VideoIndex:
     """The index of `cache` under `run` in index_dir: built, or brought up to date by encoding only new items."""
     from vlpcache.model.retrieval import as_numpy, encode_videos
     from vlpcache.index.region_store import RegionStore
@@ -173,10 +135,9 @@ def export_for_search(run, index_dir: Path, say) -> None:
             "search will load it with torch")
 
 
-def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory_budget_mb=None,
-              rebuild=False, device="auto", batch_size=None, checkpoint=None, quiet=False) -> VideoIndex:
+def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory_budget_mb=DEFAULT_MEMORY_BUDGET_MB,
+              rebuild=False, device=DEFAULT_DEVICE, batch_size=None, checkpoint=None, quiet=False) -> VideoIndex:
     """The `vlpcache index` command."""
-    from vlpcache.devices import resolve_device
     from vlpcache.model.retrieval import default_batch_size
     from vlpcache.model.checkpoint import load_run
 
@@ -184,10 +145,8 @@ def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory
     cache = open_cache(sources.cache_dir)
     device = resolve_device(device)
     run = load_run(sources.run_dir, device=device, checkpoint=checkpoint)
-    config = IndexConfig(factory=factory or None)
-    if memory_budget_mb:
-        config.memory_budget_mb = memory_budget_mb
-    say = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr))
+    config = IndexConfig(factory=factory or None, memory_budget_mb=memory_budget_mb)
+    say = sayer(quiet)
     say(f"run {sources.run_dir} (epoch {run.epoch}, checkpoint {run.checkpoint_sha256[:12]}), cache {sources.cache_dir} "
         f"({len(cache)} items), device {device}")
     return update_index(

@@ -1,30 +1,15 @@
 """The FAISS layer: choose an index type for a collection, build it, tune it, save and load it.
 
-An index directory holds
-
-    index.faiss       the FAISS index; its row r (FAISS label r) is the r-th item of ids.json
-    ids.json          item ids in FAISS label order (labels are positions, so no IndexIDMap is needed)
-    embeddings.npy    (V, E) float32 global video embeddings in the same order, so that the FAISS
-                      index can be rebuilt with another type without re-encoding, and eval can
-                      score video -> text exactly
-    index.json        IndexMeta: checkpoint sha256, cache settings, embedding dim, factory string,
-                      search parameters, item count
-
-Every file is written under a temporary name and renamed into place; index.json goes last and
-records the count, so a crash mid-save leaves either the old index or one that `load` refuses as
-inconsistent (never one whose ids and vectors disagree silently).
-
-All vectors are L2-normalised and compared by inner product (= cosine).
+The index directory's files and index.json are described in layout.py. All vectors are
+L2-normalised and compared by inner product (= cosine).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 # OpenMP threads that spin while waiting make FAISS 3-4x slower on a busy machine (measured: PQ
@@ -35,54 +20,20 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vlpcache.errors import UserError
-from vlpcache.files import fsync_path
+from vlpcache.files import replace_atomically
+from vlpcache.index.layout import (
+    EMBEDDINGS_FILE,
+    HNSW_NEIGHBOURS,
+    IDS_FILE,
+    INDEX_FILE,
+    META_FILE,
+    REGION_OFFSETS_FILE,
+    IndexConfig,
+    IndexMeta,
+    read_meta,
+)
 from vlpcache.index.region_store import RegionStore
-from vlpcache.records import JsonRecord
-
-INDEX_FORMAT = 1
-INDEX_FILE = "index.faiss"
-IDS_FILE = "ids.json"
-EMBEDDINGS_FILE = "embeddings.npy"
-META_FILE = "index.json"
-
-# Measured on this 2-core machine (bench/search_latency.py): one exact 256-d query over 50k vectors
-# costs ~3 ms, so beyond that the exact index no longer meets a 5 ms budget per query.
-EXACT_LIMIT = 50_000
-DEFAULT_MEMORY_BUDGET_MB = 2048
-HNSW_NEIGHBOURS = 32  # M: 2*M links per vector on the base layer
-# tuned on indexed vectors as queries, which reach ~0.01 higher recall than unseen ones (measured on
-# 1M vectors): 0.96 there gives >= 0.95 for new queries
-TARGET_RECALL = 0.96
-
-
-@dataclass
-class IndexConfig:
-    """How `build_faiss_index` chooses and tunes the index; every field has a working default."""
-
-    factory: str | None = None  # a FAISS factory string overrides the chooser, e.g. "HNSW32,Flat"
-    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB  # for the index structure in RAM
-    exact_limit: int = EXACT_LIMIT  # collections up to this size get the exact index
-    target_recall: float = TARGET_RECALL  # recall@10 the search parameters are tuned for
-    tune_queries: int = 200  # indexed vectors used as tuning queries
-
-
-@dataclass
-class IndexMeta(JsonRecord):
-    """index.json: what the index was built from, so that a mismatched model or cache is refused."""
-
-    checkpoint_sha256: str
-    cache_settings: dict
-    embedding_dim: int
-    factory: str
-    search_params: str = ""  # FAISS ParameterSpace string, e.g. "efSearch=64"
-    count: int = 0
-    run_dir: str = ""
-    checkpoint_path: str = ""
-    cache_dir: str = ""
-    tuned_recall: float | None = None  # recall@10 measured when the parameters were tuned
-    factory_given: bool = False  # the user chose the factory: keep it as the collection grows
-    format: int = INDEX_FORMAT
-    updated: float = field(default_factory=time.time)
+from vlpcache.records import read_json, write_json
 
 
 # ---------------------------------------------------------------- choosing the index type
@@ -337,13 +288,12 @@ class VideoIndex:
     def save(self, index_dir: str | os.PathLike) -> None:
         index_dir = Path(index_dir)
         index_dir.mkdir(parents=True, exist_ok=True)
-        pid = os.getpid()
-        _replace(index_dir / EMBEDDINGS_FILE, lambda tmp: np.save(tmp, self.embeddings), pid, suffix=".npy")
-        _replace(index_dir / IDS_FILE, lambda tmp: tmp.write_text(json.dumps(self.ids, ensure_ascii=False)), pid)
-        _replace(index_dir / INDEX_FILE, lambda tmp: faiss.write_index(self.index, str(tmp)), pid)
+        replace_atomically(index_dir / EMBEDDINGS_FILE, lambda tmp: np.save(tmp, self.embeddings), suffix=".npy")
+        write_json(index_dir / IDS_FILE, self.ids)
+        replace_atomically(index_dir / INDEX_FILE, lambda tmp: faiss.write_index(self.index, str(tmp)))
         if self.regions is not None:
-            self.regions.save(index_dir, lambda path, write: _replace(path, write, pid, suffix=".npy"))
-        _replace(index_dir / META_FILE, lambda tmp: tmp.write_text(json.dumps(self.meta.to_json(), indent=2)), pid)
+            self.regions.save(index_dir)
+        write_json(index_dir / META_FILE, self.meta.to_json())  # last: it records the count the others must have
 
     @classmethod
     def load(cls, index_dir: str | os.PathLike) -> "VideoIndex":
@@ -351,48 +301,20 @@ class VideoIndex:
         meta = read_meta(index_dir)
         rebuild = f"rebuild it with `vlpcache index -o {index_dir} --rebuild`"
         try:
-            ids = json.loads((index_dir / IDS_FILE).read_text(encoding="utf-8"))
+            ids = read_json(index_dir / IDS_FILE, missing=f"{index_dir}: incomplete index (no {IDS_FILE}); {rebuild}",
+                            what="id list", fix=rebuild)
             embeddings = np.load(index_dir / EMBEDDINGS_FILE)
             index = faiss.read_index(str(index_dir / INDEX_FILE))
         except (OSError, ValueError, RuntimeError) as err:
             raise UserError(f"{index_dir}: incomplete or unreadable index ({type(err).__name__}); {rebuild}") from None
-        counts = {"index.json": meta.count, IDS_FILE: len(ids), EMBEDDINGS_FILE: len(embeddings), INDEX_FILE: index.ntotal}
+        counts = {META_FILE: meta.count, IDS_FILE: len(ids), EMBEDDINGS_FILE: len(embeddings), INDEX_FILE: index.ntotal}
         regions = RegionStore.load(index_dir) if RegionStore.exists(index_dir) else None
         if regions is not None:
-            counts["region_offsets.npy"] = len(regions)
+            counts[REGION_OFFSETS_FILE] = len(regions)
         if len(set(counts.values())) != 1:
             raise UserError(f"{index_dir}: index files disagree on the item count ({counts}); {rebuild}")
         apply_search_params(index, meta.search_params)
         return cls(index, ids, embeddings, meta, regions)
-
-
-def read_meta(index_dir: str | os.PathLike) -> IndexMeta:
-    path = Path(index_dir) / META_FILE
-    try:
-        meta = IndexMeta.from_json(json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise UserError(f"{index_dir}: no index here ({META_FILE} missing); build one with `vlpcache index`") from None
-    except (json.JSONDecodeError, TypeError) as err:
-        raise UserError(f"{path}: unreadable index metadata ({err}); rebuild with `vlpcache index --rebuild`") from None
-    if meta.format != INDEX_FORMAT:
-        raise UserError(f"{index_dir}: index format {meta.format}, this vlpcache reads {INDEX_FORMAT}; rebuild with `vlpcache index --rebuild`")
-    return meta
-
-
-def check_same_source(meta: IndexMeta, index_dir, checkpoint_sha256: str, cache_settings: dict, run_dir="") -> None:
-    """Refuse, in one line, an index built from another checkpoint or from a cache with other settings."""
-    if meta.checkpoint_sha256 != checkpoint_sha256:
-        raise UserError(
-            f"{index_dir}: index was built from checkpoint {meta.checkpoint_sha256[:12]} ({meta.run_dir or '?'}), "
-            f"not from {checkpoint_sha256[:12]} ({run_dir or 'this run'}); "
-            f"run `vlpcache index --rebuild` (or pass the matching --run)"
-        )
-    diffs = [f"{k}: {meta.cache_settings.get(k)!r} != {v!r}" for k, v in cache_settings.items() if meta.cache_settings.get(k) != v]
-    if diffs:
-        raise UserError(
-            f"{index_dir}: index was built from a cache with other settings ({'; '.join(diffs[:3])}); "
-            "run `vlpcache index --rebuild` (or pass the matching --cache)"
-        )
 
 
 def _keep_factory(config: IndexConfig, meta: IndexMeta) -> IndexConfig:
@@ -409,14 +331,3 @@ def _faiss_for(embeddings: np.ndarray, config: IndexConfig) -> tuple[faiss.Index
     params, recall = tune_search_params(index, embeddings, config)
     apply_search_params(index, params)
     return index, factory, params, recall
-
-
-def _replace(path: Path, write, pid: int, suffix: str = "") -> None:
-    tmp = path.with_name(f".{path.name}.{pid}.tmp{suffix}")
-    try:
-        write(tmp)
-        fsync_path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

@@ -8,7 +8,6 @@ instead of the several that importing torch and transformers costs. One definiti
 
 from __future__ import annotations
 
-import json
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from torch import nn
 from vlpcache.index.query_model import QUERY_CONFIG, QUERY_DIR, RERANK_GRAPH, TEXT_GRAPH, TOKENIZER_FILE
 from vlpcache.model.batch import tokenize
 from vlpcache.model.losses import region_word_alignment, region_word_score, rerank_score
+from vlpcache.records import write_json
 
 
 class TextGraph(nn.Module):
@@ -47,6 +47,7 @@ class RerankGraph(nn.Module):
         self.lam, self.weight = lam, weight
 
     def forward(self, words, word_mask, text_global, regions, region_mask, video_global):
+        # the query (1, 1, L, E) against every candidate (1, P, K, E): pairs.score (1, P), word_attention (1, P, L, K)
         pairs = region_word_alignment(words[:, None], word_mask[:, None], regions[None], region_mask[None], self.lam)
         global_ = text_global @ video_global.T  # (1, P)
         return rerank_score(global_, pairs.score, self.weight), global_, pairs.score, pairs.word_attention
@@ -82,9 +83,9 @@ class TorchQueryModel:
 
     @torch.inference_mode()
     def encode(self, text: str):
-        input_ids, attention_mask = tokenize(self.run.tokenizer, [text], self.run.config.max_words)
-        global_, words = TextGraph(self.run.model)(input_ids.to(self.device), attention_mask.to(self.device))
-        word_mask = attention_mask.bool().numpy() & ~np.isin(input_ids.numpy(), self.special)
+        input_ids, attention_mask = tokenize(self.run.tokenizer, [text], self.run.config.max_words)  # (1, L) each
+        global_, words = TextGraph(self.run.model)(input_ids.to(self.device), attention_mask.to(self.device))  # (1, E), (1, L, E)
+        word_mask = attention_mask.bool().numpy() & ~np.isin(input_ids.numpy(), self.special)  # (1, L) real words
         tokens = self.run.tokenizer.convert_ids_to_tokens(input_ids[0].tolist())
         return global_.float().cpu().numpy(), words.float().cpu().numpy(), word_mask, tokens
 
@@ -124,13 +125,13 @@ def export_query_model(run, index_dir: Path) -> Path:
                           dynamo=False, input_names=names, output_names=["score", "global", "local", "word_attention"],
                           dynamic_axes=dims, opset_version=17)
     backend.save(str(tmp / TOKENIZER_FILE))
-    (tmp / QUERY_CONFIG).write_text(json.dumps({
+    write_json(tmp / QUERY_CONFIG, {
         "checkpoint_sha256": run.checkpoint_sha256,
         "max_words": run.config.max_words,
         "special_token_ids": special_token_ids(run),
         "rwa": run.config.rwa,
         "embed_dim": E,
-    }, indent=2))
+    })
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

@@ -12,12 +12,13 @@ Written by `vlpcache index` (query_graphs.export_query_model). Both query models
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-QUERY_DIR = "query"
+from vlpcache.index.layout import QUERY_DIR
+from vlpcache.records import read_json, read_optional_json
+
 TEXT_GRAPH = "text_encoder.onnx"
 RERANK_GRAPH = "rerank.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -26,10 +27,8 @@ QUERY_CONFIG = "query.json"
 
 def query_export_sha(index_dir: Path) -> str | None:
     """The checkpoint sha256 the index's ONNX export was made from, or None when there is none."""
-    try:
-        return json.loads((Path(index_dir) / QUERY_DIR / QUERY_CONFIG).read_text())["checkpoint_sha256"]
-    except (OSError, ValueError, KeyError):
-        return None
+    config = read_optional_json(Path(index_dir) / QUERY_DIR / QUERY_CONFIG)
+    return config.get("checkpoint_sha256") if isinstance(config, dict) else None
 
 
 class OnnxQueryModel:
@@ -38,7 +37,7 @@ class OnnxQueryModel:
         from tokenizers import Tokenizer
 
         folder = Path(index_dir) / QUERY_DIR
-        config = json.loads((folder / QUERY_CONFIG).read_text())
+        config = read_json(folder / QUERY_CONFIG, missing=f"{folder}: no {QUERY_CONFIG}; run `vlpcache index` again")
         self.special = np.array(config["special_token_ids"], dtype=np.int64)
         self.rwa = config["rwa"]
         self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
@@ -54,8 +53,8 @@ class OnnxQueryModel:
         encoding = self.tokenizer.encode(text)
         input_ids = np.array([encoding.ids], dtype=np.int64)  # (1, L)
         attention_mask = np.array([encoding.attention_mask], dtype=np.int64)
-        global_, words = self.text.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
-        word_mask = attention_mask.astype(bool) & ~np.isin(input_ids, self.special)
+        global_, words = self.text.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})  # (1, E), (1, L, E)
+        word_mask = attention_mask.astype(bool) & ~np.isin(input_ids, self.special)  # (1, L) real words
         return global_, words, word_mask, list(encoding.tokens)
 
     def rescore(self, words, word_mask, text_global, regions, region_mask, video_global):

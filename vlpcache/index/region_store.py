@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-EMBEDDINGS_FILE = "regions.npy"
-OFFSETS_FILE = "region_offsets.npy"
-POSITIONS_FILE = "region_positions.npy"
+from vlpcache.files import replace_atomically
+from vlpcache.index.layout import REGION_OFFSETS_FILE as OFFSETS_FILE
+from vlpcache.index.layout import REGION_POSITIONS_FILE as POSITIONS_FILE
+from vlpcache.index.layout import REGIONS_FILE as EMBEDDINGS_FILE
 
 
 class RegionStore:
@@ -39,9 +40,9 @@ class RegionStore:
 
     def append(self, regions: np.ndarray, region_mask: np.ndarray) -> None:
         """Add videos: regions (B, R, E) in their T*N frame-major layout, region_mask (B, R)."""
-        video, position = np.nonzero(region_mask)  # row-major: video by video, positions ascending
-        counts = np.bincount(video, minlength=len(region_mask))
-        self.embeddings = np.concatenate([self.embeddings, regions[video, position].astype(np.float16)])
+        video, position = np.nonzero(region_mask)  # (n,) each; row-major: video by video, positions ascending
+        counts = np.bincount(video, minlength=len(region_mask))  # (B,) real regions per video
+        self.embeddings = np.concatenate([self.embeddings, regions[video, position].astype(np.float16)])  # (total + n, E)
         self.positions = np.concatenate([self.positions, position.astype(np.int32)])
         self.offsets = np.concatenate([self.offsets, self.offsets[-1] + np.cumsum(counts)])
 
@@ -65,10 +66,9 @@ class RegionStore:
             positions[i, :count] = self.positions[start : start + count]
         return regions, mask, positions
 
-    def save(self, index_dir: Path, replace) -> None:
-        """replace(path, write): the index directory's atomic file writer."""
+    def save(self, index_dir: Path) -> None:
         for name, array in ((EMBEDDINGS_FILE, self.embeddings), (POSITIONS_FILE, self.positions), (OFFSETS_FILE, self.offsets)):
-            replace(Path(index_dir) / name, lambda tmp, a=array: np.save(tmp, a))
+            replace_atomically(Path(index_dir) / name, lambda tmp, a=array: np.save(tmp, a), suffix=".npy")
 
     @classmethod
     def load(cls, index_dir: Path) -> "RegionStore":

@@ -11,9 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlpcache.metrics import RERANK_CANDIDATES  # noqa: F401  (search's candidate count, one home)
-
-
 # words the model does read, but whose attended region tells a reader nothing ("a -> person")
 FUNCTION_WORDS = frozenset(
     "a an the this that these those is are was were be been being am of in on at to into onto for with "
@@ -66,6 +63,7 @@ def align(attention: np.ndarray, word_mask: np.ndarray, tokens: list[str], posit
         k = int(weights.argmax())
         region = int(positions[k])
         matches.append(WordMatch(text, region, region // regions_per_frame, float(weights[k])))
-    real = positions >= 0
+    real = positions >= 0  # (K,)
+    # attention of all real words summed per region (K_real,), then per frame (T,)
     mass = np.bincount(positions[real] // regions_per_frame, weights=attention[word_mask][:, real].sum(0))
     return Alignment(int(mass.argmax()) if len(mass) and mass.any() else 0, matches)

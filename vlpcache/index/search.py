@@ -17,12 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
+from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
-from vlpcache.extract.labels import label_name
-from vlpcache.index.build import designated_checkpoint_sha256, open_cache, resolve_sources, update_index
-from vlpcache.index.faiss_index import META_FILE, IndexConfig, VideoIndex, check_same_source, read_meta
+from vlpcache.cache.labels import label_name
+from vlpcache.index.build import open_cache, resolve_sources, update_index
+from vlpcache.index.faiss_index import VideoIndex
+from vlpcache.index.layout import META_FILE, IndexConfig, check_same_source, read_meta
 from vlpcache.index.query_model import OnnxQueryModel, query_export_sha
-from vlpcache.index.rerank import RERANK_CANDIDATES, align
+from vlpcache.index.rerank import align
+from vlpcache.metrics import RERANK_CANDIDATES
+from vlpcache.model.run_layout import designated_checkpoint_sha256
+from vlpcache.report import Say, say
 
 
 @dataclass
@@ -57,7 +62,7 @@ class Searcher:
         """The top k of the index for one query, best first."""
         text_global, words, word_mask, tokens = self.query_model.encode(query)  # (1, E), (1, L, E), (1, L)
         pool = max(k, self.rerank_candidates) if rerank else k
-        faiss_scores, faiss_rows = self.index.search(text_global, pool)
+        faiss_scores, faiss_rows = self.index.search(text_global, pool)  # (1, pool) each
         # candidates no longer in the cache (it was rebuilt without them) cannot be shown
         found = [(float(s), int(r)) for s, r in zip(faiss_scores[0], faiss_rows[0])
                  if r >= 0 and self.index.ids[r] in self.cache]
@@ -65,10 +70,10 @@ class Searcher:
             return []
         rows = [r for _, r in found]
         regions, region_mask, positions = self.index.regions.gather(rows)  # (P, K, E), (P, K), (P, K)
-        score, global_, local, attention = self.query_model.rescore(
+        score, global_, local, attention = self.query_model.rescore(  # (1, P) x 3, (1, P, L, K)
             words, word_mask, text_global, regions, region_mask, self.index.embeddings[rows])
         if rerank:
-            order = np.argsort(-score[0], kind="stable")[:k]
+            order = np.argsort(-score[0], kind="stable")[:k]  # (k,) candidate positions, best first
         else:
             order = np.arange(min(k, len(found)))
         hits = []
@@ -141,7 +146,7 @@ def read_queries(text: str | None, queries_file: str | None) -> list[str]:
     return queries
 
 
-def open_searcher(run_dir=None, cache_dir=None, index_dir=None, device="auto", say=print) -> Searcher:
+def open_searcher(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVICE, say: Say = say) -> Searcher:
     """The Searcher for the options and workspace defaults; builds the index on first use.
 
     With an up-to-date ONNX export in the index, neither torch nor the run's weights are loaded.
@@ -157,7 +162,7 @@ def open_searcher(run_dir=None, cache_dir=None, index_dir=None, device="auto", s
     if index is not None and index.regions is not None and run_sha is not None and query_export_sha(index_dir) == run_sha:
         query_model = OnnxQueryModel(index_dir)
     else:
-        from vlpcache.devices import resolve_device
+        from vlpcache.model.retrieval import default_batch_size
         from vlpcache.index.query_graphs import TorchQueryModel
         from vlpcache.model.checkpoint import load_run
 
@@ -168,7 +173,8 @@ def open_searcher(run_dir=None, cache_dir=None, index_dir=None, device="auto", s
         else:
             check_same_source(index.meta, index_dir, run.checkpoint_sha256, cache.settings.to_json(), sources.run_dir)
         if index is None or index.regions is None:
-            index = update_index(run, cache, index_dir, IndexConfig(), device=device, batch_size=64, say=say)
+            index = update_index(run, cache, index_dir, IndexConfig(), device=device,
+                                 batch_size=default_batch_size(device), say=say)
         query_model = TorchQueryModel(run)
     unindexed = sum(1 for item_id in cache.ids if item_id not in index)
     if unindexed:
@@ -176,15 +182,11 @@ def open_searcher(run_dir=None, cache_dir=None, index_dir=None, device="auto", s
     return Searcher(query_model, cache, index)
 
 
-def run_search(text=None, queries_file=None, run_dir=None, cache_dir=None, index_dir=None, k=10,
-               as_json=False, no_rerank=False, device="auto") -> None:
+def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=None, index_dir=None,
+               as_json=False, no_rerank=False, device=DEFAULT_DEVICE) -> None:
     """The `vlpcache search` command."""
     queries = read_queries(text, queries_file)
-
-    def say(line: str) -> None:
-        print(line, file=sys.stderr)
-
-    searcher = open_searcher(run_dir, cache_dir, index_dir, device, say)
+    searcher = open_searcher(run_dir, cache_dir, index_dir, device)
     rerank = not no_rerank
     if rerank and not searcher.query_model.rwa:
         say("note: the run was trained without region-word alignment; results are not re-ranked")

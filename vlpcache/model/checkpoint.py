@@ -1,23 +1,16 @@
-"""Run directories: what pretraining writes and what index/search/eval load.
+"""Checkpoints of a run: written atomically by pretraining, loaded by index/search/eval (load_run).
 
-    <run>/config.json                 {"model": ModelConfig, "train": TrainConfig, "cache_settings": ..., ...}
-    <run>/text/                       tokenizer and text-model architecture (config.json), no weights
-    <run>/checkpoints/epoch-0003/     model.safetensors, training_state.pt, meta.json (written last)
-    <run>/checkpoints/.epoch-0004.tmp-<pid>/   a checkpoint being written: never read, removed on resume
-    <run>/best.json                   {"epoch": 3, "metric": ...}: the epoch with the best validation
-    <run>/log.jsonl, <run>/tensorboard/
-
-A checkpoint is written whole into a temporary directory (files fsynced) and renamed into place, so a
-kill -9 at any instant leaves the previous checkpoints intact and never a partial one under a final
-name. Weights are safetensors; the optimizer state is loaded with torch.load(weights_only=True).
+The directory layout and the checkpoint lookup are run_layout.py's (torch-free, so that search can
+read them without torch). A checkpoint is written whole into a temporary directory (files fsynced)
+and renamed into place, so a kill -9 at any instant leaves the previous checkpoints intact and never
+a partial one under a final name. Weights are safetensors; the optimizer state is loaded with
+torch.load(weights_only=True).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,23 +21,24 @@ from safetensors.torch import load_file, save_file
 
 from vlpcache.errors import UserError
 from vlpcache.files import file_sha256, fsync_path
-
-CONFIG_NAME = "config.json"
-TEXT_DIR = "text"
-CHECKPOINT_DIR = "checkpoints"
-BEST_NAME = "best.json"
-WEIGHTS_NAME = "model.safetensors"
-STATE_NAME = "training_state.pt"
-META_NAME = "meta.json"
-_EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    fsync_path(tmp)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
+from vlpcache.model.run_layout import (
+    BEST_NAME,
+    CHECKPOINT_DIR,
+    CONFIG_NAME,
+    META_NAME,
+    STATE_NAME,
+    TEMPORARY_PATTERN,
+    TEXT_DIR,
+    WEIGHTS_NAME,
+    checkpoints,
+    epoch_dir,
+    read_best,
+    read_checkpoint_meta,
+    read_run_config,
+    resolve_checkpoint,
+    temporary_checkpoint_dir,
+)
+from vlpcache.records import write_json
 
 
 def save_run_files(run_dir: Path, config: dict, tokenizer, text_config) -> None:
@@ -52,17 +46,7 @@ def save_run_files(run_dir: Path, config: dict, tokenizer, text_config) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(run_dir / TEXT_DIR)
     text_config.save_pretrained(run_dir / TEXT_DIR)
-    write_json_atomic(run_dir / CONFIG_NAME, config)
-
-
-def read_run_config(run_dir: Path) -> dict:
-    path = Path(run_dir) / CONFIG_NAME
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{run_dir}: not a pretraining run (no {CONFIG_NAME}); run `vlpcache pretrain` or pass --run") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: unreadable ({err})") from None
+    write_json(run_dir / CONFIG_NAME, config)
 
 
 def rng_state() -> dict:
@@ -86,18 +70,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoints(run_dir: Path) -> dict[int, Path]:
-    """epoch -> directory of every complete checkpoint (temporaries are never listed)."""
-    found = {}
-    for path in (Path(run_dir) / CHECKPOINT_DIR).glob("epoch-*"):
-        m = _EPOCH_DIR.match(path.name)
-        if m and (path / META_NAME).is_file():
-            found[int(m.group(1))] = path
-    return dict(sorted(found.items()))
-
-
 def remove_temporaries(run_dir: Path) -> None:
-    for tmp in (Path(run_dir) / CHECKPOINT_DIR).glob(".epoch-*.tmp-*"):
+    for tmp in (Path(run_dir) / CHECKPOINT_DIR).glob(TEMPORARY_PATTERN):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -105,37 +79,30 @@ def save_checkpoint(
     run_dir: Path, epoch: int, model: torch.nn.Module, training_state: dict, meta: dict, is_best: bool = False
 ) -> Path:
     """Write checkpoints/epoch-NNNN atomically, then drop older checkpoints except the best."""
-    parent = Path(run_dir) / CHECKPOINT_DIR
+    final = epoch_dir(run_dir, epoch)
+    parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
-    final = parent / f"epoch-{epoch:04d}"
-    tmp = parent / f".{final.name}.tmp-{os.getpid()}"
+    tmp = temporary_checkpoint_dir(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, tmp / WEIGHTS_NAME, metadata={"epoch": str(epoch)})
     torch.save(training_state, tmp / STATE_NAME)
     meta = {**meta, "epoch": epoch, "sha256": file_sha256(tmp / WEIGHTS_NAME)}
-    (tmp / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    for name in (WEIGHTS_NAME, STATE_NAME, META_NAME):
+    for name in (WEIGHTS_NAME, STATE_NAME):
         fsync_path(tmp / name)
+    write_json(tmp / META_NAME, meta)  # last: a checkpoint counts once its meta.json exists
     if final.exists():  # the same epoch saved by a run that was killed before moving on: replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_path(parent)
     if is_best:
-        write_json_atomic(Path(run_dir) / BEST_NAME, {"epoch": epoch, "metrics": meta.get("metrics", {})})
+        write_json(Path(run_dir) / BEST_NAME, {"epoch": epoch, "metrics": meta.get("metrics", {})})
     best = read_best(run_dir)
     for old_epoch, path in checkpoints(run_dir).items():
         if old_epoch < epoch and old_epoch != (best or {}).get("epoch"):
             shutil.rmtree(path, ignore_errors=True)
     return final
-
-
-def read_best(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((Path(run_dir) / BEST_NAME).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def load_training_state(checkpoint_dir: Path) -> dict:
@@ -154,29 +121,6 @@ def load_weights(model: torch.nn.Module, checkpoint_dir: Path) -> None:
             f"{path}: does not match the model of {checkpoint_dir.parent.parent / CONFIG_NAME} "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-
-
-def resolve_checkpoint(run_dir: Path, checkpoint: str | int | os.PathLike | None = None) -> Path:
-    """checkpoint: None (the best by validation, else the last), "best", "last", an epoch or a directory."""
-    run_dir = Path(run_dir)
-    found = checkpoints(run_dir)
-    if checkpoint is not None and Path(str(checkpoint)).is_dir():
-        return Path(checkpoint)
-    if not found:
-        raise UserError(f"{run_dir}: no checkpoint yet; run `vlpcache pretrain` (or --resume it) first")
-    if checkpoint in (None, "best"):
-        best = read_best(run_dir)
-        if best and best.get("epoch") in found:
-            return found[best["epoch"]]
-        if checkpoint == "best":
-            raise UserError(f"{run_dir}: no best checkpoint (the run had no validation captions); use 'last'")
-        return found[max(found)]
-    if checkpoint == "last":
-        return found[max(found)]
-    try:
-        return found[int(checkpoint)]
-    except (KeyError, ValueError):
-        raise UserError(f"{run_dir}: no checkpoint {checkpoint!r}; there are epochs {sorted(found)}") from None
 
 
 @dataclass
@@ -204,7 +148,7 @@ def load_run(run_dir, device: str | torch.device = "cpu", checkpoint=None) -> Lo
     model = AlignmentModel(config, backbone)
     load_weights(model, checkpoint_dir)
     model.to(device).eval()
-    meta = json.loads((checkpoint_dir / META_NAME).read_text())
+    meta = read_checkpoint_meta(checkpoint_dir)
     if "rerank_weight" in meta:  # chosen on the validation set when this checkpoint was saved
         config.rerank_weight = float(meta["rerank_weight"])
     return LoadedRun(

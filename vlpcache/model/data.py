@@ -27,8 +27,6 @@ from vlpcache.workspace import Workspace
 
 CAPTION_SUFFIXES = (".jsonl", ".csv")
 HELD_OUT_STEMS = {"val", "valid", "validation", "test", "devtest", "dev"}
-# the provenance that must agree for two caches to feed one model (frames and regions may differ)
-COMPATIBLE_SETTINGS = ("schema_version", "feature_dim", "detector", "detector_weights_sha256", "backbone", "backbone_weights_sha256")
 
 
 # ---------------------------------------------------------------- finding and reading captions
@@ -78,10 +76,8 @@ def read_caption_files(paths: list[Path]) -> Captions:
 def open_caches(cache_dirs: list[Path]) -> list[RegionCache]:
     """Open every cache and refuse to mix caches whose features are not comparable."""
     caches = [RegionCache(d) for d in cache_dirs]
-    first = caches[0].settings.to_json()
     for cache in caches[1:]:
-        other = cache.settings.to_json()
-        diffs = [f"{k}: {first[k]!r} != {other[k]!r}" for k in COMPATIBLE_SETTINGS if first[k] != other[k]]
+        diffs = caches[0].settings.feature_differences(cache.settings)
         if diffs:
             raise UserError(
                 f"{cache.cache_dir}: its features are not comparable with {caches[0].cache_dir} ({'; '.join(diffs)}); "

@@ -15,9 +15,7 @@ import torch
 from torchvision.ops import nms
 
 from vlpcache.cache.schema import FRAME_REGION_LABEL
-
-# the names live in a torch-free module so that search can print them without importing torch
-from vlpcache.extract.labels import COCO_CLASSES, label_name  # noqa: F401
+from vlpcache.extract.detectors.spec import DetectorSpec
 
 
 @dataclass
@@ -34,12 +32,9 @@ class Detector(Protocol):
     """frames (uint8 RGB, any sizes) -> per frame: boxes, scores, labels, features."""
 
     name: str
+    spec: DetectorSpec  # the weight files it was built from and their provenance, for the cache manifest
     feature_dim: int
     max_side: int  # decoder workers downscale frames so that their longer side is at most this
-
-    def provenance(self) -> dict[str, str]:
-        """detector/backbone names and sha256 of their weights, for the cache manifest."""
-        ...
 
     def detect(self, frames: list[np.ndarray], max_detections: int) -> list[FrameRegions]:
         """Detect up to `max_detections` regions per frame and compute one feature per region
@@ -55,7 +50,7 @@ def select_detections(
 
     boxes (n, 4) xyxy in any pixel frame; returns indices sorted by descending score.
     """
-    keep = torch.nonzero(scores >= score_threshold).flatten()
+    keep = torch.nonzero(scores >= score_threshold).flatten()  # (k,) indices into the n detections
     if keep.numel() == 0 or max_detections <= 0:
         return keep[:0]
     kept = nms(boxes[keep].float(), scores[keep].float(), nms_iou)  # sorted by score already
@@ -84,7 +79,7 @@ def pack_frame_regions(regions: FrameRegions, n_regions: int) -> dict[str, np.nd
 def with_frame_region(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, ...]:
     """Prepend the whole-frame region (box [0,0,1,1], score 1, label FRAME_REGION_LABEL)."""
     return (
-        np.concatenate([np.array([[0.0, 0.0, 1.0, 1.0]], np.float32), boxes.astype(np.float32)]),
-        np.concatenate([np.ones(1, np.float32), scores.astype(np.float32)]),
-        np.concatenate([np.full(1, FRAME_REGION_LABEL, np.int64), labels.astype(np.int64)]),
+        np.concatenate([np.array([[0.0, 0.0, 1.0, 1.0]], np.float32), boxes.astype(np.float32)]),  # (1 + n, 4)
+        np.concatenate([np.ones(1, np.float32), scores.astype(np.float32)]),  # (1 + n,)
+        np.concatenate([np.full(1, FRAME_REGION_LABEL, np.int64), labels.astype(np.int64)]),  # (1 + n,)
     )

@@ -24,40 +24,35 @@ import numpy as np
 import torch
 from torchvision.models.detection._utils import BoxCoder
 
+from vlpcache.cache.labels import COCO_CLASSES
+from vlpcache.cache.schema import NMS_IOU, SCORE_THRESHOLD
 from vlpcache.devices import resolve_device
 from vlpcache.errors import UserError
-from vlpcache.extract.detectors import frcnn_provenance
-from vlpcache.extract.regions import COCO_CLASSES, FrameRegions, select_detections, with_frame_region
-from vlpcache.files import file_sha256
-
-ARCHITECTURES = (  # torchvision builders whose box head gives 1024-d region features
-    "fasterrcnn_resnet50_fpn_v2",
-    "fasterrcnn_resnet50_fpn",
-    "fasterrcnn_mobilenet_v3_large_fpn",
-    "fasterrcnn_mobilenet_v3_large_320_fpn",
+from vlpcache.extract.detectors.regions import FrameRegions, select_detections, with_frame_region
+from vlpcache.extract.detectors.spec import (
+    DEFAULT_FRCNN_ARCH,
+    FRCNN_FEATURE_DIM,
+    FRCNN_SCALES,
+    DetectorSpec,
+    check_architecture,
+    existing_weights_file,
+    frcnn_spec,
 )
-DEFAULT_ARCH = "fasterrcnn_resnet50_fpn_v2"
-FEATURE_DIM = 1024
+
 NOT_COCO = -100  # background and the "N/A" gaps of torchvision's 91-way COCO label space
-# (min_size, max_size, proposals). Resize as bottom-up-attention tests (shorter side 600, longer at
-# most 1000; torchvision: 800/1333, 1.8x the pixels) and keep its 300 RPN proposals (py-faster-rcnn's
-# test setting; torchvision: 1000): on CPU the box head over all proposals costs about as much as the
-# backbone. The 320 model keeps the small scale and 150 proposals it was tuned for.
-ARCH_DEFAULTS = {arch: (600, 1000, 300) for arch in ARCHITECTURES} | {
-    "fasterrcnn_mobilenet_v3_large_320_fpn": (320, 640, 150)}
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
 class FrcnnConfig:
-    arch: str = DEFAULT_ARCH
+    arch: str = DEFAULT_FRCNN_ARCH
     weights: str | None = "DEFAULT"  # torchvision weights name; None: random weights (tests)
     weights_file: str | None = None  # a state dict file, instead of `weights`
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"
-    score_threshold: float = 0.1
-    nms_iou: float = 0.5
+    score_threshold: float = SCORE_THRESHOLD
+    nms_iou: float = NMS_IOU
     # shorter side resized to min_size, longer side at most max_size; RPN proposals per frame after
-    # NMS. None: ARCH_DEFAULTS[arch].
+    # NMS. None: spec.FRCNN_SCALES[arch].
     min_size: int | None = None
     max_size: int | None = None
     proposals: int | None = None
@@ -77,7 +72,7 @@ class Float32BoxCoder(BoxCoder):
 
 def coco_label_index(categories: list[str]) -> torch.Tensor:
     """torchvision's 91-way category index -> our 80-class COCO index, NOT_COCO for gaps."""
-    return torch.tensor([COCO_CLASSES.index(c) if c in COCO_CLASSES else NOT_COCO for c in categories])
+    return torch.tensor([COCO_CLASSES.index(c) if c in COCO_CLASSES else NOT_COCO for c in categories])  # (91,)
 
 
 def _weights_enum(arch: str):
@@ -110,18 +105,6 @@ def fetch_torchvision_weights(arch: str, name: str) -> Path:
                 f"cannot download {arch} weights ({reason}): put {path.name} (from {weights.url}) "
                 f"in {path.parent}/ or pass --weights FILE"
             ) from None
-    return path
-
-
-def check_architecture(arch: str) -> str:
-    if arch not in ARCHITECTURES:
-        raise UserError(f"unknown Faster R-CNN architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
-    return arch
-
-
-def existing_weights_file(path: Path) -> Path:
-    if not path.is_file():
-        raise UserError(f"weights file {path} not found; pass --weights with an existing state dict file")
     return path
 
 
@@ -185,7 +168,7 @@ def build_faster_rcnn(config: FrcnnConfig) -> tuple[torch.nn.Module, Path | None
 
 def model_settings(config: FrcnnConfig) -> tuple[int, int, int]:
     """(min_size, max_size, proposals): the configured ones, else the architecture's defaults."""
-    min_size, max_size, proposals = ARCH_DEFAULTS.get(config.arch, (600, 1000, 300))
+    min_size, max_size, proposals = FRCNN_SCALES[check_architecture(config.arch)]
     return config.min_size or min_size, config.max_size or max_size, config.proposals or proposals
 
 
@@ -193,10 +176,11 @@ class FasterRCNNDetector:
     """Detector protocol implementation: torchvision Faster R-CNN boxes, box-head region features."""
 
     name = "frcnn"
-    feature_dim = FEATURE_DIM
+    feature_dim = FRCNN_FEATURE_DIM
 
-    def __init__(self, config: FrcnnConfig | None = None, **options):
-        """FasterRCNNDetector(FrcnnConfig(...)) or FasterRCNNDetector(arch=..., weights_file=..., ...)."""
+    def __init__(self, config: FrcnnConfig | None = None, spec: DetectorSpec | None = None, **options):
+        """FasterRCNNDetector(FrcnnConfig(...)) or FasterRCNNDetector(arch=..., weights_file=..., ...); `spec`:
+        the description its weights file was chosen and hashed by (choice.load_detector)."""
         self.config = replace(config or FrcnnConfig(), **options)
         self.device = resolve_device(self.config.device)
         self.max_side = model_settings(self.config)[1]  # the model's transform never looks at more pixels
@@ -210,7 +194,7 @@ class FasterRCNNDetector:
         self.autocast_dtype = self._autocast_dtype()
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # few distinct batch shapes (aspect ratios) in practice
-        self._sha256: str | None = None
+        self._spec = spec
 
     def _autocast_dtype(self) -> torch.dtype | None:
         choice = self.config.autocast
@@ -222,10 +206,12 @@ class FasterRCNNDetector:
             raise UserError(f"unknown autocast {choice!r}; choose from auto, none, {', '.join(AUTOCAST_DTYPES)}")
         return AUTOCAST_DTYPES[choice]
 
-    def provenance(self) -> dict[str, str]:
-        if self._sha256 is None:
-            self._sha256 = file_sha256(self.weights_path) if self.weights_path else "random-init"
-        return frcnn_provenance(self.config.arch, self._sha256)
+    @property
+    def spec(self) -> DetectorSpec:
+        """What the cache records of this detector; its weights file is hashed on first use only."""
+        if self._spec is None:
+            self._spec = frcnn_spec(self.config.arch, self.weights_path, self.max_side)
+        return self._spec
 
     def _images_on_device(self, frames: list) -> list[torch.Tensor]:
         """(H, W, 3) uint8 frames -> (3, H, W) float in [0, 1] on the device.
@@ -267,9 +253,9 @@ class FasterRCNNDetector:
 
             rois, kept = [], []
             for detection, (h, w) in zip(detections, image_list.image_sizes):
-                labels = self.coco_index[detection["labels"]]
+                labels = self.coco_index[detection["labels"]]  # (m,) our COCO index
                 coco = torch.nonzero(labels != NOT_COCO).flatten()
-                boxes, scores, labels = detection["boxes"][coco], detection["scores"][coco], labels[coco]
+                boxes, scores, labels = detection["boxes"][coco], detection["scores"][coco], labels[coco]  # (m', 4), (m',), (m',)
                 keep = select_detections(boxes, scores, labels, self.config.score_threshold,
                                          self.config.nms_iou, max_detections)
                 frame_box = torch.tensor([[0.0, 0.0, w, h]], device=boxes.device)
@@ -280,10 +266,10 @@ class FasterRCNNDetector:
 
         # one device -> host transfer per array for the whole batch
         counts = [len(r) for r in rois]
-        sizes = torch.tensor([[w, h, w, h] for _, _, (h, w) in kept], dtype=torch.float32, device=self.device)
+        sizes = torch.tensor([[w, h, w, h] for _, _, (h, w) in kept], dtype=torch.float32, device=self.device)  # (B, 4)
         boxes = torch.cat([r.float() / size for r, size in zip(rois, sizes)]).clamp_(0, 1).cpu().numpy()  # (R, 4)
         scores = torch.cat([s for s, _, _ in kept]).float().cpu().numpy()  # (R - B,)
-        labels = torch.cat([lab for _, lab, _ in kept]).cpu().numpy()
+        labels = torch.cat([lab for _, lab, _ in kept]).cpu().numpy()  # (R - B,)
         region_features = region_features.float().cpu().numpy()  # (R, 1024)
         results, start = [], 0
         for b, n in enumerate(counts):  # region rows start .. start + n: whole frame, then n - 1 detections

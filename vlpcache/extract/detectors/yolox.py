@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,19 +19,22 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from vlpcache.extract.detectors import MOBILENET_FILE, YOLOX_FILE, yolox_feature_dim, yolox_provenance
-from vlpcache.extract.detectors import YOLOX_INPUT_SIZE as INPUT_SIZE
-from vlpcache.extract.regions import FrameRegions, select_detections, with_frame_region
-from vlpcache.files import file_sha256
-from vlpcache.workspace import model_file
+from vlpcache.cache.schema import NMS_IOU, SCORE_THRESHOLD
+from vlpcache.errors import UserError
+from vlpcache.extract.detectors.regions import FrameRegions, select_detections, with_frame_region
+from vlpcache.extract.detectors.spec import (  # noqa: F401  (file names: bench and tests import them from here)
+    DEFAULT_YOLOX_BACKBONE,
+    MOBILENET_FILE,
+    YOLOX_FILE,
+    DetectorSpec,
+    yolox_spec,
+)
+from vlpcache.extract.detectors.spec import YOLOX_INPUT_SIZE as INPUT_SIZE
+from vlpcache.extract.detectors.yolox_graph import batched_onnx
+from vlpcache.report import say
 
 STRIDES = (8, 16, 32)
 PAD_VALUE = 114.0
-NECK_OUTPUTS = (  # inputs of the head's stem convolutions: the neck maps at strides 8, 16, 32
-    "/backbone/C3_p3/conv3/act/Mul_output_0",
-    "/backbone/C3_n3/conv3/act/Mul_output_0",
-    "/backbone/C3_n4/conv3/act/Mul_output_0",
-)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ROI_OUTPUT = 2  # 2x2 RoIAlign bins, averaged: a 13x13 stride-32 map has little more to give
@@ -41,9 +43,9 @@ ROI_OUTPUT = 2  # 2x2 RoIAlign bins, averaged: a 13x13 stride-32 map has little 
 
 @dataclass
 class YoloxConfig:
-    backbone: str = "mobilenet_v2"
-    score_threshold: float = 0.1
-    nms_iou: float = 0.5
+    backbone: str = DEFAULT_YOLOX_BACKBONE
+    score_threshold: float = SCORE_THRESHOLD
+    nms_iou: float = NMS_IOU
     device: str = "cpu"  # "cpu" or "cuda"
     threads: int = 0  # 0: onnxruntime and torch defaults
     # "onnxruntime" or "torch" (the ONNX graphs converted with onnx2torch / the torchvision trunk);
@@ -51,24 +53,6 @@ class YoloxConfig:
     # its fused kernels are several times faster than torch's for these two small networks
     runtime: str = "auto"
     autocast: str | None = "float16"  # CUDA only: float16, bfloat16 or None
-
-
-def _batched_onnx(path: Path, with_neck: bool) -> bytes:
-    """The exported graph declares (1, 3, 416, 416); its reshapes follow the input's shape, so symbolic
-    batch, height and width give batched inference on canvases that fit the frame (less padding to
-    compute), and the neck maps become extra outputs for RoI pooling."""
-    import onnx
-
-    model = onnx.load(str(path))
-    graph = model.graph
-    for value, names in ((graph.input[0], ("batch", None, "height", "width")), (graph.output[0], ("batch", "anchors"))):
-        for dim, name in zip(value.type.tensor_type.shape.dim, names):
-            if name:
-                dim.dim_param = name
-    if with_neck:
-        for name in NECK_OUTPUTS:
-            graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return model.SerializeToString()
 
 
 def _onnx_session(model_bytes: bytes, device: str, threads: int):
@@ -86,8 +70,8 @@ def _onnx_session(model_bytes: bytes, device: str, threads: int):
         if "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         else:
-            print("note: onnxruntime has no CUDA provider (pip install onnxruntime-gpu); "
-                  "YOLOX runs on the CPU, features on the GPU", file=sys.stderr)
+            say("note: onnxruntime has no CUDA provider (pip install onnxruntime-gpu); "
+                "YOLOX runs on the CPU, features on the GPU")
     return ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
 
 
@@ -99,8 +83,6 @@ def _mobilenet_trunk(path: Path) -> torch.nn.Module:
         state = torch.load(path, map_location="cpu", weights_only=True)
         trunk.load_state_dict(state)
     except Exception as err:  # a wrong or damaged file: say which, not a torch traceback
-        from vlpcache.errors import UserError
-
         raise UserError(f"{path}: not a MobileNetV2 features state dict ({type(err).__name__}: {err})") from None
     return trunk.eval()
 
@@ -176,9 +158,9 @@ def letterbox(frame: np.ndarray, size: int = INPUT_SIZE, out: torch.Tensor | Non
     bgr = np.asarray(frame[..., ::-1], dtype=np.float32)  # the flip comes free with the float copy
     image = torch.from_numpy(bgr).permute(2, 0, 1)[None]  # (1, 3, H, W)
     if (nh, nw) != (h, w):
-        image = F.interpolate(image, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+        image = F.interpolate(image, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)  # (1, 3, nh, nw)
     if out is None:
-        out = torch.empty((3, *canvas_shape(h, w, size)))
+        out = torch.empty((3, *canvas_shape(h, w, size)))  # (3, Hc, Wc)
     out[:, nh:] = PAD_VALUE
     out[:, :nh, nw:] = PAD_VALUE
     out[:, :nh, :nw] = image[0].clamp_(0, 255)
@@ -190,19 +172,19 @@ def _grid(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     grids, strides = [], []
     for stride in STRIDES:
         ny, nx = height // stride, width // stride
-        ys, xs = torch.meshgrid(torch.arange(ny), torch.arange(nx), indexing="ij")
-        grids.append(torch.stack((xs, ys), -1).reshape(-1, 2))
-        strides.append(torch.full((ny * nx, 1), stride))
+        ys, xs = torch.meshgrid(torch.arange(ny), torch.arange(nx), indexing="ij")  # (ny, nx) each
+        grids.append(torch.stack((xs, ys), -1).reshape(-1, 2))  # (ny*nx, 2) cell x, y
+        strides.append(torch.full((ny * nx, 1), stride))  # (ny*nx, 1)
     return torch.cat(grids).float(), torch.cat(strides).float()
 
 
 def decode_yolox(raw: torch.Tensor, grid: torch.Tensor, strides: torch.Tensor):
     """raw (A, 85) head output -> boxes (A, 4) xyxy in letterbox pixels, scores (A,), labels (A,)."""
-    xy = (raw[:, :2] + grid) * strides
-    wh = torch.exp(raw[:, 2:4].clamp(max=10.0)) * strides
-    boxes = torch.cat((xy - wh / 2, xy + wh / 2), dim=1)
-    class_scores, labels = raw[:, 5:].max(dim=1)
-    return boxes, raw[:, 4] * class_scores, labels
+    xy = (raw[:, :2] + grid) * strides  # (A, 2) box centres
+    wh = torch.exp(raw[:, 2:4].clamp(max=10.0)) * strides  # (A, 2) widths, heights
+    boxes = torch.cat((xy - wh / 2, xy + wh / 2), dim=1)  # (A, 4)
+    class_scores, labels = raw[:, 5:].max(dim=1)  # (A,) best of the 80 classes
+    return boxes, raw[:, 4] * class_scores, labels  # score = objectness x class probability
 
 
 @contextlib.contextmanager
@@ -221,35 +203,40 @@ class YoloxDetector:
     name = "yolox"
     max_side = INPUT_SIZE
 
-    def __init__(self, config: YoloxConfig | None = None, models: str | None = None):
+    def __init__(self, config: YoloxConfig | None = None, models: str | None = None, spec: DetectorSpec | None = None):
+        """The networks of `spec` (choice.load_detector), or of the files found in `models` for config.backbone."""
         self.config = config or YoloxConfig()
-        self.feature_dim = yolox_feature_dim(self.config.backbone)
-        self.use_mobilenet = "mobilenet_v2" in self.config.backbone
-        self.use_neck = "neck" in self.config.backbone
+        self.spec = spec or yolox_spec(self.config.backbone, models)
+        self.feature_dim = self.spec.feature_dim
+        self.use_mobilenet = self.spec.backbone_file is not None
+        self.use_neck = "neck" in self.spec.backbone
         self.device = torch.device(self.config.device)
         runtime = self.config.runtime
         self.runtime = runtime if runtime != "auto" else ("torch" if self.device.type == "cuda" else "onnxruntime")
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        self.yolox_path = model_file(YOLOX_FILE, models)
-        self.mobilenet_path = model_file(MOBILENET_FILE, models) if self.use_mobilenet else None
-        self.mobilenet_sha256 = file_sha256(self.mobilenet_path) if self.use_mobilenet else None
         self.session = self.trunk_session = self.graph = self.trunk = None
         if self.runtime == "torch":
-            from vlpcache.extract.yolox_torch import yolox_torch_module
-
-            self.graph = yolox_torch_module(self.yolox_path, with_neck=self.use_neck).to(self.device)
-            if self.use_mobilenet:
-                self.trunk = NormalisedTrunk(_mobilenet_trunk(self.mobilenet_path)).eval().to(self.device)
-            if self.device.type == "cuda":
-                torch.backends.cudnn.benchmark = True
+            self._load_torch()
         else:
-            self.session = _onnx_session(_batched_onnx(self.yolox_path, self.use_neck), self.config.device,
-                                         self.config.threads)
-            if self.use_mobilenet:
-                self.trunk_session = _onnx_session(
-                    _mobilenet_onnx(self.mobilenet_path, self.mobilenet_sha256), self.config.device, self.config.threads)
+            self._load_onnxruntime()
         self.grids: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _load_torch(self) -> None:
+        from vlpcache.extract.detectors.yolox_torch import yolox_torch_module
+
+        self.graph = yolox_torch_module(self.spec.detector_file, with_neck=self.use_neck).to(self.device)
+        if self.use_mobilenet:
+            self.trunk = NormalisedTrunk(_mobilenet_trunk(self.spec.backbone_file)).eval().to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    def _load_onnxruntime(self) -> None:
+        device, threads = self.config.device, self.config.threads
+        self.session = _onnx_session(batched_onnx(self.spec.detector_file, self.use_neck), device, threads)
+        if self.use_mobilenet:
+            trunk = _mobilenet_onnx(self.spec.backbone_file, self.spec.provenance["backbone_weights_sha256"])
+            self.trunk_session = _onnx_session(trunk, device, threads)
 
     def _autocast(self):
         if self.device.type != "cuda" or not self.config.autocast:
@@ -272,9 +259,6 @@ class YoloxDetector:
                 return self.trunk(images).float()
         return torch.from_numpy(self.trunk_session.run(None, {"images": images.cpu().numpy()})[0]).to(self.device)
 
-    def provenance(self) -> dict[str, str]:
-        return yolox_provenance(self.config.backbone, file_sha256(self.yolox_path), self.mobilenet_sha256)
-
     @torch.inference_mode()
     def detect(self, frames: list[np.ndarray], max_detections: int) -> list[FrameRegions]:
         canvases: dict[tuple[int, int], list[int]] = {}  # frames of one canvas shape run as one batch
@@ -296,10 +280,10 @@ class YoloxDetector:
 
     def _detect_canvas(self, canvas, frames, max_detections: int) -> list[FrameRegions]:
         # pinned host memory lets the copy to the GPU overlap with queued GPU work
-        images = torch.empty((len(frames), 3, *canvas), pin_memory=self.device.type == "cuda")  # BGR 0-255
+        images = torch.empty((len(frames), 3, *canvas), pin_memory=self.device.type == "cuda")  # (B, 3, Hc, Wc) BGR 0-255
         scales = [letterbox(frame, out=slot)[1] for frame, slot in zip(frames, images)]
         images = images.to(self.device, non_blocking=True)
-        raw, neck_maps = self._run_yolox(images)  # (B, A, 85)
+        raw, neck_maps = self._run_yolox(images)  # (B, A, 85), [(B, C_l, Hc/s_l, Wc/s_l) per stride s_l]
         if canvas not in self.grids:
             self.grids[canvas] = tuple(t.to(self.device) for t in _grid(*canvas))
         grid, strides = self.grids[canvas]
@@ -307,12 +291,12 @@ class YoloxDetector:
         rois, kept = [], []
         for b, frame in enumerate(frames):
             h, w = frame.shape[:2]
-            boxes, scores, labels = decode_yolox(raw[b], grid, strides)
+            boxes, scores, labels = decode_yolox(raw[b], grid, strides)  # (A, 4), (A,), (A,)
             keep = select_detections(boxes, scores, labels, self.config.score_threshold, self.config.nms_iou, max_detections)
             visible = torch.tensor([0.0, 0.0, w * scales[b], h * scales[b]], device=self.device)  # frame in the letterbox
-            boxes = torch.minimum(boxes[keep].clamp_min(0), visible[[2, 3, 2, 3]])
+            boxes = torch.minimum(boxes[keep].clamp_min(0), visible[[2, 3, 2, 3]])  # (n, 4) clipped to the frame
             boxes = torch.cat((visible[None], boxes))  # whole frame first, (1 + n, 4) letterbox pixels
-            rois.append(torch.cat((torch.full((len(boxes), 1), float(b), device=self.device), boxes), dim=1))
+            rois.append(torch.cat((torch.full((len(boxes), 1), float(b), device=self.device), boxes), dim=1))  # (1 + n, 5)
             kept.append((boxes.cpu(), scores[keep].cpu(), labels[keep].cpu(), scales[b], (h, w)))
         rois = torch.cat(rois)  # (R, 5): batch index, x1, y1, x2, y2
         frame_rows = torch.cumsum(torch.tensor([0] + [len(k[0]) for k in kept[:-1]]), 0)  # whole-frame roi of each frame
@@ -329,7 +313,7 @@ class YoloxDetector:
         results, start = [], 0
         for boxes, scores, labels, scale, (h, w) in kept:
             n = len(boxes)
-            normalised = (boxes[1:] / scale / torch.tensor([w, h, w, h])).clamp_(0, 1).numpy()
+            normalised = (boxes[1:] / scale / torch.tensor([w, h, w, h])).clamp_(0, 1).numpy()  # (n, 4) in [0, 1]
             all_boxes, all_scores, all_labels = with_frame_region(normalised, scores.numpy(), labels.numpy())
             results.append(FrameRegions(all_boxes, all_scores, all_labels, features[start : start + n]))
             start += n
@@ -339,11 +323,11 @@ class YoloxDetector:
               frame_sizes: list[tuple[float, float]]) -> torch.Tensor:
         """Region features (R, C): detected boxes by RoIAlign, each frame's whole-frame region by
         frame_average (what a global-feature model reads, not a 2x2 sampling of it)."""
-        feature_map = feature_map.float()
+        feature_map = feature_map.float()  # (B, C, Hc/stride, Wc/stride)
         pooled = roi_align(feature_map, rois.to(feature_map.device), ROI_OUTPUT, spatial_scale=1 / stride,
                            sampling_ratio=2, aligned=True).mean(dim=(2, 3))  # (R, C)
         pooled[frame_rows.to(pooled.device)] = torch.stack(
-            [frame_average(feature_map[b], height, width, stride) for b, (height, width) in enumerate(frame_sizes)])
+            [frame_average(feature_map[b], height, width, stride) for b, (height, width) in enumerate(frame_sizes)])  # (B, C)
         return pooled
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from vlpcache.errors import UserError
-from vlpcache.extract.yolox import _batched_onnx
+from vlpcache.extract.detectors.yolox_graph import batched_onnx
 
 
 class YoloxTorch(torch.nn.Module):
@@ -40,7 +40,7 @@ def yolox_torch_module(onnx_path: str | Path, with_neck: bool = False) -> YoloxT
                         "(or use --device cpu)") from None
     import onnx
 
-    model = onnx.load_from_string(_batched_onnx(Path(onnx_path), with_neck))
+    model = onnx.load_from_string(batched_onnx(Path(onnx_path), with_neck))
     try:
         graph = convert(model)
     except Exception as err:  # an ONNX op onnx2torch cannot convert: name the file, not the converter internals

@@ -1,4 +1,4 @@
-"""COCO class names of detector labels, without torch: `vlpcache search` prints them on a cold start."""
+"""COCO class names of the labels a cache stores, without torch: `vlpcache search` and `inspect` print them."""
 
 from vlpcache.cache.schema import FRAME_REGION_LABEL
 

@@ -1,0 +1,109 @@
+"""The package reads as its pipeline: stages import only downward (cache <- extract, cache <- model <-
+index; what stages share lives beneath them), no import circle, light modules stay free of torch.
+
+Imports are read from the source with ast, so a lazy import inside a function counts as much as one
+at the top of a module."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "vlpcache"
+
+# what each stage may import; "shared" is every top-level module but the command table
+ALLOWED = {
+    "shared": {"shared"},
+    "cache": {"shared", "cache"},
+    "extract": {"shared", "cache", "extract"},
+    "model": {"shared", "cache", "model"},
+    "index": {"shared", "cache", "model", "index"},
+    "cli": {"shared", "cache", "extract", "model", "index", "cli"},
+}
+LONGEST_FUNCTION = 80  # lines
+LONG_FUNCTIONS_ALLOWED = {"vlpcache/model/train.py"}  # the training loop is being split into steps
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported(path: Path, known: dict[str, Path]) -> set[str]:
+    """The vlpcache modules a file imports anywhere in it (`from a.b import c` counts a.b.c if it is a module)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import; write vlpcache.… in full"
+            names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module
+                     for alias in node.names]
+        else:
+            continue
+        found |= {name for name in names if name in known and name != "vlpcache"}
+    return found
+
+
+def stage(name: str) -> str:
+    parts = name.split(".")
+    if name == "vlpcache.cli" or name == "vlpcache.__main__":
+        return "cli"
+    return parts[1] if len(parts) > 2 or parts[1] in ("cache", "extract", "model", "index") else "shared"
+
+
+def import_graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imported(path, known) for name, path in known.items()}
+
+
+def test_stages_import_only_downward():
+    wrong = [f"{name} ({stage(name)}) imports {other} ({stage(other)})"
+             for name, targets in import_graph().items() for other in sorted(targets)
+             if stage(other) not in ALLOWED[stage(name)]]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_module_imports_itself_back_through_others():
+    graph = import_graph()
+    circles = []
+
+    def visit(name: str, path: list[str]) -> None:
+        for other in graph[name]:
+            if other in path:
+                circles.append(" -> ".join(path[path.index(other):] + [other]))
+            elif other not in done:
+                visit(other, path + [other])
+        done.add(name)
+
+    done: set[str] = set()
+    for name in graph:
+        if name not in done:
+            visit(name, [name])
+    assert not circles, "\n".join(sorted(set(circles)))
+
+
+def test_functions_fit_on_a_screen_or_two():
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE.parent).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and relative not in LONG_FUNCTIONS_ALLOWED:
+                lines = node.end_lineno - node.lineno + 1
+                if lines > LONGEST_FUNCTION:
+                    long.append(f"{relative}:{node.lineno} {node.name}: {lines} lines")
+    assert not long, "\n".join(long)
+
+
+def test_the_command_line_and_torch_free_modules_load_without_torch():
+    light = ["vlpcache.cli", "vlpcache.cache.inspect", "vlpcache.cache.labels", "vlpcache.extract.detectors.spec",
+             "vlpcache.extract.options", "vlpcache.extract.render", "vlpcache.model.run_layout",
+             "vlpcache.index.layout", "vlpcache.index.search"]
+    probe = "import sys\n" + "".join(f"import {m}\n" for m in light) + "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,54 @@
+"""The run directory's checkpoint lookup (run_layout.py), which pretraining, index, search and eval share,
+on real directories written the way checkpoint.save_checkpoint writes them."""
+
+import pytest
+
+from vlpcache.errors import UserError
+from vlpcache.model.run_layout import (
+    BEST_NAME,
+    META_NAME,
+    checkpoints,
+    designated_checkpoint_sha256,
+    epoch_dir,
+    latest_run,
+    resolve_checkpoint,
+)
+from vlpcache.records import write_json
+
+
+def add_checkpoint(run_dir, epoch: int) -> None:
+    folder = epoch_dir(run_dir, epoch)
+    folder.mkdir(parents=True)
+    write_json(folder / META_NAME, {"epoch": epoch, "sha256": f"sha-of-epoch-{epoch}"})
+
+
+def test_the_designated_checkpoint_is_the_best_by_validation_else_the_last(tmp_path):
+    run = tmp_path / "run"
+    for epoch in (2, 5, 7):
+        add_checkpoint(run, epoch)
+    assert designated_checkpoint_sha256(run) == "sha-of-epoch-7"
+    write_json(run / BEST_NAME, {"epoch": 5, "metrics": {}})
+    assert designated_checkpoint_sha256(run) == "sha-of-epoch-5"
+    assert resolve_checkpoint(run) == resolve_checkpoint(run, "best") == epoch_dir(run, 5)
+    assert resolve_checkpoint(run, "last") == resolve_checkpoint(run, 7) == epoch_dir(run, 7)
+    write_json(run / BEST_NAME, {"epoch": 4, "metrics": {}})  # a best epoch whose checkpoint is gone
+    assert designated_checkpoint_sha256(run) == "sha-of-epoch-7"
+
+
+def test_checkpoints_being_written_are_never_listed(tmp_path):
+    run = tmp_path / "run"
+    add_checkpoint(run, 1)
+    (run / "checkpoints" / "epoch-0002").mkdir()  # no meta.json yet: not complete
+    (run / "checkpoints" / ".epoch-0003.tmp-123").mkdir()
+    assert list(checkpoints(run)) == [1]
+    assert latest_run(tmp_path) == run
+
+
+def test_a_run_without_checkpoints_has_none_to_designate(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert designated_checkpoint_sha256(run) is None
+    with pytest.raises(UserError, match="no checkpoint yet"):
+        resolve_checkpoint(run)
+    with pytest.raises(UserError, match="no pretraining run in"):
+        latest_run(tmp_path)

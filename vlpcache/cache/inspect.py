@@ -1,0 +1,79 @@
+"""`vlpcache inspect`: what a cache holds (items, failures, T/N/D, provenance, size); no torch.
+
+`--render` (a picture of one item's frames with its boxes) re-decodes the item's sources, which is
+extraction's business: vlpcache.extract.render.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+
+from vlpcache.cache.reader import RegionCache
+from vlpcache.cache.schema import outdated_schema
+from vlpcache.workspace import Workspace
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def cache_summary(cache: RegionCache) -> dict:
+    failures = cache.failures
+    reasons = collections.Counter(record.get("reason", "?") for record in failures.values())
+    frames = int(cache.column("frame_mask").sum())
+    regions = int(cache.column("region_mask").sum())
+    settings = cache.settings.to_json()
+    return {
+        "cache": str(cache.cache_dir),
+        "items": len(cache),
+        "kinds": dict(collections.Counter(cache.kinds)),
+        "failures": len(failures),
+        "failure_reasons": dict(reasons.most_common(10)),
+        "frames": frames,
+        "mean_regions_per_frame": round(regions / frames, 2) if frames else 0.0,
+        "T": settings["frames"],
+        "N": settings["regions"],
+        "D": settings["feature_dim"],
+        "provenance": settings,
+        "shards": len(cache.shard_paths),
+        "size_bytes": cache.size_on_disk(),
+        "outdated_schema": outdated_schema(cache.settings),
+    }
+
+
+def print_summary(summary: dict) -> None:
+    p = summary["provenance"]
+    lines = [
+        f"cache       {summary['cache']}",
+        f"items       {summary['items']}  ({', '.join(f'{k}: {v}' for k, v in summary['kinds'].items()) or 'none'})",
+        f"failures    {summary['failures']}" + (
+            "  (" + "; ".join(f"{v}x {k}" for k, v in summary["failure_reasons"].items()) + ")" if summary["failures"] else ""),
+        f"shape       T={summary['T']} frames, N={summary['N']} regions (incl. whole frame), D={summary['D']}",
+        f"frames      {summary['frames']} sampled, {summary['mean_regions_per_frame']} regions per frame on average",
+        f"detector    {p['detector']}  sha256 {p['detector_weights_sha256'][:12]}",
+        f"backbone    {p['backbone']}  sha256 {p['backbone_weights_sha256'][:12]}",
+        f"sampling    {p['sampling']}, score >= {p['score_threshold']}, NMS IoU {p['nms_iou']}, schema v{p['schema_version']}",
+        f"on disk     {_human_size(summary['size_bytes'])} in {summary['shards']} shards",
+    ]
+    if summary["outdated_schema"]:
+        lines.append(f"note        {summary['outdated_schema']}; re-extract for the current features")
+    print("\n".join(lines))
+
+
+def inspect_cache(cache_dir=None, as_json=False, list_failures=False) -> None:
+    """The `vlpcache inspect` command: the summary on stdout, as text or JSON."""
+    cache = RegionCache(cache_dir or Workspace().cache_dir)
+    summary = cache_summary(cache)
+    if list_failures:
+        summary["failed_items"] = list(cache.failures.values())
+    if as_json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        return
+    print_summary(summary)
+    for record in summary.get("failed_items", []):
+        print(f"failed      {record['path']}: {record['reason']}")

@@ -1,0 +1,112 @@
+"""What each detector is before any network loads, torch-free: its weight files, feature size, input
+size and the provenance a cache records (DetectorSpec).
+
+The cache settings come from the spec, so a run that finds everything cached loads no model, and the
+decoding workers start while torch and the networks load. Weight files are found and hashed here,
+once; the detectors are built from the spec (choice.load_detector) and do not look for them again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlpcache.cache.schema import NMS_IOU, CacheSettings
+from vlpcache.errors import UserError
+from vlpcache.files import file_sha256
+from vlpcache.workspace import model_file
+
+DETECTORS = ("yolox", "frcnn")
+
+# yolox: YOLOX-Nano (ONNX) boxes; features from an ImageNet MobileNetV2 trunk and/or YOLOX's neck maps
+YOLOX_FILE = "yolox_nano_coco.onnx"
+MOBILENET_FILE = "mobilenet_v2_imagenet_features.pth"
+YOLOX_INPUT_SIZE = 416  # YOLOX-Nano's input side; frames are letterboxed to it
+MOBILENET_DIM = 1280
+NECK_DIMS = (64, 128, 256)  # YOLOX-Nano neck maps at strides 8, 16, 32
+YOLOX_BACKBONES = {"mobilenet_v2": MOBILENET_DIM, "neck": sum(NECK_DIMS), "mobilenet_v2+neck": MOBILENET_DIM + sum(NECK_DIMS)}
+DEFAULT_YOLOX_BACKBONE = "mobilenet_v2"
+
+# frcnn: torchvision Faster R-CNN (COCO); the feature of a region is the box head's output
+FRCNN_ARCHITECTURES = (  # torchvision builders whose box head gives 1024-d region features
+    "fasterrcnn_resnet50_fpn_v2",
+    "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+)
+DEFAULT_FRCNN_ARCH = "fasterrcnn_resnet50_fpn_v2"
+FRCNN_FEATURE_DIM = 1024
+# (min_size, max_size, proposals). Resize as bottom-up-attention tests (shorter side 600, longer at
+# most 1000; torchvision: 800/1333, 1.8x the pixels) and keep its 300 RPN proposals (py-faster-rcnn's
+# test setting; torchvision: 1000): on CPU the box head over all proposals costs about as much as the
+# backbone. The 320 model keeps the small scale and 150 proposals it was tuned for.
+FRCNN_SCALES = {arch: (600, 1000, 300) for arch in FRCNN_ARCHITECTURES} | {
+    "fasterrcnn_mobilenet_v3_large_320_fpn": (320, 640, 150)}
+RANDOM_WEIGHTS = "random-init"  # the weights "hash" of a detector built without weights (tests)
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """A detector as `extract` runs it: enough to write and check cache settings without loading it."""
+
+    detector: str  # yolox | frcnn
+    backbone: str  # yolox: a YOLOX_BACKBONES key; frcnn: the torchvision architecture
+    feature_dim: int
+    max_side: int  # decoder workers downscale frames so that their longer side is at most this
+    provenance: dict[str, str]  # detector, backbone and the sha256 of their weights (CacheSettings fields)
+    detector_file: Path | None  # yolox: the ONNX graph; frcnn: its state dict (None: random weights)
+    backbone_file: Path | None = None  # yolox: the MobileNetV2 trunk, when the backbone uses it
+
+    def cache_settings(self, frames: int, regions: int, score_threshold: float, nms_iou: float = NMS_IOU) -> CacheSettings:
+        """regions: detections kept per frame; the whole-frame region makes N = regions + 1."""
+        return CacheSettings(frames=frames, regions=regions + 1, feature_dim=self.feature_dim,
+                             score_threshold=score_threshold, nms_iou=nms_iou, **self.provenance)
+
+
+def yolox_feature_dim(backbone: str) -> int:
+    """Feature size of a yolox backbone, or one clear error listing the choices."""
+    if backbone not in YOLOX_BACKBONES:
+        raise UserError(f"unknown backbone {backbone!r} for yolox; choose from {', '.join(YOLOX_BACKBONES)}")
+    return YOLOX_BACKBONES[backbone]
+
+
+def yolox_spec(backbone: str, models: str | None) -> DetectorSpec:
+    """The yolox detector with `backbone`, its files found in the models folder and hashed."""
+    feature_dim = yolox_feature_dim(backbone)
+    yolox = model_file(YOLOX_FILE, models)
+    mobilenet = model_file(MOBILENET_FILE, models) if "mobilenet_v2" in backbone else None
+    yolox_sha256 = file_sha256(yolox)
+    provenance = {
+        "detector": f"yolox:{YOLOX_FILE}",
+        "detector_weights_sha256": yolox_sha256,
+        "backbone": backbone,
+        "backbone_weights_sha256": file_sha256(mobilenet) if mobilenet else yolox_sha256,
+    }
+    return DetectorSpec("yolox", backbone, feature_dim, YOLOX_INPUT_SIZE, provenance, yolox, mobilenet)
+
+
+def check_architecture(arch: str) -> str:
+    if arch not in FRCNN_ARCHITECTURES:
+        raise UserError(f"unknown Faster R-CNN architecture {arch!r}; choose from {', '.join(FRCNN_ARCHITECTURES)}")
+    return arch
+
+
+def existing_weights_file(path: Path) -> Path:
+    if not path.is_file():
+        raise UserError(f"weights file {path} not found; pass --weights with an existing state dict file")
+    return path
+
+
+def frcnn_spec(arch: str, weights: Path | None, max_side: int | None = None) -> DetectorSpec:
+    """The frcnn detector `arch` with its state dict `weights` (None: random weights) hashed."""
+    check_architecture(arch)
+    sha256 = file_sha256(existing_weights_file(weights)) if weights else RANDOM_WEIGHTS
+    provenance = {
+        "detector": f"frcnn:{arch}",
+        "detector_weights_sha256": sha256,
+        "backbone": "frcnn-box-head",
+        "backbone_weights_sha256": sha256,
+    }
+    # the model's transform never looks at more pixels than its max_size
+    max_side = max_side or FRCNN_SCALES[arch][1]
+    return DetectorSpec("frcnn", arch, FRCNN_FEATURE_DIM, max_side, provenance, weights)

@@ -1,0 +1,48 @@
+"""What `vlpcache extract` can be told, with its defaults: the command line shows them from here and
+run_extract takes them as an ExtractOptions record. No torch, no h5py."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from vlpcache.cache.schema import SCORE_THRESHOLD, SHARD_ITEMS
+from vlpcache.devices import DEFAULT_DEVICE
+from vlpcache.errors import UserError
+
+CPU_BATCH_SIZE = 8  # frames per detector batch on CPU: bigger batches only add memory traffic
+CUDA_BATCH_SIZE = 128
+
+
+@dataclass
+class ExtractOptions:
+    frames: int = 8  # T: frames sampled per item, at the centres of T equal segments
+    regions: int = 30  # detections kept per frame; one whole-frame region is added (N = regions + 1)
+    detector: str = "yolox"  # spec.DETECTORS
+    backbone: str | None = None  # None: the detector's default (spec.DEFAULT_YOLOX_BACKBONE, DEFAULT_FRCNN_ARCH)
+    weights: str | None = None  # frcnn: a state dict file instead of torchvision's COCO weights
+    models: str | None = None  # folder of offline weights (None: workspace.models_dir's rule)
+    device: str = DEFAULT_DEVICE
+    batch_size: int | None = None  # frames per detector batch (None: CPU_BATCH_SIZE or CUDA_BATCH_SIZE)
+    workers: int | None = None  # decoding processes (None: CPU cores - 1, at least 1)
+    shard: str = "0/1"  # i/n: process only the i-th of n parts of the items
+    retry_failed: bool = False  # retry items recorded as failed in an earlier run
+    items_per_shard: int = SHARD_ITEMS
+    score_threshold: float = SCORE_THRESHOLD
+    quiet: bool = False  # no progress bar or per-item lines; the summary only
+
+    def detector_batch_size(self, device_type: str) -> int:
+        return self.batch_size or (CUDA_BATCH_SIZE if device_type == "cuda" else CPU_BATCH_SIZE)
+
+    def worker_count(self) -> int:
+        return max(1, (os.cpu_count() or 2) - 1) if self.workers is None else self.workers
+
+    def shard_part(self) -> tuple[int, int]:
+        """(i, n) of --shard i/n, or one clear error."""
+        try:
+            index, count = (int(x) for x in self.shard.split("/"))
+        except ValueError:
+            raise UserError(f"--shard {self.shard!r}: expected i/n, e.g. 0/4") from None
+        if not (count >= 1 and 0 <= index < count):
+            raise UserError(f"--shard {self.shard!r}: need 0 <= i < n")
+        return index, count

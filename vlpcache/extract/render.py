@@ -1,0 +1,93 @@
+"""`vlpcache inspect --render ID`: a picture of one cached item's frames with its boxes, labels and scores.
+
+The cache stores features, not pixels: the item's frames are re-decoded from its source path with the
+same sampling as extraction (so the boxes fall where the detector saw them) and the cached boxes are
+drawn on them. No torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from vlpcache.cache.labels import label_name
+from vlpcache.cache.reader import RegionCache
+from vlpcache.cache.schema import FRAME_REGION_LABEL
+from vlpcache.errors import ItemError, UserError
+from vlpcache.extract.sampling import read_item
+from vlpcache.extract.sources import Item
+from vlpcache.report import say
+from vlpcache.workspace import Workspace
+
+RENDER_SIDE = 480  # longer side of each rendered frame, pixels
+COLUMNS = 4
+TITLE_HEIGHT = 22  # pixels above the grid for the item's id and path
+CAPTION_HEIGHT = 18  # pixels above each frame for its index and time
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]
+
+
+def source_pictures(cache: RegionCache, cached: dict) -> list[Image.Image]:
+    """The item's sampled frames, re-decoded; blank frames of its size when the source is gone."""
+    frame_count = int(cached["frame_mask"].sum())
+    try:
+        source = read_item(Item(cached["id"], Path(cached["path"]), cached["kind"]), cache.settings.frames, RENDER_SIDE)
+        return [Image.fromarray(f) for f in source.frames[:frame_count]]
+    except (ItemError, OSError) as err:
+        say(f"{cached['path']}: cannot re-read the source ({err}); drawing boxes on blank frames")
+        h, w = (int(x) for x in cached["frame_size"])
+        scale = RENDER_SIDE / max(h, w, 1)
+        return [Image.new("RGB", (max(1, round(w * scale)), max(1, round(h * scale))), (96, 96, 96))] * frame_count
+
+
+def draw_regions(draw: ImageDraw.ImageDraw, cached: dict, t: int, origin: tuple[int, int], size: tuple[int, int]) -> None:
+    """Frame t's detected boxes with label and score, best on top; the picture is at origin, of size."""
+    x0, y0 = origin
+    for n in np.flatnonzero(cached["region_mask"][t])[::-1]:  # best drawn last, on top
+        label = int(cached["labels"][t, n])
+        if label == FRAME_REGION_LABEL:
+            continue
+        x1, y1, x2, y2 = cached["boxes"][t, n] * np.array(size * 2)  # normalised -> picture pixels
+        colour = PALETTE[label % len(PALETTE)]
+        box = (x0 + x1, y0 + y1, x0 + x2, y0 + y2)
+        draw.rectangle(box, outline=colour, width=2)
+        text = f"{label_name(label)} {float(cached['scores'][t, n]):.2f}"
+        tx, ty = box[0] + 2, max(y0, box[1] - 11)
+        draw.rectangle(draw.textbbox((tx, ty), text), fill=colour)
+        draw.text((tx, ty), text, fill=(255, 255, 255))
+
+
+def render_item(cache: RegionCache, item_id: str, output: Path) -> Path:
+    """Draw the item's sampled frames in a grid with boxes, labels and scores; returns the file."""
+    if item_id not in cache:
+        raise UserError(f"{item_id!r} is not in {cache.cache_dir} (see `vlpcache inspect` for what is)")
+    cached = cache.get(item_id)
+    pictures = source_pictures(cache, cached)
+    if not pictures:
+        raise UserError(f"{item_id}: no frames to render")
+    cell_w = max(p.width for p in pictures)
+    cell_h = max(p.height for p in pictures) + CAPTION_HEIGHT
+    columns = min(COLUMNS, len(pictures))
+    rows = (len(pictures) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * cell_w, rows * cell_h + TITLE_HEIGHT), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((6, 4), f"{item_id}  ({cached['kind']}, {cached['path']})", fill=(0, 0, 0))
+    for t, picture in enumerate(pictures):
+        x0, y0 = (t % columns) * cell_w, TITLE_HEIGHT + (t // columns) * cell_h
+        sheet.paste(picture, (x0, y0 + CAPTION_HEIGHT))
+        draw.text((x0 + 4, y0 + 3), f"frame {t}  t={cached['timestamps'][t]:.2f}s", fill=(0, 0, 0))
+        draw_regions(draw, cached, t, (x0, y0 + CAPTION_HEIGHT), picture.size)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(output)
+    return output
+
+
+def render_cache_item(cache_dir, item_id: str, output=None) -> Path:
+    """The `vlpcache inspect --render ID` command: the picture in `output` (default: ID.png)."""
+    cache = RegionCache(cache_dir or Workspace().cache_dir)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in item_id)
+    path = render_item(cache, item_id, Path(output or f"{safe}.png"))
+    print(f"wrote {path}")
+    return path

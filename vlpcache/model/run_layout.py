@@ -1,0 +1,111 @@
+"""The run directory, defined once and torch-free: what pretraining writes, and how `index`, `search`
+and `eval` find the checkpoint to use (checkpoint.py writes and loads; search reads this without torch).
+
+    <run>/config.json                 {"model": ModelConfig, "train": TrainConfig, "cache_settings": ..., ...}
+    <run>/text/                       tokenizer and text-model architecture (config.json), no weights
+    <run>/checkpoints/epoch-0003/     model.safetensors, training_state.pt, meta.json (written last)
+    <run>/checkpoints/.epoch-0004.tmp-<pid>/   a checkpoint being written: never read, removed on resume
+    <run>/best.json                   {"epoch": 3, "metrics": ...}: the epoch with the best validation
+    <run>/log.jsonl, <run>/tensorboard/
+
+A checkpoint counts once its meta.json exists ({"epoch", "sha256" of model.safetensors, "metrics",
+"rerank_weight", ...}); older checkpoints are removed as new ones land, except the best.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from vlpcache.errors import UserError
+from vlpcache.records import read_json, read_optional_json
+
+CONFIG_NAME = "config.json"
+TEXT_DIR = "text"
+CHECKPOINT_DIR = "checkpoints"
+BEST_NAME = "best.json"
+WEIGHTS_NAME = "model.safetensors"
+STATE_NAME = "training_state.pt"
+META_NAME = "meta.json"
+_EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
+TEMPORARY_PATTERN = ".epoch-*.tmp-*"  # checkpoints being written (glob within CHECKPOINT_DIR)
+
+
+def epoch_dir(run_dir: Path, epoch: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"epoch-{epoch:04d}"
+
+
+def temporary_checkpoint_dir(final: Path) -> Path:
+    """Where checkpoint `final` is written before it is renamed into place (one per process)."""
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def checkpoints(run_dir: Path) -> dict[int, Path]:
+    """epoch -> directory of every complete checkpoint (temporaries are never listed)."""
+    found = {}
+    for path in (Path(run_dir) / CHECKPOINT_DIR).glob("epoch-*"):
+        m = _EPOCH_DIR.match(path.name)
+        if m and (path / META_NAME).is_file():
+            found[int(m.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def read_run_config(run_dir: Path) -> dict:
+    return read_json(
+        Path(run_dir) / CONFIG_NAME,
+        missing=f"{run_dir}: not a pretraining run (no {CONFIG_NAME}); run `vlpcache pretrain` or pass --run",
+        what="run config",
+    )
+
+
+def read_best(run_dir: Path) -> dict | None:
+    """best.json: {"epoch", "metrics"} of the best validation so far; None for a run without validation."""
+    return read_optional_json(Path(run_dir) / BEST_NAME)
+
+
+def read_checkpoint_meta(checkpoint: Path) -> dict:
+    return read_json(checkpoint / META_NAME, missing=f"{checkpoint}: no {META_NAME}; not a complete checkpoint",
+                     what="checkpoint meta")
+
+
+def resolve_checkpoint(run_dir: Path, checkpoint: str | int | os.PathLike | None = None) -> Path:
+    """checkpoint: None (the best by validation, else the last), "best", "last", an epoch or a directory."""
+    run_dir = Path(run_dir)
+    found = checkpoints(run_dir)
+    if checkpoint is not None and Path(str(checkpoint)).is_dir():
+        return Path(checkpoint)
+    if not found:
+        raise UserError(f"{run_dir}: no checkpoint yet; run `vlpcache pretrain` (or --resume it) first")
+    if checkpoint in (None, "best"):
+        best = read_best(run_dir)
+        if best and best.get("epoch") in found:
+            return found[best["epoch"]]
+        if checkpoint == "best":
+            raise UserError(f"{run_dir}: no best checkpoint (the run had no validation captions); use 'last'")
+        return found[max(found)]
+    if checkpoint == "last":
+        return found[max(found)]
+    try:
+        return found[int(checkpoint)]
+    except (KeyError, ValueError):
+        raise UserError(f"{run_dir}: no checkpoint {checkpoint!r}; there are epochs {sorted(found)}") from None
+
+
+def designated_checkpoint_sha256(run_dir: Path) -> str | None:
+    """sha256 of the weights that load_run(run_dir) loads by default (the best by validation, else the
+    last), as its meta.json records it; None when the run has no checkpoint or the meta does not say."""
+    try:
+        chosen = resolve_checkpoint(run_dir)
+    except UserError:
+        return None
+    meta = read_optional_json(chosen / META_NAME)
+    return meta.get("sha256") if isinstance(meta, dict) else None
+
+
+def latest_run(runs_dir: Path) -> Path:
+    """The most recently modified run directory under runs_dir that holds a complete checkpoint."""
+    runs = [p for p in Path(runs_dir).glob("*") if p.is_dir() and checkpoints(p)]
+    if not runs:
+        raise UserError(f"no pretraining run in {runs_dir}; run `vlpcache pretrain` first or pass --run")
+    return max(runs, key=lambda p: p.stat().st_mtime)

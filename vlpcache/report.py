@@ -1,0 +1,33 @@
+"""Lines for the person at the terminal: notes, warnings and summaries go to stderr (results, which a
+script may read, go to stdout), written around any progress bar on screen.
+
+Library code reports through `say`, or through the `say` argument its caller chose (`sayer(quiet)`),
+never by printing, so a command's --quiet silences all of it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+Say = Callable[[str], None]
+
+
+def say(line: str) -> None:
+    """One line on stderr; a tqdm bar on screen is cleared first and redrawn below it."""
+    if "tqdm" in sys.modules:  # a bar can only be on screen if tqdm was imported
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
+        sys.stderr.flush()
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
+def silent(line: str) -> None:
+    """A `say` that drops the line (--quiet)."""
+
+
+def sayer(quiet: bool = False) -> Say:
+    """`say`, or `silent` when the command runs --quiet."""
+    return silent if quiet else say
