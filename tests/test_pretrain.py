@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from test_model import build_tiny_text_model
+from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import CacheSettings, empty_item
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
@@ -28,8 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 WORDS = ["dog", "cat", "car", "man", "woman", "ball", "kitchen", "street", "beach", "horse"]
 
 
-def write_cache(cache_dir: Path, count: int, frames=2, regions=4, dim=16, prefix="v", seed=0) -> list[str]:
-    """A real HDF5 cache whose item i carries the feature direction of concept i % len(WORDS)."""
+def write_cache(cache_dir: Path, count: int, frames=2, regions=4, dim=16, prefix="v", seed=0, real_frames=None) -> list[str]:
+    """A real HDF5 cache whose item i carries the feature direction of concept i % len(WORDS) (in its
+    first `real_frames` frames, all by default)."""
     settings = CacheSettings(frames=frames, regions=regions, feature_dim=dim, detector="synthetic",
                              detector_weights_sha256="0", backbone="synthetic", backbone_weights_sha256="0")
     rng = np.random.default_rng(seed)
@@ -42,7 +44,7 @@ def write_cache(cache_dir: Path, count: int, frames=2, regions=4, dim=16, prefix
             xy = rng.uniform(0, 0.5, (frames, regions, 2))
             item["boxes"][:] = np.concatenate([xy, xy + 0.3], -1)
             item["region_mask"][:, : regions - i % 2] = True
-            item["frame_mask"][:] = True
+            item["frame_mask"][: real_frames or frames] = True
             item["timestamps"][:] = np.arange(frames)
             ids.append(f"{prefix}{i}")
             writer.add(ids[-1], f"{ids[-1]}.mp4", "video", item)
@@ -237,3 +239,68 @@ def test_torchrun_two_processes_on_cpu_with_gloo_trains_one_run(tmp_path, corpus
     assert records[0]["step"] == 40 // (4 * 2)  # each process a disjoint half of the 40 samples
     assert records[0]["val"]["queries"] == 16
     assert list(ckpt.checkpoints(run_dir)) == [1]
+
+
+def test_frozen_text_runs_encode_every_caption_once_and_share_the_encoding(tmp_path, corpus, tiny_text, monkeypatch):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    options = dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], val_captions=corpus["val"])
+    run_pretrain(**options, run_dir=tmp_path / "a", **small_options(tiny_text, epochs=1, trainable_layers=0, captions_per_video=2))
+    (features,) = (tmp_path / "ws" / "text-features").glob("*.h5")
+    written = features.stat().st_mtime_ns
+    run_pretrain(**options, run_dir=tmp_path / "b", **small_options(tiny_text, epochs=1, trainable_layers=0, captions_per_video=2, seed=1))
+    assert list((tmp_path / "ws" / "text-features").glob("*.h5")) == [features] and features.stat().st_mtime_ns == written
+    record = json.loads((tmp_path / "b" / "log.jsonl").read_text())
+    assert np.isfinite(record["loss"]) and record["val"]["queries"] == 16
+    loaded = load_run(tmp_path / "b")
+    assert loaded.config.text_trainable_layers == 0
+    assert not any(p.requires_grad for p in loaded.model.text_encoder.parameters())
+
+
+def test_each_item_walks_through_all_its_captions_k_per_epoch(tmp_path):
+    ids = write_cache(tmp_path / "cache", 2)
+    captions = tmp_path / "c.jsonl"
+    captions.write_text("".join(json.dumps({"video": i, "captions": [f"{i} caption {n}" for n in range(6)]}) + "\n" for i in ids))
+    data = load_pretrain_data([tmp_path / "cache"], [captions], None, workspace=Workspace(tmp_path / "ws"), captions_per_video=2)
+    seen = []
+    for epoch in (1, 2, 3):
+        data.train.set_epoch(epoch)
+        seen += data.train[0]["captions"]
+    assert sorted(seen) == [f"{ids[0]} caption {n}" for n in range(6)]  # three epochs of 2: each caption once
+    data.train.set_epoch(4)
+    assert data.train[0]["captions"] == data.train.captions_of(0) and len(set(data.train[0]["captions"])) == 2
+
+
+def test_resume_refuses_options_that_differ_from_the_stored_run(tmp_path, corpus, tiny_text, monkeypatch):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    options = dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=tmp_path / "run")
+    run_pretrain(**options, **small_options(tiny_text, epochs=1))
+    with pytest.raises(UserError, match=r"--resume continues .* --captions-per-video 3 \(the run has 1\); --lr 0.1 \(the run has 0.0005\)"):
+        run_pretrain(**options, **small_options(tiny_text, epochs=2, resume=True, lr=0.1, captions_per_video=3))
+    assert run_pretrain(**options, **small_options(tiny_text, epochs=2, resume=True, workers=1))["trained_epochs"] == 1
+
+
+def test_a_trained_model_scores_frames_moved_to_other_slots_or_repeated_like_the_originals(tmp_path, tiny_text, monkeypatch):
+    from test_model import _moved_and_repeated
+    from vlpcache.metrics import retrieval_metrics
+    from vlpcache.model.retrieval import encode_texts, encode_videos
+
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    ids = write_cache(tmp_path / "cache", 40, frames=4, real_frames=2)  # 2-frame items in a T=4 cache
+    # trained on all 40 items and scored on 10 of them: what is measured is robustness, not generalisation
+    run_pretrain(cache_dirs=[tmp_path / "cache"], captions=[write_captions(tmp_path / "t.jsonl", ids)],
+                 run_dir=tmp_path / "run", **small_options(tiny_text, epochs=6, lr=2e-3))
+    run = load_run(tmp_path / "run")
+    cache = RegionCache(tmp_path / "cache")
+    items = [cache.get(i) for i in ids[30:]]
+    variants = {"original": items, "moved": [], "repeated": []}
+    for item in items:
+        moved, repeated = _moved_and_repeated(item)
+        variants["moved"].append(moved)
+        variants["repeated"].append(repeated)
+    texts = encode_texts(run.model, run.tokenizer, [f"a {WORDS[int(i[1:]) % len(WORDS)]}" for i in ids[30:]], "cpu")
+    videos = {k: encode_videos(run.model, v, list(range(len(v))), "cpu", 16, progress=False).global_ for k, v in variants.items()}
+    metrics = {k: retrieval_metrics((texts.global_ @ v.T).numpy(), np.arange(len(items))) for k, v in videos.items()}
+    assert metrics["original"]["R@5"] >= 90, metrics  # the model learned something to lose (chance: 50)
+    assert torch.allclose(videos["moved"], videos["original"], atol=1e-5) and metrics["moved"] == metrics["original"]
+    assert torch.nn.functional.cosine_similarity(videos["repeated"], videos["original"]).min() > 0.95
+    assert abs(metrics["repeated"]["R@1"] - metrics["original"]["R@1"]) <= 100 / len(items)  # one query at most
