@@ -207,7 +207,7 @@ def test_the_legacy_slot_embedding_is_what_moving_frames_would_break(tiny_text_m
 def test_global_path_is_the_mean_of_the_whole_frame_regions_of_real_frames():
     from vlpcache.model.model import whole_frame_mean
 
-    features = torch.arange(2 * 3 * 2 * 1, dtype=torch.float32).reshape(1, 3, 2, 1).repeat(2, 1, 1, 1)  # (B, T, N, D)
+    features = torch.arange(3 * 2, dtype=torch.float32).reshape(1, 3, 2, 1).repeat(2, 1, 1, 1)  # (B, T, N, D)
     region_mask = torch.ones(2, 3, 2, dtype=torch.bool)
     frame_mask = torch.tensor([[True, False, True], [False, True, False]])
     # region 0 of frames 0, 1, 2 holds 0, 2, 4
