@@ -174,6 +174,8 @@ def pretrain(**options) -> None:
 @device_option
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="Videos per encoding batch [default: 64 on CPU, 256 on CUDA].")
 @quiet_option("No progress bar; errors only.")
+@click.option("--export", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Also write the embeddings and ids for other tools: FILE.npy (+ FILE.ids.json) or FILE.parquet.")
 def index(**options) -> None:
     """Encode every cached video with a run's checkpoint into a FAISS index (new videos only, when it exists)."""
     from vlpcache.index.build import run_index
