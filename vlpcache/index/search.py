@@ -95,14 +95,14 @@ class Searcher:
         self._attach(*open_parts(run, cache, index, device, say))
 
     @classmethod
-    def from_parts(cls, query_model, cache: RegionCache, index: VideoIndex) -> "Searcher":
+    def from_parts(cls, query_model, cache: RegionCache, index: VideoIndex, index_dir: Path | None = None) -> "Searcher":
         """A Searcher over parts already loaded (a query model answering encode/rescore, see query_model.py)."""
         searcher = cls.__new__(cls)
-        searcher._attach(query_model, cache, index)
+        searcher._attach(query_model, cache, index, index_dir)
         return searcher
 
-    def _attach(self, query_model, cache: RegionCache, index: VideoIndex) -> None:
-        self.query_model, self.cache, self.index = query_model, cache, index
+    def _attach(self, query_model, cache: RegionCache, index: VideoIndex, index_dir: Path | None) -> None:
+        self.query_model, self.cache, self.index, self.index_dir = query_model, cache, index, index_dir
         self.rerank_candidates = RERANK_CANDIDATES
         self._lock = threading.Lock()  # the cache's lazily opened HDF5 files and FAISS's thread setting are shared
 
@@ -236,7 +236,8 @@ def read_queries(text: str | None, queries_file: str | None) -> list[str]:
 
 
 def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVICE, say: Say = say):
-    """(query model, cache, index) for the options and workspace defaults; builds the index on first use.
+    """(query model, cache, index, index directory) for the options and workspace defaults; builds the
+    index on first use.
 
     With an up-to-date ONNX export in the index, neither torch nor the run's weights are loaded.
     """
@@ -268,7 +269,7 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
     unindexed = sum(1 for item_id in cache.ids if item_id not in index)
     if unindexed:
         say(f"note: {unindexed} cached items are not in the index yet; run `vlpcache index` to add them")
-    return query_model, cache, index
+    return query_model, cache, index, index_dir
 
 
 def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=None, index_dir=None,
