@@ -22,6 +22,7 @@ import numpy as np
 
 from vlpcache.cache.labels import label_name
 from vlpcache.cache.reader import RegionCache
+from vlpcache.cache.schema import ARRAYS
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.index.build import open_cache, resolve_sources, update_index
@@ -33,6 +34,11 @@ from vlpcache.index.rerank import align
 from vlpcache.metrics import RERANK_CANDIDATES
 from vlpcache.model.run_layout import designated_checkpoint_sha256
 from vlpcache.report import Say, say
+
+
+# what describing a hit reads of its cached item; features, most of an item's bytes, are left on disk
+HIT_ARRAYS = ("labels", "boxes", "timestamps")
+SHOWN_ARRAYS = tuple(spec.name for spec in ARRAYS if spec.name != "features")
 
 
 @dataclass
@@ -156,7 +162,7 @@ class Searcher:
         for rank, row in enumerate(ranking.rows, 1):
             j = rank - 1
             item_id = self.index.ids[row]
-            item = self.cache.get(item_id)
+            item = self.cache.get(item_id, HIT_ARRAYS)
             N = item["labels"].shape[1]
             alignment = align(ranking.attention[j], query.word_mask[0], query.tokens, ranking.positions[j], N)
             matched = []
@@ -178,11 +184,11 @@ class Searcher:
         return hits
 
     def item(self, item_id: str) -> dict:
-        """One indexed item's cached arrays (schema.ARRAYS names, plus id, path and kind)."""
+        """One indexed item's cached arrays but its features (schema.ARRAYS names, plus id, path and kind)."""
         if item_id not in self.index:
             raise KeyError(f"{item_id!r} is not in the index")
         with self._lock:
-            return self.cache.get(item_id)
+            return self.cache.get(item_id, SHOWN_ARRAYS)
 
     def export(self, path) -> list[Path]:
         """Write the indexed embeddings and their ids for other tools (see index/export.py); the files written."""
