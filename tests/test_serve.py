@@ -25,7 +25,7 @@ from PIL import Image
 from conftest import SHARED
 from test_model import build_tiny_text_model
 from test_pretrain import write_cache, write_captions
-from test_search import vlpcache
+from test_search import vlpcache, ws  # noqa: F401  ws: a private copy of this module's template
 from vlpcache.cli import main
 from vlpcache.extract.sampling import read_frames_at
 from vlpcache.extract.sources import Item
@@ -59,15 +59,6 @@ def template(tmp_path_factory) -> Path:
                  width=16, layers=1, batch_size=8, epochs=1, workers=0, quiet=True, device="cpu")
     with pytest.MonkeyPatch.context() as monkeypatch:
         index_workspace(monkeypatch, ws)
-    return ws
-
-
-@pytest.fixture
-def ws(template, tmp_path, monkeypatch) -> Path:
-    """A private copy of the workspace, index built (as `vlpcache index` leaves it), set as the current one."""
-    ws = tmp_path / "ws"
-    shutil.copytree(template, ws)
-    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(ws))
     return ws
 
 
