@@ -216,6 +216,20 @@ def test_wordpiece_continuations_join_the_word_before():
     assert query_words(tokens, mask) == [("person", [1]), ("cuts", [2]), ("onion", [3, 4])]
 
 
+def test_best_frame_is_where_the_matched_words_attend_not_the_function_words():
+    from vlpcache.index.rerank import align
+
+    tokens = ["[CLS]", "a", "dog", "on", "the", "grass", "[SEP]"]
+    mask = np.array([False, True, True, True, True, True, False])
+    positions = np.array([0, 1, 4, 5, 6, 7])  # N = 4: two regions on frame 0, four on frame 1
+    attention = np.zeros((7, 6))
+    attention[[1, 3, 4]] = [0.05, 0.05, 0.225, 0.225, 0.225, 0.225]  # function words: spread, mostly frame 1
+    attention[[2, 5]] = [0.6, 0.1, 0.1, 0.1, 0.05, 0.05]  # "dog", "grass": frame 0
+    alignment = align(attention, mask, tokens, positions, 4)
+    assert [(m.word, m.frame) for m in alignment.words] == [("dog", 0), ("grass", 0)]
+    assert alignment.best_frame == 0
+
+
 def test_index_leaves_an_onnx_query_model_that_matches_the_torch_one(ws, monkeypatch, capsys):
     from vlpcache.index.query_graphs import TorchQueryModel
     from vlpcache.index.query_model import OnnxQueryModel

@@ -27,14 +27,45 @@ function setStatus(text, isError = false) {
   status.classList.toggle("error", isError);
 }
 
-// a box over a frame, in percent of the picture (boxes are normalised x1, y1, x2, y2)
-function box([x1, y1, x2, y2], className, text) {
+// a box over a frame, in percent of the picture (boxes are normalised x1, y1, x2, y2); its tag sits
+// above it, inside it at the top edge, and ends at its right side when the box is near the right edge
+function box([x1, y1, x2, y2], className, ...tag) {
   const node = el("div", { class: "box " + className });
   Object.assign(node.style, {
     left: `${100 * x1}%`, top: `${100 * y1}%`, width: `${100 * (x2 - x1)}%`, height: `${100 * (y2 - y1)}%`,
   });
-  if (text) node.append(el("span", { class: y1 < 0.08 ? "tag inside" : "tag" }, text));
+  const place = (y1 < 0.08 ? " inside" : "") + (x1 > 0.55 ? " right" : "");
+  if (tag.length) node.append(el("span", { class: "tag" + place }, ...tag));
   return node;
+}
+
+// tags end at their box's right side where they would run past the picture's, and step down below
+// the tags already placed on the same picture that they would cover
+function placeTags(container) {
+  for (const picture of container.querySelectorAll(".picture")) {
+    const edge = picture.getBoundingClientRect();
+    const placed = [];
+    for (const tag of picture.querySelectorAll(".box:not(.detected) > .tag")) {
+      if (tag.getBoundingClientRect().right > edge.right) tag.classList.add("right");
+      for (let step = 0; step < 4 && placed.some((other) => overlap(other, tag.getBoundingClientRect())); step++) {
+        tag.style.transform = `translateY(${(step + 1) * 100}%)`;
+      }
+      placed.push(tag.getBoundingClientRect());
+    }
+  }
+}
+
+function overlap(a, b) {
+  return a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+}
+
+// a card's picture keeps its aspect inside a 4:3 frame, so that the cards of a row line up
+function fitInFrame(picture, img) {
+  img.addEventListener("load", () => {
+    const aspect = img.naturalWidth / img.naturalHeight;
+    picture.style.width = aspect < 4 / 3 ? `${75 * aspect}%` : "100%";
+    placeTags(picture.parentElement);
+  });
 }
 
 function normalised(word) {
@@ -58,23 +89,48 @@ function showQueryWords(query) {
   }
 }
 
+const WHOLE_FRAME = "frame"; // the label of the region that stands for the whole frame
+
+function labelText(label) {
+  return label === WHOLE_FRAME ? "whole frame" : label;
+}
+
 function wordChip(region, hit) {
   const where = region.frame === hit.frame ? "" : ` @ ${region.time.toFixed(2)} s`;
   return el("span", { class: "chip " + (colours.get(region.word) || ""), title: `attention ${region.weight}` },
-    el("mark", {}, region.word), ` ${region.label}${where}`);
+    el("mark", {}, region.word), ` ${labelText(region.label)}${where}`);
+}
+
+// the words matched on this frame: a box per region (naming every word that chose it), and for the
+// whole-frame region a line along the bottom
+function drawMatches(picture, regions, frame) {
+  const here = regions.filter((r) => r.frame === frame);
+  const byRegion = new Map();
+  for (const region of here.filter((r) => r.label !== WHOLE_FRAME)) {
+    const key = region.box.join();
+    byRegion.set(key, [...(byRegion.get(key) || []), region]);
+  }
+  for (const words of byRegion.values()) {
+    const marks = words.map((r) => el("mark", { class: colours.get(r.word) || "" }, r.word));
+    picture.append(box(words[0].box, colours.get(words[0].word), ...marks, ` → ${words[0].label}`));
+  }
+  const whole = here.filter((r) => r.label === WHOLE_FRAME);
+  if (whole.length) {
+    picture.append(el("div", { class: "whole" },
+      ...whole.map((r) => el("mark", { class: colours.get(r.word) || "" }, r.word)), " → whole frame"));
+  }
 }
 
 function card(hit) {
-  const picture = el("div", { class: "frame" },
-    el("img", { src: frameUrl(hit.id, hit.frame ?? 0), alt: `${hit.id} at ${hit.time} s` }));
-  for (const region of hit.regions) {
-    if (region.frame === hit.frame) picture.append(box(region.box, colours.get(region.word), `${region.word} → ${region.label}`));
-  }
+  const img = el("img", { src: frameUrl(hit.id, hit.frame ?? 0), alt: `${hit.id} at ${hit.time} s` });
+  const picture = el("div", { class: "picture" }, img);
+  drawMatches(picture, hit.regions, hit.frame);
+  fitInFrame(picture, img);
   const score = hit.local_score === null
     ? `global ${hit.global_score.toFixed(3)}`
     : `global ${hit.global_score.toFixed(3)} + region-word ${hit.local_score.toFixed(3)}`;
   const node = el("article", { class: "card", tabindex: "0", "data-id": hit.id },
-    picture,
+    el("div", { class: "frame fixed" }, picture),
     el("p", { class: "meta" },
       el("span", { class: "rank" }, `#${hit.rank}`),
       el("span", { class: "score", title: score }, hit.score.toFixed(3)),
@@ -132,13 +188,14 @@ async function openItem(id) {
   }
   if (!hit) $("detail-meta").textContent = item.path;
   const frames = item.frames.map((frame) => {
-    const picture = el("div", { class: "frame" }, el("img", { src: frameUrl(id, frame.frame), alt: `frame ${frame.frame}` }));
+    const img = el("img", { src: frameUrl(id, frame.frame), alt: `frame ${frame.frame}` });
+    const picture = el("div", { class: "picture" }, img);
     for (const region of frame.regions) picture.append(box(region.box, "detected", `${region.label} ${region.score.toFixed(2)}`));
-    for (const region of hit ? hit.regions : []) {
-      if (region.frame === frame.frame) picture.append(box(region.box, colours.get(region.word), `${region.word} → ${region.label}`));
-    }
+    if (hit) drawMatches(picture, hit.regions, frame.frame);
+    img.addEventListener("load", () => placeTags(picture.parentElement));
     const best = hit && hit.frame === frame.frame ? " · best match" : "";
-    return el("figure", {}, picture, el("figcaption", {}, `frame ${frame.frame} · ${frame.time.toFixed(2)} s${best}`));
+    return el("figure", {}, el("div", { class: "frame" }, picture),
+      el("figcaption", {}, `frame ${frame.frame} · ${frame.time.toFixed(2)} s${best}`));
   });
   $("detail-frames").replaceChildren(...frames);
 }
