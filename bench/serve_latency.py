@@ -18,7 +18,9 @@ kept in the work folder and reused by later runs.
 
 In-process: `Searcher.search(q, k=10)` in this process. HTTP: `vlpcache serve` started as a user starts
 it, in its own process, asked by this one over one keep-alive connection (as a browser does); the time
-runs from sending the request to the last byte of the answer. Both share the machine's cores.
+runs from sending the request to the last byte of the answer, and the server's own search time comes
+back in its Server-Timing header. Each query goes both ways in turn, alternating which goes first, so
+that both meet the same load from the rest of the machine.
 """
 
 from __future__ import annotations
@@ -68,26 +70,7 @@ def read_queries(captions: Path, count: int) -> list[str]:
     return queries[:count]
 
 
-# ---------------------------------------------------------------- in process
-
-
-def in_process(run: Path, cache: Path, index: Path, queries: list[str]) -> dict:
-    from vlpcache import Searcher
-
-    started = time.perf_counter()
-    searcher = Searcher(run=run, cache=cache, index=index, say=lambda line: None)
-    load_s = time.perf_counter() - started
-    for q in queries[:WARMUP]:
-        searcher.search(q, k=K)
-    times = []
-    for q in queries:
-        start = time.perf_counter()
-        searcher.search(q, k=K)
-        times.append(time.perf_counter() - start)
-    return {"load_s": round(load_s, 2), "items": len(searcher), **percentiles(times)}
-
-
-# ---------------------------------------------------------------- over HTTP
+# ---------------------------------------------------------------- in process and over HTTP
 
 
 class ServeProcess:
@@ -122,6 +105,12 @@ class ServeProcess:
         response = self.connection.getresponse()
         return response.status, dict(response.getheaders()), response.read()
 
+    def search(self, query: str) -> tuple[float, dict]:
+        """(seconds inside the server's search, the answer)."""
+        status, headers, body = self.get("/api/search?" + urlencode({"q": query, "k": K}))
+        assert status == 200, body[:200]
+        return float(headers["server-timing"].split("dur=")[1]) / 1e3, json.loads(body)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
@@ -131,18 +120,31 @@ class ServeProcess:
                 self.process.kill()
 
 
-def over_http(server: ServeProcess, queries: list[str]) -> tuple[dict, dict, list[dict]]:
+def timed(call) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = call()
+    return time.perf_counter() - start, result
+
+
+def searches(searcher, server: ServeProcess, queries: list[str]) -> tuple[dict, list[dict]]:
+    """Each query in process and over HTTP, one after the other (alternating which goes first), so
+    that both meet the same load from the rest of the machine."""
     for q in queries[:WARMUP]:
-        server.get("/api/search?" + urlencode({"q": q, "k": K}))
-    times, inside, answers = [], [], []
-    for q in queries:
-        start = time.perf_counter()
-        status, headers, body = server.get("/api/search?" + urlencode({"q": q, "k": K}))
-        times.append(time.perf_counter() - start)
-        assert status == 200, body[:200]
-        inside.append(float(headers["server-timing"].split("dur=")[1]) / 1e3)
-        answers.append(json.loads(body))
-    return percentiles(times), percentiles(inside), answers
+        searcher.search(q, k=K)
+        server.search(q)
+    local, remote, inside, answers = [], [], [], []
+    for i, q in enumerate(queries[WARMUP:]):
+        for side in ("local", "http") if i % 2 == 0 else ("http", "local"):
+            if side == "local":
+                local.append(timed(lambda: searcher.search(q, k=K))[0])
+            else:
+                seconds, (in_server, answer) = timed(lambda: server.search(q))
+                remote.append(seconds)
+                inside.append(in_server)
+                answers.append(answer)
+    figures = {"in_process": percentiles(local), "http": percentiles(remote), "http_server_side": percentiles(inside)}
+    figures["http_overhead_p50_ms"] = round(figures["http"]["p50_ms"] - figures["in_process"]["p50_ms"], 2)
+    return figures, answers
 
 
 def thumbnails(server: ServeProcess, answers: list[dict], count: int) -> dict:
@@ -157,28 +159,29 @@ def thumbnails(server: ServeProcess, answers: list[dict], count: int) -> dict:
     for name in ("cold", "warm"):
         times = []
         for item_id, frame in wanted:
-            start = time.perf_counter()
-            status, headers, _ = server.get("/media/frame?" + urlencode({"id": item_id, "t": frame}))
-            times.append(time.perf_counter() - start)
+            seconds, (status, headers, _) = timed(lambda: server.get("/media/frame?" + urlencode({"id": item_id, "t": frame})))
+            times.append(seconds)
             assert status == 200 and "x-vlpcache-placeholder" not in {k.lower() for k in headers}, (item_id, headers)
         result[f"thumbnail_{name}"] = percentiles(times)
     return result
 
 
 def measure(name: str, run: Path, cache: Path, index: Path, queries: list[str], workdir: Path, thumbs: int) -> dict:
+    from vlpcache import Searcher
+
     if workdir in index.parents:  # cold thumbnails: decoded from the sources (a user's --index keeps its own)
         shutil.rmtree(index / "thumbnails", ignore_errors=True)
-    figures = {"case": name, "in_process": in_process(run, cache, index, queries)}
-    print(json.dumps(figures), flush=True)
+    load_s, searcher = timed(lambda: Searcher(run=run, cache=cache, index=index, say=lambda line: None))
+    figures = {"case": name, "items": len(searcher), "searcher_load_s": round(load_s, 2)}
     server = ServeProcess(run, cache, index, workdir / "workspace")
     try:
         figures["serve_start_s"] = round(server.start_s, 2)
-        figures["http"], figures["http_server_side"], answers = over_http(server, queries)
+        found, answers = searches(searcher, server, queries)
+        figures.update(found)
         if thumbs:
             figures.update(thumbnails(server, answers, thumbs))
     finally:
         server.stop()
-    figures["http_overhead_p50_ms"] = round(figures["http"]["p50_ms"] - figures["in_process"]["p50_ms"], 2)
     print(json.dumps(figures), flush=True)
     return figures
 

@@ -210,7 +210,8 @@ async function start() {
   const query = params.get("q") || "";
   const k = params.get("k") || "12";
   $("q").value = query;
-  if ([...$("k").options].some((o) => o.value === k)) $("k").value = k;
+  if (![...$("k").options].some((o) => o.value === k)) $("k").append(el("option", { value: k }, `${k} results`));
+  $("k").value = k;
   $("detail-close").addEventListener("click", () => $("detail").close());
   $("detail").addEventListener("close", closeItem);
   if (query) {
