@@ -39,16 +39,19 @@ function box([x1, y1, x2, y2], className, ...tag) {
   return node;
 }
 
-// tags end at their box's right side where they would run past the picture's, and step down below
-// the tags already placed on the same picture that they would cover
+// tags end at their box's right side where they would run past the picture's (and slide in where
+// they then run past its left), and step down below the tags already placed that they would cover
 function placeTags(container) {
   for (const picture of container.querySelectorAll(".picture")) {
     const edge = picture.getBoundingClientRect();
     const placed = [];
     for (const tag of picture.querySelectorAll(".box:not(.detected) > .tag")) {
+      tag.style.transform = "";
       if (tag.getBoundingClientRect().right > edge.right) tag.classList.add("right");
-      for (let step = 0; step < 4 && placed.some((other) => overlap(other, tag.getBoundingClientRect())); step++) {
-        tag.style.transform = `translateY(${(step + 1) * 100}%)`;
+      const dx = Math.max(0, edge.left - tag.getBoundingClientRect().left);
+      for (let step = 0; step <= 4; step++) {
+        tag.style.transform = `translate(${dx}px, ${step * 100}%)`;
+        if (!placed.some((other) => overlap(other, tag.getBoundingClientRect()))) break;
       }
       placed.push(tag.getBoundingClientRect());
     }
