@@ -50,6 +50,15 @@ def test_written_items_read_back_identical_by_index_and_id(tmp_path):
     assert cache[1]["id"] == "b/ü n"
 
 
+def test_reading_some_arrays_of_an_item_gives_those_alone_equal_to_a_full_read(tmp_path):
+    write_items(tmp_path, ["a", "b", "c"])
+    cache = RegionCache(tmp_path)
+    part = cache.get("b", ("labels", "boxes"))
+    assert set(part) == {"labels", "boxes", "id", "path", "kind"}
+    full = cache.get("b")
+    assert np.array_equal(part["labels"], full["labels"]) and np.array_equal(part["boxes"], full["boxes"])
+
+
 def test_shard_is_chunked_one_video_per_chunk_with_provenance(tmp_path):
     write_items(tmp_path, ["a", "b"])
     (shard,) = (tmp_path / SHARD_DIR).glob("*.h5")

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from vlpcache.errors import ItemError
-from vlpcache.extract.sampling import SampledFrames, read_item, segment_centres
+from vlpcache.extract.sampling import SampledFrames, read_frames_at, read_item, segment_centres
 from vlpcache.extract.sources import Item, discover_items
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -161,6 +161,19 @@ def test_streams_without_duration_or_exact_seeking_still_give_the_centre_frames(
     assert [frame_number(f) for f in out.frames] == [2, 6, 11, 15, 20, 24, 29, 33]
 
 
+@pytest.mark.parametrize("name", ["box.mp4", "Megamind.avi", "bigbuckbunny.mp4", "tools_data_skeleton_S001C001P001R001A001_rgb.avi"])
+def test_frames_read_again_at_their_stored_times_are_the_sampled_frames(videos_dir, name):
+    item = video(videos_dir / name)
+    sampled = read_item(item, T, MAX_SIDE)
+    stored = [float(np.float32(t)) for t in sampled.timestamps]  # as the cache keeps them
+    for t, frame in zip(stored[::3], sampled.frames[::3]):  # one at a time, as a thumbnail is made
+        [again] = read_frames_at(item, [t], MAX_SIDE).frames
+        assert np.array_equal(again, frame)
+    together = read_frames_at(item, stored, MAX_SIDE)
+    assert together.timestamps == pytest.approx(sampled.timestamps, abs=1e-3)
+    assert all(np.array_equal(a, b) for a, b in zip(together.frames, sampled.frames))
+
+
 # --------------------------------------------------------------------------------- images and folders
 
 
@@ -177,6 +190,16 @@ def test_frames_folder_is_sampled_by_position_and_timestamped_by_position(tmp_pa
     out = read_item(Item("f", tmp_path, "frames"), 4, MAX_SIDE)
     assert out.timestamps == [2.0, 7.0, 12.0, 17.0] and out.duration == 20.0
     assert [int(f[0, 0, 0]) for f in out.frames] == [20, 70, 120, 170]
+
+
+def test_frames_folder_frame_read_again_by_its_stored_time_is_the_one_at_that_position(tmp_path):
+    for i in range(20):
+        Image.fromarray(np.full((24, 32, 3), i * 10, np.uint8)).save(tmp_path / f"{i * 5}.png")
+    item = Item("f", tmp_path, "frames")
+    out = read_frames_at(item, [7.0, 17.0], MAX_SIDE)
+    assert out.timestamps == [7.0, 17.0] and [int(f[0, 0, 0]) for f in out.frames] == [70, 170]
+    with pytest.raises(ItemError, match="no frame at position 20: the folder holds 20 images"):
+        read_frames_at(item, [20.0], MAX_SIDE)
 
 
 def test_msrvtt_frames_folder_gives_its_two_frames(msrvtt_dir):

@@ -1,6 +1,7 @@
 """`vlpcache index` and `vlpcache search` end to end: a real HDF5 cache, a tiny run trained by the
 model package's own pretraining code, real FAISS indexes, the CLI entry point in-process."""
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -13,6 +14,7 @@ import torch
 from test_model import build_tiny_text_model
 from test_pretrain import write_cache, write_captions
 from vlpcache.cli import main
+from vlpcache.errors import UserError
 from vlpcache.index.faiss_index import VideoIndex
 from vlpcache.index.layout import read_meta
 from vlpcache.index.rerank import query_words
@@ -214,6 +216,20 @@ def test_wordpiece_continuations_join_the_word_before():
     assert query_words(tokens, mask) == [("person", [1]), ("cuts", [2]), ("onion", [3, 4])]
 
 
+def test_best_frame_is_where_the_matched_words_attend_not_the_function_words():
+    from vlpcache.index.rerank import align
+
+    tokens = ["[CLS]", "a", "dog", "on", "the", "grass", "[SEP]"]
+    mask = np.array([False, True, True, True, True, True, False])
+    positions = np.array([0, 1, 4, 5, 6, 7])  # N = 4: two regions on frame 0, four on frame 1
+    attention = np.zeros((7, 6))
+    attention[[1, 3, 4]] = [0.05, 0.05, 0.225, 0.225, 0.225, 0.225]  # function words: spread, mostly frame 1
+    attention[[2, 5]] = [0.6, 0.1, 0.1, 0.1, 0.05, 0.05]  # "dog", "grass": frame 0
+    alignment = align(attention, mask, tokens, positions, 4)
+    assert [(m.word, m.frame) for m in alignment.words] == [("dog", 0), ("grass", 0)]
+    assert alignment.best_frame == 0
+
+
 def test_index_leaves_an_onnx_query_model_that_matches_the_torch_one(ws, monkeypatch, capsys):
     from vlpcache.index.query_graphs import TorchQueryModel
     from vlpcache.index.query_model import OnnxQueryModel
@@ -244,3 +260,79 @@ def test_search_with_an_exported_index_never_imports_torch(ws, monkeypatch, caps
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "False False"
     assert "query: a dog" in result.stdout
+
+
+
+# ---------------------------------------------------------------- the Python API
+
+
+def test_searcher_from_the_package_gives_typed_hits_equal_to_the_cli_json(ws, monkeypatch, capsys):
+    from vlpcache import Hit, RegionHit, Searcher
+
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0  # both then run the ONNX export
+    searcher = Searcher(run=ws / "runs" / "run-001", cache=ws / "cache")
+    hits = searcher.search("person cuts onion", k=4)
+    assert isinstance(hits, list) and len(hits) == 4 and all(isinstance(h, Hit) for h in hits)
+    assert all(isinstance(r, RegionHit) for h in hits for r in h.regions)
+    first = hits[0]
+    assert first.rank == 1 and first.path == f"{first.id}.mp4" and first.time in (0.0, 1.0)
+    assert first.frame in (0, 1) and all(r.time == float(r.frame) for r in first.regions)  # frames stamped 0 s, 1 s
+    [result] = search_json(monkeypatch, capsys, "person cuts onion", "-k", "4")
+    assert result["results"] == json.loads(json.dumps([dataclasses.asdict(h) for h in hits]))
+
+
+def test_searcher_builds_its_index_where_it_is_told(ws, tmp_path):
+    from vlpcache import Searcher
+
+    lines = []
+    searcher = Searcher(run=ws / "runs" / "run-001", cache=ws / "cache", index=tmp_path / "elsewhere", say=lines.append)
+    assert read_meta(tmp_path / "elsewhere").count == ITEMS == len(searcher)
+    assert any("building it" in line for line in lines)
+    assert not (ws / "index").exists()
+
+
+def test_searcher_refuses_an_empty_query_and_k_below_one(ws):
+    from vlpcache import Searcher
+
+    searcher = Searcher(run=ws / "runs" / "run-001", cache=ws / "cache")
+    with pytest.raises(UserError, match="empty query"):
+        searcher.search("  ")
+    with pytest.raises(UserError, match="at least one"):
+        searcher.search("a dog", k=0)
+
+
+def test_exported_npy_and_ids_are_the_index_embeddings_in_order(ws, tmp_path):
+    from vlpcache import Searcher
+
+    searcher = Searcher(cache=ws / "cache")
+    out = tmp_path / "out"
+    out.mkdir()
+    files = searcher.export(out / "videos.npy")
+    assert files == [out / "videos.npy", out / "videos.ids.json"]
+    index = VideoIndex.load(ws / "index")
+    assert np.array_equal(np.load(files[0]), index.embeddings)
+    assert json.loads(files[1].read_text()) == index.ids
+    assert sorted(p.name for p in out.iterdir()) == ["videos.ids.json", "videos.npy"]  # no temporaries left
+
+
+def test_exported_parquet_holds_id_path_and_embedding(ws, tmp_path, monkeypatch, capsys):
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed (pip install pyarrow)")
+    code, _, err = vlpcache(monkeypatch, capsys, "index", "--export", tmp_path / "videos.parquet")
+    assert code == 0 and f"exported {ITEMS} embeddings" in err
+    table = pq.read_table(tmp_path / "videos.parquet").to_pydict()
+    index = VideoIndex.load(ws / "index")
+    assert table["id"] == index.ids and table["path"] == [f"{i}.mp4" for i in index.ids]
+    assert np.allclose(np.array(table["embedding"], np.float32), index.embeddings)
+
+
+def test_export_to_another_file_type_is_one_line_error(ws, tmp_path, monkeypatch, capsys):
+    code, _, err = vlpcache(monkeypatch, capsys, "index", "--quiet", "--export", tmp_path / "videos.csv")
+    assert code == 2 and err.startswith("error: ") and ".npy" in err and ".parquet" in err and err.count("\n") == 1
+
+
+def test_importing_vlpcache_loads_neither_faiss_nor_onnxruntime():
+    import subprocess
+
+    probe = "import sys, vlpcache; print(sorted(m for m in ('faiss', 'onnxruntime', 'torch') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[]", result.stderr

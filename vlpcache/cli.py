@@ -38,6 +38,7 @@ def cli() -> None:
     vlpcache extract videos/                 sparse frames -> detector -> region cache
     vlpcache pretrain                        cache + captions -> model checkpoint
     vlpcache search "person cuts onion"      ranked videos with times and matching regions
+    vlpcache serve                           the same search as a page in the browser
     vlpcache index / eval / inspect          build the index; R@K on a caption file; look at a cache
     """
 
@@ -48,6 +49,8 @@ device_option = click.option("--device", default=DEFAULT_DEVICE, show_default=Tr
                              help="auto: CUDA when torch sees a GPU, else CPU.")
 run_option = click.option("--run", "run_dir", type=click.Path(), help="Run directory [default: the workspace's latest run].")
 cache_option = click.option("--cache", "cache_dir", type=click.Path(), help="Region cache [default: .vlpcache/cache].")
+index_option = click.option("--index", "index_dir", type=click.Path(),
+                            help="Index directory [default: .vlpcache/index; built on first use].")
 checkpoint_option = click.option("--checkpoint", default=None,
                                  help="best, last or an epoch [default: best by validation, else last].")
 
@@ -174,6 +177,8 @@ def pretrain(**options) -> None:
 @device_option
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="Videos per encoding batch [default: 64 on CPU, 256 on CUDA].")
 @quiet_option("No progress bar; errors only.")
+@click.option("--export", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Also write the embeddings and ids for other tools: FILE.npy (+ FILE.ids.json) or FILE.parquet.")
 def index(**options) -> None:
     """Encode every cached video with a run's checkpoint into a FAISS index (new videos only, when it exists)."""
     from vlpcache.index.build import run_index
@@ -189,13 +194,27 @@ def index(**options) -> None:
 @click.option("--no-rerank", is_flag=True, help="Rank by global similarity only (no region-word re-rank).")
 @run_option
 @cache_option
-@click.option("--index", "index_dir", type=click.Path(), help="Index directory [default: .vlpcache/index; built on first use].")
+@index_option
 @device_option
 def search(**options) -> None:
     """Videos that match TEXT, best first, with the best-matching time and the regions that matched the words."""
     from vlpcache.index.search import run_search
 
     run_search(**options)
+
+
+@cli.command()
+@run_option
+@cache_option
+@index_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
+@device_option
+def serve(**options) -> None:
+    """A search page and JSON API in the browser: thumbnails with the matched regions, the query in the URL."""
+    from vlpcache.serve.command import run_serve
+
+    run_serve(**options)
 
 
 @cli.command(name="eval")

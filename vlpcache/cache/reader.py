@@ -96,6 +96,11 @@ class RegionCache:
         return f
 
     def __getitem__(self, index: int) -> dict:
+        return self.read(index)
+
+    def read(self, index: int, names: tuple[str, ...] | None = None) -> dict:
+        """One video's arrays, all of schema.ARRAYS or only `names` (search shows boxes without reading
+        features, the bulk of a video), plus "id", "path" and "kind"."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a cache of {len(self)} items")
         s, row = self._locations[index]
@@ -103,12 +108,12 @@ class RegionCache:
         datasets = self._datasets.get(int(s))
         if datasets is None:  # looking a dataset up by name costs more than reading one video's row
             datasets = self._datasets[int(s)] = {spec.name: f[spec.name] for spec in ARRAYS}
-        item = {name: ds[row] for name, ds in datasets.items()}
+        item = {name: datasets[name][row] for name in (names or datasets)}
         item["id"], item["path"], item["kind"] = self.ids[index], self.paths[index], self.kinds[index]
         return item
 
-    def get(self, item_id: str) -> dict:
-        return self[self.index_of(item_id)]
+    def get(self, item_id: str, names: tuple[str, ...] | None = None) -> dict:
+        return self.read(self.index_of(item_id), names)
 
     def column(self, name: str) -> np.ndarray:
         """One array for every video in cache order, read a shard at a time (e.g. "frame_mask")."""

@@ -67,15 +67,36 @@ def read_item(item: Item, num_frames: int, max_side: int, *, seek: bool = True, 
     `threads` is PyAV's thread_type for video decoding. "NONE" by default: `extract` runs one decoding
     process per core, and on 2 busy cores "AUTO" gained 0-7% on short clips and lost 10% on a long one.
     """
-    try:
+    with _item_errors():
         if item.kind == "video":
             return _VideoSampler(item.path, num_frames, max_side, seek=seek, threads=threads).sample()
         if item.kind == "image":
-            frame, size = _read_image(item.path, max_side)
-            return SampledFrames([frame], [0.0], 0.0, size, decoded_frames=1)
+            return _read_image_item(item.path, max_side)
         if item.kind == "frames":
             return _read_frames_folder(item.path, num_frames, max_side)
         raise ItemError(f"unknown item kind {item.kind!r}")
+
+
+def read_frames_at(item: Item, times: list[float], max_side: int) -> SampledFrames:
+    """Decode the frames shown at `times` (seconds, increasing, as read_item returned and the cache stores
+    them), seeking as read_item does; e.g. one sampled frame again, for a thumbnail. A frames folder's
+    time is the frame's position in it; an image has one frame at 0. Raises ItemError(reason).
+    """
+    with _item_errors():
+        if item.kind == "video":
+            return _VideoSampler(item.path, len(times), max_side, seek=True, threads="NONE", times=times).sample()
+        if item.kind == "image":
+            return _read_image_item(item.path, max_side)
+        if item.kind == "frames":
+            return _read_folder_positions(item.path, [round(t) for t in times], max_side)
+        raise ItemError(f"unknown item kind {item.kind!r}")
+
+
+@contextlib.contextmanager
+def _item_errors():
+    """Every failure while decoding one item as ItemError(short reason)."""
+    try:
+        yield
     except ItemError:
         raise
     except MemoryError:
@@ -94,9 +115,11 @@ def read_item(item: Item, num_frames: int, max_side: int, *, seek: bool = True, 
 
 
 class _VideoSampler:
-    def __init__(self, path: Path, num_frames: int, max_side: int, seek: bool, threads: str) -> None:
+    def __init__(self, path: Path, num_frames: int, max_side: int, seek: bool, threads: str,
+                 times: list[float] | None = None) -> None:
         self.path, self.num_frames, self.max_side = path, num_frames, max_side
         self.use_seek, self.threads = seek, threads
+        self.times = times  # seconds to decode instead of the segment centres
         self.decoded = 0  # frames out of the decoder
         self.decode_errors = 0  # packets the decoder rejected
         self.demuxed = False  # whether the demuxer has moved from the first packet
@@ -163,7 +186,10 @@ class _VideoSampler:
 
     def _sample(self, duration: float) -> SampledFrames:
         tb = float(self.time_base)
-        targets = [self.start + t / tb for t in segment_centres(duration, self.num_frames)]  # time_base units
+        if self.times is None:
+            targets = [self.start + t / tb for t in segment_centres(duration, self.num_frames)]  # time_base units
+        else:  # a frame's stored start time, a quarter frame on so that rounding cannot give the frame before
+            targets = [self.start + t / tb + self.frame_step / 4 for t in self.times]
         plan = [self._probe(t) for t in targets] if self.use_seek else [(None, None)] * len(targets)
 
         frames, times = [], []
@@ -424,21 +450,45 @@ def _large_images_allowed():
         Image.MAX_IMAGE_PIXELS = saved
 
 
+def _read_image_item(path: Path, max_side: int) -> SampledFrames:
+    frame, size = _read_image(path, max_side)
+    return SampledFrames([frame], [0.0], 0.0, size, decoded_frames=1)
+
+
 # ------------------------------------------------------------------------------------------ frame folders
 
 
-def _read_frames_folder(folder: Path, num_frames: int, max_side: int) -> SampledFrames:
-    """Frames at the segment centres of the folder's image list; an unreadable frame is replaced by the
-    nearest readable one in its segment, or dropped when its whole segment is unreadable."""
+def _folder_frames(folder: Path) -> list[Path]:
     try:
         files = frame_files(folder)
     except PermissionError:
         raise ItemError("cannot read folder: permission denied") from None
     except OSError as err:
         raise ItemError(f"cannot read folder: {err.strerror or err}") from None
-    count = len(files)
-    if count == 0:
+    if not files:
         raise ItemError("frames folder has no images")
+    return files
+
+
+def _read_folder_positions(folder: Path, positions: list[int], max_side: int) -> SampledFrames:
+    """The frames at these positions of the folder's image list (a frame's time is its position)."""
+    files = _folder_frames(folder)
+    missing = [p for p in positions if not 0 <= p < len(files)]
+    if missing:
+        raise ItemError(f"no frame at position {missing[0]}: the folder holds {len(files)} images")
+    frames, size = [], None
+    for position in positions:
+        frame, frame_size = _read_image(files[position], max_side)
+        frames.append(frame)
+        size = size or frame_size
+    return SampledFrames(frames, [float(p) for p in positions], float(len(files)), size, decoded_frames=len(frames))
+
+
+def _read_frames_folder(folder: Path, num_frames: int, max_side: int) -> SampledFrames:
+    """Frames at the segment centres of the folder's image list; an unreadable frame is replaced by the
+    nearest readable one in its segment, or dropped when its whole segment is unreadable."""
+    files = _folder_frames(folder)
+    count = len(files)
 
     frames, timestamps, failed = [], [], {}
     size = out_size = None

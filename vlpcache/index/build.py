@@ -15,6 +15,7 @@ import numpy as np
 from vlpcache.cache.reader import RegionCache
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
+from vlpcache.index.export import export_embeddings
 from vlpcache.index.faiss_index import VideoIndex, choose_factory
 from vlpcache.index.layout import DEFAULT_MEMORY_BUDGET_MB, META_FILE, IndexConfig, IndexMeta, check_same_source, read_meta
 from vlpcache.model.run_layout import latest_run
@@ -136,7 +137,7 @@ def export_for_search(run, index_dir: Path, say) -> None:
 
 
 def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory_budget_mb=DEFAULT_MEMORY_BUDGET_MB,
-              rebuild=False, device=DEFAULT_DEVICE, batch_size=None, checkpoint=None, quiet=False) -> VideoIndex:
+              rebuild=False, device=DEFAULT_DEVICE, batch_size=None, checkpoint=None, quiet=False, export=None) -> VideoIndex:
     """The `vlpcache index` command."""
     from vlpcache.model.retrieval import default_batch_size
     from vlpcache.model.checkpoint import load_run
@@ -149,8 +150,12 @@ def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory
     say = sayer(quiet)
     say(f"run {sources.run_dir} (epoch {run.epoch}, checkpoint {run.checkpoint_sha256[:12]}), cache {sources.cache_dir} "
         f"({len(cache)} items), device {device}")
-    return update_index(
+    index = update_index(
         run, cache, sources.index_dir, config, device=device,
         batch_size=batch_size or default_batch_size(device), rebuild=rebuild, progress=not quiet, say=say,
     )
+    if export:
+        files = export_embeddings(index, cache, export)
+        say(f"exported {len(index)} embeddings and ids to {', '.join(map(str, files))}")
+    return index
 

@@ -45,6 +45,9 @@ class OnnxQueryModel:
         self.tokenizer.enable_truncation(config["max_words"])
         options = ort.SessionOptions()
         options.log_severity_level = 3  # no warnings about unused initialisers on every start
+        # idle threads that spin between runs take the cores from the rest of the query (and from a
+        # server's other requests): 33 -> 15 ms per search on 2 busy cores (bench/serve_latency.py)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         self.text = ort.InferenceSession(str(folder / TEXT_GRAPH), options, providers=providers)
         self.rerank = ort.InferenceSession(str(folder / RERANK_GRAPH), options, providers=providers)

@@ -50,20 +50,22 @@ def query_words(tokens: list[str], word_mask: np.ndarray) -> list[tuple[str, lis
 def align(attention: np.ndarray, word_mask: np.ndarray, tokens: list[str], positions: np.ndarray,
           regions_per_frame: int) -> Alignment:
     """Which region each query word attends to (function words left out), and the frame that holds
-    most of the attention of all words.
+    most of the attention of those same words (function words spread theirs over every region, so
+    counting them favoured the frame with the most detections over the one the content words chose).
 
     attention (L, K): each word's attention over the video's K stored regions (rows of real words
     sum to 1); positions (K,): each region's place r = t*N + n in the T x N grid, -1 for padding.
     """
     matches = []
     words_of_query = query_words(tokens, word_mask)
-    content = [(w, p) for w, p in words_of_query if w.lower() not in FUNCTION_WORDS]
-    for text, places in content or words_of_query:
+    content = [(w, p) for w, p in words_of_query if w.lower() not in FUNCTION_WORDS] or words_of_query
+    for text, places in content:
         weights = attention[places].mean(0)  # (K,)
         k = int(weights.argmax())
         region = int(positions[k])
         matches.append(WordMatch(text, region, region // regions_per_frame, float(weights[k])))
     real = positions >= 0  # (K,)
-    # attention of all real words summed per region (K_real,), then per frame (T,)
-    mass = np.bincount(positions[real] // regions_per_frame, weights=attention[word_mask][:, real].sum(0))
+    chosen = [p for _, places in content for p in places]  # token rows of the matched words
+    # attention of the matched words summed per region (K_real,), then per frame (T,)
+    mass = np.bincount(positions[real] // regions_per_frame, weights=attention[chosen][:, real].sum(0))
     return Alignment(int(mass.argmax()) if len(mass) and mass.any() else 0, matches)

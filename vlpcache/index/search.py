@@ -6,21 +6,27 @@ The query model is the ONNX export that `vlpcache index` leaves in the index dir
 An index without it falls back to the run loaded with torch. Candidate regions come from the index's
 region store, so no video is encoded at query time. Several queries (--queries FILE, or - for stdin)
 share one process.
+
+`Searcher` is the Python API (`from vlpcache import Searcher`); the command and `vlpcache serve` use it.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from vlpcache.cache.labels import label_name
+from vlpcache.cache.reader import RegionCache
+from vlpcache.cache.schema import ARRAYS
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
-from vlpcache.cache.labels import label_name
 from vlpcache.index.build import open_cache, resolve_sources, update_index
+from vlpcache.index.export import export_embeddings
 from vlpcache.index.faiss_index import VideoIndex
 from vlpcache.index.layout import META_FILE, IndexConfig, check_same_source, read_meta
 from vlpcache.index.query_model import OnnxQueryModel, query_export_sha
@@ -30,6 +36,11 @@ from vlpcache.model.run_layout import designated_checkpoint_sha256
 from vlpcache.report import Say, say
 
 
+# what describing a hit reads of its cached item; features, most of an item's bytes, are left on disk
+HIT_ARRAYS = ("labels", "boxes", "timestamps")
+SHOWN_ARRAYS = tuple(spec.name for spec in ARRAYS if spec.name != "features")
+
+
 @dataclass
 class RegionHit:
     word: str  # the query word
@@ -37,6 +48,7 @@ class RegionHit:
     box: list[float]  # normalised x1, y1, x2, y2
     time: float  # seconds: timestamp of the region's frame
     weight: float  # the word's attention on this region
+    frame: int  # index of the region's frame among the item's sampled frames
 
 
 @dataclass
@@ -49,55 +61,138 @@ class Hit:
     local_score: float | None  # S_loc; None without re-rank
     time: float | None  # best-matching timestamp in seconds
     regions: list[RegionHit] = field(default_factory=list)
+    frame: int | None = None  # index of the best-matching frame among the item's sampled frames
+
+
+@dataclass
+class EncodedQuery:
+    global_: np.ndarray  # (1, E)
+    words: np.ndarray  # (1, L, E)
+    word_mask: np.ndarray  # (1, L) real words (no special or padding tokens)
+    tokens: list[str]  # the L tokens
+
+
+@dataclass
+class Ranking:
+    """The top of one query's candidates, best first."""
+
+    rows: list[int]  # index rows
+    score: np.ndarray  # (k,) what the order follows
+    global_: np.ndarray  # (k,) cosine of the global embeddings
+    local: np.ndarray | None  # (k,) S_loc; None without re-rank
+    attention: np.ndarray  # (k, L, K) each word's attention over each candidate's stored regions
+    positions: np.ndarray  # (k, K) each stored region's place t*N + n in its item, -1 for padding
 
 
 class Searcher:
-    """A query model, the cache and its index, open for any number of queries."""
+    """A run's query model, a region cache and its index, loaded once, for any number of queries.
 
-    def __init__(self, query_model, cache, index: VideoIndex, rerank_candidates: int = RERANK_CANDIDATES):
-        self.query_model, self.cache, self.index = query_model, cache, index
-        self.rerank_candidates = rerank_candidates
+        from vlpcache import Searcher
+        s = Searcher(run=".vlpcache/runs/run-001", cache=".vlpcache/cache")  # index= optional
+        hits = s.search("person cuts onion", k=10)  # list[Hit], best first
+        hits[0].id, hits[0].score, hits[0].time, hits[0].regions[0].label
 
-    def search(self, query: str, k: int, rerank: bool = True) -> list[Hit]:
-        """The top k of the index for one query, best first."""
-        text_global, words, word_mask, tokens = self.query_model.encode(query)  # (1, E), (1, L, E), (1, L)
-        pool = max(k, self.rerank_candidates) if rerank else k
-        faiss_scores, faiss_rows = self.index.search(text_global, pool)  # (1, pool) each
-        # candidates no longer in the cache (it was rebuilt without them) cannot be shown
-        found = [(float(s), int(r)) for s, r in zip(faiss_scores[0], faiss_rows[0])
-                 if r >= 0 and self.index.ids[r] in self.cache]
-        if not found:
-            return []
-        rows = [r for _, r in found]
+    Every location left out is the workspace's (.vlpcache/ or $VLPCACHE_WORKSPACE; the run is its
+    latest). The index is built on first use. With the ONNX export `vlpcache index` leaves in the
+    index, neither torch nor the run's weights are loaded. Safe to share between threads.
+    """
+
+    def __init__(self, run=None, cache=None, index=None, *, device: str = DEFAULT_DEVICE, say: Say = say):
+        self._attach(*open_parts(run, cache, index, device, say))
+
+    @classmethod
+    def from_parts(cls, query_model, cache: RegionCache, index: VideoIndex, index_dir: Path | None = None) -> "Searcher":
+        """A Searcher over parts already loaded (a query model answering encode/rescore, see query_model.py)."""
+        searcher = cls.__new__(cls)
+        searcher._attach(query_model, cache, index, index_dir)
+        return searcher
+
+    def _attach(self, query_model, cache: RegionCache, index: VideoIndex, index_dir: Path | None) -> None:
+        self.query_model, self.cache, self.index, self.index_dir = query_model, cache, index, index_dir
+        self.rerank_candidates = RERANK_CANDIDATES
+        self._lock = threading.Lock()  # the cache's lazily opened HDF5 files and FAISS's thread setting are shared
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def can_rerank(self) -> bool:
+        """Whether the run was trained with region-word alignment (re-ranking needs it)."""
+        return bool(self.query_model.rwa)
+
+    def search(self, query: str, k: int = 10, rerank: bool = True) -> list[Hit]:
+        """The top k indexed items for one query, best first; re-ranked by region-word score when the
+        run can (`rerank=False`: global similarity alone)."""
+        query = query.strip()
+        if not query:
+            raise UserError('empty query; give words to search for, e.g. "person cuts onion"')
+        if k < 1:
+            raise UserError(f"k = {k}: ask for at least one result")
+        rerank = rerank and self.can_rerank
+        with self._lock:
+            encoded = EncodedQuery(*self.query_model.encode(query))
+            pool = max(k, self.rerank_candidates) if rerank else k
+            faiss_scores, faiss_rows = self.index.search(encoded.global_, pool)  # (1, pool) each
+            # candidates no longer in the cache (it was rebuilt without them) cannot be shown
+            found = [(float(s), int(r)) for s, r in zip(faiss_scores[0], faiss_rows[0])
+                     if r >= 0 and self.index.ids[r] in self.cache]
+            if not found:
+                return []
+            ranking = self.rank(encoded, [r for _, r in found], np.array([s for s, _ in found], np.float32), k, rerank)
+            return self.describe(encoded, ranking)
+
+    def rank(self, query: EncodedQuery, rows: list[int], faiss_scores: np.ndarray, k: int, rerank: bool) -> Ranking:
+        """The best k of the candidate rows: by global + weight * S_loc when re-ranking, else by FAISS's
+        global similarity. The one place where a score is turned into an order."""
         regions, region_mask, positions = self.index.regions.gather(rows)  # (P, K, E), (P, K), (P, K)
         score, global_, local, attention = self.query_model.rescore(  # (1, P) x 3, (1, P, L, K)
-            words, word_mask, text_global, regions, region_mask, self.index.embeddings[rows])
+            query.words, query.word_mask, query.global_, regions, region_mask, self.index.embeddings[rows])
         if rerank:
             order = np.argsort(-score[0], kind="stable")[:k]  # (k,) candidate positions, best first
+            final = score[0, order]
         else:
-            order = np.arange(min(k, len(found)))
+            order = np.arange(min(k, len(rows)))
+            final = faiss_scores[order]
+        return Ranking([rows[j] for j in order], final, global_[0, order], local[0, order] if rerank else None,
+                       attention[0, order], positions[order])
+
+    def describe(self, query: EncodedQuery, ranking: Ranking) -> list[Hit]:
+        """Hits for a ranking: the cached item of each row, its best frame and each word's region."""
         hits = []
-        for rank, j in enumerate(order, 1):
-            item_id = self.index.ids[rows[j]]
-            item = self.cache.get(item_id)
+        for rank, row in enumerate(ranking.rows, 1):
+            j = rank - 1
+            item_id = self.index.ids[row]
+            item = self.cache.get(item_id, HIT_ARRAYS)
             N = item["labels"].shape[1]
-            alignment = align(attention[0, j], word_mask[0], tokens, positions[j], N)
+            alignment = align(ranking.attention[j], query.word_mask[0], query.tokens, ranking.positions[j], N)
             matched = []
             for match in alignment.words:
                 t, n = divmod(match.region, N)
                 matched.append(RegionHit(
                     match.word, label_name(int(item["labels"][t, n])), [round(float(v), 3) for v in item["boxes"][t, n]],
-                    round(float(item["timestamps"][t]), 2), round(match.weight, 3),
+                    round(float(item["timestamps"][t]), 2), round(match.weight, 3), t,
                 ))
             hits.append(Hit(
                 rank=rank, id=item_id, path=item["path"],
-                score=float(score[0, j] if rerank else found[j][0]),
-                global_score=float(global_[0, j]),
-                local_score=float(local[0, j]) if rerank else None,
+                score=float(ranking.score[j]),
+                global_score=float(ranking.global_[j]),
+                local_score=float(ranking.local[j]) if ranking.local is not None else None,
                 time=round(float(item["timestamps"][alignment.best_frame]), 2),
                 regions=matched,
+                frame=alignment.best_frame,
             ))
         return hits
+
+    def item(self, item_id: str) -> dict:
+        """One indexed item's cached arrays but its features (schema.ARRAYS names, plus id, path and kind)."""
+        if item_id not in self.index:
+            raise KeyError(f"{item_id!r} is not in the index")
+        with self._lock:
+            return self.cache.get(item_id, SHOWN_ARRAYS)
+
+    def export(self, path) -> list[Path]:
+        """Write the indexed embeddings and their ids for other tools (see index/export.py); the files written."""
+        return export_embeddings(self.index, self.cache, path)
 
 
 # ---------------------------------------------------------------- output
@@ -146,8 +241,9 @@ def read_queries(text: str | None, queries_file: str | None) -> list[str]:
     return queries
 
 
-def open_searcher(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVICE, say: Say = say) -> Searcher:
-    """The Searcher for the options and workspace defaults; builds the index on first use.
+def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVICE, say: Say = say):
+    """(query model, cache, index, index directory) for the options and workspace defaults; builds the
+    index on first use.
 
     With an up-to-date ONNX export in the index, neither torch nor the run's weights are loaded.
     """
@@ -179,20 +275,19 @@ def open_searcher(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_D
     unindexed = sum(1 for item_id in cache.ids if item_id not in index)
     if unindexed:
         say(f"note: {unindexed} cached items are not in the index yet; run `vlpcache index` to add them")
-    return Searcher(query_model, cache, index)
+    return query_model, cache, index, index_dir
 
 
 def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=None, index_dir=None,
                as_json=False, no_rerank=False, device=DEFAULT_DEVICE) -> None:
     """The `vlpcache search` command."""
     queries = read_queries(text, queries_file)
-    searcher = open_searcher(run_dir, cache_dir, index_dir, device)
+    searcher = Searcher(run_dir, cache_dir, index_dir, device=device)
     rerank = not no_rerank
-    if rerank and not searcher.query_model.rwa:
+    if rerank and not searcher.can_rerank:
         say("note: the run was trained without region-word alignment; results are not re-ranked")
-        rerank = False
-    if k > len(searcher.index):
-        say(f"note: -k {k} is more than the {len(searcher.index)} indexed items; showing all of them")
+    if k > len(searcher):
+        say(f"note: -k {k} is more than the {len(searcher)} indexed items; showing all of them")
     for n, query in enumerate(queries):
         hits = searcher.search(query, k, rerank=rerank)
         if as_json:

@@ -1,0 +1,408 @@
+"""`vlpcache serve`: the JSON API, its limits and errors, traversal attempts, thumbnails decoded from real
+sources and kept beside the index, and the page driven in a real headless Chromium.
+
+The workspace is the tiny run of test_search on a cache whose items point at real sources: MSR-VTT
+frame folders, two real videos and one file that does not exist (a placeholder)."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import SHARED
+from test_model import build_tiny_text_model
+from test_pretrain import write_cache, write_captions
+from test_search import vlpcache, ws  # noqa: F401  ws: a private copy of this module's template
+from vlpcache.cli import main
+from vlpcache.extract.sampling import read_frames_at
+from vlpcache.extract.sources import Item
+from vlpcache.model.train import run_pretrain
+
+starlette_testclient = pytest.importorskip("starlette.testclient", reason="starlette or httpx is not installed")
+
+ITEMS = 24
+MISSING = 23  # the item whose source does not exist
+VIDEO = 20  # an item whose source is a real video
+
+
+def real_sources(root: Path) -> list[tuple[Path, str]]:
+    folders = sorted((SHARED / "data" / "msrvtt" / "frames" / "val").iterdir())[:VIDEO]
+    videos = SHARED / "data" / "videos"
+    return ([(f, "frames") for f in folders] + [(videos / "bikes.mp4", "video"), (videos / "cup.mp4", "video"),
+            (videos / "vtest.avi", "video"), (root / "gone.mp4", "video")])
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    if not (SHARED / "data" / "msrvtt").is_dir() or not (SHARED / "data" / "videos").is_dir():
+        pytest.skip(f"shared data not found at {SHARED} (set VLPCACHE_SHARED to the shared/ folder)")
+    root = tmp_path_factory.mktemp("serve")
+    ws = root / "ws"
+    ids = write_cache(ws / "cache", ITEMS, sources=real_sources(root))
+    write_captions(root / "train.jsonl", ids[:16])
+    write_captions(root / "val.jsonl", ids[16:])
+    run_pretrain(cache_dirs=[ws / "cache"], captions=[root / "train.jsonl"], val_captions=root / "val.jsonl",
+                 run_dir=ws / "runs" / "run-001", text_model=str(build_tiny_text_model(root / "tiny-bert")),
+                 width=16, layers=1, batch_size=8, epochs=1, workers=0, quiet=True, device="cpu")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        index_workspace(monkeypatch, ws)
+    return ws
+
+
+def index_workspace(monkeypatch, ws: Path) -> None:
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(ws))
+    monkeypatch.setattr(sys, "argv", ["vlpcache", "index", "--quiet"])
+    try:
+        main()
+    except SystemExit as exit:
+        assert not exit.code
+
+
+def client_for(ws: Path, thumbnails: Path | None = None):
+    from vlpcache.index.search import Searcher
+    from vlpcache.serve.app import make_app
+    from vlpcache.serve.thumbnails import ThumbnailStore
+
+    searcher = Searcher(run=ws / "runs" / "run-001", cache=ws / "cache", index=ws / "index")
+    store = ThumbnailStore(thumbnails or ws / "index" / "thumbnails")
+    return starlette_testclient.TestClient(make_app(searcher, store), base_url="http://127.0.0.1:8000"), searcher
+
+
+@pytest.fixture(scope="module")
+def api(template, tmp_path_factory):
+    """A client for requests that change nothing (its thumbnails go to a folder of their own)."""
+    client, _ = client_for(template, tmp_path_factory.mktemp("thumbnails"))
+    return client
+
+
+@pytest.fixture
+def own_api(ws):
+    client, _ = client_for(ws)
+    return client
+
+
+def one_line_error(response, status: int) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert "\n" not in response.text and list(response.json()) == ["error"]
+    return response.json()["error"]
+
+
+# ---------------------------------------------------------------- the JSON API
+
+
+def test_search_api_gives_the_fields_of_search_json(ws, api, monkeypatch, capsys):
+    response = api.get("/api/search", params={"q": "a dog on the street", "k": 5})
+    assert response.status_code == 200 and response.headers["server-timing"].startswith("search;dur=")
+    code, out, err = vlpcache(monkeypatch, capsys, "search", "a dog on the street", "-k", "5", "--json")
+    assert code == 0, err
+    assert response.json() == json.loads(out)
+
+
+def test_item_api_lists_the_sampled_frames_and_their_detected_regions(api):
+    item = api.get("/api/item", params={"id": f"v{VIDEO}"}).json()
+    assert item["path"].endswith("bikes.mp4") and item["kind"] == "video"
+    assert [f["time"] for f in item["frames"]] == [0.0, 1.0]
+    assert all(len(f["regions"]) == 4 and all(0 <= v <= 1 for r in f["regions"] for v in r["box"]) for f in item["frames"])
+
+
+@pytest.mark.parametrize("params, status, message", [
+    ({}, 400, "missing query"),
+    ({"q": "   "}, 400, "missing query"),
+    ({"q": "dog " * 60}, 400, "at most 200"),
+    ({"q": "a dog", "k": "0"}, 400, "k = 0"),
+    ({"q": "a dog", "k": "101"}, 400, "k = 101"),
+    ({"q": "a dog", "k": "ten"}, 400, "whole number"),
+    ({"q": "a dog", "k": "1e9"}, 400, "whole number"),
+])
+def test_bad_search_requests_get_a_4xx_with_one_line_of_json(api, params, status, message):
+    assert message in one_line_error(api.get("/api/search", params=params), status)
+
+
+def test_unknown_routes_and_methods_get_one_line_json_errors(api):
+    assert one_line_error(api.get("/api/nothing"), 404) == "not found"
+    assert one_line_error(api.post("/api/search", params={"q": "a dog"}), 405) == "method not allowed"
+
+
+def test_frame_of_an_item_not_in_the_index_is_refused_even_if_cached(ws):
+    write_cache(ws / "cache", 2, prefix="w", seed=3, sources=[(SHARED / "data" / "videos" / "cup.mp4", "video")])
+    client, searcher = client_for(ws)  # opened after the cache grew: w0 is cached, not indexed
+    assert "w0" in searcher.cache and "w0" not in searcher.index
+    assert one_line_error(client.get("/media/frame", params={"id": "w0", "t": 0}), 404) == "no such item in the index"
+    assert one_line_error(client.get("/api/item", params={"id": "w0"}), 404) == "no such item in the index"
+
+
+@pytest.mark.parametrize("params, status", [
+    ({"id": "v0", "t": "2"}, 404),  # T = 2: frames 0 and 1
+    ({"id": "v0", "t": "-1"}, 400),
+    ({"id": "v0", "t": "one"}, 400),
+    ({"id": "v0"}, 400),
+    ({"t": "0"}, 400),
+])
+def test_frame_requests_outside_the_sampled_frames_are_refused(api, params, status):
+    one_line_error(api.get("/media/frame", params=params), status)
+
+
+def test_requests_for_another_host_name_are_refused(api):
+    response = api.get("/api/info", headers={"host": "attacker.example:8000"})
+    assert "Host header" in one_line_error(response, 400)
+    assert api.get("/api/info", headers={"host": "localhost:8000"}).json() == {"items": ITEMS, "rerank": True}
+
+
+def test_every_response_carries_the_security_headers(api):
+    for response in (api.get("/"), api.get("/api/search", params={"q": "a dog"}), api.get("/nope")):
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert "default-src 'self'" in response.headers["content-security-policy"]
+
+
+# ---------------------------------------------------------------- thumbnails
+
+
+def decoded(jpeg: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).astype(np.float32)
+
+
+@pytest.mark.parametrize("item", [0, VIDEO], ids=["frames-folder", "video"])
+def test_thumbnail_is_the_frame_shown_at_its_stored_time(ws, api, item):
+    from vlpcache.cache.reader import RegionCache
+
+    cached = RegionCache(ws / "cache").get(f"v{item}")
+    source = Item(cached["id"], Path(cached["path"]), cached["kind"])
+    reference = read_frames_at(source, [float(t) for t in cached["timestamps"]], 480).frames  # stamped 0 s and 1 s
+    for t in (0, 1):
+        response = api.get("/media/frame", params={"id": f"v{item}", "t": t})
+        assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+        assert "x-vlpcache-placeholder" not in response.headers
+        picture = decoded(response.content)
+        assert picture.shape == reference[t].shape
+        assert np.abs(picture - reference[t]).mean() < 3  # JPEG's loss only
+        assert np.abs(picture - reference[1 - t]).mean() > np.abs(picture - reference[t]).mean() + 1  # not the other
+
+
+def test_thumbnails_are_kept_beside_the_index_under_hashed_names(ws, own_api):
+    api = own_api
+    first = api.get("/media/frame", params={"id": f"v{VIDEO + 1}", "t": 1})
+    stored = list((ws / "index" / "thumbnails").glob("*/*.jpg"))
+    assert len(stored) == 1 and stored[0].read_bytes() == first.content
+    assert f"v{VIDEO + 1}" not in str(stored[0].relative_to(ws)) and len(stored[0].stem) == 64
+    again = api.get("/media/frame", params={"id": f"v{VIDEO + 1}", "t": 1}, headers={"if-none-match": first.headers["etag"]})
+    assert again.status_code == 304
+
+
+def test_thumbnail_survives_its_source_once_stored(template, tmp_path, monkeypatch):
+    ws = tmp_path / "ws"
+    shutil.copytree(template, ws)
+    video = tmp_path / "moved" / "cup.mp4"
+    video.parent.mkdir()
+    shutil.copy(SHARED / "data" / "videos" / "cup.mp4", video)
+    write_cache(ws / "cache", 1, prefix="x", seed=4, sources=[(video, "video")])
+    index_workspace(monkeypatch, ws)
+    client, _ = client_for(ws)
+    first = client.get("/media/frame", params={"id": "x0", "t": 0})
+    video.unlink()
+    second = client.get("/media/frame", params={"id": "x0", "t": 0})
+    assert "x-vlpcache-placeholder" not in second.headers and second.content == first.content
+
+
+def test_missing_source_gives_a_placeholder_of_the_frames_shape_not_an_error(api):
+    response = api.get("/media/frame", params={"id": f"v{MISSING}", "t": 0})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert "file not found" in response.headers["x-vlpcache-placeholder"]
+    assert response.headers["cache-control"] == "no-store"
+    assert Image.open(io.BytesIO(response.content)).size == (480, 360)  # the cache records 320 x 240
+
+
+def test_serving_with_an_exported_index_never_imports_torch(ws):
+    probe = ("import sys; from starlette.testclient import TestClient; from vlpcache import Searcher\n"
+             "from vlpcache.serve.app import make_app; from vlpcache.serve.thumbnails import ThumbnailStore\n"
+             f"s = Searcher(cache={str(ws / 'cache')!r})\n"
+             f"c = TestClient(make_app(s, ThumbnailStore({str(ws / 'index' / 'thumbnails')!r})), base_url='http://localhost')\n"
+             "assert c.get('/api/search', params={'q': 'a dog'}).status_code == 200\n"
+             "assert c.get('/media/frame', params={'id': 'v0', 't': 0}).status_code == 200\n"
+             "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "VLPCACHE_WORKSPACE": str(ws)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]
+
+
+# ---------------------------------------------------------------- the command, as a user starts it
+
+
+class Server:
+    """`vlpcache serve --port 0` in its own process, as a user starts it; stopped with Ctrl+C."""
+
+    def __init__(self, ws: Path, *args: str):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vlpcache", "serve", "--port", "0", *args], cwd=ws.parent,
+            env={**os.environ, "VLPCACHE_WORKSPACE": str(ws)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.url = self._read_url(timeout=120)
+        self.host, self.port = self.url.split("/")[2].rsplit(":", 1)
+
+    def _read_url(self, timeout: float) -> str:
+        selector = selectors.DefaultSelector()
+        selector.register(self.process.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if selector.select(timeout=1):
+                line = self.process.stdout.readline()
+                if line.startswith("serving "):
+                    return line.split(" at ")[1].split()[0]
+                if not line:
+                    break
+        self.stop()
+        raise AssertionError(f"vlpcache serve did not start: {self.process.stderr.read()}")
+
+    def get(self, raw_path: str) -> tuple[int, dict, bytes]:
+        """GET with the path sent exactly as written (no client-side normalisation of ../ or %2e)."""
+        connection = http.client.HTTPConnection(self.host, int(self.port), timeout=30)
+        try:
+            connection.putrequest("GET", raw_path, skip_accept_encoding=True)
+            connection.endheaders()
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def server(ws):
+    running = Server(ws)
+    yield running
+    running.stop()
+
+
+TRAVERSALS = [
+    "/../../../../etc/passwd",
+    "/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+    "/..%2f..%2f..%2fetc%2fpasswd",
+    "/%252e%252e%252f%252e%252e%252fetc%252fpasswd",
+    "/page.js/../../../../etc/passwd",
+    "/page.css%2f..%2f..%2f..%2fetc%2fpasswd",
+    "/..%5c..%5c..%5cetc%5cpasswd",
+    "/media/frame?id=../../../../etc/passwd&t=0",
+    "/media/frame?id=%2e%2e%2f%2e%2e%2f%2e%2e%2fetc%2fpasswd&t=0",
+    "/media/frame?id=%252e%252e%252fetc%252fpasswd&t=0",
+    "/media/frame?id=/etc/passwd&t=0",
+    "/media/frame?id=..%5c..%5cetc%5cpasswd&t=0",
+    "/media/frame?id=v0%00../../etc/passwd&t=0",
+    "/media/frame?id={video_path}&t=0",
+    "/media/frame/../../../../etc/passwd?id=v0&t=0",
+    "/api/item?id=../../../../etc/passwd",
+    "/api/item?id=%2e%2e%2f%2e%2e%2fcache%2fmanifest.json",
+]
+
+
+def test_traversal_attempts_reach_no_file_outside_the_indexed_media(ws, server):
+    video_path = str(SHARED / "data" / "videos" / "bikes.mp4")
+    for raw in TRAVERSALS:
+        path = raw.replace("{video_path}", video_path)
+        status, headers, body = server.get(path)
+        assert status in (400, 404), (path, status, body[:200])
+        assert headers["content-type"] == "application/json", path
+        assert b"root:" not in body and b"schema_version" not in body and b"\n" not in body, path
+
+
+def test_the_command_serves_the_page_and_stops_cleanly_on_ctrl_c(ws, server):
+    status, headers, body = server.get("/?q=a+dog")
+    assert status == 200 and headers["content-type"].startswith("text/html") and b"/page.js" in body
+    status, _, body = server.get("/api/search?q=a+dog&k=3")
+    assert status == 200 and len(json.loads(body)["results"]) == 3
+    server.stop()
+    assert server.process.returncode == 0
+
+
+def test_a_port_in_use_is_one_line_error(ws, server):
+    code, _, err = _run_cli(ws, "serve", "--port", server.port)
+    assert code == 2 and err.startswith("error: cannot listen on 127.0.0.1:") and "--port" in err
+    assert err.count("\n") == 1
+
+
+def _run_cli(ws: Path, *args) -> tuple[int, str, str]:
+    result = subprocess.run([sys.executable, "-m", "vlpcache", *map(str, args)], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "VLPCACHE_WORKSPACE": str(ws)})
+    return result.returncode, result.stdout, result.stderr
+
+
+# ---------------------------------------------------------------- the page in a real browser
+
+
+def chromium_driver(tmp_path: Path):
+    """Debian's chromium through its chromedriver (nothing downloaded), or a skip with the reason."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not browser or not driver:
+        pytest.skip("no chromium/chromedriver on this machine (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,1000"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
+
+
+def test_page_in_headless_chromium_shows_result_cards_with_thumbnails_and_boxes(ws, server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = chromium_driver(tmp_path)
+    try:
+        browser.get(server.url)
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda b: "Search 24 videos" in b.find_element(By.ID, "status").text)
+        box = browser.find_element(By.ID, "q")
+        box.send_keys("a man with a dog", Keys.ENTER)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".card")) == 12)
+        assert "q=a+man+with+a+dog" in browser.current_url  # the query lives in the URL
+        loaded = "return [...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)"
+        wait.until(lambda b: b.execute_script(loaded))
+        boxes = browser.execute_script(
+            "return [...document.querySelectorAll('.card .box')].map(b => b.getBoundingClientRect())"
+            ".filter(r => r.width > 0 && r.height > 0).length")
+        assert boxes > 0
+        marks = [m.text for m in browser.find_elements(By.CSS_SELECTOR, "#query-words mark")]
+        assert marks and set(marks) <= {"man", "dog"}  # "a" and "with" say nothing about a region
+        browser.save_screenshot(str(tmp_path / "results.png"))
+
+        browser.find_elements(By.CSS_SELECTOR, ".card")[0].click()
+        wait.until(lambda b: b.execute_script("return document.getElementById('detail').open"))
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#detail-frames figure")) == 2)
+        wait.until(lambda b: b.execute_script(loaded.replace(".card img", "#detail-frames img")))
+        assert "item=" in browser.current_url
+        browser.save_screenshot(str(tmp_path / "detail.png"))
+
+        browser.get(browser.current_url)  # a result page can be linked and reloaded
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".card")) == 12)
+        assert browser.execute_script("return document.getElementById('detail').open")
+    finally:
+        browser.quit()
+    assert Image.open(tmp_path / "results.png").size[0] > 0
+    if os.environ.get("VLPCACHE_SCREENSHOTS"):  # to look at them: VLPCACHE_SCREENSHOTS=DIR pytest ...
+        for name in ("results.png", "detail.png"):
+            shutil.copy(tmp_path / name, Path(os.environ["VLPCACHE_SCREENSHOTS"]) / name)

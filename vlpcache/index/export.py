@@ -1,0 +1,60 @@
+"""Indexed video embeddings and their ids, written for other tools (`vlpcache index --export FILE`,
+`Searcher.export(FILE)`).
+
+    FILE.npy        (V, E) float32 L2-normalised global video embeddings, in index order
+    FILE.ids.json   the V item ids in the same order (a JSON list: ids are paths and may hold any character)
+
+or, for a name ending in .parquet (needs pyarrow), one table of V rows:
+
+    id          string
+    path        string                     the item's source as the cache records it
+    embedding   fixed_size_list<float32>[E]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from vlpcache.errors import UserError
+from vlpcache.files import replace_atomically
+
+IDS_SUFFIX = ".ids.json"
+
+
+def export_embeddings(index, cache, path) -> list[Path]:
+    """Write `index`'s embeddings and ids to path (.npy or .parquet); returns the files written."""
+    path = Path(path)
+    embeddings = np.ascontiguousarray(index.embeddings, dtype=np.float32)  # (V, E)
+    if path.suffix == ".parquet":
+        paths = [cache.paths[cache.index_of(i)] if i in cache else "" for i in index.ids]
+        write = _parquet_writer(path, index.ids, paths, embeddings)
+        _check_folder(path)
+        replace_atomically(path, write)
+        return [path]
+    if path.suffix != ".npy":
+        raise UserError(f"{path}: export to a .npy file (with its ids beside it) or a .parquet file")
+    ids_path = path.with_name(path.name[: -len(".npy")] + IDS_SUFFIX)
+    _check_folder(path)
+    replace_atomically(ids_path, lambda tmp: tmp.write_text(json.dumps(index.ids, ensure_ascii=False), encoding="utf-8"))
+    replace_atomically(path, lambda tmp: np.save(tmp, embeddings), suffix=".npy")
+    return [path, ids_path]
+
+
+def _parquet_writer(path: Path, ids: list[str], paths: list[str], embeddings: np.ndarray):
+    """A function that writes the table to the file it is given."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: Parquet needs pyarrow (pip install pyarrow), or export to a .npy file") from None
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), embeddings.shape[1])  # (V, E)
+    table = pa.table({"id": ids, "path": paths, "embedding": vectors})
+    return lambda tmp: pq.write_table(table, tmp)
+
+
+def _check_folder(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise UserError(f"{path}: no such folder {path.parent}; create it first")

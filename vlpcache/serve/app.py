@@ -1,0 +1,205 @@
+"""The web app of `vlpcache serve`: one page, a JSON API and frame thumbnails over a Searcher (Starlette).
+
+    GET /                          the search page; the query lives in the URL: /?q=person+cuts+onion[&k=20][&item=ID]
+    GET /page.js, /page.css        its script and style (fixed names: no path from a request is ever opened)
+    GET /api/info                  {"items", "rerank"}: what is being searched
+    GET /api/search?q=&k=&rerank=  {"query", "results"}: the fields of `vlpcache search --json`
+    GET /api/item?id=              one indexed item: its sampled frames and every cached region on them
+    GET /media/frame?id=&t=        JPEG of sampled frame t of an indexed item (a placeholder when the source is gone)
+
+Safe by default: media only for ids in the index, found by lookup (thumbnails.py names the files);
+queries bounded in length and k; a Host header check against DNS rebinding when bound to loopback;
+every error is a 4xx (or 500) with one line of JSON, {"error": "..."}.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from vlpcache.cache.labels import label_name
+from vlpcache.errors import UserError
+from vlpcache.index.search import Searcher, hits_json
+from vlpcache.serve.thumbnails import ThumbnailStore
+
+MAX_QUERY_CHARS = 200  # longer than any text the query model reads (it truncates at max_words tokens)
+MAX_K = 100
+MAX_FRAMES = 512  # the most frames per item extract samples (--frames)
+DEFAULT_K = 12
+PAGE_DIR = Path(__file__).parent / "page"
+PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
+              "/page.js": ("page.js", "text/javascript; charset=utf-8"),
+              "/page.css": ("page.css", "text/css; charset=utf-8")}
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+    (b"content-security-policy", b"default-src 'self'; img-src 'self'; frame-ancestors 'none'"),
+]
+
+
+class ApiError(HTTPException):
+    """A bad request, answered with its status and one line of JSON."""
+
+
+def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS):
+    """The ASGI app; allowed_hosts: Host header names accepted (None: any, for a server bound to all interfaces)."""
+    pages = {route: ((PAGE_DIR / name).read_bytes(), media) for route, (name, media) in PAGE_FILES.items()}
+
+    def page(request: Request) -> Response:
+        body, media = pages[request.url.path]
+        return Response(body, media_type=media, headers={"cache-control": "no-cache"})
+
+    def info(request: Request) -> Response:
+        return JSONResponse({"items": len(searcher), "rerank": searcher.can_rerank})
+
+    def search(request: Request) -> Response:
+        query = _query_text(request)
+        k = _int_param(request, "k", DEFAULT_K, 1, MAX_K)
+        rerank = request.query_params.get("rerank", "1") not in ("0", "false", "no")
+        started = time.perf_counter()
+        try:
+            hits = searcher.search(query, k, rerank=rerank)
+        except UserError as err:
+            raise ApiError(400, str(err)) from None
+        took = 1e3 * (time.perf_counter() - started)
+        return JSONResponse(hits_json(query, hits), headers={"server-timing": f"search;dur={took:.1f}"})
+
+    def item(request: Request) -> Response:
+        cached = _indexed_item(searcher, request)
+        return JSONResponse(item_frames(cached))
+
+    def frame(request: Request) -> Response:
+        cached = _indexed_item(searcher, request)
+        t = _int_param(request, "t", None, 0, MAX_FRAMES)
+        if t >= len(cached["frame_mask"]) or not cached["frame_mask"][t]:
+            raise ApiError(404, f"item {cached['id']!r} has no sampled frame {t}")
+        picture = thumbnails.get(cached, t)
+        etag = f'"{picture.etag}"'
+        headers = {"etag": etag, "cache-control": "no-store" if picture.placeholder else "private, max-age=3600"}
+        if picture.placeholder:
+            headers["x-vlpcache-placeholder"] = picture.placeholder.encode("ascii", "replace").decode()
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        return Response(picture.jpeg, media_type="image/jpeg", headers=headers)
+
+    routes = [Route(path, page) for path in PAGE_FILES] + [
+        Route("/api/info", info),
+        Route("/api/search", search),
+        Route("/api/item", item),
+        Route("/media/frame", frame),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error})
+    return Guard(app, allowed_hosts)
+
+
+def item_frames(cached: dict) -> dict:
+    """An item's real sampled frames with every detected region on them (not the whole-frame region)."""
+    frames = []
+    for t in range(len(cached["frame_mask"])):
+        if not cached["frame_mask"][t]:
+            continue
+        regions = []
+        for n in range(cached["labels"].shape[1]):
+            label = int(cached["labels"][t, n])
+            if cached["region_mask"][t, n] and label >= 0:
+                regions.append({"label": label_name(label), "score": round(float(cached["scores"][t, n]), 3),
+                                "box": [round(float(v), 3) for v in cached["boxes"][t, n]]})
+        frames.append({"frame": t, "time": round(float(cached["timestamps"][t]), 2), "regions": regions})
+    return {"id": cached["id"], "path": cached["path"], "kind": cached["kind"], "frames": frames}
+
+
+# ---------------------------------------------------------------- request parameters
+
+
+def _query_text(request: Request) -> str:
+    query = request.query_params.get("q", "").strip()
+    if not query:
+        raise ApiError(400, "missing query: add ?q=words to search for")
+    if len(query) > MAX_QUERY_CHARS:
+        raise ApiError(400, f"query of {len(query)} characters; at most {MAX_QUERY_CHARS}")
+    return query
+
+
+def _int_param(request: Request, name: str, default: int | None, low: int, high: int) -> int:
+    text = request.query_params.get(name)
+    if text is None and default is not None:
+        return default
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise ApiError(400, f"{name} must be a whole number from {low} to {high}") from None
+    if not low <= value <= high:
+        raise ApiError(400, f"{name} = {value}: must be from {low} to {high}")
+    return value
+
+
+def _indexed_item(searcher: Searcher, request: Request) -> dict:
+    item_id = request.query_params.get("id")
+    if not item_id:
+        raise ApiError(400, "missing id: add ?id=ITEM (an id from the search results)")
+    try:
+        return searcher.item(item_id)  # only ids in the index; a path never reaches the filesystem
+    except KeyError:
+        raise ApiError(404, "no such item in the index") from None
+
+
+# ---------------------------------------------------------------- errors and guard
+
+
+async def _http_error(request: Request, err: HTTPException) -> Response:
+    message = err.detail if isinstance(err, ApiError) else {404: "not found", 405: "method not allowed"}.get(
+        err.status_code, err.detail)
+    return JSONResponse({"error": _one_line(str(message))}, status_code=err.status_code, headers=err.headers)
+
+
+async def _server_error(request: Request, err: Exception) -> Response:
+    return JSONResponse({"error": f"internal error ({type(err).__name__}); see the server's log"}, status_code=500)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class Guard:
+    """ASGI wrapper: refuses Host headers other than the allowed (DNS rebinding would otherwise let any
+    web page read a loopback server), and adds the security headers to every response."""
+
+    def __init__(self, app, allowed_hosts: frozenset[str] | None):
+        self.app, self.allowed_hosts = app, allowed_hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.allowed_hosts is not None and _host_name(scope) not in self.allowed_hosts:
+            return await JSONResponse({"error": "unexpected Host header; open the server by the address it printed"},
+                                      status_code=400)(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _host_name(scope) -> str:
+    host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+    if host.startswith("["):  # [::1]:8000
+        return host[: host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def allowed_hosts_for(bind_host: str) -> frozenset[str] | None:
+    """Host names a server bound to bind_host answers: the loopback names when bound to loopback, else any."""
+    if bind_host in LOOPBACK_HOSTS or bind_host.startswith("127."):
+        return LOOPBACK_HOSTS | {bind_host}
+    return None
+

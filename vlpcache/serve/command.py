@@ -1,0 +1,64 @@
+"""`vlpcache serve`: the search page and JSON API for a run, a cache and its index, under uvicorn."""
+
+from __future__ import annotations
+
+import socket
+from urllib.parse import quote_plus
+
+from vlpcache.devices import DEFAULT_DEVICE
+from vlpcache.errors import UserError
+from vlpcache.report import say
+
+THUMBNAIL_DIR = "thumbnails"  # inside the index directory (layout: thumbnails.py)
+EXAMPLE_QUERY = "person cuts onion"
+
+
+def run_serve(run_dir=None, cache_dir=None, index_dir=None, host="127.0.0.1", port=8000, device=DEFAULT_DEVICE) -> None:
+    """The `vlpcache serve` command: load once (building the index on first use), then serve until Ctrl+C."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise UserError("vlpcache serve needs starlette and uvicorn: pip install starlette uvicorn") from None
+    from vlpcache.index.search import Searcher
+    from vlpcache.serve.app import allowed_hosts_for, make_app
+    from vlpcache.serve.thumbnails import ThumbnailStore
+
+    searcher = Searcher(run_dir, cache_dir, index_dir, device=device)
+    thumbnails = ThumbnailStore(searcher.index_dir / THUMBNAIL_DIR)
+    listener = bind(host, port)
+    address = _url_host(host)
+    url = f"http://{address}:{listener.getsockname()[1]}/"
+    if allowed_hosts_for(host) is None:
+        say(f"note: listening on {host}: anyone who can reach this machine can search the collection and see its frames")
+    print(f"serving {len(searcher)} items at {url}  (Ctrl+C to stop)", flush=True)
+    print(f"try {url}?q={quote_plus(EXAMPLE_QUERY)}", flush=True)
+    config = uvicorn.Config(make_app(searcher, thumbnails, allowed_hosts_for(host)), log_level="warning",
+                            access_log=False, lifespan="off", server_header=False)
+    try:
+        uvicorn.Server(config).run(sockets=[listener])
+    except KeyboardInterrupt:  # uvicorn stops on Ctrl+C, then raises it again: stopping is what the user asked for
+        pass
+    print("stopped", flush=True)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one), or one line saying why not."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise UserError(f"--host {host}: not an address of this machine ({err.strerror})") from None
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+    except OSError as err:
+        listener.close()
+        raise UserError(f"cannot listen on {host}:{port} ({err.strerror}); pass another --port, or stop what uses it") from None
+    listener.listen(128)
+    return listener
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,133 @@
+"""Thumbnails of indexed items' sampled frames: decoded from the source once, at the frame's stored
+time (seeking, as extract does: vlpcache.extract.sampling.read_frames_at), and kept beside the index.
+
+    <index>/thumbnails/store.json     {"format": 1}; a store of another format is emptied and begun again
+    <index>/thumbnails/<kk>/<key>.jpg one sampled frame, JPEG, longer side <= THUMBNAIL_SIDE pixels;
+                                      key = sha256 of (item id, source path, kind, frame time, side),
+                                      <kk> its first two hex digits
+
+The file name is a hash: a request names an indexed item and a frame index, never a path, so nothing
+a client sends reaches the filesystem. A source moved, changed kind or re-extracted at other times
+gets a new key. A source that is missing or no longer decodes gives a placeholder of the frame's
+shape, which is not stored (the source may come back).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from vlpcache.errors import ItemError
+from vlpcache.extract.sampling import read_frames_at
+from vlpcache.extract.sources import Item
+from vlpcache.files import replace_atomically
+from vlpcache.report import Say, say
+
+STORE_FORMAT = 1
+STORE_FILE = "store.json"
+THUMBNAIL_SIDE = 480  # pixels, longer side: sharp on a high-density screen in a ~300 px card
+JPEG_QUALITY = 85
+PLACEHOLDER_GREY = (96, 96, 96)
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    jpeg: bytes
+    etag: str  # changes when the picture would
+    placeholder: str | None = None  # why the source could not give the frame; None for a real frame
+
+
+class ThumbnailStore:
+    def __init__(self, folder: Path, side: int = THUMBNAIL_SIDE, say: Say = say):
+        self.folder, self.side = Path(folder), side
+        self.say = say
+        self._writable = True
+        # decoding is CPU-bound: more at once than there are cores only adds memory
+        self._decoders = threading.BoundedSemaphore(os.cpu_count() or 1)
+        self._open_store()
+
+    def _open_store(self) -> None:
+        try:
+            stored = json.loads((self.folder / STORE_FILE).read_text())
+        except (OSError, ValueError):
+            stored = None
+        if stored == {"format": STORE_FORMAT}:
+            return
+        try:
+            if self.folder.exists():
+                shutil.rmtree(self.folder)
+            self.folder.mkdir(parents=True)
+            (self.folder / STORE_FILE).write_text(json.dumps({"format": STORE_FORMAT}))
+        except OSError as err:
+            self._not_writable(err)
+
+    def key(self, item: dict, frame: int) -> str:
+        when = f"{float(item['timestamps'][frame]):.6f}"
+        fields = [item["id"], item["path"], item["kind"], when, str(self.side)]
+        return hashlib.sha256("\0".join(fields).encode("utf-8")).hexdigest()
+
+    def path_of(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.jpg"
+
+    def get(self, item: dict, frame: int) -> Thumbnail:
+        """Frame `frame` of a cached item (the reader's dict: id, path, kind, timestamps, frame_size)."""
+        key = self.key(item, frame)
+        path = self.path_of(key)
+        try:
+            return Thumbnail(path.read_bytes(), key)
+        except OSError:
+            pass
+        source = Item(item["id"], Path(item["path"]), item["kind"])
+        try:
+            with self._decoders:
+                [picture] = read_frames_at(source, [float(item["timestamps"][frame])], self.side).frames
+        except (ItemError, ValueError) as err:  # ValueError: the source now has no frame at that time
+            height, width = (int(v) for v in item["frame_size"])
+            reason = f"source unavailable: {err}" if str(err) else "source unavailable"
+            return Thumbnail(placeholder_jpeg(height, width, self.side), f"placeholder-{key}", reason)
+        jpeg = encode_jpeg(picture)
+        self._store(path, jpeg)
+        return Thumbnail(jpeg, key)
+
+    def _store(self, path: Path, jpeg: bytes) -> None:
+        if not self._writable:
+            return
+        try:
+            path.parent.mkdir(exist_ok=True)
+            replace_atomically(path, lambda tmp: tmp.write_bytes(jpeg))
+        except OSError as err:
+            self._not_writable(err)
+
+    def _not_writable(self, err: OSError) -> None:
+        self._writable = False
+        self.say(f"note: cannot keep thumbnails in {self.folder} ({err.strerror or err}); they are decoded on each request")
+
+
+def encode_jpeg(picture: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=64)
+def placeholder_jpeg(height: int, width: int, side: int) -> bytes:
+    """A grey frame of the item's shape (fitted into side) that says the source is missing."""
+    scale = side / max(height, width, 1)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    picture = Image.new("RGB", size, PLACEHOLDER_GREY)
+    draw = ImageDraw.Draw(picture)
+    text = "source not available"
+    font = ImageFont.load_default(size=max(10, size[0] // 16))
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    draw.text(((size[0] - (right - left)) / 2, (size[1] - (bottom - top)) / 2), text, fill=(230, 230, 230), font=font)
+    return encode_jpeg(np.asarray(picture))
