@@ -37,6 +37,15 @@ class ExtractOptions:
     def worker_count(self) -> int:
         return max(1, (os.cpu_count() or 2) - 1) if self.workers is None else self.workers
 
+    def shard_set(self) -> str:
+        """The writer identity of --shard i/n, `s{i}of{n}`: its shard and failure files start with it."""
+        return "s{}of{}".format(*self.shard_part())
+
+    def description(self) -> str:
+        """The progress bar's label."""
+        index, count = self.shard_part()
+        return f"extract {index}/{count}" if count > 1 else "extract"
+
     def shard_part(self) -> tuple[int, int]:
         """(i, n) of --shard i/n, or one clear error."""
         try:
