@@ -12,6 +12,7 @@ from vlpcache.errors import UserError
 
 CPU_BATCH_SIZE = 8  # frames per detector batch on CPU: bigger batches only add memory traffic
 CUDA_BATCH_SIZE = 128
+ENGINES = ("local", "ray")  # where the stages run: this machine's processes, or a Ray cluster (ray_engine.py)
 
 
 @dataclass
@@ -29,6 +30,8 @@ class ExtractOptions:
     retry_failed: bool = False  # retry items recorded as failed in an earlier run
     items_per_shard: int = SHARD_ITEMS
     score_threshold: float = SCORE_THRESHOLD
+    engine: str = "local"  # ENGINES
+    ray_address: str | None = None  # --engine ray: the cluster to join (None: $RAY_ADDRESS, else a local instance)
     quiet: bool = False  # no progress bar or per-item lines; the summary only
 
     def detector_batch_size(self, device_type: str) -> int:

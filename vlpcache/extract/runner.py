@@ -1,5 +1,10 @@
 """`vlpcache extract`: sources -> reader (decode workers) -> mapper (detector) -> shard writer.
 
+The driver plans a run once (discovery, detector choice, cache settings, the resume check) and keeps
+the progress bar and the summary; the engine decides where the stages run: `local` (decoding worker
+processes, the detector in this process: `detect_and_write`) or `ray` (ray_engine.py: the same
+stages on Ray Data).
+
 Resumable: items already in the cache are skipped, items recorded as failed too (unless
 --retry-failed). Shards are committed atomically, so a kill -9 loses at most the shard in progress.
 """
@@ -14,7 +19,7 @@ from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
 from vlpcache.extract.detectors.choice import choose_detector, load_detector
 from vlpcache.extract.detectors.spec import DetectorSpec
-from vlpcache.extract.options import ExtractOptions
+from vlpcache.extract.options import ENGINES, ExtractOptions
 from vlpcache.extract.progress import ExtractProgress, ExtractSummary
 from vlpcache.extract.reader import FrameReader, Prefetch, decoded_items_within_budget
 from vlpcache.extract.sources import discover_items, shard_of
@@ -63,10 +68,27 @@ def detect_and_write(todo, spec: DetectorSpec, writer: ShardWriter, options: Ext
             summary.detect_seconds, summary.wait_seconds = mapper.detect_seconds, mapper.wait_seconds
 
 
+def extract_engine(options: ExtractOptions):
+    """None for the local engine; for `ray`, the ray_engine module, once Ray is found installed and the
+    cluster's address answering (one clear line otherwise)."""
+    if options.engine not in ENGINES:
+        raise UserError(f"--engine {options.engine!r}: choose from {', '.join(ENGINES)}")
+    if options.engine == "local":
+        if options.ray_address:
+            raise UserError("--ray-address is for --engine ray; add --engine ray or leave the address out")
+        return None
+    from vlpcache.extract import ray_engine
+
+    ray_engine.require_ray()
+    ray_engine.check_address(options.ray_address)
+    return ray_engine
+
+
 def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     """The `vlpcache extract` command; `options` are ExtractOptions fields."""
     started = time.monotonic()
     options = ExtractOptions(**options)
+    engine = extract_engine(options)  # ray: installed, and its address answers, before anything is written
     workspace = Workspace()
     cache_dir = Path(cache_dir) if cache_dir else workspace.cache_dir
     roots = [Path(r) for r in roots]
@@ -78,18 +100,23 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
         raise UserError(f"no videos, images or frame folders found under {', '.join(map(str, roots))}")
     workspace.remember_roots([r for r in roots if r.exists()])
 
-    if options.device == "cuda":  # a missing GPU fails before anything is written; auto resolves while the workers decode
+    if options.device == "cuda" and engine is None:  # a missing GPU fails before anything is written; auto
+        # resolves while the workers decode; the ray engine asks the cluster
         from vlpcache.devices import resolve_device
 
         resolve_device(options.device)
     spec = choose_detector(options.detector, options.backbone, options.weights, options.models)  # nothing loaded yet
     settings = spec.cache_settings(options.frames, options.regions, options.score_threshold)
     summary = ExtractSummary()
+    # the driver's writer owns the shard set: it checks the settings and removes the unfinished shards
+    # of a killed run, its own and (named `<shard set>-ray-<actor>`) those of its Ray actors
     with ShardWriter(cache_dir, settings, writer_name=options.shard_set(), max_items=options.items_per_shard) as writer:
         cache = RegionCache(cache_dir)
         todo = items_to_extract(items, cache, options, summary)
         cache.close()
-        if todo:
+        if todo and engine:
+            engine.run_on_ray(todo, spec, writer, options, summary, started)
+        elif todo:
             detect_and_write(todo, spec, writer, options, summary, started)
     summary.seconds = time.monotonic() - started
     say(summary.line())
