@@ -14,6 +14,11 @@ frames, detect one frame at a time and save one .npz per frame, as bottom-up-att
     python bench/extract_throughput.py                       # real videos + 200 MSR-VTT frame folders
     python bench/extract_throughput.py --msrvtt-items 50 --frames 8 --device cpu
     python bench/extract_throughput.py --device cuda         # + detector x batch-size matrix on the GPU
+    python bench/extract_throughput.py --engines local,ray --references ""   # the ray engine's overhead
+
+`--engines` runs `vlpcache extract` once per engine on each dataset (default: local, and ray when it is
+installed); the ray engine starts its own local Ray instance, as `--engine ray` without an address does,
+so its whole-command figure includes Ray's start-up, and the ratio local/ray is its overhead.
 
 The matrix (`--matrix`, on by default with `--device cuda`) runs `extract` in-process for each
 detector and batch size and reports frames/s, the share of time the detector waited for decoded
@@ -28,6 +33,7 @@ Prints one line per dataset and run with its throughput and ratios; BENCHMARKS.m
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import re
@@ -144,9 +150,9 @@ def run_reference_command(kind: str, root: Path, out_dir: Path, args) -> tuple[i
     return int(frames), seconds, float(loop_seconds), int(decoded)
 
 
-def run_vlpcache(root: Path, cache_dir: Path, args) -> tuple[int, float, str]:
+def run_vlpcache(root: Path, cache_dir: Path, args, engine: str = "local") -> tuple[int, float, str]:
     cmd = [sys.executable, "-m", "vlpcache", "extract", str(root), "-o", str(cache_dir), "--frames", str(args.frames),
-           "--device", args.device, "--quiet"]
+           "--device", args.device, "--engine", engine, "--quiet"]
     if args.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
     if args.workers is not None:
@@ -161,6 +167,19 @@ def run_vlpcache(root: Path, cache_dir: Path, args) -> tuple[int, float, str]:
 
     frames = int(RegionCache(cache_dir).column("frame_mask").sum())
     return frames, seconds, summary
+
+
+def run_engine(root: Path, cache_dir: Path, args, engine: str) -> tuple[float, float]:
+    """`vlpcache extract --engine ENGINE` as a command: prints and returns (frames/s, frames/s after start-up)."""
+    frames, seconds, summary = run_vlpcache(root, cache_dir, args, engine)
+    # after start-up: from the detector being ready (imports and model loading done; ray: the first
+    # actor's) to the end
+    loop = (float(re.search(r"failed, ([0-9.]+) s", summary).group(1))
+            - float(re.search(r"loaded after ([0-9.]+) s", summary).group(1)))
+    print(f"  vlpcache extract --engine {engine}: {frames} frames in {seconds:.1f} s = {frames / seconds:.2f} frames/s "
+          f"({frames / loop:.2f} frames/s after start-up and model loading)")
+    print(f"    {summary}")
+    return frames / seconds, frames / loop
 
 
 def run_matrix(root: Path, scratch: Path, args) -> None:
@@ -246,7 +265,14 @@ def main() -> None:
     parser.add_argument("--reference-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--reference-kind", choices=("simple", "detector"), default="simple", help=argparse.SUPPRESS)
     parser.add_argument("--references", default="simple,detector", help="references to run (simple, detector)")
+    parser.add_argument("--engines", default=None, help="vlpcache extract engines to run: local, ray "
+                                                        "[default: local, and ray when it is installed]")
     args = parser.parse_args()
+    if args.engines is None:
+        args.engines = "local,ray" if importlib.util.find_spec("ray") else "local"
+    engines = list(filter(None, args.engines.split(",")))
+    if not engines or set(engines) - {"local", "ray"}:
+        parser.error(f"--engines {args.engines!r}: choose one or more of local, ray")
     unknown = set(filter(None, args.references.split(","))) - {"simple", "detector"}
     if unknown:
         parser.error(f"--references: unknown {', '.join(sorted(unknown))}; choose from simple, detector")
@@ -276,14 +302,12 @@ def main() -> None:
             root = dataset_root(name, args, scratch)
             items, _ = discover_items([root])
             print(f"{name}: {len(items)} items, T={args.frames}")
-            ours_frames, ours_seconds, summary = run_vlpcache(root, scratch / f"cache-{name}", args)
-            # after start-up: from the detector being ready (imports and model loading done) to the end
-            ours_loop = (float(re.search(r"failed, ([0-9.]+) s", summary).group(1))
-                         - float(re.search(r"loaded after ([0-9.]+) s", summary).group(1)))
-            ours_rate, ours_loop_rate = ours_frames / ours_seconds, ours_frames / ours_loop
-            print(f"  vlpcache extract: {ours_frames} frames in {ours_seconds:.1f} s = {ours_rate:.2f} frames/s "
-                  f"({ours_loop_rate:.2f} frames/s after start-up and model loading)")
-            print(f"  {summary}")
+            rates = {engine: run_engine(root, scratch / f"cache-{name}-{engine}", args, engine) for engine in engines}
+            if len(rates) == 2:
+                (local, local_loop), (on_ray, on_ray_loop) = rates["local"], rates["ray"]
+                print(f"    ray engine overhead (local / ray): whole commands {local / on_ray:.2f}x, "
+                      f"after start-up {local_loop / on_ray_loop:.2f}x")
+            ours_rate, ours_loop_rate = rates[engines[0]]
             for kind in filter(None, args.references.split(",")):
                 frames, seconds, loop, decoded = run_reference_command(kind, root, scratch / f"ref-{kind}-{name}", args)
                 print(f"  reference {kind} (decodes all {decoded} frames, one frame at a time, npz per frame): "

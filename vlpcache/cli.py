@@ -24,7 +24,7 @@ from vlpcache.extract.detectors.spec import (
     FRCNN_FEATURE_DIM,
     YOLOX_BACKBONES,
 )
-from vlpcache.extract.options import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, ExtractOptions
+from vlpcache.extract.options import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, ENGINES, ExtractOptions
 from vlpcache.index.layout import EXACT_LIMIT, IndexConfig
 from vlpcache.metrics import RERANK_CANDIDATES
 
@@ -95,6 +95,10 @@ def backbone_help() -> str:
                    f"{SHARD_SECONDS / 60:g} min).")
 @click.option("--score-threshold", default=ExtractOptions.score_threshold, show_default=True, type=click.FloatRange(0, 1),
               help="Minimum detection score.")
+@click.option("--engine", default=ExtractOptions.engine, show_default=True, type=click.Choice(ENGINES),
+              help='Where the stages run: local processes, or a Ray cluster (pip install "vlpcache[ray]").')
+@click.option("--ray-address", metavar="ADDR",
+              help="--engine ray: the cluster to join (auto, or HOST:6379) [default: $RAY_ADDRESS, else a local instance].")
 @quiet_option("No progress bar or per-item lines; the summary only.")
 def extract(**options) -> None:
     """Sample frames of every video/image/frame folder under ROOTS and cache their region features."""

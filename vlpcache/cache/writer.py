@@ -112,7 +112,8 @@ class ShardWriter:
         self.committed_items = 0
 
     def _remove_own_temporaries(self) -> None:
-        # a temporary shard of ours is the unfinished work of a killed run: resume redoes its items
+        # a temporary shard of ours is the unfinished work of a killed run: resume redoes its items;
+        # the pattern also takes those of writers named after us (`s0of1-ray-<actor>`: a Ray run's actors)
         for tmp in self.shard_dir.glob(f"{self.writer_name}-*{SHARD_SUFFIX}{TMP_SUFFIX}"):
             tmp.unlink()
 

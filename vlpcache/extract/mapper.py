@@ -9,6 +9,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from vlpcache.cache.schema import CacheSettings, empty_item
+from vlpcache.cache.writer import ShardWriter
 from vlpcache.extract.reader import DecodedItem
 from vlpcache.extract.detectors.regions import Detector, pack_frame_regions
 
@@ -18,6 +19,15 @@ class RegionItem:
     decoded: DecodedItem
     arrays: dict[str, np.ndarray] | None  # schema.ARRAYS for one video; None when it failed
     error: str | None = None
+
+    def write(self, writer: ShardWriter) -> int:
+        """Into the writer's shard, or (when it failed) its failure log; returns the item's frame count."""
+        item = self.decoded.item
+        if self.arrays is None:
+            writer.record_failure(item.id, str(item.path), self.error)
+            return 0
+        writer.add(item.id, str(item.path), item.kind, self.arrays)
+        return int(self.arrays["frame_mask"].sum())
 
 
 class RegionMapper:

@@ -12,6 +12,7 @@ from vlpcache.errors import UserError
 
 CPU_BATCH_SIZE = 8  # frames per detector batch on CPU: bigger batches only add memory traffic
 CUDA_BATCH_SIZE = 128
+ENGINES = ("local", "ray")  # where the stages run: this machine's processes, or a Ray cluster (ray_engine.py)
 
 
 @dataclass
@@ -29,6 +30,8 @@ class ExtractOptions:
     retry_failed: bool = False  # retry items recorded as failed in an earlier run
     items_per_shard: int = SHARD_ITEMS
     score_threshold: float = SCORE_THRESHOLD
+    engine: str = "local"  # ENGINES
+    ray_address: str | None = None  # --engine ray: the cluster to join (None: $RAY_ADDRESS, else a local instance)
     quiet: bool = False  # no progress bar or per-item lines; the summary only
 
     def detector_batch_size(self, device_type: str) -> int:
@@ -36,6 +39,15 @@ class ExtractOptions:
 
     def worker_count(self) -> int:
         return max(1, (os.cpu_count() or 2) - 1) if self.workers is None else self.workers
+
+    def shard_set(self) -> str:
+        """The writer identity of --shard i/n, `s{i}of{n}`: its shard and failure files start with it."""
+        return "s{}of{}".format(*self.shard_part())
+
+    def description(self) -> str:
+        """The progress bar's label."""
+        index, count = self.shard_part()
+        return f"extract {index}/{count}" if count > 1 else "extract"
 
     def shard_part(self) -> tuple[int, int]:
         """(i, n) of --shard i/n, or one clear error."""

@@ -22,6 +22,15 @@ from vlpcache.extract.sampling import SampledFrames, read_item
 from vlpcache.extract.sources import Item
 
 
+DECODED_BYTES_AHEAD = 256 * 2**20  # decoded frames held ready for the detector, per detector
+
+
+def decoded_items_within_budget(max_side: int, num_frames: int) -> int:
+    """How many decoded items (at most `num_frames` RGB frames of `max_side`) fit DECODED_BYTES_AHEAD,
+    at least 8: how far the local engine decodes ahead, how many items a Ray actor takes at once."""
+    return max(8, DECODED_BYTES_AHEAD // (3 * max_side**2 * num_frames))
+
+
 @dataclass
 class DecodedItem:
     item: Item

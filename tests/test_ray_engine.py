@@ -1,0 +1,221 @@
+"""`vlpcache extract --engine ray` against the local engine, on one local Ray instance per module.
+
+The commands run as a user runs them (subprocesses joining the module's instance with --ray-address),
+on real videos, photos, frame folders and broken files, with real kills of actors and drivers.
+"""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.test_extract import vlpcache
+from vlpcache.cache.reader import RegionCache
+from vlpcache.cache.schema import ARRAYS, FAILURE_DIR, SHARD_DIR, SHARD_SUFFIX
+
+FRAMES = ("--frames", 2)
+EXACT = ("labels", "region_mask", "frame_mask", "timestamps", "frame_size", "duration")
+FLOAT16_TOLERANCE = {"rtol": 2e-3, "atol": 2e-3}  # a couple of float16 steps
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    ray = pytest.importorskip("ray", reason='the ray engine needs Ray Data: pip install "vlpcache[ray]"')
+    auth_mode = os.environ.get("RAY_AUTH_MODE")
+    # a local instance turns on token authentication (Ray 2.59+) through RAY_AUTH_MODE in this process's
+    # environment, which the drivers started below inherit, as drivers on a cluster must have it
+    context = ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield context.address_info["address"]
+    ray.shutdown()
+    if auth_mode is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, videos_dir, msrvtt_dir, flickr_dir):
+    """Real videos, photos and frame folders, and every kind of broken input."""
+    from tests.broken_media import make_broken_media
+
+    root = tmp_path_factory.mktemp("media")
+    (root / "clips").mkdir()
+    for name in ("tests_data_test.mp4", "bikes.mp4", "cup.mp4"):
+        shutil.copy(videos_dir / name, root / "clips" / name)
+    for photo in sorted((flickr_dir / "images").iterdir())[:2]:
+        shutil.copy(photo, root / photo.name)
+    for folder in sorted((msrvtt_dir / "frames" / "val").iterdir())[:12]:
+        shutil.copytree(folder, root / "frames" / folder.name)
+    make_broken_media(root / "broken", videos_dir / "cup.mp4")
+    return root
+
+
+@pytest.fixture(scope="module")
+def local(root, tmp_path_factory):
+    work = tmp_path_factory.mktemp("local")
+    vlpcache("extract", root, "-o", work / "cache", *FRAMES, cwd=work)
+    return RegionCache(work / "cache")
+
+
+@pytest.fixture(scope="module")
+def on_ray(root, ray_address, tmp_path_factory):
+    work = tmp_path_factory.mktemp("ray")
+    result = vlpcache("extract", root, "-o", work / "cache", *FRAMES, "--engine", "ray", "--ray-address", ray_address,
+                      cwd=work)
+    return RegionCache(work / "cache"), result
+
+
+def assert_same_cache(ours: RegionCache, reference: RegionCache):
+    """The same items, each once, with equal arrays (floats within float16 tolerance)."""
+    assert len(ours.ids) == len(set(ours.ids))
+    assert sorted(ours.ids) == sorted(reference.ids)
+    for item_id in reference.ids:
+        a, b = ours.get(item_id), reference.get(item_id)
+        assert (a["path"], a["kind"]) == (b["path"], b["kind"])
+        for spec in ARRAYS:
+            if spec.name in EXACT:
+                np.testing.assert_array_equal(a[spec.name], b[spec.name], err_msg=f"{item_id} {spec.name}")
+            else:
+                np.testing.assert_allclose(a[spec.name].astype(np.float32), b[spec.name].astype(np.float32),
+                                           err_msg=f"{item_id} {spec.name}", **FLOAT16_TOLERANCE)
+
+
+def reasons(cache: RegionCache) -> dict[str, tuple[str, str]]:
+    return {item_id: (record["path"], record["reason"]) for item_id, record in cache.failures.items()}
+
+
+def shards(cache_dir: Path) -> dict[str, int]:
+    """Committed shard name -> modification time (ns)."""
+    return {p.name: p.stat().st_mtime_ns for p in (cache_dir / SHARD_DIR).glob(f"*{SHARD_SUFFIX}")}
+
+
+def actor_pids(cache_dir: Path) -> set[int]:
+    """The processes that hold a Ray actor's failure log of this cache open: its detector actors."""
+    prefix = str(cache_dir.resolve() / FAILURE_DIR / "s0of1-ray-")
+    pids = set()
+    for fds in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd).startswith(prefix) for fd in fds.iterdir()):
+                pids.add(int(fds.parent.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return pids
+
+
+def wait_for(condition, timeout=180.0):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return value
+
+
+def start_ray_extract(root: Path, cache_dir: Path, ray_address: str) -> subprocess.Popen:
+    args = [root, "-o", cache_dir, *FRAMES, "--items-per-shard", 3, "--engine", "ray", "--ray-address", ray_address]
+    return subprocess.Popen([sys.executable, "-m", "vlpcache", "extract", *map(str, args)], cwd=cache_dir.parent,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_the_ray_engine_caches_the_same_items_once_with_the_local_engines_features(local, on_ray):
+    cache, result = on_ray
+    assert_same_cache(cache, local)
+    assert f"extract: {len(local)} done" in result.stderr and "Traceback" not in result.stderr
+    names = [p.name for p in (cache.cache_dir / SHARD_DIR).iterdir()]
+    assert names and all(n.startswith("s0of1-ray-") and n.endswith(SHARD_SUFFIX) for n in names)  # none left .tmp
+
+
+def test_the_ray_engine_records_the_same_failures_with_one_line_each(local, on_ray, root):
+    cache, result = on_ray
+    assert reasons(cache) == reasons(local) and len(reasons(local)) >= 8
+    for path, reason in reasons(local).values():
+        assert [line for line in result.stderr.splitlines() if line.startswith(f"{path}: ")] == [f"{path}: {reason}"]
+
+
+def test_inspect_cannot_tell_the_engines_apart(local, on_ray, tmp_path):
+    cache, _ = on_ray
+
+    def summary(cache_dir):
+        described = json.loads(vlpcache("inspect", cache_dir, "--json", cwd=tmp_path).stdout)
+        return {k: v for k, v in described.items() if k not in ("cache", "shards", "size_bytes")}
+
+    assert summary(cache.cache_dir) == summary(local.cache_dir)
+    provenance = set()
+    for shard in [*cache.shard_paths, *local.shard_paths]:
+        with h5py.File(shard, "r") as f:
+            provenance.add(json.dumps({k: str(v) for k, v in f.attrs.items()}, sort_keys=True))
+    assert len(provenance) == 1  # every shard of both caches describes itself alike
+
+
+def test_a_killed_detector_actor_is_restarted_by_ray_and_every_item_lands_once(root, ray_address, local, tmp_path):
+    cache_dir = tmp_path / "cache"
+    driver = start_ray_extract(root, cache_dir, ray_address)
+    try:
+        assert wait_for(lambda: shards(cache_dir) if cache_dir.exists() else None), "no shard committed"
+        (actor,) = actor_pids(cache_dir)
+        committed_before_the_kill = len(RegionCache(cache_dir))
+        os.kill(actor, signal.SIGKILL)
+        _, stderr = driver.communicate(timeout=240)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, stderr
+    assert committed_before_the_kill < len(local), "the kill should land mid-run"
+    cache = RegionCache(cache_dir)
+    assert_same_cache(cache, local)
+    assert reasons(cache) == reasons(local)
+    assert not list((cache_dir / SHARD_DIR).glob("*.tmp"))
+    # the restarted actor keeps its id, hence its writer name: its shards continue one sequence
+    assert len({name.rsplit("-", 1)[0] for name in shards(cache_dir)}) == 1
+
+
+def test_a_driver_killed_with_kill_9_resumes_without_redoing_committed_shards(root, ray_address, local, tmp_path):
+    cache_dir = tmp_path / "cache"
+    driver = start_ray_extract(root, cache_dir, ray_address)
+    try:
+        assert wait_for(lambda: len(shards(cache_dir)) >= 2 if cache_dir.exists() else None), "no shards committed"
+        actors = actor_pids(cache_dir)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        driver.kill()
+    # Ray ends a dead driver's actors; a re-run started while they still write would race with them
+    assert wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in actors), timeout=60)
+    committed = shards(cache_dir)
+    partial = RegionCache(cache_dir)
+    assert 0 < len(partial) < len(local), "the kill should land mid-run"
+
+    again = vlpcache("extract", root, "-o", cache_dir, *FRAMES, "--items-per-shard", 3, "--engine", "ray",
+                     "--ray-address", ray_address, cwd=tmp_path)
+    assert f"{len(partial)} already cached" in again.stderr
+    after = shards(cache_dir)
+    assert {name: after.get(name) for name in committed} == committed  # not rewritten
+    assert_same_cache(RegionCache(cache_dir), local)
+    assert not list((cache_dir / SHARD_DIR).glob("*.tmp"))
+
+
+def test_without_ray_installed_the_ray_engine_is_one_line_naming_the_extra(tmp_path):
+    blocked = ("import sys; sys.modules['ray'] = None; sys.argv = ['vlpcache', 'extract', '.', '--engine', 'ray']; "
+               "from vlpcache.cli import main; main()")
+    result = subprocess.run([sys.executable, "-c", blocked], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ['error: the ray engine needs Ray Data: pip install "vlpcache[ray]" '
+                                                  '(or pip install "ray[data]")']
+    assert not (tmp_path / ".vlpcache").exists()
+
+
+def test_an_address_where_no_ray_head_answers_is_one_line_and_writes_nothing(tmp_path, msrvtt_dir):
+    pytest.importorskip("ray", reason='the ray engine needs Ray Data: pip install "vlpcache[ray]"')
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    result = vlpcache("extract", msrvtt_dir / "frames" / "val", "-o", tmp_path / "cache", "--engine", "ray",
+                      "--ray-address", address, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: --ray-address {address}: no Ray head node")
+    assert not (tmp_path / "cache").exists()

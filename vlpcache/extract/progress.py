@@ -1,0 +1,78 @@
+"""What the driver of `vlpcache extract` counts and shows, whichever engine runs the stages: the
+summary, the progress bar and one line per failed item."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from vlpcache.report import say
+
+
+@dataclass
+class ExtractSummary:
+    done: int = 0
+    skipped_cached: int = 0
+    skipped_failed: int = 0
+    failed: int = 0
+    frames: int = 0
+    seconds: float = 0.0
+    detect_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    load_seconds: float = 0.0  # from the start until the detector was ready (torch import, model loading)
+
+    @property
+    def ok(self) -> bool:
+        """False only when items failed and none of the roots' items is in the cache."""
+        return self.done > 0 or self.skipped_cached > 0 or self.failed == 0
+
+    def line(self) -> str:
+        rate = f"{self.done / self.seconds:.2f} items/s, {self.frames / self.seconds:.1f} frames/s" if self.seconds else "-"
+        return (
+            f"extract: {self.done} done, {self.skipped_cached} already cached, "
+            f"{self.skipped_failed} skipped (failed before; --retry-failed retries), {self.failed} failed, "
+            f"{self.seconds:.1f} s, {rate}; detector loaded after {self.load_seconds:.1f} s, "
+            f"busy {self.detect_seconds:.1f} s, "
+            f"waited {self.wait_seconds:.1f} s for decoded frames"
+        )
+
+
+class ExtractProgress:
+    """The progress bar over `total` items, advanced item by item on the driver; a context manager."""
+
+    def __init__(self, summary: ExtractSummary, total: int, description: str, detector: str, started: float,
+                 quiet: bool):
+        self.summary, self.description, self.started, self.quiet = summary, description, started, quiet
+        self.bar = tqdm(total=total, unit="item", disable=quiet, dynamic_ncols=True,
+                        desc=f"{description} (loading {detector})")
+
+    def ready(self, since: float | None = None) -> None:
+        """The detector is loaded (at wall-clock time `since`, when that was earlier): rates and the
+        ETA count from then."""
+        self.summary.load_seconds = time.monotonic() - self.started
+        self.bar.set_description(self.description)
+        self.bar.reset()
+        if since is not None and not self.bar.disable:
+            self.bar.start_t = min(self.bar.start_t, since)  # tqdm's clock is time.time
+
+    def advance(self, path: str, frames: int, error: str | None) -> None:
+        """One item written (its frames) or recorded as failed (error)."""
+        summary = self.summary
+        if error is not None:
+            summary.failed += 1
+            if not self.quiet:
+                say(f"{path}: {error}")
+        else:
+            summary.done += 1
+            summary.frames += frames
+        self.bar.update(1)
+        elapsed = max(self.bar.format_dict["elapsed"], 1e-9)
+        self.bar.set_postfix_str(f"{summary.frames / elapsed:.1f} frames/s, {summary.failed} failed", refresh=False)
+
+    def __enter__(self) -> "ExtractProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()

@@ -1,0 +1,219 @@
+"""`vlpcache extract --engine ray`: the local engine's stages, placed on a Ray cluster by Ray Data.
+
+The driver plans the run exactly as for the local engine (runner.py: discovery, the resume check;
+progress.py: the progress bar and the summary); this module only decides where the stages run:
+
+    items ──▶ decode tasks (CPU) ──▶ detector actors (one per GPU, or CPU actors) ──▶ rows ──▶ driver
+              FrameReader             RegionMapper + a ShardWriter of their own
+
+- Decoding: Ray tasks of a few items each, each decoding with the local engine's `FrameReader` (one
+  worker process), so a decoder that crashes on a hostile file costs that item a failure record, as
+  with `--engine local`, instead of a task that Ray retries for ever.
+- Detection and writing: a pool of actors, each loading the detector once and running `RegionMapper`
+  with today's batch size. Each actor writes through its own crash-safe `ShardWriter`, named
+  `<shard set>-ray-<actor id>` (`s0of1-ray-6f1c0a2e9b3d`), so actors never collide and the shard set
+  `s{i}of{n}` of `--shard i/n` stays the unit of ownership (the driver's).
+- One shard per actor call: an actor takes a batch of decoded items (at most --items-per-shard and
+  about 256 MB of frames), writes it, commits the shard, and only then returns the batch's rows; a row
+  the driver has seen is on disk. A killed actor thus loses only the call in progress, which Ray
+  retries on the restarted actor: same actor id, same writer name, so the new incarnation removes the
+  unfinished shard and skips items that its previous life committed just before dying.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import socket
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from vlpcache.cache.reader import RegionCache
+from vlpcache.cache.schema import CacheSettings
+from vlpcache.cache.writer import ShardWriter
+from vlpcache.errors import UserError
+from vlpcache.extract.detectors.choice import load_detector
+from vlpcache.extract.detectors.spec import DetectorSpec
+from vlpcache.extract.options import ExtractOptions
+from vlpcache.extract.progress import ExtractProgress, ExtractSummary
+from vlpcache.extract.reader import FrameReader, decoded_items_within_budget
+from vlpcache.extract.sources import Item
+
+RAY_MISSING = 'the ray engine needs Ray Data: pip install "vlpcache[ray]" (or pip install "ray[data]")'
+DECODE_TASK_ITEMS = 64  # items per decoding task at most: one worker process start (about 0.5 s) each
+DECODE_TASKS_PER_CPU = 4  # at least this many tasks per CPU, for balance, where there are items enough
+# memory Ray reserves for each detector actor: the networks, a batch of decoded items and its regions
+# (yolox on CPU: 1.2-1.7 GB resident). Asking for it also keeps Ray Data from fusing the decoding
+# tasks into the actors on CPU, where both would otherwise ask for one CPU and nothing else
+DETECTOR_ACTOR_MEMORY = 2 * 2**30
+
+
+def require_ray():
+    """The ray module, or one line saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise UserError(RAY_MISSING) from None
+    return ray
+
+
+def check_address(address: str | None) -> None:
+    """A HOST:PORT that nothing answers at is one line now: Ray itself would retry it for minutes."""
+    host, _, port = (address or "").rpartition(":")
+    if not host or not port.isdigit() or "://" in host:  # none, auto, or a ray:// client address: Ray's own rules
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise UserError(f"--ray-address {address}: no Ray head node answers there ({err.strerror or err}); start one "
+                        "with `ray start --head`, or leave the address out for a local instance") from None
+
+
+def decode_items(batch: dict[str, np.ndarray], num_frames: int, max_side: int) -> Iterator[dict[str, list]]:
+    """Ray task: decode a block of items, yielding one row per item with its pickled DecodedItem."""
+    items = [Item(str(i), Path(p), str(k)) for i, p, k in zip(batch["id"], batch["path"], batch["kind"])]
+    for decoded in FrameReader(num_frames, max_side, workers=1)(items):
+        yield {"decoded": [pickle.dumps(decoded, protocol=pickle.HIGHEST_PROTOCOL)]}
+
+
+class RegionShardActor:
+    """One detector actor: each call detects a batch of decoded items, writes them into one shard
+    of its own, commits it, and returns one row per item (id, path, frames, error) to the driver."""
+
+    def __init__(self, cache_dir: str, settings: dict, spec: DetectorSpec, device: str, batch_size: int,
+                 score_threshold: float, shard_set: str):
+        import ray
+
+        from vlpcache.extract.mapper import RegionMapper  # imports torch: in the actor only
+
+        context = ray.get_runtime_context()
+        settings = CacheSettings.from_json(settings)
+        # the actor id survives a restart: the new incarnation takes over its writer name, which
+        # removes the unfinished shard of the killed one (ShardWriter) and lets the retried call skip
+        # what the killed one committed between its last commit and returning
+        name = f"{shard_set}-ray-{context.get_actor_id()[:12]}"
+        self.writer = ShardWriter(Path(cache_dir), settings, writer_name=name, max_items=sys.maxsize,
+                                  max_seconds=math.inf)  # commits at the end of each call only
+        with warnings.catch_warnings():  # Ray 2.60 warns about its own use of a deprecated property here
+            warnings.simplefilter("ignore")
+            reconstructed = context.was_current_actor_reconstructed
+        self.committed = RegionCache(cache_dir) if reconstructed else None
+        self.mapper = RegionMapper(load_detector(spec, device, score_threshold), settings, batch_size)
+        self.ready_at = time.time()
+        self.idle_since = time.perf_counter()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        waited = time.perf_counter() - self.idle_since
+        detect_before = self.mapper.detect_seconds
+        rows, fresh = [], []
+        for decoded in (pickle.loads(b) for b in batch["decoded"]):
+            if self.committed is not None and decoded.item.id in self.committed:
+                rows.append((decoded.item, int(self.committed.get(decoded.item.id)["frame_mask"].sum()), ""))
+            else:
+                fresh.append(decoded)
+        for result in self.mapper(fresh):
+            rows.append((result.decoded.item, result.write(self.writer), result.error or ""))
+        self.writer.commit()  # before the rows leave: whatever the driver counts is on disk
+        self.idle_since = time.perf_counter()
+        first = np.arange(len(rows)) == 0  # the call's timings ride on its first row
+        return {
+            "id": np.array([item.id for item, _, _ in rows], dtype=object),
+            "path": np.array([str(item.path) for item, _, _ in rows], dtype=object),
+            "frames": np.array([frames for _, frames, _ in rows], dtype=np.int64),
+            "error": np.array([error for _, _, error in rows], dtype=object),
+            "detect_seconds": np.where(first, self.mapper.detect_seconds - detect_before, 0.0),
+            "wait_seconds": np.where(first, waited, 0.0),
+            "ready_at": np.full(len(rows), self.ready_at),
+        }
+
+
+def run_on_ray(todo: list[Item], spec: DetectorSpec, writer: ShardWriter, options: ExtractOptions,
+               summary: ExtractSummary, started: float) -> None:
+    """Run `todo` through decode tasks and detector actors on the Ray cluster at --ray-address (None:
+    $RAY_ADDRESS, else a new local instance), advancing the driver's progress bar row by row. The
+    driver's `writer` writes nothing here: the actors write, each through a writer of its own."""
+    ray = require_ray()
+    if options.workers == 0:
+        raise UserError("--workers 0 (decoding in the detector's process) is for --engine local")
+    started_here = _connect(ray, options.ray_address)
+    try:
+        dataset = _pipeline(ray, todo, spec, writer, options)
+        with ExtractProgress(summary, len(todo), options.description(), spec.detector, started,
+                             options.quiet) as progress:
+            _collect(dataset, progress, summary, started)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _connect(ray, address: str | None) -> bool:
+    """Join the cluster (or start a local instance); True when this call started Ray."""
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines beside our bar
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": ours show
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except ConnectionError as err:
+        raise UserError(f"--ray-address {address}: {str(err).rstrip('.')}; start the cluster with `ray start --head` "
+                        "or leave the address out for a local instance; a cluster with token authentication also "
+                        "needs RAY_AUTH_MODE=token and its token here (~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
+    return True
+
+
+def _pipeline(ray, todo: list[Item], spec: DetectorSpec, writer: ShardWriter, options: ExtractOptions):
+    """decode tasks -> detector actor pool, as a lazy Ray Dataset of result rows."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the driver's own bar counts items
+    context.print_on_execution_start = False
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if options.device == "cuda" and not gpus:
+        raise UserError("--device cuda: the Ray cluster has no GPU; use --device cpu or auto")
+    if options.device != "cpu" and gpus:
+        actor_device, actors, resources = "cuda", gpus, {"num_gpus": 1}
+    else:  # one CPU actor per node: the detector's own threads use the node's cores
+        actor_device, actors, resources = "cpu", sum(1 for n in ray.nodes() if n["Alive"]), {}
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    tasks = min(len(todo), max(DECODE_TASKS_PER_CPU * cpus, -(-len(todo) // DECODE_TASK_ITEMS)))
+    rows = [{"id": item.id, "path": str(item.path.absolute()), "kind": item.kind} for item in todo]
+    spec = replace(spec, detector_file=spec.detector_file and spec.detector_file.absolute(),  # for workers whose
+                   backbone_file=spec.backbone_file and spec.backbone_file.absolute())  # current directory differs
+    actor_items = min(options.items_per_shard, decoded_items_within_budget(spec.max_side, options.frames))
+    return (
+        ray.data.from_items(rows, override_num_blocks=tasks)
+        .map_batches(decode_items, batch_size=None, batch_format="numpy", num_cpus=1,
+                     fn_kwargs={"num_frames": options.frames, "max_side": spec.max_side},
+                     compute=ray.data.TaskPoolStrategy(size=options.workers) if options.workers else None)
+        .map_batches(RegionShardActor, batch_size=actor_items, batch_format="numpy",
+                     compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, memory=DETECTOR_ACTOR_MEMORY,
+                     **resources,
+                     fn_constructor_kwargs={
+                         "cache_dir": str(writer.cache_dir.absolute()), "settings": writer.settings.to_json(),
+                         "spec": spec,
+                         "device": actor_device, "batch_size": options.detector_batch_size(actor_device),
+                         "score_threshold": options.score_threshold, "shard_set": options.shard_set()})
+    )
+
+
+def _collect(dataset, progress: ExtractProgress, summary: ExtractSummary, started: float) -> None:
+    """Advance the progress bar and the summary with each row as the actors return it."""
+    started_at = time.time() - (time.monotonic() - started)
+    first = True
+    for row in dataset.iter_rows():
+        if first:
+            progress.ready(since=row["ready_at"])  # rates count from the first actor being ready
+            first = False
+        summary.load_seconds = min(summary.load_seconds, row["ready_at"] - started_at)  # the first actor ready
+        summary.detect_seconds += row["detect_seconds"]
+        summary.wait_seconds += row["wait_seconds"]
+        progress.advance(row["path"], int(row["frames"]), row["error"] or None)
