@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from weights_server import WeightsServer
 
 from vlpcache.errors import UserError
+from vlpcache.extract.detectors.models_folder import verify_weights
 from vlpcache.extract.detectors.weights import (
     MOBILENET_FILE,
     REGISTRY,
@@ -25,11 +27,9 @@ from vlpcache.extract.detectors.weights import (
     check_yolox_file,
     fetch,
     fetch_from,
-    verify_weights,
     weights_file,
 )
 from vlpcache.files import file_sha256
-from weights_server import WeightsServer
 
 RELEASE_NAME = "yolox_nano.onnx"  # the name YOLOX publishes the file under
 
@@ -104,9 +104,11 @@ def test_a_kill_during_download_leaves_no_file_that_passes_for_whole(server, mod
     assert "missing" in cli("models", "verify", "--models", folder).stdout
 
     server.delay = 0.0
+    left = folder / f".{YOLOX_FILE}.{victim.pid}.tmp"
+    os.utime(left, (time.time() - 3600, time.time() - 3600))  # an hour later: it stopped growing long ago
     path = weights_file(YOLOX_FILE, folder)  # the dead process's temporary is never taken for the file
     assert file_sha256(path) == file_sha256(models_dir / YOLOX_FILE)
-    assert [p.name for p in folder.iterdir()] == [YOLOX_FILE]
+    assert [p.name for p in folder.iterdir()] == [YOLOX_FILE]  # and it is gone
 
 
 @pytest.mark.parametrize("variable", ["VLPCACHE_OFFLINE", "HF_HUB_OFFLINE"])

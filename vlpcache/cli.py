@@ -119,7 +119,7 @@ def models_group() -> None:
 @json_option("Print the list as JSON.")
 def models_list(models, as_json) -> None:
     """Each weights file: present or missing, size, sha256, sources, licence."""
-    from vlpcache.extract.detectors.weights import list_weights
+    from vlpcache.extract.detectors.models_folder import list_weights
 
     list_weights(models, as_json=as_json)
 
@@ -129,7 +129,7 @@ def models_list(models, as_json) -> None:
 @models_option
 def models_fetch(names, models) -> None:
     """Fetch the missing weights files NAMES (default: all) into the models folder, verified."""
-    from vlpcache.extract.detectors.weights import fetch_weights
+    from vlpcache.extract.detectors.models_folder import fetch_weights
 
     fetch_weights(names, models)
 
@@ -138,7 +138,7 @@ def models_fetch(names, models) -> None:
 @models_option
 def models_verify(models) -> None:
     """Check every weights file: sha256 against the known files, structure (inputs, outputs, shapes)."""
-    from vlpcache.extract.detectors.weights import verify_weights
+    from vlpcache.extract.detectors.models_folder import verify_weights
 
     sys.exit(0 if verify_weights(models) else 1)
 
