@@ -111,6 +111,22 @@ def test_a_kill_during_download_leaves_no_file_that_passes_for_whole(server, mod
     assert [p.name for p in folder.iterdir()] == [YOLOX_FILE]  # and it is gone
 
 
+def test_a_models_folder_that_cannot_take_the_file_is_one_line_naming_it(server, tmp_path):
+    def small_files():  # files above 1 MB cannot be written, as on a full disk (EFBIG instead of ENOSPC)
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    folder = tmp_path / "models"
+    result = subprocess.run([sys.executable, "-m", "vlpcache", "models", "fetch", "--models", str(folder)],
+                            capture_output=True, text=True, timeout=120, preexec_fn=small_files)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {folder}: cannot write {YOLOX_FILE} (File too large)") and "--models DIR" in line
+    assert list(folder.iterdir()) == [] and server.requests == 1
+
+
 @pytest.mark.parametrize("variable", ["VLPCACHE_OFFLINE", "HF_HUB_OFFLINE"])
 def test_offline_extract_is_one_line_naming_the_source_and_the_fetch_command(server, videos_dir, tmp_path, variable):
     result = cli("extract", videos_dir / "tests_data_test.mp4", "-o", tmp_path / "cache", "--models", tmp_path / "empty",

@@ -22,6 +22,7 @@ a Hugging Face repository is a HubFile source, e.g. for a Visual Genome Faster R
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import os
 import shutil
@@ -41,7 +42,8 @@ YOLOX_FILE = "yolox_nano_coco.onnx"
 MOBILENET_FILE = "mobilenet_v2_imagenet_features.pth"
 FETCH_COMMAND = "vlpcache models fetch"
 STALE_AFTER_S = 600  # a temporary that has not grown for this long belongs to a dead download
-DISK_ERRORS = {28, 122, 30, 13, 1}  # ENOSPC, EDQUOT, EROFS, EACCES, EPERM: the folder's problem, not the source's
+# the models folder's problem, not the source's: one line naming the folder, no other source tried
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @dataclass(frozen=True)
