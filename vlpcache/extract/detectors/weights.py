@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Protocol
 
-from vlpcache.downloads import Damaged, Unavailable, download, offline_variable
+from vlpcache.downloads import Damaged, Unavailable, download, offline_variable, source_url
 from vlpcache.errors import UserError
 from vlpcache.files import file_sha256, replace_atomically
 from vlpcache.report import say
@@ -81,7 +81,7 @@ class Download:
     def obtain(self, target: Path, tmp: Path, offline: bool, progress: bool | None) -> None:
         if offline:
             raise Unavailable("downloads are off")
-        say(f"downloading {target.name} from {self.url}")
+        say(f"downloading {target.name} from {source_url(self.url)}")
         download(self.url, tmp, target.name, progress)
 
 
@@ -98,13 +98,13 @@ class PackageFile:
     verbatim: ClassVar[bool] = False
 
     def describe(self) -> str:
-        return f"PyPI package {self.distribution} (pip install {self.distribution})"
+        return f"PyPI package {self.distribution}"
 
     def obtain(self, target: Path, tmp: Path, offline: bool, progress: bool | None) -> None:
         try:
             shipped = Path(importlib.metadata.distribution(self.distribution).locate_file(self.path))
         except importlib.metadata.PackageNotFoundError:
-            raise Unavailable("not installed") from None
+            raise Unavailable(f"not installed (pip install {self.distribution})") from None
         if not shipped.is_file() or file_sha256(shipped) != self.sha256:
             raise Unavailable(f"{shipped} is missing or not the pinned file (sha256 {self.sha256[:12]}…)")
         convert(self.convert, shipped, target.name, tmp)
@@ -312,7 +312,7 @@ def fetch(entry: WeightsFile, folder: Path, progress: bool | None = None) -> Pat
     if offline:
         sources = " or ".join(source.describe() for source in entry.sources)
         raise UserError(f"weights file {entry.name} not found in {folder} and downloads are off ({offline}=1): run "
-                        f"`{FETCH_COMMAND} --models DIR` on a machine with network (it fetches {sources}) and copy DIR "
+                        f"`{FETCH_COMMAND} --models DIR` on a machine with network (source: {sources}) and copy DIR "
                         f"here, or {MODEL_FILES_HINT}")
     raise UserError(f"weights file {entry.name} not found in {folder} and could not be fetched ({'; '.join(problems)}): "
                     f"run `{FETCH_COMMAND} --models DIR` where there is network and copy DIR here, or {MODEL_FILES_HINT}")
@@ -329,8 +329,8 @@ def fetch_from(entry: WeightsFile, source: Source, path: Path, offline: bool, pr
             except OSError as err:
                 if err.errno not in DISK_ERRORS:
                     raise
-                raise UserError(f"{path.parent}: cannot write {entry.name} ({err.strerror}); free space there "
-                                f"or {MODEL_FILES_HINT}") from None
+                raise UserError(f"{path.parent}: cannot write {entry.name} ({err.strerror}); free space there or "
+                                f"choose another folder with --models DIR or VLPCACHE_MODELS") from None
             known = entry.known_as(file_sha256(path))
             say(f"{path}: from {source.describe()}, " + (f"sha256 matches {known.origin}" if known else "structure checked"))
             return None
