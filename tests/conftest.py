@@ -8,9 +8,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VLPCACHE_SHARED", REPO.parent / "shared")).resolve()
 
-# tests (and the CLI subprocesses they start) use the offline weights in shared/models
+# tests (and the CLI subprocesses they start) use the offline weights in shared/models and never
+# download weights: the tests of fetching lift this and point downloads at a server on 127.0.0.1
 if (SHARED / "models").exists():
     os.environ.setdefault("VLPCACHE_MODELS", str(SHARED / "models"))
+os.environ.setdefault("VLPCACHE_OFFLINE", "1")
 
 
 def _need(path: Path) -> Path:

@@ -102,6 +102,8 @@ def test_functions_fit_on_a_screen_or_two():
 
 def test_the_command_line_and_torch_free_modules_load_without_torch():
     light = ["vlpcache.cli", "vlpcache.cache.inspect", "vlpcache.cache.labels", "vlpcache.extract.detectors.spec",
+             "vlpcache.extract.detectors.weights", "vlpcache.extract.detectors.models_folder",
+             "vlpcache.extract.detectors.yolox_graph", "vlpcache.downloads",
              "vlpcache.extract.options", "vlpcache.extract.render", "vlpcache.model.run_layout",
              "vlpcache.index.layout", "vlpcache.index.search", "vlpcache.serve.app", "vlpcache.serve.command",
              "vlpcache.serve.thumbnails"]

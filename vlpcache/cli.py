@@ -40,6 +40,7 @@ def cli() -> None:
     vlpcache search "person cuts onion"      ranked videos with times and matching regions
     vlpcache serve                           the same search as a page in the browser
     vlpcache index / eval / inspect          build the index; R@K on a caption file; look at a cache
+    vlpcache models list|fetch|verify        the detector weights (fetched on first use)
     """
 
 
@@ -51,6 +52,8 @@ run_option = click.option("--run", "run_dir", type=click.Path(), help="Run direc
 cache_option = click.option("--cache", "cache_dir", type=click.Path(), help="Region cache [default: .vlpcache/cache].")
 index_option = click.option("--index", "index_dir", type=click.Path(),
                             help="Index directory [default: .vlpcache/index; built on first use].")
+models_option = click.option("--models", "models", type=click.Path(),
+                             help="Folder of detector weights [env VLPCACHE_MODELS, else ~/.cache/vlpcache/models].")
 checkpoint_option = click.option("--checkpoint", default=None,
                                  help="best, last or an epoch [default: best by validation, else last].")
 
@@ -82,7 +85,7 @@ def backbone_help() -> str:
 @click.option("--detector", default=ExtractOptions.detector, show_default=True, type=click.Choice(DETECTORS))
 @click.option("--backbone", default=None, help=backbone_help())
 @click.option("--weights", type=click.Path(), help="frcnn: a state dict file (.pth or .safetensors) instead of torchvision's COCO weights.")
-@click.option("--models", "models", type=click.Path(), help="Folder of offline weights [env VLPCACHE_MODELS].")
+@models_option
 @device_option
 @click.option("--batch-size", default=None, type=click.IntRange(1),
               help=f"Frames per detector batch [default: {CPU_BATCH_SIZE} on CPU, {CUDA_BATCH_SIZE} on CUDA].")
@@ -110,6 +113,41 @@ def extract(**options) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0 if summary.ok else 1)
+
+
+@cli.group(name="models")
+def models_group() -> None:
+    """The detectors' weight files: fetched into the models folder on first use, verified; offline with
+    VLPCACHE_OFFLINE=1 (copy a folder made by `vlpcache models fetch` on a machine with network)."""
+
+
+@models_group.command(name="list")
+@models_option
+@json_option("Print the list as JSON.")
+def models_list(models, as_json) -> None:
+    """Each weights file: present or missing, size, sha256, sources, licence."""
+    from vlpcache.extract.detectors.models_folder import list_weights
+
+    list_weights(models, as_json=as_json)
+
+
+@models_group.command(name="fetch")
+@click.argument("names", nargs=-1)
+@models_option
+def models_fetch(names, models) -> None:
+    """Fetch the missing weights files NAMES (default: all) into the models folder, verified."""
+    from vlpcache.extract.detectors.models_folder import fetch_weights
+
+    fetch_weights(names, models)
+
+
+@models_group.command(name="verify")
+@models_option
+def models_verify(models) -> None:
+    """Check every weights file: sha256 against the known files, structure (inputs, outputs, shapes)."""
+    from vlpcache.extract.detectors.models_folder import verify_weights
+
+    sys.exit(0 if verify_weights(models) else 1)
 
 
 @cli.command()

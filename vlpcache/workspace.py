@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vlpcache.errors import UserError
 from vlpcache.records import read_optional_json, write_json
 
 ROOTS_NAME = "roots.json"
@@ -66,11 +65,3 @@ def models_dir(option: str | os.PathLike | None = None) -> Path:
         return Path(os.environ["VLPCACHE_MODELS"])
     return Path.home() / ".cache" / "vlpcache" / "models"
 
-
-def model_file(name: str, option: str | os.PathLike | None = None) -> Path:
-    """Path of a weights file in the models folder, or one clear error naming it and where to put it."""
-    folder = models_dir(option)
-    path = folder / name
-    if not path.is_file():
-        raise UserError(f"weights file {name} not found in {folder}; put it there, or {MODEL_FILES_HINT}")
-    return path

@@ -31,7 +31,7 @@ def choose_detector(detector: str, backbone: str | None, weights: str | None, mo
         arch = check_architecture(backbone or DEFAULT_FRCNN_ARCH)
         if weights:
             return frcnn_spec(arch, Path(weights).expanduser())
-        from vlpcache.extract.detectors.frcnn import fetch_torchvision_weights  # torch.hub finds the file
+        from vlpcache.extract.detectors.weights import fetch_torchvision_weights  # torch.hub finds the file
 
         return frcnn_spec(arch, fetch_torchvision_weights(arch, "DEFAULT"))
     raise UserError(f"unknown detector {detector!r}; choose from {', '.join(DETECTORS)}")

@@ -14,8 +14,6 @@ builds the architecture with random weights (tests).
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,6 +36,7 @@ from vlpcache.extract.detectors.spec import (
     existing_weights_file,
     frcnn_spec,
 )
+from vlpcache.extract.detectors.weights import fetch_torchvision_weights
 
 NOT_COCO = -100  # background and the "N/A" gaps of torchvision's 91-way COCO label space
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -79,33 +78,6 @@ def _weights_enum(arch: str):
     from torchvision.models import get_model_weights
 
     return get_model_weights(arch)
-
-
-def _hub_checkpoint(url: str) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-
-
-def fetch_torchvision_weights(arch: str, name: str) -> Path:
-    """The file of torchvision weights `name` for `arch`: from the torch hub cache, downloaded there
-    when online; one clear UserError otherwise."""
-    enum = _weights_enum(arch)
-    try:
-        weights = enum.verify(name)
-    except (KeyError, ValueError):
-        choices = ", ".join(enum.__members__)
-        raise UserError(f"unknown weights {name!r} for {arch}; choose from {choices} or pass --weights FILE") from None
-    path = _hub_checkpoint(weights.url)
-    if not path.is_file():
-        try:
-            torch.hub.load_state_dict_from_url(weights.url, progress=sys.stderr.isatty(), check_hash=True,
-                                               map_location="cpu", weights_only=True)
-        except Exception as err:  # offline, proxy, hash mismatch: the user needs the file, not a traceback
-            reason = str(getattr(err, "reason", err)).strip() or type(err).__name__
-            raise UserError(
-                f"cannot download {arch} weights ({reason}): put {path.name} (from {weights.url}) "
-                f"in {path.parent}/ or pass --weights FILE"
-            ) from None
-    return path
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:

@@ -14,13 +14,11 @@ from pathlib import Path
 from vlpcache.cache.schema import NMS_IOU, CacheSettings
 from vlpcache.errors import UserError
 from vlpcache.files import file_sha256
-from vlpcache.workspace import model_file
+from vlpcache.extract.detectors.weights import MOBILENET_FILE, YOLOX_FILE, weights_file
 
 DETECTORS = ("yolox", "frcnn")
 
 # yolox: YOLOX-Nano (ONNX) boxes; features from an ImageNet MobileNetV2 trunk and/or YOLOX's neck maps
-YOLOX_FILE = "yolox_nano_coco.onnx"
-MOBILENET_FILE = "mobilenet_v2_imagenet_features.pth"
 YOLOX_INPUT_SIZE = 416  # YOLOX-Nano's input side; frames are letterboxed to it
 MOBILENET_DIM = 1280
 NECK_DIMS = (64, 128, 256)  # YOLOX-Nano neck maps at strides 8, 16, 32
@@ -71,10 +69,11 @@ def yolox_feature_dim(backbone: str) -> int:
 
 
 def yolox_spec(backbone: str, models: str | None) -> DetectorSpec:
-    """The yolox detector with `backbone`, its files found in the models folder and hashed."""
+    """The yolox detector with `backbone`, its files found in the models folder (fetched there on first
+    use, see weights.py) and hashed."""
     feature_dim = yolox_feature_dim(backbone)
-    yolox = model_file(YOLOX_FILE, models)
-    mobilenet = model_file(MOBILENET_FILE, models) if "mobilenet_v2" in backbone else None
+    yolox = weights_file(YOLOX_FILE, models)
+    mobilenet = weights_file(MOBILENET_FILE, models) if "mobilenet_v2" in backbone else None
     yolox_sha256 = file_sha256(yolox)
     provenance = {
         "detector": f"yolox:{YOLOX_FILE}",

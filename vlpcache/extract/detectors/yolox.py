@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from vlpcache.cache.schema import NMS_IOU, SCORE_THRESHOLD
-from vlpcache.errors import UserError
+from vlpcache.extract.detectors.mobilenet import mobilenet_trunk
 from vlpcache.extract.detectors.regions import FrameRegions, select_detections, with_frame_region
 from vlpcache.extract.detectors.spec import (  # noqa: F401  (file names: bench and tests import them from here)
     DEFAULT_YOLOX_BACKBONE,
@@ -75,18 +75,6 @@ def _onnx_session(model_bytes: bytes, device: str, threads: int):
     return ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
 
 
-def _mobilenet_trunk(path: Path) -> torch.nn.Module:
-    from torchvision.models import mobilenet_v2
-
-    trunk = mobilenet_v2(weights=None).features
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        trunk.load_state_dict(state)
-    except Exception as err:  # a wrong or damaged file: say which, not a torch traceback
-        raise UserError(f"{path}: not a MobileNetV2 features state dict ({type(err).__name__}: {err})") from None
-    return trunk.eval()
-
-
 class NormalisedTrunk(torch.nn.Module):
     """MobileNetV2 trunk reading YOLOX's input: (B, 3, H, W) BGR 0-255 -> (B, 1280, H/32, W/32).
 
@@ -113,7 +101,7 @@ def _mobilenet_onnx(path: Path, sha256: str) -> bytes:
     cached = Path.home() / ".cache" / "vlpcache" / "onnx" / f"mobilenet_v2_features-{sha256[:16]}-v3.onnx"
     if cached.is_file():
         return cached.read_bytes()
-    trunk = NormalisedTrunk(_mobilenet_trunk(path)).eval()
+    trunk = NormalisedTrunk(mobilenet_trunk(path)).eval()
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -227,7 +215,7 @@ class YoloxDetector:
 
         self.graph = yolox_torch_module(self.spec.detector_file, with_neck=self.use_neck).to(self.device)
         if self.use_mobilenet:
-            self.trunk = NormalisedTrunk(_mobilenet_trunk(self.spec.backbone_file)).eval().to(self.device)
+            self.trunk = NormalisedTrunk(mobilenet_trunk(self.spec.backbone_file)).eval().to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 

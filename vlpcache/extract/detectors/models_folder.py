@@ -1,0 +1,87 @@
+"""`vlpcache models list | fetch | verify`: the registered weights files as the models folder holds them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlpcache.errors import UserError
+from vlpcache.extract.detectors.weights import (
+    FETCH_COMMAND,
+    REGISTRY,
+    WeightsFile,
+    fetch,
+)
+from vlpcache.files import file_sha256
+from vlpcache.report import say
+from vlpcache.workspace import models_dir
+
+
+def registered(names: tuple[str, ...] | list[str]) -> list[WeightsFile]:
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise UserError(f"unknown weights file {', '.join(unknown)}; registered: {', '.join(REGISTRY)}")
+    return [REGISTRY[n] for n in names] if names else list(REGISTRY.values())
+
+
+def file_state(entry: WeightsFile, folder: Path) -> dict:
+    """What `models list` says of one file."""
+    path = folder / entry.name
+    state = {"name": entry.name, "path": str(path), "present": path.is_file(), "what": entry.what,
+             "licence": entry.licence, "sources": [s.describe() for s in entry.sources],
+             "known": [{"sha256": k.sha256, "size": k.size, "origin": k.origin} for k in entry.known]}
+    if state["present"]:
+        sha256 = file_sha256(path)
+        known = entry.known_as(sha256)
+        state |= {"size": path.stat().st_size, "sha256": sha256, "origin": known.origin if known else None}
+    return state
+
+
+def list_weights(models: str | None = None, as_json: bool = False) -> None:
+    """`vlpcache models list`: each registered file, present or missing, size, sha256, source, licence."""
+    folder = models_dir(models)
+    states = [file_state(entry, folder) for entry in REGISTRY.values()]
+    if as_json:
+        print(json.dumps({"folder": str(folder), "files": states}, indent=2))
+        return
+    print(f"models folder: {folder}")
+    for state in states:
+        if state["present"]:
+            origin = state["origin"] or "sha256 not among the known files"
+            print(f"{state['name']}  present  {state['size'] / 1e6:.1f} MB  sha256 {state['sha256']}  ({origin})")
+        else:
+            sizes = " or ".join(dict.fromkeys(f"{k['size'] / 1e6:.1f} MB" for k in state["known"])) or "size unknown"
+            print(f"{state['name']}  missing  (about {sizes}; `{FETCH_COMMAND}` gets it)")
+        print(f"    {state['what']}; licence {state['licence']}")
+        print(f"    sources: {'; '.join(state['sources'])}")
+
+
+def fetch_weights(names: tuple[str, ...] = (), models: str | None = None) -> None:
+    """`vlpcache models fetch [NAME...]`: fetch the missing files (all registered ones by default)."""
+    folder = models_dir(models)
+    for entry in registered(names):
+        if (folder / entry.name).is_file():
+            say(f"{folder / entry.name}: present")
+        else:
+            fetch(entry, folder)
+
+
+def verify_weights(models: str | None = None) -> bool:
+    """`vlpcache models verify`: each file's sha256 against the known ones and its structure; True if all are right."""
+    folder = models_dir(models)
+    right = True
+    for entry in REGISTRY.values():
+        path = folder / entry.name
+        if not path.is_file():
+            print(f"{entry.name}: missing (`{FETCH_COMMAND}` gets it)")
+            right = False
+            continue
+        known = entry.known_as(file_sha256(path))
+        try:
+            entry.check(path)
+        except ValueError as err:
+            print(f"{entry.name}: WRONG: {err}")
+            right = False
+            continue
+        print(f"{entry.name}: ok, " + (f"sha256 matches {known.origin}" if known else "structure checked (sha256 not among the known files)"))
+    return right
