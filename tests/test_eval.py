@@ -81,3 +81,26 @@ def test_reranked_candidates_stay_above_the_rest_in_their_new_order():
     local = -2 * similarity[0, top[0]][None]  # global + 1 * local reverses the top 2
     order = list(np.argsort(-reranked(similarity, top, local, 1.0)[0]))
     assert order == [1, 0, 2, 3]
+
+
+def test_qbnorm_ranks_with_a_bank_of_the_runs_training_captions_and_dual_softmax_is_labelled_eval_only(
+        root, ws, monkeypatch, capsys):
+    from vlpcache.querybank import QueryBank
+
+    results = eval_json(monkeypatch, capsys, "--captions", root / "val.jsonl", "--qbnorm", "--dual-softmax",
+                        "--rerank-candidates", "0")
+    # the same ranking from the bank computed here, from the training file itself
+    run, cache = load_run(ws / "runs" / "run-001"), RegionCache(ws / "cache")
+    val = read_captions(root / "val.jsonl").by_id
+    bank_texts = sorted({c for texts in read_captions(root / "train.jsonl").by_id.values() for c in texts})
+    assert results["protocol"]["qbnorm"]["bank"] == len(bank_texts)
+    ids = [i for i in cache.ids if i in val]
+    with torch.inference_mode():
+        video = run.model.encode_video(**video_batch([cache.get(i) for i in ids])).global_.numpy()
+        text = run.model.encode_text(*tokenize(run.tokenizer, [val[i][0] for i in ids], run.config.max_words)).global_
+        bank = run.model.encode_text(*tokenize(run.tokenizer, bank_texts, run.config.max_words)).global_.numpy()
+    expected = retrieval_metrics(QueryBank.build(bank, video).normalise(text.numpy() @ video.T), np.arange(len(ids)))
+    assert results["text_to_video_qbnorm"] == pytest.approx(expected, abs=1e-6)
+    assert {"R@1", "MdR"} <= set(results["text_to_video_dual_softmax"])
+    code, out, _ = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl", "--quiet", "--dual-softmax")
+    assert "dual softmax (eval only" in out

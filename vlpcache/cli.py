@@ -264,6 +264,8 @@ def serve(**options) -> None:
 @run_option
 @cache_option
 @click.option("--all-captions", is_flag=True, help="Every caption is a query (default: the first caption of each video).")
+@click.option("--qbnorm", is_flag=True, help="Also rank by query-bank normalisation (bank: the run's training captions).")
+@click.option("--dual-softmax", is_flag=True, help="Also report dual softmax (needs all test queries at once: eval only).")
 @click.option("--rerank-candidates", default=RERANK_CANDIDATES, show_default=True, type=click.IntRange(0),
               help="Top candidates per query re-ranked by region-word score (0: no re-rank).")
 @json_option("Print the metrics as JSON.")

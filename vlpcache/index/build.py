@@ -19,6 +19,7 @@ from vlpcache.index.export import export_embeddings
 from vlpcache.index.faiss_index import VideoIndex, choose_factory
 from vlpcache.index.layout import DEFAULT_MEMORY_BUDGET_MB, META_FILE, IndexConfig, IndexMeta, check_same_source, read_meta
 from vlpcache.model.run_layout import latest_run
+from vlpcache.querybank import BETA, TOP_K, QueryBank, bank_captions
 from vlpcache.report import Say, say, sayer
 from vlpcache.workspace import Workspace
 
@@ -120,6 +121,29 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
     export_for_search(run, index_dir, say)
     say(f"index {index_dir}: {len(index)} items; {encoded}; {how}")
     return index
+
+
+def run_query_bank(run, videos: np.ndarray, device, batch_size: int, beta: float = BETA, k: int = TOP_K,
+                   progress: bool = True, say: Say = say) -> QueryBank | None:
+    """QB-Norm state of `videos` (C, E) with a bank of the run's own training captions (the files its
+    config names, held-out splits left out), encoded by the run; None when none of them can be read."""
+    from vlpcache.captions import read_captions
+    from vlpcache.model.data import held_out
+    from vlpcache.model.retrieval import encode_texts
+    from vlpcache.model.run_layout import read_run_config
+
+    captions = []
+    for path in read_run_config(run.run_dir).get("train", {}).get("captions", []):
+        try:
+            training, _ = held_out(read_captions(path), keep_held_out=False)
+        except UserError as err:
+            say(f"note: query bank: {err}; left out")
+            continue
+        captions += [c for texts in training.by_id.values() for c in texts]
+    if not captions:
+        return None
+    bank = encode_texts(run.model, run.tokenizer, bank_captions(captions), device, batch_size, progress=progress)
+    return QueryBank.build(bank.global_.numpy(), videos, beta, k)
 
 
 def export_for_search(run, index_dir: Path, say) -> None:

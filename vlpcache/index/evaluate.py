@@ -22,13 +22,18 @@ from pathlib import Path
 from vlpcache.captions import caption_queries, read_captions
 from vlpcache.devices import resolve_device
 from vlpcache.errors import UserError
-from vlpcache.index.build import check_run_reads_cache, open_cache, resolve_sources
+from vlpcache.index.build import check_run_reads_cache, open_cache, resolve_sources, run_query_bank
 from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics
+from vlpcache.querybank import dual_softmax
 
 
 def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: bool, device, batch_size: int,
-             rerank_candidates: int = RERANK_CANDIDATES, progress: bool = True) -> dict:
-    """Retrieval metrics over the cached videos in captions_by_id (insertion order = candidate order)."""
+             rerank_candidates: int = RERANK_CANDIDATES, progress: bool = True, qbnorm: bool = False,
+             dual: bool = False) -> dict:
+    """Retrieval metrics over the cached videos in captions_by_id (insertion order = candidate order).
+
+    qbnorm adds text->video ranked by query-bank normalisation (the run's training captions as bank),
+    dual the dual-softmax figure, which needs every test query at once (no search can do it)."""
     from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
 
     ids = list(captions_by_id)
@@ -54,7 +59,14 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
         top, local = candidate_local_scores(text, video, t2v.T, lam, rerank_candidates, texts_are_queries=False,
                                             progress=progress)
         results["video_to_text_rerank"] = retrieval_metrics(reranked(t2v.T, top, local, weight), video_texts)
-    results["protocol"] = {
+    if qbnorm:
+        bank = run_query_bank(run, video.global_.numpy(), device, batch_size, progress=progress)
+        if bank is not None:
+            results["text_to_video_qbnorm"] = retrieval_metrics(bank.normalise(t2v), text_video)
+            results["protocol"] = {"qbnorm": {"bank": len(bank.bank), "beta": bank.beta, "k": bank.k}}
+    if dual:
+        results["text_to_video_dual_softmax"] = retrieval_metrics(dual_softmax(t2v), text_video)
+    results["protocol"] = {**results.get("protocol", {}),
         "videos": len(ids),
         "queries": len(texts),
         "captions_per_video": "all" if all_captions else "first",
@@ -65,23 +77,25 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
 
 
 def format_results(results: dict) -> str:
-    header = f"{'':22s}{'R@1':>7s}{'R@5':>7s}{'R@10':>7s}{'MdR':>7s}{'MnR':>8s}"
-    lines = [header]
     names = {
         "text_to_video": "text->video",
         "text_to_video_rerank": "text->video re-ranked",
+        "text_to_video_qbnorm": "text->video QB-Norm",
+        "text_to_video_dual_softmax": "text->video dual softmax (eval only: needs all queries at once)",
         "video_to_text": "video->text",
         "video_to_text_rerank": "video->text re-ranked",
     }
-    for key, name in names.items():
-        if key in results:
-            m = results[key]
-            lines.append(f"{name:22s}{m['R@1']:7.1f}{m['R@5']:7.1f}{m['R@10']:7.1f}{m['MdR']:7.1f}{m['MnR']:8.1f}")
+    rows = [(name, results[key]) for key, name in names.items() if key in results]
+    width = max(len(name) for name, _ in rows) + 2
+    lines = [f"{'':{width}s}{'R@1':>7s}{'R@5':>7s}{'R@10':>7s}{'MdR':>7s}{'MnR':>8s}"]
+    for name, m in rows:
+        lines.append(f"{name:{width}s}{m['R@1']:7.1f}{m['R@5']:7.1f}{m['R@10']:7.1f}{m['MdR']:7.1f}{m['MnR']:8.1f}")
     return "\n".join(lines)
 
 
 def run_eval(captions_file, run_dir=None, cache_dir=None, all_captions=False, as_json=False,
-             rerank_candidates=RERANK_CANDIDATES, device="auto", batch_size=None, checkpoint=None, quiet=False) -> dict:
+             rerank_candidates=RERANK_CANDIDATES, device="auto", batch_size=None, checkpoint=None, quiet=False,
+             qbnorm=False, dual_softmax=False) -> dict:
     """The `vlpcache eval` command."""
     from vlpcache.model.checkpoint import load_run
     from vlpcache.model.retrieval import default_batch_size
@@ -102,7 +116,7 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, all_captions=False, as
     say(f"eval: run {sources.run_dir} (epoch {run.epoch}), {len(kept.by_id)} captioned videos of {len(cache)} cached "
         f"({report['captions_without_items']} caption entries without a cached video), device {device}")
     results = evaluate(run, cache, kept.by_id, all_captions, device, batch_size or default_batch_size(device),
-                       rerank_candidates, progress=not quiet)
+                       rerank_candidates, progress=not quiet, qbnorm=qbnorm, dual=dual_softmax)
     results["run"] = {"run_dir": str(sources.run_dir), "epoch": run.epoch, "checkpoint_sha256": run.checkpoint_sha256,
                       "captions": str(Path(captions_file)), "cache": str(sources.cache_dir)}
     if as_json:
