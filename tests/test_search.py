@@ -18,6 +18,7 @@ from vlpcache.errors import UserError
 from vlpcache.index.faiss_index import VideoIndex
 from vlpcache.index.layout import read_meta
 from vlpcache.index.rerank import query_words
+from vlpcache.index.search import Searcher
 from vlpcache.model.checkpoint import load_run
 from vlpcache.model.train import run_pretrain
 
@@ -336,3 +337,34 @@ def test_importing_vlpcache_loads_neither_faiss_nor_onnxruntime():
     probe = "import sys, vlpcache; print(sorted(m for m in ('faiss', 'onnxruntime', 'torch') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_search_qbnorm_ranks_by_the_banks_normalised_similarity_and_the_bank_grows_with_the_index(ws, monkeypatch, capsys):
+    from vlpcache.index.layout import QUERYBANK_FILE
+    from vlpcache.querybank import QueryBank
+
+    [plain] = search_json(monkeypatch, capsys, "a horse", "-k", str(ITEMS), "--no-rerank")  # every item a candidate
+    [result] = search_json(monkeypatch, capsys, "a horse", "-k", "8", "--qbnorm")  # makes the bank on first use
+    bank = QueryBank.load(ws / "index" / QUERYBANK_FILE)
+    index = VideoIndex.load(ws / "index")
+    assert len(bank.log_norm) == len(index) == ITEMS
+    # the expected order, from the bank and the plain global scores of the same candidates
+    rows = np.array([index.ids.index(h["id"]) for h in plain["results"]])
+    globals_ = np.array([h["global_score"] for h in plain["results"]])
+    expected = bank.normalise(globals_[None], rows[None])[0]
+    order = np.argsort(-expected, kind="stable")[:8]
+    assert [h["id"] for h in result["results"]] == [plain["results"][j]["id"] for j in order]
+    assert all(h["local_score"] is None for h in result["results"])
+    # videos added later extend the bank exactly as building it anew would
+    write_cache(ws / "cache", 3, prefix="w", seed=5)
+    assert vlpcache(monkeypatch, capsys, "index")[0] == 0
+    grown, index = QueryBank.load(ws / "index" / QUERYBANK_FILE), VideoIndex.load(ws / "index")
+    fresh = QueryBank.build(grown.bank, index.embeddings, grown.beta, grown.k)
+    np.testing.assert_allclose(grown.log_norm, fresh.log_norm, rtol=1e-5)
+    assert grown.hubs.tolist() == fresh.hubs.tolist()
+
+
+def test_searcher_without_a_query_bank_says_how_to_make_one(ws):
+    searcher = Searcher(ws / "runs" / "run-001", ws / "cache")
+    with pytest.raises(UserError, match="no query bank.*index --qbnorm"):
+        searcher.search("a dog", qbnorm=True)

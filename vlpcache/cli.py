@@ -215,6 +215,7 @@ def pretrain(**options) -> None:
               type=click.FloatRange(1), metavar="MB",
               help=f"RAM the index may use; decides HNSW vs IVF-PQ beyond {EXACT_LIMIT:,} videos.")
 @click.option("--rebuild", is_flag=True, help="Discard an existing index (another checkpoint, cache or type) and build anew.")
+@click.option("--qbnorm", is_flag=True, help="Also make the query bank that search --qbnorm ranks with (QB-Norm).")
 @checkpoint_option
 @device_option
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="Videos per encoding batch [default: 64 on CPU, 256 on CUDA].")
@@ -234,6 +235,8 @@ def index(**options) -> None:
 @click.option("-k", default=10, show_default=True, type=click.IntRange(1), help="Results per query.")
 @json_option("One JSON object per query.")
 @click.option("--no-rerank", is_flag=True, help="Rank by global similarity only (no region-word re-rank).")
+@click.option("--qbnorm", is_flag=True,
+              help="Rank by query-bank normalised global similarity (QB-Norm; no re-rank); the bank is made on first use.")
 @run_option
 @cache_option
 @index_option

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-QUERYBANK_FILE = "querybank.npz"
+from vlpcache.files import replace_atomically
+
 BANK_SIZE = 5000  # training captions in a bank (a seeded sample when there are more)
 BETA = 20.0  # inverse temperature of the inverted softmax (chosen on MSR-VTT val, bench/quality.py)
 TOP_K = 1  # a video is a hub when it is among the top-k of some bank query
@@ -85,7 +86,10 @@ class QueryBank:
         return np.where(self.hubs[best][:, None], normalised, similarity)
 
     def save(self, path: Path) -> None:
-        np.savez(path, bank=self.bank.astype(np.float16), beta=self.beta, k=self.k, log_norm=self.log_norm,
+        replace_atomically(Path(path), lambda tmp: self._write(tmp), suffix=".npz")
+
+    def _write(self, tmp: Path) -> None:
+        np.savez(tmp, bank=self.bank, beta=self.beta, k=self.k, log_norm=self.log_norm,
                  top_scores=self.top_scores, top_videos=self.top_videos)
 
     @classmethod

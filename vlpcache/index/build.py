@@ -17,9 +17,9 @@ from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.index.export import export_embeddings
 from vlpcache.index.faiss_index import VideoIndex, choose_factory
-from vlpcache.index.layout import DEFAULT_MEMORY_BUDGET_MB, META_FILE, IndexConfig, IndexMeta, check_same_source, read_meta
+from vlpcache.index.layout import DEFAULT_MEMORY_BUDGET_MB, META_FILE, QUERYBANK_FILE, IndexConfig, IndexMeta, check_same_source, read_meta
 from vlpcache.model.run_layout import latest_run
-from vlpcache.querybank import BETA, TOP_K, QueryBank, bank_captions
+from vlpcache.querybank import BANK_SIZE, BETA, TOP_K, QueryBank, bank_captions
 from vlpcache.report import Say, say, sayer
 from vlpcache.workspace import Workspace
 
@@ -64,8 +64,9 @@ def check_run_reads_cache(run, cache: RegionCache) -> None:
 
 
 def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, *, device, batch_size: int,
-                 rebuild: bool = False, progress: bool = True, say: Say = say) -> VideoIndex:
-    """The index of `cache` under `run` in index_dir: built, or brought up to date by encoding only new items."""
+                 rebuild: bool = False, progress: bool = True, say: Say = say, qbnorm: bool = False) -> VideoIndex:
+    """The index of `cache` under `run` in index_dir: built, or brought up to date by encoding only new
+    items; its query bank too (made when `qbnorm` asks, kept up to date once it exists)."""
     from vlpcache.model.retrieval import as_numpy, encode_videos
     from vlpcache.index.region_store import RegionStore
 
@@ -85,8 +86,12 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
         rows, index = list(range(len(cache))), None
     if index is not None and not rows:
         export_for_search(run, index_dir, say)
+        update_query_bank(run, index, index_dir, np.zeros((0, index.embeddings.shape[1]), np.float32), qbnorm,
+                          device, batch_size, progress, say)
         say(f"index {index_dir} is up to date: {len(index)} items ({index.meta.factory})")
         return index
+    if index is None:
+        (index_dir / QUERYBANK_FILE).unlink(missing_ok=True)  # it described the old rows
     started = time.monotonic()
     regions = RegionStore.empty(run.config.embed_dim)
     parts = []
@@ -119,8 +124,28 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
         how += f", search {index.meta.search_params} (recall@10 {index.meta.tuned_recall:.3f} on indexed vectors)"
     index.save(index_dir)
     export_for_search(run, index_dir, say)
+    update_query_bank(run, index, index_dir, embeddings, qbnorm, device, batch_size, progress, say)
     say(f"index {index_dir}: {len(index)} items; {encoded}; {how}")
     return index
+
+
+def update_query_bank(run, index: VideoIndex, index_dir: Path, added: np.ndarray, wanted: bool, device,
+                      batch_size: int, progress: bool, say: Say) -> None:
+    """Extend an existing query bank by the videos just `added`; make one when `wanted` and missing."""
+    path = index_dir / QUERYBANK_FILE
+    bank = QueryBank.load(path) if path.exists() else None
+    if bank is not None and len(bank.log_norm) + len(added) == len(index):
+        if len(added):
+            bank.extended(added).save(path)
+        return
+    if not (wanted or bank is not None):
+        return
+    say(f"query bank: encoding up to {BANK_SIZE} training captions of run {run.run_dir} (QB-Norm)")
+    bank = run_query_bank(run, index.embeddings, device, batch_size, progress=progress, say=say)
+    if bank is None:
+        say("note: no training caption of the run can be read; no query bank, search --qbnorm is not available")
+        return
+    bank.save(path)
 
 
 def run_query_bank(run, videos: np.ndarray, device, batch_size: int, beta: float = BETA, k: int = TOP_K,
@@ -161,7 +186,8 @@ def export_for_search(run, index_dir: Path, say) -> None:
 
 
 def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory_budget_mb=DEFAULT_MEMORY_BUDGET_MB,
-              rebuild=False, device=DEFAULT_DEVICE, batch_size=None, checkpoint=None, quiet=False, export=None) -> VideoIndex:
+              rebuild=False, device=DEFAULT_DEVICE, batch_size=None, checkpoint=None, quiet=False, export=None,
+              qbnorm=False) -> VideoIndex:
     """The `vlpcache index` command."""
     from vlpcache.model.retrieval import default_batch_size
     from vlpcache.model.checkpoint import load_run
@@ -176,7 +202,7 @@ def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory
         f"({len(cache)} items), device {device}")
     index = update_index(
         run, cache, sources.index_dir, config, device=device,
-        batch_size=batch_size or default_batch_size(device), rebuild=rebuild, progress=not quiet, say=say,
+        batch_size=batch_size or default_batch_size(device), rebuild=rebuild, progress=not quiet, say=say, qbnorm=qbnorm,
     )
     if export:
         files = export_embeddings(index, cache, export)

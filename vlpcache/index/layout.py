@@ -10,6 +10,8 @@ defaults).
     regions.npy, region_offsets.npy, region_positions.npy
                            region embeddings of every video, for re-ranking (region_store.py)
     query/                 the run's query side as ONNX, for a search without torch (query_model.py)
+    querybank.npz          QB-Norm state (querybank.py): a bank of the run's training captions, each
+                           video's normaliser; made by `index --qbnorm` or the first `search --qbnorm`
     index.json             IndexMeta: checkpoint sha256, cache settings, embedding dim, factory string,
                            search parameters, item count
 
@@ -36,6 +38,7 @@ REGIONS_FILE = "regions.npy"
 REGION_OFFSETS_FILE = "region_offsets.npy"
 REGION_POSITIONS_FILE = "region_positions.npy"
 QUERY_DIR = "query"
+QUERYBANK_FILE = "querybank.npz"
 
 # Measured on this 2-core machine (bench/search_latency.py): one exact 256-d query over 50k vectors
 # costs ~3 ms, so beyond that the exact index no longer meets a 5 ms budget per query.

@@ -28,11 +28,12 @@ from vlpcache.errors import UserError
 from vlpcache.index.build import open_cache, resolve_sources, update_index
 from vlpcache.index.export import export_embeddings
 from vlpcache.index.faiss_index import VideoIndex
-from vlpcache.index.layout import META_FILE, IndexConfig, check_same_source, read_meta
+from vlpcache.index.layout import META_FILE, QUERYBANK_FILE, IndexConfig, check_same_source, read_meta
 from vlpcache.index.query_model import OnnxQueryModel, query_export_sha
 from vlpcache.index.rerank import align
 from vlpcache.metrics import RERANK_CANDIDATES
 from vlpcache.model.run_layout import designated_checkpoint_sha256
+from vlpcache.querybank import QueryBank
 from vlpcache.report import Say, say
 
 
@@ -97,8 +98,9 @@ class Searcher:
     index, neither torch nor the run's weights are loaded. Safe to share between threads.
     """
 
-    def __init__(self, run=None, cache=None, index=None, *, device: str = DEFAULT_DEVICE, say: Say = say):
-        self._attach(*open_parts(run, cache, index, device, say))
+    def __init__(self, run=None, cache=None, index=None, *, device: str = DEFAULT_DEVICE, say: Say = say,
+                 qbnorm: bool = False):
+        self._attach(*open_parts(run, cache, index, device, say, qbnorm))
 
     @classmethod
     def from_parts(cls, query_model, cache: RegionCache, index: VideoIndex, index_dir: Path | None = None) -> "Searcher":
@@ -110,6 +112,10 @@ class Searcher:
     def _attach(self, query_model, cache: RegionCache, index: VideoIndex, index_dir: Path | None) -> None:
         self.query_model, self.cache, self.index, self.index_dir = query_model, cache, index, index_dir
         self.rerank_candidates = RERANK_CANDIDATES
+        bank = index_dir / QUERYBANK_FILE if index_dir is not None else None
+        self.query_bank = QueryBank.load(bank) if bank is not None and bank.exists() else None
+        if self.query_bank is not None and len(self.query_bank.log_norm) != len(index):
+            self.query_bank = None  # made for other rows: `vlpcache index` brings it up to date
         self._lock = threading.Lock()  # the cache's lazily opened HDF5 files and FAISS's thread setting are shared
 
     def __len__(self) -> int:
@@ -120,25 +126,34 @@ class Searcher:
         """Whether the run was trained with region-word alignment (re-ranking needs it)."""
         return bool(self.query_model.rwa)
 
-    def search(self, query: str, k: int = 10, rerank: bool = True) -> list[Hit]:
+    def search(self, query: str, k: int = 10, rerank: bool = True, qbnorm: bool = False) -> list[Hit]:
         """The top k indexed items for one query, best first; re-ranked by region-word score when the
-        run can (`rerank=False`: global similarity alone)."""
+        run can (`rerank=False`: global similarity alone); `qbnorm`: by query-bank normalised global
+        similarity instead (the index's query bank; no re-rank)."""
         query = query.strip()
         if not query:
             raise UserError('empty query; give words to search for, e.g. "person cuts onion"')
         if k < 1:
             raise UserError(f"k = {k}: ask for at least one result")
-        rerank = rerank and self.can_rerank
+        if qbnorm and self.query_bank is None:
+            raise UserError("this index has no query bank for --qbnorm; run `vlpcache index --qbnorm` (or search --qbnorm) first")
+        rerank = rerank and self.can_rerank and not qbnorm
         with self._lock:
             encoded = EncodedQuery(*self.query_model.encode(query))
-            pool = max(k, self.rerank_candidates) if rerank else k
+            pool = max(k, self.rerank_candidates) if rerank or qbnorm else k
             faiss_scores, faiss_rows = self.index.search(encoded.global_, pool)  # (1, pool) each
             # candidates no longer in the cache (it was rebuilt without them) cannot be shown
             found = [(float(s), int(r)) for s, r in zip(faiss_scores[0], faiss_rows[0])
                      if r >= 0 and self.index.ids[r] in self.cache]
             if not found:
                 return []
-            ranking = self.rank(encoded, [r for _, r in found], np.array([s for s, _ in found], np.float32), k, rerank)
+            scores = np.array([s for s, _ in found], np.float32)  # (P,) global similarity
+            if qbnorm:  # the candidates in their normalised order; "score" is then the normalised one
+                rows = np.array([r for _, r in found])
+                scores = self.query_bank.normalise(scores[None], rows[None])[0]
+                found = [found[j] for j in np.argsort(-scores, kind="stable")]
+                scores = np.sort(scores)[::-1].astype(np.float32)
+            ranking = self.rank(encoded, [r for _, r in found], scores, k, rerank)
             return self.describe(encoded, ranking)
 
     def rank(self, query: EncodedQuery, rows: list[int], faiss_scores: np.ndarray, k: int, rerank: bool) -> Ranking:
@@ -241,9 +256,9 @@ def read_queries(text: str | None, queries_file: str | None) -> list[str]:
     return queries
 
 
-def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVICE, say: Say = say):
+def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVICE, say: Say = say, qbnorm: bool = False):
     """(query model, cache, index, index directory) for the options and workspace defaults; builds the
-    index on first use.
+    index on first use (and its query bank, when `qbnorm` asks for one it lacks).
 
     With an up-to-date ONNX export in the index, neither torch nor the run's weights are loaded.
     """
@@ -255,7 +270,9 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
         # refuse a mismatch before paying for anything
         check_same_source(read_meta(index_dir), index_dir, run_sha, cache.settings.to_json(), sources.run_dir)
     index = VideoIndex.load(index_dir) if (index_dir / META_FILE).exists() else None
-    if index is not None and index.regions is not None and run_sha is not None and query_export_sha(index_dir) == run_sha:
+    bank_ready = not qbnorm or _query_bank_count(index_dir) == (len(index) if index is not None else -1)
+    if (index is not None and index.regions is not None and run_sha is not None and query_export_sha(index_dir) == run_sha
+            and bank_ready):
         query_model = OnnxQueryModel(index_dir)
     else:
         from vlpcache.model.retrieval import default_batch_size
@@ -268,9 +285,9 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
             say(f"no index at {index_dir} yet: building it from run {sources.run_dir} (first use only)")
         else:
             check_same_source(index.meta, index_dir, run.checkpoint_sha256, cache.settings.to_json(), sources.run_dir)
-        if index is None or index.regions is None:
+        if index is None or index.regions is None or not bank_ready:
             index = update_index(run, cache, index_dir, IndexConfig(), device=device,
-                                 batch_size=default_batch_size(device), say=say)
+                                 batch_size=default_batch_size(device), say=say, qbnorm=qbnorm)
         query_model = TorchQueryModel(run)
     unindexed = sum(1 for item_id in cache.ids if item_id not in index)
     if unindexed:
@@ -278,18 +295,24 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
     return query_model, cache, index, index_dir
 
 
+def _query_bank_count(index_dir: Path) -> int:
+    """Videos the index's query bank was made for (-1 without one)."""
+    path = index_dir / QUERYBANK_FILE
+    return len(QueryBank.load(path).log_norm) if path.exists() else -1
+
+
 def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=None, index_dir=None,
-               as_json=False, no_rerank=False, device=DEFAULT_DEVICE) -> None:
+               as_json=False, no_rerank=False, device=DEFAULT_DEVICE, qbnorm=False) -> None:
     """The `vlpcache search` command."""
     queries = read_queries(text, queries_file)
-    searcher = Searcher(run_dir, cache_dir, index_dir, device=device)
-    rerank = not no_rerank
+    searcher = Searcher(run_dir, cache_dir, index_dir, device=device, qbnorm=qbnorm)
+    rerank = not no_rerank and not qbnorm
     if rerank and not searcher.can_rerank:
         say("note: the run was trained without region-word alignment; results are not re-ranked")
     if k > len(searcher):
         say(f"note: -k {k} is more than the {len(searcher)} indexed items; showing all of them")
     for n, query in enumerate(queries):
-        hits = searcher.search(query, k, rerank=rerank)
+        hits = searcher.search(query, k, rerank=rerank, qbnorm=qbnorm)
         if as_json:
             print(json.dumps(hits_json(query, hits), ensure_ascii=False), flush=True)
         else:
