@@ -258,3 +258,16 @@ def test_cached_text_inputs_give_what_the_live_encoder_gives(tiny_text_model, tm
     again = cached_text_features(model, tokenizer, list(reversed(captions)), tmp_path, with_words=True,
                                  device=torch.device("cpu"), progress=False)
     assert again.path == features.path and len(list(tmp_path.glob("text-features/*.h5"))) == 1
+
+
+def test_mlp_text_head_starts_as_its_linear_part_and_old_plain_linear_weights_load(tiny_text_model):
+    model, tokenizer = build_model(tiny_config(tiny_text_model, text_head="mlp"))
+    model.eval()
+    ids, mask = tokenize(tokenizer, ["a dog runs"], 16)
+    with torch.no_grad():
+        hidden, pooled = model.text_encoder(ids, mask)
+        assert torch.allclose(model.text_proj(pooled), model.text_proj.linear(pooled))
+    plain, _ = build_model(tiny_config(tiny_text_model))
+    state = {k.replace("text_proj.linear.", "text_proj."): v for k, v in plain.state_dict().items()}  # the old key names
+    plain.load_state_dict(state, strict=True)
+    assert torch.equal(plain.text_proj.linear.weight, state["text_proj.weight"])

@@ -192,6 +192,8 @@ def inspect(cache_dir, render_id, output, as_json, failures) -> None:
 @click.option("--global-path/--no-global-path", default=None,
               help="Add the whole-frame features' mean over frames to the video embedding [default: on].")
 @click.option("--frame-dropout", default=None, type=click.FloatRange(0, 1, max_open=True), help="Training: chance to hide a frame [default: 0].")
+@click.option("--text-head", default=None, type=click.Choice(["linear", "mlp"]),
+              help="Text encoder -> joint space: linear, or linear plus a residual MLP [default: linear].")
 @click.option("--region-dropout", default=None, type=click.FloatRange(0, 1, max_open=True), help="Training: chance to hide a region [default: 0].")
 @click.option("--resume", is_flag=True, help="Continue the run (-o, or the latest) from its last checkpoint.")
 @click.option("--workers", default=None, type=click.IntRange(0), help="Data-loading worker processes [default: 1 on CPU, 4 on CUDA].")

@@ -56,6 +56,7 @@ class ModelConfig(JsonRecord):
     frame_time: str = "relative"
     max_frames: int = 64  # "slot" only: number of slot embeddings
     global_path: bool = True  # the whole-frame regions' mean over frames enters the video embedding
+    text_head: str = "linear"  # text encoder -> joint space: "linear", or "mlp" (linear + a residual MLP)
     frame_dropout: float = 0.0  # training only: chance that a real frame is hidden (one always stays)
     region_dropout: float = 0.0  # training only: chance that a detected region is hidden (whole frames stay)
     width: int = 256  # region transformer width
@@ -76,7 +77,7 @@ class ModelConfig(JsonRecord):
     @classmethod
     def from_json(cls, data: dict) -> "ModelConfig":
         """Configs of runs made before frame_time/global_path existed describe the model they trained."""
-        legacy = {"frame_time": "slot", "global_path": False}
+        legacy = {"frame_time": "slot", "global_path": False, "text_head": "linear"}
         return super().from_json({**{k: v for k, v in legacy.items() if k not in data}, **data})
 
 
@@ -312,6 +313,37 @@ def hide_at_random(region_mask: torch.Tensor, frame_mask: torch.Tensor, frame_p:
     return region_mask, frame_mask
 
 
+class TextHead(nn.Module):
+    """Text encoder width -> joint space: a Linear, or ("mlp") a Linear plus a residual two-layer MLP
+    whose output layer starts at zero (so training starts from the linear head). With a frozen text
+    encoder the head is all the text side can learn."""
+
+    def __init__(self, width: int, embed_dim: int, kind: str):
+        super().__init__()
+        if kind not in ("linear", "mlp"):
+            raise ValueError(f"text_head {kind!r}: choose linear or mlp")
+        self.linear = nn.Linear(width, embed_dim)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, embed_dim)) if kind == "mlp" else None
+        if self.mlp is not None:
+            nn.init.zeros_(self.mlp[-1].weight)
+            nn.init.zeros_(self.mlp[-1].bias)
+        self._register_load_state_dict_pre_hook(self._rename_plain_linear)
+
+    @staticmethod
+    def _rename_plain_linear(state_dict, prefix, *args) -> None:
+        """Checkpoints from before TextHead hold text_proj.weight/bias of a plain Linear."""
+        for name in ("weight", "bias"):
+            if prefix + name in state_dict:
+                state_dict[prefix + "linear." + name] = state_dict.pop(prefix + name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.linear.weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., H) -> (..., E)
+        return self.linear(x) if self.mlp is None else self.linear(x) + self.mlp(x)
+
+
 # ---------------------------------------------------------------- joint model
 
 
@@ -321,7 +353,7 @@ class AlignmentModel(nn.Module):
         self.config = config
         self.text_encoder = TextEncoder(text_backbone, config.text_trainable_layers, config.text_pooling)
         self.region_encoder = RegionEncoder(config)
-        self.text_proj = nn.Linear(self.text_encoder.width, config.embed_dim)
+        self.text_proj = TextHead(self.text_encoder.width, config.embed_dim, config.text_head)
         self.video_proj = nn.Linear(config.width, config.embed_dim)
         if config.global_path:  # the frozen-feature baseline's path, so the model can only add to it
             self.frame_proj = nn.Sequential(nn.LayerNorm(config.feature_dim), nn.Linear(config.feature_dim, config.embed_dim))
@@ -343,8 +375,8 @@ class AlignmentModel(nn.Module):
         is frozen, in the joint space: pooled (B, H) -> global_; hidden (Bw, L, H) -> words of the
         same captions (Bw = B) or, in training, of the first caption of each video (Bw = videos)."""
         return TextEmbedding(
-            F.normalize(self.text_proj(pooled.to(self.text_proj.weight.dtype)), dim=-1),  # (B, E)
-            F.normalize(self.text_proj(hidden.to(self.text_proj.weight.dtype)), dim=-1),  # (B, L, E)
+            F.normalize(self.text_proj(pooled.to(self.text_proj.dtype)), dim=-1),  # (B, E)
+            F.normalize(self.text_proj(hidden.to(self.text_proj.dtype)), dim=-1),  # (B, L, E)
             word_mask.bool(),
         )
 

@@ -63,7 +63,7 @@ class TrainConfig(JsonRecord):
 TRAIN_OPTIONS = ("epochs", "batch_size", "captions_per_video", "lr", "text_lr", "seed", "workers")
 MODEL_OPTIONS = {"text_model": "text_model", "trainable_layers": "text_trainable_layers", "rwa_weight": "rwa_weight",
                  "width": "width", "layers": "layers", "frame_time": "frame_time", "global_path": "global_path",
-                 "frame_dropout": "frame_dropout", "region_dropout": "region_dropout"}
+                 "frame_dropout": "frame_dropout", "region_dropout": "region_dropout", "text_head": "text_head"}
 RESUMABLE_OPTIONS = ("epochs", "workers")  # what --resume may change: a longer schedule, other hardware
 
 
@@ -96,6 +96,7 @@ class PretrainOptions:
     global_path: bool | None = None
     frame_dropout: float | None = None
     region_dropout: float | None = None
+    text_head: str | None = None
 
 
 def learning_rate_factor(step: int, total: int, warmup: int) -> float:
