@@ -510,8 +510,10 @@ def end_of_epoch(record: dict, run: Run, trainer: Trainer, processes: Processes,
     if not processes.main:
         return
     if run.data.validation is not None:
+        started = time.monotonic()
         record["val"] = validate(trainer.model, trainer.tokenizer, run.data.validation, processes.device,
                                  run.train.val_batch_size, trainer.text_features)
+        record["val_seconds"] = time.monotonic() - started
     is_best = "val" in record and (trainer.best_score is None or selection_score(record["val"]) > trainer.best_score)
     if is_best:
         trainer.best_score = selection_score(record["val"])
