@@ -1,16 +1,24 @@
 """The HDF5 region cache: schema, crash-safe shard writer, lazy reader."""
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
 import torch
 
 from vlpcache.cache.reader import RegionCache
-from vlpcache.cache.schema import ARRAYS, MANIFEST_NAME, SCHEMA_VERSION, SHARD_DIR, CacheSettings, empty_item
+from vlpcache.cache.schema import ARRAYS, LOCK_DIR, MANIFEST_NAME, SCHEMA_VERSION, SHARD_DIR, CacheSettings, empty_item
 from vlpcache.cache.manifest import read_failures
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
 
+REPO = Path(__file__).resolve().parents[1]
 SETTINGS = CacheSettings(frames=3, regions=4, feature_dim=8, detector="test", detector_weights_sha256="d" * 64,
                          backbone="test", backbone_weights_sha256="b" * 64)
 
@@ -76,14 +84,58 @@ def test_shards_commit_after_max_items_and_reader_sees_union(tmp_path):
     assert sorted(RegionCache(tmp_path).ids) == sorted([f"v{i}" for i in range(5)] + ["w0", "w1"])
 
 
-def test_uncommitted_shard_is_invisible_and_removed_on_resume(tmp_path):
-    writer = ShardWriter(tmp_path, SETTINGS)
-    writer.add("lost", "/x", "video", random_item(0))  # as if killed before commit
-    writer._file.flush()
-    assert len(RegionCache(tmp_path)) == 0
-    assert list((tmp_path / SHARD_DIR).glob("*.tmp"))
+def start_writer_and_stop_mid_shard(cache_dir, writer_name="s0of1") -> subprocess.Popen:
+    """A writer process that has one item in its unfinished shard, waiting to be killed."""
+    script = ("import time; from vlpcache.cache.writer import ShardWriter; from vlpcache.cache.schema import *\n"
+              f"settings = CacheSettings.from_json({SETTINGS.to_json()!r})\n"
+              f"writer = ShardWriter({str(cache_dir)!r}, settings, writer_name={writer_name!r})\n"
+              "writer.add('lost', '/x', 'video', empty_item(settings)); writer._file.flush()\n"
+              "print('ready', flush=True); time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def kill_9(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+
+
+def test_a_second_writer_of_the_same_shards_is_refused_naming_the_holder(tmp_path):
+    with ShardWriter(tmp_path, SETTINGS) as first:
+        first.add("a", "/a", "video", random_item(0))
+        with pytest.raises(UserError, match=rf"shards s0of1-\* are being written by pid {os.getpid()} on "
+                                            rf"{socket.gethostname()} \(since .*another --shard i/n or -o DIR"):
+            ShardWriter(tmp_path, SETTINGS)
+        assert first._tmp_path.exists()  # the refused writer removed nothing
+    assert RegionCache(tmp_path).ids == ["a"]
+
+
+def test_writers_of_other_shards_write_side_by_side(tmp_path):
+    with ShardWriter(tmp_path, SETTINGS, "s0of2") as a, ShardWriter(tmp_path, SETTINGS, "s1of2") as b:
+        a.add("a", "/a", "video", random_item(0))
+        b.add("b", "/b", "video", random_item(1))
+    assert sorted(RegionCache(tmp_path).ids) == ["a", "b"]
+
+
+def test_a_killed_writers_unfinished_shard_is_invisible_and_removed_on_resume(tmp_path):
+    victim = start_writer_and_stop_mid_shard(tmp_path)
+    assert len(RegionCache(tmp_path)) == 0 and list((tmp_path / SHARD_DIR).glob("*.tmp"))
+    kill_9(victim)  # the kernel frees its lock
     ShardWriter(tmp_path, SETTINGS).close()
-    assert not list((tmp_path / SHARD_DIR).glob("*.tmp"))
+    assert not list((tmp_path / SHARD_DIR).glob("*.tmp")) and not list((tmp_path / LOCK_DIR).iterdir())
+
+
+def test_unfinished_shards_of_a_writer_at_work_are_left_alone_and_of_a_dead_one_removed(tmp_path):
+    working, dead = start_writer_and_stop_mid_shard(tmp_path, "s0of3"), start_writer_and_stop_mid_shard(tmp_path, "s1of3")
+    try:
+        kill_9(dead)
+        ShardWriter(tmp_path, SETTINGS, "s2of3").close()
+        assert [p.name for p in (tmp_path / SHARD_DIR).glob("*.tmp")] == ["s0of3-00000.h5.tmp"]
+        assert [p.name for p in (tmp_path / LOCK_DIR).iterdir()] == ["s0of3.lock"]
+    finally:
+        kill_9(working)
 
 
 def test_cache_with_different_settings_is_refused(tmp_path):

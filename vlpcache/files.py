@@ -1,12 +1,22 @@
-"""File-level durability and identity shared by every stage: fsync, whole-or-nothing replacement, and
-content hashes of weights and checkpoints (what provenance and index checks compare)."""
+"""File-level durability and identity shared by every stage: fsync, whole-or-nothing replacement,
+content hashes of weights and checkpoints (what provenance and index checks compare), and the one line
+that a failed write (disk full, I/O error, read-only filesystem) becomes."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Callable
+
+from vlpcache.errors import UserError
+
+# what the libraries that write our files say instead of raising OSError: h5py (RuntimeError "... errno
+# = 28, error message = ..."), safetensors (SafetensorError "... Os { code: 28, ..."), torch.save
+# (RuntimeError "... file write failed")
+_ERRNO_IN_MESSAGE = re.compile(r"errno = (\d+)|Os \{ code: (\d+)")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -58,3 +68,20 @@ def create_atomically(path: Path, write: Callable[[Path], object]) -> bool:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def system_reason(err: BaseException) -> str:
+    """The operating system's reason for a failed file operation, e.g. "No space left on device (ENOSPC)",
+    also where a library reports it only in its message; else the message's first line."""
+    code = getattr(err, "errno", None)
+    if not isinstance(code, int):
+        match = _ERRNO_IN_MESSAGE.search(str(err))
+        code = int(match.group(1) or match.group(2)) if match else None
+    if code is not None:
+        return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def write_failure(path: Path, err: BaseException, then: str) -> UserError:
+    """One line for a write that failed: the path, the system's reason, and what became of the work."""
+    return UserError(f"{path}: cannot write ({system_reason(err)}); {then}")

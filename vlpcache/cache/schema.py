@@ -6,6 +6,7 @@ A cache is a directory:
     shards/<writer>-<seq>.h5       finished shards; a shard is renamed here only once complete
     shards/<writer>-<seq>.h5.tmp   the shard being written (ignored by readers, redone on resume)
     failures/<writer>.jsonl        one JSON line per failed item: {"id", "path", "reason"}
+    locks/<writer>.lock            held (fcntl) by the one process writing <writer>'s files; freed when it exits
 
 Per shard file, V videos with fixed-shape arrays (T frames, N regions per frame, D feature dims),
 chunked one video per chunk so that one training read is one chunk read.
@@ -31,6 +32,7 @@ SCHEMA_CHANGES = {
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 FAILURE_DIR = "failures"
+LOCK_DIR = "locks"
 SHARD_SUFFIX = ".h5"
 TMP_SUFFIX = ".tmp"
 
