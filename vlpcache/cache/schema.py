@@ -125,6 +125,29 @@ def shard_attrs(settings: CacheSettings, tool_version: str) -> dict[str, Any]:
     return attrs
 
 
+def shard_differences(settings: CacheSettings, attrs, array_shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """How a shard file disagrees with `settings` (the manifest's, or what extract is asked for), by its own
+    attributes (shard_attrs) and the shapes of its arrays; empty when it agrees. Each entry reads
+    "frames 4, not 8": the shard's value, then the one of `settings`."""
+    diffs = []
+    for key, expected in settings.to_json().items():
+        if key not in attrs:
+            diffs.append(f"{key} missing, not {expected!r}")
+            continue
+        value = attrs[key]
+        value = value.item() if isinstance(value, np.generic) else value
+        if isinstance(expected, dict) and isinstance(value, str):
+            value = json.loads(value)
+        if value != expected:
+            diffs.append(f"{key} {value!r}, not {expected!r}")
+    if not diffs:  # attributes agree: the arrays must have the shapes they promise
+        for spec in ARRAYS:
+            shape = array_shapes.get(spec.name)
+            if shape is None or tuple(shape[1:]) != settings.shape_of(spec):
+                diffs.append(f"{spec.name} {shape and tuple(shape[1:])} per video, not {settings.shape_of(spec)}")
+    return diffs
+
+
 def empty_item(settings: CacheSettings) -> dict[str, np.ndarray]:
     """Zero arrays of the right shapes and dtypes for one video, all masks False."""
     return {s.name: np.zeros(settings.shape_of(s), dtype=s.dtype) for s in ARRAYS}

@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 
 from vlpcache import __version__
-from vlpcache.cache.manifest import read_manifest
+from vlpcache.cache.manifest import UNREADABLE, read_manifest, shard_file_differences
 from vlpcache.cache.schema import (
     ARRAYS,
     FAILURE_DIR,
@@ -69,6 +69,21 @@ def open_cache_dir(cache_dir: Path, settings: CacheSettings) -> None:
             f"{cache_dir}: cache was made with different settings ({'; '.join(diffs)}); "
             "use another output directory (-o) or the same settings"
         )
+    refuse_shards_of_other_settings(cache_dir, settings)
+
+
+def refuse_shards_of_other_settings(cache_dir: Path, settings: CacheSettings) -> None:
+    """Every committed shard must have been made with `settings`, whatever the manifest says (it may
+    have been edited, or a shard copied in from another cache)."""
+    for shard in sorted((cache_dir / SHARD_DIR).glob(f"*{SHARD_SUFFIX}")):
+        try:
+            with h5py.File(shard, "r") as f:
+                diffs = shard_file_differences(f, settings)
+        except UNREADABLE:  # readers report it and leave it out; its items are extracted again
+            continue
+        if diffs:
+            raise UserError(f"{shard}: made with other settings than this extract ({'; '.join(diffs[:3])}); move it "
+                            "out of the cache, or extract into another directory (-o)")
 
 
 # a writer still starting may find its lock taken for an instant by another writer that removes the
