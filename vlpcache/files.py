@@ -14,9 +14,8 @@ from typing import Callable
 from vlpcache.errors import UserError
 
 # what the libraries that write our files say instead of raising OSError: h5py (RuntimeError "... errno
-# = 28, error message = ..."), safetensors (SafetensorError "... Os { code: 28, ..."), torch.save
-# (RuntimeError "... file write failed")
-_ERRNO_IN_MESSAGE = re.compile(r"errno = (\d+)|Os \{ code: (\d+)")
+# = 28, error message = ..."), safetensors (SafetensorError "... (os error 28)")
+_ERRNO_IN_MESSAGE = re.compile(r"errno = (\d+)|os error (\d+)")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -70,13 +69,22 @@ def create_atomically(path: Path, write: Callable[[Path], object]) -> bool:
             tmp.unlink()
 
 
+def failure_errno(err: BaseException) -> int | None:
+    """The errno behind a failed file operation: the exception's own, that of the OSError it arose from
+    (torch.save writing to a file object raises a RuntimeError from it), or one its message quotes."""
+    while err is not None:
+        if isinstance(getattr(err, "errno", None), int):
+            return err.errno
+        if match := _ERRNO_IN_MESSAGE.search(str(err)):
+            return int(match.group(1) or match.group(2))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def system_reason(err: BaseException) -> str:
     """The operating system's reason for a failed file operation, e.g. "No space left on device (ENOSPC)",
     also where a library reports it only in its message; else the message's first line."""
-    code = getattr(err, "errno", None)
-    if not isinstance(code, int):
-        match = _ERRNO_IN_MESSAGE.search(str(err))
-        code = int(match.group(1) or match.group(2)) if match else None
+    code = failure_errno(err)
     if code is not None:
         return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
