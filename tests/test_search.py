@@ -3,8 +3,10 @@ model package's own pretraining code, real FAISS indexes, the CLI entry point in
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,17 @@ def ws(template, tmp_path, monkeypatch) -> Path:
     return ws
 
 
+def the_index(ws: Path, run: Path | None = None, root: Path | None = None) -> Path:
+    """The index directory of a run (default run-001) over the workspace cache, in an index root (default
+    the workspace's)."""
+    from vlpcache.cache.manifest import read_manifest
+    from vlpcache.index.layout import index_dir_for
+    from vlpcache.model.run_layout import designated_checkpoint_sha256
+
+    sha = designated_checkpoint_sha256(run or ws / "runs" / "run-001")
+    return index_dir_for(root or ws / "index", sha, read_manifest(ws / "cache").to_json())
+
+
 def vlpcache(monkeypatch, capsys, *args, stdin=None) -> tuple[int, str, str]:
     """Run the CLI entry point in this process: (exit code, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["vlpcache", *map(str, args)])
@@ -80,7 +93,7 @@ def test_first_search_builds_the_workspace_index_and_says_so(ws, monkeypatch, ca
     code, out, err = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", "3")
     assert code == 0, err
     assert "building it" in err
-    assert read_meta(ws / "index").count == ITEMS
+    assert read_meta(the_index(ws)).count == ITEMS
     assert out.splitlines()[0] == "query: a dog"
 
 
@@ -157,35 +170,76 @@ def test_missing_cache_is_one_line_error(ws, monkeypatch, capsys):
     assert code == 2 and err.startswith("error: no cache at") and err.count("\n") == 1
 
 
-def test_index_from_another_checkpoint_is_refused_with_one_line(ws, monkeypatch, capsys):
+def retrained(ws: Path, name: str = "run-002") -> Path:
+    """A newer run: run-001's checkpoint with its weights nudged (another sha256), modified last."""
+    from safetensors.torch import load_file, save_file
+
+    from vlpcache.files import file_sha256
+    from vlpcache.model.run_layout import META_NAME, WEIGHTS_NAME, resolve_checkpoint
+
+    run = ws / "runs" / name
+    shutil.copytree(ws / "runs" / "run-001", run)
+    checkpoint = resolve_checkpoint(run)
+    weights = load_file(checkpoint / WEIGHTS_NAME)
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, checkpoint / WEIGHTS_NAME)
+    meta = json.loads((checkpoint / META_NAME).read_text())
+    (checkpoint / META_NAME).write_text(json.dumps({**meta, "sha256": file_sha256(checkpoint / WEIGHTS_NAME)}))
+    os.utime(run, (time.time() + 10, time.time() + 10))  # the latest run
+    return run
+
+
+def test_a_newer_run_gets_an_index_of_its_own_on_first_search_and_the_earlier_one_stays(ws, monkeypatch, capsys):
     assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
-    meta_path = ws / "index" / "index.json"
-    meta = json.loads(meta_path.read_text())
-    meta["checkpoint_sha256"] = "f" * 64  # as left by a run that has since been retrained
-    meta_path.write_text(json.dumps(meta))
+    first = the_index(ws)
+    newer = retrained(ws)
     code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog")
-    assert code == 2 and "built from checkpoint ffffffffffff" in err and "--rebuild" in err
-    assert err.count("\n") == 1
+    second = the_index(ws, newer)
+    assert code == 0 and second != first and second.parent == first.parent
+    assert f"no index of run {newer} (epoch 1" in err and f"building it in {second}" in err
+    assert f"the 1 index(es) of other checkpoints or caches in {ws / 'index'} stay" in err
+    assert read_meta(second).checkpoint_sha256 == load_run(newer).checkpoint_sha256
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "--run", ws / "runs" / "run-001")
+    assert code == 0 and "building" not in err  # the earlier run's index is still there
+
+
+def test_an_index_whose_record_names_another_checkpoint_is_refused_in_one_line(ws, monkeypatch, capsys):
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    meta_path = the_index(ws) / "index.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "checkpoint_sha256": "f" * 64}))
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 2 and "checkpoint ffffffffffff, not" in err and "--rebuild" in err
+    assert err.splitlines()[-1].startswith("error: ")
     assert vlpcache(monkeypatch, capsys, "index", "--rebuild", "--quiet")[0] == 0
-    assert read_meta(ws / "index").checkpoint_sha256 == load_run(ws / "runs" / "run-001").checkpoint_sha256
+    assert read_meta(the_index(ws)).checkpoint_sha256 == load_run(ws / "runs" / "run-001").checkpoint_sha256
+
+
+def test_an_index_kept_in_the_root_itself_is_used_when_it_matches(ws, monkeypatch, capsys):
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    root = ws / "old-layout"
+    shutil.copytree(the_index(ws), root)  # as vlpcache 0.1 left it: the files in the folder itself
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "--index", root)
+    assert code == 0 and "building" not in err and not [p for p in root.iterdir() if p.is_dir() and p.name != "query"]
 
 
 def test_indexing_again_encodes_only_the_new_videos(ws, monkeypatch, capsys):
     assert vlpcache(monkeypatch, capsys, "index")[0] == 0
-    before = VideoIndex.load(ws / "index")
+    before = VideoIndex.load(the_index(ws))
     write_cache(ws / "cache", 3, prefix="w", seed=5)  # a second writer's shard: w0, w1, w2
     code, _, err = vlpcache(monkeypatch, capsys, "index")
-    after = VideoIndex.load(ws / "index")
+    after = VideoIndex.load(the_index(ws))
     assert code == 0 and "encoded 3 videos" in err and "3 new items" in err
     assert after.ids == before.ids + ["w0", "w1", "w2"]
     assert np.array_equal(after.embeddings[:ITEMS], before.embeddings)
 
 
-def test_index_refuses_a_cache_with_other_settings(ws, monkeypatch, capsys):
+def test_a_cache_with_other_settings_gets_an_index_of_its_own(ws, monkeypatch, capsys):
     assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
     write_cache(ws / "other", 4, frames=3)
     code, _, err = vlpcache(monkeypatch, capsys, "index", "--cache", ws / "other")
-    assert code == 2 and "cache with other settings" in err and "frames" in err
+    assert code == 0 and "building it in" in err
+    indexes = sorted(p.parent for p in (ws / "index").glob("*/index.json"))
+    assert len(indexes) == 2 and the_index(ws) in indexes
+    assert sorted(len(VideoIndex.load(p)) for p in indexes) == [4, ITEMS]
 
 
 def test_indexed_embeddings_equal_the_models_own_encoding(ws, monkeypatch, capsys):
@@ -193,7 +247,7 @@ def test_indexed_embeddings_equal_the_models_own_encoding(ws, monkeypatch, capsy
     from vlpcache.model.batch import video_batch
 
     assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
-    index = VideoIndex.load(ws / "index")
+    index = VideoIndex.load(the_index(ws))
     run, cache = load_run(ws / "runs" / "run-001"), RegionCache(ws / "cache")
     with torch.inference_mode():
         direct = run.model.encode_video(**video_batch([cache.get(i) for i in index.ids[:5]])).global_
@@ -205,7 +259,7 @@ def test_factory_string_needs_rebuild_to_change_an_existing_index(ws, monkeypatc
     code, _, err = vlpcache(monkeypatch, capsys, "index", "--factory", "HNSW16,Flat")
     assert code == 2 and "--rebuild" in err
     assert vlpcache(monkeypatch, capsys, "index", "--factory", "HNSW16,Flat", "--rebuild", "--quiet")[0] == 0
-    assert read_meta(ws / "index").factory == "HNSW16,Flat"
+    assert read_meta(the_index(ws)).factory == "HNSW16,Flat"
     [result] = search_json(monkeypatch, capsys, "a dog", "-k", "3")
     assert len(result["results"]) == 3
 
@@ -235,13 +289,13 @@ def test_index_leaves_an_onnx_query_model_that_matches_the_torch_one(ws, monkeyp
     from vlpcache.index.query_model import OnnxQueryModel
 
     assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
-    onnx, torch_model = OnnxQueryModel(ws / "index"), TorchQueryModel(load_run(ws / "runs" / "run-001"))
+    onnx, torch_model = OnnxQueryModel(the_index(ws)), TorchQueryModel(load_run(ws / "runs" / "run-001"))
     long_query = " ".join(["a dog runs on the beach with a ball"] * 10)  # beyond max_words: truncated alike
     for query in ["a dog", "the woman in the kitchen cuts an onion", long_query]:
         a, b = onnx.encode(query), torch_model.encode(query)
         assert a[3] == b[3] and np.array_equal(a[2], b[2])  # tokens, word mask
         assert np.allclose(a[0], b[0], atol=1e-4) and np.allclose(a[1], b[1], atol=1e-4)
-    index = VideoIndex.load(ws / "index")
+    index = VideoIndex.load(the_index(ws))
     regions, mask, _ = index.regions.gather([0, 3, 7])
     text_global, words, word_mask, _ = torch_model.encode("a horse on the street")
     inputs = (words, word_mask, text_global, regions, mask, index.embeddings[[0, 3, 7]])
@@ -286,7 +340,7 @@ def test_searcher_builds_its_index_where_it_is_told(ws, tmp_path):
 
     lines = []
     searcher = Searcher(run=ws / "runs" / "run-001", cache=ws / "cache", index=tmp_path / "elsewhere", say=lines.append)
-    assert read_meta(tmp_path / "elsewhere").count == ITEMS == len(searcher)
+    assert read_meta(the_index(ws, root=tmp_path / "elsewhere")).count == ITEMS == len(searcher)
     assert any("building it" in line for line in lines)
     assert not (ws / "index").exists()
 
@@ -309,7 +363,7 @@ def test_exported_npy_and_ids_are_the_index_embeddings_in_order(ws, tmp_path):
     out.mkdir()
     files = searcher.export(out / "videos.npy")
     assert files == [out / "videos.npy", out / "videos.ids.json"]
-    index = VideoIndex.load(ws / "index")
+    index = VideoIndex.load(the_index(ws))
     assert np.array_equal(np.load(files[0]), index.embeddings)
     assert json.loads(files[1].read_text()) == index.ids
     assert sorted(p.name for p in out.iterdir()) == ["videos.ids.json", "videos.npy"]  # no temporaries left
@@ -320,7 +374,7 @@ def test_exported_parquet_holds_id_path_and_embedding(ws, tmp_path, monkeypatch,
     code, _, err = vlpcache(monkeypatch, capsys, "index", "--export", tmp_path / "videos.parquet")
     assert code == 0 and f"exported {ITEMS} embeddings" in err
     table = pq.read_table(tmp_path / "videos.parquet").to_pydict()
-    index = VideoIndex.load(ws / "index")
+    index = VideoIndex.load(the_index(ws))
     assert table["id"] == index.ids and table["path"] == [f"{i}.mp4" for i in index.ids]
     assert np.allclose(np.array(table["embedding"], np.float32), index.embeddings)
 
@@ -336,3 +390,30 @@ def test_importing_vlpcache_loads_neither_faiss_nor_onnxruntime():
     probe = "import sys, vlpcache; print(sorted(m for m in ('faiss', 'onnxruntime', 'torch') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_index_reports_unreadable_shards_instead_of_up_to_date_and_search_says_what_it_cannot_show(ws, monkeypatch, capsys):
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    shard = sorted((ws / "cache" / "shards").glob("*.h5"))[0]  # 16 of the 24 items
+    shard.write_bytes(shard.read_bytes()[:1000])  # broken after indexing
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0 and "up to date" not in err
+    assert f"{shard}: unreadable shard" in err
+    assert f"8 of its {ITEMS} items can be shown, 16 are not in the cache (1 shard(s) of the cache are unreadable" in err
+    code, out, err = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", ITEMS)
+    assert code == 0 and f"-k {ITEMS} is more than the 8 indexed items in the cache" in err
+    assert len([line for line in out.splitlines() if line[:3].strip().isdigit()]) == 8
+
+
+def test_a_second_index_writer_waits_for_the_first_and_says_so(ws, monkeypatch, capsys):
+    import threading
+
+    from vlpcache.index.layout import LOCK_FILE
+    from vlpcache.locks import WriterLock
+
+    the_index(ws).mkdir(parents=True)
+    held = WriterLock.take(the_index(ws) / LOCK_FILE)
+    threading.Timer(1.0, held.release).start()
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0 and f"waiting for pid {os.getpid()}" in err and f"which is writing the index {the_index(ws)}" in err
+    assert read_meta(the_index(ws)).count == ITEMS

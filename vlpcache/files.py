@@ -16,6 +16,7 @@ from vlpcache.errors import UserError
 # what the libraries that write our files say instead of raising OSError: h5py (RuntimeError "... errno
 # = 28, error message = ..."), safetensors (SafetensorError "... (os error 28)")
 _ERRNO_IN_MESSAGE = re.compile(r"errno = (\d+)|os error (\d+)")
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.EACCES)
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -35,27 +36,58 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+# a file being written: ".<name>.<pid>.tmp<suffix>" beside its final name (replace_together)
+TEMPORARY_GLOB = ".*.*.tmp*"
+# (path, write(tmp), suffix): `write` fills the temporary, whose name ends in `suffix` for writers that
+# add one (np.save: ".npy")
+FileWrite = tuple[Path, Callable[[Path], object], str]
+
+
+def _temporary(path: Path, suffix: str = "") -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+
+
 def replace_atomically(path: Path, write: Callable[[Path], object], suffix: str = "") -> None:
     """Write `path` whole or not at all: `write(tmp)` fills a temporary beside it, which is fsynced and
     renamed over `path`, and the folder fsynced. A crash at any instant leaves the old file or the new
-    one, never a part. `suffix` ends the temporary's name, for writers that add one (np.save: ".npy")."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    one, never a part."""
+    replace_together([(Path(path), write, suffix)])
+
+
+def replace_together(files: list[FileWrite]) -> None:
+    """Write several files whole, and none of them unless all could be written: each is filled under a
+    temporary name and fsynced, and only then are they renamed into place, in order (the last one can
+    be the file that commits the others), and their folders fsynced. A write that fails (disk full, I/O
+    error) leaves every old file as it was and no temporary behind."""
+    temporaries = []
     try:
-        write(tmp)
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(path.parent)
+        for path, write, suffix in files:
+            temporaries.append((_temporary(Path(path), suffix), Path(path)))
+            write(temporaries[-1][0])
+            fsync_path(temporaries[-1][0])
+        for tmp, path in temporaries:
+            os.replace(tmp, path)
+        for folder in {path.parent for _, path in temporaries}:
+            fsync_path(folder)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for tmp, _ in temporaries:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Remove what killed writers left of files being replaced in `folder`: only for a process that holds
+    the folder's writer lock (locks.py), so that no temporary of a live writer is touched."""
+    for tmp in Path(folder).glob(TEMPORARY_GLOB):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
 
 
 def create_atomically(path: Path, write: Callable[[Path], object]) -> bool:
     """Create `path` whole, unless it exists: when several processes race, the first one's file stays
     and the others leave it alone (False). Filled and fsynced under a temporary name, then hard-linked."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temporary(path)
     try:
         write(tmp)
         fsync_path(tmp)
@@ -71,12 +103,16 @@ def create_atomically(path: Path, write: Callable[[Path], object]) -> bool:
 
 def failure_errno(err: BaseException) -> int | None:
     """The errno behind a failed file operation: the exception's own, that of the OSError it arose from
-    (torch.save writing to a file object raises a RuntimeError from it), or one its message quotes."""
+    (torch.save writing to a file object raises a RuntimeError from it), or one its message quotes by
+    number or by the system's words (faiss: "... write error ... (No space left on device)")."""
     while err is not None:
         if isinstance(getattr(err, "errno", None), int):
             return err.errno
         if match := _ERRNO_IN_MESSAGE.search(str(err)):
             return int(match.group(1) or match.group(2))
+        for code in _WRITE_ERRNOS:
+            if os.strerror(code) in str(err):
+                return code
         err = err.__cause__ or err.__context__
     return None
 

@@ -25,14 +25,13 @@ from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import ARRAYS
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
-from vlpcache.index.build import open_cache, resolve_sources, update_index
+from vlpcache.index.build import coverage, index_of_run, missing_from_cache, new_index_line, open_cache, resolve_sources, update_index
 from vlpcache.index.export import export_embeddings
 from vlpcache.index.faiss_index import VideoIndex
-from vlpcache.index.layout import META_FILE, IndexConfig, check_same_source, read_meta
+from vlpcache.index.layout import IndexConfig, index_dir_for
 from vlpcache.index.query_model import OnnxQueryModel, query_export_sha
 from vlpcache.index.rerank import align
 from vlpcache.metrics import RERANK_CANDIDATES
-from vlpcache.model.run_layout import designated_checkpoint_sha256
 from vlpcache.report import Say, say
 
 
@@ -243,19 +242,14 @@ def read_queries(text: str | None, queries_file: str | None) -> list[str]:
 
 def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVICE, say: Say = say):
     """(query model, cache, index, index directory) for the options and workspace defaults; builds the
-    index on first use.
+    run's index on first use.
 
     With an up-to-date ONNX export in the index, neither torch nor the run's weights are loaded.
     """
     sources = resolve_sources(run_dir, cache_dir, index_dir)
     cache = open_cache(sources.cache_dir)
-    index_dir = sources.index_dir
-    run_sha = designated_checkpoint_sha256(sources.run_dir)
-    if (index_dir / META_FILE).exists() and run_sha is not None:
-        # refuse a mismatch before paying for anything
-        check_same_source(read_meta(index_dir), index_dir, run_sha, cache.settings.to_json(), sources.run_dir)
-    index = VideoIndex.load(index_dir) if (index_dir / META_FILE).exists() else None
-    if index is not None and index.regions is not None and run_sha is not None and query_export_sha(index_dir) == run_sha:
+    index_dir, index = index_of_run(sources.index_dir, sources.run_dir, cache)
+    if index is not None and index.regions is not None and query_export_sha(index_dir) == index.meta.checkpoint_sha256:
         query_model = OnnxQueryModel(index_dir)
     else:
         from vlpcache.model.retrieval import default_batch_size
@@ -264,10 +258,9 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
 
         device = resolve_device(device)
         run = load_run(sources.run_dir, device=device)
+        index_dir = index_dir_for(sources.index_dir, run.checkpoint_sha256, cache.settings.to_json())
         if index is None:
-            say(f"no index at {index_dir} yet: building it from run {sources.run_dir} (first use only)")
-        else:
-            check_same_source(index.meta, index_dir, run.checkpoint_sha256, cache.settings.to_json(), sources.run_dir)
+            say(new_index_line(run, sources.index_dir, index_dir))
         if index is None or index.regions is None:
             index = update_index(run, cache, index_dir, IndexConfig(), device=device,
                                  batch_size=default_batch_size(device), say=say)
@@ -275,6 +268,8 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
     unindexed = sum(1 for item_id in cache.ids if item_id not in index)
     if unindexed:
         say(f"note: {unindexed} cached items are not in the index yet; run `vlpcache index` to add them")
+    if note := coverage(index, cache):
+        say(f"note: index {index_dir}: {note}")
     return query_model, cache, index, index_dir
 
 
@@ -286,8 +281,9 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
     rerank = not no_rerank
     if rerank and not searcher.can_rerank:
         say("note: the run was trained without region-word alignment; results are not re-ranked")
-    if k > len(searcher):
-        say(f"note: -k {k} is more than the {len(searcher)} indexed items; showing all of them")
+    shown = len(searcher) - missing_from_cache(searcher.index, searcher.cache)
+    if k > shown:
+        say(f"note: -k {k} is more than the {shown} indexed items in the cache; showing all of them")
     for n, query in enumerate(queries):
         hits = searcher.search(query, k, rerank=rerank)
         if as_json:
