@@ -73,7 +73,7 @@ def vlpcache(monkeypatch, capsys, *args, stdin=None) -> tuple[int, str, str]:
     if stdin is not None:
         import io
 
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin if isinstance(stdin, bytes) else stdin.encode())))
     code = 0
     try:
         main()
@@ -417,3 +417,31 @@ def test_a_second_index_writer_waits_for_the_first_and_says_so(ws, monkeypatch, 
     code, _, err = vlpcache(monkeypatch, capsys, "index")
     assert code == 0 and f"waiting for pid {os.getpid()}" in err and f"which is writing the index {the_index(ws)}" in err
     assert read_meta(the_index(ws)).count == ITEMS
+
+
+def test_ids_with_control_characters_are_escaped_for_people_and_raw_in_json(ws, monkeypatch, capsys):
+    from vlpcache.cache.reader import RegionCache
+    from vlpcache.cache.writer import ShardWriter
+
+    cache = RegionCache(ws / "cache")
+    odd = "two\nlines\x1b[31m"
+    with ShardWriter(ws / "cache", cache.settings, writer_name="s1of2") as writer:
+        writer.add(odd, f"/data/{odd}.mp4", "video", {k: v for k, v in cache.get("v0").items() if k not in ("id", "path", "kind")})
+    code, out, _ = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", ITEMS + 1)
+    assert code == 0 and "two\\nlines\\x1b[31m  /data/two\\nlines\\x1b[31m.mp4" in out and "\x1b" not in out
+    assert all(line.startswith(("query: ", "       ")) or line[:3].strip().isdigit() for line in out.splitlines())
+    [result] = search_json(monkeypatch, capsys, "a dog", "-k", ITEMS + 1)
+    assert odd in [hit["id"] for hit in result["results"]]
+
+
+def test_a_rendered_items_default_file_name_never_starts_with_a_dash(ws, tmp_path, monkeypatch, capsys):
+    from vlpcache.cache.reader import RegionCache
+    from vlpcache.cache.writer import ShardWriter
+
+    cache = RegionCache(ws / "cache")
+    with ShardWriter(ws / "cache", cache.settings, writer_name="s1of2") as writer:
+        writer.add("-rf", "/nowhere/-rf.mp4", "video", {k: v for k, v in cache.get("v0").items() if k not in ("id", "path", "kind")})
+    monkeypatch.chdir(tmp_path)
+    code, out, err = vlpcache(monkeypatch, capsys, "inspect", "--render", "-rf")
+    assert code == 0 and out == "wrote rf.png\n" and (tmp_path / "rf.png").is_file(), err
+    assert not list(tmp_path.glob("-*"))

@@ -1,6 +1,7 @@
 """File-level durability and identity shared by every stage: fsync, whole-or-nothing replacement,
-content hashes of weights and checkpoints (what provenance and index checks compare), and the one line
-that a failed write (disk full, I/O error, read-only filesystem) becomes."""
+content hashes of weights and checkpoints (what provenance and index checks compare), the one line
+that a failed write (disk full, I/O error, read-only filesystem) becomes, and the lines of a user's
+text file (captions, queries), whose bytes that are not UTF-8 are one line naming the file and line."""
 
 from __future__ import annotations
 
@@ -17,6 +18,22 @@ from vlpcache.errors import UserError
 # = 28, error message = ..."), safetensors (SafetensorError "... (os error 28)")
 _ERRNO_IN_MESSAGE = re.compile(r"errno = (\d+)|os error (\d+)")
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.EACCES)
+
+
+def utf8_text(data: bytes, name: str) -> str:
+    """UTF-8 text read from `name` (a byte-order mark is dropped); bytes that are not UTF-8 are one
+    UserError naming the file and the line."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        start = err.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data.count(b"\n", 0, start) + 1
+        raise UserError(f"{name}:{line}: not UTF-8 text (byte 0x{data[start]:02x}); save the file as UTF-8") from None
+
+
+def read_utf8_text(path: Path) -> str:
+    """utf8_text of a file."""
+    return utf8_text(Path(path).read_bytes(), str(path))
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

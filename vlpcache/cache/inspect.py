@@ -11,7 +11,7 @@ import json
 
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import outdated_schema
-from vlpcache.report import silent
+from vlpcache.report import printable, silent
 from vlpcache.workspace import Workspace
 
 
@@ -84,4 +84,4 @@ def inspect_cache(cache_dir=None, as_json=False, list_failures=False) -> None:
         return
     print_summary(summary)
     for record in summary.get("failed_items", []):
-        print(f"failed      {record['path']}: {record['reason']}")
+        print(f"failed      {printable(record['path'])}: {printable(record['reason'])}")

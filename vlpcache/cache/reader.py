@@ -104,6 +104,16 @@ class RegionCache:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def check_not_empty(self) -> None:
+        """One line when there is no item to read: none extracted yet, or every shard left out."""
+        if len(self):
+            return
+        left_out = len(self.unreadable_shards) + len(self.ignored_shards)
+        if left_out:
+            raise UserError(f"{self.cache_dir}: none of its {left_out} shard(s) can be read as its manifest describes "
+                            "(reported above); move them out and extract again, or pass another cache")
+        raise UserError(f"cache {self.cache_dir} holds no items yet; run `vlpcache extract` first")
+
     def __contains__(self, item_id: str) -> bool:
         return item_id in self._index_of
 

@@ -62,8 +62,7 @@ def resolve_sources(run_dir=None, cache_dir=None, index_dir=None) -> Sources:
 
 def open_cache(cache_dir: Path) -> RegionCache:
     cache = RegionCache(cache_dir)
-    if len(cache) == 0:
-        raise UserError(f"cache {cache_dir} holds no items yet; run `vlpcache extract` first")
+    cache.check_not_empty()
     return cache
 
 

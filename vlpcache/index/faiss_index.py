@@ -307,10 +307,10 @@ class VideoIndex:
                             what="id list", fix=rebuild)
             embeddings = np.load(index_dir / EMBEDDINGS_FILE)
             index = faiss.read_index(str(index_dir / INDEX_FILE))
+            regions = RegionStore.load(index_dir) if RegionStore.exists(index_dir) else None
         except (OSError, ValueError, RuntimeError) as err:
             raise UserError(f"{index_dir}: incomplete or unreadable index ({type(err).__name__}); {rebuild}") from None
         counts = {META_FILE: meta.count, IDS_FILE: len(ids), EMBEDDINGS_FILE: len(embeddings), INDEX_FILE: index.ntotal}
-        regions = RegionStore.load(index_dir) if RegionStore.exists(index_dir) else None
         if regions is not None:
             counts[REGION_OFFSETS_FILE] = len(regions)
         if len(set(counts.values())) != 1:

@@ -25,6 +25,7 @@ from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import ARRAYS
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
+from vlpcache.files import read_utf8_text, utf8_text
 from vlpcache.index.build import coverage, index_of_run, missing_from_cache, new_index_line, open_cache, resolve_sources, update_index
 from vlpcache.index.export import export_embeddings
 from vlpcache.index.faiss_index import VideoIndex
@@ -32,7 +33,7 @@ from vlpcache.index.layout import IndexConfig, index_dir_for
 from vlpcache.index.query_model import OnnxQueryModel, query_export_sha
 from vlpcache.index.rerank import align
 from vlpcache.metrics import RERANK_CANDIDATES
-from vlpcache.report import Say, say
+from vlpcache.report import Say, printable, say
 
 
 # what describing a hit reads of its cached item; features, most of an item's bytes, are left on disk
@@ -202,13 +203,13 @@ def hits_json(query: str, hits: list[Hit]) -> dict:
 
 
 def format_hits(query: str, hits: list[Hit]) -> str:
-    lines = [f"query: {query}"]
+    lines = [f"query: {printable(query)}"]
     if not hits:
         lines.append("  (no results)")
     for h in hits:
-        path = f"  {h.path}" if h.path and h.path != h.id else ""
+        path = f"  {printable(h.path)}" if h.path and h.path != h.id else ""
         when = f"  @ {h.time:.2f} s" if h.time is not None else ""
-        lines.append(f"{h.rank:3d}  {h.score:7.4f}  {h.id}{path}{when}")
+        lines.append(f"{h.rank:3d}  {h.score:7.4f}  {printable(h.id)}{path}{when}")
         if h.regions:
             parts = [f"{r.word} -> {r.label} [{', '.join(f'{v:.2f}' for v in r.box)}] @ {r.time:.2f} s" for r in h.regions]
             lines.append("       " + "; ".join(parts))
@@ -226,10 +227,10 @@ def read_queries(text: str | None, queries_file: str | None) -> list[str]:
         queries.append(text.strip())
     if queries_file:
         if queries_file == "-":
-            lines = sys.stdin.read().splitlines()
+            lines = utf8_text(sys.stdin.buffer.read(), "stdin").splitlines()
         else:
             try:
-                lines = Path(queries_file).read_text(encoding="utf-8").splitlines()
+                lines = read_utf8_text(Path(queries_file)).splitlines()
             except OSError as err:
                 raise UserError(f"--queries {queries_file}: cannot read it ({err.strerror})") from None
         queries += [line.strip() for line in lines if line.strip()]
