@@ -134,15 +134,33 @@ def failure_errno(err: BaseException) -> int | None:
     return None
 
 
-def system_reason(err: BaseException) -> str:
+def is_write_failure(err: BaseException) -> bool:
+    """Whether `err`, raised while writing files, is the system's (disk full, I/O error...), not a bug."""
+    return isinstance(err, OSError) or failure_errno(err) is not None
+
+
+def system_reason(err: BaseException, path: Path | None = None) -> str:
     """The operating system's reason for a failed file operation, e.g. "No space left on device (ENOSPC)",
-    also where a library reports it only in its message; else the message's first line."""
+    also where a library reports it only in its message, or only as a short write (numpy: "6912 requested
+    and 6112 written") on a disk that is now full; else the message's first line."""
     code = failure_errno(err)
+    if code is None and path is not None and _disk_full(Path(path)):
+        code = errno.ENOSPC
     if code is not None:
         return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
+def _disk_full(path: Path) -> bool:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < (1 << 20)
+
+
 def write_failure(path: Path, err: BaseException, then: str) -> UserError:
     """One line for a write that failed: the path, the system's reason, and what became of the work."""
-    return UserError(f"{path}: cannot write ({system_reason(err)}); {then}")
+    return UserError(f"{path}: cannot write ({system_reason(err, path)}); {then}")

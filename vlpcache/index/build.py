@@ -18,7 +18,7 @@ import numpy as np
 from vlpcache.cache.reader import RegionCache
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
-from vlpcache.files import failure_errno, remove_temporaries, system_reason, write_failure
+from vlpcache.files import is_write_failure, remove_temporaries, system_reason, write_failure
 from vlpcache.index.export import export_embeddings
 from vlpcache.index.faiss_index import VideoIndex, choose_factory
 from vlpcache.index.layout import (
@@ -170,7 +170,7 @@ def save_index(index: VideoIndex, index_dir: Path) -> None:
     try:
         index.save(index_dir)
     except Exception as err:
-        if failure_errno(err) is None:
+        if not is_write_failure(err):
             raise
         raise write_failure(index_dir, err, "the index is as it was before; make room and run `vlpcache index` "
                                             "again") from None

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlpcache.errors import UserError
-from vlpcache.files import failure_errno, file_sha256, fsync_path, write_failure
+from vlpcache.files import file_sha256, fsync_path, is_write_failure, write_failure
 from vlpcache.model.run_layout import (
     BEST_NAME,
     CHECKPOINT_DIR,
@@ -88,7 +88,7 @@ def save_checkpoint(
         _write_checkpoint(tmp, final, epoch, model, training_state, meta)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if failure_errno(err) is None:
+        if not is_write_failure(err):
             raise
         raise write_failure(tmp, err, f"the checkpoint of epoch {epoch} is not saved, earlier ones are kept; make room "
                                       "and continue with `vlpcache pretrain --resume`") from None
