@@ -242,3 +242,44 @@ def test_index_on_a_full_disk_is_one_line_leaves_the_index_as_it_was_and_builds_
     assert {p.name: p.read_bytes() for p in index_dir.iterdir() if p.is_file()} == before  # no temporary either
     assert vlpcache(monkeypatch, capsys, *args)[0] == 0
     assert len(VideoIndex.load(index_dir)) == len(RegionCache(cache))
+
+
+def test_extract_into_a_read_only_filesystem_is_one_line_before_anything_loads(frames_root, tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        result = extract(frames_root, folder / "cache", tmp_path)
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: {folder / 'cache'}: cannot write (Read-only file system (EROFS)); "
+                                    "nothing was written")
+
+
+@pytest.mark.parametrize("message, reason", [
+    # what each library that writes our files raised on a full disk, as observed on a 1 MB tmpfs
+    ("Can't flush cache (file write failed: time = Wed Dec  2 08:35:14 2026\n, filename = 'x.h5.tmp', "
+     "file descriptor = 4, errno = 28, error message = 'No space left on device', buf = 0x5604463c7f68)",
+     "No space left on device (ENOSPC)"),  # h5py
+    ("Error while serializing: I/O error: No space left on device (os error 28)",
+     "No space left on device (ENOSPC)"),  # safetensors
+    ("Error in faiss::FileIOWriter: write error (No space left on device)", "No space left on device (ENOSPC)"),
+    ("[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662", "unexpected pos"),  # no errno: as said
+])
+def test_the_system_reason_is_found_in_each_librarys_write_error(message, reason):
+    from vlpcache.files import system_reason
+
+    assert reason in system_reason(RuntimeError(message))
+
+
+def test_torch_save_through_a_file_keeps_the_errno_of_the_failed_write(tmp_path):
+    import torch
+
+    from vlpcache.files import system_reason
+
+    with pytest.raises(RuntimeError) as failure, Disk(tmp_path, tmpfs=False).full(room=1000):
+        with open(tmp_path / "state.pt", "wb") as f:
+            torch.save({"x": torch.zeros(10_000)}, f)
+    assert system_reason(failure.value) == "File too large (EFBIG)"
