@@ -42,6 +42,18 @@ def nothing(root: Path, ws: Path) -> None:
     pass
 
 
+def models(root: Path) -> Path:
+    """A copy of the offline detector weights, for extract."""
+    from conftest import SHARED
+
+    folder = root / "models"
+    if not folder.exists():
+        if not (SHARED / "models").is_dir():
+            pytest.skip(f"shared data not found at {SHARED} (set VLPCACHE_SHARED to the shared/ folder)")
+        shutil.copytree(SHARED / "models", folder)
+    return folder
+
+
 def media(root: Path, ws: Path) -> Path:
     """A root with one real image, for extract."""
     folder = root / "media"
@@ -60,6 +72,12 @@ CASES = [
          "{ws}/runs/run-001/config.json/cache"),
     Case("extract with a malformed --shard", nothing, lambda r, w: ["extract", media(r, w), "--shard", "3/2"],
          "--shard '3/2': need 0 <= i < n"),
+    Case("extract with a damaged detector file", lambda r, w: truncate(models(r) / "yolox_nano_coco.onnx", 1000),
+         lambda r, w: ["extract", media(r, w), "-o", r / "new-cache", "--models", models(r), "--device", "cpu"],
+         "{root}/models/yolox_nano_coco.onnx: not an ONNX file"),
+    Case("models fetch into a folder below a file", nothing,
+         lambda r, w: ["models", "fetch", "--models", w / "cache" / "manifest.json" / "models"],
+         "{ws}/cache/manifest.json/models: Not a directory (ENOTDIR)"),
     # inspect
     Case("inspect a cache whose manifest is damaged", lambda r, w: truncate(w / "cache" / "manifest.json"),
          lambda r, w: ["inspect", w / "cache"], "{ws}/cache/manifest.json: unreadable manifest"),
@@ -106,6 +124,9 @@ CASES = [
          lambda r, w: ["search", "a dog"], "index.json: unreadable index metadata"),
     Case("search with damaged region embeddings", lambda r, w: truncate(the_index(w) / "regions.npy"),
          lambda r, w: ["search", "a dog"], "incomplete or unreadable index"),
+    # serve
+    Case("serve with a damaged index.json", lambda r, w: truncate(the_index(w) / "index.json", 5),
+         lambda r, w: ["serve", "--port", "0"], "index.json: unreadable index metadata"),
     # eval
     Case("eval on a caption file that is not UTF-8", lambda r, w: write(r / "latin1.jsonl", NOT_UTF8),
          lambda r, w: ["eval", "--captions", r / "latin1.jsonl", "--device", "cpu"], "{root}/latin1.jsonl:2: not UTF-8 text"),
