@@ -15,6 +15,21 @@ if (SHARED / "models").exists():
 os.environ.setdefault("VLPCACHE_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_workspace(tmp_path_factory):
+    """Module and session fixtures (which run before any test's own workspace is set) write here."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLPCACHE_WORKSPACE", str(tmp_path_factory.mktemp("session-workspace") / ".vlpcache"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _own_workspace(tmp_path_factory, monkeypatch):
+    """Every test has a workspace of its own: nothing a test or the commands it starts write by default
+    (roots.json, caches, runs, indexes) reaches the user's `.vlpcache/` or another test's."""
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path_factory.mktemp("workspace") / ".vlpcache"))
+
+
 def _need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"shared data not found at {path} (set VLPCACHE_SHARED to the shared/ folder)")

@@ -1,16 +1,26 @@
 """The HDF5 region cache: schema, crash-safe shard writer, lazy reader."""
 
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
 import torch
 
 from vlpcache.cache.reader import RegionCache
-from vlpcache.cache.schema import ARRAYS, MANIFEST_NAME, SCHEMA_VERSION, SHARD_DIR, CacheSettings, empty_item
+from vlpcache.cache.schema import ARRAYS, LOCK_DIR, MANIFEST_NAME, SCHEMA_VERSION, SHARD_DIR, CacheSettings, empty_item
 from vlpcache.cache.manifest import read_failures
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
 
+REPO = Path(__file__).resolve().parents[1]
 SETTINGS = CacheSettings(frames=3, regions=4, feature_dim=8, detector="test", detector_weights_sha256="d" * 64,
                          backbone="test", backbone_weights_sha256="b" * 64)
 
@@ -24,7 +34,7 @@ def random_item(seed: int, settings: CacheSettings = SETTINGS) -> dict:
     item["labels"][:] = rng.integers(-1, 80, item["labels"].shape)
     item["region_mask"][:] = rng.random(item["region_mask"].shape) > 0.3
     item["frame_mask"][:2] = True
-    item["timestamps"][:] = [0.5, 1.5, 0.0]
+    item["timestamps"][:3] = [0.5, 1.5, 0.0]
     item["frame_size"][:] = [240, 320]
     item["duration"][...] = 3.0
     return item
@@ -76,14 +86,58 @@ def test_shards_commit_after_max_items_and_reader_sees_union(tmp_path):
     assert sorted(RegionCache(tmp_path).ids) == sorted([f"v{i}" for i in range(5)] + ["w0", "w1"])
 
 
-def test_uncommitted_shard_is_invisible_and_removed_on_resume(tmp_path):
-    writer = ShardWriter(tmp_path, SETTINGS)
-    writer.add("lost", "/x", "video", random_item(0))  # as if killed before commit
-    writer._file.flush()
-    assert len(RegionCache(tmp_path)) == 0
-    assert list((tmp_path / SHARD_DIR).glob("*.tmp"))
+def start_writer_and_stop_mid_shard(cache_dir, writer_name="s0of1") -> subprocess.Popen:
+    """A writer process that has one item in its unfinished shard, waiting to be killed."""
+    script = ("import time; from vlpcache.cache.writer import ShardWriter; from vlpcache.cache.schema import *\n"
+              f"settings = CacheSettings.from_json({SETTINGS.to_json()!r})\n"
+              f"writer = ShardWriter({str(cache_dir)!r}, settings, writer_name={writer_name!r})\n"
+              "writer.add('lost', '/x', 'video', empty_item(settings)); writer._file.flush()\n"
+              "print('ready', flush=True); time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def kill_9(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+
+
+def test_a_second_writer_of_the_same_shards_is_refused_naming_the_holder(tmp_path):
+    with ShardWriter(tmp_path, SETTINGS) as first:
+        first.add("a", "/a", "video", random_item(0))
+        with pytest.raises(UserError, match=rf"shards s0of1-\* are being written by pid {os.getpid()} on "
+                                            rf"{socket.gethostname()} \(since .*another --shard i/n or -o DIR"):
+            ShardWriter(tmp_path, SETTINGS)
+        assert first._tmp_path.exists()  # the refused writer removed nothing
+    assert RegionCache(tmp_path).ids == ["a"]
+
+
+def test_writers_of_other_shards_write_side_by_side(tmp_path):
+    with ShardWriter(tmp_path, SETTINGS, "s0of2") as a, ShardWriter(tmp_path, SETTINGS, "s1of2") as b:
+        a.add("a", "/a", "video", random_item(0))
+        b.add("b", "/b", "video", random_item(1))
+    assert sorted(RegionCache(tmp_path).ids) == ["a", "b"]
+
+
+def test_a_killed_writers_unfinished_shard_is_invisible_and_removed_on_resume(tmp_path):
+    victim = start_writer_and_stop_mid_shard(tmp_path)
+    assert len(RegionCache(tmp_path)) == 0 and list((tmp_path / SHARD_DIR).glob("*.tmp"))
+    kill_9(victim)  # the kernel frees its lock
     ShardWriter(tmp_path, SETTINGS).close()
-    assert not list((tmp_path / SHARD_DIR).glob("*.tmp"))
+    assert not list((tmp_path / SHARD_DIR).glob("*.tmp")) and not list((tmp_path / LOCK_DIR).iterdir())
+
+
+def test_unfinished_shards_of_a_writer_at_work_are_left_alone_and_of_a_dead_one_removed(tmp_path):
+    working, dead = start_writer_and_stop_mid_shard(tmp_path, "s0of3"), start_writer_and_stop_mid_shard(tmp_path, "s1of3")
+    try:
+        kill_9(dead)
+        ShardWriter(tmp_path, SETTINGS, "s2of3").close()
+        assert [p.name for p in (tmp_path / SHARD_DIR).glob("*.tmp")] == ["s0of3-00000.h5.tmp"]
+        assert [p.name for p in (tmp_path / LOCK_DIR).iterdir()] == ["s0of3.lock"]
+    finally:
+        kill_9(working)
 
 
 def test_cache_with_different_settings_is_refused(tmp_path):
@@ -160,3 +214,68 @@ def test_column_reads_one_array_for_all_videos_in_cache_order(tmp_path):
     masks = cache.column("region_mask")
     assert masks.shape == (3, 3, 4)
     np.testing.assert_array_equal(masks[2], cache[2]["region_mask"])
+
+
+def copy_in_a_shard_of_other_settings(cache_dir, tmp_path, **changes) -> Path:
+    """A shard made for another cache (other settings), copied into cache_dir under a writer name of its own."""
+    other = CacheSettings(**{**SETTINGS.to_json(), **changes})
+    with ShardWriter(tmp_path / "other", other, writer_name="s0of1") as writer:
+        writer.add("foreign", "/f", "video", random_item(9, other))
+    copied = Path(cache_dir) / SHARD_DIR / "s9of10-00000.h5"
+    shutil.copy(next((tmp_path / "other" / SHARD_DIR).glob("*.h5")), copied)
+    return copied
+
+
+def test_a_shard_of_other_settings_is_left_out_and_reported_once(tmp_path, capsys):
+    write_items(tmp_path / "cache", ["a", "b"])
+    copied = copy_in_a_shard_of_other_settings(tmp_path / "cache", tmp_path, frames=4)
+    cache = RegionCache(tmp_path / "cache")
+    assert cache.ids == ["a", "b"] and cache.column("features").shape == (2, 3, 4, 8)
+    assert cache.ignored_shards == {copied: ["frames 4, not 3"]}
+    RegionCache(tmp_path / "cache")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"{copied}: made with other settings than the cache (frames 4, not 3)")
+
+
+def test_a_manifest_edited_by_hand_leaves_every_shard_that_disagrees_out(tmp_path):
+    write_items(tmp_path, ["a", "b"], max_items=1)
+    manifest = tmp_path / MANIFEST_NAME
+    manifest.write_text(manifest.read_text().replace('"feature_dim": 8', '"feature_dim": 16'))
+    cache = RegionCache(tmp_path)
+    assert len(cache) == 0 and len(cache.ignored_shards) == 2
+    assert next(iter(cache.ignored_shards.values())) == ["feature_dim 8, not 16"]
+
+
+def test_extract_refuses_settings_its_shards_disagree_with_whatever_the_manifest_says(tmp_path):
+    write_items(tmp_path, ["a"])
+    manifest = tmp_path / MANIFEST_NAME
+    manifest.write_text(manifest.read_text().replace('"frames": 3', '"frames": 4'))
+    with pytest.raises(UserError, match=r"s0of1-00000.h5: made with other settings than this extract \(frames 3, not 4\)"):
+        ShardWriter(tmp_path, CacheSettings(**{**SETTINGS.to_json(), "frames": 4}))
+
+
+def test_a_shard_whose_arrays_disagree_with_its_own_attributes_is_left_out(tmp_path):
+    write_items(tmp_path, ["a"])
+    shard = next((tmp_path / SHARD_DIR).glob("*.h5"))
+    with h5py.File(shard, "r+") as f:
+        del f["boxes"]
+        f.create_dataset("boxes", data=np.zeros((1, 3, 4, 2), np.float32))
+    cache = RegionCache(tmp_path)
+    assert len(cache) == 0 and cache.ignored_shards[shard] == ["boxes (3, 4, 2) per video, not (3, 4, 4)"]
+
+
+def test_inspect_lists_the_shards_it_leaves_out_and_why(tmp_path, capsys):
+    from vlpcache.cache.inspect import inspect_cache
+
+    write_items(tmp_path / "cache", ["a"])
+    copy_in_a_shard_of_other_settings(tmp_path / "cache", tmp_path, feature_dim=5)
+    (tmp_path / "cache" / SHARD_DIR / "s8of10-00000.h5").write_bytes(b"\0" * 100)
+    inspect_cache(tmp_path / "cache")
+    out, err = capsys.readouterr()
+    assert err == "" and "items       1" in out and "in 1 shards" in out
+    assert "ignored     s9of10-00000.h5: made with other settings than the manifest (feature_dim 5, not 8)" in out
+    assert "unreadable  s8of10-00000.h5: " in out
+    inspect_cache(tmp_path / "cache", as_json=True)
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["ignored_shards"] == {"s9of10-00000.h5": ["feature_dim 5, not 8"]}
+    assert list(summary["unreadable_shards"]) == ["s8of10-00000.h5"]

@@ -152,10 +152,19 @@ def test_missing_index_is_a_user_error_naming_the_command(tmp_path):
 
 
 def test_index_from_another_checkpoint_is_refused():
-    with pytest.raises(UserError, match="built from checkpoint aaaaaaaaaaaa"):
+    with pytest.raises(UserError, match="built from another checkpoint or cache.*checkpoint aaaaaaaaaaaa, not bbbbbbbbbbbb"):
         check_same_source(meta(), "idx", "b" * 64, SETTINGS)
 
 
 def test_index_from_a_cache_with_other_settings_is_refused():
     with pytest.raises(UserError, match="feature_dim"):
         check_same_source(meta(), "idx", "a" * 64, {**SETTINGS, "feature_dim": 32})
+
+
+def test_each_checkpoint_and_cache_settings_has_its_own_index_folder_in_a_root(tmp_path):
+    from vlpcache.index.layout import index_dir_for
+
+    a = index_dir_for(tmp_path, "a" * 64, SETTINGS)
+    assert a.parent == tmp_path and a != index_dir_for(tmp_path, "b" * 64, SETTINGS)
+    assert a != index_dir_for(tmp_path, "a" * 64, {**SETTINGS, "frames": 4})
+    assert index_dir_for(tmp_path, "a" * 64, dict(reversed(SETTINGS.items()))) == a

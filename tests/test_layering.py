@@ -5,6 +5,7 @@ Imports are read from the source with ast, so a lazy import inside a function co
 at the top of a module."""
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,11 @@ def test_the_command_line_and_torch_free_modules_load_without_torch():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_tests_run_in_a_workspace_of_their_own_never_the_current_directorys():
+    from vlpcache.workspace import Workspace
+
+    root = Workspace().root.resolve()
+    assert root != (Path.cwd() / ".vlpcache").resolve()
+    assert Path(os.environ["VLPCACHE_WORKSPACE"]).resolve() == root and not root.exists()

@@ -3,8 +3,10 @@ model package's own pretraining code, real FAISS indexes, the CLI entry point in
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,6 @@ from vlpcache.errors import UserError
 from vlpcache.index.faiss_index import VideoIndex
 from vlpcache.index.layout import read_meta
 from vlpcache.index.rerank import query_words
-from vlpcache.index.search import Searcher
 from vlpcache.model.checkpoint import load_run
 from vlpcache.model.train import run_pretrain
 
@@ -55,13 +56,24 @@ def ws(template, tmp_path, monkeypatch) -> Path:
     return ws
 
 
+def the_index(ws: Path, run: Path | None = None, root: Path | None = None) -> Path:
+    """The index directory of a run (default run-001) over the workspace cache, in an index root (default
+    the workspace's)."""
+    from vlpcache.cache.manifest import read_manifest
+    from vlpcache.index.layout import index_dir_for
+    from vlpcache.model.run_layout import designated_checkpoint_sha256
+
+    sha = designated_checkpoint_sha256(run or ws / "runs" / "run-001")
+    return index_dir_for(root or ws / "index", sha, read_manifest(ws / "cache").to_json())
+
+
 def vlpcache(monkeypatch, capsys, *args, stdin=None) -> tuple[int, str, str]:
     """Run the CLI entry point in this process: (exit code, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["vlpcache", *map(str, args)])
     if stdin is not None:
         import io
 
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin if isinstance(stdin, bytes) else stdin.encode())))
     code = 0
     try:
         main()
@@ -81,7 +93,7 @@ def test_first_search_builds_the_workspace_index_and_says_so(ws, monkeypatch, ca
     code, out, err = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", "3")
     assert code == 0, err
     assert "building it" in err
-    assert read_meta(ws / "index").count == ITEMS
+    assert read_meta(the_index(ws)).count == ITEMS
     assert out.splitlines()[0] == "query: a dog"
 
 
@@ -158,35 +170,76 @@ def test_missing_cache_is_one_line_error(ws, monkeypatch, capsys):
     assert code == 2 and err.startswith("error: no cache at") and err.count("\n") == 1
 
 
-def test_index_from_another_checkpoint_is_refused_with_one_line(ws, monkeypatch, capsys):
+def retrained(ws: Path, name: str = "run-002") -> Path:
+    """A newer run: run-001's checkpoint with its weights nudged (another sha256), modified last."""
+    from safetensors.torch import load_file, save_file
+
+    from vlpcache.files import file_sha256
+    from vlpcache.model.run_layout import META_NAME, WEIGHTS_NAME, resolve_checkpoint
+
+    run = ws / "runs" / name
+    shutil.copytree(ws / "runs" / "run-001", run)
+    checkpoint = resolve_checkpoint(run)
+    weights = load_file(checkpoint / WEIGHTS_NAME)
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, checkpoint / WEIGHTS_NAME)
+    meta = json.loads((checkpoint / META_NAME).read_text())
+    (checkpoint / META_NAME).write_text(json.dumps({**meta, "sha256": file_sha256(checkpoint / WEIGHTS_NAME)}))
+    os.utime(run, (time.time() + 10, time.time() + 10))  # the latest run
+    return run
+
+
+def test_a_newer_run_gets_an_index_of_its_own_on_first_search_and_the_earlier_one_stays(ws, monkeypatch, capsys):
     assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
-    meta_path = ws / "index" / "index.json"
-    meta = json.loads(meta_path.read_text())
-    meta["checkpoint_sha256"] = "f" * 64  # as left by a run that has since been retrained
-    meta_path.write_text(json.dumps(meta))
+    first = the_index(ws)
+    newer = retrained(ws)
     code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog")
-    assert code == 2 and "built from checkpoint ffffffffffff" in err and "--rebuild" in err
-    assert err.count("\n") == 1
+    second = the_index(ws, newer)
+    assert code == 0 and second != first and second.parent == first.parent
+    assert f"no index of run {newer} (epoch 1" in err and f"building it in {second}" in err
+    assert f"the 1 index(es) of other checkpoints or caches in {ws / 'index'} stay" in err
+    assert read_meta(second).checkpoint_sha256 == load_run(newer).checkpoint_sha256
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "--run", ws / "runs" / "run-001")
+    assert code == 0 and "building" not in err  # the earlier run's index is still there
+
+
+def test_an_index_whose_record_names_another_checkpoint_is_refused_in_one_line(ws, monkeypatch, capsys):
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    meta_path = the_index(ws) / "index.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "checkpoint_sha256": "f" * 64}))
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 2 and "checkpoint ffffffffffff, not" in err and "--rebuild" in err
+    assert err.splitlines()[-1].startswith("error: ")
     assert vlpcache(monkeypatch, capsys, "index", "--rebuild", "--quiet")[0] == 0
-    assert read_meta(ws / "index").checkpoint_sha256 == load_run(ws / "runs" / "run-001").checkpoint_sha256
+    assert read_meta(the_index(ws)).checkpoint_sha256 == load_run(ws / "runs" / "run-001").checkpoint_sha256
+
+
+def test_an_index_kept_in_the_root_itself_is_used_when_it_matches(ws, monkeypatch, capsys):
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    root = ws / "old-layout"
+    shutil.copytree(the_index(ws), root)  # as vlpcache 0.1 left it: the files in the folder itself
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "--index", root)
+    assert code == 0 and "building" not in err and not [p for p in root.iterdir() if p.is_dir() and p.name != "query"]
 
 
 def test_indexing_again_encodes_only_the_new_videos(ws, monkeypatch, capsys):
     assert vlpcache(monkeypatch, capsys, "index")[0] == 0
-    before = VideoIndex.load(ws / "index")
+    before = VideoIndex.load(the_index(ws))
     write_cache(ws / "cache", 3, prefix="w", seed=5)  # a second writer's shard: w0, w1, w2
     code, _, err = vlpcache(monkeypatch, capsys, "index")
-    after = VideoIndex.load(ws / "index")
+    after = VideoIndex.load(the_index(ws))
     assert code == 0 and "encoded 3 videos" in err and "3 new items" in err
     assert after.ids == before.ids + ["w0", "w1", "w2"]
     assert np.array_equal(after.embeddings[:ITEMS], before.embeddings)
 
 
-def test_index_refuses_a_cache_with_other_settings(ws, monkeypatch, capsys):
+def test_a_cache_with_other_settings_gets_an_index_of_its_own(ws, monkeypatch, capsys):
     assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
     write_cache(ws / "other", 4, frames=3)
     code, _, err = vlpcache(monkeypatch, capsys, "index", "--cache", ws / "other")
-    assert code == 2 and "cache with other settings" in err and "frames" in err
+    assert code == 0 and "building it in" in err
+    indexes = sorted(p.parent for p in (ws / "index").glob("*/index.json"))
+    assert len(indexes) == 2 and the_index(ws) in indexes
+    assert sorted(len(VideoIndex.load(p)) for p in indexes) == [4, ITEMS]
 
 
 def test_indexed_embeddings_equal_the_models_own_encoding(ws, monkeypatch, capsys):
@@ -194,7 +247,7 @@ def test_indexed_embeddings_equal_the_models_own_encoding(ws, monkeypatch, capsy
     from vlpcache.model.batch import video_batch
 
     assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
-    index = VideoIndex.load(ws / "index")
+    index = VideoIndex.load(the_index(ws))
     run, cache = load_run(ws / "runs" / "run-001"), RegionCache(ws / "cache")
     with torch.inference_mode():
         direct = run.model.encode_video(**video_batch([cache.get(i) for i in index.ids[:5]])).global_
@@ -206,7 +259,7 @@ def test_factory_string_needs_rebuild_to_change_an_existing_index(ws, monkeypatc
     code, _, err = vlpcache(monkeypatch, capsys, "index", "--factory", "HNSW16,Flat")
     assert code == 2 and "--rebuild" in err
     assert vlpcache(monkeypatch, capsys, "index", "--factory", "HNSW16,Flat", "--rebuild", "--quiet")[0] == 0
-    assert read_meta(ws / "index").factory == "HNSW16,Flat"
+    assert read_meta(the_index(ws)).factory == "HNSW16,Flat"
     [result] = search_json(monkeypatch, capsys, "a dog", "-k", "3")
     assert len(result["results"]) == 3
 
@@ -236,13 +289,13 @@ def test_index_leaves_an_onnx_query_model_that_matches_the_torch_one(ws, monkeyp
     from vlpcache.index.query_model import OnnxQueryModel
 
     assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
-    onnx, torch_model = OnnxQueryModel(ws / "index"), TorchQueryModel(load_run(ws / "runs" / "run-001"))
+    onnx, torch_model = OnnxQueryModel(the_index(ws)), TorchQueryModel(load_run(ws / "runs" / "run-001"))
     long_query = " ".join(["a dog runs on the beach with a ball"] * 10)  # beyond max_words: truncated alike
     for query in ["a dog", "the woman in the kitchen cuts an onion", long_query]:
         a, b = onnx.encode(query), torch_model.encode(query)
         assert a[3] == b[3] and np.array_equal(a[2], b[2])  # tokens, word mask
         assert np.allclose(a[0], b[0], atol=1e-4) and np.allclose(a[1], b[1], atol=1e-4)
-    index = VideoIndex.load(ws / "index")
+    index = VideoIndex.load(the_index(ws))
     regions, mask, _ = index.regions.gather([0, 3, 7])
     text_global, words, word_mask, _ = torch_model.encode("a horse on the street")
     inputs = (words, word_mask, text_global, regions, mask, index.embeddings[[0, 3, 7]])
@@ -287,7 +340,7 @@ def test_searcher_builds_its_index_where_it_is_told(ws, tmp_path):
 
     lines = []
     searcher = Searcher(run=ws / "runs" / "run-001", cache=ws / "cache", index=tmp_path / "elsewhere", say=lines.append)
-    assert read_meta(tmp_path / "elsewhere").count == ITEMS == len(searcher)
+    assert read_meta(the_index(ws, root=tmp_path / "elsewhere")).count == ITEMS == len(searcher)
     assert any("building it" in line for line in lines)
     assert not (ws / "index").exists()
 
@@ -310,7 +363,7 @@ def test_exported_npy_and_ids_are_the_index_embeddings_in_order(ws, tmp_path):
     out.mkdir()
     files = searcher.export(out / "videos.npy")
     assert files == [out / "videos.npy", out / "videos.ids.json"]
-    index = VideoIndex.load(ws / "index")
+    index = VideoIndex.load(the_index(ws))
     assert np.array_equal(np.load(files[0]), index.embeddings)
     assert json.loads(files[1].read_text()) == index.ids
     assert sorted(p.name for p in out.iterdir()) == ["videos.ids.json", "videos.npy"]  # no temporaries left
@@ -321,7 +374,7 @@ def test_exported_parquet_holds_id_path_and_embedding(ws, tmp_path, monkeypatch,
     code, _, err = vlpcache(monkeypatch, capsys, "index", "--export", tmp_path / "videos.parquet")
     assert code == 0 and f"exported {ITEMS} embeddings" in err
     table = pq.read_table(tmp_path / "videos.parquet").to_pydict()
-    index = VideoIndex.load(ws / "index")
+    index = VideoIndex.load(the_index(ws))
     assert table["id"] == index.ids and table["path"] == [f"{i}.mp4" for i in index.ids]
     assert np.allclose(np.array(table["embedding"], np.float32), index.embeddings)
 
@@ -339,14 +392,69 @@ def test_importing_vlpcache_loads_neither_faiss_nor_onnxruntime():
     assert result.stdout.strip() == "[]", result.stderr
 
 
+def test_index_reports_unreadable_shards_instead_of_up_to_date_and_search_says_what_it_cannot_show(ws, monkeypatch, capsys):
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    shard = sorted((ws / "cache" / "shards").glob("*.h5"))[0]  # 16 of the 24 items
+    shard.write_bytes(shard.read_bytes()[:1000])  # broken after indexing
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0 and "up to date" not in err
+    assert f"{shard}: unreadable shard" in err
+    assert f"8 of its {ITEMS} items can be shown, 16 are not in the cache (1 shard(s) of the cache are unreadable" in err
+    code, out, err = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", ITEMS)
+    assert code == 0 and f"-k {ITEMS} is more than the 8 indexed items in the cache" in err
+    assert len([line for line in out.splitlines() if line[:3].strip().isdigit()]) == 8
+
+
+def test_a_second_index_writer_waits_for_the_first_and_says_so(ws, monkeypatch, capsys):
+    import threading
+
+    from vlpcache.index.layout import LOCK_FILE
+    from vlpcache.locks import WriterLock
+
+    the_index(ws).mkdir(parents=True)
+    held = WriterLock.take(the_index(ws) / LOCK_FILE)
+    threading.Timer(1.0, held.release).start()
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0 and f"waiting for pid {os.getpid()}" in err and f"which is writing the index {the_index(ws)}" in err
+    assert read_meta(the_index(ws)).count == ITEMS
+
+
+def test_ids_with_control_characters_are_escaped_for_people_and_raw_in_json(ws, monkeypatch, capsys):
+    from vlpcache.cache.reader import RegionCache
+    from vlpcache.cache.writer import ShardWriter
+
+    cache = RegionCache(ws / "cache")
+    odd = "two\nlines\x1b[31m"
+    with ShardWriter(ws / "cache", cache.settings, writer_name="s1of2") as writer:
+        writer.add(odd, f"/data/{odd}.mp4", "video", {k: v for k, v in cache.get("v0").items() if k not in ("id", "path", "kind")})
+    code, out, _ = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", ITEMS + 1)
+    assert code == 0 and "two\\nlines\\x1b[31m  /data/two\\nlines\\x1b[31m.mp4" in out and "\x1b" not in out
+    assert all(line.startswith(("query: ", "       ")) or line[:3].strip().isdigit() for line in out.splitlines())
+    [result] = search_json(monkeypatch, capsys, "a dog", "-k", ITEMS + 1)
+    assert odd in [hit["id"] for hit in result["results"]]
+
+
+def test_a_rendered_items_default_file_name_never_starts_with_a_dash(ws, tmp_path, monkeypatch, capsys):
+    from vlpcache.cache.reader import RegionCache
+    from vlpcache.cache.writer import ShardWriter
+
+    cache = RegionCache(ws / "cache")
+    with ShardWriter(ws / "cache", cache.settings, writer_name="s1of2") as writer:
+        writer.add("-rf", "/nowhere/-rf.mp4", "video", {k: v for k, v in cache.get("v0").items() if k not in ("id", "path", "kind")})
+    monkeypatch.chdir(tmp_path)
+    code, out, err = vlpcache(monkeypatch, capsys, "inspect", "--render", "-rf")
+    assert code == 0 and out == "wrote rf.png\n" and (tmp_path / "rf.png").is_file(), err
+    assert not list(tmp_path.glob("-*"))
+
+
 def test_search_qbnorm_ranks_by_the_banks_normalised_similarity_and_the_bank_grows_with_the_index(ws, monkeypatch, capsys):
     from vlpcache.index.layout import QUERYBANK_FILE
     from vlpcache.querybank import QueryBank
 
     [plain] = search_json(monkeypatch, capsys, "a horse", "-k", str(ITEMS), "--no-rerank")  # every item a candidate
     [result] = search_json(monkeypatch, capsys, "a horse", "-k", "8", "--qbnorm")  # makes the bank on first use
-    bank = QueryBank.load(ws / "index" / QUERYBANK_FILE)
-    index = VideoIndex.load(ws / "index")
+    bank = QueryBank.load(the_index(ws) / QUERYBANK_FILE)
+    index = VideoIndex.load(the_index(ws))
     assert len(bank.log_norm) == len(index) == ITEMS
     # the expected order, from the bank and the plain global scores of the same candidates
     rows = np.array([index.ids.index(h["id"]) for h in plain["results"]])
@@ -358,13 +466,16 @@ def test_search_qbnorm_ranks_by_the_banks_normalised_similarity_and_the_bank_gro
     # videos added later extend the bank exactly as building it anew would
     write_cache(ws / "cache", 3, prefix="w", seed=5)
     assert vlpcache(monkeypatch, capsys, "index")[0] == 0
-    grown, index = QueryBank.load(ws / "index" / QUERYBANK_FILE), VideoIndex.load(ws / "index")
+    grown, index = QueryBank.load(the_index(ws) / QUERYBANK_FILE), VideoIndex.load(the_index(ws))
+    assert len(grown.log_norm) == len(index) == ITEMS + 3
     fresh = QueryBank.build(grown.bank, index.embeddings, grown.beta, grown.k)
     np.testing.assert_allclose(grown.log_norm, fresh.log_norm, rtol=1e-5)
     assert grown.hubs.tolist() == fresh.hubs.tolist()
 
 
 def test_searcher_without_a_query_bank_says_how_to_make_one(ws):
+    from vlpcache import Searcher
+
     searcher = Searcher(ws / "runs" / "run-001", ws / "cache")
     with pytest.raises(UserError, match="no query bank.*index --qbnorm"):
         searcher.search("a dog", qbnorm=True)

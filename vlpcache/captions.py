@@ -8,11 +8,13 @@ video allowed.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlpcache.errors import UserError
+from vlpcache.files import read_utf8_text
 
 
 @dataclass
@@ -67,32 +69,31 @@ def read_captions(path: str | Path) -> Captions:
     if not path.is_file():
         raise UserError(f"{path}: caption file not found")
     captions = Captions(sources=[str(path)])
+    text = read_utf8_text(path)
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"video", "caption"} <= set(reader.fieldnames):
-                raise UserError(f"{path}: a CSV caption file needs 'video' and 'caption' columns")
-            for row in reader:
-                if not row.get("video"):
-                    captions.bad_lines += 1
-                    continue
-                _add(captions, row["video"], [row.get("caption")])
-        return captions
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                item_id, texts = record["video"], record["captions"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if not reader.fieldnames or not {"video", "caption"} <= set(reader.fieldnames):
+            raise UserError(f"{path}: a CSV caption file needs 'video' and 'caption' columns")
+        for row in reader:
+            if not row.get("video"):
                 captions.bad_lines += 1
                 continue
-            if isinstance(texts, str):
-                texts = [texts]
-            _add(captions, item_id, texts)
-            if "split" in record:
-                captions.splits[str(item_id)] = str(record["split"])
+            _add(captions, row["video"], [row.get("caption")])
+        return captions
+    for line in text.split("\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            item_id, texts = record["video"], record["captions"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            captions.bad_lines += 1
+            continue
+        if isinstance(texts, str):
+            texts = [texts]
+        _add(captions, item_id, texts)
+        if "split" in record:
+            captions.splits[str(item_id)] = str(record["split"])
     return captions
 
 

@@ -7,6 +7,7 @@ start without loading what they do not use; defaults come from the light modules
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -16,6 +17,7 @@ from vlpcache import __version__
 from vlpcache.cache.schema import SHARD_SECONDS
 from vlpcache.devices import DEFAULT_DEVICE, DEVICES
 from vlpcache.errors import UserError
+from vlpcache.files import system_reason
 from vlpcache.extract.detectors.spec import (
     DEFAULT_FRCNN_ARCH,
     DEFAULT_YOLOX_BACKBONE,
@@ -285,23 +287,46 @@ def eval_(**options) -> None:
     run_eval(**options)
 
 
+# what the operating system says when the disk, a path or the permissions fail us: the user's to fix
+ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                      errno.EISDIR, errno.ENAMETOOLONG, errno.EFBIG, errno.ENOENT, errno.EEXIST}
+
+
+def exit_now(code: int) -> None:
+    """Exit with `code`. After a write error, skip the interpreter's teardown: h5py would flush the
+    abandoned shard once more and crash on the full disk (everything worth keeping is committed)."""
+    writer = sys.modules.get("vlpcache.cache.writer")
+    if writer is not None and writer.ABANDONED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        exit_now(130)
     except click.ClickException as err:
         err.show()
-        sys.exit(err.exit_code)
+        exit_now(err.exit_code)
     except UserError as err:
         click.echo(f"error: {err}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("interrupted; what was committed is kept, re-run the same command to resume", err=True)
-        sys.exit(130)
+        exit_now(2)
     except BrokenPipeError:
         sys.exit(0)
+    except OSError as err:
+        if err.errno not in ENVIRONMENT_ERRORS:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        click.echo(f"error: {where}{system_reason(err)}; nothing committed before is lost: fix this and run the "
+                   "command again", err=True)
+        exit_now(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted; what was committed is kept, re-run the same command to resume", err=True)
+        exit_now(130)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,39 @@
-"""File-level durability and identity shared by every stage: fsync, whole-or-nothing replacement, and
-content hashes of weights and checkpoints (what provenance and index checks compare)."""
+"""File-level durability and identity shared by every stage: fsync, whole-or-nothing replacement,
+content hashes of weights and checkpoints (what provenance and index checks compare), the one line
+that a failed write (disk full, I/O error, read-only filesystem) becomes, and the lines of a user's
+text file (captions, queries), whose bytes that are not UTF-8 are one line naming the file and line."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Callable
+
+from vlpcache.errors import UserError
+
+# what the libraries that write our files say instead of raising OSError: h5py (RuntimeError "... errno
+# = 28, error message = ..."), safetensors (SafetensorError "... (os error 28)")
+_ERRNO_IN_MESSAGE = re.compile(r"errno = (\d+)|os error (\d+)")
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.EACCES)
+
+
+def utf8_text(data: bytes, name: str) -> str:
+    """UTF-8 text read from `name` (a byte-order mark is dropped); bytes that are not UTF-8 are one
+    UserError naming the file and the line."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        start = err.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data.count(b"\n", 0, start) + 1
+        raise UserError(f"{name}:{line}: not UTF-8 text (byte 0x{data[start]:02x}); save the file as UTF-8") from None
+
+
+def read_utf8_text(path: Path) -> str:
+    """utf8_text of a file."""
+    return utf8_text(Path(path).read_bytes(), str(path))
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -26,27 +53,58 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+# a file being written: ".<name>.<pid>.tmp<suffix>" beside its final name (replace_together)
+TEMPORARY_GLOB = ".*.*.tmp*"
+# (path, write(tmp), suffix): `write` fills the temporary, whose name ends in `suffix` for writers that
+# add one (np.save: ".npy")
+FileWrite = tuple[Path, Callable[[Path], object], str]
+
+
+def _temporary(path: Path, suffix: str = "") -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+
+
 def replace_atomically(path: Path, write: Callable[[Path], object], suffix: str = "") -> None:
     """Write `path` whole or not at all: `write(tmp)` fills a temporary beside it, which is fsynced and
     renamed over `path`, and the folder fsynced. A crash at any instant leaves the old file or the new
-    one, never a part. `suffix` ends the temporary's name, for writers that add one (np.save: ".npy")."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    one, never a part."""
+    replace_together([(Path(path), write, suffix)])
+
+
+def replace_together(files: list[FileWrite]) -> None:
+    """Write several files whole, and none of them unless all could be written: each is filled under a
+    temporary name and fsynced, and only then are they renamed into place, in order (the last one can
+    be the file that commits the others), and their folders fsynced. A write that fails (disk full, I/O
+    error) leaves every old file as it was and no temporary behind."""
+    temporaries = []
     try:
-        write(tmp)
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(path.parent)
+        for path, write, suffix in files:
+            temporaries.append((_temporary(Path(path), suffix), Path(path)))
+            write(temporaries[-1][0])
+            fsync_path(temporaries[-1][0])
+        for tmp, path in temporaries:
+            os.replace(tmp, path)
+        for folder in {path.parent for _, path in temporaries}:
+            fsync_path(folder)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for tmp, _ in temporaries:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Remove what killed writers left of files being replaced in `folder`: only for a process that holds
+    the folder's writer lock (locks.py), so that no temporary of a live writer is touched."""
+    for tmp in Path(folder).glob(TEMPORARY_GLOB):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
 
 
 def create_atomically(path: Path, write: Callable[[Path], object]) -> bool:
     """Create `path` whole, unless it exists: when several processes race, the first one's file stays
     and the others leave it alone (False). Filled and fsynced under a temporary name, then hard-linked."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temporary(path)
     try:
         write(tmp)
         fsync_path(tmp)
@@ -58,3 +116,51 @@ def create_atomically(path: Path, write: Callable[[Path], object]) -> bool:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def failure_errno(err: BaseException) -> int | None:
+    """The errno behind a failed file operation: the exception's own, that of the OSError it arose from
+    (torch.save writing to a file object raises a RuntimeError from it), or one its message quotes by
+    number or by the system's words (faiss: "... write error ... (No space left on device)")."""
+    while err is not None:
+        if isinstance(getattr(err, "errno", None), int):
+            return err.errno
+        if match := _ERRNO_IN_MESSAGE.search(str(err)):
+            return int(match.group(1) or match.group(2))
+        for code in _WRITE_ERRNOS:
+            if os.strerror(code) in str(err):
+                return code
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """Whether `err`, raised while writing files, is the system's (disk full, I/O error...), not a bug."""
+    return isinstance(err, OSError) or failure_errno(err) is not None
+
+
+def system_reason(err: BaseException, path: Path | None = None) -> str:
+    """The operating system's reason for a failed file operation, e.g. "No space left on device (ENOSPC)",
+    also where a library reports it only in its message, or only as a short write (numpy: "6912 requested
+    and 6112 written") on a disk that is now full; else the message's first line."""
+    code = failure_errno(err)
+    if code is None and path is not None and _disk_full(Path(path)):
+        code = errno.ENOSPC
+    if code is not None:
+        return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _disk_full(path: Path) -> bool:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < (1 << 20)
+
+
+def write_failure(path: Path, err: BaseException, then: str) -> UserError:
+    """One line for a write that failed: the path, the system's reason, and what became of the work."""
+    return UserError(f"{path}: cannot write ({system_reason(err, path)}); {then}")

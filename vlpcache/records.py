@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from vlpcache.errors import UserError
-from vlpcache.files import create_atomically, replace_atomically
+from vlpcache.files import FileWrite, create_atomically, replace_atomically
 
 R = TypeVar("R", bound="JsonRecord")
 
@@ -24,14 +24,21 @@ R = TypeVar("R", bound="JsonRecord")
 def write_json(path: Path, data: Any, keep_existing: bool = False) -> bool:
     """`data` as UTF-8 JSON in `path`, replaced atomically; with keep_existing, only created: a file
     already there (another process's) stays, and the result is False."""
+    path, write, _ = json_file(path, data)
+    if keep_existing:
+        return create_atomically(path, write)
+    replace_atomically(path, write)
+    return True
+
+
+def json_file(path: Path, data: Any) -> FileWrite:
+    """`data` as the UTF-8 JSON file `path`, to be written with others by files.replace_together."""
     text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False)
+
     def write(tmp: Path) -> None:
         tmp.write_text(text, encoding="utf-8")
 
-    if keep_existing:
-        return create_atomically(Path(path), write)
-    replace_atomically(Path(path), write)
-    return True
+    return Path(path), write, ""
 
 
 def read_json(path: Path, missing: str, what: str = "", fix: str = "") -> Any:

@@ -3,6 +3,10 @@ script may read, go to stdout), written around any progress bar on screen.
 
 Library code reports through `say`, or through the `say` argument its caller chose (`sayer(quiet)`),
 never by printing, so a command's --quiet silences all of it.
+
+Names that come from the user's files (item ids, paths) go through `printable` in every line meant for
+a person: a file name may hold a newline or a terminal escape. Output for machines (--json) keeps
+them as they are.
 """
 
 from __future__ import annotations
@@ -31,3 +35,9 @@ def silent(line: str) -> None:
 def sayer(quiet: bool = False) -> Say:
     """`say`, or `silent` when the command runs --quiet."""
     return silent if quiet else say
+
+
+def printable(text: str) -> str:
+    """`text` for one line on a terminal: control and other invisible characters (newline, escape,
+    bidirectional overrides) written as Python escapes (`\\n`, `\\x1b`, `\\u202e`)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))

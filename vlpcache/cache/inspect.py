@@ -11,6 +11,7 @@ import json
 
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import outdated_schema
+from vlpcache.report import printable, silent
 from vlpcache.workspace import Workspace
 
 
@@ -40,7 +41,9 @@ def cache_summary(cache: RegionCache) -> dict:
         "N": settings["regions"],
         "D": settings["feature_dim"],
         "provenance": settings,
-        "shards": len(cache.shard_paths),
+        "shards": len(cache.shard_paths) - len(cache.ignored_shards) - len(cache.unreadable_shards),
+        "ignored_shards": {p.name: diffs for p, diffs in cache.ignored_shards.items()},
+        "unreadable_shards": {p.name: reason for p, reason in cache.unreadable_shards.items()},
         "size_bytes": cache.size_on_disk(),
         "outdated_schema": outdated_schema(cache.settings),
     }
@@ -60,6 +63,11 @@ def print_summary(summary: dict) -> None:
         f"sampling    {p['sampling']}, score >= {p['score_threshold']}, NMS IoU {p['nms_iou']}, schema v{p['schema_version']}",
         f"on disk     {_human_size(summary['size_bytes'])} in {summary['shards']} shards",
     ]
+    for name, diffs in summary["ignored_shards"].items():
+        lines.append(f"ignored     {name}: made with other settings than the manifest ({'; '.join(diffs)}); "
+                     "its items are left out")
+    for name, reason in summary["unreadable_shards"].items():
+        lines.append(f"unreadable  {name}: {reason}; its items are left out")
     if summary["outdated_schema"]:
         lines.append(f"note        {summary['outdated_schema']}; re-extract for the current features")
     print("\n".join(lines))
@@ -67,7 +75,7 @@ def print_summary(summary: dict) -> None:
 
 def inspect_cache(cache_dir=None, as_json=False, list_failures=False) -> None:
     """The `vlpcache inspect` command: the summary on stdout, as text or JSON."""
-    cache = RegionCache(cache_dir or Workspace().cache_dir)
+    cache = RegionCache(cache_dir or Workspace().cache_dir, say=silent)  # the summary lists left-out shards
     summary = cache_summary(cache)
     if list_failures:
         summary["failed_items"] = list(cache.failures.values())
@@ -76,4 +84,4 @@ def inspect_cache(cache_dir=None, as_json=False, list_failures=False) -> None:
         return
     print_summary(summary)
     for record in summary.get("failed_items", []):
-        print(f"failed      {record['path']}: {record['reason']}")
+        print(f"failed      {printable(record['path'])}: {printable(record['reason'])}")

@@ -1,12 +1,16 @@
-"""The small files of a cache directory that the reader and the writer both read: the manifest
-(settings every shard shares) and the failure logs (one JSON line per failed item)."""
+"""What the reader and the writer both read of a cache directory: the manifest (settings every shard
+shares), the failure logs (one JSON line per failed item), and whether a shard file agrees with the
+settings."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from vlpcache.cache.schema import FAILURE_DIR, MANIFEST_NAME, CacheSettings
+from vlpcache.cache.schema import ARRAYS, FAILURE_DIR, MANIFEST_NAME, CacheSettings, shard_differences
+
+# what reading a damaged HDF5 file raises
+UNREADABLE = (OSError, KeyError, RuntimeError, ValueError, TypeError)
 
 
 def read_manifest(cache_dir: Path) -> CacheSettings:
@@ -28,3 +32,9 @@ def read_failures(cache_dir: Path) -> dict[str, dict]:
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue
     return failures
+
+
+def shard_file_differences(shard, settings: CacheSettings) -> list[str]:
+    """schema.shard_differences of an open shard file (an h5py.File): empty when it agrees with settings."""
+    shapes = {spec.name: shard[spec.name].shape for spec in ARRAYS if spec.name in shard}
+    return shard_differences(settings, shard.attrs, shapes)

@@ -3,6 +3,11 @@
 The reader lists the finished shards and their ids once, closes every file, and opens shards lazily
 per process on first read: h5py handles do not survive fork, so a handle opened in the parent is
 never used in a worker.
+
+Every shard is checked against the manifest by its own attributes and array shapes: a shard made with
+other settings (copied in from another cache, or a manifest edited by hand) is left out, as is one
+that cannot be read; each is reported once per process and listed in `ignored_shards` and
+`unreadable_shards`, so that no reader (inspect, pretrain, index, eval) mixes shapes or features.
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from vlpcache.cache.manifest import read_failures, read_manifest
+from vlpcache.cache.manifest import UNREADABLE, read_failures, read_manifest, shard_file_differences
 from vlpcache.cache.schema import ARRAYS, SHARD_DIR, SHARD_SUFFIX, CacheSettings
 from vlpcache.errors import UserError
-from vlpcache.report import say
+from vlpcache.report import Say, say
+
+
+_reported: set[tuple[Path, str]] = set()  # shard problems already reported in this process
 
 
 def _decode(values) -> list[str]:
@@ -30,8 +38,9 @@ class RegionCache:
     "path" and "kind".
     """
 
-    def __init__(self, cache_dir: str | os.PathLike):
+    def __init__(self, cache_dir: str | os.PathLike, say: Say = say):
         self.cache_dir = Path(cache_dir)
+        self._say = say  # where left-out shards are reported (inspect lists them itself)
         if not self.cache_dir.is_dir():
             raise UserError(f"{self.cache_dir}: no such cache directory; run `vlpcache extract` first")
         self.settings: CacheSettings = read_manifest(self.cache_dir)
@@ -43,30 +52,49 @@ class RegionCache:
         """Re-list the shards (other processes may have committed more since)."""
         self.close()
         self.shard_paths: list[Path] = sorted((self.cache_dir / SHARD_DIR).glob(f"*{SHARD_SUFFIX}"))
+        self.unreadable_shards: dict[Path, str] = {}  # shard -> why it cannot be read
+        self.ignored_shards: dict[Path, list[str]] = {}  # shard -> how its settings differ from the manifest's
         ids, paths, kinds, locations = [], [], [], []
         seen: dict[str, int] = {}
         for s, shard in enumerate(self.shard_paths):
-            try:
-                with h5py.File(shard, "r") as f:
-                    shard_ids = _decode(f["ids"][:])
-                    shard_paths = _decode(f["paths"][:])
-                    shard_kinds = _decode(f["kinds"][:])
-            except (OSError, KeyError) as err:
-                say(f"{shard}: unreadable shard ({err}); ignored")
+            listing = self._list_shard(shard)
+            if listing is None:
                 continue
-            for row, item_id in enumerate(shard_ids):
+            for row, (item_id, path, kind) in enumerate(zip(*listing)):
                 if item_id in seen:  # only if two writers were given overlapping work; keep the first
                     continue
                 seen[item_id] = len(ids)
                 ids.append(item_id)
-                paths.append(shard_paths[row])
-                kinds.append(shard_kinds[row])
+                paths.append(path)
+                kinds.append(kind)
                 locations.append((s, row))
         self.ids: list[str] = ids
         self.paths: list[str] = paths
         self.kinds: list[str] = kinds
         self._index_of = seen
         self._locations = np.array(locations, dtype=np.int64).reshape(-1, 2)
+
+    def _list_shard(self, shard: Path) -> tuple[list[str], list[str], list[str]] | None:
+        """(ids, paths, kinds) of a shard that agrees with the manifest; None, reported once, otherwise."""
+        try:
+            with h5py.File(shard, "r") as f:
+                diffs = shard_file_differences(f, self.settings)
+                if not diffs:
+                    return _decode(f["ids"][:]), _decode(f["paths"][:]), _decode(f["kinds"][:])
+        except UNREADABLE as err:
+            self.unreadable_shards[shard] = str(err).splitlines()[0] if str(err) else type(err).__name__
+            self._report_once(shard, f"{shard}: unreadable shard ({self.unreadable_shards[shard]}); its items are left out: "
+                                "move it out of the cache and run extract again to redo them")
+            return None
+        self.ignored_shards[shard] = diffs
+        self._report_once(shard, f"{shard}: made with other settings than the cache ({'; '.join(diffs[:3])}); its items "
+                            "are left out: move it out of the cache, or into a cache of its own")
+        return None
+
+    def _report_once(self, shard: Path, line: str) -> None:
+        if (shard, line) not in _reported:
+            _reported.add((shard, line))
+            self._say(line)
 
     @property
     def failures(self) -> dict[str, dict]:
@@ -75,6 +103,16 @@ class RegionCache:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def check_not_empty(self) -> None:
+        """One line when there is no item to read: none extracted yet, or every shard left out."""
+        if len(self):
+            return
+        left_out = len(self.unreadable_shards) + len(self.ignored_shards)
+        if left_out:
+            raise UserError(f"{self.cache_dir}: none of its {left_out} shard(s) can be read as its manifest describes "
+                            "(reported above); move them out and extract again, or pass another cache")
+        raise UserError(f"cache {self.cache_dir} holds no items yet; run `vlpcache extract` first")
 
     def __contains__(self, item_id: str) -> bool:
         return item_id in self._index_of

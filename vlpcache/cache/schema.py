@@ -6,6 +6,7 @@ A cache is a directory:
     shards/<writer>-<seq>.h5       finished shards; a shard is renamed here only once complete
     shards/<writer>-<seq>.h5.tmp   the shard being written (ignored by readers, redone on resume)
     failures/<writer>.jsonl        one JSON line per failed item: {"id", "path", "reason"}
+    locks/<writer>.lock            held (fcntl) by the one process writing <writer>'s files; freed when it exits
 
 Per shard file, V videos with fixed-shape arrays (T frames, N regions per frame, D feature dims),
 chunked one video per chunk so that one training read is one chunk read.
@@ -31,6 +32,7 @@ SCHEMA_CHANGES = {
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 FAILURE_DIR = "failures"
+LOCK_DIR = "locks"
 SHARD_SUFFIX = ".h5"
 TMP_SUFFIX = ".tmp"
 
@@ -121,6 +123,29 @@ def shard_attrs(settings: CacheSettings, tool_version: str) -> dict[str, Any]:
     attrs = {k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in settings.to_json().items()}
     attrs["vlpcache_version"] = tool_version
     return attrs
+
+
+def shard_differences(settings: CacheSettings, attrs, array_shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """How a shard file disagrees with `settings` (the manifest's, or what extract is asked for), by its own
+    attributes (shard_attrs) and the shapes of its arrays; empty when it agrees. Each entry reads
+    "frames 4, not 8": the shard's value, then the one of `settings`."""
+    diffs = []
+    for key, expected in settings.to_json().items():
+        if key not in attrs:
+            diffs.append(f"{key} missing, not {expected!r}")
+            continue
+        value = attrs[key]
+        value = value.item() if isinstance(value, np.generic) else value
+        if isinstance(expected, dict) and isinstance(value, str):
+            value = json.loads(value)
+        if value != expected:
+            diffs.append(f"{key} {value!r}, not {expected!r}")
+    if not diffs:  # attributes agree: the arrays must have the shapes they promise
+        for spec in ARRAYS:
+            shape = array_shapes.get(spec.name)
+            if shape is None or tuple(shape[1:]) != settings.shape_of(spec):
+                diffs.append(f"{spec.name} {shape and tuple(shape[1:])} per video, not {settings.shape_of(spec)}")
+    return diffs
 
 
 def empty_item(settings: CacheSettings) -> dict[str, np.ndarray]:

@@ -1,8 +1,18 @@
 """Write region features into a cache directory, crash-safely.
 
-Each writer (one per `--shard i/n`) fills its own shard files under a temporary name and renames a
-shard into place only after it is flushed, closed and fsynced, so a kill -9 at any instant loses at
-most the shard in progress and never leaves a half-written file that a reader takes for whole.
+Each writer (one per `--shard i/n`; a Ray run's actors are writers `s<i>of<n>-ray-<actor>`) fills its own
+shard files under a temporary name and renames a shard into place only after it is flushed, closed and
+fsynced, so a kill -9 at any instant loses at most the shard in progress and never leaves a
+half-written file that a reader takes for whole.
+
+One process at a time writes under a writer name: it holds `locks/<writer>.lock` (locks.py), which the
+kernel frees when the process exits, however it exits. A second process with the same name is refused
+in one line naming the holder. Temporary shards are removed only by the writer that owns them (the
+unfinished shard of its own killed predecessor) or when their writer's lock is free.
+
+A write that fails (disk full, I/O error, read-only filesystem) becomes one line naming the file and
+the reason; committed shards are untouched and the shard in progress is removed, so that a later run
+resumes cleanly.
 """
 
 from __future__ import annotations
@@ -11,16 +21,18 @@ import json
 import os
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from vlpcache import __version__
-from vlpcache.cache.manifest import read_manifest
+from vlpcache.cache.manifest import UNREADABLE, read_manifest, shard_file_differences
 from vlpcache.cache.schema import (
     ARRAYS,
     FAILURE_DIR,
+    LOCK_DIR,
     MANIFEST_NAME,
     SHARD_DIR,
     SHARD_ITEMS,
@@ -33,7 +45,8 @@ from vlpcache.cache.schema import (
     shard_attrs,
 )
 from vlpcache.errors import UserError
-from vlpcache.files import fsync_path
+from vlpcache.files import fsync_path, write_failure
+from vlpcache.locks import LOCK_SUFFIX, WriterLock, holder_of
 from vlpcache.records import write_json
 
 FEATURE_COMPRESSION = "lzf"  # fast; padded frames and regions are zeros and shrink to almost nothing
@@ -56,6 +69,68 @@ def open_cache_dir(cache_dir: Path, settings: CacheSettings) -> None:
             f"{cache_dir}: cache was made with different settings ({'; '.join(diffs)}); "
             "use another output directory (-o) or the same settings"
         )
+    refuse_shards_of_other_settings(cache_dir, settings)
+
+
+def refuse_shards_of_other_settings(cache_dir: Path, settings: CacheSettings) -> None:
+    """Every committed shard must have been made with `settings`, whatever the manifest says (it may
+    have been edited, or a shard copied in from another cache)."""
+    for shard in sorted((cache_dir / SHARD_DIR).glob(f"*{SHARD_SUFFIX}")):
+        try:
+            with h5py.File(shard, "r") as f:
+                diffs = shard_file_differences(f, settings)
+        except UNREADABLE:  # readers report it and leave it out; its items are extracted again
+            continue
+        if diffs:
+            raise UserError(f"{shard}: made with other settings than this extract ({'; '.join(diffs[:3])}); move it "
+                            "out of the cache, or extract into another directory (-o)")
+
+
+# a writer still starting may find its lock taken for an instant by another writer that removes the
+# temporaries of dead writers (remove_unfinished_shards); a real holder holds it for the whole run
+LOCK_PATIENCE_SECONDS = 1.0
+_TEMPORARY_NAME = re.compile(rf"^(?P<writer>.+)-\d+{re.escape(SHARD_SUFFIX + TMP_SUFFIX)}$")
+# h5py objects of shards abandoned after a write error. HDF5 would try to flush them again when they
+# are freed and, on a full disk, crash the interpreter: they are kept until the process ends, and the
+# command line ends such a process without the interpreter's teardown (cli.exit_now).
+ABANDONED: list = []
+
+
+def lock_path(cache_dir: Path, writer_name: str) -> Path:
+    return Path(cache_dir) / LOCK_DIR / f"{writer_name}{LOCK_SUFFIX}"
+
+
+def take_writer_lock(cache_dir: Path, writer_name: str) -> WriterLock:
+    """The lock of writer `writer_name`, or one line naming the process that holds it."""
+    path = lock_path(cache_dir, writer_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = WriterLock.take(path, patience=LOCK_PATIENCE_SECONDS)
+    if lock is None:
+        holder = holder_of(path)
+        who = holder.describe() if holder else "another process"
+        raise UserError(f"{cache_dir}: shards {writer_name}-* are being written by {who}; wait for that extract to "
+                        "finish, or give this one another --shard i/n or -o DIR")
+    return lock
+
+
+def remove_unfinished_shards(cache_dir: Path, own_writer: str) -> None:
+    """Remove the temporary shards of our own killed predecessor and of writers that no longer run (their
+    lock is free), never those of a writer at work; and the lock files that dead writers left."""
+    cache_dir = Path(cache_dir)
+    for tmp in sorted((cache_dir / SHARD_DIR).glob(f"*{SHARD_SUFFIX}{TMP_SUFFIX}")):
+        match = _TEMPORARY_NAME.match(tmp.name)
+        if match is None:
+            continue
+        if match["writer"] == own_writer:
+            tmp.unlink(missing_ok=True)
+            continue
+        lock = WriterLock.take(lock_path(cache_dir, match["writer"]))
+        if lock is not None:
+            with lock:
+                tmp.unlink(missing_ok=True)
+    for path in (cache_dir / LOCK_DIR).glob(f"*{LOCK_SUFFIX}"):
+        if path.name != f"{own_writer}{LOCK_SUFFIX}" and (lock := WriterLock.take(path)) is not None:
+            lock.release()  # the release removes the file
 
 
 class FailureLog:
@@ -85,7 +160,8 @@ class ShardWriter:
     """Appends videos to the current temporary shard; `commit()` renames it into place.
 
     A shard is committed automatically after `max_items` videos or `max_seconds` of writing, so
-    that a crash costs at most that much work.
+    that a crash costs at most that much work. The writer holds its name's lock from construction
+    to `close()`.
     """
 
     def __init__(
@@ -101,36 +177,64 @@ class ShardWriter:
         self.writer_name = writer_name
         self.max_items = max_items
         self.max_seconds = max_seconds
-        open_cache_dir(self.cache_dir, settings)
         self.shard_dir = self.cache_dir / SHARD_DIR
-        self.failures = FailureLog(self.cache_dir / FAILURE_DIR / f"{writer_name}.jsonl")
-        self._remove_own_temporaries()
+        self.lock: WriterLock | None = None
         self._file: h5py.File | None = None
+        self._datasets: dict[str, h5py.Dataset] = {}
         self._tmp_path: Path | None = None
         self._count = 0
         self._opened_at = 0.0
         self.committed_items = 0
-
-    def _remove_own_temporaries(self) -> None:
-        # a temporary shard of ours is the unfinished work of a killed run: resume redoes its items;
-        # the pattern also takes those of writers named after us (`s0of1-ray-<actor>`: a Ray run's actors)
-        for tmp in self.shard_dir.glob(f"{self.writer_name}-*{SHARD_SUFFIX}{TMP_SUFFIX}"):
-            tmp.unlink()
+        try:
+            self.lock = take_writer_lock(self.cache_dir, writer_name)
+            open_cache_dir(self.cache_dir, settings)
+            self.failures = FailureLog(self.cache_dir / FAILURE_DIR / f"{writer_name}.jsonl")
+            remove_unfinished_shards(self.cache_dir, writer_name)
+        except OSError as err:
+            self.lock and self.lock.release()
+            raise write_failure(err.filename or self.cache_dir, err,
+                                "nothing was written; extract into a writable directory with free space (-o)") from None
+        except BaseException:
+            self.lock and self.lock.release()
+            raise
 
     def _next_seq(self) -> int:
         pattern = re.compile(rf"^{re.escape(self.writer_name)}-(\d+){re.escape(SHARD_SUFFIX)}")
         seqs = [int(m.group(1)) for p in self.shard_dir.iterdir() if (m := pattern.match(p.name))]
         return max(seqs, default=-1) + 1
 
+    @contextmanager
+    def _writing(self):
+        """Around every write of a shard: a failure abandons the shard in progress and becomes one line."""
+        try:
+            yield
+        except (OSError, RuntimeError) as err:  # h5py raises RuntimeError for some failed writes
+            path = self._tmp_path or self.shard_dir
+            self._abandon()
+            raise write_failure(path, err, f"committed shards are kept ({self.committed_items} items of them from this "
+                                           "run) and the unfinished one is removed; make room and re-run the same "
+                                           "command to resume") from None
+
+    def _abandon(self) -> None:
+        """Give up the shard in progress: its file goes, its h5py objects are never flushed again."""
+        if self._file is not None:
+            ABANDONED.append((self._file, self._datasets))
+        self._file, self._datasets, self._count = None, {}, 0
+        if self._tmp_path is not None:
+            try:
+                self._tmp_path.unlink(missing_ok=True)
+            except OSError:
+                pass
+
     def _open_shard(self) -> None:
         name = f"{self.writer_name}-{self._next_seq():05d}{SHARD_SUFFIX}"
         self._tmp_path = self.shard_dir / (name + TMP_SUFFIX)
-        f = h5py.File(self._tmp_path, "w", libver="latest")
+        f = self._file = h5py.File(self._tmp_path, "w", libver="latest")
         for key, value in shard_attrs(self.settings, __version__).items():
             f.attrs[key] = value
         for spec in ARRAYS:
             shape = self.settings.shape_of(spec)
-            f.create_dataset(
+            self._datasets[spec.name] = f.create_dataset(
                 spec.name,
                 shape=(0, *shape),
                 maxshape=(None, *shape),
@@ -139,28 +243,28 @@ class ShardWriter:
                 compression=FEATURE_COMPRESSION if spec.name == "features" else None,
             )
         for name in STRINGS:
-            f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"), chunks=(1024,))
-        self._file = f
+            self._datasets[name] = f.create_dataset(name, shape=(0,), maxshape=(None,),
+                                                    dtype=h5py.string_dtype("utf-8"), chunks=(1024,))
         self._count = 0
         self._opened_at = time.monotonic()
 
     def add(self, item_id: str, path: str, kind: str, arrays: dict[str, np.ndarray]) -> None:
         """Append one video; arrays are keyed by schema.ARRAYS names with the settings' shapes."""
-        if self._file is None:
-            self._open_shard()
-        f, i = self._file, self._count
+        values = {}
         for spec in ARRAYS:
-            value = np.asarray(arrays[spec.name], dtype=spec.dtype)
+            values[spec.name] = np.asarray(arrays[spec.name], dtype=spec.dtype)
             expected = self.settings.shape_of(spec)
-            if value.shape != expected:
-                raise ValueError(f"{item_id}: {spec.name} has shape {value.shape}, cache expects {expected}")
-            ds = f[spec.name]
-            ds.resize(i + 1, axis=0)
-            ds[i] = value
-        for name, value in zip(STRINGS, (item_id, path, kind)):
-            ds = f[name]
-            ds.resize(i + 1, axis=0)
-            ds[i] = value
+            if values[spec.name].shape != expected:
+                raise ValueError(f"{item_id}: {spec.name} has shape {values[spec.name].shape}, cache expects {expected}")
+        values.update(zip(STRINGS, (item_id, path, kind)))
+        with self._writing():
+            if self._file is None:
+                self._open_shard()
+            i = self._count
+            for name, value in values.items():
+                ds = self._datasets[name]
+                ds.resize(i + 1, axis=0)
+                ds[i] = value
         self._count += 1
         if self._count >= self.max_items or time.monotonic() - self._opened_at >= self.max_seconds:
             self.commit()
@@ -169,17 +273,20 @@ class ShardWriter:
         """Finish the current shard: flush, fsync, rename into place. No-op when nothing is pending."""
         if self._file is None:
             return
-        for name in self._file:  # an add() interrupted half-way leaves a partial last row: drop it
-            if self._file[name].shape[0] != self._count:
-                self._file[name].resize(self._count, axis=0)
-        self._file.attrs["complete"] = True
-        self._file.flush()
-        self._file.close()
-        self._file = None
-        fsync_path(self._tmp_path)
-        final = self._tmp_path.with_name(self._tmp_path.name[: -len(TMP_SUFFIX)])
-        os.replace(self._tmp_path, final)
-        fsync_path(self.shard_dir)
+        with self._writing():
+            for ds in self._datasets.values():  # an add() interrupted half-way leaves a partial last row: drop it
+                if ds.shape[0] != self._count:
+                    ds.resize(self._count, axis=0)
+            self._file.attrs["complete"] = True
+            self._file.flush()
+            self._datasets = {}
+            self._file.close()
+            self._file = None
+            fsync_path(self._tmp_path)
+            final = self._tmp_path.with_name(self._tmp_path.name[: -len(TMP_SUFFIX)])
+            os.replace(self._tmp_path, final)
+            self._tmp_path = None
+            fsync_path(self.shard_dir)
         self.committed_items += self._count
         self._count = 0
 
@@ -188,11 +295,18 @@ class ShardWriter:
         return self._count
 
     def record_failure(self, item_id: str, path: str, reason: str) -> None:
-        self.failures.record(item_id, path, reason)
+        try:
+            self.failures.record(item_id, path, reason)
+        except OSError as err:
+            raise write_failure(self.failures.path, err, "the shards committed before are kept; make room and re-run "
+                                                         "the same command to resume") from None
 
     def close(self) -> None:
-        self.commit()
-        self.failures.close()
+        try:
+            self.commit()
+        finally:
+            self.failures.close()
+            self.lock.release()
 
     def __enter__(self) -> "ShardWriter":
         return self

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from vlpcache.report import say
+from vlpcache.report import printable, say
 
 
 @dataclass
@@ -63,7 +63,7 @@ class ExtractProgress:
         if error is not None:
             summary.failed += 1
             if not self.quiet:
-                say(f"{path}: {error}")
+                say(f"{printable(path)}: {error}")
         else:
             summary.done += 1
             summary.frames += frames

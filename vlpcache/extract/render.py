@@ -18,7 +18,8 @@ from vlpcache.cache.schema import FRAME_REGION_LABEL
 from vlpcache.errors import ItemError, UserError
 from vlpcache.extract.sampling import read_item
 from vlpcache.extract.sources import Item
-from vlpcache.report import say
+from vlpcache.files import replace_atomically, write_failure
+from vlpcache.report import printable, say
 from vlpcache.workspace import Workspace
 
 RENDER_SIDE = 480  # longer side of each rendered frame, pixels
@@ -36,7 +37,7 @@ def source_pictures(cache: RegionCache, cached: dict) -> list[Image.Image]:
         source = read_item(Item(cached["id"], Path(cached["path"]), cached["kind"]), cache.settings.frames, RENDER_SIDE)
         return [Image.fromarray(f) for f in source.frames[:frame_count]]
     except (ItemError, OSError) as err:
-        say(f"{cached['path']}: cannot re-read the source ({err}); drawing boxes on blank frames")
+        say(f"{printable(cached['path'])}: cannot re-read the source ({err}); drawing boxes on blank frames")
         h, w = (int(x) for x in cached["frame_size"])
         scale = RENDER_SIDE / max(h, w, 1)
         return [Image.new("RGB", (max(1, round(w * scale)), max(1, round(h * scale))), (96, 96, 96))] * frame_count
@@ -79,15 +80,40 @@ def render_item(cache: RegionCache, item_id: str, output: Path) -> Path:
         sheet.paste(picture, (x0, y0 + CAPTION_HEIGHT))
         draw.text((x0 + 4, y0 + 3), f"frame {t}  t={cached['timestamps'][t]:.2f}s", fill=(0, 0, 0))
         draw_regions(draw, cached, t, (x0, y0 + CAPTION_HEIGHT), picture.size)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(output)
+    save_picture(sheet, output)
     return output
+
+
+def picture_format(output: Path) -> str:
+    """The image format that output's extension names (checked before any work)."""
+    image_format = Image.registered_extensions().get(output.suffix.lower())
+    if image_format is None:
+        raise UserError(f"-o {output}: not a picture file name; end it in .png or .jpg")
+    return image_format
+
+
+def save_picture(picture: Image.Image, output: Path) -> None:
+    """The picture in `output`, whole or not at all, in the format its extension names."""
+    image_format = picture_format(output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        replace_atomically(output, lambda tmp: picture.save(tmp, format=image_format))
+    except OSError as err:
+        raise write_failure(output, err, "nothing was written; pass -o a writable file") from None
+
+
+def default_picture_name(item_id: str) -> Path:
+    """ID.png in the current folder, with anything but letters, digits, `-`, `_` and `.` replaced, and never
+    a name that a shell reads as an option (leading `-`) or that hides the file (leading `.`)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in item_id).lstrip("-.")
+    return Path(f"{safe or 'item'}.png")
 
 
 def render_cache_item(cache_dir, item_id: str, output=None) -> Path:
     """The `vlpcache inspect --render ID` command: the picture in `output` (default: ID.png)."""
+    output = Path(output) if output else default_picture_name(item_id)
+    picture_format(output)
     cache = RegionCache(cache_dir or Workspace().cache_dir)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in item_id)
-    path = render_item(cache, item_id, Path(output or f"{safe}.png"))
-    print(f"wrote {path}")
+    path = render_item(cache, item_id, output)
+    print(f"wrote {printable(str(path))}")
     return path

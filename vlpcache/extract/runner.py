@@ -23,7 +23,7 @@ from vlpcache.extract.options import ENGINES, ExtractOptions
 from vlpcache.extract.progress import ExtractProgress, ExtractSummary
 from vlpcache.extract.reader import FrameReader, Prefetch, decoded_items_within_budget
 from vlpcache.extract.sources import discover_items, shard_of
-from vlpcache.report import say
+from vlpcache.report import printable, say
 from vlpcache.workspace import Workspace
 
 
@@ -95,7 +95,7 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
 
     items, problems = discover_items(roots)
     for path, reason in problems:
-        say(f"{path}: {reason}")
+        say(f"{printable(path)}: {reason}")
     if not items:
         raise UserError(f"no videos, images or frame folders found under {', '.join(map(str, roots))}")
     workspace.remember_roots([r for r in roots if r.exists()])

@@ -1,12 +1,15 @@
 """`vlpcache index`: encode every cached video with a run's checkpoint into a FAISS index.
 
-Indexing again adds only the items the index lacks (the cache grew since); the checkpoint and the
-cache settings recorded in index.json must match, or the command refuses and names --rebuild.
+The index follows the run: each (checkpoint, cache settings) has an index of its own in the index root
+(layout.index_dir_for), so a newer run is indexed on first use, saying so, and an earlier run's index
+stays. Indexing again adds only the items the index lacks (the cache grew since). One process writes an
+index at a time (its lock; others wait), and a failed write leaves the index as it was.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +18,23 @@ import numpy as np
 from vlpcache.cache.reader import RegionCache
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
+from vlpcache.files import is_write_failure, remove_temporaries, system_reason, write_failure
 from vlpcache.index.export import export_embeddings
 from vlpcache.index.faiss_index import VideoIndex, choose_factory
-from vlpcache.index.layout import DEFAULT_MEMORY_BUDGET_MB, META_FILE, QUERYBANK_FILE, IndexConfig, IndexMeta, check_same_source, read_meta
-from vlpcache.model.run_layout import latest_run
+from vlpcache.index.layout import (
+    DEFAULT_MEMORY_BUDGET_MB,
+    LOCK_FILE,
+    META_FILE,
+    QUERYBANK_FILE,
+    IndexConfig,
+    IndexMeta,
+    check_same_source,
+    index_dir_for,
+    other_indexes,
+    read_meta,
+)
+from vlpcache.locks import WriterLock, holder_of
+from vlpcache.model.run_layout import designated_checkpoint_sha256, latest_run
 from vlpcache.querybank import BANK_SIZE, BETA, TOP_K, QueryBank, bank_captions
 from vlpcache.report import Say, say, sayer
 from vlpcache.workspace import Workspace
@@ -48,8 +64,7 @@ def resolve_sources(run_dir=None, cache_dir=None, index_dir=None) -> Sources:
 
 def open_cache(cache_dir: Path) -> RegionCache:
     cache = RegionCache(cache_dir)
-    if len(cache) == 0:
-        raise UserError(f"cache {cache_dir} holds no items yet; run `vlpcache extract` first")
+    cache.check_not_empty()
     return cache
 
 
@@ -67,76 +82,39 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
                  rebuild: bool = False, progress: bool = True, say: Say = say, qbnorm: bool = False) -> VideoIndex:
     """The index of `cache` under `run` in index_dir: built, or brought up to date by encoding only new
     items; its query bank too (made when `qbnorm` asks, kept up to date once it exists)."""
-    from vlpcache.model.retrieval import as_numpy, encode_videos
-    from vlpcache.index.region_store import RegionStore
-
     check_run_reads_cache(run, cache)
-    settings = cache.settings.to_json()
-    exists = (index_dir / META_FILE).exists()
-    index = None
-    if exists and not rebuild:
-        check_same_source(read_meta(index_dir), index_dir, run.checkpoint_sha256, settings, run.run_dir)
-        index = VideoIndex.load(index_dir)
-        if config.factory and config.factory != index.meta.factory:
-            raise UserError(
-                f"{index_dir}: index is {index.meta.factory}, not {config.factory}; add --rebuild to change its type"
-            )
-    rows = [r for r, item_id in enumerate(cache.ids) if index is None or item_id not in index]
-    if index is not None and index.regions is None:  # made by an older vlpcache: re-rank needs regions
-        rows, index = list(range(len(cache))), None
-    if index is not None and not rows:
+    with writing_index(index_dir, say):
+        index = None if rebuild else existing_index(run, cache, index_dir, config)
+        rows = [r for r, item_id in enumerate(cache.ids) if index is None or item_id not in index]
+        if index is not None and index.regions is None:  # made by an older vlpcache: re-rank needs regions
+            rows, index = list(range(len(cache))), None
+        if index is not None and not rows:
+            export_for_search(run, index_dir, say)
+            update_query_bank(run, index, index_dir, 0, qbnorm, device, batch_size, progress, say)
+            say(f"index {index_dir}: {coverage(index, cache) or 'up to date'}: {len(index)} items ({index.meta.factory})")
+            return index
+        if index is None:
+            (index_dir / QUERYBANK_FILE).unlink(missing_ok=True)  # it described the old rows
+        started = time.monotonic()
+        index, how = _add_encoded(run, cache, rows, index, config, device, batch_size, progress)
+        save_index(index, index_dir)
         export_for_search(run, index_dir, say)
-        update_query_bank(run, index, index_dir, np.zeros((0, index.embeddings.shape[1]), np.float32), qbnorm,
-                          device, batch_size, progress, say)
-        say(f"index {index_dir} is up to date: {len(index)} items ({index.meta.factory})")
+        update_query_bank(run, index, index_dir, len(rows), qbnorm, device, batch_size, progress, say)
+        note = coverage(index, cache)
+        say(f"index {index_dir}: {len(index)} items; encoded {len(rows)} videos in {time.monotonic() - started:.1f} s; "
+            f"{how}" + (f"; {note}" if note else ""))
         return index
-    if index is None:
-        (index_dir / QUERYBANK_FILE).unlink(missing_ok=True)  # it described the old rows
-    started = time.monotonic()
-    regions = RegionStore.empty(run.config.embed_dim)
-    parts = []
-    for start in range(0, len(rows), ENCODE_CHUNK):  # bounded memory: region tokens are (B, T*N, E)
-        video = encode_videos(run.model, cache, rows[start : start + ENCODE_CHUNK], device, batch_size, regions=True,
-                                  progress=progress, desc=f"encoding videos {start + 1}-{min(start + ENCODE_CHUNK, len(rows))} of {len(rows)}")
-        parts.append(as_numpy(video.global_))
-        regions.append(video.regions.numpy(), video.region_mask.numpy())
-    embeddings = np.concatenate(parts) if parts else np.zeros((0, run.config.embed_dim), np.float32)  # (V_new, E)
-    ids = [cache.ids[r] for r in rows]
-    encoded = f"encoded {len(rows)} videos in {time.monotonic() - started:.1f} s"
-    if index is None:
-        factory, reason = choose_factory(len(ids), embeddings.shape[1], config)
-        meta = IndexMeta(
-            checkpoint_sha256=run.checkpoint_sha256,
-            cache_settings=settings,
-            embedding_dim=embeddings.shape[1],
-            factory=factory,
-            run_dir=str(Path(run.run_dir).resolve()),
-            checkpoint_path=str(Path(run.checkpoint_path).resolve()),
-            cache_dir=str(Path(cache.cache_dir).resolve()),
-        )
-        index = VideoIndex.build(ids, embeddings, meta, config)
-        index.regions = regions
-        how = f"built {factory} ({reason})"
-    else:
-        how = index.add(ids, embeddings, config)
-        index.regions.append_store(regions)
-    if index.meta.search_params:
-        how += f", search {index.meta.search_params} (recall@10 {index.meta.tuned_recall:.3f} on indexed vectors)"
-    index.save(index_dir)
-    export_for_search(run, index_dir, say)
-    update_query_bank(run, index, index_dir, embeddings, qbnorm, device, batch_size, progress, say)
-    say(f"index {index_dir}: {len(index)} items; {encoded}; {how}")
-    return index
 
 
-def update_query_bank(run, index: VideoIndex, index_dir: Path, added: np.ndarray, wanted: bool, device,
-                      batch_size: int, progress: bool, say: Say) -> None:
-    """Extend an existing query bank by the videos just `added`; make one when `wanted` and missing."""
+def update_query_bank(run, index: VideoIndex, index_dir: Path, added: int, wanted: bool, device, batch_size: int,
+                      progress: bool, say: Say) -> None:
+    """Extend an existing query bank by the `added` videos at the end of the index; make one when
+    `wanted` and missing (or made for other rows)."""
     path = index_dir / QUERYBANK_FILE
     bank = QueryBank.load(path) if path.exists() else None
-    if bank is not None and len(bank.log_norm) + len(added) == len(index):
-        if len(added):
-            bank.extended(added).save(path)
+    if bank is not None and len(bank.log_norm) + added == len(index):
+        if added:
+            bank.extended(index.embeddings[len(index) - added :]).save(path)
         return
     if not (wanted or bank is not None):
         return
@@ -171,6 +149,118 @@ def run_query_bank(run, videos: np.ndarray, device, batch_size: int, beta: float
     return QueryBank.build(bank.global_.numpy(), videos, beta, k)
 
 
+@contextmanager
+def writing_index(index_dir: Path, say: Say = say):
+    """Hold index_dir's lock (waiting, and saying so, while another process writes it); leftovers of
+    killed writers go."""
+    try:
+        index_dir.mkdir(parents=True, exist_ok=True)
+        lock = WriterLock.take(index_dir / LOCK_FILE)
+        if lock is None:
+            holder = holder_of(index_dir / LOCK_FILE)
+            say(f"waiting for {holder.describe() if holder else 'another process'}, which is writing the index {index_dir}")
+            lock = WriterLock.take(index_dir / LOCK_FILE, wait=True)
+        remove_temporaries(index_dir)
+    except OSError as err:
+        raise write_failure(index_dir, err, "nothing was written; pass a writable index directory (-o)") from None
+    with lock:
+        yield
+
+
+def existing_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig) -> VideoIndex | None:
+    """The index already in index_dir, checked against the run and the cache; None when there is none."""
+    if not (index_dir / META_FILE).exists():
+        return None
+    check_same_source(read_meta(index_dir), index_dir, run.checkpoint_sha256, cache.settings.to_json(), run.run_dir)
+    index = VideoIndex.load(index_dir)
+    if config.factory and config.factory != index.meta.factory:
+        raise UserError(f"{index_dir}: index is {index.meta.factory}, not {config.factory}; add --rebuild to change its type")
+    return index
+
+
+def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | None, config: IndexConfig, device,
+                 batch_size: int, progress: bool) -> tuple[VideoIndex, str]:
+    """Encode the cache's `rows` and add them to `index` (or build one); returns it and what was done."""
+    from vlpcache.index.region_store import RegionStore
+    from vlpcache.model.retrieval import as_numpy, encode_videos
+
+    regions = RegionStore.empty(run.config.embed_dim)
+    parts = []
+    for start in range(0, len(rows), ENCODE_CHUNK):  # bounded memory: region tokens are (B, T*N, E)
+        video = encode_videos(run.model, cache, rows[start : start + ENCODE_CHUNK], device, batch_size, regions=True,
+                              progress=progress, desc=f"encoding videos {start + 1}-{min(start + ENCODE_CHUNK, len(rows))} of {len(rows)}")
+        parts.append(as_numpy(video.global_))
+        regions.append(video.regions.numpy(), video.region_mask.numpy())
+    embeddings = np.concatenate(parts) if parts else np.zeros((0, run.config.embed_dim), np.float32)  # (V_new, E)
+    ids = [cache.ids[r] for r in rows]
+    if index is None:
+        factory, reason = choose_factory(len(ids), embeddings.shape[1], config)
+        meta = IndexMeta(
+            checkpoint_sha256=run.checkpoint_sha256,
+            cache_settings=cache.settings.to_json(),
+            embedding_dim=embeddings.shape[1],
+            factory=factory,
+            run_dir=str(Path(run.run_dir).resolve()),
+            checkpoint_path=str(Path(run.checkpoint_path).resolve()),
+            cache_dir=str(Path(cache.cache_dir).resolve()),
+        )
+        index = VideoIndex.build(ids, embeddings, meta, config)
+        index.regions = regions
+        how = f"built {factory} ({reason})"
+    else:
+        how = index.add(ids, embeddings, config)
+        index.regions.append_store(regions)
+    if index.meta.search_params:
+        how += f", search {index.meta.search_params} (recall@10 {index.meta.tuned_recall:.3f} on indexed vectors)"
+    return index, how
+
+
+def save_index(index: VideoIndex, index_dir: Path) -> None:
+    """index.save, with a failed write (disk full, I/O error) as one line: the index stays as it was."""
+    try:
+        index.save(index_dir)
+    except Exception as err:
+        if not is_write_failure(err):
+            raise
+        raise write_failure(index_dir, err, "the index is as it was before; make room and run `vlpcache index` "
+                                            "again") from None
+
+
+def missing_from_cache(index: VideoIndex, cache: RegionCache) -> int:
+    """Indexed items the cache does not hold now (unreadable or left-out shards, removed items): search
+    cannot show them."""
+    return sum(1 for item_id in index.ids if item_id not in cache)
+
+
+def coverage(index: VideoIndex, cache: RegionCache) -> str:
+    """What a user should know about items the index has and the cache lacks; "" when there are none."""
+    missing = missing_from_cache(index, cache)
+    if not missing:
+        return ""
+    shards = len(cache.unreadable_shards) + len(cache.ignored_shards)
+    why = f"{shards} shard(s) of the cache are unreadable or left out (reported above)" if shards else "removed from the cache"
+    return (f"{len(index) - missing} of its {len(index)} items can be shown, {missing} are not in the cache ({why}); "
+            "search leaves them out")
+
+
+def index_of_run(root: Path, run_dir: Path, cache: RegionCache) -> tuple[Path | None, VideoIndex | None]:
+    """The index directory of the run's designated checkpoint over this cache, and its index when one is
+    built there; read without torch. (None, None) when the run's checkpoint hash is not recorded."""
+    run_sha = designated_checkpoint_sha256(run_dir)
+    if run_sha is None:
+        return None, None
+    index_dir = index_dir_for(root, run_sha, cache.settings.to_json())
+    return index_dir, (VideoIndex.load(index_dir) if (index_dir / META_FILE).exists() else None)
+
+
+def new_index_line(run, root: Path, index_dir: Path) -> str:
+    """What a command says before it builds the index of a run for the first time."""
+    others = other_indexes(root, index_dir)
+    line = (f"no index of run {run.run_dir} (epoch {run.epoch}, checkpoint {run.checkpoint_sha256[:12]}) over this cache "
+            f"yet: building it in {index_dir} (first use only)")
+    return line + (f"; the {len(others)} index(es) of other checkpoints or caches in {root} stay" if others else "")
+
+
 def export_for_search(run, index_dir: Path, say) -> None:
     """The run's query side as ONNX beside the index (fast search start), unless already there."""
     from vlpcache.index.query_graphs import export_query_model
@@ -181,7 +271,7 @@ def export_for_search(run, index_dir: Path, say) -> None:
     try:
         export_query_model(run, index_dir)
     except Exception as err:  # search still works through torch, only slower to start
-        say(f"note: no ONNX export of the query model ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+        say(f"note: no ONNX export of the query model ({type(err).__name__}: {system_reason(err)[:120]}); "
             "search will load it with torch")
 
 
@@ -198,14 +288,16 @@ def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory
     run = load_run(sources.run_dir, device=device, checkpoint=checkpoint)
     config = IndexConfig(factory=factory or None, memory_budget_mb=memory_budget_mb)
     say = sayer(quiet)
+    index_dir = index_dir_for(sources.index_dir, run.checkpoint_sha256, cache.settings.to_json())
     say(f"run {sources.run_dir} (epoch {run.epoch}, checkpoint {run.checkpoint_sha256[:12]}), cache {sources.cache_dir} "
         f"({len(cache)} items), device {device}")
+    if not (index_dir / META_FILE).exists():
+        say(new_index_line(run, sources.index_dir, index_dir))
     index = update_index(
-        run, cache, sources.index_dir, config, device=device,
+        run, cache, index_dir, config, device=device,
         batch_size=batch_size or default_batch_size(device), rebuild=rebuild, progress=not quiet, say=say, qbnorm=qbnorm,
     )
     if export:
         files = export_embeddings(index, cache, export)
         say(f"exported {len(index)} embeddings and ids to {', '.join(map(str, files))}")
     return index
-

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from vlpcache.errors import UserError
-from vlpcache.files import replace_atomically
+from vlpcache.files import FileWrite, is_write_failure, replace_together, write_failure
 
 IDS_SUFFIX = ".ids.json"
 
@@ -32,15 +32,27 @@ def export_embeddings(index, cache, path) -> list[Path]:
         paths = [cache.paths[cache.index_of(i)] if i in cache else "" for i in index.ids]
         write = _parquet_writer(path, index.ids, paths, embeddings)
         _check_folder(path)
-        replace_atomically(path, write)
+        _write_together([(path, write, "")])
         return [path]
     if path.suffix != ".npy":
         raise UserError(f"{path}: export to a .npy file (with its ids beside it) or a .parquet file")
     ids_path = path.with_name(path.name[: -len(".npy")] + IDS_SUFFIX)
     _check_folder(path)
-    replace_atomically(ids_path, lambda tmp: tmp.write_text(json.dumps(index.ids, ensure_ascii=False), encoding="utf-8"))
-    replace_atomically(path, lambda tmp: np.save(tmp, embeddings), suffix=".npy")
+    _write_together([
+        (ids_path, lambda tmp: tmp.write_text(json.dumps(index.ids, ensure_ascii=False), encoding="utf-8"), ""),
+        (path, lambda tmp: np.save(tmp, embeddings), ".npy"),
+    ])
     return [path, ids_path]
+
+
+def _write_together(files: list[FileWrite]) -> None:
+    """The files all or none (the embeddings never beside the ids of another export); a failed write is one line."""
+    try:
+        replace_together(files)
+    except Exception as err:
+        if not is_write_failure(err):
+            raise
+        raise write_failure(files[-1][0], err, "nothing was exported; make room, or export elsewhere") from None
 
 
 def _parquet_writer(path: Path, ids: list[str], paths: list[str], embeddings: np.ndarray):

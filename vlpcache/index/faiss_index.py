@@ -20,7 +20,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vlpcache.errors import UserError
-from vlpcache.files import replace_atomically
+from vlpcache.files import replace_together
 from vlpcache.index.layout import (
     EMBEDDINGS_FILE,
     HNSW_NEIGHBOURS,
@@ -33,7 +33,7 @@ from vlpcache.index.layout import (
     read_meta,
 )
 from vlpcache.index.region_store import RegionStore
-from vlpcache.records import read_json, write_json
+from vlpcache.records import json_file, read_json
 
 
 # ---------------------------------------------------------------- choosing the index type
@@ -286,14 +286,16 @@ class VideoIndex:
     # -- files
 
     def save(self, index_dir: str | os.PathLike) -> None:
+        """Every file of the index, or none (files.replace_together): a failed write leaves the index as it was."""
         index_dir = Path(index_dir)
         index_dir.mkdir(parents=True, exist_ok=True)
-        replace_atomically(index_dir / EMBEDDINGS_FILE, lambda tmp: np.save(tmp, self.embeddings), suffix=".npy")
-        write_json(index_dir / IDS_FILE, self.ids)
-        replace_atomically(index_dir / INDEX_FILE, lambda tmp: faiss.write_index(self.index, str(tmp)))
-        if self.regions is not None:
-            self.regions.save(index_dir)
-        write_json(index_dir / META_FILE, self.meta.to_json())  # last: it records the count the others must have
+        replace_together([
+            (index_dir / EMBEDDINGS_FILE, lambda tmp: np.save(tmp, self.embeddings), ".npy"),
+            json_file(index_dir / IDS_FILE, self.ids),
+            (index_dir / INDEX_FILE, lambda tmp: faiss.write_index(self.index, str(tmp)), ""),
+            *(self.regions.files(index_dir) if self.regions is not None else []),
+            json_file(index_dir / META_FILE, self.meta.to_json()),  # last: it records the count the others must have
+        ])
 
     @classmethod
     def load(cls, index_dir: str | os.PathLike) -> "VideoIndex":
@@ -305,10 +307,10 @@ class VideoIndex:
                             what="id list", fix=rebuild)
             embeddings = np.load(index_dir / EMBEDDINGS_FILE)
             index = faiss.read_index(str(index_dir / INDEX_FILE))
+            regions = RegionStore.load(index_dir) if RegionStore.exists(index_dir) else None
         except (OSError, ValueError, RuntimeError) as err:
             raise UserError(f"{index_dir}: incomplete or unreadable index ({type(err).__name__}); {rebuild}") from None
         counts = {META_FILE: meta.count, IDS_FILE: len(ids), EMBEDDINGS_FILE: len(embeddings), INDEX_FILE: index.ntotal}
-        regions = RegionStore.load(index_dir) if RegionStore.exists(index_dir) else None
         if regions is not None:
             counts[REGION_OFFSETS_FILE] = len(regions)
         if len(set(counts.values())) != 1:

@@ -1,7 +1,17 @@
-"""The index directory, defined once and without FAISS or torch: its files, index.json (IndexMeta, what
-the index was built from) and IndexConfig (how its FAISS type is chosen; the command line shows its
-defaults).
+"""The index directories, defined once and without FAISS or torch: where the index of a run lives, its
+files, index.json (IndexMeta, what the index was built from) and IndexConfig (how its FAISS type is
+chosen; the command line shows its defaults).
 
+An index root (`.vlpcache/index`, or `index -o` / `search --index`) keeps one index per (checkpoint,
+cache settings), so that a newer run gets an index of its own on first use and an earlier run's stays
+usable:
+
+    <root>/<checkpoint sha256[:16]>-<cache settings sha256[:8]>/    one index (the files below)
+
+A root that holds the files below itself (an index made by vlpcache 0.1, or a folder named for one
+index) is used as it is when it was built from the same checkpoint and cache settings.
+
+    index.lock             held (fcntl) by the process writing this index; others wait for it
     index.faiss            the FAISS index; its row r (FAISS label r) is the r-th item of ids.json
     ids.json               item ids in FAISS label order (labels are positions, so no IndexIDMap is needed)
     embeddings.npy         (V, E) float32 global video embeddings in the same order, so that the FAISS
@@ -15,19 +25,22 @@ defaults).
     index.json             IndexMeta: checkpoint sha256, cache settings, embedding dim, factory string,
                            search parameters, item count
 
-Every file is written under a temporary name and renamed into place; index.json goes last and
-records the count, so a crash mid-save leaves either the old index or one that `load` refuses as
-inconsistent (never one whose ids and vectors disagree silently).
+Every file is written under a temporary name, and only once all are written are they renamed into
+place (files.replace_together), index.json last: a failed write (disk full) leaves the old index, and a
+kill -9 among the renames one that `load` refuses as inconsistent (never one whose ids and vectors
+disagree silently).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlpcache.errors import UserError
-from vlpcache.records import JsonRecord
+from vlpcache.records import JsonRecord, read_optional_json
 
 INDEX_FORMAT = 1
 INDEX_FILE = "index.faiss"
@@ -39,6 +52,7 @@ REGION_OFFSETS_FILE = "region_offsets.npy"
 REGION_POSITIONS_FILE = "region_positions.npy"
 QUERY_DIR = "query"
 QUERYBANK_FILE = "querybank.npz"
+LOCK_FILE = "index.lock"
 
 # Measured on this 2-core machine (bench/search_latency.py): one exact 256-d query over 50k vectors
 # costs ~3 ms, so beyond that the exact index no longer meets a 5 ms budget per query.
@@ -95,15 +109,42 @@ def read_meta(index_dir: str | Path) -> IndexMeta:
 
 def check_same_source(meta: IndexMeta, index_dir, checkpoint_sha256: str, cache_settings: dict, run_dir="") -> None:
     """Refuse, in one line, an index built from another checkpoint or from a cache with other settings."""
-    if meta.checkpoint_sha256 != checkpoint_sha256:
-        raise UserError(
-            f"{index_dir}: index was built from checkpoint {meta.checkpoint_sha256[:12]} ({meta.run_dir or '?'}), "
-            f"not from {checkpoint_sha256[:12]} ({run_dir or 'this run'}); "
-            f"run `vlpcache index --rebuild` (or pass the matching --run)"
-        )
-    diffs = [f"{k}: {meta.cache_settings.get(k)!r} != {v!r}" for k, v in cache_settings.items() if meta.cache_settings.get(k) != v]
+    diffs = source_differences(meta.to_json(), checkpoint_sha256, cache_settings)
     if diffs:
         raise UserError(
-            f"{index_dir}: index was built from a cache with other settings ({'; '.join(diffs[:3])}); "
-            "run `vlpcache index --rebuild` (or pass the matching --cache)"
+            f"{index_dir}: index was built from another checkpoint or cache than {run_dir or 'this run'}'s "
+            f"({'; '.join(diffs[:3])}); run `vlpcache index --rebuild` (or pass the matching --run and --cache)"
         )
+
+
+def index_key(checkpoint_sha256: str, cache_settings: dict) -> str:
+    """The folder name, within an index root, of the index of a checkpoint over caches of these settings."""
+    settings = hashlib.sha256(json.dumps(cache_settings, sort_keys=True).encode()).hexdigest()
+    return f"{checkpoint_sha256[:16]}-{settings[:8]}"
+
+
+def index_dir_for(root: str | Path, checkpoint_sha256: str, cache_settings: dict) -> Path:
+    """Where the index of this checkpoint and cache settings lives (or is to be built) under `root`."""
+    root = Path(root)
+    meta = read_optional_json(root / META_FILE)
+    if isinstance(meta, dict) and not source_differences(meta, checkpoint_sha256, cache_settings):
+        return root  # one index kept in the root itself
+    return root / index_key(checkpoint_sha256, cache_settings)
+
+
+def other_indexes(root: str | Path, index_dir: Path) -> list[Path]:
+    """The indexes in `root` besides index_dir (those of other runs, checkpoints or cache settings)."""
+    found = [p for p in Path(root).glob(f"*/{META_FILE}") if p.parent != Path(index_dir)]
+    if (Path(root) / META_FILE).exists() and Path(root) != Path(index_dir):
+        found.append(Path(root) / META_FILE)
+    return sorted(p.parent for p in found)
+
+
+def source_differences(meta: dict, checkpoint_sha256: str, cache_settings: dict) -> list[str]:
+    """How the index described by `meta` (index.json's content) was built from another checkpoint or cache."""
+    diffs = []
+    if meta.get("checkpoint_sha256") != checkpoint_sha256:
+        diffs.append(f"checkpoint {str(meta.get('checkpoint_sha256'))[:12]}, not {checkpoint_sha256[:12]}")
+    theirs = meta.get("cache_settings") or {}
+    diffs += [f"{k} {theirs.get(k)!r}, not {v!r}" for k, v in cache_settings.items() if theirs.get(k) != v]
+    return diffs

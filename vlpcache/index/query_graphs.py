@@ -105,33 +105,37 @@ def export_query_model(run, index_dir: Path) -> Path:
     tmp = out.with_name(f".{QUERY_DIR}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model = run.model.cpu()
-    E = run.config.embed_dim
-    ids = torch.tensor([[101, 2000, 3000, 102]])
-    dims = {"input_ids": {0: "B", 1: "L"}, "attention_mask": {0: "B", 1: "L"}, "global": {0: "B"}, "words": {0: "B", 1: "L"}}
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        # the legacy exporter's deprecation and tracer notes concern shapes held fixed here by design
-        warnings.simplefilter("ignore")
-        torch.onnx.export(TextGraph(model).eval(), (ids, torch.ones_like(ids)), tmp / TEXT_GRAPH, dynamo=False,
-                          input_names=["input_ids", "attention_mask"], output_names=["global", "words"],
-                          dynamic_axes=dims, opset_version=17)
-        example = (torch.randn(1, 4, E), torch.ones(1, 4, dtype=torch.bool), torch.randn(1, E),
-                   torch.randn(3, 5, E), torch.ones(3, 5, dtype=torch.bool), torch.randn(3, E))
-        names = ["words", "word_mask", "text_global", "regions", "region_mask", "video_global"]
-        dims = {"words": {1: "L"}, "word_mask": {1: "L"}, "regions": {0: "P", 1: "K"}, "region_mask": {0: "P", 1: "K"},
-                "video_global": {0: "P"}, "score": {1: "P"}, "global": {1: "P"}, "local": {1: "P"},
-                "word_attention": {1: "P", 2: "L", 3: "K"}}
-        torch.onnx.export(RerankGraph(run.config.rwa_lambda, run.config.rerank_weight), example, tmp / RERANK_GRAPH,
-                          dynamo=False, input_names=names, output_names=["score", "global", "local", "word_attention"],
-                          dynamic_axes=dims, opset_version=17)
-    backend.save(str(tmp / TOKENIZER_FILE))
-    write_json(tmp / QUERY_CONFIG, {
-        "checkpoint_sha256": run.checkpoint_sha256,
-        "max_words": run.config.max_words,
-        "special_token_ids": special_token_ids(run),
-        "rwa": run.config.rwa,
-        "embed_dim": E,
-    })
+    try:  # a failed export (disk full) leaves no half-written folder behind
+        model = run.model.cpu()
+        E = run.config.embed_dim
+        ids = torch.tensor([[101, 2000, 3000, 102]])
+        dims = {"input_ids": {0: "B", 1: "L"}, "attention_mask": {0: "B", 1: "L"}, "global": {0: "B"}, "words": {0: "B", 1: "L"}}
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # the legacy exporter's deprecation and tracer notes concern shapes held fixed here by design
+            warnings.simplefilter("ignore")
+            torch.onnx.export(TextGraph(model).eval(), (ids, torch.ones_like(ids)), tmp / TEXT_GRAPH, dynamo=False,
+                              input_names=["input_ids", "attention_mask"], output_names=["global", "words"],
+                              dynamic_axes=dims, opset_version=17)
+            example = (torch.randn(1, 4, E), torch.ones(1, 4, dtype=torch.bool), torch.randn(1, E),
+                       torch.randn(3, 5, E), torch.ones(3, 5, dtype=torch.bool), torch.randn(3, E))
+            names = ["words", "word_mask", "text_global", "regions", "region_mask", "video_global"]
+            dims = {"words": {1: "L"}, "word_mask": {1: "L"}, "regions": {0: "P", 1: "K"}, "region_mask": {0: "P", 1: "K"},
+                    "video_global": {0: "P"}, "score": {1: "P"}, "global": {1: "P"}, "local": {1: "P"},
+                    "word_attention": {1: "P", 2: "L", 3: "K"}}
+            torch.onnx.export(RerankGraph(run.config.rwa_lambda, run.config.rerank_weight), example, tmp / RERANK_GRAPH,
+                              dynamo=False, input_names=names, output_names=["score", "global", "local", "word_attention"],
+                              dynamic_axes=dims, opset_version=17)
+        backend.save(str(tmp / TOKENIZER_FILE))
+        write_json(tmp / QUERY_CONFIG, {
+            "checkpoint_sha256": run.checkpoint_sha256,
+            "max_words": run.config.max_words,
+            "special_token_ids": special_token_ids(run),
+            "rwa": run.config.rwa,
+            "embed_dim": E,
+        })
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

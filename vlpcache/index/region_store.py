@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlpcache.files import replace_atomically
+from vlpcache.files import FileWrite
 from vlpcache.index.layout import REGION_OFFSETS_FILE as OFFSETS_FILE
 from vlpcache.index.layout import REGION_POSITIONS_FILE as POSITIONS_FILE
 from vlpcache.index.layout import REGIONS_FILE as EMBEDDINGS_FILE
@@ -66,9 +66,11 @@ class RegionStore:
             positions[i, :count] = self.positions[start : start + count]
         return regions, mask, positions
 
-    def save(self, index_dir: Path) -> None:
-        for name, array in ((EMBEDDINGS_FILE, self.embeddings), (POSITIONS_FILE, self.positions), (OFFSETS_FILE, self.offsets)):
-            replace_atomically(Path(index_dir) / name, lambda tmp, a=array: np.save(tmp, a), suffix=".npy")
+    def files(self, index_dir: Path) -> list[FileWrite]:
+        """The store's files in index_dir, for files.replace_together (VideoIndex.save)."""
+        return [(Path(index_dir) / name, lambda tmp, a=array: np.save(tmp, a), ".npy")
+                for name, array in ((EMBEDDINGS_FILE, self.embeddings), (POSITIONS_FILE, self.positions),
+                                    (OFFSETS_FILE, self.offsets))]
 
     @classmethod
     def load(cls, index_dir: Path) -> "RegionStore":

@@ -25,16 +25,16 @@ from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import ARRAYS
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
-from vlpcache.index.build import open_cache, resolve_sources, update_index
+from vlpcache.files import read_utf8_text, utf8_text
+from vlpcache.index.build import coverage, index_of_run, missing_from_cache, new_index_line, open_cache, resolve_sources, update_index
 from vlpcache.index.export import export_embeddings
 from vlpcache.index.faiss_index import VideoIndex
-from vlpcache.index.layout import META_FILE, QUERYBANK_FILE, IndexConfig, check_same_source, read_meta
+from vlpcache.index.layout import QUERYBANK_FILE, IndexConfig, index_dir_for
 from vlpcache.index.query_model import OnnxQueryModel, query_export_sha
 from vlpcache.index.rerank import align
 from vlpcache.metrics import RERANK_CANDIDATES
-from vlpcache.model.run_layout import designated_checkpoint_sha256
 from vlpcache.querybank import QueryBank
-from vlpcache.report import Say, say
+from vlpcache.report import Say, printable, say
 
 
 # what describing a hit reads of its cached item; features, most of an item's bytes, are left on disk
@@ -128,8 +128,8 @@ class Searcher:
 
     def search(self, query: str, k: int = 10, rerank: bool = True, qbnorm: bool = False) -> list[Hit]:
         """The top k indexed items for one query, best first; re-ranked by region-word score when the
-        run can (`rerank=False`: global similarity alone); `qbnorm`: by query-bank normalised global
-        similarity instead (the index's query bank; no re-rank)."""
+        run can (`rerank=False`: global similarity alone); `qbnorm`: the top candidates by global
+        similarity ordered by its query-bank normalisation instead (the index's bank; no re-rank)."""
         query = query.strip()
         if not query:
             raise UserError('empty query; give words to search for, e.g. "person cuts onion"')
@@ -147,24 +147,25 @@ class Searcher:
                      if r >= 0 and self.index.ids[r] in self.cache]
             if not found:
                 return []
-            scores = np.array([s for s, _ in found], np.float32)  # (P,) global similarity
-            if qbnorm:  # the candidates in their normalised order; "score" is then the normalised one
-                rows = np.array([r for _, r in found])
-                scores = self.query_bank.normalise(scores[None], rows[None])[0]
-                found = [found[j] for j in np.argsort(-scores, kind="stable")]
-                scores = np.sort(scores)[::-1].astype(np.float32)
-            ranking = self.rank(encoded, [r for _, r in found], scores, k, rerank)
+            ranking = self.rank(encoded, [r for _, r in found], np.array([s for s, _ in found], np.float32), k, rerank,
+                                qbnorm)
             return self.describe(encoded, ranking)
 
-    def rank(self, query: EncodedQuery, rows: list[int], faiss_scores: np.ndarray, k: int, rerank: bool) -> Ranking:
-        """The best k of the candidate rows: by global + weight * S_loc when re-ranking, else by FAISS's
-        global similarity. The one place where a score is turned into an order."""
+    def rank(self, query: EncodedQuery, rows: list[int], faiss_scores: np.ndarray, k: int, rerank: bool,
+             qbnorm: bool = False) -> Ranking:
+        """The best k of the candidate rows: by global + weight * S_loc when re-ranking, by the query
+        bank's normalisation of the global similarity with `qbnorm`, else by FAISS's global similarity.
+        The one place where a score is turned into an order."""
         regions, region_mask, positions = self.index.regions.gather(rows)  # (P, K, E), (P, K), (P, K)
         score, global_, local, attention = self.query_model.rescore(  # (1, P) x 3, (1, P, L, K)
             query.words, query.word_mask, query.global_, regions, region_mask, self.index.embeddings[rows])
         if rerank:
             order = np.argsort(-score[0], kind="stable")[:k]  # (k,) candidate positions, best first
             final = score[0, order]
+        elif qbnorm:
+            normalised = self.query_bank.normalise(faiss_scores[None], np.asarray(rows)[None])[0]  # (P,)
+            order = np.argsort(-normalised, kind="stable")[:k]
+            final = normalised[order].astype(np.float32)
         else:
             order = np.arange(min(k, len(rows)))
             final = faiss_scores[order]
@@ -218,13 +219,13 @@ def hits_json(query: str, hits: list[Hit]) -> dict:
 
 
 def format_hits(query: str, hits: list[Hit]) -> str:
-    lines = [f"query: {query}"]
+    lines = [f"query: {printable(query)}"]
     if not hits:
         lines.append("  (no results)")
     for h in hits:
-        path = f"  {h.path}" if h.path and h.path != h.id else ""
+        path = f"  {printable(h.path)}" if h.path and h.path != h.id else ""
         when = f"  @ {h.time:.2f} s" if h.time is not None else ""
-        lines.append(f"{h.rank:3d}  {h.score:7.4f}  {h.id}{path}{when}")
+        lines.append(f"{h.rank:3d}  {h.score:7.4f}  {printable(h.id)}{path}{when}")
         if h.regions:
             parts = [f"{r.word} -> {r.label} [{', '.join(f'{v:.2f}' for v in r.box)}] @ {r.time:.2f} s" for r in h.regions]
             lines.append("       " + "; ".join(parts))
@@ -242,10 +243,10 @@ def read_queries(text: str | None, queries_file: str | None) -> list[str]:
         queries.append(text.strip())
     if queries_file:
         if queries_file == "-":
-            lines = sys.stdin.read().splitlines()
+            lines = utf8_text(sys.stdin.buffer.read(), "stdin").splitlines()
         else:
             try:
-                lines = Path(queries_file).read_text(encoding="utf-8").splitlines()
+                lines = read_utf8_text(Path(queries_file)).splitlines()
             except OSError as err:
                 raise UserError(f"--queries {queries_file}: cannot read it ({err.strerror})") from None
         queries += [line.strip() for line in lines if line.strip()]
@@ -258,20 +259,15 @@ def read_queries(text: str | None, queries_file: str | None) -> list[str]:
 
 def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVICE, say: Say = say, qbnorm: bool = False):
     """(query model, cache, index, index directory) for the options and workspace defaults; builds the
-    index on first use (and its query bank, when `qbnorm` asks for one it lacks).
+    run's index on first use (and its query bank, when `qbnorm` asks for one it lacks).
 
     With an up-to-date ONNX export in the index, neither torch nor the run's weights are loaded.
     """
     sources = resolve_sources(run_dir, cache_dir, index_dir)
     cache = open_cache(sources.cache_dir)
-    index_dir = sources.index_dir
-    run_sha = designated_checkpoint_sha256(sources.run_dir)
-    if (index_dir / META_FILE).exists() and run_sha is not None:
-        # refuse a mismatch before paying for anything
-        check_same_source(read_meta(index_dir), index_dir, run_sha, cache.settings.to_json(), sources.run_dir)
-    index = VideoIndex.load(index_dir) if (index_dir / META_FILE).exists() else None
-    bank_ready = not qbnorm or _query_bank_count(index_dir) == (len(index) if index is not None else -1)
-    if (index is not None and index.regions is not None and run_sha is not None and query_export_sha(index_dir) == run_sha
+    index_dir, index = index_of_run(sources.index_dir, sources.run_dir, cache)
+    bank_ready = not qbnorm or (index is not None and _query_bank_count(index_dir) == len(index))
+    if (index is not None and index.regions is not None and query_export_sha(index_dir) == index.meta.checkpoint_sha256
             and bank_ready):
         query_model = OnnxQueryModel(index_dir)
     else:
@@ -281,10 +277,9 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
 
         device = resolve_device(device)
         run = load_run(sources.run_dir, device=device)
+        index_dir = index_dir_for(sources.index_dir, run.checkpoint_sha256, cache.settings.to_json())
         if index is None:
-            say(f"no index at {index_dir} yet: building it from run {sources.run_dir} (first use only)")
-        else:
-            check_same_source(index.meta, index_dir, run.checkpoint_sha256, cache.settings.to_json(), sources.run_dir)
+            say(new_index_line(run, sources.index_dir, index_dir))
         if index is None or index.regions is None or not bank_ready:
             index = update_index(run, cache, index_dir, IndexConfig(), device=device,
                                  batch_size=default_batch_size(device), say=say, qbnorm=qbnorm)
@@ -292,6 +287,8 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
     unindexed = sum(1 for item_id in cache.ids if item_id not in index)
     if unindexed:
         say(f"note: {unindexed} cached items are not in the index yet; run `vlpcache index` to add them")
+    if note := coverage(index, cache):
+        say(f"note: index {index_dir}: {note}")
     return query_model, cache, index, index_dir
 
 
@@ -309,8 +306,9 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
     rerank = not no_rerank and not qbnorm
     if rerank and not searcher.can_rerank:
         say("note: the run was trained without region-word alignment; results are not re-ranked")
-    if k > len(searcher):
-        say(f"note: -k {k} is more than the {len(searcher)} indexed items; showing all of them")
+    shown = len(searcher) - missing_from_cache(searcher.index, searcher.cache)
+    if k > shown:
+        say(f"note: -k {k} is more than the {shown} indexed items in the cache; showing all of them")
     for n, query in enumerate(queries):
         hits = searcher.search(query, k, rerank=rerank, qbnorm=qbnorm)
         if as_json:

@@ -9,6 +9,7 @@ torch.load(weights_only=True).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -20,11 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlpcache.errors import UserError
-from vlpcache.files import file_sha256, fsync_path
+from vlpcache.files import file_sha256, fsync_path, is_write_failure, write_failure
 from vlpcache.model.run_layout import (
     BEST_NAME,
     CHECKPOINT_DIR,
     CONFIG_NAME,
+    LOG_NAME,
     META_NAME,
     STATE_NAME,
     TEMPORARY_PATTERN,
@@ -78,24 +80,18 @@ def remove_temporaries(run_dir: Path) -> None:
 def save_checkpoint(
     run_dir: Path, epoch: int, model: torch.nn.Module, training_state: dict, meta: dict, is_best: bool = False
 ) -> Path:
-    """Write checkpoints/epoch-NNNN atomically, then drop older checkpoints except the best."""
+    """Write checkpoints/epoch-NNNN atomically, then drop older checkpoints except the best. A failed
+    write (disk full, I/O error) is one line; the unfinished checkpoint goes, the earlier ones stay."""
     final = epoch_dir(run_dir, epoch)
-    parent = final.parent
-    parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_checkpoint_dir(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, tmp / WEIGHTS_NAME, metadata={"epoch": str(epoch)})
-    torch.save(training_state, tmp / STATE_NAME)
-    meta = {**meta, "epoch": epoch, "sha256": file_sha256(tmp / WEIGHTS_NAME)}
-    for name in (WEIGHTS_NAME, STATE_NAME):
-        fsync_path(tmp / name)
-    write_json(tmp / META_NAME, meta)  # last: a checkpoint counts once its meta.json exists
-    if final.exists():  # the same epoch saved by a run that was killed before moving on: replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_path(parent)
+    try:
+        _write_checkpoint(tmp, final, epoch, model, training_state, meta)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_write_failure(err):
+            raise
+        raise write_failure(tmp, err, f"the checkpoint of epoch {epoch} is not saved, earlier ones are kept; make room "
+                                      "and continue with `vlpcache pretrain --resume`") from None
     if is_best:
         write_json(Path(run_dir) / BEST_NAME, {"epoch": epoch, "metrics": meta.get("metrics", {})})
     best = read_best(run_dir)
@@ -105,8 +101,49 @@ def save_checkpoint(
     return final
 
 
+def _write_checkpoint(tmp: Path, final: Path, epoch: int, model: torch.nn.Module, training_state: dict,
+                      meta: dict) -> None:
+    """The checkpoint's files into `tmp`, fsynced, then `tmp` renamed to `final`."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, tmp / WEIGHTS_NAME, metadata={"epoch": str(epoch)})
+    with open(tmp / STATE_NAME, "wb") as f:  # through a Python file: a failed write keeps its errno
+        torch.save(training_state, f)
+    meta = {**meta, "epoch": epoch, "sha256": file_sha256(tmp / WEIGHTS_NAME)}
+    for name in (WEIGHTS_NAME, STATE_NAME):
+        fsync_path(tmp / name)
+    write_json(tmp / META_NAME, meta)  # last: a checkpoint counts once its meta.json exists
+    if final.exists():  # the same epoch saved by a run that was killed before moving on: replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
+
+
+def append_log_line(run_dir: Path, record: dict) -> None:
+    """One JSON line at the end of the run's log.jsonl; a failed write is one line naming the file."""
+    path = Path(run_dir) / LOG_NAME
+    try:
+        with open(path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+    except OSError as err:
+        raise write_failure(path, err, "the checkpoints saved before are kept; make room and continue with "
+                                       "`vlpcache pretrain --resume`") from None
+
+
 def load_training_state(checkpoint_dir: Path) -> dict:
-    return torch.load(checkpoint_dir / STATE_NAME, map_location="cpu", weights_only=True)
+    path = checkpoint_dir / STATE_NAME
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises its own error types for damaged files
+        raise UserError(f"{path}: unreadable training state ({_first_line(err)}); remove {checkpoint_dir} to resume from "
+                        "the checkpoint before it, or start a new run") from None
+
+
+def _first_line(err: Exception) -> str:
+    """The gist of a library's error: its first line, up to the first full stop."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0][:200]
 
 
 def load_weights(model: torch.nn.Module, checkpoint_dir: Path) -> None:
@@ -114,7 +151,7 @@ def load_weights(model: torch.nn.Module, checkpoint_dir: Path) -> None:
     try:
         state = load_file(path)
     except Exception as err:  # safetensors raises its own error types for damaged files
-        raise UserError(f"{path}: unreadable checkpoint ({err})") from None
+        raise UserError(f"{path}: unreadable checkpoint ({_first_line(err)})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(

@@ -76,6 +76,8 @@ def read_caption_files(paths: list[Path]) -> Captions:
 def open_caches(cache_dirs: list[Path]) -> list[RegionCache]:
     """Open every cache and refuse to mix caches whose features are not comparable."""
     caches = [RegionCache(d) for d in cache_dirs]
+    for cache in caches:
+        cache.check_not_empty()
     for cache in caches[1:]:
         diffs = caches[0].settings.feature_differences(cache.settings)
         if diffs:

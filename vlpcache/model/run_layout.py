@@ -28,6 +28,7 @@ BEST_NAME = "best.json"
 WEIGHTS_NAME = "model.safetensors"
 STATE_NAME = "training_state.pt"
 META_NAME = "meta.json"
+LOG_NAME = "log.jsonl"  # one JSON line per epoch
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
 TEMPORARY_PATTERN = ".epoch-*.tmp-*"  # checkpoints being written (glob within CHECKPOINT_DIR)
 

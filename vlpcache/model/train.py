@@ -28,16 +28,17 @@ from tqdm import tqdm
 from vlpcache import __version__
 from vlpcache.devices import resolve_device
 from vlpcache.errors import UserError
+from vlpcache.files import replace_atomically
 from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics
 from vlpcache.model import checkpoint as ckpt
 from vlpcache.model.data import CollateCaptionedRegions, PretrainData, ValidationSet, load_pretrain_data
 from vlpcache.model.model import AlignmentModel, ModelConfig, PretrainLoss, build_model, load_text_backbone
 from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
+from vlpcache.model.run_layout import LOG_NAME
 from vlpcache.model.text_features import TextFeatures, cached_text_features
 from vlpcache.records import JsonRecord
 from vlpcache.workspace import Workspace
 
-LOG_NAME = "log.jsonl"
 RERANK_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)  # candidates for global + w·S_loc, chosen on validation
 
 
@@ -308,6 +309,8 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
         model, tokenizer = build_model(run.model)
     if processes.main:
         ckpt.remove_temporaries(run.dir)
+        if run.resumed and not last:  # killed (or out of disk) before the first checkpoint: epoch 1 again
+            keep_log_until(run.dir / LOG_NAME, 0)
         if not run.resumed:
             config = {
                 "model": run.model.to_json(),
@@ -401,9 +404,7 @@ def keep_log_until(log_path: Path, epoch: int) -> None:
     lines = log_path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if _logged_epoch(line) <= epoch]
     if len(kept) != len(lines):
-        tmp = log_path.with_name(f".{log_path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, log_path)
+        replace_atomically(log_path, lambda tmp: tmp.write_text("".join(kept)))
 
 
 def _logged_epoch(line: str) -> float:
@@ -530,8 +531,7 @@ def end_of_epoch(record: dict, run: Run, trainer: Trainer, processes: Processes,
     record["time"] = time.time()
     # the log line first, then the checkpoint: a kill between the two leaves a line that resume drops
     # (keep_log_until), never a checkpoint without its line
-    with open(run.dir / LOG_NAME, "a") as log:
-        log.write(json.dumps(record) + "\n")
+    ckpt.append_log_line(run.dir, record)
     ckpt.save_checkpoint(
         run.dir, record["epoch"], trainer.model, training_state,
         {"metrics": val, "loss": record.get("loss"), "vlpcache_version": __version__,

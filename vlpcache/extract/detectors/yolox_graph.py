@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlpcache.errors import UserError
+
 INPUT_NAME, OUTPUT_NAME = "images", "output"  # the names YOLOX's export gives them
 PREDICTION_COLUMNS = 85  # x, y, w, h, objectness and 80 COCO class scores per anchor cell
 NECK_CHANNELS = (64, 128, 256)  # YOLOX-Nano's neck maps at strides 8, 16, 32
@@ -49,7 +51,11 @@ def batched_onnx(path: Path, with_neck: bool) -> bytes:
     compute), and the neck maps become extra outputs for RoI pooling."""
     import onnx
 
-    model = onnx.load(str(path))
+    try:
+        model = onnx.load(str(path))
+    except Exception as err:  # truncated or not ONNX at all
+        raise UserError(f"{path}: not an ONNX file ({type(err).__name__}); `vlpcache models verify` checks the "
+                        "models folder") from None
     graph = model.graph
     for value, names in ((graph.input[0], ("batch", None, "height", "width")), (graph.output[0], ("batch", "anchors"))):
         for dim, name in zip(value.type.tensor_type.shape.dim, names):

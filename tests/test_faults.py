@@ -1,0 +1,285 @@
+"""Fault injection, as a hostile user or a bad day would do it: `vlpcache extract` killed with SIGKILL at
+random moments and resumed, two extracts started together into one cache, disks that fill up under
+extract, pretrain and index. Damaged files of every kind are fed to every command in
+test_user_errors.py.
+
+A full disk is a small tmpfs where this machine lets us mount one (we run as root), else a limit on
+the size of any file this process and its children write (RLIMIT_FSIZE: the write that passes it fails
+with EFBIG), so that the same code paths fail on any Linux machine.
+
+The random moments come from $VLPCACHE_FAULT_SEED, or a fresh seed that failures print;
+VLPCACHE_FAULT_DISK=file-size-limit takes the second way where the first would work.
+"""
+
+import contextlib
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_extract import _assert_same_content
+from vlpcache.cache.reader import RegionCache
+from vlpcache.cache.schema import SHARD_DIR
+
+ITEMS = 24
+# small, quick settings: 2-frame items, a shard every 2 items, YOLOX's own neck features (no second network)
+EXTRACT = ["--frames", "2", "--items-per-shard", "2", "--batch-size", "2", "--workers", "1", "--backbone", "neck",
+           "--quiet"]
+KILLS = 10
+SEED = int(os.environ.get("VLPCACHE_FAULT_SEED", random.SystemRandom().randrange(1 << 30)))
+
+
+def start_extract(root: Path, cache: Path, cwd: Path) -> subprocess.Popen:
+    """`vlpcache extract` as its own process group, so that a kill takes its decoding workers too."""
+    return subprocess.Popen([sys.executable, "-m", "vlpcache", "extract", str(root), "-o", str(cache), *EXTRACT],
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def extract(root: Path, cache: Path, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    proc = start_extract(root, cache, cwd)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def temporaries(cache: Path) -> list[str]:
+    return sorted(p.name for p in (cache / SHARD_DIR).glob("*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def frames_root(tmp_path_factory, msrvtt_dir) -> Path:
+    root = tmp_path_factory.mktemp("frames")
+    for folder in sorted((msrvtt_dir / "frames" / "val").iterdir())[:ITEMS]:
+        shutil.copytree(folder, root / folder.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def together(frames_root, tmp_path_factory) -> dict:
+    """Two extracts of the same items started together into one cache; the winner's cache is the reference
+    the other faults are compared with."""
+    work = tmp_path_factory.mktemp("together")
+    started = time.monotonic()
+    procs = [start_extract(frames_root, work / "cache", work) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    return {"cache": work / "cache", "procs": procs, "stderr": [err for _, err in results],
+            "seconds": time.monotonic() - started}
+
+
+def test_two_extracts_into_one_cache_one_refuses_naming_the_other_and_nothing_is_stored_twice(together):
+    codes = sorted(p.returncode for p in together["procs"])
+    assert codes == [0, 2], together["stderr"]
+    winner, loser = sorted(together["procs"], key=lambda p: p.returncode)
+    refusal = together["stderr"][together["procs"].index(loser)].strip().splitlines()
+    assert len(refusal) == 1 and refusal[0].startswith(f"error: {together['cache']}: shards s0of1-* are being written "
+                                                       f"by pid {winner.pid} on "), refusal
+    cache = RegionCache(together["cache"])
+    assert len(cache) == ITEMS and len(set(cache.ids)) == ITEMS and not temporaries(together["cache"])
+
+
+def wrote_since(cache: Path, since: float) -> bool:
+    """Whether a shard (temporary or committed) was written after `since` (time.time()): by the current process."""
+    for shard in (cache / SHARD_DIR).glob("*.h5*") if (cache / SHARD_DIR).is_dir() else []:
+        with contextlib.suppress(FileNotFoundError):
+            if shard.stat().st_mtime >= since:
+                return True
+    return False
+
+
+def kill_at_a_random_moment(proc: subprocess.Popen, cache: Path, rng: random.Random, timeline: dict) -> tuple[float, str]:
+    """SIGKILL the extract's process group at a random moment: a third of them in the start-up (lock,
+    settings check, detector loading: the uninterrupted run's first `load` seconds), the others after its
+    first shard began, within a slice of the time the uninterrupted run took to write everything (`write`
+    seconds), so that the kills spread over the writing of the whole cache instead of the first of them
+    finishing it. Returns (seconds after the start, what the process was doing)."""
+    started_at, started = time.time(), time.monotonic()
+    if rng.random() < 1 / 3:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=rng.uniform(0.05, timeline["load"]))
+    else:
+        while proc.poll() is None and not wrote_since(cache, started_at):
+            time.sleep(0.005)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=rng.uniform(0.0, 2 * timeline["write"] / KILLS))
+    doing = "finished" if proc.poll() is not None else "writing" if wrote_since(cache, started_at) else "starting"
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the decoding workers die with it
+    proc.communicate()
+    return round(time.monotonic() - started, 2), doing
+
+
+def test_extract_killed_at_10_random_moments_then_resumed_equals_an_uninterrupted_run(frames_root, together, tmp_path):
+    rng = random.Random(SEED)
+    victim = tmp_path / "cache"
+    summary = together["stderr"][[p.returncode for p in together["procs"]].index(0)]
+    timeline = {"load": float(re.search(r"detector loaded after ([\d.]+) s", summary)[1]),
+                "write": float(re.search(r"busy ([\d.]+) s", summary)[1])}
+    kills = [kill_at_a_random_moment(start_extract(frames_root, victim, tmp_path), victim, rng, timeline)
+             for _ in range(KILLS)]
+    done = extract(frames_root, victim, tmp_path)
+    print(f"seed {SEED}: killed at (seconds, what the process was doing) {kills}")
+    context = f"seed {SEED}, kills {kills}: {done.stderr}"
+    assert done.returncode == 0, context
+    _assert_same_content(RegionCache(victim), RegionCache(together["cache"]))  # every item once, identical arrays
+    assert not temporaries(victim) and not list((victim / "locks").iterdir()), context
+
+
+# ---------------------------------------------------------------- full disks
+
+
+class Disk:
+    """A folder whose writes can be made to fail (see the module's docstring for the two ways)."""
+
+    def __init__(self, folder: Path, tmpfs: bool):
+        self.folder, self.tmpfs = folder, tmpfs
+
+    @contextlib.contextmanager
+    def full(self, room: int):
+        """Writes fail once about `room` more bytes are written (tmpfs), or once a file passes `room` bytes."""
+        if self.tmpfs:
+            ballast = self.folder / "ballast"
+            stat = os.statvfs(self.folder)
+            with open(ballast, "wb") as f:
+                f.truncate(0)
+                f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - room))
+            try:
+                yield
+            finally:
+                ballast.unlink()
+        else:
+            previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (room, hard))  # children started now inherit it
+            try:
+                yield
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+                signal.signal(signal.SIGXFSZ, previous_handler)
+
+
+@pytest.fixture
+def disk(tmp_path) -> Disk:
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = os.environ.get("VLPCACHE_FAULT_DISK") != "file-size-limit" and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(folder)], capture_output=True).returncode == 0
+    yield Disk(folder, tmpfs=mounted)
+    if mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_extract_on_a_full_disk_is_one_line_keeps_what_was_committed_and_resumes(frames_root, together, disk, tmp_path):
+    cache = disk.folder / "cache"
+    with disk.full(room=150_000 if disk.tmpfs else 20_000):  # tmpfs: about two shards; else less than one
+        failed = extract(frames_root, cache, tmp_path)
+        committed = RegionCache(cache).ids if (cache / "manifest.json").exists() else []
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 2 and len(lines) == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert "cannot write (" in lines[0] and ("No space left on device" in lines[0] or "File too large" in lines[0])
+    assert "the unfinished one is removed" in lines[0] or "nothing was written" in lines[0]
+    assert not temporaries(cache)
+    assert committed or not disk.tmpfs  # on the tmpfs, shards were committed before the disk filled
+    assert set(committed) <= set(RegionCache(cache).ids)  # and they are still there
+    done = extract(frames_root, cache, tmp_path)
+    assert done.returncode == 0, done.stderr
+    _assert_same_content(RegionCache(cache), RegionCache(together["cache"]))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from test_search import build_tiny_workspace
+
+    return build_tiny_workspace(tmp_path_factory.mktemp("tiny")).parent
+
+
+def test_pretrain_checkpoint_on_a_full_disk_is_one_line_keeps_earlier_ones_and_resumes(tiny, disk, monkeypatch, capsys):
+    from test_search import vlpcache
+    from vlpcache.files import file_sha256
+    from vlpcache.model.run_layout import checkpoints
+
+    run = disk.folder / "run"
+    shutil.copytree(tiny / "ws" / "runs" / "run-001", run)  # one epoch trained, checkpoint saved
+    [first] = checkpoints(run).values()
+    weights = file_sha256(first / "model.safetensors")
+    args = ["pretrain", "--resume", "-o", run, "--epochs", "2", "--device", "cpu", "--workers", "0", "--quiet"]
+    with disk.full(room=200_000):
+        code, _, err = vlpcache(monkeypatch, capsys, *args)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and errors == err.splitlines()[-1:] and "Traceback" not in err, err
+    assert errors[0].startswith(f"error: {run / 'checkpoints'}/.epoch-0002.tmp-"), err
+    assert "the checkpoint of epoch 2 is not saved, earlier ones are kept" in err
+    assert list(checkpoints(run)) == [1] and file_sha256(first / "model.safetensors") == weights
+    assert not list((run / "checkpoints").glob(".*"))
+    code, _, err = vlpcache(monkeypatch, capsys, *args)
+    assert code == 0 and 2 in checkpoints(run), err
+
+
+def test_index_on_a_full_disk_is_one_line_leaves_the_index_as_it_was_and_builds_later(tiny, disk, monkeypatch, capsys):
+    from test_pretrain import write_cache
+    from test_search import vlpcache
+    from vlpcache.index.faiss_index import VideoIndex
+
+    ws = tiny / "ws"
+    cache = disk.folder / "cache"
+    shutil.copytree(ws / "cache", cache)
+    args = ["index", "--run", ws / "runs" / "run-001", "--cache", cache, "-o", disk.folder / "index", "--device", "cpu",
+            "--quiet"]
+    assert vlpcache(monkeypatch, capsys, *args)[0] == 0
+    [index_dir] = [p.parent for p in (disk.folder / "index").glob("*/index.json")]
+    before = {p.name: p.read_bytes() for p in index_dir.iterdir() if p.is_file()}
+    write_cache(cache, 3, prefix="w", seed=5)  # the cache grows: the index has 3 items to add
+    with disk.full(room=30_000):
+        code, _, err = vlpcache(monkeypatch, capsys, *args)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {index_dir}: cannot write ("), err
+    assert "the index is as it was before" in err
+    assert {p.name: p.read_bytes() for p in index_dir.iterdir() if p.is_file()} == before  # no temporary either
+    assert vlpcache(monkeypatch, capsys, *args)[0] == 0
+    assert len(VideoIndex.load(index_dir)) == len(RegionCache(cache))
+
+
+def test_extract_into_a_read_only_filesystem_is_one_line_before_anything_loads(frames_root, tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        result = extract(frames_root, folder / "cache", tmp_path)
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: {folder / 'cache'}: cannot write (Read-only file system (EROFS)); "
+                                    "nothing was written")
+
+
+@pytest.mark.parametrize("message, reason", [
+    # what each library that writes our files raised on a full disk, as observed on a 1 MB tmpfs
+    ("Can't flush cache (file write failed: time = Wed Dec  2 08:35:14 2026\n, filename = 'x.h5.tmp', "
+     "file descriptor = 4, errno = 28, error message = 'No space left on device', buf = 0x5604463c7f68)",
+     "No space left on device (ENOSPC)"),  # h5py
+    ("Error while serializing: I/O error: No space left on device (os error 28)",
+     "No space left on device (ENOSPC)"),  # safetensors
+    ("Error in faiss::FileIOWriter: write error (No space left on device)", "No space left on device (ENOSPC)"),
+    ("[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662", "unexpected pos"),  # no errno: as said
+])
+def test_the_system_reason_is_found_in_each_librarys_write_error(message, reason):
+    from vlpcache.files import system_reason
+
+    assert reason in system_reason(RuntimeError(message))
+
+
+def test_torch_save_through_a_file_keeps_the_errno_of_the_failed_write(tmp_path):
+    import torch
+
+    from vlpcache.files import system_reason
+
+    with pytest.raises(RuntimeError) as failure, Disk(tmp_path, tmpfs=False).full(room=1000):
+        with open(tmp_path / "state.pt", "wb") as f:
+            torch.save({"x": torch.zeros(10_000)}, f)
+    assert system_reason(failure.value) == "File too large (EFBIG)"

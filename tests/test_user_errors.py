@@ -1,0 +1,174 @@
+"""Every command fed bad input as a user would: damaged files, bytes that are not UTF-8, output paths that
+cannot be written. Each case must end in one `error:` line naming the file, exit code 2, no traceback,
+and every file that was there before still there, unchanged, with no temporary left behind.
+
+The commands run in-process (the CLI entry point) on a private copy of a tiny real workspace (HDF5
+cache, a run trained for one epoch, its index)."""
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from test_search import build_tiny_workspace, the_index, vlpcache
+
+NOT_UTF8 = b'{"video": "v0", "captions": ["a dog"]}\n{"video": "v1", "captions": ["caf\xe9"]}\n'
+
+
+@dataclass
+class Case:
+    name: str
+    damage: Callable[[Path, Path], None]  # (root, ws): what the user did to the workspace beforehand
+    args: Callable[[Path, Path], list]  # (root, ws): the command line
+    says: str  # in the error line, with {root} and {ws} filled in
+
+
+def truncate(path: Path, size: int = 50) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+def checkpoint(ws: Path) -> Path:
+    return next((ws / "runs" / "run-001" / "checkpoints").glob("epoch-*"))
+
+
+def write(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
+def nothing(root: Path, ws: Path) -> None:
+    pass
+
+
+def models(root: Path) -> Path:
+    """A copy of the offline detector weights, for extract."""
+    from conftest import SHARED
+
+    folder = root / "models"
+    if not folder.exists():
+        if not (SHARED / "models").is_dir():
+            pytest.skip(f"shared data not found at {SHARED} (set VLPCACHE_SHARED to the shared/ folder)")
+        shutil.copytree(SHARED / "models", folder)
+    return folder
+
+
+def media(root: Path, ws: Path) -> Path:
+    """A root with one real image, for extract."""
+    folder = root / "media"
+    if not folder.exists():
+        folder.mkdir()
+        from PIL import Image
+
+        Image.new("RGB", (64, 48), (200, 30, 30)).save(folder / "red.png")
+    return folder
+
+
+CASES = [
+    # extract
+    Case("extract into a path below a file", nothing,
+         lambda r, w: ["extract", media(r, w), "-o", w / "runs" / "run-001" / "config.json" / "cache"],
+         "{ws}/runs/run-001/config.json/cache"),
+    Case("extract with a malformed --shard", nothing, lambda r, w: ["extract", media(r, w), "--shard", "3/2"],
+         "--shard '3/2': need 0 <= i < n"),
+    Case("extract with a damaged detector file", lambda r, w: truncate(models(r) / "yolox_nano_coco.onnx", 1000),
+         lambda r, w: ["extract", media(r, w), "-o", r / "new-cache", "--models", models(r), "--device", "cpu"],
+         "{root}/models/yolox_nano_coco.onnx: not an ONNX file"),
+    Case("models fetch into a folder below a file", nothing,
+         lambda r, w: ["models", "fetch", "--models", w / "cache" / "manifest.json" / "models"],
+         "{ws}/cache/manifest.json/models: Not a directory (ENOTDIR)"),
+    # inspect
+    Case("inspect a cache whose manifest is damaged", lambda r, w: truncate(w / "cache" / "manifest.json"),
+         lambda r, w: ["inspect", w / "cache"], "{ws}/cache/manifest.json: unreadable manifest"),
+    Case("inspect --render to a file name that is no picture", nothing,
+         lambda r, w: ["inspect", w / "cache", "--render", "v0", "-o", r / "x.txt"],
+         "-o {root}/x.txt: not a picture file name"),
+    Case("inspect --render to a path below a file", nothing,
+         lambda r, w: ["inspect", w / "cache", "--render", "v0", "-o", w / "cache" / "manifest.json" / "x.png"],
+         "{ws}/cache/manifest.json/x.png: cannot write ("),
+    # pretrain
+    Case("pretrain on a caption file that is not UTF-8", lambda r, w: write(r / "latin1.jsonl", NOT_UTF8),
+         lambda r, w: ["pretrain", "--captions", r / "latin1.jsonl", "--text-model", r / "tiny-bert", "--device", "cpu"],
+         "{root}/latin1.jsonl:2: not UTF-8 text (byte 0xe9)"),
+    Case("pretrain --resume with a damaged training state", lambda r, w: truncate(checkpoint(w) / "training_state.pt"),
+         lambda r, w: ["pretrain", "--resume", "--epochs", "2", "--device", "cpu", "--quiet"],
+         "training_state.pt: unreadable training state (PytorchStreamReader failed reading zip archive"),
+    Case("pretrain --resume with damaged weights", lambda r, w: truncate(checkpoint(w) / "model.safetensors"),
+         lambda r, w: ["pretrain", "--resume", "--epochs", "2", "--device", "cpu", "--quiet"],
+         "model.safetensors: unreadable checkpoint"),
+    Case("pretrain --resume with a damaged run config", lambda r, w: truncate(w / "runs" / "run-001" / "config.json"),
+         lambda r, w: ["pretrain", "--resume", "--device", "cpu"], "{ws}/runs/run-001/config.json: unreadable run config"),
+    Case("pretrain into a run folder that is a file", nothing,
+         lambda r, w: ["pretrain", "--captions", r / "train.jsonl", "--text-model", r / "tiny-bert", "--device", "cpu",
+                       "--quiet", "-o", w / "cache" / "manifest.json"], "{ws}/cache/manifest.json"),
+    Case("pretrain on a cache whose manifest was edited", lambda r, w: edit_manifest(w, '"feature_dim": 16', '"feature_dim": 32'),
+         lambda r, w: ["pretrain", "--captions", r / "train.jsonl", "--text-model", r / "tiny-bert", "--device", "cpu"],
+         "{ws}/cache: none of its 2 shard(s) can be read as its manifest describes"),
+    # index
+    Case("index with a damaged checkpoint meta.json", lambda r, w: truncate(checkpoint(w) / "meta.json", 5),
+         lambda r, w: ["index", "--device", "cpu"], "meta.json: unreadable checkpoint meta"),
+    Case("index with a damaged index.json", lambda r, w: truncate(the_index(w) / "index.json", 5),
+         lambda r, w: ["index", "--device", "cpu"], "index.json: unreadable index metadata"),
+    Case("index with a truncated FAISS file", lambda r, w: truncate(the_index(w) / "index.faiss"),
+         lambda r, w: ["index", "--device", "cpu"], "incomplete or unreadable index"),
+    Case("index into a folder below a file", nothing,
+         lambda r, w: ["index", "--device", "cpu", "-o", w / "cache" / "manifest.json" / "index"],
+         "/cache/manifest.json/index/"),
+    # search
+    Case("search with a queries file that is not UTF-8", lambda r, w: write(r / "queries.txt", b"a dog\nun caf\xe9\n"),
+         lambda r, w: ["search", "--queries", r / "queries.txt"], "{root}/queries.txt:2: not UTF-8 text (byte 0xe9)"),
+    Case("search with a damaged checkpoint meta.json", lambda r, w: truncate(checkpoint(w) / "meta.json", 5),
+         lambda r, w: ["search", "a dog"], "meta.json: unreadable checkpoint meta"),
+    Case("search with a damaged index.json", lambda r, w: truncate(the_index(w) / "index.json", 5),
+         lambda r, w: ["search", "a dog"], "index.json: unreadable index metadata"),
+    Case("search with damaged region embeddings", lambda r, w: truncate(the_index(w) / "regions.npy"),
+         lambda r, w: ["search", "a dog"], "incomplete or unreadable index"),
+    # serve
+    Case("serve with a damaged index.json", lambda r, w: truncate(the_index(w) / "index.json", 5),
+         lambda r, w: ["serve", "--port", "0"], "index.json: unreadable index metadata"),
+    # eval
+    Case("eval on a caption file that is not UTF-8", lambda r, w: write(r / "latin1.jsonl", NOT_UTF8),
+         lambda r, w: ["eval", "--captions", r / "latin1.jsonl", "--device", "cpu"], "{root}/latin1.jsonl:2: not UTF-8 text"),
+    Case("eval with damaged weights", lambda r, w: truncate(checkpoint(w) / "model.safetensors"),
+         lambda r, w: ["eval", "--captions", r / "val.jsonl", "--device", "cpu"], "model.safetensors: unreadable checkpoint"),
+]
+
+
+def edit_manifest(ws: Path, old: str, new: str) -> None:
+    manifest = ws / "cache" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace(old, new))
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    """root/ws with a cache, a run and its index; root/train.jsonl, val.jsonl, tiny-bert."""
+    from vlpcache.index.build import run_index
+
+    root = tmp_path_factory.mktemp("errors")
+    ws = build_tiny_workspace(root)
+    run_index(run_dir=ws / "runs" / "run-001", cache_dir=ws / "cache", index_dir=ws / "index", device="cpu", quiet=True)
+    return root
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_one_error_line_naming_the_file_and_nothing_is_lost(case, template, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "root"
+    shutil.copytree(template, root)
+    ws = root / "ws"
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(ws))
+    case.damage(root, ws)
+    before = snapshot(root)
+    code, out, err = vlpcache(monkeypatch, capsys, *case.args(root, ws))
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2, err
+    assert "Traceback" not in err and len(errors) == 1 and errors[0] == err.splitlines()[-1], err
+    assert case.says.format(root=root, ws=ws) in errors[0], errors[0]
+    after = snapshot(root)
+    assert {k: v for k, v in after.items() if k in before} == before, "a file that was there changed"
+    assert not [name for name in after if ".tmp" in name], "a temporary was left behind"

@@ -1,0 +1,110 @@
+"""One writer at a time per name: an advisory lock (`fcntl.flock`) on a small file.
+
+The kernel releases the lock when its holder exits, by kill -9 too, so a crash never leaves a lock to
+clear by hand, and a lock that can be taken proves that nobody is writing under that name: that is
+when a writer may remove another writer's leftovers. The file records its holder (pid, host, since)
+for the one line a refused writer prints. flock works across processes of one machine, and across
+machines on an NFS mount through Linux's byte-range emulation.
+
+A lock file is removed by its holder on release. A holder that died leaves its file behind; the next
+writer takes it over (the kernel dropped the lock with the process).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+LOCK_SUFFIX = ".lock"
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lock, as its file records it."""
+
+    pid: int
+    host: str
+    since: float
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on {self.host} (since {time.strftime('%H:%M:%S', time.localtime(self.since))})"
+
+
+class WriterLock:
+    """A held lock; `release()` (or leaving the `with` block, or the process ending) frees it."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self._fd = path, fd
+
+    @classmethod
+    def take(cls, path: Path, wait: bool = False, patience: float = 0.0) -> "WriterLock | None":
+        """The lock of `path`, created if absent. When another process holds it: None, after trying again
+        for `patience` seconds; with `wait`, block until it is free."""
+        path = Path(path)
+        give_up = time.monotonic() + patience
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() >= give_up:
+                    return None
+                time.sleep(0.05)
+                continue
+            # the previous holder removes the file on release: a lock on the inode it removed guards nothing
+            if _same_file(path, fd):
+                break
+            os.close(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode(), 0)
+        except OSError:  # a full disk: the lock holds all the same, only its holder goes unnamed
+            pass
+        return cls(path, fd)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink()  # while still held, so nobody takes the lock of a file about to go
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> "WriterLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        on_disk, ours = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (on_disk.st_dev, on_disk.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+def holder_of(path: Path) -> Holder | None:
+    """Who holds the lock of `path`, as recorded; None when not recorded (yet) or unreadable."""
+    for _ in range(20):  # the holder writes its record right after taking the lock
+        try:
+            record = json.loads(Path(path).read_text(encoding="utf-8"))
+            return Holder(int(record["pid"]), str(record["host"]), float(record["since"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            time.sleep(0.01)
+    return None
