@@ -20,14 +20,19 @@ def retrieval_metrics(similarity: np.ndarray, targets: Sequence) -> dict[str, fl
         raise ValueError(f"similarity {similarity.shape} does not match {len(targets)} queries")
     if similarity.shape[0] == 0:
         raise ValueError("no queries to evaluate")
-    ranks = np.empty(similarity.shape[0], dtype=np.int64)
-    for q, target in enumerate(targets):
-        correct = np.atleast_1d(np.asarray(target, dtype=np.int64))
-        row = similarity[q]
-        best = row[correct].max()
-        others = np.ones(row.shape[0], dtype=bool)
-        others[correct] = False
-        ranks[q] = 1 + int(np.count_nonzero(row[others] >= best))
+    if all(np.ndim(t) == 0 for t in targets):  # one correct candidate per query: all rows at once
+        target = np.asarray(targets, dtype=np.int64)
+        best = similarity[np.arange(len(target)), target]  # (Q,)
+        ranks = (similarity >= best[:, None]).sum(1)  # the correct one counts itself: rank = 1 + others
+    else:
+        ranks = np.empty(similarity.shape[0], dtype=np.int64)
+        for q, target in enumerate(targets):
+            correct = np.atleast_1d(np.asarray(target, dtype=np.int64))
+            row = similarity[q]
+            best = row[correct].max()
+            others = np.ones(row.shape[0], dtype=bool)
+            others[correct] = False
+            ranks[q] = 1 + int(np.count_nonzero(row[others] >= best))
     return {
         "R@1": 100.0 * float(np.mean(ranks <= 1)),
         "R@5": 100.0 * float(np.mean(ranks <= 5)),

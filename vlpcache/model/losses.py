@@ -208,6 +208,37 @@ def _alignment_from_cosine(
     return RegionWordAlignment(s_w2r + s_r2w, s_w2r, s_r2w, alpha, beta, word_scores, region_scores)
 
 
+class TokenSets(NamedTuple):
+    """Words of Bt texts and regions of Bv videos, packed, L2-normalised, with their Gram matrices:
+    computed once, then scored for any pairs (pair_scores)."""
+
+    words: torch.Tensor  # (Bt, L, E)
+    word_mask: torch.Tensor  # (Bt, L)
+    word_gram: torch.Tensor  # (Bt, L, L)
+    regions: torch.Tensor  # (Bv, R, E)
+    region_mask: torch.Tensor  # (Bv, R)
+    region_gram: torch.Tensor  # (Bv, R, R)
+
+
+def token_sets(words: torch.Tensor, word_mask: torch.Tensor, regions: torch.Tensor, region_mask: torch.Tensor) -> TokenSets:
+    words, word_mask = _unit_tokens(*pack_tokens(words, word_mask))  # (Bt, L, E)
+    regions, region_mask = _unit_tokens(*pack_tokens(regions, region_mask))  # (Bv, R, E)
+    return TokenSets(words, word_mask, words @ words.transpose(-1, -2), regions, region_mask,
+                     regions @ regions.transpose(-1, -2))
+
+
+def pair_scores(sets: TokenSets, texts: torch.Tensor, videos: torch.Tensor, lam: float) -> torch.Tensor:
+    """S_loc of the pairs (texts[...], videos[...]): two index tensors that broadcast to the pairs'
+    shape, e.g. texts (c, 1) and videos (c, P) for each of c texts against P videos of its own."""
+    word_mask, region_mask = sets.word_mask[texts], sets.region_mask[videos]
+    # tokens are packed to the front: columns that are padding for every pair here are dropped (exact)
+    L = max(1, int(word_mask.sum(-1).max())) if word_mask.numel() else 1
+    R = max(1, int(region_mask.sum(-1).max())) if region_mask.numel() else 1
+    cosine = sets.words[:, :L][texts] @ sets.regions[:, :R][videos].transpose(-1, -2)  # (..., L, R)
+    return _alignment_from_cosine(cosine, sets.word_gram[:, :L, :L][texts], sets.region_gram[:, :R, :R][videos],
+                                  word_mask[..., :L], region_mask[..., :R], lam).score
+
+
 def region_word_score(
     words: torch.Tensor,
     word_mask: torch.Tensor,
@@ -220,14 +251,10 @@ def region_word_score(
 
     Texts are processed `chunk` at a time to bound memory (Bt×Bv×L×R floats per intermediate).
     """
-    words, word_mask = pack_tokens(words, word_mask)
-    regions, region_mask = pack_tokens(regions, region_mask)
-    rows = []
-    for start in range(0, words.shape[0], chunk):
-        part = slice(start, start + chunk)
-        rows.append(
-            region_word_alignment(words[part, None], word_mask[part, None], regions[None], region_mask[None], lam).score
-        )
+    sets = token_sets(words, word_mask, regions, region_mask)
+    videos = torch.arange(regions.shape[0], device=regions.device)[None]  # (1, Bv)
+    rows = [pair_scores(sets, torch.arange(start, min(start + chunk, words.shape[0]), device=words.device)[:, None],
+                        videos, lam) for start in range(0, words.shape[0], chunk)]
     if not rows:
         return words.new_zeros((0, regions.shape[0]), dtype=torch.float32)
     return torch.cat(rows)
@@ -265,20 +292,10 @@ class RegionWordLoss(nn.Module):
         sim.fill_diagonal_(float("-inf"))
         videos_of_text = torch.cat([labels[:, None], sim.topk(k, dim=1).indices], 1)  # (B, 1+k)
         texts_of_video = torch.cat([labels[:, None], sim.T.topk(k, dim=1).indices], 1)  # (B, 1+k)
-        # cosines and Gram matrices once per token set, then gathered per candidate pair
-        words, word_mask = _unit_tokens(*pack_tokens(text.words, text.word_mask))  # (B, L, E)
-        regions, region_mask = _unit_tokens(*pack_tokens(video.regions, video.region_mask))  # (B, R, E)
-        cosine = torch.einsum("ble,vre->bvlr", words, regions)  # (B, B, L, R)
-        word_gram = words @ words.transpose(-1, -2)  # (B, L, L)
-        region_gram = regions @ regions.transpose(-1, -2)  # (B, R, R)
+        # Gram matrices once per token set, then each candidate pair scored
+        sets = token_sets(text.words, text.word_mask, video.regions, video.region_mask)
         rows = labels[:, None]
-        t2v = _alignment_from_cosine(
-            cosine[rows, videos_of_text], word_gram[:, None], region_gram[videos_of_text],
-            word_mask[:, None], region_mask[videos_of_text], self.lam,
-        ).score  # (B, 1+k)
-        v2t = _alignment_from_cosine(
-            cosine[texts_of_video, rows], word_gram[texts_of_video], region_gram[:, None],
-            word_mask[texts_of_video], region_mask[:, None], self.lam,
-        ).score  # (B, 1+k)
+        t2v = pair_scores(sets, rows, videos_of_text, self.lam)  # (B, 1+k)
+        v2t = pair_scores(sets, texts_of_video, rows, self.lam)  # (B, 1+k)
         target = torch.zeros_like(labels)
         return symmetric_cross_entropy(logit_scale * t2v, logit_scale * v2t, target)

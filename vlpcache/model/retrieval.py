@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from vlpcache.metrics import top_candidates
 from vlpcache.model.batch import tokenize, video_batch
-from vlpcache.model.losses import pack_tokens, region_word_alignment
+from vlpcache.model.losses import pair_scores, token_sets
 from vlpcache.model.model import TextEmbedding, VideoEmbedding
 
 
@@ -99,16 +99,15 @@ def candidate_local_scores(text: TextEmbedding, video: VideoEmbedding, similarit
     similarity is (videos, texts) and each video's candidates are texts.
     """
     top = top_candidates(similarity, candidates)  # (Q, P)
-    words, word_mask = pack_tokens(text.words, text.word_mask)  # (Bt, L, E)
-    regions, region_mask = pack_tokens(video.regions, video.region_mask)  # (Bv, R, E)
+    sets = token_sets(text.words, text.word_mask, video.regions, video.region_mask)  # Gram matrices once
     local = np.zeros(top.shape, np.float32)
+    # queries of similar length together, so that each chunk's pairs carry little padding
+    query_mask = sets.word_mask if texts_are_queries else sets.region_mask
+    by_length = torch.argsort(query_mask.sum(-1), stable=True)  # (Q,)
     for start in tqdm(range(0, len(top), chunk), desc="re-ranking", unit="chunk", leave=False, dynamic_ncols=True,
                       disable=not progress):
-        rows = torch.arange(start, min(start + chunk, len(top)))  # (c,)
-        columns = torch.from_numpy(top[start : start + chunk])  # (c, P)
-        if texts_are_queries:
-            pairs = region_word_alignment(words[rows, None], word_mask[rows, None], regions[columns], region_mask[columns], lam)
-        else:
-            pairs = region_word_alignment(words[columns], word_mask[columns], regions[rows, None], region_mask[rows, None], lam)
-        local[start : start + chunk] = pairs.score.float().numpy()  # (c, P)
+        rows = by_length[start : start + chunk]  # (c,)
+        columns = torch.from_numpy(top[rows.numpy()])  # (c, P)
+        pairs = (rows[:, None], columns) if texts_are_queries else (columns, rows[:, None])
+        local[rows.numpy()] = pair_scores(sets, *pairs, lam).float().numpy()  # (c, P)
     return top, local
