@@ -1,4 +1,4 @@
-"""The pretraining losses on hand-built cases: InfoNCE, region-word alignment (DESIGN.md section 3)."""
+"""The pretraining losses on hand-built cases: InfoNCE, region-word alignment (docs/design.md section 3)."""
 
 import math
 import os

@@ -29,6 +29,8 @@ from vlpcache.extract.detectors.spec import (
 from vlpcache.extract.options import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, ENGINES, ExtractOptions
 from vlpcache.index.layout import EXACT_LIMIT, IndexConfig
 from vlpcache.metrics import RERANK_CANDIDATES
+from vlpcache.model.config import ModelConfig as M  # defaults shown in `pretrain --help`
+from vlpcache.model.config import TrainConfig as T
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -176,31 +178,31 @@ def inspect(cache_dir, render_id, output, as_json, failures) -> None:
               help="Caption file(s), .jsonl or .csv, repeatable [default: found in the workspace or beside the extracted roots].")
 @click.option("--val-captions", type=click.Path(), help="Held-out caption file: text->video R@K every epoch [default: val.jsonl beside the captions].")
 @click.option("-o", "--output", "run_dir", type=click.Path(), help="Run directory [default: .vlpcache/runs/run-NNN; with --resume the latest].")
-@click.option("--epochs", default=None, type=click.IntRange(1), help="Epochs [default: 10; on --resume the run's, or more to extend it].")
-@click.option("--batch-size", default=None, type=click.IntRange(1), help="Videos per step and process [default: 64].")
+@click.option("--epochs", default=None, type=click.IntRange(1), help=f"Epochs [default: {T.epochs}; on --resume the run's, or more to extend it].")
+@click.option("--batch-size", default=None, type=click.IntRange(1), help=f"Videos per step and process [default: {T.batch_size}].")
 @click.option("--captions-per-video", default=None, type=click.IntRange(1),
-              help="Captions of each video per step, all positives of it (multi-positive InfoNCE) [default: 1].")
+              help=f"Captions of each video per step, all positives of it (multi-positive InfoNCE) [default: {T.captions_per_video}].")
 @click.option("--text-model", default=None, metavar="NAME|DIR", help="Hugging Face name or directory [default: offline all-MiniLM-L6-v2].")
 @click.option("--trainable-layers", default=None, type=click.IntRange(0),
-              help="Top text-encoder layers that train; 0 freezes it and encodes every caption once [default: 2].")
+              help=f"Top text-encoder layers that train; 0 freezes it and encodes every caption once [default: {M.text_trainable_layers}].")
 @click.option("--no-rwa", is_flag=True, help="Train with the video-text contrastive loss only (no region-word alignment).")
-@click.option("--rwa-weight", default=None, type=click.FloatRange(0), help="Weight of the region-word alignment loss [default: 1.0].")
-@click.option("--lr", default=None, type=click.FloatRange(0, min_open=True), help="Learning rate of the region encoder [default: 5e-4].")
-@click.option("--text-lr", default=None, type=click.FloatRange(0, min_open=True), help="Learning rate of the text layers [default: 5e-5].")
-@click.option("--width", default=None, type=click.IntRange(8), help="Region transformer width [default: 256].")
-@click.option("--layers", default=None, type=click.IntRange(1), help="Region transformer layers [default: 2].")
+@click.option("--rwa-weight", default=None, type=click.FloatRange(0), help=f"Weight of the region-word alignment loss [default: {M.rwa_weight}].")
+@click.option("--lr", default=None, type=click.FloatRange(0, min_open=True), help=f"Learning rate of the region encoder [default: {T.lr:g}].")
+@click.option("--text-lr", default=None, type=click.FloatRange(0, min_open=True), help=f"Learning rate of the text layers [default: {T.text_lr:g}].")
+@click.option("--width", default=None, type=click.IntRange(8), help=f"Region transformer width [default: {M.width}].")
+@click.option("--layers", default=None, type=click.IntRange(1), help=f"Region transformer layers [default: {M.layers}].")
 @click.option("--frame-time", default=None, type=click.Choice(["relative", "none"]),
-              help="Frame position embedding: each frame's place among the item's frames, or none [default: relative].")
+              help=f"Frame position embedding: each frame's place among the item's frames, or none [default: {M.frame_time}].")
 @click.option("--global-path/--no-global-path", default=None,
-              help="Add the whole-frame features' mean over frames to the video embedding [default: on].")
-@click.option("--frame-dropout", default=None, type=click.FloatRange(0, 1, max_open=True), help="Training: chance to hide a frame [default: 0].")
+              help=f"Add the whole-frame features' mean over frames to the video embedding [default: {'on' if M.global_path else 'off'}].")
+@click.option("--frame-dropout", default=None, type=click.FloatRange(0, 1, max_open=True), help=f"Training: chance to hide a frame [default: {M.frame_dropout:g}].")
 @click.option("--text-head", default=None, type=click.Choice(["linear", "mlp"]),
-              help="Text encoder -> joint space: linear, or linear plus a residual MLP [default: linear].")
-@click.option("--region-dropout", default=None, type=click.FloatRange(0, 1, max_open=True), help="Training: chance to hide a region [default: 0].")
+              help=f"Text encoder -> joint space: linear, or linear plus a residual MLP [default: {M.text_head}].")
+@click.option("--region-dropout", default=None, type=click.FloatRange(0, 1, max_open=True), help=f"Training: chance to hide a region [default: {M.region_dropout:g}].")
 @click.option("--resume", is_flag=True, help="Continue the run (-o, or the latest) from its last checkpoint.")
 @click.option("--workers", default=None, type=click.IntRange(0), help="Data-loading worker processes [default: 1 on CPU, 4 on CUDA].")
 @device_option
-@click.option("--seed", default=None, type=int, help="Random seed [default: 0].")
+@click.option("--seed", default=None, type=int, help=f"Random seed [default: {T.seed}].")
 @quiet_option("No progress bar or per-epoch lines.")
 def pretrain(**options) -> None:
     """Pretrain the region-word alignment model on cached regions and captions (torchrun for several processes)."""

@@ -15,16 +15,16 @@ above every other candidate, whose global order is kept.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 from vlpcache.captions import caption_queries, read_captions
-from vlpcache.devices import resolve_device
+from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.index.build import check_run_reads_cache, open_cache, resolve_sources, run_query_bank
 from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics
 from vlpcache.querybank import dual_softmax
+from vlpcache.report import sayer
 
 
 def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: bool, device, batch_size: int,
@@ -94,7 +94,7 @@ def format_results(results: dict) -> str:
 
 
 def run_eval(captions_file, run_dir=None, cache_dir=None, all_captions=False, as_json=False,
-             rerank_candidates=RERANK_CANDIDATES, device="auto", batch_size=None, checkpoint=None, quiet=False,
+             rerank_candidates=RERANK_CANDIDATES, device=DEFAULT_DEVICE, batch_size=None, checkpoint=None, quiet=False,
              qbnorm=False, dual_softmax=False) -> dict:
     """The `vlpcache eval` command."""
     from vlpcache.model.checkpoint import load_run
@@ -112,7 +112,7 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, all_captions=False, as
     device = resolve_device(device)
     run = load_run(sources.run_dir, device=device, checkpoint=checkpoint)
     check_run_reads_cache(run, cache)
-    say = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr))
+    say = sayer(quiet)
     say(f"eval: run {sources.run_dir} (epoch {run.epoch}), {len(kept.by_id)} captioned videos of {len(cache)} cached "
         f"({report['captions_without_items']} caption entries without a cached video), device {device}")
     results = evaluate(run, cache, kept.by_id, all_captions, device, batch_size or default_batch_size(device),

@@ -1,4 +1,4 @@
-"""Pretraining losses: video-text InfoNCE and bidirectional region-word alignment (DESIGN.md section 3).
+"""Pretraining losses: video-text InfoNCE and bidirectional region-word alignment (docs/design.md section 3).
 
 Both are small modules with the distributed detail inside them (open_clip's ClipLoss style): under
 torch.distributed the global embeddings of every process are all-gathered, with gradients, so each

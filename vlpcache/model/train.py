@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -32,72 +31,15 @@ from vlpcache.files import replace_atomically
 from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics
 from vlpcache.model import checkpoint as ckpt
 from vlpcache.model.data import CollateCaptionedRegions, PretrainData, ValidationSet, load_pretrain_data
-from vlpcache.model.model import AlignmentModel, ModelConfig, PretrainLoss, build_model, load_text_backbone
+from vlpcache.model.config import MODEL_OPTIONS, RESUMABLE_OPTIONS, TRAIN_OPTIONS, ModelConfig, PretrainOptions, TrainConfig
+from vlpcache.model.model import AlignmentModel, PretrainLoss, build_model, load_text_backbone
 from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
 from vlpcache.model.run_layout import LOG_NAME
 from vlpcache.model.text_features import TextFeatures, cached_text_features
-from vlpcache.records import JsonRecord
+from vlpcache.report import say
 from vlpcache.workspace import Workspace
 
 RERANK_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)  # candidates for global + w·S_loc, chosen on validation
-
-
-@dataclass
-class TrainConfig(JsonRecord):
-    epochs: int = 10
-    batch_size: int = 64  # videos per step and process
-    captions_per_video: int = 1  # K captions of each video per step (multi-positive InfoNCE)
-    lr: float = 5e-4  # region encoder, projections, temperatures
-    text_lr: float = 5e-5  # the pretrained text layers that train
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.05  # of all steps
-    grad_clip: float = 1.0
-    seed: int = 0
-    workers: int | None = None  # DataLoader workers per process (None: 1 on CPU, 4 on CUDA)
-    val_batch_size: int = 128
-    caches: list[str] = dataclasses.field(default_factory=list)
-    captions: list[str] = dataclasses.field(default_factory=list)
-    val_captions: str | None = None
-
-
-# options of `vlpcache pretrain` that set a TrainConfig field, and those that set a ModelConfig field
-TRAIN_OPTIONS = ("epochs", "batch_size", "captions_per_video", "lr", "text_lr", "seed", "workers")
-MODEL_OPTIONS = {"text_model": "text_model", "trainable_layers": "text_trainable_layers", "rwa_weight": "rwa_weight",
-                 "width": "width", "layers": "layers", "frame_time": "frame_time", "global_path": "global_path",
-                 "frame_dropout": "frame_dropout", "region_dropout": "region_dropout", "text_head": "text_head"}
-RESUMABLE_OPTIONS = ("epochs", "workers")  # what --resume may change: a longer schedule, other hardware
-
-
-@dataclass
-class PretrainOptions:
-    """What `vlpcache pretrain` was asked for. None takes the default for a new run, or the run's
-    stored value on --resume (where any other value is refused)."""
-
-    cache_dirs: tuple = ()
-    captions: tuple = ()
-    val_captions: str | None = None
-    run_dir: str | None = None
-    resume: bool = False
-    no_rwa: bool = False
-    device: str = "auto"
-    quiet: bool = False
-    epochs: int | None = None
-    batch_size: int | None = None
-    captions_per_video: int | None = None
-    lr: float | None = None
-    text_lr: float | None = None
-    seed: int | None = None
-    workers: int | None = None
-    text_model: str | None = None
-    trainable_layers: int | None = None
-    rwa_weight: float | None = None
-    width: int | None = None
-    layers: int | None = None
-    frame_time: str | None = None
-    global_path: bool | None = None
-    frame_dropout: float | None = None
-    region_dropout: float | None = None
-    text_head: str | None = None
 
 
 def learning_rate_factor(step: int, total: int, warmup: int) -> float:
@@ -137,7 +79,7 @@ class Processes:
     def say(self, message: str, always: bool = False) -> None:
         """One line on stderr from the main process (unless --quiet, or `always`)."""
         if self.main and (always or not self.quiet):
-            print(message, file=sys.stderr, flush=True)
+            say(message)
 
 
 def start_processes(device: str, quiet: bool) -> Processes:

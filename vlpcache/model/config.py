@@ -1,0 +1,109 @@
+"""Settings of the model and of a pretraining run, as plain data (no torch): stored as JSON in every run
+directory, read back on --resume and by index/search, and the defaults `vlpcache pretrain --help` shows."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from vlpcache.devices import DEFAULT_DEVICE
+from vlpcache.records import JsonRecord
+
+
+@dataclass
+class ModelConfig(JsonRecord):
+    """Everything needed to rebuild the model; stored as JSON in every run directory."""
+
+    feature_dim: int  # D of the region cache
+    text_model: str = ""  # Hugging Face name or directory it was initialised from ("" = default_text_model())
+    text_trainable_layers: int = 2  # top transformer layers of the text encoder that train; the rest is frozen
+    text_pooling: str = "mean"  # "mean" over tokens (how all-MiniLM-L6-v2 was trained) or "cls"
+    max_words: int = 32  # tokens per caption, special tokens included
+    special_token_ids: list[int] = field(default_factory=list)  # excluded from words (filled from the tokenizer)
+    # how a region token knows its frame's place in the item: "relative" embeds the frame's position
+    # among the item's real frames in [0, 1] (a 2-frame folder at 0.25/0.75, an 8-frame video at
+    # 1/16..15/16), "none" embeds nothing, "slot" (runs before schema 2 only) one learned vector per slot
+    frame_time: str = "relative"
+    max_frames: int = 64  # "slot" only: number of slot embeddings
+    global_path: bool = True  # the whole-frame regions' mean over frames enters the video embedding
+    text_head: str = "linear"  # text encoder -> joint space: "linear", or "mlp" (linear + a residual MLP)
+    frame_dropout: float = 0.0  # training only: chance that a real frame is hidden (one always stays)
+    region_dropout: float = 0.0  # training only: chance that a detected region is hidden (whole frames stay)
+    width: int = 256  # region transformer width
+    layers: int = 2
+    heads: int = 4
+    dropout: float = 0.1
+    embed_dim: int = 256  # shared space
+    init_temperature: float = 0.07
+    rwa: bool = True  # train with region-word alignment
+    rwa_weight: float = 1.0  # weight of the RWA loss next to InfoNCE
+    rwa_lambda: float = 10.0  # λ, inverse temperature of the word/region attention
+    rwa_init_scale: float = 10.0  # initial logit scale of the contrastive loss on S_loc
+    rwa_hard_negatives: int = 15  # RWA candidates per query beyond the positive when the batch is large
+    rwa_full_batch_max: int = 32  # up to this batch size RWA scores every pair
+    rerank_weight: float = 0.5  # search/eval re-rank score = global cosine + rerank_weight * S_loc
+
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelConfig":
+        """Configs of runs made before frame_time/global_path existed describe the model they trained."""
+        legacy = {"frame_time": "slot", "global_path": False, "text_head": "linear"}
+        return super().from_json({**{k: v for k, v in legacy.items() if k not in data}, **data})
+
+
+@dataclass
+class TrainConfig(JsonRecord):
+    epochs: int = 10
+    batch_size: int = 64  # videos per step and process
+    captions_per_video: int = 1  # K captions of each video per step (multi-positive InfoNCE)
+    lr: float = 5e-4  # region encoder, projections, temperatures
+    text_lr: float = 5e-5  # the pretrained text layers that train
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05  # of all steps
+    grad_clip: float = 1.0
+    seed: int = 0
+    workers: int | None = None  # DataLoader workers per process (None: 1 on CPU, 4 on CUDA)
+    val_batch_size: int = 128
+    caches: list[str] = dataclasses.field(default_factory=list)
+    captions: list[str] = dataclasses.field(default_factory=list)
+    val_captions: str | None = None
+
+
+# options of `vlpcache pretrain` that set a TrainConfig field, and those that set a ModelConfig field
+TRAIN_OPTIONS = ("epochs", "batch_size", "captions_per_video", "lr", "text_lr", "seed", "workers")
+MODEL_OPTIONS = {"text_model": "text_model", "trainable_layers": "text_trainable_layers", "rwa_weight": "rwa_weight",
+                 "width": "width", "layers": "layers", "frame_time": "frame_time", "global_path": "global_path",
+                 "frame_dropout": "frame_dropout", "region_dropout": "region_dropout", "text_head": "text_head"}
+RESUMABLE_OPTIONS = ("epochs", "workers")  # what --resume may change: a longer schedule, other hardware
+
+
+@dataclass
+class PretrainOptions:
+    """What `vlpcache pretrain` was asked for. None takes the default for a new run, or the run's
+    stored value on --resume (where any other value is refused)."""
+
+    cache_dirs: tuple = ()
+    captions: tuple = ()
+    val_captions: str | None = None
+    run_dir: str | None = None
+    resume: bool = False
+    no_rwa: bool = False
+    device: str = DEFAULT_DEVICE
+    quiet: bool = False
+    epochs: int | None = None
+    batch_size: int | None = None
+    captions_per_video: int | None = None
+    lr: float | None = None
+    text_lr: float | None = None
+    seed: int | None = None
+    workers: int | None = None
+    text_model: str | None = None
+    trainable_layers: int | None = None
+    rwa_weight: float | None = None
+    width: int | None = None
+    layers: int | None = None
+    frame_time: str | None = None
+    global_path: bool | None = None
+    frame_dropout: float | None = None
+    region_dropout: float | None = None
+    text_head: str | None = None
