@@ -105,7 +105,8 @@ def test_the_command_line_and_torch_free_modules_load_without_torch():
     light = ["vlpcache.cli", "vlpcache.cache.inspect", "vlpcache.cache.labels", "vlpcache.extract.detectors.spec",
              "vlpcache.extract.detectors.weights", "vlpcache.extract.detectors.models_folder",
              "vlpcache.extract.detectors.yolox_graph", "vlpcache.downloads",
-             "vlpcache.extract.options", "vlpcache.extract.render", "vlpcache.model.run_layout",
+             "vlpcache.extract.options", "vlpcache.extract.render", "vlpcache.model.run_layout", "vlpcache.model.config",
+             "vlpcache.querybank",
              "vlpcache.index.layout", "vlpcache.index.search", "vlpcache.serve.app", "vlpcache.serve.command",
              "vlpcache.serve.thumbnails"]
     probe = "import sys\n" + "".join(f"import {m}\n" for m in light) + "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
