@@ -31,8 +31,14 @@ NO_ATTRIBUTE = -1  # the attribute label of regions without one: every region of
 class RegionNames:
     """How one cache's integer labels read: its detector's class names, and attribute names where it has them."""
 
+    vocabulary: str  # where the names come from
     classes: tuple[str, ...]
     attributes: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """e.g. "Visual Genome: 1600 objects, 400 attributes"."""
+        counts = f"{len(self.classes)} objects, {len(self.attributes)} attributes" if self.attributes else f"{len(self.classes)} classes"
+        return f"{self.vocabulary}: {counts}"
 
     def label(self, label: int, attribute: int = NO_ATTRIBUTE) -> str:
         """"frame" for the whole-frame region, else the class name, with its attribute before it ("red car")."""
@@ -41,13 +47,13 @@ class RegionNames:
         name = self.classes[label] if 0 <= label < len(self.classes) else f"class{label}"
         return f"{self.attributes[attribute]} {name}" if 0 <= attribute < len(self.attributes) else name
 
+    def of(self, item: dict, t: int, n: int) -> str:
+        """The name of region n of frame t of a cached item: its label, with its attribute where it has one."""
+        attribute = int(item["attributes"][t, n]) if "attributes" in item else NO_ATTRIBUTE
+        return self.label(int(item["labels"][t, n]), attribute)
 
-COCO = RegionNames(COCO_CLASSES)
 
-
-def label_name(label: int) -> str:
-    """A COCO label's name (caches of yolox and frcnn; region_names says which vocabulary a cache uses)."""
-    return COCO.label(label)
+COCO = RegionNames("COCO", COCO_CLASSES)
 
 
 def vocabulary_file(name: str) -> tuple[str, ...]:
@@ -59,7 +65,7 @@ def vocabulary_file(name: str) -> tuple[str, ...]:
 @cache
 def visual_genome() -> RegionNames:
     """Visual Genome's 1,600 objects and 400 attributes, in the order of the vg detector's outputs."""
-    return RegionNames(vocabulary_file("vg_objects.txt"), vocabulary_file("vg_attributes.txt"))
+    return RegionNames("Visual Genome", vocabulary_file("vg_objects.txt"), vocabulary_file("vg_attributes.txt"))
 
 
 def region_names(detector: str) -> RegionNames:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlpcache.cache.labels import label_name
+from vlpcache.cache.labels import region_names
 from vlpcache.cache.reader import RegionCache
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
@@ -179,11 +179,11 @@ class Searcher:
             item = self.cache.get(item_id, HIT_ARRAYS)
             N = item["labels"].shape[1]
             alignment = align(ranking.attention[j], query.word_mask[0], query.tokens, ranking.positions[j], N)
-            matched = []
+            matched, names = [], region_names(self.cache.settings.detector)
             for match in alignment.words:
                 t, n = divmod(match.region, N)
                 matched.append(RegionHit(
-                    match.word, label_name(int(item["labels"][t, n])), [round(float(v), 3) for v in item["boxes"][t, n]],
+                    match.word, names.of(item, t, n), [round(float(v), 3) for v in item["boxes"][t, n]],
                     round(float(item["timestamps"][t]), 2), round(match.weight, 3), t,
                 ))
             hits.append(Hit(

@@ -25,6 +25,7 @@ from vlpcache.cache.schema import NMS_IOU, SCORE_THRESHOLD
 from vlpcache.devices import resolve_device
 from vlpcache.errors import UserError
 from vlpcache.extract.detectors.inference import autocast, autocast_dtype, frames_on_device
+from vlpcache.extract.detectors.state_dicts import read_state_dict
 from vlpcache.extract.detectors.regions import FrameRegions, select_detections, with_frame_region
 from vlpcache.extract.detectors.spec import (
     DEFAULT_FRCNN_ARCH,
@@ -82,19 +83,9 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """A bare state dict or {"model": state_dict}, from .pth (never unpickled) or .safetensors."""
     existing_weights_file(path)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"{path}: not a readable state dict ({type(err).__name__}: {err})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path}: expected a state dict (name -> tensor) or {{'model': state_dict}}")
-    return state
+        return read_state_dict(path)
+    except ValueError as err:
+        raise UserError(f"{path}: {err}") from None
 
 
 def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:

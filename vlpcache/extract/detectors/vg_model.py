@@ -23,12 +23,15 @@ the `num_batches_tracked` entries it may carry).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import FrozenBatchNorm2d, nms, roi_pool
+
+from vlpcache.extract.detectors.state_dicts import read_state_dict
 
 OBJECT_CLASSES = 1600  # Visual Genome objects; the class logits add background as the last column
 ATTRIBUTE_CLASSES = 400  # Visual Genome attributes; the attribute logits add "none" as the last column
@@ -211,3 +214,19 @@ class VgFasterRCNN(nn.Module):
         self.backbone = Backbone()
         self.proposal_generator = ProposalGenerator()
         self.roi_heads = RoiHeads()
+
+
+def checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in `path` if it has VgFasterRCNN's keys and shapes, else ValueError saying how not."""
+    # the reference loader's renaming of TF-era names; FrozenBatchNorm2d ignores num_batches_tracked
+    state = {k.replace("gamma", "weight").replace("beta", "bias"): v for k, v in read_state_dict(path).items()
+             if not k.endswith("num_batches_tracked")}
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in VgFasterRCNN().state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & state.keys() if tuple(state[k].shape) != expected[k])
+    if missing or unexpected or reshaped:
+        example = ", ".join((missing + unexpected + reshaped)[:3])
+        raise ValueError(f"not the vg detector's state dict ({len(missing)} missing, {len(unexpected)} unexpected, "
+                         f"{len(reshaped)} of another shape, e.g. {example})")
+    return state
