@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import time
 import types
@@ -88,3 +89,155 @@ def load_reference(folder: str | Path) -> types.SimpleNamespace:
         spec.loader.exec_module(modules[name])
     return types.SimpleNamespace(GeneralizedRCNN=modules["modeling_frcnn"].GeneralizedRCNN,
                                  Preprocess=modules["processing_image"].Preprocess, Config=Config)
+
+
+def random_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights for the reference's own layout: its initialisation, with the frozen batch norms'
+    statistics and the heads spread out so that classes, attributes and boxes differ between regions."""
+    torch.manual_seed(seed)
+    state = {}
+    for name, value in model.state_dict().items():
+        if name.endswith(("running_mean", "norm.bias")):
+            value = torch.randn_like(value) * 0.05
+        elif name.endswith(("running_var", "norm.weight")):
+            value = torch.rand_like(value) * 0.4 + 0.8
+        elif "box_predictor" in name or "rpn_head" in name:
+            value = torch.randn_like(value) * (0.02 if value.dim() > 1 else 0.1)
+        state[name] = value.clone()
+    return state
+
+
+def real_frames(shared: Path, count: int) -> list[np.ndarray]:
+    """RGB frames of MSR-VTT (320x240) and Flickr8k photos (various sizes), half and half."""
+    from PIL import Image
+
+    msrvtt = sorted((shared / "data" / "msrvtt" / "frames" / "devtest").iterdir())[: (count + 1) // 2]
+    flickr = sorted((shared / "data" / "flickr8k" / "images").iterdir())[: count // 2]
+    paths = [sorted(folder.iterdir())[0] for folder in msrvtt] + flickr
+    return [np.asarray(Image.open(path).convert("RGB")) for path in paths]
+
+
+def reference_outputs(reference, model, config, frames: list[np.ndarray]) -> dict:
+    """The reference on a batch of frames: its network's intermediate outputs and its own final selection."""
+    preprocess = reference.Preprocess(config)
+    with torch.no_grad():
+        images, sizes, scales_yx = preprocess([torch.from_numpy(f[:, :, ::-1].copy()) for f in frames])  # BGR, HWC
+        features = model.backbone(images)
+        proposals, _ = model.proposal_generator(images, sizes, features, None)
+        obj_logits, attr_logits, deltas, pooled = model.roi_heads(features, proposals, None)
+        boxes, classes, probs, attrs, attr_probs, roi_features = model.roi_outputs(
+            obj_logits=obj_logits, attr_logits=attr_logits, box_deltas=deltas, pred_boxes=proposals,
+            features=pooled, sizes=sizes, scales=scales_yx)
+    counts = [len(p) for p in proposals]
+    raw = [torch.tensor(f.shape[:2], dtype=torch.float32) for f in frames]  # (h, w)
+    return {"sizes": [tuple(int(v) for v in s) for s in sizes], "proposals": proposals,
+            "class_probs": obj_logits.softmax(-1)[:, :-1].split(counts), "deltas": deltas.split(counts),
+            "attribute_probs": attr_logits[:, :-1].softmax(-1).split(counts), "features": pooled.split(counts),
+            "boxes": [b / r[[1, 0, 1, 0]] for b, r in zip(boxes, raw)], "scores": probs, "labels": classes,
+            "attributes": attrs, "attribute_scores": attr_probs, "region_features": roi_features}
+
+
+def largest(pairs) -> float:
+    return max(float((torch.as_tensor(a, dtype=torch.float32) - torch.as_tensor(b, dtype=torch.float32)).abs().max())
+               if len(a) else 0.0 for a, b in pairs)
+
+
+def compare_network(ours: dict, theirs: dict) -> dict:
+    """Largest differences of every proposal's outputs; the proposals must be the same boxes in the same order."""
+    same_count = all(len(a) == len(b) for a, b in zip(ours["proposals"], theirs["proposals"]))
+    if not same_count:
+        return {"proposals": "different counts: " + str([(len(a), len(b)) for a, b in zip(ours["proposals"], theirs["proposals"])])}
+    attribute_probs = [torch.as_tensor(s) for s in ours["attribute_probs"]]
+    return {
+        "sizes equal": ours["sizes"] == theirs["sizes"],
+        "proposals (px)": largest(zip(ours["proposals"], theirs["proposals"])),
+        "class probabilities": largest(zip(ours["class_probs"], theirs["class_probs"])),
+        "box deltas": largest(zip(ours["deltas"], theirs["deltas"])),
+        "attribute probabilities": largest(zip(attribute_probs, theirs["attribute_probs"])),
+        "features (2048-d)": largest(zip(ours["features"], theirs["features"])),
+        "feature magnitude (mean abs)": float(torch.cat(theirs["features"]).abs().mean()),
+    }
+
+
+def compare_selection(regions: list, theirs: dict) -> dict:
+    """Our max-class regions (whole frame left out) against the reference's own output, frame by frame."""
+    counts = [(len(r.scores) - 1, len(b)) for r, b in zip(regions, theirs["boxes"])]
+    if any(a != b for a, b in counts):
+        return {"regions per frame (ours, reference)": counts}
+    pairs = lambda ours, key: [(getattr(r, ours)[1:], t) for r, t in zip(regions, theirs[key])]  # noqa: E731
+    return {
+        "regions per frame": [a for a, _ in counts],
+        "object labels equal": all(np.array_equal(r.labels[1:], t.numpy()) for r, t in zip(regions, theirs["labels"])),
+        "attribute labels equal": all(np.array_equal(r.attributes[1:], t.numpy())
+                                      for r, t in zip(regions, theirs["attributes"])),
+        "boxes (normalised)": largest(pairs("boxes", "boxes")),
+        "object scores": largest(pairs("scores", "scores")),
+        "attribute scores": largest(pairs("attribute_scores", "attribute_scores")),
+        "features (2048-d)": largest(pairs("features", "region_features")),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reference", required=True, help="folder with modeling_frcnn.py and processing_image.py")
+    parser.add_argument("--shared", default=str(REPO.parent / "shared"))
+    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--min-size", type=int, default=600)
+    parser.add_argument("--max-size", type=int, default=1000)
+    parser.add_argument("--proposals", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from vlpcache.extract.detectors.vg import VgDetector
+
+    reference = load_reference(args.reference)
+    values = REFERENCE_CONFIG | {"INPUT": {"FORMAT": "BGR", "MIN_SIZE_TEST": args.min_size, "MAX_SIZE_TEST": args.max_size}}
+    values["RPN"] = REFERENCE_CONFIG["RPN"] | {"POST_NMS_TOPK_TEST": args.proposals}
+    config = reference.Config(values)
+    theirs_model = reference.GeneralizedRCNN(config).eval()
+    state = random_state(theirs_model, args.seed)
+    theirs_model.load_state_dict(state)
+    frames = real_frames(Path(args.shared), args.frames)
+    checkpoint = Path(f"/tmp/vg-reference-{os.getpid()}.bin")
+    torch.save(state, checkpoint)  # the published layout: ours loads it as it would the real file
+    try:
+        ours_model = VgDetector(weights_file=str(checkpoint), selection="max-class", score_threshold=0.0,
+                                min_size=args.min_size, max_size=args.max_size, proposals=args.proposals)
+    finally:
+        checkpoint.unlink()
+    print(f"{len(frames)} real frames ({', '.join(f'{f.shape[1]}x{f.shape[0]}' for f in frames)}), "
+          f"{args.min_size}/{args.max_size}, {args.proposals} proposals, random weights (seed {args.seed}), "
+          f"CPU float32, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    started = time.perf_counter()
+    theirs = reference_outputs(reference, theirs_model, config, frames)
+    reference_s = time.perf_counter() - started
+    started = time.perf_counter()
+    ours = ours_model.network(frames)
+    network_s = time.perf_counter() - started
+    regions = ours_model.frame_regions(ours, values["MAX_DETECTIONS"])
+    max_class_s = time.perf_counter() - started - network_s
+    ours_model.config.selection = "class-aware"  # the default: bottom-up attention's selection
+    started = time.perf_counter()
+    default_regions = ours_model.frame_regions(ours, values["MAX_DETECTIONS"])
+    class_aware_s = time.perf_counter() - started
+    ours["attribute_probs"] = network_attribute_probs(ours_model, ours)
+    for title, figures in (("network, every proposal", compare_network(ours, theirs)),
+                           ("selection (max-class) against the reference's output", compare_selection(regions, theirs))):
+        print(f"\n{title}: largest absolute difference")
+        for key, value in figures.items():
+            print(f"  {key:32s} {value:.3g}" if isinstance(value, float) else f"  {key:32s} {value}")
+    per_frame = lambda seconds: f"{1e3 * seconds / len(frames):.0f} ms"  # noqa: E731
+    print(f"\nper frame (batch of {len(frames)}): reference {per_frame(reference_s)}; ours: network {per_frame(network_s)}, "
+          f"selection max-class {per_frame(max_class_s)}, class-aware (default) {per_frame(class_aware_s)} "
+          f"keeping {[len(r.scores) - 1 for r in default_regions]} regions")
+
+
+def network_attribute_probs(detector, out: dict) -> list[torch.Tensor]:
+    """Every proposal's attribute probabilities from our network (network() keeps only the best)."""
+    with torch.inference_mode():
+        _, _, logits = detector.model.roi_heads.box_predictor(torch.cat(out["features"]))
+    return list(logits[:, :-1].softmax(-1).split([len(p) for p in out["proposals"]]))
+
+
+if __name__ == "__main__":
+    main()

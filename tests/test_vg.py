@@ -108,7 +108,7 @@ def butd_confidence(boxes: torch.Tensor, probs: torch.Tensor, iou: float) -> tor
 def test_class_aware_confidence_is_bottom_up_attentions_per_class_nms_for_every_frame_of_a_batch():
     rng = torch.Generator().manual_seed(0)
     frames = []
-    for count in (40, 25):  # frames with different numbers of proposals, padded into one batch
+    for count in (70, 25):  # frames with different numbers of proposals (70: two 64-bit words), padded into one batch
         xy = torch.rand(count, 2, generator=rng) * 80
         boxes = torch.cat([xy, xy + 10 + torch.rand(count, 2, generator=rng) * 40], dim=1)
         frames.append((boxes, torch.softmax(torch.randn(count, 30, generator=rng) * 3, dim=1)))

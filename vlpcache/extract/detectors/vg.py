@@ -106,20 +106,31 @@ def class_aware_confidence(boxes: torch.Tensor, class_probs: torch.Tensor, iou: 
     boxes (B, R, 4) and class_probs (B, R, C) (padded frames: probability -1). Per frame and class,
     greedy NMS over the R boxes in that class's order; a box's confidence is its best probability
     among the classes in which it survives (0 if none), its label that class. Returns both, (B, R).
+    All frames and classes take their rank-th box together; which boxes each (frame, class) has
+    suppressed is kept as bits, 64 boxes to an int64.
     """
     B, R, C = class_probs.shape
-    overlaps = box_iou_batched(boxes) > iou  # (B, R, R)
-    order = class_probs.argsort(dim=1, descending=True).transpose(1, 2)  # (B, C, R): per class, best box first
-    suppressed = torch.zeros(B, C, R, dtype=torch.bool, device=boxes.device)
+    overlaps = packed_bits(box_iou_batched(boxes) > iou).view(B * R, -1)  # row b*R + i: boxes that box i overlaps
+    order = class_probs.argsort(dim=1, descending=True).transpose(0, 1).contiguous()  # (R, B, C): rank-th best box
+    first_row = torch.arange(B, device=boxes.device).view(B, 1) * R  # (B, 1)
+    suppressed = torch.zeros(B, C, overlaps.shape[1], dtype=torch.int64, device=boxes.device)  # (B, C, words)
     kept = torch.zeros(B, C, R, dtype=torch.bool, device=boxes.device)
-    for rank in range(R):  # all classes of all frames take their rank-th box together
-        box = order[:, :, rank : rank + 1]  # (B, C, 1)
-        alive = ~suppressed.gather(2, box)  # (B, C, 1)
-        kept.scatter_(2, box, alive)
-        suppressed |= alive & overlaps.gather(1, box.expand(B, C, R))  # (B, C, R): rows of the boxes kept
+    for box in order:  # (B, C)
+        word = suppressed.gather(2, (box // 64)[..., None])[..., 0]  # (B, C)
+        alive = (word >> (box % 64)) & 1 == 0  # (B, C)
+        kept.scatter_(2, box[..., None], alive[..., None])
+        rows = overlaps.index_select(0, (box + first_row).view(-1)).view(B, C, -1)  # (B, C, words)
+        suppressed |= rows * alive[..., None]  # the boxes that the kept ones overlap
     confidence, label = (class_probs.transpose(1, 2) * kept).max(dim=1)  # (B, R) each
     label = torch.where(confidence > 0, label, class_probs.argmax(dim=2))  # suppressed everywhere: its best class
     return confidence.clamp_(min=0), label
+
+
+def packed_bits(flags: torch.Tensor) -> torch.Tensor:
+    """(..., R) bool -> (..., ceil(R / 64)) int64, flag k as bit k % 64 of word k // 64."""
+    words = (flags.shape[-1] + 63) // 64
+    bits = F.pad(flags, (0, 64 * words - flags.shape[-1])).view(*flags.shape[:-1], words, 64).long()
+    return (bits << torch.arange(64, device=flags.device)).sum(-1)  # distinct powers of two: the sum is the OR
 
 
 def box_iou_batched(boxes: torch.Tensor) -> torch.Tensor:
@@ -223,9 +234,11 @@ class VgDetector:
 
     @torch.inference_mode()
     def detect(self, frames: list[np.ndarray], max_detections: int) -> list[FrameRegions]:
-        if not frames:
-            return []
-        out = self.network(frames)
+        return self.frame_regions(self.network(frames), max_detections) if frames else []
+
+    @torch.inference_mode()
+    def frame_regions(self, out: dict, max_detections: int) -> list[FrameRegions]:
+        """The network's output for a batch (network()) -> each frame's regions, whole frame first."""
         chosen = self.choose(out, max_detections)  # per frame: (rows, boxes, scores, labels)
         results = []
         for b, (rows, boxes, scores, labels) in enumerate(chosen):
