@@ -93,8 +93,8 @@ def load_reference(folder: str | Path) -> types.SimpleNamespace:
 
 def random_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """Random weights for the reference's own layout: its initialisation, with the frozen batch norms'
-    statistics and the heads spread out so that classes, attributes and boxes differ between regions."""
-    torch.manual_seed(seed)
+    statistics and the heads drawn anew (spread out so that classes, attributes and boxes differ between regions)."""
+    torch.manual_seed(seed + 1)
     state = {}
     for name, value in model.state_dict().items():
         if name.endswith(("running_mean", "norm.bias")):
@@ -194,6 +194,7 @@ def main() -> None:
     values = REFERENCE_CONFIG | {"INPUT": {"FORMAT": "BGR", "MIN_SIZE_TEST": args.min_size, "MAX_SIZE_TEST": args.max_size}}
     values["RPN"] = REFERENCE_CONFIG["RPN"] | {"POST_NMS_TOPK_TEST": args.proposals}
     config = reference.Config(values)
+    torch.manual_seed(args.seed)  # the reference's own initialisation draws the convolutions
     theirs_model = reference.GeneralizedRCNN(config).eval()
     state = random_state(theirs_model, args.seed)
     theirs_model.load_state_dict(state)
