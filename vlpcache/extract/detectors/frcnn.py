@@ -24,7 +24,7 @@ from vlpcache.cache.labels import COCO_CLASSES
 from vlpcache.cache.schema import NMS_IOU, SCORE_THRESHOLD
 from vlpcache.devices import resolve_device
 from vlpcache.errors import UserError
-from vlpcache.extract.detectors.inference import autocast, autocast_dtype, frames_on_device
+from vlpcache.extract.detectors.inference import autocast, frames_on_device, prepare_device
 from vlpcache.extract.detectors.state_dicts import read_state_dict
 from vlpcache.extract.detectors.regions import FrameRegions, select_detections, with_frame_region
 from vlpcache.extract.detectors.spec import (
@@ -152,9 +152,7 @@ class FasterRCNNDetector:
         self.model.roi_heads.score_thresh = self.config.score_threshold
         self.model.roi_heads.detections_per_img = 300
         self.coco_index = coco_label_index(_weights_enum(self.config.arch).DEFAULT.meta["categories"]).to(self.device)
-        self.autocast_dtype = autocast_dtype(self.config.autocast, self.device)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # few distinct batch shapes (aspect ratios) in practice
+        self.autocast_dtype = prepare_device(self.device, self.config.autocast)
         self._spec = spec
 
     @property

@@ -25,6 +25,14 @@ def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     return AUTOCAST_DTYPES[choice]
 
 
+def prepare_device(device: torch.device, choice: str) -> torch.dtype | None:
+    """The autocast precision of `choice` (autocast_dtype); on CUDA, cuDNN's autotuning turned on: few
+    distinct batch shapes (aspect ratios) in practice."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return autocast_dtype(choice, device)
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 

@@ -49,8 +49,9 @@ def list_weights(models: str | None = None, as_json: bool = False) -> None:
             origin = state["origin"] or "sha256 not among the known files"
             print(f"{state['name']}  present  {state['size'] / 1e6:.1f} MB  sha256 {state['sha256']}  ({origin})")
         else:
-            sizes = " or ".join(dict.fromkeys(f"{k['size'] / 1e6:.1f} MB" for k in state["known"])) or "size unknown"
-            print(f"{state['name']}  missing  (about {sizes}; `{REGISTRY[state['name']].fetch_command()}` gets it)")
+            sizes = " or ".join(dict.fromkeys(f"{k['size'] / 1e6:.1f} MB" for k in state["known"]))
+            size = f"about {sizes}" if sizes else "size not pinned"
+            print(f"{state['name']}  missing  ({size}; `{REGISTRY[state['name']].fetch_command()}` gets it)")
         print(f"    {state['what']}; licence {state['licence']}")
         print(f"    sources: {'; '.join(state['sources'])}")
 

@@ -32,7 +32,7 @@ from torchvision.ops import box_iou, nms
 from vlpcache.cache.labels import NO_ATTRIBUTE
 from vlpcache.devices import resolve_device
 from vlpcache.errors import UserError
-from vlpcache.extract.detectors.inference import autocast, autocast_dtype, frames_on_device
+from vlpcache.extract.detectors.inference import autocast, frames_on_device, prepare_device
 from vlpcache.extract.detectors.regions import FrameRegions, with_frame_region
 from vlpcache.extract.detectors.spec import (
     VG_FEATURE_DIM,
@@ -178,10 +178,8 @@ class VgDetector:
         self.device = resolve_device(self.config.device)
         self.max_side = self.config.max_size  # the resize never looks at more pixels
         self.model = build_vg_model(self.config.weights_file).to(self.device)
-        self.autocast_dtype = autocast_dtype(self.config.autocast, self.device)
+        self.autocast_dtype = prepare_device(self.device, self.config.autocast)
         self.pixel_means = torch.tensor(PIXEL_MEANS_BGR, device=self.device).view(3, 1, 1)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # few distinct batch shapes (aspect ratios) in practice
         self._spec = spec
 
     @property
