@@ -22,8 +22,9 @@ so its whole-command figure includes Ray's start-up, and the ratio local/ray is 
 
 The matrix (`--matrix`, on by default with `--device cuda`) runs `extract` in-process for each
 detector and batch size and reports frames/s, the share of time the detector waited for decoded
-frames, and peak GPU memory. frcnn runs with `--frcnn-weights FILE` or, offline, random weights
-(speed barely depends on the weights; the number of detections does). `--runtimes` (also on by
+frames, and peak GPU memory. frcnn and vg run with `--frcnn-weights FILE` / `--vg-weights FILE` or,
+offline, random weights (speed barely depends on the weights; the number of detections does):
+`--detectors yolox,frcnn,vg` adds vg. `--runtimes` (also on by
 default with `--device cuda`) times yolox's two runtimes, onnxruntime (CUDA provider with
 onnxruntime-gpu installed) and the ONNX graph converted to torch, on the same decoded frames.
 
@@ -188,12 +189,17 @@ def run_matrix(root: Path, scratch: Path, args) -> None:
 
     from vlpcache.extract.runner import run_extract
 
-    frcnn_weights = args.frcnn_weights
-    if "frcnn" in args.detectors and not frcnn_weights:
+    weights = {"frcnn": args.frcnn_weights, "vg": args.vg_weights}
+    if "frcnn" in args.detectors and not weights["frcnn"]:
         from torchvision.models import detection
 
-        frcnn_weights = str(scratch / "frcnn-random.pth")
-        torch.save(getattr(detection, args.frcnn_arch)(weights=None, weights_backbone=None).state_dict(), frcnn_weights)
+        weights["frcnn"] = str(scratch / "frcnn-random.pth")
+        torch.save(getattr(detection, args.frcnn_arch)(weights=None, weights_backbone=None).state_dict(), weights["frcnn"])
+    if "vg" in args.detectors and not weights["vg"]:
+        from vlpcache.extract.detectors.vg_model import VgFasterRCNN
+
+        weights["vg"] = str(scratch / "vg-random.bin")  # the published checkpoint's layout
+        torch.save(VgFasterRCNN().state_dict(), weights["vg"])
     for detector in args.detectors.split(","):
         for batch_size in (int(b) for b in args.batch_sizes.split(",")):
             if args.device == "cuda":
@@ -201,7 +207,7 @@ def run_matrix(root: Path, scratch: Path, args) -> None:
             summary = run_extract(
                 [root], cache_dir=scratch / f"matrix-{root.name}-{detector}-{batch_size}", frames=args.frames,
                 detector=detector, backbone=args.frcnn_arch if detector == "frcnn" else None,
-                weights=frcnn_weights if detector == "frcnn" else None, device=args.device,
+                weights=weights.get(detector), device=args.device,
                 batch_size=batch_size, workers=args.workers, quiet=True)
             busy = summary.detect_seconds + summary.wait_seconds
             loaded = summary.seconds - summary.load_seconds
@@ -261,6 +267,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="8,32,128")
     parser.add_argument("--frcnn-arch", default="fasterrcnn_resnet50_fpn_v2")
     parser.add_argument("--frcnn-weights", default=None)
+    parser.add_argument("--vg-weights", default=None, help="vg: the checkpoint (default: random weights in its layout)")
     parser.add_argument("--reference-only", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--reference-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--reference-kind", choices=("simple", "detector"), default="simple", help=argparse.SUPPRESS)

@@ -1,5 +1,6 @@
 """The HDF5 region cache: schema, crash-safe shard writer, lazy reader."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from vlpcache.cache.reader import RegionCache
-from vlpcache.cache.schema import ARRAYS, LOCK_DIR, MANIFEST_NAME, SCHEMA_VERSION, SHARD_DIR, CacheSettings, empty_item
+from vlpcache.cache.schema import LOCK_DIR, MANIFEST_NAME, SCHEMA_VERSION, SHARD_DIR, CacheSettings, empty_item
 from vlpcache.cache.manifest import read_failures
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
@@ -53,7 +54,7 @@ def test_written_items_read_back_identical_by_index_and_id(tmp_path):
     for i, item_id in enumerate(cache.ids):
         expected = random_item(i)
         got = cache.get(item_id)
-        for spec in ARRAYS:
+        for spec in cache.settings.arrays():
             assert got[spec.name].dtype == spec.dtype
             np.testing.assert_array_equal(got[spec.name], expected[spec.name].astype(spec.dtype))
         assert got["path"] == f"/data/{item_id}.mp4" and got["kind"] == "video"
@@ -67,6 +68,38 @@ def test_reading_some_arrays_of_an_item_gives_those_alone_equal_to_a_full_read(t
     assert set(part) == {"labels", "boxes", "id", "path", "kind"}
     full = cache.get("b")
     assert np.array_equal(part["labels"], full["labels"]) and np.array_equal(part["boxes"], full["boxes"])
+
+
+def test_attribute_arrays_are_written_and_read_only_in_caches_whose_detector_labels_attributes(tmp_path):
+    with_attributes = dataclasses.replace(SETTINGS, detector="vg:test", attributes=True)
+    item = random_item(0, with_attributes)
+    item["attributes"][:] = np.arange(12).reshape(3, 4) - 1
+    item["attribute_scores"][:] = 0.25
+    with ShardWriter(tmp_path / "vg", with_attributes) as writer:
+        writer.add("a", "/data/a.mp4", "video", item)
+    got = RegionCache(tmp_path / "vg").get("a")
+    np.testing.assert_array_equal(got["attributes"], item["attributes"])
+    assert got["attributes"].dtype == np.int16 and np.all(got["attribute_scores"] == np.float16(0.25))
+
+    write_items(tmp_path / "coco", ["a"])  # a cache without them, as every cache before the vg detector
+    plain = RegionCache(tmp_path / "coco")
+    assert not plain.settings.attributes and "attributes" not in plain.get("a")
+    (shard,) = (tmp_path / "coco" / SHARD_DIR).glob("*.h5")
+    with h5py.File(shard) as f:
+        assert "attributes" not in f and "attribute_scores" not in f
+
+
+def test_a_cache_from_before_attribute_arrays_reads_as_one_without_them(tmp_path):
+    write_items(tmp_path, ["a"])
+    manifest = tmp_path / MANIFEST_NAME
+    manifest.write_text(manifest.read_text().replace('"attributes": false,', ""))
+    assert "attributes" not in manifest.read_text()
+    (shard,) = (tmp_path / SHARD_DIR).glob("*.h5")
+    with h5py.File(shard, "r+") as f:
+        del f.attrs["attributes"]  # as vlpcache wrote shards before the setting existed
+    write_items(tmp_path, ["b"], writer_name="s1of2")  # the same settings: more may be added
+    cache = RegionCache(tmp_path)
+    assert not cache.settings.attributes and cache.ids == ["a", "b"]
 
 
 def test_shard_is_chunked_one_video_per_chunk_with_provenance(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from vlpcache.cache.reader import RegionCache
-from vlpcache.cache.schema import ARRAYS, SHARD_DIR
+from vlpcache.cache.schema import SHARD_DIR
 
 SMALL_VIDEOS = ("tests_data_test.mp4", "bikes.mp4", "tree.avi", "cup.mp4")
 
@@ -165,7 +165,7 @@ def _assert_same_content(a: RegionCache, b: RegionCache):
     assert sorted(a.ids) == sorted(b.ids) and len(a.ids) == len(set(a.ids))
     for item_id in a.ids:
         x, y = a.get(item_id), b.get(item_id)
-        for spec in ARRAYS:
+        for spec in a.settings.arrays():
             np.testing.assert_array_equal(x[spec.name], y[spec.name], err_msg=f"{item_id} {spec.name}")
 
 

@@ -14,7 +14,7 @@ import sys
 import click
 
 from vlpcache import __version__
-from vlpcache.cache.schema import SHARD_SECONDS
+from vlpcache.cache.schema import SCORE_THRESHOLD, SHARD_SECONDS
 from vlpcache.devices import DEFAULT_DEVICE, DEVICES
 from vlpcache.errors import UserError
 from vlpcache.files import system_reason
@@ -24,8 +24,13 @@ from vlpcache.extract.detectors.spec import (
     DETECTORS,
     FRCNN_ARCHITECTURES,
     FRCNN_FEATURE_DIM,
+    REGIONS,
+    VG_MIN_REGIONS,
+    VG_REGIONS,
+    VG_SCORE_THRESHOLD,
     YOLOX_BACKBONES,
 )
+from vlpcache.extract.detectors.weights import VG_HUB_REPO
 from vlpcache.extract.options import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, ENGINES, ExtractOptions
 from vlpcache.index.layout import EXACT_LIMIT, IndexConfig
 from vlpcache.metrics import RERANK_CANDIDATES
@@ -84,11 +89,19 @@ def backbone_help() -> str:
 @click.option("-o", "--output", "cache_dir", type=click.Path(), help="Cache directory [default: .vlpcache/cache].")
 @click.option("--frames", default=ExtractOptions.frames, show_default=True, type=click.IntRange(1, 512),
               help="Frames sampled per item (T).")
-@click.option("--regions", default=ExtractOptions.regions, show_default=True, type=click.IntRange(1, 1000),
-              help="Detected regions kept per frame; one whole-frame region is added (N = regions + 1).")
-@click.option("--detector", default=ExtractOptions.detector, show_default=True, type=click.Choice(DETECTORS))
+@click.option("--regions", default=None, type=click.IntRange(1, 1000),
+              help=f"Detected regions kept per frame; one whole-frame region is added (N = regions + 1) "
+                   f"[default: {REGIONS}; vg: {VG_REGIONS}, at least {VG_MIN_REGIONS}].")
+@click.option("--detector", default=ExtractOptions.detector, show_default=True, type=click.Choice(DETECTORS),
+              help="yolox: YOLOX-Nano, COCO; frcnn: torchvision Faster R-CNN, COCO; vg: bottom-up attention's "
+                   "Visual Genome Faster R-CNN (DemoVLP's features, with attributes).")
 @click.option("--backbone", default=None, help=backbone_help())
-@click.option("--weights", type=click.Path(), help="frcnn: a state dict file (.pth or .safetensors) instead of torchvision's COCO weights.")
+@click.option("--weights", type=click.Path(),
+              help=f"frcnn: a state dict file (.pth or .safetensors) instead of torchvision's COCO weights; vg: the "
+                   f"checkpoint instead of {VG_HUB_REPO}'s, fetched into the models folder.")
+@click.option("--scale", metavar="SHORT/LONG",
+              help="frcnn, vg: input size, shorter side SHORT, longest at most LONG [default: 600/1000].")
+@click.option("--proposals", type=click.IntRange(1), help="frcnn, vg: region proposals per frame [default: 300].")
 @models_option
 @device_option
 @click.option("--batch-size", default=None, type=click.IntRange(1),
@@ -100,8 +113,8 @@ def backbone_help() -> str:
 @click.option("--items-per-shard", default=ExtractOptions.items_per_shard, show_default=True, type=click.IntRange(1),
               help=f"Items per shard file; a crash loses at most the shard in progress (also committed every "
                    f"{SHARD_SECONDS / 60:g} min).")
-@click.option("--score-threshold", default=ExtractOptions.score_threshold, show_default=True, type=click.FloatRange(0, 1),
-              help="Minimum detection score.")
+@click.option("--score-threshold", default=None, type=click.FloatRange(0, 1),
+              help=f"Minimum detection score [default: {SCORE_THRESHOLD}; vg: {VG_SCORE_THRESHOLD}].")
 @click.option("--engine", default=ExtractOptions.engine, show_default=True, type=click.Choice(ENGINES),
               help='Where the stages run: local processes, or a Ray cluster (pip install "vlpcache[ray]").')
 @click.option("--ray-address", metavar="ADDR",

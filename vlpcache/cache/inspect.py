@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 
+from vlpcache.cache.labels import region_names
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import outdated_schema
 from vlpcache.report import printable, silent
@@ -40,6 +41,7 @@ def cache_summary(cache: RegionCache) -> dict:
         "T": settings["frames"],
         "N": settings["regions"],
         "D": settings["feature_dim"],
+        "labels": region_names(cache.settings.detector).describe(),
         "provenance": settings,
         "shards": len(cache.shard_paths) - len(cache.ignored_shards) - len(cache.unreadable_shards),
         "ignored_shards": {p.name: diffs for p, diffs in cache.ignored_shards.items()},
@@ -60,6 +62,7 @@ def print_summary(summary: dict) -> None:
         f"frames      {summary['frames']} sampled, {summary['mean_regions_per_frame']} regions per frame on average",
         f"detector    {p['detector']}  sha256 {p['detector_weights_sha256'][:12]}",
         f"backbone    {p['backbone']}  sha256 {p['backbone_weights_sha256'][:12]}",
+        f"labels      {summary['labels']}" + (", with each region's best attribute" if p.get("attributes") else ""),
         f"sampling    {p['sampling']}, score >= {p['score_threshold']}, NMS IoU {p['nms_iou']}, schema v{p['schema_version']}",
         f"on disk     {_human_size(summary['size_bytes'])} in {summary['shards']} shards",
     ]

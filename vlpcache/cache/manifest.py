@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlpcache.cache.schema import ARRAYS, FAILURE_DIR, MANIFEST_NAME, CacheSettings, shard_differences
+from vlpcache.cache.schema import FAILURE_DIR, MANIFEST_NAME, CacheSettings, shard_differences
 
 # what reading a damaged HDF5 file raises
 UNREADABLE = (OSError, KeyError, RuntimeError, ValueError, TypeError)
@@ -36,5 +36,5 @@ def read_failures(cache_dir: Path) -> dict[str, dict]:
 
 def shard_file_differences(shard, settings: CacheSettings) -> list[str]:
     """schema.shard_differences of an open shard file (an h5py.File): empty when it agrees with settings."""
-    shapes = {spec.name: shard[spec.name].shape for spec in ARRAYS if spec.name in shard}
+    shapes = {spec.name: shard[spec.name].shape for spec in settings.arrays() if spec.name in shard}
     return shard_differences(settings, shard.attrs, shapes)

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from vlpcache.cache.manifest import UNREADABLE, read_failures, read_manifest, shard_file_differences
-from vlpcache.cache.schema import ARRAYS, SHARD_DIR, SHARD_SUFFIX, CacheSettings
+from vlpcache.cache.schema import SHARD_DIR, SHARD_SUFFIX, CacheSettings
 from vlpcache.errors import UserError
 from vlpcache.report import Say, say
 
@@ -34,7 +34,7 @@ def _decode(values) -> list[str]:
 class RegionCache:
     """A read-only view of every finished shard in a cache directory.
 
-    `cache[i]` and `cache.get(id)` return one video's arrays (schema.ARRAYS names) plus "id",
+    `cache[i]` and `cache.get(id)` return one video's arrays (the names of settings.arrays()) plus "id",
     "path" and "kind".
     """
 
@@ -137,7 +137,7 @@ class RegionCache:
         return self.read(index)
 
     def read(self, index: int, names: tuple[str, ...] | None = None) -> dict:
-        """One video's arrays, all of schema.ARRAYS or only `names` (search shows boxes without reading
+        """One video's arrays, all of settings.arrays() or only `names` (search shows boxes without reading
         features, the bulk of a video), plus "id", "path" and "kind"."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a cache of {len(self)} items")
@@ -145,7 +145,7 @@ class RegionCache:
         f = self._shard(int(s))
         datasets = self._datasets.get(int(s))
         if datasets is None:  # looking a dataset up by name costs more than reading one video's row
-            datasets = self._datasets[int(s)] = {spec.name: f[spec.name] for spec in ARRAYS}
+            datasets = self._datasets[int(s)] = {spec.name: f[spec.name] for spec in self.settings.arrays()}
         item = {name: datasets[name][row] for name in (names or datasets)}
         item["id"], item["path"], item["kind"] = self.ids[index], self.paths[index], self.kinds[index]
         return item
@@ -159,7 +159,7 @@ class RegionCache:
         for s in np.unique(self._locations[:, 0]):
             parts[int(s)] = self._shard(int(s))[name][:]
         if not parts:
-            spec = next(a for a in ARRAYS if a.name == name)
+            spec = next(a for a in self.settings.arrays() if a.name == name)
             return np.zeros((0, *self.settings.shape_of(spec)), dtype=spec.dtype)
         return np.stack([parts[int(s)][row] for s, row in self._locations])
 

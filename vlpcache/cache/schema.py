@@ -15,7 +15,7 @@ chunked one video per chunk so that one training read is one chunk read.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,7 @@ class ArraySpec:
     name: str
     dims: tuple[str, ...]  # symbolic shape after the leading video axis V
     dtype: Any
+    attributes_only: bool = False  # only in caches whose detector labels attributes (CacheSettings.attributes)
 
 
 # Per-video arrays; "T", "N", "D" and "4" are resolved from CacheSettings.
@@ -70,6 +71,9 @@ ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec("timestamps", ("T",), np.float32),  # seconds from the start of the item
     ArraySpec("frame_size", ("2",), np.int32),  # original (height, width) in pixels
     ArraySpec("duration", (), np.float32),  # seconds; 0 for still images and frame folders
+    # vg only: each region's best attribute (Visual Genome's 400; labels.NO_ATTRIBUTE = -1 for none) and its score
+    ArraySpec("attributes", ("T", "N"), np.int16, attributes_only=True),
+    ArraySpec("attribute_scores", ("T", "N"), np.float16, attributes_only=True),
 )
 # Per-video strings (variable-length UTF-8).
 STRINGS: tuple[str, ...] = ("ids", "paths", "kinds")
@@ -90,7 +94,12 @@ class CacheSettings(JsonRecord):
     score_threshold: float = SCORE_THRESHOLD
     nms_iou: float = NMS_IOU
     schema_version: int = SCHEMA_VERSION
+    attributes: bool = False  # items also hold the attribute arrays (the vg detector's); older caches have none
     extra: dict = field(default_factory=dict)
+
+    def arrays(self) -> tuple[ArraySpec, ...]:
+        """The ARRAYS this cache holds: all but the attribute arrays unless its detector labels attributes."""
+        return tuple(spec for spec in ARRAYS if self.attributes or not spec.attributes_only)
 
     def shape_of(self, spec: ArraySpec) -> tuple[int, ...]:
         sizes = {"T": self.frames, "N": self.regions, "D": self.feature_dim, "4": 4, "2": 2}
@@ -108,6 +117,9 @@ class CacheSettings(JsonRecord):
         mine = self.to_json()
         theirs = other if isinstance(other, dict) else other.to_json()
         return [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in FEATURE_SETTINGS if k in theirs and theirs[k] != mine[k]]
+
+
+SETTING_DEFAULTS = {f.name: f.default for f in fields(CacheSettings) if f.default is not MISSING}
 
 
 def outdated_schema(settings: CacheSettings) -> str | None:
@@ -132,7 +144,8 @@ def shard_differences(settings: CacheSettings, attrs, array_shapes: dict[str, tu
     diffs = []
     for key, expected in settings.to_json().items():
         if key not in attrs:
-            diffs.append(f"{key} missing, not {expected!r}")
+            if expected != SETTING_DEFAULTS.get(key, MISSING):  # a setting newer than the shard reads as its default
+                diffs.append(f"{key} missing, not {expected!r}")
             continue
         value = attrs[key]
         value = value.item() if isinstance(value, np.generic) else value
@@ -141,7 +154,7 @@ def shard_differences(settings: CacheSettings, attrs, array_shapes: dict[str, tu
         if value != expected:
             diffs.append(f"{key} {value!r}, not {expected!r}")
     if not diffs:  # attributes agree: the arrays must have the shapes they promise
-        for spec in ARRAYS:
+        for spec in settings.arrays():
             shape = array_shapes.get(spec.name)
             if shape is None or tuple(shape[1:]) != settings.shape_of(spec):
                 diffs.append(f"{spec.name} {shape and tuple(shape[1:])} per video, not {settings.shape_of(spec)}")
@@ -150,4 +163,4 @@ def shard_differences(settings: CacheSettings, attrs, array_shapes: dict[str, tu
 
 def empty_item(settings: CacheSettings) -> dict[str, np.ndarray]:
     """Zero arrays of the right shapes and dtypes for one video, all masks False."""
-    return {s.name: np.zeros(settings.shape_of(s), dtype=s.dtype) for s in ARRAYS}
+    return {s.name: np.zeros(settings.shape_of(s), dtype=s.dtype) for s in settings.arrays()}

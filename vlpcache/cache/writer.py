@@ -30,7 +30,6 @@ import numpy as np
 from vlpcache import __version__
 from vlpcache.cache.manifest import UNREADABLE, read_manifest, shard_file_differences
 from vlpcache.cache.schema import (
-    ARRAYS,
     FAILURE_DIR,
     LOCK_DIR,
     MANIFEST_NAME,
@@ -232,7 +231,7 @@ class ShardWriter:
         f = self._file = h5py.File(self._tmp_path, "w", libver="latest")
         for key, value in shard_attrs(self.settings, __version__).items():
             f.attrs[key] = value
-        for spec in ARRAYS:
+        for spec in self.settings.arrays():
             shape = self.settings.shape_of(spec)
             self._datasets[spec.name] = f.create_dataset(
                 spec.name,
@@ -249,9 +248,9 @@ class ShardWriter:
         self._opened_at = time.monotonic()
 
     def add(self, item_id: str, path: str, kind: str, arrays: dict[str, np.ndarray]) -> None:
-        """Append one video; arrays are keyed by schema.ARRAYS names with the settings' shapes."""
+        """Append one video; arrays are keyed by the names of settings.arrays(), with their shapes."""
         values = {}
-        for spec in ARRAYS:
+        for spec in self.settings.arrays():
             values[spec.name] = np.asarray(arrays[spec.name], dtype=spec.dtype)
             expected = self.settings.shape_of(spec)
             if values[spec.name].shape != expected:

@@ -4,11 +4,12 @@ run_extract takes them as an ExtractOptions record. No torch, no h5py."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from vlpcache.cache.schema import SCORE_THRESHOLD, SHARD_ITEMS
+from vlpcache.cache.schema import SHARD_ITEMS
 from vlpcache.devices import DEFAULT_DEVICE
 from vlpcache.errors import UserError
+from vlpcache.extract.detectors.spec import default_regions, default_score_threshold
 
 CPU_BATCH_SIZE = 8  # frames per detector batch on CPU: bigger batches only add memory traffic
 CUDA_BATCH_SIZE = 128
@@ -18,21 +19,41 @@ ENGINES = ("local", "ray")  # where the stages run: this machine's processes, or
 @dataclass
 class ExtractOptions:
     frames: int = 8  # T: frames sampled per item, at the centres of T equal segments
-    regions: int = 30  # detections kept per frame; one whole-frame region is added (N = regions + 1)
+    regions: int | None = None  # detections kept per frame (None: spec.default_regions); N = regions + 1 (whole frame)
     detector: str = "yolox"  # spec.DETECTORS
     backbone: str | None = None  # None: the detector's default (spec.DEFAULT_YOLOX_BACKBONE, DEFAULT_FRCNN_ARCH)
-    weights: str | None = None  # frcnn: a state dict file instead of torchvision's COCO weights
+    weights: str | None = None  # frcnn: a state dict file instead of torchvision's COCO weights; vg: the checkpoint
     models: str | None = None  # folder of offline weights (None: workspace.models_dir's rule)
+    scale: str | None = None  # frcnn, vg: "SHORT/LONG" input size (None: the detector's, 600/1000)
+    proposals: int | None = None  # frcnn, vg: RPN proposals per frame (None: the detector's, 300)
     device: str = DEFAULT_DEVICE
     batch_size: int | None = None  # frames per detector batch (None: CPU_BATCH_SIZE or CUDA_BATCH_SIZE)
     workers: int | None = None  # decoding processes (None: CPU cores - 1, at least 1)
     shard: str = "0/1"  # i/n: process only the i-th of n parts of the items
     retry_failed: bool = False  # retry items recorded as failed in an earlier run
     items_per_shard: int = SHARD_ITEMS
-    score_threshold: float = SCORE_THRESHOLD
+    score_threshold: float | None = None  # None: spec.default_score_threshold
     engine: str = "local"  # ENGINES
     ray_address: str | None = None  # --engine ray: the cluster to join (None: $RAY_ADDRESS, else a local instance)
     quiet: bool = False  # no progress bar or per-item lines; the summary only
+
+    def with_detector_defaults(self) -> "ExtractOptions":
+        """These options with the detector's defaults for what the command line left out."""
+        regions = self.regions if self.regions is not None else default_regions(self.detector)
+        threshold = self.score_threshold if self.score_threshold is not None else default_score_threshold(self.detector)
+        return replace(self, regions=regions, score_threshold=threshold)
+
+    def input_scale(self) -> tuple[int, int] | None:
+        """(shorter side, longest side) of --scale SHORT/LONG, or one clear error."""
+        if self.scale is None:
+            return None
+        try:
+            short, long = (int(x) for x in self.scale.split("/"))
+        except ValueError:
+            raise UserError(f"--scale {self.scale!r}: expected SHORT/LONG in pixels, e.g. 600/1000") from None
+        if not 32 <= short <= long:
+            raise UserError(f"--scale {self.scale!r}: need 32 <= SHORT <= LONG")
+        return short, long
 
     def detector_batch_size(self, device_type: str) -> int:
         return self.batch_size or (CUDA_BATCH_SIZE if device_type == "cuda" else CPU_BATCH_SIZE)

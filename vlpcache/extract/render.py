@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlpcache.cache.labels import label_name
+from vlpcache.cache.labels import RegionNames, region_names
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import FRAME_REGION_LABEL
 from vlpcache.errors import ItemError, UserError
@@ -43,7 +43,8 @@ def source_pictures(cache: RegionCache, cached: dict) -> list[Image.Image]:
         return [Image.new("RGB", (max(1, round(w * scale)), max(1, round(h * scale))), (96, 96, 96))] * frame_count
 
 
-def draw_regions(draw: ImageDraw.ImageDraw, cached: dict, t: int, origin: tuple[int, int], size: tuple[int, int]) -> None:
+def draw_regions(draw: ImageDraw.ImageDraw, cached: dict, t: int, origin: tuple[int, int], size: tuple[int, int],
+                 names: RegionNames) -> None:
     """Frame t's detected boxes with label and score, best on top; the picture is at origin, of size."""
     x0, y0 = origin
     for n in np.flatnonzero(cached["region_mask"][t])[::-1]:  # best drawn last, on top
@@ -54,7 +55,7 @@ def draw_regions(draw: ImageDraw.ImageDraw, cached: dict, t: int, origin: tuple[
         colour = PALETTE[label % len(PALETTE)]
         box = (x0 + x1, y0 + y1, x0 + x2, y0 + y2)
         draw.rectangle(box, outline=colour, width=2)
-        text = f"{label_name(label)} {float(cached['scores'][t, n]):.2f}"
+        text = f"{names.of(cached, t, n)} {float(cached['scores'][t, n]):.2f}"
         tx, ty = box[0] + 2, max(y0, box[1] - 11)
         draw.rectangle(draw.textbbox((tx, ty), text), fill=colour)
         draw.text((tx, ty), text, fill=(255, 255, 255))
@@ -79,7 +80,7 @@ def render_item(cache: RegionCache, item_id: str, output: Path) -> Path:
         x0, y0 = (t % columns) * cell_w, TITLE_HEIGHT + (t // columns) * cell_h
         sheet.paste(picture, (x0, y0 + CAPTION_HEIGHT))
         draw.text((x0 + 4, y0 + 3), f"frame {t}  t={cached['timestamps'][t]:.2f}s", fill=(0, 0, 0))
-        draw_regions(draw, cached, t, (x0, y0 + CAPTION_HEIGHT), picture.size)
+        draw_regions(draw, cached, t, (x0, y0 + CAPTION_HEIGHT), picture.size, region_names(cache.settings.detector))
     save_picture(sheet, output)
     return output
 

@@ -87,7 +87,7 @@ def extract_engine(options: ExtractOptions):
 def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     """The `vlpcache extract` command; `options` are ExtractOptions fields."""
     started = time.monotonic()
-    options = ExtractOptions(**options)
+    options = ExtractOptions(**options).with_detector_defaults()
     engine = extract_engine(options)  # ray: installed, and its address answers, before anything is written
     workspace = Workspace()
     cache_dir = Path(cache_dir) if cache_dir else workspace.cache_dir
@@ -105,7 +105,8 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
         from vlpcache.devices import resolve_device
 
         resolve_device(options.device)
-    spec = choose_detector(options.detector, options.backbone, options.weights, options.models)  # nothing loaded yet
+    spec = choose_detector(options.detector, options.backbone, options.weights, options.models,  # nothing loaded yet
+                           options.input_scale(), options.proposals)
     settings = spec.cache_settings(options.frames, options.regions, options.score_threshold)
     summary = ExtractSummary()
     # the driver's writer owns the shard set: it checks the settings and removes the unfinished shards

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vlpcache.cache.labels import label_name
+from vlpcache.cache.labels import region_names
 from vlpcache.cache.reader import RegionCache
-from vlpcache.cache.schema import ARRAYS
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import read_utf8_text, utf8_text
@@ -39,7 +38,6 @@ from vlpcache.report import Say, printable, say
 
 # what describing a hit reads of its cached item; features, most of an item's bytes, are left on disk
 HIT_ARRAYS = ("labels", "boxes", "timestamps")
-SHOWN_ARRAYS = tuple(spec.name for spec in ARRAYS if spec.name != "features")
 
 
 @dataclass
@@ -181,11 +179,11 @@ class Searcher:
             item = self.cache.get(item_id, HIT_ARRAYS)
             N = item["labels"].shape[1]
             alignment = align(ranking.attention[j], query.word_mask[0], query.tokens, ranking.positions[j], N)
-            matched = []
+            matched, names = [], region_names(self.cache.settings.detector)
             for match in alignment.words:
                 t, n = divmod(match.region, N)
                 matched.append(RegionHit(
-                    match.word, label_name(int(item["labels"][t, n])), [round(float(v), 3) for v in item["boxes"][t, n]],
+                    match.word, names.of(item, t, n), [round(float(v), 3) for v in item["boxes"][t, n]],
                     round(float(item["timestamps"][t]), 2), round(match.weight, 3), t,
                 ))
             hits.append(Hit(
@@ -200,11 +198,12 @@ class Searcher:
         return hits
 
     def item(self, item_id: str) -> dict:
-        """One indexed item's cached arrays but its features (schema.ARRAYS names, plus id, path and kind)."""
+        """One indexed item's cached arrays but its features (settings.arrays() names, plus id, path and kind)."""
         if item_id not in self.index:
             raise KeyError(f"{item_id!r} is not in the index")
         with self._lock:
-            return self.cache.get(item_id, SHOWN_ARRAYS)
+            shown = tuple(spec.name for spec in self.cache.settings.arrays() if spec.name != "features")
+            return self.cache.get(item_id, shown)
 
     def export(self, path) -> list[Path]:
         """Write the indexed embeddings and their ids for other tools (see index/export.py); the files written."""

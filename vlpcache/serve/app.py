@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from vlpcache.cache.labels import label_name
+from vlpcache.cache.labels import RegionNames, region_names
 from vlpcache.errors import UserError
 from vlpcache.index.search import Searcher, hits_json
 from vlpcache.serve.thumbnails import ThumbnailStore
@@ -74,7 +74,7 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
 
     def item(request: Request) -> Response:
         cached = _indexed_item(searcher, request)
-        return JSONResponse(item_frames(cached))
+        return JSONResponse(item_frames(cached, region_names(searcher.cache.settings.detector)))
 
     def frame(request: Request) -> Response:
         cached = _indexed_item(searcher, request)
@@ -100,7 +100,7 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
     return Guard(app, allowed_hosts)
 
 
-def item_frames(cached: dict) -> dict:
+def item_frames(cached: dict, names: RegionNames) -> dict:
     """An item's real sampled frames with every detected region on them (not the whole-frame region)."""
     frames = []
     for t in range(len(cached["frame_mask"])):
@@ -110,7 +110,7 @@ def item_frames(cached: dict) -> dict:
         for n in range(cached["labels"].shape[1]):
             label = int(cached["labels"][t, n])
             if cached["region_mask"][t, n] and label >= 0:
-                regions.append({"label": label_name(label), "score": round(float(cached["scores"][t, n]), 3),
+                regions.append({"label": names.of(cached, t, n), "score": round(float(cached["scores"][t, n]), 3),
                                 "box": [round(float(v), 3) for v in cached["boxes"][t, n]]})
         frames.append({"frame": t, "time": round(float(cached["timestamps"][t]), 2), "regions": regions})
     return {"id": cached["id"], "path": cached["path"], "kind": cached["kind"], "frames": frames}

@@ -13,8 +13,6 @@ builds the architecture with random weights (tests).
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,6 +24,8 @@ from vlpcache.cache.labels import COCO_CLASSES
 from vlpcache.cache.schema import NMS_IOU, SCORE_THRESHOLD
 from vlpcache.devices import resolve_device
 from vlpcache.errors import UserError
+from vlpcache.extract.detectors.inference import autocast, frames_on_device, prepare_device
+from vlpcache.extract.detectors.state_dicts import read_state_dict
 from vlpcache.extract.detectors.regions import FrameRegions, select_detections, with_frame_region
 from vlpcache.extract.detectors.spec import (
     DEFAULT_FRCNN_ARCH,
@@ -39,7 +39,6 @@ from vlpcache.extract.detectors.spec import (
 from vlpcache.extract.detectors.weights import fetch_torchvision_weights
 
 NOT_COCO = -100  # background and the "N/A" gaps of torchvision's 91-way COCO label space
-AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -84,19 +83,9 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """A bare state dict or {"model": state_dict}, from .pth (never unpickled) or .safetensors."""
     existing_weights_file(path)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"{path}: not a readable state dict ({type(err).__name__}: {err})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path}: expected a state dict (name -> tensor) or {{'model': state_dict}}")
-    return state
+        return read_state_dict(path)
+    except ValueError as err:
+        raise UserError(f"{path}: {err}") from None
 
 
 def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
@@ -163,20 +152,8 @@ class FasterRCNNDetector:
         self.model.roi_heads.score_thresh = self.config.score_threshold
         self.model.roi_heads.detections_per_img = 300
         self.coco_index = coco_label_index(_weights_enum(self.config.arch).DEFAULT.meta["categories"]).to(self.device)
-        self.autocast_dtype = self._autocast_dtype()
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # few distinct batch shapes (aspect ratios) in practice
+        self.autocast_dtype = prepare_device(self.device, self.config.autocast)
         self._spec = spec
-
-    def _autocast_dtype(self) -> torch.dtype | None:
-        choice = self.config.autocast
-        if choice == "auto":
-            return torch.float16 if self.device.type == "cuda" else None
-        if choice == "none":
-            return None
-        if choice not in AUTOCAST_DTYPES:
-            raise UserError(f"unknown autocast {choice!r}; choose from auto, none, {', '.join(AUTOCAST_DTYPES)}")
-        return AUTOCAST_DTYPES[choice]
 
     @property
     def spec(self) -> DetectorSpec:
@@ -186,30 +163,8 @@ class FasterRCNNDetector:
         return self._spec
 
     def _images_on_device(self, frames: list) -> list[torch.Tensor]:
-        """(H, W, 3) uint8 frames -> (3, H, W) float in [0, 1] on the device.
-
-        On CUDA the uint8 pixels (4x smaller than float) go over in one non-blocking copy from a
-        pinned staging buffer, or straight from frames that are already pinned tensors.
-        """
-        with warnings.catch_warnings():  # decoded frames may be read-only arrays; they are only read here
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            pixels = [torch.as_tensor(f) for f in frames]  # (H, W, 3) uint8 each
-        if self.device.type == "cuda":
-            if all(p.is_pinned() for p in pixels):
-                pixels = [p.to(self.device, non_blocking=True) for p in pixels]
-            else:
-                sizes = [p.numel() for p in pixels]
-                staging = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
-                for chunk, p in zip(staging.split(sizes), pixels):
-                    chunk.copy_(p.reshape(-1))
-                on_device = staging.to(self.device, non_blocking=True)
-                pixels = [chunk.view(p.shape) for chunk, p in zip(on_device.split(sizes), pixels)]
-        return [p.permute(2, 0, 1).float().div_(255) for p in pixels]
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        """(H, W, 3) uint8 frames -> (3, H, W) float in [0, 1] on the device."""
+        return [p.permute(2, 0, 1).float().div_(255) for p in frames_on_device(frames, self.device)]
 
     @torch.inference_mode()
     def detect(self, frames: list[np.ndarray], max_detections: int) -> list[FrameRegions]:
@@ -217,7 +172,7 @@ class FasterRCNNDetector:
             return []
         model = self.model
         images = self._images_on_device(frames)
-        with self._autocast():
+        with autocast(self.device, self.autocast_dtype):
             image_list, _ = model.transform(images)  # resized, normalised, padded: (B, 3, H', W')
             features = model.backbone(image_list.tensors)  # FPN maps, reused for the final boxes
             proposals, _ = model.rpn(image_list, features)

@@ -11,23 +11,13 @@ from pathlib import Path
 import torch
 
 from vlpcache.errors import UserError
+from vlpcache.extract.detectors.state_dicts import read_state_dict
 
 
 def _trunk_shapes() -> dict[str, torch.Size]:
     from torchvision.models import mobilenet_v2
 
     return {key: value.shape for key, value in mobilenet_v2(weights=None).features.state_dict().items()}
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A file of name -> tensor (zip or legacy format), read without unpickling code; ValueError if not."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, not torch's format, or code to unpickle
-        raise ValueError(f"not a readable state dict ({type(err).__name__})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError("not a state dict (name -> tensor)")
-    return state
 
 
 def checked_trunk(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from vlpcache.errors import UserError
 from vlpcache.extract.detectors.weights import (
-    FETCH_COMMAND,
     REGISTRY,
     WeightsFile,
     fetch,
@@ -21,7 +20,7 @@ def registered(names: tuple[str, ...] | list[str]) -> list[WeightsFile]:
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         raise UserError(f"unknown weights file {', '.join(unknown)}; registered: {', '.join(REGISTRY)}")
-    return [REGISTRY[n] for n in names] if names else list(REGISTRY.values())
+    return [REGISTRY[n] for n in names] if names else [entry for entry in REGISTRY.values() if not entry.on_request]
 
 
 def file_state(entry: WeightsFile, folder: Path) -> dict:
@@ -50,14 +49,15 @@ def list_weights(models: str | None = None, as_json: bool = False) -> None:
             origin = state["origin"] or "sha256 not among the known files"
             print(f"{state['name']}  present  {state['size'] / 1e6:.1f} MB  sha256 {state['sha256']}  ({origin})")
         else:
-            sizes = " or ".join(dict.fromkeys(f"{k['size'] / 1e6:.1f} MB" for k in state["known"])) or "size unknown"
-            print(f"{state['name']}  missing  (about {sizes}; `{FETCH_COMMAND}` gets it)")
+            sizes = " or ".join(dict.fromkeys(f"{k['size'] / 1e6:.1f} MB" for k in state["known"]))
+            size = f"about {sizes}" if sizes else "size not pinned"
+            print(f"{state['name']}  missing  ({size}; `{REGISTRY[state['name']].fetch_command()}` gets it)")
         print(f"    {state['what']}; licence {state['licence']}")
         print(f"    sources: {'; '.join(state['sources'])}")
 
 
 def fetch_weights(names: tuple[str, ...] = (), models: str | None = None) -> None:
-    """`vlpcache models fetch [NAME...]`: fetch the missing files (all registered ones by default)."""
+    """`vlpcache models fetch [NAME...]`: fetch the missing files (by default all but those fetched on request)."""
     folder = models_dir(models)
     for entry in registered(names):
         if (folder / entry.name).is_file():
@@ -73,8 +73,8 @@ def verify_weights(models: str | None = None) -> bool:
     for entry in REGISTRY.values():
         path = folder / entry.name
         if not path.is_file():
-            print(f"{entry.name}: missing (`{FETCH_COMMAND}` gets it)")
-            right = False
+            print(f"{entry.name}: missing (`{entry.fetch_command()}` gets it)")
+            right = right and entry.on_request  # fetched on its detector's first use
             continue
         known = entry.known_as(file_sha256(path))
         try:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torchvision.ops import nms
 
+from vlpcache.cache.labels import NO_ATTRIBUTE
 from vlpcache.cache.schema import FRAME_REGION_LABEL
 from vlpcache.extract.detectors.spec import DetectorSpec
 
@@ -24,8 +25,11 @@ class FrameRegions:
 
     boxes: np.ndarray  # (n, 4) float32
     scores: np.ndarray  # (n,) float32
-    labels: np.ndarray  # (n,) int64, COCO index
+    labels: np.ndarray  # (n,) int64, the detector's class index (labels.region_names)
     features: np.ndarray  # (n, D) float32
+    # detectors that label attributes (vg): each region's best attribute, NO_ATTRIBUTE for the whole frame
+    attributes: np.ndarray | None = None  # (n,) int64
+    attribute_scores: np.ndarray | None = None  # (n,) float32
 
 
 class Detector(Protocol):
@@ -73,6 +77,11 @@ def pack_frame_regions(regions: FrameRegions, n_regions: int) -> dict[str, np.nd
     out["scores"][:n] = regions.scores[:n]
     out["labels"][:n] = regions.labels[:n]
     out["region_mask"][:n] = True
+    if regions.attributes is not None:
+        out["attributes"] = np.full((n_regions,), NO_ATTRIBUTE, np.int64)
+        out["attributes"][:n] = regions.attributes[:n]
+        out["attribute_scores"] = np.zeros((n_regions,), np.float32)
+        out["attribute_scores"][:n] = regions.attribute_scores[:n]
     return out
 
 

@@ -8,15 +8,16 @@ once; the detectors are built from the spec (choice.load_detector) and do not lo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from vlpcache.cache.schema import NMS_IOU, CacheSettings
+from vlpcache.cache.schema import NMS_IOU, SCORE_THRESHOLD, CacheSettings
 from vlpcache.errors import UserError
 from vlpcache.files import file_sha256
-from vlpcache.extract.detectors.weights import MOBILENET_FILE, YOLOX_FILE, weights_file
+from vlpcache.extract.detectors.weights import MOBILENET_FILE, VG_FILE, VG_HUB_REPO, YOLOX_FILE, weights_file
 
-DETECTORS = ("yolox", "frcnn")
+DETECTORS = ("yolox", "frcnn", "vg")
+REGIONS = 30  # detections kept per frame when the command line does not say (vg: VG_REGIONS)
 
 # yolox: YOLOX-Nano (ONNX) boxes; features from an ImageNet MobileNetV2 trunk and/or YOLOX's neck maps
 YOLOX_INPUT_SIZE = 416  # YOLOX-Nano's input side; frames are letterboxed to it
@@ -40,6 +41,14 @@ FRCNN_FEATURE_DIM = 1024
 # backbone. The 320 model keeps the small scale and 150 proposals it was tuned for.
 FRCNN_SCALES = {arch: (600, 1000, 300) for arch in FRCNN_ARCHITECTURES} | {
     "fasterrcnn_mobilenet_v3_large_320_fpn": (320, 640, 150)}
+# vg: bottom-up attention's Visual Genome Faster R-CNN (vg.py); its test settings are the defaults
+VG_FEATURE_DIM = 2048  # res5, averaged over the region's 14x14 RoIPool
+VG_SCALES = (600, 1000)  # shorter side, longest allowed side
+VG_REGIONS = 36  # at most this many regions per frame, best first (bottom-up attention: 10-100, or 36 fixed)
+VG_MIN_REGIONS = 10  # and at least this many, even below the score threshold
+VG_SCORE_THRESHOLD = 0.2
+VG_NMS_IOU = 0.3  # per object class
+VG_DETECTOR = "vg:faster_rcnn_R_101_C4_attr"  # py-bottom-up-attention's name of the model
 RANDOM_WEIGHTS = "random-init"  # the weights "hash" of a detector built without weights (tests)
 
 
@@ -54,11 +63,39 @@ class DetectorSpec:
     provenance: dict[str, str]  # detector, backbone and the sha256 of their weights (CacheSettings fields)
     detector_file: Path | None  # yolox: the ONNX graph; frcnn: its state dict (None: random weights)
     backbone_file: Path | None = None  # yolox: the MobileNetV2 trunk, when the backbone uses it
+    nms_iou: float = NMS_IOU  # of its NMS between detections (vg: per class)
+    attributes: bool = False  # it labels attributes too (vg): the cache holds the attribute arrays
+    # frcnn, vg: --scale (shorter side, longest side) and --proposals per frame; None: the detector's own
+    scale: tuple[int, int] | None = None
+    proposals: int | None = None
 
-    def cache_settings(self, frames: int, regions: int, score_threshold: float, nms_iou: float = NMS_IOU) -> CacheSettings:
-        """regions: detections kept per frame; the whole-frame region makes N = regions + 1."""
+    def cache_settings(self, frames: int, regions: int, score_threshold: float) -> CacheSettings:
+        """regions: detections kept per frame; the whole-frame region makes N = regions + 1. A scale or
+        proposal count other than the detector's own is recorded too (caches of other ones do not mix)."""
+        extra = {"scale": list(self.scale)} if self.scale else {}
+        extra |= {"proposals": self.proposals} if self.proposals else {}
         return CacheSettings(frames=frames, regions=regions + 1, feature_dim=self.feature_dim,
-                             score_threshold=score_threshold, nms_iou=nms_iou, **self.provenance)
+                             score_threshold=score_threshold, nms_iou=self.nms_iou, attributes=self.attributes,
+                             extra=extra, **self.provenance)
+
+
+def with_input_size(spec: DetectorSpec, scale: tuple[int, int] | None, proposals: int | None) -> DetectorSpec:
+    """`spec` run at --scale SHORT/LONG with --proposals P (frcnn, vg), or one clear error (yolox)."""
+    if scale is None and proposals is None:
+        return spec
+    if spec.detector == "yolox":
+        raise UserError(f"--scale and --proposals are for frcnn and vg; yolox reads {YOLOX_INPUT_SIZE}x{YOLOX_INPUT_SIZE} frames")
+    return replace(spec, scale=scale, proposals=proposals, max_side=scale[1] if scale else spec.max_side)
+
+
+def default_regions(detector: str) -> int:
+    """Detections kept per frame when --regions is not given."""
+    return VG_REGIONS if detector == "vg" else REGIONS
+
+
+def default_score_threshold(detector: str) -> float:
+    """The score threshold when --score-threshold is not given."""
+    return VG_SCORE_THRESHOLD if detector == "vg" else SCORE_THRESHOLD
 
 
 def yolox_feature_dim(backbone: str) -> int:
@@ -109,3 +146,26 @@ def frcnn_spec(arch: str, weights: Path | None, max_side: int | None = None) -> 
     # the model's transform never looks at more pixels than its max_size
     max_side = max_side or FRCNN_SCALES[arch][1]
     return DetectorSpec("frcnn", arch, FRCNN_FEATURE_DIM, max_side, provenance, weights)
+
+
+def vg_spec(weights: Path | None) -> DetectorSpec:
+    """The vg detector with its checkpoint `weights` (None: random weights) hashed."""
+    sha256 = file_sha256(existing_weights_file(weights)) if weights else RANDOM_WEIGHTS
+    provenance = {
+        "detector": VG_DETECTOR,
+        "detector_weights_sha256": sha256,
+        "backbone": "vg-res5-mean",
+        "backbone_weights_sha256": sha256,
+    }
+    return DetectorSpec("vg", "r101-c4", VG_FEATURE_DIM, VG_SCALES[1], provenance, weights, nms_iou=VG_NMS_IOU,
+                        attributes=True)
+
+
+def vg_weights(weights: str | None, models: str | None) -> Path:
+    """--weights FILE, else the published checkpoint in the models folder (fetched there on first use)."""
+    if weights:
+        return Path(weights).expanduser()
+    try:
+        return weights_file(VG_FILE, models)
+    except UserError as err:
+        raise UserError(f"{err}; or pass --weights FILE (the pytorch_model.bin of {VG_HUB_REPO})") from None

@@ -40,6 +40,7 @@ from vlpcache.workspace import MODEL_FILES_HINT, models_dir
 
 YOLOX_FILE = "yolox_nano_coco.onnx"
 MOBILENET_FILE = "mobilenet_v2_imagenet_features.pth"
+VG_FILE = "frcnn_vg_finetuned.bin"
 FETCH_COMMAND = "vlpcache models fetch"
 STALE_AFTER_S = 600  # a temporary that has not grown for this long belongs to a dead download
 # the models folder's problem, not the source's: one line naming the folder, no other source tried
@@ -163,9 +164,16 @@ class WeightsFile:
     known: tuple[Known, ...]  # files known to be right; a verbatim download must be one of them
     sources: tuple[Source, ...]  # tried in order
     check: Callable[[Path], None]  # raises ValueError when the file is not what the detector loads
+    # a large file of a detector that is not the default: fetched on that detector's first use or when named,
+    # not by `vlpcache models fetch` alone, and `verify` passes it by when it is absent
+    on_request: bool = False
 
     def known_as(self, sha256: str) -> Known | None:
         return next((k for k in self.known if k.sha256 == sha256), None)
+
+    def fetch_command(self) -> str:
+        """The command that fetches this file into the models folder."""
+        return f"{FETCH_COMMAND} {self.name}" if self.on_request else FETCH_COMMAND
 
 
 def first_line(err: BaseException) -> str:
@@ -194,6 +202,12 @@ def check_mobilenet_file(path: Path) -> None:
     trunk_state(path)
 
 
+def check_vg_file(path: Path) -> None:
+    from vlpcache.extract.detectors.vg_model import checkpoint_state
+
+    checkpoint_state(path)
+
+
 def trunk_from_torchvision(checkpoint: Path, name: str, out: Path) -> None:
     from vlpcache.extract.detectors.mobilenet import trunk_from_torchvision as make
 
@@ -210,6 +224,7 @@ def trunk_from_deep_sort(shipped: Path, name: str, out: Path) -> None:
 
 YOLOX_RELEASE = "https://github.com/Megvii-BaseDetection/YOLOX/releases/download/0.1.1rc0/yolox_nano.onnx"
 TORCHVISION_MOBILENET = "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"
+VG_HUB_REPO = "unc-nlp/frcnn-vg-finetuned"  # the checkpoint the LXMERT and VisualBERT demos load
 
 REGISTRY: dict[str, WeightsFile] = {entry.name: entry for entry in (
     WeightsFile(
@@ -239,6 +254,17 @@ REGISTRY: dict[str, WeightsFile] = {entry.name: entry for entry in (
             TorchvisionWeights("mobilenet_v2", "IMAGENET1K_V1", TORCHVISION_MOBILENET, trunk_from_torchvision),
         ),
         check=check_mobilenet_file,
+    ),
+    WeightsFile(
+        name=VG_FILE,
+        what=f"Visual Genome Faster R-CNN (R101-C4, 1600 objects, 400 attributes) of bottom-up attention, "
+             f"Hugging Face {VG_HUB_REPO}: --detector vg",
+        licence="none stated by the Hugging Face repository; bottom-up-attention's Caffe model (MIT) converted by "
+                "py-bottom-up-attention (Apache-2.0), trained on Visual Genome (CC BY 4.0)",
+        known=(),  # the repository's file is not pinned: checked by its structure (every key and shape)
+        sources=(HubFile(VG_HUB_REPO, "pytorch_model.bin"),),
+        check=check_vg_file,
+        on_request=True,
     ),
 )}
 
@@ -312,10 +338,10 @@ def fetch(entry: WeightsFile, folder: Path, progress: bool | None = None) -> Pat
     if offline:
         sources = " or ".join(source.describe() for source in entry.sources)
         raise UserError(f"weights file {entry.name} not found in {folder} and downloads are off ({offline}=1): run "
-                        f"`{FETCH_COMMAND} --models DIR` on a machine with network (source: {sources}) and copy DIR "
+                        f"`{entry.fetch_command()} --models DIR` on a machine with network (source: {sources}) and copy DIR "
                         f"here, or {MODEL_FILES_HINT}")
     raise UserError(f"weights file {entry.name} not found in {folder} and could not be fetched ({'; '.join(problems)}): "
-                    f"run `{FETCH_COMMAND} --models DIR` where there is network and copy DIR here, or {MODEL_FILES_HINT}")
+                    f"run `{entry.fetch_command()} --models DIR` where there is network and copy DIR here, or {MODEL_FILES_HINT}")
 
 
 def fetch_from(entry: WeightsFile, source: Source, path: Path, offline: bool, progress: bool | None) -> str | None:
