@@ -280,7 +280,7 @@ def test_resume_refuses_options_that_differ_from_the_stored_run(tmp_path, corpus
     monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
     options = dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=tmp_path / "run")
     run_pretrain(**options, **small_options(tiny_text, epochs=1))
-    with pytest.raises(UserError, match=r"--resume continues .* --captions-per-video 3 \(the run has 1\); --lr 0.1 \(the run has 0.0005\)"):
+    with pytest.raises(UserError, match=r"--resume continues .* --captions-per-video 3 \(the run has 2\); --lr 0.1 \(the run has 0.0005\)"):
         run_pretrain(**options, **small_options(tiny_text, epochs=2, resume=True, lr=0.1, captions_per_video=3))
     assert run_pretrain(**options, **small_options(tiny_text, epochs=2, resume=True, workers=1))["trained_epochs"] == 1
 
@@ -310,3 +310,17 @@ def test_a_trained_model_scores_frames_moved_to_other_slots_or_repeated_like_the
     assert torch.allclose(videos["moved"], videos["original"], atol=1e-5) and metrics["moved"] == metrics["original"]
     assert torch.nn.functional.cosine_similarity(videos["repeated"], videos["original"]).min() > 0.95
     assert abs(metrics["repeated"]["R@1"] - metrics["original"]["R@1"]) <= 100 / len(items)  # one query at most
+
+
+def test_captions_per_video_defaults_to_the_median_caption_count_and_is_stored(tmp_path, tiny_text, monkeypatch):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    ids = write_cache(tmp_path / "cache", 9)
+    captions = tmp_path / "c.jsonl"
+    counts = [1, 3, 3, 3, 3, 5, 5, 30, 30]  # median 3
+    captions.write_text("".join(json.dumps({"video": i, "captions": [f"{i} c{n}" for n in range(c)]}) + "\n"
+                                for i, c in zip(ids, counts)))
+    run_pretrain(cache_dirs=[tmp_path / "cache"], captions=[captions], run_dir=tmp_path / "run", **small_options(tiny_text, epochs=1))
+    assert ckpt.read_run_config(tmp_path / "run")["train"]["captions_per_video"] == 3
+    from vlpcache.model.config import TrainConfig
+
+    assert TrainConfig.from_json({"epochs": 3}).captions_per_video == 1  # a run from before: one caption per step

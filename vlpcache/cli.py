@@ -35,6 +35,7 @@ from vlpcache.extract.options import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, ENGINES, E
 from vlpcache.index.layout import EXACT_LIMIT, IndexConfig
 from vlpcache.metrics import RERANK_CANDIDATES
 from vlpcache.model.config import ModelConfig as M  # defaults shown in `pretrain --help`
+from vlpcache.model.config import MAX_CAPTIONS_PER_VIDEO
 from vlpcache.model.config import TrainConfig as T
 
 
@@ -194,7 +195,8 @@ def inspect(cache_dir, render_id, output, as_json, failures) -> None:
 @click.option("--epochs", default=None, type=click.IntRange(1), help=f"Epochs [default: {T.epochs}; on --resume the run's, or more to extend it].")
 @click.option("--batch-size", default=None, type=click.IntRange(1), help=f"Videos per step and process [default: {T.batch_size}].")
 @click.option("--captions-per-video", default=None, type=click.IntRange(1),
-              help=f"Captions of each video per step, all positives of it (multi-positive InfoNCE) [default: {T.captions_per_video}].")
+              help="Captions of each video per step, all positives of it (multi-positive InfoNCE) [default: the median "
+                   f"number of captions of a training video, at most {MAX_CAPTIONS_PER_VIDEO}].")
 @click.option("--text-model", default=None, metavar="NAME|DIR", help="Hugging Face name or directory [default: offline all-MiniLM-L6-v2].")
 @click.option("--trainable-layers", default=None, type=click.IntRange(0),
               help=f"Top text-encoder layers that train; 0 freezes it and encodes every caption once [default: {M.text_trainable_layers}].")

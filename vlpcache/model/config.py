@@ -51,11 +51,16 @@ class ModelConfig(JsonRecord):
         return super().from_json({**{k: v for k, v in legacy.items() if k not in data}, **data})
 
 
+MAX_CAPTIONS_PER_VIDEO = 20
+
+
 @dataclass
 class TrainConfig(JsonRecord):
     epochs: int = 10
     batch_size: int = 64  # videos per step and process
-    captions_per_video: int = 1  # K captions of each video per step (multi-positive InfoNCE)
+    # K captions of each video per step (multi-positive InfoNCE); None: the median number of captions
+    # of a training video, at most MAX_CAPTIONS_PER_VIDEO (20 on MSR-VTT, 5 on Flickr8k, 1 for alt-text)
+    captions_per_video: int | None = None
     lr: float = 5e-4  # region encoder, projections, temperatures
     text_lr: float = 5e-5  # the pretrained text layers that train
     weight_decay: float = 0.05
@@ -67,6 +72,11 @@ class TrainConfig(JsonRecord):
     caches: list[str] = dataclasses.field(default_factory=list)
     captions: list[str] = dataclasses.field(default_factory=list)
     val_captions: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TrainConfig":
+        """Runs made before captions_per_video existed trained on one caption per video."""
+        return super().from_json({"captions_per_video": 1, **data})
 
 
 # options of `vlpcache pretrain` that set a TrainConfig field, and those that set a ModelConfig field

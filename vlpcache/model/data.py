@@ -22,6 +22,7 @@ from vlpcache.cache.schema import outdated_schema
 from vlpcache.captions import Captions, caption_queries, read_captions
 from vlpcache.errors import UserError
 from vlpcache.model.batch import tokenize, video_batch
+from vlpcache.model.config import MAX_CAPTIONS_PER_VIDEO
 from vlpcache.model.text_features import TextFeatures
 from vlpcache.workspace import Workspace
 
@@ -169,6 +170,10 @@ class CaptionedRegions(Dataset):
         start = max(0, self.epoch - 1) * self.captions_per_video
         return [texts[shuffle[(start + k) % len(texts)]] for k in range(self.captions_per_video)]
 
+    def median_captions(self) -> int:
+        """The median number of captions of a training item."""
+        return int(np.median([len(texts) for _, _, texts in self.samples]))
+
     def all_captions(self) -> list[str]:
         return [text for _, _, texts in self.samples for text in texts]
 
@@ -268,7 +273,7 @@ def load_pretrain_data(
     validation_file: Path | None,
     seed: int = 0,
     workspace: Workspace | None = None,
-    captions_per_video: int = 1,
+    captions_per_video: int | None = 1,
 ) -> PretrainData:
     """Open the caches and match them with the training (and validation) captions."""
     workspace = workspace or Workspace()
@@ -292,7 +297,10 @@ def load_pretrain_data(
             f"(cache ids look like {example_item!r}, caption ids like {example_caption!r}); pass the caption file "
             "of the extracted items with --captions"
         )
-    data = PretrainData(caches, CaptionedRegions(caches, samples, seed, captions_per_video), report, caption_files,
+    train = CaptionedRegions(caches, samples, seed, captions_per_video or 1)
+    if captions_per_video is None:  # every caption of a typical item in each step, at most MAX_CAPTIONS_PER_VIDEO
+        train.captions_per_video = max(1, min(MAX_CAPTIONS_PER_VIDEO, train.median_captions()))
+    data = PretrainData(caches, train, report, caption_files,
                         held_out_skipped=skipped)
     if validation_file is not None:
         validation_captions, _ = held_out(read_captions(validation_file), keep_held_out=True)

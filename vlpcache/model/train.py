@@ -143,6 +143,7 @@ def resolve_run(options: PretrainOptions, processes: Processes, workspace: Works
         seed=train_config.seed, workspace=workspace, captions_per_video=train_config.captions_per_video,
     )
     if not stored:  # record what the defaults resolved to, so that resume reads the same data
+        train_config.captions_per_video = data.train.captions_per_video
         train_config.captions = [str(p) for p in data.caption_files]
         train_config.val_captions = str(data.validation_file) if data.validation_file else None
         model_config = _new_model_config(options, data)
