@@ -1,0 +1,118 @@
+"""Caption files as pretraining and eval read them: JSON Lines and CSV, the `split` key, and the files
+found by default (the workspace, beside the extracted roots, `val.jsonl` beside the training file)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from test_pretrain import write_cache
+from vlpcache.captions import read_captions
+from vlpcache.errors import UserError
+from vlpcache.model.data import find_caption_files, load_pretrain_data
+from vlpcache.workspace import Workspace
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def trained_captions(data) -> dict[str, list[str]]:
+    """Item id -> captions of every training sample of load_pretrain_data's result."""
+    return {data.caches[c].ids[i]: texts for c, i, texts in data.train.samples}
+
+
+def validation_captions(data) -> dict[str, list[str]]:
+    return {data.caches[c].ids[i]: texts for (c, i), texts in zip(data.validation.locations, data.validation.captions)}
+
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    write_cache(tmp_path / "cache", 6)  # v0..v5
+    return tmp_path / "cache"
+
+
+def test_csv_rows_become_captions_several_per_video_quoted_commas_kept(tmp_path):
+    csv = tmp_path / "c.csv"
+    csv.write_text('video,caption,extra\nv0,a dog runs,x\nv1,"a cat, then a dog",y\nv0,the dog again,z\nv2,,w\n,orphan,q\n')
+    captions = read_captions(csv)
+    assert captions.by_id == {"v0": ["a dog runs", "the dog again"], "v1": ["a cat, then a dog"]}
+    assert captions.empty_captions == 1 and captions.bad_lines == 1  # v2's empty caption; the row without a video
+
+
+def test_a_csv_without_video_and_caption_columns_is_one_error_naming_the_file(tmp_path):
+    csv = tmp_path / "c.csv"
+    csv.write_text("id,text\nv0,a dog\n")
+    with pytest.raises(UserError, match=r"c\.csv: a CSV caption file needs 'video' and 'caption' columns"):
+        read_captions(csv)
+
+
+def test_pretraining_trains_on_csv_captions_mixed_with_json_lines(tmp_path, cache):
+    csv = tmp_path / "more.csv"
+    csv.write_text("video,caption\nv3,a csv caption\nv4,another one\nv3,a second csv caption\n")
+    jsonl = write_jsonl(tmp_path / "train.jsonl", [{"video": "v0", "captions": ["a json caption"]}])
+    data = load_pretrain_data([cache], [jsonl, csv], None, workspace=Workspace(tmp_path / "ws"))
+    assert trained_captions(data) == {"v0": ["a json caption"], "v3": ["a csv caption", "a second csv caption"],
+                                      "v4": ["another one"]}
+
+
+def test_the_split_key_keeps_val_and_test_items_out_of_training(tmp_path, cache):
+    train = write_jsonl(tmp_path / "all.jsonl", [
+        {"video": "v0", "captions": ["zero"], "split": "train"},
+        {"video": "v1", "captions": ["one"], "split": "val"},
+        {"video": "v2", "captions": ["two"], "split": "test"},
+        {"video": "v3", "captions": ["three"]},  # no split: training
+        {"video": "v4", "captions": ["four"], "split": "Validation"},
+    ])
+    data = load_pretrain_data([cache], [train], None, workspace=Workspace(tmp_path / "ws"))
+    assert trained_captions(data) == {"v0": ["zero"], "v3": ["three"]}
+    assert data.held_out_skipped == 3 and any("3 captioned items of val/test splits left out" in line for line in data.summary())
+
+
+def test_a_validation_file_with_splits_validates_on_its_val_items_only(tmp_path, cache):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"video": "v0", "captions": ["zero"]}])
+    val = write_jsonl(tmp_path / "all.jsonl", [
+        {"video": "v0", "captions": ["zero"], "split": "train"},
+        {"video": "v1", "captions": ["one"], "split": "val"},
+        {"video": "v2", "captions": ["two", "deux"], "split": "val"},
+        {"video": "v3", "captions": ["three"], "split": "test"},
+    ])
+    data = load_pretrain_data([cache], [train], val, workspace=Workspace(tmp_path / "ws"))
+    assert validation_captions(data) == {"v1": ["one"], "v2": ["two", "deux"]}
+
+
+def extracted_layout(tmp_path: Path) -> tuple[Workspace, Path]:
+    """dataset/frames/{train,val} extracted, dataset/train.jsonl and dataset/val.jsonl beside them."""
+    dataset = tmp_path / "dataset"
+    for split in ("train", "val"):
+        (dataset / "frames" / split).mkdir(parents=True)
+    write_jsonl(dataset / "train.jsonl", [{"video": f"v{i}", "captions": [f"train {i}"]} for i in range(4)])
+    write_jsonl(dataset / "val.jsonl", [{"video": f"v{i}", "captions": [f"val {i}"]} for i in (4, 5)])
+    workspace = Workspace(tmp_path / "ws")
+    workspace.remember_roots([dataset / "frames" / "train", dataset / "frames" / "val"])
+    return workspace, dataset
+
+
+def test_default_captions_train_on_the_roots_file_and_validate_on_val_jsonl_beside_it(tmp_path, cache):
+    workspace, dataset = extracted_layout(tmp_path)
+    data = load_pretrain_data([cache], None, None, workspace=workspace)
+    assert data.caption_files == [(dataset / "train.jsonl").resolve()]
+    assert data.validation_file.resolve() == (dataset / "val.jsonl").resolve()
+    assert sorted(trained_captions(data)) == ["v0", "v1", "v2", "v3"]
+    assert validation_captions(data) == {"v4": ["val 4"], "v5": ["val 5"]}
+
+
+def test_a_default_val_jsonl_whose_videos_are_not_cached_is_left_out_quietly(tmp_path, cache):
+    workspace, dataset = extracted_layout(tmp_path)
+    write_jsonl(dataset / "val.jsonl", [{"video": "elsewhere", "captions": ["not cached"]}])
+    data = load_pretrain_data([cache], None, None, workspace=workspace)
+    assert data.validation is None and data.validation_file is None
+
+
+def test_caption_files_in_the_workspace_itself_are_found_and_held_out_ones_never(tmp_path):
+    workspace = Workspace(tmp_path / "ws")
+    workspace.root.mkdir()
+    for name in ("mine.csv", "val.jsonl", "test.csv", "notes.txt"):
+        (workspace.root / name).write_text("")
+    assert find_caption_files(workspace) == [(workspace.root / "mine.csv").resolve()]
