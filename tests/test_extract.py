@@ -5,14 +5,18 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
 
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import SHARD_DIR
+from vlpcache.extract.sources import discover_items
+from vlpcache.files import file_sha256
 
 SMALL_VIDEOS = ("tests_data_test.mp4", "bikes.mp4", "tree.avi", "cup.mp4")
 
@@ -99,7 +103,9 @@ def test_inspect_summarises_and_renders_an_item(extracted, tmp_path):
     cache_dir, _ = extracted
     summary = json.loads(vlpcache("inspect", cache_dir, "--json", cwd=tmp_path).stdout)
     assert summary["items"] == 11 and summary["T"] == 4 and summary["N"] == 31 and summary["D"] == 1280
-    assert summary["provenance"]["detector_weights_sha256"].startswith("d39bee73")
+    models = Path(os.environ["VLPCACHE_MODELS"])  # the weights the extract read (conftest sets it), hashed here
+    assert summary["provenance"]["detector_weights_sha256"] == file_sha256(models / "yolox_nano_coco.onnx")
+    assert summary["provenance"]["backbone_weights_sha256"] == file_sha256(models / "mobilenet_v2_imagenet_features.pth")
     text = vlpcache("inspect", cache_dir, cwd=tmp_path).stdout
     assert "T=4 frames, N=31 regions" in text and "on disk" in text
     out = tmp_path / "bikes.png"
@@ -131,6 +137,15 @@ def test_broken_files_get_one_line_each_and_the_run_goes_on(tmp_path, videos_dir
             assert outcome in failures[item_id]["reason"], f"{name}: {failures.get(item_id)}"
             lines = [line for line in result.stderr.splitlines() if line.startswith(f"{root / name}: ")]
             assert len(lines) == 1 and outcome in lines[0], result.stderr
+    # inspect --failures lists each of them once with its reason, as text and as JSON
+    failed = {str(root / name): outcome for name, outcome in expected.items() if outcome not in ("ok", "ignored")}
+    listed = [line for line in vlpcache("inspect", tmp_path / "cache", "--failures", cwd=tmp_path).stdout.splitlines()
+              if line.startswith("failed ")]
+    assert len(listed) == len(failed) and all(
+        sum(line.split(maxsplit=1)[1].startswith(f"{path}: ") and outcome in line for line in listed) == 1
+        for path, outcome in failed.items())
+    as_json = json.loads(vlpcache("inspect", tmp_path / "cache", "--failures", "--json", cwd=tmp_path).stdout)
+    assert sorted(record["path"] for record in as_json["failed_items"]) == sorted(failed)
     # failed items are skipped on a re-run, retried with --retry-failed
     again = vlpcache("extract", root, "-o", tmp_path / "cache", "--frames", 2, cwd=tmp_path)
     assert f"{len(failures)} skipped (failed before" in again.stderr
@@ -155,10 +170,17 @@ def test_two_shard_processes_fill_one_cache_together(media, tmp_path):
                               cwd=tmp_path, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outputs = [p.communicate(timeout=240)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
-    cache = RegionCache(cache_dir)
-    assert len(cache) == 11 and len(set(cache.ids)) == 11
-    names = {p.name.split("-")[0] for p in (cache_dir / SHARD_DIR).glob("*.h5")}
-    assert names == {"s0of2", "s1of2"}
+    # rows counted in the shard files themselves (the reader would hide an item stored twice): each
+    # process stored exactly the items whose id hashes to its shard, and nothing else
+    items, _ = discover_items([media])
+    stored = {"s0of2": [], "s1of2": []}
+    for shard in (cache_dir / SHARD_DIR).glob("*.h5"):
+        with h5py.File(shard, "r") as f:
+            stored[shard.name.split("-")[0]] += [i.decode() for i in f["ids"][:]]
+    for i in range(2):
+        expected = sorted(item.id for item in items if zlib.crc32(item.id.encode()) % 2 == i)
+        assert sorted(stored[f"s{i}of2"]) == expected
+    assert 0 < len(stored["s0of2"]) < 11 and len(stored["s0of2"]) + len(stored["s1of2"]) == 11
 
 
 def _assert_same_content(a: RegionCache, b: RegionCache):
