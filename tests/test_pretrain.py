@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from vlpcache.errors import UserError
 from vlpcache.files import file_sha256
 from vlpcache.model import checkpoint as ckpt
 from vlpcache.model.checkpoint import load_run
+from vlpcache.model.batch import video_batch
 from vlpcache.model.data import find_caption_files, load_pretrain_data
+from vlpcache.model.run_layout import LOG_NAME
 from vlpcache.model.train import run_pretrain
 from vlpcache.workspace import Workspace
 
@@ -161,6 +164,13 @@ def test_two_caches_mix_videos_and_images_with_different_frame_counts(tmp_path, 
     )
     record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     assert summary["trained_epochs"] == 1 and np.isfinite(record["loss"])
+    assert record["step"] == (len(videos) + len(images)) // 8  # every item of both caches in the epoch (batch 8)
+    data = load_pretrain_data([tmp_path / "videos", tmp_path / "images"], [tmp_path / "v.jsonl", tmp_path / "images.jsonl"],
+                              None, workspace=Workspace(tmp_path / "ws"))
+    assert sorted(data.caches[c].ids[i] for c, i, _ in data.train.samples) == sorted(videos + images)
+    batch = video_batch([data.train[i] for i in range(len(data.train))])
+    assert batch["frame_mask"].shape[1] == 3  # items of 1 frame padded to the 3 of the videos, masked
+    assert batch["frame_mask"].sum(1).tolist() == [3 if c == 0 else 1 for c, _, _ in data.train.samples]
 
 
 def test_default_captions_are_found_beside_the_extracted_root_but_never_held_out_splits(tmp_path):
@@ -196,29 +206,76 @@ def _pretrain_command(corpus, tiny_text, run_dir, epochs, *extra) -> list[str]:
     ]
 
 
-def test_kill_9_mid_training_then_resume_finishes_from_the_last_checkpoint(tmp_path, corpus, tiny_text):
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "VLPCACHE_WORKSPACE": str(tmp_path / "ws"), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(_pretrain_command(corpus, tiny_text, run_dir, 200), env=env,
+def _let_one_log_line_through(fifo: Path, process: subprocess.Popen) -> str:
+    """Read the first line the run writes to its log, a FIFO: opening a FIFO to write waits for a reader,
+    so once this returns the run cannot log (hence checkpoint) the next epoch. Never waits on a clock:
+    a run that dies first unblocks the reader through a watcher."""
+    def unblock_when_it_dies():
+        process.wait()
+        try:  # a writer for the blocked reader, which then reads end-of-file (no reader left: nothing to do)
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+
+    threading.Thread(target=unblock_when_it_dies, daemon=True).start()
+    with open(fifo) as log:
+        return log.read()
+
+
+def _checkpoint_state(run_dir: Path, epoch: int) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    checkpoint = ckpt.checkpoints(run_dir)[epoch]
+    return load_file(checkpoint / "model.safetensors"), ckpt.load_training_state(checkpoint)
+
+
+def _assert_same_tensors(a, b, where: str = "") -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same_tensors(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_tensors(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m: f"{where}: {m}")
+    else:
+        assert a == b, where
+
+
+def test_kill_9_after_an_epoch_then_resume_ends_with_the_weights_and_optimizer_state_of_an_uninterrupted_run(
+        tmp_path, corpus, tiny_text, monkeypatch, capsys):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the killed run's one thread, here too: the same arithmetic
+    epochs, options = 3, dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]])
+    run_pretrain(**options, run_dir=tmp_path / "whole", **small_options(tiny_text, epochs=epochs, batch_size=4))
+
+    run_dir = tmp_path / "killed"
+    run_dir.mkdir()
+    os.mkfifo(run_dir / LOG_NAME)
+    process = subprocess.Popen(_pretrain_command(corpus, tiny_text, run_dir, epochs, "--workers", "0"), env=dict(os.environ),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not ckpt.checkpoints(run_dir) and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
+    first_line = _let_one_log_line_through(run_dir / LOG_NAME, process)
+    while 1 not in ckpt.checkpoints(run_dir) and process.poll() is None:  # written right after the log line
+        time.sleep(0.02)
     assert process.poll() is None, process.stderr.read().decode()
     process.send_signal(signal.SIGKILL)
     process.wait()
     process.stderr.close()
-    killed_at = max(ckpt.checkpoints(run_dir))
-    assert killed_at < 200
-    # resume, asking for one epoch more than was finished so that it ends soon
-    result = subprocess.run(_pretrain_command(corpus, tiny_text, run_dir, killed_at + 1, "--resume"),
-                            env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert f"resuming {run_dir} after epoch {killed_at}" in result.stderr
-    epochs = [json.loads(line)["epoch"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    assert epochs[-1] == killed_at + 1 and epochs.count(1) == 1  # continued, not restarted
-    assert max(ckpt.checkpoints(run_dir)) == killed_at + 1
+    assert list(ckpt.checkpoints(run_dir)) == [1] and json.loads(first_line)["epoch"] == 1
+    (run_dir / LOG_NAME).unlink()  # the FIFO becomes the file the run would have left
+    (run_dir / LOG_NAME).write_text(first_line)
+
+    summary = run_pretrain(run_dir=run_dir, resume=True, quiet=True, device="cpu")
+    assert summary["trained_epochs"] == epochs - 1 and f"resuming {run_dir} after epoch 1" in capsys.readouterr().err
+    assert [json.loads(line)["epoch"] for line in (run_dir / LOG_NAME).read_text().splitlines()] == [1, 2, 3]
     assert not list((run_dir / "checkpoints").glob(".*tmp*"))
+    weights, state = _checkpoint_state(run_dir, epochs)
+    whole_weights, whole_state = _checkpoint_state(tmp_path / "whole", epochs)
+    _assert_same_tensors(weights, whole_weights, "weights")
+    _assert_same_tensors(state["optimizer"], whole_state["optimizer"], "optimizer")
+    assert (state["step"], state["epoch"]) == (whole_state["step"], epochs)
 
 
 def test_resume_of_a_finished_run_trains_nothing_more(tmp_path, corpus, tiny_text, monkeypatch):
