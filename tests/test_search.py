@@ -126,6 +126,52 @@ def test_rerank_orders_by_global_plus_weighted_region_word_score(ws, monkeypatch
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
 
 
+def hand_local_score(words: np.ndarray, regions: np.ndarray, lam: float) -> float:
+    """S_loc of one text's real words (L, E) and one video's real regions (R, E), by the formula of
+    docs/design.md written out word by word and region by region, contexts materialised."""
+    words = words / np.linalg.norm(words, axis=1, keepdims=True)
+    regions = regions / np.linalg.norm(regions, axis=1, keepdims=True)
+    a = words @ regions.T  # (L, R) cosines
+    a = np.where(a > 0, a, 0.1 * a)  # LeakyReLU 0.1
+
+    def attend(queries, keys, scores):  # scores (Q, K): each query attends over the keys
+        scores = scores / np.linalg.norm(scores, axis=0, keepdims=True)  # normalised over the queries
+        total = 0.0
+        for q, row in zip(queries, scores):
+            weights = np.exp(lam * row - (lam * row).max())
+            weights /= weights.sum()
+            weights = weights * ((weights > 1 / len(keys)) | (weights >= weights.max()))  # focal
+            context = (weights / weights.sum()) @ keys
+            total += q @ context / np.linalg.norm(context)
+        return total / len(queries)
+
+    return attend(words, regions, a) + attend(regions, words, a.T)
+
+
+def model_embeddings(run, cache, item_id: str, query: str):
+    """The run's own encoding of the query (real words) and of the cached item (real regions, float16 as the
+    index stores them), and both global embeddings."""
+    from vlpcache.model.batch import tokenize, video_batch
+
+    with torch.inference_mode():
+        text = run.model.encode_text(*tokenize(run.tokenizer, [query], run.config.max_words))
+        video = run.model.encode_video(**video_batch([cache.get(item_id)]))
+    words = text.words[0][text.word_mask[0]].numpy()
+    regions = video.regions[0][video.region_mask[0]].half().float().numpy()
+    return words, regions, text.global_[0].numpy(), video.global_[0].numpy()
+
+
+def test_each_hit_is_rescored_on_its_own_regions_as_the_formula_says(ws, monkeypatch, capsys):
+    from vlpcache.cache.reader import RegionCache
+
+    [result] = search_json(monkeypatch, capsys, "the horse here", "-k", "8")
+    run, cache = load_run(ws / "runs" / "run-001"), RegionCache(ws / "cache")
+    for hit in result["results"]:
+        words, regions, text_global, video_global = model_embeddings(run, cache, hit["id"], "the horse here")
+        assert hit["local_score"] == pytest.approx(hand_local_score(words, regions, run.config.rwa_lambda), abs=2e-4), hit["id"]
+        assert hit["global_score"] == pytest.approx(float(text_global @ video_global), abs=1e-4), hit["id"]
+
+
 def test_no_rerank_orders_by_global_similarity_alone(ws, monkeypatch, capsys):
     [result] = search_json(monkeypatch, capsys, "a horse", "-k", "8", "--no-rerank")
     hits = result["results"]
@@ -230,6 +276,18 @@ def test_indexing_again_encodes_only_the_new_videos(ws, monkeypatch, capsys):
     assert code == 0 and "encoded 3 videos" in err and "3 new items" in err
     assert after.ids == before.ids + ["w0", "w1", "w2"]
     assert np.array_equal(after.embeddings[:ITEMS], before.embeddings)
+    # every row's stored regions, old and new, are the real regions of its own item in grid order
+    from vlpcache.cache.reader import RegionCache
+    from vlpcache.model.batch import video_batch
+
+    run, cache = load_run(ws / "runs" / "run-001"), RegionCache(ws / "cache")
+    with torch.inference_mode():
+        video = run.model.encode_video(**video_batch([cache.get(i) for i in after.ids]))
+    for row, item_id in enumerate(after.ids):
+        regions, mask, positions = after.regions.gather([row])
+        real = video.region_mask[row].numpy()
+        assert mask[0].sum() == real.sum() and positions[0][mask[0]].tolist() == np.flatnonzero(real).tolist(), item_id
+        np.testing.assert_allclose(regions[0][mask[0]], video.regions[row][real].numpy(), atol=2e-3, err_msg=item_id)
 
 
 def test_a_cache_with_other_settings_gets_an_index_of_its_own(ws, monkeypatch, capsys):
