@@ -427,6 +427,13 @@ def selection_score(metrics: dict) -> float:
     return metrics["R@1"] + metrics["R@5"] + metrics["R@10"]
 
 
+def best_rerank_weight(similarity: np.ndarray, top: np.ndarray, local: np.ndarray, owners) -> tuple[float, dict]:
+    """The weight of RERANK_WEIGHTS whose re-ranked validation scores best (the smallest among equals),
+    and the metrics of every weight. similarity (Q, C); top, local (Q, P) as candidate_local_scores gives."""
+    scored = {w: retrieval_metrics(reranked(similarity, top, local, w), owners) for w in RERANK_WEIGHTS}
+    return max(RERANK_WEIGHTS, key=lambda w: (selection_score(scored[w]), -w)), scored
+
+
 @torch.no_grad()
 def validate(model: AlignmentModel, tokenizer, validation: ValidationSet, device, batch_size: int,
              text_features: TextFeatures | None = None) -> dict:
@@ -443,9 +450,8 @@ def validate(model: AlignmentModel, tokenizer, validation: ValidationSet, device
     metrics = retrieval_metrics(similarity, owners)
     if model.config.rwa:
         top, local = candidate_local_scores(text, video, similarity, model.config.rwa_lambda, RERANK_CANDIDATES)
-        scored = {w: retrieval_metrics(reranked(similarity, top, local, w), owners) for w in RERANK_WEIGHTS}
+        metrics["rerank_weight"], scored = best_rerank_weight(similarity, top, local, owners)
         metrics["rerank"] = {str(w): {k: scored[w][k] for k in ("R@1", "R@5", "R@10", "MdR")} for w in RERANK_WEIGHTS}
-        metrics["rerank_weight"] = max(RERANK_WEIGHTS, key=lambda w: (selection_score(scored[w]), -w))
     return metrics
 
 
