@@ -22,6 +22,7 @@ from vlpcache.errors import UserError
 from vlpcache.files import file_sha256
 from vlpcache.model import checkpoint as ckpt
 from vlpcache.model.checkpoint import load_run
+from vlpcache.model.model import ModelConfig
 from vlpcache.model.batch import video_batch
 from vlpcache.model.data import find_caption_files, load_pretrain_data
 from vlpcache.model.run_layout import LOG_NAME
@@ -134,6 +135,37 @@ def test_pretrain_writes_checkpoints_logs_and_validation_metrics(tmp_path, corpu
 
     ids, mask = tokenize(loaded.tokenizer, ["a dog"], loaded.config.max_words)
     assert loaded.model.encode_text(ids, mask).global_.shape == (1, loaded.config.embed_dim)
+
+
+def test_the_rerank_weight_chosen_is_the_one_whose_reranked_validation_ranks_best():
+    from vlpcache.model.train import RERANK_WEIGHTS, best_rerank_weight
+
+    similarity = np.full((2, 12), 0.1)
+    local = np.zeros((2, 12))
+    # query 0 (video 0) loses to video 1 by global 0.1 and wins by local 1: found first once w > 0.1
+    similarity[0, :2], local[0, :2] = (0.8, 0.9), (1.0, 0.0)
+    # query 1 (video 2) beats video 3 by global 0.3 and loses by local 1: found first while w < 0.3
+    similarity[1, 2:4], local[1, 2:4] = (0.9, 0.6), (0.0, 1.0)
+    top = np.tile(np.arange(12), (2, 1))  # every candidate re-ranked
+    assert [w for w in RERANK_WEIGHTS if 0.1 < w < 0.3] == [0.25]  # so one weight alone finds both first
+    weight, scored = best_rerank_weight(similarity, top, local, [0, 2])
+    assert weight == 0.25 and scored[0.25]["R@1"] == 100.0
+    assert all(scored[w]["R@1"] == 50.0 for w in RERANK_WEIGHTS if w != 0.25)
+    # weights that rank alike: the smallest, the one that trusts the global embedding most
+    assert best_rerank_weight(similarity, top, np.zeros((2, 12)), [0, 2])[0] == min(RERANK_WEIGHTS)
+
+
+def test_a_validation_set_where_every_weight_ranks_alike_stores_the_smallest(tmp_path, corpus, tiny_text, monkeypatch):
+    from vlpcache.model.train import RERANK_WEIGHTS
+
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    one_video = write_captions(tmp_path / "val.jsonl", ["v40"])  # a single candidate: rank 1 whatever the weight
+    run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], val_captions=one_video, run_dir=tmp_path / "run",
+                 **small_options(tiny_text, epochs=1))
+    assert ModelConfig(feature_dim=16).rerank_weight != min(RERANK_WEIGHTS) != max(RERANK_WEIGHTS)  # neither default nor largest
+    assert load_run(tmp_path / "run").config.rerank_weight == min(RERANK_WEIGHTS)
+    meta = json.loads((ckpt.checkpoints(tmp_path / "run")[1] / "meta.json").read_text())
+    assert meta["rerank_weight"] == min(RERANK_WEIGHTS)
 
 
 def test_run_without_checkpoint_is_a_user_error(tmp_path):
