@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_search import build_tiny_workspace, vlpcache
+from test_search import build_tiny_workspace, hand_local_score, vlpcache
 from vlpcache.cache.reader import RegionCache
 from vlpcache.captions import read_captions
 from vlpcache.metrics import reranked, retrieval_metrics, top_candidates
@@ -35,8 +35,27 @@ def eval_json(monkeypatch, capsys, *args) -> dict:
 
 def test_eval_reports_both_directions_with_and_without_rerank(root, ws, monkeypatch, capsys):
     results = eval_json(monkeypatch, capsys, "--captions", root / "val.jsonl")
-    for key in ("text_to_video", "video_to_text", "text_to_video_rerank", "video_to_text_rerank"):
-        assert {"R@1", "R@5", "R@10", "MdR", "MnR"} <= set(results[key])
+    # expected from the run's own embeddings (float16 words and regions, as eval keeps them), S_loc by hand
+    run, cache = load_run(ws / "runs" / "run-001"), RegionCache(ws / "cache")
+    captions = read_captions(root / "val.jsonl").by_id
+    ids = [i for i in cache.ids if i in captions]
+    with torch.inference_mode():
+        video = run.model.encode_video(**video_batch([cache.get(i) for i in ids]))
+        text = run.model.encode_text(*tokenize(run.tokenizer, [captions[i][0] for i in ids], run.config.max_words))
+    t2v = (text.global_ @ video.global_.T).numpy()  # (8 first captions, 8 videos)
+    local = np.array([[hand_local_score(text.words[q][text.word_mask[q]].half().float().numpy(),
+                                        video.regions[v][video.region_mask[v]].half().float().numpy(), run.config.rwa_lambda)
+                       for v in range(len(ids))] for q in range(len(ids))])
+    every = np.tile(np.arange(len(ids)), (len(ids), 1))  # 8 candidates: all of them are re-ranked
+    weight, own = run.config.rerank_weight, np.arange(len(ids))
+    expected = {
+        "text_to_video": retrieval_metrics(t2v, own),
+        "video_to_text": retrieval_metrics(t2v.T, own),
+        "text_to_video_rerank": retrieval_metrics(reranked(t2v, every, local, weight), own),
+        "video_to_text_rerank": retrieval_metrics(reranked(t2v.T, every, local.T, weight), own),
+    }
+    for key, metrics in expected.items():
+        assert results[key] == pytest.approx(metrics), key
     assert results["text_to_video"]["queries"] == 8 and results["text_to_video"]["candidates"] == 8
     assert results["protocol"]["captions_per_video"] == "first"
 

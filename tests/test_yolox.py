@@ -94,7 +94,8 @@ def test_max_detections_bounds_regions_and_packing_pads_with_masked_zeros(detect
 def test_tiny_and_blank_frames_give_only_the_whole_frame(detector):
     results = detector.detect([np.zeros((1, 1, 3), np.uint8), np.full((50, 900, 3), 255, np.uint8)], 30)
     for regions in results:
-        assert regions.labels[0] == -1 and np.isfinite(regions.features).all()
+        assert regions.labels.tolist() == [-1] and regions.boxes.tolist() == [[0, 0, 1, 1]]  # the whole frame alone
+        assert regions.features.shape == (1, 1280 + 448) and np.isfinite(regions.features).all()
 
 
 def test_missing_weights_file_names_the_file_and_the_fix(tmp_path):
