@@ -1,5 +1,6 @@
 """Shared fixtures: the real data in ../shared (or $VLPCACHE_SHARED), skipped with a reason where absent."""
 
+import errno
 import os
 from pathlib import Path
 
@@ -59,3 +60,36 @@ def msrvtt_dir() -> Path:
 @pytest.fixture(scope="session")
 def flickr_dir() -> Path:
     return _need(SHARED / "data" / "flickr8k")
+
+
+@pytest.fixture
+def unreadable(monkeypatch):
+    """make(path): take every permission from a file or folder (chmod 0). Root reads whatever the
+    permissions say, so where the tests run as root the answers the system gives everyone else are
+    given for that path where our code asks: os.access says no, os.scandir raises PermissionError."""
+    locked = []
+
+    def make(path: Path) -> Path:
+        path.chmod(0)
+        locked.append(path)
+        if os.geteuid() == 0 and len(locked) == 1:
+            access, scandir = os.access, os.scandir
+
+            def denied(p) -> bool:
+                return isinstance(p, (str, os.PathLike)) and any(os.fspath(p) == os.fspath(x) for x in locked)
+
+            def refused_access(p, mode, *args, **kwargs):
+                return False if denied(p) and mode != os.F_OK else access(p, mode, *args, **kwargs)
+
+            def refused_scandir(p="."):
+                if denied(p):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(p))
+                return scandir(p)
+
+            monkeypatch.setattr(os, "access", refused_access)
+            monkeypatch.setattr(os, "scandir", refused_scandir)
+        return path
+
+    yield make
+    for path in locked:
+        path.chmod(0o755)  # so that pytest can remove its temporary folders

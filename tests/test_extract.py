@@ -17,11 +17,12 @@ from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import SHARD_DIR
 from vlpcache.extract.sources import discover_items
 from vlpcache.files import file_sha256
+from waiting import HANG_GUARD_S
 
 SMALL_VIDEOS = ("tests_data_test.mp4", "bikes.mp4", "tree.avi", "cup.mp4")
 
 
-def vlpcache(*args, cwd, check=True, timeout=240):
+def vlpcache(*args, cwd, check=True, timeout=HANG_GUARD_S):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     result = subprocess.run([sys.executable, "-m", "vlpcache", *map(str, args)], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=timeout)
@@ -87,7 +88,7 @@ def test_a_rerun_with_nothing_left_to_do_loads_no_network(extracted, media):
     probe = ("import sys; from vlpcache.extract.runner import run_extract\n"
              f"summary = run_extract([{str(media)!r}], cache_dir={str(cache_dir)!r}, frames=4, quiet=True)\n"
              "print(summary.skipped_cached, 'torch' in sys.modules, 'onnxruntime' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=HANG_GUARD_S, check=True)
     assert result.stdout.split() == ["11", "False", "False"]
 
 
@@ -168,7 +169,7 @@ def test_two_shard_processes_fill_one_cache_together(media, tmp_path):
     procs = [subprocess.Popen([sys.executable, "-m", "vlpcache", "extract", str(media), "-o", str(cache_dir),
                                "--frames", "2", "--shard", f"{i}/2", "--quiet", "--workers", "1"],
                               cwd=tmp_path, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=240)[1] for p in procs]
+    outputs = [p.communicate(timeout=HANG_GUARD_S)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     # rows counted in the shard files themselves (the reader would hide an item stored twice): each
     # process stored exactly the items whose id hashes to its shard, and nothing else
@@ -208,7 +209,7 @@ def test_frcnn_extracts_with_a_saved_state_dict_and_fails_offline_without_one(tm
     assert cache[0]["frame_mask"].all() and cache[0]["region_mask"][:, 0].all()
 
     offline = subprocess.run([sys.executable, "-m", "vlpcache", "extract", str(root), "-o", str(tmp_path / "c2"),
-                              *map(str, arch)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                              *map(str, arch)], cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S,
                              env={**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "HTTPS_PROXY": "http://127.0.0.1:9"})
     assert offline.returncode == 2 and "Traceback" not in offline.stderr
     assert "--weights FILE" in offline.stderr.strip().splitlines()[-1]

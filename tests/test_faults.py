@@ -28,6 +28,7 @@ import pytest
 from test_extract import _assert_same_content
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import SHARD_DIR
+from waiting import HANG_GUARD_S
 
 ITEMS = 24
 # small, quick settings: 2-frame items, a shard every 2 items, YOLOX's own neck features (no second network)
@@ -43,7 +44,7 @@ def start_extract(root: Path, cache: Path, cwd: Path) -> subprocess.Popen:
                             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def extract(root: Path, cache: Path, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+def extract(root: Path, cache: Path, cwd: Path, timeout: float = HANG_GUARD_S) -> subprocess.CompletedProcess:
     proc = start_extract(root, cache, cwd)
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
@@ -68,7 +69,7 @@ def together(frames_root, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("together")
     started = time.monotonic()
     procs = [start_extract(frames_root, work / "cache", work) for _ in range(2)]
-    results = [p.communicate(timeout=300) for p in procs]
+    results = [p.communicate(timeout=HANG_GUARD_S) for p in procs]
     return {"cache": work / "cache", "procs": procs, "stderr": [err for _, err in results],
             "seconds": time.monotonic() - started}
 

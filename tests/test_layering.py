@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from waiting import HANG_GUARD_S
+
 PACKAGE = Path(__file__).resolve().parents[1] / "vlpcache"
 
 # what each stage may import; "shared" is every top-level module but the command table
@@ -110,7 +112,7 @@ def test_the_command_line_and_torch_free_modules_load_without_torch():
              "vlpcache.index.layout", "vlpcache.index.search", "vlpcache.serve.app", "vlpcache.serve.command",
              "vlpcache.serve.thumbnails"]
     probe = "import sys\n" + "".join(f"import {m}\n" for m in light) + "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 

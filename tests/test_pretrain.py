@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from vlpcache.model.data import find_caption_files, load_pretrain_data
 from vlpcache.model.run_layout import LOG_NAME
 from vlpcache.model.train import run_pretrain
 from vlpcache.workspace import Workspace
+from waiting import HANG_GUARD_S, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["dog", "cat", "car", "man", "woman", "ball", "kitchen", "street", "beach", "horse"]
@@ -289,8 +289,7 @@ def test_kill_9_after_an_epoch_then_resume_ends_with_the_weights_and_optimizer_s
     process = subprocess.Popen(_pretrain_command(corpus, tiny_text, run_dir, epochs, "--workers", "0"), env=dict(os.environ),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first_line = _let_one_log_line_through(run_dir / LOG_NAME, process)
-    while 1 not in ckpt.checkpoints(run_dir) and process.poll() is None:  # written right after the log line
-        time.sleep(0.02)
+    wait_until(lambda: 1 in ckpt.checkpoints(run_dir), alive=process)  # written right after the log line
     assert process.poll() is None, process.stderr.read().decode()
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -327,7 +326,7 @@ def test_torchrun_two_processes_on_cpu_with_gloo_trains_one_run(tmp_path, corpus
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         *_pretrain_command(corpus, tiny_text, run_dir, 1, "--val-captions", str(corpus["val"]))[1:],
     ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert len(records) == 1  # rank 0 alone writes

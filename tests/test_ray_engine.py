@@ -12,16 +12,17 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import ray  # the ray extra, part of the test extra
 
 from tests.test_extract import vlpcache
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import FAILURE_DIR, SHARD_DIR, SHARD_SUFFIX
+from waiting import HANG_GUARD_S, wait_until
 
 FRAMES = ("--frames", 2)
 EXACT = ("labels", "region_mask", "frame_mask", "timestamps", "frame_size", "duration")
@@ -30,7 +31,6 @@ FLOAT16_TOLERANCE = {"rtol": 2e-3, "atol": 2e-3}  # a couple of float16 steps
 
 @pytest.fixture(scope="module")
 def ray_address():
-    ray = pytest.importorskip("ray", reason='the ray engine needs Ray Data: pip install "vlpcache[ray]"')
     auth_mode = os.environ.get("RAY_AUTH_MODE")
     # a local instance turns on token authentication (Ray 2.59+) through RAY_AUTH_MODE in this process's
     # environment, which the drivers started below inherit, as drivers on a cluster must have it
@@ -110,13 +110,6 @@ def actor_pids(cache_dir: Path) -> set[int]:
     return pids
 
 
-def wait_for(condition, timeout=180.0):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return value
-
-
 def start_ray_extract(root: Path, cache_dir: Path, ray_address: str) -> subprocess.Popen:
     args = [root, "-o", cache_dir, *FRAMES, "--items-per-shard", 3, "--engine", "ray", "--ray-address", ray_address]
     return subprocess.Popen([sys.executable, "-m", "vlpcache", "extract", *map(str, args)], cwd=cache_dir.parent,
@@ -157,11 +150,11 @@ def test_a_killed_detector_actor_is_restarted_by_ray_and_every_item_lands_once(r
     cache_dir = tmp_path / "cache"
     driver = start_ray_extract(root, cache_dir, ray_address)
     try:
-        assert wait_for(lambda: shards(cache_dir) if cache_dir.exists() else None), "no shard committed"
+        assert wait_until(lambda: shards(cache_dir) if cache_dir.exists() else None, alive=driver), "no shard committed"
         (actor,) = actor_pids(cache_dir)
         committed_before_the_kill = len(RegionCache(cache_dir))
         os.kill(actor, signal.SIGKILL)
-        _, stderr = driver.communicate(timeout=240)
+        _, stderr = driver.communicate(timeout=HANG_GUARD_S)
     finally:
         driver.kill()
     assert driver.returncode == 0, stderr
@@ -178,14 +171,15 @@ def test_a_driver_killed_with_kill_9_resumes_without_redoing_committed_shards(ro
     cache_dir = tmp_path / "cache"
     driver = start_ray_extract(root, cache_dir, ray_address)
     try:
-        assert wait_for(lambda: len(shards(cache_dir)) >= 2 if cache_dir.exists() else None), "no shards committed"
+        assert wait_until(lambda: len(shards(cache_dir)) >= 2 if cache_dir.exists() else None, alive=driver), \
+            "no shards committed"
         actors = actor_pids(cache_dir)
         driver.send_signal(signal.SIGKILL)
         driver.wait()
     finally:
         driver.kill()
     # Ray ends a dead driver's actors; a re-run started while they still write would race with them
-    assert wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in actors), timeout=60)
+    assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in actors))
     committed = shards(cache_dir)
     partial = RegionCache(cache_dir)
     assert 0 < len(partial) < len(local), "the kill should land mid-run"
@@ -202,7 +196,7 @@ def test_a_driver_killed_with_kill_9_resumes_without_redoing_committed_shards(ro
 def test_without_ray_installed_the_ray_engine_is_one_line_naming_the_extra(tmp_path):
     blocked = ("import sys; sys.modules['ray'] = None; sys.argv = ['vlpcache', 'extract', '.', '--engine', 'ray']; "
                "from vlpcache.cli import main; main()")
-    result = subprocess.run([sys.executable, "-c", blocked], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", blocked], cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ['error: the ray engine needs Ray Data: pip install "vlpcache[ray]" '
                                                   '(or pip install "ray[data]")']
@@ -210,7 +204,6 @@ def test_without_ray_installed_the_ray_engine_is_one_line_naming_the_extra(tmp_p
 
 
 def test_an_address_where_no_ray_head_answers_is_one_line_and_writes_nothing(tmp_path, msrvtt_dir):
-    pytest.importorskip("ray", reason='the ray engine needs Ray Data: pip install "vlpcache[ray]"')
     with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
         probe.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{probe.getsockname()[1]}"

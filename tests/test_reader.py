@@ -1,18 +1,11 @@
 """Prefetch: the background iteration between the decoding workers and the detector."""
 
 import threading
-import time
 
 import pytest
 
 from vlpcache.extract.reader import Prefetch
-
-
-def wait_until(condition, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return condition()
+from waiting import HANG_GUARD_S, wait_until
 
 
 def test_prefetch_starts_consuming_before_anyone_iterates_and_yields_everything_in_order():
@@ -49,7 +42,7 @@ def test_leaving_early_stops_the_thread_and_closes_the_source():
 
     with Prefetch(source(), depth=2) as ahead:
         assert next(iter(ahead)) == 0
-    assert closed.wait(5)
+    assert closed.wait(HANG_GUARD_S)
     assert not any(t.name == "vlpcache-prefetch" and t.is_alive() for t in threading.enumerate())
 
 

@@ -4,7 +4,6 @@ folders; every bad input becomes an ItemError with a short reason."""
 from __future__ import annotations
 
 import io
-import os
 import sys
 from pathlib import Path
 
@@ -293,9 +292,18 @@ def test_file_removed_before_reading_gives_an_item_error(tmp_path):
         read_item(Item("gone", tmp_path / "gone.mp4", "video"), T, MAX_SIDE)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_unreadable_file_gives_permission_denied(tmp_path):
-    path = make_video(tmp_path / "locked.mp4", 3)
-    path.chmod(0)
-    with pytest.raises(ItemError, match="permission denied"):
-        read_item(video(path), T, MAX_SIDE)
+@pytest.mark.parametrize("kind", ["video", "image", "frames"])
+def test_an_unreadable_file_or_frames_folder_gives_permission_denied(tmp_path, unreadable, kind):
+    if kind == "video":
+        path = make_video(tmp_path / "locked.mp4", 3)
+    else:
+        folder = tmp_path / "frames"
+        folder.mkdir()
+        for n in range(2):
+            Image.new("RGB", (32, 24), (n * 90, 0, 0)).save(folder / f"{n}.png")
+        path = folder if kind == "frames" else folder / "0.png"
+    read_item(Item("locked", path, kind), T, MAX_SIDE)  # readable before
+    unreadable(path)
+    reason = "cannot read folder: permission denied" if kind == "frames" else "permission denied"
+    with pytest.raises(ItemError, match=f"^{reason}$"):
+        read_item(Item("locked", path, kind), T, MAX_SIDE)

@@ -22,6 +22,7 @@ from vlpcache.index.layout import read_meta
 from vlpcache.index.rerank import query_words
 from vlpcache.model.checkpoint import load_run
 from vlpcache.model.train import run_pretrain
+from waiting import HANG_GUARD_S
 
 ITEMS = 24
 
@@ -368,7 +369,7 @@ def test_search_with_an_exported_index_never_imports_torch(ws, monkeypatch, caps
     probe = ("import sys; from vlpcache.cli import main; sys.argv = ['vlpcache', 'search', 'a dog', '-k', '2']\n"
              "try:\n    main()\nexcept SystemExit:\n    pass\n"
              "print('torch' in sys.modules, 'transformers' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "False False"
     assert "query: a dog" in result.stdout
@@ -428,7 +429,7 @@ def test_exported_npy_and_ids_are_the_index_embeddings_in_order(ws, tmp_path):
 
 
 def test_exported_parquet_holds_id_path_and_embedding(ws, tmp_path, monkeypatch, capsys):
-    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed (pip install pyarrow)")
+    import pyarrow.parquet as pq  # of the test extra (and the parquet one)
     code, _, err = vlpcache(monkeypatch, capsys, "index", "--export", tmp_path / "videos.parquet")
     assert code == 0 and f"exported {ITEMS} embeddings" in err
     table = pq.read_table(tmp_path / "videos.parquet").to_pydict()
@@ -446,7 +447,7 @@ def test_importing_vlpcache_loads_neither_faiss_nor_onnxruntime():
     import subprocess
 
     probe = "import sys, vlpcache; print(sorted(m for m in ('faiss', 'onnxruntime', 'torch') if m in sys.modules))"
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.stdout.strip() == "[]", result.stderr
 
 

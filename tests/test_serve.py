@@ -10,16 +10,16 @@ import http.client
 import io
 import json
 import os
-import selectors
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import selenium.webdriver as webdriver
+import starlette.testclient as starlette_testclient  # needs httpx, of the test extra
 from PIL import Image
 
 from conftest import SHARED
@@ -30,8 +30,8 @@ from vlpcache.cli import main
 from vlpcache.extract.sampling import read_frames_at
 from vlpcache.extract.sources import Item
 from vlpcache.model.train import run_pretrain
+from waiting import HANG_GUARD_S
 
-starlette_testclient = pytest.importorskip("starlette.testclient", reason="starlette or httpx is not installed")
 
 ITEMS = 24
 MISSING = 23  # the item whose source does not exist
@@ -233,7 +233,7 @@ def test_serving_with_an_exported_index_never_imports_torch(ws):
              "assert c.get('/api/search', params={'q': 'a dog'}).status_code == 200\n"
              "assert c.get('/media/frame', params={'id': 'v0', 't': 0}).status_code == 200\n"
              "print('torch' in sys.modules, 'transformers' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=HANG_GUARD_S,
                             env={**os.environ, "VLPCACHE_WORKSPACE": str(ws)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "False"]
@@ -249,26 +249,20 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vlpcache", "serve", "--port", "0", *args], cwd=ws.parent,
             env={**os.environ, "VLPCACHE_WORKSPACE": str(ws)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.url = self._read_url(timeout=120)
+        self.url = self._read_url()
         self.host, self.port = self.url.split("/")[2].rsplit(":", 1)
 
-    def _read_url(self, timeout: float) -> str:
-        selector = selectors.DefaultSelector()
-        selector.register(self.process.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if selector.select(timeout=1):
-                line = self.process.stdout.readline()
-                if line.startswith("serving "):
-                    return line.split(" at ")[1].split()[0]
-                if not line:
-                    break
+    def _read_url(self) -> str:
+        """The address of the "serving ... at URL" line; no clock: the output ends if the server dies first."""
+        for line in self.process.stdout:
+            if line.startswith("serving "):
+                return line.split(" at ")[1].split()[0]
         self.stop()
         raise AssertionError(f"vlpcache serve did not start: {self.process.stderr.read()}")
 
     def get(self, raw_path: str) -> tuple[int, dict, bytes]:
         """GET with the path sent exactly as written (no client-side normalisation of ../ or %2e)."""
-        connection = http.client.HTTPConnection(self.host, int(self.port), timeout=30)
+        connection = http.client.HTTPConnection(self.host, int(self.port), timeout=HANG_GUARD_S)
         try:
             connection.putrequest("GET", raw_path, skip_accept_encoding=True)
             connection.endheaders()
@@ -342,7 +336,7 @@ def test_a_port_in_use_is_one_line_error(ws, server):
 
 def _run_cli(ws: Path, *args) -> tuple[int, str, str]:
     result = subprocess.run([sys.executable, "-m", "vlpcache", *map(str, args)], capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "VLPCACHE_WORKSPACE": str(ws)})
+                            timeout=HANG_GUARD_S, env={**os.environ, "VLPCACHE_WORKSPACE": str(ws)})
     return result.returncode, result.stdout, result.stderr
 
 
@@ -351,7 +345,6 @@ def _run_cli(ws: Path, *args) -> tuple[int, str, str]:
 
 def chromium_driver(tmp_path: Path):
     """Debian's chromium through its chromedriver (nothing downloaded), or a skip with the reason."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
     from selenium.webdriver.chrome.service import Service
 
     browser, driver = shutil.which("chromium"), shutil.which("chromedriver")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 
 from vlpcache.extract.sources import (
     IMAGE_EXTENSIONS,
@@ -131,16 +130,13 @@ def test_broken_symlink_with_media_extension_is_reported(tmp_path):
     assert items == [] and problems == [(str(tmp_path / "link.mp4"), "broken symbolic link; skipped")]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads folders whatever their permissions")
-def test_unreadable_folder_is_reported_and_the_rest_is_walked(tmp_path):
+def test_unreadable_folder_is_reported_and_the_rest_is_walked(tmp_path, unreadable):
     touch(tmp_path / "ok.mp4")
     locked = tmp_path / "locked"
     touch(locked / "x.mp4")
-    locked.chmod(0)
-    try:
-        items, problems = discover_items([tmp_path])
-    finally:
-        locked.chmod(0o755)
+    assert sorted(i.id for i in discover_items([tmp_path])[0]) == ["locked/x", "ok"]
+    unreadable(locked)
+    items, problems = discover_items([tmp_path])
     assert [i.id for i in items] == ["ok"]
     assert problems == [(str(locked), "cannot read folder: permission denied; skipped")]
 

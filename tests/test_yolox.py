@@ -104,7 +104,6 @@ def test_missing_weights_file_names_the_file_and_the_fix(tmp_path):
 
 
 def test_torch_runtime_of_the_gpu_path_matches_onnxruntime_on_cpu(detector, people_frame, models_dir):
-    pytest.importorskip("onnx2torch", reason="onnx2torch converts the YOLOX graph for the torch runtime")
     torch_detector = YoloxDetector(YoloxConfig(backbone="mobilenet_v2+neck", runtime="torch"), models=str(models_dir))
     assert torch_detector.runtime == "torch" and detector.runtime == "onnxruntime"
     for ours, reference in zip(torch_detector.detect([people_frame], 30), detector.detect([people_frame], 30)):

@@ -1,6 +1,7 @@
 """The YOLOX ONNX graph converted to torch gives onnxruntime's outputs on a real frame."""
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
@@ -8,10 +9,7 @@ from PIL import Image
 from vlpcache.extract.detectors.yolox import YOLOX_FILE, letterbox
 from vlpcache.extract.detectors.yolox_graph import batched_onnx
 
-pytest.importorskip("onnx2torch", reason="onnx2torch is needed only for the yolox detector on CUDA")
-ort = pytest.importorskip("onnxruntime")
-
-from vlpcache.extract.detectors.yolox_torch import yolox_torch_module  # noqa: E402
+from vlpcache.extract.detectors.yolox_torch import yolox_torch_module
 
 
 @pytest.fixture(scope="module")
