@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from vlpcache.cache.reader import RegionCache
-from vlpcache.cache.schema import LOCK_DIR, MANIFEST_NAME, SCHEMA_VERSION, SHARD_DIR, CacheSettings, empty_item
+from vlpcache.cache.schema import LOCK_DIR, MANIFEST_NAME, SCHEMA_VERSION, SHARD_DIR, SHARD_SECONDS, CacheSettings, empty_item
 from vlpcache.cache.manifest import read_failures
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
+from waiting import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = CacheSettings(frames=3, regions=4, feature_dim=8, detector="test", detector_weights_sha256="d" * 64,
@@ -117,6 +118,23 @@ def test_shards_commit_after_max_items_and_reader_sees_union(tmp_path):
     write_items(tmp_path, ["w0", "w1"], writer_name="s1of2")
     assert len(list((tmp_path / SHARD_DIR).glob("*.h5"))) == 4
     assert sorted(RegionCache(tmp_path).ids) == sorted([f"v{i}" for i in range(5)] + ["w0", "w1"])
+
+
+def test_a_shard_is_committed_once_its_time_is_up_however_few_items_it_holds(tmp_path):
+    def shard_files(cache_dir):
+        return sorted(p.name for p in (cache_dir / SHARD_DIR).iterdir())
+
+    with ShardWriter(tmp_path / "due", SETTINGS, max_items=100, max_seconds=0.0) as writer:  # always due
+        for i in range(3):
+            writer.add(f"v{i}", "/v", "video", random_item(i))
+            assert shard_files(tmp_path / "due") == [f"s0of1-{n:05d}.h5" for n in range(i + 1)]  # no .tmp left
+        assert writer.pending_items == 0
+    with ShardWriter(tmp_path / "later", SETTINGS, max_items=100, max_seconds=HANG_GUARD_S) as writer:  # never due
+        for i in range(3):
+            writer.add(f"v{i}", "/v", "video", random_item(i))
+        assert shard_files(tmp_path / "later") == ["s0of1-00000.h5.tmp"] and writer.pending_items == 3
+    assert shard_files(tmp_path / "later") == ["s0of1-00000.h5"] and len(RegionCache(tmp_path / "later")) == 3
+    assert SHARD_SECONDS == 120  # the README's "a shard is also committed every 2 minutes"
 
 
 def start_writer_and_stop_mid_shard(cache_dir, writer_name="s0of1") -> subprocess.Popen:
