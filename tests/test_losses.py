@@ -122,6 +122,30 @@ def test_masked_words_and_regions_take_no_attention_and_no_score():
     assert details.word_scores[2] < 0.5 and details.word_scores[0] > 0.95
 
 
+def test_padded_words_and_regions_enter_no_mean():
+    words, regions = basis(0, 1, 2), basis(0, 1, 5)
+    alone = region_word_alignment(words[:2], torch.ones(2, dtype=torch.bool), regions[:2], torch.ones(2, dtype=torch.bool), LAM)
+    # the same text and video with a third word and a third region, both padding (positions kept, not packed)
+    padded = region_word_alignment(words, torch.tensor([True, True, False]), regions, torch.tensor([True, True, False]), LAM)
+    assert math.isclose(alone.word_to_region.item(), 1.0, abs_tol=1e-4)  # each real word finds its region: mean 1
+    assert torch.allclose(padded.word_to_region, alone.word_to_region, atol=1e-6)
+    assert torch.allclose(padded.region_to_word, alone.region_to_word, atol=1e-6)
+
+
+def test_region_word_loss_is_the_mean_of_its_text_to_video_and_video_to_text_cross_entropies():
+    words, word_mask, regions, region_mask = aligned_batch(batch=4, noise=0.6, seed=2)
+    regions[0] = regions[1]  # video 0 shows what text 1 says: S_loc is not symmetric
+    scores = region_word_score(words, word_mask, regions, region_mask, LAM)  # (texts, videos)
+    scale = 5.0
+    text_to_video = -torch.stack([torch.log_softmax(scale * scores[b], 0)[b] for b in range(4)]).mean()
+    video_to_text = -torch.stack([torch.log_softmax(scale * scores[:, b], 0)[b] for b in range(4)]).mean()
+    assert abs(text_to_video - video_to_text) > 0.05  # the two directions differ here
+    text = SimpleNamespace(words=words, word_mask=word_mask)
+    video = SimpleNamespace(regions=regions, region_mask=region_mask)
+    loss = RegionWordLoss(LAM)(text, video, torch.eye(4), torch.tensor(scale))
+    assert torch.allclose(loss, (text_to_video + video_to_text) / 2, atol=1e-5)
+
+
 def test_region_word_loss_gradient_reaches_real_tokens_only():
     words, word_mask, regions, region_mask = aligned_batch(noise=0.3)
     words, word_mask = pad(words, word_mask, 2)

@@ -168,6 +168,17 @@ def test_a_validation_set_where_every_weight_ranks_alike_stores_the_smallest(tmp
     assert meta["rerank_weight"] == min(RERANK_WEIGHTS)
 
 
+def test_learning_rate_warms_up_linearly_from_the_first_step_then_follows_a_cosine_to_zero():
+    from vlpcache.model.train import learning_rate_factor
+
+    # 4 warmup steps of 12: a quarter more each step, the full rate at the 4th
+    assert [learning_rate_factor(step, 12, 4) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    # then cos over the 8 steps left: 1 at their start, 1/2 halfway (step 8), 0 at the end and after
+    assert learning_rate_factor(4, 12, 4) == 1.0 and learning_rate_factor(8, 12, 4) == pytest.approx(0.5)
+    assert learning_rate_factor(6, 12, 4) == pytest.approx((1 + np.cos(np.pi / 4)) / 2)
+    assert learning_rate_factor(12, 12, 4) == pytest.approx(0.0) and learning_rate_factor(20, 12, 4) == pytest.approx(0.0)
+
+
 def test_run_without_checkpoint_is_a_user_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UserError, match="no checkpoint"):
@@ -295,8 +306,11 @@ def test_kill_9_after_an_epoch_then_resume_ends_with_the_weights_and_optimizer_s
     process.wait()
     process.stderr.close()
     assert list(ckpt.checkpoints(run_dir)) == [1] and json.loads(first_line)["epoch"] == 1
-    (run_dir / LOG_NAME).unlink()  # the FIFO becomes the file the run would have left
-    (run_dir / LOG_NAME).write_text(first_line)
+    # the FIFO becomes the log a kill after epoch 2's log line, before its checkpoint, leaves: resume drops
+    # that line (epoch 2 is trained again), and a partial last line too
+    second_line = json.dumps({**json.loads(first_line), "epoch": 2}) + "\n"
+    (run_dir / LOG_NAME).unlink()
+    (run_dir / LOG_NAME).write_text(first_line + second_line + second_line[:20])
 
     summary = run_pretrain(run_dir=run_dir, resume=True, quiet=True, device="cpu")
     assert summary["trained_epochs"] == epochs - 1 and f"resuming {run_dir} after epoch 1" in capsys.readouterr().err

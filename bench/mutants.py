@@ -1,0 +1,302 @@
+"""Mutation check: does the test suite fail when a promise breaks?
+
+    nice -n 10 python bench/mutants.py                  # every mutant; one line each, then "killed N of M"
+    python bench/mutants.py --list                      # the mutants and the tests each is run against
+    python bench/mutants.py --only resume-no-rng ...    # some of them (names, or prefixes such as "index-")
+
+Each mutant is one small bug planted in the project's own code: a piece of text that must occur
+exactly once in one file, replaced by another. The working tree (tracked and untracked files, not
+the ignored ones) is copied once to a temporary folder; each mutant is applied to the copy, the
+tests that should catch it are run there (`python -m pytest -x` with PYTHONPATH pointing at the
+copy, so that the commands the tests start run the mutated code too), and the file is restored. A
+mutant is killed when those tests fail; it survives when they pass. A mutant whose text no longer
+occurs is "stale": the code changed and the mutant must be updated, which counts as a failure of
+this check too. Before the mutants, the tests of every mutant are run once on the unmutated copy:
+they must pass, or no verdict means anything.
+
+Not part of the default test suite (it runs the tests once per mutant: about 10-20 minutes on 2
+cores). Exit status 0 when every mutant is killed. The figure goes into BENCHMARKS.md (Testing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # relative to the repository
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: files, node ids, -k expressions
+    breaks: str  # the promise it breaks, in a few words
+
+
+def mutant(name, file, old, new, tests, breaks) -> Mutant:
+    return Mutant(name, file, old, new, tuple(shlex.split(tests)), breaks)
+
+
+MUTANTS = [
+    # ------------------------------------------------ the bugs of issue 15 (most of them survived then)
+    mutant("extract-shard-ignored", "vlpcache/extract/runner.py",
+           "if shard_of(item.id, shard_count) != shard_index:", "if False:",
+           "tests/test_extract.py::test_two_shard_processes_fill_one_cache_together",
+           "--shard i/n: every process takes every item"),
+    mutant("resume-no-weights", "vlpcache/model/train.py",
+           "        ckpt.load_weights(model, last[max(last)])\n", "        pass\n",
+           "tests/test_pretrain.py -k kill_9", "--resume restores the weights"),
+    mutant("resume-no-optimizer", "vlpcache/model/train.py",
+           '        optimizer.load_state_dict(state["optimizer"])\n', "        pass\n",
+           "tests/test_pretrain.py -k kill_9", "--resume restores the optimizer state"),
+    mutant("resume-no-rng", "vlpcache/model/train.py",
+           '        ckpt.set_rng_state(state["rng"][min(processes.rank, len(state["rng"]) - 1)])\n', "        pass\n",
+           "tests/test_pretrain.py -k kill_9", "--resume restores the random state"),
+    mutant("search-rerank-other-regions", "vlpcache/index/search.py",
+           "self.index.regions.gather(rows)", "self.index.regions.gather(rows[1:] + rows[:1])",
+           "tests/test_search.py -k own_regions", "a candidate is re-ranked on its own regions"),
+    mutant("index-region-offsets-after-add", "vlpcache/index/region_store.py",
+           "self.offsets[-1] + other.offsets[1:]", "other.offsets[1:]",
+           "tests/test_index_faiss.py -k region_store", "region offsets after an incremental add"),
+    mutant("metrics-ties-for-the-query", "vlpcache/metrics.py",
+           "np.count_nonzero(row[others] >= best)", "np.count_nonzero(row[others] > best)",
+           "tests/test_metrics.py", "ties count against the query"),
+    mutant("metrics-r5-counts-rank-4", "vlpcache/metrics.py",
+           '"R@5": 100.0 * float(np.mean(ranks <= 5))', '"R@5": 100.0 * float(np.mean(ranks <= 4))',
+           "tests/test_metrics.py", "R@5 counts ranks 1 to 5"),
+    mutant("rerank-weight-fixed", "vlpcache/model/train.py",
+           "return max(RERANK_WEIGHTS, key=lambda w: (selection_score(scored[w]), -w)), scored",
+           "return 2.0, scored",
+           "tests/test_pretrain.py -k rerank_weight", "the re-rank weight is chosen on validation"),
+    mutant("rerank-weight-not-stored", "vlpcache/model/train.py",
+           '"rerank_weight": val.get("rerank_weight", run.model.rerank_weight)', '"rerank_weight": run.model.rerank_weight',
+           "tests/test_pretrain.py -k every_weight", "the chosen weight is stored with the checkpoint"),
+    mutant("captions-csv-dropped", "vlpcache/captions.py",
+           "        for row in reader:\n", "        for row in []:\n",
+           "tests/test_captions.py", "CSV caption files are read"),
+    mutant("captions-split-ignored", "vlpcache/model/data.py",
+           "    if not captions.splits:\n        return captions, 0\n", "    if True:\n        return captions, 0\n",
+           "tests/test_captions.py", "the split key keeps val/test items out of training"),
+    mutant("captions-no-default-val", "vlpcache/model/data.py",
+           "validation_file = found_validation = find_validation_file(caption_files)",
+           "validation_file = found_validation = None",
+           "tests/test_captions.py", "val.jsonl beside the training captions validates"),
+    mutant("ddp-gather-no-all-reduce", "vlpcache/model/losses.py",
+           "        dist.all_reduce(grad)\n", "        pass\n",
+           "tests/test_losses.py -k gloo", "gradients of all-gathered negatives reach every process"),
+]
+
+MUTANTS += [
+    # ------------------------------------------------ extract
+    mutant("extract-segment-starts", "vlpcache/extract/sampling.py",
+           "return [(k + 0.5) * step for k in range(num_frames)]", "return [k * step for k in range(num_frames)]",
+           "tests/test_sampling.py", "frames at the centres of equal segments"),
+    mutant("extract-no-nms", "vlpcache/extract/detectors/regions.py",
+           "kept = nms(boxes[keep].float(), scores[keep].float(), nms_iou)",
+           "kept = torch.argsort(scores[keep], descending=True)",
+           "tests/test_yolox.py tests/test_frcnn.py", "class-agnostic NMS"),
+    mutant("extract-plain-name-order", "vlpcache/extract/sources.py",
+           "return tuple(int(p) if i % 2 else p.casefold() for i, p in enumerate(parts)), name", "return (), name",
+           "tests/test_sources.py", "frames in natural name order (2.jpg before 10.jpg)"),
+    mutant("extract-cached-not-skipped", "vlpcache/extract/runner.py",
+           "        if item.id in cache:\n", "        if False:\n",
+           "tests/test_extract.py -k rerun_skips", "items already cached are skipped"),
+    mutant("extract-failed-retried-always", "vlpcache/extract/runner.py",
+           "elif item.id in failed_before and not options.retry_failed:", "elif False:",
+           "tests/test_extract.py -k broken_files", "failed items are retried only with --retry-failed"),
+    # ------------------------------------------------ cache
+    mutant("cache-no-timed-commit", "vlpcache/cache/writer.py",
+           "if self._count >= self.max_items or time.monotonic() - self._opened_at >= self.max_seconds:",
+           "if self._count >= self.max_items:",
+           "tests/test_cache.py -k time_is_up", "a shard is also committed every 2 minutes"),
+    mutant("cache-partial-failure-line-kept", "vlpcache/cache/writer.py",
+           '            if self._file.read(1) != b"\\n":\n', "            if False:\n",
+           "tests/test_cache.py -k partial_last_line", "a failure log survives a kill mid-line"),
+    mutant("cache-settings-compare-nothing", "vlpcache/cache/schema.py",
+           "for k in mine if mine[k] != theirs.get(k)]", "for k in mine if False]",
+           "tests/test_cache.py -k different_settings", "a cache of other settings is refused"),
+    mutant("cache-second-writer-not-refused", "vlpcache/cache/writer.py",
+           "    if lock is None:\n        holder = holder_of(path)\n", "    if False:\n        holder = holder_of(path)\n",
+           "tests/test_cache.py -k second_writer", "one writer per shard set"),
+    # ------------------------------------------------ model
+    mutant("model-no-focal-filter", "vlpcache/model/losses.py",
+           "keep = (attention > 1.0 / count) | (attention >= attention.amax(dim, keepdim=True))", "keep = valid",
+           "tests/test_losses.py -k focal", "region-word attention is focal"),
+    mutant("model-padding-in-word-mean", "vlpcache/model/losses.py",
+           "return (values * valid).sum(-1) / valid.sum(-1).clamp_min(1)", "return values.mean(-1)",
+           "tests/test_losses.py -k no_mean", "padding enters no mean"),
+    mutant("model-contrastive-one-direction", "vlpcache/model/losses.py",
+           "        return (t2v + v2t) / 2\n", "        return t2v\n",
+           "tests/test_losses.py -k contrastive", "video-text InfoNCE in both directions"),
+    mutant("model-rwa-loss-one-direction", "vlpcache/model/losses.py",
+           "return (F.cross_entropy(logits_t2v, labels) + F.cross_entropy(logits_v2t, labels)) / 2",
+           "return F.cross_entropy(logits_t2v, labels)",
+           "tests/test_losses.py -k region_word_loss", "the region-word loss in both directions"),
+    mutant("model-warmup-starts-at-zero", "vlpcache/model/train.py",
+           "        return (step + 1) / warmup\n", "        return step / warmup\n",
+           "tests/test_pretrain.py -k learning_rate", "warmup reaches its rate from the first step"),
+    mutant("model-resume-keeps-lost-log-lines", "vlpcache/model/train.py",
+           "kept = [line for line in lines if _logged_epoch(line) <= epoch]", "kept = lines",
+           "tests/test_pretrain.py -k kill_9", "resume drops the log lines of epochs it redoes"),
+    mutant("model-captions-never-advance", "vlpcache/model/data.py",
+           "start = max(0, self.epoch - 1) * self.captions_per_video", "start = 0",
+           "tests/test_pretrain.py -k walks", "every caption is used over the epochs"),
+    mutant("model-held-out-files-trained", "vlpcache/model/data.py",
+           "            if path.stem.lower() in HELD_OUT_STEMS:\n                continue\n", "",
+           "tests/test_captions.py", "val/test caption files are never trained on by default"),
+    # ------------------------------------------------ index
+    mutant("index-never-exact", "vlpcache/index/faiss_index.py",
+           "    if n <= config.exact_limit:\n", "    if False:\n",
+           "tests/test_index_faiss.py", "small collections get exact search"),
+    mutant("index-foreign-checkpoint-accepted", "vlpcache/index/layout.py",
+           "    diffs = source_differences(meta.to_json(), checkpoint_sha256, cache_settings)\n    if diffs:\n",
+           "    diffs = source_differences(meta.to_json(), checkpoint_sha256, cache_settings)\n    if False:\n",
+           "tests/test_index_faiss.py -k refused", "an index of another checkpoint is refused"),
+    mutant("index-rerank-ascending", "vlpcache/index/search.py",
+           "order = np.argsort(-score[0], kind=\"stable\")[:k]", "order = np.argsort(score[0], kind=\"stable\")[:k]",
+           "tests/test_search.py -k rerank_orders", "re-ranked results best first"),
+    mutant("index-querybank-grows-wrong", "vlpcache/index/build.py",
+           "bank.extended(index.embeddings[len(index) - added :])", "bank.extended(index.embeddings[:added])",
+           "tests/test_search.py -k qbnorm_ranks", "the query bank grows exactly with the index"),
+    # ------------------------------------------------ command line error paths
+    mutant("cli-user-error-exit-1", "vlpcache/cli.py",
+           '        click.echo(f"error: {err}", err=True)\n        exit_now(2)\n',
+           '        click.echo(f"error: {err}", err=True)\n        exit_now(1)\n',
+           "tests/test_user_errors.py", "a user error exits with status 2"),
+    mutant("cli-empty-query-accepted", "vlpcache/index/search.py",
+           "        if not text.strip():\n            raise UserError('empty query",
+           "        if False:\n            raise UserError('empty query",
+           "tests/test_search.py -k empty_query", "an empty query is one line"),
+    mutant("cli-utf8-line-off-by-one", "vlpcache/files.py",
+           "line = data.count(b\"\\n\", 0, start) + 1", "line = data.count(b\"\\n\", 0, start)",
+           "tests/test_user_errors.py", "a non-UTF-8 file names its line"),
+    mutant("cli-os-error-traceback", "vlpcache/cli.py",
+           "        if err.errno not in ENVIRONMENT_ERRORS:\n            raise\n",
+           "        raise\n",
+           "tests/test_user_errors.py tests/test_faults.py -k 'read_only or full_disk or user_error'",
+           "what the system says about disks and paths is one line"),
+    mutant("cli-cuda-without-gpu-accepted", "vlpcache/devices.py",
+           '    if device == "cuda" and not torch.cuda.is_available():\n', "    if False:\n",
+           "tests/test_extract.py -k device_cuda", "--device cuda without a GPU is one line"),
+]
+
+
+def repository_files(repo: Path) -> list[str]:
+    """The working tree's files: tracked and untracked, not ignored ones (no venv, no caches)."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=repo,
+                            capture_output=True, check=True).stdout.decode()
+    return sorted({name for name in listed.split("\0") if name and (repo / name).is_file()})
+
+
+def copy_tree(repo: Path, to: Path) -> None:
+    for name in repository_files(repo):
+        (to / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(repo / name, to / name)
+
+
+def environment(copy: Path) -> dict:
+    shared = os.environ.get("VLPCACHE_SHARED") or str((REPO.parent / "shared").resolve())
+    return {**os.environ, "PYTHONPATH": str(copy), "VLPCACHE_SHARED": shared, "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def run_tests(copy: Path, tests: tuple[str, ...], stop_at_first: bool = True) -> tuple[int, str, float]:
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *(["-x"] if stop_at_first else []),
+               *tests]
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=copy, env=environment(copy), capture_output=True, text=True)
+    return result.returncode, result.stdout + result.stderr, time.monotonic() - started
+
+
+def check_copy_is_imported(copy: Path) -> None:
+    probe = subprocess.run([sys.executable, "-c", "import vlpcache; print(vlpcache.__file__)"], cwd=copy / "tests",
+                           env=environment(copy), capture_output=True, text=True, check=True)
+    if not Path(probe.stdout.strip()).resolve().is_relative_to(copy.resolve()):
+        raise SystemExit(f"the copy's vlpcache is not the one imported ({probe.stdout.strip()}); check PYTHONPATH")
+
+
+def last_line(output: str) -> str:
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def apply(copy: Path, m: Mutant) -> str | None:
+    """Write the mutated file into the copy; returns its original text, or None when the mutant is stale."""
+    path = copy / m.file
+    original = path.read_text()
+    if original.count(m.old) != 1:
+        return None
+    path.write_text(original.replace(m.old, m.new))
+    return original
+
+
+def selected(names: list[str] | None) -> list[Mutant]:
+    if not names:
+        return MUTANTS
+    chosen = [m for m in MUTANTS if any(m.name == n or m.name.startswith(n) for n in names)]
+    if not chosen:
+        raise SystemExit(f"no mutant named {', '.join(names)}; see --list")
+    return chosen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="mutants by name or name prefix")
+    parser.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the run of the tests on unmutated code")
+    args = parser.parse_args()
+    mutants = selected(args.only)
+    names = [m.name for m in MUTANTS]
+    assert len(set(names)) == len(names), "mutant names must be unique"
+    if args.list:
+        for m in mutants:
+            print(f"{m.name:36s} {m.file}: {m.breaks}\n{'':36s} tests: {' '.join(m.tests)}")
+        return
+
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="vlpcache-mutants-") as folder:
+        copy = Path(folder) / "repo"
+        copy_tree(REPO, copy)
+        check_copy_is_imported(copy)
+        print(f"{len(mutants)} mutants of {REPO} (copied to {copy})", flush=True)
+        stale = [m for m in mutants if (copy / m.file).read_text().count(m.old) != 1]
+        if not args.no_baseline:
+            for tests in dict.fromkeys(m.tests for m in mutants if m not in stale):
+                code, output, seconds = run_tests(copy, tests, stop_at_first=False)
+                if code != 0:
+                    raise SystemExit(f"the tests fail without any mutant ({' '.join(tests)}): {last_line(output)}\n"
+                                     f"{output[-3000:]}")
+            print(f"baseline: the tests of every mutant pass on the unmutated code ({time.monotonic() - started:.0f} s)",
+                  flush=True)
+        killed = 0
+        for m in mutants:
+            original = apply(copy, m)
+            if original is None:
+                print(f"STALE     {m.name}: its text no longer occurs once in {m.file}; update the mutant", flush=True)
+                continue
+            try:
+                code, output, seconds = run_tests(copy, m.tests)
+            finally:
+                (copy / m.file).write_text(original)
+            if code == 1:  # a test failed
+                killed += 1
+                print(f"killed    {m.name} ({seconds:.0f} s): {m.breaks}", flush=True)
+            else:  # 0: all passed; 2-5: interrupted, internal or usage error, no tests collected
+                print(f"SURVIVED  {m.name} ({seconds:.0f} s, pytest exit {code}): {m.breaks}\n"
+                      f"          {' '.join(m.tests)}: {last_line(output)}", flush=True)
+    print(f"killed {killed} of {len(mutants)} ({time.monotonic() - started:.0f} s)")
+    sys.exit(0 if killed == len(mutants) else 1)
+
+
+if __name__ == "__main__":
+    main()
