@@ -192,6 +192,53 @@ MUTANTS += [
 ]
 
 
+MUTANTS += [
+    # ------------------------------------------------ more of every stage
+    mutant("extract-mapper-first-items-regions", "vlpcache/extract/mapper.py",
+           "            start += count\n", "",
+           "tests/test_extract.py -k own_frames", "each item gets its own frames' regions"),
+    mutant("extract-boxes-normalised-by-height-width-swapped", "vlpcache/extract/detectors/yolox.py",
+           "torch.tensor([w, h, w, h])", "torch.tensor([h, w, h, w])",
+           "tests/test_yolox.py -k mirrored", "boxes normalised x by width, y by height"),
+    mutant("extract-padding-regions-unmasked", "vlpcache/extract/detectors/regions.py",
+           '    out["region_mask"][:n] = True\n', '    out["region_mask"][:] = True\n',
+           "tests/test_yolox.py -k packing", "padding regions are masked"),
+    mutant("cache-temporary-shards-read", "vlpcache/cache/reader.py",
+           'sorted((self.cache_dir / SHARD_DIR).glob(f"*{SHARD_SUFFIX}"))',
+           'sorted((self.cache_dir / SHARD_DIR).glob(f"*{SHARD_SUFFIX}*"))',
+           "tests/test_cache.py -k temporary_name", "a shard being written is invisible to readers"),
+    mutant("cache-duplicate-id-kept-twice", "vlpcache/cache/reader.py",
+           "                if item_id in seen:  # only if two writers", "                if False:  # only if two writers",
+           "tests/test_cache.py -k two_writers", "every id once in the reader"),
+    mutant("model-best-checkpoint-removed", "vlpcache/model/checkpoint.py",
+           "if old_epoch < epoch and old_epoch != (best or {}).get(\"epoch\"):", "if old_epoch < epoch:",
+           "tests/test_pretrain.py -k every_weight", "the best checkpoint is kept"),
+    mutant("model-load-run-takes-last-not-best", "vlpcache/model/run_layout.py",
+           '        if best and best.get("epoch") in found:\n            return found[best["epoch"]]\n', "",
+           "tests/test_pretrain.py -k every_weight", "a run loads its best checkpoint by validation"),
+    mutant("model-frame-place-by-slot", "vlpcache/model/model.py",
+           "    rank = real.cumsum(1) - real  # (B, T) k for the k-th real frame\n",
+           "    rank = torch.arange(real.shape[1], dtype=real.dtype).expand_as(real)\n",
+           "tests/test_model.py", "frame places among the real frames, not slots"),
+    mutant("index-querybank-hubs-ignored", "vlpcache/querybank.py",
+           "return np.where(self.hubs[best][:, None], normalised, similarity)", "return normalised",
+           "tests/test_querybank.py", "QB-Norm normalises only rows whose best video is a hub"),
+    mutant("index-tuning-ignores-the-target", "vlpcache/index/faiss_index.py",
+           "        if recall >= config.target_recall:\n", "        if True:\n",
+           "tests/test_index_faiss.py", "search parameters tuned to the target recall"),
+    mutant("serve-k-unbounded", "vlpcache/serve/app.py",
+           'k = _int_param(request, "k", DEFAULT_K, 1, MAX_K)', 'k = _int_param(request, "k", DEFAULT_K, 1, 10**9)',
+           "tests/test_serve.py -k 'limit or k_ or bad'", "the API answers at most 100 results"),
+    mutant("cli-names-not-escaped", "vlpcache/report.py",
+           'return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))',
+           "return str(text)",
+           "tests/test_search.py -k control_characters", "ids with control characters are escaped for people"),
+    mutant("cli-nothing-processable-exits-0", "vlpcache/extract/progress.py",
+           "return self.done > 0 or self.skipped_cached > 0 or self.failed == 0", "return True",
+           "tests/test_extract.py -k nothing_processable", "an extract that processed nothing exits non-zero"),
+]
+
+
 def repository_files(repo: Path) -> list[str]:
     """The working tree's files: tracked and untracked, not ignored ones (no venv, no caches)."""
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=repo,

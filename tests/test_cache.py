@@ -191,6 +191,24 @@ def test_unfinished_shards_of_a_writer_at_work_are_left_alone_and_of_a_dead_one_
         kill_9(working)
 
 
+def test_a_complete_shard_under_its_temporary_name_is_not_read(tmp_path):
+    write_items(tmp_path, ["a"])
+    write_items(tmp_path, ["b"], writer_name="s1of2")
+    shard = tmp_path / SHARD_DIR / "s1of2-00000.h5"
+    shard.rename(shard.with_name(shard.name + ".tmp"))  # flushed, not yet renamed when its writer died
+    assert RegionCache(tmp_path).ids == ["a"]
+
+
+def test_an_item_stored_by_two_writers_is_read_once_as_the_first_shard_holds_it(tmp_path):
+    write_items(tmp_path, ["a", "b"], writer_name="s0of2")  # random_item(0), random_item(1)
+    write_items(tmp_path, ["c", "a"], writer_name="s1of2")  # "a" again, as random_item(1)
+    cache = RegionCache(tmp_path)
+    assert cache.ids == ["a", "b", "c"] and len(cache) == 3 and cache.column("features").shape[0] == 3
+    np.testing.assert_array_equal(cache.get("a")["features"], random_item(0)["features"].astype(np.float16))
+    np.testing.assert_array_equal(cache.get("c")["features"], random_item(0)["features"].astype(np.float16))
+    np.testing.assert_array_equal(cache[2]["features"], cache.get("c")["features"])
+
+
 def test_cache_with_different_settings_is_refused(tmp_path):
     write_items(tmp_path, ["a"])
     other = CacheSettings(**{**SETTINGS.to_json(), "frames": 4})

@@ -75,6 +75,31 @@ def test_extract_caches_every_item_once_with_masks_and_timestamps(extracted, med
     assert "extract: 11 done" in result.stderr
 
 
+def test_each_cached_item_holds_the_detectors_regions_of_its_own_frames(extracted, media):
+    """Items share detector batches (8 frames on CPU: two 4-frame videos, or a video and photos): what each
+    item stores must be what the detector finds on that item's frames alone."""
+    from vlpcache.extract.detectors.choice import choose_detector, load_detector
+    from vlpcache.extract.detectors.regions import pack_frame_regions
+    from vlpcache.extract.sampling import read_item
+
+    cache_dir, _ = extracted
+    cache = RegionCache(cache_dir)
+    spec = choose_detector("yolox", None, None, os.environ["VLPCACHE_MODELS"])
+    detector = load_detector(spec, "cpu", cache.settings.score_threshold)
+    items, _ = discover_items([media])
+    for item in items[:6]:  # photos, videos and frame folders: discovery order, as extract batches them
+        sampled = read_item(item, cache.settings.frames, spec.max_side)
+        cached = cache.get(item.id)
+        for t, regions in enumerate(detector.detect(sampled.frames, cache.settings.regions - 1)):
+            own = pack_frame_regions(regions, cache.settings.regions)
+            assert cached["labels"][t].tolist() == own["labels"].tolist(), (item.id, t)
+            assert cached["region_mask"][t].tolist() == own["region_mask"].tolist(), (item.id, t)
+            np.testing.assert_allclose(cached["boxes"][t], own["boxes"], atol=1e-3, err_msg=f"{item.id} {t}")
+            np.testing.assert_allclose(cached["features"][t].astype(np.float32), own["features"], rtol=5e-3, atol=5e-3,
+                                       err_msg=f"{item.id} {t}")
+        assert cached["timestamps"][: len(sampled.frames)].tolist() == pytest.approx(sampled.timestamps)
+
+
 def test_rerun_skips_everything_already_cached(extracted, media):
     cache_dir, _ = extracted
     before = sorted(p.name for p in (cache_dir / SHARD_DIR).iterdir())

@@ -155,17 +155,21 @@ def test_the_rerank_weight_chosen_is_the_one_whose_reranked_validation_ranks_bes
     assert best_rerank_weight(similarity, top, np.zeros((2, 12)), [0, 2])[0] == min(RERANK_WEIGHTS)
 
 
-def test_a_validation_set_where_every_weight_ranks_alike_stores_the_smallest(tmp_path, corpus, tiny_text, monkeypatch):
+def test_a_validation_set_where_every_weight_ranks_alike_stores_the_smallest_and_keeps_the_first_epoch_best(tmp_path, corpus, tiny_text, monkeypatch):
     from vlpcache.model.train import RERANK_WEIGHTS
 
     monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
     one_video = write_captions(tmp_path / "val.jsonl", ["v40"])  # a single candidate: rank 1 whatever the weight
     run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], val_captions=one_video, run_dir=tmp_path / "run",
-                 **small_options(tiny_text, epochs=1))
+                 **small_options(tiny_text, epochs=2))
     assert ModelConfig(feature_dim=16).rerank_weight != min(RERANK_WEIGHTS) != max(RERANK_WEIGHTS)  # neither default nor largest
-    assert load_run(tmp_path / "run").config.rerank_weight == min(RERANK_WEIGHTS)
-    meta = json.loads((ckpt.checkpoints(tmp_path / "run")[1] / "meta.json").read_text())
-    assert meta["rerank_weight"] == min(RERANK_WEIGHTS)
+    for epoch in (1, 2):
+        meta = json.loads((ckpt.checkpoints(tmp_path / "run")[epoch] / "meta.json").read_text())
+        assert meta["rerank_weight"] == min(RERANK_WEIGHTS)
+    # and since epoch 2 validated no better than epoch 1, epoch 1 stays the best: kept, and what the run loads
+    assert ckpt.read_best(tmp_path / "run")["epoch"] == 1 and list(ckpt.checkpoints(tmp_path / "run")) == [1, 2]
+    loaded = load_run(tmp_path / "run")
+    assert loaded.epoch == 1 and loaded.config.rerank_weight == min(RERANK_WEIGHTS)
 
 
 def test_learning_rate_warms_up_linearly_from_the_first_step_then_follows_a_cosine_to_zero():

@@ -73,6 +73,21 @@ def test_boxes_are_normalised_to_the_given_frame_whatever_its_resolution(detecto
     np.testing.assert_allclose(small.boxes[1:4], large.boxes[1:4], atol=0.02)
 
 
+def test_boxes_follow_the_people_when_the_frame_is_mirrored_or_placed_on_a_larger_canvas(detector, people_frame):
+    h, w, _ = people_frame.shape
+    people = detector.detect([people_frame], 30)[0].boxes[1:4]  # x1, y1, x2, y2 of the three people
+    mirrored = people_frame[:, ::-1].copy()
+    taller = np.zeros((2 * h, w, 3), np.uint8)  # the frame in the top half of a black canvas
+    taller[:h] = people_frame
+    wider = np.zeros((h, 2 * w, 3), np.uint8)  # the frame in the right half
+    wider[:, w:] = people_frame
+    found = [regions.boxes[1:] for regions in detector.detect([mirrored, taller, wider], 30)]
+    for x1, y1, x2, y2 in people:
+        expected = ([1 - x2, y1, 1 - x1, y2], [x1, y1 / 2, x2, y2 / 2], [0.5 + x1 / 2, y1, 0.5 + x2 / 2, y2])
+        for boxes, box in zip(found, expected):
+            assert np.abs(boxes - box).max(1).min() < 0.03, (box, boxes[:5])
+
+
 def test_batched_detection_equals_one_frame_at_a_time(detector, people_frame):
     other = people_frame[::-1].copy()
     portrait = people_frame.transpose(1, 0, 2).copy()  # another canvas shape in the same batch
