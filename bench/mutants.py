@@ -239,6 +239,53 @@ MUTANTS += [
 ]
 
 
+MUTANTS += [
+    mutant("extract-folder-frame-not-centred", "vlpcache/extract/sampling.py",
+           "        primary = math.floor(centre)\n", "        primary = math.floor(centre - 0.5)\n",
+           "tests/test_sampling.py", "a frames folder's frames at the centres of equal segments"),
+    mutant("extract-score-threshold-ignored", "vlpcache/extract/detectors/regions.py",
+           "keep = torch.nonzero(scores >= score_threshold).flatten()", "keep = torch.nonzero(scores >= 0).flatten()",
+           "tests/test_yolox.py", "detections below the score threshold are dropped"),
+    mutant("extract-one-detection-too-many", "vlpcache/extract/detectors/regions.py",
+           "return keep[kept[:max_detections]]", "return keep[kept[: max_detections + 1]]",
+           "tests/test_yolox.py", "at most --regions detections per frame"),
+    mutant("extract-id-keeps-extension", "vlpcache/extract/sources.py",
+           "own = [Item(_relative_id(root, p.with_suffix(\"\")), p, media_kind(p)) for p in files]",
+           "own = [Item(_relative_id(root, p), p, media_kind(p)) for p in files]",
+           "tests/test_sources.py", "an item's id is its path without extension"),
+    mutant("model-validation-overlap-allowed", "vlpcache/model/data.py",
+           "        if overlap:\n", "        if False:\n",
+           "tests/test_captions.py", "validation videos are never trained on"),
+    mutant("model-incomparable-caches-mixed", "vlpcache/model/data.py",
+           "        diffs = caches[0].settings.feature_differences(cache.settings)\n        if diffs:\n",
+           "        diffs = caches[0].settings.feature_differences(cache.settings)\n        if False:\n",
+           "tests/test_captions.py", "caches of other features never mix"),
+    mutant("model-id-of-two-caches-trained-twice", "vlpcache/model/data.py",
+           "            if item_id in seen:\n                report.duplicate_ids += 1\n",
+           "            if False:\n                report.duplicate_ids += 1\n",
+           "tests/test_captions.py", "an id in two caches is trained once"),
+    mutant("model-training-state-unpickled", "vlpcache/model/checkpoint.py",
+           'return torch.load(path, map_location="cpu", weights_only=True)',
+           'return torch.load(path, map_location="cpu", weights_only=False)',
+           "tests/test_pretrain.py -k never_unpickled", "untrusted files are never unpickled"),
+    mutant("model-text-features-shared-across-models", "vlpcache/model/text_features.py",
+           '"text_model": text_model_identity(text_model),', '"text_model": "",',
+           "tests/test_pretrain.py -k keyed", "frozen text features belong to their text model"),
+    mutant("eval-video-found-by-its-last-caption-only", "vlpcache/index/evaluate.py",
+           "        video_texts[c].append(q)\n", "        video_texts[c][:] = [q]\n",
+           "tests/test_eval.py -k all_captions", "video->text: the best rank of any of its captions"),
+    mutant("cache-inspect-failures-empty", "vlpcache/cache/inspect.py",
+           'summary["failed_items"] = list(cache.failures.values())', 'summary["failed_items"] = []',
+           "tests/test_extract.py -k broken_files", "inspect --failures lists every failed item"),
+    mutant("cli-os-error-names-no-file", "vlpcache/cli.py",
+           'where = f"{err.filename}: " if err.filename else ""', 'where = ""',
+           "tests/test_user_errors.py", "an operating-system error names its file"),
+    mutant("serve-query-length-unbounded", "vlpcache/serve/app.py",
+           "    if len(query) > MAX_QUERY_CHARS:\n", "    if False:\n",
+           "tests/test_serve.py", "queries of at most 200 characters"),
+]
+
+
 def repository_files(repo: Path) -> list[str]:
     """The working tree's files: tracked and untracked, not ignored ones (no venv, no caches)."""
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=repo,

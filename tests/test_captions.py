@@ -116,3 +116,21 @@ def test_caption_files_in_the_workspace_itself_are_found_and_held_out_ones_never
     for name in ("mine.csv", "val.jsonl", "test.csv", "notes.txt"):
         (workspace.root / name).write_text("")
     assert find_caption_files(workspace) == [(workspace.root / "mine.csv").resolve()]
+
+
+def test_validation_videos_with_training_captions_are_refused_naming_one(tmp_path, cache):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"video": f"v{i}", "captions": ["x"]} for i in range(4)])
+    val = write_jsonl(tmp_path / "val.jsonl", [{"video": "v3", "captions": ["y"]}, {"video": "v4", "captions": ["z"]}])
+    with pytest.raises(UserError, match=r"val\.jsonl: 1 validation videos also have training captions \(e\.g\. 'v3'\)"):
+        load_pretrain_data([cache], [train], val, workspace=Workspace(tmp_path / "ws"))
+
+
+def test_caches_whose_features_differ_never_mix_and_an_id_in_two_caches_is_trained_once(tmp_path, cache):
+    write_cache(tmp_path / "wider", 2, dim=32)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"video": f"v{i}", "captions": [f"caption {i}"]} for i in range(6)])
+    with pytest.raises(UserError, match=r"wider: its features are not comparable with .*feature_dim: 16 != 32"):
+        load_pretrain_data([cache, tmp_path / "wider"], [train], None, workspace=Workspace(tmp_path / "ws"))
+    write_cache(tmp_path / "again", 3, seed=7)  # v0, v1, v2 once more
+    data = load_pretrain_data([cache, tmp_path / "again"], [train], None, workspace=Workspace(tmp_path / "ws"))
+    assert sorted(trained_captions(data)) == [f"v{i}" for i in range(6)]
+    assert {c for c, _, _ in data.train.samples} == {0} and data.train_report.duplicate_ids == 3  # the first cache's

@@ -74,9 +74,27 @@ def test_global_metrics_equal_retrieval_metrics_on_the_models_own_similarities(r
 
 
 def test_all_captions_makes_every_caption_a_query(root, ws, monkeypatch, capsys):
-    results = eval_json(monkeypatch, capsys, "--captions", root / "val.jsonl", "--all-captions")
+    results = eval_json(monkeypatch, capsys, "--captions", root / "val.jsonl", "--all-captions", "--rerank-candidates", "0")
     assert results["text_to_video"]["queries"] == 16  # two non-empty captions per video
     assert results["video_to_text"]["queries"] == 8 and results["video_to_text"]["candidates"] == 16
+    # a video is found at the best rank of any of its captions
+    run, cache = load_run(ws / "runs" / "run-001"), RegionCache(ws / "cache")
+    captions = read_captions(root / "val.jsonl").by_id
+    ids = [i for i in cache.ids if i in captions]
+    texts = [(v, text) for v, i in enumerate(ids) for text in captions[i]]
+    with torch.inference_mode():
+        video = run.model.encode_video(**video_batch([cache.get(i) for i in ids])).global_
+        text = run.model.encode_text(*tokenize(run.tokenizer, [t for _, t in texts], run.config.max_words)).global_
+    similarity = (text @ video.T).numpy()  # (16, 8)
+    ranks = []
+    for v in range(len(ids)):
+        own = [q for q, (owner, _) in enumerate(texts) if owner == v]
+        others = [q for q, (owner, _) in enumerate(texts) if owner != v]
+        best = similarity[own, v].max()
+        ranks.append(1 + int((similarity[others, v] >= best).sum()))
+    assert results["video_to_text"]["MnR"] == pytest.approx(np.mean(ranks))
+    assert results["video_to_text"]["R@1"] == pytest.approx(100 * np.mean(np.array(ranks) == 1))
+    assert results["text_to_video"] == pytest.approx(retrieval_metrics(similarity, [v for v, _ in texts]))
 
 
 def test_eval_prints_a_table_by_default(root, ws, monkeypatch, capsys):

@@ -183,6 +183,36 @@ def test_learning_rate_warms_up_linearly_from_the_first_step_then_follows_a_cosi
     assert learning_rate_factor(12, 12, 4) == pytest.approx(0.0) and learning_rate_factor(20, 12, 4) == pytest.approx(0.0)
 
 
+class _RunsCode:
+    """Unpickling this runs code: what a hostile training_state.pt could hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_training_state_that_would_run_code_is_refused_and_never_unpickled(tmp_path):
+    checkpoint, marker = tmp_path / "epoch-0001", tmp_path / "ran"
+    checkpoint.mkdir()
+    torch.save({"optimizer": _RunsCode(marker), "epoch": 1}, checkpoint / "training_state.pt")
+    with pytest.raises(UserError, match="training_state.pt: unreadable training state"):
+        ckpt.load_training_state(checkpoint)
+    assert not marker.exists()
+
+
+def test_frozen_text_features_are_keyed_by_the_text_models_weights(tmp_path):
+    from vlpcache.model.text_features import features_key
+
+    for name, weights in (("a", b"one"), ("b", b"two"), ("c", b"one")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(weights)
+    key_a, key_b, key_c = (features_key(str(tmp_path / n), "mean", 32, True, ["a dog"]) for n in "abc")
+    assert key_a != key_b and key_a == key_c  # other weights, other features; a copy of the same, the same
+    assert features_key(str(tmp_path / "a"), "mean", 32, True, ["a cat"]) != key_a
+
+
 def test_run_without_checkpoint_is_a_user_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UserError, match="no checkpoint"):
