@@ -412,6 +412,27 @@ def test_each_item_walks_through_all_its_captions_k_per_epoch(tmp_path):
     assert data.train[0]["captions"] == data.train.captions_of(0) and len(set(data.train[0]["captions"])) == 2
 
 
+def test_a_batch_holds_each_videos_k_captions_together_in_video_order(tmp_path, tiny_text):
+    from transformers import AutoTokenizer
+
+    from vlpcache.model.data import CollateCaptionedRegions
+
+    ids = write_cache(tmp_path / "cache", 3)
+    own = {item_id: [f"{WORDS[n]} {k}" for k in ("one", "two", "three")] for n, item_id in enumerate(ids)}
+    captions = tmp_path / "c.jsonl"
+    captions.write_text("".join(json.dumps({"video": i, "captions": c}) + "\n" for i, c in own.items()))
+    data = load_pretrain_data([tmp_path / "cache"], [captions], None, workspace=Workspace(tmp_path / "ws"), captions_per_video=2)
+    data.train.set_epoch(1)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text)
+    items = [data.train[i] for i in range(3)]
+    batch = CollateCaptionedRegions(tokenizer, 16)(items)
+    texts = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    # rows b*K .. b*K+K-1 are video b's (what the contrastive loss takes them for): two different ones of its own
+    assert len(texts) == 6 and batch["features"].shape[0] == 3
+    for b, item in enumerate(items):
+        assert set(texts[2 * b : 2 * b + 2]) <= set(own[item["id"]]) and texts[2 * b] != texts[2 * b + 1], texts
+
+
 def test_resume_refuses_options_that_differ_from_the_stored_run(tmp_path, corpus, tiny_text, monkeypatch):
     monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
     options = dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=tmp_path / "run")
