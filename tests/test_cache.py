@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from vlpcache.cache.reader import RegionCache
-from vlpcache.cache.schema import LOCK_DIR, MANIFEST_NAME, SCHEMA_VERSION, SHARD_DIR, SHARD_SECONDS, CacheSettings, empty_item
+from vlpcache.cache.schema import (LOCK_DIR, MANIFEST_NAME, SCHEMA_VERSION, SHARD_DIR, SHARD_SECONDS, CacheSettings,
+                                   empty_item)
 from vlpcache.cache.manifest import read_failures
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError

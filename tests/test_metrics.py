@@ -45,9 +45,10 @@ def test_several_correct_candidates_rank_by_the_best_of_them_and_never_count_eac
         [0.9, 0.8, 0.7, 0.1, 0.95],  # correct 1 and 2: the best is 0.8, beaten by 0.9 and 0.95 only: rank 3
         [0.2, 0.3, 0.4, 0.5, 0.6],  # correct 3 and 4: 0.6 beats everything else, rank 1 (0.5 does not count)
         [0.5, 0.5, 0.1, 0.1, 0.1],  # correct 0 and 1 tie: neither counts against the other, rank 1
+        [0.5, 0.2, 0.5, 0.1, 0.5],  # correct 1 and 2: the best (0.5) ties with 0 and 4, which both count: rank 3
     ])
-    metrics = retrieval_metrics(similarity, [[1, 2], [3, 4], [0, 1]])
-    assert metrics["MnR"] == pytest.approx(5 / 3) and metrics["R@1"] == pytest.approx(200 / 3)
+    metrics = retrieval_metrics(similarity, [[1, 2], [3, 4], [0, 1], [1, 2]])
+    assert metrics["MnR"] == pytest.approx(8 / 4) and metrics["R@1"] == 50.0
 
 
 def test_a_similarity_that_does_not_match_the_targets_is_refused():

@@ -21,7 +21,7 @@ from vlpcache.errors import UserError
 from vlpcache.files import file_sha256
 from vlpcache.model import checkpoint as ckpt
 from vlpcache.model.checkpoint import load_run
-from vlpcache.model.model import ModelConfig
+from vlpcache.model.config import ModelConfig
 from vlpcache.model.batch import video_batch
 from vlpcache.model.data import find_caption_files, load_pretrain_data
 from vlpcache.model.run_layout import LOG_NAME
