@@ -25,6 +25,7 @@ from vlpcache.extract.detectors.vg import (
 from vlpcache.extract.detectors.vg_model import OBJECT_CLASSES, VgFasterRCNN
 from vlpcache.extract.detectors.weights import VG_FILE
 from vlpcache.files import file_sha256
+from waiting import HANG_GUARD_S
 
 LAYOUT = Path(__file__).parent / "data" / "vg_checkpoint_layout.txt"
 SMALL = dict(min_size=64, max_size=96, pre_nms_proposals=100, proposals=6)
@@ -177,7 +178,7 @@ def test_bf16_autocast_keeps_float32_outputs_close_to_full_precision(random_chec
     assert whole @ whole_mixed / np.linalg.norm(whole) / np.linalg.norm(whole_mixed) > 0.99
 
 
-def vlpcache(*args, env=None, cwd=None, timeout=600):
+def vlpcache(*args, env=None, cwd=None, timeout=HANG_GUARD_S):
     return subprocess.run([sys.executable, "-m", "vlpcache", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env={**os.environ, **(env or {})})
 
