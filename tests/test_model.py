@@ -271,3 +271,24 @@ def test_mlp_text_head_starts_as_its_linear_part_and_old_plain_linear_weights_lo
     state = {k.replace("text_proj.linear.", "text_proj."): v for k, v in plain.state_dict().items()}  # the old key names
     plain.load_state_dict(state, strict=True)
     assert torch.equal(plain.text_proj.linear.weight, state["text_proj.weight"])
+
+
+def test_training_top_layers_on_the_frozen_layers_cached_output_equals_the_live_encoder(tiny_text_model, tmp_path):
+    from vlpcache.model.text_features import cached_text_features
+
+    model, tokenizer = build_model(tiny_config(tiny_text_model, text_trainable_layers=1))  # 1 of 2 layers frozen
+    model.eval()
+    captions = ["a dog runs", "a man is cooking onions in a pan", "cat"]
+    features = cached_text_features(model, tokenizer, captions, tmp_path, with_words=True, device=torch.device("cpu"),
+                                    progress=False)
+    assert features.kind == "prefix" and model.text_encoder.frozen_layers == 1
+    inputs = features.model_inputs(captions, captions)
+    with torch.no_grad():
+        live = model.encode_text(*tokenize(tokenizer, captions, 16))
+        cached = model.encode_text(inputs["input_ids"], inputs["attention_mask"], inputs["text_prefix"])
+    assert torch.allclose(live.global_, cached.global_, atol=2e-3)
+    assert torch.equal(live.word_mask[:, : cached.word_mask.shape[1]], cached.word_mask)
+    model.train()  # the trainable layer gets gradients through the cached path
+    model.encode_text(inputs["input_ids"], inputs["attention_mask"], inputs["text_prefix"]).global_.sum().backward()
+    layers = model.text_encoder.backbone.encoder.layer
+    assert all(p.grad is not None for p in layers[1].parameters()) and all(p.grad is None for p in layers[0].parameters())

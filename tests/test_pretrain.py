@@ -383,19 +383,24 @@ def test_torchrun_two_processes_on_cpu_with_gloo_trains_one_run(tmp_path, corpus
     assert list(ckpt.checkpoints(run_dir)) == [1]
 
 
-def test_frozen_text_runs_encode_every_caption_once_and_share_the_encoding(tmp_path, corpus, tiny_text, monkeypatch):
+@pytest.mark.parametrize("trainable", [0, 1])  # the whole (tiny, 2-layer) encoder frozen, or its bottom layer
+def test_frozen_text_layers_encode_every_caption_once_and_runs_share_the_encoding(tmp_path, corpus, tiny_text, monkeypatch,
+                                                                                 trainable):
+    from vlpcache.model.text_features import TextFeatures
+
     monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
     options = dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], val_captions=corpus["val"])
-    run_pretrain(**options, run_dir=tmp_path / "a", **small_options(tiny_text, epochs=1, trainable_layers=0, captions_per_video=2))
+    run_pretrain(**options, run_dir=tmp_path / "a", **small_options(tiny_text, epochs=1, trainable_layers=trainable, captions_per_video=2))
     (features,) = (tmp_path / "ws" / "text-features").glob("*.h5")
+    assert TextFeatures(features).kind == ("outputs" if trainable == 0 else "prefix")
     written = features.stat().st_mtime_ns
-    run_pretrain(**options, run_dir=tmp_path / "b", **small_options(tiny_text, epochs=1, trainable_layers=0, captions_per_video=2, seed=1))
+    run_pretrain(**options, run_dir=tmp_path / "b", **small_options(tiny_text, epochs=1, trainable_layers=trainable, captions_per_video=2, seed=1))
     assert list((tmp_path / "ws" / "text-features").glob("*.h5")) == [features] and features.stat().st_mtime_ns == written
     record = json.loads((tmp_path / "b" / "log.jsonl").read_text())
     assert np.isfinite(record["loss"]) and record["val"]["queries"] == 16
     loaded = load_run(tmp_path / "b")
-    assert loaded.config.text_trainable_layers == 0
-    assert not any(p.requires_grad for p in loaded.model.text_encoder.parameters())
+    assert loaded.config.text_trainable_layers == trainable
+    assert any(p.requires_grad for p in loaded.model.text_encoder.parameters()) == (trainable > 0)
 
 
 def test_each_item_walks_through_all_its_captions_k_per_epoch(tmp_path):

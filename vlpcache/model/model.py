@@ -12,6 +12,7 @@ Regions are flattened frame-major: region r = t·N + n, so its frame is r // N.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -135,15 +136,66 @@ class TextEncoder(nn.Module):
             layer.requires_grad_(True)
         if trainable_layers > len(layers):  # more than all layers asked: train the embeddings too
             backbone.get_input_embeddings().requires_grad_(True)
+        self.layers = list(layers)  # a plain list: the modules are registered once, inside the backbone
+        # frozen layers below the trainable ones: their output (the "prefix") never changes, so it can
+        # be computed once per caption (text_features.py); 0 when the embeddings train too
+        self.frozen_layers = len(layers) - trainable if trainable_layers <= len(layers) else 0
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden (B, L, H), pooled (B, H)). With `prefix` (B, L, H), the output of the frozen layers
+        for these tokens, only the trainable layers run."""
+        with self._from_prefix(prefix) if prefix is not None else contextlib.nullcontext():
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        return hidden, self.pool(hidden, attention_mask)
+
+    def prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, H): the input of the first trainable layer (the frozen layers' output)."""
+        states = self.backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+        return states[self.frozen_layers]
+
+    @contextlib.contextmanager
+    def _from_prefix(self, prefix: torch.Tensor):
+        """Within: the frozen layers pass their input through untouched, and the first trainable layer
+        reads `prefix` instead. The backbone's own forward still builds the attention mask in whatever
+        form its version of transformers wants, so no model internals are re-implemented here."""
+        frozen = list(self.layers)[: self.frozen_layers]
+        wraps_output = getattr(self, "_layer_output_is_tuple", None)
+        if wraps_output is None:  # layers return a tensor (transformers 5) or a tuple (4.x): ask one
+            seen = []
+            handle = self.layers[0].register_forward_hook(lambda module, args, output: seen.append(isinstance(output, tuple)))
+            with torch.no_grad():
+                self.backbone(input_ids=torch.ones(1, 2, dtype=torch.long, device=prefix.device),
+                              attention_mask=torch.ones(1, 2, dtype=torch.long, device=prefix.device))
+            handle.remove()
+            wraps_output = self._layer_output_is_tuple = seen[0]
+        originals = [layer.forward for layer in frozen]
+        for layer in frozen:
+            layer.forward = (lambda hidden, *args, **kwargs: (hidden,)) if wraps_output else (lambda hidden, *args, **kwargs: hidden)
+        handle = None
+        if self.frozen_layers < len(self.layers):
+            def substitute(module, args, kwargs):
+                if args:  # BERT and most: the hidden states come first, positionally
+                    return (prefix.to(args[0].dtype), *args[1:]), kwargs
+                name = next(k for k in ("hidden_states", "x", "hidden_state") if k in kwargs)  # DistilBERT: x=
+                return args, {**kwargs, name: prefix.to(kwargs[name].dtype)}
+            handle = self.layers[self.frozen_layers].register_forward_pre_hook(substitute, with_kwargs=True)
+        try:
+            yield
+        finally:
+            for layer, forward in zip(frozen, originals):
+                layer.forward = forward
+            if handle is not None:
+                handle.remove()
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, H) -> (B, H): the [CLS] token or the mean of the real tokens."""
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         else:
             weights = attention_mask[..., None].to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)  # (B, H)
-        return hidden, pooled
+        return pooled
 
 
 # ---------------------------------------------------------------- video side
@@ -320,8 +372,9 @@ class AlignmentModel(nn.Module):
         self.rwa_logit_scale.requires_grad_(config.rwa)  # unused without RWA: DDP must not wait for its gradient
         self.register_buffer("special_token_ids", torch.tensor(config.special_token_ids, dtype=torch.long), persistent=False)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextEmbedding:
-        hidden, pooled = self.text_encoder(input_ids, attention_mask)  # (B, L, H), (B, H)
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    prefix: torch.Tensor | None = None) -> TextEmbedding:
+        hidden, pooled = self.text_encoder(input_ids, attention_mask, prefix)  # (B, L, H), (B, H)
         return self.project_text(hidden, pooled, self.word_mask(input_ids, attention_mask))
 
     def word_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -358,9 +411,9 @@ class AlignmentModel(nn.Module):
         that DistributedDataParallel sees every parameter the loss uses).
 
         The batch holds B videos and B*K captions, captions b*K .. b*K+K-1 describing video b; the
-        captions come as tokens (input_ids, attention_mask) or, with a frozen text encoder, as its
-        cached outputs (text_pooled (B*K, H); text_hidden and word_mask of the first caption of each
-        video). The text embedding's global_ has B*K rows, its words B: region-word alignment reads
+        captions come as tokens (input_ids, attention_mask), with the frozen layers' cached output
+        (text_prefix) when only the top layers train, or, with a frozen text encoder, as its cached
+        outputs (text_pooled (B*K, H); text_hidden and word_mask of the first caption of each video). The text embedding's global_ has B*K rows, its words B: region-word alignment reads
         the first caption of each video only (it costs batch² × regions × words).
         """
         video = self.encode_video(batch["features"], batch["boxes"], batch["region_mask"], batch["frame_mask"])
@@ -369,7 +422,7 @@ class AlignmentModel(nn.Module):
         else:
             input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
             first = slice(None, None, input_ids.shape[0] // video.global_.shape[0])  # the first caption of each video
-            hidden, pooled = self.text_encoder(input_ids, attention_mask)  # (B*K, L, H), (B*K, H)
+            hidden, pooled = self.text_encoder(input_ids, attention_mask, batch.get("text_prefix"))  # (B*K, L, H), (B*K, H)
             text = self.project_text(hidden[first], pooled, self.word_mask(input_ids, attention_mask)[first])
         return text, video, self.logit_scale.exp(), self.rwa_logit_scale.exp()
 

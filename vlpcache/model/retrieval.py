@@ -73,7 +73,10 @@ def encode_texts(model, tokenizer, texts: list[str], device, batch_size: int = 2
     for start in tqdm(range(0, len(texts), batch_size), desc="encoding captions", unit="batch",
                       disable=not progress, leave=False, dynamic_ncols=True):
         part = texts[start : start + batch_size]
-        if text_features is not None:
+        if text_features is not None and text_features.kind == "prefix":
+            cached = {k: v.to(device) for k, v in text_features.model_inputs(part, part).items()}
+            text = model.encode_text(cached["input_ids"], cached["attention_mask"], cached["text_prefix"])
+        elif text_features is not None:
             cached = text_features.model_inputs(part, part)
             text = model.project_text(*(cached[k].to(device) for k in ("text_hidden", "text_pooled", "word_mask")))
         else:

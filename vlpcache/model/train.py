@@ -35,7 +35,7 @@ from vlpcache.model.config import MODEL_OPTIONS, RESUMABLE_OPTIONS, TRAIN_OPTION
 from vlpcache.model.model import AlignmentModel, PretrainLoss, build_model, load_text_backbone
 from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
 from vlpcache.model.run_layout import LOG_NAME
-from vlpcache.model.text_features import TextFeatures, cached_text_features
+from vlpcache.model.text_features import TextFeatures, cached_text_features, can_cache
 from vlpcache.report import say
 from vlpcache.workspace import Workspace
 
@@ -286,9 +286,9 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
 
 
 def _frozen_text_features(run: Run, model, tokenizer, processes: Processes, workspace: Workspace) -> TextFeatures | None:
-    """With no text layer training, every training and validation caption encoded once (rank 0
-    computes, the others read the same file)."""
-    if run.model.text_trainable_layers > 0:
+    """What the text encoder's frozen layers make of every training and validation caption, encoded
+    once (rank 0 computes, the others read the same file); None when every layer trains."""
+    if not can_cache(model):
         return None
     captions = run.data.train.all_captions()
     if run.data.validation is not None:
@@ -530,7 +530,7 @@ def _pretrain(options: PretrainOptions, processes: Processes) -> dict:
         f"run {run.dir}: {len(run.data.train)} videos x {run.train.captions_per_video} caption(s), {processes.world} "
         f"process(es) on {processes.device}, batch {loader.batch}x{processes.world}, {loader.steps_per_epoch} steps/epoch, "
         f"epochs {trainer.start_epoch}..{run.train.epochs}, text layers trained {run.model.text_trainable_layers}"
-        f"{' (frozen: cached outputs)' if trainer.text_features is not None else ''}, RWA {'on' if run.model.rwa else 'off'}"
+        f"{'' if trainer.text_features is None else ' (frozen layers: cached ' + trainer.text_features.kind + ')'}, RWA {'on' if run.model.rwa else 'off'}"
     )
     started = time.monotonic()
     history = []
