@@ -35,7 +35,7 @@ from vlpcache.extract.options import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, ENGINES, E
 from vlpcache.index.layout import EXACT_LIMIT, IndexConfig
 from vlpcache.metrics import RERANK_CANDIDATES
 from vlpcache.model.config import ModelConfig as M  # defaults shown in `pretrain --help`
-from vlpcache.model.config import MAX_CAPTIONS_PER_VIDEO
+from vlpcache.model.config import MAX_CAPTIONS_PER_VIDEO, MAX_CAPTIONS_PER_VIDEO_TEXT_TRAINING
 from vlpcache.model.config import TrainConfig as T
 
 
@@ -196,7 +196,8 @@ def inspect(cache_dir, render_id, output, as_json, failures) -> None:
 @click.option("--batch-size", default=None, type=click.IntRange(1), help=f"Videos per step and process [default: {T.batch_size}].")
 @click.option("--captions-per-video", default=None, type=click.IntRange(1),
               help="Captions of each video per step, all positives of it (multi-positive InfoNCE) [default: the median "
-                   f"number of captions of a training video, at most {MAX_CAPTIONS_PER_VIDEO}].")
+                   f"number of captions of a training video, at most {MAX_CAPTIONS_PER_VIDEO} with a frozen text encoder, "
+                   f"{MAX_CAPTIONS_PER_VIDEO_TEXT_TRAINING} when it trains].")
 @click.option("--text-model", default=None, metavar="NAME|DIR", help="Hugging Face name or directory [default: offline all-MiniLM-L6-v2].")
 @click.option("--trainable-layers", default=None, type=click.IntRange(0),
               help=f"Top text-encoder layers that train; 0 freezes it and encodes every caption once [default: {M.text_trainable_layers}].")

@@ -27,8 +27,8 @@ class ModelConfig(JsonRecord):
     max_frames: int = 64  # "slot" only: number of slot embeddings
     global_path: bool = True  # the whole-frame regions' mean over frames enters the video embedding
     text_head: str = "linear"  # text encoder -> joint space: "linear", or "mlp" (linear + a residual MLP)
-    frame_dropout: float = 0.0  # training only: chance that a real frame is hidden (one always stays)
-    region_dropout: float = 0.0  # training only: chance that a detected region is hidden (whole frames stay)
+    frame_dropout: float = 0.2  # training only: chance that a real frame is hidden (one always stays)
+    region_dropout: float = 0.2  # training only: chance that a detected region is hidden (whole frames stay)
     width: int = 256  # region transformer width
     layers: int = 2
     heads: int = 4
@@ -51,7 +51,9 @@ class ModelConfig(JsonRecord):
         return super().from_json({**{k: v for k, v in legacy.items() if k not in data}, **data})
 
 
-MAX_CAPTIONS_PER_VIDEO = 20
+# captions of a video per step by default: every caption of a typical video, at most these many
+MAX_CAPTIONS_PER_VIDEO = 20  # text encoder frozen: a caption costs a lookup in the cached outputs
+MAX_CAPTIONS_PER_VIDEO_TEXT_TRAINING = 4  # top text layers train: each caption costs a pass through them
 
 
 @dataclass
@@ -59,7 +61,8 @@ class TrainConfig(JsonRecord):
     epochs: int = 10
     batch_size: int = 64  # videos per step and process
     # K captions of each video per step (multi-positive InfoNCE); None: the median number of captions
-    # of a training video, at most MAX_CAPTIONS_PER_VIDEO (20 on MSR-VTT, 5 on Flickr8k, 1 for alt-text)
+    # of a training video, at most MAX_CAPTIONS_PER_VIDEO(_TEXT_TRAINING) (MSR-VTT: 20 with a frozen
+    # text encoder, 4 when it trains; Flickr8k: 5 / 4; alt-text data: 1)
     captions_per_video: int | None = None
     lr: float = 5e-4  # region encoder, projections, temperatures
     text_lr: float = 5e-5  # the pretrained text layers that train
@@ -117,3 +120,9 @@ class PretrainOptions:
     frame_dropout: float | None = None
     region_dropout: float | None = None
     text_head: str | None = None
+
+
+def captions_per_video_cap(trainable_layers: int | None) -> int:
+    """The most captions per video a default run uses, given the text layers that train (None: the default)."""
+    layers = ModelConfig.text_trainable_layers if trainable_layers is None else trainable_layers
+    return MAX_CAPTIONS_PER_VIDEO if layers == 0 else MAX_CAPTIONS_PER_VIDEO_TEXT_TRAINING

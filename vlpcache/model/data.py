@@ -274,6 +274,7 @@ def load_pretrain_data(
     seed: int = 0,
     workspace: Workspace | None = None,
     captions_per_video: int | None = 1,
+    max_captions_per_video: int = MAX_CAPTIONS_PER_VIDEO,
 ) -> PretrainData:
     """Open the caches and match them with the training (and validation) captions."""
     workspace = workspace or Workspace()
@@ -298,8 +299,8 @@ def load_pretrain_data(
             "of the extracted items with --captions"
         )
     train = CaptionedRegions(caches, samples, seed, captions_per_video or 1)
-    if captions_per_video is None:  # every caption of a typical item in each step, at most MAX_CAPTIONS_PER_VIDEO
-        train.captions_per_video = max(1, min(MAX_CAPTIONS_PER_VIDEO, train.median_captions()))
+    if captions_per_video is None:  # every caption of a typical item in each step, at most max_captions_per_video
+        train.captions_per_video = max(1, min(max_captions_per_video, train.median_captions()))
     data = PretrainData(caches, train, report, caption_files,
                         held_out_skipped=skipped)
     if validation_file is not None:

@@ -31,7 +31,15 @@ from vlpcache.files import replace_atomically
 from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics
 from vlpcache.model import checkpoint as ckpt
 from vlpcache.model.data import CollateCaptionedRegions, PretrainData, ValidationSet, load_pretrain_data
-from vlpcache.model.config import MODEL_OPTIONS, RESUMABLE_OPTIONS, TRAIN_OPTIONS, ModelConfig, PretrainOptions, TrainConfig
+from vlpcache.model.config import (
+    MODEL_OPTIONS,
+    RESUMABLE_OPTIONS,
+    TRAIN_OPTIONS,
+    ModelConfig,
+    PretrainOptions,
+    TrainConfig,
+    captions_per_video_cap,
+)
 from vlpcache.model.model import AlignmentModel, PretrainLoss, build_model, load_text_backbone
 from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
 from vlpcache.model.run_layout import LOG_NAME
@@ -141,6 +149,7 @@ def resolve_run(options: PretrainOptions, processes: Processes, workspace: Works
         [Path(c) for c in train_config.caches], [Path(c) for c in train_config.captions],
         Path(train_config.val_captions) if train_config.val_captions else None,
         seed=train_config.seed, workspace=workspace, captions_per_video=train_config.captions_per_video,
+        max_captions_per_video=captions_per_video_cap(options.trainable_layers),
     )
     if not stored:  # record what the defaults resolved to, so that resume reads the same data
         train_config.captions_per_video = data.train.captions_per_video
