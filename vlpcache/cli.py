@@ -216,7 +216,7 @@ def inspect(cache_dir, render_id, output, as_json, failures) -> None:
               help=f"Text encoder -> joint space: linear, or linear plus a residual MLP [default: {M.text_head}].")
 @click.option("--region-dropout", default=None, type=click.FloatRange(0, 1, max_open=True), help=f"Training: chance to hide a region [default: {M.region_dropout:g}].")
 @click.option("--resume", is_flag=True, help="Continue the run (-o, or the latest) from its last checkpoint.")
-@click.option("--workers", default=None, type=click.IntRange(0), help="Data-loading worker processes [default: 1 on CPU, 4 on CUDA].")
+@click.option("--workers", default=None, type=click.IntRange(0), help="Data-loading worker processes [default: 0 on CPU (read in the training process), 4 on CUDA].")
 @device_option
 @click.option("--seed", default=None, type=int, help=f"Random seed [default: {T.seed}].")
 @quiet_option("No progress bar or per-epoch lines.")
