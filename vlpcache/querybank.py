@@ -24,8 +24,8 @@ import numpy as np
 from vlpcache.files import replace_atomically
 
 BANK_SIZE = 5000  # training captions in a bank (a seeded sample when there are more)
-BETA = 20.0  # inverse temperature of the inverted softmax (chosen on MSR-VTT val, bench/quality.py)
-TOP_K = 1  # a video is a hub when it is among the top-k of some bank query
+BETA = 10.0  # inverse temperature of the inverted softmax (chosen on MSR-VTT val: bench/qbnorm_sweep.py, BENCHMARKS.md)
+TOP_K = 1  # a video is a hub when it is among the top-k of some bank query (1, 3, 10 tie on val)
 
 
 def _rows(n: int, chunk: int = 4096):
@@ -113,7 +113,10 @@ def bank_captions(captions: list[str], size: int = BANK_SIZE, seed: int = 0) -> 
     return [distinct[i] for i in sorted(chosen)]
 
 
-def dual_softmax(similarity: np.ndarray, temperature: float = 100.0) -> np.ndarray:
+DUAL_TEMPERATURE = 10.0  # dual softmax's temperature (chosen on MSR-VTT val with QB-Norm's β, same sweep)
+
+
+def dual_softmax(similarity: np.ndarray, temperature: float = DUAL_TEMPERATURE) -> np.ndarray:
     """Dual softmax (CAMoE): each score times the softmax over all *queries* of its column. It needs
     every test query at once, so it is an eval-only figure, never what search can do."""
     logits = temperature * np.asarray(similarity, np.float64)
