@@ -260,8 +260,9 @@ def train_vlpcache(options: dict, seed: int, splits: dict[str, Split], files: di
     os.environ["VLPCACHE_WORKSPACE"] = str(workspace / "ws")
     started = time.monotonic()
     if not list(run_dir.glob("checkpoints/epoch-*/meta.json")) or options.get("resume"):
+        # resume=true continues a run that a kill stopped (its stored settings; the other options must agree)
         run_pretrain(cache_dirs=[splits["val"].cache.cache_dir], captions=[files["train"]], val_captions=files["val"],
-                     run_dir=run_dir, seed=seed, quiet=True, **{k: v for k, v in options.items() if k != "resume"})
+                     run_dir=run_dir, seed=seed, quiet=True, **options)
     minutes = (time.monotonic() - started) / 60
     return load_run(run_dir), minutes
 
