@@ -188,7 +188,7 @@ def main() -> None:
                 setup = model_setup(args.dim, device, text_model=args.text_model, **config)
                 report(f"model step {device_name}, {label}", step_rate(setup, batch, device, args.steps))
             setup = model_setup(args.dim, device, text_model=args.text_model)
-            workers = 1 if device.type == "cpu" else 4
+            workers = 0 if device.type == "cpu" else 4  # the defaults of `vlpcache pretrain` (make_loader)
             report(f"end to end {device_name} (defaults, {workers} workers)",
                    end_to_end_rate(setup, hdf5, collate, args.batch_size, workers, device, args.steps))
     if args.json:
