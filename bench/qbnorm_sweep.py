@@ -1,4 +1,6 @@
-"""QB-Norm's β and k (and dual softmax's temperature) chosen on validation: text->video on a split (every caption a query) for a grid.
+"""QB-Norm's β and k, and dual softmax's temperature, chosen on validation.
+
+Text->video on a split (every caption a query) for a grid of settings.
 
 For each run given, the split's videos and captions are encoded once, the bank (the run's own training
 captions, as `eval --qbnorm` and `search --qbnorm` use) once, and each (β, k) re-normalises the same
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +56,8 @@ def main() -> None:
         similarity = text @ video.T
         results.setdefault("plain", []).append(retrieval_metrics(similarity, owners))
         bank = run_query_bank(run, video, device, 64, progress=False)
+        if bank is None:
+            sys.exit(f"error: {run_dir}: none of the training caption files its config names can be read (the bank)")
         for k in args.ks:
             for beta in args.betas:
                 normalised = QueryBank.build(bank.bank, video, beta, k).normalise(similarity)
