@@ -159,7 +159,7 @@ class TextEncoder(nn.Module):
         """Within: the frozen layers pass their input through untouched, and the first trainable layer
         reads `prefix` instead. The backbone's own forward still builds the attention mask in whatever
         form its version of transformers wants, so no model internals are re-implemented here."""
-        frozen = list(self.layers)[: self.frozen_layers]
+        frozen = self.layers[: self.frozen_layers]
         wraps_output = getattr(self, "_layer_output_is_tuple", None)
         if wraps_output is None:  # layers return a tensor (transformers 5) or a tuple (4.x): ask one
             seen = []

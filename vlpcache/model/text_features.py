@@ -113,15 +113,18 @@ def features_key(text_model: str, pooling: str, max_words: int, with_words: bool
     }
 
 
+def cache_kind(model) -> str | None:
+    """What of the model's text encoder can be cached: "outputs" when nothing of it trains, "prefix"
+    when frozen layers lie below the trainable ones, None when every layer trains."""
+    if model.config.text_trainable_layers == 0:
+        return "outputs"
+    return "prefix" if model.text_encoder.frozen_layers > 0 else None
+
+
 def model_features_key(model, with_words: bool, captions: list[str]) -> dict:
     config = model.config
     return features_key(config.text_model, config.text_pooling, config.max_words, with_words, captions,
-                        "outputs" if config.text_trainable_layers == 0 else "prefix", model.text_encoder.frozen_layers)
-
-
-def can_cache(model) -> bool:
-    """Whether some of the text encoder is frozen (all of it, or layers below the trainable ones)."""
-    return model.config.text_trainable_layers == 0 or model.text_encoder.frozen_layers > 0
+                        cache_kind(model), model.text_encoder.frozen_layers)
 
 
 def cached_text_features(model, tokenizer, captions: list[str], workspace_root: Path, with_words: bool,

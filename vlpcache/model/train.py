@@ -43,7 +43,7 @@ from vlpcache.model.config import (
 from vlpcache.model.model import AlignmentModel, PretrainLoss, build_model, load_text_backbone
 from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
 from vlpcache.model.run_layout import LOG_NAME
-from vlpcache.model.text_features import TextFeatures, cached_text_features, can_cache
+from vlpcache.model.text_features import TextFeatures, cache_kind, cached_text_features
 from vlpcache.report import say
 from vlpcache.workspace import Workspace
 
@@ -297,7 +297,7 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
 def _frozen_text_features(run: Run, model, tokenizer, processes: Processes, workspace: Workspace) -> TextFeatures | None:
     """What the text encoder's frozen layers make of every training and validation caption, encoded
     once (rank 0 computes, the others read the same file); None when every layer trains."""
-    if not can_cache(model):
+    if cache_kind(model) is None:
         return None
     captions = run.data.train.all_captions()
     if run.data.validation is not None:
