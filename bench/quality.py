@@ -235,11 +235,9 @@ class BaselineData:
         owners = np.asarray(owners)
         sums = np.zeros((len(split.ids), embedded.shape[1]))
         np.add.at(sums, owners, embedded)
-        similarity = np.empty((len(texts), len(split.ids)))
-        for q in range(len(texts)):
-            videos = sums.copy()
-            videos[owners[q]] -= embedded[q]
-            similarity[q] = (videos / np.linalg.norm(videos, axis=1, keepdims=True)) @ embedded[q]
+        similarity = embedded @ (sums / np.linalg.norm(sums, axis=1, keepdims=True)).T  # (Q, V)
+        own = sums[owners] - embedded  # (Q, H): each query's own video without the query
+        similarity[np.arange(len(texts)), owners] = (own * embedded).sum(1) / np.linalg.norm(own, axis=1)
         return retrieval_metrics(similarity, owners.tolist())
 
     def eval_inputs(self, name: str, all_captions: bool, how: str | None = None) -> dict:
