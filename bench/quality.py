@@ -259,7 +259,7 @@ def train_vlpcache(options: dict, seed: int, splits: dict[str, Split], files: di
     started = time.monotonic()
     if not list(run_dir.glob("checkpoints/epoch-*/meta.json")) or options.get("resume"):
         # resume=true continues a run that a kill stopped (its stored settings; the other options must agree)
-        run_pretrain(cache_dirs=[splits["val"].cache.cache_dir], captions=[files["train"]], val_captions=files["val"],
+        run_pretrain(cache_dirs=[splits["select"].cache.cache_dir], captions=[files["train"]], val_captions=files["val"],
                      run_dir=run_dir, seed=seed, quiet=True, **options)
     minutes = (time.monotonic() - started) / 60
     return load_run(run_dir), minutes
@@ -330,6 +330,10 @@ def main() -> None:
     parser.add_argument("--test", action="store_true", help="also report devtest and Flickr8k test (once: never tune on them)")
     parser.add_argument("--rearranged", action="store_true",
                         help="also score val with every item's frames moved to other slots, repeated to fill T, cut to one")
+    parser.add_argument("--train-cache", type=Path,
+                        help="train and choose epochs on this cache's train and val items instead (e.g. the first frame "
+                             "of each only, to see whether models trained on fewer frames than they are scored on gain "
+                             "from the extra frames); every evaluation still reads the MSR-VTT cache")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
@@ -340,6 +344,10 @@ def main() -> None:
         args.workspace / "msrvtt-cache", [data / "msrvtt" / "frames" / s for s in ("train", "val", "devtest")], args.workspace))
     files = {s: data / "msrvtt" / f"{s}.jsonl" for s in ("train", "val", "devtest")}
     splits = {s: load_split(s, msrvtt, files[s]) for s in files}
+    # "train" and "select" (the val items that choose the best epoch) come from the training cache
+    train_cache = RegionCache(args.train_cache) if args.train_cache else msrvtt
+    splits["train"] = load_split("train", train_cache, files["train"])
+    splits["select"] = load_split("select", train_cache, files["val"])
     if args.test:
         flickr = RegionCache(args.flickr_cache or ensure_cache(
             args.workspace / "flickr-cache", [data / "flickr8k" / "images"], args.workspace))
@@ -351,13 +359,13 @@ def main() -> None:
         evaluations += [("devtest first", "devtest", False, None), ("devtest all", "devtest", True, None),
                         ("Flickr8k test first", "flickr-test", False, None), ("Flickr8k test all", "flickr-test", True, None)]
     rows: dict[str, dict[str, list[dict]]] = {}
-    record: dict = {"seeds": args.seeds, "baseline": {}, "vlpcache": {}}
+    record: dict = {"seeds": args.seeds, "train_cache": str(train_cache.cache_dir), "baseline": {}, "vlpcache": {}}
 
     if args.only != "vlpcache":
         started = time.monotonic()
         frozen = BaselineData(splits, args.workspace)
         print(f"baseline features ready in {time.monotonic() - started:.0f} s", file=sys.stderr)
-        train, val = frozen.train_inputs("train"), frozen.eval_inputs("val", True)
+        train, val = frozen.train_inputs("train"), frozen.eval_inputs("select", True)
         grid = {}
         for captions in ("one", "all"):
             for lr in args.baseline_lrs:

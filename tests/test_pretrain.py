@@ -367,6 +367,46 @@ def test_resume_of_a_finished_run_trains_nothing_more(tmp_path, corpus, tiny_tex
         run_pretrain(**options, **small_options(tiny_text, epochs=1))
 
 
+def test_a_run_being_trained_refuses_a_second_pretrain_until_its_trainer_dies_then_resumes(
+        tmp_path, corpus, tiny_text, monkeypatch):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    os.mkfifo(run_dir / LOG_NAME)
+    process = subprocess.Popen(_pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0"), env=dict(os.environ),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _let_one_log_line_through(run_dir / LOG_NAME, process)
+    wait_until(lambda: 1 in ckpt.checkpoints(run_dir), alive=process)
+    # epoch 2's log line now waits for a reader: the run is alive and training, its lock held
+    assert process.poll() is None, process.stderr.read().decode()
+    for options in (dict(resume=True), dict(epochs=2)):  # --resume of it, or a new run into the same -o
+        with pytest.raises(UserError, match=rf"{run_dir} is being trained by pid {process.pid} on "):
+            run_pretrain(run_dir=run_dir, quiet=True, device="cpu", **options)
+    assert list(ckpt.checkpoints(run_dir)) == [1]  # the refused runs wrote nothing
+
+    process.send_signal(signal.SIGKILL)  # the kernel drops the dead trainer's lock
+    process.wait()
+    process.stderr.close()
+    (run_dir / LOG_NAME).unlink()
+    assert run_pretrain(run_dir=run_dir, resume=True, quiet=True, device="cpu")["trained_epochs"] == 1
+    assert list(ckpt.checkpoints(run_dir)) == [2] and not (run_dir / "pretrain.lock").exists()
+
+
+def test_new_runs_never_share_a_directory_and_a_failed_start_leaves_none_behind(tmp_path, corpus, tiny_text, monkeypatch):
+    workspace = Workspace(tmp_path / "ws")
+    first, second = workspace.new_run_dir(), workspace.new_run_dir()  # two pretrain started together
+    assert (first.name, second.name) == ("run-001", "run-002") and first.is_dir() and second.is_dir()
+
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    empty = tmp_path / "none.jsonl"
+    empty.write_text(json.dumps({"video": "not-in-the-cache", "captions": ["a dog"]}) + "\n")
+    with pytest.raises(UserError):
+        run_pretrain(cache_dirs=[corpus["cache"]], captions=[empty], **small_options(tiny_text))
+    assert sorted(p.name for p in workspace.runs_dir.iterdir()) == ["run-001", "run-002"]  # run-003 came and went
+    run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], **small_options(tiny_text, epochs=1))
+    assert ckpt.checkpoints(workspace.runs_dir / "run-003")
+
+
 def test_torchrun_two_processes_on_cpu_with_gloo_trains_one_run(tmp_path, corpus, tiny_text):
     run_dir = tmp_path / "run"
     env = {**os.environ, "VLPCACHE_WORKSPACE": str(tmp_path / "ws"), "OMP_NUM_THREADS": "1"}

@@ -36,13 +36,19 @@ class Workspace:
     def index_dir(self) -> Path:
         return self.root / "index"
 
-    def new_run_dir(self, name: str | None = None) -> Path:
-        """A fresh run directory: runs/<name> or runs/run-NNN."""
+    def new_run_dir(self) -> Path:
+        """A fresh run directory runs/run-NNN, the number after the highest, claimed by creating it (two
+        `pretrain` started together never share one)."""
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        if name:
-            return self.runs_dir / name
         taken = [int(p.name[4:]) for p in self.runs_dir.glob("run-*") if p.name[4:].isdigit()]
-        return self.runs_dir / f"run-{max(taken, default=0) + 1:03d}"
+        number = max(taken, default=0) + 1
+        while True:
+            path = self.runs_dir / f"run-{number:03d}"
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                number += 1
 
     def remember_roots(self, roots: list[Path]) -> None:
         known = self.extracted_roots()

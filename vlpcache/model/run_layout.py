@@ -7,6 +7,7 @@ and `eval` find the checkpoint to use (checkpoint.py writes and loads; search re
     <run>/checkpoints/.epoch-0004.tmp-<pid>/   a checkpoint being written: never read, removed on resume
     <run>/best.json                   {"epoch": 3, "metrics": ...}: the epoch with the best validation
     <run>/log.jsonl, <run>/tensorboard/
+    <run>/pretrain.lock               held (fcntl) by the process training the run; gone when it ends
 
 A checkpoint counts once its meta.json exists ({"epoch", "sha256" of model.safetensors, "metrics",
 "rerank_weight", ...}); older checkpoints are removed as new ones land, except the best.
@@ -29,6 +30,7 @@ WEIGHTS_NAME = "model.safetensors"
 STATE_NAME = "training_state.pt"
 META_NAME = "meta.json"
 LOG_NAME = "log.jsonl"  # one JSON line per epoch
+TRAINING_LOCK_NAME = "pretrain.lock"
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
 TEMPORARY_PATTERN = ".epoch-*.tmp-*"  # checkpoints being written (glob within CHECKPOINT_DIR)
 

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +42,8 @@ from vlpcache.model.config import (
 )
 from vlpcache.model.model import AlignmentModel, PretrainLoss, build_model, load_text_backbone
 from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
-from vlpcache.model.run_layout import LOG_NAME
+from vlpcache.locks import WriterLock, holder_of
+from vlpcache.model.run_layout import LOG_NAME, TRAINING_LOCK_NAME
 from vlpcache.model.text_features import TextFeatures, cache_kind, cached_text_features
 from vlpcache.report import say
 from vlpcache.workspace import Workspace
@@ -126,14 +127,48 @@ class Run:
     resumed: bool  # settings read back from the run's config.json
 
 
-def resolve_run(options: PretrainOptions, processes: Processes, workspace: Workspace) -> Run:
-    """The run directory, its settings (the options', or the stored ones on --resume) and its data."""
-    run_dir = Path(options.run_dir) if options.run_dir else None
-    if run_dir is None:  # every process must agree, so rank 0 decides
-        run_dir = processes.broadcast(_latest_started_run(workspace) if options.resume else workspace.new_run_dir())
-    stored = ckpt.read_run_config(run_dir) if options.resume and (run_dir / ckpt.CONFIG_NAME).exists() else None
-    if options.resume and stored is None and not run_dir.exists():
+def choose_run_dir(options: PretrainOptions, processes: Processes, workspace: Workspace) -> tuple[Path, bool]:
+    """(-o RUN_DIR, else the latest run on --resume, else a new run-NNN claimed by creating it; whether
+    this call is where the directory begins)."""
+    if options.run_dir:
+        run_dir = Path(options.run_dir)
+        fresh = not run_dir.exists()
+    else:  # every process must agree, so rank 0 decides
+        run_dir = processes.broadcast(_latest_started_run(workspace) if options.resume
+                                      else workspace.new_run_dir() if processes.main else None)
+        fresh = not options.resume
+    if options.resume and not run_dir.exists():
         raise UserError(f"--resume: {run_dir} does not exist; start the run without --resume")
+    return run_dir, fresh
+
+
+@contextmanager
+def training_lock(run_dir: Path, fresh: bool, processes: Processes):
+    """Held by the main process while it trains run_dir: a second `pretrain` into the same directory
+    (two -o alike, or --resume of a run still training) stops with one line instead of interleaving
+    checkpoints. The kernel frees it when the holder dies, kill -9 too, so a resume never waits on a
+    dead run. A fresh run directory that a failed start left empty is removed on the way out."""
+    if not processes.main:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / TRAINING_LOCK_NAME
+    lock = WriterLock.take(path)
+    if lock is None:
+        holder = holder_of(path)
+        raise UserError(f"{run_dir} is being trained by {holder.describe() if holder else 'another process'}; "
+                        "wait for it to finish, or pass another -o RUN_DIR")
+    try:
+        yield
+    finally:
+        lock.release()
+        if fresh and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+
+
+def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, workspace: Workspace) -> Run:
+    """The run's settings (the options', or the stored ones on --resume) and its data."""
+    stored = ckpt.read_run_config(run_dir) if options.resume and (run_dir / ckpt.CONFIG_NAME).exists() else None
     if not options.resume and ckpt.checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or another -o RUN_DIR")
     if stored:
@@ -527,7 +562,12 @@ def run_pretrain(**options) -> dict:
 
 def _pretrain(options: PretrainOptions, processes: Processes) -> dict:
     workspace = Workspace()
-    run = resolve_run(options, processes, workspace)
+    run_dir, fresh = choose_run_dir(options, processes, workspace)
+    with training_lock(run_dir, fresh, processes):
+        return _train(resolve_run(options, run_dir, processes, workspace), processes, workspace)
+
+
+def _train(run: Run, processes: Processes, workspace: Workspace) -> dict:
     torch.manual_seed(run.train.seed + processes.rank)
     np.random.seed(run.train.seed + processes.rank)
     trainer = make_trainer(run, processes, workspace)
