@@ -80,6 +80,42 @@ def test_hnsw_search_parameters_are_tuned_to_the_target_recall():
     assert np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]) >= 0.95
 
 
+def _tuning_recall(monkeypatch, index: VideoIndex, x: np.ndarray, params: str) -> float:
+    """The tuner's own recall figure for one setting (a ladder of that setting alone)."""
+    from vlpcache.index import faiss_index
+
+    monkeypatch.setattr(faiss_index, "tuning_ladder", lambda _: [params])
+    return faiss_index.tune_search_params(index.index, x, IndexConfig())[1]
+
+
+def _tune(monkeypatch, index: VideoIndex, x: np.ndarray, ladder: list[str], target: float) -> tuple[str, float]:
+    from vlpcache.index import faiss_index
+
+    monkeypatch.setattr(faiss_index, "tuning_ladder", lambda _: ladder)
+    return faiss_index.tune_search_params(index.index, x, IndexConfig(target_recall=target))
+
+
+def test_the_tuner_walks_past_a_step_that_gains_nothing_to_the_fastest_setting_at_the_target(monkeypatch):
+    x = clustered_vectors(3000)
+    index = VideoIndex.build(ids_for(3000), x, meta(), IndexConfig(factory="HNSW32,Flat"))
+    ladder = [f"efSearch={ef}" for ef in (1, 1, 2, 4, 8, 16, 32, 64, 128, 256)]  # its second step gains nothing
+    params, recall = _tune(monkeypatch, index, x, ladder, 0.96)
+    assert recall >= 0.96 and ladder.index(params) > 1
+    assert _tuning_recall(monkeypatch, index, x, ladder[ladder.index(params) - 1]) < 0.96  # the one before falls short
+
+
+def test_codes_too_coarse_for_the_target_get_the_fastest_setting_near_their_ceiling(monkeypatch):
+    from vlpcache.index import faiss_index
+
+    x = clustered_vectors(3000)
+    index = VideoIndex.build(ids_for(3000), x, meta(), IndexConfig(factory="IVF64,PQ4x4np"))  # PQ, no refinement
+    ladder = faiss_index.tuning_ladder(index.index)
+    ceiling = _tuning_recall(monkeypatch, index, x, ladder[-1])
+    params, recall = _tune(monkeypatch, index, x, ladder, 0.999)
+    assert ceiling < 0.999 and recall >= ceiling - 0.002 and params != ladder[-1]
+    assert all(_tuning_recall(monkeypatch, index, x, p) < ceiling - 0.002 for p in ladder[: ladder.index(params)])
+
+
 def test_tight_budget_on_a_small_collection_still_chooses_ivf_pq():
     n, budget = 3000, 0.5 * 2**20
     # HNSW32 over full vectors: 4 bytes per dimension + 32 links each way, far more than the budget

@@ -169,10 +169,15 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def tune_search_params(index: faiss.Index, vectors: np.ndarray, config: IndexConfig, k: int = 10) -> tuple[str, float | None]:
-    """The fastest setting of the ladder that reaches config.target_recall on indexed vectors used as queries.
+    """The fastest setting of the ladder that reaches config.target_recall on indexed vectors used as
+    queries; where even the most accurate setting falls short (codes too coarse: PQ without
+    refinement), the fastest within 0.002 of what that setting reaches.
 
-    Each tuning query is an indexed vector; it finds itself trivially, so its own label is removed
-    from both the exact and the approximate answer before recall is counted.
+    The ceiling is measured first, so no single step that happens to gain little stops the walk
+    short of the target (a rule that stopped at the first flat step left HNSW at efSearch 24, recall
+    0.93, on 1M vectors where 128 reached 0.96). Each tuning query is an indexed vector; it finds
+    itself trivially, so its own label is removed from both the exact and the approximate answer
+    before recall is counted.
     """
     ladder = tuning_ladder(index)
     if not ladder:
@@ -183,18 +188,19 @@ def tune_search_params(index: faiss.Index, vectors: np.ndarray, config: IndexCon
     queries = vectors[rows]
     _, truth = faiss.knn(queries, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
     truth = _drop_self(truth, rows, k)
-    best: tuple[str, float] = ("", -1.0)
-    for params in ladder:
+
+    def recall_with(params: str) -> float:
         apply_search_params(index, params)
         _, found = index.search(queries, k + 1)
-        recall = recall_at(_drop_self(found, rows, k), truth)
-        if recall >= config.target_recall:
+        return recall_at(_drop_self(found, rows, k), truth)
+
+    ceiling = recall_with(ladder[-1])
+    goal = min(config.target_recall, ceiling - 0.002)
+    for params in ladder[:-1]:
+        if (recall := recall_with(params)) >= goal:
             return params, recall
-        if recall < best[1] + 0.002:  # plateau: codes too coarse for the target, searching more buys nothing
-            break
-        best = (params, recall)
-    apply_search_params(index, best[0])
-    return best
+    apply_search_params(index, ladder[-1])
+    return ladder[-1], ceiling
 
 
 def _drop_self(labels: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
