@@ -219,20 +219,25 @@ def test_missing_cache_is_one_line_error(ws, monkeypatch, capsys):
 
 def retrained(ws: Path, name: str = "run-002") -> Path:
     """A newer run: run-001's checkpoint with its weights nudged (another sha256), modified last."""
+    run = ws / "runs" / name
+    shutil.copytree(ws / "runs" / "run-001", run)
+    nudge_weights(run)
+    os.utime(run, (time.time() + 10, time.time() + 10))  # the latest run
+    return run
+
+
+def nudge_weights(run: Path, by: float = 0.01) -> None:
+    """The run's designated checkpoint replaced by other weights, as re-training it would (another sha256)."""
     from safetensors.torch import load_file, save_file
 
     from vlpcache.files import file_sha256
     from vlpcache.model.run_layout import META_NAME, WEIGHTS_NAME, resolve_checkpoint
 
-    run = ws / "runs" / name
-    shutil.copytree(ws / "runs" / "run-001", run)
     checkpoint = resolve_checkpoint(run)
     weights = load_file(checkpoint / WEIGHTS_NAME)
-    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, checkpoint / WEIGHTS_NAME)
+    save_file({k: v + by if v.is_floating_point() else v for k, v in weights.items()}, checkpoint / WEIGHTS_NAME)
     meta = json.loads((checkpoint / META_NAME).read_text())
     (checkpoint / META_NAME).write_text(json.dumps({**meta, "sha256": file_sha256(checkpoint / WEIGHTS_NAME)}))
-    os.utime(run, (time.time() + 10, time.time() + 10))  # the latest run
-    return run
 
 
 def test_a_newer_run_gets_an_index_of_its_own_on_first_search_and_the_earlier_one_stays(ws, monkeypatch, capsys):
@@ -247,6 +252,37 @@ def test_a_newer_run_gets_an_index_of_its_own_on_first_search_and_the_earlier_on
     assert read_meta(second).checkpoint_sha256 == load_run(newer).checkpoint_sha256
     code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "--run", ws / "runs" / "run-001")
     assert code == 0 and "building" not in err  # the earlier run's index is still there
+
+
+def test_prune_removes_the_indexes_of_checkpoints_no_run_holds_and_keeps_the_rest(ws, tmp_path, monkeypatch, capsys):
+    from vlpcache.locks import WriterLock
+
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    old = the_index(ws)
+    outside = tmp_path / "elsewhere" / "run"  # a run kept outside the workspace: its index records it
+    shutil.move(retrained(ws), outside)
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet", "--run", outside)[0] == 0
+    kept = the_index(ws, outside)
+    nudge_weights(ws / "runs" / "run-001", by=0.02)  # run-001 trained again: its old best checkpoint is gone
+    (ws / "index" / ".pruned-0123").mkdir()  # what a prune killed halfway leaves
+    (ws / "index" / ".pruned-0123" / "embeddings.npy").write_bytes(b"x" * 100)
+
+    code, _, err = vlpcache(monkeypatch, capsys, "index", "--quiet", "--prune")
+    new = the_index(ws)
+    assert code == 0 and new != old and f"prune: removed 1 index(es) of checkpoints no run holds any more" in err
+    assert old.name in err.splitlines()[-1] and not old.exists()
+    assert sorted(p.name for p in (ws / "index").iterdir()) == sorted([new.name, kept.name])
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "--run", outside)
+    assert code == 0 and "building" not in err  # the outside run's index stayed
+
+    shutil.rmtree(outside)  # now nothing holds its checkpoint, but another process is writing that index
+    with WriterLock.take(kept / "index.lock"):
+        code, _, err = vlpcache(monkeypatch, capsys, "index", "--quiet", "--prune")
+        assert code == 0 and f"prune: {kept} is being written by another process; left as it is" in err and kept.exists()
+    code, _, err = vlpcache(monkeypatch, capsys, "index", "--quiet", "--prune")
+    assert code == 0 and "removed 1 index(es)" in err and [p.name for p in (ws / "index").iterdir()] == [new.name]
+    code, _, err = vlpcache(monkeypatch, capsys, "index", "--quiet", "--prune")
+    assert code == 0 and "every other index" in err and new.exists()
 
 
 def test_an_index_whose_record_names_another_checkpoint_is_refused_in_one_line(ws, monkeypatch, capsys):

@@ -238,6 +238,9 @@ def pretrain(**options) -> None:
               help=f"RAM the index may use; decides HNSW vs IVF-PQ beyond {EXACT_LIMIT:,} videos.")
 @click.option("--rebuild", is_flag=True, help="Discard an existing index (another checkpoint, cache or type) and build anew.")
 @click.option("--qbnorm", is_flag=True, help="Also make the query bank that search --qbnorm ranks with (QB-Norm).")
+@click.option("--prune", is_flag=True,
+              help="Also remove the indexes in the index directory of checkpoints that no run holds any more "
+                   "(re-training leaves one per old best checkpoint).")
 @checkpoint_option
 @device_option
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="Videos per encoding batch [default: 64 on CPU, 256 on CUDA].")

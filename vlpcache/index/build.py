@@ -258,7 +258,8 @@ def new_index_line(run, root: Path, index_dir: Path) -> str:
     others = other_indexes(root, index_dir)
     line = (f"no index of run {run.run_dir} (epoch {run.epoch}, checkpoint {run.checkpoint_sha256[:12]}) over this cache "
             f"yet: building it in {index_dir} (first use only)")
-    return line + (f"; the {len(others)} index(es) of other checkpoints or caches in {root} stay" if others else "")
+    return line + (f"; the {len(others)} index(es) of other checkpoints or caches in {root} stay (`vlpcache index "
+                   "--prune` removes those of checkpoints no run holds any more)" if others else "")
 
 
 def export_for_search(run, index_dir: Path, say) -> None:
@@ -277,7 +278,7 @@ def export_for_search(run, index_dir: Path, say) -> None:
 
 def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory_budget_mb=DEFAULT_MEMORY_BUDGET_MB,
               rebuild=False, device=DEFAULT_DEVICE, batch_size=None, checkpoint=None, quiet=False, export=None,
-              qbnorm=False) -> VideoIndex:
+              qbnorm=False, prune=False) -> VideoIndex:
     """The `vlpcache index` command."""
     from vlpcache.model.retrieval import default_batch_size
     from vlpcache.model.checkpoint import load_run
@@ -300,4 +301,8 @@ def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory
     if export:
         files = export_embeddings(index, cache, export)
         say(f"exported {len(index)} embeddings and ids to {', '.join(map(str, files))}")
+    if prune:
+        from vlpcache.index.prune import prune_indexes
+
+        prune_indexes(sources.index_dir, index_dir, [sources.run_dir, *Workspace().runs_dir.glob("*")], sayer(False))
     return index

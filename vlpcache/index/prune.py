@@ -1,0 +1,98 @@
+"""`vlpcache index --prune`: remove the indexes of an index root that nothing can load any more.
+
+An index is loaded only for a checkpoint that exists (layout.index_dir_for keys it by the checkpoint's
+sha256), and pretraining removes a run's older checkpoints as new ones land, so every re-training
+leaves an index (embeddings, region store, the ONNX query model: ~150 MB for MSR-VTT) that no command
+will open again. An index is stale when no run holds a checkpoint with its sha256: neither the run it
+records (index.json's run_dir), nor a run of the workspace, nor the run being indexed. Indexes of the
+same checkpoint over caches of other settings are not stale (those caches may still be searched).
+
+Each stale index is removed under its own lock (an index being written is left alone, saying so):
+renamed to `.pruned-<name>` in one step, then deleted, so a kill -9 halfway leaves a folder no
+command reads as an index and the next prune finishes deleting.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from vlpcache.index.layout import LOCK_FILE, META_FILE, other_indexes
+from vlpcache.locks import WriterLock
+from vlpcache.model.run_layout import META_NAME, checkpoints
+from vlpcache.records import read_optional_json
+from vlpcache.report import Say
+
+PRUNED_PREFIX = ".pruned-"
+
+
+def checkpoint_sha256s(run_dir: Path) -> set[str]:
+    """sha256 of every complete checkpoint of a run, as their meta.json record it."""
+    found = set()
+    for checkpoint in checkpoints(run_dir).values():
+        meta = read_optional_json(checkpoint / META_NAME)
+        if isinstance(meta, dict) and meta.get("sha256"):
+            found.add(meta["sha256"])
+    return found
+
+
+def stale_indexes(root: Path, keep: Path, run_dirs: list[Path]) -> list[Path]:
+    """The indexes in root's subfolders, besides keep, whose checkpoint no run holds any more."""
+    known = {}  # run dir -> its checkpoints' sha256s, read once
+
+    def held_by(run_dir: Path) -> set[str]:
+        if run_dir not in known:
+            known[run_dir] = checkpoint_sha256s(run_dir) if run_dir.is_dir() else set()
+        return known[run_dir]
+
+    held = set().union(*(held_by(Path(r)) for r in run_dirs))
+    stale = []
+    for index_dir in other_indexes(root, keep):
+        if index_dir == Path(root):  # an index kept in the root itself is never removed with the root
+            continue
+        meta = read_optional_json(index_dir / META_FILE)
+        if not isinstance(meta, dict):
+            continue  # unreadable: say nothing, touch nothing (load names the problem)
+        sha = meta.get("checkpoint_sha256")
+        if sha in held or (meta.get("run_dir") and sha in held_by(Path(meta["run_dir"]))):
+            continue
+        stale.append(index_dir)
+    return stale
+
+
+def folder_bytes(path: Path) -> int:
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def prune_indexes(root: Path, keep: Path, run_dirs: list[Path], say: Say) -> list[Path]:
+    """Remove root's stale indexes (and what an interrupted prune left); returns those removed."""
+    root = Path(root)
+    for leftover in root.glob(f"{PRUNED_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    removed, freed = [], 0
+    for index_dir in stale_indexes(root, keep, run_dirs):
+        lock = WriterLock.take(index_dir / LOCK_FILE)
+        if lock is None:
+            say(f"prune: {index_dir} is being written by another process; left as it is")
+            continue
+        with lock:
+            size = folder_bytes(index_dir)
+            doomed = index_dir.with_name(PRUNED_PREFIX + index_dir.name)
+            index_dir.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(index_dir)
+        freed += size
+    if removed:
+        say(f"prune: removed {len(removed)} index(es) of checkpoints no run holds any more, {freed / 2**20:.0f} MB "
+            f"({', '.join(p.name for p in removed)})")
+    else:
+        say(f"prune: every other index in {root} belongs to a checkpoint a run still holds")
+    return removed
