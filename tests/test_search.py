@@ -267,7 +267,7 @@ def test_prune_removes_the_indexes_of_checkpoints_no_run_holds_and_keeps_the_res
     (ws / "index" / ".pruned-0123").mkdir()  # what a prune killed halfway leaves
     (ws / "index" / ".pruned-0123" / "embeddings.npy").write_bytes(b"x" * 100)
 
-    code, _, err = vlpcache(monkeypatch, capsys, "index", "--quiet", "--prune")
+    code, _, err = vlpcache(monkeypatch, capsys, "index", "--prune")
     new = the_index(ws)
     assert code == 0 and new != old and f"prune: removed 1 index(es) of checkpoints no run holds any more" in err
     assert old.name in err.splitlines()[-1] and not old.exists()
@@ -277,11 +277,11 @@ def test_prune_removes_the_indexes_of_checkpoints_no_run_holds_and_keeps_the_res
 
     shutil.rmtree(outside)  # now nothing holds its checkpoint, but another process is writing that index
     with WriterLock.take(kept / "index.lock"):
-        code, _, err = vlpcache(monkeypatch, capsys, "index", "--quiet", "--prune")
+        code, _, err = vlpcache(monkeypatch, capsys, "index", "--prune")
         assert code == 0 and f"prune: {kept} is being written by another process; left as it is" in err and kept.exists()
-    code, _, err = vlpcache(monkeypatch, capsys, "index", "--quiet", "--prune")
+    code, _, err = vlpcache(monkeypatch, capsys, "index", "--prune")
     assert code == 0 and "removed 1 index(es)" in err and [p.name for p in (ws / "index").iterdir()] == [new.name]
-    code, _, err = vlpcache(monkeypatch, capsys, "index", "--quiet", "--prune")
+    code, _, err = vlpcache(monkeypatch, capsys, "index", "--prune")
     assert code == 0 and "every other index" in err and new.exists()
 
 

@@ -304,5 +304,5 @@ def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory
     if prune:
         from vlpcache.index.prune import prune_indexes
 
-        prune_indexes(sources.index_dir, index_dir, [sources.run_dir, *Workspace().runs_dir.glob("*")], sayer(False))
+        prune_indexes(sources.index_dir, index_dir, [sources.run_dir, *Workspace().runs_dir.glob("*")], say)
     return index
