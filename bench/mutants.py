@@ -294,6 +294,23 @@ MUTANTS += [
     mutant("serve-query-length-unbounded", "vlpcache/serve/app.py",
            "    if len(query) > MAX_QUERY_CHARS:\n", "    if False:\n",
            "tests/test_serve.py", "queries of at most 200 characters"),
+    # ------------------------------------------------ one trainer per run, the tuner, prune
+    mutant("model-run-lock-never-taken", "vlpcache/model/train.py",
+           "    if not processes.main:\n        yield\n        return\n    run_dir.mkdir",
+           "    if True:\n        yield\n        return\n    run_dir.mkdir",
+           "tests/test_pretrain.py -k being_trained", "a second pretrain into a run being trained is refused"),
+    mutant("model-new-runs-share-a-directory", "vlpcache/workspace.py",
+           "                path.mkdir()\n                return path\n",
+           "                return path\n",
+           "tests/test_pretrain.py -k never_share", "two pretrain started together get runs of their own"),
+    mutant("index-tuner-stops-at-a-flat-step", "vlpcache/index/faiss_index.py",
+           "    goal = min(config.target_recall, ceiling - 0.002)\n",
+           "    goal = min(config.target_recall, recall_with(ladder[1]) - 0.002)\n",
+           "tests/test_index_faiss.py -k tuner", "the search parameters reach the target recall"),
+    mutant("index-prune-removes-held-indexes", "vlpcache/index/prune.py",
+           "        if sha in held or (meta.get(\"run_dir\") and sha in held_by(Path(meta[\"run_dir\"]))):\n",
+           "        if sha in held:\n",
+           "tests/test_search.py -k prune", "prune keeps the index of a run it records"),
 ]
 
 
