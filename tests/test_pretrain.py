@@ -408,14 +408,15 @@ def test_new_runs_never_share_a_directory_and_a_failed_start_leaves_none_behind(
 
 
 def test_torchrun_two_processes_on_cpu_with_gloo_trains_one_run(tmp_path, corpus, tiny_text):
-    run_dir = tmp_path / "run"
     env = {**os.environ, "VLPCACHE_WORKSPACE": str(tmp_path / "ws"), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        *_pretrain_command(corpus, tiny_text, run_dir, 1, "--val-captions", str(corpus["val"]))[1:],
-    ]
+    arguments = _pretrain_command(corpus, tiny_text, tmp_path / "unused", 1, "--val-captions", str(corpus["val"]))[1:]
+    at = arguments.index("-o")
+    del arguments[at : at + 2]  # the workspace's next run-NNN: rank 0 claims it, both train it
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *arguments]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "ws" / "runs" / "run-001"
+    assert [p.name for p in run_dir.parent.iterdir()] == ["run-001"]
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert len(records) == 1  # rank 0 alone writes
     assert records[0]["step"] == 40 // (4 * 2)  # each process a disjoint half of the 40 samples
