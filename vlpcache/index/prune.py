@@ -2,8 +2,8 @@
 
 An index is loaded only for a checkpoint that exists (layout.index_dir_for keys it by the checkpoint's
 sha256), and pretraining removes a run's older checkpoints as new ones land, so every re-training
-leaves an index (embeddings, region store, the ONNX query model: 121 MB for MSR-VTT's 4,351 videos) that no command
-will open again. An index is stale when no run holds a checkpoint with its sha256: neither the run it
+leaves an index (embeddings, region store, the ONNX query model: 121 MB for MSR-VTT's 4,351
+videos) that no command will open again. An index is stale when no run holds a checkpoint with its sha256: neither the run it
 records (index.json's run_dir), nor a run of the workspace, nor the run being indexed. Indexes of the
 same checkpoint over caches of other settings are not stale (those caches may still be searched).
 
