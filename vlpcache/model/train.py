@@ -1,8 +1,8 @@
 """The pretraining loop: AdamW, warmup + cosine, autocast on GPU, gradient clipping, a checkpoint and
 validation every epoch, resume after kill -9, DistributedDataParallel under torchrun.
 
-It reads as four steps: resolve the run (options, or the stored settings on --resume, and the data),
-make the trainer (model, optimizer, resumed state) and the loader, then one epoch and the end of an
+It reads as four steps, under the run's lock (one trainer per run directory): resolve the run
+(options, or the stored settings on --resume, and the data), make the trainer (model, optimizer, resumed state) and the loader, then one epoch and the end of an
 epoch (validation, checkpoint, logs) until done. The loop knows the model only through
 `model(batch) -> (text, video, scales)` and `PretrainLoss`.
 """
@@ -28,6 +28,7 @@ from vlpcache import __version__
 from vlpcache.devices import resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import replace_atomically
+from vlpcache.locks import WriterLock, holder_of
 from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics
 from vlpcache.model import checkpoint as ckpt
 from vlpcache.model.data import CollateCaptionedRegions, PretrainData, ValidationSet, load_pretrain_data
@@ -42,7 +43,6 @@ from vlpcache.model.config import (
 )
 from vlpcache.model.model import AlignmentModel, PretrainLoss, build_model, load_text_backbone
 from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
-from vlpcache.locks import WriterLock, holder_of
 from vlpcache.model.run_layout import LOG_NAME, TRAINING_LOCK_NAME
 from vlpcache.model.text_features import TextFeatures, cache_kind, cached_text_features
 from vlpcache.report import say
