@@ -2,8 +2,9 @@
 validation every epoch, resume after kill -9, DistributedDataParallel under torchrun.
 
 It reads as four steps, under the run's lock (one trainer per run directory): resolve the run
-(options, or the stored settings on --resume, and the data), make the trainer (model, optimizer, resumed state) and the loader, then one epoch and the end of an
-epoch (validation, checkpoint, logs) until done. The loop knows the model only through
+(options, or the stored settings on --resume, and the data), make the trainer (model, optimizer,
+resumed state) and the loader, then one epoch and the end of an epoch (validation, checkpoint, logs)
+until done. The loop knows the model only through
 `model(batch) -> (text, video, scales)` and `PretrainLoss`.
 """
 
