@@ -195,7 +195,7 @@ def tune_search_params(index: faiss.Index, vectors: np.ndarray, config: IndexCon
         return recall_at(_drop_self(found, rows, k), truth)
 
     ceiling = recall_with(ladder[-1])
-    goal = min(config.target_recall, ceiling - 0.002)
+    goal = config.target_recall if ceiling >= config.target_recall else ceiling - 0.002
     for params in ladder[:-1]:
         if (recall := recall_with(params)) >= goal:
             return params, recall
