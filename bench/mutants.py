@@ -227,7 +227,7 @@ MUTANTS += [
            "return np.where(self.hubs[best][:, None], normalised, similarity)", "return normalised",
            "tests/test_querybank.py", "QB-Norm normalises only rows whose best video is a hub"),
     mutant("index-tuning-ignores-the-target", "vlpcache/index/faiss_index.py",
-           "        if recall >= config.target_recall:\n", "        if True:\n",
+           "        if (recall := recall_with(params)) >= goal:\n", "        if (recall := recall_with(params)) >= 0:\n",
            "tests/test_index_faiss.py", "search parameters tuned to the target recall"),
     mutant("serve-k-unbounded", "vlpcache/serve/app.py",
            'k = _int_param(request, "k", DEFAULT_K, 1, MAX_K)', 'k = _int_param(request, "k", DEFAULT_K, 1, 10**9)',
