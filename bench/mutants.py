@@ -130,7 +130,8 @@ MUTANTS += [
            "for k in mine if mine[k] != theirs.get(k)]", "for k in mine if False]",
            "tests/test_cache.py -k different_settings", "a cache of other settings is refused"),
     mutant("cache-second-writer-not-refused", "vlpcache/cache/writer.py",
-           "    if lock is None:\n        holder = holder_of(path)\n", "    if False:\n        holder = holder_of(path)\n",
+           "    if lock is None:\n        raise UserError(f\"{cache_dir}: shards",
+           "    if False:\n        raise UserError(f\"{cache_dir}: shards",
            "tests/test_cache.py -k second_writer", "one writer per shard set"),
     # ------------------------------------------------ model
     mutant("model-no-focal-filter", "vlpcache/model/losses.py",

@@ -92,6 +92,18 @@ def replace_together(files: list[FileWrite]) -> None:
                 tmp.unlink()
 
 
+def folder_bytes(folder: Path) -> int:
+    """Bytes of every file below folder (a file that vanishes while counted counts nothing)."""
+    total = 0
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            try:
+                total += os.stat(os.path.join(parent, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
 def remove_temporaries(folder: Path) -> None:
     """Remove what killed writers left of files being replaced in `folder`: only for a process that holds
     the folder's writer lock (locks.py), so that no temporary of a live writer is touched."""

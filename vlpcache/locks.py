@@ -97,6 +97,13 @@ def _same_file(path: Path, fd: int) -> bool:
     return (on_disk.st_dev, on_disk.st_ino) == (ours.st_dev, ours.st_ino)
 
 
+def holder_description(path: Path) -> str:
+    """Who holds the lock of `path`, for a line to the person waiting or refused: "pid N on HOST (since
+    HH:MM:SS)", or "another process" when the holder is not recorded."""
+    holder = holder_of(path)
+    return holder.describe() if holder else "another process"
+
+
 def holder_of(path: Path) -> Holder | None:
     """Who holds the lock of `path`, as recorded; None when not recorded (yet) or unreadable."""
     for _ in range(20):  # the holder writes its record right after taking the lock

@@ -21,6 +21,7 @@ import numpy as np
 from vlpcache.cache.manifest import UNREADABLE, read_failures, read_manifest, shard_file_differences
 from vlpcache.cache.schema import SHARD_DIR, SHARD_SUFFIX, CacheSettings
 from vlpcache.errors import UserError
+from vlpcache.files import folder_bytes
 from vlpcache.report import Say, say
 
 
@@ -164,7 +165,7 @@ class RegionCache:
         return np.stack([parts[int(s)][row] for s, row in self._locations])
 
     def size_on_disk(self) -> int:
-        return sum(p.stat().st_size for p in self.cache_dir.rglob("*") if p.is_file())
+        return folder_bytes(self.cache_dir)
 
     def close(self) -> None:
         if os.getpid() == self._pid:

@@ -45,7 +45,7 @@ from vlpcache.cache.schema import (
 )
 from vlpcache.errors import UserError
 from vlpcache.files import fsync_path, write_failure
-from vlpcache.locks import LOCK_SUFFIX, WriterLock, holder_of
+from vlpcache.locks import LOCK_SUFFIX, WriterLock, holder_description
 from vlpcache.records import write_json
 
 FEATURE_COMPRESSION = "lzf"  # fast; padded frames and regions are zeros and shrink to almost nothing
@@ -105,10 +105,8 @@ def take_writer_lock(cache_dir: Path, writer_name: str) -> WriterLock:
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = WriterLock.take(path, patience=LOCK_PATIENCE_SECONDS)
     if lock is None:
-        holder = holder_of(path)
-        who = holder.describe() if holder else "another process"
-        raise UserError(f"{cache_dir}: shards {writer_name}-* are being written by {who}; wait for that extract to "
-                        "finish, or give this one another --shard i/n or -o DIR")
+        raise UserError(f"{cache_dir}: shards {writer_name}-* are being written by {holder_description(path)}; wait for "
+                        "that extract to finish, or give this one another --shard i/n or -o DIR")
     return lock
 
 

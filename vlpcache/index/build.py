@@ -33,7 +33,7 @@ from vlpcache.index.layout import (
     other_indexes,
     read_meta,
 )
-from vlpcache.locks import WriterLock, holder_of
+from vlpcache.locks import WriterLock, holder_description
 from vlpcache.model.run_layout import designated_checkpoint_sha256, latest_run
 from vlpcache.querybank import BANK_SIZE, BETA, TOP_K, QueryBank, bank_captions
 from vlpcache.report import Say, say, sayer
@@ -157,8 +157,7 @@ def writing_index(index_dir: Path, say: Say = say):
         index_dir.mkdir(parents=True, exist_ok=True)
         lock = WriterLock.take(index_dir / LOCK_FILE)
         if lock is None:
-            holder = holder_of(index_dir / LOCK_FILE)
-            say(f"waiting for {holder.describe() if holder else 'another process'}, which is writing the index {index_dir}")
+            say(f"waiting for {holder_description(index_dir / LOCK_FILE)}, which is writing the index {index_dir}")
             lock = WriterLock.take(index_dir / LOCK_FILE, wait=True)
         remove_temporaries(index_dir)
     except OSError as err:

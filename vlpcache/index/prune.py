@@ -3,9 +3,10 @@
 An index is loaded only for a checkpoint that exists (layout.index_dir_for keys it by the checkpoint's
 sha256), and pretraining removes a run's older checkpoints as new ones land, so every re-training
 leaves an index (embeddings, region store, the ONNX query model: 121 MB for MSR-VTT's 4,351
-videos) that no command will open again. An index is stale when no run holds a checkpoint with its sha256: neither the run it
-records (index.json's run_dir), nor a run of the workspace, nor the run being indexed. Indexes of the
-same checkpoint over caches of other settings are not stale (those caches may still be searched).
+videos) that no command will open again. An index is stale when no run holds a checkpoint with its
+sha256: neither the run it records (index.json's run_dir), nor a run of the workspace, nor the run
+being indexed. Indexes of the same checkpoint over caches of other settings are not stale (those
+caches may still be searched).
 
 Each stale index is removed under its own lock (an index being written is left alone, saying so):
 renamed to `.pruned-<name>` in one step, then deleted, so a kill -9 halfway leaves a folder no
@@ -14,10 +15,10 @@ command reads as an index and the next prune finishes deleting.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
+from vlpcache.files import folder_bytes
 from vlpcache.index.layout import LOCK_FILE, META_FILE, other_indexes
 from vlpcache.locks import WriterLock
 from vlpcache.model.run_layout import META_NAME, checkpoints
@@ -59,17 +60,6 @@ def stale_indexes(root: Path, keep: Path, run_dirs: list[Path]) -> list[Path]:
             continue
         stale.append(index_dir)
     return stale
-
-
-def folder_bytes(path: Path) -> int:
-    total = 0
-    for folder, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(folder, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 def prune_indexes(root: Path, keep: Path, run_dirs: list[Path], say: Say) -> list[Path]:

@@ -29,7 +29,7 @@ from vlpcache import __version__
 from vlpcache.devices import resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import replace_atomically
-from vlpcache.locks import WriterLock, holder_of
+from vlpcache.locks import WriterLock, holder_description
 from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics
 from vlpcache.model import checkpoint as ckpt
 from vlpcache.model.data import CollateCaptionedRegions, PretrainData, ValidationSet, load_pretrain_data
@@ -156,8 +156,7 @@ def training_lock(run_dir: Path, fresh: bool, processes: Processes):
     path = run_dir / TRAINING_LOCK_NAME
     lock = WriterLock.take(path)
     if lock is None:
-        holder = holder_of(path)
-        raise UserError(f"{run_dir} is being trained by {holder.describe() if holder else 'another process'}; "
+        raise UserError(f"{run_dir} is being trained by {holder_description(path)}; "
                         "wait for it to finish, or pass another -o RUN_DIR")
     try:
         yield
