@@ -104,6 +104,25 @@ def test_a_cache_from_before_attribute_arrays_reads_as_one_without_them(tmp_path
     assert not cache.settings.attributes and cache.ids == ["a", "b"]
 
 
+def test_notes_of_items_kept_despite_problems_are_read_back_and_shards_from_before_notes_have_none(tmp_path):
+    with ShardWriter(tmp_path, SETTINGS) as writer:
+        writer.add("a", "/data/a.mp4", "video", random_item(0))
+        writer.add("b", "/data/b", "frames", random_item(1), note="1 of 12 frames unreadable, e.g. 4.jpg: corrupt")
+    (old,) = (tmp_path / SHARD_DIR).glob("*.h5")
+    write_items(tmp_path, ["c"], writer_name="s1of2")
+    with h5py.File(old, "r") as f:
+        assert list(f["notes"].asstr()[:]) == ["", "1 of 12 frames unreadable, e.g. 4.jpg: corrupt"]
+    write_items(tmp_path / "old", ["d"])
+    (before,) = (tmp_path / "old" / SHARD_DIR).glob("*.h5")
+    with h5py.File(before, "r+") as f:
+        del f["notes"]  # as vlpcache wrote shards before notes existed
+    shutil.copy(before, tmp_path / SHARD_DIR / "s0of2-00000.h5")  # one cache: shards with and without notes
+    cache = RegionCache(tmp_path)
+    assert sorted(cache.ids) == ["a", "b", "c", "d"]
+    assert cache.notes == {"b": "1 of 12 frames unreadable, e.g. 4.jpg: corrupt"}
+    assert [cache.note_of(i) for i in ("a", "b", "c", "d")] == ["", cache.notes["b"], "", ""]
+
+
 def test_shard_is_chunked_one_video_per_chunk_with_provenance(tmp_path):
     write_items(tmp_path, ["a", "b"])
     (shard,) = (tmp_path / SHARD_DIR).glob("*.h5")

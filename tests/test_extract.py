@@ -172,9 +172,25 @@ def test_broken_files_get_one_line_each_and_the_run_goes_on(tmp_path, videos_dir
         for path, outcome in failed.items())
     as_json = json.loads(vlpcache("inspect", tmp_path / "cache", "--failures", "--json", cwd=tmp_path).stdout)
     assert sorted(record["path"] for record in as_json["failed_items"]) == sorted(failed)
+    # items kept despite problems: one line each while extracting, their notes in the cache, listed by inspect
+    damaged = {"truncated_real": "truncated file?", "frames_one_bad": "1 of 12 frames unreadable, e.g. 4.jpg"}
+    assert cache.notes.keys() == damaged.keys(), cache.notes
+    for item_id, words in damaged.items():
+        frames = int(cache.get(item_id)["frame_mask"].sum())
+        lines = [line for line in result.stderr.splitlines() if line.startswith(f"{root / item_id}")]
+        assert len(lines) == 1 and words in lines[0] and lines[0].endswith(f"; kept with {frames} frame"
+                                                                            + ("s" if frames != 1 else "")), lines
+        assert words in cache.notes[item_id] and cache.note_of(item_id) == cache.notes[item_id]
+    assert f"failed, {len(damaged)} kept despite problems" in result.stderr
+    assert as_json["kept_with_problems"] == len(damaged)
+    assert {r["id"]: r["note"] for r in as_json["damaged_items"]} == cache.notes
+    text = vlpcache("inspect", tmp_path / "cache", "--failures", cwd=tmp_path).stdout
+    assert f"damaged     {len(damaged)} item(s) kept despite problems" in text
+    assert sum(line.startswith("damaged     /") for line in text.splitlines()) == len(damaged)
     # failed items are skipped on a re-run, retried with --retry-failed
     again = vlpcache("extract", root, "-o", tmp_path / "cache", "--frames", 2, cwd=tmp_path)
     assert f"{len(failures)} skipped (failed before" in again.stderr
+    assert "kept despite problems" not in again.stderr and RegionCache(tmp_path / "cache").notes == cache.notes
     retry = vlpcache("extract", root, "-o", tmp_path / "cache", "--frames", 2, "--retry-failed", cwd=tmp_path)
     assert f"{len(failures)} failed" in retry.stderr
 

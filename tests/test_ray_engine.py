@@ -80,6 +80,7 @@ def assert_same_cache(ours: RegionCache, reference: RegionCache):
     for item_id in reference.ids:
         a, b = ours.get(item_id), reference.get(item_id)
         assert (a["path"], a["kind"]) == (b["path"], b["kind"])
+        assert ours.note_of(item_id) == reference.note_of(item_id)
         for spec in reference.settings.arrays():
             if spec.name in EXACT:
                 np.testing.assert_array_equal(a[spec.name], b[spec.name], err_msg=f"{item_id} {spec.name}")
@@ -129,6 +130,10 @@ def test_the_ray_engine_records_the_same_failures_with_one_line_each(local, on_r
     assert reasons(cache) == reasons(local) and len(reasons(local)) >= 8
     for path, reason in reasons(local).values():
         assert [line for line in result.stderr.splitlines() if line.startswith(f"{path}: ")] == [f"{path}: {reason}"]
+    assert cache.notes == local.notes and len(local.notes) == 2  # a truncated video, a folder with a bad frame
+    for item_id, note in local.notes.items():
+        path = local.paths[local.index_of(item_id)]
+        assert [line for line in result.stderr.splitlines() if line.startswith(f"{path}: {note}; kept with ")]
 
 
 def test_inspect_cannot_tell_the_engines_apart(local, on_ray, tmp_path):

@@ -83,6 +83,14 @@ def test_truncated_real_video_keeps_the_frames_before_the_cut(videos_dir, tmp_pa
     assert any("truncated" in note for note in out.notes)
 
 
+def test_a_still_shown_for_the_whole_video_is_not_called_truncated(tmp_path):
+    # one GIF frame shown for 2 s: every target finds it, fewer than T frames, and nothing is missing
+    Image.new("RGB", (64, 48), (200, 30, 10)).save(tmp_path / "still.gif", save_all=True, duration=2000)
+    out = read_item(video(tmp_path / "still.gif"), T, MAX_SIDE)
+    assert len(out.frames) == 1 and out.duration == pytest.approx(2.0)
+    assert out.notes == []
+
+
 # ------------------------------------------------------------------------------------ generated videos
 
 

@@ -36,6 +36,7 @@ def cache_summary(cache: RegionCache) -> dict:
         "kinds": dict(collections.Counter(cache.kinds)),
         "failures": len(failures),
         "failure_reasons": dict(reasons.most_common(10)),
+        "kept_with_problems": len(cache.notes),
         "frames": frames,
         "mean_regions_per_frame": round(regions / frames, 2) if frames else 0.0,
         "T": settings["frames"],
@@ -58,6 +59,8 @@ def print_summary(summary: dict) -> None:
         f"items       {summary['items']}  ({', '.join(f'{k}: {v}' for k, v in summary['kinds'].items()) or 'none'})",
         f"failures    {summary['failures']}" + (
             "  (" + "; ".join(f"{v}x {k}" for k, v in summary["failure_reasons"].items()) + ")" if summary["failures"] else ""),
+        *([f"damaged     {summary['kept_with_problems']} item(s) kept despite problems (some frames unreadable, data "
+           "truncated, ...); --failures lists them"] if summary["kept_with_problems"] else []),
         f"shape       T={summary['T']} frames, N={summary['N']} regions (incl. whole frame), D={summary['D']}",
         f"frames      {summary['frames']} sampled, {summary['mean_regions_per_frame']} regions per frame on average",
         f"detector    {p['detector']}  sha256 {p['detector_weights_sha256'][:12]}",
@@ -82,9 +85,13 @@ def inspect_cache(cache_dir=None, as_json=False, list_failures=False) -> None:
     summary = cache_summary(cache)
     if list_failures:
         summary["failed_items"] = list(cache.failures.values())
+        summary["damaged_items"] = [{"id": item_id, "path": cache.paths[cache.index_of(item_id)], "note": note}
+                                    for item_id, note in cache.notes.items()]
     if as_json:
         print(json.dumps(summary, indent=2, ensure_ascii=False))
         return
     print_summary(summary)
     for record in summary.get("failed_items", []):
         print(f"failed      {printable(record['path'])}: {printable(record['reason'])}")
+    for record in summary.get("damaged_items", []):
+        print(f"damaged     {printable(record['path'])}: {printable(record['note'])}")

@@ -98,6 +98,27 @@ class RegionCache:
             self._say(line)
 
     @property
+    def notes(self) -> dict[str, str]:
+        """Items kept despite problems (a truncated video, unreadable frames in a folder): id -> what went
+        wrong, as extract reported it. Shards written before notes were kept have none."""
+        notes = {}
+        for s in np.unique(self._locations[:, 0]):
+            f = self._shard(int(s))
+            if "notes" not in f:
+                continue
+            shard_notes = _decode(f["notes"][:])
+            for index in np.flatnonzero(self._locations[:, 0] == s):
+                if note := shard_notes[self._locations[index, 1]]:
+                    notes[self.ids[index]] = note
+        return notes
+
+    def note_of(self, item_id: str) -> str:
+        """What went wrong with an item kept anyway; "" for most."""
+        s, row = self._locations[self.index_of(item_id)]
+        f = self._shard(int(s))
+        return _decode(f["notes"][row : row + 1])[0] if "notes" in f else ""
+
+    @property
     def failures(self) -> dict[str, dict]:
         """Failed items not since extracted successfully: id -> {"id", "path", "reason", "time"}."""
         return {k: v for k, v in read_failures(self.cache_dir).items() if k not in self._index_of}

@@ -6,6 +6,7 @@ A cache is a directory:
     shards/<writer>-<seq>.h5       finished shards; a shard is renamed here only once complete
     shards/<writer>-<seq>.h5.tmp   the shard being written (ignored by readers, redone on resume)
     failures/<writer>.jsonl        one JSON line per failed item: {"id", "path", "reason"}
+                                   (an item kept despite problems carries them in its shard's "notes")
     locks/<writer>.lock            held (fcntl) by the one process writing <writer>'s files; freed when it exits
 
 Per shard file, V videos with fixed-shape arrays (T frames, N regions per frame, D feature dims),
@@ -75,8 +76,9 @@ ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec("attributes", ("T", "N"), np.int16, attributes_only=True),
     ArraySpec("attribute_scores", ("T", "N"), np.float16, attributes_only=True),
 )
-# Per-video strings (variable-length UTF-8).
-STRINGS: tuple[str, ...] = ("ids", "paths", "kinds")
+# Per-video strings (variable-length UTF-8). "notes": what went wrong with an item that was kept anyway
+# ("1 of 40 frames unreadable, ..."), "" for most; older shards have no "notes" and read as "" for all.
+STRINGS: tuple[str, ...] = ("ids", "paths", "kinds", "notes")
 
 
 @dataclass(frozen=True)

@@ -245,15 +245,16 @@ class ShardWriter:
         self._count = 0
         self._opened_at = time.monotonic()
 
-    def add(self, item_id: str, path: str, kind: str, arrays: dict[str, np.ndarray]) -> None:
-        """Append one video; arrays are keyed by the names of settings.arrays(), with their shapes."""
+    def add(self, item_id: str, path: str, kind: str, arrays: dict[str, np.ndarray], note: str = "") -> None:
+        """Append one video; arrays are keyed by the names of settings.arrays(), with their shapes; `note`
+        says what was wrong with an item kept anyway (committed with it, so never recorded twice)."""
         values = {}
         for spec in self.settings.arrays():
             values[spec.name] = np.asarray(arrays[spec.name], dtype=spec.dtype)
             expected = self.settings.shape_of(spec)
             if values[spec.name].shape != expected:
                 raise ValueError(f"{item_id}: {spec.name} has shape {values[spec.name].shape}, cache expects {expected}")
-        values.update(zip(STRINGS, (item_id, path, kind)))
+        values.update(zip(STRINGS, (item_id, path, kind, note), strict=True))
         with self._writing():
             if self._file is None:
                 self._open_shard()

@@ -20,13 +20,20 @@ class RegionItem:
     arrays: dict[str, np.ndarray] | None  # schema.ARRAYS for one video; None when it failed
     error: str | None = None
 
+    @property
+    def note(self) -> str:
+        """What went wrong with an item kept anyway (decoding's notes), "" for most."""
+        sampled = self.decoded.sampled
+        return "; ".join(sampled.notes) if sampled is not None and self.arrays is not None else ""
+
     def write(self, writer: ShardWriter) -> int:
-        """Into the writer's shard, or (when it failed) its failure log; returns the item's frame count."""
+        """Into the writer's shard with its note, or (when it failed) its failure log; returns the
+        item's frame count."""
         item = self.decoded.item
         if self.arrays is None:
             writer.record_failure(item.id, str(item.path), self.error)
             return 0
-        writer.add(item.id, str(item.path), item.kind, self.arrays)
+        writer.add(item.id, str(item.path), item.kind, self.arrays, note=self.note)
         return int(self.arrays["frame_mask"].sum())
 
 

@@ -1,5 +1,5 @@
 """What the driver of `vlpcache extract` counts and shows, whichever engine runs the stages: the
-summary, the progress bar and one line per failed item."""
+summary, the progress bar and one line per failed item, or per item kept despite problems."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ class ExtractSummary:
     skipped_cached: int = 0
     skipped_failed: int = 0
     failed: int = 0
+    damaged: int = 0  # written, with a note of what went wrong (frames unreadable, data truncated)
     frames: int = 0
     seconds: float = 0.0
     detect_seconds: float = 0.0
@@ -30,9 +31,10 @@ class ExtractSummary:
 
     def line(self) -> str:
         rate = f"{self.done / self.seconds:.2f} items/s, {self.frames / self.seconds:.1f} frames/s" if self.seconds else "-"
+        damaged = f"{self.damaged} kept despite problems (inspect --failures lists them), " if self.damaged else ""
         return (
             f"extract: {self.done} done, {self.skipped_cached} already cached, "
-            f"{self.skipped_failed} skipped (failed before; --retry-failed retries), {self.failed} failed, "
+            f"{self.skipped_failed} skipped (failed before; --retry-failed retries), {self.failed} failed, {damaged}"
             f"{self.seconds:.1f} s, {rate}; detector loaded after {self.load_seconds:.1f} s, "
             f"busy {self.detect_seconds:.1f} s, "
             f"waited {self.wait_seconds:.1f} s for decoded frames"
@@ -57,8 +59,8 @@ class ExtractProgress:
         if since is not None and not self.bar.disable:
             self.bar.start_t = min(self.bar.start_t, since)  # tqdm's clock is time.time
 
-    def advance(self, path: str, frames: int, error: str | None) -> None:
-        """One item written (its frames) or recorded as failed (error)."""
+    def advance(self, path: str, frames: int, error: str | None, note: str = "") -> None:
+        """One item written (its frames; `note`: what went wrong with it) or recorded as failed (error)."""
         summary = self.summary
         if error is not None:
             summary.failed += 1
@@ -67,6 +69,10 @@ class ExtractProgress:
         else:
             summary.done += 1
             summary.frames += frames
+            if note:
+                summary.damaged += 1
+                if not self.quiet:
+                    say(f"{printable(path)}: {note}; kept with {frames} frame{'s' if frames != 1 else ''}")
         self.bar.update(1)
         elapsed = max(self.bar.format_dict["elapsed"], 1e-9)
         self.bar.set_postfix_str(f"{summary.frames / elapsed:.1f} frames/s, {summary.failed} failed", refresh=False)

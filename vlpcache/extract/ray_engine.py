@@ -85,7 +85,7 @@ def decode_items(batch: dict[str, np.ndarray], num_frames: int, max_side: int) -
 
 class RegionShardActor:
     """One detector actor: each call detects a batch of decoded items, writes them into one shard
-    of its own, commits it, and returns one row per item (id, path, frames, error) to the driver."""
+    of its own, commits it, and returns one row per item (id, path, frames, error, note) to the driver."""
 
     def __init__(self, cache_dir: str, settings: dict, spec: DetectorSpec, device: str, batch_size: int,
                  score_threshold: float, shard_set: str):
@@ -114,20 +114,23 @@ class RegionShardActor:
         detect_before = self.mapper.detect_seconds
         rows, fresh = [], []
         for decoded in (pickle.loads(b) for b in batch["decoded"]):
-            if self.committed is not None and decoded.item.id in self.committed:
-                rows.append((decoded.item, int(self.committed.get(decoded.item.id)["frame_mask"].sum()), ""))
+            item_id = decoded.item.id
+            if self.committed is not None and item_id in self.committed:
+                frames = int(self.committed.get(item_id, ("frame_mask",))["frame_mask"].sum())
+                rows.append((decoded.item, frames, "", self.committed.note_of(item_id)))
             else:
                 fresh.append(decoded)
         for result in self.mapper(fresh):
-            rows.append((result.decoded.item, result.write(self.writer), result.error or ""))
+            rows.append((result.decoded.item, result.write(self.writer), result.error or "", result.note))
         self.writer.commit()  # before the rows leave: whatever the driver counts is on disk
         self.idle_since = time.perf_counter()
         first = np.arange(len(rows)) == 0  # the call's timings ride on its first row
         return {
-            "id": np.array([item.id for item, _, _ in rows], dtype=object),
-            "path": np.array([str(item.path) for item, _, _ in rows], dtype=object),
-            "frames": np.array([frames for _, frames, _ in rows], dtype=np.int64),
-            "error": np.array([error for _, _, error in rows], dtype=object),
+            "id": np.array([item.id for item, _, _, _ in rows], dtype=object),
+            "path": np.array([str(item.path) for item, _, _, _ in rows], dtype=object),
+            "frames": np.array([frames for _, frames, _, _ in rows], dtype=np.int64),
+            "error": np.array([error for _, _, error, _ in rows], dtype=object),
+            "note": np.array([note for _, _, _, note in rows], dtype=object),
             "detect_seconds": np.where(first, self.mapper.detect_seconds - detect_before, 0.0),
             "wait_seconds": np.where(first, waited, 0.0),
             "ready_at": np.full(len(rows), self.ready_at),
@@ -216,4 +219,4 @@ def _collect(dataset, progress: ExtractProgress, summary: ExtractSummary, starte
         summary.load_seconds = min(summary.load_seconds, row["ready_at"] - started_at)  # the first actor ready
         summary.detect_seconds += row["detect_seconds"]
         summary.wait_seconds += row["wait_seconds"]
-        progress.advance(row["path"], int(row["frames"]), row["error"] or None)
+        progress.advance(row["path"], int(row["frames"]), row["error"] or None, row["note"])

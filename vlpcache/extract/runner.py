@@ -63,7 +63,7 @@ def detect_and_write(todo, spec: DetectorSpec, writer: ShardWriter, options: Ext
         progress.ready()
         try:
             for result in mapper(decoded):
-                progress.advance(str(result.decoded.item.path), result.write(writer), result.error)
+                progress.advance(str(result.decoded.item.path), result.write(writer), result.error, result.note)
         finally:
             summary.detect_seconds, summary.wait_seconds = mapper.detect_seconds, mapper.wait_seconds
 

@@ -225,9 +225,9 @@ class _VideoSampler:
                 reason += f" ({self.decode_errors} packets failed to decode)"
             raise ItemError(reason)
         if self.decode_errors:
-            self.notes.append(f"{self.decode_errors} packets failed to decode; {len(frames)} frames kept")
-        end = (ended_at - self.start) * tb
-        if len(frames) < self.num_frames and end < 0.9 * duration - 1.0:
+            self.notes.append(f"{self.decode_errors} packet{'s' if self.decode_errors != 1 else ''} failed to decode")
+        end = (ended_at - self.start) * tb  # -inf when every target found its frame before the data ended
+        if len(frames) < self.num_frames and -math.inf < end < 0.9 * duration - 1.0:
             self.notes.append(f"video data ends at {end:.1f} s of {duration:.1f} s (truncated file?)")
         first = frames[0]
         coded = (first.height, _display_width(first, self.stream))  # before rotation
