@@ -312,6 +312,13 @@ MUTANTS += [
            "        if sha in held or (meta.get(\"run_dir\") and sha in held_by(Path(meta[\"run_dir\"]))):\n",
            "        if sha in held:\n",
            "tests/test_search.py -k prune", "prune keeps the index of a run it records"),
+    mutant("extract-notes-dropped", "vlpcache/extract/mapper.py",
+           "writer.add(item.id, str(item.path), item.kind, self.arrays, note=self.note)",
+           "writer.add(item.id, str(item.path), item.kind, self.arrays)",
+           "tests/test_extract.py -k broken_files", "an item kept despite problems keeps its note"),
+    mutant("extract-truncation-note-on-a-still", "vlpcache/extract/sampling.py",
+           "-math.inf < end < 0.9 * duration - 1.0", "end < 0.9 * duration - 1.0",
+           "tests/test_sampling.py -k still_shown", "no false 'truncated' note"),
 ]
 
 
