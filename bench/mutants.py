@@ -319,6 +319,9 @@ MUTANTS += [
     mutant("extract-truncation-note-on-a-still", "vlpcache/extract/sampling.py",
            "-math.inf < end < 0.9 * duration - 1.0", "end < 0.9 * duration - 1.0",
            "tests/test_sampling.py -k still_shown", "no false 'truncated' note"),
+    mutant("extract-first-video-stream", "vlpcache/extract/sampling.py",
+           "self.stream = main_video_stream(container)", "self.stream = container.streams.video[0]",
+           "tests/test_sampling.py -k still_track", "a thumbnail track before the video is passed over"),
 ]
 
 

@@ -102,6 +102,27 @@ def test_sampled_frame_is_the_one_shown_at_each_segment_centre(tmp_path):
     assert out.duration == pytest.approx(3.6)
 
 
+@pytest.mark.parametrize("ext", ["mov", "mkv"])
+def test_a_one_frame_still_track_before_the_video_is_passed_over(tmp_path, ext):
+    # some cameras and tools write a thumbnail as the first video stream; sampling it gave one frame
+    path = tmp_path / f"v.{ext}"
+    with av.open(str(path), "w") as container:
+        still = container.add_stream("mjpeg", rate=1)
+        still.width, still.height, still.pix_fmt = 64, 48, "yuvj420p"
+        moving = container.add_stream("libx264", rate=10)
+        moving.width, moving.height, moving.pix_fmt = 64, 48, "yuv420p"
+        moving.options = {"preset": "ultrafast", "x264-params": "keyint=12:scenecut=0:bframes=0"}
+        thumbnail = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 250, np.uint8), format="rgb24")
+        container.mux(still.encode(thumbnail.reformat(format="yuvj420p")))
+        container.mux(still.encode())
+        for i in range(36):
+            container.mux(moving.encode(av.VideoFrame.from_ndarray(frame_pattern(i, 48, 64), format="rgb24")))
+        container.mux(moving.encode())
+    assert av.open(str(path)).streams.video[0].codec_context.name == "mjpeg"
+    out = read_item(video(path), T, MAX_SIDE)
+    assert [frame_number(f) for f in out.frames] == [2, 6, 11, 15, 20, 24, 29, 33] and out.notes == []
+
+
 def test_seeking_decodes_a_small_part_of_a_long_video(tmp_path):
     out = read_item(video(make_video(tmp_path / "long.mp4", 900, fps=30, size=(16, 16), gop=30)), T, MAX_SIDE)
     assert len(out.frames) == T

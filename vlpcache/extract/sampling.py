@@ -150,7 +150,7 @@ class _VideoSampler:
         except av.error.FFmpegError as err:
             raise ItemError(f"cannot open video: {_ffmpeg_reason(err)}") from None
         if container.streams.video:
-            self.stream = container.streams.video[0]
+            self.stream = main_video_stream(container)
             self.stream.thread_type = self.threads
         return container
 
@@ -453,6 +453,27 @@ def _large_images_allowed():
 def _read_image_item(path: Path, max_side: int) -> SampledFrames:
     frame, size = _read_image(path, max_side)
     return SampledFrames([frame], [0.0], 0.0, size, decoded_frames=1)
+
+
+def main_video_stream(container: av.container.InputContainer):
+    """The video stream that is the video (a file's first may be a thumbnail or a one-frame still track
+    before the real one): not a cover picture (attached_pic), then the longest by its stated duration,
+    then the one FFmpeg ranks best, then the largest picture; the first of equals."""
+    streams = container.streams.video
+    moving = [s for s in streams if not s.disposition & av.stream.Disposition.attached_pic] or list(streams)
+    if len(moving) == 1:
+        return moving[0]
+    best = container.streams.best("video")
+
+    def seconds(stream) -> float:
+        if stream.duration and stream.time_base:
+            return float(stream.duration * stream.time_base)
+        rate = stream.average_rate or stream.guessed_rate
+        return float(stream.frames / rate) if stream.frames and rate else 0.0
+
+    area = lambda s: (s.codec_context.width * s.codec_context.height) if s.codec_context else 0  # noqa: E731
+    ranked_best = lambda s: best is not None and s.index == best.index  # noqa: E731
+    return max(moving, key=lambda s: (seconds(s), ranked_best(s), area(s)))  # max keeps the first of equals
 
 
 # ------------------------------------------------------------------------------------------ frame folders
