@@ -322,6 +322,9 @@ MUTANTS += [
     mutant("extract-first-video-stream", "vlpcache/extract/sampling.py",
            "self.stream = main_video_stream(container)", "self.stream = container.streams.video[0]",
            "tests/test_sampling.py -k still_track", "a thumbnail track before the video is passed over"),
+    mutant("captions-any-value-taken-as-a-list", "vlpcache/captions.py",
+           "    if not isinstance(texts, list):\n", "    if False:\n",
+           "tests/test_captions.py -k malformed", "a malformed caption line is counted, never a traceback"),
 ]
 
 

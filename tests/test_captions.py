@@ -41,6 +41,21 @@ def test_csv_rows_become_captions_several_per_video_quoted_commas_kept(tmp_path)
     assert captions.empty_captions == 1 and captions.bad_lines == 1  # v2's empty caption; the row without a video
 
 
+def test_malformed_json_lines_are_counted_and_the_first_named_never_a_traceback(tmp_path, cache):
+    path = tmp_path / "c.jsonl"
+    path.write_text('\ufeff{"video": "v0", "captions": ["a dog", "", null, ["nested"]]}\r\n\r\n'
+                    '{"video": "v1", "captions": "one caption"}\r\n'
+                    '{"video": "v2", "captions": 5}\n'  # line 4: the first bad one
+                    '{"video": null, "captions": ["x"]}\n{"video": "v3", "captions": {"a": "b"}}\n'
+                    '{not json\n["a list"]\n{"captions": ["no id"]}\n{"video": "v4", "captions": [7, true]}\n')
+    captions = read_captions(path)
+    assert captions.by_id == {"v0": ["a dog"], "v1": ["one caption"], "v4": ["7"]}
+    assert captions.empty_captions == 4 and captions.bad_lines == 6  # "", null, ["nested"], true
+    assert captions.first_bad_line == f'{path} line 4: "captions" is not a list of texts'
+    data = load_pretrain_data([cache], [path], None, workspace=Workspace(tmp_path / "ws"))
+    assert f"6 unreadable caption lines (the first: {path} line 4: " in data.train_report.line()
+
+
 def test_a_csv_without_video_and_caption_columns_is_one_error_naming_the_file(tmp_path):
     csv = tmp_path / "c.csv"
     csv.write_text("id,text\nv0,a dog\n")

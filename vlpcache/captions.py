@@ -26,6 +26,13 @@ class Captions:
     empty_captions: int = 0
     bad_lines: int = 0
     sources: list[str] = field(default_factory=list)
+    first_bad_line: str = ""  # "FILE line N: why", for the report
+
+    def bad_lines_text(self) -> str:
+        """", 3 unreadable caption lines (the first: FILE line N: why)", or "" when all were read."""
+        if not self.bad_lines:
+            return ""
+        return f", {self.bad_lines} unreadable caption line{'s' if self.bad_lines != 1 else ''} (the first: {self.first_bad_line})"
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -36,6 +43,7 @@ class Captions:
         self.splits.update(other.splits)
         self.empty_captions += other.empty_captions
         self.bad_lines += other.bad_lines
+        self.first_bad_line = self.first_bad_line or other.first_bad_line
         self.sources += other.sources
         return self
 
@@ -43,7 +51,8 @@ class Captions:
         """Captions of the given item ids only, and counts of what did not match either way."""
         ids = list(ids)
         present = set(ids)
-        kept = Captions({i: self.by_id[i] for i in ids if i in self.by_id}, self.splits, sources=self.sources)
+        kept = Captions({i: self.by_id[i] for i in ids if i in self.by_id}, self.splits, sources=self.sources,
+                        first_bad_line=self.first_bad_line)
         report = {
             "items_with_captions": len(kept.by_id),
             "items_without_captions": sum(1 for i in ids if i not in self.by_id),
@@ -56,11 +65,39 @@ class Captions:
 
 def _add(captions: Captions, item_id, texts) -> None:
     for text in texts:
-        text = str(text).strip() if text is not None else ""
+        text = str(text).strip() if isinstance(text, (str, int, float)) and not isinstance(text, bool) else ""
         if text:
             captions.by_id.setdefault(str(item_id), []).append(text)
-        else:
+        else:  # empty, or not a text (null, a list, an object)
             captions.empty_captions += 1
+
+
+def _bad_line(captions: Captions, path: Path, line: int, why: str) -> None:
+    captions.bad_lines += 1
+    if not captions.first_bad_line:
+        captions.first_bad_line = f"{path} line {line}: {why}"
+
+
+def _json_record(line: str) -> tuple[str, list, str | None] | str:
+    """(item id, captions, split or None) of one JSON Lines record, or why it cannot be read."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        return f"not JSON ({err.msg})"
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    for key in ("video", "captions"):
+        if key not in record:
+            return f'no "{key}" key'
+    item_id, texts = record["video"], record["captions"]
+    if not isinstance(item_id, (str, int)) or isinstance(item_id, bool) or item_id == "":
+        return '"video" is not an id (a text)'
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list):
+        return '"captions" is not a list of texts'
+    split = record.get("split")
+    return str(item_id), texts, None if split is None else str(split)
 
 
 def read_captions(path: str | Path) -> Captions:
@@ -76,24 +113,21 @@ def read_captions(path: str | Path) -> Captions:
             raise UserError(f"{path}: a CSV caption file needs 'video' and 'caption' columns")
         for row in reader:
             if not row.get("video"):
-                captions.bad_lines += 1
+                _bad_line(captions, path, reader.line_num, "no video id")
                 continue
             _add(captions, row["video"], [row.get("caption")])
         return captions
-    for line in text.split("\n"):
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-            item_id, texts = record["video"], record["captions"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            captions.bad_lines += 1
+        parsed = _json_record(line)
+        if isinstance(parsed, str):
+            _bad_line(captions, path, number, parsed)
             continue
-        if isinstance(texts, str):
-            texts = [texts]
+        item_id, texts, split = parsed
         _add(captions, item_id, texts)
-        if "split" in record:
-            captions.splits[str(item_id)] = str(record["split"])
+        if split is not None:
+            captions.splits[item_id] = split
     return captions
 
 

@@ -114,7 +114,8 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, all_captions=False, as
     check_run_reads_cache(run, cache)
     say = sayer(quiet)
     say(f"eval: run {sources.run_dir} (epoch {run.epoch}), {len(kept.by_id)} captioned videos of {len(cache)} cached "
-        f"({report['captions_without_items']} caption entries without a cached video), device {device}")
+        f"({report['captions_without_items']} caption entries without a cached video{captions.bad_lines_text()}), "
+        f"device {device}")
     results = evaluate(run, cache, kept.by_id, all_captions, device, batch_size or default_batch_size(device),
                        rerank_candidates, progress=not quiet, qbnorm=qbnorm, dual=dual_softmax)
     results["run"] = {"run_dir": str(sources.run_dir), "epoch": run.epoch, "checkpoint_sha256": run.checkpoint_sha256,

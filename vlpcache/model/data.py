@@ -10,7 +10,7 @@ in the workers too, a batch at a time, or looked up in a frozen text encoder's c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -100,17 +100,16 @@ class CaptionReport:
     items_without_captions: int = 0
     captions_without_items: int = 0
     empty_captions: int = 0
-    bad_lines: int = 0
+    bad_lines: str = ""  # Captions.bad_lines_text()
     duplicate_ids: int = 0
     per_cache: dict[str, int] = field(default_factory=dict)
 
     def line(self) -> str:
         text = (
             f"{self.items_with_captions} items with captions; {self.items_without_captions} items without captions, "
-            f"{self.captions_without_items} captioned ids not in the cache(s), {self.empty_captions} empty captions"
+            f"{self.captions_without_items} captioned ids not in the cache(s), {self.empty_captions} empty or non-text captions"
         )
-        if self.bad_lines:
-            text += f", {self.bad_lines} unreadable caption lines"
+        text += self.bad_lines
         if self.duplicate_ids:
             text += f", {self.duplicate_ids} ids in more than one cache (first kept)"
         return text
@@ -119,7 +118,7 @@ class CaptionReport:
 def match_captions(caches: list[RegionCache], captions: Captions) -> tuple[list[tuple[int, int, list[str]]], CaptionReport]:
     """(cache index, item index, captions) of every cached item that has captions, and the counts."""
     samples, seen = [], set()
-    report = CaptionReport(empty_captions=captions.empty_captions, bad_lines=captions.bad_lines)
+    report = CaptionReport(empty_captions=captions.empty_captions, bad_lines=captions.bad_lines_text())
     for c, cache in enumerate(caches):
         kept = 0
         for i, item_id in enumerate(cache.ids):
@@ -237,7 +236,7 @@ def held_out(captions: Captions, keep_held_out: bool) -> tuple[Captions, int]:
         wanted = {i for i in captions.by_id if captions.splits.get(i, "").lower() not in HELD_OUT_STEMS}
     kept = {i: t for i, t in captions.by_id.items() if i in wanted}
     dropped = len(captions.by_id) - len(kept)
-    return Captions(kept, captions.splits, captions.empty_captions, captions.bad_lines, captions.sources), dropped
+    return replace(captions, by_id=kept), dropped
 
 
 @dataclass
