@@ -325,6 +325,15 @@ MUTANTS += [
     mutant("captions-any-value-taken-as-a-list", "vlpcache/captions.py",
            "    if not isinstance(texts, list):\n", "    if False:\n",
            "tests/test_captions.py -k malformed", "a malformed caption line is counted, never a traceback"),
+    mutant("extract-workers-take-ctrl-c", "vlpcache/extract/reader.py",
+           "    signal.signal(signal.SIGINT, signal.SIG_IGN)\n", "",
+           "tests/test_faults.py -k leave_ctrl_c", "Ctrl-C is the parent's: no traceback from every worker"),
+    mutant("cli-ctrl-c-just-aborted", "vlpcache/cli.py",
+           "        if isinstance(err.__context__, KeyboardInterrupt):", "        if False:",
+           "tests/test_faults.py -k ctrl_c_stops", "Ctrl-C says what was kept and how to go on"),
+    mutant("pretrain-ctrl-c-traceback", "vlpcache/model/train.py",
+           "            raise Interrupted(interrupted_line(run_dir)) from None", "            raise",
+           "tests/test_pretrain.py -k ctrl_c", "Ctrl-C in pretrain names the checkpoint and the resume"),
 ]
 
 

@@ -28,7 +28,7 @@ import pytest
 from test_extract import _assert_same_content
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import SHARD_DIR
-from waiting import HANG_GUARD_S
+from waiting import HANG_GUARD_S, wait_until
 
 ITEMS = 24
 # small, quick settings: 2-frame items, a shard every 2 items, YOLOX's own neck features (no second network)
@@ -130,6 +130,77 @@ def test_extract_killed_at_10_random_moments_then_resumed_equals_an_uninterrupte
     assert done.returncode == 0, context
     _assert_same_content(RegionCache(victim), RegionCache(together["cache"]))  # every item once, identical arrays
     assert not temporaries(victim) and not list((victim / "locks").iterdir()), context
+
+
+# ---------------------------------------------------------------- Ctrl-C, and a parent killed alone
+
+
+@pytest.fixture(scope="module")
+def long_root(tmp_path_factory, msrvtt_dir) -> Path:
+    """300 frame folders (links to the shared ones): several seconds of work, so that a signal sent once the
+    first shard is written finds the extract still at work."""
+    root = tmp_path_factory.mktemp("long")
+    for folder in sorted((msrvtt_dir / "frames" / "train").iterdir())[:300]:
+        (root / folder.name).symlink_to(folder, target_is_directory=True)
+    return root
+
+
+def start_extract_at_work(root: Path, cache: Path, cwd: Path) -> subprocess.Popen:
+    """An extract (its own process group, Ctrl-C not ignored even where ours is) past its first shard."""
+    proc = subprocess.Popen([sys.executable, "-m", "vlpcache", "extract", str(root), "-o", str(cache), *EXTRACT],
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    wait_until(lambda: (cache / SHARD_DIR).is_dir() and list((cache / SHARD_DIR).glob("*.h5")), alive=proc)
+    assert proc.poll() is None, f"the extract ended before it could be interrupted: {proc.communicate()}"
+    return proc
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
+def test_ctrl_c_stops_extract_and_its_workers_with_one_line_and_a_rerun_finishes(long_root, tmp_path):
+    cache = tmp_path / "cache"
+    proc = start_extract_at_work(long_root, cache, tmp_path)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    _, stderr = proc.communicate(timeout=HANG_GUARD_S)
+    assert proc.returncode == 130 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted; what was committed is kept, re-run the same command to resume"
+    assert not temporaries(cache) and 0 < len(RegionCache(cache)) < 300
+    assert extract(long_root, cache, tmp_path).returncode == 0
+    finished = RegionCache(cache)
+    assert len(finished) == 300 and len(set(finished.ids)) == 300
+
+
+def test_decoding_workers_leave_ctrl_c_to_their_parent():
+    # a worker waiting for work when Ctrl-C reached the whole process group printed a traceback of its own
+    from vlpcache.extract.reader import worker_pool
+
+    with worker_pool(1) as pool:
+        assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+
+
+def test_decoding_workers_end_themselves_when_their_extract_is_killed_alone(long_root, tmp_path):
+    # kill -9 of the main process only, as the OOM killer does: its spawned workers would wait forever
+    proc = start_extract_at_work(long_root, tmp_path / "cache", tmp_path)
+    workers = children_of(proc.pid)
+    assert workers
+    proc.kill()
+    proc.wait()  # not communicate(): workers that outlive it hold its output pipes open
+    proc.stdout.close()
+    proc.stderr.close()
+    assert wait_until(lambda: not any(running(pid) for pid in workers)), [p for p in workers if running(p)]
 
 
 # ---------------------------------------------------------------- full disks

@@ -392,6 +392,28 @@ def test_a_run_being_trained_refuses_a_second_pretrain_until_its_trainer_dies_th
     assert list(ckpt.checkpoints(run_dir)) == [2] and not (run_dir / "pretrain.lock").exists()
 
 
+def test_ctrl_c_mid_run_says_what_is_kept_and_how_to_continue_and_the_resume_finishes(tmp_path, corpus, tiny_text,
+                                                                                      monkeypatch):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    os.mkfifo(run_dir / LOG_NAME)
+    process = subprocess.Popen(_pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0"), env=dict(os.environ),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if ours ignores it
+    _let_one_log_line_through(run_dir / LOG_NAME, process)
+    wait_until(lambda: 1 in ckpt.checkpoints(run_dir), alive=process)
+    assert process.poll() is None, process.stderr.read()
+    process.send_signal(signal.SIGINT)  # what Ctrl-C sends; the run waits to log epoch 2
+    _, stderr = process.communicate(timeout=HANG_GUARD_S)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (f"interrupted; {run_dir} keeps its checkpoints up to epoch 1: "
+                                               f"`vlpcache pretrain --resume -o {run_dir}` continues it")
+    (run_dir / LOG_NAME).unlink()
+    assert run_pretrain(run_dir=run_dir, resume=True, quiet=True, device="cpu")["trained_epochs"] == 1
+    assert list(ckpt.checkpoints(run_dir)) == [2]
+
+
 def test_new_runs_never_share_a_directory_and_a_failed_start_leaves_none_behind(tmp_path, corpus, tiny_text, monkeypatch):
     workspace = Workspace(tmp_path / "ws")
     first, second = workspace.new_run_dir(), workspace.new_run_dir()  # two pretrain started together

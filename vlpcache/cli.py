@@ -16,7 +16,7 @@ import click
 from vlpcache import __version__
 from vlpcache.cache.schema import SCORE_THRESHOLD, SHARD_SECONDS
 from vlpcache.devices import DEFAULT_DEVICE, DEVICES
-from vlpcache.errors import UserError
+from vlpcache.errors import Interrupted, UserError
 from vlpcache.files import system_reason
 from vlpcache.extract.detectors.spec import (
     DEFAULT_FRCNN_ARCH,
@@ -313,6 +313,9 @@ ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.
                       errno.EISDIR, errno.ENAMETOOLONG, errno.EFBIG, errno.ENOENT, errno.EEXIST}
 
 
+INTERRUPTED = "interrupted; what was committed is kept, re-run the same command to resume"
+
+
 def exit_now(code: int) -> None:
     """Exit with `code`. After a write error, skip the interpreter's teardown: h5py would flush the
     abandoned shard once more and crash on the full disk (everything worth keeping is committed)."""
@@ -327,8 +330,11 @@ def exit_now(code: int) -> None:
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except click.exceptions.Abort as err:  # click turns Ctrl-C (KeyboardInterrupt) into Abort
+        if isinstance(err.__context__, KeyboardInterrupt):
+            click.echo(INTERRUPTED, err=True)
+        else:
+            click.echo("aborted", err=True)
         exit_now(130)
     except click.ClickException as err:
         err.show()
@@ -345,8 +351,11 @@ def main() -> None:
         click.echo(f"error: {where}{system_reason(err)}; nothing committed before is lost: fix this and run the "
                    "command again", err=True)
         exit_now(2)
+    except Interrupted as err:
+        click.echo(str(err), err=True)
+        exit_now(130)
     except KeyboardInterrupt:
-        click.echo("interrupted; what was committed is kept, re-run the same command to resume", err=True)
+        click.echo(INTERRUPTED, err=True)
         exit_now(130)
 
 

@@ -5,5 +5,9 @@ class UserError(Exception):
     """A problem with the user's input or environment, with a message that names the fix."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C, with what was kept and how to go on: the CLI prints it as one line, exit status 130."""
+
+
 class ItemError(Exception):
     """One input item cannot be processed (corrupt, unreadable, no video stream...); the run goes on."""

@@ -4,13 +4,20 @@ Yields one `DecodedItem` per input item, in completion order, with at most `wind
 flight so that memory stays bounded however large the collection. A worker that crashes (a decoder
 segfault on a hostile file) does not end the run: the items it may have held are re-decoded one at a
 time, and the one that crashes alone is reported as failed.
+
+Workers leave Ctrl-C to the parent (which stops them and says what was kept, instead of a traceback
+from every worker) and end themselves when the parent dies without stopping them (kill -9, the OOM
+killer): a spawned worker holds both ends of its task pipe and would otherwise wait forever.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
+import signal
 import threading
+import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -50,6 +57,27 @@ def decode_item(item: Item, num_frames: int, max_side: int) -> DecodedItem:
         return DecodedItem(item, None, f"decoder error ({type(err).__name__}: {err})")
 
 
+PARENT_CHECK_SECONDS = 1.0
+
+
+def _start_worker(parent_pid: int) -> None:
+    """Initializer of a decoding worker: ignore Ctrl-C, and exit once the parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def exit_when_orphaned():
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=exit_when_orphaned, name="parent-watch", daemon=True).start()
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """Decoding worker processes, spawned (no inherited torch/onnxruntime threads or h5py handles)."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start_worker, initargs=(os.getpid(),))
+
+
 class FrameReader:
     def __init__(self, num_frames: int, max_side: int, workers: int, window: int | None = None):
         self.num_frames = num_frames
@@ -76,8 +104,7 @@ class FrameReader:
                     suspects.extend(crash.in_flight)
 
     def _run_pool(self, queue: deque, window: int) -> Iterator[DecodedItem]:
-        context = multiprocessing.get_context("spawn")  # no inherited torch/onnxruntime threads or h5py handles
-        with ProcessPoolExecutor(max_workers=min(self.workers, window), mp_context=context) as pool:
+        with worker_pool(min(self.workers, window)) as pool:
             in_flight: dict[Future, Item] = {}
             while queue or in_flight:
                 while queue and len(in_flight) < window:

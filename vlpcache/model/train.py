@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from vlpcache import __version__
 from vlpcache.devices import resolve_device
-from vlpcache.errors import UserError
+from vlpcache.errors import Interrupted, UserError
 from vlpcache.files import replace_atomically
 from vlpcache.locks import WriterLock, holder_description
 from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics
@@ -564,7 +564,20 @@ def _pretrain(options: PretrainOptions, processes: Processes) -> dict:
     workspace = Workspace()
     run_dir, fresh = choose_run_dir(options, processes, workspace)
     with training_lock(run_dir, fresh, processes):
-        return _train(resolve_run(options, run_dir, processes, workspace), processes, workspace)
+        try:
+            return _train(resolve_run(options, run_dir, processes, workspace), processes, workspace)
+        except KeyboardInterrupt:
+            raise Interrupted(interrupted_line(run_dir)) from None
+
+
+def interrupted_line(run_dir: Path) -> str:
+    """What a Ctrl-C during pretraining leaves, and the command that continues it."""
+    done = ckpt.checkpoints(run_dir)
+    if not done:
+        return (f"interrupted before the first checkpoint of {run_dir}: `vlpcache pretrain --resume -o {run_dir}` "
+                "starts it again with its settings")
+    return (f"interrupted; {run_dir} keeps its checkpoints up to epoch {max(done)}: "
+            f"`vlpcache pretrain --resume -o {run_dir}` continues it")
 
 
 def _train(run: Run, processes: Processes, workspace: Workspace) -> dict:
