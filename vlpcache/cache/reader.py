@@ -101,15 +101,14 @@ class RegionCache:
     def notes(self) -> dict[str, str]:
         """Items kept despite problems (a truncated video, unreadable frames in a folder): id -> what went
         wrong, as extract reported it. Shards written before notes were kept have none."""
-        notes = {}
+        by_shard = {}
         for s in np.unique(self._locations[:, 0]):
             f = self._shard(int(s))
-            if "notes" not in f:
-                continue
-            shard_notes = _decode(f["notes"][:])
-            for index in np.flatnonzero(self._locations[:, 0] == s):
-                if note := shard_notes[self._locations[index, 1]]:
-                    notes[self.ids[index]] = note
+            by_shard[int(s)] = _decode(f["notes"][:]) if "notes" in f else None
+        notes = {}
+        for item_id, (s, row) in zip(self.ids, self._locations.tolist()):
+            if by_shard[s] is not None and (note := by_shard[s][row]):
+                notes[item_id] = note
         return notes
 
     def note_of(self, item_id: str) -> str:

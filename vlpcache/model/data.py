@@ -100,7 +100,7 @@ class CaptionReport:
     items_without_captions: int = 0
     captions_without_items: int = 0
     empty_captions: int = 0
-    bad_lines: str = ""  # Captions.bad_lines_text()
+    bad_lines_text: str = ""  # Captions.bad_lines_text(): ", N unreadable caption lines (the first: ...)"
     duplicate_ids: int = 0
     per_cache: dict[str, int] = field(default_factory=dict)
 
@@ -109,7 +109,7 @@ class CaptionReport:
             f"{self.items_with_captions} items with captions; {self.items_without_captions} items without captions, "
             f"{self.captions_without_items} captioned ids not in the cache(s), {self.empty_captions} empty or non-text captions"
         )
-        text += self.bad_lines
+        text += self.bad_lines_text
         if self.duplicate_ids:
             text += f", {self.duplicate_ids} ids in more than one cache (first kept)"
         return text
@@ -118,7 +118,7 @@ class CaptionReport:
 def match_captions(caches: list[RegionCache], captions: Captions) -> tuple[list[tuple[int, int, list[str]]], CaptionReport]:
     """(cache index, item index, captions) of every cached item that has captions, and the counts."""
     samples, seen = [], set()
-    report = CaptionReport(empty_captions=captions.empty_captions, bad_lines=captions.bad_lines_text())
+    report = CaptionReport(empty_captions=captions.empty_captions, bad_lines_text=captions.bad_lines_text())
     for c, cache in enumerate(caches):
         kept = 0
         for i, item_id in enumerate(cache.ids):
