@@ -465,15 +465,16 @@ def main_video_stream(container: av.container.InputContainer):
         return moving[0]
     best = container.streams.best("video")
 
-    def seconds(stream) -> float:
+    def rank(stream) -> tuple[float, bool, int]:
         if stream.duration and stream.time_base:
-            return float(stream.duration * stream.time_base)
-        rate = stream.average_rate or stream.guessed_rate
-        return float(stream.frames / rate) if stream.frames and rate else 0.0
+            seconds = float(stream.duration * stream.time_base)
+        else:
+            rate = stream.average_rate or stream.guessed_rate
+            seconds = float(stream.frames / rate) if stream.frames and rate else 0.0
+        area = stream.codec_context.width * stream.codec_context.height if stream.codec_context else 0
+        return seconds, best is not None and stream.index == best.index, area
 
-    area = lambda s: (s.codec_context.width * s.codec_context.height) if s.codec_context else 0  # noqa: E731
-    ranked_best = lambda s: best is not None and s.index == best.index  # noqa: E731
-    return max(moving, key=lambda s: (seconds(s), ranked_best(s), area(s)))  # max keeps the first of equals
+    return max(moving, key=rank)  # max keeps the first of equals
 
 
 # ------------------------------------------------------------------------------------------ frame folders
