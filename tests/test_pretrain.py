@@ -34,12 +34,12 @@ WORDS = ["dog", "cat", "car", "man", "woman", "ball", "kitchen", "street", "beac
 
 
 def write_cache(cache_dir: Path, count: int, frames=2, regions=4, dim=16, prefix="v", seed=0, real_frames=None,
-                sources=None) -> list[str]:
+                sources=None, notes=None) -> list[str]:
     """A real HDF5 cache whose item i carries the feature direction of concept i % len(WORDS) (in its
     first `real_frames` frames, all by default).
 
     Item i's source is sources[i % len(sources)], a (path, kind) pair, or else the file "<id>.mp4" that
-    does not exist."""
+    does not exist; notes[i], where given, is item i's decoding note (kept despite problems)."""
     settings = CacheSettings(frames=frames, regions=regions, feature_dim=dim, detector="synthetic",
                              detector_weights_sha256="0", backbone="synthetic", backbone_weights_sha256="0")
     rng = np.random.default_rng(seed)
@@ -57,7 +57,7 @@ def write_cache(cache_dir: Path, count: int, frames=2, regions=4, dim=16, prefix
             ids.append(f"{prefix}{i}")
             item["frame_size"][:] = (240, 320)
             path, kind = sources[i % len(sources)] if sources else (f"{ids[-1]}.mp4", "video")
-            writer.add(ids[-1], str(path), kind, item)
+            writer.add(ids[-1], str(path), kind, item, (notes or {}).get(i, ""))
     return ids
 
 

@@ -118,6 +118,19 @@ def test_json_results_carry_scores_times_and_regions_of_real_frames(ws, monkeypa
         assert all(0 <= v <= 1 for r in hit["regions"] for v in r["box"])
 
 
+def test_an_item_kept_despite_damage_carries_its_extract_note_in_text_and_json(ws, monkeypatch, capsys):
+    truncated = "video data ends at 1.9 s of 8.1 s (truncated file?)"
+    write_cache(ws / "cache", 3, prefix="w", seed=5, notes={1: truncated})
+    [result] = search_json(monkeypatch, capsys, "a dog", "-k", str(ITEMS + 3))
+    assert {h["id"]: h["note"] for h in result["results"] if h["note"]} == {"w1": truncated}
+    code, out, _ = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", str(ITEMS + 3))
+    lines = out.splitlines()
+    [at] = [i for i, line in enumerate(lines) if "damaged" in line]
+    assert lines[at] == f"       damaged, kept: {truncated}"
+    owner = max(i for i in range(at) if not lines[i].startswith(" " * 7))  # the hit line it belongs to
+    assert lines[owner].split()[2] == "w1"
+
+
 def test_rerank_orders_by_global_plus_weighted_region_word_score(ws, monkeypatch, capsys):
     [result] = search_json(monkeypatch, capsys, "a horse", "-k", "8")
     weight = load_run(ws / "runs" / "run-001").config.rerank_weight

@@ -36,6 +36,8 @@ from waiting import HANG_GUARD_S
 ITEMS = 24
 MISSING = 23  # the item whose source does not exist
 VIDEO = 20  # an item whose source is a real video
+TRUNCATED = "video data ends at 1.9 s of 8.1 s (truncated file?)"
+DAMAGED = {i: TRUNCATED for i in range(1, ITEMS, 3)}  # items kept despite a decoding problem, as extract notes them
 
 
 def real_sources(root: Path) -> list[tuple[Path, str]]:
@@ -51,7 +53,7 @@ def template(tmp_path_factory) -> Path:
         pytest.skip(f"shared data not found at {SHARED} (set VLPCACHE_SHARED to the shared/ folder)")
     root = tmp_path_factory.mktemp("serve")
     ws = root / "ws"
-    ids = write_cache(ws / "cache", ITEMS, sources=real_sources(root))
+    ids = write_cache(ws / "cache", ITEMS, sources=real_sources(root), notes=DAMAGED)
     write_captions(root / "train.jsonl", ids[:16])
     write_captions(root / "val.jsonl", ids[16:])
     run_pretrain(cache_dirs=[ws / "cache"], captions=[root / "train.jsonl"], val_captions=root / "val.jsonl",
@@ -114,7 +116,8 @@ def test_search_api_gives_the_fields_of_search_json(ws, api, monkeypatch, capsys
 
 def test_item_api_lists_the_sampled_frames_and_their_detected_regions(api):
     item = api.get("/api/item", params={"id": f"v{VIDEO}"}).json()
-    assert item["path"].endswith("bikes.mp4") and item["kind"] == "video"
+    assert item["path"].endswith("bikes.mp4") and item["kind"] == "video" and item["note"] == ""
+    assert api.get("/api/item", params={"id": f"v{VIDEO + 2}"}).json()["note"] == DAMAGED[VIDEO + 2]
     assert [f["time"] for f in item["frames"]] == [0.0, 1.0]
     assert all(len(f["regions"]) == 4 and all(0 <= v <= 1 for r in f["regions"] for v in r["box"]) for f in item["frames"])
 
@@ -381,6 +384,11 @@ def test_page_in_headless_chromium_shows_result_cards_with_thumbnails_and_boxes(
         assert boxes > 0
         marks = [m.text for m in browser.find_elements(By.CSS_SELECTOR, "#query-words mark")]
         assert marks and set(marks) <= {"man", "dog"}  # "a" and "with" say nothing about a region
+        noted = browser.execute_script("return [...document.querySelectorAll('.card')].filter("
+                                       "c => c.querySelector('.note')).map(c => c.dataset.id)")
+        shown = browser.execute_script("return [...document.querySelectorAll('.card')].map(c => c.dataset.id)")
+        assert noted and noted == [i for i in shown if int(i[1:]) in DAMAGED]  # a damaged item says so on its card
+        assert browser.find_element(By.CSS_SELECTOR, ".card .note").text == f"damaged, kept: {TRUNCATED}"
         browser.save_screenshot(str(tmp_path / "results.png"))
 
         browser.find_elements(By.CSS_SELECTOR, ".card")[0].click()

@@ -61,6 +61,7 @@ class Hit:
     time: float | None  # best-matching timestamp in seconds
     regions: list[RegionHit] = field(default_factory=list)
     frame: int | None = None  # index of the best-matching frame among the item's sampled frames
+    note: str = ""  # what went wrong decoding the item, kept anyway (e.g. a truncated video); "" for most
 
 
 @dataclass
@@ -194,16 +195,18 @@ class Searcher:
                 time=round(float(item["timestamps"][alignment.best_frame]), 2),
                 regions=matched,
                 frame=alignment.best_frame,
+                note=self.cache.note_of(item_id),
             ))
         return hits
 
     def item(self, item_id: str) -> dict:
-        """One indexed item's cached arrays but its features (settings.arrays() names, plus id, path and kind)."""
+        """One indexed item's cached arrays but its features (settings.arrays() names, plus id, path, kind
+        and note: what went wrong decoding it, "" for most)."""
         if item_id not in self.index:
             raise KeyError(f"{item_id!r} is not in the index")
         with self._lock:
             shown = tuple(spec.name for spec in self.cache.settings.arrays() if spec.name != "features")
-            return self.cache.get(item_id, shown)
+            return {**self.cache.get(item_id, shown), "note": self.cache.note_of(item_id)}
 
     def export(self, path) -> list[Path]:
         """Write the indexed embeddings and their ids for other tools (see index/export.py); the files written."""
@@ -228,6 +231,8 @@ def format_hits(query: str, hits: list[Hit]) -> str:
         if h.regions:
             parts = [f"{r.word} -> {r.label} [{', '.join(f'{v:.2f}' for v in r.box)}] @ {r.time:.2f} s" for r in h.regions]
             lines.append("       " + "; ".join(parts))
+        if h.note:
+            lines.append(f"       damaged, kept: {printable(h.note)}")
     return "\n".join(lines)
 
 

@@ -113,7 +113,8 @@ def item_frames(cached: dict, names: RegionNames) -> dict:
                 regions.append({"label": names.of(cached, t, n), "score": round(float(cached["scores"][t, n]), 3),
                                 "box": [round(float(v), 3) for v in cached["boxes"][t, n]]})
         frames.append({"frame": t, "time": round(float(cached["timestamps"][t]), 2), "regions": regions})
-    return {"id": cached["id"], "path": cached["path"], "kind": cached["kind"], "frames": frames}
+    return {"id": cached["id"], "path": cached["path"], "kind": cached["kind"], "note": cached.get("note", ""),
+            "frames": frames}
 
 
 # ---------------------------------------------------------------- request parameters
