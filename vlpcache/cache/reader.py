@@ -45,6 +45,7 @@ class RegionCache:
         if not self.cache_dir.is_dir():
             raise UserError(f"{self.cache_dir}: no such cache directory; run `vlpcache extract` first")
         self.settings: CacheSettings = read_manifest(self.cache_dir)
+        self._array_names = tuple(spec.name for spec in self.settings.arrays())
         self._handles: dict[int, h5py.File] = {}
         self._pid = os.getpid()
         self.refresh()
@@ -114,8 +115,8 @@ class RegionCache:
     def note_of(self, item_id: str) -> str:
         """What went wrong with an item kept anyway; "" for most."""
         s, row = self._locations[self.index_of(item_id)]
-        f = self._shard(int(s))
-        return _decode(f["notes"][row : row + 1])[0] if "notes" in f else ""
+        notes = self._shard_datasets(int(s)).get("notes")
+        return _decode([notes[row]])[0] if notes is not None else ""
 
     @property
     def failures(self) -> dict[str, dict]:
@@ -154,6 +155,15 @@ class RegionCache:
             f = self._handles[s] = h5py.File(self.shard_paths[s], "r")
         return f
 
+    def _shard_datasets(self, s: int) -> dict:
+        """Shard s's datasets by name: the arrays, and "notes" where the shard has them (looking a dataset
+        up by name costs more than reading one video's row, so each is looked up once)."""
+        f = self._shard(s)
+        datasets = self._datasets.get(s)
+        if datasets is None:
+            datasets = self._datasets[s] = {name: f[name] for name in (*self._array_names, "notes") if name in f}
+        return datasets
+
     def __getitem__(self, index: int) -> dict:
         return self.read(index)
 
@@ -163,11 +173,8 @@ class RegionCache:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a cache of {len(self)} items")
         s, row = self._locations[index]
-        f = self._shard(int(s))
-        datasets = self._datasets.get(int(s))
-        if datasets is None:  # looking a dataset up by name costs more than reading one video's row
-            datasets = self._datasets[int(s)] = {spec.name: f[spec.name] for spec in self.settings.arrays()}
-        item = {name: datasets[name][row] for name in (names or datasets)}
+        datasets = self._shard_datasets(int(s))
+        item = {name: datasets[name][row] for name in (names or self._array_names)}
         item["id"], item["path"], item["kind"] = self.ids[index], self.paths[index], self.kinds[index]
         return item
 
