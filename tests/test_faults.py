@@ -293,7 +293,9 @@ def test_pretrain_checkpoint_on_a_full_disk_is_one_line_keeps_earlier_ones_and_r
     assert code == 0 and 2 in checkpoints(run), err
 
 
-def test_index_on_a_full_disk_is_one_line_leaves_the_index_as_it_was_and_builds_later(tiny, disk, monkeypatch, capsys):
+@pytest.mark.parametrize("room, failed", [(30_000, ""), (0, "encoding")])  # the index files fail; or the first part
+def test_index_on_a_full_disk_is_one_line_leaves_the_index_as_it_was_and_builds_later(tiny, disk, monkeypatch, capsys,
+                                                                                      room, failed):
     from test_pretrain import write_cache
     from test_search import vlpcache
     from vlpcache.index.faiss_index import VideoIndex
@@ -307,9 +309,9 @@ def test_index_on_a_full_disk_is_one_line_leaves_the_index_as_it_was_and_builds_
     [index_dir] = [p.parent for p in (disk.folder / "index").glob("*/index.json")]
     before = {p.name: p.read_bytes() for p in index_dir.iterdir() if p.is_file()}
     write_cache(cache, 3, prefix="w", seed=5)  # the cache grows: the index has 3 items to add
-    with disk.full(room=30_000):
+    with disk.full(room=room):
         code, _, err = vlpcache(monkeypatch, capsys, *args)
-    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {index_dir}: cannot write ("), err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: {index_dir / failed}: cannot write ("), err
     assert "the index is as it was before" in err
     assert {p.name: p.read_bytes() for p in index_dir.iterdir() if p.is_file()} == before  # no temporary either
     assert vlpcache(monkeypatch, capsys, *args)[0] == 0

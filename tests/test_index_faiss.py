@@ -242,3 +242,34 @@ def test_the_region_store_gives_each_video_its_own_real_regions_after_appends():
         assert positions[i][mask[i]].tolist() == places and (positions[i][~mask[i]] == -1).all()
         assert regions[i][mask[i]].tolist() == [[video, r] for r in places]
     assert regions.shape == (5, 3, 2)  # padded to the most regions among them
+
+
+def test_kept_parts_cut_to_the_wanted_videos_join_into_one_store_in_order(tmp_path):
+    from vlpcache.index.parts import EncodedPart, EncodedParts
+    from vlpcache.index.region_store import RegionStore
+
+    def part(first: int, masks: list[list[bool]]) -> EncodedPart:
+        """Videos first, first + 1, ... whose region r holds the vector (video number, r)."""
+        store = RegionStore.empty(2)
+        store.append(np.array([[[first + v, r] for r in range(4)] for v in range(len(masks))], np.float32), np.array(masks))
+        return EncodedPart([f"v{first + v}" for v in range(len(masks))],
+                           np.array([[first + v, 0] for v in range(len(masks))], np.float32), store)
+
+    kept = EncodedParts(tmp_path)
+    kept.add(part(0, [[True, False, True, False], [False, False, False, True], [True, True, True, True]]))
+    kept.add(part(3, [[False, True, False, False], [True, False, False, False]]))
+    kept.add(part(4, [[True, True, False, False]]))  # v4 again (a chunk encoded twice): the first one counts
+    assert [p.name for p in kept.paths()] == ["part-000000.npz", "part-000001.npz", "part-000002.npz"]
+
+    parts = kept.load({"v0", "v2", "v4"})  # v1 and v3 are in the index already
+    assert [p.ids for p in parts] == [["v0", "v2"], ["v4"]]
+    store = RegionStore.concatenate([p.regions for p in parts], 2)
+    assert len(store) == 3 and store.offsets.tolist() == [0, 2, 6, 7]
+    regions, mask, positions = store.gather([0, 1, 2])
+    expected = {0: (0, [0, 2]), 1: (2, [0, 1, 2, 3]), 2: (4, [0])}
+    for i, (video, places) in expected.items():
+        assert positions[i][mask[i]].tolist() == places
+        assert regions[i][mask[i]].tolist() == [[video, r] for r in places]
+    assert np.concatenate([p.embeddings for p in parts])[:, 0].tolist() == [0, 2, 4]
+    kept.remove()
+    assert not kept.folder.exists() and kept.load({"v0"}) == []

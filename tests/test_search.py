@@ -317,6 +317,45 @@ def test_an_index_kept_in_the_root_itself_is_used_when_it_matches(ws, monkeypatc
     assert code == 0 and "building" not in err and not [p for p in root.iterdir() if p.is_dir() and p.name != "query"]
 
 
+def test_an_index_stopped_midway_resumes_and_encodes_only_what_no_kept_part_holds(ws, monkeypatch, capsys):
+    import vlpcache.index.build as build
+    import vlpcache.model.retrieval as retrieval
+
+    monkeypatch.setattr(build, "ENCODE_CHUNK", 10)  # the 24 videos in chunks of 10, 10 and 4
+    encode, calls, stop = retrieval.encode_videos, [], [True]
+
+    def stopped_at_the_second_chunk(model, cache, rows, *args, **kwargs):
+        calls.append(len(rows))
+        if len(calls) == 2 and stop[0]:
+            raise KeyboardInterrupt  # Ctrl-C while the second chunk is encoded
+        return encode(model, cache, rows, *args, **kwargs)
+
+    monkeypatch.setattr(retrieval, "encode_videos", stopped_at_the_second_chunk)
+    code, _, err = vlpcache(monkeypatch, capsys, "index", "--quiet")
+    index_dir = the_index(ws)
+    assert code == 130 and "interrupted" in err
+    assert not (index_dir / "index.json").exists() and len(list((index_dir / "encoding").glob("part-*.npz"))) == 1
+    (index_dir / "encoding" / ".part-000001.npz.99.tmp.npz").write_bytes(b"PK")  # what a kill -9 mid-write leaves
+    (index_dir / "encoding" / "part-000007.npz").write_bytes(b"not a zip")  # unreadable: its videos are encoded again
+
+    calls.clear()
+    stop[0] = False
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0, err
+    assert "resuming: 10 of the 24 videos to index were encoded by a run that did not finish" in err
+    assert calls == [10, 4] and not (index_dir / "encoding").exists()
+    resumed = VideoIndex.load(index_dir)
+
+    monkeypatch.setattr(retrieval, "encode_videos", encode)
+    assert vlpcache(monkeypatch, capsys, "index", "-o", ws / "whole", "--quiet")[0] == 0
+    whole = VideoIndex.load(the_index(ws, root=ws / "whole"))
+    assert sorted(resumed.ids) == sorted(whole.ids) and len(set(resumed.ids)) == ITEMS  # nothing missing or twice
+    order = [resumed.ids.index(i) for i in whole.ids]
+    np.testing.assert_allclose(resumed.embeddings[order], whole.embeddings, atol=1e-6)
+    for ours, theirs in zip(resumed.regions.gather(order), whole.regions.gather(list(range(ITEMS)))):
+        np.testing.assert_array_equal(ours, theirs)
+
+
 def test_indexing_again_encodes_only_the_new_videos(ws, monkeypatch, capsys):
     assert vlpcache(monkeypatch, capsys, "index")[0] == 0
     before = VideoIndex.load(the_index(ws))

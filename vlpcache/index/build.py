@@ -3,7 +3,9 @@
 The index follows the run: each (checkpoint, cache settings) has an index of its own in the index root
 (layout.index_dir_for), so a newer run is indexed on first use, saying so, and an earlier run's index
 stays. Indexing again adds only the items the index lacks (the cache grew since). One process writes an
-index at a time (its lock; others wait), and a failed write leaves the index as it was.
+index at a time (its lock; others wait), and a failed write leaves the index as it was. Videos are
+encoded a chunk at a time and each chunk is kept as it is done (parts.py), so an index stopped by
+Ctrl-C, kill -9 or a full disk resumes where it was when run again.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from vlpcache.errors import UserError
 from vlpcache.files import is_write_failure, remove_temporaries, system_reason, write_failure
 from vlpcache.index.export import export_embeddings
 from vlpcache.index.faiss_index import VideoIndex, choose_factory
+from vlpcache.index.parts import EncodedPart, EncodedParts
+from vlpcache.index.region_store import RegionStore
 from vlpcache.index.layout import (
     DEFAULT_MEMORY_BUDGET_MB,
     LOCK_FILE,
@@ -39,7 +43,7 @@ from vlpcache.querybank import BANK_SIZE, BETA, TOP_K, QueryBank, bank_captions
 from vlpcache.report import Say, say, sayer
 from vlpcache.workspace import Workspace
 
-ENCODE_CHUNK = 1024  # videos encoded between two appends to the region store
+ENCODE_CHUNK = 1024  # videos encoded, then kept on disk as one part (parts.py), at a time
 
 
 @dataclass
@@ -88,7 +92,9 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
         rows = [r for r, item_id in enumerate(cache.ids) if index is None or item_id not in index]
         if index is not None and index.regions is None:  # made by an older vlpcache: re-rank needs regions
             rows, index = list(range(len(cache))), None
+        parts = EncodedParts(index_dir)
         if index is not None and not rows:
+            parts.remove()  # left by a run killed after its index was written
             export_for_search(run, index_dir, say)
             update_query_bank(run, index, index_dir, 0, qbnorm, device, batch_size, progress, say)
             say(f"index {index_dir}: {coverage(index, cache) or 'up to date'}: {len(index)} items ({index.meta.factory})")
@@ -96,8 +102,9 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
         if index is None:
             (index_dir / QUERYBANK_FILE).unlink(missing_ok=True)  # it described the old rows
         started = time.monotonic()
-        index, how = _add_encoded(run, cache, rows, index, config, device, batch_size, progress)
+        index, how = _add_encoded(run, cache, rows, index, config, device, batch_size, progress, parts, say)
         save_index(index, index_dir)
+        parts.remove()
         export_for_search(run, index_dir, say)
         update_query_bank(run, index, index_dir, len(rows), qbnorm, device, batch_size, progress, say)
         note = coverage(index, cache)
@@ -178,20 +185,37 @@ def existing_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig
 
 
 def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | None, config: IndexConfig, device,
-                 batch_size: int, progress: bool) -> tuple[VideoIndex, str]:
-    """Encode the cache's `rows` and add them to `index` (or build one); returns it and what was done."""
-    from vlpcache.index.region_store import RegionStore
+                 batch_size: int, progress: bool, kept: EncodedParts, say: Say) -> tuple[VideoIndex, str]:
+    """Encode the cache's `rows` and add them to `index` (or build one); returns it and what was done.
+    Each chunk is kept as a part as soon as it is encoded; rows a kept part holds are not encoded again."""
     from vlpcache.model.retrieval import as_numpy, encode_videos
 
-    regions = RegionStore.empty(run.config.embed_dim)
-    parts = []
-    for start in range(0, len(rows), ENCODE_CHUNK):  # bounded memory: region tokens are (B, T*N, E)
-        video = encode_videos(run.model, cache, rows[start : start + ENCODE_CHUNK], device, batch_size, regions=True,
-                              progress=progress, desc=f"encoding videos {start + 1}-{min(start + ENCODE_CHUNK, len(rows))} of {len(rows)}")
-        parts.append(as_numpy(video.global_))
+    parts = kept.load({cache.ids[r] for r in rows})
+    done = {item_id for part in parts for item_id in part.ids}
+    todo = [r for r in rows if cache.ids[r] not in done]
+    if done:
+        say(f"resuming: {len(done)} of the {len(rows)} videos to index were encoded by a run that did not finish "
+            f"(kept in {kept.folder}); encoding the other {len(todo)}")
+    for start in range(0, len(todo), ENCODE_CHUNK):  # bounded memory: region tokens are (B, T*N, E)
+        chunk = todo[start : start + ENCODE_CHUNK]
+        first = len(done) + start + 1
+        video = encode_videos(run.model, cache, chunk, device, batch_size, regions=True, progress=progress,
+                              desc=f"encoding videos {first}-{first + len(chunk) - 1} of {len(rows)}")
+        regions = RegionStore.empty(run.config.embed_dim)
         regions.append(video.regions.numpy(), video.region_mask.numpy())
-    embeddings = np.concatenate(parts) if parts else np.zeros((0, run.config.embed_dim), np.float32)  # (V_new, E)
-    ids = [cache.ids[r] for r in rows]
+        parts.append(EncodedPart([cache.ids[r] for r in chunk], as_numpy(video.global_), regions))
+        try:
+            kept.add(parts[-1])
+        except Exception as err:
+            if not is_write_failure(err):
+                raise
+            raise write_failure(kept.folder, err, f"the index is as it was before; the {len(done) + start} videos encoded "
+                                                  "before this chunk are kept; make room and run `vlpcache index` "
+                                                  "again to go on") from None
+    embeddings = (np.concatenate([p.embeddings for p in parts]) if parts
+                  else np.zeros((0, run.config.embed_dim), np.float32))  # (V_new, E)
+    regions = RegionStore.concatenate([p.regions for p in parts], run.config.embed_dim)
+    ids = [item_id for part in parts for item_id in part.ids]
     if index is None:
         factory, reason = choose_factory(len(ids), embeddings.shape[1], config)
         meta = IndexMeta(

@@ -24,6 +24,8 @@ index) is used as it is when it was built from the same checkpoint and cache set
                            video's normaliser; made by `index --qbnorm` or the first `search --qbnorm`
     index.json             IndexMeta: checkpoint sha256, cache settings, embedding dim, factory string,
                            search parameters, item count
+    encoding/              only while an index is being written, or after one was stopped: the videos
+                           encoded so far, a part per chunk, so that running it again resumes (parts.py)
 
 Every file is written under a temporary name, and only once all are written are they renamed into
 place (files.replace_together), index.json last: a failed write (disk full) leaves the old index, and a
@@ -53,6 +55,7 @@ REGION_POSITIONS_FILE = "region_positions.npy"
 QUERY_DIR = "query"
 QUERYBANK_FILE = "querybank.npz"
 LOCK_FILE = "index.lock"
+PARTS_DIR = "encoding"
 
 # Measured on this 2-core machine (bench/search_latency.py): one exact 256-d query over 50k vectors
 # costs ~3 ms, so beyond that the exact index no longer meets a 5 ms budget per query.

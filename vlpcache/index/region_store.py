@@ -51,6 +51,16 @@ class RegionStore:
         self.positions = np.concatenate([self.positions, other.positions])
         self.offsets = np.concatenate([self.offsets, self.offsets[-1] + other.offsets[1:]])
 
+    @classmethod
+    def concatenate(cls, stores: list["RegionStore"], dim: int) -> "RegionStore":
+        """The videos of `stores`, one store after another (copied once, not store by store)."""
+        if not stores:
+            return cls.empty(dim)
+        starts = np.cumsum([0] + [s.offsets[-1] for s in stores[:-1]])  # each store's first row in the whole
+        return cls(np.concatenate([s.embeddings for s in stores]),
+                   np.concatenate([[0]] + [s.offsets[1:] + start for s, start in zip(stores, starts)]).astype(np.int64),
+                   np.concatenate([s.positions for s in stores]))
+
     def gather(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Videos `rows`, padded to the most regions among them: regions (P, K, E) float32,
         mask (P, K) bool, positions (P, K) int32 (-1 for padding)."""

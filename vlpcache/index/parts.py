@@ -1,0 +1,93 @@
+"""Videos encoded by a `vlpcache index` that has not finished, kept so that running it again resumes.
+
+`vlpcache index` encodes the videos an index lacks ENCODE_CHUNK at a time, and writes each chunk whole
+(ids, global embeddings, its region store) to <index>/encoding/part-NNNNNN.npz before starting the
+next. The index files are written once every video is encoded, and then the folder goes. A Ctrl-C, a
+kill -9 or a full disk in between keeps every finished part: the next run encodes only the videos no
+part holds. An index directory belongs to one checkpoint and one set of cache settings
+(layout.index_dir_for), and cached items do not change, so a part never holds another model's vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vlpcache.files import remove_temporaries, replace_atomically
+from vlpcache.index.layout import PARTS_DIR
+from vlpcache.index.region_store import RegionStore
+
+
+@dataclass
+class EncodedPart:
+    """Encoded videos: their ids, global embeddings (n, E) float32 and region store of n videos."""
+
+    ids: list[str]
+    embeddings: np.ndarray
+    regions: RegionStore
+
+    def save(self, path: Path) -> None:
+        replace_atomically(Path(path), self._write, suffix=".npz")
+
+    def _write(self, tmp: Path) -> None:
+        np.savez(tmp, ids=np.frombuffer(json.dumps(self.ids).encode(), np.uint8), embeddings=self.embeddings,
+                 regions=self.regions.embeddings, offsets=self.regions.offsets, positions=self.regions.positions)
+
+    @classmethod
+    def load(cls, path: Path) -> "EncodedPart":
+        with np.load(path) as data:
+            return cls(json.loads(data["ids"].tobytes()), data["embeddings"],
+                       RegionStore(data["regions"], data["offsets"], data["positions"]))
+
+    def select(self, keep: np.ndarray) -> "EncodedPart":
+        """The videos where `keep` (n,) bool is true, in their order."""
+        counts = np.diff(self.regions.offsets)  # (n,) regions of each video
+        region_keep = np.repeat(keep, counts)  # (total,)
+        regions = RegionStore(self.regions.embeddings[region_keep],
+                              np.concatenate([[0], np.cumsum(counts[keep])]).astype(np.int64),
+                              self.regions.positions[region_keep])
+        return EncodedPart([i for i, k in zip(self.ids, keep) if k], self.embeddings[keep], regions)
+
+
+class EncodedParts:
+    """The parts folder of one index directory."""
+
+    def __init__(self, index_dir: Path):
+        self.folder = Path(index_dir) / PARTS_DIR
+
+    def paths(self) -> list[Path]:
+        return sorted(self.folder.glob("part-*.npz"))
+
+    def load(self, wanted: set[str]) -> list[EncodedPart]:
+        """The kept parts, each cut to the videos in `wanted` (the index may hold some already, or the cache
+        no longer has them), leftovers of killed writes removed; unreadable parts are left out (their
+        videos are encoded again)."""
+        if not self.folder.is_dir():
+            return []
+        remove_temporaries(self.folder)
+        parts, seen = [], set()
+        for path in self.paths():
+            try:
+                part = EncodedPart.load(path)
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                path.unlink(missing_ok=True)
+                continue
+            keep = np.array([i in wanted and i not in seen for i in part.ids], bool)
+            seen.update(i for i, k in zip(part.ids, keep) if k)
+            if keep.any():
+                parts.append(part.select(keep) if not keep.all() else part)
+        return parts
+
+    def add(self, part: EncodedPart) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        paths = self.paths()
+        number = int(paths[-1].stem.split("-")[1]) + 1 if paths else 0
+        part.save(self.folder / f"part-{number:06d}.npz")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
