@@ -149,3 +149,26 @@ def test_caches_whose_features_differ_never_mix_and_an_id_in_two_caches_is_train
     data = load_pretrain_data([cache, tmp_path / "again"], [train], None, workspace=Workspace(tmp_path / "ws"))
     assert sorted(trained_captions(data)) == [f"v{i}" for i in range(6)]
     assert {c for c, _, _ in data.train.samples} == {0} and data.train_report.duplicate_ids == 3  # the first cache's
+
+
+def test_a_caption_naming_its_video_by_file_name_or_path_trains_and_validates_on_that_item(tmp_path, cache):
+    csv = tmp_path / "train.csv"
+    csv.write_text("video,caption\nv0.mp4,a dog\n/data/videos/v1.avi,a cat\nvideos\\v2.mp4,a bird\nv3,a fish\n"
+                   "v3.mp4,the fish again\nv9.mp4,not extracted\n")
+    val = write_jsonl(tmp_path / "val.jsonl", [{"video": "clips/v5.webm", "captions": ["a horse"]}])
+    data = load_pretrain_data([cache], [csv], val, workspace=Workspace(tmp_path / "ws"))
+    assert trained_captions(data) == {"v0": ["a dog"], "v1": ["a cat"], "v2": ["a bird"], "v3": ["a fish", "the fish again"]}
+    assert validation_captions(data) == {"v5": ["a horse"]}
+    line = data.train_report.line()
+    assert "4 items with captions" in line and "1 captioned ids not in the cache(s)" in line  # v9.mp4
+    assert "4 caption ids name their video by file name or path (e.g. 'v0.mp4' for 'v0')" in line
+
+
+def test_an_item_named_by_a_key_wins_over_a_shorter_tail_and_a_key_naming_none_stays():
+    from vlpcache.captions import item_named_by
+
+    ids = {"clips/a", "a", "b.v2", "x/y"}
+    assert item_named_by("clips/a.mp4", ids) == "clips/a" and item_named_by("a.mp4", ids) == "a"
+    assert item_named_by("/data/clips/a.mp4", ids) == "clips/a" and item_named_by("clips\\a.mp4", ids) == "clips/a"
+    assert item_named_by("./b.v2.mp4", ids) == "b.v2" and item_named_by("data/x/y.avi", ids) == "x/y"
+    assert item_named_by("y.avi", ids) is None and item_named_by("zz.mp4", ids) is None and item_named_by("/", ids) is None

@@ -111,6 +111,17 @@ def test_captions_of_videos_not_in_the_cache_are_one_line_error(tmp_path, ws, mo
     assert code == 2 and "none of its 1 videos is in cache" in err and err.count("\n") == 1
 
 
+def test_captions_naming_their_videos_by_file_path_score_as_those_keyed_by_id(root, ws, tmp_path, monkeypatch, capsys):
+    records = [json.loads(line) for line in (root / "val.jsonl").read_text().splitlines()]
+    by_path = tmp_path / "val-by-path.jsonl"
+    by_path.write_text("".join(json.dumps({**r, "video": f"/data/videos/{r['video']}.mp4"}) + "\n" for r in records))
+    expected = eval_json(monkeypatch, capsys, "--captions", root / "val.jsonl")
+    results = eval_json(monkeypatch, capsys, "--captions", by_path)
+    assert results["text_to_video"] == expected["text_to_video"] and results["text_to_video"]["queries"] == 8
+    code, _, err = vlpcache(monkeypatch, capsys, "eval", "--captions", by_path)
+    assert code == 0 and "8 caption ids name their video by file name or path (e.g. '/data/videos/v16.mp4' for 'v16')" in err
+
+
 def test_reranked_candidates_stay_above_the_rest_in_their_new_order():
     similarity = np.array([[0.9, 0.8, 0.7, 0.1]])
     top = top_candidates(similarity, 2)

@@ -3,6 +3,10 @@
 JSON Lines: one object per video, {"video": id, "captions": [...]} (extra keys such as "split" are
 kept aside). CSV: a header with `video` and `caption` columns, one row per caption, several rows per
 video allowed.
+
+A video is named by its item id (its path below the extracted root, without extension: `clips/a`), or
+by a file name or path that ends in it: `a.mp4`, `clips/a.mp4`, `/data/clips/a.mp4` or `clips\\a.mp4`
+name the item `clips/a` when no item is called that key itself (Captions.matched_to).
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vlpcache.errors import UserError
@@ -47,6 +52,23 @@ class Captions:
         self.sources += other.sources
         return self
 
+    def matched_to(self, ids) -> tuple["Captions", list[tuple[str, str]]]:
+        """These captions keyed by item id where a key names an item by file name or path (`a.mp4` for the
+        item `a`, see item_named_by); keys that are ids, or name none, stay as they are. Also the
+        (key, item id) pairs that were matched that way, in file order."""
+        known = set(ids)
+        by_id, splits, renamed = {}, {}, []
+        for key, texts in self.by_id.items():
+            item = key if key in known else item_named_by(key, known) or key
+            if item != key:
+                renamed.append((key, item))
+            by_id.setdefault(item, []).extend(texts)
+            if key in self.splits:
+                splits[item] = self.splits[key]
+        if not renamed:
+            return self, []
+        return replace(self, by_id=by_id, splits=splits), renamed
+
     def restrict(self, ids) -> tuple["Captions", dict[str, int]]:
         """Captions of the given item ids only, and counts of what did not match either way."""
         ids = list(ids)
@@ -61,6 +83,29 @@ class Captions:
             "bad_lines": self.bad_lines,
         }
         return kept, report
+
+
+def named_by_path_text(pairs: list[tuple[str, str]]) -> str:
+    """", N caption ids name their video by file name or path (e.g. 'a.mp4' for 'a')", or ""."""
+    if not pairs:
+        return ""
+    key, item = pairs[0]
+    return f", {len(pairs)} caption id{'s' if len(pairs) != 1 else ''} name their video by file name or path (e.g. {key!r} for {item!r})"
+
+
+def item_named_by(key: str, ids: set[str]) -> str | None:
+    """The item id among `ids` that a caption key names as a file name or path: the longest tail of its
+    path (`/` or `\\` separated), with or without the file's extension, that is an id; None if none is."""
+    parts = [p for p in key.replace("\\", "/").split("/") if p not in ("", ".")]
+    if not parts:
+        return None
+    stem, extension = os.path.splitext(parts[-1])
+    for start in range(len(parts)):
+        for last in (parts[-1], stem) if extension else (parts[-1],):
+            candidate = "/".join([*parts[start:-1], last])
+            if candidate in ids:
+                return candidate
+    return None
 
 
 def _add(captions: Captions, item_id, texts) -> None:

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import outdated_schema
-from vlpcache.captions import Captions, caption_queries, read_captions
+from vlpcache.captions import Captions, caption_queries, named_by_path_text, read_captions
 from vlpcache.errors import UserError
 from vlpcache.model.batch import tokenize, video_batch
 from vlpcache.model.config import MAX_CAPTIONS_PER_VIDEO
@@ -103,6 +103,7 @@ class CaptionReport:
     bad_lines_text: str = ""  # Captions.bad_lines_text(): ", N unreadable caption lines (the first: ...)"
     duplicate_ids: int = 0
     per_cache: dict[str, int] = field(default_factory=dict)
+    named_by_path: list[tuple[str, str]] = field(default_factory=list)  # (caption key, item id) matched as a file path
 
     def line(self) -> str:
         text = (
@@ -110,15 +111,19 @@ class CaptionReport:
             f"{self.captions_without_items} captioned ids not in the cache(s), {self.empty_captions} empty or non-text captions"
         )
         text += self.bad_lines_text
+        text += named_by_path_text(self.named_by_path)
         if self.duplicate_ids:
             text += f", {self.duplicate_ids} ids in more than one cache (first kept)"
         return text
 
 
 def match_captions(caches: list[RegionCache], captions: Captions) -> tuple[list[tuple[int, int, list[str]]], CaptionReport]:
-    """(cache index, item index, captions) of every cached item that has captions, and the counts."""
+    """(cache index, item index, captions) of every cached item that has captions, and the counts. A
+    caption key may name its item by file name or path (Captions.matched_to)."""
+    captions, named_by_path = captions.matched_to(item_id for cache in caches for item_id in cache.ids)
     samples, seen = [], set()
-    report = CaptionReport(empty_captions=captions.empty_captions, bad_lines_text=captions.bad_lines_text())
+    report = CaptionReport(empty_captions=captions.empty_captions, bad_lines_text=captions.bad_lines_text(),
+                           named_by_path=named_by_path)
     for c, cache in enumerate(caches):
         kept = 0
         for i, item_id in enumerate(cache.ids):
