@@ -233,6 +233,8 @@ def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | N
     else:
         how = index.add(ids, embeddings, config)
         index.regions.append_store(regions)
+    if done:
+        how = f"{len(done)} of them kept from the run that did not finish; {how}"
     if index.meta.search_params:
         how += f", search {index.meta.search_params} (recall@10 {index.meta.tuned_recall:.3f} on indexed vectors)"
     return index, how
