@@ -187,6 +187,8 @@ def test_broken_files_get_one_line_each_and_the_run_goes_on(tmp_path, videos_dir
     text = vlpcache("inspect", tmp_path / "cache", "--failures", cwd=tmp_path).stdout
     assert f"damaged     {len(damaged)} item(s) kept despite problems" in text
     assert sum(line.startswith("damaged     /") for line in text.splitlines()) == len(damaged)
+    rendered = vlpcache("inspect", tmp_path / "cache", "--render", "frames_one_bad", "-o", tmp_path / "bad.png", cwd=tmp_path)
+    assert rendered.stdout.strip().endswith(f"(the item is damaged, kept: {cache.notes['frames_one_bad']})")
     # failed items are skipped on a re-run, retried with --retry-failed
     again = vlpcache("extract", root, "-o", tmp_path / "cache", "--frames", 2, cwd=tmp_path)
     assert f"{len(failures)} skipped (failed before" in again.stderr

@@ -116,5 +116,6 @@ def render_cache_item(cache_dir, item_id: str, output=None) -> Path:
     picture_format(output)
     cache = RegionCache(cache_dir or Workspace().cache_dir)
     path = render_item(cache, item_id, output)
-    print(f"wrote {printable(str(path))}")
+    note = cache.note_of(item_id)
+    print(f"wrote {printable(str(path))}" + (f" (the item is damaged, kept: {printable(note)})" if note else ""))
     return path
