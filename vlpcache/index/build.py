@@ -23,8 +23,6 @@ from vlpcache.errors import UserError
 from vlpcache.files import is_write_failure, remove_temporaries, system_reason, write_failure
 from vlpcache.index.export import export_embeddings
 from vlpcache.index.faiss_index import VideoIndex, choose_factory
-from vlpcache.index.parts import EncodedPart, EncodedParts
-from vlpcache.index.region_store import RegionStore
 from vlpcache.index.layout import (
     DEFAULT_MEMORY_BUDGET_MB,
     LOCK_FILE,
@@ -37,6 +35,8 @@ from vlpcache.index.layout import (
     other_indexes,
     read_meta,
 )
+from vlpcache.index.parts import EncodedPart, EncodedParts
+from vlpcache.index.region_store import RegionStore
 from vlpcache.locks import WriterLock, holder_description
 from vlpcache.model.run_layout import designated_checkpoint_sha256, latest_run
 from vlpcache.querybank import BANK_SIZE, BETA, TOP_K, QueryBank, bank_captions

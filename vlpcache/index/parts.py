@@ -85,9 +85,8 @@ class EncodedParts:
 
     def add(self, part: EncodedPart) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        paths = self.paths()
-        number = int(paths[-1].stem.split("-")[1]) + 1 if paths else 0
-        part.save(self.folder / f"part-{number:06d}.npz")
+        numbers = [int(p.stem[5:]) for p in self.paths() if p.stem[5:].isdigit()]
+        part.save(self.folder / f"part-{max(numbers, default=-1) + 1:06d}.npz")
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
