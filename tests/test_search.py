@@ -279,12 +279,19 @@ def test_prune_removes_the_indexes_of_checkpoints_no_run_holds_and_keeps_the_res
     nudge_weights(ws / "runs" / "run-001", by=0.02)  # run-001 trained again: its old best checkpoint is gone
     (ws / "index" / ".pruned-0123").mkdir()  # what a prune killed halfway leaves
     (ws / "index" / ".pruned-0123" / "embeddings.npy").write_bytes(b"x" * 100)
+    new = the_index(ws)
+    stopped = {name: ws / "index" / name / "encoding" for name in  # first builds stopped: kept parts, no index.json
+               ("0123456789abcdef-00000000", new.name.split("-")[0] + "-00000000")}  # no run holds the first
+    for parts in stopped.values():
+        parts.mkdir(parents=True)
+        (parts / "part-000000.npz").write_bytes(b"x" * 100)
 
     code, _, err = vlpcache(monkeypatch, capsys, "index", "--prune")
-    new = the_index(ws)
-    assert code == 0 and new != old and f"prune: removed 1 index(es) of checkpoints no run holds any more" in err
-    assert old.name in err.splitlines()[-1] and not old.exists()
-    assert sorted(p.name for p in (ws / "index").iterdir()) == sorted([new.name, kept.name])
+    assert code == 0 and new != old and f"prune: removed 2 index(es) of checkpoints no run holds any more" in err
+    assert old.name in err.splitlines()[-1] and "0123456789abcdef-00000000" in err.splitlines()[-1] and not old.exists()
+    held = new.name.split("-")[0] + "-00000000"
+    assert sorted(p.name for p in (ws / "index").iterdir()) == sorted([new.name, kept.name, held])
+    shutil.rmtree(ws / "index" / held)
     code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "--run", outside)
     assert code == 0 and "building" not in err  # the outside run's index stayed
 

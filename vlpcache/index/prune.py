@@ -6,7 +6,8 @@ leaves an index (embeddings, region store, the ONNX query model: 121 MB for MSR-
 videos) that no command will open again. An index is stale when no run holds a checkpoint with its
 sha256: neither the run it records (index.json's run_dir), nor a run of the workspace, nor the run
 being indexed. Indexes of the same checkpoint over caches of other settings are not stale (those
-caches may still be searched).
+caches may still be searched). An index whose first build was stopped (kept parts, parts.py, and no
+index.json) is stale when no run of the workspace, nor the run being indexed, holds its checkpoint.
 
 Each stale index is removed under its own lock (an index being written is left alone, saying so):
 renamed to `.pruned-<name>` in one step, then deleted, so a kill -9 halfway leaves a folder no
@@ -19,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from vlpcache.files import folder_bytes
-from vlpcache.index.layout import LOCK_FILE, META_FILE, other_indexes
+from vlpcache.index.layout import LOCK_FILE, META_FILE, PARTS_DIR, other_indexes
 from vlpcache.locks import WriterLock
 from vlpcache.model.run_layout import META_NAME, checkpoints
 from vlpcache.records import read_optional_json
@@ -59,6 +60,13 @@ def stale_indexes(root: Path, keep: Path, run_dirs: list[Path]) -> list[Path]:
         if sha in held or (meta.get("run_dir") and sha in held_by(Path(meta["run_dir"]))):
             continue
         stale.append(index_dir)
+    # an index whose first build was stopped has kept parts and no index.json yet: its folder names its checkpoint
+    held_prefixes = {sha[:16] for sha in held}
+    for parts in sorted(Path(root).glob(f"*/{PARTS_DIR}")):
+        index_dir = parts.parent
+        if (index_dir != Path(keep) and not (index_dir / META_FILE).exists()
+                and not index_dir.name.startswith(PRUNED_PREFIX) and index_dir.name.split("-")[0] not in held_prefixes):
+            stale.append(index_dir)
     return stale
 
 
