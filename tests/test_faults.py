@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 
 from test_extract import _assert_same_content
@@ -316,6 +318,46 @@ def test_index_on_a_full_disk_is_one_line_leaves_the_index_as_it_was_and_builds_
     assert {p.name: p.read_bytes() for p in index_dir.iterdir() if p.is_file()} == before  # no temporary either
     assert vlpcache(monkeypatch, capsys, *args)[0] == 0
     assert len(VideoIndex.load(index_dir)) == len(RegionCache(cache))
+
+
+@pytest.mark.parametrize("where, room, file_room, kept", [("first part", 50_000, 50_000, 0),
+                                                         ("join", 300_000, 150_000, 200)])
+def test_caption_encoding_on_a_full_disk_is_one_line_keeps_the_parts_and_resumes(disk, tmp_path_factory, monkeypatch,
+                                                                                 where, room, file_room, kept):
+    import torch
+
+    from test_model import build_tiny_text_model, tiny_config
+    from vlpcache.errors import UserError
+    from vlpcache.model import text_features
+    from vlpcache.model.model import build_model
+
+    monkeypatch.setattr(text_features, "PART_CAPTIONS", 100)  # two parts of about 110 kB, joined: 260 kB
+    model, tokenizer = build_model(tiny_config(build_tiny_text_model(tmp_path_factory.mktemp("bert")),
+                                               text_trainable_layers=0))
+    captions = [f"caption {i}: a person does thing {i % 7} with a {['dog', 'cat', 'car'][i % 3]} near the river"
+                for i in range(200)]
+
+    def encode(root, say=None):
+        return text_features.cached_text_features(model, tokenizer, captions, root, with_words=True,
+                                                  device=torch.device("cpu"), progress=False, say=say)
+
+    whole = encode(tmp_path_factory.mktemp("whole"))
+    with disk.full(room=room if disk.tmpfs else file_room), pytest.raises(UserError) as failed:
+        encode(disk.folder)
+    folder = disk.folder / text_features.FEATURES_DIR
+    message = str(failed.value)
+    assert "\n" not in message and message.startswith(f"{folder}: cannot write ("), message
+    assert f"the {kept} of 200 captions encoded so far are kept" in message
+    assert [p.name for p in folder.iterdir()] == [whole.path.with_suffix(".parts").name]  # no .h5, no lock
+    parts = folder / whole.path.with_suffix(".parts").name
+    assert len(list(parts.iterdir())) == kept // 100  # each kept part whole, no temporary
+    lines = []
+    resumed = encode(disk.folder, say=lines.append)
+    assert lines == ([f"resuming: 200 of the 200 captions were encoded by a run that did not finish (kept in {parts}); "
+                      "joining them"] if kept else [])
+    with h5py.File(whole.path) as a, h5py.File(resumed.path) as b:
+        assert a.keys() == b.keys() and all(np.array_equal(a[k][:], b[k][:]) for k in a)
+    assert not parts.exists()
 
 
 def test_extract_into_a_read_only_filesystem_is_one_line_before_anything_loads(frames_root, tmp_path):

@@ -1,5 +1,6 @@
 """The alignment model: real forward/backward on small shapes, with a tiny random BERT and the real MiniLM."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from vlpcache.errors import UserError
 from vlpcache.model.batch import tokenize, video_batch
 from vlpcache.model.model import ModelConfig, PretrainLoss, build_model, default_text_model
+from waiting import wait_until
 
 
 def build_tiny_text_model(folder: Path) -> Path:
@@ -292,3 +294,103 @@ def test_training_top_layers_on_the_frozen_layers_cached_output_equals_the_live_
     model.encode_text(inputs["input_ids"], inputs["attention_mask"], inputs["text_prefix"]).global_.sum().backward()
     layers = model.text_encoder.backbone.encoder.layer
     assert all(p.grad is not None for p in layers[1].parameters()) and all(p.grad is None for p in layers[0].parameters())
+
+
+CAPTIONS = ["a dog runs", "a man is cooking onions in a pan", "cat", "two people dance on a stage", "rain",
+            "a child rides a red bicycle down the street"]
+
+
+def _features_arrays(features) -> dict:
+    import h5py
+
+    with h5py.File(features.path, "r") as f:
+        return {name: f[name][:] for name in f}
+
+
+def test_caption_encoding_stopped_midway_resumes_from_the_kept_parts_and_equals_an_uninterrupted_one(
+        tiny_text_model, tmp_path, monkeypatch):
+    from vlpcache.model import text_features
+    from vlpcache.model.text_features import cached_text_features
+
+    monkeypatch.setattr(text_features, "PART_CAPTIONS", 2)  # 6 captions: 3 parts
+    model, tokenizer = build_model(tiny_config(tiny_text_model, text_trainable_layers=1))
+    cpu = torch.device("cpu")
+    whole = cached_text_features(model, tokenizer, CAPTIONS, tmp_path / "whole", with_words=True, device=cpu,
+                                 progress=False)
+    calls, live_prefix = [], model.text_encoder.prefix
+
+    def prefix(*args, stop_at=None):
+        calls.append(len(args[0]))
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return live_prefix(*args)
+
+    monkeypatch.setattr(model.text_encoder, "prefix", lambda *a: prefix(*a, stop_at=2))  # Ctrl-C in the second part
+    with pytest.raises(KeyboardInterrupt):
+        cached_text_features(model, tokenizer, CAPTIONS, tmp_path / "ws", with_words=True, device=cpu, progress=False)
+    folder = tmp_path / "ws" / "text-features"
+    assert not list(folder.glob("*.h5")) and len(list(folder.glob("*.parts/part-*.npz"))) == 1
+    calls.clear()
+    monkeypatch.setattr(model.text_encoder, "prefix", prefix)
+    lines = []
+    resumed = cached_text_features(model, tokenizer, CAPTIONS, tmp_path / "ws", with_words=True, device=cpu,
+                                   progress=False, say=lines.append)
+    assert calls == [2, 2]  # only the two parts the stopped run had not kept
+    assert len(lines) == 1 and lines[0].startswith("resuming: 2 of the 6 captions were encoded by a run that did not "), lines
+    expected, got = _features_arrays(whole), _features_arrays(resumed)
+    assert expected.keys() == got.keys() == {"tokens", "token_ids", "offsets", "captions"}
+    assert all(np.array_equal(expected[k], got[k]) for k in expected)
+    assert sorted(p.name for p in folder.iterdir()) == [resumed.path.name]  # parts, temporaries and lock gone
+
+
+def test_an_unreadable_kept_part_is_encoded_again(tiny_text_model, tmp_path, monkeypatch):
+    from vlpcache.model import text_features
+    from vlpcache.model.text_features import cached_text_features
+
+    monkeypatch.setattr(text_features, "PART_CAPTIONS", 4)
+    model, tokenizer = build_model(tiny_config(tiny_text_model, text_trainable_layers=0))
+    cpu = torch.device("cpu")
+    whole = cached_text_features(model, tokenizer, CAPTIONS, tmp_path / "whole", with_words=True, device=cpu,
+                                 progress=False)
+    parts = tmp_path / "ws" / "text-features" / whole.path.with_suffix(".parts").name
+    parts.mkdir(parents=True)
+    (parts / "part-000000.npz").write_bytes(b"PK\x03\x04 cut short by a crash")
+    (parts / ".part-000001.npz.123.tmp.npz").write_bytes(b"a killed write")
+    lines = []
+    again = cached_text_features(model, tokenizer, CAPTIONS, tmp_path / "ws", with_words=True, device=cpu,
+                                 progress=False, say=lines.append)
+    assert lines == []  # nothing usable was kept: no resume to speak of
+    expected, got = _features_arrays(whole), _features_arrays(again)
+    assert expected.keys() == got.keys() and "pooled" in got
+    assert all(np.array_equal(expected[k], got[k]) for k in expected)
+    assert not parts.exists()
+
+
+def test_a_second_process_encoding_the_same_captions_waits_for_the_first_and_reads_its_file(tiny_text_model, tmp_path):
+    import shutil
+    import threading
+
+    from vlpcache.locks import WriterLock
+    from vlpcache.model.text_features import cached_text_features
+
+    model, tokenizer = build_model(tiny_config(tiny_text_model, text_trainable_layers=0))
+    cpu = torch.device("cpu")
+    reference = cached_text_features(model, tokenizer, CAPTIONS, tmp_path / "elsewhere", with_words=True,
+                                     device=cpu, progress=False)
+    folder = tmp_path / "ws" / "text-features"
+    folder.mkdir(parents=True)
+    held = WriterLock.take(folder / reference.path.with_suffix(".lock").name)  # "another process" is encoding
+    lines, result = [], {}
+    waiter = threading.Thread(target=lambda: result.update(features=cached_text_features(
+        model, tokenizer, CAPTIONS, tmp_path / "ws", with_words=True, device=cpu, progress=False, say=lines.append)))
+    waiter.start()
+    wait_until(lambda: lines)
+    assert lines[0].startswith(f"waiting for pid {os.getpid()} on ") and lines[0].endswith("encoding the same captions")
+    assert waiter.is_alive() and not list(folder.glob("*.h5"))
+    shutil.copy(reference.path, folder / reference.path.name)  # the other process finishes its file
+    written = os.stat(folder / reference.path.name).st_ino
+    held.release()
+    waiter.join(timeout=60)
+    assert not waiter.is_alive() and result["features"].path == folder / reference.path.name
+    assert sorted(p.name for p in folder.iterdir()) == [reference.path.name]
+    assert os.stat(folder / reference.path.name).st_ino == written  # read, not encoded and replaced

@@ -24,6 +24,13 @@ The key hashes the kind, the text model's identity (its name, or its directory's
 number of frozen layers, the pooling, the caption length limit and the caption texts; a file is
 written under a temporary name and renamed when complete, so a kill -9 never leaves a file that is
 taken for whole.
+
+Millions of captions take hours to encode, so the work is kept as it goes: the captions are encoded
+PART_CAPTIONS at a time (in a fixed order, shortest first) and each part is written whole to
+<key>.parts/part-NNNNNN.npz (N: the part's place in that order) before the next starts. A Ctrl-C, a
+kill -9 or a full disk loses only the part in progress; the next run encodes the parts that are
+missing, then joins them into the .h5 one part at a time (memory: one part) and removes the folder.
+One process encodes a key at a time (<key>.lock); another waits for it and reads its file.
 """
 
 from __future__ import annotations
@@ -31,7 +38,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import zipfile
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
@@ -39,11 +49,14 @@ import torch
 from tqdm import tqdm
 
 from vlpcache import __version__
-from vlpcache.files import file_sha256, fsync_path
+from vlpcache.files import (file_sha256, fsync_path, is_write_failure, remove_temporaries, replace_atomically,
+                            write_failure)
+from vlpcache.locks import LOCK_SUFFIX, WriterLock, holder_description
 from vlpcache.model.batch import tokenize
 
 FEATURES_DIR = "text-features"
 ENCODE_BATCH = 256
+PART_CAPTIONS = 16384  # captions encoded and kept together: half a minute of MiniLM on a CPU core
 
 
 def text_model_identity(name_or_dir: str) -> str:
@@ -128,9 +141,11 @@ def model_features_key(model, with_words: bool, captions: list[str]) -> dict:
 
 
 def cached_text_features(model, tokenizer, captions: list[str], workspace_root: Path, with_words: bool,
-                         device: torch.device, progress: bool = True) -> TextFeatures:
+                         device: torch.device, progress: bool = True,
+                         say: Callable[[str], None] | None = None) -> TextFeatures:
     """TextFeatures of `captions` under the model's frozen text layers: read from the workspace when
-    they were computed before, else computed now and stored there."""
+    they were computed before, else computed now (resuming the parts a stopped run kept) and stored
+    there. `say` gets a line when this resumes or waits for another process."""
     captions = sorted(set(captions))
     key = model_features_key(model, with_words, captions)
     captions.sort(key=len)  # batches of similar length: little padding to encode
@@ -138,43 +153,123 @@ def cached_text_features(model, tokenizer, captions: list[str], workspace_root: 
     path = Path(workspace_root) / FEATURES_DIR / f"{digest}.h5"
     if path.is_file():
         return TextFeatures(path)
+    say = say or (lambda line: None)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _encode_to_file(model, tokenizer, captions, tmp, key, device, progress)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
+    lock_path = path.with_suffix(LOCK_SUFFIX)
+    lock = WriterLock.take(lock_path)
+    if lock is None:
+        say(f"waiting for {holder_description(lock_path)}, which is encoding the same captions")
+        lock = WriterLock.take(lock_path, wait=True)
+    with lock:
+        if not path.is_file():  # else the process waited for wrote it
+            _encode(model, tokenizer, captions, path, key, device, progress, say)
     return TextFeatures(path)
 
 
+def _encode(model, tokenizer, captions: list[str], path: Path, key: dict, device, progress: bool,
+            say: Callable[[str], None]) -> None:
+    parts = path.with_suffix(".parts")
+    parts.mkdir(exist_ok=True)
+    remove_temporaries(parts)
+    spans = [(start, min(start + PART_CAPTIONS, len(captions))) for start in range(0, len(captions), PART_CAPTIONS)]
+    files = [parts / f"part-{number:06d}.npz" for number in range(len(spans))]
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):  # a join that a kill stopped
+        leftover.unlink(missing_ok=True)
+    done = [_part_span(f) == span for f, span in zip(files, spans)]
+    if any(done):
+        kept = sum(stop - start for (start, stop), d in zip(spans, done) if d)
+        rest = f"encoding the other {len(captions) - kept}" if kept < len(captions) else "joining them"
+        say(f"resuming: {kept} of the {len(captions)} captions were encoded by a run that did not finish "
+            f"(kept in {parts}); {rest}")
+    label = "frozen text encoder" if key["kind"] == "outputs" else f"{key['frozen_layers']} frozen text layers"
+    try:
+        with tqdm(total=len(captions), unit="caption", desc=f"encoding captions ({label}, once)",
+                  disable=not progress, dynamic_ncols=True, leave=False) as bar:
+            bar.update(sum(stop - start for (start, stop), d in zip(spans, done) if d))
+            for file, (start, stop), finished in zip(files, spans, done):
+                if not finished:
+                    arrays = _encode_part(model, tokenizer, captions[start:stop], key, device, bar)
+                    arrays["start"] = np.array(start, np.int64)
+                    replace_atomically(file, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        _join(files, captions, tmp, key)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    except Exception as err:
+        if not is_write_failure(err):
+            raise
+        for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+            leftover.unlink(missing_ok=True)
+        kept = sum(stop - start for file, (start, stop) in zip(files, spans) if _part_span(file) == (start, stop))
+        raise write_failure(path.parent, err, f"the {kept} of {len(captions)} captions encoded so far are kept; "
+                                              "make room and run the same command again to go on") from None
+    shutil.rmtree(parts, ignore_errors=True)
+
+
+def _part_span(file: Path) -> tuple[int, int] | None:
+    """Which captions a kept part holds (start, stop) in the encoding order; None when it is missing or
+    unreadable."""
+    try:
+        with np.load(file) as data:
+            start = int(data["start"])
+            return start, start + len(data["counts"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
 @torch.inference_mode()
-def _encode_to_file(model, tokenizer, captions, tmp: Path, key: dict, device, progress: bool) -> None:
+def _encode_part(model, tokenizer, captions: list[str], key: dict, device, bar) -> dict[str, np.ndarray]:
+    """The frozen layers' results for `captions`: tokens (their kept tokens, caption after caption),
+    counts (tokens of each caption), pooled (outputs) or token_ids (prefix)."""
     was_training = model.training
     model.eval()
     pooled, tokens, token_ids, counts = [], [], [], []
-    label = "frozen text encoder" if key["kind"] == "outputs" else f"{key['frozen_layers']} frozen text layers"
-    with tqdm(total=len(captions), unit="caption", desc=f"encoding captions ({label}, once)",
-              disable=not progress, dynamic_ncols=True, leave=False) as bar:
-        for start in range(0, len(captions), ENCODE_BATCH):
-            part = captions[start : start + ENCODE_BATCH]
-            input_ids, attention_mask = (t.to(device) for t in tokenize(tokenizer, part, model.config.max_words))
-            if key["kind"] == "prefix":
-                hidden, kept = model.text_encoder.prefix(input_ids, attention_mask), attention_mask.bool()  # (B, L, H)
-                token_ids.append(input_ids[kept].int().cpu().numpy())
-            else:
-                hidden, pooled_part = model.text_encoder(input_ids, attention_mask)  # (B, L, H), (B, H)
-                pooled.append(pooled_part.float().cpu().numpy().astype(np.float16))
-                kept = model.word_mask(input_ids, attention_mask) if key["words"] else torch.zeros_like(attention_mask, dtype=torch.bool)
-            tokens.append(hidden[kept].float().cpu().numpy().astype(np.float16))  # (tokens kept in part, H)
-            counts += kept.sum(1).tolist()
-            bar.update(len(part))
+    for start in range(0, len(captions), ENCODE_BATCH):
+        part = captions[start : start + ENCODE_BATCH]
+        input_ids, attention_mask = (t.to(device) for t in tokenize(tokenizer, part, model.config.max_words))
+        if key["kind"] == "prefix":
+            hidden, kept = model.text_encoder.prefix(input_ids, attention_mask), attention_mask.bool()  # (B, L, H)
+            token_ids.append(input_ids[kept].int().cpu().numpy())
+        else:
+            hidden, pooled_part = model.text_encoder(input_ids, attention_mask)  # (B, L, H), (B, H)
+            pooled.append(pooled_part.float().cpu().numpy().astype(np.float16))
+            kept = model.word_mask(input_ids, attention_mask) if key["words"] else torch.zeros_like(attention_mask, dtype=torch.bool)
+        tokens.append(hidden[kept].float().cpu().numpy().astype(np.float16))  # (tokens kept in part, H)
+        counts += kept.sum(1).tolist()
+        bar.update(len(part))
     model.train(was_training)
+    arrays = {"tokens": np.concatenate(tokens), "counts": np.array(counts, np.int64)}
+    if pooled:
+        arrays["pooled"] = np.concatenate(pooled)
+    if token_ids:
+        arrays["token_ids"] = np.concatenate(token_ids)
+    return arrays
+
+
+def _join(files: list[Path], captions: list[str], tmp: Path, key: dict) -> None:
+    """The .h5 of every part, written one part at a time."""
+    counts = []
+    for file in files:
+        with np.load(file) as data:
+            counts.append(data["counts"])
+            width, with_pooled, with_ids = data["tokens"].shape[1], "pooled" in data, "token_ids" in data
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts), dtype=np.int64)])
     with h5py.File(tmp, "w") as f:
-        if pooled:
-            f.create_dataset("pooled", data=np.concatenate(pooled))
-        f.create_dataset("tokens", data=np.concatenate(tokens))
-        if token_ids:
-            f.create_dataset("token_ids", data=np.concatenate(token_ids))
-        f.create_dataset("offsets", data=np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]))
+        tokens = f.create_dataset("tokens", (int(offsets[-1]), width), np.float16)
+        pooled = f.create_dataset("pooled", (len(captions), width), np.float16) if with_pooled else None
+        token_ids = f.create_dataset("token_ids", (int(offsets[-1]),), np.int32) if with_ids else None
+        row = 0
+        for file in files:
+            with np.load(file) as data:
+                n = len(data["counts"])
+                span = slice(int(offsets[row]), int(offsets[row + n]))
+                tokens[span] = data["tokens"]
+                if pooled is not None:
+                    pooled[row : row + n] = data["pooled"]
+                if token_ids is not None:
+                    token_ids[span] = data["token_ids"]
+            row += n
+        f.create_dataset("offsets", data=offsets)
         f.create_dataset("captions", data=np.array(captions, dtype=object), dtype=h5py.string_dtype("utf-8"))
         f.attrs["key"] = json.dumps(key, sort_keys=True)
         f.attrs["vlpcache_version"] = __version__

@@ -340,7 +340,8 @@ def _frozen_text_features(run: Run, model, tokenizer, processes: Processes, work
     features = None
     if processes.main:
         features = cached_text_features(model, tokenizer, captions, workspace.root, with_words=run.model.rwa,
-                                        device=processes.device, progress=not processes.quiet)
+                                        device=processes.device, progress=not processes.quiet,
+                                        say=lambda line: processes.say(line, always=True))
     processes.barrier()
     if features is None:
         features = cached_text_features(model, tokenizer, captions, workspace.root, with_words=run.model.rwa,
