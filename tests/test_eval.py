@@ -104,6 +104,18 @@ def test_eval_prints_a_table_by_default(root, ws, monkeypatch, capsys):
     assert out.splitlines()[2].startswith("text->video re-ranked")
 
 
+def test_ctrl_c_during_eval_says_nothing_is_lost_not_that_it_resumes(root, ws, monkeypatch, capsys):
+    import vlpcache.index.evaluate as evaluate
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "evaluate", stopped)
+    code, out, err = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl", "--quiet")
+    assert code == 130 and out == ""
+    assert err.splitlines()[-1] == "interrupted; eval writes nothing, so nothing is lost: run it again for the figures"
+
+
 def test_captions_of_videos_not_in_the_cache_are_one_line_error(tmp_path, ws, monkeypatch, capsys):
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"video": "elsewhere", "captions": ["a dog"]}) + "\n")
