@@ -260,6 +260,14 @@ def test_cached_text_inputs_give_what_the_live_encoder_gives(tiny_text_model, tm
     again = cached_text_features(model, tokenizer, list(reversed(captions)), tmp_path, with_words=True,
                                  device=torch.device("cpu"), progress=False)
     assert again.path == features.path and len(list(tmp_path.glob("text-features/*.h5"))) == 1
+    import pickle
+
+    assert isinstance(features.tokens, np.memmap)  # the token states stay on disk until a batch reads them
+    sent = pickle.dumps(features)  # as to a loader worker: the path, not the mapped tokens
+    assert len(sent) < len(str(features.path)) + 200, len(sent)
+    received = pickle.loads(sent)
+    for key, value in received.model_inputs(captions, captions).items():
+        assert torch.equal(value, features.model_inputs(captions, captions)[key]), key
 
 
 def test_mlp_text_head_starts_as_its_linear_part_and_old_plain_linear_weights_load(tiny_text_model):

@@ -14,7 +14,8 @@ Runs on the same captions with the same text model share the file. Two kinds:
         pooled     (C, H) float16   outputs: the pooled output of each caption
         tokens     (W, H) float16   outputs: hidden states of each caption's real words (special tokens
                                     left out; only with words); prefix: the frozen layers' output for
-                                    every token of each caption; caption after caption
+                                    every token of each caption; caption after caption; contiguous,
+                                    read through a memory map (the largest by far: ~9 kB a caption)
         token_ids  (W,) int32       prefix: the tokens' ids
         offsets    (C+1,) int64     caption c owns tokens[offsets[c]:offsets[c+1]]
         captions   (C,) UTF-8       the caption texts, in row order
@@ -76,12 +77,18 @@ class TextFeatures:
         with h5py.File(self.path, "r") as f:
             self.kind = json.loads(f.attrs["key"])["kind"]
             self.pooled = f["pooled"][:] if "pooled" in f else None  # (C, H) float16
-            self.tokens = f["tokens"][:] if "tokens" in f else None  # (W, H) float16
+            self.tokens = _mapped(self.path, f["tokens"]) if "tokens" in f else None  # (W, H) float16
             self.token_ids = f["token_ids"][:] if "token_ids" in f else None  # (W,)
             self.offsets = f["offsets"][:]  # (C+1,)
             captions = [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in f["captions"][:]]
         self.width = (self.pooled if self.pooled is not None else self.tokens).shape[1]
         self.row_of = {caption: row for row, caption in enumerate(captions)}
+
+    def __getstate__(self) -> dict:  # to a loader worker: the path, not a copy of the mapped tokens
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
 
     def __len__(self) -> int:
         return len(self.row_of)
@@ -110,6 +117,16 @@ class TextFeatures:
         hidden, word_mask, _ = self._tokens_of([self.row_of[c] for c in word_captions])
         return {"text_pooled": torch.from_numpy(self.pooled[rows].astype(np.float32)), "text_hidden": hidden,
                 "word_mask": word_mask}
+
+
+def _mapped(path: Path, dataset: h5py.Dataset) -> np.ndarray:
+    """A contiguous, unfiltered dataset as a read-only memory map of its file: the system reads the pages
+    that batches touch and may drop them again, so the token states of millions of captions (tens of GB)
+    need not fit in memory. Any other layout is read whole."""
+    offset = dataset.id.get_offset()
+    if dataset.chunks is None and dataset.compression is None and offset is not None:
+        return np.memmap(path, dataset.dtype, "r", offset, dataset.shape)
+    return dataset[:]
 
 
 def features_key(text_model: str, pooling: str, max_words: int, with_words: bool, captions: list[str],
