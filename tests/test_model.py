@@ -374,6 +374,24 @@ def test_an_unreadable_kept_part_is_encoded_again(tiny_text_model, tmp_path, mon
     assert not parts.exists()
 
 
+def test_a_damaged_caption_file_is_encoded_again_with_one_line(tiny_text_model, tmp_path):
+    from vlpcache.model.text_features import cached_text_features
+
+    model, tokenizer = build_model(tiny_config(tiny_text_model, text_trainable_layers=1))
+    cpu = torch.device("cpu")
+    features = cached_text_features(model, tokenizer, CAPTIONS, tmp_path, with_words=True, device=cpu, progress=False)
+    expected = _features_arrays(features)
+    data = features.path.read_bytes()
+    features.path.write_bytes(data[: len(data) // 2])  # cut short, as a failing disk or a bad copy leaves it
+    lines = []
+    again = cached_text_features(model, tokenizer, CAPTIONS, tmp_path, with_words=True, device=cpu, progress=False,
+                                 say=lines.append)
+    assert len(lines) == 1 and lines[0].startswith(f"{features.path}: unreadable (") and "truncated" in lines[0], lines
+    assert lines[0].endswith("); encoding the captions again")
+    got = _features_arrays(again)
+    assert all(np.array_equal(expected[k], got[k]) for k in expected)
+
+
 def test_a_second_process_encoding_the_same_captions_waits_for_the_first_and_reads_its_file(tiny_text_model, tmp_path):
     import shutil
     import threading

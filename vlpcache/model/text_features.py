@@ -168,8 +168,8 @@ def cached_text_features(model, tokenizer, captions: list[str], workspace_root: 
     captions.sort(key=len)  # batches of similar length: little padding to encode
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = Path(workspace_root) / FEATURES_DIR / f"{digest}.h5"
-    if path.is_file():
-        return TextFeatures(path)
+    if isinstance(features := _open(path), TextFeatures):
+        return features
     say = say or (lambda line: None)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_suffix(LOCK_SUFFIX)
@@ -178,9 +178,23 @@ def cached_text_features(model, tokenizer, captions: list[str], workspace_root: 
         say(f"waiting for {holder_description(lock_path)}, which is encoding the same captions")
         lock = WriterLock.take(lock_path, wait=True)
     with lock:
-        if not path.is_file():  # else the process waited for wrote it
+        features = _open(path)  # the process waited for may have written it
+        if isinstance(features, str):
+            say(f"{path}: unreadable ({features}); encoding the captions again")
+            path.unlink()
+        if not isinstance(features, TextFeatures):
             _encode(model, tokenizer, captions, path, key, device, progress, say)
     return TextFeatures(path)
+
+
+def _open(path: Path) -> TextFeatures | str | None:
+    """The features stored at `path`; None when there is no file; why it cannot be read when it is damaged."""
+    if not path.is_file():
+        return None
+    try:
+        return TextFeatures(path)
+    except (OSError, KeyError, ValueError) as err:
+        return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _encode(model, tokenizer, captions: list[str], path: Path, key: dict, device, progress: bool,
