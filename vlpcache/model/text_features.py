@@ -199,6 +199,7 @@ def _open(path: Path) -> TextFeatures | str | None:
 
 def _encode(model, tokenizer, captions: list[str], path: Path, key: dict, device, progress: bool,
             say: Callable[[str], None]) -> None:
+    """Encode the parts of `captions` that no earlier run kept, then join every part into `path`."""
     parts = path.with_suffix(".parts")
     parts.mkdir(exist_ok=True)
     remove_temporaries(parts)
