@@ -431,7 +431,8 @@ def test_new_runs_never_share_a_directory_and_a_failed_start_leaves_none_behind(
 
 def test_torchrun_two_processes_on_cpu_with_gloo_trains_one_run(tmp_path, corpus, tiny_text):
     env = {**os.environ, "VLPCACHE_WORKSPACE": str(tmp_path / "ws"), "OMP_NUM_THREADS": "1"}
-    arguments = _pretrain_command(corpus, tiny_text, tmp_path / "unused", 1, "--val-captions", str(corpus["val"]))[1:]
+    arguments = _pretrain_command(corpus, tiny_text, tmp_path / "unused", 1, "--val-captions", str(corpus["val"]),
+                                  "--trainable-layers", "1")[1:]  # rank 0 encodes the frozen layer's states once
     at = arguments.index("-o")
     del arguments[at : at + 2]  # the workspace's next run-NNN: rank 0 claims it, both train it
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *arguments]
@@ -444,6 +445,8 @@ def test_torchrun_two_processes_on_cpu_with_gloo_trains_one_run(tmp_path, corpus
     assert records[0]["step"] == 40 // (4 * 2)  # each process a disjoint half of the 40 samples
     assert records[0]["val"]["queries"] == 16
     assert list(ckpt.checkpoints(run_dir)) == [1]
+    # rank 1 waited for rank 0's file (wait_for_main) and read it: one file, no parts, no lock left
+    assert [p.suffix for p in (tmp_path / "ws" / "text-features").iterdir()] == [".h5"]
 
 
 @pytest.mark.parametrize("trainable", [0, 1])  # the whole (tiny, 2-layer) encoder frozen, or its bottom layer

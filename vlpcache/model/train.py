@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+from datetime import timedelta
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,12 +64,18 @@ def learning_rate_factor(step: int, total: int, warmup: int) -> float:
 # ---------------------------------------------------------------- processes and devices
 
 
+# rank 0's one-time work before training (encoding millions of captions) can take hours; a collective of
+# the default group gives up after its timeout (10 minutes with NCCL, 30 with gloo) and ends the run
+ONE_TIME_WORK_TIMEOUT = timedelta(hours=24)
+
+
 @dataclass
 class Processes:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
     quiet: bool = False
+    patient_group: object = None  # gloo, ONE_TIME_WORK_TIMEOUT: for waiting on rank 0's one-time work
 
     @property
     def main(self) -> bool:
@@ -77,6 +84,11 @@ class Processes:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def wait_for_main(self) -> None:
+        """A barrier that waits as long as rank 0's one-time work takes (up to ONE_TIME_WORK_TIMEOUT)."""
+        if self.world > 1:
+            dist.barrier(group=self.patient_group)
 
     def broadcast(self, value):
         """rank 0's value on every process."""
@@ -102,9 +114,11 @@ def start_processes(device: str, quiet: bool) -> Processes:
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl")
-        return Processes(dist.get_rank(), world, torch.device("cuda", local_rank), quiet)
-    dist.init_process_group("gloo")
-    return Processes(dist.get_rank(), world, torch.device("cpu"), quiet)
+        device = torch.device("cuda", local_rank)
+    else:
+        dist.init_process_group("gloo")
+    patient = dist.new_group(backend="gloo", timeout=ONE_TIME_WORK_TIMEOUT)
+    return Processes(dist.get_rank(), world, device, quiet, patient)
 
 
 def autocast_for(device: torch.device):
@@ -331,7 +345,7 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
 
 def _frozen_text_features(run: Run, model, tokenizer, processes: Processes, workspace: Workspace) -> TextFeatures | None:
     """What the text encoder's frozen layers make of every training and validation caption, encoded
-    once (rank 0 computes, the others read the same file); None when every layer trains."""
+    once (rank 0 computes, the others wait for it and read the same file); None when every layer trains."""
     if cache_kind(model) is None:
         return None
     captions = run.data.train.all_captions()
@@ -342,7 +356,7 @@ def _frozen_text_features(run: Run, model, tokenizer, processes: Processes, work
         features = cached_text_features(model, tokenizer, captions, workspace.root, with_words=run.model.rwa,
                                         device=processes.device, progress=not processes.quiet,
                                         say=lambda line: processes.say(line, always=True))
-    processes.barrier()
+    processes.wait_for_main()  # however long the encoding takes
     if features is None:
         features = cached_text_features(model, tokenizer, captions, workspace.root, with_words=run.model.rwa,
                                         device=processes.device, progress=False)
