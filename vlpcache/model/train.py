@@ -15,9 +15,9 @@ import json
 import math
 import os
 import time
-from datetime import timedelta
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
