@@ -189,8 +189,15 @@ def test_decoding_workers_leave_ctrl_c_to_their_parent():
     # a worker waiting for work when Ctrl-C reached the whole process group printed a traceback of its own
     from vlpcache.extract.reader import worker_pool
 
-    with worker_pool(1) as pool:
-        assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+    # a process started in the background (`cmd &` without job control, as CI or nohup may run the suite)
+    # begins with SIGINT ignored and passes that on to the workers: give the parent its usual handler, so
+    # that only the workers' own setting can make them ignore it
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with worker_pool(1) as pool:
+            assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_decoding_workers_end_themselves_when_their_extract_is_killed_alone(long_root, tmp_path):
