@@ -308,7 +308,7 @@ CAPTIONS = ["a dog runs", "a man is cooking onions in a pan", "cat", "two people
             "a child rides a red bicycle down the street"]
 
 
-def _features_arrays(features) -> dict:
+def stored_arrays(features) -> dict:
     import h5py
 
     with h5py.File(features.path, "r") as f:
@@ -345,7 +345,7 @@ def test_caption_encoding_stopped_midway_resumes_from_the_kept_parts_and_equals_
                                    progress=False, say=lines.append)
     assert calls == [2, 2]  # only the two parts the stopped run had not kept
     assert len(lines) == 1 and lines[0].startswith("resuming: 2 of the 6 captions were encoded by a run that did not "), lines
-    expected, got = _features_arrays(whole), _features_arrays(resumed)
+    expected, got = stored_arrays(whole), stored_arrays(resumed)
     assert expected.keys() == got.keys() == {"tokens", "token_ids", "offsets", "captions"}
     assert all(np.array_equal(expected[k], got[k]) for k in expected)
     assert sorted(p.name for p in folder.iterdir()) == [resumed.path.name]  # parts, temporaries and lock gone
@@ -368,7 +368,7 @@ def test_an_unreadable_kept_part_is_encoded_again(tiny_text_model, tmp_path, mon
     again = cached_text_features(model, tokenizer, CAPTIONS, tmp_path / "ws", with_words=True, device=cpu,
                                  progress=False, say=lines.append)
     assert lines == []  # nothing usable was kept: no resume to speak of
-    expected, got = _features_arrays(whole), _features_arrays(again)
+    expected, got = stored_arrays(whole), stored_arrays(again)
     assert expected.keys() == got.keys() and "pooled" in got
     assert all(np.array_equal(expected[k], got[k]) for k in expected)
     assert not parts.exists()
@@ -380,7 +380,7 @@ def test_a_damaged_caption_file_is_encoded_again_with_one_line(tiny_text_model, 
     model, tokenizer = build_model(tiny_config(tiny_text_model, text_trainable_layers=1))
     cpu = torch.device("cpu")
     features = cached_text_features(model, tokenizer, CAPTIONS, tmp_path, with_words=True, device=cpu, progress=False)
-    expected = _features_arrays(features)
+    expected = stored_arrays(features)
     data = features.path.read_bytes()
     features.path.write_bytes(data[: len(data) // 2])  # cut short, as a failing disk or a bad copy leaves it
     lines = []
@@ -388,7 +388,7 @@ def test_a_damaged_caption_file_is_encoded_again_with_one_line(tiny_text_model, 
                                  say=lines.append)
     assert len(lines) == 1 and lines[0].startswith(f"{features.path}: unreadable (") and "truncated" in lines[0], lines
     assert lines[0].endswith("); encoding the captions again")
-    got = _features_arrays(again)
+    got = stored_arrays(again)
     assert all(np.array_equal(expected[k], got[k]) for k in expected)
 
 

@@ -23,8 +23,8 @@ Runs on the same captions with the same text model share the file. Two kinds:
 
 The key hashes the kind, the text model's identity (its name, or its directory's weight files), the
 number of frozen layers, the pooling, the caption length limit and the caption texts; a file is
-written under a temporary name and renamed when complete, so a kill -9 never leaves a file that is
-taken for whole.
+written under a temporary name and renamed when complete (files.replace_atomically), so a kill -9
+never leaves a file that is taken for whole.
 
 Millions of captions take hours to encode, so the work is kept as it goes: the captions are encoded
 PART_CAPTIONS at a time (in a fixed order, shortest first) and each part is written whole to
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -50,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from vlpcache import __version__
-from vlpcache.files import (file_sha256, fsync_path, is_write_failure, remove_temporaries, replace_atomically,
+from vlpcache.files import (file_sha256, is_write_failure, remove_temporaries, replace_atomically,
                             write_failure)
 from vlpcache.locks import LOCK_SUFFIX, WriterLock, holder_description
 from vlpcache.model.batch import tokenize
@@ -205,11 +204,11 @@ def _encode(model, tokenizer, captions: list[str], path: Path, key: dict, device
     remove_temporaries(parts)
     spans = [(start, min(start + PART_CAPTIONS, len(captions))) for start in range(0, len(captions), PART_CAPTIONS)]
     files = [parts / f"part-{number:06d}.npz" for number in range(len(spans))]
-    for leftover in path.parent.glob(f".{path.name}.tmp-*"):  # a join that a kill stopped
+    for leftover in path.parent.glob(f".{path.name}.*tmp*"):  # of a join that a kill stopped
         leftover.unlink(missing_ok=True)
     done = [_part_span(f) == span for f, span in zip(files, spans)]
-    if any(done):
-        kept = sum(stop - start for (start, stop), d in zip(spans, done) if d)
+    kept = sum(stop - start for (start, stop), d in zip(spans, done) if d)
+    if kept:
         rest = f"encoding the other {len(captions) - kept}" if kept < len(captions) else "joining them"
         say(f"resuming: {kept} of the {len(captions)} captions were encoded by a run that did not finish "
             f"(kept in {parts}); {rest}")
@@ -217,21 +216,16 @@ def _encode(model, tokenizer, captions: list[str], path: Path, key: dict, device
     try:
         with tqdm(total=len(captions), unit="caption", desc=f"encoding captions ({label}, once)",
                   disable=not progress, dynamic_ncols=True, leave=False) as bar:
-            bar.update(sum(stop - start for (start, stop), d in zip(spans, done) if d))
+            bar.update(kept)
             for file, (start, stop), finished in zip(files, spans, done):
                 if not finished:
                     arrays = _encode_part(model, tokenizer, captions[start:stop], key, device, bar)
                     arrays["start"] = np.array(start, np.int64)
                     replace_atomically(file, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        _join(files, captions, tmp, key)
-        os.replace(tmp, path)
-        fsync_path(path.parent)
+        replace_atomically(path, lambda tmp: _join(files, captions, tmp, key), suffix=".h5")
     except Exception as err:
         if not is_write_failure(err):
             raise
-        for leftover in path.parent.glob(f".{path.name}.tmp-*"):
-            leftover.unlink(missing_ok=True)
         kept = sum(stop - start for file, (start, stop) in zip(files, spans) if _part_span(file) == (start, stop))
         raise write_failure(path.parent, err, f"the {kept} of {len(captions)} captions encoded so far are kept; "
                                               "make room and run the same command again to go on") from None
@@ -305,4 +299,3 @@ def _join(files: list[Path], captions: list[str], tmp: Path, key: dict) -> None:
         f.create_dataset("captions", data=np.array(captions, dtype=object), dtype=h5py.string_dtype("utf-8"))
         f.attrs["key"] = json.dumps(key, sort_keys=True)
         f.attrs["vlpcache_version"] = __version__
-    fsync_path(tmp)
