@@ -305,7 +305,10 @@ def eval_(**options) -> None:
     """Text->video and video->text R@1/5/10, median and mean rank on a caption file, with and without re-rank."""
     from vlpcache.index.evaluate import run_eval
 
-    run_eval(**options)
+    try:
+        run_eval(**options)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted; eval writes nothing, so nothing is lost: run it again for the figures") from None
 
 
 # what the operating system says when the disk, a path or the permissions fail us: the user's to fix

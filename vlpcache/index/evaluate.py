@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vlpcache.captions import caption_queries, named_by_path_text, read_captions
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
-from vlpcache.errors import Interrupted, UserError
+from vlpcache.errors import UserError
 from vlpcache.index.build import check_run_reads_cache, open_cache, resolve_sources, run_query_bank
 from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics
 from vlpcache.querybank import dual_softmax
@@ -97,15 +97,6 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, all_captions=False, as
              rerank_candidates=RERANK_CANDIDATES, device=DEFAULT_DEVICE, batch_size=None, checkpoint=None, quiet=False,
              qbnorm=False, dual_softmax=False) -> dict:
     """The `vlpcache eval` command."""
-    try:
-        return _run_eval(captions_file, run_dir, cache_dir, all_captions, as_json, rerank_candidates, device,
-                         batch_size, checkpoint, quiet, qbnorm, dual_softmax)
-    except KeyboardInterrupt:
-        raise Interrupted("interrupted; eval writes nothing, so nothing is lost: run it again for the figures") from None
-
-
-def _run_eval(captions_file, run_dir, cache_dir, all_captions, as_json, rerank_candidates, device, batch_size,
-              checkpoint, quiet, qbnorm, dual_softmax) -> dict:
     from vlpcache.model.checkpoint import load_run
     from vlpcache.model.retrieval import default_batch_size
 
