@@ -4,7 +4,9 @@ The data loader is also measured against a reference layout read in the same run
 per frame (features, boxes, mask), as DemoVLP stores its region features, through the same batching.
 Both layouts are built here from the same random arrays with MSR-VTT-like shapes (by default 2 frames
 × 31 regions × 1280-d, as `vlpcache extract` writes for the shared MSR-VTT frames), and both are read
-warm (a first pass fills the page cache), so the ratio compares file formats, not disks.
+warm (a first pass fills the page cache), so the ratio compares file formats, not disks. The cached
+caption states that pretraining reads when the top text layers train are read memory-mapped, as
+TextFeatures does, against the same file loaded whole into memory.
 
     python bench/pretrain_throughput.py                       # CPU (and CUDA when present)
     python bench/pretrain_throughput.py --videos 256 --steps 3 --device cpu
@@ -28,6 +30,7 @@ from vlpcache.cache.schema import CacheSettings, empty_item
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.model.data import CaptionedRegions, CollateCaptionedRegions
 from vlpcache.model.model import ModelConfig, PretrainLoss, build_model
+from vlpcache.model.text_features import TextFeatures
 from vlpcache.model.train import autocast_for, parameter_groups, train_step, TrainConfig
 
 WORDS = "a man woman dog cat is are cooking playing running in on the kitchen street field ball car red blue".split()
@@ -89,6 +92,40 @@ def loader_rate(dataset, collate, batch_size: int, workers: int) -> float:
     return count / (time.perf_counter() - started)
 
 
+def caption_states_file(folder: Path, captions: int, tokens: int, width: int, seed: int = 0) -> Path:
+    """A file of cached frozen-layer token states (text_features.py's "prefix" layout) for `captions` random
+    captions of about `tokens` tokens each, as pretraining with the top text layers trainable reads it."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(tokens // 2, tokens * 3 // 2 + 1, captions)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    path = folder / "caption-states.h5"
+    with h5py.File(path, "w") as f:
+        states = f.create_dataset("tokens", (int(offsets[-1]), width), np.float16)
+        for start in range(0, int(offsets[-1]), 1 << 18):
+            stop = min(start + (1 << 18), int(offsets[-1]))
+            states[start:stop] = rng.standard_normal((stop - start, width), np.float32).astype(np.float16)
+        f.create_dataset("token_ids", data=rng.integers(1000, 30000, int(offsets[-1])).astype(np.int32))
+        f.create_dataset("offsets", data=offsets)
+        f.create_dataset("captions", data=np.array([f"caption {i}" for i in range(captions)], dtype=object),
+                         dtype=h5py.string_dtype("utf-8"))
+        f.attrs["key"] = json.dumps({"kind": "prefix"})
+    return path
+
+
+def caption_read_rate(features, captions: list[str], batch: int, batches: int, seed: int = 0) -> float:
+    """Captions/s of TextFeatures.model_inputs for batches of random captions (after one warm pass)."""
+    rng = np.random.default_rng(seed)
+    drawn = [[captions[i] for i in rng.choice(len(captions), batch, replace=False)] for _ in range(batches)]
+    for part in drawn:
+        features.model_inputs(part, part)
+    started = time.perf_counter()
+    for part in drawn:
+        features.model_inputs(part, part)
+    return batch * batches / (time.perf_counter() - started)
+
+
 def model_setup(feature_dim: int, device: torch.device, **config):
     model_config = ModelConfig(feature_dim=feature_dim, **config)
     model, tokenizer = build_model(model_config)
@@ -141,6 +178,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1280)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--caption-states", type=int, default=20000,
+                        help="captions in the cached caption-state file (15 tokens x 384-d each on average)")
     parser.add_argument("--steps", type=int, default=5, help="timed model steps per configuration")
     parser.add_argument("--device", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     parser.add_argument("--text-model", default="", help="default: the offline all-MiniLM-L6-v2")
@@ -174,6 +213,17 @@ def main() -> None:
             report(f"loader hdf5 cache, {workers} workers", ours)
             report(f"loader npz per frame (DemoVLP layout), {workers} workers", reference)
             report(f"  ratio hdf5 / npz, {workers} workers", ours / reference, "x")
+
+        # 1b. cached caption states (top text layers trainable): memory-mapped, against the same file loaded whole
+        features = TextFeatures(caption_states_file(Path(tmp), args.caption_states, 15, 384))
+        names = list(features.row_of)
+        mapped = caption_read_rate(features, names, args.batch_size * 4, 40)
+        features.tokens = np.asarray(features.tokens[:])  # the reference: every state in memory
+        loaded = caption_read_rate(features, names, args.batch_size * 4, 40)
+        report("caption states memory-mapped (4 per video)", mapped, "captions/s")
+        report("caption states loaded whole", loaded, "captions/s")
+        report("  ratio memory-mapped / loaded", mapped / loaded, "x")
+        del features
 
         # 2. model step alone and 3. end to end
         batch = collate([hdf5[i] for i in range(args.batch_size)])
