@@ -172,3 +172,40 @@ def test_an_item_named_by_a_key_wins_over_a_shorter_tail_and_a_key_naming_none_s
     assert item_named_by("/data/clips/a.mp4", ids) == "clips/a" and item_named_by("clips\\a.mp4", ids) == "clips/a"
     assert item_named_by("./b.v2.mp4", ids) == "b.v2" and item_named_by("data/x/y.avi", ids) == "x/y"
     assert item_named_by("y.avi", ids) is None and item_named_by("zz.mp4", ids) is None and item_named_by("/", ids) is None
+
+
+def test_a_caption_keyed_by_the_end_of_one_item_id_trains_on_it_and_one_ending_several_ids_is_named(tmp_path):
+    """A folder of splits extracted as one root has ids `train/v1`; its caption files say `v1`."""
+    write_cache(tmp_path / "splits", 4, prefix="train/v")  # train/v0..v3
+    write_cache(tmp_path / "val", 2, prefix="val/w")  # val/w0, val/w1
+    write_cache(tmp_path / "other", 1, prefix="other/v")  # other/v0: `v0` now ends two ids
+    train = write_jsonl(tmp_path / "train.jsonl", [
+        {"video": "v2", "captions": ["two"]}, {"video": "v3.mp4", "captions": ["three"]},
+        {"video": "train/v1", "captions": ["one"]}, {"video": "v0", "captions": ["zero?"]},
+        {"video": "v9", "captions": ["not extracted"]},
+    ])
+    val = write_jsonl(tmp_path / "val.jsonl", [{"video": "w1", "captions": ["val one"]}])
+    caches = [tmp_path / "splits", tmp_path / "val", tmp_path / "other"]
+    data = load_pretrain_data(caches, [train], val, workspace=Workspace(tmp_path / "ws"))
+    assert trained_captions(data) == {"train/v1": ["one"], "train/v2": ["two"], "train/v3": ["three"]}
+    assert validation_captions(data) == {"val/w1": ["val one"]}
+    line = data.train_report.line()
+    assert "3 items with captions" in line and "2 captioned ids not in the cache(s)" in line  # v0 and v9
+    assert "2 caption ids name their video by the end of its id (e.g. 'v2' for 'train/v2')" in line
+    assert ("1 caption id ends several item ids and matches none (e.g. 'v0': 'train/v0', 'other/v0'): name that "
+            "video by its whole id") in line
+    assert "1 caption id names its video by the end of its id (e.g. 'w1' for 'val/w1')" in data.validation_report.line()
+
+    only_ambiguous = write_jsonl(tmp_path / "v0.jsonl", [{"video": "v0", "captions": ["zero?"]}])
+    with pytest.raises(UserError, match=r"no cached item has a caption .* 1 caption id ends several item ids"):
+        load_pretrain_data(caches, [only_ambiguous], None, workspace=Workspace(tmp_path / "ws"))
+
+
+def test_the_end_of_an_id_matches_whole_path_components_with_or_without_the_extension():
+    from vlpcache.captions import ItemTails
+
+    tails = ItemTails(["a/b/clip", "x/clip2", "y/clip2", "deep/er/one.v2"])
+    assert tails.item_ending_in("clip") == ("a/b/clip", []) and tails.item_ending_in("b/clip.mp4") == ("a/b/clip", [])
+    assert tails.item_ending_in("lip") == (None, []) and tails.item_ending_in("a/b/clip") == (None, [])  # whole ids are not tails
+    assert tails.item_ending_in("clip2.avi") == (None, ["x/clip2", "y/clip2"])
+    assert tails.item_ending_in("er\\one.v2.webm") == ("deep/er/one.v2", []) and tails.item_ending_in("./") == (None, [])

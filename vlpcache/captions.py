@@ -6,7 +6,9 @@ video allowed.
 
 A video is named by its item id (its path below the extracted root, without extension: `clips/a`), or
 by a file name or path that ends in it: `a.mp4`, `clips/a.mp4`, `/data/clips/a.mp4` or `clips\\a.mp4`
-name the item `clips/a` when no item is called that key itself (Captions.matched_to).
+name the item `clips/a` when no item is called that key itself; or by the end of its id, when one item
+only ends that way: `a` or `a.mp4` names `clips/a` when no item is called `a` and no other ends in `/a`
+(a folder of splits extracted as one root: ids `train/v1`, captions keyed `v1`). Captions.matched_to.
 """
 
 from __future__ import annotations
@@ -52,22 +54,31 @@ class Captions:
         self.sources += other.sources
         return self
 
-    def matched_to(self, ids) -> tuple["Captions", list[tuple[str, str]]]:
+    def matched_to(self, ids) -> tuple["Captions", "KeyMatches"]:
         """These captions keyed by item id where a key names an item by file name or path (`a.mp4` for the
-        item `a`, see item_named_by); keys that are ids, or name none, stay as they are. Also the
-        (key, item id) pairs that were matched that way, in file order."""
+        item `a`, see item_named_by), or is the end of exactly one item's id (`v1` for the item
+        `train/v1`, see ItemTails); keys that are ids, or name none, stay as they are. Also what was
+        matched those ways, and the keys that end several ids (left unmatched)."""
         known = set(ids)
-        by_id, splits, renamed = {}, {}, []
+        by_id, splits, matches, tails = {}, {}, KeyMatches(), None
         for key, texts in self.by_id.items():
-            item = key if key in known else item_named_by(key, known) or key
-            if item != key:
-                renamed.append((key, item))
+            item = key if key in known else item_named_by(key, known)
+            if item is None:
+                tails = tails or ItemTails(known)
+                item, several = tails.item_ending_in(key)
+                if item is not None:
+                    matches.by_tail.append((key, item))
+                elif several:
+                    matches.ambiguous.append((key, several))
+            elif item != key:
+                matches.by_path.append((key, item))
+            item = item or key
             by_id.setdefault(item, []).extend(texts)
             if key in self.splits:
                 splits[item] = self.splits[key]
-        if not renamed:
-            return self, []
-        return replace(self, by_id=by_id, splits=splits), renamed
+        if not (matches.by_path or matches.by_tail):
+            return self, matches
+        return replace(self, by_id=by_id, splits=splits), matches
 
     def restrict(self, ids) -> tuple["Captions", dict[str, int]]:
         """Captions of the given item ids only, and counts of what did not match either way."""
@@ -85,23 +96,77 @@ class Captions:
         return kept, report
 
 
-def named_by_path_text(pairs: list[tuple[str, str]]) -> str:
-    """", N caption ids name their video by file name or path (e.g. 'a.mp4' for 'a')", or ""."""
-    if not pairs:
-        return ""
-    key, item = pairs[0]
-    return f", {len(pairs)} caption id{'s' if len(pairs) != 1 else ''} name their video by file name or path (e.g. {key!r} for {item!r})"
+@dataclass
+class KeyMatches:
+    """Caption keys that are not item ids, and the items they were matched to (Captions.matched_to)."""
+
+    by_path: list[tuple[str, str]] = field(default_factory=list)  # (key, item id): a file name or path ending in the id
+    by_tail: list[tuple[str, str]] = field(default_factory=list)  # (key, item id): the end of exactly one id
+    ambiguous: list[tuple[str, list[str]]] = field(default_factory=list)  # (key, ids it ends): left unmatched
+
+    def text(self) -> str:
+        """", N caption ids name their video by ... (e.g. 'a.mp4' for 'a')" for each kind, or ""."""
+        text = ""
+        for pairs, how in ((self.by_path, "by file name or path"), (self.by_tail, "by the end of its id")):
+            if pairs:
+                key, item = pairs[0]
+                one = len(pairs) == 1
+                text += (f", {len(pairs)} caption id{'' if one else 's'} name{'s its' if one else ' their'} video {how} "
+                         f"(e.g. {key!r} for {item!r})")
+        if self.ambiguous:
+            (key, items), one = self.ambiguous[0], len(self.ambiguous) == 1
+            text += (f", {len(self.ambiguous)} caption id{' ends' if one else 's end'} several item ids and "
+                     f"match{'es' if one else ''} none (e.g. {key!r}: {items[0]!r}, {items[1]!r}): name "
+                     f"{'that video' if one else 'those videos'} by {'its' if one else 'their'} whole id")
+        return text
+
+
+class ItemTails:
+    """The ids that end in each proper tail of the ids' paths (`b/c` and `c` of `a/b/c`), at most two
+    per tail: one is a match, two is ambiguous. Built only when some caption key is neither an id
+    nor names one by its own tail."""
+
+    def __init__(self, ids):
+        self.owners: dict[str, list[str]] = {}
+        for item_id in ids:
+            parts = item_id.split("/")
+            for start in range(1, len(parts)):
+                owners = self.owners.setdefault("/".join(parts[start:]), [])
+                if len(owners) < 2:
+                    owners.append(item_id)
+
+    def item_ending_in(self, key: str) -> tuple[str | None, list[str]]:
+        """(the one item whose id ends in the whole key, with or without its extension, []), or (None,
+        two of the ids that end in it), or (None, [])."""
+        parts = key_parts(key)
+        for last in last_names(parts):
+            owners = self.owners.get("/".join([*parts[:-1], last]), [])
+            if len(owners) == 1:
+                return owners[0], []
+            if owners:
+                return None, owners
+        return None, []
+
+
+def key_parts(key: str) -> list[str]:
+    """A caption key's path components (`/` or `\\` separated, empty and `.` left out)."""
+    return [p for p in key.replace("\\", "/").split("/") if p not in ("", ".")]
+
+
+def last_names(parts: list[str]) -> tuple[str, ...]:
+    """The last component as it is, then without its extension if it has one; () for no components."""
+    if not parts:
+        return ()
+    stem, extension = os.path.splitext(parts[-1])
+    return (parts[-1], stem) if extension else (parts[-1],)
 
 
 def item_named_by(key: str, ids: set[str]) -> str | None:
     """The item id among `ids` that a caption key names as a file name or path: the longest tail of its
     path (`/` or `\\` separated), with or without the file's extension, that is an id; None if none is."""
-    parts = [p for p in key.replace("\\", "/").split("/") if p not in ("", ".")]
-    if not parts:
-        return None
-    stem, extension = os.path.splitext(parts[-1])
+    parts = key_parts(key)
     for start in range(len(parts)):
-        for last in (parts[-1], stem) if extension else (parts[-1],):
+        for last in last_names(parts):
             candidate = "/".join([*parts[start:-1], last])
             if candidate in ids:
                 return candidate

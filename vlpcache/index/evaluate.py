@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from vlpcache.captions import caption_queries, named_by_path_text, read_captions
+from vlpcache.captions import caption_queries, read_captions
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.index.build import check_run_reads_cache, open_cache, resolve_sources, run_query_bank
@@ -102,13 +102,13 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, all_captions=False, as
 
     sources = resolve_sources(run_dir, cache_dir)
     cache = open_cache(sources.cache_dir)
-    captions, named_by_path = read_captions(captions_file).matched_to(cache.ids)
+    captions, key_matches = read_captions(captions_file).matched_to(cache.ids)
     kept, report = captions.restrict(cache.ids)
     if not kept.by_id:
         raise UserError(
             f"{captions_file}: none of its {len(captions)} videos is in cache {sources.cache_dir} (caption ids "
-            f"look like {next(iter(captions.by_id), '')!r}, cache ids like {(cache.ids or [''])[0]!r}: a caption id is an "
-            "item id, or a file name or path that ends in one); pass the matching --cache"
+            f"look like {next(iter(captions.by_id), '')!r}, cache ids like {(cache.ids or [''])[0]!r}{key_matches.text()}: a "
+            "caption id is an item id, a file name or path that ends in one, or the end of one); pass the matching --cache"
         )
     device = resolve_device(device)
     run = load_run(sources.run_dir, device=device, checkpoint=checkpoint)
@@ -116,7 +116,7 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, all_captions=False, as
     say = sayer(quiet)
     say(f"eval: run {sources.run_dir} (epoch {run.epoch}), {len(kept.by_id)} captioned videos of {len(cache)} cached "
         f"({report['captions_without_items']} caption entries without a cached video{captions.bad_lines_text()}"
-        f"{named_by_path_text(named_by_path)}), "
+        f"{key_matches.text()}), "
         f"device {device}")
     results = evaluate(run, cache, kept.by_id, all_captions, device, batch_size or default_batch_size(device),
                        rerank_candidates, progress=not quiet, qbnorm=qbnorm, dual=dual_softmax)

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import outdated_schema
-from vlpcache.captions import Captions, caption_queries, named_by_path_text, read_captions
+from vlpcache.captions import Captions, KeyMatches, caption_queries, read_captions
 from vlpcache.errors import UserError
 from vlpcache.model.batch import tokenize, video_batch
 from vlpcache.model.config import MAX_CAPTIONS_PER_VIDEO
@@ -103,7 +103,7 @@ class CaptionReport:
     bad_lines_text: str = ""  # Captions.bad_lines_text(): ", N unreadable caption lines (the first: ...)"
     duplicate_ids: int = 0
     per_cache: dict[str, int] = field(default_factory=dict)
-    named_by_path: list[tuple[str, str]] = field(default_factory=list)  # (caption key, item id) matched as a file path
+    key_matches: KeyMatches = field(default_factory=KeyMatches)  # caption keys that are not ids, and what they matched
 
     def line(self) -> str:
         text = (
@@ -111,7 +111,7 @@ class CaptionReport:
             f"{self.captions_without_items} captioned ids not in the cache(s), {self.empty_captions} empty or non-text captions"
         )
         text += self.bad_lines_text
-        text += named_by_path_text(self.named_by_path)
+        text += self.key_matches.text()
         if self.duplicate_ids:
             text += f", {self.duplicate_ids} ids in more than one cache (first kept)"
         return text
@@ -119,11 +119,11 @@ class CaptionReport:
 
 def match_captions(caches: list[RegionCache], captions: Captions) -> tuple[list[tuple[int, int, list[str]]], CaptionReport]:
     """(cache index, item index, captions) of every cached item that has captions, and the counts. A
-    caption key may name its item by file name or path (Captions.matched_to)."""
-    captions, named_by_path = captions.matched_to(item_id for cache in caches for item_id in cache.ids)
+    caption key may name its item by file name or path, or the end of its id (Captions.matched_to)."""
+    captions, key_matches = captions.matched_to(item_id for cache in caches for item_id in cache.ids)
     samples, seen = [], set()
     report = CaptionReport(empty_captions=captions.empty_captions, bad_lines_text=captions.bad_lines_text(),
-                           named_by_path=named_by_path)
+                           key_matches=key_matches)
     for c, cache in enumerate(caches):
         kept = 0
         for i, item_id in enumerate(cache.ids):
@@ -299,8 +299,8 @@ def load_pretrain_data(
         example_caption = next(iter(training_captions.by_id), None)
         raise UserError(
             f"no cached item has a caption in {', '.join(map(str, caption_files))} "
-            f"(cache ids look like {example_item!r}, caption ids like {example_caption!r}); pass the caption file "
-            "of the extracted items with --captions"
+            f"(cache ids look like {example_item!r}, caption ids like {example_caption!r}{report.key_matches.text()}); "
+            "pass the caption file of the extracted items with --captions"
         )
     train = CaptionedRegions(caches, samples, seed, captions_per_video or 1)
     if captions_per_video is None:  # every caption of a typical item in each step, at most max_captions_per_video
