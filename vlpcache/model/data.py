@@ -265,7 +265,8 @@ class PretrainData:
             lines.append(f"training: {self.held_out_skipped} captioned items of val/test splits left out")
         if self.validation is not None:
             queries = sum(len(c) for c in self.validation.captions)
-            lines.append(f"validation ({self.validation_file}): {len(self.validation)} videos, {queries} captions as queries")
+            lines.append(f"validation ({self.validation_file}): {len(self.validation)} videos, {queries} captions as queries"
+                         f"{self.validation_report.key_matches.text()}")
         else:
             lines.append("validation: none (pass --val-captions FILE of held-out cached videos to get R@K each epoch)")
         return lines
