@@ -420,3 +420,23 @@ def test_a_second_process_encoding_the_same_captions_waits_for_the_first_and_rea
     assert not waiter.is_alive() and result["features"].path == folder / reference.path.name
     assert sorted(p.name for p in folder.iterdir()) == [reference.path.name]
     assert os.stat(folder / reference.path.name).st_ino == written  # read, not encoded and replaced
+
+
+def test_a_new_caption_encoding_says_what_else_the_folder_holds_and_how_big_it_is(tiny_text_model, tmp_path):
+    from vlpcache.model.text_features import FEATURES_DIR, cached_text_features
+
+    folder = tmp_path / FEATURES_DIR
+    (folder / "0123456789abcdef01234567.parts").mkdir(parents=True)  # an encoding abandoned for good
+    (folder / "0123456789abcdef01234567.parts" / "part-000000.npz").write_bytes(b"x" * 2**20)
+    (folder / "76543210fedcba9876543210.h5").write_bytes(b"x" * 2 * 2**20)  # another caption set's file
+    (folder / "76543210fedcba9876543210.lock").write_text("")
+    model, tokenizer = build_model(tiny_config(tiny_text_model, text_trainable_layers=1))
+    lines, cpu = [], torch.device("cpu")
+    features = cached_text_features(model, tokenizer, CAPTIONS, tmp_path, with_words=True, device=cpu, progress=False,
+                                    say=lines.append)
+    assert lines == [f"{folder} also holds the caption features of 2 other caption set(s) or text model(s), 3 MB: any "
+                     "that no run is encoding can be deleted (a run that needs it encodes it again)"]
+    lines.clear()
+    cached_text_features(model, tokenizer, CAPTIONS, tmp_path, with_words=True, device=cpu, progress=False,
+                         say=lines.append)
+    assert lines == [] and features.path.parent == folder  # read, not encoded: nothing to say

@@ -49,7 +49,7 @@ import torch
 from tqdm import tqdm
 
 from vlpcache import __version__
-from vlpcache.files import (file_sha256, is_write_failure, remove_temporaries, replace_atomically,
+from vlpcache.files import (file_sha256, folder_bytes, is_write_failure, remove_temporaries, replace_atomically,
                             write_failure)
 from vlpcache.locks import LOCK_SUFFIX, WriterLock, holder_description
 from vlpcache.model.batch import tokenize
@@ -200,6 +200,8 @@ def _encode(model, tokenizer, captions: list[str], path: Path, key: dict, device
             say: Callable[[str], None]) -> None:
     """Encode the parts of `captions` that no earlier run kept, then join every part into `path`."""
     parts = path.with_suffix(".parts")
+    if others := _others_text(path):
+        say(others)
     parts.mkdir(exist_ok=True)
     remove_temporaries(parts)
     spans = [(start, min(start + PART_CAPTIONS, len(captions))) for start in range(0, len(captions), PART_CAPTIONS)]
@@ -230,6 +232,27 @@ def _encode(model, tokenizer, captions: list[str], path: Path, key: dict, device
         raise write_failure(path.parent, err, f"the {kept} of {len(captions)} captions encoded so far are kept; "
                                               "make room and run the same command again to go on") from None
     shutil.rmtree(parts, ignore_errors=True)
+
+
+def _others_text(path: Path) -> str | None:
+    """What the folder holds besides `path` and its parts: the files (and kept parts) of other caption
+    sets or text models, with their size; None when nothing. Said before a new encoding adds a file,
+    since nothing else ever removes them."""
+    others = [p for p in path.parent.iterdir()
+              if p.suffix in (".h5", ".parts") and p.stem != path.stem and not p.name.startswith(".")]
+    if not others:
+        return None
+    size = sum(folder_bytes(p) if p.is_dir() else _file_bytes(p) for p in others)
+    return (f"{path.parent} also holds the caption features of {len(others)} other caption set(s) or text "
+            f"model(s), {size / 2**20:.0f} MB: any that no run is encoding can be deleted (a run that needs it "
+            "encodes it again)")
+
+
+def _file_bytes(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # removed meanwhile
+        return 0
 
 
 def _part_span(file: Path) -> tuple[int, int] | None:
