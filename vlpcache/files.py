@@ -93,7 +93,13 @@ def replace_together(files: list[FileWrite]) -> None:
 
 
 def folder_bytes(folder: Path) -> int:
-    """Bytes of every file below folder (a file that vanishes while counted counts nothing)."""
+    """Bytes of every file below folder, or of the file itself when it is one (a file that vanishes
+    while counted counts nothing)."""
+    if not os.path.isdir(folder):
+        try:
+            return os.stat(folder).st_size
+        except OSError:
+            return 0
     total = 0
     for parent, _, names in os.walk(folder):
         for name in names:

@@ -242,17 +242,11 @@ def _others_text(path: Path) -> str | None:
               if p.suffix in (".h5", ".parts") and p.stem != path.stem and not p.name.startswith(".")]
     if not others:
         return None
-    size = sum(folder_bytes(p) if p.is_dir() else _file_bytes(p) for p in others)
-    return (f"{path.parent} also holds the caption features of {len(others)} other caption set(s) or text "
+    size = sum(folder_bytes(p) for p in others)
+    sets = len({p.stem for p in others})  # a set being joined has its file and its parts
+    return (f"{path.parent} also holds the caption features of {sets} other caption set(s) or text "
             f"model(s), {size / 2**20:.0f} MB: any that no run is encoding can be deleted (a run that needs it "
             "encodes it again)")
-
-
-def _file_bytes(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:  # removed meanwhile
-        return 0
 
 
 def _part_span(file: Path) -> tuple[int, int] | None:
