@@ -59,12 +59,13 @@ class Captions:
         item `a`, see item_named_by), or is the end of exactly one item's id (`v1` for the item
         `train/v1`, see ItemTails); keys that are ids, or name none, stay as they are. Also what was
         matched those ways, and the keys that end several ids (left unmatched)."""
+        ids = list(ids)
         known = set(ids)
         by_id, splits, matches, tails = {}, {}, KeyMatches(), None
         for key, texts in self.by_id.items():
             item = key if key in known else item_named_by(key, known)
             if item is None:
-                tails = tails or ItemTails(known)
+                tails = tails or ItemTails(ids)  # in the caches' order, not a set's: the same example every run
                 item, several = tails.item_ending_in(key)
                 if item is not None:
                     matches.by_tail.append((key, item))
