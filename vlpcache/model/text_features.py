@@ -294,8 +294,9 @@ def _join(files: list[Path], captions: list[str], tmp: Path, key: dict) -> None:
     counts = []
     for file in files:
         with np.load(file) as data:
-            counts.append(data["counts"])
-            width, with_pooled, with_ids = data["tokens"].shape[1], "pooled" in data, "token_ids" in data
+            counts.append(data["counts"])  # only the counts: reading a part's tokens loads them whole
+    with np.load(files[0]) as data:
+        width, with_pooled, with_ids = data["tokens"].shape[1], "pooled" in data, "token_ids" in data
     offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts), dtype=np.int64)])
     with h5py.File(tmp, "w") as f:
         tokens = f.create_dataset("tokens", (int(offsets[-1]), width), np.float16)
