@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import SHARED, BaselineConfig, BaselineData, load_split, selection_score, train_baseline  # noqa: E402
 
 from vlpcache.cache.reader import RegionCache  # noqa: E402
+from vlpcache.errors import UserError  # noqa: E402
 from vlpcache.extract.detectors.spec import YOLOX_INPUT_SIZE, yolox_spec  # noqa: E402
 from vlpcache.extract.detectors.yolox import STRIDES, _mobilenet_onnx, _onnx_session, frame_average, letterbox  # noqa: E402
 from vlpcache.extract.sampling import _read_image  # noqa: E402
@@ -64,8 +65,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
 
-    cache = RegionCache(args.msrvtt_cache)
+    try:
+        cache = RegionCache(args.msrvtt_cache)
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None
     splits = {s: load_split(s, cache, SHARED / "data" / "msrvtt" / f"{s}.jsonl") for s in ("train", "val")}
+    for name, split in splits.items():
+        if not split.ids:
+            raise SystemExit(f"error: {args.msrvtt_cache} holds no item of MSR-VTT's {name} captions; "
+                             f"extract shared/data/msrvtt/frames/{{train,val}} into it")
     spec = yolox_spec("mobilenet_v2", None)
     session = _onnx_session(_mobilenet_onnx(spec.backbone_file, spec.provenance["backbone_weights_sha256"]), "cpu", 0)
     frozen = BaselineData(splits, args.workspace)
