@@ -363,6 +363,15 @@ MUTANTS += [
     mutant("pretrain-ctrl-c-traceback", "vlpcache/model/train.py",
            "            raise Interrupted(interrupted_line(run_dir)) from None", "            raise",
            "tests/test_pretrain.py -k ctrl_c", "Ctrl-C in pretrain names the checkpoint and the resume"),
+    mutant("extract-dropped-ctrl-c-forgotten", "vlpcache/extract/runner.py",
+           "                stop_if_interrupted()\n", "",
+           "tests/test_faults.py -k finalizer", "a Ctrl-C that Python drops in a finalizer still stops extract"),
+    mutant("pretrain-dropped-ctrl-c-forgotten", "vlpcache/model/train.py",
+           "        trainer.step += 1\n        stop_if_interrupted()\n", "        trainer.step += 1\n",
+           "tests/test_pretrain.py -k finalizer", "a Ctrl-C that Python drops in a finalizer still stops pretrain"),
+    mutant("interrupts-dropped-ctrl-c-printed", "vlpcache/interrupts.py",
+           "            return  # raised again", "            pass  # raised again",
+           "tests/test_faults.py -k dropped", "a dropped Ctrl-C prints no \"Exception ignored\" traceback"),
 ]
 
 

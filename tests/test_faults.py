@@ -184,6 +184,69 @@ def test_ctrl_c_stops_extract_and_its_workers_with_one_line_and_a_rerun_finishes
     assert len(finished) == 300 and len(set(finished.ids)) == 300
 
 
+# Python runs the Ctrl-C handler wherever the main thread happens to be; in a weakref callback or a
+# __del__ (the process pool's bookkeeping has both) its KeyboardInterrupt is printed as "Exception
+# ignored" and dropped, and the extract ran to its end with status 0. This extract gets its Ctrl-C there,
+# every time: inside a finalizer, once its third item is written
+CTRL_C_IN_A_FINALIZER = """
+import signal, sys
+from vlpcache.cli import main
+from vlpcache.extract.progress import ExtractProgress
+
+advance = ExtractProgress.advance
+
+class Finalizer:
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
+
+def advance_then_ctrl_c_in_a_finalizer(self, *args):
+    advance(self, *args)
+    if self.summary.done == 3:
+        Finalizer()  # dropped at once: its __del__ runs here
+
+ExtractProgress.advance = advance_then_ctrl_c_in_a_finalizer
+sys.argv = ["vlpcache", "extract", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_extract_with_one_line(long_root, tmp_path):
+    cache = tmp_path / "cache"
+    done = subprocess.run([sys.executable, "-c", CTRL_C_IN_A_FINALIZER, str(long_root), "-o", str(cache), *EXTRACT],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert done.returncode == 130, done.stderr
+    assert "Exception ignored" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "interrupted; what was committed is kept, re-run the same command to resume"
+    assert not temporaries(cache) and 0 < len(RegionCache(cache)) < 300
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # pytest's report of "Exception ignored"
+def test_a_dropped_ctrl_c_is_raised_at_the_next_check_and_an_ignored_one_stays_ignored():
+    from vlpcache.interrupts import ctrl_c_remembered, stop_if_interrupted
+
+    class Finalizer:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's foreground job
+    try:
+        with ctrl_c_remembered():
+            Finalizer()  # Python prints "Exception ignored" and drops the KeyboardInterrupt
+            with pytest.raises(KeyboardInterrupt):
+                stop_if_interrupted()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        stop_if_interrupted()  # the next command starts without it
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # started with `nohup` or `&`
+        with ctrl_c_remembered():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)
+            stop_if_interrupted()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_decoding_workers_leave_ctrl_c_to_their_parent():
     # a worker waiting for work when Ctrl-C reached the whole process group printed a traceback of its own
     from vlpcache.extract.reader import worker_pool

@@ -414,6 +414,44 @@ def test_ctrl_c_mid_run_says_what_is_kept_and_how_to_continue_and_the_resume_fin
     assert list(ckpt.checkpoints(run_dir)) == [2]
 
 
+# the Ctrl-C of a training step lands in a finalizer, where Python prints "Exception ignored" and drops it
+CTRL_C_IN_A_FINALIZER = """
+import signal, sys
+from vlpcache.cli import main
+from vlpcache.model import train
+
+step = train.train_step
+
+class Finalizer:
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
+
+def step_then_ctrl_c_in_a_finalizer(*args):
+    values = step(*args)
+    Finalizer()  # dropped at once: its __del__ runs here
+    return values
+
+train.train_step = step_then_ctrl_c_in_a_finalizer
+sys.argv = ["vlpcache", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_pretraining_at_the_next_step(tmp_path, corpus, tiny_text,
+                                                                                   monkeypatch):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    run_dir = tmp_path / "run"
+    command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0")
+    done = subprocess.run([sys.executable, "-c", CTRL_C_IN_A_FINALIZER, *command[3:]], env=dict(os.environ),
+                          capture_output=True, text=True, timeout=HANG_GUARD_S,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert done.returncode == 130 and "Exception ignored" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (f"interrupted before the first checkpoint of {run_dir}: "
+                                                    f"`vlpcache pretrain --resume -o {run_dir}` starts it again with "
+                                                    "its settings")
+    assert not ckpt.checkpoints(run_dir)
+
+
 def test_new_runs_never_share_a_directory_and_a_failed_start_leaves_none_behind(tmp_path, corpus, tiny_text, monkeypatch):
     workspace = Workspace(tmp_path / "ws")
     first, second = workspace.new_run_dir(), workspace.new_run_dir()  # two pretrain started together

@@ -18,6 +18,7 @@ from vlpcache.cache.schema import SCORE_THRESHOLD, SHARD_SECONDS
 from vlpcache.devices import DEFAULT_DEVICE, DEVICES
 from vlpcache.errors import Interrupted, UserError
 from vlpcache.files import system_reason
+from vlpcache.interrupts import ctrl_c_remembered
 from vlpcache.extract.detectors.spec import (
     DEFAULT_FRCNN_ARCH,
     DEFAULT_YOLOX_BACKBONE,
@@ -332,7 +333,8 @@ def exit_now(code: int) -> None:
 
 def main() -> None:
     try:
-        cli.main(standalone_mode=False)
+        with ctrl_c_remembered():  # a Ctrl-C that lands where Python drops it still stops the long loops
+            cli.main(standalone_mode=False)
     except click.exceptions.Abort as err:  # click turns Ctrl-C (KeyboardInterrupt) into Abort
         if isinstance(err.__context__, KeyboardInterrupt):
             click.echo(INTERRUPTED, err=True)

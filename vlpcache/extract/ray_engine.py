@@ -44,6 +44,7 @@ from vlpcache.extract.options import ExtractOptions
 from vlpcache.extract.progress import ExtractProgress, ExtractSummary
 from vlpcache.extract.reader import FrameReader, decoded_items_within_budget
 from vlpcache.extract.sources import Item
+from vlpcache.interrupts import stop_if_interrupted
 
 RAY_MISSING = 'the ray engine needs Ray Data: pip install "vlpcache[ray]" (or pip install "ray[data]")'
 DECODE_TASK_ITEMS = 64  # items per decoding task at most: one worker process start (about 0.5 s) each
@@ -220,3 +221,4 @@ def _collect(dataset, progress: ExtractProgress, summary: ExtractSummary, starte
         summary.detect_seconds += row["detect_seconds"]
         summary.wait_seconds += row["wait_seconds"]
         progress.advance(row["path"], int(row["frames"]), row["error"] or None, row["note"])
+        stop_if_interrupted()

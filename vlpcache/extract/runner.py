@@ -23,6 +23,7 @@ from vlpcache.extract.options import ENGINES, ExtractOptions
 from vlpcache.extract.progress import ExtractProgress, ExtractSummary
 from vlpcache.extract.reader import FrameReader, Prefetch, decoded_items_within_budget
 from vlpcache.extract.sources import discover_items, shard_of
+from vlpcache.interrupts import stop_if_interrupted
 from vlpcache.report import printable, say
 from vlpcache.workspace import Workspace
 
@@ -64,6 +65,7 @@ def detect_and_write(todo, spec: DetectorSpec, writer: ShardWriter, options: Ext
         try:
             for result in mapper(decoded):
                 progress.advance(str(result.decoded.item.path), result.write(writer), result.error, result.note)
+                stop_if_interrupted()
         finally:
             summary.detect_seconds, summary.wait_seconds = mapper.detect_seconds, mapper.wait_seconds
 

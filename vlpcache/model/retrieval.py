@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vlpcache.interrupts import stop_if_interrupted
 from vlpcache.metrics import top_candidates
 from vlpcache.model.batch import tokenize, video_batch
 from vlpcache.model.losses import pair_scores, token_sets
@@ -43,6 +44,7 @@ def encode_videos(model, items, rows: list[int], device, batch_size: int, region
                 region_parts.append(video.regions.half().cpu())  # (B, T*N, E)
                 mask_parts.append(video.region_mask.cpu())  # (B, T*N)
             bar.update(len(part))
+            stop_if_interrupted()
     dim = model.config.embed_dim
     global_ = torch.cat(globals_) if globals_ else torch.zeros((0, dim))
     if not regions:

@@ -30,6 +30,7 @@ from vlpcache import __version__
 from vlpcache.devices import resolve_device
 from vlpcache.errors import Interrupted, UserError
 from vlpcache.files import replace_atomically
+from vlpcache.interrupts import stop_if_interrupted
 from vlpcache.locks import WriterLock, holder_description
 from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics
 from vlpcache.model import checkpoint as ckpt
@@ -460,6 +461,7 @@ def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, proc
                                          trainer.autocast, trainer.scaler, run.train.grad_clip)
         trainer.model.clamp_logit_scales()
         trainer.step += 1
+        stop_if_interrupted()
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
         bar.update(loader.batch * processes.world)
