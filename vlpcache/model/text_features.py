@@ -51,6 +51,7 @@ from tqdm import tqdm
 from vlpcache import __version__
 from vlpcache.files import (file_sha256, folder_bytes, is_write_failure, remove_temporaries, replace_atomically,
                             write_failure)
+from vlpcache.interrupts import stop_if_interrupted
 from vlpcache.locks import LOCK_SUFFIX, WriterLock, holder_description
 from vlpcache.model.batch import tokenize
 
@@ -280,6 +281,7 @@ def _encode_part(model, tokenizer, captions: list[str], key: dict, device, bar) 
         tokens.append(hidden[kept].float().cpu().numpy().astype(np.float16))  # (tokens kept in part, H)
         counts += kept.sum(1).tolist()
         bar.update(len(part))
+        stop_if_interrupted()
     model.train(was_training)
     arrays = {"tokens": np.concatenate(tokens), "counts": np.array(counts, np.int64)}
     if pooled:
