@@ -163,6 +163,8 @@ def cached_text_features(model, tokenizer, captions: list[str], workspace_root: 
     """TextFeatures of `captions` under the model's frozen text layers: read from the workspace when
     they were computed before, else computed now (resuming the parts a stopped run kept) and stored
     there. `say` gets a line when this resumes or waits for another process."""
+    if not captions:
+        raise ValueError("cached_text_features: no captions to encode")
     captions = sorted(set(captions))
     key = model_features_key(model, with_words, captions)
     captions.sort(key=len)  # batches of similar length: little padding to encode
@@ -291,14 +293,27 @@ def _encode_part(model, tokenizer, captions: list[str], key: dict, device, bar) 
     return arrays
 
 
+def _npz_names(file: Path) -> set[str]:
+    with np.load(file) as data:
+        return set(data.files)
+
+
+def _npz_shape(file: Path, name: str) -> tuple[int, ...]:
+    """The shape of the array `name` in an .npz, read from its header (np.load reads the whole array)."""
+    with zipfile.ZipFile(file) as archive, archive.open(f"{name}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        return read_header[version](member)[0]
+
+
 def _join(files: list[Path], captions: list[str], tmp: Path, key: dict) -> None:
     """The .h5 of every part, written one part at a time."""
     counts = []
     for file in files:
         with np.load(file) as data:
             counts.append(data["counts"])  # only the counts: reading a part's tokens loads them whole
-    with np.load(files[0]) as data:
-        width, with_pooled, with_ids = data["tokens"].shape[1], "pooled" in data, "token_ids" in data
+    width, names = _npz_shape(files[0], "tokens")[1], _npz_names(files[0])
+    with_pooled, with_ids = "pooled" in names, "token_ids" in names
     offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts), dtype=np.int64)])
     with h5py.File(tmp, "w") as f:
         tokens = f.create_dataset("tokens", (int(offsets[-1]), width), np.float16)
