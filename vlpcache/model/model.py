@@ -85,7 +85,8 @@ def load_text_backbone(name_or_dir: str, weights: bool = True):
         return model, tokenizer
 
     try:
-        return load(local_files_only=True)
+        with _no_loading_bar():
+            return load(local_files_only=True)
     except (OSError, ValueError) as err:
         first_error = err
     if local:
@@ -103,6 +104,21 @@ def load_text_backbone(name_or_dir: str, weights: bool = True):
             f"text model {name_or_dir!r}: cannot download it ({str(err).splitlines()[0]}); check the name or pass "
             "--text-model DIR"
         ) from None
+
+
+@contextlib.contextmanager
+def _no_loading_bar():
+    """Without transformers' own progress bars: since 5.0 it draws a "Loading weights" bar for every
+    model it loads, a local one too, whatever `--quiet` says. Downloads keep theirs."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _transformer_layers(backbone: nn.Module) -> nn.ModuleList:
