@@ -372,6 +372,9 @@ MUTANTS += [
     mutant("interrupts-dropped-ctrl-c-printed", "vlpcache/interrupts.py",
            "            return  # raised again", "            pass  # raised again",
            "tests/test_faults.py -k dropped", "a dropped Ctrl-C prints no \"Exception ignored\" traceback"),
+    mutant("pretrain-quiet-loading-bar", "vlpcache/model/model.py",
+           "    hf_logging.disable_progress_bar()\n", "",
+           "tests/test_pretrain.py -k quiet_pretraining", "pretrain --quiet prints nothing"),
 ]
 
 
