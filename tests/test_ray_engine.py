@@ -198,6 +198,26 @@ def test_a_driver_killed_with_kill_9_resumes_without_redoing_committed_shards(ro
     assert not list((cache_dir / SHARD_DIR).glob("*.tmp"))
 
 
+def test_ctrl_c_stops_the_ray_engine_with_one_line_and_a_rerun_finishes(root, ray_address, local, tmp_path):
+    cache_dir = tmp_path / "cache"
+    driver = start_ray_extract(root, cache_dir, ray_address)
+    try:
+        assert wait_until(lambda: shards(cache_dir) if cache_dir.exists() else None, alive=driver), "no shard committed"
+        actors = actor_pids(cache_dir)
+        driver.send_signal(signal.SIGINT)
+        _, stderr = driver.communicate(timeout=HANG_GUARD_S)
+    finally:
+        driver.kill()
+    assert driver.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted; what was committed is kept, re-run the same command to resume"
+    assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in actors))
+    assert 0 < len(RegionCache(cache_dir)) < len(local), "the Ctrl-C should land mid-run"
+    vlpcache("extract", root, "-o", cache_dir, *FRAMES, "--items-per-shard", 3, "--engine", "ray",
+             "--ray-address", ray_address, cwd=tmp_path)
+    assert_same_cache(RegionCache(cache_dir), local)
+    assert not list((cache_dir / SHARD_DIR).glob("*.tmp"))
+
+
 def test_without_ray_installed_the_ray_engine_is_one_line_naming_the_extra(tmp_path):
     blocked = ("import sys; sys.modules['ray'] = None; sys.argv = ['vlpcache', 'extract', '.', '--engine', 'ray']; "
                "from vlpcache.cli import main; main()")
