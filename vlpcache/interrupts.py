@@ -1,14 +1,14 @@
 """A Ctrl-C that is never lost.
 
 Python runs the SIGINT handler in the main thread, between two bytecodes of whatever runs there. When
-that is a weakref callback or a `__del__` (a process pool's bookkeeping has both), the interpreter
-prints its KeyboardInterrupt as "Exception ignored" and drops it: a long extract asked to stop then
-ran to its end and exited with status 0.
+that is a weakref callback or a `__del__` (CI caught one in a WeakValueDictionary's callback), the
+interpreter prints its KeyboardInterrupt as "Exception ignored" and drops it: a long extract asked to
+stop then ran to its end and exited with status 0.
 
 The CLI runs every command inside `ctrl_c_remembered()`: the handler records the request as well as
-raising it, the long loops (an extract's items, a pretraining's steps) call `stop_if_interrupted()`
-once per item or step and raise it again, and a dropped one prints nothing, since it is raised again
-at the next check.
+raising it, the long loops (an extract's items, a pretraining's steps, video and caption encoding)
+call `stop_if_interrupted()` once per item, step or batch and raise it again, and a dropped one prints
+nothing, since it is raised again at the next check.
 """
 
 from __future__ import annotations
