@@ -375,6 +375,9 @@ MUTANTS += [
     mutant("pretrain-quiet-loading-bar", "vlpcache/model/model.py",
            "    hf_logging.disable_progress_bar()\n", "",
            "tests/test_pretrain.py -k quiet_pretraining", "pretrain --quiet prints nothing"),
+    mutant("report-unsized-terminal-taken-at-its-word", "vlpcache/report.py",
+           "    unsized = size is not None and (size.columns == 0 or size.lines == 0)\n", "    unsized = False\n",
+           "tests/test_extract.py -k no_size", "a terminal that reports 0 x 0 still shows the bar"),
 ]
 
 

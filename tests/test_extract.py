@@ -125,6 +125,46 @@ def test_other_settings_are_refused_for_an_existing_cache(extracted, media):
     assert "Traceback" not in result.stderr
 
 
+def _run_on_an_unsized_terminal(args: list[str], cwd: Path) -> tuple[int, str]:
+    """Run `python -m vlpcache ARGS` on a new pseudo-terminal that reports 0 x 0, as `script` run
+    from cron gives one; (exit status, everything it wrote there)."""
+    import pty
+    import select
+    import signal
+    import time
+
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: stdin, stdout and stderr are the new terminal, never sized
+        os.chdir(cwd)
+        os.execv(sys.executable, [sys.executable, "-m", "vlpcache", *args])
+    written, deadline = b"", time.monotonic() + HANG_GUARD_S
+    while time.monotonic() < deadline:
+        if select.select([terminal], [], [], 1.0)[0]:
+            try:
+                chunk = os.read(terminal, 65536)
+            except OSError:  # EIO: the child is gone and the terminal closed
+                break
+            if not chunk:
+                break
+            written += chunk
+    else:
+        os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    os.close(terminal)
+    return os.waitstatus_to_exitcode(status), written.decode(errors="replace")
+
+
+def test_a_terminal_that_reports_no_size_still_shows_the_progress_bar(msrvtt_dir, tmp_path):
+    # tqdm took the 0 x 0 at its word and drew nothing at all: a long extract showed no sign of life
+    root = tmp_path / "frames"
+    for folder in sorted((msrvtt_dir / "frames" / "val").iterdir())[:3]:
+        shutil.copytree(folder, root / folder.name)
+    code, written = _run_on_an_unsized_terminal(["extract", str(root), "-o", str(tmp_path / "cache"), "--frames", "2",
+                                                 "--workers", "1"], tmp_path)
+    assert code == 0, written
+    assert "3/3 [" in written and "item/s" in written, written
+
+
 def test_inspect_summarises_and_renders_an_item(extracted, tmp_path):
     cache_dir, _ = extracted
     summary = json.loads(vlpcache("inspect", cache_dir, "--json", cwd=tmp_path).stdout)

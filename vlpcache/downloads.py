@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from vlpcache import __version__
+from vlpcache.report import progress_bar
 
 OFFLINE_VARIABLES = ("VLPCACHE_OFFLINE", "HF_HUB_OFFLINE")
 TEST_SERVER_VARIABLE = "VLPCACHE_TEST_DOWNLOADS"
@@ -51,8 +52,6 @@ def download(url: str, out: Path, label: str, progress: bool | None = None) -> N
 
     Unavailable: it cannot be had (no network, HTTP 4xx). Damaged: it arrived cut short or the transfer
     broke off (a retry may do better). OSError: `out` cannot be written (the caller names the folder)."""
-    from tqdm import tqdm
-
     request = urllib.request.Request(source_url(url), headers={"User-Agent": f"vlpcache/{__version__}"})
     try:
         response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
@@ -64,8 +63,8 @@ def download(url: str, out: Path, label: str, progress: bool | None = None) -> N
     expected = int(response.headers.get("Content-Length") or 0) or None
     received = 0
     show = sys.stderr.isatty() if progress is None else progress
-    with response, open(out, "wb") as file, tqdm(total=expected, unit="B", unit_scale=True, unit_divisor=1024,
-                                                  desc=label, disable=not show, leave=False, file=sys.stderr) as bar:
+    with response, open(out, "wb") as file, progress_bar(total=expected, unit="B", unit_scale=True, unit_divisor=1024,
+                                                          desc=label, disable=not show, leave=False) as bar:
         while True:
             try:
                 block = response.read(BLOCK)

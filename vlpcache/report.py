@@ -11,10 +11,13 @@ them as they are.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
 Say = Callable[[str], None]
+
+UNSIZED_TERMINAL = {"ncols": 100, "nrows": 24}  # a bar's columns and lines on a terminal that reports 0 x 0
 
 
 def say(line: str) -> None:
@@ -26,6 +29,20 @@ def say(line: str) -> None:
         sys.stderr.flush()
     else:
         print(line, file=sys.stderr, flush=True)
+
+
+def progress_bar(iterable=None, **options):
+    """A tqdm bar on stderr that follows the terminal's size. A terminal that reports 0 x 0 (a
+    pseudo-terminal nobody sized: `script` run from cron, some container sessions) gets
+    UNSIZED_TERMINAL: tqdm takes the 0 lines at their word and draws nothing at all."""
+    from tqdm import tqdm
+
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno()) if os.isatty(sys.stderr.fileno()) else None
+    except (OSError, ValueError, AttributeError):  # stderr without a descriptor (replaced, captured)
+        size = None
+    unsized = size is not None and (size.columns == 0 or size.lines == 0)
+    return tqdm(iterable, **(UNSIZED_TERMINAL if unsized else {"dynamic_ncols": True}), **options)
 
 
 def silent(line: str) -> None:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from tqdm import tqdm
 
-from vlpcache.report import printable, say
+from vlpcache.report import printable, progress_bar, say
 
 
 @dataclass
@@ -47,8 +46,7 @@ class ExtractProgress:
     def __init__(self, summary: ExtractSummary, total: int, description: str, detector: str, started: float,
                  quiet: bool):
         self.summary, self.description, self.started, self.quiet = summary, description, started, quiet
-        self.bar = tqdm(total=total, unit="item", disable=quiet, dynamic_ncols=True,
-                        desc=f"{description} (loading {detector})")
+        self.bar = progress_bar(total=total, unit="item", disable=quiet, desc=f"{description} (loading {detector})")
 
     def ready(self, since: float | None = None) -> None:
         """The detector is loaded (at wall-clock time `since`, when that was earlier): rates and the

@@ -11,13 +11,13 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from vlpcache.interrupts import stop_if_interrupted
 from vlpcache.metrics import top_candidates
 from vlpcache.model.batch import tokenize, video_batch
 from vlpcache.model.losses import pair_scores, token_sets
 from vlpcache.model.model import TextEmbedding, VideoEmbedding
+from vlpcache.report import progress_bar
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -36,7 +36,7 @@ def encode_videos(model, items, rows: list[int], device, batch_size: int, region
     the same way): global_ (V, E) float32, and with regions=True also regions (V, T*N, E) float16
     and region_mask (V, T*N) (else empty tensors)."""
     globals_, region_parts, mask_parts = [], [], []
-    with tqdm(total=len(rows), unit="video", desc=desc, disable=not progress, dynamic_ncols=True, leave=False) as bar:
+    with progress_bar(total=len(rows), unit="video", desc=desc, disable=not progress, leave=False) as bar:
         for part in _batches(rows, batch_size):
             video = model.encode_video(**video_batch([items[r] for r in part], device))
             globals_.append(video.global_.float().cpu())  # (B, E)
@@ -72,8 +72,8 @@ def encode_texts(model, tokenizer, texts: list[str], device, batch_size: int = 2
     all batches. With text_features (a frozen encoder's TextFeatures holding every text) the encoder
     is not run."""
     globals_, words, masks = [], [], []
-    for start in tqdm(range(0, len(texts), batch_size), desc="encoding captions", unit="batch",
-                      disable=not progress, leave=False, dynamic_ncols=True):
+    for start in progress_bar(range(0, len(texts), batch_size), desc="encoding captions", unit="batch",
+                              disable=not progress, leave=False):
         part = texts[start : start + batch_size]
         if text_features is not None and text_features.kind == "prefix":
             cached = {k: v.to(device) for k, v in text_features.model_inputs(part, part).items()}
@@ -109,8 +109,8 @@ def candidate_local_scores(text: TextEmbedding, video: VideoEmbedding, similarit
     # queries of similar length together, so that each chunk's pairs carry little padding
     query_mask = sets.word_mask if texts_are_queries else sets.region_mask
     by_length = torch.argsort(query_mask.sum(-1), stable=True)  # (Q,)
-    for start in tqdm(range(0, len(top), chunk), desc="re-ranking", unit="chunk", leave=False, dynamic_ncols=True,
-                      disable=not progress):
+    for start in progress_bar(range(0, len(top), chunk), desc="re-ranking", unit="chunk", leave=False,
+                              disable=not progress):
         rows = by_length[start : start + chunk]  # (c,)
         columns = torch.from_numpy(top[rows.numpy()])  # (c, P)
         pairs = (rows[:, None], columns) if texts_are_queries else (columns, rows[:, None])

@@ -46,7 +46,6 @@ from typing import Callable
 import h5py
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from vlpcache import __version__
 from vlpcache.files import (file_sha256, folder_bytes, is_write_failure, remove_temporaries, replace_atomically,
@@ -54,6 +53,7 @@ from vlpcache.files import (file_sha256, folder_bytes, is_write_failure, remove_
 from vlpcache.interrupts import stop_if_interrupted
 from vlpcache.locks import LOCK_SUFFIX, WriterLock, holder_description
 from vlpcache.model.batch import tokenize
+from vlpcache.report import progress_bar
 
 FEATURES_DIR = "text-features"
 ENCODE_BATCH = 256
@@ -219,8 +219,8 @@ def _encode(model, tokenizer, captions: list[str], path: Path, key: dict, device
             f"(kept in {parts}); {rest}")
     label = "frozen text encoder" if key["kind"] == "outputs" else f"{key['frozen_layers']} frozen text layers"
     try:
-        with tqdm(total=len(captions), unit="caption", desc=f"encoding captions ({label}, once)",
-                  disable=not progress, dynamic_ncols=True, leave=False) as bar:
+        with progress_bar(total=len(captions), unit="caption", desc=f"encoding captions ({label}, once)",
+                          disable=not progress, leave=False) as bar:
             bar.update(kept)
             for file, (start, stop), finished in zip(files, spans, done):
                 if not finished:

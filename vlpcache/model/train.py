@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 from vlpcache import __version__
 from vlpcache.devices import resolve_device
@@ -48,7 +47,7 @@ from vlpcache.model.model import AlignmentModel, PretrainLoss, build_model, load
 from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
 from vlpcache.model.run_layout import LOG_NAME, TRAINING_LOCK_NAME
 from vlpcache.model.text_features import TextFeatures, cache_kind, cached_text_features
-from vlpcache.report import say
+from vlpcache.report import progress_bar, say
 from vlpcache.workspace import Workspace
 
 RERANK_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)  # candidates for global + w·S_loc, chosen on validation
@@ -450,8 +449,8 @@ def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, proc
     sums: dict[str, float] = {}
     started = time.monotonic()
     samples = loader.steps_per_epoch * loader.batch * processes.world
-    bar = tqdm(total=samples, unit="video", unit_scale=True, desc=f"epoch {epoch}/{run.train.epochs}",
-               disable=processes.quiet or not processes.main, leave=False, dynamic_ncols=True)
+    bar = progress_bar(total=samples, unit="video", unit_scale=True, desc=f"epoch {epoch}/{run.train.epochs}",
+                       disable=processes.quiet or not processes.main, leave=False)
     for batch_cpu in loader.loader:
         factor = learning_rate_factor(trainer.step, loader.total_steps, loader.warmup)
         for group in trainer.optimizer.param_groups:
