@@ -185,9 +185,9 @@ def test_ctrl_c_stops_extract_and_its_workers_with_one_line_and_a_rerun_finishes
 
 
 # Python runs the Ctrl-C handler wherever the main thread happens to be; in a weakref callback or a
-# __del__ (the process pool's bookkeeping has both) its KeyboardInterrupt is printed as "Exception
-# ignored" and dropped, and the extract ran to its end with status 0. This extract gets its Ctrl-C there,
-# every time: inside a finalizer, once its third item is written
+# __del__ (CI once caught it in a WeakValueDictionary's callback) its KeyboardInterrupt is printed as
+# "Exception ignored" and dropped, and the extract ran to its end with status 0. This extract gets its
+# Ctrl-C there, every time: inside a finalizer, once its third item is written
 CTRL_C_IN_A_FINALIZER = """
 import signal, sys
 from vlpcache.cli import main

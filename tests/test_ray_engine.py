@@ -112,9 +112,11 @@ def actor_pids(cache_dir: Path) -> set[int]:
 
 
 def start_ray_extract(root: Path, cache_dir: Path, ray_address: str) -> subprocess.Popen:
+    """A driver that takes Ctrl-C even where the suite was started with SIGINT ignored (`&`, nohup)."""
     args = [root, "-o", cache_dir, *FRAMES, "--items-per-shard", 3, "--engine", "ray", "--ray-address", ray_address]
     return subprocess.Popen([sys.executable, "-m", "vlpcache", "extract", *map(str, args)], cwd=cache_dir.parent,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_the_ray_engine_caches_the_same_items_once_with_the_local_engines_features(local, on_ray):
