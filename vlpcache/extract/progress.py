@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-
 from vlpcache.report import printable, progress_bar, say
 
 
