@@ -38,8 +38,8 @@ def progress_bar(iterable=None, **options):
     from tqdm import tqdm
 
     try:
-        size = os.get_terminal_size(sys.stderr.fileno()) if os.isatty(sys.stderr.fileno()) else None
-    except (OSError, ValueError, AttributeError):  # stderr without a descriptor (replaced, captured)
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):  # not a terminal, or stderr without a descriptor (captured)
         size = None
     unsized = size is not None and (size.columns == 0 or size.lines == 0)
     return tqdm(iterable, **(UNSIZED_TERMINAL if unsized else {"dynamic_ncols": True}), **options)

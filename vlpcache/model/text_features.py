@@ -293,11 +293,6 @@ def _encode_part(model, tokenizer, captions: list[str], key: dict, device, bar) 
     return arrays
 
 
-def _npz_names(file: Path) -> set[str]:
-    with np.load(file) as data:
-        return set(data.files)
-
-
 def _npz_shape(file: Path, name: str) -> tuple[int, ...]:
     """The shape of the array `name` in an .npz, read from its header (np.load reads the whole array)."""
     with zipfile.ZipFile(file) as archive, archive.open(f"{name}.npy") as member:
@@ -312,7 +307,8 @@ def _join(files: list[Path], captions: list[str], tmp: Path, key: dict) -> None:
     for file in files:
         with np.load(file) as data:
             counts.append(data["counts"])  # only the counts: reading a part's tokens loads them whole
-    width, names = _npz_shape(files[0], "tokens")[1], _npz_names(files[0])
+            names = set(data.files)  # every part holds the same arrays
+    width = _npz_shape(files[0], "tokens")[1]
     with_pooled, with_ids = "pooled" in names, "token_ids" in names
     offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts), dtype=np.int64)])
     with h5py.File(tmp, "w") as f:
