@@ -184,6 +184,30 @@ def test_ctrl_c_stops_extract_and_its_workers_with_one_line_and_a_rerun_finishes
     assert len(finished) == 300 and len(set(finished.ids)) == 300
 
 
+def test_sigterm_to_the_whole_job_commits_the_shard_in_progress_and_says_so(long_root, tmp_path):
+    # a Slurm time limit signals every process of the job, the decoding workers too; the process died of it
+    # as of kill -9, losing the shard in progress: here the first, which nothing else would have committed
+    cache = tmp_path / "cache"
+    options = [*EXTRACT[:EXTRACT.index("--items-per-shard")], *EXTRACT[EXTRACT.index("--items-per-shard") + 2:]]
+    proc = subprocess.Popen([sys.executable, "-m", "vlpcache", "extract", str(long_root), "-o", str(cache), *options,
+                             "--items-per-shard", "1000"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    wait_until(lambda: (cache / SHARD_DIR).is_dir() and temporaries(cache), alive=proc)
+    time.sleep(1.0)  # a few items into the shard
+    assert proc.poll() is None, f"the extract ended before it could be stopped: {proc.communicate()}"
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=HANG_GUARD_S)
+    assert proc.returncode == 143 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == ("stopped by SIGTERM; what was committed is kept, re-run the same "
+                                               "command to resume")
+    stopped = RegionCache(cache)
+    assert not temporaries(cache) and 0 < len(stopped) < 300 and not stopped.failures, stderr
+    assert extract(long_root, cache, tmp_path).returncode == 0
+    finished = RegionCache(cache)
+    assert len(finished) == 300 and len(set(finished.ids)) == 300 and not finished.failures
+
+
 # Python runs the Ctrl-C handler wherever the main thread happens to be; in a weakref callback or a
 # __del__ (CI once caught it in a WeakValueDictionary's callback) its KeyboardInterrupt is printed as
 # "Exception ignored" and dropped, and the extract ran to its end with status 0. This extract gets its
@@ -222,29 +246,43 @@ def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_extract_with_one_line(lo
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # pytest's report of "Exception ignored"
-def test_a_dropped_ctrl_c_is_raised_at_the_next_check_and_an_ignored_one_stays_ignored():
-    from vlpcache.interrupts import ctrl_c_remembered, stop_if_interrupted
+def test_a_dropped_ctrl_c_or_sigterm_is_raised_at_the_next_check_and_an_ignored_ctrl_c_stays_ignored():
+    from vlpcache.interrupts import exit_status, stop_if_interrupted, stopped, stops_remembered, take_sigterm_back
 
     class Finalizer:
-        def __del__(self):
-            signal.raise_signal(signal.SIGINT)
+        def __init__(self, signum):
+            self.signum = signum
 
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's foreground job
+        def __del__(self):
+            signal.raise_signal(self.signum)
+
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),  # a shell's foreground job
+                signal.SIGTERM: signal.signal(signal.SIGTERM, signal.SIG_DFL)}
     try:
-        with ctrl_c_remembered():
-            Finalizer()  # Python prints "Exception ignored" and drops the KeyboardInterrupt
-            with pytest.raises(KeyboardInterrupt):
-                stop_if_interrupted()
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        stop_if_interrupted()  # the next command starts without it
+        for signum, word, status in [(signal.SIGINT, "interrupted", 130), (signal.SIGTERM, "stopped by SIGTERM", 143)]:
+            with stops_remembered():
+                Finalizer(signum)  # Python prints "Exception ignored" and drops the KeyboardInterrupt
+                with pytest.raises(KeyboardInterrupt):
+                    stop_if_interrupted()
+                assert (stopped(), exit_status()) == (word, status)
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+            stop_if_interrupted()  # the next command starts without it
+            assert (stopped(), exit_status()) == ("interrupted", 130)
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # started with `nohup` or `&`
-        with ctrl_c_remembered():
+        with stops_remembered():
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             signal.raise_signal(signal.SIGINT)
             stop_if_interrupted()
+            signal.signal(signal.SIGTERM, lambda signum, frame: None)  # a library's own, as ray.init sets
+            take_sigterm_back()
+            with pytest.raises(KeyboardInterrupt):  # SIGTERM is still taken
+                signal.raise_signal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def test_decoding_workers_leave_ctrl_c_to_their_parent():
@@ -260,6 +298,42 @@ def test_decoding_workers_leave_ctrl_c_to_their_parent():
             assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+# a decoding worker handing a result of 20 MB to its pool, through a pipe the test reads
+SEND_A_LARGE_RESULT = """
+import multiprocessing, multiprocessing.connection, os, sys
+from vlpcache.extract.reader import _start_worker
+
+_start_worker(os.getppid())
+results = multiprocessing.SimpleQueue()
+results._writer = multiprocessing.connection.Connection(int(sys.argv[1]), readable=False)
+results.put(b"x" * 20_000_000)
+multiprocessing.connection.wait([], timeout=HANG_GUARD_S)  # waiting for its next item, as a worker does
+"""
+
+
+def test_a_decoding_worker_told_to_end_finishes_the_result_it_is_sending_first():
+    # Slurm signals every process of the job: a worker that died halfway through a result left the pool's
+    # reader waiting for the rest forever, and the extract hung at exit
+    from multiprocessing.reduction import ForkingPickler
+
+    expected = 4 + len(ForkingPickler.dumps(b"x" * 20_000_000))  # a length header, then the pickle
+    reader, writer = os.pipe()
+    worker = subprocess.Popen([sys.executable, "-c", SEND_A_LARGE_RESULT.replace("HANG_GUARD_S", str(HANG_GUARD_S)),
+                               str(writer)], pass_fds=[writer],
+                              preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    os.close(writer)
+    try:
+        received = len(os.read(reader, 65536))  # the result is on its way; the rest waits for room in the pipe
+        worker.send_signal(signal.SIGTERM)
+        while chunk := os.read(reader, 1 << 20):
+            received += len(chunk)
+        assert worker.wait(timeout=HANG_GUARD_S) == 128 + signal.SIGTERM
+    finally:
+        os.close(reader)
+        worker.kill()
+    assert received == expected
 
 
 def test_decoding_workers_end_themselves_when_their_extract_is_killed_alone(long_root, tmp_path):

@@ -452,6 +452,71 @@ def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_pretraining_at_the_next_
     assert not ckpt.checkpoints(run_dir)
 
 
+# A Slurm time limit signals every process of the job. Here, after a training step, a child process signals
+# the run's data-loading worker (a worker that its own parent signals just exits), and the run takes its own
+# SIGTERM once the worker has died of it or ignores it: the order in which a run busy in a long forward pass
+# finds them
+SIGTERM_TO_THE_JOB = """
+import os, signal, sys, time
+from pathlib import Path
+from vlpcache.cli import main
+from vlpcache.model import train
+
+step = train.train_step
+
+def stat(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return ["X", "0"]  # gone
+
+def ignores_sigterm(pid):
+    try:
+        mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn:"))
+    except (OSError, StopIteration):
+        return False
+    return int(mask.split()[1], 16) >> (signal.SIGTERM - 1) & 1
+
+def step_then_sigterm_to_the_job(*args):
+    values = step(*args)
+    workers = [int(p.name) for p in Path("/proc").glob("[0-9]*") if stat(p.name)[1] == str(os.getpid())]
+    assert workers, "no data-loading worker"
+    sender = os.fork()
+    if sender == 0:
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        os._exit(0)
+    os.waitpid(sender, 0)
+    while any(stat(pid)[0] not in "ZX" and not ignores_sigterm(pid) for pid in workers):
+        time.sleep(0.01)
+    # a worker gone now fails the run as it stops, on the SIGCHLD torch watches for: most of the time
+    assert all(stat(pid)[0] not in "ZX" for pid in workers), "the loading worker died of the job's SIGTERM"
+    signal.raise_signal(signal.SIGTERM)
+    return values
+
+train.train_step = step_then_sigterm_to_the_job
+sys.argv = ["vlpcache", *sys.argv[1:]]
+main()
+"""
+
+
+def test_sigterm_to_the_whole_job_stops_pretraining_with_one_line_and_the_resume_command(tmp_path, corpus, tiny_text,
+                                                                                          monkeypatch):
+    # it died of it, as of kill -9; stopping instead, it then failed on its data-loading worker, which the
+    # same SIGTERM had killed
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    run_dir = tmp_path / "run"
+    command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "1")
+    done = subprocess.run([sys.executable, "-c", SIGTERM_TO_THE_JOB, *command[3:]], env=dict(os.environ),
+                          capture_output=True, text=True, timeout=HANG_GUARD_S, start_new_session=True)
+    assert done.returncode == 143 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (f"stopped by SIGTERM before the first checkpoint of {run_dir}: "
+                                                    f"`vlpcache pretrain --resume -o {run_dir}` starts it again with "
+                                                    "its settings")
+    assert run_pretrain(run_dir=run_dir, resume=True, quiet=True, device="cpu")["trained_epochs"] == 2
+    assert list(ckpt.checkpoints(run_dir)) == [2]
+
+
 def test_quiet_pretraining_prints_nothing(tmp_path, corpus, tiny_text, monkeypatch, capfd):
     # transformers 5 drew its "Loading weights" bar for the local text model, --quiet or not
     monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))

@@ -200,18 +200,22 @@ def test_a_driver_killed_with_kill_9_resumes_without_redoing_committed_shards(ro
     assert not list((cache_dir / SHARD_DIR).glob("*.tmp"))
 
 
-def test_ctrl_c_stops_the_ray_engine_with_one_line_and_a_rerun_finishes(root, ray_address, local, tmp_path):
+@pytest.mark.parametrize("signum, status, word", [(signal.SIGINT, 130, "interrupted"),
+                                                  # Ray's driver took SIGTERM to exit with status 15 and no word
+                                                  (signal.SIGTERM, 143, "stopped by SIGTERM")], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_the_ray_engine_with_one_line_and_a_rerun_finishes(root, ray_address, local, tmp_path, signum,
+                                                                        status, word):
     cache_dir = tmp_path / "cache"
     driver = start_ray_extract(root, cache_dir, ray_address)
     try:
         assert wait_until(lambda: shards(cache_dir) if cache_dir.exists() else None, alive=driver), "no shard committed"
         actors = actor_pids(cache_dir)
-        driver.send_signal(signal.SIGINT)
+        driver.send_signal(signum)
         _, stderr = driver.communicate(timeout=HANG_GUARD_S)
     finally:
         driver.kill()
-    assert driver.returncode == 130 and "Traceback" not in stderr, stderr
-    assert stderr.strip().splitlines()[-1] == "interrupted; what was committed is kept, re-run the same command to resume"
+    assert driver.returncode == status and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == f"{word}; what was committed is kept, re-run the same command to resume"
     assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in actors))
     assert 0 < len(RegionCache(cache_dir)) < len(local), "the Ctrl-C should land mid-run"
     vlpcache("extract", root, "-o", cache_dir, *FRAMES, "--items-per-shard", 3, "--engine", "ray",

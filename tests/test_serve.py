@@ -274,9 +274,9 @@ class Server:
         finally:
             connection.close()
 
-    def stop(self) -> None:
+    def stop(self, signum: int = signal.SIGINT) -> None:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(signum)
             try:
                 self.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -322,13 +322,15 @@ def test_traversal_attempts_reach_no_file_outside_the_indexed_media(ws, server):
         assert b"root:" not in body and b"schema_version" not in body and b"\n" not in body, path
 
 
-def test_the_command_serves_the_page_and_stops_cleanly_on_ctrl_c(ws, server):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])  # sigterm: a service stopped
+def test_the_command_serves_the_page_and_stops_cleanly_on_ctrl_c(ws, server, signum):
     status, headers, body = server.get("/?q=a+dog")
     assert status == 200 and headers["content-type"].startswith("text/html") and b"/page.js" in body
     status, _, body = server.get("/api/search?q=a+dog&k=3")
     assert status == 200 and len(json.loads(body)["results"]) == 3
-    server.stop()
-    assert server.process.returncode == 0
+    server.stop(signum)
+    out, err = server.process.communicate()
+    assert server.process.returncode == 0 and out.splitlines()[-1] == "stopped" and not err, err
 
 
 def test_a_port_in_use_is_one_line_error(ws, server):

@@ -18,7 +18,7 @@ from vlpcache.cache.schema import SCORE_THRESHOLD, SHARD_SECONDS
 from vlpcache.devices import DEFAULT_DEVICE, DEVICES
 from vlpcache.errors import Interrupted, UserError
 from vlpcache.files import system_reason
-from vlpcache.interrupts import ctrl_c_remembered
+from vlpcache.interrupts import exit_status, stopped, stops_remembered
 from vlpcache.extract.detectors.spec import (
     DEFAULT_FRCNN_ARCH,
     DEFAULT_YOLOX_BACKBONE,
@@ -309,7 +309,7 @@ def eval_(**options) -> None:
     try:
         run_eval(**options)
     except KeyboardInterrupt:
-        raise Interrupted("interrupted; eval writes nothing, so nothing is lost: run it again for the figures") from None
+        raise Interrupted(f"{stopped()}; eval writes nothing, so nothing is lost: run it again for the figures") from None
 
 
 # what the operating system says when the disk, a path or the permissions fail us: the user's to fix
@@ -317,7 +317,7 @@ ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.
                       errno.EISDIR, errno.ENAMETOOLONG, errno.EFBIG, errno.ENOENT, errno.EEXIST}
 
 
-INTERRUPTED = "interrupted; what was committed is kept, re-run the same command to resume"
+KEPT = "what was committed is kept, re-run the same command to resume"
 
 
 def exit_now(code: int) -> None:
@@ -332,36 +332,36 @@ def exit_now(code: int) -> None:
 
 
 def main() -> None:
-    try:
-        with ctrl_c_remembered():  # a Ctrl-C that lands where Python drops it still stops the long loops
+    with stops_remembered():  # a Ctrl-C or SIGTERM that lands where Python drops it still stops the long loops
+        try:
             cli.main(standalone_mode=False)
-    except click.exceptions.Abort as err:  # click turns Ctrl-C (KeyboardInterrupt) into Abort
-        if isinstance(err.__context__, KeyboardInterrupt):
-            click.echo(INTERRUPTED, err=True)
-        else:
-            click.echo("aborted", err=True)
-        exit_now(130)
-    except click.ClickException as err:
-        err.show()
-        exit_now(err.exit_code)
-    except UserError as err:
-        click.echo(f"error: {err}", err=True)
-        exit_now(2)
-    except BrokenPipeError:
-        sys.exit(0)
-    except OSError as err:
-        if err.errno not in ENVIRONMENT_ERRORS:
-            raise
-        where = f"{err.filename}: " if err.filename else ""
-        click.echo(f"error: {where}{system_reason(err)}; nothing committed before is lost: fix this and run the "
-                   "command again", err=True)
-        exit_now(2)
-    except Interrupted as err:
-        click.echo(str(err), err=True)
-        exit_now(130)
-    except KeyboardInterrupt:
-        click.echo(INTERRUPTED, err=True)
-        exit_now(130)
+        except click.exceptions.Abort as err:  # click turns Ctrl-C (KeyboardInterrupt) into Abort
+            if isinstance(err.__context__, KeyboardInterrupt):
+                click.echo(f"{stopped()}; {KEPT}", err=True)
+            else:
+                click.echo("aborted", err=True)
+            exit_now(exit_status())
+        except click.ClickException as err:
+            err.show()
+            exit_now(err.exit_code)
+        except UserError as err:
+            click.echo(f"error: {err}", err=True)
+            exit_now(2)
+        except BrokenPipeError:
+            sys.exit(0)
+        except OSError as err:
+            if err.errno not in ENVIRONMENT_ERRORS:
+                raise
+            where = f"{err.filename}: " if err.filename else ""
+            click.echo(f"error: {where}{system_reason(err)}; nothing committed before is lost: fix this and run the "
+                       "command again", err=True)
+            exit_now(2)
+        except Interrupted as err:
+            click.echo(str(err), err=True)
+            exit_now(exit_status())
+        except KeyboardInterrupt:
+            click.echo(f"{stopped()}; {KEPT}", err=True)
+            exit_now(exit_status())
 
 
 if __name__ == "__main__":

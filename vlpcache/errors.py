@@ -6,7 +6,8 @@ class UserError(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C, with what was kept and how to go on: the CLI prints it as one line, exit status 130."""
+    """Ctrl-C or SIGTERM, with what was kept and how to go on: the CLI prints it as one line, exit status 130
+    or 143."""
 
 
 class ItemError(Exception):

@@ -1,14 +1,18 @@
-"""A Ctrl-C that is never lost.
+"""Ctrl-C and SIGTERM: stop at the next safe point, keep what was committed, never lose the request.
 
-Python runs the SIGINT handler in the main thread, between two bytecodes of whatever runs there. When
+Python runs a signal handler in the main thread, between two bytecodes of whatever runs there. When
 that is a weakref callback or a `__del__` (CI caught one in a WeakValueDictionary's callback), the
 interpreter prints its KeyboardInterrupt as "Exception ignored" and drops it: a long extract asked to
 stop then ran to its end and exited with status 0.
 
-The CLI runs every command inside `ctrl_c_remembered()`: the handler records the request as well as
-raising it, the long loops (an extract's items, a pretraining's steps, video and caption encoding)
-call `stop_if_interrupted()` once per item, step or batch and raise it again, and a dropped one prints
-nothing, since it is raised again at the next check.
+The CLI runs every command inside `stops_remembered()`: the handler records the request as well as
+raising KeyboardInterrupt, the long loops (an extract's items, a pretraining's steps, video and caption
+encoding) call `stop_if_interrupted()` once per item, step or batch and raise it again, and a dropped
+one prints nothing, since it is raised again at the next check.
+
+SIGTERM (a Slurm time limit, `kill`, a container being stopped) takes the same path as Ctrl-C, so an
+extract commits the shard in progress instead of losing it; the command then exits with 143 instead of
+130, and its last line says what stopped it.
 """
 
 from __future__ import annotations
@@ -18,45 +22,82 @@ import signal
 import sys
 from typing import Iterator
 
-_requested = False
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_requested: int | None = None  # the first signal that asked this command to stop
+_held: set[int] = set()  # the signals whose handler is ours, within stops_remembered()
 
 
 def _remember_and_raise(signum, frame) -> None:
     global _requested
-    _requested = True
+    if _requested is None:
+        _requested = signum
     raise KeyboardInterrupt
 
 
-def _quiet_about_dropped_ctrl_c(previous):
+def _quiet_about_dropped_stop(previous):
     def hook(unraisable) -> None:
-        if _requested and issubclass(unraisable.exc_type, KeyboardInterrupt):
+        if _requested is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
             return  # raised again at the next stop_if_interrupted()
         previous(unraisable)
 
     return hook
 
 
+def _ours_to_take(signum: int) -> bool:
+    """Only the default disposition is replaced: a SIGINT ignored at start (a job started in the background
+    with `&` or `nohup`) stays ignored, and another program's handler is left alone."""
+    default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+    return signal.getsignal(signum) is default
+
+
 @contextlib.contextmanager
-def ctrl_c_remembered() -> Iterator[None]:
-    """Within: Ctrl-C raises KeyboardInterrupt and stays requested. A SIGINT that is ignored (a job
-    started in the background with `&` or `nohup`) stays ignored, and another program's handler is
-    left alone."""
+def stops_remembered() -> Iterator[None]:
+    """Within: Ctrl-C and SIGTERM raise KeyboardInterrupt and stay requested."""
     global _requested
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    taken = {signum: signal.signal(signum, _remember_and_raise) for signum in STOP_SIGNALS if _ours_to_take(signum)}
+    if not taken:
         yield
         return
+    _held.update(taken)
     previous_hook = sys.unraisablehook
-    signal.signal(signal.SIGINT, _remember_and_raise)
-    sys.unraisablehook = _quiet_about_dropped_ctrl_c(previous_hook)
+    sys.unraisablehook = _quiet_about_dropped_stop(previous_hook)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum, previous in taken.items():
+            signal.signal(signum, previous)
+        _held.clear()
         sys.unraisablehook = previous_hook
-        _requested = False
+        _requested = None
+
+
+def take_sigterm_back() -> None:
+    """After a library replaced our SIGTERM handler with its own (Ray's driver exits with status 15 and no
+    word), within `stops_remembered()`: SIGTERM stops as Ctrl-C does again."""
+    if signal.SIGTERM in _held:
+        signal.signal(signal.SIGTERM, _remember_and_raise)
 
 
 def stop_if_interrupted() -> None:
-    """Raise KeyboardInterrupt when Ctrl-C was pressed, even if where it landed dropped it."""
-    if _requested:
+    """Raise KeyboardInterrupt when Ctrl-C or SIGTERM came, even if where it landed dropped it."""
+    if _requested is not None:
         raise KeyboardInterrupt
+
+
+def stopped() -> str:
+    """How the line that ends a stopped command begins: "interrupted" for Ctrl-C, "stopped by SIGTERM"."""
+    return "stopped by SIGTERM" if _requested == signal.SIGTERM else "interrupted"
+
+
+def exit_status() -> int:
+    """128 + the signal, as a shell reports a process it ended: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + (_requested or signal.SIGINT)
+
+
+def leave_sigterm_to_the_parent(worker_id: int = 0) -> None:
+    """A DataLoader worker's `worker_init_fn`. torch's workers die of a SIGTERM sent to the whole job (Slurm
+    signals every process of it), and the training process, stopping cleanly, would fail on the loss of
+    its workers instead. Ignoring it, a worker ends when the training process closes the loader, or
+    once it is gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

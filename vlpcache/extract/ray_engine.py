@@ -44,7 +44,7 @@ from vlpcache.extract.options import ExtractOptions
 from vlpcache.extract.progress import ExtractProgress, ExtractSummary
 from vlpcache.extract.reader import FrameReader, decoded_items_within_budget
 from vlpcache.extract.sources import Item
-from vlpcache.interrupts import stop_if_interrupted
+from vlpcache.interrupts import stop_if_interrupted, take_sigterm_back
 
 RAY_MISSING = 'the ray engine needs Ray Data: pip install "vlpcache[ray]" (or pip install "ray[data]")'
 DECODE_TASK_ITEMS = 64  # items per decoding task at most: one worker process start (about 0.5 s) each
@@ -166,11 +166,12 @@ def _connect(ray, address: str | None) -> bool:
     if ray.is_initialized():
         return False
     try:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING)  # its driver handler: SIGTERM exits with 15, no word
     except ConnectionError as err:
         raise UserError(f"--ray-address {address}: {str(err).rstrip('.')}; start the cluster with `ray start --head` "
                         "or leave the address out for a local instance; a cluster with token authentication also "
                         "needs RAY_AUTH_MODE=token and its token here (~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
+    take_sigterm_back()
     return True
 
 

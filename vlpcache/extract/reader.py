@@ -7,15 +7,20 @@ time, and the one that crashes alone is reported as failed.
 
 Workers leave Ctrl-C to the parent (which stops them and says what was kept, instead of a traceback
 from every worker) and end themselves when the parent dies without stopping them (kill -9, the OOM
-killer): a spawned worker holds both ends of its task pipe and would otherwise wait forever.
+killer): a spawned worker holds both ends of its task pipe and would otherwise wait forever. A SIGTERM
+(Slurm signals every process of a job) ends a worker, but never while it writes a result to the
+parent: the pool's reader would wait for the rest of a result cut short forever, and the extract, which
+stops on the same SIGTERM, hung at exit.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.queues
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -60,9 +65,36 @@ def decode_item(item: Item, num_frames: int, max_side: int) -> DecodedItem:
 PARENT_CHECK_SECONDS = 1.0
 
 
+_RESULT_SEND = multiprocessing.queues.SimpleQueue.put.__code__  # how a worker hands a result to the pool
+
+
+def _sending(frame) -> bool:
+    while frame is not None:
+        if frame.f_code is _RESULT_SEND:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _end_when_not_sending(signum, frame) -> None:
+    """A decoding worker's SIGTERM: end as the default action would, but once the result being sent is whole."""
+    if not _sending(frame):
+        os._exit(128 + signum)
+    main = threading.main_thread().ident
+
+    def end_once_sent():
+        while _sending(sys._current_frames().get(main)):
+            time.sleep(0.005)
+        os._exit(128 + signum)
+
+    threading.Thread(target=end_once_sent, name="end-once-sent", daemon=True).start()
+
+
 def _start_worker(parent_pid: int) -> None:
-    """Initializer of a decoding worker: ignore Ctrl-C, and exit once the parent is gone."""
+    """Initializer of a decoding worker: ignore Ctrl-C, end on SIGTERM between results, and exit once the
+    parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _end_when_not_sending)
 
     def exit_when_orphaned():
         while os.getppid() == parent_pid:

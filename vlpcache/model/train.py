@@ -29,7 +29,7 @@ from vlpcache import __version__
 from vlpcache.devices import resolve_device
 from vlpcache.errors import Interrupted, UserError
 from vlpcache.files import replace_atomically
-from vlpcache.interrupts import stop_if_interrupted
+from vlpcache.interrupts import leave_sigterm_to_the_parent, stop_if_interrupted, stopped
 from vlpcache.locks import WriterLock, holder_description
 from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics
 from vlpcache.model import checkpoint as ckpt
@@ -395,6 +395,7 @@ def make_loader(run: Run, trainer: Trainer, processes: Processes) -> Loader:
         pin_memory=processes.device.type == "cuda",
         drop_last=True,  # equal batches: all-gather needs them, and a tiny last batch has no negatives
         prefetch_factor=4 if workers else None,
+        worker_init_fn=leave_sigterm_to_the_parent if workers else None,
     )
     steps = len(sampler) // batch
     total = steps * run.train.epochs
@@ -590,9 +591,9 @@ def interrupted_line(run_dir: Path) -> str:
     """What a Ctrl-C during pretraining leaves, and the command that continues it."""
     done = ckpt.checkpoints(run_dir)
     if not done:
-        return (f"interrupted before the first checkpoint of {run_dir}: `vlpcache pretrain --resume -o {run_dir}` "
+        return (f"{stopped()} before the first checkpoint of {run_dir}: `vlpcache pretrain --resume -o {run_dir}` "
                 "starts it again with its settings")
-    return (f"interrupted; {run_dir} keeps its checkpoints up to epoch {max(done)}: "
+    return (f"{stopped()}; {run_dir} keeps its checkpoints up to epoch {max(done)}: "
             f"`vlpcache pretrain --resume -o {run_dir}` continues it")
 
 
