@@ -489,7 +489,7 @@ def step_then_sigterm_to_the_job(*args):
     os.waitpid(sender, 0)
     while any(stat(pid)[0] not in "ZX" and not ignores_sigterm(pid) for pid in workers):
         time.sleep(0.01)
-    # a worker gone now fails the run as it stops, on the SIGCHLD torch watches for: most of the time
+    # a worker gone now fails the stopping run (torch watches SIGCHLD), though not on every run: ask directly
     assert all(stat(pid)[0] not in "ZX" for pid in workers), "the loading worker died of the job's SIGTERM"
     signal.raise_signal(signal.SIGTERM)
     return values

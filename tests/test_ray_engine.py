@@ -200,11 +200,12 @@ def test_a_driver_killed_with_kill_9_resumes_without_redoing_committed_shards(ro
     assert not list((cache_dir / SHARD_DIR).glob("*.tmp"))
 
 
-@pytest.mark.parametrize("signum, status, word", [(signal.SIGINT, 130, "interrupted"),
-                                                  # Ray's driver took SIGTERM to exit with status 15 and no word
-                                                  (signal.SIGTERM, 143, "stopped by SIGTERM")], ids=["ctrl-c", "sigterm"])
-def test_ctrl_c_stops_the_ray_engine_with_one_line_and_a_rerun_finishes(root, ray_address, local, tmp_path, signum,
-                                                                        status, word):
+@pytest.mark.parametrize("signum, status, word", [
+    (signal.SIGINT, 130, "interrupted"),
+    (signal.SIGTERM, 143, "stopped by SIGTERM"),  # Ray's driver handler took it to exit with 15 and no word
+], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_the_ray_engine_with_one_line_and_a_rerun_finishes(root, ray_address, local, tmp_path,
+                                                                                   signum, status, word):
     cache_dir = tmp_path / "cache"
     driver = start_ray_extract(root, cache_dir, ray_address)
     try:
@@ -217,7 +218,7 @@ def test_ctrl_c_stops_the_ray_engine_with_one_line_and_a_rerun_finishes(root, ra
     assert driver.returncode == status and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == f"{word}; what was committed is kept, re-run the same command to resume"
     assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in actors))
-    assert 0 < len(RegionCache(cache_dir)) < len(local), "the Ctrl-C should land mid-run"
+    assert 0 < len(RegionCache(cache_dir)) < len(local), "the signal should land mid-run"
     vlpcache("extract", root, "-o", cache_dir, *FRAMES, "--items-per-shard", 3, "--engine", "ray",
              "--ray-address", ray_address, cwd=tmp_path)
     assert_same_cache(RegionCache(cache_dir), local)

@@ -322,8 +322,8 @@ def test_traversal_attempts_reach_no_file_outside_the_indexed_media(ws, server):
         assert b"root:" not in body and b"schema_version" not in body and b"\n" not in body, path
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])  # sigterm: a service stopped
-def test_the_command_serves_the_page_and_stops_cleanly_on_ctrl_c(ws, server, signum):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])  # SIGTERM: systemd, docker
+def test_the_command_serves_the_page_and_stops_cleanly_on_ctrl_c_or_sigterm(ws, server, signum):
     status, headers, body = server.get("/?q=a+dog")
     assert status == 200 and headers["content-type"].startswith("text/html") and b"/page.js" in body
     status, _, body = server.get("/api/search?q=a+dog&k=3")
