@@ -414,26 +414,27 @@ def test_ctrl_c_mid_run_says_what_is_kept_and_how_to_continue_and_the_resume_fin
     assert list(ckpt.checkpoints(run_dir)) == [2]
 
 
+def _patched_pretrain(patch: str, command: list[str], **popen) -> subprocess.CompletedProcess:
+    """`command` (a `vlpcache pretrain`) run with the training step replaced by `patch`'s `patched_step`, which
+    may call the real one, `step`."""
+    script = ("import sys\nfrom vlpcache.cli import main\nfrom vlpcache.model import train\n\nstep = train.train_step\n"
+              f"{patch}\ntrain.train_step = patched_step\nsys.argv = ['vlpcache', *sys.argv[1:]]\nmain()\n")
+    return subprocess.run([sys.executable, "-c", script, *command[3:]], env=dict(os.environ), capture_output=True,
+                          text=True, timeout=HANG_GUARD_S, **popen)
+
+
 # the Ctrl-C of a training step lands in a finalizer, where Python prints "Exception ignored" and drops it
 CTRL_C_IN_A_FINALIZER = """
-import signal, sys
-from vlpcache.cli import main
-from vlpcache.model import train
-
-step = train.train_step
+import signal
 
 class Finalizer:
     def __del__(self):
         signal.raise_signal(signal.SIGINT)
 
-def step_then_ctrl_c_in_a_finalizer(*args):
+def patched_step(*args):
     values = step(*args)
     Finalizer()  # dropped at once: its __del__ runs here
     return values
-
-train.train_step = step_then_ctrl_c_in_a_finalizer
-sys.argv = ["vlpcache", *sys.argv[1:]]
-main()
 """
 
 
@@ -442,9 +443,7 @@ def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_pretraining_at_the_next_
     monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
     run_dir = tmp_path / "run"
     command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0")
-    done = subprocess.run([sys.executable, "-c", CTRL_C_IN_A_FINALIZER, *command[3:]], env=dict(os.environ),
-                          capture_output=True, text=True, timeout=HANG_GUARD_S,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    done = _patched_pretrain(CTRL_C_IN_A_FINALIZER, command, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert done.returncode == 130 and "Exception ignored" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1] == (f"interrupted before the first checkpoint of {run_dir}: "
                                                     f"`vlpcache pretrain --resume -o {run_dir}` starts it again with "
@@ -457,12 +456,8 @@ def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_pretraining_at_the_next_
 # SIGTERM once the worker has died of it or ignores it: the order in which a run busy in a long forward pass
 # finds them
 SIGTERM_TO_THE_JOB = """
-import os, signal, sys, time
+import os, signal, time
 from pathlib import Path
-from vlpcache.cli import main
-from vlpcache.model import train
-
-step = train.train_step
 
 def stat(pid):
     try:
@@ -477,7 +472,7 @@ def ignores_sigterm(pid):
         return False
     return int(mask.split()[1], 16) >> (signal.SIGTERM - 1) & 1
 
-def step_then_sigterm_to_the_job(*args):
+def patched_step(*args):
     values = step(*args)
     workers = [int(p.name) for p in Path("/proc").glob("[0-9]*") if stat(p.name)[1] == str(os.getpid())]
     assert workers, "no data-loading worker"
@@ -493,10 +488,6 @@ def step_then_sigterm_to_the_job(*args):
     assert all(stat(pid)[0] not in "ZX" for pid in workers), "the loading worker died of the job's SIGTERM"
     signal.raise_signal(signal.SIGTERM)
     return values
-
-train.train_step = step_then_sigterm_to_the_job
-sys.argv = ["vlpcache", *sys.argv[1:]]
-main()
 """
 
 
@@ -507,8 +498,7 @@ def test_sigterm_to_the_whole_job_stops_pretraining_with_one_line_and_the_resume
     monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
     run_dir = tmp_path / "run"
     command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "1")
-    done = subprocess.run([sys.executable, "-c", SIGTERM_TO_THE_JOB, *command[3:]], env=dict(os.environ),
-                          capture_output=True, text=True, timeout=HANG_GUARD_S, start_new_session=True)
+    done = _patched_pretrain(SIGTERM_TO_THE_JOB, command, start_new_session=True)
     assert done.returncode == 143 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1] == (f"stopped by SIGTERM before the first checkpoint of {run_dir}: "
                                                     f"`vlpcache pretrain --resume -o {run_dir}` starts it again with "
