@@ -317,7 +317,9 @@ ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.
                       errno.EISDIR, errno.ENAMETOOLONG, errno.EFBIG, errno.ENOENT, errno.EEXIST}
 
 
-KEPT = "what was committed is kept, re-run the same command to resume"
+def stopped_line() -> str:
+    """The last line of a command that Ctrl-C or SIGTERM stopped, where the command says nothing more."""
+    return f"{stopped()}; what was committed is kept, re-run the same command to resume"
 
 
 def exit_now(code: int) -> None:
@@ -337,7 +339,7 @@ def main() -> None:
             cli.main(standalone_mode=False)
         except click.exceptions.Abort as err:  # click turns Ctrl-C (KeyboardInterrupt) into Abort
             if isinstance(err.__context__, KeyboardInterrupt):
-                click.echo(f"{stopped()}; {KEPT}", err=True)
+                click.echo(stopped_line(), err=True)
             else:
                 click.echo("aborted", err=True)
             exit_now(exit_status())
@@ -360,7 +362,7 @@ def main() -> None:
             click.echo(str(err), err=True)
             exit_now(exit_status())
         except KeyboardInterrupt:
-            click.echo(f"{stopped()}; {KEPT}", err=True)
+            click.echo(stopped_line(), err=True)
             exit_now(exit_status())
 
 
