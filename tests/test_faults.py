@@ -285,55 +285,23 @@ def test_a_dropped_ctrl_c_or_sigterm_is_raised_at_the_next_check_and_an_ignored_
             signal.signal(signum, handler)
 
 
-def test_decoding_workers_leave_ctrl_c_to_their_parent():
-    # a worker waiting for work when Ctrl-C reached the whole process group printed a traceback of its own
-    from vlpcache.extract.reader import worker_pool
+def test_decoding_workers_leave_ctrl_c_to_their_parent_and_die_of_sigterm(tmp_path):
+    # a worker waiting for work when Ctrl-C reached the whole process group printed a traceback of its own;
+    # SIGTERM ends a worker at once, wherever it is: the pool sees its death on the worker's own pipe
+    from decoders import signal_dispositions
+    from vlpcache.extract.reader import FrameReader
+    from vlpcache.extract.sources import Item
 
     # a process started in the background (`cmd &` without job control, as CI or nohup may run the suite)
     # begins with SIGINT ignored and passes that on to the workers: give the parent its usual handler, so
     # that only the workers' own setting can make them ignore it
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with worker_pool(1) as pool:
-            assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+        reported, = FrameReader(num_frames=1, max_side=64, workers=1, decode=signal_dispositions)(
+            [Item("any", tmp_path, "image")])
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-# a decoding worker handing a result of 20 MB to its pool, through a pipe the test reads
-SEND_A_LARGE_RESULT = """
-import multiprocessing, multiprocessing.connection, os, sys
-from vlpcache.extract.reader import _start_worker
-
-_start_worker(os.getppid())
-results = multiprocessing.SimpleQueue()
-results._writer = multiprocessing.connection.Connection(int(sys.argv[1]), readable=False)
-results.put(b"x" * 20_000_000)
-multiprocessing.connection.wait([], timeout=HANG_GUARD_S)  # waiting for its next item, as a worker does
-"""
-
-
-def test_a_decoding_worker_told_to_end_finishes_the_result_it_is_sending_first():
-    # Slurm signals every process of the job: a worker that died halfway through a result left the pool's
-    # reader waiting for the rest forever, and the extract hung at exit
-    from multiprocessing.reduction import ForkingPickler
-
-    expected = 4 + len(ForkingPickler.dumps(b"x" * 20_000_000))  # a length header, then the pickle
-    reader, writer = os.pipe()
-    worker = subprocess.Popen([sys.executable, "-c", SEND_A_LARGE_RESULT.replace("HANG_GUARD_S", str(HANG_GUARD_S)),
-                               str(writer)], pass_fds=[writer],
-                              preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
-    os.close(writer)
-    try:
-        received = len(os.read(reader, 65536))  # the result is on its way; the rest waits for room in the pipe
-        worker.send_signal(signal.SIGTERM)
-        while chunk := os.read(reader, 1 << 20):
-            received += len(chunk)
-        assert worker.wait(timeout=HANG_GUARD_S) == 128 + signal.SIGTERM
-    finally:
-        os.close(reader)
-        worker.kill()
-    assert received == expected
+    assert reported.error == f"{signal.SIG_IGN!r} {signal.SIG_DFL!r}"
 
 
 def test_decoding_workers_end_themselves_when_their_extract_is_killed_alone(long_root, tmp_path):

@@ -1,10 +1,15 @@
-"""Prefetch: the background iteration between the decoding workers and the detector."""
+"""The decoding workers (deaths of every kind included) and Prefetch, the background iteration
+between them and the detector."""
 
+import multiprocessing
+import signal
 import threading
+from pathlib import Path
 
 import pytest
 
-from vlpcache.extract.reader import Prefetch
+from vlpcache.extract.reader import FrameReader, Prefetch
+from vlpcache.extract.sources import Item, discover_items
 from waiting import HANG_GUARD_S, wait_until
 
 
@@ -47,13 +52,8 @@ def test_leaving_early_stops_the_thread_and_closes_the_source():
 
 
 def test_a_decoding_worker_killed_mid_run_loses_and_duplicates_nothing(tmp_path, videos_dir):
-    import multiprocessing
     import os
     import shutil
-    import signal
-
-    from vlpcache.extract.reader import FrameReader
-    from vlpcache.extract.sources import discover_items
 
     for i in range(4):
         for name in ("bikes.mp4", "cup.mp4"):
@@ -69,3 +69,66 @@ def test_a_decoding_worker_killed_mid_run_loses_and_duplicates_nothing(tmp_path,
     assert killed >= 1
     assert sorted(r.item.id for r in results) == sorted(item.id for item in items)
     assert all(r.error is None and len(r.sampled.frames) == 4 for r in results)
+
+
+def images(folder: Path, names: list[str]) -> list[Item]:
+    """Small real pictures to decode, one per name, in the order of the names."""
+    import cv2
+    import numpy as np
+
+    folder.mkdir()
+    for i, name in enumerate(names):
+        cv2.imwrite(str(folder / f"{name}.jpg"), np.full((48, 64, 3), 40 * i, np.uint8))
+    items, problems = discover_items([folder])
+    assert not problems and [item.id for item in items] == names
+    return items
+
+
+def drained(results) -> list:
+    """All that `results` yields, read in a thread, so that a reader that hangs fails its test."""
+    out, raised = [], []
+
+    def drain():
+        try:
+            out.extend(results)
+        except BaseException as err:
+            raised.append(err)
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    thread.join(HANG_GUARD_S)
+    assert not thread.is_alive(), f"the reader still waits after {HANG_GUARD_S:.0f} s: it hangs"
+    if raised:
+        raise raised[0]
+    return out
+
+
+@pytest.mark.parametrize("death", ["SIGKILL", "SIGTERM"])
+def test_a_decoding_worker_killed_halfway_through_sending_a_result_is_seen_and_its_items_decoded(tmp_path, monkeypatch,
+                                                                                                 death):
+    # the OOM killer, or a Slurm stop that reaches the workers, in the middle of a result: the reader of a
+    # ProcessPoolExecutor waited for the rest of it forever, and the extract hung
+    from decoders import DEATH_SIGNAL, DEATHS, killed_halfway_through_sending
+
+    monkeypatch.setenv(DEATHS, str(tmp_path))
+    monkeypatch.setenv(DEATH_SIGNAL, death)
+    items = images(tmp_path / "pictures", ["1-first", "2-victim", "3-queued", "4-queued"])
+    results = FrameReader(num_frames=1, max_side=64, workers=1, window=4, decode=killed_halfway_through_sending)(items)
+    first = next(results)  # the worker goes on to the victim and sends its result, which nobody reads yet
+    worker, = [p for p in multiprocessing.active_children() if p.name == "vlpcache-decode"]
+    assert wait_until(lambda: worker.exitcode is not None)
+    assert worker.exitcode == -signal.Signals[death]
+    assert (tmp_path / "2-victim").exists()  # it died on the victim, as planned
+    results = [first, *drained(results)]
+    assert sorted(r.item.id for r in results) == [item.id for item in items]
+    assert [r.error for r in results] == [None] * 4
+
+
+def test_a_file_that_crashes_its_decoder_every_time_is_reported_and_every_other_file_decoded_once(tmp_path):
+    from decoders import segfault_on_hostile
+
+    items = images(tmp_path / "pictures", ["1", "2-hostile", "3", "4", "5", "6"])
+    results = drained(FrameReader(num_frames=1, max_side=64, workers=2, window=4, decode=segfault_on_hostile)(items))
+    assert sorted(r.item.id for r in results) == [item.id for item in items]
+    assert {r.item.id: r.error for r in results if r.error} == {"2-hostile": "decoder crashed on this file (SIGSEGV)"}
+    assert all(len(r.sampled.frames) == 1 for r in results if not r.error)

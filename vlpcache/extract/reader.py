@@ -1,33 +1,32 @@
 """Decode the sampled frames of many items in parallel worker processes.
 
 Yields one `DecodedItem` per input item, in completion order, with at most `window` items in
-flight so that memory stays bounded however large the collection. A worker that crashes (a decoder
-segfault on a hostile file) does not end the run: the items it may have held are re-decoded one at a
-time, and the one that crashes alone is reported as failed.
+flight so that memory stays bounded however large the collection. Each worker has its own pipe, so a
+worker that dies, however and wherever (a decoder segfault on a hostile file; SIGKILL, the OOM killer
+or SIGTERM, even halfway through sending a result), is seen at once and the pool knows which item it
+was decoding: that item is decoded again, alone, and reported as failed if it kills its worker again;
+the items queued behind it go back to the queue. Nothing hangs and nothing is lost or duplicated.
 
 Workers leave Ctrl-C to the parent (which stops them and says what was kept, instead of a traceback
-from every worker) and end themselves when the parent dies without stopping them (kill -9, the OOM
-killer): a spawned worker holds both ends of its task pipe and would otherwise wait forever. A SIGTERM
-(Slurm signals every process of a job) ends a worker, but never while it writes a result to the
-parent: the pool's reader would wait for the rest of a result cut short forever, and the extract, which
-stops on the same SIGTERM, hung at exit.
+from every worker) and end themselves when the parent dies without stopping them (kill -9 of the
+extract alone), also in the middle of decoding a long video.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import multiprocessing
-import multiprocessing.queues
+import multiprocessing.connection
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from multiprocessing.connection import Connection
+from typing import Callable, Iterable, Iterator
 
 from vlpcache.errors import ItemError
 from vlpcache.extract.sampling import SampledFrames, read_item
@@ -63,38 +62,14 @@ def decode_item(item: Item, num_frames: int, max_side: int) -> DecodedItem:
 
 
 PARENT_CHECK_SECONDS = 1.0
-
-
-_RESULT_SEND = multiprocessing.queues.SimpleQueue.put.__code__  # how a worker hands a result to the pool
-
-
-def _sending(frame) -> bool:
-    while frame is not None:
-        if frame.f_code is _RESULT_SEND:
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _end_when_not_sending(signum, frame) -> None:
-    """A decoding worker's SIGTERM: end as the default action would, but once the result being sent is whole."""
-    if not _sending(frame):
-        os._exit(128 + signum)
-    main = threading.main_thread().ident
-
-    def end_once_sent():
-        while _sending(sys._current_frames().get(main)):
-            time.sleep(0.005)
-        os._exit(128 + signum)
-
-    threading.Thread(target=end_once_sent, name="end-once-sent", daemon=True).start()
+STOP_WAIT_SECONDS = 5.0  # how long a worker that is dying may take to exit before it is killed
+Decode = Callable[[Item, int, int], DecodedItem]  # decode_item, or a stand-in that tests crash on purpose
 
 
 def _start_worker(parent_pid: int) -> None:
-    """Initializer of a decoding worker: ignore Ctrl-C, end on SIGTERM between results, and exit once the
-    parent is gone."""
+    """A decoding worker's signals: ignore Ctrl-C, die of SIGTERM, and exit once the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _end_when_not_sending)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def exit_when_orphaned():
         while os.getppid() == parent_pid:
@@ -104,52 +79,158 @@ def _start_worker(parent_pid: int) -> None:
     threading.Thread(target=exit_when_orphaned, name="parent-watch", daemon=True).start()
 
 
-def worker_pool(workers: int) -> ProcessPoolExecutor:
-    """Decoding worker processes, spawned (no inherited torch/onnxruntime threads or h5py handles)."""
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_start_worker, initargs=(os.getpid(),))
+def _decode_items(conn: Connection, parent_pid: int, decode: Decode, num_frames: int, max_side: int) -> None:
+    """A decoding worker's life: items arrive on its own pipe and each result goes back on it, in order,
+    until the pool closes its end."""
+    _start_worker(parent_pid)
+    try:
+        while True:
+            conn.send(decode(conn.recv(), num_frames, max_side))
+    except (EOFError, BrokenPipeError, ConnectionResetError):  # the pool is done with this worker
+        pass
+
+
+def how_it_ended(exitcode: int | None) -> str:
+    """A worker's exit code in words: 'SIGSEGV', 'exit status 1'."""
+    if exitcode is not None and exitcode < 0:
+        with contextlib.suppress(ValueError):
+            return signal.Signals(-exitcode).name
+    return f"exit status {exitcode}"
+
+
+class _Worker:
+    """One decoding process and its own pipe.
+
+    Nothing else holds the other end of the pipe, so when the process dies, however and wherever
+    (SIGKILL halfway through sending a result), reading our end ends at once in EOF instead of waiting
+    for the rest of the result forever, and the items it held are exactly those sent and not answered.
+    (A shared result pipe, as in a ProcessPoolExecutor, is also held open by the other workers, and its
+    lock dies locked with a worker killed while sending: both hung the extract.)"""
+
+    def __init__(self, context, decode: Decode, num_frames: int, max_side: int):
+        self.conn, theirs = context.Pipe()
+        self.process = context.Process(target=_decode_items, name="vlpcache-decode", daemon=True,
+                                       args=(theirs, os.getpid(), decode, num_frames, max_side))
+        self.process.start()
+        theirs.close()
+        self.items: deque[Item] = deque()  # sent and not yet answered, the one being decoded first
+
+    def send(self, item: Item) -> bool:
+        try:
+            self.conn.send(item)
+        except (BrokenPipeError, ConnectionResetError):  # it died: reading its end says how
+            return False
+        self.items.append(item)
+        return True
+
+    def receive(self) -> DecodedItem | None:
+        """Its next result, or None once it has died."""
+        try:
+            result = self.conn.recv()
+        except (EOFError, OSError):  # OSError: "got end of file during message"
+            return None
+        self.items.popleft()
+        return result
+
+    def end(self) -> str:
+        """Make sure the process is gone (a worker holds nothing worth waiting for); how it ended."""
+        self.conn.close()
+        self.process.join(STOP_WAIT_SECONDS)  # it died: the pipe closes before the process is reaped
+        if self.process.exitcode is None:
+            self.process.kill()
+            self.process.join()
+        return how_it_ended(self.process.exitcode)
+
+
+@dataclass
+class _Died:
+    item: Item  # the item it was decoding (or sending)
+    not_begun: list[Item]
+    how: str
+
+
+class _WorkerPool:
+    """Decoding workers, each fed through its own pipe; one that dies is replaced by a new one."""
+
+    def __init__(self, size: int, decode: Decode, num_frames: int, max_side: int):
+        self._start = functools.partial(_Worker, multiprocessing.get_context("spawn"), decode, num_frames, max_side)
+        self.workers = [self._start() for _ in range(size)]
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(worker.items) for worker in self.workers)
+
+    def submit(self, item: Item) -> bool:
+        """Send `item` to the least busy worker; False if that worker has died (wait() replaces it)."""
+        return min(self.workers, key=lambda worker: len(worker.items)).send(item)
+
+    def wait(self) -> list[DecodedItem | _Died]:
+        """Block until a worker answers or dies: the results received, and a _Died for each worker that
+        died holding items. Call it only with items in flight or a failed submit()."""
+        outcomes: list[DecodedItem | _Died] = []
+        for conn in multiprocessing.connection.wait([worker.conn for worker in self.workers]):
+            index = next(i for i, worker in enumerate(self.workers) if worker.conn is conn)
+            worker = self.workers[index]
+            if (result := worker.receive()) is not None:
+                outcomes.append(result)
+                continue
+            how = worker.end()
+            self.workers[index] = self._start()
+            if worker.items:
+                outcomes.append(_Died(worker.items[0], list(worker.items)[1:], how))
+        return outcomes
+
+    def __enter__(self) -> "_WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for worker in self.workers:  # nothing in a worker is worth waiting for: stop them all at once
+            worker.conn.close()
+            worker.process.terminate()
+        for worker in self.workers:
+            worker.end()
 
 
 class FrameReader:
-    def __init__(self, num_frames: int, max_side: int, workers: int, window: int | None = None):
+    def __init__(self, num_frames: int, max_side: int, workers: int, window: int | None = None,
+                 decode: Decode = decode_item):
         self.num_frames = num_frames
         self.max_side = max_side
         self.workers = workers
         self.window = window or max(4, 4 * workers)
+        self.decode = decode
 
     def __call__(self, items: Iterable[Item]) -> Iterator[DecodedItem]:
         if self.workers == 0:  # in-process decoding: simplest to debug and profile
             for item in items:
-                yield decode_item(item, self.num_frames, self.max_side)
+                yield self.decode(item, self.num_frames, self.max_side)
             return
         pending = deque(items)
-        suspects: deque[Item] = deque()  # in flight when a worker crashed: retried alone
-        while pending or suspects:
-            alone = bool(suspects)
-            queue = suspects if alone else pending
-            try:
-                yield from self._run_pool(queue, window=1 if alone else self.window)
-            except _PoolCrashed as crash:
-                if alone:  # it crashed with nothing else in flight: this item is the culprit
-                    yield DecodedItem(crash.in_flight[0], None, "decoder crashed on this file")
-                else:
-                    suspects.extend(crash.in_flight)
-
-    def _run_pool(self, queue: deque, window: int) -> Iterator[DecodedItem]:
-        with worker_pool(min(self.workers, window)) as pool:
-            in_flight: dict[Future, Item] = {}
-            while queue or in_flight:
-                while queue and len(in_flight) < window:
-                    item = queue.popleft()
-                    in_flight[pool.submit(decode_item, item, self.num_frames, self.max_side)] = item
-                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                for future in done:
-                    item = in_flight.pop(future)
-                    try:
-                        yield future.result()
-                    except BrokenProcessPool:
-                        lost = [item, *in_flight.values()]
-                        raise _PoolCrashed(lost) from None
+        suspects: deque[Item] = deque()  # their worker died decoding them: each is decoded again, alone
+        alone: Item | None = None  # the suspect being decoded again, with nothing else in flight
+        with _WorkerPool(min(self.workers, self.window), self.decode, self.num_frames, self.max_side) as pool:
+            while pending or suspects or pool.in_flight:
+                if suspects and not pool.in_flight:
+                    alone = suspects.popleft()
+                    if not pool.submit(alone):
+                        suspects.appendleft(alone)
+                        alone = None
+                while pending and not suspects and alone is None and pool.in_flight < self.window:
+                    if not pool.submit(item := pending.popleft()):
+                        pending.appendleft(item)
+                        break
+                for outcome in pool.wait():
+                    if isinstance(outcome, DecodedItem):
+                        if alone is not None and outcome.item.id == alone.id:  # a copy, back from the worker
+                            alone = None
+                        yield outcome
+                        continue
+                    pending.extendleft(reversed(outcome.not_begun))
+                    if outcome.item is alone:  # it died again with nothing else in flight: this file did it
+                        alone = None
+                        yield DecodedItem(outcome.item, None, f"decoder crashed on this file ({outcome.how})")
+                    else:
+                        suspects.append(outcome.item)
 
 
 _DONE = object()
@@ -204,9 +285,3 @@ class Prefetch:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class _PoolCrashed(Exception):
-    def __init__(self, in_flight: list[Item]):
-        super().__init__(f"decoder worker crashed with {len(in_flight)} items in flight")
-        self.in_flight = in_flight
