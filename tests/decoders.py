@@ -18,6 +18,10 @@ from vlpcache.extract.sources import Item
 DEATHS = "VLPCACHE_TEST_DEATHS"  # a folder that remembers the deaths already died, across workers
 DEATH_SIGNAL = "VLPCACHE_TEST_DEATH_SIGNAL"  # how killed_halfway_through_sending dies: SIGKILL, SIGTERM
 BALLAST = 20_000_000  # bytes of a result far larger than a pipe holds: sending it waits for the reader
+CANNOT_START = "VLPCACHE_TEST_WORKERS_CANNOT_START"  # a pid: any other process that imports this module dies of it
+
+if os.environ.get(CANNOT_START, str(os.getpid())) != str(os.getpid()):
+    raise ImportError("a decoding library that does not load in the workers (a broken install)")
 
 
 def segfault_on_hostile(item: Item, num_frames: int, max_side: int) -> DecodedItem:
@@ -25,6 +29,13 @@ def segfault_on_hostile(item: Item, num_frames: int, max_side: int) -> DecodedIt
     if "hostile" in item.id:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file left behind
         os.kill(os.getpid(), signal.SIGSEGV)
+    return decode_item(item, num_frames, max_side)
+
+
+def stuck_on_stuck(item: Item, num_frames: int, max_side: int) -> DecodedItem:
+    """A decoder that never returns on files named 'stuck', as one sent into a loop by a hostile file."""
+    while "stuck" in item.id:
+        time.sleep(1)
     return decode_item(item, num_frames, max_side)
 
 

@@ -2,6 +2,7 @@
 between them and the detector."""
 
 import multiprocessing
+import os
 import signal
 import threading
 from pathlib import Path
@@ -52,7 +53,6 @@ def test_leaving_early_stops_the_thread_and_closes_the_source():
 
 
 def test_a_decoding_worker_killed_mid_run_loses_and_duplicates_nothing(tmp_path, videos_dir):
-    import os
     import shutil
 
     for i in range(4):
@@ -132,3 +132,26 @@ def test_a_file_that_crashes_its_decoder_every_time_is_reported_and_every_other_
     assert sorted(r.item.id for r in results) == [item.id for item in items]
     assert {r.item.id: r.error for r in results if r.error} == {"2-hostile": "decoder crashed on this file (SIGSEGV)"}
     assert all(len(r.sampled.frames) == 1 for r in results if not r.error)
+
+
+def test_an_item_whose_decoding_overruns_the_time_limit_is_stopped_and_reported_and_the_rest_decoded(tmp_path):
+    # a hostile file can send a decoder into a loop: the extract waited for it for ever
+    from decoders import stuck_on_stuck
+
+    items = images(tmp_path / "pictures", ["1", "2-stuck", "3", "4", "5"])
+    reader = FrameReader(num_frames=1, max_side=64, workers=2, window=4, decode=stuck_on_stuck, timeout=5)
+    results = drained(reader(items))
+    assert sorted(r.item.id for r in results) == [item.id for item in items]
+    assert {r.item.id: r.error for r in results if r.error} == {"2-stuck": "decoder took more than 5 s on this file"}
+
+
+def test_workers_that_cannot_start_end_the_reader_with_one_clear_error(tmp_path, monkeypatch):
+    # a broken install killed every worker as it started, and the pool would have replaced them for ever
+    from decoders import CANNOT_START, segfault_on_hostile
+    from vlpcache.errors import UserError
+
+    monkeypatch.setenv(CANNOT_START, str(os.getpid()))
+    items = images(tmp_path / "pictures", ["1", "2"])
+    reader = FrameReader(num_frames=1, max_side=64, workers=1, decode=segfault_on_hostile)
+    with pytest.raises(UserError, match=r"decoding workers die before they are ready \(exit status 1\), 3 in a row"):
+        drained(reader(items))

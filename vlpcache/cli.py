@@ -109,6 +109,9 @@ def backbone_help() -> str:
 @click.option("--batch-size", default=None, type=click.IntRange(1),
               help=f"Frames per detector batch [default: {CPU_BATCH_SIZE} on CPU, {CUDA_BATCH_SIZE} on CUDA].")
 @click.option("--workers", default=None, type=click.IntRange(0), help="Decoding worker processes [default: CPU cores - 1, at least 1].")
+@click.option("--decode-timeout", default=ExtractOptions.decode_timeout, show_default=True, type=click.FloatRange(0),
+              metavar="SECONDS", help="Time one item's decoding may take before its worker is stopped and the item "
+                                      "recorded as failed (a hostile file can send a decoder into a loop); 0: no limit.")
 @click.option("--shard", default=ExtractOptions.shard, show_default=True,
               help="Process only part i of n of the items (i/n), for many machines.")
 @click.option("--retry-failed", is_flag=True, help="Retry items recorded as failed in an earlier run.")

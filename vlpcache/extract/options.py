@@ -13,6 +13,7 @@ from vlpcache.extract.detectors.spec import default_regions, default_score_thres
 
 CPU_BATCH_SIZE = 8  # frames per detector batch on CPU: bigger batches only add memory traffic
 CUDA_BATCH_SIZE = 128
+DECODE_TIMEOUT_S = 600  # one item's decoding may take this long: a hostile file can send a decoder into a loop
 ENGINES = ("local", "ray")  # where the stages run: this machine's processes, or a Ray cluster (ray_engine.py)
 
 
@@ -29,6 +30,7 @@ class ExtractOptions:
     device: str = DEFAULT_DEVICE
     batch_size: int | None = None  # frames per detector batch (None: CPU_BATCH_SIZE or CUDA_BATCH_SIZE)
     workers: int | None = None  # decoding processes (None: CPU cores - 1, at least 1)
+    decode_timeout: float = DECODE_TIMEOUT_S  # seconds one item's decoding may take (0: no limit)
     shard: str = "0/1"  # i/n: process only the i-th of n parts of the items
     retry_failed: bool = False  # retry items recorded as failed in an earlier run
     items_per_shard: int = SHARD_ITEMS
@@ -60,6 +62,9 @@ class ExtractOptions:
 
     def worker_count(self) -> int:
         return max(1, (os.cpu_count() or 2) - 1) if self.workers is None else self.workers
+
+    def decode_time_limit(self) -> float | None:
+        return self.decode_timeout or None
 
     def shard_set(self) -> str:
         """The writer identity of --shard i/n, `s{i}of{n}`: its shard and failure files start with it."""

@@ -77,10 +77,11 @@ def check_address(address: str | None) -> None:
                         "with `ray start --head`, or leave the address out for a local instance") from None
 
 
-def decode_items(batch: dict[str, np.ndarray], num_frames: int, max_side: int) -> Iterator[dict[str, list]]:
+def decode_items(batch: dict[str, np.ndarray], num_frames: int, max_side: int,
+                 timeout: float | None) -> Iterator[dict[str, list]]:
     """Ray task: decode a block of items, yielding one row per item with its pickled DecodedItem."""
     items = [Item(str(i), Path(p), str(k)) for i, p, k in zip(batch["id"], batch["path"], batch["kind"])]
-    for decoded in FrameReader(num_frames, max_side, workers=1)(items):
+    for decoded in FrameReader(num_frames, max_side, workers=1, timeout=timeout)(items):
         yield {"decoded": [pickle.dumps(decoded, protocol=pickle.HIGHEST_PROTOCOL)]}
 
 
@@ -197,7 +198,8 @@ def _pipeline(ray, todo: list[Item], spec: DetectorSpec, writer: ShardWriter, op
     return (
         ray.data.from_items(rows, override_num_blocks=tasks)
         .map_batches(decode_items, batch_size=None, batch_format="numpy", num_cpus=1,
-                     fn_kwargs={"num_frames": options.frames, "max_side": spec.max_side},
+                     fn_kwargs={"num_frames": options.frames, "max_side": spec.max_side,
+                                "timeout": options.decode_time_limit()},
                      compute=ray.data.TaskPoolStrategy(size=options.workers) if options.workers else None)
         .map_batches(RegionShardActor, batch_size=actor_items, batch_format="numpy",
                      compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, memory=DETECTOR_ACTOR_MEMORY,

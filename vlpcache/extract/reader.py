@@ -5,7 +5,9 @@ flight so that memory stays bounded however large the collection. Each worker ha
 worker that dies, however and wherever (a decoder segfault on a hostile file; SIGKILL, the OOM killer
 or SIGTERM, even halfway through sending a result), is seen at once and the pool knows which item it
 was decoding: that item is decoded again, alone, and reported as failed if it kills its worker again;
-the items queued behind it go back to the queue. Nothing hangs and nothing is lost or duplicated.
+the items queued behind it go back to the queue. Nothing hangs and nothing is lost or duplicated. An
+item whose decoding overruns the time limit (a hostile file can send a decoder into a loop) has its
+worker killed and is reported as failed.
 
 Workers leave Ctrl-C to the parent (which stops them and says what was kept, instead of a traceback
 from every worker) and end themselves when the parent dies without stopping them (kill -9 of the
@@ -28,7 +30,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Callable, Iterable, Iterator
 
-from vlpcache.errors import ItemError
+from vlpcache.errors import ItemError, UserError
+from vlpcache.extract.options import DECODE_TIMEOUT_S
 from vlpcache.extract.sampling import SampledFrames, read_item
 from vlpcache.extract.sources import Item
 
@@ -63,6 +66,8 @@ def decode_item(item: Item, num_frames: int, max_side: int) -> DecodedItem:
 
 PARENT_CHECK_SECONDS = 1.0
 STOP_WAIT_SECONDS = 5.0  # how long a worker that is dying may take to exit before it is killed
+FAILED_STARTS = 3  # workers that die before they are ready (not killed), in a row, before the reader gives up
+_READY = "ready"  # a worker's first message: its imports are done
 Decode = Callable[[Item, int, int], DecodedItem]  # decode_item, or a stand-in that tests crash on purpose
 
 
@@ -80,14 +85,16 @@ def _start_worker(parent_pid: int) -> None:
 
 
 def _decode_items(conn: Connection, parent_pid: int, decode: Decode, num_frames: int, max_side: int) -> None:
-    """A decoding worker's life: items arrive on its own pipe and each result goes back on it, in order,
-    until the pool closes its end."""
+    """A decoding worker's life: say it is ready (its imports are done), then take items from its own
+    pipe and send each result back on it, in order, until the pool closes its end."""
     _start_worker(parent_pid)
     try:
+        conn.send(_READY)
         while True:
             conn.send(decode(conn.recv(), num_frames, max_side))
     except (EOFError, BrokenPipeError, ConnectionResetError):  # the pool is done with this worker
         pass
+
 
 
 def how_it_ended(exitcode: int | None) -> str:
@@ -103,9 +110,10 @@ class _Worker:
 
     Nothing else holds the other end of the pipe, so when the process dies, however and wherever
     (SIGKILL halfway through sending a result), reading our end ends at once in EOF instead of waiting
-    for the rest of the result forever, and the items it held are exactly those sent and not answered.
-    (A shared result pipe, as in a ProcessPoolExecutor, is also held open by the other workers, and its
-    lock dies locked with a worker killed while sending: both hung the extract.)"""
+    for the rest of the result forever, and the items it held are exactly those sent and not answered:
+    the first is the one it was decoding, once it has said it is ready. (A shared result pipe, as in a
+    ProcessPoolExecutor, is also held open by the other workers, and its lock dies locked with a worker
+    killed while sending: both hung the extract.)"""
 
     def __init__(self, context, decode: Decode, num_frames: int, max_side: int):
         self.conn, theirs = context.Pipe()
@@ -114,27 +122,34 @@ class _Worker:
         self.process.start()
         theirs.close()
         self.items: deque[Item] = deque()  # sent and not yet answered, the one being decoded first
+        self.ready = False
+        self.since = 0.0  # when the first of `items` became the one it decodes (at the latest), once ready
 
     def send(self, item: Item) -> bool:
         try:
             self.conn.send(item)
         except (BrokenPipeError, ConnectionResetError):  # it died: reading its end says how
             return False
+        if not self.items:
+            self.since = time.monotonic()
         self.items.append(item)
         return True
 
     def receive(self) -> DecodedItem | None:
-        """Its next result, or None once it has died."""
-        try:
-            result = self.conn.recv()
-        except (EOFError, OSError):  # OSError: "got end of file during message"
+        """Its next result, or None for its ready message; EOFError or OSError once it has died."""
+        message = self.conn.recv()  # OSError: "got end of file during message"
+        self.since = time.monotonic()
+        if message == _READY:
+            self.ready = True
             return None
         self.items.popleft()
-        return result
+        return message
 
-    def end(self) -> str:
+    def end(self, kill: bool = False) -> str:
         """Make sure the process is gone (a worker holds nothing worth waiting for); how it ended."""
         self.conn.close()
+        if kill:
+            self.process.kill()
         self.process.join(STOP_WAIT_SECONDS)  # it died: the pipe closes before the process is reaped
         if self.process.exitcode is None:
             self.process.kill()
@@ -144,17 +159,20 @@ class _Worker:
 
 @dataclass
 class _Died:
-    item: Item  # the item it was decoding (or sending)
+    item: Item | None  # the item it was decoding (or sending); None if it died before it was ready
     not_begun: list[Item]
-    how: str
+    why: str  # "decoder crashed on this file (SIGSEGV)"
+    again: bool  # worth decoding again, alone (a crash); not after a decoder overran the time limit
 
 
 class _WorkerPool:
     """Decoding workers, each fed through its own pipe; one that dies is replaced by a new one."""
 
-    def __init__(self, size: int, decode: Decode, num_frames: int, max_side: int):
+    def __init__(self, size: int, decode: Decode, num_frames: int, max_side: int, timeout: float | None):
         self._start = functools.partial(_Worker, multiprocessing.get_context("spawn"), decode, num_frames, max_side)
         self.workers = [self._start() for _ in range(size)]
+        self.timeout = timeout  # seconds one item may take, None: no limit
+        self.failed_starts = 0
 
     @property
     def in_flight(self) -> int:
@@ -165,20 +183,45 @@ class _WorkerPool:
         return min(self.workers, key=lambda worker: len(worker.items)).send(item)
 
     def wait(self) -> list[DecodedItem | _Died]:
-        """Block until a worker answers or dies: the results received, and a _Died for each worker that
-        died holding items. Call it only with items in flight or a failed submit()."""
+        """Block until a worker answers, dies, or overruns the time limit on an item: the results
+        received, and a _Died for each worker that died (or was stopped) holding items. Call it only
+        with items in flight or after a failed submit()."""
         outcomes: list[DecodedItem | _Died] = []
-        for conn in multiprocessing.connection.wait([worker.conn for worker in self.workers]):
-            index = next(i for i, worker in enumerate(self.workers) if worker.conn is conn)
-            worker = self.workers[index]
-            if (result := worker.receive()) is not None:
-                outcomes.append(result)
+        ready = multiprocessing.connection.wait([worker.conn for worker in self.workers], self._time_left())
+        for index, worker in enumerate(self.workers):
+            if worker.conn in ready:
+                try:
+                    if (result := worker.receive()) is not None:
+                        outcomes.append(result)
+                    else:
+                        self.failed_starts = 0
+                    continue
+                except (EOFError, OSError):
+                    how = worker.end()
+                    why, again = f"decoder crashed on this file ({how})", True
+            elif worker.items and self._time_left(worker) == 0:  # an answer waiting in its pipe is never late
+                how = worker.end(kill=True)
+                why, again = f"decoder took more than {self.timeout:g} s on this file", False
+            else:
                 continue
-            how = worker.end()
+            if not worker.ready and how not in ("SIGKILL", "SIGTERM"):  # not killed by someone: it cannot start
+                self.failed_starts += 1
+                if self.failed_starts >= FAILED_STARTS:
+                    raise UserError(f"decoding workers die before they are ready ({how}), {FAILED_STARTS} in a row: "
+                                    "see their error above; --workers 0 decodes in this process")
             self.workers[index] = self._start()
-            if worker.items:
-                outcomes.append(_Died(worker.items[0], list(worker.items)[1:], how))
+            if not worker.ready:
+                outcomes.append(_Died(None, list(worker.items), why, again))
+            elif worker.items:
+                outcomes.append(_Died(worker.items[0], list(worker.items)[1:], why, again))
         return outcomes
+
+    def _time_left(self, worker: _Worker | None = None) -> float | None:
+        """Seconds until `worker`, or the first busy worker, overruns the limit; None: no limit, or none busy."""
+        busy = [w for w in ([worker] if worker else self.workers) if w.items and w.ready]
+        if self.timeout is None or not busy:
+            return None
+        return max(0.0, min(w.since for w in busy) + self.timeout - time.monotonic())
 
     def __enter__(self) -> "_WorkerPool":
         return self
@@ -193,44 +236,77 @@ class _WorkerPool:
 
 class FrameReader:
     def __init__(self, num_frames: int, max_side: int, workers: int, window: int | None = None,
-                 decode: Decode = decode_item):
+                 decode: Decode = decode_item, timeout: float | None = DECODE_TIMEOUT_S):
         self.num_frames = num_frames
         self.max_side = max_side
         self.workers = workers
         self.window = window or max(4, 4 * workers)
         self.decode = decode
+        self.timeout = timeout  # seconds a worker may take on one item (None: no limit; in-process: none)
 
     def __call__(self, items: Iterable[Item]) -> Iterator[DecodedItem]:
         if self.workers == 0:  # in-process decoding: simplest to debug and profile
             for item in items:
                 yield self.decode(item, self.num_frames, self.max_side)
             return
-        pending = deque(items)
-        suspects: deque[Item] = deque()  # their worker died decoding them: each is decoded again, alone
-        alone: Item | None = None  # the suspect being decoded again, with nothing else in flight
-        with _WorkerPool(min(self.workers, self.window), self.decode, self.num_frames, self.max_side) as pool:
-            while pending or suspects or pool.in_flight:
-                if suspects and not pool.in_flight:
-                    alone = suspects.popleft()
-                    if not pool.submit(alone):
-                        suspects.appendleft(alone)
-                        alone = None
-                while pending and not suspects and alone is None and pool.in_flight < self.window:
-                    if not pool.submit(item := pending.popleft()):
-                        pending.appendleft(item)
-                        break
+        queue = _Queue(items)
+        with _WorkerPool(min(self.workers, self.window), self.decode, self.num_frames, self.max_side,
+                         self.timeout) as pool:
+            while queue or pool.in_flight:
+                queue.fill(pool, self.window)
                 for outcome in pool.wait():
                     if isinstance(outcome, DecodedItem):
-                        if alone is not None and outcome.item.id == alone.id:  # a copy, back from the worker
-                            alone = None
+                        queue.answered(outcome)
                         yield outcome
-                        continue
-                    pending.extendleft(reversed(outcome.not_begun))
-                    if outcome.item is alone:  # it died again with nothing else in flight: this file did it
-                        alone = None
-                        yield DecodedItem(outcome.item, None, f"decoder crashed on this file ({outcome.how})")
-                    else:
-                        suspects.append(outcome.item)
+                    elif failed := queue.died(outcome):
+                        yield failed
+
+
+class _Queue:
+    """The items still to send to the workers: new ones in order, except that one whose worker died
+    decoding it (a suspect) is decoded again with nothing else in flight, so that only it can be to
+    blame if its worker dies again."""
+
+    def __init__(self, items: Iterable[Item]):
+        self.pending = deque(items)
+        self.suspects: deque[Item] = deque()
+        self.alone: Item | None = None  # the suspect being decoded again
+
+    def __bool__(self) -> bool:
+        return bool(self.pending or self.suspects)
+
+    def fill(self, pool: _WorkerPool, window: int) -> None:
+        if self.suspects and not pool.in_flight:
+            self.alone = self.suspects.popleft()
+            if not pool.submit(self.alone):
+                self.suspects.appendleft(self.alone)
+                self.alone = None
+        while self.pending and not self.suspects and self.alone is None and pool.in_flight < window:
+            if not pool.submit(item := self.pending.popleft()):
+                self.pending.appendleft(item)
+                return
+
+    def answered(self, result: DecodedItem) -> None:
+        if self.alone is not None and result.item.id == self.alone.id:  # a copy, back from the worker
+            self.alone = None
+
+    def died(self, death: _Died) -> DecodedItem | None:
+        """Take back what a dead worker held; the failure to report if the item it decoded is to blame."""
+        for item in reversed(death.not_begun):
+            if item is self.alone:  # its worker died as it started
+                self.suspects.appendleft(item)
+                self.alone = None
+            else:
+                self.pending.appendleft(item)
+        if death.item is None:  # it died as it started: no item did that
+            return None
+        if death.item is self.alone:  # alone, it died again: this file did it
+            self.alone = None
+            return DecodedItem(death.item, None, death.why)
+        if not death.again:  # it overran the time limit: decoding it again would only wait as long
+            return DecodedItem(death.item, None, death.why)
+        self.suspects.append(death.item)
+        return None
 
 
 _DONE = object()

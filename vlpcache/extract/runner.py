@@ -52,7 +52,7 @@ def detect_and_write(todo, spec: DetectorSpec, writer: ShardWriter, options: Ext
     from vlpcache.devices import resolve_device
     from vlpcache.extract.mapper import RegionMapper
 
-    reader = FrameReader(options.frames, spec.max_side, options.worker_count())
+    reader = FrameReader(options.frames, spec.max_side, options.worker_count(), timeout=options.decode_time_limit())
     # the workers start decoding now, while torch and the networks load, up to about 256 MB of
     # decoded frames ahead (yolox at T=8: 64 items, four CUDA batches)
     depth = decoded_items_within_budget(spec.max_side, options.frames)
