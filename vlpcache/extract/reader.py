@@ -96,7 +96,6 @@ def _decode_items(conn: Connection, parent_pid: int, decode: Decode, num_frames:
         pass
 
 
-
 def how_it_ended(exitcode: int | None) -> str:
     """A worker's exit code in words: 'SIGSEGV', 'exit status 1'."""
     if exitcode is not None and exitcode < 0:
@@ -249,20 +248,20 @@ class FrameReader:
             for item in items:
                 yield self.decode(item, self.num_frames, self.max_side)
             return
-        queue = _Queue(items)
+        todo = _Todo(items)
         with _WorkerPool(min(self.workers, self.window), self.decode, self.num_frames, self.max_side,
                          self.timeout) as pool:
-            while queue or pool.in_flight:
-                queue.fill(pool, self.window)
+            while todo or pool.in_flight:
+                todo.fill(pool, self.window)
                 for outcome in pool.wait():
                     if isinstance(outcome, DecodedItem):
-                        queue.answered(outcome)
+                        todo.answered(outcome)
                         yield outcome
-                    elif failed := queue.died(outcome):
+                    elif failed := todo.died(outcome):
                         yield failed
 
 
-class _Queue:
+class _Todo:
     """The items still to send to the workers: new ones in order, except that one whose worker died
     decoding it (a suspect) is decoded again with nothing else in flight, so that only it can be to
     blame if its worker dies again."""
