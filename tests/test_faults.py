@@ -39,10 +39,13 @@ KILLS = 10
 SEED = int(os.environ.get("VLPCACHE_FAULT_SEED", random.SystemRandom().randrange(1 << 30)))
 
 
-def start_extract(root: Path, cache: Path, cwd: Path) -> subprocess.Popen:
-    """`vlpcache extract` as its own process group, so that a kill takes its decoding workers too."""
-    return subprocess.Popen([sys.executable, "-m", "vlpcache", "extract", str(root), "-o", str(cache), *EXTRACT],
-                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+def start_extract(root: Path, cache: Path, cwd: Path, *extra: str, default: tuple = ()) -> subprocess.Popen:
+    """`vlpcache extract` as its own process group, so that a kill takes its decoding workers too; `extra`
+    options override EXTRACT's, and the signals in `default` are not ignored there even where ours are."""
+    return subprocess.Popen([sys.executable, "-m", "vlpcache", "extract", str(root), "-o", str(cache), *EXTRACT, *extra],
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=(lambda: [signal.signal(signum, signal.SIG_DFL) for signum in default])
+                            if default else None)
 
 
 def extract(root: Path, cache: Path, cwd: Path, timeout: float = HANG_GUARD_S) -> subprocess.CompletedProcess:
@@ -148,9 +151,7 @@ def long_root(tmp_path_factory, msrvtt_dir) -> Path:
 
 def start_extract_at_work(root: Path, cache: Path, cwd: Path) -> subprocess.Popen:
     """An extract (its own process group, Ctrl-C not ignored even where ours is) past its first shard."""
-    proc = subprocess.Popen([sys.executable, "-m", "vlpcache", "extract", str(root), "-o", str(cache), *EXTRACT],
-                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = start_extract(root, cache, cwd, default=(signal.SIGINT,))
     wait_until(lambda: (cache / SHARD_DIR).is_dir() and list((cache / SHARD_DIR).glob("*.h5")), alive=proc)
     assert proc.poll() is None, f"the extract ended before it could be interrupted: {proc.communicate()}"
     return proc
@@ -188,11 +189,7 @@ def test_sigterm_to_the_whole_job_commits_the_shard_in_progress_and_says_so(long
     # a Slurm time limit signals every process of the job, the decoding workers too; the process died of it
     # as of kill -9, losing the shard in progress: here the first, which nothing else would have committed
     cache = tmp_path / "cache"
-    options = [*EXTRACT[:EXTRACT.index("--items-per-shard")], *EXTRACT[EXTRACT.index("--items-per-shard") + 2:]]
-    proc = subprocess.Popen([sys.executable, "-m", "vlpcache", "extract", str(long_root), "-o", str(cache), *options,
-                             "--items-per-shard", "1000"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    proc = start_extract(long_root, cache, tmp_path, "--items-per-shard", "1000", default=(signal.SIGTERM,))
     wait_until(lambda: (cache / SHARD_DIR).is_dir() and temporaries(cache), alive=proc)
     time.sleep(1.0)  # a few items into the shard
     assert proc.poll() is None, f"the extract ended before it could be stopped: {proc.communicate()}"

@@ -423,6 +423,12 @@ def _patched_pretrain(patch: str, command: list[str], **popen) -> subprocess.Com
                           text=True, timeout=HANG_GUARD_S, **popen)
 
 
+def before_the_first_checkpoint(stopped: str, run_dir: Path) -> str:
+    """The last line of a pretraining stopped before its first checkpoint."""
+    return (f"{stopped} before the first checkpoint of {run_dir}: `vlpcache pretrain --resume -o {run_dir}` starts it "
+            "again with its settings")
+
+
 # the Ctrl-C of a training step lands in a finalizer, where Python prints "Exception ignored" and drops it
 CTRL_C_IN_A_FINALIZER = """
 import signal
@@ -445,9 +451,7 @@ def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_pretraining_at_the_next_
     command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0")
     done = _patched_pretrain(CTRL_C_IN_A_FINALIZER, command, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert done.returncode == 130 and "Exception ignored" not in done.stderr, done.stderr
-    assert done.stderr.strip().splitlines()[-1] == (f"interrupted before the first checkpoint of {run_dir}: "
-                                                    f"`vlpcache pretrain --resume -o {run_dir}` starts it again with "
-                                                    "its settings")
+    assert done.stderr.strip().splitlines()[-1] == before_the_first_checkpoint("interrupted", run_dir)
     assert not ckpt.checkpoints(run_dir)
 
 
@@ -500,9 +504,7 @@ def test_sigterm_to_the_whole_job_stops_pretraining_with_one_line_and_the_resume
     command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "1")
     done = _patched_pretrain(SIGTERM_TO_THE_JOB, command, start_new_session=True)
     assert done.returncode == 143 and "Traceback" not in done.stderr, done.stderr
-    assert done.stderr.strip().splitlines()[-1] == (f"stopped by SIGTERM before the first checkpoint of {run_dir}: "
-                                                    f"`vlpcache pretrain --resume -o {run_dir}` starts it again with "
-                                                    "its settings")
+    assert done.stderr.strip().splitlines()[-1] == before_the_first_checkpoint("stopped by SIGTERM", run_dir)
     assert run_pretrain(run_dir=run_dir, resume=True, quiet=True, device="cpu")["trained_epochs"] == 2
     assert list(ckpt.checkpoints(run_dir)) == [2]
 
