@@ -155,3 +155,11 @@ def test_workers_that_cannot_start_end_the_reader_with_one_clear_error(tmp_path,
     reader = FrameReader(num_frames=1, max_side=64, workers=1, decode=segfault_on_hostile)
     with pytest.raises(UserError, match=r"decoding workers die before they are ready \(exit status 1\), 3 in a row"):
         drained(reader(items))
+
+
+@pytest.mark.parametrize("limit", [1e12, float("inf")])
+def test_a_time_limit_beyond_what_a_wait_can_take_is_waited_for_in_steps(tmp_path, limit):
+    # poll() takes no timeout this large: the reader failed with OverflowError before decoding anything
+    items = images(tmp_path / "pictures", ["1", "2", "3"])
+    results = drained(FrameReader(num_frames=1, max_side=64, workers=1, timeout=limit)(items))
+    assert sorted(r.item.id for r in results) == ["1", "2", "3"] and not any(r.error for r in results)

@@ -3,6 +3,7 @@ run_extract takes them as an ExtractOptions record. No torch, no h5py."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -64,7 +65,11 @@ class ExtractOptions:
         return max(1, (os.cpu_count() or 2) - 1) if self.workers is None else self.workers
 
     def decode_time_limit(self) -> float | None:
-        return self.decode_timeout or None
+        """--decode-timeout in seconds, None for no limit (0 or inf), or one clear error."""
+        if not self.decode_timeout >= 0:  # click's range lets nan through
+            raise UserError(f"--decode-timeout {self.decode_timeout}: give the seconds one item's decoding may take, "
+                            "or 0 for no limit")
+        return self.decode_timeout if 0 < self.decode_timeout < math.inf else None
 
     def shard_set(self) -> str:
         """The writer identity of --shard i/n, `s{i}of{n}`: its shard and failure files start with it."""

@@ -66,6 +66,7 @@ def decode_item(item: Item, num_frames: int, max_side: int) -> DecodedItem:
 
 PARENT_CHECK_SECONDS = 1.0
 STOP_WAIT_SECONDS = 5.0  # how long a worker that is dying may take to exit before it is killed
+WAKE_AT_LEAST_S = 3600.0  # a time limit further away is waited for in steps (poll() takes no larger timeout)
 FAILED_STARTS = 3  # workers that die before they are ready (not killed), in a row, before the reader gives up
 _READY = "ready"  # a worker's first message: its imports are done
 Decode = Callable[[Item, int, int], DecodedItem]  # decode_item, or a stand-in that tests crash on purpose
@@ -220,7 +221,7 @@ class _WorkerPool:
         busy = [w for w in ([worker] if worker else self.workers) if w.items and w.ready]
         if self.timeout is None or not busy:
             return None
-        return max(0.0, min(w.since for w in busy) + self.timeout - time.monotonic())
+        return min(WAKE_AT_LEAST_S, max(0.0, min(w.since for w in busy) + self.timeout - time.monotonic()))
 
     def __enter__(self) -> "_WorkerPool":
         return self

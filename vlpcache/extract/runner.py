@@ -91,6 +91,7 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     started = time.monotonic()
     options = ExtractOptions(**options).with_detector_defaults()
     engine = extract_engine(options)  # ray: installed, and its address answers, before anything is written
+    options.decode_time_limit()  # a bad --decode-timeout too
     workspace = Workspace()
     cache_dir = Path(cache_dir) if cache_dir else workspace.cache_dir
     roots = [Path(r) for r in roots]
