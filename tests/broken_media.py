@@ -95,6 +95,17 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
     return path
 
 
+SLOW_IMAGE_SIDE = 14_000  # 196 million pixels, just under the pixel limit: seconds to decode and scale down
+
+
+def make_slow_image(path: Path) -> Path:
+    """A real, valid PNG that takes a decoder seconds (a 14,000 x 14,000 white page, 51 kB on disk), for
+    --decode-timeout: a file that is slow without being broken, unlike a stand-in decoder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("1", (SLOW_IMAGE_SIDE, SLOW_IMAGE_SIDE), 1).save(path)
+    return path
+
+
 def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     base = np.zeros((height, width, 3), np.uint8)

@@ -313,6 +313,25 @@ def test_decoding_workers_end_themselves_when_their_extract_is_killed_alone(long
     assert wait_until(lambda: not any(running(pid) for pid in workers)), [p for p in workers if running(p)]
 
 
+def test_a_file_that_decodes_longer_than_decode_timeout_is_one_failed_line_and_retry_failed_caches_it(tmp_path):
+    # the option from the command line to the worker pool: a real file that takes seconds to decode, not a stand-in
+    from broken_media import make_slow_image
+    from test_extract import vlpcache
+
+    slow = make_slow_image(tmp_path / "root" / "page.png")
+    quick = ["-o", tmp_path / "cache", "--frames", "2", "--backbone", "neck", "--workers", "1"]
+    limited = vlpcache("extract", slow.parent, *quick, "--decode-timeout", "0.2", cwd=tmp_path, check=False)
+    reason = "decoder took more than 0.2 s on this file"
+    assert limited.returncode == 1, limited.stderr  # nothing done
+    assert [line for line in limited.stderr.splitlines() if line.startswith(str(slow))] == [f"{slow}: {reason}"]
+    assert "extract: 0 done" in limited.stderr and "1 failed" in limited.stderr
+    assert {r["path"]: r["reason"] for r in RegionCache(tmp_path / "cache").failures.values()} == {str(slow): reason}
+
+    vlpcache("extract", slow.parent, *quick, "--retry-failed", cwd=tmp_path)  # the default limit, 600 s
+    cache = RegionCache(tmp_path / "cache")
+    assert cache.ids == ["page"] and not cache.failures
+
+
 # ---------------------------------------------------------------- full disks
 
 

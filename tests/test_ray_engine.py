@@ -138,6 +138,18 @@ def test_the_ray_engine_records_the_same_failures_with_one_line_each(local, on_r
         assert [line for line in result.stderr.splitlines() if line.startswith(f"{path}: {note}; kept with ")]
 
 
+def test_decode_timeout_reaches_the_ray_engines_decoders(ray_address, tmp_path):
+    from tests.broken_media import make_slow_image
+
+    slow = make_slow_image(tmp_path / "root" / "page.png")  # seconds to decode
+    result = vlpcache("extract", slow.parent, "-o", tmp_path / "cache", *FRAMES, "--decode-timeout", 0.2,
+                      "--engine", "ray", "--ray-address", ray_address, cwd=tmp_path, check=False)
+    reason = "decoder took more than 0.2 s on this file"
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr  # nothing done
+    assert [line for line in result.stderr.splitlines() if line.startswith(str(slow))] == [f"{slow}: {reason}"]
+    assert reasons(RegionCache(tmp_path / "cache")) == {"page": (str(slow), reason)}
+
+
 def test_inspect_cannot_tell_the_engines_apart(local, on_ray, tmp_path):
     cache, _ = on_ray
 
