@@ -188,11 +188,16 @@ def test_broken_files_get_one_line_each_and_the_run_goes_on(tmp_path, videos_dir
     root = tmp_path / "broken"
     expected = make_broken_media(root, videos_dir / "cup.mp4")
     shutil.copy(videos_dir / "tests_data_test.mp4", root / "good.mp4")
+    latin1 = root / os.fsdecode(b"caf\xe9.mp4")  # a name in Latin-1 bytes, as an unzipped Windows archive leaves it
+    shutil.copy(videos_dir / "tests_data_test.mp4", latin1)
     result = vlpcache("extract", root, "-o", tmp_path / "cache", "--frames", 2, cwd=tmp_path)
     assert "Traceback" not in result.stderr
     cache = RegionCache(tmp_path / "cache")
     failures = cache.failures
     assert "good" in cache
+    assert f"{root}/caf\\xe9.mp4: path is not valid UTF-8, which the cache stores ids and paths in; skipped (rename " \
+           "it, e.g. with convmv)" in result.stderr.splitlines()
+    assert not [item_id for item_id in [*cache.ids, *failures] if item_id.startswith("caf")]
     for name, outcome in expected.items():
         item_id = Path(name).with_suffix("").as_posix()
         if outcome == "ok":

@@ -130,6 +130,19 @@ def test_broken_symlink_with_media_extension_is_reported(tmp_path):
     assert items == [] and problems == [(str(tmp_path / "link.mp4"), "broken symbolic link; skipped")]
 
 
+def test_a_path_that_is_not_utf8_is_reported_and_skipped_and_printed_as_its_bytes(tmp_path):
+    from vlpcache.report import printable
+
+    touch(tmp_path / "ok.mp4")
+    video = touch(tmp_path / os.fsdecode(b"caf\xe9.mp4"))  # Latin-1 bytes: Python sees a lone surrogate
+    touch(tmp_path / os.fsdecode(b"r\xe9sum\xe9") / "1.jpg")  # a frame folder
+    items, problems = discover_items([tmp_path])
+    assert [i.id for i in items] == ["ok"]
+    reason = "path is not valid UTF-8, which the cache stores ids and paths in; skipped (rename it, e.g. with convmv)"
+    assert sorted(problems) == [(str(video), reason), (str(tmp_path / os.fsdecode(b"r\xe9sum\xe9")), reason)]
+    assert printable(str(video)) == f"{tmp_path}/caf\\xe9.mp4"
+
+
 def test_unreadable_folder_is_reported_and_the_rest_is_walked(tmp_path, unreadable):
     touch(tmp_path / "ok.mp4")
     locked = tmp_path / "locked"

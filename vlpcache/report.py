@@ -56,5 +56,8 @@ def sayer(quiet: bool = False) -> Say:
 
 def printable(text: str) -> str:
     """`text` for one line on a terminal: control and other invisible characters (newline, escape,
-    bidirectional overrides) written as Python escapes (`\\n`, `\\x1b`, `\\u202e`)."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+    bidirectional overrides) written as Python escapes (`\\n`, `\\x1b`, `\\u202e`), and the bytes of a file name
+    that is not UTF-8 (lone surrogates, as Python decodes them) as the bytes they are (`\\xff`)."""
+    return "".join(c if c.isprintable() else
+                   f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else
+                   c.encode("unicode_escape").decode("ascii") for c in str(text))

@@ -100,7 +100,7 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     for path, reason in problems:
         say(f"{printable(path)}: {reason}")
     if not items:
-        raise UserError(f"no videos, images or frame folders found under {', '.join(map(str, roots))}")
+        raise UserError(f"no videos, images or frame folders found under {', '.join(map(printable, roots))}")
     workspace.remember_roots([r for r in roots if r.exists()])
 
     if options.device == "cuda" and engine is None:  # a missing GPU fails before anything is written; auto

@@ -70,7 +70,7 @@ def discover_items(roots: list[Path]) -> tuple[list[Item], list[tuple[str, str]]
     """All items under the roots, and the problems met on the way as (path, reason).
 
     Problems: a root that does not exist or is not media, a folder that cannot be read, a broken
-    symbolic link with a media extension, an id already taken (the first keeps it).
+    symbolic link with a media extension, a path that is not UTF-8, an id already taken (the first keeps it).
     """
     walk = _Walk()
     for root in roots:
@@ -95,6 +95,10 @@ class _Walk:
         self._visited: set[tuple[int, int]] = set()  # (st_dev, st_ino) of folders walked
 
     def add(self, item: Item) -> None:
+        if not is_utf8(str(item.path)):  # bytes of another encoding, as an unzipped Windows archive leaves them
+            self.problems.append((str(item.path), "path is not valid UTF-8, which the cache stores ids and paths in; "
+                                  "skipped (rename it, e.g. with convmv)"))
+            return
         if item.id in self._owner:
             self.problems.append((str(item.path), f"duplicate id '{item.id}' (already used by "
                                   f"{self._owner[item.id]}); skipped"))
@@ -139,6 +143,15 @@ class _Walk:
             return [Item(_relative_id(root, folder), folder, "frames")], True
         own = [Item(_relative_id(root, p.with_suffix("")), p, media_kind(p)) for p in files]
         return own + below, bool(files) or sub_has_media
+
+
+def is_utf8(text: str) -> bool:
+    """Whether text encodes as UTF-8: a file name of other bytes reaches Python as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _relative_id(root: Path, path: Path) -> str:
