@@ -59,8 +59,88 @@ def test_malformed_json_lines_are_counted_and_the_first_named_never_a_traceback(
 def test_a_csv_without_video_and_caption_columns_is_one_error_naming_the_file(tmp_path):
     csv = tmp_path / "c.csv"
     csv.write_text("id,text\nv0,a dog\n")
-    with pytest.raises(UserError, match=r"c\.csv: a CSV caption file needs 'video' and 'caption' columns"):
+    with pytest.raises(UserError, match=r"c\.csv: a CSV caption file needs a video column \(video, video_id, videoid\) "
+                                        r"and a caption column \(caption, sentence, name\); its header has id, text$"):
         read_captions(csv)
+
+
+@pytest.mark.parametrize("header, rows", [
+    ("videoid,contentUrl,duration,page_dir,name", ["1,http://x/1.mp4,PT00H00M10S,000001_000050,a dog runs",
+                                                   "2,http://x/2.mp4,PT00H00M05S,000001_000050,\"a cat, sleeping\""]),
+    ("key,vid_key,video_id,sentence", ["ret0,msr0,1,a dog runs", "ret1,msr1,2,\"a cat, sleeping\""]),
+], ids=["webvid", "clip4clip"])
+def test_csv_files_of_webvid_and_clip4clip_are_read_by_their_own_column_names(tmp_path, header, rows):
+    csv = tmp_path / "c.csv"
+    csv.write_text("\n".join([header, *rows]) + "\n")
+    assert read_captions(csv).by_id == {"1": ["a dog runs"], "2": ["a cat, sleeping"]}
+
+
+def test_a_json_document_listing_the_json_lines_objects_reads_the_same_and_counts_bad_records(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps([{"video": "v0", "captions": ["a dog"]}, {"video": "v1"},
+                                {"video": "v2", "captions": "one", "split": "val"}], indent=2))
+    captions = read_captions(path)
+    assert captions.by_id == {"v0": ["a dog"], "v2": ["one"]} and captions.splits == {"v2": "val"}
+    assert captions.bad_lines == 1 and captions.first_bad_line == f'{path} record 2: no "captions" key'
+
+
+def msrvtt_annotations(path: Path) -> Path:
+    """MSR-VTT's own train_val_videodatainfo.json, in small: its splits are train, validate and test."""
+    videos = [{"category": 9, "url": "https://www.youtube.com/watch?v=x", "video_id": f"video{i}", "start time": 1.0,
+               "end time": 9.0, "split": split, "id": i} for i, split in enumerate(["train"] * 3 + ["validate", "test"])]
+    sentences = [{"caption": f"caption {n} of video {i}", "video_id": f"video{i}", "sen_id": 2 * i + n}
+                 for i in range(5) for n in range(2)] + [{"caption": "no id"}]
+    path.write_text(json.dumps({"info": {"year": 2016}, "videos": videos, "sentences": sentences}))
+    return path
+
+
+def test_msrvtt_own_annotation_file_trains_on_its_train_videos_and_validates_on_validate(tmp_path):
+    write_cache(tmp_path / "cache", 6, prefix="video")  # video0..video5
+    annotations = msrvtt_annotations(tmp_path / "train_val_videodatainfo.json")
+    captions = read_captions(annotations)
+    assert captions.by_id["video3"] == ["caption 0 of video 3", "caption 1 of video 3"] and len(captions) == 5
+    assert captions.bad_lines == 1 and captions.first_bad_line == f'{annotations} sentence 11: no "video_id"'
+    data = load_pretrain_data([tmp_path / "cache"], [annotations], annotations, workspace=Workspace(tmp_path / "ws"))
+    assert sorted(trained_captions(data)) == ["video0", "video1", "video2"]
+    assert validation_captions(data) == {"video3": ["caption 0 of video 3", "caption 1 of video 3"]}
+
+
+def test_karpathy_split_files_key_images_by_file_name_and_keep_their_splits(tmp_path):
+    images = [{"filename": "1000268201_693b08cb0e.jpg", "imgid": 0, "split": "train",
+               "sentences": [{"tokens": ["a", "child"], "raw": "A child climbs .", "imgid": 0, "sentid": 0},
+                             {"raw": "A girl in pink .", "sentid": 1}]},
+              {"filepath": "val2014", "filename": "COCO_val2014_000000391895.jpg", "split": "restval",
+               "sentences": [{"raw": "A man rides a bike ."}, {"tokens": []}]},
+              {"split": "test"}]
+    path = tmp_path / "dataset_flickr8k.json"
+    path.write_text(json.dumps({"images": images, "dataset": "flickr8k"}))
+    captions = read_captions(path)
+    assert captions.by_id == {"1000268201_693b08cb0e.jpg": ["A child climbs .", "A girl in pink ."],
+                              "val2014/COCO_val2014_000000391895.jpg": ["A man rides a bike ."]}
+    assert captions.splits == {"1000268201_693b08cb0e.jpg": "train", "val2014/COCO_val2014_000000391895.jpg": "restval"}
+    assert captions.empty_captions == 1 and captions.first_bad_line == f'{path} image 3: no "filename"'
+    matched, _ = captions.matched_to(["1000268201_693b08cb0e", "COCO_val2014_000000391895"])
+    assert sorted(matched.by_id) == ["1000268201_693b08cb0e", "COCO_val2014_000000391895"]
+
+
+def test_coco_caption_annotations_name_each_image_by_its_file_name(tmp_path):
+    path = tmp_path / "captions_val2017.json"
+    path.write_text(json.dumps({"info": {}, "licenses": [],
+                                "images": [{"id": 139, "file_name": "000000000139.jpg", "height": 426, "width": 640}],
+                                "annotations": [{"image_id": 139, "id": 1, "caption": "A room with chairs."},
+                                                {"image_id": 139, "id": 2, "caption": "A living room."},
+                                                {"image_id": 7, "id": 3, "caption": "An image not listed."}]}))
+    captions = read_captions(path)
+    assert captions.by_id == {"000000000139.jpg": ["A room with chairs.", "A living room."]}
+    assert captions.first_bad_line == f"{path} annotation 3: no image with its image_id"
+
+
+def test_a_json_document_of_an_unknown_layout_is_one_error_naming_its_keys(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"database": {"v_x": {"annotations": []}}, "version": "1.3"}))
+    with pytest.raises(UserError, match=r"c\.json: a JSON document of a layout vlpcache does not know \(top level: "
+                                        r"'database', 'version'\); caption files are JSON Lines"):
+        read_captions(path)
 
 
 def test_pretraining_trains_on_csv_captions_mixed_with_json_lines(tmp_path, cache):

@@ -1,8 +1,13 @@
 """Caption files, read by pretraining and evaluation alike.
 
-JSON Lines: one object per video, {"video": id, "captions": [...]} (extra keys such as "split" are
-kept aside). CSV: a header with `video` and `caption` columns, one row per caption, several rows per
-video allowed.
+JSON Lines: one object per video, {"video": id, "captions": [...]} (a "split" key is kept aside, other
+keys are ignored). CSV: a header with a video column (`video`, `video_id` or `videoid`) and a caption
+column (`caption`, `sentence`, or WebVid's `name`), one row per caption, several rows per video
+allowed. A whole JSON document in one of the layouts the datasets ship (JSON_LAYOUTS): a list of the
+JSON Lines objects; MSR-VTT's annotation file ({"videos": [{"video_id", "split"}], "sentences":
+[{"video_id", "caption"}]}, also CLIP4Clip's MSRVTT_data.json); Karpathy's split files of Flickr8k,
+Flickr30k and COCO ({"images": [{"filename", "split", "sentences": [{"raw"}]}]}); COCO's caption
+annotations ({"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}).
 
 A video is named by its item id (its path below the extracted root, without extension: `clips/a`), or
 by a file name or path that ends in it: `a.mp4`, `clips/a.mp4`, `/data/clips/a.mp4` or `clips\\a.mp4`
@@ -183,10 +188,10 @@ def _add(captions: Captions, item_id, texts) -> None:
             captions.empty_captions += 1
 
 
-def _bad_line(captions: Captions, path: Path, line: int, why: str) -> None:
+def _bad_line(captions: Captions, path: Path, line: int, why: str, unit: str = "line") -> None:
     captions.bad_lines += 1
     if not captions.first_bad_line:
-        captions.first_bad_line = f"{path} line {line}: {why}"
+        captions.first_bad_line = f"{path} {unit} {line}: {why}"
 
 
 def _json_record(line: str) -> tuple[str, list, str | None] | str:
@@ -195,13 +200,22 @@ def _json_record(line: str) -> tuple[str, list, str | None] | str:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         return f"not JSON ({err.msg})"
+    return _record(record)
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, (str, int)) and not isinstance(value, bool) and value != ""
+
+
+def _record(record) -> tuple[str, list, str | None] | str:
+    """(item id, captions, split or None) of one {"video", "captions"} object, or why it cannot be read."""
     if not isinstance(record, dict):
         return "not a JSON object"
     for key in ("video", "captions"):
         if key not in record:
             return f'no "{key}" key'
     item_id, texts = record["video"], record["captions"]
-    if not isinstance(item_id, (str, int)) or isinstance(item_id, bool) or item_id == "":
+    if not _is_id(item_id):
         return '"video" is not an id (a text)'
     if isinstance(texts, str):
         texts = [texts]
@@ -211,23 +225,45 @@ def _json_record(line: str) -> tuple[str, list, str | None] | str:
     return str(item_id), texts, None if split is None else str(split)
 
 
+CSV_VIDEO_COLUMNS = ("video", "video_id", "videoid")  # ours, MSR-VTT's and CLIP4Clip's, WebVid's
+CSV_CAPTION_COLUMNS = ("caption", "sentence", "name")  # ours and COCO's, CLIP4Clip's, WebVid's
+
+
 def read_captions(path: str | Path) -> Captions:
-    """Read a .jsonl/.json-lines or .csv caption file; malformed lines are counted, not fatal."""
+    """Read a caption file (.csv, JSON Lines, or a JSON document of a known layout); malformed lines or
+    records are counted, not fatal."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: caption file not found")
     captions = Captions(sources=[str(path)])
     text = read_utf8_text(path)
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        if not reader.fieldnames or not {"video", "caption"} <= set(reader.fieldnames):
-            raise UserError(f"{path}: a CSV caption file needs 'video' and 'caption' columns")
-        for row in reader:
-            if not row.get("video"):
-                _bad_line(captions, path, reader.line_num, "no video id")
-                continue
-            _add(captions, row["video"], [row.get("caption")])
-        return captions
+        _read_csv(captions, path, text)
+    elif (document := _json_document(text)) is not None:
+        _read_document(captions, path, document)
+    else:
+        _read_json_lines(captions, path, text)
+    return captions
+
+
+def _read_csv(captions: Captions, path: Path, text: str) -> None:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = [name.strip() for name in reader.fieldnames or []]
+    video = next((name for name in CSV_VIDEO_COLUMNS if name in columns), None)
+    caption = next((name for name in CSV_CAPTION_COLUMNS if name in columns), None)
+    if video is None or caption is None:
+        raise UserError(f"{path}: a CSV caption file needs a video column ({', '.join(CSV_VIDEO_COLUMNS)}) and a "
+                        f"caption column ({', '.join(CSV_CAPTION_COLUMNS)}); its header has "
+                        f"{', '.join(columns) or 'no columns'}")
+    reader.fieldnames = columns
+    for row in reader:
+        if not row.get(video):
+            _bad_line(captions, path, reader.line_num, "no video id")
+            continue
+        _add(captions, row[video], [row.get(caption)])
+
+
+def _read_json_lines(captions: Captions, path: Path, text: str) -> None:
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
@@ -235,11 +271,105 @@ def read_captions(path: str | Path) -> Captions:
         if isinstance(parsed, str):
             _bad_line(captions, path, number, parsed)
             continue
-        item_id, texts, split = parsed
-        _add(captions, item_id, texts)
-        if split is not None:
-            captions.splits[item_id] = split
-    return captions
+        _take(captions, parsed)
+
+
+def _take(captions: Captions, parsed: tuple[str, list, str | None]) -> None:
+    item_id, texts, split = parsed
+    _add(captions, item_id, texts)
+    if split is not None:
+        captions.splits[item_id] = split
+
+
+def _json_document(text: str):
+    """The file as one JSON document when it is one in a known layout (a JSON Lines file of one line
+    is read as lines: the same result); None otherwise."""
+    if text.lstrip()[:1] not in ("[", "{"):
+        return None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        return None  # JSON Lines (its second object is "extra data"), or broken: read line by line
+    if isinstance(document, dict) and {"video", "captions"} <= document.keys():
+        return None
+    return document
+
+
+def _read_document(captions: Captions, path: Path, document) -> None:
+    """A whole JSON document: a list of {"video", "captions"} records, or a dataset's own layout."""
+    if isinstance(document, list):
+        for number, record in enumerate(document, 1):
+            parsed = _record(record)
+            if isinstance(parsed, str):
+                _bad_line(captions, path, number, parsed, unit="record")
+            else:
+                _take(captions, parsed)
+        return
+    layout = next((name for name, keys in JSON_LAYOUTS.items() if isinstance(document, dict) and keys(document)), None)
+    if layout is None:
+        keys = ", ".join(map(repr, list(document)[:6])) if isinstance(document, dict) else type(document).__name__
+        raise UserError(f"{path}: a JSON document of a layout vlpcache does not know (top level: {keys}); caption "
+                        f"files are JSON Lines of {{\"video\": id, \"captions\": [...]}}, CSV with video and caption "
+                        f"columns, or a JSON document in the layout of {', '.join(JSON_LAYOUTS)}")
+    READERS[layout](captions, path, document)
+
+
+def _list_of(document: dict, key: str) -> list:
+    value = document.get(key)
+    return value if isinstance(value, list) else []
+
+
+def _read_msrvtt(captions: Captions, path: Path, document: dict) -> None:
+    """MSR-VTT's train_val_videodatainfo.json / test_videodatainfo.json: sentences, and each video's split."""
+    for number, sentence in enumerate(_list_of(document, "sentences"), 1):
+        if not isinstance(sentence, dict) or not _is_id(sentence.get("video_id")):
+            _bad_line(captions, path, number, 'no "video_id"', unit="sentence")
+            continue
+        _add(captions, sentence["video_id"], [sentence.get("caption")])
+    for video in _list_of(document, "videos"):
+        if isinstance(video, dict) and _is_id(video.get("video_id")) and isinstance(video.get("split"), str):
+            captions.splits[str(video["video_id"])] = video["split"]
+
+
+def _read_karpathy(captions: Captions, path: Path, document: dict) -> None:
+    """Karpathy's dataset_flickr8k.json, dataset_flickr30k.json, dataset_coco.json: an image's file name
+    (below its filepath, for COCO), its split (train, restval, val, test) and its sentences."""
+    for number, image in enumerate(_list_of(document, "images"), 1):
+        if not isinstance(image, dict) or not _is_id(image.get("filename")):
+            _bad_line(captions, path, number, 'no "filename"', unit="image")
+            continue
+        key = "/".join(str(part) for part in (image.get("filepath"), image["filename"]) if part)
+        sentences = image.get("sentences") if isinstance(image.get("sentences"), list) else []
+        _add(captions, key, [s.get("raw") if isinstance(s, dict) else None for s in sentences])
+        if isinstance(image.get("split"), str):
+            captions.splits[key] = image["split"]
+
+
+def _read_coco(captions: Captions, path: Path, document: dict) -> None:
+    """COCO's captions_train2017.json: annotations by image id, the image named by its file name."""
+    names = {image["id"]: image["file_name"] for image in _list_of(document, "images")
+             if isinstance(image, dict) and "id" in image and _is_id(image.get("file_name"))}
+    for number, annotation in enumerate(_list_of(document, "annotations"), 1):
+        if not isinstance(annotation, dict) or annotation.get("image_id") not in names:
+            _bad_line(captions, path, number, "no image with its image_id", unit="annotation")
+            continue
+        _add(captions, names[annotation["image_id"]], [annotation.get("caption")])
+
+
+def _records_of(key: str, *fields: str):
+    """Whether a document's `key` is a list whose first element is an object with all of `fields`."""
+    def test(document: dict) -> bool:
+        value = document.get(key)
+        return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and set(fields) <= value[0].keys()
+    return test
+
+
+JSON_LAYOUTS = {  # name: how to recognise it
+    "MSR-VTT's annotations": _records_of("sentences", "video_id", "caption"),
+    "Karpathy's splits (Flickr8k, Flickr30k, COCO)": _records_of("images", "filename", "sentences"),
+    "COCO's captions": lambda d: _records_of("annotations", "image_id", "caption")(d) and "images" in d,
+}
+READERS = dict(zip(JSON_LAYOUTS, (_read_msrvtt, _read_karpathy, _read_coco)))
 
 
 def caption_queries(captions: list[list[str]], all_captions: bool) -> tuple[list[str], list[int]]:

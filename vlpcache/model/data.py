@@ -27,7 +27,8 @@ from vlpcache.model.text_features import TextFeatures
 from vlpcache.workspace import Workspace
 
 CAPTION_SUFFIXES = (".jsonl", ".csv")
-HELD_OUT_STEMS = {"val", "valid", "validation", "test", "devtest", "dev"}
+VALIDATION_SPLITS = {"val", "valid", "validate", "validation"}  # "validate": MSR-VTT's own annotations
+HELD_OUT_STEMS = VALIDATION_SPLITS | {"test", "devtest", "dev"}
 
 
 # ---------------------------------------------------------------- finding and reading captions
@@ -234,7 +235,7 @@ def held_out(captions: Captions, keep_held_out: bool) -> tuple[Captions, int]:
     if not captions.splits:
         return captions, 0
     if keep_held_out:
-        wanted = {i for i, s in captions.splits.items() if s.lower() in {"val", "valid", "validation"}}
+        wanted = {i for i, s in captions.splits.items() if s.lower() in VALIDATION_SPLITS}
         if not wanted:
             return captions, 0
     else:
