@@ -193,7 +193,8 @@ def inspect(cache_dir, render_id, output, as_json, failures) -> None:
 @cli.command()
 @click.option("--cache", "cache_dirs", multiple=True, type=click.Path(), help="Region cache(s) to train on, repeatable [default: .vlpcache/cache].")
 @click.option("--captions", multiple=True, type=click.Path(),
-              help="Caption file(s), .jsonl or .csv, repeatable [default: found in the workspace or beside the extracted roots].")
+              help="Caption file(s), repeatable: .jsonl, .csv, or a dataset's own JSON (MSR-VTT, Karpathy's "
+                   "splits, COCO) [default: .jsonl/.csv found in the workspace or beside the extracted roots].")
 @click.option("--val-captions", type=click.Path(), help="Held-out caption file: text->video R@K every epoch [default: val.jsonl beside the captions].")
 @click.option("-o", "--output", "run_dir", type=click.Path(), help="Run directory [default: .vlpcache/runs/run-NNN; with --resume the latest].")
 @click.option("--epochs", default=None, type=click.IntRange(1), help=f"Epochs [default: {T.epochs}; on --resume the run's, or more to extend it].")
@@ -292,7 +293,7 @@ def serve(**options) -> None:
 
 
 @cli.command(name="eval")
-@click.option("--captions", "captions_file", required=True, type=click.Path(), help="Caption file (.jsonl or .csv) of cached videos.")
+@click.option("--captions", "captions_file", required=True, type=click.Path(), help="Caption file of cached videos (.jsonl, .csv, or a dataset's own JSON).")
 @run_option
 @cache_option
 @click.option("--all-captions", is_flag=True, help="Every caption is a query (default: the first caption of each video).")

@@ -290,7 +290,8 @@ def load_pretrain_data(
         caption_files = find_caption_files(workspace)
         if not caption_files:
             looked = [str(workspace.root)] + [f"{r} (and its parent folders)" for r in workspace.extracted_roots()]
-            raise UserError(f"no caption file (.jsonl or .csv) found in {', '.join(looked)}; pass --captions FILE")
+            raise UserError(f"no caption file (.jsonl or .csv) found in {', '.join(looked)}; pass --captions FILE "
+                            "(JSON Lines, CSV, or a dataset's own JSON such as MSR-VTT's train_val_videodatainfo.json)")
         if validation_file is None:
             validation_file = found_validation = find_validation_file(caption_files)
     caption_files = [Path(p) for p in caption_files]
