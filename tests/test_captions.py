@@ -94,15 +94,17 @@ def msrvtt_annotations(path: Path) -> Path:
     return path
 
 
-def test_msrvtt_own_annotation_file_trains_on_its_train_videos_and_validates_on_validate(tmp_path):
+def test_msrvtt_own_annotation_file_trains_on_its_train_videos_and_validates_on_validate_by_default(tmp_path):
     write_cache(tmp_path / "cache", 6, prefix="video")  # video0..video5
     annotations = msrvtt_annotations(tmp_path / "train_val_videodatainfo.json")
     captions = read_captions(annotations)
     assert captions.by_id["video3"] == ["caption 0 of video 3", "caption 1 of video 3"] and len(captions) == 5
     assert captions.bad_lines == 1 and captions.first_bad_line == f'{annotations} sentence 11: no "video_id"'
-    data = load_pretrain_data([tmp_path / "cache"], [annotations], annotations, workspace=Workspace(tmp_path / "ws"))
-    assert sorted(trained_captions(data)) == ["video0", "video1", "video2"]
-    assert validation_captions(data) == {"video3": ["caption 0 of video 3", "caption 1 of video 3"]}
+    for given in (annotations, None):  # --val-captions the same file, or left out: the file's own validate split
+        data = load_pretrain_data([tmp_path / "cache"], [annotations], given, workspace=Workspace(tmp_path / "ws"))
+        assert sorted(trained_captions(data)) == ["video0", "video1", "video2"]
+        assert validation_captions(data) == {"video3": ["caption 0 of video 3", "caption 1 of video 3"]}
+        assert data.validation_file == annotations
 
 
 def test_karpathy_split_files_key_images_by_file_name_and_keep_their_splits(tmp_path):
@@ -163,6 +165,8 @@ def test_the_split_key_keeps_val_and_test_items_out_of_training(tmp_path, cache)
     data = load_pretrain_data([cache], [train], None, workspace=Workspace(tmp_path / "ws"))
     assert trained_captions(data) == {"v0": ["zero"], "v3": ["three"]}
     assert data.held_out_skipped == 3 and any("3 captioned items of val/test splits left out" in line for line in data.summary())
+    assert validation_captions(data) == {"v1": ["one"], "v4": ["four"]}  # no --val-captions: the file's val split
+    assert f"validation ({train}): 2 videos, 2 captions as queries" in data.summary()
 
 
 def test_a_validation_file_with_splits_validates_on_its_val_items_only(tmp_path, cache):

@@ -195,7 +195,8 @@ def inspect(cache_dir, render_id, output, as_json, failures) -> None:
 @click.option("--captions", multiple=True, type=click.Path(),
               help="Caption file(s), repeatable: .jsonl, .csv, or a dataset's own JSON (MSR-VTT, Karpathy's "
                    "splits, COCO) [default: .jsonl/.csv found in the workspace or beside the extracted roots].")
-@click.option("--val-captions", type=click.Path(), help="Held-out caption file: text->video R@K every epoch [default: val.jsonl beside the captions].")
+@click.option("--val-captions", type=click.Path(), help="Held-out caption file: text->video R@K every epoch [default: val.jsonl beside "
+                   "the captions found by default, else a training file's own validation split].")
 @click.option("-o", "--output", "run_dir", type=click.Path(), help="Run directory [default: .vlpcache/runs/run-NNN; with --resume the latest].")
 @click.option("--epochs", default=None, type=click.IntRange(1), help=f"Epochs [default: {T.epochs}; on --resume the run's, or more to extend it].")
 @click.option("--batch-size", default=None, type=click.IntRange(1), help=f"Videos per step and process [default: {T.batch_size}].")

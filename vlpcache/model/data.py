@@ -68,11 +68,16 @@ def find_validation_file(training_files: list[Path]) -> Path | None:
     return None
 
 
-def read_caption_files(paths: list[Path]) -> Captions:
+def merged(files: list[Captions]) -> Captions:
+    """The captions of several files as one."""
     captions = Captions()
-    for path in paths:
-        captions.merge(read_captions(path))
+    for file in files:
+        captions.merge(file)
     return captions
+
+
+def has_validation_split(captions: Captions) -> bool:
+    return any(split.lower() in VALIDATION_SPLITS for split in captions.splits.values())
 
 
 def open_caches(cache_dirs: list[Path]) -> list[RegionCache]:
@@ -295,7 +300,11 @@ def load_pretrain_data(
         if validation_file is None:
             validation_file = found_validation = find_validation_file(caption_files)
     caption_files = [Path(p) for p in caption_files]
-    training_captions, skipped = held_out(read_caption_files(caption_files), keep_held_out=False)
+    per_file = [read_captions(path) for path in caption_files]
+    if validation_file is None:  # a training file's own validation split (MSR-VTT's "validate", Karpathy's "val")
+        validation_file = found_validation = next(
+            (path for path, captions in zip(caption_files, per_file) if has_validation_split(captions)), None)
+    training_captions, skipped = held_out(merged(per_file), keep_held_out=False)
     samples, report = match_captions(caches, training_captions)
     if not samples:
         example_item = next((c.ids[0] for c in caches if len(c)), None)
