@@ -73,6 +73,24 @@ def test_global_metrics_equal_retrieval_metrics_on_the_models_own_similarities(r
     assert "text_to_video_rerank" not in results
 
 
+def test_split_evaluates_the_videos_of_one_split_of_a_file_that_has_several(root, ws, monkeypatch, capsys, tmp_path):
+    # one file for every split, as Karpathy's and MSR-VTT's are: the val videos split as test and val
+    captions = read_captions(root / "val.jsonl").by_id
+    ids = [i for i in RegionCache(ws / "cache").ids if i in captions]
+    split = {item_id: "test" if n < 5 else "val" for n, item_id in enumerate(ids)}
+    path = tmp_path / "all.jsonl"
+    path.write_text("".join(json.dumps({"video": i, "captions": captions[i], "split": split[i]}) + "\n" for i in ids))
+    test = eval_json(monkeypatch, capsys, "--captions", path, "--split", "TEST", "--rerank-candidates", "0")
+    assert test["text_to_video"]["queries"] == 5 and test["text_to_video"]["candidates"] == 5
+    assert test["run"]["split"] == "TEST"
+
+    code, _, err = vlpcache(monkeypatch, capsys, "eval", "--captions", path, "--rerank-candidates", "0")
+    assert code == 0 and (f"eval: {path} has videos of several splits (5 test, 3 val), all evaluated together: "
+                          "--split NAME evaluates one") in err.splitlines()
+    code, _, err = vlpcache(monkeypatch, capsys, "eval", "--captions", path, "--split", "train")
+    assert code == 2 and err.strip().splitlines() == [f"error: {path}: no video of split 'train' (its splits: test, val)"]
+
+
 def test_all_captions_makes_every_caption_a_query(root, ws, monkeypatch, capsys):
     results = eval_json(monkeypatch, capsys, "--captions", root / "val.jsonl", "--all-captions", "--rerank-candidates", "0")
     assert results["text_to_video"]["queries"] == 16  # two non-empty captions per video

@@ -86,6 +86,24 @@ class Captions:
             return self, matches
         return replace(self, by_id=by_id, splits=splits), matches
 
+    def of_split(self, split: str) -> "Captions":
+        """The captions of the items whose split is `split` (in any case); one error naming the splits
+        there are when none is."""
+        wanted = {key for key, name in self.splits.items() if name.lower() == split.lower()}
+        if not wanted:
+            there = ", ".join(sorted(set(self.splits.values()))) or "none: no item has a split"
+            raise UserError(f"{', '.join(self.sources)}: no video of split {split!r} (its splits: {there})")
+        return replace(self, by_id={key: texts for key, texts in self.by_id.items() if key in wanted},
+                       splits={key: name for key, name in self.splits.items() if key in wanted})
+
+    def split_counts(self) -> dict[str, int]:
+        """How many of these items each split has, by name in file order (items without one not counted)."""
+        counts: dict[str, int] = {}
+        for key in self.by_id:
+            if key in self.splits:
+                counts[self.splits[key]] = counts.get(self.splits[key], 0) + 1
+        return counts
+
     def restrict(self, ids) -> tuple["Captions", dict[str, int]]:
         """Captions of the given item ids only, and counts of what did not match either way."""
         ids = list(ids)

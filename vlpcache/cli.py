@@ -297,6 +297,9 @@ def serve(**options) -> None:
 @click.option("--captions", "captions_file", required=True, type=click.Path(), help="Caption file of cached videos (.jsonl, .csv, or a dataset's own JSON).")
 @run_option
 @cache_option
+@click.option("--split", default=None, metavar="NAME",
+              help="Only the videos of this split of the caption file (its \"split\" key, MSR-VTT's or Karpathy's "
+                   "splits: test, val...) [default: every video it captions].")
 @click.option("--all-captions", is_flag=True, help="Every caption is a query (default: the first caption of each video).")
 @click.option("--qbnorm", is_flag=True, help="Also rank by query-bank normalisation (bank: the run's training captions).")
 @click.option("--dual-softmax", is_flag=True, help="Also report dual softmax (needs all test queries at once: eval only).")

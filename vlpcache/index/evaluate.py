@@ -93,7 +93,7 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_eval(captions_file, run_dir=None, cache_dir=None, all_captions=False, as_json=False,
+def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captions=False, as_json=False,
              rerank_candidates=RERANK_CANDIDATES, device=DEFAULT_DEVICE, batch_size=None, checkpoint=None, quiet=False,
              qbnorm=False, dual_softmax=False) -> dict:
     """The `vlpcache eval` command."""
@@ -102,7 +102,10 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, all_captions=False, as
 
     sources = resolve_sources(run_dir, cache_dir)
     cache = open_cache(sources.cache_dir)
-    captions, key_matches = read_captions(captions_file).matched_to(cache.ids)
+    captions = read_captions(captions_file)
+    if split is not None:
+        captions = captions.of_split(split)
+    captions, key_matches = captions.matched_to(cache.ids)
     kept, report = captions.restrict(cache.ids)
     if not kept.by_id:
         raise UserError(
@@ -114,6 +117,9 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, all_captions=False, as
     run = load_run(sources.run_dir, device=device, checkpoint=checkpoint)
     check_run_reads_cache(run, cache)
     say = sayer(quiet)
+    if split is None and (splits := kept.split_counts()) and len(splits) > 1:
+        say(f"eval: {captions_file} has videos of several splits ({', '.join(f'{n} {s}' for s, n in splits.items())}), "
+            "all evaluated together: --split NAME evaluates one")
     say(f"eval: run {sources.run_dir} (epoch {run.epoch}), {len(kept.by_id)} captioned videos of {len(cache)} cached "
         f"({report['captions_without_items']} caption entries without a cached video{captions.bad_lines_text()}"
         f"{key_matches.text()}), "
@@ -121,7 +127,7 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, all_captions=False, as
     results = evaluate(run, cache, kept.by_id, all_captions, device, batch_size or default_batch_size(device),
                        rerank_candidates, progress=not quiet, qbnorm=qbnorm, dual=dual_softmax)
     results["run"] = {"run_dir": str(sources.run_dir), "epoch": run.epoch, "checkpoint_sha256": run.checkpoint_sha256,
-                      "captions": str(Path(captions_file)), "cache": str(sources.cache_dir)}
+                      "captions": str(Path(captions_file)), "split": split, "cache": str(sources.cache_dir)}
     if as_json:
         print(json.dumps(results, indent=2))
     else:
