@@ -242,6 +242,19 @@ def test_broken_files_get_one_line_each_and_the_run_goes_on(tmp_path, videos_dir
     assert f"{len(failures)} failed" in retry.stderr
 
 
+def test_no_frame_folders_caches_each_photo_of_a_subfolder_as_an_item(tmp_path, flickr_dir):
+    photos = sorted((flickr_dir / "images").iterdir())[:3]
+    folder = tmp_path / "coco" / "train2014"  # photos in a subfolder of the root, as COCO's are
+    folder.mkdir(parents=True)
+    for photo in photos:
+        shutil.copy(photo, folder)
+    vlpcache("extract", tmp_path / "coco", "-o", tmp_path / "cache", "--no-frame-folders", "--backbone", "neck",
+             cwd=tmp_path)
+    cache = RegionCache(tmp_path / "cache")
+    assert sorted(cache.ids) == [f"train2014/{photo.stem}" for photo in photos]
+    assert {cache.get(i)["kind"] for i in cache.ids} == {"image"}
+
+
 def test_nothing_processable_exits_non_zero_and_no_media_is_one_error(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.mp4").write_bytes(b"")

@@ -234,7 +234,20 @@ def test_msrvtt_frames_folder_gives_its_two_frames(msrvtt_dir):
     folder = sorted((msrvtt_dir / "frames" / "val").iterdir())[0]
     out = read_item(Item(folder.name, folder, "frames"), T, MAX_SIDE)
     check_frames(out)
-    assert out.timestamps == [0.0, 1.0] and out.size == (240, 320)
+    assert out.timestamps == [0.0, 1.0] and out.size == (240, 320) and out.notes == []
+
+
+def test_a_frames_folder_of_photos_of_several_sizes_is_kept_with_a_note_naming_the_option(tmp_path, flickr_dir):
+    photos = sorted((flickr_dir / "images").iterdir())[:4]  # Flickr8k photos: 500x375, 500x333, ...
+    sizes = {Image.open(p).size for p in photos}
+    assert len(sizes) > 1
+    for photo in photos:
+        (tmp_path / photo.name).write_bytes(photo.read_bytes())
+    out = read_item(Item("photos", tmp_path, "frames"), T, MAX_SIDE)
+    assert len(out.frames) == 4 and len({f.shape for f in out.frames}) == 1  # one size per item, as always
+    (note,) = out.notes
+    assert note.startswith("its images differ in size (") and note.endswith(
+        "): photos rather than a video's frames? --no-frame-folders takes each image as an item")
 
 
 # -------------------------------------------------------------------------------------------- bad input

@@ -130,6 +130,33 @@ def test_broken_symlink_with_media_extension_is_reported(tmp_path):
     assert items == [] and problems == [(str(tmp_path / "link.mp4"), "broken symbolic link; skipped")]
 
 
+def test_without_frame_folders_every_image_in_a_subfolder_is_an_item_of_its_own(tmp_path):
+    touch(tmp_path / "coco" / "train2014" / "COCO_1.jpg")
+    touch(tmp_path / "coco" / "train2014" / "COCO_2.jpg")
+    touch(tmp_path / "coco" / "clips" / "a.mp4")
+    assert kinds_by_id(discover_items([tmp_path / "coco"])[0]) == {"clips/a": "video", "train2014": "frames"}
+    items, problems = discover_items([tmp_path / "coco"], frame_folders=False)
+    assert kinds_by_id(items) == {"clips/a": "video", "train2014/COCO_1": "image", "train2014/COCO_2": "image"}
+    assert problems == []
+
+
+def test_a_frames_folder_of_images_with_captions_beside_them_is_said_in_one_line(tmp_path):
+    # img2dataset's "files" output: 00000/000000000.jpg, .txt (its caption) and .json
+    shard = tmp_path / "cc3m" / "00000"
+    for i in range(3):
+        touch(shard / f"00000000{i}.jpg")
+        touch(shard / f"00000000{i}.txt", b"a caption")
+        touch(shard / f"00000000{i}.json", b"{}")
+    touch(tmp_path / "cc3m" / "video7" / "1.jpg")  # a frames folder without text files: nothing said
+    items, problems = discover_items([tmp_path / "cc3m"])
+    assert kinds_by_id(items) == {"00000": "frames", "video7": "frames"}
+    assert problems == [(str(shard), "its images have text files of the same name beside them (e.g. 000000000.txt), "
+                                     "as an image-caption download has; taken as one video's 3 frames: "
+                                     "--no-frame-folders takes each image as an item")]
+    items, problems = discover_items([tmp_path / "cc3m"], frame_folders=False)
+    assert len(items) == 4 and problems == []
+
+
 def test_a_path_that_is_not_utf8_is_reported_and_skipped_and_printed_as_its_bytes(tmp_path):
     from vlpcache.report import printable
 

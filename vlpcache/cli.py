@@ -112,6 +112,9 @@ def backbone_help() -> str:
 @click.option("--decode-timeout", default=ExtractOptions.decode_timeout, show_default=True, type=click.FloatRange(0),
               metavar="SECONDS", help="Time one item's decoding may take before its worker is stopped and the item "
                                       "recorded as failed (a hostile file can send a decoder into a loop); 0: no limit.")
+@click.option("--frame-folders/--no-frame-folders", default=ExtractOptions.frame_folders, show_default=True,
+              help="A folder below a root that holds images only is one item, a video's frames; with "
+                   "--no-frame-folders each image is an item (photo collections in subfolders: coco/train2014/).")
 @click.option("--shard", default=ExtractOptions.shard, show_default=True,
               help="Process only part i of n of the items (i/n), for many machines.")
 @click.option("--retry-failed", is_flag=True, help="Retry items recorded as failed in an earlier run.")

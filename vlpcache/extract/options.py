@@ -32,6 +32,7 @@ class ExtractOptions:
     batch_size: int | None = None  # frames per detector batch (None: CPU_BATCH_SIZE or CUDA_BATCH_SIZE)
     workers: int | None = None  # decoding processes (None: CPU cores - 1, at least 1)
     decode_timeout: float = DECODE_TIMEOUT_S  # seconds one item's decoding may take (0: no limit)
+    frame_folders: bool = True  # a folder of images only is one item, a video's frames (else each image is one)
     shard: str = "0/1"  # i/n: process only the i-th of n parts of the items
     retry_failed: bool = False  # retry items recorded as failed in an earlier run
     items_per_shard: int = SHARD_ITEMS

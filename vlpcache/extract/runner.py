@@ -96,7 +96,7 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     cache_dir = Path(cache_dir) if cache_dir else workspace.cache_dir
     roots = [Path(r) for r in roots]
 
-    items, problems = discover_items(roots)
+    items, problems = discover_items(roots, options.frame_folders)
     for path, reason in problems:
         say(f"{printable(path)}: {reason}")
     if not items:

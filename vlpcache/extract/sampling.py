@@ -514,6 +514,7 @@ def _read_frames_folder(folder: Path, num_frames: int, max_side: int) -> Sampled
 
     frames, timestamps, failed = [], [], {}
     size = out_size = None
+    sizes = []  # each sampled frame's (height, width): a video's frames share one
     decoded = 0
     for k, centre in enumerate(segment_centres(count, num_frames)):
         primary = math.floor(centre)
@@ -531,6 +532,7 @@ def _read_frames_folder(folder: Path, num_frames: int, max_side: int) -> Sampled
                 failed[index] = str(err)
                 continue
             decoded += 1
+            sizes.append(frame_size)
             if out_size is None:
                 size, out_size = frame_size, frame.shape[:2]
             elif frame.shape[:2] != out_size:  # one frame size per item: boxes are normalised by it
@@ -543,6 +545,10 @@ def _read_frames_folder(folder: Path, num_frames: int, max_side: int) -> Sampled
         first = next(iter(failed.items()), (0, "?"))
         raise ItemError(f"no readable frame among {count} images ({files[first[0]].name}: {first[1]})")
     notes = [f"{len(failed)} of {count} frames unreadable, e.g. {files[i].name}: {r}" for i, r in list(failed.items())[:1]]
+    if len(set(sizes)) > 1:
+        (h1, w1), (h2, w2) = sizes[0], next(s for s in sizes if s != sizes[0])
+        notes.append(f"its images differ in size ({w1}x{h1}, {w2}x{h2}): photos rather than a video's frames? "
+                     "--no-frame-folders takes each image as an item")
     return SampledFrames(frames, timestamps, float(count), size, decoded_frames=decoded, notes=notes)
 
 

@@ -6,7 +6,10 @@ Rules (docs/design.md section 1):
 - A folder *below* a root whose direct children are images only (no videos, no subfolders holding
   media) is ONE "frames" item whose id is its relative path (`val/video7/0.jpg, 1.jpg` -> `val/video7`).
   A root's own images are image items, never a frames item, so that `extract flickr8k/images` gives
-  one item per photo; to extract a single frames folder, give its parent as the root.
+  one item per photo; to extract a single frames folder, give its parent as the root. With
+  `--no-frame-folders` every image is an item (`coco/` holding `train2014/*.jpg`); a would-be frames
+  folder whose images have `.txt` files of the same name beside them (an image-caption download) is
+  said in one line.
 - A root may be a single file; its id is its file name without extension.
 - Hidden files and folders (name starting with `.`, e.g. macOS `._x.jpg`) and non-media files are
   ignored silently. Symbolic links are followed, each real folder is walked once (no loops).
@@ -27,6 +30,8 @@ VIDEO_EXTENSIONS: frozenset[str] = frozenset({
     ".mxf", ".rm", ".rmvb", ".y4m", ".nut",
 })  # fmt: skip
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+
+SIDECAR_EXTENSIONS: frozenset[str] = frozenset({".txt"})  # a caption beside each image: img2dataset's "files" output
 
 KINDS = ("video", "image", "frames")
 
@@ -66,13 +71,15 @@ def shard_of(item_id: str, n: int) -> int:
     return zlib.crc32(item_id.encode("utf-8")) % n
 
 
-def discover_items(roots: list[Path]) -> tuple[list[Item], list[tuple[str, str]]]:
+def discover_items(roots: list[Path], frame_folders: bool = True) -> tuple[list[Item], list[tuple[str, str]]]:
     """All items under the roots, and the problems met on the way as (path, reason).
 
     Problems: a root that does not exist or is not media, a folder that cannot be read, a broken
-    symbolic link with a media extension, a path that is not UTF-8, an id already taken (the first keeps it).
+    symbolic link with a media extension, a path that is not UTF-8, an id already taken (the first keeps it),
+    and a frames folder whose images have caption files beside them (an image-caption download, taken
+    as one video: said, not skipped). Without frame_folders every image is an item of its own.
     """
-    walk = _Walk()
+    walk = _Walk(frame_folders)
     for root in roots:
         root = Path(root)
         if not root.exists():
@@ -88,7 +95,8 @@ def discover_items(roots: list[Path]) -> tuple[list[Item], list[tuple[str, str]]
 
 
 class _Walk:
-    def __init__(self) -> None:
+    def __init__(self, frame_folders: bool = True) -> None:
+        self.frame_folders = frame_folders  # a folder of images only is one item (a video's frames)
         self.items: list[Item] = []
         self.problems: list[tuple[str, str]] = []
         self._owner: dict[str, Path] = {}  # id -> path that took it
@@ -122,7 +130,7 @@ class _Walk:
             self.problems.append((str(folder), f"cannot read folder: {err.strerror or err}; skipped"))
             return [], False
 
-        files, subfolders = [], []
+        files, subfolders, texts = [], [], set()
         for entry in entries:
             path = folder / entry.name
             if _is_dir(entry):
@@ -130,6 +138,8 @@ class _Walk:
             elif _is_file(entry):
                 if media_kind(path) is not None:
                     files.append(path)
+                elif path.suffix.lower() in SIDECAR_EXTENSIONS:
+                    texts.add(path.stem)
             elif entry.is_symlink() and media_kind(path) is not None:
                 self.problems.append((str(path), "broken symbolic link; skipped"))
 
@@ -139,7 +149,12 @@ class _Walk:
             below += sub_items
             sub_has_media |= has_media
         only_images = files and all(media_kind(p) == "image" for p in files)
-        if only_images and not sub_has_media and not is_root:
+        if only_images and not sub_has_media and not is_root and self.frame_folders:
+            described = [p for p in files if p.stem in texts]
+            if len(described) * 2 >= len(files):
+                self.problems.append((str(folder), f"its images have text files of the same name beside them (e.g. "
+                                      f"{described[0].stem}.txt), as an image-caption download has; taken as one "
+                                      f"video's {len(files)} frames: --no-frame-folders takes each image as an item"))
             return [Item(_relative_id(root, folder), folder, "frames")], True
         own = [Item(_relative_id(root, p.with_suffix("")), p, media_kind(p)) for p in files]
         return own + below, bool(files) or sub_has_media
