@@ -137,6 +137,28 @@ def test_coco_caption_annotations_name_each_image_by_its_file_name(tmp_path):
     assert captions.first_bad_line == f"{path} annotation 3: no image with its image_id"
 
 
+def test_a_folder_of_text_files_beside_images_gives_each_image_its_captions(tmp_path):
+    # img2dataset's "files" output, as CC3M is usually downloaded: 00000/000000000.jpg, .txt, .json
+    shard = tmp_path / "cc3m" / "00000"
+    shard.mkdir(parents=True)
+    for i, text in enumerate([b"a dog on a beach\n", b"", b"two\r\nlines\n", b"caf\xe9"]):
+        (shard / f"00000000{i}.jpg").write_bytes(b"x")
+        (shard / f"00000000{i}.txt").write_bytes(text)
+        (shard / f"00000000{i}.json").write_text("{}")
+    (shard / "000000009.txt").write_text("no image of this name")
+    (tmp_path / "cc3m" / "README.txt").write_text("not a caption")
+    captions = read_captions(tmp_path / "cc3m")
+    assert captions.by_id == {"00000/000000000": ["a dog on a beach"], "00000/000000002": ["two", "lines"]}
+    assert captions.empty_captions == 1 and captions.bad_lines == 1
+    assert captions.first_bad_line == f"{shard / '000000003.txt'}: not UTF-8 text"
+    matched, _ = captions.matched_to(["cc3m/00000/000000000", "cc3m/00000/000000002"])  # extracted from tmp_path
+    assert sorted(matched.by_id) == ["cc3m/00000/000000000", "cc3m/00000/000000002"]
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"empty: a folder of captions holds a \.txt file beside each image or video"):
+        read_captions(tmp_path / "empty")
+
+
 def test_a_json_document_of_an_unknown_layout_is_one_error_naming_its_keys(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"database": {"v_x": {"annotations": []}}, "version": "1.3"}))

@@ -7,7 +7,8 @@ allowed. A whole JSON document in one of the layouts the datasets ship (JSON_LAY
 JSON Lines objects; MSR-VTT's annotation file ({"videos": [{"video_id", "split"}], "sentences":
 [{"video_id", "caption"}]}, also CLIP4Clip's MSRVTT_data.json); Karpathy's split files of Flickr8k,
 Flickr30k and COCO ({"images": [{"filename", "split", "sentences": [{"raw"}]}]}); COCO's caption
-annotations ({"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}).
+annotations ({"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}). A folder:
+a text file beside each image or video, of the same name (img2dataset's output, CC3M's usual form).
 
 A video is named by its item id (its path below the extracted root, without extension: `clips/a`), or
 by a file name or path that ends in it: `a.mp4`, `clips/a.mp4`, `/data/clips/a.mp4` or `clips\\a.mp4`
@@ -206,10 +207,10 @@ def _add(captions: Captions, item_id, texts) -> None:
             captions.empty_captions += 1
 
 
-def _bad_line(captions: Captions, path: Path, line: int, why: str, unit: str = "line") -> None:
+def _bad_line(captions: Captions, path: Path, line: int | None, why: str, unit: str = "line") -> None:
     captions.bad_lines += 1
     if not captions.first_bad_line:
-        captions.first_bad_line = f"{path} {unit} {line}: {why}"
+        captions.first_bad_line = f"{path} {unit} {line}: {why}" if line is not None else f"{path}: {why}"
 
 
 def _json_record(line: str) -> tuple[str, list, str | None] | str:
@@ -251,9 +252,12 @@ def read_captions(path: str | Path) -> Captions:
     """Read a caption file (.csv, JSON Lines, or a JSON document of a known layout); malformed lines or
     records are counted, not fatal."""
     path = Path(path)
+    captions = Captions(sources=[str(path)])
+    if path.is_dir():
+        _read_text_files_beside_media(captions, path)
+        return captions
     if not path.is_file():
         raise UserError(f"{path}: caption file not found")
-    captions = Captions(sources=[str(path)])
     text = read_utf8_text(path)
     if path.suffix.lower() == ".csv":
         _read_csv(captions, path, text)
@@ -279,6 +283,41 @@ def _read_csv(captions: Captions, path: Path, text: str) -> None:
             _bad_line(captions, path, reader.line_num, "no video id")
             continue
         _add(captions, row[video], [row.get(caption)])
+
+
+SIDECAR_SUFFIX = ".txt"
+NOT_MEDIA_SUFFIXES = {".txt", ".json"}  # what else an image-caption download keeps beside each image
+
+
+def _read_text_files_beside_media(captions: Captions, folder: Path) -> None:
+    """A folder's captions kept one text file per image or video, beside it under the same name
+    (img2dataset's "files" output: 00000/000000000.jpg, .txt, .json): the key is the text file's path
+    below the folder without its extension (00000/000000000), each non-empty line a caption. A text file
+    with nothing of its name beside it (a README.txt) is not a caption."""
+    found = 0
+    for parent, folders, names in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        media = {os.path.splitext(name)[0] for name in names
+                 if os.path.splitext(name)[1].lower() not in NOT_MEDIA_SUFFIXES and not name.startswith(".")}
+        for name in sorted(names):
+            stem, suffix = os.path.splitext(name)
+            if suffix.lower() != SIDECAR_SUFFIX or stem not in media:
+                continue
+            found += 1
+            path = Path(parent) / name
+            try:
+                text = path.read_bytes().decode("utf-8-sig")
+            except UnicodeDecodeError:
+                _bad_line(captions, path, None, "not UTF-8 text")
+                continue
+            except OSError as err:
+                _bad_line(captions, path, None, f"cannot read: {err.strerror or err}")
+                continue
+            key = path.relative_to(folder).with_suffix("").as_posix()
+            _add(captions, key, [line for line in text.splitlines() if line.strip()] or [""])
+    if not found:
+        raise UserError(f"{folder}: a folder of captions holds a .txt file beside each image or video, of the same "
+                        "name (img2dataset's files output); none was found there")
 
 
 def _read_json_lines(captions: Captions, path: Path, text: str) -> None:

@@ -196,8 +196,9 @@ def inspect(cache_dir, render_id, output, as_json, failures) -> None:
 @cli.command()
 @click.option("--cache", "cache_dirs", multiple=True, type=click.Path(), help="Region cache(s) to train on, repeatable [default: .vlpcache/cache].")
 @click.option("--captions", multiple=True, type=click.Path(),
-              help="Caption file(s), repeatable: .jsonl, .csv, or a dataset's own JSON (MSR-VTT, Karpathy's "
-                   "splits, COCO) [default: .jsonl/.csv found in the workspace or beside the extracted roots].")
+              help="Caption file(s), repeatable: .jsonl, .csv, a dataset's own JSON (MSR-VTT, Karpathy's "
+                   "splits, COCO), or a folder with a .txt beside each image (img2dataset) [default: .jsonl/.csv "
+                   "found in the workspace or beside the extracted roots].")
 @click.option("--val-captions", type=click.Path(), help="Held-out caption file: text->video R@K every epoch [default: val.jsonl beside "
                    "the captions found by default, else a training file's own validation split].")
 @click.option("-o", "--output", "run_dir", type=click.Path(), help="Run directory [default: .vlpcache/runs/run-NNN; with --resume the latest].")
