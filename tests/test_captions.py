@@ -137,6 +137,30 @@ def test_coco_caption_annotations_name_each_image_by_its_file_name(tmp_path):
     assert captions.first_bad_line == f"{path} annotation 3: no image with its image_id"
 
 
+def test_json_lines_of_one_caption_each_and_didemo_and_activitynet_files_are_read(tmp_path):
+    per_caption = write_jsonl(tmp_path / "c.jsonl", [{"video_id": "a.mp4", "caption": "one"},
+                                                     {"video_id": "a.mp4", "caption": "two"}])
+    assert read_captions(per_caption).by_id == {"a.mp4": ["one", "two"]}
+    one_line = write_jsonl(tmp_path / "single.jsonl", [{"video": "b", "caption": "only"}])
+    assert read_captions(one_line).by_id == {"b": ["only"]}
+    didemo = tmp_path / "train_data.json"  # DiDeMo: one object per moment, the video by its file name
+    didemo.write_text(json.dumps([
+        {"annotation_id": 0, "description": "the dog jumps", "video": "12090392@N02_13482799053_87ef417396.mov",
+         "times": [[2, 2]], "num_segments": 6},
+        {"annotation_id": 1, "description": "a red car", "video": "12090392@N02_13482799053_87ef417396.mov"}]))
+    assert read_captions(didemo).by_id == {"12090392@N02_13482799053_87ef417396.mov": ["the dog jumps", "a red car"]}
+    activitynet = tmp_path / "val_1.json"
+    activitynet.write_text(json.dumps({
+        "v_uqiMw7tQ1Cc": {"duration": 55.15, "timestamps": [[0.28, 55.15], [13.79, 54.32]],
+                          "sentences": ["A weight lifting tutorial is given.", "  The coach helps the guy."]},
+        "v_bXdq2zI1Ms0": {"duration": 73.1, "sentences": []}, "v_one": {"duration": 1.0, "sentences": "x"},
+        "v_none": {"duration": 1.0}}))
+    captions = read_captions(activitynet)
+    assert captions.by_id == {"v_uqiMw7tQ1Cc": ["A weight lifting tutorial is given.", "The coach helps the guy."],
+                              "v_one": ["x"]}
+    assert captions.first_bad_line == f'{activitynet} video 4: no "sentences" list'
+
+
 def test_a_folder_of_text_files_beside_images_gives_each_image_its_captions(tmp_path):
     # img2dataset's "files" output, as CC3M is usually downloaded: 00000/000000000.jpg, .txt, .json
     shard = tmp_path / "cc3m" / "00000"

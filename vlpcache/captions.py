@@ -1,13 +1,14 @@
 """Caption files, read by pretraining and evaluation alike.
 
 JSON Lines: one object per video, {"video": id, "captions": [...]} (a "split" key is kept aside, other
-keys are ignored). CSV: a header with a video column (`video`, `video_id` or `videoid`) and a caption
+keys are ignored), or per caption ({"video": id, "caption": text}; RECORD_ID_KEYS, RECORD_TEXT_KEYS). CSV: a header with a video column (`video`, `video_id` or `videoid`) and a caption
 column (`caption`, `sentence`, or WebVid's `name`), one row per caption, several rows per video
 allowed. A whole JSON document in one of the layouts the datasets ship (JSON_LAYOUTS): a list of the
 JSON Lines objects; MSR-VTT's annotation file ({"videos": [{"video_id", "split"}], "sentences":
 [{"video_id", "caption"}]}, also CLIP4Clip's MSRVTT_data.json); Karpathy's split files of Flickr8k,
 Flickr30k and COCO ({"images": [{"filename", "split", "sentences": [{"raw"}]}]}); COCO's caption
-annotations ({"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}). A folder:
+annotations ({"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]});
+ActivityNet Captions ({video id: {"sentences": [...]}}); DiDeMo's list of {"video", "description"}. A folder:
 a text file beside each image or video, of the same name (img2dataset's output, CC3M's usual form).
 
 A video is named by its item id (its path below the extracted root, without extension: `clips/a`), or
@@ -226,20 +227,28 @@ def _is_id(value) -> bool:
     return isinstance(value, (str, int)) and not isinstance(value, bool) and value != ""
 
 
+RECORD_ID_KEYS = ("video", "video_id")  # a record's video, in the order looked for
+RECORD_TEXT_KEYS = ("captions", "caption", "sentences", "sentence", "description")  # DiDeMo's: "description"
+
+
 def _record(record) -> tuple[str, list, str | None] | str:
-    """(item id, captions, split or None) of one {"video", "captions"} object, or why it cannot be read."""
+    """(item id, captions, split or None) of one {"video", "captions"} object (or another of the keys
+    above: {"video": "a.mp4", "caption": "..."}, DiDeMo's {"video", "description"}), or why it cannot be read."""
     if not isinstance(record, dict):
         return "not a JSON object"
-    for key in ("video", "captions"):
-        if key not in record:
-            return f'no "{key}" key'
-    item_id, texts = record["video"], record["captions"]
+    id_key = next((key for key in RECORD_ID_KEYS if key in record), None)
+    text_key = next((key for key in RECORD_TEXT_KEYS if key in record), None)
+    if id_key is None:
+        return 'no "video" key'
+    if text_key is None:
+        return 'no "captions" key'
+    item_id, texts = record[id_key], record[text_key]
     if not _is_id(item_id):
-        return '"video" is not an id (a text)'
+        return f'"{id_key}" is not an id (a text)'
     if isinstance(texts, str):
         texts = [texts]
     if not isinstance(texts, list):
-        return '"captions" is not a list of texts'
+        return f'"{text_key}" is not a list of texts'
     split = record.get("split")
     return str(item_id), texts, None if split is None else str(split)
 
@@ -347,8 +356,8 @@ def _json_document(text: str):
         document = json.loads(text)
     except json.JSONDecodeError:
         return None  # JSON Lines (its second object is "extra data"), or broken: read line by line
-    if isinstance(document, dict) and {"video", "captions"} <= document.keys():
-        return None
+    if isinstance(document, dict) and any(key in document for key in RECORD_ID_KEYS):
+        return None  # one record
     return document
 
 
@@ -413,6 +422,17 @@ def _read_coco(captions: Captions, path: Path, document: dict) -> None:
         _add(captions, names[annotation["image_id"]], [annotation.get("caption")])
 
 
+def _read_activitynet(captions: Captions, path: Path, document: dict) -> None:
+    """ActivityNet Captions' train.json / val_1.json: each video id's sentences (and their times, unused)."""
+    for number, (video, entry) in enumerate(document.items(), 1):
+        sentences = entry.get("sentences") if isinstance(entry, dict) else None
+        sentences = [sentences] if isinstance(sentences, str) else sentences
+        if not isinstance(sentences, list):
+            _bad_line(captions, path, number, 'no "sentences" list', unit="video")
+            continue
+        _add(captions, video, sentences)
+
+
 def _records_of(key: str, *fields: str):
     """Whether a document's `key` is a list whose first element is an object with all of `fields`."""
     def test(document: dict) -> bool:
@@ -425,8 +445,10 @@ JSON_LAYOUTS = {  # name: how to recognise it
     "MSR-VTT's annotations": _records_of("sentences", "video_id", "caption"),
     "Karpathy's splits (Flickr8k, Flickr30k, COCO)": _records_of("images", "filename", "sentences"),
     "COCO's captions": lambda d: _records_of("annotations", "image_id", "caption")(d) and "images" in d,
+    "ActivityNet Captions": lambda d: bool(d) and all(isinstance(v, dict) for v in list(d.values())[:10])
+                                      and any("sentences" in v for v in list(d.values())[:10]),
 }
-READERS = dict(zip(JSON_LAYOUTS, (_read_msrvtt, _read_karpathy, _read_coco)))
+READERS = dict(zip(JSON_LAYOUTS, (_read_msrvtt, _read_karpathy, _read_coco, _read_activitynet)))
 
 
 def caption_queries(captions: list[list[str]], all_captions: bool) -> tuple[list[str], list[int]]:
