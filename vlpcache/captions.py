@@ -1,15 +1,16 @@
 """Caption files, read by pretraining and evaluation alike.
 
 JSON Lines: one object per video, {"video": id, "captions": [...]} (a "split" key is kept aside, other
-keys are ignored), or per caption ({"video": id, "caption": text}; RECORD_ID_KEYS, RECORD_TEXT_KEYS). CSV: a header with a video column (`video`, `video_id` or `videoid`) and a caption
-column (`caption`, `sentence`, or WebVid's `name`), one row per caption, several rows per video
-allowed. A whole JSON document in one of the layouts the datasets ship (JSON_LAYOUTS): a list of the
-JSON Lines objects; MSR-VTT's annotation file ({"videos": [{"video_id", "split"}], "sentences":
-[{"video_id", "caption"}]}, also CLIP4Clip's MSRVTT_data.json); Karpathy's split files of Flickr8k,
-Flickr30k and COCO ({"images": [{"filename", "split", "sentences": [{"raw"}]}]}); COCO's caption
-annotations ({"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]});
-ActivityNet Captions ({video id: {"sentences": [...]}}); DiDeMo's list of {"video", "description"}. A folder:
-a text file beside each image or video, of the same name (img2dataset's output, CC3M's usual form).
+keys are ignored), or per caption, {"video_id": id, "caption": text} (RECORD_ID_KEYS, RECORD_TEXT_KEYS).
+CSV: a header with a video column (`video`, `video_id` or `videoid`) and a caption column (`caption`,
+`sentence`, or WebVid's `name`), one row per caption, several rows per video allowed. A whole JSON
+document in a layout a dataset ships (JSON_LAYOUTS): a list of the JSON Lines objects (DiDeMo's
+{"video", "description"} among them); MSR-VTT's annotations ({"videos": [{"video_id", "split"}],
+"sentences": [{"video_id", "caption"}]}, also CLIP4Clip's MSRVTT_data.json); Karpathy's split files of
+Flickr8k, Flickr30k and COCO ({"images": [{"filename", "split", "sentences": [{"raw"}]}]}); COCO's
+caption annotations ({"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]});
+ActivityNet Captions ({video id: {"sentences": [...]}}). A folder: a text file beside each image or
+video, of the same name (img2dataset's output, CC3M's usual form).
 
 A video is named by its item id (its path below the extracted root, without extension: `clips/a`), or
 by a file name or path that ends in it: `a.mp4`, `clips/a.mp4`, `/data/clips/a.mp4` or `clips\\a.mp4`
@@ -371,13 +372,14 @@ def _read_document(captions: Captions, path: Path, document) -> None:
             else:
                 _take(captions, parsed)
         return
-    layout = next((name for name, keys in JSON_LAYOUTS.items() if isinstance(document, dict) and keys(document)), None)
+    layout = next((name for name, (recognise, _) in JSON_LAYOUTS.items()
+                   if isinstance(document, dict) and recognise(document)), None)
     if layout is None:
         keys = ", ".join(map(repr, list(document)[:6])) if isinstance(document, dict) else type(document).__name__
         raise UserError(f"{path}: a JSON document of a layout vlpcache does not know (top level: {keys}); caption "
                         f"files are JSON Lines of {{\"video\": id, \"captions\": [...]}}, CSV with video and caption "
                         f"columns, or a JSON document in the layout of {', '.join(JSON_LAYOUTS)}")
-    READERS[layout](captions, path, document)
+    JSON_LAYOUTS[layout][1](captions, path, document)
 
 
 def _list_of(document: dict, key: str) -> list:
@@ -441,14 +443,18 @@ def _records_of(key: str, *fields: str):
     return test
 
 
-JSON_LAYOUTS = {  # name: how to recognise it
-    "MSR-VTT's annotations": _records_of("sentences", "video_id", "caption"),
-    "Karpathy's splits (Flickr8k, Flickr30k, COCO)": _records_of("images", "filename", "sentences"),
-    "COCO's captions": lambda d: _records_of("annotations", "image_id", "caption")(d) and "images" in d,
-    "ActivityNet Captions": lambda d: bool(d) and all(isinstance(v, dict) for v in list(d.values())[:10])
-                                      and any("sentences" in v for v in list(d.values())[:10]),
+def _activitynet(document: dict) -> bool:
+    """Whether a document is ActivityNet Captions': objects by video id, with "sentences"."""
+    first = list(document.values())[:10]
+    return bool(first) and all(isinstance(v, dict) for v in first) and any("sentences" in v for v in first)
+
+
+JSON_LAYOUTS = {  # name: (how to recognise it, how to read it), tried in this order
+    "MSR-VTT's annotations": (_records_of("sentences", "video_id", "caption"), _read_msrvtt),
+    "Karpathy's splits (Flickr8k, Flickr30k, COCO)": (_records_of("images", "filename", "sentences"), _read_karpathy),
+    "COCO's captions": (_records_of("annotations", "image_id", "caption"), _read_coco),
+    "ActivityNet Captions": (_activitynet, _read_activitynet),
 }
-READERS = dict(zip(JSON_LAYOUTS, (_read_msrvtt, _read_karpathy, _read_coco, _read_activitynet)))
 
 
 def caption_queries(captions: list[list[str]], all_captions: bool) -> tuple[list[str], list[int]]:
