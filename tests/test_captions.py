@@ -105,6 +105,7 @@ def test_msrvtt_own_annotation_file_trains_on_its_train_videos_and_validates_on_
         assert sorted(trained_captions(data)) == ["video0", "video1", "video2"]
         assert validation_captions(data) == {"video3": ["caption 0 of video 3", "caption 1 of video 3"]}
         assert data.validation_file == annotations
+        assert data.summary()[0] == f"training captions: {annotations} (MSR-VTT's annotations)"
 
 
 def test_karpathy_split_files_key_images_by_file_name_and_keep_their_splits(tmp_path):
@@ -213,6 +214,7 @@ def test_the_split_key_keeps_val_and_test_items_out_of_training(tmp_path, cache)
     assert data.held_out_skipped == 3 and any("3 captioned items of val/test splits left out" in line for line in data.summary())
     assert validation_captions(data) == {"v1": ["one"], "v4": ["four"]}  # no --val-captions: the file's val split
     assert f"validation ({train}): 2 videos, 2 captions as queries" in data.summary()
+    assert data.summary()[0] == f"training captions: {train} (JSON Lines)"
 
 
 def test_a_validation_file_with_splits_validates_on_its_val_items_only(tmp_path, cache):

@@ -42,6 +42,7 @@ class Captions:
     bad_lines: int = 0
     sources: list[str] = field(default_factory=list)
     first_bad_line: str = ""  # "FILE line N: why", for the report
+    layout: str = ""  # how the file was read: "JSON Lines", "CSV", a JSON_LAYOUTS name...
 
     def bad_lines_text(self) -> str:
         """", 3 unreadable caption lines (the first: FILE line N: why)", or "" when all were read."""
@@ -265,16 +266,19 @@ def read_captions(path: str | Path) -> Captions:
     captions = Captions(sources=[str(path)])
     if path.is_dir():
         _read_text_files_beside_media(captions, path)
+        captions.layout = "a .txt beside each image or video"
         return captions
     if not path.is_file():
         raise UserError(f"{path}: caption file not found")
     text = read_utf8_text(path)
     if path.suffix.lower() == ".csv":
         _read_csv(captions, path, text)
+        captions.layout = "CSV"
     elif (document := _json_document(text)) is not None:
-        _read_document(captions, path, document)
+        captions.layout = _read_document(captions, path, document)
     else:
         _read_json_lines(captions, path, text)
+        captions.layout = "JSON Lines"
     return captions
 
 
@@ -362,8 +366,9 @@ def _json_document(text: str):
     return document
 
 
-def _read_document(captions: Captions, path: Path, document) -> None:
-    """A whole JSON document: a list of {"video", "captions"} records, or a dataset's own layout."""
+def _read_document(captions: Captions, path: Path, document) -> str:
+    """A whole JSON document: a list of {"video", "captions"} records, or a dataset's own layout (its name
+    is returned)."""
     if isinstance(document, list):
         for number, record in enumerate(document, 1):
             parsed = _record(record)
@@ -371,7 +376,7 @@ def _read_document(captions: Captions, path: Path, document) -> None:
                 _bad_line(captions, path, number, parsed, unit="record")
             else:
                 _take(captions, parsed)
-        return
+        return "a JSON list of records"
     layout = next((name for name, (recognise, _) in JSON_LAYOUTS.items()
                    if isinstance(document, dict) and recognise(document)), None)
     if layout is None:
@@ -380,6 +385,7 @@ def _read_document(captions: Captions, path: Path, document) -> None:
                         f"files are JSON Lines of {{\"video\": id, \"captions\": [...]}}, CSV with video and caption "
                         f"columns, or a JSON document in the layout of {', '.join(JSON_LAYOUTS)}")
     JSON_LAYOUTS[layout][1](captions, path, document)
+    return layout
 
 
 def _list_of(document: dict, key: str) -> list:

@@ -256,13 +256,16 @@ class PretrainData:
     train: CaptionedRegions
     train_report: CaptionReport
     caption_files: list[Path]
+    caption_layouts: list[str] = field(default_factory=list)  # how each file was read, as Captions.layout
     validation: ValidationSet | None = None
     validation_report: CaptionReport | None = None
     validation_file: Path | None = None
     held_out_skipped: int = 0  # training captions of val/test items (by their "split" key) left out
 
     def summary(self) -> list[str]:
-        lines = [f"training captions: {', '.join(map(str, self.caption_files))}", f"training: {self.train_report.line()}"]
+        files = [f"{path} ({layout})" if layout else str(path)
+                 for path, layout in zip(self.caption_files, self.caption_layouts or [""] * len(self.caption_files))]
+        lines = [f"training captions: {', '.join(files)}", f"training: {self.train_report.line()}"]
         for cache in self.caches:
             outdated = outdated_schema(cache.settings)
             if outdated:
@@ -317,7 +320,7 @@ def load_pretrain_data(
     train = CaptionedRegions(caches, samples, seed, captions_per_video or 1)
     if captions_per_video is None:  # every caption of a typical item in each step, at most max_captions_per_video
         train.captions_per_video = max(1, min(max_captions_per_video, train.median_captions()))
-    data = PretrainData(caches, train, report, caption_files,
+    data = PretrainData(caches, train, report, caption_files, [captions.layout for captions in per_file],
                         held_out_skipped=skipped)
     if validation_file is not None:
         validation_captions, _ = held_out(read_captions(validation_file), keep_held_out=True)
