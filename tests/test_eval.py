@@ -91,6 +91,23 @@ def test_split_evaluates_the_videos_of_one_split_of_a_file_that_has_several(root
     assert code == 2 and err.strip().splitlines() == [f"error: {path}: no video of split 'train' (its splits: test, val)"]
 
 
+@pytest.mark.parametrize("max_words", [None, 6])
+def test_paragraphs_make_one_query_of_each_videos_captions_cut_at_max_words(root, ws, monkeypatch, capsys, max_words):
+    extra = ("--max-words", max_words) if max_words else ()
+    results = eval_json(monkeypatch, capsys, "--captions", root / "val.jsonl", "--paragraphs", *extra,
+                        "--rerank-candidates", "0")
+    run, cache = load_run(ws / "runs" / "run-001"), RegionCache(ws / "cache")
+    captions = read_captions(root / "val.jsonl").by_id
+    ids = [i for i in cache.ids if i in captions]
+    words = max_words or 128
+    with torch.inference_mode():
+        video = run.model.encode_video(**video_batch([cache.get(i) for i in ids])).global_
+        text = run.model.encode_text(*tokenize(run.tokenizer, [" ".join(captions[i]) for i in ids], words)).global_
+    assert results["text_to_video"] == pytest.approx(retrieval_metrics((text @ video.T).numpy(), np.arange(len(ids))))
+    assert results["protocol"]["captions_per_video"] == "paragraph" and results["protocol"]["max_words"] == words
+    assert results["text_to_video"]["queries"] == 8
+
+
 def test_all_captions_makes_every_caption_a_query(root, ws, monkeypatch, capsys):
     results = eval_json(monkeypatch, capsys, "--captions", root / "val.jsonl", "--all-captions", "--rerank-candidates", "0")
     assert results["text_to_video"]["queries"] == 16  # two non-empty captions per video

@@ -305,6 +305,11 @@ def serve(**options) -> None:
               help="Only the videos of this split of the caption file (its \"split\" key, MSR-VTT's or Karpathy's "
                    "splits: test, val...) [default: every video it captions].")
 @click.option("--all-captions", is_flag=True, help="Every caption is a query (default: the first caption of each video).")
+@click.option("--paragraphs", is_flag=True,
+              help="One query per video, its captions joined in file order: the paragraph-to-video protocol of "
+                   "DiDeMo and ActivityNet Captions.")
+@click.option("--max-words", type=click.IntRange(4, 512), default=None,
+              help="Tokens per query, special tokens included [default: the run's (32); --paragraphs: 128].")
 @click.option("--qbnorm", is_flag=True, help="Also rank by query-bank normalisation (bank: the run's training captions).")
 @click.option("--dual-softmax", is_flag=True, help="Also report dual softmax (needs all test queries at once: eval only).")
 @click.option("--rerank-candidates", default=RERANK_CANDIDATES, show_default=True, type=click.IntRange(0),

@@ -29,7 +29,7 @@ from vlpcache.report import sayer
 
 def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: bool, device, batch_size: int,
              rerank_candidates: int = RERANK_CANDIDATES, progress: bool = True, qbnorm: bool = False,
-             dual: bool = False) -> dict:
+             dual: bool = False, max_words: int | None = None) -> dict:
     """Retrieval metrics over the cached videos in captions_by_id (insertion order = candidate order).
 
     qbnorm adds text->video ranked by query-bank normalisation (the run's training captions as bank),
@@ -46,7 +46,7 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
     started = time.monotonic()
     video = encode_videos(run.model, cache, [cache.index_of(i) for i in ids], device, batch_size,
                           regions=rerank, progress=progress)
-    text = encode_texts(run.model, run.tokenizer, texts, device, batch_size, progress=progress)
+    text = encode_texts(run.model, run.tokenizer, texts, device, batch_size, progress=progress, max_words=max_words)
     t2v = (text.global_ @ video.global_.T).numpy()  # (Q, C)
     results = {
         "text_to_video": retrieval_metrics(t2v, text_video),
@@ -70,6 +70,7 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
         "videos": len(ids),
         "queries": len(texts),
         "captions_per_video": "all" if all_captions else "first",
+        "max_words": max_words or run.config.max_words,
         "rerank_candidates": rerank_candidates if rerank else 0,
         "seconds": round(time.monotonic() - started, 1),
     }
@@ -93,9 +94,12 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captions=False, as_json=False,
-             rerank_candidates=RERANK_CANDIDATES, device=DEFAULT_DEVICE, batch_size=None, checkpoint=None, quiet=False,
-             qbnorm=False, dual_softmax=False) -> dict:
+PARAGRAPH_WORDS = 128  # tokens of a paragraph query by default (DiDeMo's and ActivityNet's are several sentences)
+
+
+def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captions=False, paragraphs=False,
+             max_words=None, as_json=False, rerank_candidates=RERANK_CANDIDATES, device=DEFAULT_DEVICE,
+             batch_size=None, checkpoint=None, quiet=False, qbnorm=False, dual_softmax=False) -> dict:
     """The `vlpcache eval` command."""
     from vlpcache.model.checkpoint import load_run
     from vlpcache.model.retrieval import default_batch_size
@@ -124,8 +128,14 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
         f"({report['captions_without_items']} caption entries without a cached video{captions.bad_lines_text()}"
         f"{key_matches.text()}), "
         f"device {device}")
-    results = evaluate(run, cache, kept.by_id, all_captions, device, batch_size or default_batch_size(device),
-                       rerank_candidates, progress=not quiet, qbnorm=qbnorm, dual=dual_softmax)
+    queries = kept.by_id
+    if paragraphs:  # one query per video: its captions in file order, as one text
+        queries = {item_id: [" ".join(texts)] for item_id, texts in queries.items()}
+        max_words = max_words or PARAGRAPH_WORDS
+    results = evaluate(run, cache, queries, all_captions, device, batch_size or default_batch_size(device),
+                       rerank_candidates, progress=not quiet, qbnorm=qbnorm, dual=dual_softmax, max_words=max_words)
+    if paragraphs:
+        results["protocol"]["captions_per_video"] = "paragraph"
     results["run"] = {"run_dir": str(sources.run_dir), "epoch": run.epoch, "checkpoint_sha256": run.checkpoint_sha256,
                       "captions": str(Path(captions_file)), "split": split, "cache": str(sources.cache_dir)}
     if as_json:
@@ -133,6 +143,8 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
     else:
         print(format_results(results))
         p = results["protocol"]
-        print(f"{p['queries']} queries ({p['captions_per_video']} caption per video), {p['videos']} candidate videos, "
+        per_video = ("one paragraph per video, its captions joined" if paragraphs
+                     else f"{p['captions_per_video']} caption per video")
+        print(f"{p['queries']} queries ({per_video}, up to {p['max_words']} tokens), {p['videos']} candidate videos, "
               f"re-rank of the top {p['rerank_candidates']}, {p['seconds']} s")
     return results

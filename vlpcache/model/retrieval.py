@@ -67,10 +67,10 @@ def _cat_padded(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def encode_texts(model, tokenizer, texts: list[str], device, batch_size: int = 256, progress: bool = False,
-                 text_features=None) -> TextEmbedding:
+                 text_features=None, max_words: int | None = None) -> TextEmbedding:
     """Global (Q, E) float32 and word (Q, L, E) float16 embeddings of texts, padded to the longest over
-    all batches. With text_features (a frozen encoder's TextFeatures holding every text) the encoder
-    is not run."""
+    all batches, each text cut at max_words tokens (None: the model's). With text_features (a frozen
+    encoder's TextFeatures holding every text) the encoder is not run."""
     globals_, words, masks = [], [], []
     for start in progress_bar(range(0, len(texts), batch_size), desc="encoding captions", unit="batch",
                               disable=not progress, leave=False):
@@ -82,7 +82,7 @@ def encode_texts(model, tokenizer, texts: list[str], device, batch_size: int = 2
             cached = text_features.model_inputs(part, part)
             text = model.project_text(*(cached[k].to(device) for k in ("text_hidden", "text_pooled", "word_mask")))
         else:
-            input_ids, attention_mask = tokenize(tokenizer, part, model.config.max_words)
+            input_ids, attention_mask = tokenize(tokenizer, part, max_words or model.config.max_words)
             text = model.encode_text(input_ids.to(device), attention_mask.to(device))
         globals_.append(text.global_.float().cpu())  # (B, E)
         words.append(text.words.half().cpu())  # (B, L, E)
