@@ -24,14 +24,14 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlpcache.captions import SIDECAR_SUFFIX
+
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({
     ".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".gif", ".mpg", ".mpeg", ".m2v", ".wmv", ".asf",
     ".flv", ".f4v", ".ts", ".mts", ".m2ts", ".vob", ".3gp", ".3g2", ".ogv", ".ogg", ".divx", ".dv",
     ".mxf", ".rm", ".rmvb", ".y4m", ".nut",
 })  # fmt: skip
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
-
-SIDECAR_EXTENSIONS: frozenset[str] = frozenset({".txt"})  # a caption beside each image: img2dataset's "files" output
 
 KINDS = ("video", "image", "frames")
 
@@ -138,7 +138,7 @@ class _Walk:
             elif _is_file(entry):
                 if media_kind(path) is not None:
                     files.append(path)
-                elif path.suffix.lower() in SIDECAR_EXTENSIONS:
+                elif path.suffix.lower() == SIDECAR_SUFFIX:  # a caption beside its image (img2dataset)
                     texts.add(path.stem)
             elif entry.is_symlink() and media_kind(path) is not None:
                 self.problems.append((str(path), "broken symbolic link; skipped"))
