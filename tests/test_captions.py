@@ -68,7 +68,8 @@ def test_a_csv_without_video_and_caption_columns_is_one_error_naming_the_file(tm
     ("videoid,contentUrl,duration,page_dir,name", ["1,http://x/1.mp4,PT00H00M10S,000001_000050,a dog runs",
                                                    "2,http://x/2.mp4,PT00H00M05S,000001_000050,\"a cat, sleeping\""]),
     ("key,vid_key,video_id,sentence", ["ret0,msr0,1,a dog runs", "ret1,msr1,2,\"a cat, sleeping\""]),
-], ids=["webvid", "clip4clip"])
+    ("Video , Caption", ["1,a dog runs", "2,\"a cat, sleeping\""]),
+], ids=["webvid", "clip4clip", "capitals"])
 def test_csv_files_of_webvid_and_clip4clip_are_read_by_their_own_column_names(tmp_path, header, rows):
     csv = tmp_path / "c.csv"
     csv.write_text("\n".join([header, *rows]) + "\n")

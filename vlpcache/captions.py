@@ -285,13 +285,14 @@ def read_captions(path: str | Path) -> Captions:
 def _read_csv(captions: Captions, path: Path, text: str) -> None:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     columns = [name.strip() for name in reader.fieldnames or []]
-    video = next((name for name in CSV_VIDEO_COLUMNS if name in columns), None)
-    caption = next((name for name in CSV_CAPTION_COLUMNS if name in columns), None)
+    lowered = [name.lower() for name in columns]  # `Video`, `Caption` too
+    video = next((name for name in CSV_VIDEO_COLUMNS if name in lowered), None)
+    caption = next((name for name in CSV_CAPTION_COLUMNS if name in lowered), None)
     if video is None or caption is None:
         raise UserError(f"{path}: a CSV caption file needs a video column ({', '.join(CSV_VIDEO_COLUMNS)}) and a "
                         f"caption column ({', '.join(CSV_CAPTION_COLUMNS)}); its header has "
                         f"{', '.join(columns) or 'no columns'}")
-    reader.fieldnames = columns
+    reader.fieldnames = lowered
     for row in reader:
         if not row.get(video):
             _bad_line(captions, path, reader.line_num, "no video id")
