@@ -163,6 +163,29 @@ def test_json_lines_of_one_caption_each_and_didemo_and_activitynet_files_are_rea
     assert captions.first_bad_line == f'{activitynet} video 4: no "sentences" list'
 
 
+def test_text_files_of_an_id_and_a_caption_per_line_are_read_as_msvd_and_flickr_ship_them(tmp_path):
+    msvd = tmp_path / "AllVideoDescriptions.txt"
+    msvd.write_text("# MSVD: video id, then its caption\n\n-4wsuPCjDBc_5_15 a squirrel is eating a peanut\n"
+                    "-4wsuPCjDBc_5_15 a chipmunk eats\nlonely_id\n")
+    captions = read_captions(msvd)
+    assert captions.by_id == {"-4wsuPCjDBc_5_15": ["a squirrel is eating a peanut", "a chipmunk eats"]}
+    assert captions.first_bad_line == f"{msvd} line 5: not an id and a caption"
+    flickr = tmp_path / "Flickr8k.token.txt"
+    flickr.write_text("1000268201_693b08cb0e.jpg#0\tA child in a pink dress .\n"
+                      "1000268201_693b08cb0e.jpg#1\tA girl going into a wooden building .\n")
+    assert read_captions(flickr).by_id == {"1000268201_693b08cb0e.jpg": ["A child in a pink dress .",
+                                                                         "A girl going into a wooden building ."]}
+    named_txt = write_jsonl(tmp_path / "captions.txt", [{"video": "v0", "captions": ["json after all"]}])
+    assert read_captions(named_txt).by_id == {"v0": ["json after all"]}
+
+
+def test_a_file_of_which_no_caption_can_be_read_is_one_error_naming_its_first_bad_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{not json\n["a list"]\n')
+    with pytest.raises(UserError, match=r"c\.jsonl: no caption could be read \(2 unreadable, the first: line 1: not JSON"):
+        read_captions(path)
+
+
 def test_a_folder_of_text_files_beside_images_gives_each_image_its_captions(tmp_path):
     # img2dataset's "files" output, as CC3M is usually downloaded: 00000/000000000.jpg, .txt, .json
     shard = tmp_path / "cc3m" / "00000"

@@ -9,8 +9,9 @@ document in a layout a dataset ships (JSON_LAYOUTS): a list of the JSON Lines ob
 "sentences": [{"video_id", "caption"}]}, also CLIP4Clip's MSRVTT_data.json); Karpathy's split files of
 Flickr8k, Flickr30k and COCO ({"images": [{"filename", "split", "sentences": [{"raw"}]}]}); COCO's
 caption annotations ({"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]});
-ActivityNet Captions ({video id: {"sentences": [...]}}). A folder: a text file beside each image or
-video, of the same name (img2dataset's output, CC3M's usual form).
+ActivityNet Captions ({video id: {"sentences": [...]}}). A .txt or .token file: lines of an id and a
+caption (MSVD's, Flickr's token files). A folder: a text file beside each image or video, of the same
+name (img2dataset's output, CC3M's usual form).
 
 A video is named by its item id (its path below the extracted root, without extension: `clips/a`), or
 by a file name or path that ends in it: `a.mp4`, `clips/a.mp4`, `/data/clips/a.mp4` or `clips\\a.mp4`
@@ -25,6 +26,7 @@ import csv
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -274,12 +276,39 @@ def read_captions(path: str | Path) -> Captions:
     if path.suffix.lower() == ".csv":
         _read_csv(captions, path, text)
         captions.layout = "CSV"
+    elif path.suffix.lower() in TEXT_SUFFIXES and not text.lstrip().startswith(("{", "[")):  # not JSON named .txt
+        _read_id_and_caption_lines(captions, path, text)
+        captions.layout = "lines of an id and a caption"
     elif (document := _json_document(text)) is not None:
         captions.layout = _read_document(captions, path, document)
     else:
         _read_json_lines(captions, path, text)
         captions.layout = "JSON Lines"
+    if not captions.by_id and captions.bad_lines:
+        raise UserError(f"{path}: no caption could be read ({captions.bad_lines} unreadable, the first: "
+                        f"{captions.first_bad_line.removeprefix(f'{path} ')}); caption files are JSON Lines of "
+                        '{"video": id, "captions": [...]}, CSV with video and caption columns, a dataset\'s own JSON, '
+                        "or lines of an id and a caption (.txt)")
     return captions
+
+
+TEXT_SUFFIXES = (".txt", ".token")  # MSVD's AllVideoDescriptions.txt, Flickr8k.token.txt, Flickr30k's .token
+_CAPTION_NUMBER = re.compile(r"#\d+$")  # Flickr's "1000268201_693b08cb0e.jpg#0": the image's caption 0
+
+
+def _read_id_and_caption_lines(captions: Captions, path: Path, text: str) -> None:
+    """Lines of an id and a caption, split at the first tab, or else at the first space (MSVD's
+    `-4wsuPCjDBc_5_15 a squirrel is eating`, Flickr's `1000268201_693b08cb0e.jpg#0<TAB>A child ...`);
+    a caption number after `#` is dropped from the id; `#` comment lines and blank lines are skipped."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        item_id, _, caption = line.partition("\t") if "\t" in line else line.strip().partition(" ")
+        item_id = _CAPTION_NUMBER.sub("", item_id.strip())
+        if not item_id or not caption.strip():
+            _bad_line(captions, path, number, "not an id and a caption")
+            continue
+        _add(captions, item_id, [caption])
 
 
 def _read_csv(captions: Captions, path: Path, text: str) -> None:
