@@ -145,7 +145,7 @@ def run_query_bank(run, videos: np.ndarray, device, batch_size: int, beta: float
     captions = []
     for path in read_run_config(run.run_dir).get("train", {}).get("captions", []):
         try:
-            training, _ = held_out(read_captions(path), keep_held_out=False)
+            training, _ = held_out(read_captions(path, progress), keep_held_out=False)
         except UserError as err:
             say(f"note: query bank: {err}; left out")
             continue

@@ -106,7 +106,7 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
 
     sources = resolve_sources(run_dir, cache_dir)
     cache = open_cache(sources.cache_dir)
-    captions = read_captions(captions_file)
+    captions = read_captions(captions_file, progress=not quiet)
     if split is not None:
         captions = captions.of_split(split)
     captions, key_matches = captions.matched_to(cache.ids)

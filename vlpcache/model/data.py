@@ -289,8 +289,10 @@ def load_pretrain_data(
     workspace: Workspace | None = None,
     captions_per_video: int | None = 1,
     max_captions_per_video: int = MAX_CAPTIONS_PER_VIDEO,
+    progress: bool = False,
 ) -> PretrainData:
-    """Open the caches and match them with the training (and validation) captions."""
+    """Open the caches and match them with the training (and validation) captions (progress: a bar while a
+    caption folder of many files is read)."""
     workspace = workspace or Workspace()
     caches = open_caches(cache_dirs)
     found_validation = None
@@ -303,7 +305,7 @@ def load_pretrain_data(
         if validation_file is None:
             validation_file = found_validation = find_validation_file(caption_files)
     caption_files = [Path(p) for p in caption_files]
-    per_file = [read_captions(path) for path in caption_files]
+    per_file = [read_captions(path, progress) for path in caption_files]
     if validation_file is None:  # a training file's own validation split (MSR-VTT's "validate", Karpathy's "val")
         validation_file = found_validation = next(
             (path for path, captions in zip(caption_files, per_file) if has_validation_split(captions)), None)
@@ -323,7 +325,7 @@ def load_pretrain_data(
     data = PretrainData(caches, train, report, caption_files, [captions.layout for captions in per_file],
                         held_out_skipped=skipped)
     if validation_file is not None:
-        validation_captions, _ = held_out(read_captions(validation_file), keep_held_out=True)
+        validation_captions, _ = held_out(read_captions(validation_file, progress), keep_held_out=True)
         data.validation, data.validation_report = validation_set(caches, validation_captions)
         data.validation_file = Path(validation_file)
         if not len(data.validation) and found_validation is not None:  # a default that does not apply

@@ -199,6 +199,7 @@ def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, w
         Path(train_config.val_captions) if train_config.val_captions else None,
         seed=train_config.seed, workspace=workspace, captions_per_video=train_config.captions_per_video,
         max_captions_per_video=captions_per_video_cap(options.trainable_layers),
+        progress=processes.main and not processes.quiet,
     )
     if not stored:  # record what the defaults resolved to, so that resume reads the same data
         train_config.captions_per_video = data.train.captions_per_video
