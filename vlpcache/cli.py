@@ -197,8 +197,9 @@ def inspect(cache_dir, render_id, output, as_json, failures) -> None:
 @click.option("--cache", "cache_dirs", multiple=True, type=click.Path(), help="Region cache(s) to train on, repeatable [default: .vlpcache/cache].")
 @click.option("--captions", multiple=True, type=click.Path(),
               help="Caption file(s), repeatable: .jsonl, .csv, a dataset's own JSON (MSR-VTT, Karpathy's "
-                   "splits, COCO), or a folder with a .txt beside each image (img2dataset) [default: .jsonl/.csv "
-                   "found in the workspace or beside the extracted roots].")
+                   "splits, COCO, ActivityNet, DiDeMo), id-and-caption lines (.txt), or a folder with a .txt beside "
+                   "each image (img2dataset) [default: .jsonl/.csv found in the workspace or beside the extracted "
+                   "roots].")
 @click.option("--val-captions", type=click.Path(), help="Held-out caption file: text->video R@K every epoch [default: val.jsonl beside "
                    "the captions found by default, else a training file's own validation split].")
 @click.option("-o", "--output", "run_dir", type=click.Path(), help="Run directory [default: .vlpcache/runs/run-NNN; with --resume the latest].")
@@ -298,7 +299,8 @@ def serve(**options) -> None:
 
 
 @cli.command(name="eval")
-@click.option("--captions", "captions_file", required=True, type=click.Path(), help="Caption file of cached videos (.jsonl, .csv, or a dataset's own JSON).")
+@click.option("--captions", "captions_file", required=True, type=click.Path(), help="Caption file of cached videos, in any form pretrain reads (.jsonl, .csv, "
+                   "a dataset's own JSON, .txt lines, a folder).")
 @run_option
 @cache_option
 @click.option("--split", default=None, metavar="NAME",
