@@ -256,15 +256,14 @@ class PretrainData:
     train: CaptionedRegions
     train_report: CaptionReport
     caption_files: list[Path]
-    caption_layouts: list[str] = field(default_factory=list)  # how each file was read, as Captions.layout
+    caption_layouts: list[str]  # how each file was read, as Captions.layout
     validation: ValidationSet | None = None
     validation_report: CaptionReport | None = None
     validation_file: Path | None = None
     held_out_skipped: int = 0  # training captions of val/test items (by their "split" key) left out
 
     def summary(self) -> list[str]:
-        files = [f"{path} ({layout})" if layout else str(path)
-                 for path, layout in zip(self.caption_files, self.caption_layouts or [""] * len(self.caption_files))]
+        files = [f"{path} ({layout})" for path, layout in zip(self.caption_files, self.caption_layouts)]
         lines = [f"training captions: {', '.join(files)}", f"training: {self.train_report.line()}"]
         for cache in self.caches:
             outdated = outdated_schema(cache.settings)
@@ -325,7 +324,10 @@ def load_pretrain_data(
     data = PretrainData(caches, train, report, caption_files, [captions.layout for captions in per_file],
                         held_out_skipped=skipped)
     if validation_file is not None:
-        validation_captions, _ = held_out(read_captions(validation_file, progress), keep_held_out=True)
+        read = dict(zip(caption_files, per_file)).get(Path(validation_file))  # a training file's split: read already
+        if read is None:
+            read = read_captions(validation_file, progress)
+        validation_captions, _ = held_out(read, keep_held_out=True)
         data.validation, data.validation_report = validation_set(caches, validation_captions)
         data.validation_file = Path(validation_file)
         if not len(data.validation) and found_validation is not None:  # a default that does not apply
