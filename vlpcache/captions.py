@@ -424,7 +424,8 @@ def _read_document(captions: Captions, path: Path, document) -> str:
         keys = ", ".join(map(repr, list(document)[:6])) if isinstance(document, dict) else type(document).__name__
         raise UserError(f"{path}: a JSON document of a layout vlpcache does not know (top level: {keys}); caption "
                         f"files are JSON Lines of {{\"video\": id, \"captions\": [...]}}, CSV with video and caption "
-                        f"columns, or a JSON document in the layout of {', '.join(JSON_LAYOUTS)}")
+                        f"columns, a JSON document in the layout of {', '.join(JSON_LAYOUTS)}, lines of an id and a "
+                        "caption (.txt), or a folder with a .txt beside each image")
     JSON_LAYOUTS[layout][1](captions, path, document)
     return layout
 
