@@ -226,18 +226,18 @@ def test_broken_files_get_one_line_each_and_the_run_goes_on(tmp_path, videos_dir
         assert len(lines) == 1 and words in lines[0] and lines[0].endswith(f"; kept with {frames} frame"
                                                                             + ("s" if frames != 1 else "")), lines
         assert words in cache.notes[item_id] and cache.note_of(item_id) == cache.notes[item_id]
-    assert f"failed, {len(damaged)} kept despite problems" in result.stderr
+    assert f"failed, {len(damaged)} kept with a note" in result.stderr
     assert as_json["kept_with_problems"] == len(damaged)
     assert {r["id"]: r["note"] for r in as_json["damaged_items"]} == cache.notes
     text = vlpcache("inspect", tmp_path / "cache", "--failures", cwd=tmp_path).stdout
-    assert f"damaged     {len(damaged)} item(s) kept despite problems" in text
-    assert sum(line.startswith("damaged     /") for line in text.splitlines()) == len(damaged)
+    assert f"noted       {len(damaged)} item(s) kept with a note" in text
+    assert sum(line.startswith("noted       /") for line in text.splitlines()) == len(damaged)
     rendered = vlpcache("inspect", tmp_path / "cache", "--render", "frames_one_bad", "-o", tmp_path / "bad.png", cwd=tmp_path)
-    assert rendered.stdout.strip().endswith(f"(the item is damaged, kept: {cache.notes['frames_one_bad']})")
+    assert rendered.stdout.strip().endswith(f"(the item was kept with a note: {cache.notes['frames_one_bad']})")
     # failed items are skipped on a re-run, retried with --retry-failed
     again = vlpcache("extract", root, "-o", tmp_path / "cache", "--frames", 2, cwd=tmp_path)
     assert f"{len(failures)} skipped (failed before" in again.stderr
-    assert "kept despite problems" not in again.stderr and RegionCache(tmp_path / "cache").notes == cache.notes
+    assert "kept with a note" not in again.stderr and RegionCache(tmp_path / "cache").notes == cache.notes
     retry = vlpcache("extract", root, "-o", tmp_path / "cache", "--frames", 2, "--retry-failed", cwd=tmp_path)
     assert f"{len(failures)} failed" in retry.stderr
 

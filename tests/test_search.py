@@ -125,8 +125,8 @@ def test_an_item_kept_despite_damage_carries_its_extract_note_in_text_and_json(w
     assert {h["id"]: h["note"] for h in result["results"] if h["note"]} == {"w1": truncated}
     code, out, _ = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", str(ITEMS + 3))
     lines = out.splitlines()
-    [at] = [i for i, line in enumerate(lines) if "damaged" in line]
-    assert lines[at] == f"       damaged, kept: {truncated}"
+    [at] = [i for i, line in enumerate(lines) if "kept with a note" in line]
+    assert lines[at] == f"       kept with a note: {truncated}"
     owner = max(i for i in range(at) if not lines[i].startswith(" " * 7))  # the hit line it belongs to
     assert lines[owner].split()[2] == "w1"
 

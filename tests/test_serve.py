@@ -390,7 +390,7 @@ def test_page_in_headless_chromium_shows_result_cards_with_thumbnails_and_boxes(
                                        "c => c.querySelector('.note')).map(c => c.dataset.id)")
         shown = browser.execute_script("return [...document.querySelectorAll('.card')].map(c => c.dataset.id)")
         assert noted and noted == [i for i in shown if int(i[1:]) in DAMAGED]  # a damaged item says so on its card
-        assert browser.find_element(By.CSS_SELECTOR, ".card .note").text == f"damaged, kept: {TRUNCATED}"
+        assert browser.find_element(By.CSS_SELECTOR, ".card .note").text == f"kept with a note: {TRUNCATED}"
         browser.save_screenshot(str(tmp_path / "results.png"))
 
         browser.find_elements(By.CSS_SELECTOR, ".card")[0].click()

@@ -59,8 +59,8 @@ def print_summary(summary: dict) -> None:
         f"items       {summary['items']}  ({', '.join(f'{k}: {v}' for k, v in summary['kinds'].items()) or 'none'})",
         f"failures    {summary['failures']}" + (
             "  (" + "; ".join(f"{v}x {k}" for k, v in summary["failure_reasons"].items()) + ")" if summary["failures"] else ""),
-        *([f"damaged     {summary['kept_with_problems']} item(s) kept despite problems (some frames unreadable, data "
-           "truncated, ...); --failures lists them"] if summary["kept_with_problems"] else []),
+        *([f"noted       {summary['kept_with_problems']} item(s) kept with a note (some frames unreadable, data "
+           "truncated, photos in a frames folder, ...); --failures lists them"] if summary["kept_with_problems"] else []),
         f"shape       T={summary['T']} frames, N={summary['N']} regions (incl. whole frame), D={summary['D']}",
         f"frames      {summary['frames']} sampled, {summary['mean_regions_per_frame']} regions per frame on average",
         f"detector    {p['detector']}  sha256 {p['detector_weights_sha256'][:12]}",
@@ -94,4 +94,4 @@ def inspect_cache(cache_dir=None, as_json=False, list_failures=False) -> None:
     for record in summary.get("failed_items", []):
         print(f"failed      {printable(record['path'])}: {printable(record['reason'])}")
     for record in summary.get("damaged_items", []):
-        print(f"damaged     {printable(record['path'])}: {printable(record['note'])}")
+        print(f"noted       {printable(record['path'])}: {printable(record['note'])}")

@@ -117,5 +117,5 @@ def render_cache_item(cache_dir, item_id: str, output=None) -> Path:
     cache = RegionCache(cache_dir or Workspace().cache_dir)
     path = render_item(cache, item_id, output)
     note = cache.note_of(item_id)
-    print(f"wrote {printable(str(path))}" + (f" (the item is damaged, kept: {printable(note)})" if note else ""))
+    print(f"wrote {printable(str(path))}" + (f" (the item was kept with a note: {printable(note)})" if note else ""))
     return path

@@ -232,7 +232,7 @@ def format_hits(query: str, hits: list[Hit]) -> str:
             parts = [f"{r.word} -> {r.label} [{', '.join(f'{v:.2f}' for v in r.box)}] @ {r.time:.2f} s" for r in h.regions]
             lines.append("       " + "; ".join(parts))
         if h.note:
-            lines.append(f"       damaged, kept: {printable(h.note)}")
+            lines.append(f"       kept with a note: {printable(h.note)}")
     return "\n".join(lines)
 
 

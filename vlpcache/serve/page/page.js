@@ -124,9 +124,9 @@ function drawMatches(picture, regions, frame) {
   }
 }
 
-// what went wrong decoding an item kept anyway (a truncated video, unreadable frames), as extract said
-function damaged(item) {
-  return item.note ? ` · damaged, kept: ${item.note}` : "";
+// the note of an item kept anyway (a truncated video, unreadable frames, photos in a frames folder), as extract said
+function noted(item) {
+  return item.note ? ` · kept with a note: ${item.note}` : "";
 }
 
 function card(hit) {
@@ -144,7 +144,7 @@ function card(hit) {
       el("span", { class: "score", title: score }, hit.score.toFixed(3)),
       el("span", { class: "time" }, hit.time === null ? "" : `@ ${hit.time.toFixed(2)} s`)),
     el("p", { class: "id", title: hit.path }, hit.id),
-    ...(hit.note ? [el("p", { class: "note", title: hit.note }, `damaged, kept: ${hit.note}`)] : []),
+    ...(hit.note ? [el("p", { class: "note", title: hit.note }, `kept with a note: ${hit.note}`)] : []),
     el("p", { class: "words" }, ...hit.regions.map((r) => wordChip(r, hit))));
   node.addEventListener("click", () => openItem(hit.id));
   node.addEventListener("keydown", (event) => { if (event.key === "Enter") openItem(hit.id); });
@@ -182,7 +182,7 @@ async function openItem(id) {
   const dialog = $("detail");
   const hit = hitsById.get(id);
   $("detail-title").textContent = id;
-  $("detail-meta").textContent = hit ? `#${hit.rank} · score ${hit.score.toFixed(3)} · ${hit.path}${damaged(hit)}` : "";
+  $("detail-meta").textContent = hit ? `#${hit.rank} · score ${hit.score.toFixed(3)} · ${hit.path}${noted(hit)}` : "";
   $("detail-frames").replaceChildren();
   if (!dialog.open) dialog.showModal();
   const url = new URL(location.href);
@@ -195,7 +195,7 @@ async function openItem(id) {
     $("detail-meta").textContent = `error: ${err.message}`;
     return;
   }
-  if (!hit) $("detail-meta").textContent = `${item.path}${damaged(item)}`;
+  if (!hit) $("detail-meta").textContent = `${item.path}${noted(item)}`;
   const frames = item.frames.map((frame) => {
     const img = el("img", { src: frameUrl(id, frame.frame), alt: `frame ${frame.frame}` });
     const picture = el("div", { class: "picture" }, img);
