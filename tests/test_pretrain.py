@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -469,12 +470,14 @@ def stat(pid):
     except OSError:
         return ["X", "0"]  # gone
 
-def ignores_sigterm(pid):
+def took_sigterm(pid):
+    # delivered (pending nowhere) to a worker that ignores or handles it: with the default action it is gone
     try:
-        mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn:"))
-    except (OSError, StopIteration):
+        masks = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+    except OSError:
         return False
-    return int(mask.split()[1], 16) >> (signal.SIGTERM - 1) & 1
+    bit = lambda name: int(masks[name].split()[0], 16) >> (signal.SIGTERM - 1) & 1
+    return not bit("SigPnd") and not bit("ShdPnd") and (bit("SigIgn") or bit("SigCgt"))
 
 def patched_step(*args):
     values = step(*args)
@@ -486,7 +489,7 @@ def patched_step(*args):
             os.kill(pid, signal.SIGTERM)
         os._exit(0)
     os.waitpid(sender, 0)
-    while any(stat(pid)[0] not in "ZX" and not ignores_sigterm(pid) for pid in workers):
+    while any(stat(pid)[0] not in "ZX" and not took_sigterm(pid) for pid in workers):
         time.sleep(0.01)
     # a worker gone now fails the stopping run (torch watches SIGCHLD), though not on every run: ask directly
     assert all(stat(pid)[0] not in "ZX" for pid in workers), "the loading worker died of the job's SIGTERM"
@@ -507,6 +510,73 @@ def test_sigterm_to_the_whole_job_stops_pretraining_with_one_line_and_the_resume
     assert done.stderr.strip().splitlines()[-1] == before_the_first_checkpoint("stopped by SIGTERM", run_dir)
     assert run_pretrain(run_dir=run_dir, resume=True, quiet=True, device="cpu")["trained_epochs"] == 2
     assert list(ckpt.checkpoints(run_dir)) == [2]
+
+
+class _StuckAfterTheFirstItem(torch.utils.data.Dataset):
+    """Item 0 at once; any other reads for ever (a hung network disk), counting its rounds in a file."""
+
+    def __init__(self, stuck: Path):
+        self.stuck = stuck
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        rounds = 0
+        while index:
+            rounds += 1
+            self.stuck.write_text(f"{os.getpid()} {rounds}")
+            time.sleep(0.05)
+        return torch.zeros(1)
+
+
+def test_a_loading_worker_stuck_in_a_read_ends_when_the_loader_closes(tmp_path):
+    # ignoring every SIGTERM (so that the whole job's did not kill it), a worker stuck in a read also
+    # ignored the loader's terminate() and outlived the training process until the read returned
+    from vlpcache.interrupts import leave_sigterm_to_the_parent
+
+    stuck = tmp_path / "stuck"
+    loader = torch.utils.data.DataLoader(_StuckAfterTheFirstItem(stuck), batch_size=1, num_workers=1,
+                                         worker_init_fn=leave_sigterm_to_the_parent)
+    batches = iter(loader)
+    next(batches)
+    worker, _ = wait_until(lambda: _rounds(stuck))
+    try:
+        os.kill(worker, signal.SIGTERM)  # the whole job's SIGTERM, while the loader is open: it stays
+        wait_until(lambda: _sigterm_taken(worker), guard_s=120)
+        _, after = wait_until(lambda: _rounds(stuck))
+        # two more rounds, or gone: its handler has run
+        wait_until(lambda: _state(worker) in "ZX" or (_rounds(stuck) or (0, 0))[1] > after + 1, guard_s=120)
+        assert _state(worker) not in "ZX", "the worker died of a SIGTERM while its loader was open"
+        del batches  # closes the loader: asks the worker to stop, waits 5 s, then terminate()
+        wait_until(lambda: _state(worker) in "ZX", guard_s=120)
+    finally:
+        if _state(worker) not in "ZX":
+            os.kill(worker, signal.SIGKILL)
+
+
+def _rounds(stuck: Path) -> tuple[int, int] | None:
+    """The stuck worker's pid and how many rounds it has waited, once it has written both."""
+    parts = stuck.read_text().split() if stuck.exists() else []
+    return (int(parts[0]), int(parts[1])) if len(parts) == 2 else None
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"
+
+
+def _sigterm_taken(pid: int) -> bool:
+    """SIGTERM delivered to `pid` (pending nowhere) and its handler run, or the process gone."""
+    try:
+        fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if ":\t" in line)
+    except OSError:
+        return True
+    bit = lambda name: int(fields[name].split()[0], 16) >> (signal.SIGTERM - 1) & 1
+    return _state(pid) in "ZX" or not (bit("SigPnd") or bit("ShdPnd"))
 
 
 def test_quiet_pretraining_prints_nothing(tmp_path, corpus, tiny_text, monkeypatch, capfd):

@@ -17,14 +17,17 @@ HANG_GUARD_S = 1800.0
 T = TypeVar("T")
 
 
-def wait_until(condition: Callable[[], T], alive: subprocess.Popen | None = None, poll_s: float = 0.02) -> T | None:
+def wait_until(condition: Callable[[], T], alive: subprocess.Popen | None = None, poll_s: float = 0.02,
+               guard_s: float = HANG_GUARD_S) -> T | None:
     """condition()'s first true value; None as soon as `alive` (the process that should make it true)
-    has ended without making it true. Raises AssertionError only after HANG_GUARD_S."""
+    has ended without making it true. Raises AssertionError only after `guard_s`: HANG_GUARD_S, or
+    less where the wait is for one process to act on a signal, and what failing looks like is
+    waiting for ever."""
     started = time.monotonic()
     while not (value := condition()):
         if alive is not None and alive.poll() is not None:
             return condition() or None
-        if time.monotonic() - started > HANG_GUARD_S:
-            raise AssertionError(f"still waiting after {HANG_GUARD_S:.0f} s: the program hangs")
+        if time.monotonic() - started > guard_s:
+            raise AssertionError(f"still waiting after {guard_s:.0f} s: the program hangs")
         time.sleep(poll_s)
     return value

@@ -18,6 +18,7 @@ extract commits the shard in progress instead of losing it; the command then exi
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 from typing import Iterator
@@ -98,6 +99,19 @@ def exit_status() -> int:
 def leave_sigterm_to_the_parent(worker_id: int = 0) -> None:
     """A DataLoader worker's `worker_init_fn`. torch's workers die of a SIGTERM sent to the whole job (Slurm
     signals every process of it), and the training process, stopping cleanly, would fail on the loss of
-    its workers instead. Ignoring it, a worker ends when the training process closes the loader, or
-    once it is gone."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    its workers instead. So a worker outlives a SIGTERM while its loader is open, and ends when the
+    training process closes the loader. Once the loader is closing, a SIGTERM is the loader's own
+    `terminate()` of a worker that did not finish its batch within 5 s of being asked to: that one ends
+    it (ignored too, a worker stuck in a slow read outlived the training process until the read
+    returned). The loader's "closing" event is the `done_event` of torch's worker loop, which calls this."""
+    closing = sys._getframe(1).f_locals.get("done_event")
+    if not callable(getattr(closing, "is_set", None)):  # another torch: keep the worker through every SIGTERM
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+
+    def end_once_the_loader_is_closing(signum, frame) -> None:
+        if closing.is_set():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, end_once_the_loader_is_closing)
