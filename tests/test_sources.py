@@ -93,7 +93,7 @@ def test_missing_root_is_a_problem_and_the_other_roots_still_count(tmp_path):
     touch(tmp_path / "a.mp4")
     items, problems = discover_items([tmp_path / "nope", tmp_path])
     assert [i.id for i in items] == ["a"]
-    assert problems == [(str(tmp_path / "nope"), "does not exist")]
+    assert problems == [(str(tmp_path / "nope"), "does not exist; skipped")]
 
 
 def test_a_root_may_be_a_single_file(tmp_path):

@@ -16,6 +16,7 @@ class ExtractSummary:
     skipped_failed: int = 0
     failed: int = 0
     damaged: int = 0  # written, with a note of what went wrong (frames unreadable, data truncated)
+    passed_over: int = 0  # paths discovery skipped, each said in a line (a broken link, a taken id...)
     frames: int = 0
     seconds: float = 0.0
     detect_seconds: float = 0.0
@@ -30,9 +31,11 @@ class ExtractSummary:
     def line(self) -> str:
         rate = f"{self.done / self.seconds:.2f} items/s, {self.frames / self.seconds:.1f} frames/s" if self.seconds else "-"
         damaged = f"{self.damaged} kept with a note (inspect --failures lists them), " if self.damaged else ""
+        passed_over = (f"{self.passed_over} path(s) passed over when looking for media (said above), "
+                       if self.passed_over else "")
         return (
             f"extract: {self.done} done, {self.skipped_cached} already cached, "
-            f"{self.skipped_failed} skipped (failed before; --retry-failed retries), {self.failed} failed, {damaged}"
+            f"{self.skipped_failed} skipped (failed before; --retry-failed retries), {self.failed} failed, {damaged}{passed_over}"
             f"{self.seconds:.1f} s, {rate}; detector loaded after {self.load_seconds:.1f} s, "
             f"busy {self.detect_seconds:.1f} s, "
             f"waited {self.wait_seconds:.1f} s for decoded frames"

@@ -22,7 +22,7 @@ from vlpcache.extract.detectors.spec import DetectorSpec
 from vlpcache.extract.options import ENGINES, ExtractOptions
 from vlpcache.extract.progress import ExtractProgress, ExtractSummary
 from vlpcache.extract.reader import FrameReader, Prefetch, decoded_items_within_budget
-from vlpcache.extract.sources import discover_items, shard_of
+from vlpcache.extract.sources import SKIPPED, discover_items, shard_of
 from vlpcache.interrupts import stop_if_interrupted
 from vlpcache.report import printable, say
 from vlpcache.workspace import Workspace
@@ -99,6 +99,7 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     items, problems = discover_items(roots, options.frame_folders)
     for path, reason in problems:
         say(f"{printable(path)}: {reason}")
+    passed_over = sum(f"; {SKIPPED}" in reason for _, reason in problems)
     if not items:
         raise UserError(f"no videos, images or frame folders found under {', '.join(map(printable, roots))}")
     workspace.remember_roots([r for r in roots if r.exists()])
@@ -111,7 +112,7 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     spec = choose_detector(options.detector, options.backbone, options.weights, options.models,  # nothing loaded yet
                            options.input_scale(), options.proposals)
     settings = spec.cache_settings(options.frames, options.regions, options.score_threshold)
-    summary = ExtractSummary()
+    summary = ExtractSummary(passed_over=passed_over)
     # the driver's writer owns the shard set: it checks the settings and removes the unfinished shards
     # of a killed run, its own and (named `<shard set>-ray-<actor>`) those of its Ray actors
     with ShardWriter(cache_dir, settings, writer_name=options.shard_set(), max_items=options.items_per_shard) as writer:

@@ -34,6 +34,7 @@ VIDEO_EXTENSIONS: frozenset[str] = frozenset({
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 
 KINDS = ("video", "image", "frames")
+SKIPPED = "skipped"  # in the reason of each discovery problem that leaves its path out
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ def shard_of(item_id: str, n: int) -> int:
 
 
 def discover_items(roots: list[Path], frame_folders: bool = True) -> tuple[list[Item], list[tuple[str, str]]]:
-    """All items under the roots, and the problems met on the way as (path, reason).
+    """All items under the roots, and the problems met on the way as (path, reason); the reason of
+    a path left out says SKIPPED.
 
     Problems: a root that does not exist or is not media, a folder that cannot be read, a broken
     symbolic link with a media extension, a path that is not UTF-8, an id already taken (the first keeps it),
@@ -83,12 +85,13 @@ def discover_items(roots: list[Path], frame_folders: bool = True) -> tuple[list[
     for root in roots:
         root = Path(root)
         if not root.exists():
-            walk.problems.append((str(root), "broken symbolic link" if root.is_symlink() else "does not exist"))
+            missing = "broken symbolic link" if root.is_symlink() else "does not exist"
+            walk.problems.append((str(root), f"{missing}; {SKIPPED}"))
         elif root.is_dir():
             for item in walk.folder(root.absolute(), root.absolute(), is_root=True)[0]:
                 walk.add(item)
         elif media_kind(root) is None:
-            walk.problems.append((str(root), "not a video or image file (unknown extension); skipped"))
+            walk.problems.append((str(root), f"not a video or image file (unknown extension); {SKIPPED}"))
         else:
             walk.add(Item(root.stem, root.absolute(), media_kind(root)))
     return walk.items, walk.problems
@@ -105,11 +108,11 @@ class _Walk:
     def add(self, item: Item) -> None:
         if not is_utf8(str(item.path)):  # bytes of another encoding, as an unzipped Windows archive leaves them
             self.problems.append((str(item.path), "path is not valid UTF-8, which the cache stores ids and paths in; "
-                                  "skipped (rename it, e.g. with convmv)"))
+                                  f"{SKIPPED} (rename it, e.g. with convmv)"))
             return
         if item.id in self._owner:
             self.problems.append((str(item.path), f"duplicate id '{item.id}' (already used by "
-                                  f"{self._owner[item.id]}); skipped"))
+                                  f"{self._owner[item.id]}); {SKIPPED}"))
             return
         self._owner[item.id] = item.path
         self.items.append(item)
@@ -124,10 +127,10 @@ class _Walk:
             with os.scandir(folder) as it:
                 entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: natural_key(e.name))
         except PermissionError:
-            self.problems.append((str(folder), "cannot read folder: permission denied; skipped"))
+            self.problems.append((str(folder), f"cannot read folder: permission denied; {SKIPPED}"))
             return [], False
         except OSError as err:
-            self.problems.append((str(folder), f"cannot read folder: {err.strerror or err}; skipped"))
+            self.problems.append((str(folder), f"cannot read folder: {err.strerror or err}; {SKIPPED}"))
             return [], False
 
         files, subfolders, texts = [], [], set()
@@ -141,7 +144,7 @@ class _Walk:
                 elif path.suffix.lower() == SIDECAR_SUFFIX:  # a caption beside its image (img2dataset)
                     texts.add(path.stem)
             elif entry.is_symlink() and media_kind(path) is not None:
-                self.problems.append((str(path), "broken symbolic link; skipped"))
+                self.problems.append((str(path), f"broken symbolic link; {SKIPPED}"))
 
         below, sub_has_media = [], False
         for sub in subfolders:
