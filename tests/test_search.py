@@ -287,7 +287,7 @@ def test_prune_removes_the_indexes_of_checkpoints_no_run_holds_and_keeps_the_res
         (parts / "part-000000.npz").write_bytes(b"x" * 100)
 
     code, _, err = vlpcache(monkeypatch, capsys, "index", "--prune")
-    assert code == 0 and new != old and f"prune: removed 2 index(es) of checkpoints no run holds any more" in err
+    assert code == 0 and new != old and "prune: removed 2 index(es) of checkpoints no run holds any more" in err
     assert old.name in err.splitlines()[-1] and "0123456789abcdef-00000000" in err.splitlines()[-1] and not old.exists()
     held = new.name.split("-")[0] + "-00000000"
     assert sorted(p.name for p in (ws / "index").iterdir()) == sorted([new.name, kept.name, held])

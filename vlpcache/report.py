@@ -61,3 +61,12 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else
                    f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else
                    c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
+def human_size(n: float) -> str:
+    """Bytes as a person reads them: 812 B, 3.4 MiB, 31.0 GiB."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

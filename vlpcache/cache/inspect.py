@@ -12,16 +12,8 @@ import json
 from vlpcache.cache.labels import region_names
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import outdated_schema
-from vlpcache.report import printable, silent
+from vlpcache.report import human_size, printable, silent
 from vlpcache.workspace import Workspace
-
-
-def _human_size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def cache_summary(cache: RegionCache) -> dict:
@@ -67,7 +59,7 @@ def print_summary(summary: dict) -> None:
         f"backbone    {p['backbone']}  sha256 {p['backbone_weights_sha256'][:12]}",
         f"labels      {summary['labels']}" + (", with each region's best attribute" if p.get("attributes") else ""),
         f"sampling    {p['sampling']}, score >= {p['score_threshold']}, NMS IoU {p['nms_iou']}, schema v{p['schema_version']}",
-        f"on disk     {_human_size(summary['size_bytes'])} in {summary['shards']} shards",
+        f"on disk     {human_size(summary['size_bytes'])} in {summary['shards']} shards",
     ]
     for name, diffs in summary["ignored_shards"].items():
         lines.append(f"ignored     {name}: made with other settings than the manifest ({'; '.join(diffs)}); "

@@ -53,7 +53,7 @@ from vlpcache.files import (file_sha256, folder_bytes, is_write_failure, remove_
 from vlpcache.interrupts import stop_if_interrupted
 from vlpcache.locks import LOCK_SUFFIX, WriterLock, holder_description
 from vlpcache.model.batch import tokenize
-from vlpcache.report import progress_bar
+from vlpcache.report import human_size, progress_bar
 
 FEATURES_DIR = "text-features"
 ENCODE_BATCH = 256
@@ -218,6 +218,7 @@ def _encode(model, tokenizer, captions: list[str], path: Path, key: dict, device
         say(f"resuming: {kept} of the {len(captions)} captions were encoded by a run that did not finish "
             f"(kept in {parts}); {rest}")
     label = "frozen text encoder" if key["kind"] == "outputs" else f"{key['frozen_layers']} frozen text layers"
+    room_checked = kept > 0 and _say_if_short_of_room(path, files, spans, say)
     try:
         with progress_bar(total=len(captions), unit="caption", desc=f"encoding captions ({label}, once)",
                           disable=not progress, leave=False) as bar:
@@ -227,6 +228,7 @@ def _encode(model, tokenizer, captions: list[str], path: Path, key: dict, device
                     arrays = _encode_part(model, tokenizer, captions[start:stop], key, device, bar)
                     arrays["start"] = np.array(start, np.int64)
                     replace_atomically(file, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+                    room_checked = room_checked or _say_if_short_of_room(path, files, spans, say)
         replace_atomically(path, lambda tmp: _join(files, captions, tmp, key), suffix=".h5")
     except Exception as err:
         if not is_write_failure(err):
@@ -235,6 +237,27 @@ def _encode(model, tokenizer, captions: list[str], path: Path, key: dict, device
         raise write_failure(path.parent, err, f"the {kept} of {len(captions)} captions encoded so far are kept; "
                                               "make room and run the same command again to go on") from None
     shutil.rmtree(parts, ignore_errors=True)
+
+
+def _say_if_short_of_room(path: Path, files: list[Path], spans: list[tuple[int, int]], say: Callable[[str], None]) -> bool:
+    """Once some parts are whole: say so in a line if what is still to be written (the other parts, then
+    the joined file, as large as all of them, while they are still there) will not fit in the free space.
+    Millions of captions take tens of GB and hours: better said now than at the join. True once checked."""
+    whole = [(file.stat().st_size, stop - start) for file, (start, stop) in zip(files, spans)
+             if _part_span(file) == (start, stop)]
+    encoded = sum(count for _, count in whole)
+    if not encoded:
+        return False
+    per_caption = sum(size for size, _ in whole) / encoded
+    total = spans[-1][1]
+    parts_left, joined = per_caption * (total - encoded), per_caption * total
+    free = shutil.disk_usage(path.parent).free
+    if parts_left + joined > free:
+        say(f"{path.parent}: the encoded captions need about {human_size(parts_left + joined)} more "
+            f"({human_size(parts_left)} for the parts still to encode, then {human_size(joined)} while they are "
+            f"joined into one file), and {human_size(free)} is free there: make room before then, or the encoding "
+            "stops at the first write that does not fit (what is encoded is kept, and a re-run goes on)")
+    return True
 
 
 def _others_text(path: Path) -> str | None:
