@@ -3,10 +3,15 @@ summary, the progress bar and one line per failed item, or per item kept despite
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from vlpcache.report import printable, progress_bar, say
+import h5py
+
+from vlpcache.cache.schema import SHARD_DIR, SHARD_SUFFIX
+from vlpcache.report import human_size, printable, progress_bar, say
 
 
 @dataclass
@@ -42,13 +47,50 @@ class ExtractSummary:
         )
 
 
+class RoomCheck:
+    """Whether the items still to extract fit in the cache's free space, judged once from the shards this
+    run has committed: a large collection can need hundreds of GB, and its full disk would otherwise come
+    hours into the run. It looks after 1, 2, 4, 8, ... items, until it finds a shard of this run's."""
+
+    def __init__(self, cache_dir: Path):
+        self.cache_dir = Path(cache_dir)
+        self.since = time.time() - 1.0  # shards modified since are this run's (a second for coarse mtimes)
+        self.checked = False
+
+    def __call__(self, items_done: int, items_left: int) -> str | None:
+        """One line when the rest will not fit, else None."""
+        if self.checked or items_done < 1 or items_done & (items_done - 1):
+            return None
+        sizes, items = 0, 0
+        for shard in (self.cache_dir / SHARD_DIR).glob(f"*{SHARD_SUFFIX}"):
+            try:
+                if shard.stat().st_mtime >= self.since:
+                    with h5py.File(shard, "r") as f:
+                        items += len(f["ids"])
+                    sizes += shard.stat().st_size
+            except (OSError, KeyError):  # a shard being replaced or unreadable: the next look
+                continue
+        if not items:
+            return None
+        self.checked = True
+        need, free = sizes / items * items_left, shutil.disk_usage(self.cache_dir).free
+        if need <= free:
+            return None
+        return (f"{printable(str(self.cache_dir))}: the {items_left} items still to extract need about {human_size(need)} "
+                f"({human_size(sizes / items)} an item in this run's shards), and {human_size(free)} is free there: make "
+                "room, or extract stops at the first write that does not fit (committed shards are kept, and a re-run "
+                "goes on)")
+
+
 class ExtractProgress:
     """The progress bar over `total` items, advanced item by item on the driver; a context manager."""
 
     def __init__(self, summary: ExtractSummary, total: int, description: str, detector: str, started: float,
-                 quiet: bool):
+                 quiet: bool, cache_dir: Path):
         self.summary, self.description, self.started, self.quiet = summary, description, started, quiet
         self.bar = progress_bar(total=total, unit="item", disable=quiet, desc=f"{description} (loading {detector})")
+        self.total, self.advanced = total, 0
+        self.room = RoomCheck(cache_dir)
 
     def ready(self, since: float | None = None) -> None:
         """The detector is loaded (at wall-clock time `since`, when that was earlier): rates and the
@@ -74,6 +116,9 @@ class ExtractProgress:
                 if not self.quiet:
                     say(f"{printable(path)}: {note}; kept with {frames} frame{'s' if frames != 1 else ''}")
         self.bar.update(1)
+        self.advanced += 1
+        if short_of_room := self.room(self.advanced, self.total - self.advanced):
+            say(short_of_room)  # --quiet too: this one will not be in the summary
         elapsed = max(self.bar.format_dict["elapsed"], 1e-9)
         self.bar.set_postfix_str(f"{summary.frames / elapsed:.1f} frames/s, {summary.failed} failed", refresh=False)
 

@@ -151,7 +151,7 @@ def run_on_ray(todo: list[Item], spec: DetectorSpec, writer: ShardWriter, option
     try:
         dataset = _pipeline(ray, todo, spec, writer, options)
         with ExtractProgress(summary, len(todo), options.description(), spec.detector, started,
-                             options.quiet) as progress:
+                             options.quiet, writer.cache_dir) as progress:
             _collect(dataset, progress, summary, started)
     finally:
         if started_here:

@@ -57,7 +57,8 @@ def detect_and_write(todo, spec: DetectorSpec, writer: ShardWriter, options: Ext
     # decoded frames ahead (yolox at T=8: 64 items, four CUDA batches)
     depth = decoded_items_within_budget(spec.max_side, options.frames)
     with (Prefetch(reader(todo), depth=depth) as decoded,
-          ExtractProgress(summary, len(todo), options.description(), spec.detector, started, options.quiet) as progress):
+          ExtractProgress(summary, len(todo), options.description(), spec.detector, started, options.quiet,
+                          writer.cache_dir) as progress):
         device = resolve_device(options.device).type
         detector = load_detector(spec, device, options.score_threshold)
         mapper = RegionMapper(detector, writer.settings, options.detector_batch_size(device))
