@@ -239,7 +239,8 @@ def _encode(model, tokenizer, captions: list[str], path: Path, key: dict, device
     shutil.rmtree(parts, ignore_errors=True)
 
 
-def _say_if_short_of_room(path: Path, files: list[Path], spans: list[tuple[int, int]], say: Callable[[str], None]) -> bool:
+def _say_if_short_of_room(path: Path, files: list[Path], spans: list[tuple[int, int]],
+                          say: Callable[[str], None]) -> bool:
     """Once some parts are whole: say so in a line if what is still to be written (the other parts, then
     the joined file, as large as all of them, while they are still there) will not fit in the free space.
     Millions of captions take tens of GB and hours: better said now than at the join. True once checked."""
