@@ -569,7 +569,7 @@ def _state(pid: int) -> str:
 
 
 def _sigterm_taken(pid: int) -> bool:
-    """SIGTERM delivered to `pid` (pending nowhere) and its handler run, or the process gone."""
+    """SIGTERM delivered to `pid` (pending nowhere; its handler may not have run yet), or the process gone."""
     try:
         fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                       if ":\t" in line)
