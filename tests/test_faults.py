@@ -32,6 +32,7 @@ from vlpcache.cache.schema import SHARD_DIR
 from waiting import HANG_GUARD_S, wait_until
 
 ITEMS = 24
+LONG_ITEMS = 150  # long_root: the extracts stopped midway
 # small, quick settings: 2-frame items, a shard every 2 items, YOLOX's own neck features (no second network)
 EXTRACT = ["--frames", "2", "--items-per-shard", "2", "--batch-size", "2", "--workers", "1", "--backbone", "neck",
            "--quiet"]
@@ -141,10 +142,10 @@ def test_extract_killed_at_10_random_moments_then_resumed_equals_an_uninterrupte
 
 @pytest.fixture(scope="module")
 def long_root(tmp_path_factory, msrvtt_dir) -> Path:
-    """300 frame folders (links to the shared ones): several seconds of work, so that a signal sent once the
+    """150 frame folders (links to the shared ones): several seconds of work, so that a signal sent once the
     first shard is written finds the extract still at work."""
     root = tmp_path_factory.mktemp("long")
-    for folder in sorted((msrvtt_dir / "frames" / "train").iterdir())[:300]:
+    for folder in sorted((msrvtt_dir / "frames" / "train").iterdir())[:LONG_ITEMS]:
         (root / folder.name).symlink_to(folder, target_is_directory=True)
     return root
 
@@ -179,10 +180,10 @@ def test_ctrl_c_stops_extract_and_its_workers_with_one_line_and_a_rerun_finishes
     _, stderr = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 130 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == "interrupted; what was committed is kept, re-run the same command to resume"
-    assert not temporaries(cache) and 0 < len(RegionCache(cache)) < 300
+    assert not temporaries(cache) and 0 < len(RegionCache(cache)) < LONG_ITEMS
     assert extract(long_root, cache, tmp_path).returncode == 0
     finished = RegionCache(cache)
-    assert len(finished) == 300 and len(set(finished.ids)) == 300
+    assert len(finished) == LONG_ITEMS and len(set(finished.ids)) == LONG_ITEMS
 
 
 def test_sigterm_to_the_whole_job_commits_the_shard_in_progress_and_says_so(long_root, tmp_path):
@@ -199,10 +200,10 @@ def test_sigterm_to_the_whole_job_commits_the_shard_in_progress_and_says_so(long
     assert stderr.strip().splitlines()[-1] == ("stopped by SIGTERM; what was committed is kept, re-run the same "
                                                "command to resume")
     stopped = RegionCache(cache)
-    assert not temporaries(cache) and 0 < len(stopped) < 300 and not stopped.failures, stderr
+    assert not temporaries(cache) and 0 < len(stopped) < LONG_ITEMS and not stopped.failures, stderr
     assert extract(long_root, cache, tmp_path).returncode == 0
     finished = RegionCache(cache)
-    assert len(finished) == 300 and len(set(finished.ids)) == 300 and not finished.failures
+    assert len(finished) == LONG_ITEMS and len(set(finished.ids)) == LONG_ITEMS and not finished.failures
 
 
 # Python runs the Ctrl-C handler wherever the main thread happens to be; in a weakref callback or a
@@ -239,7 +240,7 @@ def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_extract_with_one_line(lo
     assert done.returncode == 130, done.stderr
     assert "Exception ignored" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "interrupted; what was committed is kept, re-run the same command to resume"
-    assert not temporaries(cache) and 0 < len(RegionCache(cache)) < 300
+    assert not temporaries(cache) and 0 < len(RegionCache(cache)) < LONG_ITEMS
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # pytest's report of "Exception ignored"
