@@ -89,7 +89,6 @@ class ExtractProgress:
                  quiet: bool, cache_dir: Path):
         self.summary, self.description, self.started, self.quiet = summary, description, started, quiet
         self.bar = progress_bar(total=total, unit="item", disable=quiet, desc=f"{description} (loading {detector})")
-        self.total, self.advanced = total, 0
         self.room = RoomCheck(cache_dir)
 
     def ready(self, since: float | None = None) -> None:
@@ -116,8 +115,8 @@ class ExtractProgress:
                 if not self.quiet:
                     say(f"{printable(path)}: {note}; kept with {frames} frame{'s' if frames != 1 else ''}")
         self.bar.update(1)
-        self.advanced += 1
-        if short_of_room := self.room(self.advanced, self.total - self.advanced):
+        advanced = summary.done + summary.failed  # this run's items so far (bar.n stands still under --quiet)
+        if short_of_room := self.room(advanced, self.bar.total - advanced):
             say(short_of_room)  # --quiet too: this one will not be in the summary
         elapsed = max(self.bar.format_dict["elapsed"], 1e-9)
         self.bar.set_postfix_str(f"{summary.frames / elapsed:.1f} frames/s, {summary.failed} failed", refresh=False)
