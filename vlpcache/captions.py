@@ -288,10 +288,15 @@ def read_captions(path: str | Path, progress: bool = False) -> Captions:
         captions.layout = "JSON Lines"
     if not captions.by_id and captions.bad_lines:
         raise UserError(f"{path}: no caption could be read ({captions.bad_lines} unreadable, the first: "
-                        f"{captions.first_bad_line.removeprefix(f'{path} ')}); caption files are JSON Lines of "
-                        '{"video": id, "captions": [...]}, CSV with video and caption columns, a dataset\'s own JSON, '
-                        "or lines of an id and a caption (.txt)")
+                        f"{captions.first_bad_line.removeprefix(f'{path} ')}); {_caption_forms()}")
     return captions
+
+
+def _caption_forms() -> str:
+    """The end of an error about a caption file of no form read here: the forms there are."""
+    return ('caption files are JSON Lines of {"video": id, "captions": [...]}, CSV with video and caption columns, '
+            f"a JSON document in the layout of {', '.join(JSON_LAYOUTS)}, lines of an id and a caption (.txt), or a "
+            "folder with a .txt beside each image")
 
 
 TEXT_SUFFIXES = (".txt", ".token")  # MSVD's AllVideoDescriptions.txt, Flickr8k.token.txt, Flickr30k's .token
@@ -376,21 +381,20 @@ def _walk_text_files(captions: Captions, folder: Path, bar) -> int:
 
 
 def _read_json_lines(captions: Captions, path: Path, text: str) -> None:
-    for number, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        parsed = _json_record(line)
+    _take_records(captions, path, ((number, _json_record(line)) for number, line in enumerate(text.split("\n"), 1)
+                                   if line.strip()))
+
+
+def _take_records(captions: Captions, path: Path, numbered, unit: str = "line") -> None:
+    """Each (number, what _record made of it) into `captions`, a record that cannot be read counted."""
+    for number, parsed in numbered:
         if isinstance(parsed, str):
-            _bad_line(captions, path, number, parsed)
+            _bad_line(captions, path, number, parsed, unit)
             continue
-        _take(captions, parsed)
-
-
-def _take(captions: Captions, parsed: tuple[str, list, str | None]) -> None:
-    item_id, texts, split = parsed
-    _add(captions, item_id, texts)
-    if split is not None:
-        captions.splits[item_id] = split
+        item_id, texts, split = parsed
+        _add(captions, item_id, texts)
+        if split is not None:
+            captions.splits[item_id] = split
 
 
 def _json_document(text: str):
@@ -411,21 +415,14 @@ def _read_document(captions: Captions, path: Path, document) -> str:
     """A whole JSON document: a list of {"video", "captions"} records, or a dataset's own layout (its name
     is returned)."""
     if isinstance(document, list):
-        for number, record in enumerate(document, 1):
-            parsed = _record(record)
-            if isinstance(parsed, str):
-                _bad_line(captions, path, number, parsed, unit="record")
-            else:
-                _take(captions, parsed)
+        _take_records(captions, path, enumerate(map(_record, document), 1), unit="record")
         return "a JSON list of records"
     layout = next((name for name, (recognise, _) in JSON_LAYOUTS.items()
                    if isinstance(document, dict) and recognise(document)), None)
     if layout is None:
         keys = ", ".join(map(repr, list(document)[:6])) if isinstance(document, dict) else type(document).__name__
-        raise UserError(f"{path}: a JSON document of a layout vlpcache does not know (top level: {keys}); caption "
-                        f"files are JSON Lines of {{\"video\": id, \"captions\": [...]}}, CSV with video and caption "
-                        f"columns, a JSON document in the layout of {', '.join(JSON_LAYOUTS)}, lines of an id and a "
-                        "caption (.txt), or a folder with a .txt beside each image")
+        raise UserError(f"{path}: a JSON document of a layout vlpcache does not know (top level: {keys}); "
+                        f"{_caption_forms()}")
     JSON_LAYOUTS[layout][1](captions, path, document)
     return layout
 
