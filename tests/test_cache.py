@@ -18,7 +18,7 @@ import torch
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import (LOCK_DIR, MANIFEST_NAME, SCHEMA_VERSION, SHARD_DIR, SHARD_SECONDS, CacheSettings,
                                    empty_item)
-from vlpcache.cache.manifest import read_failures
+from vlpcache.cache.manifest import passed_over_path, read_failures, read_passed_over
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
 from waiting import HANG_GUARD_S
@@ -269,6 +269,35 @@ def test_succeeded_retry_clears_the_failure(tmp_path):
     assert set(RegionCache(tmp_path).failures) == {"a"}
     write_items(tmp_path, ["a"])
     assert RegionCache(tmp_path).failures == {}
+
+
+def test_what_discovery_passed_over_is_kept_per_root_and_a_later_run_over_a_root_replaces_its_list(tmp_path, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    a, b = tmp_path / "a", tmp_path / "b"
+
+    def record(roots, problems, writer_name="s0of1"):
+        with ShardWriter(cache_dir, SETTINGS, writer_name=writer_name) as writer:
+            writer.record_passed_over(roots, problems)
+        return {path: r["reason"] for path, r in read_passed_over(cache_dir).items()}
+
+    assert record([a], []) == {} and not passed_over_path(cache_dir, "s0of1").exists()
+    assert record([a], [(str(a / "x.mp4"), "broken symbolic link; skipped"),
+                        (str(a / "sub"), "cannot read folder: permission denied; skipped")]) == {
+        str(a / "x.mp4"): "broken symbolic link; skipped", str(a / "sub"): "cannot read folder: permission denied; skipped"}
+    # a run over another root keeps a's; another shard set's record is read beside it, a path twice once
+    assert record([b], [(str(b), "does not exist; skipped")]) == {
+        str(a / "x.mp4"): "broken symbolic link; skipped", str(a / "sub"): "cannot read folder: permission denied; skipped",
+        str(b): "does not exist; skipped"}
+    assert len(record([a], [(str(a / "x.mp4"), "broken symbolic link; skipped")], writer_name="s1of2")) == 3
+    # the link mended: the next run over a drops its problems, not b's; a relative root is the same folder
+    monkeypatch.chdir(tmp_path)
+    assert record([Path("a")], []) == {str(a / "x.mp4"): "broken symbolic link; skipped", str(b): "does not exist; skipped"}
+    assert record([a], [], writer_name="s1of2") == {str(b): "does not exist; skipped"}
+    # a damaged record reads as empty and is rewritten by the next run; a name that is not UTF-8 is kept printable
+    passed_over_path(cache_dir, "s0of1").write_text("{not json")
+    assert read_passed_over(cache_dir) == {}
+    latin1 = os.fsdecode(bytes(b / "caf") + b"\xe9.mp4")
+    assert record([b], [(latin1, "path is not valid UTF-8; skipped")]) == {f"{b}/caf\\xe9.mp4": "path is not valid UTF-8; skipped"}
 
 
 def test_missing_cache_is_one_clear_error(tmp_path):

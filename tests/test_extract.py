@@ -227,12 +227,18 @@ def test_broken_files_get_one_line_each_and_the_run_goes_on(tmp_path, videos_dir
                                                                             + ("s" if frames != 1 else "")), lines
         assert words in cache.notes[item_id] and cache.note_of(item_id) == cache.notes[item_id]
     assert (f"failed, {len(damaged)} kept with a note (inspect --failures lists them), 1 path(s) passed over when "
-            "looking for media (said above)") in result.stderr.splitlines()[-1]  # the non-UTF-8 one, in the summary
+            "looking for media (said above; inspect --failures lists them)") in result.stderr.splitlines()[-1]
+    # the non-UTF-8 name, passed over: counted in the summary, kept in the cache, listed by inspect
+    assert as_json["passed_over"] == 1 and [(r["path"], r["reason"]) for r in as_json["passed_over_paths"]] == [
+        (f"{root}/caf\\xe9.mp4", "path is not valid UTF-8, which the cache stores ids and paths in; skipped (rename it, "
+                                  "e.g. with convmv)")]
     assert as_json["kept_with_problems"] == len(damaged)
     assert {r["id"]: r["note"] for r in as_json["damaged_items"]} == cache.notes
     text = vlpcache("inspect", tmp_path / "cache", "--failures", cwd=tmp_path).stdout
     assert f"noted       {len(damaged)} item(s) kept with a note" in text
     assert sum(line.startswith("noted       /") for line in text.splitlines()) == len(damaged)
+    assert "passed over 1 path(s) left out when looking for media" in text
+    assert f"passed over {root}/caf\\xe9.mp4: path is not valid UTF-8" in text
     rendered = vlpcache("inspect", tmp_path / "cache", "--render", "frames_one_bad", "-o", tmp_path / "bad.png", cwd=tmp_path)
     assert rendered.stdout.strip().endswith(f"(the item was kept with a note: {cache.notes['frames_one_bad']})")
     # failed items are skipped on a re-run, retried with --retry-failed
@@ -241,6 +247,12 @@ def test_broken_files_get_one_line_each_and_the_run_goes_on(tmp_path, videos_dir
     assert "kept with a note" not in again.stderr and RegionCache(tmp_path / "cache").notes == cache.notes
     retry = vlpcache("extract", root, "-o", tmp_path / "cache", "--frames", 2, "--retry-failed", cwd=tmp_path)
     assert f"{len(failures)} failed" in retry.stderr
+    # the name mended, the next run over the folder takes the file and drops it from the passed-over list
+    latin1.rename(root / "cafe.mp4")
+    vlpcache("extract", root, "-o", tmp_path / "cache", "--frames", 2, cwd=tmp_path)
+    assert "cafe" in RegionCache(tmp_path / "cache")
+    mended = json.loads(vlpcache("inspect", tmp_path / "cache", "--failures", "--json", cwd=tmp_path).stdout)
+    assert mended["passed_over"] == 0 and mended["passed_over_paths"] == []
 
 
 def test_no_frame_folders_caches_each_photo_of_a_subfolder_as_an_item(tmp_path, flickr_dir):

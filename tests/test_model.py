@@ -434,7 +434,7 @@ def test_a_new_caption_encoding_says_what_else_the_folder_holds_and_how_big_it_i
     lines, cpu = [], torch.device("cpu")
     features = cached_text_features(model, tokenizer, CAPTIONS, tmp_path, with_words=True, device=cpu, progress=False,
                                     say=lines.append)
-    assert lines == [f"{folder} also holds the caption features of 2 other caption set(s) or text model(s), 3 MB: any "
+    assert lines == [f"{folder} also holds the caption features of 2 other caption set(s) or text model(s), 3.0 MiB: any "
                      "that no run is encoding can be deleted (a run that needs it encodes it again)"]
     lines.clear()
     cached_text_features(model, tokenizer, CAPTIONS, tmp_path, with_words=True, device=cpu, progress=False,

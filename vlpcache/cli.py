@@ -181,7 +181,8 @@ def models_verify(models) -> None:
 @click.option("-o", "--output", type=click.Path(), help="Image file for --render [default: ID.png].")
 @json_option("Print the summary as JSON.")
 @click.option("--failures", is_flag=True, help="List every failed item with its reason, and every item kept with a "
-              "note (damaged, or photos in a frames folder).")
+              "note (damaged, or photos in a frames folder), and every path extraction passed over (a broken link, an "
+              "unreadable folder, a duplicate id...).")
 def inspect(cache_dir, render_id, output, as_json, failures) -> None:
     """Summarise a cache (items, failures, T/N/D, provenance, size), or render one item."""
     if render_id is not None:  # re-decodes the item's sources: extraction's business

@@ -10,6 +10,7 @@ import collections
 import json
 
 from vlpcache.cache.labels import region_names
+from vlpcache.cache.manifest import read_passed_over
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import outdated_schema
 from vlpcache.report import human_size, printable, silent
@@ -29,6 +30,7 @@ def cache_summary(cache: RegionCache) -> dict:
         "failures": len(failures),
         "failure_reasons": dict(reasons.most_common(10)),
         "kept_with_problems": len(cache.notes),
+        "passed_over": len(read_passed_over(cache.cache_dir)),
         "frames": frames,
         "mean_regions_per_frame": round(regions / frames, 2) if frames else 0.0,
         "T": settings["frames"],
@@ -53,6 +55,8 @@ def print_summary(summary: dict) -> None:
             "  (" + "; ".join(f"{v}x {k}" for k, v in summary["failure_reasons"].items()) + ")" if summary["failures"] else ""),
         *([f"noted       {summary['kept_with_problems']} item(s) kept with a note (some frames unreadable, data "
            "truncated, photos in a frames folder, ...); --failures lists them"] if summary["kept_with_problems"] else []),
+        *([f"passed over {summary['passed_over']} path(s) left out when looking for media (a broken link, an "
+           "unreadable folder, a duplicate id, ...); --failures lists them"] if summary["passed_over"] else []),
         f"shape       T={summary['T']} frames, N={summary['N']} regions (incl. whole frame), D={summary['D']}",
         f"frames      {summary['frames']} sampled, {summary['mean_regions_per_frame']} regions per frame on average",
         f"detector    {p['detector']}  sha256 {p['detector_weights_sha256'][:12]}",
@@ -79,6 +83,7 @@ def inspect_cache(cache_dir=None, as_json=False, list_failures=False) -> None:
         summary["failed_items"] = list(cache.failures.values())
         summary["damaged_items"] = [{"id": item_id, "path": cache.paths[cache.index_of(item_id)], "note": note}
                                     for item_id, note in cache.notes.items()]
+        summary["passed_over_paths"] = sorted(read_passed_over(cache.cache_dir).values(), key=lambda r: r["path"])
     if as_json:
         print(json.dumps(summary, indent=2, ensure_ascii=False))
         return
@@ -87,3 +92,5 @@ def inspect_cache(cache_dir=None, as_json=False, list_failures=False) -> None:
         print(f"failed      {printable(record['path'])}: {printable(record['reason'])}")
     for record in summary.get("damaged_items", []):
         print(f"noted       {printable(record['path'])}: {printable(record['note'])}")
+    for record in summary.get("passed_over_paths", []):
+        print(f"passed over {record['path']}: {record['reason']}")

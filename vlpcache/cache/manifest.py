@@ -1,13 +1,14 @@
 """What the reader and the writer both read of a cache directory: the manifest (settings every shard
-shares), the failure logs (one JSON line per failed item), and whether a shard file agrees with the
-settings."""
+shares), the failure logs (one JSON line per failed item), the paths extraction passed over while
+looking for media, and whether a shard file agrees with the settings."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from vlpcache.cache.schema import FAILURE_DIR, MANIFEST_NAME, CacheSettings, shard_differences
+from vlpcache.cache.schema import FAILURE_DIR, MANIFEST_NAME, PASSED_OVER_SUFFIX, CacheSettings, shard_differences
+from vlpcache.records import read_optional_json
 
 # what reading a damaged HDF5 file raises
 UNREADABLE = (OSError, KeyError, RuntimeError, ValueError, TypeError)
@@ -32,6 +33,28 @@ def read_failures(cache_dir: Path) -> dict[str, dict]:
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue
     return failures
+
+
+def passed_over_path(cache_dir: Path, writer_name: str) -> Path:
+    return Path(cache_dir) / FAILURE_DIR / f"{writer_name}{PASSED_OVER_SUFFIX}"
+
+
+def read_passed_over(cache_dir: Path, writer_name: str | None = None) -> dict[str, dict]:
+    """path -> {"path", "reason", "time"} of each path that discovery left out (a broken link, an
+    unreadable folder, a duplicate id...), as the last run over its root found it: over every writer's
+    record, or one writer's; a damaged record reads as empty (it is rewritten by the next run)."""
+    paths = [passed_over_path(cache_dir, writer_name)] if writer_name else \
+        sorted((Path(cache_dir) / FAILURE_DIR).glob(f"*{PASSED_OVER_SUFFIX}"))
+    passed_over: dict[str, dict] = {}
+    for path in paths:
+        records = read_optional_json(path)
+        for record in records if isinstance(records, list) else []:
+            if not (isinstance(record, dict) and isinstance(record.get("path"), str)
+                    and isinstance(record.get("reason"), str) and isinstance(record.get("time"), (int, float))):
+                continue
+            if record["time"] >= passed_over.get(record["path"], {}).get("time", 0):
+                passed_over[record["path"]] = record
+    return passed_over
 
 
 def shard_file_differences(shard, settings: CacheSettings) -> list[str]:

@@ -33,6 +33,7 @@ SCHEMA_CHANGES = {
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 FAILURE_DIR = "failures"
+PASSED_OVER_SUFFIX = ".passed-over.json"  # failures/<writer>.passed-over.json: paths discovery left out
 LOCK_DIR = "locks"
 SHARD_SUFFIX = ".h5"
 TMP_SUFFIX = ".tmp"

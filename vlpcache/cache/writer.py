@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 
 from vlpcache import __version__
-from vlpcache.cache.manifest import UNREADABLE, read_manifest, shard_file_differences
+from vlpcache.cache.manifest import UNREADABLE, passed_over_path, read_manifest, read_passed_over, shard_file_differences
 from vlpcache.cache.schema import (
     FAILURE_DIR,
     LOCK_DIR,
@@ -47,6 +47,7 @@ from vlpcache.errors import UserError
 from vlpcache.files import fsync_path, write_failure
 from vlpcache.locks import LOCK_SUFFIX, WriterLock, holder_description
 from vlpcache.records import write_json
+from vlpcache.report import printable
 
 FEATURE_COMPRESSION = "lzf"  # fast; padded frames and regions are zeros and shrink to almost nothing
 
@@ -298,6 +299,27 @@ class ShardWriter:
         except OSError as err:
             raise write_failure(self.failures.path, err, "the shards committed before are kept; make room and re-run "
                                                          "the same command to resume") from None
+
+    def record_passed_over(self, roots: list[Path], problems: list[tuple[str, str]]) -> None:
+        """Keep what discovery left out, for `inspect --failures`: this run's (path, reason) problems
+        replace the writer's earlier record of every path under `roots` (a path mended since drops out);
+        what it recorded under other roots stays. Paths are kept absolute and printable (a name that is
+        not UTF-8 is one of the problems)."""
+        def absolute(path) -> str:
+            return printable(os.path.abspath(path))
+
+        below = [absolute(root) for root in roots]
+        kept = [record for path, record in read_passed_over(self.cache_dir, self.writer_name).items()
+                if not any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in below)]
+        now = time.time()
+        records = kept + [{"path": absolute(path), "reason": printable(reason), "time": now} for path, reason in problems]
+        target = passed_over_path(self.cache_dir, self.writer_name)
+        if not records and not target.exists():
+            return
+        try:
+            write_json(target, records)
+        except OSError as err:
+            raise write_failure(target, err, "nothing was extracted yet; make room and re-run the same command") from None
 
     def close(self) -> None:
         try:

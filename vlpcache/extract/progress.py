@@ -36,8 +36,8 @@ class ExtractSummary:
     def line(self) -> str:
         rate = f"{self.done / self.seconds:.2f} items/s, {self.frames / self.seconds:.1f} frames/s" if self.seconds else "-"
         damaged = f"{self.damaged} kept with a note (inspect --failures lists them), " if self.damaged else ""
-        passed_over = (f"{self.passed_over} path(s) passed over when looking for media (said above), "
-                       if self.passed_over else "")
+        passed_over = (f"{self.passed_over} path(s) passed over when looking for media (said above; inspect "
+                       "--failures lists them), " if self.passed_over else "")
         return (
             f"extract: {self.done} done, {self.skipped_cached} already cached, "
             f"{self.skipped_failed} skipped (failed before; --retry-failed retries), {self.failed} failed, {damaged}{passed_over}"

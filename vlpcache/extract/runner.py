@@ -100,7 +100,7 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     items, problems = discover_items(roots, options.frame_folders)
     for path, reason in problems:
         say(f"{printable(path)}: {reason}")
-    passed_over = sum(f"; {SKIPPED}" in reason for _, reason in problems)
+    passed_over = [(path, reason) for path, reason in problems if f"; {SKIPPED}" in reason]
     if not items:
         raise UserError(f"no videos, images or frame folders found under {', '.join(map(printable, roots))}")
     workspace.remember_roots([r for r in roots if r.exists()])
@@ -113,10 +113,11 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     spec = choose_detector(options.detector, options.backbone, options.weights, options.models,  # nothing loaded yet
                            options.input_scale(), options.proposals)
     settings = spec.cache_settings(options.frames, options.regions, options.score_threshold)
-    summary = ExtractSummary(passed_over=passed_over)
+    summary = ExtractSummary(passed_over=len(passed_over))
     # the driver's writer owns the shard set: it checks the settings and removes the unfinished shards
     # of a killed run, its own and (named `<shard set>-ray-<actor>`) those of its Ray actors
     with ShardWriter(cache_dir, settings, writer_name=options.shard_set(), max_items=options.items_per_shard) as writer:
+        writer.record_passed_over(roots, passed_over)
         cache = RegionCache(cache_dir)
         todo = items_to_extract(items, cache, options, summary)
         cache.close()

@@ -24,7 +24,7 @@ from vlpcache.index.layout import LOCK_FILE, META_FILE, PARTS_DIR, other_indexes
 from vlpcache.locks import WriterLock
 from vlpcache.model.run_layout import META_NAME, checkpoints
 from vlpcache.records import read_optional_json
-from vlpcache.report import Say
+from vlpcache.report import Say, human_size
 
 PRUNED_PREFIX = ".pruned-"
 
@@ -89,7 +89,7 @@ def prune_indexes(root: Path, keep: Path, run_dirs: list[Path], say: Say) -> lis
         removed.append(index_dir)
         freed += size
     if removed:
-        say(f"prune: removed {len(removed)} index(es) of checkpoints no run holds any more, {freed / 2**20:.0f} MB "
+        say(f"prune: removed {len(removed)} index(es) of checkpoints no run holds any more, {human_size(freed)} "
             f"({', '.join(p.name for p in removed)})")
     else:
         say(f"prune: every other index in {root} belongs to a checkpoint a run still holds")

@@ -272,7 +272,7 @@ def _others_text(path: Path) -> str | None:
     size = sum(folder_bytes(p) for p in others)
     sets = len({p.stem for p in others})  # a set being joined has its file and its parts
     return (f"{path.parent} also holds the caption features of {sets} other caption set(s) or text "
-            f"model(s), {size / 2**20:.0f} MB: any that no run is encoding can be deleted (a run that needs it "
+            f"model(s), {human_size(size)}: any that no run is encoding can be deleted (a run that needs it "
             "encodes it again)")
 
 
