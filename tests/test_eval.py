@@ -106,6 +106,9 @@ def test_paragraphs_make_one_query_of_each_videos_captions_cut_at_max_words(root
     assert results["text_to_video"] == pytest.approx(retrieval_metrics((text @ video.T).numpy(), np.arange(len(ids))))
     assert results["protocol"]["captions_per_video"] == "paragraph" and results["protocol"]["max_words"] == words
     assert results["text_to_video"]["queries"] == 8
+    # the paragraphs longer than that are counted: all 8 at 6 tokens, none at 128
+    lengths = [len(run.tokenizer(" ".join(captions[i]))["input_ids"]) for i in ids]
+    assert results["protocol"]["queries_cut"] == sum(n > words for n in lengths) == (8 if max_words else 0)
 
 
 def test_all_captions_makes_every_caption_a_query(root, ws, monkeypatch, capsys):

@@ -194,6 +194,17 @@ def test_no_rerank_orders_by_global_similarity_alone(ws, monkeypatch, capsys):
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
 
 
+def test_a_query_longer_than_the_model_reads_says_what_was_left_out(ws, monkeypatch, capsys):
+    query = ("a man in a red shirt walks his brown dog along the beach at sunset while children play football on "
+             "the sand and a woman reads a book under an umbrella")  # 31 words of a token each: one past 30
+    code, out, err = vlpcache(monkeypatch, capsys, "search", query, "-k", "2", "--json")
+    assert code == 0 and json.loads(out)["unread"] == "umbrella"
+    assert ('note: the model reads the first 32 tokens of a query; the end of "a man in a red shirt walks his brown '
+            'dog..." was left out: "umbrella"') in err.splitlines()
+    code, out, err = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", "2", "--json")
+    assert code == 0 and json.loads(out)["unread"] == "" and "left out" not in err
+
+
 def test_several_queries_from_a_file_are_answered_in_one_process(ws, tmp_path, monkeypatch, capsys):
     queries = tmp_path / "queries.txt"
     queries.write_text("a dog\n\nthe beach here\na man\n")
@@ -450,6 +461,11 @@ def test_index_leaves_an_onnx_query_model_that_matches_the_torch_one(ws, monkeyp
         a, b = onnx.encode(query), torch_model.encode(query)
         assert a[3] == b[3] and np.array_equal(a[2], b[2])  # tokens, word mask
         assert np.allclose(a[0], b[0], atol=1e-4) and np.allclose(a[1], b[1], atol=1e-4)
+    # both say alike what of a query they leave unread: past 30 words and [CLS], [SEP] (max_words 32)
+    words = long_query.split()
+    for query, unread in [("a dog", ""), (" ".join(words[:30]), ""), (" ".join(words[:31]), words[30]),
+                          (long_query, " ".join(words[30:]))]:
+        assert onnx.unread(query) == torch_model.unread(query) == unread
     index = VideoIndex.load(the_index(ws))
     regions, mask, _ = index.regions.gather([0, 3, 7])
     text_global, words, word_mask, _ = torch_model.encode("a horse on the street")

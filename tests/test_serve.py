@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -106,12 +107,17 @@ def one_line_error(response, status: int) -> str:
 # ---------------------------------------------------------------- the JSON API
 
 
-def test_search_api_gives_the_fields_of_search_json(ws, api, monkeypatch, capsys):
-    response = api.get("/api/search", params={"q": "a dog on the street", "k": 5})
+LONG_QUERY = ("a man in a red shirt walks his brown dog along the beach at sunset while children play football on "
+              "the sand and a woman reads a book under an umbrella")  # 31 words: one past the 30 a query keeps
+
+
+@pytest.mark.parametrize("query, unread", [("a dog on the street", ""), (LONG_QUERY, "umbrella")], ids=["short", "long"])
+def test_search_api_gives_the_fields_of_search_json(ws, api, monkeypatch, capsys, query, unread):
+    response = api.get("/api/search", params={"q": query, "k": 5})
     assert response.status_code == 200 and response.headers["server-timing"].startswith("search;dur=")
-    code, out, err = vlpcache(monkeypatch, capsys, "search", "a dog on the street", "-k", "5", "--json")
+    code, out, err = vlpcache(monkeypatch, capsys, "search", query, "-k", "5", "--json")
     assert code == 0, err
-    assert response.json() == json.loads(out)
+    assert response.json() == json.loads(out) and response.json()["unread"] == unread
 
 
 def test_item_api_lists_the_sampled_frames_and_their_detected_regions(api):
@@ -403,9 +409,16 @@ def test_page_in_headless_chromium_shows_result_cards_with_thumbnails_and_boxes(
         browser.get(browser.current_url)  # a result page can be linked and reloaded
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".card")) == 12)
         assert browser.execute_script("return document.getElementById('detail').open")
+
+        browser.get(server.url + "?" + urllib.parse.urlencode({"q": LONG_QUERY}))  # the end the model does not read
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#query-words s.unread"))
+        assert browser.find_element(By.CSS_SELECTOR, "#query-words s.unread").text == "umbrella"
+        assert browser.find_element(By.ID, "query-words").text == LONG_QUERY
+        assert "struck out below, is past what the model reads" in browser.find_element(By.ID, "status").text
+        browser.save_screenshot(str(tmp_path / "unread.png"))
     finally:
         browser.quit()
     assert Image.open(tmp_path / "results.png").size[0] > 0
     if os.environ.get("VLPCACHE_SCREENSHOTS"):  # to look at them: VLPCACHE_SCREENSHOTS=DIR pytest ...
-        for name in ("results.png", "detail.png"):
+        for name in ("results.png", "detail.png", "unread.png"):
             shutil.copy(tmp_path / name, Path(os.environ["VLPCACHE_SCREENSHOTS"]) / name)

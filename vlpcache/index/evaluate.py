@@ -71,10 +71,17 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
         "queries": len(texts),
         "captions_per_video": "all" if all_captions else "first",
         "max_words": max_words or run.config.max_words,
+        "queries_cut": queries_cut(run.tokenizer, texts, max_words or run.config.max_words),
         "rerank_candidates": rerank_candidates if rerank else 0,
         "seconds": round(time.monotonic() - started, 1),
     }
     return results
+
+
+def queries_cut(tokenizer, texts: list[str], max_words: int) -> int:
+    """How many of the texts are longer than max_words tokens (special tokens included): the model reads
+    each of those only up to there."""
+    return sum(len(ids) > max_words for ids in tokenizer(texts, verbose=False)["input_ids"])
 
 
 def format_results(results: dict) -> str:
@@ -145,6 +152,7 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
         p = results["protocol"]
         per_video = ("one paragraph per video, its captions joined" if paragraphs
                      else f"{p['captions_per_video']} caption per video")
-        print(f"{p['queries']} queries ({per_video}, up to {p['max_words']} tokens), {p['videos']} candidate videos, "
+        cut = f"; {p['queries_cut']} longer, cut there" if p["queries_cut"] else ""
+        print(f"{p['queries']} queries ({per_video}, up to {p['max_words']} tokens{cut}), {p['videos']} candidate videos, "
               f"re-rank of the top {p['rerank_candidates']}, {p['seconds']} s")
     return results

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlpcache.index.query_model import QUERY_CONFIG, QUERY_DIR, RERANK_GRAPH, TEXT_GRAPH, TOKENIZER_FILE
+from vlpcache.index.query_model import QUERY_CONFIG, QUERY_DIR, RERANK_GRAPH, TEXT_GRAPH, TOKENIZER_FILE, unread_tail
 from vlpcache.model.batch import tokenize
 from vlpcache.model.losses import region_word_alignment, region_word_score, rerank_score
 from vlpcache.records import write_json
@@ -80,6 +80,14 @@ class TorchQueryModel:
         self.rerank = RerankGraph(run.config.rwa_lambda, run.config.rerank_weight)
         self.special = special_token_ids(run)
         self.rwa = run.config.rwa
+        self.max_words = run.config.max_words
+
+    def unread(self, text: str) -> str:
+        if len(self.run.tokenizer(text, verbose=False)["input_ids"]) <= self.max_words:
+            return ""
+        kept = self.run.tokenizer(text, truncation=True, max_length=self.max_words, return_offsets_mapping=True,
+                                  return_special_tokens_mask=True)
+        return unread_tail(text, kept["offset_mapping"], kept["special_tokens_mask"])
 
     @torch.inference_mode()
     def encode(self, text: str):

@@ -6,8 +6,9 @@
     <index>/query/query.json          checkpoint sha256, max_words, special token ids
 
 Written by `vlpcache index` (query_graphs.export_query_model). Both query models answer
-`encode(text) -> (global (1, E), words (1, L, E), word_mask (1, L), tokens)` and
-`rescore(words, word_mask, text_global, regions, region_mask, video_global) -> [score, global, local, word_attention]`.
+`encode(text) -> (global (1, E), words (1, L, E), word_mask (1, L), tokens)`,
+`rescore(words, word_mask, text_global, regions, region_mask, video_global) -> [score, global, local, word_attention]`
+and `unread(text)`: the end of a text past the `max_words` tokens the model reads ("" when it reads it all).
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ def query_export_sha(index_dir: Path) -> str | None:
     return config.get("checkpoint_sha256") if isinstance(config, dict) else None
 
 
+def unread_tail(text: str, offsets, special_mask) -> str:
+    """The end of `text` after the last token a truncated encoding kept: offsets are each token's
+    (start, end) characters in `text`, special_mask 1 for the tokens the tokenizer added ([CLS], [SEP])."""
+    ends = [end for (_, end), special in zip(offsets, special_mask) if not special]
+    return text[max(ends, default=0):].strip()
+
+
 class OnnxQueryModel:
     def __init__(self, index_dir: Path):
         import onnxruntime as ort
@@ -42,7 +50,8 @@ class OnnxQueryModel:
         self.rwa = config["rwa"]
         self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
         self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(config["max_words"])
+        self.max_words = config["max_words"]
+        self.tokenizer.enable_truncation(self.max_words)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # no warnings about unused initialisers on every start
         # idle threads that spin between runs take the cores from the rest of the query (and from a
@@ -59,6 +68,10 @@ class OnnxQueryModel:
         global_, words = self.text.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})  # (1, E), (1, L, E)
         word_mask = attention_mask.astype(bool) & ~np.isin(input_ids, self.special)  # (1, L) real words
         return global_, words, word_mask, list(encoding.tokens)
+
+    def unread(self, text: str) -> str:
+        encoding = self.tokenizer.encode(text)
+        return unread_tail(text, encoding.offsets, encoding.special_tokens_mask) if encoding.overflowing else ""
 
     def rescore(self, words, word_mask, text_global, regions, region_mask, video_global):
         feeds = dict(zip(

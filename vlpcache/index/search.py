@@ -125,6 +125,16 @@ class Searcher:
         """Whether the run was trained with region-word alignment (re-ranking needs it)."""
         return bool(self.query_model.rwa)
 
+    @property
+    def max_words(self) -> int:
+        """Tokens of a query the model reads ([CLS] and [SEP] included); the rest is left out."""
+        return self.query_model.max_words
+
+    def unread(self, query: str) -> str:
+        """The end of `query` past the tokens the model reads, left out of the search ("" for most queries)."""
+        with self._lock:
+            return self.query_model.unread(query.strip())
+
     def search(self, query: str, k: int = 10, rerank: bool = True, qbnorm: bool = False) -> list[Hit]:
         """The top k indexed items for one query, best first; re-ranked by region-word score when the
         run can (`rerank=False`: global similarity alone); `qbnorm`: the top candidates by global
@@ -216,8 +226,15 @@ class Searcher:
 # ---------------------------------------------------------------- output
 
 
-def hits_json(query: str, hits: list[Hit]) -> dict:
-    return {"query": query, "results": [asdict(h) for h in hits]}
+def hits_json(query: str, hits: list[Hit], unread: str = "") -> dict:
+    """`unread`: the end of the query past the tokens the model reads (Searcher.unread)."""
+    return {"query": query, "unread": unread, "results": [asdict(h) for h in hits]}
+
+
+def unread_line(searcher: Searcher, query: str, unread: str) -> str:
+    shown = unread if len(unread) <= 60 else unread[:57] + "..."
+    return (f"note: the model reads the first {searcher.max_words} tokens of a query; the end of "
+            f"\"{printable(query[:40])}{'...' if len(query) > 40 else ''}\" was left out: \"{printable(shown)}\"")
 
 
 def format_hits(query: str, hits: list[Hit]) -> str:
@@ -315,7 +332,9 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
         say(f"note: -k {k} is more than the {shown} indexed items in the cache; showing all of them")
     for n, query in enumerate(queries):
         hits = searcher.search(query, k, rerank=rerank, qbnorm=qbnorm)
+        if unread := searcher.unread(query):
+            say(unread_line(searcher, query, unread))
         if as_json:
-            print(json.dumps(hits_json(query, hits), ensure_ascii=False), flush=True)
+            print(json.dumps(hits_json(query, hits, unread), ensure_ascii=False), flush=True)
         else:
             print(("\n" if n else "") + format_hits(query, hits), flush=True)

@@ -83,13 +83,17 @@ function assignColours(query, hits) {
   return new Map(words.map((word, i) => [word, "c" + (i % COLOURS)]));
 }
 
-function showQueryWords(query) {
+// the query's words, each matched one in its colour; an end the model did not read (past its tokens) struck out
+function showQueryWords(query, unread) {
   const line = $("query-words");
   line.replaceChildren();
-  for (const [i, part] of query.split(/(\s+)/).entries()) {
+  const cut = unread ? query.lastIndexOf(unread) : -1;
+  const read = cut >= 0 ? query.slice(0, cut) : query;
+  for (const [i, part] of read.split(/(\s+)/).entries()) {
     const colour = i % 2 === 0 ? colours.get(normalised(part)) : undefined;
     line.append(colour ? el("mark", { class: colour }, part) : part);
   }
+  if (unread) line.append(el("s", { class: "unread", title: "not read: past the tokens the model reads" }, unread));
 }
 
 const WHOLE_FRAME = "frame"; // the label of the region that stands for the whole frame
@@ -172,10 +176,11 @@ async function search(query, k) {
   colours = assignColours(query, hits);
   hitsById.clear();
   hits.forEach((hit) => hitsById.set(hit.id, hit));
-  showQueryWords(query);
+  showQueryWords(query, body.unread);
   $("results").replaceChildren(...hits.map(card));
   const ms = Math.round(performance.now() - started);
-  setStatus(hits.length ? `${hits.length} results for “${query}” · ${ms} ms` : `nothing found for “${query}”`);
+  const cut = body.unread ? " · the end of the query, struck out below, is past what the model reads and was left out" : "";
+  setStatus((hits.length ? `${hits.length} results for “${query}” · ${ms} ms` : `nothing found for “${query}”`) + cut);
 }
 
 async function openItem(id) {
