@@ -687,6 +687,31 @@ def test_resume_refuses_options_that_differ_from_the_stored_run(tmp_path, corpus
     assert run_pretrain(**options, **small_options(tiny_text, epochs=2, resume=True, workers=1))["trained_epochs"] == 1
 
 
+def test_captions_longer_than_max_words_are_counted_and_the_run_reads_them_up_to_there(tmp_path, corpus, tiny_text,
+                                                                                       monkeypatch, capsys):
+    from transformers import AutoTokenizer
+    from vlpcache.model.retrieval import encode_texts
+
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    options = dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=tmp_path / "run")
+    run_pretrain(**options, **small_options(tiny_text, epochs=1, quiet=False, max_words=4))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text)
+    captions = [c for line in corpus["train"].read_text().splitlines() for c in json.loads(line)["captions"]
+                if c and json.loads(line)["video"] != "not-cached"]  # "a cat": 4 tokens, "the cat here": 5
+    longer = sum(len(tokenizer(c)["input_ids"]) > 4 for c in captions)
+    assert len(captions) == 80 and longer == 40
+    assert (f"pretrain: {longer} of the 80 training captions are longer than the 4 tokens the model reads ([CLS] and "
+            "[SEP] included) and are cut there; --max-words N reads more") in capsys.readouterr().err.splitlines()
+    run = load_run(tmp_path / "run")
+    assert run.config.max_words == 4
+    assert encode_texts(run.model, run.tokenizer, ["the cat here and more"], "cpu").words.shape[:2] == (1, 4)  # read so
+    with pytest.raises(UserError, match=r"--max-words 8 \(the run has 4\)"):
+        run_pretrain(**options, **small_options(tiny_text, epochs=2, resume=True, max_words=8))
+    # at the default 32 tokens none of them is cut, and nothing is said
+    run_pretrain(**{**options, "run_dir": tmp_path / "default"}, **small_options(tiny_text, epochs=1, quiet=False))
+    assert "longer than the" not in capsys.readouterr().err
+
+
 def test_a_trained_model_scores_frames_moved_to_other_slots_or_repeated_like_the_originals(tmp_path, tiny_text, monkeypatch):
     from test_model import _moved_and_repeated
     from vlpcache.metrics import retrieval_metrics

@@ -214,6 +214,9 @@ def inspect(cache_dir, render_id, output, as_json, failures) -> None:
 @click.option("--text-model", default=None, metavar="NAME|DIR", help="Hugging Face name or directory [default: offline all-MiniLM-L6-v2].")
 @click.option("--trainable-layers", default=None, type=click.IntRange(0),
               help=f"Top text-encoder layers that train; 0 freezes it and encodes every caption once [default: {M.text_trainable_layers}].")
+@click.option("--max-words", default=None, type=click.IntRange(4, 512),
+              help=f"Tokens of a caption the model reads, [CLS] and [SEP] included; longer captions are cut there, "
+                   f"and so are search queries [default: {M.max_words}].")
 @click.option("--no-rwa", is_flag=True, help="Train with the video-text contrastive loss only (no region-word alignment).")
 @click.option("--rwa-weight", default=None, type=click.FloatRange(0), help=f"Weight of the region-word alignment loss [default: {M.rwa_weight}].")
 @click.option("--lr", default=None, type=click.FloatRange(0, min_open=True), help=f"Learning rate of the region encoder [default: {T.lr:g}].")

@@ -34,6 +34,7 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
 
     qbnorm adds text->video ranked by query-bank normalisation (the run's training captions as bank),
     dual the dual-softmax figure, which needs every test query at once (no search can do it)."""
+    from vlpcache.model.batch import longer_than
     from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
 
     ids = list(captions_by_id)
@@ -71,17 +72,11 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
         "queries": len(texts),
         "captions_per_video": "all" if all_captions else "first",
         "max_words": max_words or run.config.max_words,
-        "queries_cut": queries_cut(run.tokenizer, texts, max_words or run.config.max_words),
+        "queries_cut": longer_than(run.tokenizer, texts, max_words or run.config.max_words),
         "rerank_candidates": rerank_candidates if rerank else 0,
         "seconds": round(time.monotonic() - started, 1),
     }
     return results
-
-
-def queries_cut(tokenizer, texts: list[str], max_words: int) -> int:
-    """How many of the texts are longer than max_words tokens (special tokens included): the model reads
-    each of those only up to there."""
-    return sum(len(ids) > max_words for ids in tokenizer(texts, verbose=False)["input_ids"])
 
 
 def format_results(results: dict) -> str:

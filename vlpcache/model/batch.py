@@ -43,6 +43,13 @@ def video_batch(items: list[dict], device: str | torch.device | None = None) -> 
     return batch
 
 
+def longer_than(tokenizer, texts: list[str], max_len: int) -> int:
+    """How many of the texts are longer than max_len tokens (special tokens included): tokenize() cuts
+    each of those there."""
+    encoded = tokenizer(list(texts), verbose=False, return_attention_mask=False, return_token_type_ids=False)
+    return sum(len(ids) > max_len for ids in encoded["input_ids"])
+
+
 def tokenize(tokenizer, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids (B, L), attention_mask (B, L)), padded to the longest text, truncated at max_len."""
     encoded = tokenizer(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")

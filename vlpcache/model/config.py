@@ -86,7 +86,8 @@ class TrainConfig(JsonRecord):
 TRAIN_OPTIONS = ("epochs", "batch_size", "captions_per_video", "lr", "text_lr", "seed", "workers")
 MODEL_OPTIONS = {"text_model": "text_model", "trainable_layers": "text_trainable_layers", "rwa_weight": "rwa_weight",
                  "width": "width", "layers": "layers", "frame_time": "frame_time", "global_path": "global_path",
-                 "frame_dropout": "frame_dropout", "region_dropout": "region_dropout", "text_head": "text_head"}
+                 "frame_dropout": "frame_dropout", "region_dropout": "region_dropout", "text_head": "text_head",
+                 "max_words": "max_words"}
 RESUMABLE_OPTIONS = ("epochs", "workers")  # what --resume may change: a longer schedule, other hardware
 
 
@@ -120,6 +121,7 @@ class PretrainOptions:
     frame_dropout: float | None = None
     region_dropout: float | None = None
     text_head: str | None = None
+    max_words: int | None = None
 
 
 def captions_per_video_cap(trainable_layers: int | None) -> int:

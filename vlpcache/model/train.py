@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from vlpcache.interrupts import leave_sigterm_to_the_parent, stop_if_interrupted
 from vlpcache.locks import WriterLock, holder_description
 from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics
 from vlpcache.model import checkpoint as ckpt
+from vlpcache.model.batch import longer_than
 from vlpcache.model.data import CollateCaptionedRegions, PretrainData, ValidationSet, load_pretrain_data
 from vlpcache.model.config import (
     MODEL_OPTIONS,
@@ -321,6 +323,8 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
                 "vlpcache_version": __version__,
             }
             ckpt.save_run_files(run.dir, config, tokenizer, model.text_encoder.backbone.config)
+            if line := _captions_cut_line(run, tokenizer):
+                processes.say(line)
     processes.barrier()
     model.to(processes.device)
     text_features = _frozen_text_features(run, model, tokenizer, processes, workspace)
@@ -342,6 +346,22 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
             model, device_ids=[processes.device.index] if processes.device.type == "cuda" else None
         )
     return trainer
+
+
+CAPTIONS_COUNTED = 200_000  # beyond this many training captions, how many are cut is estimated on a sample
+
+
+def _captions_cut_line(run: Run, tokenizer) -> str | None:
+    """What a new run says when some training captions are longer than the tokens the model reads."""
+    captions = run.data.train.all_captions()
+    counted = captions if len(captions) <= CAPTIONS_COUNTED else random.Random(0).sample(captions, CAPTIONS_COUNTED)
+    cut = longer_than(tokenizer, counted, run.model.max_words)
+    if not cut:
+        return None
+    how_many = (f"{cut:,} of the {len(captions):,}" if counted is captions
+                else f"about {cut / len(counted):.1%} (counted on {len(counted):,}) of the {len(captions):,}")
+    return (f"pretrain: {how_many} training captions are longer than the {run.model.max_words} tokens the model "
+            "reads ([CLS] and [SEP] included) and are cut there; --max-words N reads more")
 
 
 def _frozen_text_features(run: Run, model, tokenizer, processes: Processes, workspace: Workspace) -> TextFeatures | None:
