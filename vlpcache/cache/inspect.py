@@ -93,4 +93,4 @@ def inspect_cache(cache_dir=None, as_json=False, list_failures=False) -> None:
     for record in summary.get("damaged_items", []):
         print(f"noted       {printable(record['path'])}: {printable(record['note'])}")
     for record in summary.get("passed_over_paths", []):
-        print(f"passed over {record['path']}: {record['reason']}")
+        print(f"passed over {printable(record['path'])}: {printable(record['reason'])}")  # stored printable already
