@@ -707,6 +707,10 @@ def test_captions_longer_than_max_words_are_counted_and_the_run_reads_them_up_to
     assert encode_texts(run.model, run.tokenizer, ["the cat here and more"], "cpu").words.shape[:2] == (1, 4)  # read so
     with pytest.raises(UserError, match=r"--max-words 8 \(the run has 4\)"):
         run_pretrain(**options, **small_options(tiny_text, epochs=2, resume=True, max_words=8))
+    # more than the text model has positions for: one line, and no run directory left behind
+    with pytest.raises(UserError, match=r"--max-words 100: the text model .* reads at most 64 tokens; give 64 or fewer"):
+        run_pretrain(**{**options, "run_dir": tmp_path / "long"}, **small_options(tiny_text, epochs=1, max_words=100))
+    assert not (tmp_path / "long").exists()
     # at the default 32 tokens none of them is cut, and nothing is said
     run_pretrain(**{**options, "run_dir": tmp_path / "default"}, **small_options(tiny_text, epochs=1, quiet=False))
     assert "longer than the" not in capsys.readouterr().err

@@ -475,6 +475,10 @@ class PretrainLoss(nn.Module):
 def build_model(config: ModelConfig, weights: bool = True):
     """(AlignmentModel, tokenizer) for a config; weights=False skips loading the pretrained text weights."""
     backbone, tokenizer = load_text_backbone(config.text_model or default_text_model(), weights=weights)
+    positions = getattr(backbone.config, "max_position_embeddings", None)
+    if positions is not None and config.max_words > positions:
+        raise UserError(f"--max-words {config.max_words}: the text model {config.text_model or default_text_model()} "
+                        f"reads at most {positions} tokens; give {positions} or fewer")
     if not config.special_token_ids:
         config.special_token_ids = sorted(set(tokenizer.all_special_ids))
     return AlignmentModel(config, backbone), tokenizer
