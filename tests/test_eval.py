@@ -111,6 +111,12 @@ def test_paragraphs_make_one_query_of_each_videos_captions_cut_at_max_words(root
     assert results["protocol"]["queries_cut"] == sum(n > words for n in lengths) == (8 if max_words else 0)
 
 
+def test_max_words_past_positions_of_the_text_model_is_one_line(root, ws, monkeypatch, capsys):
+    code, _, err = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl", "--max-words", 100)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "error: --max-words 100: the text model" in err and "reads at most 64 tokens; give 64 or fewer" in err
+
+
 def test_all_captions_makes_every_caption_a_query(root, ws, monkeypatch, capsys):
     results = eval_json(monkeypatch, capsys, "--captions", root / "val.jsonl", "--all-captions", "--rerank-candidates", "0")
     assert results["text_to_video"]["queries"] == 16  # two non-empty captions per video

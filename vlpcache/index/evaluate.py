@@ -122,6 +122,10 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
     device = resolve_device(device)
     run = load_run(sources.run_dir, device=device, checkpoint=checkpoint)
     check_run_reads_cache(run, cache)
+    if max_words:
+        from vlpcache.model.model import check_max_words
+
+        check_max_words(max_words, run.model.text_encoder.backbone, run.config.text_model or "of the run")
     say = sayer(quiet)
     if split is None and (splits := kept.split_counts()) and len(splits) > 1:
         say(f"eval: {captions_file} has videos of several splits ({', '.join(f'{n} {s}' for s, n in splits.items())}), "

@@ -472,13 +472,18 @@ class PretrainLoss(nn.Module):
         return losses
 
 
+def check_max_words(max_words: int, backbone, name: str) -> None:
+    """One line when max_words is more tokens than the text model has positions for."""
+    positions = getattr(backbone.config, "max_position_embeddings", None)
+    if positions is not None and max_words > positions:
+        raise UserError(f"--max-words {max_words}: the text model {name} reads at most {positions} tokens; "
+                        f"give {positions} or fewer")
+
+
 def build_model(config: ModelConfig, weights: bool = True):
     """(AlignmentModel, tokenizer) for a config; weights=False skips loading the pretrained text weights."""
     backbone, tokenizer = load_text_backbone(config.text_model or default_text_model(), weights=weights)
-    positions = getattr(backbone.config, "max_position_embeddings", None)
-    if positions is not None and config.max_words > positions:
-        raise UserError(f"--max-words {config.max_words}: the text model {config.text_model or default_text_model()} "
-                        f"reads at most {positions} tokens; give {positions} or fewer")
+    check_max_words(config.max_words, backbone, config.text_model or default_text_model())
     if not config.special_token_ids:
         config.special_token_ids = sorted(set(tokenizer.all_special_ids))
     return AlignmentModel(config, backbone), tokenizer
