@@ -203,6 +203,15 @@ def test_a_query_longer_than_the_model_reads_says_what_was_left_out(ws, monkeypa
             'dog..." was left out: "umbrella"') in err.splitlines()
     code, out, err = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", "2", "--json")
     assert code == 0 and json.loads(out)["unread"] == "" and "left out" not in err
+    # a file of many long queries: a line for each of the first three, then one count
+    queries = [f"{query} number {i}" for i in range(5)] + ["a dog"]
+    code, out, err = vlpcache(monkeypatch, capsys, "search", "--queries", "-", "-k", "1", "--json",
+                              stdin="\n".join(queries))
+    assert code == 0 and [json.loads(line)["unread"] for line in out.splitlines()] == [f"umbrella number {i}"
+                                                                                      for i in range(5)] + [""]
+    assert sum("was left out" in line for line in err.splitlines()) == 3
+    assert err.splitlines()[-1] == ("note: 5 of the 6 queries were longer than the 32 tokens the model reads and cut "
+                                    'there (the first 3 said so above; --json gives each one\'s "unread" end)')
 
 
 def test_several_queries_from_a_file_are_answered_in_one_process(ws, tmp_path, monkeypatch, capsys):

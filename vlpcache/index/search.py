@@ -231,6 +231,9 @@ def hits_json(query: str, hits: list[Hit], unread: str = "") -> dict:
     return {"query": query, "unread": unread, "results": [asdict(h) for h in hits]}
 
 
+UNREAD_LINES = 3  # queries of a --queries file whose unread end is said in a line; the rest are counted
+
+
 def unread_line(searcher: Searcher, query: str, unread: str) -> str:
     shown = unread if len(unread) <= 60 else unread[:57] + "..."
     return (f"note: the model reads the first {searcher.max_words} tokens of a query; the end of "
@@ -330,11 +333,17 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
     shown = len(searcher) - missing_from_cache(searcher.index, searcher.cache)
     if k > shown:
         say(f"note: -k {k} is more than the {shown} indexed items in the cache; showing all of them")
+    cut = 0
     for n, query in enumerate(queries):
         hits = searcher.search(query, k, rerank=rerank, qbnorm=qbnorm)
         if unread := searcher.unread(query):
-            say(unread_line(searcher, query, unread))
+            cut += 1
+            if cut <= UNREAD_LINES:
+                say(unread_line(searcher, query, unread))
         if as_json:
             print(json.dumps(hits_json(query, hits, unread), ensure_ascii=False), flush=True)
         else:
             print(("\n" if n else "") + format_hits(query, hits), flush=True)
+    if cut > UNREAD_LINES:
+        say(f"note: {cut} of the {len(queries)} queries were longer than the {searcher.max_words} tokens the model "
+            f"reads and cut there (the first {UNREAD_LINES} said so above; --json gives each one's \"unread\" end)")
