@@ -91,24 +91,28 @@ def test_split_evaluates_the_videos_of_one_split_of_a_file_that_has_several(root
     assert code == 2 and err.strip().splitlines() == [f"error: {path}: no video of split 'train' (its splits: test, val)"]
 
 
-@pytest.mark.parametrize("max_words", [None, 6])
-def test_paragraphs_make_one_query_of_each_videos_captions_cut_at_max_words(root, ws, monkeypatch, capsys, max_words):
-    extra = ("--max-words", max_words) if max_words else ()
-    results = eval_json(monkeypatch, capsys, "--captions", root / "val.jsonl", "--paragraphs", *extra,
-                        "--rerank-candidates", "0")
-    run, cache = load_run(ws / "runs" / "run-001"), RegionCache(ws / "cache")
+@pytest.mark.parametrize("max_words, repeat", [(None, 1), (6, 1), (None, 16)])
+def test_paragraphs_make_one_query_of_each_videos_captions_cut_at_max_words(root, ws, monkeypatch, capsys, tmp_path,
+                                                                             max_words, repeat):
+    # repeat 16: paragraphs longer than the tiny text model's 64 positions, which the default of 128 would pass on
     captions = read_captions(root / "val.jsonl").by_id
+    path = tmp_path / "paragraphs.jsonl"
+    path.write_text("".join(json.dumps({"video": i, "captions": texts * repeat}) + "\n" for i, texts in captions.items()))
+    extra = ("--max-words", max_words) if max_words else ()
+    results = eval_json(monkeypatch, capsys, "--captions", path, "--paragraphs", *extra, "--rerank-candidates", "0")
+    run, cache = load_run(ws / "runs" / "run-001"), RegionCache(ws / "cache")
     ids = [i for i in cache.ids if i in captions]
-    words = max_words or 128
+    words = max_words or 64  # the default of 128 tokens, down to the text model's 64 positions
+    paragraphs = [" ".join(captions[i] * repeat) for i in ids]
     with torch.inference_mode():
         video = run.model.encode_video(**video_batch([cache.get(i) for i in ids])).global_
-        text = run.model.encode_text(*tokenize(run.tokenizer, [" ".join(captions[i]) for i in ids], words)).global_
+        text = run.model.encode_text(*tokenize(run.tokenizer, paragraphs, words)).global_
     assert results["text_to_video"] == pytest.approx(retrieval_metrics((text @ video.T).numpy(), np.arange(len(ids))))
     assert results["protocol"]["captions_per_video"] == "paragraph" and results["protocol"]["max_words"] == words
     assert results["text_to_video"]["queries"] == 8
-    # the paragraphs longer than that are counted: all 8 at 6 tokens, none at 128
-    lengths = [len(run.tokenizer(" ".join(captions[i]))["input_ids"]) for i in ids]
-    assert results["protocol"]["queries_cut"] == sum(n > words for n in lengths) == (8 if max_words else 0)
+    # the paragraphs longer than that are counted: all 8 at 6 tokens and when repeated, none otherwise
+    lengths = [len(run.tokenizer(paragraph)["input_ids"]) for paragraph in paragraphs]
+    assert results["protocol"]["queries_cut"] == sum(n > words for n in lengths) == (0 if (max_words, repeat) == (None, 1) else 8)
 
 
 def test_max_words_past_positions_of_the_text_model_is_one_line(root, ws, monkeypatch, capsys):

@@ -316,7 +316,7 @@ def serve(**options) -> None:
               help="One query per video, its captions joined in file order: the paragraph-to-video protocol of "
                    "DiDeMo and ActivityNet Captions.")
 @click.option("--max-words", type=click.IntRange(4, 512), default=None,
-              help="Tokens per query, special tokens included [default: the run's (32); --paragraphs: 128].")
+              help="Tokens per query, special tokens included [default: the run's (32); --paragraphs: 128, or the text model's positions where fewer].")
 @click.option("--qbnorm", is_flag=True, help="Also rank by query-bank normalisation (bank: the run's training captions).")
 @click.option("--dual-softmax", is_flag=True, help="Also report dual softmax (needs all test queries at once: eval only).")
 @click.option("--rerank-candidates", default=RERANK_CANDIDATES, show_default=True, type=click.IntRange(0),

@@ -137,7 +137,10 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
     queries = kept.by_id
     if paragraphs:  # one query per video: its captions in file order, as one text
         queries = {item_id: [" ".join(texts)] for item_id, texts in queries.items()}
-        max_words = max_words or PARAGRAPH_WORDS
+        if not max_words:  # the default, within what the text model reads (a small model may read fewer)
+            from vlpcache.model.model import text_positions
+
+            max_words = min(PARAGRAPH_WORDS, text_positions(run.model.text_encoder.backbone) or PARAGRAPH_WORDS)
     results = evaluate(run, cache, queries, all_captions, device, batch_size or default_batch_size(device),
                        rerank_candidates, progress=not quiet, qbnorm=qbnorm, dual=dual_softmax, max_words=max_words)
     if paragraphs:

@@ -472,9 +472,14 @@ class PretrainLoss(nn.Module):
         return losses
 
 
+def text_positions(backbone) -> int | None:
+    """The most tokens the text model reads (its position embeddings), None where its config does not say."""
+    return getattr(backbone.config, "max_position_embeddings", None)
+
+
 def check_max_words(max_words: int, backbone, name: str) -> None:
     """One line when max_words is more tokens than the text model has positions for."""
-    positions = getattr(backbone.config, "max_position_embeddings", None)
+    positions = text_positions(backbone)
     if positions is not None and max_words > positions:
         raise UserError(f"--max-words {max_words}: the text model {name} reads at most {positions} tokens; "
                         f"give {positions} or fewer")
