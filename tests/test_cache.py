@@ -185,6 +185,30 @@ def test_a_second_writer_of_the_same_shards_is_refused_naming_the_holder(tmp_pat
     assert RegionCache(tmp_path).ids == ["a"]
 
 
+def test_a_writer_waiting_on_a_lock_holds_the_file_that_is_there_once_the_holder_removes_its_own(tmp_path):
+    # the holder removes its lock file on release: a waiter woken on that removed file guards nothing, and
+    # must take the lock of the file that is there, so that a third writer is refused, not let in beside it
+    import threading
+
+    from vlpcache.locks import WriterLock
+
+    path = tmp_path / "shards.lock"
+    first, taken = WriterLock.take(path), []
+    waiter = threading.Thread(target=lambda: taken.append(WriterLock.take(path, wait=True)), daemon=True)
+    waiter.start()
+    waiter.join(0.3)  # blocked in flock on the holder's file
+    assert waiter.is_alive() and not taken
+    first.release()
+    waiter.join(HANG_GUARD_S)
+    [second] = taken
+    assert second.held and path.exists() and os.stat(path).st_ino == os.fstat(second._fd).st_ino
+    assert WriterLock.take(path) is None  # the one lock of that name is held: nobody else is let in
+    second.release()
+    assert not path.exists()
+    with WriterLock.take(path) as third:
+        assert third.held
+
+
 def test_writers_of_other_shards_write_side_by_side(tmp_path):
     with ShardWriter(tmp_path, SETTINGS, "s0of2") as a, ShardWriter(tmp_path, SETTINGS, "s1of2") as b:
         a.add("a", "/a", "video", random_item(0))

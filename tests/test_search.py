@@ -287,6 +287,25 @@ def test_a_newer_run_gets_an_index_of_its_own_on_first_search_and_the_earlier_on
     assert code == 0 and "building" not in err  # the earlier run's index is still there
 
 
+def test_a_run_cache_and_index_from_a_newer_vlpcache_with_settings_unknown_here_still_load(ws, monkeypatch, capsys):
+    # a later version writes settings this one does not know: they are dropped on reading, nothing is refused
+    from vlpcache.cache.schema import MANIFEST_NAME
+    from vlpcache.index.layout import META_FILE
+    from vlpcache.model.run_layout import CONFIG_NAME
+
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    code, before, _ = vlpcache(monkeypatch, capsys, "search", "a dog", "--json")
+    assert code == 0
+    config = ws / "runs" / "run-001" / CONFIG_NAME
+    stored = json.loads(config.read_text())
+    config.write_text(json.dumps({**stored, "model": {**stored["model"], "a_later_setting": 1},
+                                  "train": {**stored["train"], "a_later_setting": 2}}))
+    for path in (ws / "cache" / MANIFEST_NAME, the_index(ws) / META_FILE):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "a_later_setting": [3]}))
+    code, after, err = vlpcache(monkeypatch, capsys, "search", "a dog", "--json")
+    assert code == 0 and json.loads(after) == json.loads(before) and "building" not in err, err
+
+
 def test_prune_removes_the_indexes_of_checkpoints_no_run_holds_and_keeps_the_rest(ws, tmp_path, monkeypatch, capsys):
     from vlpcache.locks import WriterLock
 

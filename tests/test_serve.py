@@ -211,6 +211,20 @@ def test_thumbnails_are_kept_beside_the_index_under_hashed_names(ws, own_api):
     assert again.status_code == 304
 
 
+def test_a_thumbnail_store_of_another_format_is_emptied_and_begun_again(ws, own_api):
+    from vlpcache.serve.thumbnails import STORE_FILE, STORE_FORMAT
+
+    folder = ws / "index" / "thumbnails"
+    first = own_api.get("/media/frame", params={"id": f"v{VIDEO + 1}", "t": 1})
+    [stored] = folder.glob("*/*.jpg")
+    stored.write_bytes(b"a thumbnail as another format keeps it")  # the same name, another content
+    (folder / STORE_FILE).write_text(json.dumps({"format": STORE_FORMAT + 1}))
+    client, _ = client_for(ws)  # a server started later, by another vlpcache
+    again = client.get("/media/frame", params={"id": f"v{VIDEO + 1}", "t": 1})
+    assert again.status_code == 200 and again.content == first.content
+    assert json.loads((folder / STORE_FILE).read_text()) == {"format": STORE_FORMAT}
+
+
 def test_thumbnail_survives_its_source_once_stored(template, tmp_path, monkeypatch):
     ws = tmp_path / "ws"
     shutil.copytree(template, ws)
