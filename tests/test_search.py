@@ -646,6 +646,38 @@ def test_a_rendered_items_default_file_name_never_starts_with_a_dash(ws, tmp_pat
     assert not list(tmp_path.glob("-*"))
 
 
+def test_a_rendered_box_falls_where_the_cache_has_it_in_its_labels_colour_and_the_whole_frame_is_not_boxed(
+        ws, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from vlpcache.cache.reader import RegionCache
+    from vlpcache.cache.schema import FRAME_REGION_LABEL
+    from vlpcache.cache.writer import ShardWriter
+    from vlpcache.extract.render import CAPTION_HEIGHT, PALETTE, TITLE_HEIGHT
+
+    cache = RegionCache(ws / "cache")
+    item = {k: v.copy() for k, v in cache.get("v0").items() if k not in ("id", "path", "kind")}
+    item["frame_mask"][:] = [True, False]  # one frame, 320 x 240 as the cache records it, drawn 480 x 360
+    item["region_mask"][:] = False
+    item["region_mask"][0, :2] = True
+    item["boxes"][0, :2] = [[0.25, 0.2, 0.75, 0.6], [0, 0, 1, 1]]
+    item["labels"][0, :2] = [2, FRAME_REGION_LABEL]  # a car; the whole frame
+    with ShardWriter(ws / "cache", cache.settings, writer_name="s1of2") as writer:
+        writer.add("boxed", "/nowhere/boxed.mp4", "video", item)  # no source: the boxes go on a grey frame
+    out = tmp_path / "boxed.png"
+    code, _, err = vlpcache(monkeypatch, capsys, "inspect", "--render", "boxed", "-o", out)
+    assert code == 0 and "drawing boxes on blank frames" in err
+    picture = np.asarray(Image.open(out).convert("RGB"))
+    top = TITLE_HEIGHT + CAPTION_HEIGHT  # the frame's first row
+    assert picture.shape == (top + 360, 480, 3)
+    row = picture[top + 150]  # halfway down the box, away from its label
+    car, grey = PALETTE[2], (96, 96, 96)
+    assert tuple(row[120]) == tuple(row[359]) == car  # its left and right edges, at 0.25 and 0.75 of 480
+    assert tuple(row[116]) == tuple(row[240]) == tuple(row[364]) == grey  # outside and inside it
+    assert tuple(row[0]) == tuple(row[479]) == grey  # the whole-frame region is no box
+    assert tuple(picture[top + 2 * 36, 240]) == tuple(picture[top + 6 * 36 - 1, 240]) == car  # top and bottom at 0.2, 0.6
+
+
 def test_search_qbnorm_ranks_by_the_banks_normalised_similarity_and_the_bank_grows_with_the_index(ws, monkeypatch, capsys):
     from vlpcache.index.layout import QUERYBANK_FILE
     from vlpcache.querybank import QueryBank

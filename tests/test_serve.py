@@ -311,6 +311,23 @@ def server(ws):
     running.stop()
 
 
+def test_serving_on_every_address_says_so_and_answers_the_names_others_reach_it_by(ws):
+    running = Server(ws, "--host", "0.0.0.0")
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", int(running.port), timeout=HANG_GUARD_S)
+        connection.putrequest("GET", "/api/info", skip_host=True)
+        connection.putheader("Host", f"workstation.lan:{running.port}")  # as a browser on another machine sends it
+        connection.endheaders()
+        response = connection.getresponse()
+        assert response.status == 200 and json.loads(response.read())["items"] == ITEMS
+        connection.close()
+    finally:
+        running.stop()
+    assert running.url == f"http://127.0.0.1:{running.port}/"
+    assert ("note: listening on 0.0.0.0: anyone who can reach this machine can search the collection and see its "
+            "frames") in running.process.stderr.read().splitlines()
+
+
 TRAVERSALS = [
     "/../../../../etc/passwd",
     "/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
