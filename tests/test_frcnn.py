@@ -64,6 +64,30 @@ def test_detections_are_best_first_with_normalised_boxes_and_coco_labels(detecto
         assert np.all((labels >= 0) & (labels < len(COCO_CLASSES)))
 
 
+def test_boxes_are_the_networks_own_detections_in_each_frames_proportions(detector, frames):
+    # torchvision's own forward pass scales its boxes back to each frame's pixels; ours are those over the
+    # frame's width and height (one frame wide, one tall)
+    with torch.inference_mode():
+        outputs = detector.model([torch.from_numpy(f).permute(2, 0, 1).float() / 255 for f in frames])
+    for frame, regions, theirs in zip(frames, detector.detect(frames, max_detections=5), outputs):
+        h, w = frame.shape[:2]
+        ours = regions.boxes[1:] * np.array([w, h, w, h])  # (n, 4) pixels
+        assert len(ours) >= 2
+        distance = np.abs(ours[:, None] - theirs["boxes"].numpy()[None]).max(-1).min(-1)  # (n,) to the nearest of theirs
+        assert np.all(distance < 0.05), distance
+
+
+def test_torchvisions_categories_that_coco_lacks_are_never_kept(frames):
+    torch.manual_seed(0)
+    detector = FasterRCNNDetector(small_config())
+    with torch.no_grad():
+        scores = detector.model.roi_heads.box_predictor.cls_score.bias
+        scores[12] += 8  # "N/A", one of the gaps in torchvision's 91-way COCO label space: the most likely class
+        scores[1] += 6  # person, the next
+    for regions in detector.detect(frames, max_detections=8):
+        assert len(regions.labels) > 1 and set(regions.labels[1:].tolist()) == {COCO_CLASSES.index("person")}
+
+
 def test_no_detection_above_threshold_leaves_only_the_whole_frame_region(frames):
     torch.manual_seed(0)
     strict = FasterRCNNDetector(small_config(score_threshold=0.9))

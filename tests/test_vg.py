@@ -148,6 +148,15 @@ def test_each_frame_gets_the_whole_frame_then_its_regions_with_vg_labels_and_att
     assert region_names(detector.spec.provenance["detector"]).label(int(results[0].labels[1])) != "frame"
 
 
+def test_a_regions_attribute_is_the_attribute_heads_best_for_that_regions_own_feature(detector, frames):
+    for regions in detector.detect(frames, max_detections=36):
+        with torch.inference_mode():
+            _, _, logits = detector.model.roi_heads.box_predictor(torch.from_numpy(regions.features[1:]))
+        scores, attributes = logits[:, :-1].softmax(-1).max(-1)  # "none" left out, as extract does
+        assert regions.attributes[1:].tolist() == attributes.tolist()
+        np.testing.assert_allclose(regions.attribute_scores[1:], scores.numpy(), rtol=1e-4)
+
+
 def res5_features(detector: VgDetector, frame: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """res5 on the 14x14 RoIPool of normalised boxes (n, 4) of one frame, averaged: from the model's parts."""
     with torch.inference_mode():
