@@ -157,6 +157,15 @@ def test_a_regions_attribute_is_the_attribute_heads_best_for_that_regions_own_fe
         np.testing.assert_allclose(regions.attribute_scores[1:], scores.numpy(), rtol=1e-4)
 
 
+def test_a_vg_region_reads_as_its_attribute_and_object_and_a_coco_region_as_its_class():
+    names = region_names("vg:frcnn_vg_finetuned.bin")
+    car, red = names.classes.index("car"), names.attributes.index("red")
+    assert names.label(car, red) == "red car" and names.label(car) == "car" and names.label(FRAME_REGION_LABEL) == "frame"
+    item = {"labels": np.array([[FRAME_REGION_LABEL, car, car]]), "attributes": np.array([[NO_ATTRIBUTE, red, NO_ATTRIBUTE]])}
+    assert [names.of(item, 0, n) for n in range(3)] == ["frame", "red car", "car"]
+    assert region_names("yolox:yolox_nano_coco.onnx").of({"labels": np.array([[2]])}, 0, 0) == "car"
+
+
 def res5_features(detector: VgDetector, frame: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """res5 on the 14x14 RoIPool of normalised boxes (n, 4) of one frame, averaged: from the model's parts."""
     with torch.inference_mode():

@@ -66,6 +66,19 @@ def test_first_use_fetches_verifies_and_caches_the_file(server, models_dir, tmp_
     assert sorted(p.name for p in path.parent.iterdir()) == [YOLOX_FILE]  # no temporary left
 
 
+def test_models_fetch_gets_what_is_missing_and_leaves_what_is_present(server, models_dir, tmp_path, capsys):
+    from vlpcache.extract.detectors.models_folder import fetch_weights
+
+    folder = tmp_path / "models"
+    fetch_weights((YOLOX_FILE,), str(folder))
+    assert server.requests == 1 and file_sha256(folder / YOLOX_FILE) == file_sha256(models_dir / YOLOX_FILE)
+    before = (folder / YOLOX_FILE).stat()
+    fetch_weights((YOLOX_FILE,), str(folder))  # as a user runs it again, or on a folder fetched elsewhere
+    after = (folder / YOLOX_FILE).stat()
+    assert server.requests == 1 and (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert f"{folder / YOLOX_FILE}: present" in capsys.readouterr().err.splitlines()
+
+
 def test_a_corrupted_download_is_refused_and_retried(server, models_dir, tmp_path, capsys):
     server.corrupt = 1
     path = weights_file(YOLOX_FILE, tmp_path)
