@@ -98,6 +98,13 @@ def test_video_embedding_ignores_padded_regions_and_frames(tiny_text_model):
     mask = reference.region_mask
     assert mask.tolist()[1][5:] == [False] * 5  # item 1's second frame is masked
     assert torch.allclose(reference.regions[mask], changed.regions[mask], atol=1e-5)
+    for item in items:  # not even NaN or inf (a float16 overflow), which a product with a zero mask would spread
+        item["features"][~item["region_mask"]] = np.nan
+        item["features"][~item["frame_mask"]] = np.inf
+        item["boxes"][~item["region_mask"]] = np.nan
+    poisoned = model.encode_video(**video_batch(items))
+    assert torch.allclose(reference.global_, poisoned.global_, atol=1e-5)
+    assert torch.allclose(reference.regions[mask], poisoned.regions[mask], atol=1e-5)
 
 
 def test_video_batch_pads_items_with_fewer_frames_and_regions():

@@ -318,8 +318,8 @@ class RegionEncoder(nn.Module):
 def whole_frame_mean(features: torch.Tensor, region_mask: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
     """(B, T, N, D) -> (B, D): the whole-frame region's feature (region 0 of every frame, by the cache
     schema) averaged over the item's real frames: a global feature of the item."""
-    real = (frame_mask.bool() & region_mask.bool()[..., 0]).to(torch.float32)  # (B, T)
-    summed = (features[:, :, 0].float() * real[..., None]).sum(1)  # (B, D)
+    real = frame_mask.bool() & region_mask.bool()[..., 0]  # (B, T)
+    summed = features[:, :, 0].float().masked_fill(~real[..., None], 0).sum(1)  # (B, D); padding may hold anything
     return summed / real.sum(1, keepdim=True).clamp_min(1)
 
 
