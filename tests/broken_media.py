@@ -28,9 +28,11 @@ SHORT_VIDEO_FRAMES = 5
 
 
 def make_video(path: Path, frames: int, fps: int = 10, size: tuple[int, int] = (48, 64), gop: int = 12,
-               codec: str = "libx264", rotation: int = 0, pix_fmt: str = "yuv420p", faststart: bool = False) -> Path:
+               codec: str = "libx264", rotation: int = 0, pix_fmt: str = "yuv420p", faststart: bool = False,
+               sample_aspect: Fraction | None = None) -> Path:
     """A small real video whose frame i shows the number i as its brightness: pixel value (i * 7) % 256
-    in the top-left quarter, a gradient elsewhere. size is (height, width)."""
+    in the top-left quarter, a gradient elsewhere. size is (height, width) as stored; sample_aspect, the
+    shape of its pixels (anamorphic video: 2 shows it twice as wide)."""
     height, width = size
     options = {"movflags": "faststart"} if faststart else {}  # MP4 index at the start, as streaming sites do
     with av.open(str(path), "w", options=options) as container:
@@ -43,6 +45,8 @@ def make_video(path: Path, frames: int, fps: int = 10, size: tuple[int, int] = (
             stream.options = {"preset": "ultrafast", "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0"}
         if rotation:
             stream.set_display_rotation(rotation)
+        if sample_aspect:
+            stream.codec_context.sample_aspect_ratio = sample_aspect
         for i in range(frames):
             image = frame_pattern(i, height, width)
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")

@@ -153,6 +153,17 @@ def test_rotated_phone_video_is_returned_upright(tmp_path):
     assert frame[56, 4].mean() < 20 and frame[4, 4].mean() > 100
 
 
+def test_anamorphic_video_is_stretched_to_its_display_width(tmp_path):
+    from fractions import Fraction
+
+    path = make_video(tmp_path / "wide.mp4", 4, size=(48, 64), sample_aspect=Fraction(2, 1))  # pixels twice as wide
+    out = read_item(video(path), 2, MAX_SIDE)
+    frame = out.frames[0]
+    assert frame.shape == (48, 128, 3) and out.size == (48, 128)
+    # the marked top-left quarter (frame 1: value 7) now ends halfway across the displayed width
+    assert frame[8, 56].mean() < 40 and frame[8, 72].mean() > 100
+
+
 class _Pipe(io.RawIOBase):
     """A write-only, unseekable output: muxers cannot go back to write the duration."""
 
