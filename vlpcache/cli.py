@@ -228,9 +228,9 @@ def inspect(cache_dir, render_id, output, as_json, failures) -> None:
 @click.option("--global-path/--no-global-path", default=None,
               help=f"Add the whole-frame features' mean over frames to the video embedding [default: {'on' if M.global_path else 'off'}].")
 @click.option("--frame-dropout", default=None, type=click.FloatRange(0, 1, max_open=True), help=f"Training: chance to hide a frame [default: {M.frame_dropout:g}].")
+@click.option("--region-dropout", default=None, type=click.FloatRange(0, 1, max_open=True), help=f"Training: chance to hide a region [default: {M.region_dropout:g}].")
 @click.option("--text-head", default=None, type=click.Choice(["linear", "mlp"]),
               help=f"Text encoder -> joint space: linear, or linear plus a residual MLP [default: {M.text_head}].")
-@click.option("--region-dropout", default=None, type=click.FloatRange(0, 1, max_open=True), help=f"Training: chance to hide a region [default: {M.region_dropout:g}].")
 @click.option("--resume", is_flag=True, help="Continue the run (-o, or the latest) from its last checkpoint.")
 @click.option("--workers", default=None, type=click.IntRange(0), help="Data-loading worker processes [default: 0 on CPU (read in the training process), 4 on CUDA].")
 @device_option
