@@ -568,6 +568,23 @@ def test_exported_npy_and_ids_are_the_index_embeddings_in_order(ws, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["videos.ids.json", "videos.npy"]  # no temporaries left
 
 
+def test_the_readmes_python_example_runs_as_written_in_a_workspace(template, tmp_path, monkeypatch, capsys):
+    # the README's one Python block, run as it is printed there, from a folder whose workspace is .vlpcache
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    [example] = [block.split("```", 1)[0] for block in readme.split("```python\n")[1:]]
+    shutil.copytree(template, tmp_path / ".vlpcache")
+    monkeypatch.delenv("VLPCACHE_WORKSPACE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    hits = [line for line in lines if not line.startswith("    ")]
+    assert len(hits) == 10 and [int(line.split()[0]) for line in hits] == list(range(1, 11))
+    assert any(line.startswith("    ") and " -> " in line for line in lines)  # a matched region under a hit
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "videos.parquet").num_rows == ITEMS
+
+
 def test_exported_parquet_holds_id_path_and_embedding(ws, tmp_path, monkeypatch, capsys):
     import pyarrow.parquet as pq  # of the test extra (and the parquet one)
     code, _, err = vlpcache(monkeypatch, capsys, "index", "--export", tmp_path / "videos.parquet")
