@@ -108,6 +108,7 @@ def test_the_command_line_and_torch_free_modules_load_without_torch():
              "vlpcache.extract.detectors.weights", "vlpcache.extract.detectors.models_folder",
              "vlpcache.extract.detectors.yolox_graph", "vlpcache.downloads",
              "vlpcache.extract.options", "vlpcache.extract.render", "vlpcache.model.run_layout", "vlpcache.model.config",
+             "vlpcache.model.inspect_run",
              "vlpcache.querybank",
              "vlpcache.index.layout", "vlpcache.index.search", "vlpcache.serve.app", "vlpcache.serve.command",
              "vlpcache.serve.thumbnails"]

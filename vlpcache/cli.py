@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -176,15 +177,29 @@ def models_verify(models) -> None:
 
 
 @cli.command()
-@click.argument("cache_dir", required=False, type=click.Path())
+@click.argument("cache_dir", metavar="[CACHE|RUN]", required=False, type=click.Path())
+@click.option("--runs", "list_runs", is_flag=True, help="List the workspace's pretraining runs: state, epochs, best "
+              "validation, and the one index, search and eval use by default.")
 @click.option("--render", "render_id", metavar="ID", help="Draw the sampled frames of item ID with its boxes.")
 @click.option("-o", "--output", type=click.Path(), help="Image file for --render [default: ID.png].")
 @json_option("Print the summary as JSON.")
 @click.option("--failures", is_flag=True, help="List every failed item with its reason, and every item kept with a "
               "note (damaged, or photos in a frames folder), and every path extraction passed over (a broken link, an "
               "unreadable folder, a duplicate id...).")
-def inspect(cache_dir, render_id, output, as_json, failures) -> None:
-    """Summarise a cache (items, failures, T/N/D, provenance, size), or render one item."""
+def inspect(cache_dir, list_runs, render_id, output, as_json, failures) -> None:
+    """Summarise a cache (items, failures, T/N/D, provenance, size), or render one item; or a pretraining
+    run (its settings and each epoch's validation), or list the runs."""
+    from vlpcache.model.inspect_run import inspect_run, is_run_dir
+    from vlpcache.model.inspect_run import list_runs as print_runs
+
+    if list_runs or (cache_dir is not None and is_run_dir(Path(cache_dir))):
+        if render_id is not None or failures:
+            raise UserError("--render and --failures look at a cache, not at a pretraining run")
+        if list_runs:
+            print_runs(as_json)
+        else:
+            inspect_run(cache_dir, as_json)
+        return
     if render_id is not None:  # re-decodes the item's sources: extraction's business
         from vlpcache.extract.render import render_cache_item
 

@@ -9,6 +9,7 @@
     train.py       run_pretrain: the training loop (`vlpcache pretrain`, torchrun for DDP)
     checkpoint.py  atomic checkpoints, load_run for index/search/eval
     run_layout.py  the run directory's files and checkpoint lookup, without torch (search reads it)
+    inspect_run.py `vlpcache inspect RUN` / `--runs`: a run's settings, state and epochs, without torch
 
 Import the submodules directly; this package imports nothing so that `import vlpcache.model.run_layout`
 stays light.

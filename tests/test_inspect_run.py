@@ -1,0 +1,118 @@
+"""`vlpcache inspect RUN` and `inspect --runs` on a real run (a tiny model trained for one epoch) as
+pretraining leaves it, stops it or is still training it."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_search import build_tiny_workspace, vlpcache
+from vlpcache.locks import WriterLock
+from vlpcache.model.run_layout import CONFIG_NAME, LOG_NAME, TRAINING_LOCK_NAME, latest_run, read_best
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    return build_tiny_workspace(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture
+def ws(template, tmp_path, monkeypatch) -> Path:
+    ws = tmp_path / "ws"
+    shutil.copytree(template, ws)
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(ws))
+    return ws
+
+
+def inspect_json(monkeypatch, capsys, *args):
+    code, out, err = vlpcache(monkeypatch, capsys, "inspect", *args, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def set_epochs(run: Path, epochs: int) -> None:
+    config = json.loads((run / CONFIG_NAME).read_text())
+    (run / CONFIG_NAME).write_text(json.dumps({**config, "train": {**config["train"], "epochs": epochs}}))
+
+
+def test_a_finished_run_shows_its_settings_each_epochs_validation_and_the_best(ws, monkeypatch, capsys):
+    run = ws / "runs" / "run-001"
+    code, out, err = vlpcache(monkeypatch, capsys, "inspect", run)
+    assert code == 0, err
+    lines = out.splitlines()
+    best = read_best(run)
+    assert lines[0] == f"run         {run}" and lines[1] == "state       finished: 1 of 1 epochs"
+    assert any(line.startswith("caches      ") and line.endswith("/cache (synthetic, T=2, N=4, D=16)") for line in lines)
+    assert any(line.startswith("video       region transformer 16 wide, 1 layer(s)") for line in lines)
+    [row] = [line for line in lines if line.startswith("    1*")]  # the best epoch, marked
+    r1, r5, r10, mdr = (float(x) for x in row.split()[2:6])
+    assert (r1, r5, r10, mdr) == tuple(round(best["metrics"][k], 1) for k in ("R@1", "R@5", "R@10", "MdR"))
+    assert any(line.startswith("best        epoch 1 (*) by R@1 + R@5 + R@10") for line in lines)
+
+    summary = inspect_json(monkeypatch, capsys, run)
+    assert summary["state"] == "finished" and summary["epochs"] == summary["epochs_done"] == 1
+    assert summary["best"]["epoch"] == 1 and summary["log"][0]["val"]["R@1"] == best["metrics"]["R@1"]
+    assert summary["checkpoints"] == [1] and summary["model"]["width"] == 16
+
+
+def test_a_run_stopped_before_its_last_epoch_says_how_to_continue_it(ws, monkeypatch, capsys):
+    run = ws / "runs" / "run-001"
+    set_epochs(run, 3)
+    code, out, _ = vlpcache(monkeypatch, capsys, "inspect", run)
+    assert code == 0
+    assert out.splitlines()[1] == f"state       stopped after 1 of 3 epochs; `vlpcache pretrain --resume -o {run}` continues it"
+    # a lock file its holder left when it was killed: the run is stopped, not training
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / TRAINING_LOCK_NAME).write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename,
+                                                      "since": time.time()}))
+    assert inspect_json(monkeypatch, capsys, run)["state"] == "stopped"
+
+
+def test_a_run_being_trained_names_the_process_training_it(ws, monkeypatch, capsys):
+    run = ws / "runs" / "run-001"
+    set_epochs(run, 3)
+    with WriterLock.take(run / TRAINING_LOCK_NAME):  # as pretrain holds it: this process, alive
+        summary = inspect_json(monkeypatch, capsys, run)
+        code, out, _ = vlpcache(monkeypatch, capsys, "inspect", run)
+    assert summary["state"] == "training" and summary["holder"]["pid"] == os.getpid()
+    assert out.splitlines()[1].startswith(f"state       training now: pid {os.getpid()} on ")
+    assert out.splitlines()[1].endswith("; 1 of 3 epochs done")
+
+
+def test_the_log_shows_each_epoch_once_as_last_written_and_passes_over_a_torn_line(ws, monkeypatch, capsys):
+    run = ws / "runs" / "run-001"
+    [record] = [json.loads(line) for line in (run / LOG_NAME).read_text().splitlines()]
+    redone = {**record, "loss": 1.25, "val": {**record["val"], "R@1": 50.0}}  # the epoch redone after a resume
+    (run / LOG_NAME).write_text(json.dumps(record) + "\n" + json.dumps(redone) + "\n" + '{"epoch": 2, "lo')
+    summary = inspect_json(monkeypatch, capsys, run)
+    assert [(r["epoch"], r["loss"], r["val"]["R@1"]) for r in summary["log"]] == [(1, 1.25, 50.0)]
+
+
+def test_runs_lists_every_run_and_marks_the_one_search_uses(ws, monkeypatch, capsys):
+    newer = ws / "runs" / "run-002"
+    shutil.copytree(ws / "runs" / "run-001", newer)
+    set_epochs(newer, 3)
+    os.utime(newer, (time.time() + 10, time.time() + 10))
+    code, out, err = vlpcache(monkeypatch, capsys, "inspect", "--runs")
+    assert code == 0, err
+    first, second = out.splitlines()
+    assert first.startswith("run-001      finished      1/1   epochs  best epoch 1: val R@1 ")
+    assert second.startswith("run-002      stopped       1/3   epochs")
+    assert second.endswith("<- index, search and eval use it by default") and latest_run(ws / "runs") == newer
+    listed = inspect_json(monkeypatch, capsys, "--runs")
+    assert [Path(r["run"]).name for r in listed] == ["run-001", "run-002"]
+
+
+def test_a_cache_option_given_with_a_run_or_no_runs_at_all_is_one_line(ws, monkeypatch, capsys):
+    code, _, err = vlpcache(monkeypatch, capsys, "inspect", ws / "runs" / "run-001", "--render", "v0")
+    assert code == 2 and err == "error: --render and --failures look at a cache, not at a pretraining run\n"
+    shutil.rmtree(ws / "runs")
+    code, _, err = vlpcache(monkeypatch, capsys, "inspect", "--runs")
+    assert code == 2 and err.startswith("error: no pretraining run in ") and err.count("\n") == 1
+    code, out, _ = vlpcache(monkeypatch, capsys, "inspect", ws / "cache")  # a cache is still a cache
+    assert code == 0 and out.startswith(f"cache       {ws / 'cache'}")

