@@ -160,6 +160,11 @@ def print_run_summary(summary: dict) -> None:
                      f"eval load" + (f"; re-rank weight {weight:g}" if isinstance(weight, (int, float)) else ""))
     elif found:
         lines.append(f"best        no validation: index, search and eval load the last checkpoint (epoch {max(found)})")
+    if summary["log"]:
+        train = sum(r.get("epoch_seconds") or 0 for r in summary["log"]) / 60
+        val = sum(r.get("val_seconds") or 0 for r in summary["log"]) / 60
+        lines.append(f"time        {train:.1f} min training + {val:.1f} min validation over {len(summary['log'])} "
+                     "epoch(s), as logged")
     if found:
         lines.append(f"checkpoints epoch {', '.join(map(str, found))}; {human_size(summary['checkpoint_bytes'])}")
     print("\n".join(lines))
