@@ -700,8 +700,11 @@ def test_captions_longer_than_max_words_are_counted_and_the_run_reads_them_up_to
                 if c and json.loads(line)["video"] != "not-cached"]  # "a cat": 4 tokens, "the cat here": 5
     longer = sum(len(tokenizer(c)["input_ids"]) > 4 for c in captions)
     assert len(captions) == 80 and longer == 40
+    said = capsys.readouterr().err.splitlines()
     assert (f"pretrain: {longer} of the 80 training captions are longer than the 4 tokens the model reads ([CLS] and "
-            "[SEP] included) and are cut there; --max-words N reads more") in capsys.readouterr().err.splitlines()
+            "[SEP] included) and are cut there; --max-words N reads more") in said
+    assert said[-1].startswith("done: 1 epoch(s) in ")  # and where to look at how it went
+    assert said[-1].endswith(f"; `vlpcache inspect {tmp_path / 'run'}` shows every epoch")
     run = load_run(tmp_path / "run")
     assert run.config.max_words == 4
     assert encode_texts(run.model, run.tokenizer, ["the cat here and more"], "cpu").words.shape[:2] == (1, 4)  # read so
