@@ -131,7 +131,7 @@ def _header(summary: dict) -> list[str]:
         f"video       region transformer {m.get('width')} wide, {m.get('layers')} layer(s); frame time "
         f"{m.get('frame_time')}; global path {'on' if m.get('global_path') else 'off'}; region-word alignment {rwa}; "
         f"dropout: frames {m.get('frame_dropout')}, regions {m.get('region_dropout')}",
-        f"training    batch {t.get('batch_size')}, lr {t.get('lr'):g}, text lr {t.get('text_lr'):g}, seed {t.get('seed')}",
+        f"training    batch {t.get('batch_size')}, lr {t.get('lr')}, text lr {t.get('text_lr')}, seed {t.get('seed')}",
     ]
 
 
