@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from vlpcache.cache.reader import RegionCache
 from vlpcache.captions import read_captions
-from vlpcache.metrics import retrieval_metrics
+from vlpcache.metrics import retrieval_metrics, selection_score
 from vlpcache.model.model import ModelConfig, build_model, whole_frame_mean
 from vlpcache.model.text_features import cached_text_features
 
@@ -156,10 +156,6 @@ class LinearHeads(torch.nn.Module):
 
     def forward(self, video: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return F.normalize(self.video(video), dim=-1), F.normalize(self.text(text), dim=-1)
-
-
-def selection_score(metrics: dict) -> float:
-    return metrics["R@1"] + metrics["R@5"] + metrics["R@10"]
 
 
 def score_heads(heads: LinearHeads, videos: torch.Tensor, texts: torch.Tensor, owners: list[int]) -> dict:

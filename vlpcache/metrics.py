@@ -6,6 +6,14 @@ from typing import Sequence
 
 import numpy as np
 
+SELECTION_KEYS = ("R@1", "R@5", "R@10")  # summed, they choose a run's best epoch and re-rank weight on validation
+SELECTION = " + ".join(SELECTION_KEYS)
+
+
+def selection_score(metrics: dict) -> float:
+    """What validation maximises: R@1 + R@5 + R@10."""
+    return sum(metrics[key] for key in SELECTION_KEYS)
+
 
 def retrieval_metrics(similarity: np.ndarray, targets: Sequence) -> dict[str, float]:
     """Recall@1/5/10 (percent), median and mean rank (1-based) of the best-ranked correct candidate.

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from vlpcache.errors import UserError
 from vlpcache.locks import holder_of
+from vlpcache.metrics import SELECTION
 from vlpcache.model.run_layout import (
     CONFIG_NAME,
     LOG_NAME,
@@ -26,9 +27,6 @@ from vlpcache.model.run_layout import (
 from vlpcache.records import read_optional_json
 from vlpcache.report import human_size, printable
 from vlpcache.workspace import Workspace
-
-SELECTION = "R@1 + R@5 + R@10"  # how the best epoch is chosen (train.py)
-
 
 def is_run_dir(path: Path) -> bool:
     """Whether `path` is a pretraining run (its config.json has the model's settings), not a cache."""

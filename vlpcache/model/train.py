@@ -32,7 +32,7 @@ from vlpcache.errors import Interrupted, UserError
 from vlpcache.files import replace_atomically
 from vlpcache.interrupts import leave_sigterm_to_the_parent, stop_if_interrupted, stopped
 from vlpcache.locks import WriterLock, holder_description
-from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics
+from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics, selection_score
 from vlpcache.model import checkpoint as ckpt
 from vlpcache.model.batch import longer_than
 from vlpcache.model.data import CollateCaptionedRegions, PretrainData, ValidationSet, load_pretrain_data
@@ -505,10 +505,6 @@ def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, proc
 
 
 # ---------------------------------------------------------------- step 4: end of an epoch
-
-
-def selection_score(metrics: dict) -> float:
-    return metrics["R@1"] + metrics["R@5"] + metrics["R@10"]
 
 
 def best_rerank_weight(similarity: np.ndarray, top: np.ndarray, local: np.ndarray, owners) -> tuple[float, dict]:
