@@ -91,6 +91,12 @@ def test_the_log_shows_each_epoch_once_as_last_written_and_passes_over_a_torn_li
     (run / LOG_NAME).write_text(json.dumps(record) + "\n" + json.dumps(redone) + "\n" + '{"epoch": 2, "lo')
     summary = inspect_json(monkeypatch, capsys, run)
     assert [(r["epoch"], r["loss"], r["val"]["R@1"]) for r in summary["log"]] == [(1, 1.25, 50.0)]
+    # an epoch logged without a loss or validation (a run without validation captions) shows dashes
+    with open(run / LOG_NAME, "a") as log:
+        log.write('\n{"epoch": 2, "epoch_seconds": 3.0}\n')
+    code, out, err = vlpcache(monkeypatch, capsys, "inspect", run)
+    assert code == 0, err
+    assert out.splitlines()[8].split() == ["2", "-", "-", "-", "-", "-", "3", "0"]  # under the header and epoch 1
 
 
 def test_runs_lists_every_run_and_marks_the_one_search_uses(ws, monkeypatch, capsys):

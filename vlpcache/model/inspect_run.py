@@ -28,6 +28,7 @@ from vlpcache.records import read_optional_json
 from vlpcache.report import human_size, printable
 from vlpcache.workspace import Workspace
 
+
 def is_run_dir(path: Path) -> bool:
     """Whether `path` is a pretraining run (its config.json has the model's settings), not a cache."""
     config = read_optional_json(Path(path) / CONFIG_NAME)
@@ -86,7 +87,7 @@ def run_summary(run_dir: Path) -> dict:
     done = max(found, default=0)
     best = read_best(run_dir)
     best = best if isinstance(best, dict) else None
-    size = sum(f.stat().st_size for path in found.values() for f in path.iterdir() if f.is_file())
+    size = sum(_file_sizes(path) for path in found.values())
     return {
         "run": str(run_dir),
         "vlpcache_version": config.get("vlpcache_version"),
@@ -103,6 +104,17 @@ def run_summary(run_dir: Path) -> dict:
         "checkpoint_bytes": size,
         "modified": run_dir.stat().st_mtime,
     }
+
+
+def _file_sizes(folder: Path) -> int:
+    """Bytes of the files in folder; 0 for what a run in training removes meanwhile (an older checkpoint)."""
+    total = 0
+    try:
+        for path in folder.iterdir():
+            total += path.stat().st_size if path.is_file() else 0
+    except OSError:
+        pass
+    return total
 
 
 def _text_model(model: dict) -> str:
@@ -144,7 +156,8 @@ def _epoch_table(summary: dict) -> list[str]:
                           for k in ("R@1", "R@5", "R@10", "MdR"))
         mark = "*" if record["epoch"] == best else " "
         loss = record.get("loss")
-        lines.append(f"{record['epoch']:5d}{mark}{loss if loss is None else f'{loss:7.3f}':>7s}{metrics}"
+        loss = f"{loss:.3f}" if isinstance(loss, (int, float)) else "-"
+        lines.append(f"{record['epoch']:5d}{mark}{loss:>7s}{metrics}"
                      f"{record.get('epoch_seconds') or 0:10.0f}{record.get('val_seconds') or 0:8.0f}")
     return lines
 
