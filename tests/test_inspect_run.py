@@ -96,7 +96,8 @@ def test_the_log_shows_each_epoch_once_as_last_written_and_passes_over_a_torn_li
         log.write('\n{"epoch": 2, "epoch_seconds": 3.0}\n')
     code, out, err = vlpcache(monkeypatch, capsys, "inspect", run)
     assert code == 0, err
-    assert out.splitlines()[8].split() == ["2", "-", "-", "-", "-", "-", "3", "0"]  # under the header and epoch 1
+    rows = [line.split() for line in out.splitlines() if line.startswith("    1") or line.startswith("    2")]
+    assert rows[0][:3] == ["1*", "1.250", "50.0"] and rows[1] == ["2", "-", "-", "-", "-", "-", "3", "0"]
 
 
 def test_runs_lists_every_run_and_marks_the_one_search_uses(ws, monkeypatch, capsys):
