@@ -9,24 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
-from test_search import build_tiny_workspace, vlpcache
+from test_search import template, vlpcache, ws  # noqa: F401  (template and ws: the tiny workspace's fixtures)
 from vlpcache.locks import WriterLock
 from vlpcache.model.run_layout import CONFIG_NAME, LOG_NAME, TRAINING_LOCK_NAME, latest_run, read_best
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    return build_tiny_workspace(tmp_path_factory.mktemp("runs"))
-
-
-@pytest.fixture
-def ws(template, tmp_path, monkeypatch) -> Path:
-    ws = tmp_path / "ws"
-    shutil.copytree(template, ws)
-    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(ws))
-    return ws
 
 
 def inspect_json(monkeypatch, capsys, *args):
