@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from test_search import template, vlpcache, ws  # noqa: F401  (template and ws: the tiny workspace's fixtures)
 from vlpcache.locks import WriterLock
 from vlpcache.model.run_layout import CONFIG_NAME, LOG_NAME, TRAINING_LOCK_NAME, latest_run, read_best
