@@ -85,7 +85,7 @@ def test_the_log_shows_each_epoch_once_as_last_written_and_passes_over_a_torn_li
     assert rows[0][:3] == ["1*", "1.250", "50.0"] and rows[1] == ["2", "-", "-", "-", "-", "-", "3", "0"]
 
 
-def test_runs_lists_every_run_and_marks_the_one_search_uses(ws, monkeypatch, capsys):
+def test_runs_lists_every_run_and_marks_the_one_search_uses(ws, tmp_path, monkeypatch, capsys):
     newer = ws / "runs" / "run-002"
     shutil.copytree(ws / "runs" / "run-001", newer)
     set_epochs(newer, 3)
@@ -98,11 +98,18 @@ def test_runs_lists_every_run_and_marks_the_one_search_uses(ws, monkeypatch, cap
     assert second.endswith("<- index, search and eval use it by default") and latest_run(ws / "runs") == newer
     listed = inspect_json(monkeypatch, capsys, "--runs")
     assert [Path(r["run"]).name for r in listed] == ["run-001", "run-002"]
+    # the folder given, with or without --runs, is listed the same way
+    for args in ((ws / "runs",), ("--runs", ws / "runs")):
+        assert vlpcache(monkeypatch, capsys, "inspect", *args)[1] == out
+    # runs kept elsewhere: the latest is marked, without the claim about what search uses
+    shutil.copytree(ws / "runs", tmp_path / "kept")
+    code, kept, _ = vlpcache(monkeypatch, capsys, "inspect", tmp_path / "kept")
+    assert code == 0 and kept.splitlines()[-1].endswith("  <- the latest") and "by default" not in kept
 
 
 def test_a_cache_option_given_with_a_run_or_no_runs_at_all_is_one_line(ws, monkeypatch, capsys):
     code, _, err = vlpcache(monkeypatch, capsys, "inspect", ws / "runs" / "run-001", "--render", "v0")
-    assert code == 2 and err == "error: --render and --failures look at a cache, not at a pretraining run\n"
+    assert code == 2 and err == "error: --render and --failures look at a cache, not at pretraining runs\n"
     shutil.rmtree(ws / "runs")
     code, _, err = vlpcache(monkeypatch, capsys, "inspect", "--runs")
     assert code == 2 and err.startswith("error: no pretraining run in ") and err.count("\n") == 1

@@ -178,8 +178,8 @@ def models_verify(models) -> None:
 
 @cli.command()
 @click.argument("cache_dir", metavar="[CACHE|RUN]", required=False, type=click.Path())
-@click.option("--runs", "list_runs", is_flag=True, help="List the workspace's pretraining runs: state, epochs, best "
-              "validation, and the one index, search and eval use by default.")
+@click.option("--runs", "list_runs", is_flag=True, help="List the workspace's pretraining runs (or those in the folder "
+              "given): state, epochs, best validation, and the one index, search and eval use by default.")
 @click.option("--render", "render_id", metavar="ID", help="Draw the sampled frames of item ID with its boxes.")
 @click.option("-o", "--output", type=click.Path(), help="Image file for --render [default: ID.png].")
 @json_option("Print the summary as JSON.")
@@ -189,14 +189,16 @@ def models_verify(models) -> None:
 def inspect(cache_dir, list_runs, render_id, output, as_json, failures) -> None:
     """Summarise a cache (items, failures, T/N/D, provenance, size), or render one item; or a pretraining
     run (its settings and each epoch's validation), or list the runs."""
-    from vlpcache.model.inspect_run import inspect_run, is_run_dir
+    from vlpcache.model.inspect_run import holds_runs, inspect_run, is_run_dir
     from vlpcache.model.inspect_run import list_runs as print_runs
 
-    if list_runs or (cache_dir is not None and is_run_dir(Path(cache_dir))):
+    run = cache_dir is not None and is_run_dir(Path(cache_dir))
+    runs = list_runs or (cache_dir is not None and holds_runs(Path(cache_dir)))
+    if run or runs:
         if render_id is not None or failures:
-            raise UserError("--render and --failures look at a cache, not at a pretraining run")
-        if list_runs:
-            print_runs(as_json)
+            raise UserError("--render and --failures look at a cache, not at pretraining runs")
+        if runs:
+            print_runs(cache_dir, as_json)
         else:
             inspect_run(cache_dir, as_json)
         return

@@ -35,6 +35,12 @@ def is_run_dir(path: Path) -> bool:
     return isinstance(config, dict) and "model" in config and "train" in config
 
 
+def holds_runs(folder: Path) -> bool:
+    """Whether `folder` is a folder of pretraining runs (a workspace's runs/, or one like it)."""
+    folder = Path(folder)
+    return folder.is_dir() and not is_run_dir(folder) and any(p.is_dir() and is_run_dir(p) for p in folder.iterdir())
+
+
 def epoch_log(run_dir: Path) -> list[dict]:
     """The log's record of each epoch, the last one written for an epoch that was redone after a resume;
     lines a crash cut short are passed over."""
@@ -190,13 +196,15 @@ def inspect_run(run_dir, as_json: bool = False) -> None:
         print_run_summary(summary)
 
 
-def list_runs(as_json: bool = False) -> None:
-    """`vlpcache inspect --runs`: one line per run of the workspace, oldest first; the last is the one
-    index, search and eval use by default."""
-    runs_dir = Workspace().runs_dir
+def list_runs(runs_dir=None, as_json: bool = False) -> None:
+    """`vlpcache inspect --runs [FOLDER]`: one line per run of the workspace (or of FOLDER), oldest first,
+    the latest marked: of the workspace's, the one index, search and eval use by default."""
+    workspace_runs = Workspace().runs_dir
+    runs_dir = Path(runs_dir) if runs_dir is not None else workspace_runs
     runs = sorted((p for p in runs_dir.glob("*") if p.is_dir() and is_run_dir(p)), key=lambda p: p.stat().st_mtime)
     if not runs:
         raise UserError(f"no pretraining run in {runs_dir}; run `vlpcache pretrain` first")
+    default = runs_dir.resolve() == workspace_runs.resolve()
     summaries = [run_summary(run) for run in runs]
     if as_json:
         print(json.dumps([{k: s[k] for k in ("run", "state", "epochs", "epochs_done", "best", "modified")}
@@ -209,6 +217,6 @@ def list_runs(as_json: bool = False) -> None:
         score = (f"best epoch {best['epoch']}: val R@1 {metrics['R@1']:.1f}, R@5 {metrics['R@5']:.1f}, "
                  f"R@10 {metrics['R@10']:.1f}" if best and "R@1" in metrics else "no validation")
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s["modified"]))
-        mark = "  <- index, search and eval use it by default" if s is latest else ""
+        mark = "" if s is not latest else "  <- index, search and eval use it by default" if default else "  <- the latest"
         print(f"{printable(Path(s['run']).name):12s} {s['state']:11s} {s['epochs_done']:>3d}/{s['epochs']:<3d} epochs  "
               f"{score}  ({when}){mark}")
