@@ -168,7 +168,8 @@ def test_frame_requests_outside_the_sampled_frames_are_refused(api, params, stat
 def test_requests_for_another_host_name_are_refused(api):
     response = api.get("/api/info", headers={"host": "attacker.example:8000"})
     assert "Host header" in one_line_error(response, 400)
-    assert api.get("/api/info", headers={"host": "localhost:8000"}).json() == {"items": ITEMS, "rerank": True}
+    assert api.get("/api/info", headers={"host": "localhost:8000"}).json() == {"items": ITEMS, "rerank": True,
+                                                                              "model": "run-001, epoch 1"}
 
 
 def test_every_response_carries_the_security_headers(api):
@@ -411,6 +412,7 @@ def test_page_in_headless_chromium_shows_result_cards_with_thumbnails_and_boxes(
         browser.get(server.url)
         wait = WebDriverWait(browser, 30)
         wait.until(lambda b: "Search 24 videos" in b.find_element(By.ID, "status").text)
+        assert browser.find_element(By.ID, "status").text.endswith("(model: run-001, epoch 1).")  # which run answers
         box = browser.find_element(By.ID, "q")
         box.send_keys("a man with a dog", Keys.ENTER)
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".card")) == 12)

@@ -121,6 +121,15 @@ class Searcher:
         return len(self.index)
 
     @property
+    def model_label(self) -> str:
+        """Which run and checkpoint answer, as the index records them: "run-001, epoch 10" ("" if it does not say)."""
+        meta = self.index.meta
+        name = Path(meta.run_dir).name if meta.run_dir else ""
+        folders = [part.removeprefix("epoch-") for part in Path(meta.checkpoint_path).parts if part.startswith("epoch-")]
+        epoch = f"epoch {int(folders[-1])}" if folders and folders[-1].isdigit() else ""  # .../epoch-0010/model.safetensors
+        return ", ".join(part for part in (name, epoch) if part)
+
+    @property
     def can_rerank(self) -> bool:
         """Whether the run was trained with region-word alignment (re-ranking needs it)."""
         return bool(self.query_model.rwa)

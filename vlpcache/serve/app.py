@@ -2,7 +2,7 @@
 
     GET /                          the search page; the query lives in the URL: /?q=person+cuts+onion[&k=20][&item=ID]
     GET /page.js, /page.css        its script and style (fixed names: no path from a request is ever opened)
-    GET /api/info                  {"items", "rerank"}: what is being searched
+    GET /api/info                  {"items", "rerank", "model"}: what is being searched, and by which run
     GET /api/search?q=&k=&rerank=  {"query", "results"}: the fields of `vlpcache search --json`
     GET /api/item?id=              one indexed item: its sampled frames and every cached region on them
     GET /media/frame?id=&t=        JPEG of sampled frame t of an indexed item (a placeholder when the source is gone)
@@ -58,7 +58,7 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
         return Response(body, media_type=media, headers={"cache-control": "no-cache"})
 
     def info(request: Request) -> Response:
-        return JSONResponse({"items": len(searcher), "rerank": searcher.can_rerank})
+        return JSONResponse({"items": len(searcher), "rerank": searcher.can_rerank, "model": searcher.model_label})
 
     def search(request: Request) -> Response:
         query = _query_text(request)

@@ -231,7 +231,8 @@ async function start() {
   if (query) {
     await search(query, k);
   } else {
-    getJson("/api/info").then((info) => setStatus(`Search ${info.items.toLocaleString()} videos by what happens in them.`),
+    getJson("/api/info").then((info) => setStatus(`Search ${info.items.toLocaleString()} videos by what happens in them` +
+      (info.model ? ` (model: ${info.model}).` : ".")),
       (err) => setStatus(`error: ${err.message}`, true));
   }
   if (params.get("item")) openItem(params.get("item"));
