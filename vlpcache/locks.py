@@ -34,6 +34,26 @@ class Holder:
     def describe(self) -> str:
         return f"pid {self.pid} on {self.host} (since {time.strftime('%H:%M:%S', time.localtime(self.since))})"
 
+    @property
+    def elsewhere(self) -> bool:
+        """Recorded by a process on another machine (a shared folder), which this one cannot look at."""
+        return self.host != socket.gethostname()
+
+    def may_be_alive(self) -> bool:
+        """Whether the recorded process may still be running: it exists here, or it is on another machine."""
+        return self.elsewhere or process_alive(self.pid)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 class WriterLock:
     """A held lock; `release()` (or leaving the `with` block, or the process ending) frees it."""

@@ -32,6 +32,7 @@ from vlpcache.index.layout import QUERYBANK_FILE, IndexConfig, index_dir_for
 from vlpcache.index.query_model import OnnxQueryModel, query_export_sha
 from vlpcache.index.rerank import align
 from vlpcache.metrics import RERANK_CANDIDATES
+from vlpcache.model.run_layout import epoch_of
 from vlpcache.querybank import QueryBank
 from vlpcache.report import Say, printable, say
 
@@ -125,9 +126,8 @@ class Searcher:
         """Which run and checkpoint answer, as the index records them: "run-001, epoch 10" ("" if it does not say)."""
         meta = self.index.meta
         name = Path(meta.run_dir).name if meta.run_dir else ""
-        folders = [part.removeprefix("epoch-") for part in Path(meta.checkpoint_path).parts if part.startswith("epoch-")]
-        epoch = f"epoch {int(folders[-1])}" if folders and folders[-1].isdigit() else ""  # .../epoch-0010/model.safetensors
-        return ", ".join(part for part in (name, epoch) if part)
+        number = epoch_of(Path(meta.checkpoint_path).parent) if meta.checkpoint_path else None  # .../epoch-0010/model.safetensors
+        return ", ".join(part for part in (name, f"epoch {number}" if number is not None else "") if part)
 
     @property
     def can_rerank(self) -> bool:

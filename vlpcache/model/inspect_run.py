@@ -8,12 +8,11 @@ the lock: a look must not make a `pretrain --resume` starting at that moment fin
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 from pathlib import Path
 
 from vlpcache.errors import UserError
+from vlpcache.files import folder_bytes
 from vlpcache.locks import holder_of
 from vlpcache.metrics import SELECTION
 from vlpcache.model.run_layout import (
@@ -21,6 +20,7 @@ from vlpcache.model.run_layout import (
     LOG_NAME,
     TRAINING_LOCK_NAME,
     checkpoints,
+    latest_run,
     read_best,
     read_run_config,
 )
@@ -61,9 +61,8 @@ def epoch_log(run_dir: Path) -> list[dict]:
 def training_state(run_dir: Path, epochs: int, done: int) -> dict:
     """{"state": training | stopped | finished | not started, "holder": {...} or None, "text": one line}."""
     holder = holder_of(Path(run_dir) / TRAINING_LOCK_NAME)
-    alive = holder is not None and (holder.host != socket.gethostname() or _process_exists(holder.pid))
-    if alive:
-        where = "" if holder.host == socket.gethostname() else " (on another machine: as its lock file records it)"
+    if holder is not None and holder.may_be_alive():
+        where = " (on another machine: as its lock file records it)" if holder.elsewhere else ""
         return {"state": "training", "holder": vars(holder),
                 "text": f"training now: {holder.describe()}{where}; {done} of {epochs} epochs done"}
     if done >= epochs:
@@ -72,16 +71,6 @@ def training_state(run_dir: Path, epochs: int, done: int) -> dict:
     if done == 0:
         return {"state": "not started", "holder": None, "text": f"no checkpoint yet (0 of {epochs} epochs); {resume}"}
     return {"state": "stopped", "holder": None, "text": f"stopped after {done} of {epochs} epochs; {resume}"}
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def run_summary(run_dir: Path) -> dict:
@@ -93,7 +82,7 @@ def run_summary(run_dir: Path) -> dict:
     done = max(found, default=0)
     best = read_best(run_dir)
     best = best if isinstance(best, dict) else None
-    size = sum(_file_sizes(path) for path in found.values())
+    size = sum(folder_bytes(path) for path in found.values())  # 0 for one the training run removes meanwhile
     return {
         "run": str(run_dir),
         "vlpcache_version": config.get("vlpcache_version"),
@@ -110,17 +99,6 @@ def run_summary(run_dir: Path) -> dict:
         "checkpoint_bytes": size,
         "modified": run_dir.stat().st_mtime,
     }
-
-
-def _file_sizes(folder: Path) -> int:
-    """Bytes of the files in folder; 0 for what a run in training removes meanwhile (an older checkpoint)."""
-    total = 0
-    try:
-        for path in folder.iterdir():
-            total += path.stat().st_size if path.is_file() else 0
-    except OSError:
-        pass
-    return total
 
 
 def _text_model(model: dict) -> str:
@@ -210,13 +188,16 @@ def list_runs(runs_dir=None, as_json: bool = False) -> None:
         print(json.dumps([{k: s[k] for k in ("run", "state", "epochs", "epochs_done", "best", "modified")}
                           for s in summaries], indent=2, ensure_ascii=False))
         return
-    latest = max((s for s in summaries if s["checkpoints"]), key=lambda s: s["modified"], default=None)
+    try:
+        latest = latest_run(runs_dir)  # the rule index, search and eval follow
+    except UserError:  # none has a checkpoint yet
+        latest = None
     for s in summaries:
         best = s["best"] or {}
         metrics = best.get("metrics") or {}
         score = (f"best epoch {best['epoch']}: val R@1 {metrics['R@1']:.1f}, R@5 {metrics['R@5']:.1f}, "
                  f"R@10 {metrics['R@10']:.1f}" if best and "R@1" in metrics else "no validation")
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s["modified"]))
-        mark = "" if s is not latest else "  <- index, search and eval use it by default" if default else "  <- the latest"
+        mark = "" if Path(s["run"]) != latest else "  <- index, search and eval use it by default" if default else "  <- the latest"
         print(f"{printable(Path(s['run']).name):12s} {s['state']:11s} {s['epochs_done']:>3d}/{s['epochs']:<3d} epochs  "
               f"{score}  ({when}){mark}")

@@ -44,13 +44,19 @@ def temporary_checkpoint_dir(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{os.getpid()}")
 
 
+def epoch_of(checkpoint: Path) -> int | None:
+    """The epoch of a checkpoint directory (epoch-0003 -> 3), None for any other name."""
+    m = _EPOCH_DIR.match(Path(checkpoint).name)
+    return int(m.group(1)) if m else None
+
+
 def checkpoints(run_dir: Path) -> dict[int, Path]:
     """epoch -> directory of every complete checkpoint (temporaries are never listed)."""
     found = {}
     for path in (Path(run_dir) / CHECKPOINT_DIR).glob("epoch-*"):
-        m = _EPOCH_DIR.match(path.name)
-        if m and (path / META_NAME).is_file():
-            found[int(m.group(1))] = path
+        epoch = epoch_of(path)
+        if epoch is not None and (path / META_NAME).is_file():
+            found[epoch] = path
     return dict(sorted(found.items()))
 
 

@@ -35,6 +35,7 @@ from typing import Callable, ClassVar, Protocol
 from vlpcache.downloads import Damaged, Unavailable, download, offline_variable, source_url
 from vlpcache.errors import UserError
 from vlpcache.files import file_sha256, replace_atomically
+from vlpcache.locks import process_alive
 from vlpcache.report import say
 from vlpcache.workspace import MODEL_FILES_HINT, models_dir
 
@@ -391,14 +392,3 @@ def remove_stale_temporaries(path: Path) -> None:
             continue
         if pid.isdigit() and not process_alive(int(pid)) and idle > STALE_AFTER_S:
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
