@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from test_search import template, vlpcache, ws  # noqa: F401  (template and ws: the tiny workspace's fixtures)
 from vlpcache.locks import WriterLock
 from vlpcache.model.run_layout import CONFIG_NAME, LOG_NAME, TRAINING_LOCK_NAME, latest_run, read_best
@@ -115,3 +117,16 @@ def test_a_cache_option_given_with_a_run_or_no_runs_at_all_is_one_line(ws, monke
     assert code == 2 and err.startswith("error: no pretraining run in ") and err.count("\n") == 1
     code, out, _ = vlpcache(monkeypatch, capsys, "inspect", ws / "cache")  # a cache is still a cache
     assert code == 0 and out.startswith(f"cache       {ws / 'cache'}")
+
+
+@pytest.mark.parametrize("text, says", [
+    ('{"model": ', "unreadable run config (Expecting value"),  # cut short
+    ("[1]", "unreadable run config (its model and train settings are missing or damaged)"),
+    ('{"model": 1, "train": 2}', "unreadable run config (its model and train settings are missing or damaged)"),
+])
+def test_a_run_whose_config_is_damaged_is_one_line_naming_the_file(ws, monkeypatch, capsys, text, says):
+    config = ws / "runs" / "run-001" / CONFIG_NAME
+    config.write_text(text)
+    code, _, err = vlpcache(monkeypatch, capsys, "inspect", config.parent)
+    assert code == 2 and err.startswith(f"error: {config}: {says}") and err.count("\n") == 1
+    assert config.read_text() == text  # nothing rewritten

@@ -16,6 +16,7 @@ from vlpcache.files import folder_bytes
 from vlpcache.locks import holder_of
 from vlpcache.metrics import SELECTION
 from vlpcache.model.run_layout import (
+    CHECKPOINT_DIR,
     CONFIG_NAME,
     LOG_NAME,
     TRAINING_LOCK_NAME,
@@ -30,9 +31,10 @@ from vlpcache.workspace import Workspace
 
 
 def is_run_dir(path: Path) -> bool:
-    """Whether `path` is a pretraining run (its config.json has the model's settings), not a cache."""
+    """Whether `path` is a pretraining run (its config.json has the model's settings, or it has a
+    checkpoints folder: a run whose config is damaged is still one), not a cache."""
     config = read_optional_json(Path(path) / CONFIG_NAME)
-    return isinstance(config, dict) and "model" in config and "train" in config
+    return (isinstance(config, dict) and "model" in config and "train" in config) or (Path(path) / CHECKPOINT_DIR).is_dir()
 
 
 def holds_runs(folder: Path) -> bool:
@@ -76,7 +78,10 @@ def training_state(run_dir: Path, epochs: int, done: int) -> dict:
 def run_summary(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
-    model, train = config["model"], config["train"]
+    model, train = (config.get("model"), config.get("train")) if isinstance(config, dict) else (None, None)
+    if not (isinstance(model, dict) and isinstance(train, dict) and isinstance(train.get("epochs"), int)):
+        raise UserError(f"{run_dir / CONFIG_NAME}: unreadable run config (its model and train settings are missing or "
+                        "damaged); a run cannot be inspected, resumed or searched without them")
     found = checkpoints(run_dir)
     log = epoch_log(run_dir)
     done = max(found, default=0)
