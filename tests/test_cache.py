@@ -209,6 +209,37 @@ def test_a_writer_waiting_on_a_lock_holds_the_file_that_is_there_once_the_holder
         assert third.held
 
 
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="no kernel lock table (/proc/locks): not Linux")
+def test_whether_a_lock_is_held_is_asked_of_the_kernel_without_taking_it(tmp_path, monkeypatch):
+    from vlpcache import locks
+
+    path = tmp_path / "pretrain.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from vlpcache.locks import WriterLock; "
+                               "lock = WriterLock.take(sys.argv[1]); print('held', flush=True); time.sleep(600)", path],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        record = locks.holder_of(path)
+        assert locks.lock_held(path) is True and locks.holder_active(path, record)
+        assert locks.WriterLock.take(path) is None  # still held: the look took nothing
+    finally:
+        kill_9(holder)
+    assert locks.lock_held(path) is False and not locks.holder_active(path, record)
+    # a live process given the dead holder's pid (a restarted container, pids wrapped) holds no lock: gone
+    alive = dataclasses.replace(record, pid=os.getpid())
+    assert locks.process_alive(alive.pid) and not locks.holder_active(path, alive)
+    # a table that names files otherwise than stat (overlay file systems can): a pid holding a lock still counts
+    table = tmp_path / "locks"
+    table.write_text(f"1: FLOCK  ADVISORY  WRITE {os.getpid()} 00:00:1 0 EOF\n"
+                     f"1: -> FLOCK  ADVISORY  WRITE 1 00:00:2 0 EOF\n")
+    monkeypatch.setattr(locks, "PROC_LOCKS", str(table))
+    assert locks.lock_held(path) is False and locks.holder_active(path, alive)
+    assert not locks.holder_active(path, dataclasses.replace(record, pid=1))  # only a waiter's line names pid 1
+    # no table to ask: whether the recorded process exists decides, as before
+    monkeypatch.setattr(locks, "PROC_LOCKS", str(tmp_path / "absent"))
+    assert locks.lock_held(path) is None and locks.holder_active(path, alive) and not locks.holder_active(path, record)
+
+
 def test_writers_of_other_shards_write_side_by_side(tmp_path):
     with ShardWriter(tmp_path, SETTINGS, "s0of2") as a, ShardWriter(tmp_path, SETTINGS, "s1of2") as b:
         a.add("a", "/a", "video", random_item(0))

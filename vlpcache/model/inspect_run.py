@@ -1,8 +1,9 @@
 """`vlpcache inspect RUN` and `vlpcache inspect --runs`: what a pretraining run is and how it went, read
 from its files (config.json, log.jsonl, best.json, the checkpoints' meta.json); no torch.
 
-Whether a run is training now comes from the record in its lock file (pid, host), never from taking
-the lock: a look must not make a `pretrain --resume` starting at that moment find the lock taken.
+Whether a run is training now comes from the record in its lock file (pid, host) and, on this machine,
+the kernel's table of held locks, never from taking the lock: a look must not make a `pretrain
+--resume` starting at that moment find the lock taken.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from vlpcache.errors import UserError
 from vlpcache.files import folder_bytes
-from vlpcache.locks import holder_of
+from vlpcache.locks import holder_active, holder_of
 from vlpcache.metrics import SELECTION
 from vlpcache.model.run_layout import (
     CHECKPOINT_DIR,
@@ -62,8 +63,9 @@ def epoch_log(run_dir: Path) -> list[dict]:
 
 def training_state(run_dir: Path, epochs: int, done: int) -> dict:
     """{"state": training | stopped | finished | not started, "holder": {...} or None, "text": one line}."""
-    holder = holder_of(Path(run_dir) / TRAINING_LOCK_NAME)
-    if holder is not None and holder.may_be_alive():
+    lock = Path(run_dir) / TRAINING_LOCK_NAME
+    holder = holder_of(lock)
+    if holder is not None and holder_active(lock, holder):
         where = " (on another machine: as its lock file records it)" if holder.elsewhere else ""
         return {"state": "training", "holder": vars(holder),
                 "text": f"training now: {holder.describe()}{where}; {done} of {epochs} epochs done"}
