@@ -13,7 +13,7 @@ import pytest
 
 from test_search import template, vlpcache, ws  # noqa: F401  (template and ws: the tiny workspace's fixtures)
 from vlpcache.locks import WriterLock
-from vlpcache.model.run_layout import CONFIG_NAME, LOG_NAME, TRAINING_LOCK_NAME, latest_run, read_best
+from vlpcache.model.run_layout import CONFIG_NAME, LOG_FIELDS, LOG_NAME, TRAINING_LOCK_NAME, latest_run, read_best
 
 
 def inspect_json(monkeypatch, capsys, *args):
@@ -45,6 +45,9 @@ def test_a_finished_run_shows_its_settings_each_epochs_validation_and_the_best(w
     assert summary["state"] == "finished" and summary["epochs"] == summary["epochs_done"] == 1
     assert summary["best"]["epoch"] == 1 and summary["log"][0]["val"]["R@1"] == best["metrics"]["R@1"]
     assert summary["checkpoints"] == [1] and summary["model"]["width"] == 16
+    # the log line pretraining wrote has the fields of the log's schema, each one, no other
+    [record] = [json.loads(line) for line in (run / LOG_NAME).read_text().splitlines()]
+    assert set(record) == set(LOG_FIELDS) == set(summary["log"][0])  # this run validates and trains with rwa
 
 
 def test_a_run_stopped_before_its_last_epoch_says_how_to_continue_it(ws, monkeypatch, capsys):

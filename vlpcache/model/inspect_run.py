@@ -19,6 +19,7 @@ from vlpcache.metrics import SELECTION
 from vlpcache.model.run_layout import (
     CHECKPOINT_DIR,
     CONFIG_NAME,
+    LOG_FIELDS,
     LOG_NAME,
     TRAINING_LOCK_NAME,
     checkpoints,
@@ -99,8 +100,7 @@ def run_summary(run_dir: Path) -> dict:
         "model": model,
         "train": train,
         "cache_settings": config.get("cache_settings"),
-        "log": [{key: record.get(key) for key in ("epoch", "loss", "contrastive", "rwa", "temperature", "epoch_seconds",
-                                                   "val_seconds", "samples_per_s", "val")} for record in log],
+        "log": [{key: record.get(key) for key in LOG_FIELDS} for record in log],
         "best": {"epoch": best.get("epoch"), "selection": SELECTION, "metrics": best.get("metrics")} if best else None,
         "checkpoints": sorted(found),
         "checkpoint_bytes": size,

@@ -6,7 +6,7 @@ and `eval` find the checkpoint to use (checkpoint.py writes and loads; search re
     <run>/checkpoints/epoch-0003/     model.safetensors, training_state.pt, meta.json (written last)
     <run>/checkpoints/.epoch-0004.tmp-<pid>/   a checkpoint being written: never read, removed on resume
     <run>/best.json                   {"epoch": 3, "metrics": ...}: the epoch with the best validation
-    <run>/log.jsonl, <run>/tensorboard/
+    <run>/log.jsonl, <run>/tensorboard/   a JSON line per epoch (LOG_FIELDS); TensorBoard events per step
     <run>/pretrain.lock               held (fcntl) by the process training the run; gone when it ends
 
 A checkpoint counts once its meta.json exists ({"epoch", "sha256" of model.safetensors, "metrics",
@@ -29,7 +29,21 @@ BEST_NAME = "best.json"
 WEIGHTS_NAME = "model.safetensors"
 STATE_NAME = "training_state.pt"
 META_NAME = "meta.json"
-LOG_NAME = "log.jsonl"  # one JSON line per epoch
+LOG_NAME = "log.jsonl"  # one JSON line per epoch, with the fields of LOG_FIELDS
+LOG_FIELDS = {  # written by train.py, read by name by inspect_run.py (and by people: this is its schema)
+    "epoch": "the epoch the line ends (1-based); an epoch redone after a resume has a later line",
+    "step": "optimisation steps taken so far, this epoch's included",
+    "loss": "mean training loss over the epoch's steps: contrastive + rwa_weight * rwa",
+    "contrastive": "its mean text-video InfoNCE part",
+    "rwa": "its mean region-word alignment part; absent when the run trains without it",
+    "samples_per_s": "training videos a second over the epoch, all processes together",
+    "epoch_seconds": "seconds of training in the epoch, validation not included",
+    "temperature": "the contrastive loss's learned temperature at the end of the epoch",
+    "val": "validation metrics (R@1, R@5, R@10, MdR, MnR, queries, candidates, rerank_weight and rerank: "
+           "the metrics of each re-rank weight tried); absent without validation captions",
+    "val_seconds": "seconds the validation took; absent with val",
+    "time": "when the line was written (seconds since the Unix epoch)",
+}
 TRAINING_LOCK_NAME = "pretrain.lock"
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
 TEMPORARY_PATTERN = ".epoch-*.tmp-*"  # checkpoints being written (glob within CHECKPOINT_DIR)

@@ -494,7 +494,7 @@ def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, proc
             tensorboard.add_scalar("train/temperature", 1 / float(logit_scale), trainer.step)
     bar.close()
     seconds = time.monotonic() - started
-    return {
+    return {  # the log line's fields: run_layout.LOG_FIELDS, where each is described
         "epoch": epoch,
         "step": trainer.step,
         **{k: v / max(1, loader.steps_per_epoch) for k, v in sums.items()},
