@@ -1,5 +1,5 @@
 """The README against the command line it documents: every option it gives a command is one that command
-takes, and every option of a command is in it (its Python example runs in test_search.py)."""
+takes, and every option of a command is in the section on that command (its Python example runs in test_search.py)."""
 
 import re
 from pathlib import Path
@@ -48,14 +48,35 @@ def test_the_readme_documents_commands_with_options_they_take():
     assert unknown == [], "the README gives options these commands do not take"
 
 
+def command_section(command: str) -> str:
+    """The README's section(s) on `vlpcache COMMAND`: those whose heading names it (`vlpcache extract ROOT...`,
+    `search` in "`vlpcache index`, `search`, `eval`"); the models commands' is "Detector weights"."""
+    sections = re.split(r"(?m)^(?=## )", README.read_text(encoding="utf-8"))
+    word = command.split()[0]
+    heading = re.compile(r"Detector weights" if word == "models" else rf"`(vlpcache )?{word}[` ]")
+    return "\n".join(section for section in sections if heading.search(section.splitlines()[0]))
+
+
+def mentions(text: str, option: str) -> bool:
+    """Whether `option` is in `text` as itself (--frames not found in --frames-per-second)."""
+    return re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", text) is not None
+
+
 @pytest.mark.parametrize("command", ["extract", "pretrain", "search", "index", "eval", "inspect", "serve",
                                      "models list", "models fetch", "models verify"])
-def test_every_option_of_a_command_is_in_the_readme(command):
-    text = README.read_text(encoding="utf-8")
+def test_every_option_of_a_command_is_in_its_section_of_the_readme(command):
+    section = command_section(command)
+    assert section.count("\n") > 10, f"vlpcache {command}: no section of the README names it in its heading"
     # a flag pair is documented by either of its names (--global-path by --no-global-path)
     flags = [param for param in command_params(command) if isinstance(param, click.Option)]
-    missing = [param.opts[0] for param in flags if not any(name in text for name in (*param.opts, *param.secondary_opts))]
-    assert missing == [], f"vlpcache {command}: options the README does not mention"
+    missing = [param.opts[0] for param in flags if not any(mentions(section, name) for name in (*param.opts, *param.secondary_opts))]
+    assert missing == [], f"vlpcache {command}: options its section of the README does not mention"
+
+
+def test_an_option_is_found_as_itself_in_its_own_commands_section():
+    assert mentions("`--frames T`", "--frames") and not mentions("--frames-per-second", "--frames")
+    assert not mentions("--no-frames", "--frames") and mentions("(--frames)", "--frames")
+    assert "--qbnorm" in command_section("search") and "--qbnorm" not in command_section("pretrain")
 
 
 @pytest.mark.parametrize("command, option", [("search", "--nope"), ("models fetch", "--frames")])
