@@ -51,7 +51,7 @@ def cli() -> None:
     vlpcache pretrain                        cache + captions -> model checkpoint
     vlpcache search "person cuts onion"      ranked videos with times and matching regions
     vlpcache serve                           the same search as a page in the browser
-    vlpcache index / eval / inspect          build the index; R@K on a caption file; look at a cache
+    vlpcache index / eval / inspect          build the index; R@K on a caption file; a cache or a run
     vlpcache models list|fetch|verify        the detector weights (fetched on first use)
     """
 
