@@ -40,6 +40,7 @@ def test_a_finished_run_shows_its_settings_each_epochs_validation_and_the_best(w
     r1, r5, r10, mdr = (float(x) for x in row.split()[2:6])
     assert (r1, r5, r10, mdr) == tuple(round(best["metrics"][k], 1) for k in ("R@1", "R@5", "R@10", "MdR"))
     assert any(line.startswith("best        epoch 1 (*) by R@1 + R@5 + R@10") for line in lines)
+    assert any(line.startswith("time        0 s training + 0 s validation over 1 epoch(s)") for line in lines)
 
     summary = inspect_json(monkeypatch, capsys, run)
     assert summary["state"] == "finished" and summary["epochs"] == summary["epochs_done"] == 1
@@ -137,3 +138,10 @@ def test_a_run_whose_config_is_damaged_is_one_line_naming_the_file(ws, monkeypat
     code, _, err = vlpcache(monkeypatch, capsys, "inspect", config.parent)
     assert code == 2 and err.startswith(f"error: {config}: {says}") and err.count("\n") == 1
     assert config.read_text() == text  # nothing rewritten
+
+
+def test_durations_read_in_the_unit_a_person_would_use():
+    from vlpcache.report import human_duration
+
+    assert [human_duration(s) for s in (0.4, 6, 89, 90, 2244, 5399, 5400, 8280)] == [
+        "0 s", "6 s", "89 s", "1.5 min", "37.4 min", "90.0 min", "1.5 h", "2.3 h"]

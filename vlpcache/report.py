@@ -63,6 +63,15 @@ def printable(text: str) -> str:
                    c.encode("unicode_escape").decode("ascii") for c in str(text))
 
 
+def human_duration(seconds: float) -> str:
+    """Seconds as a person reads them: 6 s, 37.4 min, 2.3 h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def human_size(n: float) -> str:
     """Bytes as a person reads them: 812 B, 3.4 MiB, 31.0 GiB."""
     for unit in ("B", "KiB", "MiB"):

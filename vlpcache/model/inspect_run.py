@@ -28,7 +28,7 @@ from vlpcache.model.run_layout import (
     read_run_config,
 )
 from vlpcache.records import read_optional_json
-from vlpcache.report import human_size, printable
+from vlpcache.report import human_duration, human_size, printable
 from vlpcache.workspace import Workspace
 
 
@@ -163,10 +163,10 @@ def print_run_summary(summary: dict) -> None:
     elif found:
         lines.append(f"best        no validation: index, search and eval load the last checkpoint (epoch {max(found)})")
     if summary["log"]:
-        train = sum(r.get("epoch_seconds") or 0 for r in summary["log"]) / 60
-        val = sum(r.get("val_seconds") or 0 for r in summary["log"]) / 60
-        lines.append(f"time        {train:.1f} min training + {val:.1f} min validation over {len(summary['log'])} "
-                     "epoch(s), as logged")
+        train = sum(r.get("epoch_seconds") or 0 for r in summary["log"])
+        val = sum(r.get("val_seconds") or 0 for r in summary["log"])
+        lines.append(f"time        {human_duration(train)} training + {human_duration(val)} validation over "
+                     f"{len(summary['log'])} epoch(s), as logged")
     if found:
         lines.append(f"checkpoints epoch {', '.join(map(str, found))}; {human_size(summary['checkpoint_bytes'])}")
     print("\n".join(lines))

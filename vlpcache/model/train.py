@@ -49,7 +49,7 @@ from vlpcache.model.model import AlignmentModel, PretrainLoss, build_model, load
 from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
 from vlpcache.model.run_layout import LOG_NAME, TRAINING_LOCK_NAME
 from vlpcache.model.text_features import TextFeatures, cache_kind, cached_text_features
-from vlpcache.report import printable, progress_bar, say
+from vlpcache.report import human_duration, printable, progress_bar, say
 from vlpcache.workspace import Workspace
 
 RERANK_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)  # candidates for global + w·S_loc, chosen on validation
@@ -651,7 +651,7 @@ def _train(run: Run, processes: Processes, workspace: Workspace) -> dict:
     if not history:
         processes.say(f"{run.dir}: already trained for {run.train.epochs} epochs; pass a larger --epochs to continue")
     else:
-        processes.say(f"done: {len(history)} epoch(s) in {summary['seconds']:.0f} s; checkpoints in "
+        processes.say(f"done: {len(history)} epoch(s) in {human_duration(summary['seconds'])}; checkpoints in "
                       f"{run.dir / ckpt.CHECKPOINT_DIR}" + (f"; best val epoch {best['epoch']}" if best else "")
                       + f"; `vlpcache inspect {printable(str(run.dir))}` shows every epoch")
     return summary
