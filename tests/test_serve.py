@@ -417,6 +417,8 @@ def test_page_in_headless_chromium_shows_result_cards_with_thumbnails_and_boxes(
         box.send_keys("a man with a dog", Keys.ENTER)
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".card")) == 12)
         assert "q=a+man+with+a+dog" in browser.current_url  # the query lives in the URL
+        wait.until(lambda b: b.find_element(By.ID, "status").text.startswith("12 results for “a man with a dog” · "))
+        assert browser.find_element(By.ID, "status").text.endswith(" ms · run-001, epoch 1")  # beside its results too
         loaded = "return [...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)"
         wait.until(lambda b: b.execute_script(loaded))
         boxes = browser.execute_script(
@@ -447,7 +449,8 @@ def test_page_in_headless_chromium_shows_result_cards_with_thumbnails_and_boxes(
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#query-words s.unread"))
         assert browser.find_element(By.CSS_SELECTOR, "#query-words s.unread").text == "umbrella"
         assert browser.find_element(By.ID, "query-words").text == LONG_QUERY
-        assert "struck out below, is past what the model reads" in browser.find_element(By.ID, "status").text
+        status = browser.find_element(By.ID, "status").text
+        assert " · run-001, epoch 1 · the end of the query, struck out below, is past what the model reads" in status
         browser.save_screenshot(str(tmp_path / "unread.png"))
     finally:
         browser.quit()

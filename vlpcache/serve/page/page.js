@@ -7,6 +7,7 @@ const COLOURS = 8; // .c0 ... .c7 in page.css
 const params = new URLSearchParams(location.search);
 const hitsById = new Map();
 let colours = new Map(); // query word -> colour class
+let info = null; // /api/info, once: how many items, and which run and epoch answer
 
 const $ = (id) => document.getElementById(id);
 
@@ -180,7 +181,9 @@ async function search(query, k) {
   $("results").replaceChildren(...hits.map(card));
   const ms = Math.round(performance.now() - started);
   const cut = body.unread ? " · the end of the query, struck out below, is past what the model reads and was left out" : "";
-  setStatus((hits.length ? `${hits.length} results for “${query}” · ${ms} ms` : `nothing found for “${query}”`) + cut);
+  const model = (await info)?.model; // which run answered stays in sight beside its results
+  setStatus((hits.length ? `${hits.length} results for “${query}” · ${ms} ms` : `nothing found for “${query}”`) +
+    (model ? ` · ${model}` : "") + cut);
 }
 
 async function openItem(id) {
@@ -228,12 +231,15 @@ async function start() {
   $("k").value = k;
   $("detail-close").addEventListener("click", () => $("detail").close());
   $("detail").addEventListener("close", closeItem);
+  info = getJson("/api/info");
   if (query) {
+    info = info.catch(() => null); // the results do not wait on it failing
     await search(query, k);
   } else {
-    getJson("/api/info").then((info) => setStatus(`Search ${info.items.toLocaleString()} videos by what happens in them` +
-      (info.model ? ` (model: ${info.model}).` : ".")),
+    info.then((about) => setStatus(`Search ${about.items.toLocaleString()} videos by what happens in them` +
+      (about.model ? ` (model: ${about.model}).` : ".")),
       (err) => setStatus(`error: ${err.message}`, true));
+    info = info.catch(() => null);
   }
   if (params.get("item")) openItem(params.get("item"));
 }
