@@ -620,7 +620,7 @@ MUTANTS += [
            "    if holder is not None:\n",
            "tests/test_inspect_run.py -k stopped", "inspect RUN: a run whose trainer was killed is stopped, not training"),
     mutant("inspect-run-reused-pid-training", "vlpcache/locks.py",
-           "    return held or _holds_some_lock(holder.pid)\n",
+           "    return process_alive(holder.pid) if held is None else held\n",
            "    return process_alive(holder.pid)\n",
            "tests/test_inspect_run.py -k stopped",
            "inspect RUN: a live process given a dead trainer's pid does not make the run read as training"),

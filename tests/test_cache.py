@@ -228,13 +228,14 @@ def test_whether_a_lock_is_held_is_asked_of_the_kernel_without_taking_it(tmp_pat
     # a live process given the dead holder's pid (a restarted container, pids wrapped) holds no lock: gone
     alive = dataclasses.replace(record, pid=os.getpid())
     assert locks.process_alive(alive.pid) and not locks.holder_active(path, alive)
-    # a table that names files otherwise than stat (overlay file systems can): a pid holding a lock still counts
-    table = tmp_path / "locks"
-    table.write_text(f"1: FLOCK  ADVISORY  WRITE {os.getpid()} 00:00:1 0 EOF\n"
-                     f"1: -> FLOCK  ADVISORY  WRITE 1 00:00:2 0 EOF\n")
+    # the table gives the file system's device, which a btrfs subvolume's stat does not: the inode decides;
+    # a waiter's line ("->") is not a holder
+    inode, table = os.stat(path).st_ino, tmp_path / "locks"
+    table.write_text(f"1: FLOCK  ADVISORY  WRITE 1 00:99:{inode} 0 EOF\n")
     monkeypatch.setattr(locks, "PROC_LOCKS", str(table))
-    assert locks.lock_held(path) is False and locks.holder_active(path, alive)
-    assert not locks.holder_active(path, dataclasses.replace(record, pid=1))  # only a waiter's line names pid 1
+    assert locks.lock_held(path) is True and locks.holder_active(path, record)
+    table.write_text(f"1: FLOCK  ADVISORY  WRITE 1 00:99:{inode + 1} 0 EOF\n2: -> FLOCK  ADVISORY  WRITE 1 00:99:{inode} 0 EOF\n")
+    assert locks.lock_held(path) is False and not locks.holder_active(path, alive)
     # no table to ask: whether the recorded process exists decides, as before
     monkeypatch.setattr(locks, "PROC_LOCKS", str(tmp_path / "absent"))
     assert locks.lock_held(path) is None and locks.holder_active(path, alive) and not locks.holder_active(path, record)

@@ -43,40 +43,30 @@ class Holder:
 
 def lock_held(path: Path) -> bool | None:
     """Whether some process on this machine holds the lock of `path` now, asked of the kernel's table of
-    locks (/proc/locks) without taking the lock; None where that table cannot tell (not Linux, no /proc,
-    or a holder on another machine of a shared folder, which the table here does not list)."""
+    locks (/proc/locks) without taking the lock; None where that table cannot tell (not Linux, no /proc).
+    A holder on another machine of a shared folder is not in the table here.
+
+    The table names a file by device and inode number; only the inode number is compared, since the
+    device there is the file system's, which stat does not give for a btrfs subvolume. Another locked
+    file of the same number on another file system would read as held: rare, and what the record said."""
     try:
-        info = os.stat(path)
+        inode = os.stat(path).st_ino
         table = Path(PROC_LOCKS).read_text(encoding="ascii", errors="replace")
     except OSError:
         return None
-    target = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
     # "1: FLOCK  ADVISORY  WRITE 12345 fe:00:5373972 0 EOF"; a waiter's line has "->" after the number
-    return any(len(fields) > 5 and fields[1] != "->" and fields[5] == target
+    return any(len(fields) > 5 and fields[1] != "->" and fields[5].rsplit(":", 1)[-1] == str(inode)
                for fields in (line.split() for line in table.splitlines()))
 
 
 def holder_active(path: Path, holder: Holder) -> bool:
     """Whether the recorded holder of the lock of `path` is still at work. On this machine the kernel's lock
-    table decides where it can: a recorded pid that exists but holds no lock is another process that
-    was given the pid later (a container restarted, pids wrapped), not the holder."""
+    table decides where there is one: a recorded pid that exists while nobody holds the lock is another
+    process that was given the pid later (a container restarted, pids wrapped), not the holder."""
     if holder.elsewhere:
         return True
     held = lock_held(path)
-    if held is None:
-        return process_alive(holder.pid)
-    return held or _holds_some_lock(holder.pid)
-
-
-def _holds_some_lock(pid: int) -> bool:
-    """Whether `pid` holds any lock in the kernel's table: where a file system names its files in the table
-    otherwise than stat does (overlay file systems can), a holder is not taken for gone on that alone."""
-    try:
-        table = Path(PROC_LOCKS).read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return process_alive(pid)
-    return any(len(fields) > 4 and fields[1] != "->" and fields[4] == str(pid)
-               for fields in (line.split() for line in table.splitlines()))
+    return process_alive(holder.pid) if held is None else held
 
 
 def process_alive(pid: int) -> bool:
