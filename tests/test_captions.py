@@ -41,6 +41,26 @@ def test_csv_rows_become_captions_several_per_video_quoted_commas_kept(tmp_path)
     assert captions.empty_captions == 1 and captions.bad_lines == 1  # v2's empty caption; the row without a video
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-8-sig"])
+def test_files_saved_as_unicode_text_by_windows_tools_read_as_their_byte_order_mark_says(tmp_path, encoding):
+    # Excel's "Unicode Text" and Windows PowerShell's `>` write UTF-16 with a byte-order mark, lines ending in CRLF
+    marks = {"utf-16-le": "\ufeff", "utf-16-be": "\ufeff"}  # the plain codecs write no mark of their own
+    csv = tmp_path / "c.csv"
+    csv.write_bytes((marks.get(encoding, "") + "video,caption\r\nv0,un café au lait\r\nv1,a dog\r\n").encode(encoding))
+    assert read_captions(csv).by_id == {"v0": ["un café au lait"], "v1": ["a dog"]}
+    tsv = tmp_path / "c.txt"  # the id-and-caption lines, tab-separated as Excel saves them
+    tsv.write_bytes((marks.get(encoding, "") + "v0\tun café\r\nv1\ta dog\r\n").encode(encoding))
+    assert read_captions(tsv).by_id == {"v0": ["un café"], "v1": ["a dog"]}
+
+
+def test_a_file_marked_utf16_that_is_not_is_one_line_naming_it(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_bytes("video,caption\nv0,a dog\n".encode("utf-16") + b"\x00")  # an odd byte at the end: cut short
+    with pytest.raises(UserError, match=r"c\.csv: not UTF-16 text, though it starts with UTF-16's byte-order mark "
+                                        r"\(truncated data at byte 48\); save the file as UTF-8$"):
+        read_captions(path)
+
+
 def test_malformed_json_lines_are_counted_and_the_first_named_never_a_traceback(tmp_path, cache):
     path = tmp_path / "c.jsonl"
     path.write_text('\ufeff{"video": "v0", "captions": ["a dog", "", null, ["nested"]]}\r\n\r\n'

@@ -219,6 +219,10 @@ def test_several_queries_from_a_file_are_answered_in_one_process(ws, tmp_path, m
     queries.write_text("a dog\n\nthe beach here\na man\n")
     results = search_json(monkeypatch, capsys, "--queries", queries, "-k", "2")
     assert [r["query"] for r in results] == ["a dog", "the beach here", "a man"]
+    # as Windows PowerShell's `>` saves it: UTF-16 with its byte-order mark, CRLF
+    queries.write_bytes("\ufeffa dog\r\n\r\nthe beach here\r\na man\r\n".encode("utf-16-le"))
+    again = search_json(monkeypatch, capsys, "--queries", queries, "-k", "2")
+    assert [r["query"] for r in again] == ["a dog", "the beach here", "a man"] and all(len(r["results"]) == 2 for r in again)
 
 
 def test_queries_are_read_from_stdin_with_a_dash(ws, monkeypatch, capsys):

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vlpcache.errors import UserError
-from vlpcache.files import read_utf8_text
+from vlpcache.files import decode_text, read_utf8_text
 from vlpcache.report import progress_bar
 
 
@@ -368,7 +368,7 @@ def _walk_text_files(captions: Captions, folder: Path, bar) -> int:
             bar.update(1)
             path = Path(parent) / name
             try:
-                text = path.read_bytes().decode("utf-8-sig")
+                text = decode_text(path.read_bytes())
             except UnicodeDecodeError:
                 _bad_line(captions, path, None, "not UTF-8 text")
                 continue

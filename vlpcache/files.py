@@ -1,10 +1,12 @@
 """File-level durability and identity shared by every stage: fsync, whole-or-nothing replacement,
 content hashes of weights and checkpoints (what provenance and index checks compare), the one line
 that a failed write (disk full, I/O error, read-only filesystem) becomes, and the lines of a user's
-text file (captions, queries), whose bytes that are not UTF-8 are one line naming the file and line."""
+text file (captions, queries): UTF-8, or UTF-16 or UTF-32 with its byte-order mark; bytes that are none of
+these are one line naming the file and line."""
 
 from __future__ import annotations
 
+import codecs
 import errno
 import hashlib
 import os
@@ -20,13 +22,32 @@ _ERRNO_IN_MESSAGE = re.compile(r"errno = (\d+)|os error (\d+)")
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.EACCES)
 
 
+# files that say they are UTF-16 or UTF-32 by their byte-order mark: Excel's "Unicode Text" and Windows
+# PowerShell's `>` write UTF-16 so (UTF-32's marks first: UTF-16LE's is the start of UTF-32LE's)
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+              (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def decode_text(data: bytes) -> str:
+    """A text file's bytes as text: UTF-8 (a byte-order mark dropped), or UTF-16 or UTF-32 where the data
+    starts with that encoding's byte-order mark. UnicodeDecodeError for anything else."""
+    for bom, encoding in _WIDE_BOMS:
+        if data.startswith(bom):
+            return data.decode(encoding)
+    return data.decode("utf-8-sig")
+
+
 def utf8_text(data: bytes, name: str) -> str:
-    """UTF-8 text read from `name` (a byte-order mark is dropped); bytes that are not UTF-8 are one
-    UserError naming the file and the line."""
+    """decode_text of the bytes read from `name`; bytes that are not UTF-8 (nor UTF-16 or UTF-32 with its
+    byte-order mark) are one UserError naming the file and the line."""
     try:
-        return data.decode("utf-8-sig")
+        return decode_text(data)
     except UnicodeDecodeError as err:
-        start = err.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        wide = next((encoding for bom, encoding in _WIDE_BOMS if data.startswith(bom)), None)
+        if wide:
+            raise UserError(f"{name}: not {wide.upper()} text, though it starts with {wide.upper()}'s byte-order mark "
+                            f"({err.reason} at byte {err.start}); save the file as UTF-8") from None
+        start = err.start + (3 if data.startswith(codecs.BOM_UTF8) else 0)
         line = data.count(b"\n", 0, start) + 1
         raise UserError(f"{name}:{line}: not UTF-8 text (byte 0x{data[start]:02x}); save the file as UTF-8") from None
 
