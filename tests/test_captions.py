@@ -80,8 +80,24 @@ def test_a_csv_without_video_and_caption_columns_is_one_error_naming_the_file(tm
     csv = tmp_path / "c.csv"
     csv.write_text("id,text\nv0,a dog\n")
     with pytest.raises(UserError, match=r"c\.csv: a CSV caption file needs a video column \(video, video_id, videoid\) "
-                                        r"and a caption column \(caption, sentence, name\); its header has id, text$"):
+                                        r"and a caption column \(caption, sentence, name\), separated by commas, "
+                                        r"semicolons, tabs or pipes; its header has id, text$"):
         read_captions(csv)
+
+
+@pytest.mark.parametrize("name, text, layout", [
+    ("excel.csv", "Video;Caption\nv0;a hand holds a box, then drops it\nv1;a dog\n", "CSV, semicolon-separated"),
+    ("c.tsv", "video\tcaption\nv0\ta hand holds a box, then drops it\nv1\ta dog\n", "CSV, tab-separated"),
+    ("tabs.csv", "video\tcaption\nv0\ta hand holds a box, then drops it\nv1\ta dog\n", "CSV, tab-separated"),
+    ("pipes.csv", "video|caption\nv0|a hand holds a box, then drops it\nv1|a dog\n", "CSV, pipe-separated"),
+    ("c.tsv", "video,caption\nv0,\"a hand holds a box, then drops it\"\nv1,a dog\n", "CSV"),
+], ids=["semicolons", "tsv", "tabs-in-csv", "pipes", "commas-in-tsv"])
+def test_csv_columns_separated_by_what_the_header_shows_commas_in_captions_kept(tmp_path, name, text, layout):
+    path = tmp_path / name
+    path.write_text(text)
+    captions = read_captions(path)
+    assert captions.by_id == {"v0": ["a hand holds a box, then drops it"], "v1": ["a dog"]}
+    assert captions.layout == layout
 
 
 @pytest.mark.parametrize("header, rows", [

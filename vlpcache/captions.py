@@ -2,8 +2,9 @@
 
 JSON Lines: one object per video, {"video": id, "captions": [...]} (a "split" key is kept aside, other
 keys are ignored), or per caption, {"video_id": id, "caption": text} (RECORD_ID_KEYS, RECORD_TEXT_KEYS).
-CSV: a header with a video column (`video`, `video_id` or `videoid`) and a caption column (`caption`,
-`sentence`, or WebVid's `name`), one row per caption, several rows per video allowed. A whole JSON
+CSV (.csv, .tsv): a header with a video column (`video`, `video_id` or `videoid`) and a caption column
+(`caption`, `sentence`, or WebVid's `name`), one row per caption, several rows per video allowed; columns
+separated by commas, semicolons, tabs or pipes (CSV_DELIMITERS). A whole JSON
 document in a layout a dataset ships (JSON_LAYOUTS): a list of the JSON Lines objects (DiDeMo's
 {"video", "description"} among them); MSR-VTT's annotations ({"videos": [{"video_id", "split"}],
 "sentences": [{"video_id", "caption"}]}, also CLIP4Clip's MSRVTT_data.json); Karpathy's split files of
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from vlpcache.errors import UserError
 from vlpcache.files import decode_text, read_utf8_text
-from vlpcache.report import progress_bar
+from vlpcache.report import printable, progress_bar
 
 
 @dataclass
@@ -260,6 +261,11 @@ def _record(record) -> tuple[str, list, str | None] | str:
 
 CSV_VIDEO_COLUMNS = ("video", "video_id", "videoid")  # ours, MSR-VTT's and CLIP4Clip's, WebVid's
 CSV_CAPTION_COLUMNS = ("caption", "sentence", "name")  # ours and COCO's, CLIP4Clip's, WebVid's
+# what separates a CSV file's columns: commas; semicolons, as Excel saves CSV where the comma is the decimal
+# mark; tabs (.tsv, and Excel's "Text (Tab delimited)" saved as .csv); pipes. The one whose header has a
+# video and a caption column is the file's.
+CSV_DELIMITERS = {",": "", ";": "semicolon-separated", "\t": "tab-separated", "|": "pipe-separated"}
+CSV_SUFFIXES = (".csv", ".tsv")
 
 
 def read_captions(path: str | Path, progress: bool = False) -> Captions:
@@ -275,9 +281,8 @@ def read_captions(path: str | Path, progress: bool = False) -> Captions:
     if not path.is_file():
         raise UserError(f"{path}: caption file not found")
     text = read_utf8_text(path)
-    if path.suffix.lower() == ".csv":
-        _read_csv(captions, path, text)
-        captions.layout = "CSV"
+    if path.suffix.lower() in CSV_SUFFIXES:
+        captions.layout = _read_csv(captions, path, text)
     elif path.suffix.lower() in TEXT_SUFFIXES and not text.lstrip().startswith(("{", "[")):  # not JSON named .txt
         _read_id_and_caption_lines(captions, path, text)
         captions.layout = "lines of an id and a caption"
@@ -318,22 +323,30 @@ def _read_id_and_caption_lines(captions: Captions, path: Path, text: str) -> Non
         _add(captions, item_id, [caption])
 
 
-def _read_csv(captions: Captions, path: Path, text: str) -> None:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    columns = [name.strip() for name in reader.fieldnames or []]
-    lowered = [name.lower() for name in columns]  # `Video`, `Caption` too
-    video = next((name for name in CSV_VIDEO_COLUMNS if name in lowered), None)
-    caption = next((name for name in CSV_CAPTION_COLUMNS if name in lowered), None)
-    if video is None or caption is None:
+def _read_csv(captions: Captions, path: Path, text: str) -> str:
+    """A CSV or TSV file's rows, its columns separated by whichever of CSV_DELIMITERS gives a header with a
+    video and a caption column; returns the layout read ("CSV", "CSV, semicolon-separated"...)."""
+    delimiters = sorted(CSV_DELIMITERS, key=lambda d: d != ("\t" if path.suffix.lower() == ".tsv" else ","))
+    for delimiter in delimiters:
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+        columns = [name.strip() for name in reader.fieldnames or []]
+        lowered = [name.lower() for name in columns]  # `Video`, `Caption` too
+        video = next((name for name in CSV_VIDEO_COLUMNS if name in lowered), None)
+        caption = next((name for name in CSV_CAPTION_COLUMNS if name in lowered), None)
+        if video is not None and caption is not None:
+            break
+    else:
+        first_row = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiters[0]), [])
         raise UserError(f"{path}: a CSV caption file needs a video column ({', '.join(CSV_VIDEO_COLUMNS)}) and a "
-                        f"caption column ({', '.join(CSV_CAPTION_COLUMNS)}); its header has "
-                        f"{', '.join(columns) or 'no columns'}")
+                        f"caption column ({', '.join(CSV_CAPTION_COLUMNS)}), separated by commas, semicolons, tabs or "
+                        f"pipes; its header has {printable(', '.join(c.strip() for c in first_row)) or 'no columns'}")
     reader.fieldnames = lowered
     for row in reader:
         if not row.get(video):
             _bad_line(captions, path, reader.line_num, "no video id")
             continue
         _add(captions, row[video], [row.get(caption)])
+    return ", ".join(filter(None, ("CSV", CSV_DELIMITERS[delimiter])))
 
 
 SIDECAR_SUFFIX = ".txt"
