@@ -41,7 +41,7 @@ LOG_FIELDS = {  # written by train.py, read by name by inspect_run.py (and by pe
     "temperature": "the contrastive loss's learned temperature at the end of the epoch",
     "val": "validation metrics (R@1, R@5, R@10, MdR, MnR, queries, candidates, rerank_weight and rerank: "
            "the metrics of each re-rank weight tried); absent without validation captions",
-    "val_seconds": "seconds the validation took; absent with val",
+    "val_seconds": "seconds the validation took; there when val is",
     "time": "when the line was written (seconds since the Unix epoch)",
 }
 TRAINING_LOCK_NAME = "pretrain.lock"
