@@ -446,7 +446,7 @@ def test_inspect_lists_the_shards_it_leaves_out_and_why(tmp_path, capsys):
     (tmp_path / "cache" / SHARD_DIR / "s8of10-00000.h5").write_bytes(b"\0" * 100)
     inspect_cache(tmp_path / "cache")
     out, err = capsys.readouterr()
-    assert err == "" and "items       1" in out and "in 1 shards" in out
+    assert err == "" and "items       1" in out and "in 1 shard\n" in out
     assert "ignored     s9of10-00000.h5: made with other settings than the manifest (feature_dim 5, not 8)" in out
     assert "unreadable  s8of10-00000.h5: " in out
     inspect_cache(tmp_path / "cache", as_json=True)
