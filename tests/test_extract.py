@@ -275,7 +275,8 @@ def test_nothing_processable_exits_non_zero_and_no_media_is_one_error(tmp_path):
     assert result.returncode == 1 and "x.mp4: " in result.stderr and "0 done" in result.stderr
     (tmp_path / "empty").mkdir()
     result = vlpcache("extract", tmp_path / "empty", "-o", tmp_path / "c2", cwd=tmp_path, check=False)
-    assert result.returncode == 2 and "no videos, images or frame folders found" in result.stderr
+    assert result.returncode == 2 and result.stderr.endswith(f"no videos, images or frame folders found under "
+                                                             f"{tmp_path / 'empty'}: it is empty\n")
 
 
 def test_two_shard_processes_fill_one_cache_together(media, tmp_path):

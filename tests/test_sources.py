@@ -13,6 +13,7 @@ from vlpcache.extract.sources import (
     discover_items,
     frame_files,
     natural_key,
+    other_files,
     shard_of,
 )
 
@@ -210,3 +211,20 @@ def test_msrvtt_split_gives_one_frames_item_per_video(msrvtt_dir):
     items, problems = discover_items([msrvtt_dir / "frames" / "val"])
     assert problems == [] and len(items) == 244
     assert all(i.kind == "frames" and i.id.startswith("video") and "/" not in i.id for i in items)
+
+
+def test_roots_without_media_say_what_they_hold_instead(tmp_path):
+    phone = tmp_path / "phone"
+    (phone / "2024").mkdir(parents=True)
+    for name in ("IMG_0001.HEIC", "IMG_0002.heic", "2024/IMG_0003.HEIC", "notes.txt", "README", ".DS_Store"):
+        (phone / name).write_bytes(b"x")
+    assert discover_items([phone]) == ([], [])
+    said = other_files([phone])
+    assert said.startswith("its 5 file(s) have other extensions (.heic 3, .txt 1, no extension 1) (HEIC photos: convert ")
+    assert said.endswith("; media are known by extension (videos: .mp4, .mov, .avi, .mkv, .webm and 24 more; "
+                         "images: .bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp)")  # hidden files are not counted
+    (tmp_path / "empty").mkdir()
+    assert other_files([tmp_path / "empty"]) == "it is empty"
+    assert other_files([tmp_path / "nope"]) == "it does not exist"
+    assert other_files([tmp_path / "nope", tmp_path / "gone"]) == "none of them exists"
+    assert other_files([phone / "notes.txt", tmp_path / "empty"]).startswith("their 1 file(s) have other extensions (.txt 1);")

@@ -22,7 +22,7 @@ from vlpcache.extract.detectors.spec import DetectorSpec
 from vlpcache.extract.options import ENGINES, ExtractOptions
 from vlpcache.extract.progress import ExtractProgress, ExtractSummary
 from vlpcache.extract.reader import FrameReader, Prefetch, decoded_items_within_budget
-from vlpcache.extract.sources import SKIPPED, discover_items, shard_of
+from vlpcache.extract.sources import SKIPPED, discover_items, other_files, shard_of
 from vlpcache.interrupts import stop_if_interrupted
 from vlpcache.report import printable, say
 from vlpcache.workspace import Workspace
@@ -102,7 +102,8 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
         say(f"{printable(path)}: {reason}")
     passed_over = [(path, reason) for path, reason in problems if f"; {SKIPPED}" in reason]
     if not items:
-        raise UserError(f"no videos, images or frame folders found under {', '.join(map(printable, roots))}")
+        raise UserError(f"no videos, images or frame folders found under {', '.join(map(printable, roots))}: "
+                        f"{printable(other_files(roots))}")
     workspace.remember_roots([r for r in roots if r.exists()])
 
     if options.device == "cuda" and engine is None:  # a missing GPU fails before anything is written; auto

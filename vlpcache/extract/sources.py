@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,6 +162,36 @@ class _Walk:
             return [Item(_relative_id(root, folder), folder, "frames")], True
         own = [Item(_relative_id(root, p.with_suffix("")), p, media_kind(p)) for p in files]
         return own + below, bool(files) or sub_has_media
+
+
+def other_files(roots: list[Path], limit: int = 100_000) -> str:
+    """What the roots hold instead of media, for the error of a run that found none: "its 4 file(s) have
+    other extensions (.heic 3, .txt 1); media are known by ...", "it is empty"; up to `limit` files are
+    looked at."""
+    existing = [root for root in map(Path, roots) if root.exists()]
+    if not existing:
+        return "it does not exist" if len(roots) == 1 else "none of them exists"
+    counts: Counter[str] = Counter()
+    for root in existing:
+        for parent, folders, names in os.walk(root) if root.is_dir() else [(root.parent, [], [root.name])]:
+            folders[:] = [f for f in folders if not f.startswith(".")]
+            counts.update(Path(n).suffix.lower() or "no extension" for n in names if not n.startswith("."))
+            if counts.total() >= limit:
+                break
+    if not counts:
+        return "it is empty" if len(roots) == 1 else "they are empty"
+    commonest = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:5]  # ties in name order, not walk order
+    kinds = ", ".join(f"{suffix} {n}" for suffix, n in commonest) + (", ..." if len(counts) > 5 else "")
+    heic = " (HEIC photos: convert them to JPEG first, e.g. with heif-convert)" if counts.keys() & {".heic", ".heif"} else ""
+    return f"{'its' if len(roots) == 1 else 'their'} {counts.total():,}{'+' if counts.total() >= limit else ''} " \
+           f"file(s) have other extensions ({kinds}){heic}; media are known by extension ({known_extensions()})"
+
+
+def known_extensions() -> str:
+    """The media extensions, said in a line: the common video ones, how many more, every image one."""
+    common = (".mp4", ".mov", ".avi", ".mkv", ".webm")
+    return (f"videos: {', '.join(common)} and {len(VIDEO_EXTENSIONS) - len(common)} more; "
+            f"images: {', '.join(sorted(IMAGE_EXTENSIONS))}")
 
 
 def is_utf8(text: str) -> bool:
