@@ -91,6 +91,32 @@ def test_split_evaluates_the_videos_of_one_split_of_a_file_that_has_several(root
     assert code == 2 and err.strip().splitlines() == [f"error: {path}: no video of split 'train' (its splits: test, val)"]
 
 
+def test_eval_on_the_runs_training_captions_says_the_figures_measure_fit(root, ws, monkeypatch, capsys, tmp_path):
+    code, out, err = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "train.jsonl", "--json", "--quiet")
+    assert code == 0 and json.loads(out)["run"]["videos_trained_on"] == 16
+    assert err.splitlines() == [f"eval: 16 of these 16 videos were trained on with these captions ({root / 'train.jsonl'} "
+                                "is one of the run's training caption files): the figures say how well it fits them, not "
+                                "how it finds videos it has not seen; evaluate on held-out captions (a val or test file, "
+                                "or --split test)"]  # under --quiet too
+    assert eval_json(monkeypatch, capsys, "--captions", root / "val.jsonl")["run"]["videos_trained_on"] == 0
+    # the same file read through another path is the same file
+    monkeypatch.chdir(root)
+    assert eval_json(monkeypatch, capsys, "--captions", "train.jsonl")["run"]["videos_trained_on"] == 16
+    # one file of several splits trained on (its train split, as pretraining chooses): only its test split is unseen
+    captions = read_captions(root / "train.jsonl").by_id
+    run = ws / "runs" / "run-001"
+    config = json.loads((run / "config.json").read_text())
+    path = tmp_path / "all.jsonl"
+    path.write_text("".join(json.dumps({"video": i, "captions": c, "split": "test" if n < 4 else "train"}) + "\n"
+                            for n, (i, c) in enumerate(captions.items())))
+    (run / "config.json").write_text(json.dumps({**config, "train": {**config["train"], "captions": [str(path)]}}))
+    try:
+        assert eval_json(monkeypatch, capsys, "--captions", path, "--split", "test")["run"]["videos_trained_on"] == 0
+        assert eval_json(monkeypatch, capsys, "--captions", path)["run"]["videos_trained_on"] == 12
+    finally:
+        (run / "config.json").write_text(json.dumps(config))
+
+
 @pytest.mark.parametrize("max_words, repeat", [(None, 1), (6, 1), (None, 16)])
 def test_paragraphs_make_one_query_of_each_videos_captions_cut_at_max_words(root, ws, monkeypatch, capsys, tmp_path,
                                                                              max_words, repeat):

@@ -24,7 +24,8 @@ from vlpcache.errors import UserError
 from vlpcache.index.build import check_run_reads_cache, open_cache, resolve_sources, run_query_bank
 from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics
 from vlpcache.querybank import dual_softmax
-from vlpcache.report import sayer
+from vlpcache.report import printable, sayer
+from vlpcache.report import say as say_always  # under --quiet too
 
 
 def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: bool, device, batch_size: int,
@@ -99,6 +100,22 @@ def format_results(results: dict) -> str:
 PARAGRAPH_WORDS = 128  # tokens of a paragraph query by default (DiDeMo's and ActivityNet's are several sentences)
 
 
+def trained_on(run_dir: Path, captions_file, captions) -> int:
+    """How many of the videos of `captions` (read from `captions_file`) the run trained on with that same file:
+    all of them for a file without splits, those of its training splits for one with (as pretraining
+    chose them); 0 for a file the run did not train on."""
+    from vlpcache.model.data import HELD_OUT_STEMS
+    from vlpcache.model.run_layout import read_run_config
+
+    try:
+        trained_files = read_run_config(run_dir).get("train", {}).get("captions") or []
+        if Path(captions_file).resolve() not in {Path(f).resolve() for f in trained_files}:
+            return 0
+    except (UserError, AttributeError, TypeError, OSError):  # a run config of another shape: nothing to say
+        return 0
+    return sum(captions.splits.get(i, "").lower() not in HELD_OUT_STEMS for i in captions.by_id)
+
+
 def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captions=False, paragraphs=False,
              max_words=None, as_json=False, rerank_candidates=RERANK_CANDIDATES, device=DEFAULT_DEVICE,
              batch_size=None, checkpoint=None, quiet=False, qbnorm=False, dual_softmax=False) -> dict:
@@ -130,6 +147,12 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
     if split is None and (splits := kept.split_counts()) and len(splits) > 1:
         say(f"eval: {captions_file} has videos of several splits ({', '.join(f'{n} {s}' for s, n in splits.items())}), "
             "all evaluated together: --split NAME evaluates one")
+    trained = trained_on(sources.run_dir, captions_file, kept)
+    if trained:  # said under --quiet too: it is about what the figures mean
+        say_always(f"eval: {trained} of these {len(kept.by_id)} videos were trained on with these captions "
+                   f"({printable(str(captions_file))} is one of the run's training caption files): the figures say how "
+                   "well it fits them, not how it finds videos it has not seen; evaluate on held-out captions (a val "
+                   "or test file, or --split test)")
     say(f"eval: run {sources.run_dir} (epoch {run.epoch}), {len(kept.by_id)} captioned videos of {len(cache)} cached "
         f"({report['captions_without_items']} caption entries without a cached video{captions.bad_lines_text()}"
         f"{key_matches.text()}), "
@@ -146,7 +169,8 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
     if paragraphs:
         results["protocol"]["captions_per_video"] = "paragraph"
     results["run"] = {"run_dir": str(sources.run_dir), "epoch": run.epoch, "checkpoint_sha256": run.checkpoint_sha256,
-                      "captions": str(Path(captions_file)), "split": split, "cache": str(sources.cache_dir)}
+                      "captions": str(Path(captions_file)), "split": split, "cache": str(sources.cache_dir),
+                      "videos_trained_on": trained}
     if as_json:
         print(json.dumps(results, indent=2))
     else:
