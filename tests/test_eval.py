@@ -98,7 +98,11 @@ def test_eval_on_the_runs_training_captions_says_the_figures_measure_fit(root, w
                                 "is one of the run's training caption files): the figures say how well it fits them, not "
                                 "how it finds videos it has not seen; evaluate on held-out captions (a val or test file, "
                                 "or --split test)"]  # under --quiet too
-    assert eval_json(monkeypatch, capsys, "--captions", root / "val.jsonl")["run"]["videos_trained_on"] == 0
+    code, out, err = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl", "--json", "--quiet")
+    assert code == 0 and json.loads(out)["run"]["videos_trained_on"] == 0 and json.loads(out)["run"]["validation_file"]
+    assert err.splitlines() == [f"eval: {root / 'val.jsonl'} is the run's validation file: its best epoch and re-rank "
+                                "weight were chosen on these captions, so the figures lean optimistic; report them on a "
+                                "test file"]
     # the same file read through another path is the same file
     monkeypatch.chdir(root)
     assert eval_json(monkeypatch, capsys, "--captions", "train.jsonl")["run"]["videos_trained_on"] == 16

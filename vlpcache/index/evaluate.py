@@ -100,20 +100,22 @@ def format_results(results: dict) -> str:
 PARAGRAPH_WORDS = 128  # tokens of a paragraph query by default (DiDeMo's and ActivityNet's are several sentences)
 
 
-def trained_on(run_dir: Path, captions_file, captions) -> int:
-    """How many of the videos of `captions` (read from `captions_file`) the run trained on with that same file:
-    all of them for a file without splits, those of its training splits for one with (as pretraining
-    chose them); 0 for a file the run did not train on."""
+def seen_by_run(run_dir: Path, captions_file, captions) -> tuple[int, bool]:
+    """What the run has seen of `captions` (read from `captions_file`): how many of its videos it trained on
+    with that same file (all of them for a file without splits, those of its training splits for one
+    with, as pretraining chose them), and whether the file is the one its best epoch was chosen on."""
     from vlpcache.model.data import HELD_OUT_STEMS
     from vlpcache.model.run_layout import read_run_config
 
     try:
-        trained_files = read_run_config(run_dir).get("train", {}).get("captions") or []
-        if Path(captions_file).resolve() not in {Path(f).resolve() for f in trained_files}:
-            return 0
+        train = read_run_config(run_dir).get("train", {})
+        trained_files = {Path(f).resolve() for f in train.get("captions") or []}
+        validation = Path(train["val_captions"]).resolve() if train.get("val_captions") else None
     except (UserError, AttributeError, TypeError, OSError):  # a run config of another shape: nothing to say
-        return 0
-    return sum(captions.splits.get(i, "").lower() not in HELD_OUT_STEMS for i in captions.by_id)
+        return 0, False
+    path = Path(captions_file).resolve()
+    trained = sum(captions.splits.get(i, "").lower() not in HELD_OUT_STEMS for i in captions.by_id)
+    return (trained if path in trained_files else 0), path == validation
 
 
 def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captions=False, paragraphs=False,
@@ -147,12 +149,15 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
     if split is None and (splits := kept.split_counts()) and len(splits) > 1:
         say(f"eval: {captions_file} has videos of several splits ({', '.join(f'{n} {s}' for s, n in splits.items())}), "
             "all evaluated together: --split NAME evaluates one")
-    trained = trained_on(sources.run_dir, captions_file, kept)
+    trained, validation = seen_by_run(sources.run_dir, captions_file, kept)
     if trained:  # said under --quiet too: it is about what the figures mean
         say_always(f"eval: {trained} of these {len(kept.by_id)} videos were trained on with these captions "
                    f"({printable(str(captions_file))} is one of the run's training caption files): the figures say how "
                    "well it fits them, not how it finds videos it has not seen; evaluate on held-out captions (a val "
                    "or test file, or --split test)")
+    elif validation:
+        say_always(f"eval: {printable(str(captions_file))} is the run's validation file: its best epoch and re-rank "
+                   "weight were chosen on these captions, so the figures lean optimistic; report them on a test file")
     say(f"eval: run {sources.run_dir} (epoch {run.epoch}), {len(kept.by_id)} captioned videos of {len(cache)} cached "
         f"({report['captions_without_items']} caption entries without a cached video{captions.bad_lines_text()}"
         f"{key_matches.text()}), "
@@ -170,7 +175,7 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
         results["protocol"]["captions_per_video"] = "paragraph"
     results["run"] = {"run_dir": str(sources.run_dir), "epoch": run.epoch, "checkpoint_sha256": run.checkpoint_sha256,
                       "captions": str(Path(captions_file)), "split": split, "cache": str(sources.cache_dir),
-                      "videos_trained_on": trained}
+                      "videos_trained_on": trained, "validation_file": validation}
     if as_json:
         print(json.dumps(results, indent=2))
     else:
