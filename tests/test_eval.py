@@ -99,24 +99,27 @@ def test_eval_on_the_runs_training_captions_says_the_figures_measure_fit(root, w
                                 "how it finds videos it has not seen; evaluate on held-out captions (a val or test file, "
                                 "or --split test)"]  # under --quiet too
     code, out, err = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl", "--json", "--quiet")
-    assert code == 0 and json.loads(out)["run"]["videos_trained_on"] == 0 and json.loads(out)["run"]["validation_file"]
-    assert err.splitlines() == [f"eval: {root / 'val.jsonl'} is the run's validation file: its best epoch and re-rank "
-                                "weight were chosen on these captions, so the figures lean optimistic; report them on a "
-                                "test file"]
+    assert code == 0 and json.loads(out)["run"]["videos_trained_on"] == 0 and json.loads(out)["run"]["validation_videos"] == 8
+    assert err.splitlines() == [f"eval: 8 of these 8 videos are the run's validation videos ({root / 'val.jsonl'}): its "
+                                "best epoch and re-rank weight were chosen on these captions, so the figures lean "
+                                "optimistic; report them on a test file"]
     # the same file read through another path is the same file
     monkeypatch.chdir(root)
     assert eval_json(monkeypatch, capsys, "--captions", "train.jsonl")["run"]["videos_trained_on"] == 16
-    # one file of several splits trained on (its train split, as pretraining chooses): only its test split is unseen
+    # one file of several splits trained and validated on (its train and val splits, as pretraining chooses them)
     captions = read_captions(root / "train.jsonl").by_id
     run = ws / "runs" / "run-001"
     config = json.loads((run / "config.json").read_text())
     path = tmp_path / "all.jsonl"
-    path.write_text("".join(json.dumps({"video": i, "captions": c, "split": "test" if n < 4 else "train"}) + "\n"
-                            for n, (i, c) in enumerate(captions.items())))
-    (run / "config.json").write_text(json.dumps({**config, "train": {**config["train"], "captions": [str(path)]}}))
+    path.write_text("".join(json.dumps({"video": i, "captions": c, "split": ("test", "val", "train")[min(n // 4, 2)]})
+                            + "\n" for n, (i, c) in enumerate(captions.items())))  # 4 test, 4 val, 8 train
+    (run / "config.json").write_text(json.dumps({**config, "train": {**config["train"], "captions": [str(path)],
+                                                                       "val_captions": str(path)}}))
     try:
-        assert eval_json(monkeypatch, capsys, "--captions", path, "--split", "test")["run"]["videos_trained_on"] == 0
-        assert eval_json(monkeypatch, capsys, "--captions", path)["run"]["videos_trained_on"] == 12
+        test = eval_json(monkeypatch, capsys, "--captions", path, "--split", "test")["run"]
+        assert test["videos_trained_on"] == 0 and test["validation_videos"] == 0  # held out from both
+        assert eval_json(monkeypatch, capsys, "--captions", path, "--split", "val")["run"]["validation_videos"] == 4
+        assert eval_json(monkeypatch, capsys, "--captions", path)["run"]["videos_trained_on"] == 8
     finally:
         (run / "config.json").write_text(json.dumps(config))
 

@@ -100,11 +100,12 @@ def format_results(results: dict) -> str:
 PARAGRAPH_WORDS = 128  # tokens of a paragraph query by default (DiDeMo's and ActivityNet's are several sentences)
 
 
-def seen_by_run(run_dir: Path, captions_file, captions) -> tuple[int, bool]:
-    """What the run has seen of `captions` (read from `captions_file`): how many of its videos it trained on
-    with that same file (all of them for a file without splits, those of its training splits for one
-    with, as pretraining chose them), and whether the file is the one its best epoch was chosen on."""
-    from vlpcache.model.data import HELD_OUT_STEMS
+def seen_by_run(run_dir: Path, captions_file, captions) -> tuple[int, int]:
+    """What the run has seen of the videos of `captions` (read from `captions_file`), by pretraining's rules for
+    a file's splits: how many it trained on with that same file (all of a file without splits, those of its
+    training splits), and how many of them its best epoch was chosen on (those of the validation split of
+    its validation file)."""
+    from vlpcache.model.data import HELD_OUT_STEMS, VALIDATION_SPLITS
     from vlpcache.model.run_layout import read_run_config
 
     try:
@@ -112,10 +113,13 @@ def seen_by_run(run_dir: Path, captions_file, captions) -> tuple[int, bool]:
         trained_files = {Path(f).resolve() for f in train.get("captions") or []}
         validation = Path(train["val_captions"]).resolve() if train.get("val_captions") else None
     except (UserError, AttributeError, TypeError, OSError):  # a run config of another shape: nothing to say
-        return 0, False
+        return 0, 0
     path = Path(captions_file).resolve()
-    trained = sum(captions.splits.get(i, "").lower() not in HELD_OUT_STEMS for i in captions.by_id)
-    return (trained if path in trained_files else 0), path == validation
+    splits = {i: captions.splits.get(i, "").lower() for i in captions.by_id}
+    trained = sum(split not in HELD_OUT_STEMS for split in splits.values()) if path in trained_files else 0
+    validated = (sum(not captions.splits or split in VALIDATION_SPLITS for split in splits.values())
+                 if path == validation else 0)
+    return trained, validated
 
 
 def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captions=False, paragraphs=False,
@@ -156,8 +160,9 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
                    "well it fits them, not how it finds videos it has not seen; evaluate on held-out captions (a val "
                    "or test file, or --split test)")
     elif validation:
-        say_always(f"eval: {printable(str(captions_file))} is the run's validation file: its best epoch and re-rank "
-                   "weight were chosen on these captions, so the figures lean optimistic; report them on a test file")
+        say_always(f"eval: {validation} of these {len(kept.by_id)} videos are the run's validation videos "
+                   f"({printable(str(captions_file))}): its best epoch and re-rank weight were chosen on these captions, "
+                   "so the figures lean optimistic; report them on a test file")
     say(f"eval: run {sources.run_dir} (epoch {run.epoch}), {len(kept.by_id)} captioned videos of {len(cache)} cached "
         f"({report['captions_without_items']} caption entries without a cached video{captions.bad_lines_text()}"
         f"{key_matches.text()}), "
@@ -175,7 +180,7 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
         results["protocol"]["captions_per_video"] = "paragraph"
     results["run"] = {"run_dir": str(sources.run_dir), "epoch": run.epoch, "checkpoint_sha256": run.checkpoint_sha256,
                       "captions": str(Path(captions_file)), "split": split, "cache": str(sources.cache_dir),
-                      "videos_trained_on": trained, "validation_file": validation}
+                      "videos_trained_on": trained, "validation_videos": validation}
     if as_json:
         print(json.dumps(results, indent=2))
     else:
