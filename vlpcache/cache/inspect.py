@@ -63,7 +63,7 @@ def print_summary(summary: dict) -> None:
         f"backbone    {p['backbone']}  sha256 {p['backbone_weights_sha256'][:12]}",
         f"labels      {summary['labels']}" + (", with each region's best attribute" if p.get("attributes") else ""),
         f"sampling    {p['sampling']}, score >= {p['score_threshold']}, NMS IoU {p['nms_iou']}, schema v{p['schema_version']}",
-        f"on disk     {human_size(summary['size_bytes'])} in {summary['shards']} shard" + ("" if summary['shards'] == 1 else "s"),
+        f"on disk     {human_size(summary['size_bytes'])} in {summary['shards']} shard{'' if summary['shards'] == 1 else 's'}",
     ]
     for name, diffs in summary["ignored_shards"].items():
         lines.append(f"ignored     {name}: made with other settings than the manifest ({'; '.join(diffs)}); "

@@ -172,17 +172,18 @@ def other_files(roots: list[Path], limit: int = 100_000) -> str:
     if not existing:
         return "it does not exist" if len(roots) == 1 else "none of them exists"
     counts: Counter[str] = Counter()
-    for root in existing:
-        for parent, folders, names in os.walk(root) if root.is_dir() else [(root.parent, [], [root.name])]:
-            folders[:] = [f for f in folders if not f.startswith(".")]
-            counts.update(Path(n).suffix.lower() or "no extension" for n in names if not n.startswith("."))
-            if counts.total() >= limit:
-                break
+    walks = (os.walk(root) if root.is_dir() else [(root.parent, [], [root.name])] for root in existing)
+    for _, folders, names in (step for walk in walks for step in walk):
+        folders[:] = [f for f in folders if not f.startswith(".")]
+        counts.update(Path(n).suffix.lower() or "no extension" for n in names if not n.startswith("."))
+        if counts.total() >= limit:
+            break
     if not counts:
         return "it is empty" if len(roots) == 1 else "they are empty"
     commonest = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:5]  # ties in name order, not walk order
     kinds = ", ".join(f"{suffix} {n}" for suffix, n in commonest) + (", ..." if len(counts) > 5 else "")
-    heic = " (HEIC photos: convert them to JPEG first, e.g. with heif-convert)" if counts.keys() & {".heic", ".heif"} else ""
+    phone = counts.keys() & {".heic", ".heif"}
+    heic = " (HEIC photos: convert them to JPEG first, e.g. with heif-convert)" if phone else ""
     return f"{'its' if len(roots) == 1 else 'their'} {counts.total():,}{'+' if counts.total() >= limit else ''} " \
            f"file(s) have other extensions ({kinds}){heic}; media are known by extension ({known_extensions()})"
 

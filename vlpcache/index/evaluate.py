@@ -153,14 +153,14 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
     if split is None and (splits := kept.split_counts()) and len(splits) > 1:
         say(f"eval: {captions_file} has videos of several splits ({', '.join(f'{n} {s}' for s, n in splits.items())}), "
             "all evaluated together: --split NAME evaluates one")
-    trained, validation = seen_by_run(sources.run_dir, captions_file, kept)
+    trained, validated = seen_by_run(sources.run_dir, captions_file, kept)
     if trained:  # said under --quiet too: it is about what the figures mean
         say_always(f"eval: {trained} of these {len(kept.by_id)} videos were trained on with these captions "
                    f"({printable(str(captions_file))} is one of the run's training caption files): the figures say how "
                    "well it fits them, not how it finds videos it has not seen; evaluate on held-out captions (a val "
                    "or test file, or --split test)")
-    elif validation:
-        say_always(f"eval: {validation} of these {len(kept.by_id)} videos are the run's validation videos "
+    elif validated:
+        say_always(f"eval: {validated} of these {len(kept.by_id)} videos are the run's validation videos "
                    f"({printable(str(captions_file))}): its best epoch and re-rank weight were chosen on these captions, "
                    "so the figures lean optimistic; report them on a test file")
     say(f"eval: run {sources.run_dir} (epoch {run.epoch}), {len(kept.by_id)} captioned videos of {len(cache)} cached "
@@ -180,7 +180,7 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
         results["protocol"]["captions_per_video"] = "paragraph"
     results["run"] = {"run_dir": str(sources.run_dir), "epoch": run.epoch, "checkpoint_sha256": run.checkpoint_sha256,
                       "captions": str(Path(captions_file)), "split": split, "cache": str(sources.cache_dir),
-                      "videos_trained_on": trained, "validation_videos": validation}
+                      "videos_trained_on": trained, "validation_videos": validated}
     if as_json:
         print(json.dumps(results, indent=2))
     else:
