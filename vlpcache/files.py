@@ -28,13 +28,18 @@ _WIDE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
               (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
-def decode_text(data: bytes) -> str:
-    """A text file's bytes as text: UTF-8 (a byte-order mark dropped), or UTF-16 or UTF-32 where the data
-    starts with that encoding's byte-order mark. UnicodeDecodeError for anything else."""
+def text_encoding(data: bytes) -> str:
+    """The encoding of a text file's bytes: the UTF-32 or UTF-16 its byte-order mark names, else UTF-8
+    ("utf-8-sig": a byte-order mark dropped)."""
     for bom, encoding in _WIDE_BOMS:
         if data.startswith(bom):
-            return data.decode(encoding)
-    return data.decode("utf-8-sig")
+            return encoding
+    return "utf-8-sig"
+
+
+def decode_text(data: bytes) -> str:
+    """A text file's bytes as text, in text_encoding's encoding; UnicodeDecodeError where they are not."""
+    return data.decode(text_encoding(data))
 
 
 def utf8_text(data: bytes, name: str) -> str:
@@ -43,10 +48,10 @@ def utf8_text(data: bytes, name: str) -> str:
     try:
         return decode_text(data)
     except UnicodeDecodeError as err:
-        wide = next((encoding for bom, encoding in _WIDE_BOMS if data.startswith(bom)), None)
-        if wide:
-            raise UserError(f"{name}: not {wide.upper()} text, though it starts with {wide.upper()}'s byte-order mark "
-                            f"({err.reason} at byte {err.start}); save the file as UTF-8") from None
+        encoding = text_encoding(data)
+        if encoding != "utf-8-sig":
+            raise UserError(f"{name}: not {encoding.upper()} text, though it starts with {encoding.upper()}'s byte-order "
+                            f"mark ({err.reason} at byte {err.start}); save the file as UTF-8") from None
         start = err.start + (3 if data.startswith(codecs.BOM_UTF8) else 0)
         line = data.count(b"\n", 0, start) + 1
         raise UserError(f"{name}:{line}: not UTF-8 text (byte 0x{data[start]:02x}); save the file as UTF-8") from None

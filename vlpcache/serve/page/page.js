@@ -231,15 +231,14 @@ async function start() {
   $("k").value = k;
   $("detail-close").addEventListener("click", () => $("detail").close());
   $("detail").addEventListener("close", closeItem);
-  info = getJson("/api/info");
+  const about = getJson("/api/info");
+  info = about.catch(() => null); // results do not wait on it failing
   if (query) {
-    info = info.catch(() => null); // the results do not wait on it failing
     await search(query, k);
   } else {
-    info.then((about) => setStatus(`Search ${about.items.toLocaleString()} videos by what happens in them` +
-      (about.model ? ` (model: ${about.model}).` : ".")),
+    about.then((i) => setStatus(`Search ${i.items.toLocaleString()} videos by what happens in them` +
+      (i.model ? ` (model: ${i.model}).` : ".")),
       (err) => setStatus(`error: ${err.message}`, true));
-    info = info.catch(() => null);
   }
   if (params.get("item")) openItem(params.get("item"));
 }
