@@ -145,6 +145,25 @@ def test_video_shorter_than_T_gives_each_frame_once(tmp_path):
     assert [frame_number(f) for f in out.frames] == list(range(SHORT_VIDEO_FRAMES))
 
 
+def test_a_video_whose_title_is_not_utf8_is_read(tmp_path):
+    # a title written by a tool of another encoding: PyAV up to 18 fails the file unless told to ignore it,
+    # PyAV 19 refuses the option that tells it so (every video failed with it)
+    plain = make_video(tmp_path / "plain.mp4", SHORT_VIDEO_FRAMES)
+    titled = tmp_path / "titled.mp4"
+    with av.open(str(plain)) as source, av.open(str(titled), "w") as target:
+        target.metadata["title"] = "TITLEPLACEHOLDER"
+        stream = target.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(source.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                target.mux(packet)
+    data = titled.read_bytes()
+    assert data.count(b"TITLEPLACEHOLDER") == 1
+    titled.write_bytes(data.replace(b"TITLEPLACEHOLDER", b"caf\xe9 \xff\xfe latin-1 "))  # as long: atoms intact
+    out = read_item(video(titled), T, MAX_SIDE)
+    assert [frame_number(f) for f in out.frames] == list(range(SHORT_VIDEO_FRAMES))
+
+
 def test_rotated_phone_video_is_returned_upright(tmp_path):
     out = read_item(video(make_video(tmp_path / "r.mp4", 2, size=(32, 64), rotation=90)), T, MAX_SIDE)
     frame = out.frames[0]  # frame 0: its top-left quarter (value 0) is dark, the rest a bright gradient

@@ -35,6 +35,11 @@ from vlpcache.extract.sources import Item, frame_files
 
 # Largest image decoded at full size (~600 MB as RGB); JPEGs count after DCT-domain reduction.
 MAX_IMAGE_PIXELS = 200_000_000
+# how a video file is opened: PyAV up to 18 decodes a file's metadata as strict UTF-8 unless told to ignore
+# errors (a title in another encoding would fail the file); PyAV 19 (what pip installs on Python 3.12 and
+# later) refuses that option, which failed every video, and reads such a title without it (checked on an H200
+# machine's Python 3.12 with PyAV 19.0.2: tests/test_sampling.py passes)
+OPEN_OPTIONS = {"metadata_errors": "ignore"} if int(av.__version__.split(".")[0]) < 19 else {}
 # Give up on a stretch of video after this many packets in a row that fail to decode.
 MAX_CONSECUTIVE_DECODE_ERRORS = 100
 # Packets read after a seek in search of the keyframe where decoding will start.
@@ -146,7 +151,7 @@ class _VideoSampler:
 
     def _open(self) -> av.container.InputContainer:
         try:
-            container = av.open(str(self.path), metadata_errors="ignore")
+            container = av.open(str(self.path), **OPEN_OPTIONS)
         except av.error.FFmpegError as err:
             raise ItemError(f"cannot open video: {_ffmpeg_reason(err)}") from None
         if container.streams.video:
