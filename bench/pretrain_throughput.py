@@ -10,6 +10,10 @@ TextFeatures does, against the same file loaded whole into memory.
 
     python bench/pretrain_throughput.py                       # CPU (and CUDA when present)
     python bench/pretrain_throughput.py --videos 256 --steps 3 --device cpu
+
+Model steps and training end to end are timed after a warm-up (--warmup-steps, --warmup-seconds) in
+--repeats runs of --steps steps each; the median is printed with the runs' range, so a spread between
+runs shows in the output instead of passing for a difference between configurations.
 """
 
 from __future__ import annotations
@@ -135,28 +139,52 @@ def model_setup(feature_dim: int, device: torch.device, **config):
     return model, tokenizer, PretrainLoss(model_config), optimizer, autocast, scaler
 
 
-def step_rate(setup, batch: dict, device: torch.device, steps: int) -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def repeated_rates(step, device: torch.device, steps: int, repeats: int, warmup_steps: int,
+                   warmup_seconds: float) -> list[float]:
+    """Samples/s of `repeats` timed runs of `steps` calls of step() (each returns the samples it took).
+
+    Warm-up comes first: at least `warmup_steps` calls and until `warmup_seconds` have passed. On CUDA
+    the first calls of a new shape select kernels and the clocks ramp up, so a single warm-up call
+    left the first configuration of a run up to 10x slower than the same one measured later."""
+    started, calls = time.perf_counter(), 0
+    while calls < warmup_steps or time.perf_counter() - started < warmup_seconds:
+        step()
+        calls += 1
+    synchronize(device)
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        count = sum(step() for _ in range(steps))
+        synchronize(device)
+        rates.append(count / (time.perf_counter() - started))
+    return rates
+
+
+def step_rates(setup, batch: dict, device: torch.device, **timing) -> list[float]:
     model, _, criterion, optimizer, autocast, scaler = setup
     inputs = {k: v.to(device) for k, v in batch.items()}
-    train_step(model, criterion, optimizer, inputs, autocast, scaler, 1.0)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(steps):
+
+    def step() -> int:
         train_step(model, criterion, optimizer, inputs, autocast, scaler, 1.0)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch["features"].shape[0] / (time.perf_counter() - started)
+        return batch["features"].shape[0]
+    return repeated_rates(step, device, **timing)
 
 
-def end_to_end_rate(setup, dataset, collate, batch_size: int, workers: int, device: torch.device, steps: int) -> float:
+def end_to_end_rates(setup, dataset, collate, batch_size: int, workers: int, device: torch.device,
+                     **timing) -> list[float]:
     model, _, criterion, optimizer, autocast, scaler = setup
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate,
-                        pin_memory=device.type == "cuda", drop_last=True, prefetch_factor=4 if workers else None)
+                        pin_memory=device.type == "cuda", drop_last=True, prefetch_factor=4 if workers else None,
+                        persistent_workers=bool(workers))
     iterator = iter(loader)
-    train_step(model, criterion, optimizer, {k: v.to(device) for k, v in next(iterator).items()}, autocast, scaler, 1.0)
-    started, count = time.perf_counter(), 0
-    for _ in range(steps):
+
+    def step() -> int:
+        nonlocal iterator
         try:
             batch = next(iterator)
         except StopIteration:
@@ -164,10 +192,8 @@ def end_to_end_rate(setup, dataset, collate, batch_size: int, workers: int, devi
             batch = next(iterator)
         train_step(model, criterion, optimizer, {k: v.to(device, non_blocking=True) for k, v in batch.items()},
                    autocast, scaler, 1.0)
-        count += batch["features"].shape[0]
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return count / (time.perf_counter() - started)
+        return batch["features"].shape[0]
+    return repeated_rates(step, device, **timing)
 
 
 def main() -> None:
@@ -180,7 +206,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--caption-states", type=int, default=20000,
                         help="captions in the cached caption-state file (15 tokens x 384-d each on average)")
-    parser.add_argument("--steps", type=int, default=5, help="timed model steps per configuration")
+    parser.add_argument("--steps", type=int, default=5, help="timed model steps per run of a configuration")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per configuration: the median is reported, the range beside it")
+    parser.add_argument("--warmup-steps", type=int, default=3,
+                        help="untimed steps before each configuration's runs (at least; see --warmup-seconds)")
+    parser.add_argument("--warmup-seconds", type=float, default=2.0,
+                        help="warm-up lasts at least this long (CUDA picks kernels and raises clocks at first)")
     parser.add_argument("--device", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     parser.add_argument("--text-model", default="", help="default: the offline all-MiniLM-L6-v2")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -195,6 +227,14 @@ def main() -> None:
     def report(key: str, value: float, unit: str = "samples/s") -> None:
         results[key] = value
         print(f"{key:<58} {value:10.1f} {unit}", flush=True)
+
+    def report_runs(key: str, rates: list[float]) -> None:
+        results[key] = float(np.median(rates))
+        results[f"{key} runs"] = rates
+        print(f"{key:<58} {results[key]:10.1f} samples/s  (runs {min(rates):.1f}-{max(rates):.1f})", flush=True)
+
+    timing = dict(steps=args.steps, repeats=args.repeats, warmup_steps=args.warmup_steps,
+                  warmup_seconds=args.warmup_seconds)
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
@@ -236,11 +276,11 @@ def main() -> None:
                 ("RWA, all 6 text layers trainable", dict(rwa=True, text_trainable_layers=6)),
             ):
                 setup = model_setup(args.dim, device, text_model=args.text_model, **config)
-                report(f"model step {device_name}, {label}", step_rate(setup, batch, device, args.steps))
+                report_runs(f"model step {device_name}, {label}", step_rates(setup, batch, device, **timing))
             setup = model_setup(args.dim, device, text_model=args.text_model)
             workers = 0 if device.type == "cpu" else 4  # the defaults of `vlpcache pretrain` (make_loader)
-            report(f"end to end {device_name} (defaults, {workers} workers)",
-                   end_to_end_rate(setup, hdf5, collate, args.batch_size, workers, device, args.steps))
+            report_runs(f"end to end {device_name} (defaults, {workers} workers)",
+                        end_to_end_rates(setup, hdf5, collate, args.batch_size, workers, device, **timing))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
