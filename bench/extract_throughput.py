@@ -20,9 +20,11 @@ frames, detect one frame at a time and save one .npz per frame, as bottom-up-att
 installed); the ray engine starts its own local Ray instance, as `--engine ray` without an address does,
 so its whole-command figure includes Ray's start-up, and the ratio local/ray is its overhead.
 
-The matrix (`--matrix`, on by default with `--device cuda`) runs `extract` in-process for each
-detector and batch size and reports frames/s, the share of time the detector waited for decoded
-frames, and peak GPU memory. frcnn and vg run with `--frcnn-weights FILE` / `--vg-weights FILE` or,
+The matrix (`--matrix`, on by default with `--device cuda`) runs `extract` for each detector and
+batch size, each in its own process and twice there: cold (what a new process pays once: CUDA's
+lazy kernel loading, cuDNN's autotuning of each new input shape) and warm (the steady rate of a long
+job). It reports frames/s, the share of time the detector waited for decoded frames, peak GPU memory
+and, for yolox, the number of distinct input shapes. frcnn and vg run with `--frcnn-weights FILE` / `--vg-weights FILE` or,
 offline, random weights (speed barely depends on the weights; the number of detections does):
 `--detectors yolox,frcnn,vg` adds vg. `--runtimes` (also on by
 default with `--device cuda`) times yolox's two runtimes, onnxruntime (CUDA provider with
@@ -175,7 +177,7 @@ def run_engine(root: Path, cache_dir: Path, args, engine: str) -> tuple[float, f
     frames, seconds, summary = run_vlpcache(root, cache_dir, args, engine)
     # after start-up: from the detector being ready (imports and model loading done; ray: the first
     # actor's) to the end
-    loop = (float(re.search(r"failed, ([0-9.]+) s", summary).group(1))
+    loop = (float(re.search(r"([0-9.]+) s, [0-9.]+ items/s", summary).group(1))
             - float(re.search(r"loaded after ([0-9.]+) s", summary).group(1)))
     print(f"  vlpcache extract --engine {engine}: {frames} frames in {seconds:.1f} s = {frames / seconds:.2f} frames/s "
           f"({frames / loop:.2f} frames/s after start-up and model loading)")
@@ -184,10 +186,8 @@ def run_engine(root: Path, cache_dir: Path, args, engine: str) -> tuple[float, f
 
 
 def run_matrix(root: Path, scratch: Path, args) -> None:
-    """extract in-process for each detector x batch size: frames/s, detector wait share, peak memory."""
+    """extract for each detector x batch size, each in its own process: cold, then warm (see matrix_child)."""
     import torch
-
-    from vlpcache.extract.runner import run_extract
 
     weights = {"frcnn": args.frcnn_weights, "vg": args.vg_weights}
     if "frcnn" in args.detectors and not weights["frcnn"]:
@@ -201,19 +201,63 @@ def run_matrix(root: Path, scratch: Path, args) -> None:
         weights["vg"] = str(scratch / "vg-random.bin")  # the published checkpoint's layout
         torch.save(VgFasterRCNN().state_dict(), weights["vg"])
     for detector in args.detectors.split(","):
-        for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-            if args.device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            summary = run_extract(
-                [root], cache_dir=scratch / f"matrix-{root.name}-{detector}-{batch_size}", frames=args.frames,
-                detector=detector, backbone=args.frcnn_arch if detector == "frcnn" else None,
-                weights=weights.get(detector), device=args.device,
-                batch_size=batch_size, workers=args.workers, quiet=True)
-            busy = summary.detect_seconds + summary.wait_seconds
-            loaded = summary.seconds - summary.load_seconds
-            peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if args.device == "cuda" else ""
-            print(f"  matrix {detector:5s} batch {batch_size:4d}: {summary.frames / loaded:7.2f} frames/s once loaded, "
-                  f"detector waited {100 * summary.wait_seconds / max(busy, 1e-9):5.1f}% of its time for frames{peak}")
+        for batch_size in args.batch_sizes.split(","):
+            cmd = [sys.executable, __file__, "--matrix-child", str(root), "--matrix-out", str(scratch / "matrix"),
+                   "--detectors", detector, "--batch-sizes", batch_size, "--frames", str(args.frames),
+                   "--device", args.device, "--frcnn-arch", args.frcnn_arch]
+            cmd += ["--frcnn-weights", weights["frcnn"]] if detector == "frcnn" else []
+            cmd += ["--vg-weights", weights["vg"]] if detector == "vg" else []
+            cmd += ["--workers", str(args.workers)] if args.workers is not None else []
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            print(result.stdout, end="", flush=True)
+            if result.returncode != 0:
+                print(f"  matrix {detector} batch {batch_size} failed (exit status {result.returncode}):\n"
+                      f"{result.stderr[-2000:]}", flush=True)
+            shutil.rmtree(scratch / "matrix", ignore_errors=True)
+
+
+def matrix_child(root: Path, args) -> None:
+    """One matrix configuration, in a process of its own: `extract` in-process twice over the same items.
+
+    The first (cold) pass pays what each new process pays once: CUDA's lazy loading of kernels and
+    cuDNN's autotuning of each new input shape. The second (warm) pass, into a new cache, loads the
+    detector again but finds those done, so it shows the steady rate of a long job. Both print frames/s
+    once the detector is loaded, the share of its time the detector waited for decoded frames, peak GPU
+    memory and, for yolox, how many distinct input shapes reached its networks. (The matrix ran every
+    configuration in one process until 2026-12-04, so each was measured after its predecessors had
+    warmed some of its shapes.)"""
+    import torch
+
+    from vlpcache.extract.detectors import yolox
+    from vlpcache.extract.runner import run_extract
+
+    shapes = set()
+    detect_canvas = yolox.YoloxDetector._detect_canvas
+
+    def counted(self, canvas, frames, max_detections):
+        rows = yolox.autotuned_rows(len(frames)) if self.round_batches else len(frames)
+        shapes.add((rows, *canvas))
+        return detect_canvas(self, canvas, frames, max_detections)
+
+    yolox.YoloxDetector._detect_canvas = counted
+    detector, batch_size = args.detectors, int(args.batch_sizes)
+    weights = {"frcnn": args.frcnn_weights, "vg": args.vg_weights}.get(detector)
+    for label in ("cold", "warm"):
+        shapes.clear()
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        summary = run_extract(
+            [root], cache_dir=args.matrix_out / label, frames=args.frames, detector=detector,
+            backbone=args.frcnn_arch if detector == "frcnn" else None, weights=weights, device=args.device,
+            batch_size=batch_size, workers=args.workers, quiet=True)
+        busy = summary.detect_seconds + summary.wait_seconds
+        loaded = summary.seconds - summary.load_seconds
+        peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if args.device == "cuda" else ""
+        counted_shapes = f", {len(shapes)} input shape(s)" if detector == "yolox" else ""
+        print(f"  matrix {detector:5s} batch {batch_size:4d} {label}: {summary.frames / loaded:7.2f} frames/s once loaded "
+              f"({summary.frames} frames in {loaded:.1f} s), detector waited "
+              f"{100 * summary.wait_seconds / max(busy, 1e-9):5.1f}% of its time for frames{peak}{counted_shapes}",
+              flush=True)
 
 
 def run_runtimes(root: Path, args) -> None:
@@ -268,6 +312,8 @@ def main() -> None:
     parser.add_argument("--frcnn-arch", default="fasterrcnn_resnet50_fpn_v2")
     parser.add_argument("--frcnn-weights", default=None)
     parser.add_argument("--vg-weights", default=None, help="vg: the checkpoint (default: random weights in its layout)")
+    parser.add_argument("--matrix-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--matrix-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--reference-only", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--reference-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--reference-kind", choices=("simple", "detector"), default="simple", help=argparse.SUPPRESS)
@@ -289,6 +335,9 @@ def main() -> None:
         args.runtimes = args.device == "cuda"
     os.environ.setdefault("VLPCACHE_MODELS", str(SHARED / "models"))
 
+    if args.matrix_child:  # child process: one configuration of the matrix
+        matrix_child(args.matrix_child, args)
+        return
     if args.reference_only:  # child process: a reference, timed from its own start like `vlpcache extract`
         items, _ = discover_items([args.reference_only])
         args.reference_out.mkdir(parents=True, exist_ok=True)

@@ -658,6 +658,9 @@ MUTANTS += [
            '        frame_mask[b, :t] = item["frame_mask"]\n', "        frame_mask[b, :] = True\n",
            "tests/test_model.py tests/test_pretrain.py -k 'pad or mixed or image or frames'",
            "an item with fewer frames than its batch is masked beyond them"),
+    mutant("extract-cuda-batches-exact", "vlpcache/extract/detectors/yolox.py",
+           "    return 1 << max(0, frames - 1).bit_length()\n", "    return frames\n",
+           "tests/test_yolox.py -k rounded", "CUDA batches are rounded up to a few shapes for cuDNN's autotuning"),
 ]
 
 

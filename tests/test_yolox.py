@@ -127,6 +127,25 @@ def test_torch_runtime_of_the_gpu_path_matches_onnxruntime_on_cpu(detector, peop
         np.testing.assert_allclose(ours.features, reference.features, atol=2e-2, rtol=2e-2)
 
 
+def test_cuda_batches_rounded_up_for_autotuning_give_the_same_regions(people_frame, models_dir):
+    # on CUDA each canvas's call is rounded up to a power of two rows, so cuDNN autotunes a few shapes
+    # instead of every count up to the batch size; the padding rows must change nothing
+    detector = YoloxDetector(YoloxConfig(backbone="mobilenet_v2+neck", runtime="torch"), models=str(models_dir))
+    frames = [people_frame, people_frame[:, ::-1].copy(), people_frame[::2].copy(), people_frame // 2 + 60]
+    assert not detector.round_batches  # CPU: exact batch sizes
+    exact = detector.detect(frames, 30)
+    seen = []
+    graph = detector.graph
+    detector.graph = lambda images: (seen.append(images.shape[0]), graph(images))[1]
+    detector.round_batches = True
+    rounded = detector.detect(frames, 30)
+    assert sorted(seen) == [1, 4]  # canvases of 3 frames and of 1 frame: 3 rows rounded up to 4
+    for ours, reference in zip(rounded, exact):
+        np.testing.assert_array_equal(ours.labels, reference.labels)
+        np.testing.assert_allclose(ours.boxes, reference.boxes, atol=1e-5)
+        np.testing.assert_allclose(ours.features, reference.features, atol=1e-4, rtol=1e-4)
+
+
 def test_the_choice_made_before_loading_describes_the_loaded_detector(detector, models_dir):
     from vlpcache.extract.detectors.choice import choose_detector
 

@@ -209,6 +209,7 @@ class YoloxDetector:
         else:
             self._load_onnxruntime()
         self.grids: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.round_batches = self.graph is not None and self.device.type == "cuda"  # see autotuned_rows
 
     def _load_torch(self) -> None:
         from vlpcache.extract.detectors.yolox_torch import yolox_torch_module
@@ -268,7 +269,9 @@ class YoloxDetector:
 
     def _detect_canvas(self, canvas, frames, max_detections: int) -> list[FrameRegions]:
         # pinned host memory lets the copy to the GPU overlap with queued GPU work
-        images = torch.empty((len(frames), 3, *canvas), pin_memory=self.device.type == "cuda")  # (B, 3, Hc, Wc) BGR 0-255
+        rows = autotuned_rows(len(frames)) if self.round_batches else len(frames)
+        images = torch.empty((rows, 3, *canvas), pin_memory=self.device.type == "cuda")  # (B', 3, Hc, Wc) BGR 0-255
+        images[len(frames):] = 0
         scales = [letterbox(frame, out=slot)[1] for frame, slot in zip(frames, images)]
         images = images.to(self.device, non_blocking=True)
         raw, neck_maps = self._run_yolox(images)  # (B, A, 85), [(B, C_l, Hc/s_l, Wc/s_l) per stride s_l]
@@ -317,6 +320,18 @@ class YoloxDetector:
         pooled[frame_rows.to(pooled.device)] = torch.stack(
             [frame_average(feature_map[b], height, width, stride) for b, (height, width) in enumerate(frame_sizes)])  # (B, C)
         return pooled
+
+
+def autotuned_rows(frames: int) -> int:
+    """Rows of a CUDA batch of `frames` frames of one canvas: the next power of two, the rows past the
+    frames left black and never read.
+
+    cuDNN's autotuning (on for CUDA) times every algorithm of every convolution once per new input
+    shape, in each process. A batch of mixed aspect ratios splits into one call per canvas, so at the
+    CUDA default of 128 frames any count from 1 to 128 could come up per canvas: up to 128 shapes each,
+    and each new one paid for again. Rounded up, there are at most 8 per canvas for a wasted share of
+    under half of a partial call, on a device where a batch twice as large costs far less than twice."""
+    return 1 << max(0, frames - 1).bit_length()
 
 
 def frame_average(feature_map: torch.Tensor, height: float, width: float, stride: int) -> torch.Tensor:
