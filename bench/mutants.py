@@ -661,6 +661,9 @@ MUTANTS += [
     mutant("extract-cuda-batches-exact", "vlpcache/extract/detectors/yolox.py",
            "    return 1 << max(0, frames - 1).bit_length()\n", "    return frames\n",
            "tests/test_yolox.py -k rounded", "CUDA batches are rounded up to a few shapes for cuDNN's autotuning"),
+    mutant("extract-extensionless-media-ignored", "vlpcache/extract/sources.py",
+           "    if sniff and not suffix:\n", "    if False:\n",
+           "tests/test_sources.py -k first_bytes", "a video or image without extension is known by its first bytes"),
 ]
 
 

@@ -39,8 +39,13 @@ def media(tmp_path_factory, videos_dir, msrvtt_dir, flickr_dir):
     for name in SMALL_VIDEOS:
         shutil.copy(videos_dir / name, root / "clips" / name)
     shutil.copy(videos_dir / "tests_data_test.mp4", root / "clips" / "ünïcode name.mp4")
-    for photo in sorted((flickr_dir / "images").iterdir())[:3]:
+    # no extension, as a download by id leaves files: known by their first bytes
+    shutil.copy(videos_dir / "carphone_distorted.mp4", root / "clips" / "abc123")
+    (root / "clips" / "README").write_text("clips downloaded by id\n")
+    photos = sorted((flickr_dir / "images").iterdir())
+    for photo in photos[:3]:
         shutil.copy(photo, root / photo.name)
+    shutil.copy(photos[3], root / "photo-without-extension")
     for folder in sorted((msrvtt_dir / "frames" / "val").iterdir())[:3]:
         shutil.copytree(folder, root / "frames" / folder.name)
     return root
@@ -57,7 +62,7 @@ def test_extract_caches_every_item_once_with_masks_and_timestamps(extracted, med
     cache_dir, result = extracted
     cache = RegionCache(cache_dir)
     assert sorted(cache.ids) == sorted(
-        [f"clips/{Path(n).stem}" for n in SMALL_VIDEOS] + ["clips/ünïcode name"]
+        [f"clips/{Path(n).stem}" for n in SMALL_VIDEOS] + ["clips/ünïcode name", "clips/abc123", "photo-without-extension"]
         + [p.stem for p in media.glob("*.jpg")] + [f"frames/{p.name}" for p in (media / "frames").iterdir()])
     assert cache.settings.frames == 4 and cache.settings.regions == 31 and cache.settings.feature_dim == 1280
     video = cache.get("clips/bikes")
@@ -72,7 +77,8 @@ def test_extract_caches_every_item_once_with_masks_and_timestamps(extracted, med
         valid = item["frame_mask"]
         assert np.all(item["region_mask"][valid, 0]) and np.all(item["labels"][valid, 0] == -1)
         assert not item["region_mask"][~valid].any()
-    assert "extract: 11 done" in result.stderr
+    assert cache.get("clips/abc123")["frame_mask"].all() and cache.get("photo-without-extension")["kind"] == "image"
+    assert "extract: 13 done" in result.stderr
 
 
 def test_each_cached_item_holds_the_detectors_regions_of_its_own_frames(extracted, media):
@@ -104,7 +110,7 @@ def test_rerun_skips_everything_already_cached(extracted, media):
     cache_dir, _ = extracted
     before = sorted(p.name for p in (cache_dir / SHARD_DIR).iterdir())
     again = vlpcache("extract", media, "-o", cache_dir, "--frames", 4, cwd=cache_dir.parent)
-    assert "0 done, 11 already cached" in again.stderr
+    assert "0 done, 13 already cached" in again.stderr
     assert sorted(p.name for p in (cache_dir / SHARD_DIR).iterdir()) == before
 
 
@@ -114,7 +120,7 @@ def test_a_rerun_with_nothing_left_to_do_loads_no_network(extracted, media):
              f"summary = run_extract([{str(media)!r}], cache_dir={str(cache_dir)!r}, frames=4, quiet=True)\n"
              "print(summary.skipped_cached, 'torch' in sys.modules, 'onnxruntime' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=HANG_GUARD_S, check=True)
-    assert result.stdout.split() == ["11", "False", "False"]
+    assert result.stdout.split() == ["13", "False", "False"]
 
 
 def test_other_settings_are_refused_for_an_existing_cache(extracted, media):
@@ -168,7 +174,7 @@ def test_a_terminal_that_reports_no_size_still_shows_the_progress_bar(msrvtt_dir
 def test_inspect_summarises_and_renders_an_item(extracted, tmp_path):
     cache_dir, _ = extracted
     summary = json.loads(vlpcache("inspect", cache_dir, "--json", cwd=tmp_path).stdout)
-    assert summary["items"] == 11 and summary["T"] == 4 and summary["N"] == 31 and summary["D"] == 1280
+    assert summary["items"] == 13 and summary["T"] == 4 and summary["N"] == 31 and summary["D"] == 1280
     models = Path(os.environ["VLPCACHE_MODELS"])  # the weights the extract read (conftest sets it), hashed here
     assert summary["provenance"]["detector_weights_sha256"] == file_sha256(models / "yolox_nano_coco.onnx")
     assert summary["provenance"]["backbone_weights_sha256"] == file_sha256(models / "mobilenet_v2_imagenet_features.pth")
@@ -296,7 +302,7 @@ def test_two_shard_processes_fill_one_cache_together(media, tmp_path):
     for i in range(2):
         expected = sorted(item.id for item in items if zlib.crc32(item.id.encode()) % 2 == i)
         assert sorted(stored[f"s{i}of2"]) == expected
-    assert 0 < len(stored["s0of2"]) < 11 and len(stored["s0of2"]) + len(stored["s1of2"]) == 11
+    assert 0 < len(stored["s0of2"]) < 13 and len(stored["s0of2"]) + len(stored["s1of2"]) == 13
 
 
 def _assert_same_content(a: RegionCache, b: RegionCache):

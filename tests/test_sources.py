@@ -15,6 +15,7 @@ from vlpcache.extract.sources import (
     natural_key,
     other_files,
     shard_of,
+    sniffed_kind,
 )
 
 
@@ -115,6 +116,41 @@ def test_hidden_and_non_media_files_and_empty_folders_are_ignored_silently(tmp_p
     (tmp_path / "empty").mkdir()
     touch(tmp_path / "only_text" / "a.txt")
     assert discover_items([tmp_path]) == ([], [])
+
+
+def test_files_without_extension_are_known_by_their_first_bytes(tmp_path):
+    heads = {
+        "mp4": b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00", "mov": b"\x00\x00\x00\x14ftypqt  ",
+        "old_mov": b"\x00\x00\x00\x08wide", "mkv": b"\x1aE\xdf\xa3\x01", "avi": b"RIFF\x00\x00\x00\x00AVI LIST",
+        "mpeg": b"\x00\x00\x01\xba\x44", "flv": b"FLV\x01\x05", "wmv": b"\x30\x26\xb2\x75\x8e\x66\xcf\x11\xa6",
+        "ogv": b"OggS\x00\x02", "gif": b"GIF89a\x01\x00",
+        "jpeg": b"\xff\xd8\xff\xe0\x00\x10JFIF", "png": b"\x89PNG\r\n\x1a\n\x00", "webp": b"RIFF\x10\x00\x00\x00WEBPVP8 ",
+        "tiff": b"II*\x00\x08\x00", "tiff_be": b"MM\x00*\x00\x00",
+        "heic": b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00", "avif": b"\x00\x00\x00\x1cftypavif",
+        "wav": b"RIFF\x24\x00\x00\x00WAVEfmt ", "README": b"# notes\n", "empty": b"",
+    }
+    for name, head in heads.items():
+        touch(tmp_path / "dl" / name, head)
+    items, problems = discover_items([tmp_path / "dl"])
+    assert problems == [] and kinds_by_id(items) == {
+        "avi": "video", "flv": "video", "gif": "video", "jpeg": "image", "mkv": "video", "mov": "video", "mp4": "video",
+        "mpeg": "video", "ogv": "video", "old_mov": "video", "png": "image", "tiff": "image", "tiff_be": "image",
+        "webp": "image", "wmv": "video"}  # HEIF/AVIF photos, audio, text and empty files are not media
+    assert sniffed_kind(tmp_path / "nope") is None
+    # a file with an extension is never sniffed: its extension decides
+    assert discover_items([touch(tmp_path / "x" / "clip.bin", heads["mp4"]).parent]) == ([], [])
+    # a folder of extension-less frames is a frames item, and its frames are those files
+    for k in range(3):
+        touch(tmp_path / "root" / "video1" / f"{k:04d}", heads["jpeg"])
+    touch(tmp_path / "root" / "video1" / "LICENSE", b"MIT")
+    items, _ = discover_items([tmp_path / "root"])
+    assert items == [Item("video1", (tmp_path / "root" / "video1").absolute(), "frames")]
+    assert [p.name for p in frame_files(tmp_path / "root" / "video1")] == ["0000", "0001", "0002"]
+    # a root that is one such file
+    assert discover_items([tmp_path / "dl" / "mp4"])[0] == [Item("mp4", tmp_path / "dl" / "mp4", "video")]
+    assert discover_items([tmp_path / "dl" / "README"])[1] == [
+        (str(tmp_path / "dl" / "README"), "not a video or image file (no extension, and its first bytes are of no "
+                                          "known format); skipped")]
 
 
 def test_symlink_loop_does_not_hang_and_each_folder_is_walked_once(tmp_path):
@@ -222,7 +258,8 @@ def test_roots_without_media_say_what_they_hold_instead(tmp_path):
     said = other_files([phone])
     assert said.startswith("its 5 file(s) have other extensions (.heic 3, .txt 1, no extension 1) (HEIC photos: convert ")
     assert said.endswith("; media are known by extension (videos: .mp4, .mov, .avi, .mkv, .webm and 24 more; "
-                         "images: .bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp)")  # hidden files are not counted
+                         "images: .bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp; a file without one by its first bytes)")
+    # hidden files are not counted
     (tmp_path / "empty").mkdir()
     assert other_files([tmp_path / "empty"]) == "it is empty"
     assert other_files([tmp_path / "nope"]) == "it does not exist"

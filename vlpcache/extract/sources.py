@@ -11,6 +11,8 @@ Rules (docs/design.md section 1):
   folder whose images have `.txt` files of the same name beside them (an image-caption download) is
   said in one line.
 - A root may be a single file; its id is its file name without extension.
+- Media are known by their extension; a file with none (`clips/abc123`, as a download by id leaves
+  it) by its first bytes (MP4/MOV, Matroska/WebM, AVI, MPEG, FLV, ASF, Ogg, GIF; JPEG, PNG, WebP, TIFF).
 - Hidden files and folders (name starting with `.`, e.g. macOS `._x.jpg`) and non-media files are
   ignored silently. Symbolic links are followed, each real folder is walked once (no loops).
 - Order is deterministic: roots in the order given, entries by natural name order (2.jpg < 10.jpg).
@@ -51,12 +53,50 @@ def natural_key(name: str) -> tuple:
     return tuple(int(p) if i % 2 else p.casefold() for i, p in enumerate(parts)), name
 
 
-def media_kind(path: Path) -> str | None:
+def media_kind(path: Path, sniff: bool = False) -> str | None:
+    """"video", "image" or None, by the extension; with sniff, a file with no extension by its first bytes."""
     suffix = path.suffix.lower()
     if suffix in VIDEO_EXTENSIONS:
         return "video"
     if suffix in IMAGE_EXTENSIONS:
         return "image"
+    if sniff and not suffix:
+        return sniffed_kind(path)
+    return None
+
+
+# (offset, bytes, kind) of the formats a file without extension is recognised by
+SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (4, b"ftyp", "video"),  # MP4, MOV, M4V, 3GP (HEIF/AVIF photos are told apart by their brand below)
+    (4, b"moov", "video"), (4, b"mdat", "video"), (4, b"wide", "video"),  # QuickTime without ftyp
+    (0, b"\x1aE\xdf\xa3", "video"),  # Matroska, WebM
+    (0, b"\x00\x00\x01\xba", "video"), (0, b"\x00\x00\x01\xb3", "video"),  # MPEG program / elementary stream
+    (0, b"FLV\x01", "video"),
+    (0, b"\x30\x26\xb2\x75\x8e\x66\xcf\x11", "video"),  # ASF, WMV
+    (0, b"OggS", "video"),
+    (0, b"GIF87a", "video"), (0, b"GIF89a", "video"),  # a GIF is a video, as .gif is
+    (0, b"\xff\xd8\xff", "image"),  # JPEG
+    (0, b"\x89PNG\r\n\x1a\n", "image"),
+    (0, b"II*\x00", "image"), (0, b"MM\x00*", "image"),  # TIFF
+)
+HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis"})
+
+
+def sniffed_kind(path: Path) -> str | None:
+    """"video" or "image" by a file's first bytes, or None (unknown, unreadable, or a HEIF/AVIF photo,
+    which the image decoder does not read)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    if head[:4] == b"RIFF":
+        return {b"AVI ": "video", b"WEBP": "image"}.get(head[8:12])
+    if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
+        return None
+    for offset, signature, kind in SIGNATURES:
+        if head[offset : offset + len(signature)] == signature:
+            return kind
     return None
 
 
@@ -64,7 +104,7 @@ def frame_files(folder: Path) -> list[Path]:
     """The frames of a frames folder: its image files (not hidden), in natural name order."""
     with os.scandir(folder) as entries:
         names = [e.name for e in entries if not e.name.startswith(".") and _is_file(e)
-                 and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS]
+                 and media_kind(folder / e.name, sniff=True) == "image"]
     return [folder / n for n in sorted(names, key=natural_key)]
 
 
@@ -91,10 +131,11 @@ def discover_items(roots: list[Path], frame_folders: bool = True) -> tuple[list[
         elif root.is_dir():
             for item in walk.folder(root.absolute(), root.absolute(), is_root=True)[0]:
                 walk.add(item)
-        elif media_kind(root) is None:
-            walk.problems.append((str(root), f"not a video or image file (unknown extension); {SKIPPED}"))
+        elif (kind := media_kind(root, sniff=True)) is None:
+            what = "unknown extension" if root.suffix else "no extension, and its first bytes are of no known format"
+            walk.problems.append((str(root), f"not a video or image file ({what}); {SKIPPED}"))
         else:
-            walk.add(Item(root.stem, root.absolute(), media_kind(root)))
+            walk.add(Item(root.stem, root.absolute(), kind))
     return walk.items, walk.problems
 
 
@@ -134,14 +175,14 @@ class _Walk:
             self.problems.append((str(folder), f"cannot read folder: {err.strerror or err}; {SKIPPED}"))
             return [], False
 
-        files, subfolders, texts = [], [], set()
+        files, subfolders, texts = {}, [], set()  # files: path -> kind
         for entry in entries:
             path = folder / entry.name
             if _is_dir(entry):
                 subfolders.append(path)
             elif _is_file(entry):
-                if media_kind(path) is not None:
-                    files.append(path)
+                if (kind := media_kind(path, sniff=True)) is not None:
+                    files[path] = kind
                 elif path.suffix.lower() == SIDECAR_SUFFIX:  # a caption beside its image (img2dataset)
                     texts.add(path.stem)
             elif entry.is_symlink() and media_kind(path) is not None:
@@ -152,7 +193,7 @@ class _Walk:
             sub_items, has_media = self.folder(root, sub)
             below += sub_items
             sub_has_media |= has_media
-        only_images = files and all(media_kind(p) == "image" for p in files)
+        only_images = files and all(kind == "image" for kind in files.values())
         if only_images and not sub_has_media and not is_root and self.frame_folders:
             described = [p for p in files if p.stem in texts]
             if len(described) * 2 >= len(files):
@@ -160,7 +201,7 @@ class _Walk:
                                       f"{described[0].stem}.txt), as an image-caption download has; taken as one "
                                       f"video's {len(files)} frames: --no-frame-folders takes each image as an item"))
             return [Item(_relative_id(root, folder), folder, "frames")], True
-        own = [Item(_relative_id(root, p.with_suffix("")), p, media_kind(p)) for p in files]
+        own = [Item(_relative_id(root, p.with_suffix("")), p, kind) for p, kind in files.items()]
         return own + below, bool(files) or sub_has_media
 
 
@@ -189,10 +230,11 @@ def other_files(roots: list[Path], limit: int = 100_000) -> str:
 
 
 def known_extensions() -> str:
-    """The media extensions, said in a line: the common video ones, how many more, every image one."""
+    """The media extensions, said in a line: the common video ones, how many more, every image one, and
+    that a file without one is known by its first bytes."""
     common = (".mp4", ".mov", ".avi", ".mkv", ".webm")
     return (f"videos: {', '.join(common)} and {len(VIDEO_EXTENSIONS) - len(common)} more; "
-            f"images: {', '.join(sorted(IMAGE_EXTENSIONS))}")
+            f"images: {', '.join(sorted(IMAGE_EXTENSIONS))}; a file without one by its first bytes")
 
 
 def is_utf8(text: str) -> bool:
