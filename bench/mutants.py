@@ -664,6 +664,10 @@ MUTANTS += [
     mutant("extract-extensionless-media-ignored", "vlpcache/extract/sources.py",
            "    if sniff and not suffix:\n", "    if False:\n",
            "tests/test_sources.py -k first_bytes", "a video or image without extension is known by its first bytes"),
+    mutant("eval-validation-file-without-val-split-unseen", "vlpcache/index/evaluate.py",
+           "sum(not file_has_validation_split or split", "sum(False or split",
+           "tests/test_eval.py -k training_captions",
+           "a validation file with splits but no val split was validated on whole, and eval says so"),
 ]
 
 

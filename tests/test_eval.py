@@ -120,6 +120,11 @@ def test_eval_on_the_runs_training_captions_says_the_figures_measure_fit(root, w
         assert test["videos_trained_on"] == 0 and test["validation_videos"] == 0  # held out from both
         assert eval_json(monkeypatch, capsys, "--captions", path, "--split", "val")["run"]["validation_videos"] == 4
         assert eval_json(monkeypatch, capsys, "--captions", path)["run"]["videos_trained_on"] == 8
+        # a validation file whose splits hold no validation split: pretraining validated on all of it
+        path.write_text("".join(json.dumps({"video": i, "captions": c, "split": ("test", "dev")[n % 2]}) + "\n"
+                                for n, (i, c) in enumerate(captions.items())))  # 8 test, 8 dev
+        test = eval_json(monkeypatch, capsys, "--captions", path, "--split", "test")["run"]
+        assert test["validation_videos"] == 8 and test["videos_trained_on"] == 0
     finally:
         (run / "config.json").write_text(json.dumps(config))
 

@@ -100,11 +100,11 @@ def format_results(results: dict) -> str:
 PARAGRAPH_WORDS = 128  # tokens of a paragraph query by default (DiDeMo's and ActivityNet's are several sentences)
 
 
-def seen_by_run(run_dir: Path, captions_file, captions) -> tuple[int, int]:
+def seen_by_run(run_dir: Path, captions_file, captions, file_has_validation_split: bool) -> tuple[int, int]:
     """What the run has seen of the videos of `captions` (read from `captions_file`), by pretraining's rules for
     a file's splits: how many it trained on with that same file (all of a file without splits, those of its
     training splits), and how many of them its best epoch was chosen on (those of the validation split of
-    its validation file)."""
+    its validation file; all of it where the whole file, before any --split, has no validation split)."""
     from vlpcache.model.data import HELD_OUT_STEMS, VALIDATION_SPLITS
     from vlpcache.model.run_layout import read_run_config
 
@@ -117,7 +117,7 @@ def seen_by_run(run_dir: Path, captions_file, captions) -> tuple[int, int]:
     path = Path(captions_file).resolve()
     splits = {i: captions.splits.get(i, "").lower() for i in captions.by_id}
     trained = sum(split not in HELD_OUT_STEMS for split in splits.values()) if path in trained_files else 0
-    validated = (sum(not captions.splits or split in VALIDATION_SPLITS for split in splits.values())
+    validated = (sum(not file_has_validation_split or split in VALIDATION_SPLITS for split in splits.values())
                  if path == validation else 0)
     return trained, validated
 
@@ -127,11 +127,13 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
              batch_size=None, checkpoint=None, quiet=False, qbnorm=False, dual_softmax=False) -> dict:
     """The `vlpcache eval` command."""
     from vlpcache.model.checkpoint import load_run
+    from vlpcache.model.data import has_validation_split
     from vlpcache.model.retrieval import default_batch_size
 
     sources = resolve_sources(run_dir, cache_dir)
     cache = open_cache(sources.cache_dir)
     captions = read_captions(captions_file, progress=not quiet)
+    file_has_validation_split = has_validation_split(captions)
     if split is not None:
         captions = captions.of_split(split)
     captions, key_matches = captions.matched_to(cache.ids)
@@ -153,7 +155,7 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
     if split is None and (splits := kept.split_counts()) and len(splits) > 1:
         say(f"eval: {captions_file} has videos of several splits ({', '.join(f'{n} {s}' for s, n in splits.items())}), "
             "all evaluated together: --split NAME evaluates one")
-    trained, validated = seen_by_run(sources.run_dir, captions_file, kept)
+    trained, validated = seen_by_run(sources.run_dir, captions_file, kept, file_has_validation_split)
     if trained:  # said under --quiet too: it is about what the figures mean
         say_always(f"eval: {trained} of these {len(kept.by_id)} videos were trained on with these captions "
                    f"({printable(str(captions_file))} is one of the run's training caption files): the figures say how "
