@@ -668,6 +668,10 @@ MUTANTS += [
            "sum(not file_has_validation_split or split", "sum(False or split",
            "tests/test_eval.py -k training_captions",
            "a validation file with splits but no val split was validated on whole, and eval says so"),
+    mutant("eval-run-video-record-ignored", "vlpcache/index/evaluate.py",
+           "    recorded = read_run_videos(run_dir) if", "    recorded = None if",
+           "tests/test_eval.py -k training_captions",
+           "eval tells the run's training videos by its record, whatever file their captions come from"),
 ]
 
 

@@ -12,6 +12,7 @@ from vlpcache.captions import read_captions
 from vlpcache.metrics import reranked, retrieval_metrics, top_candidates
 from vlpcache.model.batch import tokenize, video_batch
 from vlpcache.model.checkpoint import load_run
+from vlpcache.model.run_layout import read_run_videos
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +107,29 @@ def test_eval_on_the_runs_training_captions_says_the_figures_measure_fit(root, w
     # the same file read through another path is the same file
     monkeypatch.chdir(root)
     assert eval_json(monkeypatch, capsys, "--captions", "train.jsonl")["run"]["videos_trained_on"] == 16
+    # the same videos captioned in another file (here a copy): the run's record of its videos (videos.npz) tells
+    run = ws / "runs" / "run-001"
+    trained, validation = read_run_videos(run)
+    assert len(trained) == 16 and len(validation) == 8
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for name in ("train.jsonl", "val.jsonl"):
+        (copies / name).write_text((root / name).read_text().replace('"a ', '"one '))
+    code, out, err = vlpcache(monkeypatch, capsys, "eval", "--captions", copies / "train.jsonl", "--json", "--quiet")
+    assert code == 0 and json.loads(out)["run"]["videos_trained_on"] == 16
+    assert err.splitlines() == [f"eval: 16 of these 16 videos were trained on, with the captions of the run's training "
+                                f"files ({root / 'train.jsonl'}): the figures say how well it fits them, not how it finds "
+                                "videos it has not seen; evaluate on videos held out from training"]
+    code, out, err = vlpcache(monkeypatch, capsys, "eval", "--captions", copies / "val.jsonl", "--json", "--quiet")
+    assert code == 0 and json.loads(out)["run"]["validation_videos"] == 8
+    assert err.splitlines() == [f"eval: 8 of these 8 videos are the run's validation videos (of {root / 'val.jsonl'}): its "
+                                "best epoch and re-rank weight were chosen on them, so the figures lean optimistic; "
+                                "report them on a test file"]
+    # a run made before the record was kept: pretraining's split rules, for the same file only
+    (run / "videos.npz").rename(tmp_path / "videos.npz")
+    assert eval_json(monkeypatch, capsys, "--captions", copies / "train.jsonl")["run"]["videos_trained_on"] == 0
     # one file of several splits trained and validated on (its train and val splits, as pretraining chooses them)
     captions = read_captions(root / "train.jsonl").by_id
-    run = ws / "runs" / "run-001"
     config = json.loads((run / "config.json").read_text())
     path = tmp_path / "all.jsonl"
     path.write_text("".join(json.dumps({"video": i, "captions": c, "split": ("test", "val", "train")[min(n // 4, 2)]})
@@ -127,6 +148,7 @@ def test_eval_on_the_runs_training_captions_says_the_figures_measure_fit(root, w
         assert test["validation_videos"] == 8 and test["videos_trained_on"] == 0
     finally:
         (run / "config.json").write_text(json.dumps(config))
+        (tmp_path / "videos.npz").rename(run / "videos.npz")
 
 
 @pytest.mark.parametrize("max_words, repeat", [(None, 1), (6, 1), (None, 16)])

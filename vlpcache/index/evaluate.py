@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from vlpcache.captions import caption_queries, read_captions
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
@@ -100,26 +103,70 @@ def format_results(results: dict) -> str:
 PARAGRAPH_WORDS = 128  # tokens of a paragraph query by default (DiDeMo's and ActivityNet's are several sentences)
 
 
-def seen_by_run(run_dir: Path, captions_file, captions, file_has_validation_split: bool) -> tuple[int, int]:
-    """What the run has seen of the videos of `captions` (read from `captions_file`), by pretraining's rules for
-    a file's splits: how many it trained on with that same file (all of a file without splits, those of its
-    training splits), and how many of them its best epoch was chosen on (those of the validation split of
-    its validation file; all of it where the whole file, before any --split, has no validation split)."""
+@dataclass(frozen=True)
+class Seen:
+    """What a run has seen of the videos evaluated: how many it trained on, how many it chose its best
+    epoch on, and whether that was with this very caption file (else with other captions of theirs)."""
+    trained: int = 0
+    validated: int = 0
+    same_file: bool = True
+    training_files: tuple[str, ...] = ()
+    validation_file: str | None = None
+
+    def line(self, captions_file, videos: int) -> str | None:
+        """What eval says about the figures, or None when the run saw none of these videos."""
+        name = printable(str(captions_file))
+        if self.trained and self.same_file:
+            return (f"eval: {self.trained} of these {videos} videos were trained on with these captions ({name} is "
+                    "one of the run's training caption files): the figures say how well it fits them, not how it "
+                    "finds videos it has not seen; evaluate on held-out captions (a val or test file, or --split test)")
+        if self.trained:
+            files = ", ".join(printable(f) for f in self.training_files[:2]) + (", ..." if len(self.training_files) > 2 else "")
+            return (f"eval: {self.trained} of these {videos} videos were trained on, with the captions of the run's "
+                    f"training files ({files}): the figures say how well it fits them, not how it finds videos it has "
+                    "not seen; evaluate on videos held out from training")
+        if self.validated and self.same_file:
+            return (f"eval: {self.validated} of these {videos} videos are the run's validation videos ({name}): its "
+                    "best epoch and re-rank weight were chosen on these captions, so the figures lean optimistic; "
+                    "report them on a test file")
+        if self.validated:
+            return (f"eval: {self.validated} of these {videos} videos are the run's validation videos (of "
+                    f"{printable(self.validation_file or '')}): its best epoch and re-rank weight were chosen on them, "
+                    "so the figures lean optimistic; report them on a test file")
+        return None
+
+
+def seen_by_run(run_dir: Path, cache_dir: Path, captions_file, captions, file_has_validation_split: bool) -> Seen:
+    """What the run has seen of the videos of `captions` (read from `captions_file`; ids of `cache_dir`).
+
+    Where the run recorded the videos it trained and validated on (videos.npz) and the evaluated cache is
+    one it trained on, those decide, whatever file the captions come from. Otherwise (a run made before
+    the record was kept, another cache) pretraining's rules for a file's splits do, for the same file
+    only: how many it trained on with that file (all of a file without splits, those of its training
+    splits), and how many of them its best epoch was chosen on (those of the validation split of its
+    validation file; all of it where the whole file, before any --split, has no validation split)."""
     from vlpcache.model.data import HELD_OUT_STEMS, VALIDATION_SPLITS
-    from vlpcache.model.run_layout import read_run_config
+    from vlpcache.model.run_layout import read_run_config, read_run_videos, video_keys
 
     try:
         train = read_run_config(run_dir).get("train", {})
-        trained_files = {Path(f).resolve() for f in train.get("captions") or []}
-        validation = Path(train["val_captions"]).resolve() if train.get("val_captions") else None
+        trained_files = [str(Path(f).resolve()) for f in train.get("captions") or []]
+        validation = str(Path(train["val_captions"]).resolve()) if train.get("val_captions") else None
+        caches = {Path(c).resolve() for c in train.get("caches") or []}
     except (UserError, AttributeError, TypeError, OSError):  # a run config of another shape: nothing to say
-        return 0, 0
-    path = Path(captions_file).resolve()
+        return Seen()
+    path = str(Path(captions_file).resolve())
+    recorded = read_run_videos(run_dir) if Path(cache_dir).resolve() in caches else None
+    if recorded is not None:
+        keys = video_keys(captions.by_id)
+        trained, validated = (int(np.isin(keys, stored).sum()) for stored in recorded)
+        return Seen(trained, validated, path in trained_files if trained else path == validation,
+                    tuple(trained_files), validation)
     splits = {i: captions.splits.get(i, "").lower() for i in captions.by_id}
     trained = sum(split not in HELD_OUT_STEMS for split in splits.values()) if path in trained_files else 0
     validated = (sum(not file_has_validation_split or split in VALIDATION_SPLITS for split in splits.values())
                  if path == validation else 0)
-    return trained, validated
+    return Seen(trained, validated, True, tuple(trained_files), validation)
 
 
 def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captions=False, paragraphs=False,
@@ -155,16 +202,9 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
     if split is None and (splits := kept.split_counts()) and len(splits) > 1:
         say(f"eval: {captions_file} has videos of several splits ({', '.join(f'{n} {s}' for s, n in splits.items())}), "
             "all evaluated together: --split NAME evaluates one")
-    trained, validated = seen_by_run(sources.run_dir, captions_file, kept, file_has_validation_split)
-    if trained:  # said under --quiet too: it is about what the figures mean
-        say_always(f"eval: {trained} of these {len(kept.by_id)} videos were trained on with these captions "
-                   f"({printable(str(captions_file))} is one of the run's training caption files): the figures say how "
-                   "well it fits them, not how it finds videos it has not seen; evaluate on held-out captions (a val "
-                   "or test file, or --split test)")
-    elif validated:
-        say_always(f"eval: {validated} of these {len(kept.by_id)} videos are the run's validation videos "
-                   f"({printable(str(captions_file))}): its best epoch and re-rank weight were chosen on these captions, "
-                   "so the figures lean optimistic; report them on a test file")
+    seen = seen_by_run(sources.run_dir, sources.cache_dir, captions_file, kept, file_has_validation_split)
+    if line := seen.line(captions_file, len(kept.by_id)):  # said under --quiet too: it is about what the figures mean
+        say_always(line)
     say(f"eval: run {sources.run_dir} (epoch {run.epoch}), {len(kept.by_id)} captioned videos of {len(cache)} cached "
         f"({report['captions_without_items']} caption entries without a cached video{captions.bad_lines_text()}"
         f"{key_matches.text()}), "
@@ -182,7 +222,7 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
         results["protocol"]["captions_per_video"] = "paragraph"
     results["run"] = {"run_dir": str(sources.run_dir), "epoch": run.epoch, "checkpoint_sha256": run.checkpoint_sha256,
                       "captions": str(Path(captions_file)), "split": split, "cache": str(sources.cache_dir),
-                      "videos_trained_on": trained, "validation_videos": validated}
+                      "videos_trained_on": seen.trained, "validation_videos": seen.validated}
     if as_json:
         print(json.dumps(results, indent=2))
     else:

@@ -262,6 +262,12 @@ class PretrainData:
     validation_file: Path | None = None
     held_out_skipped: int = 0  # training captions of val/test items (by their "split" key) left out
 
+    def train_ids(self) -> list[str]:
+        return [self.caches[c].ids[i] for c, i, _ in self.train.samples]
+
+    def validation_ids(self) -> list[str]:
+        return [self.caches[c].ids[i] for c, i in self.validation.locations] if self.validation is not None else []
+
     def summary(self) -> list[str]:
         files = [f"{path} ({layout})" for path, layout in zip(self.caption_files, self.caption_layouts)]
         lines = [f"training captions: {', '.join(files)}", f"training: {self.train_report.line()}"]

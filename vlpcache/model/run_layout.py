@@ -8,6 +8,7 @@ and `eval` find the checkpoint to use (checkpoint.py writes and loads; search re
     <run>/best.json                   {"epoch": 3, "metrics": ...}: the epoch with the best validation
     <run>/log.jsonl, <run>/tensorboard/   a JSON line per epoch (LOG_FIELDS); TensorBoard events per step
     <run>/pretrain.lock               held (fcntl) by the process training the run; gone when it ends
+    <run>/videos.npz                  which videos it trained and validated on (video_keys), for eval
 
 A checkpoint counts once its meta.json exists ({"epoch", "sha256" of model.safetensors, "metrics",
 "rerank_weight", ...}); older checkpoints are removed as new ones land, except the best.
@@ -15,11 +16,16 @@ A checkpoint counts once its meta.json exists ({"epoch", "sha256" of model.safet
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
+
 from vlpcache.errors import UserError
+from vlpcache.files import replace_atomically
 from vlpcache.records import read_json, read_optional_json
 
 CONFIG_NAME = "config.json"
@@ -45,6 +51,7 @@ LOG_FIELDS = {  # written by train.py, read by name by inspect_run.py (and by pe
     "time": "when the line was written (seconds since the Unix epoch)",
 }
 TRAINING_LOCK_NAME = "pretrain.lock"
+VIDEOS_NAME = "videos.npz"  # "trained" and "validation": video_keys of the items, so eval can tell what the run saw
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
 TEMPORARY_PATTERN = ".epoch-*.tmp-*"  # checkpoints being written (glob within CHECKPOINT_DIR)
 
@@ -132,3 +139,26 @@ def latest_run(runs_dir: Path) -> Path:
     if not runs:
         raise UserError(f"no pretraining run in {runs_dir}; run `vlpcache pretrain` first or pass --run")
     return max(runs, key=lambda p: p.stat().st_mtime)
+
+
+def video_keys(ids: Iterable[str]) -> np.ndarray:
+    """Sorted unique 64-bit keys of item ids (the first 8 bytes of the UTF-8 id's BLAKE2b): 8 bytes a video
+    whatever its id's length, with a chance of a false match of about n / 2^64 per id looked up."""
+    keys = np.fromiter((int.from_bytes(hashlib.blake2b(i.encode("utf-8", "surrogateescape"), digest_size=8).digest(),
+                                       "little") for i in ids), dtype=np.uint64)
+    return np.unique(keys)
+
+
+def save_run_videos(run_dir: Path, trained: Iterable[str], validation: Iterable[str]) -> None:
+    """Record the item ids the run trains and validates on (videos.npz), whole or not at all."""
+    arrays = {"trained": video_keys(trained), "validation": video_keys(validation)}
+    replace_atomically(Path(run_dir) / VIDEOS_NAME, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+
+
+def read_run_videos(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(trained, validation) video_keys of a run, or None for a run that has no record (made before it was kept)."""
+    try:
+        with np.load(Path(run_dir) / VIDEOS_NAME) as stored:
+            return stored["trained"], stored["validation"]
+    except (OSError, KeyError, ValueError):
+        return None

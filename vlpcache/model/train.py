@@ -47,7 +47,7 @@ from vlpcache.model.config import (
 )
 from vlpcache.model.model import AlignmentModel, PretrainLoss, build_model, load_text_backbone
 from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
-from vlpcache.model.run_layout import LOG_NAME, TRAINING_LOCK_NAME
+from vlpcache.model.run_layout import LOG_NAME, TRAINING_LOCK_NAME, VIDEOS_NAME, save_run_videos
 from vlpcache.model.text_features import TextFeatures, cache_kind, cached_text_features
 from vlpcache.report import human_duration, printable, progress_bar, say
 from vlpcache.workspace import Workspace
@@ -325,6 +325,8 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
             ckpt.save_run_files(run.dir, config, tokenizer, model.text_encoder.backbone.config)
             if line := _captions_cut_line(run, tokenizer):
                 processes.say(line)
+        if not (run.dir / VIDEOS_NAME).exists():  # a run resumed from before the record was kept gets it too
+            save_run_videos(run.dir, run.data.train_ids(), run.data.validation_ids())
     processes.barrier()
     model.to(processes.device)
     text_features = _frozen_text_features(run, model, tokenizer, processes, workspace)
