@@ -36,6 +36,7 @@ def test_a_finished_run_shows_its_settings_each_epochs_validation_and_the_best(w
     assert lines[0] == f"run         {run}" and lines[1] == "state       finished: 1 of 1 epochs"
     assert any(line.startswith("caches      ") and line.endswith("/cache (synthetic, T=2, N=4, D=16)") for line in lines)
     assert any(line.startswith("video       region transformer 16 wide, 1 layer(s)") for line in lines)
+    assert any(line.startswith("captions    ") and line.endswith("(16 videos trained on, 8 validated on)") for line in lines)
     [row] = [line for line in lines if line.startswith("    1*")]  # the best epoch, marked
     r1, r5, r10, mdr = (float(x) for x in row.split()[2:6])
     assert (r1, r5, r10, mdr) == tuple(round(best["metrics"][k], 1) for k in ("R@1", "R@5", "R@10", "MdR"))
@@ -46,6 +47,7 @@ def test_a_finished_run_shows_its_settings_each_epochs_validation_and_the_best(w
     assert summary["state"] == "finished" and summary["epochs"] == summary["epochs_done"] == 1
     assert summary["best"]["epoch"] == 1 and summary["log"][0]["val"]["R@1"] == best["metrics"]["R@1"]
     assert summary["checkpoints"] == [1] and summary["model"]["width"] == 16
+    assert summary["videos"] == {"trained": 16, "validation": 8}
     # the log line pretraining wrote has the fields of the log's schema, each one, no other
     [record] = [json.loads(line) for line in (run / LOG_NAME).read_text().splitlines()]
     assert set(record) == set(LOG_FIELDS) == set(summary["log"][0])  # this run validates and trains with rwa

@@ -26,6 +26,7 @@ from vlpcache.model.run_layout import (
     latest_run,
     read_best,
     read_run_config,
+    read_run_videos,
 )
 from vlpcache.records import read_optional_json
 from vlpcache.report import human_duration, human_size, printable
@@ -91,6 +92,7 @@ def run_summary(run_dir: Path) -> dict:
     best = read_best(run_dir)
     best = best if isinstance(best, dict) else None
     size = sum(folder_bytes(path) for path in found.values())  # 0 for one the training run removes meanwhile
+    videos = read_run_videos(run_dir)
     return {
         "run": str(run_dir),
         "vlpcache_version": config.get("vlpcache_version"),
@@ -100,6 +102,7 @@ def run_summary(run_dir: Path) -> dict:
         "model": model,
         "train": train,
         "cache_settings": config.get("cache_settings"),
+        "videos": {"trained": len(videos[0]), "validation": len(videos[1])} if videos is not None else None,
         "log": [{key: record.get(key) for key in LOG_FIELDS} for record in log],
         "best": {"epoch": best.get("epoch"), "selection": SELECTION, "metrics": best.get("metrics")} if best else None,
         "checkpoints": sorted(found),
@@ -117,6 +120,13 @@ def _text_model(model: dict) -> str:
            f"{model.get('max_words')} tokens per caption"
 
 
+def _video_counts(summary: dict) -> str:
+    videos = summary.get("videos")
+    if not videos:
+        return ""
+    return f" ({videos['trained']:,} videos trained on, {videos['validation']:,} validated on)"
+
+
 def _header(summary: dict) -> list[str]:
     m, t, c = summary["model"], summary["train"], summary["cache_settings"] or {}
     features = (f" ({c.get('detector')}, T={c.get('frames')}, N={c.get('regions')}, D={c.get('feature_dim')})"
@@ -127,7 +137,7 @@ def _header(summary: dict) -> list[str]:
         f"run         {printable(summary['run'])}",
         f"state       {summary['text']}",
         f"caches      {', '.join(printable(p) for p in t.get('caches') or [])}{features}",
-        f"captions    {captions}; validation {printable(t.get('val_captions') or 'none')}",
+        f"captions    {captions}; validation {printable(t.get('val_captions') or 'none')}{_video_counts(summary)}",
         f"text        {_text_model(m)}, {t.get('captions_per_video')} caption(s) per video per step",
         f"video       region transformer {m.get('width')} wide, {m.get('layers')} layer(s); frame time "
         f"{m.get('frame_time')}; global path {'on' if m.get('global_path') else 'off'}; region-word alignment {rwa}; "
