@@ -67,11 +67,11 @@ for name in source.iterdir():
         shutil.copy(name, target / name.name)
 print(f"text model: {source}'s architecture and tokenizer, random weights, in {target}")
 EOF
-    timeout "${EXTRACT_S:-330}" "$PY" bench/extract_throughput.py --device "$DEVICE" ${EXTRACT_ARGS:-} 2>&1 | tee "$OUT/extract.txt"
-    echo "extract_throughput exit status ${PIPESTATUS[0]} (124: stopped at ${EXTRACT_S:-330} s)" | tee -a "$OUT/extract.txt"
-    timeout "${PRETRAIN_S:-200}" "$PY" bench/pretrain_throughput.py --device "$DEVICE" --text-model /tmp/minilm-random \
+    timeout "${EXTRACT_S:-360}" "$PY" bench/extract_throughput.py --device "$DEVICE" ${EXTRACT_ARGS:---batch-sizes 8,128} 2>&1 | tee "$OUT/extract.txt"
+    echo "extract_throughput exit status ${PIPESTATUS[0]} (124: stopped at ${EXTRACT_S:-360} s)" | tee -a "$OUT/extract.txt"
+    timeout "${PRETRAIN_S:-180}" "$PY" bench/pretrain_throughput.py --device "$DEVICE" --text-model /tmp/minilm-random \
         --json "$OUT/pretrain.json" ${PRETRAIN_ARGS:-} 2>&1 | tee "$OUT/pretrain.txt"
-    echo "pretrain_throughput exit status ${PIPESTATUS[0]} (124: stopped at ${PRETRAIN_S:-200} s)" | tee -a "$OUT/pretrain.txt"
+    echo "pretrain_throughput exit status ${PIPESTATUS[0]} (124: stopped at ${PRETRAIN_S:-180} s)" | tee -a "$OUT/pretrain.txt"
 }
 
 case "${1:-run}" in
