@@ -25,7 +25,7 @@ from vlpcache.model.checkpoint import load_run
 from vlpcache.model.config import ModelConfig
 from vlpcache.model.batch import video_batch
 from vlpcache.model.data import find_caption_files, load_pretrain_data
-from vlpcache.model.run_layout import LOG_NAME
+from vlpcache.model.run_layout import LOG_NAME, read_run_videos
 from vlpcache.model.train import run_pretrain
 from vlpcache.workspace import Workspace
 from waiting import HANG_GUARD_S, wait_until
@@ -362,8 +362,12 @@ def test_resume_of_a_finished_run_trains_nothing_more(tmp_path, corpus, tiny_tex
     monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
     options = dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=tmp_path / "run")
     run_pretrain(**options, **small_options(tiny_text, epochs=1))
+    trained, validation = read_run_videos(tmp_path / "run")
+    assert len(trained) == 40 and len(validation) == 0  # the videos with training captions; no validation file
+    (tmp_path / "run" / "videos.npz").unlink()  # a run made before the record was kept
     again = run_pretrain(**options, **small_options(tiny_text, epochs=None, resume=True))
     assert again["trained_epochs"] == 0
+    np.testing.assert_array_equal(read_run_videos(tmp_path / "run")[0], trained)  # resuming writes it
     with pytest.raises(UserError, match="--resume"):
         run_pretrain(**options, **small_options(tiny_text, epochs=1))
 

@@ -325,7 +325,9 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
             ckpt.save_run_files(run.dir, config, tokenizer, model.text_encoder.backbone.config)
             if line := _captions_cut_line(run, tokenizer):
                 processes.say(line)
-        if not (run.dir / VIDEOS_NAME).exists():  # a run resumed from before the record was kept gets it too
+        # a fresh start rewrites it (a run folder left without a checkpoint may be started again on other
+        # captions); a run resumed from before the record was kept gets it too
+        if not run.resumed or not (run.dir / VIDEOS_NAME).exists():
             save_run_videos(run.dir, run.data.train_ids(), run.data.validation_ids())
     processes.barrier()
     model.to(processes.device)
