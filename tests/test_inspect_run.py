@@ -3,6 +3,7 @@ pretraining leaves it, stops it or is still training it."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,9 @@ def test_a_finished_run_shows_its_settings_each_epochs_validation_and_the_best(w
     r1, r5, r10, mdr = (float(x) for x in row.split()[2:6])
     assert (r1, r5, r10, mdr) == tuple(round(best["metrics"][k], 1) for k in ("R@1", "R@5", "R@10", "MdR"))
     assert any(line.startswith("best        epoch 1 (*) by R@1 + R@5 + R@10") for line in lines)
-    assert any(line.startswith("time        0 s training + 0 s validation over 1 epoch(s)") for line in lines)
+    # durations as a person reads them; their values depend on the machine's load, so only the form is checked
+    assert any(re.fullmatch(r"time        [0-9.]+ (s|min) training \+ [0-9.]+ (s|min) validation over 1 epoch\(s\), as logged",
+                            line) for line in lines)
 
     summary = inspect_json(monkeypatch, capsys, run)
     assert summary["state"] == "finished" and summary["epochs"] == summary["epochs_done"] == 1

@@ -79,7 +79,9 @@ def training_state(run_dir: Path, epochs: int, done: int) -> dict:
     return {"state": "stopped", "holder": None, "text": f"stopped after {done} of {epochs} epochs; {resume}"}
 
 
-def run_summary(run_dir: Path) -> dict:
+def run_summary(run_dir: Path, videos: bool = True) -> dict:
+    """What inspect says of a run; videos: count the videos it trains and validates on (videos.npz, 8 bytes a
+    video: tens of MB for millions, so the one-line-a-run listing leaves it out)."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     model, train = (config.get("model"), config.get("train")) if isinstance(config, dict) else (None, None)
@@ -92,7 +94,7 @@ def run_summary(run_dir: Path) -> dict:
     best = read_best(run_dir)
     best = best if isinstance(best, dict) else None
     size = sum(folder_bytes(path) for path in found.values())  # 0 for one the training run removes meanwhile
-    videos = read_run_videos(run_dir)
+    videos = read_run_videos(run_dir) if videos else None
     return {
         "run": str(run_dir),
         "vlpcache_version": config.get("vlpcache_version"),
@@ -200,7 +202,7 @@ def list_runs(runs_dir=None, as_json: bool = False) -> None:
     if not runs:
         raise UserError(f"no pretraining run in {runs_dir}; run `vlpcache pretrain` first")
     default = runs_dir.resolve() == workspace_runs.resolve()
-    summaries = [run_summary(run) for run in runs]
+    summaries = [run_summary(run, videos=False) for run in runs]
     if as_json:
         print(json.dumps([{k: s[k] for k in ("run", "state", "epochs", "epochs_done", "best", "modified")}
                           for s in summaries], indent=2, ensure_ascii=False))
