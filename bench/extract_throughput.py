@@ -231,15 +231,14 @@ def matrix_child(root: Path, args) -> None:
     from vlpcache.extract.detectors import yolox
     from vlpcache.extract.runner import run_extract
 
-    shapes = set()
-    detect_canvas = yolox.YoloxDetector._detect_canvas
+    shapes = set()  # of the batches that reach yolox's networks
+    run_yolox = yolox.YoloxDetector._run_yolox
 
-    def counted(self, canvas, frames, max_detections):
-        rows = yolox.autotuned_rows(len(frames)) if self.round_batches else len(frames)
-        shapes.add((rows, *canvas))
-        return detect_canvas(self, canvas, frames, max_detections)
+    def counted(self, images):
+        shapes.add(tuple(images.shape))
+        return run_yolox(self, images)
 
-    yolox.YoloxDetector._detect_canvas = counted
+    yolox.YoloxDetector._run_yolox = counted
     detector, batch_size = args.detectors, int(args.batch_sizes)
     weights = {"frcnn": args.frcnn_weights, "vg": args.vg_weights}.get(detector)
     for label in ("cold", "warm"):

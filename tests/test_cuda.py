@@ -9,19 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.ops import box_iou
 
 from vlpcache.cache.reader import RegionCache
 from vlpcache.extract.detectors.yolox import YoloxConfig, YoloxDetector
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)")
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(n, 4) x (m, 4) boxes (x1, y1, x2, y2) -> (n, m) IoU."""
-    lo, hi = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=-1)
-    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=-1)  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
 
 
 def test_yolox_on_cuda_finds_what_onnxruntime_finds_on_the_cpu(models_dir, msrvtt_dir):
@@ -35,7 +28,7 @@ def test_yolox_on_cuda_finds_what_onnxruntime_finds_on_the_cpu(models_dir, msrvt
         # fp16 may reorder or drop borderline detections; every confident one must be found again
         confident = np.flatnonzero(reference.scores[1:] > 0.3) + 1
         assert len(confident) >= 1
-        iou = box_iou(reference.boxes[confident], ours.boxes[1:])
+        iou = box_iou(torch.from_numpy(reference.boxes[confident]), torch.from_numpy(ours.boxes[1:])).numpy()
         same_label = reference.labels[confident][:, None] == ours.labels[1:][None, :]
         assert np.all((iou * same_label).max(axis=1) > 0.9)
         np.testing.assert_allclose(ours.features[0], reference.features[0], atol=0.05, rtol=0.05)  # the whole frame

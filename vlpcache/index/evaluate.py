@@ -116,23 +116,21 @@ class Seen:
     def line(self, captions_file, videos: int) -> str | None:
         """What eval says about the figures, or None when the run saw none of these videos."""
         name = printable(str(captions_file))
-        if self.trained and self.same_file:
-            return (f"eval: {self.trained} of these {videos} videos were trained on with these captions ({name} is "
-                    "one of the run's training caption files): the figures say how well it fits them, not how it "
-                    "finds videos it has not seen; evaluate on held-out captions (a val or test file, or --split test)")
         if self.trained:
-            files = ", ".join(printable(f) for f in self.training_files[:2]) + (", ..." if len(self.training_files) > 2 else "")
-            return (f"eval: {self.trained} of these {videos} videos were trained on, with the captions of the run's "
-                    f"training files ({files}): the figures say how well it fits them, not how it finds videos it has "
-                    "not seen; evaluate on videos held out from training")
-        if self.validated and self.same_file:
-            return (f"eval: {self.validated} of these {videos} videos are the run's validation videos ({name}): its "
-                    "best epoch and re-rank weight were chosen on these captions, so the figures lean optimistic; "
-                    "report them on a test file")
+            if self.same_file:
+                how = f" with these captions ({name} is one of the run's training caption files)"
+                advice = "held-out captions (a val or test file, or --split test)"
+            else:
+                files = ", ".join(map(printable, self.training_files[:2])) + (", ..." if len(self.training_files) > 2 else "")
+                how, advice = f", with the captions of the run's training files ({files})", "videos held out from training"
+            return (f"eval: {self.trained} of these {videos} videos were trained on{how}: the figures say how well it "
+                    f"fits them, not how it finds videos it has not seen; evaluate on {advice}")
         if self.validated:
-            return (f"eval: {self.validated} of these {videos} videos are the run's validation videos (of "
-                    f"{printable(self.validation_file or '')}): its best epoch and re-rank weight were chosen on them, "
-                    "so the figures lean optimistic; report them on a test file")
+            source, chosen_on = ((f"({name})", "these captions") if self.same_file
+                                 else (f"(of {printable(self.validation_file or '')})", "them"))
+            return (f"eval: {self.validated} of these {videos} videos are the run's validation videos {source}: its best "
+                    f"epoch and re-rank weight were chosen on {chosen_on}, so the figures lean optimistic; report them "
+                    "on a test file")
         return None
 
 

@@ -94,7 +94,7 @@ def run_summary(run_dir: Path, videos: bool = True) -> dict:
     best = read_best(run_dir)
     best = best if isinstance(best, dict) else None
     size = sum(folder_bytes(path) for path in found.values())  # 0 for one the training run removes meanwhile
-    videos = read_run_videos(run_dir) if videos else None
+    recorded = read_run_videos(run_dir) if videos else None
     return {
         "run": str(run_dir),
         "vlpcache_version": config.get("vlpcache_version"),
@@ -104,7 +104,7 @@ def run_summary(run_dir: Path, videos: bool = True) -> dict:
         "model": model,
         "train": train,
         "cache_settings": config.get("cache_settings"),
-        "videos": {"trained": len(videos[0]), "validation": len(videos[1])} if videos is not None else None,
+        "videos": {"trained": len(recorded[0]), "validation": len(recorded[1])} if recorded is not None else None,
         "log": [{key: record.get(key) for key in LOG_FIELDS} for record in log],
         "best": {"epoch": best.get("epoch"), "selection": SELECTION, "metrics": best.get("metrics")} if best else None,
         "checkpoints": sorted(found),
