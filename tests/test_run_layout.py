@@ -1,17 +1,22 @@
 """The run directory's checkpoint lookup (run_layout.py), which pretraining, index, search and eval share,
 on real directories written the way checkpoint.save_checkpoint writes them."""
 
+import numpy as np
 import pytest
 
 from vlpcache.errors import UserError
 from vlpcache.model.run_layout import (
     BEST_NAME,
     META_NAME,
+    VIDEOS_NAME,
     checkpoints,
     designated_checkpoint_sha256,
     epoch_dir,
     latest_run,
+    read_run_videos,
     resolve_checkpoint,
+    save_run_videos,
+    video_keys,
 )
 from vlpcache.records import write_json
 
@@ -52,3 +57,14 @@ def test_a_run_without_checkpoints_has_none_to_designate(tmp_path):
         resolve_checkpoint(run)
     with pytest.raises(UserError, match="no pretraining run in"):
         latest_run(tmp_path)
+
+
+def test_the_record_of_a_runs_videos_is_read_back_and_a_damaged_one_is_no_record(tmp_path):
+    save_run_videos(tmp_path, ["b", "a", "b"], ["c"])
+    trained, validation = read_run_videos(tmp_path)
+    assert len(trained) == 2 and list(trained) == sorted(trained) and len(validation) == 1
+    assert np.isin(video_keys(["a"]), trained).all() and not np.isin(video_keys(["c"]), trained).any()
+    for damaged in (b"", b"PK\x03\x04not a zip", b"\x93NUMPY garbage"):
+        (tmp_path / VIDEOS_NAME).write_bytes(damaged)
+        assert read_run_videos(tmp_path) is None
+    assert read_run_videos(tmp_path / "no-run") is None

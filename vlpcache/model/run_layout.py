@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -156,9 +157,10 @@ def save_run_videos(run_dir: Path, trained: Iterable[str], validation: Iterable[
 
 
 def read_run_videos(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """(trained, validation) video_keys of a run, or None for a run that has no record (made before it was kept)."""
+    """(trained, validation) video_keys of a run, or None for a run that has no record (made before it was kept)
+    or one that cannot be read (empty, damaged): the record only adds to what eval and inspect say."""
     try:
         with np.load(Path(run_dir) / VIDEOS_NAME) as stored:
             return stored["trained"], stored["validation"]
-    except (OSError, KeyError, ValueError):
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
         return None
