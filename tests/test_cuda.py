@@ -66,7 +66,7 @@ def test_a_pretraining_step_on_cuda_matches_the_cpu_and_learns(tmp_path):
     input_ids, attention_mask = tokenize(tokenizer, texts, 16)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, **video_batch(random_items(4))}
     model.eval()
-    with torch.inference_mode():
+    with torch.no_grad():
         on_cpu = model(batch)
         model.cuda()
         on_cuda = model({k: v.cuda() for k, v in batch.items()})
