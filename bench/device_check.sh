@@ -10,7 +10,10 @@
 # There, the text model is all-MiniLM-L6-v2's architecture and tokenizer with random weights: the same
 # arithmetic, so the same speed, without carrying its 90 MB of weights. Each step has its own time limit
 # (TESTS_S, EXTRACT_S, PRETRAIN_S: 90 + 320 + 150 s, under the 600 s a call may run), so a slow one
-# still leaves the others' output; what a step printed before its limit is kept. DEVICE=cpu
+# still leaves the others' output; what a step printed before its limit is kept. The extraction step asks
+# what the last GPU session left open (EXTRACT_ARGS changes it): yolox at batch 128 with cuDNN's
+# autotuning on and off, cold and warm (the detector matrix at batch 8 and 128, and the runtimes, are
+# in BENCHMARKS.md from 2026-12-04). DEVICE=cpu
 # PY=.venv/bin/python runs the same steps here, to check the script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,7 +78,7 @@ EOF
     # first what runs on CUDA against the CPU (tests/test_cuda.py; skipped where there is no GPU)
     timeout "${TESTS_S:-90}" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda-tests.txt"
     echo "tests/test_cuda.py exit status ${PIPESTATUS[0]} (124: stopped at ${TESTS_S:-90} s)" | tee -a "$OUT/cuda-tests.txt"
-    timeout "${EXTRACT_S:-320}" "$PY" bench/extract_throughput.py --device "$DEVICE" ${EXTRACT_ARGS:---batch-sizes 8,128} 2>&1 | tee "$OUT/extract.txt"
+    timeout "${EXTRACT_S:-320}" "$PY" bench/extract_throughput.py --device "$DEVICE" ${EXTRACT_ARGS:---detectors yolox --batch-sizes 128 --autotune on,off --no-runtimes --references simple --engines local} 2>&1 | tee "$OUT/extract.txt"
     echo "extract_throughput exit status ${PIPESTATUS[0]} (124: stopped at ${EXTRACT_S:-320} s)" | tee -a "$OUT/extract.txt"
     timeout "${PRETRAIN_S:-150}" "$PY" bench/pretrain_throughput.py --device "$DEVICE" --text-model /tmp/minilm-random \
         --json "$OUT/pretrain.json" ${PRETRAIN_ARGS:-} 2>&1 | tee "$OUT/pretrain.txt"

@@ -24,7 +24,8 @@ The matrix (`--matrix`, on by default with `--device cuda`) runs `extract` for e
 batch size, each in its own process and twice there: cold (what a new process pays once: CUDA's
 lazy kernel loading, cuDNN's autotuning of each new input shape) and warm (the steady rate of a long
 job). It reports frames/s, the share of time the detector waited for decoded frames, peak GPU memory
-and, for yolox, the number of distinct input shapes. frcnn and vg run with `--frcnn-weights FILE` / `--vg-weights FILE` or,
+and, for yolox, the number of distinct input shapes; `--autotune on,off` adds each configuration with
+cuDNN's autotuning off (`extract --no-autotune`). frcnn and vg run with `--frcnn-weights FILE` / `--vg-weights FILE` or,
 offline, random weights (speed barely depends on the weights; the number of detections does):
 `--detectors yolox,frcnn,vg` adds vg. `--runtimes` (also on by
 default with `--device cuda`) times yolox's two runtimes, onnxruntime (CUDA provider with
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import os
 import platform
 import re
@@ -200,20 +202,28 @@ def run_matrix(root: Path, scratch: Path, args) -> None:
 
         weights["vg"] = str(scratch / "vg-random.bin")  # the published checkpoint's layout
         torch.save(VgFasterRCNN().state_dict(), weights["vg"])
-    for detector in args.detectors.split(","):
-        for batch_size in args.batch_sizes.split(","):
-            cmd = [sys.executable, __file__, "--matrix-child", str(root), "--matrix-out", str(scratch / "matrix"),
-                   "--detectors", detector, "--batch-sizes", batch_size, "--frames", str(args.frames),
-                   "--device", args.device, "--frcnn-arch", args.frcnn_arch]
-            cmd += ["--frcnn-weights", weights["frcnn"]] if detector == "frcnn" else []
-            cmd += ["--vg-weights", weights["vg"]] if detector == "vg" else []
-            cmd += ["--workers", str(args.workers)] if args.workers is not None else []
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            print(result.stdout, end="", flush=True)
-            if result.returncode != 0:
-                print(f"  matrix {detector} batch {batch_size} failed (exit status {result.returncode}):\n"
-                      f"{result.stderr[-2000:]}", flush=True)
-            shutil.rmtree(scratch / "matrix", ignore_errors=True)
+    for detector, batch_size, autotune in itertools.product(
+            args.detectors.split(","), args.batch_sizes.split(","), autotune_choices(args.autotune)):
+        cmd = [sys.executable, __file__, "--matrix-child", str(root), "--matrix-out", str(scratch / "matrix"),
+               "--detectors", detector, "--batch-sizes", batch_size, "--frames", str(args.frames),
+               "--device", args.device, "--frcnn-arch", args.frcnn_arch, "--autotune", autotune]
+        cmd += ["--frcnn-weights", weights["frcnn"]] if detector == "frcnn" else []
+        cmd += ["--vg-weights", weights["vg"]] if detector == "vg" else []
+        cmd += ["--workers", str(args.workers)] if args.workers is not None else []
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        print(result.stdout, end="", flush=True)
+        if result.returncode != 0:
+            print(f"  matrix {detector} batch {batch_size} autotune {autotune} failed (exit status {result.returncode}):\n"
+                  f"{result.stderr[-2000:]}", flush=True)
+        shutil.rmtree(scratch / "matrix", ignore_errors=True)
+
+
+def autotune_choices(text: str) -> list[str]:
+    """--autotune on,off: the matrix's settings of cuDNN's autotuning (extract --autotune/--no-autotune)."""
+    choices = text.split(",")
+    if not choices or set(choices) - {"on", "off"}:
+        raise SystemExit(f"--autotune {text!r}: give on, off or on,off")
+    return choices
 
 
 def matrix_child(root: Path, args) -> None:
@@ -239,7 +249,7 @@ def matrix_child(root: Path, args) -> None:
         return run_yolox(self, images)
 
     yolox.YoloxDetector._run_yolox = counted
-    detector, batch_size = args.detectors, int(args.batch_sizes)
+    detector, batch_size, autotune = args.detectors, int(args.batch_sizes), args.autotune == "on"
     weights = {"frcnn": args.frcnn_weights, "vg": args.vg_weights}.get(detector)
     for label in ("cold", "warm"):
         shapes.clear()
@@ -248,12 +258,13 @@ def matrix_child(root: Path, args) -> None:
         summary = run_extract(
             [root], cache_dir=args.matrix_out / label, frames=args.frames, detector=detector,
             backbone=args.frcnn_arch if detector == "frcnn" else None, weights=weights, device=args.device,
-            batch_size=batch_size, workers=args.workers, quiet=True)
+            batch_size=batch_size, autotune=autotune, workers=args.workers, quiet=True)
         busy = summary.detect_seconds + summary.wait_seconds
         loaded = summary.seconds - summary.load_seconds
         peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if args.device == "cuda" else ""
         counted_shapes = f", {len(shapes)} input shape(s)" if detector == "yolox" else ""
-        print(f"  matrix {detector:5s} batch {batch_size:4d} {label}: {summary.frames / loaded:7.2f} frames/s once loaded "
+        tuned = "" if autotune else " no-autotune"
+        print(f"  matrix {detector:5s} batch {batch_size:4d}{tuned} {label}: {summary.frames / loaded:7.2f} frames/s once loaded "
               f"({summary.frames} frames in {loaded:.1f} s), detector waited "
               f"{100 * summary.wait_seconds / max(busy, 1e-9):5.1f}% of its time for frames{peak}{counted_shapes}",
               flush=True)
@@ -308,6 +319,7 @@ def main() -> None:
                         help="yolox onnxruntime vs torch runtime, detector only [default: on with --device cuda]")
     parser.add_argument("--detectors", default="yolox,frcnn")
     parser.add_argument("--batch-sizes", default="8,32,128")
+    parser.add_argument("--autotune", default="on", help="matrix: cuDNN's autotuning, on, off or on,off (extract --autotune)")
     parser.add_argument("--frcnn-arch", default="fasterrcnn_resnet50_fpn_v2")
     parser.add_argument("--frcnn-weights", default=None)
     parser.add_argument("--vg-weights", default=None, help="vg: the checkpoint (default: random weights in its layout)")

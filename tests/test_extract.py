@@ -346,3 +346,41 @@ def test_device_cuda_without_a_gpu_is_one_error_before_anything_is_written(tmp_p
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: --device cuda: no CUDA device")
     assert not (tmp_path / "cache").exists()
+
+
+def test_no_autotune_reaches_the_detector_and_is_cudnns_setting_on_cuda(tmp_path, msrvtt_dir, monkeypatch):
+    """--no-autotune goes from the command line to the loaded detector, and on CUDA it is what cuDNN is told
+    (torch.backends.cudnn.benchmark is process-wide: a detector sets it either way, never only to on)."""
+    import torch
+
+    from vlpcache import cli
+    from vlpcache.extract import runner
+    from vlpcache.extract.detectors.inference import prepare_device
+
+    assert cli.extract.make_context("extract", [str(tmp_path), "--no-autotune"]).params["autotune"] is False
+    assert cli.extract.make_context("extract", [str(tmp_path)]).params["autotune"] is True
+
+    loaded = []
+    load = runner.load_detector
+
+    def spy(*args):
+        loaded.append(load(*args))
+        return loaded[-1]
+
+    monkeypatch.setattr(runner, "load_detector", spy)
+    for folder in sorted((msrvtt_dir / "frames" / "val").iterdir())[:2]:
+        shutil.copytree(folder, tmp_path / "frames" / folder.name)
+    summary = runner.run_extract([tmp_path / "frames"], cache_dir=tmp_path / "cache", frames=2, device="cpu",
+                                 autotune=False, workers=1, quiet=True)
+    assert summary.done == 2 and [d.config.autotune for d in loaded] == [False]
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        for autotune in (True, False, True):
+            assert prepare_device(torch.device("cuda"), "auto", autotune) == torch.float16
+            assert torch.backends.cudnn.benchmark is autotune
+        torch.backends.cudnn.benchmark = False
+        prepare_device(torch.device("cpu"), "auto", True)  # the CPU leaves cuDNN alone
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -146,6 +146,16 @@ def test_cuda_batches_rounded_up_for_autotuning_give_the_same_regions(people_fra
         np.testing.assert_allclose(ours.features, reference.features, atol=1e-4, rtol=1e-4)
 
 
+def test_the_torch_runtime_tells_cudnn_its_autotune_setting(models_dir, monkeypatch):
+    # extract --no-autotune: yolox's torch runtime (CUDA's) passes the setting on, not only ever 'on'
+    from vlpcache.extract.detectors import yolox
+
+    told = []
+    monkeypatch.setattr(yolox, "set_autotune", lambda device, autotune: told.append((device.type, autotune)))
+    YoloxDetector(YoloxConfig(runtime="torch", autotune=False), models=str(models_dir))
+    assert told == [("cpu", False)]
+
+
 def test_the_choice_made_before_loading_describes_the_loaded_detector(detector, models_dir):
     from vlpcache.extract.detectors.choice import choose_detector
 

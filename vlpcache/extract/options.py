@@ -30,6 +30,7 @@ class ExtractOptions:
     proposals: int | None = None  # frcnn, vg: RPN proposals per frame (None: the detector's, 300)
     device: str = DEFAULT_DEVICE
     batch_size: int | None = None  # frames per detector batch (None: CPU_BATCH_SIZE or CUDA_BATCH_SIZE)
+    autotune: bool = True  # CUDA: cuDNN times each convolution's algorithms once per new input shape
     workers: int | None = None  # decoding processes (None: CPU cores - 1, at least 1)
     decode_timeout: float = DECODE_TIMEOUT_S  # seconds one item's decoding may take (0: no limit)
     frame_folders: bool = True  # a folder of images only is one item, a video's frames (else each image is one)

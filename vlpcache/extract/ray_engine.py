@@ -90,7 +90,7 @@ class RegionShardActor:
     of its own, commits it, and returns one row per item (id, path, frames, error, note) to the driver."""
 
     def __init__(self, cache_dir: str, settings: dict, spec: DetectorSpec, device: str, batch_size: int,
-                 score_threshold: float, shard_set: str):
+                 score_threshold: float, shard_set: str, autotune: bool = True):
         import ray
 
         from vlpcache.extract.mapper import RegionMapper  # imports torch: in the actor only
@@ -107,7 +107,7 @@ class RegionShardActor:
             warnings.simplefilter("ignore")
             reconstructed = context.was_current_actor_reconstructed
         self.committed = RegionCache(cache_dir) if reconstructed else None
-        self.mapper = RegionMapper(load_detector(spec, device, score_threshold), settings, batch_size)
+        self.mapper = RegionMapper(load_detector(spec, device, score_threshold, autotune), settings, batch_size)
         self.ready_at = time.time()
         self.idle_since = time.perf_counter()
 
@@ -208,7 +208,8 @@ def _pipeline(ray, todo: list[Item], spec: DetectorSpec, writer: ShardWriter, op
                          "cache_dir": str(writer.cache_dir.absolute()), "settings": writer.settings.to_json(),
                          "spec": spec,
                          "device": actor_device, "batch_size": options.detector_batch_size(actor_device),
-                         "score_threshold": options.score_threshold, "shard_set": options.shard_set()})
+                         "score_threshold": options.score_threshold, "shard_set": options.shard_set(),
+                         "autotune": options.autotune})
     )
 
 

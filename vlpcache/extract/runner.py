@@ -60,7 +60,7 @@ def detect_and_write(todo, spec: DetectorSpec, writer: ShardWriter, options: Ext
           ExtractProgress(summary, len(todo), options.description(), spec.detector, started, options.quiet,
                           writer.cache_dir) as progress):
         device = resolve_device(options.device).type
-        detector = load_detector(spec, device, options.score_threshold)
+        detector = load_detector(spec, device, options.score_threshold, options.autotune)
         mapper = RegionMapper(detector, writer.settings, options.detector_batch_size(device))
         progress.ready()
         try:

@@ -49,23 +49,26 @@ def named_detector(detector: str, backbone: str | None, weights: str | None, mod
     raise UserError(f"unknown detector {detector!r}; choose from {', '.join(DETECTORS)}")
 
 
-def load_detector(spec: DetectorSpec, device: str, score_threshold: float):
-    """The networks of `spec`, loaded on `device` (a Detector, see regions.py); imports torch."""
+def load_detector(spec: DetectorSpec, device: str, score_threshold: float, autotune: bool = True):
+    """The networks of `spec`, loaded on `device` (a Detector, see regions.py), with cuDNN's autotuning
+    on CUDA if `autotune`; imports torch."""
     weights = str(spec.detector_file) if spec.detector_file else None
     if spec.detector == "yolox":
         from vlpcache.extract.detectors.yolox import YoloxConfig, YoloxDetector
 
-        config = YoloxConfig(backbone=spec.backbone, score_threshold=score_threshold, nms_iou=spec.nms_iou, device=device)
+        config = YoloxConfig(backbone=spec.backbone, score_threshold=score_threshold, nms_iou=spec.nms_iou, device=device,
+                             autotune=autotune)
         return YoloxDetector(config, spec=spec)
     if spec.detector == "vg":
         from vlpcache.extract.detectors.vg import VgConfig, VgDetector
 
-        config = VgConfig(weights_file=weights, device=device, score_threshold=score_threshold, nms_iou=spec.nms_iou)
+        config = VgConfig(weights_file=weights, device=device, score_threshold=score_threshold, nms_iou=spec.nms_iou,
+                          autotune=autotune)
         return VgDetector(replace(config, **input_size(spec)), spec=spec)
     from vlpcache.extract.detectors.frcnn import FasterRCNNDetector, FrcnnConfig
 
     config = FrcnnConfig(arch=spec.backbone, weights_file=weights, weights=None, device=device,
-                         score_threshold=score_threshold, nms_iou=spec.nms_iou)
+                         score_threshold=score_threshold, nms_iou=spec.nms_iou, autotune=autotune)
     return FasterRCNNDetector(replace(config, **input_size(spec)), spec=spec)
 
 

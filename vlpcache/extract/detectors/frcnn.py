@@ -55,6 +55,7 @@ class FrcnnConfig:
     max_size: int | None = None
     proposals: int | None = None
     autocast: str = "auto"  # "auto" (fp16 on CUDA, off on CPU), "fp16", "bf16" or "none"
+    autotune: bool = True  # CUDA only: cuDNN's autotuning (torch.backends.cudnn.benchmark)
 
 
 class Float32BoxCoder(BoxCoder):
@@ -152,7 +153,7 @@ class FasterRCNNDetector:
         self.model.roi_heads.score_thresh = self.config.score_threshold
         self.model.roi_heads.detections_per_img = 300
         self.coco_index = coco_label_index(_weights_enum(self.config.arch).DEFAULT.meta["categories"]).to(self.device)
-        self.autocast_dtype = prepare_device(self.device, self.config.autocast)
+        self.autocast_dtype = prepare_device(self.device, self.config.autocast, self.config.autotune)
         self._spec = spec
 
     @property

@@ -25,12 +25,17 @@ def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
     return AUTOCAST_DTYPES[choice]
 
 
-def prepare_device(device: torch.device, choice: str) -> torch.dtype | None:
-    """The autocast precision of `choice` (autocast_dtype); on CUDA, cuDNN's autotuning turned on: few
-    distinct batch shapes (aspect ratios) in practice."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+def prepare_device(device: torch.device, choice: str, autotune: bool = True) -> torch.dtype | None:
+    """The autocast precision of `choice` (autocast_dtype), with cuDNN told `autotune` (set_autotune)."""
+    set_autotune(device, autotune)
     return autocast_dtype(choice, device)
+
+
+def set_autotune(device: torch.device, autotune: bool) -> None:
+    """On CUDA, turn cuDNN's autotuning on or off, either way, as the setting is process-wide: on, each new
+    input shape costs seconds once (timing every algorithm of every convolution), then runs the fastest."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = autotune
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

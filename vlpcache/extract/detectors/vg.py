@@ -71,6 +71,7 @@ class VgConfig:
     selection: str = "class-aware"  # SELECTIONS
     roi_chunk: int = 1024  # regions through res5 at once: bounds the memory of big batches
     autocast: str = "auto"  # "auto" (fp16 on CUDA, off on CPU), "fp16", "bf16" or "none"
+    autotune: bool = True  # CUDA only: cuDNN's autotuning (torch.backends.cudnn.benchmark)
 
 
 def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
@@ -178,7 +179,7 @@ class VgDetector:
         self.device = resolve_device(self.config.device)
         self.max_side = self.config.max_size  # the resize never looks at more pixels
         self.model = build_vg_model(self.config.weights_file).to(self.device)
-        self.autocast_dtype = prepare_device(self.device, self.config.autocast)
+        self.autocast_dtype = prepare_device(self.device, self.config.autocast, self.config.autotune)
         self.pixel_means = torch.tensor(PIXEL_MEANS_BGR, device=self.device).view(3, 1, 1)
         self._spec = spec
 

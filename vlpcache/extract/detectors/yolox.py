@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from vlpcache.cache.schema import NMS_IOU, SCORE_THRESHOLD
+from vlpcache.extract.detectors.inference import set_autotune
 from vlpcache.extract.detectors.mobilenet import mobilenet_trunk
 from vlpcache.extract.detectors.regions import FrameRegions, select_detections, with_frame_region
 from vlpcache.extract.detectors.spec import (  # noqa: F401  (file names: bench and tests import them from here)
@@ -53,6 +54,7 @@ class YoloxConfig:
     # its fused kernels are several times faster than torch's for these two small networks
     runtime: str = "auto"
     autocast: str | None = "float16"  # CUDA only: float16, bfloat16 or None
+    autotune: bool = True  # CUDA only: cuDNN's autotuning (torch.backends.cudnn.benchmark)
 
 
 def _onnx_session(model_bytes: bytes, device: str, threads: int):
@@ -209,7 +211,8 @@ class YoloxDetector:
         else:
             self._load_onnxruntime()
         self.grids: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.round_batches = self.graph is not None and self.device.type == "cuda"  # see autotuned_rows
+        # see autotuned_rows; without autotuning a new shape costs nothing and rounding only adds rows
+        self.round_batches = self.graph is not None and self.device.type == "cuda" and self.config.autotune
 
     def _load_torch(self) -> None:
         from vlpcache.extract.detectors.yolox_torch import yolox_torch_module
@@ -217,8 +220,7 @@ class YoloxDetector:
         self.graph = yolox_torch_module(self.spec.detector_file, with_neck=self.use_neck).to(self.device)
         if self.use_mobilenet:
             self.trunk = NormalisedTrunk(mobilenet_trunk(self.spec.backbone_file)).eval().to(self.device)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        set_autotune(self.device, self.config.autotune)
 
     def _load_onnxruntime(self) -> None:
         device, threads = self.config.device, self.config.threads
@@ -326,11 +328,12 @@ def autotuned_rows(frames: int) -> int:
     """Rows of a CUDA batch of `frames` frames of one canvas: the next power of two, the rows past the
     frames left black and never read.
 
-    cuDNN's autotuning (on for CUDA) times every algorithm of every convolution once per new input
-    shape, in each process. A batch of mixed aspect ratios splits into one call per canvas, so at the
-    CUDA default of 128 frames any count from 1 to 128 could come up per canvas: up to 128 shapes each,
-    and each new one paid for again. Rounded up, there are at most 8 per canvas for a wasted share of
-    under half of a partial call, on a device where a batch twice as large costs far less than twice."""
+    cuDNN's autotuning (on for CUDA unless extract --no-autotune) times every algorithm of every
+    convolution once per new input shape, in each process: 5-7 s per shape on an H200. A batch of mixed
+    aspect ratios splits into one call per canvas, so at the CUDA default of 128 frames any count from 1
+    to 128 could come up per canvas: up to 128 shapes each, and each new one paid for again. Rounded up,
+    there are at most 8 per canvas for a wasted share of under half of a partial call, on a device where
+    a batch twice as large costs far less than twice."""
     return 1 << max(0, frames - 1).bit_length()
 
 
