@@ -128,6 +128,10 @@ def test_files_without_extension_are_known_by_their_first_bytes(tmp_path):
         "tiff": b"II*\x00\x08\x00", "tiff_be": b"MM\x00*\x00\x00",
         "heic": b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00", "avif": b"\x00\x00\x00\x1cftypavif",
         "wav": b"RIFF\x24\x00\x00\x00WAVEfmt ", "README": b"# notes\n", "empty": b"",
+        "bmp": b"BM\x36\x00\x0c\x00\x00\x00\x00\x00\x36\x00\x00\x00\x28\x00\x00\x00",
+        "ts": (b"\x47\x40\x00\x10" + bytes(184)) * 5, "m2ts": (bytes(4) + b"\x47\x40\x00\x10" + bytes(184)) * 5,
+        # what only looks like them: text that starts with "BM", a "G" every 188 bytes but not five times
+        "notes": b"BMW service notes\n" + bytes(20), "GNU": (b"G" + b"x" * 187) * 4 + b"y" * 200,
     }
     for name, head in heads.items():
         touch(tmp_path / "dl" / name, head)
@@ -135,7 +139,8 @@ def test_files_without_extension_are_known_by_their_first_bytes(tmp_path):
     assert problems == [] and kinds_by_id(items) == {
         "avi": "video", "flv": "video", "gif": "video", "jpeg": "image", "mkv": "video", "mov": "video", "mp4": "video",
         "mpeg": "video", "ogv": "video", "old_mov": "video", "png": "image", "tiff": "image", "tiff_be": "image",
-        "webp": "image", "wmv": "video"}  # HEIF/AVIF photos, audio, text and empty files are not media
+        "webp": "image", "wmv": "video", "bmp": "image", "ts": "video", "m2ts": "video",
+    }  # HEIF/AVIF photos, audio, text and empty files are not media
     assert sniffed_kind(tmp_path / "nope") is None
     # a file with an extension is never sniffed: its extension decides
     assert discover_items([touch(tmp_path / "x" / "clip.bin", heads["mp4"]).parent]) == ([], [])

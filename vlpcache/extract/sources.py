@@ -80,6 +80,10 @@ SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
     (0, b"II*\x00", "image"), (0, b"MM\x00*", "image"),  # TIFF
 )
 HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis"})
+TS_SYNC = 0x47  # MPEG transport stream: a sync byte opens each packet, 188 bytes (192 with M2TS's timestamps)
+BMP_HEADER_SIZES = frozenset({12, 40, 52, 56, 64, 108, 124})  # the DIB header versions
+TS_PACKETS = 5  # sync bytes in a row that make a transport stream (a text file may start with "G", 0x47)
+SNIFF_BYTES = TS_PACKETS * 192 + 4
 
 
 def sniffed_kind(path: Path) -> str | None:
@@ -87,11 +91,18 @@ def sniffed_kind(path: Path) -> str | None:
     which the image decoder does not read)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(16)
+            head = f.read(SNIFF_BYTES)
     except OSError:
         return None
     if head[:4] == b"RIFF":
         return {b"AVI ": "video", b"WEBP": "image"}.get(head[8:12])
+    # two bytes alone are too weak for BMP and one for TS: the reserved zeros and header size of a BMP,
+    # the sync bytes of TS_PACKETS packets in a row
+    if head[:2] == b"BM" and head[6:10] == bytes(4) and int.from_bytes(head[14:18], "little") in BMP_HEADER_SIZES:
+        return "image"
+    if any(len(head) > start + (TS_PACKETS - 1) * size and all(head[start + k * size] == TS_SYNC for k in range(TS_PACKETS))
+           for start, size in ((0, 188), (4, 192))):
+        return "video"
     if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
         return None
     for offset, signature, kind in SIGNATURES:
