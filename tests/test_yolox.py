@@ -150,8 +150,9 @@ def test_the_torch_runtime_tells_cudnn_its_autotune_setting(models_dir, monkeypa
     # extract --no-autotune: yolox's torch runtime (CUDA's) passes the setting on, not only ever 'on'
     from vlpcache.extract.detectors import yolox
 
-    told = []
-    monkeypatch.setattr(yolox, "set_autotune", lambda device, autotune: told.append((device.type, autotune)))
+    told, set_autotune = [], yolox.set_autotune
+    monkeypatch.setattr(yolox, "set_autotune", lambda device, autotune: (told.append((device.type, autotune)),
+                                                                         set_autotune(device, autotune)))
     YoloxDetector(YoloxConfig(runtime="torch", autotune=False), models=str(models_dir))
     assert told == [("cpu", False)]
 
