@@ -221,7 +221,7 @@ def run_matrix(root: Path, scratch: Path, args) -> None:
 def autotune_choices(text: str) -> list[str]:
     """--autotune on,off: the matrix's settings of cuDNN's autotuning (extract --autotune/--no-autotune)."""
     choices = text.split(",")
-    if not choices or set(choices) - {"on", "off"}:
+    if set(choices) - {"on", "off"}:
         raise SystemExit(f"--autotune {text!r}: give on, off or on,off")
     return choices
 

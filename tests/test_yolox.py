@@ -157,6 +157,23 @@ def test_the_torch_runtime_tells_cudnn_its_autotune_setting(models_dir, monkeypa
     assert told == [("cpu", False)]
 
 
+def test_onnxruntimes_cuda_provider_is_told_the_autotune_setting(monkeypatch):
+    # onnxruntime-gpu (not installed here): cuDNN's exhaustive search is its default, heuristic without autotuning
+    import onnxruntime as ort
+
+    from vlpcache.extract.detectors import yolox
+
+    asked = []
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", lambda model, sess_options, providers: asked.append(providers))
+    for autotune in (True, False):
+        yolox._onnx_session(b"", "cuda", 0, autotune)
+    yolox._onnx_session(b"", "cpu", 0, False)
+    assert asked == [[("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE"}), "CPUExecutionProvider"],
+                     [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}), "CPUExecutionProvider"],
+                     ["CPUExecutionProvider"]]
+
+
 def test_the_choice_made_before_loading_describes_the_loaded_detector(detector, models_dir):
     from vlpcache.extract.detectors.choice import choose_detector
 

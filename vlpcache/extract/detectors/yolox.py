@@ -57,7 +57,9 @@ class YoloxConfig:
     autotune: bool = True  # CUDA only: cuDNN's autotuning (torch.backends.cudnn.benchmark)
 
 
-def _onnx_session(model_bytes: bytes, device: str, threads: int):
+def _onnx_session(model_bytes: bytes, device: str, threads: int, autotune: bool = True):
+    """An onnxruntime session on the CPU, or on CUDA where onnxruntime-gpu is installed; `autotune` is cuDNN's
+    exhaustive search of convolution algorithms there (onnxruntime's default), else its heuristic choice."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -67,10 +69,11 @@ def _onnx_session(model_bytes: bytes, device: str, threads: int):
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
-    providers = ["CPUExecutionProvider"]
+    providers: list = ["CPUExecutionProvider"]
     if device == "cuda":
         if "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
+            search = "EXHAUSTIVE" if autotune else "HEURISTIC"
+            providers.insert(0, ("CUDAExecutionProvider", {"cudnn_conv_algo_search": search}))
         else:
             say("note: onnxruntime has no CUDA provider (pip install onnxruntime-gpu); "
                 "YOLOX runs on the CPU, features on the GPU")
@@ -224,10 +227,11 @@ class YoloxDetector:
 
     def _load_onnxruntime(self) -> None:
         device, threads = self.config.device, self.config.threads
-        self.session = _onnx_session(batched_onnx(self.spec.detector_file, self.use_neck), device, threads)
+        autotune = self.config.autotune
+        self.session = _onnx_session(batched_onnx(self.spec.detector_file, self.use_neck), device, threads, autotune)
         if self.use_mobilenet:
             trunk = _mobilenet_onnx(self.spec.backbone_file, self.spec.provenance["backbone_weights_sha256"])
-            self.trunk_session = _onnx_session(trunk, device, threads)
+            self.trunk_session = _onnx_session(trunk, device, threads, autotune)
 
     def _autocast(self):
         if self.device.type != "cuda" or not self.config.autocast:
