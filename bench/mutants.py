@@ -678,7 +678,7 @@ MUTANTS += [
            "TS_PACKETS = 5  #", "TS_PACKETS = 1  #",
            "tests/test_sources.py -k first_bytes", "a text file starting with 'G' is not taken for a transport stream"),
     mutant("extract-extensionless-media-ignored", "vlpcache/extract/sources.py",
-           "    if sniff and not suffix:\n", "    if False:\n",
+           "    if sniff and suffix in SNIFFED_SUFFIXES:\n", "    if False:\n",
            "tests/test_sources.py -k first_bytes", "a video or image without extension is known by its first bytes"),
     mutant("eval-validation-file-without-val-split-unseen", "vlpcache/index/evaluate.py",
            "sum(not file_has_validation_split or split", "sum(False or split",

@@ -142,8 +142,16 @@ def test_files_without_extension_are_known_by_their_first_bytes(tmp_path):
         "webp": "image", "wmv": "video", "bmp": "image", "ts": "video", "m2ts": "video",
     }  # HEIF/AVIF photos, audio, text and empty files are not media
     assert sniffed_kind(tmp_path / "nope") is None
-    # a file with an extension is never sniffed: its extension decides
+    # a file with another extension is never sniffed: its extension decides; yt-dlp's .unknown_video and
+    # a Video CD's .DAT are
     assert discover_items([touch(tmp_path / "x" / "clip.bin", heads["mp4"]).parent]) == ([], [])
+    touch(tmp_path / "y" / "talk [abc].unknown_video", heads["mp4"])
+    touch(tmp_path / "y" / "MPEGAV" / "AVSEQ01.DAT", heads["mpeg"])
+    touch(tmp_path / "y" / "index.dat", b"\x00\x01 not media")
+    assert kinds_by_id(discover_items([tmp_path / "y"])[0]) == {"talk [abc]": "video", "MPEGAV/AVSEQ01": "video"}
+    assert discover_items([tmp_path / "y" / "index.dat"])[1] == [
+        (str(tmp_path / "y" / "index.dat"), "not a video or image file (.dat, and its first bytes are of no known "
+                                            "format); skipped")]
     # a folder of extension-less frames is a frames item, and its frames are those files
     for k in range(3):
         touch(tmp_path / "root" / "video1" / f"{k:04d}", heads["jpeg"])

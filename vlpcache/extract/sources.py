@@ -35,6 +35,9 @@ VIDEO_EXTENSIONS: frozenset[str] = frozenset({
     ".mxf", ".rm", ".rmvb", ".y4m", ".nut",
 })  # fmt: skip
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+# known by their first bytes: no extension (downloads saved by id), yt-dlp's name for a download whose
+# format it could not tell, a Video CD's MPEG files (MPEGAV/AVSEQ01.DAT)
+SNIFFED_SUFFIXES: frozenset[str] = frozenset({"", ".unknown_video", ".dat"})
 
 KINDS = ("video", "image", "frames")
 SKIPPED = "skipped"  # in the reason of each discovery problem that leaves its path out
@@ -54,13 +57,14 @@ def natural_key(name: str) -> tuple:
 
 
 def media_kind(path: Path, sniff: bool = False) -> str | None:
-    """"video", "image" or None, by the extension; with sniff, a file with no extension by its first bytes."""
+    """"video", "image" or None, by the extension; with sniff, a file with none (or another of
+    SNIFFED_SUFFIXES) by its first bytes."""
     suffix = path.suffix.lower()
     if suffix in VIDEO_EXTENSIONS:
         return "video"
     if suffix in IMAGE_EXTENSIONS:
         return "image"
-    if sniff and not suffix:
+    if sniff and suffix in SNIFFED_SUFFIXES:
         return sniffed_kind(path)
     return None
 
@@ -143,7 +147,9 @@ def discover_items(roots: list[Path], frame_folders: bool = True) -> tuple[list[
             for item in walk.folder(root.absolute(), root.absolute(), is_root=True)[0]:
                 walk.add(item)
         elif (kind := media_kind(root, sniff=True)) is None:
-            what = "unknown extension" if root.suffix else "no extension, and its first bytes are of no known format"
+            sniffed = root.suffix.lower() in SNIFFED_SUFFIXES
+            what = (f"{root.suffix or 'no extension'}, and its first bytes are of no known format" if sniffed
+                    else "unknown extension")
             walk.problems.append((str(root), f"not a video or image file ({what}); {SKIPPED}"))
         else:
             walk.add(Item(root.stem, root.absolute(), kind))
