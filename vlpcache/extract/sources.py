@@ -12,7 +12,8 @@ Rules (docs/design.md section 1):
   said in one line.
 - A root may be a single file; its id is its file name without extension.
 - Media are known by their extension; a file with none (`clips/abc123`, as a download by id leaves
-  it) by its first bytes (MP4/MOV, Matroska/WebM, AVI, MPEG, FLV, ASF, Ogg, GIF; JPEG, PNG, WebP, TIFF).
+  it), or one of SNIFFED_SUFFIXES (`.unknown_video`, `.dat`), by its first bytes (MP4/MOV, Matroska/WebM,
+  AVI, MPEG program and transport streams, FLV, ASF, Ogg, GIF; JPEG, PNG, WebP, TIFF, BMP).
 - Hidden files and folders (name starting with `.`, e.g. macOS `._x.jpg`) and non-media files are
   ignored silently. Symbolic links are followed, each real folder is walked once (no loops).
 - Order is deterministic: roots in the order given, entries by natural name order (2.jpg < 10.jpg).
@@ -69,7 +70,7 @@ def media_kind(path: Path, sniff: bool = False) -> str | None:
     return None
 
 
-# (offset, bytes, kind) of the formats a file without extension is recognised by
+# (offset, bytes, kind) of the formats a sniffed file is recognised by (RIFF, BMP and TS: in sniffed_kind)
 SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
     (4, b"ftyp", "video"),  # MP4, MOV, M4V, 3GP (HEIF/AVIF photos are told apart by their brand below)
     (4, b"moov", "video"), (4, b"mdat", "video"), (4, b"wide", "video"),  # QuickTime without ftyp
