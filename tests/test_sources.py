@@ -271,10 +271,33 @@ def test_roots_without_media_say_what_they_hold_instead(tmp_path):
     said = other_files([phone])
     assert said.startswith("its 5 file(s) have other extensions (.heic 3, .txt 1, no extension 1) (HEIC photos: convert ")
     assert said.endswith("; media are known by extension (videos: .mp4, .mov, .avi, .mkv, .webm and 24 more; "
-                         "images: .bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp; a file without one by its first bytes)")
+                         "images: .bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp; a file without one, or named .dat or "
+                         ".unknown_video, by its first bytes)")
     # hidden files are not counted
     (tmp_path / "empty").mkdir()
     assert other_files([tmp_path / "empty"]) == "it is empty"
     assert other_files([tmp_path / "nope"]) == "it does not exist"
     assert other_files([tmp_path / "nope", tmp_path / "gone"]) == "none of them exists"
     assert other_files([phone / "notes.txt", tmp_path / "empty"]).startswith("their 1 file(s) have other extensions (.txt 1);")
+
+
+def test_roots_without_media_name_a_file_that_is_media_under_another_extension(tmp_path, videos_dir):
+    """A folder of videos saved as .bin (or photos as .img) finds no media: the line says which file is
+    one by its first bytes and what to do, instead of only listing extensions."""
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / "clip.bin").write_bytes((videos_dir / "cup.mp4").read_bytes())
+    (downloads / "clip2.bin").write_bytes(b"\x00" * 64)
+    (downloads / "notes.txt").write_text("not media")
+    assert discover_items([downloads]) == ([], [])
+    said = other_files([downloads])
+    assert said.startswith("its 3 file(s) have other extensions (.bin 2, .txt 1);")
+    assert said.endswith(f"; {downloads / 'clip.bin'} is a video by its first bytes: such files need their "
+                         "format's extension (e.g. .mp4; ffprobe names the format)")
+    # photos too; a text file with an unknown extension is no media, and nothing is said of it
+    (downloads / "clip.bin").unlink()
+    (downloads / "scan.img").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF" + bytes(64))
+    assert other_files([downloads]).endswith(f"; {downloads / 'scan.img'} is an image by its first bytes: such files "
+                                             "need their format's extension (e.g. .jpg; ffprobe names the format)")
+    (downloads / "scan.img").unlink()
+    assert other_files([downloads]).endswith("by its first bytes)")

@@ -89,6 +89,7 @@ TS_SYNC = 0x47  # MPEG transport stream: a sync byte opens each packet, 188 byte
 BMP_HEADER_SIZES = frozenset({12, 40, 52, 56, 64, 108, 124})  # the DIB header versions
 TS_PACKETS = 5  # sync bytes in a row that make a transport stream (a text file may start with "G", 0x47)
 SNIFF_BYTES = TS_PACKETS * 192 + 4
+SNIFFED_EXAMPLES = 3  # files of each unknown extension sniffed when a run finds no media (other_files)
 
 
 def sniffed_kind(path: Path) -> str | None:
@@ -225,16 +226,21 @@ class _Walk:
 
 def other_files(roots: list[Path], limit: int = 100_000) -> str:
     """What the roots hold instead of media, for the error of a run that found none: "its 4 file(s) have
-    other extensions (.heic 3, .txt 1); media are known by ...", "it is empty"; up to `limit` files are
-    looked at."""
+    other extensions (.heic 3, .txt 1); media are known by ...", naming a file that is media by its first
+    bytes under another extension (clip.bin) where one is; "it is empty". Up to `limit` files are counted."""
     existing = [root for root in map(Path, roots) if root.exists()]
     if not existing:
         return "it does not exist" if len(roots) == 1 else "none of them exists"
     counts: Counter[str] = Counter()
+    examples: dict[str, list[Path]] = {}  # the first few files met of each extension, in name order
     walks = (os.walk(root) if root.is_dir() else [(root.parent, [], [root.name])] for root in existing)
-    for _, folders, names in (step for walk in walks for step in walk):
+    for top, folders, names in (step for walk in walks for step in walk):
         folders[:] = [f for f in folders if not f.startswith(".")]
-        counts.update(Path(n).suffix.lower() or "no extension" for n in names if not n.startswith("."))
+        for name in sorted(names, key=natural_key):
+            if not name.startswith("."):
+                counts[suffix := Path(name).suffix.lower() or "no extension"] += 1
+                if len(seen := examples.setdefault(suffix, [])) < SNIFFED_EXAMPLES:
+                    seen.append(Path(top) / name)
         if counts.total() >= limit:
             break
     if not counts:
@@ -243,16 +249,25 @@ def other_files(roots: list[Path], limit: int = 100_000) -> str:
     kinds = ", ".join(f"{suffix} {n}" for suffix, n in commonest) + (", ..." if len(counts) > 5 else "")
     phone = counts.keys() & {".heic", ".heif"}
     heic = " (HEIC photos: convert them to JPEG first, e.g. with heif-convert)" if phone else ""
+    # media under a name no extension rule covers (clip.bin): the first few files of each of the commonest
+    # extensions are sniffed (those of SNIFFED_SUFFIXES were, and are no media)
+    disguised = next(((path, kind) for suffix, _ in commonest if suffix != "no extension" and suffix not in SNIFFED_SUFFIXES
+                      for path in examples[suffix] if (kind := sniffed_kind(path))), None)
+    renamed = (f"; {disguised[0]} is {'a video' if disguised[1] == 'video' else 'an image'} by its first bytes: "
+               f"such files need their format's extension (e.g. {'.mp4' if disguised[1] == 'video' else '.jpg'}; "
+               "ffprobe names the format)") if disguised else ""
     return f"{'its' if len(roots) == 1 else 'their'} {counts.total():,}{'+' if counts.total() >= limit else ''} " \
-           f"file(s) have other extensions ({kinds}){heic}; media are known by extension ({known_extensions()})"
+           f"file(s) have other extensions ({kinds}){heic}; media are known by extension ({known_extensions()})" \
+           f"{renamed}"
 
 
 def known_extensions() -> str:
     """The media extensions, said in a line: the common video ones, how many more, every image one, and
-    that a file without one is known by its first bytes."""
+    which files are known by their first bytes instead (SNIFFED_SUFFIXES)."""
     common = (".mp4", ".mov", ".avi", ".mkv", ".webm")
     return (f"videos: {', '.join(common)} and {len(VIDEO_EXTENSIONS) - len(common)} more; "
-            f"images: {', '.join(sorted(IMAGE_EXTENSIONS))}; a file without one by its first bytes")
+            f"images: {', '.join(sorted(IMAGE_EXTENSIONS))}; a file without one, or named "
+            f"{' or '.join(sorted(s for s in SNIFFED_SUFFIXES if s))}, by its first bytes")
 
 
 def is_utf8(text: str) -> bool:
