@@ -12,8 +12,10 @@ TextFeatures does, against the same file loaded whole into memory.
     python bench/pretrain_throughput.py --videos 256 --steps 3 --device cpu
 
 Model steps and training end to end are timed after a warm-up (--warmup-steps, --warmup-seconds) in
---repeats runs of --steps steps each; the median is printed with the runs' range, so a spread between
-runs shows in the output instead of passing for a difference between configurations.
+--repeats runs of --steps steps each, the configurations taking turns within each repeat (so that a
+drift during the run, of clocks or other load, does not fall on whichever comes first); the median is
+printed with the runs' range, so a spread between runs shows in the output instead of passing for a
+difference between configurations.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -144,39 +147,47 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def repeated_rates(step, device: torch.device, steps: int, repeats: int, warmup_steps: int,
-                   warmup_seconds: float) -> list[float]:
-    """Samples/s of `repeats` timed runs of `steps` calls of step() (each returns the samples it took).
+def interleaved_rates(steps: dict[str, Callable[[], int]], device: torch.device, steps_per_run: int, repeats: int,
+                      warmup_steps: int, warmup_seconds: float) -> dict[str, list[float]]:
+    """Samples/s of `repeats` timed runs of `steps_per_run` calls of each configuration's step() (each
+    call returns the samples it took), the configurations taking turns within each repeat.
 
-    Warm-up comes first: at least `warmup_steps` calls and until `warmup_seconds` have passed. On CUDA
-    the first calls of a new shape select kernels and the clocks ramp up, so a single warm-up call
-    left the first configuration of a run up to 10x slower than the same one measured later."""
-    started, calls = time.perf_counter(), 0
-    while calls < warmup_steps or time.perf_counter() - started < warmup_seconds:
-        step()
-        calls += 1
+    Every configuration warms up first: at least `warmup_steps` calls and until `warmup_seconds` have
+    passed. On CUDA the first calls of a new shape select kernels and the clocks ramp up, so a single
+    warm-up call left the first configuration of a run up to 10x slower than the same one measured
+    later; and timing each configuration's runs one after the other still left whatever drifts during
+    a run (clocks, other processes) on whichever came first. Taking turns spreads it over all of them."""
+    for step in steps.values():
+        started, calls = time.perf_counter(), 0
+        while calls < warmup_steps or time.perf_counter() - started < warmup_seconds:
+            step()
+            calls += 1
     synchronize(device)
-    rates = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        count = sum(step() for _ in range(steps))
-        synchronize(device)
-        rates.append(count / (time.perf_counter() - started))
+    rates: dict[str, list[float]] = {label: [] for label in steps}
+    for repeat in range(repeats):
+        for label, step in steps.items():
+            started = time.perf_counter()
+            count = sum(step() for _ in range(steps_per_run))
+            synchronize(device)
+            rates[label].append(count / (time.perf_counter() - started))
+            # each run as it is taken: a run stopped by a time limit keeps what it measured
+            print(f"  run {repeat + 1} of {repeats}: {label}: {rates[label][-1]:.1f} samples/s", flush=True)
     return rates
 
 
-def step_rates(setup, batch: dict, device: torch.device, **timing) -> list[float]:
+def model_step(setup, batch: dict, device: torch.device) -> Callable[[], int]:
+    """One training step of `setup` on the same batch each time (the loader left out)."""
     model, _, criterion, optimizer, autocast, scaler = setup
     inputs = {k: v.to(device) for k, v in batch.items()}
 
     def step() -> int:
         train_step(model, criterion, optimizer, inputs, autocast, scaler, 1.0)
         return batch["features"].shape[0]
-    return repeated_rates(step, device, **timing)
+    return step
 
 
-def end_to_end_rates(setup, dataset, collate, batch_size: int, workers: int, device: torch.device,
-                     **timing) -> list[float]:
+def end_to_end_step(setup, dataset, collate, batch_size: int, workers: int, device: torch.device) -> Callable[[], int]:
+    """One training step of `setup` on the loader's next batch (a new epoch when one ends)."""
     model, _, criterion, optimizer, autocast, scaler = setup
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate,
                         pin_memory=device.type == "cuda", drop_last=True, prefetch_factor=4 if workers else None,
@@ -193,7 +204,7 @@ def end_to_end_rates(setup, dataset, collate, batch_size: int, workers: int, dev
         train_step(model, criterion, optimizer, {k: v.to(device, non_blocking=True) for k, v in batch.items()},
                    autocast, scaler, 1.0)
         return batch["features"].shape[0]
-    return repeated_rates(step, device, **timing)
+    return step
 
 
 def main() -> None:
@@ -233,7 +244,7 @@ def main() -> None:
         results[f"{key} runs"] = rates
         print(f"{key:<58} {results[key]:10.1f} samples/s  (runs {min(rates):.1f}-{max(rates):.1f})", flush=True)
 
-    timing = dict(steps=args.steps, repeats=args.repeats, warmup_steps=args.warmup_steps,
+    timing = dict(steps_per_run=args.steps, repeats=args.repeats, warmup_steps=args.warmup_steps,
                   warmup_seconds=args.warmup_seconds)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -269,6 +280,7 @@ def main() -> None:
         batch = collate([hdf5[i] for i in range(args.batch_size)])
         for device_name in args.device:
             device = torch.device(device_name)
+            steps = {}
             for label, config in (
                 ("RWA, 2 text layers trainable", dict(rwa=True, text_trainable_layers=2)),
                 ("no RWA, 2 text layers trainable", dict(rwa=False, text_trainable_layers=2)),
@@ -276,11 +288,13 @@ def main() -> None:
                 ("RWA, all 6 text layers trainable", dict(rwa=True, text_trainable_layers=6)),
             ):
                 setup = model_setup(args.dim, device, text_model=args.text_model, **config)
-                report_runs(f"model step {device_name}, {label}", step_rates(setup, batch, device, **timing))
+                steps[f"model step {device_name}, {label}"] = model_step(setup, batch, device)
             setup = model_setup(args.dim, device, text_model=args.text_model)
             workers = 0 if device.type == "cpu" else 4  # the defaults of `vlpcache pretrain` (make_loader)
-            report_runs(f"end to end {device_name} (defaults, {workers} workers)",
-                        end_to_end_rates(setup, hdf5, collate, args.batch_size, workers, device, **timing))
+            steps[f"end to end {device_name} (defaults, {workers} workers)"] = end_to_end_step(
+                setup, hdf5, collate, args.batch_size, workers, device)
+            for key, rates in interleaved_rates(steps, device, **timing).items():
+                report_runs(key, rates)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
