@@ -13,7 +13,9 @@
 # still leaves the others' output; what a step printed before its limit is kept. The extraction step asks
 # what the last GPU session left open (EXTRACT_ARGS changes it): yolox at batch 128 with cuDNN's
 # autotuning on and off, cold and warm (the detector matrix at batch 8 and 128, and the runtimes, are
-# in BENCHMARKS.md from 2026-12-04). DEVICE=cpu
+# in BENCHMARKS.md from 2026-12-04). The pretraining step's configurations take turns, and each is then
+# profiled (--profile: GPU kernel time against wall time, launches, host syncs), for the two orders the
+# last session left unexplained: 2 trainable text layers slower than 6, RWA 3x the step. DEVICE=cpu
 # PY=.venv/bin/python runs the same steps here, to check the script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -81,7 +83,7 @@ EOF
     timeout "${EXTRACT_S:-320}" "$PY" bench/extract_throughput.py --device "$DEVICE" ${EXTRACT_ARGS:---detectors yolox --batch-sizes 128 --autotune on,off --no-runtimes --references simple --engines local} 2>&1 | tee "$OUT/extract.txt"
     echo "extract_throughput exit status ${PIPESTATUS[0]} (124: stopped at ${EXTRACT_S:-320} s)" | tee -a "$OUT/extract.txt"
     timeout "${PRETRAIN_S:-150}" "$PY" bench/pretrain_throughput.py --device "$DEVICE" --text-model /tmp/minilm-random \
-        --json "$OUT/pretrain.json" ${PRETRAIN_ARGS:-} 2>&1 | tee "$OUT/pretrain.txt"
+        --json "$OUT/pretrain.json" ${PRETRAIN_ARGS:---profile} 2>&1 | tee "$OUT/pretrain.txt"
     echo "pretrain_throughput exit status ${PIPESTATUS[0]} (124: stopped at ${PRETRAIN_S:-150} s)" | tee -a "$OUT/pretrain.txt"
 }
 

@@ -10,6 +10,7 @@ TextFeatures does, against the same file loaded whole into memory.
 
     python bench/pretrain_throughput.py                       # CPU (and CUDA when present)
     python bench/pretrain_throughput.py --videos 256 --steps 3 --device cpu
+    python bench/pretrain_throughput.py --device cuda --profile   # + where each step's time goes
 
 Model steps and training end to end are timed after a warm-up (--warmup-steps, --warmup-seconds) in
 --repeats runs of --steps steps each, the configurations taking turns within each repeat (so that a
@@ -175,6 +176,43 @@ def interleaved_rates(steps: dict[str, Callable[[], int]], device: torch.device,
     return rates
 
 
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def step_profile(step: Callable[[], int], device: torch.device, steps: int = 3) -> dict:
+    """Where one step's time goes, from torch.profiler over `steps` steps (after the timed runs): wall,
+    CPU-side op time and GPU kernel time per step, kernel launches and host syncs per step, the ops of
+    most self CPU time. A step whose GPU time is far below its wall time waits on the CPU to launch
+    kernels (or on syncs), not on arithmetic: the question the H200's "RWA costs 3x" left open."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    synchronize(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        wall = time.perf_counter() - started
+    events = prof.key_averages()
+
+    def count(*names: str) -> int:
+        return sum(e.count for e in events if e.key in names)
+    ops = [e for e in events if e.key.startswith("aten::")]
+    top = sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
+    return {
+        "wall_ms": 1e3 * wall / steps,
+        "cpu_op_ms": 1e-3 * sum(e.self_cpu_time_total for e in ops) / steps,
+        "gpu_kernel_ms": 1e-3 * sum(getattr(e, "self_device_time_total", 0) for e in events
+                                    if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA) / steps,
+        "aten_ops": sum(e.count for e in ops) / steps,
+        "kernel_launches": count("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC") / steps,
+        "host_syncs": count(*SYNC_EVENTS) / steps,
+        "item_calls": count("aten::_local_scalar_dense") / steps,
+        "top_cpu_ops": [(e.key, 1e-3 * e.self_cpu_time_total / steps, e.count / steps) for e in top],
+    }
+
+
 def model_step(setup, batch: dict, device: torch.device) -> Callable[[], int]:
     """One training step of `setup` on the same batch each time (the loader left out)."""
     model, _, criterion, optimizer, autocast, scaler = setup
@@ -225,6 +263,9 @@ def main() -> None:
     parser.add_argument("--warmup-seconds", type=float, default=2.0,
                         help="warm-up lasts at least this long (CUDA picks kernels and raises clocks at first)")
     parser.add_argument("--device", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timings, profile a few steps of each configuration: wall, CPU-side and GPU "
+                             "kernel time per step, kernel launches, host syncs, the costliest ops")
     parser.add_argument("--text-model", default="", help="default: the offline all-MiniLM-L6-v2")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
@@ -295,6 +336,19 @@ def main() -> None:
                 setup, hdf5, collate, args.batch_size, workers, device)
             for key, rates in interleaved_rates(steps, device, **timing).items():
                 report_runs(key, rates)
+            if args.profile:
+                for key, step in steps.items():
+                    try:
+                        profile = results[f"{key} profile"] = step_profile(step, device)
+                    except Exception as err:  # e.g. no CUPTI for the CUDA activity: the timings above stand
+                        print(f"{key}: not profiled ({type(err).__name__}: {err})", flush=True)
+                        continue
+                    print(f"{key} profiled, per step: {profile['wall_ms']:.1f} ms wall, {profile['cpu_op_ms']:.1f} ms "
+                          f"in CPU-side ops, {profile['gpu_kernel_ms']:.1f} ms of GPU kernels; {profile['aten_ops']:.0f} "
+                          f"ops, {profile['kernel_launches']:.0f} kernel launches, {profile['host_syncs']:.0f} host "
+                          f"syncs, {profile['item_calls']:.0f} .item(); most CPU: "
+                          + ", ".join(f"{name} {ms:.1f} ms ({calls:.0f}x)" for name, ms, calls in profile["top_cpu_ops"]),
+                          flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
