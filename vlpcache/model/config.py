@@ -70,7 +70,7 @@ class TrainConfig(JsonRecord):
     warmup_fraction: float = 0.05  # of all steps
     grad_clip: float = 1.0
     seed: int = 0
-    workers: int | None = None  # DataLoader workers per process (None: 1 on CPU, 4 on CUDA)
+    workers: int | None = None  # DataLoader workers per process (None: 0 on CPU, 4 on CUDA)
     val_batch_size: int = 128
     caches: list[str] = dataclasses.field(default_factory=list)
     captions: list[str] = dataclasses.field(default_factory=list)
