@@ -301,3 +301,9 @@ def test_roots_without_media_name_a_file_that_is_media_under_another_extension(t
                                              "need their format's extension (e.g. .jpg; ffprobe names the format)")
     (downloads / "scan.img").unlink()
     assert other_files([downloads]).endswith("by its first bytes)")
+    # a named pipe is never opened (it would block until someone writes to it), as a root neither
+    os.mkfifo(downloads / "a.bin")
+    os.mkfifo(tmp_path / "pipe")
+    assert other_files([downloads]).endswith("by its first bytes)")
+    assert discover_items([tmp_path / "pipe"])[1] == [(str(tmp_path / "pipe"), "not a video or image file (no "
+                                                       "extension, and its first bytes are of no known format); skipped")]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -94,8 +95,10 @@ SNIFFED_EXAMPLES = 3  # files of each unknown extension sniffed when a run finds
 
 def sniffed_kind(path: Path) -> str | None:
     """"video" or "image" by a file's first bytes, or None (unknown, unreadable, or a HEIF/AVIF photo,
-    which the image decoder does not read)."""
+    which the image decoder does not read). Only a regular file is opened: a named pipe would block."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
         with open(path, "rb") as f:
             head = f.read(SNIFF_BYTES)
     except OSError:
