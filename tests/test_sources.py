@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 
@@ -304,6 +305,22 @@ def test_roots_without_media_name_a_file_that_is_media_under_another_extension(t
     # a named pipe is never opened (it would block until someone writes to it), as a root neither
     os.mkfifo(downloads / "a.bin")
     os.mkfifo(tmp_path / "pipe")
-    assert other_files([downloads]).endswith("by its first bytes)")
-    assert discover_items([tmp_path / "pipe"])[1] == [(str(tmp_path / "pipe"), "not a video or image file (no "
-                                                       "extension, and its first bytes are of no known format); skipped")]
+    assert without_blocking(lambda: other_files([downloads]), downloads / "a.bin").endswith("by its first bytes)")
+    assert without_blocking(lambda: discover_items([tmp_path / "pipe"])[1], tmp_path / "pipe") == [
+        (str(tmp_path / "pipe"), "not a video or image file (no extension, and its first bytes are of no known "
+                                 "format); skipped")]
+
+
+def without_blocking(call, pipe: Path, seconds: float = 10.0):
+    """call()'s result; the test fails, instead of hanging, when it is still blocked after `seconds`
+    (opening `pipe` for reading): the pipe is then opened for writing, which releases it."""
+    result = []
+    worker = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        with open(pipe, "wb"):
+            pass
+        worker.join()
+        raise AssertionError(f"still blocked after {seconds} s: {pipe} was opened")
+    return result[0]
