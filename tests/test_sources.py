@@ -302,6 +302,10 @@ def test_roots_without_media_name_a_file_that_is_media_under_another_extension(t
                                              "need their format's extension (e.g. .jpg; ffprobe names the format)")
     (downloads / "scan.img").unlink()
     assert other_files([downloads]).endswith("by its first bytes)")
+    # audio in a container that video uses too (MP4's M4A, Matroska's MKA) is not called video
+    (downloads / "song.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A \x00\x00\x02\x00" + bytes(64))
+    (downloads / "talk.mka").write_bytes(b"\x1aE\xdf\xa3\x01" + bytes(64))
+    assert other_files([downloads]).endswith("by its first bytes)")
     # a named pipe is never opened (it would block until someone writes to it), as a root neither
     os.mkfifo(downloads / "a.bin")
     os.mkfifo(tmp_path / "pipe")

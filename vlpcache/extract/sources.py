@@ -37,6 +37,11 @@ VIDEO_EXTENSIONS: frozenset[str] = frozenset({
     ".mxf", ".rm", ".rmvb", ".y4m", ".nut",
 })  # fmt: skip
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+# audio, in containers whose first bytes are those of video too (MP4, Matroska, Ogg, ASF): never said to be
+# video under another extension by a run that finds no media
+AUDIO_EXTENSIONS: frozenset[str] = frozenset({
+    ".m4a", ".m4b", ".m4p", ".mka", ".oga", ".opus", ".wma", ".mp3", ".aac", ".flac", ".wav", ".aif", ".aiff", ".amr",
+})  # fmt: skip
 # known by their first bytes: no extension (downloads saved by id), yt-dlp's name for a download whose
 # format it could not tell, a Video CD's MPEG files (MPEGAV/AVSEQ01.DAT)
 SNIFFED_SUFFIXES: frozenset[str] = frozenset({"", ".unknown_video", ".dat"})
@@ -253,8 +258,9 @@ def other_files(roots: list[Path], limit: int = 100_000) -> str:
     phone = counts.keys() & {".heic", ".heif"}
     heic = " (HEIC photos: convert them to JPEG first, e.g. with heif-convert)" if phone else ""
     # media under a name no extension rule covers (clip.bin): the first few files of each of the commonest
-    # extensions are sniffed (those of SNIFFED_SUFFIXES were, and are no media)
-    disguised = next(((path, kind) for suffix, _ in commonest if suffix != "no extension" and suffix not in SNIFFED_SUFFIXES
+    # extensions are sniffed (those of SNIFFED_SUFFIXES were, and are no media; audio only looks like video)
+    disguised = next(((path, kind) for suffix, _ in commonest
+                      if suffix != "no extension" and suffix not in SNIFFED_SUFFIXES | AUDIO_EXTENSIONS
                       for path in examples[suffix] if (kind := sniffed_kind(path))), None)
     renamed = (f"; {disguised[0]} is {'a video' if disguised[1] == 'video' else 'an image'} by its first bytes: "
                f"such files need their format's extension (e.g. {'.mp4' if disguised[1] == 'video' else '.jpg'}; "
