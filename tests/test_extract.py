@@ -1,5 +1,6 @@
 """`vlpcache extract` and `vlpcache inspect` end to end, as a user runs them, on real files."""
 
+import collections
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vlpcache.cache.labels import COCO
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import SHARD_DIR
 from vlpcache.extract.sources import discover_items
@@ -178,8 +180,19 @@ def test_inspect_summarises_and_renders_an_item(extracted, tmp_path):
     models = Path(os.environ["VLPCACHE_MODELS"])  # the weights the extract read (conftest sets it), hashed here
     assert summary["provenance"]["detector_weights_sha256"] == file_sha256(models / "yolox_nano_coco.onnx")
     assert summary["provenance"]["backbone_weights_sha256"] == file_sha256(models / "mobilenet_v2_imagenet_features.pth")
+    # what the detector found: every real region but the whole frame's, counted item by item here
+    cache = RegionCache(cache_dir)
+    found = collections.Counter(int(item["labels"][t, n]) for item in (cache[i] for i in range(len(cache)))
+                                for t, n in zip(*np.nonzero(item["region_mask"] & item["frame_mask"][:, None]))
+                                if item["labels"][t, n] >= 0)
+    assert summary["detections"] == found.total() > 0
+    commonest = sorted(found.items(), key=lambda kv: (-kv[1], kv[0]))[:8]  # ties in class order
+    assert [(t["label"], t["count"]) for t in summary["top_labels"]] == [(COCO.label(c), n) for c, n in commonest]
+    assert summary["top_labels"][0]["share"] == round(found.most_common(1)[0][1] / found.total(), 4)
     text = vlpcache("inspect", cache_dir, cwd=tmp_path).stdout
     assert "T=4 frames, N=31 regions" in text and "on disk" in text
+    top = summary["top_labels"][0]
+    assert f"found       {found.total():,} detections: {top['label']} {top['share']:.0%}, " in text
     out = tmp_path / "bikes.png"
     vlpcache("inspect", cache_dir, "--render", "clips/bikes", "-o", out, cwd=tmp_path)
     picture = Image.open(out)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import collections
 import json
 
+import numpy as np
+
 from vlpcache.cache.labels import region_names
 from vlpcache.cache.manifest import read_passed_over
 from vlpcache.cache.reader import RegionCache
@@ -17,11 +19,28 @@ from vlpcache.report import human_size, printable, silent
 from vlpcache.workspace import Workspace
 
 
+TOP_LABELS = 8  # the commonest detected classes inspect names
+
+
+def detected_labels(cache: RegionCache, region_mask: np.ndarray, frame_mask: np.ndarray) -> tuple[int, list[dict]]:
+    """The detections of the real frames (every region but the whole frame's) and the TOP_LABELS classes
+    they hold most: (count, [{"label", "count", "share"}, ...]): what the detector found in this data."""
+    labels = cache.column("labels")[region_mask & frame_mask[..., None]]  # (regions,) int16
+    labels = labels[labels >= 0]  # the whole-frame region is -1
+    counts = np.bincount(labels.astype(np.int64))
+    names = region_names(cache.settings.detector)
+    top = [int(c) for c in np.argsort(-counts, kind="stable")[:TOP_LABELS] if counts[c]]
+    return len(labels), [{"label": names.label(c), "count": int(counts[c]), "share": round(counts[c] / len(labels), 4)}
+                         for c in top]
+
+
 def cache_summary(cache: RegionCache) -> dict:
     failures = cache.failures
     reasons = collections.Counter(record.get("reason", "?") for record in failures.values())
-    frames = int(cache.column("frame_mask").sum())
-    regions = int(cache.column("region_mask").sum())
+    frame_mask, region_mask = cache.column("frame_mask"), cache.column("region_mask")
+    frames = int(frame_mask.sum())
+    regions = int(region_mask.sum())
+    detections, top_labels = detected_labels(cache, region_mask, frame_mask)
     settings = cache.settings.to_json()
     return {
         "cache": str(cache.cache_dir),
@@ -37,6 +56,8 @@ def cache_summary(cache: RegionCache) -> dict:
         "N": settings["regions"],
         "D": settings["feature_dim"],
         "labels": region_names(cache.settings.detector).describe(),
+        "detections": detections,
+        "top_labels": top_labels,
         "provenance": settings,
         "shards": len(cache.shard_paths) - len(cache.ignored_shards) - len(cache.unreadable_shards),
         "ignored_shards": {p.name: diffs for p, diffs in cache.ignored_shards.items()},
@@ -62,6 +83,10 @@ def print_summary(summary: dict) -> None:
         f"detector    {p['detector']}  sha256 {p['detector_weights_sha256'][:12]}",
         f"backbone    {p['backbone']}  sha256 {p['backbone_weights_sha256'][:12]}",
         f"labels      {summary['labels']}" + (", with each region's best attribute" if p.get("attributes") else ""),
+        *([f"found       {summary['detections']:,} detections: "
+           + ", ".join(f"{printable(t['label'])} {t['share']:.0%}" for t in summary["top_labels"])
+           + (", ..." if sum(t["count"] for t in summary["top_labels"]) < summary["detections"] else "")]
+          if summary["detections"] else []),
         f"sampling    {p['sampling']}, score >= {p['score_threshold']}, NMS IoU {p['nms_iou']}, schema v{p['schema_version']}",
         f"on disk     {human_size(summary['size_bytes'])} in {summary['shards']} shard{'' if summary['shards'] == 1 else 's'}",
     ]
