@@ -272,3 +272,31 @@ def test_qbnorm_ranks_with_a_bank_of_the_runs_training_captions_and_dual_softmax
     assert {"R@1", "MdR"} <= set(results["text_to_video_dual_softmax"])
     code, out, _ = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl", "--quiet", "--dual-softmax")
     assert "dual softmax (eval only" in out
+
+
+def test_per_query_records_give_each_querys_ranks_and_best_candidates(root, ws, monkeypatch, capsys, tmp_path):
+    """--per-query FILE: one JSON line per text->video query; its ranks are the ones the table summarises,
+    and a query whose video ranks first has it first among its best candidates."""
+    out = tmp_path / "queries.jsonl"
+    results = eval_json(monkeypatch, capsys, "--captions", root / "val.jsonl", "--all-captions", "--qbnorm",
+                        "--per-query", out)
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    captions = read_captions(root / "val.jsonl").by_id
+    assert [(r["query"], r["video"]) for r in records] == [(c, v) for v, texts in captions.items() for c in texts]
+    assert "per_query" not in results
+    for key, rank in (("text_to_video", "rank"), ("text_to_video_rerank", "rank_reranked"),
+                      ("text_to_video_qbnorm", "rank_qbnorm")):
+        ranks = np.array([r[rank] for r in records])
+        assert results[key]["R@1"] == pytest.approx(100 * np.mean(ranks <= 1)), key
+        assert results[key]["R@5"] == pytest.approx(100 * np.mean(ranks <= 5)), key
+        assert results[key]["MdR"] == pytest.approx(np.median(ranks)), key
+    for r in records:
+        assert len(r["top"]) == 5 and len(r["top_reranked"]) == 5
+        scores = [score for _, score in r["top"]]
+        assert scores == sorted(scores, reverse=True)
+        assert (r["top"][0][0] == r["video"]) == (r["rank"] == 1)
+        assert (r["top_reranked"][0] == r["video"]) == (r["rank_reranked"] == 1)
+    # a folder that does not exist is one line, before any encoding
+    code, _, err = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl", "--per-query",
+                            tmp_path / "nope" / "q.jsonl")
+    assert code == 2 and err.strip() == f"error: {tmp_path / 'nope' / 'q.jsonl'}: no such folder {tmp_path / 'nope'}; create it first"

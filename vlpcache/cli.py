@@ -342,6 +342,9 @@ def serve(**options) -> None:
 @click.option("--rerank-candidates", default=RERANK_CANDIDATES, show_default=True, type=click.IntRange(0),
               help="Top candidates per query re-ranked by region-word score (0: no re-rank).")
 @json_option("Print the metrics as JSON.")
+@click.option("--per-query", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Also write each text->video query's record to this JSON Lines file: its text, its video, that "
+                   "video's rank under each ranking, the best candidates.")
 @checkpoint_option
 @device_option
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="Videos or captions per encoding batch.")

@@ -23,6 +23,21 @@ def retrieval_metrics(similarity: np.ndarray, targets: Sequence) -> dict[str, fl
     captions). Ties count against the query: a correct candidate ranks after every candidate whose
     score is greater or equal, so a constant scorer never looks good.
     """
+    ranks = query_ranks(similarity, targets)
+    return {
+        "R@1": 100.0 * float(np.mean(ranks <= 1)),
+        "R@5": 100.0 * float(np.mean(ranks <= 5)),
+        "R@10": 100.0 * float(np.mean(ranks <= 10)),
+        "MdR": float(np.median(ranks)),
+        "MnR": float(np.mean(ranks)),
+        "queries": int(len(ranks)),
+        "candidates": int(np.shape(similarity)[1]),
+    }
+
+
+def query_ranks(similarity: np.ndarray, targets: Sequence) -> np.ndarray:
+    """(Q,) int64: each query's rank (1-based) of its best-ranked correct candidate, ties counting against
+    it; what retrieval_metrics summarises (same arguments)."""
     similarity = np.asarray(similarity, dtype=np.float64)
     if similarity.ndim != 2 or similarity.shape[0] != len(targets):
         raise ValueError(f"similarity {similarity.shape} does not match {len(targets)} queries")
@@ -41,15 +56,7 @@ def retrieval_metrics(similarity: np.ndarray, targets: Sequence) -> dict[str, fl
             others = np.ones(row.shape[0], dtype=bool)
             others[correct] = False
             ranks[q] = 1 + int(np.count_nonzero(row[others] >= best))
-    return {
-        "R@1": 100.0 * float(np.mean(ranks <= 1)),
-        "R@5": 100.0 * float(np.mean(ranks <= 5)),
-        "R@10": 100.0 * float(np.mean(ranks <= 10)),
-        "MdR": float(np.median(ranks)),
-        "MnR": float(np.mean(ranks)),
-        "queries": int(len(ranks)),
-        "candidates": int(similarity.shape[1]),
-    }
+    return ranks
 
 
 # ---------------------------------------------------------------- re-ranking protocol

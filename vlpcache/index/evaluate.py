@@ -24,8 +24,9 @@ import numpy as np
 from vlpcache.captions import caption_queries, read_captions
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
+from vlpcache.files import is_write_failure, replace_atomically, write_failure
 from vlpcache.index.build import check_run_reads_cache, open_cache, resolve_sources, run_query_bank
-from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics
+from vlpcache.metrics import RERANK_CANDIDATES, query_ranks, reranked, retrieval_metrics
 from vlpcache.querybank import dual_softmax
 from vlpcache.report import printable, sayer
 from vlpcache.report import say as say_always  # under --quiet too
@@ -33,11 +34,12 @@ from vlpcache.report import say as say_always  # under --quiet too
 
 def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: bool, device, batch_size: int,
              rerank_candidates: int = RERANK_CANDIDATES, progress: bool = True, qbnorm: bool = False,
-             dual: bool = False, max_words: int | None = None) -> dict:
+             dual: bool = False, max_words: int | None = None, per_query: bool = False) -> dict:
     """Retrieval metrics over the cached videos in captions_by_id (insertion order = candidate order).
 
     qbnorm adds text->video ranked by query-bank normalisation (the run's training captions as bank),
-    dual the dual-softmax figure, which needs every test query at once (no search can do it)."""
+    dual the dual-softmax figure, which needs every test query at once (no search can do it).
+    per_query adds "per_query": a record of each text->video query (per_query_records)."""
     from vlpcache.model.batch import longer_than
     from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
 
@@ -53,6 +55,7 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
                           regions=rerank, progress=progress)
     text = encode_texts(run.model, run.tokenizer, texts, device, batch_size, progress=progress, max_words=max_words)
     t2v = (text.global_ @ video.global_.T).numpy()  # (Q, C)
+    rankings = {"global": t2v}  # text->video scores of each ranking, for per_query
     results = {
         "text_to_video": retrieval_metrics(t2v, text_video),
         "video_to_text": retrieval_metrics(t2v.T, video_texts),
@@ -60,17 +63,22 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
     if rerank:
         lam, weight = run.config.rwa_lambda, run.config.rerank_weight
         top, local = candidate_local_scores(text, video, t2v, lam, rerank_candidates, progress=progress)
-        results["text_to_video_rerank"] = retrieval_metrics(reranked(t2v, top, local, weight), text_video)
+        rankings["reranked"] = reranked(t2v, top, local, weight)
+        results["text_to_video_rerank"] = retrieval_metrics(rankings["reranked"], text_video)
         top, local = candidate_local_scores(text, video, t2v.T, lam, rerank_candidates, texts_are_queries=False,
                                             progress=progress)
         results["video_to_text_rerank"] = retrieval_metrics(reranked(t2v.T, top, local, weight), video_texts)
     if qbnorm:
         bank = run_query_bank(run, video.global_.numpy(), device, batch_size, progress=progress)
         if bank is not None:
-            results["text_to_video_qbnorm"] = retrieval_metrics(bank.normalise(t2v), text_video)
+            rankings["qbnorm"] = bank.normalise(t2v)
+            results["text_to_video_qbnorm"] = retrieval_metrics(rankings["qbnorm"], text_video)
             results["protocol"] = {"qbnorm": {"bank": len(bank.bank), "beta": bank.beta, "k": bank.k}}
     if dual:
-        results["text_to_video_dual_softmax"] = retrieval_metrics(dual_softmax(t2v), text_video)
+        rankings["dual_softmax"] = dual_softmax(t2v)
+        results["text_to_video_dual_softmax"] = retrieval_metrics(rankings["dual_softmax"], text_video)
+    if per_query:
+        results["per_query"] = per_query_records(texts, [ids[c] for c in text_video], ids, rankings)
     results["protocol"] = {**results.get("protocol", {}),
         "videos": len(ids),
         "queries": len(texts),
@@ -81,6 +89,47 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
         "seconds": round(time.monotonic() - started, 1),
     }
     return results
+
+
+PER_QUERY_TOP = 5  # candidates named in each per-query record
+
+
+def per_query_records(texts: list[str], videos: list[str], ids: list[str], rankings: dict[str, np.ndarray]) -> list[dict]:
+    """A record of each text->video query: its text, its video, the rank of that video under each ranking
+    eval computed (rank: global similarity; rank_reranked, rank_qbnorm, rank_dual_softmax where computed),
+    and the PER_QUERY_TOP best candidates by global similarity with their scores (and by the re-ranked
+    order where there is one): what error analysis, or a paired comparison of two runs, needs."""
+    column = {item_id: c for c, item_id in enumerate(ids)}
+    targets = [column[v] for v in videos]
+    ranks = {name: query_ranks(scores, targets) for name, scores in rankings.items()}
+    best = {name: _best(rankings[name]) for name in ("global", "reranked") if name in rankings}  # (Q, top)
+    records = []
+    for q, (text, video) in enumerate(zip(texts, videos)):
+        record = {"query": text, "video": video}
+        record.update({("rank" if name == "global" else f"rank_{name}"): int(r[q]) for name, r in ranks.items()})
+        record["top"] = [[ids[c], round(float(rankings["global"][q, c]), 4)] for c in best["global"][q]]
+        if "reranked" in best:
+            record["top_reranked"] = [ids[c] for c in best["reranked"][q]]
+        records.append(record)
+    return records
+
+
+def _best(scores: np.ndarray) -> np.ndarray:
+    """(Q, C) -> (Q, min(PER_QUERY_TOP, C)): each row's best columns, best first."""
+    top = np.argpartition(-scores, min(PER_QUERY_TOP, scores.shape[1]) - 1, axis=1)[:, :PER_QUERY_TOP]
+    return np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable"), 1)
+
+
+def write_per_query(path: Path, records: list[dict]) -> None:
+    """The records as JSON Lines, written whole or not at all; a failed write is one line."""
+    lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    try:
+        replace_atomically(path, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
+    except Exception as err:
+        if not is_write_failure(err):
+            raise
+        raise write_failure(path, err, "the figures above stand; make room, or write elsewhere, and run eval "
+                                       "again for the records") from None
 
 
 def format_results(results: dict) -> str:
@@ -169,12 +218,14 @@ def seen_by_run(run_dir: Path, cache_dir: Path, captions_file, captions, file_ha
 
 def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captions=False, paragraphs=False,
              max_words=None, as_json=False, rerank_candidates=RERANK_CANDIDATES, device=DEFAULT_DEVICE,
-             batch_size=None, checkpoint=None, quiet=False, qbnorm=False, dual_softmax=False) -> dict:
-    """The `vlpcache eval` command."""
+             batch_size=None, checkpoint=None, quiet=False, qbnorm=False, dual_softmax=False, per_query=None) -> dict:
+    """The `vlpcache eval` command. per_query: a JSON Lines file to write a record of each query to."""
     from vlpcache.model.checkpoint import load_run
     from vlpcache.model.data import has_validation_split
     from vlpcache.model.retrieval import default_batch_size
 
+    if per_query is not None and not Path(per_query).parent.is_dir():  # said now, not after the encoding
+        raise UserError(f"{per_query}: no such folder {Path(per_query).parent}; create it first")
     sources = resolve_sources(run_dir, cache_dir)
     cache = open_cache(sources.cache_dir)
     captions = read_captions(captions_file, progress=not quiet)
@@ -215,7 +266,9 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
 
             max_words = min(PARAGRAPH_WORDS, text_positions(run.model.text_encoder.backbone) or PARAGRAPH_WORDS)
     results = evaluate(run, cache, queries, all_captions, device, batch_size or default_batch_size(device),
-                       rerank_candidates, progress=not quiet, qbnorm=qbnorm, dual=dual_softmax, max_words=max_words)
+                       rerank_candidates, progress=not quiet, qbnorm=qbnorm, dual=dual_softmax, max_words=max_words,
+                       per_query=per_query is not None)
+    records = results.pop("per_query", None)
     if paragraphs:
         results["protocol"]["captions_per_video"] = "paragraph"
     results["run"] = {"run_dir": str(sources.run_dir), "epoch": run.epoch, "checkpoint_sha256": run.checkpoint_sha256,
@@ -231,4 +284,7 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
         cut = f"; {p['queries_cut']} longer, cut there" if p["queries_cut"] else ""
         print(f"{p['queries']} queries ({per_video}, up to {p['max_words']} tokens{cut}), {p['videos']} candidate videos, "
               f"re-rank of the top {p['rerank_candidates']}, {p['seconds']} s")
+    if records is not None:  # after the figures: a write that fails loses only the records
+        write_per_query(Path(per_query), records)
+        say(f"eval: each query's rank and best candidates in {printable(str(per_query))}")
     return results
