@@ -55,28 +55,32 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
                           regions=rerank, progress=progress)
     text = encode_texts(run.model, run.tokenizer, texts, device, batch_size, progress=progress, max_words=max_words)
     t2v = (text.global_ @ video.global_.T).numpy()  # (Q, C)
-    rankings = {"global": t2v}  # text->video scores of each ranking, for per_query
+    rankings = {}  # with per_query: the text->video scores of each ranking
+
+    def ranked(name: str, scores: np.ndarray) -> dict:
+        """The text->video metrics of one ranking (its scores kept for per_query only: Q x C floats each)."""
+        if per_query:
+            rankings[name] = scores
+        return retrieval_metrics(scores, text_video)
+
     results = {
-        "text_to_video": retrieval_metrics(t2v, text_video),
+        "text_to_video": ranked("global", t2v),
         "video_to_text": retrieval_metrics(t2v.T, video_texts),
     }
     if rerank:
         lam, weight = run.config.rwa_lambda, run.config.rerank_weight
         top, local = candidate_local_scores(text, video, t2v, lam, rerank_candidates, progress=progress)
-        rankings["reranked"] = reranked(t2v, top, local, weight)
-        results["text_to_video_rerank"] = retrieval_metrics(rankings["reranked"], text_video)
+        results["text_to_video_rerank"] = ranked("reranked", reranked(t2v, top, local, weight))
         top, local = candidate_local_scores(text, video, t2v.T, lam, rerank_candidates, texts_are_queries=False,
                                             progress=progress)
         results["video_to_text_rerank"] = retrieval_metrics(reranked(t2v.T, top, local, weight), video_texts)
     if qbnorm:
         bank = run_query_bank(run, video.global_.numpy(), device, batch_size, progress=progress)
         if bank is not None:
-            rankings["qbnorm"] = bank.normalise(t2v)
-            results["text_to_video_qbnorm"] = retrieval_metrics(rankings["qbnorm"], text_video)
+            results["text_to_video_qbnorm"] = ranked("qbnorm", bank.normalise(t2v))
             results["protocol"] = {"qbnorm": {"bank": len(bank.bank), "beta": bank.beta, "k": bank.k}}
     if dual:
-        rankings["dual_softmax"] = dual_softmax(t2v)
-        results["text_to_video_dual_softmax"] = retrieval_metrics(rankings["dual_softmax"], text_video)
+        results["text_to_video_dual_softmax"] = ranked("dual_softmax", dual_softmax(t2v))
     if per_query:
         results["per_query"] = per_query_records(texts, [ids[c] for c in text_video], ids, rankings)
     results["protocol"] = {**results.get("protocol", {}),
