@@ -690,7 +690,7 @@ MUTANTS += [
            "ranks = {name: query_ranks(rankings[\"global\"], targets) for name, scores in rankings.items()}",
            "tests/test_eval.py -k per_query", "eval --per-query gives each ranking's own rank of the query's video"),
     mutant("inspect-labels-count-the-whole-frame", "vlpcache/cache/inspect.py",
-           "    labels = labels[labels >= 0]  # the whole-frame region is -1\n", "",
+           "np.bincount(labels[labels >= 0].astype(np.int64))", "np.bincount(np.maximum(labels, 0).astype(np.int64))",
            "tests/test_extract.py -k inspect_summarises", "inspect's detections leave the whole-frame regions out"),
     mutant("extract-audio-called-disguised-video", "vlpcache/extract/sources.py",
            "suffix not in SNIFFED_SUFFIXES | AUDIO_EXTENSIONS", "suffix not in SNIFFED_SUFFIXES",

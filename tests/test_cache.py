@@ -285,6 +285,25 @@ def test_an_item_stored_by_two_writers_is_read_once_as_the_first_shard_holds_it(
     np.testing.assert_array_equal(cache[2]["features"], cache.get("c")["features"])
 
 
+def test_shard_columns_give_each_videos_rows_once_and_inspect_counts_them_shard_by_shard(tmp_path):
+    """Totals over a cache read one shard at a time equal those of the videos read one by one, with a
+    video that two shards hold counted once (where the cache takes it from)."""
+    from vlpcache.cache.inspect import region_counts
+
+    write_items(tmp_path, [f"v{i}" for i in range(5)], max_items=2)  # 3 shards
+    write_items(tmp_path, ["w0", "v1"], writer_name="s1of2")  # "v1" again
+    cache = RegionCache(tmp_path)
+    parts = list(cache.shard_columns(("labels", "frame_mask")))
+    assert len(parts) == 4 and sum(len(p["labels"]) for p in parts) == len(cache) == 6
+    items = [cache[i] for i in range(len(cache))]
+    real = [item["region_mask"] & item["frame_mask"][:, None] for item in items]
+    labels = np.concatenate([item["labels"][mask] for item, mask in zip(items, real)])
+    counts = region_counts(cache)
+    assert counts["frames"] == sum(int(item["frame_mask"].sum()) for item in items)
+    assert counts["regions"] == sum(int(item["region_mask"].sum()) for item in items)
+    np.testing.assert_array_equal(counts["by_class"], np.bincount(labels[labels >= 0]))
+
+
 def test_cache_with_different_settings_is_refused(tmp_path):
     write_items(tmp_path, ["a"])
     other = CacheSettings(**{**SETTINGS.to_json(), "frames": 4})

@@ -22,25 +22,33 @@ from vlpcache.workspace import Workspace
 TOP_LABELS = 8  # the commonest detected classes inspect names
 
 
-def detected_labels(cache: RegionCache, region_mask: np.ndarray, frame_mask: np.ndarray) -> tuple[int, list[dict]]:
-    """The detections of the real frames (every region but the whole frame's) and the TOP_LABELS classes
-    they hold most: (count, [{"label", "count", "share"}, ...]): what the detector found in this data."""
-    labels = cache.column("labels")[region_mask & frame_mask[..., None]]  # (regions,) int16
-    labels = labels[labels >= 0]  # the whole-frame region is -1
-    counts = np.bincount(labels.astype(np.int64))
-    names = region_names(cache.settings.detector)
-    top = [int(c) for c in np.argsort(-counts, kind="stable")[:TOP_LABELS] if counts[c]]
-    return len(labels), [{"label": names.label(c), "count": int(counts[c]), "share": round(counts[c] / len(labels), 4)}
-                         for c in top]
+def region_counts(cache: RegionCache) -> dict:
+    """Sampled frames, regions (whole frames included) and the detections of the real frames by class
+    (whole-frame regions left out), counted one shard at a time: what the detector found in this data."""
+    frames = regions = 0
+    by_class = np.zeros(0, np.int64)
+    for part in cache.shard_columns(("frame_mask", "region_mask", "labels")):
+        frames += int(part["frame_mask"].sum())
+        regions += int(part["region_mask"].sum())
+        labels = part["labels"][part["region_mask"] & part["frame_mask"][..., None]]  # (regions,) int16
+        found = np.bincount(labels[labels >= 0].astype(np.int64))  # the whole-frame region is -1
+        by_class = np.pad(by_class, (0, max(0, len(found) - len(by_class))))
+        by_class[: len(found)] += found
+    return {"frames": frames, "regions": regions, "by_class": by_class}
+
+
+def top_labels(cache: RegionCache, by_class: np.ndarray) -> list[dict]:
+    """The TOP_LABELS commonest classes of the detections: [{"label", "count", "share"}, ...]."""
+    names, total = region_names(cache.settings.detector), int(by_class.sum())
+    top = [int(c) for c in np.argsort(-by_class, kind="stable")[:TOP_LABELS] if by_class[c]]
+    return [{"label": names.label(c), "count": int(by_class[c]), "share": round(by_class[c] / total, 4)} for c in top]
 
 
 def cache_summary(cache: RegionCache) -> dict:
     failures = cache.failures
     reasons = collections.Counter(record.get("reason", "?") for record in failures.values())
-    frame_mask, region_mask = cache.column("frame_mask"), cache.column("region_mask")
-    frames = int(frame_mask.sum())
-    regions = int(region_mask.sum())
-    detections, top_labels = detected_labels(cache, region_mask, frame_mask)
+    counts = region_counts(cache)
+    frames, regions = counts["frames"], counts["regions"]
     settings = cache.settings.to_json()
     return {
         "cache": str(cache.cache_dir),
@@ -56,8 +64,8 @@ def cache_summary(cache: RegionCache) -> dict:
         "N": settings["regions"],
         "D": settings["feature_dim"],
         "labels": region_names(cache.settings.detector).describe(),
-        "detections": detections,
-        "top_labels": top_labels,
+        "detections": int(counts["by_class"].sum()),
+        "top_labels": top_labels(cache, counts["by_class"]),
         "provenance": settings,
         "shards": len(cache.shard_paths) - len(cache.ignored_shards) - len(cache.unreadable_shards),
         "ignored_shards": {p.name: diffs for p, diffs in cache.ignored_shards.items()},

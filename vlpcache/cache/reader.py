@@ -181,6 +181,15 @@ class RegionCache:
     def get(self, item_id: str, names: tuple[str, ...] | None = None) -> dict:
         return self.read(self.index_of(item_id), names)
 
+    def shard_columns(self, names: tuple[str, ...]):
+        """For each shard the cache reads, {name: array of its videos' rows}, one shard at a time: for
+        totals over a cache of millions of videos in the memory of one shard (a row that another shard
+        holds too is counted where the cache takes it from, as everywhere else)."""
+        for s in np.unique(self._locations[:, 0]):
+            rows = self._locations[self._locations[:, 0] == s, 1]
+            datasets = self._shard(int(s))
+            yield {name: datasets[name][:][rows] for name in names}
+
     def column(self, name: str) -> np.ndarray:
         """One array for every video in cache order, read a shard at a time (e.g. "frame_mask")."""
         parts = {}
