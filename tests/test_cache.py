@@ -302,6 +302,9 @@ def test_shard_columns_give_each_videos_rows_once_and_inspect_counts_them_shard_
     assert counts["frames"] == sum(int(item["frame_mask"].sum()) for item in items)
     assert counts["regions"] == sum(int(item["region_mask"].sum()) for item in items)
     np.testing.assert_array_equal(counts["by_class"], np.bincount(labels[labels >= 0]))
+    assert counts["frames_without_detections"] == sum(
+        int(frame) and not ((item["labels"][t] >= 0) & item["region_mask"][t]).any()
+        for item in items for t, frame in enumerate(item["frame_mask"]))
 
 
 def test_cache_with_different_settings_is_refused(tmp_path):

@@ -191,8 +191,12 @@ def test_inspect_summarises_and_renders_an_item(extracted, tmp_path):
     assert summary["top_labels"][0]["share"] == round(found.most_common(1)[0][1] / found.total(), 4)
     text = vlpcache("inspect", cache_dir, cwd=tmp_path).stdout
     assert "T=4 frames, N=31 regions" in text and "on disk" in text
+    empty = sum(int(item["frame_mask"][t]) and not ((item["labels"][t] >= 0) & item["region_mask"][t]).any()
+                for item in (cache[i] for i in range(len(cache))) for t in range(cache.settings.frames))
+    assert summary["frames_without_detections"] == empty
     top = summary["top_labels"][0]
-    assert f"found       {found.total():,} detections: {top['label']} {top['share']:.0%}, " in text
+    assert (f"found       {found.total():,} detections (none in {empty / summary['frames']:.0%} of the frames): "
+            f"{top['label']} {top['share']:.0%}, ") in text
     out = tmp_path / "bikes.png"
     vlpcache("inspect", cache_dir, "--render", "clips/bikes", "-o", out, cwd=tmp_path)
     picture = Image.open(out)

@@ -25,16 +25,17 @@ TOP_LABELS = 8  # the commonest detected classes inspect names
 def region_counts(cache: RegionCache) -> dict:
     """Sampled frames, regions (whole frames included) and the detections of the real frames by class
     (whole-frame regions left out), counted one shard at a time: what the detector found in this data."""
-    frames = regions = 0
+    frames = regions = empty = 0
     by_class = np.zeros(0, np.int64)
     for part in cache.shard_columns(("frame_mask", "region_mask", "labels")):
         frames += int(part["frame_mask"].sum())
         regions += int(part["region_mask"].sum())
-        labels = part["labels"][part["region_mask"] & part["frame_mask"][..., None]]  # (regions,) int16
-        found = np.bincount(labels[labels >= 0].astype(np.int64))  # the whole-frame region is -1
+        detected = part["region_mask"] & part["frame_mask"][..., None] & (part["labels"] >= 0)  # (V, T, N)
+        empty += int((part["frame_mask"] & ~detected.any(-1)).sum())  # real frames with no detection
+        found = np.bincount(part["labels"][detected].astype(np.int64))  # the whole-frame region (-1) left out
         by_class = np.pad(by_class, (0, max(0, len(found) - len(by_class))))
         by_class[: len(found)] += found
-    return {"frames": frames, "regions": regions, "by_class": by_class}
+    return {"frames": frames, "regions": regions, "frames_without_detections": empty, "by_class": by_class}
 
 
 def top_labels(cache: RegionCache, by_class: np.ndarray) -> list[dict]:
@@ -65,6 +66,7 @@ def cache_summary(cache: RegionCache) -> dict:
         "D": settings["feature_dim"],
         "labels": region_names(cache.settings.detector).describe(),
         "detections": int(counts["by_class"].sum()),
+        "frames_without_detections": counts["frames_without_detections"],
         "top_labels": top_labels(cache, counts["by_class"]),
         "provenance": settings,
         "shards": len(cache.shard_paths) - len(cache.ignored_shards) - len(cache.unreadable_shards),
@@ -91,7 +93,8 @@ def print_summary(summary: dict) -> None:
         f"detector    {p['detector']}  sha256 {p['detector_weights_sha256'][:12]}",
         f"backbone    {p['backbone']}  sha256 {p['backbone_weights_sha256'][:12]}",
         f"labels      {summary['labels']}" + (", with each region's best attribute" if p.get("attributes") else ""),
-        *([f"found       {summary['detections']:,} detections: "
+        *([f"found       {summary['detections']:,} detections (none in "
+           f"{summary['frames_without_detections'] / max(1, summary['frames']):.0%} of the frames): "
            + ", ".join(f"{printable(t['label'])} {t['share']:.0%}" for t in summary["top_labels"])
            + (", ..." if sum(t["count"] for t in summary["top_labels"]) < summary["detections"] else "")]
           if summary["detections"] else []),
