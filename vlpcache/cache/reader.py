@@ -185,8 +185,9 @@ class RegionCache:
         """For each shard the cache reads, {name: array of its videos' rows}, one shard at a time: for
         totals over a cache of millions of videos in the memory of one shard (a row that another shard
         holds too is counted where the cache takes it from, as everywhere else)."""
-        for s in np.unique(self._locations[:, 0]):
-            rows = self._locations[self._locations[:, 0] == s, 1]
+        by_shard = self._locations[np.argsort(self._locations[:, 0], kind="stable")]  # (V, 2) shard, row
+        shards, starts = np.unique(by_shard[:, 0], return_index=True)
+        for s, rows in zip(shards, np.split(by_shard[:, 1], starts[1:])):
             datasets = self._shard(int(s))
             yield {name: datasets[name][:][rows] for name in names}
 
