@@ -82,7 +82,7 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
     if dual:
         results["text_to_video_dual_softmax"] = ranked("dual_softmax", dual_softmax(t2v))
     if per_query:
-        results["per_query"] = per_query_records(texts, [ids[c] for c in text_video], ids, rankings)
+        results["per_query"] = per_query_records(texts, text_video, ids, rankings)
     results["protocol"] = {**results.get("protocol", {}),
         "videos": len(ids),
         "queries": len(texts),
@@ -98,18 +98,17 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
 PER_QUERY_TOP = 5  # candidates named in each per-query record
 
 
-def per_query_records(texts: list[str], videos: list[str], ids: list[str], rankings: dict[str, np.ndarray]) -> list[dict]:
-    """A record of each text->video query: its text, its video, the rank of that video under each ranking
-    eval computed (rank: global similarity; rank_reranked, rank_qbnorm, rank_dual_softmax where computed),
-    and the PER_QUERY_TOP best candidates by global similarity with their scores (and by the re-ranked
+def per_query_records(texts: list[str], targets: list[int], ids: list[str], rankings: dict[str, np.ndarray]) -> list[dict]:
+    """A record of each text->video query (targets: the column of its video in `ids`, as the metrics
+    take it): its text, its video, the rank of that video under each ranking eval computed (rank: global
+    similarity; rank_reranked, rank_qbnorm, rank_dual_softmax where computed), and the PER_QUERY_TOP best
+    candidates by global similarity with their scores (and by the re-ranked
     order where there is one): what error analysis, or a paired comparison of two runs, needs."""
-    column = {item_id: c for c, item_id in enumerate(ids)}
-    targets = [column[v] for v in videos]
     ranks = {name: query_ranks(scores, targets) for name, scores in rankings.items()}
     best = {name: _best(rankings[name]) for name in ("global", "reranked") if name in rankings}  # (Q, top)
     records = []
-    for q, (text, video) in enumerate(zip(texts, videos)):
-        record = {"query": text, "video": video}
+    for q, (text, target) in enumerate(zip(texts, targets)):
+        record = {"query": text, "video": ids[target]}
         record.update({("rank" if name == "global" else f"rank_{name}"): int(r[q]) for name, r in ranks.items()})
         record["top"] = [[ids[c], round(float(rankings["global"][q, c]), 4)] for c in best["global"][q]]
         if "reranked" in best:
