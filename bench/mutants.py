@@ -707,6 +707,16 @@ MUTANTS += [
            "    recorded = read_run_videos(run_dir) if", "    recorded = None if",
            "tests/test_eval.py -k training_captions",
            "eval tells the run's training videos by its record, whatever file their captions come from"),
+    mutant("compare-bootstrap-unpaired", "vlpcache/index/compare.py",
+           "100.0 * hit_rate[k][picks].mean(1)",
+           "100.0 * ((b <= k).mean(0)[rng.integers(0, q, size=(n, q))].mean(1) - (a <= k).mean(0)[picks].mean(1))",
+           "tests/test_compare.py -k paired", "compare scores both sides on the same resampled queries"),
+    mutant("compare-other-queries-accepted", "vlpcache/index/compare.py",
+           "elif pairs != first_pairs:", "elif len(pairs) != len(first_pairs):",
+           "tests/test_compare.py -k other_queries", "compare refuses files of other queries, even as many"),
+    mutant("compare-first-run-only", "vlpcache/index/compare.py",
+           "Side(tuple(files), np.stack(rows))", "Side(tuple(files), np.stack(rows[:1]))",
+           "tests/test_compare.py -k several_runs", "several runs a side are averaged, with their spread"),
 ]
 
 

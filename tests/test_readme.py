@@ -62,7 +62,7 @@ def mentions(text: str, option: str) -> bool:
     return re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", text) is not None
 
 
-@pytest.mark.parametrize("command", ["extract", "pretrain", "search", "index", "eval", "inspect", "serve",
+@pytest.mark.parametrize("command", ["extract", "pretrain", "search", "index", "eval", "compare", "inspect", "serve",
                                      "models list", "models fetch", "models verify"])
 def test_every_option_of_a_command_is_in_its_section_of_the_readme(command):
     section = command_section(command)

@@ -34,6 +34,7 @@ from vlpcache.extract.detectors.spec import (
 )
 from vlpcache.extract.detectors.weights import VG_HUB_REPO
 from vlpcache.extract.options import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, ENGINES, ExtractOptions
+from vlpcache.index.compare import RANKINGS, RESAMPLES
 from vlpcache.index.layout import EXACT_LIMIT, IndexConfig
 from vlpcache.metrics import RERANK_CANDIDATES
 from vlpcache.model.config import ModelConfig as M  # defaults shown in `pretrain --help`
@@ -52,6 +53,7 @@ def cli() -> None:
     vlpcache search "person cuts onion"      ranked videos with times and matching regions
     vlpcache serve                           the same search as a page in the browser
     vlpcache index / eval / inspect          build the index; R@K on a caption file; a cache or a run
+    vlpcache compare A.jsonl B.jsonl         two models on the same queries (eval --per-query), with intervals
     vlpcache models list|fetch|verify        the detector weights (fetched on first use)
     """
 
@@ -357,6 +359,27 @@ def eval_(**options) -> None:
         run_eval(**options)
     except KeyboardInterrupt:
         raise Interrupted(f"{stopped()}; eval writes nothing, so nothing is lost: run it again for the figures") from None
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, metavar="A.jsonl B.jsonl | A1.jsonl A2.jsonl... vs B1.jsonl...")
+@click.option("--ranking", type=click.Choice(list(RANKINGS)), default="global", show_default=True,
+              help="Which of eval's rankings to compare (reranked, qbnorm, dual-softmax: where eval computed them).")
+@click.option("--resamples", type=click.IntRange(100), default=RESAMPLES, show_default=True,
+              help="Bootstrap resamples of the queries.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap's resampling.")
+@json_option("Print the comparison as JSON.")
+def compare(files, **options) -> None:
+    """Two models on the same queries: R@1/5/10 and median rank of each, B - A, and its 95% interval by a
+    paired bootstrap over the queries; from `vlpcache eval --per-query` files of one caption file.
+
+    \b
+    vlpcache compare runs/a.jsonl runs/b.jsonl
+    vlpcache compare a-seed0.jsonl a-seed1.jsonl a-seed2.jsonl vs b-seed0.jsonl b-seed1.jsonl b-seed2.jsonl
+    """
+    from vlpcache.index.compare import run_compare
+
+    run_compare(files, **options)
 
 
 # what the operating system says when the disk, a path or the permissions fail us: the user's to fix
