@@ -3,7 +3,7 @@
 `make_broken_media(folder)` writes the files and returns {name: expected}, where name is the path
 relative to `folder` (a frames folder: its folder name) and expected is one of
 - "ok"       the item decodes (it may come back with fewer than T frames, e.g. `short_5_frames.mp4`),
-- "ignored"  discover_items() skips it silently (hidden file, non-media file, empty folder),
+- "ignored"  discover_items() skips it (hidden file, empty folder: silently; non-media file: counted in one line),
 - anything else: the item fails with an ItemError whose reason contains that text.
 Everything is generated with PyAV, Pillow and numpy in well under a second, except the truncated
 copy of a real video, taken from the shared data when it is there.

@@ -218,6 +218,7 @@ def test_broken_files_get_one_line_each_and_the_run_goes_on(tmp_path, videos_dir
     cache = RegionCache(tmp_path / "cache")
     failures = cache.failures
     assert "good" in cache
+    assert "extract: passed over 2 file(s) that are not videos or images (.txt 2)" in result.stderr.splitlines()
     assert f"{root}/caf\\xe9.mp4: path is not valid UTF-8, which the cache stores ids and paths in; skipped (rename " \
            "it, e.g. with convmv)" in result.stderr.splitlines()
     assert not [item_id for item_id in [*cache.ids, *failures] if item_id.startswith("caf")]

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
+
+from PIL import Image
 
 
 from vlpcache.extract.sources import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
     Item,
+    OtherFiles,
     discover_items,
     frame_files,
     natural_key,
     other_files,
+    passed_over_line,
     shard_of,
     sniffed_kind,
 )
@@ -280,6 +285,29 @@ def test_roots_without_media_say_what_they_hold_instead(tmp_path):
     assert other_files([tmp_path / "nope"]) == "it does not exist"
     assert other_files([tmp_path / "nope", tmp_path / "gone"]) == "none of them exists"
     assert other_files([phone / "notes.txt", tmp_path / "empty"]).startswith("their 1 file(s) have other extensions (.txt 1);")
+
+
+def test_files_beside_media_that_are_not_media_are_counted_in_one_line(tmp_path, videos_dir):
+    """A phone folder of videos and HEIC photos, a clip saved as .bin, notes: the run takes the video and
+    says in one line what it passed over, naming the .bin that is a video by its first bytes."""
+    phone = tmp_path / "phone"
+    (phone / "frames" / "v1").mkdir(parents=True)
+    shutil.copy(videos_dir / "cup.mp4", phone / "IMG_0001.MOV")
+    (phone / "clip.bin").write_bytes((videos_dir / "cup.mp4").read_bytes())
+    for name in ("IMG_0002.HEIC", "IMG_0003.heic", "notes.json", ".DS_Store", "frames/v1/README.txt"):
+        (phone / name).write_bytes(b"x")
+    Image.new("RGB", (32, 24)).save(phone / "frames" / "v1" / "0.jpg")
+    others = OtherFiles()
+    items, problems = discover_items([phone], others=others)
+    assert [(i.id, i.kind) for i in items] == [("IMG_0001", "video"), ("frames/v1", "frames")] and problems == []
+    assert passed_over_line(others) == (
+        "extract: passed over 5 file(s) that are not videos or images (.heic 2, .bin 1, .json 1, .txt 1) (HEIC photos: "
+        f"convert them to JPEG first, e.g. with heif-convert); {phone / 'clip.bin'} is a video by its first bytes: such "
+        "files need their format's extension (e.g. .mp4; ffprobe names the format)")
+    for name in ("clip.bin", "IMG_0002.HEIC", "IMG_0003.heic", "notes.json", "frames/v1/README.txt"):
+        (phone / name).unlink()
+    others = OtherFiles()
+    assert len(discover_items([phone], others=others)[0]) == 2 and passed_over_line(others) is None
 
 
 def test_roots_without_media_name_a_file_that_is_media_under_another_extension(tmp_path, videos_dir):

@@ -22,7 +22,7 @@ from vlpcache.extract.detectors.spec import DetectorSpec
 from vlpcache.extract.options import ENGINES, ExtractOptions
 from vlpcache.extract.progress import ExtractProgress, ExtractSummary
 from vlpcache.extract.reader import FrameReader, Prefetch, decoded_items_within_budget
-from vlpcache.extract.sources import SKIPPED, discover_items, other_files, shard_of
+from vlpcache.extract.sources import SKIPPED, OtherFiles, discover_items, other_files, passed_over_line, shard_of
 from vlpcache.interrupts import stop_if_interrupted
 from vlpcache.report import printable, say
 from vlpcache.workspace import Workspace
@@ -97,9 +97,12 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     cache_dir = Path(cache_dir) if cache_dir else workspace.cache_dir
     roots = [Path(r) for r in roots]
 
-    items, problems = discover_items(roots, options.frame_folders)
+    others = OtherFiles()
+    items, problems = discover_items(roots, options.frame_folders, others)
     for path, reason in problems:
         say(f"{printable(path)}: {reason}")
+    if items and (line := passed_over_line(others)):
+        say(printable(line))
     passed_over = [(path, reason) for path, reason in problems if f"; {SKIPPED}" in reason]
     if not items:
         raise UserError(f"no videos, images or frame folders found under {', '.join(map(printable, roots))}: "

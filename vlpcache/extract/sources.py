@@ -14,8 +14,8 @@ Rules (docs/design.md section 1):
 - Media are known by their extension; a file with none (`clips/abc123`, as a download by id leaves
   it), or one of SNIFFED_SUFFIXES (`.unknown_video`, `.dat`), by its first bytes (MP4/MOV, Matroska/WebM,
   AVI, MPEG program and transport streams, FLV, ASF, Ogg, GIF; JPEG, PNG, WebP, TIFF, BMP).
-- Hidden files and folders (name starting with `.`, e.g. macOS `._x.jpg`) and non-media files are
-  ignored silently. Symbolic links are followed, each real folder is walked once (no loops).
+- Hidden files and folders (name starting with `.`, e.g. macOS `._x.jpg`) are ignored silently;
+  other files that are not media are counted by extension in one line (OtherFiles). Symbolic links are followed, each real folder is walked once (no loops).
 - Order is deterministic: roots in the order given, entries by natural name order (2.jpg < 10.jpg).
 """
 
@@ -138,16 +138,18 @@ def shard_of(item_id: str, n: int) -> int:
     return zlib.crc32(item_id.encode("utf-8")) % n
 
 
-def discover_items(roots: list[Path], frame_folders: bool = True) -> tuple[list[Item], list[tuple[str, str]]]:
+def discover_items(roots: list[Path], frame_folders: bool = True,
+                   others: OtherFiles | None = None) -> tuple[list[Item], list[tuple[str, str]]]:
     """All items under the roots, and the problems met on the way as (path, reason); the reason of
-    a path left out says SKIPPED.
+    a path left out says SKIPPED. `others`, where given, collects the files in the roots' folders that are
+    not media (a root file that is not is a problem).
 
     Problems: a root that does not exist or is not media, a folder that cannot be read, a broken
     symbolic link with a media extension, a path that is not UTF-8, an id already taken (the first keeps it),
     and a frames folder whose images have caption files beside them (an image-caption download, taken
     as one video: said, not skipped). Without frame_folders every image is an item of its own.
     """
-    walk = _Walk(frame_folders)
+    walk = _Walk(frame_folders, others)
     for root in roots:
         root = Path(root)
         if not root.exists():
@@ -167,8 +169,9 @@ def discover_items(roots: list[Path], frame_folders: bool = True) -> tuple[list[
 
 
 class _Walk:
-    def __init__(self, frame_folders: bool = True) -> None:
+    def __init__(self, frame_folders: bool = True, others: OtherFiles | None = None) -> None:
         self.frame_folders = frame_folders  # a folder of images only is one item (a video's frames)
+        self.others = others if others is not None else OtherFiles()
         self.items: list[Item] = []
         self.problems: list[tuple[str, str]] = []
         self._owner: dict[str, Path] = {}  # id -> path that took it
@@ -210,7 +213,9 @@ class _Walk:
             elif _is_file(entry):
                 if (kind := media_kind(path, sniff=True)) is not None:
                     files[path] = kind
-                elif path.suffix.lower() == SIDECAR_SUFFIX:  # a caption beside its image (img2dataset)
+                    continue
+                self.others.add(path)
+                if path.suffix.lower() == SIDECAR_SUFFIX:  # a caption beside its image (img2dataset)
                     texts.add(path.stem)
             elif entry.is_symlink() and media_kind(path) is not None:
                 self.problems.append((str(path), f"broken symbolic link; {SKIPPED}"))
@@ -232,6 +237,48 @@ class _Walk:
         return own + below, bool(files) or sub_has_media
 
 
+class OtherFiles:
+    """The files a look for media passed over as no media, counted by extension, with the first few of each."""
+
+    COMMONEST = 5  # extensions named in a line
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[Path]] = {}  # the first SNIFFED_EXAMPLES files met of each extension
+
+    def add(self, path: Path) -> None:
+        self.counts[suffix := path.suffix.lower() or "no extension"] += 1
+        if len(seen := self.examples.setdefault(suffix, [])) < SNIFFED_EXAMPLES:
+            seen.append(path)
+
+    @property
+    def total(self) -> int:
+        return self.counts.total()
+
+    def kinds(self) -> str:
+        """"(.heic 3, .txt 1)", the commonest extensions, with what to do with phone photos."""
+        commonest = self._commonest()
+        kinds = ", ".join(f"{suffix} {n:,}" for suffix, n in commonest) + (", ..." if len(self.counts) > len(commonest) else "")
+        heic = " (HEIC photos: convert them to JPEG first, e.g. with heif-convert)" if self.counts.keys() & {".heic", ".heif"} else ""
+        return f"({kinds}){heic}"
+
+    def disguised(self) -> str:
+        """"; clip.bin is a video by its first bytes: ...", where a file of the commonest extensions is media
+        under a name no extension rule covers: the first few of each are sniffed (those of SNIFFED_SUFFIXES
+        were, and are no media; audio only looks like video); "" where none is."""
+        found = next(((path, kind) for suffix, _ in self._commonest()
+                      if suffix != "no extension" and suffix not in SNIFFED_SUFFIXES | AUDIO_EXTENSIONS
+                      for path in self.examples[suffix] if (kind := sniffed_kind(path))), None)
+        if found is None:
+            return ""
+        path, kind = found
+        return (f"; {path} is {'a video' if kind == 'video' else 'an image'} by its first bytes: such "
+                f"files need their format's extension (e.g. {'.mp4' if kind == 'video' else '.jpg'}; ffprobe names the format)")
+
+    def _commonest(self) -> list[tuple[str, int]]:
+        return sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))[:self.COMMONEST]  # ties in name order
+
+
 def other_files(roots: list[Path], limit: int = 100_000) -> str:
     """What the roots hold instead of media, for the error of a run that found none: "its 4 file(s) have
     other extensions (.heic 3, .txt 1); media are known by ...", naming a file that is media by its first
@@ -239,35 +286,30 @@ def other_files(roots: list[Path], limit: int = 100_000) -> str:
     existing = [root for root in map(Path, roots) if root.exists()]
     if not existing:
         return "it does not exist" if len(roots) == 1 else "none of them exists"
-    counts: Counter[str] = Counter()
-    examples: dict[str, list[Path]] = {}  # the first few files met of each extension, in name order
+    others = OtherFiles()
     walks = (os.walk(root) if root.is_dir() else [(root.parent, [], [root.name])] for root in existing)
     for top, folders, names in (step for walk in walks for step in walk):
         folders[:] = [f for f in folders if not f.startswith(".")]
         for name in sorted(names, key=natural_key):
             if not name.startswith("."):
-                counts[suffix := Path(name).suffix.lower() or "no extension"] += 1
-                if len(seen := examples.setdefault(suffix, [])) < SNIFFED_EXAMPLES:
-                    seen.append(Path(top) / name)
-        if counts.total() >= limit:
+                others.add(Path(top) / name)
+        if others.total >= limit:
             break
-    if not counts:
+    if not others.total:
         return "it is empty" if len(roots) == 1 else "they are empty"
-    commonest = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:5]  # ties in name order, not walk order
-    kinds = ", ".join(f"{suffix} {n}" for suffix, n in commonest) + (", ..." if len(counts) > 5 else "")
-    phone = counts.keys() & {".heic", ".heif"}
-    heic = " (HEIC photos: convert them to JPEG first, e.g. with heif-convert)" if phone else ""
-    # media under a name no extension rule covers (clip.bin): the first few files of each of the commonest
-    # extensions are sniffed (those of SNIFFED_SUFFIXES were, and are no media; audio only looks like video)
-    disguised = next(((path, kind) for suffix, _ in commonest
-                      if suffix != "no extension" and suffix not in SNIFFED_SUFFIXES | AUDIO_EXTENSIONS
-                      for path in examples[suffix] if (kind := sniffed_kind(path))), None)
-    renamed = (f"; {disguised[0]} is {'a video' if disguised[1] == 'video' else 'an image'} by its first bytes: "
-               f"such files need their format's extension (e.g. {'.mp4' if disguised[1] == 'video' else '.jpg'}; "
-               "ffprobe names the format)") if disguised else ""
-    return f"{'its' if len(roots) == 1 else 'their'} {counts.total():,}{'+' if counts.total() >= limit else ''} " \
-           f"file(s) have other extensions ({kinds}){heic}; media are known by extension ({known_extensions()})" \
-           f"{renamed}"
+    return f"{'its' if len(roots) == 1 else 'their'} {others.total:,}{'+' if others.total >= limit else ''} " \
+           f"file(s) have other extensions {others.kinds()}; media are known by extension ({known_extensions()})" \
+           f"{others.disguised()}"
+
+
+def passed_over_line(others: OtherFiles) -> str | None:
+    """What a run that found media says of the files beside them that are not (a folder of phone videos and
+    HEIC photos, clips saved as .bin), or None where there are none; file names as they are (printable()
+    them for a terminal)."""
+    if not others.total:
+        return None
+    return f"extract: passed over {others.total:,} file(s) that are not videos or images {others.kinds()}" \
+           f"{others.disguised()}"
 
 
 def known_extensions() -> str:
