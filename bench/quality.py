@@ -10,7 +10,9 @@ one caption per video per epoch or all of them) chosen on val, like ours, and it
 Protocol: settings are chosen on val with all captions as queries (about 4,880 on MSR-VTT val);
 `--test` also reports devtest (first caption and all captions, 956 videos) and Flickr8k test (zero-shot:
 trained on MSR-VTT only), to be run once. Every figure is text->video unless named otherwise; mean ±
-std over seeds.
+std over seeds. A second table gives each model's difference from the baseline on each evaluation with
+its 95% interval by `vlpcache compare`'s paired bootstrap (videos resampled with all their captions,
+every seed's ranks on each side).
 
     python bench/quality.py --workspace /tmp/quality                    # baseline grid + defaults, seeds 0-2, val
     python bench/quality.py --workspace /tmp/quality --test             # and devtest / Flickr8k test, once
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 
 from vlpcache.cache.reader import RegionCache
 from vlpcache.captions import read_captions
-from vlpcache.metrics import retrieval_metrics, selection_score
+from vlpcache.metrics import query_ranks, retrieval_metrics, selection_score
 from vlpcache.model.model import ModelConfig, build_model, whole_frame_mean
 from vlpcache.model.text_features import cached_text_features
 
@@ -159,9 +161,12 @@ class LinearHeads(torch.nn.Module):
 
 
 def score_heads(heads: LinearHeads, videos: torch.Tensor, texts: torch.Tensor, owners: list[int]) -> dict:
+    """The metrics, and each query's rank and video (its column) under "ranks" and "owners", for the paired
+    comparison (not printed)."""
     with torch.no_grad():
         v, t = heads(videos, texts)
-    return retrieval_metrics((t @ v.T).numpy(), owners)
+    similarity = (t @ v.T).numpy()
+    return {**retrieval_metrics(similarity, owners), "ranks": query_ranks(similarity, owners), "owners": owners}
 
 
 def train_baseline(config: BaselineConfig, seed: int, train: dict, val: dict) -> tuple[LinearHeads, list[dict]]:
@@ -266,9 +271,13 @@ def evaluate_run(run, split: Split, all_captions: bool, rerank: bool, how: str |
 
     cache = RearrangedCache(split.cache, how) if how else split.cache
     results = evaluate(run, cache, dict(zip(split.ids, split.captions)), all_captions, torch.device("cpu"),
-                       64, rerank_candidates=32 if rerank else 0, progress=False)
-    key = "text_to_video_rerank" if rerank and "text_to_video_rerank" in results else "text_to_video"
-    return results[key]
+                       64, rerank_candidates=32 if rerank else 0, progress=False, per_query=True)
+    reranked = rerank and "text_to_video_rerank" in results
+    key = "text_to_video_rerank" if reranked else "text_to_video"
+    rank = "rank_reranked" if reranked else "rank"
+    columns = {item_id: c for c, item_id in enumerate(split.ids)}
+    return {**results[key], "ranks": np.array([record[rank] for record in results["per_query"]]),
+            "owners": [columns[record["video"]] for record in results["per_query"]]}
 
 
 # ---------------------------------------------------------------- report
@@ -296,6 +305,31 @@ def table(rows: dict[str, dict[str, list[dict]]], evaluations: list[str], baseli
             cells.append(cell)
         lines.append(f"| {name} | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def paired_lines(rows: dict[str, dict[str, list[dict]]], evaluations: list[str], baseline: str) -> list[str]:
+    """Each model against the baseline on each evaluation: the differences with their 95% intervals by
+    vlpcache compare's paired bootstrap (videos resampled with all their queries), each side its seeds'
+    per-query ranks."""
+    from vlpcache.index.compare import Side, compare
+
+    lines = []
+    for name, per_eval in rows.items():
+        if name == baseline or name.startswith("caption-space"):
+            continue
+        for e in evaluations:
+            if not per_eval.get(e) or not rows[baseline].get(e):
+                continue
+            owners = {tuple(m["owners"]) for m in rows[baseline][e] + per_eval[e]}
+            assert len(owners) == 1, f"{e}: the models' queries are not in the same order"
+            sides = [Side((), np.stack([m["ranks"] for m in per_seed])) for per_seed in (rows[baseline][e], per_eval[e])]
+            result = compare(*sides, videos=np.array(owners.pop()))
+            cells = [f"{k} {m['difference']:+.1f} ({m['interval'][0]:+.1f} to {m['interval'][1]:+.1f})"
+                     for k, m in result["metrics"].items()]
+            lines.append(f"| {name} − baseline | {e} | {result['queries']:,} of {result['videos']:,} videos | "
+                         + " | ".join(cells) + " |")
+    return ["| models | evaluation | queries | " + " | ".join(f"{k}: B − A (95% over queries)" for k in METRICS) + " |",
+            "| --- | --- | ---: |" + " --- |" * len(METRICS)] + lines if lines else []
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -397,8 +431,11 @@ def main() -> None:
 
     baseline = next((n for n in rows if n.startswith("frozen baseline")), None)
     print(table(rows, [e for e, _, _, _ in evaluations], baseline))
+    if baseline:
+        print("\n".join(["", *paired_lines(rows, [e for e, _, _, _ in evaluations], baseline)]))
     for name, per_eval in rows.items():
-        record.setdefault("rows", {})[name] = per_eval
+        record.setdefault("rows", {})[name] = {e: [{k: v for k, v in m.items() if k not in ("ranks", "owners")} for m in seeds]
+                                               for e, seeds in per_eval.items()}
     if args.json:
         args.json.write_text(json.dumps(record, indent=2, default=str))
 

@@ -8,7 +8,7 @@ import pytest
 
 from test_eval import eval_json, root, ws  # noqa: F401 (fixtures: the tiny trained run and its captions)
 from test_search import vlpcache
-from vlpcache.index.compare import Side, compare
+from vlpcache.index.compare import Side, compare, weighted_medians
 
 
 def write_records(path, ranks, queries=None, key="rank"):
@@ -50,7 +50,7 @@ def test_compare_gives_each_evals_own_figures_and_their_difference(root, ws, mon
     assert reranked["metrics"]["R@1"]["a"] == pytest.approx(full["text_to_video_rerank"]["R@1"])
     code, out, _ = vlpcache(monkeypatch, capsys, "compare", a, b)
     assert code == 0 and out.splitlines()[0] == f"compare: {result['queries']} queries, ranking global"
-    assert "one run a side" in out
+    assert "one run a side" in out and f"paired bootstrap over the {result['videos']} videos, each with all its queries" in out
 
 
 def test_a_model_compared_with_itself_differs_by_nothing_on_every_resample(tmp_path):
@@ -77,6 +77,34 @@ def test_the_interval_of_a_recall_difference_is_the_paired_one_not_two_independe
     assert (high - low) / 2 == pytest.approx(half, rel=0.1)
     assert (low + high) / 2 == pytest.approx(5.0, abs=0.15)
     assert result["first_only_b"] == q // 20 and result["first_only_a"] == 0
+
+
+def test_a_videos_captions_are_resampled_together_not_as_independent_queries():
+    """20 captions of each video with the same outcome carry no more evidence than one: resampling
+    videos gives the interval of one query per video exactly, where resampling the 20 x more queries
+    one by one would give one about sqrt(20) times narrower."""
+    rng = np.random.default_rng(4)
+    a, b = rng.geometric(0.15, size=200), rng.geometric(0.2, size=200)
+    one = compare(Side(("a",), a[None]), Side(("b",), b[None]), resamples=2000, seed=5)
+    videos = np.repeat(np.arange(200), 20)
+    twenty = compare(Side(("a",), np.repeat(a, 20)[None]), Side(("b",), np.repeat(b, 20)[None]), videos,
+                     resamples=2000, seed=5)
+    loose = compare(Side(("a",), np.repeat(a, 20)[None]), Side(("b",), np.repeat(b, 20)[None]), resamples=2000, seed=5)
+    assert twenty["videos"] == 200 and twenty["queries"] == 4000
+    for name, m in one["metrics"].items():
+        assert twenty["metrics"][name]["interval"] == pytest.approx(m["interval"]), name
+        assert twenty["metrics"][name]["difference"] == pytest.approx(m["difference"]), name
+    width = lambda result: np.subtract(*result["metrics"]["R@10"]["interval"][::-1])  # noqa: E731
+    assert width(loose) < width(twenty) / 3
+
+
+def test_weighted_medians_are_the_medians_of_the_repeated_values():
+    rng = np.random.default_rng(6)
+    values = rng.integers(1, 40, size=31)
+    weights = rng.integers(0, 4, size=(50, 31))
+    weights[:, 0] += 1  # no empty resample
+    expected = [np.median(np.repeat(values, w)) for w in weights]
+    assert weighted_medians(values, weights.astype(float)) == pytest.approx(expected)
 
 
 def test_several_runs_a_side_give_the_mean_and_spread_of_their_figures(tmp_path, monkeypatch, capsys):

@@ -210,6 +210,9 @@ def test_eval_prints_a_table_by_default(root, ws, monkeypatch, capsys):
     assert code == 0
     assert out.splitlines()[0].split() == ["R@1", "R@5", "R@10", "MdR", "MnR"]
     assert out.splitlines()[2].startswith("text->video re-ranked")
+    assert "queries (first caption per video, up to 32 tokens)" in out.splitlines()[-1]
+    code, out, _ = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl", "--quiet", "--all-captions")
+    assert out.splitlines()[-1].startswith("16 queries (every caption of each video, up to 32 tokens)")
 
 
 def test_ctrl_c_during_eval_says_nothing_is_lost_not_that_it_resumes(root, ws, monkeypatch, capsys):

@@ -2,10 +2,11 @@
 
 Each side is one run's records, or several runs' (seeds) averaged. For R@1/5/10 and the median rank it
 gives each side's figure (mean ± std over its runs), the difference B - A, and a 95% interval of that
-difference from a paired bootstrap over the queries: resample Q queries with replacement, score both
-sides on the same resample, take the 2.5th and 97.5th percentiles of the differences. The interval
-says how far the difference would move with other queries of the same kind; the ± over runs says how
-far it moves with another training seed. A claim needs both.
+difference from a paired bootstrap: resample the videos with replacement, each with all its queries
+(one video's 20 captions are not 20 independent queries), score both sides on the same resample, take
+the 2.5th and 97.5th percentiles of the differences. The interval says how far the difference would
+move with other videos and queries of the same kind; the ± over runs says how far it moves with
+another training seed. A claim needs both.
 """
 
 from __future__ import annotations
@@ -124,29 +125,52 @@ def side_figures(ranks: np.ndarray) -> dict[str, np.ndarray]:
     return figures
 
 
-def bootstrap_differences(a: np.ndarray, b: np.ndarray, resamples: int, seed: int) -> dict[str, np.ndarray]:
-    """(resamples,) of B - A for each metric, both sides scored on the same resampled queries.
+def bootstrap_differences(a: np.ndarray, b: np.ndarray, videos: np.ndarray, resamples: int,
+                          seed: int) -> dict[str, np.ndarray]:
+    """(resamples,) of B - A for each metric, both sides scored on the same resample of the videos.
 
-    a, b: (R_a, Q) and (R_b, Q) ranks. R@K of a side on a resample is the mean over its runs, which is the
-    resample's mean of the per-query hit rate over runs; MdR is the mean over runs of each run's median."""
-    q = a.shape[1]
+    a, b: (R_a, Q) and (R_b, Q) ranks; videos: (Q,) the video of each query. A resample draws as many
+    videos as there are, with replacement, and takes every query of each as often as its video was drawn:
+    the captions of one video are not independent queries (20 of each on MSR-VTT), so the video is the
+    unit resampled. R@K of a side is the mean over its runs; MdR is the mean over its runs of each run's
+    median over the resample."""
+    _, group = np.unique(videos, return_inverse=True)  # (Q,) the video's number
+    g = int(group.max()) + 1
     rng = np.random.default_rng(seed)
     hit_rate = {k: ((b <= k).mean(0) - (a <= k).mean(0)) for k in CUTOFFS}  # (Q,) per-query difference of hits
     out = {name: np.empty(resamples) for name in [f"R@{k}" for k in CUTOFFS] + ["MdR"]}
     for start in range(0, resamples, _CHUNK):
         n = min(_CHUNK, resamples - start)
-        picks = rng.integers(0, q, size=(n, q))  # (n, Q) query indices
+        picks = rng.integers(0, g, size=(n, g))  # (n, G) the videos drawn
+        drawn = np.bincount((np.arange(n)[:, None] * g + picks).ravel(), minlength=n * g).reshape(n, g)
+        weights = drawn[:, group].astype(np.float64)  # (n, Q) how often each query is in each resample
         for k in CUTOFFS:
-            out[f"R@{k}"][start:start + n] = 100.0 * hit_rate[k][picks].mean(1)
-        out["MdR"][start:start + n] = (np.median(b[:, picks], axis=2).mean(0)  # (R, n, Q) -> (n,)
-                                       - np.median(a[:, picks], axis=2).mean(0))
+            out[f"R@{k}"][start:start + n] = 100.0 * (weights @ hit_rate[k]) / weights.sum(1)
+        out["MdR"][start:start + n] = (np.mean([weighted_medians(r, weights) for r in b], axis=0)
+                                       - np.mean([weighted_medians(r, weights) for r in a], axis=0))
     return out
 
 
-def compare(a: Side, b: Side, resamples: int = RESAMPLES, seed: int = 0) -> dict:
-    """Each side's figures, B - A and its paired-bootstrap interval, and how the queries moved."""
+def weighted_medians(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(Q,) values, (n, Q) whole-number weights -> (n,): the median of each row's multiset (each value
+    repeated as often as its weight), the mean of the two middle ones where the count is even, as np.median."""
+    levels, level = np.unique(values, return_inverse=True)  # (L,), (Q,)
+    n = weights.shape[0]
+    counts = np.bincount((np.arange(n)[:, None] * len(levels) + level).ravel(), weights=weights.ravel(),
+                         minlength=n * len(levels)).reshape(n, -1)  # (n, L) weight at each level
+    below = np.cumsum(counts, axis=1)
+    total = below[:, -1]
+    low = (below >= ((total + 1) // 2)[:, None]).argmax(1)  # the level of the ceil(W/2)-th smallest
+    high = (below >= (total // 2 + 1)[:, None]).argmax(1)  # of the (W/2 + 1)-th: the same one where W is odd
+    return (levels[low] + levels[high]) / 2
+
+
+def compare(a: Side, b: Side, videos=None, resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """Each side's figures, B - A and its paired-bootstrap interval, and how the queries moved.
+    videos: (Q,) the video of each query, the unit resampled [default: each query its own]."""
     fa, fb = side_figures(a.ranks), side_figures(b.ranks)
-    draws = bootstrap_differences(a.ranks, b.ranks, resamples, seed)
+    videos = np.arange(a.ranks.shape[1]) if videos is None else np.asarray(videos)
+    draws = bootstrap_differences(a.ranks, b.ranks, videos, resamples, seed)
     tail = (100 - CONFIDENCE) / 2
     metrics = {}
     for name in fa:
@@ -158,7 +182,7 @@ def compare(a: Side, b: Side, resamples: int = RESAMPLES, seed: int = 0) -> dict
     mean_a, mean_b = a.ranks.mean(0), b.ranks.mean(0)  # (Q,) each query's rank, averaged over a side's runs
     first_a, first_b = (a.ranks == 1).mean(0), (b.ranks == 1).mean(0)
     return {
-        "queries": int(a.ranks.shape[1]),
+        "queries": int(a.ranks.shape[1]), "videos": int(len(np.unique(videos))),
         "runs": {"a": len(a.paths), "b": len(b.paths)},
         "files": {"a": list(a.paths), "b": list(b.paths)},
         "resamples": resamples, "confidence": CONFIDENCE, "seed": seed,
@@ -197,8 +221,10 @@ def format_comparison(result: dict, ranking: str) -> str:
     seeds = ("the ± is the spread over each side's runs (seeds)" if max(runs.values()) > 1
              else "one run a side, so nothing here measures the seed's part: give each side several runs "
                   f"(A1 A2 A3 {SIDES_SEPARATOR} B1 B2 B3)")
-    lines.append(f"the interval: paired bootstrap over the queries ({result['resamples']:,} resamples), what other "
-                 f"queries of the same kind would change; {seeds}")
+    unit = (f"the {result['queries']:,} queries" if result["videos"] == result["queries"]
+            else f"the {result['videos']:,} videos, each with all its queries")
+    lines.append(f"the interval: paired bootstrap over {unit} ({result['resamples']:,} resamples), what other "
+                 f"videos and queries of the same kind would change; {seeds}")
     return "\n".join(lines)
 
 
@@ -206,8 +232,8 @@ def run_compare(files: tuple[str, ...], ranking: str = "global", resamples: int 
                 as_json: bool = False) -> dict:
     """The `vlpcache compare` command."""
     a_files, b_files = split_sides(files)
-    a, b, _ = read_sides(a_files, b_files, ranking)
-    result = compare(a, b, resamples, seed)
+    a, b, pairs = read_sides(a_files, b_files, ranking)
+    result = compare(a, b, [video for _, video in pairs], resamples, seed)
     result["ranking"] = ranking
     print(json.dumps(result, indent=2) if as_json else format_comparison(result, ranking))
     return result

@@ -283,6 +283,7 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
         print(format_results(results))
         p = results["protocol"]
         per_video = ("one paragraph per video, its captions joined" if paragraphs
+                     else "every caption of each video" if p["captions_per_video"] == "all"
                      else f"{p['captions_per_video']} caption per video")
         cut = f"; {p['queries_cut']} longer, cut there" if p["queries_cut"] else ""
         print(f"{p['queries']} queries ({per_video}, up to {p['max_words']} tokens{cut}), {p['videos']} candidate videos, "
