@@ -324,11 +324,11 @@ def paired_lines(rows: dict[str, dict[str, list[dict]]], evaluations: list[str],
             assert len(owners) == 1, f"{e}: the models' queries are not in the same order"
             sides = [Side((), np.stack([m["ranks"] for m in per_seed])) for per_seed in (rows[baseline][e], per_eval[e])]
             result = compare(*sides, videos=np.array(owners.pop()))
-            cells = [f"{k} {m['difference']:+.1f} ({m['interval'][0]:+.1f} to {m['interval'][1]:+.1f})"
-                     for k, m in result["metrics"].items()]
+            cells = [f"{m['difference']:+.1f} ({m['interval'][0]:+.1f} to {m['interval'][1]:+.1f})"
+                     for m in result["metrics"].values()]
             lines.append(f"| {name} − baseline | {e} | {result['queries']:,} of {result['videos']:,} videos | "
                          + " | ".join(cells) + " |")
-    return ["| models | evaluation | queries | " + " | ".join(f"{k}: B − A (95% over queries)" for k in METRICS) + " |",
+    return ["| models | evaluation | queries | " + " | ".join(f"{k} B − A (95% interval)" for k in METRICS) + " |",
             "| --- | --- | ---: |" + " --- |" * len(METRICS)] + lines if lines else []
 
 
