@@ -366,12 +366,12 @@ def eval_(**options) -> None:
 @click.option("--ranking", type=click.Choice(list(RANKINGS)), default="global", show_default=True,
               help="Which of eval's rankings to compare (reranked, qbnorm, dual-softmax: where eval computed them).")
 @click.option("--resamples", type=click.IntRange(100), default=RESAMPLES, show_default=True,
-              help="Bootstrap resamples of the queries.")
+              help="Bootstrap resamples (of the videos, each with all its queries).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap's resampling.")
 @json_option("Print the comparison as JSON.")
 def compare(files, **options) -> None:
     """Two models on the same queries: R@1/5/10 and median rank of each, B - A, and its 95% interval by a
-    paired bootstrap over the queries; from `vlpcache eval --per-query` files of one caption file.
+    paired bootstrap over the videos; from `vlpcache eval --per-query` files of one caption file.
 
     \b
     vlpcache compare runs/a.jsonl runs/b.jsonl

@@ -15,7 +15,8 @@ Rules (docs/design.md section 1):
   it), or one of SNIFFED_SUFFIXES (`.unknown_video`, `.dat`), by its first bytes (MP4/MOV, Matroska/WebM,
   AVI, MPEG program and transport streams, FLV, ASF, Ogg, GIF; JPEG, PNG, WebP, TIFF, BMP).
 - Hidden files and folders (name starting with `.`, e.g. macOS `._x.jpg`) are ignored silently;
-  other files that are not media are counted by extension in one line (OtherFiles). Symbolic links are followed, each real folder is walked once (no loops).
+  other files that are not media are counted by extension, for one line (OtherFiles). Symbolic links
+  are followed, each real folder is walked once (no loops).
 - Order is deterministic: roots in the order given, entries by natural name order (2.jpg < 10.jpg).
 """
 
