@@ -88,13 +88,12 @@ def make_corpus(folder: Path, videos: int, frames: int, regions: int, dim: int, 
 
 def real_captions(path: Path | None) -> tuple[list[list[str]] | None, str]:
     """The caption sets of a caption file (the shared MSR-VTT's by default), and how the corpus line names
-    them; (None, "random words") where there is none."""
+    them; (None, "of random words ...") where there is none."""
     from vlpcache.captions import read_captions
 
     if path is None:
-        shared = Path(os.environ.get("VLPCACHE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-        path = next((shared / "data" / "msrvtt" / f"{name}.jsonl" for name in ("train", "val")
-                     if (shared / "data" / "msrvtt" / f"{name}.jsonl").exists()), None)
+        msrvtt = Path(os.environ.get("VLPCACHE_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data" / "msrvtt"
+        path = next((f for f in (msrvtt / "train.jsonl", msrvtt / "val.jsonl") if f.exists()), None)
         if path is None:
             return None, "of random words (6-13; no MSR-VTT caption file found)"
     sets = [texts for texts in read_captions(path, progress=False).by_id.values() if texts]
