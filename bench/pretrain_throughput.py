@@ -21,6 +21,11 @@ MSR-VTT captions in turn where the shared data has them (--captions): a batch's 
 its longest, so their lengths set the text layers' cost (the random 6-13-word captions of the tables
 before 2026-12-04 made the text side cheaper than pretraining on MSR-VTT).
 
+The model steps run in the arithmetic `vlpcache pretrain` would choose (--precision; auto is bf16
+autocast on CUDA and on CPUs that multiply bf16 natively, e.g. AMD Zen 4 or Intel Sapphire Rapids, fp32
+on other CPUs); where that is not fp32, the defaults' step is also timed in fp32 beside it, and the ratio
+printed.
+
 Model steps and training end to end are timed after a warm-up (--warmup-steps, --warmup-seconds) in
 --repeats runs of --steps steps each, the configurations taking turns within each repeat (so that a
 drift during the run, of clocks or other load, does not fall on whichever comes first); the median is
@@ -188,13 +193,13 @@ def pretrain_inputs(setup, cache: RegionCache, samples, workspace: Path, cached:
     return dataset, CollateCaptionedRegions(tokenizer, model.config.max_words, features)
 
 
-def model_setup(feature_dim: int, device: torch.device, **config):
+def model_setup(feature_dim: int, device: torch.device, precision: str = "auto", **config):
     model_config = ModelConfig(feature_dim=feature_dim, **config)
     model, tokenizer = build_model(model_config)
     model.to(device).train()
     optimizer = torch.optim.AdamW(parameter_groups(model, TrainConfig()))
-    autocast, scaler = autocast_for(device)
-    return model, tokenizer, PretrainLoss(model_config), optimizer, autocast, scaler
+    arithmetic = autocast_for(device, precision)
+    return model, tokenizer, PretrainLoss(model_config), optimizer, arithmetic.autocast, arithmetic.scaler
 
 
 def synchronize(device: torch.device) -> None:
@@ -325,6 +330,9 @@ def main() -> None:
                         help="caption file whose videos' captions the synthetic videos take in turn [default: MSR-VTT's "
                              "train.jsonl, else val.jsonl, under $VLPCACHE_SHARED/data/msrvtt; random words without "
                              "either]")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="the model steps' arithmetic, as pretrain --precision (auto: bf16 on CUDA and on CPUs with "
+                             "native bf16); where it is not fp32, the defaults' step is also timed in fp32 beside it")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
@@ -383,20 +391,31 @@ def main() -> None:
         # (text_features.py) wherever one can be
         for device_name in args.device:
             device = torch.device(device_name)
+            arithmetic = autocast_for(device, args.precision).label
             steps = {}
             for label, config, cached in CONFIGURATIONS:
-                setup = model_setup(args.dim, device, text_model=args.text_model, **config)
+                setup = model_setup(args.dim, device, args.precision, text_model=args.text_model, **config)
                 dataset, collate = pretrain_inputs(setup, cache, samples, Path(tmp) / "workspace", cached, device)
                 batch = collate([dataset[i] for i in range(args.batch_size)])
-                steps[f"model step {device_name}, {label}"] = model_step(setup, batch, device)
+                steps[f"model step {device_name} {arithmetic}, {label}"] = model_step(setup, batch, device)
                 if label == DEFAULT_LABEL:
+                    default_batch = batch
                     workers = 0 if device.type == "cpu" else 4  # the defaults of `vlpcache pretrain` (make_loader)
-                    end_to_end = f"end to end {device_name} (defaults, {workers} workers)"
-                    steps[end_to_end] = end_to_end_step(model_setup(args.dim, device, text_model=args.text_model, **config),
-                                                        dataset, collate, args.batch_size, workers, device)
+                    end_to_end = f"end to end {device_name} {arithmetic} (defaults, {workers} workers)"
+                    steps[end_to_end] = end_to_end_step(
+                        model_setup(args.dim, device, args.precision, text_model=args.text_model, **config),
+                        dataset, collate, args.batch_size, workers, device)
+            reference = None
+            if arithmetic != "fp32":  # the same defaults step in full precision: what the autocast is worth
+                reference = f"model step {device_name} fp32, {DEFAULT_LABEL}"
+                steps[reference] = model_step(model_setup(args.dim, device, "fp32", text_model=args.text_model,
+                                                          **CONFIGURATIONS[0][1]), default_batch, device)
             steps[end_to_end] = steps.pop(end_to_end)  # timed last, as before
             for key, rates in interleaved_rates(steps, device, **timing).items():
                 report_runs(key, rates)
+            if reference:
+                report(f"  ratio {arithmetic} / fp32 model step {device_name}, defaults",
+                       results[f"model step {device_name} {arithmetic}, {DEFAULT_LABEL}"] / results[reference], "x")
             if args.profile:
                 for key, step in steps.items():
                     try:

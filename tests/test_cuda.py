@@ -77,7 +77,8 @@ def test_a_pretraining_step_on_cuda_matches_the_cpu_and_learns(tmp_path):
     device = torch.device("cuda")
     criterion = PretrainLoss(model.config)
     optimizer = torch.optim.AdamW(parameter_groups(model, TrainConfig()))
-    autocast, scaler = autocast_for(device)
+    precision = autocast_for(device)
+    autocast, scaler = precision.autocast, precision.scaler
     inputs = {k: v.to(device) for k, v in batch.items()}
     before = model.region_encoder.feature_proj.weight.detach().clone()
     losses = [train_step(model, criterion, optimizer, inputs, autocast, scaler, 1.0)[0]["loss"] for _ in range(20)]

@@ -38,6 +38,10 @@ def test_a_finished_run_shows_its_settings_each_epochs_validation_and_the_best(w
     assert any(line.startswith("caches      ") and line.endswith("/cache (synthetic, T=2, N=4, D=16)") for line in lines)
     assert any(line.startswith("video       region transformer 16 wide, 1 layer(s)") for line in lines)
     assert any(line.startswith("captions    ") and line.endswith("(16 videos trained on, 8 validated on)") for line in lines)
+    # --precision auto, and what it was on this machine: bf16 on a CPU with native bf16, else fp32
+    [record] = [json.loads(line) for line in (run / LOG_NAME).read_text().splitlines()]
+    assert any(line.startswith("training    batch ") and line.endswith(f", precision auto ({record['precision']} as logged)")
+               for line in lines)
     [row] = [line for line in lines if line.startswith("    1*")]  # the best epoch, marked
     r1, r5, r10, mdr = (float(x) for x in row.split()[2:6])
     assert (r1, r5, r10, mdr) == tuple(round(best["metrics"][k], 1) for k in ("R@1", "R@5", "R@10", "MdR"))

@@ -762,3 +762,68 @@ def test_captions_per_video_defaults_to_the_median_caption_count_and_is_stored(t
     from vlpcache.model.config import TrainConfig
 
     assert TrainConfig.from_json({"epochs": 3}).captions_per_video == 1  # a run from before: one caption per step
+
+
+def test_training_arithmetic_follows_the_cpu_and_an_explicit_choice(monkeypatch):
+    from vlpcache.model import train
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    assert train.autocast_for(cpu).label == "fp32"  # auto: no emulated bf16 unasked
+    emulated = train.autocast_for(cpu, "bf16")
+    assert emulated.label == "bf16" and "emulated" in emulated.reason and emulated.scaler is None
+    with emulated.autocast():
+        assert (torch.ones(2, 3) @ torch.ones(3, 2)).dtype == torch.bfloat16
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    native = train.autocast_for(cpu)
+    assert native.label == "bf16" and "natively" in native.reason
+    fp32 = train.autocast_for(cpu, "fp32")
+    with fp32.autocast():
+        assert (torch.ones(2, 3) @ torch.ones(3, 2)).dtype == torch.float32
+    with pytest.raises(UserError, match=r"precision 'fp16': choose one of auto, bf16, fp32"):
+        train.autocast_for(cpu, "fp16")
+
+
+def test_a_bf16_training_step_computes_the_losses_in_fp32_and_learns(tiny_text):
+    from test_model import random_items, tiny_config
+    from vlpcache.model.batch import tokenize
+    from vlpcache.model.model import PretrainLoss, build_model
+    from vlpcache.model.train import TrainConfig, autocast_for, parameter_groups, train_step
+
+    torch.manual_seed(0)
+    model, tokenizer = build_model(tiny_config(tiny_text, text_trainable_layers=1))
+    texts = ["a dog runs", "a man is cooking onions in a pan", "a cat", "two people dance"]
+    input_ids, attention_mask = tokenize(tokenizer, texts, 16)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **video_batch(random_items(4))}
+    model.train()
+    criterion = PretrainLoss(model.config)
+    seen = []
+
+    def recording(text, video, *scales):
+        seen.append({t.dtype for t in (*text, *video) if t.is_floating_point()})
+        return criterion(text, video, *scales)
+    outputs = []
+    model.region_encoder.register_forward_hook(lambda module, args, output: outputs.append(output[0].dtype))  # [CLS]
+    optimizer = torch.optim.AdamW(parameter_groups(model, TrainConfig()))
+    precision = autocast_for(torch.device("cpu"), "bf16")
+    losses = [train_step(model, recording, optimizer, inputs, precision.autocast, precision.scaler, 1.0)[0]["loss"]
+              for _ in range(20)]
+    assert set(outputs) == {torch.bfloat16}  # the model ran in bf16 ...
+    assert all(dtypes == {torch.float32} for dtypes in seen)  # ... and its losses in fp32
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]  # one batch, 20 steps: it fits it
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights stay fp32
+
+
+def test_pretrain_says_its_training_arithmetic_stores_it_and_resume_may_change_it(tmp_path, corpus, tiny_text,
+                                                                                  monkeypatch, capsys):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    options = dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=tmp_path / "run")
+    run_pretrain(**options, **small_options(tiny_text, epochs=1, quiet=False, precision="bf16"))
+    said = capsys.readouterr().err.splitlines()
+    assert [line for line in said if line.startswith("training arithmetic: bf16 (autocast")]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["precision"] == "bf16"
+    first = json.loads((tmp_path / "run" / LOG_NAME).read_text().splitlines()[0])
+    assert np.isfinite(first["loss"]) and first["precision"] == "bf16"
+    run_pretrain(**options, **small_options(tiny_text, epochs=2, quiet=False, resume=True, precision="fp32"))
+    assert "training arithmetic: fp32 (as asked)" in capsys.readouterr().err.splitlines()
+    assert json.loads((tmp_path / "run" / LOG_NAME).read_text().splitlines()[1])["precision"] == "fp32"

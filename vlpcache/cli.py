@@ -255,6 +255,10 @@ def inspect(cache_dir, list_runs, render_id, output, as_json, failures) -> None:
               help=f"Text encoder -> joint space: linear, or linear plus a residual MLP [default: {M.text_head}].")
 @click.option("--resume", is_flag=True, help="Continue the run (-o, or the latest) from its last checkpoint.")
 @click.option("--workers", default=None, type=click.IntRange(0), help="Data-loading worker processes [default: 0 on CPU (read in the training process), 4 on CUDA].")
+@click.option("--precision", default=None, type=click.Choice(["auto", "bf16", "fp32"]),
+              help="Training arithmetic: auto is bf16 autocast on CUDA (fp16 where the GPU lacks bf16) and on CPUs "
+                   "with native bf16 (AVX512-BF16, AMX; about 1.7x faster there), fp32 on other CPUs; weights, "
+                   "validation and search stay fp32; --resume may change it [default: auto].")
 @device_option
 @click.option("--seed", default=None, type=int, help=f"Random seed [default: {T.seed}].")
 @quiet_option("No progress bar or per-epoch lines.")

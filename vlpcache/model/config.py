@@ -71,6 +71,10 @@ class TrainConfig(JsonRecord):
     grad_clip: float = 1.0
     seed: int = 0
     workers: int | None = None  # DataLoader workers per process (None: 0 on CPU, 4 on CUDA)
+    # the training step's arithmetic: "auto" is bf16 autocast on CUDA (fp16 with a gradient scaler where
+    # bf16 is missing) and on CPUs with native bf16 (AVX512-BF16 or AMX), full precision on other CPUs;
+    # "bf16" asks for it anywhere, "fp32" never; weights, validation and search stay in fp32
+    precision: str = "auto"
     val_batch_size: int = 128
     caches: list[str] = dataclasses.field(default_factory=list)
     captions: list[str] = dataclasses.field(default_factory=list)
@@ -83,12 +87,12 @@ class TrainConfig(JsonRecord):
 
 
 # options of `vlpcache pretrain` that set a TrainConfig field, and those that set a ModelConfig field
-TRAIN_OPTIONS = ("epochs", "batch_size", "captions_per_video", "lr", "text_lr", "seed", "workers")
+TRAIN_OPTIONS = ("epochs", "batch_size", "captions_per_video", "lr", "text_lr", "seed", "workers", "precision")
 MODEL_OPTIONS = {"text_model": "text_model", "trainable_layers": "text_trainable_layers", "rwa_weight": "rwa_weight",
                  "width": "width", "layers": "layers", "frame_time": "frame_time", "global_path": "global_path",
                  "frame_dropout": "frame_dropout", "region_dropout": "region_dropout", "text_head": "text_head",
                  "max_words": "max_words"}
-RESUMABLE_OPTIONS = ("epochs", "workers")  # what --resume may change: a longer schedule, other hardware
+RESUMABLE_OPTIONS = ("epochs", "workers", "precision")  # what --resume may change: a longer schedule, other hardware
 
 
 @dataclass
@@ -111,6 +115,7 @@ class PretrainOptions:
     text_lr: float | None = None
     seed: int | None = None
     workers: int | None = None
+    precision: str | None = None
     text_model: str | None = None
     trainable_layers: int | None = None
     rwa_weight: float | None = None

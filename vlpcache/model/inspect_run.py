@@ -144,8 +144,16 @@ def _header(summary: dict) -> list[str]:
         f"video       region transformer {m.get('width')} wide, {m.get('layers')} layer(s); frame time "
         f"{m.get('frame_time')}; global path {'on' if m.get('global_path') else 'off'}; region-word alignment {rwa}; "
         f"dropout: frames {m.get('frame_dropout')}, regions {m.get('region_dropout')}",
-        f"training    batch {t.get('batch_size')}, lr {t.get('lr')}, text lr {t.get('text_lr')}, seed {t.get('seed')}",
+        f"training    batch {t.get('batch_size')}, lr {t.get('lr')}, text lr {t.get('text_lr')}, seed {t.get('seed')}, "
+        f"precision {_precision(t, summary['log'])}",
     ]
+
+
+def _precision(train: dict, log: list[dict]) -> str:
+    """The run's --precision, and what it resolved to in the logged epochs ("auto (bf16 as logged)")."""
+    asked = train.get("precision") or "not recorded (runs made before --precision: fp32 on CPU, autocast on CUDA)"
+    logged = sorted({str(r["precision"]) for r in log if r.get("precision")})
+    return f"{asked} ({', '.join(logged)} as logged)" if logged and logged != [asked] else asked
 
 
 def _epoch_table(summary: dict) -> list[str]:

@@ -45,6 +45,8 @@ LOG_FIELDS = {  # written by train.py, read by name by inspect_run.py (and by pe
     "rwa": "its mean region-word alignment part; absent when the run trains without it",
     "samples_per_s": "training videos a second over the epoch, all processes together",
     "epoch_seconds": "seconds of training in the epoch, validation not included",
+    "precision": "the training step's arithmetic in the epoch (bf16, fp16 or fp32: what --precision resolved to "
+                 "on the machine); absent in runs made before it was logged",
     "temperature": "the contrastive loss's learned temperature at the end of the epoch",
     "val": "validation metrics (R@1, R@5, R@10, MdR, MnR, queries, candidates, rerank_weight and rerank: "
            "the metrics of each re-rank weight tried); absent without validation captions",

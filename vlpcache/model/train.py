@@ -1,5 +1,6 @@
-"""The pretraining loop: AdamW, warmup + cosine, autocast on GPU, gradient clipping, a checkpoint and
-validation every epoch, resume after kill -9, DistributedDataParallel under torchrun.
+"""The pretraining loop: AdamW, warmup + cosine, bf16 autocast where the hardware has it, gradient
+clipping, a checkpoint and validation every epoch, resume after kill -9, DistributedDataParallel under
+torchrun.
 
 It reads as four steps, under the run's lock (one trainer per run directory): resolve the run
 (options, or the stored settings on --resume, and the data), make the trainer (model, optimizer,
@@ -123,13 +124,47 @@ def start_processes(device: str, quiet: bool) -> Processes:
     return Processes(dist.get_rank(), world, device, quiet, patient)
 
 
-def autocast_for(device: torch.device):
-    """bf16 (or fp16 with a gradient scaler) autocast on CUDA; full precision on CPU."""
-    if device.type != "cuda":
-        return nullcontext, None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where autocast is about 1.8x
+    faster than fp32 for pretraining; elsewhere bf16 is emulated and slower."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check is not None and check() for check in checks)
+
+
+@dataclass
+class Precision:
+    autocast: object  # a no-argument function returning the context a training step runs in
+    scaler: object  # a GradScaler for fp16, else None
+    label: str  # what a person reads: "bf16", "fp16", "fp32"
+    reason: str  # why, for the line pretraining says
+
+
+def autocast_for(device: torch.device, precision: str = "auto") -> Precision:
+    """The arithmetic of a training step on `device` (see TrainConfig.precision)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return Precision(nullcontext, None, "fp32", "as asked")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Precision(lambda: torch.autocast("cuda", dtype=torch.bfloat16), None, "bf16", "autocast on CUDA")
+        if precision == "bf16":
+            raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16; "
+                            "leave --precision out (fp16 with a gradient scaler) or pass --precision fp32")
+        return Precision(lambda: torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda"), "fp16",
+                         "autocast on CUDA, with a gradient scaler (this GPU has no bf16)")
+    if device.type != "cpu":
+        return Precision(nullcontext, None, "fp32", f"autocast is not used on {device.type}")
+    native = cpu_has_native_bf16()
+    if precision == "auto" and not native:
+        return Precision(nullcontext, None, "fp32", "this CPU has no native bf16 (AVX512-BF16 or AMX)")
+    return Precision(lambda: torch.autocast("cpu", dtype=torch.bfloat16), None, "bf16",
+                     "autocast; this CPU multiplies bf16 natively" if native
+                     else "autocast, as asked; this CPU has no native bf16 (AVX512-BF16 or AMX), so it is emulated and "
+                          "likely slower than --precision fp32")
 
 
 # ---------------------------------------------------------------- step 1: the run
@@ -279,6 +314,7 @@ class Trainer:
     start_epoch: int = 1
     step: int = 0
     best_score: float | None = None
+    arithmetic: str = "fp32"  # what the run's precision resolved to here: bf16, fp16 or fp32
 
 
 def parameter_groups(model: AlignmentModel, config: TrainConfig) -> list[dict]:
@@ -332,9 +368,12 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
     processes.barrier()
     model.to(processes.device)
     text_features = _frozen_text_features(run, model, tokenizer, processes, workspace)
-    autocast, scaler = autocast_for(processes.device)
+    precision = autocast_for(processes.device, run.train.precision)
+    processes.say(f"training arithmetic: {precision.label} ({precision.reason})")
+    autocast, scaler = precision.autocast, precision.scaler
     optimizer = torch.optim.AdamW(parameter_groups(model, run.train), betas=(0.9, 0.98), eps=1e-6)
-    trainer = Trainer(model, tokenizer, optimizer, PretrainLoss(run.model), autocast, scaler, model, text_features)
+    trainer = Trainer(model, tokenizer, optimizer, PretrainLoss(run.model), autocast, scaler, model, text_features,
+                      arithmetic=precision.label)
     if run.resumed and last:
         state = ckpt.load_training_state(last[max(last)])
         optimizer.load_state_dict(state["optimizer"])
@@ -447,11 +486,18 @@ def _logged_epoch(line: str) -> float:
 # ---------------------------------------------------------------- step 3: one epoch
 
 
+def full_precision(embedding):
+    """The embedding (a NamedTuple of tensors) with its floating tensors in fp32."""
+    return type(embedding)(*(t.float() if t.is_floating_point() else t for t in embedding))
+
+
 def train_step(trainable, criterion, optimizer, inputs: dict, autocast, scaler, grad_clip: float):
     """One optimisation step on a batch already on the device; returns (loss values, logit scale)."""
     with autocast():
         text, video, logit_scale, rwa_scale = trainable(inputs)
-        losses = criterion(text, video, logit_scale, rwa_scale)
+    # the losses in fp32: in bf16 a cosine similarity is off by up to ~0.004, which the learned logit
+    # scale (up to 100) turns into logit noise of ~0.4
+    losses = criterion(full_precision(text), full_precision(video), logit_scale, rwa_scale)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(losses["loss"]).backward()
@@ -504,6 +550,7 @@ def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, proc
         **{k: v / max(1, loader.steps_per_epoch) for k, v in sums.items()},
         "samples_per_s": samples / max(seconds, 1e-9),
         "epoch_seconds": seconds,
+        "precision": trainer.arithmetic,
         "temperature": float(1 / trainer.model.logit_scale.detach().exp()),
     }
 
