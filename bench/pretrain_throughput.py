@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import CacheSettings, empty_item
 from vlpcache.cache.writer import ShardWriter
+from vlpcache.errors import UserError
 from vlpcache.model.config import captions_per_video_cap
 from vlpcache.model.data import CaptionedRegions, CollateCaptionedRegions
 from vlpcache.model.model import ModelConfig, PretrainLoss, build_model
@@ -336,6 +337,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
+    for device_name in args.device:  # bf16 where the hardware lacks it: one line now, not after the loader rows
+        try:
+            autocast_for(torch.device(device_name), args.precision)
+        except UserError as error:
+            parser.error(f"{device_name}: {error}")
     if args.threads:
         torch.set_num_threads(args.threads)
     results: dict = {"machine": {"cpus": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},

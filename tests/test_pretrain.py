@@ -769,14 +769,14 @@ def test_training_arithmetic_follows_the_cpu_and_an_explicit_choice(monkeypatch)
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
-    assert train.autocast_for(cpu).label == "fp32"  # auto: no emulated bf16 unasked
-    emulated = train.autocast_for(cpu, "bf16")
-    assert emulated.label == "bf16" and "emulated" in emulated.reason and emulated.scaler is None
-    with emulated.autocast():
-        assert (torch.ones(2, 3) @ torch.ones(3, 2)).dtype == torch.bfloat16
+    assert train.autocast_for(cpu).label == "fp32"  # auto: no emulated bf16
+    with pytest.raises(UserError, match=r"--precision bf16: this CPU has no native bf16 .* 10x slower .* --precision fp32"):
+        train.autocast_for(cpu, "bf16")  # asked for: refused, not 10x slower
     monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
-    native = train.autocast_for(cpu)
-    assert native.label == "bf16" and "natively" in native.reason
+    for native in (train.autocast_for(cpu), train.autocast_for(cpu, "bf16")):
+        assert native.label == "bf16" and "natively" in native.reason and native.scaler is None
+        with native.autocast():
+            assert (torch.ones(2, 3) @ torch.ones(3, 2)).dtype == torch.bfloat16
     fp32 = train.autocast_for(cpu, "fp32")
     with fp32.autocast():
         assert (torch.ones(2, 3) @ torch.ones(3, 2)).dtype == torch.float32
@@ -784,11 +784,14 @@ def test_training_arithmetic_follows_the_cpu_and_an_explicit_choice(monkeypatch)
         train.autocast_for(cpu, "fp16")
 
 
-def test_a_bf16_training_step_computes_the_losses_in_fp32_and_learns(tiny_text):
+def test_a_bf16_training_step_computes_the_losses_in_fp32_and_learns(tiny_text, monkeypatch):
     from test_model import random_items, tiny_config
+    from vlpcache.model import train
     from vlpcache.model.batch import tokenize
     from vlpcache.model.model import PretrainLoss, build_model
     from vlpcache.model.train import TrainConfig, autocast_for, parameter_groups, train_step
+
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)  # emulated where it is not: slow, but these shapes are tiny
 
     torch.manual_seed(0)
     model, tokenizer = build_model(tiny_config(tiny_text, text_trainable_layers=1))
@@ -816,7 +819,10 @@ def test_a_bf16_training_step_computes_the_losses_in_fp32_and_learns(tiny_text):
 
 def test_pretrain_says_its_training_arithmetic_stores_it_and_resume_may_change_it(tmp_path, corpus, tiny_text,
                                                                                   monkeypatch, capsys):
+    from vlpcache.model import train
+
     monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)  # as on a CPU with AVX512-BF16 or AMX
     options = dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=tmp_path / "run")
     run_pretrain(**options, **small_options(tiny_text, epochs=1, quiet=False, precision="bf16"))
     said = capsys.readouterr().err.splitlines()
@@ -824,6 +830,9 @@ def test_pretrain_says_its_training_arithmetic_stores_it_and_resume_may_change_i
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["precision"] == "bf16"
     first = json.loads((tmp_path / "run" / LOG_NAME).read_text().splitlines()[0])
     assert np.isfinite(first["loss"]) and first["precision"] == "bf16"
-    run_pretrain(**options, **small_options(tiny_text, epochs=2, quiet=False, resume=True, precision="fp32"))
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)  # resumed on a CPU without: its bf16 is refused ...
+    with pytest.raises(UserError, match=r"--precision fp32 \(with --resume too"):
+        run_pretrain(**options, **small_options(tiny_text, epochs=2, quiet=False, resume=True))
+    run_pretrain(**options, **small_options(tiny_text, epochs=2, quiet=False, resume=True, precision="fp32"))  # ... unless told
     assert "training arithmetic: fp32 (as asked)" in capsys.readouterr().err.splitlines()
     assert json.loads((tmp_path / "run" / LOG_NAME).read_text().splitlines()[1])["precision"] == "fp32"

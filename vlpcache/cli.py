@@ -257,8 +257,9 @@ def inspect(cache_dir, list_runs, render_id, output, as_json, failures) -> None:
 @click.option("--workers", default=None, type=click.IntRange(0), help="Data-loading worker processes [default: 0 on CPU (read in the training process), 4 on CUDA].")
 @click.option("--precision", default=None, type=click.Choice(["auto", "bf16", "fp32"]),
               help="Training arithmetic: auto is bf16 autocast on CUDA (fp16 where the GPU lacks bf16) and on CPUs "
-                   "with native bf16 (AVX512-BF16, AMX; about 1.7x faster there), fp32 on other CPUs; weights, "
-                   "validation and search stay fp32; --resume may change it [default: auto].")
+                   "with native bf16 (AVX512-BF16, AMX; about 1.5x faster there), fp32 on other CPUs; weights, "
+                   "validation and search stay fp32; bf16 is refused where it would be emulated; --resume may "
+                   "change it [default: auto].")
 @device_option
 @click.option("--seed", default=None, type=int, help=f"Random seed [default: {T.seed}].")
 @quiet_option("No progress bar or per-epoch lines.")

@@ -73,7 +73,8 @@ class TrainConfig(JsonRecord):
     workers: int | None = None  # DataLoader workers per process (None: 0 on CPU, 4 on CUDA)
     # the training step's arithmetic: "auto" is bf16 autocast on CUDA (fp16 with a gradient scaler where
     # bf16 is missing) and on CPUs with native bf16 (AVX512-BF16 or AMX), full precision on other CPUs;
-    # "bf16" asks for it anywhere, "fp32" never; weights, validation and search stay in fp32
+    # "bf16" insists on it (refused where the hardware lacks it: emulated it is 10x slower or more), "fp32" never;
+    # weights, validation and search stay in fp32
     precision: str = "auto"
     val_batch_size: int = 128
     caches: list[str] = dataclasses.field(default_factory=list)
