@@ -24,7 +24,9 @@ before 2026-12-04 made the text side cheaper than pretraining on MSR-VTT).
 The model steps run in the arithmetic `vlpcache pretrain` would choose (--precision; auto is bf16
 autocast on CUDA and on CPUs that multiply bf16 natively, e.g. AMD Zen 4 or Intel Sapphire Rapids, fp32
 on other CPUs); where that is not fp32, the defaults' step is also timed in fp32 beside it, and the ratio
-printed.
+printed. On the CPU the text layers run each batch's captions in groups of similar length
+(model.CPU_LENGTH_GROUPS); the defaults' step is also timed with them in one batch padded to its
+longest, as before, and the ratio printed.
 
 Model steps and training end to end are timed after a warm-up (--warmup-steps, --warmup-seconds) in
 --repeats runs of --steps steps each, the configurations taking turns within each repeat (so that a
@@ -54,6 +56,7 @@ from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
 from vlpcache.model.config import captions_per_video_cap
 from vlpcache.model.data import CaptionedRegions, CollateCaptionedRegions
+from vlpcache.model import model as text_model_module
 from vlpcache.model.model import ModelConfig, PretrainLoss, build_model
 from vlpcache.model.text_features import TextFeatures, cache_kind, cached_text_features
 from vlpcache.model.train import autocast_for, parameter_groups, train_step, TrainConfig
@@ -284,6 +287,17 @@ def model_step(setup, batch: dict, device: torch.device) -> Callable[[], int]:
     return step
 
 
+def with_length_groups(groups: int, step: Callable[[], int]) -> Callable[[], int]:
+    """`step` with the text encoder's CPU length groups (model.CPU_LENGTH_GROUPS) set to `groups`."""
+    def run() -> int:
+        kept, text_model_module.CPU_LENGTH_GROUPS = text_model_module.CPU_LENGTH_GROUPS, groups
+        try:
+            return step()
+        finally:
+            text_model_module.CPU_LENGTH_GROUPS = kept
+    return run
+
+
 def end_to_end_step(setup, dataset, collate, batch_size: int, workers: int, device: torch.device) -> Callable[[], int]:
     """One training step of `setup` on the loader's next batch (a new epoch when one ends)."""
     model, _, criterion, optimizer, autocast, scaler = setup
@@ -416,12 +430,21 @@ def main() -> None:
                 reference = f"model step {device_name} fp32, {DEFAULT_LABEL}"
                 steps[reference] = model_step(model_setup(args.dim, device, "fp32", text_model=args.text_model,
                                                           **CONFIGURATIONS[0][1]), default_batch, device)
+            one_batch = None
+            if device.type == "cpu" and text_model_module.CPU_LENGTH_GROUPS > 1:  # the texts as they ran before
+                one_batch = f"model step {device_name} {arithmetic}, {DEFAULT_LABEL}, texts in one padded batch"
+                steps[one_batch] = with_length_groups(1, model_step(model_setup(
+                    args.dim, device, args.precision, text_model=args.text_model, **CONFIGURATIONS[0][1]), default_batch, device))
             steps[end_to_end] = steps.pop(end_to_end)  # timed last, as before
             for key, rates in interleaved_rates(steps, device, **timing).items():
                 report_runs(key, rates)
             if reference:
                 report(f"  ratio {arithmetic} / fp32 model step {device_name}, defaults",
                        results[f"model step {device_name} {arithmetic}, {DEFAULT_LABEL}"] / results[reference], "x")
+            if one_batch:
+                report(f"  ratio {text_model_module.CPU_LENGTH_GROUPS} length groups / one padded batch, model step "
+                       f"{device_name}, defaults",
+                       results[f"model step {device_name} {arithmetic}, {DEFAULT_LABEL}"] / results[one_batch], "x")
             if args.profile:
                 for key, step in steps.items():
                     try:

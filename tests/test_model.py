@@ -315,6 +315,49 @@ CAPTIONS = ["a dog runs", "a man is cooking onions in a pan", "cat", "two people
             "a child rides a red bicycle down the street"]
 
 
+def test_texts_run_in_groups_of_similar_length_on_the_cpu_as_one_padded_batch_would(tiny_text_model, monkeypatch):
+    from vlpcache.model import model as model_module
+    from vlpcache.model.model import length_groups
+
+    model, tokenizer = build_model(tiny_config(tiny_text_model, text_trainable_layers=1))
+    texts = [CAPTIONS[(7 * i) % len(CAPTIONS)] + " again" * (i % 3) for i in range(12)]  # mixed lengths, unsorted
+    input_ids, attention_mask = tokenize(tokenizer, texts, 32)
+    groups = length_groups(attention_mask, 4)
+    lengths = attention_mask.sum(1)
+    assert sorted(torch.cat([rows for rows, _ in groups]).tolist()) == list(range(12))  # every text once
+    assert [n for _, n in groups] == [int(lengths[rows].max()) for rows, _ in groups]
+    assert groups[0][1] < attention_mask.shape[1]  # the short texts do run shorter
+    ran = []
+    with torch.no_grad():
+        model.text_encoder.prefix(input_ids[:1], attention_mask[:1])  # its first call runs a layer once, on 2 tokens
+        handle = model.text_encoder.layers[1].attention.register_forward_hook(lambda *args: ran.append(1))
+        prefix = model.text_encoder.prefix(input_ids, attention_mask)  # as text_features caches it
+        assert not ran  # the trainable layer above the prefix is not run for it ...
+        full = model.text_encoder.backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    handle.remove()
+    assert torch.equal(prefix, full.hidden_states[1])  # ... and the prefix is what the whole encoder had there
+    real = attention_mask.bool()[..., None]
+    results = {}
+    for count in (1, 4):
+        monkeypatch.setattr(model_module, "CPU_LENGTH_GROUPS", count)
+        for name, given in (("live", None), ("prefix", prefix)):
+            model.zero_grad()
+            hidden, pooled = model.text_encoder(input_ids, attention_mask, given)
+            ((hidden * real).square().sum() + pooled.sum()).backward()
+            grads = [p.grad.clone() for p in model.text_encoder.layers[1].parameters()]
+            results[count, name] = hidden, pooled, grads
+    for name in ("live", "prefix"):
+        (one_h, one_p, one_g), (grouped_h, grouped_p, grouped_g) = results[1, name], results[4, name]
+        assert torch.allclose(one_h * real, grouped_h * real, atol=1e-5)  # each text in its own row, as before
+        for rows, longest in groups:  # past a group's longest text nothing is computed
+            assert not grouped_h[rows, longest:].any()
+        assert torch.allclose(one_p, grouped_p, atol=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(one_g, grouped_g))
+    left_padded = attention_mask.flip(1)
+    assert len(length_groups(left_padded, 4)) == 1  # padding not at the end: one batch, nothing cut
+    assert len(length_groups(attention_mask[:6], 4)) == 1  # too few texts to split
+
+
 def stored_arrays(features) -> dict:
     import h5py
 
