@@ -42,7 +42,8 @@ def test_compare_gives_each_evals_own_figures_and_their_difference(root, ws, mon
         assert m["interval"][0] <= m["difference"] <= m["interval"][1]
     ra = np.array([json.loads(line)["rank"] for line in a.read_text().splitlines()])
     rb = np.array([json.loads(line)["rank"] for line in b.read_text().splitlines()])
-    assert (ra != rb).any() and full["text_to_video"]["R@5"] != cut["text_to_video"]["R@5"]  # two different models' ranks
+    # two different rankings, which some figure tells apart (which one depends on the tiny model's training)
+    assert (ra != rb).any() and any(result["metrics"][name]["difference"] != 0 for name in ("R@1", "R@5", "R@10", "MdR"))
     assert (result["queries_b_higher"], result["queries_b_lower"], result["queries_same"]) == (
         int((rb < ra).sum()), int((rb > ra).sum()), int((rb == ra).sum()))
     # the re-ranked ranking, compared the same way
