@@ -214,6 +214,7 @@ class TextEncoder(nn.Module):
         """Within: the frozen layers pass their input through untouched, and the first trainable layer
         reads `prefix` instead. The backbone's own forward still builds the attention mask in whatever
         form its version of transformers wants, so no model internals are re-implemented here."""
+        self._layers_return_tuples(prefix.device)  # asked before the hook below is in place
         handle = None
         if self.frozen_layers < len(self.layers):
             def substitute(module, args, kwargs):
@@ -232,15 +233,7 @@ class TextEncoder(nn.Module):
     @contextlib.contextmanager
     def _passing_through(self, layers: list[nn.Module], device: torch.device):
         """Within: `layers` return their input hidden states untouched instead of running."""
-        wraps_output = getattr(self, "_layer_output_is_tuple", None)
-        if wraps_output is None:  # layers return a tensor (transformers 5) or a tuple (4.x): ask one
-            seen = []
-            handle = self.layers[0].register_forward_hook(lambda module, args, output: seen.append(isinstance(output, tuple)))
-            with torch.no_grad():
-                self.backbone(input_ids=torch.ones(1, 2, dtype=torch.long, device=device),
-                              attention_mask=torch.ones(1, 2, dtype=torch.long, device=device))
-            handle.remove()
-            wraps_output = self._layer_output_is_tuple = seen[0]
+        wraps_output = self._layers_return_tuples(device)
         originals = [layer.forward for layer in layers]
         for layer in layers:
             layer.forward = (lambda hidden, *args, **kwargs: (hidden,)) if wraps_output else (lambda hidden, *args, **kwargs: hidden)
@@ -249,6 +242,19 @@ class TextEncoder(nn.Module):
         finally:
             for layer, forward in zip(layers, originals):
                 layer.forward = forward
+
+    def _layers_return_tuples(self, device: torch.device) -> bool:
+        """Whether a layer returns a tuple (transformers 4.x) or a tensor (5): asked of the first layer
+        once, on a 2-token text, while no layer is patched or hooked."""
+        if getattr(self, "_layer_output_is_tuple", None) is None:
+            seen = []
+            handle = self.layers[0].register_forward_hook(lambda module, args, output: seen.append(isinstance(output, tuple)))
+            with torch.no_grad():
+                self.backbone(input_ids=torch.ones(1, 2, dtype=torch.long, device=device),
+                              attention_mask=torch.ones(1, 2, dtype=torch.long, device=device))
+            handle.remove()
+            self._layer_output_is_tuple = seen[0]
+        return self._layer_output_is_tuple
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L, H) -> (B, H): the [CLS] token or the mean of the real tokens."""
