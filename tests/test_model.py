@@ -143,6 +143,124 @@ def test_text_model_that_cannot_be_had_offline_is_one_clear_user_error(tmp_path,
         build_model(ModelConfig(feature_dim=4, text_model=str(tmp_path)))  # an empty directory
 
 
+# ---------------------------------------------------------------- other text models, by architecture
+
+_TINY = dict(vocab_size=1000, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+             max_position_embeddings=64)
+ENCODERS = {  # what a user may pass as --text-model, tiny and random: 3 layers, the top one trains
+    "bert": ("BertConfig", _TINY),
+    "distilbert": ("DistilBertConfig", dict(vocab_size=1000, dim=32, n_layers=3, n_heads=2, hidden_dim=64,
+                                            max_position_embeddings=64)),
+    "roberta": ("RobertaConfig", _TINY),
+    "xlm-roberta": ("XLMRobertaConfig", _TINY),
+    "electra": ("ElectraConfig", dict(_TINY, embedding_size=16)),  # embeddings narrower than its layers
+    "mpnet": ("MPNetConfig", _TINY),
+    "deberta-v2": ("DebertaV2Config", _TINY),  # its encoder unpacks two outputs of every layer
+    "modernbert": ("ModernBertConfig", dict(_TINY, global_attn_every_n_layers=2, local_attention=8, pad_token_id=0,
+                                            bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3)),
+    "clip-text": ("CLIPTextConfig", dict(_TINY, bos_token_id=2, eos_token_id=3, pad_token_id=0)),
+}
+
+
+def tiny_backbone(config_class: str, values: dict):
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.AutoModel.from_config(getattr(transformers, config_class)(**values)).eval()
+
+
+@pytest.mark.parametrize("architecture", ENCODERS)
+def test_every_supported_architecture_trains_its_top_layer_on_the_cached_prefix_as_the_whole_model_would(
+        architecture, monkeypatch):
+    from vlpcache.model import model as model_module
+    from vlpcache.model.model import TextEncoder
+
+    backbone = tiny_backbone(*ENCODERS[architecture])
+    encoder = TextEncoder(backbone, trainable_layers=1, pooling="mean")
+    assert encoder.frozen_layers == 2 and encoder.width == 32
+    generator = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([3, 9, 5, 12, 4, 7, 12, 6, 10, 3, 8, 11])
+    attention_mask = (torch.arange(12)[None] < lengths[:, None]).long()
+    input_ids = torch.randint(5, 1000, (12, 12), generator=generator) * attention_mask
+    real = attention_mask.bool()
+    with torch.no_grad():
+        whole = backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        prefix = encoder.prefix(input_ids, attention_mask)
+    assert torch.allclose(prefix[real], whole.hidden_states[2][real], atol=1e-5)
+    top = list(encoder.layers[2].parameters())
+    for groups in (1, 4):
+        monkeypatch.setattr(model_module, "CPU_LENGTH_GROUPS", groups)
+        gradients = []
+        for given in (None, prefix):
+            backbone.zero_grad()
+            hidden, pooled = encoder(input_ids, attention_mask, given)
+            assert torch.allclose(hidden[real], whole.last_hidden_state[real], atol=1e-4), (groups, given is None)
+            pooled.square().sum().backward()
+            assert all(p.grad is None for layer in encoder.layers[:2] for p in layer.parameters())
+            gradients.append([p.grad.clone() for p in top])
+        assert all(g.abs().sum() > 0 for g in gradients[0])
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*gradients))  # live and cached: one gradient
+
+
+@pytest.mark.parametrize("config_class, values, says", [
+    ("T5Config", dict(vocab_size=1000, d_model=32, num_layers=3, num_heads=2, d_ff=64, d_kv=16),
+     "cannot run it as a text encoder"),  # encoder-decoder
+    ("BartConfig", dict(vocab_size=1000, d_model=32, encoder_layers=3, decoder_layers=3, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64),
+     "cannot run it as a text encoder"),
+    ("AlbertConfig", dict(_TINY, embedding_size=16), "share their weights"),
+])
+def test_a_text_model_that_is_not_an_encoder_this_can_run_is_one_clear_line_when_the_model_is_built(
+        config_class, values, says):
+    from vlpcache.model.model import TextEncoder
+
+    with pytest.raises(UserError, match=says) as raised:
+        TextEncoder(tiny_backbone(config_class, values), trainable_layers=1, pooling="mean")
+    assert "\n" not in str(raised.value) and "encoder-only text model: BERT" in str(raised.value)
+
+
+def test_an_encoder_whose_layers_cannot_skip_the_frozen_ones_is_refused_and_both_suggested_settings_work():
+    """T5's encoder: its first layer computes the position bias every later layer reads, so running the
+    top layer on the cached prefix would give other states, silently; the check sees it."""
+    import transformers
+    from vlpcache.model.model import TextEncoder
+
+    torch.manual_seed(0)
+    backbone = transformers.T5EncoderModel(transformers.T5Config(vocab_size=1000, d_model=32, num_layers=3,
+                                                                 num_heads=2, d_ff=64, d_kv=16)).eval()
+    with pytest.raises(UserError, match="other states than the whole model.*--trainable-layers 0.*--trainable-layers 3"):
+        TextEncoder(backbone, trainable_layers=1, pooling="mean")
+    assert TextEncoder(backbone, trainable_layers=0, pooling="mean").frozen_layers == 3  # nothing cached per layer
+    assert TextEncoder(backbone, trainable_layers=3, pooling="mean").frozen_layers == 0
+
+
+def test_a_clip_checkpoint_gives_its_text_model_with_its_weights_and_no_load_report(tmp_path, capfd):
+    """`--text-model openai/clip-vit-base-patch32`: an image and a text model in one checkpoint."""
+    import transformers
+    from transformers import AutoTokenizer
+    from vlpcache.model.model import load_text_backbone
+
+    torch.manual_seed(0)
+    clip = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(_TINY, vocab_size=30522, bos_token_id=101, eos_token_id=102, pad_token_id=0),
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           image_size=32, patch_size=16)))
+    clip.save_pretrained(tmp_path / "clip")
+    AutoTokenizer.from_pretrained(default_text_model()).save_pretrained(tmp_path / "clip")
+    capfd.readouterr()
+    backbone, _ = load_text_backbone(str(tmp_path / "clip"))
+    assert type(backbone).__name__ == "CLIPTextModel"
+    assert "UNEXPECTED" not in "".join(capfd.readouterr())  # transformers' report of the image weights left out
+    assert all(torch.equal(value, clip.text_model.state_dict()[key]) for key, value in backbone.state_dict().items())
+    assert type(load_text_backbone(str(tmp_path / "clip"), weights=False)[0]).__name__ == "CLIPTextModel"
+    model, tokenizer = build_model(tiny_config(tmp_path / "clip", text_trainable_layers=1))
+    text, video, scale, rwa_scale = model({**dict(zip(("input_ids", "attention_mask"),
+                                                      tokenize(tokenizer, ["a dog runs", "a cat"], 16))),
+                                           **video_batch(random_items(2))})
+    PretrainLoss(model.config)(text, video, scale, rwa_scale)["loss"].backward()
+    assert model.text_encoder.layers[2].mlp.fc1.weight.grad is not None
+
+
 def test_trailing_padding_frames_and_regions_change_nothing_and_keep_the_frame_major_layout(tiny_text_model):
     model, _ = build_model(tiny_config(tiny_text_model))
     model.eval()

@@ -78,10 +78,18 @@ def load_text_backbone(name_or_dir: str, weights: bool = True):
 
     def load(local_files_only: bool):
         tokenizer = AutoTokenizer.from_pretrained(name_or_dir, local_files_only=local_files_only)
-        if weights:
-            model = AutoModel.from_pretrained(name_or_dir, local_files_only=local_files_only)
-        else:
-            model = AutoModel.from_config(AutoConfig.from_pretrained(name_or_dir, local_files_only=local_files_only))
+        config = AutoConfig.from_pretrained(name_or_dir, local_files_only=local_files_only)
+        tower = getattr(config, "text_config", None)  # CLIP, SigLIP...: a text and an image model; the text one
+        if not weights:
+            return AutoModel.from_config(tower or config), tokenizer
+        if tower is None:
+            return AutoModel.from_pretrained(name_or_dir, config=config, local_files_only=local_files_only), tokenizer
+        with _quiet_transformers():  # its load report lists every image-model weight as unexpected
+            model, loading = AutoModel.from_pretrained(name_or_dir, config=tower, local_files_only=local_files_only,
+                                                       output_loading_info=True)
+        if loading["missing_keys"]:
+            raise UserError(f"text model {name_or_dir}: its text model's weights are not in the checkpoint "
+                            f"(missing {sorted(loading['missing_keys'])[0]} and {len(loading['missing_keys']) - 1} more)")
         return model, tokenizer
 
     try:
@@ -121,14 +129,40 @@ def _no_loading_bar():
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Within: transformers logs errors only."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _transformer_layers(backbone: nn.Module) -> nn.ModuleList:
     """The stack of transformer blocks of a BERT-family model (BERT, DistilBERT, RoBERTa, MiniLM...)."""
     config = backbone.config
     count = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None)
     stacks = [m for m in backbone.modules() if isinstance(m, nn.ModuleList) and len(m) == count]
     if not stacks:
-        raise UserError(f"text model {config.name_or_path}: cannot find its {count} transformer layers to freeze")
+        raise UserError(f"text model {_name(backbone)}: cannot find its {count} transformer layers to freeze "
+                        f"(layers that share their weights, as ALBERT's do, cannot be trained apart); {TEXT_MODELS_HINT}")
     return stacks[0]
+
+
+TEXT_MODELS_HINT = ("vlpcache needs an encoder-only text model: BERT, MiniLM, DistilBERT, RoBERTa, XLM-RoBERTa, "
+                    "MPNet, ELECTRA, DeBERTa-v2/v3, ModernBERT, or the text model of CLIP")
+
+
+def _name(backbone: nn.Module) -> str:
+    return backbone.config.name_or_path or type(backbone).__name__
+
+
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
 
 
 # A batch's texts are padded to its longest: 4 MSR-VTT captions for each of 64 videos average 12
@@ -166,7 +200,9 @@ class TextEncoder(nn.Module):
             raise UserError(f"text pooling {pooling!r}: choose mean or cls")
         self.backbone = backbone
         self.pooling = pooling
-        self.width = backbone.config.hidden_size if hasattr(backbone.config, "hidden_size") else backbone.config.dim
+        self.width = getattr(backbone.config, "hidden_size", None) or getattr(backbone.config, "dim", None)
+        if not self.width:
+            raise UserError(f"text model {_name(backbone)}: its config names no width (hidden_size); {TEXT_MODELS_HINT}")
         layers = _transformer_layers(backbone)
         backbone.requires_grad_(False)
         trainable = max(0, min(trainable_layers, len(layers)))
@@ -178,6 +214,42 @@ class TextEncoder(nn.Module):
         # frozen layers below the trainable ones: their output (the "prefix") never changes, so it can
         # be computed once per caption (text_features.py); 0 when the embeddings train too
         self.frozen_layers = len(layers) - trainable if trainable_layers <= len(layers) else 0
+        self._check_it_runs()
+
+    def _check_it_runs(self) -> None:
+        """One clear line, at once, for a text model this class cannot run: not an encoder (T5, BART),
+        or one whose layers cannot be skipped and fed the frozen layers' cached output (their states
+        would be silently wrong): run on a 2-text batch, live and from the prefix, and compared."""
+        name, was_training = _name(self.backbone), self.backbone.training
+        input_ids = torch.tensor([[2, 3, 4, 5, 6], [2, 7, 8, 0, 0]])
+        attention_mask = (input_ids > 0).long()
+        self.backbone.eval()
+        try:
+            with torch.no_grad():
+                try:
+                    states = self.backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+                    states = states.hidden_states[self.frozen_layers], states.last_hidden_state
+                    self._layer_outputs(input_ids.device)
+                except Exception as err:  # whatever the model raises: it is not an encoder this class can run
+                    raise UserError(f"text model {name}: cannot run it as a text encoder ({_first_line(err)}); "
+                                    f"{TEXT_MODELS_HINT}") from None
+                if 0 < self.frozen_layers < len(self.layers):
+                    real = attention_mask.bool()
+                    try:
+                        prefix = self.prefix(input_ids, attention_mask)
+                        hidden = self._hidden(input_ids, attention_mask, prefix)
+                        same = all(torch.allclose(a[real], b[real], rtol=1e-3, atol=1e-4)
+                                   for a, b in zip((prefix, hidden), states))
+                        why = "they give other states than the whole model does"
+                    except Exception as err:
+                        same, why = False, _first_line(err)
+                    if not same:
+                        raise UserError(
+                            f"text model {name}: its top layers cannot be run on the frozen layers' cached output "
+                            f"({why}); pass --trainable-layers 0 (text model frozen) or --trainable-layers "
+                            f"{len(self.layers)} (every layer trains)")
+        finally:
+            self.backbone.train(was_training)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,7 +286,7 @@ class TextEncoder(nn.Module):
         """Within: the frozen layers pass their input through untouched, and the first trainable layer
         reads `prefix` instead. The backbone's own forward still builds the attention mask in whatever
         form its version of transformers wants, so no model internals are re-implemented here."""
-        self._layers_return_tuples(prefix.device)  # asked before the hook below is in place
+        self._layer_outputs(prefix.device)  # asked before the hook below is in place
         handle = None
         if self.frozen_layers < len(self.layers):
             def substitute(module, args, kwargs):
@@ -233,28 +305,32 @@ class TextEncoder(nn.Module):
     @contextlib.contextmanager
     def _passing_through(self, layers: list[nn.Module], device: torch.device):
         """Within: `layers` return their input hidden states untouched instead of running."""
-        wraps_output = self._layers_return_tuples(device)
+        outputs = self._layer_outputs(device)
         originals = [layer.forward for layer in layers]
         for layer in layers:
-            layer.forward = (lambda hidden, *args, **kwargs: (hidden,)) if wraps_output else (lambda hidden, *args, **kwargs: hidden)
+            layer.forward = (lambda hidden, *args, **kwargs: hidden) if outputs == 0 else (
+                lambda hidden, *args, **kwargs: (hidden,) + (None,) * (outputs - 1))
         try:
             yield
         finally:
             for layer, forward in zip(layers, originals):
                 layer.forward = forward
 
-    def _layers_return_tuples(self, device: torch.device) -> bool:
-        """Whether a layer returns a tuple (transformers 4.x) or a tensor (5): asked of the first layer
-        once, on a 2-token text, while no layer is patched or hooked."""
-        if getattr(self, "_layer_output_is_tuple", None) is None:
+    def _layer_outputs(self, device: torch.device) -> int:
+        """What a layer returns: 0 for a tensor (BERT in transformers 5), else the length of its tuple
+        (1 for BERT in transformers 4.x; 2 for DeBERTa-v2, whose encoder unpacks (hidden, attention)
+        even when attention is None). Asked of the first layer once, on a 2-token text, while no layer
+        is patched or hooked."""
+        if getattr(self, "_layer_output_count", None) is None:
             seen = []
-            handle = self.layers[0].register_forward_hook(lambda module, args, output: seen.append(isinstance(output, tuple)))
+            handle = self.layers[0].register_forward_hook(
+                lambda module, args, output: seen.append(len(output) if isinstance(output, tuple) else 0))
             with torch.no_grad():
                 self.backbone(input_ids=torch.ones(1, 2, dtype=torch.long, device=device),
                               attention_mask=torch.ones(1, 2, dtype=torch.long, device=device))
             handle.remove()
-            self._layer_output_is_tuple = seen[0]
-        return self._layer_output_is_tuple
+            self._layer_output_count = seen[0]
+        return self._layer_output_count
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L, H) -> (B, H): the [CLS] token or the mean of the real tokens."""
