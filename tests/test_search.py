@@ -506,6 +506,27 @@ def test_index_leaves_an_onnx_query_model_that_matches_the_torch_one(ws, monkeyp
         assert np.allclose(x, y, atol=1e-4)
 
 
+def test_an_export_that_embeds_other_lengths_otherwise_than_the_model_is_dropped_and_search_uses_torch(
+        ws, monkeypatch, capsys):
+    """A text model whose forward turns the traced query length into a constant: the graph matches the
+    model on the traced query only. The index says so in one line and keeps no export."""
+    from vlpcache.index import query_graphs
+    from vlpcache.index.query_model import QUERY_DIR
+
+    class LengthBakedIn(query_graphs.TextGraph):
+        def forward(self, input_ids, attention_mask):
+            global_, words = super().forward(input_ids, attention_mask)
+            return global_ + 0.01 * input_ids.shape[1], words  # a Python number when traced
+
+    monkeypatch.setattr(query_graphs, "TextGraph", LengthBakedIn)
+    code, out, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0
+    assert "note: no ONNX export of the query model (ValueError: the exported text graph embeds 'dog' otherwise" in out + err
+    assert not (the_index(ws) / QUERY_DIR).exists() and not list(the_index(ws).glob(f".{QUERY_DIR}*"))
+    monkeypatch.setattr(query_graphs, "TextGraph", LengthBakedIn.__mro__[1])
+    [result] = search_json(monkeypatch, capsys, "a dog", "-k", "2")  # through torch
+    assert len(result["results"]) == 2
+
 def test_search_with_an_exported_index_never_imports_torch(ws, monkeypatch, capsys):
     import subprocess
 

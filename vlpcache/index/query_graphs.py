@@ -116,12 +116,12 @@ def export_query_model(run, index_dir: Path) -> Path:
     try:  # a failed export (disk full) leaves no half-written folder behind
         model = run.model.cpu()
         E = run.config.embed_dim
-        ids = torch.tensor([[101, 2000, 3000, 102]])
+        ids, mask = tokenize(run.tokenizer, ["a person slicing"], run.config.max_words)  # (1, L): this model's tokens
         dims = {"input_ids": {0: "B", 1: "L"}, "attention_mask": {0: "B", 1: "L"}, "global": {0: "B"}, "words": {0: "B", 1: "L"}}
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             # the legacy exporter's deprecation and tracer notes concern shapes held fixed here by design
             warnings.simplefilter("ignore")
-            torch.onnx.export(TextGraph(model).eval(), (ids, torch.ones_like(ids)), tmp / TEXT_GRAPH, dynamo=False,
+            torch.onnx.export(TextGraph(model).eval(), (ids, mask), tmp / TEXT_GRAPH, dynamo=False,
                               input_names=["input_ids", "attention_mask"], output_names=["global", "words"],
                               dynamic_axes=dims, opset_version=17)
             example = (torch.randn(1, 4, E), torch.ones(1, 4, dtype=torch.bool), torch.randn(1, E),
@@ -141,9 +141,30 @@ def export_query_model(run, index_dir: Path) -> Path:
             "rwa": run.config.rwa,
             "embed_dim": E,
         })
+        _check_text_graph(run, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+CHECK_QUERIES = ("dog", "a person is slicing an onion in a small kitchen while a child watches")
+
+
+def _check_text_graph(run, folder: Path) -> None:
+    """Raise unless the exported text graph embeds queries of other lengths than the one it was traced
+    with as the model does: a text model whose forward bakes a traced length into the graph would
+    otherwise give search other embeddings than the index's model, silently."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folder / TEXT_GRAPH), providers=["CPUExecutionProvider"])
+    for query in CHECK_QUERIES:
+        input_ids, attention_mask = tokenize(run.tokenizer, [query], run.config.max_words)  # (1, L) each
+        with torch.no_grad():
+            expected = run.model.encode_text(input_ids, attention_mask).global_.float().numpy()  # (1, E)
+        got = session.run(["global"], {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})[0]
+        if not np.allclose(got, expected, atol=1e-4):
+            raise ValueError(f"the exported text graph embeds {query!r} otherwise than the model does "
+                             f"(max difference {float(np.abs(got - expected).max()):.3g})")
