@@ -202,6 +202,21 @@ def test_every_supported_architecture_trains_its_top_layer_on_the_cached_prefix_
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*gradients))  # live and cached: one gradient
 
 
+@pytest.mark.parametrize("architecture", ENCODERS)
+def test_max_words_may_be_as_many_tokens_as_the_model_reads_and_no_more(architecture):
+    from vlpcache.model.model import TextEncoder, check_max_words, text_positions
+
+    backbone = tiny_backbone(*ENCODERS[architecture])
+    longest = text_positions(backbone)  # 64 embeddings: 62 tokens for RoBERTa-style numbering from padding id + 1
+    assert longest == (62 if architecture in ("roberta", "xlm-roberta", "mpnet") else 64)
+    check_max_words(longest, backbone, architecture)
+    input_ids = torch.randint(5, 1000, (2, longest))
+    with torch.no_grad():
+        hidden, _ = TextEncoder(backbone, 1, "mean")(input_ids, torch.ones_like(input_ids))
+    assert hidden.shape == (2, longest, 32)
+    with pytest.raises(UserError, match=f"reads at most {longest} tokens"):
+        check_max_words(longest + 1, backbone, architecture)
+
 @pytest.mark.parametrize("config_class, values, says", [
     ("T5Config", dict(vocab_size=1000, d_model=32, num_layers=3, num_heads=2, d_ff=64, d_kv=16),
      "cannot run it as a text encoder"),  # encoder-decoder

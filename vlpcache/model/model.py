@@ -601,7 +601,13 @@ class PretrainLoss(nn.Module):
 
 
 def text_positions(backbone) -> int | None:
-    """The most tokens the text model reads (its position embeddings), None where its config does not say."""
+    """The most tokens the text model reads (its position embeddings), None where its config does not say.
+    RoBERTa, XLM-RoBERTa and MPNet number positions from their padding id + 1, so 514 embeddings read
+    512 tokens."""
+    for name, module in backbone.named_modules():
+        if (isinstance(module, nn.Embedding) and name.endswith(("position_embeddings", "position_embedding"))
+                and module.padding_idx is not None):
+            return module.num_embeddings - module.padding_idx - 1
     return getattr(backbone.config, "max_position_embeddings", None)
 
 
