@@ -836,3 +836,46 @@ def test_pretrain_says_its_training_arithmetic_stores_it_and_resume_may_change_i
     run_pretrain(**options, **small_options(tiny_text, epochs=2, quiet=False, resume=True, precision="fp32"))  # ... unless told
     assert "training arithmetic: fp32 (as asked)" in capsys.readouterr().err.splitlines()
     assert json.loads((tmp_path / "run" / LOG_NAME).read_text().splitlines()[1])["precision"] == "fp32"
+
+
+def with_sentence_pooling(model_dir: Path, folder: Path, **modes) -> Path:
+    """A copy of model_dir with a sentence-transformers config whose Pooling module has these modes."""
+    import shutil
+
+    shutil.copytree(model_dir, folder)
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **modes}))
+    return folder
+
+
+def test_a_new_run_pools_captions_as_its_text_model_was_trained_to_unless_told(tmp_path, corpus, tiny_text, monkeypatch,
+                                                                                capsys):
+    from vlpcache.model.model import default_text_model, sentence_pooling
+
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    assert sentence_pooling(default_text_model())[0] == "mean"  # all-MiniLM-L6-v2 says so
+    assert sentence_pooling(str(tiny_text)) == (None, "no sentence-transformers pooling config")
+    cls_model = with_sentence_pooling(tiny_text, tmp_path / "cls-model", pooling_mode_cls_token=True,
+                                      pooling_mode_mean_tokens=False)
+    assert sentence_pooling(str(cls_model)) == ("cls", "sentence-transformers pooling: cls_token")
+    max_model = with_sentence_pooling(tiny_text, tmp_path / "max-model", pooling_mode_max_tokens=True)
+    assert sentence_pooling(str(max_model)) == (None, "sentence-transformers pooling: max_tokens")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert sentence_pooling("no-such-org/no-such-model")[0] is None  # not in the cache, offline: no answer, no wait
+
+    options = dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]])
+    run_pretrain(run_dir=tmp_path / "cls", **options, **small_options(cls_model, epochs=1, quiet=False))
+    assert "text pooling: cls (sentence-transformers pooling: cls_token)" in capsys.readouterr().err
+    loaded = load_run(tmp_path / "cls")
+    assert loaded.config.text_pooling == "cls" and loaded.model.text_encoder.pooling == "cls"
+    run_pretrain(run_dir=tmp_path / "max", **options, **small_options(max_model, epochs=1, quiet=False))
+    assert ("text pooling: mean (sentence-transformers pooling: max_tokens; --text-pooling mean|cls)"
+            in capsys.readouterr().err)
+    run_pretrain(run_dir=tmp_path / "told", **options, **small_options(cls_model, epochs=1, text_pooling="mean"))
+    assert load_run(tmp_path / "told").model.text_encoder.pooling == "mean"
+    with pytest.raises(UserError, match=r"--text-pooling mean \(the run has cls\)"):
+        run_pretrain(run_dir=tmp_path / "cls", **options, **small_options(cls_model, epochs=2, resume=True,
+                                                                           text_pooling="mean"))

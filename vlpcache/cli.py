@@ -251,6 +251,9 @@ def inspect(cache_dir, list_runs, render_id, output, as_json, failures) -> None:
               help=f"Add the whole-frame features' mean over frames to the video embedding [default: {'on' if M.global_path else 'off'}].")
 @click.option("--frame-dropout", default=None, type=click.FloatRange(0, 1, max_open=True), help=f"Training: chance to hide a frame [default: {M.frame_dropout:g}].")
 @click.option("--region-dropout", default=None, type=click.FloatRange(0, 1, max_open=True), help=f"Training: chance to hide a region [default: {M.region_dropout:g}].")
+@click.option("--text-pooling", default=None, type=click.Choice(["mean", "cls"]),
+              help="Caption embedding from the text encoder's tokens: their mean, or the first ([CLS]) "
+                   "[default: the text model's own sentence-transformers pooling, else mean].")
 @click.option("--text-head", default=None, type=click.Choice(["linear", "mlp"]),
               help=f"Text encoder -> joint space: linear, or linear plus a residual MLP [default: {M.text_head}].")
 @click.option("--resume", is_flag=True, help="Continue the run (-o, or the latest) from its last checkpoint.")

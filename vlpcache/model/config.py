@@ -17,7 +17,9 @@ class ModelConfig(JsonRecord):
     feature_dim: int  # D of the region cache
     text_model: str = ""  # Hugging Face name or directory it was initialised from ("" = default_text_model())
     text_trainable_layers: int = 2  # top transformer layers of the text encoder that train; the rest is frozen
-    text_pooling: str = "mean"  # "mean" over tokens (how all-MiniLM-L6-v2 was trained) or "cls"
+    # "mean" over tokens (how all-MiniLM-L6-v2 was trained) or "cls"; a new run takes the text model's
+    # own (its sentence-transformers pooling config) unless --text-pooling says
+    text_pooling: str = "mean"
     max_words: int = 32  # tokens per caption, special tokens included
     special_token_ids: list[int] = field(default_factory=list)  # excluded from words (filled from the tokenizer)
     # how a region token knows its frame's place in the item: "relative" embeds the frame's position
@@ -92,7 +94,7 @@ TRAIN_OPTIONS = ("epochs", "batch_size", "captions_per_video", "lr", "text_lr", 
 MODEL_OPTIONS = {"text_model": "text_model", "trainable_layers": "text_trainable_layers", "rwa_weight": "rwa_weight",
                  "width": "width", "layers": "layers", "frame_time": "frame_time", "global_path": "global_path",
                  "frame_dropout": "frame_dropout", "region_dropout": "region_dropout", "text_head": "text_head",
-                 "max_words": "max_words"}
+                 "max_words": "max_words", "text_pooling": "text_pooling"}
 RESUMABLE_OPTIONS = ("epochs", "workers", "precision")  # what --resume may change: a longer schedule, other hardware
 
 
@@ -128,6 +130,7 @@ class PretrainOptions:
     region_dropout: float | None = None
     text_head: str | None = None
     max_words: int | None = None
+    text_pooling: str | None = None
 
 
 def captions_per_video_cap(trainable_layers: int | None) -> int:

@@ -13,6 +13,7 @@ Regions are flattened frame-major: region r = t·N + n, so its frame is r // N.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import socket
@@ -112,6 +113,45 @@ def load_text_backbone(name_or_dir: str, weights: bool = True):
             f"text model {name_or_dir!r}: cannot download it ({str(err).splitlines()[0]}); check the name or pass "
             "--text-model DIR"
         ) from None
+
+
+SENTENCE_POOLING = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}  # sentence-transformers: ours
+
+
+def sentence_pooling(name_or_dir: str) -> tuple[str | None, str]:
+    """How the text model pools its tokens into a sentence embedding, by its sentence-transformers
+    config (modules.json naming a Pooling folder): ("mean" | "cls" | None, what it says). None where
+    the model has no such config (a plain transformers model) or pools otherwise (max, last token),
+    or, for a name, the config is neither in the Hugging Face cache nor reachable."""
+    def read(file: str) -> dict | list | None:
+        if Path(name_or_dir).is_dir():
+            path = Path(name_or_dir) / file
+            return json.loads(path.read_text()) if path.is_file() else None
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name_or_dir, file)
+        if isinstance(cached, str):
+            return json.loads(Path(cached).read_text())
+        if cached is not None or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") \
+                or not _huggingface_reachable():
+            return None  # known not to exist, or offline
+        try:
+            return json.loads(Path(hf_hub_download(name_or_dir, file)).read_text())
+        except Exception:  # not a sentence-transformers model (no such file), or the hub failed
+            return None
+
+    try:
+        modules = read("modules.json") or []
+        folder = next((m["path"] for m in modules if str(m.get("type", "")).endswith("models.Pooling")), None)
+        config = read(f"{folder}/config.json") if folder else None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None, "its sentence-transformers config cannot be read"
+    if not config:
+        return None, "no sentence-transformers pooling config"
+    modes = [mode for mode, on in config.items() if mode.startswith("pooling_mode_") and on is True]
+    ours = [SENTENCE_POOLING[m] for m in modes if m in SENTENCE_POOLING]
+    said = " + ".join(m.removeprefix("pooling_mode_") for m in modes) or "none"
+    return (ours[0] if len(ours) == len(modes) == 1 else None), f"sentence-transformers pooling: {said}"
 
 
 @contextlib.contextmanager

@@ -224,6 +224,7 @@ def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, w
     stored = ckpt.read_run_config(run_dir) if options.resume and (run_dir / ckpt.CONFIG_NAME).exists() else None
     if not options.resume and ckpt.checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or another -o RUN_DIR")
+    notes = []  # a new run's lines on the defaults it resolved
     if stored:
         train_config, model_config = _stored_settings(options, stored, run_dir, processes)
     else:
@@ -244,8 +245,8 @@ def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, w
         train_config.captions_per_video = data.train.captions_per_video
         train_config.captions = [str(p) for p in data.caption_files]
         train_config.val_captions = str(data.validation_file) if data.validation_file else None
-        model_config = _new_model_config(options, data)
-    for line in data.summary():
+        model_config, notes = _new_model_config(options, data)
+    for line in [*data.summary(), *notes]:
         processes.say(line)
     return Run(run_dir, train_config, model_config, data, resumed=bool(stored))
 
@@ -257,7 +258,8 @@ def _latest_started_run(workspace: Workspace) -> Path:
     return max(runs, key=lambda p: p.stat().st_mtime)
 
 
-def _new_model_config(options: PretrainOptions, data: PretrainData) -> ModelConfig:
+def _new_model_config(options: PretrainOptions, data: PretrainData) -> tuple[ModelConfig, list[str]]:
+    """A new run's model settings, and lines on the defaults it resolved."""
     chosen = {field: getattr(options, option) for option, field in MODEL_OPTIONS.items() if getattr(options, option) is not None}
     config = ModelConfig(
         feature_dim=data.caches[0].settings.feature_dim,
@@ -265,7 +267,14 @@ def _new_model_config(options: PretrainOptions, data: PretrainData) -> ModelConf
         **chosen,
     )
     config.rwa = not options.no_rwa
-    return config
+    notes = []
+    if options.text_pooling is None:  # the text model's own, where it says (sentence-transformers models do)
+        from vlpcache.model.model import default_text_model, sentence_pooling
+
+        pooling, said = sentence_pooling(config.text_model or default_text_model())
+        config.text_pooling = pooling or config.text_pooling
+        notes.append(f"text pooling: {config.text_pooling} ({said}{'' if pooling else '; --text-pooling mean|cls'})")
+    return config, notes
 
 
 def _stored_settings(options: PretrainOptions, stored: dict, run_dir: Path, processes: Processes):
