@@ -517,7 +517,7 @@ MUTANTS += [
            "            if line := _captions_cut_line(run, tokenizer):\n", "            if line := None:\n",
            "tests/test_pretrain.py -k longer_than_max_words", "a new run says how many training captions it cuts"),
     mutant("pretrain-max-words-ignored", "vlpcache/model/config.py",
-           '                 "max_words": "max_words"}\n', "                 }\n",
+           '                 "max_words": "max_words", "text_pooling"', '                 "text_pooling"',
            "tests/test_pretrain.py -k longer_than_max_words", "pretrain --max-words sets the tokens the model reads"),
     mutant("pretrain-max-words-past-positions", "vlpcache/model/model.py",
            "    if positions is not None and max_words > positions:\n", "    if False:\n",
