@@ -879,3 +879,25 @@ def test_a_new_run_pools_captions_as_its_text_model_was_trained_to_unless_told(t
     with pytest.raises(UserError, match=r"--text-pooling mean \(the run has cls\)"):
         run_pretrain(run_dir=tmp_path / "cls", **options, **small_options(cls_model, epochs=2, resume=True,
                                                                            text_pooling="mean"))
+
+
+def test_a_text_model_named_as_on_the_hub_is_read_from_the_hugging_face_cache_offline_with_its_pooling(tmp_path, tiny_text):
+    """A user who downloaded `BAAI/bge-small-en-v1.5` once, now offline: the name finds the model, its
+    tokenizer and its sentence-transformers pooling ([CLS]) in the cache, without a wait on the network."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "models--vlpcache-test--tiny-bge"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(with_sentence_pooling(tiny_text, tmp_path / "model", pooling_mode_cls_token=True),
+                    repo / "snapshots" / commit)
+    probe = ("from vlpcache.model.model import load_text_backbone, sentence_pooling\n"
+             "backbone, tokenizer = load_text_backbone('vlpcache-test/tiny-bge')\n"
+             "print(type(backbone).__name__, backbone.config.hidden_size, tokenizer('a dog')['input_ids'])\n"
+             "print(sentence_pooling('vlpcache-test/tiny-bge'))\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=HANG_GUARD_S,
+                            env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["BertModel 32 [101, 1037, 3899, 102]",
+                                          "('cls', 'sentence-transformers pooling: cls_token')"]
