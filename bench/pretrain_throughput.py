@@ -54,7 +54,7 @@ from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import CacheSettings, empty_item
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
-from vlpcache.model.config import captions_per_video_cap
+from vlpcache.model.config import PRECISIONS, captions_per_video_cap
 from vlpcache.model.data import CaptionedRegions, CollateCaptionedRegions
 from vlpcache.model import model as text_model_module
 from vlpcache.model.model import ModelConfig, PretrainLoss, build_model
@@ -345,7 +345,7 @@ def main() -> None:
                         help="caption file whose videos' captions the synthetic videos take in turn [default: MSR-VTT's "
                              "train.jsonl, else val.jsonl, under $VLPCACHE_SHARED/data/msrvtt; random words without "
                              "either]")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="the model steps' arithmetic, as pretrain --precision (auto: bf16 on CUDA and on CPUs with "
                              "native bf16); where it is not fp32, the defaults' step is also timed in fp32 beside it")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -38,7 +38,7 @@ from vlpcache.index.compare import RANKINGS, RESAMPLES
 from vlpcache.index.layout import EXACT_LIMIT, IndexConfig
 from vlpcache.metrics import RERANK_CANDIDATES
 from vlpcache.model.config import ModelConfig as M  # defaults shown in `pretrain --help`
-from vlpcache.model.config import MAX_CAPTIONS_PER_VIDEO, MAX_CAPTIONS_PER_VIDEO_TEXT_TRAINING
+from vlpcache.model.config import MAX_CAPTIONS_PER_VIDEO, MAX_CAPTIONS_PER_VIDEO_TEXT_TRAINING, PRECISIONS
 from vlpcache.model.config import TrainConfig as T
 
 
@@ -258,7 +258,7 @@ def inspect(cache_dir, list_runs, render_id, output, as_json, failures) -> None:
               help=f"Text encoder -> joint space: linear, or linear plus a residual MLP [default: {M.text_head}].")
 @click.option("--resume", is_flag=True, help="Continue the run (-o, or the latest) from its last checkpoint.")
 @click.option("--workers", default=None, type=click.IntRange(0), help="Data-loading worker processes [default: 0 on CPU (read in the training process), 4 on CUDA].")
-@click.option("--precision", default=None, type=click.Choice(["auto", "bf16", "fp32"]),
+@click.option("--precision", default=None, type=click.Choice(PRECISIONS),
               help="Training arithmetic: auto is bf16 autocast on CUDA (fp16 where the GPU lacks bf16) and on CPUs "
                    "with native bf16 (AVX512-BF16, AMX; about 1.5x faster there), fp32 on other CPUs; weights, "
                    "validation and search stay fp32; bf16 is refused where it would be emulated; --resume may "

@@ -95,6 +95,7 @@ MODEL_OPTIONS = {"text_model": "text_model", "trainable_layers": "text_trainable
                  "width": "width", "layers": "layers", "frame_time": "frame_time", "global_path": "global_path",
                  "frame_dropout": "frame_dropout", "region_dropout": "region_dropout", "text_head": "text_head",
                  "max_words": "max_words", "text_pooling": "text_pooling"}
+PRECISIONS = ("auto", "bf16", "fp32")  # pretrain --precision (train.autocast_for)
 RESUMABLE_OPTIONS = ("epochs", "workers", "precision")  # what --resume may change: a longer schedule, other hardware
 
 

@@ -39,6 +39,7 @@ from vlpcache.model.batch import longer_than
 from vlpcache.model.data import CollateCaptionedRegions, PretrainData, ValidationSet, load_pretrain_data
 from vlpcache.model.config import (
     MODEL_OPTIONS,
+    PRECISIONS,
     RESUMABLE_OPTIONS,
     TRAIN_OPTIONS,
     ModelConfig,
@@ -123,8 +124,6 @@ def start_processes(device: str, quiet: bool) -> Processes:
     patient = dist.new_group(backend="gloo", timeout=ONE_TIME_WORK_TIMEOUT)
     return Processes(dist.get_rank(), world, device, quiet, patient)
 
-
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def cpu_has_native_bf16() -> bool:
