@@ -37,6 +37,8 @@ def test_a_finished_run_shows_its_settings_each_epochs_validation_and_the_best(w
     assert lines[0] == f"run         {run}" and lines[1] == "state       finished: 1 of 1 epochs"
     assert any(line.startswith("caches      ") and line.endswith("/cache (synthetic, T=2, N=4, D=16)") for line in lines)
     assert any(line.startswith("video       region transformer 16 wide, 1 layer(s)") for line in lines)
+    assert any(line.startswith("text        ") and "/tiny-bert, top 2 layer(s) train, 32 tokens per caption, mean pooling, "
+               in line for line in lines)
     assert any(line.startswith("captions    ") and line.endswith("(16 videos trained on, 8 validated on)") for line in lines)
     # --precision auto, and what it was on this machine: bf16 on a CPU with native bf16, else fp32
     [record] = [json.loads(line) for line in (run / LOG_NAME).read_text().splitlines()]

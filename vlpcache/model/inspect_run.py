@@ -119,7 +119,7 @@ def _text_model(model: dict) -> str:
         name = "all-MiniLM-L6-v2 (the offline default)"
     trainable = model.get("text_trainable_layers", 0)
     return f"{printable(name)}, {f'top {trainable} layer(s) train' if trainable else 'frozen'}, " \
-           f"{model.get('max_words')} tokens per caption"
+           f"{model.get('max_words')} tokens per caption, {model.get('text_pooling')} pooling"
 
 
 def _video_counts(summary: dict) -> str:
