@@ -275,6 +275,15 @@ def test_a_clip_checkpoint_gives_its_text_model_with_its_weights_and_no_load_rep
     PretrainLoss(model.config)(text, video, scale, rwa_scale)["loss"].backward()
     assert model.text_encoder.layers[2].mlp.fc1.weight.grad is not None
 
+    from safetensors.torch import load_file, save_file  # a checkpoint that lost its text model's top layer
+
+    weights = tmp_path / "clip" / "model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("text_model.encoder.layers.2.")},
+              weights, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"clip: 16 of its text model's weights are not in the checkpoint "
+                                        r"\(e\.g\. encoder\.layers\.2\."):
+        load_text_backbone(str(tmp_path / "clip"))
+
 
 def test_trailing_padding_frames_and_regions_change_nothing_and_keep_the_frame_major_layout(tiny_text_model):
     model, _ = build_model(tiny_config(tiny_text_model))

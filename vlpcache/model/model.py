@@ -89,8 +89,9 @@ def load_text_backbone(name_or_dir: str, weights: bool = True):
             model, loading = AutoModel.from_pretrained(name_or_dir, config=tower, local_files_only=local_files_only,
                                                        output_loading_info=True)
         if loading["missing_keys"]:
-            raise UserError(f"text model {name_or_dir}: its text model's weights are not in the checkpoint "
-                            f"(missing {sorted(loading['missing_keys'])[0]} and {len(loading['missing_keys']) - 1} more)")
+            missing = sorted(loading["missing_keys"])
+            raise UserError(f"text model {name_or_dir}: {len(missing)} of its text model's weights are not in the "
+                            f"checkpoint (e.g. {missing[0]})")
         return model, tokenizer
 
     try:
@@ -261,7 +262,7 @@ class TextEncoder(nn.Module):
         or one whose layers cannot be skipped and fed the frozen layers' cached output (their states
         would be silently wrong): run on a 2-text batch, live and from the prefix, and compared."""
         name, was_training = _name(self.backbone), self.backbone.training
-        input_ids = torch.tensor([[2, 3, 4, 5, 6], [2, 7, 8, 0, 0]])
+        input_ids = torch.tensor([[2, 3, 4, 5, 6], [2, 7, 8, 0, 0]], device=next(self.backbone.parameters()).device)
         attention_mask = (input_ids > 0).long()
         self.backbone.eval()
         try:

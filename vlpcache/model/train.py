@@ -125,7 +125,6 @@ def start_processes(device: str, quiet: bool) -> Processes:
     return Processes(dist.get_rank(), world, device, quiet, patient)
 
 
-
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where autocast made MSR-VTT
     pretraining about 1.5x faster than fp32; elsewhere bf16 is emulated, about 19x slower."""
