@@ -260,17 +260,24 @@ class TextEncoder(nn.Module):
     def _check_it_runs(self) -> None:
         """One clear line, at once, for a text model this class cannot run: not an encoder (T5, BART),
         or one whose layers cannot be skipped and fed the frozen layers' cached output (their states
-        would be silently wrong): run on a 2-text batch, live and from the prefix, and compared."""
+        would be silently wrong): run on a 2-text batch, live and from the prefix, and compared. The
+        live run also tells what a layer returns (self.layer_outputs): 0 for a tensor (BERT in
+        transformers 5), else the length of its tuple (1 for BERT in transformers 4.x; 2 for
+        DeBERTa-v2, whose encoder unpacks (hidden, attention) even when attention is None)."""
         name, was_training = _name(self.backbone), self.backbone.training
         input_ids = torch.tensor([[2, 3, 4, 5, 6], [2, 7, 8, 0, 0]], device=next(self.backbone.parameters()).device)
         attention_mask = (input_ids > 0).long()
+        seen = []
+        handle = self.layers[0].register_forward_hook(
+            lambda module, args, output: seen.append(len(output) if isinstance(output, tuple) else 0))
         self.backbone.eval()
         try:
             with torch.no_grad():
                 try:
                     states = self.backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
                     states = states.hidden_states[self.frozen_layers], states.last_hidden_state
-                    self._layer_outputs(input_ids.device)
+                    handle.remove()
+                    self.layer_outputs = seen[0]
                 except Exception as err:  # whatever the model raises: it is not an encoder this class can run
                     raise UserError(f"text model {name}: cannot run it as a text encoder ({_first_line(err)}); "
                                     f"{TEXT_MODELS_HINT}") from None
@@ -290,6 +297,7 @@ class TextEncoder(nn.Module):
                             f"({why}); pass --trainable-layers 0 (text model frozen) or --trainable-layers "
                             f"{len(self.layers)} (every layer trains)")
         finally:
+            handle.remove()
             self.backbone.train(was_training)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -318,7 +326,7 @@ class TextEncoder(nn.Module):
         """(B, L, H): the input of the first trainable layer (the frozen layers' output). The layers
         above it pass their input through instead of running (they cost half the time with 2 of 6
         trainable)."""
-        with self._passing_through(self.layers[self.frozen_layers :], input_ids.device):
+        with self._passing_through(self.layers[self.frozen_layers :]):
             states = self.backbone(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
         return states[self.frozen_layers]
 
@@ -327,7 +335,6 @@ class TextEncoder(nn.Module):
         """Within: the frozen layers pass their input through untouched, and the first trainable layer
         reads `prefix` instead. The backbone's own forward still builds the attention mask in whatever
         form its version of transformers wants, so no model internals are re-implemented here."""
-        self._layer_outputs(prefix.device)  # asked before the hook below is in place
         handle = None
         if self.frozen_layers < len(self.layers):
             def substitute(module, args, kwargs):
@@ -337,16 +344,17 @@ class TextEncoder(nn.Module):
                 return args, {**kwargs, name: prefix.to(kwargs[name].dtype)}
             handle = self.layers[self.frozen_layers].register_forward_pre_hook(substitute, with_kwargs=True)
         try:
-            with self._passing_through(self.layers[: self.frozen_layers], prefix.device):
+            with self._passing_through(self.layers[: self.frozen_layers]):
                 yield
         finally:
             if handle is not None:
                 handle.remove()
 
     @contextlib.contextmanager
-    def _passing_through(self, layers: list[nn.Module], device: torch.device):
-        """Within: `layers` return their input hidden states untouched instead of running."""
-        outputs = self._layer_outputs(device)
+    def _passing_through(self, layers: list[nn.Module]):
+        """Within: `layers` return their input hidden states untouched instead of running, in the form a
+        layer returns them (self.layer_outputs)."""
+        outputs = self.layer_outputs
         originals = [layer.forward for layer in layers]
         for layer in layers:
             layer.forward = (lambda hidden, *args, **kwargs: hidden) if outputs == 0 else (
@@ -356,22 +364,6 @@ class TextEncoder(nn.Module):
         finally:
             for layer, forward in zip(layers, originals):
                 layer.forward = forward
-
-    def _layer_outputs(self, device: torch.device) -> int:
-        """What a layer returns: 0 for a tensor (BERT in transformers 5), else the length of its tuple
-        (1 for BERT in transformers 4.x; 2 for DeBERTa-v2, whose encoder unpacks (hidden, attention)
-        even when attention is None). Asked of the first layer once, on a 2-token text, while no layer
-        is patched or hooked."""
-        if getattr(self, "_layer_output_count", None) is None:
-            seen = []
-            handle = self.layers[0].register_forward_hook(
-                lambda module, args, output: seen.append(len(output) if isinstance(output, tuple) else 0))
-            with torch.no_grad():
-                self.backbone(input_ids=torch.ones(1, 2, dtype=torch.long, device=device),
-                              attention_mask=torch.ones(1, 2, dtype=torch.long, device=device))
-            handle.remove()
-            self._layer_output_count = seen[0]
-        return self._layer_output_count
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L, H) -> (B, H): the [CLS] token or the mean of the real tokens."""
