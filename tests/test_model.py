@@ -141,6 +141,14 @@ def test_text_model_that_cannot_be_had_offline_is_one_clear_user_error(tmp_path,
         build_model(ModelConfig(feature_dim=4, text_model="no-such-org/no-such-model"))
     with pytest.raises(UserError, match="cannot load it"):
         build_model(ModelConfig(feature_dim=4, text_model=str(tmp_path)))  # an empty directory
+    from vlpcache.model import model as model_module
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("VLPCACHE_OFFLINE", "1")  # the project's own switch, as for the detector weights
+    monkeypatch.setattr(model_module, "_huggingface_reachable", lambda: pytest.fail("asked the network"))
+    with pytest.raises(UserError, match="no-such-org/no-such-model.*cannot be reached \\(or downloads are off\\)"):
+        build_model(ModelConfig(feature_dim=4, text_model="no-such-org/no-such-model"))
+    assert model_module.sentence_pooling("no-such-org/no-such-model")[0] is None
 
 
 # ---------------------------------------------------------------- other text models, by architecture

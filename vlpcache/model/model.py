@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import socket
 from pathlib import Path
 from typing import NamedTuple
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlpcache.downloads import offline_variable
 from vlpcache.errors import UserError
 from vlpcache.model.losses import ContrastiveLoss, RegionWordLoss
 from vlpcache.model.config import ModelConfig
@@ -64,6 +64,12 @@ def _huggingface_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _hub_usable() -> bool:
+    """Whether a file may be fetched from the Hugging Face hub: downloads are not turned off
+    (VLPCACHE_OFFLINE or HF_HUB_OFFLINE, as for the detector weights) and huggingface.co answers."""
+    return offline_variable() is None and _huggingface_reachable()
+
+
 def load_text_backbone(name_or_dir: str, weights: bool = True):
     """(transformers model, tokenizer) from a local directory or a Hugging Face name.
 
@@ -101,10 +107,10 @@ def load_text_backbone(name_or_dir: str, weights: bool = True):
         first_error = err
     if local:
         raise UserError(f"text model {name_or_dir}: cannot load it ({str(first_error).splitlines()[0]})")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or not _huggingface_reachable():
+    if not _hub_usable():
         raise UserError(
             f"text model {name_or_dir!r} is not a local directory nor in the Hugging Face cache, and huggingface.co "
-            "cannot be reached; pass --text-model DIR (a downloaded model directory) or leave it out for the "
+            "cannot be reached (or downloads are off); pass --text-model DIR (a downloaded model directory) or leave it out for the "
             "offline default all-MiniLM-L6-v2"
         )
     try:
@@ -133,8 +139,7 @@ def sentence_pooling(name_or_dir: str) -> tuple[str | None, str]:
         cached = try_to_load_from_cache(name_or_dir, file)
         if isinstance(cached, str):
             return json.loads(Path(cached).read_text())
-        if cached is not None or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") \
-                or not _huggingface_reachable():
+        if cached is not None or not _hub_usable():
             return None  # known not to exist, or offline
         try:
             return json.loads(Path(hf_hub_download(name_or_dir, file)).read_text())
