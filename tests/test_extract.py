@@ -125,6 +125,33 @@ def test_a_rerun_with_nothing_left_to_do_loads_no_network(extracted, media):
     assert result.stdout.split() == ["13", "False", "False"]
 
 
+def test_a_later_extract_neither_puts_another_file_under_a_cached_id_nor_caches_a_file_twice(tmp_path, msrvtt_dir):
+    folders = sorted((msrvtt_dir / "frames" / "val").iterdir())[:3]
+    shutil.copytree(folders[0], tmp_path / "batch1" / "clip")
+    shutil.copytree(folders[1], tmp_path / "batch2" / "clip")  # another video under the same id
+    shutil.copytree(folders[2], tmp_path / "data" / "train" / "video9")
+    cache = tmp_path / "cache"
+    vlpcache("extract", tmp_path / "batch1", tmp_path / "data" / "train", "-o", cache, cwd=tmp_path)
+
+    second = vlpcache("extract", tmp_path / "batch2", "-o", cache, cwd=tmp_path)
+    assert (f"{tmp_path / 'batch2' / 'clip'}: id 'clip' is already cached, extracted from "
+            f"{tmp_path / 'batch1' / 'clip'} by an earlier extract; skipped") in second.stderr
+    assert "0 done, 0 already cached" in second.stderr and "1 path(s) passed over" in second.stderr
+    third = vlpcache("extract", tmp_path / "data", "-o", cache, cwd=tmp_path)  # the parent of a root given before
+    assert (f"{tmp_path / 'data' / 'train' / 'video9'}: already cached as 'video9' by an earlier extract from "
+            f"another root; skipped") in third.stderr
+    assert sorted(zip(RegionCache(cache).ids, RegionCache(cache).paths)) == [
+        ("clip", str(tmp_path / "batch1" / "clip")), ("video9", str(tmp_path / "data" / "train" / "video9"))]
+    failures = vlpcache("inspect", cache, "--failures", cwd=tmp_path).stdout
+    assert f"passed over {tmp_path / 'batch2' / 'clip'}: id 'clip' is already cached" in failures
+    assert f"passed over {tmp_path / 'data' / 'train' / 'video9'}: already cached as 'video9'" in failures
+
+    (tmp_path / "batch1").rename(tmp_path / "moved")  # the same files elsewhere: cached, said once
+    moved = vlpcache("extract", tmp_path / "moved", "-o", cache, cwd=tmp_path)
+    assert "extract: 1 cached item(s) were extracted from files that are no longer there" in moved.stderr
+    assert "0 done, 1 already cached" in moved.stderr and len(RegionCache(cache)) == 2
+
+
 def test_other_settings_are_refused_for_an_existing_cache(extracted, media):
     cache_dir, _ = extracted
     result = vlpcache("extract", media, "-o", cache_dir, "--frames", 8, cwd=cache_dir.parent, check=False)

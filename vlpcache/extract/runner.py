@@ -11,6 +11,7 @@ Resumable: items already in the cache are skipped, items recorded as failed too 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -28,21 +29,54 @@ from vlpcache.report import printable, say
 from vlpcache.workspace import Workspace
 
 
-def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary: ExtractSummary) -> list:
-    """This shard's items that are neither cached nor (unless --retry-failed) recorded as failed."""
+def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary: ExtractSummary):
+    """This shard's items that are neither cached nor (unless --retry-failed) recorded as failed; and
+    the (path, reason) of each one passed over because an earlier extract cached its id from another
+    file (a second batch of `0001.mp4`s), or its file under another id (`data` after `data/train`);
+    and how many cached ids came from files no longer there, taken to be these ones, moved."""
     shard_index, shard_count = options.shard_part()
     failed_before = cache.failures
-    todo = []
+    cached_path = dict(zip(cache.ids, cache.paths))  # id -> the file it was extracted from
+    cached_id = {path: item_id for item_id, path in cached_path.items()}
+    todo, clashes, moved = [], [], 0
     for item in items:
         if shard_of(item.id, shard_count) != shard_index:
             continue
-        if item.id in cache:
-            summary.skipped_cached += 1
+        path = str(item.path)
+        if item.id in cached_path:
+            before = cached_path[item.id]
+            if before == path or _same_file(before, path):
+                summary.skipped_cached += 1
+            elif not os.path.lexists(before):
+                summary.skipped_cached += 1
+                moved += 1
+            else:
+                clashes.append((path, f"id '{item.id}' is already cached, extracted from {before} by an earlier "
+                                      f"extract; {SKIPPED} (extract it into another cache, or from a root that names "
+                                      f"it otherwise)"))
+        elif path in cached_id:
+            clashes.append((path, f"already cached as '{cached_id[path]}' by an earlier extract from another root; "
+                                  f"{SKIPPED} (captions name it '{cached_id[path]}')"))
         elif item.id in failed_before and not options.retry_failed:
             summary.skipped_failed += 1
         else:
             todo.append(item)
-    return todo
+    return todo, clashes, moved
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def say_some(problems: list[tuple[str, str]], first: int = 5) -> None:
+    """The first few (path, reason) lines, then how many more (inspect --failures lists them all)."""
+    for path, reason in problems[:first]:
+        say(f"{printable(path)}: {reason}")
+    if len(problems) > first:
+        say(f"... and {len(problems) - first} more such path(s); inspect --failures lists them")
 
 
 def detect_and_write(todo, spec: DetectorSpec, writer: ShardWriter, options: ExtractOptions,
@@ -121,10 +155,15 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     # the driver's writer owns the shard set: it checks the settings and removes the unfinished shards
     # of a killed run, its own and (named `<shard set>-ray-<actor>`) those of its Ray actors
     with ShardWriter(cache_dir, settings, writer_name=options.shard_set(), max_items=options.items_per_shard) as writer:
-        writer.record_passed_over(roots, passed_over)
         cache = RegionCache(cache_dir)
-        todo = items_to_extract(items, cache, options, summary)
+        todo, clashes, moved = items_to_extract(items, cache, options, summary)
         cache.close()
+        say_some(clashes)
+        if moved:
+            say(f"extract: {moved} cached item(s) were extracted from files that are no longer there; taken to be "
+                f"the files now found under the same ids (moved) and not extracted again (a new cache extracts them)")
+        summary.passed_over += len(clashes)
+        writer.record_passed_over(roots, passed_over + clashes)
         if todo and engine:
             engine.run_on_ray(todo, spec, writer, options, summary, started)
         elif todo:
