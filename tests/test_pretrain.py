@@ -18,7 +18,7 @@ from test_model import build_tiny_text_model
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import CacheSettings, empty_item
 from vlpcache.cache.writer import ShardWriter
-from vlpcache.errors import UserError
+from vlpcache.errors import Interrupted, UserError
 from vlpcache.files import file_sha256
 from vlpcache.model import checkpoint as ckpt
 from vlpcache.model.checkpoint import load_run
@@ -370,6 +370,28 @@ def test_resume_of_a_finished_run_trains_nothing_more(tmp_path, corpus, tiny_tex
     np.testing.assert_array_equal(read_run_videos(tmp_path / "run")[0], trained)  # resuming writes it
     with pytest.raises(UserError, match="--resume"):
         run_pretrain(**options, **small_options(tiny_text, epochs=1))
+
+
+def test_a_run_stopped_before_its_settings_were_saved_says_to_run_its_command_again(tmp_path, corpus, tiny_text,
+                                                                                   monkeypatch):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    options = dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=tmp_path / "run")
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # Ctrl-C while the captions load, long on a large caption set
+        patch.setattr("vlpcache.model.train.load_pretrain_data", ctrl_c)
+        with pytest.raises(Interrupted) as stopped:
+            run_pretrain(**options, **small_options(tiny_text, epochs=1))
+    assert str(stopped.value) == f"interrupted before the settings of {tmp_path / 'run'} were saved: run the same command again"
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()  # what a kill -9 there leaves
+    (tmp_path / "run" / "pretrain.lock").write_text("")
+    with pytest.raises(UserError, match=r"^--resume: .*run has no stored settings \(config.json\): it was stopped before "
+                                        "they were saved; run its first command again, without --resume$"):
+        run_pretrain(**options, **small_options(tiny_text, epochs=1, resume=True))
+    assert run_pretrain(**options, **small_options(tiny_text, epochs=1))["trained_epochs"] == 1  # as it says
 
 
 def test_a_run_being_trained_refuses_a_second_pretrain_until_its_trainer_dies_then_resumes(

@@ -219,7 +219,10 @@ def training_lock(run_dir: Path, fresh: bool, processes: Processes):
 
 def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, workspace: Workspace) -> Run:
     """The run's settings (the options', or the stored ones on --resume) and its data."""
-    stored = ckpt.read_run_config(run_dir) if options.resume and (run_dir / ckpt.CONFIG_NAME).exists() else None
+    if options.resume and not (run_dir / ckpt.CONFIG_NAME).exists():  # -o RUN: the latest run has one
+        raise UserError(f"--resume: {run_dir} has no stored settings ({ckpt.CONFIG_NAME}): it was stopped before "
+                        "they were saved; run its first command again, without --resume")
+    stored = ckpt.read_run_config(run_dir) if options.resume else None
     if not options.resume and ckpt.checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or another -o RUN_DIR")
     notes = []  # a new run's lines on the defaults it resolved
@@ -667,6 +670,8 @@ def _pretrain(options: PretrainOptions, processes: Processes) -> dict:
 def interrupted_line(run_dir: Path) -> str:
     """What a Ctrl-C during pretraining leaves, and the command that continues it."""
     done = ckpt.checkpoints(run_dir)
+    if not (run_dir / ckpt.CONFIG_NAME).exists():  # before make_trainer saved them: nothing to resume
+        return f"{stopped()} before the settings of {run_dir} were saved: run the same command again"
     if not done:
         return (f"{stopped()} before the first checkpoint of {run_dir}: `vlpcache pretrain --resume -o {run_dir}` "
                 "starts it again with its settings")
