@@ -114,8 +114,8 @@ def test_runs_lists_every_run_and_marks_the_one_search_uses(ws, tmp_path, monkey
     code, out, err = vlpcache(monkeypatch, capsys, "inspect", "--runs")
     assert code == 0, err
     first, second = out.splitlines()
-    assert first.startswith("run-001      finished      1/1   epochs  best epoch 1: val R@1 ")
-    assert second.startswith("run-002      stopped       1/3   epochs")
+    assert first.startswith("run-001      finished        1/1   epochs  best epoch 1: val R@1 ")
+    assert second.startswith("run-002      stopped         1/3   epochs")
     assert second.endswith("<- index, search and eval use it by default") and latest_run(ws / "runs") == newer
     listed = inspect_json(monkeypatch, capsys, "--runs")
     assert [Path(r["run"]).name for r in listed] == ["run-001", "run-002"]

@@ -64,7 +64,7 @@ def epoch_log(run_dir: Path) -> list[dict]:
 
 
 def training_state(run_dir: Path, epochs: int, done: int) -> dict:
-    """{"state": training | stopped | finished | not started, "holder": {...} or None, "text": one line}."""
+    """{"state": training | stopped | finished | no checkpoint, "holder": {...} or None, "text": one line}."""
     lock = Path(run_dir) / TRAINING_LOCK_NAME
     holder = holder_of(lock)
     if holder is not None and holder_active(lock, holder):
@@ -75,7 +75,7 @@ def training_state(run_dir: Path, epochs: int, done: int) -> dict:
         return {"state": "finished", "holder": None, "text": f"finished: {done} of {epochs} epochs"}
     resume = f"`vlpcache pretrain --resume -o {printable(str(run_dir))}` continues it"
     if done == 0:
-        return {"state": "not started", "holder": None, "text": f"no checkpoint yet (0 of {epochs} epochs); {resume}"}
+        return {"state": "no checkpoint", "holder": None, "text": f"no checkpoint yet (0 of {epochs} epochs); {resume}"}
     return {"state": "stopped", "holder": None, "text": f"stopped after {done} of {epochs} epochs; {resume}"}
 
 
@@ -226,5 +226,5 @@ def list_runs(runs_dir=None, as_json: bool = False) -> None:
                  f"R@10 {metrics['R@10']:.1f}" if best and "R@1" in metrics else "no validation")
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s["modified"]))
         mark = "" if Path(s["run"]) != latest else "  <- index, search and eval use it by default" if default else "  <- the latest"
-        print(f"{printable(Path(s['run']).name):12s} {s['state']:11s} {s['epochs_done']:>3d}/{s['epochs']:<3d} epochs  "
+        print(f"{printable(Path(s['run']).name):12s} {s['state']:13s} {s['epochs_done']:>3d}/{s['epochs']:<3d} epochs  "
               f"{score}  ({when}){mark}")
