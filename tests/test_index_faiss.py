@@ -215,10 +215,17 @@ def test_index_from_a_cache_with_other_settings_is_refused():
 def test_each_checkpoint_and_cache_settings_has_its_own_index_folder_in_a_root(tmp_path):
     from vlpcache.index.layout import index_dir_for
 
-    a = index_dir_for(tmp_path, "a" * 64, SETTINGS)
-    assert a.parent == tmp_path and a != index_dir_for(tmp_path, "b" * 64, SETTINGS)
-    assert a != index_dir_for(tmp_path, "a" * 64, {**SETTINGS, "frames": 4})
-    assert index_dir_for(tmp_path, "a" * 64, dict(reversed(SETTINGS.items()))) == a
+    a = index_dir_for(tmp_path, "a" * 64, SETTINGS, tmp_path / "cache")
+    assert a.parent == tmp_path and a != index_dir_for(tmp_path, "b" * 64, SETTINGS, tmp_path / "cache")
+    assert a != index_dir_for(tmp_path, "a" * 64, {**SETTINGS, "frames": 4}, tmp_path / "cache")
+    assert a != index_dir_for(tmp_path, "a" * 64, SETTINGS, tmp_path / "another cache")
+    assert index_dir_for(tmp_path, "a" * 64, dict(reversed(SETTINGS.items())), tmp_path / "x" / ".." / "cache") == a
+    # a folder named before the cache's path was part of the name is found by what its index.json records
+    old = tmp_path / "aaaaaaaaaaaaaaaa-12345678"
+    old.mkdir()
+    (old / "index.json").write_text(json.dumps({**meta().to_json(), "cache_dir": str((tmp_path / "cache").resolve())}))
+    assert index_dir_for(tmp_path, "a" * 64, SETTINGS, tmp_path / "cache") == old
+    assert index_dir_for(tmp_path, "a" * 64, SETTINGS, tmp_path / "another cache") != old
 
 
 def test_the_region_store_gives_each_video_its_own_real_regions_after_appends():

@@ -65,7 +65,7 @@ def the_index(ws: Path, run: Path | None = None, root: Path | None = None) -> Pa
     from vlpcache.model.run_layout import designated_checkpoint_sha256
 
     sha = designated_checkpoint_sha256(run or ws / "runs" / "run-001")
-    return index_dir_for(root or ws / "index", sha, read_manifest(ws / "cache").to_json())
+    return index_dir_for(root or ws / "index", sha, read_manifest(ws / "cache").to_json(), ws / "cache")
 
 
 def vlpcache(monkeypatch, capsys, *args, stdin=None) -> tuple[int, str, str]:
@@ -438,6 +438,20 @@ def test_a_cache_with_other_settings_gets_an_index_of_its_own(ws, monkeypatch, c
     indexes = sorted(p.parent for p in (ws / "index").glob("*/index.json"))
     assert len(indexes) == 2 and the_index(ws) in indexes
     assert sorted(len(VideoIndex.load(p)) for p in indexes) == [4, ITEMS]
+
+
+def test_a_second_cache_of_the_same_settings_gets_an_index_of_its_own_and_a_copy_shares_it(ws, tmp_path, monkeypatch,
+                                                                                              capsys):
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    mine = write_cache(ws / "mine", 4, prefix="mine")  # the same settings: one's own videos after training on a dataset
+    [result] = search_json(monkeypatch, capsys, "a dog", "--cache", ws / "mine", "-k", "10")
+    assert sorted(hit["id"] for hit in result["results"]) == sorted(mine)
+    indexes = sorted(p.parent for p in (ws / "index").glob("*/index.json"))
+    assert len(indexes) == 2 and sorted(len(VideoIndex.load(p)) for p in indexes) == [4, ITEMS]
+    assert len(search_json(monkeypatch, capsys, "a dog", "-k", "30")[0]["results"]) == ITEMS  # the first one's as it was
+    shutil.copytree(ws / "cache", tmp_path / "copy")  # a copy (or a move) is the same collection: its index serves it
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "--cache", tmp_path / "copy")
+    assert code == 0 and "building" not in err and len(list((ws / "index").glob("*/index.json"))) == 2
 
 
 def test_indexed_embeddings_equal_the_models_own_encoding(ws, monkeypatch, capsys):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlpcache.cache.schema import FAILURE_DIR, MANIFEST_NAME, PASSED_OVER_SUFFIX, CacheSettings, shard_differences
+from vlpcache.cache.schema import COLLECTION_KEY, FAILURE_DIR, MANIFEST_NAME, PASSED_OVER_SUFFIX, CacheSettings, shard_differences
 from vlpcache.records import read_optional_json
 
 # what reading a damaged HDF5 file raises
@@ -20,6 +20,14 @@ def read_manifest(cache_dir: Path) -> CacheSettings:
         missing=f"{cache_dir}: not a vlpcache cache (no {MANIFEST_NAME}); run `vlpcache extract` first",
         what="manifest",
     )
+
+
+def collection_of(cache_dir: Path) -> str:
+    """Which collection a cache holds: its manifest's random id, the same in a copy or after a move (an
+    index built over the cache serves them too); for a cache made before manifests had one, its path."""
+    manifest = read_optional_json(Path(cache_dir) / MANIFEST_NAME)
+    collection = manifest.get(COLLECTION_KEY) if isinstance(manifest, dict) else None
+    return collection if isinstance(collection, str) and collection else f"path:{Path(cache_dir).resolve()}"
 
 
 def read_failures(cache_dir: Path) -> dict[str, dict]:

@@ -31,6 +31,9 @@ SCHEMA_CHANGES = {
 }
 
 MANIFEST_NAME = "manifest.json"
+# manifest.json's random id of the collection, drawn when the cache is created (not a setting: CacheSettings
+# leaves it out): a copy or a move of the cache is the same collection, a cache extracted elsewhere another
+COLLECTION_KEY = "collection"
 SHARD_DIR = "shards"
 FAILURE_DIR = "failures"
 PASSED_OVER_SUFFIX = ".passed-over.json"  # failures/<writer>.passed-over.json: paths discovery left out

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import numpy as np
 from vlpcache import __version__
 from vlpcache.cache.manifest import UNREADABLE, passed_over_path, read_manifest, read_passed_over, shard_file_differences
 from vlpcache.cache.schema import (
+    COLLECTION_KEY,
     FAILURE_DIR,
     LOCK_DIR,
     MANIFEST_NAME,
@@ -58,7 +60,7 @@ def open_cache_dir(cache_dir: Path, settings: CacheSettings) -> None:
     (cache_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     (cache_dir / FAILURE_DIR).mkdir(parents=True, exist_ok=True)
     # the first writer's manifest stays when several start at once; theirs is compared below
-    write_json(cache_dir / MANIFEST_NAME, settings.to_json(), keep_existing=True)
+    write_json(cache_dir / MANIFEST_NAME, {**settings.to_json(), COLLECTION_KEY: uuid.uuid4().hex}, keep_existing=True)
     existing = read_manifest(cache_dir)
     outdated = outdated_schema(existing)
     if outdated:

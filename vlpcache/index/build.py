@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlpcache.cache.manifest import collection_of
 from vlpcache.cache.reader import RegionCache
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
@@ -226,6 +227,7 @@ def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | N
             run_dir=str(Path(run.run_dir).resolve()),
             checkpoint_path=str(Path(run.checkpoint_path).resolve()),
             cache_dir=str(Path(cache.cache_dir).resolve()),
+            collection=collection_of(cache.cache_dir),
         )
         index = VideoIndex.build(ids, embeddings, meta, config)
         index.regions = regions
@@ -233,6 +235,7 @@ def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | N
     else:
         how = index.add(ids, embeddings, config)
         index.regions.append_store(regions)
+        index.meta.collection = collection_of(cache.cache_dir)  # one found by the cache's path, built before
     if done:
         how = f"{len(done)} of them kept from the run that did not finish; {how}"
     if index.meta.search_params:
@@ -274,7 +277,7 @@ def index_of_run(root: Path, run_dir: Path, cache: RegionCache) -> tuple[Path | 
     run_sha = designated_checkpoint_sha256(run_dir)
     if run_sha is None:
         return None, None
-    index_dir = index_dir_for(root, run_sha, cache.settings.to_json())
+    index_dir = index_dir_for(root, run_sha, cache.settings.to_json(), cache.cache_dir)
     return index_dir, (VideoIndex.load(index_dir) if (index_dir / META_FILE).exists() else None)
 
 
@@ -314,7 +317,7 @@ def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory
     run = load_run(sources.run_dir, device=device, checkpoint=checkpoint)
     config = IndexConfig(factory=factory or None, memory_budget_mb=memory_budget_mb)
     say = sayer(quiet)
-    index_dir = index_dir_for(sources.index_dir, run.checkpoint_sha256, cache.settings.to_json())
+    index_dir = index_dir_for(sources.index_dir, run.checkpoint_sha256, cache.settings.to_json(), cache.cache_dir)
     say(f"run {sources.run_dir} (epoch {run.epoch}, checkpoint {run.checkpoint_sha256[:12]}), cache {sources.cache_dir} "
         f"({len(cache)} items), device {device}")
     if not (index_dir / META_FILE).exists():

@@ -92,6 +92,7 @@ class IndexMeta(JsonRecord):
     run_dir: str = ""
     checkpoint_path: str = ""
     cache_dir: str = ""
+    collection: str = ""  # the cache's collection (cache/manifest.collection_of): its copies and moves share it
     tuned_recall: float | None = None  # recall@10 measured when the parameters were tuned
     factory_given: bool = False  # the user chose the factory: keep it as the collection grows
     format: int = INDEX_FORMAT
@@ -120,19 +121,29 @@ def check_same_source(meta: IndexMeta, index_dir, checkpoint_sha256: str, cache_
         )
 
 
-def index_key(checkpoint_sha256: str, cache_settings: dict) -> str:
-    """The folder name, within an index root, of the index of a checkpoint over caches of these settings."""
+def index_key(checkpoint_sha256: str, cache_settings: dict, collection: str) -> str:
+    """The folder name, within an index root, of the index of a checkpoint over one cache: its settings
+    and its collection (manifest.collection_of: two caches of the same settings are two collections)."""
     settings = hashlib.sha256(json.dumps(cache_settings, sort_keys=True).encode()).hexdigest()
-    return f"{checkpoint_sha256[:16]}-{settings[:8]}"
+    return f"{checkpoint_sha256[:16]}-{settings[:8]}-{hashlib.sha256(collection.encode()).hexdigest()[:8]}"
 
 
-def index_dir_for(root: str | Path, checkpoint_sha256: str, cache_settings: dict) -> Path:
-    """Where the index of this checkpoint and cache settings lives (or is to be built) under `root`."""
+def index_dir_for(root: str | Path, checkpoint_sha256: str, cache_settings: dict, cache_dir: str | Path) -> Path:
+    """Where the index of this checkpoint over this cache lives (or is to be built) under `root`: root
+    itself or the folder below it whose index.json names them (one built before indexes recorded the
+    cache's collection: by the cache's path), else root/index_key."""
+    from vlpcache.cache.manifest import collection_of
+
     root = Path(root)
-    meta = read_optional_json(root / META_FILE)
-    if isinstance(meta, dict) and not source_differences(meta, checkpoint_sha256, cache_settings):
-        return root  # one index kept in the root itself
-    return root / index_key(checkpoint_sha256, cache_settings)
+    collection = collection_of(cache_dir)
+    for folder in [root, *sorted(p.parent for p in root.glob(f"*/{META_FILE}"))]:
+        meta = read_optional_json(folder / META_FILE)
+        if not isinstance(meta, dict) or source_differences(meta, checkpoint_sha256, cache_settings):
+            continue
+        if meta.get("collection") == collection or (
+                not meta.get("collection") and meta.get("cache_dir") in (None, "", str(Path(cache_dir).resolve()))):
+            return folder
+    return root / index_key(checkpoint_sha256, cache_settings, collection)
 
 
 def other_indexes(root: str | Path, index_dir: Path) -> list[Path]:

@@ -310,7 +310,7 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
 
         device = resolve_device(device)
         run = load_run(sources.run_dir, device=device)
-        index_dir = index_dir_for(sources.index_dir, run.checkpoint_sha256, cache.settings.to_json())
+        index_dir = index_dir_for(sources.index_dir, run.checkpoint_sha256, cache.settings.to_json(), cache.cache_dir)
         if index is None:
             say(new_index_line(run, sources.index_dir, index_dir))
         if index is None or index.regions is None or not bank_ready:
