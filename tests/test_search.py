@@ -658,6 +658,9 @@ def test_index_reports_unreadable_shards_instead_of_up_to_date_and_search_says_w
     code, out, err = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", ITEMS)
     assert code == 0 and f"-k {ITEMS} is more than the 8 indexed items in the cache" in err
     assert len([line for line in out.splitlines() if line[:3].strip().isdigit()]) == 8
+    for rerank in ("--rerank", "--no-rerank"):  # the k best of those it can show, however many it cannot
+        [result] = search_json(monkeypatch, capsys, "a dog", "-k", 4, *([rerank] if rerank != "--rerank" else []))
+        assert len(result["results"]) == 4, rerank
 
 
 def test_a_second_index_writer_waits_for_the_first_and_says_so(ws, monkeypatch, capsys):

@@ -12,6 +12,7 @@ share one process.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import threading
@@ -121,6 +122,11 @@ class Searcher:
     def __len__(self) -> int:
         return len(self.index)
 
+    @functools.cached_property
+    def unshown(self) -> int:
+        """How many indexed items the cache cannot show (counted once: the cache is read as it was opened)."""
+        return sum(1 for item_id in self.index.ids if item_id not in self.cache)
+
     @property
     def model_label(self) -> str:
         """Which run and checkpoint answer, as the index records them: "run-001, epoch 10" ("" if it does not say)."""
@@ -158,11 +164,13 @@ class Searcher:
         rerank = rerank and self.can_rerank and not qbnorm
         with self._lock:
             encoded = EncodedQuery(*self.query_model.encode(query))
-            pool = max(k, self.rerank_candidates) if rerank or qbnorm else k
+            wanted = max(k, self.rerank_candidates) if rerank or qbnorm else k
+            # candidates no longer in the cache (an unreadable shard, or rebuilt without them) cannot be
+            # shown: FAISS is asked for as many more, so that k are left
+            pool = min(len(self.index), wanted + self.unshown)
             faiss_scores, faiss_rows = self.index.search(encoded.global_, pool)  # (1, pool) each
-            # candidates no longer in the cache (it was rebuilt without them) cannot be shown
             found = [(float(s), int(r)) for s, r in zip(faiss_scores[0], faiss_rows[0])
-                     if r >= 0 and self.index.ids[r] in self.cache]
+                     if r >= 0 and self.index.ids[r] in self.cache][:wanted]
             if not found:
                 return []
             ranking = self.rank(encoded, [r for _, r in found], np.array([s for s, _ in found], np.float32), k, rerank,
