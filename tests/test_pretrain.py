@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -784,6 +785,23 @@ def test_captions_per_video_defaults_to_the_median_caption_count_and_is_stored(t
     from vlpcache.model.config import TrainConfig
 
     assert TrainConfig.from_json({"epochs": 3}).captions_per_video == 1  # a run from before: one caption per step
+
+
+@pytest.mark.parametrize("option, message", [
+    (dict(precision="bf16"), "--precision bf16: this CPU has no native bf16"),
+    (dict(width=18), "--width 18: the region transformer's width must be a multiple of its 4 attention heads (e.g. 16)"),
+    (dict(batch_size=1), "--batch-size 1: a contrastive step needs at least 2 videos"),
+], ids=["bf16", "width", "batch"])
+def test_options_that_cannot_train_are_refused_before_the_data_loads_and_leave_no_run(tmp_path, corpus, tiny_text,
+                                                                                    monkeypatch, option, message):
+    from vlpcache.model import train
+
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(train, "load_pretrain_data", lambda *a, **k: pytest.fail("the data was loaded"))
+    with pytest.raises(UserError, match=re.escape(message)):
+        run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], **small_options(tiny_text, **option))
+    assert not (tmp_path / "ws" / "runs").exists() or not any((tmp_path / "ws" / "runs").iterdir())
 
 
 def test_training_arithmetic_follows_the_cpu_and_an_explicit_choice(monkeypatch):

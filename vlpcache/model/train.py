@@ -235,6 +235,7 @@ def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, w
             captions=[str(Path(c).resolve()) for c in options.captions],
             val_captions=str(Path(options.val_captions).resolve()) if options.val_captions else None,
         )
+    _check_before_loading(options, train_config, processes)
     data = load_pretrain_data(
         [Path(c) for c in train_config.caches], [Path(c) for c in train_config.captions],
         Path(train_config.val_captions) if train_config.val_captions else None,
@@ -250,6 +251,19 @@ def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, w
     for line in [*data.summary(), *notes]:
         processes.say(line)
     return Run(run_dir, train_config, model_config, data, resumed=bool(stored))
+
+
+def _check_before_loading(options: PretrainOptions, train_config: TrainConfig, processes: Processes) -> None:
+    """Refuse what would fail once the data is loaded and the run's files written (minutes into a large
+    caption set, leaving a run without a checkpoint that --resume would pick)."""
+    autocast_for(processes.device, train_config.precision)  # bf16 where there is none
+    heads = ModelConfig.heads
+    if options.width is not None and options.width % heads:
+        raise UserError(f"--width {options.width}: the region transformer's width must be a multiple of its {heads} "
+                        f"attention heads (e.g. {max(heads, options.width // heads * heads)})")
+    if train_config.batch_size * processes.world < 2:
+        raise UserError(f"--batch-size {train_config.batch_size}: a contrastive step needs at least 2 videos, each the "
+                        "other's negative (the loss of one is 0 and trains nothing)")
 
 
 def _latest_started_run(workspace: Workspace) -> Path:
