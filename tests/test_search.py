@@ -634,9 +634,24 @@ def test_exported_parquet_holds_id_path_and_embedding(ws, tmp_path, monkeypatch,
     assert np.allclose(np.array(table["embedding"], np.float32), index.embeddings)
 
 
-def test_export_to_another_file_type_is_one_line_error(ws, tmp_path, monkeypatch, capsys):
+def test_export_to_another_file_type_is_one_line_error_before_any_video_is_encoded(ws, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("vlpcache.model.retrieval.encode_videos", lambda *a, **k: pytest.fail("videos were encoded"))
     code, _, err = vlpcache(monkeypatch, capsys, "index", "--quiet", "--export", tmp_path / "videos.csv")
     assert code == 2 and err.startswith("error: ") and ".npy" in err and ".parquet" in err and err.count("\n") == 1
+    code, _, err = vlpcache(monkeypatch, capsys, "index", "--quiet", "--export", tmp_path / "no folder" / "videos.npy")
+    assert code == 2 and err == f"error: {tmp_path / 'no folder' / 'videos.npy'}: no such folder {tmp_path / 'no folder'}; create it first\n"
+    assert not list((ws / "index").glob("*/index.json"))
+
+
+def test_a_factory_faiss_cannot_read_or_train_on_the_collection_is_one_line_error(ws, monkeypatch, capsys):
+    with monkeypatch.context() as patch:  # refused before any video is encoded
+        patch.setattr("vlpcache.model.retrieval.encode_videos", lambda *a, **k: pytest.fail("videos were encoded"))
+        code, _, err = vlpcache(monkeypatch, capsys, "index", "--quiet", "--factory", "Bogus")
+    assert code == 2 and err.startswith("error: FAISS cannot build factory string 'Bogus'") and err.count("\n") == 1
+    code, _, err = vlpcache(monkeypatch, capsys, "index", "--quiet", "--factory", "IVF1024,Flat")
+    assert code == 2 and err == (f"error: index type 'IVF1024,Flat' cannot be trained on the collection's {ITEMS} vectors "
+                                 f"(Number of training points ({ITEMS}) should be at least as large as number of clusters "
+                                 "(1024)); pass a smaller one, or leave --factory out to have one chosen\n")
 
 
 def test_importing_vlpcache_loads_neither_faiss_nor_onnxruntime():

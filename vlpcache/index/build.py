@@ -22,8 +22,8 @@ from vlpcache.cache.reader import RegionCache
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import is_write_failure, remove_temporaries, system_reason, write_failure
-from vlpcache.index.export import export_embeddings
-from vlpcache.index.faiss_index import VideoIndex, choose_factory
+from vlpcache.index.export import check_export_path, export_embeddings
+from vlpcache.index.faiss_index import VideoIndex, choose_factory, new_faiss_index
 from vlpcache.index.layout import (
     DEFAULT_MEMORY_BUDGET_MB,
     LOCK_FILE,
@@ -311,11 +311,15 @@ def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory
     from vlpcache.model.retrieval import default_batch_size
     from vlpcache.model.checkpoint import load_run
 
+    if export:
+        check_export_path(export)
     sources = resolve_sources(run_dir, cache_dir, index_dir)
     cache = open_cache(sources.cache_dir)
     device = resolve_device(device)
     run = load_run(sources.run_dir, device=device, checkpoint=checkpoint)
     config = IndexConfig(factory=factory or None, memory_budget_mb=memory_budget_mb)
+    if config.factory:  # a string FAISS cannot read fails now, not after every video is encoded
+        new_faiss_index(config.factory, run.config.embed_dim)
     say = sayer(quiet)
     index_dir = index_dir_for(sources.index_dir, run.checkpoint_sha256, cache.settings.to_json(), cache.cache_dir)
     say(f"run {sources.run_dir} (epoch {run.epoch}, checkpoint {run.checkpoint_sha256[:12]}), cache {sources.cache_dir} "

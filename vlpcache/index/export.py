@@ -67,6 +67,14 @@ def _parquet_writer(path: Path, ids: list[str], paths: list[str], embeddings: np
     return lambda tmp: pq.write_table(table, tmp)
 
 
+def check_export_path(path) -> None:
+    """Refuse, before any work, an export the command could not write at the end."""
+    path = Path(path)
+    if path.suffix not in (".npy", ".parquet"):
+        raise UserError(f"{path}: export to a .npy file (with its ids beside it) or a .parquet file")
+    _check_folder(path)
+
+
 def _check_folder(path: Path) -> None:
     if not path.parent.is_dir():
         raise UserError(f"{path}: no such folder {path.parent}; create it first")

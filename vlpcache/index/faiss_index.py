@@ -130,7 +130,12 @@ def train_and_add(index: faiss.Index, vectors: np.ndarray, factory: str) -> None
         limit = 128 * max(ivf_lists(len(vectors)), 256)
         if len(vectors) > limit:
             sample = vectors[np.random.default_rng(0).choice(len(vectors), limit, replace=False)]
-        index.train(sample)
+        try:
+            index.train(sample)
+        except RuntimeError as err:  # FAISS's own check: fewer vectors than its k-means clusters
+            reason = str(err).strip().split("failed: ")[-1].splitlines()[-1] if str(err).strip() else "failed"
+            raise UserError(f"index type {factory!r} cannot be trained on the collection's {len(vectors)} vectors "
+                            f"({reason}); pass a smaller one, or leave --factory out to have one chosen") from None
     index.add(vectors)
 
 
