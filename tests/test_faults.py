@@ -377,6 +377,15 @@ def disk(tmp_path) -> Disk:
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
+def test_a_file_write_that_fails_on_a_full_disk_names_the_file_it_was_for(disk):
+    from vlpcache.records import write_json
+
+    target = disk.folder / "roots.json"  # the workspace's record of extracted roots: one ENOSPC named no file
+    with disk.full(room=0), pytest.raises(OSError) as failed:
+        write_json(target, ["x" * 100_000])
+    assert failed.value.filename == str(target) and not list(disk.folder.iterdir())
+
+
 def test_extract_on_a_full_disk_is_one_line_keeps_what_was_committed_and_resumes(frames_root, together, disk, tmp_path):
     cache = disk.folder / "cache"
     with disk.full(room=150_000 if disk.tmpfs else 20_000):  # tmpfs: about two shards; else less than one

@@ -112,6 +112,10 @@ def replace_together(files: list[FileWrite]) -> None:
             os.replace(tmp, path)
         for folder in {path.parent for _, path in temporaries}:
             fsync_path(folder)
+    except OSError as err:
+        if err.filename is None and temporaries:  # a write to an open file (ENOSPC) names none: the file it was for
+            err.filename = str(temporaries[-1][1])
+        raise
     finally:
         for tmp, _ in temporaries:
             if tmp.exists():
