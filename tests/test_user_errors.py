@@ -174,3 +174,23 @@ def test_bad_input_is_one_error_line_naming_the_file_and_nothing_is_lost(case, t
     after = snapshot(root)
     assert {k: v for k, v in after.items() if k in before} == before, "a file that was there changed"
     assert not [name for name in after if ".tmp" in name], "a temporary was left behind"
+
+
+def test_the_last_line_of_a_command_stopped_under_a_progress_bar_starts_a_line_of_its_own(monkeypatch, capsys):
+    import re
+    import sys
+
+    from vlpcache import cli
+    from vlpcache.errors import UserError
+    from vlpcache.report import progress_bar
+
+    def stopped_mid_bar(*args, **kwargs):
+        bar = progress_bar(total=10, desc="epoch 3/30", leave=False)
+        bar.update(2)
+        raise UserError("boom")  # as Ctrl-C's `interrupted; ...` or an error raised inside the loop
+
+    monkeypatch.setattr(cli.cli, "main", stopped_mid_bar)
+    monkeypatch.setattr(sys, "argv", ["vlpcache", "pretrain"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert re.split(r"[\r\n]", capsys.readouterr().err.rstrip("\n"))[-1] == "error: boom"

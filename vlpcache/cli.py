@@ -37,6 +37,7 @@ from vlpcache.extract.options import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, ENGINES, E
 from vlpcache.index.compare import RANKINGS, RESAMPLES
 from vlpcache.index.layout import EXACT_LIMIT, IndexConfig
 from vlpcache.metrics import RERANK_CANDIDATES
+from vlpcache.report import close_bars
 from vlpcache.model.config import ModelConfig as M  # defaults shown in `pretrain --help`
 from vlpcache.model.config import MAX_CAPTIONS_PER_VIDEO, MAX_CAPTIONS_PER_VIDEO_TEXT_TRAINING, PRECISIONS
 from vlpcache.model.config import TrainConfig as T
@@ -414,7 +415,11 @@ def exit_now(code: int) -> None:
 def main() -> None:
     with stops_remembered():  # a Ctrl-C or SIGTERM that lands where Python drops it still stops the long loops
         try:
-            cli.main(standalone_mode=False)
+            try:
+                cli.main(standalone_mode=False)
+            except BaseException:
+                close_bars()
+                raise
         except click.exceptions.Abort as err:  # click turns Ctrl-C (KeyboardInterrupt) into Abort
             if isinstance(err.__context__, KeyboardInterrupt):
                 click.echo(stopped_line(), err=True)

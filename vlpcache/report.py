@@ -31,6 +31,16 @@ def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def close_bars() -> None:
+    """Close the tqdm bars still on screen (each ends its line), so that a last line of the command
+    (an error, `interrupted; ...`) starts on a line of its own rather than after a bar."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+
+
 def progress_bar(iterable=None, **options):
     """A tqdm bar on stderr that follows the terminal's size. A terminal that reports 0 x 0 (a
     pseudo-terminal nobody sized: `script` run from cron, some container sessions) gets
