@@ -395,6 +395,17 @@ def test_a_run_stopped_before_its_settings_were_saved_says_to_run_its_command_ag
     assert run_pretrain(**options, **small_options(tiny_text, epochs=1))["trained_epochs"] == 1  # as it says
 
 
+def test_resume_with_other_epochs_records_them_so_inspect_and_a_later_resume_agree(tmp_path, corpus, tiny_text,
+                                                                                   monkeypatch, capsys):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    options = dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=tmp_path / "run")
+    run_pretrain(**options, **small_options(tiny_text, epochs=1))
+    assert run_pretrain(**options, **small_options(tiny_text, epochs=2, resume=True, quiet=False))["trained_epochs"] == 1
+    assert "--epochs 2: the run now ends after epoch 2 (it was to end after 1)" in capsys.readouterr().err
+    assert ckpt.read_run_config(tmp_path / "run")["train"]["epochs"] == 2
+    assert run_pretrain(**options, **small_options(tiny_text, epochs=None, resume=True))["trained_epochs"] == 0
+
+
 def test_a_run_being_trained_refuses_a_second_pretrain_until_its_trainer_dies_then_resumes(
         tmp_path, corpus, tiny_text, monkeypatch):
     monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))

@@ -51,6 +51,18 @@ def save_run_files(run_dir: Path, config: dict, tokenizer, text_config) -> None:
     write_json(run_dir / CONFIG_NAME, config)
 
 
+def save_run_epochs(run_dir: Path, epochs: int) -> int | None:
+    """Record a resumed run's new `--epochs` in its config.json (inspect's "N of M", a later --resume
+    and the learning-rate schedule then agree); returns the number it replaced, None if unchanged."""
+    config = read_run_config(run_dir)
+    before = config["train"]["epochs"]
+    if before == epochs:
+        return None
+    config["train"]["epochs"] = epochs
+    write_json(Path(run_dir) / CONFIG_NAME, config)
+    return before
+
+
 def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
