@@ -158,6 +158,8 @@ def test_other_settings_are_refused_for_an_existing_cache(extracted, media):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "frames: 4 != 8" in result.stderr
     assert "Traceback" not in result.stderr
+    result = vlpcache("extract", media, "-o", cache_dir, "--frames", 4, "--regions", 10, cwd=cache_dir.parent, check=False)
+    assert "regions: 31 (30 + the whole frame) != 11 (10 + the whole frame)" in result.stderr  # as --regions counts
 
 
 def _run_on_an_unsized_terminal(args: list[str], cwd: Path) -> tuple[int, str]:

@@ -114,7 +114,11 @@ class CacheSettings(JsonRecord):
     def differences(self, other: "CacheSettings") -> list[str]:
         """Human-readable list of the settings in which two caches differ."""
         mine, theirs = self.to_json(), other.to_json()
-        return [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in mine if mine[k] != theirs.get(k)]
+
+        def shown(key: str, value) -> str:  # regions count the whole-frame region; --regions does not
+            return f"{value!r} ({value - 1} + the whole frame)" if key == "regions" and isinstance(value, int) else repr(value)
+
+        return [f"{k}: {shown(k, mine[k])} != {shown(k, theirs.get(k))}" for k in mine if mine[k] != theirs.get(k)]
 
     def feature_differences(self, other: "CacheSettings | dict") -> list[str]:
         """Human-readable list of the FEATURE_SETTINGS in which `other` differs: empty when a model
