@@ -136,6 +136,7 @@ def test_item_api_lists_the_sampled_frames_and_their_detected_regions(api):
     ({"q": "a dog", "k": "101"}, 400, "k = 101"),
     ({"q": "a dog", "k": "ten"}, 400, "whole number"),
     ({"q": "a dog", "k": "1e9"}, 400, "whole number"),
+    ({"q": "a dog", "rerank": "maybe"}, 400, "rerank must be 1 or 0 (true or false), not 'maybe'"),
 ])
 def test_bad_search_requests_get_a_4xx_with_one_line_of_json(api, params, status, message):
     assert message in one_line_error(api.get("/api/search", params=params), status)

@@ -63,7 +63,7 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
     def search(request: Request) -> Response:
         query = _query_text(request)
         k = _int_param(request, "k", DEFAULT_K, 1, MAX_K)
-        rerank = request.query_params.get("rerank", "1") not in ("0", "false", "no")
+        rerank = _flag_param(request, "rerank", True)
         started = time.perf_counter()
         try:
             hits = searcher.search(query, k, rerank=rerank)
@@ -141,6 +141,15 @@ def _int_param(request: Request, name: str, default: int | None, low: int, high:
     if not low <= value <= high:
         raise ApiError(400, f"{name} = {value}: must be from {low} to {high}")
     return value
+
+
+def _flag_param(request: Request, name: str, default: bool) -> bool:
+    text = request.query_params.get(name)
+    if text is None:
+        return default
+    if text.lower() in ("1", "true", "yes", "0", "false", "no"):
+        return text.lower() in ("1", "true", "yes")
+    raise ApiError(400, f"{name} must be 1 or 0 (true or false), not {text[:20]!r}")
 
 
 def _indexed_item(searcher: Searcher, request: Request) -> dict:
