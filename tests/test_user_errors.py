@@ -194,3 +194,19 @@ def test_the_last_line_of_a_command_stopped_under_a_progress_bar_starts_a_line_o
     with pytest.raises(SystemExit):
         cli.main()
     assert re.split(r"[\r\n]", capsys.readouterr().err.rstrip("\n"))[-1] == "error: boom"
+
+
+@pytest.mark.parametrize("args, line", [
+    (["extract", "--frames", "0", "videos"],
+     "error: Invalid value for '--frames': 0 is not in the range 1<=x<=512 (vlpcache extract --help)"),
+    (["serch", "a dog"], "error: No such command 'serch'. (Did you mean one of: 'search', 'serve'?) (vlpcache --help)"),
+], ids=["option", "command"])
+def test_a_bad_option_or_command_is_one_error_line_like_every_other_error(args, line, monkeypatch, capsys):
+    import sys
+
+    from vlpcache import cli
+
+    monkeypatch.setattr(sys, "argv", ["vlpcache", *args])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 2 and capsys.readouterr().err == line + "\n"

@@ -416,7 +416,7 @@ def main() -> None:
     with stops_remembered():  # a Ctrl-C or SIGTERM that lands where Python drops it still stops the long loops
         try:
             try:
-                cli.main(standalone_mode=False)
+                cli.main(prog_name="vlpcache", standalone_mode=False)
             except BaseException:
                 close_bars()
                 raise
@@ -426,6 +426,10 @@ def main() -> None:
             else:
                 click.echo("aborted", err=True)
             exit_now(exit_status())
+        except click.UsageError as err:  # a bad option or command: one line, as every other error
+            command = err.ctx.command_path if err.ctx is not None else "vlpcache"
+            click.echo(f"error: {err.format_message().rstrip('.')} ({command} --help)", err=True)
+            exit_now(err.exit_code)
         except click.ClickException as err:
             err.show()
             exit_now(err.exit_code)

@@ -377,11 +377,6 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
         ckpt.remove_temporaries(run.dir)
         if run.resumed and not last:  # killed (or out of disk) before the first checkpoint: epoch 1 again
             keep_log_until(run.dir / LOG_NAME, 0)
-        if run.resumed and (before := ckpt.save_run_epochs(run.dir, run.train.epochs)) is not None:
-            done = max(last, default=0)
-            processes.say(f"--epochs {run.train.epochs}: the run now ends after epoch {run.train.epochs} (it was to end "
-                          f"after {before}), and its learning rate decays to 0 there" +
-                          (f"; {done} epochs are done already, so none is trained" if done >= run.train.epochs else ""))
         if not run.resumed:
             config = {
                 "model": run.model.to_json(),
@@ -415,6 +410,12 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
         if processes.main:
             keep_log_until(run.dir / LOG_NAME, state["epoch"])
         processes.say(f"resuming {run.dir} after epoch {state['epoch']} (step {trainer.step})", always=True)
+    # recorded once the checkpoint has loaded: a resume that fails changes nothing of the run
+    if processes.main and run.resumed and (before := ckpt.save_run_epochs(run.dir, run.train.epochs)) is not None:
+        done = max(last, default=0)
+        processes.say(f"--epochs {run.train.epochs}: the run now ends after epoch {run.train.epochs} (it was to end "
+                      f"after {before}), and its learning rate decays to 0 there" +
+                      (f"; {done} epochs are done already, so none is trained" if done >= run.train.epochs else ""))
     if processes.world > 1:
         trainer.trainable = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[processes.device.index] if processes.device.type == "cuda" else None
