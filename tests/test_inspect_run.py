@@ -119,6 +119,9 @@ def test_runs_lists_every_run_and_marks_the_one_search_uses(ws, tmp_path, monkey
     assert second.endswith("<- index, search and eval use it by default") and latest_run(ws / "runs") == newer
     listed = inspect_json(monkeypatch, capsys, "--runs")
     assert [Path(r["run"]).name for r in listed] == ["run-001", "run-002"]
+    code, _, err = vlpcache(monkeypatch, capsys, "inspect", "--runs", newer)  # a run where a folder of runs goes
+    assert code == 2 and err == (f"error: {newer} is a run, not a folder of runs: `vlpcache inspect {newer}` shows it "
+                                 f"(--runs lists the runs of a folder such as {ws / 'runs'})\n")
     # the folder given, with or without --runs, is listed the same way
     for args in ((ws / "runs",), ("--runs", ws / "runs")):
         assert vlpcache(monkeypatch, capsys, "inspect", *args)[1] == out

@@ -393,6 +393,9 @@ def test_a_run_stopped_before_its_settings_were_saved_says_to_run_its_command_ag
                                         "they were saved; run its first command again, without --resume$"):
         run_pretrain(**options, **small_options(tiny_text, epochs=1, resume=True))
     assert run_pretrain(**options, **small_options(tiny_text, epochs=1))["trained_epochs"] == 1  # as it says
+    (tmp_path / "a file").write_text("")
+    with pytest.raises(UserError, match=r"^-o .*a file: a file, not a run folder; pass another -o RUN_DIR$"):
+        run_pretrain(**{**options, "run_dir": tmp_path / "a file"}, **small_options(tiny_text, epochs=1))
 
 
 def test_resume_with_other_epochs_records_them_so_inspect_and_a_later_resume_agree(tmp_path, corpus, tiny_text,

@@ -207,6 +207,9 @@ def list_runs(runs_dir=None, as_json: bool = False) -> None:
     workspace_runs = Workspace().runs_dir
     runs_dir = Path(runs_dir) if runs_dir is not None else workspace_runs
     runs = sorted((p for p in runs_dir.glob("*") if p.is_dir() and is_run_dir(p)), key=lambda p: p.stat().st_mtime)
+    if not runs and is_run_dir(runs_dir):
+        raise UserError(f"{runs_dir} is a run, not a folder of runs: `vlpcache inspect {runs_dir}` shows it "
+                        f"(--runs lists the runs of a folder such as {runs_dir.parent})")
     if not runs:
         raise UserError(f"no pretraining run in {runs_dir}; run `vlpcache pretrain` first")
     default = runs_dir.resolve() == workspace_runs.resolve()

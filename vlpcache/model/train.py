@@ -191,6 +191,8 @@ def choose_run_dir(options: PretrainOptions, processes: Processes, workspace: Wo
         fresh = not options.resume
     if options.resume and not run_dir.exists():
         raise UserError(f"--resume: {run_dir} does not exist; start the run without --resume")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"-o {run_dir}: a file, not a run folder; pass another -o RUN_DIR")
     return run_dir, fresh
 
 
