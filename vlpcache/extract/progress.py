@@ -38,10 +38,12 @@ class ExtractSummary:
         damaged = f"{self.damaged} kept with a note (inspect --failures lists them), " if self.damaged else ""
         passed_over = (f"{self.passed_over} path(s) passed over when looking for media (said above; inspect "
                        "--failures lists them), " if self.passed_over else "")
+        counts = (f"extract: {self.done} done, {self.skipped_cached} already cached, {self.skipped_failed} skipped "
+                  f"(failed before; --retry-failed retries), {self.failed} failed, {damaged}{passed_over}")
+        if not (self.done or self.failed or self.load_seconds):  # nothing to decode: no detector was loaded
+            return f"{counts}{self.seconds:.1f} s; nothing left to extract"
         return (
-            f"extract: {self.done} done, {self.skipped_cached} already cached, "
-            f"{self.skipped_failed} skipped (failed before; --retry-failed retries), {self.failed} failed, {damaged}{passed_over}"
-            f"{self.seconds:.1f} s, {rate}; detector loaded after {self.load_seconds:.1f} s, "
+            f"{counts}{self.seconds:.1f} s, {rate}; detector loaded after {self.load_seconds:.1f} s, "
             f"busy {self.detect_seconds:.1f} s, "
             f"waited {self.wait_seconds:.1f} s for decoded frames"
         )
