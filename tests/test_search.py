@@ -482,7 +482,7 @@ def test_wordpiece_continuations_join_the_word_before():
     assert query_words(tokens, mask) == [("person", [1]), ("cuts", [2]), ("onion", [3, 4])]
 
 
-def test_best_frame_is_where_the_matched_words_attend_not_the_function_words():
+def test_best_frame_is_where_the_matched_words_find_their_regions_not_the_function_words():
     from vlpcache.index.rerank import align
 
     tokens = ["[CLS]", "a", "dog", "on", "the", "grass", "[SEP]"]
@@ -494,6 +494,12 @@ def test_best_frame_is_where_the_matched_words_attend_not_the_function_words():
     alignment = align(attention, mask, tokens, positions, 4)
     assert [(m.word, m.frame) for m in alignment.words] == [("dog", 0), ("grass", 0)]
     assert alignment.best_frame == 0
+    # one word: the frame of its region, not the frame of most attention in all (there: 3 weak regions)
+    positions = np.array([0, 1, 2, 4, -1])  # three regions on frame 0, one on frame 1, padding
+    attention = np.zeros((3, 5))
+    attention[1] = [0.2, 0.2, 0.2, 0.4, 0.0]
+    alignment = align(attention, np.array([False, True, False]), ["[CLS]", "cup", "[SEP]"], positions, 4)
+    assert [(m.word, m.frame) for m in alignment.words] == [("cup", 1)] and alignment.best_frame == 1
 
 
 def test_index_leaves_an_onnx_query_model_that_matches_the_torch_one(ws, monkeypatch, capsys):

@@ -49,9 +49,10 @@ def query_words(tokens: list[str], word_mask: np.ndarray) -> list[tuple[str, lis
 
 def align(attention: np.ndarray, word_mask: np.ndarray, tokens: list[str], positions: np.ndarray,
           regions_per_frame: int) -> Alignment:
-    """Which region each query word attends to (function words left out), and the frame that holds
-    most of the attention of those same words (function words spread theirs over every region, so
-    counting them favoured the frame with the most detections over the one the content words chose).
+    """Which region each query word attends to (function words left out), and the frame where those
+    words find their regions: the one whose best region per word weighs most, summed over the words, so
+    that a one-word query's frame is the frame of its region (the frame with most attention in all
+    favoured one with many weak regions), and function words, spread over every region, never choose it.
 
     attention (L, K): each word's attention over the video's K stored regions (rows of real words
     sum to 1); positions (K,): each region's place r = t*N + n in the T x N grid, -1 for padding.
@@ -59,13 +60,16 @@ def align(attention: np.ndarray, word_mask: np.ndarray, tokens: list[str], posit
     matches = []
     words_of_query = query_words(tokens, word_mask)
     content = [(w, p) for w, p in words_of_query if w.lower() not in FUNCTION_WORDS] or words_of_query
-    for text, places in content:
-        weights = attention[places].mean(0)  # (K,)
-        k = int(weights.argmax())
+    weights = np.stack([attention[places].mean(0) for _, places in content]) if content else np.zeros((0, len(positions)))
+    for (text, _), word_weights in zip(content, weights):  # (K,) each
+        k = int(word_weights.argmax())
         region = int(positions[k])
-        matches.append(WordMatch(text, region, region // regions_per_frame, float(weights[k])))
+        matches.append(WordMatch(text, region, region // regions_per_frame, float(word_weights[k])))
     real = positions >= 0  # (K,)
-    chosen = [p for _, places in content for p in places]  # token rows of the matched words
-    # attention of the matched words summed per region (K_real,), then per frame (T,)
-    mass = np.bincount(positions[real] // regions_per_frame, weights=attention[chosen][:, real].sum(0))
-    return Alignment(int(mass.argmax()) if len(mass) and mass.any() else 0, matches)
+    frames = positions[real] // regions_per_frame  # (K_real,) each real region's frame
+    if not len(content) or not len(frames):
+        return Alignment(0, matches)
+    per_frame = np.full((len(content), int(frames.max()) + 1), -np.inf)  # (W, T) each word's best region per frame
+    np.maximum.at(per_frame, (slice(None), frames), weights[:, real])
+    score = np.where(np.isfinite(per_frame), per_frame, 0).sum(0)  # (T,)
+    return Alignment(int(score.argmax()) if score.any() else 0, matches)
