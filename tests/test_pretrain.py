@@ -409,6 +409,15 @@ def test_resume_with_other_epochs_records_them_so_inspect_and_a_later_resume_agr
     assert run_pretrain(**options, **small_options(tiny_text, epochs=None, resume=True))["trained_epochs"] == 0
 
 
+def test_more_captions_per_video_than_a_video_has_is_said(tmp_path, corpus, tiny_text, monkeypatch, capsys):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=tmp_path / "run",
+                 **small_options(tiny_text, epochs=1, captions_per_video=50, quiet=False))
+    typical = [c for c in json.loads(Path(corpus["train"]).read_text().splitlines()[0])["captions"] if c]  # "" is no caption
+    assert (f"note: --captions-per-video 50 is more than the {len(typical)} captions of a typical training video"
+            in capsys.readouterr().err)
+
+
 def test_a_run_being_trained_refuses_a_second_pretrain_until_its_trainer_dies_then_resumes(
         tmp_path, corpus, tiny_text, monkeypatch):
     monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))

@@ -250,6 +250,10 @@ def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, w
         train_config.captions = [str(p) for p in data.caption_files]
         train_config.val_captions = str(data.validation_file) if data.validation_file else None
         model_config, notes = _new_model_config(options, data)
+    typical = data.train.median_captions() if len(data.train) else 0
+    if not stored and options.captions_per_video and typical and options.captions_per_video > typical:
+        notes.append(f"note: --captions-per-video {options.captions_per_video} is more than the {typical} captions of "
+                     f"a typical training video: a step repeats its captions, more text work for the same positives")
     for line in [*data.summary(), *notes]:
         processes.say(line)
     return Run(run_dir, train_config, model_config, data, resumed=bool(stored))
