@@ -475,3 +475,18 @@ def test_inspect_lists_the_shards_it_leaves_out_and_why(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["ignored_shards"] == {"s9of10-00000.h5": ["feature_dim 5, not 8"]}
     assert list(summary["unreadable_shards"]) == ["s8of10-00000.h5"]
+
+
+def test_inspect_of_a_cache_without_detections_says_so_rather_than_leaving_the_line_out(tmp_path, capsys):
+    from vlpcache.cache.inspect import inspect_cache
+
+    with ShardWriter(tmp_path, SETTINGS) as writer:
+        item = random_item(0)
+        item["labels"][:] = -1  # the whole-frame regions alone: nothing scored above the threshold
+        item["region_mask"][:] = False
+        item["region_mask"][:, 0] = True
+        writer.add("dark", "/data/dark.mp4", "video", item)
+    inspect_cache(tmp_path)
+    frames = int(random_item(0)["frame_mask"].sum())
+    assert f"found       no detections in its {frames} frames: only the whole-frame regions (score >= 0.1)" \
+        in capsys.readouterr().out

@@ -97,7 +97,10 @@ def print_summary(summary: dict) -> None:
            f"{summary['frames_without_detections'] / max(1, summary['frames']):.0%} of the frames): "
            + ", ".join(f"{printable(t['label'])} {t['share']:.0%}" for t in summary["top_labels"])
            + (", ..." if sum(t["count"] for t in summary["top_labels"]) < summary["detections"] else "")]
-          if summary["detections"] else []),
+          if summary["detections"] else
+          [f"found       no detections in its {summary['frames']} frames: only the whole-frame regions "
+           f"(score >= {p['score_threshold']})"]
+          if summary["frames"] else []),
         f"sampling    {p['sampling']}, score >= {p['score_threshold']}, NMS IoU {p['nms_iou']}, schema v{p['schema_version']}",
         f"on disk     {human_size(summary['size_bytes'])} in {summary['shards']} shard{'' if summary['shards'] == 1 else 's'}",
     ]
