@@ -85,7 +85,8 @@ def test_split_evaluates_the_videos_of_one_split_of_a_file_that_has_several(root
     assert test["text_to_video"]["queries"] == 5 and test["text_to_video"]["candidates"] == 5
     assert test["run"]["split"] == "TEST"
 
-    code, _, err = vlpcache(monkeypatch, capsys, "eval", "--captions", path, "--rerank-candidates", "0")
+    code, out, err = vlpcache(monkeypatch, capsys, "eval", "--captions", path, "--rerank-candidates", "0")
+    assert ", no re-rank (--rerank-candidates 0), " in out and "top 0" not in out
     assert code == 0 and (f"eval: {path} has videos of several splits (5 test, 3 val), all evaluated together: "
                           "--split NAME evaluates one") in err.splitlines()
     code, _, err = vlpcache(monkeypatch, capsys, "eval", "--captions", path, "--split", "train")

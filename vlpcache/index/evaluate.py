@@ -219,6 +219,10 @@ def seen_by_run(run_dir: Path, cache_dir: Path, captions_file, captions, file_ha
     return Seen(trained, validated, True, tuple(trained_files), validation)
 
 
+def rerank_said(candidates: int) -> str:
+    return f"re-rank of the top {candidates}" if candidates else "no re-rank (--rerank-candidates 0)"
+
+
 def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captions=False, paragraphs=False,
              max_words=None, as_json=False, rerank_candidates=RERANK_CANDIDATES, device=DEFAULT_DEVICE,
              batch_size=None, checkpoint=None, quiet=False, qbnorm=False, dual_softmax=False, per_query=None) -> dict:
@@ -287,7 +291,7 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
                      else f"{p['captions_per_video']} caption per video")
         cut = f"; {p['queries_cut']} longer, cut there" if p["queries_cut"] else ""
         print(f"{p['queries']} queries ({per_video}, up to {p['max_words']} tokens{cut}), {p['videos']} candidate videos, "
-              f"re-rank of the top {p['rerank_candidates']}, {p['seconds']} s")
+              f"{rerank_said(p['rerank_candidates'])}, {p['seconds']} s")
     if records is not None:  # after the figures: a write that fails loses only the records
         write_per_query(Path(per_query), records)
         say(f"eval: each query's rank and best candidates in {printable(str(per_query))}")
