@@ -37,10 +37,10 @@ from vlpcache.extract.options import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, ENGINES, E
 from vlpcache.index.compare import RANKINGS, RESAMPLES
 from vlpcache.index.layout import EXACT_LIMIT, IndexConfig
 from vlpcache.metrics import RERANK_CANDIDATES
-from vlpcache.report import close_bars
 from vlpcache.model.config import ModelConfig as M  # defaults shown in `pretrain --help`
 from vlpcache.model.config import MAX_CAPTIONS_PER_VIDEO, MAX_CAPTIONS_PER_VIDEO_TEXT_TRAINING, PRECISIONS
 from vlpcache.model.config import TrainConfig as T
+from vlpcache.report import close_bars
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
