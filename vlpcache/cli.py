@@ -358,7 +358,7 @@ def serve(**options) -> None:
                    "video's rank under each ranking, the best candidates.")
 @checkpoint_option
 @device_option
-@click.option("--batch-size", default=None, type=click.IntRange(1), help="Videos or captions per encoding batch.")
+@click.option("--batch-size", default=None, type=click.IntRange(1), help="Videos or captions per encoding batch [default: 64 on CPU, 256 on CUDA].")
 @quiet_option("No progress bar.")
 def eval_(**options) -> None:
     """Text->video and video->text R@1/5/10, median and mean rank on a caption file, with and without re-rank."""
