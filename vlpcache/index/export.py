@@ -27,17 +27,13 @@ IDS_SUFFIX = ".ids.json"
 def export_embeddings(index, cache, path) -> list[Path]:
     """Write `index`'s embeddings and ids to path (.npy or .parquet); returns the files written."""
     path = Path(path)
+    check_export_path(path)
     embeddings = np.ascontiguousarray(index.embeddings, dtype=np.float32)  # (V, E)
     if path.suffix == ".parquet":
         paths = [cache.paths[cache.index_of(i)] if i in cache else "" for i in index.ids]
-        write = _parquet_writer(path, index.ids, paths, embeddings)
-        _check_folder(path)
-        _write_together([(path, write, "")])
+        _write_together([(path, _parquet_writer(path, index.ids, paths, embeddings), "")])
         return [path]
-    if path.suffix != ".npy":
-        raise UserError(f"{path}: export to a .npy file (with its ids beside it) or a .parquet file")
     ids_path = path.with_name(path.name[: -len(".npy")] + IDS_SUFFIX)
-    _check_folder(path)
     _write_together([
         (ids_path, lambda tmp: tmp.write_text(json.dumps(index.ids, ensure_ascii=False), encoding="utf-8"), ""),
         (path, lambda tmp: np.save(tmp, embeddings), ".npy"),
@@ -72,9 +68,5 @@ def check_export_path(path) -> None:
     path = Path(path)
     if path.suffix not in (".npy", ".parquet"):
         raise UserError(f"{path}: export to a .npy file (with its ids beside it) or a .parquet file")
-    _check_folder(path)
-
-
-def _check_folder(path: Path) -> None:
     if not path.parent.is_dir():
         raise UserError(f"{path}: no such folder {path.parent}; create it first")

@@ -125,7 +125,7 @@ class Searcher:
     @functools.cached_property
     def unshown(self) -> int:
         """How many indexed items the cache cannot show (counted once: the cache is read as it was opened)."""
-        return sum(1 for item_id in self.index.ids if item_id not in self.cache)
+        return missing_from_cache(self.index, self.cache)
 
     @property
     def model_label(self) -> str:
@@ -347,7 +347,7 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
     rerank = not no_rerank and not qbnorm
     if rerank and not searcher.can_rerank:
         say("note: the run was trained without region-word alignment; results are not re-ranked")
-    shown = len(searcher) - missing_from_cache(searcher.index, searcher.cache)
+    shown = len(searcher) - searcher.unshown
     if k > shown:
         say(f"note: -k {k} is more than the {shown} indexed items in the cache; showing all of them")
     cut = 0
