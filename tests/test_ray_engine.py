@@ -237,6 +237,34 @@ def test_ctrl_c_or_sigterm_stops_the_ray_engine_with_one_line_and_a_rerun_finish
     assert not list((cache_dir / SHARD_DIR).glob("*.tmp"))
 
 
+def test_a_full_disk_stops_the_ray_engine_with_one_line_and_a_rerun_finishes(root, ray_address, local, tmp_path):
+    """An actor's write that fails on a full disk: one line and status 2 as with the local engine, not
+    Ray's wrapping of the actor's traceback; once there is room, the same command finishes the cache."""
+    from test_faults import Disk
+
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("needs a tmpfs to fill (mount, as root): Ray's actors, started by its raylet, do not inherit a "
+                    "file-size limit")
+    try:
+        cache_dir = folder / "cache"
+        command = ("extract", root, "-o", cache_dir, *FRAMES, "--items-per-shard", 3, "--engine", "ray",
+                   "--ray-address", ray_address)
+        with Disk(folder, tmpfs=True).full(room=150_000):
+            failed = subprocess.run([sys.executable, "-m", "vlpcache", *map(str, command)], cwd=tmp_path,
+                                    capture_output=True, text=True, timeout=HANG_GUARD_S)
+        assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+        error = failed.stderr.strip().splitlines()[-1]
+        assert error.startswith("error: ") and "cannot write (No space left on device (ENOSPC))" in error, error
+        assert len(RegionCache(cache_dir)) < len(local)
+        vlpcache(*command, cwd=tmp_path)
+        assert_same_cache(RegionCache(cache_dir), local)
+        assert not list((cache_dir / SHARD_DIR).glob("*.tmp"))
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
 def test_without_ray_installed_the_ray_engine_is_one_line_naming_the_extra(tmp_path):
     blocked = ("import sys; sys.modules['ray'] = None; sys.argv = ['vlpcache', 'extract', '.', '--engine', 'ray']; "
                "from vlpcache.cli import main; main()")

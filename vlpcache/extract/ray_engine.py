@@ -152,10 +152,33 @@ def run_on_ray(todo: list[Item], spec: DetectorSpec, writer: ShardWriter, option
         dataset = _pipeline(ray, todo, spec, writer, options)
         with ExtractProgress(summary, len(todo), options.description(), spec.detector, started,
                              options.quiet, writer.cache_dir) as progress:
-            _collect(dataset, progress, summary, started)
+            try:
+                _collect(dataset, progress, summary, started)
+            except Exception as err:
+                ours = user_error_inside(err)
+                if ours is None:
+                    raise
+                raise UserError(str(ours).splitlines()[0]) from None  # Ray appends lines on its retries
     finally:
         if started_here:
             ray.shutdown()
+
+
+def user_error_inside(err: BaseException) -> UserError | None:
+    """The one-line error (a full disk: the actor's ShardWriter) that an actor raised, from inside the
+    exceptions Ray wraps it in (a RayTaskError whose text is the actor's whole traceback); None if none."""
+    from ray.exceptions import RayError
+
+    seen, queue = set(), [err]
+    while queue:
+        e = queue.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError) and not isinstance(e, RayError):
+            return e
+        queue += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
 
 
 def _connect(ray, address: str | None) -> bool:
@@ -164,6 +187,10 @@ def _connect(ray, address: str | None) -> bool:
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines beside our bar
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": ours show
+    # an actor's error is logged by these two with its traceback, then raised here: run_on_ray says it (in
+    # one line where it is ours, a full disk), and Python prints the traceback of any other
+    for name in ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     if ray.is_initialized():
         return False
     try:
@@ -181,6 +208,7 @@ def _pipeline(ray, todo: list[Item], spec: DetectorSpec, writer: ShardWriter, op
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver's own bar counts items
     context.print_on_execution_start = False
+    context.raise_original_map_exception = True  # an actor's UserError reaches the driver (user_error_inside)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if options.device == "cuda" and not gpus:
         raise UserError("--device cuda: the Ray cluster has no GPU; use --device cpu or auto")
