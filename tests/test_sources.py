@@ -186,6 +186,13 @@ def test_broken_symlink_with_media_extension_is_reported(tmp_path):
     assert items == [] and problems == [(str(tmp_path / "link.mp4"), "broken symbolic link; skipped")]
 
 
+def test_a_symlink_with_a_media_extension_to_a_device_is_reported_as_such_not_as_broken(tmp_path):
+    os.symlink("/dev/zero", tmp_path / "zero.mp4")
+    items, problems = discover_items([tmp_path])
+    assert items == [] and problems == [
+        (str(tmp_path / "zero.mp4"), "symbolic link to something that is not a file (a device, a pipe or a socket); skipped")]
+
+
 def test_without_frame_folders_every_image_in_a_subfolder_is_an_item_of_its_own(tmp_path):
     touch(tmp_path / "coco" / "train2014" / "COCO_1.jpg")
     touch(tmp_path / "coco" / "train2014" / "COCO_2.jpg")

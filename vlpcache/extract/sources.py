@@ -219,7 +219,9 @@ class _Walk:
                 if path.suffix.lower() == SIDECAR_SUFFIX:  # a caption beside its image (img2dataset)
                     texts.add(path.stem)
             elif entry.is_symlink() and media_kind(path) is not None:
-                self.problems.append((str(path), f"broken symbolic link; {SKIPPED}"))
+                what = ("symbolic link to something that is not a file (a device, a pipe or a socket)"
+                        if os.path.exists(path) else "broken symbolic link")
+                self.problems.append((str(path), f"{what}; {SKIPPED}"))
 
         below, sub_has_media = [], False
         for sub in subfolders:
