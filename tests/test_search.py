@@ -547,6 +547,33 @@ def test_an_export_that_embeds_other_lengths_otherwise_than_the_model_is_dropped
     [result] = search_json(monkeypatch, capsys, "a dog", "-k", "2")  # through torch
     assert len(result["results"]) == 2
 
+def test_a_full_disk_while_exporting_the_query_model_is_an_error_and_the_next_index_run_writes_it(
+        ws, monkeypatch, capsys):
+    """The index itself is kept; the query model, without which search starts several times slower, is
+    a one-line error (exit 2, even with --quiet), not a note; the same command again writes it."""
+    import errno
+
+    from vlpcache.index import query_graphs
+    from vlpcache.index.query_model import QUERY_DIR
+
+    export = query_graphs.export_query_model
+
+    def disk_full(run, index_dir):
+        raise OSError(errno.ENOSPC, "No space left on device", str(index_dir / QUERY_DIR / "text.onnx"))
+
+    monkeypatch.setattr(query_graphs, "export_query_model", disk_full)
+    code, out, err = vlpcache(monkeypatch, capsys, "index", "--rebuild", "--quiet")
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        f"error: {the_index(ws)}: cannot write (No space left on device (ENOSPC)); the index is kept, without its query "
+        "model (ONNX), which makes search start several times slower; make room and run the same command again to "
+        "write it"]
+    assert (the_index(ws) / "index.json").exists() and not (the_index(ws) / QUERY_DIR).exists()
+    monkeypatch.setattr(query_graphs, "export_query_model", export)
+    code, out, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0 and (the_index(ws) / QUERY_DIR).is_dir()
+
+
 def test_search_with_an_exported_index_never_imports_torch(ws, monkeypatch, capsys):
     import subprocess
 

@@ -300,6 +300,10 @@ def export_for_search(run, index_dir: Path, say) -> None:
     try:
         export_query_model(run, index_dir)
     except Exception as err:  # search still works through torch, only slower to start
+        if is_write_failure(err):  # a full disk is the user's to fix, not a note that --quiet hides
+            raise write_failure(index_dir, err, "the index is kept, without its query model (ONNX), which makes search "
+                                                "start several times slower; make room and run the same command again "
+                                                "to write it") from None
         say(f"note: no ONNX export of the query model ({type(err).__name__}: {system_reason(err)[:120]}); "
             "search will load it with torch")
 
