@@ -550,6 +550,22 @@ def test_caption_encoding_stopped_midway_resumes_from_the_kept_parts_and_equals_
     assert sorted(p.name for p in folder.iterdir()) == [resumed.path.name]  # parts, temporaries and lock gone
 
 
+def test_parts_that_a_kill_left_after_their_join_are_removed_by_the_next_run_that_reads_the_file(
+        tiny_text_model, tmp_path, monkeypatch):
+    from vlpcache.model.text_features import cached_text_features
+
+    model, tokenizer = build_model(tiny_config(tiny_text_model, text_trainable_layers=1))
+    cpu = torch.device("cpu")
+    first = cached_text_features(model, tokenizer, CAPTIONS, tmp_path, with_words=True, device=cpu, progress=False)
+    parts = first.path.with_suffix(".parts")  # as a kill -9 after the join, before the parts went, leaves them
+    parts.mkdir()
+    (parts / "part-000000.npz").write_bytes(b"x" * 100)
+    monkeypatch.setattr(model.text_encoder, "prefix", lambda *a: pytest.fail("encoded again"))
+    again = cached_text_features(model, tokenizer, CAPTIONS, tmp_path, with_words=True, device=cpu, progress=False)
+    assert again.path == first.path and not parts.exists()
+    assert sorted(p.name for p in first.path.parent.iterdir()) == [first.path.name]
+
+
 def test_an_unreadable_kept_part_is_encoded_again(tiny_text_model, tmp_path, monkeypatch):
     from vlpcache.model import text_features
     from vlpcache.model.text_features import cached_text_features

@@ -171,6 +171,7 @@ def cached_text_features(model, tokenizer, captions: list[str], workspace_root: 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = Path(workspace_root) / FEATURES_DIR / f"{digest}.h5"
     if isinstance(features := _open(path), TextFeatures):
+        _remove_joined_parts(path)
         return features
     say = say or (lambda line: None)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +188,20 @@ def cached_text_features(model, tokenizer, captions: list[str], workspace_root: 
         if not isinstance(features, TextFeatures):
             _encode(model, tokenizer, captions, path, key, device, progress, say)
     return TextFeatures(path)
+
+
+def _remove_joined_parts(path: Path) -> None:
+    """The parts of a file joined already, which a kill between the join and their removal left (as
+    large as the file; no later run would enter _encode to remove them). Under the lock, unless a writer
+    holds it."""
+    parts = path.with_suffix(".parts")
+    if not parts.is_dir():
+        return
+    lock = WriterLock.take(path.with_suffix(LOCK_SUFFIX))
+    if lock is not None:
+        with lock:
+            if isinstance(_open(path), TextFeatures):
+                shutil.rmtree(parts, ignore_errors=True)
 
 
 def _open(path: Path) -> TextFeatures | str | None:
