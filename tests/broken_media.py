@@ -18,6 +18,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import h5py
 import numpy as np
 from PIL import Image
 
@@ -233,3 +234,14 @@ def make_broken_media(folder: Path, source_video: Path | None = None) -> dict[st
     (folder / "._photo.jpg").write_bytes(b"\0\5\26\7 AppleDouble resource fork")
     expected["._photo.jpg"] = "ignored"
     return expected
+
+
+def damage_chunk(shard: Path, name: str, row: int) -> None:
+    """Invert two bytes of one video's chunk of array `name` on disk, as a disk fault or a bad copy would."""
+    with h5py.File(shard, "r") as f:
+        info = f[name].id.get_chunk_info_by_coord((row,) + (0,) * (f[name].ndim - 1))
+    with open(shard, "r+b") as f:  # inside the chunk: the smallest are 28 bytes
+        f.seek(info.byte_offset + 2)
+        flipped = bytes(b ^ 0xFF for b in f.read(2))
+        f.seek(info.byte_offset + 2)
+        f.write(flipped)

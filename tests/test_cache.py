@@ -21,6 +21,7 @@ from vlpcache.cache.schema import (LOCK_DIR, MANIFEST_NAME, SCHEMA_VERSION, SHAR
 from vlpcache.cache.manifest import passed_over_path, read_failures, read_passed_over
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
+from broken_media import damage_chunk
 from waiting import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
@@ -305,6 +306,34 @@ def test_shard_columns_give_each_videos_rows_once_and_inspect_counts_them_shard_
     assert counts["frames_without_detections"] == sum(
         int(frame) and not ((item["labels"][t] >= 0) & item["region_mask"][t]).any()
         for item in items for t, frame in enumerate(item["frame_mask"]))
+
+
+def test_a_damaged_chunk_fails_to_read_with_one_line_naming_shard_and_item_instead_of_other_numbers(tmp_path):
+    """A chunk changed on disk is caught by its checksum (lzf, the features' compression, has none of its
+    own; the other arrays are stored raw): the item's read raises DamagedShard, one line naming the
+    shard, the item and the way out; the shard's other items read as written."""
+    from vlpcache.cache.inspect import region_counts
+    from vlpcache.cache.reader import DamagedShard
+
+    write_items(tmp_path, ["a", "b", "c"])
+    (shard,) = (tmp_path / SHARD_DIR).glob("*.h5")
+    with h5py.File(shard) as f:
+        assert all(f[spec.name].fletcher32 for spec in SETTINGS.arrays())
+    damage_chunk(shard, "features", 1)
+    damage_chunk(shard, "labels", 2)
+    cache = RegionCache(tmp_path)
+    np.testing.assert_array_equal(cache.get("a")["features"], random_item(0)["features"].astype(np.float16))
+    with pytest.raises(DamagedShard) as err:
+        cache.get("b")
+    assert str(err.value).startswith(f"{shard}: item 'b' cannot be read (") and "\n" not in str(err.value)
+    assert "damaged" in str(err.value) and "run `vlpcache extract` again" in str(err.value)
+    assert cache.get("b", ("boxes",))["boxes"].shape == (3, 4, 4)  # the item's undamaged arrays still read
+    with pytest.raises(DamagedShard, match="item 'c' cannot be read"):
+        cache.read(2)
+    with pytest.raises(DamagedShard, match="its 'labels' cannot be read"):
+        region_counts(cache)
+    with pytest.raises(DamagedShard, match="its 'features' cannot be read"):
+        cache.column("features")
 
 
 def test_cache_with_different_settings_is_refused(tmp_path):

@@ -4,6 +4,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from broken_media import damage_chunk
 from test_model import build_tiny_text_model
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import CacheSettings, empty_item
@@ -116,6 +118,8 @@ def test_pretrain_writes_checkpoints_logs_and_validation_metrics(tmp_path, corpu
     assert set(ckpt.checkpoints(run_dir)) >= {2}
     last = ckpt.checkpoints(run_dir)[2]
     assert {p.name for p in last.iterdir()} == {"model.safetensors", "training_state.pt", "meta.json"}
+    modes = {p.name: p.stat().st_mode & 0o777 for p in last.iterdir()}  # others may load it as they read the rest
+    assert modes["model.safetensors"] == modes["meta.json"] == modes["training_state.pt"], modes
     assert (run_dir / "text" / "tokenizer_config.json").exists() and (run_dir / "config.json").exists()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
@@ -213,6 +217,30 @@ def test_frozen_text_features_are_keyed_by_the_text_models_weights(tmp_path):
     key_a, key_b, key_c = (features_key(str(tmp_path / n), "mean", 32, True, ["a dog"]) for n in "abc")
     assert key_a != key_b and key_a == key_c  # other weights, other features; a copy of the same, the same
     assert features_key(str(tmp_path / "a"), "mean", 32, True, ["a cat"]) != key_a
+
+
+def test_a_kill_while_older_checkpoints_are_removed_never_leaves_one_listed_without_its_files(tmp_path, monkeypatch):
+    """Removing a checkpoint renames it out of the list first: a kill in the middle of deleting its files
+    leaves a temporary that the next run removes, never a checkpoint with its meta.json and no weights
+    (listed, and failing to load) nor an empty epoch folder, which the next run removes too."""
+    model = torch.nn.Linear(2, 2)
+    ckpt.save_checkpoint(tmp_path, 1, model, {"epoch": 1}, {})
+    real_rmtree = shutil.rmtree
+
+    def killed_halfway(path, ignore_errors=False):
+        if Path(path).exists():
+            (Path(path) / ckpt.WEIGHTS_NAME).unlink()  # the first file gone, then the process dies
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 2, model, {"epoch": 2}, {})  # epoch 1 is not the best (none): removed
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert list(ckpt.checkpoints(tmp_path)) == [2]
+    assert all((path / ckpt.WEIGHTS_NAME).is_file() for path in ckpt.checkpoints(tmp_path).values())
+    (tmp_path / "checkpoints" / "epoch-0000").mkdir()  # what a kill mid-removal left before removals were renamed
+    ckpt.remove_temporaries(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-0002"]
 
 
 def test_run_without_checkpoint_is_a_user_error(tmp_path):
@@ -407,6 +435,9 @@ def test_resume_with_other_epochs_records_them_so_inspect_and_a_later_resume_agr
     assert "--epochs 2: the run now ends after epoch 2 (it was to end after 1)" in capsys.readouterr().err
     assert ckpt.read_run_config(tmp_path / "run")["train"]["epochs"] == 2
     assert run_pretrain(**options, **small_options(tiny_text, epochs=None, resume=True))["trained_epochs"] == 0
+    with pytest.raises(UserError, match=r"--epochs 1: .* has trained 2 epochs already; pass --epochs 2 or more"):
+        run_pretrain(**options, **small_options(tiny_text, epochs=1, resume=True))  # an end before what is done
+    assert ckpt.read_run_config(tmp_path / "run")["train"]["epochs"] == 2
 
 
 def test_more_captions_per_video_than_a_video_has_is_said(tmp_path, corpus, tiny_text, monkeypatch, capsys):
@@ -416,6 +447,62 @@ def test_more_captions_per_video_than_a_video_has_is_said(tmp_path, corpus, tiny
     typical = [c for c in json.loads(Path(corpus["train"]).read_text().splitlines()[0])["captions"] if c]  # "" is no caption
     assert (f"note: --captions-per-video 50 is more than the {len(typical)} captions of a typical training video"
             in capsys.readouterr().err)
+
+
+def damaged_copy(corpus: dict, folder: Path) -> tuple[Path, Path]:
+    """A copy of the corpus cache whose training item v19 has a damaged features chunk; (cache, shard)."""
+    cache = folder / "cache"
+    shutil.copytree(corpus["cache"], cache)
+    shard = sorted((cache / "shards").glob("*.h5"))[1]  # v16 ... v31
+    damage_chunk(shard, "features", 3)
+    return cache, shard
+
+
+def damaged_line(shard: Path, reason: str) -> str:
+    return (f"{shard}: item 'v19' cannot be read ({reason}): the shard is damaged (a disk fault or a bad copy); move "
+            f"it out of {shard.parent} and run `vlpcache extract` again to redo its items")
+
+
+def test_a_damaged_cache_chunk_stops_pretraining_with_one_line_naming_shard_and_item(tmp_path, corpus, tiny_text):
+    """A chunk damaged on disk ends the run with the reader's one line: not a traceback, and not training
+    on other numbers."""
+    cache, shard = damaged_copy(corpus, tmp_path)
+    done = subprocess.run(_pretrain_command({**corpus, "cache": cache}, tiny_text, tmp_path / "run", 1, "--workers", "0"),
+                          capture_output=True, text=True, timeout=HANG_GUARD_S,
+                          env={**os.environ, "VLPCACHE_WORKSPACE": str(tmp_path / "ws")})
+    assert done.returncode == 2, done.stderr
+    reason = done.stderr.split(" cannot be read (")[1].split("): ")[0]
+    assert done.stderr.strip().splitlines() == [f"error: {damaged_line(shard, reason)}"]
+
+
+def test_an_error_in_a_loading_worker_is_its_one_line_and_the_workers_end_with_it(tmp_path, corpus, tiny_text):
+    """Raised in a loading worker, the same error comes back from torch wrapped in the worker's
+    traceback: the command's line is still the reader's one line. And the workers have ended by the
+    time the error leaves pretraining, while it is still held: its traceback keeps the loader alive,
+    and a worker left running made the command wait for ever at exit, after its error line. (Asked in a
+    process of its own that ends with os._exit, which waits for no one.)"""
+    cache, shard = damaged_copy(corpus, tmp_path)
+    options = dict(cache_dirs=[str(cache)], captions=[str(corpus["train"])], run_dir=str(tmp_path / "run"),
+                   **small_options(tiny_text, epochs=1, workers=1))
+    script = f"""
+import json, multiprocessing, os
+from vlpcache.cache.reader import DamagedShard
+from vlpcache.errors import user_message
+from vlpcache.model.train import run_pretrain
+try:
+    run_pretrain(**{options!r})
+except DamagedShard as err:
+    print(json.dumps({{"wrapped": "Original Traceback" in str(err), "line": user_message(err),
+                      "workers": len(multiprocessing.active_children())}}), flush=True)
+os._exit(0)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_GUARD_S,
+                          env={**os.environ, "VLPCACHE_WORKSPACE": str(tmp_path / "ws")})
+    result = json.loads(done.stdout)
+    assert result["wrapped"]  # what torch makes of it
+    reason = result["line"].split(" cannot be read (")[1].split("): ")[0]
+    assert result["line"] == damaged_line(shard, reason)
+    assert result["workers"] == 0
 
 
 def test_a_run_being_trained_refuses_a_second_pretrain_until_its_trainer_dies_then_resumes(

@@ -17,7 +17,7 @@ import click
 from vlpcache import __version__
 from vlpcache.cache.schema import SCORE_THRESHOLD, SHARD_SECONDS
 from vlpcache.devices import DEFAULT_DEVICE, DEVICES
-from vlpcache.errors import Interrupted, UserError
+from vlpcache.errors import Interrupted, UserError, user_message
 from vlpcache.files import system_reason
 from vlpcache.interrupts import exit_status, stopped, stops_remembered
 from vlpcache.extract.detectors.spec import (
@@ -434,7 +434,7 @@ def main() -> None:
             err.show()
             exit_now(err.exit_code)
         except UserError as err:
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"error: {user_message(err)}", err=True)
             exit_now(2)
         except BrokenPipeError:
             sys.exit(0)

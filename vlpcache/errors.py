@@ -12,3 +12,13 @@ class Interrupted(Exception):
 
 class ItemError(Exception):
     """One input item cannot be processed (corrupt, unreadable, no video stream...); the run goes on."""
+
+
+def user_message(err: UserError) -> str:
+    """A UserError's line; one raised in a DataLoader worker comes back from torch as the same type whose
+    message is "Caught ... Original Traceback ..." ending in the original line, which is taken."""
+    message = str(err)
+    if "\nOriginal Traceback" in message:
+        last = message.rstrip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if last.startswith(f"{type(err).__module__}.{type(err).__name__}: ") else last
+    return message

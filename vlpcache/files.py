@@ -212,3 +212,17 @@ def _disk_full(path: Path) -> bool:
 def write_failure(path: Path, err: BaseException, then: str) -> UserError:
     """One line for a write that failed: the path, the system's reason, and what became of the work."""
     return UserError(f"{path}: cannot write ({system_reason(err, path)}); {then}")
+
+
+def current_umask() -> int:
+    """The process's umask: from /proc on Linux, else read by setting it and setting it back (which a
+    thread creating a file in between would see)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

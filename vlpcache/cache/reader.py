@@ -8,6 +8,10 @@ Every shard is checked against the manifest by its own attributes and array shap
 other settings (copied in from another cache, or a manifest edited by hand) is left out, as is one
 that cannot be read; each is reported once per process and listed in `ignored_shards` and
 `unreadable_shards`, so that no reader (inspect, pretrain, index, eval) mixes shapes or features.
+
+Shards carry a checksum per chunk (fletcher32; shards of earlier versions have none): a chunk damaged
+on disk or in a copy fails to read, and the read raises DamagedShard, one line that names the shard
+and the way out, instead of handing other numbers to training or search.
 """
 
 from __future__ import annotations
@@ -26,6 +30,16 @@ from vlpcache.report import Say, say
 
 
 _reported: set[tuple[Path, str]] = set()  # shard problems already reported in this process
+
+
+class DamagedShard(UserError):
+    """A finished shard whose data no longer reads (a checksum or decompression failure)."""
+
+
+def damaged_line(shard: Path, what: str, err: OSError) -> str:
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return (f"{shard}: {what} cannot be read ({reason}): the shard is damaged (a disk fault or a bad copy); move it "
+            f"out of {shard.parent} and run `vlpcache extract` again to redo its items")
 
 
 def _decode(values) -> list[str]:
@@ -105,7 +119,7 @@ class RegionCache:
         by_shard = {}
         for s in np.unique(self._locations[:, 0]):
             f = self._shard(int(s))
-            by_shard[int(s)] = _decode(f["notes"][:]) if "notes" in f else None
+            by_shard[int(s)] = _decode(self._whole(int(s), "notes")) if "notes" in f else None
         notes = {}
         for item_id, (s, row) in zip(self.ids, self._locations.tolist()):
             if by_shard[s] is not None and (note := by_shard[s][row]):
@@ -116,7 +130,12 @@ class RegionCache:
         """What went wrong with an item kept anyway; "" for most."""
         s, row = self._locations[self.index_of(item_id)]
         notes = self._shard_datasets(int(s)).get("notes")
-        return _decode([notes[row]])[0] if notes is not None else ""
+        if notes is None:
+            return ""
+        try:
+            return _decode([notes[row]])[0]
+        except OSError as err:
+            raise DamagedShard(damaged_line(self.shard_paths[int(s)], f"the note of {item_id!r}", err)) from None
 
     @property
     def failures(self) -> dict[str, dict]:
@@ -174,7 +193,10 @@ class RegionCache:
             raise IndexError(f"index {index} out of range for a cache of {len(self)} items")
         s, row = self._locations[index]
         datasets = self._shard_datasets(int(s))
-        item = {name: datasets[name][row] for name in (names or self._array_names)}
+        try:
+            item = {name: datasets[name][row] for name in (names or self._array_names)}
+        except OSError as err:
+            raise DamagedShard(damaged_line(self.shard_paths[int(s)], f"item {self.ids[index]!r}", err)) from None
         item["id"], item["path"], item["kind"] = self.ids[index], self.paths[index], self.kinds[index]
         return item
 
@@ -188,18 +210,24 @@ class RegionCache:
         by_shard = self._locations[np.argsort(self._locations[:, 0], kind="stable")]  # (V, 2) shard, row
         shards, starts = np.unique(by_shard[:, 0], return_index=True)
         for s, rows in zip(shards, np.split(by_shard[:, 1], starts[1:])):
-            datasets = self._shard(int(s))
-            yield {name: datasets[name][:][rows] for name in names}
+            yield {name: self._whole(int(s), name)[rows] for name in names}
 
     def column(self, name: str) -> np.ndarray:
         """One array for every video in cache order, read a shard at a time (e.g. "frame_mask")."""
         parts = {}
         for s in np.unique(self._locations[:, 0]):
-            parts[int(s)] = self._shard(int(s))[name][:]
+            parts[int(s)] = self._whole(int(s), name)
         if not parts:
             spec = next(a for a in self.settings.arrays() if a.name == name)
             return np.zeros((0, *self.settings.shape_of(spec)), dtype=spec.dtype)
         return np.stack([parts[int(s)][row] for s, row in self._locations])
+
+    def _whole(self, s: int, name: str) -> np.ndarray:
+        """Every row of one array of shard s."""
+        try:
+            return self._shard(s)[name][:]
+        except OSError as err:
+            raise DamagedShard(damaged_line(self.shard_paths[s], f"its {name!r}", err)) from None
 
     def size_on_disk(self) -> int:
         return folder_bytes(self.cache_dir)

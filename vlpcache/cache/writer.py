@@ -241,6 +241,7 @@ class ShardWriter:
                 dtype=spec.dtype,
                 chunks=(1, *shape) if shape else (1024,),  # one video per chunk
                 compression=FEATURE_COMPRESSION if spec.name == "features" else None,
+                fletcher32=True,  # a checksum per chunk: a damaged shard fails to read instead of giving other numbers
             )
         for name in STRINGS:
             self._datasets[name] = f.create_dataset(name, shape=(0,), maxshape=(None,),

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlpcache.errors import UserError
-from vlpcache.files import file_sha256, fsync_path, is_write_failure, write_failure
+from vlpcache.files import current_umask, file_sha256, fsync_path, is_write_failure, write_failure
 from vlpcache.model.run_layout import (
     BEST_NAME,
     CHECKPOINT_DIR,
@@ -85,8 +85,23 @@ def set_rng_state(state: dict) -> None:
 
 
 def remove_temporaries(run_dir: Path) -> None:
-    for tmp in (Path(run_dir) / CHECKPOINT_DIR).glob(TEMPORARY_PATTERN):
+    """What killed runs left: checkpoints being written or pruned, and the folders of checkpoints whose
+    removal a kill stopped halfway (before removals went through a temporary name)."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    for tmp in folder.glob(TEMPORARY_PATTERN):
         shutil.rmtree(tmp, ignore_errors=True)
+    for path in folder.glob("epoch-*"):
+        if path.is_dir() and not (path / META_NAME).exists():  # never a checkpoint: renamed in once whole
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Out of the list in one step (renamed to a temporary name), then deleted: a kill halfway leaves no
+    checkpoint folder that has its meta.json and lacks its weights, nor an empty one."""
+    doomed = path.with_name(f".{path.name}.tmp-pruned")
+    shutil.rmtree(doomed, ignore_errors=True)
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -109,7 +124,7 @@ def save_checkpoint(
     best = read_best(run_dir)
     for old_epoch, path in checkpoints(run_dir).items():
         if old_epoch < epoch and old_epoch != (best or {}).get("epoch"):
-            shutil.rmtree(path, ignore_errors=True)
+            remove_checkpoint(path)
     return final
 
 
@@ -121,6 +136,7 @@ def _write_checkpoint(tmp: Path, final: Path, epoch: int, model: torch.nn.Module
     tmp.mkdir()
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, tmp / WEIGHTS_NAME, metadata={"epoch": str(epoch)})
+    os.chmod(tmp / WEIGHTS_NAME, 0o666 & ~current_umask())  # safetensors writes 0600: others could not load it
     with open(tmp / STATE_NAME, "wb") as f:  # through a Python file: a failed write keeps its errno
         torch.save(training_state, f)
     meta = {**meta, "epoch": epoch, "sha256": file_sha256(tmp / WEIGHTS_NAME)}
@@ -128,7 +144,7 @@ def _write_checkpoint(tmp: Path, final: Path, epoch: int, model: torch.nn.Module
         fsync_path(tmp / name)
     write_json(tmp / META_NAME, meta)  # last: a checkpoint counts once its meta.json exists
     if final.exists():  # the same epoch saved by a run that was killed before moving on: replace it
-        shutil.rmtree(final)
+        remove_checkpoint(final)
     os.replace(tmp, final)
     fsync_path(final.parent)
 

@@ -230,6 +230,10 @@ def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, w
     notes = []  # a new run's lines on the defaults it resolved
     if stored:
         train_config, model_config = _stored_settings(options, stored, run_dir, processes)
+        done = max(ckpt.checkpoints(run_dir), default=0)
+        if train_config.epochs < done:  # would record an end before what is trained: "2 of 1 epochs"
+            raise UserError(f"--epochs {train_config.epochs}: {run_dir} has trained {done} epochs already; pass "
+                            f"--epochs {done} or more (more continues it), or start a new run")
     else:
         train_config = TrainConfig(
             **{k: getattr(options, k) for k in TRAIN_OPTIONS if getattr(options, k) is not None},
@@ -310,7 +314,10 @@ def _stored_settings(options: PretrainOptions, stored: dict, run_dir: Path, proc
     for option, field in MODEL_OPTIONS.items():
         value = getattr(options, option)
         if value is not None and value != getattr(model_config, field):
-            conflicts.append(f"--{option.replace('_', '-')} {value} (the run has {getattr(model_config, field)})")
+            had = getattr(model_config, field)
+            if field == "text_model" and not had:  # "" is the default model of the vlpcache that trained it
+                had = "the default text model"
+            conflicts.append(f"--{option.replace('_', '-')} {value} (the run has {had})")
     if options.no_rwa and model_config.rwa:
         conflicts.append("--no-rwa (the run trains with region-word alignment)")
     for given, kept, name in ((options.cache_dirs, train_config.caches, "--cache"), (options.captions, train_config.captions, "--captions")):
@@ -421,7 +428,7 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
         done = max(last, default=0)
         processes.say(f"--epochs {run.train.epochs}: the run now ends after epoch {run.train.epochs} (it was to end "
                       f"after {before}), and its learning rate decays to 0 there" +
-                      (f"; {done} epochs are done already, so none is trained" if done >= run.train.epochs else ""))
+                      (f"; {done} epochs are done already, so none is trained" if done == run.train.epochs else ""))
     if processes.world > 1:
         trainer.trainable = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[processes.device.index] if processes.device.type == "cuda" else None
@@ -551,6 +558,16 @@ def train_step(trainable, criterion, optimizer, inputs: dict, autocast, scaler, 
     return {k: float(v.detach()) for k, v in losses.items()}, logit_scale.detach()
 
 
+def close_batches(batches) -> None:
+    """End a loader iterator's worker processes now. An error raised in a worker comes back through the
+    iterator's frames, so its traceback keeps the iterator (and the workers, which outlive a SIGTERM while
+    their loader is open: interrupts.leave_sigterm_to_the_parent) alive until the interpreter's exit,
+    where multiprocessing waits for them for ever; the command's one line came, and it never ended."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own, what its __del__ calls
+    if callable(shutdown):
+        shutdown()
+
+
 def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, processes: Processes, tensorboard) -> dict:
     """One pass over the training items; returns the epoch's log record (mean losses, speed)."""
     loader.sampler.set_epoch(epoch)
@@ -561,25 +578,29 @@ def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, proc
     samples = loader.steps_per_epoch * loader.batch * processes.world
     bar = progress_bar(total=samples, unit="video", unit_scale=True, desc=f"epoch {epoch}/{run.train.epochs}",
                        disable=processes.quiet or not processes.main, leave=False)
-    for batch_cpu in loader.loader:
-        factor = learning_rate_factor(trainer.step, loader.total_steps, loader.warmup)
-        for group in trainer.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
-        inputs = {k: v.to(processes.device, non_blocking=True) for k, v in batch_cpu.items()}
-        values, logit_scale = train_step(trainer.trainable, trainer.criterion, trainer.optimizer, inputs,
-                                         trainer.autocast, trainer.scaler, run.train.grad_clip)
-        trainer.model.clamp_logit_scales()
-        trainer.step += 1
-        stop_if_interrupted()
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + v
-        bar.update(loader.batch * processes.world)
-        bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
-        if tensorboard is not None:
+    batches = iter(loader.loader)
+    try:
+        for batch_cpu in batches:
+            factor = learning_rate_factor(trainer.step, loader.total_steps, loader.warmup)
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            inputs = {k: v.to(processes.device, non_blocking=True) for k, v in batch_cpu.items()}
+            values, logit_scale = train_step(trainer.trainable, trainer.criterion, trainer.optimizer, inputs,
+                                             trainer.autocast, trainer.scaler, run.train.grad_clip)
+            trainer.model.clamp_logit_scales()
+            trainer.step += 1
+            stop_if_interrupted()
             for k, v in values.items():
-                tensorboard.add_scalar(f"train/{k}", v, trainer.step)
-            tensorboard.add_scalar("train/lr", trainer.optimizer.param_groups[0]["lr"], trainer.step)
-            tensorboard.add_scalar("train/temperature", 1 / float(logit_scale), trainer.step)
+                sums[k] = sums.get(k, 0.0) + v
+            bar.update(loader.batch * processes.world)
+            bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
+            if tensorboard is not None:
+                for k, v in values.items():
+                    tensorboard.add_scalar(f"train/{k}", v, trainer.step)
+                tensorboard.add_scalar("train/lr", trainer.optimizer.param_groups[0]["lr"], trainer.step)
+                tensorboard.add_scalar("train/temperature", 1 / float(logit_scale), trainer.step)
+    finally:
+        close_batches(batches)
     bar.close()
     seconds = time.monotonic() - started
     return {  # the log line's fields: run_layout.LOG_FIELDS, where each is described
