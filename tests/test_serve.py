@@ -459,3 +459,44 @@ def test_page_in_headless_chromium_shows_result_cards_with_thumbnails_and_boxes(
     if os.environ.get("VLPCACHE_SCREENSHOTS"):  # to look at them: VLPCACHE_SCREENSHOTS=DIR pytest ...
         for name in ("results.png", "detail.png", "unread.png"):
             shutil.copy(tmp_path / name, Path(os.environ["VLPCACHE_SCREENSHOTS"]) / name)
+
+
+def test_the_page_fits_a_phone_and_a_long_word_wraps_instead_of_widening_it(ws, server, tmp_path):
+    """At 375 px the query box takes the whole width on a line of its own, nothing scrolls sideways, and
+    the detail's frames fit the dialog; a query word of 175 letters wraps, at phone and desktop width."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    fits = "return document.documentElement.scrollWidth <= window.innerWidth"
+    browser = chromium_driver(tmp_path)
+    try:
+        browser.set_window_size(375, 812)
+        width = browser.execute_script("return window.innerWidth")
+        if width > 420:
+            pytest.skip(f"this chromium keeps its window {width} px wide")
+        wait = WebDriverWait(browser, 30)
+        browser.get(server.url + "?" + urllib.parse.urlencode({"q": "a man with a dog"}))
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".card")) == 12)
+        query_box = browser.find_element(By.ID, "q").rect
+        assert query_box["width"] >= 0.8 * width, query_box
+        assert browser.execute_script(fits)
+        browser.save_screenshot(str(tmp_path / "phone.png"))
+        browser.find_elements(By.CSS_SELECTOR, ".card")[0].click()
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#detail-frames figure")) == 2)
+        assert browser.execute_script(
+            "const d = document.getElementById('detail').getBoundingClientRect();"
+            "return [...document.querySelectorAll('#detail-frames figure')].every("
+            "f => f.getBoundingClientRect().right <= d.right + 0.5)")
+        assert browser.execute_script("const d = document.getElementById('detail'); return d.scrollWidth <= d.clientWidth")
+        browser.save_screenshot(str(tmp_path / "phone-detail.png"))
+        for size in ((375, 812), (1280, 1000)):
+            browser.set_window_size(*size)
+            browser.get(server.url + "?" + urllib.parse.urlencode({"q": "verylongwordwithoutspaces" * 7}))
+            wait.until(lambda b: b.find_element(By.ID, "status").text.startswith("12 results for "))
+            assert browser.execute_script(fits), size
+        browser.save_screenshot(str(tmp_path / "long-word.png"))
+    finally:
+        browser.quit()
+    if os.environ.get("VLPCACHE_SCREENSHOTS"):
+        for name in ("phone.png", "phone-detail.png", "long-word.png"):
+            shutil.copy(tmp_path / name, Path(os.environ["VLPCACHE_SCREENSHOTS"]) / name)
