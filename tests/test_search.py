@@ -367,6 +367,23 @@ def test_an_index_kept_in_the_root_itself_is_used_when_it_matches(ws, monkeypatc
     assert code == 0 and "building" not in err and not [p for p in root.iterdir() if p.is_dir() and p.name != "query"]
 
 
+def test_an_index_folder_of_another_checkpoint_given_as_the_index_root_is_refused_not_built_into(ws, monkeypatch, capsys):
+    """`--index` given one of the folders the tool printed, `index .../8dfd...: 5 items`, of another run:
+    one line naming the folder that holds it, rather than a new index built inside that index."""
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    other = ws / "elsewhere" / the_index(ws).name
+    shutil.copytree(the_index(ws), other)
+    meta = json.loads((other / "index.json").read_text())
+    (other / "index.json").write_text(json.dumps({**meta, "checkpoint_sha256": "f" * 64}))
+    for command in (("search", "a dog", "--index", other), ("index", "-o", other)):
+        code, _, err = vlpcache(monkeypatch, capsys, *command)
+        assert code == 2 and err.strip().splitlines()[-1].startswith(
+            f"error: {other} is the index of another checkpoint or cache (checkpoint ffffffffffff, not "), err
+        assert f"pass the folder that holds it, {other.parent}, " in err
+        assert sorted(p.name for p in other.iterdir() if p.is_dir()) == sorted(
+            p.name for p in the_index(ws).iterdir() if p.is_dir())  # nothing built inside it
+
+
 def test_an_index_stopped_midway_resumes_and_encodes_only_what_no_kept_part_holds(ws, monkeypatch, capsys):
     import vlpcache.index.build as build
     import vlpcache.model.retrieval as retrieval

@@ -136,13 +136,24 @@ def index_dir_for(root: str | Path, checkpoint_sha256: str, cache_settings: dict
 
     root = Path(root)
     collection = collection_of(cache_dir)
-    for folder in [root, *sorted(p.parent for p in root.glob(f"*/{META_FILE}"))]:
-        meta = read_optional_json(folder / META_FILE)
-        if not isinstance(meta, dict) or source_differences(meta, checkpoint_sha256, cache_settings):
-            continue
+
+    def other_source(meta: dict) -> list[str]:
+        if diffs := source_differences(meta, checkpoint_sha256, cache_settings):
+            return diffs
         if meta.get("collection") == collection or (
                 not meta.get("collection") and meta.get("cache_dir") in (None, "", str(Path(cache_dir).resolve()))):
+            return []
+        return [f"cache {meta.get('cache_dir')}, not {Path(cache_dir).resolve()}"]
+
+    for folder in [root, *sorted(p.parent for p in root.glob(f"*/{META_FILE}"))]:
+        meta = read_optional_json(folder / META_FILE)
+        if isinstance(meta, dict) and not other_source(meta):
             return folder
+    meta = read_optional_json(root / META_FILE)
+    if isinstance(meta, dict):  # an index folder itself, of something else: never an index root
+        raise UserError(f"{root} is the index of another checkpoint or cache ({'; '.join(other_source(meta)[:3])}); pass "
+                        f"the folder that holds it, {root.parent}, where each checkpoint and cache gets an index of its "
+                        "own, or the --run and --cache it was built from")
     return root / index_key(checkpoint_sha256, cache_settings, collection)
 
 
