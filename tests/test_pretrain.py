@@ -243,10 +243,37 @@ def test_a_kill_while_older_checkpoints_are_removed_never_leaves_one_listed_with
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-0002"]
 
 
-def test_run_without_checkpoint_is_a_user_error(tmp_path):
+def test_a_checkpoint_that_the_trainer_removes_between_listing_and_reading_is_looked_up_again(tmp_path, corpus,
+                                                                                               tiny_text, monkeypatch):
+    """search or index of a run being trained: the checkpoint chosen can be removed (a better one landed)
+    before its weights are read; the run's checkpoint is then chosen again, not 'unreadable checkpoint'."""
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    run_dir = tmp_path / "run"
+    run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=run_dir,
+                 **small_options(tiny_text, epochs=1))
+    load_weights = ckpt.load_weights
+
+    def while_the_trainer_moves_on(model, checkpoint_dir):
+        if checkpoint_dir.name == "epoch-0001":  # epoch 2 lands and epoch 1 goes, as save_checkpoint does
+            shutil.copytree(checkpoint_dir, checkpoint_dir.with_name("epoch-0002"))
+            ckpt.remove_checkpoint(checkpoint_dir)
+        return load_weights(model, checkpoint_dir)
+
+    monkeypatch.setattr(ckpt, "load_weights", while_the_trainer_moves_on)
+    assert load_run(run_dir).checkpoint_path == run_dir / "checkpoints" / "epoch-0002" / ckpt.WEIGHTS_NAME
+
+
+def test_run_without_checkpoint_is_a_user_error_that_says_to_wait_while_it_trains(tmp_path):
+    from vlpcache.locks import WriterLock
+    from vlpcache.model.run_layout import TRAINING_LOCK_NAME
+
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(UserError, match="no checkpoint"):
+    with pytest.raises(UserError, match=r"no checkpoint yet; run `vlpcache pretrain` \(or --resume it\) first"):
         load_run(tmp_path)
+    with WriterLock.take(tmp_path / TRAINING_LOCK_NAME):  # as pretrain holds it during its first epoch
+        with pytest.raises(UserError, match=rf"no checkpoint yet; it is being trained \(pid {os.getpid()} on .*\), and "
+                                            "its first checkpoint is saved at the end of its first epoch: wait for that"):
+            load_run(tmp_path)
 
 
 def test_caption_report_counts_missing_items_missing_captions_and_empty_captions(tmp_path, corpus):

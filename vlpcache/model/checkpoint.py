@@ -201,6 +201,9 @@ class LoadedRun:
     run_dir: Path
 
 
+RELOOKS = 3  # times load_run looks for the run's checkpoint again when the one it chose went meanwhile
+
+
 def load_run(run_dir, device: str | torch.device = "cpu", checkpoint=None) -> LoadedRun:
     """The trained model of a run directory, ready for encoding (eval mode, on `device`)."""
     from vlpcache.model.model import AlignmentModel, ModelConfig, load_text_backbone
@@ -211,9 +214,19 @@ def load_run(run_dir, device: str | torch.device = "cpu", checkpoint=None) -> Lo
     config = ModelConfig.from_json(stored["model"])
     backbone, tokenizer = load_text_backbone(str(run_dir / TEXT_DIR), weights=False)
     model = AlignmentModel(config, backbone)
-    load_weights(model, checkpoint_dir)
+    for attempt in range(RELOOKS + 1):
+        if attempt:
+            checkpoint_dir = resolve_checkpoint(run_dir, checkpoint)
+        try:
+            load_weights(model, checkpoint_dir)
+            meta = read_checkpoint_meta(checkpoint_dir)
+            break
+        except UserError:
+            # a run being trained removes its older checkpoints as better ones land: one listed a moment
+            # ago may be gone now, and the run's best or last is another one
+            if checkpoint_dir.exists() or attempt == RELOOKS:
+                raise
     model.to(device).eval()
-    meta = read_checkpoint_meta(checkpoint_dir)
     if "rerank_weight" in meta:  # chosen on the validation set when this checkpoint was saved
         config.rerank_weight = float(meta["rerank_weight"])
     return LoadedRun(

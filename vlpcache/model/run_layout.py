@@ -27,6 +27,7 @@ import numpy as np
 
 from vlpcache.errors import UserError
 from vlpcache.files import replace_atomically
+from vlpcache.locks import holder_active, holder_of
 from vlpcache.records import read_json, read_optional_json
 
 CONFIG_NAME = "config.json"
@@ -109,6 +110,10 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str | int | os.PathLike | None
     if checkpoint is not None and Path(str(checkpoint)).is_dir():
         return Path(checkpoint)
     if not found:
+        lock = run_dir / TRAINING_LOCK_NAME
+        if (holder := holder_of(lock)) is not None and holder_active(lock, holder):
+            raise UserError(f"{run_dir}: no checkpoint yet; it is being trained ({holder.describe()}), and its first "
+                            "checkpoint is saved at the end of its first epoch: wait for that, or pass another --run")
         raise UserError(f"{run_dir}: no checkpoint yet; run `vlpcache pretrain` (or --resume it) first")
     if checkpoint in (None, "best"):
         best = read_best(run_dir)
