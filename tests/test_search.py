@@ -517,6 +517,11 @@ def test_best_frame_is_where_the_matched_words_find_their_regions_not_the_functi
     attention[1] = [0.2, 0.2, 0.2, 0.4, 0.0]
     alignment = align(attention, np.array([False, True, False]), ["[CLS]", "cup", "[SEP]"], positions, 4)
     assert [(m.word, m.frame) for m in alignment.words] == [("cup", 1)] and alignment.best_frame == 1
+    # punctuation is a token the model reads, but names no region: "dog's ball, red-car"
+    tokens = ["[CLS]", "dog", "'", "s", "ball", ",", "red", "-", "car", "[SEP]"]
+    mask = np.array([False] + [True] * 8 + [False])
+    alignment = align(np.full((10, 5), 0.2), mask, tokens, positions, 4)
+    assert [m.word for m in alignment.words] == ["dog", "s", "ball", "red", "car"]
 
 
 def test_index_leaves_an_onnx_query_model_that_matches_the_torch_one(ws, monkeypatch, capsys):

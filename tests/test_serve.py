@@ -378,6 +378,13 @@ def test_a_port_in_use_is_one_line_error(ws, server):
     assert err.count("\n") == 1
 
 
+def test_a_host_address_of_another_machine_is_one_line_about_the_host_not_the_port(ws):
+    code, _, err = _run_cli(ws, "serve", "--host", "203.0.113.77", "--port", "0")  # TEST-NET-3: documentation only, no machine's
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: cannot listen on 203.0.113.77:0 (") and "--host 203.0.113.77 is not an address of this " \
+        "machine; pass one of its addresses, 127.0.0.1 (this machine only) or 0.0.0.0 (all)" in err, err
+
+
 def _run_cli(ws: Path, *args) -> tuple[int, str, str]:
     result = subprocess.run([sys.executable, "-m", "vlpcache", *map(str, args)], capture_output=True, text=True,
                             timeout=HANG_GUARD_S, env={**os.environ, "VLPCACHE_WORKSPACE": str(ws)})

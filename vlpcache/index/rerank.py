@@ -49,7 +49,7 @@ def query_words(tokens: list[str], word_mask: np.ndarray) -> list[tuple[str, lis
 
 def align(attention: np.ndarray, word_mask: np.ndarray, tokens: list[str], positions: np.ndarray,
           regions_per_frame: int) -> Alignment:
-    """Which region each query word attends to (function words left out), and the frame where those
+    """Which region each query word attends to (function words and punctuation left out), and the frame where those
     words find their regions: the one whose best region per word weighs most, summed over the words, so
     that a one-word query's frame is the frame of its region (the frame with most attention in all
     favoured one with many weak regions), and function words, spread over every region, never choose it.
@@ -59,7 +59,8 @@ def align(attention: np.ndarray, word_mask: np.ndarray, tokens: list[str], posit
     """
     matches = []
     words_of_query = query_words(tokens, word_mask)
-    content = [(w, p) for w, p in words_of_query if w.lower() not in FUNCTION_WORDS] or words_of_query
+    content = [(w, p) for w, p in words_of_query  # punctuation ("'", ",", "=") names nothing either
+               if w.lower() not in FUNCTION_WORDS and any(c.isalnum() for c in w)] or words_of_query
     weights = np.stack([attention[places].mean(0) for _, places in content]) if content else np.zeros((0, len(positions)))
     for (text, _), word_weights in zip(content, weights):  # (K,) each
         k = int(word_weights.argmax())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 from urllib.parse import quote_plus
 
@@ -54,6 +55,9 @@ def bind(host: str, port: int) -> socket.socket:
         listener.bind(address)
     except OSError as err:
         listener.close()
+        if err.errno == errno.EADDRNOTAVAIL:  # the address is none of this machine's
+            raise UserError(f"cannot listen on {host}:{port} ({err.strerror}): --host {host} is not an address of this "
+                            "machine; pass one of its addresses, 127.0.0.1 (this machine only) or 0.0.0.0 (all)") from None
         raise UserError(f"cannot listen on {host}:{port} ({err.strerror}); pass another --port, or stop what uses it") from None
     listener.listen(128)
     return listener
