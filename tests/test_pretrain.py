@@ -276,6 +276,13 @@ def test_run_without_checkpoint_is_a_user_error_that_says_to_wait_while_it_train
             load_run(tmp_path)
 
 
+def test_the_validation_videos_are_said_among_the_items_without_training_captions(tmp_path, corpus, monkeypatch):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    data = load_pretrain_data([corpus["cache"]], [corpus["train"]], corpus["val"])
+    assert data.summary()[1].startswith(
+        "training: 40 items with captions; 8 items without captions (8 of them the validation videos), ")
+
+
 def test_caption_report_counts_missing_items_missing_captions_and_empty_captions(tmp_path, corpus):
     ids = write_cache(tmp_path / "cache", 6)
     captions = write_captions(tmp_path / "c.jsonl", ids[:4], extra={"ghost": ["boo"], "blank": ["", " "]})

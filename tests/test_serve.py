@@ -145,6 +145,9 @@ def test_bad_search_requests_get_a_4xx_with_one_line_of_json(api, params, status
 def test_unknown_routes_and_methods_get_one_line_json_errors(api):
     assert one_line_error(api.get("/api/nothing"), 404) == "not found"
     assert one_line_error(api.post("/api/search", params={"q": "a dog"}), 405) == "method not allowed"
+    assert api.get("/favicon.ico").status_code == 204  # the browser asks for it on every page: no error in its console
+    assert one_line_error(api.get("/media/frame", params={"id": "v0"}), 400) == (
+        "missing t: add t=N, a whole number from 0 to 512")
 
 
 def test_frame_of_an_item_not_in_the_index_is_refused_even_if_cached(ws):

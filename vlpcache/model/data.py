@@ -108,12 +108,15 @@ class CaptionReport:
     empty_captions: int = 0
     bad_lines_text: str = ""  # Captions.bad_lines_text(): ", N unreadable caption lines (the first: ...)"
     duplicate_ids: int = 0
+    validation_items: int = 0  # of the items without (training) captions: the validation videos
     per_cache: dict[str, int] = field(default_factory=dict)
     key_matches: KeyMatches = field(default_factory=KeyMatches)  # caption keys that are not ids, and what they matched
 
     def line(self) -> str:
+        validating = f" ({self.validation_items} of them the validation videos)" if self.validation_items else ""
         text = (
-            f"{self.items_with_captions} items with captions; {self.items_without_captions} items without captions, "
+            f"{self.items_with_captions} items with captions; {self.items_without_captions} items without captions"
+            f"{validating}, "
             f"{self.captions_without_items} captioned ids not in the cache(s), {self.empty_captions} empty or non-text captions"
         )
         text += self.bad_lines_text
@@ -345,6 +348,7 @@ def load_pretrain_data(
             )
     if data.validation is not None:
         overlap = {caches[c].ids[i] for c, i in data.validation.locations} & {caches[c].ids[i] for c, i, _ in samples}
+        report.validation_items = len(data.validation) - len(overlap)
         if overlap:
             raise UserError(
                 f"{validation_file}: {len(overlap)} validation videos also have training captions "

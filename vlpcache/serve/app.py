@@ -96,6 +96,7 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
         Route("/api/search", search),
         Route("/api/item", item),
         Route("/media/frame", frame),
+        Route("/favicon.ico", lambda request: Response(status_code=204)),  # none: no error in the browser's console
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error})
     return Guard(app, allowed_hosts)
@@ -134,6 +135,8 @@ def _int_param(request: Request, name: str, default: int | None, low: int, high:
     text = request.query_params.get(name)
     if text is None and default is not None:
         return default
+    if text is None:
+        raise ApiError(400, f"missing {name}: add {name}=N, a whole number from {low} to {high}")
     try:
         value = int(text)
     except (TypeError, ValueError):
