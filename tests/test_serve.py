@@ -505,6 +505,12 @@ def test_the_page_fits_a_phone_and_a_long_word_wraps_instead_of_widening_it(ws, 
             wait.until(lambda b: b.find_element(By.ID, "status").text.startswith("12 results for "))
             assert browser.execute_script(fits), size
         browser.save_screenshot(str(tmp_path / "long-word.png"))
+        # the words coloured as the tokenizer read them: "DOG's" is dog ' s, in any case
+        browser.get(server.url + "?" + urllib.parse.urlencode({"q": "the DOG's man"}))
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#query-words mark"))
+        marks = [m.text for m in browser.find_elements(By.CSS_SELECTOR, "#query-words mark")]
+        assert {"DOG", "man"} <= set(marks) and "'" not in marks, marks
+        assert browser.find_element(By.ID, "query-words").text == "the DOG's man"
     finally:
         browser.quit()
     if os.environ.get("VLPCACHE_SCREENSHOTS"):

@@ -72,13 +72,22 @@ function fitInFrame(picture, img) {
   });
 }
 
+// a query's words as the text model's tokenizer reads them (BERT's basic tokenizer): each punctuation mark
+// and each CJK character a word of its own ("dog's" is dog ' s; "src=x" is src = x), compared in lower
+// case without accents ("Café" is the API's "cafe")
+const PIECES = /([\p{P}!-\/:-@\[-`{-~]|\p{Script=Han})/u;
+
+function pieces(text) {
+  return text.split(PIECES).filter((piece) => piece !== "");
+}
+
 function normalised(word) {
-  return word.toLowerCase().replace(/^[^\p{L}\p{N}]+|[^\p{L}\p{N}]+$/gu, "");
+  return word.toLowerCase().normalize("NFD").replace(/\p{M}/gu, "");
 }
 
 // one colour per matched word, in the order the words come in the query
 function assignColours(query, hits) {
-  const order = query.split(/\s+/).map(normalised);
+  const order = query.split(/\s+/).flatMap(pieces).map(normalised);
   const words = [...new Set(hits.flatMap((h) => h.regions.map((r) => r.word)))];
   words.sort((a, b) => (order.indexOf(a) + 1 || 1e9) - (order.indexOf(b) + 1 || 1e9));
   return new Map(words.map((word, i) => [word, "c" + (i % COLOURS)]));
@@ -91,8 +100,10 @@ function showQueryWords(query, unread) {
   const cut = unread ? query.lastIndexOf(unread) : -1;
   const read = cut >= 0 ? query.slice(0, cut) : query;
   for (const [i, part] of read.split(/(\s+)/).entries()) {
-    const colour = i % 2 === 0 ? colours.get(normalised(part)) : undefined;
-    line.append(colour ? el("mark", { class: colour }, part) : part);
+    for (const piece of i % 2 === 0 ? pieces(part) : [part]) {
+      const colour = i % 2 === 0 ? colours.get(normalised(piece)) : undefined;
+      line.append(colour ? el("mark", { class: colour }, piece) : piece);
+    }
   }
   if (unread) line.append(el("s", { class: "unread", title: "not read: past the tokens the model reads" }, unread));
 }
