@@ -384,6 +384,22 @@ def test_an_index_folder_of_another_checkpoint_given_as_the_index_root_is_refuse
             p.name for p in the_index(ws).iterdir() if p.is_dir())  # nothing built inside it
 
 
+def test_a_searcher_takes_up_the_videos_that_index_adds_while_it_is_open(ws, monkeypatch, capsys):
+    """A server started before `vlpcache index` added new videos finds them at its next search, without
+    a restart (they were never shown, and the page kept counting the old number)."""
+    from vlpcache.index.search import Searcher
+
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    searcher = Searcher()
+    before = len(searcher)
+    assert searcher.refresh() is False  # nothing new: nothing loaded again
+    write_cache(ws / "cache", 3, prefix="w", seed=5)  # extracted meanwhile
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    hits = searcher.search("a dog", k=before + 3, rerank=False)
+    assert len(searcher) == before + 3 and {"w0", "w1", "w2"} <= {hit.id for hit in hits}
+    assert searcher.item("w1")["id"] == "w1"
+
+
 def test_an_index_stopped_midway_resumes_and_encodes_only_what_no_kept_part_holds(ws, monkeypatch, capsys):
     import vlpcache.index.build as build
     import vlpcache.model.retrieval as retrieval

@@ -29,7 +29,7 @@ from vlpcache.files import read_utf8_text, utf8_text
 from vlpcache.index.build import coverage, index_of_run, missing_from_cache, new_index_line, open_cache, resolve_sources, update_index
 from vlpcache.index.export import export_embeddings
 from vlpcache.index.faiss_index import VideoIndex
-from vlpcache.index.layout import QUERYBANK_FILE, IndexConfig, index_dir_for
+from vlpcache.index.layout import META_FILE, QUERYBANK_FILE, IndexConfig, index_dir_for
 from vlpcache.index.query_model import OnnxQueryModel, query_export_sha
 from vlpcache.index.rerank import align
 from vlpcache.metrics import RERANK_CANDIDATES
@@ -96,7 +96,9 @@ class Searcher:
 
     Every location left out is the workspace's (.vlpcache/ or $VLPCACHE_WORKSPACE; the run is its
     latest). The index is built on first use. With the ONNX export `vlpcache index` leaves in the
-    index, neither torch nor the run's weights are loaded. Safe to share between threads.
+    index, neither torch nor the run's weights are loaded. Safe to share between threads. When `vlpcache
+    index` brings the index up to date meanwhile (videos extracted and indexed while a server runs), the
+    next search takes it up (refresh).
     """
 
     def __init__(self, run=None, cache=None, index=None, *, device: str = DEFAULT_DEVICE, say: Say = say,
@@ -111,13 +113,44 @@ class Searcher:
         return searcher
 
     def _attach(self, query_model, cache: RegionCache, index: VideoIndex, index_dir: Path | None) -> None:
-        self.query_model, self.cache, self.index, self.index_dir = query_model, cache, index, index_dir
+        self.query_model, self.cache, self.index_dir = query_model, cache, index_dir
         self.rerank_candidates = RERANK_CANDIDATES
-        bank = index_dir / QUERYBANK_FILE if index_dir is not None else None
+        self._lock = threading.Lock()  # the cache's lazily opened HDF5 files and FAISS's thread setting are shared
+        self._take(index, self._stamp())
+
+    def _stamp(self) -> tuple[int, int] | None:
+        """Which index.json is in the index folder now: `vlpcache index` replaces it (a new inode) last."""
+        try:
+            found = (self.index_dir / META_FILE).stat()
+        except (OSError, TypeError):  # TypeError: no index folder (from_parts)
+            return None
+        return found.st_ino, found.st_mtime_ns
+
+    def _take(self, index: VideoIndex, stamp) -> None:
+        self.index, self._index_stamp = index, stamp
+        bank = self.index_dir / QUERYBANK_FILE if self.index_dir is not None else None
         self.query_bank = QueryBank.load(bank) if bank is not None and bank.exists() else None
         if self.query_bank is not None and len(self.query_bank.log_norm) != len(index):
             self.query_bank = None  # made for other rows: `vlpcache index` brings it up to date
-        self._lock = threading.Lock()  # the cache's lazily opened HDF5 files and FAISS's thread setting are shared
+        self.__dict__.pop("unshown", None)
+
+    def refresh(self) -> bool:
+        """Take up the index again if `vlpcache index` has written it since it was loaded (with the
+        cache's shards, which the new rows come from); True when it did. An index caught halfway through
+        being written is left for the next call; until then the one loaded answers."""
+        stamp = self._stamp()
+        if stamp is None or stamp == self._index_stamp:
+            return False
+        with self._lock:
+            if stamp == self._index_stamp:
+                return False
+            try:
+                index = VideoIndex.load(self.index_dir)
+            except (UserError, OSError, ValueError):
+                return False
+            self.cache.refresh()
+            self._take(index, stamp)
+        return True
 
     def __len__(self) -> int:
         return len(self.index)
@@ -159,6 +192,7 @@ class Searcher:
             raise UserError('empty query; give words to search for, e.g. "person cuts onion"')
         if k < 1:
             raise UserError(f"k = {k}: ask for at least one result")
+        self.refresh()
         if qbnorm and self.query_bank is None:
             raise UserError("this index has no query bank for --qbnorm; run `vlpcache index --qbnorm` (or search --qbnorm) first")
         rerank = rerank and self.can_rerank and not qbnorm
@@ -229,6 +263,7 @@ class Searcher:
     def item(self, item_id: str) -> dict:
         """One indexed item's cached arrays but its features (settings.arrays() names, plus id, path, kind
         and note: what went wrong decoding it, "" for most)."""
+        self.refresh()
         if item_id not in self.index:
             raise KeyError(f"{item_id!r} is not in the index")
         with self._lock:

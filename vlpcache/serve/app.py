@@ -58,6 +58,7 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
         return Response(body, media_type=media, headers={"cache-control": "no-cache"})
 
     def info(request: Request) -> Response:
+        searcher.refresh()  # the page's "Search N videos": those `vlpcache index` added since the server started too
         return JSONResponse({"items": len(searcher), "rerank": searcher.can_rerank, "model": searcher.model_label})
 
     def search(request: Request) -> Response:
