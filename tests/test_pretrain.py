@@ -497,46 +497,32 @@ def damaged_line(shard: Path, reason: str) -> str:
             f"it out of {shard.parent} and run `vlpcache extract` again to redo its items")
 
 
-def test_a_damaged_cache_chunk_stops_pretraining_with_one_line_naming_shard_and_item(tmp_path, corpus, tiny_text):
+def test_a_damaged_chunk_read_in_a_loading_worker_ends_pretraining_with_one_line_and_no_worker_left(tmp_path, corpus,
+                                                                                                    tiny_text):
     """A chunk damaged on disk ends the run with the reader's one line: not a traceback, and not training
-    on other numbers."""
+    on other numbers. Raised in a loading worker, torch hands the error back wrapped in the worker's
+    traceback, and the line is still the reader's. And the workers have ended by then: the error's
+    traceback keeps the loader alive, and a worker left running made the command wait for ever at exit,
+    after its line. (The command runs in a process that ends with os._exit, which waits for no one.)"""
     cache, shard = damaged_copy(corpus, tmp_path)
-    done = subprocess.run(_pretrain_command({**corpus, "cache": cache}, tiny_text, tmp_path / "run", 1, "--workers", "0"),
-                          capture_output=True, text=True, timeout=HANG_GUARD_S,
-                          env={**os.environ, "VLPCACHE_WORKSPACE": str(tmp_path / "ws")})
-    assert done.returncode == 2, done.stderr
-    reason = done.stderr.split(" cannot be read (")[1].split("): ")[0]
-    assert done.stderr.strip().splitlines() == [f"error: {damaged_line(shard, reason)}"]
-
-
-def test_an_error_in_a_loading_worker_is_its_one_line_and_the_workers_end_with_it(tmp_path, corpus, tiny_text):
-    """Raised in a loading worker, the same error comes back from torch wrapped in the worker's
-    traceback: the command's line is still the reader's one line. And the workers have ended by the
-    time the error leaves pretraining, while it is still held: its traceback keeps the loader alive,
-    and a worker left running made the command wait for ever at exit, after its error line. (Asked in a
-    process of its own that ends with os._exit, which waits for no one.)"""
-    cache, shard = damaged_copy(corpus, tmp_path)
-    options = dict(cache_dirs=[str(cache)], captions=[str(corpus["train"])], run_dir=str(tmp_path / "run"),
-                   **small_options(tiny_text, epochs=1, workers=1))
+    command = _pretrain_command({**corpus, "cache": cache}, tiny_text, tmp_path / "run", 1)[3:]  # after `vlpcache`
     script = f"""
-import json, multiprocessing, os
-from vlpcache.cache.reader import DamagedShard
-from vlpcache.errors import user_message
-from vlpcache.model.train import run_pretrain
+import json, multiprocessing, os, sys
+from vlpcache.cli import main
+sys.argv = {["vlpcache", *command]!r}
 try:
-    run_pretrain(**{options!r})
-except DamagedShard as err:
-    print(json.dumps({{"wrapped": "Original Traceback" in str(err), "line": user_message(err),
-                      "workers": len(multiprocessing.active_children())}}), flush=True)
+    main()
+except SystemExit as exit:
+    status = exit.code
+print(json.dumps({{"status": status, "workers": len(multiprocessing.active_children())}}), flush=True)
 os._exit(0)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_GUARD_S,
                           env={**os.environ, "VLPCACHE_WORKSPACE": str(tmp_path / "ws")})
-    result = json.loads(done.stdout)
-    assert result["wrapped"]  # what torch makes of it
-    reason = result["line"].split(" cannot be read (")[1].split("): ")[0]
-    assert result["line"] == damaged_line(shard, reason)
-    assert result["workers"] == 0
+    assert "--workers" in command and command[command.index("--workers") + 1] == "1"
+    assert json.loads(done.stdout) == {"status": 2, "workers": 0}, done.stderr
+    reason = done.stderr.split(" cannot be read (")[1].split("): ")[0]
+    assert done.stderr.strip().splitlines() == [f"error: {damaged_line(shard, reason)}"]
 
 
 def test_a_run_being_trained_refuses_a_second_pretrain_until_its_trainer_dies_then_resumes(
