@@ -49,10 +49,10 @@ def query_words(tokens: list[str], word_mask: np.ndarray) -> list[tuple[str, lis
 
 def align(attention: np.ndarray, word_mask: np.ndarray, tokens: list[str], positions: np.ndarray,
           regions_per_frame: int) -> Alignment:
-    """Which region each query word attends to (function words and punctuation left out), and the frame where those
-    words find their regions: the one whose best region per word weighs most, summed over the words, so
-    that a one-word query's frame is the frame of its region (the frame with most attention in all
-    favoured one with many weak regions), and function words, spread over every region, never choose it.
+    """Which region each query word attends to (function words and punctuation left out), and the frame
+    where those words find their regions: the one whose best region per word weighs most, summed over the
+    words, so that a one-word query's frame is the frame of its region (the frame with most attention in
+    all favoured one with many weak regions), and function words, spread over every region, never choose it.
 
     attention (L, K): each word's attention over the video's K stored regions (rows of real words
     sum to 1); positions (K,): each region's place r = t*N + n in the T x N grid, -1 for padding.
