@@ -16,6 +16,7 @@ and the way out, instead of handing other numbers to training or search.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -36,10 +37,16 @@ class DamagedShard(UserError):
     """A finished shard whose data no longer reads (a checksum or decompression failure)."""
 
 
-def damaged_line(shard: Path, what: str, err: OSError) -> str:
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return (f"{shard}: {what} cannot be read ({reason}): the shard is damaged (a disk fault or a bad copy); move it "
-            f"out of {shard.parent} and run `vlpcache extract` again to redo its items")
+@contextlib.contextmanager
+def reading(shard: Path, what: str):
+    """Within: an OSError of h5py reading `what` of `shard` (a checksum or decompression failure) is
+    DamagedShard, one line with the way out."""
+    try:
+        yield
+    except OSError as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DamagedShard(f"{shard}: {what} cannot be read ({reason}): the shard is damaged (a disk fault or a bad "
+                           f"copy); move it out of {shard.parent} and run `vlpcache extract` again to redo its items") from None
 
 
 def _decode(values) -> list[str]:
@@ -132,10 +139,8 @@ class RegionCache:
         notes = self._shard_datasets(int(s)).get("notes")
         if notes is None:
             return ""
-        try:
+        with reading(self.shard_paths[int(s)], f"the note of {item_id!r}"):
             return _decode([notes[row]])[0]
-        except OSError as err:
-            raise DamagedShard(damaged_line(self.shard_paths[int(s)], f"the note of {item_id!r}", err)) from None
 
     @property
     def failures(self) -> dict[str, dict]:
@@ -193,10 +198,8 @@ class RegionCache:
             raise IndexError(f"index {index} out of range for a cache of {len(self)} items")
         s, row = self._locations[index]
         datasets = self._shard_datasets(int(s))
-        try:
+        with reading(self.shard_paths[int(s)], f"item {self.ids[index]!r}"):
             item = {name: datasets[name][row] for name in (names or self._array_names)}
-        except OSError as err:
-            raise DamagedShard(damaged_line(self.shard_paths[int(s)], f"item {self.ids[index]!r}", err)) from None
         item["id"], item["path"], item["kind"] = self.ids[index], self.paths[index], self.kinds[index]
         return item
 
@@ -224,10 +227,8 @@ class RegionCache:
 
     def _whole(self, s: int, name: str) -> np.ndarray:
         """Every row of one array of shard s."""
-        try:
+        with reading(self.shard_paths[s], f"its {name!r}"):
             return self._shard(s)[name][:]
-        except OSError as err:
-            raise DamagedShard(damaged_line(self.shard_paths[s], f"its {name!r}", err)) from None
 
     def size_on_disk(self) -> int:
         return folder_bytes(self.cache_dir)

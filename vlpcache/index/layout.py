@@ -145,13 +145,13 @@ def index_dir_for(root: str | Path, checkpoint_sha256: str, cache_settings: dict
             return []
         return [f"cache {meta.get('cache_dir')}, not {Path(cache_dir).resolve()}"]
 
+    root_meta = read_optional_json(root / META_FILE)
     for folder in [root, *sorted(p.parent for p in root.glob(f"*/{META_FILE}"))]:
-        meta = read_optional_json(folder / META_FILE)
+        meta = root_meta if folder == root else read_optional_json(folder / META_FILE)
         if isinstance(meta, dict) and not other_source(meta):
             return folder
-    meta = read_optional_json(root / META_FILE)
-    if isinstance(meta, dict):  # an index folder itself, of something else: never an index root
-        raise UserError(f"{root} is the index of another checkpoint or cache ({'; '.join(other_source(meta)[:3])}); pass "
+    if isinstance(root_meta, dict):  # an index folder itself, of something else: never an index root
+        raise UserError(f"{root} is the index of another checkpoint or cache ({'; '.join(other_source(root_meta)[:3])}); pass "
                         f"the folder that holds it, {root.parent}, where each checkpoint and cache gets an index of its "
                         "own, or the --run and --cache it was built from")
     return root / index_key(checkpoint_sha256, cache_settings, collection)

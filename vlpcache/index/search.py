@@ -120,9 +120,11 @@ class Searcher:
 
     def _stamp(self) -> tuple[int, int] | None:
         """Which index.json is in the index folder now: `vlpcache index` replaces it (a new inode) last."""
+        if self.index_dir is None:  # from_parts without a folder: nothing to take up
+            return None
         try:
             found = (self.index_dir / META_FILE).stat()
-        except (OSError, TypeError):  # TypeError: no index folder (from_parts)
+        except OSError:
             return None
         return found.st_ino, found.st_mtime_ns
 

@@ -14,19 +14,18 @@ from pathlib import Path
 
 from vlpcache.errors import UserError
 from vlpcache.files import folder_bytes
-from vlpcache.locks import holder_active, holder_of
 from vlpcache.metrics import SELECTION
 from vlpcache.model.run_layout import (
     CHECKPOINT_DIR,
     CONFIG_NAME,
     LOG_FIELDS,
     LOG_NAME,
-    TRAINING_LOCK_NAME,
     checkpoints,
     latest_run,
     read_best,
     read_run_config,
     read_run_videos,
+    trainer_of,
 )
 from vlpcache.records import read_optional_json
 from vlpcache.report import human_duration, human_size, printable
@@ -65,9 +64,8 @@ def epoch_log(run_dir: Path) -> list[dict]:
 
 def training_state(run_dir: Path, epochs: int, done: int) -> dict:
     """{"state": training | stopped | finished | no checkpoint, "holder": {...} or None, "text": one line}."""
-    lock = Path(run_dir) / TRAINING_LOCK_NAME
-    holder = holder_of(lock)
-    if holder is not None and holder_active(lock, holder):
+    holder = trainer_of(run_dir)
+    if holder is not None:
         where = " (on another machine: as its lock file records it)" if holder.elsewhere else ""
         return {"state": "training", "holder": vars(holder),
                 "text": f"training now: {holder.describe()}{where}; {done} of {epochs} epochs done"}

@@ -27,7 +27,7 @@ import numpy as np
 
 from vlpcache.errors import UserError
 from vlpcache.files import replace_atomically
-from vlpcache.locks import holder_active, holder_of
+from vlpcache.locks import Holder, holder_active, holder_of
 from vlpcache.records import read_json, read_optional_json
 
 CONFIG_NAME = "config.json"
@@ -103,6 +103,14 @@ def read_checkpoint_meta(checkpoint: Path) -> dict:
                      what="checkpoint meta")
 
 
+def trainer_of(run_dir: Path) -> Holder | None:
+    """The process training the run now (it holds the run's pretrain lock), as the lock file records it;
+    None when none does."""
+    lock = Path(run_dir) / TRAINING_LOCK_NAME
+    holder = holder_of(lock)
+    return holder if holder is not None and holder_active(lock, holder) else None
+
+
 def resolve_checkpoint(run_dir: Path, checkpoint: str | int | os.PathLike | None = None) -> Path:
     """checkpoint: None (the best by validation, else the last), "best", "last", an epoch or a directory."""
     run_dir = Path(run_dir)
@@ -110,8 +118,7 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str | int | os.PathLike | None
     if checkpoint is not None and Path(str(checkpoint)).is_dir():
         return Path(checkpoint)
     if not found:
-        lock = run_dir / TRAINING_LOCK_NAME
-        if (holder := holder_of(lock)) is not None and holder_active(lock, holder):
+        if (holder := trainer_of(run_dir)) is not None:
             raise UserError(f"{run_dir}: no checkpoint yet; it is being trained ({holder.describe()}), and its first "
                             "checkpoint is saved at the end of its first epoch: wait for that, or pass another --run")
         raise UserError(f"{run_dir}: no checkpoint yet; run `vlpcache pretrain` (or --resume it) first")
