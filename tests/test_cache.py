@@ -68,7 +68,7 @@ def test_reading_some_arrays_of_an_item_gives_those_alone_equal_to_a_full_read(t
     write_items(tmp_path, ["a", "b", "c"])
     cache = RegionCache(tmp_path)
     part = cache.get("b", ("labels", "boxes"))
-    assert set(part) == {"labels", "boxes", "id", "path", "kind"}
+    assert set(part) == {"labels", "boxes", "id", "path", "kind", "source"}
     full = cache.get("b")
     assert np.array_equal(part["labels"], full["labels"]) and np.array_equal(part["boxes"], full["boxes"])
 
@@ -276,14 +276,23 @@ def test_a_complete_shard_under_its_temporary_name_is_not_read(tmp_path):
     assert RegionCache(tmp_path).ids == ["a"]
 
 
-def test_an_item_stored_by_two_writers_is_read_once_as_the_first_shard_holds_it(tmp_path):
+def test_an_item_stored_twice_is_read_once_from_the_shard_committed_last_or_the_first_of_older_shards(tmp_path):
     write_items(tmp_path, ["a", "b"], writer_name="s0of2")  # random_item(0), random_item(1)
-    write_items(tmp_path, ["c", "a"], writer_name="s1of2")  # "a" again, as random_item(1)
+    write_items(tmp_path, ["c", "a"], writer_name="s1of2")  # "a" again (extracted again), as random_item(1)
     cache = RegionCache(tmp_path)
     assert cache.ids == ["a", "b", "c"] and len(cache) == 3 and cache.column("features").shape[0] == 3
-    np.testing.assert_array_equal(cache.get("a")["features"], random_item(0)["features"].astype(np.float16))
+    np.testing.assert_array_equal(cache.get("a")["features"], random_item(1)["features"].astype(np.float16))
+    np.testing.assert_array_equal(cache.column("features")[0], cache[0]["features"])  # in the first row's place
     np.testing.assert_array_equal(cache.get("c")["features"], random_item(0)["features"].astype(np.float16))
     np.testing.assert_array_equal(cache[2]["features"], cache.get("c")["features"])
+    assert cache.committed[0] > cache.committed[1]
+    cache.close()
+    for shard in (tmp_path / SHARD_DIR).glob("*.h5"):  # as shards written before commit times were kept
+        with h5py.File(shard, "a") as f:
+            del f.attrs["committed"]
+    cache = RegionCache(tmp_path)
+    np.testing.assert_array_equal(cache.get("a")["features"], random_item(0)["features"].astype(np.float16))
+    assert cache.committed == [0.0] * 3 and cache.sources == [""] * 3
 
 
 def test_shard_columns_give_each_videos_rows_once_and_inspect_counts_them_shard_by_shard(tmp_path):
@@ -519,3 +528,33 @@ def test_inspect_of_a_cache_without_detections_says_so_rather_than_leaving_the_l
     frames = int(random_item(0)["frame_mask"].sum())
     assert f"found       no detections in its {frames} frames: only the whole-frame regions (score >= 0.1)" \
         in capsys.readouterr().out
+
+
+def test_a_sources_stamp_notices_new_content_not_a_new_time_and_reads_the_file_only_when_the_time_moved(tmp_path,
+                                                                                                       monkeypatch):
+    from vlpcache.cache import stamps
+
+    video, folder = tmp_path / "a.mp4", tmp_path / "frames"
+    video.write_bytes(bytes(range(256)) * 1024)  # 256 KiB: both ends are hashed
+    folder.mkdir()
+    for name in ("1.jpg", "2.jpg"):
+        (folder / name).write_bytes(name.encode() * 100)
+    video_stamp, folder_stamp = stamps.source_stamp(video), stamps.source_stamp(folder)
+    reads = []
+    monkeypatch.setattr(stamps, "_digest", lambda files, digest=stamps._digest: reads.append(files) or digest(files))
+    assert not stamps.source_changed(video_stamp, video) and not stamps.source_changed(folder_stamp, folder)
+    assert reads == []  # size and time agree: a stat, no read
+    os.utime(video, ns=(1, 1))  # a copy that did not keep times
+    assert not stamps.source_changed(video_stamp, video) and len(reads) == 1
+    data = bytearray(video.read_bytes())
+    data[-5] ^= 1  # the same size, another last chunk (a video re-encoded to the same length)
+    video.write_bytes(bytes(data))
+    assert stamps.source_changed(video_stamp, video)
+    (folder / "3.jpg").write_bytes(b"x")  # a frame more
+    assert stamps.source_changed(folder_stamp, folder)
+    (folder / "3.jpg").unlink()
+    (folder / "2.jpg").rename(folder / "9.jpg")  # the same bytes under other names
+    assert stamps.source_changed(folder_stamp, folder)
+    video.unlink()
+    assert stamps.source_changed(video_stamp, video) and stamps.source_stamp(video) == ""
+    assert not stamps.source_changed("", video) and not stamps.source_changed("0:1:2:3", video)  # unknown: kept

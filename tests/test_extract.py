@@ -17,6 +17,7 @@ from PIL import Image
 from vlpcache.cache.labels import COCO
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import SHARD_DIR
+from vlpcache.cache.stamps import source_stamp
 from vlpcache.extract.sources import discover_items
 from vlpcache.files import file_sha256
 from waiting import HANG_GUARD_S
@@ -150,6 +151,58 @@ def test_a_later_extract_neither_puts_another_file_under_a_cached_id_nor_caches_
     moved = vlpcache("extract", tmp_path / "moved", "-o", cache, cwd=tmp_path)
     assert "extract: 1 cached item(s) were extracted from files that are no longer there" in moved.stderr
     assert "0 done, 1 already cached" in moved.stderr and len(RegionCache(cache)) == 2
+
+
+def test_a_source_replaced_at_its_path_is_extracted_again_and_one_only_touched_is_not(tmp_path, msrvtt_dir):
+    folders = sorted((msrvtt_dir / "frames" / "val").iterdir())[:2]
+    for name, folder in zip("ab", folders):
+        shutil.copytree(folder, tmp_path / "data" / name)
+    cache = tmp_path / "cache"
+    vlpcache("extract", tmp_path / "data", "-o", cache, cwd=tmp_path)
+    shutil.rmtree(tmp_path / "data" / "a")
+    shutil.copytree(folders[1], tmp_path / "data" / "a")  # b's frames under a's name: a re-downloaded video
+    for frame in (tmp_path / "data" / "b").iterdir():
+        os.utime(frame, ns=(10**18, 10**18))  # b's files copied again without their times
+    again = vlpcache("extract", tmp_path / "data", "-o", cache, cwd=tmp_path)
+    assert "extract: 1 cached item(s) changed on disk since they were extracted" in again.stderr
+    assert "1 done, 1 already cached" in again.stderr
+    cached = RegionCache(cache)
+    assert sorted(cached.ids) == ["a", "b"] and len(list((cache / SHARD_DIR).glob("*.h5"))) == 2
+    a, b = cached.get("a"), cached.get("b")
+    for name in ("features", "boxes", "labels", "timestamps"):
+        np.testing.assert_array_equal(a[name], b[name])  # a's regions are of its new frames
+    assert a["source"] == source_stamp(tmp_path / "data" / "a") != ""
+
+
+def test_a_changed_source_whose_new_content_failed_waits_for_retry_failed_like_any_failure(tmp_path):
+    from vlpcache.cache.schema import CacheSettings, empty_item
+    from vlpcache.cache.writer import ShardWriter
+    from vlpcache.extract.options import ExtractOptions
+    from vlpcache.extract.progress import ExtractSummary
+    from vlpcache.extract.runner import items_to_extract
+    from vlpcache.extract.sources import Item
+
+    video, cache_dir = tmp_path / "a.mp4", tmp_path / "cache"
+    video.write_bytes(b"old" * 1000)
+    settings = CacheSettings(frames=2, regions=2, feature_dim=4, detector="test", detector_weights_sha256="0",
+                             backbone="test", backbone_weights_sha256="0")
+    with ShardWriter(cache_dir, settings) as writer:
+        writer.add("a", str(video), "video", empty_item(settings), source=source_stamp(video))
+    video.write_bytes(b"new" * 1000)
+    items = [Item("a", video, "video")]
+
+    def plan(**options):
+        summary = ExtractSummary()
+        return items_to_extract(items, RegionCache(cache_dir), ExtractOptions(**options), summary), summary
+
+    changed, _ = plan()
+    assert changed.todo == items and changed.changed == 1
+    with ShardWriter(cache_dir, settings) as writer:
+        writer.record_failure("a", str(video), "unreadable")  # what the run extracting it again met
+    failed, summary = plan()
+    assert failed.todo == [] and summary.skipped_failed == 1 and summary.skipped_cached == 0
+    assert list(RegionCache(cache_dir).failures) == ["a"]  # inspect --failures lists it; its old row is still read
+    assert plan(retry_failed=True)[0].todo == items
 
 
 def test_other_settings_are_refused_for_an_existing_cache(extracted, media):

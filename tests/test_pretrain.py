@@ -20,6 +20,7 @@ from broken_media import damage_chunk
 from test_model import build_tiny_text_model
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import CacheSettings, empty_item
+from vlpcache.cache.stamps import source_stamp
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import Interrupted, UserError
 from vlpcache.files import file_sha256
@@ -43,7 +44,8 @@ def write_cache(cache_dir: Path, count: int, frames=2, regions=4, dim=16, prefix
     first `real_frames` frames, all by default).
 
     Item i's source is sources[i % len(sources)], a (path, kind) pair, or else the file "<id>.mp4" that
-    does not exist; notes[i], where given, is item i's decoding note (kept despite problems)."""
+    does not exist, stamped as it is now; notes[i], where given, is item i's decoding note (kept despite
+    problems)."""
     settings = CacheSettings(frames=frames, regions=regions, feature_dim=dim, detector="synthetic",
                              detector_weights_sha256="0", backbone="synthetic", backbone_weights_sha256="0")
     rng = np.random.default_rng(seed)
@@ -61,7 +63,7 @@ def write_cache(cache_dir: Path, count: int, frames=2, regions=4, dim=16, prefix
             ids.append(f"{prefix}{i}")
             item["frame_size"][:] = (240, 320)
             path, kind = sources[i % len(sources)] if sources else (f"{ids[-1]}.mp4", "video")
-            writer.add(ids[-1], str(path), kind, item, (notes or {}).get(i, ""))
+            writer.add(ids[-1], str(path), kind, item, (notes or {}).get(i, ""), source=source_stamp(path))
     return ids
 
 

@@ -137,6 +137,8 @@ def test_item_api_lists_the_sampled_frames_and_their_detected_regions(api):
     ({"q": "a dog", "k": "ten"}, 400, "whole number"),
     ({"q": "a dog", "k": "1e9"}, 400, "whole number"),
     ({"q": "a dog", "rerank": "maybe"}, 400, "rerank must be 1 or 0 (true or false), not 'maybe'"),
+    ([("q", "a dog"), ("q", "a cat")], 400, "q given 2 times; give it once"),
+    ([("q", "a dog"), ("k", "5"), ("k", "50")], 400, "k given 2 times"),
 ])
 def test_bad_search_requests_get_a_4xx_with_one_line_of_json(api, params, status, message):
     assert message in one_line_error(api.get("/api/search", params=params), status)
@@ -243,6 +245,37 @@ def test_thumbnail_survives_its_source_once_stored(template, tmp_path, monkeypat
     video.unlink()
     second = client.get("/media/frame", params={"id": "x0", "t": 0})
     assert "x-vlpcache-placeholder" not in second.headers and second.content == first.content
+
+
+def test_a_source_changed_since_extract_gives_a_placeholder_until_extracted_and_indexed_again(template, tmp_path,
+                                                                                               monkeypatch, capsys):
+    ws = tmp_path / "ws"
+    shutil.copytree(template, ws)
+    video = tmp_path / "clip.mp4"
+    shutil.copy(SHARED / "data" / "videos" / "cup.mp4", video)
+    write_cache(ws / "cache", 1, prefix="x", seed=4, sources=[(video, "video")])
+    index_workspace(monkeypatch, ws)
+    shutil.copy(SHARED / "data" / "videos" / "bikes.mp4", video)  # replaced: its frames are not the cached boxes'
+    client, _ = client_for(ws)
+    changed = client.get("/media/frame", params={"id": "x0", "t": 1})
+    assert "changed since it was extracted" in changed.headers["x-vlpcache-placeholder"]
+    write_cache(ws / "cache", 1, prefix="x", seed=5, sources=[(video, "video")])  # extract redoes it
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0 and "1 indexed item(s) were extracted again since it was built" in err
+    client, searcher = client_for(ws)
+    fresh = client.get("/media/frame", params={"id": "x0", "t": 1})
+    assert fresh.status_code == 200 and "x-vlpcache-placeholder" not in fresh.headers
+    import torch
+
+    from vlpcache.model.batch import video_batch
+    from vlpcache.model.checkpoint import load_run
+
+    new_row = searcher.cache.get("x0")
+    run = load_run(ws / "runs" / "run-001")
+    with torch.inference_mode():
+        expected = run.model.encode_video(**video_batch([new_row])).global_[0].numpy()
+    np.testing.assert_allclose(searcher.index.embeddings[searcher.index.row_of("x0")], expected, atol=1e-5)
+    assert len(searcher.index) == ITEMS + 1
 
 
 def test_missing_source_gives_a_placeholder_of_the_frames_shape_not_an_error(api):

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from vlpcache.cache.manifest import UNREADABLE, read_failures, read_manifest, shard_file_differences
-from vlpcache.cache.schema import SHARD_DIR, SHARD_SUFFIX, CacheSettings
+from vlpcache.cache.schema import COMMITTED_ATTR, SHARD_DIR, SHARD_SUFFIX, CacheSettings
 from vlpcache.errors import UserError
 from vlpcache.files import folder_bytes
 from vlpcache.report import Say, say
@@ -57,7 +58,7 @@ class RegionCache:
     """A read-only view of every finished shard in a cache directory.
 
     `cache[i]` and `cache.get(id)` return one video's arrays (the names of settings.arrays()) plus "id",
-    "path" and "kind".
+    "path", "kind" and "source".
     """
 
     def __init__(self, cache_dir: str | os.PathLike, say: Say = say):
@@ -74,36 +75,46 @@ class RegionCache:
     def refresh(self) -> None:
         """Re-list the shards (other processes may have committed more since)."""
         self.close()
+        self.listed_at = time.time()  # shards committed after this are not in the listing
         self.shard_paths: list[Path] = sorted((self.cache_dir / SHARD_DIR).glob(f"*{SHARD_SUFFIX}"))
         self.unreadable_shards: dict[Path, str] = {}  # shard -> why it cannot be read
         self.ignored_shards: dict[Path, list[str]] = {}  # shard -> how its settings differ from the manifest's
-        ids, paths, kinds, locations = [], [], [], []
+        ids, paths, kinds, sources, committed, locations = [], [], [], [], [], []
         seen: dict[str, int] = {}
         for s, shard in enumerate(self.shard_paths):
             listing = self._list_shard(shard)
             if listing is None:
                 continue
-            for row, (item_id, path, kind) in enumerate(zip(*listing)):
-                if item_id in seen:  # only if two writers were given overlapping work; keep the first
-                    continue
-                seen[item_id] = len(ids)
-                ids.append(item_id)
-                paths.append(path)
-                kinds.append(kind)
-                locations.append((s, row))
+            *columns, when = listing
+            for row, (item_id, path, kind, source) in enumerate(zip(*columns)):
+                i = seen.get(item_id)
+                if i is None:
+                    seen[item_id] = len(ids)
+                    for column, value in zip((ids, paths, kinds, sources, committed, locations),
+                                             (item_id, path, kind, source, when, (s, row))):
+                        column.append(value)
+                elif when > committed[i]:  # extracted again (its source changed): the row committed last, in
+                    # the first one's place; of rows without commit times (older shards), the first
+                    paths[i], kinds[i], sources[i], committed[i], locations[i] = path, kind, source, when, (s, row)
         self.ids: list[str] = ids
         self.paths: list[str] = paths
         self.kinds: list[str] = kinds
+        self.sources: list[str] = sources  # each item's source stamp (stamps.py), "" from shards before stamps
+        self.committed: list[float] = committed  # when each item's shard was committed, 0 before it was kept
         self._index_of = seen
         self._locations = np.array(locations, dtype=np.int64).reshape(-1, 2)
 
-    def _list_shard(self, shard: Path) -> tuple[list[str], list[str], list[str]] | None:
-        """(ids, paths, kinds) of a shard that agrees with the manifest; None, reported once, otherwise."""
+    def _list_shard(self, shard: Path) -> tuple[list[str], list[str], list[str], list[str], float] | None:
+        """(ids, paths, kinds, source stamps, commit time) of a shard that agrees with the manifest; None,
+        reported once, otherwise."""
         try:
             with h5py.File(shard, "r") as f:
                 diffs = shard_file_differences(f, self.settings)
                 if not diffs:
-                    return _decode(f["ids"][:]), _decode(f["paths"][:]), _decode(f["kinds"][:])
+                    ids = _decode(f["ids"][:])
+                    sources = _decode(f["sources"][:]) if "sources" in f else [""] * len(ids)
+                    return (ids, _decode(f["paths"][:]), _decode(f["kinds"][:]), sources,
+                            float(f.attrs.get(COMMITTED_ATTR, 0.0)))
         except UNREADABLE as err:
             self.unreadable_shards[shard] = str(err).splitlines()[0] if str(err) else type(err).__name__
             self._report_once(shard, f"{shard}: unreadable shard ({self.unreadable_shards[shard]}); its items are left out: "
@@ -144,8 +155,13 @@ class RegionCache:
 
     @property
     def failures(self) -> dict[str, dict]:
-        """Failed items not since extracted successfully: id -> {"id", "path", "reason", "time"}."""
-        return {k: v for k, v in read_failures(self.cache_dir).items() if k not in self._index_of}
+        """Failed items not since extracted successfully: id -> {"id", "path", "reason", "time"}. That
+        includes a cached item whose source changed and then failed to extract (the cache reads its old row)."""
+        def since(item_id: str, record: dict) -> bool:
+            i = self._index_of.get(item_id)
+            return i is None or 0 < self.committed[i] < record.get("time", 0)
+
+        return {k: v for k, v in read_failures(self.cache_dir).items() if since(k, v)}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -193,7 +209,7 @@ class RegionCache:
 
     def read(self, index: int, names: tuple[str, ...] | None = None) -> dict:
         """One video's arrays, all of settings.arrays() or only `names` (search shows boxes without reading
-        features, the bulk of a video), plus "id", "path" and "kind"."""
+        features, the bulk of a video), plus "id", "path", "kind" and "source" (its stamp)."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a cache of {len(self)} items")
         s, row = self._locations[index]
@@ -201,6 +217,7 @@ class RegionCache:
         with reading(self.shard_paths[int(s)], f"item {self.ids[index]!r}"):
             item = {name: datasets[name][row] for name in (names or self._array_names)}
         item["id"], item["path"], item["kind"] = self.ids[index], self.paths[index], self.kinds[index]
+        item["source"] = self.sources[index]
         return item
 
     def get(self, item_id: str, names: tuple[str, ...] | None = None) -> dict:

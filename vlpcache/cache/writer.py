@@ -32,6 +32,7 @@ from vlpcache import __version__
 from vlpcache.cache.manifest import UNREADABLE, passed_over_path, read_manifest, read_passed_over, shard_file_differences
 from vlpcache.cache.schema import (
     COLLECTION_KEY,
+    COMMITTED_ATTR,
     FAILURE_DIR,
     LOCK_DIR,
     MANIFEST_NAME,
@@ -249,16 +250,18 @@ class ShardWriter:
         self._count = 0
         self._opened_at = time.monotonic()
 
-    def add(self, item_id: str, path: str, kind: str, arrays: dict[str, np.ndarray], note: str = "") -> None:
+    def add(self, item_id: str, path: str, kind: str, arrays: dict[str, np.ndarray], note: str = "",
+            source: str = "") -> None:
         """Append one video; arrays are keyed by the names of settings.arrays(), with their shapes; `note`
-        says what was wrong with an item kept anyway (committed with it, so never recorded twice)."""
+        says what was wrong with an item kept anyway (committed with it, so never recorded twice);
+        `source` is the stamp of what it was extracted from (stamps.source_stamp)."""
         values = {}
         for spec in self.settings.arrays():
             values[spec.name] = np.asarray(arrays[spec.name], dtype=spec.dtype)
             expected = self.settings.shape_of(spec)
             if values[spec.name].shape != expected:
                 raise ValueError(f"{item_id}: {spec.name} has shape {values[spec.name].shape}, cache expects {expected}")
-        values.update(zip(STRINGS, (item_id, path, kind, note), strict=True))
+        values.update(zip(STRINGS, (item_id, path, kind, note, source), strict=True))
         with self._writing():
             if self._file is None:
                 self._open_shard()
@@ -280,6 +283,7 @@ class ShardWriter:
                 if ds.shape[0] != self._count:
                     ds.resize(self._count, axis=0)
             self._file.attrs["complete"] = True
+            self._file.attrs[COMMITTED_ATTR] = time.time()
             self._file.flush()
             self._datasets = {}
             self._file.close()

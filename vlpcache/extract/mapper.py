@@ -33,7 +33,7 @@ class RegionItem:
         if self.arrays is None:
             writer.record_failure(item.id, str(item.path), self.error)
             return 0
-        writer.add(item.id, str(item.path), item.kind, self.arrays, note=self.note)
+        writer.add(item.id, str(item.path), item.kind, self.arrays, note=self.note, source=self.decoded.source)
         return int(self.arrays["frame_mask"].sum())
 
 

@@ -111,13 +111,19 @@ class RegionShardActor:
         self.ready_at = time.time()
         self.idle_since = time.perf_counter()
 
+    def committed_before(self, decoded) -> bool:
+        """Whether the killed incarnation committed this item (from this source: not the cache's older row
+        of a source that has changed since)."""
+        item_id = decoded.item.id
+        return item_id in self.committed and self.committed.sources[self.committed.index_of(item_id)] == decoded.source
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         waited = time.perf_counter() - self.idle_since
         detect_before = self.mapper.detect_seconds
         rows, fresh = [], []
         for decoded in (pickle.loads(b) for b in batch["decoded"]):
             item_id = decoded.item.id
-            if self.committed is not None and item_id in self.committed:
+            if self.committed is not None and self.committed_before(decoded):
                 frames = int(self.committed.get(item_id, ("frame_mask",))["frame_mask"].sum())
                 rows.append((decoded.item, frames, "", self.committed.note_of(item_id)))
             else:

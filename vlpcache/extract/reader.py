@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Callable, Iterable, Iterator
 
+from vlpcache.cache.stamps import source_stamp
 from vlpcache.errors import ItemError, UserError
 from vlpcache.extract.options import DECODE_TIMEOUT_S
 from vlpcache.extract.sampling import SampledFrames, read_item
@@ -50,12 +51,14 @@ class DecodedItem:
     item: Item
     sampled: SampledFrames | None  # None when decoding failed
     error: str | None = None
+    source: str = ""  # the source's stamp (cache.stamps), taken before it was read
 
 
 def decode_item(item: Item, num_frames: int, max_side: int) -> DecodedItem:
     """Decode one item; bad input becomes a DecodedItem with an error, never an exception."""
     try:
-        return DecodedItem(item, read_item(item, num_frames, max_side))
+        stamp = source_stamp(item.path)  # before reading: a file that changes meanwhile is redone next time
+        return DecodedItem(item, read_item(item, num_frames, max_side), source=stamp)
     except ItemError as err:
         return DecodedItem(item, None, str(err) or "unreadable")
     except MemoryError:

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from vlpcache.cache.labels import RegionNames, region_names
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import FRAME_REGION_LABEL
+from vlpcache.cache.stamps import source_changed
 from vlpcache.errors import ItemError, UserError
 from vlpcache.extract.sampling import read_item
 from vlpcache.extract.sources import Item
@@ -33,6 +34,9 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 def source_pictures(cache: RegionCache, cached: dict) -> list[Image.Image]:
     """The item's sampled frames, re-decoded; blank frames of its size when the source is gone."""
     frame_count = int(cached["frame_mask"].sum())
+    if source_changed(cached.get("source", ""), cached["path"]) and Path(cached["path"]).exists():
+        say(f"{printable(cached['path'])}: changed since it was extracted; the boxes drawn are of the old content "
+            "(run `vlpcache extract` again to redo it)")
     try:
         source = read_item(Item(cached["id"], Path(cached["path"]), cached["kind"]), cache.settings.frames, RENDER_SIDE)
         return [Image.fromarray(f) for f in source.frames[:frame_count]]

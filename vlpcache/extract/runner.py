@@ -7,15 +7,19 @@ stages on Ray Data).
 
 Resumable: items already in the cache are skipped, items recorded as failed too (unless
 --retry-failed). Shards are committed atomically, so a kill -9 loses at most the shard in progress.
+An item whose source changed since it was cached (cache.stamps) is extracted again; the reader takes
+the row committed last.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from vlpcache.cache.reader import RegionCache
+from vlpcache.cache.stamps import source_changed
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
 from vlpcache.extract.detectors.choice import choose_detector, load_detector
@@ -29,39 +33,55 @@ from vlpcache.report import printable, say
 from vlpcache.workspace import Workspace
 
 
-def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary: ExtractSummary):
-    """This shard's items that are neither cached nor (unless --retry-failed) recorded as failed; and
-    the (path, reason) of each one passed over because an earlier extract cached its id from another
-    file (a second batch of `0001.mp4`s), or its file under another id (`data` after `data/train`);
-    and how many cached ids came from files no longer there, taken to be these ones, moved."""
+@dataclass
+class Plan:
+    todo: list  # the items to extract
+    clashes: list[tuple[str, str]]  # (path, reason) of each passed over: its id or its file is cached from another
+    moved: int = 0  # cached ids whose file is gone, taken to be the files now found under them
+    changed: int = 0  # cached items whose source changed since: extracted again (the new rows replace the old)
+
+
+def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary: ExtractSummary) -> Plan:
+    """This shard's items that are not cached (or cached from a source that has changed since) and not
+    (unless --retry-failed) recorded as failed; and the (path, reason) of each one passed over because
+    an earlier extract cached its id from another file (a second batch of `0001.mp4`s), or its file
+    under another id (`data` after `data/train`); and how many cached ids came from files no longer
+    there, taken to be these ones, moved."""
     shard_index, shard_count = options.shard_part()
     failed_before = cache.failures
-    cached_path = dict(zip(cache.ids, cache.paths))  # id -> the file it was extracted from
-    cached_id = {path: item_id for item_id, path in cached_path.items()}
-    todo, clashes, moved = [], [], 0
+    cached = {item_id: i for i, item_id in enumerate(cache.ids)}
+    cached_id = {path: item_id for item_id, path in zip(cache.ids, cache.paths)}
+    plan = Plan([], [])
     for item in items:
         if shard_of(item.id, shard_count) != shard_index:
             continue
         path = str(item.path)
-        if item.id in cached_path:
-            before = cached_path[item.id]
+        if item.id in cached:
+            i = cached[item.id]
+            before = cache.paths[i]
             if before == path or _same_file(before, path):
-                summary.skipped_cached += 1
+                if not source_changed(cache.sources[i], path):
+                    summary.skipped_cached += 1
+                elif not options.retry_failed and item.id in failed_before:
+                    summary.skipped_failed += 1  # changed, and its new content failed
+                else:
+                    plan.todo.append(item)
+                    plan.changed += 1
             elif not os.path.lexists(before):
                 summary.skipped_cached += 1
-                moved += 1
+                plan.moved += 1
             else:
-                clashes.append((path, f"id '{item.id}' is already cached, extracted from {before} by an earlier "
-                                      f"extract; {SKIPPED} (extract it into another cache, or from a root that names "
-                                      f"it otherwise)"))
+                plan.clashes.append((path, f"id '{item.id}' is already cached, extracted from {before} by an "
+                                           f"earlier extract; {SKIPPED} (extract it into another cache, or from a root "
+                                           f"that names it otherwise)"))
         elif path in cached_id:
-            clashes.append((path, f"already cached as '{cached_id[path]}' by an earlier extract from another root; "
-                                  f"{SKIPPED} (captions name it '{cached_id[path]}')"))
+            plan.clashes.append((path, f"already cached as '{cached_id[path]}' by an earlier extract from another "
+                                       f"root; {SKIPPED} (captions name it '{cached_id[path]}')"))
         elif item.id in failed_before and not options.retry_failed:
             summary.skipped_failed += 1
         else:
-            todo.append(item)
-    return todo, clashes, moved
+            plan.todo.append(item)
+    return plan
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -156,14 +176,19 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     # of a killed run, its own and (named `<shard set>-ray-<actor>`) those of its Ray actors
     with ShardWriter(cache_dir, settings, writer_name=options.shard_set(), max_items=options.items_per_shard) as writer:
         cache = RegionCache(cache_dir)
-        todo, clashes, moved = items_to_extract(items, cache, options, summary)
+        plan = items_to_extract(items, cache, options, summary)
         cache.close()
-        say_some(clashes)
-        if moved:
-            say(f"extract: {moved} cached item(s) were extracted from files that are no longer there; taken to be "
+        todo = plan.todo
+        say_some(plan.clashes)
+        if plan.moved:
+            say(f"extract: {plan.moved} cached item(s) were extracted from files that are no longer there; taken to be "
                 f"the files now found under the same ids (moved) and not extracted again (a new cache extracts them)")
-        summary.passed_over += len(clashes)
-        writer.record_passed_over(roots, passed_over + clashes)
+        if plan.changed:
+            say(f"extract: {plan.changed} cached item(s) changed on disk since they were extracted (another size or "
+                f"content under the same path); extracting them again, the new regions replace the old "
+                f"(then `vlpcache index` indexes them anew)")
+        summary.passed_over += len(plan.clashes)
+        writer.record_passed_over(roots, passed_over + plan.clashes)
         if todo and engine:
             engine.run_on_ray(todo, spec, writer, options, summary, started)
         elif todo:

@@ -90,10 +90,16 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
     check_run_reads_cache(run, cache)
     with writing_index(index_dir, say):
         index = None if rebuild else existing_index(run, cache, index_dir, config)
+        parts = EncodedParts(index_dir)
+        if index is not None and (again := extracted_again(index, cache)):
+            say(f"index {index_dir}: {again} indexed item(s) were extracted again since it was built (their "
+                "sources changed); building it anew")
+            qbnorm = qbnorm or (index_dir / QUERYBANK_FILE).exists()  # the bank is made anew with it
+            parts.remove()  # a killed run's parts may hold their old vectors
+            index = None
         rows = [r for r, item_id in enumerate(cache.ids) if index is None or item_id not in index]
         if index is not None and index.regions is None:  # made by an older vlpcache: re-rank needs regions
             rows, index = list(range(len(cache))), None
-        parts = EncodedParts(index_dir)
         if index is not None and not rows:
             parts.remove()  # left by a run killed after its index was written
             export_for_search(run, index_dir, say)
@@ -104,6 +110,7 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
             (index_dir / QUERYBANK_FILE).unlink(missing_ok=True)  # it described the old rows
         started = time.monotonic()
         index, how = _add_encoded(run, cache, rows, index, config, device, batch_size, progress, parts, say)
+        index.meta.cache_listed = cache.listed_at
         save_index(index, index_dir)
         parts.remove()
         export_for_search(run, index_dir, say)
@@ -260,15 +267,27 @@ def missing_from_cache(index: VideoIndex, cache: RegionCache) -> int:
     return sum(1 for item_id in index.ids if item_id not in cache)
 
 
+def extracted_again(index: VideoIndex, cache: RegionCache) -> int:
+    """Indexed items whose cached rows are newer than the cache listing the index last read: their
+    sources changed and extract redid them, so their vectors are of the old content."""
+    listed = index.meta.cache_listed or index.meta.updated
+    return sum(1 for item_id in index.ids if item_id in cache and cache.committed[cache.index_of(item_id)] > listed)
+
+
 def coverage(index: VideoIndex, cache: RegionCache) -> str:
-    """What a user should know about items the index has and the cache lacks; "" when there are none."""
-    missing = missing_from_cache(index, cache)
-    if not missing:
-        return ""
-    shards = len(cache.unreadable_shards) + len(cache.ignored_shards)
-    why = f"{shards} shard(s) of the cache are unreadable or left out (reported above)" if shards else "removed from the cache"
-    return (f"{len(index) - missing} of its {len(index)} items can be shown, {missing} are not in the cache ({why}); "
-            "search leaves them out")
+    """What a user should know about items the index has and the cache lacks, or holds anew; "" when
+    there are none."""
+    notes = []
+    if missing := missing_from_cache(index, cache):
+        shards = len(cache.unreadable_shards) + len(cache.ignored_shards)
+        why = (f"{shards} shard(s) of the cache are unreadable or left out (reported above)" if shards
+               else "removed from the cache")
+        notes.append(f"{len(index) - missing} of its {len(index)} items can be shown, {missing} are not in the cache "
+                     f"({why}); search leaves them out")
+    if again := extracted_again(index, cache):
+        notes.append(f"{again} of its items were extracted again since it was built (their sources changed) and are "
+                     "found by their old content; run `vlpcache index` to index them anew")
+    return "; ".join(notes)
 
 
 def index_of_run(root: Path, run_dir: Path, cache: RegionCache) -> tuple[Path | None, VideoIndex | None]:

@@ -123,8 +123,17 @@ def item_frames(cached: dict, names: RegionNames) -> dict:
 # ---------------------------------------------------------------- request parameters
 
 
+def _param(request: Request, name: str) -> str | None:
+    """A parameter given once (None when absent); one given twice is refused rather than one of them
+    silently chosen (`q=dog&q=cat`)."""
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise ApiError(400, f"{name} given {len(values)} times; give it once")
+    return values[0] if values else None
+
+
 def _query_text(request: Request) -> str:
-    query = request.query_params.get("q", "").strip()
+    query = (_param(request, "q") or "").strip()
     if not query:
         raise ApiError(400, "missing query: add ?q=words to search for")
     if len(query) > MAX_QUERY_CHARS:
@@ -133,7 +142,7 @@ def _query_text(request: Request) -> str:
 
 
 def _int_param(request: Request, name: str, default: int | None, low: int, high: int) -> int:
-    text = request.query_params.get(name)
+    text = _param(request, name)
     if text is None and default is not None:
         return default
     if text is None:
@@ -148,7 +157,7 @@ def _int_param(request: Request, name: str, default: int | None, low: int, high:
 
 
 def _flag_param(request: Request, name: str, default: bool) -> bool:
-    text = request.query_params.get(name)
+    text = _param(request, name)
     if text is None:
         return default
     if text.lower() in ("1", "true", "yes", "0", "false", "no"):
@@ -157,7 +166,7 @@ def _flag_param(request: Request, name: str, default: bool) -> bool:
 
 
 def _indexed_item(searcher: Searcher, request: Request) -> dict:
-    item_id = request.query_params.get("id")
+    item_id = _param(request, "id")
     if not item_id:
         raise ApiError(400, "missing id: add ?id=ITEM (an id from the search results)")
     try:

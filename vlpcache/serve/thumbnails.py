@@ -3,13 +3,15 @@ time (seeking, as extract does: vlpcache.extract.sampling.read_frames_at), and k
 
     <index>/thumbnails/store.json     {"format": 1}; a store of another format is emptied and begun again
     <index>/thumbnails/<kk>/<key>.jpg one sampled frame, JPEG, longer side <= THUMBNAIL_SIDE pixels;
-                                      key = sha256 of (item id, source path, kind, frame time, side),
+                                      key = sha256 of (item id, source path, kind, frame time, side,
+                                      the source's stamp),
                                       <kk> its first two hex digits
 
 The file name is a hash: a request names an indexed item and a frame index, never a path, so nothing
 a client sends reaches the filesystem. A source moved, changed kind or re-extracted at other times
-gets a new key. A source that is missing or no longer decodes gives a placeholder of the frame's
-shape, which is not stored (the source may come back).
+gets a new key. A source that is missing, no longer decodes, or has changed since it was extracted
+(its frames would not be the ones the boxes were found on) gives a placeholder of the frame's shape,
+which is not stored (the source may come back, or be extracted again).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from vlpcache.cache.stamps import source_changed
 from vlpcache.errors import ItemError
 from vlpcache.extract.sampling import read_frames_at
 from vlpcache.extract.sources import Item
@@ -73,7 +76,7 @@ class ThumbnailStore:
 
     def key(self, item: dict, frame: int) -> str:
         when = f"{float(item['timestamps'][frame]):.6f}"
-        fields = [item["id"], item["path"], item["kind"], when, str(self.side)]
+        fields = [item["id"], item["path"], item["kind"], when, str(self.side), item.get("source", "")]
         return hashlib.sha256("\0".join(fields).encode("utf-8")).hexdigest()
 
     def path_of(self, key: str) -> Path:
@@ -89,6 +92,9 @@ class ThumbnailStore:
             pass
         source = Item(item["id"], Path(item["path"]), item["kind"])
         try:
+            if source_changed(item.get("source", ""), source.path) and source.path.exists():
+                raise ItemError("it changed since it was extracted (its boxes are of the old content); run "
+                                "`vlpcache extract` again, then `vlpcache index`")
             with self._decoders:
                 [picture] = read_frames_at(source, [float(item["timestamps"][frame])], self.side).frames
         except (ItemError, ValueError) as err:  # ValueError: the source now has no frame at that time
