@@ -17,7 +17,7 @@ from PIL import Image
 from vlpcache.cache.labels import COCO
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import SHARD_DIR
-from vlpcache.cache.stamps import source_stamp
+from vlpcache.extract.stamps import source_stamp
 from vlpcache.extract.sources import discover_items
 from vlpcache.files import file_sha256
 from waiting import HANG_GUARD_S
@@ -203,6 +203,39 @@ def test_a_changed_source_whose_new_content_failed_waits_for_retry_failed_like_a
     assert failed.todo == [] and summary.skipped_failed == 1 and summary.skipped_cached == 0
     assert list(RegionCache(cache_dir).failures) == ["a"]  # inspect --failures lists it; its old row is still read
     assert plan(retry_failed=True)[0].todo == items
+
+
+def test_a_sources_stamp_notices_new_content_not_a_new_time_and_reads_the_file_only_when_the_time_moved(tmp_path,
+                                                                                                       monkeypatch):
+    from vlpcache.extract import stamps
+
+    video, folder = tmp_path / "a.mp4", tmp_path / "frames"
+    video.write_bytes(bytes(range(256)) * 1024)  # 256 KiB: both ends are hashed
+    folder.mkdir()
+    for name in ("1.jpg", "2.jpg"):
+        (folder / name).write_bytes(name.encode() * 100)
+    video_stamp, folder_stamp = stamps.source_stamp(video), stamps.source_stamp(folder)
+    reads = []
+    monkeypatch.setattr(stamps, "_digest", lambda files, digest=stamps._digest: reads.append(files) or digest(files))
+    assert not stamps.source_changed(video_stamp, video) and not stamps.source_changed(folder_stamp, folder)
+    assert reads == []  # size and time agree: a stat, no read
+    os.utime(video, ns=(1, 1))  # a copy that did not keep times
+    assert not stamps.source_changed(video_stamp, video) and len(reads) == 1
+    data = bytearray(video.read_bytes())
+    data[-5] ^= 1  # the same size, another last chunk (a video re-encoded to the same length)
+    video.write_bytes(bytes(data))
+    assert stamps.source_changed(video_stamp, video)
+    (folder / ".DS_Store").write_bytes(b"x")  # what a file browser leaves: not a frame
+    (folder / "notes.txt").write_bytes(b"x")
+    assert not stamps.source_changed(folder_stamp, folder)
+    (folder / "3.jpg").write_bytes(b"x")  # a frame more
+    assert stamps.source_changed(folder_stamp, folder)
+    (folder / "3.jpg").unlink()
+    (folder / "2.jpg").rename(folder / "9.jpg")  # the same bytes under other names
+    assert stamps.source_changed(folder_stamp, folder)
+    video.unlink()
+    assert stamps.source_changed(video_stamp, video) and stamps.source_stamp(video) == ""
+    assert not stamps.source_changed("", video) and not stamps.source_changed("0:1:2:3", video)  # unknown: kept
 
 
 def test_other_settings_are_refused_for_an_existing_cache(extracted, media):

@@ -20,7 +20,7 @@ from broken_media import damage_chunk
 from test_model import build_tiny_text_model
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import CacheSettings, empty_item
-from vlpcache.cache.stamps import source_stamp
+from vlpcache.extract.stamps import source_stamp
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import Interrupted, UserError
 from vlpcache.files import file_sha256

@@ -99,7 +99,7 @@ class RegionCache:
         self.ids: list[str] = ids
         self.paths: list[str] = paths
         self.kinds: list[str] = kinds
-        self.sources: list[str] = sources  # each item's source stamp (stamps.py), "" from shards before stamps
+        self.sources: list[str] = sources  # each item's source stamp (extract/stamps.py), "" from shards before stamps
         self.committed: list[float] = committed  # when each item's shard was committed, 0 before it was kept
         self._index_of = seen
         self._locations = np.array(locations, dtype=np.int64).reshape(-1, 2)

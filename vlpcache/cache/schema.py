@@ -82,7 +82,7 @@ ARRAYS: tuple[ArraySpec, ...] = (
 )
 # Per-video strings (variable-length UTF-8). "notes": what went wrong with an item that was kept anyway
 # ("1 of 40 frames unreadable, ..."), "" for most; "sources": the stamp of the file or folder it was
-# extracted from (stamps.py). Older shards lack either and read as "" for all.
+# extracted from (vlpcache/extract/stamps.py). Older shards lack either and read as "" for all.
 STRINGS: tuple[str, ...] = ("ids", "paths", "kinds", "notes", "sources")
 # shard attribute: when the shard was committed (time.time()). An id in two shards (its source changed
 # and extract redid it) is read from the one committed last; shards without it count as committed at 0.

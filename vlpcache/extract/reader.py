@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Callable, Iterable, Iterator
 
-from vlpcache.cache.stamps import source_stamp
+from vlpcache.extract.stamps import source_stamp
 from vlpcache.errors import ItemError, UserError
 from vlpcache.extract.options import DECODE_TIMEOUT_S
 from vlpcache.extract.sampling import SampledFrames, read_item
@@ -51,7 +51,7 @@ class DecodedItem:
     item: Item
     sampled: SampledFrames | None  # None when decoding failed
     error: str | None = None
-    source: str = ""  # the source's stamp (cache.stamps), taken before it was read
+    source: str = ""  # the source's stamp (extract.stamps), taken before it was read
 
 
 def decode_item(item: Item, num_frames: int, max_side: int) -> DecodedItem:

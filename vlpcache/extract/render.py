@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from vlpcache.cache.labels import RegionNames, region_names
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import FRAME_REGION_LABEL
-from vlpcache.cache.stamps import source_changed
+from vlpcache.extract.stamps import source_changed
 from vlpcache.errors import ItemError, UserError
 from vlpcache.extract.sampling import read_item
 from vlpcache.extract.sources import Item

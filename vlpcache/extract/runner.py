@@ -7,7 +7,7 @@ stages on Ray Data).
 
 Resumable: items already in the cache are skipped, items recorded as failed too (unless
 --retry-failed). Shards are committed atomically, so a kill -9 loses at most the shard in progress.
-An item whose source changed since it was cached (cache.stamps) is extracted again; the reader takes
+An item whose source changed since it was cached (extract.stamps) is extracted again; the reader takes
 the row committed last.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlpcache.cache.reader import RegionCache
-from vlpcache.cache.stamps import source_changed
+from vlpcache.extract.stamps import source_changed
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
 from vlpcache.extract.detectors.choice import choose_detector, load_detector

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from vlpcache.cache.stamps import source_changed
+from vlpcache.extract.stamps import source_changed
 from vlpcache.errors import ItemError
 from vlpcache.extract.sampling import read_frames_at
 from vlpcache.extract.sources import Item

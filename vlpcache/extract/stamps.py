@@ -1,0 +1,73 @@
+"""A source's stamp: what a cached item was extracted from, so that a video or a frame folder replaced
+at the same path is noticed (extract redoes it; the page and inspect --render do not draw old boxes on
+new frames).
+
+    "1:<bytes>:<mtime_ns>:<names>:<digest>"   bytes and the newest modification time of the file (of a
+                                              frame folder's frames: the files extract reads, hidden
+                                              files and other files beside them left out), a hash of
+                                              the frames' names ("" for a file), and a hash of the first
+                                              and last 64 KiB of each file
+
+Comparing costs a stat (a folder listing) while size, names and time agree; when only the time moved
+(a copy that did not keep times, a `touch`), the digest decides, so the same content is not extracted
+again. Items cached before stamps were kept have "" and are never taken to have changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from vlpcache.extract.sources import frame_files
+
+STAMP_FORMAT = "1"
+SAMPLE_BYTES = 64 * 1024  # hashed at each end of a file
+
+
+def source_stamp(path: str | os.PathLike) -> str:
+    """The stamp of a file or a frame folder as it is now; "" when it cannot be read."""
+    try:
+        size, mtime, names, files = _listing(Path(path))
+        return f"{STAMP_FORMAT}:{size}:{mtime}:{names}:{_digest(files)}"
+    except OSError:
+        return ""
+
+
+def source_changed(stamp: str, path: str | os.PathLike) -> bool:
+    """Whether the source at `path` is no longer what `stamp` recorded: False for an unknown stamp (""
+    or another format); True for a source that is gone or unreadable."""
+    parts = stamp.split(":")
+    if len(parts) != 5 or parts[0] != STAMP_FORMAT:
+        return False
+    try:
+        size, mtime, names, files = _listing(Path(path))
+        if (str(size), names) != (parts[1], parts[3]):
+            return True
+        return str(mtime) != parts[2] and _digest(files) != parts[4]
+    except OSError:
+        return True
+
+
+def _listing(path: Path) -> tuple[int, int, str, list[Path]]:
+    """(bytes, newest mtime in ns, a hash of the frames' names, the files the digest reads): of the file
+    itself, or of a frame folder's frames."""
+    if not path.is_dir():
+        info = path.stat()
+        return info.st_size, info.st_mtime_ns, "", [path]
+    files = frame_files(path)
+    infos = [f.stat() for f in files]
+    names = hashlib.blake2b("\0".join(f.name for f in files).encode("utf-8", "surrogateescape"), digest_size=8)
+    return (sum(i.st_size for i in infos), max((i.st_mtime_ns for i in infos), default=0), names.hexdigest(), files)
+
+
+def _digest(files: list[Path]) -> str:
+    digest = hashlib.blake2b(digest_size=8)
+    for path in files:
+        with open(path, "rb") as f:
+            digest.update(f.read(SAMPLE_BYTES))
+            end = f.seek(0, os.SEEK_END)
+            if end > SAMPLE_BYTES:
+                f.seek(max(SAMPLE_BYTES, end - SAMPLE_BYTES))
+                digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
