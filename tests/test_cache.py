@@ -295,6 +295,24 @@ def test_an_item_stored_twice_is_read_once_from_the_shard_committed_last_or_the_
     assert cache.committed == [0.0] * 3 and cache.sources == [""] * 3
 
 
+def test_an_item_extracted_again_is_read_from_the_row_that_replaces_the_other_whatever_the_clocks_said(tmp_path):
+    def extract(writer_name, seed, source, replaces="", committed=None):
+        with ShardWriter(tmp_path, SETTINGS, writer_name=writer_name) as writer:
+            writer.add("a", "/data/a.mp4", "video", random_item(seed), source=source, replaces=replaces)
+        if committed is not None:  # a writer on a node whose clock is behind
+            with h5py.File(tmp_path / SHARD_DIR / f"{writer_name}-00000.h5", "a") as f:
+                f.attrs["committed"] = committed
+
+    extract("s0of3", 0, source="stamp-1")
+    extract("s1of3", 1, source="stamp-2", replaces="stamp-1", committed=1.0)
+    cache = RegionCache(tmp_path)
+    assert cache.ids == ["a"] and cache.sources == ["stamp-2"] and cache.shard_of("a") == "s1of3-00000.h5"
+    np.testing.assert_array_equal(cache.get("a")["features"], random_item(1)["features"].astype(np.float16))
+    extract("s2of3", 2, source="stamp-3", replaces="stamp-2", committed=0.5)  # and again, read between the two
+    cache.refresh()
+    assert cache.sources == ["stamp-3"] and cache.shard_of("a") == "s2of3-00000.h5"
+
+
 def test_shard_columns_give_each_videos_rows_once_and_inspect_counts_them_shard_by_shard(tmp_path):
     """Totals over a cache read one shard at a time equal those of the videos read one by one, with a
     video that two shards hold counted once (where the cache takes it from)."""

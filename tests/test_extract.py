@@ -159,6 +159,7 @@ def test_a_source_replaced_at_its_path_is_extracted_again_and_one_only_touched_i
         shutil.copytree(folder, tmp_path / "data" / name)
     cache = tmp_path / "cache"
     vlpcache("extract", tmp_path / "data", "-o", cache, cwd=tmp_path)
+    first_stamp = RegionCache(cache).get("a")["source"]
     shutil.rmtree(tmp_path / "data" / "a")
     shutil.copytree(folders[1], tmp_path / "data" / "a")  # b's frames under a's name: a re-downloaded video
     for frame in (tmp_path / "data" / "b").iterdir():
@@ -171,10 +172,12 @@ def test_a_source_replaced_at_its_path_is_extracted_again_and_one_only_touched_i
     a, b = cached.get("a"), cached.get("b")
     for name in ("features", "boxes", "labels", "timestamps"):
         np.testing.assert_array_equal(a[name], b[name])  # a's regions are of its new frames
-    assert a["source"] == source_stamp(tmp_path / "data" / "a") != ""
+    assert a["source"] == source_stamp(tmp_path / "data" / "a") != first_stamp
+    with h5py.File(cache / SHARD_DIR / cached.shard_of("a"), "r") as f:  # the new row names the one it replaces
+        assert [v.decode() for v in f["replaces"][:]] == [first_stamp]
 
 
-def test_a_changed_source_whose_new_content_failed_waits_for_retry_failed_like_any_failure(tmp_path):
+def test_what_extract_redoes_follows_the_stamps_of_cached_failed_and_moved_files(tmp_path):
     from vlpcache.cache.schema import CacheSettings, empty_item
     from vlpcache.cache.writer import ShardWriter
     from vlpcache.extract.options import ExtractOptions
@@ -182,27 +185,50 @@ def test_a_changed_source_whose_new_content_failed_waits_for_retry_failed_like_a
     from vlpcache.extract.runner import items_to_extract
     from vlpcache.extract.sources import Item
 
-    video, cache_dir = tmp_path / "a.mp4", tmp_path / "cache"
+    video, other, cache_dir = tmp_path / "a.mp4", tmp_path / "b.mp4", tmp_path / "cache"
     video.write_bytes(b"old" * 1000)
+    other.write_bytes(b"bad" * 1000)
     settings = CacheSettings(frames=2, regions=2, feature_dim=4, detector="test", detector_weights_sha256="0",
                              backbone="test", backbone_weights_sha256="0")
     with ShardWriter(cache_dir, settings) as writer:
         writer.add("a", str(video), "video", empty_item(settings), source=source_stamp(video))
-    video.write_bytes(b"new" * 1000)
-    items = [Item("a", video, "video")]
+        writer.record_failure("b", str(other), "unreadable", source=source_stamp(other))
+    cached_stamp = source_stamp(video)
 
-    def plan(**options):
+    def plan(*items, **options):
         summary = ExtractSummary()
-        return items_to_extract(items, RegionCache(cache_dir), ExtractOptions(**options), summary), summary
+        return items_to_extract(list(items), RegionCache(cache_dir), ExtractOptions(**options), summary), summary
 
-    changed, _ = plan()
-    assert changed.todo == items and changed.changed == 1
-    with ShardWriter(cache_dir, settings) as writer:
-        writer.record_failure("a", str(video), "unreadable")  # what the run extracting it again met
-    failed, summary = plan()
+    a, b = Item("a", video, "video"), Item("b", other, "video")
+    unchanged, summary = plan(a, b)
+    assert unchanged.todo == [] and (summary.skipped_cached, summary.skipped_failed) == (1, 1)
+    video.write_bytes(b"new" * 1000)
+    changed, _ = plan(a)
+    assert [(i.id, i.replaces) for i in changed.todo] == [("a", cached_stamp)] and changed.changed == 1
+    with ShardWriter(cache_dir, settings) as writer:  # what the run extracting it again met
+        writer.record_failure("a", str(video), "unreadable", source=source_stamp(video))
+    failed, summary = plan(a)
     assert failed.todo == [] and summary.skipped_failed == 1 and summary.skipped_cached == 0
-    assert list(RegionCache(cache_dir).failures) == ["a"]  # inspect --failures lists it; its old row is still read
-    assert plan(retry_failed=True)[0].todo == items
+    assert sorted(RegionCache(cache_dir).failures) == ["a", "b"]  # inspect --failures lists it; its old row is read
+    assert [i.id for i in plan(a, retry_failed=True)[0].todo] == ["a"]
+
+    video.write_bytes(b"NEW" * 1000)  # replaced again since it failed, as the other one
+    other.write_bytes(b"god" * 1000)
+    retried, _ = plan(a, b)
+    assert [i.id for i in retried.todo] == ["a", "b"] and (retried.changed, retried.retried) == (1, 1)
+    video.write_bytes(b"old" * 1000)  # the file the cache holds again (a new time: a copy)
+    mended, summary = plan(a)
+    assert mended.todo == [] and summary.skipped_cached == 1 and mended.mended == [("a", str(video))]
+    with ShardWriter(cache_dir, settings) as writer:
+        writer.clear_failure("a", str(video))  # what extract does with it
+    assert list(RegionCache(cache_dir).failures) == ["b"]
+
+    moved = tmp_path / "moved" / "a.mp4"
+    moved.parent.mkdir()
+    video.rename(moved)  # the same file elsewhere: moved, not redone; then other content there: redone
+    assert plan(Item("a", moved, "video"))[0].moved == 1
+    moved.write_bytes(b"mov" * 1000)
+    assert [i.replaces for i in plan(Item("a", moved, "video"))[0].todo] == [cached_stamp]
 
 
 def test_a_sources_stamp_notices_new_content_not_a_new_time_and_reads_the_file_only_when_the_time_moved(tmp_path,
@@ -345,6 +371,8 @@ def test_broken_files_get_one_line_each_and_the_run_goes_on(tmp_path, videos_dir
             assert item_id not in cache and item_id not in failures
         else:
             assert outcome in failures[item_id]["reason"], f"{name}: {failures.get(item_id)}"
+            if (root / name).is_file():  # the failed file's stamp: a replacement is tried again without asking
+                assert failures[item_id]["source"] == source_stamp(root / name), name
             lines = [line for line in result.stderr.splitlines() if line.startswith(f"{root / name}: ")]
             assert len(lines) == 1 and outcome in lines[0], result.stderr
     # inspect --failures lists each of them once with its reason, as text and as JSON

@@ -533,6 +533,13 @@ def test_best_frame_is_where_the_matched_words_find_their_regions_not_the_functi
     attention[1] = [0.2, 0.2, 0.2, 0.4, 0.0]
     alignment = align(attention, np.array([False, True, False]), ["[CLS]", "cup", "[SEP]"], positions, 4)
     assert [(m.word, m.frame) for m in alignment.words] == [("cup", 1)] and alignment.best_frame == 1
+    # two words whose best regions are on frames 0 and 2, each nearly as strong on frame 1: the frame shown
+    # holds a matched region (frame 1 would have the most attention summed, and no box of theirs)
+    attention = np.zeros((4, 3))
+    attention[1], attention[2] = [0.5, 0.45, 0.05], [0.1, 0.45, 0.45 + 0.001]
+    alignment = align(attention, np.array([False, True, True, False]), ["[CLS]", "man", "guitar", "[SEP]"],
+                      np.array([0, 4, 8]), 4)  # N = 4: one region on each of frames 0, 1, 2
+    assert [(m.word, m.frame) for m in alignment.words] == [("man", 0), ("guitar", 2)] and alignment.best_frame == 0
     # punctuation is a token the model reads, but names no region: "dog's ball, red-car"
     tokens = ["[CLS]", "dog", "'", "s", "ball", ",", "red", "-", "car", "[SEP]"]
     mask = np.array([False] + [True] * 8 + [False])

@@ -31,13 +31,16 @@ def collection_of(cache_dir: Path) -> str:
 
 
 def read_failures(cache_dir: Path) -> dict[str, dict]:
-    """id -> last failure record, over every writer's log; partial lines from a crash are ignored."""
+    """id -> last failure record, over every writer's log (none after a record that clears it); partial
+    lines from a crash are ignored."""
     failures: dict[str, dict] = {}
     for log in sorted((Path(cache_dir) / FAILURE_DIR).glob("*.jsonl")):
         for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
                 failures[record["id"]] = record
+                if record.get("cleared"):
+                    del failures[record["id"]]
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue
     return failures

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -54,6 +54,25 @@ def _decode(values) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
 
 
+class _Row(NamedTuple):
+    id: str
+    path: str
+    kind: str
+    source: str  # the stamp of what it was extracted from
+    replaces: str  # the stamp of the row it replaces (its source changed and extract redid it), or ""
+    committed: float  # its shard's commit time, 0 for shards before it was kept
+    location: tuple[int, int]  # (shard, row)
+
+
+def _current(rows: list[_Row]) -> _Row:
+    """Of the rows of one id, the one extract wrote last: the one no other row replaces (by stamps, not
+    clocks: a writer on a node whose clock is behind still replaces), else the one committed last (two
+    writers given overlapping work), else the first."""
+    replaced = {row.replaces for row in rows if row.replaces}
+    live = [row for row in rows if row.source not in replaced] or rows
+    return max(live, key=lambda row: row.committed)
+
+
 class RegionCache:
     """A read-only view of every finished shard in a cache directory.
 
@@ -75,45 +94,48 @@ class RegionCache:
     def refresh(self) -> None:
         """Re-list the shards (other processes may have committed more since)."""
         self.close()
-        self.listed_at = time.time()  # shards committed after this are not in the listing
         self.shard_paths: list[Path] = sorted((self.cache_dir / SHARD_DIR).glob(f"*{SHARD_SUFFIX}"))
         self.unreadable_shards: dict[Path, str] = {}  # shard -> why it cannot be read
         self.ignored_shards: dict[Path, list[str]] = {}  # shard -> how its settings differ from the manifest's
-        ids, paths, kinds, sources, committed, locations = [], [], [], [], [], []
+        self.read_shards: list[str] = []  # the names of the shards whose items are read
+        rows: list[_Row] = []  # each id's first row, in shard order
         seen: dict[str, int] = {}
+        others: dict[int, list[_Row]] = {}  # the other rows of an id stored more than once
         for s, shard in enumerate(self.shard_paths):
             listing = self._list_shard(shard)
             if listing is None:
                 continue
+            self.read_shards.append(shard.name)
             *columns, when = listing
-            for row, (item_id, path, kind, source) in enumerate(zip(*columns)):
-                i = seen.get(item_id)
-                if i is None:
-                    seen[item_id] = len(ids)
-                    for column, value in zip((ids, paths, kinds, sources, committed, locations),
-                                             (item_id, path, kind, source, when, (s, row))):
-                        column.append(value)
-                elif when > committed[i]:  # extracted again (its source changed): the row committed last, in
-                    # the first one's place; of rows without commit times (older shards), the first
-                    paths[i], kinds[i], sources[i], committed[i], locations[i] = path, kind, source, when, (s, row)
-        self.ids: list[str] = ids
-        self.paths: list[str] = paths
-        self.kinds: list[str] = kinds
-        self.sources: list[str] = sources  # each item's source stamp (extract/stamps.py), "" from shards before stamps
-        self.committed: list[float] = committed  # when each item's shard was committed, 0 before it was kept
+            for row, (item_id, path, kind, source, replaces) in enumerate(zip(*columns)):
+                found = _Row(item_id, path, kind, source, replaces, when, (s, row))
+                if (i := seen.get(item_id)) is None:
+                    seen[item_id] = len(rows)
+                    rows.append(found)
+                else:
+                    others.setdefault(i, []).append(found)
+        for i, more in others.items():
+            rows[i] = _current([rows[i], *more])
+        self.ids: list[str] = [r.id for r in rows]
+        self.paths: list[str] = [r.path for r in rows]
+        self.kinds: list[str] = [r.kind for r in rows]
+        self.sources: list[str] = [r.source for r in rows]  # source stamps (extract/stamps.py), "" before they were kept
+        self.committed: list[float] = [r.committed for r in rows]  # when each row's shard was committed, 0 before it was kept
+        locations = [r.location for r in rows]
         self._index_of = seen
         self._locations = np.array(locations, dtype=np.int64).reshape(-1, 2)
 
-    def _list_shard(self, shard: Path) -> tuple[list[str], list[str], list[str], list[str], float] | None:
-        """(ids, paths, kinds, source stamps, commit time) of a shard that agrees with the manifest; None,
-        reported once, otherwise."""
+    def _list_shard(self, shard: Path) -> tuple[list[str], list[str], list[str], list[str], list[str], float] | None:
+        """(ids, paths, kinds, source stamps, the stamps they replace, commit time) of a shard that agrees
+        with the manifest; None, reported once, otherwise."""
         try:
             with h5py.File(shard, "r") as f:
                 diffs = shard_file_differences(f, self.settings)
                 if not diffs:
                     ids = _decode(f["ids"][:])
-                    sources = _decode(f["sources"][:]) if "sources" in f else [""] * len(ids)
-                    return (ids, _decode(f["paths"][:]), _decode(f["kinds"][:]), sources,
+                    sources, replaces = (_decode(f[name][:]) if name in f else [""] * len(ids)
+                                         for name in ("sources", "replaces"))
+                    return (ids, _decode(f["paths"][:]), _decode(f["kinds"][:]), sources, replaces,
                             float(f.attrs.get(COMMITTED_ATTR, 0.0)))
         except UNREADABLE as err:
             self.unreadable_shards[shard] = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -175,6 +197,10 @@ class RegionCache:
             raise UserError(f"{self.cache_dir}: none of its {left_out} shard(s) can be read as its manifest describes "
                             "(reported above); move them out and extract again, or pass another cache")
         raise UserError(f"cache {self.cache_dir} holds no items yet; run `vlpcache extract` first")
+
+    def shard_of(self, item_id: str) -> str:
+        """The name of the shard the cache reads an item from."""
+        return self.shard_paths[int(self._locations[self.index_of(item_id)][0])].name
 
     def __contains__(self, item_id: str) -> bool:
         return item_id in self._index_of

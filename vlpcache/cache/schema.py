@@ -82,10 +82,12 @@ ARRAYS: tuple[ArraySpec, ...] = (
 )
 # Per-video strings (variable-length UTF-8). "notes": what went wrong with an item that was kept anyway
 # ("1 of 40 frames unreadable, ..."), "" for most; "sources": the stamp of the file or folder it was
-# extracted from (vlpcache/extract/stamps.py). Older shards lack either and read as "" for all.
-STRINGS: tuple[str, ...] = ("ids", "paths", "kinds", "notes", "sources")
-# shard attribute: when the shard was committed (time.time()). An id in two shards (its source changed
-# and extract redid it) is read from the one committed last; shards without it count as committed at 0.
+# extracted from (vlpcache/extract/stamps.py); "replaces": for an item extracted again because its source
+# changed, the stamp of the row it replaces ("" for most). An id in two shards is read from the row no
+# other row replaces. Older shards lack these and read as "" for all.
+STRINGS: tuple[str, ...] = ("ids", "paths", "kinds", "notes", "sources", "replaces")
+# shard attribute: when the shard was committed (time.time()), 0 for shards without it; of two rows of an
+# id that neither replaces (two writers given overlapping work), the one committed last is read
 COMMITTED_ATTR = "committed"
 
 

@@ -147,8 +147,17 @@ class FailureLog:
             if self._file.read(1) != b"\n":
                 self._file.write(b"\n")
 
-    def record(self, item_id: str, path: str, reason: str) -> None:
-        line = json.dumps({"id": item_id, "path": path, "reason": reason, "time": time.time()}, ensure_ascii=False)
+    def record(self, item_id: str, path: str, reason: str, source: str = "") -> None:
+        """One failed item; `source`: the stamp of the file that failed (extract/stamps.py), "" unknown."""
+        self._append({"id": item_id, "path": path, "reason": reason, "time": time.time(),
+                      **({"source": source} if source else {})})
+
+    def clear(self, item_id: str, path: str) -> None:
+        """The item's failure no longer holds (its file is again the one the cache holds)."""
+        self._append({"id": item_id, "path": path, "cleared": True, "time": time.time()})
+
+    def _append(self, record: dict) -> None:
+        line = json.dumps(record, ensure_ascii=False)
         self._file.write(line.encode() + b"\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -251,17 +260,18 @@ class ShardWriter:
         self._opened_at = time.monotonic()
 
     def add(self, item_id: str, path: str, kind: str, arrays: dict[str, np.ndarray], note: str = "",
-            source: str = "") -> None:
+            source: str = "", replaces: str = "") -> None:
         """Append one video; arrays are keyed by the names of settings.arrays(), with their shapes; `note`
         says what was wrong with an item kept anyway (committed with it, so never recorded twice);
-        `source` is the stamp of what it was extracted from (stamps.source_stamp)."""
+        `source` is the stamp of what it was extracted from (extract/stamps.py), `replaces` the stamp of
+        the cached row of the id it replaces (its source changed)."""
         values = {}
         for spec in self.settings.arrays():
             values[spec.name] = np.asarray(arrays[spec.name], dtype=spec.dtype)
             expected = self.settings.shape_of(spec)
             if values[spec.name].shape != expected:
                 raise ValueError(f"{item_id}: {spec.name} has shape {values[spec.name].shape}, cache expects {expected}")
-        values.update(zip(STRINGS, (item_id, path, kind, note, source), strict=True))
+        values.update(zip(STRINGS, (item_id, path, kind, note, source, replaces), strict=True))
         with self._writing():
             if self._file is None:
                 self._open_shard()
@@ -300,9 +310,15 @@ class ShardWriter:
     def pending_items(self) -> int:
         return self._count
 
-    def record_failure(self, item_id: str, path: str, reason: str) -> None:
+    def record_failure(self, item_id: str, path: str, reason: str, source: str = "") -> None:
+        self._log(self.failures.record, item_id, path, reason, source)
+
+    def clear_failure(self, item_id: str, path: str) -> None:
+        self._log(self.failures.clear, item_id, path)
+
+    def _log(self, write, *args) -> None:
         try:
-            self.failures.record(item_id, path, reason)
+            write(*args)
         except OSError as err:
             raise write_failure(self.failures.path, err, "the shards committed before are kept; make room and re-run "
                                                          "the same command to resume") from None

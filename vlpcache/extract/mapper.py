@@ -31,9 +31,10 @@ class RegionItem:
         item's frame count."""
         item = self.decoded.item
         if self.arrays is None:
-            writer.record_failure(item.id, str(item.path), self.error)
+            writer.record_failure(item.id, str(item.path), self.error, source=self.decoded.source)
             return 0
-        writer.add(item.id, str(item.path), item.kind, self.arrays, note=self.note, source=self.decoded.source)
+        writer.add(item.id, str(item.path), item.kind, self.arrays, note=self.note, source=self.decoded.source,
+                   replaces=item.replaces)
         return int(self.arrays["frame_mask"].sum())
 
 

@@ -80,7 +80,8 @@ def check_address(address: str | None) -> None:
 def decode_items(batch: dict[str, np.ndarray], num_frames: int, max_side: int,
                  timeout: float | None) -> Iterator[dict[str, list]]:
     """Ray task: decode a block of items, yielding one row per item with its pickled DecodedItem."""
-    items = [Item(str(i), Path(p), str(k)) for i, p, k in zip(batch["id"], batch["path"], batch["kind"])]
+    items = [Item(str(i), Path(p), str(k), str(r))
+             for i, p, k, r in zip(batch["id"], batch["path"], batch["kind"], batch["replaces"])]
     for decoded in FrameReader(num_frames, max_side, workers=1, timeout=timeout)(items):
         yield {"decoded": [pickle.dumps(decoded, protocol=pickle.HIGHEST_PROTOCOL)]}
 
@@ -225,7 +226,8 @@ def _pipeline(ray, todo: list[Item], spec: DetectorSpec, writer: ShardWriter, op
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     tasks = min(len(todo), max(DECODE_TASKS_PER_CPU * cpus, -(-len(todo) // DECODE_TASK_ITEMS)))
-    rows = [{"id": item.id, "path": str(item.path.absolute()), "kind": item.kind} for item in todo]
+    rows = [{"id": item.id, "path": str(item.path.absolute()), "kind": item.kind, "replaces": item.replaces}
+            for item in todo]
     spec = replace(spec, detector_file=spec.detector_file and spec.detector_file.absolute(),  # for workers whose
                    backbone_file=spec.backbone_file and spec.backbone_file.absolute())  # current directory differs
     actor_items = min(options.items_per_shard, decoded_items_within_budget(spec.max_side, options.frames))

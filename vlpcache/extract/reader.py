@@ -56,15 +56,15 @@ class DecodedItem:
 
 def decode_item(item: Item, num_frames: int, max_side: int) -> DecodedItem:
     """Decode one item; bad input becomes a DecodedItem with an error, never an exception."""
+    stamp = source_stamp(item.path)  # before reading: a file that changes meanwhile is redone next time
     try:
-        stamp = source_stamp(item.path)  # before reading: a file that changes meanwhile is redone next time
         return DecodedItem(item, read_item(item, num_frames, max_side), source=stamp)
     except ItemError as err:
-        return DecodedItem(item, None, str(err) or "unreadable")
+        return DecodedItem(item, None, str(err) or "unreadable", source=stamp)
     except MemoryError:
-        return DecodedItem(item, None, "too large to decode in memory")
+        return DecodedItem(item, None, "too large to decode in memory", source=stamp)
     except Exception as err:  # a decoder bug on a hostile file must not end the run
-        return DecodedItem(item, None, f"decoder error ({type(err).__name__}: {err})")
+        return DecodedItem(item, None, f"decoder error ({type(err).__name__}: {err})", source=stamp)
 
 
 PARENT_CHECK_SECONDS = 1.0

@@ -13,9 +13,10 @@ the row committed last.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlpcache.cache.reader import RegionCache
@@ -39,19 +40,27 @@ class Plan:
     clashes: list[tuple[str, str]]  # (path, reason) of each passed over: its id or its file is cached from another
     moved: int = 0  # cached ids whose file is gone, taken to be the files now found under them
     changed: int = 0  # cached items whose source changed since: extracted again (the new rows replace the old)
+    retried: int = 0  # items recorded as failed whose source changed since: tried again
+    mended: list[tuple[str, str]] = field(default_factory=list)  # (id, path) of cached items recorded as failed
+    # when their source had changed, whose source is again what the cache holds: the failure no longer holds
 
 
 def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary: ExtractSummary) -> Plan:
     """This shard's items that are not cached (or cached from a source that has changed since) and not
-    (unless --retry-failed) recorded as failed; and the (path, reason) of each one passed over because
-    an earlier extract cached its id from another file (a second batch of `0001.mp4`s), or its file
-    under another id (`data` after `data/train`); and how many cached ids came from files no longer
-    there, taken to be these ones, moved."""
+    (unless --retry-failed, or the file changed since it failed) recorded as failed; and the (path,
+    reason) of each one passed over because an earlier extract cached its id from another file (a second
+    batch of `0001.mp4`s), or its file under another id (`data` after `data/train`); and how many cached
+    ids came from files no longer there, taken to be these ones, moved."""
     shard_index, shard_count = options.shard_part()
     failed_before = cache.failures
     cached = {item_id: i for i, item_id in enumerate(cache.ids)}
     cached_id = {path: item_id for item_id, path in zip(cache.ids, cache.paths)}
     plan = Plan([], [])
+
+    def failed_as_it_is(item_id: str, path: str) -> bool:
+        """Recorded as failed, from the source as it is now (a failure without a stamp: as it may be)."""
+        return item_id in failed_before and not source_changed(failed_before[item_id].get("source", ""), path)
+
     for item in items:
         if shard_of(item.id, shard_count) != shard_index:
             continue
@@ -59,26 +68,31 @@ def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary
         if item.id in cached:
             i = cached[item.id]
             before = cache.paths[i]
-            if before == path or _same_file(before, path):
-                if not source_changed(cache.sources[i], path):
-                    summary.skipped_cached += 1
-                elif not options.retry_failed and item.id in failed_before:
-                    summary.skipped_failed += 1  # changed, and its new content failed
-                else:
-                    plan.todo.append(item)
-                    plan.changed += 1
-            elif not os.path.lexists(before):
+            if (before == path or _same_file(before, path) or not os.path.lexists(before)) and \
+                    not source_changed(cache.sources[i], path):
                 summary.skipped_cached += 1
-                plan.moved += 1
-            else:
+                if before != path and not os.path.lexists(before):
+                    plan.moved += 1
+                if item.id in failed_before:
+                    plan.mended.append((item.id, path))
+            elif before != path and os.path.lexists(before) and not _same_file(before, path):
                 plan.clashes.append((path, f"id '{item.id}' is already cached, extracted from {before} by an "
                                            f"earlier extract; {SKIPPED} (extract it into another cache, or from a root "
                                            f"that names it otherwise)"))
+            elif failed_as_it_is(item.id, path) and not options.retry_failed:
+                summary.skipped_failed += 1  # changed, and its new content failed
+            else:  # changed under its path, or moved and changed
+                plan.todo.append(dataclasses.replace(item, replaces=cache.sources[i]))
+                plan.changed += 1
         elif path in cached_id:
             plan.clashes.append((path, f"already cached as '{cached_id[path]}' by an earlier extract from another "
                                        f"root; {SKIPPED} (captions name it '{cached_id[path]}')"))
         elif item.id in failed_before and not options.retry_failed:
-            summary.skipped_failed += 1
+            if failed_as_it_is(item.id, path):
+                summary.skipped_failed += 1
+            else:  # replaced since it failed
+                plan.todo.append(item)
+                plan.retried += 1
         else:
             plan.todo.append(item)
     return plan
@@ -185,8 +199,15 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
                 f"the files now found under the same ids (moved) and not extracted again (a new cache extracts them)")
         if plan.changed:
             say(f"extract: {plan.changed} cached item(s) changed on disk since they were extracted (another size or "
-                f"content under the same path); extracting them again, the new regions replace the old "
-                f"(then `vlpcache index` indexes them anew)")
+                f"content); extracting them again, the new regions replace the old (then `vlpcache index` indexes "
+                f"them anew)")
+        if plan.retried:
+            say(f"extract: {plan.retried} item(s) recorded as failed have changed on disk since; trying them again")
+        for item_id, path in plan.mended:
+            writer.clear_failure(item_id, path)
+        if plan.mended:
+            say(f"extract: {len(plan.mended)} item(s) recorded as failed are again the files the cache holds; their "
+                f"failures are cleared")
         summary.passed_over += len(plan.clashes)
         writer.record_passed_over(roots, passed_over + plan.clashes)
         if todo and engine:

@@ -56,6 +56,7 @@ class Item:
     id: str  # path relative to its root without extension, POSIX separators
     path: Path  # absolute path of the file or frames folder
     kind: str  # "video" | "image" | "frames"
+    replaces: str = ""  # extracted again: the source stamp of the cached row it replaces (its source changed)
 
 
 def natural_key(name: str) -> tuple:

@@ -50,9 +50,11 @@ def query_words(tokens: list[str], word_mask: np.ndarray) -> list[tuple[str, lis
 def align(attention: np.ndarray, word_mask: np.ndarray, tokens: list[str], positions: np.ndarray,
           regions_per_frame: int) -> Alignment:
     """Which region each query word attends to (function words and punctuation left out), and the frame
-    where those words find their regions: the one whose best region per word weighs most, summed over the
-    words, so that a one-word query's frame is the frame of its region (the frame with most attention in
-    all favoured one with many weak regions), and function words, spread over every region, never choose it.
+    where those words find their regions: of the frames that hold the most of those regions (so that the
+    frame a card shows has a matched box on it), the one whose best region per word weighs most, summed
+    over the words. A one-word query's frame is the frame of its region (the frame with most attention
+    in all favoured one with many weak regions), and function words, spread over every region, never
+    choose it.
 
     attention (L, K): each word's attention over the video's K stored regions (rows of real words
     sum to 1); positions (K,): each region's place r = t*N + n in the T x N grid, -1 for padding.
@@ -73,4 +75,6 @@ def align(attention: np.ndarray, word_mask: np.ndarray, tokens: list[str], posit
     per_frame = np.full((len(content), int(frames.max()) + 1), -np.inf)  # (W, T) each word's best region per frame
     np.maximum.at(per_frame, (slice(None), frames), weights[:, real])
     score = np.where(np.isfinite(per_frame), per_frame, 0).sum(0)  # (T,)
-    return Alignment(int(score.argmax()) if score.any() else 0, matches)
+    held = np.bincount([m.frame for m in matches if m.region >= 0], minlength=len(score))[: len(score)]  # (T,)
+    score = np.where(held == held.max(), score, -np.inf)
+    return Alignment(int(score.argmax()) if np.any(score > 0) else 0, matches)
