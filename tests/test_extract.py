@@ -164,6 +164,9 @@ def test_a_source_replaced_at_its_path_is_extracted_again_and_one_only_touched_i
     shutil.copytree(folders[1], tmp_path / "data" / "a")  # b's frames under a's name: a re-downloaded video
     for frame in (tmp_path / "data" / "b").iterdir():
         os.utime(frame, ns=(10**18, 10**18))  # b's files copied again without their times
+    render = vlpcache("inspect", cache, "--render", "a", "-o", tmp_path / "a.png", cwd=tmp_path)
+    assert "changed since it was extracted; run `vlpcache extract` again to redo it); drawing boxes on blank " \
+           "frames" in render.stderr  # not the old boxes on the new frames
     again = vlpcache("extract", tmp_path / "data", "-o", cache, cwd=tmp_path)
     assert "extract: 1 cached item(s) changed on disk since they were extracted" in again.stderr
     assert "1 done, 1 already cached" in again.stderr

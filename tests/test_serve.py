@@ -260,11 +260,16 @@ def test_a_source_changed_since_extract_gives_a_placeholder_until_extracted_and_
     changed = client.get("/media/frame", params={"id": "x0", "t": 1})
     assert "changed since it was extracted" in changed.headers["x-vlpcache-placeholder"]
     write_cache(ws / "cache", 1, prefix="x", seed=5, sources=[(video, "video")])  # extract redoes it
+    client, _ = client_for(ws)  # until it is indexed again: found by its old vector, its old regions not drawn
+    [hit] = [h for h in client.get("/api/search", params={"q": "a dog", "k": 100}).json()["results"] if h["id"] == "x0"]
+    assert hit["regions"] == [] and "extracted again since it was indexed" in hit["note"]
     code, _, err = vlpcache(monkeypatch, capsys, "index")
-    assert code == 0 and "1 indexed item(s) were extracted again since it was built" in err
+    assert code == 0 and "1 indexed item(s) were extracted again since they were indexed" in err
+    assert "encoded 1 videos" in err  # that one alone: the others' vectors are kept
     client, searcher = client_for(ws)
     fresh = client.get("/media/frame", params={"id": "x0", "t": 1})
     assert fresh.status_code == 200 and "x-vlpcache-placeholder" not in fresh.headers
+    assert fresh.headers["cache-control"] == "private, no-cache"  # a browser asks again: the URL is the same
     import torch
 
     from vlpcache.model.batch import video_batch
@@ -276,6 +281,13 @@ def test_a_source_changed_since_extract_gives_a_placeholder_until_extracted_and_
         expected = run.model.encode_video(**video_batch([new_row])).global_[0].numpy()
     np.testing.assert_allclose(searcher.index.embeddings[searcher.index.row_of("x0")], expected, atol=1e-5)
     assert len(searcher.index) == ITEMS + 1
+    index = searcher.index  # every row's vector and regions are its own item's, after the rows moved
+    with torch.inference_mode():
+        video = run.model.encode_video(**video_batch([searcher.cache.get(i) for i in index.ids]))
+    np.testing.assert_allclose(index.embeddings, video.global_.numpy(), atol=1e-5)
+    for row in range(len(index)):
+        regions, mask, _ = index.regions.gather([row])
+        np.testing.assert_allclose(regions[0][mask[0]], video.regions[row][video.region_mask[row]].numpy(), atol=2e-3)
 
 
 def test_missing_source_gives_a_placeholder_of_the_frames_shape_not_an_error(api):

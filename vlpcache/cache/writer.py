@@ -240,6 +240,7 @@ class ShardWriter:
         name = f"{self.writer_name}-{self._next_seq():05d}{SHARD_SUFFIX}"
         self._tmp_path = self.shard_dir / (name + TMP_SUFFIX)
         f = self._file = h5py.File(self._tmp_path, "w", libver="latest")
+        rows = min(256, self.max_items)  # per chunk of a per-video scalar or string: a small shard stays small
         for key, value in shard_attrs(self.settings, __version__).items():
             f.attrs[key] = value
         for spec in self.settings.arrays():
@@ -249,13 +250,13 @@ class ShardWriter:
                 shape=(0, *shape),
                 maxshape=(None, *shape),
                 dtype=spec.dtype,
-                chunks=(1, *shape) if shape else (1024,),  # one video per chunk
+                chunks=(1, *shape) if shape else (rows,),  # one video per chunk
                 compression=FEATURE_COMPRESSION if spec.name == "features" else None,
                 fletcher32=True,  # a checksum per chunk: a damaged shard fails to read instead of giving other numbers
             )
         for name in STRINGS:
             self._datasets[name] = f.create_dataset(name, shape=(0,), maxshape=(None,),
-                                                    dtype=h5py.string_dtype("utf-8"), chunks=(1024,))
+                                                    dtype=h5py.string_dtype("utf-8"), chunks=(rows,))
         self._count = 0
         self._opened_at = time.monotonic()
 

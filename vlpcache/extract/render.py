@@ -32,12 +32,12 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 
 
 def source_pictures(cache: RegionCache, cached: dict) -> list[Image.Image]:
-    """The item's sampled frames, re-decoded; blank frames of its size when the source is gone."""
+    """The item's sampled frames, re-decoded; blank frames of its size when the source is gone, or has
+    changed since it was extracted (its frames are not the ones the boxes were found on)."""
     frame_count = int(cached["frame_mask"].sum())
-    if source_changed(cached.get("source", ""), cached["path"]) and Path(cached["path"]).exists():
-        say(f"{printable(cached['path'])}: changed since it was extracted; the boxes drawn are of the old content "
-            "(run `vlpcache extract` again to redo it)")
     try:
+        if source_changed(cached.get("source", ""), cached["path"]) and Path(cached["path"]).exists():
+            raise ItemError("it changed since it was extracted; run `vlpcache extract` again to redo it")
         source = read_item(Item(cached["id"], Path(cached["path"]), cached["kind"]), cache.settings.frames, RENDER_SIDE)
         return [Image.fromarray(f) for f in source.frames[:frame_count]]
     except (ItemError, OSError) as err:

@@ -92,11 +92,12 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
         index = None if rebuild else existing_index(run, cache, index_dir, config)
         parts = EncodedParts(index_dir)
         if index is not None and (again := extracted_again(index, cache)):
-            say(f"index {index_dir}: {again} indexed item(s) were extracted again since it was built (their "
-                "sources changed); building it anew")
-            qbnorm = qbnorm or (index_dir / QUERYBANK_FILE).exists()  # the bank is made anew with it
+            say(f"index {index_dir}: {len(again)} indexed item(s) were extracted again since they were indexed (their "
+                "sources changed); indexing them anew")
+            qbnorm = qbnorm or (index_dir / QUERYBANK_FILE).exists()  # made anew for the new rows
+            (index_dir / QUERYBANK_FILE).unlink(missing_ok=True)
             parts.remove()  # a killed run's parts may hold their old vectors
-            index = None
+            index = index.without(set(again), config)
         rows = [r for r, item_id in enumerate(cache.ids) if index is None or item_id not in index]
         if index is not None and index.regions is None:  # made by an older vlpcache: re-rank needs regions
             rows, index = list(range(len(cache))), None
@@ -110,7 +111,7 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
             (index_dir / QUERYBANK_FILE).unlink(missing_ok=True)  # it described the old rows
         started = time.monotonic()
         index, how = _add_encoded(run, cache, rows, index, config, device, batch_size, progress, parts, say)
-        index.meta.cache_listed = cache.listed_at
+        index.meta.cache_shards = list(cache.read_shards)
         save_index(index, index_dir)
         parts.remove()
         export_for_search(run, index_dir, say)
@@ -267,11 +268,15 @@ def missing_from_cache(index: VideoIndex, cache: RegionCache) -> int:
     return sum(1 for item_id in index.ids if item_id not in cache)
 
 
-def extracted_again(index: VideoIndex, cache: RegionCache) -> int:
-    """Indexed items whose cached rows are newer than the cache listing the index last read: their
-    sources changed and extract redid them, so their vectors are of the old content."""
-    listed = index.meta.cache_listed or index.meta.updated
-    return sum(1 for item_id in index.ids if item_id in cache and cache.committed[cache.index_of(item_id)] > listed)
+def extracted_again(index: VideoIndex, cache: RegionCache) -> list[str]:
+    """Indexed items the cache reads from a shard the index's last update did not read: their sources
+    changed and extract redid them, so their vectors are of the old content. (An index from before shards
+    were recorded: the items of shards committed after its last update.)"""
+    if index.meta.cache_shards:
+        read = set(index.meta.cache_shards)
+        return [item_id for item_id in index.ids if item_id in cache and cache.shard_of(item_id) not in read]
+    return [item_id for item_id in index.ids
+            if item_id in cache and cache.committed[cache.index_of(item_id)] > index.meta.updated]
 
 
 def coverage(index: VideoIndex, cache: RegionCache) -> str:
@@ -285,8 +290,9 @@ def coverage(index: VideoIndex, cache: RegionCache) -> str:
         notes.append(f"{len(index) - missing} of its {len(index)} items can be shown, {missing} are not in the cache "
                      f"({why}); search leaves them out")
     if again := extracted_again(index, cache):
-        notes.append(f"{again} of its items were extracted again since it was built (their sources changed) and are "
-                     "found by their old content; run `vlpcache index` to index them anew")
+        notes.append(f"{len(again)} of its items were extracted again since they were indexed (their sources changed): "
+                     "found by their old content and shown without matched regions; run `vlpcache index` to index "
+                     "them anew")
     return "; ".join(notes)
 
 

@@ -276,6 +276,19 @@ class VideoIndex:
         self.meta = dataclasses.replace(self.meta, count=len(self.ids), updated=time.time())
         return f"{len(ids)} new items {how}"
 
+    def without(self, ids: set[str], config: IndexConfig = IndexConfig()) -> "VideoIndex | None":
+        """The index less the rows of `ids` (to be encoded again), its FAISS index rebuilt from the stored
+        embeddings (nothing is re-encoded); None when no row would be left."""
+        keep = [r for r, item_id in enumerate(self.ids) if item_id not in ids]
+        if not keep:
+            return None
+        embeddings = self.embeddings[keep]
+        index, factory, params, recall = _faiss_for(embeddings, _keep_factory(config, self.meta))
+        meta = dataclasses.replace(self.meta, factory=factory, search_params=params, tuned_recall=recall,
+                                   count=len(keep), updated=time.time())
+        regions = self.regions.take(keep) if self.regions is not None else None
+        return VideoIndex(index, [self.ids[r] for r in keep], embeddings, meta, regions)
+
     # -- searching
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -61,6 +61,13 @@ class RegionStore:
                    np.concatenate([[0]] + [s.offsets[1:] + start for s, start in zip(stores, starts)]).astype(np.int64),
                    np.concatenate([s.positions for s in stores]))
 
+    def take(self, rows: list[int]) -> "RegionStore":
+        """A store of videos `rows` alone, in that order."""
+        counts = self.offsets[np.asarray(rows, np.int64) + 1] - self.offsets[rows]
+        picked = np.concatenate([np.arange(self.offsets[r], self.offsets[r + 1]) for r in rows] or [np.zeros(0, np.int64)])
+        return RegionStore(np.asarray(self.embeddings[picked]), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                           np.asarray(self.positions[picked]))
+
     def gather(self, rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Videos `rows`, padded to the most regions among them: regions (P, K, E) float32,
         mask (P, K) bool, positions (P, K) int32 (-1 for padding)."""

@@ -26,12 +26,13 @@ from vlpcache.cache.reader import RegionCache
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import read_utf8_text, utf8_text
-from vlpcache.index.build import coverage, index_of_run, missing_from_cache, new_index_line, open_cache, resolve_sources, update_index
+from vlpcache.index.build import (coverage, extracted_again, index_of_run, missing_from_cache, new_index_line, open_cache,
+                                  resolve_sources, update_index)
 from vlpcache.index.export import export_embeddings
 from vlpcache.index.faiss_index import VideoIndex
 from vlpcache.index.layout import META_FILE, QUERYBANK_FILE, IndexConfig, index_dir_for
 from vlpcache.index.query_model import OnnxQueryModel, query_export_sha
-from vlpcache.index.rerank import align
+from vlpcache.index.rerank import Alignment, align
 from vlpcache.metrics import RERANK_CANDIDATES
 from vlpcache.model.run_layout import epoch_of
 from vlpcache.querybank import QueryBank
@@ -40,6 +41,9 @@ from vlpcache.report import Say, printable, say
 
 # what describing a hit reads of its cached item; features, most of an item's bytes, are left on disk
 HIT_ARRAYS = ("labels", "boxes", "timestamps")
+# the note of a hit extracted again since it was indexed (shown without matched regions: the index's are the old rows')
+EXTRACTED_AGAIN = ("its source changed and it was extracted again since it was indexed: found by its old content; "
+                   "run `vlpcache index` to index it anew")
 
 
 @dataclass
@@ -135,6 +139,8 @@ class Searcher:
         if self.query_bank is not None and len(self.query_bank.log_norm) != len(index):
             self.query_bank = None  # made for other rows: `vlpcache index` brings it up to date
         self.__dict__.pop("unshown", None)
+        # found by their old content: the regions the index holds are not the cached rows' any more
+        self.extracted_again = set(extracted_again(index, self.cache))
 
     def refresh(self) -> bool:
         """Take up the index again if `vlpcache index` has written it since it was loaded (with the
@@ -243,6 +249,10 @@ class Searcher:
             item = self.cache.get(item_id, HIT_ARRAYS)
             N = item["labels"].shape[1]
             alignment = align(ranking.attention[j], query.word_mask[0], query.tokens, ranking.positions[j], N)
+            note = self.cache.note_of(item_id)
+            if item_id in self.extracted_again:
+                alignment = Alignment(0, [])
+                note = "; ".join(filter(None, [note, EXTRACTED_AGAIN]))
             matched, names = [], region_names(self.cache.settings.detector)
             for match in alignment.words:
                 t, n = divmod(match.region, N)
@@ -258,7 +268,7 @@ class Searcher:
                 time=round(float(item["timestamps"][alignment.best_frame]), 2),
                 regions=matched,
                 frame=alignment.best_frame,
-                note=self.cache.note_of(item_id),
+                note=note,
             ))
         return hits
 

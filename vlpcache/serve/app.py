@@ -85,7 +85,8 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
             raise ApiError(404, f"item {cached['id']!r} has no sampled frame {t}")
         picture = thumbnails.get(cached, t)
         etag = f'"{picture.etag}"'
-        headers = {"etag": etag, "cache-control": "no-store" if picture.placeholder else "private, max-age=3600"}
+        # asked again each time (a 304 while the same): a frame's URL stays when its item is extracted again
+        headers = {"etag": etag, "cache-control": "no-store" if picture.placeholder else "private, no-cache"}
         if picture.placeholder:
             headers["x-vlpcache-placeholder"] = picture.placeholder.encode("ascii", "replace").decode()
         if request.headers.get("if-none-match") == etag:
