@@ -31,19 +31,19 @@ def collection_of(cache_dir: Path) -> str:
 
 
 def read_failures(cache_dir: Path) -> dict[str, dict]:
-    """id -> last failure record, over every writer's log (none after a record that clears it); partial
-    lines from a crash are ignored."""
-    failures: dict[str, dict] = {}
+    """id -> latest failure record, over every writer's log (none where the latest record clears it: one
+    writer may clear what another recorded); partial lines from a crash are ignored."""
+    latest: dict[str, dict] = {}
     for log in sorted((Path(cache_dir) / FAILURE_DIR).glob("*.jsonl")):
         for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
-                failures[record["id"]] = record
-                if record.get("cleared"):
-                    del failures[record["id"]]
-            except (json.JSONDecodeError, KeyError, TypeError):
+                item_id = record["id"]
+                if record.get("time", 0) >= latest.get(item_id, {}).get("time", 0):
+                    latest[item_id] = record
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 continue
-    return failures
+    return {item_id: record for item_id, record in latest.items() if not record.get("cleared")}
 
 
 def passed_over_path(cache_dir: Path, writer_name: str) -> Path:

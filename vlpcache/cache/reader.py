@@ -198,6 +198,11 @@ class RegionCache:
                             "(reported above); move them out and extract again, or pass another cache")
         raise UserError(f"cache {self.cache_dir} holds no items yet; run `vlpcache extract` first")
 
+    def ids_in_shards(self, names: set[str]) -> list[str]:
+        """The items the cache reads from the shards of these names."""
+        wanted = [s for s, path in enumerate(self.shard_paths) if path.name in names]
+        return [self.ids[r] for r in np.flatnonzero(np.isin(self._locations[:, 0], wanted))]
+
     def shard_of(self, item_id: str) -> str:
         """The name of the shard the cache reads an item from."""
         return self.shard_paths[int(self._locations[self.index_of(item_id)][0])].name

@@ -273,10 +273,10 @@ def extracted_again(index: VideoIndex, cache: RegionCache) -> list[str]:
     changed and extract redid them, so their vectors are of the old content. (An index from before shards
     were recorded: the items of shards committed after its last update.)"""
     if index.meta.cache_shards:
-        read = set(index.meta.cache_shards)
-        return [item_id for item_id in index.ids if item_id in cache and cache.shard_of(item_id) not in read]
-    return [item_id for item_id in index.ids
-            if item_id in cache and cache.committed[cache.index_of(item_id)] > index.meta.updated]
+        unread = set(cache.read_shards) - set(index.meta.cache_shards)  # mostly none: nothing to look at
+        return [item_id for item_id in cache.ids_in_shards(unread) if item_id in index]
+    later = np.flatnonzero(np.asarray(cache.committed, np.float64) > index.meta.updated)
+    return [cache.ids[r] for r in later if cache.ids[r] in index]
 
 
 def coverage(index: VideoIndex, cache: RegionCache) -> str:
