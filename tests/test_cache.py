@@ -311,6 +311,14 @@ def test_an_item_extracted_again_is_read_from_the_row_that_replaces_the_other_wh
     extract("s2of3", 2, source="stamp-3", replaces="stamp-2", committed=0.5)  # and again, read between the two
     cache.refresh()
     assert cache.sources == ["stamp-3"] and cache.shard_of("a") == "s2of3-00000.h5"
+    before = cache.shard_key_of("a")
+    assert cache.ids_in_shards({before}) == ["a"]
+    cache.close()
+    (tmp_path / SHARD_DIR / "s2of3-00000.h5").rename(tmp_path / "moved-out.h5")  # as a damaged shard is
+    extract("s2of3", 3, source="stamp-4", replaces="stamp-3")  # its items extracted again: the same file name
+    cache.refresh()
+    assert cache.sources == ["stamp-4"] and cache.shard_of("a") == "s2of3-00000.h5"
+    assert cache.shard_key_of("a") != before and cache.ids_in_shards({before}) == []  # another shard
 
 
 def test_shard_columns_give_each_videos_rows_once_and_inspect_counts_them_shard_by_shard(tmp_path):

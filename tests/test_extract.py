@@ -167,7 +167,7 @@ def test_a_source_replaced_at_its_path_is_extracted_again_and_one_only_touched_i
     for frame in (tmp_path / "data" / "b").iterdir():
         os.utime(frame, ns=(10**18, 10**18))  # b's files copied again without their times
     render = vlpcache("inspect", cache, "--render", "a", "-o", tmp_path / "a.png", cwd=tmp_path)
-    assert "changed since it was extracted; run `vlpcache extract` again to redo it); drawing boxes on blank " \
+    assert "changed since it was extracted (run `vlpcache extract` again to redo it); drawing its boxes on blank " \
            "frames" in render.stderr  # not the old boxes on the new frames
     capsys.readouterr()
     run_extract([tmp_path / "data"], cache_dir=cache, quiet=True)

@@ -260,7 +260,8 @@ def test_kept_parts_cut_to_the_wanted_videos_join_into_one_store_in_order(tmp_pa
         store = RegionStore.empty(2)
         store.append(np.array([[[first + v, r] for r in range(4)] for v in range(len(masks))], np.float32), np.array(masks))
         return EncodedPart([f"v{first + v}" for v in range(len(masks))],
-                           np.array([[first + v, 0] for v in range(len(masks))], np.float32), store)
+                           np.array([[first + v, 0] for v in range(len(masks))], np.float32), store,
+                           [f"shard@{first + v}" for v in range(len(masks))])
 
     kept = EncodedParts(tmp_path)
     kept.add(part(0, [[True, False, True, False], [False, False, False, True], [True, True, True, True]]))
@@ -268,7 +269,9 @@ def test_kept_parts_cut_to_the_wanted_videos_join_into_one_store_in_order(tmp_pa
     kept.add(part(4, [[True, True, False, False]]))  # v4 again (a chunk encoded twice): the first one counts
     assert [p.name for p in kept.paths()] == ["part-000000.npz", "part-000001.npz", "part-000002.npz"]
 
-    parts = kept.load({"v0", "v2", "v4"})  # v1 and v3 are in the index already
+    wanted = {"v0": "shard@0", "v2": "shard@2", "v4": "shard@4"}  # v1 and v3 are in the index already
+    assert [p.ids for p in kept.load({**wanted, "v2": "shard@9"})] == [["v0"], ["v4"]]  # v2 extracted again since
+    parts = kept.load(wanted)
     assert [p.ids for p in parts] == [["v0", "v2"], ["v4"]]
     store = RegionStore.concatenate([p.regions for p in parts], 2)
     assert len(store) == 3 and store.offsets.tolist() == [0, 2, 6, 7]
@@ -279,4 +282,4 @@ def test_kept_parts_cut_to_the_wanted_videos_join_into_one_store_in_order(tmp_pa
         assert regions[i][mask[i]].tolist() == [[video, r] for r in places]
     assert np.concatenate([p.embeddings for p in parts])[:, 0].tolist() == [0, 2, 4]
     kept.remove()
-    assert not kept.folder.exists() and kept.load({"v0"}) == []
+    assert not kept.folder.exists() and kept.load({"v0": "shard@0"}) == []

@@ -262,7 +262,7 @@ def test_a_source_changed_since_extract_gives_a_placeholder_until_extracted_and_
     write_cache(ws / "cache", 1, prefix="x", seed=5, sources=[(video, "video")])  # extract redoes it
     client, _ = client_for(ws)  # until it is indexed again: found by its old vector, its old regions not drawn
     [hit] = [h for h in client.get("/api/search", params={"q": "a dog", "k": 100}).json()["results"] if h["id"] == "x0"]
-    assert hit["regions"] == [] and "extracted again since it was indexed" in hit["note"]
+    assert hit["regions"] == [] and hit["note"] == "" and "extracted again since it was indexed" in hit["outdated"]
     code, _, err = vlpcache(monkeypatch, capsys, "index")
     assert code == 0 and "1 indexed item(s) were extracted again since they were indexed" in err
     assert "encoded 1 videos" in err  # that one alone: the others' vectors are kept

@@ -97,7 +97,10 @@ class RegionCache:
         self.shard_paths: list[Path] = sorted((self.cache_dir / SHARD_DIR).glob(f"*{SHARD_SUFFIX}"))
         self.unreadable_shards: dict[Path, str] = {}  # shard -> why it cannot be read
         self.ignored_shards: dict[Path, list[str]] = {}  # shard -> how its settings differ from the manifest's
-        self.read_shards: list[str] = []  # the names of the shards whose items are read
+        # the keys of the shards whose items are read, "<name>@<commit time>": a name that comes back
+        # (a shard moved out, and extract writing its items again) is another shard
+        self.read_shards: list[str] = []
+        self._shard_keys: dict[int, str] = {}
         rows: list[_Row] = []  # each id's first row, in shard order
         seen: dict[str, int] = {}
         others: dict[int, list[_Row]] = {}  # the other rows of an id stored more than once
@@ -105,8 +108,9 @@ class RegionCache:
             listing = self._list_shard(shard)
             if listing is None:
                 continue
-            self.read_shards.append(shard.name)
             *columns, when = listing
+            self._shard_keys[s] = f"{shard.name}@{when!r}"
+            self.read_shards.append(self._shard_keys[s])
             for row, (item_id, path, kind, source, replaces) in enumerate(zip(*columns)):
                 found = _Row(item_id, path, kind, source, replaces, when, (s, row))
                 if (i := seen.get(item_id)) is None:
@@ -198,10 +202,14 @@ class RegionCache:
                             "(reported above); move them out and extract again, or pass another cache")
         raise UserError(f"cache {self.cache_dir} holds no items yet; run `vlpcache extract` first")
 
-    def ids_in_shards(self, names: set[str]) -> list[str]:
-        """The items the cache reads from the shards of these names."""
-        wanted = [s for s, path in enumerate(self.shard_paths) if path.name in names]
+    def ids_in_shards(self, keys: set[str]) -> list[str]:
+        """The items the cache reads from the shards of these keys (read_shards)."""
+        wanted = [s for s, key in self._shard_keys.items() if key in keys]
         return [self.ids[r] for r in np.flatnonzero(np.isin(self._locations[:, 0], wanted))]
+
+    def shard_key_of(self, item_id: str) -> str:
+        """The key (read_shards) of the shard the cache reads an item from."""
+        return self._shard_keys[int(self._locations[self.index_of(item_id)][0])]
 
     def shard_of(self, item_id: str) -> str:
         """The name of the shard the cache reads an item from."""

@@ -35,16 +35,23 @@ def source_pictures(cache: RegionCache, cached: dict) -> list[Image.Image]:
     """The item's sampled frames, re-decoded; blank frames of its size when the source is gone, or has
     changed since it was extracted (its frames are not the ones the boxes were found on)."""
     frame_count = int(cached["frame_mask"].sum())
+    if source_changed(cached.get("source", ""), cached["path"]) and Path(cached["path"]).exists():
+        say(f"{printable(cached['path'])}: changed since it was extracted (run `vlpcache extract` again to redo it); "
+            "drawing its boxes on blank frames")
+        return blank_frames(cached, frame_count)
     try:
-        if source_changed(cached.get("source", ""), cached["path"]) and Path(cached["path"]).exists():
-            raise ItemError("it changed since it was extracted; run `vlpcache extract` again to redo it")
         source = read_item(Item(cached["id"], Path(cached["path"]), cached["kind"]), cache.settings.frames, RENDER_SIDE)
         return [Image.fromarray(f) for f in source.frames[:frame_count]]
     except (ItemError, OSError) as err:
         say(f"{printable(cached['path'])}: cannot re-read the source ({err}); drawing boxes on blank frames")
-        h, w = (int(x) for x in cached["frame_size"])
-        scale = RENDER_SIDE / max(h, w, 1)
-        return [Image.new("RGB", (max(1, round(w * scale)), max(1, round(h * scale))), (96, 96, 96))] * frame_count
+        return blank_frames(cached, frame_count)
+
+
+def blank_frames(cached: dict, count: int) -> list[Image.Image]:
+    """Grey pictures of the item's frame size, to draw its boxes on."""
+    h, w = (int(x) for x in cached["frame_size"])
+    scale = RENDER_SIDE / max(h, w, 1)
+    return [Image.new("RGB", (max(1, round(w * scale)), max(1, round(h * scale))), (96, 96, 96))] * count
 
 
 def draw_regions(draw: ImageDraw.ImageDraw, cached: dict, t: int, origin: tuple[int, int], size: tuple[int, int],

@@ -198,9 +198,9 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
             say(f"extract: {plan.moved} cached item(s) were extracted from files that are no longer there; taken to be "
                 f"the files now found under the same ids (moved) and not extracted again (a new cache extracts them)")
         if plan.changed:
-            say(f"extract: {plan.changed} cached item(s) changed on disk since they were extracted (another size or "
-                f"content); extracting them again, the new regions replace the old (then `vlpcache index` indexes "
-                f"them anew)")
+            say(f"extract: {plan.changed} cached item(s) changed on disk since they were extracted (another size, "
+                f"content or set of frames); extracting them again: what they give replaces what the cache held "
+                f"(then `vlpcache index` indexes them anew)")
         if plan.retried:
             say(f"extract: {plan.retried} item(s) recorded as failed have changed on disk since; trying them again")
         for item_id, path in plan.mended:

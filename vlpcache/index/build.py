@@ -199,7 +199,7 @@ def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | N
     Each chunk is kept as a part as soon as it is encoded; rows a kept part holds are not encoded again."""
     from vlpcache.model.retrieval import as_numpy, encode_videos
 
-    parts = kept.load({cache.ids[r] for r in rows})
+    parts = kept.load({cache.ids[r]: cache.shard_key_of(cache.ids[r]) for r in rows})
     done = {item_id for part in parts for item_id in part.ids}
     todo = [r for r in rows if cache.ids[r] not in done]
     if done:
@@ -212,7 +212,8 @@ def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | N
                               desc=f"encoding videos {first}-{first + len(chunk) - 1} of {len(rows)}")
         regions = RegionStore.empty(run.config.embed_dim)
         regions.append(video.regions.numpy(), video.region_mask.numpy())
-        parts.append(EncodedPart([cache.ids[r] for r in chunk], as_numpy(video.global_), regions))
+        parts.append(EncodedPart([cache.ids[r] for r in chunk], as_numpy(video.global_), regions,
+                                 [cache.shard_key_of(cache.ids[r]) for r in chunk]))
         try:
             kept.add(parts[-1])
         except Exception as err:
@@ -290,7 +291,7 @@ def coverage(index: VideoIndex, cache: RegionCache) -> str:
         notes.append(f"{len(index) - missing} of its {len(index)} items can be shown, {missing} are not in the cache "
                      f"({why}); search leaves them out")
     if again := extracted_again(index, cache):
-        notes.append(f"{len(again)} of its items were extracted again since they were indexed (their sources changed): "
+        notes.append(f"{len(again)} of its item(s) were extracted again since they were indexed (their sources changed): "
                      "found by their old content and shown without matched regions; run `vlpcache index` to index "
                      "them anew")
     return "; ".join(notes)

@@ -95,8 +95,9 @@ class IndexMeta(JsonRecord):
     collection: str = ""  # the cache's collection (cache/manifest.collection_of): its copies and moves share it
     tuned_recall: float | None = None  # recall@10 measured when the parameters were tuned
     factory_given: bool = False  # the user chose the factory: keep it as the collection grows
-    # the cache shards whose items the last update read: an indexed item the cache now reads from another
-    # shard was extracted again (its source changed), and is indexed anew; empty in older indexes
+    # the cache shards whose items the last update read (RegionCache.read_shards): an indexed item the cache
+    # now reads from another shard was extracted again (its source changed), and is indexed anew; empty in
+    # older indexes
     cache_shards: list = field(default_factory=list)
     format: int = INDEX_FORMAT
     updated: float = field(default_factory=time.time)

@@ -5,7 +5,8 @@
 next. The index files are written once every video is encoded, and then the folder goes. A Ctrl-C, a
 kill -9 or a full disk in between keeps every finished part: the next run encodes only the videos no
 part holds. An index directory belongs to one checkpoint and one set of cache settings
-(layout.index_dir_for), and cached items do not change, so a part never holds another model's vectors.
+(layout.index_dir_for), so a part never holds another model's vectors; each video's vectors are kept
+with the cache shard it was read from, so that an item extracted again since is encoded again.
 """
 
 from __future__ import annotations
@@ -25,24 +26,28 @@ from vlpcache.index.region_store import RegionStore
 
 @dataclass
 class EncodedPart:
-    """Encoded videos: their ids, global embeddings (n, E) float32 and region store of n videos."""
+    """Encoded videos: their ids, global embeddings (n, E) float32, region store of n videos, and the
+    keys of the cache shards they were read from (RegionCache.read_shards)."""
 
     ids: list[str]
     embeddings: np.ndarray
     regions: RegionStore
+    shards: list[str]
 
     def save(self, path: Path) -> None:
         replace_atomically(Path(path), self._write, suffix=".npz")
 
     def _write(self, tmp: Path) -> None:
         np.savez(tmp, ids=np.frombuffer(json.dumps(self.ids).encode(), np.uint8), embeddings=self.embeddings,
-                 regions=self.regions.embeddings, offsets=self.regions.offsets, positions=self.regions.positions)
+                 regions=self.regions.embeddings, offsets=self.regions.offsets, positions=self.regions.positions,
+                 shards=np.frombuffer(json.dumps(self.shards).encode(), np.uint8))
 
     @classmethod
     def load(cls, path: Path) -> "EncodedPart":
         with np.load(path) as data:
-            return cls(json.loads(data["ids"].tobytes()), data["embeddings"],
-                       RegionStore(data["regions"], data["offsets"], data["positions"]))
+            ids = json.loads(data["ids"].tobytes())
+            shards = json.loads(data["shards"].tobytes()) if "shards" in data else [""] * len(ids)  # older: unknown
+            return cls(ids, data["embeddings"], RegionStore(data["regions"], data["offsets"], data["positions"]), shards)
 
     def select(self, keep: np.ndarray) -> "EncodedPart":
         """The videos where `keep` (n,) bool is true, in their order."""
@@ -51,7 +56,8 @@ class EncodedPart:
         regions = RegionStore(self.regions.embeddings[region_keep],
                               np.concatenate([[0], np.cumsum(counts[keep])]).astype(np.int64),
                               self.regions.positions[region_keep])
-        return EncodedPart([i for i, k in zip(self.ids, keep) if k], self.embeddings[keep], regions)
+        return EncodedPart([i for i, k in zip(self.ids, keep) if k], self.embeddings[keep], regions,
+                           [s for s, k in zip(self.shards, keep) if k])
 
 
 class EncodedParts:
@@ -63,10 +69,11 @@ class EncodedParts:
     def paths(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.npz"))
 
-    def load(self, wanted: set[str]) -> list[EncodedPart]:
-        """The kept parts, each cut to the videos in `wanted` (the index may hold some already, or the cache
-        no longer has them), leftovers of killed writes removed; unreadable parts are left out (their
-        videos are encoded again)."""
+    def load(self, wanted: dict[str, str]) -> list[EncodedPart]:
+        """The kept parts, each cut to the videos in `wanted` (id -> the key of the cache shard it is read
+        from now) read from that shard (the index may hold some already, the cache may no longer have
+        them, or have extracted them again), leftovers of killed writes removed; unreadable parts are left
+        out (their videos are encoded again)."""
         if not self.folder.is_dir():
             return []
         remove_temporaries(self.folder)
@@ -77,7 +84,7 @@ class EncodedParts:
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
                 path.unlink(missing_ok=True)
                 continue
-            keep = np.array([i in wanted and i not in seen for i in part.ids], bool)
+            keep = np.array([wanted.get(i) == s and i not in seen for i, s in zip(part.ids, part.shards)], bool)
             seen.update(i for i, k in zip(part.ids, keep) if k)
             if keep.any():
                 parts.append(part.select(keep) if not keep.all() else part)

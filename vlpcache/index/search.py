@@ -41,9 +41,9 @@ from vlpcache.report import Say, printable, say
 
 # what describing a hit reads of its cached item; features, most of an item's bytes, are left on disk
 HIT_ARRAYS = ("labels", "boxes", "timestamps")
-# the note of a hit extracted again since it was indexed (shown without matched regions: the index's are the old rows')
-EXTRACTED_AGAIN = ("its source changed and it was extracted again since it was indexed: found by its old content; "
-                   "run `vlpcache index` to index it anew")
+# a hit extracted again since it was indexed (shown without matched regions: the index's are the old rows')
+EXTRACTED_AGAIN = ("extracted again since it was indexed (its source changed): found by its old content, its regions "
+                   "not shown; run `vlpcache index` to index it anew")
 
 
 @dataclass
@@ -68,6 +68,7 @@ class Hit:
     regions: list[RegionHit] = field(default_factory=list)
     frame: int | None = None  # index of the best-matching frame among the item's sampled frames
     note: str = ""  # what went wrong decoding the item, kept anyway (e.g. a truncated video); "" for most
+    outdated: str = ""  # why the hit is found by an older extraction of the item, its regions not shown; "" for most
 
 
 @dataclass
@@ -249,10 +250,9 @@ class Searcher:
             item = self.cache.get(item_id, HIT_ARRAYS)
             N = item["labels"].shape[1]
             alignment = align(ranking.attention[j], query.word_mask[0], query.tokens, ranking.positions[j], N)
-            note = self.cache.note_of(item_id)
-            if item_id in self.extracted_again:
+            outdated = EXTRACTED_AGAIN if item_id in self.extracted_again else ""
+            if outdated:
                 alignment = Alignment(0, [])
-                note = "; ".join(filter(None, [note, EXTRACTED_AGAIN]))
             matched, names = [], region_names(self.cache.settings.detector)
             for match in alignment.words:
                 t, n = divmod(match.region, N)
@@ -268,7 +268,8 @@ class Searcher:
                 time=round(float(item["timestamps"][alignment.best_frame]), 2),
                 regions=matched,
                 frame=alignment.best_frame,
-                note=note,
+                note=self.cache.note_of(item_id),
+                outdated=outdated,
             ))
         return hits
 
@@ -317,6 +318,8 @@ def format_hits(query: str, hits: list[Hit]) -> str:
             lines.append("       " + "; ".join(parts))
         if h.note:
             lines.append(f"       kept with a note: {printable(h.note)}")
+        if h.outdated:
+            lines.append(f"       {h.outdated}")
     return "\n".join(lines)
 
 

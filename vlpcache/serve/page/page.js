@@ -161,6 +161,7 @@ function card(hit) {
       el("span", { class: "time" }, hit.time === null ? "" : `@ ${hit.time.toFixed(2)} s`)),
     el("p", { class: "id", title: hit.path }, hit.id),
     ...(hit.note ? [el("p", { class: "note", title: hit.note }, `kept with a note: ${hit.note}`)] : []),
+    ...(hit.outdated ? [el("p", { class: "note", title: hit.outdated }, hit.outdated)] : []),
     el("p", { class: "words" }, ...hit.regions.map((r) => wordChip(r, hit))));
   node.addEventListener("click", () => openItem(hit.id));
   node.addEventListener("keydown", (event) => { if (event.key === "Enter") openItem(hit.id); });
