@@ -974,7 +974,7 @@ MUTANTS += [
            "                   replaces=item.replaces)", "                   replaces='')",
            "tests/test_extract.py -k replaced_at_its_path", "a row extracted again names the row it replaces"),
     mutant("index-extracted-again-kept", "vlpcache/index/build.py",
-           "(again := extracted_again(index, cache))", "(again := 0)",
+           "again = extracted_again(index, cache) if index is not None else []", "again = []",
            "tests/test_serve.py -k changed_since_extract", "index builds anew when indexed items were extracted again"),
     mutant("thumbnail-changed-source-drawn", "vlpcache/serve/thumbnails.py",
            'if source_changed(item.get("source", ""), source.path) and source.path.exists():', "if False:",

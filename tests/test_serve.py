@@ -254,7 +254,8 @@ def test_a_source_changed_since_extract_gives_a_placeholder_until_extracted_and_
     video = tmp_path / "clip.mp4"
     shutil.copy(SHARED / "data" / "videos" / "cup.mp4", video)
     write_cache(ws / "cache", 1, prefix="x", seed=4, sources=[(video, "video")])
-    index_workspace(monkeypatch, ws)
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(ws))
+    assert vlpcache(monkeypatch, capsys, "index", "--qbnorm", "--quiet")[0] == 0  # with a query bank
     shutil.copy(SHARED / "data" / "videos" / "bikes.mp4", video)  # replaced: its frames are not the cached boxes'
     client, _ = client_for(ws)
     changed = client.get("/media/frame", params={"id": "x0", "t": 1})
@@ -272,6 +273,7 @@ def test_a_source_changed_since_extract_gives_a_placeholder_until_extracted_and_
     assert fresh.headers["cache-control"] == "private, no-cache"  # a browser asks again: the URL is the same
     import torch
 
+    from vlpcache.querybank import QueryBank
     from vlpcache.model.batch import video_batch
     from vlpcache.model.checkpoint import load_run
 
@@ -281,6 +283,9 @@ def test_a_source_changed_since_extract_gives_a_placeholder_until_extracted_and_
         expected = run.model.encode_video(**video_batch([new_row])).global_[0].numpy()
     np.testing.assert_allclose(searcher.index.embeddings[searcher.index.row_of("x0")], expected, atol=1e-5)
     assert len(searcher.index) == ITEMS + 1
+    bank = searcher.query_bank  # made again for the rows as they are now
+    expected_bank = QueryBank.build(bank.bank, searcher.index.embeddings, bank.beta, bank.k)
+    np.testing.assert_allclose(bank.log_norm, expected_bank.log_norm, rtol=1e-5)
     index = searcher.index  # every row's vector and regions are its own item's, after the rows moved
     with torch.inference_mode():
         video = run.model.encode_video(**video_batch([searcher.cache.get(i) for i in index.ids]))

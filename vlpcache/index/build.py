@@ -91,13 +91,11 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
     with writing_index(index_dir, say):
         index = None if rebuild else existing_index(run, cache, index_dir, config)
         parts = EncodedParts(index_dir)
-        if index is not None and (again := extracted_again(index, cache)):
+        again = extracted_again(index, cache) if index is not None else []
+        if again:
             say(f"index {index_dir}: {len(again)} indexed item(s) were extracted again since they were indexed (their "
                 "sources changed); indexing them anew")
-            qbnorm = qbnorm or (index_dir / QUERYBANK_FILE).exists()  # made anew for the new rows
-            (index_dir / QUERYBANK_FILE).unlink(missing_ok=True)
-            parts.remove()  # a killed run's parts may hold their old vectors
-            index = index.without(set(again), config)
+            index = index.without(set(again), config)  # the query bank is made again below: its rows moved
         rows = [r for r, item_id in enumerate(cache.ids) if index is None or item_id not in index]
         if index is not None and index.regions is None:  # made by an older vlpcache: re-rank needs regions
             rows, index = list(range(len(cache))), None
@@ -111,6 +109,8 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
             (index_dir / QUERYBANK_FILE).unlink(missing_ok=True)  # it described the old rows
         started = time.monotonic()
         index, how = _add_encoded(run, cache, rows, index, config, device, batch_size, progress, parts, say)
+        if again:
+            how += f" ({len(again)} of them indexed anew, extracted again since)"
         index.meta.cache_shards = list(cache.read_shards)
         save_index(index, index_dir)
         parts.remove()
