@@ -123,8 +123,8 @@ class RegionCache:
         self.ids: list[str] = [r.id for r in rows]
         self.paths: list[str] = [r.path for r in rows]
         self.kinds: list[str] = [r.kind for r in rows]
-        self.sources: list[str] = [r.source for r in rows]  # source stamps (extract/stamps.py), "" before they were kept
-        self.committed: list[float] = [r.committed for r in rows]  # when each row's shard was committed, 0 before it was kept
+        self.sources: list[str] = [r.source for r in rows]  # stamps (extract/stamps.py), "" in older shards
+        self.committed: list[float] = [r.committed for r in rows]  # its shard's commit time, 0 in older shards
         locations = [r.location for r in rows]
         self._index_of = seen
         self._locations = np.array(locations, dtype=np.int64).reshape(-1, 2)

@@ -7,8 +7,8 @@ stages on Ray Data).
 
 Resumable: items already in the cache are skipped, items recorded as failed too (unless
 --retry-failed). Shards are committed atomically, so a kill -9 loses at most the shard in progress.
-An item whose source changed since it was cached (extract.stamps) is extracted again; the reader takes
-the row committed last.
+An item whose source changed since it was cached (extract/stamps.py) is extracted again, its new row
+naming the one it replaces (the reader takes the row no other replaces).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlpcache.cache.reader import RegionCache
-from vlpcache.extract.stamps import source_changed
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
 from vlpcache.extract.detectors.choice import choose_detector, load_detector
@@ -29,6 +28,7 @@ from vlpcache.extract.options import ENGINES, ExtractOptions
 from vlpcache.extract.progress import ExtractProgress, ExtractSummary
 from vlpcache.extract.reader import FrameReader, Prefetch, decoded_items_within_budget
 from vlpcache.extract.sources import SKIPPED, OtherFiles, discover_items, other_files, passed_over_line, shard_of
+from vlpcache.extract.stamps import source_changed
 from vlpcache.interrupts import stop_if_interrupted
 from vlpcache.report import printable, say
 from vlpcache.workspace import Workspace

@@ -1,7 +1,7 @@
 """Thumbnails of indexed items' sampled frames: decoded from the source once, at the frame's stored
 time (seeking, as extract does: vlpcache.extract.sampling.read_frames_at), and kept beside the index.
 
-    <index>/thumbnails/store.json     {"format": 1}; a store of another format is emptied and begun again
+    <index>/thumbnails/store.json     {"format": 2}; a store of another format is emptied and begun again
     <index>/thumbnails/<kk>/<key>.jpg one sampled frame, JPEG, longer side <= THUMBNAIL_SIDE pixels;
                                       key = sha256 of (item id, source path, kind, frame time, side,
                                       the source's stamp),
@@ -29,14 +29,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from vlpcache.extract.stamps import source_changed
 from vlpcache.errors import ItemError
 from vlpcache.extract.sampling import read_frames_at
 from vlpcache.extract.sources import Item
+from vlpcache.extract.stamps import source_changed
 from vlpcache.files import replace_atomically
 from vlpcache.report import Say, say
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: keys take the source's stamp (the files of format 1 would never be asked for again)
 STORE_FILE = "store.json"
 THUMBNAIL_SIDE = 480  # pixels, longer side: sharp on a high-density screen in a ~300 px card
 JPEG_QUALITY = 85
