@@ -151,6 +151,7 @@ def test_a_later_extract_neither_puts_another_file_under_a_cached_id_nor_caches_
     moved = vlpcache("extract", tmp_path / "moved", "-o", cache, cwd=tmp_path)
     assert "extract: 1 cached item(s) were extracted from files that are no longer there" in moved.stderr
     assert "0 done, 1 already cached" in moved.stderr and len(RegionCache(cache)) == 2
+    assert RegionCache(cache).get("clip")["path"] == str(tmp_path / "moved" / "clip")  # its frames are found there
 
 
 def test_a_source_replaced_at_its_path_is_extracted_again_and_one_only_touched_is_not(tmp_path, msrvtt_dir, capsys):
@@ -230,11 +231,17 @@ def test_what_extract_redoes_follows_the_stamps_of_cached_failed_and_moved_files
         writer.clear_failure("a", str(video))  # what extract does with it
     assert list(RegionCache(cache_dir).failures) == ["b"]
 
-    moved = tmp_path / "moved" / "a.mp4"
-    moved.parent.mkdir()
-    video.rename(moved)  # the same file elsewhere: moved, not redone; then other content there: redone
-    assert plan(Item("a", moved, "video"))[0].moved == 1
-    moved.write_bytes(b"mov" * 1000)
+    path = video  # the same file elsewhere, twice: moved, not redone, and read from where it is now
+    for folder in ("moved", "again"):
+        moved = tmp_path / folder / "a.mp4"
+        moved.parent.mkdir()
+        path.rename(moved)
+        assert plan(Item("a", moved, "video"))[0].moved == [("a", str(path), str(moved))]
+        with ShardWriter(cache_dir, settings) as writer:
+            writer.record_move("a", str(path), str(moved))  # what extract does with it
+        assert RegionCache(cache_dir).get("a")["path"] == str(moved) and plan(Item("a", moved, "video"))[0].moved == []
+        path = moved
+    moved.write_bytes(b"mov" * 1000)  # then other content there: redone
     assert [i.replaces for i in plan(Item("a", moved, "video"))[0].todo] == [cached_stamp]
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlpcache.cache.schema import COLLECTION_KEY, FAILURE_DIR, MANIFEST_NAME, PASSED_OVER_SUFFIX, CacheSettings, shard_differences
+from vlpcache.cache.schema import (COLLECTION_KEY, FAILURE_DIR, MANIFEST_NAME, MOVES_DIR, PASSED_OVER_SUFFIX, CacheSettings,
+                                   shard_differences)
 from vlpcache.records import read_optional_json
 
 # what reading a damaged HDF5 file raises
@@ -33,17 +34,30 @@ def collection_of(cache_dir: Path) -> str:
 def read_failures(cache_dir: Path) -> dict[str, dict]:
     """id -> latest failure record, over every writer's log (none where the latest record clears it: one
     writer may clear what another recorded); partial lines from a crash are ignored."""
-    latest: dict[str, dict] = {}
-    for log in sorted((Path(cache_dir) / FAILURE_DIR).glob("*.jsonl")):
+    latest = {item_id: records[-1] for item_id, records in _records(Path(cache_dir) / FAILURE_DIR).items()}
+    return {item_id: record for item_id, record in latest.items() if not record.get("cleared")}
+
+
+def read_moves(cache_dir: Path) -> dict[str, list[dict]]:
+    """id -> the records of its item found at other paths, {"id", "from", "to", "time"}, oldest first,
+    over every writer's log."""
+    return _records(Path(cache_dir) / MOVES_DIR)
+
+
+def _records(folder: Path) -> dict[str, list[dict]]:
+    """id -> its records in the JSON-lines logs of a folder, by time (writers' logs interleave); torn
+    lines are passed over."""
+    found: dict[str, list[dict]] = {}
+    for log in sorted(folder.glob("*.jsonl")):
         for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
-                item_id = record["id"]
-                if record.get("time", 0) >= latest.get(item_id, {}).get("time", 0):
-                    latest[item_id] = record
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                found.setdefault(record["id"], []).append(record)
+            except (json.JSONDecodeError, KeyError, TypeError):
                 continue
-    return {item_id: record for item_id, record in latest.items() if not record.get("cleared")}
+    for records in found.values():
+        records.sort(key=lambda record: record.get("time", 0) if isinstance(record.get("time"), (int, float)) else 0)
+    return found
 
 
 def passed_over_path(cache_dir: Path, writer_name: str) -> Path:

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import h5py
 import numpy as np
 
-from vlpcache.cache.manifest import UNREADABLE, read_failures, read_manifest, shard_file_differences
+from vlpcache.cache.manifest import UNREADABLE, read_failures, read_manifest, read_moves, shard_file_differences
 from vlpcache.cache.schema import COMMITTED_ATTR, SHARD_DIR, SHARD_SUFFIX, CacheSettings
 from vlpcache.errors import UserError
 from vlpcache.files import folder_bytes
@@ -71,6 +71,15 @@ def _current(rows: list[_Row]) -> _Row:
     replaced = {row.replaces for row in rows if row.replaces}
     live = [row for row in rows if row.source not in replaced] or rows
     return max(live, key=lambda row: row.committed)
+
+
+def _moved(path: str, moves: list[dict]) -> str:
+    """Where the file at `path` is now, following its item's move records (oldest first) from there (the
+    records of an older row of the item start elsewhere, and are passed over)."""
+    for move in moves:
+        if move.get("from") == path and isinstance(move.get("to"), str):
+            path = move["to"]
+    return path
 
 
 class RegionCache:
@@ -120,6 +129,9 @@ class RegionCache:
                     others.setdefault(i, []).append(found)
         for i, more in others.items():
             rows[i] = _current([rows[i], *more])
+        for item_id, moves in read_moves(self.cache_dir).items():  # found at other paths since: the latest
+            if (i := seen.get(item_id)) is not None:
+                rows[i] = rows[i]._replace(path=_moved(rows[i].path, moves))
         self.ids: list[str] = [r.id for r in rows]
         self.paths: list[str] = [r.path for r in rows]
         self.kinds: list[str] = [r.kind for r in rows]

@@ -5,6 +5,7 @@ A cache is a directory:
     manifest.json                  settings and provenance every shard must share (CacheSettings)
     shards/<writer>-<seq>.h5       finished shards; a shard is renamed here only once complete
     shards/<writer>-<seq>.h5.tmp   the shard being written (ignored by readers, redone on resume)
+    moves/<writer>.jsonl           one JSON line per cached item found at another path: {"id", "from", "to"}
     failures/<writer>.jsonl        one JSON line per failed item: {"id", "path", "reason"}
                                    (an item kept despite problems carries them in its shard's "notes")
     locks/<writer>.lock            held (fcntl) by the one process writing <writer>'s files; freed when it exits
@@ -36,6 +37,7 @@ MANIFEST_NAME = "manifest.json"
 COLLECTION_KEY = "collection"
 SHARD_DIR = "shards"
 FAILURE_DIR = "failures"
+MOVES_DIR = "moves"  # a cached item found under its id at another path, its old file gone: the reader's path is the new one
 PASSED_OVER_SUFFIX = ".passed-over.json"  # failures/<writer>.passed-over.json: paths discovery left out
 LOCK_DIR = "locks"
 SHARD_SUFFIX = ".h5"

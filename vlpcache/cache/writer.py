@@ -36,6 +36,7 @@ from vlpcache.cache.schema import (
     FAILURE_DIR,
     LOCK_DIR,
     MANIFEST_NAME,
+    MOVES_DIR,
     SHARD_DIR,
     SHARD_ITEMS,
     SHARD_SECONDS,
@@ -134,8 +135,8 @@ def remove_unfinished_shards(cache_dir: Path, own_writer: str) -> None:
             lock.release()  # the release removes the file
 
 
-class FailureLog:
-    """Append-only JSON-lines record of failed items, fsynced per line."""
+class RecordLog:
+    """Append-only JSON lines (failed items, moved items), fsynced per line."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -147,17 +148,8 @@ class FailureLog:
             if self._file.read(1) != b"\n":
                 self._file.write(b"\n")
 
-    def record(self, item_id: str, path: str, reason: str, source: str = "") -> None:
-        """One failed item; `source`: the stamp of the file that failed (extract/stamps.py), "" unknown."""
-        self._append({"id": item_id, "path": path, "reason": reason, "time": time.time(),
-                      **({"source": source} if source else {})})
-
-    def clear(self, item_id: str, path: str) -> None:
-        """The item's failure no longer holds (its file is again the one the cache holds)."""
-        self._append({"id": item_id, "path": path, "cleared": True, "time": time.time()})
-
-    def _append(self, record: dict) -> None:
-        line = json.dumps(record, ensure_ascii=False)
+    def append(self, record: dict) -> None:
+        line = json.dumps({**record, "time": time.time()}, ensure_ascii=False)
         self._file.write(line.encode() + b"\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -198,7 +190,8 @@ class ShardWriter:
         try:
             self.lock = take_writer_lock(self.cache_dir, writer_name)
             open_cache_dir(self.cache_dir, settings)
-            self.failures = FailureLog(self.cache_dir / FAILURE_DIR / f"{writer_name}.jsonl")
+            # the writer's record logs by folder: failures, and moves (opened on the first)
+            self._logs = {FAILURE_DIR: RecordLog(self.cache_dir / FAILURE_DIR / f"{writer_name}.jsonl")}
             remove_unfinished_shards(self.cache_dir, writer_name)
         except OSError as err:
             self.lock and self.lock.release()
@@ -312,17 +305,26 @@ class ShardWriter:
         return self._count
 
     def record_failure(self, item_id: str, path: str, reason: str, source: str = "") -> None:
-        self._log(self.failures.record, item_id, path, reason, source)
+        """One failed item; `source`: the stamp of the file that failed (extract/stamps.py), "" unknown."""
+        self._log(FAILURE_DIR, {"id": item_id, "path": path, "reason": reason, **({"source": source} if source else {})})
 
     def clear_failure(self, item_id: str, path: str) -> None:
-        self._log(self.failures.clear, item_id, path)
+        """The item's failure no longer holds (its file is again the one the cache holds)."""
+        self._log(FAILURE_DIR, {"id": item_id, "path": path, "cleared": True})
 
-    def _log(self, write, *args) -> None:
+    def record_move(self, item_id: str, before: str, path: str) -> None:
+        """A cached item found at `path`, its file at `before` gone: the reader gives its new path."""
+        self._log(MOVES_DIR, {"id": item_id, "from": before, "to": path})
+
+    def _log(self, folder: str, record: dict) -> None:
+        path = self.cache_dir / folder / f"{self.writer_name}.jsonl"
         try:
-            write(*args)
+            if folder not in self._logs:
+                self._logs[folder] = RecordLog(path)
+            self._logs[folder].append(record)
         except OSError as err:
-            raise write_failure(self.failures.path, err, "the shards committed before are kept; make room and re-run "
-                                                         "the same command to resume") from None
+            raise write_failure(path, err, "the shards committed before are kept; make room and re-run the same "
+                                           "command to resume") from None
 
     def record_passed_over(self, roots: list[Path], problems: list[tuple[str, str]]) -> None:
         """Keep what discovery left out, for `inspect --failures`: this run's (path, reason) problems
@@ -349,7 +351,8 @@ class ShardWriter:
         try:
             self.commit()
         finally:
-            self.failures.close()
+            for log in self._logs.values():
+                log.close()
             self.lock.release()
 
     def __enter__(self) -> "ShardWriter":

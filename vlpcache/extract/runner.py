@@ -38,7 +38,8 @@ from vlpcache.workspace import Workspace
 class Plan:
     todo: list  # the items to extract
     clashes: list[tuple[str, str]]  # (path, reason) of each passed over: its id or its file is cached from another
-    moved: int = 0  # cached ids whose file is gone, taken to be the files now found under them
+    moved: list[tuple[str, str, str]] = field(default_factory=list)  # (id, old path, new path) of cached items
+    # whose file is gone, taken to be the files now found under their ids
     changed: int = 0  # cached items whose source changed since: extracted again (the new rows replace the old)
     retried: int = 0  # items recorded as failed whose source changed since: tried again
     mended: list[tuple[str, str]] = field(default_factory=list)  # (id, path) of cached items recorded as failed
@@ -72,7 +73,7 @@ def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary
                     not source_changed(cache.sources[i], path):
                 summary.skipped_cached += 1
                 if before != path and not os.path.lexists(before):
-                    plan.moved += 1
+                    plan.moved.append((item.id, before, path))
                 if item.id in failed_before:
                     plan.mended.append((item.id, path))
             elif before != path and os.path.lexists(before) and not _same_file(before, path):
@@ -194,9 +195,11 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
         cache.close()
         todo = plan.todo
         say_some(plan.clashes)
+        for move in plan.moved:
+            writer.record_move(*move)
         if plan.moved:
-            say(f"extract: {plan.moved} cached item(s) were extracted from files that are no longer there; taken to be "
-                f"the files now found under the same ids (moved) and not extracted again (a new cache extracts them)")
+            say(f"extract: {len(plan.moved)} cached item(s) were extracted from files that are no longer there; taken to "
+                f"be the files now found under the same ids (moved), not extracted again, and read from their new paths")
         if plan.changed:
             say(f"extract: {plan.changed} cached item(s) changed on disk since they were extracted (another size, "
                 f"content or set of frames); extracting them again: what they give replaces what the cache held "
