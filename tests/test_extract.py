@@ -243,6 +243,10 @@ def test_what_extract_redoes_follows_the_stamps_of_cached_failed_and_moved_files
         path = moved
     moved.write_bytes(b"mov" * 1000)  # then other content there: redone
     assert [i.replaces for i in plan(Item("a", moved, "video"))[0].todo] == [cached_stamp]
+    third = tmp_path / "third.mp4"
+    moved.rename(third)  # moved and other content: redone, not taken as moved
+    elsewhere, _ = plan(Item("a", third, "video"))
+    assert [i.replaces for i in elsewhere.todo] == [cached_stamp] and elsewhere.moved == []
 
 
 def test_a_sources_stamp_notices_new_content_not_a_new_time_and_reads_the_file_only_when_the_time_moved(tmp_path,

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from vlpcache.cache.labels import RegionNames, region_names
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import FRAME_REGION_LABEL
-from vlpcache.extract.stamps import source_changed
+from vlpcache.extract.stamps import replaced
 from vlpcache.errors import ItemError, UserError
 from vlpcache.extract.sampling import read_item
 from vlpcache.extract.sources import Item
@@ -35,7 +35,7 @@ def source_pictures(cache: RegionCache, cached: dict) -> list[Image.Image]:
     """The item's sampled frames, re-decoded; blank frames of its size when the source is gone, or has
     changed since it was extracted (its frames are not the ones the boxes were found on)."""
     frame_count = int(cached["frame_mask"].sum())
-    if source_changed(cached.get("source", ""), cached["path"]) and Path(cached["path"]).exists():
+    if replaced(cached):
         say(f"{printable(cached['path'])}: changed since it was extracted (run `vlpcache extract` again to redo it); "
             "drawing its boxes on blank frames")
         return blank_frames(cached, frame_count)

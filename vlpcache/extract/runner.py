@@ -69,17 +69,18 @@ def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary
         if item.id in cached:
             i = cached[item.id]
             before = cache.paths[i]
-            if (before == path or _same_file(before, path) or not os.path.lexists(before)) and \
-                    not source_changed(cache.sources[i], path):
-                summary.skipped_cached += 1
-                if before != path and not os.path.lexists(before):
-                    plan.moved.append((item.id, before, path))
-                if item.id in failed_before:
-                    plan.mended.append((item.id, path))
-            elif before != path and os.path.lexists(before) and not _same_file(before, path):
+            same = before == path or _same_file(before, path)
+            gone = not same and not os.path.lexists(before)  # moved here, if its content agrees
+            if not (same or gone):
                 plan.clashes.append((path, f"id '{item.id}' is already cached, extracted from {before} by an "
                                            f"earlier extract; {SKIPPED} (extract it into another cache, or from a root "
                                            f"that names it otherwise)"))
+            elif not source_changed(cache.sources[i], path):
+                summary.skipped_cached += 1
+                if gone:
+                    plan.moved.append((item.id, before, path))
+                if item.id in failed_before:
+                    plan.mended.append((item.id, path))
             elif failed_as_it_is(item.id, path) and not options.retry_failed:
                 summary.skipped_failed += 1  # changed, and its new content failed
             else:  # changed under its path, or moved and changed

@@ -49,6 +49,13 @@ def source_changed(stamp: str, path: str | os.PathLike) -> bool:
         return True
 
 
+def replaced(cached: dict) -> bool:
+    """Whether a cached item's source (the reader's dict: "path", "source") is there but no longer what it
+    was extracted from: its frames are not the ones its boxes were found on. (A source that is gone
+    fails to decode, and says so itself.)"""
+    return source_changed(cached.get("source", ""), cached["path"]) and os.path.exists(cached["path"])
+
+
 def _listing(path: Path) -> tuple[int, int, str, list[Path]]:
     """(bytes, newest mtime in ns, a hash of the frames' names, the files the digest reads): of the file
     itself, or of a frame folder's frames."""

@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 from vlpcache.errors import ItemError
 from vlpcache.extract.sampling import read_frames_at
 from vlpcache.extract.sources import Item
-from vlpcache.extract.stamps import source_changed
+from vlpcache.extract.stamps import replaced
 from vlpcache.files import replace_atomically
 from vlpcache.report import Say, say
 
@@ -92,7 +92,7 @@ class ThumbnailStore:
             pass
         source = Item(item["id"], Path(item["path"]), item["kind"])
         try:
-            if source_changed(item.get("source", ""), source.path) and source.path.exists():
+            if replaced(item):
                 raise ItemError("it changed since it was extracted (its boxes are of the old content); run "
                                 "`vlpcache extract` again, then `vlpcache index`")
             with self._decoders:
