@@ -361,7 +361,8 @@ def test_a_damaged_chunk_fails_to_read_with_one_line_naming_shard_and_item_inste
     with pytest.raises(DamagedShard) as err:
         cache.get("b")
     assert str(err.value).startswith(f"{shard}: item 'b' cannot be read (") and "\n" not in str(err.value)
-    assert "damaged" in str(err.value) and "run `vlpcache extract` again" in str(err.value)
+    assert str(err.value).endswith(f"the shard is damaged (a disk fault or a bad copy); recorded in {tmp_path / 'damaged'}: "
+                                   "the next `vlpcache extract` extracts it again")
     assert cache.get("b", ("boxes",))["boxes"].shape == (3, 4, 4)  # the item's undamaged arrays still read
     with pytest.raises(DamagedShard, match="item 'c' cannot be read"):
         cache.read(2)
@@ -369,6 +370,52 @@ def test_a_damaged_chunk_fails_to_read_with_one_line_naming_shard_and_item_inste
         region_counts(cache)
     with pytest.raises(DamagedShard, match="its 'features' cannot be read"):
         cache.column("features")
+
+
+def test_an_item_found_damaged_is_left_out_by_every_reader_from_then_on(tmp_path):
+    """Each failed read of an item is recorded in the cache: a reader made later leaves the item out, as
+    if it had not been extracted (so that extract redoes it), says so once, and lists it in `damaged`;
+    the rows it replaced stay replaced; a cache whose log cannot be written keeps the damage in the reader
+    that found it, and its line says the way out that is left."""
+    from vlpcache.cache.reader import DamagedShard
+
+    write_items(tmp_path, ["a", "b", "c"])
+    (shard,) = (tmp_path / SHARD_DIR).glob("*.h5")
+    damage_chunk(shard, "features", 1)
+    found = RegionCache(tmp_path)
+    with pytest.raises(DamagedShard):
+        found.get("b")
+    lines = []
+    later = RegionCache(tmp_path, say=lines.append)
+    assert later.ids == ["a", "c"] and "b" not in later and list(later.damaged) == ["b"]
+    assert later.damaged["b"]["row"] == 1 and later.damaged["b"]["shard"].startswith(shard.name + "@")
+    assert lines == [f"{tmp_path}: 1 item(s) found damaged by an earlier read (e.g. 'b', row 1 of {shard.name}) are left "
+                     "out until `vlpcache extract` extracts them again"]
+    np.testing.assert_array_equal(later.get("c")["features"], random_item(2)["features"].astype(np.float16))
+
+    replacing = tmp_path / "replacing"  # an item extracted again (its source changed), and its new row damaged
+    with ShardWriter(replacing, SETTINGS, writer_name="s0of2") as writer:
+        writer.add("v", "/data/v.mp4", "video", random_item(0), source="old")
+    with ShardWriter(replacing, SETTINGS, writer_name="s1of2") as writer:
+        writer.add("v", "/data/v.mp4", "video", random_item(1), source="new", replaces="old")
+    (new,) = (replacing / SHARD_DIR).glob("s1of2-*.h5")
+    damage_chunk(new, "features", 0)
+    with pytest.raises(DamagedShard):
+        RegionCache(replacing).get("v")
+    assert RegionCache(replacing).ids == []  # not the old row back: its content is gone from the source
+
+    readonly = tmp_path / "readonly"
+    write_items(readonly, ["x", "y"])
+    (shard,) = (readonly / SHARD_DIR).glob("*.h5")
+    damage_chunk(shard, "features", 0)
+    (readonly / "damaged").write_text("")  # the log cannot be written (tests run as root: a mode would not stop it)
+    cache = RegionCache(readonly)
+    with pytest.raises(DamagedShard, match=r"it could not be recorded in the cache \(File exists\): move the "
+                                           "shard out of .* and run `vlpcache extract` again to redo its items"):
+        cache.get("x")
+    cache.refresh()
+    assert cache.ids == ["y"] and list(cache.damaged) == ["x"]
+    assert RegionCache(readonly).ids == ["x", "y"]  # nothing recorded
 
 
 def test_cache_with_different_settings_is_refused(tmp_path):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlpcache.cache.schema import (COLLECTION_KEY, FAILURE_DIR, MANIFEST_NAME, MOVES_DIR, PASSED_OVER_SUFFIX, CacheSettings,
-                                   shard_differences)
+from vlpcache.cache.schema import (COLLECTION_KEY, DAMAGED_DIR, FAILURE_DIR, MANIFEST_NAME, MOVES_DIR, PASSED_OVER_SUFFIX,
+                                   CacheSettings, shard_differences)
 from vlpcache.records import read_optional_json
 
 # what reading a damaged HDF5 file raises
@@ -42,6 +42,17 @@ def read_moves(cache_dir: Path) -> dict[str, list[dict]]:
     """id -> the records of its item found at other paths, {"id", "from", "to", "time"}, oldest first,
     over every writer's log."""
     return _records(Path(cache_dir) / MOVES_DIR)
+
+
+def read_damaged(cache_dir: Path) -> dict[tuple[str, int], dict]:
+    """(shard key, row) -> the record of a row a read found damaged, {"id", "shard", "row", "reason",
+    "time"}, over every reader's log."""
+    found = {}
+    for records in _records(Path(cache_dir) / DAMAGED_DIR).values():
+        for record in records:
+            if isinstance(record.get("shard"), str) and isinstance(record.get("row"), int):
+                found[record["shard"], record["row"]] = record
+    return found
 
 
 def _records(folder: Path) -> dict[str, list[dict]]:

@@ -11,21 +11,29 @@ that cannot be read; each is reported once per process and listed in `ignored_sh
 
 Shards carry a checksum per chunk (fletcher32; shards of earlier versions have none): a chunk damaged
 on disk or in a copy fails to read, and the read raises DamagedShard, one line that names the shard
-and the way out, instead of handing other numbers to training or search.
+and the way out, instead of handing other numbers to training or search. An item's read that fails so
+is recorded in the cache (`damaged/`, where the cache can be written): from then on every reader leaves
+that row out, as if the item had not been extracted (a reader that found it leaves it out even where
+the record could not be written), so the next `vlpcache extract` extracts it again; training, validation
+and `index` go on without it (model/data.py, index/build.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import socket
+import time
 from pathlib import Path
 from typing import NamedTuple
 
 import h5py
 import numpy as np
 
-from vlpcache.cache.manifest import UNREADABLE, read_failures, read_manifest, read_moves, shard_file_differences
-from vlpcache.cache.schema import COMMITTED_ATTR, SHARD_DIR, SHARD_SUFFIX, CacheSettings
+from vlpcache.cache.manifest import (UNREADABLE, read_damaged, read_failures, read_manifest, read_moves,
+                                     shard_file_differences)
+from vlpcache.cache.schema import COMMITTED_ATTR, DAMAGED_DIR, SHARD_DIR, SHARD_SUFFIX, CacheSettings
 from vlpcache.errors import UserError
 from vlpcache.files import folder_bytes
 from vlpcache.report import Say, say
@@ -35,7 +43,17 @@ _reported: set[tuple[Path, str]] = set()  # shard problems already reported in t
 
 
 class DamagedShard(UserError):
-    """A finished shard whose data no longer reads (a checksum or decompression failure)."""
+    """A finished shard whose data no longer reads (a checksum or decompression failure); `reason` is
+    h5py's first line, `item` the id of the item whose read failed ("" for a whole array)."""
+
+    def __init__(self, message: str, reason: str = "", item: str = ""):
+        super().__init__(message)
+        self.reason = reason
+        self.item = item
+
+
+def _damage(shard: Path, what: str, reason: str) -> str:
+    return f"{shard}: {what} cannot be read ({reason}): the shard is damaged (a disk fault or a bad copy)"
 
 
 @contextlib.contextmanager
@@ -46,8 +64,8 @@ def reading(shard: Path, what: str):
         yield
     except OSError as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DamagedShard(f"{shard}: {what} cannot be read ({reason}): the shard is damaged (a disk fault or a bad "
-                           f"copy); move it out of {shard.parent} and run `vlpcache extract` again to redo its items") from None
+        raise DamagedShard(f"{_damage(shard, what, reason)}; move it out of {shard.parent} and run `vlpcache extract` "
+                           "again to redo its items", reason) from None
 
 
 def _decode(values) -> list[str]:
@@ -64,13 +82,15 @@ class _Row(NamedTuple):
     location: tuple[int, int]  # (shard, row)
 
 
-def _current(rows: list[_Row]) -> _Row:
+def _current(rows: list[_Row], sound) -> _Row | None:
     """Of the rows of one id, the one extract wrote last: the one no other row replaces (by stamps, not
     clocks: a writer on a node whose clock is behind still replaces), else the one committed last (two
-    writers given overlapping work), else the first."""
+    writers given overlapping work), else the first; of those, one that `sound(row)` (not found damaged),
+    else None: a damaged row leaves its item out, the rows it replaced stay replaced."""
     replaced = {row.replaces for row in rows if row.replaces}
     live = [row for row in rows if row.source not in replaced] or rows
-    return max(live, key=lambda row: row.committed)
+    live = [row for row in live if sound(row)]
+    return max(live, key=lambda row: row.committed) if live else None
 
 
 def _moved(path: str, moves: list[dict]) -> str:
@@ -98,6 +118,7 @@ class RegionCache:
         self._array_names = tuple(spec.name for spec in self.settings.arrays())
         self._handles: dict[int, h5py.File] = {}
         self._pid = os.getpid()
+        self._found_damaged: dict[tuple[str, int], dict] = {}  # (shard key, row) -> record: found by this reader
         self.refresh()
 
     def refresh(self) -> None:
@@ -127,11 +148,26 @@ class RegionCache:
                     rows.append(found)
                 else:
                     others.setdefault(i, []).append(found)
-        for i, more in others.items():
-            rows[i] = _current([rows[i], *more])
+        damaged = {**read_damaged(self.cache_dir), **self._found_damaged}  # (shard key, row) -> record
+
+        def sound(row: _Row) -> bool:
+            return (self._shard_keys[row.location[0]], row.location[1]) not in damaged
+
+        current = [_current([row, *others.get(i, [])], sound) if i in others or damaged else row
+                   for i, row in enumerate(rows)]
+        # items whose row was found damaged: id -> its record; left out until extract redoes them
+        self.damaged: dict[str, dict] = {row.id: damaged[self._shard_keys[row.location[0]], row.location[1]]
+                                         for row, now in zip(rows, current) if now is None}
+        rows = [row for row in current if row is not None]
+        seen = {row.id: i for i, row in enumerate(rows)}
         for item_id, moves in read_moves(self.cache_dir).items():  # found at other paths since: the latest
             if (i := seen.get(item_id)) is not None:
                 rows[i] = rows[i]._replace(path=_moved(rows[i].path, moves))
+        if self.damaged:
+            example = next(iter(self.damaged.values()))
+            self._report_once(self.cache_dir, f"{self.cache_dir}: {len(self.damaged)} item(s) found damaged by an earlier "
+                              f"read (e.g. {example['id']!r}, row {example['row']} of {example['shard'].split('@')[0]}) "
+                              "are left out until `vlpcache extract` extracts them again")
         self.ids: list[str] = [r.id for r in rows]
         self.paths: list[str] = [r.path for r in rows]
         self.kinds: list[str] = [r.kind for r in rows]
@@ -265,14 +301,42 @@ class RegionCache:
             raise IndexError(f"index {index} out of range for a cache of {len(self)} items")
         s, row = self._locations[index]
         datasets = self._shard_datasets(int(s))
-        with reading(self.shard_paths[int(s)], f"item {self.ids[index]!r}"):
-            item = {name: datasets[name][row] for name in (names or self._array_names)}
+        try:
+            with reading(self.shard_paths[int(s)], f"item {self.ids[index]!r}"):
+                item = {name: datasets[name][row] for name in (names or self._array_names)}
+        except DamagedShard as err:
+            raise self._damaged_row(index, err.reason) from None
         item["id"], item["path"], item["kind"] = self.ids[index], self.paths[index], self.kinds[index]
         item["source"] = self.sources[index]
         return item
 
     def get(self, item_id: str, names: tuple[str, ...] | None = None) -> dict:
         return self.read(self.index_of(item_id), names)
+
+    def _damaged_row(self, index: int, reason: str) -> DamagedShard:
+        """Record that item `index`'s row does not read, in this reader and in the cache's log (where it can
+        be written); the DamagedShard that says so and what happens next."""
+        s, row = (int(x) for x in self._locations[index])
+        shard, item_id = self.shard_paths[s], self.ids[index]
+        record = {"id": item_id, "shard": self._shard_keys[s], "row": row, "reason": reason}
+        self._found_damaged[record["shard"], row] = record
+        unwritten = ""
+        try:
+            log = self.cache_dir / DAMAGED_DIR / f"{socket.gethostname()}-{os.getpid()}.jsonl"
+            log.parent.mkdir(exist_ok=True)
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(json.dumps({**record, "time": time.time()}, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            unwritten = err.strerror or type(err).__name__
+        line = _damage(shard, f"item {item_id!r}", reason)
+        if unwritten:
+            line += (f"; it could not be recorded in the cache ({unwritten}): move the shard out of {shard.parent} and run "
+                     "`vlpcache extract` again to redo its items")
+        else:
+            line += f"; recorded in {self.cache_dir / DAMAGED_DIR}: the next `vlpcache extract` extracts it again"
+        return DamagedShard(line, reason, item_id)
 
     def shard_columns(self, names: tuple[str, ...]):
         """For each shard the cache reads, {name: array of its videos' rows}, one shard at a time: for
