@@ -150,14 +150,15 @@ class RegionCache:
                     others.setdefault(i, []).append(found)
         damaged = {**read_damaged(self.cache_dir), **self._found_damaged}  # (shard key, row) -> record
 
-        def sound(row: _Row) -> bool:
-            return (self._shard_keys[row.location[0]], row.location[1]) not in damaged
+        def key(row: _Row) -> tuple[str, int]:
+            return self._shard_keys[row.location[0]], row.location[1]
 
-        current = [_current([row, *others.get(i, [])], sound) if i in others or damaged else row
-                   for i, row in enumerate(rows)]
+        current = [_current([row, *others.get(i, [])], lambda r: key(r) not in damaged) if i in others or damaged
+                   else row for i, row in enumerate(rows)]
         # items whose row was found damaged: id -> its record; left out until extract redoes them
-        self.damaged: dict[str, dict] = {row.id: damaged[self._shard_keys[row.location[0]], row.location[1]]
-                                         for row, now in zip(rows, current) if now is None}
+        self.damaged: dict[str, dict] = {
+            row.id: next(damaged[key(r)] for r in (row, *others.get(i, [])) if key(r) in damaged)
+            for i, (row, now) in enumerate(zip(rows, current)) if now is None}
         rows = [row for row in current if row is not None]
         seen = {row.id: i for i, row in enumerate(rows)}
         for item_id, moves in read_moves(self.cache_dir).items():  # found at other paths since: the latest
