@@ -2,6 +2,7 @@
 --resume, a 2-process torchrun with gloo, and the user errors."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -485,33 +486,28 @@ def test_more_captions_per_video_than_a_video_has_is_said(tmp_path, corpus, tiny
             in capsys.readouterr().err)
 
 
-def damaged_copy(corpus: dict, folder: Path) -> tuple[Path, Path]:
-    """A copy of the corpus cache whose training item v19 has a damaged features chunk; (cache, shard)."""
-    cache = folder / "cache"
+def test_items_found_damaged_in_a_loading_worker_and_in_validation_are_said_once_and_the_run_goes_on(tmp_path, corpus,
+                                                                                                      tiny_text):
+    """A chunk damaged on disk does not end the run, nor hand other numbers to training: a training item
+    found damaged in a loading worker is said once, from the training process (the next epoch's workers
+    pass it over unread) and another item takes its place; a validation video found damaged counts as a
+    video without frames, said once over both epochs. Both are recorded in the cache, so a later run
+    leaves them out with one line; and no worker is left running when the command ends (a worker left
+    so made the command wait for ever at exit; the command runs in a process that ends with os._exit,
+    which waits for no one)."""
+    cache = tmp_path / "cache"
     shutil.copytree(corpus["cache"], cache)
-    shard = sorted((cache / "shards").glob("*.h5"))[1]  # v16 ... v31
-    damage_chunk(shard, "features", 3)
-    return cache, shard
-
-
-def damaged_line(shard: Path, reason: str) -> str:
-    return (f"{shard}: item 'v19' cannot be read ({reason}): the shard is damaged (a disk fault or a bad copy); move "
-            f"it out of {shard.parent} and run `vlpcache extract` again to redo its items")
-
-
-def test_a_damaged_chunk_read_in_a_loading_worker_ends_pretraining_with_one_line_and_no_worker_left(tmp_path, corpus,
-                                                                                                    tiny_text):
-    """A chunk damaged on disk ends the run with the reader's one line: not a traceback, and not training
-    on other numbers. Raised in a loading worker, torch hands the error back wrapped in the worker's
-    traceback, and the line is still the reader's. And the workers have ended by then: the error's
-    traceback keeps the loader alive, and a worker left running made the command wait for ever at exit,
-    after its line. (The command runs in a process that ends with os._exit, which waits for no one.)"""
-    cache, shard = damaged_copy(corpus, tmp_path)
-    command = _pretrain_command({**corpus, "cache": cache}, tiny_text, tmp_path / "run", 1)[3:]  # after `vlpcache`
+    shard = sorted((cache / "shards").glob("*.h5"))[1]  # v16 ... v31: training
+    damage_chunk(shard, "features", 3)  # v19
+    val_shard = sorted((cache / "shards").glob("*.h5"))[2]  # v32 ... v47, v40 on validation
+    damage_chunk(val_shard, "features", 9)  # v41
+    command = _pretrain_command({**corpus, "cache": cache}, tiny_text, tmp_path / "run", 2,
+                                "--val-captions", str(corpus["val"]))[3:]  # after `vlpcache`
     script = f"""
 import json, multiprocessing, os, sys
 from vlpcache.cli import main
 sys.argv = {["vlpcache", *command]!r}
+status = 0
 try:
     main()
 except SystemExit as exit:
@@ -522,9 +518,30 @@ os._exit(0)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_GUARD_S,
                           env={**os.environ, "VLPCACHE_WORKSPACE": str(tmp_path / "ws")})
     assert "--workers" in command and command[command.index("--workers") + 1] == "1"
-    assert json.loads(done.stdout) == {"status": 2, "workers": 0}, done.stderr
-    reason = done.stderr.split(" cannot be read (")[1].split("): ")[0]
-    assert done.stderr.strip().splitlines() == [f"error: {damaged_line(shard, reason)}"]
+    assert json.loads(done.stdout) == {"status": 0, "workers": 0}, done.stderr
+    reasons = [line.split(" cannot be read (")[1].split("): ")[0] for line in done.stderr.splitlines()]
+
+    def found(at: Path, item: str, reason: str) -> str:
+        return (f"{at}: item {item!r} cannot be read ({reason}): the shard is damaged (a disk fault or a bad copy); "
+                f"recorded in {cache / 'damaged'}: the next `vlpcache extract` extracts it again")
+
+    assert done.stderr.strip().splitlines() == [
+        f"{found(shard, 'v19', reasons[0])}; training takes another item in its place",
+        f"{found(val_shard, 'v41', reasons[1])}; validation counts it as a video without frames (its captions' queries "
+        "rank it by nothing it shows)"]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and all(r["val"]["candidates"] == 8 for r in log)
+    assert all(math.isfinite(r["loss"]) for r in log)
+    assert sorted(RegionCache(cache, say=lambda line: None).damaged) == ["v19", "v41"]
+    records = [json.loads(line) for log in (cache / "damaged").glob("*.jsonl") for line in log.read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == ["v19", "v41"]  # once each: epoch 2's worker did not read v19 again
+
+    again = subprocess.run([sys.executable, "-m", "vlpcache", *command[:command.index("-o") + 1], str(tmp_path / "run2"),
+                            *command[command.index("-o") + 2:]], capture_output=True, text=True, timeout=HANG_GUARD_S,
+                           env={**os.environ, "VLPCACHE_WORKSPACE": str(tmp_path / "ws")})
+    assert again.returncode == 0 and again.stderr.strip().splitlines() == [
+        f"{cache}: 2 item(s) found damaged by an earlier read (e.g. 'v19', row 3 of {shard.name}) are left out until "
+        "`vlpcache extract` extracts them again"], again.stderr
 
 
 def test_a_run_being_trained_refuses_a_second_pretrain_until_its_trainer_dies_then_resumes(

@@ -314,6 +314,14 @@ class RegionCache:
     def get(self, item_id: str, names: tuple[str, ...] | None = None) -> dict:
         return self.read(self.index_of(item_id), names)
 
+    def blank(self, index: int) -> dict:
+        """Item `index` as read, with no frame and no region: zeros, every mask False (for an item whose
+        row is damaged, where its place must be kept)."""
+        item = {spec.name: np.zeros(self.settings.shape_of(spec), dtype=spec.dtype) for spec in self.settings.arrays()}
+        item["id"], item["path"], item["kind"] = self.ids[index], self.paths[index], self.kinds[index]
+        item["source"] = self.sources[index]
+        return item
+
     def _damaged_row(self, index: int, reason: str) -> DamagedShard:
         """Record that item `index`'s row does not read, in this reader and in the cache's log (where it can
         be written); the DamagedShard that says so and what happens next."""

@@ -6,6 +6,10 @@ walks through a fixed shuffle of its captions, K per epoch, so that every captio
 depends only on seed, epoch and item, so a resumed run sees the same data). Caches are read lazily
 inside each DataLoader worker (RegionCache opens its HDF5 files per process); captions are tokenized
 in the workers too, a batch at a time, or looked up in a frozen text encoder's cached outputs.
+
+An item whose cached row is found damaged (cache/reader.py records it, and extract redoes it) does not
+stop a run: training takes the next readable item in its place (every batch keeps its size, which
+all-gather needs) and says so once; validation counts it as a video without frames.
 """
 
 from __future__ import annotations
@@ -14,16 +18,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
-from vlpcache.cache.reader import RegionCache
+from vlpcache.cache.reader import DamagedShard, RegionCache
 from vlpcache.cache.schema import outdated_schema
 from vlpcache.captions import Captions, KeyMatches, caption_queries, read_captions
 from vlpcache.errors import UserError
 from vlpcache.model.batch import tokenize, video_batch
 from vlpcache.model.config import MAX_CAPTIONS_PER_VIDEO
 from vlpcache.model.text_features import TextFeatures
+from vlpcache.report import Say, say
 from vlpcache.workspace import Workspace
 
 CAPTION_SUFFIXES = (".jsonl", ".csv")
@@ -162,6 +166,10 @@ class CaptionedRegions(Dataset):
         self.seed = seed
         self.captions_per_video = captions_per_video
         self.epoch = 0
+        # samples whose row was found damaged: in the process that found it, and in the training process,
+        # which adds what its workers report (batch["damaged"]) so that the next epoch's workers pass them over
+        self.damaged: set[int] = set()
+        self.reported: set[int] = set()  # of those, the ones the training process has said
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch  # workers are re-created each epoch and see the new value
@@ -170,10 +178,25 @@ class CaptionedRegions(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
-        c, i, texts = self.samples[index]
-        item = self.caches[c][i]
-        item["captions"] = self.captions_of(index)
-        return item
+        """Sample `index`, or where its row is damaged the next readable sample; "damaged": the (sample,
+        line) of each found damaged on the way."""
+        found = []
+        for k in range(len(self.samples)):
+            sample = (index + k) % len(self.samples)
+            if sample in self.damaged:
+                continue
+            c, i, _ = self.samples[sample]
+            try:
+                item = self.caches[c][i]
+            except DamagedShard as err:
+                self.damaged.add(sample)
+                found.append((sample, str(err)))
+                continue
+            item["captions"] = self.captions_of(sample)
+            item["damaged"] = found
+            return item
+        raise UserError(f"none of the {len(self.samples)} training items can be read: their cached rows are damaged "
+                        f"({found[0][1] if found else 'found so before'})")
 
     def captions_of(self, index: int) -> list[str]:
         """This epoch's K captions of sample `index`: the next K of its fixed caption shuffle (repeating
@@ -200,13 +223,15 @@ class CollateCaptionedRegions:
         self.max_words = max_words
         self.text_features = text_features
 
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict]) -> dict:
+        """The model's inputs, and "damaged": what the items found damaged on the way ([] mostly)."""
         batch = video_batch(items)
         captions = [caption for item in items for caption in item["captions"]]  # (B*K,)
         if self.text_features is not None:  # the words of the first caption of each video: what RWA reads
             batch.update(self.text_features.model_inputs(captions, [item["captions"][0] for item in items]))
         else:
             batch["input_ids"], batch["attention_mask"] = tokenize(self.tokenizer, captions, self.max_words)
+        batch["damaged"] = [found for item in items for found in item["damaged"]]
         return batch
 
 
@@ -219,13 +244,22 @@ class ValidationSet:
     caches: list[RegionCache]
     locations: list[tuple[int, int]]  # (cache index, item index) of each video
     captions: list[list[str]]  # each video's captions
+    say: Say = say
+    damaged: set[int] = field(default_factory=set)  # videos whose row was found damaged: read as blanks
 
     def __len__(self) -> int:
         return len(self.locations)
 
     def __getitem__(self, video: int) -> dict:
         c, i = self.locations[video]
-        return self.caches[c][i]
+        if video not in self.damaged:
+            try:
+                return self.caches[c][i]
+            except DamagedShard as err:
+                self.damaged.add(video)
+                self.say(f"{err}; validation counts it as a video without frames (its captions' queries rank it by "
+                         "nothing it shows)")
+        return self.caches[c].blank(i)
 
     def queries(self) -> tuple[list[str], list[int]]:
         """Every caption, and the index of its video."""

@@ -36,7 +36,7 @@ from vlpcache.locks import WriterLock, holder_description
 from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics, selection_score
 from vlpcache.model import checkpoint as ckpt
 from vlpcache.model.batch import longer_than
-from vlpcache.model.data import CollateCaptionedRegions, PretrainData, ValidationSet, load_pretrain_data
+from vlpcache.model.data import CaptionedRegions, CollateCaptionedRegions, PretrainData, ValidationSet, load_pretrain_data
 from vlpcache.model.config import (
     MODEL_OPTIONS,
     PRECISIONS,
@@ -568,6 +568,16 @@ def close_batches(batches) -> None:
         shutdown()
 
 
+def say_damaged(found: list[tuple[int, str]], dataset: CaptionedRegions) -> None:
+    """Say once each training item a batch found damaged (cache/reader.py recorded it: extract redoes it),
+    and keep it in the dataset, whose next epoch's workers then pass it over unread."""
+    for sample, line in found:
+        dataset.damaged.add(sample)
+        if sample not in dataset.reported:
+            dataset.reported.add(sample)
+            say(f"{line}; training takes another item in its place")  # from every process: each reads its own items
+
+
 def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, processes: Processes, tensorboard) -> dict:
     """One pass over the training items; returns the epoch's log record (mean losses, speed)."""
     loader.sampler.set_epoch(epoch)
@@ -581,6 +591,7 @@ def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, proc
     batches = iter(loader.loader)
     try:
         for batch_cpu in batches:
+            say_damaged(batch_cpu.pop("damaged"), run.data.train)
             factor = learning_rate_factor(trainer.step, loader.total_steps, loader.warmup)
             for group in trainer.optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
