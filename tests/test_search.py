@@ -15,6 +15,8 @@ import torch
 
 from test_model import build_tiny_text_model
 from test_pretrain import write_cache, write_captions
+from broken_media import damage_chunk
+from vlpcache.cache.writer import ShardWriter
 from vlpcache.cli import main
 from vlpcache.errors import UserError
 from vlpcache.index.faiss_index import VideoIndex
@@ -754,6 +756,51 @@ def test_index_reports_unreadable_shards_instead_of_up_to_date_and_search_says_w
     for rerank in ("--rerank", "--no-rerank"):  # the k best of those it can show, however many it cannot
         [result] = search_json(monkeypatch, capsys, "a dog", "-k", 4, *([rerank] if rerank != "--rerank" else []))
         assert len(result["results"]) == 4, rerank
+
+
+def test_index_leaves_out_a_video_found_damaged_says_it_once_and_adds_it_once_extracted_again(ws, monkeypatch, capsys):
+    from vlpcache.cache.reader import RegionCache
+    from vlpcache.model.batch import video_batch
+
+    shard = sorted((ws / "cache" / "shards").glob("*.h5"))[0]
+    clean = RegionCache(ws / "cache").get("v3")
+    damage_chunk(shard, "features", 3)
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "cannot be read" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"{shard}: item 'v3' cannot be read (") and lines[0].endswith(
+        "the next `vlpcache extract` extracts it again; the index leaves it out until then (`vlpcache index` after "
+        "that extract adds it)")
+    assert f"index {the_index(ws)}: {ITEMS - 1} items; encoded {ITEMS} videos in " in err
+    assert " s; 1 left out, found damaged (said above); built " in err
+    index = VideoIndex.load(the_index(ws))
+    assert "v3" not in index.ids and len(index.ids) == ITEMS - 1
+    run, cache = load_run(ws / "runs" / "run-001"), RegionCache(ws / "cache")
+    with torch.inference_mode():  # the rows after it are their own items' (not shifted by the one left out)
+        direct = run.model.encode_video(**video_batch([cache.get(i) for i in index.ids])).global_
+    assert np.allclose(index.embeddings, direct.numpy(), atol=1e-5)
+
+    with ShardWriter(ws / "cache", cache.settings, writer_name="s0of2") as writer:  # as extract redoes it
+        writer.add("v3", cache.paths[0].replace("v0", "v3"), "video", {k: clean[k] for k in cache._array_names})
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0 and "cannot be read" not in err and f"{ITEMS} items; encoded 1 videos" in err
+    assert VideoIndex.load(the_index(ws)).ids[-1] == "v3"
+
+
+def test_a_hit_found_damaged_is_shown_without_boxes_and_then_left_out_until_extracted_again(ws, monkeypatch, capsys):
+    from vlpcache.index.search import UNREADABLE_HIT
+
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    damage_chunk(sorted((ws / "cache" / "shards").glob("*.h5"))[0], "boxes", 3)
+    [result] = search_json(monkeypatch, capsys, "a dog", "-k", ITEMS)
+    [hit] = [hit for hit in result["results"] if hit["id"] == "v3"]
+    assert hit["note"] == UNREADABLE_HIT and hit["regions"] == [] and hit["path"].endswith("v3.mp4")
+    assert all(h["regions"] for h in result["results"] if h["id"] != "v3")
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0 and (f"{ITEMS - 1} of its {ITEMS} items can be shown, 1 are not in the cache (1 found damaged, until "
+                          "extract redoes them); search leaves them out") in err
+    [result] = search_json(monkeypatch, capsys, "a dog", "-k", ITEMS)
+    assert "v3" not in [hit["id"] for hit in result["results"]] and len(result["results"]) == ITEMS - 1
 
 
 def test_a_second_index_writer_waits_for_the_first_and_says_so(ws, monkeypatch, capsys):

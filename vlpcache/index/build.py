@@ -5,7 +5,9 @@ The index follows the run: each (checkpoint, cache settings) has an index of its
 stays. Indexing again adds only the items the index lacks (the cache grew since). One process writes an
 index at a time (its lock; others wait), and a failed write leaves the index as it was. Videos are
 encoded a chunk at a time and each chunk is kept as it is done (parts.py), so an index stopped by
-Ctrl-C, kill -9 or a full disk resumes where it was when run again.
+Ctrl-C, kill -9 or a full disk resumes where it was when run again. A video whose cached row is found
+damaged is left out, said in one line (the reader records it; extract redoes it, and the next index
+run adds it).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vlpcache.cache.manifest import collection_of
-from vlpcache.cache.reader import RegionCache
+from vlpcache.cache.reader import DamagedShard, RegionCache
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import is_write_failure, remove_temporaries, system_reason, write_failure
@@ -193,6 +195,24 @@ def existing_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig
     return index
 
 
+class SoundItems:
+    """cache[r], where an item whose row is found damaged reads as a blank (encoded with the others, then
+    dropped): its row in `damaged`, its line said."""
+
+    def __init__(self, cache: RegionCache, say: Say):
+        self.cache = cache
+        self.say = say
+        self.damaged: set[int] = set()
+
+    def __getitem__(self, r: int) -> dict:
+        try:
+            return self.cache[r]
+        except DamagedShard as err:
+            self.damaged.add(r)
+            self.say(f"{err}; the index leaves it out until then (`vlpcache index` after that extract adds it)")
+            return self.cache.blank(r)
+
+
 def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | None, config: IndexConfig, device,
                  batch_size: int, progress: bool, kept: EncodedParts, say: Say) -> tuple[VideoIndex, str]:
     """Encode the cache's `rows` and add them to `index` (or build one); returns it and what was done.
@@ -205,14 +225,17 @@ def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | N
     if done:
         say(f"resuming: {len(done)} of the {len(rows)} videos to index were encoded by a run that did not finish "
             f"(kept in {kept.folder}); encoding the other {len(todo)}")
+    readable = SoundItems(cache, say)
     for start in range(0, len(todo), ENCODE_CHUNK):  # bounded memory: region tokens are (B, T*N, E)
         chunk = todo[start : start + ENCODE_CHUNK]
         first = len(done) + start + 1
-        video = encode_videos(run.model, cache, chunk, device, batch_size, regions=True, progress=progress,
+        video = encode_videos(run.model, readable, chunk, device, batch_size, regions=True, progress=progress,
                               desc=f"encoding videos {first}-{first + len(chunk) - 1} of {len(rows)}")
+        kept_rows = [k for k, r in enumerate(chunk) if r not in readable.damaged]
+        chunk = [chunk[k] for k in kept_rows]
         regions = RegionStore.empty(run.config.embed_dim)
-        regions.append(video.regions.numpy(), video.region_mask.numpy())
-        parts.append(EncodedPart([cache.ids[r] for r in chunk], as_numpy(video.global_), regions,
+        regions.append(video.regions[kept_rows].numpy(), video.region_mask[kept_rows].numpy())
+        parts.append(EncodedPart([cache.ids[r] for r in chunk], as_numpy(video.global_[kept_rows]), regions,
                                  [cache.shard_key_of(cache.ids[r]) for r in chunk]))
         try:
             kept.add(parts[-1])
@@ -222,6 +245,7 @@ def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | N
             raise write_failure(kept.folder, err, f"the index is as it was before; the {len(done) + start} videos encoded "
                                                   "before this chunk are kept; make room and run `vlpcache index` "
                                                   "again to go on") from None
+    left_out = len(readable.damaged)
     embeddings = (np.concatenate([p.embeddings for p in parts]) if parts
                   else np.zeros((0, run.config.embed_dim), np.float32))  # (V_new, E)
     regions = RegionStore.concatenate([p.regions for p in parts], run.config.embed_dim)
@@ -247,6 +271,8 @@ def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | N
         index.meta.collection = collection_of(cache.cache_dir)  # one found by the cache's path, built before
     if done:
         how = f"{len(done)} of them kept from the run that did not finish; {how}"
+    if left_out:
+        how = f"{left_out} left out, found damaged (said above); {how}"
     if index.meta.search_params:
         how += f", search {index.meta.search_params} (recall@10 {index.meta.tuned_recall:.3f} on indexed vectors)"
     return index, how
@@ -286,8 +312,10 @@ def coverage(index: VideoIndex, cache: RegionCache) -> str:
     notes = []
     if missing := missing_from_cache(index, cache):
         shards = len(cache.unreadable_shards) + len(cache.ignored_shards)
-        why = (f"{shards} shard(s) of the cache are unreadable or left out (reported above)" if shards
-               else "removed from the cache")
+        damaged = sum(1 for item_id in cache.damaged if item_id in index)
+        why = "; ".join([*([f"{shards} shard(s) of the cache are unreadable or left out (reported above)"] if shards else []),
+                         *([f"{damaged} found damaged, until extract redoes them"] if damaged else [])]
+                        ) or "removed from the cache"
         notes.append(f"{len(index) - missing} of its {len(index)} items can be shown, {missing} are not in the cache "
                      f"({why}); search leaves them out")
     if again := extracted_again(index, cache):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from vlpcache.cache.labels import region_names
-from vlpcache.cache.reader import RegionCache
+from vlpcache.cache.reader import DamagedShard, RegionCache
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import read_utf8_text, utf8_text
@@ -44,6 +44,9 @@ HIT_ARRAYS = ("labels", "boxes", "timestamps")
 # a hit extracted again since it was indexed (shown without matched regions: the index's are the old rows')
 EXTRACTED_AGAIN = ("extracted again since it was indexed (its source changed): found by its old content, its regions "
                    "not shown; run `vlpcache index` to index it anew")
+# a hit whose cached boxes do not read (the reader recorded it: extract redoes it, and search then leaves it out)
+UNREADABLE_HIT = ("its cached boxes cannot be read, the cache's shard is damaged (a disk fault or a bad copy): shown "
+                  "without them; recorded in the cache, the next `vlpcache extract` extracts it again")
 
 
 @dataclass
@@ -247,11 +250,14 @@ class Searcher:
         for rank, row in enumerate(ranking.rows, 1):
             j = rank - 1
             item_id = self.index.ids[row]
-            item = self.cache.get(item_id, HIT_ARRAYS)
+            try:
+                item, note = self.cache.get(item_id, HIT_ARRAYS), self.cache.note_of(item_id)
+            except DamagedShard:
+                item, note = self.cache.blank(self.cache.index_of(item_id)), UNREADABLE_HIT
             N = item["labels"].shape[1]
             alignment = align(ranking.attention[j], query.word_mask[0], query.tokens, ranking.positions[j], N)
             outdated = EXTRACTED_AGAIN if item_id in self.extracted_again else ""
-            if outdated:
+            if outdated or note == UNREADABLE_HIT:
                 alignment = Alignment(0, [])
             matched, names = [], region_names(self.cache.settings.detector)
             for match in alignment.words:
@@ -268,7 +274,7 @@ class Searcher:
                 time=round(float(item["timestamps"][alignment.best_frame]), 2),
                 regions=matched,
                 frame=alignment.best_frame,
-                note=self.cache.note_of(item_id),
+                note=note,
                 outdated=outdated,
             ))
         return hits
