@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from broken_media import damage_chunk
+
 from vlpcache.cache.labels import COCO
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import SHARD_DIR
@@ -183,6 +185,36 @@ def test_a_source_replaced_at_its_path_is_extracted_again_and_one_only_touched_i
     assert a["source"] == source_stamp(tmp_path / "data" / "a") != first_stamp
     with h5py.File(cache / SHARD_DIR / cached.shard_of("a"), "r") as f:  # the new row names the one it replaces
         assert [v.decode() for v in f["replaces"][:]] == [first_stamp]
+
+
+def test_an_item_found_damaged_is_listed_by_inspect_and_extracted_again_by_the_next_extract(tmp_path, msrvtt_dir, capsys):
+    from vlpcache.cache.reader import DamagedShard
+    from vlpcache.extract.runner import run_extract
+
+    for name, folder in zip("ab", sorted((msrvtt_dir / "frames" / "val").iterdir())[:2]):
+        shutil.copytree(folder, tmp_path / "data" / name)
+    cache = tmp_path / "cache"
+    run_extract([tmp_path / "data"], cache_dir=cache, quiet=True)
+    clean = RegionCache(cache).get("a")
+    (shard,) = (cache / SHARD_DIR).glob("*.h5")
+    with h5py.File(shard, "r") as f:
+        damage_chunk(shard, "features", [v.decode() for v in f["ids"][:]].index("a"))
+    with pytest.raises(DamagedShard):
+        RegionCache(cache).get("a")  # as training, index or search would find it: recorded
+    listed = vlpcache("inspect", cache, "--failures", cwd=tmp_path).stdout
+    assert f"damaged     a: row 0 of {shard.name} does not read (" in listed and "extract redoes it" in listed
+    capsys.readouterr()
+    run_extract([tmp_path / "data"], cache_dir=cache, quiet=True)
+    said = capsys.readouterr().err
+    assert "extract: 1 cached item(s) were found damaged by a read" in said and "1 done, 1 already cached" in said
+    assert "left out until" not in said  # the reader's line, which extract says its own way
+    cached = RegionCache(cache)
+    assert sorted(cached.ids) == ["a", "b"] and cached.damaged == {}
+    for name in ("features", "boxes", "labels", "timestamps"):
+        np.testing.assert_array_equal(cached.get("a")[name], clean[name])
+    capsys.readouterr()
+    run_extract([tmp_path / "data"], cache_dir=cache, quiet=True)
+    assert "found damaged" not in capsys.readouterr().err
 
 
 def test_what_extract_redoes_follows_the_stamps_of_cached_failed_and_moved_files(tmp_path):

@@ -109,9 +109,10 @@ class RegionCache:
     "path", "kind" and "source".
     """
 
-    def __init__(self, cache_dir: str | os.PathLike, say: Say = say):
+    def __init__(self, cache_dir: str | os.PathLike, say: Say = say, say_damaged: bool = True):
         self.cache_dir = Path(cache_dir)
         self._say = say  # where left-out shards are reported (inspect lists them itself)
+        self._say_damaged = say_damaged  # and items left out as found damaged (extract says what it does about them)
         if not self.cache_dir.is_dir():
             raise UserError(f"{self.cache_dir}: no such cache directory; run `vlpcache extract` first")
         self.settings: CacheSettings = read_manifest(self.cache_dir)
@@ -164,7 +165,7 @@ class RegionCache:
         for item_id, moves in read_moves(self.cache_dir).items():  # found at other paths since: the latest
             if (i := seen.get(item_id)) is not None:
                 rows[i] = rows[i]._replace(path=_moved(rows[i].path, moves))
-        if self.damaged:
+        if self.damaged and self._say_damaged:
             example = next(iter(self.damaged.values()))
             self._report_once(self.cache_dir, f"{self.cache_dir}: {len(self.damaged)} item(s) found damaged by an earlier "
                               f"read (e.g. {example['id']!r}, row {example['row']} of {example['shard'].split('@')[0]}) "

@@ -8,7 +8,8 @@ stages on Ray Data).
 Resumable: items already in the cache are skipped, items recorded as failed too (unless
 --retry-failed). Shards are committed atomically, so a kill -9 loses at most the shard in progress.
 An item whose source changed since it was cached (extract/stamps.py) is extracted again, its new row
-naming the one it replaces (the reader takes the row no other replaces).
+naming the one it replaces (the reader takes the row no other replaces); so is an item whose row a read
+found damaged (the reader recorded it and leaves that row out).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Plan:
     # whose file is gone, taken to be the files now found under their ids
     changed: int = 0  # cached items whose source changed since: extracted again (the new rows replace the old)
     retried: int = 0  # items recorded as failed whose source changed since: tried again
+    redone: int = 0  # items whose cached row a read found damaged (the reader leaves it out): extracted again
     mended: list[tuple[str, str]] = field(default_factory=list)  # (id, path) of cached items recorded as failed
     # when their source had changed, whose source is again what the cache holds: the failure no longer holds
 
@@ -89,6 +91,9 @@ def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary
         elif path in cached_id:
             plan.clashes.append((path, f"already cached as '{cached_id[path]}' by an earlier extract from another "
                                        f"root; {SKIPPED} (captions name it '{cached_id[path]}')"))
+        elif item.id in cache.damaged:
+            plan.todo.append(item)
+            plan.redone += 1
         elif item.id in failed_before and not options.retry_failed:
             if failed_as_it_is(item.id, path):
                 summary.skipped_failed += 1
@@ -191,7 +196,7 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     # the driver's writer owns the shard set: it checks the settings and removes the unfinished shards
     # of a killed run, its own and (named `<shard set>-ray-<actor>`) those of its Ray actors
     with ShardWriter(cache_dir, settings, writer_name=options.shard_set(), max_items=options.items_per_shard) as writer:
-        cache = RegionCache(cache_dir)
+        cache = RegionCache(cache_dir, say_damaged=False)  # said below, with what extract does about them
         plan = items_to_extract(items, cache, options, summary)
         cache.close()
         todo = plan.todo
@@ -207,6 +212,9 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
                 f"(then `vlpcache index` indexes them anew)")
         if plan.retried:
             say(f"extract: {plan.retried} item(s) recorded as failed have changed on disk since; trying them again")
+        if plan.redone:
+            say(f"extract: {plan.redone} cached item(s) were found damaged by a read (a disk fault or a bad copy of their "
+                f"shard); extracting them again (then `vlpcache index` adds them back)")
         for item_id, path in plan.mended:
             writer.clear_failure(item_id, path)
         if plan.mended:
