@@ -486,6 +486,44 @@ def test_more_captions_per_video_than_a_video_has_is_said(tmp_path, corpus, tiny
             in capsys.readouterr().err)
 
 
+def _pretrain_and_count_workers(command: list[str], workspace: Path) -> subprocess.CompletedProcess:
+    """`vlpcache *command` (with one loading worker) in a process that prints {"status", "workers"}: its
+    exit status and the worker processes still alive after it, then ends with os._exit (which waits for
+    no one: a worker left running made the command wait for ever at exit, after its line)."""
+    assert "--workers" in command and command[command.index("--workers") + 1] == "1"
+    script = f"""
+import json, multiprocessing, os, sys
+from vlpcache.cli import main
+sys.argv = {["vlpcache", *command]!r}
+status = 0
+try:
+    main()
+except SystemExit as exit:
+    status = exit.code
+print(json.dumps({{"status": status, "workers": len(multiprocessing.active_children())}}), flush=True)
+os._exit(0)
+"""
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_GUARD_S,
+                          env={**os.environ, "VLPCACHE_WORKSPACE": str(workspace)})
+
+
+def test_an_error_in_a_loading_worker_ends_pretraining_with_its_one_line_and_no_worker_left(tmp_path, corpus, tiny_text):
+    """Every training item damaged: the loading worker's error ends the run with one line, not a traceback
+    (torch hands it back wrapped in the worker's), and the workers have ended by then: the error's
+    traceback keeps the loader alive, and a worker left running made the command wait for ever."""
+    cache = tmp_path / "cache"
+    shutil.copytree(corpus["cache"], cache)
+    shards = sorted((cache / "shards").glob("*.h5"))
+    for row in range(40):  # v0 ... v39, the training items
+        damage_chunk(shards[row // 16], "features", row % 16)
+    done = _pretrain_and_count_workers(_pretrain_command({**corpus, "cache": cache}, tiny_text, tmp_path / "run", 1)[3:],
+                                       tmp_path / "ws")
+    assert json.loads(done.stdout) == {"status": 2, "workers": 0}, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("error: none of the 40 training items can be read: their cached rows are damaged (") and \
+        line.endswith("the next `vlpcache extract` extracts it again)"), line
+
+
 def test_items_found_damaged_in_a_loading_worker_and_in_validation_are_said_once_and_the_run_goes_on(tmp_path, corpus,
                                                                                                       tiny_text):
     """A chunk damaged on disk does not end the run, nor hand other numbers to training: a training item
@@ -503,21 +541,7 @@ def test_items_found_damaged_in_a_loading_worker_and_in_validation_are_said_once
     damage_chunk(val_shard, "features", 9)  # v41
     command = _pretrain_command({**corpus, "cache": cache}, tiny_text, tmp_path / "run", 2,
                                 "--val-captions", str(corpus["val"]))[3:]  # after `vlpcache`
-    script = f"""
-import json, multiprocessing, os, sys
-from vlpcache.cli import main
-sys.argv = {["vlpcache", *command]!r}
-status = 0
-try:
-    main()
-except SystemExit as exit:
-    status = exit.code
-print(json.dumps({{"status": status, "workers": len(multiprocessing.active_children())}}), flush=True)
-os._exit(0)
-"""
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_GUARD_S,
-                          env={**os.environ, "VLPCACHE_WORKSPACE": str(tmp_path / "ws")})
-    assert "--workers" in command and command[command.index("--workers") + 1] == "1"
+    done = _pretrain_and_count_workers(command, tmp_path / "ws")
     assert json.loads(done.stdout) == {"status": 0, "workers": 0}, done.stderr
     reasons = [line.split(" cannot be read (")[1].split("): ")[0] for line in done.stderr.splitlines()]
 
