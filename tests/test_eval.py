@@ -1,11 +1,13 @@
 """`vlpcache eval` end to end on a tiny trained run and a real cache, and its re-rank bookkeeping."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
+from broken_media import damage_chunk
 from test_search import build_tiny_workspace, hand_local_score, vlpcache
 from vlpcache.cache.reader import RegionCache
 from vlpcache.captions import read_captions
@@ -72,6 +74,31 @@ def test_global_metrics_equal_retrieval_metrics_on_the_models_own_similarities(r
     expected = retrieval_metrics((text @ video.T).numpy(), np.arange(len(ids)))
     assert results["text_to_video"] == pytest.approx(expected)
     assert "text_to_video_rerank" not in results
+
+
+def test_a_candidate_found_damaged_counts_as_a_video_without_frames_said_in_one_line(root, tmp_path, monkeypatch,
+                                                                                   capsys):
+    ws = tmp_path / "ws"
+    shutil.copytree(root / "ws", ws)
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(ws))
+    shard = sorted((ws / "cache" / "shards").glob("*.h5"))[1]  # v16 ... v23: the validation videos
+    damage_chunk(shard, "features", 1)  # v17
+    cache = RegionCache(ws / "cache")  # made before eval records v17 (later readers leave it out)
+    code, out, err = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl", "--rerank-candidates", "0",
+                              "--json", "--quiet")
+    [line] = [line for line in err.splitlines() if "cannot be read" in line]  # (and one: the run's validation videos)
+    assert line.startswith(f"{shard}: item 'v17' cannot be read (")
+    assert line.endswith("extracts it again; eval counts it as a video without frames (its captions' queries rank it by "
+                        "nothing it shows)")
+    run, captions = load_run(ws / "runs" / "run-001"), read_captions(root / "val.jsonl").by_id
+    ids = [i for i in cache.ids if i in captions]
+    assert "v17" in ids and "v17" in RegionCache(ws / "cache").damaged
+    with torch.inference_mode():
+        items = [cache.blank(cache.index_of(i)) if i == "v17" else cache.get(i) for i in ids]
+        video = run.model.encode_video(**video_batch(items)).global_
+        text = run.model.encode_text(*tokenize(run.tokenizer, [captions[i][0] for i in ids], run.config.max_words)).global_
+    results = json.loads(out)
+    assert results["text_to_video"] == pytest.approx(retrieval_metrics((text @ video.T).numpy(), np.arange(len(ids))))
 
 
 def test_split_evaluates_the_videos_of_one_split_of_a_file_that_has_several(root, ws, monkeypatch, capsys, tmp_path):

@@ -393,3 +393,23 @@ class RegionCache:
             self.close()
         except Exception:
             pass
+
+
+class BlankWhenDamaged:
+    """cache[r], where an item whose row is found damaged reads as a blank (RegionCache.blank): its row
+    kept in `damaged`, its line said once with `then`, what the command does about it, at its end."""
+
+    def __init__(self, cache: RegionCache, then: str, say: Say = say):
+        self.cache = cache
+        self.then = then
+        self.say = say
+        self.damaged: set[int] = set()
+
+    def __getitem__(self, r: int) -> dict:
+        if r not in self.damaged:
+            try:
+                return self.cache[r]
+            except DamagedShard as err:
+                self.damaged.add(r)
+                self.say(f"{err}; {self.then}")
+        return self.cache.blank(r)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vlpcache.cache.manifest import collection_of
-from vlpcache.cache.reader import DamagedShard, RegionCache
+from vlpcache.cache.reader import BlankWhenDamaged, RegionCache
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import is_write_failure, remove_temporaries, system_reason, write_failure
@@ -195,24 +195,6 @@ def existing_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig
     return index
 
 
-class SoundItems:
-    """cache[r], where an item whose row is found damaged reads as a blank (encoded with the others, then
-    dropped): its row in `damaged`, its line said."""
-
-    def __init__(self, cache: RegionCache, say: Say):
-        self.cache = cache
-        self.say = say
-        self.damaged: set[int] = set()
-
-    def __getitem__(self, r: int) -> dict:
-        try:
-            return self.cache[r]
-        except DamagedShard as err:
-            self.damaged.add(r)
-            self.say(f"{err}; the index leaves it out until then (`vlpcache index` after that extract adds it)")
-            return self.cache.blank(r)
-
-
 def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | None, config: IndexConfig, device,
                  batch_size: int, progress: bool, kept: EncodedParts, say: Say) -> tuple[VideoIndex, str]:
     """Encode the cache's `rows` and add them to `index` (or build one); returns it and what was done.
@@ -225,7 +207,8 @@ def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | N
     if done:
         say(f"resuming: {len(done)} of the {len(rows)} videos to index were encoded by a run that did not finish "
             f"(kept in {kept.folder}); encoding the other {len(todo)}")
-    readable = SoundItems(cache, say)
+    # a damaged item is encoded as a blank with the others, then dropped
+    readable = BlankWhenDamaged(cache, "the index leaves it out until then (`vlpcache index` after that extract adds it)", say)
     for start in range(0, len(todo), ENCODE_CHUNK):  # bounded memory: region tokens are (B, T*N, E)
         chunk = todo[start : start + ENCODE_CHUNK]
         first = len(done) + start + 1

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlpcache.cache.reader import BlankWhenDamaged
 from vlpcache.captions import caption_queries, read_captions
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
@@ -51,7 +52,9 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
 
     rerank = rerank_candidates > 0 and run.config.rwa
     started = time.monotonic()
-    video = encode_videos(run.model, cache, [cache.index_of(i) for i in ids], device, batch_size,
+    readable = BlankWhenDamaged(cache, "eval counts it as a video without frames (its captions' queries rank it by "
+                                       "nothing it shows)")
+    video = encode_videos(run.model, readable, [cache.index_of(i) for i in ids], device, batch_size,
                           regions=rerank, progress=progress)
     text = encode_texts(run.model, run.tokenizer, texts, device, batch_size, progress=progress, max_words=max_words)
     t2v = (text.global_ @ video.global_.T).numpy()  # (Q, C)

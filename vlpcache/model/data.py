@@ -20,14 +20,13 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from vlpcache.cache.reader import DamagedShard, RegionCache
+from vlpcache.cache.reader import BlankWhenDamaged, DamagedShard, RegionCache
 from vlpcache.cache.schema import outdated_schema
 from vlpcache.captions import Captions, KeyMatches, caption_queries, read_captions
 from vlpcache.errors import UserError
 from vlpcache.model.batch import tokenize, video_batch
 from vlpcache.model.config import MAX_CAPTIONS_PER_VIDEO
 from vlpcache.model.text_features import TextFeatures
-from vlpcache.report import Say, say
 from vlpcache.workspace import Workspace
 
 CAPTION_SUFFIXES = (".jsonl", ".csv")
@@ -244,22 +243,17 @@ class ValidationSet:
     caches: list[RegionCache]
     locations: list[tuple[int, int]]  # (cache index, item index) of each video
     captions: list[list[str]]  # each video's captions
-    say: Say = say
-    damaged: set[int] = field(default_factory=set)  # videos whose row was found damaged: read as blanks
+
+    def __post_init__(self):
+        then = "validation counts it as a video without frames (its captions' queries rank it by nothing it shows)"
+        self.readers = [BlankWhenDamaged(cache, then) for cache in self.caches]
 
     def __len__(self) -> int:
         return len(self.locations)
 
     def __getitem__(self, video: int) -> dict:
         c, i = self.locations[video]
-        if video not in self.damaged:
-            try:
-                return self.caches[c][i]
-            except DamagedShard as err:
-                self.damaged.add(video)
-                self.say(f"{err}; validation counts it as a video without frames (its captions' queries rank it by "
-                         "nothing it shows)")
-        return self.caches[c].blank(i)
+        return self.readers[c][i]
 
     def queries(self) -> tuple[list[str], list[int]]:
         """Every caption, and the index of its video."""
