@@ -788,14 +788,19 @@ def test_index_leaves_out_a_video_found_damaged_says_it_once_and_adds_it_once_ex
 
 
 def test_a_hit_found_damaged_is_shown_without_boxes_and_then_left_out_until_extracted_again(ws, monkeypatch, capsys):
-    from vlpcache.index.search import UNREADABLE_HIT
+    from vlpcache.index.search import UNREADABLE_HIT, Searcher
 
     assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
     damage_chunk(sorted((ws / "cache" / "shards").glob("*.h5"))[0], "boxes", 3)
-    [result] = search_json(monkeypatch, capsys, "a dog", "-k", ITEMS)
-    [hit] = [hit for hit in result["results"] if hit["id"] == "v3"]
-    assert hit["note"] == UNREADABLE_HIT and hit["regions"] == [] and hit["path"].endswith("v3.mp4")
-    assert all(h["regions"] for h in result["results"] if h["id"] != "v3")
+    searcher = Searcher()  # as the page's server: a search, then the frames of a hit
+    hits = searcher.search("a dog", ITEMS)
+    [hit] = [hit for hit in hits if hit.id == "v3"]
+    assert hit.note == UNREADABLE_HIT and hit.regions == [] and hit.path.endswith("v3.mp4")
+    assert all(h.regions for h in hits if h.id != "v3")
+    item = searcher.item("v3")
+    assert item["note"] == UNREADABLE_HIT and not item["frame_mask"].any() and item["path"] == hit.path
+    records = [line for log in (ws / "cache" / "damaged").glob("*.jsonl") for line in log.read_text().splitlines()]
+    assert len(records) == 1  # found once, not read (and recorded) again
     code, _, err = vlpcache(monkeypatch, capsys, "index")
     assert code == 0 and (f"{ITEMS - 1} of its {ITEMS} items can be shown, 1 are not in the cache (1 found damaged, until "
                           "extract redoes them); search leaves them out") in err

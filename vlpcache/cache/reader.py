@@ -120,6 +120,7 @@ class RegionCache:
         self._handles: dict[int, h5py.File] = {}
         self._pid = os.getpid()
         self._found_damaged: dict[tuple[str, int], dict] = {}  # (shard key, row) -> record: found by this reader
+        self._damage_lines: dict[tuple[str, int], str] = {}  # and the line that said it
         self.refresh()
 
     def refresh(self) -> None:
@@ -302,6 +303,8 @@ class RegionCache:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a cache of {len(self)} items")
         s, row = self._locations[index]
+        if (line := self._damage_lines.get((self._shard_keys[int(s)], int(row)))) is not None:
+            raise DamagedShard(line, self._found_damaged[self._shard_keys[int(s)], int(row)]["reason"], self.ids[index])
         datasets = self._shard_datasets(int(s))
         try:
             with reading(self.shard_paths[int(s)], f"item {self.ids[index]!r}"):
@@ -346,6 +349,7 @@ class RegionCache:
                      "`vlpcache extract` again to redo its items")
         else:
             line += f"; recorded in {self.cache_dir / DAMAGED_DIR}: the next `vlpcache extract` extracts it again"
+        self._damage_lines[record["shard"], row] = line  # a read of it again says so without reading or recording
         return DamagedShard(line, reason, item_id)
 
     def shard_columns(self, names: tuple[str, ...]):

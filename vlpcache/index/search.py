@@ -287,7 +287,11 @@ class Searcher:
             raise KeyError(f"{item_id!r} is not in the index")
         with self._lock:
             shown = tuple(spec.name for spec in self.cache.settings.arrays() if spec.name != "features")
-            return {**self.cache.get(item_id, shown), "note": self.cache.note_of(item_id)}
+            try:
+                return {**self.cache.get(item_id, shown), "note": self.cache.note_of(item_id)}
+            except DamagedShard:  # no frames to show
+                blank = self.cache.blank(self.cache.index_of(item_id))
+                return {**{k: v for k, v in blank.items() if k != "features"}, "note": UNREADABLE_HIT}
 
     def export(self, path) -> list[Path]:
         """Write the indexed embeddings and their ids for other tools (see index/export.py); the files written."""
