@@ -363,7 +363,9 @@ def test_a_damaged_chunk_fails_to_read_with_one_line_naming_shard_and_item_inste
     assert str(err.value).startswith(f"{shard}: item 'b' cannot be read (") and "\n" not in str(err.value)
     assert str(err.value).endswith(f"the shard is damaged (a disk fault or a bad copy); recorded in {tmp_path / 'damaged'}: "
                                    "the next `vlpcache extract` extracts it again")
-    assert cache.get("b", ("boxes",))["boxes"].shape == (3, 4, 4)  # the item's undamaged arrays still read
+    assert RegionCache(tmp_path, say=lambda line: None).get("c", ("boxes",))["boxes"].shape == (3, 4, 4)  # its sound arrays
+    with pytest.raises(DamagedShard, match="item 'b' cannot be read"):
+        cache.get("b", ("boxes",))  # found damaged: the whole row, from then on
     with pytest.raises(DamagedShard, match="item 'c' cannot be read"):
         cache.read(2)
     with pytest.raises(DamagedShard, match="its 'labels' cannot be read"):
