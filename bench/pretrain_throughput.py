@@ -279,7 +279,7 @@ def step_profile(step: Callable[[], int], device: torch.device, steps: int = 3) 
 def model_step(setup, batch: dict, device: torch.device) -> Callable[[], int]:
     """One training step of `setup` on the same batch each time (the loader left out)."""
     model, _, criterion, optimizer, autocast, scaler = setup
-    inputs = {k: v.to(device) for k, v in batch.items()}
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "damaged"}
 
     def step() -> int:
         train_step(model, criterion, optimizer, inputs, autocast, scaler, 1.0)
@@ -313,8 +313,8 @@ def end_to_end_step(setup, dataset, collate, batch_size: int, workers: int, devi
         except StopIteration:
             iterator = iter(loader)
             batch = next(iterator)
-        train_step(model, criterion, optimizer, {k: v.to(device, non_blocking=True) for k, v in batch.items()},
-                   autocast, scaler, 1.0)
+        train_step(model, criterion, optimizer,
+                   {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "damaged"}, autocast, scaler, 1.0)
         return batch["features"].shape[0]
     return step
 

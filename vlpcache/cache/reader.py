@@ -14,8 +14,9 @@ on disk or in a copy fails to read, and the read raises DamagedShard, one line t
 and the way out, instead of handing other numbers to training or search. An item's read that fails so
 is recorded in the cache (`damaged/`, where the cache can be written): from then on every reader leaves
 that row out, as if the item had not been extracted (a reader that found it leaves it out even where
-the record could not be written), so the next `vlpcache extract` extracts it again; training, validation
-and `index` go on without it (model/data.py, index/build.py).
+the record could not be written), so the next `vlpcache extract` extracts it again. The commands go on without it:
+training takes another item in its place, validation and eval read it as a blank (BlankWhenDamaged),
+`index` leaves it out, search shows the hit without boxes (model/data.py, index/).
 """
 
 from __future__ import annotations

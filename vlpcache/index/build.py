@@ -214,11 +214,12 @@ def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | N
         first = len(done) + start + 1
         video = encode_videos(run.model, readable, chunk, device, batch_size, regions=True, progress=progress,
                               desc=f"encoding videos {first}-{first + len(chunk) - 1} of {len(rows)}")
-        kept_rows = [k for k, r in enumerate(chunk) if r not in readable.damaged]
-        chunk = [chunk[k] for k in kept_rows]
+        if readable.damaged.intersection(chunk):  # encoded as blanks: dropped
+            kept_rows = [k for k, r in enumerate(chunk) if r not in readable.damaged]
+            chunk, video = [chunk[k] for k in kept_rows], type(video)(*(t[kept_rows] for t in video))
         regions = RegionStore.empty(run.config.embed_dim)
-        regions.append(video.regions[kept_rows].numpy(), video.region_mask[kept_rows].numpy())
-        parts.append(EncodedPart([cache.ids[r] for r in chunk], as_numpy(video.global_[kept_rows]), regions,
+        regions.append(video.regions.numpy(), video.region_mask.numpy())
+        parts.append(EncodedPart([cache.ids[r] for r in chunk], as_numpy(video.global_), regions,
                                  [cache.shard_key_of(cache.ids[r]) for r in chunk]))
         try:
             kept.add(parts[-1])

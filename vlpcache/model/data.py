@@ -230,7 +230,7 @@ class CollateCaptionedRegions:
             batch.update(self.text_features.model_inputs(captions, [item["captions"][0] for item in items]))
         else:
             batch["input_ids"], batch["attention_mask"] = tokenize(self.tokenizer, captions, self.max_words)
-        batch["damaged"] = [found for item in items for found in item["damaged"]]
+        batch["damaged"] = [found for item in items for found in item.get("damaged", [])]
         return batch
 
 
