@@ -277,6 +277,28 @@ def test_the_split_key_keeps_val_and_test_items_out_of_training(tmp_path, cache)
     assert data.summary()[0] == f"training captions: {train} (JSON Lines)"
 
 
+def test_a_hand_written_csv_its_split_column_honoured_and_unquoted_commas_read_whole(tmp_path, cache):
+    """As a spreadsheet user writes it: a Split column (not only JSON Lines' "split" key keeps val and test
+    out of training), CRLF line ends, and captions with commas nobody quoted: each read whole, not cut
+    at the first comma with the rest dropped unsaid."""
+    path = tmp_path / "mine.csv"
+    path.write_bytes(b"Video,Caption,Split\r\nv0,a hand turns a box over, then puts it down,train\r\n"
+                     b"v1,one,val\r\nv2,\"two, quoted\",test\r\nv3,a dog, a cat, a bird,\r\n\r\nv4,four,Validation\r\n")
+    captions = read_captions(path)
+    assert captions.by_id == {"v0": ["a hand turns a box over, then puts it down"], "v1": ["one"], "v2": ["two, quoted"],
+                              "v3": ["a dog, a cat, a bird"], "v4": ["four"]}
+    assert captions.splits == {"v0": "train", "v1": "val", "v2": "test", "v4": "Validation"}  # v3 has none
+    assert captions.layout == "CSV, 2 caption(s) with an unquoted comma read whole" and captions.bad_lines == 0
+    data = load_pretrain_data([cache], [path], None, workspace=Workspace(tmp_path / "ws"))
+    assert trained_captions(data) == {"v0": ["a hand turns a box over, then puts it down"], "v3": ["a dog, a cat, a bird"]}
+    assert validation_captions(data) == {"v1": ["one"], "v4": ["four"]}
+    assert data.summary()[0] == f"training captions: {path} (CSV, 2 caption(s) with an unquoted comma read whole)"
+    semicolons = tmp_path / "excel.csv"  # the caption column in the middle, its separator unquoted
+    semicolons.write_text("Video;Caption;Split\nv0;first; then second;train\n")
+    assert read_captions(semicolons).by_id == {"v0": ["first; then second"]}
+    assert read_captions(semicolons).splits == {"v0": "train"}
+
+
 def test_a_validation_file_with_splits_validates_on_its_val_items_only(tmp_path, cache):
     train = write_jsonl(tmp_path / "train.jsonl", [{"video": "v0", "captions": ["zero"]}])
     val = write_jsonl(tmp_path / "all.jsonl", [

@@ -261,6 +261,7 @@ def _record(record) -> tuple[str, list, str | None] | str:
 
 CSV_VIDEO_COLUMNS = ("video", "video_id", "videoid")  # ours, MSR-VTT's and CLIP4Clip's, WebVid's
 CSV_CAPTION_COLUMNS = ("caption", "sentence", "name")  # ours and COCO's, CLIP4Clip's, WebVid's
+CSV_SPLIT_COLUMN = "split"  # optional: train, val, test... as JSON Lines' "split" key
 # what separates a CSV file's columns: commas; semicolons, as Excel saves CSV where the comma is the decimal
 # mark; tabs (.tsv, and Excel's "Text (Tab delimited)" saved as .csv); pipes. The one whose header has a
 # video and a caption column is the file's.
@@ -325,12 +326,14 @@ def _read_id_and_caption_lines(captions: Captions, path: Path, text: str) -> Non
 
 def _read_csv(captions: Captions, path: Path, text: str) -> str:
     """A CSV or TSV file's rows, its columns separated by whichever of CSV_DELIMITERS gives a header with a
-    video and a caption column; returns the layout read ("CSV", "CSV, semicolon-separated"...)."""
+    video and a caption column; returns the layout read ("CSV", "CSV, semicolon-separated"...). A `split`
+    column is honoured as JSON Lines' "split" key is. A row with more fields than the header is taken to
+    hold a caption with the separator in it, not quoted (`a dog runs, then sits`, as people write CSV
+    by hand): its caption is read whole, and the layout counts such rows."""
     delimiters = sorted(CSV_DELIMITERS, key=lambda d: d != ("\t" if path.suffix.lower() == ".tsv" else ","))
     for delimiter in delimiters:
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-        columns = [name.strip() for name in reader.fieldnames or []]
-        lowered = [name.lower() for name in columns]  # `Video`, `Caption` too
+        rows = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+        lowered = [name.strip().lower() for name in next(rows, [])]  # `Video`, `Caption` too
         video = next((name for name in CSV_VIDEO_COLUMNS if name in lowered), None)
         caption = next((name for name in CSV_CAPTION_COLUMNS if name in lowered), None)
         if video is not None and caption is not None:
@@ -340,13 +343,25 @@ def _read_csv(captions: Captions, path: Path, text: str) -> str:
         raise UserError(f"{path}: a CSV caption file needs a video column ({', '.join(CSV_VIDEO_COLUMNS)}) and a "
                         f"caption column ({', '.join(CSV_CAPTION_COLUMNS)}), separated by commas, semicolons, tabs or "
                         f"pipes; its header has {printable(', '.join(c.strip() for c in first_row)) or 'no columns'}")
-    reader.fieldnames = lowered
-    for row in reader:
-        if not row.get(video):
-            _bad_line(captions, path, reader.line_num, "no video id")
+    at = {name: lowered.index(name) for name in (video, caption, CSV_SPLIT_COLUMN) if name in lowered}
+    joined = 0
+    for fields in rows:
+        if not fields:  # a blank line
             continue
-        _add(captions, row[video], [row.get(caption)])
-    return ", ".join(filter(None, ("CSV", CSV_DELIMITERS[delimiter])))
+        if (extra := len(fields) - len(lowered)) > 0:  # the caption's own separators, not quoted
+            c = at[caption]
+            fields = [*fields[:c], delimiter.join(fields[c : c + extra + 1]), *fields[c + extra + 1 :]]
+            joined += 1
+        row = {name: fields[i] if i < len(fields) else "" for name, i in at.items()}
+        if not row[video].strip():
+            _bad_line(captions, path, rows.line_num, "no video id")
+            continue
+        _add(captions, row[video], [row[caption]])
+        if row.get(CSV_SPLIT_COLUMN, "").strip():
+            captions.splits[row[video]] = row[CSV_SPLIT_COLUMN].strip()
+    separator = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}[delimiter]
+    note = f"{joined} caption(s) with an unquoted {separator} read whole" if joined else ""
+    return ", ".join(filter(None, ("CSV", CSV_DELIMITERS[delimiter], note)))
 
 
 SIDECAR_SUFFIX = ".txt"
