@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from test_pretrain import write_cache
+from vlpcache.cache.reader import RegionCache
+from vlpcache.cache.writer import ShardWriter
 from vlpcache.captions import read_captions
 from vlpcache.errors import UserError
 from vlpcache.model.data import find_caption_files, load_pretrain_data
@@ -374,8 +376,28 @@ def test_a_caption_naming_its_video_by_file_name_or_path_trains_and_validates_on
     assert trained_captions(data) == {"v0": ["a dog"], "v1": ["a cat"], "v2": ["a bird"], "v3": ["a fish", "the fish again"]}
     assert validation_captions(data) == {"v5": ["a horse"]}
     line = data.train_report.line()
-    assert "4 items with captions" in line and "1 captioned ids not in the cache(s)" in line  # v9.mp4
+    assert "4 items with captions" in line and "1 captioned ids not in the cache(s) (e.g. 'v9.mp4')" in line
     assert "4 caption ids name their video by file name or path (e.g. 'v0.mp4' for 'v0')" in line
+
+
+def test_a_caption_id_in_another_unicode_form_or_with_spaces_around_names_its_video(tmp_path):
+    """macOS writes file names decomposed (NFD: `e` and a combining accent), people type them composed;
+    a spreadsheet keeps the spaces typed around an id. Both name their video, said with an example."""
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFD", "clips/téléphone")
+    write_cache(tmp_path / "cache", 3, prefix="clips/v")  # clips/v0..v2
+    with ShardWriter(tmp_path / "cache", RegionCache(tmp_path / "cache").settings, writer_name="s0of2") as writer:
+        writer.add(decomposed, f"/data/{decomposed}.mp4", "video", RegionCache(tmp_path / "cache").get("clips/v0"))
+    csv = tmp_path / "train.csv"
+    csv.write_text("video,caption\n  clips/v1.mp4 ,a cat\nclips/téléphone.mp4,a phone rings\nclips/v2,a bird\n"
+                   "nowhere.mp4,not extracted\n")
+    data = load_pretrain_data([tmp_path / "cache"], [csv], None, workspace=Workspace(tmp_path / "ws"))
+    assert trained_captions(data) == {"clips/v1": ["a cat"], decomposed: ["a phone rings"], "clips/v2": ["a bird"]}
+    line = data.train_report.line()
+    assert "3 items with captions" in line and "1 captioned ids not in the cache(s) (e.g. 'nowhere.mp4')" in line
+    assert ("2 caption ids name their video in another Unicode form or with spaces around it (e.g. '  clips/v1.mp4 ' "
+            "for 'clips/v1')") in line
 
 
 def test_an_item_named_by_a_key_wins_over_a_shorter_tail_and_a_key_naming_none_stays():

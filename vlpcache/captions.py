@@ -28,6 +28,7 @@ import io
 import json
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -74,23 +75,26 @@ class Captions:
         matched those ways, and the keys that end several ids (left unmatched)."""
         ids = list(ids)
         known = set(ids)
-        by_id, splits, matches, tails = {}, {}, KeyMatches(), None
+        by_id, splits, matches, tails, forms = {}, {}, KeyMatches(), None, None
         for key, texts in self.by_id.items():
-            item = key if key in known else item_named_by(key, known)
+            item, how = (key, None) if key in known else (item_named_by(key, known), matches.by_path)
+            if item is None:  # in another Unicode form (macOS writes file names decomposed), or with spaces around
+                forms = forms or {_normal(item_id): item_id for item_id in ids}
+                named = forms.get(_normal(key)) or item_named_by(_normal(key), forms.keys())
+                item, how = forms.get(named, named), matches.by_form
             if item is None:
                 tails = tails or ItemTails(ids)  # in the caches' order, not a set's: the same example every run
                 item, several = tails.item_ending_in(key)
-                if item is not None:
-                    matches.by_tail.append((key, item))
-                elif several:
+                how = matches.by_tail
+                if several:
                     matches.ambiguous.append((key, several))
-            elif item != key:
-                matches.by_path.append((key, item))
+            if item is not None and how is not None:
+                how.append((key, item))
             item = item or key
             by_id.setdefault(item, []).extend(texts)
             if key in self.splits:
                 splits[item] = self.splits[key]
-        if not (matches.by_path or matches.by_tail):
+        if not (matches.by_path or matches.by_tail or matches.by_form):
             return self, matches
         return replace(self, by_id=by_id, splits=splits), matches
 
@@ -135,11 +139,13 @@ class KeyMatches:
     by_path: list[tuple[str, str]] = field(default_factory=list)  # (key, item id): a file name or path ending in the id
     by_tail: list[tuple[str, str]] = field(default_factory=list)  # (key, item id): the end of exactly one id
     ambiguous: list[tuple[str, list[str]]] = field(default_factory=list)  # (key, ids it ends): left unmatched
+    by_form: list[tuple[str, str]] = field(default_factory=list)  # (key, item id): the same in Unicode NFC, stripped
 
     def text(self) -> str:
         """", N caption ids name their video by ... (e.g. 'a.mp4' for 'a')" for each kind, or ""."""
         text = ""
-        for pairs, how in ((self.by_path, "by file name or path"), (self.by_tail, "by the end of its id")):
+        for pairs, how in ((self.by_path, "by file name or path"), (self.by_tail, "by the end of its id"),
+                           (self.by_form, "in another Unicode form or with spaces around it")):
             if pairs:
                 key, item = pairs[0]
                 one = len(pairs) == 1
@@ -193,7 +199,12 @@ def last_names(parts: list[str]) -> tuple[str, ...]:
     return (parts[-1], stem) if extension else (parts[-1],)
 
 
-def item_named_by(key: str, ids: set[str]) -> str | None:
+def _normal(text: str) -> str:
+    """A key or id as NFC (composed: `é` one character, as most keyboards type it) without the spaces around it."""
+    return unicodedata.normalize("NFC", text.strip())
+
+
+def item_named_by(key: str, ids) -> str | None:
     """The item id among `ids` that a caption key names as a file name or path: the longest tail of its
     path (`/` or `\\` separated), with or without the file's extension, that is an id; None if none is."""
     parts = key_parts(key)

@@ -27,6 +27,7 @@ from vlpcache.errors import UserError
 from vlpcache.model.batch import tokenize, video_batch
 from vlpcache.model.config import MAX_CAPTIONS_PER_VIDEO
 from vlpcache.model.text_features import TextFeatures
+from vlpcache.report import printable
 from vlpcache.workspace import Workspace
 
 CAPTION_SUFFIXES = (".jsonl", ".csv")
@@ -108,6 +109,7 @@ class CaptionReport:
     items_with_captions: int = 0
     items_without_captions: int = 0
     captions_without_items: int = 0
+    example_without_item: str = ""  # one captioned id no cached item has
     empty_captions: int = 0
     bad_lines_text: str = ""  # Captions.bad_lines_text(): ", N unreadable caption lines (the first: ...)"
     duplicate_ids: int = 0
@@ -120,7 +122,9 @@ class CaptionReport:
         text = (
             f"{self.items_with_captions} items with captions; {self.items_without_captions} items without captions"
             f"{validating}, "
-            f"{self.captions_without_items} captioned ids not in the cache(s), {self.empty_captions} empty or non-text captions"
+            f"{self.captions_without_items} captioned ids not in the cache(s)"
+            + (f" (e.g. {printable(self.example_without_item)!r})" if self.example_without_item else "")
+            + f", {self.empty_captions} empty or non-text captions"
         )
         text += self.bad_lines_text
         text += self.key_matches.text()
@@ -151,7 +155,8 @@ def match_captions(caches: list[RegionCache], captions: Captions) -> tuple[list[
                 report.items_without_captions += 1
         report.per_cache[str(cache.cache_dir)] = kept
     report.items_with_captions = len(samples)
-    report.captions_without_items = sum(1 for item_id in captions.by_id if item_id not in seen)
+    without = [item_id for item_id in captions.by_id if item_id not in seen]
+    report.captions_without_items, report.example_without_item = len(without), next(iter(without), "")
     return samples, report
 
 
