@@ -217,6 +217,44 @@ def test_an_item_found_damaged_is_listed_by_inspect_and_extracted_again_by_the_n
     assert "found damaged" not in capsys.readouterr().err
 
 
+def test_items_no_longer_under_the_roots_are_said_and_dropped_with_prune(tmp_path, msrvtt_dir, capsys):
+    """A file deleted, a folder renamed (its items under new ids: the old ids' files are gone), a failed
+    file deleted: extract says so, and search would still find them until `--prune` drops them (and
+    clears the failure). Items of another root, of a root that is not there, are never touched."""
+    from vlpcache.extract.runner import run_extract
+
+    folders = sorted((msrvtt_dir / "frames" / "val").iterdir())[:4]
+    for name, folder in zip(("a", "b", "old/c"), folders):
+        shutil.copytree(folder, tmp_path / "data" / name)
+    shutil.copytree(folders[3], tmp_path / "other" / "o")
+    (tmp_path / "data" / "broken.mp4").write_text("not a video")
+    cache = tmp_path / "cache"
+    run_extract([tmp_path / "data", tmp_path / "other"], cache_dir=cache, quiet=True)
+    assert sorted(RegionCache(cache).ids) == ["a", "b", "o", "old/c"] and list(RegionCache(cache).failures) == ["broken"]
+    shutil.rmtree(tmp_path / "data" / "a")
+    (tmp_path / "data" / "old").rename(tmp_path / "data" / "new")  # c's id is now new/c
+    (tmp_path / "data" / "broken.mp4").unlink()
+    capsys.readouterr()
+    run_extract([tmp_path / "data", tmp_path / "nowhere"], cache_dir=cache, quiet=True)
+    said = capsys.readouterr().err
+    assert (f"extract: 2 cached item(s) under these roots are no longer there (e.g. 'a': {tmp_path / 'data' / 'a'} is "
+            "gone) and 1 recorded failure(s) of files that are gone; search still finds them: add --prune to drop them "
+            "from the cache") in said
+    assert sorted(RegionCache(cache).ids) == ["a", "b", "new/c", "o", "old/c"]
+    run_extract([tmp_path / "data"], cache_dir=cache, quiet=True, prune=True)
+    said = capsys.readouterr().err
+    assert ("extract: dropped 2 cached item(s) under these roots are no longer there (e.g. 'a': "
+            f"{tmp_path / 'data' / 'a'} is gone) and 1 recorded failure(s) of files that are gone (--prune); "
+            "`vlpcache index` drops them from the index") in said
+    cached = RegionCache(cache)
+    assert sorted(cached.ids) == ["b", "new/c", "o"] and sorted(cached.removed) == ["a", "old/c"] and cached.failures == {}
+    run_extract([tmp_path / "data"], cache_dir=cache, quiet=True, prune=True)
+    assert "no longer there" not in capsys.readouterr().err
+    shutil.copytree(folders[0], tmp_path / "data" / "a")  # back: extracted again, as new
+    run_extract([tmp_path / "data"], cache_dir=cache, quiet=True)
+    assert "1 done" in capsys.readouterr().err and sorted(RegionCache(cache).ids) == ["a", "b", "new/c", "o"]
+
+
 def test_what_extract_redoes_follows_the_stamps_of_cached_failed_and_moved_files(tmp_path):
     from vlpcache.cache.schema import CacheSettings, empty_item
     from vlpcache.cache.writer import ShardWriter

@@ -808,6 +808,26 @@ def test_a_hit_found_damaged_is_shown_without_boxes_and_then_left_out_until_extr
     assert "v3" not in [hit["id"] for hit in result["results"]] and len(result["results"]) == ITEMS - 1
 
 
+def test_items_pruned_from_the_cache_leave_the_index_on_the_next_index_run(ws, monkeypatch, capsys):
+    from vlpcache.cache.reader import RegionCache
+
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    before = VideoIndex.load(the_index(ws))
+    cache = RegionCache(ws / "cache")
+    with ShardWriter(ws / "cache", cache.settings, writer_name="s0of2") as writer:  # as extract --prune records it
+        for item_id in ("v3", "v20"):
+            writer.record_removal(item_id, cache.row_of(item_id), cache.paths[cache.index_of(item_id)], "gone")
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0 and "2 indexed item(s) were dropped from the cache (extract --prune); dropping them" in err
+    assert f"up to date: {ITEMS - 2} items" in err and "not in the cache" not in err
+    after = VideoIndex.load(the_index(ws))
+    assert after.ids == [i for i in before.ids if i not in ("v3", "v20")]
+    kept = [before.ids.index(i) for i in after.ids]
+    assert np.array_equal(after.embeddings, before.embeddings[kept])  # nothing encoded again
+    [result] = search_json(monkeypatch, capsys, "a dog", "-k", ITEMS)
+    assert len(result["results"]) == ITEMS - 2
+
+
 def test_a_second_index_writer_waits_for_the_first_and_says_so(ws, monkeypatch, capsys):
     import threading
 

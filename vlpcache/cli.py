@@ -125,6 +125,8 @@ def backbone_help() -> str:
 @click.option("--shard", default=ExtractOptions.shard, show_default=True,
               help="Process only part i of n of the items (i/n), for many machines.")
 @click.option("--retry-failed", is_flag=True, help="Retry items recorded as failed in an earlier run.")
+@click.option("--prune", is_flag=True, help="Drop from the cache the items under ROOTS that are no longer there "
+                                             "(files deleted, renamed, no longer items), and their failure records.")
 @click.option("--items-per-shard", default=ExtractOptions.items_per_shard, show_default=True, type=click.IntRange(1),
               help=f"Items per shard file; a crash loses at most the shard in progress (also committed every "
                    f"{SHARD_SECONDS / 60:g} min).")

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from vlpcache.cache.schema import (COLLECTION_KEY, DAMAGED_DIR, FAILURE_DIR, MANIFEST_NAME, MOVES_DIR, PASSED_OVER_SUFFIX,
-                                   CacheSettings, shard_differences)
+                                   REMOVED_DIR, CacheSettings, shard_differences)
 from vlpcache.records import read_optional_json
 
 # what reading a damaged HDF5 file raises
@@ -47,8 +47,18 @@ def read_moves(cache_dir: Path) -> dict[str, list[dict]]:
 def read_damaged(cache_dir: Path) -> dict[tuple[str, int], dict]:
     """(shard key, row) -> the record of a row a read found damaged, {"id", "shard", "row", "reason",
     "time"}, over every reader's log."""
+    return _row_records(Path(cache_dir) / DAMAGED_DIR)
+
+
+def read_removed(cache_dir: Path) -> dict[tuple[str, int], dict]:
+    """(shard key, row) -> the record of a row `extract --prune` dropped, {"id", "shard", "row", "path",
+    "reason", "time"}, over every writer's log."""
+    return _row_records(Path(cache_dir) / REMOVED_DIR)
+
+
+def _row_records(folder: Path) -> dict[tuple[str, int], dict]:
     found = {}
-    for records in _records(Path(cache_dir) / DAMAGED_DIR).values():
+    for records in _records(folder).values():
         for record in records:
             if isinstance(record.get("shard"), str) and isinstance(record.get("row"), int):
                 found[record["shard"], record["row"]] = record

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import h5py
 import numpy as np
 
-from vlpcache.cache.manifest import (UNREADABLE, read_damaged, read_failures, read_manifest, read_moves,
+from vlpcache.cache.manifest import (UNREADABLE, read_damaged, read_failures, read_manifest, read_moves, read_removed,
                                      shard_file_differences)
 from vlpcache.cache.schema import COMMITTED_ATTR, DAMAGED_DIR, SHARD_DIR, SHARD_SUFFIX, CacheSettings
 from vlpcache.errors import UserError
@@ -152,16 +152,21 @@ class RegionCache:
                 else:
                     others.setdefault(i, []).append(found)
         damaged = {**read_damaged(self.cache_dir), **self._found_damaged}  # (shard key, row) -> record
+        removed = read_removed(self.cache_dir)  # rows of files no longer there, dropped by extract --prune
+        left_out = {**removed, **damaged}
 
         def key(row: _Row) -> tuple[str, int]:
             return self._shard_keys[row.location[0]], row.location[1]
 
-        current = [_current([row, *others.get(i, [])], lambda r: key(r) not in damaged) if i in others or damaged
+        current = [_current([row, *others.get(i, [])], lambda r: key(r) not in left_out) if i in others or left_out
                    else row for i, row in enumerate(rows)]
-        # items whose row was found damaged: id -> its record; left out until extract redoes them
-        self.damaged: dict[str, dict] = {
-            row.id: next(damaged[key(r)] for r in (row, *others.get(i, [])) if key(r) in damaged)
-            for i, (row, now) in enumerate(zip(rows, current)) if now is None}
+        # items whose current row was found damaged (left out until extract redoes them), or dropped: id -> record
+        self.damaged: dict[str, dict] = {}
+        self.removed: dict[str, dict] = {}
+        for i, (row, now) in enumerate(zip(rows, current)):
+            if now is None:
+                found = next(left_out[key(r)] for r in (row, *others.get(i, [])) if key(r) in left_out)
+                (self.damaged if (found["shard"], found["row"]) in damaged else self.removed)[row.id] = found
         rows = [row for row in current if row is not None]
         seen = {row.id: i for i, row in enumerate(rows)}
         for item_id, moves in read_moves(self.cache_dir).items():  # found at other paths since: the latest
@@ -262,6 +267,11 @@ class RegionCache:
     def shard_key_of(self, item_id: str) -> str:
         """The key (read_shards) of the shard the cache reads an item from."""
         return self._shard_keys[int(self._locations[self.index_of(item_id)][0])]
+
+    def row_of(self, item_id: str) -> tuple[str, int]:
+        """(shard key, row) of the row the cache reads an item from: what a damaged or removed record names."""
+        s, row = (int(x) for x in self._locations[self.index_of(item_id)])
+        return self._shard_keys[s], row
 
     def shard_of(self, item_id: str) -> str:
         """The name of the shard the cache reads an item from."""

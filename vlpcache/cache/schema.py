@@ -39,6 +39,7 @@ SHARD_DIR = "shards"
 FAILURE_DIR = "failures"
 MOVES_DIR = "moves"  # a cached item found under its id at another path, its old file gone: the reader's path is the new one
 DAMAGED_DIR = "damaged"  # rows found damaged by a read (a checksum failure): the reader leaves them out, extract redoes them
+REMOVED_DIR = "removed"  # rows of items whose files are no longer there, dropped by `extract --prune`: left out
 PASSED_OVER_SUFFIX = ".passed-over.json"  # failures/<writer>.passed-over.json: paths discovery left out
 LOCK_DIR = "locks"
 SHARD_SUFFIX = ".h5"

@@ -37,6 +37,7 @@ from vlpcache.cache.schema import (
     LOCK_DIR,
     MANIFEST_NAME,
     MOVES_DIR,
+    REMOVED_DIR,
     SHARD_DIR,
     SHARD_ITEMS,
     SHARD_SECONDS,
@@ -315,6 +316,11 @@ class ShardWriter:
     def record_move(self, item_id: str, before: str, path: str) -> None:
         """A cached item found at `path`, its file at `before` gone: the reader gives its new path."""
         self._log(MOVES_DIR, {"id": item_id, "from": before, "to": path})
+
+    def record_removal(self, item_id: str, row: tuple[str, int], path: str, reason: str) -> None:
+        """A cached item dropped (`extract --prune`: its file is no longer there): the reader leaves its row
+        (shard key, row) out."""
+        self._log(REMOVED_DIR, {"id": item_id, "shard": row[0], "row": row[1], "path": path, "reason": reason})
 
     def _log(self, folder: str, record: dict) -> None:
         path = self.cache_dir / folder / f"{self.writer_name}.jsonl"

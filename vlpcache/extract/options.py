@@ -36,6 +36,7 @@ class ExtractOptions:
     frame_folders: bool = True  # a folder of images only is one item, a video's frames (else each image is one)
     shard: str = "0/1"  # i/n: process only the i-th of n parts of the items
     retry_failed: bool = False  # retry items recorded as failed in an earlier run
+    prune: bool = False  # drop the cached items under the roots that are no longer there (and their failures)
     items_per_shard: int = SHARD_ITEMS
     score_threshold: float | None = None  # None: spec.default_score_threshold
     engine: str = "local"  # ENGINES

@@ -46,14 +46,20 @@ class Plan:
     redone: int = 0  # items whose cached row a read found damaged (the reader leaves it out): extracted again
     mended: list[tuple[str, str]] = field(default_factory=list)  # (id, path) of cached items recorded as failed
     # when their source had changed, whose source is again what the cache holds: the failure no longer holds
+    # cached items under the roots that discovery no longer finds: (id, path, why, its row), why "gone" (no file
+    # there) or "no longer an item" (there, but not an item with these options: a frames folder now photos)
+    gone: list[tuple[str, str, str, tuple[str, int]]] = field(default_factory=list)
+    gone_failures: list[tuple[str, str]] = field(default_factory=list)  # (id, path): failed, and the file gone
 
 
-def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary: ExtractSummary) -> Plan:
+def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary: ExtractSummary,
+                     roots: list[Path] = ()) -> Plan:
     """This shard's items that are not cached (or cached from a source that has changed since) and not
     (unless --retry-failed, or the file changed since it failed) recorded as failed; and the (path,
     reason) of each one passed over because an earlier extract cached its id from another file (a second
     batch of `0001.mp4`s), or its file under another id (`data` after `data/train`); and how many cached
-    ids came from files no longer there, taken to be these ones, moved."""
+    ids came from files no longer there, taken to be these ones, moved; and the cached items (and failed
+    ones) under the roots that are no longer found there (Plan.gone)."""
     shard_index, shard_count = options.shard_part()
     failed_before = cache.failures
     cached = {item_id: i for i, item_id in enumerate(cache.ids)}
@@ -102,7 +108,53 @@ def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary
                 plan.retried += 1
         else:
             plan.todo.append(item)
+    plan.gone, plan.gone_failures = no_longer_there(items, cache, failed_before, roots, shard_index, shard_count)
     return plan
+
+
+def no_longer_there(items, cache: RegionCache, failed: dict[str, dict], roots, shard_index: int, shard_count: int):
+    """(Plan.gone, Plan.gone_failures): this shard's cached items whose paths lie under one of the roots
+    that exist, and that discovery did not find; the failed ones whose file is gone. A root that is not
+    there (an unmounted disk) counts for nothing."""
+    under = tuple(os.path.normpath(os.path.abspath(root)) for root in roots if os.path.exists(root))
+    if not under:
+        return [], []
+    found = {item.id for item in items}
+    found_paths = {os.path.normpath(str(item.path)) for item in items}  # a cached file found under another id is there
+
+    def lost(item_id: str, path: str) -> bool:
+        path = os.path.normpath(path)
+        return (item_id not in found and path not in found_paths and shard_of(item_id, shard_count) == shard_index
+                and any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in under))
+
+    gone = [(item_id, path, "gone" if not os.path.lexists(path) else "no longer an item", cache.row_of(item_id))
+            for item_id, path in zip(cache.ids, cache.paths) if lost(item_id, path)]
+    failures = [(item_id, record["path"]) for item_id, record in failed.items()
+                if isinstance(record.get("path"), str) and lost(item_id, record["path"])
+                and not os.path.lexists(record["path"]) and item_id not in cache]
+    return gone, failures
+
+
+def prune(plan: Plan, writer: ShardWriter, dropping: bool) -> None:
+    """Say which cached items under the roots are no longer there; with --prune, drop them from the cache
+    (the reader leaves their rows out) and clear the failures of files that are gone."""
+    parts = []
+    if plan.gone:
+        item_id, path, why, _ = plan.gone[0]
+        parts.append(f"{len(plan.gone)} cached item(s) under these roots are no longer there (e.g. {printable(item_id)!r}: "
+                     f"{printable(path)} {'is gone' if why == 'gone' else 'is there but ' + why})")
+    if plan.gone_failures:
+        parts.append(f"{len(plan.gone_failures)} recorded failure(s) of files that are gone")
+    what = " and ".join(parts)
+    if not dropping:
+        say(f"extract: {what}; {'search still finds them' if plan.gone else 'inspect --failures lists them'}: add "
+            "--prune to drop them from the cache")
+        return
+    for item_id, path, why, row in plan.gone:
+        writer.record_removal(item_id, row, path, why)
+    for item_id, path in plan.gone_failures:
+        writer.clear_failure(item_id, path)
+    say(f"extract: dropped {what} (--prune)" + ("; `vlpcache index` drops them from the index" if plan.gone else ""))
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -179,7 +231,7 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     if items and (line := passed_over_line(others)):
         say(printable(line))
     passed_over = [(path, reason) for path, reason in problems if f"; {SKIPPED}" in reason]
-    if not items:
+    if not items and not options.prune:  # with --prune, a root emptied on purpose is pruned
         raise UserError(f"no videos, images or frame folders found under {', '.join(map(printable, roots))}: "
                         f"{printable(other_files(roots))}")
     workspace.remember_roots([r for r in roots if r.exists()])
@@ -197,7 +249,7 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     # of a killed run, its own and (named `<shard set>-ray-<actor>`) those of its Ray actors
     with ShardWriter(cache_dir, settings, writer_name=options.shard_set(), max_items=options.items_per_shard) as writer:
         cache = RegionCache(cache_dir, say_damaged=False)  # said below, with what extract does about them
-        plan = items_to_extract(items, cache, options, summary)
+        plan = items_to_extract(items, cache, options, summary, roots)
         cache.close()
         todo = plan.todo
         say_some(plan.clashes)
@@ -212,6 +264,8 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
                 f"(then `vlpcache index` indexes them anew)")
         if plan.retried:
             say(f"extract: {plan.retried} item(s) recorded as failed have changed on disk since; trying them again")
+        if plan.gone or plan.gone_failures:
+            prune(plan, writer, options.prune)
         if plan.redone:
             say(f"extract: {plan.redone} cached item(s) were found damaged by a read (a disk fault or a bad copy of their "
                 f"shard); extracting them again (then `vlpcache index` adds them back)")

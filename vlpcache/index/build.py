@@ -98,10 +98,17 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
             say(f"index {index_dir}: {len(again)} indexed item(s) were extracted again since they were indexed (their "
                 "sources changed); indexing them anew")
             index = index.without(set(again), config)  # the query bank is made again below: its rows moved
+        if dropped := [item_id for item_id in cache.removed if index is not None and item_id in index]:
+            say(f"index {index_dir}: {len(dropped)} indexed item(s) were dropped from the cache (extract --prune); "
+                "dropping them from the index")
+            index = index.without(set(dropped), config)
         rows = [r for r, item_id in enumerate(cache.ids) if index is None or item_id not in index]
         if index is not None and index.regions is None:  # made by an older vlpcache: re-rank needs regions
             rows, index = list(range(len(cache))), None
         if index is not None and not rows:
+            if dropped:
+                index.meta.cache_shards = list(cache.read_shards)
+                save_index(index, index_dir)
             parts.remove()  # left by a run killed after its index was written
             export_for_search(run, index_dir, say)
             update_query_bank(run, index, index_dir, 0, qbnorm, device, batch_size, progress, say)
