@@ -404,7 +404,7 @@ MUTANTS += [
            "        elif item.id in cache.damaged:", "        elif False:",
            "tests/test_extract.py -k found_damaged", "extract redoes an item found damaged"),
     mutant("inspect-damaged-items-not-listed", "vlpcache/cache/inspect.py",
-           "summary[\"found_damaged_items\"] = list(cache.damaged.values())", "summary[\"found_damaged_items\"] = []",
+           "summary[\"unreadable_items\"] = list(cache.damaged.values())", "summary[\"unreadable_items\"] = []",
            "tests/test_extract.py -k found_damaged", "inspect --failures lists the items found damaged"),
     # ------------------------------------------------ stop 44: what a first day with one's own data found
     mutant("extract-gone-items-unsaid", "vlpcache/extract/runner.py",

@@ -368,10 +368,80 @@ def test_a_damaged_chunk_fails_to_read_with_one_line_naming_shard_and_item_inste
         cache.get("b", ("boxes",))  # found damaged: the whole row, from then on
     with pytest.raises(DamagedShard, match="item 'c' cannot be read"):
         cache.read(2)
-    with pytest.raises(DamagedShard, match="its 'labels' cannot be read"):
-        region_counts(cache)
+    assert region_counts(cache)["frames"] == 2  # a's: the totals read b and c row by row, and neither reads
     with pytest.raises(DamagedShard, match="its 'features' cannot be read"):
         cache.column("features")
+
+
+def test_damage_the_checksum_misses_is_caught_by_its_values_and_extract_never_writes_them(tmp_path):
+    """fletcher32 adds 16-bit words modulo 65535, so a word of zeros turned to ones (a flipped run of bits,
+    a sector of 0xFF) passes it: a box of 0.0 then reads as NaN, which would make every loss of a training
+    run NaN. extract never writes a NaN or an infinity (an item whose detector gives one fails), so a
+    reader takes one for damage, recorded as any."""
+    from vlpcache.cache.reader import DamagedShard
+    from vlpcache.extract.mapper import RegionItem
+    from vlpcache.extract.reader import DecodedItem
+    from vlpcache.extract.sources import Item
+
+    with ShardWriter(tmp_path, SETTINGS) as writer:
+        for i, item_id in enumerate(["a", "b"]):
+            item = random_item(i)
+            item["boxes"][:] = [0.0, 0.0, 1.0, 1.0]  # whole frames: the first words are zeros
+            writer.add(item_id, f"/data/{item_id}.mp4", "video", item)
+    (shard,) = (tmp_path / SHARD_DIR).glob("*.h5")
+    damage_chunk(shard, "boxes", 1)
+    with h5py.File(shard, "r") as f:
+        assert np.isnan(f["boxes"][1]).any()  # read without complaint: the checksum passed
+    with pytest.raises(DamagedShard, match=r"item 'b' cannot be read \(its 'boxes' hold values that are not numbers\)"):
+        RegionCache(tmp_path).get("b")
+    assert RegionCache(tmp_path, say=lambda line: None).ids == ["a"]
+
+    arrays = random_item(0)
+    arrays["features"][0, 0, 0] = np.inf
+    failed = RegionItem(DecodedItem(Item("v", Path("/v.mp4"), "video"), None), arrays)
+    assert failed.arrays is None and failed.error == ("the detector gave values that are not numbers (NaN or infinity) "
+                                                      "for its features")
+    assert RegionItem(DecodedItem(Item("v", Path("/v.mp4"), "video"), None), random_item(0)).error is None
+
+
+def test_many_items_found_damaged_are_said_in_a_few_lines_and_all_recorded(tmp_path):
+    """One damaged chunk of a per-item scalar holds 256 rows: not 256 lines."""
+    from vlpcache.cache.reader import DAMAGE_LINES, BlankWhenDamaged
+
+    ids = [f"v{i}" for i in range(DAMAGE_LINES + 3)]
+    write_items(tmp_path, ids)
+    (shard,) = (tmp_path / SHARD_DIR).glob("*.h5")
+    for row in range(len(ids)):
+        damage_chunk(shard, "features", row)
+    lines = []
+    readable = BlankWhenDamaged(RegionCache(tmp_path), "read as a blank", say=lines.append)
+    blanks = [readable[i] for i in range(len(ids))]
+    assert all(not item["frame_mask"].any() for item in blanks) and len(readable.damaged) == len(ids)
+    assert [line.split(": ")[1].split(" (")[0] for line in lines[:DAMAGE_LINES]] == [
+        f"item {i!r} cannot be read" for i in ids[:DAMAGE_LINES]]
+    assert lines[DAMAGE_LINES:] == [f"(items found damaged after these {DAMAGE_LINES} are recorded without a line each; "
+                                    "`vlpcache inspect --failures` lists them all)"]
+    assert sorted(RegionCache(tmp_path, say=lambda line: None).damaged) == sorted(ids)
+
+
+def test_inspect_counts_around_rows_that_do_not_read_and_lists_them(tmp_path, capsys):
+    """Totals read whole columns of a shard; one damaged row (a label chunk, a note, which has no checksum
+    of its own but whose reference breaks) must not stop inspect for good: the other rows are counted, the
+    damaged ones recorded and listed, and the next inspect says the same."""
+    from vlpcache.cache.inspect import inspect_cache
+
+    write_items(tmp_path, ["a", "b", "c"])
+    (shard,) = (tmp_path / SHARD_DIR).glob("*.h5")
+    damage_chunk(shard, "labels", 1)
+    damage_chunk(shard, "notes", 0)
+    for _ in range(2):
+        inspect_cache(tmp_path, list_failures=True)
+        out = capsys.readouterr().out
+        assert "items       1  (video: 1)" in out, out
+        assert "unreadable  2 item(s) whose cached row a read found damaged" in out
+        assert f"unreadable  a: row 0 of {shard.name} does not read (" in out
+        assert f"unreadable  b: row 1 of {shard.name} does not read (" in out
+    assert RegionCache(tmp_path, say=lambda line: None).ids == ["c"]
 
 
 def test_an_item_found_damaged_is_left_out_by_every_reader_from_then_on(tmp_path):

@@ -202,7 +202,7 @@ def test_an_item_found_damaged_is_listed_by_inspect_and_extracted_again_by_the_n
     with pytest.raises(DamagedShard):
         RegionCache(cache).get("a")  # as training, index or search would find it: recorded
     listed = vlpcache("inspect", cache, "--failures", cwd=tmp_path).stdout
-    assert f"damaged     a: row 0 of {shard.name} does not read (" in listed and "extract redoes it" in listed
+    assert f"unreadable  a: row 0 of {shard.name} does not read (" in listed and "extract redoes it" in listed
     capsys.readouterr()
     run_extract([tmp_path / "data"], cache_dir=cache, quiet=True)
     said = capsys.readouterr().err

@@ -795,10 +795,10 @@ def test_a_hit_found_damaged_is_shown_without_boxes_and_then_left_out_until_extr
     searcher = Searcher()  # as the page's server: a search, then the frames of a hit
     hits = searcher.search("a dog", ITEMS)
     [hit] = [hit for hit in hits if hit.id == "v3"]
-    assert hit.note == UNREADABLE_HIT and hit.regions == [] and hit.path.endswith("v3.mp4")
+    assert hit.outdated == UNREADABLE_HIT and hit.note == "" and hit.regions == [] and hit.path.endswith("v3.mp4")
     assert all(h.regions for h in hits if h.id != "v3")
     item = searcher.item("v3")
-    assert item["note"] == UNREADABLE_HIT and not item["frame_mask"].any() and item["path"] == hit.path
+    assert item["unreadable"] == UNREADABLE_HIT and not item["frame_mask"].any() and item["path"] == hit.path
     records = [line for log in (ws / "cache" / "damaged").glob("*.jsonl") for line in log.read_text().splitlines()]
     assert len(records) == 1  # found once, not read (and recorded) again
     code, _, err = vlpcache(monkeypatch, capsys, "index")

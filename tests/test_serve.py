@@ -295,6 +295,22 @@ def test_a_source_changed_since_extract_gives_a_placeholder_until_extracted_and_
         np.testing.assert_allclose(regions[0][mask[0]], video.regions[row][video.region_mask[row]].numpy(), atol=2e-3)
 
 
+def test_a_hit_whose_cached_row_does_not_read_gets_its_reason_and_a_placeholder_not_a_broken_picture(ws):
+    from broken_media import damage_chunk
+    from vlpcache.index.search import UNREADABLE_HIT
+
+    client, searcher = client_for(ws)
+    shard = searcher.cache.shard_paths[0]
+    damage_chunk(shard, "boxes", searcher.cache.row_of("v3")[1])
+    [hit] = [h for h in client.get("/api/search", params={"q": "a dog", "k": 100}).json()["results"] if h["id"] == "v3"]
+    assert hit["outdated"] == UNREADABLE_HIT and hit["regions"] == []
+    item = client.get("/api/item", params={"id": "v3"}).json()
+    assert item["unreadable"] == UNREADABLE_HIT and item["frames"] == [] and item["note"] == ""
+    frame = client.get("/media/frame", params={"id": "v3", "t": hit["frame"]})
+    assert frame.status_code == 200 and frame.headers["content-type"] == "image/jpeg"
+    assert frame.headers["x-vlpcache-placeholder"] == "its cached row cannot be read"
+
+
 def test_missing_source_gives_a_placeholder_of_the_frames_shape_not_an_error(api):
     response = api.get("/media/frame", params={"id": f"v{MISSING}", "t": 0})
     assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"

@@ -58,7 +58,7 @@ def cache_summary(cache: RegionCache) -> dict:
         "failures": len(failures),
         "failure_reasons": dict(reasons.most_common(10)),
         "kept_with_problems": len(cache.notes),
-        "found_damaged": len(cache.damaged),
+        "unreadable": len(cache.damaged),  # items whose cached row a read found damaged
         "passed_over": len(read_passed_over(cache.cache_dir)),
         "frames": frames,
         "mean_regions_per_frame": round(regions / frames, 2) if frames else 0.0,
@@ -87,9 +87,9 @@ def print_summary(summary: dict) -> None:
             "  (" + "; ".join(f"{v}x {k}" for k, v in summary["failure_reasons"].items()) + ")" if summary["failures"] else ""),
         *([f"noted       {summary['kept_with_problems']} item(s) kept with a note (some frames unreadable, data "
            "truncated, photos in a frames folder, ...); --failures lists them"] if summary["kept_with_problems"] else []),
-        *([f"damaged     {summary['found_damaged']} item(s) whose cached row a read found damaged (a disk fault or a bad "
+        *([f"unreadable  {summary['unreadable']} item(s) whose cached row a read found damaged (a disk fault or a bad "
            "copy) are left out; `vlpcache extract` extracts them again; --failures lists them"]
-          if summary.get("found_damaged") else []),
+          if summary.get("unreadable") else []),
         *([f"passed over {summary['passed_over']} path(s) left out when looking for media (a broken link, an "
            "unreadable folder, a duplicate id, ...); --failures lists them"] if summary["passed_over"] else []),
         f"shape       T={summary['T']} frames, N={summary['N']} regions (incl. whole frame), D={summary['D']}",
@@ -122,11 +122,14 @@ def inspect_cache(cache_dir=None, as_json=False, list_failures=False) -> None:
     """The `vlpcache inspect` command: the summary on stdout, as text or JSON."""
     cache = RegionCache(cache_dir or Workspace().cache_dir, say=silent)  # the summary lists left-out shards
     summary = cache_summary(cache)
+    if cache.found_damage_since_listed():  # rows that do not read, met while counting: counted again without them
+        cache.refresh()
+        summary = cache_summary(cache)
     if list_failures:
         summary["failed_items"] = list(cache.failures.values())
         summary["damaged_items"] = [{"id": item_id, "path": cache.paths[cache.index_of(item_id)], "note": note}
                                     for item_id, note in cache.notes.items()]
-        summary["found_damaged_items"] = list(cache.damaged.values())
+        summary["unreadable_items"] = list(cache.damaged.values())
         summary["passed_over_paths"] = sorted(read_passed_over(cache.cache_dir).values(), key=lambda r: r["path"])
     if as_json:
         print(json.dumps(summary, indent=2, ensure_ascii=False))
@@ -136,8 +139,8 @@ def inspect_cache(cache_dir=None, as_json=False, list_failures=False) -> None:
         print(f"failed      {printable(record['path'])}: {printable(record['reason'])}")
     for record in summary.get("damaged_items", []):
         print(f"noted       {printable(record['path'])}: {printable(record['note'])}")
-    for record in summary.get("found_damaged_items", []):
-        print(f"damaged     {printable(record['id'])}: row {record['row']} of {record['shard'].split('@')[0]} does not read "
+    for record in summary.get("unreadable_items", []):
+        print(f"unreadable  {printable(record['id'])}: row {record['row']} of {record['shard'].split('@')[0]} does not read "
               f"({printable(str(record.get('reason', '')))}); extract redoes it")
     for record in summary.get("passed_over_paths", []):
         print(f"passed over {printable(record['path'])}: {printable(record['reason'])}")  # stored printable already

@@ -34,13 +34,24 @@ import numpy as np
 
 from vlpcache.cache.manifest import (UNREADABLE, read_damaged, read_failures, read_manifest, read_moves, read_removed,
                                      shard_file_differences)
-from vlpcache.cache.schema import COMMITTED_ATTR, DAMAGED_DIR, SHARD_DIR, SHARD_SUFFIX, CacheSettings
+from vlpcache.cache.schema import COMMITTED_ATTR, DAMAGED_DIR, SHARD_DIR, SHARD_SUFFIX, CacheSettings, not_finite
 from vlpcache.errors import UserError
 from vlpcache.files import folder_bytes
 from vlpcache.report import Say, say
 
 
 _reported: set[tuple[Path, str]] = set()  # shard problems already reported in this process
+DAMAGE_LINES = 5  # items found damaged said in a line each, by one reader (a damaged chunk of 256 rows is 256 items)
+
+
+def say_damage(line: str, count: int, say: Say = say) -> None:
+    """Say that an item was found damaged, the `count`-th a reader found: the first DAMAGE_LINES in a line
+    each, then one line that the rest are recorded without one."""
+    if count <= DAMAGE_LINES:
+        say(line)
+    if count == DAMAGE_LINES:
+        say(f"(items found damaged after these {DAMAGE_LINES} are recorded without a line each; `vlpcache inspect "
+            "--failures` lists them all)")
 
 
 class DamagedShard(UserError):
@@ -217,11 +228,16 @@ class RegionCache:
     def notes(self) -> dict[str, str]:
         """Items kept despite problems (a truncated video, unreadable frames in a folder): id -> what went
         wrong, as extract reported it. Shards written before notes were kept have none."""
-        by_shard = {}
+        by_shard, notes = {}, {}
         for s in np.unique(self._locations[:, 0]):
-            f = self._shard(int(s))
-            by_shard[int(s)] = _decode(self._whole(int(s), "notes")) if "notes" in f else None
-        notes = {}
+            try:
+                by_shard[int(s)] = _decode(self._whole(int(s), "notes")) if "notes" in self._shard(int(s)) else None
+            except DamagedShard:  # a row of them does not read (strings carry no checksum): one by one
+                by_shard[int(s)] = None
+                for index in np.flatnonzero(self._locations[:, 0] == s):
+                    with contextlib.suppress(DamagedShard):
+                        if note := self.note_of(self.ids[index]):
+                            notes[self.ids[index]] = note
         for item_id, (s, row) in zip(self.ids, self._locations.tolist()):
             if by_shard[s] is not None and (note := by_shard[s][row]):
                 notes[item_id] = note
@@ -233,8 +249,11 @@ class RegionCache:
         notes = self._shard_datasets(int(s)).get("notes")
         if notes is None:
             return ""
-        with reading(self.shard_paths[int(s)], f"the note of {item_id!r}"):
-            return _decode([notes[row]])[0]
+        try:
+            with reading(self.shard_paths[int(s)], f"the note of {item_id!r}"):
+                return _decode([notes[row]])[0]
+        except DamagedShard as err:
+            raise self._damaged_row(self.index_of(item_id), err.reason) from None
 
     @property
     def failures(self) -> dict[str, dict]:
@@ -267,6 +286,11 @@ class RegionCache:
     def shard_key_of(self, item_id: str) -> str:
         """The key (read_shards) of the shard the cache reads an item from."""
         return self._shard_keys[int(self._locations[self.index_of(item_id)][0])]
+
+    def found_damage_since_listed(self) -> bool:
+        """Whether a read found a row of an item the listing holds damaged (refresh() leaves it out)."""
+        return any(record["id"] in self._index_of and self.row_of(record["id"]) == key
+                   for key, record in self._found_damaged.items())
 
     def row_of(self, item_id: str) -> tuple[str, int]:
         """(shard key, row) of the row the cache reads an item from: what a damaged or removed record names."""
@@ -322,6 +346,8 @@ class RegionCache:
                 item = {name: datasets[name][row] for name in (names or self._array_names)}
         except DamagedShard as err:
             raise self._damaged_row(index, err.reason) from None
+        if name := not_finite(item):
+            raise self._damaged_row(index, f"its {name!r} hold values that are not numbers") from None
         item["id"], item["path"], item["kind"] = self.ids[index], self.paths[index], self.kinds[index]
         item["source"] = self.sources[index]
         return item
@@ -367,10 +393,25 @@ class RegionCache:
         """For each shard the cache reads, {name: array of its videos' rows}, one shard at a time: for
         totals over a cache of millions of videos in the memory of one shard (a row that another shard
         holds too is counted where the cache takes it from, as everywhere else)."""
-        by_shard = self._locations[np.argsort(self._locations[:, 0], kind="stable")]  # (V, 2) shard, row
+        order = np.argsort(self._locations[:, 0], kind="stable")  # the items, shard by shard
+        by_shard = self._locations[order]  # (V, 2) shard, row
         shards, starts = np.unique(by_shard[:, 0], return_index=True)
-        for s, rows in zip(shards, np.split(by_shard[:, 1], starts[1:])):
-            yield {name: self._whole(int(s), name)[rows] for name in names}
+        for s, rows, items in zip(shards, np.split(by_shard[:, 1], starts[1:]), np.split(order, starts[1:])):
+            try:
+                yield {name: self._whole(int(s), name)[rows] for name in names}
+            except DamagedShard:  # a row of the shard does not read (one the cache reads, or one it left out)
+                yield self._sound_rows(items, names)
+
+    def _sound_rows(self, items, names: tuple[str, ...]) -> dict:
+        """{name: array} of these items read one by one, those that do not read left out (and recorded, as any
+        read of a damaged row is)."""
+        kept = []
+        for index in items:
+            with contextlib.suppress(DamagedShard):
+                kept.append(self.read(int(index), names))
+        specs = {spec.name: spec for spec in self.settings.arrays()}
+        return {name: np.stack([item[name] for item in kept]) if kept else
+                np.zeros((0, *self.settings.shape_of(specs[name])), dtype=specs[name].dtype) for name in names}
 
     def column(self, name: str) -> np.ndarray:
         """One array for every video in cache order, read a shard at a time (e.g. "frame_mask")."""
@@ -426,5 +467,5 @@ class BlankWhenDamaged:
                 return self.cache[r]
             except DamagedShard as err:
                 self.damaged.add(r)
-                self.say(f"{err}; {self.then}")
+                say_damage(f"{err}; {self.then}", len(self.damaged), self.say)
         return self.cache.blank(r)

@@ -31,6 +31,14 @@ SCHEMA_CHANGES = {
        "(schema 1 sampled it with a 2x2 RoIAlign)",
 }
 
+def not_finite(arrays: dict) -> str:
+    """The name of the first floating array holding a NaN or an infinity, "" when none does: extract never
+    writes one, so a reader takes one for damage the chunk checksum missed (fletcher32 cannot tell a 16-bit
+    word of zeros from one of ones)."""
+    return next((name for name, a in arrays.items()
+                 if isinstance(a, np.ndarray) and a.dtype.kind == "f" and not np.isfinite(a).all()), "")
+
+
 MANIFEST_NAME = "manifest.json"
 # manifest.json's random id of the collection, drawn when the cache is created (not a setting: CacheSettings
 # leaves it out): a copy or a move of the cache is the same collection, a cache extracted elsewhere another

@@ -8,7 +8,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from vlpcache.cache.schema import CacheSettings, empty_item
+from vlpcache.cache.schema import CacheSettings, empty_item, not_finite
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.extract.reader import DecodedItem
 from vlpcache.extract.detectors.regions import Detector, pack_frame_regions
@@ -19,6 +19,10 @@ class RegionItem:
     decoded: DecodedItem
     arrays: dict[str, np.ndarray] | None  # schema.ARRAYS for one video; None when it failed
     error: str | None = None
+
+    def __post_init__(self):
+        if self.arrays is not None and (name := not_finite(self.arrays)):  # never cached: a reader takes it for damage
+            self.arrays, self.error = None, f"the detector gave values that are not numbers (NaN or infinity) for its {name}"
 
     @property
     def note(self) -> str:

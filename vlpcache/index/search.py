@@ -44,9 +44,9 @@ HIT_ARRAYS = ("labels", "boxes", "timestamps")
 # a hit extracted again since it was indexed (shown without matched regions: the index's are the old rows')
 EXTRACTED_AGAIN = ("extracted again since it was indexed (its source changed): found by its old content, its regions "
                    "not shown; run `vlpcache index` to index it anew")
-# a hit whose cached boxes do not read (the reader recorded it: extract redoes it, and search then leaves it out)
-UNREADABLE_HIT = ("its cached boxes cannot be read, the cache's shard is damaged (a disk fault or a bad copy): shown "
-                  "without them; recorded in the cache, the next `vlpcache extract` extracts it again")
+# a hit whose cached row does not read (the reader recorded it: extract redoes it, and search then leaves it out)
+UNREADABLE_HIT = ("its cached regions cannot be read (the cache's shard is damaged: a disk fault or a bad copy), so none "
+                  "are shown; recorded in the cache: the next `vlpcache extract` extracts it again")
 
 
 @dataclass
@@ -71,7 +71,9 @@ class Hit:
     regions: list[RegionHit] = field(default_factory=list)
     frame: int | None = None  # index of the best-matching frame among the item's sampled frames
     note: str = ""  # what went wrong decoding the item, kept anyway (e.g. a truncated video); "" for most
-    outdated: str = ""  # why the hit is found by an older extraction of the item, its regions not shown; "" for most
+    # why its regions are not shown: it is found by an older extraction of the item, or its cached row does not
+    # read (UNREADABLE_HIT); "" for most
+    outdated: str = ""
 
 
 @dataclass
@@ -250,14 +252,14 @@ class Searcher:
         for rank, row in enumerate(ranking.rows, 1):
             j = rank - 1
             item_id = self.index.ids[row]
+            outdated = EXTRACTED_AGAIN if item_id in self.extracted_again else ""
             try:
                 item, note = self.cache.get(item_id, HIT_ARRAYS), self.cache.note_of(item_id)
             except DamagedShard:
-                item, note = self.cache.blank(self.cache.index_of(item_id)), UNREADABLE_HIT
+                item, note, outdated = self.cache.blank(self.cache.index_of(item_id)), "", UNREADABLE_HIT
             N = item["labels"].shape[1]
             alignment = align(ranking.attention[j], query.word_mask[0], query.tokens, ranking.positions[j], N)
-            outdated = EXTRACTED_AGAIN if item_id in self.extracted_again else ""
-            if outdated or note == UNREADABLE_HIT:
+            if outdated:
                 alignment = Alignment(0, [])
             matched, names = [], region_names(self.cache.settings.detector)
             for match in alignment.words:
@@ -291,7 +293,7 @@ class Searcher:
                 return {**self.cache.get(item_id, shown), "note": self.cache.note_of(item_id)}
             except DamagedShard:  # no frames to show
                 blank = self.cache.blank(self.cache.index_of(item_id))
-                return {**{k: v for k, v in blank.items() if k != "features"}, "note": UNREADABLE_HIT}
+                return {**{k: v for k, v in blank.items() if k != "features"}, "note": "", "unreadable": UNREADABLE_HIT}
 
     def export(self, path) -> list[Path]:
         """Write the indexed embeddings and their ids for other tools (see index/export.py); the files written."""

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from vlpcache import __version__
+from vlpcache.cache.reader import say_damage
 from vlpcache.devices import resolve_device
 from vlpcache.errors import Interrupted, UserError
 from vlpcache.files import replace_atomically
@@ -575,7 +576,7 @@ def say_damaged(found: list[tuple[int, str]], dataset: CaptionedRegions) -> None
         dataset.damaged.add(sample)
         if sample not in dataset.reported:
             dataset.reported.add(sample)
-            say(f"{line}; training takes another item in its place")  # from every process: each reads its own items
+            say_damage(f"{line}; training takes another item in its place", len(dataset.reported))  # each process its own
 
 
 def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, processes: Processes, tensorboard) -> dict:

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from vlpcache.cache.labels import RegionNames, region_names
 from vlpcache.errors import UserError
 from vlpcache.index.search import Searcher, hits_json
-from vlpcache.serve.thumbnails import ThumbnailStore
+from vlpcache.serve.thumbnails import ThumbnailStore, placeholder_jpeg
 
 MAX_QUERY_CHARS = 200  # longer than any text the query model reads (it truncates at max_words tokens)
 MAX_K = 100
@@ -81,6 +81,9 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
     def frame(request: Request) -> Response:
         cached = _indexed_item(searcher, request)
         t = _int_param(request, "t", None, 0, MAX_FRAMES)
+        if cached.get("unreadable"):  # its row does not read: which frames it has is not known
+            return Response(placeholder_jpeg(3, 4, thumbnails.side), media_type="image/jpeg",
+                            headers={"cache-control": "no-store", "x-vlpcache-placeholder": "its cached row cannot be read"})
         if t >= len(cached["frame_mask"]) or not cached["frame_mask"][t]:
             raise ApiError(404, f"item {cached['id']!r} has no sampled frame {t}")
         picture = thumbnails.get(cached, t)
@@ -118,7 +121,7 @@ def item_frames(cached: dict, names: RegionNames) -> dict:
                                 "box": [round(float(v), 3) for v in cached["boxes"][t, n]]})
         frames.append({"frame": t, "time": round(float(cached["timestamps"][t]), 2), "regions": regions})
     return {"id": cached["id"], "path": cached["path"], "kind": cached["kind"], "note": cached.get("note", ""),
-            "frames": frames}
+            "unreadable": cached.get("unreadable", ""), "frames": frames}
 
 
 # ---------------------------------------------------------------- request parameters

@@ -140,9 +140,10 @@ function drawMatches(picture, regions, frame) {
   }
 }
 
-// the note of an item kept anyway (a truncated video, unreadable frames, photos in a frames folder), as extract said
+// the note of an item kept anyway (a truncated video, unreadable frames, photos in a frames folder), as extract said;
+// or why its cached row cannot be read
 function noted(item) {
-  return item.note ? ` · kept with a note: ${item.note}` : "";
+  return (item.note ? ` · kept with a note: ${item.note}` : "") + (item.unreadable ? ` · ${item.unreadable}` : "");
 }
 
 function card(hit) {
