@@ -99,6 +99,11 @@ def test_a_candidate_found_damaged_counts_as_a_video_without_frames_said_in_one_
         text = run.model.encode_text(*tokenize(run.tokenizer, [captions[i][0] for i in ids], run.config.max_words)).global_
     results = json.loads(out)
     assert results["text_to_video"] == pytest.approx(retrieval_metrics((text @ video.T).numpy(), np.arange(len(ids))))
+    code, out, err = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl", "--rerank-candidates", "0",
+                              "--json")  # recorded by now: the cache leaves v17 out, eval keeps it a candidate
+    assert code == 0 and "8 captioned videos of 23 cached" in err
+    assert "1 of them found damaged, counted as videos without frames" in err and "cannot be read" not in err
+    assert json.loads(out)["text_to_video"] == results["text_to_video"]
 
 
 def test_split_evaluates_the_videos_of_one_split_of_a_file_that_has_several(root, ws, monkeypatch, capsys, tmp_path):

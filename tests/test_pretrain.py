@@ -566,6 +566,8 @@ def test_items_found_damaged_in_a_loading_worker_and_in_validation_are_said_once
     assert again.returncode == 0 and again.stderr.strip().splitlines() == [
         f"{cache}: 2 item(s) found damaged by an earlier read (e.g. 'v19', row 3 of {shard.name}) are left out until "
         "`vlpcache extract` extracts them again"], again.stderr
+    log = [json.loads(line) for line in (tmp_path / "run2" / "log.jsonl").read_text().splitlines()]
+    assert all(r["val"]["candidates"] == 8 for r in log)  # v41 still one, without frames: the same set as before
 
 
 def test_a_run_being_trained_refuses_a_second_pretrain_until_its_trainer_dies_then_resumes(

@@ -355,13 +355,16 @@ class RegionCache:
     def get(self, item_id: str, names: tuple[str, ...] | None = None) -> dict:
         return self.read(self.index_of(item_id), names)
 
-    def blank(self, index: int) -> dict:
-        """Item `index` as read, with no frame and no region: zeros, every mask False (for an item whose
-        row is damaged, where its place must be kept)."""
-        item = {spec.name: np.zeros(self.settings.shape_of(spec), dtype=spec.dtype) for spec in self.settings.arrays()}
-        item["id"], item["path"], item["kind"] = self.ids[index], self.paths[index], self.kinds[index]
-        item["source"] = self.sources[index]
-        return item
+    def blank(self, item: int | str) -> dict:
+        """An item as read (by index, or by id: one the cache holds or left out as damaged), with no frame
+        and no region: zeros, every mask False (for an item whose row is damaged, where its place must be
+        kept)."""
+        blank = {spec.name: np.zeros(self.settings.shape_of(spec), dtype=spec.dtype) for spec in self.settings.arrays()}
+        if isinstance(item, str) and item in self.damaged:
+            return {**blank, "id": item, "path": "", "kind": "", "source": ""}
+        index = self.index_of(item) if isinstance(item, str) else item
+        return {**blank, "id": self.ids[index], "path": self.paths[index], "kind": self.kinds[index],
+                "source": self.sources[index]}
 
     def _damaged_row(self, index: int, reason: str) -> DamagedShard:
         """Record that item `index`'s row does not read, in this reader and in the cache's log (where it can
@@ -452,8 +455,9 @@ class RegionCache:
 
 
 class BlankWhenDamaged:
-    """cache[r], where an item whose row is found damaged reads as a blank (RegionCache.blank): its row
-    kept in `damaged`, its line said once with `then`, what the command does about it, at its end."""
+    """cache[r] (an index, or an id, which may be one the cache left out as damaged), where an item whose
+    row is found damaged reads as a blank (RegionCache.blank): its row kept in `damaged`, its line said once
+    with `then`, what the command does about it, at its end."""
 
     def __init__(self, cache: RegionCache, then: str, say: Say = say):
         self.cache = cache
@@ -461,7 +465,11 @@ class BlankWhenDamaged:
         self.say = say
         self.damaged: set[int] = set()
 
-    def __getitem__(self, r: int) -> dict:
+    def __getitem__(self, r: int | str) -> dict:
+        if isinstance(r, str):
+            if r in self.cache.damaged:  # found so before (its line said when the cache was listed)
+                return self.cache.blank(r)
+            r = self.cache.index_of(r)
         if r not in self.damaged:
             try:
                 return self.cache[r]

@@ -96,7 +96,7 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
         again = extracted_again(index, cache) if index is not None else []
         if again:
             say(f"index {index_dir}: {len(again)} indexed item(s) were extracted again since they were indexed (their "
-                "sources changed); indexing them anew")
+                "sources changed, or their rows were found damaged); indexing them anew")
             index = index.without(set(again), config)  # the query bank is made again below: its rows moved
         if dropped := [item_id for item_id in cache.removed if index is not None and item_id in index]:
             say(f"index {index_dir}: {len(dropped)} indexed item(s) were dropped from the cache (extract --prune); "

@@ -54,8 +54,7 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
     started = time.monotonic()
     readable = BlankWhenDamaged(cache, "eval counts it as a video without frames (its captions' queries rank it by "
                                        "nothing it shows)")
-    video = encode_videos(run.model, readable, [cache.index_of(i) for i in ids], device, batch_size,
-                          regions=rerank, progress=progress)
+    video = encode_videos(run.model, readable, ids, device, batch_size, regions=rerank, progress=progress)
     text = encode_texts(run.model, run.tokenizer, texts, device, batch_size, progress=progress, max_words=max_words)
     t2v = (text.global_ @ video.global_.T).numpy()  # (Q, C)
     rankings = {}  # with per_query: the text->video scores of each ranking
@@ -242,8 +241,10 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
     file_has_validation_split = has_validation_split(captions)
     if split is not None:
         captions = captions.of_split(split)
-    captions, key_matches = captions.matched_to(cache.ids)
-    kept, report = captions.restrict(cache.ids)
+    # an item found damaged before stays a candidate, a video without frames: the same candidates every run
+    candidates = [*cache.ids, *cache.damaged]
+    captions, key_matches = captions.matched_to(candidates)
+    kept, report = captions.restrict(candidates)
     if not kept.by_id:
         raise UserError(
             f"{captions_file}: none of its {len(captions)} videos is in cache {sources.cache_dir} (caption ids "
@@ -264,9 +265,11 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
     seen = seen_by_run(sources.run_dir, sources.cache_dir, captions_file, kept, file_has_validation_split)
     if line := seen.line(captions_file, len(kept.by_id)):  # said under --quiet too: it is about what the figures mean
         say_always(line)
+    unreadable = sum(1 for item_id in cache.damaged if item_id in kept.by_id)
+    said_unreadable = f"; {unreadable} of them found damaged, counted as videos without frames" if unreadable else ""
     say(f"eval: run {sources.run_dir} (epoch {run.epoch}), {len(kept.by_id)} captioned videos of {len(cache)} cached "
         f"({report['captions_without_items']} caption entries without a cached video{captions.bad_lines_text()}"
-        f"{key_matches.text()}), "
+        f"{key_matches.text()}{said_unreadable}), "
         f"device {device}")
     queries = kept.by_id
     if paragraphs:  # one query per video: its captions in file order, as one text

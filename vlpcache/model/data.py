@@ -133,10 +133,15 @@ class CaptionReport:
         return text
 
 
-def match_captions(caches: list[RegionCache], captions: Captions) -> tuple[list[tuple[int, int, list[str]]], CaptionReport]:
+def match_captions(caches: list[RegionCache], captions: Captions,
+                   damaged: bool = False) -> tuple[list[tuple[int, int | str, list[str]]], CaptionReport]:
     """(cache index, item index, captions) of every cached item that has captions, and the counts. A
-    caption key may name its item by file name or path, or the end of its id (Captions.matched_to)."""
-    captions, key_matches = captions.matched_to(item_id for cache in caches for item_id in cache.ids)
+    caption key may name its item by file name or path, or the end of its id (Captions.matched_to).
+    `damaged`: also (cache index, item id, captions) of the items each cache leaves out as found damaged
+    (validation keeps them as videos without frames: the same candidates every epoch, resumed or not)."""
+    left_out = [[item_id for item_id in cache.damaged if damaged] for cache in caches]
+    captions, key_matches = captions.matched_to(item_id for c, cache in enumerate(caches)
+                                                for item_id in [*cache.ids, *left_out[c]])
     samples, seen = [], set()
     report = CaptionReport(empty_captions=captions.empty_captions, bad_lines_text=captions.bad_lines_text(),
                            key_matches=key_matches)
@@ -153,6 +158,11 @@ def match_captions(caches: list[RegionCache], captions: Captions) -> tuple[list[
                 kept += 1
             else:
                 report.items_without_captions += 1
+        for item_id in left_out[c]:
+            if item_id not in seen and (texts := captions.by_id.get(item_id)):
+                seen.add(item_id)
+                samples.append((c, item_id, texts))
+                kept += 1
         report.per_cache[str(cache.cache_dir)] = kept
     report.items_with_captions = len(samples)
     without = [item_id for item_id in captions.by_id if item_id not in seen]
@@ -246,7 +256,7 @@ class ValidationSet:
     twentieth of what it is under the first-caption protocol."""
 
     caches: list[RegionCache]
-    locations: list[tuple[int, int]]  # (cache index, item index) of each video
+    locations: list[tuple[int, int | str]]  # (cache index, item index, or the id of one left out as damaged) of each video
     captions: list[list[str]]  # each video's captions
 
     def __post_init__(self):
@@ -265,8 +275,13 @@ class ValidationSet:
         return caption_queries(self.captions, all_captions=True)
 
 
+def _id_at(caches: list[RegionCache], c: int, i: int | str) -> str:
+    """The id of the item at a location (cache index, item index or the id of an item left out as damaged)."""
+    return i if isinstance(i, str) else caches[c].ids[i]
+
+
 def validation_set(caches: list[RegionCache], captions: Captions) -> tuple[ValidationSet, CaptionReport]:
-    samples, report = match_captions(caches, captions)
+    samples, report = match_captions(caches, captions, damaged=True)
     return ValidationSet(caches, [(c, i) for c, i, _ in samples], [texts for _, _, texts in samples]), report
 
 
@@ -302,7 +317,7 @@ class PretrainData:
         return [self.caches[c].ids[i] for c, i, _ in self.train.samples]
 
     def validation_ids(self) -> list[str]:
-        return [self.caches[c].ids[i] for c, i in self.validation.locations] if self.validation is not None else []
+        return [_id_at(self.caches, c, i) for c, i in self.validation.locations] if self.validation is not None else []
 
     def summary(self) -> list[str]:
         files = [f"{path} ({layout})" for path, layout in zip(self.caption_files, self.caption_layouts)]
@@ -380,7 +395,7 @@ def load_pretrain_data(
                 "(or pass --cache for their cache too), or leave out --val-captions"
             )
     if data.validation is not None:
-        overlap = {caches[c].ids[i] for c, i in data.validation.locations} & {caches[c].ids[i] for c, i, _ in samples}
+        overlap = {_id_at(caches, c, i) for c, i in data.validation.locations} & {caches[c].ids[i] for c, i, _ in samples}
         report.validation_items = len(data.validation) - len(overlap)
         if overlap:
             raise UserError(
