@@ -217,6 +217,29 @@ def test_an_item_found_damaged_is_listed_by_inspect_and_extracted_again_by_the_n
     assert "found damaged" not in capsys.readouterr().err
 
 
+def test_a_link_to_a_file_is_that_file_once_in_the_cache(tmp_path, videos_dir, capsys):
+    """A cache holds each file once: a symbolic link to a file found in the same run, or to one cached
+    before, is passed over with a line naming the id it is cached as (the file itself wins over links)."""
+    from vlpcache.extract.runner import run_extract
+
+    (tmp_path / "data" / "videos").mkdir(parents=True)
+    (tmp_path / "data" / "links").mkdir()
+    shutil.copy(videos_dir / "tests_data_test.mp4", tmp_path / "data" / "videos" / "clip.mp4")
+    (tmp_path / "data" / "links" / "again.mp4").symlink_to("../videos/clip.mp4")  # found first: "links" < "videos"
+    cache = tmp_path / "cache"
+    run_extract([tmp_path / "data"], cache_dir=cache, quiet=True)
+    said = capsys.readouterr().err
+    real = tmp_path / "data" / "videos" / "clip.mp4"
+    assert (f"{tmp_path / 'data' / 'links' / 'again.mp4'}: the same file as 'videos/clip' ({real}), which this run "
+            "extracts; ") in said
+    assert RegionCache(cache).ids == ["videos/clip"]
+    (tmp_path / "data" / "links" / "more.mp4").symlink_to(real)
+    run_extract([tmp_path / "data"], cache_dir=cache, quiet=True)
+    said = capsys.readouterr().err
+    assert f"{tmp_path / 'data' / 'links' / 'more.mp4'}: a link to {real}, already cached as 'videos/clip'; " in said
+    assert RegionCache(cache).ids == ["videos/clip"]
+
+
 def test_items_no_longer_under_the_roots_are_said_and_dropped_with_prune(tmp_path, msrvtt_dir, capsys):
     """A file deleted, a folder renamed (its items under new ids: the old ids' files are gone), a failed
     file deleted: extract says so, and search would still find them until `--prune` drops them (and

@@ -65,6 +65,8 @@ def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary
     cached = {item_id: i for i, item_id in enumerate(cache.ids)}
     cached_id = {path: item_id for item_id, path in zip(cache.ids, cache.paths)}
     plan = Plan([], [])
+    fresh: dict[str, list] = {}  # real path -> the items never cached before that are that file
+    order = {item.id: n for n, item in enumerate(items)}
 
     def failed_as_it_is(item_id: str, path: str) -> bool:
         """Recorded as failed, from the source as it is now (a failure without a stamp: as it may be)."""
@@ -106,8 +108,17 @@ def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary
             else:  # replaced since it failed
                 plan.todo.append(item)
                 plan.retried += 1
+        elif (real := os.path.realpath(path)) != path and real in cached_id:
+            plan.clashes.append((path, f"a link to {real}, already cached as '{cached_id[real]}'; {SKIPPED} (captions "
+                                       f"name it '{cached_id[real]}')"))
         else:
-            plan.todo.append(item)
+            fresh.setdefault(real, []).append(item)
+    for real, same in fresh.items():  # a file and links to it found in this run: the file itself, else the first
+        keep = next((item for item in same if str(item.path) == real), same[0])
+        plan.todo.append(keep)
+        plan.clashes += [(str(item.path), f"the same file as '{keep.id}' ({real}), which this run extracts; {SKIPPED} "
+                                          f"(captions name it '{keep.id}')") for item in same if item is not keep]
+    plan.todo.sort(key=lambda item: order[item.id])  # in discovery order, as found
     plan.gone, plan.gone_failures = no_longer_there(items, cache, failed_before, roots, shard_index, shard_count)
     return plan
 
