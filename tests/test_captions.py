@@ -349,6 +349,23 @@ def test_caption_files_in_the_workspace_itself_are_found_and_held_out_ones_never
     assert find_caption_files(workspace) == [(workspace.root / "mine.csv").resolve()]
 
 
+def test_a_file_found_by_default_that_holds_no_captions_is_left_out_with_a_note_not_an_error(tmp_path, cache):
+    """eval --per-query writes its records where it is told, a .jsonl often beside the captions: pretrain
+    without --captions found it and stopped on it, a file the user never named."""
+    workspace = Workspace(tmp_path / "ws")
+    workspace.root.mkdir()
+    write_jsonl(workspace.root / "mine.jsonl", [{"video": f"v{i}", "captions": [f"caption {i}"]} for i in range(4)])
+    records = write_jsonl(workspace.root / "a.jsonl", [{"query": "a dog", "rank": 3}, {"query": "a cat", "rank": 1}])
+    data = load_pretrain_data([cache], None, None, workspace=workspace)
+    assert sorted(trained_captions(data)) == ["v0", "v1", "v2", "v3"]
+    [note] = [line for line in data.summary() if line.startswith("note: ")]
+    assert note.startswith(f"note: {records}: no caption could be read (2 unreadable, the first: line 1: ")
+    assert note.endswith("it was found by default, as a .jsonl or .csv file beside the extracted roots or in the "
+                         "workspace: left out (pass --captions FILE to say which to train on)")
+    with pytest.raises(UserError, match=r"a\.jsonl: no caption could be read"):  # named: its error stands
+        load_pretrain_data([cache], [records], None, workspace=workspace)
+
+
 def test_validation_videos_with_training_captions_are_refused_naming_one(tmp_path, cache):
     train = write_jsonl(tmp_path / "train.jsonl", [{"video": f"v{i}", "captions": ["x"]} for i in range(4)])
     val = write_jsonl(tmp_path / "val.jsonl", [{"video": "v3", "captions": ["y"]}, {"video": "v4", "captions": ["z"]}])

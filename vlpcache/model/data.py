@@ -312,6 +312,7 @@ class PretrainData:
     validation_report: CaptionReport | None = None
     validation_file: Path | None = None
     held_out_skipped: int = 0  # training captions of val/test items (by their "split" key) left out
+    not_captions: list[str] = field(default_factory=list)  # why each file found by default was not read
 
     def train_ids(self) -> list[str]:
         return [self.caches[c].ids[i] for c, i, _ in self.train.samples]
@@ -321,7 +322,8 @@ class PretrainData:
 
     def summary(self) -> list[str]:
         files = [f"{path} ({layout})" for path, layout in zip(self.caption_files, self.caption_layouts)]
-        lines = [f"training captions: {', '.join(files)}", f"training: {self.train_report.line()}"]
+        lines = [f"note: {why}" for why in self.not_captions]
+        lines += [f"training captions: {', '.join(files)}", f"training: {self.train_report.line()}"]
         for cache in self.caches:
             outdated = outdated_schema(cache.settings)
             if outdated:
@@ -352,7 +354,8 @@ def load_pretrain_data(
     workspace = workspace or Workspace()
     caches = open_caches(cache_dirs)
     found_validation = None
-    if not caption_files:
+    by_default = not caption_files
+    if by_default:
         caption_files = find_caption_files(workspace)
         if not caption_files:
             looked = [str(workspace.root)] + [f"{r} (and its parent folders)" for r in workspace.extracted_roots()]
@@ -361,7 +364,18 @@ def load_pretrain_data(
         if validation_file is None:
             validation_file = found_validation = find_validation_file(caption_files)
     caption_files = [Path(p) for p in caption_files]
-    per_file = [read_captions(path, progress) for path in caption_files]
+    per_file, not_captions = [], []
+    for path in list(caption_files):
+        try:
+            per_file.append(read_captions(path, progress))
+        except UserError as err:
+            if not by_default:  # a file the user named: its error stands
+                raise
+            caption_files.remove(path)  # found by default (eval's --per-query records, a table of one's own...)
+            not_captions.append(f"{err}; it was found by default, as a .jsonl or .csv file beside the extracted "
+                                f"roots or in the workspace: left out (pass --captions FILE to say which to train on)")
+    if not caption_files:
+        raise UserError(f"none of the caption files found by default can be read: {'; '.join(not_captions)}")
     if validation_file is None:  # a training file's own validation split (MSR-VTT's "validate", Karpathy's "val")
         validation_file = found_validation = next(
             (path for path, captions in zip(caption_files, per_file) if has_validation_split(captions)), None)
@@ -379,7 +393,7 @@ def load_pretrain_data(
     if captions_per_video is None:  # every caption of a typical item in each step, at most max_captions_per_video
         train.captions_per_video = max(1, min(max_captions_per_video, train.median_captions()))
     data = PretrainData(caches, train, report, caption_files, [captions.layout for captions in per_file],
-                        held_out_skipped=skipped)
+                        held_out_skipped=skipped, not_captions=not_captions)
     if validation_file is not None:
         read = dict(zip(caption_files, per_file)).get(Path(validation_file))  # a training file's split: read already
         if read is None:
