@@ -454,7 +454,13 @@ def test_inspect_summarises_and_renders_an_item(extracted, tmp_path):
     picture = Image.open(out)
     assert picture.width >= 4 * 200 and picture.height > 100
     missing = vlpcache("inspect", cache_dir, "--render", "nope", cwd=tmp_path, check=False)
-    assert missing.returncode == 2 and "'nope' is not in" in missing.stderr
+    assert missing.returncode == 2 and "'nope' names no item of " in missing.stderr
+    # named as captions name their video: a file name, the end of the id; a typo gets ids like it
+    by_name = vlpcache("inspect", cache_dir, "--render", "bikes.mp4", cwd=tmp_path)
+    assert by_name.stdout == "wrote clips_bikes.png\n" and Image.open(tmp_path / "clips_bikes.png").size == picture.size
+    typo = vlpcache("inspect", cache_dir, "--render", "clips/bike", cwd=tmp_path, check=False)
+    assert typo.returncode == 2 and "'clips/bike' names no item of " in typo.stderr and "did you mean 'clips/bikes'" \
+        in typo.stderr
 
 
 def test_broken_files_get_one_line_each_and_the_run_goes_on(tmp_path, videos_dir):

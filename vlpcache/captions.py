@@ -199,6 +199,17 @@ def last_names(parts: list[str]) -> tuple[str, ...]:
     return (parts[-1], stem) if extension else (parts[-1],)
 
 
+def item_named(key: str, ids: list[str]) -> tuple[str | None, list[str]]:
+    """The item id that `key` names, as a caption names its video (the id itself; a file name or path that
+    ends in it; the same in another Unicode form or with spaces around; the end of exactly one id): (id,
+    []); else (None, some of the ids it ends, where it ends several)."""
+    matched, matches = Captions({key: ["-"]}).matched_to(ids)
+    (item,) = matched.by_id
+    if item in set(ids):
+        return item, []
+    return None, next((several for _, several in matches.ambiguous), [])
+
+
 def _normal(text: str) -> str:
     """A key or id as NFC (composed: `é` one character, as most keyboards type it) without the spaces around it."""
     return unicodedata.normalize("NFC", text.strip())

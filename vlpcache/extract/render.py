@@ -7,6 +7,7 @@ drawn on them. No torch.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image, ImageDraw
 from vlpcache.cache.labels import RegionNames, region_names
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import FRAME_REGION_LABEL
+from vlpcache.captions import item_named
 from vlpcache.extract.stamps import replaced
 from vlpcache.errors import ItemError, UserError
 from vlpcache.extract.sampling import read_item
@@ -72,10 +74,26 @@ def draw_regions(draw: ImageDraw.ImageDraw, cached: dict, t: int, origin: tuple[
         draw.text((tx, ty), text, fill=(255, 255, 255))
 
 
+SUGGESTED_FROM = 100_000  # ids looked through for ones like a key that names none (difflib reads each)
+
+
+def named_item(cache: RegionCache, key: str) -> str:
+    """The id of the cached item `key` names (captions.item_named), or one line with ids like it."""
+    if key in cache:
+        return key
+    item_id, several = item_named(key, cache.ids)
+    if item_id is not None:
+        return item_id
+    like = several[:3] or (difflib.get_close_matches(key, cache.ids, n=3, cutoff=0.5)
+                           if len(cache) <= SUGGESTED_FROM else [])
+    hint = (f"did you mean {' or '.join(map(repr, like))}?" if like else
+            f"its ids look like {cache.ids[0]!r}" if len(cache) else "it holds no item")
+    raise UserError(f"{key!r} names no item of {cache.cache_dir}: {hint} (an item is named by its id, its path below "
+                    "the extracted root without extension, or by a file name or path that ends in one)")
+
+
 def render_item(cache: RegionCache, item_id: str, output: Path) -> Path:
     """Draw the item's sampled frames in a grid with boxes, labels and scores; returns the file."""
-    if item_id not in cache:
-        raise UserError(f"{item_id!r} is not in {cache.cache_dir} (see `vlpcache inspect` for what is)")
     cached = cache.get(item_id)
     pictures = source_pictures(cache, cached)
     if not pictures:
@@ -122,10 +140,13 @@ def default_picture_name(item_id: str) -> Path:
 
 
 def render_cache_item(cache_dir, item_id: str, output=None) -> Path:
-    """The `vlpcache inspect --render ID` command: the picture in `output` (default: ID.png)."""
-    output = Path(output) if output else default_picture_name(item_id)
-    picture_format(output)
+    """The `vlpcache inspect --render ID` command: the picture in `output` (default: ID.png). ID may name
+    the item as a caption does: by a file name or path that ends in its id, or by the end of its id."""
+    if output:
+        picture_format(Path(output))
     cache = RegionCache(cache_dir or Workspace().cache_dir)
+    item_id = named_item(cache, item_id)
+    output = Path(output) if output else default_picture_name(item_id)
     path = render_item(cache, item_id, output)
     note = cache.note_of(item_id)
     print(f"wrote {printable(str(path))}" + (f" (the item was kept with a note: {printable(note)})" if note else ""))
