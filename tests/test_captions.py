@@ -366,6 +366,19 @@ def test_a_file_found_by_default_that_holds_no_captions_is_left_out_with_a_note_
         load_pretrain_data([cache], [records], None, workspace=workspace)
 
 
+def test_captions_naming_images_of_a_folder_cached_as_one_item_say_to_extract_with_no_frame_folders(tmp_path):
+    photos = tmp_path / "photos"  # a folder of photos, extracted without --no-frame-folders: one item
+    photos.mkdir()
+    write_cache(tmp_path / "cache", 1, prefix="photos", sources=[(photos, "frames")])
+    train = tmp_path / "train.csv"
+    train.write_text("video,caption\n1000268201_693b08cb0e.jpg,a child climbs the stairs\n")
+    with pytest.raises(UserError, match=r"caption ids like '1000268201_693b08cb0e\.jpg'\); the captions name images, "
+                                        r"and 'photos0' is a frames folder, cached as one item \(a video's frames\): to "
+                                        r"cache each image as an item, extract it again into a new cache with "
+                                        r"--no-frame-folders$"):
+        load_pretrain_data([tmp_path / "cache"], [train], None, workspace=Workspace(tmp_path / "ws"))
+
+
 def test_validation_videos_with_training_captions_are_refused_naming_one(tmp_path, cache):
     train = write_jsonl(tmp_path / "train.jsonl", [{"video": f"v{i}", "captions": ["x"]} for i in range(4)])
     val = write_jsonl(tmp_path / "val.jsonl", [{"video": "v3", "captions": ["y"]}, {"video": "v4", "captions": ["z"]}])

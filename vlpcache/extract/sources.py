@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlpcache.captions import SIDECAR_SUFFIX
+from vlpcache.files import IMAGE_EXTENSIONS
 
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({
     ".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".gif", ".mpg", ".mpeg", ".m2v", ".wmv", ".asf",
     ".flv", ".f4v", ".ts", ".mts", ".m2ts", ".vob", ".3gp", ".3g2", ".ogv", ".ogg", ".divx", ".dv",
     ".mxf", ".rm", ".rmvb", ".y4m", ".nut",
 })  # fmt: skip
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 # audio, in containers whose first bytes are those of video too (MP4, Matroska, Ogg, ASF): never said to be
 # video under another extension by a run that finds no media
 AUDIO_EXTENSIONS: frozenset[str] = frozenset({

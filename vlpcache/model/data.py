@@ -24,6 +24,7 @@ from vlpcache.cache.reader import BlankWhenDamaged, DamagedShard, RegionCache
 from vlpcache.cache.schema import outdated_schema
 from vlpcache.captions import Captions, KeyMatches, caption_queries, read_captions
 from vlpcache.errors import UserError
+from vlpcache.files import IMAGE_EXTENSIONS
 from vlpcache.model.batch import tokenize, video_batch
 from vlpcache.model.config import MAX_CAPTIONS_PER_VIDEO
 from vlpcache.model.text_features import TextFeatures
@@ -280,6 +281,17 @@ def _id_at(caches: list[RegionCache], c: int, i: int | str) -> str:
     return i if isinstance(i, str) else caches[c].ids[i]
 
 
+def frames_folder_hint(caches: list[RegionCache], captions: Captions) -> str:
+    """Where captions name images and a cache holds frames folders (a folder of images only is one item,
+    a video's frames): that the images were cached as frames of one item, and how to cache each; "" else."""
+    names_images = any(Path(key).suffix.lower() in IMAGE_EXTENSIONS for key in list(captions.by_id)[:100])
+    folder = next((item_id for cache in caches for item_id, kind in zip(cache.ids, cache.kinds) if kind == "frames"), None)
+    if not (names_images and folder):
+        return ""
+    return (f"the captions name images, and {folder!r} is a frames folder, cached as one item (a video's frames): "
+            "to cache each image as an item, extract it again into a new cache with --no-frame-folders")
+
+
 def validation_set(caches: list[RegionCache], captions: Captions) -> tuple[ValidationSet, CaptionReport]:
     samples, report = match_captions(caches, captions, damaged=True)
     return ValidationSet(caches, [(c, i) for c, i, _ in samples], [texts for _, _, texts in samples]), report
@@ -387,7 +399,8 @@ def load_pretrain_data(
         raise UserError(
             f"no cached item has a caption in {', '.join(map(str, caption_files))} "
             f"(cache ids look like {example_item!r}, caption ids like {example_caption!r}{report.key_matches.text()}); "
-            "pass the caption file of the extracted items with --captions"
+            + (frames_folder_hint(caches, training_captions) or
+               "pass the caption file of the extracted items with --captions")
         )
     train = CaptionedRegions(caches, samples, seed, captions_per_video or 1)
     if captions_per_video is None:  # every caption of a typical item in each step, at most max_captions_per_video
