@@ -175,7 +175,7 @@ def test_requests_for_another_host_name_are_refused(api):
     response = api.get("/api/info", headers={"host": "attacker.example:8000"})
     assert "Host header" in one_line_error(response, 400)
     assert api.get("/api/info", headers={"host": "localhost:8000"}).json() == {"items": ITEMS, "rerank": True,
-                                                                              "model": "run-001, epoch 1"}
+                                                                              "model": "run-001, epoch 1", "unindexed": 0}
 
 
 def test_every_response_carries_the_security_headers(api):
@@ -306,9 +306,12 @@ def test_a_hit_whose_cached_row_does_not_read_gets_its_reason_and_a_placeholder_
     assert hit["outdated"] == UNREADABLE_HIT and hit["regions"] == []
     item = client.get("/api/item", params={"id": "v3"}).json()
     assert item["unreadable"] == UNREADABLE_HIT and item["frames"] == [] and item["note"] == ""
-    frame = client.get("/media/frame", params={"id": "v3", "t": hit["frame"]})
+    frame = client.get("/media/frame", params={"id": "v3", "t": hit["frame"]})  # the source's first frame
     assert frame.status_code == 200 and frame.headers["content-type"] == "image/jpeg"
-    assert frame.headers["x-vlpcache-placeholder"] == "its cached row cannot be read"
+    assert "x-vlpcache-placeholder" not in frame.headers and decoded(frame.content).std() > 10  # a picture, not grey
+    write_cache(ws / "cache", 2, prefix="w", seed=9)  # extracted since the index was built
+    client, _ = client_for(ws)
+    assert client.get("/api/info").json()["unindexed"] == 2  # the page says so, and to run `vlpcache index`
 
 
 def test_missing_source_gives_a_placeholder_of_the_frames_shape_not_an_error(api):

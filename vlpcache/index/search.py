@@ -147,6 +147,7 @@ class Searcher:
         self.__dict__.pop("unshown", None)
         # found by their old content: the regions the index holds are not the cached rows' any more
         self.extracted_again = set(extracted_again(index, self.cache))
+        self.unindexed = sum(1 for item_id in self.cache.ids if item_id not in index)  # cached since it was built
 
     def refresh(self) -> bool:
         """Take up the index again if `vlpcache index` has written it since it was loaded (with the

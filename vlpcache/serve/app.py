@@ -2,7 +2,7 @@
 
     GET /                          the search page; the query lives in the URL: /?q=person+cuts+onion[&k=20][&item=ID]
     GET /page.js, /page.css        its script and style (fixed names: no path from a request is ever opened)
-    GET /api/info                  {"items", "rerank", "model"}: what is being searched, and by which run
+    GET /api/info                  {"items", "rerank", "model", "unindexed"}: what is searched, by which run, what is not yet
     GET /api/search?q=&k=&rerank=  {"query", "results"}: the fields of `vlpcache search --json`
     GET /api/item?id=              one indexed item: its sampled frames and every cached region on them
     GET /media/frame?id=&t=        JPEG of sampled frame t of an indexed item (a placeholder when the source is gone)
@@ -26,7 +26,7 @@ from starlette.routing import Route
 from vlpcache.cache.labels import RegionNames, region_names
 from vlpcache.errors import UserError
 from vlpcache.index.search import Searcher, hits_json
-from vlpcache.serve.thumbnails import ThumbnailStore, placeholder_jpeg
+from vlpcache.serve.thumbnails import ThumbnailStore
 
 MAX_QUERY_CHARS = 200  # longer than any text the query model reads (it truncates at max_words tokens)
 MAX_K = 100
@@ -59,7 +59,8 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
 
     def info(request: Request) -> Response:
         searcher.refresh()  # the page's "Search N videos": those `vlpcache index` added since the server started too
-        return JSONResponse({"items": len(searcher), "rerank": searcher.can_rerank, "model": searcher.model_label})
+        return JSONResponse({"items": len(searcher), "rerank": searcher.can_rerank, "model": searcher.model_label,
+                             "unindexed": searcher.unindexed})
 
     def search(request: Request) -> Response:
         query = _query_text(request)
@@ -81,10 +82,9 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
     def frame(request: Request) -> Response:
         cached = _indexed_item(searcher, request)
         t = _int_param(request, "t", None, 0, MAX_FRAMES)
-        if cached.get("unreadable"):  # its row does not read: which frames it has is not known
-            return Response(placeholder_jpeg(3, 4, thumbnails.side), media_type="image/jpeg",
-                            headers={"cache-control": "no-store", "x-vlpcache-placeholder": "its cached row cannot be read"})
-        if t >= len(cached["frame_mask"]) or not cached["frame_mask"][t]:
+        if cached.get("unreadable"):  # its row does not read, its frames' times with it: the source's first frame
+            t = 0
+        elif t >= len(cached["frame_mask"]) or not cached["frame_mask"][t]:
             raise ApiError(404, f"item {cached['id']!r} has no sampled frame {t}")
         picture = thumbnails.get(cached, t)
         etag = f'"{picture.etag}"'

@@ -250,7 +250,8 @@ async function start() {
     await search(query, k);
   } else {
     about.then((i) => setStatus(`Search ${i.items.toLocaleString()} videos by what happens in them` +
-      (i.model ? ` (model: ${i.model}).` : ".")),
+      (i.model ? ` (model: ${i.model}).` : ".") +
+      (i.unindexed ? ` ${i.unindexed.toLocaleString()} more are cached but not in the index yet: run \`vlpcache index\`.` : "")),
       (err) => setStatus(`error: ${err.message}`, true));
   }
   if (params.get("item")) openItem(params.get("item"));
