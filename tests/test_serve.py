@@ -320,6 +320,11 @@ def test_missing_source_gives_a_placeholder_of_the_frames_shape_not_an_error(api
     assert "file not found" in response.headers["x-vlpcache-placeholder"]
     assert response.headers["cache-control"] == "no-store"
     assert Image.open(io.BytesIO(response.content)).size == (480, 360)  # the cache records 320 x 240
+    from vlpcache.index.search import GONE_HIT
+
+    hits = api.get("/api/search", params={"q": "a dog", "k": 100}).json()["results"]
+    assert [h["outdated"] for h in hits if h["id"] == f"v{MISSING}"] == [GONE_HIT]  # and why, in words
+    assert all(h["outdated"] == "" for h in hits if h["id"] != f"v{MISSING}")
 
 
 def test_serving_with_an_exported_index_never_imports_torch(ws):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import threading
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,9 @@ HIT_ARRAYS = ("labels", "boxes", "timestamps")
 # a hit extracted again since it was indexed (shown without matched regions: the index's are the old rows')
 EXTRACTED_AGAIN = ("extracted again since it was indexed (its source changed): found by its old content, its regions "
                    "not shown; run `vlpcache index` to index it anew")
+# a hit whose file is no longer where it was extracted from (nor where a move record says it went)
+GONE_HIT = ("its source is no longer there: found by what was cached; `vlpcache extract ROOT --prune` drops such items "
+            "from the cache")
 # a hit whose cached row does not read (the reader recorded it: extract redoes it, and search then leaves it out)
 UNREADABLE_HIT = ("its cached regions cannot be read (the cache's shard is damaged: a disk fault or a bad copy), so none "
                   "are shown; recorded in the cache: the next `vlpcache extract` extracts it again")
@@ -71,8 +75,8 @@ class Hit:
     regions: list[RegionHit] = field(default_factory=list)
     frame: int | None = None  # index of the best-matching frame among the item's sampled frames
     note: str = ""  # what went wrong decoding the item, kept anyway (e.g. a truncated video); "" for most
-    # why its regions are not shown: it is found by an older extraction of the item, or its cached row does not
-    # read (UNREADABLE_HIT); "" for most
+    # what is off with the hit: found by an older extraction of the item, or its cached row does not read
+    # (UNREADABLE_HIT), both shown without regions; its source is gone (GONE_HIT); "" for most
     outdated: str = ""
 
 
@@ -258,9 +262,11 @@ class Searcher:
                 item, note = self.cache.get(item_id, HIT_ARRAYS), self.cache.note_of(item_id)
             except DamagedShard:
                 item, note, outdated = self.cache.blank(self.cache.index_of(item_id)), "", UNREADABLE_HIT
+            if not outdated and item["path"] and not os.path.lexists(item["path"]):
+                outdated = GONE_HIT  # its regions are shown: they are the cached ones, if on no picture
             N = item["labels"].shape[1]
             alignment = align(ranking.attention[j], query.word_mask[0], query.tokens, ranking.positions[j], N)
-            if outdated:
+            if outdated and outdated != GONE_HIT:
                 alignment = Alignment(0, [])
             matched, names = [], region_names(self.cache.settings.detector)
             for match in alignment.words:
@@ -390,7 +396,7 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
         query_model = TorchQueryModel(run)
     unindexed = sum(1 for item_id in cache.ids if item_id not in index)
     if unindexed:
-        say(f"note: {unindexed} cached items are not in the index yet; run `vlpcache index` to add them")
+        say(f"note: {unindexed} cached item(s) are not in the index yet; run `vlpcache index` to add them")
     if note := coverage(index, cache):
         say(f"note: index {index_dir}: {note}")
     return query_model, cache, index, index_dir
