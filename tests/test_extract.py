@@ -273,6 +273,9 @@ def test_items_no_longer_under_the_roots_are_said_and_dropped_with_prune(tmp_pat
     assert sorted(cached.ids) == ["b", "new/c", "o"] and sorted(cached.removed) == ["a", "old/c"] and cached.failures == {}
     run_extract([tmp_path / "data"], cache_dir=cache, quiet=True, prune=True)
     assert "no longer there" not in capsys.readouterr().err
+    run_extract([tmp_path / "data" / "new"], cache_dir=cache, quiet=True, prune=True)  # a root within: 'c' here
+    said = capsys.readouterr().err
+    assert "already cached as 'new/c'" in said and "no longer there" not in said and "new/c" in RegionCache(cache).ids
     shutil.copytree(folders[0], tmp_path / "data" / "a")  # back: extracted again, as new
     run_extract([tmp_path / "data"], cache_dir=cache, quiet=True)
     assert "1 done" in capsys.readouterr().err and sorted(RegionCache(cache).ids) == ["a", "b", "new/c", "o"]

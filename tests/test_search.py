@@ -749,7 +749,7 @@ def test_index_reports_unreadable_shards_instead_of_up_to_date_and_search_says_w
     code, _, err = vlpcache(monkeypatch, capsys, "index")
     assert code == 0 and "up to date" not in err
     assert f"{shard}: unreadable shard" in err
-    assert f"8 of its {ITEMS} items can be shown, 16 are not in the cache (1 shard(s) of the cache are unreadable" in err
+    assert f"8 of its {ITEMS} items can be shown, 16 not in the cache (1 shard(s) of the cache are unreadable" in err
     code, out, err = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", ITEMS)
     assert code == 0 and f"-k {ITEMS} is more than the 8 indexed items in the cache" in err
     assert len([line for line in out.splitlines() if line[:3].strip().isdigit()]) == 8
@@ -802,7 +802,7 @@ def test_a_hit_found_damaged_is_shown_without_boxes_and_then_left_out_until_extr
     records = [line for log in (ws / "cache" / "damaged").glob("*.jsonl") for line in log.read_text().splitlines()]
     assert len(records) == 1  # found once, not read (and recorded) again
     code, _, err = vlpcache(monkeypatch, capsys, "index")
-    assert code == 0 and (f"{ITEMS - 1} of its {ITEMS} items can be shown, 1 are not in the cache (1 found damaged, until "
+    assert code == 0 and (f"{ITEMS - 1} of its {ITEMS} items can be shown, 1 not in the cache (1 found damaged, until "
                           "extract redoes them); search leaves them out") in err
     [result] = search_json(monkeypatch, capsys, "a dog", "-k", ITEMS)
     assert "v3" not in [hit["id"] for hit in result["results"]] and len(result["results"]) == ITEMS - 1

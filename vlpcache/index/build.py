@@ -307,7 +307,7 @@ def coverage(index: VideoIndex, cache: RegionCache) -> str:
         why = "; ".join([*([f"{shards} shard(s) of the cache are unreadable or left out (reported above)"] if shards else []),
                          *([f"{damaged} found damaged, until extract redoes them"] if damaged else [])]
                         ) or "removed from the cache"
-        notes.append(f"{len(index) - missing} of its {len(index)} items can be shown, {missing} are not in the cache "
+        notes.append(f"{len(index) - missing} of its {len(index)} items can be shown, {missing} not in the cache "
                      f"({why}); search leaves them out")
     if again := extracted_again(index, cache):
         notes.append(f"{len(again)} of its item(s) were extracted again since they were indexed (their sources changed): "
