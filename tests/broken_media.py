@@ -236,12 +236,13 @@ def make_broken_media(folder: Path, source_video: Path | None = None) -> dict[st
     return expected
 
 
-def damage_chunk(shard: Path, name: str, row: int) -> None:
-    """Invert two bytes of one video's chunk of array `name` on disk, as a disk fault or a bad copy would."""
+def damage_chunk(shard: Path, name: str, row: int, xor: int = 0xFF) -> None:
+    """Invert two bytes (or the bits of `xor` in them) of one video's chunk of array `name` on disk, as a disk
+    fault or a bad copy would."""
     with h5py.File(shard, "r") as f:
         info = f[name].id.get_chunk_info_by_coord((row,) + (0,) * (f[name].ndim - 1))
     with open(shard, "r+b") as f:  # inside the chunk: the smallest are 28 bytes
         f.seek(info.byte_offset + 2)
-        flipped = bytes(b ^ 0xFF for b in f.read(2))
+        flipped = bytes(b ^ xor for b in f.read(2))
         f.seek(info.byte_offset + 2)
         f.write(flipped)

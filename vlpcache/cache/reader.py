@@ -133,6 +133,9 @@ class RegionCache:
         self._pid = os.getpid()
         self._found_damaged: dict[tuple[str, int], dict] = {}  # (shard key, row) -> record: found by this reader
         self._damage_lines: dict[tuple[str, int], str] = {}  # and the line that said it
+        # (shard key, array) whose whole read failed: read row by row from then on (a failing read of a damaged
+        # string's heap reference can take seconds)
+        self._row_by_row: set[tuple[str, str]] = set()
         self.refresh()
 
     def refresh(self) -> None:
@@ -230,9 +233,11 @@ class RegionCache:
         wrong, as extract reported it. Shards written before notes were kept have none."""
         by_shard, notes = {}, {}
         for s in np.unique(self._locations[:, 0]):
-            try:
-                by_shard[int(s)] = _decode(self._whole(int(s), "notes")) if "notes" in self._shard(int(s)) else None
-            except DamagedShard:  # a row of them does not read (strings carry no checksum): one by one
+            if "notes" not in self._shard(int(s)):
+                by_shard[int(s)] = None
+            elif (whole := self._whole_or_none(int(s), "notes")) is not None:
+                by_shard[int(s)] = _decode(whole)
+            else:  # a row of them does not read (strings carry no checksum of their own): one by one
                 by_shard[int(s)] = None
                 for index in np.flatnonzero(self._locations[:, 0] == s):
                     with contextlib.suppress(DamagedShard):
@@ -400,9 +405,10 @@ class RegionCache:
         by_shard = self._locations[order]  # (V, 2) shard, row
         shards, starts = np.unique(by_shard[:, 0], return_index=True)
         for s, rows, items in zip(shards, np.split(by_shard[:, 1], starts[1:]), np.split(order, starts[1:])):
-            try:
-                yield {name: self._whole(int(s), name)[rows] for name in names}
-            except DamagedShard:  # a row of the shard does not read (one the cache reads, or one it left out)
+            wholes = [self._whole_or_none(int(s), name) for name in names]
+            if all(whole is not None for whole in wholes):
+                yield {name: whole[rows] for name, whole in zip(names, wholes)}
+            else:  # a row of the shard does not read (one the cache reads, or one it left out)
                 yield self._sound_rows(items, names)
 
     def _sound_rows(self, items, names: tuple[str, ...]) -> dict:
@@ -425,6 +431,18 @@ class RegionCache:
             spec = next(a for a in self.settings.arrays() if a.name == name)
             return np.zeros((0, *self.settings.shape_of(spec)), dtype=spec.dtype)
         return np.stack([parts[int(s)][row] for s, row in self._locations])
+
+    def _whole_or_none(self, s: int, name: str) -> np.ndarray | None:
+        """Every row of one array of shard s, or None where a row of it does not read (remembered: the
+        array is read row by row from then on, in this reader)."""
+        key = (self._shard_keys[s], name)
+        if key in self._row_by_row:
+            return None
+        try:
+            return self._whole(s, name)
+        except DamagedShard:
+            self._row_by_row.add(key)
+            return None
 
     def _whole(self, s: int, name: str) -> np.ndarray:
         """Every row of one array of shard s."""
