@@ -453,7 +453,7 @@ MUTANTS += [
            "if self.arrays is not None and (name := not_finite(self.arrays)):", "if False:",
            "tests/test_cache.py -k checksum_misses", "extract never caches a NaN"),
     mutant("inspect-stops-on-a-damaged-row", "vlpcache/cache/reader.py",
-           "            else:  # a row of the shard does not read", "            else:  # a row of the shard does not read\n                raise KeyError",
+           "                yield self._sound_rows(items, names)", "                raise KeyError(items)",
            "tests/test_cache.py -k inspect_counts_around", "inspect counts around a row that does not read"),
     mutant("cache-damage-lines-unlimited", "vlpcache/cache/reader.py",
            "    if count <= DAMAGE_LINES:\n        say(line)", "    if True:\n        say(line)",
