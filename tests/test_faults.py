@@ -36,7 +36,7 @@ LONG_ITEMS = 150  # long_root: the extracts stopped midway
 # small, quick settings: 2-frame items, a shard every 2 items, YOLOX's own neck features (no second network)
 EXTRACT = ["--frames", "2", "--items-per-shard", "2", "--batch-size", "2", "--workers", "1", "--backbone", "neck",
            "--quiet"]
-KILLS = 10
+KILLS = 7  # each life starts a Python with torch: about 4 s (10 were 45 s of the suite's 10 minutes)
 SEED = int(os.environ.get("VLPCACHE_FAULT_SEED", random.SystemRandom().randrange(1 << 30)))
 
 
@@ -121,7 +121,7 @@ def kill_at_a_random_moment(proc: subprocess.Popen, cache: Path, rng: random.Ran
     return round(time.monotonic() - started, 2), doing
 
 
-def test_extract_killed_at_10_random_moments_then_resumed_equals_an_uninterrupted_run(frames_root, together, tmp_path):
+def test_extract_killed_at_random_moments_then_resumed_equals_an_uninterrupted_run(frames_root, together, tmp_path):
     rng = random.Random(SEED)
     victim = tmp_path / "cache"
     summary = together["stderr"][[p.returncode for p in together["procs"]].index(0)]
