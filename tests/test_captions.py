@@ -295,6 +295,9 @@ def test_a_hand_written_csv_its_split_column_honoured_and_unquoted_commas_read_w
     assert trained_captions(data) == {"v0": ["a hand turns a box over, then puts it down"], "v3": ["a dog, a cat, a bird"]}
     assert validation_captions(data) == {"v1": ["one"], "v4": ["four"]}
     assert data.summary()[0] == f"training captions: {path} (CSV, 2 caption(s) with an unquoted comma read whole)"
+    trailing = tmp_path / "trailing.csv"  # rows that end in a separator the header has not: no caption's
+    trailing.write_text("video,caption\nv0,a dog,\nv1,a cat, then a dog,,\n")
+    assert read_captions(trailing).by_id == {"v0": ["a dog"], "v1": ["a cat, then a dog"]}
     semicolons = tmp_path / "excel.csv"  # the caption column in the middle, its separator unquoted
     semicolons.write_text("Video;Caption;Split\nv0;first; then second;train\n")
     assert read_captions(semicolons).by_id == {"v0": ["first; then second"]}

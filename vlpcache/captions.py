@@ -370,6 +370,8 @@ def _read_csv(captions: Captions, path: Path, text: str) -> str:
     for fields in rows:
         if not fields:  # a blank line
             continue
+        while len(fields) > len(lowered) and at[caption] == len(lowered) - 1 and not fields[-1].strip():
+            fields.pop()  # separators a row ends in, after the caption, the last column: no more of its words
         if (extra := len(fields) - len(lowered)) > 0:  # the caption's own separators, not quoted
             c = at[caption]
             fields = [*fields[:c], delimiter.join(fields[c : c + extra + 1]), *fields[c + extra + 1 :]]
