@@ -172,8 +172,8 @@ class RegionCache:
         def key(row: _Row) -> tuple[str, int]:
             return self._shard_keys[row.location[0]], row.location[1]
 
-        current = [_current([row, *others.get(i, [])], lambda r: key(r) not in left_out) if i in others or left_out
-                   else row for i, row in enumerate(rows)]
+        current = [_current([row, *others.get(i, [])], lambda r: key(r) not in left_out)
+                   if i in others or (left_out and key(row) in left_out) else row for i, row in enumerate(rows)]
         # items whose current row was found damaged (left out until extract redoes them), or dropped: id -> record
         self.damaged: dict[str, dict] = {}
         self.removed: dict[str, dict] = {}
