@@ -22,10 +22,8 @@ training takes another item in its place, validation and eval read it as a blank
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,6 +33,7 @@ import numpy as np
 from vlpcache.cache.manifest import (UNREADABLE, read_damaged, read_failures, read_manifest, read_moves, read_removed,
                                      shard_file_differences)
 from vlpcache.cache.schema import COMMITTED_ATTR, DAMAGED_DIR, SHARD_DIR, SHARD_SUFFIX, CacheSettings, not_finite
+from vlpcache.cache.writer import RecordLog
 from vlpcache.errors import UserError
 from vlpcache.files import folder_bytes
 from vlpcache.report import Say, say
@@ -56,12 +55,11 @@ def say_damage(line: str, count: int, say: Say = say) -> None:
 
 class DamagedShard(UserError):
     """A finished shard whose data no longer reads (a checksum or decompression failure); `reason` is
-    h5py's first line, `item` the id of the item whose read failed ("" for a whole array)."""
+    h5py's first line."""
 
-    def __init__(self, message: str, reason: str = "", item: str = ""):
+    def __init__(self, message: str, reason: str = ""):
         super().__init__(message)
         self.reason = reason
-        self.item = item
 
 
 def _damage(shard: Path, what: str, reason: str) -> str:
@@ -344,7 +342,7 @@ class RegionCache:
             raise IndexError(f"index {index} out of range for a cache of {len(self)} items")
         s, row = self._locations[index]
         if (line := self._damage_lines.get((self._shard_keys[int(s)], int(row)))) is not None:
-            raise DamagedShard(line, self._found_damaged[self._shard_keys[int(s)], int(row)]["reason"], self.ids[index])
+            raise DamagedShard(line, self._found_damaged[self._shard_keys[int(s)], int(row)]["reason"])
         datasets = self._shard_datasets(int(s))
         try:
             with reading(self.shard_paths[int(s)], f"item {self.ids[index]!r}"):
@@ -380,12 +378,11 @@ class RegionCache:
         self._found_damaged[record["shard"], row] = record
         unwritten = ""
         try:
-            log = self.cache_dir / DAMAGED_DIR / f"{socket.gethostname()}-{os.getpid()}.jsonl"
-            log.parent.mkdir(exist_ok=True)
-            with open(log, "a", encoding="utf-8") as f:
-                f.write(json.dumps({**record, "time": time.time()}, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            log = RecordLog(self.cache_dir / DAMAGED_DIR / f"{socket.gethostname()}-{os.getpid()}.jsonl")
+            try:
+                log.append(record)
+            finally:
+                log.close()
         except OSError as err:
             unwritten = err.strerror or type(err).__name__
         line = _damage(shard, f"item {item_id!r}", reason)
@@ -395,7 +392,7 @@ class RegionCache:
         else:
             line += f"; recorded in {self.cache_dir / DAMAGED_DIR}: the next `vlpcache extract` extracts it again"
         self._damage_lines[record["shard"], row] = line  # a read of it again says so without reading or recording
-        return DamagedShard(line, reason, item_id)
+        return DamagedShard(line, reason)
 
     def shard_columns(self, names: tuple[str, ...]):
         """For each shard the cache reads, {name: array of its videos' rows}, one shard at a time: for
