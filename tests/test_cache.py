@@ -396,6 +396,13 @@ def test_damage_the_checksum_misses_is_caught_by_its_values_and_extract_never_wr
         RegionCache(tmp_path).get("b")
     assert RegionCache(tmp_path, say=lambda line: None).ids == ["a"]
 
+    from vlpcache.cache.schema import not_finite  # read by the exponent's bits: each dtype, each kind of value
+
+    for dtype in (np.float16, np.float32, np.float64, ">f4"):
+        extremes = np.array([0.0, -0.0, 1e-8, np.finfo(dtype).max, np.finfo(dtype).min], dtype)
+        assert not_finite({"x": extremes, "y": np.array(7.0, dtype)}) == ""
+        for bad in (np.nan, -np.nan, np.inf, -np.inf):
+            assert not_finite({"x": extremes, "y": np.array([[1.0, bad]], dtype)}) == "y", (dtype, bad)
     arrays = random_item(0)
     arrays["features"][0, 0, 0] = np.inf
     failed = RegionItem(DecodedItem(Item("v", Path("/v.mp4"), "video"), None), arrays)

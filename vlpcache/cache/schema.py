@@ -36,7 +36,22 @@ def not_finite(arrays: dict) -> str:
     writes one, so a reader takes one for damage the chunk checksum missed (fletcher32 cannot tell a 16-bit
     word of zeros from one of ones)."""
     return next((name for name, a in arrays.items()
-                 if isinstance(a, np.ndarray) and a.dtype.kind == "f" and not np.isfinite(a).all()), "")
+                 if isinstance(a, np.ndarray) and a.dtype.kind == "f" and not _all_finite(a)), "")
+
+
+# a float's bits as an unsigned integer, and its exponent's: all ones is a NaN or an infinity
+_EXPONENT_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000),
+                  np.dtype(np.float64): (np.uint64, 0x7FF0000000000000)}
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """np.isfinite(a).all(), by the exponent bits where it can: every read a training step makes checks one
+    item's features, and np.isfinite takes 0.53 ms for an MSR-VTT item's float16 ones (8 x 31 x 1280), the
+    bits 0.05 ms."""
+    if (bits := _EXPONENT_BITS.get(a.dtype)) is None:
+        return bool(np.isfinite(a).all())
+    kind, exponent = bits
+    return not ((a.view(kind) & kind(exponent)) == kind(exponent)).any()
 
 
 MANIFEST_NAME = "manifest.json"
