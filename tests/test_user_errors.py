@@ -210,3 +210,18 @@ def test_a_bad_option_or_command_is_one_error_line_like_every_other_error(args, 
     with pytest.raises(SystemExit) as exited:
         cli.main()
     assert exited.value.code == 2 and capsys.readouterr().err == line + "\n"
+
+
+def test_a_text_model_that_cannot_be_had_is_its_one_line_before_the_captions_are_read(template, tmp_path, monkeypatch,
+                                                                                        capsys):
+    # it printed the resolved text pooling first, and only after reading every caption
+    root = tmp_path / "root"
+    shutil.copytree(template, root)
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(root / "ws"))
+    code, out, err = vlpcache(monkeypatch, capsys, "pretrain", "--captions", root / "train.jsonl", "--device", "cpu",
+                              "--text-model", "no-such-org/no-such-model", "-o", root / "new-run")
+    assert code == 2 and err == ("error: text model 'no-such-org/no-such-model' is not a local directory nor in the Hugging "
+                                 "Face cache, and huggingface.co cannot be reached (or downloads are off); pass "
+                                 "--text-model DIR (a downloaded model directory) or leave it out for the offline default "
+                                 "all-MiniLM-L6-v2\n"), err
+    assert not (root / "new-run").exists()

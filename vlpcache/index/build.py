@@ -118,6 +118,7 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
             (index_dir / QUERYBANK_FILE).unlink(missing_ok=True)  # it described the old rows
         started = time.monotonic()
         index, how = _add_encoded(run, cache, rows, index, config, device, batch_size, progress, parts, say)
+        encoding_s = time.monotonic() - started  # the query bank below says its own time
         if again:
             how += f" ({len(again)} of them indexed anew, extracted again since)"
         index.meta.cache_shards = list(cache.read_shards)
@@ -126,7 +127,7 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
         export_for_search(run, index_dir, say)
         update_query_bank(run, index, index_dir, len(rows), qbnorm, device, batch_size, progress, say)
         note = coverage(index, cache)
-        say(f"index {index_dir}: {len(index)} items; encoded {len(rows)} videos in {time.monotonic() - started:.1f} s; "
+        say(f"index {index_dir}: {len(index)} items; encoded {len(rows)} videos in {encoding_s:.1f} s; "
             f"{how}" + (f"; {note}" if note else ""))
         return index
 
@@ -144,11 +145,13 @@ def update_query_bank(run, index: VideoIndex, index_dir: Path, added: int, wante
     if not (wanted or bank is not None):
         return
     say(f"query bank: encoding up to {BANK_SIZE} training captions of run {run.run_dir} (QB-Norm)")
+    started = time.monotonic()
     bank = run_query_bank(run, index.embeddings, device, batch_size, progress=progress, say=say)
     if bank is None:
         say("note: no training caption of the run can be read; no query bank, search --qbnorm is not available")
         return
     bank.save(path)
+    say(f"query bank: {len(bank.bank)} captions in {time.monotonic() - started:.1f} s")
 
 
 def run_query_bank(run, videos: np.ndarray, device, batch_size: int, beta: float = BETA, k: int = TOP_K,

@@ -108,11 +108,7 @@ def load_text_backbone(name_or_dir: str, weights: bool = True):
     if local:
         raise UserError(f"text model {name_or_dir}: cannot load it ({str(first_error).splitlines()[0]})")
     if not _hub_usable():
-        raise UserError(
-            f"text model {name_or_dir!r} is not a local directory nor in the Hugging Face cache, and huggingface.co "
-            "cannot be reached (or downloads are off); pass --text-model DIR (a downloaded model directory) or leave it out for the "
-            "offline default all-MiniLM-L6-v2"
-        )
+        raise _unreachable_text_model(name_or_dir)
     try:
         return load(local_files_only=False)
     except (OSError, ValueError) as err:
@@ -120,6 +116,31 @@ def load_text_backbone(name_or_dir: str, weights: bool = True):
             f"text model {name_or_dir!r}: cannot download it ({str(err).splitlines()[0]}); check the name or pass "
             "--text-model DIR"
         ) from None
+
+
+def _unreachable_text_model(name_or_dir: str) -> UserError:
+    return UserError(
+        f"text model {name_or_dir!r} is not a local directory nor in the Hugging Face cache, and huggingface.co "
+        "cannot be reached (or downloads are off); pass --text-model DIR (a downloaded model directory) or leave it out "
+        "for the offline default all-MiniLM-L6-v2"
+    )
+
+
+def check_text_model_findable(name_or_dir: str) -> None:
+    """Refuse at once a text model that load_text_backbone could not find: neither a directory nor a
+    name in the Hugging Face cache, with the hub out of reach (pretrain asks before reading captions)."""
+    if Path(name_or_dir).is_dir():
+        return
+    if Path(name_or_dir).exists():
+        raise UserError(f"text model {name_or_dir}: not a directory; pass a Hugging Face model directory or name")
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name_or_dir, "config.json")
+    except ValueError:  # not a name the hub could hold ("a/b/c", "/no/such/dir"): not in its cache either
+        cached = None
+    if not isinstance(cached, str) and not _hub_usable():
+        raise _unreachable_text_model(name_or_dir)
 
 
 SENTENCE_POOLING = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}  # sentence-transformers: ours

@@ -48,7 +48,7 @@ from vlpcache.model.config import (
     TrainConfig,
     captions_per_video_cap,
 )
-from vlpcache.model.model import AlignmentModel, PretrainLoss, build_model, load_text_backbone
+from vlpcache.model.model import AlignmentModel, PretrainLoss, build_model, check_text_model_findable, load_text_backbone
 from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
 from vlpcache.model.run_layout import LOG_NAME, TRAINING_LOCK_NAME, VIDEOS_NAME, save_run_videos
 from vlpcache.model.text_features import TextFeatures, cache_kind, cached_text_features
@@ -268,6 +268,8 @@ def _check_before_loading(options: PretrainOptions, train_config: TrainConfig, p
     """Refuse what would fail once the data is loaded and the run's files written (minutes into a large
     caption set, leaving a run without a checkpoint that --resume would pick)."""
     autocast_for(processes.device, train_config.precision)  # bf16 where there is none
+    if options.text_model and not options.resume:
+        check_text_model_findable(options.text_model)
     heads = ModelConfig.heads
     if options.width is not None and options.width % heads:
         raise UserError(f"--width {options.width}: the region transformer's width must be a multiple of its {heads} "
