@@ -62,6 +62,16 @@ def test_a_model_compared_with_itself_differs_by_nothing_on_every_resample(tmp_p
     assert result["queries_same"] == 500 and result["first_only_a"] == result["first_only_b"] == 0
 
 
+def test_a_file_given_on_both_sides_is_said(tmp_path, monkeypatch, capsys):
+    a = write_records(tmp_path / "a.jsonl", np.arange(1, 21))
+    code, out, err = vlpcache(monkeypatch, capsys, "compare", a, tmp_path / "." / "a.jsonl", "--resamples", "100")
+    assert code == 0 and err == (f"note: {tmp_path / '.' / 'a.jsonl'} is on both sides: the same evaluation compared "
+                                 "with itself differs by nothing; did you mean another file?\n"), err
+    code, out, err = vlpcache(monkeypatch, capsys, "compare", a, "vs", write_records(tmp_path / "b.jsonl", np.arange(1, 21)),
+                              "--resamples", "100")
+    assert code == 0 and err == ""
+
+
 def test_the_interval_of_a_recall_difference_is_the_paired_one_not_two_independent_ones():
     """B finds at rank 1 exactly the queries A does plus 5% more: the per-query difference is 0 or 1, so
     the paired interval is 5 ± 1.96 · sqrt(0.05 · 0.95 / Q) points, far narrower than the interval two

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from vlpcache.errors import UserError
-from vlpcache.report import printable
+from vlpcache.report import printable, say
 
 RANKINGS = {  # --ranking -> the record's key, and the eval option that writes it
     "global": ("rank", None),
@@ -233,6 +233,9 @@ def run_compare(files: tuple[str, ...], ranking: str = "global", resamples: int 
     """The `vlpcache compare` command."""
     a_files, b_files = split_sides(files)
     a, b, pairs = read_sides(a_files, b_files, ranking)
+    if both := [path for path in b_files if Path(path).resolve() in {Path(p).resolve() for p in a_files}]:
+        say(f"note: {printable(both[0])} is on both sides" + (f" (and {len(both) - 1} more file(s))" if len(both) > 1 else "")
+            + ": the same evaluation compared with itself differs by nothing; did you mean another file?")
     result = compare(a, b, [video for _, video in pairs], resamples, seed)
     result["ranking"] = ranking
     print(json.dumps(result, indent=2) if as_json else format_comparison(result, ranking))
