@@ -434,6 +434,9 @@ def test_resume_of_a_finished_run_trains_nothing_more(tmp_path, corpus, tiny_tex
     again = run_pretrain(**options, **small_options(tiny_text, epochs=None, resume=True))
     assert again["trained_epochs"] == 0
     np.testing.assert_array_equal(read_run_videos(tmp_path / "run")[0], trained)  # resuming writes it
+    with monkeypatch.context() as patch:  # then says so before reading the data (seconds of a large caption set)
+        patch.setattr("vlpcache.model.train.load_pretrain_data", lambda *a, **k: pytest.fail("read the data"))
+        assert run_pretrain(**options, **small_options(tiny_text, epochs=None, resume=True))["trained_epochs"] == 0
     with pytest.raises(UserError, match="--resume"):
         run_pretrain(**options, **small_options(tiny_text, epochs=1))
 
@@ -474,6 +477,12 @@ def test_resume_with_other_epochs_records_them_so_inspect_and_a_later_resume_agr
     assert run_pretrain(**options, **small_options(tiny_text, epochs=None, resume=True))["trained_epochs"] == 0
     with pytest.raises(UserError, match=r"--epochs 1: .* has trained 2 epochs already; pass --epochs 2 or more"):
         run_pretrain(**options, **small_options(tiny_text, epochs=1, resume=True))  # an end before what is done
+    assert ckpt.read_run_config(tmp_path / "run")["train"]["epochs"] == 2
+    ckpt.save_run_epochs(tmp_path / "run", 3)  # as a run of 3 epochs killed after its second
+    capsys.readouterr()
+    assert run_pretrain(**options, **small_options(tiny_text, epochs=2, resume=True, quiet=False))["trained_epochs"] == 0
+    assert ("--epochs 2: the run now ends after epoch 2 (it was to end after 3), and its learning rate decays to 0 there; "
+            "2 epochs are done already, so none is trained") in capsys.readouterr().err
     assert ckpt.read_run_config(tmp_path / "run")["train"]["epochs"] == 2
 
 

@@ -176,7 +176,7 @@ class Run:
     dir: Path
     train: TrainConfig
     model: ModelConfig
-    data: PretrainData
+    data: PretrainData | None  # None: a resumed run with no epoch left to train (its data is not read)
     resumed: bool  # settings read back from the run's config.json
 
 
@@ -235,6 +235,9 @@ def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, w
         if train_config.epochs < done:  # would record an end before what is trained: "2 of 1 epochs"
             raise UserError(f"--epochs {train_config.epochs}: {run_dir} has trained {done} epochs already; pass "
                             f"--epochs {done} or more (more continues it), or start a new run")
+        if train_config.epochs == done and (run_dir / VIDEOS_NAME).exists():  # said before the captions and
+            # caches are read (seconds, or minutes); a run from before the videos' record reads them to write it
+            return Run(run_dir, train_config, model_config, None, resumed=True)
     else:
         train_config = TrainConfig(
             **{k: getattr(options, k) for k in TRAIN_OPTIONS if getattr(options, k) is not None},
@@ -427,11 +430,7 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
             keep_log_until(run.dir / LOG_NAME, state["epoch"])
         processes.say(f"resuming {run.dir} after epoch {state['epoch']} (step {trainer.step})", always=True)
     # recorded once the checkpoint has loaded: a resume that fails changes nothing of the run
-    if processes.main and run.resumed and (before := ckpt.save_run_epochs(run.dir, run.train.epochs)) is not None:
-        done = max(last, default=0)
-        processes.say(f"--epochs {run.train.epochs}: the run now ends after epoch {run.train.epochs} (it was to end "
-                      f"after {before}), and its learning rate decays to 0 there" +
-                      (f"; {done} epochs are done already, so none is trained" if done == run.train.epochs else ""))
+    record_new_epochs(run, processes, max(last, default=0))
     if processes.world > 1:
         trainer.trainable = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[processes.device.index] if processes.device.type == "cuda" else None
@@ -723,7 +722,10 @@ def _pretrain(options: PretrainOptions, processes: Processes) -> dict:
     run_dir, fresh = choose_run_dir(options, processes, workspace)
     with training_lock(run_dir, fresh, processes):
         try:
-            return _train(resolve_run(options, run_dir, processes, workspace), processes, workspace)
+            run = resolve_run(options, run_dir, processes, workspace)
+            if run.data is None:
+                return _already_trained(run, processes)
+            return _train(run, processes, workspace)
         except KeyboardInterrupt:
             raise Interrupted(interrupted_line(run_dir)) from None
 
@@ -774,10 +776,25 @@ def _train(run: Run, processes: Processes, workspace: Workspace) -> dict:
         "best": best,
         "last": history[-1] if history else None,
     }
-    if not history:
-        processes.say(f"{run.dir}: already trained for {run.train.epochs} epochs; pass a larger --epochs to continue")
-    else:
-        processes.say(f"done: {len(history)} epoch(s) in {human_duration(summary['seconds'])}; checkpoints in "
-                      f"{run.dir / ckpt.CHECKPOINT_DIR}" + (f"; best val epoch {best['epoch']}" if best else "")
-                      + f"; `vlpcache inspect {printable(str(run.dir))}` shows every epoch")
+    if not history:  # a run from before the videos' record, now written
+        return _already_trained(run, processes)
+    processes.say(f"done: {len(history)} epoch(s) in {human_duration(summary['seconds'])}; checkpoints in "
+                  f"{run.dir / ckpt.CHECKPOINT_DIR}" + (f"; best val epoch {best['epoch']}" if best else "")
+                  + f"; `vlpcache inspect {printable(str(run.dir))}` shows every epoch")
     return summary
+
+
+def record_new_epochs(run: Run, processes: Processes, done: int) -> None:
+    """A resumed run's --epochs, where it differs from the stored one: recorded and said."""
+    if processes.main and run.resumed and (before := ckpt.save_run_epochs(run.dir, run.train.epochs)) is not None:
+        processes.say(f"--epochs {run.train.epochs}: the run now ends after epoch {run.train.epochs} (it was to end "
+                      f"after {before}), and its learning rate decays to 0 there" +
+                      (f"; {done} epochs are done already, so none is trained" if done == run.train.epochs else ""))
+
+
+def _already_trained(run: Run, processes: Processes) -> dict:
+    """A resumed run with every epoch of its --epochs trained: said, nothing trained."""
+    record_new_epochs(run, processes, run.train.epochs)
+    processes.say(f"{run.dir}: already trained for {run.train.epochs} epochs; pass a larger --epochs to continue")
+    return {"run_dir": str(run.dir), "epochs": run.train.epochs, "trained_epochs": 0, "seconds": 0.0,
+            "best": ckpt.read_best(run.dir), "last": None}
