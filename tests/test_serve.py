@@ -25,7 +25,7 @@ from PIL import Image
 
 from conftest import SHARED
 from test_model import build_tiny_text_model
-from test_pretrain import write_cache, write_captions
+from test_pretrain import WORDS, write_cache, write_captions
 from test_search import vlpcache, ws  # noqa: F401  ws: a private copy of this module's template
 from vlpcache.cli import main
 from vlpcache.extract.sampling import read_frames_at
@@ -174,8 +174,9 @@ def test_frame_requests_outside_the_sampled_frames_are_refused(api, params, stat
 def test_requests_for_another_host_name_are_refused(api):
     response = api.get("/api/info", headers={"host": "attacker.example:8000"})
     assert "Host header" in one_line_error(response, 400)
-    assert api.get("/api/info", headers={"host": "localhost:8000"}).json() == {"items": ITEMS, "rerank": True,
-                                                                              "model": "run-001, epoch 1", "unindexed": 0}
+    assert api.get("/api/info", headers={"host": "localhost:8000"}).json() == {
+        "items": ITEMS, "rerank": True, "model": "run-001, epoch 1", "unindexed": 0,
+        "example": "the " + WORDS[0] + " here"}  # the first caption of 3 to 6 words in the run's training captions
 
 
 def test_every_response_carries_the_security_headers(api):
@@ -356,8 +357,9 @@ class Server:
 
     def _read_url(self) -> str:
         """The address of the "serving ... at URL" line; no clock: the output ends if the server dies first."""
-        for line in self.process.stdout:
+        for line in iter(self.process.stdout.readline, ""):
             if line.startswith("serving "):
+                self.suggestion = self.process.stdout.readline().rstrip("\n")  # "try URL?q=..."
                 return line.split(" at ")[1].split()[0]
         self.stop()
         raise AssertionError(f"vlpcache serve did not start: {self.process.stderr.read()}")
@@ -447,6 +449,7 @@ def test_the_command_serves_the_page_and_stops_cleanly_on_ctrl_c_or_sigterm(ws, 
     server.stop(signum)
     out, err = server.process.communicate()
     assert server.process.returncode == 0 and out.splitlines()[-1] == "stopped" and not err, err
+    assert server.suggestion == f"try {server.url}?q=the+{WORDS[0]}+here"  # a caption of the run's, not of cooking
 
 
 def test_a_port_in_use_is_one_line_error(ws, server):
@@ -499,6 +502,7 @@ def test_page_in_headless_chromium_shows_result_cards_with_thumbnails_and_boxes(
         wait.until(lambda b: "Search 24 videos" in b.find_element(By.ID, "status").text)
         assert browser.find_element(By.ID, "status").text.endswith("(model: run-001, epoch 1).")  # which run answers
         box = browser.find_element(By.ID, "q")
+        wait.until(lambda b: box.get_attribute("placeholder") == f"the {WORDS[0]} here")  # a caption of the run's
         box.send_keys("a man with a dog", Keys.ENTER)
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".card")) == 12)
         assert "q=a+man+with+a+dog" in browser.current_url  # the query lives in the URL

@@ -42,6 +42,10 @@ from vlpcache.report import Say, printable, say
 
 # what describing a hit reads of its cached item; features, most of an item's bytes, are left on disk
 HIT_ARRAYS = ("labels", "boxes", "timestamps")
+EXAMPLE_QUERY = "person cuts onion"  # serve's suggestion where the run's captions give none
+EXAMPLE_WORDS = (3, 6)  # a suggested caption's words, at least and at most
+EXAMPLE_VIDEOS = 2000  # the first videos of the run's first caption file looked at for one
+EXAMPLE_FILE_BYTES = 64 << 20  # a larger caption file is not read for a suggestion (CC3M's take minutes)
 # a hit extracted again since it was indexed (shown without matched regions: the index's are the old rows')
 EXTRACTED_AGAIN = ("extracted again since it was indexed (its source changed): found by its old content, its regions "
                    "not shown; run `vlpcache index` to index it anew")
@@ -186,6 +190,34 @@ class Searcher:
         name = Path(meta.run_dir).name if meta.run_dir else ""
         number = epoch_of(Path(meta.checkpoint_path).parent) if meta.checkpoint_path else None  # .../epoch-0010/model.safetensors
         return ", ".join(part for part in (name, f"epoch {number}" if number is not None else "") if part)
+
+    @functools.cached_property
+    def example_query(self) -> str:
+        """A short caption from the run's training captions, of a video in the index where one has such
+        (what serve suggests, and the page's search box shows); EXAMPLE_QUERY where none can be read."""
+        from vlpcache.captions import read_captions
+        from vlpcache.model.run_layout import read_run_config
+
+        if not self.index.meta.run_dir:
+            return EXAMPLE_QUERY
+        try:
+            files = read_run_config(Path(self.index.meta.run_dir)).get("train", {}).get("captions", [])
+        except (UserError, OSError, AttributeError):  # gone, unreadable, or not a run's config
+            return EXAMPLE_QUERY
+        short = []  # (words, caption): 3 to 6 words, an indexed video's first
+        for path in files[:1]:
+            if not Path(path).is_file() or Path(path).stat().st_size > EXAMPLE_FILE_BYTES:  # not minutes for a hint
+                continue
+            try:
+                captions = read_captions(path)
+            except (UserError, OSError):
+                continue
+            for item_id, texts in list(captions.by_id.items())[:EXAMPLE_VIDEOS]:
+                for text in texts:
+                    words = " ".join(text.split())
+                    if EXAMPLE_WORDS[0] <= len(words.split()) <= EXAMPLE_WORDS[1] and len(words) <= 60:
+                        short.append((item_id not in self.index, words))
+        return min(short, key=lambda found: found[0])[1] if short else EXAMPLE_QUERY
 
     @property
     def can_rerank(self) -> bool:

@@ -2,7 +2,8 @@
 
     GET /                          the search page; the query lives in the URL: /?q=person+cuts+onion[&k=20][&item=ID]
     GET /page.js, /page.css        its script and style (fixed names: no path from a request is ever opened)
-    GET /api/info                  {"items", "rerank", "model", "unindexed"}: what is searched, by which run, what is not yet
+    GET /api/info                  {"items", "rerank", "model", "unindexed", "example"}: what is searched, by which run, what
+                                   is not yet indexed, and a caption of the run's to suggest
     GET /api/search?q=&k=&rerank=  {"query", "results"}: the fields of `vlpcache search --json`
     GET /api/item?id=              one indexed item: its sampled frames and every cached region on them
     GET /media/frame?id=&t=        JPEG of sampled frame t of an indexed item (a placeholder when the source is gone)
@@ -60,7 +61,7 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
     def info(request: Request) -> Response:
         searcher.refresh()  # the page's "Search N videos": those `vlpcache index` added since the server started too
         return JSONResponse({"items": len(searcher), "rerank": searcher.can_rerank, "model": searcher.model_label,
-                             "unindexed": searcher.unindexed})
+                             "unindexed": searcher.unindexed, "example": searcher.example_query})
 
     def search(request: Request) -> Response:
         query = _query_text(request)

@@ -246,6 +246,7 @@ async function start() {
   $("detail").addEventListener("close", closeItem);
   const about = getJson("/api/info");
   info = about.catch(() => null); // results do not wait on it failing
+  about.then((i) => { if (i.example) $("q").placeholder = i.example; }, () => {});
   if (query) {
     await search(query, k);
   } else {
