@@ -125,6 +125,23 @@ def test_split_evaluates_the_videos_of_one_split_of_a_file_that_has_several(root
     assert code == 2 and err.strip().splitlines() == [f"error: {path}: no video of split 'train' (its splits: test, val)"]
 
 
+def test_a_run_moved_with_its_data_still_knows_its_training_captions(tmp_path):
+    # the run's config records absolute paths: after a move, eval scored the training set without a word
+    from vlpcache.index.evaluate import seen_by_run
+
+    old, new = tmp_path.resolve() / "old", tmp_path.resolve() / "new"
+    (new / "data" / "cache").mkdir(parents=True)
+    (new / "data" / "train.jsonl").write_text("".join(json.dumps({"video": f"v{i}", "caption": "a dog"}) + "\n"
+                                                      for i in range(3)))
+    (new / "runs" / "run-001").mkdir(parents=True)
+    (new / "runs" / "run-001" / "config.json").write_text(json.dumps({"train": {
+        "caches": [str(old / "data" / "cache")], "captions": [str(old / "data" / "train.jsonl")],
+        "val_captions": None, "made_in": str(old / "runs" / "run-001")}}))
+    seen = seen_by_run(new / "runs" / "run-001", new / "data" / "cache", new / "data" / "train.jsonl",
+                       read_captions(new / "data" / "train.jsonl"), False)
+    assert seen.trained == 3 and seen.training_files == (str(new / "data" / "train.jsonl"),)
+
+
 def test_eval_on_the_runs_training_captions_says_the_figures_measure_fit(root, ws, monkeypatch, capsys, tmp_path):
     code, out, err = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "train.jsonl", "--json", "--quiet")
     assert code == 0 and json.loads(out)["run"]["videos_trained_on"] == 16

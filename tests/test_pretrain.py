@@ -486,6 +486,40 @@ def test_resume_with_other_epochs_records_them_so_inspect_and_a_later_resume_agr
     assert ckpt.read_run_config(tmp_path / "run")["train"]["epochs"] == 2
 
 
+def test_a_run_moved_with_its_data_resumes_there_and_an_older_one_is_told_where_to_look(tmp_path, corpus, tiny_text,
+                                                                                       monkeypatch, capsys):
+    # a run records absolute paths: moved with its project, --resume stopped at "no such cache directory"
+    # and refused a --cache naming the new place
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    project = tmp_path.resolve() / "project"
+    shutil.copytree(corpus["cache"], project / "data" / "cache")
+    shutil.copy(corpus["train"], project / "data" / "train.jsonl")
+    run_pretrain(cache_dirs=[project / "data" / "cache"], captions=[project / "data" / "train.jsonl"],
+                 run_dir=project / "runs" / "run-001", **small_options(tiny_text, epochs=1))
+    moved = project.rename(tmp_path.resolve() / "elsewhere")
+    capsys.readouterr()
+    assert run_pretrain(run_dir=moved / "runs" / "run-001",
+                        **small_options(tiny_text, epochs=2, resume=True, quiet=False))["trained_epochs"] == 1
+    assert (f"run-001: reads {moved / 'data' / 'cache'}, {moved / 'data' / 'train.jsonl'} where it recorded other "
+            "paths (moved since); recorded in its config.json") in capsys.readouterr().err
+    train = ckpt.read_run_config(moved / "runs" / "run-001")["train"]
+    assert train["caches"] == [str(moved / "data" / "cache")] and train["made_in"] == str(moved / "runs" / "run-001")
+    # a run made before it recorded its place: the line names what is gone and the option; given anew, it goes on
+    ckpt.write_json(moved / "runs" / "run-001" / "config.json",
+                    {**ckpt.read_run_config(moved / "runs" / "run-001"), "train": {**train, "made_in": None}})
+    data = moved.rename(tmp_path.resolve() / "third") / "data"
+    run_dir = data.parent / "runs" / "run-001"
+    with pytest.raises(UserError, match=rf"^--resume: {re.escape(str(run_dir))} reads {re.escape(str(moved))}/data/cache, "
+                                        r"which is not there \(moved or deleted\?\); pass --cache with where it is now$"):
+        run_pretrain(run_dir=run_dir, **small_options(tiny_text, epochs=3, resume=True))
+    assert run_pretrain(run_dir=run_dir, cache_dirs=[data / "cache"], captions=[data / "train.jsonl"],
+                        **small_options(tiny_text, epochs=3, resume=True))["trained_epochs"] == 1
+    train = ckpt.read_run_config(run_dir)["train"]
+    assert train["captions"] == [str(data / "train.jsonl")] and train["made_in"] == str(run_dir)
+    with pytest.raises(UserError, match=r"--cache .* \(the run reads .*third/data/cache\)"):  # one still there stays
+        run_pretrain(run_dir=run_dir, cache_dirs=[corpus["cache"]], **small_options(tiny_text, epochs=4, resume=True))
+
+
 def test_more_captions_per_video_than_a_video_has_is_said(tmp_path, corpus, tiny_text, monkeypatch, capsys):
     monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
     run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=tmp_path / "run",

@@ -161,10 +161,10 @@ def run_query_bank(run, videos: np.ndarray, device, batch_size: int, beta: float
     from vlpcache.captions import read_captions
     from vlpcache.model.data import held_out
     from vlpcache.model.retrieval import encode_texts
-    from vlpcache.model.run_layout import read_run_config
+    from vlpcache.model.run_layout import read_run_locations
 
     captions = []
-    for path in read_run_config(run.run_dir).get("train", {}).get("captions", []):
+    for path in read_run_locations(run.run_dir).get("captions", []):
         try:
             training, _ = held_out(read_captions(path, progress), keep_held_out=False)
         except UserError as err:

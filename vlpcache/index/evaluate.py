@@ -198,10 +198,10 @@ def seen_by_run(run_dir: Path, cache_dir: Path, captions_file, captions, file_ha
     splits), and how many of them its best epoch was chosen on (those of the validation split of its
     validation file; all of it where the whole file, before any --split, has no validation split)."""
     from vlpcache.model.data import HELD_OUT_STEMS, VALIDATION_SPLITS
-    from vlpcache.model.run_layout import read_run_config, read_run_videos, video_keys
+    from vlpcache.model.run_layout import read_run_locations, read_run_videos, video_keys
 
     try:
-        train = read_run_config(run_dir).get("train", {})
+        train = read_run_locations(run_dir)  # a run moved with its data: where they are now
         trained_files = [str(Path(f).resolve()) for f in train.get("captions") or []]
         validation = str(Path(train["val_captions"]).resolve()) if train.get("val_captions") else None
         caches = {Path(c).resolve() for c in train.get("caches") or []}

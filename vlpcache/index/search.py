@@ -196,12 +196,12 @@ class Searcher:
         """A short caption from the run's training captions, of a video in the index where one has such
         (what serve suggests, and the page's search box shows); EXAMPLE_QUERY where none can be read."""
         from vlpcache.captions import read_captions
-        from vlpcache.model.run_layout import read_run_config
+        from vlpcache.model.run_layout import read_run_locations
 
         if not self.index.meta.run_dir:
             return EXAMPLE_QUERY
         try:
-            files = read_run_config(Path(self.index.meta.run_dir)).get("train", {}).get("captions", [])
+            files = read_run_locations(Path(self.index.meta.run_dir)).get("captions", [])
         except (UserError, OSError, AttributeError):  # gone, unreadable, or not a run's config
             return EXAMPLE_QUERY
         short = []  # (words, caption): 3 to 6 words, an indexed video's first

@@ -82,6 +82,9 @@ class TrainConfig(JsonRecord):
     caches: list[str] = dataclasses.field(default_factory=list)
     captions: list[str] = dataclasses.field(default_factory=list)
     val_captions: str | None = None
+    # the run folder (resolved) where the locations above were recorded: a run moved or copied with its
+    # data finds them at the same place relative to it (run_layout.located); None in older runs
+    made_in: str | None = None
 
     @classmethod
     def from_json(cls, data: dict) -> "TrainConfig":

@@ -93,6 +93,46 @@ def read_run_config(run_dir: Path) -> dict:
     )
 
 
+LOCATED = ("caches", "captions", "val_captions")  # the train config's locations (absolute, as given)
+
+
+def located(path: str, made_in: str | None, run_dir: Path) -> str:
+    """Where a location the run recorded is now. A run records the absolute paths of its caches and
+    caption files, and where it was made (`made_in`, its folder then); where the run folder is elsewhere
+    now (the project moved or copied with its data), the same place relative to the run folder is taken
+    where it exists, else the recorded path where that exists, else the recorded path (its reader
+    says it is missing)."""
+    if not path or not made_in:
+        return path
+    here = os.path.realpath(run_dir)
+    if os.path.normpath(made_in) != here:
+        moved = os.path.normpath(os.path.join(here, os.path.relpath(path, made_in)))
+        if os.path.exists(moved):
+            return moved
+    return path
+
+
+def run_locations(run_dir: Path, train: dict) -> dict:
+    """A run config's train section with its caches and caption files where they are now (located)."""
+    made_in = train.get("made_in")
+    found = dict(train)
+    for key in LOCATED:
+        value = train.get(key)
+        if isinstance(value, list):
+            found[key] = [located(p, made_in, run_dir) for p in value]
+        elif isinstance(value, str):
+            found[key] = located(value, made_in, run_dir)
+    return found
+
+
+def read_run_locations(run_dir: Path) -> dict:
+    """The run config's train section, its locations where they are now (see located)."""
+    train = read_run_config(run_dir).get("train", {})
+    if not isinstance(train, dict):
+        raise UserError(f"{Path(run_dir) / CONFIG_NAME}: unreadable run config (no train settings)")
+    return run_locations(run_dir, train)
+
+
 def read_best(run_dir: Path) -> dict | None:
     """best.json: {"epoch", "metrics"} of the best validation so far; None for a run without validation."""
     return read_optional_json(Path(run_dir) / BEST_NAME)

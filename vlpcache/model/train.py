@@ -50,8 +50,9 @@ from vlpcache.model.config import (
 )
 from vlpcache.model.model import AlignmentModel, PretrainLoss, build_model, check_text_model_findable, load_text_backbone
 from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
-from vlpcache.model.run_layout import LOG_NAME, TRAINING_LOCK_NAME, VIDEOS_NAME, save_run_videos
+from vlpcache.model.run_layout import LOCATED, LOG_NAME, TRAINING_LOCK_NAME, VIDEOS_NAME, run_locations, save_run_videos
 from vlpcache.model.text_features import TextFeatures, cache_kind, cached_text_features
+from vlpcache.records import write_json
 from vlpcache.report import human_duration, printable, progress_bar, say
 from vlpcache.workspace import Workspace
 
@@ -238,12 +239,18 @@ def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, w
         if train_config.epochs == done and (run_dir / VIDEOS_NAME).exists():  # said before the captions and
             # caches are read (seconds, or minutes); a run from before the videos' record reads them to write it
             return Run(run_dir, train_config, model_config, None, resumed=True)
+        for key, name in (("caches", "--cache"), ("captions", "--captions"), ("val_captions", "--val-captions")):
+            paths = getattr(train_config, key)
+            if missing := [p for p in (paths if isinstance(paths, list) else [paths] if paths else []) if not os.path.exists(p)]:
+                raise UserError(f"--resume: {run_dir} reads {printable(missing[0])}, which is not there (moved or "
+                                f"deleted?); pass {name} with where it is now")
     else:
         train_config = TrainConfig(
             **{k: getattr(options, k) for k in TRAIN_OPTIONS if getattr(options, k) is not None},
             caches=[str(Path(c).resolve()) for c in (options.cache_dirs or [workspace.cache_dir])],
             captions=[str(Path(c).resolve()) for c in options.captions],
             val_captions=str(Path(options.val_captions).resolve()) if options.val_captions else None,
+            made_in=str(run_dir.resolve()),
         )
     _check_before_loading(options, train_config, processes)
     data = load_pretrain_data(
@@ -310,7 +317,7 @@ def _new_model_config(options: PretrainOptions, data: PretrainData) -> tuple[Mod
 
 def _stored_settings(options: PretrainOptions, stored: dict, run_dir: Path, processes: Processes):
     """The run's stored configs; options that would change them are refused (only RESUMABLE_OPTIONS may)."""
-    train_config = TrainConfig.from_json(stored["train"])
+    train_config = TrainConfig.from_json(run_locations(run_dir, stored["train"]))
     model_config = ModelConfig.from_json(stored["model"])
     conflicts = []
     for option in TRAIN_OPTIONS:
@@ -326,11 +333,20 @@ def _stored_settings(options: PretrainOptions, stored: dict, run_dir: Path, proc
             conflicts.append(f"--{option.replace('_', '-')} {value} (the run has {had})")
     if options.no_rwa and model_config.rwa:
         conflicts.append("--no-rwa (the run trains with region-word alignment)")
-    for given, kept, name in ((options.cache_dirs, train_config.caches, "--cache"), (options.captions, train_config.captions, "--captions")):
-        if given and sorted(str(Path(p).resolve()) for p in given) != sorted(kept):
-            conflicts.append(f"{name} {' '.join(map(str, given))} (the run reads {' '.join(kept)})")
-    if options.val_captions and str(Path(options.val_captions).resolve()) != train_config.val_captions:
-        conflicts.append(f"--val-captions {options.val_captions} (the run has {train_config.val_captions})")
+    # a location is given anew where the stored one is gone (the project moved, the run made before it
+    # recorded where it was made); one that is still there may not change
+    given = {"caches": options.cache_dirs, "captions": options.captions,
+             "val_captions": [options.val_captions] if options.val_captions else []}
+    for key, name in (("caches", "--cache"), ("captions", "--captions"), ("val_captions", "--val-captions")):
+        kept = getattr(train_config, key)
+        kept = kept if isinstance(kept, list) else [kept] if kept else []
+        paths = [str(Path(p).resolve()) for p in given[key]]
+        if not paths or sorted(paths) == sorted(kept):
+            continue
+        if kept and not all(os.path.exists(p) for p in kept):
+            setattr(train_config, key, paths if key != "val_captions" else paths[0])
+        else:
+            conflicts.append(f"{name} {' '.join(map(str, given[key]))} (the run reads {' '.join(kept) or 'none'})")
     if conflicts:
         raise UserError(f"--resume continues {run_dir} with its stored settings; these options differ: "
                         f"{'; '.join(conflicts)}. Leave them out, or start a new run with -o")
@@ -431,6 +447,7 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
         processes.say(f"resuming {run.dir} after epoch {state['epoch']} (step {trainer.step})", always=True)
     # recorded once the checkpoint has loaded: a resume that fails changes nothing of the run
     record_new_epochs(run, processes, max(last, default=0))
+    record_new_locations(run, processes)
     if processes.world > 1:
         trainer.trainable = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[processes.device.index] if processes.device.type == "cuda" else None
@@ -792,9 +809,30 @@ def record_new_epochs(run: Run, processes: Processes, done: int) -> None:
                       (f"; {done} epochs are done already, so none is trained" if done == run.train.epochs else ""))
 
 
+def record_new_locations(run: Run, processes: Processes) -> None:
+    """A resumed run's caches and caption files, where they are not where it recorded them (found
+    beside the moved run, or given anew): recorded, with the run's place, and said."""
+    if not (processes.main and run.resumed):
+        return
+    config = ckpt.read_run_config(run.dir)
+    stored = config["train"]
+    now = {key: getattr(run.train, key) for key in LOCATED}
+    here = str(run.dir.resolve())
+    if all(stored.get(key) == now[key] for key in LOCATED) and stored.get("made_in") in (None, here):
+        return
+    moved = [p for key in LOCATED for p in (now[key] if isinstance(now[key], list) else [now[key]] if now[key] else [])
+             if p not in (stored.get(key) if isinstance(stored.get(key), list) else [stored.get(key)])]
+    config["train"] = {**stored, **now, "made_in": here}
+    write_json(run.dir / ckpt.CONFIG_NAME, config)
+    if moved:
+        processes.say(f"{run.dir}: reads {', '.join(map(printable, moved))} where it recorded other paths (moved "
+                      "since); recorded in its config.json")
+
+
 def _already_trained(run: Run, processes: Processes) -> dict:
     """A resumed run with every epoch of its --epochs trained: said, nothing trained."""
     record_new_epochs(run, processes, run.train.epochs)
+    record_new_locations(run, processes)
     processes.say(f"{run.dir}: already trained for {run.train.epochs} epochs; pass a larger --epochs to continue")
     return {"run_dir": str(run.dir), "epochs": run.train.epochs, "trained_epochs": 0, "seconds": 0.0,
             "best": ckpt.read_best(run.dir), "last": None}
