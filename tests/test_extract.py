@@ -273,12 +273,20 @@ def test_items_no_longer_under_the_roots_are_said_and_dropped_with_prune(tmp_pat
     assert sorted(cached.ids) == ["b", "new/c", "o"] and sorted(cached.removed) == ["a", "old/c"] and cached.failures == {}
     run_extract([tmp_path / "data"], cache_dir=cache, quiet=True, prune=True)
     assert "no longer there" not in capsys.readouterr().err
+    # the root through a symbolic link to it: its cached items are under the root all the same
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    shutil.rmtree(tmp_path / "data" / "b")
+    run_extract([tmp_path / "link"], cache_dir=cache, quiet=True, prune=True)
+    assert (f"extract: dropped 1 cached item(s) under these roots are no longer there (e.g. 'b': {tmp_path / 'data' / 'b'} "
+            "is gone) (--prune)") in capsys.readouterr().err
+    assert sorted(RegionCache(cache).ids) == ["new/c", "o"]
+    shutil.copytree(folders[1], tmp_path / "data" / "b")
     run_extract([tmp_path / "data" / "new"], cache_dir=cache, quiet=True, prune=True)  # a root within: 'c' here
     said = capsys.readouterr().err
     assert "already cached as 'new/c'" in said and "no longer there" not in said and "new/c" in RegionCache(cache).ids
     shutil.copytree(folders[0], tmp_path / "data" / "a")  # back: extracted again, as new
     run_extract([tmp_path / "data"], cache_dir=cache, quiet=True)
-    assert "1 done" in capsys.readouterr().err and sorted(RegionCache(cache).ids) == ["a", "b", "new/c", "o"]
+    assert "2 done" in capsys.readouterr().err and sorted(RegionCache(cache).ids) == ["a", "b", "new/c", "o"]
 
 
 def test_what_extract_redoes_follows_the_stamps_of_cached_failed_and_moved_files(tmp_path):

@@ -15,6 +15,7 @@ found damaged (the reader recorded it and leaves that row out).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -127,16 +128,30 @@ def no_longer_there(items, cache: RegionCache, failed: dict[str, dict], roots, s
     """(Plan.gone, Plan.gone_failures): this shard's cached items whose paths lie under one of the roots
     that exist, and that discovery did not find; the failed ones whose file is gone. A root that is not
     there (an unmounted disk) counts for nothing."""
-    under = tuple(os.path.normpath(os.path.abspath(root)) for root in roots if os.path.exists(root))
+    there = [root for root in roots if os.path.exists(root)]
+    # a root as given and as it resolves: a root given through a symbolic link covers the items cached
+    # from its target, and the reverse
+    under = tuple({*(os.path.normpath(os.path.abspath(root)) for root in there), *map(os.path.realpath, there)})
     if not under:
         return [], []
+    @functools.lru_cache(maxsize=65536)
+    def real_folder(folder: str) -> str:  # once a folder: a million items live in far fewer
+        return os.path.realpath(folder)
+
+    def real(path: str) -> str:
+        return os.path.join(real_folder(os.path.dirname(path)), os.path.basename(path))
+
     found = {item.id for item in items}
-    found_paths = {os.path.normpath(str(item.path)) for item in items}  # a cached file found under another id is there
+    # a cached file found under another id, or through a link, is there
+    found_paths = {form for item in items for form in (os.path.normpath(str(item.path)), real(str(item.path)))}
+
+    def within(path: str) -> bool:
+        return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in under)
 
     def lost(item_id: str, path: str) -> bool:
         path = os.path.normpath(path)
         return (item_id not in found and path not in found_paths and shard_of(item_id, shard_count) == shard_index
-                and any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in under))
+                and (within(path) or within(real(path))) and real(path) not in found_paths)
 
     gone = [(item_id, path, "gone" if not os.path.lexists(path) else "no longer an item", cache.row_of(item_id))
             for item_id, path in zip(cache.ids, cache.paths) if lost(item_id, path)]
