@@ -8,6 +8,7 @@ drawn on them. No torch.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,8 @@ def source_pictures(cache: RegionCache, cached: dict) -> list[Image.Image]:
         source = read_item(Item(cached["id"], Path(cached["path"]), cached["kind"]), cache.settings.frames, RENDER_SIDE)
         return [Image.fromarray(f) for f in source.frames[:frame_count]]
     except (ItemError, OSError) as err:
-        say(f"{printable(cached['path'])}: cannot re-read the source ({err}); drawing boxes on blank frames")
+        moved = "" if os.path.lexists(cached["path"]) else " (moved? `vlpcache extract NEW_ROOT` records where it went)"
+        say(f"{printable(cached['path'])}: cannot re-read the source ({err}){moved}; drawing boxes on blank frames")
         return blank_frames(cached, frame_count)
 
 

@@ -50,8 +50,8 @@ EXAMPLE_FILE_BYTES = 64 << 20  # a larger caption file is not read for a suggest
 EXTRACTED_AGAIN = ("extracted again since it was indexed (its source changed): found by its old content, its regions "
                    "not shown; run `vlpcache index` to index it anew")
 # a hit whose file is no longer where it was extracted from (nor where a move record says it went)
-GONE_HIT = ("its source is no longer there: found by what was cached; `vlpcache extract ROOT --prune` drops such items "
-            "from the cache")
+GONE_HIT = ("its source is no longer there: found by what was cached; moved, `vlpcache extract NEW_ROOT` records where "
+            "it went; deleted, `vlpcache extract ROOT --prune` drops such items from the cache")
 # a hit whose cached row does not read (the reader recorded it: extract redoes it, and search then leaves it out)
 UNREADABLE_HIT = ("its cached regions cannot be read (the cache's shard is damaged: a disk fault or a bad copy), so none "
                   "are shown; recorded in the cache: the next `vlpcache extract` extracts it again")
