@@ -296,6 +296,28 @@ def test_a_source_changed_since_extract_gives_a_placeholder_until_extracted_and_
         np.testing.assert_allclose(regions[0][mask[0]], video.regions[row][video.region_mask[row]].numpy(), atol=2e-3)
 
 
+def test_a_move_that_extract_records_is_taken_up_by_a_running_server(ws):
+    # the server re-read the cache only when `vlpcache index` wrote the index; a move writes no index
+    from vlpcache.cache.writer import ShardWriter
+    from vlpcache.index.search import GONE_HIT
+
+    client, searcher = client_for(ws)
+    gone = f"v{MISSING}"
+
+    def hit() -> dict:
+        return next(h for h in client.get("/api/search", params={"q": "a dog", "k": 100}).json()["results"] if h["id"] == gone)
+
+    assert hit()["outdated"] == GONE_HIT
+    moved = ws.parent / "moved" / "gone.mp4"
+    moved.parent.mkdir()
+    shutil.copy(SHARED / "data" / "videos" / "cup.mp4", moved)
+    with ShardWriter(ws / "cache", searcher.cache.settings, writer_name="mover") as writer:  # as extract records it
+        writer.record_move(gone, searcher.cache.get(gone)["path"], str(moved))
+    assert hit()["outdated"] == "" and hit()["path"] == str(moved)
+    frame = client.get("/media/frame", params={"id": gone, "t": 0})
+    assert frame.status_code == 200 and "x-vlpcache-placeholder" not in frame.headers
+
+
 def test_a_hit_whose_cached_row_does_not_read_gets_its_reason_and_a_placeholder_not_a_broken_picture(ws):
     from broken_media import damage_chunk
     from vlpcache.index.search import UNREADABLE_HIT

@@ -24,6 +24,7 @@ import numpy as np
 
 from vlpcache.cache.labels import region_names
 from vlpcache.cache.reader import DamagedShard, RegionCache
+from vlpcache.cache.schema import DAMAGED_DIR, MOVES_DIR, REMOVED_DIR
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import read_utf8_text, utf8_text
@@ -42,6 +43,7 @@ from vlpcache.report import Say, printable, say
 
 # what describing a hit reads of its cached item; features, most of an item's bytes, are left on disk
 HIT_ARRAYS = ("labels", "boxes", "timestamps")
+CACHE_RECORD_DIRS = (MOVES_DIR, REMOVED_DIR, DAMAGED_DIR)  # a change in them is taken up without a new index
 EXAMPLE_QUERY = "person cuts onion"  # serve's suggestion where the run's captions give none
 EXAMPLE_WORDS = (3, 6)  # a suggested caption's words, at least and at most
 EXAMPLE_VIDEOS = 2000  # the first videos of the run's first caption file looked at for one
@@ -134,6 +136,7 @@ class Searcher:
         self.query_model, self.cache, self.index_dir = query_model, cache, index_dir
         self.rerank_candidates = RERANK_CANDIDATES
         self._lock = threading.Lock()  # the cache's lazily opened HDF5 files and FAISS's thread setting are shared
+        self._records = self._records_stamp()
         self._take(index, self._stamp())
 
     def _stamp(self) -> tuple[int, int] | None:
@@ -145,6 +148,20 @@ class Searcher:
         except OSError:
             return None
         return found.st_ino, found.st_mtime_ns
+
+    def _records_stamp(self) -> tuple:
+        """The cache's records of moved, dropped and damaged items as they are now: extract appends to them
+        (a move recorded changes where an item's frames are, and no index is written for it)."""
+        found = []
+        for name in CACHE_RECORD_DIRS:
+            try:
+                with os.scandir(self.cache.cache_dir / name) as entries:
+                    for entry in entries:
+                        stat = entry.stat()
+                        found.append((name, entry.name, stat.st_size, stat.st_mtime_ns))
+            except OSError:  # none recorded yet
+                continue
+        return tuple(sorted(found))
 
     def _take(self, index: VideoIndex, stamp) -> None:
         self.index, self._index_stamp = index, stamp
@@ -161,17 +178,21 @@ class Searcher:
         """Take up the index again if `vlpcache index` has written it since it was loaded (with the
         cache's shards, which the new rows come from); True when it did. An index caught halfway through
         being written is left for the next call; until then the one loaded answers."""
-        stamp = self._stamp()
-        if stamp is None or stamp == self._index_stamp:
+        stamp, records = self._stamp(), self._records_stamp()
+        if (stamp is None or stamp == self._index_stamp) and records == self._records:
             return False
         with self._lock:
-            if stamp == self._index_stamp:
-                return False
-            try:
-                index = VideoIndex.load(self.index_dir)
-            except (UserError, OSError, ValueError):
+            if stamp is not None and stamp != self._index_stamp:
+                try:
+                    index = VideoIndex.load(self.index_dir)
+                except (UserError, OSError, ValueError):
+                    return False
+            elif records != self._records:  # moves recorded (or items dropped) by extract: the same index
+                index, stamp = self.index, self._index_stamp
+            else:
                 return False
             self.cache.refresh()
+            self._records = records
             self._take(index, stamp)
         return True
 
