@@ -531,6 +531,21 @@ def test_failure_log_survives_a_partial_last_line(tmp_path):
     assert set(read_failures(tmp_path)) == {"x", "y"}
 
 
+def test_a_record_log_that_cannot_be_read_is_one_note_and_the_others_count(tmp_path, capsys):
+    # another user's log made with umask 077 stopped every reader (inspect, search, eval) with EACCES;
+    # root reads any file, so here the log is a folder of a log's name: an OSError on reading alike
+    with ShardWriter(tmp_path, SETTINGS) as writer:
+        writer.record_failure("x", "/x.mp4", "no video stream")
+    (tmp_path / "failures" / "other-writer.jsonl").mkdir()
+    (tmp_path / "moves" / "other-writer.jsonl").mkdir(parents=True)
+    capsys.readouterr()
+    cache = RegionCache(tmp_path)
+    assert set(cache.failures) == {"x"} and set(RegionCache(tmp_path).failures) == {"x"}
+    notes = capsys.readouterr().err.splitlines()
+    assert sorted(notes) == [f"note: {tmp_path / name / 'other-writer.jsonl'}: cannot be read (Is a directory (EISDIR)): its "
+                             f"records ({name}) are left out" for name in ("failures", "moves")]  # once each
+
+
 def test_succeeded_retry_clears_the_failure(tmp_path):
     with ShardWriter(tmp_path, SETTINGS) as writer:
         writer.record_failure("a", "/a.mp4", "corrupt")

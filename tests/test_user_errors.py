@@ -6,6 +6,7 @@ The commands run in-process (the CLI entry point) on a private copy of a tiny re
 cache, a run trained for one epoch, its index)."""
 
 import hashlib
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,3 +226,26 @@ def test_a_text_model_that_cannot_be_had_is_its_one_line_before_the_captions_are
                                  "--text-model DIR (a downloaded model directory) or leave it out for the offline default "
                                  "all-MiniLM-L6-v2\n"), err
     assert not (root / "new-run").exists()
+
+
+@pytest.mark.parametrize("code, says", [
+    (13, "error: /shared/ws/index/index.json: Permission denied (EACCES); another user's file or folder, or a read-only "
+         "one? ask its owner for access, or keep what this command writes in a folder of your own (-o, or "
+         "VLPCACHE_WORKSPACE=DIR for the workspace); nothing was lost"),
+    (28, "error: /shared/ws/index/index.json: No space left on device (ENOSPC); nothing committed before is lost: fix "
+         "this and run the command again"),
+], ids=["permission", "full-disk"])
+def test_a_system_error_no_command_foresaw_is_one_line_with_a_way_out(code, says, monkeypatch, capsys):
+    # a shared workspace read by another user: "fix this" named no way out
+    import sys
+
+    from vlpcache import cli
+
+    def denied(*args, **kwargs):
+        raise OSError(code, os.strerror(code), "/shared/ws/index/index.json")
+
+    monkeypatch.setattr(cli.cli, "main", denied)
+    monkeypatch.setattr(sys, "argv", ["vlpcache", "search", "a dog"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 2 and capsys.readouterr().err == says + "\n"

@@ -445,8 +445,13 @@ def main() -> None:
             if err.errno not in ENVIRONMENT_ERRORS:
                 raise
             where = f"{err.filename}: " if err.filename else ""
-            click.echo(f"error: {where}{system_reason(err)}; nothing committed before is lost: fix this and run the "
-                       "command again", err=True)
+            if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # a shared, read-only workspace
+                way = ("another user's file or folder, or a read-only one? ask its owner for access, or keep what this "
+                       "command writes in a folder of your own (-o, or VLPCACHE_WORKSPACE=DIR for the workspace); "
+                       "nothing was lost")
+            else:
+                way = "nothing committed before is lost: fix this and run the command again"
+            click.echo(f"error: {where}{system_reason(err)}; {way}", err=True)
             exit_now(2)
         except Interrupted as err:
             click.echo(str(err), err=True)

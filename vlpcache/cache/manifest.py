@@ -4,12 +4,15 @@ looking for media, and whether a shard file agrees with the settings."""
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
 from vlpcache.cache.schema import (COLLECTION_KEY, DAMAGED_DIR, FAILURE_DIR, MANIFEST_NAME, MOVES_DIR, PASSED_OVER_SUFFIX,
                                    REMOVED_DIR, CacheSettings, shard_differences)
+from vlpcache.files import system_reason
 from vlpcache.records import read_optional_json
+from vlpcache.report import say
 
 # what reading a damaged HDF5 file raises
 UNREADABLE = (OSError, KeyError, RuntimeError, ValueError, TypeError)
@@ -70,7 +73,12 @@ def _records(folder: Path) -> dict[str, list[dict]]:
     lines are passed over."""
     found: dict[str, list[dict]] = {}
     for log in sorted(folder.glob("*.jsonl")):
-        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            text = log.read_text(encoding="utf-8", errors="replace")
+        except OSError as err:  # another user's file, made with a umask of 077: the others still count
+            _say_unreadable_log(log, err)
+            continue
+        for line in text.splitlines():
             try:
                 record = json.loads(line)
                 found.setdefault(record["id"], []).append(record)
@@ -79,6 +87,17 @@ def _records(folder: Path) -> dict[str, list[dict]]:
     for records in found.values():
         records.sort(key=lambda record: record.get("time", 0) if isinstance(record.get("time"), (int, float)) else 0)
     return found
+
+
+_said_unreadable: set[str] = set()  # logs said once a process
+
+
+def _say_unreadable_log(log: Path, err: OSError) -> None:
+    if str(log) in _said_unreadable:
+        return
+    _said_unreadable.add(str(log))
+    owner = "; another user's file? ask its owner to make it readable (chmod a+r)" if err.errno == errno.EACCES else ""
+    say(f"note: {log}: cannot be read ({system_reason(err)}): its records ({log.parent.name}) are left out{owner}")
 
 
 def passed_over_path(cache_dir: Path, writer_name: str) -> Path:
