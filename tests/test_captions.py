@@ -328,6 +328,23 @@ def extracted_layout(tmp_path: Path) -> tuple[Workspace, Path]:
     return workspace, dataset
 
 
+def test_roots_are_remembered_once_and_a_workspace_that_cannot_be_written_keeps_its_record(tmp_path, monkeypatch):
+    # another user's workspace stopped `extract -o MY_CACHE` run in it with EACCES before anything was done
+    import errno
+
+    from vlpcache import workspace as workspace_module
+
+    workspace, dataset = extracted_layout(tmp_path)
+
+    def denied(path, data, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(workspace_module, "write_json", denied)
+    workspace.remember_roots([dataset / "frames" / "train"])  # known: nothing to write
+    workspace.remember_roots([dataset / "other"])  # new, not writable: the record stays as it was
+    assert workspace.extracted_roots() == [str((dataset / "frames" / split).resolve()) for split in ("train", "val")]
+
+
 def test_default_captions_train_on_the_roots_file_and_validate_on_val_jsonl_beside_it(tmp_path, cache):
     workspace, dataset = extracted_layout(tmp_path)
     data = load_pretrain_data([cache], None, None, workspace=workspace)

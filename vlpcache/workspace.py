@@ -10,6 +10,7 @@ The workspace is `.vlpcache/` in the current directory, or $VLPCACHE_WORKSPACE:
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -51,12 +52,19 @@ class Workspace:
                 number += 1
 
     def remember_roots(self, roots: list[Path]) -> None:
+        """Record extract's roots (where pretrain looks for caption files by default); nothing is written
+        when they are known already, and a workspace this user cannot write (another's, shared
+        read-only) keeps its record as it is: the cache, maybe elsewhere (-o), says for itself."""
         known = self.extracted_roots()
-        for root in roots:
-            if str(root.resolve()) not in known:
-                known.append(str(root.resolve()))
-        self.root.mkdir(parents=True, exist_ok=True)
-        write_json(self.root / ROOTS_NAME, known)
+        new = [str(root.resolve()) for root in roots if str(root.resolve()) not in known]
+        if not new:
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_json(self.root / ROOTS_NAME, known + list(dict.fromkeys(new)))
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
 
     def extracted_roots(self) -> list[str]:
         roots = read_optional_json(self.root / ROOTS_NAME)
