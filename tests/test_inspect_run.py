@@ -131,6 +131,31 @@ def test_runs_lists_every_run_and_marks_the_one_search_uses(ws, tmp_path, monkey
     assert code == 0 and kept.splitlines()[-1].endswith("  <- the latest") and "by default" not in kept
 
 
+def test_a_run_this_user_may_not_read_is_listed_as_such_and_never_the_default(ws, monkeypatch, capsys):
+    # another user's run made with umask 077 stopped `inspect --runs`, search and eval with EACCES; root
+    # reads everything, so the operating system's answer for that run's files is planted here
+    newer = ws / "runs" / "run-002"
+    shutil.copytree(ws / "runs" / "run-001", newer)
+    os.utime(newer, (time.time() + 10, time.time() + 10))
+    real_read_text, real_is_file = Path.read_text, Path.is_file
+
+    def denied(method):
+        def checked(path, *args, **kwargs):
+            if newer in (Path(path), *Path(path).parents):
+                raise PermissionError(13, "Permission denied", str(path))
+            return method(path, *args, **kwargs)
+        return checked
+
+    monkeypatch.setattr(Path, "read_text", denied(real_read_text))
+    monkeypatch.setattr(Path, "is_file", denied(real_is_file))
+    assert latest_run(ws / "runs") == ws / "runs" / "run-001"  # the default: a run it can load
+    code, out, err = vlpcache(monkeypatch, capsys, "inspect", "--runs")
+    assert code == 0, err
+    assert out.splitlines()[1] == ("run-002      unreadable    Permission denied (EACCES): another user's run? its owner "
+                                   "can make it readable (chmod -R a+rX)")
+    assert out.splitlines()[0].endswith("<- index, search and eval use it by default")
+
+
 def test_a_cache_option_given_with_a_run_or_no_runs_at_all_is_one_line(ws, monkeypatch, capsys):
     code, _, err = vlpcache(monkeypatch, capsys, "inspect", ws / "runs" / "run-001", "--render", "v0")
     assert code == 2 and err == "error: --render and --failures look at a cache, not at pretraining runs\n"

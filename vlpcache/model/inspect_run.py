@@ -27,6 +27,7 @@ from vlpcache.model.run_layout import (
     read_run_videos,
     trainer_of,
 )
+from vlpcache.files import system_reason
 from vlpcache.records import read_optional_json
 from vlpcache.report import human_duration, human_size, printable
 from vlpcache.workspace import Workspace
@@ -36,7 +37,10 @@ def is_run_dir(path: Path) -> bool:
     """Whether `path` is a pretraining run (its config.json has the model's settings, or it has a
     checkpoints folder: a run whose config is damaged is still one), not a cache."""
     config = read_optional_json(Path(path) / CONFIG_NAME)
-    return (isinstance(config, dict) and "model" in config and "train" in config) or (Path(path) / CHECKPOINT_DIR).is_dir()
+    try:
+        return (isinstance(config, dict) and "model" in config and "train" in config) or (Path(path) / CHECKPOINT_DIR).is_dir()
+    except PermissionError:  # another user's folder this one may not read: a run's, by its place among runs
+        return Path(path).parent.name == "runs"
 
 
 def holds_runs(folder: Path) -> bool:
@@ -199,6 +203,18 @@ def inspect_run(run_dir, as_json: bool = False) -> None:
         print_run_summary(summary)
 
 
+UNREADABLE_RUN = "unreadable"  # the state of a run this user may not read
+
+
+def _listed_summary(run: Path) -> dict:
+    """run_summary without the videos, or the line of a run this user may not read."""
+    try:
+        return run_summary(run, videos=False)
+    except PermissionError as err:
+        return {"run": str(run), "state": UNREADABLE_RUN, "reason": system_reason(err), "epochs": 0,
+                "epochs_done": 0, "best": None, "modified": run.stat().st_mtime}
+
+
 def list_runs(runs_dir=None, as_json: bool = False) -> None:
     """`vlpcache inspect --runs [FOLDER]`: one line per run of the workspace (or of FOLDER), oldest first,
     the latest marked: of the workspace's, the one index, search and eval use by default."""
@@ -211,7 +227,7 @@ def list_runs(runs_dir=None, as_json: bool = False) -> None:
     if not runs:
         raise UserError(f"no pretraining run in {runs_dir}; run `vlpcache pretrain` first")
     default = runs_dir.resolve() == workspace_runs.resolve()
-    summaries = [run_summary(run, videos=False) for run in runs]
+    summaries = [_listed_summary(run) for run in runs]
     if as_json:
         print(json.dumps([{k: s[k] for k in ("run", "state", "epochs", "epochs_done", "best", "modified")}
                           for s in summaries], indent=2, ensure_ascii=False))
@@ -221,6 +237,10 @@ def list_runs(runs_dir=None, as_json: bool = False) -> None:
     except UserError:  # none has a checkpoint yet
         latest = None
     for s in summaries:
+        if s["state"] == UNREADABLE_RUN:
+            print(f"{printable(Path(s['run']).name):12s} {s['state']:13s} {s['reason']}: another user's run? its owner "
+                  "can make it readable (chmod -R a+rX)")
+            continue
         best = s["best"] or {}
         metrics = best.get("metrics") or {}
         score = (f"best epoch {best['epoch']}: val R@1 {metrics['R@1']:.1f}, R@5 {metrics['R@5']:.1f}, "

@@ -78,10 +78,13 @@ def epoch_of(checkpoint: Path) -> int | None:
 def checkpoints(run_dir: Path) -> dict[int, Path]:
     """epoch -> directory of every complete checkpoint (temporaries are never listed)."""
     found = {}
-    for path in (Path(run_dir) / CHECKPOINT_DIR).glob("epoch-*"):
-        epoch = epoch_of(path)
-        if epoch is not None and (path / META_NAME).is_file():
-            found[epoch] = path
+    try:
+        for path in (Path(run_dir) / CHECKPOINT_DIR).glob("epoch-*"):
+            epoch = epoch_of(path)
+            if epoch is not None and (path / META_NAME).is_file():
+                found[epoch] = path
+    except PermissionError:  # another user's run this one may not read (made with umask 077): none it can load
+        return {}
     return dict(sorted(found.items()))
 
 
