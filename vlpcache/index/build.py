@@ -189,7 +189,9 @@ def writing_index(index_dir: Path, say: Say = say):
             lock = WriterLock.take(index_dir / LOCK_FILE, wait=True)
         remove_temporaries(index_dir)
     except OSError as err:
-        raise write_failure(index_dir, err, "nothing was written; pass a writable index directory (-o)") from None
+        raise write_failure(index_dir, err, "nothing was written; build the index where you can write (`vlpcache index "
+                                            "-o DIR`, then search and serve take --index DIR), or pass --run a run "
+                                            "indexed there already") from None
     with lock:
         yield
 
