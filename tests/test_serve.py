@@ -328,10 +328,19 @@ def test_a_hit_whose_cached_row_does_not_read_gets_its_reason_and_a_placeholder_
     [hit] = [h for h in client.get("/api/search", params={"q": "a dog", "k": 100}).json()["results"] if h["id"] == "v3"]
     assert hit["outdated"] == UNREADABLE_HIT and hit["regions"] == []
     item = client.get("/api/item", params={"id": "v3"}).json()
-    assert item["unreadable"] == UNREADABLE_HIT and item["frames"] == [] and item["note"] == ""
+    assert item.get("unreadable") == UNREADABLE_HIT and item["frames"] == [] and item["note"] == "", item
     frame = client.get("/media/frame", params={"id": "v3", "t": hit["frame"]})  # the source's first frame
     assert frame.status_code == 200 and frame.headers["content-type"] == "image/jpeg"
     assert "x-vlpcache-placeholder" not in frame.headers and decoded(frame.content).std() > 10  # a picture, not grey
+    # a cache this user may not write (another's): nothing is recorded, and the hit does not say it is
+    shutil.rmtree(ws / "cache" / "damaged")
+    (ws / "cache" / "damaged").write_text("")  # root writes any folder: a file where the records go instead
+    client, _ = client_for(ws)
+    [hit] = [h for h in client.get("/api/search", params={"q": "a dog", "k": 100}).json()["results"] if h["id"] == "v3"]
+    assert hit["outdated"] == (UNREADABLE_HIT.split("; recorded")[0] + "; it could not be recorded in the cache (File "
+                               "exists): its owner can move the damaged shard out and run `vlpcache extract` again")
+    assert client.get("/api/item", params={"id": "v3"}).json()["unreadable"] == hit["outdated"]
+    (ws / "cache" / "damaged").unlink()
     write_cache(ws / "cache", 2, prefix="w", seed=9)  # extracted since the index was built
     client, _ = client_for(ws)
     assert client.get("/api/info").json()["unindexed"] == 2  # the page says so, and to run `vlpcache index`

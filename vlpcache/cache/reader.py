@@ -57,9 +57,10 @@ class DamagedShard(UserError):
     """A finished shard whose data no longer reads (a checksum or decompression failure); `reason` is
     h5py's first line."""
 
-    def __init__(self, message: str, reason: str = ""):
+    def __init__(self, message: str, reason: str = "", unrecorded: str = ""):
         super().__init__(message)
         self.reason = reason
+        self.unrecorded = unrecorded  # why the cache could not record it (not this user's to write), "" where it did
 
 
 def _damage(shard: Path, what: str, reason: str) -> str:
@@ -342,7 +343,8 @@ class RegionCache:
             raise IndexError(f"index {index} out of range for a cache of {len(self)} items")
         s, row = self._locations[index]
         if (line := self._damage_lines.get((self._shard_keys[int(s)], int(row)))) is not None:
-            raise DamagedShard(line, self._found_damaged[self._shard_keys[int(s)], int(row)]["reason"])
+            found = self._found_damaged[self._shard_keys[int(s)], int(row)]
+            raise DamagedShard(line, found["reason"], found.get("unrecorded", ""))
         datasets = self._shard_datasets(int(s))
         try:
             with reading(self.shard_paths[int(s)], f"item {self.ids[index]!r}"):
@@ -385,6 +387,7 @@ class RegionCache:
                 log.close()
         except OSError as err:
             unwritten = err.strerror or type(err).__name__
+            record["unrecorded"] = unwritten  # in this reader only
         line = _damage(shard, f"item {item_id!r}", reason)
         if unwritten:
             line += (f"; it could not be recorded in the cache ({unwritten}): move the shard out of {shard.parent} and run "
@@ -392,7 +395,7 @@ class RegionCache:
         else:
             line += f"; recorded in {self.cache_dir / DAMAGED_DIR}: the next `vlpcache extract` extracts it again"
         self._damage_lines[record["shard"], row] = line  # a read of it again says so without reading or recording
-        return DamagedShard(line, reason)
+        return DamagedShard(line, reason, unwritten)
 
     def shard_columns(self, names: tuple[str, ...]):
         """For each shard the cache reads, {name: array of its videos' rows}, one shard at a time: for

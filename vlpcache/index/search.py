@@ -24,7 +24,7 @@ import numpy as np
 
 from vlpcache.cache.labels import region_names
 from vlpcache.cache.reader import DamagedShard, RegionCache
-from vlpcache.cache.schema import DAMAGED_DIR, MOVES_DIR, REMOVED_DIR
+from vlpcache.cache.schema import MOVES_DIR, REMOVED_DIR
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import read_utf8_text, utf8_text
@@ -43,7 +43,9 @@ from vlpcache.report import Say, printable, say
 
 # what describing a hit reads of its cached item; features, most of an item's bytes, are left on disk
 HIT_ARRAYS = ("labels", "boxes", "timestamps")
-CACHE_RECORD_DIRS = (MOVES_DIR, REMOVED_DIR, DAMAGED_DIR)  # a change in them is taken up without a new index
+# extract's records of the cache, taken up without a new index when they change (not the damaged rows'
+# records, which readers write: this one's own would drop the hit it is showing)
+CACHE_RECORD_DIRS = (MOVES_DIR, REMOVED_DIR)
 EXAMPLE_QUERY = "person cuts onion"  # serve's suggestion where the run's captions give none
 EXAMPLE_WORDS = (3, 6)  # a suggested caption's words, at least and at most
 EXAMPLE_VIDEOS = 2000  # the first videos of the run's first caption file looked at for one
@@ -51,6 +53,16 @@ EXAMPLE_FILE_BYTES = 64 << 20  # a larger caption file is not read for a suggest
 # a hit extracted again since it was indexed (shown without matched regions: the index's are the old rows')
 EXTRACTED_AGAIN = ("extracted again since it was indexed (its source changed): found by its old content, its regions "
                    "not shown; run `vlpcache index` to index it anew")
+def unreadable_hit(damage: DamagedShard) -> str:
+    """UNREADABLE_HIT, or where the reader could not record it (a cache this user may not write) what
+    the cache's owner can do."""
+    if not damage.unrecorded:
+        return UNREADABLE_HIT
+    return UNREADABLE_HIT.split("; recorded")[0] + (f"; it could not be recorded in the cache ({damage.unrecorded}): "
+                                                     "its owner can move the damaged shard out and run `vlpcache "
+                                                     "extract` again")
+
+
 # a hit whose file is no longer where it was extracted from (nor where a move record says it went)
 GONE_HIT = ("its source is no longer there: found by what was cached; moved, `vlpcache extract NEW_ROOT` records where "
             "it went; deleted, `vlpcache extract ROOT --prune` drops such items from the cache")
@@ -150,7 +162,7 @@ class Searcher:
         return found.st_ino, found.st_mtime_ns
 
     def _records_stamp(self) -> tuple:
-        """The cache's records of moved, dropped and damaged items as they are now: extract appends to them
+        """The cache's records of moved and dropped items as they are now: extract appends to them
         (a move recorded changes where an item's frames are, and no index is written for it)."""
         found = []
         for name in CACHE_RECORD_DIRS:
@@ -313,8 +325,8 @@ class Searcher:
             outdated = EXTRACTED_AGAIN if item_id in self.extracted_again else ""
             try:
                 item, note = self.cache.get(item_id, HIT_ARRAYS), self.cache.note_of(item_id)
-            except DamagedShard:
-                item, note, outdated = self.cache.blank(self.cache.index_of(item_id)), "", UNREADABLE_HIT
+            except DamagedShard as damage:
+                item, note, outdated = self.cache.blank(self.cache.index_of(item_id)), "", unreadable_hit(damage)
             if not outdated and item["path"] and not os.path.lexists(item["path"]):
                 outdated = GONE_HIT  # its regions are shown: they are the cached ones, if on no picture
             N = item["labels"].shape[1]
@@ -351,9 +363,9 @@ class Searcher:
             shown = tuple(spec.name for spec in self.cache.settings.arrays() if spec.name != "features")
             try:
                 return {**self.cache.get(item_id, shown), "note": self.cache.note_of(item_id)}
-            except DamagedShard:  # no frames to show
+            except DamagedShard as damage:  # no frames to show
                 blank = self.cache.blank(self.cache.index_of(item_id))
-                return {**{k: v for k, v in blank.items() if k != "features"}, "note": "", "unreadable": UNREADABLE_HIT}
+                return {**{k: v for k, v in blank.items() if k != "features"}, "note": "", "unreadable": unreadable_hit(damage)}
 
     def export(self, path) -> list[Path]:
         """Write the indexed embeddings and their ids for other tools (see index/export.py); the files written."""
