@@ -417,6 +417,23 @@ def test_cached_text_inputs_give_what_the_live_encoder_gives(tiny_text_model, tm
     again = cached_text_features(model, tokenizer, list(reversed(captions)), tmp_path, with_words=True,
                                  device=torch.device("cpu"), progress=False)
     assert again.path == features.path and len(list(tmp_path.glob("text-features/*.h5"))) == 1
+    # a workspace this user may not write (another's): the features go in the run's folder, said once
+    shared, said = tmp_path / "shared", []
+    shared.mkdir()
+    mkdir = Path.mkdir
+
+    def denied(path, *args, **kwargs):
+        if shared in Path(path).parents:
+            raise PermissionError(13, "Permission denied", str(path))
+        return mkdir(path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "mkdir", denied)
+        own = cached_text_features(model, tokenizer, captions, shared, with_words=True, device=torch.device("cpu"),
+                                   progress=False, say=said.append, fallback_root=tmp_path / "run")
+    assert own.path.parent == tmp_path / "run" / "text-features" and own.path.name == features.path.name
+    assert said == [f"note: cannot write the caption features in {shared / 'text-features'} (Permission denied (EACCES)): "
+                    f"they are kept in {tmp_path / 'run' / 'text-features'} instead"]
     import pickle
 
     assert isinstance(features.tokens, np.memmap)  # the token states stay on disk until a batch reads them

@@ -36,6 +36,7 @@ One process encodes a key at a time (<key>.lock); another waits for it and reads
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import shutil
@@ -49,7 +50,7 @@ import torch
 
 from vlpcache import __version__
 from vlpcache.files import (file_sha256, folder_bytes, is_write_failure, remove_temporaries, replace_atomically,
-                            write_failure)
+                            system_reason, write_failure)
 from vlpcache.interrupts import stop_if_interrupted
 from vlpcache.locks import LOCK_SUFFIX, WriterLock, holder_description
 from vlpcache.model.batch import tokenize
@@ -159,10 +160,11 @@ def model_features_key(model, with_words: bool, captions: list[str]) -> dict:
 
 def cached_text_features(model, tokenizer, captions: list[str], workspace_root: Path, with_words: bool,
                          device: torch.device, progress: bool = True,
-                         say: Callable[[str], None] | None = None) -> TextFeatures:
+                         say: Callable[[str], None] | None = None, fallback_root: Path | None = None) -> TextFeatures:
     """TextFeatures of `captions` under the model's frozen text layers: read from the workspace when
     they were computed before, else computed now (resuming the parts a stopped run kept) and stored
-    there. `say` gets a line when this resumes or waits for another process."""
+    there, or in `fallback_root` (the run's folder) where this user may not write the workspace (another
+    user's, shared read-only). `say` gets a line when this resumes, waits for another process or falls back."""
     if not captions:
         raise ValueError("cached_text_features: no captions to encode")
     captions = sorted(set(captions))
@@ -174,9 +176,16 @@ def cached_text_features(model, tokenizer, captions: list[str], workspace_root: 
         _remove_joined_parts(path)
         return features
     say = say or (lambda line: None)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_suffix(LOCK_SUFFIX)
-    lock = WriterLock.take(lock_path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = WriterLock.take(lock_path)
+    except OSError as err:
+        if fallback_root is None or err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        say(f"note: cannot write the caption features in {path.parent} ({system_reason(err)}): they are kept in "
+            f"{Path(fallback_root) / FEATURES_DIR} instead")
+        return cached_text_features(model, tokenizer, captions, fallback_root, with_words, device, progress, say)
     if lock is None:
         say(f"waiting for {holder_description(lock_path)}, which is encoding the same captions")
         lock = WriterLock.take(lock_path, wait=True)

@@ -483,11 +483,11 @@ def _frozen_text_features(run: Run, model, tokenizer, processes: Processes, work
     if processes.main:
         features = cached_text_features(model, tokenizer, captions, workspace.root, with_words=run.model.rwa,
                                         device=processes.device, progress=not processes.quiet,
-                                        say=lambda line: processes.say(line, always=True))
+                                        say=lambda line: processes.say(line, always=True), fallback_root=run.dir)
     processes.wait_for_main()  # however long the encoding takes
     if features is None:
         features = cached_text_features(model, tokenizer, captions, workspace.root, with_words=run.model.rwa,
-                                        device=processes.device, progress=False)
+                                        device=processes.device, progress=False, fallback_root=run.dir)
     return features
 
 
