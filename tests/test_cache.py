@@ -682,6 +682,22 @@ def test_inspect_lists_the_shards_it_leaves_out_and_why(tmp_path, capsys):
     assert list(summary["unreadable_shards"]) == ["s8of10-00000.h5"]
 
 
+def test_a_shard_this_user_may_not_read_is_not_called_damaged(tmp_path, monkeypatch, capsys):
+    # another user's shard (umask 077) was "unreadable shard ([Errno 13] Unable to synchronously open file ...)"
+    # with the advice to move it out of the cache and extract again; root reads any file, so the answer of
+    # os.access is planted, and the shard cannot be opened
+    from vlpcache.cache import reader
+
+    write_items(tmp_path / "cache", ["a"])
+    locked = tmp_path / "cache" / SHARD_DIR / "s8of10-00000.h5"
+    locked.write_bytes(b"\0" * 100)
+    monkeypatch.setattr(reader.os, "access", lambda path, mode: Path(path) != locked)
+    cache = RegionCache(tmp_path / "cache")
+    assert cache.ids == ["a"] and cache.unreadable_shards == {locked: "Permission denied (EACCES)"}
+    assert capsys.readouterr().err == (f"{locked}: this user may not read it (Permission denied (EACCES)); its items are "
+                                       "left out: another user's file? its owner can make it readable (chmod a+r)\n")
+
+
 def test_inspect_of_a_cache_without_detections_says_so_rather_than_leaving_the_line_out(tmp_path, capsys):
     from vlpcache.cache.inspect import inspect_cache
 

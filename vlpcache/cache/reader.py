@@ -212,6 +212,11 @@ class RegionCache:
                     return (ids, _decode(f["paths"][:]), _decode(f["kinds"][:]), sources, replaces,
                             float(f.attrs.get(COMMITTED_ATTR, 0.0)))
         except UNREADABLE as err:
+            if not os.access(shard, os.R_OK):  # not damaged: another user's file (a umask of 077)
+                self.unreadable_shards[shard] = "Permission denied (EACCES)"
+                self._report_once(shard, f"{shard}: this user may not read it (Permission denied (EACCES)); its items "
+                                  "are left out: another user's file? its owner can make it readable (chmod a+r)")
+                return None
             self.unreadable_shards[shard] = str(err).splitlines()[0] if str(err) else type(err).__name__
             self._report_once(shard, f"{shard}: unreadable shard ({self.unreadable_shards[shard]}); its items are left out: "
                                 "move it out of the cache and run extract again to redo them")
