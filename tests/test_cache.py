@@ -682,6 +682,23 @@ def test_inspect_lists_the_shards_it_leaves_out_and_why(tmp_path, capsys):
     assert list(summary["unreadable_shards"]) == ["s8of10-00000.h5"]
 
 
+def test_shards_are_read_without_hdf5_file_locks(tmp_path):
+    # a file system without locks (NFS, where a lab shares its cache) fails every locking open; a held
+    # exclusive lock fails it the same way (HDF5 asks flock for a shared one, without waiting)
+    import fcntl
+
+    write_items(tmp_path, ["a", "b"])
+    shard = next((tmp_path / SHARD_DIR).glob("*.h5"))
+    held = os.open(shard, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        cache = RegionCache(tmp_path)
+        assert sorted(cache.ids) == ["a", "b"] and not cache.unreadable_shards
+        assert cache.get("a")["features"].shape == (3, 4, 8)
+    finally:
+        os.close(held)
+
+
 def test_a_shard_this_user_may_not_read_is_not_called_damaged(tmp_path, monkeypatch, capsys):
     # another user's shard (umask 077) was "unreadable shard ([Errno 13] Unable to synchronously open file ...)"
     # with the advice to move it out of the cache and extract again; root reads any file, so the answer of

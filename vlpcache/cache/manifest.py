@@ -122,6 +122,15 @@ def read_passed_over(cache_dir: Path, writer_name: str | None = None) -> dict[st
     return passed_over
 
 
+def open_shard(path: Path):
+    """A committed shard, read-only (an h5py.File) and without HDF5's file lock: a committed shard is never
+    written again (writers rename a finished file into place), and a file system without locks (NFS and
+    other shared mounts, where a lab keeps its cache) fails every locking open ("unable to lock file")."""
+    import h5py
+
+    return h5py.File(path, "r", locking=False)
+
+
 def shard_file_differences(shard, settings: CacheSettings) -> list[str]:
     """schema.shard_differences of an open shard file (an h5py.File): empty when it agrees with settings."""
     shapes = {spec.name: shard[spec.name].shape for spec in settings.arrays() if spec.name in shard}

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import h5py
 import numpy as np
 
-from vlpcache.cache.manifest import (UNREADABLE, read_damaged, read_failures, read_manifest, read_moves, read_removed,
+from vlpcache.cache.manifest import (UNREADABLE, open_shard, read_damaged, read_failures, read_manifest, read_moves, read_removed,
                                      shard_file_differences)
 from vlpcache.cache.schema import COMMITTED_ATTR, DAMAGED_DIR, SHARD_DIR, SHARD_SUFFIX, CacheSettings, not_finite
 from vlpcache.cache.writer import RecordLog
@@ -203,7 +203,7 @@ class RegionCache:
         """(ids, paths, kinds, source stamps, the stamps they replace, commit time) of a shard that agrees
         with the manifest; None, reported once, otherwise."""
         try:
-            with h5py.File(shard, "r") as f:
+            with open_shard(shard) as f:
                 diffs = shard_file_differences(f, self.settings)
                 if not diffs:
                     ids = _decode(f["ids"][:])
@@ -326,7 +326,7 @@ class RegionCache:
             self._pid = os.getpid()
         f = self._handles.get(s)
         if f is None:
-            f = self._handles[s] = h5py.File(self.shard_paths[s], "r")
+            f = self._handles[s] = open_shard(self.shard_paths[s])
         return f
 
     def _shard_datasets(self, s: int) -> dict:

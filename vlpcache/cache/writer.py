@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 
 from vlpcache import __version__
-from vlpcache.cache.manifest import UNREADABLE, passed_over_path, read_manifest, read_passed_over, shard_file_differences
+from vlpcache.cache.manifest import UNREADABLE, open_shard, passed_over_path, read_manifest, read_passed_over, shard_file_differences
 from vlpcache.cache.schema import (
     COLLECTION_KEY,
     COMMITTED_ATTR,
@@ -82,7 +82,7 @@ def refuse_shards_of_other_settings(cache_dir: Path, settings: CacheSettings) ->
     have been edited, or a shard copied in from another cache)."""
     for shard in sorted((cache_dir / SHARD_DIR).glob(f"*{SHARD_SUFFIX}")):
         try:
-            with h5py.File(shard, "r") as f:
+            with open_shard(shard) as f:
                 diffs = shard_file_differences(f, settings)
         except UNREADABLE:  # readers report it and leave it out; its items are extracted again
             continue

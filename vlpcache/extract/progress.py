@@ -8,8 +8,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 
+from vlpcache.cache.manifest import open_shard
 from vlpcache.cache.schema import SHARD_DIR, SHARD_SUFFIX
 from vlpcache.report import human_size, printable, progress_bar, say
 
@@ -67,7 +67,7 @@ class RoomCheck:
         for shard in (self.cache_dir / SHARD_DIR).glob(f"*{SHARD_SUFFIX}"):
             try:
                 if shard.stat().st_mtime >= self.since:
-                    with h5py.File(shard, "r") as f:
+                    with open_shard(shard) as f:
                         items += len(f["ids"])
                     sizes += shard.stat().st_size
             except (OSError, KeyError):  # a shard being replaced or unreadable: the next look
