@@ -128,7 +128,8 @@ def test_a_rerun_with_nothing_left_to_do_loads_no_network(extracted, media):
     assert result.stdout.split() == ["13", "False", "False"]
 
 
-def test_a_later_extract_neither_puts_another_file_under_a_cached_id_nor_caches_a_file_twice(tmp_path, msrvtt_dir):
+def test_a_later_extract_neither_puts_another_file_under_a_cached_id_nor_caches_a_file_twice(tmp_path, msrvtt_dir,
+                                                                                             capsys):
     folders = sorted((msrvtt_dir / "frames" / "val").iterdir())[:3]
     shutil.copytree(folders[0], tmp_path / "batch1" / "clip")
     shutil.copytree(folders[1], tmp_path / "batch2" / "clip")  # another video under the same id
@@ -154,6 +155,16 @@ def test_a_later_extract_neither_puts_another_file_under_a_cached_id_nor_caches_
     assert "extract: 1 cached item(s) were extracted from files that are no longer there" in moved.stderr
     assert "0 done, 1 already cached" in moved.stderr and len(RegionCache(cache)) == 2
     assert RegionCache(cache).get("clip")["path"] == str(tmp_path / "moved" / "clip")  # its frames are found there
+    # a copy of the data (a project copied whole), its first still there: the same content, read from the copy
+    from vlpcache.extract.runner import run_extract
+
+    shutil.copytree(tmp_path / "moved", tmp_path / "copy")
+    capsys.readouterr()
+    assert run_extract([tmp_path / "copy"], cache_dir=cache, quiet=True).skipped_cached == 1
+    assert (f"extract: 1 cached item(s) found here hold the content they were extracted from elsewhere, which is still "
+            f"there (a copy of the data; e.g. 'clip', from {tmp_path / 'moved' / 'clip'}): read from here from now on, "
+            "not extracted again") in capsys.readouterr().err
+    assert RegionCache(cache).get("clip")["path"] == str(tmp_path / "copy" / "clip") and len(RegionCache(cache)) == 2
 
 
 def test_a_source_replaced_at_its_path_is_extracted_again_and_one_only_touched_is_not(tmp_path, msrvtt_dir, capsys):

@@ -30,7 +30,7 @@ from vlpcache.extract.options import ENGINES, ExtractOptions
 from vlpcache.extract.progress import ExtractProgress, ExtractSummary
 from vlpcache.extract.reader import FrameReader, Prefetch, decoded_items_within_budget
 from vlpcache.extract.sources import SKIPPED, OtherFiles, discover_items, other_files, passed_over_line, shard_of
-from vlpcache.extract.stamps import source_changed
+from vlpcache.extract.stamps import source_changed, stamp_known
 from vlpcache.interrupts import stop_if_interrupted
 from vlpcache.report import printable, say
 from vlpcache.workspace import Workspace
@@ -42,6 +42,9 @@ class Plan:
     clashes: list[tuple[str, str]]  # (path, reason) of each passed over: its id or its file is cached from another
     moved: list[tuple[str, str, str]] = field(default_factory=list)  # (id, old path, new path) of cached items
     # whose file is gone, taken to be the files now found under their ids
+    copied: list[tuple[str, str, str]] = field(default_factory=list)  # (id, old path, new path) of cached items
+    # found under their ids with the content they were extracted from, their first file still there (a copy of
+    # the data, a copied project): read from the new path, as the moved ones
     changed: int = 0  # cached items whose source changed since: extracted again (the new rows replace the old)
     retried: int = 0  # items recorded as failed whose source changed since: tried again
     redone: int = 0  # items whose cached row a read found damaged (the reader leaves it out): extracted again
@@ -82,7 +85,8 @@ def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary
             before = cache.paths[i]
             same = before == path or _same_file(before, path)
             gone = not same and not os.path.lexists(before)  # moved here, if its content agrees
-            if not (same or gone):
+            copy = not (same or gone) and stamp_known(cache.sources[i]) and not source_changed(cache.sources[i], path)
+            if not (same or gone or copy):
                 plan.clashes.append((path, f"id '{item.id}' is already cached, extracted from {before} by an "
                                            f"earlier extract; {SKIPPED} (extract it into another cache, or from a root "
                                            f"that names it otherwise)"))
@@ -90,6 +94,8 @@ def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary
                 summary.skipped_cached += 1
                 if gone:
                     plan.moved.append((item.id, before, path))
+                elif copy:
+                    plan.copied.append((item.id, before, path))
                 if item.id in failed_before:
                     plan.mended.append((item.id, path))
             elif failed_as_it_is(item.id, path) and not options.retry_failed:
@@ -279,8 +285,13 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
         cache.close()
         todo = plan.todo
         say_some(plan.clashes)
-        for move in plan.moved:
+        for move in plan.moved + plan.copied:
             writer.record_move(*move)
+        if plan.copied:
+            item_id, before, path = plan.copied[0]
+            say(f"extract: {len(plan.copied)} cached item(s) found here hold the content they were extracted from "
+                f"elsewhere, which is still there (a copy of the data; e.g. {printable(item_id)!r}, from "
+                f"{printable(before)}): read from here from now on, not extracted again")
         if plan.moved:
             say(f"extract: {len(plan.moved)} cached item(s) were extracted from files that are no longer there; taken to "
                 f"be the files now found under the same ids (moved), not extracted again, and read from their new paths")

@@ -34,11 +34,17 @@ def source_stamp(path: str | os.PathLike) -> str:
         return ""
 
 
+def stamp_known(stamp: str) -> bool:
+    """Whether `stamp` is one source_changed can compare a source with (not "", not another format)."""
+    parts = stamp.split(":")
+    return len(parts) == 5 and parts[0] == STAMP_FORMAT
+
+
 def source_changed(stamp: str, path: str | os.PathLike) -> bool:
     """Whether the source at `path` is no longer what `stamp` recorded: False for an unknown stamp (""
     or another format); True for a source that is gone or unreadable."""
     parts = stamp.split(":")
-    if len(parts) != 5 or parts[0] != STAMP_FORMAT:
+    if not stamp_known(stamp):
         return False
     try:
         size, mtime, names, files = _listing(Path(path))
