@@ -263,8 +263,9 @@ def test_items_no_longer_under_the_roots_are_said_and_dropped_with_prune(tmp_pat
     shutil.copytree(folders[3], tmp_path / "other" / "o")
     (tmp_path / "data" / "broken.mp4").write_text("not a video")
     cache = tmp_path / "cache"
-    run_extract([tmp_path / "data", tmp_path / "other"], cache_dir=cache, quiet=True)
+    run_extract([tmp_path / "data", tmp_path / "data" / ".." / "other"], cache_dir=cache, quiet=True)
     assert sorted(RegionCache(cache).ids) == ["a", "b", "o", "old/c"] and list(RegionCache(cache).failures) == ["broken"]
+    assert RegionCache(cache).get("o")["path"] == str(tmp_path / "other" / "o")  # a root's `..` is not kept
     shutil.rmtree(tmp_path / "data" / "a")
     (tmp_path / "data" / "old").rename(tmp_path / "data" / "new")  # c's id is now new/c
     (tmp_path / "data" / "broken.mp4").unlink()

@@ -158,7 +158,7 @@ def discover_items(roots: list[Path], frame_folders: bool = True,
             missing = "broken symbolic link" if root.is_symlink() else "does not exist"
             walk.problems.append((str(root), f"{missing}; {SKIPPED}"))
         elif root.is_dir():
-            for item in walk.folder(root.absolute(), root.absolute(), is_root=True)[0]:
+            for item in walk.folder(_plain(root), _plain(root), is_root=True)[0]:
                 walk.add(item)
         elif (kind := media_kind(root, sniff=True)) is None:
             sniffed = root.suffix.lower() in SNIFFED_SUFFIXES
@@ -166,8 +166,20 @@ def discover_items(roots: list[Path], frame_folders: bool = True,
                     else "unknown extension")
             walk.problems.append((str(root), f"not a video or image file ({what}); {SKIPPED}"))
         else:
-            walk.add(Item(root.stem, root.absolute(), kind))
+            walk.add(Item(root.stem, _plain(root), kind))
     return walk.items, walk.problems
+
+
+def _plain(root: Path) -> Path:
+    """A root as an absolute path without `..` or `.` (`lab/../data` is `data`: the paths the cache keeps,
+    search prints and later runs compare), where that is the same folder (through a symbolic link
+    `link/..` is not the link's parent); else as given."""
+    absolute = root.absolute()
+    plain = Path(os.path.normpath(absolute))
+    try:
+        return plain if plain == absolute or os.path.samefile(plain, absolute) else absolute
+    except OSError:  # not there (said below)
+        return absolute
 
 
 class _Walk:
