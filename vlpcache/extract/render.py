@@ -86,12 +86,20 @@ def named_item(cache: RegionCache, key: str) -> str:
     item_id, several = item_named(key, cache.ids)
     if item_id is not None:
         return item_id
-    like = several[:3] or (difflib.get_close_matches(key, cache.ids, n=3, cutoff=0.5)
-                           if len(cache) <= SUGGESTED_FROM else [])
+    like = several[:3] or (_close_ids(key, cache.ids) if len(cache) <= SUGGESTED_FROM else [])
     hint = (f"did you mean {' or '.join(map(repr, like))}?" if like else
             f"its ids look like {cache.ids[0]!r}" if len(cache) else "it holds no item")
     raise UserError(f"{key!r} names no item of {cache.cache_dir}: {hint} (an item is named by its id, its path below "
                     "the extracted root without extension, or by a file name or path that ends in one)")
+
+
+def _close_ids(key: str, ids: list[str]) -> list[str]:
+    """Up to 3 ids like `key`, letter case aside (`CASE` is like `Case` and `case`)."""
+    lowered: dict[str, list[str]] = {}
+    for item_id in ids:
+        lowered.setdefault(item_id.casefold(), []).append(item_id)
+    close = difflib.get_close_matches(key.casefold(), lowered.keys(), n=3, cutoff=0.5)
+    return [item_id for name in close for item_id in lowered[name]][:3]
 
 
 def render_item(cache: RegionCache, item_id: str, output: Path) -> Path:
@@ -106,7 +114,7 @@ def render_item(cache: RegionCache, item_id: str, output: Path) -> Path:
     rows = (len(pictures) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * cell_w, rows * cell_h + TITLE_HEIGHT), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    draw.text((6, 4), f"{item_id}  ({cached['kind']}, {cached['path']})", fill=(0, 0, 0))
+    draw.text((6, 4), printable(f"{item_id}  ({cached['kind']}, {cached['path']})"), fill=(0, 0, 0))  # one line
     for t, picture in enumerate(pictures):
         x0, y0 = (t % columns) * cell_w, TITLE_HEIGHT + (t // columns) * cell_h
         sheet.paste(picture, (x0, y0 + CAPTION_HEIGHT))
