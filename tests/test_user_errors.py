@@ -213,6 +213,21 @@ def test_a_bad_option_or_command_is_one_error_line_like_every_other_error(args, 
     assert exited.value.code == 2 and capsys.readouterr().err == line + "\n"
 
 
+def test_a_folder_whose_name_begins_with_a_dash_is_said_to_be_one(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from vlpcache import cli
+
+    (tmp_path / "-clips").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["vlpcache", "extract", "-clips"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 2 and capsys.readouterr().err == (
+        "error: No such option '-c'; -clips is a file or folder here: pass it as ./-clips, or after -- "
+        "(vlpcache extract --help)\n")
+
+
 def test_a_text_model_that_cannot_be_had_is_its_one_line_before_the_captions_are_read(template, tmp_path, monkeypatch,
                                                                                         capsys):
     # it printed the resolved text pooling first, and only after reading every caption

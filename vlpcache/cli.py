@@ -431,7 +431,10 @@ def main() -> None:
             exit_now(exit_status())
         except click.UsageError as err:  # a bad option or command: one line, as every other error
             command = err.ctx.command_path if err.ctx is not None else "vlpcache"
-            click.echo(f"error: {err.format_message().rstrip('.')} ({command} --help)", err=True)
+            paths = [arg for arg in sys.argv[1:] if arg.startswith("-") and len(arg) > 1 and os.path.exists(arg)]
+            path = (f"; {paths[0]} is a file or folder here: pass it as ./{paths[0]}, or after --"
+                    if isinstance(err, click.NoSuchOption) and paths else "")
+            click.echo(f"error: {err.format_message().rstrip('.')}{path} ({command} --help)", err=True)
             exit_now(err.exit_code)
         except click.ClickException as err:
             err.show()
