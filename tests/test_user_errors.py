@@ -264,3 +264,17 @@ def test_a_system_error_no_command_foresaw_is_one_line_with_a_way_out(code, says
     with pytest.raises(SystemExit) as exited:
         cli.main()
     assert exited.value.code == 2 and capsys.readouterr().err == says + "\n"
+
+
+def test_a_picture_into_a_folder_this_user_may_not_write_is_refused_before_the_frames_are_decoded(template, tmp_path,
+                                                                                                  monkeypatch, capsys):
+    # another user's folder: root writes anywhere, so the operating system's answer is planted
+    from vlpcache.extract import render
+
+    root = tmp_path / "root"
+    shutil.copytree(template, root)
+    monkeypatch.setattr(render.os, "access", lambda path, mode: Path(path) != root)
+    monkeypatch.setattr(render, "source_pictures", lambda *args: pytest.fail("decoded the frames"))
+    code, _, err = vlpcache(monkeypatch, capsys, "inspect", root / "ws" / "cache", "--render", "v0", "-o", root / "v0.png")
+    assert code == 2 and err == (f"error: {root / 'v0.png'}: this user may not write in {root}; pass -o a file in a "
+                                 "folder of your own\n")

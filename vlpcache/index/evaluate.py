@@ -15,6 +15,7 @@ above every other candidate, whose global order is kept.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +236,9 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
 
     if per_query is not None and not Path(per_query).parent.is_dir():  # said now, not after the encoding
         raise UserError(f"{per_query}: no such folder {Path(per_query).parent}; create it first")
+    if per_query is not None and not os.access(Path(per_query).parent, os.W_OK):  # another user's folder
+        raise UserError(f"--per-query {per_query}: this user may not write in {Path(per_query).parent}; pass a file "
+                        "in a folder of your own")
     sources = resolve_sources(run_dir, cache_dir)
     cache = open_cache(sources.cache_dir)
     captions = read_captions(captions_file, progress=not quiet)
