@@ -558,9 +558,9 @@ def test_what_discovery_passed_over_is_kept_per_root_and_a_later_run_over_a_root
     cache_dir = tmp_path / "cache"
     a, b = tmp_path / "a", tmp_path / "b"
 
-    def record(roots, problems, writer_name="s0of1"):
+    def record(roots, problems, writer_name="s0of1", drop_gone=False):
         with ShardWriter(cache_dir, SETTINGS, writer_name=writer_name) as writer:
-            writer.record_passed_over(roots, problems)
+            writer.record_passed_over(roots, problems, drop_gone=drop_gone)
         return {path: r["reason"] for path, r in read_passed_over(cache_dir).items()}
 
     assert record([a], []) == {} and not passed_over_path(cache_dir, "s0of1").exists()
@@ -581,6 +581,11 @@ def test_what_discovery_passed_over_is_kept_per_root_and_a_later_run_over_a_root
     assert read_passed_over(cache_dir) == {}
     latin1 = os.fsdecode(bytes(b / "caf") + b"\xe9.mp4")
     assert record([b], [(latin1, "path is not valid UTF-8; skipped")]) == {f"{b}/caf\\xe9.mp4": "path is not valid UTF-8; skipped"}
+    # with extract --prune, what is no longer there goes from the records of other roots too (a folder moved)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.mp4").write_text("")
+    record([tmp_path / "c"], [(str(tmp_path / "c" / "a.mp4"), "duplicate id 'a'; skipped")])
+    assert record([a], [], drop_gone=True) == {str(tmp_path / "c" / "a.mp4"): "duplicate id 'a'; skipped"}
 
 
 def test_missing_cache_is_one_clear_error(tmp_path):

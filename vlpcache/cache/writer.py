@@ -332,17 +332,19 @@ class ShardWriter:
             raise write_failure(path, err, "the shards committed before are kept; make room and re-run the same "
                                            "command to resume") from None
 
-    def record_passed_over(self, roots: list[Path], problems: list[tuple[str, str]]) -> None:
+    def record_passed_over(self, roots: list[Path], problems: list[tuple[str, str]], drop_gone: bool = False) -> None:
         """Keep what discovery left out, for `inspect --failures`: this run's (path, reason) problems
         replace the writer's earlier record of every path under `roots` (a path mended since drops out);
-        what it recorded under other roots stays. Paths are kept absolute and printable (a name that is
-        not UTF-8 is one of the problems)."""
+        what it recorded under other roots stays, unless `drop_gone` (extract --prune) and it is no longer
+        there (a folder moved or deleted). Paths are kept absolute and printable (a name that is not UTF-8
+        is one of the problems)."""
         def absolute(path) -> str:
             return printable(os.path.abspath(path))
 
         below = [absolute(root) for root in roots]
         kept = [record for path, record in read_passed_over(self.cache_dir, self.writer_name).items()
-                if not any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in below)]
+                if not any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in below)
+                and not (drop_gone and not os.path.lexists(path))]
         now = time.time()
         records = kept + [{"path": absolute(path), "reason": printable(reason), "time": now} for path, reason in problems]
         target = passed_over_path(self.cache_dir, self.writer_name)

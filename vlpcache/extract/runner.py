@@ -312,7 +312,7 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
             say(f"extract: {len(plan.mended)} item(s) recorded as failed are again the files the cache holds; their "
                 f"failures are cleared")
         summary.passed_over += len(plan.clashes)
-        writer.record_passed_over(roots, passed_over + plan.clashes)
+        writer.record_passed_over(roots, passed_over + plan.clashes, drop_gone=options.prune)
         if todo and engine:
             engine.run_on_ray(todo, spec, writer, options, summary, started)
         elif todo:
