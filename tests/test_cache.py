@@ -687,9 +687,10 @@ def test_inspect_lists_the_shards_it_leaves_out_and_why(tmp_path, capsys):
     assert list(summary["unreadable_shards"]) == ["s8of10-00000.h5"]
 
 
-def test_shards_are_read_without_hdf5_file_locks(tmp_path):
-    # a file system without locks (NFS, where a lab shares its cache) fails every locking open; a held
-    # exclusive lock fails it the same way (HDF5 asks flock for a shared one, without waiting)
+def test_a_shard_hdf5_cannot_lock_says_how_to_read_it_without_locks(tmp_path, capsys):
+    # a file system without lock support (some NFS mounts, where a lab shares its cache) fails HDF5's
+    # locking open; it was "unreadable shard" with the advice to move it out and extract again. A lock
+    # held by another open fails it the same way (HDF5 asks flock for a shared one, without waiting)
     import fcntl
 
     write_items(tmp_path, ["a", "b"])
@@ -697,9 +698,23 @@ def test_shards_are_read_without_hdf5_file_locks(tmp_path):
     held = os.open(shard, os.O_RDONLY)
     try:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        capsys.readouterr()
         cache = RegionCache(tmp_path)
-        assert sorted(cache.ids) == ["a", "b"] and not cache.unreadable_shards
-        assert cache.get("a")["features"].shape == (3, 4, 8)
+        assert cache.ids == [] and list(cache.unreadable_shards) == [shard]
+        said = capsys.readouterr().err
+        assert said.startswith(f"{shard}: unreadable shard ([Errno 11] Unable to synchronously open file (unable to lock file")
+        assert said.endswith("its items are left out: HDF5 could not lock the file: a file system without lock support "
+                             "(some NFS mounts)? set HDF5_USE_FILE_LOCKING=FALSE in the environment and run again "
+                             "(shards are never written once committed), or another program holds it open for writing\n")
+    finally:
+        os.close(held)
+    env = {**os.environ, "HDF5_USE_FILE_LOCKING": "FALSE"}  # as the line says: read without locks
+    held = os.open(shard, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        probe = f"from vlpcache.cache.reader import RegionCache; print(sorted(RegionCache({str(tmp_path)!r}).ids))"
+        done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        assert done.stdout.split() == ["['a',", "'b']"], done.stderr
     finally:
         os.close(held)
 

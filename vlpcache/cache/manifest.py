@@ -123,12 +123,21 @@ def read_passed_over(cache_dir: Path, writer_name: str | None = None) -> dict[st
 
 
 def open_shard(path: Path):
-    """A committed shard, read-only (an h5py.File) and without HDF5's file lock: a committed shard is never
-    written again (writers rename a finished file into place), and a file system without locks (NFS and
-    other shared mounts, where a lab keeps its cache) fails every locking open ("unable to lock file")."""
+    """A committed shard, read-only (an h5py.File). With HDF5's file lock, as h5py opens files by default:
+    opened without it, the same file opened by other code of the process with it fails ("file locking flag
+    values don't match"). Where the file system refuses locks (some NFS mounts), lock_refused says so."""
     import h5py
 
-    return h5py.File(path, "r", locking=False)
+    return h5py.File(path, "r")
+
+
+def lock_refused(err: BaseException) -> str:
+    """What to do where HDF5 could not lock a shard (its message says "unable to lock file"), else ""."""
+    if "lock" not in str(err).lower():
+        return ""
+    return ("HDF5 could not lock the file: a file system without lock support (some NFS mounts)? set "
+            "HDF5_USE_FILE_LOCKING=FALSE in the environment and run again (shards are never written once "
+            "committed), or another program holds it open for writing")
 
 
 def shard_file_differences(shard, settings: CacheSettings) -> list[str]:

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import h5py
 import numpy as np
 
-from vlpcache.cache.manifest import (UNREADABLE, open_shard, read_damaged, read_failures, read_manifest, read_moves, read_removed,
+from vlpcache.cache.manifest import (UNREADABLE, lock_refused, open_shard, read_damaged, read_failures, read_manifest, read_moves, read_removed,
                                      shard_file_differences)
 from vlpcache.cache.schema import COMMITTED_ATTR, DAMAGED_DIR, SHARD_DIR, SHARD_SUFFIX, CacheSettings, not_finite
 from vlpcache.cache.writer import RecordLog
@@ -218,8 +218,9 @@ class RegionCache:
                                   "are left out: another user's file? its owner can make it readable (chmod a+r)")
                 return None
             self.unreadable_shards[shard] = str(err).splitlines()[0] if str(err) else type(err).__name__
+            way = lock_refused(err) or "move it out of the cache and run extract again to redo them"
             self._report_once(shard, f"{shard}: unreadable shard ({self.unreadable_shards[shard]}); its items are left out: "
-                                "move it out of the cache and run extract again to redo them")
+                                f"{way}")
             return None
         self.ignored_shards[shard] = diffs
         self._report_once(shard, f"{shard}: made with other settings than the cache ({'; '.join(diffs[:3])}); its items "

@@ -75,7 +75,7 @@ class TextFeatures:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        with h5py.File(self.path, "r", locking=False) as f:  # written whole, renamed in: never written again
+        with h5py.File(self.path, "r") as f:
             self.kind = json.loads(f.attrs["key"])["kind"]
             self.pooled = f["pooled"][:] if "pooled" in f else None  # (C, H) float16
             self.tokens = _mapped(self.path, f["tokens"]) if "tokens" in f else None  # (W, H) float16
