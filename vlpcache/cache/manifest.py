@@ -133,7 +133,7 @@ def open_shard(path: Path):
 
 def lock_refused(err: BaseException) -> str:
     """What to do where HDF5 could not lock a shard (its message says "unable to lock file"), else ""."""
-    if "lock" not in str(err).lower():
+    if "unable to lock file" not in str(err).lower():  # HDF5's words ("block" is no lock)
         return ""
     return ("HDF5 could not lock the file: a file system without lock support (some NFS mounts)? set "
             "HDF5_USE_FILE_LOCKING=FALSE in the environment and run again (shards are never written once "

@@ -30,8 +30,8 @@ from typing import NamedTuple
 import h5py
 import numpy as np
 
-from vlpcache.cache.manifest import (UNREADABLE, lock_refused, open_shard, read_damaged, read_failures, read_manifest, read_moves, read_removed,
-                                     shard_file_differences)
+from vlpcache.cache.manifest import (UNREADABLE, lock_refused, open_shard, read_damaged, read_failures, read_manifest,
+                                     read_moves, read_removed, shard_file_differences)
 from vlpcache.cache.schema import COMMITTED_ATTR, DAMAGED_DIR, SHARD_DIR, SHARD_SUFFIX, CacheSettings, not_finite
 from vlpcache.cache.writer import RecordLog
 from vlpcache.errors import UserError

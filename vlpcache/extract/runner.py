@@ -140,6 +140,7 @@ def no_longer_there(items, cache: RegionCache, failed: dict[str, dict], roots, s
     under = tuple({*(os.path.normpath(os.path.abspath(root)) for root in there), *map(os.path.realpath, there)})
     if not under:
         return [], []
+
     @functools.lru_cache(maxsize=65536)
     def real_folder(folder: str) -> str:  # once a folder: a million items live in far fewer
         return os.path.realpath(folder)

@@ -53,6 +53,14 @@ EXAMPLE_FILE_BYTES = 64 << 20  # a larger caption file is not read for a suggest
 # a hit extracted again since it was indexed (shown without matched regions: the index's are the old rows')
 EXTRACTED_AGAIN = ("extracted again since it was indexed (its source changed): found by its old content, its regions "
                    "not shown; run `vlpcache index` to index it anew")
+# a hit whose file is no longer where it was extracted from (nor where a move record says it went)
+GONE_HIT = ("its source is no longer there: found by what was cached; moved, `vlpcache extract NEW_ROOT` records where "
+            "it went; deleted, `vlpcache extract ROOT --prune` drops such items from the cache")
+# a hit whose cached row does not read (the reader recorded it: extract redoes it, and search then leaves it out)
+UNREADABLE_HIT = ("its cached regions cannot be read (the cache's shard is damaged: a disk fault or a bad copy), so none "
+                  "are shown; recorded in the cache: the next `vlpcache extract` extracts it again")
+
+
 def unreadable_hit(damage: DamagedShard) -> str:
     """UNREADABLE_HIT, or where the reader could not record it (a cache this user may not write) what
     the cache's owner can do."""
@@ -61,14 +69,6 @@ def unreadable_hit(damage: DamagedShard) -> str:
     return UNREADABLE_HIT.split("; recorded")[0] + (f"; it could not be recorded in the cache ({damage.unrecorded}): "
                                                      "its owner can move the damaged shard out and run `vlpcache "
                                                      "extract` again")
-
-
-# a hit whose file is no longer where it was extracted from (nor where a move record says it went)
-GONE_HIT = ("its source is no longer there: found by what was cached; moved, `vlpcache extract NEW_ROOT` records where "
-            "it went; deleted, `vlpcache extract ROOT --prune` drops such items from the cache")
-# a hit whose cached row does not read (the reader recorded it: extract redoes it, and search then leaves it out)
-UNREADABLE_HIT = ("its cached regions cannot be read (the cache's shard is damaged: a disk fault or a bad copy), so none "
-                  "are shown; recorded in the cache: the next `vlpcache extract` extracts it again")
 
 
 @dataclass
@@ -237,7 +237,7 @@ class Searcher:
             files = read_run_locations(Path(self.index.meta.run_dir)).get("captions", [])
         except (UserError, OSError, AttributeError):  # gone, unreadable, or not a run's config
             return EXAMPLE_QUERY
-        short = []  # (words, caption): 3 to 6 words, an indexed video's first
+        short = []  # (not indexed, caption) of 3 to 6 words: an indexed video's first, else the first
         for path in files[:1]:
             if not Path(path).is_file() or Path(path).stat().st_size > EXAMPLE_FILE_BYTES:  # not minutes for a hint
                 continue
