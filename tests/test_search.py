@@ -312,6 +312,23 @@ def test_a_run_cache_and_index_from_a_newer_vlpcache_with_settings_unknown_here_
     assert code == 0 and json.loads(after) == json.loads(before) and "building" not in err, err
 
 
+def test_a_newest_run_without_an_index_another_user_may_not_write_is_passed_for_the_newest_indexed(ws, monkeypatch,
+                                                                                                   capsys):
+    # a lab member searching the owner's workspace: each new run of the owner's stopped their search at
+    # "cannot write" until the owner indexed it; root writes anywhere, so the system's answer is planted
+    from vlpcache.index import search
+
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    newer = retrained(ws)
+    monkeypatch.setattr(search.os, "access", lambda path, mode: mode != os.W_OK)
+    code, out, err = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", "2")
+    assert code == 0 and out and err.splitlines()[0] == (
+        f"note: {newer.name}, the newest run, has no index over this cache and this user may not write one in "
+        f"{ws / 'index'}: searching with run-001, the newest run indexed (`vlpcache index -o DIR` indexes "
+        f"{newer.name} where you can write, then --index DIR)")
+    assert not the_index(ws, newer).exists()  # nothing written
+
+
 def test_prune_removes_the_indexes_of_checkpoints_no_run_holds_and_keeps_the_rest(ws, tmp_path, monkeypatch, capsys):
     from vlpcache.locks import WriterLock
 

@@ -12,6 +12,7 @@ share one process.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -39,6 +40,7 @@ from vlpcache.metrics import RERANK_CANDIDATES
 from vlpcache.model.run_layout import epoch_of
 from vlpcache.querybank import QueryBank
 from vlpcache.report import Say, printable, say
+from vlpcache.workspace import Workspace
 
 
 # what describing a hit reads of its cached item; features, most of an item's bytes, are left on disk
@@ -441,6 +443,15 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
     sources = resolve_sources(run_dir, cache_dir, index_dir)
     cache = open_cache(sources.cache_dir)
     index_dir, index = index_of_run(sources.index_dir, sources.run_dir, cache)
+    if index is None and run_dir is None and not _may_write(sources.index_dir):
+        # the workspace's newest run (one being trained, one not indexed yet) in another user's workspace:
+        # the newest run indexed over this cache answers, said, rather than no search at all
+        if (older := _newest_indexed_run(sources, cache)) is not None:
+            say(f"note: {sources.run_dir.name}, the newest run, has no index over this cache and this user may not "
+                f"write one in {sources.index_dir}: searching with {older.name}, the newest run indexed (`vlpcache "
+                f"index -o DIR` indexes {sources.run_dir.name} where you can write, then --index DIR)")
+            sources = dataclasses.replace(sources, run_dir=older)
+            index_dir, index = index_of_run(sources.index_dir, sources.run_dir, cache)
     bank_ready = not qbnorm or (index is not None and _query_bank_count(index_dir) == len(index))
     if (index is not None and index.regions is not None and query_export_sha(index_dir) == index.meta.checkpoint_sha256
             and bank_ready):
@@ -465,6 +476,22 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
     if note := coverage(index, cache):
         say(f"note: index {index_dir}: {note}")
     return query_model, cache, index, index_dir
+
+
+def _may_write(folder: Path) -> bool:
+    """Whether this user may create files in `folder` (or, where it is not there yet, its nearest parent)."""
+    there = next((p for p in (Path(folder).absolute(), *Path(folder).absolute().parents) if p.exists()), None)
+    return there is not None and os.access(there, os.W_OK)
+
+
+def _newest_indexed_run(sources, cache: RegionCache) -> Path | None:
+    """The newest run of the workspace, other than sources.run_dir, with an index over `cache`."""
+    from vlpcache.model.run_layout import runs_newest_first
+
+    for run in runs_newest_first(Workspace().runs_dir):
+        if run != sources.run_dir and index_of_run(sources.index_dir, run, cache)[1] is not None:
+            return run
+    return None
 
 
 def _query_bank_count(index_dir: Path) -> int:

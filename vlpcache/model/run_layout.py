@@ -191,12 +191,18 @@ def designated_checkpoint_sha256(run_dir: Path) -> str | None:
     return meta.get("sha256") if isinstance(meta, dict) else None
 
 
+def runs_newest_first(runs_dir: Path) -> list[Path]:
+    """The run directories under runs_dir that hold a complete checkpoint, the most recently modified first."""
+    runs = [p for p in Path(runs_dir).glob("*") if p.is_dir() and checkpoints(p)]
+    return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
 def latest_run(runs_dir: Path) -> Path:
     """The most recently modified run directory under runs_dir that holds a complete checkpoint."""
-    runs = [p for p in Path(runs_dir).glob("*") if p.is_dir() and checkpoints(p)]
+    runs = runs_newest_first(runs_dir)
     if not runs:
         raise UserError(f"no pretraining run in {runs_dir}; run `vlpcache pretrain` first or pass --run")
-    return max(runs, key=lambda p: p.stat().st_mtime)
+    return runs[0]
 
 
 def video_keys(ids: Iterable[str]) -> np.ndarray:
