@@ -687,6 +687,38 @@ def test_inspect_lists_the_shards_it_leaves_out_and_why(tmp_path, capsys):
     assert list(summary["unreadable_shards"]) == ["s8of10-00000.h5"]
 
 
+def test_a_cache_reads_as_a_notebook_user_tries_it(tmp_path, monkeypatch):
+    # cache["video1"], cache[0:2] and get(id, "boxes") were TypeErrors or KeyError: 'b'; a relative cache
+    # broke after os.chdir (a notebook's %cd); no repr, no `with`
+    write_items(tmp_path / "cache", ["a", "b", "c"])
+    monkeypatch.chdir(tmp_path)
+    with RegionCache("cache") as cache:
+        monkeypatch.chdir("/")
+        assert cache["b"]["id"] == "b" and [item["id"] for item in cache[0:2]] == cache.ids[:2]
+        assert [item["id"] for item in cache[::-1]] == cache.ids[::-1]
+        assert set(cache.get("a", "boxes")) == {"boxes", "id", "path", "kind", "source"}
+        np.testing.assert_allclose(cache.get("a", "boxes")["boxes"], random_item(0)["boxes"], atol=1e-3)
+        assert repr(cache) == f"RegionCache({str(tmp_path / 'cache')!r}: 3 items, 3 frames x 4 regions)"
+        with pytest.raises(KeyError, match="'nope' is no array of cache .*its arrays: features, boxes"):
+            cache.get("a", ("nope",))
+        with pytest.raises(TypeError, match="by position \\(int\\), id \\(str\\) or slice, not float"):
+            cache[1.5]
+    assert cache._handles == {}  # closed at the end of the block
+
+
+def test_a_shard_the_process_holds_open_with_other_locking_flags_says_so(tmp_path, capsys):
+    # an h5py.File(shard, locking=False) of the user's in the same process: "unreadable shard", move it out
+    write_items(tmp_path, ["a"])
+    shard = next((tmp_path / SHARD_DIR).glob("*.h5"))
+    with h5py.File(shard, "r", locking=False):
+        capsys.readouterr()
+        assert len(RegionCache(tmp_path)) == 0
+        assert capsys.readouterr().err.endswith(
+            "its items are left out: this process holds the file open already with other HDF5 locking flags (an "
+            "h5py.File opened with locking=False or swmr=True?): close that, or open it as h5py does by default\n")
+    assert RegionCache(tmp_path).ids == ["a"]
+
+
 def test_a_shard_hdf5_cannot_lock_says_how_to_read_it_without_locks(tmp_path, capsys):
     # a file system without lock support (some NFS mounts, where a lab shares its cache) fails HDF5's
     # locking open; it was "unreadable shard" with the advice to move it out and extract again. A lock

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import re
 import os
 import shutil
 import signal
@@ -294,6 +295,26 @@ def test_a_source_changed_since_extract_gives_a_placeholder_until_extracted_and_
     for row in range(len(index)):
         regions, mask, _ = index.regions.gather([row])
         np.testing.assert_allclose(regions[0][mask[0]], video.regions[row][video.region_mask[row]].numpy(), atol=2e-3)
+
+
+def test_a_running_searcher_takes_up_items_extracted_since_and_refuses_bad_arguments_in_one_line(ws, monkeypatch):
+    # a notebook's Searcher kept "unindexed": 0 (and the old rows of items extracted again) until restarted;
+    # k=2.5, a query of None and device="gpu" were internal errors or nothing at all
+    from vlpcache.errors import UserError
+    from vlpcache.index import search
+
+    monkeypatch.setattr(search, "SHARDS_LOOKED_EVERY_S", 0.0)  # looked for at every query here
+    client, searcher = client_for(ws)
+    assert client.get("/api/info").json()["unindexed"] == 0
+    write_cache(ws / "cache", 2, prefix="w", seed=9)  # extract commits a shard meanwhile
+    assert client.get("/api/info").json()["unindexed"] == 2 and "w1" in searcher.cache
+    for call, says in ((lambda: searcher.search(None), "a query is text (str), not NoneType"),
+                       (lambda: searcher.search("a dog", k=2.5), "k = 2.5: give a whole number of results"),
+                       (lambda: search.Searcher(device="gpu"), "device 'gpu': choose one of auto, cpu, cuda")):
+        with pytest.raises(UserError, match=re.escape(says)):
+            call()
+    monkeypatch.setenv("HOME", str(ws.parent))
+    assert ws.parent / "v.npy" in searcher.export("~/v.npy")  # ~ as in a shell
 
 
 def test_a_move_that_extract_records_is_taken_up_by_a_running_server(ws):

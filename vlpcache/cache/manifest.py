@@ -132,8 +132,13 @@ def open_shard(path: Path):
 
 
 def lock_refused(err: BaseException) -> str:
-    """What to do where HDF5 could not lock a shard (its message says "unable to lock file"), else ""."""
-    if "unable to lock file" not in str(err).lower():  # HDF5's words ("block" is no lock)
+    """What to do where HDF5 could not lock a shard (its message says "unable to lock file"), or the
+    process holds it open with other locking flags, else ""."""
+    text = str(err).lower()
+    if "flag values don't match" in text:  # HDF5's words for an h5py.File(..., locking=False or swmr=True)
+        return ("this process holds the file open already with other HDF5 locking flags (an h5py.File opened "
+                "with locking=False or swmr=True?): close that, or open it as h5py does by default")
+    if "unable to lock file" not in text:  # HDF5's words ("block" is no lock)
         return ""
     return ("HDF5 could not lock the file: a file system without lock support (some NFS mounts)? set "
             "HDF5_USE_FILE_LOCKING=FALSE in the environment and run again (shards are never written once "

@@ -116,12 +116,13 @@ def _moved(path: str, moves: list[dict]) -> str:
 class RegionCache:
     """A read-only view of every finished shard in a cache directory.
 
-    `cache[i]` and `cache.get(id)` return one video's arrays (the names of settings.arrays()) plus "id",
-    "path", "kind" and "source".
+    `cache[i]`, `cache[id]` and `cache.get(id)` return one video's arrays (the names of settings.arrays())
+    plus "id", "path", "kind" and "source"; `cache[i:j]` a list of them. `with RegionCache(...) as cache:`
+    closes its shard files at the end.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, say: Say = say, say_damaged: bool = True):
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = Path(cache_dir).absolute()  # a notebook's %cd later changes nothing
         self._say = say  # where left-out shards are reported (inspect lists them itself)
         self._say_damaged = say_damaged  # and items left out as found damaged (extract says what it does about them)
         if not self.cache_dir.is_dir():
@@ -339,12 +340,32 @@ class RegionCache:
             datasets = self._datasets[s] = {name: f[name] for name in (*self._array_names, "notes") if name in f}
         return datasets
 
-    def __getitem__(self, index: int) -> dict:
-        return self.read(index)
+    def __getitem__(self, key: int | str | slice) -> dict | list[dict]:
+        if isinstance(key, str):
+            return self.get(key)
+        if isinstance(key, slice):
+            return [self.read(i) for i in range(*key.indices(len(self)))]
+        return self.read(key)
 
-    def read(self, index: int, names: tuple[str, ...] | None = None) -> dict:
+    def __repr__(self) -> str:
+        return f"RegionCache({str(self.cache_dir)!r}: {len(self)} items, {self.settings.frames} frames x {self.settings.regions} regions)"
+
+    def __enter__(self) -> "RegionCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def read(self, index: int, names: tuple[str, ...] | str | None = None) -> dict:
         """One video's arrays, all of settings.arrays() or only `names` (search shows boxes without reading
         features, the bulk of a video), plus "id", "path", "kind" and "source" (its stamp)."""
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"a cache is read by position (int), id (str) or slice, not {type(index).__name__}")
+        if isinstance(names, str):
+            names = (names,)
+        if names is not None and (unknown := [n for n in names if n not in self._array_names]):
+            raise KeyError(f"{unknown[0]!r} is no array of cache {self.cache_dir} (its arrays: "
+                           f"{', '.join(self._array_names)})")
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a cache of {len(self)} items")
         s, row = self._locations[index]
@@ -363,7 +384,7 @@ class RegionCache:
         item["source"] = self.sources[index]
         return item
 
-    def get(self, item_id: str, names: tuple[str, ...] | None = None) -> dict:
+    def get(self, item_id: str, names: tuple[str, ...] | str | None = None) -> dict:
         return self.read(self.index_of(item_id), names)
 
     def blank(self, item: int | str) -> dict:

@@ -69,8 +69,8 @@ def resolve_sources(run_dir=None, cache_dir=None, index_dir=None) -> Sources:
     return Sources(run_dir, cache_dir, Path(index_dir) if index_dir else workspace.index_dir)
 
 
-def open_cache(cache_dir: Path) -> RegionCache:
-    cache = RegionCache(cache_dir)
+def open_cache(cache_dir: Path, say: Say = say) -> RegionCache:
+    cache = RegionCache(cache_dir, say=say)
     cache.check_not_empty()
     return cache
 

@@ -25,8 +25,9 @@ IDS_SUFFIX = ".ids.json"
 
 
 def export_embeddings(index, cache, path) -> list[Path]:
-    """Write `index`'s embeddings and ids to path (.npy or .parquet); returns the files written."""
-    path = Path(path)
+    """Write `index`'s embeddings and ids to path (.npy or .parquet; `~` is the home folder, as in a
+    shell); returns the files written."""
+    path = Path(path).expanduser()
     check_export_path(path)
     embeddings = np.ascontiguousarray(index.embeddings, dtype=np.float32)  # (V, E)
     if path.suffix == ".parquet":

@@ -18,15 +18,17 @@ import json
 import os
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from vlpcache import report
 from vlpcache.cache.labels import region_names
 from vlpcache.cache.reader import DamagedShard, RegionCache
-from vlpcache.cache.schema import MOVES_DIR, REMOVED_DIR
-from vlpcache.devices import DEFAULT_DEVICE, resolve_device
+from vlpcache.cache.schema import MOVES_DIR, REMOVED_DIR, SHARD_DIR, SHARD_SUFFIX
+from vlpcache.devices import DEFAULT_DEVICE, DEVICES, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import read_utf8_text, utf8_text
 from vlpcache.index.build import (coverage, extracted_again, index_of_run, missing_from_cache, new_index_line, open_cache,
@@ -48,6 +50,9 @@ HIT_ARRAYS = ("labels", "boxes", "timestamps")
 # extract's records of the cache, taken up without a new index when they change (not the damaged rows'
 # records, which readers write: this one's own would drop the hit it is showing)
 CACHE_RECORD_DIRS = (MOVES_DIR, REMOVED_DIR)
+# shards extract commits (items added, or extracted again: their hits are told so) are looked for at most this
+# often: the cache is listed again then, which reads every shard's ids (seconds for millions of items)
+SHARDS_LOOKED_EVERY_S = 10.0
 EXAMPLE_QUERY = "person cuts onion"  # serve's suggestion where the run's captions give none
 EXAMPLE_WORDS = (3, 6)  # a suggested caption's words, at least and at most
 EXAMPLE_VIDEOS = 2000  # the first videos of the run's first caption file looked at for one
@@ -151,6 +156,7 @@ class Searcher:
         self.rerank_candidates = RERANK_CANDIDATES
         self._lock = threading.Lock()  # the cache's lazily opened HDF5 files and FAISS's thread setting are shared
         self._records = self._records_stamp()
+        self._shards, self._shards_looked = self._shards_stamp(), time.monotonic()
         self._take(index, self._stamp())
 
     def _stamp(self) -> tuple[int, int] | None:
@@ -177,6 +183,15 @@ class Searcher:
                 continue
         return tuple(sorted(found))
 
+    def _shards_stamp(self) -> tuple:
+        """The cache's committed shards as they are now (extract adds one as it commits it)."""
+        try:
+            with os.scandir(self.cache.cache_dir / SHARD_DIR) as entries:
+                return tuple(sorted((entry.name, entry.stat().st_size) for entry in entries
+                                    if entry.name.endswith(SHARD_SUFFIX)))
+        except OSError:
+            return ()
+
     def _take(self, index: VideoIndex, stamp) -> None:
         self.index, self._index_stamp = index, stamp
         bank = self.index_dir / QUERYBANK_FILE if self.index_dir is not None else None
@@ -192,8 +207,10 @@ class Searcher:
         """Take up the index again if `vlpcache index` has written it since it was loaded (with the
         cache's shards, which the new rows come from); True when it did. An index caught halfway through
         being written is left for the next call; until then the one loaded answers."""
-        stamp, records = self._stamp(), self._records_stamp()
-        if (stamp is None or stamp == self._index_stamp) and records == self._records:
+        stamp, records, shards = self._stamp(), self._records_stamp(), self._shards
+        if time.monotonic() - self._shards_looked >= SHARDS_LOOKED_EVERY_S:  # a re-listing reads every shard's ids
+            shards, self._shards_looked = self._shards_stamp(), time.monotonic()
+        if (stamp is None or stamp == self._index_stamp) and records == self._records and shards == self._shards:
             return False
         with self._lock:
             if stamp is not None and stamp != self._index_stamp:
@@ -201,12 +218,12 @@ class Searcher:
                     index = VideoIndex.load(self.index_dir)
                 except (UserError, OSError, ValueError):
                     return False
-            elif records != self._records:  # moves recorded (or items dropped) by extract: the same index
-                index, stamp = self.index, self._index_stamp
+            elif records != self._records or shards != self._shards:  # extract moved, dropped or added items
+                index, stamp = self.index, self._index_stamp  # the same index: an item extracted again is told
             else:
                 return False
             self.cache.refresh()
-            self._records = records
+            self._records, self._shards = records, shards
             self._take(index, stamp)
         return True
 
@@ -273,6 +290,10 @@ class Searcher:
         """The top k indexed items for one query, best first; re-ranked by region-word score when the
         run can (`rerank=False`: global similarity alone); `qbnorm`: the top candidates by global
         similarity ordered by its query-bank normalisation instead (the index's bank; no re-rank)."""
+        if not isinstance(query, str):
+            raise UserError(f"a query is text (str), not {type(query).__name__}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise UserError(f"k = {k!r}: give a whole number of results, e.g. 10")
         query = query.strip()
         if not query:
             raise UserError('empty query; give words to search for, e.g. "person cuts onion"')
@@ -440,8 +461,11 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
 
     With an up-to-date ONNX export in the index, neither torch nor the run's weights are loaded.
     """
+    if str(device) not in DEVICES and not str(device).startswith("cuda:"):  # the ONNX path never resolves it
+        raise UserError(f"device {device!r}: choose one of {', '.join(DEVICES)}")
+    progress = say is report.say  # a quiet `say` (a notebook's) draws no bar either
     sources = resolve_sources(run_dir, cache_dir, index_dir)
-    cache = open_cache(sources.cache_dir)
+    cache = open_cache(sources.cache_dir, say)
     index_dir, index = index_of_run(sources.index_dir, sources.run_dir, cache)
     if index is None and run_dir is None and not _may_write(sources.index_dir):
         # the workspace's newest run (one being trained, one not indexed yet) in another user's workspace:
@@ -468,7 +492,7 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
             say(new_index_line(run, sources.index_dir, index_dir))
         if index is None or index.regions is None or not bank_ready:
             index = update_index(run, cache, index_dir, IndexConfig(), device=device,
-                                 batch_size=default_batch_size(device), say=say, qbnorm=qbnorm)
+                                 batch_size=default_batch_size(device), progress=progress, say=say, qbnorm=qbnorm)
         query_model = TorchQueryModel(run)
     unindexed = sum(1 for item_id in cache.ids if item_id not in index)
     if unindexed:
