@@ -68,3 +68,17 @@ def test_the_record_of_a_runs_videos_is_read_back_and_a_damaged_one_is_no_record
         (tmp_path / VIDEOS_NAME).write_bytes(damaged)
         assert read_run_videos(tmp_path) is None
     assert read_run_videos(tmp_path / "no-run") is None
+
+
+def test_a_recorded_location_is_read_where_it_is_and_beside_a_moved_run_only_once_it_is_gone(tmp_path):
+    from vlpcache.model.run_layout import located
+
+    made_in, here = tmp_path / "a" / "runs" / "run-001", tmp_path / "b" / "runs" / "run-001"
+    here.mkdir(parents=True)
+    recorded = tmp_path / "a" / "cache"
+    (tmp_path / "b" / "cache").mkdir()  # the same place beside the run, in another project
+    recorded.mkdir(parents=True)
+    assert located(str(recorded), str(made_in), here) == str(recorded)  # still there: read as it is
+    recorded.rmdir()  # the project moved: gone from where it was
+    assert located(str(recorded), str(made_in), here) == str(tmp_path / "b" / "cache")
+    assert located(str(recorded), None, here) == str(recorded)  # a run that did not record where it was made

@@ -101,11 +101,12 @@ LOCATED = ("caches", "captions", "val_captions")  # the train config's locations
 
 def located(path: str, made_in: str | None, run_dir: Path) -> str:
     """Where a location the run recorded is now. A run records the absolute paths of its caches and
-    caption files, and where it was made (`made_in`, its folder then); where the run folder is elsewhere
-    now (the project moved or copied with its data), the same place relative to the run folder is taken
-    where it exists, else the recorded path where that exists, else the recorded path (its reader
-    says it is missing)."""
-    if not path or not made_in:
+    caption files, and where it was made (`made_in`, its folder then). The recorded path while it is
+    there (a run copied into another project keeps reading its own data, not another cache that happens
+    to sit at the same place); where it is gone and the run folder is elsewhere now (the project moved
+    with its data), the same place relative to the run folder where that exists; else the recorded path
+    (its reader says it is missing)."""
+    if not path or not made_in or os.path.exists(path):
         return path
     here = os.path.realpath(run_dir)
     if os.path.normpath(made_in) != here:
