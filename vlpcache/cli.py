@@ -18,7 +18,7 @@ from vlpcache import __version__
 from vlpcache.cache.schema import SCORE_THRESHOLD, SHARD_SECONDS
 from vlpcache.devices import DEFAULT_DEVICE, DEVICES
 from vlpcache.errors import Interrupted, UserError, user_message
-from vlpcache.files import system_reason
+from vlpcache.files import not_allowed, system_reason
 from vlpcache.interrupts import exit_status, stopped, stops_remembered
 from vlpcache.extract.detectors.spec import (
     DEFAULT_FRCNN_ARCH,
@@ -448,7 +448,7 @@ def main() -> None:
             if err.errno not in ENVIRONMENT_ERRORS:
                 raise
             where = f"{err.filename}: " if err.filename else ""
-            if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # a shared, read-only workspace
+            if not_allowed(err):  # a shared, read-only workspace
                 way = ("another user's file or folder, or a read-only one? ask its owner for access, or keep what this "
                        "command writes in a folder of your own (-o, or VLPCACHE_WORKSPACE=DIR for the workspace); "
                        "nothing was lost")

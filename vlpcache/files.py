@@ -190,6 +190,22 @@ def is_write_failure(err: BaseException) -> bool:
     return isinstance(err, OSError) or failure_errno(err) is not None
 
 
+NOT_ALLOWED_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)  # this user may not write there (another's, read-only)
+
+
+def not_allowed(err: BaseException) -> bool:
+    """Whether a failed file operation was refused to this user (not a full disk or a fault)."""
+    return isinstance(err, OSError) and err.errno in NOT_ALLOWED_ERRNOS
+
+
+def may_write(path: Path) -> bool:
+    """Whether this user may create files at `path`: in it, or where it is not there yet, in its nearest
+    parent that is (it would be made there)."""
+    path = Path(path).absolute()
+    there = next((p for p in (path, *path.parents) if p.exists()), None)
+    return there is not None and os.access(there, os.W_OK)
+
+
 def system_reason(err: BaseException, path: Path | None = None) -> str:
     """The operating system's reason for a failed file operation, e.g. "No space left on device (ENOSPC)",
     also where a library reports it only in its message, or only as a short write (numpy: "6912 requested

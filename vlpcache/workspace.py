@@ -10,10 +10,10 @@ The workspace is `.vlpcache/` in the current directory, or $VLPCACHE_WORKSPACE:
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 
+from vlpcache.files import not_allowed
 from vlpcache.records import read_optional_json, write_json
 
 ROOTS_NAME = "roots.json"
@@ -63,7 +63,7 @@ class Workspace:
             self.root.mkdir(parents=True, exist_ok=True)
             write_json(self.root / ROOTS_NAME, known + list(dict.fromkeys(new)))
         except OSError as err:
-            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            if not not_allowed(err):
                 raise
 
     def extracted_roots(self) -> list[str]:

@@ -22,7 +22,7 @@ from vlpcache.extract.stamps import replaced
 from vlpcache.errors import ItemError, UserError
 from vlpcache.extract.sampling import read_item
 from vlpcache.extract.sources import Item
-from vlpcache.files import replace_atomically, write_failure
+from vlpcache.files import may_write, replace_atomically, write_failure
 from vlpcache.report import printable, say
 from vlpcache.workspace import Workspace
 
@@ -157,9 +157,9 @@ def render_cache_item(cache_dir, item_id: str, output=None) -> Path:
     cache = RegionCache(cache_dir or Workspace().cache_dir)
     item_id = named_item(cache, item_id)
     output = Path(output) if output else default_picture_name(item_id)
-    folder = next((p for p in (output.absolute().parent, *output.absolute().parents) if p.exists()), None)
-    if folder is not None and not os.access(folder, os.W_OK):  # said before the frames are decoded
-        raise UserError(f"{output}: this user may not write in {folder}; pass -o a file in a folder of your own")
+    if not may_write(output.parent):  # said before the frames are decoded
+        raise UserError(f"{output}: this user may not write in {output.absolute().parent}; pass -o a file in a "
+                        "folder of your own")
     path = render_item(cache, item_id, output)
     note = cache.note_of(item_id)
     print(f"wrote {printable(str(path))}" + (f" (the item was kept with a note: {printable(note)})" if note else ""))

@@ -157,8 +157,10 @@ def no_longer_there(items, cache: RegionCache, failed: dict[str, dict], roots, s
 
     def lost(item_id: str, path: str) -> bool:
         path = os.path.normpath(path)
-        return (item_id not in found and path not in found_paths and shard_of(item_id, shard_count) == shard_index
-                and (within(path) or within(real(path))) and real(path) not in found_paths)
+        if item_id in found or path in found_paths or shard_of(item_id, shard_count) != shard_index:
+            return False  # (a path found as it is: no need to resolve it)
+        resolved = real(path)
+        return (within(path) or within(resolved)) and resolved not in found_paths
 
     gone = [(item_id, path, "gone" if not os.path.lexists(path) else "no longer an item", cache.row_of(item_id))
             for item_id, path in zip(cache.ids, cache.paths) if lost(item_id, path)]

@@ -15,7 +15,6 @@ above every other candidate, whose global order is kept.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from vlpcache.cache.reader import BlankWhenDamaged
 from vlpcache.captions import caption_queries, read_captions
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
-from vlpcache.files import is_write_failure, replace_atomically, write_failure
+from vlpcache.files import is_write_failure, may_write, replace_atomically, write_failure
 from vlpcache.index.build import check_run_reads_cache, open_cache, resolve_sources, run_query_bank
 from vlpcache.metrics import RERANK_CANDIDATES, query_ranks, reranked, retrieval_metrics
 from vlpcache.querybank import dual_softmax
@@ -236,7 +235,7 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
 
     if per_query is not None and not Path(per_query).parent.is_dir():  # said now, not after the encoding
         raise UserError(f"{per_query}: no such folder {Path(per_query).parent}; create it first")
-    if per_query is not None and not os.access(Path(per_query).parent, os.W_OK):  # another user's folder
+    if per_query is not None and not may_write(Path(per_query).parent):  # another user's folder
         raise UserError(f"--per-query {per_query}: this user may not write in {Path(per_query).parent}; pass a file "
                         "in a folder of your own")
     sources = resolve_sources(run_dir, cache_dir)

@@ -30,7 +30,7 @@ from vlpcache.cache.reader import DamagedShard, RegionCache
 from vlpcache.cache.schema import MOVES_DIR, REMOVED_DIR, SHARD_DIR, SHARD_SUFFIX
 from vlpcache.devices import DEFAULT_DEVICE, DEVICES, resolve_device
 from vlpcache.errors import UserError
-from vlpcache.files import read_utf8_text, utf8_text
+from vlpcache.files import may_write, read_utf8_text, utf8_text
 from vlpcache.index.build import (coverage, extracted_again, index_of_run, missing_from_cache, new_index_line, open_cache,
                                   resolve_sources, update_index)
 from vlpcache.index.export import export_embeddings
@@ -256,19 +256,19 @@ class Searcher:
             files = read_run_locations(Path(self.index.meta.run_dir)).get("captions", [])
         except (UserError, OSError, AttributeError):  # gone, unreadable, or not a run's config
             return EXAMPLE_QUERY
+        # the first file only, and not one that takes minutes to read for a hint
+        if not files or not Path(files[0]).is_file() or Path(files[0]).stat().st_size > EXAMPLE_FILE_BYTES:
+            return EXAMPLE_QUERY
+        try:
+            captions = read_captions(files[0])
+        except (UserError, OSError):
+            return EXAMPLE_QUERY
         short = []  # (not indexed, caption) of 3 to 6 words: an indexed video's first, else the first
-        for path in files[:1]:
-            if not Path(path).is_file() or Path(path).stat().st_size > EXAMPLE_FILE_BYTES:  # not minutes for a hint
-                continue
-            try:
-                captions = read_captions(path)
-            except (UserError, OSError):
-                continue
-            for item_id, texts in list(captions.by_id.items())[:EXAMPLE_VIDEOS]:
-                for text in texts:
-                    words = " ".join(text.split())
-                    if EXAMPLE_WORDS[0] <= len(words.split()) <= EXAMPLE_WORDS[1] and len(words) <= 60:
-                        short.append((item_id not in self.index, words))
+        for item_id, texts in list(captions.by_id.items())[:EXAMPLE_VIDEOS]:
+            for text in texts:
+                words = " ".join(text.split())
+                if EXAMPLE_WORDS[0] <= len(words.split()) <= EXAMPLE_WORDS[1] and len(words) <= 60:
+                    short.append((item_id not in self.index, words))
         return min(short, key=lambda found: found[0])[1] if short else EXAMPLE_QUERY
 
     @property
@@ -467,7 +467,7 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
     sources = resolve_sources(run_dir, cache_dir, index_dir)
     cache = open_cache(sources.cache_dir, say)
     index_dir, index = index_of_run(sources.index_dir, sources.run_dir, cache)
-    if index is None and run_dir is None and not _may_write(sources.index_dir):
+    if index is None and run_dir is None and not may_write(sources.index_dir):
         # the workspace's newest run (one being trained, one not indexed yet) in another user's workspace:
         # the newest run indexed over this cache answers, said, rather than no search at all
         if (older := _newest_indexed_run(sources, cache)) is not None:
@@ -500,12 +500,6 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
     if note := coverage(index, cache):
         say(f"note: index {index_dir}: {note}")
     return query_model, cache, index, index_dir
-
-
-def _may_write(folder: Path) -> bool:
-    """Whether this user may create files in `folder` (or, where it is not there yet, its nearest parent)."""
-    there = next((p for p in (Path(folder).absolute(), *Path(folder).absolute().parents) if p.exists()), None)
-    return there is not None and os.access(there, os.W_OK)
 
 
 def _newest_indexed_run(sources, cache: RegionCache) -> Path | None:

@@ -99,6 +99,11 @@ def read_run_config(run_dir: Path) -> dict:
 LOCATED = ("caches", "captions", "val_captions")  # the train config's locations (absolute, as given)
 
 
+def location_list(value) -> list[str]:
+    """A train config location as a list: the caches and caption files are lists, val_captions a path or None."""
+    return value if isinstance(value, list) else [value] if value else []
+
+
 def located(path: str, made_in: str | None, run_dir: Path) -> str:
     """Where a location the run recorded is now. A run records the absolute paths of its caches and
     caption files, and where it was made (`made_in`, its folder then). The recorded path while it is

@@ -36,7 +36,6 @@ One process encodes a key at a time (<key>.lock); another waits for it and reads
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import shutil
@@ -49,8 +48,8 @@ import numpy as np
 import torch
 
 from vlpcache import __version__
-from vlpcache.files import (file_sha256, folder_bytes, is_write_failure, remove_temporaries, replace_atomically,
-                            system_reason, write_failure)
+from vlpcache.files import (file_sha256, folder_bytes, is_write_failure, not_allowed, remove_temporaries,
+                            replace_atomically, system_reason, write_failure)
 from vlpcache.interrupts import stop_if_interrupted
 from vlpcache.locks import LOCK_SUFFIX, WriterLock, holder_description
 from vlpcache.model.batch import tokenize
@@ -181,7 +180,7 @@ def cached_text_features(model, tokenizer, captions: list[str], workspace_root: 
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = WriterLock.take(lock_path)
     except OSError as err:
-        if fallback_root is None or err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if fallback_root is None or not not_allowed(err):
             raise
         say(f"note: cannot write the caption features in {path.parent} ({system_reason(err)}): they are kept in "
             f"{Path(fallback_root) / FEATURES_DIR} instead")

@@ -50,7 +50,8 @@ from vlpcache.model.config import (
 )
 from vlpcache.model.model import AlignmentModel, PretrainLoss, build_model, check_text_model_findable, load_text_backbone
 from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
-from vlpcache.model.run_layout import LOCATED, LOG_NAME, TRAINING_LOCK_NAME, VIDEOS_NAME, run_locations, save_run_videos
+from vlpcache.model.run_layout import (LOCATED, LOG_NAME, TRAINING_LOCK_NAME, VIDEOS_NAME, location_list, run_locations,
+                                       save_run_videos)
 from vlpcache.model.text_features import TextFeatures, cache_kind, cached_text_features
 from vlpcache.records import write_json
 from vlpcache.report import human_duration, printable, progress_bar, say
@@ -172,6 +173,10 @@ def autocast_for(device: torch.device, precision: str = "auto") -> Precision:
 # ---------------------------------------------------------------- step 1: the run
 
 
+# the train config's locations and the options that give them (--resume takes them anew where they are gone)
+LOCATION_OPTIONS = (("caches", "--cache"), ("captions", "--captions"), ("val_captions", "--val-captions"))
+
+
 @dataclass
 class Run:
     dir: Path
@@ -239,9 +244,8 @@ def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, w
         if train_config.epochs == done and (run_dir / VIDEOS_NAME).exists():  # said before the captions and
             # caches are read (seconds, or minutes); a run from before the videos' record reads them to write it
             return Run(run_dir, train_config, model_config, None, resumed=True)
-        for key, name in (("caches", "--cache"), ("captions", "--captions"), ("val_captions", "--val-captions")):
-            paths = getattr(train_config, key)
-            if missing := [p for p in (paths if isinstance(paths, list) else [paths] if paths else []) if not os.path.exists(p)]:
+        for key, name in LOCATION_OPTIONS:
+            if missing := [p for p in location_list(getattr(train_config, key)) if not os.path.exists(p)]:
                 raise UserError(f"--resume: {run_dir} reads {printable(missing[0])}, which is not there (moved or "
                                 f"deleted?); pass {name} with where it is now")
     else:
@@ -337,9 +341,8 @@ def _stored_settings(options: PretrainOptions, stored: dict, run_dir: Path, proc
     # recorded where it was made); one that is still there may not change
     given = {"caches": options.cache_dirs, "captions": options.captions,
              "val_captions": [options.val_captions] if options.val_captions else []}
-    for key, name in (("caches", "--cache"), ("captions", "--captions"), ("val_captions", "--val-captions")):
-        kept = getattr(train_config, key)
-        kept = kept if isinstance(kept, list) else [kept] if kept else []
+    for key, name in LOCATION_OPTIONS:
+        kept = location_list(getattr(train_config, key))
         paths = [str(Path(p).resolve()) for p in given[key]]
         if not paths or sorted(paths) == sorted(kept):
             continue
@@ -820,8 +823,7 @@ def record_new_locations(run: Run, processes: Processes) -> None:
     here = str(run.dir.resolve())
     if all(stored.get(key) == now[key] for key in LOCATED) and stored.get("made_in") in (None, here):
         return
-    moved = [p for key in LOCATED for p in (now[key] if isinstance(now[key], list) else [now[key]] if now[key] else [])
-             if p not in (stored.get(key) if isinstance(stored.get(key), list) else [stored.get(key)])]
+    moved = [p for key in LOCATED for p in location_list(now[key]) if p not in location_list(stored.get(key))]
     config["train"] = {**stored, **now, "made_in": here}
     write_json(run.dir / ckpt.CONFIG_NAME, config)
     if moved:
