@@ -110,6 +110,24 @@ def test_search_prints_rank_score_id_path_time_and_matched_regions(ws, monkeypat
     assert "dog -> person [" in lines[2]  # the cache's labels are all 0 (COCO "person")
 
 
+def test_a_hit_says_where_its_frame_sits_in_the_terms_of_what_it_was_extracted_from():
+    """Seconds of a video; a frames folder's image by its place (1 for the first: time counts from 0); a
+    photo's one frame nothing at all, rather than "@ 0.00 s"."""
+    from vlpcache.index.search import Hit, RegionHit, format_hits
+
+    def hit(kind, time):
+        regions = [RegionHit("dog", "dog", [0.1, 0.2, 0.3, 0.4], time, 0.5, 1), RegionHit("ball", "ball", [0, 0, 1, 1], 0.0, 0.5, 0)]
+        return Hit(rank=1, id="x", path="", score=0.5, global_score=0.5, local_score=None, time=time, regions=regions,
+                   frame=1, kind=kind)
+
+    assert format_hits("q", [hit("video", 2.5)]).splitlines()[1:] == [
+        "  1   0.5000  x  @ 2.50 s", "       dog -> dog [0.10, 0.20, 0.30, 0.40] @ 2.50 s; ball -> ball [0.00, 0.00, 1.00, 1.00] @ 0.00 s"]
+    assert format_hits("q", [hit("frames", 83.0)]).splitlines()[1:] == [
+        "  1   0.5000  x  @ image 84", "       dog -> dog [0.10, 0.20, 0.30, 0.40] @ image 84; ball -> ball [0.00, 0.00, 1.00, 1.00] @ image 1"]
+    assert format_hits("q", [hit("image", 0.0)]).splitlines()[1:] == [
+        "  1   0.5000  x", "       dog -> dog [0.10, 0.20, 0.30, 0.40]; ball -> ball [0.00, 0.00, 1.00, 1.00]"]
+
+
 def test_json_results_carry_scores_times_and_regions_of_real_frames(ws, monkeypatch, capsys):
     [result] = search_json(monkeypatch, capsys, "a cat", "-k", "5")
     assert result["query"] == "a cat" and [h["rank"] for h in result["results"]] == [1, 2, 3, 4, 5]

@@ -129,6 +129,12 @@ def test_item_api_lists_the_sampled_frames_and_their_detected_regions(api):
     assert all(len(f["regions"]) == 4 and all(0 <= v <= 1 for r in f["regions"] for v in r["box"]) for f in item["frames"])
 
 
+def test_hits_and_info_say_what_each_item_was_extracted_from(api):
+    hits = api.get("/api/search", params={"q": "a dog on the street", "k": ITEMS}).json()["results"]
+    assert {h["id"]: h["kind"] for h in hits} == {f"v{i}": "frames" if i < VIDEO else "video" for i in range(ITEMS)}
+    assert api.get("/api/info").json()["kinds"] == {"frames": VIDEO, "video": ITEMS - VIDEO}
+
+
 @pytest.mark.parametrize("params, status, message", [
     ({}, 400, "missing query"),
     ({"q": "   "}, 400, "missing query"),
@@ -177,7 +183,7 @@ def test_requests_for_another_host_name_are_refused(api):
     assert "Host header" in one_line_error(response, 400)
     assert api.get("/api/info", headers={"host": "localhost:8000"}).json() == {
         "items": ITEMS, "rerank": True, "model": "run-001, epoch 1", "unindexed": 0,
-        "example": "the " + WORDS[0] + " here"}  # the first caption of 3 to 6 words in the run's training captions
+        "example": "the " + WORDS[0] + " here", "kinds": {"frames": VIDEO, "video": ITEMS - VIDEO}}  # the first caption of 3 to 6 words in the run's training captions
 
 
 def test_every_response_carries_the_security_headers(api):
@@ -551,7 +557,7 @@ def test_page_in_headless_chromium_shows_result_cards_with_thumbnails_and_boxes(
     try:
         browser.get(server.url)
         wait = WebDriverWait(browser, 30)
-        wait.until(lambda b: "Search 24 videos" in b.find_element(By.ID, "status").text)
+        wait.until(lambda b: "Search 4 videos and 20 frames folders by" in b.find_element(By.ID, "status").text)
         assert browser.find_element(By.ID, "status").text.endswith("(model: run-001, epoch 1).")  # which run answers
         box = browser.find_element(By.ID, "q")
         wait.until(lambda b: box.get_attribute("placeholder") == f"the {WORDS[0]} here")  # a caption of the run's
@@ -599,6 +605,60 @@ def test_page_in_headless_chromium_shows_result_cards_with_thumbnails_and_boxes(
     if os.environ.get("VLPCACHE_SCREENSHOTS"):  # to look at them: VLPCACHE_SCREENSHOTS=DIR pytest ...
         for name in ("results.png", "detail.png", "unread.png"):
             shutil.copy(tmp_path / name, Path(os.environ["VLPCACHE_SCREENSHOTS"]) / name)
+
+
+def test_the_page_by_keyboard_and_back_button_and_when_the_server_stops_answering(ws, server, tmp_path):
+    """Enter on a card opens its item and it stays open; Escape closes it; Back closes an item opened
+    from a card, leaving the results; Back to an earlier query shows that query in the box; each card
+    says where its frame sits as its kind has it; a server that stopped answering is said so."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    first = server.url + "?" + urllib.parse.urlencode({"q": "a man with a dog"})
+    is_open = "return document.getElementById('detail').open"
+    browser = chromium_driver(tmp_path)
+    try:
+        wait = WebDriverWait(browser, 30)
+        browser.get(first)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".card")) == 12)
+        times = browser.execute_script("return [...document.querySelectorAll('.card')].map("
+                                       "c => [hitsById.get(c.dataset.id).kind, c.querySelector('.time').textContent])")
+        assert {kind for kind, _ in times} == {"frames", "video"}, times  # both kinds among the 12
+        assert all(re.fullmatch(r"@ image [12]" if kind == "frames" else r"@ \d+\.\d\d s", text) for kind, text in times), times
+
+        browser.find_element(By.CSS_SELECTOR, ".card").send_keys(Keys.ENTER)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#detail-frames figure")) == 2)
+        assert browser.execute_script(is_open) and "item=" in browser.current_url  # not closed by the same key press
+        caption = browser.find_element(By.CSS_SELECTOR, "#detail-frames figcaption").text
+        assert re.fullmatch(r"frame 1 of 2 · (image 1|0\.00 s)( · best match)?", caption), caption
+        browser.find_element(By.ID, "detail").send_keys(Keys.ESCAPE)
+        wait.until(lambda b: not b.execute_script(is_open))
+        wait.until(lambda b: b.current_url == first)
+
+        browser.find_elements(By.CSS_SELECTOR, ".card")[1].click()
+        wait.until(lambda b: b.execute_script(is_open) and "item=" in b.current_url)
+        browser.back()  # as a phone's Back closes an overlay
+        wait.until(lambda b: not b.execute_script(is_open))
+        assert browser.current_url == first and len(browser.find_elements(By.CSS_SELECTOR, ".card")) == 12
+
+        box = browser.find_element(By.ID, "q")
+        box.clear()
+        box.send_keys("a red car", Keys.ENTER)
+        wait.until(lambda b: "q=a+red+car" in b.current_url and b.find_element(By.ID, "status").text.startswith("12 results"))
+        browser.find_element(By.ID, "q").send_keys(" typed")
+        browser.back()
+        wait.until(lambda b: b.current_url == first)
+        wait.until(lambda b: b.find_element(By.ID, "q").get_attribute("value") == "a man with a dog")
+
+        browser.execute_script("window.fetch = () => Promise.reject(new TypeError('Failed to fetch'))")  # the server gone
+        browser.find_element(By.CSS_SELECTOR, ".card").click()
+        wait.until(lambda b: "error:" in b.find_element(By.ID, "detail-meta").text)
+        meta = browser.find_element(By.ID, "detail-meta").text
+        assert meta.startswith("#1 · score ") and meta.endswith(
+            " · error: the server does not answer: is `vlpcache serve` still running?"), meta
+    finally:
+        browser.quit()
 
 
 def test_the_page_fits_a_phone_and_a_long_word_wraps_instead_of_widening_it(ws, server, tmp_path):

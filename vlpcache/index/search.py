@@ -12,6 +12,7 @@ share one process.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -96,13 +97,22 @@ class Hit:
     score: float  # what the ranking used: global + weight * S_loc after re-rank, else global cosine
     global_score: float
     local_score: float | None  # S_loc; None without re-rank
-    time: float | None  # best-matching timestamp in seconds
+    time: float | None  # the best-matching frame's time: seconds of a video, a frames folder's or photo's place 0, 1, ...
     regions: list[RegionHit] = field(default_factory=list)
     frame: int | None = None  # index of the best-matching frame among the item's sampled frames
     note: str = ""  # what went wrong decoding the item, kept anyway (e.g. a truncated video); "" for most
     # what is off with the hit: found by an older extraction of the item, or its cached row does not read
     # (UNREADABLE_HIT), both shown without regions; its source is gone (GONE_HIT); "" for most
     outdated: str = ""
+    kind: str = "video"  # what the item was extracted from: "video", "frames" (a folder of a video's frames) or "image"
+
+
+def place_text(kind: str, time: float | None) -> str:
+    """Where a frame sits, for a person: seconds of a video, the place of a frames folder's image in name
+    order (1 for the first), and nothing for a photo (its one frame)."""
+    if time is None or kind == "image":
+        return ""
+    return f"image {int(time) + 1}" if kind == "frames" else f"{time:.2f} s"
 
 
 @dataclass
@@ -229,6 +239,12 @@ class Searcher:
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def kinds(self) -> dict[str, int]:
+        """How many indexed items are videos, frames folders and photos (those the cache holds)."""
+        with self._lock:
+            cache = self.cache
+            return dict(collections.Counter(cache.kinds[cache.index_of(i)] for i in self.index.ids if i in cache))
 
     @functools.cached_property
     def unshown(self) -> int:
@@ -373,6 +389,7 @@ class Searcher:
                 frame=alignment.best_frame,
                 note=note,
                 outdated=outdated,
+                kind=item["kind"],
             ))
         return hits
 
@@ -418,10 +435,11 @@ def format_hits(query: str, hits: list[Hit]) -> str:
         lines.append("  (no results)")
     for h in hits:
         path = f"  {printable(h.path)}" if h.path and h.path != h.id else ""
-        when = f"  @ {h.time:.2f} s" if h.time is not None else ""
+        when = f"  @ {place_text(h.kind, h.time)}" if place_text(h.kind, h.time) else ""
         lines.append(f"{h.rank:3d}  {h.score:7.4f}  {printable(h.id)}{path}{when}")
         if h.regions:
-            parts = [f"{r.word} -> {r.label} [{', '.join(f'{v:.2f}' for v in r.box)}] @ {r.time:.2f} s" for r in h.regions]
+            parts = [f"{r.word} -> {r.label} [{', '.join(f'{v:.2f}' for v in r.box)}]"
+                     + (f" @ {place_text(h.kind, r.time)}" if place_text(h.kind, r.time) else "") for r in h.regions]
             lines.append("       " + "; ".join(parts))
         if h.note:
             lines.append(f"       kept with a note: {printable(h.note)}")

@@ -4,6 +4,10 @@
 "use strict";
 
 const COLOURS = 8; // .c0 ... .c7 in page.css
+const DEFAULT_K = "12";
+const MAX_K = 100; // app.py's MAX_K
+const STATUS_QUERY = 60; // characters of the query the status line repeats: a long one filled a phone's screen
+const NO_ANSWER = "the server does not answer: is `vlpcache serve` still running?";
 const params = new URLSearchParams(location.search);
 const hitsById = new Map();
 let colours = new Map(); // query word -> colour class
@@ -41,18 +45,29 @@ function box([x1, y1, x2, y2], className, ...tag) {
 }
 
 // tags end at their box's right side where they would run past the picture's (and slide in where
-// they then run past its left), and step down below the tags already placed that they would cover
+// they then run past its left), and step down below the tags already placed that they would cover.
+// The matched words' tags come first; a detected region's tag (the item view's, in the detector's order
+// of confidence) that would still cover another is hidden, its dashed box left: unreadable tags piled
+// on each other say less than none
 function placeTags(container) {
   for (const picture of container.querySelectorAll(".picture")) {
     const edge = picture.getBoundingClientRect();
     const placed = [];
-    for (const tag of picture.querySelectorAll(".box:not(.detected) > .tag")) {
+    const tags = [...picture.querySelectorAll(".box:not(.detected) > .tag"), ...picture.querySelectorAll(".box.detected > .tag")];
+    for (const tag of tags) {
+      const detected = tag.parentElement.classList.contains("detected");
       tag.style.transform = "";
+      tag.style.visibility = "";
       if (tag.getBoundingClientRect().right > edge.right) tag.classList.add("right");
       const dx = Math.max(0, edge.left - tag.getBoundingClientRect().left);
-      for (let step = 0; step <= 4; step++) {
+      let free = false;
+      for (let step = 0; step <= (detected ? 1 : 4) && !free; step++) {
         tag.style.transform = `translate(${dx}px, ${step * 100}%)`;
-        if (!placed.some((other) => overlap(other, tag.getBoundingClientRect()))) break;
+        free = !placed.some((other) => overlap(other, tag.getBoundingClientRect()));
+      }
+      if (detected && !free) {
+        tag.style.visibility = "hidden";
+        continue;
       }
       placed.push(tag.getBoundingClientRect());
     }
@@ -114,8 +129,22 @@ function labelText(label) {
   return label === WHOLE_FRAME ? "whole frame" : label;
 }
 
+// where a frame sits, for a person: seconds of a video, the place of a frames folder's image in name
+// order (1 for the first; the API's time counts from 0), nothing for a photo (its one frame)
+function placeText(kind, time) {
+  if (time === null || time === undefined || kind === "image") return "";
+  return kind === "frames" ? `image ${Math.round(time) + 1}` : `${time.toFixed(2)} s`;
+}
+
+// a region per query word, the first of a word said again ("big big dog")
+function firstOfEachWord(regions) {
+  const seen = new Set();
+  return regions.filter((r) => !seen.has(r.word) && seen.add(r.word));
+}
+
 function wordChip(region, hit) {
-  const where = region.frame === hit.frame ? "" : ` @ ${region.time.toFixed(2)} s`;
+  const place = placeText(hit.kind, region.time);
+  const where = region.frame === hit.frame || !place ? "" : ` @ ${place}`;
   return el("span", { class: "chip " + (colours.get(region.word) || ""), title: `attention ${region.weight}` },
     el("mark", {}, region.word), ` ${labelText(region.label)}${where}`);
 }
@@ -130,24 +159,26 @@ function drawMatches(picture, regions, frame) {
     byRegion.set(key, [...(byRegion.get(key) || []), region]);
   }
   for (const words of byRegion.values()) {
-    const marks = words.map((r) => el("mark", { class: colours.get(r.word) || "" }, r.word));
+    const marks = firstOfEachWord(words).map((r) => el("mark", { class: colours.get(r.word) || "" }, r.word));
     picture.append(box(words[0].box, colours.get(words[0].word), ...marks, ` → ${words[0].label}`));
   }
   const whole = here.filter((r) => r.label === WHOLE_FRAME);
   if (whole.length) {
     picture.append(el("div", { class: "whole" },
-      ...whole.map((r) => el("mark", { class: colours.get(r.word) || "" }, r.word)), " → whole frame"));
+      ...firstOfEachWord(whole).map((r) => el("mark", { class: colours.get(r.word) || "" }, r.word)), " → whole frame"));
   }
 }
 
 // the note of an item kept anyway (a truncated video, unreadable frames, photos in a frames folder), as extract said;
-// or why its cached row cannot be read
+// why its cached row cannot be read; what is off with a hit (its source gone, extracted again since indexed)
 function noted(item) {
-  return (item.note ? ` · kept with a note: ${item.note}` : "") + (item.unreadable ? ` · ${item.unreadable}` : "");
+  return (item.note ? ` · kept with a note: ${item.note}` : "") + (item.unreadable ? ` · ${item.unreadable}` : "") +
+    (item.outdated ? ` · ${item.outdated}` : "");
 }
 
 function card(hit) {
-  const img = el("img", { src: frameUrl(hit.id, hit.frame ?? 0), alt: `${hit.id} at ${hit.time} s` });
+  const place = placeText(hit.kind, hit.time);
+  const img = el("img", { src: frameUrl(hit.id, hit.frame ?? 0), alt: hit.id + (place ? ` at ${place}` : "") });
   const picture = el("div", { class: "picture" }, img);
   drawMatches(picture, hit.regions, hit.frame);
   fitInFrame(picture, img);
@@ -159,18 +190,27 @@ function card(hit) {
     el("p", { class: "meta" },
       el("span", { class: "rank" }, `#${hit.rank}`),
       el("span", { class: "score", title: score }, hit.score.toFixed(3)),
-      el("span", { class: "time" }, hit.time === null ? "" : `@ ${hit.time.toFixed(2)} s`)),
+      el("span", { class: "time" }, place ? `@ ${place}` : "")),
     el("p", { class: "id", title: hit.path }, hit.id),
     ...(hit.note ? [el("p", { class: "note", title: hit.note }, `kept with a note: ${hit.note}`)] : []),
     ...(hit.outdated ? [el("p", { class: "note", title: hit.outdated }, hit.outdated)] : []),
-    el("p", { class: "words" }, ...hit.regions.map((r) => wordChip(r, hit))));
-  node.addEventListener("click", () => openItem(hit.id));
-  node.addEventListener("keydown", (event) => { if (event.key === "Enter") openItem(hit.id); });
+    el("p", { class: "words" }, ...firstOfEachWord(hit.regions).map((r) => wordChip(r, hit))));
+  node.addEventListener("click", () => openItem(hit.id, true));
+  node.addEventListener("keydown", (event) => {
+    if (event.key !== "Enter" && event.key !== " ") return;
+    event.preventDefault(); // else the same key press clicks the close button the open dialog focuses (or scrolls)
+    openItem(hit.id, true);
+  });
   return node;
 }
 
 async function getJson(url) {
-  const response = await fetch(url);
+  let response;
+  try {
+    response = await fetch(url);
+  } catch {
+    throw new Error(NO_ANSWER); // the browser's own words ("Failed to fetch") say nothing about what to do
+  }
   const body = await response.json().catch(() => ({ error: `${response.status} ${response.statusText}` }));
   if (!response.ok) throw new Error(body.error || response.statusText);
   return body;
@@ -195,11 +235,15 @@ async function search(query, k) {
   const ms = Math.round(performance.now() - started);
   const cut = body.unread ? " · the end of the query, struck out below, is past what the model reads and was left out" : "";
   const model = (await info)?.model; // which run answered stays in sight beside its results
-  setStatus((hits.length ? `${hits.length} results for “${query}” · ${ms} ms` : `nothing found for “${query}”`) +
+  const named = query.length > STATUS_QUERY ? query.slice(0, STATUS_QUERY - 1) + "…" : query; // all of it is in the box
+  setStatus((hits.length ? `${hits.length} results for “${named}” · ${ms} ms` : `nothing found for “${named}”`) +
     (model ? ` · ${model}` : "") + cut);
 }
 
-async function openItem(id) {
+// an item's frames in the dialog; `step`: a step of its own in the history (opened from a card), so that
+// Back closes it, as a phone's Back closes an overlay; else (a link or a reload with &item=, Forward)
+// the address as it is
+async function openItem(id, step = false) {
   const dialog = $("detail");
   const hit = hitsById.get(id);
   $("detail-title").textContent = id;
@@ -208,49 +252,93 @@ async function openItem(id) {
   if (!dialog.open) dialog.showModal();
   const url = new URL(location.href);
   url.searchParams.set("item", id);
-  history.replaceState(null, "", url);
+  if (step) history.pushState({ item: id }, "", url);
+  else history.replaceState(history.state, "", url);
   let item;
   try {
     item = await getJson("/api/item?" + new URLSearchParams({ id }));
   } catch (err) {
-    $("detail-meta").textContent = `error: ${err.message}`;
+    const said = $("detail-meta").textContent; // what the results already told of it stays
+    $("detail-meta").textContent = (said ? said + " · " : "") + `error: ${err.message}`;
     return;
   }
   if (!hit) $("detail-meta").textContent = `${item.path}${noted(item)}`;
-  const frames = item.frames.map((frame) => {
+  const frames = item.frames.map((frame, i) => {
     const img = el("img", { src: frameUrl(id, frame.frame), alt: `frame ${frame.frame}` });
     const picture = el("div", { class: "picture" }, img);
     for (const region of frame.regions) picture.append(box(region.box, "detected", `${region.label} ${region.score.toFixed(2)}`));
     if (hit) drawMatches(picture, hit.regions, frame.frame);
     img.addEventListener("load", () => placeTags(picture.parentElement));
     const best = hit && hit.frame === frame.frame ? " · best match" : "";
+    const place = placeText(item.kind, frame.time);
+    const which = item.kind === "image" ? "the photo" : `frame ${i + 1} of ${item.frames.length}`;
     return el("figure", {}, el("div", { class: "frame" }, picture),
-      el("figcaption", {}, `frame ${frame.frame} · ${frame.time.toFixed(2)} s${best}`));
+      el("figcaption", {}, which + (place ? ` · ${place}` : "") + best));
   });
   $("detail-frames").replaceChildren(...frames);
 }
 
+// the dialog closed (×, Escape, Back): the step opening it made is taken back, or the address loses its item
 function closeItem() {
+  if (history.state?.item && new URLSearchParams(location.search).get("item") === history.state.item) {
+    history.back();
+    return;
+  }
   const url = new URL(location.href);
   url.searchParams.delete("item");
   history.replaceState(null, "", url);
 }
 
+// Back and Forward between a result page and one of its items
+function followHistory() {
+  const id = new URLSearchParams(location.search).get("item");
+  const dialog = $("detail");
+  if (!id && dialog.open) dialog.close();
+  else if (id && !dialog.open) openItem(id);
+}
+
+// the form as the address has it: a page the browser brings back from its cache (Back) keeps what was
+// typed before leaving it, beside results of the query it was opened with
+function showAddress() {
+  const address = new URLSearchParams(location.search);
+  $("q").value = address.get("q") || "";
+  $("k").value = chosenK(address.get("k")).k;
+}
+
+// the number of results the address asks for: a whole number from 1 to MAX_K, else the default
+function chosenK(text) {
+  if (text === null || text === "") return { k: DEFAULT_K, bad: "" };
+  if (!/^\d+$/.test(text) || +text < 1 || +text > MAX_K) return { k: DEFAULT_K, bad: text };
+  return { k: String(+text), bad: "" };
+}
+
+function kindsText(kinds, total) {
+  const names = { video: ["video", "videos"], frames: ["frames folder", "frames folders"], image: ["photo", "photos"] };
+  const parts = Object.keys(names).filter((kind) => kinds?.[kind] > 0)
+    .map((kind) => `${kinds[kind].toLocaleString()} ${names[kind][kinds[kind] === 1 ? 0 : 1]}`);
+  if (!parts.length) return `${total.toLocaleString()} items`;
+  return parts.length === 1 ? parts[0] : `${parts.slice(0, -1).join(", ")} and ${parts.at(-1)}`;
+}
+
 async function start() {
-  const query = params.get("q") || "";
-  const k = params.get("k") || "12";
+  const query = (params.get("q") || "").trim();
+  const { k, bad } = chosenK(params.get("k"));
   $("q").value = query;
   if (![...$("k").options].some((o) => o.value === k)) $("k").append(el("option", { value: k }, `${k} results`));
   $("k").value = k;
+  $("k").addEventListener("change", () => { if ($("q").value.trim()) $("search").requestSubmit(); });
   $("detail-close").addEventListener("click", () => $("detail").close());
   $("detail").addEventListener("close", closeItem);
+  window.addEventListener("popstate", followHistory);
+  window.addEventListener("pageshow", (event) => { if (event.persisted) showAddress(); });
   const about = getJson("/api/info");
   info = about.catch(() => null); // results do not wait on it failing
   about.then((i) => { if (i.example) $("q").placeholder = i.example; }, () => {});
   if (query) {
     await search(query, k);
+    if (bad) setStatus(`${$("status").textContent} · “${bad}” results is not a number from 1 to ${MAX_K}: ${k} shown`);
   } else {
-    about.then((i) => setStatus(`Search ${i.items.toLocaleString()} videos by what happens in them` +
+    about.then((i) => setStatus(`Search ${kindsText(i.kinds, i.items)} by what happens in them` +
       (i.model ? ` (model: ${i.model}).` : ".") +
       (i.unindexed ? ` ${i.unindexed.toLocaleString()} more are cached but not in the index yet: run \`vlpcache index\`.` : "")),
       (err) => setStatus(`error: ${err.message}`, true));
