@@ -1207,7 +1207,7 @@ MUTANTS += [
     mutant("page-no-answer-raw", "vlpcache/serve/page/page.js",
            "    throw new Error(NO_ANSWER);", "    throw new Error(\"Failed to fetch\");",
            "tests/test_serve.py -k keyboard", "a server that stopped answering is said so"),
-    mutant("search-frames-place-as-seconds", "vlpcache/index/search.py",
+    mutant("search-frames-place-as-seconds", "vlpcache/report.py",
            "    return f\"image {int(time) + 1}\" if kind == \"frames\" else f\"{time:.2f} s\"", "    return f\"{time:.2f} s\"",
            "tests/test_search.py -k where_its_frame_sits", "search's text says a frames folder's image by its place"),
     mutant("serve-info-no-kinds", "vlpcache/serve/app.py",

@@ -73,6 +73,14 @@ def printable(text: str) -> str:
                    c.encode("unicode_escape").decode("ascii") for c in str(text))
 
 
+def place_text(kind: str, time: float | None) -> str:
+    """Where an item's frame sits, for a person: seconds of a video, the place of a frames folder's image in
+    name order (1 for the first: its stored time counts from 0), and nothing for a photo (its one frame)."""
+    if time is None or kind == "image":
+        return ""
+    return f"image {int(time) + 1}" if kind == "frames" else f"{time:.2f} s"
+
+
 def human_duration(seconds: float) -> str:
     """Seconds as a person reads them: 6 s, 37.4 min, 2.3 h."""
     if seconds < 90:

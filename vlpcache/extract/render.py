@@ -23,7 +23,7 @@ from vlpcache.errors import ItemError, UserError
 from vlpcache.extract.sampling import read_item
 from vlpcache.extract.sources import Item
 from vlpcache.files import may_write, replace_atomically, write_failure
-from vlpcache.report import printable, say
+from vlpcache.report import place_text, printable, say
 from vlpcache.workspace import Workspace
 
 RENDER_SIDE = 480  # longer side of each rendered frame, pixels
@@ -118,7 +118,8 @@ def render_item(cache: RegionCache, item_id: str, output: Path) -> Path:
     for t, picture in enumerate(pictures):
         x0, y0 = (t % columns) * cell_w, TITLE_HEIGHT + (t // columns) * cell_h
         sheet.paste(picture, (x0, y0 + CAPTION_HEIGHT))
-        draw.text((x0 + 4, y0 + 3), f"frame {t}  t={cached['timestamps'][t]:.2f}s", fill=(0, 0, 0))
+        place = place_text(cached["kind"], float(cached["timestamps"][t]))
+        draw.text((x0 + 4, y0 + 3), f"frame {t + 1} of {len(pictures)}" + (f"  {place}" if place else ""), fill=(0, 0, 0))
         draw_regions(draw, cached, t, (x0, y0 + CAPTION_HEIGHT), picture.size, region_names(cache.settings.detector))
     save_picture(sheet, output)
     return output

@@ -42,7 +42,7 @@ from vlpcache.index.rerank import Alignment, align
 from vlpcache.metrics import RERANK_CANDIDATES
 from vlpcache.model.run_layout import epoch_of
 from vlpcache.querybank import QueryBank
-from vlpcache.report import Say, printable, say
+from vlpcache.report import Say, place_text, printable, say
 from vlpcache.workspace import Workspace
 
 
@@ -105,14 +105,6 @@ class Hit:
     # (UNREADABLE_HIT), both shown without regions; its source is gone (GONE_HIT); "" for most
     outdated: str = ""
     kind: str = "video"  # what the item was extracted from: "video", "frames" (a folder of a video's frames) or "image"
-
-
-def place_text(kind: str, time: float | None) -> str:
-    """Where a frame sits, for a person: seconds of a video, the place of a frames folder's image in name
-    order (1 for the first), and nothing for a photo (its one frame)."""
-    if time is None or kind == "image":
-        return ""
-    return f"image {int(time) + 1}" if kind == "frames" else f"{time:.2f} s"
 
 
 @dataclass
