@@ -128,6 +128,21 @@ def test_a_hit_says_where_its_frame_sits_in_the_terms_of_what_it_was_extracted_f
         "  1   0.5000  x", "       dog -> dog [0.10, 0.20, 0.30, 0.40]; ball -> ball [0.00, 0.00, 1.00, 1.00]"]
 
 
+def test_words_the_text_model_does_not_know_are_said_in_text_json_and_by_the_searcher(ws, monkeypatch, capsys):
+    code, out, err = vlpcache(monkeypatch, capsys, "search", "猫 🐶", "-k", "2")
+    assert code == 0 and err.splitlines()[-1] == (
+        'note: the text model knows none of the words of "猫 🐶" ("猫", "🐶": each read as one unknown token): '
+        "this ranking says nothing about them; its vocabulary is English words"), err
+    [result] = search_json(monkeypatch, capsys, "a dog with a 猫", "-k", "2")
+    assert result["unknown"] == ["猫"]
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog with a 猫", "-k", "2")
+    assert err.splitlines()[-1] == ('note: the text model does not know "猫" (read as one unknown token, the same for '
+                                    "anything outside its vocabulary): the results follow the rest of the query")
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", "2")
+    assert "unknown" not in err
+    assert search_json(monkeypatch, capsys, "a dog", "-k", "2")[0]["unknown"] == []
+
+
 def test_json_results_carry_scores_times_and_regions_of_real_frames(ws, monkeypatch, capsys):
     [result] = search_json(monkeypatch, capsys, "a cat", "-k", "5")
     assert result["query"] == "a cat" and [h["rank"] for h in result["results"]] == [1, 2, 3, 4, 5]
@@ -600,6 +615,9 @@ def test_index_leaves_an_onnx_query_model_that_matches_the_torch_one(ws, monkeyp
     for query, unread in [("a dog", ""), (" ".join(words[:30]), ""), (" ".join(words[:31]), words[30]),
                           (long_query, " ".join(words[30:]))]:
         assert onnx.unread(query) == torch_model.unread(query) == unread
+    # and what of it they do not know: each part read as [UNK], once, and how many tokens they know
+    for query, unknown in [("a dog", ([], 2)), ("猫", (["猫"], 0)), ("a dog 🐶 and 猫 猫!", (["🐶", "猫"], 4))]:
+        assert onnx.unknown(query) == torch_model.unknown(query) == unknown
     index = VideoIndex.load(the_index(ws))
     regions, mask, _ = index.regions.gather([0, 3, 7])
     text_global, words, word_mask, _ = torch_model.encode("a horse on the street")

@@ -651,6 +651,11 @@ def test_the_page_by_keyboard_and_back_button_and_when_the_server_stops_answerin
         wait.until(lambda b: b.current_url == first)
         wait.until(lambda b: b.find_element(By.ID, "q").get_attribute("value") == "a man with a dog")
 
+        browser.get(server.url + "?" + urllib.parse.urlencode({"q": "a dog and a 猫"}))  # a word the text model does not know
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#query-words .unknown"))
+        assert browser.find_element(By.CSS_SELECTOR, "#query-words .unknown").text == "猫"
+        assert "“猫”: not known to the text model, the results follow the rest of the query" in browser.find_element(
+            By.ID, "status").text
         browser.execute_script("window.fetch = () => Promise.reject(new TypeError('Failed to fetch'))")  # the server gone
         browser.find_element(By.CSS_SELECTOR, ".card").click()
         wait.until(lambda b: "error:" in b.find_element(By.ID, "detail-meta").text)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlpcache.index.query_model import QUERY_CONFIG, QUERY_DIR, RERANK_GRAPH, TEXT_GRAPH, TOKENIZER_FILE, unread_tail
+from vlpcache.index.query_model import QUERY_CONFIG, QUERY_DIR, RERANK_GRAPH, TEXT_GRAPH, TOKENIZER_FILE, unknown_parts, unread_tail
 from vlpcache.model.batch import tokenize
 from vlpcache.model.losses import region_word_alignment, region_word_score, rerank_score
 from vlpcache.records import write_json
@@ -88,6 +88,12 @@ class TorchQueryModel:
         kept = self.run.tokenizer(text, truncation=True, max_length=self.max_words, return_offsets_mapping=True,
                                   return_special_tokens_mask=True)
         return unread_tail(text, kept["offset_mapping"], kept["special_tokens_mask"])
+
+    def unknown(self, text: str) -> tuple[list[str], int]:
+        read = self.run.tokenizer(text, truncation=True, max_length=self.max_words, return_offsets_mapping=True,
+                                  return_special_tokens_mask=True)
+        return unknown_parts(text, read["input_ids"], read["offset_mapping"], read["special_tokens_mask"],
+                             self.run.tokenizer.unk_token_id)
 
     @torch.inference_mode()
     def encode(self, text: str):

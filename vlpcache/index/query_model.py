@@ -8,7 +8,8 @@
 Written by `vlpcache index` (query_graphs.export_query_model). Both query models answer
 `encode(text) -> (global (1, E), words (1, L, E), word_mask (1, L), tokens)`,
 `rescore(words, word_mask, text_global, regions, region_mask, video_global) -> [score, global, local, word_attention]`
-and `unread(text)`: the end of a text past the `max_words` tokens the model reads ("" when it reads it all).
+and `unread(text)`: the end of a text past the `max_words` tokens the model reads ("" when it reads it all);
+`unknown(text)`: the parts of a text its tokenizer reads as the unknown token, and how many tokens it knows.
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ def unread_tail(text: str, offsets, special_mask) -> str:
     (start, end) characters in `text`, special_mask 1 for the tokens the tokenizer added ([CLS], [SEP])."""
     ends = [end for (_, end), special in zip(offsets, special_mask) if not special]
     return text[max(ends, default=0):].strip()
+
+
+def unknown_parts(text: str, ids, offsets, special_mask, unk_id: int | None) -> tuple[list[str], int]:
+    """The parts of `text` read as the unknown token ([UNK]: one token for every character or word outside
+    the vocabulary, "猫", "🐶"), each once, and how many of its tokens are known words."""
+    words = [(i, span) for i, span, special in zip(ids, offsets, special_mask) if not special]
+    unknown = [text[start:end] for i, (start, end) in words if i == unk_id and end > start]
+    return list(dict.fromkeys(unknown)), sum(i != unk_id for i, _ in words)
 
 
 class OnnxQueryModel:
@@ -72,6 +81,12 @@ class OnnxQueryModel:
     def unread(self, text: str) -> str:
         encoding = self.tokenizer.encode(text)
         return unread_tail(text, encoding.offsets, encoding.special_tokens_mask) if encoding.overflowing else ""
+
+    def unknown(self, text: str) -> tuple[list[str], int]:
+        encoding = self.tokenizer.encode(text)
+        unk = getattr(self.tokenizer.model, "unk_token", None)
+        unk_id = self.tokenizer.token_to_id(unk) if unk else None
+        return unknown_parts(text, encoding.ids, encoding.offsets, encoding.special_tokens_mask, unk_id)
 
     def rescore(self, words, word_mask, text_global, regions, region_mask, video_global):
         feeds = dict(zip(

@@ -294,6 +294,18 @@ class Searcher:
         with self._lock:
             return self.query_model.unread(query.strip())
 
+    def unknown(self, query: str) -> list[str]:
+        """The parts of `query` the text model does not know (read as its one unknown token, [UNK]: "猫",
+        "🐶"), each once; [] for most queries."""
+        with self._lock:
+            return self.query_model.unknown(query.strip())[0]
+
+    def reads_nothing(self, query: str) -> bool:
+        """Whether every word of `query` is unknown to the text model: its ranking then says nothing."""
+        with self._lock:
+            unknown, known = self.query_model.unknown(query.strip())
+            return bool(unknown) and known == 0
+
     def search(self, query: str, k: int = 10, rerank: bool = True, qbnorm: bool = False) -> list[Hit]:
         """The top k indexed items for one query, best first; re-ranked by region-word score when the
         run can (`rerank=False`: global similarity alone); `qbnorm`: the top candidates by global
@@ -407,9 +419,20 @@ class Searcher:
 # ---------------------------------------------------------------- output
 
 
-def hits_json(query: str, hits: list[Hit], unread: str = "") -> dict:
-    """`unread`: the end of the query past the tokens the model reads (Searcher.unread)."""
-    return {"query": query, "unread": unread, "results": [asdict(h) for h in hits]}
+def hits_json(query: str, hits: list[Hit], unread: str = "", unknown: list[str] | None = None) -> dict:
+    """`unread`: the end of the query past the tokens the model reads (Searcher.unread); `unknown`: its
+    parts the text model does not know (Searcher.unknown)."""
+    return {"query": query, "unread": unread, "unknown": unknown or [], "results": [asdict(h) for h in hits]}
+
+
+def unknown_line(searcher: Searcher, query: str, unknown: list[str]) -> str:
+    """A note on a query with words its text model does not know."""
+    shown = ", ".join(f'"{printable(part)}"' for part in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+    if searcher.reads_nothing(query):
+        return (f"note: the text model knows none of the words of \"{printable(query[:40])}\" ({shown}: each read as "
+                "one unknown token): this ranking says nothing about them; its vocabulary is English words")
+    return (f"note: the text model does not know {shown} (read as one unknown token, the same for anything "
+            "outside its vocabulary): the results follow the rest of the query")
 
 
 UNREAD_LINES = 3  # queries of a --queries file whose unread end is said in a line; the rest are counted
@@ -539,17 +562,24 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
     shown = len(searcher) - searcher.unshown
     if k > shown:
         say(f"note: -k {k} is more than the {shown} indexed items in the cache; showing all of them")
-    cut = 0
+    cut = strange = 0
     for n, query in enumerate(queries):
         hits = searcher.search(query, k, rerank=rerank, qbnorm=qbnorm)
         if unread := searcher.unread(query):
             cut += 1
             if cut <= UNREAD_LINES:
                 say(unread_line(searcher, query, unread))
+        if unknown := searcher.unknown(query):
+            strange += 1
+            if strange <= UNREAD_LINES:
+                say(unknown_line(searcher, query, unknown))
         if as_json:
-            print(json.dumps(hits_json(query, hits, unread), ensure_ascii=False), flush=True)
+            print(json.dumps(hits_json(query, hits, unread, unknown), ensure_ascii=False), flush=True)
         else:
             print(("\n" if n else "") + format_hits(query, hits), flush=True)
     if cut > UNREAD_LINES:
         say(f"note: {cut} of the {len(queries)} queries were longer than the {searcher.max_words} tokens the model "
             f"reads and cut there (the first {UNREAD_LINES} said so above; --json gives each one's \"unread\" end)")
+    if strange > UNREAD_LINES:
+        say(f"note: {strange} of the {len(queries)} queries hold words the text model does not know (the first "
+            f"{UNREAD_LINES} said so above; --json gives each one's \"unknown\" parts)")

@@ -108,8 +108,10 @@ function assignColours(query, hits) {
   return new Map(words.map((word, i) => [word, "c" + (i % COLOURS)]));
 }
 
-// the query's words, each matched one in its colour; an end the model did not read (past its tokens) struck out
-function showQueryWords(query, unread) {
+// the query's words, each matched one in its colour, those the text model does not know underlined; an end
+// the model did not read (past its tokens) struck out
+function showQueryWords(query, unread, unknown = []) {
+  const strange = new Set(unknown);
   const line = $("query-words");
   line.replaceChildren();
   const cut = unread ? query.lastIndexOf(unread) : -1;
@@ -117,7 +119,9 @@ function showQueryWords(query, unread) {
   for (const [i, part] of read.split(/(\s+)/).entries()) {
     for (const piece of i % 2 === 0 ? pieces(part) : [part]) {
       const colour = i % 2 === 0 ? colours.get(normalised(piece)) : undefined;
-      line.append(colour ? el("mark", { class: colour }, piece) : piece);
+      if (colour) line.append(el("mark", { class: colour }, piece));
+      else if (strange.has(piece)) line.append(el("span", { class: "unknown", title: "not known to the text model" }, piece));
+      else line.append(piece);
     }
   }
   if (unread) line.append(el("s", { class: "unread", title: "not read: past the tokens the model reads" }, unread));
@@ -230,10 +234,11 @@ async function search(query, k) {
   colours = assignColours(query, hits);
   hitsById.clear();
   hits.forEach((hit) => hitsById.set(hit.id, hit));
-  showQueryWords(query, body.unread);
+  showQueryWords(query, body.unread, body.unknown);
   $("results").replaceChildren(...hits.map(card));
   const ms = Math.round(performance.now() - started);
-  const cut = body.unread ? " · the end of the query, struck out below, is past what the model reads and was left out" : "";
+  const cut = (body.unread ? " · the end of the query, struck out below, is past what the model reads and was left out" : "") +
+    unknownText(query, body.unknown || []);
   const model = (await info)?.model; // which run answered stays in sight beside its results
   const named = query.length > STATUS_QUERY ? query.slice(0, STATUS_QUERY - 1) + "…" : query; // all of it is in the box
   setStatus((hits.length ? `${hits.length} results for “${named}” · ${ms} ms` : `nothing found for “${named}”`) +
@@ -243,6 +248,16 @@ async function search(query, k) {
 // an item's frames in the dialog; `step`: a step of its own in the history (opened from a card), so that
 // Back closes it, as a phone's Back closes an overlay; else (a link or a reload with &item=, Forward)
 // the address as it is
+// what the text model made of words outside its vocabulary (each read as one unknown token)
+function unknownText(query, unknown) {
+  if (!unknown.length) return "";
+  const named = unknown.slice(0, 5).map((part) => `“${part}”`).join(", ");
+  const rest = unknown.reduce((text, part) => text.split(part).join(" "), query).trim();
+  return rest
+    ? ` · ${named}: not known to the text model, the results follow the rest of the query`
+    : ` · the text model knows none of these words (${named}): this order says nothing about them`;
+}
+
 async function openItem(id, step = false) {
   const dialog = $("detail");
   const hit = hitsById.get(id);
