@@ -1,6 +1,7 @@
 """`vlpcache eval` end to end on a tiny trained run and a real cache, and its re-rank bookkeeping."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -262,7 +263,20 @@ def test_eval_prints_a_table_by_default(root, ws, monkeypatch, capsys):
     assert out.splitlines()[2].startswith("text->video re-ranked")
     assert "queries (first caption per video, up to 32 tokens)" in out.splitlines()[-1]
     code, out, _ = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl", "--quiet", "--all-captions")
-    assert out.splitlines()[-1].startswith("16 queries (every caption of each video, up to 32 tokens)")
+    assert out.splitlines()[-1].startswith("text→video: 16 queries (every caption of each video, up to 32 tokens), 8 "
+                                           "candidate videos; video→text: 8 queries, their 16 captions the candidates; "
+                                           "re-rank of all 8, ")  # not "of the top 32" among 8
+
+
+def test_eval_of_a_run_being_trained_says_its_checkpoint_may_still_change(root, ws, monkeypatch, capsys):
+    from vlpcache.locks import WriterLock
+
+    with WriterLock.take(ws / "runs" / "run-001" / "pretrain.lock"):  # as its trainer holds it
+        code, _, err = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl")
+    assert code == 0 and re.search(r"^note: run-001 is being trained now \(pid \d+ on .*\): this is its epoch 1, the "
+                                   r"best so far; a later epoch may replace it$", err, re.M), err
+    code, _, err = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl")
+    assert "being trained" not in err
 
 
 def test_ctrl_c_during_eval_says_nothing_is_lost_not_that_it_resumes(root, ws, monkeypatch, capsys):

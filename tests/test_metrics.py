@@ -19,6 +19,18 @@ def test_ranks_recalls_median_and_mean_of_single_targets():
     assert metrics == {"R@1": 25.0, "R@5": 75.0, "R@10": 100.0, "MdR": 3.0, "MnR": 3.5, "queries": 4, "candidates": 7}
 
 
+def test_a_similarity_that_is_not_a_number_is_no_match():
+    """A model of NaN weights scores NaN everywhere: ranked last, not first (NaN compares False with all)."""
+    nan = np.full((3, 3), np.nan)
+    assert retrieval_metrics(nan, [0, 1, 2])["R@1"] == 0.0
+    one = np.eye(3)
+    one[1, 1] = np.nan  # query 1's own video NaN: last; the other queries unchanged
+    both = [[0, 2], [1], [2]]
+    for targets in ([0, 1, 2], both):
+        metrics = retrieval_metrics(one, targets)
+        assert metrics["R@1"] == pytest.approx(200 / 3) and metrics["MdR"] == 1.0
+
+
 def test_rank_5_counts_and_rank_6_does_not():
     # target 0 behind exactly k-1 higher scores has rank k
     rows = [np.r_[0.0, np.linspace(0.9, 0.5, higher), np.full(11 - higher, -1.0)] for higher in (4, 5, 9, 10)]

@@ -1022,6 +1022,77 @@ def test_options_that_cannot_train_are_refused_before_the_data_loads_and_leave_n
     assert not (tmp_path / "ws" / "runs").exists() or not any((tmp_path / "ws" / "runs").iterdir())
 
 
+def test_a_loss_that_is_no_longer_a_number_ends_the_run_with_one_line_and_saves_nothing_of_that_epoch(
+        tmp_path, corpus, tiny_text, monkeypatch):
+    """A learning rate too large (or nan from a script) diverges: the run stops at the first loss that is
+    not finite, keeping the last good checkpoint, rather than saving weights of NaN that rank anything first."""
+    from vlpcache.model import train
+
+    real_step, steps = train.train_step, []
+
+    def diverging_in_epoch_2(*args, **kwargs):
+        values, scale = real_step(*args, **kwargs)
+        steps.append(values["loss"])
+        return ({**values, "loss": float("nan")} if len(steps) > 5 else values), scale  # 5 steps an epoch
+
+    monkeypatch.setattr(train, "train_step", diverging_in_epoch_2)
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    with pytest.raises(UserError, match=r"^the loss is nan at step 6 \(epoch 2\): training diverged, and this epoch is "
+                                        r"not saved \(epoch 1's checkpoint is kept\); train a new run with a lower "
+                                        r"learning rate \(--lr 0.0005, --text-lr 5e-05 now\) or --precision fp32$"):
+        run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=tmp_path / "run",
+                     **small_options(tiny_text))
+    assert list(ckpt.checkpoints(tmp_path / "run")) == [1]
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_training_set_changed_before_a_resume_is_said_and_trained_on_at_its_place_in_the_schedule(
+        tmp_path, corpus, tiny_text, monkeypatch, capsys):
+    """A caption file edited between the start and a resume (half its videos gone): the schedule stays by
+    epoch (the steps so far, counted for the old set, ran past the new plan's end: a learning rate of 0),
+    the change is said, and the run's record of its training videos keeps both."""
+    from vlpcache.model import train
+    from vlpcache.model.run_layout import read_run_videos
+
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    ids = [json.loads(line)["video"] for line in corpus["train"].read_text().splitlines()][:40]
+    captions = write_captions(tmp_path / "train.jsonl", ids)
+    run_pretrain(cache_dirs=[corpus["cache"]], captions=[captions], run_dir=tmp_path / "run",
+                 **small_options(tiny_text, epochs=1))
+    write_captions(captions, ids[:16])  # 2 steps an epoch now, where epoch 1 took 5
+    factors = []
+    real_factor = train.learning_rate_factor
+    monkeypatch.setattr(train, "learning_rate_factor", lambda *a: factors.append(real_factor(*a)) or factors[-1])
+    capsys.readouterr()
+    run_pretrain(run_dir=tmp_path / "run", resume=True, **small_options(tiny_text, epochs=2, quiet=False))
+    err = capsys.readouterr().err
+    assert (f"note: the training videos changed since {tmp_path / 'run'} began (40 then, 16 now: 24 no longer, 0 new; "
+            "a caption file or a cache changed): it goes on with these, its learning rate where epoch 2 of 2 puts "
+            "it; eval counts all of them as trained on") in err, err
+    assert len(factors) == 2 and all(0 < f < 1 for f in factors), factors
+    assert len(read_run_videos(tmp_path / "run")[0]) == 40
+
+
+def test_fewer_than_two_training_videos_are_refused_whatever_the_batch_size(tmp_path, corpus, tiny_text, monkeypatch):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    ids = [json.loads(line)["video"] for line in corpus["train"].read_text().splitlines()][:1]
+    with pytest.raises(UserError, match=r"^1 training video\(s\) with captions: a contrastive step needs at least 2 "):
+        run_pretrain(cache_dirs=[corpus["cache"]], captions=[write_captions(tmp_path / "one.jsonl", ids)],
+                     run_dir=tmp_path / "run", **small_options(tiny_text, batch_size=1000))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_that_is_not_a_run_is_neither_trained_into_nor_resumed(tmp_path, corpus, tiny_text, monkeypatch):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    options = dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=corpus["cache"])
+    with pytest.raises(UserError, match=rf"^-o {re.escape(str(corpus['cache']))}: not a run \(no config.json; it holds "
+                                        r".*\): a run gets a folder of its own; pass a new or empty -o RUN_DIR$"):
+        run_pretrain(**options, **small_options(tiny_text))
+    with pytest.raises(UserError, match=r"^--resume .*: not a run \(no config.json; it holds .*\): pass a run's folder"):
+        run_pretrain(run_dir=corpus["cache"], resume=True, **small_options(tiny_text))
+    assert not (corpus["cache"] / "config.json").exists()
+
+
 def test_training_arithmetic_follows_the_cpu_and_an_explicit_choice(monkeypatch):
     from vlpcache.model import train
 

@@ -201,7 +201,12 @@ def test_the_last_line_of_a_command_stopped_under_a_progress_bar_starts_a_line_o
     (["extract", "--frames", "0", "videos"],
      "error: Invalid value for '--frames': 0 is not in the range 1<=x<=512 (vlpcache extract --help)"),
     (["serch", "a dog"], "error: No such command 'serch'. (Did you mean one of: 'search', 'serve'?) (vlpcache --help)"),
-], ids=["option", "command"])
+    (["pretrain", "--lr", "nan"], "error: Invalid value for '--lr': 'nan' is not a finite number (vlpcache pretrain --help)"),
+    (["pretrain", "--rwa-weight", "inf"],
+     "error: Invalid value for '--rwa-weight': 'inf' is not a finite number (vlpcache pretrain --help)"),
+    (["pretrain", "--seed", "-1"],
+     "error: Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295 (vlpcache pretrain --help)"),
+], ids=["option", "command", "nan", "inf", "seed"])
 def test_a_bad_option_or_command_is_one_error_line_like_every_other_error(args, line, monkeypatch, capsys):
     import sys
 

@@ -8,6 +8,7 @@ start without loading what they do not use; defaults come from the light modules
 from __future__ import annotations
 
 import errno
+import math
 import os
 import sys
 from pathlib import Path
@@ -41,6 +42,17 @@ from vlpcache.model.config import ModelConfig as M  # defaults shown in `pretrai
 from vlpcache.model.config import MAX_CAPTIONS_PER_VIDEO, MAX_CAPTIONS_PER_VIDEO_TEXT_TRAINING, PRECISIONS
 from vlpcache.model.config import TrainConfig as T
 from vlpcache.report import close_bars
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange without nan and infinity: every comparison with nan is false, so a range lets
+    `--lr nan` through (a model of NaN weights that validation then scored R@1 100)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -116,7 +128,7 @@ def backbone_help() -> str:
               help="CUDA: let cuDNN time its convolution algorithms for each new input shape: faster once tuned, "
                    "seconds per new shape (an H200: 5-7 s). --no-autotune: none of that cost, for short jobs.")
 @click.option("--workers", default=None, type=click.IntRange(0), help="Decoding worker processes [default: CPU cores - 1, at least 1].")
-@click.option("--decode-timeout", default=ExtractOptions.decode_timeout, show_default=True, type=click.FloatRange(0),
+@click.option("--decode-timeout", default=ExtractOptions.decode_timeout, show_default=True, type=FiniteFloatRange(0),
               metavar="SECONDS", help="Time one item's decoding may take before its worker is stopped and the item "
                                       "recorded as failed (a hostile file can send a decoder into a loop); 0: no limit.")
 @click.option("--frame-folders/--no-frame-folders", default=ExtractOptions.frame_folders, show_default=True,
@@ -130,7 +142,7 @@ def backbone_help() -> str:
 @click.option("--items-per-shard", default=ExtractOptions.items_per_shard, show_default=True, type=click.IntRange(1),
               help=f"Items per shard file; a crash loses at most the shard in progress (also committed every "
                    f"{SHARD_SECONDS / 60:g} min).")
-@click.option("--score-threshold", default=None, type=click.FloatRange(0, 1),
+@click.option("--score-threshold", default=None, type=FiniteFloatRange(0, 1),
               help=f"Minimum detection score [default: {SCORE_THRESHOLD}; vg: {VG_SCORE_THRESHOLD}].")
 @click.option("--engine", default=ExtractOptions.engine, show_default=True, type=click.Choice(ENGINES),
               help='Where the stages run: local processes, or a Ray cluster (pip install "vlpcache[ray]").')
@@ -230,7 +242,7 @@ def inspect(cache_dir, list_runs, render_id, output, as_json, failures) -> None:
 @click.option("--val-captions", type=click.Path(), help="Held-out caption file: text->video R@K every epoch [default: val.jsonl beside "
                    "the captions found by default, else a training file's own validation split].")
 @click.option("-o", "--output", "run_dir", type=click.Path(), help="Run directory [default: .vlpcache/runs/run-NNN; with --resume the latest].")
-@click.option("--epochs", default=None, type=click.IntRange(1), help=f"Epochs [default: {T.epochs}; on --resume the run's, or more to extend it].")
+@click.option("--epochs", default=None, type=click.IntRange(1), help=f"Epochs [default: {T.epochs}; on --resume the run's: more extend it, fewer (not below those done) end it sooner].")
 @click.option("--batch-size", default=None, type=click.IntRange(1), help=f"Videos per step and process [default: {T.batch_size}].")
 @click.option("--captions-per-video", default=None, type=click.IntRange(1),
               help="Captions of each video per step, all positives of it (multi-positive InfoNCE) [default: the median "
@@ -238,22 +250,22 @@ def inspect(cache_dir, list_runs, render_id, output, as_json, failures) -> None:
                    f"{MAX_CAPTIONS_PER_VIDEO_TEXT_TRAINING} when it trains].")
 @click.option("--text-model", default=None, metavar="NAME|DIR", help="Hugging Face name or directory [default: offline all-MiniLM-L6-v2].")
 @click.option("--trainable-layers", default=None, type=click.IntRange(0),
-              help=f"Top text-encoder layers that train; 0 freezes it and encodes every caption once [default: {M.text_trainable_layers}].")
+              help=f"Top text-encoder layers that train; 0 freezes it and encodes every caption once; more than it has trains them all and its word embeddings [default: {M.text_trainable_layers}].")
 @click.option("--max-words", default=None, type=click.IntRange(4, 512),
               help=f"Tokens of a caption the model reads, [CLS] and [SEP] included; longer captions are cut there, "
                    f"and so are search queries [default: {M.max_words}].")
 @click.option("--no-rwa", is_flag=True, help="Train with the video-text contrastive loss only (no region-word alignment).")
-@click.option("--rwa-weight", default=None, type=click.FloatRange(0), help=f"Weight of the region-word alignment loss [default: {M.rwa_weight}].")
-@click.option("--lr", default=None, type=click.FloatRange(0, min_open=True), help=f"Learning rate of the region encoder [default: {T.lr:g}].")
-@click.option("--text-lr", default=None, type=click.FloatRange(0, min_open=True), help=f"Learning rate of the text layers [default: {T.text_lr:g}].")
-@click.option("--width", default=None, type=click.IntRange(8), help=f"Region transformer width [default: {M.width}].")
-@click.option("--layers", default=None, type=click.IntRange(1), help=f"Region transformer layers [default: {M.layers}].")
+@click.option("--rwa-weight", default=None, type=FiniteFloatRange(0), help=f"Weight of the region-word alignment loss [default: {M.rwa_weight}].")
+@click.option("--lr", default=None, type=FiniteFloatRange(0, min_open=True), help=f"Learning rate of the region encoder [default: {T.lr:g}].")
+@click.option("--text-lr", default=None, type=FiniteFloatRange(0, min_open=True), help=f"Learning rate of the text layers [default: {T.text_lr:g}].")
+@click.option("--width", default=None, type=click.IntRange(8, 4096), help=f"Region transformer width [default: {M.width}].")
+@click.option("--layers", default=None, type=click.IntRange(1, 48), help=f"Region transformer layers [default: {M.layers}].")
 @click.option("--frame-time", default=None, type=click.Choice(["relative", "none"]),
               help=f"Frame position embedding: each frame's place among the item's frames, or none [default: {M.frame_time}].")
 @click.option("--global-path/--no-global-path", default=None,
               help=f"Add the whole-frame features' mean over frames to the video embedding [default: {'on' if M.global_path else 'off'}].")
-@click.option("--frame-dropout", default=None, type=click.FloatRange(0, 1, max_open=True), help=f"Training: chance to hide a frame [default: {M.frame_dropout:g}].")
-@click.option("--region-dropout", default=None, type=click.FloatRange(0, 1, max_open=True), help=f"Training: chance to hide a region [default: {M.region_dropout:g}].")
+@click.option("--frame-dropout", default=None, type=FiniteFloatRange(0, 1, max_open=True), help=f"Training: chance to hide a frame [default: {M.frame_dropout:g}].")
+@click.option("--region-dropout", default=None, type=FiniteFloatRange(0, 1, max_open=True), help=f"Training: chance to hide a region [default: {M.region_dropout:g}].")
 @click.option("--text-pooling", default=None, type=click.Choice(["mean", "cls"]),
               help="Caption embedding from the text encoder's tokens: their mean, or the first ([CLS]) "
                    "[default: the text model's own sentence-transformers pooling, else mean].")
@@ -267,7 +279,7 @@ def inspect(cache_dir, list_runs, render_id, output, as_json, failures) -> None:
                    "validation and search stay fp32; bf16 is refused where it would be emulated; --resume may "
                    "change it [default: auto].")
 @device_option
-@click.option("--seed", default=None, type=int, help=f"Random seed [default: {T.seed}].")
+@click.option("--seed", default=None, type=click.IntRange(0, 2**32 - 1), help=f"Random seed [default: {T.seed}].")
 @quiet_option("No progress bar or per-epoch lines.")
 def pretrain(**options) -> None:
     """Pretrain the region-word alignment model on cached regions and captions (torchrun for several processes)."""
@@ -283,7 +295,7 @@ def pretrain(**options) -> None:
 @click.option("--factory", default=None, metavar="STRING",
               help='FAISS factory string instead of the automatic choice, e.g. "Flat", "HNSW32,Flat", "IVF1024,PQ32np,Refine(SQ8)".')
 @click.option("--memory-budget", "memory_budget_mb", default=IndexConfig.memory_budget_mb, show_default=True,
-              type=click.FloatRange(1), metavar="MB",
+              type=FiniteFloatRange(1), metavar="MB",
               help=f"RAM the index may use; decides HNSW vs IVF-PQ beyond {EXACT_LIMIT:,} videos.")
 @click.option("--rebuild", is_flag=True, help="Discard an existing index (another checkpoint, cache or type) and build anew.")
 @click.option("--qbnorm", is_flag=True, help="Also make the query bank that search --qbnorm ranks with (QB-Norm).")
@@ -379,7 +391,7 @@ def eval_(**options) -> None:
               help="Which of eval's rankings to compare (reranked, qbnorm, dual-softmax: where eval computed them).")
 @click.option("--resamples", type=click.IntRange(100), default=RESAMPLES, show_default=True,
               help="Bootstrap resamples (of the videos, each with all its queries).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap's resampling.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed of the bootstrap's resampling.")
 @json_option("Print the comparison as JSON.")
 def compare(files, **options) -> None:
     """Two models on the same queries: R@1/5/10 and median rank of each, B - A, and its 95% interval by a

@@ -39,6 +39,8 @@ def query_ranks(similarity: np.ndarray, targets: Sequence) -> np.ndarray:
     """(Q,) int64: each query's rank (1-based) of its best-ranked correct candidate, ties counting against
     it; what retrieval_metrics summarises (same arguments)."""
     similarity = np.asarray(similarity, dtype=np.float64)
+    if np.isnan(similarity).any():  # a NaN is no match: as the lowest score (compared with it, everything is False)
+        similarity = np.where(np.isnan(similarity), -np.inf, similarity)
     if similarity.ndim != 2 or similarity.shape[0] != len(targets):
         raise ValueError(f"similarity {similarity.shape} does not match {len(targets)} queries")
     if similarity.shape[0] == 0:

@@ -41,7 +41,7 @@ from vlpcache.index.layout import (
 from vlpcache.index.parts import EncodedPart, EncodedParts
 from vlpcache.index.region_store import RegionStore
 from vlpcache.locks import WriterLock, holder_description
-from vlpcache.model.run_layout import designated_checkpoint_sha256, latest_run
+from vlpcache.model.run_layout import being_trained_note, designated_checkpoint_sha256, latest_run
 from vlpcache.querybank import BANK_SIZE, BETA, TOP_K, QueryBank, bank_captions
 from vlpcache.report import Say, say, sayer
 from vlpcache.workspace import Workspace
@@ -378,6 +378,8 @@ def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory
     index_dir = index_dir_for(sources.index_dir, run.checkpoint_sha256, cache.settings.to_json(), cache.cache_dir)
     say(f"run {sources.run_dir} (epoch {run.epoch}, checkpoint {run.checkpoint_sha256[:12]}), cache {sources.cache_dir} "
         f"({len(cache)} items), device {device}")
+    if line := being_trained_note(sources.run_dir, run.epoch, chosen=checkpoint is None):
+        say(line)
     if not (index_dir / META_FILE).exists():
         say(new_index_line(run, sources.index_dir, index_dir))
     index = update_index(

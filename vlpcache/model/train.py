@@ -50,9 +50,10 @@ from vlpcache.model.config import (
 )
 from vlpcache.model.model import AlignmentModel, PretrainLoss, build_model, check_text_model_findable, load_text_backbone
 from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
-from vlpcache.model.run_layout import (LOCATED, LOG_NAME, TRAINING_LOCK_NAME, VIDEOS_NAME, location_list, run_locations,
+from vlpcache.model.run_layout import (BEST_NAME, CHECKPOINT_DIR, LOCATED, LOG_NAME, TENSORBOARD_DIR, TEXT_DIR,
+                                       TRAINING_LOCK_NAME, VIDEOS_NAME, add_run_videos, location_list, run_locations,
                                        save_run_videos)
-from vlpcache.model.text_features import TextFeatures, cache_kind, cached_text_features
+from vlpcache.model.text_features import FEATURES_DIR, TextFeatures, cache_kind, cached_text_features
 from vlpcache.records import write_json
 from vlpcache.report import human_duration, printable, progress_bar, say
 from vlpcache.workspace import Workspace
@@ -200,7 +201,23 @@ def choose_run_dir(options: PretrainOptions, processes: Processes, workspace: Wo
         raise UserError(f"--resume: {run_dir} does not exist; start the run without --resume")
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"-o {run_dir}: a file, not a run folder; pass another -o RUN_DIR")
+    if not fresh and not (run_dir / ckpt.CONFIG_NAME).exists() and (others := not_of_a_run(run_dir)):
+        held = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise UserError(f"{'--resume' if options.resume else '-o'} {run_dir}: not a run (no {ckpt.CONFIG_NAME}; it "
+                        f"holds {held}): " + ("pass a run's folder (`vlpcache inspect --runs` lists them)"
+                                              if options.resume else "a run gets a folder of its own; pass a new or "
+                                              "empty -o RUN_DIR"))
     return run_dir, fresh
+
+
+RUN_ENTRIES = {ckpt.CONFIG_NAME, TEXT_DIR, CHECKPOINT_DIR, BEST_NAME, LOG_NAME, TRAINING_LOCK_NAME, VIDEOS_NAME,
+               TENSORBOARD_DIR, FEATURES_DIR}  # what pretraining writes in a run's folder
+
+
+def not_of_a_run(folder: Path) -> list[str]:
+    """The names in `folder` that pretraining does not write (a region cache's, a data folder's; hidden ones
+    such as .DS_Store aside), sorted."""
+    return sorted(p.name for p in folder.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith("."))
 
 
 @contextmanager
@@ -252,7 +269,7 @@ def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, w
         train_config = TrainConfig(
             **{k: getattr(options, k) for k in TRAIN_OPTIONS if getattr(options, k) is not None},
             caches=[str(Path(c).resolve()) for c in (options.cache_dirs or [workspace.cache_dir])],
-            captions=[str(Path(c).resolve()) for c in options.captions],
+            captions=once_each(options.captions, "--captions", processes),
             val_captions=str(Path(options.val_captions).resolve()) if options.val_captions else None,
             made_in=str(run_dir.resolve()),
         )
@@ -269,6 +286,11 @@ def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, w
         train_config.captions = [str(p) for p in data.caption_files]
         train_config.val_captions = str(data.validation_file) if data.validation_file else None
         model_config, notes = _new_model_config(options, data)
+    if len(data.train) < 2 * processes.world:  # a batch of 1: each video its own only candidate, a loss of 0
+        raise UserError(f"{len(data.train)} training video(s) with captions" +
+                        (f" for {processes.world} processes" if processes.world > 1 else "") +
+                        ": a contrastive step needs at least 2 videos a process, each the other's negative; "
+                        "extract and caption more videos")
     typical = data.train.median_captions() if len(data.train) else 0
     if not stored and options.captions_per_video and typical and options.captions_per_video > typical:
         notes.append(f"note: --captions-per-video {options.captions_per_video} is more than the {typical} captions of "
@@ -278,10 +300,21 @@ def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, w
     return Run(run_dir, train_config, model_config, data, resumed=bool(stored))
 
 
+def once_each(paths, option: str, processes: Processes) -> list[str]:
+    """The files given, resolved, each once (a file named twice would count each caption twice), said."""
+    resolved = [str(Path(p).resolve()) for p in paths]
+    if twice := sorted({p for p in resolved if resolved.count(p) > 1}):
+        processes.say(f"note: {option} names {printable(twice[0])}" + (f" (and {len(twice) - 1} more)" if len(twice) > 1 else "")
+                      + " more than once: read once")
+    return list(dict.fromkeys(resolved))
+
+
 def _check_before_loading(options: PretrainOptions, train_config: TrainConfig, processes: Processes) -> None:
     """Refuse what would fail once the data is loaded and the run's files written (minutes into a large
     caption set, leaving a run without a checkpoint that --resume would pick)."""
     autocast_for(processes.device, train_config.precision)  # bf16 where there is none
+    if options.text_model is not None and not options.text_model.strip():
+        raise UserError("--text-model '': give a model's folder or a Hugging Face name, or leave it out for the default")
     if options.text_model and not options.resume:
         check_text_model_findable(options.text_model)
     heads = ModelConfig.heads
@@ -423,12 +456,21 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
                 "vlpcache_version": __version__,
             }
             ckpt.save_run_files(run.dir, config, tokenizer, model.text_encoder.backbone.config)
+            if (asked := run.model.text_trainable_layers) > (has := len(model.text_encoder.layers)):
+                processes.say(f"note: --trainable-layers {asked}: the text model has {has} layers; all of them train, "
+                              "and its word embeddings too (a checkpoint holds them: twice the size)")
             if line := _captions_cut_line(run, tokenizer):
                 processes.say(line)
         # a fresh start rewrites it (a run folder left without a checkpoint may be started again on other
         # captions); a run resumed from before the record was kept gets it too
         if not run.resumed or not (run.dir / VIDEOS_NAME).exists():
             save_run_videos(run.dir, run.data.train_ids(), run.data.validation_ids())
+        elif last and (change := add_run_videos(run.dir, run.data.train_ids(), run.data.validation_ids())):
+            before, now, gone, new = change
+            processes.say(f"note: the training videos changed since {run.dir} began ({before:,} then, {now:,} now: "
+                          f"{gone:,} no longer, {new:,} new; a caption file or a cache changed): it goes on with "
+                          f"these, its learning rate where epoch {max(last) + 1} of {run.train.epochs} puts it; "
+                          "eval counts all of them as trained on")
     processes.barrier()
     model.to(processes.device)
     text_features = _frozen_text_features(run, model, tokenizer, processes, workspace)
@@ -600,6 +642,15 @@ def say_damaged(found: list[tuple[int, str]], dataset: CaptionedRegions) -> None
             say_damage(f"{line}; training takes another item in its place", len(dataset.reported))  # each process its own
 
 
+def diverged(loss: float, epoch: int, step: int, run: Run) -> str:
+    """The line that ends a run whose loss is no longer a number (weights of NaN would be saved, and scored
+    as if they ranked every video first)."""
+    kept = f"epoch {epoch - 1}'s checkpoint is kept" if epoch > 1 else "no checkpoint was saved"
+    return (f"the loss is {loss} at step {step} (epoch {epoch}): training diverged, and this epoch is not saved "
+            f"({kept}); train a new run with a lower learning rate (--lr {run.train.lr:g}, --text-lr "
+            f"{run.train.text_lr:g} now) or --precision fp32")
+
+
 def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, processes: Processes, tensorboard) -> dict:
     """One pass over the training items; returns the epoch's log record (mean losses, speed)."""
     loader.sampler.set_epoch(epoch)
@@ -612,14 +663,18 @@ def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, proc
                        disable=processes.quiet or not processes.main, leave=False)
     batches = iter(loader.loader)
     try:
-        for batch_cpu in batches:
+        for done, batch_cpu in enumerate(batches):
             say_damaged(batch_cpu.pop("damaged"), run.data.train)
-            factor = learning_rate_factor(trainer.step, loader.total_steps, loader.warmup)
+            # by the epoch's place, not trainer.step: the run's steps so far, which a training set changed
+            # since it began (resume) puts elsewhere in the schedule (past its end: a learning rate of 0)
+            factor = learning_rate_factor((epoch - 1) * loader.steps_per_epoch + done, loader.total_steps, loader.warmup)
             for group in trainer.optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             inputs = {k: v.to(processes.device, non_blocking=True) for k, v in batch_cpu.items()}
             values, logit_scale = train_step(trainer.trainable, trainer.criterion, trainer.optimizer, inputs,
                                              trainer.autocast, trainer.scaler, run.train.grad_clip)
+            if not math.isfinite(values["loss"]):
+                raise UserError(diverged(values["loss"], epoch, trainer.step + 1, run))
             trainer.model.clamp_logit_scales()
             trainer.step += 1
             stop_if_interrupted()
@@ -659,15 +714,15 @@ def best_rerank_weight(similarity: np.ndarray, top: np.ndarray, local: np.ndarra
 
 @torch.no_grad()
 def validate(model: AlignmentModel, tokenizer, validation: ValidationSet, device, batch_size: int,
-             text_features: TextFeatures | None = None) -> dict:
+             text_features: TextFeatures | None = None, progress: bool = False) -> dict:
     """Text→video R@1/5/10, MdR, MnR on the validation set (every caption a query) by global cosine;
     with RWA also re-ranked as search and eval re-rank (the top RERANK_CANDIDATES by global + w·S_loc)
     for each w in RERANK_WEIGHTS, and the best w."""
     model.eval()
     queries, owners = validation.queries()
     video = encode_videos(model, validation, list(range(len(validation))), device, batch_size, regions=model.config.rwa,
-                          progress=False)
-    text = encode_texts(model, tokenizer, queries, device, batch_size, text_features=text_features)
+                          progress=progress, desc="validation: encoding videos")
+    text = encode_texts(model, tokenizer, queries, device, batch_size, text_features=text_features, progress=progress)
     model.train()
     similarity = (text.global_ @ video.global_.T).numpy()  # (Q, C)
     metrics = retrieval_metrics(similarity, owners)
@@ -685,7 +740,7 @@ def end_of_epoch(record: dict, run: Run, trainer: Trainer, processes: Processes,
     if run.data.validation is not None:
         started = time.monotonic()
         record["val"] = validate(trainer.model, trainer.tokenizer, run.data.validation, processes.device,
-                                 run.train.val_batch_size, trainer.text_features)
+                                 run.train.val_batch_size, trainer.text_features, progress=not processes.quiet)
         record["val_seconds"] = time.monotonic() - started
     is_best = "val" in record and (trainer.best_score is None or selection_score(record["val"]) > trainer.best_score)
     if is_best:
@@ -717,7 +772,7 @@ def end_of_epoch(record: dict, run: Run, trainer: Trainer, processes: Processes,
     line = (f"epoch {record['epoch']}/{run.train.epochs}: loss {record.get('loss', float('nan')):.4f}, "
             f"{record['samples_per_s']:.1f} videos/s, {record['epoch_seconds']:.0f} s")
     if val:
-        line += f"; val ({val['queries']} captions) R@1 {val['R@1']:.1f} R@5 {val['R@5']:.1f} R@10 {val['R@10']:.1f} MdR {val['MdR']:.0f}"
+        line += f"; val ({val['queries']} captions) R@1 {val['R@1']:.1f} R@5 {val['R@5']:.1f} R@10 {val['R@10']:.1f} MdR {val['MdR']:g}"
     if "rerank" in val:
         line += f" (re-ranked, weight {val['rerank_weight']}: R@1 {val['rerank'][str(val['rerank_weight'])]['R@1']:.1f})"
     processes.say(line)
@@ -771,10 +826,13 @@ def _train(run: Run, processes: Processes, workspace: Workspace) -> dict:
     if processes.main:
         from torch.utils.tensorboard import SummaryWriter
 
-        tensorboard = SummaryWriter(run.dir / "tensorboard", purge_step=trainer.step or None)
+        tensorboard = SummaryWriter(run.dir / TENSORBOARD_DIR, purge_step=trainer.step or None)
+    per_epoch = loader.steps_per_epoch * loader.batch * processes.world
+    left = (f" ({per_epoch:,} of the {len(run.data.train):,} videos an epoch, another draw each: a last part-batch "
+            "is left out)") if per_epoch < len(run.data.train) else ""
     processes.say(
         f"run {run.dir}: {len(run.data.train)} videos x {run.train.captions_per_video} caption(s), {processes.world} "
-        f"process(es) on {processes.device}, batch {loader.batch}x{processes.world}, {loader.steps_per_epoch} steps/epoch, "
+        f"process(es) on {processes.device}, batch {loader.batch}x{processes.world}, {loader.steps_per_epoch} steps/epoch{left}, "
         f"epochs {trainer.start_epoch}..{run.train.epochs}, text layers trained {run.model.text_trainable_layers}"
         f"{'' if trainer.text_features is None else ' (frozen layers: cached ' + trainer.text_features.kind + ')'}, RWA {'on' if run.model.rwa else 'off'}"
     )
@@ -807,9 +865,13 @@ def _train(run: Run, processes: Processes, workspace: Workspace) -> dict:
 def record_new_epochs(run: Run, processes: Processes, done: int) -> None:
     """A resumed run's --epochs, where it differs from the stored one: recorded and said."""
     if processes.main and run.resumed and (before := ckpt.save_run_epochs(run.dir, run.train.epochs)) is not None:
-        processes.say(f"--epochs {run.train.epochs}: the run now ends after epoch {run.train.epochs} (it was to end "
-                      f"after {before}), and its learning rate decays to 0 there" +
-                      (f"; {done} epochs are done already, so none is trained" if done == run.train.epochs else ""))
+        if done == run.train.epochs:  # its learning rate was planned to decay over `before` epochs: it never reached 0
+            processes.say(f"--epochs {run.train.epochs}: the run now ends after epoch {run.train.epochs} (it was to end "
+                          f"after {before}); {done} epochs are done already, so none is trained, and it is finished "
+                          f"with the learning rate of epoch {done} of {before}")
+        else:
+            processes.say(f"--epochs {run.train.epochs}: the run now ends after epoch {run.train.epochs} (it was to end "
+                          f"after {before}), and its learning rate decays to 0 there")
 
 
 def record_new_locations(run: Run, processes: Processes) -> None:
