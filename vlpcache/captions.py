@@ -196,7 +196,10 @@ def last_names(parts: list[str]) -> tuple[str, ...]:
     if not parts:
         return ()
     stem, extension = os.path.splitext(parts[-1])
-    return (parts[-1], stem) if extension else (parts[-1],)
+    return (parts[-1], stem) if _EXTENSION.fullmatch(extension) else (parts[-1],)
+
+
+_EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,5}")  # what a file name ends in; not ".jpg,A" of a line misread
 
 
 def item_named(key: str, ids: list[str]) -> tuple[str | None, list[str]]:
@@ -281,8 +284,10 @@ def _record(record) -> tuple[str, list, str | None] | str:
     return str(item_id), texts, None if split is None else str(split)
 
 
-CSV_VIDEO_COLUMNS = ("video", "video_id", "videoid")  # ours, MSR-VTT's and CLIP4Clip's, WebVid's
-CSV_CAPTION_COLUMNS = ("caption", "sentence", "name")  # ours and COCO's, CLIP4Clip's, WebVid's
+# ours, MSR-VTT's and CLIP4Clip's, WebVid's; image datasets' (Kaggle's Flickr8k captions.txt `image,caption`,
+# Flickr30k's results.csv `image_name| comment_number| comment`, file_name and filename columns)
+CSV_VIDEO_COLUMNS = ("video", "video_id", "videoid", "image", "image_name", "image_id", "file_name", "filename")
+CSV_CAPTION_COLUMNS = ("caption", "sentence", "name", "comment")  # ours and COCO's, CLIP4Clip's, WebVid's; Flickr30k's
 CSV_SPLIT_COLUMN = "split"  # optional: train, val, test... as JSON Lines' "split" key
 # what separates a CSV file's columns: commas; semicolons, as Excel saves CSV where the comma is the decimal
 # mark; tabs (.tsv, and Excel's "Text (Tab delimited)" saved as .csv); pipes. The one whose header has a
@@ -305,6 +310,8 @@ def read_captions(path: str | Path, progress: bool = False) -> Captions:
         raise UserError(f"{path}: caption file not found")
     text = read_utf8_text(path)
     if path.suffix.lower() in CSV_SUFFIXES:
+        captions.layout = _read_csv(captions, path, text)
+    elif path.suffix.lower() in TEXT_SUFFIXES and _csv_header(text):  # Kaggle's Flickr8k captions.txt: CSV
         captions.layout = _read_csv(captions, path, text)
     elif path.suffix.lower() in TEXT_SUFFIXES and not text.lstrip().startswith(("{", "[")):  # not JSON named .txt
         _read_id_and_caption_lines(captions, path, text)
@@ -331,14 +338,33 @@ TEXT_SUFFIXES = (".txt", ".token")  # MSVD's AllVideoDescriptions.txt, Flickr8k.
 _CAPTION_NUMBER = re.compile(r"#\d+$")  # Flickr's "1000268201_693b08cb0e.jpg#0": the image's caption 0
 
 
+def _csv_header(text: str) -> bool:
+    """Whether the first line of a text file is a CSV header with a video and a caption column."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    for delimiter in CSV_DELIMITERS:
+        names = {name.strip().lower() for name in first.split(delimiter)}
+        if names & set(CSV_VIDEO_COLUMNS) and names & set(CSV_CAPTION_COLUMNS):
+            return True
+    return False
+
+
+_FILE_THEN_COMMA = re.compile(r"[^\s,]+\.[A-Za-z0-9]{2,5}(#\d+)?,")  # `1000268201_693b08cb0e.jpg,A child ...`
+
+
 def _read_id_and_caption_lines(captions: Captions, path: Path, text: str) -> None:
-    """Lines of an id and a caption, split at the first tab, or else at the first space (MSVD's
-    `-4wsuPCjDBc_5_15 a squirrel is eating`, Flickr's `1000268201_693b08cb0e.jpg#0<TAB>A child ...`);
-    a caption number after `#` is dropped from the id; `#` comment lines and blank lines are skipped."""
+    """Lines of an id and a caption, split at the first tab, or else at the comma after a file name
+    (`1000268201_693b08cb0e.jpg,A child ...`), or else at the first space (MSVD's `-4wsuPCjDBc_5_15 a
+    squirrel is eating`, Flickr's `1000268201_693b08cb0e.jpg#0<TAB>A child ...`); a caption number after
+    `#` is dropped from the id; `#` comment lines and blank lines are skipped."""
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
-        item_id, _, caption = line.partition("\t") if "\t" in line else line.strip().partition(" ")
+        if "\t" in line:
+            item_id, _, caption = line.partition("\t")
+        elif _FILE_THEN_COMMA.match(line.strip()):
+            item_id, _, caption = line.strip().partition(",")
+        else:
+            item_id, _, caption = line.strip().partition(" ")
         item_id = _CAPTION_NUMBER.sub("", item_id.strip())
         if not item_id or not caption.strip():
             _bad_line(captions, path, number, "not an id and a caption")
