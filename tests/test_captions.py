@@ -229,6 +229,12 @@ def test_text_files_of_an_id_and_a_caption_per_line_are_read_as_msvd_and_flickr_
     kaggle.write_text("\n".join(["1000268201_693b08cb0e.jpg,A child in a pink dress .",
                                  "1000268201_693b08cb0e.jpg,A girl, going in ."]) + "\n")
     assert read_captions(kaggle).by_id == expected
+    split_list = tmp_path / "Flickr_8k.devImages.txt"  # no captions: a split's file names
+    split_list.write_text("1000268201_693b08cb0e.jpg\n1001773457_577c3a7d70.jpg\n")
+    with pytest.raises(UserError, match=r"Flickr_8k\.devImages\.txt: a list of file names without captions .* "
+                                        r"`grep -F -f Flickr_8k\.devImages\.txt Flickr8k\.token\.txt > "
+                                        r"Flickr_8k\.devImages\.token\.txt`$"):
+        read_captions(split_list)
 
 
 def test_a_file_of_which_no_caption_can_be_read_is_one_error_naming_its_first_bad_line(tmp_path):
@@ -368,6 +374,25 @@ def test_default_captions_train_on_the_roots_file_and_validate_on_val_jsonl_besi
     assert validation_captions(data) == {"v4": ["val 4"], "v5": ["val 5"]}
 
 
+def test_default_captions_come_from_the_nearest_folder_that_has_some_and_a_caption_two_files_give_is_read_once(
+        tmp_path, cache):
+    """photos/ extracted from the project folder that holds captions.jsonl and train.jsonl (the same
+    captions, whole and its train part): an unrelated table two folders up is not trained on, and each
+    caption the two files both give is one caption, not two."""
+    project = tmp_path / "up" / "project"
+    (project / "photos").mkdir(parents=True)
+    records = [{"video": f"v{i}", "captions": [f"a photo {i}", f"another {i}"]} for i in range(4)]
+    write_jsonl(project / "captions.jsonl", records)
+    write_jsonl(project / "train.jsonl", records[:2])
+    write_jsonl(tmp_path / "up" / "unrelated.jsonl", [{"video": "v5", "captions": ["not this project's"]}])  # photos/../..
+    workspace = Workspace(project / ".vlpcache")
+    workspace.remember_roots([project / "photos"])
+    data = load_pretrain_data([cache], None, None, workspace=workspace)
+    assert data.caption_files == [(project / "captions.jsonl").resolve(), (project / "train.jsonl").resolve()]
+    assert trained_captions(data) == {f"v{i}": [f"a photo {i}", f"another {i}"] for i in range(4)}
+    assert data.summary()[0].endswith("; 4 captions are in more than one of them, each read once")
+
+
 def test_a_default_val_jsonl_whose_videos_are_not_cached_is_left_out_quietly(tmp_path, cache):
     workspace, dataset = extracted_layout(tmp_path)
     write_jsonl(dataset / "val.jsonl", [{"video": "elsewhere", "captions": ["not cached"]}])
@@ -410,6 +435,11 @@ def test_captions_naming_images_of_a_folder_cached_as_one_item_say_to_extract_wi
                                         r"and 'photos0' is a frames folder, cached as one item \(a video's frames\): to "
                                         r"cache each image as an item, extract it again into a new cache with "
                                         r"--no-frame-folders$"):
+        load_pretrain_data([tmp_path / "cache"], [train], None, workspace=Workspace(tmp_path / "ws"))
+    # the dataset's own ids, without the extension: the images' names in the folder say so
+    (photos / "1000268201_693b08cb0e.jpg").write_bytes(b"")
+    train.write_text("video,caption\n1000268201_693b08cb0e,a child climbs the stairs\n")
+    with pytest.raises(UserError, match=r"'photos0' is a frames folder, cached as one item"):
         load_pretrain_data([tmp_path / "cache"], [train], None, workspace=Workspace(tmp_path / "ws"))
 
 
@@ -472,6 +502,7 @@ def test_an_item_named_by_a_key_wins_over_a_shorter_tail_and_a_key_naming_none_s
     assert item_named_by("/data/clips/a.mp4", ids) == "clips/a" and item_named_by("clips\\a.mp4", ids) == "clips/a"
     assert item_named_by("./b.v2.mp4", ids) == "b.v2" and item_named_by("data/x/y.avi", ids) == "x/y"
     assert item_named_by("y.avi", ids) is None and item_named_by("zz.mp4", ids) is None and item_named_by("/", ids) is None
+    assert item_named_by("a.jpg,A", ids) is None  # a line of a CSV misread: ".jpg,A" is no file's extension
 
 
 def test_a_caption_keyed_by_the_end_of_one_item_id_trains_on_it_and_one_ending_several_ids_is_named(tmp_path):

@@ -119,7 +119,7 @@ def test_split_evaluates_the_videos_of_one_split_of_a_file_that_has_several(root
     assert test["run"]["split"] == "TEST"
 
     code, out, err = vlpcache(monkeypatch, capsys, "eval", "--captions", path, "--rerank-candidates", "0")
-    assert ", no re-rank (--rerank-candidates 0), " in out and "top 0" not in out
+    assert "; no re-rank (--rerank-candidates 0), " in out and "top 0" not in out
     assert code == 0 and (f"eval: {path} has videos of several splits (5 test, 3 val), all evaluated together: "
                           "--split NAME evaluates one") in err.splitlines()
     code, _, err = vlpcache(monkeypatch, capsys, "eval", "--captions", path, "--split", "train")
@@ -266,6 +266,23 @@ def test_eval_prints_a_table_by_default(root, ws, monkeypatch, capsys):
     assert out.splitlines()[-1].startswith("text→video: 16 queries (every caption of each video, up to 32 tokens), 8 "
                                            "candidate videos; video→text: 8 queries, their 16 captions the candidates; "
                                            "re-rank of all 8, ")  # not "of the top 32" among 8
+
+
+def test_captions_of_videos_not_cached_are_counted_with_an_example(root, ws, monkeypatch, capsys, tmp_path):
+    captions = tmp_path / "val.jsonl"
+    captions.write_text((root / "val.jsonl").read_text() + json.dumps({"video": "not-here", "captions": ["x"]}) + "\n")
+    code, _, err = vlpcache(monkeypatch, capsys, "eval", "--captions", captions)
+    assert code == 0 and "(1 caption entries without a cached video (e.g. 'not-here'))" in err, err
+
+
+def test_a_file_of_trained_and_validation_videos_says_both():
+    from vlpcache.index.evaluate import Seen
+
+    line = Seen(trained=300, validated=60, same_file=True).line("captions.jsonl", 420)
+    assert line == ("eval: 300 of these 420 videos were trained on with these captions (captions.jsonl is one of the "
+                    "run's training caption files) (60 more are its validation videos, on which its best epoch was "
+                    "chosen): the figures say how well it fits them, not how it finds videos it has not seen; evaluate "
+                    "on held-out captions (a val or test file, or --split test)")
 
 
 def test_eval_of_a_run_being_trained_says_its_checkpoint_may_still_change(root, ws, monkeypatch, capsys):

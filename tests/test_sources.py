@@ -97,6 +97,21 @@ def test_duplicate_id_keeps_the_first_and_reports_the_second(tmp_path):
     assert {Path(path).parent.name for path, _ in problems} == {"one", "two"}
 
 
+def test_a_picture_beside_a_video_of_its_name_is_passed_over_for_the_video(tmp_path):
+    """yt-dlp's --write-thumbnail and a phone's Live Photos put a picture beside each video under its name:
+    natural order reaches the picture first, and it took the id, the video passed over."""
+    touch(tmp_path / "yt" / "Bikes in town [abc123].jpg")
+    touch(tmp_path / "yt" / "Bikes in town [abc123].mp4")
+    touch(tmp_path / "yt" / "Cup [def456].mp4")
+    touch(tmp_path / "yt" / "poster.jpg")
+    items, problems = discover_items([tmp_path / "yt"])
+    assert sorted((i.id, i.path.name) for i in items) == [("Bikes in town [abc123]", "Bikes in town [abc123].mp4"),
+                                                          ("Cup [def456]", "Cup [def456].mp4"), ("poster", "poster.jpg")]
+    [(path, reason)] = problems
+    assert path.endswith(".jpg") and "a picture beside a video of the same name (its thumbnail, a Live Photo's " \
+                                     "still), passed over for the video" in reason
+
+
 def test_missing_root_is_a_problem_and_the_other_roots_still_count(tmp_path):
     touch(tmp_path / "a.mp4")
     items, problems = discover_items([tmp_path / "nope", tmp_path])
@@ -246,7 +261,7 @@ def test_unreadable_folder_is_reported_and_the_rest_is_walked(tmp_path, unreadab
 
 def test_extensions_are_lowercase_with_a_dot():
     assert {".mp4", ".avi", ".mkv", ".webm", ".mov", ".gif"} <= VIDEO_EXTENSIONS
-    assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"} == IMAGE_EXTENSIONS
+    assert {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff"} == IMAGE_EXTENSIONS
     assert all(e.startswith(".") and e == e.lower() for e in VIDEO_EXTENSIONS | IMAGE_EXTENSIONS)
     assert not VIDEO_EXTENSIONS & IMAGE_EXTENSIONS
 
@@ -284,7 +299,7 @@ def test_roots_without_media_say_what_they_hold_instead(tmp_path):
     said = other_files([phone])
     assert said.startswith("its 5 file(s) have other extensions (.heic 3, .txt 1, no extension 1) (HEIC photos: convert ")
     assert said.endswith("; media are known by extension (videos: .mp4, .mov, .avi, .mkv, .webm and 24 more; "
-                         "images: .bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp; a file without one, or named .dat or "
+                         "images: .bmp, .jfif, .jpe, .jpeg, .jpg, .png, .tif, .tiff, .webp; a file without one, or named .dat or "
                          ".unknown_video, by its first bytes)")
     # hidden files are not counted
     (tmp_path / "empty").mkdir()

@@ -74,7 +74,7 @@ CASES = [
     Case("extract with a malformed --shard", nothing, lambda r, w: ["extract", media(r, w), "--shard", "3/2"],
          "--shard '3/2': need 0 <= i < n"),
     Case("extract with --decode-timeout nan", nothing, lambda r, w: ["extract", media(r, w), "--decode-timeout", "nan"],
-         "--decode-timeout nan: give the seconds one item's decoding may take, or 0 for no limit"),
+         "Invalid value for '--decode-timeout': 'nan' is not a finite number"),
     Case("extract with a damaged detector file", lambda r, w: truncate(models(r) / "yolox_nano_coco.onnx", 1000),
          lambda r, w: ["extract", media(r, w), "-o", r / "new-cache", "--models", models(r), "--device", "cpu"],
          "{root}/models/yolox_nano_coco.onnx: not an ONNX file"),

@@ -47,6 +47,7 @@ class Captions:
     bad_lines: int = 0
     sources: list[str] = field(default_factory=list)
     first_bad_line: str = ""  # "FILE line N: why", for the report
+    repeated: int = 0  # captions of an id that another file merged in gave it already (read once)
     layout: str = ""  # how the file was read: "JSON Lines", "CSV", a JSON_LAYOUTS name...
 
     def bad_lines_text(self) -> str:
@@ -59,8 +60,13 @@ class Captions:
         return len(self.by_id)
 
     def merge(self, other: "Captions") -> "Captions":
-        for item_id, caps in other.by_id.items():
-            self.by_id.setdefault(item_id, []).extend(caps)
+        for item_id, caps in other.by_id.items():  # a caption another file gave the same id already: once
+            mine = self.by_id.setdefault(item_id, [])
+            known = set(mine)
+            new = [c for c in caps if c not in known]
+            self.repeated += len(caps) - len(new)
+            mine.extend(new)
+        self.repeated += other.repeated
         self.splits.update(other.splits)
         self.empty_captions += other.empty_captions
         self.bad_lines += other.bad_lines
@@ -116,8 +122,9 @@ class Captions:
                 counts[self.splits[key]] = counts.get(self.splits[key], 0) + 1
         return counts
 
-    def restrict(self, ids) -> tuple["Captions", dict[str, int]]:
-        """Captions of the given item ids only, and counts of what did not match either way."""
+    def restrict(self, ids) -> tuple["Captions", dict[str, int | str]]:
+        """Captions of the given item ids only, and counts of what did not match either way (with an
+        example of a captioned id no item has, "" where there is none)."""
         ids = list(ids)
         present = set(ids)
         kept = Captions({i: self.by_id[i] for i in ids if i in self.by_id}, self.splits, sources=self.sources,
@@ -126,6 +133,7 @@ class Captions:
             "items_with_captions": len(kept.by_id),
             "items_without_captions": sum(1 for i in ids if i not in self.by_id),
             "captions_without_items": sum(1 for i in self.by_id if i not in present),
+            "example_without_item": next((i for i in self.by_id if i not in present), ""),
             "empty_captions": self.empty_captions,
             "bad_lines": self.bad_lines,
         }
@@ -316,6 +324,10 @@ def read_captions(path: str | Path, progress: bool = False) -> Captions:
     elif path.suffix.lower() in TEXT_SUFFIXES and not text.lstrip().startswith(("{", "[")):  # not JSON named .txt
         _read_id_and_caption_lines(captions, path, text)
         captions.layout = "lines of an id and a caption"
+        if not captions.by_id and _only_file_names(text):
+            raise UserError(f"{path}: a list of file names without captions (a split's list, as Flickr_8k.devImages.txt "
+                            "is), not a caption file; to train or validate on those files only, pass their lines of the "
+                            f"captions file, e.g. `grep -F -f {path.name} Flickr8k.token.txt > {path.stem}.token.txt`")
     elif (document := _json_document(text)) is not None:
         captions.layout = _read_document(captions, path, document)
     else:
@@ -346,6 +358,12 @@ def _csv_header(text: str) -> bool:
         if names & set(CSV_VIDEO_COLUMNS) and names & set(CSV_CAPTION_COLUMNS):
             return True
     return False
+
+
+def _only_file_names(text: str) -> bool:
+    """Whether every line of a text is one file name (with an extension) and nothing else."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return bool(lines) and all(len(line.split()) == 1 and _EXTENSION.fullmatch(os.path.splitext(line)[1]) for line in lines)
 
 
 _FILE_THEN_COMMA = re.compile(r"[^\s,]+\.[A-Za-z0-9]{2,5}(#\d+)?,")  # `1000268201_693b08cb0e.jpg,A child ...`

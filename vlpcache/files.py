@@ -17,7 +17,7 @@ from typing import Callable
 from vlpcache.errors import UserError
 
 # still images: an item each (or, all of a folder, the frames of one); captions may name their items by these names
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 
 # what the libraries that write our files say instead of raising OSError: h5py (RuntimeError "... errno
 # = 28, error message = ..."), safetensors (SafetensorError "... (os error 28)")

@@ -197,8 +197,11 @@ class _Walk:
                                   f"{SKIPPED} (rename it, e.g. with convmv)"))
             return
         if item.id in self._owner:
+            beside = (" a picture beside a video of the same name (its thumbnail, a Live Photo's still), passed over "
+                      "for the video;" if item.kind == "image" and item.path.parent == self._owner[item.id].parent
+                      and media_kind(self._owner[item.id]) == "video" else "")
             self.problems.append((str(item.path), f"duplicate id '{item.id}' (already used by "
-                                  f"{self._owner[item.id]}); {SKIPPED}"))
+                                  f"{self._owner[item.id]});{beside} {SKIPPED}"))
             return
         self._owner[item.id] = item.path
         self.items.append(item)
@@ -250,6 +253,11 @@ class _Walk:
                                       f"video's {len(files)} frames: --no-frame-folders takes each image as an item"))
             return [Item(_relative_id(root, folder), folder, "frames")], True
         own = [Item(_relative_id(root, p.with_suffix("")), p, kind) for p, kind in files.items()]
+        # a picture beside a video of the same name (yt-dlp's --write-thumbnail, a phone's Live Photo):
+        # the video is the item, its picture the duplicate
+        videos = {item.id for item in own if item.kind == "video"}
+        own = ([item for item in own if item.kind != "image" or item.id not in videos]
+               + [item for item in own if item.kind == "image" and item.id in videos])
         return own + below, bool(files) or sub_has_media
 
 

@@ -178,8 +178,10 @@ class Seen:
             else:
                 files = ", ".join(map(printable, self.training_files[:2])) + (", ..." if len(self.training_files) > 2 else "")
                 how, advice = f", with the captions of the run's training files ({files})", "videos held out from training"
-            return (f"eval: {self.trained} of these {videos} videos were trained on{how}: the figures say how well it "
-                    f"fits them, not how it finds videos it has not seen; evaluate on {advice}")
+            also = (f" ({self.validated} more are its validation videos, on which its best epoch was chosen)"
+                    if self.validated else "")
+            return (f"eval: {self.trained} of these {videos} videos were trained on{how}{also}: the figures say how well "
+                    f"it fits them, not how it finds videos it has not seen; evaluate on {advice}")
         if self.validated:
             source, chosen_on = ((f"({name})", "these captions") if self.same_file
                                  else (f"(of {printable(self.validation_file or '')})", "them"))
@@ -229,6 +231,16 @@ def rerank_said(candidates: int, videos: int | None = None) -> str:
     return f"re-rank of all {videos}" if videos is not None and candidates >= videos else f"re-rank of the top {candidates}"
 
 
+def what_is_evaluated(sources, run, cache, kept, report: dict, captions, key_matches, device) -> str:
+    """eval's line on the run, the videos evaluated and the caption entries left out."""
+    unreadable = sum(1 for item_id in cache.damaged if item_id in kept.by_id)
+    said_unreadable = f"; {unreadable} of them found damaged, counted as videos without frames" if unreadable else ""
+    example = f" (e.g. {printable(report['example_without_item'])!r})" if report["example_without_item"] else ""
+    return (f"eval: run {sources.run_dir} (epoch {run.epoch}), {len(kept.by_id)} captioned videos of {len(cache)} cached "
+            f"({report['captions_without_items']} caption entries without a cached video{example}"
+            f"{captions.bad_lines_text()}{key_matches.text()}{said_unreadable}), device {device}")
+
+
 def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captions=False, paragraphs=False,
              max_words=None, as_json=False, rerank_candidates=RERANK_CANDIDATES, device=DEFAULT_DEVICE,
              batch_size=None, checkpoint=None, quiet=False, qbnorm=False, dual_softmax=False, per_query=None) -> dict:
@@ -272,12 +284,7 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
     seen = seen_by_run(sources.run_dir, sources.cache_dir, captions_file, kept, file_has_validation_split)
     if line := seen.line(captions_file, len(kept.by_id)):  # said under --quiet too: it is about what the figures mean
         say_always(line)
-    unreadable = sum(1 for item_id in cache.damaged if item_id in kept.by_id)
-    said_unreadable = f"; {unreadable} of them found damaged, counted as videos without frames" if unreadable else ""
-    say(f"eval: run {sources.run_dir} (epoch {run.epoch}), {len(kept.by_id)} captioned videos of {len(cache)} cached "
-        f"({report['captions_without_items']} caption entries without a cached video{captions.bad_lines_text()}"
-        f"{key_matches.text()}{said_unreadable}), "
-        f"device {device}")
+    say(what_is_evaluated(sources, run, cache, kept, report, captions, key_matches, device))
     if line := being_trained_note(sources.run_dir, run.epoch, chosen=checkpoint is None):
         say(line)
     queries = kept.by_id

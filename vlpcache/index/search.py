@@ -274,7 +274,7 @@ class Searcher:
         short = []  # (not indexed, caption) of 3 to 6 words: an indexed video's first, else the first
         for item_id, texts in list(captions.by_id.items())[:EXAMPLE_VIDEOS]:
             for text in texts:
-                words = " ".join(text.split())
+                words = " ".join(text.split()).rstrip(" .")  # Flickr's captions end in a tokenised " ."
                 if EXAMPLE_WORDS[0] <= len(words.split()) <= EXAMPLE_WORDS[1] and len(words) <= 60:
                     short.append((item_id not in self.index, words))
         return min(short, key=lambda found: found[0])[1] if short else EXAMPLE_QUERY

@@ -14,6 +14,7 @@ all-gather needs) and says so once; validation counts it as a video without fram
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -43,14 +44,16 @@ def find_caption_files(workspace: Workspace) -> list[Path]:
     """Default training caption files: in the workspace, or next to the roots `extract` was given.
 
     For a root such as frames/train, a caption file named after it (train.jsonl) in the root, its
-    parent or grandparent is preferred; otherwise every caption file there except held-out splits
-    (val.jsonl, test.csv...), which must never be trained on by default.
+    parent or grandparent is preferred; otherwise every caption file of the nearest of those levels that
+    has any (the workspace and the roots, then their parents, then grandparents: not an unrelated file
+    two folders up beside the dataset's own) except held-out splits (val.jsonl, test.csv...), which must
+    never be trained on by default.
     """
-    named, others = [], []
-    folders: list[tuple[Path, str | None]] = [(workspace.root, None)]
+    named, others = [], [[], [], []]  # others by level: the roots and the workspace, parents, grandparents
+    folders: list[tuple[Path, str | None, int]] = [(workspace.root, None, 0)]
     for root in map(Path, workspace.extracted_roots()):
-        folders += [(root, root.name), (root.parent, root.name), (root.parent.parent, root.name)]
-    for folder, root_name in folders:
+        folders += [(root, root.name, 0), (root.parent, root.name, 1), (root.parent.parent, root.name, 2)]
+    for folder, root_name, level in folders:
         if not folder.is_dir():
             continue
         for path in sorted(folder.iterdir()):
@@ -58,8 +61,8 @@ def find_caption_files(workspace: Workspace) -> list[Path]:
                 continue
             if path.stem.lower() in HELD_OUT_STEMS:
                 continue
-            (named if path.stem == root_name else others).append(path)
-    found = named or others
+            (named if path.stem == root_name else others[level]).append(path)
+    found = named or next((level for level in others if level), [])
     return list(dict.fromkeys(p.resolve() for p in found))
 
 
@@ -284,12 +287,27 @@ def _id_at(caches: list[RegionCache], c: int, i: int | str) -> str:
 def frames_folder_hint(caches: list[RegionCache], captions: Captions) -> str:
     """Where captions name images and a cache holds frames folders (a folder of images only is one item,
     a video's frames): that the images were cached as frames of one item, and how to cache each; "" else."""
-    names_images = any(Path(key).suffix.lower() in IMAGE_EXTENSIONS for key in list(captions.by_id)[:100])
-    folder = next((item_id for cache in caches for item_id, kind in zip(cache.ids, cache.kinds) if kind == "frames"), None)
-    if not (names_images and folder):
+    keys = list(captions.by_id)[:100]
+    folders = [(item_id, path) for cache in caches for item_id, path, kind in zip(cache.ids, cache.paths, cache.kinds)
+               if kind == "frames"][:5]
+    if not folders:
+        return ""
+    names_images = any(Path(key).suffix.lower() in IMAGE_EXTENSIONS for key in keys)
+    # or the captions name the folders' images without their extension (a dataset's own ids: Flickr's)
+    folder = next((item_id for item_id, path in folders if _names_a_file_in(path, keys)), None) or folders[0][0]
+    if not (names_images or _names_a_file_in(dict(folders)[folder], keys)):
         return ""
     return (f"the captions name images, and {folder!r} is a frames folder, cached as one item (a video's frames): "
             "to cache each image as an item, extract it again into a new cache with --no-frame-folders")
+
+
+def _names_a_file_in(folder: str, keys: list[str]) -> bool:
+    """Whether one of the caption keys is the name, or the name without its extension, of a file in folder."""
+    try:
+        names = {name for entry in os.scandir(folder) for name in (entry.name, os.path.splitext(entry.name)[0])}
+    except OSError:
+        return False
+    return any(key in names for key in keys)
 
 
 def validation_set(caches: list[RegionCache], captions: Captions) -> tuple[ValidationSet, CaptionReport]:
@@ -325,6 +343,7 @@ class PretrainData:
     validation_file: Path | None = None
     held_out_skipped: int = 0  # training captions of val/test items (by their "split" key) left out
     not_captions: list[str] = field(default_factory=list)  # why each file found by default was not read
+    repeated_captions: int = 0  # captions that two of the files give the same id (read once)
 
     def train_ids(self) -> list[str]:
         return [self.caches[c].ids[i] for c, i, _ in self.train.samples]
@@ -335,7 +354,9 @@ class PretrainData:
     def summary(self) -> list[str]:
         files = [f"{path} ({layout})" for path, layout in zip(self.caption_files, self.caption_layouts)]
         lines = [f"note: {why}" for why in self.not_captions]
-        lines += [f"training captions: {', '.join(files)}", f"training: {self.train_report.line()}"]
+        repeated = (f"; {self.repeated_captions:,} captions are in more than one of them, each read once"
+                    if self.repeated_captions else "")
+        lines += [f"training captions: {', '.join(files)}{repeated}", f"training: {self.train_report.line()}"]
         for cache in self.caches:
             outdated = outdated_schema(cache.settings)
             if outdated:
@@ -392,6 +413,7 @@ def load_pretrain_data(
         validation_file = found_validation = next(
             (path for path, captions in zip(caption_files, per_file) if has_validation_split(captions)), None)
     training_captions, skipped = held_out(merged(per_file), keep_held_out=False)
+    repeated = training_captions.repeated
     samples, report = match_captions(caches, training_captions)
     if not samples:
         example_item = next((c.ids[0] for c in caches if len(c)), None)
@@ -406,7 +428,7 @@ def load_pretrain_data(
     if captions_per_video is None:  # every caption of a typical item in each step, at most max_captions_per_video
         train.captions_per_video = max(1, min(max_captions_per_video, train.median_captions()))
     data = PretrainData(caches, train, report, caption_files, [captions.layout for captions in per_file],
-                        held_out_skipped=skipped, not_captions=not_captions)
+                        held_out_skipped=skipped, not_captions=not_captions, repeated_captions=repeated)
     if validation_file is not None:
         read = dict(zip(caption_files, per_file)).get(Path(validation_file))  # a training file's split: read already
         if read is None:
