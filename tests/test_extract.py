@@ -448,6 +448,16 @@ def test_a_terminal_that_reports_no_size_still_shows_the_progress_bar(msrvtt_dir
     assert "3/3 [" in written and "item/s" in written, written
 
 
+def test_a_small_picture_is_rendered_large_enough_for_its_labels():
+    from PIL import Image
+
+    from vlpcache.extract.render import at_least
+
+    assert at_least(Image.new("RGB", (150, 110))).size == (320, 235)  # a thumbnail-sized photo: its labels fit
+    assert at_least(Image.new("RGB", (8, 8))).size == (320, 320)
+    assert at_least(Image.new("RGB", (480, 270))).size == (480, 270)
+
+
 def test_inspect_summarises_and_renders_an_item(extracted, tmp_path):
     cache_dir, _ = extracted
     summary = json.loads(vlpcache("inspect", cache_dir, "--json", cwd=tmp_path).stdout)

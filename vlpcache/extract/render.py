@@ -44,11 +44,24 @@ def source_pictures(cache: RegionCache, cached: dict) -> list[Image.Image]:
         return blank_frames(cached, frame_count)
     try:
         source = read_item(Item(cached["id"], Path(cached["path"]), cached["kind"]), cache.settings.frames, RENDER_SIDE)
-        return [Image.fromarray(f) for f in source.frames[:frame_count]]
+        return [at_least(Image.fromarray(f)) for f in source.frames[:frame_count]]
     except (ItemError, OSError) as err:
         moved = "" if os.path.lexists(cached["path"]) else " (moved? `vlpcache extract NEW_ROOT` records where it went)"
         say(f"{printable(cached['path'])}: cannot re-read the source ({err}){moved}; drawing boxes on blank frames")
         return blank_frames(cached, frame_count)
+
+
+SMALLEST_SIDE = 320  # a smaller picture (a thumbnail-sized photo, an 8x8 icon) is drawn larger: its labels need room
+
+
+def at_least(picture: Image.Image) -> Image.Image:
+    """The picture scaled up so that its longer side is SMALLEST_SIDE, where it is shorter."""
+    longer = max(picture.size)
+    if longer >= SMALLEST_SIDE:
+        return picture
+    scale = SMALLEST_SIDE / max(longer, 1)
+    return picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
+                          Image.Resampling.NEAREST if longer < 64 else Image.Resampling.BILINEAR)
 
 
 def blank_frames(cached: dict, count: int) -> list[Image.Image]:
@@ -119,7 +132,8 @@ def render_item(cache: RegionCache, item_id: str, output: Path) -> Path:
         x0, y0 = (t % columns) * cell_w, TITLE_HEIGHT + (t // columns) * cell_h
         sheet.paste(picture, (x0, y0 + CAPTION_HEIGHT))
         place = place_text(cached["kind"], float(cached["timestamps"][t]))
-        draw.text((x0 + 4, y0 + 3), f"frame {t + 1} of {len(pictures)}" + (f"  {place}" if place else ""), fill=(0, 0, 0))
+        which = "the photo" if cached["kind"] == "image" else f"frame {t + 1} of {len(pictures)}"
+        draw.text((x0 + 4, y0 + 3), which + (f"  {place}" if place else ""), fill=(0, 0, 0))
         draw_regions(draw, cached, t, (x0, y0 + CAPTION_HEIGHT), picture.size, region_names(cache.settings.detector))
     save_picture(sheet, output)
     return output
