@@ -393,6 +393,13 @@ def test_default_captions_come_from_the_nearest_folder_that_has_some_and_a_capti
     assert data.summary()[0].endswith("; 4 captions are in more than one of them, each read once")
 
 
+def test_lines_call_the_items_what_they_are():
+    from vlpcache.report import items_word
+
+    assert items_word(["video", "frames"]) == "videos" and items_word(["image", "image"]) == "photos"
+    assert items_word(["image", "video"]) == "items" and items_word([]) == "videos"
+
+
 def test_a_default_val_jsonl_whose_videos_are_not_cached_is_left_out_quietly(tmp_path, cache):
     workspace, dataset = extracted_layout(tmp_path)
     write_jsonl(dataset / "val.jsonl", [{"video": "elsewhere", "captions": ["not cached"]}])

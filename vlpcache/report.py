@@ -73,6 +73,13 @@ def printable(text: str) -> str:
                    c.encode("unicode_escape").decode("ascii") for c in str(text))
 
 
+def items_word(kinds) -> str:
+    """What a person calls a collection's items in a line: videos (frame folders are a video's frames),
+    photos, or items where they are both."""
+    kinds = set(kinds)
+    return "photos" if kinds == {"image"} else "videos" if kinds <= {"video", "frames"} else "items"
+
+
 def place_text(kind: str, time: float | None) -> str:
     """Where an item's frame sits, for a person: seconds of a video, the place of a frames folder's image in
     name order (1 for the first: its stored time counts from 0), and nothing for a photo (its one frame)."""

@@ -43,7 +43,7 @@ from vlpcache.index.region_store import RegionStore
 from vlpcache.locks import WriterLock, holder_description
 from vlpcache.model.run_layout import being_trained_note, designated_checkpoint_sha256, latest_run
 from vlpcache.querybank import BANK_SIZE, BETA, TOP_K, QueryBank, bank_captions
-from vlpcache.report import Say, say, sayer
+from vlpcache.report import Say, items_word, say, sayer
 from vlpcache.workspace import Workspace
 
 ENCODE_CHUNK = 1024  # videos encoded, then kept on disk as one part (parts.py), at a time
@@ -127,7 +127,7 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
         export_for_search(run, index_dir, say)
         update_query_bank(run, index, index_dir, len(rows), qbnorm, device, batch_size, progress, say)
         note = coverage(index, cache)
-        say(f"index {index_dir}: {len(index)} items; encoded {len(rows)} videos in {encoding_s:.1f} s; "
+        say(f"index {index_dir}: {len(index)} items; encoded {len(rows)} {items_word(cache.kinds[r] for r in rows)} in {encoding_s:.1f} s; "
             f"{how}" + (f"; {note}" if note else ""))
         return index
 

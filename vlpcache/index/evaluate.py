@@ -30,7 +30,7 @@ from vlpcache.index.build import check_run_reads_cache, open_cache, resolve_sour
 from vlpcache.metrics import RERANK_CANDIDATES, query_ranks, reranked, retrieval_metrics
 from vlpcache.model.run_layout import being_trained_note
 from vlpcache.querybank import dual_softmax
-from vlpcache.report import printable, sayer
+from vlpcache.report import items_word, printable, sayer
 from vlpcache.report import say as say_always  # under --quiet too
 
 
@@ -236,7 +236,8 @@ def what_is_evaluated(sources, run, cache, kept, report: dict, captions, key_mat
     unreadable = sum(1 for item_id in cache.damaged if item_id in kept.by_id)
     said_unreadable = f"; {unreadable} of them found damaged, counted as videos without frames" if unreadable else ""
     example = f" (e.g. {printable(report['example_without_item'])!r})" if report["example_without_item"] else ""
-    return (f"eval: run {sources.run_dir} (epoch {run.epoch}), {len(kept.by_id)} captioned videos of {len(cache)} cached "
+    items = items_word(cache.kinds[cache.index_of(i)] for i in kept.by_id if i in cache)
+    return (f"eval: run {sources.run_dir} (epoch {run.epoch}), {len(kept.by_id)} captioned {items} of {len(cache)} cached "
             f"({report['captions_without_items']} caption entries without a cached video{example}"
             f"{captions.bad_lines_text()}{key_matches.text()}{said_unreadable}), device {device}")
 

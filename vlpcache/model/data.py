@@ -29,7 +29,7 @@ from vlpcache.files import IMAGE_EXTENSIONS
 from vlpcache.model.batch import tokenize, video_batch
 from vlpcache.model.config import MAX_CAPTIONS_PER_VIDEO
 from vlpcache.model.text_features import TextFeatures
-from vlpcache.report import printable
+from vlpcache.report import items_word, printable
 from vlpcache.workspace import Workspace
 
 CAPTION_SUFFIXES = (".jsonl", ".csv")
@@ -365,7 +365,8 @@ class PretrainData:
             lines.append(f"training: {self.held_out_skipped} captioned items of val/test splits left out")
         if self.validation is not None:
             queries = sum(len(c) for c in self.validation.captions)
-            lines.append(f"validation ({self.validation_file}): {len(self.validation)} videos, {queries} captions as queries"
+            items = items_word(kind for cache in self.caches for kind in cache.kinds)
+            lines.append(f"validation ({self.validation_file}): {len(self.validation)} {items}, {queries} captions as queries"
                          f"{self.validation_report.key_matches.text()}")
         else:
             lines.append("validation: none (pass --val-captions FILE of held-out cached videos to get R@K each epoch)")

@@ -55,7 +55,7 @@ from vlpcache.model.run_layout import (BEST_NAME, CHECKPOINT_DIR, LOCATED, LOG_N
                                        save_run_videos)
 from vlpcache.model.text_features import FEATURES_DIR, TextFeatures, cache_kind, cached_text_features
 from vlpcache.records import write_json
-from vlpcache.report import human_duration, printable, progress_bar, say
+from vlpcache.report import human_duration, items_word, printable, progress_bar, say
 from vlpcache.workspace import Workspace
 
 RERANK_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)  # candidates for global + w·S_loc, chosen on validation
@@ -828,10 +828,11 @@ def _train(run: Run, processes: Processes, workspace: Workspace) -> dict:
 
         tensorboard = SummaryWriter(run.dir / TENSORBOARD_DIR, purge_step=trainer.step or None)
     per_epoch = loader.steps_per_epoch * loader.batch * processes.world
-    left = (f" ({per_epoch:,} of the {len(run.data.train):,} videos an epoch, another draw each: a last part-batch "
+    items = items_word(kind for cache in run.data.caches for kind in cache.kinds)
+    left = (f" ({per_epoch:,} of the {len(run.data.train):,} {items} an epoch, another draw each: a last part-batch "
             "is left out)") if per_epoch < len(run.data.train) else ""
     processes.say(
-        f"run {run.dir}: {len(run.data.train)} videos x {run.train.captions_per_video} caption(s), {processes.world} "
+        f"run {run.dir}: {len(run.data.train)} {items} x {run.train.captions_per_video} caption(s), {processes.world} "
         f"process(es) on {processes.device}, batch {loader.batch}x{processes.world}, {loader.steps_per_epoch} steps/epoch{left}, "
         f"epochs {trainer.start_epoch}..{run.train.epochs}, text layers trained {run.model.text_trainable_layers}"
         f"{'' if trainer.text_features is None else ' (frozen layers: cached ' + trainer.text_features.kind + ')'}, RWA {'on' if run.model.rwa else 'off'}"
