@@ -278,7 +278,7 @@ def test_items_no_longer_under_the_roots_are_said_and_dropped_with_prune(tmp_pat
     assert sorted(RegionCache(cache).ids) == ["a", "b", "new/c", "o", "old/c"]
     run_extract([tmp_path / "data"], cache_dir=cache, quiet=True, prune=True)
     said = capsys.readouterr().err
-    assert ("extract: dropped 2 cached item(s) under these roots are no longer there (e.g. 'a': "
+    assert ("extract: dropped 2 cached item(s) that are no longer there under these roots (e.g. 'a': "
             f"{tmp_path / 'data' / 'a'} is gone) and 1 recorded failure(s) of files that are gone (--prune); "
             "`vlpcache index` drops them from the index") in said
     cached = RegionCache(cache)
@@ -289,7 +289,7 @@ def test_items_no_longer_under_the_roots_are_said_and_dropped_with_prune(tmp_pat
     (tmp_path / "link").symlink_to(tmp_path / "data")
     shutil.rmtree(tmp_path / "data" / "b")
     run_extract([tmp_path / "link"], cache_dir=cache, quiet=True, prune=True)
-    assert (f"extract: dropped 1 cached item(s) under these roots are no longer there (e.g. 'b': {tmp_path / 'data' / 'b'} "
+    assert (f"extract: dropped 1 cached item(s) that are no longer there under these roots (e.g. 'b': {tmp_path / 'data' / 'b'} "
             "is gone) (--prune)") in capsys.readouterr().err
     assert sorted(RegionCache(cache).ids) == ["new/c", "o"]
     shutil.copytree(folders[1], tmp_path / "data" / "b")
@@ -299,6 +299,38 @@ def test_items_no_longer_under_the_roots_are_said_and_dropped_with_prune(tmp_pat
     shutil.copytree(folders[0], tmp_path / "data" / "a")  # back: extracted again, as new
     run_extract([tmp_path / "data"], cache_dir=cache, quiet=True)
     assert "2 done" in capsys.readouterr().err and sorted(RegionCache(cache).ids) == ["a", "b", "new/c", "o"]
+
+
+def test_prune_of_a_file_that_failed_then_was_mended_leaves_no_failure_behind(tmp_path, msrvtt_dir, capsys):
+    """The record of a failure that the file's later content mended is hidden while the item is cached:
+    --prune of the item, its file deleted, dropped the item and showed the failure again."""
+    from vlpcache.extract.runner import run_extract
+
+    frames = sorted(next((msrvtt_dir / "frames" / "val").iterdir()).iterdir())
+    (tmp_path / "data").mkdir()
+    shutil.copy(frames[0], tmp_path / "data" / "y.jpg")
+    (tmp_path / "data" / "x.jpg").write_bytes(b"not a picture")
+    cache = tmp_path / "cache"
+    run_extract([tmp_path / "data"], cache_dir=cache, quiet=True)
+    assert list(RegionCache(cache).failures) == ["x"]
+    shutil.copy(frames[1], tmp_path / "data" / "x.jpg")
+    run_extract([tmp_path / "data"], cache_dir=cache, quiet=True)
+    assert sorted(RegionCache(cache).ids) == ["x", "y"] and RegionCache(cache).failures == {}
+    (tmp_path / "data" / "x.jpg").unlink()
+    run_extract([tmp_path / "data"], cache_dir=cache, quiet=True, prune=True)
+    assert RegionCache(cache).ids == ["y"] and RegionCache(cache).failures == {}
+    # inspect says what was dropped, and a shard an extract stopped while writing
+    from vlpcache.cache.inspect import inspect_cache
+
+    (cache / "shards" / "s0of1-00009.h5.tmp").write_bytes(b"")
+    capsys.readouterr()
+    inspect_cache(cache, list_failures=True)
+    out = capsys.readouterr().out.splitlines()
+    assert "dropped     1 item(s) whose files were gone (extract --prune); --failures lists them" in out
+    assert f"dropped     x: {tmp_path / 'data' / 'x.jpg'} (gone; extract --prune)" in out
+    assert ("unfinished  s0of1-00009.h5.tmp: a shard being written, or left by an extract that was stopped (the next "
+            "extract into this cache removes it and extracts its items)") in out
+    assert [line for line in out if line.startswith("failures")] == ["failures    0"]
 
 
 def test_what_extract_redoes_follows_the_stamps_of_cached_failed_and_moved_files(tmp_path):

@@ -106,6 +106,19 @@ def test_the_log_shows_each_epoch_once_as_last_written_and_passes_over_a_torn_li
     assert rows[0][:3] == ["1*", "1.250", "50.0"] and rows[1] == ["2", "-", "-", "-", "-", "-", "3", "0"]
 
 
+def test_a_run_of_several_caches_shows_each_ones_settings_and_a_cache_gone(tmp_path):
+    from vlpcache.model.inspect_run import _caches
+
+    (tmp_path / "a").mkdir()
+    settings = [{"detector": "yolox", "frames": t, "regions": 31, "feature_dim": 1280} for t in (2, 8)]
+    summary = {"train": {"caches": [str(tmp_path / "a"), str(tmp_path / "b")]}, "cache_settings": settings[0],
+               "cache_settings_each": settings}
+    assert _caches(summary) == (f"{tmp_path / 'a'} (yolox, T=2, N=31, D=1280), {tmp_path / 'b'} (not found) "
+                                "(yolox, T=8, N=31, D=1280)")
+    summary["cache_settings_each"] = None  # a run made before each was recorded
+    assert _caches(summary) == f"{tmp_path / 'a'}, {tmp_path / 'b'} (not found) (yolox, T=2, N=31, D=1280)"
+
+
 def test_runs_lists_every_run_and_marks_the_one_search_uses(ws, tmp_path, monkeypatch, capsys):
     newer = ws / "runs" / "run-002"
     shutil.copytree(ws / "runs" / "run-001", newer)
@@ -119,6 +132,7 @@ def test_runs_lists_every_run_and_marks_the_one_search_uses(ws, tmp_path, monkey
     assert second.endswith("<- index, search and eval use it by default") and latest_run(ws / "runs") == newer
     listed = inspect_json(monkeypatch, capsys, "--runs")
     assert [Path(r["run"]).name for r in listed] == ["run-001", "run-002"]
+    assert [(r["latest"], r["default"]) for r in listed] == [(False, False), (True, True)]  # as the text marks it
     code, _, err = vlpcache(monkeypatch, capsys, "inspect", "--runs", newer)  # a run where a folder of runs goes
     assert code == 2 and err == (f"error: {newer} is a run, not a folder of runs: `vlpcache inspect {newer}` shows it "
                                  f"(--runs lists the runs of a folder such as {ws / 'runs'})\n")

@@ -12,9 +12,9 @@ import json
 import numpy as np
 
 from vlpcache.cache.labels import region_names
-from vlpcache.cache.manifest import read_passed_over
+from vlpcache.cache.manifest import read_moves, read_passed_over
 from vlpcache.cache.reader import RegionCache
-from vlpcache.cache.schema import outdated_schema
+from vlpcache.cache.schema import SHARD_DIR, SHARD_SUFFIX, TMP_SUFFIX, outdated_schema
 from vlpcache.report import human_size, printable, silent
 from vlpcache.workspace import Workspace
 
@@ -60,6 +60,9 @@ def cache_summary(cache: RegionCache) -> dict:
         "kept_with_problems": len(cache.notes),
         "unreadable": len(cache.damaged),  # items whose cached row a read found damaged
         "passed_over": len(read_passed_over(cache.cache_dir)),
+        "moved": sum(1 for item_id in read_moves(cache.cache_dir) if item_id in cache),  # found at new paths
+        "dropped": len(cache.removed),  # by extract --prune: their files were gone
+        "unfinished_shards": sorted(p.name for p in (cache.cache_dir / SHARD_DIR).glob(f"*{SHARD_SUFFIX}{TMP_SUFFIX}")),
         "frames": frames,
         "mean_regions_per_frame": round(regions / frames, 2) if frames else 0.0,
         "T": settings["frames"],
@@ -84,7 +87,9 @@ def print_summary(summary: dict) -> None:
         f"cache       {summary['cache']}",
         f"items       {summary['items']}  ({', '.join(f'{k}: {v}' for k, v in summary['kinds'].items()) or 'none'})",
         f"failures    {summary['failures']}" + (
-            "  (" + "; ".join(f"{v}x {k}" for k, v in summary["failure_reasons"].items()) + ")" if summary["failures"] else ""),
+            "  (" + "; ".join(f"{v}x {k}" for k, v in summary["failure_reasons"].items()) + "); the next extract tries "
+            "a file again once it changes, --retry-failed tries them all; --failures lists them"
+            if summary["failures"] else ""),
         *([f"noted       {summary['kept_with_problems']} item(s) kept with a note (some frames unreadable, data "
            "truncated, photos in a frames folder, ...); --failures lists them"] if summary["kept_with_problems"] else []),
         *([f"unreadable  {summary['unreadable']} item(s) whose cached row a read found damaged (a disk fault or a bad "
@@ -92,6 +97,9 @@ def print_summary(summary: dict) -> None:
           if summary.get("unreadable") else []),
         *([f"passed over {summary['passed_over']} path(s) left out when looking for media (a broken link, an "
            "unreadable folder, a duplicate id, ...); --failures lists them"] if summary["passed_over"] else []),
+        *([f"moved       {summary['moved']} item(s) read from the new paths extract found them at"] if summary["moved"] else []),
+        *([f"dropped     {summary['dropped']} item(s) whose files were gone (extract --prune); --failures lists them"]
+          if summary["dropped"] else []),
         f"shape       T={summary['T']} frames, N={summary['N']} regions (incl. whole frame), D={summary['D']}",
         f"frames      {summary['frames']} sampled, {summary['mean_regions_per_frame']} regions per frame on average",
         f"detector    {p['detector']}  sha256 {p['detector_weights_sha256'][:12]}",
@@ -112,7 +120,11 @@ def print_summary(summary: dict) -> None:
         lines.append(f"ignored     {name}: made with other settings than the manifest ({'; '.join(diffs)}); "
                      "its items are left out")
     for name, reason in summary["unreadable_shards"].items():
-        lines.append(f"unreadable  {name}: {reason}; its items are left out")
+        lines.append(f"unreadable  {name}: {reason}; its items are left out: move it out of the cache and run "
+                     "`vlpcache extract` again to redo them")
+    for name in summary["unfinished_shards"]:
+        lines.append(f"unfinished  {name}: a shard being written, or left by an extract that was stopped (the next "
+                     "extract into this cache removes it and extracts its items)")
     if summary["outdated_schema"]:
         lines.append(f"note        {summary['outdated_schema']}; re-extract for the current features")
     print("\n".join(lines))
@@ -131,6 +143,7 @@ def inspect_cache(cache_dir=None, as_json=False, list_failures=False) -> None:
                                     for item_id, note in cache.notes.items()]
         summary["unreadable_items"] = list(cache.damaged.values())
         summary["passed_over_paths"] = sorted(read_passed_over(cache.cache_dir).values(), key=lambda r: r["path"])
+        summary["dropped_items"] = list(cache.removed.values())
     if as_json:
         print(json.dumps(summary, indent=2, ensure_ascii=False))
         return
@@ -144,3 +157,6 @@ def inspect_cache(cache_dir=None, as_json=False, list_failures=False) -> None:
               f"({printable(str(record.get('reason', '')))}); extract redoes it")
     for record in summary.get("passed_over_paths", []):
         print(f"passed over {printable(record['path'])}: {printable(record['reason'])}")  # stored printable already
+    for record in summary.get("dropped_items", []):
+        print(f"dropped     {printable(record['id'])}: {printable(record.get('path', ''))} "
+              f"({printable(str(record.get('reason', 'gone')))}; extract --prune)")

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlpcache.cache.manifest import read_failures
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
@@ -189,8 +190,9 @@ def prune(plan: Plan, writer: ShardWriter, dropping: bool) -> None:
     parts = []
     if plan.gone:
         item_id, path, why, _ = plan.gone[0]
-        parts.append(f"{len(plan.gone)} cached item(s) under these roots are no longer there (e.g. {printable(item_id)!r}: "
-                     f"{printable(path)} {'is gone' if why == 'gone' else 'is there but ' + why})")
+        parts.append(f"{len(plan.gone)} cached item(s) {'that are' if dropping else 'under these roots are'} no longer "
+                     f"there{' under these roots' if dropping else ''} (e.g. {printable(item_id)!r}: {printable(path)} "
+                     f"{'is gone' if why == 'gone' else 'is there but ' + why})")
     if plan.gone_failures:
         parts.append(f"{len(plan.gone_failures)} recorded failure(s) of files that are gone")
     what = " and ".join(parts)
@@ -198,8 +200,12 @@ def prune(plan: Plan, writer: ShardWriter, dropping: bool) -> None:
         say(f"extract: {what}; {'search still finds them' if plan.gone else 'inspect --failures lists them'}: add "
             "--prune to drop them from the cache")
         return
+    # a failure its file's later content mended is hidden while the item is cached: it goes with the item
+    recorded = read_failures(writer.cache_dir) if plan.gone else {}
     for item_id, path, why, row in plan.gone:
         writer.record_removal(item_id, row, path, why)
+        if item_id in recorded:
+            writer.clear_failure(item_id, recorded[item_id].get("path", path))
     for item_id, path in plan.gone_failures:
         writer.clear_failure(item_id, path)
     say(f"extract: dropped {what} (--prune)" + ("; `vlpcache index` drops them from the index" if plan.gone else ""))

@@ -9,6 +9,7 @@ the kernel's table of held locks, never from taking the lock: a look must not ma
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -106,6 +107,7 @@ def run_summary(run_dir: Path, videos: bool = True) -> dict:
         "model": model,
         "train": train,
         "cache_settings": config.get("cache_settings"),
+        "cache_settings_each": config.get("cache_settings_each"),  # runs made before it: the first cache's only
         "videos": {"trained": len(recorded[0]), "validation": len(recorded[1])} if recorded is not None else None,
         "log": [{key: record.get(key) for key in LOG_FIELDS} for record in log],
         "best": {"epoch": best.get("epoch"), "selection": SELECTION, "metrics": best.get("metrics")} if best else None,
@@ -132,15 +134,13 @@ def _video_counts(summary: dict) -> str:
 
 
 def _header(summary: dict) -> list[str]:
-    m, t, c = summary["model"], summary["train"], summary["cache_settings"] or {}
-    features = (f" ({c.get('detector')}, T={c.get('frames')}, N={c.get('regions')}, D={c.get('feature_dim')})"
-                if c else "")
+    m, t = summary["model"], summary["train"]
     captions = ", ".join(printable(p) for p in t.get("captions") or []) or "found by default"
     rwa = f"on (weight {m.get('rwa_weight')})" if m.get("rwa") else "off"
     return [
         f"run         {printable(summary['run'])}",
         f"state       {summary['text']}",
-        f"caches      {', '.join(printable(p) for p in t.get('caches') or [])}{features}",
+        f"caches      {_caches(summary)}",
         f"captions    {captions}; validation {printable(t.get('val_captions') or 'none')}{_video_counts(summary)}",
         f"text        {_text_model(m)}, {t.get('captions_per_video')} caption(s) per video per step",
         f"video       region transformer {m.get('width')} wide, {m.get('layers')} layer(s); frame time "
@@ -149,6 +149,22 @@ def _header(summary: dict) -> list[str]:
         f"training    batch {t.get('batch_size')}, lr {t.get('lr')}, text lr {t.get('text_lr')}, seed {t.get('seed')}, "
         f"precision {_precision(t, summary['log'])}",
     ]
+
+
+def _features(c: dict) -> str:
+    return f"{c.get('detector')}, T={c.get('frames')}, N={c.get('regions')}, D={c.get('feature_dim')}"
+
+
+def _caches(summary: dict) -> str:
+    """The run's caches, each with its settings where the run recorded them all (else the first's after
+    them all, as runs made before recorded it), and "(not found)" where one is gone."""
+    caches = summary["train"].get("caches") or []
+    named = [printable(p) + ("" if os.path.isdir(p) else " (not found)") for p in caches]
+    each = summary.get("cache_settings_each") or []
+    if len(each) == len(caches) and len(caches) > 1:
+        return ", ".join(f"{name} ({_features(c)})" for name, c in zip(named, each))
+    first = summary["cache_settings"]
+    return ", ".join(named) + (f" ({_features(first)})" if first else "")
 
 
 def _precision(train: dict, log: list[dict]) -> str:
@@ -228,14 +244,15 @@ def list_runs(runs_dir=None, as_json: bool = False) -> None:
         raise UserError(f"no pretraining run in {runs_dir}; run `vlpcache pretrain` first")
     default = runs_dir.resolve() == workspace_runs.resolve()
     summaries = [_listed_summary(run) for run in runs]
-    if as_json:
-        print(json.dumps([{k: s[k] for k in ("run", "state", "epochs", "epochs_done", "best", "modified")}
-                          for s in summaries], indent=2, ensure_ascii=False))
-        return
     try:
         latest = latest_run(runs_dir)  # the rule index, search and eval follow
     except UserError:  # none has a checkpoint yet
         latest = None
+    if as_json:  # "latest": what the text marks (of the workspace's runs: the one index, search and eval use)
+        print(json.dumps([{**{k: s[k] for k in ("run", "state", "epochs", "epochs_done", "best", "modified")},
+                           "latest": Path(s["run"]) == latest, "default": default and Path(s["run"]) == latest}
+                          for s in summaries], indent=2, ensure_ascii=False))
+        return
     for s in summaries:
         if s["state"] == UNREADABLE_RUN:
             print(f"{printable(Path(s['run']).name):12s} {s['state']:13s} {s['reason']}: another user's run? its owner "

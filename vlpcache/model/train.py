@@ -452,7 +452,8 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
             config = {
                 "model": run.model.to_json(),
                 "train": dataclasses.asdict(run.train),
-                "cache_settings": run.data.caches[0].settings.to_json(),
+                "cache_settings": run.data.caches[0].settings.to_json(),  # what load_run checks a cache against
+                "cache_settings_each": [cache.settings.to_json() for cache in run.data.caches],  # for inspect
                 "vlpcache_version": __version__,
             }
             ckpt.save_run_files(run.dir, config, tokenizer, model.text_encoder.backbone.config)
