@@ -1293,8 +1293,22 @@ MUTANTS += [
     mutant("inspect-runs-json-no-default", "vlpcache/model/inspect_run.py",
            "\"default\": default and Path(s[\"run\"]) == latest", "\"default\": False",
            "tests/test_inspect_run.py -k marks_the_one_search_uses", "--runs --json says which run is the default"),
+    # stop 46: what older versions left (an upgrade walk)
+    mutant("index-old-meta-without-a-new-setting-blocks", "vlpcache/index/layout.py",
+           "              if theirs.get(k, SETTING_DEFAULTS.get(k)) != v]", "              if theirs.get(k) != v]",
+           "tests/test_search.py -k kept_in_the_root_itself", "an index written before a cache setting existed is used"),
+    mutant("resume-cache-features-unchecked", "vlpcache/model/train.py",
+           "            if diffs := cache.settings.feature_differences(recorded):", "            if False:",
+           "tests/test_pretrain.py -k other_features_is_refused", "a resume on a cache of other features is refused"),
+    mutant("resume-best-across-validations", "vlpcache/model/train.py",
+           "        if (line := validation_changed(run, state[\"epoch\"])) is not None:", "        if False:",
+           "tests/test_pretrain.py -k validation_has_other_queries", "best is not chosen across other validation queries"),
+    mutant("runs-latest-by-folder-time", "vlpcache/model/run_layout.py",
+           "    return sorted(runs, key=last_saved, reverse=True)",
+           "    return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)",
+           "tests/test_run_layout.py -k saved_a_checkpoint_last", "the default run is the one that saved a checkpoint last"),
     mutant("serve-info-no-kinds", "vlpcache/serve/app.py",
-           "\"kinds\": searcher.kinds()", "\"kinds\": {}",
+           "        kinds = searcher.kinds()  #", "        kinds = {}  #",
            "tests/test_serve.py -k \"extracted_from or chromium\"", "the page counts videos, frames folders and photos"),
 ]
 

@@ -123,7 +123,8 @@ def test_runs_lists_every_run_and_marks_the_one_search_uses(ws, tmp_path, monkey
     newer = ws / "runs" / "run-002"
     shutil.copytree(ws / "runs" / "run-001", newer)
     set_epochs(newer, 3)
-    os.utime(newer, (time.time() + 10, time.time() + 10))
+    for folder in (newer, *(newer / "checkpoints").iterdir()):  # it saved a checkpoint last
+        os.utime(folder, (time.time() + 10, time.time() + 10))
     code, out, err = vlpcache(monkeypatch, capsys, "inspect", "--runs")
     assert code == 0, err
     first, second = out.splitlines()
@@ -150,7 +151,8 @@ def test_a_run_this_user_may_not_read_is_listed_as_such_and_never_the_default(ws
     # reads everything, so the operating system's answer for that run's files is planted here
     newer = ws / "runs" / "run-002"
     shutil.copytree(ws / "runs" / "run-001", newer)
-    os.utime(newer, (time.time() + 10, time.time() + 10))
+    for folder in (newer, *(newer / "checkpoints").iterdir()):  # it saved a checkpoint last
+        os.utime(folder, (time.time() + 10, time.time() + 10))
     real_read_text, real_is_file = Path.read_text, Path.is_file
 
     def denied(method):

@@ -1073,6 +1073,44 @@ def test_a_training_set_changed_before_a_resume_is_said_and_trained_on_at_its_pl
     assert len(read_run_videos(tmp_path / "run")[0]) == 40
 
 
+def test_a_resume_on_a_cache_of_other_features_is_refused_and_leaves_the_run_as_it_was(tmp_path, corpus, tiny_text,
+                                                                                      monkeypatch):
+    """The recorded cache gone (re-extracted by a newer vlpcache, or replaced), --cache given one of other
+    features: a traceback from a matrix product, with the run's config already rewritten to that cache."""
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    shutil.copytree(corpus["cache"], tmp_path / "cache")
+    run_pretrain(cache_dirs=[tmp_path / "cache"], captions=[corpus["train"]], run_dir=tmp_path / "run",
+                 **small_options(tiny_text, epochs=1))
+    config = (tmp_path / "run" / "config.json").read_text()
+    shutil.rmtree(tmp_path / "cache")
+    write_cache(tmp_path / "other", 48, dim=24)  # the same ids, features of another size
+    with pytest.raises(UserError, match=r"^--resume: .*other holds other region features than .*run was trained on "
+                                        r"\(feature_dim: 24 != 16\): a run goes on with the features it began with"):
+        run_pretrain(run_dir=tmp_path / "run", resume=True, cache_dirs=[tmp_path / "other"],
+                     **small_options(tiny_text, epochs=2))
+    assert (tmp_path / "run" / "config.json").read_text() == config
+
+
+def test_a_resume_whose_validation_has_other_queries_chooses_the_best_epoch_anew(tmp_path, corpus, tiny_text,
+                                                                                monkeypatch, capsys):
+    """Epoch 1 measured on one set of validation queries, epoch 2 on another (the file edited; a run of a
+    vlpcache that validated on first captions only): their figures do not compare, so epoch 2 is not
+    judged against epoch 1's best."""
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    val = tmp_path / "val.jsonl"
+    shutil.copy(corpus["val"], val)
+    run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], val_captions=val, run_dir=tmp_path / "run",
+                 **small_options(tiny_text, epochs=1))
+    records = [json.loads(line) for line in val.read_text().splitlines()]
+    val.write_text("".join(json.dumps({**r, "captions": r["captions"][:1]}) + "\n" for r in records))
+    capsys.readouterr()
+    run_pretrain(run_dir=tmp_path / "run", resume=True, **small_options(tiny_text, epochs=2, quiet=False))
+    assert ("note: validation now has 8 queries, where epoch 1 was measured on 16 (a validation file changed, or a "
+            "vlpcache that validated on first captions): the figures of the two do not compare, so the best epoch is "
+            "chosen anew from epoch 2 on; `inspect` shows both") in capsys.readouterr().err
+    assert ckpt.read_best(tmp_path / "run")["epoch"] == 2
+
+
 def test_fewer_than_two_training_videos_are_refused_whatever_the_batch_size(tmp_path, corpus, tiny_text, monkeypatch):
     monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
     ids = [json.loads(line)["video"] for line in corpus["train"].read_text().splitlines()][:1]

@@ -82,3 +82,20 @@ def test_a_recorded_location_is_read_where_it_is_and_beside_a_moved_run_only_onc
     recorded.rmdir()  # the project moved: gone from where it was
     assert located(str(recorded), str(made_in), here) == str(tmp_path / "b" / "cache")
     assert located(str(recorded), None, here) == str(recorded)  # a run that did not record where it was made
+
+
+def test_the_latest_run_is_the_one_that_saved_a_checkpoint_last_not_the_last_written_into(tmp_path):
+    """A resume of an old run that trains nothing writes a record into it (videos.npz): its folder is then the
+    newest, and it became the run index, search and eval take by default."""
+    import os
+
+    from vlpcache.model.run_layout import latest_run
+
+    for name, saved in (("run-001", 1_000), ("run-002", 2_000)):
+        checkpoint = tmp_path / name / "checkpoints" / "epoch-0001"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "meta.json").write_text("{}")
+        os.utime(checkpoint, (saved, saved))
+        os.utime(tmp_path / name, (saved, saved))
+    os.utime(tmp_path / "run-001", (3_000, 3_000))  # written into since
+    assert latest_run(tmp_path) == tmp_path / "run-002"

@@ -294,7 +294,8 @@ def retrained(ws: Path, name: str = "run-002") -> Path:
     run = ws / "runs" / name
     shutil.copytree(ws / "runs" / "run-001", run)
     nudge_weights(run)
-    os.utime(run, (time.time() + 10, time.time() + 10))  # the latest run
+    for folder in (run, *(run / "checkpoints").iterdir()):  # the latest run: it saved a checkpoint last
+        os.utime(folder, (time.time() + 10, time.time() + 10))
     return run
 
 
@@ -417,6 +418,12 @@ def test_an_index_kept_in_the_root_itself_is_used_when_it_matches(ws, monkeypatc
     shutil.copytree(the_index(ws), root)  # as vlpcache 0.1 left it: the files in the folder itself
     code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "--index", root)
     assert code == 0 and "building" not in err and not [p for p in root.iterdir() if p.is_dir() and p.name != "query"]
+    # written before a cache setting existed (`attributes`, 2026-12-02): its default there, not another cache
+    meta = json.loads((root / "index.json").read_text())
+    del meta["cache_settings"]["attributes"]
+    (root / "index.json").write_text(json.dumps(meta))
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "--index", root)
+    assert code == 0 and "building" not in err, err
 
 
 def test_an_index_folder_of_another_checkpoint_given_as_the_index_root_is_refused_not_built_into(ws, monkeypatch, capsys):

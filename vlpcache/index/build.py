@@ -81,7 +81,8 @@ def check_run_reads_cache(run, cache: RegionCache) -> None:
     if diffs:
         raise UserError(
             f"cache {cache.cache_dir} has other region features than run {run.run_dir} was trained on "
-            f"({'; '.join(diffs[:2])}); pass the matching --cache or --run"
+            f"({'; '.join(diffs[:2])}); pass the matching --cache or --run, or train a run on this cache "
+            "(`vlpcache pretrain --cache ...`: a cache extracted again by a newer vlpcache needs a new run)"
         )
 
 
@@ -380,6 +381,7 @@ def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory
         f"({len(cache)} items), device {device}")
     if line := being_trained_note(sources.run_dir, run.epoch, chosen=checkpoint is None):
         say(line)
+    check_run_reads_cache(run, cache)  # before "building it": a cache it cannot read gets no index
     if not (index_dir / META_FILE).exists():
         say(new_index_line(run, sources.index_dir, index_dir))
     index = update_index(

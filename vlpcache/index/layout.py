@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlpcache.cache.schema import SETTING_DEFAULTS
 from vlpcache.errors import UserError
 from vlpcache.records import JsonRecord, read_optional_json
 
@@ -175,5 +176,7 @@ def source_differences(meta: dict, checkpoint_sha256: str, cache_settings: dict)
     if meta.get("checkpoint_sha256") != checkpoint_sha256:
         diffs.append(f"checkpoint {str(meta.get('checkpoint_sha256'))[:12]}, not {checkpoint_sha256[:12]}")
     theirs = meta.get("cache_settings") or {}
-    diffs += [f"{k} {theirs.get(k)!r}, not {v!r}" for k, v in cache_settings.items() if theirs.get(k) != v]
+    # a setting added since the index was written (`attributes`) is its default there, not a difference
+    diffs += [f"{k} {theirs.get(k)!r}, not {v!r}" for k, v in cache_settings.items()
+              if theirs.get(k, SETTING_DEFAULTS.get(k)) != v]
     return diffs

@@ -32,8 +32,8 @@ from vlpcache.cache.schema import MOVES_DIR, REMOVED_DIR, SHARD_DIR, SHARD_SUFFI
 from vlpcache.devices import DEFAULT_DEVICE, DEVICES, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import may_write, read_utf8_text, utf8_text
-from vlpcache.index.build import (coverage, extracted_again, index_of_run, missing_from_cache, new_index_line, open_cache,
-                                  resolve_sources, update_index)
+from vlpcache.index.build import (check_run_reads_cache, coverage, extracted_again, index_of_run, missing_from_cache,
+                                  new_index_line, open_cache, resolve_sources, update_index)
 from vlpcache.index.export import export_embeddings
 from vlpcache.index.faiss_index import VideoIndex
 from vlpcache.index.layout import META_FILE, QUERYBANK_FILE, IndexConfig, index_dir_for
@@ -520,6 +520,7 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
 
         device = resolve_device(device)
         run = load_run(sources.run_dir, device=device)
+        check_run_reads_cache(run, cache)  # before "building it": a cache it cannot read gets no index
         index_dir = index_dir_for(sources.index_dir, run.checkpoint_sha256, cache.settings.to_json(), cache.cache_dir)
         if index is None:
             say(new_index_line(run, sources.index_dir, index_dir))

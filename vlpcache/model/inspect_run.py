@@ -22,6 +22,7 @@ from vlpcache.model.run_layout import (
     LOG_FIELDS,
     LOG_NAME,
     checkpoints,
+    last_saved,
     latest_run,
     read_best,
     read_run_config,
@@ -113,7 +114,7 @@ def run_summary(run_dir: Path, videos: bool = True) -> dict:
         "best": {"epoch": best.get("epoch"), "selection": SELECTION, "metrics": best.get("metrics")} if best else None,
         "checkpoints": sorted(found),
         "checkpoint_bytes": size,
-        "modified": run_dir.stat().st_mtime,
+        "modified": last_saved(run_dir),  # its last checkpoint's time (the folder's before it has one)
     }
 
 
@@ -142,13 +143,19 @@ def _header(summary: dict) -> list[str]:
         f"state       {summary['text']}",
         f"caches      {_caches(summary)}",
         f"captions    {captions}; validation {printable(t.get('val_captions') or 'none')}{_video_counts(summary)}",
-        f"text        {_text_model(m)}, {t.get('captions_per_video')} caption(s) per video per step",
+        f"text        {_text_model(m)}, {_said(t.get('captions_per_video'), '1 (not recorded: runs before it had one)')} "
+        "caption(s) per video per step",
         f"video       region transformer {m.get('width')} wide, {m.get('layers')} layer(s); frame time "
-        f"{m.get('frame_time')}; global path {'on' if m.get('global_path') else 'off'}; region-word alignment {rwa}; "
-        f"dropout: frames {m.get('frame_dropout')}, regions {m.get('region_dropout')}",
+        f"{_said(m.get('frame_time'))}; global path {'on' if m.get('global_path') else 'off'}; region-word alignment "
+        f"{rwa}; dropout: frames {_said(m.get('frame_dropout'))}, regions {_said(m.get('region_dropout'))}",
         f"training    batch {t.get('batch_size')}, lr {t.get('lr')}, text lr {t.get('text_lr')}, seed {t.get('seed')}, "
         f"precision {_precision(t, summary['log'])}",
     ]
+
+
+def _said(value, missing: str = "not recorded (a run of an earlier vlpcache)") -> str:
+    """A setting as the run recorded it; what a run made before the setting existed shows instead of None."""
+    return missing if value is None else str(value)
 
 
 def _features(c: dict) -> str:
@@ -236,7 +243,7 @@ def list_runs(runs_dir=None, as_json: bool = False) -> None:
     the latest marked: of the workspace's, the one index, search and eval use by default."""
     workspace_runs = Workspace().runs_dir
     runs_dir = Path(runs_dir) if runs_dir is not None else workspace_runs
-    runs = sorted((p for p in runs_dir.glob("*") if p.is_dir() and is_run_dir(p)), key=lambda p: p.stat().st_mtime)
+    runs = sorted((p for p in runs_dir.glob("*") if p.is_dir() and is_run_dir(p)), key=last_saved)
     if not runs and is_run_dir(runs_dir):
         raise UserError(f"{runs_dir} is a run, not a folder of runs: `vlpcache inspect {runs_dir}` shows it "
                         f"(--runs lists the runs of a folder such as {runs_dir.parent})")

@@ -209,14 +209,27 @@ def designated_checkpoint_sha256(run_dir: Path) -> str | None:
     return meta.get("sha256") if isinstance(meta, dict) else None
 
 
+def last_saved(run_dir: Path) -> float:
+    """When the run last saved a checkpoint (its newest checkpoint folder's time), else when its folder
+    changed: what orders runs, not the folder's own time, which a file written into an old run (a resume
+    that trains nothing, a record added) moves."""
+    times = []
+    for path in checkpoints(run_dir).values():
+        try:
+            times.append(path.stat().st_mtime)
+        except OSError:  # removed by its trainer meanwhile
+            continue
+    return max(times) if times else Path(run_dir).stat().st_mtime
+
+
 def runs_newest_first(runs_dir: Path) -> list[Path]:
-    """The run directories under runs_dir that hold a complete checkpoint, the most recently modified first."""
+    """The run directories under runs_dir that hold a complete checkpoint, the one that saved one last first."""
     runs = [p for p in Path(runs_dir).glob("*") if p.is_dir() and checkpoints(p)]
-    return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
+    return sorted(runs, key=last_saved, reverse=True)
 
 
 def latest_run(runs_dir: Path) -> Path:
-    """The most recently modified run directory under runs_dir that holds a complete checkpoint."""
+    """The run directory under runs_dir that saved a complete checkpoint last."""
     runs = runs_newest_first(runs_dir)
     if not runs:
         raise UserError(f"no pretraining run in {runs_dir}; run `vlpcache pretrain` first or pass --run")

@@ -286,6 +286,12 @@ def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, w
         train_config.captions = [str(p) for p in data.caption_files]
         train_config.val_captions = str(data.validation_file) if data.validation_file else None
         model_config, notes = _new_model_config(options, data)
+    if stored and (recorded := stored.get("cache_settings")):  # a cache given anew, or extracted again since
+        for cache in data.caches:
+            if diffs := cache.settings.feature_differences(recorded):
+                raise UserError(f"--resume: {cache.cache_dir} holds other region features than {run_dir} was trained "
+                                f"on ({'; '.join(diffs)}): a run goes on with the features it began with; pass --cache "
+                                "with a cache of those, or train a new run on this one")
     if len(data.train) < 2 * processes.world:  # a batch of 1: each video its own only candidate, a loss of 0
         raise UserError(f"{len(data.train)} training video(s) with captions" +
                         (f" for {processes.world} processes" if processes.world > 1 else "") +
@@ -490,6 +496,9 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
         trainer.start_epoch, trainer.step, trainer.best_score = state["epoch"] + 1, state["step"], state.get("best_score")
         if processes.main:
             keep_log_until(run.dir / LOG_NAME, state["epoch"])
+        if (line := validation_changed(run, state["epoch"])) is not None:
+            processes.say(line)
+            trainer.best_score = None  # scores of other queries are no measure of these epochs against those
         processes.say(f"resuming {run.dir} after epoch {state['epoch']} (step {trainer.step})", always=True)
     # recorded once the checkpoint has loaded: a resume that fails changes nothing of the run
     record_new_epochs(run, processes, max(last, default=0))
@@ -545,6 +554,22 @@ class Loader:
     steps_per_epoch: int
     total_steps: int
     warmup: int
+
+
+def validation_changed(run: Run, epoch: int) -> str | None:
+    """A note where the resumed run's validation has other queries than its last epoch was measured on (a
+    validation file edited, or a run of a vlpcache that validated on first captions only); None else."""
+    from vlpcache.model.inspect_run import epoch_log
+
+    if run.data is None or run.data.validation is None:
+        return None
+    logged = next((r.get("val", {}).get("queries") for r in epoch_log(run.dir) if r.get("epoch") == epoch), None)
+    now = sum(len(captions) for captions in run.data.validation.captions)
+    if not logged or logged == now:
+        return None
+    return (f"note: validation now has {now:,} queries, where epoch {epoch} was measured on {logged:,} (a validation "
+            "file changed, or a vlpcache that validated on first captions): the figures of the two do not compare, so "
+            f"the best epoch is chosen anew from epoch {epoch + 1} on; `inspect` shows both")
 
 
 def make_loader(run: Run, trainer: Trainer, processes: Processes) -> Loader:
