@@ -304,7 +304,8 @@ def frames_folder_hint(caches: list[RegionCache], captions: Captions) -> str:
 def _names_a_file_in(folder: str, keys: list[str]) -> bool:
     """Whether one of the caption keys is the name, or the name without its extension, of a file in folder."""
     try:
-        names = {name for entry in os.scandir(folder) for name in (entry.name, os.path.splitext(entry.name)[0])}
+        with os.scandir(folder) as entries:
+            names = {name for entry in entries for name in (entry.name, os.path.splitext(entry.name)[0])}
     except OSError:
         return False
     return any(key in names for key in keys)

@@ -27,7 +27,7 @@ import numpy as np
 
 from vlpcache.errors import UserError
 from vlpcache.files import replace_atomically
-from vlpcache.locks import Holder, holder_active, holder_of
+from vlpcache.locks import Holder, holder_active, holder_of, lock_held
 from vlpcache.records import read_json, read_optional_json
 
 CONFIG_NAME = "config.json"
@@ -164,6 +164,9 @@ def trainer_of(run_dir: Path) -> Holder | None:
 def being_trained_note(run_dir: Path, epoch: int | None, chosen: bool = True) -> str:
     """A note on a run some process trains now (its checkpoints may still change), "" for most runs;
     chosen: the checkpoint was the default (the best so far), not one the user named."""
+    lock = Path(run_dir) / TRAINING_LOCK_NAME
+    if not lock.exists() or lock_held(lock) is False:  # the kernel's table says at once (its record may not read)
+        return ""
     holder = trainer_of(run_dir)
     if holder is None:
         return ""
