@@ -143,6 +143,30 @@ def test_words_the_text_model_does_not_know_are_said_in_text_json_and_by_the_sea
     assert search_json(monkeypatch, capsys, "a dog", "-k", "2")[0]["unknown"] == []
 
 
+def test_index_says_what_a_weak_match_is_and_search_says_when_a_query_finds_only_weak_ones(ws, monkeypatch, capsys):
+    """A query the collection holds nothing like ranks its videos all the same: the best match of 99 in 100
+    of the run's training captions (calibration.json) is what tells it is weak."""
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    path = the_index(ws) / "calibration.json"
+    calibration = json.loads(path.read_text())
+    assert calibration["videos"] == len(VideoIndex.load(the_index(ws))) and calibration["percentile"] == 1
+    assert calibration["captions"] > 0 and -1 <= calibration["weak_below"] <= 1
+    # the 1st percentile of each distinct training caption's best global match, as search finds them
+    from vlpcache.index.build import run_training_captions
+    from vlpcache.index.search import Searcher
+
+    captions = sorted(set(run_training_captions(load_run(ws / "runs" / "run-001"), "test", False, print)))
+    searcher = Searcher(run=ws / "runs" / "run-001", cache=ws / "cache", index=the_index(ws), say=lambda line: None)
+    best = np.array([searcher.search(c, 1, rerank=False)[0].global_score for c in captions])
+    assert calibration["captions"] == len(captions)
+    assert calibration["weak_below"] == pytest.approx(np.percentile(best, 1), abs=1e-3)
+    for weak_below, weak in ((2.0, True), (-2.0, False)):  # every match weak; none
+        path.write_text(json.dumps({**calibration, "weak_below": weak_below}))
+        code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog on the grass", "-k", "3")
+        assert code == 0 and ('note: a weak match for "a dog on the grass": its best score, ' in err) == weak, err
+        assert search_json(monkeypatch, capsys, "a dog on the grass", "-k", "3")[0]["weak"] == weak
+
+
 def test_json_results_carry_scores_times_and_regions_of_real_frames(ws, monkeypatch, capsys):
     [result] = search_json(monkeypatch, capsys, "a cat", "-k", "5")
     assert result["query"] == "a cat" and [h["rank"] for h in result["results"]] == [1, 2, 3, 4, 5]

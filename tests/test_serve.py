@@ -557,7 +557,7 @@ def test_page_in_headless_chromium_shows_result_cards_with_thumbnails_and_boxes(
     try:
         browser.get(server.url)
         wait = WebDriverWait(browser, 30)
-        wait.until(lambda b: "Search 4 videos and 20 frames folders by" in b.find_element(By.ID, "status").text)
+        wait.until(lambda b: "Search 24 videos (20 as frames folders) by" in b.find_element(By.ID, "status").text)
         assert browser.find_element(By.ID, "status").text.endswith("(model: run-001, epoch 1).")  # which run answers
         box = browser.find_element(By.ID, "q")
         wait.until(lambda b: box.get_attribute("placeholder") == f"the {WORDS[0]} here")  # a caption of the run's

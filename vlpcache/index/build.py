@@ -27,6 +27,7 @@ from vlpcache.files import is_write_failure, remove_temporaries, system_reason, 
 from vlpcache.index.export import check_export_path, export_embeddings
 from vlpcache.index.faiss_index import VideoIndex, choose_factory, new_faiss_index
 from vlpcache.index.layout import (
+    CALIBRATION_FILE,
     DEFAULT_MEMORY_BUDGET_MB,
     LOCK_FILE,
     META_FILE,
@@ -43,6 +44,7 @@ from vlpcache.index.region_store import RegionStore
 from vlpcache.locks import WriterLock, holder_description
 from vlpcache.model.run_layout import being_trained_note, designated_checkpoint_sha256, latest_run
 from vlpcache.querybank import BANK_SIZE, BETA, TOP_K, QueryBank, bank_captions
+from vlpcache.records import read_optional_json, write_json
 from vlpcache.report import Say, items_word, say, sayer
 from vlpcache.workspace import Workspace
 
@@ -113,6 +115,7 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
             parts.remove()  # left by a run killed after its index was written
             export_for_search(run, index_dir, say)
             update_query_bank(run, index, index_dir, 0, qbnorm, device, batch_size, progress, say)
+            update_calibration(run, index, index_dir, device, batch_size, say)
             say(f"index {index_dir}: {coverage(index, cache) or 'up to date'}: {len(index)} items ({index.meta.factory})")
             return index
         if index is None:
@@ -127,6 +130,7 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
         parts.remove()
         export_for_search(run, index_dir, say)
         update_query_bank(run, index, index_dir, len(rows), qbnorm, device, batch_size, progress, say)
+        update_calibration(run, index, index_dir, device, batch_size, say)
         note = coverage(index, cache)
         say(f"index {index_dir}: {len(index)} items; encoded {len(rows)} {items_word(cache.kinds[r] for r in rows)} in {encoding_s:.1f} s; "
             f"{how}" + (f"; {note}" if note else ""))
@@ -159,9 +163,20 @@ def run_query_bank(run, videos: np.ndarray, device, batch_size: int, beta: float
                    progress: bool = True, say: Say = say) -> QueryBank | None:
     """QB-Norm state of `videos` (C, E) with a bank of the run's own training captions (the files its
     config names, held-out splits left out), encoded by the run; None when none of them can be read."""
+    from vlpcache.model.retrieval import encode_texts
+
+    captions = run_training_captions(run, "query bank", progress, say)
+    if not captions:
+        return None
+    bank = encode_texts(run.model, run.tokenizer, bank_captions(captions), device, batch_size, progress=progress)
+    return QueryBank.build(bank.global_.numpy(), videos, beta, k)
+
+
+def run_training_captions(run, what: str, progress: bool, say: Say) -> list[str]:
+    """Every training caption of the run (the files its config names, held-out splits left out); a file
+    that cannot be read is said ("note: WHAT: ...; left out")."""
     from vlpcache.captions import read_captions
     from vlpcache.model.data import held_out
-    from vlpcache.model.retrieval import encode_texts
     from vlpcache.model.run_layout import read_run_locations
 
     captions = []
@@ -169,13 +184,39 @@ def run_query_bank(run, videos: np.ndarray, device, batch_size: int, beta: float
         try:
             training, _ = held_out(read_captions(path, progress), keep_held_out=False)
         except UserError as err:
-            say(f"note: query bank: {err}; left out")
+            say(f"note: {what}: {err}; left out")
             continue
         captions += [c for texts in training.by_id.values() for c in texts]
+    return captions
+
+
+CALIBRATION_CAPTIONS = 1000  # training captions whose best matches set what a weak match is (a seeded sample)
+WEAK_PERCENTILE = 1  # a query's best match below that of 99 in 100 training captions is weak
+
+
+def update_calibration(run, index: VideoIndex, index_dir: Path, device, batch_size: int, say: Say) -> None:
+    """What a weak match is for this index: the best global similarity that all but WEAK_PERCENTILE % of
+    a sample of the run's training captions find in it (calibration.json); made again when the index's
+    size changes (a larger collection holds closer matches), removed where no training caption reads."""
+    from vlpcache.model.retrieval import encode_texts
+
+    path = index_dir / CALIBRATION_FILE
+    current = read_optional_json(path)
+    if isinstance(current, dict) and current.get("videos") == len(index) and current.get("checkpoint_sha256") == \
+            run.checkpoint_sha256:
+        return
+    captions = run_training_captions(run, "weak-match calibration", False, say) if len(index) else []
     if not captions:
-        return None
-    bank = encode_texts(run.model, run.tokenizer, bank_captions(captions), device, batch_size, progress=progress)
-    return QueryBank.build(bank.global_.numpy(), videos, beta, k)
+        path.unlink(missing_ok=True)
+        return
+    sample = bank_captions(captions, CALIBRATION_CAPTIONS)
+    text = encode_texts(run.model, run.tokenizer, sample, device, batch_size).global_.numpy()  # (S, E)
+    best = np.full(len(sample), -np.inf, np.float32)
+    for start in range(0, len(index), 65536):  # (S, chunk) at a time: a million videos fit in memory
+        best = np.maximum(best, (text @ index.embeddings[start : start + 65536].T).max(1))
+    write_json(path, {"videos": len(index), "captions": len(sample), "percentile": WEAK_PERCENTILE,
+                      "weak_below": round(float(np.percentile(best, WEAK_PERCENTILE)), 4),
+                      "checkpoint_sha256": run.checkpoint_sha256})
 
 
 @contextmanager

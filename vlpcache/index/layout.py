@@ -55,6 +55,7 @@ REGION_OFFSETS_FILE = "region_offsets.npy"
 REGION_POSITIONS_FILE = "region_positions.npy"
 QUERY_DIR = "query"
 QUERYBANK_FILE = "querybank.npz"
+CALIBRATION_FILE = "calibration.json"  # how well the run's training captions match this index: what a weak match is
 LOCK_FILE = "index.lock"
 PARTS_DIR = "encoding"
 

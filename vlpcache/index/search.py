@@ -36,12 +36,13 @@ from vlpcache.index.build import (check_run_reads_cache, coverage, extracted_aga
                                   new_index_line, open_cache, resolve_sources, update_index)
 from vlpcache.index.export import export_embeddings
 from vlpcache.index.faiss_index import VideoIndex
-from vlpcache.index.layout import META_FILE, QUERYBANK_FILE, IndexConfig, index_dir_for
+from vlpcache.index.layout import CALIBRATION_FILE, META_FILE, QUERYBANK_FILE, IndexConfig, index_dir_for
 from vlpcache.index.query_model import OnnxQueryModel, query_export_sha
 from vlpcache.index.rerank import Alignment, align
 from vlpcache.metrics import RERANK_CANDIDATES
 from vlpcache.model.run_layout import being_trained_note, epoch_of
 from vlpcache.querybank import QueryBank
+from vlpcache.records import read_optional_json
 from vlpcache.report import Say, place_text, printable, say
 from vlpcache.workspace import Workspace
 
@@ -201,6 +202,9 @@ class Searcher:
         if self.query_bank is not None and len(self.query_bank.log_norm) != len(index):
             self.query_bank = None  # made for other rows: `vlpcache index` brings it up to date
         self.__dict__.pop("unshown", None)
+        calibration = read_optional_json(self.index_dir / CALIBRATION_FILE) if self.index_dir is not None else None
+        weak_below = calibration.get("weak_below") if isinstance(calibration, dict) else None
+        self.weak_below = float(weak_below) if isinstance(weak_below, (int, float)) else None
         # found by their old content: the regions the index holds are not the cached rows' any more
         self.extracted_again = set(extracted_again(index, self.cache))
         self.unindexed = sum(1 for item_id in self.cache.ids if item_id not in index)  # cached since it was built
@@ -293,6 +297,12 @@ class Searcher:
         """The end of `query` past the tokens the model reads, left out of the search ("" for most queries)."""
         with self._lock:
             return self.query_model.unread(query.strip())
+
+    def weak(self, hits: list[Hit]) -> bool:
+        """Whether a query's best match is weaker than what 99 in 100 of the run's training captions find in
+        this index (calibration.json, which `vlpcache index` writes): a collection that holds nothing like
+        it, or words the model cannot read. False where the index has no calibration."""
+        return self.weak_below is not None and bool(hits) and max(h.global_score for h in hits) < self.weak_below
 
     def unknown(self, query: str) -> list[str]:
         """The parts of `query` the text model does not know (read as its one unknown token, [UNK]: "猫",
@@ -419,10 +429,18 @@ class Searcher:
 # ---------------------------------------------------------------- output
 
 
-def hits_json(query: str, hits: list[Hit], unread: str = "", unknown: list[str] | None = None) -> dict:
+def hits_json(query: str, hits: list[Hit], unread: str = "", unknown: list[str] | None = None,
+              weak: bool = False) -> dict:
     """`unread`: the end of the query past the tokens the model reads (Searcher.unread); `unknown`: its
-    parts the text model does not know (Searcher.unknown)."""
-    return {"query": query, "unread": unread, "unknown": unknown or [], "results": [asdict(h) for h in hits]}
+    parts the text model does not know (Searcher.unknown); `weak`: its best match is weak (Searcher.weak)."""
+    return {"query": query, "unread": unread, "unknown": unknown or [], "weak": weak, "results": [asdict(h) for h in hits]}
+
+
+def weak_line(searcher: Searcher, query: str, hits: list[Hit]) -> str:
+    best = max(h.global_score for h in hits)
+    return (f"note: a weak match for \"{printable(query[:40])}{'...' if len(query) > 40 else ''}\": its best score, "
+            f"{best:.3f}, is below what 99 in 100 of the run's training captions find here ({searcher.weak_below:.3f}); "
+            "the collection may hold nothing like it")
 
 
 def unknown_line(searcher: Searcher, query: str, unknown: list[str]) -> str:
@@ -567,7 +585,7 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
     shown = len(searcher) - searcher.unshown
     if k > shown:
         say(f"note: -k {k} is more than the {shown} indexed items in the cache; showing all of them")
-    cut = strange = 0
+    cut = strange = weaker = 0
     for n, query in enumerate(queries):
         hits = searcher.search(query, k, rerank=rerank, qbnorm=qbnorm)
         if unread := searcher.unread(query):
@@ -578,13 +596,20 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
             strange += 1
             if strange <= UNREAD_LINES:
                 say(unknown_line(searcher, query, unknown))
+        if weak := searcher.weak(hits):
+            weaker += 1
+            if weaker <= UNREAD_LINES:
+                say(weak_line(searcher, query, hits))
         if as_json:
-            print(json.dumps(hits_json(query, hits, unread, unknown), ensure_ascii=False), flush=True)
+            print(json.dumps(hits_json(query, hits, unread, unknown, weak), ensure_ascii=False), flush=True)
         else:
             print(("\n" if n else "") + format_hits(query, hits), flush=True)
     if cut > UNREAD_LINES:
         say(f"note: {cut} of the {len(queries)} queries were longer than the {searcher.max_words} tokens the model "
             f"reads and cut there (the first {UNREAD_LINES} said so above; --json gives each one's \"unread\" end)")
+    if weaker > UNREAD_LINES:
+        say(f"note: {weaker} of the {len(queries)} queries found only weak matches (the first {UNREAD_LINES} said so "
+            "above; --json gives each one's \"weak\")")
     if strange > UNREAD_LINES:
         say(f"note: {strange} of the {len(queries)} queries hold words the text model does not know (the first "
             f"{UNREAD_LINES} said so above; --json gives each one's \"unknown\" parts)")

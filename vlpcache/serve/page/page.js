@@ -238,7 +238,8 @@ async function search(query, k) {
   $("results").replaceChildren(...hits.map(card));
   const ms = Math.round(performance.now() - started);
   const cut = (body.unread ? " · the end of the query, struck out below, is past what the model reads and was left out" : "") +
-    unknownText(query, body.unknown || []);
+    unknownText(query, body.unknown || []) +
+    (body.weak ? " · weak matches: the best is below what 99 in 100 of the run's training captions find here" : "");
   const model = (await info)?.model; // which run answered stays in sight beside its results
   const named = query.length > STATUS_QUERY ? query.slice(0, STATUS_QUERY - 1) + "…" : query; // all of it is in the box
   setStatus((hits.length ? `${hits.length} results for “${named}” · ${ms} ms` : `nothing found for “${named}”`) +
@@ -327,12 +328,17 @@ function chosenK(text) {
   return { k: String(+text), bad: "" };
 }
 
+// "24 videos (20 as frames folders) and 12 photos": a frames folder is a video's frames
 function kindsText(kinds, total) {
-  const names = { video: ["video", "videos"], frames: ["frames folder", "frames folders"], image: ["photo", "photos"] };
-  const parts = Object.keys(names).filter((kind) => kinds?.[kind] > 0)
-    .map((kind) => `${kinds[kind].toLocaleString()} ${names[kind][kinds[kind] === 1 ? 0 : 1]}`);
-  if (!parts.length) return `${total.toLocaleString()} items`;
-  return parts.length === 1 ? parts[0] : `${parts.slice(0, -1).join(", ")} and ${parts.at(-1)}`;
+  const frames = kinds?.frames || 0, videos = (kinds?.video || 0) + frames, photos = kinds?.image || 0;
+  const count = (n, one, many) => `${n.toLocaleString()} ${n === 1 ? one : many}`;
+  const parts = [];
+  if (videos) {
+    parts.push(count(videos, "video", "videos") +
+      (frames === videos ? ` (${frames === 1 ? "a frames folder" : "frames folders"})` : frames ? ` (${frames.toLocaleString()} as frames folders)` : ""));
+  }
+  if (photos) parts.push(count(photos, "photo", "photos"));
+  return parts.length ? parts.join(" and ") : `${total.toLocaleString()} items`;
 }
 
 async function start() {
