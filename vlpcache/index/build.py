@@ -197,14 +197,17 @@ WEAK_PERCENTILE = 1  # a query's best match below that of 99 in 100 training cap
 def update_calibration(run, index: VideoIndex, index_dir: Path, device, batch_size: int, say: Say) -> None:
     """What a weak match is for this index: the best global similarity that all but WEAK_PERCENTILE % of
     a sample of the run's training captions find in it (calibration.json); made again when the index's
-    size changes (a larger collection holds closer matches), removed where no training caption reads."""
+    size has changed by more than a tenth since (a larger collection holds closer matches; reading a
+    caption file of millions on every small update would cost minutes), removed where no training caption
+    reads."""
     from vlpcache.model.retrieval import encode_texts
 
     path = index_dir / CALIBRATION_FILE
     current = read_optional_json(path)
-    if isinstance(current, dict) and current.get("videos") == len(index) and current.get("checkpoint_sha256") == \
-            run.checkpoint_sha256:
+    if (isinstance(current, dict) and current.get("checkpoint_sha256") == run.checkpoint_sha256
+            and isinstance(current.get("videos"), int) and abs(len(index) - current["videos"]) <= current["videos"] / 10):
         return
+    started = time.monotonic()
     captions = run_training_captions(run, "weak-match calibration", False, say) if len(index) else []
     if not captions:
         path.unlink(missing_ok=True)
@@ -214,9 +217,11 @@ def update_calibration(run, index: VideoIndex, index_dir: Path, device, batch_si
     best = np.full(len(sample), -np.inf, np.float32)
     for start in range(0, len(index), 65536):  # (S, chunk) at a time: a million videos fit in memory
         best = np.maximum(best, (text @ index.embeddings[start : start + 65536].T).max(1))
+    weak_below = round(float(np.percentile(best, WEAK_PERCENTILE)), 4)
     write_json(path, {"videos": len(index), "captions": len(sample), "percentile": WEAK_PERCENTILE,
-                      "weak_below": round(float(np.percentile(best, WEAK_PERCENTILE)), 4),
-                      "checkpoint_sha256": run.checkpoint_sha256})
+                      "weak_below": weak_below, "checkpoint_sha256": run.checkpoint_sha256})
+    say(f"index {index_dir}: a weak match is one below {weak_below:.3f}, what 99 in 100 of {len(sample):,} training "
+        f"captions find ({time.monotonic() - started:.1f} s)")
 
 
 @contextmanager
