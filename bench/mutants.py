@@ -1312,7 +1312,7 @@ MUTANTS += [
            "        return False",
            "tests/test_search.py -k weak_match", "a query whose best match is weak is said so"),
     mutant("index-calibration-on-the-top-caption-only", "vlpcache/index/build.py",
-           "\"weak_below\": round(float(np.percentile(best, WEAK_PERCENTILE)), 4)", "\"weak_below\": round(float(best.max()), 4)",
+           "    weak_below = round(float(np.percentile(best, WEAK_PERCENTILE)), 4)", "    weak_below = round(float(best.max()), 4)",
            "tests/test_search.py -k weak_match", "calibration is a low percentile of the captions' best matches"),
     mutant("serve-info-no-kinds", "vlpcache/serve/app.py",
            "        kinds = searcher.kinds()  #", "        kinds = {}  #",
