@@ -202,6 +202,7 @@ class Searcher:
         if self.query_bank is not None and len(self.query_bank.log_norm) != len(index):
             self.query_bank = None  # made for other rows: `vlpcache index` brings it up to date
         self.__dict__.pop("unshown", None)
+        self._kinds = None  # counted on first ask (kinds())
         calibration = read_optional_json(self.index_dir / CALIBRATION_FILE) if self.index_dir is not None else None
         weak_below = calibration.get("weak_below") if isinstance(calibration, dict) else None
         self.weak_below = float(weak_below) if isinstance(weak_below, (int, float)) else None
@@ -237,10 +238,13 @@ class Searcher:
         return len(self.index)
 
     def kinds(self) -> dict[str, int]:
-        """How many indexed items are videos, frames folders and photos (those the cache holds)."""
+        """How many indexed items are videos, frames folders and photos (those the cache holds); counted once
+        for each index and cache taken up, not on every page that asks."""
         with self._lock:
-            cache = self.cache
-            return dict(collections.Counter(cache.kinds[cache.index_of(i)] for i in self.index.ids if i in cache))
+            if self._kinds is None:
+                cache = self.cache
+                self._kinds = dict(collections.Counter(cache.kinds[cache.index_of(i)] for i in self.index.ids if i in cache))
+            return self._kinds
 
     @functools.cached_property
     def unshown(self) -> int:
@@ -248,11 +252,17 @@ class Searcher:
         return missing_from_cache(self.index, self.cache)
 
     @property
+    def epoch(self) -> int | None:
+        """The epoch of the checkpoint that answers, as the index records it (None if it does not say)."""
+        path = self.index.meta.checkpoint_path
+        return epoch_of(Path(path).parent) if path else None  # .../epoch-0010/model.safetensors
+
+    @property
     def model_label(self) -> str:
         """Which run and checkpoint answer, as the index records them: "run-001, epoch 10" ("" if it does not say)."""
         meta = self.index.meta
         name = Path(meta.run_dir).name if meta.run_dir else ""
-        number = epoch_of(Path(meta.checkpoint_path).parent) if meta.checkpoint_path else None  # .../epoch-0010/model.safetensors
+        number = self.epoch
         return ", ".join(part for part in (name, f"epoch {number}" if number is not None else "") if part)
 
     @functools.cached_property
@@ -307,14 +317,12 @@ class Searcher:
     def unknown(self, query: str) -> list[str]:
         """The parts of `query` the text model does not know (read as its one unknown token, [UNK]: "猫",
         "🐶"), each once; [] for most queries."""
-        with self._lock:
-            return self.query_model.unknown(query.strip())[0]
+        return self.unknown_and_known(query)[0]
 
-    def reads_nothing(self, query: str) -> bool:
-        """Whether every word of `query` is unknown to the text model: its ranking then says nothing."""
+    def unknown_and_known(self, query: str) -> tuple[list[str], int]:
+        """unknown(query), and how many of its tokens the text model knows (0: its ranking says nothing)."""
         with self._lock:
-            unknown, known = self.query_model.unknown(query.strip())
-            return bool(unknown) and known == 0
+            return self.query_model.unknown(query.strip())
 
     def search(self, query: str, k: int = 10, rerank: bool = True, qbnorm: bool = False) -> list[Hit]:
         """The top k indexed items for one query, best first; re-ranked by region-word score when the
@@ -443,17 +451,29 @@ def weak_line(searcher: Searcher, query: str, hits: list[Hit]) -> str:
             "the collection may hold nothing like it")
 
 
-def unknown_line(searcher: Searcher, query: str, unknown: list[str]) -> str:
-    """A note on a query with words its text model does not know."""
+def unknown_line(query: str, unknown: list[str], known: int) -> str:
+    """A note on a query with words its text model does not know (`known`: how many tokens it knows)."""
     shown = ", ".join(f'"{printable(part)}"' for part in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-    if searcher.reads_nothing(query):
+    if not known:
         return (f"note: the text model knows none of the words of \"{printable(query[:40])}\" ({shown}: each read as "
                 "one unknown token): this ranking says nothing about them; its vocabulary is English words")
     return (f"note: the text model does not know {shown} (read as one unknown token, the same for anything "
             "outside its vocabulary): the results follow the rest of the query")
 
 
-UNREAD_LINES = 3  # queries of a --queries file whose unread end is said in a line; the rest are counted
+UNREAD_LINES = 3  # queries of a --queries file whose unread end (unknown words, weak match) is said in a line; the rest are counted
+
+
+class FirstFew:
+    """A note said for the first UNREAD_LINES queries it concerns; the rest are counted (said once after them)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def say(self, line) -> None:
+        self.count += 1
+        if self.count <= UNREAD_LINES:
+            say(line())
 
 
 def unread_line(searcher: Searcher, query: str, unread: str) -> str:
@@ -468,11 +488,11 @@ def format_hits(query: str, hits: list[Hit]) -> str:
         lines.append("  (no results)")
     for h in hits:
         path = f"  {printable(h.path)}" if h.path and h.path != h.id else ""
-        when = f"  @ {place_text(h.kind, h.time)}" if place_text(h.kind, h.time) else ""
+        when = f"  @ {place}" if (place := place_text(h.kind, h.time)) else ""
         lines.append(f"{h.rank:3d}  {h.score:7.4f}  {printable(h.id)}{path}{when}")
         if h.regions:
             parts = [f"{r.word} -> {r.label} [{', '.join(f'{v:.2f}' for v in r.box)}]"
-                     + (f" @ {place_text(h.kind, r.time)}" if place_text(h.kind, r.time) else "") for r in h.regions]
+                     + (f" @ {place}" if (place := place_text(h.kind, r.time)) else "") for r in h.regions]
             lines.append("       " + "; ".join(parts))
         if h.note:
             lines.append(f"       kept with a note: {printable(h.note)}")
@@ -576,40 +596,30 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
     queries = read_queries(text, queries_file)
     searcher = Searcher(run_dir, cache_dir, index_dir, device=device, qbnorm=qbnorm)
     rerank = not no_rerank and not qbnorm
-    meta = searcher.index.meta
-    if meta.run_dir and (line := being_trained_note(
-            Path(meta.run_dir), epoch_of(Path(meta.checkpoint_path).parent) if meta.checkpoint_path else None)):
+    if (run := searcher.index.meta.run_dir) and (line := being_trained_note(Path(run), searcher.epoch)):
         say(line)
     if rerank and not searcher.can_rerank:
         say("note: the run was trained without region-word alignment; results are not re-ranked")
     shown = len(searcher) - searcher.unshown
     if k > shown:
         say(f"note: -k {k} is more than the {shown} indexed items in the cache; showing all of them")
-    cut = strange = weaker = 0
+    cut, strange, weaker = FirstFew(), FirstFew(), FirstFew()
     for n, query in enumerate(queries):
         hits = searcher.search(query, k, rerank=rerank, qbnorm=qbnorm)
         if unread := searcher.unread(query):
-            cut += 1
-            if cut <= UNREAD_LINES:
-                say(unread_line(searcher, query, unread))
-        if unknown := searcher.unknown(query):
-            strange += 1
-            if strange <= UNREAD_LINES:
-                say(unknown_line(searcher, query, unknown))
+            cut.say(lambda: unread_line(searcher, query, unread))
+        unknown, known = searcher.unknown_and_known(query)
+        if unknown:
+            strange.say(lambda: unknown_line(query, unknown, known))
         if weak := searcher.weak(hits):
-            weaker += 1
-            if weaker <= UNREAD_LINES:
-                say(weak_line(searcher, query, hits))
+            weaker.say(lambda: weak_line(searcher, query, hits))
         if as_json:
             print(json.dumps(hits_json(query, hits, unread, unknown, weak), ensure_ascii=False), flush=True)
         else:
             print(("\n" if n else "") + format_hits(query, hits), flush=True)
-    if cut > UNREAD_LINES:
-        say(f"note: {cut} of the {len(queries)} queries were longer than the {searcher.max_words} tokens the model "
-            f"reads and cut there (the first {UNREAD_LINES} said so above; --json gives each one's \"unread\" end)")
-    if weaker > UNREAD_LINES:
-        say(f"note: {weaker} of the {len(queries)} queries found only weak matches (the first {UNREAD_LINES} said so "
-            "above; --json gives each one's \"weak\")")
-    if strange > UNREAD_LINES:
-        say(f"note: {strange} of the {len(queries)} queries hold words the text model does not know (the first "
-            f"{UNREAD_LINES} said so above; --json gives each one's \"unknown\" parts)")
+    for counted, what, key in ((cut, f"were longer than the {searcher.max_words} tokens the model reads and cut there",
+                                "\"unread\" end"), (weaker, "found only weak matches", "\"weak\""),
+                               (strange, "hold words the text model does not know", "\"unknown\" parts")):
+        if counted.count > UNREAD_LINES:
+            say(f"note: {counted.count} of the {len(queries)} queries {what} (the first {UNREAD_LINES} said so above; "
+                f"--json gives each one's {key})")

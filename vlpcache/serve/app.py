@@ -60,9 +60,10 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
 
     def info(request: Request) -> Response:
         searcher.refresh()  # the page's "Search N videos": those `vlpcache index` added since the server started too
-        kinds = searcher.kinds()  # of the indexed items the cache can show: those a search may answer
-        return JSONResponse({"items": sum(kinds.values()), "rerank": searcher.can_rerank, "model": searcher.model_label,
-                             "unindexed": searcher.unindexed, "example": searcher.example_query, "kinds": kinds})
+        # the indexed items the cache can show: those a search may answer (as `serving N items` counts them)
+        return JSONResponse({"items": len(searcher) - searcher.unshown, "rerank": searcher.can_rerank,
+                             "model": searcher.model_label, "unindexed": searcher.unindexed,
+                             "example": searcher.example_query, "kinds": searcher.kinds()})
 
     def search(request: Request) -> Response:
         query = _query_text(request)
