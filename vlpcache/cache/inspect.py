@@ -12,9 +12,10 @@ import json
 import numpy as np
 
 from vlpcache.cache.labels import region_names
-from vlpcache.cache.manifest import read_moves, read_passed_over
+from vlpcache.cache.manifest import read_passed_over
 from vlpcache.cache.reader import RegionCache
-from vlpcache.cache.schema import SHARD_DIR, SHARD_SUFFIX, TMP_SUFFIX, outdated_schema
+from vlpcache.cache.schema import outdated_schema
+from vlpcache.cache.writer import unfinished_shards
 from vlpcache.report import human_size, printable, silent
 from vlpcache.workspace import Workspace
 
@@ -60,9 +61,9 @@ def cache_summary(cache: RegionCache) -> dict:
         "kept_with_problems": len(cache.notes),
         "unreadable": len(cache.damaged),  # items whose cached row a read found damaged
         "passed_over": len(read_passed_over(cache.cache_dir)),
-        "moved": sum(1 for item_id in read_moves(cache.cache_dir) if item_id in cache),  # found at new paths
+        "moved": len(cache.moved),  # found at new paths
         "dropped": len(cache.removed),  # by extract --prune: their files were gone
-        "unfinished_shards": sorted(p.name for p in (cache.cache_dir / SHARD_DIR).glob(f"*{SHARD_SUFFIX}{TMP_SUFFIX}")),
+        "unfinished_shards": [p.name for p in unfinished_shards(cache.cache_dir)],
         "frames": frames,
         "mean_regions_per_frame": round(regions / frames, 2) if frames else 0.0,
         "T": settings["frames"],

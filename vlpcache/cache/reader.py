@@ -183,9 +183,11 @@ class RegionCache:
                 (self.damaged if (found["shard"], found["row"]) in damaged else self.removed)[row.id] = found
         rows = [row for row in current if row is not None]
         seen = {row.id: i for i, row in enumerate(rows)}
+        self.moved: set[str] = set()  # cached items read from the paths extract found them at since
         for item_id, moves in read_moves(self.cache_dir).items():  # found at other paths since: the latest
             if (i := seen.get(item_id)) is not None:
                 rows[i] = rows[i]._replace(path=_moved(rows[i].path, moves))
+                self.moved.add(item_id)
         if self.damaged and self._say_damaged:
             example = next(iter(self.damaged.values()))
             self._report_once(self.cache_dir, f"{self.cache_dir}: {len(self.damaged)} item(s) found damaged by an earlier "

@@ -116,11 +116,16 @@ def take_writer_lock(cache_dir: Path, writer_name: str) -> WriterLock:
     return lock
 
 
+def unfinished_shards(cache_dir: Path) -> list[Path]:
+    """The shards being written, or left by a writer that was stopped (temporary files, never read)."""
+    return sorted((Path(cache_dir) / SHARD_DIR).glob(f"*{SHARD_SUFFIX}{TMP_SUFFIX}"))
+
+
 def remove_unfinished_shards(cache_dir: Path, own_writer: str) -> None:
     """Remove the temporary shards of our own killed predecessor and of writers that no longer run (their
     lock is free), never those of a writer at work; and the lock files that dead writers left."""
     cache_dir = Path(cache_dir)
-    for tmp in sorted((cache_dir / SHARD_DIR).glob(f"*{SHARD_SUFFIX}{TMP_SUFFIX}")):
+    for tmp in unfinished_shards(cache_dir):
         match = _TEMPORARY_NAME.match(tmp.name)
         if match is None:
             continue

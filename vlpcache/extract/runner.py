@@ -30,7 +30,7 @@ from vlpcache.extract.detectors.spec import DetectorSpec
 from vlpcache.extract.options import ENGINES, ExtractOptions
 from vlpcache.extract.progress import ExtractProgress, ExtractSummary
 from vlpcache.extract.reader import FrameReader, Prefetch, decoded_items_within_budget
-from vlpcache.extract.sources import (SKIPPED, OtherFiles, discover_items, media_kind, other_files, passed_over_line,
+from vlpcache.extract.sources import (SKIPPED, OtherFiles, discover_items, other_files, passed_over_line, picture_beside,
                                       shard_of)
 from vlpcache.extract.stamps import source_changed, stamp_known
 from vlpcache.interrupts import stop_if_interrupted
@@ -88,7 +88,7 @@ def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary
             same = before == path or _same_file(before, path)
             gone = not same and not os.path.lexists(before)  # moved here, if its content agrees
             copy = not (same or gone) and stamp_known(cache.sources[i]) and not source_changed(cache.sources[i], path)
-            if not (same or gone or copy) and picture_beside(before, item):
+            if not (same or gone or copy) and picture_beside(before, cache.kinds[i], item.path, item.kind):
                 plan.clashes.append((path, f"id '{item.id}' is cached from the picture beside it, {before}, which an "
                                            f"earlier extract took; {SKIPPED} "
                                            "(to have the video instead, move the picture out of the folder and extract "
@@ -135,13 +135,6 @@ def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary
     plan.todo.sort(key=lambda item: order[item.id])  # in discovery order, as found
     plan.gone, plan.gone_failures = no_longer_there(items, cache, failed_before, roots, shard_index, shard_count)
     return plan
-
-
-def picture_beside(cached_path: str, item) -> bool:
-    """Whether a video item's id is cached from the picture of its name beside it (its thumbnail)."""
-    cached = Path(cached_path)
-    return (item.kind == "video" and cached.parent == Path(item.path).parent and cached.stem == Path(item.path).stem
-            and media_kind(cached) == "image")
 
 
 def no_longer_there(items, cache: RegionCache, failed: dict[str, dict], roots, shard_index: int, shard_count: int):

@@ -65,6 +65,14 @@ def natural_key(name: str) -> tuple:
     return tuple(int(p) if i % 2 else p.casefold() for i, p in enumerate(parts)), name
 
 
+def picture_beside(picture, picture_kind: str, video, video_kind: str) -> bool:
+    """Whether a picture sits beside a video under its name (yt-dlp's --write-thumbnail, a phone's Live
+    Photo): the walk takes the video for the id, and extract says why the picture is passed over."""
+    picture, video = Path(picture), Path(video)
+    return (picture_kind == "image" and video_kind == "video" and picture.parent == video.parent
+            and picture.stem == video.stem)
+
+
 def media_kind(path: Path, sniff: bool = False) -> str | None:
     """"video", "image" or None, by the extension; with sniff, a file with none (or another of
     SNIFFED_SUFFIXES) by its first bytes."""
@@ -188,7 +196,7 @@ class _Walk:
         self.others = others if others is not None else OtherFiles()
         self.items: list[Item] = []
         self.problems: list[tuple[str, str]] = []
-        self._owner: dict[str, Path] = {}  # id -> path that took it
+        self._owner: dict[str, Item] = {}  # id -> the item that took it
         self._visited: set[tuple[int, int]] = set()  # (st_dev, st_ino) of folders walked
 
     def add(self, item: Item) -> None:
@@ -196,14 +204,13 @@ class _Walk:
             self.problems.append((str(item.path), "path is not valid UTF-8, which the cache stores ids and paths in; "
                                   f"{SKIPPED} (rename it, e.g. with convmv)"))
             return
-        if item.id in self._owner:
+        if (owner := self._owner.get(item.id)) is not None:
             beside = (" a picture beside a video of the same name (its thumbnail, a Live Photo's still), passed over "
-                      "for the video;" if item.kind == "image" and item.path.parent == self._owner[item.id].parent
-                      and media_kind(self._owner[item.id]) == "video" else "")
+                      "for the video;" if picture_beside(item.path, item.kind, owner.path, owner.kind) else "")
             self.problems.append((str(item.path), f"duplicate id '{item.id}' (already used by "
-                                  f"{self._owner[item.id]});{beside} {SKIPPED}"))
+                                  f"{owner.path});{beside} {SKIPPED}"))
             return
-        self._owner[item.id] = item.path
+        self._owner[item.id] = item
         self.items.append(item)
 
     def folder(self, root: Path, folder: Path, is_root: bool = False) -> tuple[list[Item], bool]:
