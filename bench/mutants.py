@@ -1317,6 +1317,15 @@ MUTANTS += [
     mutant("serve-info-no-kinds", "vlpcache/serve/app.py",
            "\"kinds\": searcher.kinds()})", "\"kinds\": {}})",
            "tests/test_serve.py -k \"extracted_from or chromium\"", "the page counts videos, frames folders and photos"),
+    mutant("extract-yolox-graph-rewritten-every-run", "vlpcache/extract/detectors/yolox.py",
+           "    if cached.is_file():\n        return cached.read_bytes()\n", "",
+           "tests/test_yolox.py -k without_torchvisions_package", "the batched YOLOX graph is rewritten once per machine"),
+    mutant("extract-vision-ops-not-found", "vlpcache/extract/detectors/vision_ops.py",
+           "LIBRARY_NAMES = (\"_C_stable\", \"_C\")", "LIBRARY_NAMES = (\"_C_missing\",)",
+           "tests/test_yolox.py -k \"torchvisions\"", "the detector loads torchvision's ops without its package"),
+    mutant("extract-vision-ops-roi-scale", "vlpcache/extract/detectors/vision_ops.py",
+           "(features, rois, spatial_scale, output_size, output_size,", "(features, rois, 1.0, output_size, output_size,",
+           "tests/test_yolox.py -k compiled_ops_called_by_path", "roi_align by path is torchvision's roi_align"),
 ]
 
 

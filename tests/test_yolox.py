@@ -1,5 +1,9 @@
 """The offline `yolox` detector on real frames: decoding, letterbox inverse, regions and features."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +12,7 @@ from PIL import Image
 from vlpcache.errors import UserError
 from vlpcache.extract.detectors.regions import pack_frame_regions
 from vlpcache.extract.detectors.yolox import INPUT_SIZE, YoloxConfig, YoloxDetector, decode_yolox, letterbox
+from waiting import HANG_GUARD_S
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +189,52 @@ def test_the_choice_made_before_loading_describes_the_loaded_detector(detector, 
         choose_detector("yolox", "resnet", None, str(models_dir))
     with pytest.raises(UserError, match="--weights is for --detector frcnn"):
         choose_detector("yolox", None, "x.pth", str(models_dir))
+
+
+def test_torchvisions_compiled_ops_called_by_path_give_torchvision_ops_numbers(monkeypatch):
+    import torchvision.ops
+
+    from vlpcache.extract.detectors import vision_ops
+
+    assert vision_ops.library_path() is not None, "torchvision's compiled library is not where vision_ops looks"
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.rand(200, 2, generator=generator) * 100
+    boxes = torch.cat([corners, corners + 5 + torch.rand(200, 2, generator=generator) * 40], dim=1)
+    scores = torch.rand(200, generator=generator)
+    features = torch.randn(2, 16, 13, 17, generator=generator)
+    rois = torch.cat([torch.randint(0, 2, (50, 1), generator=generator).float(), boxes[:50] / 8], dim=1)
+    reference = (torchvision.ops.nms(boxes, scores, 0.45),
+                 torchvision.ops.roi_align(features, rois, 2, spatial_scale=1 / 4, sampling_ratio=2, aligned=True))
+    for compiled in (True, False):  # the library loaded by its path; torchvision.ops where it is not found
+        monkeypatch.setattr(vision_ops, "compiled_ops", lambda: compiled)
+        torch.testing.assert_close(vision_ops.nms(boxes, scores, 0.45), reference[0], rtol=0, atol=0)
+        torch.testing.assert_close(vision_ops.roi_align(features, rois, 2, 1 / 4, 2, True), reference[1])
+
+
+def test_an_extract_loads_the_detector_without_torchvisions_package_or_onnx_and_finds_the_same_regions(
+        people_frame, models_dir, tmp_path, msrvtt_dir):
+    """torchvision's package imports torch._dynamo (1.3 s) and rewriting the YOLOX graph imports onnx (0.8 s)
+    of each extract's start: the compiled ops are loaded by path, the rewritten graph is kept in
+    ~/.cache/vlpcache/onnx (made by the first run on a machine, read by the next)."""
+    probe = ("import sys, numpy as np\nfrom PIL import Image\n"
+             "from vlpcache.extract.detectors.yolox import YoloxConfig, YoloxDetector\n"
+             "detector = YoloxDetector(YoloxConfig(backbone='neck'), models=sys.argv[1])\n"
+             "(regions,) = detector.detect([np.asarray(Image.open(sys.argv[2]).convert('RGB'))], 30)\n"
+             "np.savez(sys.argv[3], boxes=regions.boxes, features=regions.features)\n"
+             "print(sorted({'torchvision', 'torch._dynamo', 'onnx'} & set(sys.modules)))\n")
+    frame = sorted((msrvtt_dir / "frames" / "val" / "video6513").iterdir())[0]
+    env = {**os.environ, "HOME": str(tmp_path / "home")}
+    imported = []
+    for run in ("first", "second"):
+        result = subprocess.run([sys.executable, "-c", probe, str(models_dir), str(frame), str(tmp_path / f"{run}.npz")],
+                                env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+        assert result.returncode == 0, result.stderr
+        imported.append(result.stdout.strip())
+    assert imported == ["['onnx']", "[]"]  # the first run on a machine rewrites the graph once
+    (kept,) = (tmp_path / "home" / ".cache" / "vlpcache" / "onnx").iterdir()
+    assert kept.name.startswith("yolox-") and kept.name.endswith("-neck-v1.onnx")
+    (reference,) = YoloxDetector(YoloxConfig(backbone="neck"), models=str(models_dir)).detect([people_frame], 30)
+    for run in ("first", "second"):
+        regions = np.load(tmp_path / f"{run}.npz")
+        np.testing.assert_array_equal(regions["boxes"], reference.boxes)
+        np.testing.assert_allclose(regions["features"], reference.features, rtol=1e-5, atol=1e-5)

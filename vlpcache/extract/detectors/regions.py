@@ -12,11 +12,11 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from torchvision.ops import nms
 
 from vlpcache.cache.labels import NO_ATTRIBUTE
 from vlpcache.cache.schema import FRAME_REGION_LABEL
 from vlpcache.extract.detectors.spec import DetectorSpec
+from vlpcache.extract.detectors.vision_ops import nms
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """The `yolox` detector: YOLOX-Nano (ONNX, onnxruntime) boxes with RoIAlign region features.
 
 Features come from an ImageNet MobileNetV2 trunk (1280-d, stride 32) and/or the detector's own neck
-maps (64 + 128 + 256 = 448-d at strides 8/16/32), both pooled with torchvision's roi_align on the
-final boxes. Both networks read one batch of letterboxed BGR 0-255 canvases (YOLOX's own input
-convention); the trunk turns it into ImageNet-normalised RGB inside its graph.
+maps (64 + 128 + 256 = 448-d at strides 8/16/32), both pooled with torchvision's roi_align (its
+compiled kernel, vision_ops.py) on the final boxes. Both networks read one batch of letterboxed BGR
+0-255 canvases (YOLOX's own input convention); the trunk turns it into ImageNet-normalised RGB inside
+its graph.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
 
 from vlpcache.cache.schema import NMS_IOU, SCORE_THRESHOLD
 from vlpcache.extract.detectors.inference import set_autotune
@@ -31,6 +31,7 @@ from vlpcache.extract.detectors.spec import (  # noqa: F401  (file names: bench 
     yolox_spec,
 )
 from vlpcache.extract.detectors.spec import YOLOX_INPUT_SIZE as INPUT_SIZE
+from vlpcache.extract.detectors.vision_ops import roi_align
 from vlpcache.extract.detectors.yolox_graph import batched_onnx
 from vlpcache.report import say
 
@@ -96,34 +97,50 @@ class NormalisedTrunk(torch.nn.Module):
         return self.trunk((bgr.flip(1) - self.mean) / self.std)
 
 
-def _mobilenet_onnx(path: Path, sha256: str) -> bytes:
-    """NormalisedTrunk as ONNX, exported once per weights file and kept in ~/.cache/vlpcache/onnx.
-
-    On CPU, onnxruntime runs MobileNetV2's depthwise convolutions about 5-10x faster than torch."""
-    import io
-    import warnings
-
-    cached = Path.home() / ".cache" / "vlpcache" / "onnx" / f"mobilenet_v2_features-{sha256[:16]}-v3.onnx"
+def _cached_onnx(name: str, make) -> bytes:
+    """An ONNX graph vlpcache derives from a weights file, made once by `make()` and kept in
+    ~/.cache/vlpcache/onnx under `name` (which holds the weights' sha256): later runs read the bytes."""
+    cached = Path.home() / ".cache" / "vlpcache" / "onnx" / name
     if cached.is_file():
         return cached.read_bytes()
-    trunk = NormalisedTrunk(mobilenet_trunk(path)).eval()
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(trunk, torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE), buffer, input_names=["images"],
-                          output_names=["features"],
-                          dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
-                                        "features": {0: "batch", 2: "rows", 3: "columns"}},
-                          opset_version=17, dynamo=False)
-    data = buffer.getvalue()
+    data = make()
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, cached)
     except OSError:
-        pass  # a read-only home only costs the export next time
+        pass  # a read-only home only costs making it again next time
     return data
+
+
+def _mobilenet_onnx(path: Path, sha256: str) -> bytes:
+    """NormalisedTrunk as ONNX, exported once per weights file.
+
+    On CPU, onnxruntime runs MobileNetV2's depthwise convolutions about 5-10x faster than torch."""
+    import io
+    import warnings
+
+    def export() -> bytes:
+        trunk = NormalisedTrunk(mobilenet_trunk(path)).eval()
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(trunk, torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE), buffer, input_names=["images"],
+                              output_names=["features"],
+                              dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
+                                            "features": {0: "batch", 2: "rows", 3: "columns"}},
+                              opset_version=17, dynamo=False)
+        return buffer.getvalue()
+
+    return _cached_onnx(f"mobilenet_v2_features-{sha256[:16]}-v3.onnx", export)
+
+
+def _yolox_onnx(path: Path, sha256: str, with_neck: bool) -> bytes:
+    """The YOLOX graph made batched (with its neck maps as outputs), rewritten once per weights file:
+    later runs skip importing onnx and parsing the graph (about 0.8 s of each extract's start)."""
+    outputs = "neck" if with_neck else "head"
+    return _cached_onnx(f"yolox-{sha256[:16]}-{outputs}-v1.onnx", lambda: batched_onnx(path, with_neck))
 
 
 def _fit(height: int, width: int, size: int) -> tuple[int, int, float]:
@@ -228,7 +245,8 @@ class YoloxDetector:
     def _load_onnxruntime(self) -> None:
         device, threads = self.config.device, self.config.threads
         autotune = self.config.autotune
-        self.session = _onnx_session(batched_onnx(self.spec.detector_file, self.use_neck), device, threads, autotune)
+        detector = _yolox_onnx(self.spec.detector_file, self.spec.provenance["detector_weights_sha256"], self.use_neck)
+        self.session = _onnx_session(detector, device, threads, autotune)
         if self.use_mobilenet:
             trunk = _mobilenet_onnx(self.spec.backbone_file, self.spec.provenance["backbone_weights_sha256"])
             self.trunk_session = _onnx_session(trunk, device, threads, autotune)
