@@ -1326,6 +1326,13 @@ MUTANTS += [
     mutant("extract-vision-ops-roi-scale", "vlpcache/extract/detectors/vision_ops.py",
            "(features, rois, spatial_scale, output_size, output_size,", "(features, rois, 1.0, output_size, output_size,",
            "tests/test_yolox.py -k compiled_ops_called_by_path", "roi_align by path is torchvision's roi_align"),
+    mutant("runs-differences-unsaid", "vlpcache/model/inspect_run.py",
+           "        if differs:  # what tells this run from the others listed", "        if False:",
+           "tests/test_inspect_run.py -k tell_each_run", "inspect --runs says what tells runs apart"),
+    mutant("runs-every-setting-a-difference", "vlpcache/model/inspect_run.py",
+           "if len({json.dumps(v[option], sort_keys=True) for v in values}) > 1]",
+           "if len({json.dumps(v[option], sort_keys=True) for v in values}) > 0]",
+           "tests/test_inspect_run.py -k tell_each_run", "inspect --runs lists only the settings that differ"),
 ]
 
 

@@ -146,6 +146,32 @@ def test_runs_lists_every_run_and_marks_the_one_search_uses(ws, tmp_path, monkey
     assert code == 0 and kept.splitlines()[-1].endswith("  <- the latest") and "by default" not in kept
 
 
+def test_runs_says_the_settings_that_tell_each_run_from_the_others(ws, monkeypatch, capsys):
+    run = ws / "runs" / "run-001"
+    other = ws / "runs" / "run-002"
+    shutil.copytree(run, other)
+    config = json.loads((other / CONFIG_NAME).read_text())
+    config["train"].update(lr=0.002, epochs=5, workers=3)  # epochs are listed already; workers are the machine's
+    config["model"].update(global_path=False, rwa=False)
+    (other / CONFIG_NAME).write_text(json.dumps(config))
+    for folder in (other, *(other / "checkpoints").iterdir()):  # it saved a checkpoint last
+        os.utime(folder, (time.time() + 10, time.time() + 10))
+    code, out, err = vlpcache(monkeypatch, capsys, "inspect", "--runs")
+    assert code == 0, err
+    lr = json.loads((run / CONFIG_NAME).read_text())["train"]["lr"]
+    lines = out.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("run-001 ") and lines[2].startswith("run-002 ")
+    assert lines[1] == f"{'':12s} --lr {lr:g}, --global-path, rwa on"
+    assert lines[3] == f"{'':12s} --lr 0.002, --no-global-path, --no-rwa"
+    listed = inspect_json(monkeypatch, capsys, "--runs")
+    assert [r["differs"] for r in listed] == [{"--lr": lr, "--global-path": True, "--rwa": True},
+                                              {"--lr": 0.002, "--global-path": False, "--rwa": False}]
+    # runs alike in what is compared: one line each, as before
+    shutil.copy(run / CONFIG_NAME, other / CONFIG_NAME)
+    code, out, _ = vlpcache(monkeypatch, capsys, "inspect", "--runs")
+    assert len(out.splitlines()) == 2 and all(r["differs"] == {} for r in inspect_json(monkeypatch, capsys, "--runs"))
+
+
 def test_a_run_this_user_may_not_read_is_listed_as_such_and_never_the_default(ws, monkeypatch, capsys):
     # another user's run made with umask 077 stopped `inspect --runs`, search and eval with EACCES; root
     # reads everything, so the operating system's answer for that run's files is planted here

@@ -16,6 +16,7 @@ from pathlib import Path
 from vlpcache.errors import UserError
 from vlpcache.files import folder_bytes
 from vlpcache.metrics import SELECTION
+from vlpcache.model.config import MODEL_OPTIONS, RESUMABLE_OPTIONS, TRAIN_OPTIONS
 from vlpcache.model.run_layout import (
     CHECKPOINT_DIR,
     CONFIG_NAME,
@@ -227,6 +228,38 @@ def inspect_run(run_dir, as_json: bool = False) -> None:
 
 
 UNREADABLE_RUN = "unreadable"  # the state of a run this user may not read
+# what --runs compares between runs, as `vlpcache pretrain` spells each: (option, config section, key);
+# epochs are listed already, --workers and --precision are the machine's rather than the run's
+COMPARED_SETTINGS = ([(option, "train", option) for option in TRAIN_OPTIONS if option not in RESUMABLE_OPTIONS]
+                     + [(option, "model", key) for option, key in MODEL_OPTIONS.items()]
+                     + [("rwa", "model", "rwa"), ("cache", "train", "caches"), ("captions", "train", "captions"),
+                        ("val_captions", "train", "val_captions")])
+
+
+def setting_differences(summaries: list[dict]) -> list[dict]:
+    """For each run, {"--option": value} of the settings in which the listed runs differ (COMPARED_SETTINGS);
+    {} for all where they agree, where fewer than two runs can be read, and for a run that cannot."""
+    readable = [s for s in summaries if s.get("state") != UNREADABLE_RUN]
+    values = [{option: (s.get(section) or {}).get(key) for option, section, key in COMPARED_SETTINGS} for s in readable]
+    differing = [option for option, _, _ in COMPARED_SETTINGS
+                 if len({json.dumps(v[option], sort_keys=True) for v in values}) > 1]
+    by_run = {s["run"]: {f"--{option.replace('_', '-')}": v[option] for option in differing} for s, v in zip(readable, values)}
+    return [by_run.get(s["run"], {}) for s in summaries]
+
+
+def _setting_text(option: str, value) -> str:
+    """One compared setting as a person reads it: `--lr 0.001`, `--no-global-path`, `--no-rwa`."""
+    if value is None:
+        return f"{option} not recorded"
+    if option == "--rwa":
+        return "rwa on" if value else "--no-rwa"
+    if isinstance(value, bool):
+        return option if value else f"--no-{option[2:]}"
+    if isinstance(value, list):
+        return f"{option} {' '.join(printable(str(p)) for p in value) or 'none'}"
+    if option == "--text-model" and not value:
+        return f"{option} default"
+    return f"{option} {value:g}" if isinstance(value, float) else f"{option} {printable(str(value))}"
 
 
 def _listed_summary(run: Path) -> dict:
@@ -255,12 +288,13 @@ def list_runs(runs_dir=None, as_json: bool = False) -> None:
         latest = latest_run(runs_dir)  # the rule index, search and eval follow
     except UserError:  # none has a checkpoint yet
         latest = None
+    differences = setting_differences(summaries)
     if as_json:  # "latest": what the text marks (of the workspace's runs: the one index, search and eval use)
         print(json.dumps([{**{k: s[k] for k in ("run", "state", "epochs", "epochs_done", "best", "modified")},
-                           "latest": Path(s["run"]) == latest, "default": default and Path(s["run"]) == latest}
-                          for s in summaries], indent=2, ensure_ascii=False))
+                           "latest": Path(s["run"]) == latest, "default": default and Path(s["run"]) == latest,
+                           "differs": differs} for s, differs in zip(summaries, differences)], indent=2, ensure_ascii=False))
         return
-    for s in summaries:
+    for s, differs in zip(summaries, differences):
         if s["state"] == UNREADABLE_RUN:
             print(f"{printable(Path(s['run']).name):12s} {s['state']:13s} {s['reason']}: another user's run? its owner "
                   "can make it readable (chmod -R a+rX)")
@@ -273,3 +307,5 @@ def list_runs(runs_dir=None, as_json: bool = False) -> None:
         mark = "" if Path(s["run"]) != latest else "  <- index, search and eval use it by default" if default else "  <- the latest"
         print(f"{printable(Path(s['run']).name):12s} {s['state']:13s} {s['epochs_done']:>3d}/{s['epochs']:<3d} epochs  "
               f"{score}  ({when}){mark}")
+        if differs:  # what tells this run from the others listed
+            print(f"{'':12s} {', '.join(_setting_text(option, value) for option, value in differs.items())}")
