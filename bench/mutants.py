@@ -1333,6 +1333,9 @@ MUTANTS += [
            "if len({json.dumps(v[option], sort_keys=True) for v in values}) > 1]",
            "if len({json.dumps(v[option], sort_keys=True) for v in values}) > 0]",
            "tests/test_inspect_run.py -k tell_each_run", "inspect --runs lists only the settings that differ"),
+    mutant("pretrain-epoch-line-videos-per-second", "vlpcache/model/train.py",
+           "{run.data.items}/s,", "videos/s,",
+           "tests/test_pretrain.py -k two_caches_mix", "pretraining on photos (or a mix) counts them as such"),
 ]
 
 

@@ -297,18 +297,21 @@ def test_caption_report_counts_missing_items_missing_captions_and_empty_captions
     assert len(data.train) == 4
 
 
-def test_two_caches_mix_videos_and_images_with_different_frame_counts(tmp_path, tiny_text, monkeypatch):
+def test_two_caches_mix_videos_and_images_with_different_frame_counts(tmp_path, tiny_text, monkeypatch, capsys):
     monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
     videos = write_cache(tmp_path / "videos", 12, frames=3, prefix="v")
-    images = write_cache(tmp_path / "images", 12, frames=1, regions=3, prefix="x", seed=1)
+    images = write_cache(tmp_path / "images", 12, frames=1, regions=3, prefix="x", seed=1,
+                         sources=[(tmp_path / "x.jpg", "image")])
     summary = run_pretrain(
         cache_dirs=[tmp_path / "videos", tmp_path / "images"],
         captions=[write_captions(tmp_path / "v.jsonl", videos), write_captions(tmp_path / "images.jsonl", images)],
-        run_dir=tmp_path / "run", **small_options(tiny_text, epochs=1),
+        run_dir=tmp_path / "run", **small_options(tiny_text, epochs=1, quiet=False),
     )
     record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     assert summary["trained_epochs"] == 1 and np.isfinite(record["loss"])
     assert record["step"] == (len(videos) + len(images)) // 8  # every item of both caches in the epoch (batch 8)
+    said = capsys.readouterr().err  # videos and photos: items, in the run's line and each epoch's
+    assert f": {len(videos) + len(images)} items x " in said and re.search(r"epoch 1/1: loss [0-9.]+, [0-9.]+ items/s", said)
     data = load_pretrain_data([tmp_path / "videos", tmp_path / "images"], [tmp_path / "v.jsonl", tmp_path / "images.jsonl"],
                               None, workspace=Workspace(tmp_path / "ws"))
     assert sorted(data.caches[c].ids[i] for c, i, _ in data.train.samples) == sorted(videos + images)

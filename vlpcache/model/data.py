@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -349,6 +350,11 @@ class PretrainData:
     def train_ids(self) -> list[str]:
         return [self.caches[c].ids[i] for c, i, _ in self.train.samples]
 
+    @cached_property
+    def items(self) -> str:
+        """What a person calls the caches' items: videos, photos or items (report.items_word)."""
+        return items_word(kind for cache in self.caches for kind in cache.kinds)
+
     def validation_ids(self) -> list[str]:
         return [_id_at(self.caches, c, i) for c, i in self.validation.locations] if self.validation is not None else []
 
@@ -366,8 +372,7 @@ class PretrainData:
             lines.append(f"training: {self.held_out_skipped} captioned items of val/test splits left out")
         if self.validation is not None:
             queries = sum(len(c) for c in self.validation.captions)
-            items = items_word(kind for cache in self.caches for kind in cache.kinds)
-            lines.append(f"validation ({self.validation_file}): {len(self.validation)} {items}, {queries} captions as queries"
+            lines.append(f"validation ({self.validation_file}): {len(self.validation)} {self.items}, {queries} captions as queries"
                          f"{self.validation_report.key_matches.text()}")
         else:
             lines.append("validation: none (pass --val-captions FILE of held-out cached videos to get R@K each epoch)")

@@ -55,7 +55,7 @@ from vlpcache.model.run_layout import (BEST_NAME, CHECKPOINT_DIR, LOCATED, LOG_N
                                        save_run_videos)
 from vlpcache.model.text_features import FEATURES_DIR, TextFeatures, cache_kind, cached_text_features
 from vlpcache.records import write_json
-from vlpcache.report import human_duration, items_word, printable, progress_bar, say
+from vlpcache.report import human_duration, printable, progress_bar, say
 from vlpcache.workspace import Workspace
 
 RERANK_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)  # candidates for global + w·S_loc, chosen on validation
@@ -796,7 +796,7 @@ def end_of_epoch(record: dict, run: Run, trainer: Trainer, processes: Processes,
             tensorboard.add_scalar(f"val/{k}", v, trainer.step)
     tensorboard.flush()
     line = (f"epoch {record['epoch']}/{run.train.epochs}: loss {record.get('loss', float('nan')):.4f}, "
-            f"{record['samples_per_s']:.1f} videos/s, {record['epoch_seconds']:.0f} s")
+            f"{record['samples_per_s']:.1f} {run.data.items}/s, {record['epoch_seconds']:.0f} s")
     if val:
         line += f"; val ({val['queries']} captions) R@1 {val['R@1']:.1f} R@5 {val['R@5']:.1f} R@10 {val['R@10']:.1f} MdR {val['MdR']:g}"
     if "rerank" in val:
@@ -854,7 +854,7 @@ def _train(run: Run, processes: Processes, workspace: Workspace) -> dict:
 
         tensorboard = SummaryWriter(run.dir / TENSORBOARD_DIR, purge_step=trainer.step or None)
     per_epoch = loader.steps_per_epoch * loader.batch * processes.world
-    items = items_word(kind for cache in run.data.caches for kind in cache.kinds)
+    items = run.data.items
     left = (f" ({per_epoch:,} of the {len(run.data.train):,} {items} an epoch, another draw each: a last part-batch "
             "is left out)") if per_epoch < len(run.data.train) else ""
     processes.say(
