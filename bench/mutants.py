@@ -1336,6 +1336,9 @@ MUTANTS += [
     mutant("pretrain-epoch-line-videos-per-second", "vlpcache/model/train.py",
            "{run.data.items}/s,", "videos/s,",
            "tests/test_pretrain.py -k two_caches_mix", "pretraining on photos (or a mix) counts them as such"),
+    mutant("ray-replaced-row-unnamed", "vlpcache/extract/ray_engine.py",
+           "\"kind\": item.kind, \"replaces\": item.replaces}", "\"kind\": item.kind, \"replaces\": \"\"}",
+           "tests/test_ray_engine.py -k replaced", "the ray engine's row of a changed source names the row it replaces"),
 ]
 
 

@@ -22,6 +22,7 @@ import ray  # the ray extra, part of the test extra
 from tests.test_extract import vlpcache
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import FAILURE_DIR, SHARD_DIR, SHARD_SUFFIX
+from vlpcache.extract.stamps import source_stamp
 from waiting import HANG_GUARD_S, wait_until
 
 FRAMES = ("--frames", 2)
@@ -79,7 +80,7 @@ def assert_same_cache(ours: RegionCache, reference: RegionCache):
     assert sorted(ours.ids) == sorted(reference.ids)
     for item_id in reference.ids:
         a, b = ours.get(item_id), reference.get(item_id)
-        assert (a["path"], a["kind"]) == (b["path"], b["kind"])
+        assert (a["path"], a["kind"], a["source"]) == (b["path"], b["kind"], b["source"])  # the stamps of the same files
         assert ours.note_of(item_id) == reference.note_of(item_id)
         for spec in reference.settings.arrays():
             if spec.name in EXACT:
@@ -148,6 +149,28 @@ def test_decode_timeout_reaches_the_ray_engines_decoders(ray_address, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr  # nothing done
     assert [line for line in result.stderr.splitlines() if line.startswith(str(slow))] == [f"{slow}: {reason}"]
     assert reasons(RegionCache(tmp_path / "cache")) == {"page": (str(slow), reason)}
+
+
+def test_a_source_replaced_at_its_path_is_extracted_again_by_the_ray_engine(ray_address, msrvtt_dir, tmp_path):
+    folders = sorted((msrvtt_dir / "frames" / "val").iterdir())[:2]
+    for name, folder in zip("ab", folders):
+        shutil.copytree(folder, tmp_path / "data" / name)
+    command = ("extract", tmp_path / "data", "-o", tmp_path / "cache", *FRAMES, "--engine", "ray",
+               "--ray-address", ray_address)
+    vlpcache(*command, cwd=tmp_path)
+    first_stamp = RegionCache(tmp_path / "cache").get("a")["source"]
+    assert first_stamp == source_stamp(tmp_path / "data" / "a")  # the decoding tasks stamp what they read
+    shutil.rmtree(tmp_path / "data" / "a")
+    shutil.copytree(folders[1], tmp_path / "data" / "a")  # b's frames under a's name: a re-downloaded video
+    again = vlpcache(*command, cwd=tmp_path)
+    assert "extract: 1 cached item(s) changed on disk since they were extracted" in again.stderr
+    assert "1 done, 1 already cached" in again.stderr
+    cached = RegionCache(tmp_path / "cache")
+    a, b = cached.get("a"), cached.get("b")
+    assert sorted(cached.ids) == ["a", "b"] and a["source"] == source_stamp(tmp_path / "data" / "a") != first_stamp
+    np.testing.assert_allclose(a["features"].astype(np.float32), b["features"].astype(np.float32), **FLOAT16_TOLERANCE)
+    with h5py.File(tmp_path / "cache" / SHARD_DIR / cached.shard_of("a"), "r") as f:  # the actor's row names the one it replaces
+        assert [v.decode() for v in f["replaces"][:]] == [first_stamp]
 
 
 def test_inspect_cannot_tell_the_engines_apart(local, on_ray, tmp_path):
