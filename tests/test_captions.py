@@ -205,6 +205,18 @@ def test_json_lines_of_one_caption_each_and_didemo_and_activitynet_files_are_rea
     assert captions.first_bad_line == f'{activitynet} video 4: no "sentences" list'
 
 
+def test_vatex_files_train_on_the_english_captions_of_each_video_id(tmp_path):
+    write_cache(tmp_path / "cache", 2, prefix="Ptf_2VRj-V0_00012")  # Ptf_2VRj-V0_000120, ..._000121
+    vatex = tmp_path / "vatex_training_v1.0.json"  # VATEX: a list of {"videoID", "enCap": [10], "chCap": [10]}
+    vatex.write_text(json.dumps([{"videoID": f"Ptf_2VRj-V0_00012{i}", "enCap": [f"a man sings {i}", f"a song {i}"],
+                                  "chCap": ["一个男人在唱歌。"]} for i in range(2)], ensure_ascii=False))
+    captions = read_captions(vatex)
+    assert captions.by_id == {"Ptf_2VRj-V0_000120": ["a man sings 0", "a song 0"],
+                              "Ptf_2VRj-V0_000121": ["a man sings 1", "a song 1"]}
+    data = load_pretrain_data([tmp_path / "cache"], [vatex], None, workspace=Workspace(tmp_path / "ws"))
+    assert trained_captions(data) == captions.by_id
+
+
 def test_text_files_of_an_id_and_a_caption_per_line_are_read_as_msvd_and_flickr_ship_them(tmp_path):
     msvd = tmp_path / "AllVideoDescriptions.txt"
     msvd.write_text("# MSVD: video id, then its caption\n\n-4wsuPCjDBc_5_15 a squirrel is eating a peanut\n"

@@ -6,7 +6,7 @@ CSV (.csv, .tsv): a header with a video column (`video`, `video_id` or `videoid`
 (`caption`, `sentence`, or WebVid's `name`), one row per caption, several rows per video allowed; columns
 separated by commas, semicolons, tabs or pipes (CSV_DELIMITERS). A whole JSON
 document in a layout a dataset ships (JSON_LAYOUTS): a list of the JSON Lines objects (DiDeMo's
-{"video", "description"} among them); MSR-VTT's annotations ({"videos": [{"video_id", "split"}],
+{"video", "description"} and VATEX's {"videoID", "enCap"} among them); MSR-VTT's annotations ({"videos": [{"video_id", "split"}],
 "sentences": [{"video_id", "caption"}]}, also CLIP4Clip's MSRVTT_data.json); Karpathy's split files of
 Flickr8k, Flickr30k and COCO ({"images": [{"filename", "split", "sentences": [{"raw"}]}]}); COCO's
 caption annotations ({"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]});
@@ -266,13 +266,15 @@ def _is_id(value) -> bool:
     return isinstance(value, (str, int)) and not isinstance(value, bool) and value != ""
 
 
-RECORD_ID_KEYS = ("video", "video_id")  # a record's video, in the order looked for
-RECORD_TEXT_KEYS = ("captions", "caption", "sentences", "sentence", "description")  # DiDeMo's: "description"
+RECORD_ID_KEYS = ("video", "video_id", "videoID")  # a record's video, in the order looked for; VATEX's: "videoID"
+# DiDeMo's: "description"; VATEX's English captions: "enCap" (its "chCap", Chinese, left aside)
+RECORD_TEXT_KEYS = ("captions", "caption", "sentences", "sentence", "description", "enCap")
 
 
 def _record(record) -> tuple[str, list, str | None] | str:
     """(item id, captions, split or None) of one {"video", "captions"} object (or another of the keys
-    above: {"video": "a.mp4", "caption": "..."}, DiDeMo's {"video", "description"}), or why it cannot be read."""
+    above: {"video": "a.mp4", "caption": "..."}, DiDeMo's {"video", "description"}, VATEX's {"videoID",
+    "enCap"}), or why it cannot be read."""
     if not isinstance(record, dict):
         return "not a JSON object"
     id_key = next((key for key in RECORD_ID_KEYS if key in record), None)
