@@ -217,6 +217,30 @@ def test_vatex_files_train_on_the_english_captions_of_each_video_id(tmp_path):
     assert trained_captions(data) == captions.by_id
 
 
+def test_youcook2_annotations_train_on_training_validate_on_validation_and_say_segments_are_whole_videos(tmp_path):
+    write_cache(tmp_path / "cache", 3, prefix="training/113/GLd3aX16zB")  # ids ending in YouTube ids, raw_videos' folders
+    segments = [{"segment": [90, 102], "id": 0, "sentence": "spread margarine on bread"},
+                {"segment": [114, 127], "id": 1, "sentence": "place a slice of cheese on the bread"}]
+    database = {f"GLd3aX16zB{i}": {"subset": subset, "duration": 241.6, "recipe_type": "113", "annotations": segments,
+                                   "video_url": "https://www.youtube.com/watch?v=x"}
+                for i, subset in enumerate(["training", "training", "validation"])}
+    path = tmp_path / "youcook2_annotations_trainval.json"
+    path.write_text(json.dumps({"database": database}))
+    captions = read_captions(path)
+    assert captions.by_id["GLd3aX16zB2"] == ["spread margarine on bread", "place a slice of cheese on the bread"]
+    data = load_pretrain_data([tmp_path / "cache"], [path], None, workspace=Workspace(tmp_path / "ws"))
+    assert sorted(trained_captions(data)) == ["training/113/GLd3aX16zB0", "training/113/GLd3aX16zB1"]
+    assert list(validation_captions(data)) == ["training/113/GLd3aX16zB2"]
+    assert data.summary()[0] == (f"training captions: {path} (YouCook2's annotations, each segment's sentence taken as a "
+                                 "caption of its whole video; eval --paragraphs joins them into one query per video, "
+                                 "the paragraph-to-video protocol)")
+    activitynet = tmp_path / "ActivityNet" / "train.json"  # labels of actions, not sentences: not YouCook2's
+    activitynet.parent.mkdir()
+    activitynet.write_text(json.dumps({"database": {"x": {"subset": "training", "annotations": [{"label": "Drinking"}]}}}))
+    with pytest.raises(UserError, match="a JSON document of a layout vlpcache does not know"):
+        read_captions(activitynet)
+
+
 def test_text_files_of_an_id_and_a_caption_per_line_are_read_as_msvd_and_flickr_ship_them(tmp_path):
     msvd = tmp_path / "AllVideoDescriptions.txt"
     msvd.write_text("# MSVD: video id, then its caption\n\n-4wsuPCjDBc_5_15 a squirrel is eating a peanut\n"

@@ -226,6 +226,20 @@ def test_paragraphs_make_one_query_of_each_videos_captions_cut_at_max_words(root
     assert results["protocol"]["queries_cut"] == sum(n > words for n in lengths) == (0 if (max_words, repeat) == (None, 1) else 8)
 
 
+def test_eval_of_segment_sentences_says_they_query_whole_videos_and_suggests_paragraphs(root, ws, monkeypatch, capsys,
+                                                                                        tmp_path):
+    captions = read_captions(root / "val.jsonl").by_id
+    path = tmp_path / "val_1.json"  # ActivityNet Captions: each sentence describes a segment of its video
+    path.write_text(json.dumps({i: {"duration": 9.0, "timestamps": [[0, 4]] * len(texts), "sentences": texts}
+                                for i, texts in captions.items()}))
+    code, _, err = vlpcache(monkeypatch, capsys, "eval", "--captions", path)
+    assert code == 0, err
+    assert (f"note: {path} (ActivityNet Captions, each segment's sentence taken as a caption of its whole video; eval "
+            "--paragraphs joins them into one query per video, the paragraph-to-video protocol)") in err.splitlines()
+    code, _, err = vlpcache(monkeypatch, capsys, "eval", "--captions", path, "--paragraphs")
+    assert code == 0 and "segment" not in err
+
+
 def test_max_words_past_positions_of_the_text_model_is_one_line(root, ws, monkeypatch, capsys):
     code, _, err = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl", "--max-words", 100)
     assert code == 2 and len(err.strip().splitlines()) == 1

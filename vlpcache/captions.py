@@ -10,7 +10,8 @@ document in a layout a dataset ships (JSON_LAYOUTS): a list of the JSON Lines ob
 "sentences": [{"video_id", "caption"}]}, also CLIP4Clip's MSRVTT_data.json); Karpathy's split files of
 Flickr8k, Flickr30k and COCO ({"images": [{"filename", "split", "sentences": [{"raw"}]}]}); COCO's
 caption annotations ({"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]});
-ActivityNet Captions ({video id: {"sentences": [...]}}). A .txt or .token file: lines of an id and a
+ActivityNet Captions ({video id: {"sentences": [...]}}); YouCook2's ({"database": {video id: {"subset",
+"annotations": [{"sentence"}]}}}). A .txt or .token file: lines of an id and a
 caption (MSVD's, Flickr's token files). A folder: a text file beside each image or video, of the same
 name (img2dataset's output, CC3M's usual form).
 
@@ -49,6 +50,7 @@ class Captions:
     first_bad_line: str = ""  # "FILE line N: why", for the report
     repeated: int = 0  # captions of an id that another file merged in gave it already (read once)
     layout: str = ""  # how the file was read: "JSON Lines", "CSV", a JSON_LAYOUTS name...
+    segments: bool = False  # its sentences each describe a segment of their video (ActivityNet Captions, YouCook2)
 
     def bad_lines_text(self) -> str:
         """", 3 unreadable caption lines (the first: FILE line N: why)", or "" when all were read."""
@@ -522,7 +524,12 @@ def _read_document(captions: Captions, path: Path, document) -> str:
         raise UserError(f"{path}: a JSON document of a layout vlpcache does not know (top level: {keys}); "
                         f"{_caption_forms()}")
     JSON_LAYOUTS[layout][1](captions, path, document)
-    return layout
+    return f"{layout}, {SEGMENTS_NOTE}" if captions.segments else layout
+
+
+# said where a file's sentences describe segments (start and end times) but train and query whole videos
+SEGMENTS_NOTE = ("each segment's sentence taken as a caption of its whole video; eval --paragraphs joins them into "
+                 "one query per video, the paragraph-to-video protocol")
 
 
 def _list_of(document: dict, key: str) -> list:
@@ -576,6 +583,22 @@ def _read_activitynet(captions: Captions, path: Path, document: dict) -> None:
             _bad_line(captions, path, number, 'no "sentences" list', unit="video")
             continue
         _add(captions, video, sentences)
+    captions.segments = True
+
+
+def _read_youcook2(captions: Captions, path: Path, document: dict) -> None:
+    """YouCook2's youcook2_annotations_trainval.json: {"database": {YouTube id: {"subset": "training" or
+    "validation", "annotations": [{"segment": [start, end], "sentence"}]}}}; the id names the video
+    (raw_videos/training/113/GLd3aX16zBg.mp4 is the item `training/113/GLd3aX16zBg`, matched by its end)."""
+    for number, (video, entry) in enumerate(document["database"].items(), 1):
+        annotations = entry.get("annotations") if isinstance(entry, dict) else None
+        if not isinstance(annotations, list):
+            _bad_line(captions, path, number, 'no "annotations" list', unit="video")
+            continue
+        _add(captions, video, [a.get("sentence") if isinstance(a, dict) else None for a in annotations])
+        if isinstance(entry.get("subset"), str):
+            captions.splits[str(video)] = entry["subset"]
+    captions.segments = True
 
 
 def _records_of(key: str, *fields: str):
@@ -592,11 +615,21 @@ def _activitynet(document: dict) -> bool:
     return bool(first) and all(isinstance(v, dict) for v in first) and any("sentences" in v for v in first)
 
 
+def _youcook2(document: dict) -> bool:
+    """Whether a document is YouCook2's: {"database": {id: {"annotations": [{"sentence"}]}}} (ActivityNet
+    1.3's "database" has action labels, not sentences: not captions)."""
+    database = document.get("database")
+    first = list(database.values())[:10] if isinstance(database, dict) else []
+    return any(isinstance(v, dict) and isinstance(v.get("annotations"), list) and v["annotations"]
+               and isinstance(v["annotations"][0], dict) and "sentence" in v["annotations"][0] for v in first)
+
+
 JSON_LAYOUTS = {  # name: (how to recognise it, how to read it), tried in this order
     "MSR-VTT's annotations": (_records_of("sentences", "video_id", "caption"), _read_msrvtt),
     "Karpathy's splits (Flickr8k, Flickr30k, COCO)": (_records_of("images", "filename", "sentences"), _read_karpathy),
     "COCO's captions": (_records_of("annotations", "image_id", "caption"), _read_coco),
     "ActivityNet Captions": (_activitynet, _read_activitynet),
+    "YouCook2's annotations": (_youcook2, _read_youcook2),
 }
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from vlpcache.cache.reader import BlankWhenDamaged
-from vlpcache.captions import caption_queries, read_captions
+from vlpcache.captions import SEGMENTS_NOTE, caption_queries, read_captions
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import is_write_failure, may_write, replace_atomically, write_failure
@@ -242,6 +242,16 @@ def what_is_evaluated(sources, run, cache, kept, report: dict, captions, key_mat
             f"{captions.bad_lines_text()}{key_matches.text()}{said_unreadable}), device {device}")
 
 
+def say_protocol_notes(say, captions_file, captions, kept, split, paragraphs) -> None:
+    """What eval's queries are where a file could be meant otherwise: several splits evaluated together,
+    segment sentences asked of whole videos."""
+    if split is None and (splits := kept.split_counts()) and len(splits) > 1:
+        say(f"eval: {captions_file} has videos of several splits ({', '.join(f'{n} {s}' for s, n in splits.items())}), "
+            "all evaluated together: --split NAME evaluates one")
+    if captions.segments and not paragraphs:  # a segment's sentence as a query for its whole video
+        say(f"note: {captions_file} ({captions.layout})")
+
+
 def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captions=False, paragraphs=False,
              max_words=None, as_json=False, rerank_candidates=RERANK_CANDIDATES, device=DEFAULT_DEVICE,
              batch_size=None, checkpoint=None, quiet=False, qbnorm=False, dual_softmax=False, per_query=None) -> dict:
@@ -279,9 +289,7 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
 
         check_max_words(max_words, run.model.text_encoder.backbone, run.config.text_model or "of the run")
     say = sayer(quiet)
-    if split is None and (splits := kept.split_counts()) and len(splits) > 1:
-        say(f"eval: {captions_file} has videos of several splits ({', '.join(f'{n} {s}' for s, n in splits.items())}), "
-            "all evaluated together: --split NAME evaluates one")
+    say_protocol_notes(say, captions_file, captions, kept, split, paragraphs)
     seen = seen_by_run(sources.run_dir, sources.cache_dir, captions_file, kept, file_has_validation_split)
     if line := seen.line(captions_file, len(kept.by_id)):  # said under --quiet too: it is about what the figures mean
         say_always(line)
