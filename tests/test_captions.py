@@ -273,6 +273,24 @@ def test_text_files_of_an_id_and_a_caption_per_line_are_read_as_msvd_and_flickr_
         read_captions(split_list)
 
 
+def test_lsmdc_and_tgif_tab_separated_files_without_a_header_train_on_their_ids_and_sentences(tmp_path):
+    cache = tmp_path / "cache"
+    ids = write_cache(cache, 2, prefix="1001_Flight/1001_Flight_00.00.45.321-00.00.48.10")  # LSMDC's clips by movie
+    ids += write_cache(cache, 2, prefix="tumblr_mevmyaKtDf1rgvhr8o1_50", seed=1)  # TGIF's GIFs by file name
+    lsmdc = tmp_path / "LSMDC16_annos_training.csv"  # clip id, start and end aligned, start and end extracted, sentence
+    lsmdc.write_text("".join(f"{i.split('/')[1]}\t00.00.45.321\t00.00.48.10{n}\t00.00.45.300\t00.00.48.200\tSOMEONE sits down.\n"
+                             for n, i in enumerate(ids[:2])))
+    tgif = tmp_path / "tgif-v1.0.tsv"  # the GIF's URL, a tab, a caption
+    tgif.write_text("".join(f"https://38.media.tumblr.com/9f6c25cc350f12aa74a7dc386a5c4985/{i}.gif\ta cat {n} jumps\n"
+                            for n, i in enumerate(ids[2:])))
+    clips = [i.split("/")[1] for i in ids[:2]]  # named by the clip alone, below its movie's folder
+    assert read_captions(lsmdc).by_id == {clips[0]: ["SOMEONE sits down."], clips[1]: ["SOMEONE sits down."]}
+    assert read_captions(lsmdc).layout == "LSMDC's clip id, times and sentence"
+    data = load_pretrain_data([cache], [lsmdc, tgif], None, workspace=Workspace(tmp_path / "ws"))
+    assert trained_captions(data) == {ids[0]: ["SOMEONE sits down."], ids[1]: ["SOMEONE sits down."],
+                                      ids[2]: ["a cat 0 jumps"], ids[3]: ["a cat 1 jumps"]}
+
+
 def test_a_file_of_which_no_caption_can_be_read_is_one_error_naming_its_first_bad_line(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text('{not json\n["a list"]\n')

@@ -321,13 +321,14 @@ def read_captions(path: str | Path, progress: bool = False) -> Captions:
     if not path.is_file():
         raise UserError(f"{path}: caption file not found")
     text = read_utf8_text(path)
-    if path.suffix.lower() in CSV_SUFFIXES:
+    if path.suffix.lower() in CSV_SUFFIXES and not _csv_header(text) and "\t" in text.lstrip().partition("\n")[0]:
+        captions.layout = _read_id_and_caption_lines(captions, path, text)  # LSMDC's .csv, TGIF's .tsv: no header
+    elif path.suffix.lower() in CSV_SUFFIXES:
         captions.layout = _read_csv(captions, path, text)
     elif path.suffix.lower() in TEXT_SUFFIXES and _csv_header(text):  # Kaggle's Flickr8k captions.txt: CSV
         captions.layout = _read_csv(captions, path, text)
     elif path.suffix.lower() in TEXT_SUFFIXES and not text.lstrip().startswith(("{", "[")):  # not JSON named .txt
-        _read_id_and_caption_lines(captions, path, text)
-        captions.layout = "lines of an id and a caption"
+        captions.layout = _read_id_and_caption_lines(captions, path, text)
         if not captions.by_id and _only_file_names(text):
             raise UserError(f"{path}: a list of file names without captions (a split's list, as Flickr_8k.devImages.txt "
                             "is), not a caption file; to train or validate on those files only, pass their lines of the "
@@ -373,15 +374,25 @@ def _only_file_names(text: str) -> bool:
 _FILE_THEN_COMMA = re.compile(r"[^\s,]+\.[A-Za-z0-9]{2,5}(#\d+)?,")  # `1000268201_693b08cb0e.jpg,A child ...`
 
 
-def _read_id_and_caption_lines(captions: Captions, path: Path, text: str) -> None:
+_LSMDC_TIME = re.compile(r"\d+\.\d+\.\d+\.\d+")  # LSMDC's `00.00.45.321`: hours, minutes, seconds, milliseconds
+
+
+def _read_id_and_caption_lines(captions: Captions, path: Path, text: str) -> str:
     """Lines of an id and a caption, split at the first tab, or else at the comma after a file name
     (`1000268201_693b08cb0e.jpg,A child ...`), or else at the first space (MSVD's `-4wsuPCjDBc_5_15 a
-    squirrel is eating`, Flickr's `1000268201_693b08cb0e.jpg#0<TAB>A child ...`); a caption number after
-    `#` is dropped from the id; `#` comment lines and blank lines are skipped."""
+    squirrel is eating`, Flickr's `1000268201_693b08cb0e.jpg#0<TAB>A child ...`, TGIF's `https://...gif<TAB>a
+    cat ...`); LSMDC's six tab-separated fields, a clip id, four times and the sentence, give the id and the
+    sentence. A caption number after `#` is dropped from the id; `#` comment lines and blank lines are
+    skipped. Returns the layout read."""
+    lsmdc = 0
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
-        if "\t" in line:
+        fields = line.split("\t")
+        if len(fields) == 6 and all(_LSMDC_TIME.fullmatch(f.strip()) for f in fields[1:5]):
+            item_id, caption = fields[0], fields[5]
+            lsmdc += 1
+        elif "\t" in line:
             item_id, _, caption = line.partition("\t")
         elif _FILE_THEN_COMMA.match(line.strip()):
             item_id, _, caption = line.strip().partition(",")
@@ -392,6 +403,7 @@ def _read_id_and_caption_lines(captions: Captions, path: Path, text: str) -> Non
             _bad_line(captions, path, number, "not an id and a caption")
             continue
         _add(captions, item_id, [caption])
+    return "LSMDC's clip id, times and sentence" if lsmdc else "lines of an id and a caption"
 
 
 def _read_csv(captions: Captions, path: Path, text: str) -> str:
