@@ -82,8 +82,8 @@ def test_a_csv_without_video_and_caption_columns_is_one_error_naming_the_file(tm
     csv = tmp_path / "c.csv"
     csv.write_text("id,text\nv0,a dog\n")
     with pytest.raises(UserError, match=r"c\.csv: a CSV caption file needs a video column \(video, video_id, videoid, "
-                                        r"image, image_name, image_id, file_name, filename\) "
-                                        r"and a caption column \(caption, sentence, name, comment\), separated by commas, "
+                                        r"image, image_name, image_id, file_name, filename, id\) and a "
+                                        r"caption column \(caption, sentence, name, comment, descriptions\), separated by commas, "
                                         r"semicolons, tabs or pipes; its header has id, text$"):
         read_captions(csv)
 
@@ -116,6 +116,21 @@ def test_csv_files_of_webvid_and_clip4clip_are_read_by_their_own_column_names(tm
     csv = tmp_path / "c.csv"
     csv.write_text("\n".join([header, *rows]) + "\n")
     assert read_captions(csv).by_id == {"1": ["a dog runs"], "2": ["a cat, sleeping"]}
+
+
+def test_charades_csv_trains_on_each_of_a_videos_descriptions_and_validates_on_the_test_file(tmp_path):
+    write_cache(tmp_path / "cache", 3, prefix="46GP")  # Charades_v1_480/46GP0.mp4 ...
+    header = "id,subject,scene,quality,relevance,verified,script,objects,descriptions,actions,length\n"
+    row = ('{0},HR43,Kitchen,6,7,Yes,"A person cooks on a stove.",food;stove,"A person is cooking.;The person eats '
+           'food, then leaves.;",c092 11.90 21.20;c147 0.00 12.60,24.83\n')
+    train, test = tmp_path / "Charades_v1_train.csv", tmp_path / "Charades_v1_test.csv"
+    train.write_text(header + row.format("46GP0") + row.format("46GP1"))
+    test.write_text(header + row.format("46GP2"))
+    data = load_pretrain_data([tmp_path / "cache"], [train], test, workspace=Workspace(tmp_path / "ws"))
+    descriptions = ["A person is cooking.", "The person eats food, then leaves."]
+    assert trained_captions(data) == {"46GP0": descriptions, "46GP1": descriptions}
+    assert validation_captions(data) == {"46GP2": descriptions}
+    assert read_captions(train).empty_captions == 0
 
 
 def test_a_json_document_listing_the_json_lines_objects_reads_the_same_and_counts_bad_records(tmp_path):

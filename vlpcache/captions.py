@@ -297,9 +297,12 @@ def _record(record) -> tuple[str, list, str | None] | str:
 
 
 # ours, MSR-VTT's and CLIP4Clip's, WebVid's; image datasets' (Kaggle's Flickr8k captions.txt `image,caption`,
-# Flickr30k's results.csv `image_name| comment_number| comment`, file_name and filename columns)
-CSV_VIDEO_COLUMNS = ("video", "video_id", "videoid", "image", "image_name", "image_id", "file_name", "filename")
-CSV_CAPTION_COLUMNS = ("caption", "sentence", "name", "comment")  # ours and COCO's, CLIP4Clip's, WebVid's; Flickr30k's
+# Flickr30k's results.csv `image_name| comment_number| comment`, file_name and filename columns); Charades' `id`, last
+CSV_VIDEO_COLUMNS = ("video", "video_id", "videoid", "image", "image_name", "image_id", "file_name", "filename", "id")
+# ours and COCO's, CLIP4Clip's, WebVid's; Flickr30k's; Charades_v1_train.csv's (its "script", what the actors were
+# asked to do, left aside for what annotators saw)
+CSV_CAPTION_COLUMNS = ("caption", "sentence", "name", "comment", "descriptions")
+CSV_SEVERAL_CAPTIONS = {"descriptions": ";"}  # a column holding several captions, and what separates them (Charades')
 CSV_SPLIT_COLUMN = "split"  # optional: train, val, test... as JSON Lines' "split" key
 # what separates a CSV file's columns: commas; semicolons, as Excel saves CSV where the comma is the decimal
 # mark; tabs (.tsv, and Excel's "Text (Tab delimited)" saved as .csv); pipes. The one whose header has a
@@ -440,7 +443,10 @@ def _read_csv(captions: Captions, path: Path, text: str) -> str:
         if not row[video].strip():
             _bad_line(captions, path, rows.line_num, "no video id")
             continue
-        _add(captions, row[video], [row[caption]])
+        texts = [row[caption]]
+        if several := CSV_SEVERAL_CAPTIONS.get(caption):  # Charades' "A person cooks.;The person eats."
+            texts = [text for text in row[caption].split(several) if text.strip()] or [""]
+        _add(captions, row[video], texts)
         if row.get(CSV_SPLIT_COLUMN, "").strip():
             captions.splits[row[video]] = row[CSV_SPLIT_COLUMN].strip()
     separator = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}[delimiter]
