@@ -1339,6 +1339,21 @@ MUTANTS += [
     mutant("ray-replaced-row-unnamed", "vlpcache/extract/ray_engine.py",
            "\"kind\": item.kind, \"replaces\": item.replaces}", "\"kind\": item.kind, \"replaces\": \"\"}",
            "tests/test_ray_engine.py -k replaced", "the ray engine's row of a changed source names the row it replaces"),
+    mutant("captions-vatex-id-unknown", "vlpcache/captions.py",
+           'RECORD_ID_KEYS = ("video", "video_id", "videoID")', 'RECORD_ID_KEYS = ("video", "video_id")',
+           "tests/test_captions.py -k vatex", "VATEX's videoID names the video"),
+    mutant("captions-youcook2-unknown", "vlpcache/captions.py",
+           "    \"YouCook2's annotations\": (_youcook2, _read_youcook2),\n", "",
+           "tests/test_captions.py -k youcook2", "YouCook2's annotations are a known layout"),
+    mutant("eval-segments-unsaid", "vlpcache/index/evaluate.py",
+           "    if captions.segments and not paragraphs:", "    if False:",
+           "tests/test_eval.py -k segment", "eval says segment sentences query whole videos"),
+    mutant("captions-lsmdc-times-in-caption", "vlpcache/captions.py",
+           "        if len(fields) == 6 and all(", "        if False and all(",
+           "tests/test_captions.py -k lsmdc", "LSMDC's times are not part of its sentences"),
+    mutant("captions-charades-descriptions-joined", "vlpcache/captions.py",
+           "        if several := CSV_SEVERAL_CAPTIONS.get(caption):", "        if several := None:",
+           "tests/test_captions.py -k charades", "Charades' descriptions are captions each"),
 ]
 
 
