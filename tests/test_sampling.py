@@ -219,6 +219,19 @@ def test_streams_without_duration_or_exact_seeking_still_give_the_centre_frames(
     assert [frame_number(f) for f in out.frames] == [2, 6, 11, 15, 20, 24, 29, 33]
 
 
+@pytest.mark.parametrize("fmt, ext", [("matroska", "mkv"), ("mpegts", "ts")])
+def test_a_long_recording_without_duration_or_index_is_measured_from_its_end_not_refused(tmp_path, monkeypatch, fmt, ext):
+    # an hour-long mkv cut off before its Duration and Cues were written (OBS after a crash) is over the size
+    # of a demux pass: it failed with "video length unknown" though its last packets carry the time
+    from vlpcache.extract import sampling
+
+    monkeypatch.setattr(sampling, "DEMUX_PASS_MAX_BYTES", 0)  # this small file stands in for a 500 MB one
+    out = read_item(video(streamed_video(tmp_path / f"s.{ext}", fmt)), T, MAX_SIDE)
+    check_frames(out)
+    assert out.duration == pytest.approx(3.6, abs=0.11)
+    assert [frame_number(f) for f in out.frames] == [2, 6, 11, 15, 20, 24, 29, 33]
+
+
 @pytest.mark.parametrize("name", ["box.mp4", "Megamind.avi", "bigbuckbunny.mp4", "tools_data_skeleton_S001C001P001R001A001_rgb.avi"])
 def test_frames_read_again_at_their_stored_times_are_the_sampled_frames(videos_dir, name):
     item = video(videos_dir / name)

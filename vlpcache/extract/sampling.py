@@ -45,7 +45,9 @@ MAX_CONSECUTIVE_DECODE_ERRORS = 100
 # Packets read after a seek in search of the keyframe where decoding will start.
 PROBE_MAX_PACKETS = 2000
 PROBE_MAX_STEPS_BACK = 10
-# A tiny file whose length is unknown from its metadata is measured by a demux pass (no decoding).
+# A file whose length is unknown from its metadata is measured from its last packets, found by seeking
+# this far (seconds; a week) past its start; a small one without timestamps there by a demux pass (no decoding).
+SEEK_PAST_END_S = 7 * 24 * 3600
 DEMUX_PASS_MAX_BYTES = 256 << 20
 
 
@@ -171,10 +173,12 @@ class _VideoSampler:
         rate = stream.average_rate or stream.guessed_rate
         if stream.frames and rate:
             return float(stream.frames / rate)
+        if (end := self._end_by_seeking()) is not None and end > self.start:
+            return (end - self.start) * tb
         # last resort: read (not decode) every packet of a small file for its last timestamp
         if self.path.stat().st_size <= DEMUX_PASS_MAX_BYTES:
             end, length = None, 0.0
-            for packet in self.container.demux(stream):
+            for packet in self.container.demux(self.stream):  # the one of the container opened again
                 step = packet.duration or self.frame_step
                 length += step if packet.size else 0
                 ts = packet.pts if packet.pts is not None else packet.dts
@@ -186,6 +190,22 @@ class _VideoSampler:
             if end is not None and end > self.start:
                 return (end - self.start) * tb
         raise ItemError("video length unknown (no duration, frame count or timestamps in the file)")
+
+    def _end_by_seeking(self) -> int | None:
+        """The end of the last packet (time_base units), read after a seek far past the end, which lands
+        on the last keyframe: a recording cut off before its header was finished (Matroska without
+        Duration or Cues: OBS after a crash, a stream saved from a pipe) has timestamps but no length,
+        and a demux pass over a long one reads gigabytes. None where the input cannot seek or has no
+        timestamps after the seek (a raw stream: the demux pass below measures it)."""
+        seeking, end = self.use_seek, None
+        if self._seek_to(self.start + math.ceil(SEEK_PAST_END_S / float(self.time_base))):
+            for packet in self.container.demux(self.stream):
+                ts = packet.pts if packet.pts is not None else packet.dts
+                if ts is not None and packet.size:
+                    end = max(end if end is not None else ts, ts + (packet.duration or self.frame_step))
+        self.use_seek = seeking  # the sampling plan tries again, and copes where seeking fails
+        self._reopen()  # a failed seek, or one back to the start, can leave a raw H.264 stream at its end
+        return end
 
     # -- sampling plan
 
@@ -261,8 +281,12 @@ class _VideoSampler:
     def _rewind(self) -> None:
         """Back to the first packet: by seeking, or where the input cannot seek, by opening it again."""
         if not self._seek_to(self.start):
-            self.container.close()
-            self.container = self._open()
+            self._reopen()
+        self.demuxed = False
+
+    def _reopen(self) -> None:
+        self.container.close()
+        self.container = self._open()
         self.demuxed = False
 
     def _seek_to(self, ts: int) -> bool:
