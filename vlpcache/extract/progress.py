@@ -4,6 +4,7 @@ summary, the progress bar and one line per failed item, or per item kept despite
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,9 @@ class RoomCheck:
                 "goes on)")
 
 
+BAR_TICK_S = 1.0  # a bar not redrawn for this long is redrawn: its clock moves while one long item holds it
+
+
 class ExtractProgress:
     """The progress bar over `total` items, advanced item by item on the driver; a context manager."""
 
@@ -92,6 +96,17 @@ class ExtractProgress:
         self.summary, self.description, self.started, self.quiet = summary, description, started, quiet
         self.bar = progress_bar(total=total, unit="item", disable=quiet, desc=f"{description} (loading {detector})")
         self.room = RoomCheck(cache_dir)
+        self.closed = threading.Event()
+        self.ticker = threading.Thread(target=self._tick, name="vlpcache-bar-tick", daemon=True)
+        if not self.bar.disable:
+            self.ticker.start()
+
+    def _tick(self) -> None:
+        """tqdm redraws only when the count moves: an hour of video decoded from one keyframe, or a file
+        that runs into --decode-timeout, showed `0/1 [00:00<?` for minutes, as if the command hung."""
+        while not self.closed.wait(BAR_TICK_S):
+            if time.time() - self.bar.last_print_t >= BAR_TICK_S:
+                self.bar.refresh()
 
     def ready(self, since: float | None = None) -> None:
         """The detector is loaded (at wall-clock time `since`, when that was earlier): rates and the
@@ -127,4 +142,7 @@ class ExtractProgress:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.closed.set()
+        if self.ticker.is_alive():
+            self.ticker.join()
         self.bar.close()
