@@ -186,6 +186,31 @@ def test_ctrl_c_stops_extract_and_its_workers_with_one_line_and_a_rerun_finishes
     assert len(finished) == LONG_ITEMS and len(set(finished.ids)) == LONG_ITEMS
 
 
+def test_ctrl_c_in_the_middle_of_a_long_item_stops_at_once_without_a_traceback(tmp_path):
+    # the reader's thread waited on a worker busy with an hour of video: the command waited 5 s for it, and
+    # as it exited the reader replaced the workers it found killed, each new one dying with a traceback
+    from broken_media import make_slow_image
+
+    page = make_slow_image(tmp_path / "root" / "scan" / "1.png")  # 1.5 s each to decode here: 12 s in all
+    for n in range(2, 9):
+        os.link(page, page.with_name(f"{n}.png"))
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "vlpcache", "extract", str(tmp_path / "root"), "-o",
+                                 str(tmp_path / "cache"), "--backbone", "neck", "--workers", "1"], cwd=tmp_path,
+                                stderr=stderr, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        # the detector loaded 2 s ago (the bar's clock): the worker is past its imports, decoding
+        wait_until(lambda: re.search(r"extract: +0%.*0/1 \[00:0[2-9]", log.read_text()), alive=proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        sent = time.monotonic()
+        proc.wait(timeout=HANG_GUARD_S)
+    took, said = time.monotonic() - sent, log.read_text()
+    assert proc.returncode == 130 and "Traceback" not in said, said
+    assert said.strip().splitlines()[-1] == "interrupted; what was committed is kept, re-run the same command to resume"
+    assert took < 3.0, took
+
+
 def test_sigterm_to_the_whole_job_commits_the_shard_in_progress_and_says_so(long_root, tmp_path):
     # a Slurm time limit signals every process of the job, the decoding workers too; the process died of it
     # as of kill -9, losing the shard in progress: here the first, which nothing else would have committed

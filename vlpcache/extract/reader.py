@@ -171,11 +171,18 @@ class _Died:
 class _WorkerPool:
     """Decoding workers, each fed through its own pipe; one that dies is replaced by a new one."""
 
-    def __init__(self, size: int, decode: Decode, num_frames: int, max_side: int, timeout: float | None):
+    def __init__(self, size: int, decode: Decode, num_frames: int, max_side: int, timeout: float | None,
+                 stopping: threading.Event):
         self._start = functools.partial(_Worker, multiprocessing.get_context("spawn"), decode, num_frames, max_side)
         self.workers = [self._start() for _ in range(size)]
         self.timeout = timeout  # seconds one item may take, None: no limit
         self.failed_starts = 0
+        self.stopping = stopping  # set by FrameReader.stop: workers that end are not replaced
+
+    def stop(self) -> None:
+        """End the workers from another thread: wait() then returns, replacing none of them."""
+        for worker in self.workers:
+            worker.process.terminate()
 
     @property
     def in_flight(self) -> int:
@@ -191,6 +198,8 @@ class _WorkerPool:
         with items in flight or after a failed submit()."""
         outcomes: list[DecodedItem | _Died] = []
         ready = multiprocessing.connection.wait([worker.conn for worker in self.workers], self._time_left())
+        if self.stopping.is_set():
+            return outcomes
         for index, worker in enumerate(self.workers):
             if worker.conn in ready:
                 try:
@@ -246,6 +255,16 @@ class FrameReader:
         self.window = window or max(4, 4 * workers)
         self.decode = decode
         self.timeout = timeout  # seconds a worker may take on one item (None: no limit; in-process: none)
+        self.stopping = threading.Event()
+        self.pool: _WorkerPool | None = None
+
+    def stop(self) -> None:
+        """From another thread (Ctrl-C in the command's): the reader ends at once, its workers stopped even
+        in the middle of an hour of video, rather than the reader finishing that item first, and replacing
+        the workers it found dead while the interpreter shut down (a traceback from each)."""
+        self.stopping.set()
+        if (pool := self.pool) is not None:
+            pool.stop()
 
     def __call__(self, items: Iterable[Item]) -> Iterator[DecodedItem]:
         if self.workers == 0:  # in-process decoding: simplest to debug and profile
@@ -254,8 +273,11 @@ class FrameReader:
             return
         todo = _Todo(items)
         with _WorkerPool(min(self.workers, self.window), self.decode, self.num_frames, self.max_side,
-                         self.timeout) as pool:
-            while todo or pool.in_flight:
+                         self.timeout, self.stopping) as pool:
+            self.pool = pool
+            if self.stopping.is_set():  # stopped while the pool started
+                pool.stop()
+            while (todo or pool.in_flight) and not self.stopping.is_set():
                 todo.fill(pool, self.window)
                 for outcome in pool.wait():
                     if isinstance(outcome, DecodedItem):
@@ -323,9 +345,10 @@ class Prefetch:
     next batch ready instead of waiting for it. Use as a context manager: leaving it stops the thread
     and closes `iterable` (a reader generator shuts its worker pool down)."""
 
-    def __init__(self, iterable: Iterable, depth: int):
+    def __init__(self, iterable: Iterable, depth: int, stop: Callable[[], None] = lambda: None):
         self._buffer: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
+        self._stop_source = stop  # ends `iterable` where it blocks (a FrameReader waiting on its workers)
         self._thread = threading.Thread(target=self._fill, args=(iterable,), name="vlpcache-prefetch", daemon=True)
         self._thread.start()
 
@@ -357,6 +380,7 @@ class Prefetch:
 
     def close(self) -> None:
         self._stop.set()
+        self._stop_source()
         self._thread.join(timeout=5)
 
     def __enter__(self) -> "Prefetch":

@@ -230,7 +230,7 @@ def detect_and_write(todo, spec: DetectorSpec, writer: ShardWriter, options: Ext
     # the workers start decoding now, while torch and the networks load, up to about 256 MB of
     # decoded frames ahead (yolox at T=8: 64 items, four CUDA batches)
     depth = decoded_items_within_budget(spec.max_side, options.frames)
-    with (Prefetch(reader(todo), depth=depth) as decoded,
+    with (Prefetch(reader(todo), depth=depth, stop=reader.stop) as decoded,
           ExtractProgress(summary, len(todo), options.description(), spec.detector, started, options.quiet,
                           writer.cache_dir) as progress):
         device = resolve_device(options.device).type
