@@ -1354,6 +1354,15 @@ MUTANTS += [
     mutant("captions-charades-descriptions-joined", "vlpcache/captions.py",
            "        if several := CSV_SEVERAL_CAPTIONS.get(caption):", "        if several := None:",
            "tests/test_captions.py -k charades", "Charades' descriptions are captions each"),
+    mutant("extract-reader-not-stopped-on-ctrl-c", "vlpcache/extract/reader.py",
+           "        self._stop_source()\n", "",
+           "tests/test_reader.py -k endless_item", "leaving extract stops the decoding workers mid-item"),
+    mutant("extract-bar-clock-frozen", "vlpcache/extract/progress.py",
+           "                self.bar.refresh()\n", "                pass\n",
+           "tests/test_faults.py -k clock_moves", "the bar's clock moves while one long item decodes"),
+    mutant("sampling-length-not-from-the-end", "vlpcache/extract/sampling.py",
+           "        if (end := self._end_by_seeking()) is not None and end > self.start:", "        if False:",
+           "tests/test_sampling.py -k long_recording", "a long recording without its length is measured from its end"),
 ]
 
 

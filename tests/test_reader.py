@@ -145,6 +145,22 @@ def test_an_item_whose_decoding_overruns_the_time_limit_is_stopped_and_reported_
     assert {r.item.id: r.error for r in results if r.error} == {"2-stuck": "decoder took more than 5 s on this file"}
 
 
+def test_closing_the_prefetch_stops_a_reader_whose_worker_is_in_the_middle_of_an_endless_item(tmp_path):
+    # Ctrl-C while a worker decodes an hour of video: the reader's thread went on waiting for that worker
+    # after the command had given up on it, and replaced the workers killed under it at exit (a traceback each)
+    from decoders import stuck_on_stuck
+
+    items = images(tmp_path / "pictures", ["1-stuck", "2"])
+    reader = FrameReader(num_frames=1, max_side=64, workers=1, decode=stuck_on_stuck)  # no time limit
+    ahead = Prefetch(reader(items), depth=2, stop=reader.stop)
+    assert wait_until(lambda: reader.pool is not None and reader.pool.in_flight)
+    pool = reader.pool
+    started = [worker.process for worker in pool.workers]
+    ahead.close()
+    assert not ahead._thread.is_alive()  # the reader ended rather than waiting on the stuck item
+    assert [worker.process for worker in pool.workers] == started and not any(p.is_alive() for p in started)
+
+
 def test_workers_that_cannot_start_end_the_reader_with_one_clear_error(tmp_path, monkeypatch):
     # a broken install killed every worker as it started, and the pool would have replaced them for ever
     from decoders import CANNOT_START, segfault_on_hostile
