@@ -1363,6 +1363,13 @@ MUTANTS += [
     mutant("sampling-length-not-from-the-end", "vlpcache/extract/sampling.py",
            "        if (end := self._end_by_seeking()) is not None and end > self.start:", "        if False:",
            "tests/test_sampling.py -k long_recording", "a long recording without its length is measured from its end"),
+    mutant("search-long-video-time-in-seconds", "vlpcache/report.py",
+           "    return f\"image {int(time) + 1}\" if kind == \"frames\" else clock_text(time)",
+           "    return f\"image {int(time) + 1}\" if kind == \"frames\" else f\"{time:.2f} s\"",
+           "tests/test_search.py -k where_its_frame_sits", "a long video's time reads as minutes and seconds"),
+    mutant("page-long-video-time-in-seconds", "vlpcache/serve/page/page.js",
+           "  if (hundredths < 6000) return", "  if (hundredths < 6e9) return",
+           "tests/test_serve.py -k keyboard", "the page gives a long video's time in minutes and seconds"),
 ]
 
 

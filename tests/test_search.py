@@ -111,7 +111,7 @@ def test_search_prints_rank_score_id_path_time_and_matched_regions(ws, monkeypat
 
 
 def test_a_hit_says_where_its_frame_sits_in_the_terms_of_what_it_was_extracted_from():
-    """Seconds of a video; a frames folder's image by its place (1 for the first: time counts from 0); a
+    """Seconds of a video (minutes and seconds past a minute); a frames folder's image by its place (1 for the first: time counts from 0); a
     photo's one frame nothing at all, rather than "@ 0.00 s"."""
     from vlpcache.index.search import Hit, RegionHit, format_hits
 
@@ -122,6 +122,8 @@ def test_a_hit_says_where_its_frame_sits_in_the_terms_of_what_it_was_extracted_f
 
     assert format_hits("q", [hit("video", 2.5)]).splitlines()[1:] == [
         "  1   0.5000  x  @ 2.50 s", "       dog -> dog [0.10, 0.20, 0.30, 0.40] @ 2.50 s; ball -> ball [0.00, 0.00, 1.00, 1.00] @ 0.00 s"]
+    assert format_hits("q", [hit("video", 2475.64)]).splitlines()[1] == "  1   0.5000  x  @ 41:15.64"  # not 2475.64 s
+    assert format_hits("q", [hit("video", 3723.5)]).splitlines()[1] == "  1   0.5000  x  @ 1:02:03.50"
     assert format_hits("q", [hit("frames", 83.0)]).splitlines()[1:] == [
         "  1   0.5000  x  @ image 84", "       dog -> dog [0.10, 0.20, 0.30, 0.40] @ image 84; ball -> ball [0.00, 0.00, 1.00, 1.00] @ image 1"]
     assert format_hits("q", [hit("image", 0.0)]).splitlines()[1:] == [

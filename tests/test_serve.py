@@ -626,6 +626,10 @@ def test_the_page_by_keyboard_and_back_button_and_when_the_server_stops_answerin
                                        "c => [hitsById.get(c.dataset.id).kind, c.querySelector('.time').textContent])")
         assert {kind for kind, _ in times} == {"frames", "video"}, times  # both kinds among the 12
         assert all(re.fullmatch(r"@ image [12]" if kind == "frames" else r"@ \d+\.\d\d s", text) for kind, text in times), times
+        from vlpcache.report import clock_text  # a long video's times as search says them: minutes and seconds
+        moments = [1.844, 59.996, 2475.64, 3723.5]
+        assert browser.execute_script(f"return {moments}.map(clockText)") == [clock_text(t) for t in moments] == [
+            "1.84 s", "1:00.00", "41:15.64", "1:02:03.50"]
 
         browser.find_element(By.CSS_SELECTOR, ".card").send_keys(Keys.ENTER)
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#detail-frames figure")) == 2)

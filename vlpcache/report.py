@@ -81,11 +81,23 @@ def items_word(kinds) -> str:
 
 
 def place_text(kind: str, time: float | None) -> str:
-    """Where an item's frame sits, for a person: seconds of a video, the place of a frames folder's image in
-    name order (1 for the first: its stored time counts from 0), and nothing for a photo (its one frame)."""
+    """Where an item's frame sits, for a person: its time in a video (clock_text), the place of a frames
+    folder's image in name order (1 for the first: its stored time counts from 0), and nothing for a photo
+    (its one frame)."""
     if time is None or kind == "image":
         return ""
-    return f"image {int(time) + 1}" if kind == "frames" else f"{time:.2f} s"
+    return f"image {int(time) + 1}" if kind == "frames" else clock_text(time)
+
+
+def clock_text(seconds: float) -> str:
+    """A time in a video: `12.40 s` under a minute, else minutes and seconds, `41:15.64` (`1:02:03.50` past
+    an hour), as a player shows it and `ffmpeg -ss` takes it; `2475.64 s` made a person do the division."""
+    hundredths = round(seconds * 100)
+    if hundredths < 6000:
+        return f"{hundredths / 100:.2f} s"
+    minutes, hundredths = divmod(hundredths, 6000)
+    hours, minutes = divmod(minutes, 60)
+    return (f"{hours}:{minutes:02d}:" if hours else f"{minutes}:") + f"{hundredths / 100:05.2f}"
 
 
 def human_duration(seconds: float) -> str:

@@ -137,7 +137,19 @@ function labelText(label) {
 // order (1 for the first; the API's time counts from 0), nothing for a photo (its one frame)
 function placeText(kind, time) {
   if (time === null || time === undefined || kind === "image") return "";
-  return kind === "frames" ? `image ${Math.round(time) + 1}` : `${time.toFixed(2)} s`;
+  return kind === "frames" ? `image ${Math.round(time) + 1}` : clockText(time);
+}
+
+// a time in a video as report.clock_text says it: "12.40 s", "41:15.64", "1:02:03.50"
+function clockText(seconds) {
+  let hundredths = Math.round(seconds * 100);
+  if (hundredths < 6000) return `${(hundredths / 100).toFixed(2)} s`;
+  let minutes = Math.floor(hundredths / 6000);
+  hundredths -= minutes * 6000;
+  const hours = Math.floor(minutes / 60);
+  minutes -= hours * 60;
+  const secs = (hundredths / 100).toFixed(2).padStart(5, "0");
+  return hours ? `${hours}:${String(minutes).padStart(2, "0")}:${secs}` : `${minutes}:${secs}`;
 }
 
 // a region per query word, the first of a word said again ("big big dog")
