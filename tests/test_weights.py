@@ -79,6 +79,17 @@ def test_models_fetch_gets_what_is_missing_and_leaves_what_is_present(server, mo
     assert f"{folder / YOLOX_FILE}: present" in capsys.readouterr().err.splitlines()
 
 
+def test_models_fetch_without_names_says_the_vg_checkpoint_is_fetched_by_name_only(models_dir, tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name in (YOLOX_FILE, "mobilenet_v2_imagenet_features.pth"):
+        shutil.copy(models_dir / name, folder / name)
+    result = cli("models", "fetch", "--models", folder, env={"VLPCACHE_OFFLINE": "1"})
+    assert result.returncode == 0 and sorted(p.name for p in folder.iterdir()) == sorted([YOLOX_FILE, "mobilenet_v2_imagenet_features.pth"])
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("frcnn_vg_finetuned.bin: not fetched without its name") and "`vlpcache models fetch frcnn_vg_finetuned.bin`" in line
+
+
 def test_a_corrupted_download_is_refused_and_retried(server, models_dir, tmp_path, capsys):
     server.corrupt = 1
     path = weights_file(YOLOX_FILE, tmp_path)

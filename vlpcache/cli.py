@@ -181,7 +181,8 @@ def models_list(models, as_json) -> None:
 @click.argument("names", nargs=-1)
 @models_option
 def models_fetch(names, models) -> None:
-    """Fetch the missing weights files NAMES (default: all) into the models folder, verified."""
+    """Fetch the missing weights files NAMES (default: all but the vg checkpoint, fetched by name) into the models
+    folder, verified."""
     from vlpcache.extract.detectors.models_folder import fetch_weights
 
     fetch_weights(names, models)

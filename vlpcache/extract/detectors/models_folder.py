@@ -64,6 +64,12 @@ def fetch_weights(names: tuple[str, ...] = (), models: str | None = None) -> Non
             say(f"{folder / entry.name}: present")
         else:
             fetch(entry, folder)
+    if names:
+        return
+    for entry in REGISTRY.values():  # fetched on its detector's first use, or by name: said, not left unsaid
+        if entry.on_request and not (folder / entry.name).is_file():
+            say(f"{entry.name}: not fetched without its name (its detector fetches it on first use); "
+                f"`{entry.fetch_command()}` gets it now")
 
 
 def verify_weights(models: str | None = None) -> bool:
