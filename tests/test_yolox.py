@@ -187,7 +187,7 @@ def test_the_choice_made_before_loading_describes_the_loaded_detector(detector, 
     assert (choice.feature_dim, choice.max_side) == (detector.feature_dim, detector.max_side)
     with pytest.raises(UserError, match="unknown backbone 'resnet' for yolox"):
         choose_detector("yolox", "resnet", None, str(models_dir))
-    with pytest.raises(UserError, match="--weights is for --detector frcnn"):
+    with pytest.raises(UserError, match="--weights is for --detector frcnn or vg;"):
         choose_detector("yolox", None, "x.pth", str(models_dir))
 
 

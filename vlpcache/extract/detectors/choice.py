@@ -33,7 +33,7 @@ def choose_detector(detector: str, backbone: str | None, weights: str | None, mo
 def named_detector(detector: str, backbone: str | None, weights: str | None, models: str | None) -> DetectorSpec:
     if detector == "yolox":
         if weights:
-            raise UserError("--weights is for --detector frcnn; yolox reads its files from --models")
+            raise UserError("--weights is for --detector frcnn or vg; yolox reads its files from --models")
         return yolox_spec(backbone or DEFAULT_YOLOX_BACKBONE, models)
     if detector == "frcnn":
         arch = check_architecture(backbone or DEFAULT_FRCNN_ARCH)
