@@ -165,7 +165,7 @@ def test_index_says_what_a_weak_match_is_and_search_says_when_a_query_finds_only
     for weak_below, weak in ((2.0, True), (-2.0, False)):  # every match weak; none
         path.write_text(json.dumps({**calibration, "weak_below": weak_below}))
         code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog on the grass", "-k", "3")
-        assert code == 0 and ('note: a weak match for "a dog on the grass": its best score, ' in err) == weak, err
+        assert code == 0 and ('note: a weak match for "a dog on the grass": its best global score, ' in err) == weak, err
         assert search_json(monkeypatch, capsys, "a dog on the grass", "-k", "3")[0]["weak"] == weak
 
 

@@ -446,8 +446,8 @@ def hits_json(query: str, hits: list[Hit], unread: str = "", unknown: list[str] 
 
 def weak_line(searcher: Searcher, query: str, hits: list[Hit]) -> str:
     best = max(h.global_score for h in hits)
-    return (f"note: a weak match for \"{printable(query[:40])}{'...' if len(query) > 40 else ''}\": its best score, "
-            f"{best:.3f}, is below what 99 in 100 of the run's training captions find here ({searcher.weak_below:.3f}); "
+    return (f"note: a weak match for \"{printable(query[:40])}{'...' if len(query) > 40 else ''}\": its best global score, "
+            f"{best:.3f} (before re-rank), is below what 99 in 100 of the run's training captions find here ({searcher.weak_below:.3f}); "
             "the collection may hold nothing like it")
 
 
