@@ -1201,14 +1201,14 @@ MUTANTS += [
            "if (event.persisted) showAddress();", "if (false) showAddress();",
            "tests/test_serve.py -k keyboard", "Back to an earlier query shows that query in the box"),
     mutant("page-frames-place-as-seconds", "vlpcache/serve/page/page.js",
-           "return kind === \"frames\" ? `image ${Math.round(time) + 1}` : `${time.toFixed(2)} s`;",
-           "return `${time.toFixed(2)} s`;",
+           "return kind === \"frames\" ? `image ${Math.round(time) + 1}` : clockText(time);",
+           "return clockText(time);",
            "tests/test_serve.py -k keyboard", "a frames folder's frame is its image's place, not seconds"),
     mutant("page-no-answer-raw", "vlpcache/serve/page/page.js",
            "    throw new Error(NO_ANSWER);", "    throw new Error(\"Failed to fetch\");",
            "tests/test_serve.py -k keyboard", "a server that stopped answering is said so"),
     mutant("search-frames-place-as-seconds", "vlpcache/report.py",
-           "    return f\"image {int(time) + 1}\" if kind == \"frames\" else f\"{time:.2f} s\"", "    return f\"{time:.2f} s\"",
+           "    return f\"image {int(time) + 1}\" if kind == \"frames\" else clock_text(time)", "    return clock_text(time)",
            "tests/test_search.py -k where_its_frame_sits", "search's text says a frames folder's image by its place"),
     mutant("search-unknown-words-unsaid", "vlpcache/index/query_model.py",
            "    unknown = [text[start:end] for i, (start, end) in words if i == unk_id and end > start]",
@@ -1370,6 +1370,9 @@ MUTANTS += [
     mutant("page-long-video-time-in-seconds", "vlpcache/serve/page/page.js",
            "  if (hundredths < 6000) return", "  if (hundredths < 6e9) return",
            "tests/test_serve.py -k keyboard", "the page gives a long video's time in minutes and seconds"),
+    mutant("models-fetch-vg-unsaid", "vlpcache/extract/detectors/models_folder.py",
+           "        if entry.on_request and not (folder / entry.name).is_file():", "        if False:",
+           "tests/test_weights.py -k fetched_by_name_only", "models fetch says the vg checkpoint is fetched by name"),
 ]
 
 
