@@ -1373,6 +1373,9 @@ MUTANTS += [
     mutant("models-fetch-vg-unsaid", "vlpcache/extract/detectors/models_folder.py",
            "        if entry.on_request and not (folder / entry.name).is_file():", "        if False:",
            "tests/test_weights.py -k fetched_by_name_only", "models fetch says the vg checkpoint is fetched by name"),
+    mutant("page-reads-nothing-decided-by-itself", "vlpcache/serve/page/page.js",
+           "  return readsNothing\n", "  return false\n",
+           "tests/test_serve.py -k keyboard", "the page says a query of unknown words only ranks by nothing"),
 ]
 
 

@@ -136,7 +136,9 @@ def test_words_the_text_model_does_not_know_are_said_in_text_json_and_by_the_sea
         'note: the text model knows none of the words of "猫 🐶" ("猫", "🐶": each read as one unknown token): '
         "this ranking says nothing about them; its vocabulary is English words"), err
     [result] = search_json(monkeypatch, capsys, "a dog with a 猫", "-k", "2")
-    assert result["unknown"] == ["猫"]
+    assert result["unknown"] == ["猫"] and result["reads_nothing"] is False
+    [result] = search_json(monkeypatch, capsys, "猫 🐶", "-k", "2")
+    assert result["unknown"] == ["猫", "🐶"] and result["reads_nothing"] is True
     code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog with a 猫", "-k", "2")
     assert err.splitlines()[-1] == ('note: the text model does not know "猫" (read as one unknown token, the same for '
                                     "anything outside its vocabulary): the results follow the rest of the query")

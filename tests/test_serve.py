@@ -660,6 +660,8 @@ def test_the_page_by_keyboard_and_back_button_and_when_the_server_stops_answerin
         assert browser.find_element(By.CSS_SELECTOR, "#query-words .unknown").text == "猫"
         assert "“猫”: not known to the text model, the results follow the rest of the query" in browser.find_element(
             By.ID, "status").text
+        browser.get(server.url + "?" + urllib.parse.urlencode({"q": "猫 🐶"}))  # nothing it knows: the server says so
+        wait.until(lambda b: "the text model knows none of these words (“猫”, “🐶”)" in b.find_element(By.ID, "status").text)
         browser.execute_script("window.fetch = () => Promise.reject(new TypeError('Failed to fetch'))")  # the server gone
         browser.find_element(By.CSS_SELECTOR, ".card").click()
         wait.until(lambda b: "error:" in b.find_element(By.ID, "detail-meta").text)

@@ -438,10 +438,12 @@ class Searcher:
 
 
 def hits_json(query: str, hits: list[Hit], unread: str = "", unknown: list[str] | None = None,
-              weak: bool = False) -> dict:
+              weak: bool = False, known: int | None = None) -> dict:
     """`unread`: the end of the query past the tokens the model reads (Searcher.unread); `unknown`: its
-    parts the text model does not know (Searcher.unknown); `weak`: its best match is weak (Searcher.weak)."""
-    return {"query": query, "unread": unread, "unknown": unknown or [], "weak": weak, "results": [asdict(h) for h in hits]}
+    parts the text model does not know, `known`: how many of its tokens it knows (Searcher.unknown_and_known;
+    "reads_nothing" where there are unknown parts and nothing else); `weak`: its best match is weak (Searcher.weak)."""
+    return {"query": query, "unread": unread, "unknown": unknown or [], "reads_nothing": bool(unknown) and known == 0,
+            "weak": weak, "results": [asdict(h) for h in hits]}
 
 
 def weak_line(searcher: Searcher, query: str, hits: list[Hit]) -> str:
@@ -614,7 +616,7 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
         if weak := searcher.weak(hits):
             weaker.say(lambda: weak_line(searcher, query, hits))
         if as_json:
-            print(json.dumps(hits_json(query, hits, unread, unknown, weak), ensure_ascii=False), flush=True)
+            print(json.dumps(hits_json(query, hits, unread, unknown, weak, known), ensure_ascii=False), flush=True)
         else:
             print(("\n" if n else "") + format_hits(query, hits), flush=True)
     for counted, what, key in ((cut, f"were longer than the {searcher.max_words} tokens the model reads and cut there",

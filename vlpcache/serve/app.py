@@ -75,7 +75,8 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
         except UserError as err:
             raise ApiError(400, str(err)) from None
         took = 1e3 * (time.perf_counter() - started)
-        return JSONResponse(hits_json(query, hits, searcher.unread(query), searcher.unknown(query), searcher.weak(hits)),
+        unknown, known = searcher.unknown_and_known(query)
+        return JSONResponse(hits_json(query, hits, searcher.unread(query), unknown, searcher.weak(hits), known),
                             headers={"server-timing": f"search;dur={took:.1f}"})
 
     def item(request: Request) -> Response:

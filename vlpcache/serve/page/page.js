@@ -250,7 +250,7 @@ async function search(query, k) {
   $("results").replaceChildren(...hits.map(card));
   const ms = Math.round(performance.now() - started);
   const cut = (body.unread ? " · the end of the query, struck out below, is past what the model reads and was left out" : "") +
-    unknownText(query, body.unknown || []) +
+    unknownText(body.unknown || [], body.reads_nothing) +
     (body.weak ? " · weak matches: the best is below what 99 in 100 of the run's training captions find here" : "");
   const model = (await info)?.model; // which run answered stays in sight beside its results
   const named = query.length > STATUS_QUERY ? query.slice(0, STATUS_QUERY - 1) + "…" : query; // all of it is in the box
@@ -258,19 +258,19 @@ async function search(query, k) {
     (model ? ` · ${model}` : "") + cut);
 }
 
+// what the text model made of words outside its vocabulary (each read as one unknown token); whether it
+// read anything else is the server's to say (reads_nothing), as search says it
+function unknownText(unknown, readsNothing) {
+  if (!unknown.length) return "";
+  const named = unknown.slice(0, 5).map((part) => `“${part}”`).join(", ");
+  return readsNothing
+    ? ` · the text model knows none of these words (${named}): this order says nothing about them`
+    : ` · ${named}: not known to the text model, the results follow the rest of the query`;
+}
+
 // an item's frames in the dialog; `step`: a step of its own in the history (opened from a card), so that
 // Back closes it, as a phone's Back closes an overlay; else (a link or a reload with &item=, Forward)
 // the address as it is
-// what the text model made of words outside its vocabulary (each read as one unknown token)
-function unknownText(query, unknown) {
-  if (!unknown.length) return "";
-  const named = unknown.slice(0, 5).map((part) => `“${part}”`).join(", ");
-  const rest = unknown.reduce((text, part) => text.split(part).join(" "), query).trim();
-  return rest
-    ? ` · ${named}: not known to the text model, the results follow the rest of the query`
-    : ` · the text model knows none of these words (${named}): this order says nothing about them`;
-}
-
 async function openItem(id, step = false) {
   const dialog = $("detail");
   const hit = hitsById.get(id);
