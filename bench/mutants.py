@@ -1376,6 +1376,9 @@ MUTANTS += [
     mutant("page-reads-nothing-decided-by-itself", "vlpcache/serve/page/page.js",
            "  return readsNothing\n", "  return false\n",
            "tests/test_serve.py -k keyboard", "the page says a query of unknown words only ranks by nothing"),
+    mutant("pretrain-odd-split-unsaid", "vlpcache/model/data.py",
+           "    odd = [name for name in splits if name and name.lower() not in TRAINING_SPLITS]", "    odd = []",
+           "tests/test_captions.py -k split_named_otherwise", "a split not named as training is pointed out"),
 ]
 
 

@@ -366,6 +366,20 @@ def test_the_split_key_keeps_val_and_test_items_out_of_training(tmp_path, cache)
     assert validation_captions(data) == {"v1": ["one"], "v4": ["four"]}  # no --val-captions: the file's val split
     assert f"validation ({train}): 2 videos, 2 captions as queries" in data.summary()
     assert data.summary()[0] == f"training captions: {train} (JSON Lines)"
+    assert "training: the caption files' splits train (1 id), none (1 id)" in data.summary()
+
+
+def test_a_split_named_otherwise_than_training_is_pointed_out_and_testing_is_held_out(tmp_path, cache):
+    # YouCook2's and others' "testing", an evaluation set's own name: a test set trained on without a word
+    train = write_jsonl(tmp_path / "all.jsonl", [
+        {"video": "v0", "captions": ["zero"], "split": "training"},
+        {"video": "v1", "captions": ["one"], "split": "testing"},
+        {"video": "v2", "captions": ["two"], "split": "eval_b"},
+    ])
+    data = load_pretrain_data([cache], [train], None, workspace=Workspace(tmp_path / "ws"))
+    assert trained_captions(data) == {"v0": ["zero"], "v2": ["two"]}
+    assert ("training: the caption files' splits training (1 id), eval_b (1 id); 'eval_b' is trained on: if held "
+            "out, give a file without them") in data.summary()
 
 
 def test_a_hand_written_csv_its_split_column_honoured_and_unquoted_commas_read_whole(tmp_path, cache):

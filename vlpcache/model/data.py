@@ -15,6 +15,7 @@ all-gather needs) and says so once; validation counts it as a video without fram
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -35,7 +36,8 @@ from vlpcache.workspace import Workspace
 
 CAPTION_SUFFIXES = (".jsonl", ".csv")
 VALIDATION_SPLITS = {"val", "valid", "validate", "validation"}  # "validate": MSR-VTT's own annotations
-HELD_OUT_STEMS = VALIDATION_SPLITS | {"test", "devtest", "dev"}
+HELD_OUT_STEMS = VALIDATION_SPLITS | {"test", "testing", "devtest", "dev", "eval", "evaluation", "heldout", "holdout"}
+TRAINING_SPLITS = {"train", "training", "restval", "trainval"}  # split names that say "train on these"
 
 
 # ---------------------------------------------------------------- finding and reading captions
@@ -317,6 +319,17 @@ def validation_set(caches: list[RegionCache], captions: Captions) -> tuple[Valid
     return ValidationSet(caches, [(c, i) for c, i, _ in samples], [texts for _, _, texts in samples]), report
 
 
+def trained_splits_line(splits: dict[str, int]) -> str:
+    """Which splits of the caption files' "split" key pretraining trains on; a name that does not say
+    training (`testing2`, `eval_b`) is pointed out: a held-out set under a name vlpcache does not know."""
+    named = ", ".join(f"{printable(name) if name else 'none'} ({count:,} id{'s' if count != 1 else ''})"
+                      for name, count in splits.items())
+    odd = [name for name in splits if name and name.lower() not in TRAINING_SPLITS]
+    return f"training: the caption files' splits {named}" + (
+        f"; {', '.join(map(repr, odd))} {'is' if len(odd) == 1 else 'are'} trained on: if held out, give a file "
+        "without them" if odd else "")
+
+
 def held_out(captions: Captions, keep_held_out: bool) -> tuple[Captions, int]:
     """Captions of one side of a caption file's "split" key: training drops val/test items,
     validation keeps only val items (files without splits are taken whole)."""
@@ -346,6 +359,7 @@ class PretrainData:
     held_out_skipped: int = 0  # training captions of val/test items (by their "split" key) left out
     not_captions: list[str] = field(default_factory=list)  # why each file found by default was not read
     repeated_captions: int = 0  # captions that two of the files give the same id (read once)
+    trained_splits: dict[str, int] = field(default_factory=dict)  # split name -> items of it trained on (files with splits)
 
     def train_ids(self) -> list[str]:
         return [self.caches[c].ids[i] for c, i, _ in self.train.samples]
@@ -370,6 +384,8 @@ class PretrainData:
                 lines.append(f"note: {cache.cache_dir}: {outdated}; re-extract it for the features this vlpcache computes")
         if self.held_out_skipped:
             lines.append(f"training: {self.held_out_skipped} captioned items of val/test splits left out")
+        if self.trained_splits:
+            lines.append(trained_splits_line(self.trained_splits))
         if self.validation is not None:
             queries = sum(len(c) for c in self.validation.captions)
             lines.append(f"validation ({self.validation_file}): {len(self.validation)} {self.items}, {queries} captions as queries"
@@ -434,8 +450,10 @@ def load_pretrain_data(
     train = CaptionedRegions(caches, samples, seed, captions_per_video or 1)
     if captions_per_video is None:  # every caption of a typical item in each step, at most max_captions_per_video
         train.captions_per_video = max(1, min(max_captions_per_video, train.median_captions()))
+    splits = Counter(training_captions.splits.get(i, "") for i in training_captions.by_id) if training_captions.splits else {}
     data = PretrainData(caches, train, report, caption_files, [captions.layout for captions in per_file],
-                        held_out_skipped=skipped, not_captions=not_captions, repeated_captions=repeated)
+                        held_out_skipped=skipped, not_captions=not_captions, repeated_captions=repeated,
+                        trained_splits=dict(splits))
     if validation_file is not None:
         read = dict(zip(caption_files, per_file)).get(Path(validation_file))  # a training file's split: read already
         if read is None:
