@@ -1219,7 +1219,7 @@ MUTANTS += [
            "    if not known:\n        return (f\"note: the text model knows none", "    if False:\n        return (f\"note: the text model knows none",
            "tests/test_search.py -k does_not_know", "a query of nothing but unknown words is said to rank by nothing"),
     mutant("page-unknown-words-unsaid", "vlpcache/serve/page/page.js",
-           "    unknownText(query, body.unknown || []) +", "    \"\" +",
+           "    unknownText(body.unknown || [], body.reads_nothing) +", "    \"\" +",
            "tests/test_serve.py -k keyboard", "the page says which words the text model does not know"),
     # stop 46: a researcher tuning pretrain and eval (nan options, a diverged run, changed data on resume)
     mutant("cli-nan-option-accepted", "vlpcache/cli.py",

@@ -330,6 +330,11 @@ def trained_splits_line(splits: dict[str, int]) -> str:
         "without them" if odd else "")
 
 
+def split_counts(captions: Captions) -> dict[str, int]:
+    """How many of the ids of `captions` each split holds ("" for ids without one); {} for files without splits."""
+    return dict(Counter(captions.splits.get(i, "") for i in captions.by_id)) if captions.splits else {}
+
+
 def held_out(captions: Captions, keep_held_out: bool) -> tuple[Captions, int]:
     """Captions of one side of a caption file's "split" key: training drops val/test items,
     validation keeps only val items (files without splits are taken whole)."""
@@ -436,7 +441,6 @@ def load_pretrain_data(
         validation_file = found_validation = next(
             (path for path, captions in zip(caption_files, per_file) if has_validation_split(captions)), None)
     training_captions, skipped = held_out(merged(per_file), keep_held_out=False)
-    repeated = training_captions.repeated
     samples, report = match_captions(caches, training_captions)
     if not samples:
         example_item = next((c.ids[0] for c in caches if len(c)), None)
@@ -450,10 +454,9 @@ def load_pretrain_data(
     train = CaptionedRegions(caches, samples, seed, captions_per_video or 1)
     if captions_per_video is None:  # every caption of a typical item in each step, at most max_captions_per_video
         train.captions_per_video = max(1, min(max_captions_per_video, train.median_captions()))
-    splits = Counter(training_captions.splits.get(i, "") for i in training_captions.by_id) if training_captions.splits else {}
     data = PretrainData(caches, train, report, caption_files, [captions.layout for captions in per_file],
-                        held_out_skipped=skipped, not_captions=not_captions, repeated_captions=repeated,
-                        trained_splits=dict(splits))
+                        held_out_skipped=skipped, not_captions=not_captions, repeated_captions=training_captions.repeated,
+                        trained_splits=split_counts(training_captions))
     if validation_file is not None:
         read = dict(zip(caption_files, per_file)).get(Path(validation_file))  # a training file's split: read already
         if read is None:
