@@ -1379,6 +1379,9 @@ MUTANTS += [
     mutant("pretrain-odd-split-unsaid", "vlpcache/model/data.py",
            "    odd = [name for name in splits if name and name.lower() not in TRAINING_SPLITS]", "    odd = []",
            "tests/test_captions.py -k split_named_otherwise", "a split not named as training is pointed out"),
+    mutant("captions-prefix-unsaid", "vlpcache/model/data.py",
+           "        if prefix:\n            other = ", "        if False:\n            other = ",
+           "tests/test_captions.py -k prefix", "caption ids that are the cache's names with a prefix are said so"),
 ]
 
 

@@ -382,6 +382,21 @@ def test_a_split_named_otherwise_than_training_is_pointed_out_and_testing_is_hel
             "out, give a file without them") in data.summary()
 
 
+def test_caption_ids_that_are_the_cache_names_with_a_prefix_are_said_so(tmp_path, cache):
+    # ActivityNet's ids are v_ + a YouTube id; a crawler that saved the bare ids (or the other way round)
+    # met only "no cached item has a caption", showing one id of each side
+    for name, ids in (("prefixed", [f"v_v{i}" for i in range(6)]), ("bare", ["0", "1", "2", "3", "4", "5"])):
+        captions = write_jsonl(tmp_path / f"{name}.jsonl", [{"video": i, "captions": ["a caption"]} for i in ids])
+        with pytest.raises(UserError) as raised:
+            load_pretrain_data([cache], [captions], None, workspace=Workspace(tmp_path / "ws"))
+        side, other, prefix = ("caption ids", "cached names", "v_") if name == "prefixed" else ("cached names", "caption ids", "v")
+        assert f"the {side} are the {other} with {prefix!r} in front (as ActivityNet's `v_` ids)" in str(raised.value)
+    unrelated = write_jsonl(tmp_path / "other.jsonl", [{"video": f"x{i}", "captions": ["a caption"]} for i in range(6)])
+    with pytest.raises(UserError) as raised:
+        load_pretrain_data([cache], [unrelated], None, workspace=Workspace(tmp_path / "ws"))
+    assert "in front" not in str(raised.value)
+
+
 def test_a_hand_written_csv_its_split_column_honoured_and_unquoted_commas_read_whole(tmp_path, cache):
     """As a spreadsheet user writes it: a Split column (not only JSON Lines' "split" key keeps val and test
     out of training), CRLF line ends, and captions with commas nobody quoted: each read whole, not cut

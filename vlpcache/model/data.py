@@ -304,6 +304,24 @@ def frames_folder_hint(caches: list[RegionCache], captions: Captions) -> str:
             "to cache each image as an item, extract it again into a new cache with --no-frame-folders")
 
 
+def prefix_hint(caches: list[RegionCache], captions: Captions) -> str:
+    """Where caption ids and cached names differ by a prefix of one side only (ActivityNet's ids are
+    `v_` + a YouTube id; a video saved under the bare id, or the other way round): which, and what to do;
+    "" else."""
+    keys = [Path(key.replace("\\", "/")).stem for key in list(captions.by_id)[:200]]
+    names = {Path(item_id).name for cache in caches for item_id in cache.ids}
+    for longer, shorter, side in ((keys, names, "caption ids"), (sorted(names)[:200], set(keys), "cached names")):
+        common = os.path.commonprefix(longer)[:8] if len(longer) > 1 else ""
+        # the longest start they all share that, taken off, gives the other side's names (video1 -> 1, not video -> 1)
+        prefix = next((common[:size] for size in range(len(common), 0, -1)
+                       if sum(key[size:] in shorter for key in longer) >= len(longer) / 2), "")
+        if prefix:
+            other = "cached names" if side == "caption ids" else "caption ids"
+            return (f"the {side} are the {other} with {prefix!r} in front (as ActivityNet's `v_` ids): name the "
+                    f"files as the captions do and extract them again, or write the caption file's ids as the cache's")
+    return ""
+
+
 def _names_a_file_in(folder: str, keys: list[str]) -> bool:
     """Whether one of the caption keys is the name, or the name without its extension, of a file in folder."""
     try:
@@ -448,7 +466,7 @@ def load_pretrain_data(
         raise UserError(
             f"no cached item has a caption in {', '.join(map(str, caption_files))} "
             f"(cache ids look like {example_item!r}, caption ids like {example_caption!r}{report.key_matches.text()}); "
-            + (frames_folder_hint(caches, training_captions) or
+            + (frames_folder_hint(caches, training_captions) or prefix_hint(caches, training_captions) or
                "pass the caption file of the extracted items with --captions")
         )
     train = CaptionedRegions(caches, samples, seed, captions_per_video or 1)
