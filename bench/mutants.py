@@ -1382,6 +1382,9 @@ MUTANTS += [
     mutant("captions-prefix-unsaid", "vlpcache/model/data.py",
            "        if prefix:\n            other = ", "        if False:\n            other = ",
            "tests/test_captions.py -k prefix", "caption ids that are the cache's names with a prefix are said so"),
+    mutant("extract-summary-rate-from-the-load-unsaid", "vlpcache/extract/progress.py",
+           "        loaded = self.seconds - self.load_seconds", "        loaded = 0",
+           "tests/test_extract.py -k rate_the_bar_showed", "extract's summary gives the bar's rate too"),
 ]
 
 

@@ -43,8 +43,10 @@ class ExtractSummary:
                   f"(failed before; --retry-failed retries), {self.failed} failed, {damaged}{passed_over}")
         if not (self.done or self.failed or self.load_seconds):  # nothing to decode: no detector was loaded
             return f"{counts}{self.seconds:.1f} s; nothing left to extract"
+        loaded = self.seconds - self.load_seconds  # the bar's clock: its rate counts from the detector's load
+        after = f" ({self.frames / loaded:.1f} frames/s from then, as the bar counts)" if self.frames and loaded > 0 else ""
         return (
-            f"{counts}{self.seconds:.1f} s, {rate}; detector loaded after {self.load_seconds:.1f} s, "
+            f"{counts}{self.seconds:.1f} s, {rate}; detector loaded after {self.load_seconds:.1f} s{after}, "
             f"busy {self.detect_seconds:.1f} s, "
             f"waited {self.wait_seconds:.1f} s for decoded frames"
         )
