@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import urllib.parse
 from pathlib import Path
 
@@ -238,6 +239,34 @@ def test_a_thumbnail_store_of_another_format_is_emptied_and_begun_again(ws, own_
     again = client.get("/media/frame", params={"id": f"v{VIDEO + 1}", "t": 1})
     assert again.status_code == 200 and again.content == first.content
     assert json.loads((folder / STORE_FILE).read_text()) == {"format": STORE_FORMAT}
+
+
+def test_two_threads_storing_one_thumbnail_at_once_both_succeed(tmp_path):
+    # two requests for the same frame (a page reloaded, two colleagues) decode it and store it at once; with one
+    # temporary name per process the second rename found it gone and the server stopped keeping thumbnails
+    from vlpcache.files import replace_atomically
+
+    path, both_written = tmp_path / "ab" / "thumbnail.jpg", threading.Barrier(2)
+    path.parent.mkdir()
+    failures = []
+
+    def store(content: bytes) -> None:
+        def write(tmp: Path) -> None:
+            tmp.write_bytes(content)
+            both_written.wait(timeout=HANG_GUARD_S)  # each thread has filled its temporary before either renames
+
+        try:
+            replace_atomically(path, write)
+        except OSError as err:
+            failures.append(err)
+
+    threads = [threading.Thread(target=store, args=(bytes([n]) * (1000 + n),)) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=HANG_GUARD_S)
+    assert not failures and path.read_bytes() in (bytes([0]) * 1000, bytes([1]) * 1001)
+    assert [p.name for p in path.parent.iterdir()] == ["thumbnail.jpg"]  # no temporary left behind
 
 
 def test_thumbnail_survives_its_source_once_stored(template, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -82,7 +83,8 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-# a file being written: ".<name>.<pid>.tmp<suffix>" beside its final name (replace_together)
+# a file being written: ".<name>.<pid>-<thread>.tmp<suffix>" beside its final name (replace_together); the
+# thread too, as a server's threads may write the same file at once (two requests for one thumbnail)
 TEMPORARY_GLOB = ".*.*.tmp*"
 # (path, write(tmp), suffix): `write` fills the temporary, whose name ends in `suffix` for writers that
 # add one (np.save: ".npy")
@@ -90,7 +92,13 @@ FileWrite = tuple[Path, Callable[[Path], object], str]
 
 
 def _temporary(path: Path, suffix: str = "") -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp{suffix}")
+
+
+def temporary_writer(tmp: Path, path: Path) -> int | None:
+    """The process id in the name of `tmp`, a temporary of `path` (_temporary); None if it names none."""
+    pid = tmp.name[len(path.name) + 2:].split(".", 1)[0].split("-", 1)[0]
+    return int(pid) if pid.isdigit() else None
 
 
 def replace_atomically(path: Path, write: Callable[[Path], object], suffix: str = "") -> None:

@@ -34,7 +34,7 @@ from typing import Callable, ClassVar, Protocol
 
 from vlpcache.downloads import Damaged, Unavailable, download, offline_variable, source_url
 from vlpcache.errors import UserError
-from vlpcache.files import file_sha256, replace_atomically
+from vlpcache.files import file_sha256, replace_atomically, temporary_writer
 from vlpcache.locks import process_alive
 from vlpcache.report import say
 from vlpcache.workspace import MODEL_FILES_HINT, models_dir
@@ -385,10 +385,10 @@ def remove_stale_temporaries(path: Path) -> None:
     """Remove temporaries of `path` left by a download that died (kill -9): its process is gone here and
     the file has not grown for a while (on a shared folder, another machine's download keeps it fresh)."""
     for stale in path.parent.glob(f".{path.name}.*.tmp*"):
-        pid = stale.name[len(path.name) + 2:].split(".", 1)[0]
+        pid = temporary_writer(stale, path)
         try:
             idle = time.time() - stale.stat().st_mtime
         except FileNotFoundError:  # finished or removed meanwhile
             continue
-        if pid.isdigit() and not process_alive(int(pid)) and idle > STALE_AFTER_S:
+        if pid is not None and not process_alive(pid) and idle > STALE_AFTER_S:
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
