@@ -184,7 +184,7 @@ def test_requests_for_another_host_name_are_refused(api):
     assert "Host header" in one_line_error(response, 400)
     assert api.get("/api/info", headers={"host": "localhost:8000"}).json() == {
         "items": ITEMS, "rerank": True, "model": "run-001, epoch 1", "unindexed": 0,
-        "example": "the " + WORDS[0] + " here", "kinds": {"frames": VIDEO, "video": ITEMS - VIDEO}}  # the first caption of 3 to 6 words in the run's training captions
+        "example": "the " + WORDS[0] + " here", "kinds": {"frames": VIDEO, "video": ITEMS - VIDEO}, "newer": ""}  # the first caption of 3 to 6 words in the run's training captions
 
 
 def test_every_response_carries_the_security_headers(api):
@@ -239,6 +239,27 @@ def test_a_thumbnail_store_of_another_format_is_emptied_and_begun_again(ws, own_
     again = client.get("/media/frame", params={"id": f"v{VIDEO + 1}", "t": 1})
     assert again.status_code == 200 and again.content == first.content
     assert json.loads((folder / STORE_FILE).read_text()) == {"format": STORE_FORMAT}
+
+
+def test_info_says_when_pretrain_saved_a_newer_checkpoint_than_the_one_answering(ws, capsys):
+    run = ws / "runs" / "run-001"
+    [meta_file] = (ws / "index").rglob("index.json")  # ws is a copy: its index names the template's run
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "run_dir": str(run)}))
+    own_api, _ = client_for(ws)
+    assert own_api.get("/api/info").json()["newer"] == ""
+    [first] = (run / "checkpoints").iterdir()  # epoch-0001, the best
+    later = run / "checkpoints" / "epoch-0002"  # as pretrain saves a better epoch while the server runs
+    shutil.copytree(first, later)
+    meta = json.loads((later / "meta.json").read_text())
+    (later / "meta.json").write_text(json.dumps({**meta, "epoch": 2, "sha256": "0" * 64}))
+    best = json.loads((run / "best.json").read_text())
+    (run / "best.json").write_text(json.dumps({**best, "epoch": 2}))
+    for _ in range(2):
+        info = own_api.get("/api/info").json()
+    assert info["model"] == "run-001, epoch 1"
+    assert info["newer"] == ("run-001's checkpoint is now epoch 2, and epoch 1 answers here: restart `vlpcache serve` "
+                             "(or a new Searcher) to search with it")
+    assert capsys.readouterr().err.count(f"note: {info['newer']}\n") == 1  # in the server's log once
 
 
 def test_two_threads_storing_one_thumbnail_at_once_both_succeed(tmp_path):

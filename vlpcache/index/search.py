@@ -40,7 +40,7 @@ from vlpcache.index.layout import CALIBRATION_FILE, META_FILE, QUERYBANK_FILE, I
 from vlpcache.index.query_model import OnnxQueryModel, query_export_sha
 from vlpcache.index.rerank import Alignment, align
 from vlpcache.metrics import RERANK_CANDIDATES
-from vlpcache.model.run_layout import being_trained_note, epoch_of
+from vlpcache.model.run_layout import being_trained_note, designated_checkpoint_sha256, epoch_of, resolve_checkpoint
 from vlpcache.querybank import QueryBank
 from vlpcache.records import read_optional_json
 from vlpcache.report import Say, place_text, printable, say
@@ -264,6 +264,19 @@ class Searcher:
         name = Path(meta.run_dir).name if meta.run_dir else ""
         number = self.epoch
         return ", ".join(part for part in (name, f"epoch {number}" if number is not None else "") if part)
+
+    def newer_checkpoint(self) -> str:
+        """A note when the run's default checkpoint (the best by validation, else the last) is no longer
+        the one answering: pretrain saved a better epoch since this index was built; "" for most."""
+        run = Path(self.index.meta.run_dir) if self.index.meta.run_dir else None
+        if run is None or designated_checkpoint_sha256(run) in (None, self.index.meta.checkpoint_sha256):
+            return ""
+        try:
+            chosen = epoch_of(resolve_checkpoint(run))
+        except UserError:  # its checkpoints removed meanwhile
+            return ""
+        return (f"{run.name}'s checkpoint is now epoch {chosen}, and epoch {self.epoch} answers here: restart "
+                "`vlpcache serve` (or a new Searcher) to search with it")
 
     @functools.cached_property
     def example_query(self) -> str:

@@ -2,8 +2,9 @@
 
     GET /                          the search page; the query lives in the URL: /?q=person+cuts+onion[&k=20][&item=ID]
     GET /page.js, /page.css        its script and style (fixed names: no path from a request is ever opened)
-    GET /api/info                  {"items", "rerank", "model", "unindexed", "example"}: what is searched, by which run, what
-                                   is not yet indexed, and a caption of the run's to suggest
+    GET /api/info                  {"items", "rerank", "model", "unindexed", "example", "newer"}: what is searched, by which
+                                   run, what is not yet indexed, a caption of the run's to suggest, and a note when
+                                   the run has a newer checkpoint than the one answering ("" for most)
     GET /api/search?q=&k=&rerank=  {"query", "results"}: the fields of `vlpcache search --json`
     GET /api/item?id=              one indexed item: its sampled frames and every cached region on them
     GET /media/frame?id=&t=        JPEG of sampled frame t of an indexed item (a placeholder when the source is gone)
@@ -27,6 +28,7 @@ from starlette.routing import Route
 from vlpcache.cache.labels import RegionNames, region_names
 from vlpcache.errors import UserError
 from vlpcache.index.search import Searcher, hits_json
+from vlpcache.report import say
 from vlpcache.serve.thumbnails import ThumbnailStore
 
 MAX_QUERY_CHARS = 200  # longer than any text the query model reads (it truncates at max_words tokens)
@@ -58,12 +60,17 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
         body, media = pages[request.url.path]
         return Response(body, media_type=media, headers={"cache-control": "no-cache"})
 
+    told = set()
+
     def info(request: Request) -> Response:
         searcher.refresh()  # the page's "Search N videos": those `vlpcache index` added since the server started too
+        if (newer := searcher.newer_checkpoint()) and newer not in told:  # said once in the server's log too
+            told.add(newer)
+            say(f"note: {newer}")
         # the indexed items the cache can show: those a search may answer (as `serving N items` counts them)
         return JSONResponse({"items": len(searcher) - searcher.unshown, "rerank": searcher.can_rerank,
                              "model": searcher.model_label, "unindexed": searcher.unindexed,
-                             "example": searcher.example_query, "kinds": searcher.kinds()})
+                             "example": searcher.example_query, "kinds": searcher.kinds(), "newer": newer})
 
     def search(request: Request) -> Response:
         query = _query_text(request)

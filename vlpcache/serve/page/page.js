@@ -373,7 +373,8 @@ async function start() {
   } else {
     about.then((i) => setStatus(`Search ${kindsText(i.kinds, i.items)} by what happens in them` +
       (i.model ? ` (model: ${i.model}).` : ".") +
-      (i.unindexed ? ` ${i.unindexed.toLocaleString()} more are cached but not in the index yet: run \`vlpcache index\`.` : "")),
+      (i.unindexed ? ` ${i.unindexed.toLocaleString()} more are cached but not in the index yet: run \`vlpcache index\`.` : "") +
+      (i.newer ? ` Note: ${i.newer}.` : "")),
       (err) => setStatus(`error: ${err.message}`, true));
   }
   if (params.get("item")) openItem(params.get("item"));
