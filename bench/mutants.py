@@ -1385,6 +1385,17 @@ MUTANTS += [
     mutant("extract-summary-rate-from-the-load-unsaid", "vlpcache/extract/progress.py",
            "        loaded = self.seconds - self.load_seconds", "        loaded = 0",
            "tests/test_extract.py -k rate_the_bar_showed", "extract's summary gives the bar's rate too"),
+    # stop 47: serve under a lab's load
+    mutant("files-temporary-shared-by-threads", "vlpcache/files.py",
+           "f\".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp{suffix}\"", "f\".{path.name}.{os.getpid()}.tmp{suffix}\"",
+           "tests/test_serve.py -k two_threads_storing", "two threads writing one file use temporaries of their own"),
+    mutant("serve-newer-checkpoint-unsaid", "vlpcache/index/search.py",
+           "        if run is None or designated_checkpoint_sha256(run) in (None, self.index.meta.checkpoint_sha256):",
+           "        if True:",
+           "tests/test_serve.py -k newer_checkpoint", "serve says when the run has a newer checkpoint than the one answering"),
+    mutant("serve-shared-address-unnamed", "vlpcache/serve/command.py",
+           "f\"others open http://{socket.gethostname()}:", "f\"others open http://127.0.0.1:",
+           "tests/test_serve.py -k serving_on_every_address", "serve on all addresses names the address others open"),
 ]
 
 
