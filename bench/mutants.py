@@ -1396,6 +1396,9 @@ MUTANTS += [
     mutant("serve-shared-address-unnamed", "vlpcache/serve/command.py",
            "f\"others open http://{socket.gethostname()}:", "f\"others open http://127.0.0.1:",
            "tests/test_serve.py -k serving_on_every_address", "serve on all addresses names the address others open"),
+    mutant("search-wordless-query-ranked", "vlpcache/index/search.py",
+           "        if self.unknown_and_known(query) == ([], 0):", "        if False:",
+           "tests/test_search.py -k refuses_an_empty", "a query the model reads no token of is refused"),
 ]
 
 

@@ -757,6 +757,8 @@ def test_searcher_refuses_an_empty_query_and_k_below_one(ws):
     searcher = Searcher(run=ws / "runs" / "run-001", cache=ws / "cache")
     with pytest.raises(UserError, match="empty query"):
         searcher.search("  ")
+    with pytest.raises(UserError, match=r'"\\u200b" holds no words the text model reads'):  # what it drops: nothing
+        searcher.search("\u200b")
     with pytest.raises(UserError, match="at least one"):
         searcher.search("a dog", k=0)
 

@@ -140,6 +140,7 @@ def test_hits_and_info_say_what_each_item_was_extracted_from(api):
 @pytest.mark.parametrize("params, status, message", [
     ({}, 400, "missing query"),
     ({"q": "   "}, 400, "missing query"),
+    ({"q": "\u200b\x00"}, 400, "holds no words the text model reads"),  # zero-width and control characters only
     ({"q": "dog " * 60}, 400, "at most 200"),
     ({"q": "a dog", "k": "0"}, 400, "k = 0"),
     ({"q": "a dog", "k": "101"}, 400, "k = 101"),

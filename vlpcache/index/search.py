@@ -348,6 +348,9 @@ class Searcher:
         query = query.strip()
         if not query:
             raise UserError('empty query; give words to search for, e.g. "person cuts onion"')
+        if self.unknown_and_known(query) == ([], 0):  # zero-width or control characters only: the model reads no token
+            raise UserError(f'"{printable(query)}" holds no words the text model reads (only characters it drops: '
+                            'zero-width or control ones); give words to search for, e.g. "person cuts onion"')
         if k < 1:
             raise UserError(f"k = {k}: ask for at least one result")
         self.refresh()
