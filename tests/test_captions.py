@@ -379,7 +379,7 @@ def test_a_split_named_otherwise_than_training_is_pointed_out_and_testing_is_hel
     data = load_pretrain_data([cache], [train], None, workspace=Workspace(tmp_path / "ws"))
     assert trained_captions(data) == {"v0": ["zero"], "v2": ["two"]}
     assert ("training: the caption files' splits training (1 id), eval_b (1 id); 'eval_b' is trained on: if held "
-            "out, give a file without them") in data.summary()
+            "out, give a file without it") in data.summary()
 
 
 def test_caption_ids_that_are_the_cache_names_with_a_prefix_are_said_so(tmp_path, cache):

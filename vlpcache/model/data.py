@@ -343,9 +343,10 @@ def trained_splits_line(splits: dict[str, int]) -> str:
     named = ", ".join(f"{printable(name) if name else 'none'} ({count:,} id{'s' if count != 1 else ''})"
                       for name, count in splits.items())
     odd = [name for name in splits if name and name.lower() not in TRAINING_SPLITS]
+    one = len(odd) == 1
     return f"training: the caption files' splits {named}" + (
-        f"; {', '.join(map(repr, odd))} {'is' if len(odd) == 1 else 'are'} trained on: if held out, give a file "
-        "without them" if odd else "")
+        f"; {', '.join(map(repr, odd))} {'is' if one else 'are'} trained on: if held out, give a file without "
+        f"{'it' if one else 'them'}" if odd else "")
 
 
 def split_counts(captions: Captions) -> dict[str, int]:
@@ -382,7 +383,7 @@ class PretrainData:
     held_out_skipped: int = 0  # training captions of val/test items (by their "split" key) left out
     not_captions: list[str] = field(default_factory=list)  # why each file found by default was not read
     repeated_captions: int = 0  # captions that two of the files give the same id (read once)
-    trained_splits: dict[str, int] = field(default_factory=dict)  # split name -> items of it trained on (files with splits)
+    trained_splits: dict[str, int] = field(default_factory=dict)  # split name -> its ids in the training files (with splits)
 
     def train_ids(self) -> list[str]:
         return [self.caches[c].ids[i] for c, i, _ in self.train.samples]
