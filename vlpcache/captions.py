@@ -116,12 +116,14 @@ class Captions:
         return replace(self, by_id={key: texts for key, texts in self.by_id.items() if key in wanted},
                        splits={key: name for key, name in self.splits.items() if key in wanted})
 
-    def split_counts(self) -> dict[str, int]:
-        """How many of these items each split has, by name in file order (items without one not counted)."""
+    def split_counts(self, unsplit: str | None = None) -> dict[str, int]:
+        """How many of these items each split has, by name in file order; items without one are not counted,
+        or, given `unsplit`, counted under that name (where the file has splits at all)."""
         counts: dict[str, int] = {}
         for key in self.by_id:
-            if key in self.splits:
-                counts[self.splits[key]] = counts.get(self.splits[key], 0) + 1
+            split = self.splits.get(key, unsplit if self.splits else None)
+            if split is not None:
+                counts[split] = counts.get(split, 0) + 1
         return counts
 
     def restrict(self, ids) -> tuple["Captions", dict[str, int | str]]:

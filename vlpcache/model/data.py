@@ -15,7 +15,6 @@ all-gather needs) and says so once; validation counts it as a video without fram
 from __future__ import annotations
 
 import os
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -349,11 +348,6 @@ def trained_splits_line(splits: dict[str, int]) -> str:
         f"{'it' if one else 'them'}" if odd else "")
 
 
-def split_counts(captions: Captions) -> dict[str, int]:
-    """How many of the ids of `captions` each split holds ("" for ids without one); {} for files without splits."""
-    return dict(Counter(captions.splits.get(i, "") for i in captions.by_id)) if captions.splits else {}
-
-
 def held_out(captions: Captions, keep_held_out: bool) -> tuple[Captions, int]:
     """Captions of one side of a caption file's "split" key: training drops val/test items,
     validation keeps only val items (files without splits are taken whole)."""
@@ -475,7 +469,7 @@ def load_pretrain_data(
         train.captions_per_video = max(1, min(max_captions_per_video, train.median_captions()))
     data = PretrainData(caches, train, report, caption_files, [captions.layout for captions in per_file],
                         held_out_skipped=skipped, not_captions=not_captions, repeated_captions=training_captions.repeated,
-                        trained_splits=split_counts(training_captions))
+                        trained_splits=training_captions.split_counts(unsplit=""))
     if validation_file is not None:
         read = dict(zip(caption_files, per_file)).get(Path(validation_file))  # a training file's split: read already
         if read is None:
