@@ -1399,6 +1399,12 @@ MUTANTS += [
     mutant("search-wordless-query-ranked", "vlpcache/index/search.py",
            "        if self.unknown_and_known(query) == ([], 0):", "        if False:",
            "tests/test_search.py -k refuses_an_empty", "a query the model reads no token of is refused"),
+    mutant("captions-msvd-corpus-all-languages", "vlpcache/captions.py",
+           "        if row[\"language\"].lower() != MSVD_LANGUAGE:", "        if False:",
+           "tests/test_captions.py -k msvd_video_corpus", "MSVD's rows in other languages are left aside"),
+    mutant("captions-msvd-corpus-refused", "vlpcache/captions.py",
+           "    elif path.suffix.lower() in CSV_SUFFIXES and _msvd_corpus_header(text):", "    elif False:",
+           "tests/test_captions.py -k msvd_video_corpus", "MSVD's video_corpus.csv is read"),
 ]
 
 

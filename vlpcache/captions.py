@@ -328,6 +328,8 @@ def read_captions(path: str | Path, progress: bool = False) -> Captions:
     text = read_utf8_text(path)
     if path.suffix.lower() in CSV_SUFFIXES and not _csv_header(text) and "\t" in text.lstrip().partition("\n")[0]:
         captions.layout = _read_id_and_caption_lines(captions, path, text)  # LSMDC's .csv, TGIF's .tsv: no header
+    elif path.suffix.lower() in CSV_SUFFIXES and _msvd_corpus_header(text):
+        captions.layout = _read_msvd_corpus(captions, path, text)
     elif path.suffix.lower() in CSV_SUFFIXES:
         captions.layout = _read_csv(captions, path, text)
     elif path.suffix.lower() in TEXT_SUFFIXES and _csv_header(text):  # Kaggle's Flickr8k captions.txt: CSV
@@ -454,6 +456,43 @@ def _read_csv(captions: Captions, path: Path, text: str) -> str:
     separator = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}[delimiter]
     note = f"{joined} caption(s) with an unquoted {separator} read whole" if joined else ""
     return ", ".join(filter(None, ("CSV", CSV_DELIMITERS[delimiter], note)))
+
+
+# MSVD's video_corpus.csv (VideoID,Start,End,WorkerID,Source,AnnotationTime,Language,Description): one row per
+# sentence, in many languages; its clips are named VideoID_Start_End (-4wsuPCjDBc_5_15.avi), as its
+# AllVideoDescriptions.txt names them.
+MSVD_CORPUS_COLUMNS = ("videoid", "start", "end", "language", "description")
+MSVD_LANGUAGE = "english"  # the language of the default text model's vocabulary
+
+
+def _msvd_corpus_header(text: str) -> bool:
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    return set(MSVD_CORPUS_COLUMNS) <= {name.strip().lower() for name in first.split(",")}
+
+
+def _read_msvd_corpus(captions: Captions, path: Path, text: str) -> str:
+    """MSVD's video_corpus.csv: each English row's Description is a caption of clip VideoID_Start_End; rows
+    in other languages are counted in the layout returned, not read."""
+    rows = csv.reader(io.StringIO(text, newline=""))
+    lowered = [name.strip().lower() for name in next(rows, [])]
+    at = {name: lowered.index(name) for name in MSVD_CORPUS_COLUMNS}
+    other_languages = 0
+    for fields in rows:
+        if not fields:  # a blank line
+            continue
+        if len(fields) < len(lowered):
+            _bad_line(captions, path, rows.line_num, f"{len(fields)} fields where the header has {len(lowered)}")
+            continue
+        row = {name: fields[i].strip() for name, i in at.items()}
+        if row["language"].lower() != MSVD_LANGUAGE:
+            other_languages += 1
+            continue
+        if not (row["videoid"] and row["start"] and row["end"]):
+            _bad_line(captions, path, rows.line_num, "no VideoID, Start or End")
+            continue
+        _add(captions, f"{row['videoid']}_{row['start']}_{row['end']}", [row["description"]])
+    skipped = f", {other_languages} sentence(s) in other languages left aside" if other_languages else ""
+    return f"MSVD's video_corpus.csv (clips VideoID_Start_End, English){skipped}"
 
 
 SIDECAR_SUFFIX = ".txt"
