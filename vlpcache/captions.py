@@ -477,7 +477,7 @@ def _read_msvd_corpus(captions: Captions, path: Path, text: str) -> str:
     lowered = [name.strip().lower() for name in next(rows, [])]
     at = {name: lowered.index(name) for name in MSVD_CORPUS_COLUMNS}
     other_languages = 0
-    for fields in rows:
+    for fields in rows:  # one sentence a row
         if not fields:  # a blank line
             continue
         if len(fields) < len(lowered):
