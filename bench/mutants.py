@@ -1405,6 +1405,12 @@ MUTANTS += [
     mutant("captions-msvd-corpus-refused", "vlpcache/captions.py",
            "    elif path.suffix.lower() in CSV_SUFFIXES and _msvd_corpus_header(text):", "    elif False:",
            "tests/test_captions.py -k msvd_video_corpus", "MSVD's video_corpus.csv is read"),
+    mutant("cli-ctrl-c-while-importing-traceback", "vlpcache/__main__.py",
+           "    with quiet_while_importing():\n        from vlpcache.cli", "    if True:\n        from vlpcache.cli",
+           "tests/test_faults.py -k still_imports", "a Ctrl-C while the command imports exits quietly"),
+    mutant("extract-worker-ctrl-c-while-importing", "vlpcache/extract/reader.py",
+           "        with ctrl_c_held():\n            self.process.start()", "        if True:\n            self.process.start()",
+           "tests/test_reader.py -k still_imports", "a Ctrl-C while a decoding worker imports neither ends it nor prints a traceback"),
 ]
 
 

@@ -20,6 +20,9 @@ DEATH_SIGNAL = "VLPCACHE_TEST_DEATH_SIGNAL"  # how killed_halfway_through_sendin
 BALLAST = 20_000_000  # bytes of a result far larger than a pipe holds: sending it waits for the reader
 CANNOT_START = "VLPCACHE_TEST_WORKERS_CANNOT_START"  # a pid: any other process that imports this module dies of it
 
+SLOW_START = "VLPCACHE_TEST_WORKERS_START_SLOWLY"  # a pid: any other process that imports this module takes 2 s more
+if os.environ.get(SLOW_START, str(os.getpid())) != str(os.getpid()):
+    time.sleep(2.0)  # as a worker importing torch and PyAV from a cold disk
 if os.environ.get(CANNOT_START, str(os.getpid())) != str(os.getpid()):
     raise ImportError("a decoding library that does not load in the workers (a broken install)")
 

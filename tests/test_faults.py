@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from test_extract import _assert_same_content
+from vlpcache import __version__
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import SHARD_DIR
 from waiting import HANG_GUARD_S, wait_until
@@ -264,6 +265,38 @@ def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_extract_with_one_line(lo
     assert "Exception ignored" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "interrupted; what was committed is kept, re-run the same command to resume"
     assert not temporaries(cache) and 0 < len(RegionCache(cache)) < LONG_ITEMS
+
+
+CTRL_C_WHILE_IMPORTING = """
+import importlib.abc, os, signal, sys, time
+
+class CtrlCOnClick(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "click":  # the command table's first import: a Ctrl-C lands while the command starts
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)
+        return None
+
+sys.meta_path.insert(0, CtrlCOnClick())
+sys.argv = ["vlpcache", "--version"]
+from vlpcache.__main__ import main  # what the `vlpcache` script runs
+main()
+"""
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_ctrl_c_while_the_command_still_imports_exits_with_130_and_prints_nothing(background):
+    # the first 0.1-0.2 s of every command: Python printed its KeyboardInterrupt traceback
+    done = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_IMPORTING], capture_output=True, text=True,
+                          timeout=HANG_GUARD_S, preexec_fn=lambda: signal.signal(
+                              signal.SIGINT, signal.SIG_IGN if background else signal.SIG_DFL))
+    if background:  # started with `&` or `nohup`: Ctrl-C stays ignored, and the command runs
+        assert (done.returncode, done.stdout.split(), done.stderr) == (0, ["vlpcache,", "version", __version__], "")
+    else:
+        assert (done.returncode, done.stdout, done.stderr) == (130, "", "")
+    from importlib.metadata import entry_points
+
+    assert entry_points(group="console_scripts")["vlpcache"].value == "vlpcache.__main__:main"
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # pytest's report of "Exception ignored"

@@ -161,6 +161,28 @@ def test_closing_the_prefetch_stops_a_reader_whose_worker_is_in_the_middle_of_an
     assert [worker.process for worker in pool.workers] == started and not any(p.is_alive() for p in started)
 
 
+def test_a_ctrl_c_while_a_decoding_worker_still_imports_neither_ends_it_nor_prints_a_traceback(tmp_path, monkeypatch,
+                                                                                                   capfd):
+    # a terminal's Ctrl-C reaches every process of the job: a worker still importing printed Python's
+    # KeyboardInterrupt traceback under the command's own one line (and died, to be replaced)
+    from decoders import SLOW_START, segfault_on_hostile
+
+    monkeypatch.setenv(SLOW_START, str(os.getpid()))
+    items = images(tmp_path / "pictures", ["1", "2"])
+    reader = FrameReader(num_frames=1, max_side=64, workers=1, decode=segfault_on_hostile)
+    ahead = Prefetch(reader(items), depth=2, stop=reader.stop)
+    assert wait_until(lambda: reader.pool is not None and reader.pool.workers)
+    first = reader.pool.workers[0]
+    assert not first.ready  # importing for 2 s more
+    os.kill(first.process.pid, signal.SIGINT)
+    with ahead:
+        results = list(ahead)
+    assert sorted(r.item.id for r in results) == ["1", "2"] and [r.error for r in results] == [None, None]
+    first.process.join(HANG_GUARD_S)
+    assert first.process.exitcode == -signal.SIGTERM  # it lived on to be ended by the pool (not by Ctrl-C: -2 or 1)
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_workers_that_cannot_start_end_the_reader_with_one_clear_error(tmp_path, monkeypatch):
     # a broken install killed every worker as it started, and the pool would have replaced them for ever
     from decoders import CANNOT_START, segfault_on_hostile

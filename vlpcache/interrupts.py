@@ -52,6 +52,44 @@ def _ours_to_take(signum: int) -> bool:
     return signal.getsignal(signum) is default
 
 
+def _exit_at_once(signum, frame) -> None:
+    os._exit(128 + signum)  # nothing begun, nothing printed yet: nothing to keep or flush
+
+
+@contextlib.contextmanager
+def quiet_while_importing() -> Iterator[None]:
+    """Within (the command table importing click and every stage's options, the first 0.1-0.2 s): a Ctrl-C
+    exits at once with 130 and no word, where Python printed its KeyboardInterrupt traceback."""
+    taken = signal.signal(signal.SIGINT, _exit_at_once) if _ours_to_take(signal.SIGINT) else None
+    try:
+        yield
+    finally:
+        if taken is not None:
+            signal.signal(signal.SIGINT, taken)
+
+
+@contextlib.contextmanager
+def ctrl_c_held() -> Iterator[None]:
+    """Within, in this thread: a Ctrl-C waits (is blocked). A process started within inherits the block
+    through fork and exec, so a decoding worker that ignores Ctrl-C once it runs cannot be stopped with
+    a KeyboardInterrupt traceback while Python is still importing it (the terminal sends Ctrl-C to every
+    process of the job); the worker lets it through once ignored (`let_ctrl_c_through`)."""
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one that came meanwhile is handled now
+
+
+def let_ctrl_c_through() -> None:
+    """In a process started within ctrl_c_held(), once it handles or ignores Ctrl-C."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 @contextlib.contextmanager
 def stops_remembered() -> Iterator[None]:
     """Within: Ctrl-C and SIGTERM raise KeyboardInterrupt and stay requested."""

@@ -20,6 +20,7 @@ import contextlib
 import functools
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.resource_tracker as resource_tracker
 import os
 import queue
 import signal
@@ -32,6 +33,7 @@ from typing import Callable, Iterable, Iterator
 
 from vlpcache.extract.stamps import source_stamp
 from vlpcache.errors import ItemError, UserError
+from vlpcache.interrupts import ctrl_c_held, let_ctrl_c_through
 from vlpcache.extract.options import DECODE_TIMEOUT_S
 from vlpcache.extract.sampling import SampledFrames, read_item
 from vlpcache.extract.sources import Item
@@ -78,6 +80,7 @@ Decode = Callable[[Item, int, int], DecodedItem]  # decode_item, or a stand-in t
 def _start_worker(parent_pid: int) -> None:
     """A decoding worker's signals: ignore Ctrl-C, die of SIGTERM, and exit once the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    let_ctrl_c_through()  # blocked from its start (ctrl_c_held): one that came while it imported is dropped
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def exit_when_orphaned():
@@ -122,7 +125,9 @@ class _Worker:
         self.conn, theirs = context.Pipe()
         self.process = context.Process(target=_decode_items, name="vlpcache-decode", daemon=True,
                                        args=(theirs, os.getpid(), decode, num_frames, max_side))
-        self.process.start()
+        resource_tracker.ensure_running()  # before: starting it unblocks Ctrl-C (its own mask, bpo-33613)
+        with ctrl_c_held():
+            self.process.start()
         theirs.close()
         self.items: deque[Item] = deque()  # sent and not yet answered, the one being decoded first
         self.ready = False
