@@ -180,7 +180,9 @@ def test_a_second_writer_of_the_same_shards_is_refused_naming_the_holder(tmp_pat
     with ShardWriter(tmp_path, SETTINGS) as first:
         first.add("a", "/a", "video", random_item(0))
         with pytest.raises(UserError, match=rf"shards s0of1-\* are being written by pid {os.getpid()} on "
-                                            rf"{socket.gethostname()} \(since .*another --shard i/n or -o DIR"):
+                                            rf"{socket.gethostname()} \(since .*its own -o DIR; to fill one cache from "
+                                            r"several jobs at once, give every job the same ROOTs and its own "
+                                            r"--shard i/n \(README: Slurm without Ray\)"):
             ShardWriter(tmp_path, SETTINGS)
         assert first._tmp_path.exists()  # the refused writer removed nothing
     assert RegionCache(tmp_path).ids == ["a"]

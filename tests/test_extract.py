@@ -343,6 +343,31 @@ def test_the_summary_gives_the_rate_the_bar_showed_beside_the_whole_commands():
            "counts), busy 1.5 s" in line
 
 
+def test_a_shard_job_says_how_many_items_under_its_roots_it_leaves_to_the_other_shards(tmp_path):
+    # a Slurm array whose jobs each get their own folder and --shard i/n extracts 1/n of each folder: its
+    # summary said only "17 done", as if the folder were done
+    from vlpcache.cache.schema import CacheSettings, empty_item
+    from vlpcache.cache.writer import ShardWriter
+    from vlpcache.extract.options import ExtractOptions
+    from vlpcache.extract.progress import ExtractSummary
+    from vlpcache.extract.runner import items_to_extract
+    from vlpcache.extract.sources import Item
+
+    settings = CacheSettings(frames=2, regions=2, feature_dim=4, detector="test", detector_weights_sha256="0",
+                             backbone="test", backbone_weights_sha256="0")
+    with ShardWriter(tmp_path / "cache", settings) as writer:
+        writer.add("other", str(tmp_path / "other.mp4"), "video", empty_item(settings))
+    items = [Item(f"v{i}", tmp_path / f"v{i}.mp4", "video") for i in range(20)]
+    summary = ExtractSummary()
+    plan = items_to_extract(items, RegionCache(tmp_path / "cache"), ExtractOptions(shard="1/4"), summary)
+    assert 0 < len(plan.todo) < 20 and summary.other_shards == 20 - len(plan.todo)
+    assert (f"{20 - len(plan.todo)} under these roots left to the other --shard jobs (each takes its share of the "
+            "items under the ROOTs it is given: give every job the same ROOTs)") in summary.line()
+    summary = ExtractSummary()
+    items_to_extract(items, RegionCache(tmp_path / "cache"), ExtractOptions(), summary)
+    assert summary.other_shards == 0 and "other --shard" not in summary.line()
+
+
 def test_what_extract_redoes_follows_the_stamps_of_cached_failed_and_moved_files(tmp_path):
     from vlpcache.cache.schema import CacheSettings, empty_item
     from vlpcache.cache.writer import ShardWriter

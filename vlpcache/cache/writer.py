@@ -112,7 +112,8 @@ def take_writer_lock(cache_dir: Path, writer_name: str) -> WriterLock:
     lock = WriterLock.take(path, patience=LOCK_PATIENCE_SECONDS)
     if lock is None:
         raise UserError(f"{cache_dir}: shards {writer_name}-* are being written by {holder_description(path)}; wait for "
-                        "that extract to finish, or give this one another --shard i/n or -o DIR")
+                        "that extract to finish, or give this one its own -o DIR; to fill one cache from several jobs "
+                        "at once, give every job the same ROOTs and its own --shard i/n (README: Slurm without Ray)")
     return lock
 
 

@@ -23,6 +23,7 @@ class ExtractSummary:
     failed: int = 0
     damaged: int = 0  # written, with a note of what went wrong (frames unreadable, data truncated)
     passed_over: int = 0  # paths discovery skipped, each said in a line (a broken link, a taken id...)
+    other_shards: int = 0  # items under the roots that --shard i/n leaves to the other shards
     frames: int = 0
     seconds: float = 0.0
     detect_seconds: float = 0.0
@@ -39,8 +40,11 @@ class ExtractSummary:
         damaged = f"{self.damaged} kept with a note (inspect --failures lists them), " if self.damaged else ""
         passed_over = (f"{self.passed_over} path(s) passed over when looking for media (said above; inspect "
                        "--failures lists them), " if self.passed_over else "")
+        # a job of an array given only its own folder with --shard i/n extracts 1/n of it: say what it left
+        others = (f"{self.other_shards} under these roots left to the other --shard jobs (each takes its share of the "
+                  "items under the ROOTs it is given: give every job the same ROOTs), " if self.other_shards else "")
         counts = (f"extract: {self.done} done, {self.skipped_cached} already cached, {self.skipped_failed} skipped "
-                  f"(failed before; --retry-failed retries), {self.failed} failed, {damaged}{passed_over}")
+                  f"(failed before; --retry-failed retries), {self.failed} failed, {damaged}{passed_over}{others}")
         if not (self.done or self.failed or self.load_seconds):  # nothing to decode: no detector was loaded
             return f"{counts}{self.seconds:.1f} s; nothing left to extract"
         loaded = self.seconds - self.load_seconds  # the bar's clock: its rate counts from the detector's load

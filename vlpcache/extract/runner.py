@@ -80,6 +80,7 @@ def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary
 
     for item in items:
         if shard_of(item.id, shard_count) != shard_index:
+            summary.other_shards += 1
             continue
         path = str(item.path)
         if item.id in cached:
