@@ -317,6 +317,27 @@ def test_missing_cache_is_one_line_error(ws, monkeypatch, capsys):
     assert code == 2 and err.startswith("error: no cache at") and err.count("\n") == 1
 
 
+def test_without_the_workspace_cache_index_names_the_caches_the_run_was_trained_on(ws, template, tmp_path, monkeypatch,
+                                                                                   capsys):
+    # a Slurm array's caches, one per task, trained on together: `vlpcache index` said only "no cache at
+    # .vlpcache/cache; run `vlpcache extract` first"
+    caches = [tmp_path / "part0", tmp_path / "part1"]
+    ids = write_cache(caches[0], 8, prefix="v") + write_cache(caches[1], 8, prefix="w", seed=1)
+    write_captions(tmp_path / "parts.jsonl", ids)
+    run_pretrain(cache_dirs=caches, captions=[tmp_path / "parts.jsonl"], run_dir=ws / "runs" / "run-002",
+                 text_model=str(template.parent / "tiny-bert"), width=16, layers=1, batch_size=8, epochs=1,
+                 workers=0, quiet=True, device="cpu")
+    shutil.rmtree(ws / "cache")
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 2 and err == (f"error: no cache at {ws / 'cache'}; run-002 was trained on 2 caches ({caches[0]}, "
+                                 f"{caches[1]}): pass one of them with --cache (index, search, serve and eval read one "
+                                 "cache at a time)\n")
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "--run", ws / "runs" / "run-001")
+    assert code == 2 and err.endswith(f"; run-001 was trained on {template / 'cache'}: pass --cache {template / 'cache'}\n")
+    code, _, err = vlpcache(monkeypatch, capsys, "index", "--cache", caches[1])
+    assert code == 0, err
+
+
 def retrained(ws: Path, name: str = "run-002") -> Path:
     """A newer run: run-001's checkpoint with its weights nudged (another sha256), modified last."""
     run = ws / "runs" / name

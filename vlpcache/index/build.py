@@ -42,7 +42,7 @@ from vlpcache.index.layout import (
 from vlpcache.index.parts import EncodedPart, EncodedParts
 from vlpcache.index.region_store import RegionStore
 from vlpcache.locks import WriterLock, holder_description
-from vlpcache.model.run_layout import being_trained_note, designated_checkpoint_sha256, latest_run
+from vlpcache.model.run_layout import being_trained_note, designated_checkpoint_sha256, latest_run, read_run_locations
 from vlpcache.querybank import BANK_SIZE, BETA, TOP_K, QueryBank, bank_captions
 from vlpcache.records import read_optional_json, write_json
 from vlpcache.report import Say, items_word, say, sayer
@@ -64,11 +64,27 @@ def resolve_sources(run_dir=None, cache_dir=None, index_dir=None) -> Sources:
     workspace = Workspace()
     cache_dir = Path(cache_dir) if cache_dir else workspace.cache_dir
     if not cache_dir.is_dir():
-        raise UserError(f"no cache at {cache_dir}; run `vlpcache extract` first or pass --cache DIR")
+        raise UserError(f"no cache at {cache_dir}; {_run_caches_hint(run_dir, workspace)}")
     run_dir = Path(run_dir) if run_dir else latest_run(workspace.runs_dir)
     if not run_dir.is_dir():
         raise UserError(f"--run {run_dir}: no such run directory")
     return Sources(run_dir, cache_dir, Path(index_dir) if index_dir else workspace.index_dir)
+
+
+def _run_caches_hint(run_dir, workspace: Workspace) -> str:
+    """What to do without the workspace's cache: pass one of the caches the run was trained on (a run trained
+    on caches of its own, `pretrain --cache A --cache B`), else extract one."""
+    try:
+        run_dir = Path(run_dir) if run_dir else latest_run(workspace.runs_dir)
+        caches = [c for c in read_run_locations(run_dir).get("caches", []) if Path(c).is_dir()]
+    except UserError:
+        caches = []
+    if not caches:
+        return "run `vlpcache extract` first or pass --cache DIR"
+    if len(caches) == 1:
+        return f"{run_dir.name} was trained on {caches[0]}: pass --cache {caches[0]}"
+    return (f"{run_dir.name} was trained on {len(caches)} caches ({', '.join(caches)}): pass one of them with --cache "
+            "(index, search, serve and eval read one cache at a time)")
 
 
 def open_cache(cache_dir: Path, say: Say = say) -> RegionCache:
