@@ -1,6 +1,8 @@
 """The run directory's checkpoint lookup (run_layout.py), which pretraining, index, search and eval share,
 on real directories written the way checkpoint.save_checkpoint writes them."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -57,6 +59,22 @@ def test_a_run_without_checkpoints_has_none_to_designate(tmp_path):
         resolve_checkpoint(run)
     with pytest.raises(UserError, match="no pretraining run in"):
         latest_run(tmp_path)
+
+
+def test_runs_still_in_their_first_epoch_are_said_when_no_run_has_a_checkpoint(tmp_path):
+    # two students' pretrain started a minute ago: `vlpcache index` said "no pretraining run; run `vlpcache
+    # pretrain` first", which sends a third one off
+    from vlpcache.locks import WriterLock
+    from vlpcache.model.run_layout import TRAINING_LOCK_NAME
+
+    for name in ("run-001", "run-002"):
+        (tmp_path / name).mkdir()
+    with WriterLock.take(tmp_path / "run-001" / TRAINING_LOCK_NAME), WriterLock.take(tmp_path / "run-002" / TRAINING_LOCK_NAME):
+        with pytest.raises(UserError, match=rf"^no run in {tmp_path} has a checkpoint yet: run-001 is being trained by "
+                                            rf"pid {os.getpid()} on .*\) \(and 1 more run\(s\)\), and its first "
+                                            "checkpoint is saved at the end of its first epoch: wait for that, or pass "
+                                            "--run$"):
+            latest_run(tmp_path)
 
 
 def test_the_record_of_a_runs_videos_is_read_back_and_a_damaged_one_is_no_record(tmp_path):

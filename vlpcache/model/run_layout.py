@@ -235,6 +235,14 @@ def latest_run(runs_dir: Path) -> Path:
     """The run directory under runs_dir that saved a complete checkpoint last."""
     runs = runs_newest_first(runs_dir)
     if not runs:
+        training = [(p.name, holder) for p in sorted(Path(runs_dir).glob("*")) if p.is_dir()
+                    and (holder := trainer_of(p)) is not None]
+        if training:  # started a moment ago: "no pretraining run" would send the user to start another
+            name, holder = training[0]
+            more = f" (and {len(training) - 1} more run(s))" if len(training) > 1 else ""
+            raise UserError(f"no run in {runs_dir} has a checkpoint yet: {name} is being trained by {holder.describe()}"
+                            f"{more}, and its first checkpoint is saved at the end of its first epoch: wait for that, "
+                            "or pass --run")
         raise UserError(f"no pretraining run in {runs_dir}; run `vlpcache pretrain` first or pass --run")
     return runs[0]
 
