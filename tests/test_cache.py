@@ -244,6 +244,22 @@ def test_whether_a_lock_is_held_is_asked_of_the_kernel_without_taking_it(tmp_pat
     assert locks.lock_held(path) is None and locks.holder_active(path, alive) and not locks.holder_active(path, record)
 
 
+def test_a_holder_recorded_on_another_host_is_at_work_while_its_lock_is_held_and_gone_once_it_is_free(tmp_path):
+    # a pretrain on another node of a shared workspace killed (a Slurm job cancelled): inspect went on saying
+    # "training now: pid N on node2" for ever, since another machine's pids cannot be looked at
+    from vlpcache import locks
+
+    path = tmp_path / "pretrain.lock"
+    with locks.WriterLock.take(path):
+        elsewhere = dataclasses.replace(locks.holder_of(path), host=f"not-{socket.gethostname()}")
+        assert elsewhere.elsewhere and locks.holder_active(path, elsewhere)
+        assert locks.WriterLock.take(path) is None  # the look took nothing
+        path.write_text(json.dumps(vars(elsewhere)))  # what the other node's process wrote, as its holder
+        kept = path.read_bytes()
+    path.write_bytes(kept)  # its holder killed: the record stays, the lock is free
+    assert locks.holder_of(path) == elsewhere and not locks.holder_active(path, elsewhere)
+
+
 def test_writers_of_other_shards_write_side_by_side(tmp_path):
     with ShardWriter(tmp_path, SETTINGS, "s0of2") as a, ShardWriter(tmp_path, SETTINGS, "s1of2") as b:
         a.add("a", "/a", "video", random_item(0))

@@ -63,10 +63,29 @@ def holder_active(path: Path, holder: Holder) -> bool:
     """Whether the recorded holder of the lock of `path` is still at work. On this machine the kernel's lock
     table decides where there is one: a recorded pid that exists while nobody holds the lock is another
     process that was given the pid later (a container restarted, pids wrapped), not the holder."""
-    if holder.elsewhere:
-        return True
+    if holder.elsewhere:  # not in this machine's table: a lock that can be had is nobody's (a job there killed)
+        return not _free_to_share(path)
     held = lock_held(path)
     return process_alive(holder.pid) if held is None else held
+
+
+def _free_to_share(path: Path) -> bool:
+    """Whether nobody holds the lock of `path`, found by taking a shared lock and letting it go at once: the
+    way to ask about a holder on another machine of a shared folder (flock reaches it there, through NFS's
+    byte-range locks). False where that cannot tell (a file system that refuses locks): as recorded."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # its holder released it meanwhile
+        return True
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except OSError:  # held (BlockingIOError), or locks refused
+        return False
+    finally:
+        os.close(fd)  # lets go of the shared lock
 
 
 def process_alive(pid: int) -> bool:

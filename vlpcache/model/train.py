@@ -231,7 +231,7 @@ def training_lock(run_dir: Path, fresh: bool, processes: Processes):
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / TRAINING_LOCK_NAME
-    lock = WriterLock.take(path)
+    lock = WriterLock.take(path, patience=1.0)  # past a look at whether its trainer on another host still runs
     if lock is None:
         raise UserError(f"{run_dir} is being trained by {holder_description(path)}; "
                         "wait for it to finish, or pass another -o RUN_DIR")
