@@ -286,6 +286,16 @@ def test_the_validation_videos_are_said_among_the_items_without_training_caption
         "training: 40 items with captions; 8 items without captions (8 of them the validation videos), ")
 
 
+def test_items_extracted_into_the_cache_after_it_was_read_for_a_run_are_counted(tmp_path, monkeypatch):
+    # an extract adding to the cache while pretrain trains: the run never reads them, and said nothing
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    ids = write_cache(tmp_path / "cache", 8)
+    data = load_pretrain_data([tmp_path / "cache"], [write_captions(tmp_path / "train.jsonl", ids)], None)
+    assert data.extracted_since() == 0
+    write_cache(tmp_path / "cache", 3, prefix="x")  # another shard set's writer: what a second extract commits
+    assert data.extracted_since() == 3 and len(data.caches[0].ids) == 8
+
+
 def test_caption_report_counts_missing_items_missing_captions_and_empty_captions(tmp_path, corpus):
     ids = write_cache(tmp_path / "cache", 6)
     captions = write_captions(tmp_path / "c.jsonl", ids[:4], extra={"ghost": ["boo"], "blank": ["", " "]})

@@ -387,6 +387,18 @@ class PretrainData:
         """What a person calls the caches' items: videos, photos or items (report.items_word)."""
         return items_word(kind for cache in self.caches for kind in cache.kinds)
 
+    def extracted_since(self) -> int:
+        """How many items the caches hold now that they did not when they were read for this run (an extract
+        adding to them while it trains): the run never reads those."""
+        added = 0
+        for cache in self.caches:
+            try:
+                with RegionCache(cache.cache_dir, say=lambda line: None, say_damaged=False) as now:
+                    added += len(set(now.ids) - set(cache.ids))
+            except (UserError, OSError):  # a cache gone or unreadable since: nothing to say of it here
+                continue
+        return added
+
     def validation_ids(self) -> list[str]:
         return [_id_at(self.caches, c, i) for c, i in self.validation.locations] if self.validation is not None else []
 

@@ -886,6 +886,10 @@ def _train(run: Run, processes: Processes, workspace: Workspace) -> dict:
     processes.say(f"done: {len(history)} epoch(s) in {human_duration(summary['seconds'])}; checkpoints in "
                   f"{run.dir / ckpt.CHECKPOINT_DIR}" + (f"; best val epoch {best['epoch']}" if best else "")
                   + f"; `vlpcache inspect {printable(str(run.dir))}` shows every epoch")
+    if processes.main and (added := run.data.extracted_since()):
+        processes.say(f"note: {added:,} item(s) were extracted into the cache while this run trained; it did not "
+                      f"read them (`vlpcache pretrain --resume -o {printable(str(run.dir))} --epochs N` with more "
+                      "epochs, or a new run, trains on those with captions)")
     return summary
 
 
