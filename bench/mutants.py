@@ -1411,6 +1411,21 @@ MUTANTS += [
     mutant("extract-worker-ctrl-c-while-importing", "vlpcache/extract/reader.py",
            "        with ctrl_c_held():\n            self.process.start()", "        if True:\n            self.process.start()",
            "tests/test_reader.py -k still_imports", "a Ctrl-C while a decoding worker imports neither ends it nor prints a traceback"),
+    mutant("extract-shard-others-uncounted", "vlpcache/extract/runner.py",
+           "            summary.other_shards += 1\n", "",
+           "tests/test_extract.py -k shard_job", "a --shard job counts the items it leaves to the others"),
+    mutant("index-run-caches-unnamed", "vlpcache/index/build.py",
+           "        raise UserError(f\"no cache at {cache_dir}; {_run_caches_hint(run_dir, workspace)}\")", "        raise UserError(f\"no cache at {cache_dir}; run `vlpcache extract` first or pass --cache DIR\")",
+           "tests/test_search.py -k names_the_caches_the_run", "without the workspace cache, index names the run's caches"),
+    mutant("run-first-epoch-unsaid", "vlpcache/model/run_layout.py",
+           "        if training:  # started a moment ago", "        if False:  # started a moment ago",
+           "tests/test_run_layout.py -k first_epoch", "a run still in its first epoch is named when none has a checkpoint"),
+    mutant("locks-elsewhere-forever", "vlpcache/locks.py",
+           "        return not _free_to_share(path)", "        return True",
+           "tests/test_cache.py -k another_host", "a trainer on another host whose lock is free is not at work"),
+    mutant("pretrain-extracted-since-unsaid", "vlpcache/model/data.py",
+           "                    added += len(set(now.ids) - set(cache.ids))", "                    added += 0",
+           "tests/test_pretrain.py -k extracted_into_the_cache_after", "items extracted while a run trained are counted"),
 ]
 
 

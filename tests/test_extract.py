@@ -361,8 +361,8 @@ def test_a_shard_job_says_how_many_items_under_its_roots_it_leaves_to_the_other_
     summary = ExtractSummary()
     plan = items_to_extract(items, RegionCache(tmp_path / "cache"), ExtractOptions(shard="1/4"), summary)
     assert 0 < len(plan.todo) < 20 and summary.other_shards == 20 - len(plan.todo)
-    assert (f"{20 - len(plan.todo)} under these roots left to the other --shard jobs (each takes its share of the "
-            "items under the ROOTs it is given: give every job the same ROOTs)") in summary.line()
+    assert (f"{20 - len(plan.todo)} left to the other --shard jobs (each takes its share of the items under the "
+            "same ROOTs)") in summary.line()
     summary = ExtractSummary()
     items_to_extract(items, RegionCache(tmp_path / "cache"), ExtractOptions(), summary)
     assert summary.other_shards == 0 and "other --shard" not in summary.line()

@@ -41,8 +41,8 @@ class ExtractSummary:
         passed_over = (f"{self.passed_over} path(s) passed over when looking for media (said above; inspect "
                        "--failures lists them), " if self.passed_over else "")
         # a job of an array given only its own folder with --shard i/n extracts 1/n of it: say what it left
-        others = (f"{self.other_shards} under these roots left to the other --shard jobs (each takes its share of the "
-                  "items under the ROOTs it is given: give every job the same ROOTs), " if self.other_shards else "")
+        others = (f"{self.other_shards} left to the other --shard jobs (each takes its share of the items under the "
+                  "same ROOTs), " if self.other_shards else "")
         counts = (f"extract: {self.done} done, {self.skipped_cached} already cached, {self.skipped_failed} skipped "
                   f"(failed before; --retry-failed retries), {self.failed} failed, {damaged}{passed_over}{others}")
         if not (self.done or self.failed or self.load_seconds):  # nothing to decode: no detector was loaded
