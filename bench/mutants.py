@@ -1426,6 +1426,9 @@ MUTANTS += [
     mutant("pretrain-extracted-since-unsaid", "vlpcache/model/data.py",
            "                    added += len(set(now.ids) - set(cache.ids))", "                    added += 0",
            "tests/test_pretrain.py -k extracted_into_the_cache_after", "items extracted while a run trained are counted"),
+    mutant("eval-rerank-weight-unsaid", "vlpcache/index/evaluate.py",
+           "    return which if weight is None else f\"{which} at weight {weight:g}\"", "    return which",
+           "tests/test_eval.py -k prints_a_table", "eval's line gives the run's re-rank weight"),
 ]
 
 

@@ -277,9 +277,15 @@ def test_eval_prints_a_table_by_default(root, ws, monkeypatch, capsys):
     assert out.splitlines()[2].startswith("text->video re-ranked")
     assert "queries (first caption per video, up to 32 tokens)" in out.splitlines()[-1]
     code, out, _ = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl", "--quiet", "--all-captions")
+    weight = json.loads(vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl", "--quiet",
+                                 "--json")[1])["protocol"]["rerank_weight"]
     assert out.splitlines()[-1].startswith("text→video: 16 queries (every caption of each video, up to 32 tokens), 8 "
                                            "candidate videos; video→text: 8 queries, their 16 captions the candidates; "
-                                           "re-rank of all 8, ")  # not "of the top 32" among 8
+                                           f"re-rank of all 8 at weight {weight:g}, ")  # not "of the top 32" among 8
+    from vlpcache.index.evaluate import rerank_said  # a run whose validation found the re-rank no help says so
+
+    assert rerank_said(32, 1000, 0.0) == ("re-rank of the top 32 at weight 0 (the run's validation chose none: its rows "
+                                          "are the global ones)")
 
 
 def test_captions_of_videos_not_cached_are_counted_with_an_example(root, ws, monkeypatch, capsys, tmp_path):

@@ -93,6 +93,7 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
         "max_words": max_words or run.config.max_words,
         "queries_cut": longer_than(run.tokenizer, texts, max_words or run.config.max_words),
         "rerank_candidates": rerank_candidates if rerank else 0,
+        "rerank_weight": run.config.rerank_weight if rerank else None,
         "seconds": round(time.monotonic() - started, 1),
     }
     return results
@@ -224,11 +225,15 @@ def seen_by_run(run_dir: Path, cache_dir: Path, captions_file, captions, file_ha
     return Seen(trained, validated, True, tuple(trained_files), validation)
 
 
-def rerank_said(candidates: int, videos: int | None = None) -> str:
-    """The re-rank of a table's footer; videos: how many candidates there are (a top larger re-ranks them all)."""
+def rerank_said(candidates: int, videos: int | None = None, weight: float | None = None) -> str:
+    """The re-rank of a table's footer; videos: how many candidates there are (a top larger re-ranks them all);
+    weight: the run's re-rank weight, where known (0: the re-ranked rows are the global ones)."""
     if not candidates:
         return "no re-rank (--rerank-candidates 0)"
-    return f"re-rank of all {videos}" if videos is not None and candidates >= videos else f"re-rank of the top {candidates}"
+    which = f"re-rank of all {videos}" if videos is not None and candidates >= videos else f"re-rank of the top {candidates}"
+    if weight == 0:
+        return f"{which} at weight 0 (the run's validation chose none: its rows are the global ones)"
+    return which if weight is None else f"{which} at weight {weight:g}"
 
 
 def what_is_evaluated(sources, run, cache, kept, report: dict, captions, key_matches, device) -> str:
@@ -325,7 +330,7 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
         cut = f"; {p['queries_cut']} longer, cut there" if p["queries_cut"] else ""
         print(f"text→video: {p['queries']} queries ({per_video}, up to {p['max_words']} tokens{cut}), {p['videos']} "
               f"candidate videos; video→text: {p['videos']} queries, their {p['queries']} captions the candidates; "
-              f"{rerank_said(p['rerank_candidates'], p['videos'])}, {p['seconds']} s")
+              f"{rerank_said(p['rerank_candidates'], p['videos'], p['rerank_weight'])}, {p['seconds']} s")
     if records is not None:  # after the figures: a write that fails loses only the records
         write_per_query(Path(per_query), records)
         say(f"eval: each query's rank and best candidates in {printable(str(per_query))}")
