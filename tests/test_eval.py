@@ -404,3 +404,20 @@ def test_per_query_records_give_each_querys_ranks_and_best_candidates(root, ws, 
     code, _, err = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl", "--per-query",
                             tmp_path / "nope" / "q.jsonl")
     assert code == 2 and err.strip() == f"error: {tmp_path / 'nope' / 'q.jsonl'}: no such folder {tmp_path / 'nope'}; create it first"
+
+
+def test_queries_mostly_unknown_to_the_text_model_are_said_under_quiet_too(root, ws, monkeypatch, capsys, tmp_path):
+    ids = list(read_captions(root / "val.jsonl").by_id)
+    path = tmp_path / "zh.jsonl"
+    path.write_text("".join(json.dumps({"video": i, "captions": ["一个女人在厨房里做饭" if n % 2 else "a cat"]},
+                                       ensure_ascii=False) + "\n" for n, i in enumerate(ids)), encoding="utf-8")
+    code, out, err = vlpcache(monkeypatch, capsys, "eval", "--captions", path, "--quiet", "--json")
+    assert code == 0, err
+    json.loads(out)  # the figures stay valid JSON on stdout; the note is on stderr
+    unknown = len(ids) // 2
+    assert (f"note: {unknown} of the {len(ids)} queries ({unknown / len(ids):.0%}) are mostly words the text model"
+            in err) and ('e.g. "一个女人在厨房里做饭": it reads them as unknown tokens or single letters, and their ranks '
+                         "say little about the model; for another language, a multilingual text model reads them: "
+                         "pretrain --text-model NAME|DIR") in err
+    code, _, err = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl", "--quiet")
+    assert code == 0 and "does not know" not in err

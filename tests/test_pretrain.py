@@ -1301,3 +1301,29 @@ def test_a_text_model_named_as_on_the_hub_is_read_from_the_hugging_face_cache_of
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["BertModel 32 [101, 1037, 3899, 102]",
                                           "('cls', 'sentence-transformers pooling: cls_token')"]
+
+
+def test_training_captions_mostly_unknown_to_the_text_model_are_said_with_the_way_forward(tmp_path, corpus, tiny_text,
+                                                                                          monkeypatch, capsys):
+    # a Chinese caption file for an English WordPiece model: [UNK]s, and Cyrillic read letter by letter
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    ids = [json.loads(line)["video"] for line in corpus["train"].read_text().splitlines()][:40]
+    foreign = ["一个女人在厨房里做饭", "человек играет на гитаре", "🐶🐱🎉", "a dog runs on the grass"]
+    path = tmp_path / "zh.jsonl"
+    path.write_text("".join(json.dumps({"video": i, "captions": foreign[:3] if n % 4 else foreign}, ensure_ascii=False)
+                            + "\n" for n, i in enumerate(ids)), encoding="utf-8")
+    run_pretrain(cache_dirs=[corpus["cache"]], captions=[path], val_captions=corpus["val"], run_dir=tmp_path / "run",
+                 **small_options(tiny_text, epochs=1, quiet=False))
+    said = [line for line in capsys.readouterr().err.splitlines() if "does not know" in line]
+    assert said == [f'note: 120 of the 130 training captions (92%) are mostly words the text model ({tiny_text}) does not '
+                    'know, e.g. "一个女人在厨房里做饭": it reads them as unknown tokens or single letters, and the model '
+                    "learns little from them; for another language, a multilingual text model reads them: pretrain "
+                    "--text-model NAME|DIR (e.g. sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2)"]
+    # English captions, however odd (ASR run-on text, HTML entities, a hashtag, an emoji among words): nothing said
+    english = ["so today we make a dish you know just take the pan", "a man &amp; a woman<br>dance #dance @bbc",
+               "a dog 🐶 runs in the park", "un café très chaud"]
+    path.write_text("".join(json.dumps({"video": i, "captions": english}, ensure_ascii=False) + "\n" for i in ids),
+                    encoding="utf-8")
+    run_pretrain(cache_dirs=[corpus["cache"]], captions=[path], val_captions=corpus["val"], run_dir=tmp_path / "en",
+                 **small_options(tiny_text, epochs=1, quiet=False))
+    assert "does not know" not in capsys.readouterr().err

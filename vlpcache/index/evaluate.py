@@ -257,6 +257,17 @@ def say_protocol_notes(say, captions_file, captions, kept, split, paragraphs) ->
         say(f"note: {captions_file} ({captions.layout})")
 
 
+def unknown_queries_line(run, queries: dict[str, list[str]], all_captions: bool) -> str | None:
+    """A line when many of eval's queries are mostly words the run's text model does not know (Chinese
+    captions, an English model): their ranks then measure nothing it reads."""
+    from vlpcache.model.batch import unknown_texts_line
+    from vlpcache.model.model import DEFAULT_TEXT_MODEL
+
+    texts = caption_queries(list(queries.values()), all_captions)[0]
+    return unknown_texts_line(run.tokenizer, texts, run.config.text_model or DEFAULT_TEXT_MODEL, "queries",
+                              "and their ranks say little about the model")
+
+
 def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captions=False, paragraphs=False,
              max_words=None, as_json=False, rerank_candidates=RERANK_CANDIDATES, device=DEFAULT_DEVICE,
              batch_size=None, checkpoint=None, quiet=False, qbnorm=False, dual_softmax=False, per_query=None) -> dict:
@@ -310,6 +321,8 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
             from vlpcache.model.model import text_positions
 
             max_words = min(PARAGRAPH_WORDS, text_positions(run.model.text_encoder.backbone) or PARAGRAPH_WORDS)
+    if line := unknown_queries_line(run, queries, all_captions):
+        say_always(line)  # under --quiet too: it is about what the figures mean
     results = evaluate(run, cache, queries, all_captions, device, batch_size or default_batch_size(device),
                        rerank_candidates, progress=not quiet, qbnorm=qbnorm, dual=dual_softmax, max_words=max_words,
                        per_query=per_query is not None)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vlpcache.report import printable
+
 VIDEO_KEYS = ("features", "boxes", "region_mask", "frame_mask", "timestamps")
 
 
@@ -48,6 +50,54 @@ def longer_than(tokenizer, texts: list[str], max_len: int) -> int:
     each of those there."""
     encoded = tokenizer(list(texts), verbose=False, return_attention_mask=False, return_token_type_ids=False)
     return sum(len(ids) > max_len for ids in encoded["input_ids"])
+
+
+def unknown_tokens(ids, words, spans, unk_id: int | None) -> list[bool]:
+    """Whether the text model knows nothing of each token of one text (ids, word index and (start, end)
+    characters of each, special tokens left out): its unknown token ([UNK]: "猫", "🐶"), or a piece of a
+    word it spells out in pieces of one or two characters, as an English WordPiece vocabulary reads
+    another script ("человек": ч ##е ##л ##ов ##е ##к)."""
+    pieces: dict[int, list[int]] = {}
+    for k, word in enumerate(words):
+        pieces.setdefault(word, []).append(k)
+    spelled = set()
+    for ks in pieces.values():
+        if len(ks) >= 2 and spans[ks[-1]][1] - spans[ks[0]][0] >= 3 and all(spans[k][1] - spans[k][0] <= 2 for k in ks):
+            spelled.update(ks)
+    return [i == unk_id or k in spelled for k, i in enumerate(ids)]
+
+
+def mostly_unknown(tokenizer, texts: list[str]) -> tuple[int, str]:
+    """How many of the texts are more than half tokens the text model knows nothing of (unknown_tokens),
+    and the first such text ("" for none). A slow tokenizer, without word ids, counts [UNK] only."""
+    encoded = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast,
+                        return_attention_mask=False, return_token_type_ids=False, verbose=False)
+    count, first = 0, ""
+    for n, ids in enumerate(encoded["input_ids"]):
+        if tokenizer.is_fast:
+            flags = unknown_tokens(ids, encoded.word_ids(n), encoded["offset_mapping"][n], tokenizer.unk_token_id)
+        else:
+            flags = [i == tokenizer.unk_token_id for i in ids]
+        if flags and 2 * sum(flags) > len(flags):
+            count, first = count + 1, first or texts[n]
+    return count, first
+
+
+UNKNOWN_SHARE_SAID = 0.05  # from this share of a set's texts mostly unknown to the text model on, a line says so
+MULTILINGUAL_EXAMPLE = "sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2"
+
+
+def unknown_texts_line(tokenizer, texts: list[str], text_model: str, what: str, consequence: str) -> str | None:
+    """A line when UNKNOWN_SHARE_SAID or more of `texts` (`what`: "training captions", "queries") are mostly
+    tokens the text model knows nothing of (a Chinese caption file, an English model), with the way forward."""
+    count, example = mostly_unknown(tokenizer, texts)
+    if not texts or count < UNKNOWN_SHARE_SAID * len(texts):
+        return None
+    shown = printable(example if len(example) <= 40 else example[:40] + "...")
+    return (f"note: {count:,} of the {len(texts):,} {what} ({count / len(texts):.0%}) are mostly words the text model "
+            f"({text_model}) does not know, e.g. \"{shown}\": it reads them as unknown tokens or single letters, "
+            f"{consequence}; for another language, a multilingual text model reads them: pretrain --text-model "
+            f"NAME|DIR (e.g. {MULTILINGUAL_EXAMPLE})")
 
 
 def tokenize(tokenizer, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:

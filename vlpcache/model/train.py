@@ -36,7 +36,7 @@ from vlpcache.interrupts import leave_sigterm_to_the_parent, stop_if_interrupted
 from vlpcache.locks import WriterLock, holder_description
 from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics, selection_score
 from vlpcache.model import checkpoint as ckpt
-from vlpcache.model.batch import longer_than
+from vlpcache.model.batch import longer_than, unknown_texts_line
 from vlpcache.model.data import CaptionedRegions, CollateCaptionedRegions, PretrainData, ValidationSet, load_pretrain_data
 from vlpcache.model.config import (
     MODEL_OPTIONS,
@@ -48,7 +48,8 @@ from vlpcache.model.config import (
     TrainConfig,
     captions_per_video_cap,
 )
-from vlpcache.model.model import AlignmentModel, PretrainLoss, build_model, check_text_model_findable, load_text_backbone
+from vlpcache.model.model import (DEFAULT_TEXT_MODEL, AlignmentModel, PretrainLoss, build_model, check_text_model_findable,
+                                  load_text_backbone)
 from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
 from vlpcache.model.run_layout import (BEST_NAME, CHECKPOINT_DIR, LOCATED, LOG_NAME, TENSORBOARD_DIR, TEXT_DIR,
                                        TRAINING_LOCK_NAME, VIDEOS_NAME, add_run_videos, location_list, run_locations,
@@ -466,7 +467,7 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
             if (asked := run.model.text_trainable_layers) > (has := len(model.text_encoder.layers)):
                 processes.say(f"note: --trainable-layers {asked}: the text model has {has} layers; all of them train, "
                               "and its word embeddings too (a checkpoint holds them: twice the size)")
-            if line := _captions_cut_line(run, tokenizer):
+            for line in _captions_lines(run, tokenizer):
                 processes.say(line)
         # a fresh start rewrites it (a run folder left without a checkpoint may be started again on other
         # captions); a run resumed from before the record was kept gets it too
@@ -513,17 +514,22 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
 CAPTIONS_COUNTED = 200_000  # beyond this many training captions, how many are cut is estimated on a sample
 
 
-def _captions_cut_line(run: Run, tokenizer) -> str | None:
-    """What a new run says when some training captions are longer than the tokens the model reads."""
+def _captions_lines(run: Run, tokenizer) -> list[str]:
+    """What a new run says of its training captions: how many are longer than the tokens the model reads,
+    and how many are mostly words its text model does not know (another language than its vocabulary's)."""
     captions = run.data.train.all_captions()
     counted = captions if len(captions) <= CAPTIONS_COUNTED else random.Random(0).sample(captions, CAPTIONS_COUNTED)
-    cut = longer_than(tokenizer, counted, run.model.max_words)
-    if not cut:
-        return None
-    how_many = (f"{cut:,} of the {len(captions):,}" if counted is captions
-                else f"about {cut / len(counted):.1%} (counted on {len(counted):,}) of the {len(captions):,}")
-    return (f"pretrain: {how_many} training captions are longer than the {run.model.max_words} tokens the model "
-            "reads ([CLS] and [SEP] included) and are cut there; --max-words N reads more")
+    lines = []
+    if cut := longer_than(tokenizer, counted, run.model.max_words):
+        how_many = (f"{cut:,} of the {len(captions):,}" if counted is captions
+                    else f"about {cut / len(counted):.1%} (counted on {len(counted):,}) of the {len(captions):,}")
+        lines.append(f"pretrain: {how_many} training captions are longer than the {run.model.max_words} tokens the "
+                     "model reads ([CLS] and [SEP] included) and are cut there; --max-words N reads more")
+    what = "training captions" if counted is captions else f"training captions counted (a sample of the {len(captions):,})"
+    if line := unknown_texts_line(tokenizer, counted, run.model.text_model or DEFAULT_TEXT_MODEL, what,
+                                  "and the model learns little from them"):
+        lines.append(line)
+    return lines
 
 
 def _frozen_text_features(run: Run, model, tokenizer, processes: Processes, workspace: Workspace) -> TextFeatures | None:
