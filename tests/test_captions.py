@@ -661,3 +661,16 @@ def test_the_end_of_an_id_matches_whole_path_components_with_or_without_the_exte
     assert tails.item_ending_in("lip") == (None, []) and tails.item_ending_in("a/b/clip") == (None, [])  # whole ids are not tails
     assert tails.item_ending_in("clip2.avi") == (None, ["x/clip2", "y/clip2"])
     assert tails.item_ending_in("er\\one.v2.webm") == ("deep/er/one.v2", []) and tails.item_ending_in("./") == (None, [])
+
+
+def test_half_an_emoji_escaped_alone_in_json_reads_as_a_replacement_character_the_tokenizer_takes(tmp_path):
+    from transformers import AutoTokenizer
+    from vlpcache.model.model import default_text_model
+
+    # a scraper that cut its captions at N UTF-16 units wrote the first half of "🐶" (\ud83d\udc36) alone
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"video": "v0", "captions": ["a dog runs \\ud83d", "\\udc36 a cat", "a \\ud83d\\udc36 dog"]}\n')
+    captions = read_captions(path).by_id
+    assert captions == {"v0": ["a dog runs \ufffd", "\ufffd a cat", "a 🐶 dog"]}  # a whole pair stays itself
+    tokenizer = AutoTokenizer.from_pretrained(default_text_model())
+    assert [len(ids) for ids in tokenizer(captions["v0"])["input_ids"]] == [5, 4, 5]  # BERT's cleaning drops U+FFFD

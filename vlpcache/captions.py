@@ -242,9 +242,15 @@ def item_named_by(key: str, ids) -> str | None:
     return None
 
 
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair, which JSON's "\\ud83d" escape can give alone
+
+
 def _add(captions: Captions, item_id, texts) -> None:
     for text in texts:
         text = str(text).strip() if isinstance(text, (str, int, float)) and not isinstance(text, bool) else ""
+        # half an emoji (a caption a scraper cut between the two halves of "\ud83d\udc36") is no text a
+        # tokenizer takes (a traceback): U+FFFD, as a decoder writes for a broken byte
+        text = LONE_SURROGATE.sub("\ufffd", text)
         if text:
             captions.by_id.setdefault(str(item_id), []).append(text)
         else:  # empty, or not a text (null, a list, an object)
