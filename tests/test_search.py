@@ -306,6 +306,14 @@ def test_empty_query_is_one_line_error(ws, monkeypatch, capsys):
     assert code == 2 and err.startswith("error: empty query") and err.count("\n") == 1
 
 
+def test_a_query_that_is_not_utf8_is_one_line_error_not_a_tokenizer_traceback(ws, monkeypatch, capsys):
+    # a Latin-1 terminal's "café": Python hands the byte \xe9 over as the stand-in "\udce9"
+    code, out, err = vlpcache(monkeypatch, capsys, "search", "caf\udce9", "--json")
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert err.splitlines()[-1] == ('error: the query "caf\\xe9" is not UTF-8 text (the byte \\xe9: a terminal or file '
+                                    "in another encoding, e.g. Latin-1); give it in UTF-8 (e.g. a terminal with LANG=C.UTF-8)")
+
+
 def test_missing_run_is_one_line_error(ws, monkeypatch, capsys):
     shutil.rmtree(ws / "runs")
     code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog")
@@ -780,6 +788,8 @@ def test_searcher_refuses_an_empty_query_and_k_below_one(ws):
         searcher.search("  ")
     with pytest.raises(UserError, match=r'"\\u200b" holds no words the text model reads'):  # what it drops: nothing
         searcher.search("\u200b")
+    with pytest.raises(UserError, match=r"not UTF-8 text \(half of a UTF-16 pair: half an emoji"):
+        searcher.search("a dog \ud83d")  # json.loads('"\\ud83d"') gives that
     with pytest.raises(UserError, match="at least one"):
         searcher.search("a dog", k=0)
 

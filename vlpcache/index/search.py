@@ -348,6 +348,12 @@ class Searcher:
         query = query.strip()
         if not query:
             raise UserError('empty query; give words to search for, e.g. "person cuts onion"')
+        if (broken := next((c for c in query if "\ud800" <= c <= "\udfff"), None)) is not None:
+            # Python's stand-in for a byte of a command line that is not UTF-8 (or half of a UTF-16 pair)
+            why = (f"the byte \\x{ord(broken) - 0xDC00:02x}: a terminal or file in another encoding, e.g. Latin-1"
+                   if ord(broken) >= 0xDC80 else "half of a UTF-16 pair: half an emoji, cut from its other half")
+            raise UserError(f'the query "{printable(query)}" is not UTF-8 text ({why}); give it in UTF-8 (e.g. a '
+                            "terminal with LANG=C.UTF-8)")
         if self.unknown_and_known(query) == ([], 0):  # zero-width or control characters only: the model reads no token
             raise UserError(f'"{printable(query)}" holds no words the text model reads (only characters it drops: '
                             'zero-width or control ones); give words to search for, e.g. "person cuts onion"')
