@@ -133,15 +133,16 @@ def test_a_hit_says_where_its_frame_sits_in_the_terms_of_what_it_was_extracted_f
 def test_words_the_text_model_does_not_know_are_said_in_text_json_and_by_the_searcher(ws, monkeypatch, capsys):
     code, out, err = vlpcache(monkeypatch, capsys, "search", "猫 🐶", "-k", "2")
     assert code == 0 and err.splitlines()[-1] == (
-        'note: the text model knows none of the words of "猫 🐶" ("猫", "🐶": each read as one unknown token): '
-        "this ranking says nothing about them; its vocabulary is English words"), err
+        'note: the text model knows none of the words of "猫 🐶" ("猫", "🐶": each read as one unknown token, or '
+        "spelled out letter by letter): this ranking says nothing about them; its vocabulary is English words"), err
     [result] = search_json(monkeypatch, capsys, "a dog with a 猫", "-k", "2")
     assert result["unknown"] == ["猫"] and result["reads_nothing"] is False
     [result] = search_json(monkeypatch, capsys, "猫 🐶", "-k", "2")
     assert result["unknown"] == ["猫", "🐶"] and result["reads_nothing"] is True
     code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog with a 猫", "-k", "2")
     assert err.splitlines()[-1] == ('note: the text model does not know "猫" (read as one unknown token, the same for '
-                                    "anything outside its vocabulary): the results follow the rest of the query")
+                                    "anything outside its vocabulary, or spelled out letter by letter): the results "
+                                    "follow the rest of the query")
     code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", "2")
     assert "unknown" not in err
     assert search_json(monkeypatch, capsys, "a dog", "-k", "2")[0]["unknown"] == []
@@ -680,7 +681,9 @@ def test_index_leaves_an_onnx_query_model_that_matches_the_torch_one(ws, monkeyp
                           (long_query, " ".join(words[30:]))]:
         assert onnx.unread(query) == torch_model.unread(query) == unread
     # and what of it they do not know: each part read as [UNK], once, and how many tokens they know
-    for query, unknown in [("a dog", ([], 2)), ("猫", (["猫"], 0)), ("a dog 🐶 and 猫 猫!", (["🐶", "猫"], 4))]:
+    # or as letters: an English vocabulary spells out another script ("человек": ч ##е ##л ##ов ##е ##к)
+    for query, unknown in [("a dog", ([], 2)), ("猫", (["猫"], 0)), ("a dog 🐶 and 猫 猫!", (["🐶", "猫"], 4)),
+                           ("человек играет", (["человек", "играет"], 0)), ("a man مطبخ cooks", (["مطبخ"], 3))]:
         assert onnx.unknown(query) == torch_model.unknown(query) == unknown
     index = VideoIndex.load(the_index(ws))
     regions, mask, _ = index.regions.gather([0, 3, 7])

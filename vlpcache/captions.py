@@ -698,6 +698,21 @@ JSON_LAYOUTS = {  # name: (how to recognise it, how to read it), tried in this o
 }
 
 
+def unknown_tokens(ids, words, spans, unk_id: int | None) -> list[bool]:
+    """Whether the text model knows nothing of each token of one text (ids, word index and (start, end)
+    characters of each, special tokens left out): its unknown token ([UNK]: "猫", "🐶"), or a piece of a
+    word it spells out in pieces of one or two characters, as an English WordPiece vocabulary reads
+    another script ("человек": ч ##е ##л ##ов ##е ##к)."""
+    pieces: dict[int, list[int]] = {}
+    for k, word in enumerate(words):
+        pieces.setdefault(word, []).append(k)
+    spelled = set()
+    for ks in pieces.values():
+        if len(ks) >= 2 and spans[ks[-1]][1] - spans[ks[0]][0] >= 3 and all(spans[k][1] - spans[k][0] <= 2 for k in ks):
+            spelled.update(ks)
+    return [i == unk_id or k in spelled for k, i in enumerate(ids)]
+
+
 def caption_queries(captions: list[list[str]], all_captions: bool) -> tuple[list[str], list[int]]:
     """Retrieval queries from the captions of each item: the first caption of each (the standard
     protocol) or all of them, and for each query the index of its item."""

@@ -92,7 +92,7 @@ class TorchQueryModel:
     def unknown(self, text: str) -> tuple[list[str], int]:
         read = self.run.tokenizer(text, truncation=True, max_length=self.max_words, return_offsets_mapping=True,
                                   return_special_tokens_mask=True)
-        return unknown_parts(text, read["input_ids"], read["offset_mapping"], read["special_tokens_mask"],
+        return unknown_parts(text, read["input_ids"], read.word_ids(), read["offset_mapping"], read["special_tokens_mask"],
                              self.run.tokenizer.unk_token_id)
 
     @torch.inference_mode()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlpcache.captions import unknown_tokens
 from vlpcache.index.layout import QUERY_DIR
 from vlpcache.records import read_json, read_optional_json
 
@@ -40,12 +41,17 @@ def unread_tail(text: str, offsets, special_mask) -> str:
     return text[max(ends, default=0):].strip()
 
 
-def unknown_parts(text: str, ids, offsets, special_mask, unk_id: int | None) -> tuple[list[str], int]:
-    """The parts of `text` read as the unknown token ([UNK]: one token for every character or word outside
-    the vocabulary, "猫", "🐶"), each once, and how many of its tokens are known words."""
-    words = [(i, span) for i, span, special in zip(ids, offsets, special_mask) if not special]
-    unknown = [text[start:end] for i, (start, end) in words if i == unk_id and end > start]
-    return list(dict.fromkeys(unknown)), sum(i != unk_id for i, _ in words)
+def unknown_parts(text: str, ids, words, offsets, special_mask, unk_id: int | None) -> tuple[list[str], int]:
+    """The parts of `text` the text model knows nothing of (captions.unknown_tokens: its unknown token,
+    [UNK], for "猫" or "🐶", or a word it spells out a letter or two a piece, "человек"), each once, and how
+    many of its tokens it knows."""
+    read = [(i, word, span) for i, word, span, special in zip(ids, words, offsets, special_mask) if not special]
+    flags = unknown_tokens([i for i, _, _ in read], [word for _, word, _ in read], [span for _, _, span in read], unk_id)
+    spans: dict[int, tuple[int, int]] = {}  # word -> the characters of its unknown tokens
+    for (_, word, (start, end)), unknown in zip(read, flags):
+        if unknown and end > start:
+            spans[word] = (spans.get(word, (start, end))[0], end)
+    return list(dict.fromkeys(text[start:end] for start, end in spans.values())), flags.count(False)
 
 
 class OnnxQueryModel:
@@ -86,7 +92,8 @@ class OnnxQueryModel:
         encoding = self.tokenizer.encode(text)
         unk = getattr(self.tokenizer.model, "unk_token", None)
         unk_id = self.tokenizer.token_to_id(unk) if unk else None
-        return unknown_parts(text, encoding.ids, encoding.offsets, encoding.special_tokens_mask, unk_id)
+        return unknown_parts(text, encoding.ids, encoding.word_ids, encoding.offsets, encoding.special_tokens_mask,
+                             unk_id)
 
     def rescore(self, words, word_mask, text_global, regions, region_mask, video_global):
         feeds = dict(zip(

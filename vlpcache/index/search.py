@@ -329,7 +329,7 @@ class Searcher:
 
     def unknown(self, query: str) -> list[str]:
         """The parts of `query` the text model does not know (read as its one unknown token, [UNK]: "猫",
-        "🐶"), each once; [] for most queries."""
+        "🐶", or spelled out a letter or two a piece: "человек"), each once; [] for most queries."""
         return self.unknown_and_known(query)[0]
 
     def unknown_and_known(self, query: str) -> tuple[list[str], int]:
@@ -480,9 +480,10 @@ def unknown_line(query: str, unknown: list[str], known: int) -> str:
     shown = ", ".join(f'"{printable(part)}"' for part in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
     if not known:
         return (f"note: the text model knows none of the words of \"{printable(query[:40])}\" ({shown}: each read as "
-                "one unknown token): this ranking says nothing about them; its vocabulary is English words")
+                "one unknown token, or spelled out letter by letter): this ranking says nothing about them; its "
+                "vocabulary is English words")
     return (f"note: the text model does not know {shown} (read as one unknown token, the same for anything "
-            "outside its vocabulary): the results follow the rest of the query")
+            "outside its vocabulary, or spelled out letter by letter): the results follow the rest of the query")
 
 
 UNREAD_LINES = 3  # queries of a --queries file whose unread end (unknown words, weak match) is said in a line; the rest are counted

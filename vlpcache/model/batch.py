@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vlpcache.captions import unknown_tokens
 from vlpcache.report import printable
 
 VIDEO_KEYS = ("features", "boxes", "region_mask", "frame_mask", "timestamps")
@@ -50,21 +51,6 @@ def longer_than(tokenizer, texts: list[str], max_len: int) -> int:
     each of those there."""
     encoded = tokenizer(list(texts), verbose=False, return_attention_mask=False, return_token_type_ids=False)
     return sum(len(ids) > max_len for ids in encoded["input_ids"])
-
-
-def unknown_tokens(ids, words, spans, unk_id: int | None) -> list[bool]:
-    """Whether the text model knows nothing of each token of one text (ids, word index and (start, end)
-    characters of each, special tokens left out): its unknown token ([UNK]: "猫", "🐶"), or a piece of a
-    word it spells out in pieces of one or two characters, as an English WordPiece vocabulary reads
-    another script ("человек": ч ##е ##л ##ов ##е ##к)."""
-    pieces: dict[int, list[int]] = {}
-    for k, word in enumerate(words):
-        pieces.setdefault(word, []).append(k)
-    spelled = set()
-    for ks in pieces.values():
-        if len(ks) >= 2 and spans[ks[-1]][1] - spans[ks[0]][0] >= 3 and all(spans[k][1] - spans[k][0] <= 2 for k in ks):
-            spelled.update(ks)
-    return [i == unk_id or k in spelled for k, i in enumerate(ids)]
 
 
 def mostly_unknown(tokenizer, texts: list[str]) -> tuple[int, str]:

@@ -258,7 +258,7 @@ async function search(query, k) {
     (model ? ` · ${model}` : "") + cut);
 }
 
-// what the text model made of words outside its vocabulary (each read as one unknown token); whether it
+// what the text model made of words outside its vocabulary (one unknown token each, or spelled out); whether it
 // read anything else is the server's to say (reads_nothing), as search says it
 function unknownText(unknown, readsNothing) {
   if (!unknown.length) return "";
