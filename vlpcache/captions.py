@@ -701,14 +701,14 @@ JSON_LAYOUTS = {  # name: (how to recognise it, how to read it), tried in this o
 def unknown_tokens(ids, words, spans, unk_id: int | None) -> list[bool]:
     """Whether the text model knows nothing of each token of one text (ids, word index and (start, end)
     characters of each, special tokens left out): its unknown token ([UNK]: "猫", "🐶"), or a piece of a
-    word it spells out in pieces of one or two characters, as an English WordPiece vocabulary reads
-    another script ("человек": ч ##е ##л ##ов ##е ##к)."""
+    word it spells out, most of its pieces one character, as an English WordPiece vocabulary reads another
+    script ("человек": ч ##е ##л ##ов ##е ##к; English words it splits, "gravy": gr ##av ##y, are not)."""
     pieces: dict[int, list[int]] = {}
     for k, word in enumerate(words):
         pieces.setdefault(word, []).append(k)
     spelled = set()
     for ks in pieces.values():
-        if len(ks) >= 2 and spans[ks[-1]][1] - spans[ks[0]][0] >= 3 and all(spans[k][1] - spans[k][0] <= 2 for k in ks):
+        if len(ks) >= 2 and 2 * sum(spans[k][1] - spans[k][0] == 1 for k in ks) > len(ks):
             spelled.update(ks)
     return [i == unk_id or k in spelled for k, i in enumerate(ids)]
 

@@ -43,7 +43,7 @@ def unread_tail(text: str, offsets, special_mask) -> str:
 
 def unknown_parts(text: str, ids, words, offsets, special_mask, unk_id: int | None) -> tuple[list[str], int]:
     """The parts of `text` the text model knows nothing of (captions.unknown_tokens: its unknown token,
-    [UNK], for "猫" or "🐶", or a word it spells out a letter or two a piece, "человек"), each once, and how
+    [UNK], for "猫" or "🐶", or a word it spells out letter by letter, "человек"), each once, and how
     many of its tokens it knows."""
     read = [(i, word, span) for i, word, span, special in zip(ids, words, offsets, special_mask) if not special]
     flags = unknown_tokens([i for i, _, _ in read], [word for _, word, _ in read], [span for _, _, span in read], unk_id)

@@ -329,7 +329,7 @@ class Searcher:
 
     def unknown(self, query: str) -> list[str]:
         """The parts of `query` the text model does not know (read as its one unknown token, [UNK]: "猫",
-        "🐶", or spelled out a letter or two a piece: "человек"), each once; [] for most queries."""
+        "🐶", or spelled out letter by letter: "человек"), each once; [] for most queries."""
         return self.unknown_and_known(query)[0]
 
     def unknown_and_known(self, query: str) -> tuple[list[str], int]:
