@@ -287,6 +287,11 @@ def test_several_queries_from_a_file_are_answered_in_one_process(ws, tmp_path, m
     queries.write_bytes("\ufeffa dog\r\n\r\nthe beach here\r\na man\r\n".encode("utf-16-le"))
     again = search_json(monkeypatch, capsys, "--queries", queries, "-k", "2")
     assert [r["query"] for r in again] == ["a dog", "the beach here", "a man"] and all(len(r["results"]) == 2 for r in again)
+    # comment lines, blank ones of spaces and tabs, a byte-order mark where two files were joined: none is a
+    # query; a hashtag is one
+    queries.write_text("# my queries\n#\n \t \na dog\n\ufeffthe beach here\n  # the next one\n#beach\n", encoding="utf-8")
+    assert [r["query"] for r in search_json(monkeypatch, capsys, "--queries", queries, "-k", "1")] == [
+        "a dog", "the beach here", "#beach"]
 
 
 def test_queries_are_read_from_stdin_with_a_dash(ws, monkeypatch, capsys):

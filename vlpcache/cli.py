@@ -319,7 +319,8 @@ def index(**options) -> None:
 @cli.command()
 @click.argument("text", required=False)
 @click.option("--queries", "queries_file", type=click.Path(allow_dash=True),
-              help="File with one query per line (- for stdin); with TEXT too, TEXT is the first query.")
+              help="File with one query per line (- for stdin; '# ' starts a comment line); with TEXT too, TEXT is "
+                   "the first query.")
 @click.option("-k", default=10, show_default=True, type=click.IntRange(1), help="Results per query.")
 @json_option("One JSON object per query.")
 @click.option("--no-rerank", is_flag=True, help="Rank by global similarity only (no region-word re-rank).")

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -529,6 +530,9 @@ def format_hits(query: str, hits: list[Hit]) -> str:
 # ---------------------------------------------------------------- the command
 
 
+QUERY_COMMENT = re.compile(r"#(\s|$)")  # "# a note" or "#": a comment line; "#cooking", a hashtag, is a query
+
+
 def read_queries(text: str | None, queries_file: str | None) -> list[str]:
     queries = []
     if text is not None:
@@ -543,7 +547,9 @@ def read_queries(text: str | None, queries_file: str | None) -> list[str]:
                 lines = read_utf8_text(Path(queries_file)).splitlines()
             except OSError as err:
                 raise UserError(f"--queries {queries_file}: cannot read it ({err.strerror})") from None
-        queries += [line.strip() for line in lines if line.strip()]
+        # a byte-order mark inside (files joined with cat) is no part of a query
+        lines = [line.replace("\ufeff", "").strip() for line in lines]
+        queries += [line for line in lines if line and not QUERY_COMMENT.match(line)]
         if not queries:
             raise UserError(f"--queries {queries_file}: no queries in it (one query per line)")
     if not queries:
