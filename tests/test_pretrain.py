@@ -1327,3 +1327,17 @@ def test_training_captions_mostly_unknown_to_the_text_model_are_said_with_the_wa
     run_pretrain(cache_dirs=[corpus["cache"]], captions=[path], val_captions=corpus["val"], run_dir=tmp_path / "en",
                  **small_options(tiny_text, epochs=1, quiet=False))
     assert "does not know" not in capsys.readouterr().err
+
+
+def test_captions_cut_at_the_most_the_text_model_reads_are_not_told_to_read_more(tmp_path, corpus, tiny_text,
+                                                                                monkeypatch, capsys):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    ids = [json.loads(line)["video"] for line in corpus["train"].read_text().splitlines()][:40]
+    path = write_captions(tmp_path / "long.jsonl", [], extra={i: [" ".join(["a cat"] * 40), "a cat"] for i in ids})
+    options = dict(cache_dirs=[corpus["cache"]], captions=[path], val_captions=corpus["val"])
+    run_pretrain(**options, run_dir=tmp_path / "most", **small_options(tiny_text, epochs=1, quiet=False, max_words=64))
+    assert ("pretrain: 40 of the 80 training captions are longer than the 64 tokens the model reads ([CLS] and [SEP] "
+            "included) and are cut there; the text model reads no more") in capsys.readouterr().err.splitlines()
+    run_pretrain(**options, run_dir=tmp_path / "less", **small_options(tiny_text, epochs=1, quiet=False, max_words=32))
+    assert ("pretrain: 40 of the 80 training captions are longer than the 32 tokens the model reads ([CLS] and [SEP] "
+            "included) and are cut there; --max-words N reads more") in capsys.readouterr().err.splitlines()

@@ -49,7 +49,7 @@ from vlpcache.model.config import (
     captions_per_video_cap,
 )
 from vlpcache.model.model import (DEFAULT_TEXT_MODEL, AlignmentModel, PretrainLoss, build_model, check_text_model_findable,
-                                  load_text_backbone)
+                                  load_text_backbone, text_positions)
 from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
 from vlpcache.model.run_layout import (BEST_NAME, CHECKPOINT_DIR, LOCATED, LOG_NAME, TENSORBOARD_DIR, TEXT_DIR,
                                        TRAINING_LOCK_NAME, VIDEOS_NAME, add_run_videos, location_list, run_locations,
@@ -467,7 +467,7 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
             if (asked := run.model.text_trainable_layers) > (has := len(model.text_encoder.layers)):
                 processes.say(f"note: --trainable-layers {asked}: the text model has {has} layers; all of them train, "
                               "and its word embeddings too (a checkpoint holds them: twice the size)")
-            for line in _captions_lines(run, tokenizer):
+            for line in _captions_lines(run, tokenizer, text_positions(model.text_encoder.backbone)):
                 processes.say(line)
         # a fresh start rewrites it (a run folder left without a checkpoint may be started again on other
         # captions); a run resumed from before the record was kept gets it too
@@ -514,17 +514,20 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
 CAPTIONS_COUNTED = 200_000  # beyond this many training captions, how many are cut is estimated on a sample
 
 
-def _captions_lines(run: Run, tokenizer) -> list[str]:
-    """What a new run says of its training captions: how many are longer than the tokens the model reads,
-    and how many are mostly words its text model does not know (another language than its vocabulary's)."""
+def _captions_lines(run: Run, tokenizer, positions: int | None) -> list[str]:
+    """What a new run says of its training captions: how many are longer than the tokens the model reads
+    (`positions`: the most its text model can read), and how many are mostly words its text model does not
+    know (another language than its vocabulary's)."""
     captions = run.data.train.all_captions()
     counted = captions if len(captions) <= CAPTIONS_COUNTED else random.Random(0).sample(captions, CAPTIONS_COUNTED)
     lines = []
     if cut := longer_than(tokenizer, counted, run.model.max_words):
         how_many = (f"{cut:,} of the {len(captions):,}" if counted is captions
                     else f"about {cut / len(counted):.1%} (counted on {len(counted):,}) of the {len(captions):,}")
+        more = ("--max-words N reads more" if positions is None or run.model.max_words < positions
+                else "the text model reads no more")
         lines.append(f"pretrain: {how_many} training captions are longer than the {run.model.max_words} tokens the "
-                     "model reads ([CLS] and [SEP] included) and are cut there; --max-words N reads more")
+                     f"model reads ([CLS] and [SEP] included) and are cut there; {more}")
     what = "training captions" if counted is captions else f"training captions counted (a sample of the {len(captions):,})"
     if line := unknown_texts_line(tokenizer, counted, run.model.text_model or DEFAULT_TEXT_MODEL, what,
                                   "and the model learns little from them"):
