@@ -1341,3 +1341,21 @@ def test_captions_cut_at_the_most_the_text_model_reads_are_not_told_to_read_more
     run_pretrain(**options, run_dir=tmp_path / "less", **small_options(tiny_text, epochs=1, quiet=False, max_words=32))
     assert ("pretrain: 40 of the 80 training captions are longer than the 32 tokens the model reads ([CLS] and [SEP] "
             "included) and are cut there; --max-words N reads more") in capsys.readouterr().err.splitlines()
+
+
+def test_one_caption_shared_by_many_training_videos_is_said(tmp_path, corpus, tiny_text, monkeypatch, capsys):
+    # a category column read as the captions: 30 of the 40 videos captioned "sports"
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    ids = [json.loads(line)["video"] for line in corpus["train"].read_text().splitlines()][:40]
+    path = write_captions(tmp_path / "c.jsonl", [], extra={i: ["sports" if n < 30 else f"a clip {n}"]
+                                                             for n, i in enumerate(ids)})
+    run_pretrain(cache_dirs=[corpus["cache"]], captions=[path], val_captions=corpus["val"], run_dir=tmp_path / "run",
+                 **small_options(tiny_text, epochs=1, quiet=False))
+    assert ('note: 75% of the training videos (30 of 40) have the caption "sports": a caption so many share tells none '
+            "of them apart (in a batch they are each other's negatives); where it describes no video (a category, a "
+            "title, a placeholder), the file or its caption column is not the one meant (the first lines say how each "
+            "file was read)") in capsys.readouterr().err.splitlines()
+    # captions shared as MSR-VTT's are ("a man is talking": 67 of 3,151 videos), here 4 of 40 each: nothing said
+    run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], val_captions=corpus["val"],
+                 run_dir=tmp_path / "fine", **small_options(tiny_text, epochs=1, quiet=False))
+    assert "have the caption" not in capsys.readouterr().err

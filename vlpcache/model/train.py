@@ -11,6 +11,7 @@ until done. The loop knows the model only through
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -532,7 +533,29 @@ def _captions_lines(run: Run, tokenizer, positions: int | None) -> list[str]:
     if line := unknown_texts_line(tokenizer, counted, run.model.text_model or DEFAULT_TEXT_MODEL, what,
                                   "and the model learns little from them"):
         lines.append(line)
+    if line := _shared_caption_line(run.data.train.samples):
+        lines.append(line)
     return lines
+
+
+SHARED_CAPTION_SAID = 0.2  # a caption this share of the training videos have is said (MSR-VTT's commonest: 3.4%)
+
+
+def _shared_caption_line(samples: list[tuple[int, int, list[str]]]) -> str | None:
+    """A line when one caption is a caption of SHARED_CAPTION_SAID or more of the training videos (a
+    category or title column read as the captions, a placeholder): it tells none of them apart."""
+    if sampled := len(samples) > CAPTIONS_COUNTED:
+        samples = random.Random(0).sample(samples, CAPTIONS_COUNTED)
+    videos_of = collections.Counter(text for _, _, texts in samples for text in set(texts))
+    if not videos_of or (found := videos_of.most_common(1)[0])[1] < max(2, SHARED_CAPTION_SAID * len(samples)):
+        return None
+    text, count = found
+    shown = printable(text if len(text) <= 60 else text[:60] + "...")
+    return (f"note: {count / len(samples):.0%} of the training videos ({count:,} of {len(samples):,}"
+            f"{' counted' if sampled else ''}) have the caption \"{shown}\": a caption so "
+            "many share tells none of them apart (in a batch they are each other's negatives); where it describes "
+            "no video (a category, a title, a placeholder), the file or its caption column is not the one meant "
+            "(the first lines say how each file was read)")
 
 
 def _frozen_text_features(run: Run, model, tokenizer, processes: Processes, workspace: Workspace) -> TextFeatures | None:
