@@ -674,3 +674,24 @@ def test_half_an_emoji_escaped_alone_in_json_reads_as_a_replacement_character_th
     assert captions == {"v0": ["a dog runs \ufffd", "\ufffd a cat", "a 🐶 dog"]}  # a whole pair stays itself
     tokenizer = AutoTokenizer.from_pretrained(default_text_model())
     assert [len(ids) for ids in tokenizer(captions["v0"])["input_ids"]] == [5, 4, 5]  # BERT's cleaning drops U+FFFD
+
+
+def test_a_line_separator_or_form_feed_inside_a_caption_neither_splits_it_nor_joins_its_words(tmp_path):
+    from transformers import AutoTokenizer
+    from vlpcache.model.model import default_text_model
+
+    # web alt-text with a U+2028, cp1252's "…" read as Latin-1 (U+0085), a form feed: str.splitlines ends a
+    # line at each, and BERT's tokenizer drops the last two, joining "view" and "of"
+    folder = tmp_path / "cc3m" / "00000"
+    folder.mkdir(parents=True)
+    (folder / "000000000.jpg").write_bytes(b"")
+    (folder / "000000000.txt").write_text("a great view\x85of the city\u2028at night\r\na second\x0ccaption\r\n",
+                                          encoding="utf-8", newline="")
+    (tmp_path / "Flickr8k.token.txt").write_text("1000268201_693b08cb0e.jpg#0\ta dog\u2028runs\x85home\n",
+                                                 encoding="utf-8", newline="")
+    folder_captions = read_captions(tmp_path / "cc3m").by_id
+    token_captions = read_captions(tmp_path / "Flickr8k.token.txt").by_id
+    assert folder_captions == {"00000/000000000": ["a great view of the city\u2028at night", "a second caption"]}
+    assert token_captions == {"1000268201_693b08cb0e.jpg": ["a dog\u2028runs home"]}  # matched to an item later
+    tokenizer = AutoTokenizer.from_pretrained(default_text_model())
+    assert tokenizer.tokenize(folder_captions["00000/000000000"][0]) == "a great view of the city at night".split()

@@ -242,6 +242,15 @@ def item_named_by(key: str, ids) -> str | None:
     return None
 
 
+def text_lines(text: str) -> list[str]:
+    """A text file's lines, ended by \\n, \\r\\n or \\r only: a U+2028, a U+0085 (cp1252's "…" read as
+    Latin-1), a form feed or a vertical tab inside a caption, where str.splitlines also ends lines, is no end."""
+    return re.split(r"\r\n|\r|\n", text)
+
+
+# characters Python takes for spaces that BERT's tokenizer drops, joining the words either side ("view\x85of":
+# "viewof"): a space instead
+WORD_BREAKS = re.compile("[\x0b\x0c\x1c-\x1f\x85]")
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair, which JSON's "\\ud83d" escape can give alone
 
 
@@ -251,6 +260,7 @@ def _add(captions: Captions, item_id, texts) -> None:
         # half an emoji (a caption a scraper cut between the two halves of "\ud83d\udc36") is no text a
         # tokenizer takes (a traceback): U+FFFD, as a decoder writes for a broken byte
         text = LONE_SURROGATE.sub("\ufffd", text)
+        text = WORD_BREAKS.sub(" ", text)
         if text:
             captions.by_id.setdefault(str(item_id), []).append(text)
         else:  # empty, or not a text (null, a list, an object)
@@ -398,7 +408,7 @@ def _read_id_and_caption_lines(captions: Captions, path: Path, text: str) -> str
     sentence. A caption number after `#` is dropped from the id; `#` comment lines and blank lines are
     skipped. Returns the layout read."""
     lsmdc = 0
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text_lines(text), 1):
         if not line.strip() or line.startswith("#"):
             continue
         fields = line.split("\t")
@@ -541,7 +551,7 @@ def _walk_text_files(captions: Captions, folder: Path, bar) -> int:
                 _bad_line(captions, path, None, f"cannot read: {err.strerror or err}")
                 continue
             key = path.relative_to(folder).with_suffix("").as_posix()
-            _add(captions, key, [line for line in text.splitlines() if line.strip()] or [""])
+            _add(captions, key, [line for line in text_lines(text) if line.strip()] or [""])
     return found
 
 
