@@ -695,3 +695,14 @@ def test_a_line_separator_or_form_feed_inside_a_caption_neither_splits_it_nor_jo
     assert token_captions == {"1000268201_693b08cb0e.jpg": ["a dog\u2028runs home"]}  # matched to an item later
     tokenizer = AutoTokenizer.from_pretrained(default_text_model())
     assert tokenizer.tokenize(folder_captions["00000/000000000"][0]) == "a great view of the city at night".split()
+
+
+def test_files_joined_with_cat_read_whole_though_each_began_with_a_byte_order_mark(tmp_path):
+    # `cat part-*.jsonl > all.jsonl` of files a Windows tool saved with a BOM: one in the middle of a line's start
+    parts = [('{"video": "v%d", "captions": ["a dog %d"]}\n' % (i, i)).encode("utf-8-sig") for i in range(3)]
+    (tmp_path / "all.jsonl").write_bytes(b"".join(parts))
+    captions = read_captions(tmp_path / "all.jsonl")
+    assert captions.by_id == {"v0": ["a dog 0"], "v1": ["a dog 1"], "v2": ["a dog 2"]} and captions.bad_lines == 0
+    lines = [f"100{i}_a.jpg#0\ta cat {i}\n".encode("utf-8-sig") for i in range(2)]  # Flickr8k.token.txt's form
+    (tmp_path / "all.token.txt").write_bytes(b"".join(lines))
+    assert read_captions(tmp_path / "all.token.txt").by_id == {"1000_a.jpg": ["a cat 0"], "1001_a.jpg": ["a cat 1"]}

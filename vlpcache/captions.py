@@ -244,8 +244,9 @@ def item_named_by(key: str, ids) -> str | None:
 
 def text_lines(text: str) -> list[str]:
     """A text file's lines, ended by \\n, \\r\\n or \\r only: a U+2028, a U+0085 (cp1252's "…" read as
-    Latin-1), a form feed or a vertical tab inside a caption, where str.splitlines also ends lines, is no end."""
-    return re.split(r"\r\n|\r|\n", text)
+    Latin-1), a form feed or a vertical tab inside a caption, where str.splitlines also ends lines, is no end.
+    A byte-order mark that starts a line (files joined with cat, each saved with one) is no part of it."""
+    return [line.removeprefix("\ufeff") for line in re.split(r"\r\n|\r|\n", text)]
 
 
 # characters Python takes for spaces that BERT's tokenizer drops, joining the words either side ("view\x85of":
@@ -556,7 +557,7 @@ def _walk_text_files(captions: Captions, folder: Path, bar) -> int:
 
 
 def _read_json_lines(captions: Captions, path: Path, text: str) -> None:
-    _take_records(captions, path, ((number, _json_record(line)) for number, line in enumerate(text.split("\n"), 1)
+    _take_records(captions, path, ((number, _json_record(line)) for number, line in enumerate(text_lines(text), 1)
                                    if line.strip()))
 
 
