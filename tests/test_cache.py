@@ -632,6 +632,20 @@ def test_reader_opened_in_parent_works_in_dataloader_workers(tmp_path):
     np.testing.assert_array_equal(batches[0].numpy(), first.astype(np.float32))
 
 
+def test_a_reader_holds_no_chunk_cache_per_open_shard_so_random_reads_over_many_shards_stay_small(tmp_path):
+    # h5py's default chunk cache (1 MiB per dataset) held about 10 MB per shard a training epoch had read from:
+    # 2 GB over a 100k-video cache's 200 shards. A read takes one video's own chunk, which no later read reuses.
+    write_items(tmp_path, [f"v{i}" for i in range(6)], max_items=2)
+    cache = RegionCache(tmp_path)
+    for i in (4, 0, 2, 5):
+        cache[i]
+    assert len(cache._handles) == 3
+    for handle in cache._handles.values():
+        assert handle.id.get_access_plist().get_cache()[2] == 0  # (metadata elements, slots, chunk bytes, w0)
+        assert handle["features"].id.get_access_plist().get_chunk_cache()[1] == 0
+    np.testing.assert_array_equal(cache[5]["features"], random_item(5)["features"].astype(np.float16))
+
+
 def test_column_reads_one_array_for_all_videos_in_cache_order(tmp_path):
     write_items(tmp_path, ["a", "b", "c"], max_items=2)
     cache = RegionCache(tmp_path)
