@@ -12,6 +12,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from vlpcache.devices import release_freed_memory
 from vlpcache.interrupts import stop_if_interrupted
 from vlpcache.metrics import top_candidates
 from vlpcache.model.batch import tokenize, video_batch
@@ -45,6 +46,7 @@ def encode_videos(model, items, rows: list[int], device, batch_size: int, region
                 mask_parts.append(video.region_mask.cpu())  # (B, T*N)
             bar.update(len(part))
             stop_if_interrupted()
+    release_freed_memory()  # the batches' tensors: without it, each call's stayed on the heap (index calls it per chunk)
     dim = model.config.embed_dim
     global_ = torch.cat(globals_) if globals_ else torch.zeros((0, dim))
     if not regions:
