@@ -1437,6 +1437,12 @@ MUTANTS += [
     mutant("eval-rerank-weight-unsaid", "vlpcache/index/evaluate.py",
            "    return which if weight is None else f\"{which} at weight {weight:g}\"", "    return which",
            "tests/test_eval.py -k prints_a_table", "eval's line gives the run's re-rank weight"),
+    mutant("cache-reader-chunk-cache-kept", "vlpcache/cache/manifest.py",
+           "    return h5py.File(path, \"r\", rdcc_nbytes=0)", "    return h5py.File(path, \"r\")",
+           "tests/test_cache.py -k chunk_cache", "shards are read without HDF5's chunk cache"),
+    mutant("devices-freed-memory-kept", "vlpcache/devices.py",
+           "        ctypes.CDLL(\"libc.so.6\").malloc_trim(0)", "        pass",
+           "tests/test_model.py -k goes_back_to_the_system", "freed heap memory goes back to the system"),
 ]
 
 
