@@ -1443,6 +1443,9 @@ MUTANTS += [
     mutant("devices-freed-memory-kept", "vlpcache/devices.py",
            "        ctypes.CDLL(\"libc.so.6\").malloc_trim(0)", "        pass",
            "tests/test_model.py -k goes_back_to_the_system", "freed heap memory goes back to the system"),
+    mutant("report-slow-step-silent", "vlpcache/report.py",
+           "    timer.daemon = True\n    timer.start()\n", "    timer.daemon = True\n",
+           "tests/test_extract.py -k runs_long", "a step that runs long says what it does"),
 ]
 
 

@@ -343,6 +343,22 @@ def test_the_summary_gives_the_rate_the_bar_showed_beside_the_whole_commands():
            "counts), busy 1.5 s" in line
 
 
+def test_a_step_that_runs_long_says_what_it_does_and_a_quick_one_adds_no_line():
+    # a re-run over 100k cached items listed and checked its files for 15 s without a word (minutes at a
+    # million, or from a cold disk); each of those steps is said once it has run SLOW_STEP_S
+    import time
+
+    from vlpcache.report import said_if_slow
+
+    lines = []
+    with said_if_slow("extract: looking for videos...", lines.append, after=0.05):
+        time.sleep(0.5)  # a step ten times longer than `after`
+    with said_if_slow("extract: checking...", lines.append, after=30.0):
+        pass  # a step that ends at once
+    time.sleep(0.1)
+    assert lines == ["extract: looking for videos..."]
+
+
 def test_a_shard_job_says_how_many_items_under_its_roots_it_leaves_to_the_other_shards(tmp_path):
     # a Slurm array whose jobs each get their own folder and --shard i/n extracts 1/n of each folder: its
     # summary said only "17 done", as if the folder were done

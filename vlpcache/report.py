@@ -11,9 +11,11 @@ them as they are.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import Callable
+import threading
+from typing import Callable, Iterator
 
 Say = Callable[[str], None]
 
@@ -29,6 +31,23 @@ def say(line: str) -> None:
         sys.stderr.flush()
     else:
         print(line, file=sys.stderr, flush=True)
+
+
+SLOW_STEP_S = 3.0  # a step without a bar of its own that runs longer than this says what it is doing
+
+
+@contextlib.contextmanager
+def said_if_slow(line: str, say: Say = say, after: float | None = None) -> Iterator[None]:
+    """`line` said once the block has run SLOW_STEP_S seconds (`after`), and nothing if it ends sooner:
+    a step that is instant on most collections and takes minutes on some (a million files listed from
+    a cold disk) is not silent then, and adds no line to every run."""
+    timer = threading.Timer(SLOW_STEP_S if after is None else after, say, [line])
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def close_bars() -> None:

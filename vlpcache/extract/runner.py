@@ -34,7 +34,7 @@ from vlpcache.extract.sources import (SKIPPED, OtherFiles, discover_items, other
                                       shard_of)
 from vlpcache.extract.stamps import source_changed, stamp_known
 from vlpcache.interrupts import stop_if_interrupted
-from vlpcache.report import printable, say
+from vlpcache.report import printable, said_if_slow, say, sayer
 from vlpcache.workspace import Workspace
 
 
@@ -273,7 +273,9 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     roots = [Path(r) for r in roots]
 
     others = OtherFiles()
-    items, problems = discover_items(roots, options.frame_folders, others)
+    where = ", ".join(printable(str(root)) for root in roots[:3]) + (f" and {len(roots) - 3} more" if len(roots) > 3 else "")
+    with said_if_slow(f"extract: looking for videos, images and frame folders under {where}...", sayer(options.quiet)):
+        items, problems = discover_items(roots, options.frame_folders, others)
     for path, reason in problems:
         say(f"{printable(path)}: {reason}")
     if items and (line := passed_over_line(others)):
@@ -297,7 +299,9 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     # of a killed run, its own and (named `<shard set>-ray-<actor>`) those of its Ray actors
     with ShardWriter(cache_dir, settings, writer_name=options.shard_set(), max_items=options.items_per_shard) as writer:
         cache = RegionCache(cache_dir, say_damaged=False)  # said below, with what extract does about them
-        plan = items_to_extract(items, cache, options, summary, roots)
+        with said_if_slow(f"extract: {len(items):,} items found; checking them against the {len(cache):,} the cache "
+                          "holds (what changed, moved or failed before)...", sayer(options.quiet)):
+            plan = items_to_extract(items, cache, options, summary, roots)
         cache.close()
         todo = plan.todo
         say_some(plan.clashes)
