@@ -77,11 +77,11 @@ def ctrl_c_held() -> Iterator[None]:
     if not hasattr(signal, "pthread_sigmask"):  # not POSIX
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one that came meanwhile is handled now
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)  # one that came meanwhile is handled now
 
 
 def let_ctrl_c_through() -> None:
