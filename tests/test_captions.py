@@ -258,7 +258,7 @@ def test_youcook2_annotations_train_on_training_validate_on_validation_and_say_s
 
 def test_msvd_video_corpus_csv_reads_english_rows_as_captions_of_clips_named_videoid_start_end(tmp_path):
     corpus = tmp_path / "video_corpus.csv"  # MSVD's own release: one row per sentence, in many languages
-    corpus.write_text("VideoID,Start,End,WorkerID,Source,AnnotationTime,Language,Description\n"
+    corpus.write_text("\nVideoID,Start,End,WorkerID,Source,AnnotationTime,Language,Description\n"
                       "mv89psg6zh4,33,46,1,unverified,10,English,\"A bird, in a sink.\"\n"
                       "mv89psg6zh4,33,46,2,clean,12,German,Ein Vogel in einem Waschbecken.\n"
                       "mv89psg6zh4,33,46,3,clean,9,english,A parakeet is bathing\n"
@@ -268,7 +268,7 @@ def test_msvd_video_corpus_csv_reads_english_rows_as_captions_of_clips_named_vid
     assert captions.by_id == {"mv89psg6zh4_33_46": ["A bird, in a sink.", "A parakeet is bathing"],
                               "-4wsuPCjDBc_5_15": ["a squirrel eats"]}
     assert captions.layout == "MSVD's video_corpus.csv (clips VideoID_Start_End, English), 1 sentence(s) in other languages left aside"
-    assert captions.first_bad_line == f"{corpus} line 6: 2 fields where the header has 8"
+    assert captions.first_bad_line == f"{corpus} line 7: 2 fields where the header has 8"
 
 
 def test_text_files_of_an_id_and_a_caption_per_line_are_read_as_msvd_and_flickr_ship_them(tmp_path):

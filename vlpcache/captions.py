@@ -491,7 +491,7 @@ def _read_msvd_corpus(captions: Captions, path: Path, text: str) -> str:
     """MSVD's video_corpus.csv: each English row's Description is a caption of clip VideoID_Start_End; rows
     in other languages are counted in the layout returned, not read."""
     rows = csv.reader(io.StringIO(text, newline=""))
-    lowered = [name.strip().lower() for name in next(rows, [])]
+    lowered = next(([name.strip().lower() for name in header] for header in rows if header), [])  # blank lines first
     at = {name: lowered.index(name) for name in MSVD_CORPUS_COLUMNS}
     other_languages = 0
     for fields in rows:  # one sentence a row
