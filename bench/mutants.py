@@ -1446,6 +1446,9 @@ MUTANTS += [
     mutant("report-slow-step-silent", "vlpcache/report.py",
            "    timer.daemon = True\n    timer.start()\n", "    timer.daemon = True\n",
            "tests/test_extract.py -k runs_long", "a step that runs long says what it does"),
+    mutant("index-bar-per-chunk", "vlpcache/index/build.py",
+           "video = encode_videos(run.model, readable, chunk, device, batch_size, regions=True, bar=bar)", "video = encode_videos(run.model, readable, chunk, device, batch_size, regions=True, progress=progress, desc=f\"encoding videos of {len(rows)}\")",
+           "tests/test_search.py -k stopped_midway", "index shows one bar over every chunk"),
 ]
 
 

@@ -45,7 +45,7 @@ from vlpcache.locks import WriterLock, holder_description
 from vlpcache.model.run_layout import being_trained_note, designated_checkpoint_sha256, latest_run, read_run_locations
 from vlpcache.querybank import BANK_SIZE, BETA, TOP_K, QueryBank, bank_captions
 from vlpcache.records import read_optional_json, write_json
-from vlpcache.report import Say, items_word, say, sayer
+from vlpcache.report import Say, items_word, progress_bar, say, sayer
 from vlpcache.workspace import Workspace
 
 ENCODE_CHUNK = 1024  # videos encoded, then kept on disk as one part (parts.py), at a time
@@ -284,26 +284,26 @@ def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | N
             f"(kept in {kept.folder}); encoding the other {len(todo)}")
     # a damaged item is encoded as a blank with the others, then dropped
     readable = BlankWhenDamaged(cache, "the index leaves it out until then (`vlpcache index` after that extract adds it)", say)
-    for start in range(0, len(todo), ENCODE_CHUNK):  # bounded memory: region tokens are (B, T*N, E)
-        chunk = todo[start : start + ENCODE_CHUNK]
-        first = len(done) + start + 1
-        video = encode_videos(run.model, readable, chunk, device, batch_size, regions=True, progress=progress,
-                              desc=f"encoding videos {first}-{first + len(chunk) - 1} of {len(rows)}")
-        if readable.damaged.intersection(chunk):  # encoded as blanks: dropped
-            kept_rows = [k for k, r in enumerate(chunk) if r not in readable.damaged]
-            chunk, video = [chunk[k] for k in kept_rows], type(video)(*(t[kept_rows] for t in video))
-        regions = RegionStore.empty(run.config.embed_dim)
-        regions.append(video.regions.numpy(), video.region_mask.numpy())
-        parts.append(EncodedPart([cache.ids[r] for r in chunk], as_numpy(video.global_), regions,
-                                 [cache.shard_key_of(cache.ids[r]) for r in chunk]))
-        try:
-            kept.add(parts[-1])
-        except Exception as err:
-            if not is_write_failure(err):
-                raise
-            raise write_failure(kept.folder, err, f"the index is as it was before; the {len(done) + start} videos encoded "
-                                                  "before this chunk are kept; make room and run `vlpcache index` "
-                                                  "again to go on") from None
+    with progress_bar(total=len(rows), initial=len(done), unit="video", desc="encoding videos", disable=not progress,
+                      leave=False) as bar:  # one over every chunk: its rate and time left are the whole index's
+        for start in range(0, len(todo), ENCODE_CHUNK):  # bounded memory: region tokens are (B, T*N, E)
+            chunk = todo[start : start + ENCODE_CHUNK]
+            video = encode_videos(run.model, readable, chunk, device, batch_size, regions=True, bar=bar)
+            if readable.damaged.intersection(chunk):  # encoded as blanks: dropped
+                kept_rows = [k for k, r in enumerate(chunk) if r not in readable.damaged]
+                chunk, video = [chunk[k] for k in kept_rows], type(video)(*(t[kept_rows] for t in video))
+            regions = RegionStore.empty(run.config.embed_dim)
+            regions.append(video.regions.numpy(), video.region_mask.numpy())
+            parts.append(EncodedPart([cache.ids[r] for r in chunk], as_numpy(video.global_), regions,
+                                     [cache.shard_key_of(cache.ids[r]) for r in chunk]))
+            try:
+                kept.add(parts[-1])
+            except Exception as err:
+                if not is_write_failure(err):
+                    raise
+                raise write_failure(kept.folder, err, f"the index is as it was before; the {len(done) + start} videos encoded "
+                                                      "before this chunk are kept; make room and run `vlpcache index` "
+                                                      "again to go on") from None
     left_out = len(readable.damaged)
     embeddings = (np.concatenate([p.embeddings for p in parts]) if parts
                   else np.zeros((0, run.config.embed_dim), np.float32))  # (V_new, E)

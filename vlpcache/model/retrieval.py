@@ -7,6 +7,7 @@ many batches without holding device memory. `model` is an AlignmentModel; `token
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
 import numpy as np
@@ -32,12 +33,14 @@ def _batches(rows: list[int], size: int) -> Iterator[list[int]]:
 
 @torch.inference_mode()
 def encode_videos(model, items, rows: list[int], device, batch_size: int, regions: bool = False,
-                  progress: bool = True, desc: str = "encoding videos") -> VideoEmbedding:
+                  progress: bool = True, desc: str = "encoding videos", bar=None) -> VideoEmbedding:
     """Embeddings of items[r] for r in rows, in that order (items: a RegionCache, or anything indexed
     the same way): global_ (V, E) float32, and with regions=True also regions (V, T*N, E) float16
-    and region_mask (V, T*N) (else empty tensors)."""
+    and region_mask (V, T*N) (else empty tensors). bar: a caller's progress bar to advance (one over
+    several calls), instead of one of its own."""
     globals_, region_parts, mask_parts = [], [], []
-    with progress_bar(total=len(rows), unit="video", desc=desc, disable=not progress, leave=False) as bar:
+    own_bar = progress_bar(total=len(rows), unit="video", desc=desc, disable=not progress, leave=False) if bar is None else None
+    with own_bar if own_bar is not None else contextlib.nullcontext(bar) as bar:
         for part in _batches(rows, batch_size):
             video = model.encode_video(**video_batch([items[r] for r in part], device))
             globals_.append(video.global_.float().cpu())  # (B, E)
