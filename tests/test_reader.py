@@ -168,10 +168,15 @@ def test_a_ctrl_c_while_a_decoding_worker_still_imports_neither_ends_it_nor_prin
     from decoders import SLOW_START, segfault_on_hostile
 
     monkeypatch.setenv(SLOW_START, str(os.getpid()))
+    # workers start with Ctrl-C as in a terminal, even where these tests were started with it ignored (`&`)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     items = images(tmp_path / "pictures", ["1", "2"])
     reader = FrameReader(num_frames=1, max_side=64, workers=1, decode=segfault_on_hostile)
-    ahead = Prefetch(reader(items), depth=2, stop=reader.stop)
-    assert wait_until(lambda: reader.pool is not None and reader.pool.workers)
+    try:
+        ahead = Prefetch(reader(items), depth=2, stop=reader.stop)
+        assert wait_until(lambda: reader.pool is not None and reader.pool.workers)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     first = reader.pool.workers[0]
     assert not first.ready  # importing for 2 s more
     os.kill(first.process.pid, signal.SIGINT)
