@@ -550,7 +550,8 @@ def test_an_index_stopped_midway_resumes_and_encodes_only_what_no_kept_part_hold
     assert "resuming: 10 of the 24 videos to index were encoded by a run that did not finish" in err
     assert "encoded 24 videos in " in err and "; 10 of them kept from the run that did not finish; built Flat" in err
     assert calls == [10, 4] and not (index_dir / "encoding").exists()
-    assert "encoding videos: 100%" in err and "24/24" in err and "of 24" not in err  # one bar over the chunks, not one each
+    # one bar over the chunks, begun at what was kept (not one bar each, "encoding videos 11-20 of 24")
+    assert "encoding videos:  42%" in err and "| 10/24 [" in err and "of 24" not in err
     resumed = VideoIndex.load(index_dir)
 
     monkeypatch.setattr(retrieval, "encode_videos", encode)
