@@ -22,7 +22,7 @@ from vlpcache.cache.schema import SHARD_DIR
 from vlpcache.extract.stamps import source_stamp
 from vlpcache.extract.sources import discover_items
 from vlpcache.files import file_sha256
-from waiting import HANG_GUARD_S
+from waiting import HANG_GUARD_S, wait_until
 
 SMALL_VIDEOS = ("tests_data_test.mp4", "bikes.mp4", "tree.avi", "cup.mp4")
 
@@ -352,7 +352,7 @@ def test_a_step_that_runs_long_says_what_it_does_and_a_quick_one_adds_no_line():
 
     lines = []
     with said_if_slow("extract: looking for videos...", lines.append, after=0.05):
-        time.sleep(0.5)  # a step ten times longer than `after`
+        assert wait_until(lambda: lines, guard_s=60.0)  # a step that runs until its line is said (0.05 s, or never)
     with said_if_slow("extract: checking...", lines.append, after=30.0):
         pass  # a step that ends at once
     time.sleep(0.1)
