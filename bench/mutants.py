@@ -840,7 +840,7 @@ MUTANTS += [
            "            max_words = PARAGRAPH_WORDS\n",
            "tests/test_eval.py -k paragraphs", "eval --paragraphs cuts at most at the text model's positions"),
     mutant("pretrain-captions-cut-unsaid", "vlpcache/model/train.py",
-           "    if cut := longer_than(tokenizer, counted, run.model.max_words):\n", "    if cut := 0:\n",
+           "    if cut := read.longer:\n", "    if cut := 0:\n",
            "tests/test_pretrain.py -k longer_than_max_words", "a new run says how many training captions it cuts"),
     mutant("pretrain-unknown-captions-unsaid", "vlpcache/model/batch.py",
            "        if flags and 2 * sum(flags) > len(flags):\n", "        if False:\n",

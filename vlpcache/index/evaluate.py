@@ -260,12 +260,12 @@ def say_protocol_notes(say, captions_file, captions, kept, split, paragraphs) ->
 def unknown_queries_line(run, queries: dict[str, list[str]], all_captions: bool) -> str | None:
     """A line when many of eval's queries are mostly words the run's text model does not know (Chinese
     captions, an English model): their ranks then measure nothing it reads."""
-    from vlpcache.model.batch import unknown_texts_line
+    from vlpcache.model.batch import read_texts, unknown_texts_line
     from vlpcache.model.model import DEFAULT_TEXT_MODEL
 
     texts = caption_queries(list(queries.values()), all_captions)[0]
-    return unknown_texts_line(run.tokenizer, texts, run.config.text_model or DEFAULT_TEXT_MODEL, "queries",
-                              "and their ranks say little about the model")
+    return unknown_texts_line(read_texts(run.tokenizer, texts, run.config.max_words), len(texts),
+                              run.config.text_model or DEFAULT_TEXT_MODEL, "queries", "and their ranks say little about the model")
 
 
 def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captions=False, paragraphs=False,

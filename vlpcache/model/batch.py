@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -46,41 +48,53 @@ def video_batch(items: list[dict], device: str | torch.device | None = None) -> 
     return batch
 
 
+class TextsRead(NamedTuple):
+    """How the text model reads a set of texts (read_texts)."""
+
+    longer: int  # longer than max_len tokens, special tokens included: tokenize() cuts each there
+    unknown: int  # more than half tokens the text model knows nothing of (captions.unknown_tokens)
+    first_unknown: str  # the first of those ("" for none)
+
+
+def read_texts(tokenizer, texts: list[str], max_len: int) -> TextsRead:
+    """The texts tokenized once, for what a run or eval says of them before using them. A slow tokenizer,
+    without word ids, counts [UNK] only as unknown."""
+    fast = tokenizer.is_fast
+    encoded = tokenizer(list(texts), return_offsets_mapping=fast, return_special_tokens_mask=True,
+                        return_attention_mask=False, return_token_type_ids=False, verbose=False)
+    longer, unknown, first = 0, 0, ""
+    for n, ids in enumerate(encoded["input_ids"]):
+        longer += len(ids) > max_len
+        read = [k for k, special in enumerate(encoded["special_tokens_mask"][n]) if not special]  # [CLS], [SEP] out
+        if fast:
+            words, spans = encoded.word_ids(n), encoded["offset_mapping"][n]
+            flags = unknown_tokens([ids[k] for k in read], [words[k] for k in read], [spans[k] for k in read],
+                                   tokenizer.unk_token_id)
+        else:
+            flags = [ids[k] == tokenizer.unk_token_id for k in read]
+        if flags and 2 * sum(flags) > len(flags):
+            unknown, first = unknown + 1, first or texts[n]
+    return TextsRead(longer, unknown, first)
+
+
 def longer_than(tokenizer, texts: list[str], max_len: int) -> int:
     """How many of the texts are longer than max_len tokens (special tokens included): tokenize() cuts
     each of those there."""
-    encoded = tokenizer(list(texts), verbose=False, return_attention_mask=False, return_token_type_ids=False)
-    return sum(len(ids) > max_len for ids in encoded["input_ids"])
-
-
-def mostly_unknown(tokenizer, texts: list[str]) -> tuple[int, str]:
-    """How many of the texts are more than half tokens the text model knows nothing of (unknown_tokens),
-    and the first such text ("" for none). A slow tokenizer, without word ids, counts [UNK] only."""
-    encoded = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast,
-                        return_attention_mask=False, return_token_type_ids=False, verbose=False)
-    count, first = 0, ""
-    for n, ids in enumerate(encoded["input_ids"]):
-        if tokenizer.is_fast:
-            flags = unknown_tokens(ids, encoded.word_ids(n), encoded["offset_mapping"][n], tokenizer.unk_token_id)
-        else:
-            flags = [i == tokenizer.unk_token_id for i in ids]
-        if flags and 2 * sum(flags) > len(flags):
-            count, first = count + 1, first or texts[n]
-    return count, first
+    return read_texts(tokenizer, texts, max_len).longer
 
 
 UNKNOWN_SHARE_SAID = 0.05  # from this share of a set's texts mostly unknown to the text model on, a line says so
 MULTILINGUAL_EXAMPLE = "sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2"
 
 
-def unknown_texts_line(tokenizer, texts: list[str], text_model: str, what: str, consequence: str) -> str | None:
-    """A line when UNKNOWN_SHARE_SAID or more of `texts` (`what`: "training captions", "queries") are mostly
-    tokens the text model knows nothing of (a Chinese caption file, an English model), with the way forward."""
-    count, example = mostly_unknown(tokenizer, texts)
-    if not texts or count < UNKNOWN_SHARE_SAID * len(texts):
+def unknown_texts_line(read: TextsRead, texts: int, text_model: str, what: str, consequence: str) -> str | None:
+    """A line when UNKNOWN_SHARE_SAID or more of the `texts` read (`what`: "training captions", "queries") are
+    mostly tokens the text model knows nothing of (a Chinese caption file, an English model), with the way forward."""
+    count, example = read.unknown, read.first_unknown
+    if not texts or count < UNKNOWN_SHARE_SAID * texts:
         return None
     shown = printable(example if len(example) <= 40 else example[:40] + "...")
-    return (f"note: {count:,} of the {len(texts):,} {what} ({count / len(texts):.0%}) are mostly words the text model "
+    return (f"note: {count:,} of the {texts:,} {what} ({count / texts:.0%}) are mostly words the text model "
             f"({text_model}) does not know, e.g. \"{shown}\": it reads them as unknown tokens or single letters, "
             f"{consequence}; for another language, a multilingual text model reads them: pretrain --text-model "
             f"NAME|DIR (e.g. {MULTILINGUAL_EXAMPLE})")

@@ -37,7 +37,7 @@ from vlpcache.interrupts import leave_sigterm_to_the_parent, stop_if_interrupted
 from vlpcache.locks import WriterLock, holder_description
 from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics, selection_score
 from vlpcache.model import checkpoint as ckpt
-from vlpcache.model.batch import longer_than, unknown_texts_line
+from vlpcache.model.batch import read_texts, unknown_texts_line
 from vlpcache.model.data import CaptionedRegions, CollateCaptionedRegions, PretrainData, ValidationSet, load_pretrain_data
 from vlpcache.model.config import (
     MODEL_OPTIONS,
@@ -522,7 +522,8 @@ def _captions_lines(run: Run, tokenizer, positions: int | None) -> list[str]:
     captions = run.data.train.all_captions()
     counted = captions if len(captions) <= CAPTIONS_COUNTED else random.Random(0).sample(captions, CAPTIONS_COUNTED)
     lines = []
-    if cut := longer_than(tokenizer, counted, run.model.max_words):
+    read = read_texts(tokenizer, counted, run.model.max_words)  # tokenized once for both counts
+    if cut := read.longer:
         how_many = (f"{cut:,} of the {len(captions):,}" if counted is captions
                     else f"about {cut / len(counted):.1%} (counted on {len(counted):,}) of the {len(captions):,}")
         more = ("--max-words N reads more" if positions is None or run.model.max_words < positions
@@ -530,7 +531,7 @@ def _captions_lines(run: Run, tokenizer, positions: int | None) -> list[str]:
         lines.append(f"pretrain: {how_many} training captions are longer than the {run.model.max_words} tokens the "
                      f"model reads ([CLS] and [SEP] included) and are cut there; {more}")
     what = "training captions" if counted is captions else f"training captions counted (a sample of the {len(captions):,})"
-    if line := unknown_texts_line(tokenizer, counted, run.model.text_model or DEFAULT_TEXT_MODEL, what,
+    if line := unknown_texts_line(read, len(counted), run.model.text_model or DEFAULT_TEXT_MODEL, what,
                                   "and the model learns little from them"):
         lines.append(line)
     if line := _shared_caption_line(run.data.train.samples):
