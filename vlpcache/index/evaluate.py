@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from vlpcache.cache.reader import BlankWhenDamaged
-from vlpcache.captions import SEGMENTS_NOTE, caption_queries, read_captions
+from vlpcache.captions import caption_queries, read_captions
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import is_write_failure, may_write, replace_atomically, write_failure
