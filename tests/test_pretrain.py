@@ -657,8 +657,9 @@ def test_ctrl_c_mid_run_says_what_is_kept_and_how_to_continue_and_the_resume_fin
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     os.mkfifo(run_dir / LOG_NAME)
-    process = subprocess.Popen(_pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0"), env=dict(os.environ),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    # --save-every 0: no place within an epoch is saved, on a stop either (tests below stop at a place)
+    process = subprocess.Popen(_pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0", "--save-every", "0"),
+                               env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if ours ignores it
     _let_one_log_line_through(run_dir / LOG_NAME, process)
     wait_until(lambda: 1 in ckpt.checkpoints(run_dir), alive=process)
@@ -668,6 +669,7 @@ def test_ctrl_c_mid_run_says_what_is_kept_and_how_to_continue_and_the_resume_fin
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == (f"interrupted; {run_dir} keeps its checkpoints up to epoch 1: "
                                                f"`vlpcache pretrain --resume -o {run_dir}` continues it")
+    assert not ckpt.partial_checkpoints(run_dir)
     (run_dir / LOG_NAME).unlink()
     assert run_pretrain(run_dir=run_dir, resume=True, quiet=True, device="cpu")["trained_epochs"] == 1
     assert list(ckpt.checkpoints(run_dir)) == [2]
@@ -686,6 +688,14 @@ def before_the_first_checkpoint(stopped: str, run_dir: Path) -> str:
     """The last line of a pretraining stopped before its first checkpoint."""
     return (f"{stopped} before the first checkpoint of {run_dir}: `vlpcache pretrain --resume -o {run_dir}` starts it "
             "again with its settings")
+
+
+def at_its_place(stopped: str, run_dir: Path, steps: int, of: int, epoch: int = 1) -> str:
+    """The last line of a pretraining stopped after `steps` of the `of` steps of its first epoch (`epoch` 1)
+    or of the epoch after the checkpoint of epoch - 1."""
+    kept = f"its checkpoints up to epoch {epoch - 1} and " if epoch > 1 else ""
+    return (f"{stopped}; {run_dir} keeps {kept}its place in epoch {epoch} (after {steps} of its {of} steps): "
+            f"`vlpcache pretrain --resume -o {run_dir}` continues from there")
 
 
 # the Ctrl-C of a training step lands in a finalizer, where Python prints "Exception ignored" and drops it
@@ -707,11 +717,11 @@ def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_pretraining_at_the_next_
                                                                                    monkeypatch):
     monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
     run_dir = tmp_path / "run"
-    command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0")
+    command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0", "--save-every", "0")
     done = _patched_pretrain(CTRL_C_IN_A_FINALIZER, command, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert done.returncode == 130 and "Exception ignored" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1] == before_the_first_checkpoint("interrupted", run_dir)
-    assert not ckpt.checkpoints(run_dir)
+    assert not ckpt.checkpoints(run_dir) and not ckpt.partial_checkpoints(run_dir)
 
 
 # A Slurm time limit signals every process of the job. Here, after a training step, a child process signals
@@ -765,9 +775,116 @@ def test_sigterm_to_the_whole_job_stops_pretraining_with_one_line_and_the_resume
     command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "1")
     done = _patched_pretrain(SIGTERM_TO_THE_JOB, command, start_new_session=True)
     assert done.returncode == 143 and "Traceback" not in done.stderr, done.stderr
-    assert done.stderr.strip().splitlines()[-1] == before_the_first_checkpoint("stopped by SIGTERM", run_dir)
+    assert done.stderr.strip().splitlines()[-1] == at_its_place("stopped by SIGTERM", run_dir, 1, 10)
     assert run_pretrain(run_dir=run_dir, resume=True, quiet=True, device="cpu")["trained_epochs"] == 2
     assert list(ckpt.checkpoints(run_dir)) == [2]
+
+
+# a Ctrl-C during the third training step of the run
+CTRL_C_IN_STEP_3 = """
+import signal
+
+steps = 0
+
+def patched_step(*args):
+    global steps
+    steps += 1
+    if steps == 3:
+        signal.raise_signal(signal.SIGINT)
+    return step(*args)
+"""
+
+
+def _stopped_in_step_3(corpus: dict, tiny_text: Path, run_dir: Path) -> subprocess.CompletedProcess:
+    command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0")
+    return _patched_pretrain(CTRL_C_IN_STEP_3, command, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _assert_as_uninterrupted(run_dir: Path, whole: Path, epochs: int) -> None:
+    weights, state = _checkpoint_state(run_dir, epochs)
+    whole_weights, whole_state = _checkpoint_state(whole, epochs)
+    _assert_same_tensors(weights, whole_weights, "weights")
+    _assert_same_tensors(state["optimizer"], whole_state["optimizer"], "optimizer")
+    assert (state["step"], state["epoch"]) == (whole_state["step"], epochs)
+    logged, whole_logged = ([json.loads(line) for line in (r / LOG_NAME).read_text().splitlines()] for r in (run_dir, whole))
+    assert [r["epoch"] for r in logged] == list(range(1, epochs + 1))
+    for record, whole_record in zip(logged, whole_logged):  # the stopped epoch's mean loss over all of its steps
+        assert record["loss"] == pytest.approx(whole_record["loss"], abs=1e-6)
+
+
+def test_ctrl_c_within_an_epoch_saves_its_place_and_the_resume_ends_as_an_uninterrupted_run(tmp_path, corpus, tiny_text,
+                                                                                            monkeypatch, capsys):
+    # a run stopped within an epoch redid the whole epoch: at 100k videos, hours of training
+    from vlpcache.model.inspect_run import run_summary
+
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the stopped run's one thread, here too: the same arithmetic
+    options = dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]])
+    run_pretrain(**options, run_dir=tmp_path / "whole", **small_options(tiny_text, batch_size=4))
+    run_dir = tmp_path / "stopped"
+    done = _stopped_in_step_3(corpus, tiny_text, run_dir)
+    assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
+    # the step the Ctrl-C came in ends first: the place is after it
+    assert done.stderr.strip().splitlines()[-1] == at_its_place("interrupted", run_dir, 3, 10)
+    assert not ckpt.checkpoints(run_dir) and list(ckpt.partial_checkpoints(run_dir)) == [(1, 3)]
+    assert run_summary(run_dir)["text"].startswith(
+        "no checkpoint yet (0 of 2 epochs); its place in epoch 1 (after 3 of its 10 steps) is saved; ")
+    capsys.readouterr()
+    summary = run_pretrain(run_dir=run_dir, resume=True, device="cpu")
+    assert f"resuming {run_dir} within epoch 1, after 3 of its steps (step 3)" in capsys.readouterr().err
+    assert summary["trained_epochs"] == 2 and not ckpt.partial_checkpoints(run_dir)
+    _assert_as_uninterrupted(run_dir, tmp_path / "whole", 2)
+
+
+# kill -9 in the fifth training step of the run
+KILL_IN_STEP_5 = """
+import os, signal
+
+steps = 0
+
+def patched_step(*args):
+    global steps
+    steps += 1
+    if steps == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(*args)
+"""
+
+
+def test_kill_9_within_an_epoch_resumes_from_the_place_saved_last_and_ends_as_an_uninterrupted_run(
+        tmp_path, corpus, tiny_text, monkeypatch):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    options = dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]])
+    run_pretrain(**options, run_dir=tmp_path / "whole", **small_options(tiny_text, batch_size=4))
+    run_dir = tmp_path / "killed"
+    # --save-every of a few microseconds: a place after every step
+    command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0", "--save-every", "1e-7")
+    done = _patched_pretrain(KILL_IN_STEP_5, command)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert list(ckpt.partial_checkpoints(run_dir)) == [(1, 4)]  # each place saved went once the next was
+    assert run_pretrain(run_dir=run_dir, resume=True, quiet=True, device="cpu")["trained_epochs"] == 2
+    assert not ckpt.partial_checkpoints(run_dir) and not list((run_dir / "checkpoints").glob(".*tmp*"))
+    _assert_as_uninterrupted(run_dir, tmp_path / "whole", 2)
+
+
+def test_a_place_whose_training_items_changed_is_passed_over_and_its_epoch_trained_from_its_start(
+        tmp_path, corpus, tiny_text, monkeypatch, capsys):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    captions = tmp_path / "train.jsonl"
+    shutil.copy(corpus["train"], captions)
+    run_dir = tmp_path / "run"
+    done = _stopped_in_step_3({**corpus, "train": captions}, tiny_text, run_dir)
+    assert done.stderr.strip().splitlines()[-1] == at_its_place("interrupted", run_dir, 3, 10), done.stderr
+    lines = captions.read_text().splitlines(keepends=True)
+    captions.write_text("".join(lines[1:]))  # an item fewer
+    summary = run_pretrain(run_dir=run_dir, resume=True, device="cpu")
+    err = capsys.readouterr().err
+    assert ("note: its place in epoch 1 (after 3 of its 10 steps) is passed over (the training items changed since it "
+            "was saved: which of the epoch's items are left is not known); epoch 1 is trained from its start") in err, err
+    assert f"resuming {run_dir} within" not in err
+    assert summary["trained_epochs"] == 2 and list(ckpt.checkpoints(run_dir)) == [2]
+    assert not ckpt.partial_checkpoints(run_dir)
 
 
 class _StuckAfterTheFirstItem(torch.utils.data.Dataset):

@@ -279,6 +279,10 @@ def inspect(cache_dir, list_runs, render_id, output, as_json, failures) -> None:
                    "with native bf16 (AVX512-BF16, AMX; about 1.5x faster there), fp32 on other CPUs; weights, "
                    "validation and search stay fp32; bf16 is refused where it would be emulated; --resume may "
                    "change it [default: auto].")
+@click.option("--save-every", default=None, type=FiniteFloatRange(0), metavar="MINUTES",
+              help="Save the run's place within an epoch every MINUTES of training and when Ctrl-C or SIGTERM stops "
+                   "it: --resume continues from there (0: never; a stopped epoch is redone); --resume may change it "
+                   f"[default: {T.save_every:g}].")
 @device_option
 @click.option("--seed", default=None, type=click.IntRange(0, 2**32 - 1), help=f"Random seed [default: {T.seed}].")
 @quiet_option("No progress bar or per-epoch lines.")

@@ -27,13 +27,15 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _requested: int | None = None  # the first signal that asked this command to stop
 _held: set[int] = set()  # the signals whose handler is ours, within stops_remembered()
+_deferred = False  # within stops_deferred(): a stop is remembered, and raised at the next stop_if_interrupted()
 
 
 def _remember_and_raise(signum, frame) -> None:
     global _requested
     if _requested is None:
         _requested = signum
-    raise KeyboardInterrupt
+    if not _deferred:
+        raise KeyboardInterrupt
 
 
 def _quiet_about_dropped_stop(previous):
@@ -116,6 +118,26 @@ def take_sigterm_back() -> None:
     word), within `stops_remembered()`: SIGTERM stops as Ctrl-C does again."""
     if signal.SIGTERM in _held:
         signal.signal(signal.SIGTERM, _remember_and_raise)
+
+
+@contextlib.contextmanager
+def stops_deferred() -> Iterator[None]:
+    """Within, under stops_remembered(): a Ctrl-C or SIGTERM is remembered but not raised, so that work which
+    must not stop halfway (a training step, whose parameters updated in part would be saved as a place to
+    resume from) ends first; stop_if_interrupted() after it raises it."""
+    global _deferred
+    before = _deferred
+    _deferred = True
+    try:
+        yield
+    finally:
+        _deferred = before
+
+
+def stop_requested() -> bool:
+    """Whether a Ctrl-C or SIGTERM asked this command to stop through our handler (not Python's own, whose
+    KeyboardInterrupt may land anywhere)."""
+    return _requested is not None
 
 
 def stop_if_interrupted() -> None:

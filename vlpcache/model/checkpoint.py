@@ -29,11 +29,13 @@ from vlpcache.model.run_layout import (
     LOG_NAME,
     META_NAME,
     STATE_NAME,
-    TEMPORARY_PATTERN,
+    TEMPORARY_PATTERNS,
     TEXT_DIR,
     WEIGHTS_NAME,
     checkpoints,
     epoch_dir,
+    partial_checkpoints,
+    partial_dir,
     read_best,
     read_checkpoint_meta,
     read_run_config,
@@ -88,9 +90,10 @@ def remove_temporaries(run_dir: Path) -> None:
     """What killed runs left: checkpoints being written or pruned, and the folders of checkpoints whose
     removal a kill stopped halfway (before removals went through a temporary name)."""
     folder = Path(run_dir) / CHECKPOINT_DIR
-    for tmp in folder.glob(TEMPORARY_PATTERN):
-        shutil.rmtree(tmp, ignore_errors=True)
-    for path in folder.glob("epoch-*"):
+    for pattern in TEMPORARY_PATTERNS:
+        for tmp in folder.glob(pattern):
+            shutil.rmtree(tmp, ignore_errors=True)
+    for path in [*folder.glob("epoch-*"), *folder.glob("partial-epoch-*")]:
         if path.is_dir() and not (path / META_NAME).exists():  # never a checkpoint: renamed in once whole
             shutil.rmtree(path, ignore_errors=True)
 
@@ -125,7 +128,36 @@ def save_checkpoint(
     for old_epoch, path in checkpoints(run_dir).items():
         if old_epoch < epoch and old_epoch != (best or {}).get("epoch"):
             remove_checkpoint(path)
+    remove_partials(run_dir, up_to=epoch)  # the epoch's place within it is of no more use
     return final
+
+
+def save_partial(run_dir: Path, epoch: int, steps_done: int, model: torch.nn.Module, training_state: dict,
+                 meta: dict) -> Path:
+    """Write checkpoints/partial-epoch-NNNN-step-S (the place after S steps of epoch NNNN: the files of a
+    checkpoint) atomically, then drop every other such place: a kill at any instant leaves one to resume
+    from. A failed write is one line, and the place saved before stays."""
+    final = partial_dir(run_dir, epoch, steps_done)
+    tmp = temporary_checkpoint_dir(final)
+    try:
+        _write_checkpoint(tmp, final, epoch, model, training_state, meta)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_write_failure(err):
+            raise
+        raise write_failure(tmp, err, f"the place within epoch {epoch} is not saved (the one saved before, if any, "
+                                      "is kept); make room") from None
+    for place, path in partial_checkpoints(run_dir).items():
+        if place != (epoch, steps_done):
+            remove_checkpoint(path)
+    return final
+
+
+def remove_partials(run_dir: Path, up_to: float = float("inf")) -> None:
+    """Drop the places within epochs up to `up_to` (every one by default)."""
+    for (epoch, _), path in partial_checkpoints(run_dir).items():
+        if epoch <= up_to:
+            remove_checkpoint(path)
 
 
 def _write_checkpoint(tmp: Path, final: Path, epoch: int, model: torch.nn.Module, training_state: dict,

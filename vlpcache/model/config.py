@@ -73,6 +73,9 @@ class TrainConfig(JsonRecord):
     grad_clip: float = 1.0
     seed: int = 0
     workers: int | None = None  # DataLoader workers per process (None: 0 on CPU, 4 on CUDA)
+    # minutes of training between saves of the run's place within an epoch, which --resume continues from
+    # and when Ctrl-C or SIGTERM stops it (0: never; a stopped epoch is redone)
+    save_every: float = 30.0
     # the training step's arithmetic: "auto" is bf16 autocast on CUDA (fp16 with a gradient scaler where
     # bf16 is missing) and on CPUs with native bf16 (AVX512-BF16 or AMX), full precision on other CPUs;
     # "bf16" insists on it (refused where the hardware lacks it: emulated it is 10x slower or more), "fp32" never;
@@ -93,13 +96,15 @@ class TrainConfig(JsonRecord):
 
 
 # options of `vlpcache pretrain` that set a TrainConfig field, and those that set a ModelConfig field
-TRAIN_OPTIONS = ("epochs", "batch_size", "captions_per_video", "lr", "text_lr", "seed", "workers", "precision")
+TRAIN_OPTIONS = ("epochs", "batch_size", "captions_per_video", "lr", "text_lr", "seed", "workers", "precision",
+                 "save_every")
 MODEL_OPTIONS = {"text_model": "text_model", "trainable_layers": "text_trainable_layers", "rwa_weight": "rwa_weight",
                  "width": "width", "layers": "layers", "frame_time": "frame_time", "global_path": "global_path",
                  "frame_dropout": "frame_dropout", "region_dropout": "region_dropout", "text_head": "text_head",
                  "max_words": "max_words", "text_pooling": "text_pooling"}
 PRECISIONS = ("auto", "bf16", "fp32")  # pretrain --precision (train.autocast_for)
-RESUMABLE_OPTIONS = ("epochs", "workers", "precision")  # what --resume may change: a longer schedule, other hardware
+# what --resume may change: a longer schedule, other hardware, how often its place is saved
+RESUMABLE_OPTIONS = ("epochs", "workers", "precision", "save_every")
 
 
 @dataclass
@@ -123,6 +128,7 @@ class PretrainOptions:
     seed: int | None = None
     workers: int | None = None
     precision: str | None = None
+    save_every: float | None = None
     text_model: str | None = None
     trainable_layers: int | None = None
     rwa_weight: float | None = None

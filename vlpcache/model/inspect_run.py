@@ -25,9 +25,11 @@ from vlpcache.model.run_layout import (
     checkpoints,
     last_saved,
     latest_run,
+    place_text,
     read_best,
     read_run_config,
     read_run_videos,
+    saved_place,
     trainer_of,
 )
 from vlpcache.files import system_reason
@@ -70,18 +72,23 @@ def epoch_log(run_dir: Path) -> list[dict]:
 
 
 def training_state(run_dir: Path, epochs: int, done: int) -> dict:
-    """{"state": training | stopped | finished | no checkpoint, "holder": {...} or None, "text": one line}."""
+    """{"state": training | stopped | finished | no checkpoint, "holder": {...} or None, "place": the place
+    saved within the next epoch (run_layout.saved_place) or None, "text": one line}."""
     holder = trainer_of(run_dir)
+    place = saved_place(run_dir, done) if done < epochs else None
+    within = f"; {place_text(place)} is saved" if place else ""
     if holder is not None:
         where = " (on another machine: as its lock file records it)" if holder.elsewhere else ""
-        return {"state": "training", "holder": vars(holder),
-                "text": f"training now: {holder.describe()}{where}; {done} of {epochs} epochs done"}
+        return {"state": "training", "holder": vars(holder), "place": place,
+                "text": f"training now: {holder.describe()}{where}; {done} of {epochs} epochs done{within}"}
     if done >= epochs:
-        return {"state": "finished", "holder": None, "text": f"finished: {done} of {epochs} epochs"}
+        return {"state": "finished", "holder": None, "place": None, "text": f"finished: {done} of {epochs} epochs"}
     resume = f"`vlpcache pretrain --resume -o {printable(str(run_dir))}` continues it"
     if done == 0:
-        return {"state": "no checkpoint", "holder": None, "text": f"no checkpoint yet (0 of {epochs} epochs); {resume}"}
-    return {"state": "stopped", "holder": None, "text": f"stopped after {done} of {epochs} epochs; {resume}"}
+        return {"state": "no checkpoint", "holder": None, "place": place,
+                "text": f"no checkpoint yet (0 of {epochs} epochs){within}; {resume}"}
+    return {"state": "stopped", "holder": None, "place": place,
+            "text": f"stopped after {done} of {epochs} epochs{within}; {resume}"}
 
 
 def run_summary(run_dir: Path, videos: bool = True) -> dict:

@@ -5,6 +5,10 @@ and `eval` find the checkpoint to use (checkpoint.py writes and loads; search re
     <run>/text/                       tokenizer and text-model architecture (config.json), no weights
     <run>/checkpoints/epoch-0003/     model.safetensors, training_state.pt, meta.json (written last)
     <run>/checkpoints/.epoch-0004.tmp-<pid>/   a checkpoint being written: never read, removed on resume
+    <run>/checkpoints/partial-epoch-0004-step-120/  the place within epoch 4 (after 120 of its steps) that
+                                      --resume continues from: saved every --save-every minutes and on Ctrl-C or
+                                      SIGTERM, a new one before the one before it goes, all gone once epoch 4's
+                                      checkpoint is; the files of a checkpoint; index, search and eval never load one
     <run>/best.json                   {"epoch": 3, "metrics": ...}: the epoch with the best validation
     <run>/log.jsonl, <run>/tensorboard/   a JSON line per epoch (LOG_FIELDS); TensorBoard events per step
     <run>/pretrain.lock               held (fcntl) by the process training the run; gone when it ends
@@ -58,11 +62,16 @@ TRAINING_LOCK_NAME = "pretrain.lock"
 TENSORBOARD_DIR = "tensorboard"
 VIDEOS_NAME = "videos.npz"  # "trained" and "validation": video_keys of the items, so eval can tell what the run saw
 _EPOCH_DIR = re.compile(r"^epoch-(\d+)$")
-TEMPORARY_PATTERN = ".epoch-*.tmp-*"  # checkpoints being written (glob within CHECKPOINT_DIR)
+_PARTIAL_DIR = re.compile(r"^partial-epoch-(\d+)-step-(\d+)$")
+TEMPORARY_PATTERNS = (".epoch-*.tmp-*", ".partial-epoch-*.tmp-*")  # being written (globs within CHECKPOINT_DIR)
 
 
 def epoch_dir(run_dir: Path, epoch: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"epoch-{epoch:04d}"
+
+
+def partial_dir(run_dir: Path, epoch: int, steps_done: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"partial-epoch-{epoch:04d}-step-{steps_done}"
 
 
 def temporary_checkpoint_dir(final: Path) -> Path:
@@ -85,6 +94,20 @@ def checkpoints(run_dir: Path) -> dict[int, Path]:
             if epoch is not None and (path / META_NAME).is_file():
                 found[epoch] = path
     except PermissionError:  # another user's run this one may not read (made with umask 077): none it can load
+        return {}
+    return dict(sorted(found.items()))
+
+
+def partial_checkpoints(run_dir: Path) -> dict[tuple[int, int], Path]:
+    """(epoch, steps done in it) -> directory of each complete place within an epoch (with its meta.json),
+    the latest last."""
+    found = {}
+    try:
+        for path in (Path(run_dir) / CHECKPOINT_DIR).glob("partial-epoch-*"):
+            m = _PARTIAL_DIR.match(path.name)
+            if m and (path / META_NAME).is_file():
+                found[(int(m.group(1)), int(m.group(2)))] = path
+    except PermissionError:
         return {}
     return dict(sorted(found.items()))
 
@@ -151,6 +174,27 @@ def read_best(run_dir: Path) -> dict | None:
 def read_checkpoint_meta(checkpoint: Path) -> dict:
     return read_json(checkpoint / META_NAME, missing=f"{checkpoint}: no {META_NAME}; not a complete checkpoint",
                      what="checkpoint meta")
+
+
+def saved_place(run_dir: Path, done: int) -> dict | None:
+    """The place saved within the epoch after `done` (the last epoch checkpointed): {"epoch", "steps_done",
+    "steps_per_epoch" (None where its meta.json is unreadable), "path"}; None where there is none."""
+    places = [(place, path) for place, path in partial_checkpoints(run_dir).items() if place[0] == done + 1]
+    if not places:
+        return None
+    (epoch, steps), path = max(places)
+    try:
+        of = read_checkpoint_meta(path).get("steps_per_epoch")
+    except UserError:
+        of = None
+    return {"epoch": epoch, "steps_done": steps, "steps_per_epoch": of if isinstance(of, int) else None,
+            "path": str(path)}
+
+
+def place_text(place: dict) -> str:
+    """"its place in epoch 4 (after 120 of its 300 steps)"."""
+    of = f" of its {place['steps_per_epoch']:,}" if place.get("steps_per_epoch") else ""
+    return f"its place in epoch {place['epoch']} (after {place['steps_done']:,}{of} steps)"
 
 
 def trainer_of(run_dir: Path) -> Holder | None:

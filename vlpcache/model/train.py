@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
+import itertools
 import json
 import math
 import os
@@ -33,7 +35,8 @@ from vlpcache.cache.reader import say_damage
 from vlpcache.devices import resolve_device
 from vlpcache.errors import Interrupted, UserError
 from vlpcache.files import replace_atomically
-from vlpcache.interrupts import leave_sigterm_to_the_parent, stop_if_interrupted, stopped
+from vlpcache.interrupts import (leave_sigterm_to_the_parent, stop_if_interrupted, stop_requested, stopped,
+                                 stops_deferred)
 from vlpcache.locks import WriterLock, holder_description
 from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics, selection_score
 from vlpcache.model import checkpoint as ckpt
@@ -53,8 +56,9 @@ from vlpcache.model.model import (DEFAULT_TEXT_MODEL, AlignmentModel, PretrainLo
                                   load_text_backbone, text_positions)
 from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
 from vlpcache.model.run_layout import (BEST_NAME, CHECKPOINT_DIR, LOCATED, LOG_NAME, TENSORBOARD_DIR, TEXT_DIR,
-                                       TRAINING_LOCK_NAME, VIDEOS_NAME, add_run_videos, location_list, run_locations,
-                                       save_run_videos)
+                                       TRAINING_LOCK_NAME, VIDEOS_NAME, add_run_videos, location_list,
+                                       place_text, read_checkpoint_meta, run_locations,
+                                       save_run_videos, saved_place)
 from vlpcache.model.text_features import FEATURES_DIR, TextFeatures, cache_kind, cached_text_features
 from vlpcache.records import write_json
 from vlpcache.report import human_duration, printable, progress_bar, say
@@ -420,6 +424,18 @@ class Trainer:
     step: int = 0
     best_score: float | None = None
     arithmetic: str = "fp32"  # what the run's precision resolved to here: bf16, fp16 or fp32
+    within: "Within | None" = None  # where a run resumed from a place within an epoch goes on
+
+
+@dataclass
+class Within:
+    """A place within an epoch (saved by save_place): its steps done, their loss sums and training seconds,
+    and the random state after its last step, which the uninterrupted run's next draws come from."""
+    epoch: int
+    steps_done: int
+    sums: dict
+    seconds: float
+    rng: dict | None = None
 
 
 def parameter_groups(model: AlignmentModel, config: TrainConfig) -> list[dict]:
@@ -446,15 +462,16 @@ def parameter_groups(model: AlignmentModel, config: TrainConfig) -> list[dict]:
 def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Trainer:
     """Model, optimizer and loss; on resume their state from the last checkpoint; the run's files."""
     last = ckpt.checkpoints(run.dir)
-    if run.resumed and last:
+    source = (resumable_place(run, processes, max(last, default=0)) or last.get(max(last, default=0))) if run.resumed else None
+    if source is not None:
         backbone, tokenizer = load_text_backbone(str(run.dir / ckpt.TEXT_DIR), weights=False)
         model = AlignmentModel(run.model, backbone)
-        ckpt.load_weights(model, last[max(last)])
+        ckpt.load_weights(model, source)
     else:
         model, tokenizer = build_model(run.model)
     if processes.main:
         ckpt.remove_temporaries(run.dir)
-        if run.resumed and not last:  # killed (or out of disk) before the first checkpoint: epoch 1 again
+        if run.resumed and source is None:  # killed (or out of disk) before the first checkpoint: epoch 1 again
             keep_log_until(run.dir / LOG_NAME, 0)
         if not run.resumed:
             config = {
@@ -489,19 +506,25 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
     optimizer = torch.optim.AdamW(parameter_groups(model, run.train), betas=(0.9, 0.98), eps=1e-6)
     trainer = Trainer(model, tokenizer, optimizer, PretrainLoss(run.model), autocast, scaler, model, text_features,
                       arithmetic=precision.label)
-    if run.resumed and last:
-        state = ckpt.load_training_state(last[max(last)])
+    if source is not None:
+        state = ckpt.load_training_state(source)
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        ckpt.set_rng_state(state["rng"][min(processes.rank, len(state["rng"]) - 1)])
+        rng = state["rng"][min(processes.rank, len(state["rng"]) - 1)]
+        ckpt.set_rng_state(rng)
         trainer.start_epoch, trainer.step, trainer.best_score = state["epoch"] + 1, state["step"], state.get("best_score")
         if processes.main:
             keep_log_until(run.dir / LOG_NAME, state["epoch"])
         if (line := validation_changed(run, state["epoch"])) is not None:
             processes.say(line)
             trainer.best_score = None  # scores of other queries are no measure of these epochs against those
-        processes.say(f"resuming {run.dir} after epoch {state['epoch']} (step {trainer.step})", always=True)
+        if "within" in state:
+            trainer.within = Within(**state["within"], rng=rng)
+            processes.say(f"resuming {run.dir} within epoch {trainer.within.epoch}, after {trainer.within.steps_done:,} of "
+                          f"its steps (step {trainer.step})", always=True)
+        else:
+            processes.say(f"resuming {run.dir} after epoch {state['epoch']} (step {trainer.step})", always=True)
     # recorded once the checkpoint has loaded: a resume that fails changes nothing of the run
     record_new_epochs(run, processes, max(last, default=0))
     record_new_locations(run, processes)
@@ -510,6 +533,35 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
             model, device_ids=[processes.device.index] if processes.device.type == "cuda" else None
         )
     return trainer
+
+
+def training_items_key(run: Run) -> str:
+    """What a place within an epoch holds to: the training items in their order (the epoch's permutation
+    is of their positions)."""
+    return hashlib.blake2b("\n".join(run.data.train_ids()).encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+
+
+def resumable_place(run: Run, processes: Processes, done: int) -> Path | None:
+    """The place saved within epoch `done` + 1 that a resume goes on from, if it can: the same training items
+    and processes (their shards of the epoch's order) as when it was saved; else None, and said."""
+    if (place := saved_place(run.dir, done)) is None:
+        return None
+    path = Path(place["path"])
+    try:
+        meta = read_checkpoint_meta(path)
+    except UserError:
+        meta = {}
+    if not meta:
+        why = f"its {ckpt.META_NAME} is unreadable"
+    elif meta.get("training_items") != training_items_key(run):
+        why = "the training items changed since it was saved"
+    elif meta.get("processes") != processes.world:
+        why = f"it was saved by a run of {meta.get('processes')} process(es), this one has {processes.world}"
+    else:
+        return path
+    processes.say(f"note: {place_text(place)} is passed over ({why}: which of the epoch's items are left is not "
+                  f"known); epoch {place['epoch']} is trained from its start")
+    return None
 
 
 CAPTIONS_COUNTED = 200_000  # beyond this many training captions, how many are cut is estimated on a sample
@@ -605,6 +657,19 @@ def validation_changed(run: Run, epoch: int) -> str | None:
             f"the best epoch is chosen anew from epoch {epoch + 1} on; `inspect` shows both")
 
 
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler whose next pass can begin past its first `skip` indices: a run resumed within an
+    epoch reads the rest of that epoch's order, no item twice and none left out."""
+
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, super().__len__() - self.skip)
+
+
 def make_loader(run: Run, trainer: Trainer, processes: Processes) -> Loader:
     """Each process a disjoint shard of a per-epoch permutation of the captioned items."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers run inside forked workers
@@ -615,8 +680,8 @@ def make_loader(run: Run, trainer: Trainer, processes: Processes) -> Loader:
         # one core per loader worker, the rest for the model: oversubscribed cores slow torch down many times
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // processes.world - workers))
     dataset = run.data.train
-    sampler = DistributedSampler(dataset, num_replicas=processes.world, rank=processes.rank, shuffle=True,
-                                 seed=run.train.seed, drop_last=processes.world > 1)
+    sampler = ResumableSampler(dataset, num_replicas=processes.world, rank=processes.rank, shuffle=True,
+                               seed=run.train.seed, drop_last=processes.world > 1)
     batch = min(run.train.batch_size, len(sampler))
     loader = DataLoader(
         dataset,
@@ -629,7 +694,7 @@ def make_loader(run: Run, trainer: Trainer, processes: Processes) -> Loader:
         prefetch_factor=4 if workers else None,
         worker_init_fn=leave_sigterm_to_the_parent if workers else None,
     )
-    steps = len(sampler) // batch
+    steps = len(sampler) // batch  # sampler.skip is 0 here: a whole epoch
     total = steps * run.train.epochs
     return Loader(loader, sampler, batch, steps, total, max(1, int(run.train.warmup_fraction * total)))
 
@@ -711,18 +776,25 @@ def diverged(loss: float, epoch: int, step: int, run: Run) -> str:
 
 
 def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, processes: Processes, tensorboard) -> dict:
-    """One pass over the training items; returns the epoch's log record (mean losses, speed)."""
+    """One pass over the training items (the rest of it, resumed within it); returns the epoch's log record
+    (mean losses, speed)."""
     loader.sampler.set_epoch(epoch)
     run.data.train.set_epoch(epoch)
+    within, trainer.within = trainer.within if trainer.within and trainer.within.epoch == epoch else None, None
+    place = within or Within(epoch, 0, {}, 0.0)
+    loader.sampler.skip = place.steps_done * loader.batch
     trainer.model.train()
-    sums: dict[str, float] = {}
-    started = time.monotonic()
+    sums, skipped = place.sums, place.steps_done
+    started = saved = time.monotonic()
+    saved_steps = skipped
     samples = loader.steps_per_epoch * loader.batch * processes.world
-    bar = progress_bar(total=samples, unit="video", unit_scale=True, desc=f"epoch {epoch}/{run.train.epochs}",
-                       disable=processes.quiet or not processes.main, leave=False)
+    bar = progress_bar(total=samples, initial=skipped * loader.batch * processes.world, unit="video", unit_scale=True,
+                       desc=f"epoch {epoch}/{run.train.epochs}", disable=processes.quiet or not processes.main, leave=False)
     batches = iter(loader.loader)
+    if within is not None and within.rng is not None:  # after the loader drew its seed: the next draws are the
+        ckpt.set_rng_state(within.rng)                  # uninterrupted run's
     try:
-        for done, batch_cpu in enumerate(batches):
+        for done, batch_cpu in enumerate(batches, start=skipped):
             say_damaged(batch_cpu.pop("damaged"), run.data.train)
             # by the epoch's place, not trainer.step: the run's steps so far, which a training set changed
             # since it began (resume) puts elsewhere in the schedule (past its end: a learning rate of 0)
@@ -730,15 +802,21 @@ def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, proc
             for group in trainer.optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             inputs = {k: v.to(processes.device, non_blocking=True) for k, v in batch_cpu.items()}
-            values, logit_scale = train_step(trainer.trainable, trainer.criterion, trainer.optimizer, inputs,
-                                             trainer.autocast, trainer.scaler, run.train.grad_clip)
-            if not math.isfinite(values["loss"]):
-                raise UserError(diverged(values["loss"], epoch, trainer.step + 1, run))
-            trainer.model.clamp_logit_scales()
-            trainer.step += 1
+            with stops_deferred():  # a step ends whole: the place a stop saves is a step's end
+                values, logit_scale = train_step(trainer.trainable, trainer.criterion, trainer.optimizer, inputs,
+                                                 trainer.autocast, trainer.scaler, run.train.grad_clip)
+                if not math.isfinite(values["loss"]):
+                    raise UserError(diverged(values["loss"], epoch, trainer.step + 1, run))
+                trainer.model.clamp_logit_scales()
+                trainer.step += 1
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                place.steps_done, place.seconds = done + 1, place.seconds + time.monotonic() - started
+                started = time.monotonic()
+            if save_is_due(run, processes, place, loader, saved):
+                save_place(run, trainer, processes, place, loader)
+                saved, saved_steps = time.monotonic(), place.steps_done
             stop_if_interrupted()
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
             bar.update(loader.batch * processes.world)
             bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
             if tensorboard is not None:
@@ -746,19 +824,62 @@ def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, proc
                     tensorboard.add_scalar(f"train/{k}", v, trainer.step)
                 tensorboard.add_scalar("train/lr", trainer.optimizer.param_groups[0]["lr"], trainer.step)
                 tensorboard.add_scalar("train/temperature", 1 / float(logit_scale), trainer.step)
+    except KeyboardInterrupt:
+        if stop_requested() and run.train.save_every and processes.world == 1 and place.steps_done != saved_steps:
+            save_place(run, trainer, processes, place, loader, stopping=True)
+        raise
     finally:
         close_batches(batches)
     bar.close()
-    seconds = time.monotonic() - started
+    place.seconds += time.monotonic() - started
     return {  # the log line's fields: run_layout.LOG_FIELDS, where each is described
         "epoch": epoch,
         "step": trainer.step,
         **{k: v / max(1, loader.steps_per_epoch) for k, v in sums.items()},
-        "samples_per_s": samples / max(seconds, 1e-9),
-        "epoch_seconds": seconds,
+        "samples_per_s": samples / max(place.seconds, 1e-9),
+        "epoch_seconds": place.seconds,
         "precision": trainer.arithmetic,
         "temperature": float(1 / trainer.model.logit_scale.detach().exp()),
     }
+
+
+SAVE_CHECKED_EVERY = 10  # steps between the processes' agreeing whether a save is due (one collective)
+
+
+def save_is_due(run: Run, processes: Processes, place: Within, loader: Loader, saved: float) -> bool:
+    """Whether --save-every minutes have passed since the last save of the run's place (not at an epoch's end,
+    whose checkpoint follows); under torchrun rank 0's clock decides, every SAVE_CHECKED_EVERY steps."""
+    if not run.train.save_every or place.steps_done >= loader.steps_per_epoch:
+        return False
+    if processes.world > 1 and place.steps_done % SAVE_CHECKED_EVERY:
+        return False
+    return processes.broadcast(time.monotonic() - saved >= run.train.save_every * 60)
+
+
+def save_place(run: Run, trainer: Trainer, processes: Processes, place: Within, loader: Loader,
+               stopping: bool = False) -> None:
+    """Save the run's place within an epoch (rank 0; the others wait), which --resume goes on from. Where it
+    cannot be written (a full disk) that is said and training goes on: the epoch's checkpoint is what counts."""
+    if processes.main:
+        state = {
+            "optimizer": trainer.optimizer.state_dict(),
+            "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+            "rng": [ckpt.rng_state()],
+            "epoch": place.epoch - 1,  # the epochs done: what a resume from the epoch's start would read
+            "step": trainer.step,
+            "best_score": trainer.best_score,
+            "within": {"epoch": place.epoch, "steps_done": place.steps_done, "sums": dict(place.sums),
+                       "seconds": place.seconds},
+        }
+        meta = {"steps_done": place.steps_done, "steps_per_epoch": loader.steps_per_epoch, "step": trainer.step,
+                "processes": processes.world, "training_items": training_items_key(run), "vlpcache_version": __version__}
+        with stops_deferred():  # a second Ctrl-C waits for the save (a second or two)
+            try:
+                ckpt.save_partial(run.dir, place.epoch, place.steps_done, trainer.model, state, meta)
+            except UserError as err:
+                processes.say(f"note: {err}{'' if stopping else '; training goes on'}", always=True)
+    if not stopping:
+        processes.barrier()
 
 
 # ---------------------------------------------------------------- step 4: end of an epoch
@@ -869,6 +990,10 @@ def interrupted_line(run_dir: Path) -> str:
     done = ckpt.checkpoints(run_dir)
     if not (run_dir / ckpt.CONFIG_NAME).exists():  # before make_trainer saved them: nothing to resume
         return f"{stopped()} before the settings of {run_dir} were saved: run the same command again"
+    if (place := saved_place(run_dir, max(done, default=0))) is not None:
+        kept = f"its checkpoints up to epoch {max(done)} and " if done else ""
+        return (f"{stopped()}; {run_dir} keeps {kept}{place_text(place)}: `vlpcache pretrain --resume -o {run_dir}` "
+                "continues from there")
     if not done:
         return (f"{stopped()} before the first checkpoint of {run_dir}: `vlpcache pretrain --resume -o {run_dir}` "
                 "starts it again with its settings")
@@ -893,7 +1018,7 @@ def _train(run: Run, processes: Processes, workspace: Workspace) -> dict:
     processes.say(
         f"run {run.dir}: {len(run.data.train)} {items} x {run.train.captions_per_video} caption(s), {processes.world} "
         f"process(es) on {processes.device}, batch {loader.batch}x{processes.world}, {loader.steps_per_epoch} steps/epoch{left}, "
-        f"epochs {trainer.start_epoch}..{run.train.epochs}, text layers trained {run.model.text_trainable_layers}"
+        f"epochs {trainer.start_epoch}..{run.train.epochs}{_from_step(trainer)}, text layers trained {run.model.text_trainable_layers}"
         f"{'' if trainer.text_features is None else ' (frozen layers: cached ' + trainer.text_features.kind + ')'}, RWA {'on' if run.model.rwa else 'off'}"
     )
     started = time.monotonic()
@@ -924,6 +1049,10 @@ def _train(run: Run, processes: Processes, workspace: Workspace) -> dict:
                       f"read them (`vlpcache pretrain --resume -o {printable(str(run.dir))} --epochs N` with more "
                       "epochs, or a new run, trains on those with captions)")
     return summary
+
+
+def _from_step(trainer: Trainer) -> str:
+    return "" if trainer.within is None else f" (epoch {trainer.within.epoch} from its step {trainer.within.steps_done + 1:,})"
 
 
 def record_new_epochs(run: Run, processes: Processes, done: int) -> None:
