@@ -978,20 +978,47 @@ def test_new_runs_never_share_a_directory_and_a_failed_start_leaves_none_behind(
     assert ckpt.checkpoints(workspace.runs_dir / "run-003")
 
 
+# `vlpcache` with each save of a place within an epoch noted in PLACES_SAVED (by rank and place)
+PLACES_NOTED = """
+import os, sys
+import torch.distributed as dist
+from vlpcache.cli import main
+from vlpcache.model import checkpoint
+
+save_partial = checkpoint.save_partial
+
+def noted(run_dir, epoch, steps_done, *args):
+    with open(os.environ["PLACES_SAVED"], "a") as f:
+        f.write(f"rank {dist.get_rank()}: epoch {epoch} step {steps_done}\\n")
+    return save_partial(run_dir, epoch, steps_done, *args)
+
+checkpoint.save_partial = noted
+sys.argv = ["vlpcache", *sys.argv[1:]]
+main()
+"""
+
+
 def test_torchrun_two_processes_on_cpu_with_gloo_trains_one_run(tmp_path, corpus, tiny_text):
-    env = {**os.environ, "VLPCACHE_WORKSPACE": str(tmp_path / "ws"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "VLPCACHE_WORKSPACE": str(tmp_path / "ws"), "OMP_NUM_THREADS": "1",
+           "PLACES_SAVED": str(tmp_path / "places")}
     arguments = _pretrain_command(corpus, tiny_text, tmp_path / "unused", 1, "--val-captions", str(corpus["val"]),
-                                  "--trainable-layers", "1")[1:]  # rank 0 encodes the frozen layer's states once
+                                  "--trainable-layers", "1",  # rank 0 encodes the frozen layer's states once
+                                  "--batch-size", "2", "--save-every", "1e-7")[3:]  # a place due at every step
     at = arguments.index("-o")
     del arguments[at : at + 2]  # the workspace's next run-NNN: rank 0 claims it, both train it
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *arguments]
+    script = tmp_path / "vlpcache_places_noted.py"
+    script.write_text(PLACES_NOTED)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *arguments]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "ws" / "runs" / "run-001"
     assert [p.name for p in run_dir.parent.iterdir()] == ["run-001"]
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert len(records) == 1  # rank 0 alone writes
-    assert records[0]["step"] == 40 // (4 * 2)  # each process a disjoint half of the 40 samples
+    assert records[0]["step"] == 40 // (2 * 2)  # each process a disjoint half of the 40 samples
+    # the processes agree on when a place is due (every SAVE_CHECKED_EVERY steps), rank 0 saves it, the epoch's
+    # checkpoint removes it
+    assert (tmp_path / "places").read_text() == "rank 0: epoch 1 step 5\n" and not ckpt.partial_checkpoints(run_dir)
     assert records[0]["val"]["queries"] == 16
     assert list(ckpt.checkpoints(run_dir)) == [1]
     # rank 1 waited for rank 0's file (wait_for_main) and read it: one file, no parts, no lock left

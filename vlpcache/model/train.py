@@ -843,7 +843,7 @@ def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, proc
     }
 
 
-SAVE_CHECKED_EVERY = 10  # steps between the processes' agreeing whether a save is due (one collective)
+SAVE_CHECKED_EVERY = 5  # steps between the processes' agreeing whether a save is due (one collective)
 
 
 def save_is_due(run: Run, processes: Processes, place: Within, loader: Loader, saved: float) -> bool:
