@@ -697,6 +697,20 @@ def test_a_line_separator_or_form_feed_inside_a_caption_neither_splits_it_nor_jo
     assert tokenizer.tokenize(folder_captions["00000/000000000"][0]) == "a great view of the city at night".split()
 
 
+def test_a_zero_width_space_or_byte_order_mark_parts_words_and_the_joiners_stay_inside_their_word(tmp_path):
+    from transformers import AutoTokenizer
+    from vlpcache.model.model import default_text_model
+
+    # web text breaks lines with U+200B; U+FEFF is a BOM of joined texts: BERT's tokenizer drops both, joining
+    # "dog" and "runs"; U+200C, U+200D and U+2060 join by design (Persian, emoji, a word joiner): dropped still
+    lines = ["a dog\u200bruns", "a cat\ufeffsits", "a man\u200dwalks", "a man\u2060walks", "a man\u200cwalks"]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"video": "v0", "captions": lines}) + "\n", encoding="utf-8")
+    captions = read_captions(tmp_path / "c.jsonl").by_id["v0"]
+    tokenizer = AutoTokenizer.from_pretrained(default_text_model())
+    assert [tokenizer.tokenize(c) for c in captions[:2]] == [["a", "dog", "runs"], ["a", "cat", "sits"]]
+    assert len({tuple(tokenizer.tokenize(c)) for c in captions[2:]}) == 1  # "manwalks", as the tokenizer reads it
+
+
 def test_files_joined_with_cat_read_whole_though_each_began_with_a_byte_order_mark(tmp_path):
     # `cat part-*.jsonl > all.jsonl` of files a Windows tool saved with a BOM: one in the middle of a line's start
     parts = [('{"video": "v%d", "captions": ["a dog %d"]}\n' % (i, i)).encode("utf-8-sig") for i in range(3)]

@@ -294,6 +294,20 @@ def test_several_queries_from_a_file_are_answered_in_one_process(ws, tmp_path, m
         "a dog", "the beach here", "#beach"]
 
 
+def test_a_zero_width_space_or_next_line_between_two_words_of_a_query_parts_them(ws, monkeypatch, capsys):
+    # BERT's tokenizer drops U+200B, U+0085 and U+FEFF, joining "dog" and "here" into one word: a space instead
+    def scores(*queries):
+        code, out, err = vlpcache(monkeypatch, capsys, "search", *queries, "--json")
+        assert code == 0, err
+        return [[(h["id"], round(h["score"], 5)) for h in json.loads(line)["results"]] for line in out.split("\n") if line]
+
+    spaced = scores("the dog here", "-k", "3")[0]
+    assert scores("the dog\u200bhere", "-k", "3") == scores("the dog\x85here", "-k", "3") == [spaced]
+    queries = Path(ws / "queries.txt")
+    queries.write_text("the dog\ufeffhere\nthe dog\x85here\n", encoding="utf-8")  # str.splitlines ends a line at U+0085
+    assert scores("--queries", queries, "-k", "3") == [spaced, spaced]
+
+
 def test_queries_are_read_from_stdin_with_a_dash(ws, monkeypatch, capsys):
     code, out, err = vlpcache(monkeypatch, capsys, "search", "--queries", "-", "-k", "1", "--json", stdin="a car\na ball\n")
     assert code == 0, err

@@ -249,10 +249,18 @@ def text_lines(text: str) -> list[str]:
     return [line.removeprefix("\ufeff") for line in re.split(r"\r\n|\r|\n", text)]
 
 
-# characters Python takes for spaces that BERT's tokenizer drops, joining the words either side ("view\x85of":
-# "viewof"): a space instead
-WORD_BREAKS = re.compile("[\x0b\x0c\x1c-\x1f\x85]")
+# characters BERT's tokenizer drops, joining the words either side ("view\x85of": "viewof"), that part words:
+# those Python takes for spaces, a zero-width space (U+200B, a break where a line may wrap: web text, Thai) and a
+# U+FEFF inside a text (a byte-order mark of files joined, its joining use long given to U+2060): a space
+# instead. The joiners stay dropped, inside the word they join: U+200C and U+200D (Persian, Indic scripts,
+# emoji sequences), U+2060 (word joiner)
+WORD_BREAKS = re.compile("[\x0b\x0c\x1c-\x1f\x85\u200b\ufeff]")
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair, which JSON's "\\ud83d" escape can give alone
+
+
+def model_text(text: str) -> str:
+    """A caption or a query as the text model is given it: WORD_BREAKS a space, the spaces around it left out."""
+    return WORD_BREAKS.sub(" ", text).strip()
 
 
 def _add(captions: Captions, item_id, texts) -> None:
@@ -260,8 +268,7 @@ def _add(captions: Captions, item_id, texts) -> None:
         text = str(text).strip() if isinstance(text, (str, int, float)) and not isinstance(text, bool) else ""
         # half an emoji (a caption a scraper cut between the two halves of "\ud83d\udc36") is no text a
         # tokenizer takes (a traceback): U+FFFD, as a decoder writes for a broken byte
-        text = LONE_SURROGATE.sub("\ufffd", text)
-        text = WORD_BREAKS.sub(" ", text)
+        text = model_text(LONE_SURROGATE.sub("\ufffd", text))
         if text:
             captions.by_id.setdefault(str(item_id), []).append(text)
         else:  # empty, or not a text (null, a list, an object)

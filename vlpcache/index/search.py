@@ -30,6 +30,7 @@ from vlpcache import report
 from vlpcache.cache.labels import region_names
 from vlpcache.cache.reader import DamagedShard, RegionCache
 from vlpcache.cache.schema import MOVES_DIR, REMOVED_DIR, SHARD_DIR, SHARD_SUFFIX
+from vlpcache.captions import model_text, text_lines
 from vlpcache.devices import DEFAULT_DEVICE, DEVICES, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import may_write, read_utf8_text, utf8_text
@@ -320,7 +321,7 @@ class Searcher:
     def unread(self, query: str) -> str:
         """The end of `query` past the tokens the model reads, left out of the search ("" for most queries)."""
         with self._lock:
-            return self.query_model.unread(query.strip())
+            return self.query_model.unread(model_text(query))
 
     def weak(self, hits: list[Hit]) -> bool:
         """Whether a query's best match is weaker than what 99 in 100 of the run's training captions find in
@@ -336,7 +337,7 @@ class Searcher:
     def unknown_and_known(self, query: str) -> tuple[list[str], int]:
         """unknown(query), and how many of its tokens the text model knows (0: its ranking says nothing)."""
         with self._lock:
-            return self.query_model.unknown(query.strip())
+            return self.query_model.unknown(model_text(query))
 
     def search(self, query: str, k: int = 10, rerank: bool = True, qbnorm: bool = False) -> list[Hit]:
         """The top k indexed items for one query, best first; re-ranked by region-word score when the
@@ -346,17 +347,17 @@ class Searcher:
             raise UserError(f"a query is text (str), not {type(query).__name__}")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
             raise UserError(f"k = {k!r}: give a whole number of results, e.g. 10")
-        query = query.strip()
-        if not query:
+        typed, query = query.strip(), model_text(query)
+        if not typed:
             raise UserError('empty query; give words to search for, e.g. "person cuts onion"')
-        if (broken := next((c for c in query if "\ud800" <= c <= "\udfff"), None)) is not None:
+        if (broken := next((c for c in typed if "\ud800" <= c <= "\udfff"), None)) is not None:
             # Python's stand-in for a byte of a command line that is not UTF-8 (or half of a UTF-16 pair)
             why = (f"the byte \\x{ord(broken) - 0xDC00:02x}: a terminal or file in another encoding, e.g. Latin-1"
                    if ord(broken) >= 0xDC80 else "half of a UTF-16 pair: half an emoji, cut from its other half")
-            raise UserError(f'the query "{printable(query)}" is not UTF-8 text ({why}); give it in UTF-8 (e.g. a '
+            raise UserError(f'the query "{printable(typed)}" is not UTF-8 text ({why}); give it in UTF-8 (e.g. a '
                             "terminal with LANG=C.UTF-8)")
         if self.unknown_and_known(query) == ([], 0):  # zero-width or control characters only: the model reads no token
-            raise UserError(f'"{printable(query)}" holds no words the text model reads (only characters it drops: '
+            raise UserError(f'"{printable(typed)}" holds no words the text model reads (only characters it drops: '
                             'zero-width or control ones); give words to search for, e.g. "person cuts onion"')
         if k < 1:
             raise UserError(f"k = {k}: ask for at least one result")
@@ -541,14 +542,13 @@ def read_queries(text: str | None, queries_file: str | None) -> list[str]:
         queries.append(text.strip())
     if queries_file:
         if queries_file == "-":
-            lines = utf8_text(sys.stdin.buffer.read(), "stdin").splitlines()
+            lines = text_lines(utf8_text(sys.stdin.buffer.read(), "stdin"))
         else:
             try:
-                lines = read_utf8_text(Path(queries_file)).splitlines()
+                lines = text_lines(read_utf8_text(Path(queries_file)))
             except OSError as err:
                 raise UserError(f"--queries {queries_file}: cannot read it ({err.strerror})") from None
-        # a byte-order mark inside (files joined with cat) is no part of a query
-        lines = [line.replace("\ufeff", "").strip() for line in lines]
+        lines = [line.strip() for line in lines]  # a U+0085 or U+2028 inside a line: a space in its query
         queries += [line for line in lines if line and not QUERY_COMMENT.match(line)]
         if not queries:
             raise UserError(f"--queries {queries_file}: no queries in it (one query per line)")
