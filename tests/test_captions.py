@@ -697,6 +697,21 @@ def test_a_line_separator_or_form_feed_inside_a_caption_neither_splits_it_nor_jo
     assert tokenizer.tokenize(folder_captions["00000/000000000"][0]) == "a great view of the city at night".split()
 
 
+def test_html_character_references_and_formatting_tags_in_scraped_captions_are_not_read_as_words(tmp_path):
+    from transformers import AutoTokenizer
+    from vlpcache.model.model import default_text_model
+
+    lines = ["Tom &amp; Jerry fight", "it&#39;s a &quot;dog&quot;", "it&#x27;s", "a dog&lt;br&gt;runs",
+             "<b>dog</b> runs", "a cat<br/>sits", "R&B and AT&T &copy 2020 &ampfoo; &foo;", "a < b and x<y>z tlc>"]
+    (tmp_path / "c.csv").write_text("video,caption\n" + "".join(f'v0,"{c.replace(chr(34), 2 * chr(34))}"\n' for c in lines),
+                                    encoding="utf-8")
+    captions = read_captions(tmp_path / "c.csv").by_id["v0"]
+    assert captions == ["Tom & Jerry fight", 'it\'s a "dog"', "it's", "a dog runs", "dog runs", "a cat sits",
+                        "R&B and AT&T &copy 2020 &ampfoo; &foo;", "a < b and x<y>z tlc>"]  # literal text as typed
+    tokenizer = AutoTokenizer.from_pretrained(default_text_model())
+    assert tokenizer.tokenize(captions[0]) == ["tom", "&", "jerry", "fight"]  # no "amp"
+
+
 def test_a_zero_width_space_or_byte_order_mark_parts_words_and_the_joiners_stay_inside_their_word(tmp_path):
     from transformers import AutoTokenizer
     from vlpcache.model.model import default_text_model

@@ -294,7 +294,7 @@ def test_several_queries_from_a_file_are_answered_in_one_process(ws, tmp_path, m
         "a dog", "the beach here", "#beach"]
 
 
-def test_a_zero_width_space_or_next_line_between_two_words_of_a_query_parts_them(ws, monkeypatch, capsys):
+def test_a_zero_width_space_next_line_or_html_between_two_words_of_a_query_parts_them(ws, monkeypatch, capsys):
     # BERT's tokenizer drops U+200B, U+0085 and U+FEFF, joining "dog" and "here" into one word: a space instead
     def scores(*queries):
         code, out, err = vlpcache(monkeypatch, capsys, "search", *queries, "--json")
@@ -306,6 +306,7 @@ def test_a_zero_width_space_or_next_line_between_two_words_of_a_query_parts_them
     queries = Path(ws / "queries.txt")
     queries.write_text("the dog\ufeffhere\nthe dog\x85here\n", encoding="utf-8")  # str.splitlines ends a line at U+0085
     assert scores("--queries", queries, "-k", "3") == [spaced, spaced]
+    assert scores("the <b>dog</b>&nbsp;here", "-k", "3") == [spaced]  # HTML pasted: its tags and references as read
 
 
 def test_queries_are_read_from_stdin_with_a_dash(ws, monkeypatch, capsys):

@@ -25,12 +25,14 @@ only ends that way: `a` or `a.mp4` names `clips/a` when no item is called `a` an
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import os
 import re
 import unicodedata
 from dataclasses import dataclass, field, replace
+from html.entities import html5
 from pathlib import Path
 
 from vlpcache.errors import UserError
@@ -258,9 +260,31 @@ WORD_BREAKS = re.compile("[\x0b\x0c\x1c-\x1f\x85\u200b\ufeff]")
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair, which JSON's "\\ud83d" escape can give alone
 
 
+# HTML's character references that scraped captions keep ("Tom &amp; Jerry", "it&#39;s", "&#x27;", "&quot;"),
+# which the tokenizer reads as words ("amp"): each the character it stands for. Only with the ";" that ends
+# one, so "R&B", "AT&T" or "&copy 2020" stay as typed
+CHARACTER_REFERENCE = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9A-Fa-f]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+# HTML's tags of text and line formatting that scraped captions keep ("<b>dog</b> runs", "&lt;br&gt;" once
+# decoded), read as words "b", "br": none. By their names only, so "a < b", "x<y>z" or "tlc>" stay; a line break,
+# paragraph or list item reads as a space, a tag inside text as nothing, as a browser shows them
+HTML_TAG = re.compile(r"<(/?)(a|b|big|br|div|em|font|i|li|p|s|small|span|strong|sub|sup|u)(\s[^<>]*)?/?>", re.IGNORECASE)
+HTML_BREAK_TAGS = {"br", "div", "li", "p"}
+
+
 def model_text(text: str) -> str:
-    """A caption or a query as the text model is given it: WORD_BREAKS a space, the spaces around it left out."""
+    """A caption or a query as the text model is given it: CHARACTER_REFERENCE decoded, HTML_TAG left out,
+    WORD_BREAKS a space, the spaces around it left out."""
+    text = CHARACTER_REFERENCE.sub(_character, text)
+    text = HTML_TAG.sub(lambda tag: " " if tag[2].lower() in HTML_BREAK_TAGS else "", text)
     return WORD_BREAKS.sub(" ", text).strip()
+
+
+def _character(reference: re.Match) -> str:
+    """The character a reference stands for; a name HTML does not know stays as it is. Names are looked up
+    whole: html.unescape would read "&ampfoo;" as "&" and "foo;"."""
+    if reference[0][1] == "#":
+        return html.unescape(reference[0])
+    return html5.get(reference[0][1:], reference[0])
 
 
 def _add(captions: Captions, item_id, texts) -> None:
