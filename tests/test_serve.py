@@ -154,6 +154,16 @@ def test_bad_search_requests_get_a_4xx_with_one_line_of_json(api, params, status
     assert message in one_line_error(api.get("/api/search", params=params), status)
 
 
+def test_a_query_whose_bytes_are_not_utf8_is_refused_naming_them_as_typed_not_as_u_fffd(api):
+    # a Latin-1 page's link to "café", and a byte alone: Starlette reads each such byte as U+FFFD, which the text
+    # model drops: "caf" was searched, and "%FF" refused as holding only "\ufffd", a character nobody typed
+    assert one_line_error(api.get("/api/search?q=caf%E9&k=3"), 400) == (
+        'the query "caf%E9" is not UTF-8 text (the byte %E9: a page or link in another encoding, e.g. Latin-1); '
+        "percent-encode it as UTF-8 (é is %C3%A9)")
+    assert one_line_error(api.get("/api/search?q=+%FF+"), 400).startswith('the query "%FF" is not UTF-8 text')
+    assert api.get("/api/search?q=caf%C3%A9&k=3").status_code == 200
+
+
 def test_unknown_routes_and_methods_get_one_line_json_errors(api):
     assert one_line_error(api.get("/api/nothing"), 404) == "not found"
     assert one_line_error(api.post("/api/search", params={"q": "a dog"}), 405) == "method not allowed"
@@ -657,6 +667,20 @@ def test_page_in_headless_chromium_shows_result_cards_with_thumbnails_and_boxes(
     if os.environ.get("VLPCACHE_SCREENSHOTS"):  # to look at them: VLPCACHE_SCREENSHOTS=DIR pytest ...
         for name in ("results.png", "detail.png", "unread.png"):
             shutil.copy(tmp_path / name, Path(os.environ["VLPCACHE_SCREENSHOTS"]) / name)
+
+
+def test_the_page_opened_with_a_query_that_is_not_utf8_names_its_byte_not_u_fffd(ws, server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = chromium_driver(tmp_path)
+    try:
+        browser.get(server.url + "?q=caf%E9")  # a Latin-1 page's link: the browser's URLSearchParams reads "caf\ufffd"
+        status = lambda b: b.find_element(By.ID, "status").text  # noqa: E731
+        WebDriverWait(browser, 30).until(lambda b: "error: " in status(b) or " results for " in status(b))
+        assert status(browser).startswith('error: the query "caf%E9" is not UTF-8 text'), status(browser)  # not "caf" searched
+    finally:
+        browser.quit()
 
 
 def test_the_page_by_keyboard_and_back_button_and_when_the_server_stops_answering(ws, server, tmp_path):

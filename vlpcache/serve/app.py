@@ -16,7 +16,9 @@ every error is a 4xx (or 500) with one line of JSON, {"error": "..."}.
 
 from __future__ import annotations
 
+import re
 import time
+import urllib.parse
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -28,7 +30,7 @@ from starlette.routing import Route
 from vlpcache.cache.labels import RegionNames, region_names
 from vlpcache.errors import UserError
 from vlpcache.index.search import Searcher, hits_json
-from vlpcache.report import say
+from vlpcache.report import printable, say
 from vlpcache.serve.thumbnails import ThumbnailStore
 
 MAX_QUERY_CHARS = 200  # longer than any text the query model reads (it truncates at max_words tokens)
@@ -151,9 +153,22 @@ def _query_text(request: Request) -> str:
     query = (_param(request, "q") or "").strip()
     if not query:
         raise ApiError(400, "missing query: add ?q=words to search for")
+    if "\ufffd" in query and (typed := _not_utf8(request, "q")):  # Starlette writes U+FFFD for such a byte
+        byte = re.search(r"%[0-9A-F]{2}", typed)[0]
+        raise ApiError(400, f'the query "{typed}" is not UTF-8 text (the byte {byte}: a page or link in another '
+                            "encoding, e.g. Latin-1); percent-encode it as UTF-8 (é is %C3%A9)")
     if len(query) > MAX_QUERY_CHARS:
         raise ApiError(400, f"query of {len(query)} characters; at most {MAX_QUERY_CHARS}")
     return query
+
+
+def _not_utf8(request: Request, name: str) -> str:
+    """A parameter as the address gives it, its bytes that are not UTF-8 as %XX ("caf%E9"); "" when all are."""
+    query_string = request.scope["query_string"].decode("latin-1")
+    for key, value in urllib.parse.parse_qsl(query_string, keep_blank_values=True, errors="surrogateescape"):
+        if key == name and re.search("[\udc80-\udcff]", value):
+            return printable(re.sub("[\udc80-\udcff]", lambda byte: f"%{ord(byte[0]) - 0xDC00:02X}", value.strip()))
+    return ""
 
 
 def _int_param(request: Request, name: str, default: int | None, low: int, high: int) -> int:

@@ -232,12 +232,26 @@ async function getJson(url) {
   return body;
 }
 
-async function search(query, k) {
+// the address's q as it was written when its bytes are not UTF-8 ("caf%E9", a Latin-1 page's link): URLSearchParams
+// reads each such byte as U+FFFD, a character nobody typed; sent as written, the server names the byte; else null
+function undecodedQuery() {
+  const written = location.search.slice(1).split("&").find((part) => part.startsWith("q="));
+  if (written === undefined) return null;
+  try {
+    decodeURIComponent(written.slice(2).replace(/\+/g, " "));
+    return null;
+  } catch {
+    return written.slice(2);
+  }
+}
+
+async function search(query, k, written = null) {
   setStatus("Searching…");
   const started = performance.now();
   let body;
   try {
-    body = await getJson("/api/search?" + new URLSearchParams({ q: query, k }));
+    const asked = written === null ? new URLSearchParams({ q: query, k }) : `q=${written}&k=${encodeURIComponent(k)}`;
+    body = await getJson("/api/search?" + asked);
   } catch (err) {
     setStatus(`error: ${err.message}`, true);
     return;
@@ -368,7 +382,7 @@ async function start() {
   info = about.catch(() => null); // results do not wait on it failing
   about.then((i) => { if (i.example) $("q").placeholder = i.example; }, () => {});
   if (query) {
-    await search(query, k);
+    await search(query, k, undecodedQuery());
     if (bad) setStatus(`${$("status").textContent} · “${bad}” results is not a number from 1 to ${MAX_K}: ${k} shown`);
   } else {
     about.then((i) => setStatus(`Search ${kindsText(i.kinds, i.items)} by what happens in them` +
