@@ -834,7 +834,7 @@ MUTANTS += [
            "",
            "tests/test_serve.py -k headless", "the page strikes out the end of a query the model does not read"),
     mutant("eval-queries-cut-uncounted", "vlpcache/index/evaluate.py",
-           '        "queries_cut": longer_than(run.tokenizer, texts, max_words or run.config.max_words),\n',
+           '        "queries_cut": (read or queries_read(run, captions_by_id, all_captions, max_words)).longer,\n',
            '        "queries_cut": 0,\n',
            "tests/test_eval.py -k paragraphs", "eval counts the queries longer than the tokens it reads"),
     mutant("eval-paragraphs-past-positions", "vlpcache/index/evaluate.py",

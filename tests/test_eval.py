@@ -421,3 +421,32 @@ def test_queries_mostly_unknown_to_the_text_model_are_said_under_quiet_too(root,
                          "pretrain --text-model NAME|DIR") in err
     code, _, err = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl", "--quiet")
     assert code == 0 and "does not know" not in err
+
+
+def test_eval_tokenizes_its_queries_once_for_both_counts_cut_and_unknown(root, ws, monkeypatch, capsys, tmp_path):
+    from transformers import PreTrainedTokenizerBase
+
+    counted = []  # the texts of each tokenizer call made for counting (read_texts asks for the special tokens' mask)
+    call = PreTrainedTokenizerBase.__call__
+
+    def counting(self, text=None, *args, **kwargs):
+        if kwargs.get("return_special_tokens_mask"):
+            counted.append(len(text))
+        return call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", counting)
+    captions = read_captions(root / "val.jsonl").by_id
+    path = tmp_path / "zh.jsonl"  # half the queries mostly unknown words: the note's count is taken from the same read
+    path.write_text("".join(json.dumps({"video": i, "captions": [*texts, "一个女人在厨房里做饭" * (n % 2)]},
+                                       ensure_ascii=False) + "\n" for n, (i, texts) in enumerate(captions.items())),
+                    encoding="utf-8")
+    code, out, err = vlpcache(monkeypatch, capsys, "eval", "--captions", path, "--all-captions", "--max-words", "6",
+                              "--rerank-candidates", "0", "--json")
+    assert code == 0, err
+    protocol = json.loads(out)["protocol"]
+    assert counted == [protocol["queries"]]  # once, not once for each count
+    run = load_run(ws / "runs" / "run-001")
+    texts = [t for texts in read_captions(path).by_id.values() for t in texts]
+    assert protocol["queries_cut"] == sum(len(run.tokenizer(t)["input_ids"]) > 6 for t in texts) > 0
+    unknown = len(captions) // 2
+    assert f"note: {unknown} of the {len(texts)} queries ({unknown / len(texts):.0%}) are mostly words" in err

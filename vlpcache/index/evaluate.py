@@ -30,19 +30,19 @@ from vlpcache.index.build import check_run_reads_cache, open_cache, resolve_sour
 from vlpcache.metrics import RERANK_CANDIDATES, query_ranks, reranked, retrieval_metrics
 from vlpcache.model.run_layout import being_trained_note
 from vlpcache.querybank import dual_softmax
-from vlpcache.report import items_word, printable, sayer
+from vlpcache.report import Say, items_word, printable, sayer, silent
 from vlpcache.report import say as say_always  # under --quiet too
 
 
 def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: bool, device, batch_size: int,
              rerank_candidates: int = RERANK_CANDIDATES, progress: bool = True, qbnorm: bool = False,
-             dual: bool = False, max_words: int | None = None, per_query: bool = False) -> dict:
+             dual: bool = False, max_words: int | None = None, per_query: bool = False, read=None) -> dict:
     """Retrieval metrics over the cached videos in captions_by_id (insertion order = candidate order).
 
     qbnorm adds text->video ranked by query-bank normalisation (the run's training captions as bank),
     dual the dual-softmax figure, which needs every test query at once (no search can do it).
-    per_query adds "per_query": a record of each text->video query (per_query_records)."""
-    from vlpcache.model.batch import longer_than
+    per_query adds "per_query": a record of each text->video query (per_query_records). read: how the text
+    model reads the queries (queries_read), where the caller has it already."""
     from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
 
     ids = list(captions_by_id)
@@ -91,7 +91,7 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
         "queries": len(texts),
         "captions_per_video": "all" if all_captions else "first",
         "max_words": max_words or run.config.max_words,
-        "queries_cut": longer_than(run.tokenizer, texts, max_words or run.config.max_words),
+        "queries_cut": (read or queries_read(run, captions_by_id, all_captions, max_words)).longer,
         "rerank_candidates": rerank_candidates if rerank else 0,
         "rerank_weight": run.config.rerank_weight if rerank else None,
         "seconds": round(time.monotonic() - started, 1),
@@ -257,15 +257,20 @@ def say_protocol_notes(say, captions_file, captions, kept, split, paragraphs) ->
         say(f"note: {captions_file} ({captions.layout})")
 
 
-def unknown_queries_line(run, queries: dict[str, list[str]], all_captions: bool) -> str | None:
-    """A line when many of eval's queries are mostly words the run's text model does not know (Chinese
-    captions, an English model): their ranks then measure nothing it reads."""
+def queries_read(run, queries: dict[str, list[str]], all_captions: bool, max_words: int | None,
+                 say: Say = silent):
+    """How the run's text model reads eval's queries, tokenized once for both counts (read_texts): those longer
+    than the tokens it reads (max_words, else the run's), and those mostly words it does not know (Chinese
+    captions, an English model), said in a line (`say`) when many are: their ranks then measure nothing it reads."""
     from vlpcache.model.batch import read_texts, unknown_texts_line
     from vlpcache.model.model import DEFAULT_TEXT_MODEL
 
     texts = caption_queries(list(queries.values()), all_captions)[0]
-    return unknown_texts_line(read_texts(run.tokenizer, texts, run.config.max_words), len(texts),
-                              run.config.text_model or DEFAULT_TEXT_MODEL, "queries", "and their ranks say little about the model")
+    read = read_texts(run.tokenizer, texts, max_words or run.config.max_words)
+    if line := unknown_texts_line(read, len(texts), run.config.text_model or DEFAULT_TEXT_MODEL, "queries",
+                                  "and their ranks say little about the model"):
+        say(line)
+    return read
 
 
 def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captions=False, paragraphs=False,
@@ -321,11 +326,10 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
             from vlpcache.model.model import text_positions
 
             max_words = min(PARAGRAPH_WORDS, text_positions(run.model.text_encoder.backbone) or PARAGRAPH_WORDS)
-    if line := unknown_queries_line(run, queries, all_captions):
-        say_always(line)  # under --quiet too: it is about what the figures mean
+    read = queries_read(run, queries, all_captions, max_words, say_always)  # its note under --quiet too: about the figures
     results = evaluate(run, cache, queries, all_captions, device, batch_size or default_batch_size(device),
                        rerank_candidates, progress=not quiet, qbnorm=qbnorm, dual=dual_softmax, max_words=max_words,
-                       per_query=per_query is not None)
+                       per_query=per_query is not None, read=read)
     records = results.pop("per_query", None)
     if paragraphs:
         results["protocol"]["captions_per_video"] = "paragraph"

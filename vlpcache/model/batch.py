@@ -77,12 +77,6 @@ def read_texts(tokenizer, texts: list[str], max_len: int) -> TextsRead:
     return TextsRead(longer, unknown, first)
 
 
-def longer_than(tokenizer, texts: list[str], max_len: int) -> int:
-    """How many of the texts are longer than max_len tokens (special tokens included): tokenize() cuts
-    each of those there."""
-    return read_texts(tokenizer, texts, max_len).longer
-
-
 UNKNOWN_SHARE_SAID = 0.05  # from this share of a set's texts mostly unknown to the text model on, a line says so
 MULTILINGUAL_EXAMPLE = "sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2"
 
