@@ -84,7 +84,8 @@ class SimpleReference:
         import torch
         from torchvision.models import mobilenet_v2
 
-        from vlpcache.extract.detectors.yolox import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE, MOBILENET_FILE, YOLOX_FILE, _grid
+        from vlpcache.extract.detectors.spec import MOBILENET_FILE, YOLOX_FILE
+        from vlpcache.extract.detectors.yolox import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE, _grid
 
         self.torch, self.size, self.device = torch, INPUT_SIZE, torch.device(device)
         providers = (["CUDAExecutionProvider"] if device == "cuda" else []) + ["CPUExecutionProvider"]

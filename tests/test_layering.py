@@ -103,6 +103,30 @@ def test_functions_fit_on_a_screen_or_two():
     assert not long, "\n".join(long)
 
 
+def unused_imports(path: Path) -> list[str]:
+    """"FILE:LINE NAME" of each name a module imports and nowhere uses, in its code or a quoted annotation
+    ("Captions"), as pyflakes finds them (its F401)."""
+    tree = ast.parse(path.read_text())
+    imported = {}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and getattr(node, "module", None) != "__future__":
+            for alias in node.names:
+                imported[(alias.asname or alias.name).split(".")[0]] = node.lineno
+    annotations = [n.annotation for n in ast.walk(tree) if isinstance(n, (ast.arg, ast.AnnAssign)) and n.annotation]
+    annotations += [n.returns for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.returns]
+    quoted = [ast.parse(c.value, mode="eval") for a in annotations for c in ast.walk(a)
+              if isinstance(c, ast.Constant) and isinstance(c.value, str)]
+    used = {n.id for t in [tree, *quoted] for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return [f"{path.relative_to(PACKAGE.parent)}:{line} {name}" for name, line in imported.items() if name not in used]
+
+
+def test_no_module_imports_a_name_it_does_not_use():
+    # a name kept only for others to import from here (yolox.py's file names) is imported from its own module
+    # instead; __init__.py files, which gather a package's names, aside
+    assert [found for path in sorted(PACKAGE.rglob("*.py")) if path.name != "__init__.py"
+            for found in unused_imports(path)] == []
+
+
 def test_the_command_line_and_torch_free_modules_load_without_torch():
     light = ["vlpcache.cli", "vlpcache.cache.inspect", "vlpcache.cache.labels", "vlpcache.extract.detectors.spec",
              "vlpcache.extract.detectors.weights", "vlpcache.extract.detectors.models_folder",

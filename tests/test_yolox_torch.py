@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlpcache.extract.detectors.yolox import YOLOX_FILE, letterbox
+from vlpcache.extract.detectors.spec import YOLOX_FILE
+from vlpcache.extract.detectors.yolox import letterbox
 from vlpcache.extract.detectors.yolox_graph import batched_onnx
 
 from vlpcache.extract.detectors.yolox_torch import yolox_torch_module

@@ -23,13 +23,7 @@ from vlpcache.cache.schema import NMS_IOU, SCORE_THRESHOLD
 from vlpcache.extract.detectors.inference import set_autotune
 from vlpcache.extract.detectors.mobilenet import mobilenet_trunk
 from vlpcache.extract.detectors.regions import FrameRegions, select_detections, with_frame_region
-from vlpcache.extract.detectors.spec import (  # noqa: F401  (file names: bench and tests import them from here)
-    DEFAULT_YOLOX_BACKBONE,
-    MOBILENET_FILE,
-    YOLOX_FILE,
-    DetectorSpec,
-    yolox_spec,
-)
+from vlpcache.extract.detectors.spec import DEFAULT_YOLOX_BACKBONE, DetectorSpec, yolox_spec
 from vlpcache.extract.detectors.spec import YOLOX_INPUT_SIZE as INPUT_SIZE
 from vlpcache.extract.detectors.vision_ops import roi_align
 from vlpcache.extract.detectors.yolox_graph import batched_onnx
