@@ -1496,6 +1496,9 @@ MUTANTS += [
     mutant("eval-queries-read-twice", "vlpcache/index/evaluate.py",
            "                       per_query=per_query is not None, read=read)", "                       per_query=per_query is not None, read=None)",
            "tests/test_eval.py -k tokenizes_its_queries_once", "eval tokenizes its queries once"),
+    mutant("finished-run-keeps-place", "vlpcache/model/train.py",
+           "        ckpt.remove_partials(run.dir)  # a place within an epoch that --epochs now leaves out\n", "        pass\n",
+           "tests/test_pretrain.py -k resume_with_other_epochs", "a run ended sooner by --epochs drops its place within a later epoch"),
 ]
 
 

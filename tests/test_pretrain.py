@@ -491,12 +491,14 @@ def test_resume_with_other_epochs_records_them_so_inspect_and_a_later_resume_agr
     with pytest.raises(UserError, match=r"--epochs 1: .* has trained 2 epochs already; pass --epochs 2 or more"):
         run_pretrain(**options, **small_options(tiny_text, epochs=1, resume=True))  # an end before what is done
     assert ckpt.read_run_config(tmp_path / "run")["train"]["epochs"] == 2
-    ckpt.save_run_epochs(tmp_path / "run", 3)  # as a run of 3 epochs killed after its second
+    ckpt.save_run_epochs(tmp_path / "run", 3)  # as a run of 3 epochs killed after its second, within its third
+    shutil.copytree(ckpt.checkpoints(tmp_path / "run")[2], tmp_path / "run" / "checkpoints" / "partial-epoch-0003-step-2")
     capsys.readouterr()
     assert run_pretrain(**options, **small_options(tiny_text, epochs=2, resume=True, quiet=False))["trained_epochs"] == 0
     assert ("--epochs 2: the run now ends after epoch 2 (it was to end after 3); 2 epochs are done already, so none is "
             "trained, and it is finished with the learning rate of epoch 2 of 3") in capsys.readouterr().err
     assert ckpt.read_run_config(tmp_path / "run")["train"]["epochs"] == 2
+    assert not ckpt.partial_checkpoints(tmp_path / "run")  # its place within epoch 3, of no use now, is gone
 
 
 def test_a_run_moved_with_its_data_resumes_there_and_an_older_one_is_told_where_to_look(tmp_path, corpus, tiny_text,

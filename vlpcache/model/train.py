@@ -1090,6 +1090,8 @@ def _already_trained(run: Run, processes: Processes) -> dict:
     """A resumed run with every epoch of its --epochs trained: said, nothing trained."""
     record_new_epochs(run, processes, run.train.epochs)
     record_new_locations(run, processes)
+    if processes.main:
+        ckpt.remove_partials(run.dir)  # a place within an epoch that --epochs now leaves out
     processes.say(f"{run.dir}: already trained for {run.train.epochs} epochs; pass a larger --epochs to continue")
     return {"run_dir": str(run.dir), "epochs": run.train.epochs, "trained_epochs": 0, "seconds": 0.0,
             "best": ckpt.read_best(run.dir), "last": None}
