@@ -531,6 +531,25 @@ def test_a_terminal_that_reports_no_size_still_shows_the_progress_bar(msrvtt_dir
     assert "3/3 [" in written and "item/s" in written, written
 
 
+def test_a_progress_bar_written_to_a_file_is_lines_not_carriage_returns(msrvtt_dir, tmp_path):
+    # `extract ... > job.out 2>&1` (a Slurm job's log): tqdm redrew its bar with a carriage return ten
+    # times a second, one line growing by up to 50 KB a minute that `less` shows as one
+    root = tmp_path / "frames"
+    for folder in sorted((msrvtt_dir / "frames" / "val").iterdir())[:3]:
+        shutil.copytree(folder, root / folder.name)
+    (root / "notes.bin").write_bytes(b"not media")  # a line said while the bar is open
+    with open(tmp_path / "job.out", "w") as log:
+        subprocess.run([sys.executable, "-m", "vlpcache", "extract", str(root), "-o", str(tmp_path / "cache"),
+                        "--frames", "2", "--workers", "1"], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                       check=True, timeout=HANG_GUARD_S)
+    written = (tmp_path / "job.out").read_bytes().decode()  # read_text would make each \r a newline
+    assert "\r" not in written, written
+    lines = written.splitlines()
+    bar = [n for n, line in enumerate(lines) if "item/s" in line]
+    assert bar and "3/3 [" in lines[bar[-1]], written  # the bar's last state, a line of its own
+    assert lines[-1].startswith("extract: 3 done"), written
+
+
 def test_a_small_picture_is_rendered_large_enough_for_its_labels():
     from PIL import Image
 

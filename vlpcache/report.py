@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import threading
+import time
 from typing import Callable, Iterator
 
 Say = Callable[[str], None]
@@ -60,15 +62,53 @@ def close_bars() -> None:
             bar.close()
 
 
+LOGGED_BAR_S = 30.0  # a bar written to a file or pipe (a Slurm .out file) writes a line this often at most
+
+
+class BarLog:
+    """Where a bar goes when stderr is not a terminal (a Slurm job's .out file, a pipe, `> log 2>&1`):
+    tqdm redraws in place with a carriage return ten times a second, which a log keeps as one line
+    growing by up to 50 KB a minute, unreadable in `less`. Here each redraw is a line of its own, the
+    first one (of a bar that stays: `leave`), then at most one every LOGGED_BAR_S seconds, and the
+    last state of a bar that stays when it ends."""
+
+    def __init__(self, stream, leave: bool = True):
+        self.stream, self.pending = stream, ""
+        self.written_at = None if leave else time.monotonic()  # a passing bar's lines only if it lasts
+
+    @property
+    def encoding(self):
+        return getattr(self.stream, "encoding", None)
+
+    def write(self, text: str) -> None:
+        for part in re.split(r"[\r\n]", text):
+            if part.strip():  # blank: tqdm clearing its line, which a log need not do
+                self.pending = part.rstrip()
+        now = time.monotonic()
+        ending = text == "\n"  # tqdm's close of a bar that stays (bars here are all at position 0)
+        if self.pending and (ending or self.written_at is None or now - self.written_at >= LOGGED_BAR_S):
+            self.stream.write(self.pending + "\n")
+            self.stream.flush()
+            self.pending, self.written_at = "", now
+
+    def flush(self) -> None:
+        pass
+
+
 def progress_bar(iterable=None, **options):
     """A tqdm bar on stderr that follows the terminal's size. A terminal that reports 0 x 0 (a
     pseudo-terminal nobody sized: `script` run from cron, some container sessions) gets
-    UNSIZED_TERMINAL: tqdm takes the 0 lines at their word and draws nothing at all."""
+    UNSIZED_TERMINAL: tqdm takes the 0 lines at their word and draws nothing at all. Not on a
+    terminal, the bar writes lines to a log (BarLog)."""
     from tqdm import tqdm
 
+    if not sys.stderr.isatty():
+        # position 0: a second bar open at once would move the cursor between lines, which a log cannot
+        log = BarLog(sys.stderr, leave=options.get("leave", True) is not False)
+        return tqdm(iterable, file=log, position=0, **options)
     try:
         size = os.get_terminal_size(sys.stderr.fileno())
-    except (OSError, ValueError, AttributeError):  # not a terminal, or stderr without a descriptor (captured)
+    except (OSError, ValueError, AttributeError):  # stderr without a descriptor
         size = None
     unsized = size is not None and (size.columns == 0 or size.lines == 0)
     return tqdm(iterable, **(UNSIZED_TERMINAL if unsized else {"dynamic_ncols": True}), **options)
