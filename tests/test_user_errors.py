@@ -283,3 +283,17 @@ def test_a_picture_into_a_folder_this_user_may_not_write_is_refused_before_the_f
     code, _, err = vlpcache(monkeypatch, capsys, "inspect", root / "ws" / "cache", "--render", "v0", "-o", root / "v0.png")
     assert code == 2 and err == (f"error: {root / 'v0.png'}: this user may not write in {root}; pass -o a file in a "
                                  "folder of your own\n")
+
+
+def test_a_reader_that_stops_before_the_output_ends_leaves_exit_status_0(tmp_path):
+    # `vlpcache search ... | head -1` under `set -o pipefail`: click made the BrokenPipeError exit status 1,
+    # and only when the reader had closed before the last write, so the same script failed now and then
+    import subprocess
+    import sys
+
+    with open(tmp_path / "err", "w") as err:
+        process = subprocess.Popen([sys.executable, "-m", "vlpcache", "models", "list", "--models", str(tmp_path)],
+                                   stdout=subprocess.PIPE, stderr=err, cwd=tmp_path)
+        process.stdout.close()  # the reader is gone before the first line (`| true`)
+        assert process.wait(timeout=60) == 0
+    assert (tmp_path / "err").read_text() == ""

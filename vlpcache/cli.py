@@ -55,7 +55,23 @@ class FiniteFloatRange(click.FloatRange):
         return number
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class OutputClosed(Exception):
+    """The reader of stdout stopped early (`vlpcache search ... | head -1`)."""
+
+
+class CommandTable(click.Group):
+    """The commands. A command whose reader closes stdout early (`| head -1`, `| grep -m1`) ends with
+    exit status 0: click turned that BrokenPipeError into exit status 1, and only when the reader won
+    the race with the last write, so a script under `set -o pipefail` failed now and then."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as err:
+            raise OutputClosed() from err
+
+
+@click.group(cls=CommandTable, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="vlpcache")
 def cli() -> None:
     """Affordable video-language pretraining on cached region features.
@@ -460,8 +476,9 @@ def main() -> None:
         except UserError as err:
             click.echo(f"error: {user_message(err)}", err=True)
             exit_now(2)
-        except BrokenPipeError:
-            sys.exit(0)
+        except (BrokenPipeError, OutputClosed):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the last flush at exit must not fail too
+            exit_now(0)
         except OSError as err:
             if err.errno not in ENVIRONMENT_ERRORS:
                 raise
