@@ -297,3 +297,27 @@ def test_a_reader_that_stops_before_the_output_ends_leaves_exit_status_0(tmp_pat
         process.stdout.close()  # the reader is gone before the first line (`| true`)
         assert process.wait(timeout=60) == 0
     assert (tmp_path / "err").read_text() == ""
+
+
+def test_a_stdout_that_cannot_encode_a_name_writes_escapes_not_a_traceback(tmp_path, monkeypatch):
+    # PYTHONIOENCODING=ascii, or LC_ALL=C with PYTHONUTF8=0: print() of a non-ASCII path, id or query (or
+    # eval's own `text→video`) raised UnicodeEncodeError after the work was done
+    import io
+    import json
+    import sys
+
+    from test_pretrain import write_cache
+    from vlpcache.cli import main
+
+    cache = tmp_path / "café 猫 🐱" / "cache"
+    write_cache(cache, 2)
+    for args in (["inspect", cache], ["inspect", cache, "--json"]):
+        monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO(), encoding="ascii"))
+        monkeypatch.setattr(sys, "argv", ["vlpcache", *map(str, args)])
+        main()
+        sys.stdout.flush()
+        written = sys.stdout.buffer.getvalue().decode("ascii")
+        if "--json" in args:
+            assert json.loads(written)["cache"] == str(cache)  # escapes that JSON reads
+        else:
+            assert "caf\\u00e9 \\u732b \\ud83d\\udc31" in written, written

@@ -11,7 +11,9 @@ them as they are.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import io
 import os
 import re
 import sys
@@ -112,6 +114,24 @@ def progress_bar(iterable=None, **options):
         size = None
     unsized = size is not None and (size.columns == 0 or size.lines == 0)
     return tqdm(iterable, **(UNSIZED_TERMINAL if unsized else {"dynamic_ncols": True}), **options)
+
+
+def json_escapes(error: UnicodeEncodeError) -> tuple[str, int]:
+    """What an ASCII or Latin-1 stream cannot encode, as JSON writes it (`\\u00e9`, two for an emoji): one
+    escape in a line for a person, and still valid JSON in --json's strings, where `\\xe9` would not be."""
+    units = error.object[error.start:error.end].encode("utf-16-be", "surrogatepass")
+    return "".join(f"\\u{units[i]:02x}{units[i + 1]:02x}" for i in range(0, len(units), 2)), error.end
+
+
+codecs.register_error("vlpcache-json-escapes", json_escapes)
+
+
+def escape_what_stdout_cannot_encode() -> None:
+    """A stdout in ASCII or Latin-1 (PYTHONIOENCODING=ascii; LC_ALL=C with PYTHONUTF8=0) writes the
+    characters of a query, an id or a path it cannot encode as escapes (json_escapes), as Python's
+    stderr does with its own, instead of a UnicodeEncodeError once the work is done."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="vlpcache-json-escapes")
 
 
 def silent(line: str) -> None:
