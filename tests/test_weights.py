@@ -299,3 +299,19 @@ def test_a_hugging_face_file_is_fetched_through_the_hub_cache_offline(models_dir
     missing = WeightsFile("gone.onnx", "test", "-", (), (HubFile("vlpcache-test/absent", "x.onnx"),), check_yolox_file)
     with pytest.raises(UserError, match="downloads are off .*https://huggingface.co/vlpcache-test/absent"):
         fetch(missing, tmp_path / "models")  # offline (conftest): the hub cache only
+
+
+def test_xdg_cache_home_holds_the_models_and_the_derived_onnx_graphs(tmp_path, monkeypatch):
+    # a cluster's home is small or read-only, and XDG_CACHE_HOME points at scratch (torch and Hugging Face
+    # follow it): the derived graphs went to ~/.cache regardless, failed to be kept, and were made again
+    # by every extract (5 s of its start here)
+    from vlpcache.extract.detectors.yolox import _cached_onnx
+    from vlpcache.workspace import models_dir
+
+    monkeypatch.delenv("VLPCACHE_MODELS", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "scratch"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert models_dir() == tmp_path / "scratch" / "vlpcache" / "models"
+    assert _cached_onnx("graph-0123.onnx", lambda: b"graph") == b"graph"
+    assert (tmp_path / "scratch" / "vlpcache" / "onnx" / "graph-0123.onnx").read_bytes() == b"graph"
+    assert not (tmp_path / "home").exists()

@@ -96,7 +96,8 @@ cache_option = click.option("--cache", "cache_dir", type=click.Path(), help="Reg
 index_option = click.option("--index", "index_dir", type=click.Path(),
                             help="Index directory [default: .vlpcache/index; built on first use].")
 models_option = click.option("--models", "models", type=click.Path(),
-                             help="Folder of detector weights [env VLPCACHE_MODELS, else ~/.cache/vlpcache/models].")
+                             help="Folder of detector weights [env VLPCACHE_MODELS, else "
+                                  "~/.cache/vlpcache/models, or under $XDG_CACHE_HOME where set].")
 checkpoint_option = click.option("--checkpoint", default=None,
                                  help="best, last or an epoch [default: best by validation, else last].")
 

@@ -71,11 +71,17 @@ class Workspace:
         return roots if isinstance(roots, list) else []
 
 
+def user_cache_dir() -> Path:
+    """vlpcache's folder in the user's cache: $XDG_CACHE_HOME/vlpcache, else ~/.cache/vlpcache. A cluster
+    whose home is small or read-only points XDG_CACHE_HOME at scratch, as torch and Hugging Face follow it."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlpcache"
+
+
 def models_dir(option: str | os.PathLike | None = None) -> Path:
-    """The folder holding offline weights: --models, else $VLPCACHE_MODELS, else ~/.cache/vlpcache/models."""
+    """The folder holding offline weights: --models, else $VLPCACHE_MODELS, else user_cache_dir()/models."""
     if option:
         return Path(option)
     if os.environ.get("VLPCACHE_MODELS"):
         return Path(os.environ["VLPCACHE_MODELS"])
-    return Path.home() / ".cache" / "vlpcache" / "models"
+    return user_cache_dir() / "models"
 

@@ -28,6 +28,7 @@ from vlpcache.extract.detectors.spec import YOLOX_INPUT_SIZE as INPUT_SIZE
 from vlpcache.extract.detectors.vision_ops import roi_align
 from vlpcache.extract.detectors.yolox_graph import batched_onnx
 from vlpcache.report import say
+from vlpcache.workspace import user_cache_dir
 
 STRIDES = (8, 16, 32)
 PAD_VALUE = 114.0
@@ -93,8 +94,8 @@ class NormalisedTrunk(torch.nn.Module):
 
 def _cached_onnx(name: str, make) -> bytes:
     """An ONNX graph vlpcache derives from a weights file, made once by `make()` and kept in
-    ~/.cache/vlpcache/onnx under `name` (which holds the weights' sha256): later runs read the bytes."""
-    cached = Path.home() / ".cache" / "vlpcache" / "onnx" / name
+    user_cache_dir()/onnx under `name` (which holds the weights' sha256): later runs read the bytes."""
+    cached = user_cache_dir() / "onnx" / name
     if cached.is_file():
         return cached.read_bytes()
     data = make()
