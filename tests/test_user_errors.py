@@ -321,3 +321,24 @@ def test_a_stdout_that_cannot_encode_a_name_writes_escapes_not_a_traceback(tmp_p
             assert json.loads(written)["cache"] == str(cache)  # escapes that JSON reads
         else:
             assert "caf\\u00e9 \\u732b \\ud83d\\udc31" in written, written
+
+
+def test_a_memory_cap_that_torch_cannot_load_under_is_one_line(tmp_path):
+    # `ulimit -v` (some clusters cap every job's address space): a traceback of torch's loader or allocator
+    import resource
+    import subprocess
+    import sys
+
+    from test_pretrain import write_cache, write_captions
+
+    ids = write_cache(tmp_path / "cache", 4)
+    write_captions(tmp_path / "train.jsonl", ids)
+
+    def capped():
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**29, resource.RLIM_INFINITY))  # 1.5 GiB
+
+    result = subprocess.run([sys.executable, "-m", "vlpcache", "pretrain", "--cache", str(tmp_path / "cache"),
+                             "--captions", str(tmp_path / "train.jsonl"), "--epochs", "1", "-o", str(tmp_path / "run")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120, preexec_fn=capped)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: out of memory: this process may use 1.5 GiB"), result.stderr

@@ -434,6 +434,28 @@ ENVIRONMENT_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.
                       errno.EISDIR, errno.ENAMETOOLONG, errno.EFBIG, errno.ENOENT, errno.EEXIST}
 
 
+# how numpy, torch, onnxruntime and the dynamic loader say that an allocation or a library's mapping failed
+OUT_OF_MEMORY = ("can't allocate memory", "cannot allocate memory", "failed to map segment", "bad_alloc",
+                 "bfc_arena")
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is the process running out of memory (a `ulimit -v` cap, as some clusters set), which
+    each library reports as its own exception: a traceback of torch's allocator said nothing of the cap."""
+    return isinstance(err, MemoryError) or any(words in str(err).lower() for words in OUT_OF_MEMORY)
+
+
+def out_of_memory_line() -> str:
+    """The one line for out_of_memory, with the address-space cap where one is set."""
+    import resource
+
+    cap = resource.getrlimit(resource.RLIMIT_AS)[0]
+    limit = (f"this process may use {cap / 2**30:.1f} GiB of address space (ulimit -v {cap // 1024}); importing torch "
+             "alone takes more than 2 GiB of it: raise the limit (ulimit -v unlimited, or your scheduler's memory request)"
+             if cap != resource.RLIM_INFINITY else "free memory or use a smaller --batch-size")
+    return f"out of memory: {limit}; nothing committed before is lost"
+
+
 def stopped_line() -> str:
     """The last line of a command that Ctrl-C or SIGTERM stopped, where the command says nothing more."""
     return f"{stopped()}; what was committed is kept, re-run the same command to resume"
@@ -499,6 +521,11 @@ def main() -> None:
         except KeyboardInterrupt:
             click.echo(stopped_line(), err=True)
             exit_now(exit_status())
+        except Exception as err:
+            if not out_of_memory(err):
+                raise
+            click.echo(f"error: {out_of_memory_line()}", err=True)
+            exit_now(2)
 
 
 if __name__ == "__main__":
