@@ -1499,6 +1499,21 @@ MUTANTS += [
     mutant("finished-run-keeps-place", "vlpcache/model/train.py",
            "        ckpt.remove_partials(run.dir)  # a place within an epoch that --epochs now leaves out\n", "        pass\n",
            "tests/test_pretrain.py -k resume_with_other_epochs", "a run ended sooner by --epochs drops its place within a later epoch"),
+    mutant("bar-redraws-in-a-log", "vlpcache/report.py",
+           "    if not sys.stderr.isatty():\n", "    if False:\n",
+           "tests/test_extract.py -k progress_bar_written_to_a_file", "a progress bar in a log file writes lines, not carriage-return redraws"),
+    mutant("closed-output-exit-1", "vlpcache/cli.py",
+           "        except BrokenPipeError as err:\n            raise OutputClosed() from err\n", "        except BrokenPipeError:\n            raise\n",
+           "tests/test_user_errors.py -k reader_that_stops_before", "a reader that closes stdout early leaves exit status 0"),
+    mutant("stdout-unencodable-traceback", "vlpcache/cli.py",
+           "    escape_what_stdout_cannot_encode()\n", "",
+           "tests/test_user_errors.py -k stdout_that_cannot_encode", "an ASCII stdout writes escapes, not a traceback"),
+    mutant("memory-cap-traceback", "vlpcache/cli.py",
+           "            if not out_of_memory(err):\n", "            if True:\n",
+           "tests/test_user_errors.py -k memory_cap", "running out of memory under ulimit -v is one line"),
+    mutant("xdg-cache-home-ignored", "vlpcache/workspace.py",
+           "    return Path(os.environ.get(\"XDG_CACHE_HOME\") or Path.home() / \".cache\") / \"vlpcache\"\n", "    return Path.home() / \".cache\" / \"vlpcache\"\n",
+           "tests/test_weights.py -k xdg_cache_home", "vlpcache's user cache follows XDG_CACHE_HOME"),
 ]
 
 

@@ -540,8 +540,10 @@ def test_a_searcher_takes_up_the_videos_that_index_adds_while_it_is_open(ws, mon
 def test_an_index_stopped_midway_resumes_and_encodes_only_what_no_kept_part_holds(ws, monkeypatch, capsys):
     import vlpcache.index.build as build
     import vlpcache.model.retrieval as retrieval
+    from vlpcache import report
 
     monkeypatch.setattr(build, "ENCODE_CHUNK", 10)  # the 24 videos in chunks of 10, 10 and 4
+    monkeypatch.setattr(report, "LOGGED_BAR_S", 0)  # a bar not on a terminal writes a line a redraw (not one in 30 s)
     encode, calls, stop = retrieval.encode_videos, [], [True]
 
     def stopped_at_the_second_chunk(model, cache, rows, *args, **kwargs):
