@@ -15,6 +15,7 @@ from typing import Callable
 import pytest
 
 from test_search import build_tiny_workspace, the_index, vlpcache
+from waiting import HANG_GUARD_S
 
 NOT_UTF8 = b'{"video": "v0", "captions": ["a dog"]}\n{"video": "v1", "captions": ["caf\xe9"]}\n'
 
@@ -295,7 +296,7 @@ def test_a_reader_that_stops_before_the_output_ends_leaves_exit_status_0(tmp_pat
         process = subprocess.Popen([sys.executable, "-m", "vlpcache", "models", "list", "--models", str(tmp_path)],
                                    stdout=subprocess.PIPE, stderr=err, cwd=tmp_path)
         process.stdout.close()  # the reader is gone before the first line (`| true`)
-        assert process.wait(timeout=60) == 0
+        assert process.wait(timeout=HANG_GUARD_S) == 0
     assert (tmp_path / "err").read_text() == ""
 
 
@@ -339,6 +340,6 @@ def test_a_memory_cap_that_torch_cannot_load_under_is_one_line(tmp_path):
 
     result = subprocess.run([sys.executable, "-m", "vlpcache", "pretrain", "--cache", str(tmp_path / "cache"),
                              "--captions", str(tmp_path / "train.jsonl"), "--epochs", "1", "-o", str(tmp_path / "run")],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120, preexec_fn=capped)
+                            cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S, preexec_fn=capped)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.splitlines()[-1].startswith("error: out of memory: this process may use 1.5 GiB"), result.stderr
