@@ -3,6 +3,7 @@
 import collections
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -491,17 +492,19 @@ def test_other_settings_are_refused_for_an_existing_cache(extracted, media):
     assert "regions: 31 (30 + the whole frame) != 11 (10 + the whole frame)" in result.stderr  # as --regions counts
 
 
-def _run_on_an_unsized_terminal(args: list[str], cwd: Path) -> tuple[int, str]:
+def _run_on_an_unsized_terminal(args: list[str], cwd: Path, ctrl_c_at: str | None = None) -> tuple[int, str]:
     """Run `python -m vlpcache ARGS` on a new pseudo-terminal that reports 0 x 0, as `script` run
-    from cron gives one; (exit status, everything it wrote there)."""
+    from cron gives one; (exit status, everything it wrote there). ctrl_c_at: once what it wrote matches
+    this pattern, press Ctrl-C (SIGINT to its process group, as a terminal sends it)."""
     import pty
     import select
     import signal
     import time
 
     pid, terminal = pty.fork()
-    if pid == 0:  # the child: stdin, stdout and stderr are the new terminal, never sized
+    if pid == 0:  # the child: a session of its own, whose stdin, stdout and stderr are the terminal, never sized
         os.chdir(cwd)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # as a terminal's job has it, even under a runner that ignores it
         os.execv(sys.executable, [sys.executable, "-m", "vlpcache", *args])
     written, deadline = b"", time.monotonic() + HANG_GUARD_S
     while time.monotonic() < deadline:
@@ -513,6 +516,9 @@ def _run_on_an_unsized_terminal(args: list[str], cwd: Path) -> tuple[int, str]:
             if not chunk:
                 break
             written += chunk
+            if ctrl_c_at is not None and re.search(ctrl_c_at, written.decode(errors="replace")):
+                os.killpg(pid, signal.SIGINT)
+                ctrl_c_at = None
     else:
         os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)

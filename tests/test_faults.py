@@ -187,50 +187,20 @@ def test_ctrl_c_stops_extract_and_its_workers_with_one_line_and_a_rerun_finishes
     assert len(finished) == LONG_ITEMS and len(set(finished.ids)) == LONG_ITEMS
 
 
-def _ctrl_c_on_a_terminal_once(args: list[str], cwd: Path, pattern: str) -> tuple[int, str]:
-    """Run `python -m vlpcache ARGS` on a new pseudo-terminal and press Ctrl-C (SIGINT to its process group)
-    once what it wrote there matches `pattern`; (exit status, everything it wrote)."""
-    import pty
-    import select
-
-    pid, terminal = pty.fork()
-    if pid == 0:  # the child: a session of its own, whose stdin, stdout and stderr are the new terminal
-        os.chdir(cwd)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # as a terminal's job has it, even under a runner that ignores it
-        os.execv(sys.executable, [sys.executable, "-m", "vlpcache", *args])
-    written, pressed, deadline = b"", False, time.monotonic() + HANG_GUARD_S
-    while time.monotonic() < deadline:
-        if select.select([terminal], [], [], 1.0)[0]:
-            try:
-                chunk = os.read(terminal, 65536)
-            except OSError:  # EIO: the child is gone and the terminal closed
-                break
-            if not chunk:
-                break
-            written += chunk
-            if not pressed and re.search(pattern, written.decode(errors="replace")):
-                os.killpg(pid, signal.SIGINT)
-                pressed = True
-    else:
-        os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
-    os.close(terminal)
-    return os.waitstatus_to_exitcode(status), written.decode(errors="replace")
-
-
 def test_ctrl_c_in_the_middle_of_a_long_item_stops_at_once_without_a_traceback(tmp_path):
     # the reader's thread waited on a worker busy with an hour of video: the command waited 5 s for it, and
     # as it exited the reader replaced the workers it found killed, each new one dying with a traceback
     from broken_media import make_slow_image
+    from test_extract import _run_on_an_unsized_terminal
 
     page = make_slow_image(tmp_path / "root" / "scan" / "1.png")  # 1.5 s each to decode here: 12 s in all
     for n in range(2, 9):
         os.link(page, page.with_name(f"{n}.png"))
     # on a terminal, whose bar redraws as its clock moves (written to a file, it writes a line every 30 s)
-    code, said = _ctrl_c_on_a_terminal_once(["extract", str(tmp_path / "root"), "-o", str(tmp_path / "cache"),
-                                             "--backbone", "neck", "--workers", "1"], tmp_path,
-                                            # the detector loaded 2 s ago (the bar's clock): the worker is decoding
-                                            r"extract: +0%.*0/1 \[00:0[2-9]")
+    code, said = _run_on_an_unsized_terminal(["extract", str(tmp_path / "root"), "-o", str(tmp_path / "cache"),
+                                              "--backbone", "neck", "--workers", "1"], tmp_path,
+                                             # the detector loaded 2 s ago (the bar's clock): the worker is decoding
+                                             ctrl_c_at=r"extract: +0%.*0/1 \[00:0[2-9]")
     assert code == 130 and "Traceback" not in said, said
     assert said.strip().splitlines()[-1] == "interrupted; what was committed is kept, re-run the same command to resume"
 
