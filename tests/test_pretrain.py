@@ -838,6 +838,37 @@ def test_ctrl_c_within_an_epoch_saves_its_place_and_the_resume_ends_as_an_uninte
     _assert_as_uninterrupted(run_dir, tmp_path / "whole", 2)
 
 
+# a Ctrl-C while the first epoch is validated, its training steps all done
+CTRL_C_IN_VALIDATION = """
+import signal
+
+patched_step = step
+validate = train.validate
+
+def stopped_validation(*args, **kwargs):
+    signal.raise_signal(signal.SIGINT)
+    return validate(*args, **kwargs)
+
+train.validate = stopped_validation
+"""
+
+
+def test_ctrl_c_in_an_epochs_validation_keeps_its_steps_as_its_place(tmp_path, corpus, tiny_text, monkeypatch):
+    # it kept the place saved before the last steps (up to --save-every 30 minutes of training before)
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    options = dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], val_captions=corpus["val"])
+    run_pretrain(**options, run_dir=tmp_path / "whole", **small_options(tiny_text, batch_size=4))
+    run_dir = tmp_path / "stopped"
+    command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0", "--val-captions", str(corpus["val"]))
+    done = _patched_pretrain(CTRL_C_IN_VALIDATION, command, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == at_its_place("interrupted", run_dir, 10, 10)
+    assert not ckpt.checkpoints(run_dir) and list(ckpt.partial_checkpoints(run_dir)) == [(1, 10)]
+    assert run_pretrain(run_dir=run_dir, resume=True, quiet=True, device="cpu")["trained_epochs"] == 2
+    _assert_as_uninterrupted(run_dir, tmp_path / "whole", 2)
+
+
 # kill -9 in the fifth training step of the run
 KILL_IN_STEP_5 = """
 import os, signal

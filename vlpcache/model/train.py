@@ -832,6 +832,7 @@ def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, proc
         close_batches(batches)
     bar.close()
     place.seconds += time.monotonic() - started
+    trainer.within = place  # every step done: what a stop in the epoch's validation keeps (_train)
     return {  # the log line's fields: run_layout.LOG_FIELDS, where each is described
         "epoch": epoch,
         "step": trainer.step,
@@ -880,6 +881,18 @@ def save_place(run: Run, trainer: Trainer, processes: Processes, place: Within, 
                 processes.say(f"note: {err}{'' if stopping else '; training goes on'}", always=True)
     if not stopping:
         processes.barrier()
+
+
+def save_place_stopped_in_validation(run: Run, trainer: Trainer, processes: Processes, loader: Loader) -> None:
+    """A Ctrl-C or SIGTERM in an epoch's validation: the epoch's steps, all done (trainer.within), saved as its
+    place, unless its checkpoint or that place is saved already; else the place saved last (up to --save-every
+    minutes of training before) would be all that is kept."""
+    place = trainer.within
+    if not (stop_requested() and run.train.save_every and processes.world == 1 and place is not None):
+        return
+    saved = ckpt.partial_checkpoints(run.dir)
+    if place.epoch not in ckpt.checkpoints(run.dir) and (place.epoch, place.steps_done) not in saved:
+        save_place(run, trainer, processes, place, loader, stopping=True)
 
 
 # ---------------------------------------------------------------- step 4: end of an epoch
@@ -1025,7 +1038,11 @@ def _train(run: Run, processes: Processes, workspace: Workspace) -> dict:
     history = []
     for epoch in range(trainer.start_epoch, run.train.epochs + 1):
         record = train_one_epoch(epoch, run, trainer, loader, processes, tensorboard)
-        end_of_epoch(record, run, trainer, processes, tensorboard)
+        try:
+            end_of_epoch(record, run, trainer, processes, tensorboard)
+        except KeyboardInterrupt:
+            save_place_stopped_in_validation(run, trainer, processes, loader)
+            raise
         history.append(record)
         processes.barrier()
     if tensorboard is not None:
