@@ -503,6 +503,26 @@ def test_pretrain_checkpoint_on_a_full_disk_is_one_line_keeps_earlier_ones_and_r
     assert code == 0 and 2 in checkpoints(run), err
 
 
+def test_places_within_an_epoch_give_way_to_its_checkpoint_on_a_disk_too_full_for_both(tiny, disk, monkeypatch, capsys):
+    # a disk that held the run's checkpoints (the last, the next) without places: the epoch's checkpoint failed for
+    # the room its place took, and every resume from that place failed there again
+    from test_search import vlpcache
+    from vlpcache.model.run_layout import checkpoints, partial_checkpoints
+
+    if not disk.tmpfs:
+        pytest.skip("needs a tmpfs (root): a limit on the size of one file fills no disk")
+    run = disk.folder / "run"
+    shutil.copytree(tiny / "ws" / "runs" / "run-001", run)  # one epoch trained, checkpoint saved
+    [first] = checkpoints(run).values()
+    size = sum(f.stat().st_size for f in first.iterdir())
+    args = ["pretrain", "--resume", "-o", run, "--epochs", "2", "--device", "cpu", "--workers", "0", "--quiet",
+            "--save-every", "1e-7"]  # a place due after every step
+    with disk.full(room=int(1.5 * size)):  # one more checkpoint fits, not two: a place, then not the checkpoint
+        code, _, err = vlpcache(monkeypatch, capsys, *args)
+    assert code == 0 and "Traceback" not in err, err
+    assert list(checkpoints(run)) == [2] and not partial_checkpoints(run) and not list((run / "checkpoints").glob(".*"))
+
+
 @pytest.mark.parametrize("room, failed", [(30_000, ""), (0, "encoding")])  # the index files fail; or the first part
 def test_index_on_a_full_disk_is_one_line_leaves_the_index_as_it_was_and_builds_later(tiny, disk, monkeypatch, capsys,
                                                                                       room, failed):

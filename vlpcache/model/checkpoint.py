@@ -9,6 +9,7 @@ torch.load(weights_only=True).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -21,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlpcache.errors import UserError
-from vlpcache.files import current_umask, file_sha256, fsync_path, is_write_failure, write_failure
+from vlpcache.files import current_umask, failure_errno, file_sha256, fsync_path, is_write_failure, write_failure
 from vlpcache.model.run_layout import (
     BEST_NAME,
     CHECKPOINT_DIR,
@@ -114,14 +115,22 @@ def save_checkpoint(
     write (disk full, I/O error) is one line; the unfinished checkpoint goes, the earlier ones stay."""
     final = epoch_dir(run_dir, epoch)
     tmp = temporary_checkpoint_dir(final)
-    try:
-        _write_checkpoint(tmp, final, epoch, model, training_state, meta)
-    except Exception as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not is_write_failure(err):
-            raise
-        raise write_failure(tmp, err, f"the checkpoint of epoch {epoch} is not saved, earlier ones are kept; make room "
-                                      "and continue with `vlpcache pretrain --resume`") from None
+    for places_kept in (True, False):
+        try:
+            _write_checkpoint(tmp, final, epoch, model, training_state, meta)
+            break
+        except Exception as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not is_write_failure(err):
+                raise
+            # the places within this epoch (and before) take a checkpoint's room each, and this checkpoint, which
+            # they are of no use beside, would not fit on a disk that held the run before it saved places: every
+            # resume from them would end here again
+            if places_kept and failure_errno(err) in (errno.ENOSPC, errno.EDQUOT) and min(partial_checkpoints(run_dir), default=(epoch + 1,))[0] <= epoch:
+                remove_partials(run_dir, up_to=epoch)
+                continue
+            raise write_failure(tmp, err, f"the checkpoint of epoch {epoch} is not saved, earlier ones are kept; make "
+                                          "room and continue with `vlpcache pretrain --resume`") from None
     if is_best:
         write_json(Path(run_dir) / BEST_NAME, {"epoch": epoch, "metrics": meta.get("metrics", {})})
     best = read_best(run_dir)
