@@ -869,6 +869,19 @@ def test_ctrl_c_in_an_epochs_validation_keeps_its_steps_as_its_place(tmp_path, c
     _assert_as_uninterrupted(run_dir, tmp_path / "whole", 2)
 
 
+def test_a_damaged_place_within_an_epoch_is_one_line_naming_it_and_the_way_on(tmp_path, corpus, tiny_text, monkeypatch):
+    # its weights unreadable (a disk's fault): the line said so, and not what to do
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    run_dir = tmp_path / "stopped"
+    assert _stopped_in_step_3(corpus, tiny_text, run_dir).returncode == 130
+    [place] = ckpt.partial_checkpoints(run_dir).values()
+    with open(place / ckpt.WEIGHTS_NAME, "r+b") as weights:
+        weights.truncate(1000)
+    with pytest.raises(UserError, match=rf"unreadable checkpoint .*; remove {re.escape(str(place))} to resume from the "
+                                        "checkpoint before it, or start a new run$"):
+        run_pretrain(run_dir=run_dir, resume=True, quiet=True, device="cpu")
+
+
 # kill -9 in the fifth training step of the run
 KILL_IN_STEP_5 = """
 import os, signal

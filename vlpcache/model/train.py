@@ -466,7 +466,10 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
     if source is not None:
         backbone, tokenizer = load_text_backbone(str(run.dir / ckpt.TEXT_DIR), weights=False)
         model = AlignmentModel(run.model, backbone)
-        ckpt.load_weights(model, source)
+        try:
+            ckpt.load_weights(model, source)
+        except UserError as err:  # damaged (a disk's fault): the way on, as for its training state
+            raise UserError(f"{err}; remove {source} to resume from the checkpoint before it, or start a new run") from None
     else:
         model, tokenizer = build_model(run.model)
     if processes.main:
