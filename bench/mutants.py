@@ -1514,6 +1514,15 @@ MUTANTS += [
     mutant("xdg-cache-home-ignored", "vlpcache/workspace.py",
            "    return Path(os.environ.get(\"XDG_CACHE_HOME\") or Path.home() / \".cache\") / \"vlpcache\"\n", "    return Path.home() / \".cache\" / \"vlpcache\"\n",
            "tests/test_weights.py -k xdg_cache_home", "vlpcache's user cache follows XDG_CACHE_HOME"),
+    mutant("validation-stop-keeps-no-place", "vlpcache/model/train.py",
+           "            save_place_stopped_in_validation(run, trainer, processes, loader)\n", "            pass\n",
+           "tests/test_pretrain.py -k ctrl_c_in_an_epochs_validation", "a stop in an epoch's validation keeps the epoch's steps as its place"),
+    mutant("full-disk-places-kept", "vlpcache/model/checkpoint.py",
+           "        if min(partial_checkpoints(run_dir), default=(epoch + 1,))[0] > epoch:\n", "        if True:\n",
+           "tests/test_faults.py -k places_within_an_epoch_give_way", "places give way to their epoch's checkpoint on a full disk"),
+    mutant("damaged-place-no-way-on", "vlpcache/model/train.py",
+           "            raise UserError(f\"{err}; remove {source} to resume from the checkpoint before it, or start a new run\") from None\n", "            raise\n",
+           "tests/test_pretrain.py -k damaged_place_within_an_epoch", "a damaged place names the way on"),
 ]
 
 

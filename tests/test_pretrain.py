@@ -782,19 +782,23 @@ def test_sigterm_to_the_whole_job_stops_pretraining_with_one_line_and_the_resume
     assert list(ckpt.checkpoints(run_dir)) == [2]
 
 
-# a Ctrl-C during the third training step of the run
-CTRL_C_IN_STEP_3 = """
-import signal
+def signal_in_step(step: int, signum: int) -> str:
+    """A patch (_patched_pretrain) that sends the run `signum` in its training step number `step`, as it begins."""
+    return f"""
+import os
 
 steps = 0
 
 def patched_step(*args):
     global steps
     steps += 1
-    if steps == 3:
-        signal.raise_signal(signal.SIGINT)
+    if steps == {step}:
+        os.kill(os.getpid(), {int(signum)})
     return step(*args)
 """
+
+
+CTRL_C_IN_STEP_3 = signal_in_step(3, signal.SIGINT)
 
 
 def _stopped_in_step_3(corpus: dict, tiny_text: Path, run_dir: Path) -> subprocess.CompletedProcess:
@@ -882,19 +886,7 @@ def test_a_damaged_place_within_an_epoch_is_one_line_naming_it_and_the_way_on(tm
         run_pretrain(run_dir=run_dir, resume=True, quiet=True, device="cpu")
 
 
-# kill -9 in the fifth training step of the run
-KILL_IN_STEP_5 = """
-import os, signal
-
-steps = 0
-
-def patched_step(*args):
-    global steps
-    steps += 1
-    if steps == 5:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return step(*args)
-"""
+KILL_IN_STEP_5 = signal_in_step(5, signal.SIGKILL)
 
 
 def test_kill_9_within_an_epoch_resumes_from_the_place_saved_last_and_ends_as_an_uninterrupted_run(

@@ -114,23 +114,21 @@ def save_checkpoint(
     """Write checkpoints/epoch-NNNN atomically, then drop older checkpoints except the best. A failed
     write (disk full, I/O error) is one line; the unfinished checkpoint goes, the earlier ones stay."""
     final = epoch_dir(run_dir, epoch)
-    tmp = temporary_checkpoint_dir(final)
-    for places_kept in (True, False):
+    then = ("the checkpoint of epoch {epoch} is not saved, earlier ones are kept; make room and continue with "
+            "`vlpcache pretrain --resume`").format(epoch=epoch)
+    try:
+        _write_or_fail(final, epoch, model, training_state, meta, then)
+    except _NoRoom as full:
+        # the places within this epoch (and before) take a checkpoint's room each, and this checkpoint, which
+        # they are of no use beside, would not fit on a disk that held the run before it saved places: every
+        # resume from them would end here again
+        if min(partial_checkpoints(run_dir), default=(epoch + 1,))[0] > epoch:
+            raise full.error from None
+        remove_partials(run_dir, up_to=epoch)
         try:
-            _write_checkpoint(tmp, final, epoch, model, training_state, meta)
-            break
-        except Exception as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not is_write_failure(err):
-                raise
-            # the places within this epoch (and before) take a checkpoint's room each, and this checkpoint, which
-            # they are of no use beside, would not fit on a disk that held the run before it saved places: every
-            # resume from them would end here again
-            if places_kept and failure_errno(err) in (errno.ENOSPC, errno.EDQUOT) and min(partial_checkpoints(run_dir), default=(epoch + 1,))[0] <= epoch:
-                remove_partials(run_dir, up_to=epoch)
-                continue
-            raise write_failure(tmp, err, f"the checkpoint of epoch {epoch} is not saved, earlier ones are kept; make "
-                                          "room and continue with `vlpcache pretrain --resume`") from None
+            _write_or_fail(final, epoch, model, training_state, meta, then)
+        except _NoRoom as still:
+            raise still.error from None
     if is_best:
         write_json(Path(run_dir) / BEST_NAME, {"epoch": epoch, "metrics": meta.get("metrics", {})})
     best = read_best(run_dir)
@@ -147,6 +145,27 @@ def save_partial(run_dir: Path, epoch: int, steps_done: int, model: torch.nn.Mod
     checkpoint) atomically, then drop every other such place: a kill at any instant leaves one to resume
     from. A failed write is one line, and the place saved before stays."""
     final = partial_dir(run_dir, epoch, steps_done)
+    try:
+        _write_or_fail(final, epoch, model, training_state, meta,
+                       f"the place within epoch {epoch} is not saved (the one saved before, if any, is kept); make room")
+    except _NoRoom as full:
+        raise full.error from None
+    for place, path in partial_checkpoints(run_dir).items():
+        if place != (epoch, steps_done):
+            remove_checkpoint(path)
+    return final
+
+
+class _NoRoom(Exception):
+    """A write that found the disk full (ENOSPC, EDQUOT); `error` is its one line."""
+
+    def __init__(self, error: UserError):
+        self.error = error
+
+
+def _write_or_fail(final: Path, epoch: int, model: torch.nn.Module, training_state: dict, meta: dict, then: str) -> None:
+    """_write_checkpoint through a temporary folder, gone again where it fails; a failed write is one line
+    (UserError, with `then`: what became of the work), raised as _NoRoom where the disk is full."""
     tmp = temporary_checkpoint_dir(final)
     try:
         _write_checkpoint(tmp, final, epoch, model, training_state, meta)
@@ -154,12 +173,10 @@ def save_partial(run_dir: Path, epoch: int, steps_done: int, model: torch.nn.Mod
         shutil.rmtree(tmp, ignore_errors=True)
         if not is_write_failure(err):
             raise
-        raise write_failure(tmp, err, f"the place within epoch {epoch} is not saved (the one saved before, if any, "
-                                      "is kept); make room") from None
-    for place, path in partial_checkpoints(run_dir).items():
-        if place != (epoch, steps_done):
-            remove_checkpoint(path)
-    return final
+        error = write_failure(tmp, err, then)
+        if failure_errno(err) in (errno.ENOSPC, errno.EDQUOT):
+            raise _NoRoom(error) from None
+        raise error from None
 
 
 def remove_partials(run_dir: Path, up_to: float = float("inf")) -> None:

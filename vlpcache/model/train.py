@@ -1034,7 +1034,7 @@ def _train(run: Run, processes: Processes, workspace: Workspace) -> dict:
     processes.say(
         f"run {run.dir}: {len(run.data.train)} {items} x {run.train.captions_per_video} caption(s), {processes.world} "
         f"process(es) on {processes.device}, batch {loader.batch}x{processes.world}, {loader.steps_per_epoch} steps/epoch{left}, "
-        f"epochs {trainer.start_epoch}..{run.train.epochs}{_from_step(trainer)}, text layers trained {run.model.text_trainable_layers}"
+        f"epochs {trainer.start_epoch}..{run.train.epochs}{_from_step(trainer, loader)}, text layers trained {run.model.text_trainable_layers}"
         f"{'' if trainer.text_features is None else ' (frozen layers: cached ' + trainer.text_features.kind + ')'}, RWA {'on' if run.model.rwa else 'off'}"
     )
     started = time.monotonic()
@@ -1071,8 +1071,13 @@ def _train(run: Run, processes: Processes, workspace: Workspace) -> dict:
     return summary
 
 
-def _from_step(trainer: Trainer) -> str:
-    return "" if trainer.within is None else f" (epoch {trainer.within.epoch} from its step {trainer.within.steps_done + 1:,})"
+def _from_step(trainer: Trainer, loader: Loader) -> str:
+    within = trainer.within
+    if within is None:
+        return ""
+    if within.steps_done >= loader.steps_per_epoch:  # stopped in its validation
+        return f" (epoch {within.epoch}'s steps all done: its validation and checkpoint first)"
+    return f" (epoch {within.epoch} from its step {within.steps_done + 1:,})"
 
 
 def record_new_epochs(run: Run, processes: Processes, done: int) -> None:
