@@ -299,12 +299,51 @@ def test_without_ray_installed_the_ray_engine_is_one_line_naming_the_extra(tmp_p
     assert not (tmp_path / ".vlpcache").exists()
 
 
-def test_an_address_where_no_ray_head_answers_is_one_line_and_writes_nothing(tmp_path, msrvtt_dir):
+def free_address() -> str:
     with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
         probe.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{probe.getsockname()[1]}"
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_an_address_where_no_ray_head_answers_is_one_line_and_writes_nothing(tmp_path, msrvtt_dir):
+    address = free_address()
     result = vlpcache("extract", msrvtt_dir / "frames" / "val", "-o", tmp_path / "cache", "--engine", "ray",
                       "--ray-address", address, cwd=tmp_path, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: --ray-address {address}: no Ray head node")
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_ray_address_from_the_environment_where_no_head_answers_is_one_line_naming_it(tmp_path, msrvtt_dir,
+                                                                                      monkeypatch):
+    address = free_address()
+    monkeypatch.setenv("RAY_ADDRESS", address)  # Ray's own connect to a refused port waits for minutes, deaf to Ctrl-C
+    result = vlpcache("extract", msrvtt_dir / "frames" / "val", "-o", tmp_path / "cache", "--engine", "ray",
+                      cwd=tmp_path, check=False, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: RAY_ADDRESS={address}: no Ray head node answers "
+                                                             "there (Connection refused); start one with `ray start "
+                                                             "--head`, or unset RAY_ADDRESS")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_ray_address_without_a_port_is_one_line(tmp_path, msrvtt_dir):
+    result = vlpcache("extract", msrvtt_dir / "frames" / "val", "-o", tmp_path / "cache", "--engine", "ray",
+                      "--ray-address", "127.0.0.1", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr  # was Ray's ValueError
+    assert result.stderr.strip().splitlines() == [
+        "error: --ray-address 127.0.0.1: not an address of the form HOST:PORT; give the head node's, as `ray start "
+        "--head` printed it (e.g. 10.0.0.1:6379), or auto for the cluster on this machine"]
+
+
+def test_a_driver_without_the_clusters_token_authentication_is_told_to_turn_it_on(ray_address, tmp_path, msrvtt_dir,
+                                                                                 monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # a new shell: the module's instance has token authentication
+    monkeypatch.setenv("RAY_NUM_REDIS_GET_RETRIES", "1")  # Ray's retries of the refused token: 20 s by default
+    result = vlpcache("extract", msrvtt_dir / "frames" / "val", "-o", tmp_path / "cache", "--engine", "ray",
+                      "--ray-address", ray_address, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --ray-address {ray_address}: the cluster wants token authentication, which this shell has not turned "
+        "on: export RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN (README: "
+        "--engine ray)")

@@ -23,6 +23,7 @@ progress.py: the progress bar and the summary); this module only decides where t
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import socket
 import sys
@@ -65,16 +66,32 @@ def require_ray():
     return ray
 
 
+def address_named(address: str | None) -> str:
+    """Where the cluster's address came from, for the one line that says it does not answer."""
+    if address:
+        return f"--ray-address {address}"
+    if os.environ.get("RAY_ADDRESS"):
+        return f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
+    return "the Ray cluster found running on this machine (ray start)"
+
+
 def check_address(address: str | None) -> None:
-    """A HOST:PORT that nothing answers at is one line now: Ray itself would retry it for minutes."""
-    host, _, port = (address or "").rpartition(":")
-    if not host or not port.isdigit() or "://" in host:  # none, auto, or a ray:// client address: Ray's own rules
+    """A HOST:PORT (--ray-address, else $RAY_ADDRESS) that nothing answers at is one line now: Ray itself would
+    retry it for minutes (a refused port from $RAY_ADDRESS: for good, deaf to Ctrl-C)."""
+    given = address or os.environ.get("RAY_ADDRESS") or ""
+    target = given.removeprefix("ray://")  # a Ray client's address: its server's port, the same check
+    if given in ("", "auto", "local") or "://" in target:  # a cluster on this machine, or another scheme: Ray's rules
         return
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"{address_named(address)}: not an address of the form HOST:PORT; give the head node's, as "
+                        "`ray start --head` printed it (e.g. 10.0.0.1:6379), or auto for the cluster on this machine")
     try:
-        socket.create_connection((host, int(port)), timeout=5).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except OSError as err:
-        raise UserError(f"--ray-address {address}: no Ray head node answers there ({err.strerror or err}); start one "
-                        "with `ray start --head`, or leave the address out for a local instance") from None
+        raise UserError(f"{address_named(address)}: no Ray head node answers there ({err.strerror or err}); start one "
+                        f"with `ray start --head`, or {'leave the address out' if address else 'unset RAY_ADDRESS'} "
+                        "for a local instance") from None
 
 
 def decode_items(batch: dict[str, np.ndarray], num_frames: int, max_side: int,
@@ -203,7 +220,11 @@ def _connect(ray, address: str | None) -> bool:
     try:
         ray.init(address=address, logging_level=logging.WARNING)  # its driver handler: SIGTERM exits with 15, no word
     except ConnectionError as err:
-        raise UserError(f"--ray-address {address}: {str(err).rstrip('.')}; start the cluster with `ray start --head` "
+        if "InvalidAuthToken" in str(err.__cause__):  # Ray's text after its 20 s of retries
+            raise UserError(f"{address_named(address)}: the cluster wants token authentication, which this shell has "
+                            "not turned on: export RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token "
+                            "or RAY_AUTH_TOKEN (README: --engine ray)") from None
+        raise UserError(f"{address_named(address)}: {str(err).rstrip('.')}; start the cluster with `ray start --head` "
                         "or leave the address out for a local instance; a cluster with token authentication also "
                         "needs RAY_AUTH_MODE=token and its token here (~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
     take_sigterm_back()
