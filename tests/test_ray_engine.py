@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import h5py
@@ -35,7 +36,7 @@ def ray_address():
     auth_mode = os.environ.get("RAY_AUTH_MODE")
     # a local instance turns on token authentication (Ray 2.59+) through RAY_AUTH_MODE in this process's
     # environment, which the drivers started below inherit, as drivers on a cluster must have it
-    context = ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield context.address_info["address"]
     ray.shutdown()
     if auth_mode is None:
@@ -347,3 +348,23 @@ def test_a_driver_without_the_clusters_token_authentication_is_told_to_turn_it_o
         f"error: --ray-address {ray_address}: the cluster wants token authentication, which this shell has not turned "
         "on: export RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN (README: "
         "--engine ray)")
+
+
+def test_without_an_address_the_ray_engine_starts_a_local_instance_despite_a_dead_ray_start_cluster(tmp_path, msrvtt_dir,
+                                                                                                   monkeypatch):
+    """Ray's own default joins the cluster that `ray start` recorded in its temp folder; one whose head died
+    leaves the record, and ray.init waited on it for good."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths live under it
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(free_address())
+        monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        folders = sorted((msrvtt_dir / "frames" / "val").iterdir())[:2]
+        for folder in folders:
+            shutil.copytree(folder, tmp_path / "data" / folder.name)
+        result = vlpcache("extract", tmp_path / "data", "-o", tmp_path / "cache", *FRAMES, "--engine", "ray",
+                          cwd=tmp_path, check=False, timeout=300)
+        assert result.returncode == 0 and "extract: 2 done" in result.stderr, result.stderr
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

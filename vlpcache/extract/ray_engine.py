@@ -72,7 +72,7 @@ def address_named(address: str | None) -> str:
         return f"--ray-address {address}"
     if os.environ.get("RAY_ADDRESS"):
         return f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
-    return "the Ray cluster found running on this machine (ray start)"
+    return "a new local Ray instance"
 
 
 def check_address(address: str | None) -> None:
@@ -218,7 +218,10 @@ def _connect(ray, address: str | None) -> bool:
     if ray.is_initialized():
         return False
     try:
-        ray.init(address=address, logging_level=logging.WARNING)  # its driver handler: SIGTERM exits with 15, no word
+        # no address: a new local instance, as documented, not Ray's default of the last `ray start` cluster (a
+        # stale record of one whose head died, /tmp/ray/ray_current_cluster, hangs ray.init for good)
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local",
+                 logging_level=logging.WARNING)  # its driver handler: SIGTERM exits with 15, no word
     except ConnectionError as err:
         if "InvalidAuthToken" in str(err.__cause__):  # Ray's text after its 20 s of retries
             raise UserError(f"{address_named(address)}: the cluster wants token authentication, which this shell has "
