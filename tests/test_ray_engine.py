@@ -368,3 +368,26 @@ def test_without_an_address_the_ray_engine_starts_a_local_instance_despite_a_dea
         assert result.returncode == 0 and "extract: 2 done" in result.stderr, result.stderr
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_an_extract_waits_for_the_ray_actors_of_an_ended_driver(tmp_path, msrvtt_dir):
+    """A driver killed on a login node that is lost: Ray ends its actors only once the cluster notices, and
+    what they commit meanwhile a re-run would extract a second time (after a finished run too, the actors
+    end a moment after their driver). An actor holds its writer's lock while it lives."""
+    for folder in sorted((msrvtt_dir / "frames" / "val").iterdir())[:2]:
+        shutil.copytree(folder, tmp_path / "data" / folder.name)
+    cache_dir = tmp_path / "cache"
+    (cache_dir / "locks").mkdir(parents=True)
+    hold = ("import sys, time; from vlpcache.locks import WriterLock; WriterLock.take(sys.argv[1]); "
+            "print('held', flush=True); time.sleep(2)")  # then it ends, as Ray ends it
+    actor = subprocess.Popen([sys.executable, "-c", hold, str(cache_dir / "locks" / "s0of1-ray-0123456789ab.lock")],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert actor.stdout.readline() == "held\n"
+        result = vlpcache("extract", tmp_path / "data", "-o", cache_dir, *FRAMES, cwd=tmp_path)
+    finally:
+        actor.kill()
+        actor.wait()
+    assert f"extract: waiting for pid {actor.pid} on {socket.gethostname()} " in result.stderr
+    assert result.stderr.index("extract: waiting for") < result.stderr.index("extract: 2 done")
+    assert not (cache_dir / "locks" / "s0of1-ray-0123456789ab.lock").exists()

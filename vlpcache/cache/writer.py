@@ -52,7 +52,7 @@ from vlpcache.errors import UserError
 from vlpcache.files import fsync_path, write_failure
 from vlpcache.locks import LOCK_SUFFIX, WriterLock, holder_description
 from vlpcache.records import write_json
-from vlpcache.report import printable
+from vlpcache.report import printable, say
 
 FEATURE_COMPRESSION = "lzf"  # fast; padded frames and regions are zeros and shrink to almost nothing
 
@@ -94,6 +94,7 @@ def refuse_shards_of_other_settings(cache_dir: Path, settings: CacheSettings) ->
 # a writer still starting may find its lock taken for an instant by another writer that removes the
 # temporaries of dead writers (remove_unfinished_shards); a real holder holds it for the whole run
 LOCK_PATIENCE_SECONDS = 1.0
+RAY_ACTOR_PATIENCE_SECONDS = 120.0  # a lost node's actors end after Ray's health checks fail (about 30 s by default)
 _TEMPORARY_NAME = re.compile(rf"^(?P<writer>.+)-\d+{re.escape(SHARD_SUFFIX + TMP_SUFFIX)}$")
 # h5py objects of shards abandoned after a write error. HDF5 would try to flush them again when they
 # are freed and, on a full disk, crash the interpreter: they are kept until the process ends, and the
@@ -115,6 +116,23 @@ def take_writer_lock(cache_dir: Path, writer_name: str) -> WriterLock:
                         "that extract to finish, or give this one its own -o DIR; to fill one cache from several jobs "
                         "at once, give every job the same ROOTs and its own --shard i/n (README: Slurm without Ray)")
     return lock
+
+
+def wait_for_ray_actors_of(cache_dir: Path, writer_name: str) -> None:
+    """Wait for the Ray actors of an earlier extract of this shard set (`<writer>-ray-<actor>`) to end: Ray
+    ends them once their driver is gone (finished: within a second or two; killed on a lost login node:
+    after the cluster's health checks), and what they commit meanwhile a new run would extract again."""
+    for path in sorted((Path(cache_dir) / LOCK_DIR).glob(f"{writer_name}-ray-*{LOCK_SUFFIX}")):
+        lock = WriterLock.take(path, patience=LOCK_PATIENCE_SECONDS)
+        if lock is None:
+            say(f"extract: waiting for {holder_description(path)}, a Ray actor of an earlier extract of these shards, "
+                "to end (Ray ends the actors of a driver that ended, once it notices)")
+            lock = WriterLock.take(path, patience=RAY_ACTOR_PATIENCE_SECONDS)
+        if lock is None:
+            raise UserError(f"{cache_dir}: shards {path.stem}-* are still being written by {holder_description(path)}, "
+                            f"a Ray actor of an earlier extract of these shards, after {RAY_ACTOR_PATIENCE_SECONDS:.0f} s; "
+                            "wait for it to end, or end it, then run this again")
+        lock.release()  # the release removes the file
 
 
 def unfinished_shards(cache_dir: Path) -> list[Path]:
@@ -196,6 +214,8 @@ class ShardWriter:
         self.committed_items = 0
         try:
             self.lock = take_writer_lock(self.cache_dir, writer_name)
+            if "-ray-" not in writer_name:  # a driver (or a local run) of the shard set: not one of its actors
+                wait_for_ray_actors_of(self.cache_dir, writer_name)
             open_cache_dir(self.cache_dir, settings)
             # the writer's record logs by folder: failures, and moves (opened on the first)
             self._logs = {FAILURE_DIR: RecordLog(self.cache_dir / FAILURE_DIR / f"{writer_name}.jsonl")}
