@@ -391,3 +391,16 @@ def test_an_extract_waits_for_the_ray_actors_of_an_ended_driver(tmp_path, msrvtt
     assert f"extract: waiting for pid {actor.pid} on {socket.gethostname()} " in result.stderr
     assert result.stderr.index("extract: waiting for") < result.stderr.index("extract: 2 done")
     assert not (cache_dir / "locks" / "s0of1-ray-0123456789ab.lock").exists()
+
+
+def test_ray_address_auto_with_the_record_of_a_dead_ray_start_cluster_is_one_line(tmp_path, msrvtt_dir, monkeypatch):
+    record = tmp_path / "ray" / "ray_current_cluster"  # what `ray start` leaves when its head dies unstopped
+    record.parent.mkdir()
+    record.write_text(address := free_address())
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    result = vlpcache("extract", msrvtt_dir / "frames" / "val", "-o", tmp_path / "cache", "--engine", "ray",
+                      "--ray-address", "auto", cwd=tmp_path, check=False, timeout=120)  # Ray waited on it for good
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: --ray-address auto ({address}, as `ray start` recorded it in {record}): no Ray head node answers there")
+    assert not (tmp_path / "cache").exists()

@@ -75,21 +75,30 @@ def address_named(address: str | None) -> str:
     return "a new local Ray instance"
 
 
+def recorded_cluster() -> Path:
+    """Where `ray start` records its cluster's address for `auto` (Ray's temporary folder)."""
+    return Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray" / "ray_current_cluster"
+
+
 def check_address(address: str | None) -> None:
     """A HOST:PORT (--ray-address, else $RAY_ADDRESS) that nothing answers at is one line now: Ray itself would
     retry it for minutes (a refused port from $RAY_ADDRESS: for good, deaf to Ctrl-C)."""
-    given = address or os.environ.get("RAY_ADDRESS") or ""
+    named, given = address_named(address), address or os.environ.get("RAY_ADDRESS") or ""
+    if given == "auto":  # the cluster `ray start` recorded on this machine: a head that died leaves the record
+        recorded = recorded_cluster()
+        given = recorded.read_text().strip() if recorded.is_file() else ""
+        named += f" ({given}, as `ray start` recorded it in {recorded})"
     target = given.removeprefix("ray://")  # a Ray client's address: its server's port, the same check
-    if given in ("", "auto", "local") or "://" in target:  # a cluster on this machine, or another scheme: Ray's rules
+    if given in ("", "local") or "://" in target:  # a new local instance, none recorded, another scheme: Ray's rules
         return
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
-        raise UserError(f"{address_named(address)}: not an address of the form HOST:PORT; give the head node's, as "
+        raise UserError(f"{named}: not an address of the form HOST:PORT; give the head node's, as "
                         "`ray start --head` printed it (e.g. 10.0.0.1:6379), or auto for the cluster on this machine")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except OSError as err:
-        raise UserError(f"{address_named(address)}: no Ray head node answers there ({err.strerror or err}); start one "
+        raise UserError(f"{named}: no Ray head node answers there ({err.strerror or err}); start one "
                         f"with `ray start --head`, or {'leave the address out' if address else 'unset RAY_ADDRESS'} "
                         "for a local instance") from None
 
