@@ -404,3 +404,21 @@ def test_ray_address_auto_with_the_record_of_a_dead_ray_start_cluster_is_one_lin
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"error: --ray-address auto ({address}, as `ray start` recorded it in {record}): no Ray head node answers there")
     assert not (tmp_path / "cache").exists()
+
+
+def test_two_extracts_on_one_small_cluster_both_finish(ray_address, msrvtt_dir, tmp_path):
+    """Two --shard jobs on the module's 2-CPU instance: each detector actor held a CPU, none was left to decode,
+    and both waited for good."""
+    for folder in sorted((msrvtt_dir / "frames" / "val").iterdir())[:4]:
+        shutil.copytree(folder, tmp_path / "data" / folder.name)
+    jobs = [subprocess.Popen([sys.executable, "-m", "vlpcache", "extract", str(tmp_path / "data"), "-o",
+                              str(tmp_path / "cache"), *map(str, FRAMES), "--shard", f"{i}/2", "--engine", "ray",
+                              "--ray-address", ray_address, "--quiet"],
+                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        errors = [job.communicate(timeout=240)[1] for job in jobs]
+    finally:
+        for job in jobs:
+            job.kill()
+    assert [job.returncode for job in jobs] == [0, 0], errors
+    assert len(RegionCache(tmp_path / "cache")) == 4

@@ -252,12 +252,14 @@ def _pipeline(ray, todo: list[Item], spec: DetectorSpec, writer: ShardWriter, op
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if options.device == "cuda" and not gpus:
         raise UserError("--device cuda: the Ray cluster has no GPU; use --device cpu or auto")
-    if options.device != "cpu" and gpus:
-        actor_device, actors, resources = "cuda", gpus, {"num_gpus": 1}
-    else:  # one CPU actor per node: the detector's own threads use the node's cores
-        actor_device, actors, resources = "cpu", sum(1 for n in ray.nodes() if n["Alive"]), {}
-
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    if options.device != "cpu" and gpus:
+        actor_device, actors, resources = "cuda", gpus, {"num_gpus": 1, "num_cpus": 1}
+        decoders = options.workers or None  # the CPUs the actors leave
+    else:  # one CPU actor per node: the detector's own threads use the node's cores. It holds no CPU of Ray's:
+        # a CPU each, two extracts on a 2-CPU cluster held them all, and neither decoded anything, for good
+        actor_device, actors, resources = "cpu", sum(1 for n in ray.nodes() if n["Alive"]), {"num_cpus": 0}
+        decoders = options.workers or max(1, cpus - actors)  # as many as when the actors held their CPU
     tasks = min(len(todo), max(DECODE_TASKS_PER_CPU * cpus, -(-len(todo) // DECODE_TASK_ITEMS)))
     rows = [{"id": item.id, "path": str(item.path.absolute()), "kind": item.kind, "replaces": item.replaces}
             for item in todo]
@@ -269,9 +271,9 @@ def _pipeline(ray, todo: list[Item], spec: DetectorSpec, writer: ShardWriter, op
         .map_batches(decode_items, batch_size=None, batch_format="numpy", num_cpus=1,
                      fn_kwargs={"num_frames": options.frames, "max_side": spec.max_side,
                                 "timeout": options.decode_time_limit()},
-                     compute=ray.data.TaskPoolStrategy(size=options.workers) if options.workers else None)
+                     compute=ray.data.TaskPoolStrategy(size=decoders) if decoders else None)
         .map_batches(RegionShardActor, batch_size=actor_items, batch_format="numpy",
-                     compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, memory=DETECTOR_ACTOR_MEMORY,
+                     compute=ray.data.ActorPoolStrategy(size=actors), memory=DETECTOR_ACTOR_MEMORY,
                      **resources,
                      fn_constructor_kwargs={
                          "cache_dir": str(writer.cache_dir.absolute()), "settings": writer.settings.to_json(),
