@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import h5py
@@ -422,3 +423,20 @@ def test_two_extracts_on_one_small_cluster_both_finish(ray_address, msrvtt_dir, 
             job.kill()
     assert [job.returncode for job in jobs] == [0, 0], errors
     assert len(RegionCache(tmp_path / "cache")) == 4
+
+
+def test_ctrl_c_pressed_again_and_again_stops_the_ray_engine_with_one_line(root, ray_address, tmp_path):
+    """Each Ctrl-C raised again inside the stopping (a lock's release in Ray Data's queue, ray.shutdown, the
+    interpreter's teardown): tracebacks and exit -2."""
+    cache_dir = tmp_path / "cache"
+    driver = start_ray_extract(root, cache_dir, ray_address)
+    try:
+        assert wait_until(lambda: shards(cache_dir) if cache_dir.exists() else None, alive=driver), "no shard committed"
+        for _ in range(40):  # a key held down
+            driver.send_signal(signal.SIGINT)
+            time.sleep(0.001)
+        _, stderr = driver.communicate(timeout=HANG_GUARD_S)
+    finally:
+        driver.kill()
+    assert driver.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted; what was committed is kept, re-run the same command to resume"

@@ -18,9 +18,11 @@ extract commits the shard in progress instead of losing it; the command then exi
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
+import time
 from typing import Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -28,13 +30,22 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _requested: int | None = None  # the first signal that asked this command to stop
 _held: set[int] = set()  # the signals whose handler is ours, within stops_remembered()
 _deferred = False  # within stops_deferred(): a stop is remembered, and raised at the next stop_if_interrupted()
+_raised_at = -math.inf  # when a stop was last raised as KeyboardInterrupt (time.monotonic)
+# more stop signals within this long of the last one raised are the same request (Ctrl-C pressed twice or
+# held, a job's every process signalled): raised again, they broke the stopping itself (a lock's release in
+# threading, ray.shutdown, the interpreter's teardown: tracebacks, exit -2); after it, a stop that hangs
+# can still be interrupted
+REPEAT_SECONDS = 1.0
 
 
 def _remember_and_raise(signum, frame) -> None:
-    global _requested
+    global _requested, _raised_at
     if _requested is None:
         _requested = signum
+    elif time.monotonic() - _raised_at < REPEAT_SECONDS:
+        return
     if not _deferred:
+        _raised_at = time.monotonic()
         raise KeyboardInterrupt
 
 
@@ -95,7 +106,7 @@ def let_ctrl_c_through() -> None:
 @contextlib.contextmanager
 def stops_remembered() -> Iterator[None]:
     """Within: Ctrl-C and SIGTERM raise KeyboardInterrupt and stay requested."""
-    global _requested
+    global _requested, _raised_at
     taken = {signum: signal.signal(signum, _remember_and_raise) for signum in STOP_SIGNALS if _ours_to_take(signum)}
     if not taken:
         yield
@@ -110,7 +121,7 @@ def stops_remembered() -> Iterator[None]:
             signal.signal(signum, previous)
         _held.clear()
         sys.unraisablehook = previous_hook
-        _requested = None
+        _requested, _raised_at = None, -math.inf
 
 
 def take_sigterm_back() -> None:
@@ -142,7 +153,9 @@ def stop_requested() -> bool:
 
 def stop_if_interrupted() -> None:
     """Raise KeyboardInterrupt when Ctrl-C or SIGTERM came, even if where it landed dropped it."""
+    global _raised_at
     if _requested is not None:
+        _raised_at = time.monotonic()  # a repeat within REPEAT_SECONDS of it is the same request
         raise KeyboardInterrupt
 
 
