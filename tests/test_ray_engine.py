@@ -321,7 +321,7 @@ def test_a_ray_address_from_the_environment_where_no_head_answers_is_one_line_na
     address = free_address()
     monkeypatch.setenv("RAY_ADDRESS", address)  # Ray's own connect to a refused port waits for minutes, deaf to Ctrl-C
     result = vlpcache("extract", msrvtt_dir / "frames" / "val", "-o", tmp_path / "cache", "--engine", "ray",
-                      cwd=tmp_path, check=False, timeout=120)
+                      cwd=tmp_path, check=False, timeout=120)  # a hang guard: Ray waited for good
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: RAY_ADDRESS={address}: no Ray head node answers "
                                                              "there (Connection refused); start one with `ray start "
@@ -365,7 +365,7 @@ def test_without_an_address_the_ray_engine_starts_a_local_instance_despite_a_dea
         for folder in folders:
             shutil.copytree(folder, tmp_path / "data" / folder.name)
         result = vlpcache("extract", tmp_path / "data", "-o", tmp_path / "cache", *FRAMES, "--engine", "ray",
-                          cwd=tmp_path, check=False, timeout=300)
+                          cwd=tmp_path, check=False, timeout=300)  # a hang guard: Ray waited for good
         assert result.returncode == 0 and "extract: 2 done" in result.stderr, result.stderr
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -379,18 +379,26 @@ def test_an_extract_waits_for_the_ray_actors_of_an_ended_driver(tmp_path, msrvtt
         shutil.copytree(folder, tmp_path / "data" / folder.name)
     cache_dir = tmp_path / "cache"
     (cache_dir / "locks").mkdir(parents=True)
-    hold = ("import sys, time; from vlpcache.locks import WriterLock; WriterLock.take(sys.argv[1]); "
-            "print('held', flush=True); time.sleep(2)")  # then it ends, as Ray ends it
+    hold = ("import sys; from vlpcache.locks import WriterLock; WriterLock.take(sys.argv[1]); "
+            "print('held', flush=True); sys.stdin.read()")  # until the test ends it, as Ray ends an actor
     actor = subprocess.Popen([sys.executable, "-c", hold, str(cache_dir / "locks" / "s0of1-ray-0123456789ab.lock")],
-                             stdout=subprocess.PIPE, text=True)
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    log = tmp_path / "stderr.txt"
     try:
         assert actor.stdout.readline() == "held\n"
-        result = vlpcache("extract", tmp_path / "data", "-o", cache_dir, *FRAMES, cwd=tmp_path)
+        with open(log, "w") as stderr:
+            extract = subprocess.Popen([sys.executable, "-m", "vlpcache", "extract", str(tmp_path / "data"), "-o",
+                                        str(cache_dir), *map(str, FRAMES)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                       stderr=stderr)
+            assert wait_until(lambda: "extract: waiting for" in log.read_text(), alive=extract), log.read_text()
+            actor.stdin.close()  # the actor ends, and its lock with it
+            assert extract.wait(timeout=HANG_GUARD_S) == 0, log.read_text()
     finally:
         actor.kill()
         actor.wait()
-    assert f"extract: waiting for pid {actor.pid} on {socket.gethostname()} " in result.stderr
-    assert result.stderr.index("extract: waiting for") < result.stderr.index("extract: 2 done")
+    said = log.read_text()
+    assert f"extract: waiting for pid {actor.pid} on {socket.gethostname()} " in said
+    assert said.index("extract: waiting for") < said.index("extract: 2 done")
     assert not (cache_dir / "locks" / "s0of1-ray-0123456789ab.lock").exists()
 
 
@@ -400,7 +408,7 @@ def test_ray_address_auto_with_the_record_of_a_dead_ray_start_cluster_is_one_lin
     record.write_text(address := free_address())
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
     result = vlpcache("extract", msrvtt_dir / "frames" / "val", "-o", tmp_path / "cache", "--engine", "ray",
-                      "--ray-address", "auto", cwd=tmp_path, check=False, timeout=120)  # Ray waited on it for good
+                      "--ray-address", "auto", cwd=tmp_path, check=False, timeout=120)  # a hang guard: Ray waited on it for good
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"error: --ray-address auto ({address}, as `ray start` recorded it in {record}): no Ray head node answers there")
@@ -417,7 +425,7 @@ def test_two_extracts_on_one_small_cluster_both_finish(ray_address, msrvtt_dir, 
                               "--ray-address", ray_address, "--quiet"],
                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
-        errors = [job.communicate(timeout=240)[1] for job in jobs]
+        errors = [job.communicate(timeout=240)[1] for job in jobs]  # a hang guard: both waited for good
     finally:
         for job in jobs:
             job.kill()
