@@ -1523,6 +1523,21 @@ MUTANTS += [
     mutant("damaged-place-no-way-on", "vlpcache/model/train.py",
            "            raise UserError(f\"{err}; remove {source} to resume from the checkpoint before it, or start a new run\") from None\n", "            raise\n",
            "tests/test_pretrain.py -k damaged_place_within_an_epoch", "a damaged place names the way on"),
+    mutant("ray-env-address-unchecked", "vlpcache/extract/ray_engine.py",
+           "    named, given = address_named(address), address or os.environ.get(\"RAY_ADDRESS\") or \"\"\n", "    named, given = address_named(address), address or \"\"\n",
+           "tests/test_ray_engine.py -k address_from_the_environment", "an address from RAY_ADDRESS is checked before Ray waits on it"),
+    mutant("ray-default-joins-last-cluster", "vlpcache/extract/ray_engine.py",
+           "        ray.init(address=address or os.environ.get(\"RAY_ADDRESS\") or \"local\",", "        ray.init(address=address or os.environ.get(\"RAY_ADDRESS\"),",
+           "tests/test_ray_engine.py -k despite_a_dead_ray_start_cluster", "no address starts a new local Ray instance"),
+    mutant("ray-actors-of-ended-driver-not-awaited", "vlpcache/cache/writer.py",
+           "                wait_for_ray_actors_of(self.cache_dir, writer_name)\n", "                pass\n",
+           "tests/test_ray_engine.py -k waits_for_the_ray_actors", "extract waits for the Ray actors of an ended driver"),
+    mutant("ray-cpu-actor-holds-a-cpu", "vlpcache/extract/ray_engine.py",
+           "resources = \"cpu\", sum(1 for n in ray.nodes() if n[\"Alive\"]), {\"num_cpus\": 0}", "resources = \"cpu\", sum(1 for n in ray.nodes() if n[\"Alive\"]), {\"num_cpus\": 1}",
+           "tests/test_ray_engine.py -k two_extracts_on_one_small_cluster", "two extracts on a small Ray cluster both finish"),
+    mutant("ctrl-c-repeat-raised-again", "vlpcache/interrupts.py",
+           "    elif time.monotonic() - _raised_at < REPEAT_SECONDS:\n        return\n", "",
+           "tests/test_ray_engine.py -k pressed_again_and_again", "a Ctrl-C repeated within a second is the same request"),
 ]
 
 
