@@ -549,6 +549,17 @@ def test_failure_log_survives_a_partial_last_line(tmp_path):
     assert set(read_failures(tmp_path)) == {"x", "y"}
 
 
+def test_a_writer_that_records_nothing_leaves_no_failure_log_and_empty_ones_left_before_go(tmp_path):
+    write_items(tmp_path, ["a"])
+    assert list((tmp_path / "failures").iterdir()) == []
+    (tmp_path / "failures" / "s0of1-ray-0123456789ab.jsonl").touch()  # a Ray actor's of an earlier version
+    with ShardWriter(tmp_path, SETTINGS, writer_name="s1of2") as writer:
+        writer.record_failure("x", "/x.mp4", "no video stream")
+        write_items(tmp_path, ["b"])  # a writer starting removes the empty log, and keeps the other's
+    assert [p.name for p in (tmp_path / "failures").iterdir()] == ["s1of2.jsonl"]
+    assert set(read_failures(tmp_path)) == {"x"}
+
+
 def test_a_record_log_that_cannot_be_read_is_one_note_and_the_others_count(tmp_path, capsys):
     # another user's log made with umask 077 stopped every reader (inspect, search, eval) with EACCES;
     # root reads any file, so here the log is a folder of a log's name: an OSError on reading alike

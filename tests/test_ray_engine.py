@@ -23,7 +23,7 @@ import ray  # the ray extra, part of the test extra
 
 from tests.test_extract import vlpcache
 from vlpcache.cache.reader import RegionCache
-from vlpcache.cache.schema import FAILURE_DIR, SHARD_DIR, SHARD_SUFFIX
+from vlpcache.cache.schema import FAILURE_DIR, LOCK_DIR, SHARD_DIR, SHARD_SUFFIX
 from vlpcache.extract.stamps import source_stamp
 from waiting import HANG_GUARD_S, wait_until
 
@@ -102,8 +102,8 @@ def shards(cache_dir: Path) -> dict[str, int]:
 
 
 def actor_pids(cache_dir: Path) -> set[int]:
-    """The processes that hold a Ray actor's failure log of this cache open: its detector actors."""
-    prefix = str(cache_dir.resolve() / FAILURE_DIR / "s0of1-ray-")
+    """The processes that hold a Ray actor's writer lock of this cache open: its detector actors."""
+    prefix = str(cache_dir.resolve() / LOCK_DIR / "s0of1-ray-")
     pids = set()
     for fds in Path("/proc").glob("[0-9]*/fd"):
         try:
@@ -139,6 +139,13 @@ def test_the_ray_engine_records_the_same_failures_with_one_line_each(local, on_r
     for item_id, note in local.notes.items():
         path = local.paths[local.index_of(item_id)]
         assert [line for line in result.stderr.splitlines() if line.startswith(f"{path}: {note}; kept with ")]
+
+
+def test_the_ray_engine_leaves_no_empty_failure_logs(on_ray):
+    # every run's actors are new writers: each left an empty failures/s0of1-ray-<actor>.jsonl, run after run
+    cache, _ = on_ray
+    logs = list((cache.cache_dir / FAILURE_DIR).glob("*.jsonl"))
+    assert logs and [log.name for log in logs if log.stat().st_size == 0] == []
 
 
 def test_decode_timeout_reaches_the_ray_engines_decoders(ray_address, tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import time
 import uuid
 from contextlib import contextmanager
@@ -160,6 +161,28 @@ def remove_unfinished_shards(cache_dir: Path, own_writer: str) -> None:
             lock.release()  # the release removes the file
 
 
+def remove_empty_failure_logs(cache_dir: Path, own_writer: str) -> None:
+    """Remove the empty failure logs that writers of earlier versions left (they opened theirs at their start,
+    recorded or not), never that of a writer at work (its lock is held)."""
+    for log in (Path(cache_dir) / FAILURE_DIR).glob("*.jsonl"):
+        if not _empty_file(log):
+            continue
+        if log.stem == own_writer:
+            log.unlink(missing_ok=True)
+        elif (lock := WriterLock.take(lock_path(cache_dir, log.stem))) is not None:
+            with lock:
+                if _empty_file(log):
+                    log.unlink(missing_ok=True)
+
+
+def _empty_file(path: Path) -> bool:
+    try:
+        info = path.stat()
+    except OSError:  # removed meanwhile
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size == 0
+
+
 class RecordLog:
     """Append-only JSON lines (failed items, moved items), fsynced per line."""
 
@@ -217,9 +240,11 @@ class ShardWriter:
             if "-ray-" not in writer_name:  # a driver (or a local run) of the shard set: not one of its actors
                 wait_for_ray_actors_of(self.cache_dir, writer_name)
             open_cache_dir(self.cache_dir, settings)
-            # the writer's record logs by folder: failures, and moves (opened on the first)
-            self._logs = {FAILURE_DIR: RecordLog(self.cache_dir / FAILURE_DIR / f"{writer_name}.jsonl")}
+            # the writer's record logs by folder (failures, moves, removals), each opened on its first record:
+            # a writer that records nothing leaves no file (a Ray run's actors are new writers every run)
+            self._logs: dict[str, RecordLog] = {}
             remove_unfinished_shards(self.cache_dir, writer_name)
+            remove_empty_failure_logs(self.cache_dir, writer_name)
         except OSError as err:
             self.lock and self.lock.release()
             raise write_failure(err.filename or self.cache_dir, err,
