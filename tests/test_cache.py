@@ -560,6 +560,22 @@ def test_a_writer_that_records_nothing_leaves_no_failure_log_and_empty_ones_left
     assert set(read_failures(tmp_path)) == {"x"}
 
 
+def test_a_writer_that_fails_before_writing_anything_leaves_no_cache_where_there_was_none(tmp_path):
+    # an extract that failed early (a detector that does not load, --device cuda on a Ray cluster without
+    # a GPU) left manifest.json, shards/, failures/ and locks/ in a folder it had made
+    with pytest.raises(UserError), ShardWriter(tmp_path / "new" / "cache", SETTINGS):
+        raise UserError("the detector did not load")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "empty").mkdir()  # a folder that was there stays, as does a cache that holds a record
+    with pytest.raises(UserError), ShardWriter(tmp_path / "empty", SETTINGS):
+        raise UserError("the detector did not load")
+    with pytest.raises(UserError), ShardWriter(tmp_path / "failed", SETTINGS) as writer:
+        writer.record_failure("x", "/x.mp4", "no video stream")
+        raise UserError("the disk is full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "failed"]
+    assert (tmp_path / "empty" / MANIFEST_NAME).exists() and set(read_failures(tmp_path / "failed")) == {"x"}
+
+
 def test_a_record_log_that_cannot_be_read_is_one_note_and_the_others_count(tmp_path, capsys):
     # another user's log made with umask 077 stopped every reader (inspect, search, eval) with EACCES;
     # root reads any file, so here the log is a folder of a log's name: an OSError on reading alike

@@ -314,6 +314,16 @@ def free_address() -> str:
         return f"127.0.0.1:{probe.getsockname()[1]}"
 
 
+def test_an_extract_that_fails_before_doing_anything_leaves_no_cache_where_there_was_none(ray_address, msrvtt_dir,
+                                                                                           tmp_path):
+    folder = sorted((msrvtt_dir / "frames" / "val").iterdir())[0]
+    shutil.copytree(folder, tmp_path / "data" / folder.name)
+    result = vlpcache("extract", tmp_path / "data", "-o", tmp_path / "new" / "cache", "--engine", "ray", "--ray-address",
+                      ray_address, "--device", "cuda", cwd=tmp_path, check=False)  # the module's cluster has no GPU
+    assert result.returncode != 0 and "--device cuda: the Ray cluster has no GPU" in result.stderr, result.stderr
+    assert not (tmp_path / "new").exists()  # it held an empty manifest.json, shards/, failures/, locks/
+
+
 def test_an_address_where_no_ray_head_answers_is_one_line_and_writes_nothing(tmp_path, msrvtt_dir):
     address = free_address()
     result = vlpcache("extract", msrvtt_dir / "frames" / "val", "-o", tmp_path / "cache", "--engine", "ray",

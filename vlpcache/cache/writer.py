@@ -183,6 +183,39 @@ def _empty_file(path: Path) -> bool:
     return stat.S_ISREG(info.st_mode) and info.st_size == 0
 
 
+def first_missing_folder(path: Path) -> Path | None:
+    """The outermost of `path` and its parents that does not exist yet; None if `path` exists."""
+    missing = None
+    for folder in (path := Path(path).absolute(), *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def remove_untouched_cache(cache_dir: Path, made: Path) -> None:
+    """Remove a cache that a writer made (with its folders up to `made`) and that holds nothing but its empty
+    skeleton: the manifest and empty folders. Anything else in it (a shard, a record, another writer's lock)
+    keeps it whole."""
+    cache_dir = Path(cache_dir).absolute()
+    folders = [cache_dir / name for name in (SHARD_DIR, FAILURE_DIR, LOCK_DIR)]
+    try:
+        if not set(os.listdir(cache_dir)) <= {MANIFEST_NAME, *(f.name for f in folders)}:
+            return
+        if any(f.exists() and os.listdir(f) for f in folders):
+            return
+        (cache_dir / MANIFEST_NAME).unlink(missing_ok=True)
+        for folder in folders:
+            if folder.exists():
+                folder.rmdir()
+        for folder in (cache_dir, *cache_dir.parents):
+            folder.rmdir()  # fails where something else is there: left as it is
+            if folder == made:
+                break
+    except OSError:  # another writer's meanwhile, or not ours to remove: left as it is
+        pass
+
+
 class RecordLog:
     """Append-only JSON lines (failed items, moved items), fsynced per line."""
 
@@ -235,6 +268,7 @@ class ShardWriter:
         self._count = 0
         self._opened_at = 0.0
         self.committed_items = 0
+        self._made_dir = first_missing_folder(self.cache_dir)  # removed again by a run that fails having done nothing
         try:
             self.lock = take_writer_lock(self.cache_dir, writer_name)
             if "-ray-" not in writer_name:  # a driver (or a local run) of the shard set: not one of its actors
@@ -251,6 +285,7 @@ class ShardWriter:
                                 "nothing was written; extract into a writable directory with free space (-o)") from None
         except BaseException:
             self.lock and self.lock.release()
+            self._made_dir and remove_untouched_cache(self.cache_dir, self._made_dir)
             raise
 
     def _next_seq(self) -> int:
@@ -417,5 +452,7 @@ class ShardWriter:
     def __enter__(self) -> "ShardWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.close()
+        if exc_type is not None and self._made_dir:  # an extract that failed before writing anything
+            remove_untouched_cache(self.cache_dir, self._made_dir)
