@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import threading
 from pathlib import Path
 
@@ -206,6 +207,17 @@ def test_a_symlink_with_a_media_extension_to_a_device_is_reported_as_such_not_as
     items, problems = discover_items([tmp_path])
     assert items == [] and problems == [
         (str(tmp_path / "zero.mp4"), "symbolic link to something that is not a file (a device, a pipe or a socket); skipped")]
+
+
+def test_a_named_pipe_or_socket_with_a_media_extension_is_reported_and_never_opened(tmp_path):
+    # a pipe was passed over without a word in a folder, and as a root it was an item whose decoding blocked for good
+    os.mkfifo(tmp_path / "clip.mp4")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / "photo.jpg"))
+        items, problems = discover_items([tmp_path, tmp_path / "clip.mp4"])
+    special = "not a file (a device, a pipe or a socket); skipped"
+    assert items == [] and problems == [(str(tmp_path / "clip.mp4"), special), (str(tmp_path / "photo.jpg"), special),
+                                        (str(tmp_path / "clip.mp4"), special)]
 
 
 def test_without_frame_folders_every_image_in_a_subfolder_is_an_item_of_its_own(tmp_path):

@@ -168,6 +168,8 @@ def discover_items(roots: list[Path], frame_folders: bool = True,
         elif root.is_dir():
             for item in walk.folder(_plain(root), _plain(root), is_root=True)[0]:
                 walk.add(item)
+        elif not root.is_file():  # a named pipe would block its reader for good
+            walk.problems.append((str(root), f"{not_a_file(root)}; {SKIPPED}"))
         elif (kind := media_kind(root, sniff=True)) is None:
             sniffed = root.suffix.lower() in SNIFFED_SUFFIXES
             what = (f"{root.suffix or 'no extension'}, and its first bytes are of no known format" if sniffed
@@ -176,6 +178,14 @@ def discover_items(roots: list[Path], frame_folders: bool = True,
         else:
             walk.add(Item(root.stem, _plain(root), kind))
     return walk.items, walk.problems
+
+
+def not_a_file(path: Path) -> str:
+    """Why a path named like media is no item, where it is not a file: a broken symbolic link, or one to (or
+    itself) a named pipe, a socket or a device, which are never opened (a pipe blocks its reader for good)."""
+    if not os.path.exists(path):
+        return "broken symbolic link"
+    return f"{'symbolic link to something that is ' if os.path.islink(path) else ''}not a file (a device, a pipe or a socket)"
 
 
 def _plain(root: Path) -> Path:
@@ -241,10 +251,8 @@ class _Walk:
                 self.others.add(path)
                 if path.suffix.lower() == SIDECAR_SUFFIX:  # a caption beside its image (img2dataset)
                     texts.add(path.stem)
-            elif entry.is_symlink() and media_kind(path) is not None:
-                what = ("symbolic link to something that is not a file (a device, a pipe or a socket)"
-                        if os.path.exists(path) else "broken symbolic link")
-                self.problems.append((str(path), f"{what}; {SKIPPED}"))
+            elif media_kind(path) is not None:  # named like media: a link to nothing, a named pipe, a socket, a device
+                self.problems.append((str(path), f"{not_a_file(path)}; {SKIPPED}"))
 
         below, sub_has_media = [], False
         for sub in subfolders:
