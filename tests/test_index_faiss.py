@@ -7,7 +7,7 @@ import pytest
 
 from vlpcache.errors import UserError
 from vlpcache.index.faiss_index import VideoIndex, choose_factory
-from vlpcache.index.layout import IDS_FILE, IndexConfig, IndexMeta, check_same_source, read_meta
+from vlpcache.index.layout import IDS_FILE, INDEX_FILE, IndexConfig, IndexMeta, check_same_source, read_meta
 
 DIM = 32
 SETTINGS = {"frames": 2, "regions": 4, "feature_dim": 16, "detector": "test"}
@@ -195,6 +195,17 @@ def test_index_files_that_disagree_are_refused(tmp_path):
     (tmp_path / IDS_FILE).write_text(json.dumps(ids_for(29)))
     with pytest.raises(UserError, match="disagree on the item count"):
         VideoIndex.load(tmp_path)
+
+
+def test_an_index_file_this_user_may_not_read_is_one_line_naming_it_and_chmod(tmp_path, unreadable):
+    # another user's index made with umask 077: search and serve said "incomplete or unreadable index
+    # (PermissionError); rebuild it", which this user may not do there
+    VideoIndex.build(ids_for(30), clustered_vectors(30), meta()).save(tmp_path)
+    locked = unreadable(tmp_path / INDEX_FILE)
+    with pytest.raises(UserError) as err:
+        VideoIndex.load(tmp_path)
+    assert str(err.value).startswith(f"{locked}: this user may not read it (Permission denied (EACCES)); another user's "
+                                     f"index? its owner can make it readable (chmod -R a+rX {tmp_path})")
 
 
 def test_missing_index_is_a_user_error_naming_the_command(tmp_path):

@@ -28,6 +28,8 @@ from vlpcache.index.layout import (
     INDEX_FILE,
     META_FILE,
     REGION_OFFSETS_FILE,
+    REGION_POSITIONS_FILE,
+    REGIONS_FILE,
     IndexConfig,
     IndexMeta,
     read_meta,
@@ -324,6 +326,7 @@ class VideoIndex:
     @classmethod
     def load(cls, index_dir: str | os.PathLike) -> "VideoIndex":
         index_dir = Path(index_dir)
+        refuse_unreadable_files(index_dir)
         meta = read_meta(index_dir)
         rebuild = f"rebuild it with `vlpcache index -o {index_dir} --rebuild`"
         try:
@@ -357,3 +360,14 @@ def _faiss_for(embeddings: np.ndarray, config: IndexConfig) -> tuple[faiss.Index
     params, recall = tune_search_params(index, embeddings, config)
     apply_search_params(index, params)
     return index, factory, params, recall
+
+
+def refuse_unreadable_files(index_dir: Path) -> None:
+    """One line naming an index file this user may not read (another user's index, made with umask 077),
+    rather than the advice to rebuild an index that is whole."""
+    for name in (META_FILE, IDS_FILE, EMBEDDINGS_FILE, INDEX_FILE, REGIONS_FILE, REGION_OFFSETS_FILE, REGION_POSITIONS_FILE):
+        path = index_dir / name
+        if os.path.exists(path) and not os.access(path, os.R_OK):
+            raise UserError(f"{path}: this user may not read it (Permission denied (EACCES)); another user's index? its "
+                            f"owner can make it readable (chmod -R a+rX {index_dir}), or build one of your own with "
+                            "`vlpcache index -o DIR` (then search and serve take --index DIR)")
