@@ -1538,6 +1538,18 @@ MUTANTS += [
     mutant("ctrl-c-repeat-raised-again", "vlpcache/interrupts.py",
            "    elif time.monotonic() - _raised_at < REPEAT_SECONDS:\n        return\n", "",
            "tests/test_ray_engine.py -k pressed_again_and_again", "a Ctrl-C repeated within a second is the same request"),
+    mutant("writer-failure-log-opened-at-start", "vlpcache/cache/writer.py",
+           "            self._logs: dict[str, RecordLog] = {}\n", "            self._logs: dict[str, RecordLog] = {FAILURE_DIR: RecordLog(self.cache_dir / FAILURE_DIR / f\"{writer_name}.jsonl\")}\n",
+           "tests/test_cache.py -k records_nothing_leaves_no_failure_log", "a writer that records nothing leaves no failure log"),
+    mutant("failed-writer-leaves-skeleton", "vlpcache/cache/writer.py",
+           "        if exc_type is not None and self._made_dir:  # an extract that failed before writing anything\n", "        if False:\n",
+           "tests/test_cache.py -k fails_before_writing_anything", "an extract that fails before writing leaves no cache where there was none"),
+    mutant("pipe-root-opened", "vlpcache/extract/sources.py",
+           "        elif not root.is_file():  # a named pipe would block its reader for good\n", "        elif False:\n",
+           "tests/test_sources.py -k named_pipe_or_socket", "a named pipe given as a root is passed over, never opened"),
+    mutant("unreadable-index-told-to-rebuild", "vlpcache/index/faiss_index.py",
+           "        refuse_unreadable_files(index_dir)\n", "",
+           "tests/test_index_faiss.py -k may_not_read", "an index file another user may not read is one line naming chmod"),
 ]
 
 
