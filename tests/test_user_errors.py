@@ -193,6 +193,8 @@ def test_the_last_line_of_a_command_stopped_under_a_progress_bar_starts_a_line_o
 
     monkeypatch.setattr(cli.cli, "main", stopped_mid_bar)
     monkeypatch.setattr(sys, "argv", ["vlpcache", "pretrain"])
+    # a terminal's bar, redrawn in place (written to a file, a bar writes whole lines)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     with pytest.raises(SystemExit):
         cli.main()
     assert re.split(r"[\r\n]", capsys.readouterr().err.rstrip("\n"))[-1] == "error: boom"
