@@ -373,8 +373,7 @@ def test_roots_without_media_name_a_file_that_is_media_under_another_extension(t
     os.mkfifo(tmp_path / "pipe")
     assert without_blocking(lambda: other_files([downloads]), downloads / "a.bin").endswith("by its first bytes)")
     assert without_blocking(lambda: discover_items([tmp_path / "pipe"])[1], tmp_path / "pipe") == [
-        (str(tmp_path / "pipe"), "not a video or image file (no extension, and its first bytes are of no known "
-                                 "format); skipped")]
+        (str(tmp_path / "pipe"), "not a file (a device, a pipe or a socket); skipped")]
 
 
 def without_blocking(call, pipe: Path, seconds: float = 10.0):
