@@ -1407,7 +1407,7 @@ MUTANTS += [
            "f\"others open http://{socket.gethostname()}:", "f\"others open http://127.0.0.1:",
            "tests/test_serve.py -k serving_on_every_address", "serve on all addresses names the address others open"),
     mutant("search-wordless-query-ranked", "vlpcache/index/search.py",
-           "        if self.unknown_and_known(query) == ([], 0):", "        if False:",
+           "        if self.unknown_and_known(typed) == ([], 0):", "        if False:",
            "tests/test_search.py -k refuses_an_empty", "a query the model reads no token of is refused"),
     mutant("captions-msvd-corpus-all-languages", "vlpcache/captions.py",
            "        if row[\"language\"].lower() != MSVD_LANGUAGE:", "        if False:",

@@ -356,7 +356,8 @@ class Searcher:
                    if ord(broken) >= 0xDC80 else "half of a UTF-16 pair: half an emoji, cut from its other half")
             raise UserError(f'the query "{printable(typed)}" is not UTF-8 text ({why}); give it in UTF-8 (e.g. a '
                             "terminal with LANG=C.UTF-8)")
-        if self.unknown_and_known(query) == ([], 0):  # zero-width or control characters only: the model reads no token
+        # as typed: unknown_and_known reads it as the model does (model_text), once, not a second time over `query`
+        if self.unknown_and_known(typed) == ([], 0):  # zero-width or control characters only: the model reads no token
             raise UserError(f'"{printable(typed)}" holds no words the text model reads (only characters it drops: '
                             'zero-width or control ones); give words to search for, e.g. "person cuts onion"')
         if k < 1:
