@@ -1031,12 +1031,27 @@ def noted(run_dir, epoch, steps_done, *args):
     return save_partial(run_dir, epoch, steps_done, *args)
 
 checkpoint.save_partial = noted
+
+if "SIGTERM_AFTER_STEP" in os.environ:  # a SIGTERM to torchrun (a Slurm time limit, Ctrl-C's SIGINT likewise),
+    from vlpcache.model import train     # which sends it on to each process, here after rank 1's step N
+    import signal
+
+    step, steps = train.train_step, [0]
+
+    def stepped(*args):
+        values = step(*args)
+        steps[0] += 1
+        if dist.get_rank() == 1 and steps[0] == int(os.environ["SIGTERM_AFTER_STEP"]):
+            os.kill(os.getppid(), signal.SIGTERM)
+        return values
+
+    train.train_step = stepped
 sys.argv = ["vlpcache", *sys.argv[1:]]
 main()
 """
 
 
-def test_torchrun_two_processes_on_cpu_with_gloo_trains_one_run(tmp_path, corpus, tiny_text):
+def test_torchrun_two_processes_on_cpu_with_gloo_train_one_run_and_a_sigterm_saves_their_place(tmp_path, corpus, tiny_text):
     env = {**os.environ, "VLPCACHE_WORKSPACE": str(tmp_path / "ws"), "OMP_NUM_THREADS": "1",
            "PLACES_SAVED": str(tmp_path / "places")}
     arguments = _pretrain_command(corpus, tiny_text, tmp_path / "unused", 1, "--val-captions", str(corpus["val"]),
@@ -1049,6 +1064,26 @@ def test_torchrun_two_processes_on_cpu_with_gloo_trains_one_run(tmp_path, corpus
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *arguments]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stderr[-3000:]
+    _check_the_torchrun_run(tmp_path)
+    # a Slurm time limit in rank 1's step 3 (torchrun signals each process): both stop after the same step, the
+    # next they agree at (5), rank 0 saves that place with each process's random state and alone says so
+    (tmp_path / "places").unlink()
+    no_place_due = [("30" if word == "1e-7" else word) for word in command]
+    stopped = subprocess.run(no_place_due, env={**env, "SIGTERM_AFTER_STEP": "3"}, capture_output=True, text=True,
+                             timeout=HANG_GUARD_S)
+    run_dir = tmp_path / "ws" / "runs" / "run-002"
+    line = at_its_place("stopped by SIGTERM", run_dir, 5, 10)
+    assert stopped.stderr.count(line) == 1 and stopped.stderr.count("stopped by SIGTERM") == 1, stopped.stderr[-3000:]
+    assert (tmp_path / "places").read_text() == "rank 0: epoch 1 step 5\n" and not ckpt.checkpoints(run_dir)
+    assert len(torch.load(ckpt.partial_checkpoints(run_dir)[(1, 5)] / "training_state.pt", weights_only=False)["rng"]) == 2
+    at = command.index(str(script)) + 1
+    resumed = subprocess.run([*command[:at], "pretrain", "--resume", "-o", str(run_dir)], env=env, capture_output=True,
+                             text=True, timeout=HANG_GUARD_S)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_as_uninterrupted(run_dir, tmp_path / "ws" / "runs" / "run-001", 1)
+
+
+def _check_the_torchrun_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "ws" / "runs" / "run-001"
     assert [p.name for p in run_dir.parent.iterdir()] == ["run-001"]
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
@@ -1061,6 +1096,9 @@ def test_torchrun_two_processes_on_cpu_with_gloo_trains_one_run(tmp_path, corpus
     assert list(ckpt.checkpoints(run_dir)) == [1]
     # rank 1 waited for rank 0's file (wait_for_main) and read it: one file, no parts, no lock left
     assert [p.suffix for p in (tmp_path / "ws" / "text-features").iterdir()] == [".h5"]
+    # each process's random state is kept, which a resume gives back to each: rank 1 drew other numbers
+    first, second = _checkpoint_state(run_dir, 1)[1]["rng"]
+    assert not torch.equal(first["torch"], second["torch"])
 
 
 @pytest.mark.parametrize("trainable", [0, 1])  # the whole (tiny, 2-layer) encoder frozen, or its bottom layer
@@ -1541,3 +1579,4 @@ def test_one_caption_shared_by_many_training_videos_is_said(tmp_path, corpus, ti
     run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], val_captions=corpus["val"],
                  run_dir=tmp_path / "fine", **small_options(tiny_text, epochs=1, quiet=False))
     assert "have the caption" not in capsys.readouterr().err
+

@@ -516,7 +516,8 @@ def main() -> None:
             click.echo(f"error: {where}{system_reason(err)}; {way}", err=True)
             exit_now(2)
         except Interrupted as err:
-            click.echo(str(err), err=True)
+            if str(err):  # else said by another process (torchrun's rank 0)
+                click.echo(str(err), err=True)
             exit_now(exit_status())
         except KeyboardInterrupt:
             click.echo(stopped_line(), err=True)

@@ -151,6 +151,19 @@ def stop_requested() -> bool:
     return _requested is not None
 
 
+def requested_signal() -> int:
+    """The signal that asked this command to stop (0: none)."""
+    return _requested or 0
+
+
+def take_request(signum: int) -> None:
+    """A stop that another process of the job was asked for (torchrun's processes agree on one): this
+    process's own from now on (its line and exit status), unless it was asked already."""
+    global _requested
+    if _requested is None:
+        _requested = signum
+
+
 def stop_if_interrupted() -> None:
     """Raise KeyboardInterrupt when Ctrl-C or SIGTERM came, even if where it landed dropped it."""
     global _raised_at

@@ -35,8 +35,8 @@ from vlpcache.cache.reader import say_damage
 from vlpcache.devices import resolve_device
 from vlpcache.errors import Interrupted, UserError
 from vlpcache.files import replace_atomically
-from vlpcache.interrupts import (leave_sigterm_to_the_parent, stop_if_interrupted, stop_requested, stopped,
-                                 stops_deferred)
+from vlpcache.interrupts import (leave_sigterm_to_the_parent, requested_signal, stop_if_interrupted, stop_requested,
+                                 stopped, stops_deferred, take_request)
 from vlpcache.locks import WriterLock, holder_description
 from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics, selection_score
 from vlpcache.model import checkpoint as ckpt
@@ -111,6 +111,24 @@ class Processes:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def max_of(self, *values: int) -> list[int]:
+        """Each value's largest over the processes (one small collective, on the CPU)."""
+        if self.world == 1:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.patient_group)
+        return tensor.tolist()
+
+    def random_states(self) -> list[dict]:
+        """Every process's random state, in rank order, on rank 0 (its own alone elsewhere): what a resume
+        gives each process back, so that its next draws are those of a run never stopped."""
+        state = ckpt.rng_state()
+        if self.world == 1:
+            return [state]
+        gathered = [None] * self.world if self.main else None
+        dist.gather_object(state, gathered, dst=0, group=self.patient_group)
+        return gathered if self.main else [state]
 
     def say(self, message: str, always: bool = False) -> None:
         """One line on stderr from the main process (unless --quiet, or `always`)."""
@@ -436,6 +454,8 @@ class Within:
     sums: dict
     seconds: float
     rng: dict | None = None
+    started: float = 0.0  # time.monotonic() when its training seconds were last counted
+    saved: bool = True  # whether these steps are saved (where it was resumed from, or saved since)
 
 
 def parameter_groups(model: AlignmentModel, config: TrainConfig) -> list[dict]:
@@ -787,59 +807,31 @@ def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, proc
     place = within or Within(epoch, 0, {}, 0.0)
     loader.sampler.skip = place.steps_done * loader.batch
     trainer.model.train()
-    sums, skipped = place.sums, place.steps_done
-    started = saved = time.monotonic()
-    saved_steps = skipped
+    place.saved = True  # a stop before the next step has nothing more to save
     samples = loader.steps_per_epoch * loader.batch * processes.world
-    bar = progress_bar(total=samples, initial=skipped * loader.batch * processes.world, unit="video", unit_scale=True,
+    bar = progress_bar(total=samples, initial=place.steps_done * loader.batch * processes.world, unit="video", unit_scale=True,
                        desc=f"epoch {epoch}/{run.train.epochs}", disable=processes.quiet or not processes.main, leave=False)
     batches = iter(loader.loader)
     if within is not None and within.rng is not None:  # after the loader drew its seed: the next draws are the
         ckpt.set_rng_state(within.rng)                  # uninterrupted run's
+    # under torchrun a stop waits for the processes to agree on the step they stop after (agree_at)
+    agreeing = processes.world > 1 and bool(run.train.save_every)
     try:
-        for done, batch_cpu in enumerate(batches, start=skipped):
-            say_damaged(batch_cpu.pop("damaged"), run.data.train)
-            # by the epoch's place, not trainer.step: the run's steps so far, which a training set changed
-            # since it began (resume) puts elsewhere in the schedule (past its end: a learning rate of 0)
-            factor = learning_rate_factor((epoch - 1) * loader.steps_per_epoch + done, loader.total_steps, loader.warmup)
-            for group in trainer.optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            inputs = {k: v.to(processes.device, non_blocking=True) for k, v in batch_cpu.items()}
-            with stops_deferred():  # a step ends whole: the place a stop saves is a step's end
-                values, logit_scale = train_step(trainer.trainable, trainer.criterion, trainer.optimizer, inputs,
-                                                 trainer.autocast, trainer.scaler, run.train.grad_clip)
-                if not math.isfinite(values["loss"]):
-                    raise UserError(diverged(values["loss"], epoch, trainer.step + 1, run))
-                trainer.model.clamp_logit_scales()
-                trainer.step += 1
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                place.steps_done, place.seconds = done + 1, place.seconds + time.monotonic() - started
-                started = time.monotonic()
-            if save_is_due(run, processes, place, loader, saved):
-                save_place(run, trainer, processes, place, loader)
-                saved, saved_steps = time.monotonic(), place.steps_done
-            stop_if_interrupted()
-            bar.update(loader.batch * processes.world)
-            bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
-            if tensorboard is not None:
-                for k, v in values.items():
-                    tensorboard.add_scalar(f"train/{k}", v, trainer.step)
-                tensorboard.add_scalar("train/lr", trainer.optimizer.param_groups[0]["lr"], trainer.step)
-                tensorboard.add_scalar("train/temperature", 1 / float(logit_scale), trainer.step)
+        with stops_deferred() if agreeing else nullcontext():
+            _epoch_steps(epoch, run, trainer, loader, processes, tensorboard, bar, batches, place, agreeing)
     except KeyboardInterrupt:
-        if stop_requested() and run.train.save_every and processes.world == 1 and place.steps_done != saved_steps:
+        if stop_requested() and run.train.save_every and processes.world == 1 and not place.saved:
             save_place(run, trainer, processes, place, loader, stopping=True)
         raise
     finally:
         close_batches(batches)
     bar.close()
-    place.seconds += time.monotonic() - started
+    place.seconds += time.monotonic() - place.started
     trainer.within = place  # every step done: what a stop in the epoch's validation keeps (_train)
     return {  # the log line's fields: run_layout.LOG_FIELDS, where each is described
         "epoch": epoch,
         "step": trainer.step,
-        **{k: v / max(1, loader.steps_per_epoch) for k, v in sums.items()},
+        **{k: v / max(1, loader.steps_per_epoch) for k, v in place.sums.items()},
         "samples_per_s": samples / max(place.seconds, 1e-9),
         "epoch_seconds": place.seconds,
         "precision": trainer.arithmetic,
@@ -847,28 +839,83 @@ def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, proc
     }
 
 
-SAVE_CHECKED_EVERY = 5  # steps between the processes' agreeing whether a save is due (one collective)
+def _epoch_steps(epoch: int, run: Run, trainer: Trainer, loader: Loader, processes: Processes, tensorboard, bar,
+                 batches, place: Within, agreeing: bool) -> None:
+    """The steps of train_one_epoch: each whole, the place saved when due; a stop raised after a step (under
+    torchrun after the step the processes agreed on, the place saved first)."""
+    sums, saved = place.sums, time.monotonic()
+    place.started = saved
+    for done, batch_cpu in enumerate(batches, start=place.steps_done):
+        say_damaged(batch_cpu.pop("damaged"), run.data.train)
+        # by the epoch's place, not trainer.step: the run's steps so far, which a training set changed
+        # since it began (resume) puts elsewhere in the schedule (past its end: a learning rate of 0)
+        factor = learning_rate_factor((epoch - 1) * loader.steps_per_epoch + done, loader.total_steps, loader.warmup)
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        inputs = {k: v.to(processes.device, non_blocking=True) for k, v in batch_cpu.items()}
+        with stops_deferred():  # a step ends whole: the place a stop saves is a step's end
+            values, logit_scale = train_step(trainer.trainable, trainer.criterion, trainer.optimizer, inputs,
+                                             trainer.autocast, trainer.scaler, run.train.grad_clip)
+            if not math.isfinite(values["loss"]):
+                raise UserError(diverged(values["loss"], epoch, trainer.step + 1, run))
+            trainer.model.clamp_logit_scales()
+            trainer.step += 1
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            place.steps_done, place.seconds = done + 1, place.seconds + time.monotonic() - place.started
+            place.started, place.saved = time.monotonic(), False
+        due, stop = agree_at(run, processes, place, loader, saved) if agreeing else (
+            save_is_due(run, place, loader, saved), False)
+        if due or stop:
+            save_place(run, trainer, processes, place, loader, stopping=stop)
+            saved, place.saved = time.monotonic(), True
+        if stop:
+            raise KeyboardInterrupt
+        if not agreeing:
+            stop_if_interrupted()
+        bar.update(loader.batch * processes.world)
+        bar.set_postfix(loss=f"{values['loss']:.3f}", refresh=False)
+        if tensorboard is not None:
+            for k, v in values.items():
+                tensorboard.add_scalar(f"train/{k}", v, trainer.step)
+            tensorboard.add_scalar("train/lr", trainer.optimizer.param_groups[0]["lr"], trainer.step)
+            tensorboard.add_scalar("train/temperature", 1 / float(logit_scale), trainer.step)
 
 
-def save_is_due(run: Run, processes: Processes, place: Within, loader: Loader, saved: float) -> bool:
+SAVE_CHECKED_EVERY = 5  # steps between the processes' agreeing whether to save or stop (one collective)
+
+
+def save_is_due(run: Run, place: Within, loader: Loader, saved: float) -> bool:
     """Whether --save-every minutes have passed since the last save of the run's place (not at an epoch's end,
-    whose checkpoint follows); under torchrun rank 0's clock decides, every SAVE_CHECKED_EVERY steps."""
-    if not run.train.save_every or place.steps_done >= loader.steps_per_epoch:
-        return False
-    if processes.world > 1 and place.steps_done % SAVE_CHECKED_EVERY:
-        return False
-    return processes.broadcast(time.monotonic() - saved >= run.train.save_every * 60)
+    whose checkpoint follows)."""
+    return (bool(run.train.save_every) and place.steps_done < loader.steps_per_epoch
+            and time.monotonic() - saved >= run.train.save_every * 60)
+
+
+def agree_at(run: Run, processes: Processes, place: Within, loader: Loader, saved: float) -> tuple[bool, bool]:
+    """Under torchrun, every SAVE_CHECKED_EVERY steps and after an epoch's last: (whether to save the place now,
+    whether to stop after it), the same on every process. A save is due by rank 0's clock; a stop where any
+    process was asked to (Ctrl-C and a Slurm time limit signal them all, at slightly different steps; a
+    `kill` may signal one), so all save one place and stop after the same step, within torchrun's 30 s."""
+    if place.steps_done % SAVE_CHECKED_EVERY and place.steps_done < loader.steps_per_epoch:
+        return False, False
+    due, signum = processes.max_of(int(processes.main and save_is_due(run, place, loader, saved)), requested_signal())
+    if signum:
+        take_request(signum)  # this process's too, where another was signalled alone: its exit status and line
+    return bool(due or signum), bool(signum)
 
 
 def save_place(run: Run, trainer: Trainer, processes: Processes, place: Within, loader: Loader,
-               stopping: bool = False) -> None:
+               stopping: bool = False, alone: bool = False) -> None:
     """Save the run's place within an epoch (rank 0; the others wait), which --resume goes on from. Where it
-    cannot be written (a full disk) that is said and training goes on: the epoch's checkpoint is what counts."""
+    cannot be written (a full disk) that is said and training goes on: the epoch's checkpoint is what counts.
+    Every process calls it, but `alone` (rank 0 in an epoch's validation, the others waiting for it)."""
+    random_states = [ckpt.rng_state()] if alone else processes.random_states()
     if processes.main:
         state = {
             "optimizer": trainer.optimizer.state_dict(),
             "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
-            "rng": [ckpt.rng_state()],
+            "rng": random_states,
             "epoch": place.epoch - 1,  # the epochs done: what a resume from the epoch's start would read
             "step": trainer.step,
             "best_score": trainer.best_score,
@@ -882,7 +929,7 @@ def save_place(run: Run, trainer: Trainer, processes: Processes, place: Within, 
                 ckpt.save_partial(run.dir, place.epoch, place.steps_done, trainer.model, state, meta)
             except UserError as err:
                 processes.say(f"note: {err}{'' if stopping else '; training goes on'}", always=True)
-    if not stopping:
+    if not alone:
         processes.barrier()
 
 
@@ -891,11 +938,11 @@ def save_place_stopped_in_validation(run: Run, trainer: Trainer, processes: Proc
     place, unless its checkpoint or that place is saved already; else the place saved last (up to --save-every
     minutes of training before) would be all that is kept."""
     place = trainer.within
-    if not (stop_requested() and run.train.save_every and processes.world == 1 and place is not None):
-        return
+    if not (stop_requested() and run.train.save_every and processes.main and place is not None):
+        return  # under torchrun rank 0 alone validates: the others, waiting for it, have nothing to save
     saved = ckpt.partial_checkpoints(run.dir)
     if place.epoch not in ckpt.checkpoints(run.dir) and (place.epoch, place.steps_done) not in saved:
-        save_place(run, trainer, processes, place, loader, stopping=True)
+        save_place(run, trainer, processes, place, loader, stopping=True, alone=processes.world > 1)
 
 
 # ---------------------------------------------------------------- step 4: end of an epoch
@@ -931,6 +978,7 @@ def validate(model: AlignmentModel, tokenizer, validation: ValidationSet, device
 
 def end_of_epoch(record: dict, run: Run, trainer: Trainer, processes: Processes, tensorboard) -> None:
     """Validation, the checkpoint (best by validation kept), the log line and file (main process)."""
+    random_states = processes.random_states()  # each process's: a resume draws what a run never stopped would
     if not processes.main:
         return
     if run.data.validation is not None:
@@ -941,11 +989,10 @@ def end_of_epoch(record: dict, run: Run, trainer: Trainer, processes: Processes,
     is_best = "val" in record and (trainer.best_score is None or selection_score(record["val"]) > trainer.best_score)
     if is_best:
         trainer.best_score = selection_score(record["val"])
-    # every process's RNG would be equal to save only with gather; rank 0's serves all on resume
     training_state = {
         "optimizer": trainer.optimizer.state_dict(),
         "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
-        "rng": [ckpt.rng_state()],
+        "rng": random_states,
         "epoch": record["epoch"],
         "step": trainer.step,
         "best_score": trainer.best_score,
@@ -997,8 +1044,8 @@ def _pretrain(options: PretrainOptions, processes: Processes) -> dict:
             if run.data is None:
                 return _already_trained(run, processes)
             return _train(run, processes, workspace)
-        except KeyboardInterrupt:
-            raise Interrupted(interrupted_line(run_dir)) from None
+        except KeyboardInterrupt:  # under torchrun rank 0 alone says it
+            raise Interrupted(interrupted_line(run_dir) if processes.main else "") from None
 
 
 def interrupted_line(run_dir: Path) -> str:
@@ -1047,7 +1094,7 @@ def _train(run: Run, processes: Processes, workspace: Workspace) -> dict:
             save_place_stopped_in_validation(run, trainer, processes, loader)
             raise
         history.append(record)
-        processes.barrier()
+        wait_for_validation(processes)
     if tensorboard is not None:
         tensorboard.close()
     best = ckpt.read_best(run.dir)
@@ -1069,6 +1116,17 @@ def _train(run: Run, processes: Processes, workspace: Workspace) -> dict:
                       f"read them (`vlpcache pretrain --resume -o {printable(str(run.dir))} --epochs N` with more "
                       "epochs, or a new run, trains on those with captions)")
     return summary
+
+
+def wait_for_validation(processes: Processes) -> None:
+    """Under torchrun the other processes wait for rank 0's validation and checkpoint; where rank 0 is gone,
+    stopped in it (a Ctrl-C or SIGTERM, which stopped them too), they stop without a traceback."""
+    try:
+        processes.barrier()
+    except (RuntimeError, dist.DistError):
+        if stop_requested():
+            raise KeyboardInterrupt from None
+        raise
 
 
 def _from_step(trainer: Trainer, loader: Loader) -> str:
