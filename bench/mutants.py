@@ -1550,6 +1550,15 @@ MUTANTS += [
     mutant("unreadable-index-told-to-rebuild", "vlpcache/index/faiss_index.py",
            "        refuse_unreadable_files(index_dir)\n", "",
            "tests/test_index_faiss.py -k may_not_read", "an index file another user may not read is one line naming chmod"),
+    mutant("torchrun-stop-not-agreed", "vlpcache/model/train.py",
+           "    due, signum = processes.max_of(int(processes.main and save_is_due(run, place, loader, saved)), requested_signal())\n", "    due, signum = processes.max_of(int(processes.main and save_is_due(run, place, loader, saved)), 0)\n",
+           "tests/test_pretrain.py -k torchrun", "under torchrun a stop saves the processes' place after the step they agree on"),
+    mutant("torchrun-place-keeps-rank-0s-random-state", "vlpcache/model/train.py",
+           "        dist.gather_object(state, gathered, dst=0, group=self.patient_group)\n        return gathered if self.main else [state]\n", "        dist.gather_object(state, gathered, dst=0, group=self.patient_group)\n        return [state]\n",
+           "tests/test_pretrain.py -k torchrun", "a torchrun run resumed from its place draws each process's own random numbers"),
+    mutant("torchrun-every-rank-says-the-stop", "vlpcache/model/train.py",
+           "            raise Interrupted(interrupted_line(run_dir) if processes.main else \"\") from None\n", "            raise Interrupted(interrupted_line(run_dir)) from None\n",
+           "tests/test_pretrain.py -k torchrun", "under torchrun rank 0 alone says the stop line"),
 ]
 
 
