@@ -244,25 +244,33 @@ def test_a_driver_killed_with_kill_9_resumes_without_redoing_committed_shards(ro
     assert not list((cache_dir / SHARD_DIR).glob("*.tmp"))
 
 
-@pytest.mark.parametrize("signum, status, word", [
-    (signal.SIGINT, 130, "interrupted"),
-    (signal.SIGTERM, 143, "stopped by SIGTERM"),  # Ray's driver handler took it to exit with 15 and no word
-], ids=["ctrl-c", "sigterm"])
-def test_ctrl_c_or_sigterm_stops_the_ray_engine_with_one_line_and_a_rerun_finishes(root, ray_address, local, tmp_path,
-                                                                                   signum, status, word):
-    cache_dir = tmp_path / "cache"
+def _stop_a_ray_extract(root: Path, cache_dir: Path, ray_address: str, signum: int) -> None:
+    """Start (or resume) a ray extract, send it `signum` once it committed a shard more, wait for its actors
+    to end."""
+    before = len(shards(cache_dir)) if cache_dir.exists() else 0
     driver = start_ray_extract(root, cache_dir, ray_address)
     try:
-        assert wait_until(lambda: shards(cache_dir) if cache_dir.exists() else None, alive=driver), "no shard committed"
+        assert wait_until(lambda: len(shards(cache_dir)) > before if cache_dir.exists() else None, alive=driver), \
+            "no shard committed"
         actors = actor_pids(cache_dir)
         driver.send_signal(signum)
         _, stderr = driver.communicate(timeout=HANG_GUARD_S)
     finally:
         driver.kill()
+    status, word = (130, "interrupted") if signum == signal.SIGINT else (143, "stopped by SIGTERM")
     assert driver.returncode == status and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == f"{word}; what was committed is kept, re-run the same command to resume"
     assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in actors))
-    assert 0 < len(RegionCache(cache_dir)) < len(local), "the signal should land mid-run"
+
+
+def test_ctrl_c_or_sigterm_stops_the_ray_engine_with_one_line_and_a_rerun_finishes(root, ray_address, local, tmp_path):
+    # SIGTERM: Ray's driver handler took it to exit with 15 and no word
+    cache_dir = tmp_path / "cache"
+    _stop_a_ray_extract(root, cache_dir, ray_address, signal.SIGINT)
+    stopped_once = len(RegionCache(cache_dir))
+    assert 0 < stopped_once < len(local), "the Ctrl-C should land mid-run"
+    _stop_a_ray_extract(root, cache_dir, ray_address, signal.SIGTERM)  # the re-run, stopped in turn
+    assert stopped_once < len(RegionCache(cache_dir)) < len(local), "the SIGTERM should land mid-run"
     vlpcache("extract", root, "-o", cache_dir, *FRAMES, "--items-per-shard", 3, "--engine", "ray",
              "--ray-address", ray_address, cwd=tmp_path)
     assert_same_cache(RegionCache(cache_dir), local)
