@@ -793,7 +793,7 @@ MUTANTS += [
            '"timeout": options.decode_time_limit()}', '"timeout": None}',
            "tests/test_ray_engine.py -k decode_timeout", "--decode-timeout reaches the ray engine's decoders"),
     mutant("pretrain-loader-workers-die-of-sigterm", "vlpcache/model/train.py",
-           "        worker_init_fn=leave_sigterm_to_the_parent if workers else None,\n", "",
+           "        worker_init_fn=leave_stops_to_the_parent if workers else None,\n", "",
            "tests/test_pretrain.py -k sigterm", "a SIGTERM to the whole job stops pretrain with one line"),
     mutant("pretrain-stuck-loader-worker-outlives-its-loader", "vlpcache/interrupts.py",
            '    closing = sys._getframe(1).f_locals.get("done_event")\n', "    closing = None\n",
@@ -1559,6 +1559,9 @@ MUTANTS += [
     mutant("torchrun-every-rank-says-the-stop", "vlpcache/model/train.py",
            "            raise Interrupted(interrupted_line(run_dir) if processes.main else \"\") from None\n", "            raise Interrupted(interrupted_line(run_dir)) from None\n",
            "tests/test_pretrain.py -k torchrun", "under torchrun rank 0 alone says the stop line"),
+    mutant("loader-worker-dies-of-ctrl-c", "vlpcache/interrupts.py",
+           "    signal.signal(signal.SIGINT, signal.SIG_IGN)\n    closing = ", "    closing = ",
+           "tests/test_pretrain.py -k torchrun", "a loading worker outlives the Ctrl-C torchrun passes on until its process stops"),
 ]
 
 

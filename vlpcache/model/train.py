@@ -35,7 +35,7 @@ from vlpcache.cache.reader import say_damage
 from vlpcache.devices import resolve_device
 from vlpcache.errors import Interrupted, UserError
 from vlpcache.files import replace_atomically
-from vlpcache.interrupts import (leave_sigterm_to_the_parent, requested_signal, stop_if_interrupted, stop_requested,
+from vlpcache.interrupts import (leave_stops_to_the_parent, requested_signal, stop_if_interrupted, stop_requested,
                                  stopped, stops_deferred, take_request)
 from vlpcache.locks import WriterLock, holder_description
 from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics, selection_score
@@ -715,7 +715,7 @@ def make_loader(run: Run, trainer: Trainer, processes: Processes) -> Loader:
         pin_memory=processes.device.type == "cuda",
         drop_last=True,  # equal batches: all-gather needs them, and a tiny last batch has no negatives
         prefetch_factor=4 if workers else None,
-        worker_init_fn=leave_sigterm_to_the_parent if workers else None,
+        worker_init_fn=leave_stops_to_the_parent if workers else None,
     )
     steps = len(sampler) // batch  # sampler.skip is 0 here: a whole epoch
     total = steps * run.train.epochs
@@ -772,7 +772,7 @@ def train_step(trainable, criterion, optimizer, inputs: dict, autocast, scaler, 
 def close_batches(batches) -> None:
     """End a loader iterator's worker processes now. An error raised in a worker comes back through the
     iterator's frames, so its traceback keeps the iterator (and the workers, which outlive a SIGTERM while
-    their loader is open: interrupts.leave_sigterm_to_the_parent) alive until the interpreter's exit,
+    their loader is open: interrupts.leave_stops_to_the_parent) alive until the interpreter's exit,
     where multiprocessing waits for them for ever; the command's one line came, and it never ended."""
     shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own, what its __del__ calls
     if callable(shutdown):
