@@ -1123,7 +1123,7 @@ def wait_for_validation(processes: Processes) -> None:
     stopped in it (a Ctrl-C or SIGTERM, which stopped them too), they stop without a traceback."""
     try:
         processes.barrier()
-    except (RuntimeError, dist.DistError):
+    except RuntimeError:  # torch.distributed's errors (DistBackendError...) are RuntimeErrors
         if stop_requested():
             raise KeyboardInterrupt from None
         raise
