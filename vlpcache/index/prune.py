@@ -92,5 +92,5 @@ def prune_indexes(root: Path, keep: Path, run_dirs: list[Path], say: Say) -> lis
         say(f"prune: removed {len(removed)} index(es) of checkpoints no run holds any more, {human_size(freed)} "
             f"({', '.join(p.name for p in removed)})")
     else:
-        say(f"prune: every other index in {root} belongs to a checkpoint a run still holds")
+        say(f"prune: nothing to remove: every index in {root} belongs to a checkpoint a run still holds")
     return removed
