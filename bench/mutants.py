@@ -1562,6 +1562,12 @@ MUTANTS += [
     mutant("loader-worker-dies-of-ctrl-c", "vlpcache/interrupts.py",
            "    signal.signal(signal.SIGINT, signal.SIG_IGN)\n    closing = ", "    closing = ",
            "tests/test_pretrain.py -k torchrun", "a loading worker outlives the Ctrl-C torchrun passes on until its process stops"),
+    mutant("reader-keeps-every-shard-open", "vlpcache/cache/reader.py",
+           "            if len(self._handles) >= self._open_bound:\n", "            if False:\n",
+           "tests/test_cache.py -k bounded_number_of_shards", "a reader keeps at most MAX_OPEN_SHARDS shards open"),
+    mutant("reader-keeps-a-closed-shards-datasets", "vlpcache/cache/reader.py",
+           "        self._datasets.pop(s, None)\n        del self._handles[s]\n", "        del self._handles[s]\n",
+           "tests/test_cache.py -k bounded_number_of_shards", "a shard closed to bound the open ones is read again through new handles"),
 ]
 
 

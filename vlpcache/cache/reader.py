@@ -113,6 +113,24 @@ def _moved(path: str, moves: list[dict]) -> str:
     return path
 
 
+# an open shard holds about 0.8 MB of HDF5's own structures whatever its size, and a training epoch reads every
+# shard in random order (WebVid's 2.5M videos are 5,000 shards: 4 GB in each loading process): a reader keeps at
+# most this many open (about 0.8 GB; 524k items in shards of 512), and opens again one it let go (about 5 ms a
+# read here against 1 ms); VLPCACHE_OPEN_SHARDS sets another bound
+MAX_OPEN_SHARDS = 1024
+
+
+def open_shards_bound() -> int:
+    """MAX_OPEN_SHARDS, or VLPCACHE_OPEN_SHARDS where it is set."""
+    text = os.environ.get("VLPCACHE_OPEN_SHARDS", "").strip()
+    if not text:
+        return MAX_OPEN_SHARDS
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"VLPCACHE_OPEN_SHARDS={text!r}: give how many shard files a cache reader may keep open, "
+                        f"a whole number of at least 1 (each holds about 0.8 MB; unset: {MAX_OPEN_SHARDS})")
+    return int(text)
+
+
 class RegionCache:
     """A read-only view of every finished shard in a cache directory.
 
@@ -129,7 +147,8 @@ class RegionCache:
             raise UserError(f"{self.cache_dir}: no such cache directory; run `vlpcache extract` first")
         self.settings: CacheSettings = read_manifest(self.cache_dir)
         self._array_names = tuple(spec.name for spec in self.settings.arrays())
-        self._handles: dict[int, h5py.File] = {}
+        self._handles: dict[int, h5py.File] = {}  # the open shards, the one used longest ago first
+        self._open_bound = open_shards_bound()
         self._pid = os.getpid()
         self._found_damaged: dict[tuple[str, int], dict] = {}  # (shard key, row) -> record: found by this reader
         self._damage_lines: dict[tuple[str, int], str] = {}  # and the line that said it
@@ -328,10 +347,20 @@ class RegionCache:
             self._handles = {}
             self._datasets = {}
             self._pid = os.getpid()
-        f = self._handles.get(s)
+        f = self._handles.pop(s, None)
         if f is None:
-            f = self._handles[s] = open_shard(self.shard_paths[s])
+            if len(self._handles) >= self._open_bound:
+                self._close_shard(next(iter(self._handles)))  # the one used longest ago
+            f = open_shard(self.shard_paths[s])
+        self._handles[s] = f  # last: the most recently used
         return f
+
+    def _close_shard(self, s: int) -> None:
+        """Let shard s go: its file closes with the last reference to it and its datasets. Not with h5py's
+        File.close(), which walks every h5py object alive in the process (each open shard's file and datasets):
+        a reader that had read 1,200 shards took 108 s to close them one by one."""
+        self._datasets.pop(s, None)
+        del self._handles[s]
 
     def _shard_datasets(self, s: int) -> dict:
         """Shard s's datasets by name: the arrays, and "notes" where the shard has them (looking a dataset
@@ -482,11 +511,9 @@ class RegionCache:
         return folder_bytes(self.cache_dir)
 
     def close(self) -> None:
-        if os.getpid() == self._pid:
-            for f in self._handles.values():
-                f.close()
-        self._handles = {}
+        """Let every shard go (_close_shard: its file closes with the last reference to it)."""
         self._datasets = {}
+        self._handles = {}
 
     def __getstate__(self):  # picklable for spawn-started workers: handles are reopened there
         state = self.__dict__.copy()
