@@ -187,8 +187,8 @@ def leave_stops_to_the_parent(worker_id: int = 0) -> None:
     signals every process of it) and of a Ctrl-C (torchrun passes it on to each process's whole group),
     and the training process, stopping cleanly (under torchrun up to 5 steps later, where the processes
     agree to), would fail on the loss of its workers instead. So a worker ignores Ctrl-C, outlives a
-    SIGTERM while its loader is open, and ends when the training process closes the loader. Once the loader is closing, a SIGTERM is the loader's own
-    `terminate()` of a worker that did not finish its batch within 5 s of being asked to: that one ends
+    SIGTERM while its loader is open, and ends when the training process closes the loader. Once the
+    loader is closing, a SIGTERM is the loader's own `terminate()` of a worker that did not finish its batch within 5 s of being asked to: that one ends
     it (ignored too, a worker stuck in a slow read outlived the training process until the read
     returned). The loader's "closing" event is the `done_event` of torch's worker loop, which calls this."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
