@@ -1051,7 +1051,7 @@ main()
 """
 
 
-def test_torchrun_two_processes_on_cpu_with_gloo_train_one_run_and_a_sigterm_saves_their_place(tmp_path, corpus, tiny_text):
+def test_torchrun_two_processes_on_cpu_with_gloo_train_one_run_and_a_ctrl_c_saves_their_place(tmp_path, corpus, tiny_text):
     env = {**os.environ, "VLPCACHE_WORKSPACE": str(tmp_path / "ws"), "OMP_NUM_THREADS": "1",
            "PLACES_SAVED": str(tmp_path / "places")}
     arguments = _pretrain_command(corpus, tiny_text, tmp_path / "unused", 1, "--val-captions", str(corpus["val"]),
@@ -1581,4 +1581,3 @@ def test_one_caption_shared_by_many_training_videos_is_said(tmp_path, corpus, ti
     run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], val_captions=corpus["val"],
                  run_dir=tmp_path / "fine", **small_options(tiny_text, epochs=1, quiet=False))
     assert "have the caption" not in capsys.readouterr().err
-
