@@ -344,8 +344,7 @@ class RegionCache:
 
     def _shard(self, s: int) -> h5py.File:
         if os.getpid() != self._pid:  # forked into a worker: the parent's handles are not ours to use
-            self._handles = {}
-            self._datasets = {}
+            self.close()
             self._pid = os.getpid()
         f = self._handles.pop(s, None)
         if f is None:
