@@ -1503,7 +1503,7 @@ MUTANTS += [
            "    if not sys.stderr.isatty():\n", "    if False:\n",
            "tests/test_extract.py -k progress_bar_written_to_a_file", "a progress bar in a log file writes lines, not carriage-return redraws"),
     mutant("closed-output-exit-1", "vlpcache/cli.py",
-           "        except BrokenPipeError as err:\n            raise OutputClosed() from err\n", "        except BrokenPipeError:\n            raise\n",
+           "            return super().invoke(ctx)\n        except BrokenPipeError as err:\n            raise OutputClosed() from err\n", "            return super().invoke(ctx)\n        except BrokenPipeError:\n            raise\n",
            "tests/test_user_errors.py -k reader_that_stops_before", "a reader that closes stdout early leaves exit status 0"),
     mutant("stdout-unencodable-traceback", "vlpcache/cli.py",
            "    escape_what_stdout_cannot_encode()\n", "",
@@ -1568,6 +1568,12 @@ MUTANTS += [
     mutant("reader-keeps-a-closed-shards-datasets", "vlpcache/cache/reader.py",
            "        self._datasets.pop(s, None)\n        del self._handles[s]\n", "        del self._handles[s]\n",
            "tests/test_cache.py -k bounded_number_of_shards", "a shard closed to bound the open ones is read again through new handles"),
+    mutant("closed-output-help-exit-1", "vlpcache/cli.py",
+           "            return super().make_context(*args, **kwargs)\n        except BrokenPipeError as err:\n            raise OutputClosed() from err\n", "            return super().make_context(*args, **kwargs)\n        except BrokenPipeError:\n            raise\n",
+           "tests/test_user_errors.py -k reader_that_stops_before", "`vlpcache --help | true` leaves exit status 0"),
+    mutant("closed-output-flushed-at-exit", "vlpcache/cli.py",
+           "                sys.stdout.flush()\n            except BaseException:", "            except BaseException:",
+           "tests/test_user_errors.py -k reader_that_stops_before", "a pipe's buffer written at exit to a closed reader is exit status 0, no 'Exception ignored'"),
 ]
 
 

@@ -279,8 +279,8 @@ def test_eval_prints_a_table_by_default(root, ws, monkeypatch, capsys):
     code, out, _ = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl", "--quiet", "--all-captions")
     weight = json.loads(vlpcache(monkeypatch, capsys, "eval", "--captions", root / "val.jsonl", "--quiet",
                                  "--json")[1])["protocol"]["rerank_weight"]
-    assert out.splitlines()[-1].startswith("text→video: 16 queries (every caption of each video, up to 32 tokens), 8 "
-                                           "candidate videos; video→text: 8 queries, their 16 captions the candidates; "
+    assert out.splitlines()[-1].startswith("text->video: 16 queries (every caption of each video, up to 32 tokens), 8 "
+                                           "candidate videos; video->text: 8 queries, their 16 captions the candidates; "
                                            f"re-rank of all 8 at weight {weight:g}, ")  # not "of the top 32" among 8
     from vlpcache.index.evaluate import rerank_said  # a run whose validation found the re-rank no help says so
 

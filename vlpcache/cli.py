@@ -62,7 +62,14 @@ class OutputClosed(Exception):
 class CommandTable(click.Group):
     """The commands. A command whose reader closes stdout early (`| head -1`, `| grep -m1`) ends with
     exit status 0: click turned that BrokenPipeError into exit status 1, and only when the reader won
-    the race with the last write, so a script under `set -o pipefail` failed now and then."""
+    the race with the last write, so a script under `set -o pipefail` failed now and then. The same
+    for `vlpcache --help` and `--version`, which click writes while it reads the options."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except BrokenPipeError as err:
+            raise OutputClosed() from err
 
     def invoke(self, ctx):
         try:
@@ -478,6 +485,9 @@ def main() -> None:
         try:
             try:
                 cli.main(prog_name="vlpcache", standalone_mode=False)
+                # what a pipe's buffer still holds (stdout to a pipe is block-buffered unless PYTHONUNBUFFERED):
+                # its write fails here, where a closed reader is caught, not in the interpreter's teardown
+                sys.stdout.flush()
             except BaseException:
                 close_bars()
                 raise

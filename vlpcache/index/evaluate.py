@@ -345,8 +345,8 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
                      else "every caption of each video" if p["captions_per_video"] == "all"
                      else f"{p['captions_per_video']} caption per video")
         cut = f"; {p['queries_cut']} longer, cut there" if p["queries_cut"] else ""
-        print(f"text→video: {p['queries']} queries ({per_video}, up to {p['max_words']} tokens{cut}), {p['videos']} "
-              f"candidate videos; video→text: {p['videos']} queries, their {p['queries']} captions the candidates; "
+        print(f"text->video: {p['queries']} queries ({per_video}, up to {p['max_words']} tokens{cut}), {p['videos']} "
+              f"candidate videos; video->text: {p['videos']} queries, their {p['queries']} captions the candidates; "
               f"{rerank_said(p['rerank_candidates'], p['videos'], p['rerank_weight'])}, {p['seconds']} s")
     if records is not None:  # after the figures: a write that fails loses only the records
         write_per_query(Path(per_query), records)
