@@ -146,6 +146,82 @@ def test_pretrain_writes_checkpoints_logs_and_validation_metrics(tmp_path, corpu
     assert loaded.model.encode_text(ids, mask).global_.shape == (1, loaded.config.embed_dim)
 
 
+def _weights(run_dir: Path) -> dict:
+    return {k: v.clone() for k, v in load_run(run_dir).model.state_dict().items()}
+
+
+def _largest_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def test_init_fine_tunes_another_runs_weights_on_other_captions_and_counts_its_videos_as_trained_on(
+        tmp_path, corpus, tiny_text, monkeypatch, capsys):
+    # pretrain on one collection, fine-tune on the one searched: before --init every run began from random weights
+    from vlpcache.model.inspect_run import inspect_run
+
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    first = tmp_path / "first"
+    run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], val_captions=corpus["val"], run_dir=first,
+                 **small_options(tiny_text, epochs=1, seed=1))
+    other_ids = write_cache(tmp_path / "other", 12, prefix="w", seed=1)
+    other = write_captions(tmp_path / "other.jsonl", other_ids)
+    # learning rates too small to move a weight: what the new run begins from is what it ends with
+    still = small_options(tiny_text, epochs=1, lr=1e-12, text_lr=1e-12, frame_dropout=0.5)
+    tuned, fresh = tmp_path / "tuned", tmp_path / "fresh"
+    run_pretrain(cache_dirs=[tmp_path / "other"], captions=[other], run_dir=tuned, init=str(first), **still)
+    run_pretrain(cache_dirs=[tmp_path / "other"], captions=[other], run_dir=fresh, **still)
+    assert _largest_difference(_weights(tuned), _weights(first)) < 1e-6
+    assert _largest_difference(_weights(fresh), _weights(first)) > 1e-2  # a random start (seed 0, not 1) is far from it
+
+    meta = json.loads((ckpt.checkpoints(first)[1] / "meta.json").read_text())
+    config = json.loads((tuned / "config.json").read_text())
+    assert config["init"] == {"run": str(first.resolve()), "checkpoint": str(ckpt.checkpoints(first)[1].resolve()),
+                              "epoch": 1, "sha256": meta["sha256"]}
+    assert config["model"]["frame_dropout"] == 0.5 and config["model"]["width"] == 16  # training settings its own
+    own, _, inherited = read_run_videos(tuned, inherited=False)
+    assert len(own) == 12 and np.array_equal(inherited, read_run_videos(first)[0])
+    assert len(read_run_videos(tuned)[0]) == 12 + 40  # what eval counts as trained on
+    capsys.readouterr()
+    inspect_run(tuned)
+    assert f"init        started from {ckpt.checkpoints(first)[1].resolve()} (epoch 1 of {first.resolve()}" in \
+        capsys.readouterr().out
+
+    # stopped before its first checkpoint: --resume starts from the same weights again
+    shutil.rmtree(tuned / "checkpoints")
+    run_pretrain(run_dir=tuned, resume=True, quiet=True, device="cpu")
+    assert _largest_difference(_weights(tuned), _weights(first)) < 1e-6
+    own, _, inherited = read_run_videos(tuned, inherited=False)
+    assert len(own) == 12 and np.array_equal(inherited, read_run_videos(first)[0])
+
+
+def test_init_refuses_another_architecture_other_features_a_folder_that_is_no_run_and_a_resume_from_elsewhere(
+        tmp_path, corpus, tiny_text, monkeypatch):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    first = tmp_path / "first"
+    run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=first, **small_options(tiny_text, epochs=1))
+    data = dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]])
+    with pytest.raises(UserError) as err:
+        run_pretrain(**data, run_dir=tmp_path / "a", init=str(first), **small_options(tiny_text, width=32, layers=2))
+    assert str(err.value) == (f"--init {first.resolve()}: a run that starts from another keeps its model; these options "
+                              "differ: --width 32 (it has 16); --layers 2 (it has 1). Leave them out, or train a new run "
+                              "without --init")
+    write_cache(tmp_path / "wide", 4, dim=8)
+    with pytest.raises(UserError, match=r"wide holds other region features than it was trained on \(feature_dim: 8 != 16"):
+        run_pretrain(cache_dirs=[tmp_path / "wide"], captions=[corpus["train"]], run_dir=tmp_path / "b", init=str(first),
+                     **small_options(tiny_text))
+    with pytest.raises(UserError, match=r"--init .*corpus.*: not a run \(no config.json\) nor one of its checkpoints"):
+        run_pretrain(**data, run_dir=tmp_path / "c", init=str(corpus["cache"].parent), **small_options(tiny_text))
+    assert not any((tmp_path / name).exists() for name in "abc")  # refused before anything was written
+
+    tuned = tmp_path / "tuned"
+    run_pretrain(**data, run_dir=tuned, init=str(ckpt.checkpoints(first)[1]), **small_options(tiny_text, epochs=1))
+    with pytest.raises(UserError, match=r"these options differ: --init .*elsewhere \(the run began from .*first"):
+        run_pretrain(run_dir=tuned, resume=True, epochs=2, init=str(tmp_path / "elsewhere"), quiet=True, device="cpu")
+    run_pretrain(run_dir=tuned, resume=True, epochs=2, init=str(first), quiet=True, device="cpu")  # the same run: fine
+    assert set(ckpt.checkpoints(tuned)) >= {2}
+
+
 def test_the_rerank_weight_chosen_is_the_one_whose_reranked_validation_ranks_best():
     from vlpcache.model.train import RERANK_WEIGHTS, best_rerank_weight
 

@@ -297,6 +297,10 @@ def inspect(cache_dir, list_runs, render_id, output, as_json, failures) -> None:
 @click.option("--text-head", default=None, type=click.Choice(["linear", "mlp"]),
               help=f"Text encoder -> joint space: linear, or linear plus a residual MLP [default: {M.text_head}].")
 @click.option("--resume", is_flag=True, help="Continue the run (-o, or the latest) from its last checkpoint.")
+@click.option("--init", default=None, type=click.Path(), metavar="RUN|CHECKPOINT",
+              help="Start from another run's trained weights (its best checkpoint, or the checkpoint folder given) and "
+                   "fine-tune them on these caches and captions: a new run with that run's model (options that would "
+                   "change it are refused) and its own training settings.")
 @click.option("--workers", default=None, type=click.IntRange(0), help="Data-loading worker processes [default: 0 on CPU (read in the training process), 4 on CUDA].")
 @click.option("--precision", default=None, type=click.Choice(PRECISIONS),
               help="Training arithmetic: auto is bf16 autocast on CUDA (fp16 where the GPU lacks bf16) and on CPUs "

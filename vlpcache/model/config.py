@@ -141,6 +141,7 @@ class PretrainOptions:
     text_head: str | None = None
     max_words: int | None = None
     text_pooling: str | None = None
+    init: str | None = None  # a run's folder or checkpoint that a new run starts from (finetune.py)
 
 
 def captions_per_video_cap(trainable_layers: int | None) -> int:

@@ -117,6 +117,7 @@ def run_summary(run_dir: Path, videos: bool = True) -> dict:
         "train": train,
         "cache_settings": config.get("cache_settings"),
         "cache_settings_each": config.get("cache_settings_each"),  # runs made before it: the first cache's only
+        "init": config.get("init"),  # the checkpoint it started from (pretrain --init), else None
         "videos": {"trained": len(recorded[0]), "validation": len(recorded[1])} if recorded is not None else None,
         "log": [{key: record.get(key) for key in LOG_FIELDS} for record in log],
         "best": {"epoch": best.get("epoch"), "selection": SELECTION, "metrics": best.get("metrics")} if best else None,
@@ -158,7 +159,16 @@ def _header(summary: dict) -> list[str]:
         f"{rwa}; dropout: frames {_said(m.get('frame_dropout'))}, regions {_said(m.get('region_dropout'))}",
         f"training    batch {t.get('batch_size')}, lr {t.get('lr')}, text lr {t.get('text_lr')}, seed {t.get('seed')}, "
         f"precision {_precision(t, summary['log'])}",
+        *_began(summary.get("init")),
     ]
+
+
+def _began(init) -> list[str]:
+    """Where a run started from another (pretrain --init): that checkpoint, said and kept apart from a random start."""
+    if not isinstance(init, dict):
+        return []
+    return [f"init        started from {printable(str(init.get('checkpoint')))} (epoch {init.get('epoch')} of "
+            f"{printable(str(init.get('run')))}; its videos count as trained on)"]
 
 
 def _said(value, missing: str = "not recorded (a run of an earlier vlpcache)") -> str:

@@ -12,7 +12,8 @@ and `eval` find the checkpoint to use (checkpoint.py writes and loads; search re
     <run>/best.json                   {"epoch": 3, "metrics": ...}: the epoch with the best validation
     <run>/log.jsonl, <run>/tensorboard/   a JSON line per epoch (LOG_FIELDS); TensorBoard events per step
     <run>/pretrain.lock               held (fcntl) by the process training the run; gone when it ends
-    <run>/videos.npz                  which videos it trained and validated on (video_keys), for eval
+    <run>/videos.npz                  which videos it trained and validated on (video_keys), for eval; a run
+                                      started from another (--init) keeps that run's apart ("inherited")
 
 A checkpoint counts once its meta.json exists ({"epoch", "sha256" of model.safetensors, "metrics",
 "rerank_weight", ...}); older checkpoints are removed as new ones land, except the best.
@@ -299,9 +300,13 @@ def video_keys(ids: Iterable[str]) -> np.ndarray:
     return np.unique(keys)
 
 
-def save_run_videos(run_dir: Path, trained: Iterable[str], validation: Iterable[str]) -> None:
-    """Record the item ids the run trains and validates on (videos.npz), whole or not at all."""
+def save_run_videos(run_dir: Path, trained: Iterable[str], validation: Iterable[str],
+                    inherited: np.ndarray | None = None) -> None:
+    """Record the item ids the run trains and validates on (videos.npz), whole or not at all; `inherited`:
+    the video keys that the run it started from (--init) trained on, which its weights have seen too."""
     arrays = {"trained": video_keys(trained), "validation": video_keys(validation)}
+    if inherited is not None:
+        arrays["inherited"] = inherited
     replace_atomically(Path(run_dir) / VIDEOS_NAME, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
 
 
@@ -309,20 +314,28 @@ def add_run_videos(run_dir: Path, trained: Iterable[str], validation: Iterable[s
     """Add the videos a resumed run trains on now to its record, where they differ from those recorded
     (a caption file or cache changed since it began): (recorded, now, recorded but not now, now but not
     recorded) training videos; None when they are the same, or the record cannot be read."""
-    recorded = read_run_videos(run_dir)
+    recorded = read_run_videos(run_dir, inherited=False)
     now = video_keys(trained)
     if recorded is None or np.array_equal(recorded[0], now):
         return None
     arrays = {"trained": np.union1d(recorded[0], now), "validation": np.union1d(recorded[1], video_keys(validation))}
+    if len(recorded) > 2:
+        arrays["inherited"] = recorded[2]
     replace_atomically(Path(run_dir) / VIDEOS_NAME, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
     return len(recorded[0]), len(now), len(np.setdiff1d(recorded[0], now)), len(np.setdiff1d(now, recorded[0]))
 
 
-def read_run_videos(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
+def read_run_videos(run_dir: Path, inherited: bool = True) -> tuple[np.ndarray, ...] | None:
     """(trained, validation) video_keys of a run, or None for a run that has no record (made before it was kept)
-    or one that cannot be read (empty, damaged): the record only adds to what eval and inspect say."""
+    or one that cannot be read (empty, damaged): the record only adds to what eval and inspect say. Trained
+    includes the videos of the run it started from (--init); inherited=False keeps those apart, a third array
+    where there are any."""
     try:
         with np.load(Path(run_dir) / VIDEOS_NAME) as stored:
-            return stored["trained"], stored["validation"]
+            if "inherited" not in stored:
+                return stored["trained"], stored["validation"]
+            if inherited:
+                return np.union1d(stored["trained"], stored["inherited"]), stored["validation"]
+            return stored["trained"], stored["validation"], stored["inherited"]
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
         return None

@@ -52,6 +52,7 @@ from vlpcache.model.config import (
     TrainConfig,
     captions_per_video_cap,
 )
+from vlpcache.model.finetune import check_init_features, inherited_videos, init_model_config, init_record, initial_model
 from vlpcache.model.model import (DEFAULT_TEXT_MODEL, AlignmentModel, PretrainLoss, build_model, check_text_model_findable,
                                   load_text_backbone, text_positions)
 from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
@@ -209,6 +210,7 @@ class Run:
     model: ModelConfig
     data: PretrainData | None  # None: a resumed run with no epoch left to train (its data is not read)
     resumed: bool  # settings read back from the run's config.json
+    init: dict | None = None  # the checkpoint it started from (--init; finetune.init_record), else None
 
 
 def choose_run_dir(options: PretrainOptions, processes: Processes, workspace: Workspace) -> tuple[Path, bool]:
@@ -276,6 +278,8 @@ def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, w
     if not options.resume and ckpt.checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or another -o RUN_DIR")
     notes = []  # a new run's lines on the defaults it resolved
+    init = stored.get("init") if stored else init_record(options.init) if options.init else None
+    init_config = init_model_config(options, init) if init and not stored else None  # refused before the data is read
     if stored:
         train_config, model_config = _stored_settings(options, stored, run_dir, processes)
         done = max(ckpt.checkpoints(run_dir), default=0)
@@ -284,7 +288,7 @@ def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, w
                             f"--epochs {done} or more (more continues it), or start a new run")
         if train_config.epochs == done and (run_dir / VIDEOS_NAME).exists():  # said before the captions and
             # caches are read (seconds, or minutes); a run from before the videos' record reads them to write it
-            return Run(run_dir, train_config, model_config, None, resumed=True)
+            return Run(run_dir, train_config, model_config, None, resumed=True, init=init)
         for key, name in LOCATION_OPTIONS:
             if missing := [p for p in location_list(getattr(train_config, key)) if not os.path.exists(p)]:
                 raise UserError(f"--resume: {run_dir} reads {printable(missing[0])}, which is not there (moved or "
@@ -302,14 +306,19 @@ def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, w
         [Path(c) for c in train_config.caches], [Path(c) for c in train_config.captions],
         Path(train_config.val_captions) if train_config.val_captions else None,
         seed=train_config.seed, workspace=workspace, captions_per_video=train_config.captions_per_video,
-        max_captions_per_video=captions_per_video_cap(options.trainable_layers),
+        max_captions_per_video=captions_per_video_cap(init_config.text_trainable_layers if init_config
+                                                      else options.trainable_layers),
         progress=processes.main and not processes.quiet,
     )
     if not stored:  # record what the defaults resolved to, so that resume reads the same data
         train_config.captions_per_video = data.train.captions_per_video
         train_config.captions = [str(p) for p in data.caption_files]
         train_config.val_captions = str(data.validation_file) if data.validation_file else None
-        model_config, notes = _new_model_config(options, data)
+        if init_config is not None:
+            check_init_features(init, data.caches)
+            model_config = init_config
+        else:
+            model_config, notes = _new_model_config(options, data)
     if stored and (recorded := stored.get("cache_settings")):  # a cache given anew, or extracted again since
         for cache in data.caches:
             if diffs := cache.settings.feature_differences(recorded):
@@ -327,7 +336,7 @@ def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, w
                      f"a typical training video: a step repeats its captions, more text work for the same positives")
     for line in [*data.summary(), *notes]:
         processes.say(line)
-    return Run(run_dir, train_config, model_config, data, resumed=bool(stored))
+    return Run(run_dir, train_config, model_config, data, resumed=bool(stored), init=init)
 
 
 def once_each(paths, option: str, processes: Processes) -> list[str]:
@@ -345,7 +354,7 @@ def _check_before_loading(options: PretrainOptions, train_config: TrainConfig, p
     autocast_for(processes.device, train_config.precision)  # bf16 where there is none
     if options.text_model is not None and not options.text_model.strip():
         raise UserError("--text-model '': give a model's folder or a Hugging Face name, or leave it out for the default")
-    if options.text_model and not options.resume:
+    if options.text_model and not options.resume and not options.init:  # --init: the init run's, checked there
         check_text_model_findable(options.text_model)
     heads = ModelConfig.heads
     if options.width is not None and options.width % heads:
@@ -400,6 +409,10 @@ def _stored_settings(options: PretrainOptions, stored: dict, run_dir: Path, proc
             conflicts.append(f"--{option.replace('_', '-')} {value} (the run has {had})")
     if options.no_rwa and model_config.rwa:
         conflicts.append("--no-rwa (the run trains with region-word alignment)")
+    began = stored.get("init") or {}
+    if options.init and str(Path(options.init).resolve()) not in (began.get("run"), began.get("checkpoint")):
+        conflicts.append(f"--init {printable(options.init)} (the run began "
+                         f"{'from ' + printable(began['checkpoint']) if began else 'without --init'})")
     # a location is given anew where the stored one is gone (the project moved, the run made before it
     # recorded where it was made); one that is still there may not change
     given = {"caches": options.cache_dirs, "captions": options.captions,
@@ -490,8 +503,8 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
             ckpt.load_weights(model, source)
         except UserError as err:  # damaged (a disk's fault): the way on, as for its training state
             raise UserError(f"{err}; remove {source} to resume from the checkpoint before it, or start a new run") from None
-    else:
-        model, tokenizer = build_model(run.model)
+    else:  # a new run, or one stopped before its first checkpoint
+        model, tokenizer = initial_model(run.init, run.model, run.dir) if run.init else build_model(run.model)
     if processes.main:
         ckpt.remove_temporaries(run.dir)
         if run.resumed and source is None:  # killed (or out of disk) before the first checkpoint: epoch 1 again
@@ -503,8 +516,12 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
                 "cache_settings": run.data.caches[0].settings.to_json(),  # what load_run checks a cache against
                 "cache_settings_each": [cache.settings.to_json() for cache in run.data.caches],  # for inspect
                 "vlpcache_version": __version__,
+                **({"init": run.init} if run.init else {}),
             }
             ckpt.save_run_files(run.dir, config, tokenizer, model.text_encoder.backbone.config)
+            if run.init:
+                processes.say(f"starting from {printable(run.init['checkpoint'])} (epoch {run.init['epoch']} of "
+                              f"{printable(run.init['run'])}): its model, this run's training settings")
             if (asked := run.model.text_trainable_layers) > (has := len(model.text_encoder.layers)):
                 processes.say(f"note: --trainable-layers {asked}: the text model has {has} layers; all of them train, "
                               "and its word embeddings too (a checkpoint holds them: twice the size)")
@@ -513,7 +530,8 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
         # a fresh start rewrites it (a run folder left without a checkpoint may be started again on other
         # captions); a run resumed from before the record was kept gets it too
         if not run.resumed or not (run.dir / VIDEOS_NAME).exists():
-            save_run_videos(run.dir, run.data.train_ids(), run.data.validation_ids())
+            save_run_videos(run.dir, run.data.train_ids(), run.data.validation_ids(),
+                            inherited_videos(run.init) if run.init else None)
         elif last and (change := add_run_videos(run.dir, run.data.train_ids(), run.data.validation_ids())):
             before, now, gone, new = change
             processes.say(f"note: the training videos changed since {run.dir} began ({before:,} then, {now:,} now: "
