@@ -1592,6 +1592,9 @@ MUTANTS += [
     mutant("inspect-init-unsaid", "vlpcache/model/inspect_run.py",
            "        *_began(summary.get(\"init\")),\n", "",
            "tests/test_pretrain.py -k init_fine_tunes", "inspect RUN says which checkpoint a fine-tuned run started from"),
+    mutant("runs-list-init-unsaid", "vlpcache/model/inspect_run.py",
+           "                        (\"val_captions\", \"train\", \"val_captions\"), (\"init\", \"init\", \"checkpoint\")])", "                        (\"val_captions\", \"train\", \"val_captions\")])",
+           "tests/test_pretrain.py -k init_fine_tunes", "inspect --runs tells a fine-tuned run by its --init"),
 ]
 
 

@@ -158,7 +158,7 @@ def _largest_difference(a: dict, b: dict) -> float:
 def test_init_fine_tunes_another_runs_weights_on_other_captions_and_counts_its_videos_as_trained_on(
         tmp_path, corpus, tiny_text, monkeypatch, capsys):
     # pretrain on one collection, fine-tune on the one searched: before --init every run began from random weights
-    from vlpcache.model.inspect_run import inspect_run
+    from vlpcache.model.inspect_run import inspect_run, list_runs
 
     monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
     first = tmp_path / "first"
@@ -186,6 +186,11 @@ def test_init_fine_tunes_another_runs_weights_on_other_captions_and_counts_its_v
     inspect_run(tuned)
     assert f"init        started from {ckpt.checkpoints(first)[1].resolve()} (epoch 1 of {first.resolve()}" in \
         capsys.readouterr().out
+    list_runs(tmp_path)  # what tells the runs apart
+    listed = capsys.readouterr().out.splitlines()
+    assert f"--init {ckpt.checkpoints(first)[1].resolve()}" in listed[listed.index(next(l for l in listed if
+                                                                                        l.startswith("tuned"))) + 1]
+    assert "no --init" in listed[listed.index(next(l for l in listed if l.startswith("fresh"))) + 1]
 
     # stopped before its first checkpoint: --resume starts from the same weights again
     shutil.rmtree(tuned / "checkpoints")

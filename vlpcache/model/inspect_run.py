@@ -250,7 +250,7 @@ UNREADABLE_RUN = "unreadable"  # the state of a run this user may not read
 COMPARED_SETTINGS = ([(option, "train", option) for option in TRAIN_OPTIONS if option not in RESUMABLE_OPTIONS]
                      + [(option, "model", key) for option, key in MODEL_OPTIONS.items()]
                      + [("rwa", "model", "rwa"), ("cache", "train", "caches"), ("captions", "train", "captions"),
-                        ("val_captions", "train", "val_captions")])
+                        ("val_captions", "train", "val_captions"), ("init", "init", "checkpoint")])
 
 
 def setting_differences(summaries: list[dict]) -> list[dict]:
@@ -266,6 +266,8 @@ def setting_differences(summaries: list[dict]) -> list[dict]:
 
 def _setting_text(option: str, value) -> str:
     """One compared setting as a person reads it: `--lr 0.001`, `--no-global-path`, `--no-rwa`."""
+    if option == "--init":  # the checkpoint a run started from, or none: random weights
+        return f"--init {printable(str(value))}" if value else "no --init"
     if value is None:
         return f"{option} not recorded"
     if option == "--rwa":
