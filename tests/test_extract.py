@@ -611,7 +611,7 @@ def test_ids_like_a_name_that_names_none_are_found_letter_case_aside():
 
 
 def test_broken_files_get_one_line_each_and_the_run_goes_on(tmp_path, videos_dir):
-    from tests.broken_media import make_broken_media
+    from broken_media import make_broken_media
 
     root = tmp_path / "broken"
     expected = make_broken_media(root, videos_dir / "cup.mp4")

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import ray  # the ray extra, part of the test extra
 
-from tests.test_extract import vlpcache
+from test_extract import vlpcache
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import FAILURE_DIR, LOCK_DIR, SHARD_DIR, SHARD_SUFFIX
 from vlpcache.extract.stamps import source_stamp
@@ -47,7 +47,7 @@ def ray_address():
 @pytest.fixture(scope="module")
 def root(tmp_path_factory, videos_dir, msrvtt_dir, flickr_dir):
     """Real videos, photos and frame folders, and every kind of broken input."""
-    from tests.broken_media import make_broken_media
+    from broken_media import make_broken_media
 
     root = tmp_path_factory.mktemp("media")
     (root / "clips").mkdir()
@@ -149,7 +149,7 @@ def test_the_ray_engine_leaves_no_empty_failure_logs(on_ray):
 
 
 def test_decode_timeout_reaches_the_ray_engines_decoders(ray_address, tmp_path):
-    from tests.broken_media import make_slow_image
+    from broken_media import make_slow_image
 
     slow = make_slow_image(tmp_path / "root" / "page.png")  # seconds to decode
     result = vlpcache("extract", slow.parent, "-o", tmp_path / "cache", *FRAMES, "--decode-timeout", 0.2,
