@@ -220,9 +220,10 @@ def _connect(ray, address: str | None) -> bool:
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines beside our bar
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": ours show
-    # an actor's error is logged by these two with its traceback, then raised here: run_on_ray says it (in
-    # one line where it is ours, a full disk), and Python prints the traceback of any other
-    for name in ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions"):
+    # an actor's error is logged by these with its traceback (the last by Ray up to 2.52 at least), then raised
+    # here: run_on_ray says it (in one line where it is ours, a full disk), and Python prints any other's traceback
+    for name in ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions",
+                 "ray.data._internal.util"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     if ray.is_initialized():
         return False
