@@ -126,6 +126,7 @@ def test_the_ray_engine_caches_the_same_items_once_with_the_local_engines_featur
     cache, result = on_ray
     assert_same_cache(cache, local)
     assert f"extract: {len(local)} done" in result.stderr and "Traceback" not in result.stderr
+    assert "FutureWarning" not in result.stderr  # Ray up to 2.55 warned at every init
     names = [p.name for p in (cache.cache_dir / SHARD_DIR).iterdir()]
     assert names and all(n.startswith("s0of1-ray-") and n.endswith(SHARD_SUFFIX) for n in names)  # none left .tmp
 

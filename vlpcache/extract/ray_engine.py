@@ -230,8 +230,10 @@ def _connect(ray, address: str | None) -> bool:
     try:
         # no address: a new local instance, as documented, not Ray's default of the last `ray start` cluster (a
         # stale record of one whose head died, /tmp/ray/ray_current_cluster, hangs ray.init for good)
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local",
-                 logging_level=logging.WARNING)  # its driver handler: SIGTERM exits with 15, no word
+        with warnings.catch_warnings():  # Ray up to 2.55 tells of a default a future Ray changes, at every init
+            warnings.filterwarnings("ignore", "Tip: In future versions of Ray", FutureWarning)
+            ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local",
+                     logging_level=logging.WARNING)  # its driver handler: SIGTERM exits with 15, no word
     except ConnectionError as err:
         if "InvalidAuthToken" in str(err.__cause__):  # Ray's text after its 20 s of retries
             raise UserError(f"{address_named(address)}: the cluster wants token authentication, which this shell has "
