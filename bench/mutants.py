@@ -1595,6 +1595,9 @@ MUTANTS += [
     mutant("runs-list-init-unsaid", "vlpcache/model/inspect_run.py",
            "                        (\"val_captions\", \"train\", \"val_captions\"), (\"init\", \"init\", \"checkpoint\")])", "                        (\"val_captions\", \"train\", \"val_captions\")])",
            "tests/test_pretrain.py -k init_fine_tunes", "inspect --runs tells a fine-tuned run by its --init"),
+    mutant("init-gone-unsaid", "vlpcache/model/finetune.py",
+           "    if not (checkpoint / WEIGHTS_NAME).is_file() or not (source / TEXT_DIR).is_dir():\n", "    if False:\n",
+           "tests/test_pretrain.py -k init_refuses", "a run whose --init checkpoint is gone before its own first one says so and the way on"),
 ]
 
 

@@ -204,13 +204,15 @@ def test_init_refuses_another_architecture_other_features_a_folder_that_is_no_ru
         tmp_path, corpus, tiny_text, monkeypatch):
     monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
     first = tmp_path / "first"
-    run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=first, **small_options(tiny_text, epochs=1))
+    run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=first,
+                 **small_options(tiny_text, epochs=1, trainable_layers=0))
     data = dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]])
     with pytest.raises(UserError) as err:
-        run_pretrain(**data, run_dir=tmp_path / "a", init=str(first), **small_options(tiny_text, width=32, layers=2))
+        run_pretrain(**data, run_dir=tmp_path / "a", init=str(first),
+                     **small_options(tiny_text, width=32, layers=2, trainable_layers=2))
     assert str(err.value) == (f"--init {first.resolve()}: a run that starts from another keeps its model; these options "
-                              "differ: --width 32 (it has 16); --layers 2 (it has 1). Leave them out, or train a new run "
-                              "without --init")
+                              "differ: --trainable-layers 2 (it has 0); --width 32 (it has 16); --layers 2 (it has 1). "
+                              "Leave them out, or train a new run without --init")
     write_cache(tmp_path / "wide", 4, dim=8)
     with pytest.raises(UserError, match=r"wide holds other region features than it was trained on \(feature_dim: 8 != 16"):
         run_pretrain(cache_dirs=[tmp_path / "wide"], captions=[corpus["train"]], run_dir=tmp_path / "b", init=str(first),
@@ -225,6 +227,15 @@ def test_init_refuses_another_architecture_other_features_a_folder_that_is_no_ru
         run_pretrain(run_dir=tuned, resume=True, epochs=2, init=str(tmp_path / "elsewhere"), quiet=True, device="cpu")
     run_pretrain(run_dir=tuned, resume=True, epochs=2, init=str(first), quiet=True, device="cpu")  # the same run: fine
     assert set(ckpt.checkpoints(tuned)) >= {2}
+
+    # stopped before its first checkpoint, and what it starts from gone meanwhile: one line and the way on
+    shutil.copytree(first, tmp_path / "gone")
+    run_pretrain(**data, run_dir=tmp_path / "orphan", init=str(tmp_path / "gone"), **small_options(tiny_text, epochs=1))
+    shutil.rmtree(tmp_path / "orphan" / "checkpoints")
+    shutil.rmtree(tmp_path / "gone")
+    with pytest.raises(UserError, match=r"orphan starts from .*gone/checkpoints/epoch-0001 \(--init\), which is not there "
+                                        r"any more .* and has no checkpoint of its own yet: start it anew"):
+        run_pretrain(run_dir=tmp_path / "orphan", resume=True, quiet=True, device="cpu")
 
 
 def test_the_rerank_weight_chosen_is_the_one_whose_reranked_validation_ranks_best():

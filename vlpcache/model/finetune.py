@@ -67,7 +67,9 @@ def init_model_config(options: PretrainOptions, record: dict) -> ModelConfig:
         if field in TRAINING_FIELDS:
             setattr(config, field, value)
         else:
-            had = getattr(config, field) or ("the default text model" if field == "text_model" else "")
+            had = getattr(config, field)
+            if field == "text_model" and not had:  # "" is the default model of the vlpcache that trained it
+                had = "the default text model"
             conflicts.append(f"--{option.replace('_', '-')} {value} (it has {had})")
     if conflicts:
         raise UserError(f"--init {printable(record['run'])}: a run that starts from another keeps its model; these options "
@@ -95,8 +97,8 @@ def initial_model(record: dict, config: ModelConfig, run_dir: Path):
     checkpoint, source = Path(record["checkpoint"]), Path(record["run"])
     if not (checkpoint / WEIGHTS_NAME).is_file() or not (source / TEXT_DIR).is_dir():
         raise UserError(f"{run_dir} starts from {printable(str(checkpoint))} (--init), which is not there any more "
-                        f"(moved, or removed as {printable(str(source))} trained on); pass --init with where it is now, "
-                        "or train a new run")
+                        f"(moved, or removed as {printable(str(source))} trained on), and has no checkpoint of its own "
+                        "yet: start it anew, with another -o or after removing it, and --init where that checkpoint is now")
     backbone, tokenizer = load_text_backbone(str(source / TEXT_DIR), weights=False)
     model = AlignmentModel(config, backbone)
     load_weights(model, checkpoint)
