@@ -1581,7 +1581,7 @@ MUTANTS += [
            "                            inherited_videos(run.init) if run.init else None)", "                            None)",
            "tests/test_pretrain.py -k init_fine_tunes", "a fine-tuned run counts its init run's videos as trained on"),
     mutant("init-architecture-not-refused", "vlpcache/model/finetune.py",
-           "            conflicts.append(f\"--{option.replace('_', '-')} {value} (it has {had})\")", "            setattr(config, field, value)",
+           "            conflicts.append(f\"{given} (it has {had})\")", "            setattr(config, field, value)",
            "tests/test_pretrain.py -k init_refuses", "--init with an option that changes the model is one line naming each"),
     mutant("init-features-not-checked", "vlpcache/model/train.py",
            "            check_init_features(init, data.caches)\n", "",

@@ -144,6 +144,19 @@ class PretrainOptions:
     init: str | None = None  # a run's folder or checkpoint that a new run starts from (finetune.py)
 
 
+def differing_model_options(options: PretrainOptions, config: ModelConfig) -> list[tuple[str, object, str, object]]:
+    """Each model option given that differs from `config`: (its ModelConfig field, the value given, "--option VALUE",
+    what config has, "the default text model" for the "" a run records for it)."""
+    found = []
+    for option, name in MODEL_OPTIONS.items():
+        value, had = getattr(options, option), getattr(config, name)
+        if value is not None and value != had:
+            if name == "text_model" and not had:  # "" is the default model of the vlpcache that trained it
+                had = "the default text model"
+            found.append((name, value, f"--{option.replace('_', '-')} {value}", had))
+    return found
+
+
 def captions_per_video_cap(trainable_layers: int | None) -> int:
     """The most captions per video a default run uses, given the text layers that train (None: the default)."""
     layers = ModelConfig.text_trainable_layers if trainable_layers is None else trainable_layers

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vlpcache.errors import UserError
-from vlpcache.model.config import MODEL_OPTIONS, ModelConfig, PretrainOptions
+from vlpcache.model.config import ModelConfig, PretrainOptions, differing_model_options
 from vlpcache.model.run_layout import (CONFIG_NAME, TEXT_DIR, WEIGHTS_NAME, checkpoints, read_checkpoint_meta,
                                        read_run_config, read_run_videos, resolve_checkpoint)
 from vlpcache.report import printable
@@ -60,17 +60,11 @@ def init_model_config(options: PretrainOptions, record: dict) -> ModelConfig:
     an option that would change the architecture is refused, all of them in one line."""
     config, _ = init_settings(record)
     conflicts = []
-    for option, field in MODEL_OPTIONS.items():
-        value = getattr(options, option)
-        if value is None or value == getattr(config, field):
-            continue
+    for field, value, given, had in differing_model_options(options, config):
         if field in TRAINING_FIELDS:
             setattr(config, field, value)
         else:
-            had = getattr(config, field)
-            if field == "text_model" and not had:  # "" is the default model of the vlpcache that trained it
-                had = "the default text model"
-            conflicts.append(f"--{option.replace('_', '-')} {value} (it has {had})")
+            conflicts.append(f"{given} (it has {had})")
     if conflicts:
         raise UserError(f"--init {printable(record['run'])}: a run that starts from another keeps its model; these options "
                         f"differ: {'; '.join(conflicts)}. Leave them out, or train a new run without --init")

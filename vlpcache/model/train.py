@@ -51,6 +51,7 @@ from vlpcache.model.config import (
     PretrainOptions,
     TrainConfig,
     captions_per_video_cap,
+    differing_model_options,
 )
 from vlpcache.model.finetune import check_init_features, inherited_videos, init_model_config, init_record, initial_model
 from vlpcache.model.model import (DEFAULT_TEXT_MODEL, AlignmentModel, PretrainLoss, build_model, check_text_model_findable,
@@ -400,13 +401,7 @@ def _stored_settings(options: PretrainOptions, stored: dict, run_dir: Path, proc
         value = getattr(options, option)
         if value is not None and option not in RESUMABLE_OPTIONS and value != getattr(train_config, option):
             conflicts.append(f"--{option.replace('_', '-')} {value} (the run has {getattr(train_config, option)})")
-    for option, field in MODEL_OPTIONS.items():
-        value = getattr(options, option)
-        if value is not None and value != getattr(model_config, field):
-            had = getattr(model_config, field)
-            if field == "text_model" and not had:  # "" is the default model of the vlpcache that trained it
-                had = "the default text model"
-            conflicts.append(f"--{option.replace('_', '-')} {value} (the run has {had})")
+    conflicts += [f"{given} (the run has {had})" for _, _, given, had in differing_model_options(options, model_config)]
     if options.no_rwa and model_config.rwa:
         conflicts.append("--no-rwa (the run trains with region-word alignment)")
     began = stored.get("init") or {}
