@@ -1083,3 +1083,76 @@ def test_searcher_without_a_query_bank_says_how_to_make_one(ws):
     searcher = Searcher(ws / "runs" / "run-001", ws / "cache")
     with pytest.raises(UserError, match="no query bank.*index --qbnorm"):
         searcher.search("a dog", qbnorm=True)
+
+
+# ---------------------------------------------------------------- search --like: items like an indexed one
+
+
+def test_like_ranks_the_other_items_by_cosine_with_the_items_own_embedding_in_the_api_and_the_cli(ws, monkeypatch,
+                                                                                                   capsys):
+    from vlpcache import Searcher
+
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    searcher = Searcher()
+    index = VideoIndex.load(the_index(ws))
+    example = index.row_of("v5")
+    cosine = index.embeddings @ index.embeddings[example]  # (V,) normalised embeddings
+    order = [r for r in np.argsort(-cosine, kind="stable") if r != example][:6]  # the item itself left out
+    hits = searcher.like("v5", k=6)
+    assert [h.id for h in hits] == [index.ids[r] for r in order] and [h.rank for h in hits] == list(range(1, 7))
+    assert np.allclose([h.score for h in hits], cosine[order], atol=1e-5)
+    assert all(h.score == h.global_score and h.local_score is None and h.regions == [] for h in hits)
+    assert all(h.path == f"{h.id}.mp4" and h.time == float(h.frame) for h in hits)  # frames stamped 0 s, 1 s
+    [result] = search_json(monkeypatch, capsys, "--like", "v5", "-k", "6")
+    assert result == {"like": "v5", "results": json.loads(json.dumps([dataclasses.asdict(h) for h in hits]))}
+    code, out, err = vlpcache(monkeypatch, capsys, "search", "--like", "v5", "--like", "v7", "-k", "30")
+    assert code == 0, err
+    assert f"-k 30 is more than the {ITEMS - 1} other indexed items in the cache" in err
+    first, second = out.split("\n\n")
+    assert first.splitlines()[0] == "like: v5" and second.splitlines()[0] == "like: v7"
+    ranked = [line for line in first.splitlines()[1:] if not line.startswith("       ")]  # not their notes
+    assert len(ranked) == ITEMS - 1 and all(" -> " not in line for line in first.splitlines())  # no regions
+    assert " v5 " not in first and f"  {hits[0].id}  {hits[0].id}.mp4  @ " in ranked[0]
+
+
+def test_a_like_hits_frame_is_the_one_whose_regions_are_most_like_the_items_regions(ws, monkeypatch, capsys):
+    from vlpcache import Searcher
+    from vlpcache.index.region_store import RegionStore
+
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    searcher = Searcher()
+    example, N = searcher.index.row_of("v4"), searcher.cache.settings.regions
+    a, b = np.eye(searcher.index.regions.embeddings.shape[1], dtype=np.float16)[:2]
+    for matching_frame in (1, 0):  # the example's one region is a; every other item has b on one frame, a on the other
+        vectors, positions, offsets = [], [], [0]
+        for row in range(len(searcher.index)):
+            if row == example:
+                vectors, positions = vectors + [a], positions + [0]
+            else:
+                vectors += [b, b, a] if matching_frame == 1 else [a, b, b]
+                positions += [0, 1, N] if matching_frame == 1 else [0, N, N + 1]
+            offsets.append(len(vectors))
+        searcher.index.regions = RegionStore(np.stack(vectors), np.array(offsets, np.int64), np.array(positions, np.int32))
+        hits = searcher.like("v4", k=5)
+        assert [h.frame for h in hits] == [matching_frame] * 5 and [h.time for h in hits] == [float(matching_frame)] * 5
+
+
+def test_like_of_an_id_not_in_the_index_says_why_and_names_the_ids_it_comes_close_to(ws, monkeypatch, capsys):
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    for given, said in (("videos/v3.mp4", '"videos/v3.mp4" is not in the index; did you mean "v3"?'),
+                        ("v3.mp4", '"v3.mp4" is not in the index; did you mean "v3"?'),
+                        ("zzzzzz", '"zzzzzz" is not in the index; give an id as search prints it (the path below '
+                                   'the folder extracted, without its extension: "v0")')):
+        code, out, err = vlpcache(monkeypatch, capsys, "search", "--like", "v2", "--like", given)
+        assert (code, out, err.strip()) == (2, "", f"error: {said}")  # v2's answer is not printed before the error
+    write_cache(ws / "cache", 1, prefix="w", seed=5)  # extracted since the index was built
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "--like", "w0")
+    assert code == 2 and err.strip().endswith('"w0" is cached but not in the index yet; run `vlpcache index` to add it')
+    for args, said in ((["a dog", "--like", "v2"], "give words to search for (TEXT, --queries) or --like ID, not both"),
+                       (["--like", "v2", "--qbnorm"], "--qbnorm normalises text queries by the run's captions")):
+        code, _, err = vlpcache(monkeypatch, capsys, "search", *args)
+        assert code == 2 and said in err and "Traceback" not in err
+    from vlpcache import Searcher
+
+    with pytest.raises(UserError, match="at least one result"):
+        Searcher().like("v2", k=0)

@@ -131,6 +131,15 @@ def test_item_api_lists_the_sampled_frames_and_their_detected_regions(api):
     assert all(len(f["regions"]) == 4 and all(0 <= v <= 1 for r in f["regions"] for v in r["box"]) for f in item["frames"])
 
 
+def test_search_api_like_an_item_gives_the_fields_of_search_like_json(ws, api, monkeypatch, capsys):
+    response = api.get("/api/search", params={"like": f"v{VIDEO}", "k": 5})
+    assert response.status_code == 200 and response.headers["server-timing"].startswith("search;dur=")
+    code, out, err = vlpcache(monkeypatch, capsys, "search", "--like", f"v{VIDEO}", "-k", "5", "--json")
+    assert code == 0, err
+    assert response.json() == json.loads(out) and len(response.json()["results"]) == 5
+    assert f"v{VIDEO}" not in [hit["id"] for hit in response.json()["results"]]
+
+
 def test_hits_and_info_say_what_each_item_was_extracted_from(api):
     hits = api.get("/api/search", params={"q": "a dog on the street", "k": ITEMS}).json()["results"]
     assert {h["id"]: h["kind"] for h in hits} == {f"v{i}": "frames" if i < VIDEO else "video" for i in range(ITEMS)}
@@ -149,6 +158,10 @@ def test_hits_and_info_say_what_each_item_was_extracted_from(api):
     ({"q": "a dog", "rerank": "maybe"}, 400, "rerank must be 1 or 0 (true or false), not 'maybe'"),
     ([("q", "a dog"), ("q", "a cat")], 400, "q given 2 times; give it once"),
     ([("q", "a dog"), ("k", "5"), ("k", "50")], 400, "k given 2 times"),
+    ({"like": "v3", "q": "a dog"}, 400, "give q (words to search for) or like (an item's id), not both"),
+    ({"like": "v3", "k": "0"}, 400, "k = 0"),
+    ({"like": "v3.mp4"}, 404, '"v3.mp4" is not in the index; did you mean "v3"?'),
+    ({"like": ""}, 404, '"" is not in the index'),
 ])
 def test_bad_search_requests_get_a_4xx_with_one_line_of_json(api, params, status, message):
     assert message in one_line_error(api.get("/api/search", params=params), status)
@@ -654,6 +667,18 @@ def test_page_in_headless_chromium_shows_result_cards_with_thumbnails_and_boxes(
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".card")) == 12)
         assert browser.execute_script("return document.getElementById('detail').open")
 
+        opened = browser.find_element(By.ID, "detail-title").text  # its items most like it, a link away
+        browser.find_element(By.ID, "detail-like").click()
+        wait.until(lambda b: b.find_element(By.ID, "status").text.startswith(f"12 items most like “{opened}” · "))
+        assert urllib.parse.parse_qs(urllib.parse.urlparse(browser.current_url).query) == {"like": [opened], "k": ["12"]}
+        liked = browser.execute_script("return [...document.querySelectorAll('.card')].map(c => c.dataset.id)")
+        assert len(liked) == 12 and opened not in liked and not browser.find_elements(By.CSS_SELECTOR, ".card .box")
+        wait.until(lambda b: b.execute_script(loaded))
+        browser.save_screenshot(str(tmp_path / "like.png"))
+        browser.find_element(By.CSS_SELECTOR, "#query-words a.example").click()  # the example's own frames
+        wait.until(lambda b: b.execute_script("return document.getElementById('detail').open"))
+        assert browser.find_element(By.ID, "detail-title").text == opened
+
         browser.get(server.url + "?" + urllib.parse.urlencode({"q": LONG_QUERY}))  # the end the model does not read
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#query-words s.unread"))
         assert browser.find_element(By.CSS_SELECTOR, "#query-words s.unread").text == "umbrella"
@@ -665,7 +690,7 @@ def test_page_in_headless_chromium_shows_result_cards_with_thumbnails_and_boxes(
         browser.quit()
     assert Image.open(tmp_path / "results.png").size[0] > 0
     if os.environ.get("VLPCACHE_SCREENSHOTS"):  # to look at them: VLPCACHE_SCREENSHOTS=DIR pytest ...
-        for name in ("results.png", "detail.png", "unread.png"):
+        for name in ("results.png", "detail.png", "like.png", "unread.png"):
             shutil.copy(tmp_path / name, Path(os.environ["VLPCACHE_SCREENSHOTS"]) / name)
 
 

@@ -358,12 +358,16 @@ def index(**options) -> None:
 @click.option("--no-rerank", is_flag=True, help="Rank by global similarity only (no region-word re-rank).")
 @click.option("--qbnorm", is_flag=True,
               help="Rank by query-bank normalised global similarity (QB-Norm; no re-rank); the bank is made on first use.")
+@click.option("--like", "like", multiple=True, metavar="ID",
+              help="Instead of words: the items most like an indexed one (its id as search prints it), by its own "
+                   "embedding; may be given several times.")
 @run_option
 @cache_option
 @index_option
 @device_option
 def search(**options) -> None:
-    """Videos that match TEXT, best first, with the best-matching time and the regions that matched the words."""
+    """Videos that match TEXT (or are like an indexed one), best first, with the best-matching time and the
+    regions that matched the words."""
     from vlpcache.index.search import run_search
 
     run_search(**options)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import difflib
 import functools
 import json
 import os
@@ -57,6 +58,7 @@ CACHE_RECORD_DIRS = (MOVES_DIR, REMOVED_DIR)
 # shards extract commits (items added, or extracted again: their hits are told so) are looked for at most this
 # often: the cache is listed again then, which reads every shard's ids (seconds for millions of items)
 SHARDS_LOOKED_EVERY_S = 10.0
+CLOSE_IDS_LOOKED_AT = 200_000  # an index of more ids names none close to an unknown one (difflib is slow)
 EXAMPLE_QUERY = "person cuts onion"  # serve's suggestion where the run's captions give none
 EXAMPLE_WORDS = (3, 6)  # a suggested caption's words, at least and at most
 EXAMPLE_VIDEOS = 2000  # the first videos of the run's first caption file looked at for one
@@ -345,8 +347,7 @@ class Searcher:
         similarity ordered by its query-bank normalisation instead (the index's bank; no re-rank)."""
         if not isinstance(query, str):
             raise UserError(f"a query is text (str), not {type(query).__name__}")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            raise UserError(f"k = {k!r}: give a whole number of results, e.g. 10")
+        check_k(k)
         typed, query = query.strip(), model_text(query)
         if not typed:
             raise UserError('empty query; give words to search for, e.g. "person cuts onion"')
@@ -360,8 +361,6 @@ class Searcher:
         if self.unknown_and_known(typed) == ([], 0):  # zero-width or control characters only: the model reads no token
             raise UserError(f'"{printable(typed)}" holds no words the text model reads (only characters it drops: '
                             'zero-width or control ones); give words to search for, e.g. "person cuts onion"')
-        if k < 1:
-            raise UserError(f"k = {k}: ask for at least one result")
         self.refresh()
         if qbnorm and self.query_bank is None:
             raise UserError("this index has no query bank for --qbnorm; run `vlpcache index --qbnorm` (or search --qbnorm) first")
@@ -408,13 +407,7 @@ class Searcher:
         for rank, row in enumerate(ranking.rows, 1):
             j = rank - 1
             item_id = self.index.ids[row]
-            outdated = EXTRACTED_AGAIN if item_id in self.extracted_again else ""
-            try:
-                item, note = self.cache.get(item_id, HIT_ARRAYS), self.cache.note_of(item_id)
-            except DamagedShard as damage:
-                item, note, outdated = self.cache.blank(self.cache.index_of(item_id)), "", unreadable_hit(damage)
-            if not outdated and item["path"] and not os.path.lexists(item["path"]):
-                outdated = GONE_HIT  # its regions are shown: they are the cached ones, if on no picture
+            item, note, outdated = self._shown(item_id)
             N = item["labels"].shape[1]
             alignment = align(ranking.attention[j], query.word_mask[0], query.tokens, ranking.positions[j], N)
             if outdated and outdated != GONE_HIT:
@@ -440,6 +433,68 @@ class Searcher:
             ))
         return hits
 
+    def _shown(self, item_id: str) -> tuple[dict, str, str]:
+        """What a hit shows of an indexed item: its cached arrays (HIT_ARRAYS, path, kind), the note extract
+        kept it with ("" for most), and what is off with it (Hit.outdated; "" for most)."""
+        outdated = EXTRACTED_AGAIN if item_id in self.extracted_again else ""
+        try:
+            item, note = self.cache.get(item_id, HIT_ARRAYS), self.cache.note_of(item_id)
+        except DamagedShard as damage:
+            item, note, outdated = self.cache.blank(self.cache.index_of(item_id)), "", unreadable_hit(damage)
+        if not outdated and item["path"] and not os.path.lexists(item["path"]):
+            outdated = GONE_HIT  # its regions are shown: they are the cached ones, if on no picture
+        return item, note, outdated
+
+    def like(self, item_id: str, k: int = 10) -> list[Hit]:
+        """The k indexed items most like an indexed one, best first: its own video embedding is the query,
+        ranked by cosine (global similarity; nothing to re-rank by: there are no query words), the item itself
+        left out. Each hit's frame is the one whose regions are most like the item's regions. An id that is
+        not in the index is a UserError saying why (not indexed yet, or the ids it comes close to)."""
+        if not isinstance(item_id, str):
+            raise UserError(f"an item id is text (str), not {type(item_id).__name__}")
+        check_k(k)
+        self.refresh()
+        with self._lock:
+            if item_id not in self.index:
+                raise UserError(not_indexed_line(item_id, self.index.ids, self.cache))
+            row = self.index.row_of(item_id)
+            pool = min(len(self.index), k + 1 + self.unshown)  # the item itself and what the cache cannot show
+            faiss_scores, faiss_rows = self.index.search(np.asarray(self.index.embeddings[row : row + 1], np.float32), pool)
+            found = [(float(s), int(r)) for s, r in zip(faiss_scores[0], faiss_rows[0])
+                     if r >= 0 and r != row and self.index.ids[r] in self.cache][:k]
+            frames = self._frames_like(row, [r for _, r in found])
+            hits = []
+            for rank, ((score, r), frame) in enumerate(zip(found, frames), 1):
+                item, note, outdated = self._shown(self.index.ids[r])
+                frame = frame if not outdated or outdated == GONE_HIT else 0  # an unreadable row's times are blank
+                hits.append(Hit(rank=rank, id=self.index.ids[r], path=item["path"], score=score, global_score=score,
+                                local_score=None, time=round(float(item["timestamps"][frame]), 2), frame=frame,
+                                note=note, outdated=outdated, kind=item["kind"]))
+            return hits
+
+    def _frames_like(self, row: int, rows: list[int]) -> list[int]:
+        """For each of `rows`, the frame whose stored regions are most like the regions of `row`'s item: each
+        region's best cosine with any of them, averaged over the frame (0 where the index keeps no regions)."""
+        regions_per_frame = self.cache.settings.regions  # N: the detected regions and the whole-frame one
+        if self.index.regions is None or not rows:
+            return [0] * len(rows)
+        regions, mask, positions = self.index.regions.gather([row] + rows)  # (1 + P, K, E), (1 + P, K), (1 + P, K)
+        regions /= np.maximum(np.linalg.norm(regions, axis=-1, keepdims=True), 1e-12)
+        example = regions[0][mask[0]]  # (K0, E)
+        if not len(example):
+            return [0] * len(rows)
+        best = (regions[1:] @ example.T).max(-1)  # (P, K) each candidate region's best cosine with the example's
+        frames = []
+        for likeness, real, places in zip(best, mask[1:], positions[1:]):
+            frame = places[real] // regions_per_frame  # (K_real,)
+            if not len(frame):
+                frames.append(0)
+                continue
+            totals = np.bincount(frame, weights=likeness[real])
+            counts = np.bincount(frame)
+            frames.append(int(np.argmax(np.where(counts > 0, totals / np.maximum(counts, 1), -np.inf))))
+        return frames
+
     def item(self, item_id: str) -> dict:
         """One indexed item's cached arrays but its features (settings.arrays() names, plus id, path, kind
         and note: what went wrong decoding it, "" for most)."""
@@ -460,6 +515,37 @@ class Searcher:
 
 
 # ---------------------------------------------------------------- output
+
+
+def check_k(k) -> None:
+    """A number of results a search may ask for: a whole number, at least 1."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise UserError(f"k = {k!r}: give a whole number of results, e.g. 10")
+    if k < 1:
+        raise UserError(f"k = {k}: ask for at least one result")
+
+
+def not_indexed_line(item_id: str, ids: list[str], cache: RegionCache) -> str:
+    """Why `item_id` is no item to search like: cached since the index was built, or no id of the index (with
+    the ids it comes close to: a path or a file name given for the id, a typo)."""
+    if item_id in cache:
+        return f'"{printable(item_id)}" is cached but not in the index yet; run `vlpcache index` to add it'
+    try:
+        stem = Path(item_id).with_suffix("").as_posix().strip("/")  # "videos/bikes.mp4" for "bikes"
+    except ValueError:  # no name to take a suffix from: "", "/"
+        stem = item_id
+    close = [i for i in ids if i == stem or i.endswith("/" + stem) or stem.endswith("/" + i)][:3]
+    if not close and len(ids) <= CLOSE_IDS_LOOKED_AT:  # difflib over millions of ids would take minutes
+        close = difflib.get_close_matches(item_id, ids, n=3, cutoff=0.75)
+    named = " or ".join(f'"{printable(i)}"' for i in close)
+    if close:
+        hint = f"; did you mean {named}?"
+    elif ids:
+        hint = (f'; give an id as search prints it (the path below the folder extracted, without its extension: '
+                f'"{printable(ids[0])}")')
+    else:
+        hint = ""
+    return f'"{printable(item_id)}" is not in the index{hint}'
 
 
 def hits_json(query: str, hits: list[Hit], unread: str = "", unknown: list[str] | None = None,
@@ -510,8 +596,13 @@ def unread_line(searcher: Searcher, query: str, unread: str) -> str:
             f"\"{printable(query[:40])}{'...' if len(query) > 40 else ''}\" was left out: \"{printable(shown)}\"")
 
 
-def format_hits(query: str, hits: list[Hit]) -> str:
-    lines = [f"query: {printable(query)}"]
+def like_json(item_id: str, hits: list[Hit]) -> dict:
+    """`vlpcache search --like ID --json`'s object (and serve's /api/search?like=ID)."""
+    return {"like": item_id, "results": [asdict(h) for h in hits]}
+
+
+def format_hits(query: str, hits: list[Hit], head: str = "query") -> str:
+    lines = [f"{head}: {printable(query)}"]
     if not hits:
         lines.append("  (no results)")
     for h in hits:
@@ -623,18 +714,30 @@ def _query_bank_count(index_dir: Path) -> int:
 
 
 def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=None, index_dir=None,
-               as_json=False, no_rerank=False, device=DEFAULT_DEVICE, qbnorm=False) -> None:
+               as_json=False, no_rerank=False, device=DEFAULT_DEVICE, qbnorm=False, like=()) -> None:
     """The `vlpcache search` command."""
-    queries = read_queries(text, queries_file)
+    if like and (text is not None or queries_file):
+        raise UserError("give words to search for (TEXT, --queries) or --like ID, not both")
+    if like and qbnorm:
+        raise UserError("--qbnorm normalises text queries by the run's captions; --like ranks by an item's own "
+                        "embedding: leave out one of them")
+    queries = read_queries(text, queries_file) if not like else []
     searcher = Searcher(run_dir, cache_dir, index_dir, device=device, qbnorm=qbnorm)
     rerank = not no_rerank and not qbnorm
     if (run := searcher.index.meta.run_dir) and (line := being_trained_note(Path(run), searcher.epoch)):
         say(line)
-    if rerank and not searcher.can_rerank:
+    if rerank and not searcher.can_rerank and not like:
         say("note: the run was trained without region-word alignment; results are not re-ranked")
-    shown = len(searcher) - searcher.unshown
+    shown = len(searcher) - searcher.unshown - bool(like)  # an item is not like itself
     if k > shown:
-        say(f"note: -k {k} is more than the {shown} indexed items in the cache; showing all of them")
+        say(f"note: -k {k} is more than the {shown} {'other ' if like else ''}indexed items in the cache; showing all of them")
+    for item_id in like:  # each asked for is in the index, before any is answered
+        if item_id not in searcher.index:
+            raise UserError(not_indexed_line(item_id, searcher.index.ids, searcher.cache))
+    for n, item_id in enumerate(like):
+        hits = searcher.like(item_id, k)
+        print(json.dumps(like_json(item_id, hits), ensure_ascii=False) if as_json
+              else ("\n" if n else "") + format_hits(item_id, hits, head="like"), flush=True)
     cut, strange, weaker = FirstFew(), FirstFew(), FirstFew()
     for n, query in enumerate(queries):
         hits = searcher.search(query, k, rerank=rerank, qbnorm=qbnorm)

@@ -6,6 +6,7 @@
                                    run, what is not yet indexed, a caption of the run's to suggest, and a note when
                                    the run has a newer checkpoint than the one answering ("" for most)
     GET /api/search?q=&k=&rerank=  {"query", "results"}: the fields of `vlpcache search --json`
+    GET /api/search?like=ID&k=     {"like", "results"}: the items most like an indexed one (`search --like ID --json`)
     GET /api/item?id=              one indexed item: its sampled frames and every cached region on them
     GET /media/frame?id=&t=        JPEG of sampled frame t of an indexed item (a placeholder when the source is gone)
 
@@ -29,7 +30,7 @@ from starlette.routing import Route
 
 from vlpcache.cache.labels import RegionNames, region_names
 from vlpcache.errors import UserError
-from vlpcache.index.search import Searcher, hits_json
+from vlpcache.index.search import Searcher, hits_json, like_json
 from vlpcache.report import printable, say
 from vlpcache.serve.thumbnails import ThumbnailStore
 
@@ -75,6 +76,8 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
                              "example": searcher.example_query, "kinds": searcher.kinds(), "newer": newer})
 
     def search(request: Request) -> Response:
+        if (like := _param(request, "like")) is not None:
+            return search_like(request, like)
         query = _query_text(request)
         k = _int_param(request, "k", DEFAULT_K, 1, MAX_K)
         rerank = _flag_param(request, "rerank", True)
@@ -87,6 +90,18 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
         unknown, known = searcher.unknown_and_known(query)
         return JSONResponse(hits_json(query, hits, searcher.unread(query), unknown, searcher.weak(hits), known),
                             headers={"server-timing": f"search;dur={took:.1f}"})
+
+    def search_like(request: Request, like: str) -> Response:
+        if _param(request, "q") is not None:
+            raise ApiError(400, "give q (words to search for) or like (an item's id), not both")
+        k = _int_param(request, "k", DEFAULT_K, 1, MAX_K)
+        started = time.perf_counter()
+        try:
+            hits = searcher.like(like, k)
+        except UserError as err:
+            raise ApiError(404 if like not in searcher.index else 400, str(err)) from None
+        took = 1e3 * (time.perf_counter() - started)
+        return JSONResponse(like_json(like, hits), headers={"server-timing": f"search;dur={took:.1f}"})
 
     def item(request: Request) -> Response:
         cached = _indexed_item(searcher, request)

@@ -1,6 +1,7 @@
 // The search page: reads the query from the URL, asks /api/search, draws a card per result with the
 // best frame, the regions that matched the query words, and the words in their boxes' colours.
-// A card opens every sampled frame of its item (/api/item) with all detected regions.
+// A card opens every sampled frame of its item (/api/item) with all detected regions, and a link to the
+// items most like it (?like=ID: /api/search?like=ID, cards without words).
 "use strict";
 
 const COLOURS = 8; // .c0 ... .c7 in page.css
@@ -272,6 +273,34 @@ async function search(query, k, written = null) {
     (model ? ` · ${model}` : "") + cut);
 }
 
+// the items most like an indexed one (?like=ID): cards as a query's, by global similarity, no words to colour
+async function searchLike(id, k) {
+  setStatus("Searching…");
+  const started = performance.now();
+  let body;
+  try {
+    body = await getJson("/api/search?" + new URLSearchParams({ like: id, k }));
+  } catch (err) {
+    setStatus(`error: ${err.message}`, true);
+    return;
+  }
+  const hits = body.results;
+  colours = new Map();
+  hitsById.clear();
+  hits.forEach((hit) => hitsById.set(hit.id, hit));
+  const example = el("a", { href: "?" + new URLSearchParams({ like: id, k, item: id }), class: "example" }, id);
+  example.addEventListener("click", (event) => { // its own frames, as a card opens them
+    event.preventDefault();
+    openItem(id, true);
+  });
+  $("query-words").replaceChildren("like ", example);
+  $("results").replaceChildren(...hits.map(card));
+  const ms = Math.round(performance.now() - started);
+  const model = (await info)?.model;
+  setStatus((hits.length ? `${hits.length} items most like “${id}” · ${ms} ms` : `nothing else to compare “${id}” with`) +
+    (model ? ` · ${model}` : "") + " · by their whole embeddings: no words, no matched regions");
+}
+
 // what the text model made of words outside its vocabulary (one unknown token each, or spelled out); whether it
 // read anything else is the server's to say (reads_nothing), as search says it
 function unknownText(unknown, readsNothing) {
@@ -291,6 +320,7 @@ async function openItem(id, step = false) {
   $("detail-title").textContent = id;
   $("detail-meta").textContent = hit ? `#${hit.rank} · score ${hit.score.toFixed(3)} · ${hit.path}${noted(hit)}` : "";
   $("detail-frames").replaceChildren();
+  $("detail-like").href = "/?" + new URLSearchParams({ like: id, k: $("k").value });
   if (!dialog.open) dialog.showModal();
   const url = new URL(location.href);
   url.searchParams.set("item", id);
@@ -369,11 +399,15 @@ function kindsText(kinds, total) {
 
 async function start() {
   const query = (params.get("q") || "").trim();
+  const like = query ? null : params.get("like");
   const { k, bad } = chosenK(params.get("k"));
   $("q").value = query;
   if (![...$("k").options].some((o) => o.value === k)) $("k").append(el("option", { value: k }, `${k} results`));
   $("k").value = k;
-  $("k").addEventListener("change", () => { if ($("q").value.trim()) $("search").requestSubmit(); });
+  $("k").addEventListener("change", () => {
+    if ($("q").value.trim()) $("search").requestSubmit();
+    else if (like) location.search = "?" + new URLSearchParams({ like, k: $("k").value }); // more or fewer of those
+  });
   $("detail-close").addEventListener("click", () => $("detail").close());
   $("detail").addEventListener("close", closeItem);
   window.addEventListener("popstate", followHistory);
@@ -381,8 +415,8 @@ async function start() {
   const about = getJson("/api/info");
   info = about.catch(() => null); // results do not wait on it failing
   about.then((i) => { if (i.example) $("q").placeholder = i.example; }, () => {});
-  if (query) {
-    await search(query, k, undecodedQuery());
+  if (query || like) {
+    await (query ? search(query, k, undecodedQuery()) : searchLike(like, k));
     if (bad) setStatus(`${$("status").textContent} · “${bad}” results is not a number from 1 to ${MAX_K}: ${k} shown`);
   } else {
     about.then((i) => setStatus(`Search ${kindsText(i.kinds, i.items)} by what happens in them` +
