@@ -393,3 +393,18 @@ def test_an_unreadable_file_or_frames_folder_gives_permission_denied(tmp_path, u
     reason = "cannot read folder: permission denied" if kind == "frames" else "permission denied"
     with pytest.raises(ItemError, match=f"^{reason}$"):
         read_item(Item("locked", path, kind), T, MAX_SIDE)
+
+
+@pytest.mark.parametrize("name, seconds", [("vtest.avi", 79.5), ("tree.avi", 29.6)])
+def test_a_cut_avi_is_sampled_over_what_is_left_and_noted_as_truncated(videos_dir, tmp_path, name, seconds):
+    # an AVI's index is at its end: cut off, FFmpeg scans the frames there are, and only its header still
+    # counts the frames there were (an MP4 keeps its index at the start: the test above)
+    data = (videos_dir / name).read_bytes()
+    cut = tmp_path / name
+    cut.write_bytes(data[: len(data) * 4 // 10])
+    out = read_item(video(cut), T, MAX_SIDE)
+    check_frames(out)
+    assert len(out.frames) == T and out.duration < 0.5 * seconds  # spread over the frames that are there
+    [note] = out.notes
+    assert note.startswith("video data ends at ") and note.endswith(f" s of {seconds:.1f} s (truncated file?)")
+    assert read_item(video(videos_dir / name), T, MAX_SIDE).notes == []  # the whole file: nothing to say

@@ -49,6 +49,8 @@ PROBE_MAX_STEPS_BACK = 10
 # this far (seconds; a week) past its start; a small one without timestamps there by a demux pass (no decoding).
 SEEK_PAST_END_S = 7 * 24 * 3600
 DEMUX_PASS_MAX_BYTES = 256 << 20
+# a video whose data ends before this share of its length (less a second) is noted as truncated
+TRUNCATED_BELOW = 0.9
 
 
 @dataclass
@@ -147,7 +149,12 @@ class _VideoSampler:
             rate = stream.guessed_rate or stream.average_rate or stream.base_rate
             self.frame_step = float(1 / (rate * self.time_base)) if rate else 1.0  # nominal, in time_base units
             self.clock = _FrameClock(self.frame_step)
-            return self._sample(self._duration())
+            duration = self._duration()
+            if duration < TRUNCATED_BELOW * (length := self._header_length()) - 1.0:
+                # an AVI cut off loses its index, at the end: FFmpeg's scan finds the frames there are, and the
+                # header still counts the frames there were (a cut MP4's index survives: _sample tells that one)
+                self.notes.append(f"video data ends at {duration:.1f} s of {length:.1f} s (truncated file?)")
+            return self._sample(duration)
         finally:
             self.container.close()
 
@@ -207,6 +214,12 @@ class _VideoSampler:
         self._reopen()  # a failed seek, or one back to the start, can leave a raw H.264 stream at its end
         return end
 
+    def _header_length(self) -> float:
+        """Seconds the stream's header says it holds (its frame count at its frame rate); 0 where it does not say."""
+        stream = self.stream
+        rate = stream.average_rate or stream.guessed_rate
+        return float(stream.frames / rate) if stream.frames and rate else 0.0
+
     # -- sampling plan
 
     def _sample(self, duration: float) -> SampledFrames:
@@ -252,7 +265,7 @@ class _VideoSampler:
         if self.decode_errors:
             self.notes.append(f"{self.decode_errors} packet{'s' if self.decode_errors != 1 else ''} failed to decode")
         end = (ended_at - self.start) * tb  # -inf when every target found its frame before the data ended
-        if len(frames) < self.num_frames and -math.inf < end < 0.9 * duration - 1.0:
+        if len(frames) < self.num_frames and -math.inf < end < TRUNCATED_BELOW * duration - 1.0:
             self.notes.append(f"video data ends at {end:.1f} s of {duration:.1f} s (truncated file?)")
         first = frames[0]
         coded = (first.height, _display_width(first, self.stream))  # before rotation
