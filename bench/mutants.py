@@ -742,7 +742,7 @@ MUTANTS += [
            "item, note = self.cache.get(item_id, HIT_ARRAYS), \"\"",
            "tests/test_search.py -k damage", "a search hit of a damaged item says so"),
     mutant("extract-truncation-note-on-a-still", "vlpcache/extract/sampling.py",
-           "-math.inf < end < 0.9 * duration - 1.0", "end < 0.9 * duration - 1.0",
+           "-math.inf < end < TRUNCATED_BELOW * duration - 1.0", "end < TRUNCATED_BELOW * duration - 1.0",
            "tests/test_sampling.py -k still_shown", "no false 'truncated' note"),
     mutant("extract-first-video-stream", "vlpcache/extract/sampling.py",
            "self.stream = main_video_stream(container)", "self.stream = container.streams.video[0]",
