@@ -1038,8 +1038,8 @@ MUTANTS += [
            "        if data.startswith(bom):\n", "        if False:\n",
            "tests/test_captions.py -k unicode", "caption files saved as UTF-16 with a byte-order mark are read"),
     mutant("readme-index-export-only-in-the-api-section", "README.md",
-           "eval) prints no progress bar. `vlpcache index --export FILE` also writes",
-           "eval) prints no progress bar. The index command also writes",
+           "found damaged). `vlpcache index --export FILE` also writes",
+           "found damaged). The index command also writes",
            "tests/test_readme.py", "index's own README section says what --export does, not only the Python API's"),
     mutant("batch-padded-frames-real", "vlpcache/model/batch.py",
            '        frame_mask[b, :t] = item["frame_mask"]\n', "        frame_mask[b, :] = True\n",
@@ -1621,6 +1621,9 @@ MUTANTS += [
     mutant("sampling-cut-avi-unnoted", "vlpcache/extract/sampling.py",
            "            if duration < TRUNCATED_BELOW * (length := self._header_length()) - 1.0:", "            if False:",
            "tests/test_sampling.py -k cut_avi", "an AVI cut off (its index lost) is noted as truncated, as a cut MP4 is"),
+    mutant("index-quiet-hides-left-out", "vlpcache/index/build.py",
+           "        warn=report.say,  # an item left out", "        warn=say,  # an item left out",
+           "tests/test_search.py -k index_quiet_still_says", "index --quiet still says a video it leaves out, found damaged"),
 ]
 
 

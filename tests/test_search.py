@@ -936,6 +936,15 @@ def test_index_leaves_out_a_video_found_damaged_says_it_once_and_adds_it_once_ex
     assert VideoIndex.load(the_index(ws)).ids[-1] == "v3"
 
 
+def test_index_quiet_still_says_a_video_it_leaves_out_found_damaged(ws, monkeypatch, capsys):
+    shard = sorted((ws / "cache" / "shards").glob("*.h5"))[0]
+    damage_chunk(shard, "features", 3)
+    code, out, err = vlpcache(monkeypatch, capsys, "index", "--quiet")  # "errors only": not a word of it was said
+    assert code == 0 and out == "" and len(err.splitlines()) == 1
+    assert err.startswith(f"{shard}: item 'v3' cannot be read (") and "the index leaves it out until then" in err
+    assert "v3" not in VideoIndex.load(the_index(ws)).ids
+
+
 def test_a_hit_found_damaged_is_shown_without_boxes_and_then_left_out_until_extracted_again(ws, monkeypatch, capsys):
     from vlpcache.index.search import UNREADABLE_HIT, Searcher
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlpcache import report
 from vlpcache.cache.manifest import collection_of
 from vlpcache.cache.reader import BlankWhenDamaged, RegionCache
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
@@ -105,9 +106,11 @@ def check_run_reads_cache(run, cache: RegionCache) -> None:
 
 
 def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, *, device, batch_size: int,
-                 rebuild: bool = False, progress: bool = True, say: Say = say, qbnorm: bool = False) -> VideoIndex:
+                 rebuild: bool = False, progress: bool = True, say: Say = say, qbnorm: bool = False,
+                 warn: Say | None = None) -> VideoIndex:
     """The index of `cache` under `run` in index_dir: built, or brought up to date by encoding only new
-    items; its query bank too (made when `qbnorm` asks, kept up to date once it exists)."""
+    items; its query bank too (made when `qbnorm` asks, kept up to date once it exists). `warn`: where the
+    line of an item found damaged, and left out, goes (default `say`; `index --quiet` says it all the same)."""
     check_run_reads_cache(run, cache)
     with writing_index(index_dir, say):
         index = None if rebuild else existing_index(run, cache, index_dir, config)
@@ -137,7 +140,7 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
         if index is None:
             (index_dir / QUERYBANK_FILE).unlink(missing_ok=True)  # it described the old rows
         started = time.monotonic()
-        index, how = _add_encoded(run, cache, rows, index, config, device, batch_size, progress, parts, say)
+        index, how = _add_encoded(run, cache, rows, index, config, device, batch_size, progress, parts, say, warn or say)
         encoding_s = time.monotonic() - started  # the query bank below says its own time
         if again:
             how += f" ({len(again)} of them indexed anew, extracted again since)"
@@ -271,7 +274,7 @@ def existing_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig
 
 
 def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | None, config: IndexConfig, device,
-                 batch_size: int, progress: bool, kept: EncodedParts, say: Say) -> tuple[VideoIndex, str]:
+                 batch_size: int, progress: bool, kept: EncodedParts, say: Say, warn: Say) -> tuple[VideoIndex, str]:
     """Encode the cache's `rows` and add them to `index` (or build one); returns it and what was done.
     Each chunk is kept as a part as soon as it is encoded; rows a kept part holds are not encoded again."""
     from vlpcache.model.retrieval import as_numpy, encode_videos
@@ -283,7 +286,7 @@ def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | N
         say(f"resuming: {len(done)} of the {len(rows)} videos to index were encoded by a run that did not finish "
             f"(kept in {kept.folder}); encoding the other {len(todo)}")
     # a damaged item is encoded as a blank with the others, then dropped
-    readable = BlankWhenDamaged(cache, "the index leaves it out until then (`vlpcache index` after that extract adds it)", say)
+    readable = BlankWhenDamaged(cache, "the index leaves it out until then (`vlpcache index` after that extract adds it)", warn)
     with progress_bar(total=len(rows), initial=len(done), unit="video", desc="encoding videos", disable=not progress,
                       leave=False) as bar:  # one over every chunk: its rate and time left are the whole index's
         for start in range(0, len(todo), ENCODE_CHUNK):  # bounded memory: region tokens are (B, T*N, E)
@@ -449,6 +452,7 @@ def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory
     index = update_index(
         run, cache, index_dir, config, device=device,
         batch_size=batch_size or default_batch_size(device), rebuild=rebuild, progress=not quiet, say=say, qbnorm=qbnorm,
+        warn=report.say,  # an item left out is said under --quiet too ("errors only")
     )
     if export:
         files = export_embeddings(index, cache, export)
