@@ -1146,16 +1146,19 @@ def test_a_like_hits_frame_is_the_one_whose_regions_are_most_like_the_items_regi
         assert [h.frame for h in hits] == [matching_frame] * 5 and [h.time for h in hits] == [float(matching_frame)] * 5
 
 
-def test_like_of_an_id_not_in_the_index_says_why_and_names_the_ids_it_comes_close_to(ws, monkeypatch, capsys):
+def test_like_takes_an_item_by_file_name_or_path_as_inspect_does_and_says_why_another_names_none(ws, monkeypatch,
+                                                                                                 capsys):
     assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
-    for given, said in (("videos/v3.mp4", '"videos/v3.mp4" is not in the index; did you mean "v3"?'),
-                        ("v3.mp4", '"v3.mp4" is not in the index; did you mean "v3"?'),
-                        ("zzzzzz", '"zzzzzz" is not in the index; give an id as search prints it (the path below '
-                                   'the folder extracted, without its extension: "v0")')):
+    [by_id] = search_json(monkeypatch, capsys, "--like", "v3", "-k", "3")
+    for key in ("v3.mp4", "videos/v3.mp4", str(ws / "v3.mp4")):
+        assert search_json(monkeypatch, capsys, "--like", key, "-k", "3") == [by_id]  # {"like": "v3", ...}
+    for given, said in (("v3x", '"v3x" names no item of the index; did you mean "v3"?'),
+                        ("zzzzzz", '"zzzzzz" names no item of the index; give an id as search prints it (the path '
+                                   'below the folder extracted, without its extension: "v0")')):
         code, out, err = vlpcache(monkeypatch, capsys, "search", "--like", "v2", "--like", given)
         assert (code, out, err.strip()) == (2, "", f"error: {said}")  # v2's answer is not printed before the error
     write_cache(ws / "cache", 1, prefix="w", seed=5)  # extracted since the index was built
-    code, _, err = vlpcache(monkeypatch, capsys, "search", "--like", "w0")
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "--like", "w0.mp4")
     assert code == 2 and err.strip().endswith('"w0" is cached but not in the index yet; run `vlpcache index` to add it')
     for args, said in ((["a dog", "--like", "v2"], "give words to search for (TEXT, --queries) or --like ID, not both"),
                        (["--like", "v2", "--qbnorm"], "--qbnorm normalises text queries by the run's captions")):

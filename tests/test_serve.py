@@ -138,6 +138,7 @@ def test_search_api_like_an_item_gives_the_fields_of_search_like_json(ws, api, m
     assert code == 0, err
     assert response.json() == json.loads(out) and len(response.json()["results"]) == 5
     assert f"v{VIDEO}" not in [hit["id"] for hit in response.json()["results"]]
+    assert api.get("/api/search", params={"like": f"somewhere/v{VIDEO}.mp4", "k": 5}).json() == response.json()
 
 
 def test_hits_and_info_say_what_each_item_was_extracted_from(api):
@@ -160,8 +161,8 @@ def test_hits_and_info_say_what_each_item_was_extracted_from(api):
     ([("q", "a dog"), ("k", "5"), ("k", "50")], 400, "k given 2 times"),
     ({"like": "v3", "q": "a dog"}, 400, "give q (words to search for) or like (an item's id), not both"),
     ({"like": "v3", "k": "0"}, 400, "k = 0"),
-    ({"like": "v3.mp4"}, 404, '"v3.mp4" is not in the index; did you mean "v3"?'),
-    ({"like": ""}, 404, '"" is not in the index'),
+    ({"like": "v3x"}, 404, '"v3x" names no item of the index; did you mean "v3"?'),
+    ({"like": ""}, 404, '"" names no item of the index'),
 ])
 def test_bad_search_requests_get_a_4xx_with_one_line_of_json(api, params, status, message):
     assert message in one_line_error(api.get("/api/search", params=params), status)

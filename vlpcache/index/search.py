@@ -31,7 +31,7 @@ from vlpcache import report
 from vlpcache.cache.labels import region_names
 from vlpcache.cache.reader import DamagedShard, RegionCache
 from vlpcache.cache.schema import MOVES_DIR, REMOVED_DIR, SHARD_DIR, SHARD_SUFFIX
-from vlpcache.captions import model_text, text_lines
+from vlpcache.captions import item_named, model_text, text_lines
 from vlpcache.devices import DEFAULT_DEVICE, DEVICES, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import may_write, read_utf8_text, utf8_text
@@ -445,19 +445,28 @@ class Searcher:
             outdated = GONE_HIT  # its regions are shown: they are the cached ones, if on no picture
         return item, note, outdated
 
-    def like(self, item_id: str, k: int = 10) -> list[Hit]:
-        """The k indexed items most like an indexed one, best first: its own video embedding is the query,
-        ranked by cosine (global similarity; nothing to re-rank by: there are no query words), the item itself
-        left out. Each hit's frame is the one whose regions are most like the item's regions. An id that is
-        not in the index is a UserError saying why (not indexed yet, or the ids it comes close to)."""
-        if not isinstance(item_id, str):
-            raise UserError(f"an item id is text (str), not {type(item_id).__name__}")
+    def indexed_item(self, key: str) -> str:
+        """The id of the indexed item `key` names: its id, or as `inspect --render` takes one (a file name or
+        path that ends in it, the end of exactly one id); else a UserError saying why (cached since the index
+        was built, or the ids it comes close to)."""
+        if not isinstance(key, str):
+            raise UserError(f"an item id is text (str), not {type(key).__name__}")
+        if key in self.index:
+            return key
+        item_id, several = item_named(key, self.index.ids)
+        if item_id is not None:
+            return item_id
+        raise UserError(not_indexed_line(key, self.index.ids, self.cache, several))
+
+    def like(self, key: str, k: int = 10) -> list[Hit]:
+        """The k indexed items most like an indexed one (`key` names it as indexed_item takes it), best first:
+        its own video embedding is the query, ranked by cosine (global similarity; nothing to re-rank by: there
+        are no query words), the item itself left out. Each hit's frame is the one whose regions are most like
+        the item's regions."""
         check_k(k)
         self.refresh()
         with self._lock:
-            if item_id not in self.index:
-                raise UserError(not_indexed_line(item_id, self.index.ids, self.cache))
-            row = self.index.row_of(item_id)
+            row = self.index.row_of(self.indexed_item(key))
             pool = min(len(self.index), k + 1 + self.unshown)  # the item itself and what the cache cannot show
             faiss_scores, faiss_rows = self.index.search(np.asarray(self.index.embeddings[row : row + 1], np.float32), pool)
             found = [(float(s), int(r)) for s, r in zip(faiss_scores[0], faiss_rows[0])
@@ -525,18 +534,15 @@ def check_k(k) -> None:
         raise UserError(f"k = {k}: ask for at least one result")
 
 
-def not_indexed_line(item_id: str, ids: list[str], cache: RegionCache) -> str:
-    """Why `item_id` is no item to search like: cached since the index was built, or no id of the index (with
-    the ids it comes close to: a path or a file name given for the id, a typo)."""
-    if item_id in cache:
-        return f'"{printable(item_id)}" is cached but not in the index yet; run `vlpcache index` to add it'
-    try:
-        stem = Path(item_id).with_suffix("").as_posix().strip("/")  # "videos/bikes.mp4" for "bikes"
-    except ValueError:  # no name to take a suffix from: "", "/"
-        stem = item_id
-    close = [i for i in ids if i == stem or i.endswith("/" + stem) or stem.endswith("/" + i)][:3]
+def not_indexed_line(key: str, ids: list[str], cache: RegionCache, several: list[str] = ()) -> str:
+    """Why `key` names no indexed item: it names one cached since the index was built, or none of the index
+    (with the ids it ends, `several`, or else those it comes close to: a typo)."""
+    if key in cache or (cached := item_named(key, cache.ids)[0]) is not None:
+        named = key if key in cache else cached
+        return f'"{printable(named)}" is cached but not in the index yet; run `vlpcache index` to add it'
+    close = list(several[:3])
     if not close and len(ids) <= CLOSE_IDS_LOOKED_AT:  # difflib over millions of ids would take minutes
-        close = difflib.get_close_matches(item_id, ids, n=3, cutoff=0.75)
+        close = difflib.get_close_matches(key, ids, n=3, cutoff=0.75)
     named = " or ".join(f'"{printable(i)}"' for i in close)
     if close:
         hint = f"; did you mean {named}?"
@@ -545,7 +551,7 @@ def not_indexed_line(item_id: str, ids: list[str], cache: RegionCache) -> str:
                 f'"{printable(ids[0])}")')
     else:
         hint = ""
-    return f'"{printable(item_id)}" is not in the index{hint}'
+    return f'"{printable(key)}" names no item of the index{hint}'
 
 
 def hits_json(query: str, hits: list[Hit], unread: str = "", unknown: list[str] | None = None,
@@ -731,10 +737,8 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
     shown = len(searcher) - searcher.unshown - bool(like)  # an item is not like itself
     if k > shown:
         say(f"note: -k {k} is more than the {shown} {'other ' if like else ''}indexed items in the cache; showing all of them")
-    for item_id in like:  # each asked for is in the index, before any is answered
-        if item_id not in searcher.index:
-            raise UserError(not_indexed_line(item_id, searcher.index.ids, searcher.cache))
-    for n, item_id in enumerate(like):
+    liked = [searcher.indexed_item(key) for key in like]  # each names an indexed item, before any is answered
+    for n, item_id in enumerate(liked):
         hits = searcher.like(item_id, k)
         print(json.dumps(like_json(item_id, hits), ensure_ascii=False) if as_json
               else ("\n" if n else "") + format_hits(item_id, hits, head="like"), flush=True)

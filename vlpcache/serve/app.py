@@ -77,7 +77,7 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
 
     def search(request: Request) -> Response:
         if (like := _param(request, "like")) is not None:
-            return search_like(request, like)
+            return _search_like(searcher, request, like)
         query = _query_text(request)
         k = _int_param(request, "k", DEFAULT_K, 1, MAX_K)
         rerank = _flag_param(request, "rerank", True)
@@ -90,18 +90,6 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
         unknown, known = searcher.unknown_and_known(query)
         return JSONResponse(hits_json(query, hits, searcher.unread(query), unknown, searcher.weak(hits), known),
                             headers={"server-timing": f"search;dur={took:.1f}"})
-
-    def search_like(request: Request, like: str) -> Response:
-        if _param(request, "q") is not None:
-            raise ApiError(400, "give q (words to search for) or like (an item's id), not both")
-        k = _int_param(request, "k", DEFAULT_K, 1, MAX_K)
-        started = time.perf_counter()
-        try:
-            hits = searcher.like(like, k)
-        except UserError as err:
-            raise ApiError(404 if like not in searcher.index else 400, str(err)) from None
-        took = 1e3 * (time.perf_counter() - started)
-        return JSONResponse(like_json(like, hits), headers={"server-timing": f"search;dur={took:.1f}"})
 
     def item(request: Request) -> Response:
         cached = _indexed_item(searcher, request)
@@ -150,6 +138,24 @@ def item_frames(cached: dict, names: RegionNames) -> dict:
         frames.append({"frame": t, "time": round(float(cached["timestamps"][t]), 2), "regions": regions})
     return {"id": cached["id"], "path": cached["path"], "kind": cached["kind"], "note": cached.get("note", ""),
             "unreadable": cached.get("unreadable", ""), "frames": frames}
+
+
+def _search_like(searcher: Searcher, request: Request, like: str) -> Response:
+    """/api/search?like=ID: the items most like an indexed one (404 where ID names none)."""
+    if _param(request, "q") is not None:
+        raise ApiError(400, "give q (words to search for) or like (an item's id), not both")
+    k = _int_param(request, "k", DEFAULT_K, 1, MAX_K)
+    started = time.perf_counter()
+    try:
+        item_id = searcher.indexed_item(like)
+    except UserError as err:
+        raise ApiError(404, str(err)) from None
+    try:
+        hits = searcher.like(item_id, k)
+    except UserError as err:
+        raise ApiError(400, str(err)) from None
+    took = 1e3 * (time.perf_counter() - started)
+    return JSONResponse(like_json(item_id, hits), headers={"server-timing": f"search;dur={took:.1f}"})
 
 
 # ---------------------------------------------------------------- request parameters

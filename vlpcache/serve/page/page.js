@@ -285,6 +285,7 @@ async function searchLike(id, k) {
     return;
   }
   const hits = body.results;
+  id = body.like; // the id a file name or path in the address names
   colours = new Map();
   hitsById.clear();
   hits.forEach((hit) => hitsById.set(hit.id, hit));
