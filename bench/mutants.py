@@ -1625,6 +1625,9 @@ MUTANTS += [
     mutant("index-quiet-hides-left-out", "vlpcache/index/build.py",
            "        warn=report.say,  # an item left out", "        warn=say,  # an item left out",
            "tests/test_search.py -k index_quiet_still_says", "index --quiet still says a video it leaves out, found damaged"),
+    mutant("like-extracted-again-unsaid", "vlpcache/index/search.py",
+           "        if item_id in searcher.extracted_again:  # its vector", "        if False:  # its vector",
+           "tests/test_search.py -k like_of_an_item_extracted_again", "search --like of an item extracted again since indexed says its old content answers"),
 ]
 
 

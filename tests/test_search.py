@@ -1124,6 +1124,15 @@ def test_like_ranks_the_other_items_by_cosine_with_the_items_own_embedding_in_th
     assert " v5 " not in first and f"  {hits[0].id}  {hits[0].id}.mp4  @ " in ranked[0]
 
 
+def test_like_of_an_item_extracted_again_since_it_was_indexed_says_its_old_content_answers(ws, monkeypatch, capsys):
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    write_cache(ws / "cache", 1, prefix="v", seed=9)  # v0 extracted again (a new shard): the index holds its old vector
+    code, out, err = vlpcache(monkeypatch, capsys, "search", "--like", "v0", "--like", "v1", "-k", "2")
+    assert code == 0 and out.startswith("like: v0")
+    assert err.count("was extracted again since it was indexed") == 1
+    assert "note: v0 was extracted again since it was indexed (its source changed): these are the items most like its old" in err
+
+
 def test_a_like_hits_frame_is_the_one_whose_regions_are_most_like_the_items_regions(ws, monkeypatch, capsys):
     from vlpcache import Searcher
     from vlpcache.index.region_store import RegionStore

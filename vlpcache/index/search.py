@@ -738,6 +738,10 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
     if k > shown:
         say(f"note: -k {k} is more than the {shown} {'other ' if like else ''}indexed items in the cache; showing all of them")
     liked = [searcher.indexed_item(key) for key in like]  # each names an indexed item, before any is answered
+    for item_id in liked:
+        if item_id in searcher.extracted_again:  # its vector in the index is of what it was
+            say(f"note: {printable(item_id)} was extracted again since it was indexed (its source changed): these are "
+                "the items most like its old content; run `vlpcache index` to index it anew")
     for n, item_id in enumerate(liked):
         hits = searcher.like(item_id, k)
         print(json.dumps(like_json(item_id, hits), ensure_ascii=False) if as_json
