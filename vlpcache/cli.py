@@ -359,8 +359,8 @@ def index(**options) -> None:
 @click.option("--qbnorm", is_flag=True,
               help="Rank by query-bank normalised global similarity (QB-Norm; no re-rank); the bank is made on first use.")
 @click.option("--like", "like", multiple=True, metavar="ID",
-              help="Instead of words: the items most like an indexed one (its id as search prints it), by its own "
-                   "embedding; may be given several times.")
+              help="Instead of words: the items most like an indexed one (its id as search prints it, or a file name "
+                   "or path that ends in it), by its own embedding; may be given several times.")
 @run_option
 @cache_option
 @index_option

@@ -5,7 +5,8 @@ The query model is the ONNX export that `vlpcache index` leaves in the index dir
 (query_model.py): a search then never imports torch or transformers, and starts in about a second.
 An index without it falls back to the run loaded with torch. Candidate regions come from the index's
 region store, so no video is encoded at query time. Several queries (--queries FILE, or - for stdin)
-share one process.
+share one process. `--like ID` asks instead for the items most like an indexed one: its stored embedding
+is the query (Searcher.like).
 
 `Searcher` is the Python API (`from vlpcache import Searcher`); the command and `vlpcache serve` use it.
 """
