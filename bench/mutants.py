@@ -1628,6 +1628,9 @@ MUTANTS += [
     mutant("like-extracted-again-unsaid", "vlpcache/index/search.py",
            "        if item_id in searcher.extracted_again:  # its vector", "        if False:  # its vector",
            "tests/test_search.py -k like_of_an_item_extracted_again", "search --like of an item extracted again since indexed says its old content answers"),
+    mutant("search-unindexed-read-only-told-to-index", "vlpcache/index/search.py",
+           "(\"run `vlpcache index` to add them\" if may_write(index_dir) else", "(\"run `vlpcache index` to add them\" if True else",
+           "tests/test_search.py -k items_cached_since_an_index_another_user", "a reader who may not write the index is told a way they can take to index new items"),
 ]
 
 

@@ -441,6 +441,21 @@ def test_a_newest_run_without_an_index_another_user_may_not_write_is_passed_for_
     assert not the_index(ws, newer).exists()  # nothing written
 
 
+def test_items_cached_since_an_index_another_user_may_not_write_are_said_with_a_way_they_can_take(ws, monkeypatch,
+                                                                                                  capsys):
+    from vlpcache.index import search
+
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    write_cache(ws / "cache", 2, prefix="w", seed=5)  # the owner extracted more, and has not indexed them yet
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", "2")
+    assert code == 0 and "note: 2 cached item(s) are not in the index yet; run `vlpcache index` to add them" in err
+    monkeypatch.setattr(search.os, "access", lambda path, mode: mode != os.W_OK)  # a lab member, reading (root writes)
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", "2")
+    assert code == 0 and "run `vlpcache index` to add them" not in err
+    assert (f"note: 2 cached item(s) are not in the index yet; this user may not write {the_index(ws)}: its owner's "
+            "`vlpcache index` adds them (or `vlpcache index -o DIR` indexes them where you can write, then --index DIR)") in err
+
+
 def test_prune_removes_the_indexes_of_checkpoints_no_run_holds_and_keeps_the_rest(ws, tmp_path, monkeypatch, capsys):
     from vlpcache.locks import WriterLock
 

@@ -698,7 +698,10 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
         query_model = TorchQueryModel(run)
     unindexed = sum(1 for item_id in cache.ids if item_id not in index)
     if unindexed:
-        say(f"note: {unindexed} cached item(s) are not in the index yet; run `vlpcache index` to add them")
+        how = ("run `vlpcache index` to add them" if may_write(index_dir) else
+               f"this user may not write {index_dir}: its owner's `vlpcache index` adds them (or `vlpcache index -o DIR` "
+               "indexes them where you can write, then --index DIR)")
+        say(f"note: {unindexed} cached item(s) are not in the index yet; {how}")
     if note := coverage(index, cache):
         say(f"note: index {index_dir}: {note}")
     return query_model, cache, index, index_dir
