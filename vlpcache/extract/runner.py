@@ -268,6 +268,7 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     options = ExtractOptions(**options).with_detector_defaults()
     engine = extract_engine(options)  # ray: installed, and its address answers, before anything is written
     options.decode_time_limit()  # a bad --decode-timeout too
+    options.shard_part()  # and a bad --shard, before the detector's weights are looked for (or fetched)
     workspace = Workspace()
     cache_dir = Path(cache_dir) if cache_dir else workspace.cache_dir
     roots = [Path(r) for r in roots]
