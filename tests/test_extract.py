@@ -699,7 +699,7 @@ def test_no_frame_folders_caches_each_photo_of_a_subfolder_as_an_item(tmp_path, 
     assert {cache.get(i)["kind"] for i in cache.ids} == {"image"}
 
 
-def test_nothing_processable_exits_non_zero_and_no_media_is_one_error(tmp_path):
+def test_nothing_processable_exits_non_zero_and_no_media_is_one_error(models_dir, tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.mp4").write_bytes(b"")
     result = vlpcache("extract", tmp_path / "bad", "-o", tmp_path / "cache", cwd=tmp_path, check=False)

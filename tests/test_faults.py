@@ -187,7 +187,7 @@ def test_ctrl_c_stops_extract_and_its_workers_with_one_line_and_a_rerun_finishes
     assert len(finished) == LONG_ITEMS and len(set(finished.ids)) == LONG_ITEMS
 
 
-def test_ctrl_c_in_the_middle_of_a_long_item_stops_at_once_without_a_traceback(tmp_path):
+def test_ctrl_c_in_the_middle_of_a_long_item_stops_at_once_without_a_traceback(models_dir, tmp_path):
     # the reader's thread waited on a worker busy with an hour of video: the command waited 5 s for it, and
     # as it exited the reader replaced the workers it found killed, each new one dying with a traceback
     from broken_media import make_slow_image
@@ -365,7 +365,7 @@ def test_decoding_workers_end_themselves_when_their_extract_is_killed_alone(long
     assert wait_until(lambda: not any(running(pid) for pid in workers)), [p for p in workers if running(p)]
 
 
-def test_a_file_that_decodes_longer_than_decode_timeout_is_one_failed_line_and_retry_failed_caches_it(tmp_path):
+def test_a_file_that_decodes_longer_than_decode_timeout_is_one_failed_line_and_retry_failed_caches_it(models_dir, tmp_path):
     # the option from the command line to the worker pool: a real file that takes seconds to decode, not a stand-in
     from broken_media import make_slow_image
     from test_extract import vlpcache
@@ -384,7 +384,7 @@ def test_a_file_that_decodes_longer_than_decode_timeout_is_one_failed_line_and_r
     assert cache.ids == ["page"] and not cache.failures
 
 
-def test_the_progress_bar_clock_moves_while_one_long_item_decodes(tmp_path):
+def test_the_progress_bar_clock_moves_while_one_long_item_decodes(models_dir, tmp_path):
     # tqdm redraws only when its count moves: an hour of video decoded from one keyframe showed
     # `0/1 [00:00<?` until it was done, as if extract hung; a frames folder of slow pages stands in for it
     # (on a terminal: written to a file, the bar writes a line every 30 s)

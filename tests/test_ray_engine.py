@@ -149,7 +149,7 @@ def test_the_ray_engine_leaves_no_empty_failure_logs(on_ray):
     assert logs and [log.name for log in logs if log.stat().st_size == 0] == []
 
 
-def test_decode_timeout_reaches_the_ray_engines_decoders(ray_address, tmp_path):
+def test_decode_timeout_reaches_the_ray_engines_decoders(ray_address, models_dir, tmp_path):
     from broken_media import make_slow_image
 
     slow = make_slow_image(tmp_path / "root" / "page.png")  # seconds to decode

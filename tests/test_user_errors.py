@@ -71,7 +71,8 @@ def media(root: Path, ws: Path) -> Path:
 CASES = [
     # extract
     Case("extract into a path below a file", nothing,
-         lambda r, w: ["extract", media(r, w), "-o", w / "runs" / "run-001" / "config.json" / "cache"],
+         lambda r, w: ["extract", media(r, w), "-o", w / "runs" / "run-001" / "config.json" / "cache",
+                       "--models", models(r)],
          "{ws}/runs/run-001/config.json/cache"),
     Case("extract with a malformed --shard", nothing, lambda r, w: ["extract", media(r, w), "--shard", "3/2"],
          "--shard '3/2': need 0 <= i < n"),
