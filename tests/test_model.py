@@ -2,6 +2,7 @@
 
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from vlpcache.errors import UserError
 from vlpcache.model.batch import tokenize, video_batch
 from vlpcache.model.model import ModelConfig, PretrainLoss, build_model, default_text_model
-from waiting import wait_until
+from waiting import HANG_GUARD_S, wait_until
 
 
 def build_tiny_text_model(folder: Path) -> Path:
@@ -257,6 +258,20 @@ def test_an_encoder_whose_layers_cannot_skip_the_frozen_ones_is_refused_and_both
         TextEncoder(backbone, trainable_layers=1, pooling="mean")
     assert TextEncoder(backbone, trainable_layers=0, pooling="mean").frozen_layers == 3  # nothing cached per layer
     assert TextEncoder(backbone, trainable_layers=3, pooling="mean").frozen_layers == 0
+
+
+def test_a_deberta_text_model_loads_without_a_warning_of_torch_on_any_python(tmp_path):
+    # transformers up to 5.20 (the newest for Python 3.10) runs torch.jit.script on DeBERTa's helpers as it
+    # imports them, and torch 2.14 printed a FutureWarning for it at every command; a fresh process imports them
+    from transformers import AutoTokenizer, DebertaV2Config
+
+    DebertaV2Config(**dict(_TINY, vocab_size=30522)).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(default_text_model()).save_pretrained(tmp_path)
+    probe = ("from vlpcache.model.model import load_text_backbone; "
+             f"print(type(load_text_backbone({str(tmp_path)!r}, weights=False)[0]).__name__)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert result.returncode == 0 and result.stdout.split() == ["DebertaV2Model"], result.stderr
+    assert "Warning" not in result.stderr, result.stderr
 
 
 def test_a_clip_checkpoint_gives_its_text_model_with_its_weights_and_no_load_report(tmp_path, capfd):

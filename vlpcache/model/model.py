@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import socket
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -84,6 +85,12 @@ def load_text_backbone(name_or_dir: str, weights: bool = True):
         raise UserError(f"text model {name_or_dir}: not a directory; pass a Hugging Face model directory or name")
 
     def load(local_files_only: bool):
+        with warnings.catch_warnings():  # transformers <= 5.20, Python 3.10's newest, scripts DeBERTa's helpers
+            # as it imports them, which torch 2.14 deprecates with a FutureWarning at every command
+            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+            return load_unwarned(local_files_only)
+
+    def load_unwarned(local_files_only: bool):
         tokenizer = AutoTokenizer.from_pretrained(name_or_dir, local_files_only=local_files_only)
         config = AutoConfig.from_pretrained(name_or_dir, local_files_only=local_files_only)
         tower = getattr(config, "text_config", None)  # CLIP, SigLIP...: a text and an image model; the text one
