@@ -1631,6 +1631,9 @@ MUTANTS += [
     mutant("search-unindexed-read-only-told-to-index", "vlpcache/index/search.py",
            "(\"run `vlpcache index` to add them\" if may_write(index_dir) else", "(\"run `vlpcache index` to add them\" if True else",
            "tests/test_search.py -k items_cached_since_an_index_another_user", "a reader who may not write the index is told a way they can take to index new items"),
+    mutant("like-index-not-taken-up", "vlpcache/index/search.py",
+           "        self.refresh()  # an item `vlpcache index` added since", "        pass  # an item `vlpcache index` added since",
+           "tests/test_search.py -k open_before_an_item_was_indexed", "a Searcher takes up an item indexed since it opened for --like, with no search between"),
 ]
 
 

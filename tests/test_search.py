@@ -1148,6 +1148,16 @@ def test_like_of_an_item_extracted_again_since_it_was_indexed_says_its_old_conte
     assert "note: v0 was extracted again since it was indexed (its source changed): these are the items most like its old" in err
 
 
+def test_a_searcher_open_before_an_item_was_indexed_takes_it_for_like_without_a_search_between(ws, monkeypatch, capsys):
+    from vlpcache import Searcher
+
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    searcher = Searcher()  # a server started before the user's clip was extracted and indexed
+    write_cache(ws / "cache", 1, prefix="w", seed=5)
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    assert searcher.indexed_item("w0.mp4") == "w0" and len(searcher.like("w0", k=3)) == 3  # no search before
+
+
 def test_a_like_hits_frame_is_the_one_whose_regions_are_most_like_the_items_regions(ws, monkeypatch, capsys):
     from vlpcache import Searcher
     from vlpcache.index.region_store import RegionStore

@@ -452,6 +452,7 @@ class Searcher:
         was built, or the ids it comes close to)."""
         if not isinstance(key, str):
             raise UserError(f"an item id is text (str), not {type(key).__name__}")
+        self.refresh()  # an item `vlpcache index` added since this Searcher last looked is named too
         if key in self.index:
             return key
         item_id, several = item_named(key, self.index.ids)
@@ -465,9 +466,11 @@ class Searcher:
         are no query words), the item itself left out. Each hit's frame is the one whose regions are most like
         the item's regions."""
         check_k(k)
-        self.refresh()
+        item_id = self.indexed_item(key)  # up to date with the index on disk (refresh takes the lock itself)
         with self._lock:
-            row = self.index.row_of(self.indexed_item(key))
+            if item_id not in self.index:  # an index rebuilt without it in between
+                raise UserError(not_indexed_line(key, self.index.ids, self.cache))
+            row = self.index.row_of(item_id)
             pool = min(len(self.index), k + 1 + self.unshown)  # the item itself and what the cache cannot show
             faiss_scores, faiss_rows = self.index.search(np.asarray(self.index.embeddings[row : row + 1], np.float32), pool)
             found = [(float(s), int(r)) for s, r in zip(faiss_scores[0], faiss_rows[0])
