@@ -1620,7 +1620,7 @@ MUTANTS += [
            "  $(\"detail-like\").href = \"/?\" + new URLSearchParams({ like: id, k: $(\"k\").value });\n", "",
            "tests/test_serve.py -k result_cards", "the item view's More like this link opens the items most like it"),
     mutant("sampling-cut-avi-unnoted", "vlpcache/extract/sampling.py",
-           "            if duration < TRUNCATED_BELOW * (length := self._header_length()) - 1.0:", "            if False:",
+           "            if duration < TRUNCATED_BELOW * (length := header_length(self.stream)) - 1.0:", "            if False:",
            "tests/test_sampling.py -k cut_avi", "an AVI cut off (its index lost) is noted as truncated, as a cut MP4 is"),
     mutant("index-quiet-hides-left-out", "vlpcache/index/build.py",
            "        warn=report.say,  # an item left out", "        warn=say,  # an item left out",

@@ -150,7 +150,8 @@ class _VideoSampler:
             self.frame_step = float(1 / (rate * self.time_base)) if rate else 1.0  # nominal, in time_base units
             self.clock = _FrameClock(self.frame_step)
             duration = self._duration()
-            if duration < TRUNCATED_BELOW * (length := self._header_length()) - 1.0:
+            # self.stream, not `stream`: measuring the duration may have opened the file again (the old one is closed)
+            if duration < TRUNCATED_BELOW * (length := header_length(self.stream)) - 1.0:
                 # an AVI cut off loses its index, at the end: FFmpeg's scan finds the frames there are, and the
                 # header still counts the frames there were (a cut MP4's index survives: _sample tells that one)
                 self.notes.append(f"video data ends at {duration:.1f} s of {length:.1f} s (truncated file?)")
@@ -177,9 +178,8 @@ class _VideoSampler:
             return stream.duration * tb
         if self.container.duration and self.container.duration > 0:
             return self.container.duration / av.time_base
-        rate = stream.average_rate or stream.guessed_rate
-        if stream.frames and rate:
-            return float(stream.frames / rate)
+        if length := header_length(stream):
+            return length
         if (end := self._end_by_seeking()) is not None and end > self.start:
             return (end - self.start) * tb
         # last resort: read (not decode) every packet of a small file for its last timestamp
@@ -213,12 +213,6 @@ class _VideoSampler:
         self.use_seek = seeking  # the sampling plan tries again, and copes where seeking fails
         self._reopen()  # a failed seek, or one back to the start, can leave a raw H.264 stream at its end
         return end
-
-    def _header_length(self) -> float:
-        """Seconds the stream's header says it holds (its frame count at its frame rate); 0 where it does not say."""
-        stream = self.stream
-        rate = stream.average_rate or stream.guessed_rate
-        return float(stream.frames / rate) if stream.frames and rate else 0.0
 
     # -- sampling plan
 
@@ -497,6 +491,12 @@ def _read_image_item(path: Path, max_side: int) -> SampledFrames:
     return SampledFrames([frame], [0.0], 0.0, size, decoded_frames=1)
 
 
+def header_length(stream) -> float:
+    """Seconds a video stream's header says it holds (its frame count at its frame rate); 0 where it does not say."""
+    rate = stream.average_rate or stream.guessed_rate
+    return float(stream.frames / rate) if stream.frames and rate else 0.0
+
+
 def main_video_stream(container: av.container.InputContainer):
     """The video stream that is the video (a file's first may be a thumbnail or a one-frame still track
     before the real one): not a cover picture (attached_pic), then the longest by its stated duration,
@@ -511,8 +511,7 @@ def main_video_stream(container: av.container.InputContainer):
         if stream.duration and stream.time_base:
             seconds = float(stream.duration * stream.time_base)
         else:
-            rate = stream.average_rate or stream.guessed_rate
-            seconds = float(stream.frames / rate) if stream.frames and rate else 0.0
+            seconds = header_length(stream)
         area = stream.codec_context.width * stream.codec_context.height if stream.codec_context else 0
         return seconds, best is not None and stream.index == best.index, area
 
