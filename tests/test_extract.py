@@ -605,9 +605,9 @@ def test_inspect_summarises_and_renders_an_item(extracted, tmp_path):
 
 
 def test_ids_like_a_name_that_names_none_are_found_letter_case_aside():
-    from vlpcache.extract.render import _close_ids
+    from vlpcache.captions import ids_like
 
-    assert _close_ids("CASE", ["--help", "Case", "case", "other"]) == ["Case", "case"]  # was: ids look like '--help'
+    assert ids_like("CASE", ["--help", "Case", "case", "other"]) == ["Case", "case"]  # was: ids look like '--help'
 
 
 def test_broken_files_get_one_line_each_and_the_run_goes_on(tmp_path, videos_dir):

@@ -25,6 +25,7 @@ only ends that way: `a` or `a.mp4` names `clips/a` when no item is called `a` an
 from __future__ import annotations
 
 import csv
+import difflib
 import html
 import io
 import json
@@ -230,6 +231,21 @@ def item_named(key: str, ids: list[str]) -> tuple[str | None, list[str]]:
 def _normal(text: str) -> str:
     """A key or id as NFC (composed: `é` one character, as most keyboards type it) without the spaces around it."""
     return unicodedata.normalize("NFC", text.strip())
+
+
+IDS_LIKE_LOOKED_AT = 100_000  # more ids than this are not looked through for ones like a key (difflib reads each)
+
+
+def ids_like(key: str, ids: list[str], cutoff: float = 0.5) -> list[str]:
+    """Up to 3 ids like `key` (difflib's ratio at least `cutoff`), letter case aside (`CASE` is like `Case` and
+    `case`), for the hint of a key that names no item; none where there are more than IDS_LIKE_LOOKED_AT ids."""
+    if len(ids) > IDS_LIKE_LOOKED_AT:
+        return []
+    lowered: dict[str, list[str]] = {}
+    for item_id in ids:
+        lowered.setdefault(item_id.casefold(), []).append(item_id)
+    close = difflib.get_close_matches(key.casefold(), lowered.keys(), n=3, cutoff=cutoff)
+    return [item_id for name in close for item_id in lowered[name]][:3]
 
 
 def item_named_by(key: str, ids) -> str | None:

@@ -7,7 +7,6 @@ drawn on them. No torch.
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from PIL import Image, ImageDraw
 from vlpcache.cache.labels import RegionNames, region_names
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import FRAME_REGION_LABEL
-from vlpcache.captions import item_named
+from vlpcache.captions import ids_like, item_named
 from vlpcache.extract.stamps import replaced
 from vlpcache.errors import ItemError, UserError
 from vlpcache.extract.sampling import read_item
@@ -89,9 +88,6 @@ def draw_regions(draw: ImageDraw.ImageDraw, cached: dict, t: int, origin: tuple[
         draw.text((tx, ty), text, fill=(255, 255, 255))
 
 
-SUGGESTED_FROM = 100_000  # ids looked through for ones like a key that names none (difflib reads each)
-
-
 def named_item(cache: RegionCache, key: str) -> str:
     """The id of the cached item `key` names (captions.item_named), or one line with ids like it."""
     if key in cache:
@@ -99,20 +95,11 @@ def named_item(cache: RegionCache, key: str) -> str:
     item_id, several = item_named(key, cache.ids)
     if item_id is not None:
         return item_id
-    like = several[:3] or (_close_ids(key, cache.ids) if len(cache) <= SUGGESTED_FROM else [])
+    like = several[:3] or ids_like(key, cache.ids)
     hint = (f"did you mean {' or '.join(map(repr, like))}?" if like else
             f"its ids look like {cache.ids[0]!r}" if len(cache) else "it holds no item")
     raise UserError(f"{key!r} names no item of {cache.cache_dir}: {hint} (an item is named by its id, its path below "
                     "the extracted root without extension, or by a file name or path that ends in one)")
-
-
-def _close_ids(key: str, ids: list[str]) -> list[str]:
-    """Up to 3 ids like `key`, letter case aside (`CASE` is like `Case` and `case`)."""
-    lowered: dict[str, list[str]] = {}
-    for item_id in ids:
-        lowered.setdefault(item_id.casefold(), []).append(item_id)
-    close = difflib.get_close_matches(key.casefold(), lowered.keys(), n=3, cutoff=0.5)
-    return [item_id for name in close for item_id in lowered[name]][:3]
 
 
 def render_item(cache: RegionCache, item_id: str, output: Path) -> Path:

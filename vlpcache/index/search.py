@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import difflib
 import functools
 import json
 import os
@@ -32,7 +31,7 @@ from vlpcache import report
 from vlpcache.cache.labels import region_names
 from vlpcache.cache.reader import DamagedShard, RegionCache
 from vlpcache.cache.schema import MOVES_DIR, REMOVED_DIR, SHARD_DIR, SHARD_SUFFIX
-from vlpcache.captions import item_named, model_text, text_lines
+from vlpcache.captions import ids_like, item_named, model_text, text_lines
 from vlpcache.devices import DEFAULT_DEVICE, DEVICES, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import may_write, read_utf8_text, utf8_text
@@ -59,7 +58,6 @@ CACHE_RECORD_DIRS = (MOVES_DIR, REMOVED_DIR)
 # shards extract commits (items added, or extracted again: their hits are told so) are looked for at most this
 # often: the cache is listed again then, which reads every shard's ids (seconds for millions of items)
 SHARDS_LOOKED_EVERY_S = 10.0
-CLOSE_IDS_LOOKED_AT = 200_000  # an index of more ids names none close to an unknown one (difflib is slow)
 EXAMPLE_QUERY = "person cuts onion"  # serve's suggestion where the run's captions give none
 EXAMPLE_WORDS = (3, 6)  # a suggested caption's words, at least and at most
 EXAMPLE_VIDEOS = 2000  # the first videos of the run's first caption file looked at for one
@@ -544,9 +542,7 @@ def not_indexed_line(key: str, ids: list[str], cache: RegionCache, several: list
     if key in cache or (cached := item_named(key, cache.ids)[0]) is not None:
         named = key if key in cache else cached
         return f'"{printable(named)}" is cached but not in the index yet; run `vlpcache index` to add it'
-    close = list(several[:3])
-    if not close and len(ids) <= CLOSE_IDS_LOOKED_AT:  # difflib over millions of ids would take minutes
-        close = difflib.get_close_matches(key, ids, n=3, cutoff=0.75)
+    close = list(several[:3]) or ids_like(key, ids, cutoff=0.75)
     named = " or ".join(f'"{printable(i)}"' for i in close)
     if close:
         hint = f"; did you mean {named}?"
