@@ -14,6 +14,11 @@ SHARED = Path(os.environ.get("VLPCACHE_SHARED", REPO.parent / "shared")).resolve
 if (SHARED / "models").exists():
     os.environ.setdefault("VLPCACHE_MODELS", str(SHARED / "models"))
 os.environ.setdefault("VLPCACHE_OFFLINE", "1")
+# one thread for torch, faiss and MKL in every test process and the commands they start: the README's
+# command runs two test processes (pytest-xdist) on the machine's 2 cores, and two processes each spinning
+# two OpenMP threads made the suite slower than one process alone (BENCHMARKS.md, "The suite")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
