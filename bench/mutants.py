@@ -1634,6 +1634,12 @@ MUTANTS += [
     mutant("like-index-not-taken-up", "vlpcache/index/search.py",
            "        self.refresh()  # an item `vlpcache index` added since", "        pass  # an item `vlpcache index` added since",
            "tests/test_search.py -k open_before_an_item_was_indexed", "a Searcher takes up an item indexed since it opened for --like, with no search between"),
+    mutant("like-outside-file-unsaid", "vlpcache/index/search.py",
+           "    if not several and os.path.exists(key):", "    if False:",
+           "tests/test_search.py -k says_why_another_names_none", "a file of the user's that the cache does not hold is told the extract, index and search that compare it"),
+    mutant("like-outside-detector-with-weights", "vlpcache/index/search.py",
+           "    detector = settings.detector.split(\":\")[0]", "    detector = settings.detector",
+           "tests/test_search.py -k says_why_another_names_none", "the extract suggested names the detector as --detector takes it, not its provenance"),
 ]
 
 

@@ -8,6 +8,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import torch
 from test_model import build_tiny_text_model
 from test_pretrain import write_cache, write_captions
 from broken_media import damage_chunk
+from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.cli import main
 from vlpcache.errors import UserError
@@ -1191,6 +1193,19 @@ def test_like_takes_an_item_by_file_name_or_path_as_inspect_does_and_says_why_an
                                    'below the folder extracted, without its extension: "v0")')):
         code, out, err = vlpcache(monkeypatch, capsys, "search", "--like", "v2", "--like", given)
         assert (code, out, err.strip()) == (2, "", f"error: {said}")  # v2's answer is not printed before the error
+    (ws / "mine").mkdir()
+    (ws / "mine" / "clip.mp4").write_bytes(b"a video of the user's that the cache does not hold")
+    for path, name in ((ws / "mine" / "clip.mp4", "clip"), (ws / "mine", "mine")):  # a file, a frame folder
+        code, _, err = vlpcache(monkeypatch, capsys, "search", "--like", str(path))
+        assert code == 2 and err.strip() == (
+            f'error: "{path}" is not in the cache {ws / "cache"}: --like compares the items of its index; add it with '
+            f"`vlpcache extract {path} -o {ws / 'cache'} --frames 2 --regions 3 --detector synthetic`, index it "
+            f"(`vlpcache index`), then search `--like {name}`"), err
+    from vlpcache.index.search import outside_line
+
+    settings = RegionCache(ws / "cache").settings  # as extract records a detector: its name, then its weights
+    cache = SimpleNamespace(settings=dataclasses.replace(settings, detector="yolox:yolox_nano_coco.onnx"), cache_dir=ws)
+    assert "--detector yolox`," in outside_line(str(ws / "mine"), cache)
     write_cache(ws / "cache", 1, prefix="w", seed=5)  # extracted since the index was built
     code, _, err = vlpcache(monkeypatch, capsys, "search", "--like", "w0.mp4")
     assert code == 2 and err.strip().endswith('"w0" is cached but not in the index yet; run `vlpcache index` to add it')

@@ -542,6 +542,8 @@ def not_indexed_line(key: str, ids: list[str], cache: RegionCache, several: list
     if key in cache or (cached := item_named(key, cache.ids)[0]) is not None:
         named = key if key in cache else cached
         return f'"{printable(named)}" is cached but not in the index yet; run `vlpcache index` to add it'
+    if not several and os.path.exists(key):  # a file or folder of the user's that was never extracted into this cache
+        return outside_line(key, cache)
     close = list(several[:3]) or ids_like(key, ids, cutoff=0.75)
     named = " or ".join(f'"{printable(i)}"' for i in close)
     if close:
@@ -552,6 +554,19 @@ def not_indexed_line(key: str, ids: list[str], cache: RegionCache, several: list
     else:
         hint = ""
     return f'"{printable(key)}" names no item of the index{hint}'
+
+
+def outside_line(path: str, cache: RegionCache) -> str:
+    """What to do to find the items like a video, photo or frame folder that is not in the cache: --like compares
+    indexed items (their regions as the cache's detector found them), so it goes into the cache first, extracted
+    as the cache's items were (extract refuses, naming the setting, where anything else differs)."""
+    settings, folder = cache.settings, Path(path)
+    name = folder.stem if folder.is_file() else folder.name or printable(path)
+    detector = settings.detector.split(":")[0]  # "yolox:yolox_nano_coco.onnx": the detector, then its weights
+    options = f"--frames {settings.frames} --regions {settings.regions - 1} --detector {printable(detector)}"
+    return (f'"{printable(path)}" is not in the cache {printable(str(cache.cache_dir))}: --like compares the items of '
+            f"its index; add it with `vlpcache extract {printable(path)} -o {printable(str(cache.cache_dir))} {options}`, "
+            f"index it (`vlpcache index`), then search `--like {printable(name)}`")
 
 
 def hits_json(query: str, hits: list[Hit], unread: str = "", unknown: list[str] | None = None,
