@@ -1640,6 +1640,9 @@ MUTANTS += [
     mutant("like-outside-detector-with-weights", "vlpcache/index/search.py",
            "    detector = settings.detector.split(\":\")[0]", "    detector = settings.detector",
            "tests/test_search.py -k says_why_another_names_none", "the extract suggested names the detector as --detector takes it, not its provenance"),
+    mutant("like-outside-root-not-named", "vlpcache/index/search.py",
+           "    if root is not None:  # new in a folder", "    if False:  # new in a folder",
+           "tests/test_search.py -k says_why_another_names_none", "a file new in a folder the cache was extracted from is told to extract that folder again, under the id it gives"),
 ]
 
 

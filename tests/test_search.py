@@ -26,6 +26,7 @@ from vlpcache.index.layout import read_meta
 from vlpcache.index.rerank import query_words
 from vlpcache.model.checkpoint import load_run
 from vlpcache.model.train import run_pretrain
+from vlpcache.workspace import Workspace
 from waiting import HANG_GUARD_S
 
 ITEMS = 24
@@ -1204,8 +1205,27 @@ def test_like_takes_an_item_by_file_name_or_path_as_inspect_does_and_says_why_an
     from vlpcache.index.search import outside_line
 
     settings = RegionCache(ws / "cache").settings  # as extract records a detector: its name, then its weights
-    cache = SimpleNamespace(settings=dataclasses.replace(settings, detector="yolox:yolox_nano_coco.onnx"), cache_dir=ws)
+    cache = SimpleNamespace(settings=dataclasses.replace(settings, detector="yolox:yolox_nano_coco.onnx"), cache_dir=ws,
+                            ids=[], paths=[], kinds=[])
     assert "--detector yolox`," in outside_line(str(ws / "mine"), cache)
+    # new in a folder the cache was extracted from: that folder again, the id it gives
+    collection = ws / "collection"
+    (collection / "new" / "deeper").mkdir(parents=True)
+    sources = [(collection / "old0.mp4", "video"), (ws / "mine" / "old1.mp4", "video")]  # under a folder given, a file given
+    for path, _ in sources:
+        path.write_bytes(b"extracted")
+    write_cache(ws / "other", 2, prefix="old", sources=sources)  # ids old0 and old1, as extract names them there
+    Workspace().remember_roots([collection, ws / "mine" / "old1.mp4"])
+    other = RegionCache(ws / "other")
+    (collection / "new" / "deeper" / "new.mp4").write_bytes(b"not extracted yet")
+    for media, name in ((collection / "new" / "deeper" / "new.mp4", "new/deeper/new"), (collection / "new", "new")):
+        assert outside_line(str(media), other) == (
+            f'"{media}" is not in the cache {ws / "other"}: --like compares the items of its index; extract {collection} '
+            f"again (new files only) with `vlpcache extract {collection} -o {ws / 'other'} --frames 2 --regions 3 "
+            f"--detector synthetic`, index it (`vlpcache index`), then search `--like {name}`")
+    beside = ws / "mine" / "beside.mp4"  # beside a file given as a root, not in a folder given
+    beside.touch()
+    assert f"add it with `vlpcache extract {beside} -o" in outside_line(str(beside), other)
     write_cache(ws / "cache", 1, prefix="w", seed=5)  # extracted since the index was built
     code, _, err = vlpcache(monkeypatch, capsys, "search", "--like", "w0.mp4")
     assert code == 2 and err.strip().endswith('"w0" is cached but not in the index yet; run `vlpcache index` to add it')

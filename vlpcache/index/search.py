@@ -560,13 +560,31 @@ def outside_line(path: str, cache: RegionCache) -> str:
     """What to do to find the items like a video, photo or frame folder that is not in the cache: --like compares
     indexed items (their regions as the cache's detector found them), so it goes into the cache first, extracted
     as the cache's items were (extract refuses, naming the setting, where anything else differs)."""
-    settings, folder = cache.settings, Path(path)
-    name = folder.stem if folder.is_file() else folder.name or printable(path)
+    settings, media = cache.settings, Path(path)
+    root = next((r for r in extracted_roots(cache) if media.resolve().is_relative_to(r)), None)
+    if root is not None:  # new in a folder the cache was extracted from: extracting that folder gives its usual id
+        name = media.resolve().relative_to(root).as_posix()
+        given, what = str(root), f"extract {printable(str(root))} again (new files only)"
+    else:
+        name, given, what = media.name, path, "add it"
+    name = name if media.is_dir() else name[: len(name) - len(media.suffix)]  # a file's id: its name less its extension
     detector = settings.detector.split(":")[0]  # "yolox:yolox_nano_coco.onnx": the detector, then its weights
     options = f"--frames {settings.frames} --regions {settings.regions - 1} --detector {printable(detector)}"
     return (f'"{printable(path)}" is not in the cache {printable(str(cache.cache_dir))}: --like compares the items of '
-            f"its index; add it with `vlpcache extract {printable(path)} -o {printable(str(cache.cache_dir))} {options}`, "
-            f"index it (`vlpcache index`), then search `--like {printable(name)}`")
+            f"its index; {what} with `vlpcache extract {printable(given)} -o {printable(str(cache.cache_dir))} "
+            f"{options}`, index it (`vlpcache index`), then search `--like {printable(name)}`")
+
+
+def extracted_roots(cache: RegionCache) -> list[Path]:
+    """The folders given to `vlpcache extract` (the workspace's record) that this cache's items were found
+    under (an item's path: its root, its id, a file's extension), deepest first."""
+    given = {os.path.realpath(r) for r in Workspace().extracted_roots() if isinstance(r, str)}
+    found = set()
+    for item_id, item_path, kind in zip(cache.ids, cache.paths, cache.kinds):
+        tail = item_id if kind == "frames" else item_id + os.path.splitext(item_path)[1]
+        if item_path.endswith(os.sep + tail) and (root := os.path.realpath(item_path[: -len(tail) - 1])) in given:
+            found.add(root)
+    return [Path(r) for r in sorted(found, key=len, reverse=True) if os.path.isdir(r)]
 
 
 def hits_json(query: str, hits: list[Hit], unread: str = "", unknown: list[str] | None = None,
