@@ -579,11 +579,12 @@ def extracted_roots(cache: RegionCache) -> list[Path]:
     """The folders given to `vlpcache extract` (the workspace's record) that this cache's items were found
     under (an item's path: its root, its id, a file's extension), deepest first."""
     given = {os.path.realpath(r) for r in Workspace().extracted_roots() if isinstance(r, str)}
-    found = set()
+    heads = set()  # a few folders for the many items under them
     for item_id, item_path, kind in zip(cache.ids, cache.paths, cache.kinds):
         tail = item_id if kind == "frames" else item_id + os.path.splitext(item_path)[1]
-        if item_path.endswith(os.sep + tail) and (root := os.path.realpath(item_path[: -len(tail) - 1])) in given:
-            found.add(root)
+        if item_path.endswith(os.sep + tail):
+            heads.add(item_path[: -len(tail) - 1])
+    found = {os.path.realpath(head) for head in heads} & given
     return [Path(r) for r in sorted(found, key=len, reverse=True) if os.path.isdir(r)]
 
 
