@@ -1643,6 +1643,12 @@ MUTANTS += [
     mutant("like-outside-root-not-named", "vlpcache/index/search.py",
            "    if root is not None:  # new in a folder", "    if False:  # new in a folder",
            "tests/test_search.py -k says_why_another_names_none", "a file new in a folder the cache was extracted from is told to extract that folder again, under the id it gives"),
+    mutant("loader-threads-ignore-workers", "vlpcache/model/train.py",
+           "        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // processes.world - workers))", "        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // processes.world))",
+           "tests/test_pretrain.py -k without_omp_num_threads", "a loading worker's core is left to it: the model's threads are the cores less the workers"),
+    mutant("loader-threads-override-user", "vlpcache/model/train.py",
+           "    if processes.device.type == \"cpu\" and \"OMP_NUM_THREADS\" not in os.environ:", "    if processes.device.type == \"cpu\":",
+           "tests/test_pretrain.py -k without_omp_num_threads", "a user's OMP_NUM_THREADS is left as they set it"),
 ]
 
 

@@ -1478,6 +1478,22 @@ def test_a_text_model_that_cannot_be_found_gets_a_line_that_says_why(tmp_path, m
         check_text_model_findable(name)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_without_omp_num_threads_training_takes_the_cores_a_loading_worker_leaves(tmp_path, corpus, tiny_text,
+                                                                                   monkeypatch, workers):
+    # the suite sets OMP_NUM_THREADS=1 (conftest.py) where users mostly set nothing: what they get is asked here
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(7)  # neither the cores nor the answer: the run sets it (_one_thread restores the suite's)
+    run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=tmp_path / "run",
+                 **small_options(tiny_text, epochs=1, workers=workers))
+    assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) - workers)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # set by the user: left as they set it
+    torch.set_num_threads(7)
+    run_pretrain(run_dir=tmp_path / "run", resume=True, epochs=2, quiet=True, device="cpu")
+    assert torch.get_num_threads() == 7
+
+
 def test_training_arithmetic_follows_the_cpu_and_an_explicit_choice(monkeypatch):
     from vlpcache.model import train
 
