@@ -1611,7 +1611,7 @@ MUTANTS += [
   "    if False:",
            "tests/test_search.py -k says_why_another_names_none", "an id cached since the index was built says to run vlpcache index"),
     mutant("like-answers-before-a-bad-id", "vlpcache/index/search.py",
-           "    liked = [searcher.indexed_item(key) for key in like]", "    liked = list(like)",
+           "    liked = [searcher.indexed_item(key, on_disk=True) for key in like]", "    liked = list(like)",
            "tests/test_search.py -k says_why_another_names_none", "every --like id is checked before any is answered (no half output before the error)"),
     mutant("like-api-unknown-400", "vlpcache/serve/app.py",
            "        raise ApiError(404, str(err))", "        raise ApiError(400, str(err))",
@@ -1635,7 +1635,7 @@ MUTANTS += [
            "        self.refresh()  # an item `vlpcache index` added since", "        pass  # an item `vlpcache index` added since",
            "tests/test_search.py -k open_before_an_item_was_indexed", "a Searcher takes up an item indexed since it opened for --like, with no search between"),
     mutant("like-outside-file-unsaid", "vlpcache/index/search.py",
-           "    if not several and os.path.exists(key):", "    if False:",
+           "    if on_disk and not several and os.path.exists(key):", "    if False:",
            "tests/test_search.py -k says_why_another_names_none", "a file of the user's that the cache does not hold is told the extract, index and search that compare it"),
     mutant("like-outside-detector-with-weights", "vlpcache/index/search.py",
            "    detector = settings.detector.split(\":\")[0]", "    detector = settings.detector",
@@ -1649,6 +1649,9 @@ MUTANTS += [
     mutant("loader-threads-override-user", "vlpcache/model/train.py",
            "    if processes.device.type == \"cpu\" and \"OMP_NUM_THREADS\" not in os.environ:", "    if processes.device.type == \"cpu\":",
            "tests/test_pretrain.py -k without_omp_num_threads", "a user's OMP_NUM_THREADS is left as they set it"),
+    mutant("like-api-tells-server-files", "vlpcache/index/search.py",
+           "    def indexed_item(self, key: str, on_disk: bool = False) -> str:", "    def indexed_item(self, key: str, on_disk: bool = True) -> str:",
+           "tests/test_serve.py -k like_an_item", "the page's API does not say which files the server's disk has"),
 ]
 
 

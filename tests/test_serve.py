@@ -139,6 +139,9 @@ def test_search_api_like_an_item_gives_the_fields_of_search_like_json(ws, api, m
     assert response.json() == json.loads(out) and len(response.json()["results"]) == 5
     assert f"v{VIDEO}" not in [hit["id"] for hit in response.json()["results"]]
     assert api.get("/api/search", params={"like": f"somewhere/v{VIDEO}.mp4", "k": 5}).json() == response.json()
+    # a file on the server's disk is no item like any other: what files the server has is not the caller's to learn
+    answer = one_line_error(api.get("/api/search", params={"like": __file__}), 404)
+    assert answer.startswith(f'"{__file__}" names no item of the index') and "not in the cache" not in answer
 
 
 def test_hits_and_info_say_what_each_item_was_extracted_from(api):

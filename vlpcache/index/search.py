@@ -444,10 +444,12 @@ class Searcher:
             outdated = GONE_HIT  # its regions are shown: they are the cached ones, if on no picture
         return item, note, outdated
 
-    def indexed_item(self, key: str) -> str:
+    def indexed_item(self, key: str, on_disk: bool = False) -> str:
         """The id of the indexed item `key` names: its id, or as `inspect --render` takes one (a file name or
         path that ends in it, the end of exactly one id); else a UserError saying why (cached since the index
-        was built, or the ids it comes close to)."""
+        was built, or the ids it comes close to; with `on_disk`, a file or folder of this machine the cache does
+        not hold: the commands that add it. The command line's, for its user's own files; never the page's API,
+        whose callers may not learn which files the server has)."""
         if not isinstance(key, str):
             raise UserError(f"an item id is text (str), not {type(key).__name__}")
         self.refresh()  # an item `vlpcache index` added since this Searcher last looked is named too
@@ -456,7 +458,7 @@ class Searcher:
         item_id, several = item_named(key, self.index.ids)
         if item_id is not None:
             return item_id
-        raise UserError(not_indexed_line(key, self.index.ids, self.cache, several))
+        raise UserError(not_indexed_line(key, self.index.ids, self.cache, several, on_disk))
 
     def like(self, key: str, k: int = 10) -> list[Hit]:
         """The k indexed items most like an indexed one (`key` names it as indexed_item takes it), best first:
@@ -536,13 +538,14 @@ def check_k(k) -> None:
         raise UserError(f"k = {k}: ask for at least one result")
 
 
-def not_indexed_line(key: str, ids: list[str], cache: RegionCache, several: list[str] = ()) -> str:
-    """Why `key` names no indexed item: it names one cached since the index was built, or none of the index
-    (with the ids it ends, `several`, or else those it comes close to: a typo)."""
+def not_indexed_line(key: str, ids: list[str], cache: RegionCache, several: list[str] = (), on_disk: bool = False) -> str:
+    """Why `key` names no indexed item: it names one cached since the index was built, or (`on_disk`) a file or
+    folder the cache does not hold, or none of the index (with the ids it ends, `several`, or else those it comes
+    close to: a typo)."""
     if key in cache or (cached := item_named(key, cache.ids)[0]) is not None:
         named = key if key in cache else cached
         return f'"{printable(named)}" is cached but not in the index yet; run `vlpcache index` to add it'
-    if not several and os.path.exists(key):  # a file or folder of the user's that was never extracted into this cache
+    if on_disk and not several and os.path.exists(key):  # the user's own file or folder, never extracted into this cache
         return outside_line(key, cache)
     close = list(several[:3]) or ids_like(key, ids, cutoff=0.75)
     named = " or ".join(f'"{printable(i)}"' for i in close)
@@ -774,7 +777,7 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
     shown = len(searcher) - searcher.unshown - bool(like)  # an item is not like itself
     if k > shown:
         say(f"note: -k {k} is more than the {shown} {'other ' if like else ''}indexed items in the cache; showing all of them")
-    liked = [searcher.indexed_item(key) for key in like]  # each names an indexed item, before any is answered
+    liked = [searcher.indexed_item(key, on_disk=True) for key in like]  # each names an indexed item, before any is answered
     for item_id in liked:
         if item_id in searcher.extracted_again:  # its vector in the index is of what it was
             say(f"note: {printable(item_id)} was extracted again since it was indexed (its source changed): these are "
