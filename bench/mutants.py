@@ -1652,6 +1652,9 @@ MUTANTS += [
     mutant("like-api-tells-server-files", "vlpcache/index/search.py",
            "    def indexed_item(self, key: str, on_disk: bool = False) -> str:", "    def indexed_item(self, key: str, on_disk: bool = True) -> str:",
            "tests/test_serve.py -k like_an_item", "the page's API does not say which files the server's disk has"),
+    mutant("like-frame-of-a-cached-folder-unsaid", "vlpcache/index/search.py",
+           "    if (item_id := frames_item_holding(media, cache)) is not None:", "    if (item_id := None) is not None:",
+           "tests/test_search.py -k says_why_another_names_none", "an image of a cached frame folder names that folder's item, not extract commands"),
 ]
 
 

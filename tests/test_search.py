@@ -1223,6 +1223,12 @@ def test_like_takes_an_item_by_file_name_or_path_as_inspect_does_and_says_why_an
             f'"{media}" is not in the cache {ws / "other"}: --like compares the items of its index; extract {collection} '
             f"again (new files only) with `vlpcache extract {collection} -o {ws / 'other'} --frames 2 --regions 3 "
             f"--detector synthetic`, index it (`vlpcache index`), then search `--like {name}`")
+    frames = collection / "video0"  # a frame folder the cache holds as one item: one of its images names it
+    frames.mkdir()
+    (frames / "0001.jpg").write_bytes(b"a frame")
+    write_cache(ws / "framed", 1, prefix="video", seed=9, sources=[(frames, "frames")])  # its id: video0
+    assert outside_line(str(frames / "0001.jpg"), RegionCache(ws / "framed")) == (
+        f'"{frames / "0001.jpg"}" is one of the frames of the cached item "video0": search `--like video0`')
     beside = ws / "mine" / "beside.mp4"  # beside a file given as a root, not in a folder given
     beside.touch()
     assert f"add it with `vlpcache extract {beside} -o" in outside_line(str(beside), other)

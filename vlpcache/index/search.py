@@ -564,6 +564,8 @@ def outside_line(path: str, cache: RegionCache) -> str:
     indexed items (their regions as the cache's detector found them), so it goes into the cache first, extracted
     as the cache's items were (extract refuses, naming the setting, where anything else differs)."""
     settings, media = cache.settings, Path(path)
+    if (item_id := frames_item_holding(media, cache)) is not None:
+        return f'"{printable(path)}" is one of the frames of the cached item "{printable(item_id)}": search `--like {printable(item_id)}`'
     root = next((r for r in extracted_roots(cache) if media.resolve().is_relative_to(r)), None)
     if root is not None:  # new in a folder the cache was extracted from: extracting that folder gives its usual id
         name = media.resolve().relative_to(root).as_posix()
@@ -576,6 +578,17 @@ def outside_line(path: str, cache: RegionCache) -> str:
     return (f'"{printable(path)}" is not in the cache {printable(str(cache.cache_dir))}: --like compares the items of '
             f"its index; {what} with `vlpcache extract {printable(given)} -o {printable(str(cache.cache_dir))} "
             f"{options}`, index it (`vlpcache index`), then search `--like {printable(name)}`")
+
+
+def frames_item_holding(media: Path, cache: RegionCache) -> str | None:
+    """The id of the cached frame folder (an item of kind "frames") that the image file `media` lies in; None
+    if it lies in none."""
+    if not media.is_file():
+        return None
+    folder = os.path.realpath(media.parent)
+    return next((item_id for item_id, item_path, kind in zip(cache.ids, cache.paths, cache.kinds)
+                 if kind == "frames" and os.path.basename(item_path) == media.parent.name
+                 and os.path.realpath(item_path) == folder), None)
 
 
 def extracted_roots(cache: RegionCache) -> list[Path]:
