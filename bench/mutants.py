@@ -1636,13 +1636,13 @@ MUTANTS += [
            "tests/test_search.py -k open_before_an_item_was_indexed", "a Searcher takes up an item indexed since it opened for --like, with no search between"),
     mutant("like-outside-file-unsaid", "vlpcache/index/search.py",
            "    if on_disk and not several and os.path.exists(key):", "    if False:",
-           "tests/test_search.py -k says_why_another_names_none", "a file of the user's that the cache does not hold is told the extract, index and search that compare it"),
+           "tests/test_search.py -k file_the_cache_does_not_hold", "a file of the user's that the cache does not hold is told the extract, index and search that compare it"),
     mutant("like-outside-detector-with-weights", "vlpcache/index/search.py",
            "    detector = settings.detector.split(\":\")[0]", "    detector = settings.detector",
-           "tests/test_search.py -k says_why_another_names_none", "the extract suggested names the detector as --detector takes it, not its provenance"),
+           "tests/test_search.py -k file_the_cache_does_not_hold", "the extract suggested names the detector as --detector takes it, not its provenance"),
     mutant("like-outside-root-not-named", "vlpcache/index/search.py",
            "    if root is not None:  # new in a folder", "    if False:  # new in a folder",
-           "tests/test_search.py -k says_why_another_names_none", "a file new in a folder the cache was extracted from is told to extract that folder again, under the id it gives"),
+           "tests/test_search.py -k file_the_cache_does_not_hold", "a file new in a folder the cache was extracted from is told to extract that folder again, under the id it gives"),
     mutant("loader-threads-ignore-workers", "vlpcache/model/train.py",
            "        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // processes.world - workers))", "        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // processes.world))",
            "tests/test_pretrain.py -k without_omp_num_threads", "a loading worker's core is left to it: the model's threads are the cores less the workers"),
@@ -1654,7 +1654,7 @@ MUTANTS += [
            "tests/test_serve.py -k like_an_item", "the page's API does not say which files the server's disk has"),
     mutant("like-frame-of-a-cached-folder-unsaid", "vlpcache/index/search.py",
            "    if (item_id := frames_item_holding(media, cache)) is not None:", "    if (item_id := None) is not None:",
-           "tests/test_search.py -k says_why_another_names_none", "an image of a cached frame folder names that folder's item, not extract commands"),
+           "tests/test_search.py -k file_the_cache_does_not_hold", "an image of a cached frame folder names that folder's item, not extract commands"),
 ]
 
 

@@ -1194,9 +1194,24 @@ def test_like_takes_an_item_by_file_name_or_path_as_inspect_does_and_says_why_an
                                    'below the folder extracted, without its extension: "v0")')):
         code, out, err = vlpcache(monkeypatch, capsys, "search", "--like", "v2", "--like", given)
         assert (code, out, err.strip()) == (2, "", f"error: {said}")  # v2's answer is not printed before the error
+    write_cache(ws / "cache", 1, prefix="w", seed=5)  # extracted since the index was built
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "--like", "w0.mp4")
+    assert code == 2 and err.strip().endswith('"w0" is cached but not in the index yet; run `vlpcache index` to add it')
+    for args, said in ((["a dog", "--like", "v2"], "give words to search for (TEXT, --queries) or --like ID, not both"),
+                       (["--like", "v2", "--qbnorm"], "--qbnorm normalises text queries by the run's captions")):
+        code, _, err = vlpcache(monkeypatch, capsys, "search", *args)
+        assert code == 2 and said in err and "Traceback" not in err
+    from vlpcache import Searcher
+
+    with pytest.raises(UserError, match="at least one result"):
+        Searcher().like("v2", k=0)
+
+
+def test_like_of_a_file_the_cache_does_not_hold_names_the_commands_that_add_it(ws, monkeypatch, capsys):
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
     (ws / "mine").mkdir()
     (ws / "mine" / "clip.mp4").write_bytes(b"a video of the user's that the cache does not hold")
-    for path, name in ((ws / "mine" / "clip.mp4", "clip"), (ws / "mine", "mine")):  # a file, a frame folder
+    for path, name in ((ws / "mine" / "clip.mp4", "clip"), (ws / "mine", "mine")):  # a file, a folder
         code, _, err = vlpcache(monkeypatch, capsys, "search", "--like", str(path))
         assert code == 2 and err.strip() == (
             f'error: "{path}" is not in the cache {ws / "cache"}: --like compares the items of its index; add it with '
@@ -1232,14 +1247,3 @@ def test_like_takes_an_item_by_file_name_or_path_as_inspect_does_and_says_why_an
     beside = ws / "mine" / "beside.mp4"  # beside a file given as a root, not in a folder given
     beside.touch()
     assert f"add it with `vlpcache extract {beside} -o" in outside_line(str(beside), other)
-    write_cache(ws / "cache", 1, prefix="w", seed=5)  # extracted since the index was built
-    code, _, err = vlpcache(monkeypatch, capsys, "search", "--like", "w0.mp4")
-    assert code == 2 and err.strip().endswith('"w0" is cached but not in the index yet; run `vlpcache index` to add it')
-    for args, said in ((["a dog", "--like", "v2"], "give words to search for (TEXT, --queries) or --like ID, not both"),
-                       (["--like", "v2", "--qbnorm"], "--qbnorm normalises text queries by the run's captions")):
-        code, _, err = vlpcache(monkeypatch, capsys, "search", *args)
-        assert code == 2 and said in err and "Traceback" not in err
-    from vlpcache import Searcher
-
-    with pytest.raises(UserError, match="at least one result"):
-        Searcher().like("v2", k=0)
