@@ -699,6 +699,13 @@ def test_best_frame_is_where_the_matched_words_find_their_regions_not_the_functi
     alignment = align(attention, np.array([False, True, True, False]), ["[CLS]", "man", "guitar", "[SEP]"],
                       np.array([0, 4, 8]), 4)  # N = 4: one region on each of frames 0, 1, 2
     assert [(m.word, m.frame) for m in alignment.words] == [("man", 0), ("guitar", 2)] and alignment.best_frame == 0
+    # between frames that hold as many matched regions, each word's best region there counts, not all its
+    # attention: frame 0's four regions hold more of it in all, frame 2's one region is stronger for both words
+    attention = np.zeros((4, 5))
+    attention[1], attention[2] = [0.4, 0.15, 0.15, 0.15, 0.15], [0.1, 0.1, 0.1, 0.1, 0.6]
+    alignment = align(attention, np.array([False, True, True, False]), ["[CLS]", "man", "guitar", "[SEP]"],
+                      np.array([0, 1, 2, 3, 8]), 4)  # N = 4: four regions on frame 0, one on frame 2
+    assert [(m.word, m.frame) for m in alignment.words] == [("man", 0), ("guitar", 2)] and alignment.best_frame == 2
     # punctuation is a token the model reads, but names no region: "dog's ball, red-car"
     tokens = ["[CLS]", "dog", "'", "s", "ball", ",", "red", "-", "car", "[SEP]"]
     mask = np.array([False] + [True] * 8 + [False])
