@@ -1638,7 +1638,7 @@ MUTANTS += [
            "    if on_disk and not several and os.path.exists(key):", "    if False:",
            "tests/test_search.py -k file_the_cache_does_not_hold", "a file of the user's that the cache does not hold is told the extract, index and search that compare it"),
     mutant("like-outside-detector-with-weights", "vlpcache/index/search.py",
-           "    detector = settings.detector.split(\":\")[0]", "    detector = settings.detector",
+           "    detector = detector_name(settings.detector)", "    detector = settings.detector",
            "tests/test_search.py -k file_the_cache_does_not_hold", "the extract suggested names the detector as --detector takes it, not its provenance"),
     mutant("like-outside-root-not-named", "vlpcache/index/search.py",
            "    if root is not None:  # new in a folder", "    if False:  # new in a folder",

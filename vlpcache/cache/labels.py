@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 
-from vlpcache.cache.schema import FRAME_REGION_LABEL
+from vlpcache.cache.schema import FRAME_REGION_LABEL, detector_name
 
 COCO_CLASSES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -70,4 +70,4 @@ def visual_genome() -> RegionNames:
 
 def region_names(detector: str) -> RegionNames:
     """The vocabulary of a cache made by `detector` (CacheSettings.detector, e.g. "vg:..." or "yolox:...")."""
-    return visual_genome() if detector.split(":", 1)[0] == "vg" else COCO
+    return visual_genome() if detector_name(detector) == "vg" else COCO

@@ -162,6 +162,12 @@ class CacheSettings(JsonRecord):
         return [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in FEATURE_SETTINGS if k in theirs and theirs[k] != mine[k]]
 
 
+def detector_name(detector: str) -> str:
+    """The detector of a CacheSettings.detector record, as --detector names it ("yolox:yolox_nano_coco.onnx": the
+    detector, then its weights)."""
+    return detector.split(":", 1)[0]
+
+
 SETTING_DEFAULTS = {f.name: f.default for f in fields(CacheSettings) if f.default is not MISSING}
 
 

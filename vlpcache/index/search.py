@@ -30,7 +30,7 @@ import numpy as np
 from vlpcache import report
 from vlpcache.cache.labels import region_names
 from vlpcache.cache.reader import DamagedShard, RegionCache
-from vlpcache.cache.schema import MOVES_DIR, REMOVED_DIR, SHARD_DIR, SHARD_SUFFIX
+from vlpcache.cache.schema import MOVES_DIR, REMOVED_DIR, SHARD_DIR, SHARD_SUFFIX, detector_name
 from vlpcache.captions import ids_like, item_named, model_text, text_lines
 from vlpcache.devices import DEFAULT_DEVICE, DEVICES, resolve_device
 from vlpcache.errors import UserError
@@ -573,7 +573,7 @@ def outside_line(path: str, cache: RegionCache) -> str:
     else:
         name, given, what = media.name, path, "add it"
     name = name if media.is_dir() else name[: len(name) - len(media.suffix)]  # a file's id: its name less its extension
-    detector = settings.detector.split(":")[0]  # "yolox:yolox_nano_coco.onnx": the detector, then its weights
+    detector = detector_name(settings.detector)
     options = f"--frames {settings.frames} --regions {settings.regions - 1} --detector {printable(detector)}"
     return (f'"{printable(path)}" is not in the cache {printable(str(cache.cache_dir))}: --like compares the items of '
             f"its index; {what} with `vlpcache extract {printable(given)} -o {printable(str(cache.cache_dir))} "
