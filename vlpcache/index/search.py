@@ -566,9 +566,10 @@ def outside_line(path: str, cache: RegionCache) -> str:
     settings, media = cache.settings, Path(path)
     if (item_id := frames_item_holding(media, cache)) is not None:
         return f'"{printable(path)}" is one of the frames of the cached item "{printable(item_id)}": search `--like {printable(item_id)}`'
-    root = next((r for r in extracted_roots(cache) if media.resolve().is_relative_to(r)), None)
+    resolved = media.resolve()
+    root = next((r for r in extracted_roots(cache) if resolved.is_relative_to(r)), None)
     if root is not None:  # new in a folder the cache was extracted from: extracting that folder gives its usual id
-        name = media.resolve().relative_to(root).as_posix()
+        name = resolved.relative_to(root).as_posix()
         given, what = str(root), f"extract {printable(str(root))} again (new files only)"
     else:
         name, given, what = media.name, path, "add it"
