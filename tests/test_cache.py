@@ -509,6 +509,10 @@ def test_an_item_found_damaged_is_left_out_by_every_reader_from_then_on(tmp_path
     assert later.damaged["b"]["row"] == 1 and later.damaged["b"]["shard"].startswith(shard.name + "@")
     assert lines == [f"{tmp_path}: 1 item(s) found damaged by an earlier read (e.g. 'b', row 1 of {shard.name}) are left "
                      "out until `vlpcache extract` extracts them again"]
+    said = later.left_out_line("b")  # named where it is left out (inspect --render, search --like): why
+    assert said.startswith(f"'b' is left out of the cache {tmp_path}: its row 1 of {shard.name} was found damaged on ")
+    assert said.endswith("; the next `vlpcache extract` of its folder extracts it again") and f"({later.damaged['b']['reason']})" in said
+    assert later.left_out_line("a") is None and later.left_out_line("b.mp4") == said
     np.testing.assert_array_equal(later.get("c")["features"], random_item(2)["features"].astype(np.float16))
 
     replacing = tmp_path / "replacing"  # an item extracted again (its source changed), and its new row damaged

@@ -19,6 +19,7 @@ from broken_media import damage_chunk
 
 from vlpcache.cache.labels import COCO
 from vlpcache.cache.reader import RegionCache
+from vlpcache.errors import UserError
 from vlpcache.cache.schema import SHARD_DIR
 from vlpcache.extract.stamps import source_stamp
 from vlpcache.extract.sources import discover_items
@@ -284,6 +285,16 @@ def test_items_no_longer_under_the_roots_are_said_and_dropped_with_prune(tmp_pat
             "`vlpcache index` drops them from the index") in said
     cached = RegionCache(cache)
     assert sorted(cached.ids) == ["b", "new/c", "o"] and sorted(cached.removed) == ["a", "old/c"] and cached.failures == {}
+    # a dropped item named as inspect --render names items: why it is not there, not "names no item"
+    from vlpcache.extract.render import named_item
+
+    for key in ("a", str(tmp_path / "data" / "a")):
+        with pytest.raises(UserError) as err:
+            named_item(cached, key)
+        assert str(err.value).startswith(f"'a' was dropped from the cache {cache} by `vlpcache extract --prune` on ")
+        assert str(err.value).endswith(f": {tmp_path / 'data' / 'a'} was gone; once it is back, extract its folder again "
+                                       "to cache it")
+    assert cached.left_out_line("b") is None and cached.left_out_line("zz") is None
     run_extract([tmp_path / "data"], cache_dir=cache, quiet=True, prune=True)
     assert "no longer there" not in capsys.readouterr().err
     # the root through a symbolic link to it: its cached items are under the root all the same

@@ -1204,6 +1204,10 @@ def test_like_takes_an_item_by_file_name_or_path_as_inspect_does_and_says_why_an
     write_cache(ws / "cache", 1, prefix="w", seed=5)  # extracted since the index was built
     code, _, err = vlpcache(monkeypatch, capsys, "search", "--like", "w0.mp4")
     assert code == 2 and err.strip().endswith('"w0" is cached but not in the index yet; run `vlpcache index` to add it')
+    with ShardWriter(ws / "cache", RegionCache(ws / "cache").settings, writer_name="pruner") as writer:
+        writer.record_removal("w0", RegionCache(ws / "cache").row_of("w0"), "/data/w0.mp4", "gone")  # extract --prune
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "--like", "w0")
+    assert code == 2 and "error: 'w0' was dropped from the cache " in err and ": /data/w0.mp4 was gone; " in err
     for args, said in ((["a dog", "--like", "v2"], "give words to search for (TEXT, --queries) or --like ID, not both"),
                        (["--like", "v2", "--qbnorm"], "--qbnorm normalises text queries by the run's captions")):
         code, _, err = vlpcache(monkeypatch, capsys, "search", *args)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,9 +35,10 @@ from vlpcache.cache.manifest import (UNREADABLE, lock_refused, open_shard, read_
                                      read_moves, read_removed, shard_file_differences)
 from vlpcache.cache.schema import COMMITTED_ATTR, DAMAGED_DIR, SHARD_DIR, SHARD_SUFFIX, CacheSettings, not_finite
 from vlpcache.cache.writer import RecordLog
+from vlpcache.captions import item_named
 from vlpcache.errors import UserError
 from vlpcache.files import folder_bytes
-from vlpcache.report import Say, say
+from vlpcache.report import Say, printable, say
 
 
 _reported: set[tuple[Path, str]] = set()  # shard problems already reported in this process
@@ -286,6 +288,26 @@ class RegionCache:
                 return _decode([notes[row]])[0]
         except DamagedShard as err:
             raise self._damaged_row(self.index_of(item_id), err.reason) from None
+
+    def left_out_line(self, key: str) -> str | None:
+        """Why `key` names no item where it names one this cache leaves out (as `captions.item_named` names
+        items): dropped by `extract --prune` because its file was gone, or its row found damaged; None where
+        it names neither."""
+        for records in (self.removed, self.damaged):
+            item_id = key if key in records else item_named(key, list(records))[0]
+            if item_id is None:
+                continue
+            record = records[item_id]
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.get("time", 0)))
+            if records is self.removed:
+                return (f"{item_id!r} was dropped from the cache {self.cache_dir} by `vlpcache extract --prune` on {when}: "
+                        f"{printable(str(record.get('path', 'its file')))} was gone; once it is back, extract its "
+                        "folder again to cache it")
+            return (f"{item_id!r} is left out of the cache {self.cache_dir}: its row {record['row']} of "
+                    f"{record['shard'].split('@')[0]} was found damaged on {when} "
+                    f"({printable(str(record.get('reason', '')))}); the next `vlpcache extract` of its folder "
+                    "extracts it again")
+        return None
 
     @property
     def failures(self) -> dict[str, dict]:

@@ -95,6 +95,8 @@ def named_item(cache: RegionCache, key: str) -> str:
     item_id, several = item_named(key, cache.ids)
     if item_id is not None:
         return item_id
+    if not several and (left_out := cache.left_out_line(key)) is not None:
+        raise UserError(left_out)
     like = several[:3] or ids_like(key, cache.ids)
     hint = (f"did you mean {' or '.join(map(repr, like))}?" if like else
             f"its ids look like {cache.ids[0]!r}" if len(cache) else "it holds no item")

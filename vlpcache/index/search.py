@@ -545,6 +545,8 @@ def not_indexed_line(key: str, ids: list[str], cache: RegionCache, several: list
     if key in cache or (cached := item_named(key, cache.ids)[0]) is not None:
         named = key if key in cache else cached
         return f'"{printable(named)}" is cached but not in the index yet; run `vlpcache index` to add it'
+    if not several and (left_out := cache.left_out_line(key)) is not None:
+        return left_out
     if on_disk and not several and os.path.exists(key):  # the user's own file or folder, never extracted into this cache
         return outside_line(key, cache)
     close = list(several[:3]) or ids_like(key, ids, cutoff=0.75)
