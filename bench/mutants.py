@@ -1655,6 +1655,18 @@ MUTANTS += [
     mutant("like-frame-of-a-cached-folder-unsaid", "vlpcache/index/search.py",
            "    if (item_id := frames_item_holding(media, cache)) is not None:", "    if (item_id := None) is not None:",
            "tests/test_search.py -k file_the_cache_does_not_hold", "an image of a cached frame folder names that folder's item, not extract commands"),
+    mutant("left-out-removed-unsaid", "vlpcache/cache/reader.py",
+           "        for records in (self.removed, self.damaged):", "        for records in (self.damaged,):",
+           "tests/test_extract.py -k dropped_with_prune", "an item extract --prune dropped, named later, is told as dropped with its path"),
+    mutant("left-out-damaged-unsaid", "vlpcache/cache/reader.py",
+           "        for records in (self.removed, self.damaged):", "        for records in (self.removed,):",
+           "tests/test_cache.py -k left_out_by_every_reader", "an item left out as damaged, named later, is told as damaged"),
+    mutant("render-left-out-unsaid", "vlpcache/extract/render.py",
+           "        raise UserError(left_out)", "        pass",
+           "tests/test_extract.py -k dropped_with_prune", "inspect --render of a dropped item says it was dropped"),
+    mutant("like-left-out-unsaid", "vlpcache/index/search.py",
+           "        return left_out\n", "        pass\n",
+           "tests/test_search.py -k like_takes_an_item", "search --like of a dropped item says it was dropped"),
 ]
 
 
