@@ -1667,6 +1667,15 @@ MUTANTS += [
     mutant("like-left-out-unsaid", "vlpcache/index/search.py",
            "        return left_out\n", "        pass\n",
            "tests/test_search.py -k like_takes_an_item", "search --like of a dropped item says it was dropped"),
+    mutant("resume-not-logged", "vlpcache/model/train.py",
+           "            record[\"resumed\"], trainer.resumed = trainer.resumed, None", "            trainer.resumed = None",
+           "tests/test_pretrain.py -k ctrl_c_within_an_epoch_saves", "the first epoch after a resume logs where it went on from"),
+    mutant("resume-logged-every-epoch", "vlpcache/model/train.py",
+           "            record[\"resumed\"], trainer.resumed = trainer.resumed, None", "            record[\"resumed\"] = trainer.resumed",
+           "tests/test_pretrain.py -k ctrl_c_within_an_epoch_saves", "only the first epoch a resume trains holds where it went on from"),
+    mutant("resume-place-steps-unsaid", "vlpcache/model/inspect_run.py",
+           "        source = (f\"its place after {steps:,} of its steps\" if steps else", "        source = (f\"its place after {steps:,} of its steps\" if False else",
+           "tests/test_pretrain.py -k ctrl_c_within_an_epoch_saves", "a resume from a place within an epoch is told as that, with its steps"),
 ]
 
 

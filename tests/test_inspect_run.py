@@ -59,7 +59,8 @@ def test_a_finished_run_shows_its_settings_each_epochs_validation_and_the_best(w
     assert summary["videos"] == {"trained": 16, "validation": 8}
     # the log line pretraining wrote has the fields of the log's schema, each one, no other
     [record] = [json.loads(line) for line in (run / LOG_NAME).read_text().splitlines()]
-    assert set(record) == set(LOG_FIELDS) == set(summary["log"][0])  # this run validates and trains with rwa
+    assert set(record) == set(LOG_FIELDS) - {"resumed"}  # this run validates and trains with rwa; it was not resumed
+    assert set(summary["log"][0]) == set(LOG_FIELDS) and summary["log"][0]["resumed"] is None
 
 
 def test_a_run_stopped_before_its_last_epoch_says_how_to_continue_it(ws, monkeypatch, capsys):

@@ -1,6 +1,8 @@
 """`vlpcache pretrain` end to end on small real caches: checkpoints, logs, validation, kill -9 and
 --resume, a 2-process torchrun with gloo, and the user errors."""
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -578,6 +580,7 @@ def test_resume_with_other_epochs_records_them_so_inspect_and_a_later_resume_agr
     run_pretrain(**options, **small_options(tiny_text, epochs=1))
     assert run_pretrain(**options, **small_options(tiny_text, epochs=2, resume=True, quiet=False))["trained_epochs"] == 1
     assert "--epochs 2: the run now ends after epoch 2 (it was to end after 1)" in capsys.readouterr().err
+    assert "resumed     1 time(s), as logged: epoch 2 from the checkpoint of epoch 1 (" in _inspect_output(tmp_path / "run")
     assert ckpt.read_run_config(tmp_path / "run")["train"]["epochs"] == 2
     assert run_pretrain(**options, **small_options(tiny_text, epochs=None, resume=True))["trained_epochs"] == 0
     with pytest.raises(UserError, match=r"--epochs 1: .* has trained 2 epochs already; pass --epochs 2 or more"):
@@ -898,6 +901,16 @@ def _stopped_in_step_3(corpus: dict, tiny_text: Path, run_dir: Path) -> subproce
     return _patched_pretrain(CTRL_C_IN_STEP_3, command, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+def _inspect_output(run_dir: Path) -> str:
+    """What `vlpcache inspect RUN` prints."""
+    from vlpcache.model.inspect_run import inspect_run
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        inspect_run(run_dir)
+    return out.getvalue()
+
+
 def _assert_as_uninterrupted(run_dir: Path, whole: Path, epochs: int) -> None:
     weights, state = _checkpoint_state(run_dir, epochs)
     whole_weights, whole_state = _checkpoint_state(whole, epochs)
@@ -932,6 +945,13 @@ def test_ctrl_c_within_an_epoch_saves_its_place_and_the_resume_ends_as_an_uninte
     assert f"resuming {run_dir} within epoch 1, after 3 of its steps (step 3)" in capsys.readouterr().err
     assert summary["trained_epochs"] == 2 and not ckpt.partial_checkpoints(run_dir)
     _assert_as_uninterrupted(run_dir, tmp_path / "whole", 2)
+    # the log, and inspect, say where the run went on from: epoch 1's line only
+    resumed = [record["resumed"] for record in run_summary(run_dir)["log"]]
+    assert resumed[1] is None and {k: resumed[0][k] for k in ("after_epoch", "steps_done")} == {"after_epoch": 0,
+                                                                                                  "steps_done": 3}
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(resumed[0]["time"]))
+    assert (f"resumed     1 time(s), as logged: epoch 1 from its place after 3 of its steps ({when})\n"
+            in _inspect_output(run_dir))
 
 
 # a Ctrl-C while the first epoch is validated, its training steps all done

@@ -216,8 +216,28 @@ def _epoch_table(summary: dict) -> list[str]:
     return lines
 
 
+RESUMES_LISTED = 3  # the latest resumes a run's summary names; more are counted
+
+
+def _resumes(log: list[dict]) -> list[str]:
+    """Where each logged epoch a `pretrain --resume` went on in came from (LOG_FIELDS' "resumed"), the latest."""
+    told = []
+    for record in log:
+        if not isinstance(resumed := record.get("resumed"), dict):
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(resumed.get("time") or 0))
+        after, steps = resumed.get("after_epoch") or 0, resumed.get("steps_done") or 0
+        source = (f"its place after {steps:,} of its steps" if steps else
+                  f"the checkpoint of epoch {after}" if after else "its start (stopped before a checkpoint)")
+        told.append(f"epoch {record['epoch']} from {source} ({when})")
+    if not told:
+        return []
+    earlier = f"; {len(told) - RESUMES_LISTED} earlier" if len(told) > RESUMES_LISTED else ""
+    return [f"resumed     {len(told)} time(s), as logged: " + "; ".join(told[-RESUMES_LISTED:]) + earlier]
+
+
 def print_run_summary(summary: dict) -> None:
-    lines = _header(summary) + _epoch_table(summary)
+    lines = _header(summary) + _epoch_table(summary) + _resumes(summary["log"])
     best, found = summary["best"], summary["checkpoints"]
     if best:
         weight = (best.get("metrics") or {}).get("rerank_weight")

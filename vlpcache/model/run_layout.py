@@ -58,6 +58,9 @@ LOG_FIELDS = {  # written by train.py, read by name by inspect_run.py (and by pe
            "the metrics of each re-rank weight tried); absent without validation captions",
     "val_seconds": "seconds the validation took; there when val is",
     "time": "when the line was written (seconds since the Unix epoch)",
+    "resumed": "in the first epoch a `pretrain --resume` trained: where it went on from, {\"after_epoch\": the "
+               "checkpoint's epoch (0: none yet), \"steps_done\": the steps of this epoch a saved place held (0: "
+               "none), \"time\": when it resumed}; absent in other epochs (an epoch resumed twice: the last)",
 }
 TRAINING_LOCK_NAME = "pretrain.lock"
 TENSORBOARD_DIR = "tensorboard"

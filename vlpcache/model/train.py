@@ -451,6 +451,7 @@ class Trainer:
     best_score: float | None = None
     arithmetic: str = "fp32"  # what the run's precision resolved to here: bf16, fp16 or fp32
     within: "Within | None" = None  # where a run resumed from a place within an epoch goes on
+    resumed: dict | None = None  # where a resume went on from, for the log line of its first epoch (LOG_FIELDS)
 
 
 @dataclass
@@ -561,6 +562,9 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
                           f"its steps (step {trainer.step})", always=True)
         else:
             processes.say(f"resuming {run.dir} after epoch {state['epoch']} (step {trainer.step})", always=True)
+    if run.resumed:
+        trainer.resumed = {"after_epoch": trainer.start_epoch - 1, "time": time.time(),
+                           "steps_done": trainer.within.steps_done if trainer.within is not None else 0}
     # recorded once the checkpoint has loaded: a resume that fails changes nothing of the run
     record_new_epochs(run, processes, max(last, default=0))
     record_new_locations(run, processes)
@@ -1101,6 +1105,8 @@ def _train(run: Run, processes: Processes, workspace: Workspace) -> dict:
     history = []
     for epoch in range(trainer.start_epoch, run.train.epochs + 1):
         record = train_one_epoch(epoch, run, trainer, loader, processes, tensorboard)
+        if trainer.resumed is not None:  # the first epoch after a resume says where it went on from
+            record["resumed"], trainer.resumed = trainer.resumed, None
         try:
             end_of_epoch(record, run, trainer, processes, tensorboard)
         except KeyboardInterrupt:
