@@ -1676,6 +1676,21 @@ MUTANTS += [
     mutant("resume-place-steps-unsaid", "vlpcache/model/inspect_run.py",
            "        source = (f\"its place after {steps:,} of its steps\" if steps else", "        source = (f\"its place after {steps:,} of its steps\" if False else",
            "tests/test_pretrain.py -k ctrl_c_within_an_epoch_saves", "a resume from a place within an epoch is told as that, with its steps"),
+    mutant("heif-opener-not-registered", "vlpcache/extract/sources.py",
+           "    pillow_heif.register_heif_opener()\n", "    pass\n",
+           "tests/test_sampling.py -k phone_and_web", "HEIC photos decode once pillow-heif is there: its opener is registered with Pillow"),
+    mutant("photo-extensions-not-media", "vlpcache/extract/sources.py",
+           "    if suffix in IMAGE_EXTENSIONS or (suffix in PLUGIN_IMAGE_EXTENSIONS and suffix in photo_extensions()):", "    if suffix in IMAGE_EXTENSIONS:",
+           "tests/test_sampling.py -k phone_and_web", ".heic and .avif files are images where their library is there"),
+    mutant("photo-sniffed-not-media", "vlpcache/extract/sources.py",
+           "        return \"image\" if (\".avif\" if head[8:12] in AVIF_BRANDS else \".heic\") in photo_extensions() else None", "        return None",
+           "tests/test_sampling.py -k phone_and_web", "a HEIC or AVIF photo without extension is an image by its first bytes where its library is there"),
+    mutant("photo-decoder-not-registered-in-worker", "vlpcache/extract/sampling.py",
+           "    photo_extensions()  # HEIC/HEIF's opener", "    # HEIC/HEIF's opener",
+           "tests/test_sampling.py -k phone_and_web", "a decoding process of its own reads HEIC without a discovery before"),
+    mutant("photo-hint-unsaid", "vlpcache/extract/sources.py",
+           "    if {\".heic\", \".heif\"} & set(suffixes):", "    if False:",
+           "tests/test_sources.py -k media_say_what_they_hold", "HEIC photos passed over say how to read them"),
 ]
 
 

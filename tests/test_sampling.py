@@ -4,6 +4,7 @@ folders; every bad input becomes an ItemError with a short reason."""
 from __future__ import annotations
 
 import io
+import subprocess
 import sys
 from pathlib import Path
 
@@ -346,6 +347,57 @@ def test_16_bit_image_is_scaled_not_clipped(broken):
 def test_exif_orientation_is_applied(broken):
     out = read_broken(broken, "exif_rotated.jpg")
     assert out.size == (64, 48) and out.frames[0].shape == (64, 48, 3)
+
+
+@pytest.mark.parametrize("ext", [".heic", ".avif"])
+def test_phone_and_web_photos_are_images_where_their_library_is_there(tmp_path, ext):
+    """HEIC (iPhones' photos, read by pillow-heif, the `heif` extra) and AVIF (Pillow 11.3's own plugin):
+    found by extension and by first bytes, decoded as a JPEG of the same picture is, EXIF rotation too;
+    were passed over as "not videos or images" with advice to convert them."""
+    from PIL import features
+
+    from vlpcache.extract.sources import photo_extensions
+
+    if ext == ".heic":
+        pytest.importorskip("pillow_heif", reason="pillow-heif is not installed (the `heif` or `test` extra)")
+    elif not ("avif" in features.modules and features.check_module("avif")):
+        pytest.skip(f"Pillow {Image.__version__} has no AVIF plugin (its wheels do since 11.3)")
+    assert ext in photo_extensions()
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(np.repeat(np.repeat(rng.integers(0, 256, (12, 16, 3), np.uint8), 20, 0), 20, 1))
+    exif = Image.Exif()  # not picture.getexif(): pillow-heif saves that with every copy of the picture
+    exif[0x0112] = 6  # shown turned a quarter clockwise, as a phone held upright saves it
+    (tmp_path / "photos").mkdir()
+    picture.save(tmp_path / "photos" / f"IMG_0001{ext.upper()}", quality=95)
+    picture.save(tmp_path / "photos" / f"turned{ext}", quality=95, exif=exif.tobytes())
+    picture.save(tmp_path / "photos" / "downloaded", format="HEIF" if ext == ".heic" else "AVIF", quality=95)
+    picture.save(tmp_path / "reference.png")
+    items, problems = discover_items([tmp_path / "photos"])
+    assert problems == [] and sorted((i.id, i.kind) for i in items) == [
+        ("IMG_0001", "image"), ("downloaded", "image"), ("turned", "image")]
+    reference = read_item(Item("r", tmp_path / "reference.png", "image"), T, 416)
+    for item in items:
+        out = read_item(item, T, 416)
+        assert len(out.frames) == 1 and out.notes == []
+        if item.id == "turned":
+            assert out.size == (320, 240) and out.frames[0].shape == (320, 240, 3)
+            expected = np.rot90(reference.frames[0], k=-1)  # a quarter turn clockwise
+        else:
+            assert out.size == (240, 320) and out.frames[0].shape == (240, 320, 3)
+            expected = reference.frames[0]
+        difference = np.abs(out.frames[0].astype(int) - expected.astype(int))
+        assert difference.mean() < 6, (item.id, difference.mean())  # lossy at quality 95: a few levels
+    # a decoding process of its own (a Ray worker, a spawned one) reads it without a discovery first
+    np.save(tmp_path / "here.npy", read_item(items[0], T, 416).frames[0])
+    fresh = subprocess.run([sys.executable, "-c", "import sys, numpy as np; from pathlib import Path; "
+                            "from vlpcache.extract.sampling import read_item; from vlpcache.extract.sources import Item; "
+                            "np.save(sys.argv[2], read_item(Item('x', Path(sys.argv[1]), 'image'), 8, 416).frames[0])",
+                            str(items[0].path), str(tmp_path / "there.npy")], capture_output=True, text=True)
+    assert fresh.returncode == 0, fresh.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "there.npy"), np.load(tmp_path / "here.npy"))
+    (tmp_path / f"noise{ext}").write_bytes(rng.integers(0, 256, 5000, np.uint8).tobytes())
+    with pytest.raises(ItemError, match="not a readable image"):
+        read_item(Item("noise", tmp_path / f"noise{ext}", "image"), T, 416)
 
 
 def test_very_large_jpeg_is_decoded_reduced(broken):

@@ -8,6 +8,7 @@ import socket
 import threading
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 
@@ -140,7 +141,15 @@ def test_hidden_and_non_media_files_and_empty_folders_are_ignored_silently(tmp_p
     assert discover_items([tmp_path]) == ([], [])
 
 
-def test_files_without_extension_are_known_by_their_first_bytes(tmp_path):
+@pytest.fixture
+def without_photo_libraries(monkeypatch):
+    """As where neither pillow-heif nor Pillow's AVIF plugin is installed (Pillow before 11.3)."""
+    from vlpcache.extract import sources
+
+    monkeypatch.setattr(sources, "photo_extensions", lambda: frozenset())
+
+
+def test_files_without_extension_are_known_by_their_first_bytes(without_photo_libraries, tmp_path):
     heads = {
         "mp4": b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00", "mov": b"\x00\x00\x00\x14ftypqt  ",
         "old_mov": b"\x00\x00\x00\x08wide", "mkv": b"\x1aE\xdf\xa3\x01", "avi": b"RIFF\x00\x00\x00\x00AVI LIST",
@@ -302,17 +311,21 @@ def test_msrvtt_split_gives_one_frames_item_per_video(msrvtt_dir):
     assert all(i.kind == "frames" and i.id.startswith("video") and "/" not in i.id for i in items)
 
 
-def test_roots_without_media_say_what_they_hold_instead(tmp_path):
+def test_roots_without_media_say_what_they_hold_instead(without_photo_libraries, tmp_path):
     phone = tmp_path / "phone"
     (phone / "2024").mkdir(parents=True)
     for name in ("IMG_0001.HEIC", "IMG_0002.heic", "2024/IMG_0003.HEIC", "notes.txt", "README", ".DS_Store"):
         (phone / name).write_bytes(b"x")
     assert discover_items([phone]) == ([], [])
     said = other_files([phone])
-    assert said.startswith("its 5 file(s) have other extensions (.heic 3, .txt 1, no extension 1) (HEIC photos: convert ")
+    assert said.startswith("its 5 file(s) have other extensions (.heic 3, .txt 1, no extension 1) (HEIC photos: `pip "
+                           'install "vlpcache[heif]"` (pillow-heif) reads them, or convert them to JPEG); ')
     assert said.endswith("; media are known by extension (videos: .mp4, .mov, .avi, .mkv, .webm and 24 more; "
                          "images: .bmp, .jfif, .jpe, .jpeg, .jpg, .png, .tif, .tiff, .webp; a file without one, or named .dat or "
                          ".unknown_video, by its first bytes)")
+    from vlpcache.extract.sources import photos_hint
+
+    assert photos_hint({".avif", ".txt"}) == " (AVIF photos: Pillow 11.3 or newer reads them (`pip install -U pillow`))"
     # hidden files are not counted
     (tmp_path / "empty").mkdir()
     assert other_files([tmp_path / "empty"]) == "it is empty"
@@ -321,7 +334,7 @@ def test_roots_without_media_say_what_they_hold_instead(tmp_path):
     assert other_files([phone / "notes.txt", tmp_path / "empty"]).startswith("their 1 file(s) have other extensions (.txt 1);")
 
 
-def test_files_beside_media_that_are_not_media_are_counted_in_one_line(tmp_path, videos_dir):
+def test_files_beside_media_that_are_not_media_are_counted_in_one_line(without_photo_libraries, tmp_path, videos_dir):
     """A phone folder of videos and HEIC photos, a clip saved as .bin, notes: the run takes the video and
     says in one line what it passed over, naming the .bin that is a video by its first bytes."""
     phone = tmp_path / "phone"
@@ -336,7 +349,8 @@ def test_files_beside_media_that_are_not_media_are_counted_in_one_line(tmp_path,
     assert [(i.id, i.kind) for i in items] == [("IMG_0001", "video"), ("frames/v1", "frames")] and problems == []
     assert passed_over_line(others) == (
         "extract: passed over 5 file(s) that are not videos or images (.heic 2, .bin 1, .json 1, .txt 1) (HEIC photos: "
-        f"convert them to JPEG first, e.g. with heif-convert); {phone / 'clip.bin'} is a video by its first bytes: such "
+        f'`pip install "vlpcache[heif]"` (pillow-heif) reads them, or convert them to JPEG); {phone / "clip.bin"} is a '
+        "video by its first bytes: such "
         "files need their format's extension (e.g. .mp4; ffprobe names the format)")
     for name in ("clip.bin", "IMG_0002.HEIC", "IMG_0003.heic", "notes.json", "frames/v1/README.txt"):
         (phone / name).unlink()

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlpcache.errors import ItemError
-from vlpcache.extract.sources import Item, frame_files
+from vlpcache.extract.sources import Item, frame_files, photo_extensions
 
 # Largest image decoded at full size (~600 MB as RGB); JPEGs count after DCT-domain reduction.
 MAX_IMAGE_PIXELS = 200_000_000
@@ -414,6 +414,7 @@ def _ffmpeg_reason(err: av.error.FFmpegError) -> str:
 def _read_image(path: Path, max_side: int) -> tuple[np.ndarray, tuple[int, int]]:
     """One image as (H, W, 3) uint8 RGB fitted into max_side, and its displayed (height, width)."""
     _check_file(path)
+    photo_extensions()  # HEIC/HEIF's opener registered with Pillow in this process, where pillow-heif is there
     with _large_images_allowed():
         try:
             image = Image.open(path)

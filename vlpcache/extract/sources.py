@@ -22,6 +22,7 @@ Rules (docs/design.md section 1):
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlpcache.captions import SIDECAR_SUFFIX
-from vlpcache.files import IMAGE_EXTENSIONS
+from vlpcache.files import IMAGE_EXTENSIONS, PLUGIN_IMAGE_EXTENSIONS
 
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({
     ".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".gif", ".mpg", ".mpeg", ".m2v", ".wmv", ".asf",
@@ -79,7 +80,7 @@ def media_kind(path: Path, sniff: bool = False) -> str | None:
     suffix = path.suffix.lower()
     if suffix in VIDEO_EXTENSIONS:
         return "video"
-    if suffix in IMAGE_EXTENSIONS:
+    if suffix in IMAGE_EXTENSIONS or (suffix in PLUGIN_IMAGE_EXTENSIONS and suffix in photo_extensions()):
         return "image"
     if sniff and suffix in SNIFFED_SUFFIXES:
         return sniffed_kind(path)
@@ -101,6 +102,7 @@ SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
     (0, b"II*\x00", "image"), (0, b"MM\x00*", "image"),  # TIFF
 )
 HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis"})
+AVIF_BRANDS = frozenset({b"avif", b"avis"})
 TS_SYNC = 0x47  # MPEG transport stream: a sync byte opens each packet, 188 bytes (192 with M2TS's timestamps)
 BMP_HEADER_SIZES = frozenset({12, 40, 52, 56, 64, 108, 124})  # the DIB header versions
 TS_PACKETS = 5  # sync bytes in a row that make a transport stream (a text file may start with "G", 0x47)
@@ -127,12 +129,38 @@ def sniffed_kind(path: Path) -> str | None:
     if any(len(head) > start + (TS_PACKETS - 1) * size and all(head[start + k * size] == TS_SYNC for k in range(TS_PACKETS))
            for start, size in ((0, 188), (4, 192))):
         return "video"
-    if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
-        return None
+    if head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:  # a photo where its library is there (photo_extensions)
+        return "image" if (".avif" if head[8:12] in AVIF_BRANDS else ".heic") in photo_extensions() else None
     for offset, signature, kind in SIGNATURES:
         if head[offset : offset + len(signature)] == signature:
             return kind
     return None
+
+
+@functools.cache
+def photo_extensions() -> frozenset[str]:
+    """Those of PLUGIN_IMAGE_EXTENSIONS this Python reads: .avif where Pillow has its AVIF plugin, .heic and
+    .heif where pillow-heif is installed (its opener registered with Pillow here, once a process: every
+    process that decodes asks this first, sampling.read_item included)."""
+    from PIL import features
+
+    found = {".avif"} if "avif" in features.modules and features.check_module("avif") else set()  # Pillow < 11.3: none
+    try:
+        import pillow_heif
+    except ImportError:
+        return frozenset(found)
+    pillow_heif.register_heif_opener()
+    return frozenset(found | {".heic", ".heif"})
+
+
+def photos_hint(suffixes) -> str:
+    """What to do with the phone or web photos among files passed over (their library is missing), or ""."""
+    hints = []
+    if {".heic", ".heif"} & set(suffixes):
+        hints.append('HEIC photos: `pip install "vlpcache[heif]"` (pillow-heif) reads them, or convert them to JPEG')
+    if ".avif" in suffixes:
+        hints.append("AVIF photos: Pillow 11.3 or newer reads them (`pip install -U pillow`)")
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
 def frame_files(folder: Path) -> list[Path]:
@@ -298,8 +326,7 @@ class OtherFiles:
         """"(.heic 3, .txt 1)", the commonest extensions, with what to do with phone photos."""
         commonest = self._commonest()
         kinds = ", ".join(f"{suffix} {n:,}" for suffix, n in commonest) + (", ..." if len(self.counts) > len(commonest) else "")
-        heic = " (HEIC photos: convert them to JPEG first, e.g. with heif-convert)" if self.counts.keys() & {".heic", ".heif"} else ""
-        return f"({kinds}){heic}"
+        return f"({kinds}){photos_hint(self.counts.keys())}"
 
     def disguised(self) -> str:
         """"; clip.bin is a video by its first bytes: ...", where a file of the commonest extensions is media
@@ -356,7 +383,7 @@ def known_extensions() -> str:
     which files are known by their first bytes instead (SNIFFED_SUFFIXES)."""
     common = (".mp4", ".mov", ".avi", ".mkv", ".webm")
     return (f"videos: {', '.join(common)} and {len(VIDEO_EXTENSIONS) - len(common)} more; "
-            f"images: {', '.join(sorted(IMAGE_EXTENSIONS))}; a file without one, or named "
+            f"images: {', '.join(sorted(IMAGE_EXTENSIONS | photo_extensions()))}; a file without one, or named "
             f"{' or '.join(sorted(s for s in SNIFFED_SUFFIXES if s))}, by its first bytes")
 
 

@@ -26,7 +26,7 @@ from vlpcache.cache.reader import BlankWhenDamaged, DamagedShard, RegionCache
 from vlpcache.cache.schema import outdated_schema
 from vlpcache.captions import Captions, KeyMatches, caption_queries, read_captions
 from vlpcache.errors import UserError
-from vlpcache.files import IMAGE_EXTENSIONS
+from vlpcache.files import IMAGE_EXTENSIONS, PLUGIN_IMAGE_EXTENSIONS
 from vlpcache.model.batch import tokenize, video_batch
 from vlpcache.model.config import MAX_CAPTIONS_PER_VIDEO
 from vlpcache.model.text_features import TextFeatures
@@ -294,7 +294,7 @@ def frames_folder_hint(caches: list[RegionCache], captions: Captions) -> str:
                if kind == "frames"][:5]
     if not folders:
         return ""
-    names_images = any(Path(key).suffix.lower() in IMAGE_EXTENSIONS for key in keys)
+    names_images = any(Path(key).suffix.lower() in IMAGE_EXTENSIONS | PLUGIN_IMAGE_EXTENSIONS for key in keys)
     # or the captions name the folders' images without their extension (a dataset's own ids: Flickr's)
     folder = next((item_id for item_id, path in folders if _names_a_file_in(path, keys)), None) or folders[0][0]
     if not (names_images or _names_a_file_in(dict(folders)[folder], keys)):
