@@ -1691,6 +1691,12 @@ MUTANTS += [
     mutant("photo-hint-unsaid", "vlpcache/extract/sources.py",
            "    if {\".heic\", \".heif\"} & set(suffixes):", "    if False:",
            "tests/test_sources.py -k media_say_what_they_hold", "HEIC photos passed over say how to read them"),
+    mutant("whole-words-not-slid-in", "vlpcache/serve/page/page.js",
+           "      whole.style.transform = `translateX(${Math.max(frame.left + 6 - at.left, Math.min(0, frame.right - 6 - at.right))}px)`;", "      whole.style.transform = \"\";",
+           "tests/test_serve.py -k fits_a_phone", "the whole frame's words slide into the card's frame where they would run past it"),
+    mutant("whole-words-picture-wide", "vlpcache/serve/page/page.css",
+           "  white-space: nowrap; width: max-content; max-width: calc(100cqw - 24px);", "  white-space: nowrap; max-width: calc(100cqw - 24px);",
+           "tests/test_serve.py -k fits_a_phone", "the whole frame's words take the card's width on a narrow picture, not a line each"),
 ]
 
 

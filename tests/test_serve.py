@@ -817,6 +817,20 @@ def test_the_page_fits_a_phone_and_a_long_word_wraps_instead_of_widening_it(ws, 
         marks = [m.text for m in browser.find_elements(By.CSS_SELECTOR, "#query-words mark")]
         assert {"DOG", "man"} <= set(marks) and "'" not in marks, marks
         assert browser.find_element(By.ID, "query-words").text == "the DOG's man"
+        # the words matched to a whole frame, on a picture as narrow as a portrait photo's in its card: all shown,
+        # slid in from past the card's right edge (they start at the picture's left)
+        whole = browser.execute_script(
+            "const picture = document.querySelector('.card .picture'); picture.style.width = '110px';"
+            "const whole = document.createElement('div'); whole.className = 'whole';"
+            "for (const word of ['grass', 'field', 'trees']) { const m = document.createElement('mark');"
+            "  m.textContent = word;"
+            "  whole.append(m); }"
+            "whole.append(' → whole frame'); picture.append(whole); placeTags(picture.parentElement);"
+            "const f = picture.parentElement.getBoundingClientRect(), p = picture.getBoundingClientRect(),"
+            "  w = whole.getBoundingClientRect();"
+            "return [whole.scrollWidth <= whole.clientWidth, w.left >= f.left, w.right <= f.right, w.height < 30,"
+            "  w.bottom <= p.bottom]")
+        assert whole == [True] * 5, whole  # on one line, within the card's frame, over the picture's bottom
     finally:
         browser.quit()
     if os.environ.get("VLPCACHE_SCREENSHOTS"):

@@ -72,6 +72,12 @@ function placeTags(container) {
       }
       placed.push(tag.getBoundingClientRect());
     }
+    const frame = (picture.closest(".frame") || picture).getBoundingClientRect();
+    for (const whole of picture.querySelectorAll(".whole")) { // the whole frame's words: inside the card's frame
+      whole.style.transform = "";
+      const at = whole.getBoundingClientRect();
+      whole.style.transform = `translateX(${Math.max(frame.left + 6 - at.left, Math.min(0, frame.right - 6 - at.right))}px)`;
+    }
   }
 }
 
