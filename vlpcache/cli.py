@@ -90,6 +90,7 @@ def cli() -> None:
     vlpcache serve                           the same search as a page in the browser
     vlpcache index / eval / inspect          build the index; R@K on a caption file; a cache or a run
     vlpcache compare A.jsonl B.jsonl         two models on the same queries (eval --per-query), with intervals
+    vlpcache merge cache-0 cache-1 -o cache  caches extracted apart (a cache per array task) as one
     vlpcache models list|fetch|verify        the detector weights (fetched on first use)
     """
 
@@ -219,6 +220,25 @@ def models_verify(models) -> None:
     from vlpcache.extract.detectors.models_folder import verify_weights
 
     sys.exit(0 if verify_weights(models) else 1)
+
+
+@cli.command()
+@click.argument("sources", metavar="CACHE...", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", "target", type=click.Path(),
+              help="The cache to merge into, created where it is none [default: .vlpcache/cache].")
+@quiet_option("No progress bar.")
+def merge(sources, target, quiet) -> None:
+    """Merge caches of the same settings into one (a cache per array task, then one collection to index,
+    search, serve and evaluate). Shards are hard-linked where on one filesystem, else copied; the sources
+    are left as they are; run it again to finish one that was stopped.
+
+    \b
+    vlpcache merge /shared/cache-0 /shared/cache-1 /shared/cache-2 -o /shared/cache
+    """
+    from vlpcache.cache.merge import merge_caches
+    from vlpcache.workspace import Workspace
+
+    merge_caches([Path(s) for s in sources], Path(target) if target else Workspace().cache_dir, progress=not quiet)
 
 
 @cli.command()
