@@ -1718,6 +1718,9 @@ MUTANTS += [
     mutant("merge-other-settings-accepted", "vlpcache/cache/merge.py",
            "        if diffs := read_manifest(other).differences(settings):", "        if diffs := []:",
            "tests/test_merge.py -k refuses", "caches of other settings are refused"),
+    mutant("merge-lock-not-taken", "vlpcache/cache/merge.py",
+           "    if lock is None:\n        raise UserError(f\"{target}: another merge into it is running", "    if False:\n        raise UserError(f\"{target}: another merge into it is running",
+           "tests/test_merge.py -k second_merge", "a second merge into a cache being merged into stops at once, naming the first"),
 ]
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -172,6 +173,34 @@ def test_a_merge_refuses_other_settings_ids_of_other_files_and_the_target_itself
             merge_caches(sources, target, progress=False)
         assert str(err.value).startswith(said), str(err.value)
         assert files_of(target) == before
+
+
+def test_a_second_merge_into_a_cache_being_merged_into_stops_at_once_naming_the_first(tmp_path):
+    from vlpcache.cache.merge import MERGE_WRITER
+    from vlpcache.cache.writer import lock_path
+    from vlpcache.locks import WriterLock
+
+    a = tmp_path / "a"
+    write(a, ["x"], seed=0)
+    lock_path(tmp_path / "cache", MERGE_WRITER).parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from vlpcache.locks import WriterLock; lock = WriterLock.take(Path(sys.argv[1])); "
+                               "print('held', flush=True); time.sleep(60)", str(lock_path(tmp_path / "cache", MERGE_WRITER))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=rf"^{tmp_path / 'cache'}: another merge into it is running \(pid "
+                                            rf"{holder.pid} on .*\); wait for it to finish"):
+            merge_caches([a], tmp_path / "cache", progress=False)
+        assert not (tmp_path / "cache" / SHARD_DIR).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    freed = WriterLock.take(lock_path(tmp_path / "cache", MERGE_WRITER))  # the kernel freed it with its holder
+    assert freed is not None
+    freed.release()
+    merge_caches([a], tmp_path / "cache", progress=False)
+    assert RegionCache(tmp_path / "cache").ids == ["x"]
 
 
 def test_merge_command_then_index_reads_the_merged_collection(tmp_path, monkeypatch, capsys):

@@ -29,9 +29,10 @@ from vlpcache.cache.manifest import collection_of, open_shard, read_manifest
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import (COMMITTED_ATTR, DAMAGED_DIR, FAILURE_DIR, MANIFEST_NAME, MOVES_DIR, PASSED_OVER_SUFFIX,
                                    REMOVED_DIR, SHARD_DIR, SHARD_SUFFIX)
-from vlpcache.cache.writer import open_cache_dir, take_writer_lock
+from vlpcache.cache.writer import LOCK_PATIENCE_SECONDS, lock_path, open_cache_dir
 from vlpcache.errors import UserError
 from vlpcache.files import fsync_path, replace_atomically, write_failure
+from vlpcache.locks import WriterLock, holder_description
 from vlpcache.report import Say, human_size, items_word, printable, progress_bar, say
 
 MERGED_PREFIX = "m-"
@@ -53,7 +54,7 @@ def merge_caches(sources: list, target, progress: bool = True, say: Say = say) -
     shared = _shared_ids(readers, existing)
     counts = {"linked": 0, "copied": 0, "present": 0}
     copied_bytes = 0
-    with take_writer_lock(target, MERGE_WRITER):
+    with _merge_lock(target):
         open_cache_dir(target, readers[0].settings)  # a new cache gets a collection id of its own
         for leftover in (target / SHARD_DIR).glob(f"*{SHARD_SUFFIX}{PARTIAL_SUFFIX}"):
             leftover.unlink(missing_ok=True)  # a killed merge's (this one holds the merge lock)
@@ -77,6 +78,17 @@ def merge_caches(sources: list, target, progress: bool = True, say: Say = say) -
         f"shard(s) linked{copies}{present}{overlap}; the sources are unchanged; `vlpcache index --cache {target}` "
         "indexes it")
     return {"items": items, "shards": counts, "bytes_copied": copied_bytes, "shared_ids": len(shared)}
+
+
+def _merge_lock(target: Path) -> WriterLock:
+    """The target's merge lock, or one line naming the merge that holds it."""
+    path = lock_path(target, MERGE_WRITER)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = WriterLock.take(path, patience=LOCK_PATIENCE_SECONDS)
+    if lock is None:
+        raise UserError(f"{target}: another merge into it is running ({holder_description(path)}); wait for it to "
+                        "finish (it brings what this one would), then run this one again if it had other caches")
+    return lock
 
 
 def _checked_sources(sources: list[Path], target: Path, say: Say) -> tuple[list[RegionCache], RegionCache | None]:
