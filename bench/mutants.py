@@ -1721,6 +1721,9 @@ MUTANTS += [
     mutant("merge-lock-not-taken", "vlpcache/cache/merge.py",
            "    if lock is None:\n        raise UserError(f\"{target}: another merge into it is running", "    if False:\n        raise UserError(f\"{target}: another merge into it is running",
            "tests/test_merge.py -k second_merge", "a second merge into a cache being merged into stops at once, naming the first"),
+    mutant("merge-unreadable-record-stops", "vlpcache/cache/merge.py",
+           "            except OSError as err:  # another user's log", "            except ValueError as err:  # another user's log",
+           "tests/test_merge.py -k does_not_read", "a record file that does not read is one line, and the shards still come"),
 ]
 
 

@@ -175,6 +175,16 @@ def test_a_merge_refuses_other_settings_ids_of_other_files_and_the_target_itself
         assert files_of(target) == before
 
 
+def test_a_record_file_that_does_not_read_is_one_line_and_the_shards_still_come(tmp_path, capsys):
+    a = tmp_path / "a"
+    write(a, ["x", "y"], seed=0)
+    (a / "failures" / "s1of2.jsonl").mkdir()  # as unreadable as another user's log written with a umask of 077
+    summary = merge_caches([a], tmp_path / "cache", progress=False)
+    assert summary["items"] == 2 and sorted(RegionCache(tmp_path / "cache").ids) == ["x", "y"]
+    assert (f"{a / 'failures' / 's1of2.jsonl'}: not merged, it does not read (Is a directory (EISDIR)); its records "
+            f"(failures, moves, items dropped or found damaged) stay out of {tmp_path / 'cache'}") in capsys.readouterr().err
+
+
 def test_a_second_merge_into_a_cache_being_merged_into_stops_at_once_naming_the_first(tmp_path):
     from vlpcache.cache.merge import MERGE_WRITER
     from vlpcache.cache.writer import lock_path

@@ -31,7 +31,7 @@ from vlpcache.cache.schema import (COMMITTED_ATTR, DAMAGED_DIR, FAILURE_DIR, MAN
                                    REMOVED_DIR, SHARD_DIR, SHARD_SUFFIX)
 from vlpcache.cache.writer import LOCK_PATIENCE_SECONDS, lock_path, open_cache_dir
 from vlpcache.errors import UserError
-from vlpcache.files import fsync_path, replace_atomically, write_failure
+from vlpcache.files import fsync_path, replace_atomically, system_reason, write_failure
 from vlpcache.locks import WriterLock, holder_description
 from vlpcache.report import Say, human_size, items_word, printable, progress_bar, say
 
@@ -60,7 +60,7 @@ def merge_caches(sources: list, target, progress: bool = True, say: Say = say) -
             leftover.unlink(missing_ok=True)  # a killed merge's (this one holds the merge lock)
         shards = [(reader, shard) for reader in readers for shard in _read_shards(reader)]
         for reader in readers:
-            _bring_records(reader.cache_dir, target, collection_of(reader.cache_dir))
+            _bring_records(reader.cache_dir, target, collection_of(reader.cache_dir), say)
         with progress_bar(shards, unit="shard", desc="merge", disable=not progress, leave=False) as bar:
             for reader, shard in bar:
                 how, size = _bring_shard(shard, target / SHARD_DIR / merged_name(collection_of(reader.cache_dir),
@@ -180,7 +180,7 @@ def _same_shard(a: Path, b: Path) -> bool:
         return float(fa.attrs.get(COMMITTED_ATTR, 0.0)) == float(fb.attrs.get(COMMITTED_ATTR, 0.0))
 
 
-def _bring_records(source: Path, target: Path, collection: str) -> None:
+def _bring_records(source: Path, target: Path, collection: str, say: Say) -> None:
     """The source's record files under their merged names; the rows' shard names rewritten where a record
     names one (dropped by --prune, found damaged). Written again by every merge: the source's are current."""
     for folder, pattern in ((FAILURE_DIR, "*.jsonl"), (FAILURE_DIR, f"*{PASSED_OVER_SUFFIX}"), (MOVES_DIR, "*.jsonl"),
@@ -188,7 +188,12 @@ def _bring_records(source: Path, target: Path, collection: str) -> None:
         for log in sorted((source / folder).glob(pattern)):
             if log.name.startswith("."):
                 continue
-            text = log.read_text(encoding="utf-8", errors="surrogateescape")
+            try:
+                text = log.read_text(encoding="utf-8", errors="surrogateescape")
+            except OSError as err:  # another user's log (a umask of 077): the shards still come
+                say(f"{log}: not merged, it does not read ({system_reason(err, log)}); its records (failures, moves, "
+                    f"items dropped or found damaged) stay out of {target}")
+                continue
             if folder in (REMOVED_DIR, DAMAGED_DIR):
                 text = "".join(_renamed_row(line, collection) for line in text.splitlines(keepends=True))
             dest = target / folder / merged_name(collection, log.name)
