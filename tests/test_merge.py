@@ -179,10 +179,14 @@ def test_a_record_file_that_does_not_read_is_one_line_and_the_shards_still_come(
     a = tmp_path / "a"
     write(a, ["x", "y"], seed=0)
     (a / "failures" / "s1of2.jsonl").mkdir()  # as unreadable as another user's log written with a umask of 077
+    (a / SHARD_DIR / "s1of2-00000.h5").write_bytes(b"not HDF5")  # a shard the source itself leaves out
     summary = merge_caches([a], tmp_path / "cache", progress=False)
     assert summary["items"] == 2 and sorted(RegionCache(tmp_path / "cache").ids) == ["x", "y"]
+    assert summary["shards"]["linked"] == 1 and not (tmp_path / "cache" / SHARD_DIR / "s1of2-00000.h5").exists()
     assert (f"{a / 'failures' / 's1of2.jsonl'}: not merged, it does not read (Is a directory (EISDIR)); its records "
-            f"(failures, moves, items dropped or found damaged) stay out of {tmp_path / 'cache'}") in capsys.readouterr().err
+            f"(failures, moves, items dropped or found damaged) stay out of {tmp_path / 'cache'}") in (said := capsys.readouterr().err)
+    assert "; 1 shard(s) the sources leave out themselves (said above) stay out; " in said
+    assert f"{a / SHARD_DIR / 's1of2-00000.h5'}: unreadable shard (" in said  # the source's reader said it
 
 
 def test_a_second_merge_into_a_cache_being_merged_into_stops_at_once_naming_the_first(tmp_path):

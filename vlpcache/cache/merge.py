@@ -72,6 +72,8 @@ def merge_caches(sources: list, target, progress: bool = True, say: Say = say) -
     items = len(merged)
     copies = f", {counts['copied']} copied ({human_size(copied_bytes)}: another filesystem)" if counts["copied"] else ""
     present = f", {counts['present']} there already" if counts["present"] else ""
+    if left_out := sum(len(reader.shard_paths) for reader in readers) - len(shards):
+        present += f"; {left_out} shard(s) the sources leave out themselves (said above) stay out"
     overlap = (f"; {len(shared):,} id(s) two caches hold for the same file (e.g. {printable(shared[0])!r}) are read "
                "once, the row extracted last") if shared else ""
     say(f"merge: {target} holds {items:,} {items_word(merged.kinds)} from {len(readers)} cache(s): {counts['linked']} "
