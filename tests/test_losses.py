@@ -233,6 +233,8 @@ def _free_port() -> int:
 def _gathered_loss_worker(rank: int, port: int, text, video, out_dir: str) -> None:
     import torch.distributed as dist
 
+    from vlpcache.model.train import Processes, settle_before_destroy
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         per_video = len(text) // len(video)
@@ -242,6 +244,7 @@ def _gathered_loss_worker(rank: int, port: int, text, video, out_dir: str) -> No
         loss = ContrastiveLoss()(t, v, torch.tensor(10.0))
         loss.backward()
         torch.save({"loss": loss.detach(), "text_grad": t.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+        settle_before_destroy(Processes(rank=rank, world=2))  # torch < 2.8 could hang in destroy_process_group
     finally:
         dist.destroy_process_group()
 
