@@ -38,7 +38,6 @@ from vlpcache.report import Say, human_size, items_word, printable, progress_bar
 MERGED_PREFIX = "m-"
 MERGE_WRITER = "merge"  # the writer lock a merge holds on its target: a second merge into it stops at once
 PARTIAL_SUFFIX = ".merging"  # a shard being brought in: never read (not *.h5), removed by the next merge
-CLASHES_SHOWN = 3
 
 
 def merged_name(collection: str, name: str) -> str:

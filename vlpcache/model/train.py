@@ -1046,7 +1046,8 @@ def settle_before_destroy(processes: Processes) -> None:
     """Before the process groups are destroyed: every process's last collective done, and (torch < 2.8) a
     moment for gloo's worker threads to free what those works held. There torch's ProcessGroupGloo destructor
     joins its worker threads holding the GIL, and a worker freeing a finished work's tensors waits for the GIL:
-    both hang (torch 2.4, the gloo test under load: 16 of 25 runs hung; with a barrier alone 1 of 25)."""
+    both hang (torch 2.4, the gloo test under load: 16 of 25 runs hung; with a barrier alone 4 of 25 under more
+    load; with the barrier and the wait 0 of 50: BENCHMARKS.md)."""
     if processes.world == 1:
         return
     processes.barrier()
