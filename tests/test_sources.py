@@ -319,7 +319,7 @@ def test_roots_without_media_say_what_they_hold_instead(without_photo_libraries,
     assert discover_items([phone]) == ([], [])
     said = other_files([phone])
     assert said.startswith("its 5 file(s) have other extensions (.heic 3, .txt 1, no extension 1) (HEIC photos: `pip "
-                           'install "vlpcache[heif]"` (pillow-heif) reads them, or convert them to JPEG); ')
+                           "install pillow-heif` (the heif extra) reads them, or convert them to JPEG); ")
     assert said.endswith("; media are known by extension (videos: .mp4, .mov, .avi, .mkv, .webm and 24 more; "
                          "images: .bmp, .jfif, .jpe, .jpeg, .jpg, .png, .tif, .tiff, .webp; a file without one, or named .dat or "
                          ".unknown_video, by its first bytes)")
@@ -349,7 +349,7 @@ def test_files_beside_media_that_are_not_media_are_counted_in_one_line(without_p
     assert [(i.id, i.kind) for i in items] == [("IMG_0001", "video"), ("frames/v1", "frames")] and problems == []
     assert passed_over_line(others) == (
         "extract: passed over 5 file(s) that are not videos or images (.heic 2, .bin 1, .json 1, .txt 1) (HEIC photos: "
-        f'`pip install "vlpcache[heif]"` (pillow-heif) reads them, or convert them to JPEG); {phone / "clip.bin"} is a '
+        f"`pip install pillow-heif` (the heif extra) reads them, or convert them to JPEG); {phone / 'clip.bin'} is a "
         "video by its first bytes: such "
         "files need their format's extension (e.g. .mp4; ffprobe names the format)")
     for name in ("clip.bin", "IMG_0002.HEIC", "IMG_0003.heic", "notes.json", "frames/v1/README.txt"):

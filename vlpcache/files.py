@@ -20,7 +20,7 @@ from vlpcache.errors import UserError
 # still images: an item each (or, all of a folder, the frames of one); captions may name their items by these names
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 # photo formats read where a library for them is there (extract/sources.py's photo_extensions): AVIF by Pillow's own
-# plugin (its wheels since 11.3), HEIC/HEIF (phones' photos) by pillow-heif (`pip install "vlpcache[heif]"`)
+# plugin (its wheels since 11.3), HEIC/HEIF (phones' photos) by pillow-heif (the heif extra)
 PLUGIN_IMAGE_EXTENSIONS: frozenset[str] = frozenset({".avif", ".heic", ".heif"})
 
 # what the libraries that write our files say instead of raising OSError: h5py (RuntimeError "... errno

@@ -157,7 +157,7 @@ def photos_hint(suffixes) -> str:
     """What to do with the phone or web photos among files passed over (their library is missing), or ""."""
     hints = []
     if {".heic", ".heif"} & set(suffixes):
-        hints.append('HEIC photos: `pip install "vlpcache[heif]"` (pillow-heif) reads them, or convert them to JPEG')
+        hints.append("HEIC photos: `pip install pillow-heif` (the heif extra) reads them, or convert them to JPEG")
     if ".avif" in suffixes:
         hints.append("AVIF photos: Pillow 11.3 or newer reads them (`pip install -U pillow`)")
     return f" ({'; '.join(hints)})" if hints else ""
