@@ -159,6 +159,11 @@ def items_word(kinds) -> str:
     return "photos" if kinds == {"image"} else "videos" if kinds <= {"video", "frames"} else "items"
 
 
+def date_text(seconds: float) -> str:
+    """A moment (seconds since the Unix epoch) as a person reads it in a line, local time: "2026-12-06 14:25"."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
+
+
 def place_text(kind: str, time: float | None) -> str:
     """Where an item's frame sits, for a person: its time in a video (clock_text), the place of a frames
     folder's image in name order (1 for the first: its stored time counts from 0), and nothing for a photo

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,7 +37,7 @@ from vlpcache.cache.writer import RecordLog
 from vlpcache.captions import item_named
 from vlpcache.errors import UserError
 from vlpcache.files import folder_bytes
-from vlpcache.report import Say, printable, say
+from vlpcache.report import Say, date_text, printable, say
 
 
 _reported: set[tuple[Path, str]] = set()  # shard problems already reported in this process
@@ -298,7 +297,7 @@ class RegionCache:
             if item_id is None:
                 continue
             record = records[item_id]
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.get("time", 0)))
+            when = date_text(record.get("time", 0))
             if records is self.removed:
                 return (f"{item_id!r} was dropped from the cache {self.cache_dir} by `vlpcache extract --prune` on {when}: "
                         f"{printable(str(record.get('path', 'its file')))} was gone; once it is back, extract its "

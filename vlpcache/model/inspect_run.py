@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 from vlpcache.errors import UserError
@@ -34,7 +33,7 @@ from vlpcache.model.run_layout import (
 )
 from vlpcache.files import system_reason
 from vlpcache.records import read_optional_json
-from vlpcache.report import human_duration, human_size, printable
+from vlpcache.report import date_text, human_duration, human_size, printable
 from vlpcache.workspace import Workspace
 
 
@@ -225,7 +224,7 @@ def _resumes(log: list[dict]) -> list[str]:
     for record in log:
         if not isinstance(resumed := record.get("resumed"), dict):
             continue
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(resumed.get("time") or 0))
+        when = date_text(resumed.get("time") or 0)
         after, steps = resumed.get("after_epoch") or 0, resumed.get("steps_done") or 0
         source = (f"its place after {steps:,} of its steps" if steps else
                   f"the checkpoint of epoch {after}" if after else "its start (stopped before a checkpoint)")
@@ -342,7 +341,7 @@ def list_runs(runs_dir=None, as_json: bool = False) -> None:
         metrics = best.get("metrics") or {}
         score = (f"best epoch {best['epoch']}: val R@1 {metrics['R@1']:.1f}, R@5 {metrics['R@5']:.1f}, "
                  f"R@10 {metrics['R@10']:.1f}" if best and "R@1" in metrics else "no validation")
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s["modified"]))
+        when = date_text(s["modified"])
         mark = "" if Path(s["run"]) != latest else "  <- index, search and eval use it by default" if default else "  <- the latest"
         print(f"{printable(Path(s['run']).name):12s} {s['state']:13s} {s['epochs_done']:>3d}/{s['epochs']:<3d} epochs  "
               f"{score}  ({when}){mark}")
