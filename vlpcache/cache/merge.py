@@ -29,15 +29,15 @@ from vlpcache.cache.manifest import collection_of, open_shard, read_manifest
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import (COMMITTED_ATTR, DAMAGED_DIR, FAILURE_DIR, MANIFEST_NAME, MOVES_DIR, PASSED_OVER_SUFFIX,
                                    REMOVED_DIR, SHARD_DIR, SHARD_SUFFIX)
-from vlpcache.cache.writer import LOCK_PATIENCE_SECONDS, lock_path, open_cache_dir
+from vlpcache.cache.writer import open_cache_dir, take_writer_lock
 from vlpcache.errors import UserError
 from vlpcache.files import fsync_path, replace_atomically, system_reason, write_failure
-from vlpcache.locks import WriterLock, holder_description
 from vlpcache.report import Say, human_size, items_word, printable, progress_bar, say
 
 MERGED_PREFIX = "m-"
 MERGE_WRITER = "merge"  # the writer lock a merge holds on its target: a second merge into it stops at once
 PARTIAL_SUFFIX = ".merging"  # a shard being brought in: never read (not *.h5), removed by the next merge
+MERGE_AGAIN = "the shards merged before are kept; make room and run the same command again to bring the rest"
 
 
 def merged_name(collection: str, name: str) -> str:
@@ -53,17 +53,19 @@ def merge_caches(sources: list, target, progress: bool = True, say: Say = say) -
     shared = _shared_ids(readers, existing)
     counts = {"linked": 0, "copied": 0, "present": 0}
     copied_bytes = 0
-    with _merge_lock(target):
+    busy = (lambda holder: f"{target}: another merge into it is running ({holder}); wait for it to finish (it brings "
+            "what this one would), then run this one again if it had other caches")
+    with take_writer_lock(target, MERGE_WRITER, busy):
         open_cache_dir(target, readers[0].settings)  # a new cache gets a collection id of its own
         for leftover in (target / SHARD_DIR).glob(f"*{SHARD_SUFFIX}{PARTIAL_SUFFIX}"):
             leftover.unlink(missing_ok=True)  # a killed merge's (this one holds the merge lock)
-        shards = [(reader, shard) for reader in readers for shard in _read_shards(reader)]
-        for reader in readers:
-            _bring_records(reader.cache_dir, target, collection_of(reader.cache_dir), say)
+        collections = [collection_of(reader.cache_dir) for reader in readers]
+        shards = [(collection, shard) for reader, collection in zip(readers, collections) for shard in _read_shards(reader)]
+        for reader, collection in zip(readers, collections):
+            _bring_records(reader.cache_dir, target, collection, say)
         with progress_bar(shards, unit="shard", desc="merge", disable=not progress, leave=False) as bar:
-            for reader, shard in bar:
-                how, size = _bring_shard(shard, target / SHARD_DIR / merged_name(collection_of(reader.cache_dir),
-                                                                                 shard.name))
+            for collection, shard in bar:
+                how, size = _bring_shard(shard, target / SHARD_DIR / merged_name(collection, shard.name))
                 counts[how] += 1
                 copied_bytes += size
         fsync_path(target / SHARD_DIR)
@@ -79,17 +81,6 @@ def merge_caches(sources: list, target, progress: bool = True, say: Say = say) -
         f"shard(s) linked{copies}{present}{overlap}; the sources are unchanged; `vlpcache index --cache {target}` "
         "indexes it")
     return {"items": items, "shards": counts, "bytes_copied": copied_bytes, "shared_ids": len(shared)}
-
-
-def _merge_lock(target: Path) -> WriterLock:
-    """The target's merge lock, or one line naming the merge that holds it."""
-    path = lock_path(target, MERGE_WRITER)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = WriterLock.take(path, patience=LOCK_PATIENCE_SECONDS)
-    if lock is None:
-        raise UserError(f"{target}: another merge into it is running ({holder_description(path)}); wait for it to "
-                        "finish (it brings what this one would), then run this one again if it had other caches")
-    return lock
 
 
 def _checked_sources(sources: list[Path], target: Path, say: Say) -> tuple[list[RegionCache], RegionCache | None]:
@@ -164,8 +155,7 @@ def _bring_shard(shard: Path, dest: Path) -> tuple[str, int]:
         os.replace(partial, dest)
     except OSError as err:
         partial.unlink(missing_ok=True)
-        raise write_failure(dest, err, "the shards merged before are kept; make room and run the same command again "
-                                       "to bring the rest") from None
+        raise write_failure(dest, err, MERGE_AGAIN) from None
     except BaseException:  # Ctrl-C: the part goes, what landed stays
         partial.unlink(missing_ok=True)
         raise
@@ -202,8 +192,7 @@ def _bring_records(source: Path, target: Path, collection: str, say: Say) -> Non
             try:
                 replace_atomically(dest, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
             except OSError as err:
-                raise write_failure(dest, err, "the shards merged before are kept; make room and run the same "
-                                               "command again to bring the rest") from None
+                raise write_failure(dest, err, MERGE_AGAIN) from None
 
 
 def _renamed_row(line: str, collection: str) -> str:

@@ -25,6 +25,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
@@ -107,13 +108,16 @@ def lock_path(cache_dir: Path, writer_name: str) -> Path:
     return Path(cache_dir) / LOCK_DIR / f"{writer_name}{LOCK_SUFFIX}"
 
 
-def take_writer_lock(cache_dir: Path, writer_name: str) -> WriterLock:
-    """The lock of writer `writer_name`, or one line naming the process that holds it."""
+def take_writer_lock(cache_dir: Path, writer_name: str, busy: Callable[[str], str] | None = None) -> WriterLock:
+    """The lock of writer `writer_name`, or one line naming the process that holds it: `busy(holder)`, else
+    extract's line."""
     path = lock_path(cache_dir, writer_name)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = WriterLock.take(path, patience=LOCK_PATIENCE_SECONDS)
     if lock is None:
-        raise UserError(f"{cache_dir}: shards {writer_name}-* are being written by {holder_description(path)}; wait for "
+        holder = holder_description(path)
+        raise UserError(busy(holder) if busy else
+                        f"{cache_dir}: shards {writer_name}-* are being written by {holder}; wait for "
                         "that extract to finish, or give this one its own -o DIR; to fill one cache from several jobs "
                         "at once, give every job the same ROOTs and its own --shard i/n (README: Slurm without Ray)")
     return lock
