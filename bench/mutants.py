@@ -1724,6 +1724,12 @@ MUTANTS += [
     mutant("merge-unreadable-record-stops", "vlpcache/cache/merge.py",
            "            except OSError as err:  # another user's log", "            except ValueError as err:  # another user's log",
            "tests/test_merge.py -k does_not_read", "a record file that does not read is one line, and the shards still come"),
+    mutant("wheel-page-assets-left-out", "pyproject.toml",
+           "\"vlpcache.serve\" = [\"page/*\"]", "\"vlpcache.serve\" = [\"page/*.html\"]",
+           "tests/test_packaging.py", "the wheel ships the page's HTML but not its script and style: pip install of the project serves a page without them"),
+    mutant("wheel-vocabulary-left-out", "pyproject.toml",
+           "\"vlpcache.cache\" = [\"vocab/*\"]", "\"vlpcache.cache\" = [\"vocab/*.md\"]",
+           "tests/test_packaging.py", "the wheel leaves out Visual Genome's vocabulary: a vg cache cannot name its regions once installed"),
 ]
 
 
