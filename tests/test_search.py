@@ -1219,15 +1219,27 @@ def test_like_takes_an_item_by_file_name_or_path_as_inspect_does_and_says_why_an
 
 
 def test_like_of_a_file_the_cache_does_not_hold_names_the_commands_that_add_it(ws, monkeypatch, capsys):
+    """Where --like cannot extract the file on its own as the cache's items were (here: the tests' synthetic
+    detector, which no machine has; a cache made with other weights), and where the Python API is asked
+    (Searcher.indexed_item(on_disk=True) does not extract): the commands that add it to the cache."""
     assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
     (ws / "mine").mkdir()
     (ws / "mine" / "clip.mp4").write_bytes(b"a video of the user's that the cache does not hold")
-    for path, name in ((ws / "mine" / "clip.mp4", "clip"), (ws / "mine", "mine")):  # a file, a folder
+    for path, name in ((ws / "mine" / "clip.mp4", "clip"), (ws / "mine", "mine")):  # a file, a folder of one
+        said = (f'"{path}" is not in the cache {ws / "cache"}: --like compares the items of its index; add it with '
+                f"`vlpcache extract {path} -o {ws / 'cache'} --frames 2 --regions 3 --detector synthetic`, index it "
+                f"(`vlpcache index`), then search `--like {name}`")
         code, _, err = vlpcache(monkeypatch, capsys, "search", "--like", str(path))
-        assert code == 2 and err.strip() == (
-            f'error: "{path}" is not in the cache {ws / "cache"}: --like compares the items of its index; add it with '
-            f"`vlpcache extract {path} -o {ws / 'cache'} --frames 2 --regions 3 --detector synthetic`, index it "
-            f"(`vlpcache index`), then search `--like {name}`"), err
+        assert code == 2 and err.strip().splitlines() == [
+            f"{path} is not in the cache: extracting it on its own to compare it (with the cache's settings; nothing "
+            "is added to the cache)",
+            f"error: {said} (--like cannot extract it on its own here: unknown detector 'synthetic'; choose from "
+            "yolox, frcnn, vg)"], err
+        from vlpcache import Searcher
+
+        with pytest.raises(UserError) as raised:
+            Searcher().indexed_item(str(path), on_disk=True)
+        assert str(raised.value) == said
     from vlpcache.index.search import outside_line
 
     settings = RegionCache(ws / "cache").settings  # as extract records a detector: its name, then its weights

@@ -378,9 +378,11 @@ def index(**options) -> None:
 @click.option("--no-rerank", is_flag=True, help="Rank by global similarity only (no region-word re-rank).")
 @click.option("--qbnorm", is_flag=True,
               help="Rank by query-bank normalised global similarity (QB-Norm; no re-rank); the bank is made on first use.")
-@click.option("--like", "like", multiple=True, metavar="ID",
+@click.option("--like", "like", multiple=True, metavar="ID|FILE",
               help="Instead of words: the items most like an indexed one (its id as search prints it, or a file name "
-                   "or path that ends in it), by its own embedding; may be given several times.")
+                   "or path that ends in it), by its own embedding; or like a video, photo or frames folder the cache "
+                   "does not hold (extracted on its own, with the cache's settings; not added); may be given several "
+                   "times.")
 @run_option
 @cache_option
 @index_option
@@ -390,7 +392,14 @@ def search(**options) -> None:
     regions that matched the words."""
     from vlpcache.index.search import run_search
 
-    run_search(**options)
+    run_search(**options, outside=_extract_outside)
+
+
+def _extract_outside(*args, **kwargs) -> str:
+    """search --like FILE of a file the cache does not hold: extract/outside.py, imported only then."""
+    from vlpcache.extract.outside import extract_outside
+
+    return extract_outside(*args, **kwargs)
 
 
 @cli.command()

@@ -5,6 +5,11 @@ class UserError(Exception):
     """A problem with the user's input or environment, with a message that names the fix."""
 
 
+class NotComparable(UserError):
+    """A file the cache does not hold cannot be extracted here as the cache's items were (another detector's
+    weights, none found): `search --like FILE` says how to add it to the cache instead."""
+
+
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM, with what was kept and how to go on: the CLI prints it as one line, exit status 130
     or 143."""

@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlpcache.captions import SIDECAR_SUFFIX
+from vlpcache.errors import UserError
 from vlpcache.files import IMAGE_EXTENSIONS, PLUGIN_IMAGE_EXTENSIONS
+from vlpcache.report import printable
 
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({
     ".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".gif", ".mpg", ".mpeg", ".m2v", ".wmv", ".asf",
@@ -206,6 +208,26 @@ def discover_items(roots: list[Path], frame_folders: bool = True,
         else:
             walk.add(Item(root.stem, _plain(root), kind))
     return walk.items, walk.problems
+
+
+def one_item(path: Path) -> Item:
+    """The one item `path` is as a root of its own (a video or image file: the item of its name) or as a folder
+    extract would find within its parent (a frames folder: a video's frames; or the one item a folder holds);
+    else one clear error."""
+    if not path.is_dir():
+        items, problems = discover_items([path])
+        if not items:
+            raise UserError(f"{printable(str(path))}: {problems[0][1].replace(f'; {SKIPPED}', '')}")
+        return items[0]
+    walk = _Walk()
+    items, _ = walk.folder(_plain(path.parent), _plain(path))
+    if walk.problems and not items:
+        raise UserError(f"{printable(walk.problems[0][0])}: {walk.problems[0][1].replace(f'; {SKIPPED}', '')}")
+    if len(items) != 1:
+        found = f"{len(items)} items (videos, photos or frames folders)" if items else "no videos or images"
+        raise UserError(f"{printable(str(path))} is a folder of {found}: give one video, photo, or frames folder (a "
+                        "folder of one video's frames)")
+    return items[0]
 
 
 def not_a_file(path: Path) -> str:

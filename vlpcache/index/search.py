@@ -33,7 +33,7 @@ from vlpcache.cache.reader import DamagedShard, RegionCache
 from vlpcache.cache.schema import MOVES_DIR, REMOVED_DIR, SHARD_DIR, SHARD_SUFFIX, detector_name
 from vlpcache.captions import ids_like, item_named, model_text, text_lines
 from vlpcache.devices import DEFAULT_DEVICE, DEVICES, resolve_device
-from vlpcache.errors import UserError
+from vlpcache.errors import NotComparable, UserError, user_message
 from vlpcache.files import may_write, read_utf8_text, utf8_text
 from vlpcache.index.build import (check_run_reads_cache, coverage, extracted_again, index_of_run, missing_from_cache,
                                   new_index_line, open_cache, resolve_sources, update_index)
@@ -471,34 +471,52 @@ class Searcher:
             if item_id not in self.index:  # an index rebuilt without it in between
                 raise UserError(not_indexed_line(key, self.index.ids, self.cache))
             row = self.index.row_of(item_id)
-            pool = min(len(self.index), k + 1 + self.unshown)  # the item itself and what the cache cannot show
-            faiss_scores, faiss_rows = self.index.search(np.asarray(self.index.embeddings[row : row + 1], np.float32), pool)
-            found = [(float(s), int(r)) for s, r in zip(faiss_scores[0], faiss_rows[0])
-                     if r >= 0 and r != row and self.index.ids[r] in self.cache][:k]
-            frames = self._frames_like(row, [r for _, r in found])
-            hits = []
-            for rank, ((score, r), frame) in enumerate(zip(found, frames), 1):
-                item, note, outdated = self._shown(self.index.ids[r])
-                frame = frame if not outdated or outdated == GONE_HIT else 0  # an unreadable row's times are blank
-                hits.append(Hit(rank=rank, id=self.index.ids[r], path=item["path"], score=score, global_score=score,
-                                local_score=None, time=round(float(item["timestamps"][frame]), 2), frame=frame,
-                                note=note, outdated=outdated, kind=item["kind"]))
-            return hits
+            example = None
+            if self.index.regions is not None:
+                regions, mask, _ = self.index.regions.gather([row])  # (1, K, E), (1, K)
+                example = regions[0][mask[0]]  # (K_real, E)
+            return self._ranked_like(self.index.embeddings[row], example, k, leave_out=row)
 
-    def _frames_like(self, row: int, rows: list[int]) -> list[int]:
-        """For each of `rows`, the frame whose stored regions are most like the regions of `row`'s item: each
+    def like_item(self, cache: RegionCache, item_id: str, k: int = 10, device: str = DEFAULT_DEVICE) -> list[Hit]:
+        """The k indexed items most like item `item_id` of another cache of the same settings (a clip the
+        collection does not hold, extracted on its own: `search --like FILE`), as like() ranks them. The item is
+        encoded by the index's checkpoint (loaded on first use; torch)."""
+        check_k(k)
+        from vlpcache.index.outside import encode_item
+
+        global_, regions = encode_item(self.index.meta, cache, item_id, device)
+        with self._lock:
+            return self._ranked_like(global_, regions, k)
+
+    def _ranked_like(self, vector: np.ndarray, example: np.ndarray | None, k: int, leave_out: int = -1) -> list[Hit]:
+        """Hits of the indexed items by cosine with `vector` (E,), best first, but row `leave_out`; each hit's
+        frame the one whose regions are most like `example` (K, E), the query item's real regions (None: 0)."""
+        pool = min(len(self.index), k + (leave_out >= 0) + self.unshown)  # the item itself and what the cache cannot show
+        faiss_scores, faiss_rows = self.index.search(np.asarray(vector, np.float32)[None], pool)
+        found = [(float(s), int(r)) for s, r in zip(faiss_scores[0], faiss_rows[0])
+                 if r >= 0 and r != leave_out and self.index.ids[r] in self.cache][:k]
+        frames = self._frames_like(example, [r for _, r in found])
+        hits = []
+        for rank, ((score, r), frame) in enumerate(zip(found, frames), 1):
+            item, note, outdated = self._shown(self.index.ids[r])
+            frame = frame if not outdated or outdated == GONE_HIT else 0  # an unreadable row's times are blank
+            hits.append(Hit(rank=rank, id=self.index.ids[r], path=item["path"], score=score, global_score=score,
+                            local_score=None, time=round(float(item["timestamps"][frame]), 2), frame=frame,
+                            note=note, outdated=outdated, kind=item["kind"]))
+        return hits
+
+    def _frames_like(self, example: np.ndarray | None, rows: list[int]) -> list[int]:
+        """For each of `rows`, the frame whose stored regions are most like the `example` regions (K, E): each
         region's best cosine with any of them, averaged over the frame (0 where the index keeps no regions)."""
         regions_per_frame = self.cache.settings.regions  # N: the detected regions and the whole-frame one
-        if self.index.regions is None or not rows:
+        if self.index.regions is None or example is None or not len(example) or not rows:
             return [0] * len(rows)
-        regions, mask, positions = self.index.regions.gather([row] + rows)  # (1 + P, K, E), (1 + P, K), (1 + P, K)
+        example = example / np.maximum(np.linalg.norm(example, axis=-1, keepdims=True), 1e-12)
+        regions, mask, positions = self.index.regions.gather(rows)  # (P, K, E), (P, K), (P, K)
         regions /= np.maximum(np.linalg.norm(regions, axis=-1, keepdims=True), 1e-12)
-        example = regions[0][mask[0]]  # (K0, E)
-        if not len(example):
-            return [0] * len(rows)
-        best = (regions[1:] @ example.T).max(-1)  # (P, K) each candidate region's best cosine with the example's
+        best = (regions @ example.T).max(-1)  # (P, K) each candidate region's best cosine with the example's
         frames = []
-        for likeness, real, places in zip(best, mask[1:], positions[1:]):
+        for likeness, real, places in zip(best, mask, positions):
             frame = places[real] // regions_per_frame  # (K_real,)
             if not len(frame):
                 frames.append(0)
@@ -583,6 +601,37 @@ def outside_line(path: str, cache: RegionCache) -> str:
             f"{options}`, index it (`vlpcache index`), then search `--like {printable(name)}`")
 
 
+def names_outside(key: str, searcher: Searcher) -> bool:
+    """Whether `key` is a file or folder of this machine that names no item of the index or the cache (by id, or
+    by a file name or path that ends in one), no item the cache dropped, and no frame of a cached frames folder."""
+    if key in searcher.index or key in searcher.cache:
+        return False
+    item_id, several = item_named(key, searcher.index.ids)
+    if item_id is not None or several or item_named(key, searcher.cache.ids)[0] is not None:
+        return False
+    return (os.path.exists(key) and searcher.cache.left_out_line(key) is None
+            and frames_item_holding(Path(key), searcher.cache) is None)
+
+
+def like_outside(searcher: Searcher, path: str, k: int, outside, device) -> list[Hit]:
+    """search --like FILE of a file or folder the cache does not hold: extracted on its own into a temporary
+    cache with the collection's settings (nothing is added to the collection), then ranked as like() ranks."""
+    import tempfile
+
+    say(f"{printable(path)} is not in the cache: extracting it on its own to compare it (with the cache's settings; "
+        "nothing is added to the cache)")
+    with tempfile.TemporaryDirectory(prefix="vlpcache-like-") as folder:
+        try:
+            item_id = outside(path, searcher.cache.settings, Path(folder), device=device)
+        except NotComparable as err:
+            raise UserError(f"{outside_line(path, searcher.cache)} (--like cannot extract it on its own here: "
+                            f"{user_message(err)})") from None
+        with RegionCache(folder, say_damaged=False) as cache:
+            if note := cache.note_of(item_id):
+                say(f"note: {printable(path)}: {note}; compared as it was read")
+            return searcher.like_item(cache, item_id, k, device)
+
+
 def frames_item_holding(media: Path, cache: RegionCache) -> str | None:
     """The id of the cached frame folder (an item of kind "frames") that the image file `media` lies in; None
     if it lies in none."""
@@ -655,9 +704,10 @@ def unread_line(searcher: Searcher, query: str, unread: str) -> str:
             f"\"{printable(query[:40])}{'...' if len(query) > 40 else ''}\" was left out: \"{printable(shown)}\"")
 
 
-def like_json(item_id: str, hits: list[Hit]) -> dict:
-    """`vlpcache search --like ID --json`'s object (and serve's /api/search?like=ID)."""
-    return {"like": item_id, "results": [asdict(h) for h in hits]}
+def like_json(item_id: str, hits: list[Hit], outside: bool = False) -> dict:
+    """`vlpcache search --like ID --json`'s object (and serve's /api/search?like=ID); `outside`: "like" is the
+    path of a file or folder the cache does not hold, extracted on its own (`"outside": true`)."""
+    return {"like": item_id, **({"outside": True} if outside else {}), "results": [asdict(h) for h in hits]}
 
 
 def format_hits(query: str, hits: list[Hit], head: str = "query") -> str:
@@ -776,8 +826,10 @@ def _query_bank_count(index_dir: Path) -> int:
 
 
 def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=None, index_dir=None,
-               as_json=False, no_rerank=False, device=DEFAULT_DEVICE, qbnorm=False, like=()) -> None:
-    """The `vlpcache search` command."""
+               as_json=False, no_rerank=False, device=DEFAULT_DEVICE, qbnorm=False, like=(), outside=None) -> None:
+    """The `vlpcache search` command. outside(path, settings, folder, device=) -> id: extracts a file or folder
+    the cache does not hold into a cache of its own in `folder` (extract/outside.py; the command line's), so
+    that --like FILE ranks the indexed items like it; without it, --like of such a file says how to add it."""
     if like and (text is not None or queries_file):
         raise UserError("give words to search for (TEXT, --queries) or --like ID, not both")
     if like and qbnorm:
@@ -793,15 +845,17 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
     shown = len(searcher) - searcher.unshown - bool(like)  # an item is not like itself
     if k > shown:
         say(f"note: -k {k} is more than the {shown} {'other ' if like else ''}indexed items in the cache; showing all of them")
-    liked = [searcher.indexed_item(key, on_disk=True) for key in like]  # each names an indexed item, before any is answered
-    for item_id in liked:
+    # each names an indexed item or (None) a file or folder to extract on its own, before any is answered
+    liked = [(key, None if outside and names_outside(key, searcher) else searcher.indexed_item(key, on_disk=True))
+             for key in like]
+    for _, item_id in liked:
         if item_id in searcher.extracted_again:  # its vector in the index is of what it was
             say(f"note: {printable(item_id)} was extracted again since it was indexed (its source changed): these are "
                 "the items most like its old content; run `vlpcache index` to index it anew")
-    for n, item_id in enumerate(liked):
-        hits = searcher.like(item_id, k)
-        print(json.dumps(like_json(item_id, hits), ensure_ascii=False) if as_json
-              else ("\n" if n else "") + format_hits(item_id, hits, head="like"), flush=True)
+    for n, (key, item_id) in enumerate(liked):
+        hits = searcher.like(item_id, k) if item_id is not None else like_outside(searcher, key, k, outside, device)
+        print(json.dumps(like_json(item_id or key, hits, outside=item_id is None), ensure_ascii=False) if as_json
+              else ("\n" if n else "") + format_hits(item_id or key, hits, head="like"), flush=True)
     cut, strange, weaker = FirstFew(), FirstFew(), FirstFew()
     for n, query in enumerate(queries):
         hits = searcher.search(query, k, rerank=rerank, qbnorm=qbnorm)

@@ -1,0 +1,60 @@
+"""A video, photo or frames folder that a cache does not hold, extracted on its own with that cache's settings
+(`vlpcache search --like FILE`): into a cache of its own in a folder the caller gives (a temporary one), never
+into the collection, so that looking for the items like a clip adds nothing to the collection, its index or the
+workspace's record of extracted folders."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from vlpcache.cache.reader import RegionCache
+from vlpcache.cache.schema import CacheSettings, detector_name
+from vlpcache.cache.writer import ShardWriter
+from vlpcache.errors import NotComparable, UserError
+from vlpcache.extract.detectors.choice import choose_detector
+from vlpcache.extract.options import ExtractOptions
+from vlpcache.extract.progress import ExtractSummary
+from vlpcache.extract.runner import detect_and_write
+from vlpcache.extract.sources import one_item
+from vlpcache.report import printable
+
+
+def options_like(settings: CacheSettings, models: str | None = None) -> ExtractOptions:
+    """The extract options that give a cache of `settings` (the detector named in them, with its own weights:
+    a cache extracted with `--weights FILE` gives other weights' hashes, said by extract_outside)."""
+    detector = detector_name(settings.detector)
+    backbone = {"yolox": settings.backbone, "frcnn": settings.detector.partition(":")[2]}.get(detector)
+    scale = settings.extra.get("scale")
+    return ExtractOptions(frames=settings.frames, regions=settings.regions - 1, detector=detector, backbone=backbone or None,
+                          models=models, scale="/".join(map(str, scale)) if scale else None,
+                          proposals=settings.extra.get("proposals"), score_threshold=settings.score_threshold,
+                          workers=1, quiet=True)
+
+
+def extract_outside(path: str, settings: CacheSettings, folder: Path, models: str | None = None,
+                    device: str = "cpu") -> str:
+    """Extract the one item `path` is (a video or photo file, or a frames folder) into a new cache in `folder`,
+    as a cache of `settings` holds its items; its id there. One clear error where `path` is no such item or
+    does not decode; NotComparable where this machine's detector would give other settings (other weights, none
+    found)."""
+    item = one_item(Path(path))
+    options = options_like(settings, models)
+    try:
+        spec = choose_detector(options.detector, options.backbone, options.weights, options.models,
+                               options.input_scale(), options.proposals)
+    except UserError as err:  # not this machine's detector, or its weights not found
+        raise NotComparable(str(err)) from None
+    own = spec.cache_settings(options.frames, options.regions, options.score_threshold)
+    if differences := own.differences(settings):  # e.g. a cache extracted with --weights FILE
+        raise NotComparable(f"this machine's {options.detector} gives other settings: {'; '.join(differences)}")
+    summary = ExtractSummary()
+    with ShardWriter(folder, own, writer_name="s0of1") as writer:
+        detect_and_write([item], spec, writer, ExtractOptions(**{**options.__dict__, "device": device}), summary,
+                         time.monotonic())
+    with RegionCache(folder, say_damaged=False) as cache:
+        if item.id not in cache:
+            reason = cache.failures.get(item.id, {}).get("reason", "it did not extract")
+            raise UserError(f"{printable(path)}: {reason}")
+    return item.id
+
