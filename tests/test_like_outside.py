@@ -1,0 +1,129 @@
+"""`vlpcache search --like FILE` of a video, photo or frames folder the cache does not hold: extracted on its own
+(the real detector, real decoding of the shared videos) into a temporary cache with the collection's settings,
+encoded by the index's checkpoint, ranked as `--like ID` ranks: the same hits as extracting it into the
+collection and indexing it would give, and nothing added to the collection, its index or the workspace."""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SHARED
+from test_model import build_tiny_text_model
+from test_pretrain import WORDS, write_captions
+from test_search import vlpcache
+from test_serve import index_workspace
+from vlpcache.cache.reader import RegionCache
+from vlpcache.cache.schema import SHARD_DIR
+from vlpcache.extract.runner import run_extract
+from vlpcache.index.faiss_index import VideoIndex
+from vlpcache.model.train import run_pretrain
+from vlpcache.workspace import Workspace
+
+VIDEOS = SHARED / "data" / "videos"
+COLLECTION = ("bikes.mp4", "cup.mp4", "tests_data_test.avi", "carphone_pristine.mp4", "demo_demo.mp4")
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    """A workspace as a user has it: five real videos extracted (yolox, 2 frames), a tiny run, its index."""
+    if not VIDEOS.is_dir():
+        pytest.skip(f"shared data not found at {SHARED} (set VLPCACHE_SHARED to the shared/ folder)")
+    root = tmp_path_factory.mktemp("like-outside")
+    (root / "collection").mkdir()
+    for name in COLLECTION:
+        shutil.copy(VIDEOS / name, root / "collection" / name)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("VLPCACHE_WORKSPACE", str(root / "ws"))
+        monkeypatch.chdir(root)
+        run_extract([root / "collection"], frames=2, workers=1, quiet=True)
+        ids = RegionCache(root / "ws" / "cache").ids
+        captions = {item_id: [f"a {word} here", f"the {word}"] for item_id, word in zip(ids, WORDS)}
+        write_captions(root / "train.jsonl", [], extra=captions)
+        run_pretrain(cache_dirs=[root / "ws" / "cache"], captions=[root / "train.jsonl"],
+                     run_dir=root / "ws" / "runs" / "run-001", text_model=str(build_tiny_text_model(root / "tiny-bert")),
+                     width=16, layers=1, batch_size=4, epochs=1, workers=0, quiet=True, device="cpu")
+        index_workspace(monkeypatch, root / "ws")
+    return root
+
+
+@pytest.fixture
+def user(template, tmp_path, monkeypatch):
+    """A copy of the template's workspace, its own temporary folder (what --like leaves there is seen)."""
+    root = tmp_path / "user"
+    shutil.copytree(template, root, symlinks=True)
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(root / "ws"))
+    monkeypatch.chdir(root)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    return root
+
+
+def like_json(monkeypatch, capsys, *args) -> tuple[list[dict], str]:
+    code, out, err = vlpcache(monkeypatch, capsys, "search", *args, "--json")
+    assert code == 0, err
+    return [json.loads(line) for line in out.splitlines()], err
+
+
+def shown(result: dict) -> list[tuple[str, int]]:
+    return [(hit["id"], hit["frame"]) for hit in result["results"]]
+
+
+def test_a_clip_outside_the_cache_ranks_as_it_would_once_extracted_and_indexed_and_nothing_is_added(user, monkeypatch,
+                                                                                                     capsys):
+    clips = user / "clips"
+    clips.mkdir()
+    shutil.copy(VIDEOS / "bikes.mp4", clips / "bikes_again.mp4")  # a cached video's copy under another name
+    shutil.copy(VIDEOS / "tree.avi", clips / "tree.avi")  # a video the collection does not hold
+    cache_dir = user / "ws" / "cache"
+    before = (sorted(RegionCache(cache_dir).ids), sorted(p.name for p in (cache_dir / SHARD_DIR).iterdir()),
+              Workspace().extracted_roots())
+    index_dir = next(p.parent for p in (user / "ws" / "index").rglob("index.json"))
+    index_files = {p.name: p.read_bytes() for p in index_dir.iterdir() if p.is_file()}
+
+    results, err = like_json(monkeypatch, capsys, "--like", str(clips / "bikes_again.mp4"), "--like", "clips/tree.avi",
+                             "-k", "4")
+    copy, tree = results
+    assert copy["like"] == str(clips / "bikes_again.mp4") and copy["outside"] is True and tree["like"] == "clips/tree.avi"
+    assert copy["results"][0]["id"] == "bikes" and copy["results"][0]["score"] > 0.999  # the same frames: itself
+    assert [len(r["results"]) for r in results] == [4, 4] and "bikes_again" not in str([r["results"] for r in results])
+    assert err.count("is not in the cache: extracting it on its own to compare it (with the cache's settings; nothing "
+                     "is added to the cache)") == 2
+    # nothing was added: the cache, its shards, the index, the workspace's record of extracted folders, no leftovers
+    assert (sorted(RegionCache(cache_dir).ids), sorted(p.name for p in (cache_dir / SHARD_DIR).iterdir()),
+            Workspace().extracted_roots()) == before
+    assert {p.name: p.read_bytes() for p in index_dir.iterdir() if p.is_file()} == index_files
+    assert list(Path(tempfile.tempdir).iterdir()) == []
+
+    # the same clip extracted into the collection and indexed: --like of its id gives the same hits, scores, frames
+    run_extract([clips / "tree.avi"], frames=2, workers=1, quiet=True)  # (the command ends its process: os._exit)
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    [indexed], _ = like_json(monkeypatch, capsys, "--like", "tree", "-k", "4")
+    assert "outside" not in indexed and shown(indexed) == shown(tree)
+    np.testing.assert_allclose([h["score"] for h in indexed["results"]], [h["score"] for h in tree["results"]], atol=2e-3)
+    assert len(VideoIndex.load(index_dir)) == len(COLLECTION) + 1
+
+
+def test_a_frames_folder_and_a_photo_outside_the_cache_and_the_lines_of_what_is_no_item(user, monkeypatch, capsys):
+    frames = sorted((SHARED / "data" / "msrvtt" / "frames" / "val").iterdir())[0]  # a folder of one video's frames
+    photo = sorted((SHARED / "data" / "flickr8k" / "images").iterdir())[0]
+    results, _ = like_json(monkeypatch, capsys, "--like", str(frames), "--like", str(photo), "-k", "2")
+    assert [(r["like"], r["outside"], len(r["results"])) for r in results] == [(str(frames), True, 2), (str(photo), True, 2)]
+    code, out, err = vlpcache(monkeypatch, capsys, "search", "--like", str(photo), "-k", "2")
+    assert code == 0 and out.splitlines()[0] == f"like: {photo}" and len(out.splitlines()) == 3
+
+    (user / "two").mkdir()
+    for name in ("cup.mp4", "tree.avi"):
+        shutil.copy(VIDEOS / name, user / "two" / name)
+    (user / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    (user / "notes.txt").write_text("not media")
+    for given, said in ((user / "two", f"error: {user / 'two'} is a folder of 2 items (videos, photos or frames "
+                                       "folders): give one video, photo, or frames folder (a folder of one video's frames)"),
+                        (user / "notes.txt", f"error: {user / 'notes.txt'}: not a video or image file (unknown extension)"),
+                        (user / "broken.mp4", f"error: {user / 'broken.mp4'}: ")):
+        code, out, err = vlpcache(monkeypatch, capsys, "search", "--like", str(given))
+        assert code == 2 and out == "" and err.strip().splitlines()[-1].startswith(said) and "Traceback" not in err, err
+    assert list(Path(tempfile.tempdir).iterdir()) == []  # the failed extract's cache removed too
