@@ -842,12 +842,14 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
         say(line)
     if rerank and not searcher.can_rerank and not like:
         say("note: the run was trained without region-word alignment; results are not re-ranked")
-    shown = len(searcher) - searcher.unshown - bool(like)  # an item is not like itself
-    if k > shown:
-        say(f"note: -k {k} is more than the {shown} {'other ' if like else ''}indexed items in the cache; showing all of them")
     # each names an indexed item or (None) a file or folder to extract on its own, before any is answered
     liked = [(key, None if outside and names_outside(key, searcher) else searcher.indexed_item(key, on_disk=True))
              for key in like]
+    indexed_like = any(item_id is not None for _, item_id in liked)
+    shown = len(searcher) - searcher.unshown - indexed_like  # an item is not like itself
+    if k > shown:
+        say(f"note: -k {k} is more than the {shown} {'other ' if indexed_like else ''}indexed items in the cache; "
+            "showing all of them")
     for _, item_id in liked:
         if item_id in searcher.extracted_again:  # its vector in the index is of what it was
             say(f"note: {printable(item_id)} was extracted again since it was indexed (its source changed): these are "
