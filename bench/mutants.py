@@ -1744,6 +1744,9 @@ MUTANTS += [
     mutant("like-outside-folder-of-many-taken", "vlpcache/extract/sources.py",
            "    if len(items) != 1:\n        found =", "    if len(items) < 1:\n        found =",
            "tests/test_like_outside.py -k frames_folder", "a folder of several videos is one line, not its first video compared"),
+    mutant("like-outside-loads-the-checkpoint-twice", "vlpcache/index/search.py",
+           "encode_item(self.index.meta, cache, item_id, device, getattr(self.query_model, \"run\", None))", "encode_item(self.index.meta, cache, item_id, device, None)",
+           "tests/test_like_outside.py -k frames_folder", "a search that runs the checkpoint through torch encodes a --like FILE with it, not loading it a second time"),
 ]
 
 

@@ -114,6 +114,17 @@ def test_a_frames_folder_and_a_photo_outside_the_cache_and_the_lines_of_what_is_
     assert [(r["like"], r["outside"], len(r["results"])) for r in results] == [(str(frames), True, 2), (str(photo), True, 2)]
     code, out, err = vlpcache(monkeypatch, capsys, "search", "--like", str(photo), "-k", "2")
     assert code == 0 and out.splitlines()[0] == f"like: {photo}" and len(out.splitlines()) == 3
+    # an index without its ONNX export: search runs the checkpoint through torch, and --like FILE encodes with it
+    # (not loaded a second time), the same hits
+    index_dir = next(p.parent for p in (user / "ws" / "index").rglob("index.json"))
+    shutil.rmtree(index_dir / "query")
+    from vlpcache.index import outside
+
+    monkeypatch.setattr(outside, "index_checkpoint", lambda *args: pytest.fail("the checkpoint was loaded again"))
+    again, _ = like_json(monkeypatch, capsys, "--like", str(photo), "-k", "2")
+    assert shown(again[0]) == shown(results[1])
+    np.testing.assert_allclose([h["score"] for h in again[0]["results"]], [h["score"] for h in results[1]["results"]],
+                               atol=1e-5)
 
     (user / "two").mkdir()
     for name in ("cup.mp4", "tree.avi"):

@@ -31,14 +31,17 @@ def index_checkpoint(run_dir: str, checkpoint_path: str, sha256: str, device: st
     return run
 
 
-def encode_item(meta: IndexMeta, cache: RegionCache, item_id: str, device: str) -> tuple[np.ndarray, np.ndarray]:
+def encode_item(meta: IndexMeta, cache: RegionCache, item_id: str, device: str, run=None) -> tuple[np.ndarray, np.ndarray]:
     """(global embedding (E,), its real region embeddings (K, E)) of `cache`'s item as `vlpcache index` encodes
-    the items of the index `meta` describes."""
+    the items of the index `meta` describes; `run`: that checkpoint already loaded (a search's torch query
+    model), else it is loaded on `device`."""
     from vlpcache.devices import resolve_device
     from vlpcache.model.retrieval import as_numpy, encode_videos
 
-    device = resolve_device(device)
-    run = index_checkpoint(meta.run_dir, meta.checkpoint_path, meta.checkpoint_sha256, str(device))
+    if run is None or run.checkpoint_sha256 != meta.checkpoint_sha256:
+        device = resolve_device(device)
+        run = index_checkpoint(meta.run_dir, meta.checkpoint_path, meta.checkpoint_sha256, str(device))
+    device = next(run.model.parameters()).device
     check_run_reads_cache(run, cache)
     video = encode_videos(run.model, cache, [cache.index_of(item_id)], device, 1, regions=True, progress=False)
     return as_numpy(video.global_)[0], as_numpy(video.regions[0][video.region_mask[0]])

@@ -484,7 +484,7 @@ class Searcher:
         check_k(k)
         from vlpcache.index.outside import encode_item
 
-        global_, regions = encode_item(self.index.meta, cache, item_id, device)
+        global_, regions = encode_item(self.index.meta, cache, item_id, device, getattr(self.query_model, "run", None))
         with self._lock:
             return self._ranked_like(global_, regions, k)
 
