@@ -1747,6 +1747,9 @@ MUTANTS += [
     mutant("like-outside-loads-the-checkpoint-twice", "vlpcache/index/search.py",
            "encode_item(self.index.meta, cache, item_id, device, getattr(self.query_model, \"run\", None))", "encode_item(self.index.meta, cache, item_id, device, None)",
            "tests/test_like_outside.py -k frames_folder", "a search that runs the checkpoint through torch encodes a --like FILE with it, not loading it a second time"),
+    mutant("video-side-load-refused", "vlpcache/model/checkpoint.py",
+           "            load_weights(model, checkpoint_dir, part=video_only)", "            load_weights(model, checkpoint_dir)",
+           "tests/test_pretrain.py -k writes_checkpoints", "the video side alone loads from a whole checkpoint (search --like FILE without the text encoder)"),
 ]
 
 

@@ -146,6 +146,17 @@ def test_pretrain_writes_checkpoints_logs_and_validation_metrics(tmp_path, corpu
 
     ids, mask = tokenize(loaded.tokenizer, ["a dog"], loaded.config.max_words)
     assert loaded.model.encode_text(ids, mask).global_.shape == (1, loaded.config.embed_dim)
+    # the video side alone (search --like FILE): no text encoder, the same video embeddings to the bit
+    from vlpcache.model.retrieval import encode_videos
+
+    video_side = load_run(run_dir, video_only=True)
+    assert video_side.tokenizer is None and not hasattr(video_side.model, "text_encoder")
+    assert video_side.checkpoint_sha256 == loaded.checkpoint_sha256 and not video_side.model.training
+    cache = RegionCache(corpus["cache"])
+    full, alone = (encode_videos(model, cache, list(range(6)), "cpu", 4, regions=True, progress=False)
+                   for model in (loaded.model, video_side.model))
+    for a, b in zip(alone, full):
+        assert torch.equal(a, b)
 
 
 def _weights(run_dir: Path) -> dict:

@@ -24,7 +24,7 @@ def index_checkpoint(run_dir: str, checkpoint_path: str, sha256: str, device: st
     if not run_dir or not Path(checkpoint_path).is_file():
         raise UserError(f"the index was built with {printable(checkpoint_path or 'a checkpoint it does not name')}, which "
                         "is no longer there: run `vlpcache index` to index the collection with the run's checkpoint now")
-    run = load_run(run_dir, device=device, checkpoint=Path(checkpoint_path).parent)
+    run = load_run(run_dir, device=device, checkpoint=Path(checkpoint_path).parent, video_only=True)
     if run.checkpoint_sha256 != sha256:
         raise UserError(f"{printable(checkpoint_path)} is no longer the checkpoint the index was built with (it was "
                         "saved again since): run `vlpcache index` to index the collection with it")

@@ -580,12 +580,14 @@ class TextHead(nn.Module):
 
 
 class AlignmentModel(nn.Module):
-    def __init__(self, config: ModelConfig, text_backbone: nn.Module):
+    def __init__(self, config: ModelConfig, text_backbone: nn.Module | None):
         super().__init__()
         self.config = config
-        self.text_encoder = TextEncoder(text_backbone, config.text_trainable_layers, config.text_pooling)
+        if text_backbone is not None:  # None: the video side alone, to encode videos (load_run(video_only=True))
+            self.text_encoder = TextEncoder(text_backbone, config.text_trainable_layers, config.text_pooling)
         self.region_encoder = RegionEncoder(config)
-        self.text_proj = TextHead(self.text_encoder.width, config.embed_dim, config.text_head)
+        if text_backbone is not None:  # (in this order: the modules draw their initial weights in turn)
+            self.text_proj = TextHead(self.text_encoder.width, config.embed_dim, config.text_head)
         self.video_proj = nn.Linear(config.width, config.embed_dim)
         if config.global_path:  # the frozen-feature baseline's path, so the model can only add to it
             self.frame_proj = nn.Sequential(nn.LayerNorm(config.feature_dim), nn.Linear(config.feature_dim, config.embed_dim))
