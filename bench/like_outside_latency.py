@@ -8,7 +8,8 @@ WS is a workspace (`.vlpcache/` or what VLPCACHE_WORKSPACE names) with a cache a
 
 - `vlpcache search --like CLIP` (extracted on its own into a temporary cache, nothing added);
 - the reference, what a user ran before: `vlpcache extract CLIP`, `vlpcache index`, `vlpcache search --like ID`
-  on a copy of WS made before the clock starts (the copy then holds the clip).
+  on a copy of WS made before the clock starts (the copy then holds the clip; a frames folder is extracted
+  from a folder that holds it alone, copied there before the clock starts, as its id is its name there).
 
 Both must give the same hits (ids; scores within 2e-3). Prints each clip's seconds, the medians and their ratio.
 Set VLPCACHE_MODELS (and VLPCACHE_OFFLINE=1 offline) as for extract.
@@ -62,7 +63,11 @@ def main() -> None:
                 copy = Path(folder) / "ws"
                 shutil.copytree(args.workspace, copy, symlinks=True)
                 env = {**os.environ, "VLPCACHE_WORKSPACE": str(copy)}
-                steps = [timed(["extract", clip, "--quiet"], env)[0], timed(["index", "--run", args.run, "--quiet"], env)[0]]
+                root = clip
+                if Path(clip).is_dir():  # a frames folder is one item inside the folder extracted, not as the root
+                    root = str(Path(folder) / "parent")
+                    shutil.copytree(clip, Path(root) / item_id)
+                steps = [timed(["extract", root, "--quiet"], env)[0], timed(["index", "--run", args.run, "--quiet"], env)[0]]
                 seconds, out = timed(["search", "--like", item_id, "--run", args.run, "-k", str(args.k), "--json"], env)
                 three.append(sum(steps) + seconds)
             indexed = hits(out)
