@@ -126,6 +126,19 @@ def test_a_frames_folder_and_a_photo_outside_the_cache_and_the_lines_of_what_is_
     np.testing.assert_allclose([h["score"] for h in again[0]["results"]], [h["score"] for h in results[1]["results"]],
                                atol=1e-5)
 
+    # a file named as a cached item but another file: the file itself is compared, and said so; the cached
+    # item's own file names the item
+    (user / "mine").mkdir()
+    shutil.copy(VIDEOS / "tree.avi", user / "mine" / "bikes.avi")
+    [named], err = like_json(monkeypatch, capsys, "--like", "mine/bikes.avi", "-k", "2")
+    assert named["outside"] is True and named["results"][0]["score"] < 0.99
+    assert (f"mine/bikes.avi is not 'bikes' of the cache, whose id it ends in (another file): extracting it on its own"
+            in err)
+    cache = RegionCache(user / "ws" / "cache")
+    source = cache.paths[cache.index_of("bikes")]  # (the template's: this copy of the workspace reads its files)
+    [cached], _ = like_json(monkeypatch, capsys, "--like", source, "-k", "2")
+    assert cached["like"] == "bikes" and "outside" not in cached
+
     (user / "two").mkdir()
     for name in ("cup.mp4", "tree.avi"):
         shutil.copy(VIDEOS / name, user / "two" / name)

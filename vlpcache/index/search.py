@@ -602,15 +602,34 @@ def outside_line(path: str, cache: RegionCache) -> str:
 
 
 def names_outside(key: str, searcher: Searcher) -> bool:
-    """Whether `key` is a file or folder of this machine that names no item of the index or the cache (by id, or
-    by a file name or path that ends in one), no item the cache dropped, and no frame of a cached frames folder."""
+    """Whether `key` is a file or folder of this machine that the cache does not hold: not an id, not the source
+    of an item whose id its name or path ends in (`~/new/clip.mp4` is another file than the cached `clip` from
+    `/data/clip.mp4`), no item the cache dropped, and no frame of a cached frames folder."""
     if key in searcher.index or key in searcher.cache:
         return False
-    item_id, several = item_named(key, searcher.index.ids)
-    if item_id is not None or several or item_named(key, searcher.cache.ids)[0] is not None:
-        return False
+    named = ends_in(key, searcher)
+    if named:
+        return os.path.exists(key) and not any(same_source(key, searcher.cache, item_id) for item_id in named)
     return (os.path.exists(key) and searcher.cache.left_out_line(key) is None
             and frames_item_holding(Path(key), searcher.cache) is None)
+
+
+def ends_in(key: str, searcher: Searcher) -> list[str]:
+    """The ids of the index (else of the cache) that `key`, a file name or path, ends in: one, several, or none."""
+    item_id, several = item_named(key, searcher.index.ids)
+    if item_id is None and not several:
+        item_id = item_named(key, searcher.cache.ids)[0]
+    return [item_id] if item_id is not None else several
+
+
+def same_source(path: str, cache: RegionCache, item_id: str) -> bool:
+    """Whether `path` is the file or folder the cached item `item_id` was extracted from."""
+    if item_id not in cache:
+        return False
+    try:
+        return os.path.samefile(path, cache.paths[cache.index_of(item_id)])
+    except OSError:  # its source is gone (or unreadable): another file
+        return False
 
 
 def like_outside(searcher: Searcher, path: str, k: int, outside, device) -> list[Hit]:
@@ -618,8 +637,11 @@ def like_outside(searcher: Searcher, path: str, k: int, outside, device) -> list
     cache with the collection's settings (nothing is added to the collection), then ranked as like() ranks."""
     import tempfile
 
-    say(f"{printable(path)} is not in the cache: extracting it on its own to compare it (with the cache's settings; "
-        "nothing is added to the cache)")
+    named = ends_in(path, searcher)
+    held = (f"is not {', '.join(repr(printable(i)) for i in named[:3])} of the cache, whose id{'s' if len(named) > 1 else ''} "
+            "it ends in (another file)" if named else "is not in the cache")
+    say(f"{printable(path)} {held}: extracting it on its own to compare it (with the cache's settings; nothing is "
+        "added to the cache)")
     with tempfile.TemporaryDirectory(prefix="vlpcache-like-") as folder:
         try:
             item_id = outside(path, searcher.cache.settings, Path(folder), device=device)
