@@ -1751,7 +1751,7 @@ MUTANTS += [
            "            load_weights(model, checkpoint_dir, part=video_only)", "            load_weights(model, checkpoint_dir)",
            "tests/test_pretrain.py -k writes_checkpoints", "the video side alone loads from a whole checkpoint (search --like FILE without the text encoder)"),
     mutant("like-cached-file-taken-as-another", "vlpcache/index/search.py",
-           "        return os.path.samefile(path, cache.paths[cache.index_of(item_id)])", "        return os.path.samefile(path, cache.paths[0])",
+           "        return os.path.samefile(path, cache.paths[cache.index_of(item_id)])", "        return os.path.samefile(path, cache.paths[-1])",
            "tests/test_like_outside.py -k frames_folder", "--like of a cached item's own file names the item; another file of its name is compared itself"),
 ]
 

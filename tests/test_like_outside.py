@@ -132,7 +132,7 @@ def test_a_frames_folder_and_a_photo_outside_the_cache_and_the_lines_of_what_is_
     shutil.copy(VIDEOS / "tree.avi", user / "mine" / "bikes.avi")
     [named], err = like_json(monkeypatch, capsys, "--like", "mine/bikes.avi", "-k", "2")
     assert named["outside"] is True and named["results"][0]["score"] < 0.99
-    assert (f"mine/bikes.avi is not 'bikes' of the cache, whose id it ends in (another file): extracting it on its own"
+    assert ("mine/bikes.avi is not 'bikes' of the cache, whose id it ends in (another file): extracting it on its own"
             in err)
     cache = RegionCache(user / "ws" / "cache")
     source = cache.paths[cache.index_of("bikes")]  # (the template's: this copy of the workspace reads its files)
