@@ -139,6 +139,15 @@ def test_a_frames_folder_and_a_photo_outside_the_cache_and_the_lines_of_what_is_
     [cached], _ = like_json(monkeypatch, capsys, "--like", source, "-k", "2")
     assert cached["like"] == "bikes" and "outside" not in cached
 
+    # the Python API: the same hits as the command line, for a file the cache does not hold and for a cached one
+    from vlpcache import Searcher, like_file
+
+    searcher, lines = Searcher(), []
+    api = like_file(searcher, photo, k=2, say=lines.append)
+    assert [(h.id, h.frame) for h in api] == shown(results[1]) and len(lines) == 1 and "extracting it" in lines[0]
+    assert [h.id for h in like_file(searcher, source, k=2, say=lines.append)] == [h["id"] for h in cached["results"]]
+    assert len(lines) == 1  # the cached file's hits: nothing extracted, nothing said
+
     (user / "two").mkdir()
     for name in ("cup.mp4", "tree.avi"):
         shutil.copy(VIDEOS / name, user / "two" / name)

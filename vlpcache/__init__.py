@@ -3,11 +3,31 @@
     from vlpcache import Searcher
     s = Searcher(run=..., cache=...)          # index= optional; workspace defaults otherwise
     hits = s.search("person cuts onion", k=10)
+    like = vlpcache.like_file(s, "clip.mp4")  # the items most like a clip, held by the cache or not
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["Searcher", "Hit", "RegionHit", "__version__"]
+__all__ = ["Searcher", "Hit", "RegionHit", "like_file", "__version__"]
+
+
+def like_file(searcher, path, k: int = 10, device: str = "auto", say=None):
+    """The items of `searcher`'s index most like a video, photo or frames folder (`vlpcache search --like FILE`):
+    a file or folder the cache holds is its item's hits (Searcher.like); one it does not hold is extracted on
+    its own, with the cache's settings, into a temporary cache (nothing added), then ranked the same way.
+    `say`: where its line goes (default: stderr; `lambda line: None` for none)."""
+    import os
+
+    from vlpcache import report
+    from vlpcache.index.search import check_k, like_outside, names_outside
+
+    check_k(k)
+    path = os.fspath(path)
+    if not names_outside(path, searcher):
+        return searcher.like(searcher.indexed_item(path, on_disk=True), k)
+    from vlpcache.extract.outside import extract_outside
+
+    return like_outside(searcher, path, k, extract_outside, device, say or report.say)
 
 
 def __getattr__(name: str):

@@ -632,7 +632,7 @@ def same_source(path: str, cache: RegionCache, item_id: str) -> bool:
         return False
 
 
-def like_outside(searcher: Searcher, path: str, k: int, outside, device) -> list[Hit]:
+def like_outside(searcher: Searcher, path: str, k: int, outside, device, say: Say = say) -> list[Hit]:
     """search --like FILE of a file or folder the cache does not hold: extracted on its own into a temporary
     cache with the collection's settings (nothing is added to the collection), then ranked as like() ranks."""
     import tempfile
