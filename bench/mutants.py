@@ -1745,7 +1745,7 @@ MUTANTS += [
            "    if len(items) != 1:\n        found =", "    if len(items) < 1:\n        found =",
            "tests/test_like_outside.py -k frames_folder", "a folder of several videos is one line, not its first video compared"),
     mutant("like-outside-loads-the-checkpoint-twice", "vlpcache/index/search.py",
-           "encode_item(self.index.meta, cache, item_id, device, getattr(self.query_model, \"run\", None))", "encode_item(self.index.meta, cache, item_id, device, None)",
+           "encode_item(self.index.meta, cache, item_id, device, getattr(self.query_model, \"run\", None),", "encode_item(self.index.meta, cache, item_id, device, None,",
            "tests/test_like_outside.py -k frames_folder", "a search that runs the checkpoint through torch encodes a --like FILE with it, not loading it a second time"),
     mutant("video-side-load-refused", "vlpcache/model/checkpoint.py",
            "            load_weights(model, checkpoint_dir, part=video_only)", "            load_weights(model, checkpoint_dir)",
@@ -1753,6 +1753,9 @@ MUTANTS += [
     mutant("like-cached-file-taken-as-another", "vlpcache/index/search.py",
            "        return os.path.samefile(path, cache.paths[cache.index_of(item_id)])", "        return os.path.samefile(path, cache.paths[-1])",
            "tests/test_like_outside.py -k frames_folder", "--like of a cached item's own file names the item; another file of its name is compared itself"),
+    mutant("like-checkpoint-only-where-recorded", "vlpcache/index/outside.py",
+           "for r in (run_dir, Path(meta.run_dir) if meta.run_dir else None) if r is not None", "for r in (None, Path(meta.run_dir) if meta.run_dir else None) if r is not None",
+           "tests/test_like_outside.py -k project_moved", "search --like FILE finds the index's checkpoint in the run searched with where the project moved"),
 ]
 
 

@@ -160,3 +160,23 @@ def test_a_frames_folder_and_a_photo_outside_the_cache_and_the_lines_of_what_is_
         code, out, err = vlpcache(monkeypatch, capsys, "search", "--like", str(given))
         assert code == 2 and out == "" and err.strip().splitlines()[-1].startswith(said) and "Traceback" not in err, err
     assert list(Path(tempfile.tempdir).iterdir()) == []  # the failed extract's cache removed too
+
+
+def test_the_index_checkpoint_is_found_in_the_run_searched_where_the_project_moved(user, monkeypatch, capsys):
+    index_json = next((user / "ws" / "index").rglob("index.json"))
+    meta = json.loads(index_json.read_text())
+    meta["run_dir"] = "/moved/away/ws/runs/run-001"  # where the project was when it was indexed
+    meta["checkpoint_path"] = "/moved/away/ws/runs/run-001/checkpoints/epoch-0001/model.safetensors"
+    index_json.write_text(json.dumps(meta))
+    photo = sorted((SHARED / "data" / "flickr8k" / "images").iterdir())[1]
+    [found], _ = like_json(monkeypatch, capsys, "--like", str(photo), "-k", "2")
+    assert found["outside"] is True and len(found["results"]) == 2
+    # the run searched with no longer holds those weights: one line naming them and the way out
+    for weights in (user / "ws" / "runs" / "run-001" / "checkpoints").glob("*/model.safetensors"):
+        weights.unlink()
+    code, out, err = vlpcache(monkeypatch, capsys, "search", "--like", str(photo))
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"error: the checkpoint the index was built with (sha256 {meta['checkpoint_sha256'][:12]}, saved as "
+        f"{meta['checkpoint_path']}) is not in run {user / 'ws' / 'runs' / 'run-001'} any more: pass the run it was "
+        "trained in with --run, or `vlpcache index` the collection with the run's checkpoint now")

@@ -157,8 +157,10 @@ class Searcher:
         searcher._attach(query_model, cache, index, index_dir)
         return searcher
 
-    def _attach(self, query_model, cache: RegionCache, index: VideoIndex, index_dir: Path | None) -> None:
+    def _attach(self, query_model, cache: RegionCache, index: VideoIndex, index_dir: Path | None,
+                run_dir: Path | None = None) -> None:
         self.query_model, self.cache, self.index_dir = query_model, cache, index_dir
+        self.run_dir = run_dir  # the run searched with (like_item finds the index's checkpoint in it), None: from_parts
         self.rerank_candidates = RERANK_CANDIDATES
         self._lock = threading.Lock()  # the cache's lazily opened HDF5 files and FAISS's thread setting are shared
         self._records = self._records_stamp()
@@ -484,7 +486,8 @@ class Searcher:
         check_k(k)
         from vlpcache.index.outside import encode_item
 
-        global_, regions = encode_item(self.index.meta, cache, item_id, device, getattr(self.query_model, "run", None))
+        global_, regions = encode_item(self.index.meta, cache, item_id, device, getattr(self.query_model, "run", None),
+                                       self.run_dir)
         with self._lock:
             return self._ranked_like(global_, regions, k)
 
@@ -781,7 +784,7 @@ def read_queries(text: str | None, queries_file: str | None) -> list[str]:
 
 
 def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVICE, say: Say = say, qbnorm: bool = False):
-    """(query model, cache, index, index directory) for the options and workspace defaults; builds the
+    """(query model, cache, index, index directory, run directory) for the options and workspace defaults; builds the
     run's index on first use (and its query bank, when `qbnorm` asks for one it lacks).
 
     With an up-to-date ONNX export in the index, neither torch nor the run's weights are loaded.
@@ -828,7 +831,7 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
         say(f"note: {unindexed} cached item(s) are not in the index yet; {how}")
     if note := coverage(index, cache):
         say(f"note: index {index_dir}: {note}")
-    return query_model, cache, index, index_dir
+    return query_model, cache, index, index_dir, sources.run_dir
 
 
 def _newest_indexed_run(sources, cache: RegionCache) -> Path | None:
