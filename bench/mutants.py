@@ -1612,7 +1612,7 @@ MUTANTS += [
   "    if False:",
            "tests/test_search.py -k says_why_another_names_none", "an id cached since the index was built says to run vlpcache index"),
     mutant("like-answers-before-a-bad-id", "vlpcache/index/search.py",
-           "    liked = [(key, None if outside and names_outside(key, searcher) else searcher.indexed_item(key, on_disk=True))\n             for key in like]",
+           "    liked = [(key, liked_item(key, searcher, outside is not None)) for key in like]",
            "    liked = [(key, key) for key in like]",
            "tests/test_search.py -k says_why_another_names_none", "every --like id is checked before any is answered (no half output before the error)"),
     mutant("like-api-unknown-400", "vlpcache/serve/app.py",
@@ -1756,6 +1756,9 @@ MUTANTS += [
     mutant("like-checkpoint-only-where-recorded", "vlpcache/index/outside.py",
            "for r in (run_dir, Path(meta.run_dir) if meta.run_dir else None) if r is not None", "for r in (None, Path(meta.run_dir) if meta.run_dir else None) if r is not None",
            "tests/test_like_outside.py -k project_moved", "search --like FILE finds the index's checkpoint in the run searched with where the project moved"),
+    mutant("like-link-to-a-cached-file-extracted", "vlpcache/index/search.py",
+           "    return next((item_id for item_id, source in zip(cache.ids, cache.paths) if source in wanted), None)", "    return None",
+           "tests/test_like_outside.py -k frames_folder", "--like of another path to a cached file (a symbolic link) is the cached item, not extracted again"),
 ]
 
 

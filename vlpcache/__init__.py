@@ -19,12 +19,12 @@ def like_file(searcher, path, k: int = 10, device: str = "auto", say=None):
     import os
 
     from vlpcache import report
-    from vlpcache.index.search import check_k, like_outside, names_outside
+    from vlpcache.index.search import check_k, like_outside, liked_item
 
     check_k(k)
     path = os.fspath(path)
-    if not names_outside(path, searcher):
-        return searcher.like(searcher.indexed_item(path, on_disk=True), k)
+    if (item_id := liked_item(path, searcher, outside=True)) is not None:
+        return searcher.like(item_id, k)
     from vlpcache.extract.outside import extract_outside
 
     return like_outside(searcher, path, k, extract_outside, device, say or report.say)

@@ -604,6 +604,24 @@ def outside_line(path: str, cache: RegionCache) -> str:
             f"{options}`, index it (`vlpcache index`), then search `--like {printable(name)}`")
 
 
+def liked_item(key: str, searcher: Searcher, outside: bool) -> str | None:
+    """The indexed item --like KEY names (its id, a file name or path that ends in it, or its source file by
+    another path: a symbolic link to it), or None for a file or folder the cache does not hold, to be extracted on
+    its own (where `outside`); else a UserError saying why it names none."""
+    if outside and (source := cached_source(key, searcher.cache)) is not None and source in searcher.index:
+        return source
+    return None if outside and names_outside(key, searcher) else searcher.indexed_item(key, on_disk=True)
+
+
+def cached_source(path: str, cache: RegionCache) -> str | None:
+    """The cached item extracted from the file or folder `path` (by the path the cache keeps, or where it leads:
+    a symbolic link to it); None if none is."""
+    if not os.path.exists(path) or path in cache:
+        return None
+    wanted = {os.path.abspath(path), os.path.realpath(path)}
+    return next((item_id for item_id, source in zip(cache.ids, cache.paths) if source in wanted), None)
+
+
 def names_outside(key: str, searcher: Searcher) -> bool:
     """Whether `key` is a file or folder of this machine that the cache does not hold: not an id, not the source
     of an item whose id its name or path ends in (`~/new/clip.mp4` is another file than the cached `clip` from
@@ -867,9 +885,7 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
         say(line)
     if rerank and not searcher.can_rerank and not like:
         say("note: the run was trained without region-word alignment; results are not re-ranked")
-    # each names an indexed item or (None) a file or folder to extract on its own, before any is answered
-    liked = [(key, None if outside and names_outside(key, searcher) else searcher.indexed_item(key, on_disk=True))
-             for key in like]
+    liked = [(key, liked_item(key, searcher, outside is not None)) for key in like]  # each checked before any answer
     indexed_like = any(item_id is not None for _, item_id in liked)
     shown = len(searcher) - searcher.unshown - indexed_like  # an item is not like itself
     if k > shown:
