@@ -182,3 +182,76 @@ def test_the_index_checkpoint_is_found_in_the_run_searched_where_the_project_mov
         f"error: the checkpoint the index was built with (sha256 {meta['checkpoint_sha256'][:12]}, saved as "
         f"{meta['checkpoint_path']}) is not in run {user / 'ws' / 'runs' / 'run-001'} any more: pass the run it was "
         "trained in with --run, or `vlpcache index` the collection with the run's checkpoint now")
+
+
+def test_the_page_api_compares_an_uploaded_clip_as_search_like_file_does(user, monkeypatch, capsys):
+    from test_serve import client_for
+    from vlpcache.serve import app as serve_app
+
+    clip = VIDEOS / "tree.avi"
+    [expected], _ = like_json(monkeypatch, capsys, "--like", str(clip), "-k", "3")
+    client, _ = client_for(user / "ws")
+    assert client.get("/api/info").json()["uploads"] is True
+    answer = client.post("/api/like?k=3", content=clip.read_bytes(), headers={"x-vlpcache-filename": "my%20tree.avi"})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["like"] == "my tree.avi" and body["outside"] is True
+    assert shown(body) == shown(expected)
+    np.testing.assert_allclose([h["score"] for h in body["results"]], [h["score"] for h in expected["results"]], atol=1e-5)
+    assert list(Path(tempfile.tempdir).iterdir()) == []  # the upload and its cache are gone
+    # what is no clip, nothing sent, too large, a name that is a path: one line each, nothing left behind
+    for content, name, status, said in (
+            (b"\x00\x00\x00\x18ftypmp42 not really a video", "x.mp4", 400, "x.mp4: "),
+            (b"plain text", "../../notes.txt", 400, "notes.txt: not a video or image file"),
+            (b"", "empty.mp4", 400, "no file: send the clip or photo as the request's body")):
+        answer = client.post("/api/like", content=content, headers={"x-vlpcache-filename": name})
+        assert answer.status_code == status and answer.json()["error"].startswith(said), answer.text
+        assert "vlpcache-upload-" not in answer.text
+    monkeypatch.setattr(serve_app, "MAX_UPLOAD_BYTES", 1000)
+    answer = client.post("/api/like", content=clip.read_bytes(), headers={"x-vlpcache-filename": "big.avi"})
+    assert answer.status_code == 413 and "at most 0 MB" in answer.json()["error"]
+    chunks = iter([clip.read_bytes()[:800], clip.read_bytes()[800:1600]])  # sent in chunks: no length said before
+    answer = client.post("/api/like", content=chunks, headers={"x-vlpcache-filename": "big.avi"})
+    assert answer.status_code == 413 and "over 0 MB" in answer.json()["error"]
+    assert list(Path(tempfile.tempdir).iterdir()) == []
+    # a server that listens beyond this machine takes none
+    from vlpcache.index.search import Searcher
+    from vlpcache.serve.app import make_app
+    from vlpcache.serve.thumbnails import ThumbnailStore
+    import starlette.testclient as starlette_testclient
+
+    shared = starlette_testclient.TestClient(make_app(Searcher(), ThumbnailStore(user / "thumbs"), None))
+    assert shared.get("/api/info").json()["uploads"] is False
+    refused = shared.post("/api/like", content=clip.read_bytes(), headers={"x-vlpcache-filename": "t.avi"})
+    assert refused.status_code == 403 and "takes no uploads" in refused.json()["error"]
+
+
+def test_the_page_finds_the_items_most_like_a_clip_chosen_or_dropped_and_back_returns_to_the_query(user, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from test_serve import Server, chromium_driver
+
+    server = Server(user / "ws")
+    browser = chromium_driver(tmp_path)
+    try:
+        browser.get(server.url + "?q=a+dog")
+        wait = WebDriverWait(browser, 60)
+        status = lambda: browser.find_element(By.ID, "status").text  # noqa: E731
+        wait.until(lambda b: "results for “a dog”" in status())
+        wait.until(lambda b: b.find_element(By.ID, "upload-label").is_displayed())  # this server takes uploads
+        browser.find_element(By.ID, "upload").send_keys(str(VIDEOS / "tree.avi"))
+        wait.until(lambda b: "most like" in status() or "error" in status())
+        assert status().startswith(f"{len(COLLECTION)} items most like “tree.avi” · ") and "nothing added" in status()
+        assert browser.find_element(By.ID, "query-words").text == "like tree.avi"
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#results .card")) == len(COLLECTION)
+        assert browser.find_element(By.ID, "q").get_attribute("value") == ""
+        browser.back()  # the query's own results again
+        wait.until(lambda b: "results for “a dog”" in status())
+        # a file that is no clip: its line in the status, as an error
+        (tmp_path / "notes.txt").write_text("not a video")
+        browser.find_element(By.ID, "upload").send_keys(str(tmp_path / "notes.txt"))
+        wait.until(lambda b: status().startswith("error: "))
+        assert "notes.txt: not a video or image file" in status()
+    finally:
+        browser.quit()
+        server.stop()

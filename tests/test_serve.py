@@ -213,7 +213,7 @@ def test_requests_for_another_host_name_are_refused(api):
     assert "Host header" in one_line_error(response, 400)
     assert api.get("/api/info", headers={"host": "localhost:8000"}).json() == {
         "items": ITEMS, "rerank": True, "model": "run-001, epoch 1", "unindexed": 0,
-        "example": "the " + WORDS[0] + " here", "kinds": {"frames": VIDEO, "video": ITEMS - VIDEO}, "newer": ""}  # the first caption of 3 to 6 words in the run's training captions
+        "example": "the " + WORDS[0] + " here", "kinds": {"frames": VIDEO, "video": ITEMS - VIDEO}, "newer": "", "uploads": True}  # the first caption of 3 to 6 words in the run's training captions
 
 
 def test_every_response_carries_the_security_headers(api):

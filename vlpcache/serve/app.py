@@ -9,20 +9,27 @@
     GET /api/search?like=ID&k=     {"like", "results"}: the items most like an indexed one (`search --like ID --json`)
     GET /api/item?id=              one indexed item: its sampled frames and every cached region on them
     GET /media/frame?id=&t=        JPEG of sampled frame t of an indexed item (a placeholder when the source is gone)
+    POST /api/like?k=              {"like", "outside", "results"}: the items most like a clip, photo of the user's (the
+                                   request's body; its name in x-vlpcache-filename), extracted on its own as
+                                   `search --like FILE` does; only by a server bound to loopback (uploads=True)
 
 Safe by default: media only for ids in the index, found by lookup (thumbnails.py names the files);
 queries bounded in length and k; a Host header check against DNS rebinding when bound to loopback;
-every error is a 4xx (or 500) with one line of JSON, {"error": "..."}.
+uploads only where bound to loopback (this machine's user's own files), at most MAX_UPLOAD_BYTES, one at a
+time, into a temporary folder removed after; every error is a 4xx (or 500) with one line of JSON, {"error": "..."}.
 """
 
 from __future__ import annotations
 
 import re
+import tempfile
+import threading
 import time
 import urllib.parse
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -30,7 +37,7 @@ from starlette.routing import Route
 
 from vlpcache.cache.labels import RegionNames, region_names
 from vlpcache.errors import UserError
-from vlpcache.index.search import Searcher, hits_json, like_json
+from vlpcache.index.search import Searcher, hits_json, like_json, like_outside
 from vlpcache.report import printable, say
 from vlpcache.serve.thumbnails import ThumbnailStore
 
@@ -38,6 +45,8 @@ MAX_QUERY_CHARS = 200  # longer than any text the query model reads (it truncate
 MAX_K = 100
 MAX_FRAMES = 512  # the most frames per item extract samples (--frames)
 DEFAULT_K = 12
+MAX_UPLOAD_BYTES = 2 << 30  # a clip to compare: a phone's few minutes of 4K (only its sampled frames are read)
+UPLOAD_NAME_CHARS = 200
 PAGE_DIR = Path(__file__).parent / "page"
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
               "/page.js": ("page.js", "text/javascript; charset=utf-8"),
@@ -55,9 +64,13 @@ class ApiError(HTTPException):
     """A bad request, answered with its status and one line of JSON."""
 
 
-def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS):
-    """The ASGI app; allowed_hosts: Host header names accepted (None: any, for a server bound to all interfaces)."""
+def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS,
+             device: str = "cpu"):
+    """The ASGI app; allowed_hosts: Host header names accepted (None: any, for a server bound to all interfaces,
+    which takes no uploads); device: where an upload's detector and encoder run."""
     pages = {route: ((PAGE_DIR / name).read_bytes(), media) for route, (name, media) in PAGE_FILES.items()}
+    uploads = allowed_hosts is not None
+    comparing = threading.Lock()  # one upload extracted at a time: each starts a decoding process and the detector
 
     def page(request: Request) -> Response:
         body, media = pages[request.url.path]
@@ -73,7 +86,8 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
         # the indexed items the cache can show: those a search may answer (as `serving N items` counts them)
         return JSONResponse({"items": len(searcher) - searcher.unshown, "rerank": searcher.can_rerank,
                              "model": searcher.model_label, "unindexed": searcher.unindexed,
-                             "example": searcher.example_query, "kinds": searcher.kinds(), "newer": newer})
+                             "example": searcher.example_query, "kinds": searcher.kinds(), "newer": newer,
+                             "uploads": uploads})
 
     def search(request: Request) -> Response:
         if (like := _param(request, "like")) is not None:
@@ -112,9 +126,13 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
             return Response(status_code=304, headers=headers)
         return Response(picture.jpeg, media_type="image/jpeg", headers=headers)
 
+    async def like_upload(request: Request) -> Response:
+        return await _like_upload(request, searcher, uploads, comparing, device)
+
     routes = [Route(path, page) for path in PAGE_FILES] + [
         Route("/api/info", info),
         Route("/api/search", search),
+        Route("/api/like", like_upload, methods=["POST"]),
         Route("/api/item", item),
         Route("/media/frame", frame),
         Route("/favicon.ico", lambda request: Response(status_code=204)),  # none: no error in the browser's console
@@ -156,6 +174,74 @@ def _search_like(searcher: Searcher, request: Request, like: str) -> Response:
         raise ApiError(400, str(err)) from None
     took = 1e3 * (time.perf_counter() - started)
     return JSONResponse(like_json(item_id, hits), headers={"server-timing": f"search;dur={took:.1f}"})
+
+
+# ---------------------------------------------------------------- uploads
+
+
+async def _like_upload(request: Request, searcher: Searcher, uploads: bool, comparing: threading.Lock,
+                       device: str) -> Response:
+    """POST /api/like: the items most like the clip or photo in the request's body, extracted on its own."""
+    if not uploads:
+        raise ApiError(403, "this server takes no uploads: it listens beyond this machine (--host); run `vlpcache "
+                            "search --like FILE` where the collection is, or serve on 127.0.0.1")
+    k = _int_param(request, "k", DEFAULT_K, 1, MAX_K)
+    name = _upload_name(request)
+    if not comparing.acquire(blocking=False):
+        raise ApiError(503, "another clip is being compared; try again in a moment", headers={"retry-after": "5"})
+    try:
+        with tempfile.TemporaryDirectory(prefix="vlpcache-upload-") as folder:
+            path = Path(folder) / ("upload" + _upload_suffix(name))
+            size = await _receive_upload(request, path)
+            started = time.perf_counter()
+            try:
+                hits = await run_in_threadpool(like_outside, searcher, str(path), k, _extract_outside, device,
+                                               lambda line: None)
+            except UserError as err:
+                raise ApiError(400, str(err).replace(str(path), name)) from None
+            took = time.perf_counter() - started
+    finally:
+        comparing.release()
+    say(f"compared {printable(name)} ({size / 2**20:.1f} MB) with the collection in {took:.1f} s")
+    return JSONResponse(like_json(name, hits, outside=True), headers={"server-timing": f"like;dur={1e3 * took:.1f}"})
+
+
+def _extract_outside(*args, **kwargs) -> str:
+    from vlpcache.extract.outside import extract_outside  # the detector's code, only once a clip is sent
+
+    return extract_outside(*args, **kwargs)
+
+
+def _upload_name(request: Request) -> str:
+    """The uploaded file's name as the page sends it (percent-encoded UTF-8 in x-vlpcache-filename), shown and used
+    for its extension only, never as a path."""
+    raw = request.headers.get("x-vlpcache-filename", "")
+    name = Path(urllib.parse.unquote(raw, errors="replace").replace("\\", "/")).name.strip() or "upload"
+    return printable(name[-UPLOAD_NAME_CHARS:])
+
+
+def _upload_suffix(name: str) -> str:
+    """The name's extension where it is a plain one (`.mp4`, `.HEIC`); none otherwise: the first bytes tell."""
+    suffix = Path(name).suffix
+    return suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,5}", suffix) else ""
+
+
+async def _receive_upload(request: Request, path: Path) -> int:
+    """Write the request's body to `path`, at most MAX_UPLOAD_BYTES (said before reading it where its length is
+    given); its size."""
+    given = request.headers.get("content-length")
+    if given is not None and given.isdigit() and int(given) > MAX_UPLOAD_BYTES:
+        raise ApiError(413, f"the file is {int(given) / 2**20:.0f} MB; at most {MAX_UPLOAD_BYTES / 2**20:.0f} MB")
+    size = 0
+    with open(path, "wb") as out:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_UPLOAD_BYTES:
+                raise ApiError(413, f"the file is over {MAX_UPLOAD_BYTES / 2**20:.0f} MB")
+            out.write(chunk)
+    if not size:
+        raise ApiError(400, "no file: send the clip or photo as the request's body")
+    return size
 
 
 # ---------------------------------------------------------------- request parameters

@@ -34,7 +34,7 @@ def run_serve(run_dir=None, cache_dir=None, index_dir=None, host="127.0.0.1", po
     model = f" with {printable(searcher.model_label)}" if searcher.model_label else ""
     print(f"serving {len(searcher) - searcher.unshown} items{model} at {url}  (Ctrl+C to stop)", flush=True)
     print(f"try {url}?q={quote_plus(searcher.example_query)}", flush=True)
-    config = uvicorn.Config(make_app(searcher, thumbnails, allowed_hosts_for(host)), log_level="warning",
+    config = uvicorn.Config(make_app(searcher, thumbnails, allowed_hosts_for(host), device), log_level="warning",
                             access_log=False, lifespan="off", server_header=False)
     try:
         uvicorn.Server(config).run(sockets=[listener])

@@ -1,7 +1,8 @@
 // The search page: reads the query from the URL, asks /api/search, draws a card per result with the
 // best frame, the regions that matched the query words, and the words in their boxes' colours.
 // A card opens every sampled frame of its item (/api/item) with all detected regions, and a link to the
-// items most like it (?like=ID: /api/search?like=ID, cards without words).
+// items most like it (?like=ID: /api/search?like=ID, cards without words). "Like a clip…" (or a file dropped on the
+// page) sends a video or photo of the user's to /api/like and shows the items most like it the same way.
 "use strict";
 
 const COLOURS = 8; // .c0 ... .c7 in page.css
@@ -290,22 +291,59 @@ async function searchLike(id, k) {
     setStatus(`error: ${err.message}`, true);
     return;
   }
-  const hits = body.results;
   id = body.like; // the id a file name or path in the address names
-  colours = new Map();
-  hitsById.clear();
-  hits.forEach((hit) => hitsById.set(hit.id, hit));
   const example = el("a", { href: "?" + new URLSearchParams({ like: id, k, item: id }), class: "example" }, id);
   example.addEventListener("click", (event) => { // its own frames, as a card opens them
     event.preventDefault();
     openItem(id, true);
   });
+  await showLike(body.results, id, example, started, "");
+}
+
+// cards of the items most like an example (an indexed item, or a clip of the user's), by global similarity
+async function showLike(hits, name, example, started, how) {
+  colours = new Map();
+  hitsById.clear();
+  hits.forEach((hit) => hitsById.set(hit.id, hit));
   $("query-words").replaceChildren("like ", example);
   $("results").replaceChildren(...hits.map(card));
   const ms = Math.round(performance.now() - started);
   const model = (await info)?.model;
-  setStatus((hits.length ? `${hits.length} items most like “${id}” · ${ms} ms` : `nothing else to compare “${id}” with`) +
-    (model ? ` · ${model}` : "") + " · by their whole embeddings: no words, no matched regions");
+  setStatus((hits.length ? `${hits.length} items most like “${name}” · ${ms} ms` : `nothing else to compare “${name}” with`) +
+    how + (model ? ` · ${model}` : "") + " · by their whole embeddings: no words, no matched regions");
+}
+
+// a video or photo of the user's (the file input, or a file dropped on the page): sent to the server, which
+// extracts it on its own as `vlpcache search --like FILE` does, and answers the items most like it
+let shownUpload = false;
+async function likeUpload(file) {
+  if (!file) return;
+  const k = $("k").value;
+  setStatus(`Comparing “${file.name}” with the collection (its frames sampled, its regions detected)…`);
+  const started = performance.now();
+  let body;
+  try {
+    let response;
+    try {
+      response = await fetch("/api/like?" + new URLSearchParams({ k }), {
+        method: "POST", body: file, headers: { "x-vlpcache-filename": encodeURIComponent(file.name) },
+      });
+    } catch {
+      throw new Error(NO_ANSWER);
+    }
+    body = await response.json().catch(() => ({ error: `${response.status} ${response.statusText}` }));
+    if (!response.ok) throw new Error(body.error || response.statusText);
+  } catch (err) {
+    setStatus(`error: ${err.message}`, true);
+    return;
+  } finally {
+    $("upload").value = ""; // the same file chosen again is sent again
+  }
+  $("q").value = "";
+  if (!shownUpload) history.pushState({ upload: body.like }, "", "/?" + new URLSearchParams({ k }));
+  shownUpload = true;
+  await showLike(body.results, body.like, el("span", { class: "example" }, body.like), started,
+    " · extracted on its own: nothing added to the collection");
 }
 
 // what the text model made of words outside its vocabulary (one unknown token each, or spelled out); whether it
@@ -370,6 +408,10 @@ function closeItem() {
 
 // Back and Forward between a result page and one of its items
 function followHistory() {
+  if (shownUpload && !history.state?.upload && !history.state?.item) {
+    location.reload(); // back from a clip's results to the address's own
+    return;
+  }
   const id = new URLSearchParams(location.search).get("item");
   const dialog = $("detail");
   if (!id && dialog.open) dialog.close();
@@ -404,6 +446,25 @@ function kindsText(kinds, total) {
   return parts.length ? parts.join(" and ") : `${total.toLocaleString()} items`;
 }
 
+// the "Like a clip…" button, and a file dropped anywhere on the page, where the server takes uploads
+function allowUploads() {
+  $("upload-label").hidden = false;
+  $("upload").addEventListener("change", () => likeUpload($("upload").files[0]));
+  const dropping = (on) => document.body.classList.toggle("dropping", on);
+  document.addEventListener("dragover", (event) => {
+    if (![...event.dataTransfer.types].includes("Files")) return;
+    event.preventDefault();
+    dropping(true);
+  });
+  document.addEventListener("dragleave", (event) => { if (!event.relatedTarget) dropping(false); });
+  document.addEventListener("drop", (event) => {
+    if (!event.dataTransfer.files.length) return;
+    event.preventDefault();
+    dropping(false);
+    likeUpload(event.dataTransfer.files[0]);
+  });
+}
+
 async function start() {
   const query = (params.get("q") || "").trim();
   const like = query ? null : params.get("like");
@@ -422,6 +483,7 @@ async function start() {
   const about = getJson("/api/info");
   info = about.catch(() => null); // results do not wait on it failing
   about.then((i) => { if (i.example) $("q").placeholder = i.example; }, () => {});
+  about.then((i) => { if (i.uploads) allowUploads(); }, () => {});
   if (query || like) {
     await (query ? search(query, k, undecodedQuery()) : searchLike(like, k));
     if (bad) setStatus(`${$("status").textContent} · “${bad}” results is not a number from 1 to ${MAX_K}: ${k} shown`);
