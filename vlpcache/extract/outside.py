@@ -20,7 +20,7 @@ from vlpcache.extract.sources import one_item
 from vlpcache.report import printable
 
 
-def options_like(settings: CacheSettings, models: str | None = None) -> ExtractOptions:
+def options_like(settings: CacheSettings, models: str | None = None, device: str = "cpu") -> ExtractOptions:
     """The extract options that give a cache of `settings` (the detector named in them, with its own weights:
     a cache extracted with `--weights FILE` gives other weights' hashes, said by extract_outside)."""
     detector = detector_name(settings.detector)
@@ -29,7 +29,7 @@ def options_like(settings: CacheSettings, models: str | None = None) -> ExtractO
     return ExtractOptions(frames=settings.frames, regions=settings.regions - 1, detector=detector, backbone=backbone or None,
                           models=models, scale="/".join(map(str, scale)) if scale else None,
                           proposals=settings.extra.get("proposals"), score_threshold=settings.score_threshold,
-                          workers=1, quiet=True)
+                          device=device, workers=1, quiet=True)
 
 
 def extract_outside(path: str, settings: CacheSettings, folder: Path, models: str | None = None,
@@ -39,7 +39,7 @@ def extract_outside(path: str, settings: CacheSettings, folder: Path, models: st
     does not decode; NotComparable where this machine's detector would give other settings (other weights, none
     found)."""
     item = one_item(Path(path))
-    options = options_like(settings, models)
+    options = options_like(settings, models, device)
     try:
         spec = choose_detector(options.detector, options.backbone, options.weights, options.models,
                                options.input_scale(), options.proposals)
@@ -50,8 +50,7 @@ def extract_outside(path: str, settings: CacheSettings, folder: Path, models: st
         raise NotComparable(f"this machine's {options.detector} gives other settings: {'; '.join(differences)}")
     summary = ExtractSummary()
     with ShardWriter(folder, own, writer_name="s0of1") as writer:
-        detect_and_write([item], spec, writer, ExtractOptions(**{**options.__dict__, "device": device}), summary,
-                         time.monotonic())
+        detect_and_write([item], spec, writer, options, summary, time.monotonic())
     with RegionCache(folder, say_damaged=False) as cache:
         if item.id not in cache:
             reason = cache.failures.get(item.id, {}).get("reason", "it did not extract")
