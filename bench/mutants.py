@@ -1771,6 +1771,9 @@ MUTANTS += [
     mutant("page-back-from-upload-stays", "vlpcache/serve/page/page.js",
            "    location.reload(); // back from a clip's results to the address's own\n", "",
            "tests/test_like_outside.py -k page_finds", "Back from a clip's results shows the address's own query again"),
+    mutant("page-drop-ignored", "vlpcache/serve/page/page.js",
+           "    likeUpload(event.dataTransfer.files[0]);\n", "",
+           "tests/test_like_outside.py -k page_finds", "a video or photo dropped on the page is compared with the collection"),
 ]
 
 

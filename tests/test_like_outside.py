@@ -247,6 +247,18 @@ def test_the_page_finds_the_items_most_like_a_clip_chosen_or_dropped_and_back_re
         assert browser.find_element(By.ID, "q").get_attribute("value") == ""
         browser.back()  # the query's own results again
         wait.until(lambda b: "results for “a dog”" in status())
+        # a photo dropped on the page: the browser's file, as a drag from the desktop brings it
+        browser.execute_script("const i = document.createElement('input'); i.type = 'file'; i.id = 'probe'; "
+                               "i.hidden = true; document.body.append(i);")
+        photo = sorted((SHARED / "data" / "flickr8k" / "images").iterdir())[0]
+        browser.find_element(By.ID, "probe").send_keys(str(photo))
+        browser.execute_script("const dt = new DataTransfer(); dt.items.add(document.getElementById('probe').files[0]); "
+                               "document.body.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, "
+                               "cancelable: true}));")
+        wait.until(lambda b: "most like" in status() or "error" in status())
+        assert status().startswith(f"{len(COLLECTION)} items most like “{photo.name}” · ")
+        browser.back()
+        wait.until(lambda b: "results for “a dog”" in status())
         # a file that is no clip: its line in the status, as an error
         (tmp_path / "notes.txt").write_text("not a video")
         browser.find_element(By.ID, "upload").send_keys(str(tmp_path / "notes.txt"))
