@@ -388,8 +388,8 @@ def index(**options) -> None:
 @index_option
 @device_option
 def search(**options) -> None:
-    """Videos that match TEXT (or are like an indexed one), best first, with the best-matching time and the
-    regions that matched the words."""
+    """Videos that match TEXT (or are like an indexed one, or a clip of yours), best first, with the best-matching
+    time and the regions that matched the words."""
     from vlpcache.index.search import run_search
 
     run_search(**options, outside=_extract_outside)
