@@ -543,7 +543,7 @@ def test_serving_on_every_address_says_so_and_answers_the_names_others_reach_it_
         running.stop()
     assert running.url == f"http://127.0.0.1:{running.port}/"
     assert ("note: listening on 0.0.0.0: anyone who can reach this machine can search the collection and see its "
-            f"frames; others open http://{socket.gethostname()}:{running.port}/") in running.process.stderr.read().splitlines()
+            f"frames (it takes no uploads to compare); others open http://{socket.gethostname()}:{running.port}/") in running.process.stderr.read().splitlines()
 
 
 TRAVERSALS = [

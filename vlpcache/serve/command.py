@@ -29,8 +29,8 @@ def run_serve(run_dir=None, cache_dir=None, index_dir=None, host="127.0.0.1", po
     address = _url_host(host)
     url = f"http://{address}:{listener.getsockname()[1]}/"
     if allowed_hosts_for(host) is None:  # the address others open: this machine's name (the url is for this one)
-        say(f"note: listening on {host}: anyone who can reach this machine can search the collection and see its frames; "
-            f"others open http://{socket.gethostname()}:{listener.getsockname()[1]}/")
+        say(f"note: listening on {host}: anyone who can reach this machine can search the collection and see its frames "
+            f"(it takes no uploads to compare); others open http://{socket.gethostname()}:{listener.getsockname()[1]}/")
     model = f" with {printable(searcher.model_label)}" if searcher.model_label else ""
     print(f"serving {len(searcher) - searcher.unshown} items{model} at {url}  (Ctrl+C to stop)", flush=True)
     print(f"try {url}?q={quote_plus(searcher.example_query)}", flush=True)
