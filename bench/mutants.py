@@ -1406,7 +1406,7 @@ MUTANTS += [
            "        if True:",
            "tests/test_serve.py -k newer_checkpoint", "serve says when the run has a newer checkpoint than the one answering"),
     mutant("serve-shared-address-unnamed", "vlpcache/serve/command.py",
-           "f\"others open http://{socket.gethostname()}:", "f\"others open http://127.0.0.1:",
+           "others open http://{socket.gethostname()}:", "others open http://127.0.0.1:",
            "tests/test_serve.py -k serving_on_every_address", "serve on all addresses names the address others open"),
     mutant("search-wordless-query-ranked", "vlpcache/index/search.py",
            "        if self.unknown_and_known(typed) == ([], 0):", "        if False:",

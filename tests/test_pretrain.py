@@ -361,11 +361,11 @@ def test_a_checkpoint_that_the_trainer_removes_between_listing_and_reading_is_lo
                  **small_options(tiny_text, epochs=1))
     load_weights = ckpt.load_weights
 
-    def while_the_trainer_moves_on(model, checkpoint_dir):
+    def while_the_trainer_moves_on(model, checkpoint_dir, **options):
         if checkpoint_dir.name == "epoch-0001":  # epoch 2 lands and epoch 1 goes, as save_checkpoint does
             shutil.copytree(checkpoint_dir, checkpoint_dir.with_name("epoch-0002"))
             ckpt.remove_checkpoint(checkpoint_dir)
-        return load_weights(model, checkpoint_dir)
+        return load_weights(model, checkpoint_dir, **options)
 
     monkeypatch.setattr(ckpt, "load_weights", while_the_trainer_moves_on)
     assert load_run(run_dir).checkpoint_path == run_dir / "checkpoints" / "epoch-0002" / ckpt.WEIGHTS_NAME
