@@ -207,6 +207,17 @@ def test_the_page_api_compares_an_uploaded_clip_as_search_like_file_does(user, m
         answer = client.post("/api/like", content=content, headers={"x-vlpcache-filename": name})
         assert answer.status_code == status and answer.json()["error"].startswith(said), answer.text
         assert "vlpcache-upload-" not in answer.text
+    # another site's page, through the user's browser: a form posted here (no header of the page's), or a fetch
+    # from its origin; the page's own origin is taken
+    form = client.post("/api/like", files={"clip": ("tree.avi", clip.read_bytes(), "video/x-msvideo")})
+    assert form.status_code == 400 and "x-vlpcache-filename" in form.json()["error"]
+    other = client.post("/api/like", content=clip.read_bytes(),
+                        headers={"x-vlpcache-filename": "t.avi", "origin": "http://example.com"})
+    assert other.status_code == 403 and other.json()["error"] == (
+        "uploads come from this server's own page, not from http://example.com")
+    own = client.post("/api/like?k=1", content=clip.read_bytes(),
+                      headers={"x-vlpcache-filename": "t.avi", "origin": str(client.base_url).rstrip("/")})
+    assert own.status_code == 200, own.text
     monkeypatch.setattr(serve_app, "MAX_UPLOAD_BYTES", 1000)
     answer = client.post("/api/like", content=clip.read_bytes(), headers={"x-vlpcache-filename": "big.avi"})
     assert answer.status_code == 413 and "at most 0 MB" in answer.json()["error"]

@@ -15,7 +15,8 @@
 
 Safe by default: media only for ids in the index, found by lookup (thumbnails.py names the files);
 queries bounded in length and k; a Host header check against DNS rebinding when bound to loopback;
-uploads only where bound to loopback (this machine's user's own files), at most MAX_UPLOAD_BYTES, one at a
+uploads only where bound to loopback (this machine's user's own files), from its own page (no other site's
+form: the file's name in a header of its own, the Origin this server's), at most MAX_UPLOAD_BYTES, one at a
 time, into a temporary folder removed after; every error is a 4xx (or 500) with one line of JSON, {"error": "..."}.
 """
 
@@ -185,6 +186,7 @@ async def _like_upload(request: Request, searcher: Searcher, uploads: bool, comp
     if not uploads:
         raise ApiError(403, "this server takes no uploads: it listens beyond this machine (--host); run `vlpcache "
                             "search --like FILE` where the collection is, or serve on 127.0.0.1")
+    _check_own_page(request)
     k = _int_param(request, "k", DEFAULT_K, 1, MAX_K)
     name = _upload_name(request)
     if not comparing.acquire(blocking=False):
@@ -212,10 +214,21 @@ def _extract_outside(*args, **kwargs) -> str:
     return extract_outside(*args, **kwargs)
 
 
+def _check_own_page(request: Request) -> None:
+    """Refuse an upload another site's page sends through the user's browser (a form posted to localhost): it
+    lacks the x-vlpcache-filename header (a header of its own makes a browser ask first, and this server answers
+    no such asking), or its Origin is another site's."""
+    if "x-vlpcache-filename" not in request.headers:
+        raise ApiError(400, "name the file in the x-vlpcache-filename header (percent-encoded UTF-8), as the page does")
+    origin = request.headers.get("origin")
+    if origin is not None and origin != f"{request.url.scheme}://{request.url.netloc}":
+        raise ApiError(403, f"uploads come from this server's own page, not from {printable(origin[:100])}")
+
+
 def _upload_name(request: Request) -> str:
     """The uploaded file's name as the page sends it (percent-encoded UTF-8 in x-vlpcache-filename), shown and used
     for its extension only, never as a path."""
-    raw = request.headers.get("x-vlpcache-filename", "")
+    raw = request.headers["x-vlpcache-filename"]
     name = Path(urllib.parse.unquote(raw, errors="replace").replace("\\", "/")).name.strip() or "upload"
     return printable(name[-UPLOAD_NAME_CHARS:])
 
