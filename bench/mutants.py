@@ -1774,6 +1774,21 @@ MUTANTS += [
     mutant("page-drop-ignored", "vlpcache/serve/page/page.js",
            "    likeUpload(event.dataTransfer.files[0]);\n", "",
            "tests/test_like_outside.py -k page_finds", "a video or photo dropped on the page is compared with the collection"),
+    mutant("upload-from-another-origin", "vlpcache/serve/app.py",
+           "    if origin is not None and origin != f\"{request.url.scheme}://{request.url.netloc}\":", "    if False:",
+           "tests/test_like_outside.py -k page_api", "an upload another site's page sends (its Origin) is refused"),
+    mutant("upload-form-without-header", "vlpcache/serve/app.py",
+           "    if \"x-vlpcache-filename\" not in request.headers:", "    if False:",
+           "tests/test_like_outside.py -k page_api", "an upload without the page's own header (a form another site posts) is refused with one line"),
+    mutant("like-outside-full-temp-said-as-extract", "vlpcache/index/search.py",
+           "        except WriteFailed as err:  # its cache's shard, in the temporary folder", "        except ZeroDivisionError as err:",
+           "tests/test_like_outside.py -k full_temporary", "--like FILE on a full temporary folder names the folder and TMPDIR, not extract's resume"),
+    mutant("upload-full-disk-a-bad-request", "vlpcache/serve/app.py",
+           "                raise _server_side(507 if err.full else 500, str(err).replace(str(path), name)) from None", "                raise ApiError(400, str(err).replace(str(path), name)) from None",
+           "tests/test_like_outside.py -k full_temporary", "an upload whose extraction finds the server's disk full is the server's error (507), in its log"),
+    mutant("upload-receive-full-disk-500", "vlpcache/serve/app.py",
+           "    except OSError as err:  # the server's temporary folder is full (or not writable)", "    except ZeroDivisionError as err:",
+           "tests/test_like_outside.py -k full_temporary", "an upload that does not fit the server's temporary folder is one line (507), in its log"),
 ]
 
 

@@ -1,7 +1,11 @@
 """Shared fixtures: the real data in ../shared (or $VLPCACHE_SHARED), skipped with a reason where absent."""
 
+import contextlib
 import errno
 import os
+import resource
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -98,3 +102,50 @@ def unreadable(monkeypatch):
     yield make
     for path in locked:
         path.chmod(0o755)  # so that pytest can remove its temporary folders
+
+
+# ---------------------------------------------------------------- full disks
+
+
+class Disk:
+    """A folder whose writes can be made to fail: a small tmpfs where this machine lets us mount one (as root),
+    else a limit on the size of any file this process and its children write (RLIMIT_FSIZE: the write that
+    passes it fails with EFBIG), so that the same code paths fail on any Linux machine;
+    VLPCACHE_FAULT_DISK=file-size-limit takes the second way where the first would work."""
+
+    def __init__(self, folder: Path, tmpfs: bool):
+        self.folder, self.tmpfs = folder, tmpfs
+
+    @contextlib.contextmanager
+    def full(self, room: int):
+        """Writes fail once about `room` more bytes are written (tmpfs), or once a file passes `room` bytes."""
+        if self.tmpfs:
+            ballast = self.folder / "ballast"
+            stat = os.statvfs(self.folder)
+            with open(ballast, "wb") as f:
+                f.truncate(0)
+                f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - room))
+            try:
+                yield
+            finally:
+                ballast.unlink()
+        else:
+            previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (room, hard))  # children started now inherit it
+            try:
+                yield
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+                signal.signal(signal.SIGXFSZ, previous_handler)
+
+
+@pytest.fixture
+def disk(tmp_path) -> Disk:
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = os.environ.get("VLPCACHE_FAULT_DISK") != "file-size-limit" and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(folder)], capture_output=True).returncode == 0
+    yield Disk(folder, tmpfs=mounted)
+    if mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

@@ -15,7 +15,6 @@ import contextlib
 import os
 import random
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import Disk
 from test_extract import _assert_same_content
 from vlpcache import __version__
 from vlpcache.cache.reader import RegionCache
@@ -402,47 +402,6 @@ def test_the_progress_bar_clock_moves_while_one_long_item_decodes(models_dir, tm
 
 
 # ---------------------------------------------------------------- full disks
-
-
-class Disk:
-    """A folder whose writes can be made to fail (see the module's docstring for the two ways)."""
-
-    def __init__(self, folder: Path, tmpfs: bool):
-        self.folder, self.tmpfs = folder, tmpfs
-
-    @contextlib.contextmanager
-    def full(self, room: int):
-        """Writes fail once about `room` more bytes are written (tmpfs), or once a file passes `room` bytes."""
-        if self.tmpfs:
-            ballast = self.folder / "ballast"
-            stat = os.statvfs(self.folder)
-            with open(ballast, "wb") as f:
-                f.truncate(0)
-                f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - room))
-            try:
-                yield
-            finally:
-                ballast.unlink()
-        else:
-            previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
-            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (room, hard))  # children started now inherit it
-            try:
-                yield
-            finally:
-                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-                signal.signal(signal.SIGXFSZ, previous_handler)
-
-
-@pytest.fixture
-def disk(tmp_path) -> Disk:
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    mounted = os.environ.get("VLPCACHE_FAULT_DISK") != "file-size-limit" and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(folder)], capture_output=True).returncode == 0
-    yield Disk(folder, tmpfs=mounted)
-    if mounted:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def test_a_file_write_that_fails_on_a_full_disk_names_the_file_it_was_for(disk):

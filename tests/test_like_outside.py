@@ -4,7 +4,10 @@ encoded by the index's checkpoint, ranked as `--like ID` ranks: the same hits as
 collection and indexing it would give, and nothing added to the collection, its index or the workspace."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from vlpcache.extract.runner import run_extract
 from vlpcache.index.faiss_index import VideoIndex
 from vlpcache.model.train import run_pretrain
 from vlpcache.workspace import Workspace
+from waiting import HANG_GUARD_S
 
 VIDEOS = SHARED / "data" / "videos"
 COLLECTION = ("bikes.mp4", "cup.mp4", "tests_data_test.avi", "carphone_pristine.mp4", "demo_demo.mp4")
@@ -235,6 +239,40 @@ def test_the_page_api_compares_an_uploaded_clip_as_search_like_file_does(user, m
     assert shared.get("/api/info").json()["uploads"] is False
     refused = shared.post("/api/like", content=clip.read_bytes(), headers={"x-vlpcache-filename": "t.avi"})
     assert refused.status_code == 403 and "takes no uploads" in refused.json()["error"]
+
+
+def test_a_full_temporary_folder_is_one_line_for_the_command_and_for_the_page_and_leaves_nothing(user, disk,
+                                                                                                 monkeypatch, capsys):
+    from test_serve import client_for
+
+    monkeypatch.setattr(tempfile, "tempdir", str(disk.folder))
+    small = VIDEOS / "carphone_distorted.mp4"  # 7 KB: its upload fits where its own cache does not
+    reason = "No space left on device (ENOSPC)" if disk.tmpfs else "File too large (EFBIG)"
+    no_cache = (f"on its own to compare it: a write to the temporary folder {disk.folder} failed ({reason}); make "
+                "room there, or set TMPDIR to another folder (nothing was added to the cache)")
+    with disk.full(room=20_000):  # (a process of its own: after a failed write the command ends without teardown)
+        failed = subprocess.run([sys.executable, "-m", "vlpcache", "search", "--like", str(small)], capture_output=True,
+                                text=True, env={**os.environ, "TMPDIR": str(disk.folder)}, timeout=HANG_GUARD_S)
+    assert failed.returncode == 2 and failed.stdout == "" and "Traceback" not in failed.stderr, failed.stderr
+    assert failed.stderr.strip().splitlines()[-1] == f"error: cannot extract {small} {no_cache}"
+    client, _ = client_for(user / "ws")
+    with disk.full(room=20_000):
+        answer = client.post("/api/like", content=small.read_bytes(), headers={"x-vlpcache-filename": "c.mp4"})
+    assert answer.status_code == (507 if disk.tmpfs else 500)
+    assert answer.json()["error"] == f"cannot extract c.mp4 {no_cache}"
+    with disk.full(room=100_000):  # the upload itself (1.2 MB) does not fit
+        answer = client.post("/api/like", content=(VIDEOS / "tree.avi").read_bytes(),
+                             headers={"x-vlpcache-filename": "tree.avi"})
+    assert answer.status_code == (507 if disk.tmpfs else 500)
+    kept = ("the server could not keep the file while comparing it: a write to its temporary folder "
+            f"{disk.folder} failed ({reason}) after ")
+    assert answer.json()["error"].startswith(kept) and answer.json()["error"].endswith(
+        " MB of it; make room there, or serve with TMPDIR set to another folder")
+    said = capsys.readouterr().err  # the server's log says it too: its user mends it
+    assert f"error: an upload: cannot extract c.mp4 {no_cache}" in said and f"error: an upload: {kept}" in said
+    assert not [p for p in disk.folder.iterdir() if p.name.startswith("vlpcache-")]
+    assert RegionCache(user / "ws" / "cache").ids == RegionCache(user / "ws" / "cache").ids and (
+        len(RegionCache(user / "ws" / "cache")) == len(COLLECTION))
 
 
 def test_the_page_finds_the_items_most_like_a_clip_chosen_or_dropped_and_back_returns_to_the_query(user, tmp_path):

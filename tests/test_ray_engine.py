@@ -282,7 +282,7 @@ def test_a_full_disk_stops_the_ray_engine_with_one_line_keeping_whole_shards(roo
     """An actor's write that fails on a full disk: one line and status 2 as with the local engine, not
     Ray's wrapping of the actor's traceback; the committed shards are whole (the re-run that finishes the
     cache is the one after a kill -9, tested above)."""
-    from test_faults import Disk
+    from conftest import Disk
 
     folder = tmp_path / "disk"
     folder.mkdir()

@@ -10,6 +10,15 @@ class NotComparable(UserError):
     weights, none found): `search --like FILE` says how to add it to the cache instead."""
 
 
+class WriteFailed(UserError):
+    """A write the system refused (a full disk, a read-only folder, an I/O error); `reason` is the system's
+    words, e.g. "No space left on device (ENOSPC)", and `full` whether it was for want of room."""
+
+    def __init__(self, message: str, reason: str = "", full: bool = False):
+        super().__init__(message)
+        self.reason, self.full = reason, full
+
+
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM, with what was kept and how to go on: the CLI prints it as one line, exit status 130
     or 143."""

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from vlpcache.errors import UserError
+from vlpcache.errors import UserError, WriteFailed
 
 # still images: an item each (or, all of a folder, the frames of one); captions may name their items by these names
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff"})
@@ -239,9 +239,14 @@ def _disk_full(path: Path) -> bool:
     return stat.f_bavail * stat.f_frsize < (1 << 20)
 
 
-def write_failure(path: Path, err: BaseException, then: str) -> UserError:
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_failure(path: Path, err: BaseException, then: str) -> WriteFailed:
     """One line for a write that failed: the path, the system's reason, and what became of the work."""
-    return UserError(f"{path}: cannot write ({system_reason(err, path)}); {then}")
+    reason = system_reason(err, path)
+    full = failure_errno(err) in FULL_ERRNOS or reason.endswith("(ENOSPC)")
+    return WriteFailed(f"{path}: cannot write ({reason}); {then}", reason, full)
 
 
 def current_umask() -> int:

@@ -33,7 +33,7 @@ from vlpcache.cache.reader import DamagedShard, RegionCache
 from vlpcache.cache.schema import MOVES_DIR, REMOVED_DIR, SHARD_DIR, SHARD_SUFFIX, detector_name
 from vlpcache.captions import ids_like, item_named, model_text, text_lines
 from vlpcache.devices import DEFAULT_DEVICE, DEVICES, resolve_device
-from vlpcache.errors import NotComparable, UserError, user_message
+from vlpcache.errors import NotComparable, UserError, WriteFailed, user_message
 from vlpcache.files import may_write, read_utf8_text, utf8_text
 from vlpcache.index.build import (check_run_reads_cache, coverage, extracted_again, index_of_run, missing_from_cache,
                                   new_index_line, open_cache, resolve_sources, update_index)
@@ -669,6 +669,10 @@ def like_outside(searcher: Searcher, path: str, k: int, outside, device, say: Sa
         except NotComparable as err:
             raise UserError(f"{outside_line(path, searcher.cache)} (--like cannot extract it on its own here: "
                             f"{user_message(err)})") from None
+        except WriteFailed as err:  # its cache's shard, in the temporary folder
+            raise WriteFailed(f"cannot extract {printable(path)} on its own to compare it: a write to the "
+                              f"temporary folder {printable(tempfile.gettempdir())} failed ({err.reason}); make room "
+                              "there, or set TMPDIR to another folder (nothing was added to the cache)", err.reason, err.full) from None
         with RegionCache(folder, say_damaged=False) as cache:
             if note := cache.note_of(item_id):
                 say(f"note: {printable(path)}: {note}; compared as it was read")

@@ -37,7 +37,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from vlpcache.cache.labels import RegionNames, region_names
-from vlpcache.errors import UserError
+from vlpcache.errors import UserError, WriteFailed
+from vlpcache.files import FULL_ERRNOS, failure_errno, system_reason
 from vlpcache.index.search import Searcher, hits_json, like_json, like_outside
 from vlpcache.report import printable, say
 from vlpcache.serve.thumbnails import ThumbnailStore
@@ -199,6 +200,8 @@ async def _like_upload(request: Request, searcher: Searcher, uploads: bool, comp
             try:
                 hits = await run_in_threadpool(like_outside, searcher, str(path), k, _extract_outside, device,
                                                lambda line: None)
+            except WriteFailed as err:  # the server's temporary folder: its user's to mend, not the sender's
+                raise _server_side(507 if err.full else 500, str(err).replace(str(path), name)) from None
             except UserError as err:
                 raise ApiError(400, str(err).replace(str(path), name)) from None
             took = time.perf_counter() - started
@@ -225,6 +228,12 @@ def _check_own_page(request: Request) -> None:
         raise ApiError(403, f"uploads come from this server's own page, not from {printable(origin[:100])}")
 
 
+def _server_side(status: int, line: str) -> ApiError:
+    """An upload that failed for want of room on the server (not the sender's to mend): said in its log too."""
+    say(f"error: an upload: {line}")
+    return ApiError(status, line)
+
+
 def _upload_name(request: Request) -> str:
     """The uploaded file's name as the page sends it (percent-encoded UTF-8 in x-vlpcache-filename), shown and used
     for its extension only, never as a path."""
@@ -246,12 +255,18 @@ async def _receive_upload(request: Request, path: Path) -> int:
     if given is not None and given.isdigit() and int(given) > MAX_UPLOAD_BYTES:
         raise ApiError(413, f"the file is {int(given) / 2**20:.0f} MB; at most {MAX_UPLOAD_BYTES / 2**20:.0f} MB")
     size = 0
-    with open(path, "wb") as out:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_UPLOAD_BYTES:
-                raise ApiError(413, f"the file is over {MAX_UPLOAD_BYTES / 2**20:.0f} MB")
-            out.write(chunk)
+    try:
+        with open(path, "wb") as out:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_UPLOAD_BYTES:
+                    raise ApiError(413, f"the file is over {MAX_UPLOAD_BYTES / 2**20:.0f} MB")
+                out.write(chunk)
+    except OSError as err:  # the server's temporary folder is full (or not writable)
+        raise _server_side(507 if failure_errno(err) in FULL_ERRNOS else 500,
+                           f"the server could not keep the file while comparing it: a write to its temporary folder "
+                           f"{printable(str(path.parent.parent))} failed ({system_reason(err, path)}) after "
+                           f"{size / 2**20:.1f} MB of it; make room there, or serve with TMPDIR set to another folder") from None
     if not size:
         raise ApiError(400, "no file: send the clip or photo as the request's body")
     return size
