@@ -1789,6 +1789,12 @@ MUTANTS += [
     mutant("upload-receive-full-disk-500", "vlpcache/serve/app.py",
            "    except OSError as err:  # the server's temporary folder is full (or not writable)", "    except ZeroDivisionError as err:",
            "tests/test_like_outside.py -k full_temporary", "an upload that does not fit the server's temporary folder is one line (507), in its log"),
+    mutant("page-card-like-link-missing", "vlpcache/serve/page/page.js",
+           "      el(\"span\", { class: \"time\" }, place ? `@ ${place}` : \"\"), like),", "      el(\"span\", { class: \"time\" }, place ? `@ ${place}` : \"\")),",
+           "tests/test_serve.py -k headless_chromium_shows_result_cards", "each card links to the items most like it"),
+    mutant("page-card-like-link-enter-opens-card", "vlpcache/serve/page/page.js",
+           "    if ((event.key !== \"Enter\" && event.key !== \" \") || event.target !== node) return; // Enter on its link follows it", "    if (event.key !== \"Enter\" && event.key !== \" \") return;",
+           "tests/test_serve.py -k headless_chromium_shows_result_cards", "Enter on a card's like link follows it (the card does not take the key)"),
 ]
 
 

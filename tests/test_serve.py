@@ -682,6 +682,17 @@ def test_page_in_headless_chromium_shows_result_cards_with_thumbnails_and_boxes(
         browser.find_element(By.CSS_SELECTOR, "#query-words a.example").click()  # the example's own frames
         wait.until(lambda b: b.execute_script("return document.getElementById('detail').open"))
         assert browser.find_element(By.ID, "detail-title").text == opened
+        browser.find_element(By.ID, "detail-close").click()
+
+        first = liked[0]  # a card's own "like this" link: the items most like it, its frames not opened
+        browser.find_elements(By.CSS_SELECTOR, ".card a.like")[0].click()
+        wait.until(lambda b: b.find_element(By.ID, "status").text.startswith(f"12 items most like “{first}” · "))
+        assert urllib.parse.parse_qs(urllib.parse.urlparse(browser.current_url).query) == {"like": [first], "k": ["12"]}
+        assert not browser.execute_script("return document.getElementById('detail').open")
+        second = browser.execute_script("return document.querySelectorAll('.card')[1].dataset.id")
+        browser.find_elements(By.CSS_SELECTOR, ".card a.like")[1].send_keys(Keys.ENTER)  # by keyboard too
+        wait.until(lambda b: b.find_element(By.ID, "status").text.startswith(f"12 items most like “{second}” · "))
+        assert not browser.execute_script("return document.getElementById('detail').open")
 
         browser.get(server.url + "?" + urllib.parse.urlencode({"q": LONG_QUERY}))  # the end the model does not read
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#query-words s.unread"))

@@ -209,19 +209,23 @@ function card(hit) {
   const score = hit.local_score === null
     ? `global ${hit.global_score.toFixed(3)}`
     : `global ${hit.global_score.toFixed(3)} + region-word ${hit.local_score.toFixed(3)}`;
+  // the items most like this one, a link of its own (the card itself opens the item's frames)
+  const like = el("a", { class: "like", href: "/?" + new URLSearchParams({ like: hit.id, k: $("k").value }),
+    title: `The items most like ${hit.id}` }, "like this");
+  like.addEventListener("click", (event) => event.stopPropagation());
   const node = el("article", { class: "card", tabindex: "0", "data-id": hit.id },
     el("div", { class: "frame fixed" }, picture),
     el("p", { class: "meta" },
       el("span", { class: "rank" }, `#${hit.rank}`),
       el("span", { class: "score", title: score }, hit.score.toFixed(3)),
-      el("span", { class: "time" }, place ? `@ ${place}` : "")),
+      el("span", { class: "time" }, place ? `@ ${place}` : ""), like),
     el("p", { class: "id", title: hit.path }, hit.id),
     ...(hit.note ? [el("p", { class: "note", title: hit.note }, `kept with a note: ${hit.note}`)] : []),
     ...(hit.outdated ? [el("p", { class: "note", title: hit.outdated }, hit.outdated)] : []),
     el("p", { class: "words" }, ...firstOfEachWord(hit.regions).map((r) => wordChip(r, hit))));
   node.addEventListener("click", () => openItem(hit.id, true));
   node.addEventListener("keydown", (event) => {
-    if (event.key !== "Enter" && event.key !== " ") return;
+    if ((event.key !== "Enter" && event.key !== " ") || event.target !== node) return; // Enter on its link follows it
     event.preventDefault(); // else the same key press clicks the close button the open dialog focuses (or scrolls)
     openItem(hit.id, true);
   });
