@@ -1795,6 +1795,9 @@ MUTANTS += [
     mutant("page-card-like-link-enter-opens-card", "vlpcache/serve/page/page.js",
            "    if ((event.key !== \"Enter\" && event.key !== \" \") || event.target !== node) return; // Enter on its link follows it", "    if (event.key !== \"Enter\" && event.key !== \" \") return;",
            "tests/test_serve.py -k headless_chromium_shows_result_cards", "Enter on a card's like link follows it (the card does not take the key)"),
+    mutant("upload-sender-gone-traceback", "vlpcache/serve/app.py",
+           "    except ClientDisconnect:  # nobody is left to answer: the log says it, the folder is removed", "    except ZeroDivisionError:",
+           "tests/test_like_outside.py -k sender_goes_away", "an upload whose sender goes away is one line in the server's log, not a traceback"),
 ]
 
 

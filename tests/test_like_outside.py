@@ -5,6 +5,7 @@ collection and indexing it would give, and nothing added to the collection, its 
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from vlpcache.extract.runner import run_extract
 from vlpcache.index.faiss_index import VideoIndex
 from vlpcache.model.train import run_pretrain
 from vlpcache.workspace import Workspace
-from waiting import HANG_GUARD_S
+from waiting import HANG_GUARD_S, wait_until
 
 VIDEOS = SHARED / "data" / "videos"
 COLLECTION = ("bikes.mp4", "cup.mp4", "tests_data_test.avi", "carphone_pristine.mp4", "demo_demo.mp4")
@@ -273,6 +274,37 @@ def test_a_full_temporary_folder_is_one_line_for_the_command_and_for_the_page_an
     assert not [p for p in disk.folder.iterdir() if p.name.startswith("vlpcache-")]
     assert RegionCache(user / "ws" / "cache").ids == RegionCache(user / "ws" / "cache").ids and (
         len(RegionCache(user / "ws" / "cache")) == len(COLLECTION))
+
+
+def test_an_upload_whose_sender_goes_away_is_one_line_in_the_log_and_leaves_nothing(user, tmp_path, monkeypatch):
+    import http.client
+    import socket
+
+    from test_serve import Server
+
+    temporary = tmp_path / "server-tmp"
+    temporary.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temporary))
+    server = Server(user / "ws")
+    uploads = lambda: [p for p in temporary.iterdir() if p.name.startswith("vlpcache-upload-")]  # noqa: E731
+    try:
+        with socket.create_connection((server.host, int(server.port)), timeout=HANG_GUARD_S) as sender:
+            sender.sendall(f"POST /api/like HTTP/1.1\r\nHost: {server.host}:{server.port}\r\nContent-Length: 1000000\r\n"
+                           "x-vlpcache-filename: tree.avi\r\n\r\n".encode() + bytes(200_000))
+            wait_until(lambda: any(p.stat().st_size for folder in uploads() for p in folder.iterdir()),
+                       alive=server.process)  # being received
+        wait_until(lambda: not uploads(), alive=server.process)  # the page closed: its folder goes
+        connection = http.client.HTTPConnection(server.host, int(server.port), timeout=HANG_GUARD_S)
+        connection.request("POST", "/api/like?k=2", body=(VIDEOS / "carphone_distorted.mp4").read_bytes(),
+                           headers={"x-vlpcache-filename": "c.mp4"})
+        assert connection.getresponse().status == 200  # the next upload is compared
+        connection.close()
+    finally:
+        server.stop()
+    log = server.process.stderr.read()
+    assert re.search(r"^note: the upload of tree\.avi stopped after 0\.[0-2] MB: its sender went away \(a page closed\?\)$",
+                     log, re.M), log  # (what was received before the sender went: uvicorn drops what it still held)
+    assert "Traceback" not in log and not uploads()
 
 
 def test_the_page_finds_the_items_most_like_a_clip_chosen_or_dropped_and_back_returns_to_the_query(user, tmp_path):

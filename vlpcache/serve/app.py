@@ -32,7 +32,7 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -195,7 +195,7 @@ async def _like_upload(request: Request, searcher: Searcher, uploads: bool, comp
     try:
         with tempfile.TemporaryDirectory(prefix="vlpcache-upload-") as folder:
             path = Path(folder) / ("upload" + _upload_suffix(name))
-            size = await _receive_upload(request, path)
+            size = await _receive_upload(request, path, name)
             started = time.perf_counter()
             try:
                 hits = await run_in_threadpool(like_outside, searcher, str(path), k, _extract_outside, device,
@@ -248,9 +248,9 @@ def _upload_suffix(name: str) -> str:
     return suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,5}", suffix) else ""
 
 
-async def _receive_upload(request: Request, path: Path) -> int:
+async def _receive_upload(request: Request, path: Path, name: str) -> int:
     """Write the request's body to `path`, at most MAX_UPLOAD_BYTES (said before reading it where its length is
-    given); its size."""
+    given); its size. A sender gone before the end (a page closed) is one line in the log."""
     given = request.headers.get("content-length")
     if given is not None and given.isdigit() and int(given) > MAX_UPLOAD_BYTES:
         raise ApiError(413, f"the file is {int(given) / 2**20:.0f} MB; at most {MAX_UPLOAD_BYTES / 2**20:.0f} MB")
@@ -262,6 +262,9 @@ async def _receive_upload(request: Request, path: Path) -> int:
                 if size > MAX_UPLOAD_BYTES:
                     raise ApiError(413, f"the file is over {MAX_UPLOAD_BYTES / 2**20:.0f} MB")
                 out.write(chunk)
+    except ClientDisconnect:  # nobody is left to answer: the log says it, the folder is removed
+        say(f"note: the upload of {name} stopped after {size / 2**20:.1f} MB: its sender went away (a page closed?)")
+        raise ApiError(400, "the upload did not arrive whole") from None
     except OSError as err:  # the server's temporary folder is full (or not writable)
         raise _server_side(507 if failure_errno(err) in FULL_ERRNOS else 500,
                            f"the server could not keep the file while comparing it: a write to its temporary folder "
