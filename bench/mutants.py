@@ -1797,7 +1797,10 @@ MUTANTS += [
            "tests/test_serve.py -k headless_chromium_shows_result_cards", "Enter on a card's like link follows it (the card does not take the key)"),
     mutant("upload-sender-gone-traceback", "vlpcache/serve/app.py",
            "    except ClientDisconnect:  # nobody is left to answer: the log says it, the folder is removed", "    except ZeroDivisionError:",
-           "tests/test_like_outside.py -k sender_goes_away", "an upload whose sender goes away is one line in the server's log, not a traceback"),
+           "tests/test_like_outside.py -k uploads_one_at_a_time", "an upload whose sender goes away is one line in the server's log, not a traceback"),
+    mutant("uploads-compared-together", "vlpcache/serve/app.py",
+           "    if not comparing.acquire(blocking=False):", "    if not comparing.acquire(blocking=False) and False:",
+           "tests/test_like_outside.py -k uploads_one_at_a_time", "uploads are compared one at a time (503 while another is)"),
 ]
 
 

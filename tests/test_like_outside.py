@@ -276,7 +276,7 @@ def test_a_full_temporary_folder_is_one_line_for_the_command_and_for_the_page_an
         len(RegionCache(user / "ws" / "cache")) == len(COLLECTION))
 
 
-def test_an_upload_whose_sender_goes_away_is_one_line_in_the_log_and_leaves_nothing(user, tmp_path, monkeypatch):
+def test_uploads_one_at_a_time_and_one_whose_sender_goes_away_is_a_line_in_the_log_leaving_nothing(user, tmp_path, monkeypatch):
     import http.client
     import socket
 
@@ -293,6 +293,12 @@ def test_an_upload_whose_sender_goes_away_is_one_line_in_the_log_and_leaves_noth
                            "x-vlpcache-filename: tree.avi\r\n\r\n".encode() + bytes(200_000))
             wait_until(lambda: any(p.stat().st_size for folder in uploads() for p in folder.iterdir()),
                        alive=server.process)  # being received
+            connection = http.client.HTTPConnection(server.host, int(server.port), timeout=HANG_GUARD_S)
+            connection.request("POST", "/api/like", body=b"x", headers={"x-vlpcache-filename": "c.mp4"})
+            busy = connection.getresponse()  # one at a time: each starts a decoding process and the detector
+            assert (busy.status, busy.getheader("retry-after")) == (503, "5")
+            assert json.loads(busy.read()) == {"error": "another clip is being compared; try again in a moment"}
+            connection.close()
         wait_until(lambda: not uploads(), alive=server.process)  # the page closed: its folder goes
         connection = http.client.HTTPConnection(server.host, int(server.port), timeout=HANG_GUARD_S)
         connection.request("POST", "/api/like?k=2", body=(VIDEOS / "carphone_distorted.mp4").read_bytes(),
