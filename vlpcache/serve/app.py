@@ -229,7 +229,8 @@ def _check_own_page(request: Request) -> None:
 
 
 def _server_side(status: int, line: str) -> ApiError:
-    """An upload that failed for want of room on the server (not the sender's to mend): said in its log too."""
+    """An upload that failed on the server's side (its temporary folder full, or not writable: not the sender's to
+    mend): said in its log too."""
     say(f"error: an upload: {line}")
     return ApiError(status, line)
 
