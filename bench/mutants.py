@@ -918,7 +918,7 @@ MUTANTS += [
            "        if label == FRAME_REGION_LABEL:\n", "        if False:\n",
            "tests/test_search.py -k rendered_box", "inspect --render draws detections, not the whole-frame region"),
     mutant("serve-open-address-unsaid", "vlpcache/serve/command.py",
-           "    if allowed_hosts_for(host) is None:  # the address others open", "    if False:  # the address others open",
+           "    if shared:  # the address others open", "    if False:  # the address others open",
            "tests/test_serve.py -k every_address", "serve --host 0.0.0.0 says that anyone who can reach it can search"),
     mutant("serve-open-address-refuses-names", "vlpcache/serve/app.py",
            '    if bind_host in LOOPBACK_HOSTS or bind_host.startswith("127."):\n', "    if True:\n",
@@ -1760,7 +1760,7 @@ MUTANTS += [
            "    return next((item_id for item_id, source in zip(cache.ids, cache.paths) if source in wanted), None)", "    return None",
            "tests/test_like_outside.py -k frames_folder", "--like of another path to a cached file (a symbolic link) is the cached item, not extracted again"),
     mutant("upload-taken-by-a-shared-server", "vlpcache/serve/app.py",
-           "    uploads = allowed_hosts is not None\n", "    uploads = True\n",
+           "    uploads = allowed_hosts is not None if uploads is None else uploads\n", "    uploads = True if uploads is None else uploads\n",
            "tests/test_like_outside.py -k page_api", "a server that listens beyond this machine takes no uploads"),
     mutant("upload-size-unchecked-while-streaming", "vlpcache/serve/app.py",
            "            if size > MAX_UPLOAD_BYTES:\n", "            if False:\n",
@@ -1801,6 +1801,12 @@ MUTANTS += [
     mutant("uploads-compared-together", "vlpcache/serve/app.py",
            "    if not comparing.acquire(blocking=False):", "    if not comparing.acquire(blocking=False) and False:",
            "tests/test_like_outside.py -k uploads_one_at_a_time", "uploads are compared one at a time (503 while another is)"),
+    mutant("serve-uploads-flag-ignored", "vlpcache/serve/command.py",
+           "make_app(searcher, thumbnails, allowed_hosts_for(host), device, uploads)", "make_app(searcher, thumbnails, allowed_hosts_for(host), device)",
+           "tests/test_serve.py -k every_address", "serve --host 0.0.0.0 --uploads takes uploads"),
+    mutant("serve-no-uploads-taken", "vlpcache/serve/app.py",
+           "    uploads = allowed_hosts is not None if uploads is None else uploads\n", "    uploads = allowed_hosts is not None\n",
+           "tests/test_like_outside.py -k page_api", "--uploads and --no-uploads decide whether the page takes uploads"),
 ]
 
 

@@ -223,12 +223,14 @@ def test_the_page_api_compares_an_uploaded_clip_as_search_like_file_does(user, m
     own = client.post("/api/like?k=1", content=clip.read_bytes(),
                       headers={"x-vlpcache-filename": "t.avi", "origin": str(client.base_url).rstrip("/")})
     assert own.status_code == 200, own.text
+    limit = serve_app.MAX_UPLOAD_BYTES
     monkeypatch.setattr(serve_app, "MAX_UPLOAD_BYTES", 1000)
     answer = client.post("/api/like", content=clip.read_bytes(), headers={"x-vlpcache-filename": "big.avi"})
     assert answer.status_code == 413 and "at most 0 MB" in answer.json()["error"]
     chunks = iter([clip.read_bytes()[:800], clip.read_bytes()[800:1600]])  # sent in chunks: no length said before
     answer = client.post("/api/like", content=chunks, headers={"x-vlpcache-filename": "big.avi"})
     assert answer.status_code == 413 and "over 0 MB" in answer.json()["error"]
+    monkeypatch.setattr(serve_app, "MAX_UPLOAD_BYTES", limit)
     assert list(Path(tempfile.tempdir).iterdir()) == []
     # a server that listens beyond this machine takes none
     from vlpcache.index.search import Searcher
@@ -236,10 +238,29 @@ def test_the_page_api_compares_an_uploaded_clip_as_search_like_file_does(user, m
     from vlpcache.serve.thumbnails import ThumbnailStore
     import starlette.testclient as starlette_testclient
 
-    shared = starlette_testclient.TestClient(make_app(Searcher(), ThumbnailStore(user / "thumbs"), None))
+    searcher = Searcher()
+    shared = starlette_testclient.TestClient(make_app(searcher, ThumbnailStore(user / "thumbs"), None))
     assert shared.get("/api/info").json()["uploads"] is False
     refused = shared.post("/api/like", content=clip.read_bytes(), headers={"x-vlpcache-filename": "t.avi"})
-    assert refused.status_code == 403 and "takes no uploads" in refused.json()["error"]
+    assert refused.status_code == 403 and refused.json()["error"] == (
+        "this server takes no uploads: it listens beyond this machine (--host); `vlpcache serve --uploads` takes them "
+        "from anyone who can reach it; or run `vlpcache search --like FILE` where the collection is")
+    # --uploads: a lab's server takes them from its own page, whatever name it is reached by; --no-uploads: none
+    lab = starlette_testclient.TestClient(make_app(searcher, ThumbnailStore(user / "thumbs"), None, uploads=True),
+                                          base_url="http://workstation.lan:8000")
+    assert lab.get("/api/info").json()["uploads"] is True
+    answer = lab.post("/api/like?k=1", content=clip.read_bytes(),
+                      headers={"x-vlpcache-filename": "t.avi", "origin": "http://workstation.lan:8000"})
+    assert answer.status_code == 200 and len(answer.json()["results"]) == 1
+    other = lab.post("/api/like", content=clip.read_bytes(),
+                     headers={"x-vlpcache-filename": "t.avi", "origin": "http://example.com"})
+    assert other.status_code == 403
+    closed = starlette_testclient.TestClient(make_app(searcher, ThumbnailStore(user / "thumbs"), uploads=False),
+                                             base_url="http://127.0.0.1:8000")
+    assert closed.get("/api/info").json()["uploads"] is False
+    refused = closed.post("/api/like", content=clip.read_bytes(), headers={"x-vlpcache-filename": "t.avi"})
+    assert refused.status_code == 403 and refused.json()["error"].startswith(
+        "this server takes no uploads: it was started with --no-uploads;")
 
 
 def test_a_full_temporary_folder_is_one_line_for_the_command_and_for_the_page_and_leaves_nothing(user, disk,

@@ -543,7 +543,21 @@ def test_serving_on_every_address_says_so_and_answers_the_names_others_reach_it_
         running.stop()
     assert running.url == f"http://127.0.0.1:{running.port}/"
     assert ("note: listening on 0.0.0.0: anyone who can reach this machine can search the collection and see its "
-            f"frames (it takes no uploads to compare); others open http://{socket.gethostname()}:{running.port}/") in running.process.stderr.read().splitlines()
+            f"frames (it takes no clips to compare unless given --uploads); others open "
+            f"http://{socket.gethostname()}:{running.port}/") in running.process.stderr.read().splitlines()
+    running = Server(ws, "--host", "0.0.0.0", "--uploads")  # a lab's server that takes its users' clips
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", int(running.port), timeout=HANG_GUARD_S)
+        connection.putrequest("GET", "/api/info", skip_host=True)
+        connection.putheader("Host", f"workstation.lan:{running.port}")
+        connection.endheaders()
+        assert json.loads(connection.getresponse().read())["uploads"] is True
+        connection.close()
+    finally:
+        running.stop()
+    assert ("note: listening on 0.0.0.0: anyone who can reach this machine can search the collection and see its "
+            f"frames and send it clips and photos to compare (--uploads); others open "
+            f"http://{socket.gethostname()}:{running.port}/") in running.process.stderr.read().splitlines()
 
 
 TRAVERSALS = [

@@ -408,6 +408,9 @@ def _extract_outside(*args, **kwargs) -> str:
 @index_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
+@click.option("--uploads/--no-uploads", default=None,
+              help="Whether the page takes clips and photos to compare (Like a clip...): by default only where it "
+                   "listens on this machine alone; --uploads takes them from anyone who can reach it.")
 @device_option
 def serve(**options) -> None:
     """A search page and JSON API in the browser: thumbnails with the matched regions, the query in the URL."""

@@ -11,11 +11,12 @@
     GET /media/frame?id=&t=        JPEG of sampled frame t of an indexed item (a placeholder when the source is gone)
     POST /api/like?k=              {"like", "outside", "results"}: the items most like a clip, photo of the user's (the
                                    request's body; its name in x-vlpcache-filename), extracted on its own as
-                                   `search --like FILE` does; only by a server bound to loopback (uploads=True)
+                                   `search --like FILE` does; by a server bound to loopback, or one given
+                                   --uploads (make_app's uploads)
 
 Safe by default: media only for ids in the index, found by lookup (thumbnails.py names the files);
 queries bounded in length and k; a Host header check against DNS rebinding when bound to loopback;
-uploads only where bound to loopback (this machine's user's own files), from its own page (no other site's
+uploads only where bound to loopback (this machine's user's own files) unless asked for, from its own page (no other site's
 form: the file's name in a header of its own, the Origin this server's), at most MAX_UPLOAD_BYTES, one at a
 time, into a temporary folder removed after; every error is a 4xx (or 500) with one line of JSON, {"error": "..."}.
 """
@@ -67,11 +68,15 @@ class ApiError(HTTPException):
 
 
 def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS,
-             device: str = "cpu"):
-    """The ASGI app; allowed_hosts: Host header names accepted (None: any, for a server bound to all interfaces,
-    which takes no uploads); device: where an upload's detector and encoder run."""
+             device: str = "cpu", uploads: bool | None = None):
+    """The ASGI app; allowed_hosts: Host header names accepted (None: any, for a server bound to all interfaces);
+    device: where an upload's detector and encoder run; uploads: whether it takes clips to compare (None: only
+    where bound to loopback, this machine's own users)."""
     pages = {route: ((PAGE_DIR / name).read_bytes(), media) for route, (name, media) in PAGE_FILES.items()}
-    uploads = allowed_hosts is not None
+    why_not = ("it was started with --no-uploads" if uploads is False else
+               "it listens beyond this machine (--host); `vlpcache serve --uploads` takes them from anyone who can "
+               "reach it")
+    uploads = allowed_hosts is not None if uploads is None else uploads
     comparing = threading.Lock()  # one upload extracted at a time: each starts a decoding process and the detector
 
     def page(request: Request) -> Response:
@@ -129,7 +134,7 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
         return Response(picture.jpeg, media_type="image/jpeg", headers=headers)
 
     async def like_upload(request: Request) -> Response:
-        return await _like_upload(request, searcher, uploads, comparing, device)
+        return await _like_upload(request, searcher, None if uploads else why_not, comparing, device)
 
     routes = [Route(path, page) for path in PAGE_FILES] + [
         Route("/api/info", info),
@@ -181,12 +186,13 @@ def _search_like(searcher: Searcher, request: Request, like: str) -> Response:
 # ---------------------------------------------------------------- uploads
 
 
-async def _like_upload(request: Request, searcher: Searcher, uploads: bool, comparing: threading.Lock,
+async def _like_upload(request: Request, searcher: Searcher, refused: str | None, comparing: threading.Lock,
                        device: str) -> Response:
-    """POST /api/like: the items most like the clip or photo in the request's body, extracted on its own."""
-    if not uploads:
-        raise ApiError(403, "this server takes no uploads: it listens beyond this machine (--host); run `vlpcache "
-                            "search --like FILE` where the collection is, or serve on 127.0.0.1")
+    """POST /api/like: the items most like the clip or photo in the request's body, extracted on its own;
+    `refused`: why this server takes none (None: it takes them)."""
+    if refused is not None:
+        raise ApiError(403, f"this server takes no uploads: {refused}; or run `vlpcache search --like FILE` where the "
+                            "collection is")
     _check_own_page(request)
     k = _int_param(request, "k", DEFAULT_K, 1, MAX_K)
     name = _upload_name(request)

@@ -13,8 +13,10 @@ from vlpcache.report import printable, say
 THUMBNAIL_DIR = "thumbnails"  # inside the index directory (layout: thumbnails.py)
 
 
-def run_serve(run_dir=None, cache_dir=None, index_dir=None, host="127.0.0.1", port=8000, device=DEFAULT_DEVICE) -> None:
-    """The `vlpcache serve` command: load once (building the index on first use), then serve until Ctrl+C."""
+def run_serve(run_dir=None, cache_dir=None, index_dir=None, host="127.0.0.1", port=8000, device=DEFAULT_DEVICE,
+              uploads: bool | None = None) -> None:
+    """The `vlpcache serve` command: load once (building the index on first use), then serve until Ctrl+C.
+    uploads: whether the page takes clips to compare (None: only where bound to loopback)."""
     try:
         import uvicorn
     except ImportError:
@@ -28,13 +30,16 @@ def run_serve(run_dir=None, cache_dir=None, index_dir=None, host="127.0.0.1", po
     listener = bind(host, port)
     address = _url_host(host)
     url = f"http://{address}:{listener.getsockname()[1]}/"
-    if allowed_hosts_for(host) is None:  # the address others open: this machine's name (the url is for this one)
+    shared = allowed_hosts_for(host) is None
+    if shared:  # the address others open: this machine's name (the url is for this one)
+        sent = ("and send it clips and photos to compare (--uploads)" if uploads else
+                "(it takes no clips to compare unless given --uploads)")
         say(f"note: listening on {host}: anyone who can reach this machine can search the collection and see its frames "
-            f"(it takes no uploads to compare); others open http://{socket.gethostname()}:{listener.getsockname()[1]}/")
+            f"{sent}; others open http://{socket.gethostname()}:{listener.getsockname()[1]}/")
     model = f" with {printable(searcher.model_label)}" if searcher.model_label else ""
     print(f"serving {len(searcher) - searcher.unshown} items{model} at {url}  (Ctrl+C to stop)", flush=True)
     print(f"try {url}?q={quote_plus(searcher.example_query)}", flush=True)
-    config = uvicorn.Config(make_app(searcher, thumbnails, allowed_hosts_for(host), device), log_level="warning",
+    config = uvicorn.Config(make_app(searcher, thumbnails, allowed_hosts_for(host), device, uploads), log_level="warning",
                             access_log=False, lifespan="off", server_header=False)
     try:
         uvicorn.Server(config).run(sockets=[listener])
