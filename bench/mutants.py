@@ -1807,6 +1807,9 @@ MUTANTS += [
     mutant("serve-no-uploads-taken", "vlpcache/serve/app.py",
            "    uploads = allowed_hosts is not None if uploads is None else uploads\n", "    uploads = allowed_hosts is not None\n",
            "tests/test_like_outside.py -k page_api", "--uploads and --no-uploads decide whether the page takes uploads"),
+    mutant("page-upload-progress-unsaid", "vlpcache/serve/page/page.js",
+           "    request.upload.onprogress = (event) => { if (event.lengthComputable) progress(Math.min(event.loaded / event.total, 0.99)); };\n", "",
+           "tests/test_like_outside.py -k page_finds", "the page says how much of an upload is sent, then that it is being compared"),
 ]
 
 

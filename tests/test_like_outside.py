@@ -367,6 +367,20 @@ def test_the_page_finds_the_items_most_like_a_clip_chosen_or_dropped_and_back_re
         assert status().startswith(f"{len(COLLECTION)} items most like “{photo.name}” · ")
         browser.back()
         wait.until(lambda b: "results for “a dog”" in status())
+        # over a slow network (a lab's server, --uploads): how much is sent, then that it is being compared
+        browser.execute_script("window.said = []; new MutationObserver(() => said.push("
+                               "document.getElementById('status').textContent)).observe("
+                               "document.getElementById('status'), {childList: true, characterData: true, subtree: true});")
+        browser.set_network_conditions(offline=False, latency=5, download_throughput=1 << 20, upload_throughput=300_000)
+        browser.find_element(By.ID, "upload").send_keys(str(VIDEOS / "tree.avi"))
+        wait.until(lambda b: "most like" in status() or "error" in status())
+        browser.delete_network_conditions()
+        said = [line for line in browser.execute_script("return said") if not line.startswith(f"{len(COLLECTION)} items")]
+        sending = [int(re.fullmatch(r"Sending “tree\.avi” · (\d+)% of 1\.2 MB…", line)[1]) for line in said[:-1]]
+        assert len(sending) >= 3 and sending == sorted(sending) and sending[0] == 0 and 0 < sending[-2] < 100, said
+        assert said[-1] == "Comparing “tree.avi” with the collection (its frames sampled, its regions detected)…"
+        browser.back()
+        wait.until(lambda b: "results for “a dog”" in status())
         # a file that is no clip: its line in the status, as an error
         (tmp_path / "notes.txt").write_text("not a video")
         browser.find_element(By.ID, "upload").send_keys(str(tmp_path / "notes.txt"))

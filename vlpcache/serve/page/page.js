@@ -323,20 +323,18 @@ let shownUpload = false;
 async function likeUpload(file) {
   if (!file) return;
   const k = $("k").value;
-  setStatus(`Comparing “${file.name}” with the collection (its frames sampled, its regions detected)…`);
   const started = performance.now();
   let body;
   try {
-    let response;
+    const answer = await sendFile("/api/like?" + new URLSearchParams({ k }), file, (sent) => setStatus(sent < 1
+      ? `Sending “${file.name}” · ${Math.floor(100 * sent)}% of ${megabytes(file.size)}…`
+      : `Comparing “${file.name}” with the collection (its frames sampled, its regions detected)…`));
     try {
-      response = await fetch("/api/like?" + new URLSearchParams({ k }), {
-        method: "POST", body: file, headers: { "x-vlpcache-filename": encodeURIComponent(file.name) },
-      });
+      body = JSON.parse(answer.text);
     } catch {
-      throw new Error(NO_ANSWER);
+      body = {}; // not JSON: a proxy's page, say
     }
-    body = await response.json().catch(() => ({ error: `${response.status} ${response.statusText}` }));
-    if (!response.ok) throw new Error(body.error || response.statusText);
+    if (!answer.ok || !Array.isArray(body.results)) throw new Error(body.error || `${answer.status} ${answer.statusText}`);
   } catch (err) {
     setStatus(`error: ${err.message}`, true);
     return;
@@ -348,6 +346,27 @@ async function likeUpload(file) {
   shownUpload = true;
   await showLike(body.results, body.like, el("span", { class: "example" }, body.like), started,
     " · extracted on its own: nothing added to the collection");
+}
+
+// POST a file with its name in x-vlpcache-filename (the server takes uploads from its own page only); `progress`
+// gets the part sent so far (0 to 1, then 1 while the server compares): fetch() tells nothing of an upload's progress
+function sendFile(url, file, progress) {
+  return new Promise((resolve, reject) => {
+    const request = new XMLHttpRequest();
+    request.open("POST", url);
+    request.setRequestHeader("x-vlpcache-filename", encodeURIComponent(file.name));
+    request.upload.onprogress = (event) => { if (event.lengthComputable) progress(Math.min(event.loaded / event.total, 0.99)); };
+    request.upload.onload = () => progress(1);
+    request.onload = () => resolve({ ok: request.status >= 200 && request.status < 300, status: request.status,
+      statusText: request.statusText, text: request.responseText });
+    request.onerror = () => reject(new Error(NO_ANSWER));
+    progress(0);
+    request.send(file);
+  });
+}
+
+function megabytes(bytes) {
+  return bytes < 2 ** 20 ? `${Math.max(1, Math.round(bytes / 1024))} KB` : `${(bytes / 2 ** 20).toFixed(1)} MB`;
 }
 
 // what the text model made of words outside its vocabulary (one unknown token each, or spelled out); whether it
