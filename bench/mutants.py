@@ -1810,6 +1810,12 @@ MUTANTS += [
     mutant("page-upload-progress-unsaid", "vlpcache/serve/page/page.js",
            "    request.upload.onprogress = (event) => { if (event.lengthComputable) progress(Math.min(event.loaded / event.total, 0.99)); };\n", "",
            "tests/test_like_outside.py -k page_finds", "the page says how much of an upload is sent, then that it is being compared"),
+    mutant("temporary-of-a-killed-process-kept", "vlpcache/locks.py",
+           "        if mine and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):", "        if False:",
+           "tests/test_like_outside.py -k killed_search", "what a killed search --like FILE (or serve) left in TMPDIR the next one removes"),
+    mutant("temporary-of-a-live-process-removed", "vlpcache/locks.py",
+           "        if mine and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):", "        if mine and pid.isdigit() and int(pid) != os.getpid():",
+           "tests/test_like_outside.py -k killed_search", "a live process's temporary folder is left alone"),
 ]
 
 

@@ -297,6 +297,24 @@ def test_a_full_temporary_folder_is_one_line_for_the_command_and_for_the_page_an
         len(RegionCache(user / "ws" / "cache")) == len(COLLECTION))
 
 
+def test_what_a_killed_search_like_file_left_in_the_temporary_folder_the_next_one_removes(user, tmp_path):
+    temporary = tmp_path / "tmpdir"
+    temporary.mkdir()
+    env = {**os.environ, "TMPDIR": str(temporary)}
+    command = [sys.executable, "-m", "vlpcache", "search", "--like", str(VIDEOS / "tree.avi"), "-k", "1"]
+    killed = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    left = lambda: [p for p in temporary.iterdir() if p.name.startswith("vlpcache-like-")]  # noqa: E731
+    wait_until(lambda: left() and list(left()[0].iterdir()), alive=killed)  # its clip's cache begun
+    killed.kill()  # kill -9: no cleanup
+    killed.wait()
+    assert left() and left()[0].name.startswith(f"vlpcache-like-{killed.pid}-")
+    live = temporary / "vlpcache-like-1-abcd"  # a live process's (pid 1): left alone
+    live.mkdir()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert done.returncode == 0, done.stderr
+    assert left() == [live]
+
+
 def test_uploads_one_at_a_time_and_one_whose_sender_goes_away_is_a_line_in_the_log_leaving_nothing(user, tmp_path, monkeypatch):
     import http.client
     import socket
@@ -306,8 +324,13 @@ def test_uploads_one_at_a_time_and_one_whose_sender_goes_away_is_a_line_in_the_l
     temporary = tmp_path / "server-tmp"
     temporary.mkdir()
     monkeypatch.setenv("TMPDIR", str(temporary))
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    killed = temporary / f"vlpcache-upload-{ended.pid}-abcd"  # a server's killed (kill -9) while it received a file
+    killed.mkdir()
+    (killed / "upload.mp4").write_bytes(bytes(1000))
     server = Server(user / "ws")
-    uploads = lambda: [p for p in temporary.iterdir() if p.name.startswith("vlpcache-upload-")]  # noqa: E731
+    uploads = lambda: [p for p in temporary.iterdir() if p.name.startswith("vlpcache-upload-") and p != killed]  # noqa: E731
     try:
         with socket.create_connection((server.host, int(server.port)), timeout=HANG_GUARD_S) as sender:
             sender.sendall(f"POST /api/like HTTP/1.1\r\nHost: {server.host}:{server.port}\r\nContent-Length: 1000000\r\n"
@@ -325,6 +348,7 @@ def test_uploads_one_at_a_time_and_one_whose_sender_goes_away_is_a_line_in_the_l
         connection.request("POST", "/api/like?k=2", body=(VIDEOS / "carphone_distorted.mp4").read_bytes(),
                            headers={"x-vlpcache-filename": "c.mp4"})
         assert connection.getresponse().status == 200  # the next upload is compared
+        assert not killed.exists()  # and what a killed server left is gone
         connection.close()
     finally:
         server.stop()

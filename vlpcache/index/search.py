@@ -35,6 +35,7 @@ from vlpcache.captions import ids_like, item_named, model_text, text_lines
 from vlpcache.devices import DEFAULT_DEVICE, DEVICES, resolve_device
 from vlpcache.errors import NotComparable, UserError, WriteFailed, user_message
 from vlpcache.files import may_write, read_utf8_text, utf8_text
+from vlpcache.locks import own_temporary_folder
 from vlpcache.index.build import (check_run_reads_cache, coverage, extracted_again, index_of_run, missing_from_cache,
                                   new_index_line, open_cache, resolve_sources, update_index)
 from vlpcache.index.export import export_embeddings
@@ -663,7 +664,7 @@ def like_outside(searcher: Searcher, path: str, k: int, outside, device, say: Sa
             "it ends in (another file)" if named else "is not in the cache")
     say(f"{printable(path)} {held}: extracting it on its own to compare it (with the cache's settings; nothing is "
         "added to the cache)")
-    with tempfile.TemporaryDirectory(prefix="vlpcache-like-") as folder:
+    with own_temporary_folder("vlpcache-like-") as folder:
         try:
             item_id = outside(path, searcher.cache.settings, Path(folder), device=device)
         except NotComparable as err:

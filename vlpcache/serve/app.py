@@ -24,7 +24,6 @@ time, into a temporary folder removed after; every error is a 4xx (or 500) with 
 from __future__ import annotations
 
 import re
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -41,6 +40,7 @@ from vlpcache.cache.labels import RegionNames, region_names
 from vlpcache.errors import UserError, WriteFailed
 from vlpcache.files import FULL_ERRNOS, failure_errno, system_reason
 from vlpcache.index.search import Searcher, hits_json, like_json, like_outside
+from vlpcache.locks import own_temporary_folder
 from vlpcache.report import printable, say
 from vlpcache.serve.thumbnails import ThumbnailStore
 
@@ -199,7 +199,7 @@ async def _like_upload(request: Request, searcher: Searcher, refused: str | None
     if not comparing.acquire(blocking=False):
         raise ApiError(503, "another clip is being compared; try again in a moment", headers={"retry-after": "5"})
     try:
-        with tempfile.TemporaryDirectory(prefix="vlpcache-upload-") as folder:
+        with own_temporary_folder("vlpcache-upload-") as folder:
             path = Path(folder) / ("upload" + _upload_suffix(name))
             size = await _receive_upload(request, path, name)
             started = time.perf_counter()
