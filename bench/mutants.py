@@ -1811,11 +1811,14 @@ MUTANTS += [
            "    request.upload.onprogress = (event) => { if (event.lengthComputable) progress(Math.min(event.loaded / event.total, 0.99)); };\n", "",
            "tests/test_like_outside.py -k page_finds", "the page says how much of an upload is sent, then that it is being compared"),
     mutant("temporary-of-a-killed-process-kept", "vlpcache/locks.py",
-           "        if mine and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):", "        if False:",
+           "        if mine and here and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):", "        if False:",
            "tests/test_like_outside.py -k killed_search", "what a killed search --like FILE (or serve) left in TMPDIR the next one removes"),
     mutant("temporary-of-a-live-process-removed", "vlpcache/locks.py",
-           "        if mine and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):", "        if mine and pid.isdigit() and int(pid) != os.getpid():",
+           "        if mine and here and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):", "        if mine and here and pid.isdigit() and int(pid) != os.getpid():",
            "tests/test_like_outside.py -k killed_search", "a live process's temporary folder is left alone"),
+    mutant("temporary-of-another-machine-removed", "vlpcache/locks.py",
+           "        here = rest.rpartition(\"-\")[0] == host\n", "        here = True\n",
+           "tests/test_like_outside.py -k killed_search", "a temporary folder of another machine sharing TMPDIR is left alone"),
 ]
 
 

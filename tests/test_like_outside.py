@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -307,17 +308,18 @@ def test_what_a_killed_search_like_file_left_in_the_temporary_folder_the_next_on
     wait_until(lambda: left() and list(left()[0].iterdir()), alive=killed)  # its clip's cache begun
     killed.kill()  # kill -9: no cleanup
     killed.wait()
-    assert left() and left()[0].name.startswith(f"vlpcache-like-{killed.pid}-")
-    live = temporary / "vlpcache-like-1-abcd"  # a live process's (pid 1): left alone
+    assert left() and left()[0].name.startswith(f"vlpcache-like-{killed.pid}@{socket.gethostname()}-")
+    live = temporary / f"vlpcache-like-1@{socket.gethostname()}-abcd"  # a live process's (pid 1): left alone
+    elsewhere = temporary / f"vlpcache-like-{killed.pid}@another-machine-abcd"  # of a machine sharing TMPDIR
     live.mkdir()
+    elsewhere.mkdir()
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr
-    assert left() == [live]
+    assert sorted(left()) == sorted([live, elsewhere])
 
 
 def test_uploads_one_at_a_time_and_one_whose_sender_goes_away_is_a_line_in_the_log_leaving_nothing(user, tmp_path, monkeypatch):
     import http.client
-    import socket
 
     from test_serve import Server
 
@@ -326,7 +328,7 @@ def test_uploads_one_at_a_time_and_one_whose_sender_goes_away_is_a_line_in_the_l
     monkeypatch.setenv("TMPDIR", str(temporary))
     ended = subprocess.Popen(["true"])
     ended.wait()
-    killed = temporary / f"vlpcache-upload-{ended.pid}-abcd"  # a server's killed (kill -9) while it received a file
+    killed = temporary / f"vlpcache-upload-{ended.pid}@{socket.gethostname()}-abcd"  # a server killed while it received a file
     killed.mkdir()
     (killed / "upload.mp4").write_bytes(bytes(1000))
     server = Server(user / "ws")

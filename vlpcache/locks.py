@@ -102,24 +102,25 @@ def process_alive(pid: int) -> bool:
 
 
 def own_temporary_folder(prefix: str) -> tempfile.TemporaryDirectory:
-    """A temporary folder of this process (`<prefix><pid>-XXXX` in TMPDIR, removed when its `with` ends), once the
-    folders of that prefix that processes no longer running left behind are removed: a `kill -9` of `search
-    --like FILE` leaves its clip's cache, of `serve` an upload of up to 2 GiB. A folder of another user, or of a
-    live process, is left alone."""
-    base = Path(tempfile.gettempdir())
+    """A temporary folder of this process (`<prefix><pid>@<host>-XXXX` in TMPDIR, removed when its `with` ends),
+    once the folders of that prefix that processes of this machine no longer running left behind are removed: a
+    `kill -9` of `search --like FILE` leaves its clip's cache, of `serve` an upload of up to 2 GiB. A folder of
+    another user, of a live process, or of another machine or container sharing TMPDIR is left alone."""
+    base, host = Path(tempfile.gettempdir()), socket.gethostname()
     try:
         left = [p for p in base.iterdir() if p.name.startswith(prefix)]
     except OSError:  # an unreadable TMPDIR: the folder below says why
         left = []
     for path in left:
-        pid = path.name[len(prefix):].split("-", 1)[0]
+        pid, _, rest = path.name[len(prefix):].partition("@")
         try:
             mine = path.is_dir() and not path.is_symlink() and path.stat().st_uid == os.getuid()
         except OSError:
             continue
-        if mine and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+        here = rest.rpartition("-")[0] == host
+        if mine and here and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-    return tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-")
+    return tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}@{host}-")
 
 
 class WriterLock:
