@@ -305,7 +305,13 @@ def test_what_a_killed_search_like_file_left_in_the_temporary_folder_the_next_on
     command = [sys.executable, "-m", "vlpcache", "search", "--like", str(VIDEOS / "tree.avi"), "-k", "1"]
     killed = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     left = lambda: [p for p in temporary.iterdir() if p.name.startswith("vlpcache-like-")]  # noqa: E731
-    wait_until(lambda: left() and list(left()[0].iterdir()), alive=killed)  # its clip's cache begun
+    def begun() -> bool:  # its clip's cache
+        try:
+            return any(any(folder.iterdir()) for folder in left())
+        except FileNotFoundError:  # gone between the listing and the look
+            return False
+
+    wait_until(begun, alive=killed)
     killed.kill()  # kill -9: no cleanup
     killed.wait()
     assert left() and left()[0].name.startswith(f"vlpcache-like-{killed.pid}@{socket.gethostname()}-")
