@@ -146,6 +146,9 @@ def test_a_frames_folder_and_a_photo_outside_the_cache_and_the_lines_of_what_is_
     assert cached["like"] == "bikes" and "outside" not in cached
     (user / "link.mp4").symlink_to(source)  # another path to the cached file: the item, not an extract of its own
     assert like_json(monkeypatch, capsys, "--like", "link.mp4", "-k", "2")[0] == [cached]
+    (user / "hard").mkdir()  # a hard link named as the item: the same file by another path, found by samefile
+    os.link(source, user / "hard" / "bikes.mp4")
+    assert like_json(monkeypatch, capsys, "--like", "hard/bikes.mp4", "-k", "2")[0] == [cached]
 
     # the Python API: the same hits as the command line, for a file the cache does not hold and for a cached one
     from vlpcache import Searcher, like_file
