@@ -1797,10 +1797,7 @@ MUTANTS += [
            "tests/test_serve.py -k headless_chromium_shows_result_cards", "Enter on a card's like link follows it (the card does not take the key)"),
     mutant("upload-sender-gone-traceback", "vlpcache/serve/app.py",
            "    except ClientDisconnect:  # nobody is left to answer: the log says it, the folder is removed", "    except ZeroDivisionError:",
-           "tests/test_like_outside.py -k uploads_one_at_a_time", "an upload whose sender goes away is one line in the server's log, not a traceback"),
-    mutant("uploads-compared-together", "vlpcache/serve/app.py",
-           "    if not comparing.acquire(blocking=False):", "    if not comparing.acquire(blocking=False) and False:",
-           "tests/test_like_outside.py -k uploads_one_at_a_time", "uploads are compared one at a time (503 while another is)"),
+           "tests/test_like_outside.py -k slow_upload", "an upload whose sender goes away is one line in the server's log, not a traceback"),
     mutant("serve-uploads-flag-ignored", "vlpcache/serve/command.py",
            "make_app(searcher, thumbnails, allowed_hosts_for(host), device, uploads)", "make_app(searcher, thumbnails, allowed_hosts_for(host), device)",
            "tests/test_serve.py -k every_address", "serve --host 0.0.0.0 --uploads takes uploads"),
@@ -1819,6 +1816,12 @@ MUTANTS += [
     mutant("temporary-of-another-machine-removed", "vlpcache/locks.py",
            "        here = rest.rpartition(\"-\")[0] == host\n", "        here = True\n",
            "tests/test_like_outside.py -k killed_search", "a temporary folder of another machine sharing TMPDIR is left alone"),
+    mutant("uploads-held-without-limit", "vlpcache/serve/app.py",
+           "    if slots.held >= MAX_HELD_UPLOADS:", "    if False:",
+           "tests/test_like_outside.py -k slow_upload", "at most four uploads are held at once (each up to 2 GiB of TMPDIR)"),
+    mutant("upload-received-under-the-lock", "vlpcache/serve/app.py",
+           "            size = await _receive_upload(request, path, name)\n            if not await run_in_threadpool(slots.comparing.acquire, True, COMPARE_WAIT_S):", "            if not slots.comparing.acquire(blocking=False):\n                raise ApiError(503, \"busy\")\n            size = await _receive_upload(request, path, name)\n            if False:",
+           "tests/test_like_outside.py -k slow_upload", "a slow upload keeps no other upload from being received and compared"),
 ]
 
 

@@ -326,7 +326,7 @@ def test_what_a_killed_search_like_file_left_in_the_temporary_folder_the_next_on
     assert sorted(left()) == sorted([live, elsewhere])
 
 
-def test_uploads_one_at_a_time_and_one_whose_sender_goes_away_is_a_line_in_the_log_leaving_nothing(user, tmp_path, monkeypatch):
+def test_a_slow_upload_keeps_no_other_waiting_and_one_whose_sender_goes_away_is_a_line_in_the_log(user, tmp_path, monkeypatch):
     import http.client
 
     from test_serve import Server
@@ -342,17 +342,33 @@ def test_uploads_one_at_a_time_and_one_whose_sender_goes_away_is_a_line_in_the_l
     server = Server(user / "ws")
     uploads = lambda: [p for p in temporary.iterdir() if p.name.startswith("vlpcache-upload-") and p != killed]  # noqa: E731
     try:
-        with socket.create_connection((server.host, int(server.port)), timeout=HANG_GUARD_S) as sender:
+        def slow_sender(name: str) -> socket.socket:  # a page sending a large file over a slow network
+            sender = socket.create_connection((server.host, int(server.port)), timeout=HANG_GUARD_S)
             sender.sendall(f"POST /api/like HTTP/1.1\r\nHost: {server.host}:{server.port}\r\nContent-Length: 1000000\r\n"
-                           "x-vlpcache-filename: tree.avi\r\n\r\n".encode() + bytes(200_000))
-            wait_until(lambda: any(p.stat().st_size for folder in uploads() for p in folder.iterdir()),
-                       alive=server.process)  # being received
+                           f"x-vlpcache-filename: {name}\r\n\r\n".encode() + bytes(200_000))
+            return sender
+
+        def post(name: str, body: bytes):
             connection = http.client.HTTPConnection(server.host, int(server.port), timeout=HANG_GUARD_S)
-            connection.request("POST", "/api/like", body=b"x", headers={"x-vlpcache-filename": "c.mp4"})
-            busy = connection.getresponse()  # one at a time: each starts a decoding process and the detector
-            assert (busy.status, busy.getheader("retry-after")) == (503, "5")
-            assert json.loads(busy.read()) == {"error": "another clip is being compared; try again in a moment"}
+            connection.request("POST", "/api/like?k=2", body=body, headers={"x-vlpcache-filename": name})
+            answer = connection.getresponse()
+            status, retry, text = answer.status, answer.getheader("retry-after"), answer.read()
             connection.close()
+            return status, retry, json.loads(text)
+
+        received = lambda: sum(p.stat().st_size > 0 for folder in uploads() for p in folder.iterdir())  # noqa: E731
+        senders = [slow_sender("tree.avi")]
+        wait_until(lambda: received() == 1, alive=server.process)  # being received
+        small = (VIDEOS / "carphone_distorted.mp4").read_bytes()
+        status, _, body = post("c.mp4", small)  # another user's clip meanwhile: received and compared at once
+        assert status == 200 and body["like"] == "c.mp4"
+        senders += [slow_sender(f"slow{n}.avi") for n in range(3)]
+        wait_until(lambda: received() == 4, alive=server.process)
+        status, retry, body = post("c.mp4", small)  # four held at once: each may be 2 GiB of TMPDIR
+        assert (status, retry) == (503, "5")
+        assert body == {"error": "4 uploads are being received or compared; try again in a moment"}
+        for sender in senders:  # the pages closed
+            sender.close()
         wait_until(lambda: not uploads(), alive=server.process)  # the page closed: its folder goes
         connection = http.client.HTTPConnection(server.host, int(server.port), timeout=HANG_GUARD_S)
         connection.request("POST", "/api/like?k=2", body=(VIDEOS / "carphone_distorted.mp4").read_bytes(),

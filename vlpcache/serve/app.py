@@ -17,8 +17,8 @@
 Safe by default: media only for ids in the index, found by lookup (thumbnails.py names the files);
 queries bounded in length and k; a Host header check against DNS rebinding when bound to loopback;
 uploads only where bound to loopback (this machine's user's own files) unless asked for, from its own page (no other site's
-form: the file's name in a header of its own, the Origin this server's), at most MAX_UPLOAD_BYTES, one at a
-time, into a temporary folder removed after; every error is a 4xx (or 500) with one line of JSON, {"error": "..."}.
+form: the file's name in a header of its own, the Origin this server's), at most MAX_UPLOAD_BYTES, MAX_HELD_UPLOADS
+at once (received side by side, compared one at a time), into a temporary folder removed after; every error is a 4xx (or 500) with one line of JSON, {"error": "..."}.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ MAX_FRAMES = 512  # the most frames per item extract samples (--frames)
 DEFAULT_K = 12
 MAX_UPLOAD_BYTES = 2 << 30  # a clip to compare: a phone's few minutes of 4K (only its sampled frames are read)
 UPLOAD_NAME_CHARS = 200
+MAX_HELD_UPLOADS = 4  # received side by side (each may take minutes over a network, and 2 GiB of TMPDIR), then compared
+COMPARE_WAIT_S = 120.0  # one at a time: how long a received upload waits for those before it
 PAGE_DIR = Path(__file__).parent / "page"
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
               "/page.js": ("page.js", "text/javascript; charset=utf-8"),
@@ -77,7 +79,7 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
                "it listens beyond this machine (--host); `vlpcache serve --uploads` takes them from anyone who can "
                "reach it")
     uploads = allowed_hosts is not None if uploads is None else uploads
-    comparing = threading.Lock()  # one upload extracted at a time: each starts a decoding process and the detector
+    slots = UploadSlots()
 
     def page(request: Request) -> Response:
         body, media = pages[request.url.path]
@@ -134,7 +136,7 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
         return Response(picture.jpeg, media_type="image/jpeg", headers=headers)
 
     async def like_upload(request: Request) -> Response:
-        return await _like_upload(request, searcher, None if uploads else why_not, comparing, device)
+        return await _like_upload(request, searcher, None if uploads else why_not, slots, device)
 
     routes = [Route(path, page) for path in PAGE_FILES] + [
         Route("/api/info", info),
@@ -186,7 +188,17 @@ def _search_like(searcher: Searcher, request: Request, like: str) -> Response:
 # ---------------------------------------------------------------- uploads
 
 
-async def _like_upload(request: Request, searcher: Searcher, refused: str | None, comparing: threading.Lock,
+class UploadSlots:
+    """Uploads held at once (received, or waiting, or being compared: at most MAX_HELD_UPLOADS, each up to
+    MAX_UPLOAD_BYTES in TMPDIR), and the lock that compares them one at a time (each starts a decoding process and
+    the detector). A slow sender keeps no other upload from being received and compared meanwhile."""
+
+    def __init__(self):
+        self.held = 0  # changed on the event loop's thread only
+        self.comparing = threading.Lock()
+
+
+async def _like_upload(request: Request, searcher: Searcher, refused: str | None, slots: UploadSlots,
                        device: str) -> Response:
     """POST /api/like: the items most like the clip or photo in the request's body, extracted on its own;
     `refused`: why this server takes none (None: it takes them)."""
@@ -196,12 +208,17 @@ async def _like_upload(request: Request, searcher: Searcher, refused: str | None
     _check_own_page(request)
     k = _int_param(request, "k", DEFAULT_K, 1, MAX_K)
     name = _upload_name(request)
-    if not comparing.acquire(blocking=False):
-        raise ApiError(503, "another clip is being compared; try again in a moment", headers={"retry-after": "5"})
+    if slots.held >= MAX_HELD_UPLOADS:
+        raise ApiError(503, f"{slots.held} uploads are being received or compared; try again in a moment",
+                       headers={"retry-after": "5"})
+    slots.held += 1
     try:
         with own_temporary_folder("vlpcache-upload-") as folder:
             path = Path(folder) / ("upload" + _upload_suffix(name))
             size = await _receive_upload(request, path, name)
+            if not await run_in_threadpool(slots.comparing.acquire, True, COMPARE_WAIT_S):
+                raise ApiError(503, "the clips sent before this one are still being compared; try again in a moment",
+                               headers={"retry-after": "5"})
             started = time.perf_counter()
             try:
                 hits = await run_in_threadpool(like_outside, searcher, str(path), k, _extract_outside, device,
@@ -210,9 +227,11 @@ async def _like_upload(request: Request, searcher: Searcher, refused: str | None
                 raise _server_side(507 if err.full else 500, str(err).replace(str(path), name)) from None
             except UserError as err:
                 raise ApiError(400, str(err).replace(str(path), name)) from None
+            finally:
+                slots.comparing.release()
             took = time.perf_counter() - started
     finally:
-        comparing.release()
+        slots.held -= 1
     say(f"compared {printable(name)} ({size / 2**20:.1f} MB) with the collection in {took:.1f} s")
     return JSONResponse(like_json(name, hits, outside=True), headers={"server-timing": f"like;dur={1e3 * took:.1f}"})
 
