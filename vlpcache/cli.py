@@ -390,16 +390,10 @@ def index(**options) -> None:
 def search(**options) -> None:
     """Videos that match TEXT (or are like an indexed one, or a clip of yours), best first, with the best-matching
     time and the regions that matched the words."""
+    from vlpcache.extract import extract_outside
     from vlpcache.index.search import run_search
 
-    run_search(**options, outside=_extract_outside)
-
-
-def _extract_outside(*args, **kwargs) -> str:
-    """search --like FILE of a file the cache does not hold: extract/outside.py, imported only then."""
-    from vlpcache.extract.outside import extract_outside
-
-    return extract_outside(*args, **kwargs)
+    run_search(**options, outside=extract_outside)
 
 
 @cli.command()

@@ -244,9 +244,8 @@ FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 def write_failure(path: Path, err: BaseException, then: str) -> WriteFailed:
     """One line for a write that failed: the path, the system's reason, and what became of the work."""
-    reason = system_reason(err, path)
-    full = failure_errno(err) in FULL_ERRNOS or reason.endswith("(ENOSPC)")
-    return WriteFailed(f"{path}: cannot write ({reason}); {then}", reason, full)
+    reason = system_reason(err, path)  # "... (ENOSPC)": the errno's name ends it where one is known
+    return WriteFailed(f"{path}: cannot write ({reason}); {then}", reason, reason.endswith(("(ENOSPC)", "(EDQUOT)")))
 
 
 def current_umask() -> int:

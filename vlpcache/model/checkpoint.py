@@ -9,7 +9,6 @@ torch.load(weights_only=True).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -22,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlpcache.errors import UserError
-from vlpcache.files import current_umask, failure_errno, file_sha256, fsync_path, is_write_failure, write_failure
+from vlpcache.files import (FULL_ERRNOS, current_umask, failure_errno, file_sha256, fsync_path, is_write_failure,
+                            write_failure)
 from vlpcache.model.run_layout import (
     BEST_NAME,
     CHECKPOINT_DIR,
@@ -174,7 +174,7 @@ def _write_or_fail(final: Path, epoch: int, model: torch.nn.Module, training_sta
         if not is_write_failure(err):
             raise
         error = write_failure(tmp, err, then)
-        if failure_errno(err) in (errno.ENOSPC, errno.EDQUOT):
+        if failure_errno(err) in FULL_ERRNOS:
             raise _NoRoom(error) from None
         raise error from None
 

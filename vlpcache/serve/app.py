@@ -38,6 +38,7 @@ from starlette.routing import Route
 
 from vlpcache.cache.labels import RegionNames, region_names
 from vlpcache.errors import UserError, WriteFailed
+from vlpcache.extract import extract_outside
 from vlpcache.files import FULL_ERRNOS, failure_errno, system_reason
 from vlpcache.index.search import Searcher, hits_json, like_json, like_outside
 from vlpcache.locks import own_temporary_folder
@@ -221,7 +222,7 @@ async def _like_upload(request: Request, searcher: Searcher, refused: str | None
                                headers={"retry-after": "5"})
             started = time.perf_counter()
             try:
-                hits = await run_in_threadpool(like_outside, searcher, str(path), k, _extract_outside, device,
+                hits = await run_in_threadpool(like_outside, searcher, str(path), k, extract_outside, device,
                                                lambda line: None)
             except WriteFailed as err:  # the server's temporary folder: its user's to mend, not the sender's
                 raise _server_side(507 if err.full else 500, str(err).replace(str(path), name)) from None
@@ -234,12 +235,6 @@ async def _like_upload(request: Request, searcher: Searcher, refused: str | None
         slots.held -= 1
     say(f"compared {printable(name)} ({size / 2**20:.1f} MB) with the collection in {took:.1f} s")
     return JSONResponse(like_json(name, hits, outside=True), headers={"server-timing": f"like;dur={1e3 * took:.1f}"})
-
-
-def _extract_outside(*args, **kwargs) -> str:
-    from vlpcache.extract.outside import extract_outside  # the detector's code, only once a clip is sent
-
-    return extract_outside(*args, **kwargs)
 
 
 def _check_own_page(request: Request) -> None:
