@@ -439,3 +439,64 @@ def test_the_page_finds_the_items_most_like_a_clip_chosen_or_dropped_and_back_re
     finally:
         browser.quit()
         server.stop()
+
+
+def test_the_page_through_a_jupyterhub_style_https_proxy_under_a_prefix_searches_shows_and_takes_uploads(user, tmp_path):
+    """As a lab's JupyterHub shows it: https://HUB/user/NAME/proxy/PORT/, the browser's Host and Origin passed on,
+    the request handed to the server as http:// with the prefix stripped (tests/proxy.py)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from proxy import PrefixProxy, certificate
+    from test_serve import Server, chromium_driver
+
+    cert, key = certificate(tmp_path, "hub.test")
+    server = Server(user / "ws")  # not told of the proxy: the page is its one line, the log says what to do
+    proxy = PrefixProxy(int(server.port), cert, key)
+    browser = chromium_driver(tmp_path, "--host-resolver-rules=MAP hub.test 127.0.0.1", "--ignore-certificate-errors")
+    try:
+        page = f"https://hub.test:{proxy.port}{proxy.prefix}"
+        browser.get(page)
+        assert "start it with --allow-host hub.test" in browser.find_element(By.TAG_NAME, "body").text
+        server.stop()
+        assert ("note: refused a request for Host hub.test (this server answers 127.0.0.1, [::1], localhost); where "
+                "hub.test is a proxy of yours, restart with --allow-host hub.test") in server.process.stderr.read()
+        server = Server(user / "ws", "--allow-host", "hub.test", "--uploads")
+        proxy.upstream, proxy.prefix = int(server.port), f"/user/ann/proxy/{server.port}"
+        page = f"https://hub.test:{proxy.port}{proxy.prefix}"
+        browser.get(page + "?q=a+dog")  # the prefix without its slash: the proxy adds it, as JupyterHub's does
+        wait = WebDriverWait(browser, 60)
+        status = lambda: browser.find_element(By.ID, "status").text  # noqa: E731
+        wait.until(lambda b: "results for “a dog”" in status() or "error" in status())
+        assert browser.current_url == page + "/?q=a+dog" and len(browser.find_elements(By.CSS_SELECTOR, ".card")) == 5
+        loaded = "return [...document.querySelectorAll('%s img')].every(i => i.complete && i.naturalWidth > 0)"
+        wait.until(lambda b: b.execute_script(loaded % ".card"))
+        browser.find_elements(By.CSS_SELECTOR, ".card")[0].click()  # an item's frames
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#detail-frames figure"))
+        wait.until(lambda b: b.execute_script(loaded % "#detail-frames"))
+        opened = browser.find_element(By.ID, "detail-title").text
+        browser.find_element(By.ID, "detail-like").click()  # the items most like it, still under the prefix
+        wait.until(lambda b: status().startswith(f"4 items most like “{opened}” · "))
+        assert browser.current_url.startswith(page + "/?like=")
+        browser.find_element(By.ID, "upload").send_keys(str(VIDEOS / "tree.avi"))  # https:// page, http:// server
+        wait.until(lambda b: "most like “tree.avi”" in status() or "error" in status())
+        assert status().startswith(f"{len(COLLECTION)} items most like “tree.avi” · "), status()
+        browser.save_screenshot(str(tmp_path / "proxied.png"))
+        browser.back()
+        wait.until(lambda b: status().startswith(f"4 items most like “{opened}” · "))
+        browser.find_element(By.CSS_SELECTOR, "a.brand").click()  # the page's own name: its empty query, there
+        wait.until(lambda b: b.current_url == page + "/")
+    finally:
+        browser.quit()
+        server.stop()
+        proxy.close()
+    assert proxy.missed == []  # every address the page asked was under the prefix
+    [upload] = [f for f in proxy.forwarded if f[0] == "POST"]
+    assert upload == ("POST", "/api/like?k=12", f"hub.test:{proxy.port}", f"https://hub.test:{proxy.port}")
+    assert {path.split("?")[0] for _, path, _, _ in proxy.forwarded} >= {
+        "/", "/page.js", "/page.css", "/api/info", "/api/search", "/api/item", "/media/frame", "/api/like"}
+    assert ("note: answering requests for hub.test too (--allow-host): whoever that proxy lets in can search the "
+            "collection and see its frames and send it clips and photos to compare (--uploads); open the proxy's "
+            f"address for port {server.port} (JupyterHub: https://HUB/user/NAME/proxy/{server.port}/)"
+            ) in server.process.stderr.read()
+    if os.environ.get("VLPCACHE_SCREENSHOTS"):
+        shutil.copy(tmp_path / "proxied.png", Path(os.environ["VLPCACHE_SCREENSHOTS"]) / "proxied.png")

@@ -208,12 +208,69 @@ def test_frame_requests_outside_the_sampled_frames_are_refused(api, params, stat
     one_line_error(api.get("/media/frame", params=params), status)
 
 
-def test_requests_for_another_host_name_are_refused(api):
+def test_requests_for_another_host_name_are_refused(api, capsys):
     response = api.get("/api/info", headers={"host": "attacker.example:8000"})
-    assert "Host header" in one_line_error(response, 400)
+    assert one_line_error(response, 400) == (
+        "unexpected Host header attacker.example: open the server by the address it printed, or, where "
+        "attacker.example is a proxy of yours (JupyterHub, nginx), start it with --allow-host attacker.example")
+    api.get("/", headers={"host": "Attacker.Example"})  # said in the server's log once a name
+    api.get("/", headers={"host": "other.example"})
+    assert capsys.readouterr().err.splitlines() == [
+        f"note: refused a request for Host {name} (this server answers 127.0.0.1, [::1], localhost); where "
+        f"{name} is a proxy of yours, restart with --allow-host {name}" for name in ("attacker.example", "other.example")]
     assert api.get("/api/info", headers={"host": "localhost:8000"}).json() == {
         "items": ITEMS, "rerank": True, "model": "run-001, epoch 1", "unindexed": 0,
         "example": "the " + WORDS[0] + " here", "kinds": {"frames": VIDEO, "video": ITEMS - VIDEO}, "newer": "", "uploads": True}  # the first caption of 3 to 6 words in the run's training captions
+
+
+def test_a_proxy_named_by_allow_host_is_answered_and_uploads_wait_for_uploads(ws):
+    """JupyterHub's jupyter-server-proxy passes on the browser's Host; nginx by default a Host of its own, the
+    browser's in X-Forwarded-Host. Either way an upload's Origin is the browser's address, https:// where the
+    proxy ends HTTPS and hands the request on as http://."""
+    from vlpcache.index.search import Searcher
+    from vlpcache.serve.app import LOOPBACK_HOSTS, make_app, proxy_host_names
+    from vlpcache.serve.thumbnails import ThumbnailStore
+
+    searcher = Searcher(run=ws / "runs" / "run-001", cache=ws / "cache", index=ws / "index")
+    hosts = proxy_host_names(["Hub.Example.org:8443"])
+    assert hosts == {"hub.example.org"}
+    for uploads in (None, True):
+        client = starlette_testclient.TestClient(make_app(searcher, ThumbnailStore(ws / "thumbs"), LOOPBACK_HOSTS,
+                                                          uploads=uploads, proxy_hosts=hosts),
+                                                 base_url="http://hub.example.org:8443")
+        assert client.get("/api/info").json()["uploads"] is bool(uploads)
+        assert client.get("/api/info", headers={"host": "localhost:8000"}).status_code == 200
+        assert client.get("/api/info", headers={"host": "attacker.example"}).status_code == 400
+        answer = client.post("/api/like", content=b"not a clip",
+                             headers={"x-vlpcache-filename": "x.txt", "origin": "https://hub.example.org:8443"})
+        if not uploads:
+            assert one_line_error(answer, 403) == (
+                "this server takes no uploads: it answers through a proxy (--allow-host); `vlpcache serve --uploads` "
+                "takes them from whoever the proxy lets in; or run `vlpcache search --like FILE` where the collection is")
+            continue
+        assert one_line_error(answer, 400).startswith("x.txt: not a video or image file")  # past the Origin: compared
+        behind_nginx = {"host": "127.0.0.1:8000", "x-forwarded-host": "hub.example.org:8443"}
+        answer = client.post("/api/like", content=b"not a clip", headers={
+            "x-vlpcache-filename": "x.txt", "origin": "https://hub.example.org:8443", **behind_nginx})
+        assert one_line_error(answer, 400).startswith("x.txt: not a video or image file")
+        for origin, sent in (("https://attacker.example", {}), ("https://hub.example.org:8443", {"host": "127.0.0.1:8000"}),
+                             ("https://hub.example.org", {})):  # another site; a proxy that says nothing; another port
+            answer = client.post("/api/like", content=b"not a clip",
+                                 headers={"x-vlpcache-filename": "x.txt", "origin": origin, **sent})
+            assert one_line_error(answer, 403) == f"uploads come from this server's own page, not from {origin}"
+        answer = client.post("/api/like", content=b"not a clip", headers={  # nginx passing on neither Host
+            "x-vlpcache-filename": "x.txt", "origin": "https://hub.example.org:8443", "host": "127.0.0.1:8000",
+            "x-forwarded-for": "203.0.113.7", "x-forwarded-proto": "https"})
+        assert one_line_error(answer, 403) == (
+            "uploads come from this server's own page, not from https://hub.example.org:8443 (behind a proxy that "
+            "sends a Host of its own, have it pass the browser's in X-Forwarded-Host)")
+
+
+@pytest.mark.parametrize("name", ["https://hub.example.org/user/ann/proxy/8000/", "hub.example.org/lab", ""])
+def test_allow_host_takes_a_host_name_not_an_address(ws, name):
+    code, _, err = _run_cli(ws, "serve", "--port", "0", "--allow-host", name)
+    assert code == 2 and err == (f"error: --allow-host {name!r}: give the proxy's host name as the browser's address "
+                                 "has it (hub.example.org, not https://hub.example.org/user/...)\n"), err
 
 
 def test_every_response_carries_the_security_headers(api):
@@ -594,7 +651,7 @@ def test_traversal_attempts_reach_no_file_outside_the_indexed_media(ws, server):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])  # SIGTERM: systemd, docker
 def test_the_command_serves_the_page_and_stops_cleanly_on_ctrl_c_or_sigterm(ws, server, signum):
     status, headers, body = server.get("/?q=a+dog")
-    assert status == 200 and headers["content-type"].startswith("text/html") and b"/page.js" in body
+    assert status == 200 and headers["content-type"].startswith("text/html") and b'src="page.js"' in body
     status, _, body = server.get("/api/search?q=a+dog&k=3")
     assert status == 200 and len(json.loads(body)["results"]) == 3
     server.stop(signum)
@@ -625,8 +682,9 @@ def _run_cli(ws: Path, *args) -> tuple[int, str, str]:
 # ---------------------------------------------------------------- the page in a real browser
 
 
-def chromium_driver(tmp_path: Path):
-    """Debian's chromium through its chromedriver (nothing downloaded), or a skip with the reason."""
+def chromium_driver(tmp_path: Path, *flags: str):
+    """Debian's chromium through its chromedriver (nothing downloaded), or a skip with the reason; flags: more of
+    chromium's own."""
     from selenium.webdriver.chrome.service import Service
 
     browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
@@ -636,7 +694,7 @@ def chromium_driver(tmp_path: Path):
     options.binary_location = browser
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,1000"):
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,1000", *flags):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 

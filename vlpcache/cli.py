@@ -405,6 +405,10 @@ def search(**options) -> None:
 @click.option("--uploads/--no-uploads", default=None,
               help="Whether the page takes clips and photos to compare (Like a clip...): by default only where it "
                    "listens on this machine alone; --uploads takes them from anyone who can reach it.")
+@click.option("--allow-host", "allow_host", multiple=True, metavar="NAME",
+              help="Answer requests for this host name too: a proxy of yours the page is opened through (JupyterHub's "
+                   "jupyter-server-proxy, nginx), e.g. --allow-host hub.example.org; repeatable. Its users may search; "
+                   "uploads need --uploads.")
 @device_option
 def serve(**options) -> None:
     """A search page and JSON API in the browser: thumbnails with the matched regions, the query in the URL."""

@@ -15,9 +15,10 @@
                                    --uploads (make_app's uploads)
 
 Safe by default: media only for ids in the index, found by lookup (thumbnails.py names the files);
-queries bounded in length and k; a Host header check against DNS rebinding when bound to loopback;
-uploads only where bound to loopback (this machine's user's own files) unless asked for, from its own page (no other site's
-form: the file's name in a header of its own, the Origin this server's), at most MAX_UPLOAD_BYTES, MAX_HELD_UPLOADS
+queries bounded in length and k; a Host header check against DNS rebinding when bound to loopback (the names of
+a proxy of the user's, --allow-host, answered too); uploads only where bound to loopback and reached by this machine's
+names (this machine's user's own files) unless asked for, from its own page (no other site's form: the file's name in
+a header of its own, the Origin's host this server's, by whichever scheme a proxy hands it on), at most MAX_UPLOAD_BYTES, MAX_HELD_UPLOADS
 at once (received side by side, compared one at a time), into a temporary folder removed after; every error is a 4xx (or 500) with one line of JSON, {"error": "..."}.
 """
 
@@ -53,6 +54,7 @@ MAX_UPLOAD_BYTES = 2 << 30  # a clip to compare: a phone's few minutes of 4K (on
 UPLOAD_NAME_CHARS = 200
 MAX_HELD_UPLOADS = 4  # received side by side (each may take minutes over a network, and 2 GiB of TMPDIR), then compared
 COMPARE_WAIT_S = 120.0  # one at a time: how long a received upload waits for those before it
+REFUSED_HOSTS_SAID = 20  # Host names a server's log names as refused (a page rebinding names would fill it)
 PAGE_DIR = Path(__file__).parent / "page"
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
               "/page.js": ("page.js", "text/javascript; charset=utf-8"),
@@ -71,15 +73,15 @@ class ApiError(HTTPException):
 
 
 def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS,
-             device: str = "cpu", uploads: bool | None = None):
+             device: str = "cpu", uploads: bool | None = None, proxy_hosts: frozenset[str] = frozenset()):
     """The ASGI app; allowed_hosts: Host header names accepted (None: any, for a server bound to all interfaces);
     device: where an upload's detector and encoder run; uploads: whether it takes clips to compare (None: only
-    where bound to loopback, this machine's own users)."""
+    where bound to loopback and reached by this machine's names, this machine's own users); proxy_hosts: the names
+    of a proxy of the user's that the server is reached through too (--allow-host: JupyterHub, nginx)."""
     pages = {route: ((PAGE_DIR / name).read_bytes(), media) for route, (name, media) in PAGE_FILES.items()}
-    why_not = ("it was started with --no-uploads" if uploads is False else
-               "it listens beyond this machine (--host); `vlpcache serve --uploads` takes them from anyone who can "
-               "reach it")
-    uploads = allowed_hosts is not None if uploads is None else uploads
+    uploads, why_not = _uploads_taken(allowed_hosts, uploads, proxy_hosts)
+    if allowed_hosts is not None:
+        allowed_hosts = allowed_hosts | proxy_hosts
     slots = UploadSlots()
 
     def page(request: Request) -> Response:
@@ -149,6 +151,20 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error})
     return Guard(app, allowed_hosts)
+
+
+def _uploads_taken(allowed_hosts: frozenset[str] | None, uploads: bool | None,
+                   proxy_hosts: frozenset[str]) -> tuple[bool, str]:
+    """Whether a server takes uploads (as asked, else only where reached by this machine's names alone), and the
+    reason it gives where it does not."""
+    why_not = ("it was started with --no-uploads" if uploads is False else
+               "it listens beyond this machine (--host); `vlpcache serve --uploads` takes them from anyone who can "
+               "reach it" if allowed_hosts is None else
+               "it answers through a proxy (--allow-host); `vlpcache serve --uploads` takes them from whoever the "
+               "proxy lets in")
+    if uploads is None:
+        uploads = allowed_hosts is not None and not proxy_hosts
+    return uploads, why_not
 
 
 def item_frames(cached: dict, names: RegionNames) -> dict:
@@ -244,8 +260,27 @@ def _check_own_page(request: Request) -> None:
     if "x-vlpcache-filename" not in request.headers:
         raise ApiError(400, "name the file in the x-vlpcache-filename header (percent-encoded UTF-8), as the page does")
     origin = request.headers.get("origin")
-    if origin is not None and origin != f"{request.url.scheme}://{request.url.netloc}":
-        raise ApiError(403, f"uploads come from this server's own page, not from {printable(origin[:100])}")
+    if origin is not None and _authority(origin) not in _own_names(request):
+        proxied = any(name.startswith("x-forwarded-") for name in request.headers)
+        hint = (" (behind a proxy that sends a Host of its own, have it pass the browser's in X-Forwarded-Host)"
+                if proxied and "x-forwarded-host" not in request.headers else "")
+        raise ApiError(403, f"uploads come from this server's own page, not from {printable(origin[:100])}{hint}")
+
+
+def _authority(origin: str) -> str:
+    """An Origin's host[:port], lower case ("https://Hub.example.org" -> "hub.example.org"): the scheme is left
+    out, since a proxy that ends HTTPS (JupyterHub, nginx) hands the page's https:// requests on as http://."""
+    return origin.partition("://")[2].lower()
+
+
+def _own_names(request: Request) -> set[str]:
+    """The host[:port] the browser opened this server by: the Host header, or the one a proxy says it was sent to
+    (X-Forwarded-Host, where it passes on a Host of its own: nginx's default). Either is the browser's own for a
+    page of this server: another site's page cannot send the upload's header without asking first."""
+    names = {request.headers.get("host", "").lower()}
+    if forwarded := request.headers.get("x-forwarded-host"):
+        names.add(forwarded.split(",")[0].strip().lower())
+    return names
 
 
 def _server_side(status: int, line: str) -> ApiError:
@@ -387,13 +422,13 @@ class Guard:
 
     def __init__(self, app, allowed_hosts: frozenset[str] | None):
         self.app, self.allowed_hosts = app, allowed_hosts
+        self.refused = set()  # Host names said in the log (once each, REFUSED_HOSTS_SAID at most)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.allowed_hosts is not None and _host_name(scope) not in self.allowed_hosts:
-            return await JSONResponse({"error": "unexpected Host header; open the server by the address it printed"},
-                                      status_code=400)(scope, receive, send)
+        if self.allowed_hosts is not None and (host := _host_name(scope)) not in self.allowed_hosts:
+            return await JSONResponse({"error": self.refuse(host)}, status_code=400)(scope, receive, send)
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -402,9 +437,26 @@ class Guard:
 
         await self.app(scope, receive, send_with_headers)
 
+    def refuse(self, host: str) -> str:
+        """The line a request for another Host name gets; said in the server's log too, once a name: the page a
+        proxy of the user's shows (JupyterHub's jupyter-server-proxy passes on the browser's Host) is only this."""
+        shown = printable(host[:100]) or "(none)"
+        line = (f"unexpected Host header {shown}: open the server by the address it printed, or, where {shown} is "
+                f"a proxy of yours (JupyterHub, nginx), start it with --allow-host {shown}")
+        if host not in self.refused and len(self.refused) < REFUSED_HOSTS_SAID:
+            self.refused.add(host)
+            say(f"note: refused a request for Host {shown} (this server answers {_names(self.allowed_hosts)});"
+                f" where {shown} is a proxy of yours, restart with --allow-host {shown}")
+        return line
+
+
+def _names(hosts: frozenset[str]) -> str:
+    """Host names as a browser's address has them (::1 in brackets only)."""
+    return ", ".join(sorted(name for name in hosts if ":" not in name or name.startswith("[")))
+
 
 def _host_name(scope) -> str:
-    host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+    host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "").lower()
     if host.startswith("["):  # [::1]:8000
         return host[: host.find("]") + 1]
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
@@ -415,4 +467,19 @@ def allowed_hosts_for(bind_host: str) -> frozenset[str] | None:
     if bind_host in LOOPBACK_HOSTS or bind_host.startswith("127."):
         return LOOPBACK_HOSTS | {bind_host}
     return None
+
+
+def proxy_host_names(names) -> frozenset[str]:
+    """--allow-host's names as Host headers carry them (lower case, no port; an IPv6 address in brackets), or one
+    line saying which is no host name."""
+    hosts = set()
+    for name in names or ():
+        host = name.strip().lower()
+        if "://" in host or "/" in host or not host or " " in host:
+            raise UserError(f"--allow-host {name!r}: give the proxy's host name as the browser's address has it "
+                            "(hub.example.org, not https://hub.example.org/user/...)")
+        if host.count(":") == 1:  # hub.example.org:8443: Host names are compared without their port
+            host = host.split(":")[0]
+        hosts.add(f"[{host}]" if ":" in host and not host.startswith("[") else host)
+    return frozenset(hosts)
 

@@ -14,17 +14,19 @@ THUMBNAIL_DIR = "thumbnails"  # inside the index directory (layout: thumbnails.p
 
 
 def run_serve(run_dir=None, cache_dir=None, index_dir=None, host="127.0.0.1", port=8000, device=DEFAULT_DEVICE,
-              uploads: bool | None = None) -> None:
+              uploads: bool | None = None, allow_host=()) -> None:
     """The `vlpcache serve` command: load once (building the index on first use), then serve until Ctrl+C.
-    uploads: whether the page takes clips to compare (None: only where bound to loopback)."""
+    uploads: whether the page takes clips to compare (None: only where bound to loopback, no proxy named);
+    allow_host: host names of a proxy of the user's the server is reached through (JupyterHub, nginx)."""
     try:
         import uvicorn
     except ImportError:
         raise UserError("vlpcache serve needs starlette and uvicorn: pip install starlette uvicorn") from None
     from vlpcache.index.search import Searcher
-    from vlpcache.serve.app import allowed_hosts_for, make_app
+    from vlpcache.serve.app import allowed_hosts_for, make_app, proxy_host_names
     from vlpcache.serve.thumbnails import ThumbnailStore
 
+    proxies = proxy_host_names(allow_host)
     searcher = Searcher(run_dir, cache_dir, index_dir, device=device)
     thumbnails = ThumbnailStore(searcher.index_dir / THUMBNAIL_DIR)
     listener = bind(host, port)
@@ -36,10 +38,16 @@ def run_serve(run_dir=None, cache_dir=None, index_dir=None, host="127.0.0.1", po
                 "(it takes no clips to compare unless given --uploads)")
         say(f"note: listening on {host}: anyone who can reach this machine can search the collection and see its frames "
             f"{sent}; others open http://{socket.gethostname()}:{listener.getsockname()[1]}/")
+    elif proxies:  # reached through the user's proxy, whose address only the user knows (JupyterHub's: .../proxy/PORT/)
+        sent = ("and send it clips and photos to compare (--uploads)" if uploads else
+                "(it takes no clips to compare unless given --uploads)")
+        say(f"note: answering requests for {', '.join(sorted(proxies))} too (--allow-host): whoever that proxy lets in "
+            f"can search the collection and see its frames {sent}; open the proxy's address for port "
+            f"{listener.getsockname()[1]} (JupyterHub: https://HUB/user/NAME/proxy/{listener.getsockname()[1]}/)")
     model = f" with {printable(searcher.model_label)}" if searcher.model_label else ""
     print(f"serving {len(searcher) - searcher.unshown} items{model} at {url}  (Ctrl+C to stop)", flush=True)
     print(f"try {url}?q={quote_plus(searcher.example_query)}", flush=True)
-    config = uvicorn.Config(make_app(searcher, thumbnails, allowed_hosts_for(host), device, uploads), log_level="warning",
+    config = uvicorn.Config(make_app(searcher, thumbnails, allowed_hosts_for(host), device, uploads, proxies), log_level="warning",
                             access_log=False, lifespan="off", server_header=False)
     try:
         uvicorn.Server(config).run(sockets=[listener])

@@ -3,6 +3,8 @@
 // A card opens every sampled frame of its item (/api/item) with all detected regions, and a link to the
 // items most like it (?like=ID: /api/search?like=ID, cards without words). "Like a clip…" (or a file dropped on the
 // page) sends a video or photo of the user's to /api/like and shows the items most like it the same way.
+// Every address it asks is relative (api/search, ?like=ID): the page works under a proxy's prefix too
+// (JupyterHub's https://HUB/user/NAME/proxy/8000/, a path of nginx's).
 "use strict";
 
 const COLOURS = 8; // .c0 ... .c7 in page.css
@@ -25,7 +27,7 @@ function el(tag, attrs = {}, ...children) {
 }
 
 function frameUrl(id, frame) {
-  return "/media/frame?" + new URLSearchParams({ id, t: frame });
+  return "media/frame?" + new URLSearchParams({ id, t: frame });
 }
 
 function setStatus(text, isError = false) {
@@ -210,7 +212,7 @@ function card(hit) {
     ? `global ${hit.global_score.toFixed(3)}`
     : `global ${hit.global_score.toFixed(3)} + region-word ${hit.local_score.toFixed(3)}`;
   // the items most like this one, a link of its own (the card itself opens the item's frames)
-  const like = el("a", { class: "like", href: "/?" + new URLSearchParams({ like: hit.id, k: $("k").value }),
+  const like = el("a", { class: "like", href: "?" + new URLSearchParams({ like: hit.id, k: $("k").value }),
     title: `The items most like ${hit.id}` }, "like this");
   like.addEventListener("click", (event) => event.stopPropagation());
   const node = el("article", { class: "card", tabindex: "0", "data-id": hit.id },
@@ -263,7 +265,7 @@ async function search(query, k, written = null) {
   let body;
   try {
     const asked = written === null ? new URLSearchParams({ q: query, k }) : `q=${written}&k=${encodeURIComponent(k)}`;
-    body = await getJson("/api/search?" + asked);
+    body = await getJson("api/search?" + asked);
   } catch (err) {
     setStatus(`error: ${err.message}`, true);
     return;
@@ -290,7 +292,7 @@ async function searchLike(id, k) {
   const started = performance.now();
   let body;
   try {
-    body = await getJson("/api/search?" + new URLSearchParams({ like: id, k }));
+    body = await getJson("api/search?" + new URLSearchParams({ like: id, k }));
   } catch (err) {
     setStatus(`error: ${err.message}`, true);
     return;
@@ -326,7 +328,7 @@ async function likeUpload(file) {
   const started = performance.now();
   let body;
   try {
-    const answer = await sendFile("/api/like?" + new URLSearchParams({ k }), file, (sent) => setStatus(sent < 1
+    const answer = await sendFile("api/like?" + new URLSearchParams({ k }), file, (sent) => setStatus(sent < 1
       ? `Sending “${file.name}” · ${Math.floor(100 * sent)}% of ${megabytes(file.size)}…`
       : `Comparing “${file.name}” with the collection (its frames sampled, its regions detected)…`));
     try {
@@ -342,7 +344,7 @@ async function likeUpload(file) {
     $("upload").value = ""; // the same file chosen again is sent again
   }
   $("q").value = "";
-  if (!shownUpload) history.pushState({ upload: body.like }, "", "/?" + new URLSearchParams({ k }));
+  if (!shownUpload) history.pushState({ upload: body.like }, "", "?" + new URLSearchParams({ k }));
   shownUpload = true;
   await showLike(body.results, body.like, el("span", { class: "example" }, body.like), started,
     " · extracted on its own: nothing added to the collection");
@@ -388,7 +390,7 @@ async function openItem(id, step = false) {
   $("detail-title").textContent = id;
   $("detail-meta").textContent = hit ? `#${hit.rank} · score ${hit.score.toFixed(3)} · ${hit.path}${noted(hit)}` : "";
   $("detail-frames").replaceChildren();
-  $("detail-like").href = "/?" + new URLSearchParams({ like: id, k: $("k").value });
+  $("detail-like").href = "?" + new URLSearchParams({ like: id, k: $("k").value });
   if (!dialog.open) dialog.showModal();
   const url = new URL(location.href);
   url.searchParams.set("item", id);
@@ -396,7 +398,7 @@ async function openItem(id, step = false) {
   else history.replaceState(history.state, "", url);
   let item;
   try {
-    item = await getJson("/api/item?" + new URLSearchParams({ id }));
+    item = await getJson("api/item?" + new URLSearchParams({ id }));
   } catch (err) {
     const said = $("detail-meta").textContent; // what the results already told of it stays
     $("detail-meta").textContent = (said ? said + " · " : "") + `error: ${err.message}`;
@@ -503,7 +505,7 @@ async function start() {
   $("detail").addEventListener("close", closeItem);
   window.addEventListener("popstate", followHistory);
   window.addEventListener("pageshow", (event) => { if (event.persisted) showAddress(); });
-  const about = getJson("/api/info");
+  const about = getJson("api/info");
   info = about.catch(() => null); // results do not wait on it failing
   about.then((i) => { if (i.example) $("q").placeholder = i.example; }, () => {});
   about.then((i) => { if (i.uploads) allowUploads(); }, () => {});
