@@ -1820,7 +1820,7 @@ MUTANTS += [
            "    if slots.held >= MAX_HELD_UPLOADS:", "    if False:",
            "tests/test_like_outside.py -k slow_upload", "at most four uploads are held at once (each up to 2 GiB of TMPDIR)"),
     mutant("upload-received-under-the-lock", "vlpcache/serve/app.py",
-           "            size = await _receive_upload(request, path, name)\n            if not await run_in_threadpool(slots.comparing.acquire, True, COMPARE_WAIT_S):", "            if not slots.comparing.acquire(blocking=False):\n                raise ApiError(503, \"busy\")\n            size = await _receive_upload(request, path, name)\n            if False:",
+           "            size = await _receive_upload(request, path, name)\n", "            if not slots.comparing.acquire(blocking=False):\n                raise ApiError(503, \"busy\")\n            try:\n                size = await _receive_upload(request, path, name)\n            finally:\n                slots.comparing.release()\n",
            "tests/test_like_outside.py -k slow_upload", "a slow upload keeps no other upload from being received and compared"),
     mutant("page-absolute-api-address", "vlpcache/serve/page/page.js",
            "getJson(\"api/search?\" + asked)", "getJson(\"/api/search?\" + asked)",
@@ -1849,6 +1849,9 @@ MUTANTS += [
     mutant("serve-allow-host-url-taken", "vlpcache/serve/app.py",
            "        if \"://\" in host or \"/\" in host or not host or \" \" in host:", "        if False:",
            "tests/test_serve.py -k allow_host_takes", "--allow-host given an address (https://...) is one line naming the host name to give"),
+    mutant("upload-lock-kept-after-its-turn", "vlpcache/serve/app.py",
+           "        finally:\n            self.comparing.release()\n", "        finally:\n            pass\n",
+           "tests/test_like_outside.py -k cancelled", "the worker thread that compares an upload lets the comparison lock go, whatever became of its request"),
 ]
 
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -324,6 +325,38 @@ def test_what_a_killed_search_like_file_left_in_the_temporary_folder_the_next_on
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr
     assert sorted(left()) == sorted([live, elsewhere])
+
+
+def test_an_upload_whose_request_is_cancelled_while_it_waits_its_turn_leaves_the_comparison_lock_free(monkeypatch):
+    """The worker thread takes the lock and lets it go; a handler cancelled meanwhile (its connection gone, a
+    server stopping) keeps nothing, and the next upload is compared."""
+    import asyncio
+
+    from starlette.concurrency import run_in_threadpool
+    from vlpcache.serve import app as serve_app
+
+    slots = serve_app.UploadSlots()
+    slots.comparing.acquire()  # an upload received before it, being compared
+    compared = []
+
+    async def cancelled_while_waiting():
+        waiting = asyncio.create_task(run_in_threadpool(slots.in_turn, compared.append, "mine"))
+        await asyncio.sleep(0.2)  # (order only: had the thread not begun to wait, the outcome is the same)
+        waiting.cancel()
+        threading.Timer(0.2, slots.comparing.release).start()  # the one before it ends
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    asyncio.run(cancelled_while_waiting())
+    wait_until(lambda: compared == ["mine"], guard_s=30)  # its turn came (the handler may have gone before: anyio lets it)
+    wait_until(lambda: slots.comparing.acquire(blocking=False), guard_s=30)  # and nothing keeps the lock
+    slots.comparing.release()
+    monkeypatch.setattr(serve_app, "COMPARE_WAIT_S", 0.1)
+    with slots.comparing:  # one that waits in vain: a 503 saying so, the lock as it was
+        with pytest.raises(serve_app.ApiError) as refused:
+            slots.in_turn(compared.append, "late")
+    assert refused.value.status_code == 503 and refused.value.headers == {"retry-after": "5"}
+    assert compared == ["mine"] and slots.comparing.acquire(blocking=False)
 
 
 def test_a_slow_upload_keeps_no_other_waiting_and_one_whose_sender_goes_away_is_a_line_in_the_log(user, tmp_path, monkeypatch):

@@ -268,7 +268,7 @@ def test_a_proxy_named_by_allow_host_is_answered_and_uploads_wait_for_uploads(ws
 
 @pytest.mark.parametrize("name", ["https://hub.example.org/user/ann/proxy/8000/", "hub.example.org/lab", ""])
 def test_allow_host_takes_a_host_name_not_an_address(ws, name):
-    code, _, err = _run_cli(ws, "serve", "--port", "0", "--allow-host", name)
+    code, _, err = _run_cli(ws, "serve", "--port", "0", "--allow-host", name, guard_s=120)  # (a server started: a hang)
     assert code == 2 and err == (f"error: --allow-host {name!r}: give the proxy's host name as the browser's address "
                                  "has it (hub.example.org, not https://hub.example.org/user/...)\n"), err
 
@@ -673,9 +673,9 @@ def test_a_host_address_of_another_machine_is_one_line_about_the_host_not_the_po
         "machine; pass one of its addresses, 127.0.0.1 (this machine only) or 0.0.0.0 (all)" in err, err
 
 
-def _run_cli(ws: Path, *args) -> tuple[int, str, str]:
+def _run_cli(ws: Path, *args, guard_s: float = HANG_GUARD_S) -> tuple[int, str, str]:
     result = subprocess.run([sys.executable, "-m", "vlpcache", *map(str, args)], capture_output=True, text=True,
-                            timeout=HANG_GUARD_S, env={**os.environ, "VLPCACHE_WORKSPACE": str(ws)})
+                            timeout=guard_s, env={**os.environ, "VLPCACHE_WORKSPACE": str(ws)})
     return result.returncode, result.stdout, result.stderr
 
 

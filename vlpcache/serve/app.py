@@ -214,6 +214,20 @@ class UploadSlots:
         self.held = 0  # changed on the event loop's thread only
         self.comparing = threading.Lock()
 
+    def in_turn(self, work, *args):
+        """work(*args) once the uploads received before it are compared, and the seconds it took; run in a worker
+        thread, which takes and lets go of the lock itself, whatever becomes of the request meanwhile (a handler
+        cancelled while the thread waits would otherwise be given a lock it never lets go). A 503 where it waited
+        COMPARE_WAIT_S in vain."""
+        if not self.comparing.acquire(timeout=COMPARE_WAIT_S):
+            raise ApiError(503, "the clips sent before this one are still being compared; try again in a moment",
+                           headers={"retry-after": "5"})
+        try:
+            started = time.perf_counter()
+            return work(*args), time.perf_counter() - started
+        finally:
+            self.comparing.release()
+
 
 async def _like_upload(request: Request, searcher: Searcher, refused: str | None, slots: UploadSlots,
                        device: str) -> Response:
@@ -233,20 +247,13 @@ async def _like_upload(request: Request, searcher: Searcher, refused: str | None
         with own_temporary_folder("vlpcache-upload-") as folder:
             path = Path(folder) / ("upload" + _upload_suffix(name))
             size = await _receive_upload(request, path, name)
-            if not await run_in_threadpool(slots.comparing.acquire, True, COMPARE_WAIT_S):
-                raise ApiError(503, "the clips sent before this one are still being compared; try again in a moment",
-                               headers={"retry-after": "5"})
-            started = time.perf_counter()
             try:
-                hits = await run_in_threadpool(like_outside, searcher, str(path), k, extract_outside, device,
-                                               lambda line: None)
+                hits, took = await run_in_threadpool(slots.in_turn, like_outside, searcher, str(path), k,
+                                                     extract_outside, device, lambda line: None)
             except WriteFailed as err:  # the server's temporary folder: its user's to mend, not the sender's
                 raise _server_side(507 if err.full else 500, str(err).replace(str(path), name)) from None
             except UserError as err:
                 raise ApiError(400, str(err).replace(str(path), name)) from None
-            finally:
-                slots.comparing.release()
-            took = time.perf_counter() - started
     finally:
         slots.held -= 1
     say(f"compared {printable(name)} ({size / 2**20:.1f} MB) with the collection in {took:.1f} s")
