@@ -918,7 +918,7 @@ MUTANTS += [
            "        if label == FRAME_REGION_LABEL:\n", "        if False:\n",
            "tests/test_search.py -k rendered_box", "inspect --render draws detections, not the whole-frame region"),
     mutant("serve-open-address-unsaid", "vlpcache/serve/command.py",
-           "    if shared:  # the address others open", "    if False:  # the address others open",
+           "    if allowed_hosts_for(host) is None:  # the address others open", "    if False:  # the address others open",
            "tests/test_serve.py -k every_address", "serve --host 0.0.0.0 says that anyone who can reach it can search"),
     mutant("serve-open-address-refuses-names", "vlpcache/serve/app.py",
            '    if bind_host in LOOPBACK_HOSTS or bind_host.startswith("127."):\n', "    if True:\n",
@@ -1852,6 +1852,12 @@ MUTANTS += [
     mutant("upload-lock-kept-after-its-turn", "vlpcache/serve/app.py",
            "        finally:\n            self.comparing.release()\n", "        finally:\n            pass\n",
            "tests/test_like_outside.py -k cancelled", "the worker thread that compares an upload lets the comparison lock go, whatever became of its request"),
+    mutant("serve-jupyterhub-way-unsaid", "vlpcache/serve/command.py",
+           "    elif hub.startswith(\"/\"):", "    elif False:",
+           "tests/test_like_outside.py -k jupyterhub", "in JupyterHub, serve says the address its proxy gives and --allow-host"),
+    mutant("serve-jupyterhub-address-unsaid", "vlpcache/serve/command.py",
+           "/proxy/{port}/\" if hub.startswith(\"/\") else", "/proxy/{port}/\" if False else",
+           "tests/test_serve.py -k who_reaches", "with --allow-host in JupyterHub, serve names the page's whole address"),
 ]
 
 

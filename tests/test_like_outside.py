@@ -474,7 +474,8 @@ def test_the_page_finds_the_items_most_like_a_clip_chosen_or_dropped_and_back_re
         server.stop()
 
 
-def test_the_page_through_a_jupyterhub_style_https_proxy_under_a_prefix_searches_shows_and_takes_uploads(user, tmp_path):
+def test_the_page_through_a_jupyterhub_style_https_proxy_under_a_prefix_searches_shows_and_takes_uploads(user, tmp_path,
+                                                                                                    monkeypatch):
     """As a lab's JupyterHub shows it: https://HUB/user/NAME/proxy/PORT/, the browser's Host and Origin passed on,
     the request handed to the server as http:// with the prefix stripped (tests/proxy.py)."""
     from selenium.webdriver.common.by import By
@@ -483,6 +484,7 @@ def test_the_page_through_a_jupyterhub_style_https_proxy_under_a_prefix_searches
     from test_serve import Server, chromium_driver
 
     cert, key = certificate(tmp_path, "hub.test")
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/ann/")  # as in a terminal of the user's JupyterLab
     server = Server(user / "ws")  # not told of the proxy: the page is its one line, the log says what to do
     proxy = PrefixProxy(int(server.port), cert, key)
     browser = chromium_driver(tmp_path, "--host-resolver-rules=MAP hub.test 127.0.0.1", "--ignore-certificate-errors")
@@ -491,8 +493,11 @@ def test_the_page_through_a_jupyterhub_style_https_proxy_under_a_prefix_searches
         browser.get(page)
         assert "start it with --allow-host hub.test" in browser.find_element(By.TAG_NAME, "body").text
         server.stop()
+        log = server.process.stderr.read()
+        assert (f"note: in JupyterHub, open https://HUB/user/ann/proxy/{server.port}/ (HUB: your hub's address) with "
+                "--allow-host HUB given here (the page names it if not)") in log
         assert ("note: refused a request for Host hub.test (this server answers 127.0.0.1, [::1], localhost); where "
-                "hub.test is a proxy of yours, restart with --allow-host hub.test") in server.process.stderr.read()
+                "hub.test is a proxy of yours, restart with --allow-host hub.test") in log
         server = Server(user / "ws", "--allow-host", "hub.test", "--uploads")
         proxy.upstream, proxy.prefix = int(server.port), f"/user/ann/proxy/{server.port}"
         page = f"https://hub.test:{proxy.port}{proxy.prefix}"
@@ -528,8 +533,7 @@ def test_the_page_through_a_jupyterhub_style_https_proxy_under_a_prefix_searches
     assert {path.split("?")[0] for _, path, _, _ in proxy.forwarded} >= {
         "/", "/page.js", "/page.css", "/api/info", "/api/search", "/api/item", "/media/frame", "/api/like"}
     assert ("note: answering requests for hub.test too (--allow-host): whoever that proxy lets in can search the "
-            "collection and see its frames and send it clips and photos to compare (--uploads); open the proxy's "
-            f"address for port {server.port} (JupyterHub: https://HUB/user/NAME/proxy/{server.port}/)"
-            ) in server.process.stderr.read()
+            "collection and see its frames and send it clips and photos to compare (--uploads); open "
+            f"https://hub.test/user/ann/proxy/{server.port}/") in server.process.stderr.read()
     if os.environ.get("VLPCACHE_SCREENSHOTS"):
         shutil.copy(tmp_path / "proxied.png", Path(os.environ["VLPCACHE_SCREENSHOTS"]) / "proxied.png")

@@ -266,6 +266,23 @@ def test_a_proxy_named_by_allow_host_is_answered_and_uploads_wait_for_uploads(ws
             "sends a Host of its own, have it pass the browser's in X-Forwarded-Host)")
 
 
+def test_who_reaches_the_server_is_said_where_others_than_its_user_may(monkeypatch, capsys):
+    from vlpcache.serve.command import say_who_reaches
+
+    monkeypatch.delenv("JUPYTERHUB_SERVICE_PREFIX", raising=False)
+    say_who_reaches("127.0.0.1", 8000, frozenset(), None)  # this machine's user alone: nothing to say
+    assert capsys.readouterr().err == ""
+    say_who_reaches("127.0.0.1", 8000, frozenset({"lab.example.org"}), None)  # an nginx of the lab's
+    assert capsys.readouterr().err == (
+        "note: answering requests for lab.example.org too (--allow-host): whoever that proxy lets in can search the "
+        "collection and see its frames (it takes no clips to compare unless given --uploads); open the proxy's "
+        "address for port 8000 (JupyterHub: https://HUB/user/NAME/proxy/8000/)\n")
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/ann/")
+    say_who_reaches("127.0.0.1", 8000, frozenset({"hub.example.org"}), True)
+    assert capsys.readouterr().err.endswith("and send it clips and photos to compare (--uploads); open "
+                                            "https://hub.example.org/user/ann/proxy/8000/\n")
+
+
 @pytest.mark.parametrize("name", ["https://hub.example.org/user/ann/proxy/8000/", "hub.example.org/lab", ""])
 def test_allow_host_takes_a_host_name_not_an_address(ws, name):
     code, _, err = _run_cli(ws, "serve", "--port", "0", "--allow-host", name, guard_s=120)  # (a server started: a hang)

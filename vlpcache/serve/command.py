@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from urllib.parse import quote_plus
 
@@ -32,18 +33,7 @@ def run_serve(run_dir=None, cache_dir=None, index_dir=None, host="127.0.0.1", po
     listener = bind(host, port)
     address = _url_host(host)
     url = f"http://{address}:{listener.getsockname()[1]}/"
-    shared = allowed_hosts_for(host) is None
-    if shared:  # the address others open: this machine's name (the url is for this one)
-        sent = ("and send it clips and photos to compare (--uploads)" if uploads else
-                "(it takes no clips to compare unless given --uploads)")
-        say(f"note: listening on {host}: anyone who can reach this machine can search the collection and see its frames "
-            f"{sent}; others open http://{socket.gethostname()}:{listener.getsockname()[1]}/")
-    elif proxies:  # reached through the user's proxy, whose address only the user knows (JupyterHub's: .../proxy/PORT/)
-        sent = ("and send it clips and photos to compare (--uploads)" if uploads else
-                "(it takes no clips to compare unless given --uploads)")
-        say(f"note: answering requests for {', '.join(sorted(proxies))} too (--allow-host): whoever that proxy lets in "
-            f"can search the collection and see its frames {sent}; open the proxy's address for port "
-            f"{listener.getsockname()[1]} (JupyterHub: https://HUB/user/NAME/proxy/{listener.getsockname()[1]}/)")
+    say_who_reaches(host, listener.getsockname()[1], proxies, uploads)
     model = f" with {printable(searcher.model_label)}" if searcher.model_label else ""
     print(f"serving {len(searcher) - searcher.unshown} items{model} at {url}  (Ctrl+C to stop)", flush=True)
     print(f"try {url}?q={quote_plus(searcher.example_query)}", flush=True)
@@ -54,6 +44,27 @@ def run_serve(run_dir=None, cache_dir=None, index_dir=None, host="127.0.0.1", po
     except KeyboardInterrupt:  # uvicorn stops on Ctrl+C, then raises it again: stopping is what the user asked for
         pass
     print("stopped", flush=True)
+
+
+def say_who_reaches(host: str, port: int, proxies: frozenset[str], uploads: bool | None) -> None:
+    """A note where others than this machine's user reach the server: listening beyond this machine (the address
+    they open), or through a proxy named by --allow-host (JupyterHub's address for it, where run in JupyterHub)."""
+    from vlpcache.serve.app import allowed_hosts_for
+
+    sent = ("and send it clips and photos to compare (--uploads)" if uploads else
+            "(it takes no clips to compare unless given --uploads)")
+    hub = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "")  # "/user/ann/": set in a JupyterHub user's server
+    if allowed_hosts_for(host) is None:  # the address others open: this machine's name (the url is for this one)
+        say(f"note: listening on {host}: anyone who can reach this machine can search the collection and see its frames "
+            f"{sent}; others open http://{socket.gethostname()}:{port}/")
+    elif proxies:  # reached through the user's proxy, whose address only the user knows
+        where = (f"https://{sorted(proxies)[0]}{hub.rstrip('/')}/proxy/{port}/" if hub.startswith("/") else
+                 f"the proxy's address for port {port} (JupyterHub: https://HUB/user/NAME/proxy/{port}/)")
+        say(f"note: answering requests for {', '.join(sorted(proxies))} too (--allow-host): whoever that proxy lets in "
+            f"can search the collection and see its frames {sent}; open {where}")
+    elif hub.startswith("/"):  # JupyterHub's proxy passes on its own Host, refused until named
+        say(f"note: in JupyterHub, open https://HUB{hub.rstrip('/')}/proxy/{port}/ (HUB: your hub's address) with "
+            "--allow-host HUB given here (the page names it if not)")
 
 
 def bind(host: str, port: int) -> socket.socket:
