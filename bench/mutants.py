@@ -1858,6 +1858,12 @@ MUTANTS += [
     mutant("serve-jupyterhub-address-unsaid", "vlpcache/serve/command.py",
            "/proxy/{port}/\" if hub.startswith(\"/\") else", "/proxy/{port}/\" if False else",
            "tests/test_serve.py -k who_reaches", "with --allow-host in JupyterHub, serve names the page's whole address"),
+    mutant("upload-refused-unread", "vlpcache/serve/app.py",
+           "    except ApiError:\n        await _drain(request)\n        raise\n", "    except ApiError:\n        raise\n",
+           "tests/test_like_outside.py -k hears_why", "an upload refused before it is read is read first (a proxy's 502 otherwise), so that its sender hears why"),
+    mutant("page-upload-size-unchecked", "vlpcache/serve/page/page.js",
+           "  if (maxUpload && file.size > maxUpload) {", "  if (false) {",
+           "tests/test_like_outside.py -k page_finds", "the page refuses a file larger than the server takes before sending it"),
 ]
 
 

@@ -224,7 +224,8 @@ def test_the_page_api_compares_an_uploaded_clip_as_search_like_file_does(user, m
     other = client.post("/api/like", content=clip.read_bytes(),
                         headers={"x-vlpcache-filename": "t.avi", "origin": "http://example.com"})
     assert other.status_code == 403 and other.json()["error"] == (
-        "uploads come from this server's own page, not from http://example.com")
+        "uploads come from this server's own page, not from http://example.com (where that is the address of a "
+        "proxy of yours, have it pass on the browser's Host: in X-Forwarded-Host, or as Host with --allow-host)")
     own = client.post("/api/like?k=1", content=clip.read_bytes(),
                       headers={"x-vlpcache-filename": "t.avi", "origin": str(client.base_url).rstrip("/")})
     assert own.status_code == 200, own.text
@@ -417,6 +418,40 @@ def test_a_slow_upload_keeps_no_other_waiting_and_one_whose_sender_goes_away_is_
     assert "Traceback" not in log and not uploads()
 
 
+def test_an_upload_refused_before_it_is_read_hears_why_not_a_reset_connection(user):
+    """A refusal answered before the body arrives (another Origin, too many held, uploads off) is read first, up
+    to DRAIN_BYTES: else the connection is reset while the body still comes, and a proxy says 502, the page "does
+    not answer", and nobody why."""
+    from test_serve import Server
+
+    def as_a_proxy_sends(server, headers: str) -> bytes:
+        """POST 8 MB (a phone's short clip) in 64 KB pieces as nginx passes a body on, every piece of it (a reset
+        on the way is nginx's 502), then the answer."""
+        sender = socket.create_connection((server.host, int(server.port)), timeout=120)  # (a server that stops
+        try:  # reading the body and never answers is waited for no longer than nginx's proxy_send_timeout, 60 s)
+            sender.sendall(f"POST /api/like HTTP/1.1\r\nHost: {server.host}:{server.port}\r\nContent-Length: {8 << 20}\r\n"
+                           f"Connection: close\r\nx-vlpcache-filename: c.mp4\r\n{headers}\r\n".encode())
+            for _ in range(128):
+                sender.sendall(bytes(64 << 10))
+            answer = b""
+            while chunk := sender.recv(65536):
+                answer += chunk
+            return answer
+        finally:
+            sender.close()
+
+    for args, headers, said in (
+            ((), "Origin: http://example.com\r\n", "uploads come from this server's own page, not from "),
+            (("--no-uploads",), "", "this server takes no uploads: it was started with --no-uploads")):
+        server = Server(user / "ws", *args)
+        try:
+            for _ in range(3):
+                head, _, body = as_a_proxy_sends(server, headers).partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 403 ") and json.loads(body)["error"].startswith(said), head
+        finally:
+            server.stop()
+
+
 def test_the_page_finds_the_items_most_like_a_clip_chosen_or_dropped_and_back_returns_to_the_query(user, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -464,6 +499,12 @@ def test_the_page_finds_the_items_most_like_a_clip_chosen_or_dropped_and_back_re
         assert said[-1] == "Comparing “tree.avi” with the collection (its frames sampled, its regions detected)…"
         browser.back()
         wait.until(lambda b: "results for “a dog”" in status())
+        # a file larger than the server takes: said at once, nothing sent
+        browser.execute_script("maxUpload = 1000;")  # (as /api/info's max_upload_bytes would say it)
+        browser.find_element(By.ID, "upload").send_keys(str(VIDEOS / "tree.avi"))
+        wait.until(lambda b: status().startswith("error: "))
+        assert status() == "error: “tree.avi” is 1.2 MB; this server takes files of at most 1 KB"
+        browser.execute_script(f"maxUpload = {2 << 30};")
         # a file that is no clip: its line in the status, as an error
         (tmp_path / "notes.txt").write_text("not a video")
         browser.find_element(By.ID, "upload").send_keys(str(tmp_path / "notes.txt"))

@@ -54,6 +54,7 @@ MAX_UPLOAD_BYTES = 2 << 30  # a clip to compare: a phone's few minutes of 4K (on
 UPLOAD_NAME_CHARS = 200
 MAX_HELD_UPLOADS = 4  # received side by side (each may take minutes over a network, and 2 GiB of TMPDIR), then compared
 COMPARE_WAIT_S = 120.0  # one at a time: how long a received upload waits for those before it
+DRAIN_BYTES = 64 << 20  # an upload refused before it is read is read this far, so that its sender hears why
 REFUSED_HOSTS_SAID = 20  # Host names a server's log names as refused (a page rebinding names would fill it)
 PAGE_DIR = Path(__file__).parent / "page"
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
@@ -99,7 +100,7 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
         return JSONResponse({"items": len(searcher) - searcher.unshown, "rerank": searcher.can_rerank,
                              "model": searcher.model_label, "unindexed": searcher.unindexed,
                              "example": searcher.example_query, "kinds": searcher.kinds(), "newer": newer,
-                             "uploads": uploads})
+                             "uploads": uploads, "max_upload_bytes": MAX_UPLOAD_BYTES})
 
     def search(request: Request) -> Response:
         if (like := _param(request, "like")) is not None:
@@ -233,15 +234,19 @@ async def _like_upload(request: Request, searcher: Searcher, refused: str | None
                        device: str) -> Response:
     """POST /api/like: the items most like the clip or photo in the request's body, extracted on its own;
     `refused`: why this server takes none (None: it takes them)."""
-    if refused is not None:
-        raise ApiError(403, f"this server takes no uploads: {refused}; or run `vlpcache search --like FILE` where the "
-                            "collection is")
-    _check_own_page(request)
-    k = _int_param(request, "k", DEFAULT_K, 1, MAX_K)
-    name = _upload_name(request)
-    if slots.held >= MAX_HELD_UPLOADS:
-        raise ApiError(503, f"{slots.held} uploads are being received or compared; try again in a moment",
-                       headers={"retry-after": "5"})
+    try:
+        if refused is not None:
+            raise ApiError(403, f"this server takes no uploads: {refused}; or run `vlpcache search --like FILE` where "
+                                "the collection is")
+        _check_own_page(request)
+        k = _int_param(request, "k", DEFAULT_K, 1, MAX_K)
+        name = _upload_name(request)
+        if slots.held >= MAX_HELD_UPLOADS:
+            raise ApiError(503, f"{slots.held} uploads are being received or compared; try again in a moment",
+                           headers={"retry-after": "5"})
+    except ApiError:
+        await _drain(request)
+        raise
     slots.held += 1
     try:
         with own_temporary_folder("vlpcache-upload-") as folder:
@@ -260,6 +265,19 @@ async def _like_upload(request: Request, searcher: Searcher, refused: str | None
     return JSONResponse(like_json(name, hits, outside=True), headers={"server-timing": f"like;dur={1e3 * took:.1f}"})
 
 
+async def _drain(request: Request) -> None:
+    """Read and drop an upload refused before it was read, up to DRAIN_BYTES: a connection closed with a body
+    still arriving is reset, and the sender sees that (a proxy's 502, the page's "does not answer"), not why."""
+    read = 0
+    try:
+        async for chunk in request.stream():
+            read += len(chunk)
+            if read > DRAIN_BYTES:
+                return
+    except ClientDisconnect:
+        pass
+
+
 def _check_own_page(request: Request) -> None:
     """Refuse an upload another site's page sends through the user's browser (a form posted to localhost): it
     lacks the x-vlpcache-filename header (a header of its own makes a browser ask first, and this server answers
@@ -267,11 +285,11 @@ def _check_own_page(request: Request) -> None:
     if "x-vlpcache-filename" not in request.headers:
         raise ApiError(400, "name the file in the x-vlpcache-filename header (percent-encoded UTF-8), as the page does")
     origin = request.headers.get("origin")
-    if origin is not None and _authority(origin) not in _own_names(request):
-        proxied = any(name.startswith("x-forwarded-") for name in request.headers)
-        hint = (" (behind a proxy that sends a Host of its own, have it pass the browser's in X-Forwarded-Host)"
-                if proxied and "x-forwarded-host" not in request.headers else "")
-        raise ApiError(403, f"uploads come from this server's own page, not from {printable(origin[:100])}{hint}")
+    if origin is not None and _authority(origin) not in _own_names(request):  # (another site's page is stopped
+        # by its browser before: it asks first to send the header; a proxy passing on a Host of its own is not)
+        raise ApiError(403, f"uploads come from this server's own page, not from {printable(origin[:100])} (where "
+                            "that is the address of a proxy of yours, have it pass on the browser's Host: in "
+                            "X-Forwarded-Host, or as Host with --allow-host)")
 
 
 def _authority(origin: str) -> str:

@@ -322,8 +322,14 @@ async function showLike(hits, name, example, started, how) {
 // a video or photo of the user's (the file input, or a file dropped on the page): sent to the server, which
 // extracts it on its own as `vlpcache search --like FILE` does, and answers the items most like it
 let shownUpload = false;
+let maxUpload = 0; // /api/info's max_upload_bytes: a larger file is refused here, before minutes of sending it
 async function likeUpload(file) {
   if (!file) return;
+  if (maxUpload && file.size > maxUpload) {
+    setStatus(`error: “${file.name}” is ${megabytes(file.size)}; this server takes files of at most ${megabytes(maxUpload)}`, true);
+    $("upload").value = "";
+    return;
+  }
   const k = $("k").value;
   const started = performance.now();
   let body;
@@ -472,7 +478,8 @@ function kindsText(kinds, total) {
 }
 
 // the "Like a clip…" button, and a file dropped anywhere on the page, where the server takes uploads
-function allowUploads() {
+function allowUploads(largest) {
+  maxUpload = largest || 0;
   $("upload-label").hidden = false;
   $("upload").addEventListener("change", () => likeUpload($("upload").files[0]));
   const dropping = (on) => document.body.classList.toggle("dropping", on);
@@ -508,7 +515,7 @@ async function start() {
   const about = getJson("api/info");
   info = about.catch(() => null); // results do not wait on it failing
   about.then((i) => { if (i.example) $("q").placeholder = i.example; }, () => {});
-  about.then((i) => { if (i.uploads) allowUploads(); }, () => {});
+  about.then((i) => { if (i.uploads) allowUploads(i.max_upload_bytes); }, () => {});
   if (query || like) {
     await (query ? search(query, k, undecodedQuery()) : searchLike(like, k));
     if (bad) setStatus(`${$("status").textContent} · “${bad}” results is not a number from 1 to ${MAX_K}: ${k} shown`);
