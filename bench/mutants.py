@@ -1646,7 +1646,7 @@ MUTANTS += [
            "    if root is not None:  # new in a folder", "    if False:  # new in a folder",
            "tests/test_search.py -k file_the_cache_does_not_hold", "a file new in a folder the cache was extracted from is told to extract that folder again, under the id it gives"),
     mutant("loader-threads-ignore-workers", "vlpcache/model/train.py",
-           "        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // processes.world - workers))", "        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // processes.world))",
+           "        torch.set_num_threads(max(1, usable_cores() // processes.world - workers))", "        torch.set_num_threads(max(1, usable_cores() // processes.world))",
            "tests/test_pretrain.py -k without_omp_num_threads", "a loading worker's core is left to it: the model's threads are the cores less the workers"),
     mutant("loader-threads-override-user", "vlpcache/model/train.py",
            "    if processes.device.type == \"cpu\" and \"OMP_NUM_THREADS\" not in os.environ:", "    if processes.device.type == \"cpu\":",
@@ -1864,6 +1864,12 @@ MUTANTS += [
     mutant("page-upload-size-unchecked", "vlpcache/serve/page/page.js",
            "  if (maxUpload && file.size > maxUpload) {", "  if (false) {",
            "tests/test_like_outside.py -k page_finds", "the page refuses a file larger than the server takes before sending it"),
+    mutant("cores-of-the-machine", "vlpcache/devices.py",
+           "        cores = len(os.sched_getaffinity(0))\n", "        cores = os.cpu_count() or 1\n",
+           "tests/test_extract.py -k cores_this_process", "extract's default workers follow the cores this process may use (a SLURM job's), not the machine's"),
+    mutant("cores-quota-ignored", "vlpcache/devices.py",
+           "    return max(1, min(cores, quota) if quota else cores)", "    return max(1, cores)",
+           "tests/test_extract.py -k cgroup", "a cgroup's CPU quota (docker --cpus) bounds the cores used"),
 ]
 
 

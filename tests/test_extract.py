@@ -820,3 +820,35 @@ def test_no_autotune_reaches_the_detector_and_is_cudnns_setting_on_cuda(tmp_path
         assert torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def test_default_workers_follow_the_cores_this_process_may_use_not_the_machines():
+    """A SLURM job given 8 cores of a 128-core node runs on those 8 (its cpuset): 127 decoding processes were
+    started there, os.cpu_count() counting the node's. Here: taskset gives this process one core."""
+    if not shutil.which("taskset") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs taskset and at least 2 cores to give a process fewer than the machine has")
+    code = ("from vlpcache.devices import usable_cores; from vlpcache.extract.options import ExtractOptions; "
+            "print(usable_cores(), ExtractOptions().worker_count())")
+    pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=HANG_GUARD_S)
+    assert pinned.stdout.split() == ["1", "1"], pinned.stderr
+    free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    cores = len(os.sched_getaffinity(0))
+    assert free.stdout.split() == [str(cores), str(cores - 1)], free.stderr
+
+
+@pytest.mark.parametrize("files, cores", [
+    ({"cpu.max": "50000 100000\n"}, 1),  # docker --cpus 0.5: one core, rounded up
+    ({"cpu.max": "max 100000\n"}, None),  # no quota: the cores it may run on
+    ({"cpu.max": "garbage\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),  # no cgroup files at all
+], ids=["v2-half", "v2-max", "v2-unreadable", "v1-one", "v1-none", "none"])
+def test_a_cgroup_cpu_quota_bounds_the_cores_used(tmp_path, files, cores):
+    from vlpcache.devices import usable_cores
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert usable_cores(tmp_path) == (cores or len(os.sched_getaffinity(0)))

@@ -25,6 +25,7 @@ from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import CacheSettings, empty_item
 from vlpcache.extract.stamps import source_stamp
 from vlpcache.cache.writer import ShardWriter
+from vlpcache.devices import usable_cores
 from vlpcache.errors import Interrupted, UserError
 from vlpcache.files import file_sha256
 from vlpcache.model import checkpoint as ckpt
@@ -1518,7 +1519,7 @@ def test_without_omp_num_threads_training_takes_the_cores_a_loading_worker_leave
     torch.set_num_threads(7)  # neither the cores nor the answer: the run sets it (_one_thread restores the suite's)
     run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=tmp_path / "run",
                  **small_options(tiny_text, epochs=1, workers=workers))
-    assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) - workers)
+    assert torch.get_num_threads() == max(1, usable_cores() - workers)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # set by the user: left as they set it
     torch.set_num_threads(7)
     run_pretrain(run_dir=tmp_path / "run", resume=True, epochs=2, quiet=True, device="cpu")

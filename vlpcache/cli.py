@@ -152,7 +152,7 @@ def backbone_help() -> str:
 @click.option("--autotune/--no-autotune", default=ExtractOptions.autotune, show_default=True,
               help="CUDA: let cuDNN time its convolution algorithms for each new input shape: faster once tuned, "
                    "seconds per new shape (an H200: 5-7 s). --no-autotune: none of that cost, for short jobs.")
-@click.option("--workers", default=None, type=click.IntRange(0), help="Decoding worker processes [default: CPU cores - 1, at least 1].")
+@click.option("--workers", default=None, type=click.IntRange(0), help="Decoding worker processes [default: the CPU cores this process may use (taskset, a SLURM job's, docker --cpus) - 1, at least 1].")
 @click.option("--decode-timeout", default=ExtractOptions.decode_timeout, show_default=True, type=FiniteFloatRange(0),
               metavar="SECONDS", help="Time one item's decoding may take before its worker is stopped and the item "
                                       "recorded as failed (a hostile file can send a decoder into a loop); 0: no limit.")

@@ -4,11 +4,10 @@ run_extract takes them as an ExtractOptions record. No torch, no h5py."""
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 
 from vlpcache.cache.schema import SHARD_ITEMS
-from vlpcache.devices import DEFAULT_DEVICE
+from vlpcache.devices import DEFAULT_DEVICE, usable_cores
 from vlpcache.errors import UserError
 from vlpcache.extract.detectors.spec import default_regions, default_score_threshold
 
@@ -65,7 +64,7 @@ class ExtractOptions:
         return self.batch_size or (CUDA_BATCH_SIZE if device_type == "cuda" else CPU_BATCH_SIZE)
 
     def worker_count(self) -> int:
-        return max(1, (os.cpu_count() or 2) - 1) if self.workers is None else self.workers
+        return max(1, usable_cores() - 1) if self.workers is None else self.workers
 
     def decode_time_limit(self) -> float | None:
         """--decode-timeout in seconds, None for no limit (0 or inf), or one clear error."""

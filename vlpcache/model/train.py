@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from vlpcache import __version__
 from vlpcache.cache.reader import say_damage
-from vlpcache.devices import resolve_device
+from vlpcache.devices import resolve_device, usable_cores
 from vlpcache.errors import Interrupted, UserError
 from vlpcache.files import replace_atomically
 from vlpcache.interrupts import (leave_stops_to_the_parent, requested_signal, stop_if_interrupted, stop_requested,
@@ -719,7 +719,7 @@ def make_loader(run: Run, trainer: Trainer, processes: Processes) -> Loader:
     workers = run.train.workers if run.train.workers is not None else (4 if processes.device.type == "cuda" else 0)
     if processes.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # one core per loader worker, the rest for the model: oversubscribed cores slow torch down many times
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // processes.world - workers))
+        torch.set_num_threads(max(1, usable_cores() // processes.world - workers))
     dataset = run.data.train
     sampler = ResumableSampler(dataset, num_replicas=processes.world, rank=processes.rank, shuffle=True,
                                seed=run.train.seed, drop_last=processes.world > 1)

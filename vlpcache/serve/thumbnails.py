@@ -20,7 +20,6 @@ import functools
 import hashlib
 import io
 import json
-import os
 import shutil
 import threading
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from vlpcache.devices import usable_cores
 from vlpcache.errors import ItemError
 from vlpcache.extract.sampling import read_frames_at
 from vlpcache.extract.sources import Item
@@ -56,7 +56,7 @@ class ThumbnailStore:
         self.say = say
         self._writable = True
         # decoding is CPU-bound: more at once than there are cores only adds memory
-        self._decoders = threading.BoundedSemaphore(os.cpu_count() or 1)
+        self._decoders = threading.BoundedSemaphore(usable_cores())
         self._open_store()
 
     def _open_store(self) -> None:
