@@ -213,6 +213,8 @@ def test_requests_for_another_host_name_are_refused(api, capsys):
     assert one_line_error(response, 400) == (
         "unexpected Host header attacker.example: open the server by the address it printed, or, where "
         "attacker.example is a proxy of yours (JupyterHub, nginx), start it with --allow-host attacker.example")
+    assert one_line_error(api.get("/api/info", headers={"host": ""}), 400) == (
+        "no Host header: open the server by the address it printed")
     api.get("/", headers={"host": "Attacker.Example"})  # said in the server's log once a name
     api.get("/", headers={"host": "other.example"})
     assert capsys.readouterr().err.splitlines() == [
@@ -233,6 +235,8 @@ def test_a_proxy_named_by_allow_host_is_answered_and_uploads_wait_for_uploads(ws
     from vlpcache.serve.thumbnails import ThumbnailStore
 
     searcher = Searcher(run=ws / "runs" / "run-001", cache=ws / "cache", index=ws / "index")
+    assert proxy_host_names(["[2001:db8::1]:8443", "2001:db8::2", "[2001:db8::3]"]) == {
+        "[2001:db8::1]", "[2001:db8::2]", "[2001:db8::3]"}  # as a Host header carries them, less the port
     hosts = proxy_host_names(["Hub.Example.org:8443"])
     assert hosts == {"hub.example.org"}
     for uploads in (None, True):
@@ -255,7 +259,8 @@ def test_a_proxy_named_by_allow_host_is_answered_and_uploads_wait_for_uploads(ws
             "x-vlpcache-filename": "x.txt", "origin": "https://hub.example.org:8443", **behind_nginx})
         assert one_line_error(answer, 400).startswith("x.txt: not a video or image file")
         for origin, sent in (("https://attacker.example", {}), ("https://hub.example.org:8443", {"host": "127.0.0.1:8000"}),
-                             ("https://hub.example.org", {})):  # another site; a proxy that says nothing; another port
+                             ("https://hub.example.org", {}), ("null", {})):  # another site; a proxy that says
+            # nothing; another port; a sandboxed page
             answer = client.post("/api/like", content=b"not a clip",
                                  headers={"x-vlpcache-filename": "x.txt", "origin": origin, **sent})
             assert one_line_error(answer, 403) == (

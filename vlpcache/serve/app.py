@@ -305,7 +305,7 @@ def _own_names(request: Request) -> set[str]:
     names = {request.headers.get("host", "").lower()}
     if forwarded := request.headers.get("x-forwarded-host"):
         names.add(forwarded.split(",")[0].strip().lower())
-    return names
+    return names - {""}  # (an Origin of "null", a sandboxed page's, names no host)
 
 
 def _server_side(status: int, line: str) -> ApiError:
@@ -465,7 +465,9 @@ class Guard:
     def refuse(self, host: str) -> str:
         """The line a request for another Host name gets; said in the server's log too, once a name: the page a
         proxy of the user's shows (JupyterHub's jupyter-server-proxy passes on the browser's Host) is only this."""
-        shown = printable(host[:100]) or "(none)"
+        if not host:  # an HTTP/1.0 client's request: no name to allow
+            return "no Host header: open the server by the address it printed"
+        shown = printable(host[:100])
         line = (f"unexpected Host header {shown}: open the server by the address it printed, or, where {shown} is "
                 f"a proxy of yours (JupyterHub, nginx), start it with --allow-host {shown}")
         if host not in self.refused and len(self.refused) < REFUSED_HOSTS_SAID:
@@ -505,6 +507,8 @@ def proxy_host_names(names) -> frozenset[str]:
                             "(hub.example.org, not https://hub.example.org/user/...)")
         if host.count(":") == 1:  # hub.example.org:8443: Host names are compared without their port
             host = host.split(":")[0]
+        elif host.startswith("[") and "]:" in host:  # [2001:db8::1]:8443
+            host = host[: host.index("]") + 1]
         hosts.add(f"[{host}]" if ":" in host and not host.startswith("[") else host)
     return frozenset(hosts)
 
