@@ -1865,11 +1865,14 @@ MUTANTS += [
            "  if (maxUpload && file.size > maxUpload) {", "  if (false) {",
            "tests/test_like_outside.py -k page_finds", "the page refuses a file larger than the server takes before sending it"),
     mutant("cores-of-the-machine", "vlpcache/devices.py",
-           "        cores = len(os.sched_getaffinity(0))\n", "        cores = os.cpu_count() or 1\n",
+           "        cores = len(os.sched_getaffinity(0))\n    except AttributeError:  # not Linux\n", "        cores = os.cpu_count() or 1\n    except AttributeError:  # not Linux\n",
            "tests/test_extract.py -k cores_this_process", "extract's default workers follow the cores this process may use (a SLURM job's), not the machine's"),
     mutant("cores-quota-ignored", "vlpcache/devices.py",
            "    return max(1, min(cores, quota) if quota else cores)", "    return max(1, cores)",
            "tests/test_extract.py -k cgroup", "a cgroup's CPU quota (docker --cpus) bounds the cores used"),
+    mutant("quota-threads-unfitted", "vlpcache/devices.py",
+           "    if (threads := quota_threads()) and \"OMP_NUM_THREADS\" not in os.environ:", "    if False:",
+           "tests/test_extract.py -k cgroup_given_half", "torch's threads in extract and index are bound to a cgroup's CPU quota"),
 ]
 
 

@@ -837,18 +837,53 @@ def test_default_workers_follow_the_cores_this_process_may_use_not_the_machines(
     assert free.stdout.split() == [str(cores), str(cores - 1)], free.stderr
 
 
-@pytest.mark.parametrize("files, cores", [
-    ({"cpu.max": "50000 100000\n"}, 1),  # docker --cpus 0.5: one core, rounded up
-    ({"cpu.max": "max 100000\n"}, None),  # no quota: the cores it may run on
-    ({"cpu.max": "garbage\n"}, None),
-    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
-    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
-    ({}, None),  # no cgroup files at all
-], ids=["v2-half", "v2-max", "v2-unreadable", "v1-one", "v1-none", "none"])
-def test_a_cgroup_cpu_quota_bounds_the_cores_used(tmp_path, files, cores):
+@pytest.mark.parametrize("proc, files, cores", [
+    ("0::/\n", {"cpu.max": "50000 100000\n"}, 1),  # docker --cpus 0.5 (cgroup v2): one core, rounded up
+    ("0::/\n", {"cpu.max": "max 100000\n"}, None),  # no quota: the cores it may run on
+    ("0::/\n", {"cpu.max": "garbage\n"}, None),
+    ("0::/job/step\n", {"job/cpu.max": "100000 100000\n", "job/step/cpu.max": "max 100000\n"}, 1),  # a parent's
+    ("0::/docker/abc\n", {"cpu.max": "100000 100000\n"}, 1),  # its own cgroup mounted as the root
+    ("1:cpu,cpuacct:/\n", {"cpu,cpuacct/cpu.cfs_quota_us": "100000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 1),
+    ("1:cpu:/\n0::/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1 beside v2
+    ("4:memory:/x\n", {"cpu.max": "100000 100000\n"}, None),  # no cpu controller named
+    ("", {}, None),  # no cgroups at all
+], ids=["v2-half", "v2-max", "v2-unreadable", "v2-parent", "v2-own-root", "v1-one", "v1-none", "no-cpu", "none"])
+def test_a_cgroup_cpu_quota_bounds_the_cores_used(tmp_path, proc, files, cores):
     from vlpcache.devices import usable_cores
 
     for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    assert usable_cores(tmp_path) == (cores or len(os.sched_getaffinity(0)))
+        (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / name).write_text(text)
+    (tmp_path / "cgroup").write_text(proc)
+    assert usable_cores(tmp_path / "fs", tmp_path / "cgroup") == (cores or len(os.sched_getaffinity(0)))
+
+
+def test_extract_in_a_cgroup_given_half_a_core_starts_one_decoding_worker_and_one_torch_thread(tmp_path):
+    """A real cgroup (v1's cpu controller, or v2's), its quota half a core, as `docker --cpus 0.5` makes one."""
+    code = ("import torch; from vlpcache.devices import "
+            "fit_torch_threads, quota_threads, usable_cores; from vlpcache.extract.options import ExtractOptions; "
+            "fit_torch_threads(); print(usable_cores(), ExtractOptions().worker_count(), quota_threads(), "
+            "torch.get_num_threads())")
+    for base in (Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")):
+        folder = base / f"vlpcache-test-{os.getpid()}"
+        try:
+            folder.mkdir()
+        except OSError:
+            continue
+        try:
+            if (folder / "cpu.cfs_quota_us").exists():
+                (folder / "cpu.cfs_quota_us").write_text("50000")
+            elif (folder / "cpu.max").exists():
+                (folder / "cpu.max").write_text("50000 100000")
+            else:
+                continue
+            inside = subprocess.run(["sh", "-c", f'echo $$ > {folder / "cgroup.procs"} && exec "$0" -c "$1"',
+                                     sys.executable, code], capture_output=True, text=True, timeout=HANG_GUARD_S,
+                                    env={k: v for k, v in os.environ.items()  # as users run it: torch's own count
+                                         if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
+            quota = "1" if len(os.sched_getaffinity(0)) > 1 else "0"  # (0: the cores it may run on are no more)
+            assert inside.stdout.split() == ["1", "1", quota, "1"], inside.stderr  # one worker, torch one thread
+            return
+        finally:
+            folder.rmdir()
+    pytest.skip("no cgroup to make here (needs root and a writable cgroup filesystem with the cpu controller)")

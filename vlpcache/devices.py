@@ -20,32 +20,81 @@ DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_DEVICE = "auto"
 
 
-def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup"), proc: Path = Path("/proc/self/cgroup")) -> int:
     """The CPU cores this process may use, at least 1: those it may run on (taskset, a SLURM job's cpuset: not the
-    node's 128 that os.cpu_count() says), at most its cgroup's CPU quota rounded up (docker --cpus, a Kubernetes
-    limit)."""
+    node's 128 that os.cpu_count() says), at most its cgroups' CPU quota rounded up (docker --cpus, a Kubernetes
+    limit); `cgroup`: where the cgroup filesystems are mounted, `proc`: the process's cgroups (/proc/self/cgroup)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    quota = _cgroup_quota(cgroup)
+    quota = cgroup_quota(cgroup, proc)
     return max(1, min(cores, quota) if quota else cores)
 
 
-def _cgroup_quota(cgroup: Path) -> int | None:
-    """The CPU quota of the cgroup mounted at `cgroup` in whole cores, rounded up (cgroup v2's cpu.max, else v1's
-    cpu.cfs_quota_us over cpu.cfs_period_us); None where there is none (or none readable)."""
+def quota_threads() -> int:
+    """The threads a thread pool should use where the cgroup's CPU quota is below the cores this process may run
+    on (torch's and onnxruntime's own defaults follow the latter: `docker --cpus 2` on a 64-core machine would run
+    64 threads on 2 cores' time); 0 where their defaults fit."""
     try:
-        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        return 0
+    usable = usable_cores()
+    return usable if usable < cores else 0
+
+
+def fit_torch_threads() -> None:
+    """torch's CPU threads bounded by the cgroup's CPU quota (quota_threads), unless the user set OMP_NUM_THREADS."""
+    if (threads := quota_threads()) and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def cgroup_quota(cgroup: Path, proc: Path) -> int | None:
+    """The smallest CPU quota of the process's cgroup and those above it, in whole cores rounded up (cgroup v2's
+    cpu.max, v1's cpu.cfs_quota_us over cpu.cfs_period_us); None where there is none, or none can be read. A
+    path the mount does not show (a container's own cgroup mounted as its root) is looked for higher up."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and not controllers:  # v2: the unified tree (beside v1's in a hybrid layout)
+            bases = [cgroup, cgroup / "unified"]
+        elif "cpu" in controllers.split(","):
+            bases = [cgroup / controllers, cgroup / "cpu"]
+        else:
+            continue
+        for base in bases:
+            for folder in _up_from(base, path):
+                if (quota := _quota_in(folder)) is not None:
+                    quotas.append(quota)
+    return min(quotas) if quotas else None
+
+
+def _up_from(base: Path, path: str) -> list[Path]:
+    """`base`/`path` and each folder above it up to `base`."""
+    parts = [part for part in path.split("/") if part and part != ".."]
+    return [base.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
+def _quota_in(folder: Path) -> int | None:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
     except (OSError, ValueError):
         try:
-            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
-            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+            quota = (folder / "cpu.cfs_quota_us").read_text().strip()
+            period = (folder / "cpu.cfs_period_us").read_text().strip()
         except OSError:
             return None
     try:
         quota, period = int(quota), int(period)
-    except ValueError:  # "max": no quota
+    except ValueError:  # "max": no quota here
         return None
     return math.ceil(quota / period) if quota > 0 and period > 0 else None
 

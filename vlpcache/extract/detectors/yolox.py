@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from vlpcache.cache.schema import NMS_IOU, SCORE_THRESHOLD
+from vlpcache.devices import quota_threads
 from vlpcache.extract.detectors.inference import set_autotune
 from vlpcache.extract.detectors.mobilenet import mobilenet_trunk
 from vlpcache.extract.detectors.regions import FrameRegions, select_detections, with_frame_region
@@ -238,7 +239,7 @@ class YoloxDetector:
         set_autotune(self.device, self.config.autotune)
 
     def _load_onnxruntime(self) -> None:
-        device, threads = self.config.device, self.config.threads
+        device, threads = self.config.device, self.config.threads or quota_threads()
         autotune = self.config.autotune
         detector = _yolox_onnx(self.spec.detector_file, self.spec.provenance["detector_weights_sha256"], self.use_neck)
         self.session = _onnx_session(detector, device, threads, autotune)
