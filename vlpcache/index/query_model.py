@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from vlpcache.captions import unknown_tokens
+from vlpcache.devices import quota_threads
 from vlpcache.index.layout import QUERY_DIR
 from vlpcache.records import read_json, read_optional_json
 
@@ -72,6 +73,8 @@ class OnnxQueryModel:
         # idle threads that spin between runs take the cores from the rest of the query (and from a
         # server's other requests): 33 -> 15 ms per search on 2 busy cores (bench/serve_latency.py)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads := quota_threads():  # within a cgroup's CPU quota (docker --cpus): onnxruntime knows none
+            options.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]
         self.text = ort.InferenceSession(str(folder / TEXT_GRAPH), options, providers=providers)
         self.rerank = ort.InferenceSession(str(folder / RERANK_GRAPH), options, providers=providers)
