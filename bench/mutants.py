@@ -1873,6 +1873,12 @@ MUTANTS += [
     mutant("quota-threads-unfitted", "vlpcache/devices.py",
            "    if (threads := quota_threads()) and \"OMP_NUM_THREADS\" not in os.environ:", "    if False:",
            "tests/test_extract.py -k cgroup_given_half", "torch's threads in extract and index are bound to a cgroup's CPU quota"),
+    mutant("loader-start-inherited", "vlpcache/model/train.py",
+           "LOADER_START = \"fork\" if \"fork\" in multiprocessing.get_all_start_methods() else None", "LOADER_START = None",
+           "tests/test_pretrain.py -k sigterm_to_the_whole_job", "under Python 3.14's forkserver, a job's SIGTERM stops pretraining cleanly (loading workers forked)"),
+    mutant("bars-multiprocess-lock", "vlpcache/cli.py",
+           "    escape_what_stdout_cannot_encode()\n    bars_locked_in_this_process()\n", "    escape_what_stdout_cannot_encode()\n",
+           "tests/test_extract.py -k progress_bar_written", "under Python 3.14's forkserver, extract ends with its summary, no leaked-semaphore warning"),
 ]
 
 

@@ -40,6 +40,22 @@ def _own_workspace(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path_factory.mktemp("workspace") / ".vlpcache"))
 
 
+START_METHODS = ["inherited", "forkserver"]  # the interpreter's own default, and Python 3.14's on Linux
+
+
+@pytest.fixture(params=START_METHODS)
+def start_method(request, tmp_path_factory, monkeypatch) -> str:
+    """The start method of multiprocessing in the commands a test starts: the interpreter's own ("inherited":
+    fork on Linux up to Python 3.13), or forkserver, Python 3.14's default on Linux, set by a sitecustomize that
+    every Python started with this PYTHONPATH runs first."""
+    if request.param == "forkserver":
+        site = tmp_path_factory.mktemp("forkserver-site")
+        (site / "sitecustomize.py").write_text('import multiprocessing\nmultiprocessing.set_start_method("forkserver", '
+                                               'force=True)\n')
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    return request.param
+
+
 def _need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"shared data not found at {path} (set VLPCACHE_SHARED to the shared/ folder)")

@@ -876,9 +876,9 @@ def patched_step(*args):
 
 
 def test_sigterm_to_the_whole_job_stops_pretraining_with_one_line_and_the_resume_command(tmp_path, corpus, tiny_text,
-                                                                                          monkeypatch):
+                                                                                          monkeypatch, start_method):
     # it died of it, as of kill -9; stopping instead, it then failed on its data-loading worker, which the
-    # same SIGTERM had killed
+    # same SIGTERM had killed (under forkserver, Python 3.14's: by killing the server the worker was started by)
     monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
     run_dir = tmp_path / "run"
     command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "1")
@@ -1170,8 +1170,9 @@ if "CTRL_C_AFTER_STEP" in os.environ:  # a Ctrl-C to torchrun, which passes it o
         return values
 
     train.train_step = stepped
-sys.argv = ["vlpcache", *sys.argv[1:]]
-main()
+if __name__ == "__main__":  # (a process started by spawn or forkserver imports this file again)
+    sys.argv = ["vlpcache", *sys.argv[1:]]
+    main()
 """
 
 

@@ -41,7 +41,7 @@ from vlpcache.metrics import RERANK_CANDIDATES
 from vlpcache.model.config import ModelConfig as M  # defaults shown in `pretrain --help`
 from vlpcache.model.config import MAX_CAPTIONS_PER_VIDEO, MAX_CAPTIONS_PER_VIDEO_TEXT_TRAINING, PRECISIONS
 from vlpcache.model.config import TrainConfig as T
-from vlpcache.report import close_bars, escape_what_stdout_cannot_encode
+from vlpcache.report import bars_locked_in_this_process, close_bars, escape_what_stdout_cannot_encode
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -519,6 +519,7 @@ def exit_now(code: int) -> None:
 
 def main() -> None:
     escape_what_stdout_cannot_encode()
+    bars_locked_in_this_process()
     with stops_remembered():  # a Ctrl-C or SIGTERM that lands where Python drops it still stops the long loops
         try:
             try:

@@ -97,6 +97,16 @@ class BarLog:
         pass
 
 
+def bars_locked_in_this_process() -> None:
+    """tqdm's bars share a lock between threads only. Its default also makes a multiprocessing lock: a named
+    semaphore, which, made under the spawn or forkserver start method (Python 3.14's default on Linux), the
+    resource tracker counts as leaked and says so on stderr after a command that ends by os._exit (extract);
+    vlpcache's worker processes draw no bars."""
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
+
+
 def progress_bar(iterable=None, **options):
     """A tqdm bar on stderr that follows the terminal's size. A terminal that reports 0 x 0 (a
     pseudo-terminal nobody sized: `script` run from cron, some container sessions) gets

@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import random
 import time
@@ -84,6 +85,10 @@ def learning_rate_factor(step: int, total: int, warmup: int) -> float:
 # the default group gives up after its timeout (10 minutes with NCCL, 30 with gloo) and ends the run
 ONE_TIME_WORK_TIMEOUT = timedelta(hours=24)
 GLOO_SETTLE_SECONDS = 0.5  # settle_before_destroy's wait on torch < 2.8
+# Loading workers forked, as Python up to 3.13 starts them on Linux: Python 3.14's forkserver puts them under a
+# server process that a job's SIGTERM kills, and torch's workers end when their parent changes, so a stop the
+# training process would have made cleanly failed on its lost workers (leave_stops_to_the_parent)
+LOADER_START = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
 @dataclass
@@ -734,6 +739,7 @@ def make_loader(run: Run, trainer: Trainer, processes: Processes) -> Loader:
         drop_last=True,  # equal batches: all-gather needs them, and a tiny last batch has no negatives
         prefetch_factor=4 if workers else None,
         worker_init_fn=leave_stops_to_the_parent if workers else None,
+        multiprocessing_context=LOADER_START if workers else None,
     )
     steps = len(sampler) // batch  # sampler.skip is 0 here: a whole epoch
     total = steps * run.train.epochs
