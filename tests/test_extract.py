@@ -833,9 +833,11 @@ def test_default_workers_follow_the_cores_this_process_may_use_not_the_machines(
     pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=HANG_GUARD_S)
     assert pinned.stdout.split() == ["1", "1"], pinned.stderr
+    from vlpcache.devices import usable_cores
+
     free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S)
-    cores = len(os.sched_getaffinity(0))
-    assert free.stdout.split() == [str(cores), str(cores - 1)], free.stderr
+    cores = usable_cores()  # (this machine's: a CPU quota, where one binds, counts too)
+    assert free.stdout.split() == [str(cores), str(max(1, cores - 1))], free.stderr
 
 
 @pytest.mark.parametrize("proc, files, cores", [
@@ -878,10 +880,12 @@ def test_extract_in_a_cgroup_given_half_a_core_starts_one_decoding_worker_and_on
                 (folder / "cpu.max").write_text("50000 100000")
             else:
                 continue
-            inside = subprocess.run(["sh", "-c", f'echo $$ > {folder / "cgroup.procs"} && exec "$0" -c "$1"',
+            inside = subprocess.run(["sh", "-c", f'echo $$ > {folder / "cgroup.procs"} || exit 97; exec "$0" -c "$1"',
                                      sys.executable, code], capture_output=True, text=True, timeout=HANG_GUARD_S,
                                     env={k: v for k, v in os.environ.items()  # as users run it: torch's own count
                                          if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
+            if inside.returncode == 97:  # (cgroup v2's rules, or a container's, keep a process out of it)
+                pytest.skip(f"cannot move a process into the cgroup made here: {inside.stderr.strip()}")
             quota = "1" if len(os.sched_getaffinity(0)) > 1 else "0"  # (0: the cores it may run on are no more)
             assert inside.stdout.split() == ["1", "1", quota, "1"], inside.stderr  # one worker, torch one thread
             return
