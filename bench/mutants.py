@@ -1865,7 +1865,7 @@ MUTANTS += [
            "  if (maxUpload && file.size > maxUpload) {", "  if (false) {",
            "tests/test_like_outside.py -k page_finds", "the page refuses a file larger than the server takes before sending it"),
     mutant("cores-of-the-machine", "vlpcache/devices.py",
-           "        cores = len(os.sched_getaffinity(0))\n    except AttributeError:  # not Linux\n", "        cores = os.cpu_count() or 1\n    except AttributeError:  # not Linux\n",
+           "        return len(os.sched_getaffinity(0))\n", "        return os.cpu_count() or 1\n",
            "tests/test_extract.py -k cores_this_process", "extract's default workers follow the cores this process may use (a SLURM job's), not the machine's"),
     mutant("cores-quota-ignored", "vlpcache/devices.py",
            "    return max(1, min(cores, quota) if quota else cores)", "    return max(1, cores)",

@@ -24,24 +24,25 @@ def usable_cores(cgroup: Path = Path("/sys/fs/cgroup"), proc: Path = Path("/proc
     """The CPU cores this process may use, at least 1: those it may run on (taskset, a SLURM job's cpuset: not the
     node's 128 that os.cpu_count() says), at most its cgroups' CPU quota rounded up (docker --cpus, a Kubernetes
     limit); `cgroup`: where the cgroup filesystems are mounted, `proc`: the process's cgroups (/proc/self/cgroup)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
+    cores = runnable_cores()
     quota = cgroup_quota(cgroup, proc)
     return max(1, min(cores, quota) if quota else cores)
+
+
+def runnable_cores() -> int:
+    """The cores this process may run on: its affinity (taskset, a cpuset), where the system says it."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def quota_threads() -> int:
     """The threads a thread pool should use where the cgroup's CPU quota is below the cores this process may run
     on (torch's and onnxruntime's own defaults follow the latter: `docker --cpus 2` on a 64-core machine would run
     64 threads on 2 cores' time); 0 where their defaults fit."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        return 0
     usable = usable_cores()
-    return usable if usable < cores else 0
+    return usable if usable < runnable_cores() else 0
 
 
 def fit_torch_threads() -> None:
