@@ -1847,7 +1847,7 @@ MUTANTS += [
            "        if host not in self.refused and len(self.refused) < REFUSED_HOSTS_SAID:", "        if False:",
            "tests/test_serve.py -k another_host_name", "a request for another Host name is said in the server's log, naming --allow-host"),
     mutant("serve-allow-host-url-taken", "vlpcache/serve/app.py",
-           "        if \"://\" in host or \"/\" in host or not host or \" \" in host:", "        if False:",
+           "        if \"://\" in name or \"/\" in name or not host or \" \" in host:", "        if False:",
            "tests/test_serve.py -k allow_host_takes", "--allow-host given an address (https://...) is one line naming the host name to give"),
     mutant("upload-lock-kept-after-its-turn", "vlpcache/serve/app.py",
            "        finally:\n            self.comparing.release()\n", "        finally:\n            pass\n",

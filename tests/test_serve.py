@@ -285,7 +285,7 @@ def test_who_reaches_the_server_is_said_where_others_than_its_user_may(monkeypat
                                             "https://hub.example.org/user/ann/proxy/8000/\n")
 
 
-@pytest.mark.parametrize("name", ["https://hub.example.org/user/ann/proxy/8000/", "hub.example.org/lab", ""])
+@pytest.mark.parametrize("name", ["https://hub.example.org/user/ann/proxy/8000/", "hub.example.org/lab", "", ":8443"])
 def test_allow_host_takes_a_host_name_not_an_address(ws, name):
     code, _, err = _run_cli(ws, "serve", "--port", "0", "--allow-host", name, guard_s=120)  # (a server started: a hang)
     assert code == 2 and err == (f"error: --allow-host {name!r}: give the proxy's host name as the browser's address "

@@ -483,8 +483,13 @@ def _names(hosts: frozenset[str]) -> str:
 
 
 def _host_name(scope) -> str:
-    host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "").lower()
-    if host.startswith("["):  # [::1]:8000
+    return _without_port(next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "").lower())
+
+
+def _without_port(host: str) -> str:
+    """A Host's name without its port: [::1]:8000 -> [::1], hub.example.org:8443 -> hub.example.org (a bare IPv6
+    address, ::1, as it is)."""
+    if host.startswith("["):
         return host[: host.find("]") + 1]
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
@@ -501,14 +506,10 @@ def proxy_host_names(names) -> frozenset[str]:
     line saying which is no host name."""
     hosts = set()
     for name in names or ():
-        host = name.strip().lower()
-        if "://" in host or "/" in host or not host or " " in host:
+        host = _without_port(name.strip().lower())  # Host names are compared without their port
+        if "://" in name or "/" in name or not host or " " in host:  # (":8443" and "[x" name no host either)
             raise UserError(f"--allow-host {name!r}: give the proxy's host name as the browser's address has it "
                             "(hub.example.org, not https://hub.example.org/user/...)")
-        if host.count(":") == 1:  # hub.example.org:8443: Host names are compared without their port
-            host = host.split(":")[0]
-        elif host.startswith("[") and "]:" in host:  # [2001:db8::1]:8443
-            host = host[: host.index("]") + 1]
         hosts.add(f"[{host}]" if ":" in host and not host.startswith("[") else host)
     return frozenset(hosts)
 
