@@ -1872,7 +1872,7 @@ MUTANTS += [
            "tests/test_extract.py -k cgroup", "a cgroup's CPU quota (docker --cpus) bounds the cores used"),
     mutant("quota-threads-unfitted", "vlpcache/devices.py",
            "    if (threads := quota_threads()) and \"OMP_NUM_THREADS\" not in os.environ:", "    if False:",
-           "tests/test_extract.py -k cgroup_given_half", "torch's threads in extract and index are bound to a cgroup's CPU quota"),
+           "tests/test_extract.py -k cgroup_given_half", "torch's threads (every command, at resolve_device) are bound to a cgroup's CPU quota"),
     mutant("loader-start-inherited", "vlpcache/model/train.py",
            "LOADER_START = \"fork\" if \"fork\" in multiprocessing.get_all_start_methods() else None", "LOADER_START = None",
            "tests/test_pretrain.py -k sigterm_to_the_whole_job", "under Python 3.14's forkserver, a job's SIGTERM stops pretraining cleanly (loading workers forked)"),

@@ -864,9 +864,9 @@ def test_a_cgroup_cpu_quota_bounds_the_cores_used(tmp_path, proc, files, cores):
 def test_extract_in_a_cgroup_given_half_a_core_starts_one_decoding_worker_and_one_torch_thread(tmp_path):
     """A real cgroup (v1's cpu controller, or v2's), its quota half a core, as `docker --cpus 0.5` makes one."""
     code = ("import torch; from vlpcache.devices import "
-            "fit_torch_threads, quota_threads, usable_cores; from vlpcache.extract.options import ExtractOptions; "
-            "fit_torch_threads(); print(usable_cores(), ExtractOptions().worker_count(), quota_threads(), "
-            "torch.get_num_threads())")
+            "quota_threads, resolve_device, usable_cores; from vlpcache.extract.options import ExtractOptions; "
+            "resolve_device('cpu'); print(usable_cores(), ExtractOptions().worker_count(), quota_threads(), "
+            "torch.get_num_threads())")  # (every command's torch work starts at resolve_device)
     for base in (Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")):
         folder = base / f"vlpcache-test-{os.getpid()}"
         try:

@@ -101,8 +101,11 @@ def _quota_in(folder: Path) -> int | None:
 
 
 def resolve_device(device: str) -> torch.device:
-    """auto: CUDA when torch sees a GPU, else CPU; cuda without a GPU is one clear error."""
+    """auto: CUDA when torch sees a GPU, else CPU; cuda without a GPU is one clear error. Every command that
+    computes with torch comes here first, so its CPU threads are kept within a cgroup's quota here too."""
     import torch
+
+    fit_torch_threads()
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

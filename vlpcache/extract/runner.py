@@ -224,10 +224,9 @@ def detect_and_write(todo, spec: DetectorSpec, writer: ShardWriter, options: Ext
                      summary: ExtractSummary, started: float) -> None:
     """The local engine: decode `todo` in worker processes, run the detector on the frames in this
     process, write each item or its failure."""
-    from vlpcache.devices import fit_torch_threads, resolve_device
+    from vlpcache.devices import resolve_device
     from vlpcache.extract.mapper import RegionMapper
 
-    fit_torch_threads()
     reader = FrameReader(options.frames, spec.max_side, options.worker_count(), timeout=options.decode_time_limit())
     # the workers start decoding now, while torch and the networks load, up to about 256 MB of
     # decoded frames ahead (yolox at T=8: 64 items, four CUDA batches)

@@ -22,7 +22,7 @@ import numpy as np
 from vlpcache import report
 from vlpcache.cache.manifest import collection_of
 from vlpcache.cache.reader import BlankWhenDamaged, RegionCache
-from vlpcache.devices import DEFAULT_DEVICE, fit_torch_threads, resolve_device
+from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import is_write_failure, remove_temporaries, system_reason, write_failure
 from vlpcache.index.export import check_export_path, export_embeddings
@@ -436,7 +436,6 @@ def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory
     sources = resolve_sources(run_dir, cache_dir, index_dir)
     cache = open_cache(sources.cache_dir)
     device = resolve_device(device)
-    fit_torch_threads()
     run = load_run(sources.run_dir, device=device, checkpoint=checkpoint)
     config = IndexConfig(factory=factory or None, memory_budget_mb=memory_budget_mb)
     if config.factory:  # a string FAISS cannot read fails now, not after every video is encoded

@@ -23,7 +23,7 @@ import numpy as np
 
 from vlpcache.cache.reader import BlankWhenDamaged
 from vlpcache.captions import caption_queries, read_captions
-from vlpcache.devices import DEFAULT_DEVICE, fit_torch_threads, resolve_device
+from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import is_write_failure, may_write, replace_atomically, write_failure
 from vlpcache.index.build import check_run_reads_cache, open_cache, resolve_sources, run_query_bank
@@ -303,7 +303,6 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
             "caption id is an item id, a file name or path that ends in one, or the end of one); pass the matching --cache"
         )
     device = resolve_device(device)
-    fit_torch_threads()
     run = load_run(sources.run_dir, device=device, checkpoint=checkpoint)
     check_run_reads_cache(run, cache)
     if max_words:

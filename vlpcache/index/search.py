@@ -32,7 +32,7 @@ from vlpcache.cache.labels import region_names
 from vlpcache.cache.reader import DamagedShard, RegionCache
 from vlpcache.cache.schema import MOVES_DIR, REMOVED_DIR, SHARD_DIR, SHARD_SUFFIX, detector_name
 from vlpcache.captions import ids_like, item_named, model_text, text_lines
-from vlpcache.devices import DEFAULT_DEVICE, DEVICES, fit_torch_threads, resolve_device
+from vlpcache.devices import DEFAULT_DEVICE, DEVICES, resolve_device
 from vlpcache.errors import NotComparable, UserError, WriteFailed, user_message
 from vlpcache.files import may_write, read_utf8_text, utf8_text
 from vlpcache.locks import own_temporary_folder
@@ -837,7 +837,6 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
         from vlpcache.model.checkpoint import load_run
 
         device = resolve_device(device)
-        fit_torch_threads()
         run = load_run(sources.run_dir, device=device)
         check_run_reads_cache(run, cache)  # before "building it": a cache it cannot read gets no index
         index_dir = index_dir_for(sources.index_dir, run.checkpoint_sha256, cache.settings.to_json(), cache.cache_dir)
