@@ -1879,6 +1879,18 @@ MUTANTS += [
     mutant("bars-multiprocess-lock", "vlpcache/cli.py",
            "    escape_what_stdout_cannot_encode()\n    bars_locked_in_this_process()\n", "    escape_what_stdout_cannot_encode()\n",
            "tests/test_extract.py -k progress_bar_written", "under Python 3.14's forkserver, extract ends with its summary, no leaked-semaphore warning"),
+    mutant("json-lines-splitlines", "vlpcache/records.py",
+           "    lines = text.split(\"\\n\")\n", "    lines = text.splitlines()\n",
+           "tests/test_cache.py -k 'json_lines or unicode_line_separator'", "JSON Lines records split at \\n only (U+0085, U+2028 inside a path)"),
+    mutant("failure-records-splitlines", "vlpcache/cache/manifest.py",
+           "        for line in json_lines(text):", "        for line in text.splitlines():",
+           "tests/test_cache.py -k unicode_line_separator", "a failure record whose path holds U+0085 reads back"),
+    mutant("compare-records-splitlines", "vlpcache/index/compare.py",
+           "lines = json_lines(Path(path).read_text(encoding=\"utf-8\"))", "lines = Path(path).read_text(encoding=\"utf-8\").splitlines()",
+           "tests/test_compare.py -k unicode_line_separator", "compare reads a query holding U+2028 as one record"),
+    mutant("merge-records-splitlines", "vlpcache/cache/merge.py",
+           "for line in json_lines(text, keepends=True))", "for line in text.splitlines(keepends=True))",
+           "tests/test_merge.py -k reads_each_item_as_its_source_does", "merge renames the shard of a removal record whose path holds U+0085"),
 ]
 
 

@@ -19,6 +19,7 @@ from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import (LOCK_DIR, MANIFEST_NAME, SCHEMA_VERSION, SHARD_DIR, SHARD_SECONDS, CacheSettings,
                                    empty_item)
 from vlpcache.cache.manifest import passed_over_path, read_failures, read_passed_over
+from vlpcache.records import json_lines
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
 from broken_media import damage_chunk
@@ -572,6 +573,26 @@ def test_failure_log_survives_a_partial_last_line(tmp_path):
     with ShardWriter(tmp_path, SETTINGS) as writer:
         writer.record_failure("y", "/y.mp4", "corrupt")
     assert set(read_failures(tmp_path)) == {"x", "y"}
+
+
+def test_a_record_whose_path_holds_a_unicode_line_separator_reads_back(tmp_path):
+    # str.splitlines ends a line at U+0085 (what convmv -f latin1 makes of cp1252's ellipsis), U+2028 and U+2029,
+    # which a record's path keeps as they are: the record was torn in two and passed over, so the failed file
+    # was tried again at each extract, its log growing a line a time
+    names = ["bad\u0085clip", "line\u2028sep", "para\u2029sep", "plain"]
+    with ShardWriter(tmp_path, SETTINGS) as writer:
+        for name in names:
+            writer.record_failure(name, f"/data/{name}.mp4", "no video stream")
+    assert set(read_failures(tmp_path)) == set(names)
+    assert read_failures(tmp_path)["bad\u0085clip"]["path"] == "/data/bad\u0085clip.mp4"
+
+
+def test_json_lines_split_at_newlines_only():
+    assert json_lines('{"a": "x\u2028y"}\n{"b": 1}\n') == ['{"a": "x\u2028y"}', '{"b": 1}']
+    assert json_lines('{"a": "x\u0085y"}\n{"b"', keepends=True) == ['{"a": "x\u0085y"}\n', '{"b"']
+    assert json_lines("") == [] and json_lines("\n") == [""] and json_lines("a\r\nb") == ["a\r", "b"]
+    text = 'one\u2029\ntwo\n'
+    assert "".join(json_lines(text, keepends=True)) == text
 
 
 def test_a_writer_that_records_nothing_leaves_no_failure_log_and_empty_ones_left_before_go(tmp_path):

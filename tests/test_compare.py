@@ -16,7 +16,7 @@ def write_records(path, ranks, queries=None, key="rank"):
     queries = queries or [(f"caption {q}", f"video{q % 50}") for q in range(len(ranks))]
     with open(path, "w", encoding="utf-8") as f:
         for (query, video), rank in zip(queries, ranks):
-            f.write(json.dumps({"query": query, "video": video, key: int(rank), "top": []}) + "\n")
+            f.write(json.dumps({"query": query, "video": video, key: int(rank), "top": []}, ensure_ascii=False) + "\n")
     return path
 
 
@@ -70,6 +70,17 @@ def test_a_file_given_on_both_sides_is_said(tmp_path, monkeypatch, capsys):
     code, out, err = vlpcache(monkeypatch, capsys, "compare", a, "vs", write_records(tmp_path / "b.jsonl", np.arange(1, 21)),
                               "--resamples", "100")
     assert code == 0 and err == ""
+
+
+def test_a_query_holding_a_unicode_line_separator_is_one_record(tmp_path, monkeypatch, capsys):
+    # the caption reader keeps U+2028 inside a caption (its lines end at \n only), eval writes it as it is, and
+    # compare read such a file as not one of eval's ("line 1: not a record of vlpcache eval --per-query")
+    queries = [("a dog\u2028runs", "video0"), ("a cat\u0085sits", "video1")] + [(f"caption {q}", f"video{q}") for q in range(2, 20)]
+    a = write_records(tmp_path / "a.jsonl", np.arange(1, 21), queries)
+    assert "\u2028" in a.read_text(encoding="utf-8")  # written as eval writes it (ensure_ascii=False)
+    b = write_records(tmp_path / "b.jsonl", np.arange(20, 0, -1), queries)
+    result = compare_json(monkeypatch, capsys, a, b, "--resamples", "100")
+    assert result["queries"] == 20, result
 
 
 def test_the_interval_of_a_recall_difference_is_the_paired_one_not_two_independent_ones():

@@ -61,6 +61,17 @@ def read_optional_json(path: Path) -> Any | None:
         return None
 
 
+def json_lines(text: str, keepends: bool = False) -> list[str]:
+    """The lines of a JSON Lines file: split at "\n" only. str.splitlines also ends a line at U+0085, U+2028 and
+    U+2029, which json.dumps(ensure_ascii=False) leaves as they are inside a string (a file name, a caption): such
+    a record would be two torn halves, passed over as a crash's torn line."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":  # after the last line's newline
+        lines.pop()
+        return [line + "\n" for line in lines] if keepends else lines
+    return [line + "\n" for line in lines[:-1]] + lines[-1:] if keepends else lines
+
+
 def _unreadable(path: Path, what: str, err: Exception, fix: str) -> str:
     return f"{path}: unreadable{' ' + what if what else ''} ({err})" + (f"; {fix}" if fix else "")
 

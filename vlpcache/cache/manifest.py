@@ -11,7 +11,7 @@ from pathlib import Path
 from vlpcache.cache.schema import (COLLECTION_KEY, DAMAGED_DIR, FAILURE_DIR, MANIFEST_NAME, MOVES_DIR, PASSED_OVER_SUFFIX,
                                    REMOVED_DIR, CacheSettings, shard_differences)
 from vlpcache.files import system_reason
-from vlpcache.records import read_optional_json
+from vlpcache.records import json_lines, read_optional_json
 from vlpcache.report import say
 
 # what reading a damaged HDF5 file raises
@@ -78,7 +78,7 @@ def _records(folder: Path) -> dict[str, list[dict]]:
         except OSError as err:  # another user's file, made with a umask of 077: the others still count
             _say_unreadable_log(log, err)
             continue
-        for line in text.splitlines():
+        for line in json_lines(text):
             try:
                 record = json.loads(line)
                 found.setdefault(record["id"], []).append(record)

@@ -32,6 +32,7 @@ from vlpcache.cache.schema import (COMMITTED_ATTR, DAMAGED_DIR, FAILURE_DIR, MAN
 from vlpcache.cache.writer import open_cache_dir, take_writer_lock
 from vlpcache.errors import UserError
 from vlpcache.files import fsync_path, replace_atomically, system_reason, write_failure
+from vlpcache.records import json_lines
 from vlpcache.report import Say, human_size, items_word, printable, progress_bar, say
 
 MERGED_PREFIX = "m-"
@@ -186,7 +187,7 @@ def _bring_records(source: Path, target: Path, collection: str, say: Say) -> Non
                     f"items dropped or found damaged) stay out of {target}")
                 continue
             if folder in (REMOVED_DIR, DAMAGED_DIR):
-                text = "".join(_renamed_row(line, collection) for line in text.splitlines(keepends=True))
+                text = "".join(_renamed_row(line, collection) for line in json_lines(text, keepends=True))
             dest = target / folder / merged_name(collection, log.name)
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:

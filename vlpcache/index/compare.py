@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from vlpcache.errors import UserError
+from vlpcache.records import json_lines
 from vlpcache.report import printable, say
 
 RANKINGS = {  # --ranking -> the record's key, and the eval option that writes it
@@ -60,7 +61,7 @@ def read_records(path: str, ranking: str) -> tuple[list[tuple[str, str]], np.nda
     key, option = RANKINGS[ranking]
     name = printable(path)
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = json_lines(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{name}: no such file; write one with vlpcache eval --per-query {name}") from None
     except (IsADirectoryError, UnicodeDecodeError) as err:

@@ -32,7 +32,7 @@ from vlpcache.model.run_layout import (
     trainer_of,
 )
 from vlpcache.files import system_reason
-from vlpcache.records import read_optional_json
+from vlpcache.records import json_lines, read_optional_json
 from vlpcache.report import date_text, human_duration, human_size, printable
 from vlpcache.workspace import Workspace
 
@@ -58,7 +58,7 @@ def epoch_log(run_dir: Path) -> list[dict]:
     lines a crash cut short are passed over."""
     records: dict[int, dict] = {}
     try:
-        lines = (Path(run_dir) / LOG_NAME).read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = json_lines((Path(run_dir) / LOG_NAME).read_text(encoding="utf-8", errors="replace"))
     except OSError:
         return []
     for line in lines:

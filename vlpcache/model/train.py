@@ -63,7 +63,7 @@ from vlpcache.model.run_layout import (BEST_NAME, CHECKPOINT_DIR, LOCATED, LOG_N
                                        place_text, read_checkpoint_meta, run_locations,
                                        save_run_videos, saved_place)
 from vlpcache.model.text_features import FEATURES_DIR, TextFeatures, cache_kind, cached_text_features
-from vlpcache.records import write_json
+from vlpcache.records import json_lines, write_json
 from vlpcache.report import human_duration, printable, progress_bar, say
 from vlpcache.workspace import Workspace
 
@@ -750,10 +750,10 @@ def keep_log_until(log_path: Path, epoch: int) -> None:
     """Drop the log lines of epochs after `epoch` (written before a kill -9 took their checkpoint)."""
     if not log_path.exists():
         return
-    lines = log_path.read_text().splitlines(keepends=True)
+    lines = json_lines(log_path.read_text(encoding="utf-8"), keepends=True)
     kept = [line for line in lines if _logged_epoch(line) <= epoch]
     if len(kept) != len(lines):
-        replace_atomically(log_path, lambda tmp: tmp.write_text("".join(kept)))
+        replace_atomically(log_path, lambda tmp: tmp.write_text("".join(kept), encoding="utf-8"))
 
 
 def _logged_epoch(line: str) -> float:
