@@ -9,7 +9,7 @@ import pytest
 from test_pretrain import write_cache
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.writer import ShardWriter
-from vlpcache.captions import read_captions
+from vlpcache.captions import Captions, read_captions
 from vlpcache.errors import UserError
 from vlpcache.model.data import find_caption_files, load_pretrain_data
 from vlpcache.workspace import Workspace
@@ -111,7 +111,8 @@ def test_csv_columns_separated_by_what_the_header_shows_commas_in_captions_kept(
     ("image,caption", ["1,a dog runs", "2,\"a cat, sleeping\""]),  # Kaggle's Flickr8k captions.txt
     ("image_name| comment_number| comment", ["1| 0| a dog runs", "2| 0| a cat, sleeping"]),  # Flickr30k's results.csv
     ("file_name,caption", ["1,a dog runs", "2,\"a cat, sleeping\""]),
-], ids=["webvid", "clip4clip", "capitals", "flickr8k-kaggle", "flickr30k-kaggle", "file_name"])
+    ("\n\n\"video\",\"caption\"", ["1,a dog runs", "2,\"a cat, sleeping\""]),  # blank lines, then a quoted header
+], ids=["webvid", "clip4clip", "capitals", "flickr8k-kaggle", "flickr30k-kaggle", "file_name", "blank-lines-first"])
 def test_csv_files_of_webvid_and_clip4clip_are_read_by_their_own_column_names(tmp_path, header, rows):
     csv = tmp_path / "c.csv"
     csv.write_text("\n".join([header, *rows]) + "\n")
@@ -263,12 +264,14 @@ def test_msvd_video_corpus_csv_reads_english_rows_as_captions_of_clips_named_vid
                       "mv89psg6zh4,33,46,2,clean,12,German,Ein Vogel in einem Waschbecken.\n"
                       "mv89psg6zh4,33,46,3,clean,9,english,A parakeet is bathing\n"
                       "-4wsuPCjDBc,5,15,4,clean,7,English,a squirrel eats\n"
+                      "-4wsuPCjDBc,5,15,5,clean,8,English,A man walks, then runs, fast\n"  # a comma unquoted: not cut there
                       "-4wsuPCjDBc,5\n")
     captions = read_captions(corpus)
     assert captions.by_id == {"mv89psg6zh4_33_46": ["A bird, in a sink.", "A parakeet is bathing"],
-                              "-4wsuPCjDBc_5_15": ["a squirrel eats"]}
-    assert captions.layout == "MSVD's video_corpus.csv (clips VideoID_Start_End, English), 1 sentence(s) in other languages left aside"
-    assert captions.first_bad_line == f"{corpus} line 7: 2 fields where the header has 8"
+                              "-4wsuPCjDBc_5_15": ["a squirrel eats", "A man walks, then runs, fast"]}
+    assert captions.layout == ("MSVD's video_corpus.csv (clips VideoID_Start_End, English), 1 sentence(s) in other "
+                               "languages left aside, 1 caption(s) with an unquoted comma read whole")
+    assert captions.first_bad_line == f"{corpus} line 8: 2 fields where the header has 8"
 
 
 def test_text_files_of_an_id_and_a_caption_per_line_are_read_as_msvd_and_flickr_ship_them(tmp_path):
@@ -291,6 +294,9 @@ def test_text_files_of_an_id_and_a_caption_per_line_are_read_as_msvd_and_flickr_
     rows = ['1000268201_693b08cb0e.jpg,A child in a pink dress .', '1000268201_693b08cb0e.jpg,"A girl, going in ."']
     kaggle.write_text("\n".join(["image,caption", *rows]) + "\n")
     expected = {"1000268201_693b08cb0e.jpg": ["A child in a pink dress .", "A girl, going in ."]}
+    assert read_captions(kaggle).by_id == expected and read_captions(kaggle).layout == "CSV"
+    # its header quoted, as pandas' to_csv(quoting=csv.QUOTE_ALL) writes it: a CSV still, not an id `"1000...jpg","A`
+    kaggle.write_text("\n".join(['"image","caption"', *(f'"{a}","{b.strip(chr(34))}"' for a, b in (r.split(",", 1) for r in rows))]))
     assert read_captions(kaggle).by_id == expected and read_captions(kaggle).layout == "CSV"
     kaggle.write_text("\n".join(["1000268201_693b08cb0e.jpg,A child in a pink dress .",
                                  "1000268201_693b08cb0e.jpg,A girl, going in ."]) + "\n")
@@ -410,6 +416,26 @@ def test_caption_ids_that_are_the_cache_names_with_a_prefix_are_said_so(tmp_path
     with pytest.raises(UserError) as raised:
         load_pretrain_data([cache], [unrelated], None, workspace=Workspace(tmp_path / "ws"))
     assert "in front" not in str(raised.value)
+
+
+def test_an_item_given_two_splits_is_held_out_where_one_of_them_is_and_the_conflict_is_said(tmp_path, cache):
+    """Rows (or files) that give an item test, then train: the last row won, and the test item's captions were
+    trained on without a word. Now a held-out split wins over one that is not, and the summary says so."""
+    rows = tmp_path / "rows.jsonl"
+    write_jsonl(rows, [{"video": "v0", "captions": ["a"], "split": "test"}, {"video": "v0", "captions": ["b"], "split": "train"},
+                       {"video": "v1", "captions": ["c"], "split": "train"}, {"video": "v2", "captions": ["d"], "split": "train"},
+                       {"video": "v2", "captions": ["e"], "split": "restval"}])
+    captions = read_captions(rows)
+    assert captions.splits == {"v0": "test", "v1": "train", "v2": "restval"} and captions.split_conflicts == 2
+    data = load_pretrain_data([cache], [rows], None, workspace=Workspace(tmp_path / "ws"))
+    assert trained_captions(data) == {"v1": ["c"], "v2": ["d", "e"]}
+    assert ("note: 2 caption rows give an item another split than an earlier one (the first: 'v0': test, then train): "
+            "such an item takes its held-out split (val, test...) where it has one, else the last, and is never "
+            "trained on once held out") in data.summary()
+    other = tmp_path / "other.csv"  # two files: the second's train does not undo the first's val
+    other.write_text("video,caption,split\nv1,f,val\n")
+    data = load_pretrain_data([cache], [other, rows], None, workspace=Workspace(tmp_path / "ws"))
+    assert trained_captions(data) == {"v2": ["d", "e"]} and validation_captions(data) == {"v1": ["f"]}
 
 
 def test_a_hand_written_csv_its_split_column_honoured_and_unquoted_commas_read_whole(tmp_path, cache):
@@ -612,6 +638,23 @@ def test_a_caption_id_in_another_unicode_form_or_with_spaces_around_names_its_vi
     assert "3 items with captions" in line and "1 captioned ids not in the cache(s) (e.g. 'nowhere.mp4')" in line
     assert ("2 caption ids name their video in another Unicode form or with spaces around it (e.g. '  clips/v1.mp4 ' "
             "for 'clips/v1')") in line
+
+
+def test_the_end_of_an_id_in_another_unicode_form_or_with_spaces_around_names_its_video():
+    """A folder of splits made on macOS (ids `train/<NFD name>`) and a caption file that names each video by its
+    own name, typed composed or with spaces around it: each names its video by the end of its id, as a whole id
+    or path in another form does."""
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFD", "train/téléphone")
+    ids = [decomposed, "train/v1", "test/v2", "a/twice", "b/twice"]
+    keys = {unicodedata.normalize("NFC", "téléphone"): ["a phone rings"], " v1 ": ["a cat"], "v2.mp4 ": ["a bird"],
+            " twice": ["either"], "nowhere": ["none"]}
+    matched, matches = Captions(dict(keys)).matched_to(ids)
+    assert matched.by_id == {decomposed: ["a phone rings"], "train/v1": ["a cat"], "test/v2": ["a bird"],
+                             " twice": ["either"], "nowhere": ["none"]}
+    assert matches.by_tail == [("téléphone", decomposed), (" v1 ", "train/v1"), ("v2.mp4 ", "test/v2")]
+    assert matches.ambiguous == [(" twice", ["a/twice", "b/twice"])]
 
 
 def test_an_item_named_by_a_key_wins_over_a_shorter_tail_and_a_key_naming_none_stays():

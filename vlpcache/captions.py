@@ -40,6 +40,9 @@ from vlpcache.errors import UserError
 from vlpcache.files import decode_text, read_utf8_text
 from vlpcache.report import printable, progress_bar
 
+VALIDATION_SPLITS = {"val", "valid", "validate", "validation"}  # "validate": MSR-VTT's own annotations
+HELD_OUT_STEMS = VALIDATION_SPLITS | {"test", "testing", "devtest", "dev", "eval", "evaluation", "heldout", "holdout"}
+
 
 @dataclass
 class Captions:
@@ -54,6 +57,27 @@ class Captions:
     repeated: int = 0  # captions of an id that another file merged in gave it already (read once)
     layout: str = ""  # how the file was read: "JSON Lines", "CSV", a JSON_LAYOUTS name...
     segments: bool = False  # its sentences each describe a segment of their video (ActivityNet Captions, YouCook2)
+    split_conflicts: int = 0  # items given two splits (set_split)
+    first_split_conflict: str = ""  # "'v1': test, then train", for the report
+
+    def set_split(self, item_id: str, split: str) -> None:
+        """An item's split. Where rows (or files) give it two, a held-out one (val, test...) wins over one that is
+        not, else the last: no caption of an item held out anywhere is trained on. The conflict is counted."""
+        before = self.splits.get(item_id)
+        if before is not None and before != split:
+            self.split_conflicts += 1
+            self.first_split_conflict = self.first_split_conflict or f"{item_id!r}: {before}, then {split}"
+            if before.lower() in HELD_OUT_STEMS and split.lower() not in HELD_OUT_STEMS:
+                return
+        self.splits[item_id] = split
+
+    def split_conflicts_line(self) -> str:
+        """A note on the items given two splits; "" where none is."""
+        if not self.split_conflicts:
+            return ""
+        return (f"note: {self.split_conflicts} caption rows give an item another split than an earlier one (the first: "
+                f"{self.first_split_conflict}): such an item takes its held-out split (val, test...) where it has one, "
+                "else the last, and is never trained on once held out")
 
     def bad_lines_text(self) -> str:
         """", 3 unreadable caption lines (the first: FILE line N: why)", or "" when all were read."""
@@ -72,7 +96,10 @@ class Captions:
             self.repeated += len(caps) - len(new)
             mine.extend(new)
         self.repeated += other.repeated
-        self.splits.update(other.splits)
+        self.split_conflicts += other.split_conflicts
+        self.first_split_conflict = self.first_split_conflict or other.first_split_conflict
+        for item_id, split in other.splits.items():
+            self.set_split(item_id, split)
         self.empty_captions += other.empty_captions
         self.bad_lines += other.bad_lines
         self.first_bad_line = self.first_bad_line or other.first_bad_line
@@ -86,7 +113,7 @@ class Captions:
         matched those ways, and the keys that end several ids (left unmatched)."""
         ids = list(ids)
         known = set(ids)
-        by_id, splits, matches, tails, forms = {}, {}, KeyMatches(), None, None
+        by_id, splits, matches, tails, forms, form_tails = {}, {}, KeyMatches(), None, None, None
         for key, texts in self.by_id.items():
             item, how = (key, None) if key in known else (item_named_by(key, known), matches.by_path)
             if item is None:  # in another Unicode form (macOS writes file names decomposed), or with spaces around
@@ -96,6 +123,10 @@ class Captions:
             if item is None:
                 tails = tails or ItemTails(ids)  # in the caches' order, not a set's: the same example every run
                 item, several = tails.item_ending_in(key)
+                if item is None and not several:  # in another Unicode form, or with spaces: `café` of `train/café`
+                    form_tails = form_tails or ItemTails(forms)
+                    named, several = form_tails.item_ending_in(_normal(key))
+                    item, several = forms.get(named), [forms[s] for s in several]
                 how = matches.by_tail
                 if several:
                     matches.ambiguous.append((key, several))
@@ -430,7 +461,7 @@ def _csv_header(text: str) -> bool:
     """Whether the first line of a text file is a CSV header with a video and a caption column."""
     first = next((line for line in text.splitlines() if line.strip()), "")
     for delimiter in CSV_DELIMITERS:
-        names = {name.strip().lower() for name in first.split(delimiter)}
+        names = {name.strip().lower() for name in next(csv.reader([first], delimiter=delimiter), [])}  # "video","caption" too
         if names & set(CSV_VIDEO_COLUMNS) and names & set(CSV_CAPTION_COLUMNS):
             return True
     return False
@@ -486,13 +517,13 @@ def _read_csv(captions: Captions, path: Path, text: str) -> str:
     delimiters = sorted(CSV_DELIMITERS, key=lambda d: d != ("\t" if path.suffix.lower() == ".tsv" else ","))
     for delimiter in delimiters:
         rows = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-        lowered = [name.strip().lower() for name in next(rows, [])]  # `Video`, `Caption` too
+        lowered = [name.strip().lower() for name in next((row for row in rows if row), [])]  # `Video`, `Caption` too; blank lines first
         video = next((name for name in CSV_VIDEO_COLUMNS if name in lowered), None)
         caption = next((name for name in CSV_CAPTION_COLUMNS if name in lowered), None)
         if video is not None and caption is not None:
             break
     else:
-        first_row = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiters[0]), [])
+        first_row = next((row for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiters[0]) if row), [])
         raise UserError(f"{path}: a CSV caption file needs a video column ({', '.join(CSV_VIDEO_COLUMNS)}) and a "
                         f"caption column ({', '.join(CSV_CAPTION_COLUMNS)}), separated by commas, semicolons, tabs or "
                         f"pipes; its header has {printable(', '.join(c.strip() for c in first_row)) or 'no columns'}")
@@ -516,7 +547,7 @@ def _read_csv(captions: Captions, path: Path, text: str) -> str:
             texts = [text for text in row[caption].split(several) if text.strip()] or [""]
         _add(captions, row[video], texts)
         if row.get(CSV_SPLIT_COLUMN, "").strip():
-            captions.splits[row[video]] = row[CSV_SPLIT_COLUMN].strip()
+            captions.set_split(row[video], row[CSV_SPLIT_COLUMN].strip())
     separator = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}[delimiter]
     note = f"{joined} caption(s) with an unquoted {separator} read whole" if joined else ""
     return ", ".join(filter(None, ("CSV", CSV_DELIMITERS[delimiter], note)))
@@ -531,7 +562,7 @@ MSVD_LANGUAGE = "english"  # the language of the default text model's vocabulary
 
 def _msvd_corpus_header(text: str) -> bool:
     first = next((line for line in text.splitlines() if line.strip()), "")
-    return set(MSVD_CORPUS_COLUMNS) <= {name.strip().lower() for name in first.split(",")}
+    return set(MSVD_CORPUS_COLUMNS) <= {name.strip().lower() for name in next(csv.reader([first]), [])}
 
 
 def _read_msvd_corpus(captions: Captions, path: Path, text: str) -> str:
@@ -540,7 +571,7 @@ def _read_msvd_corpus(captions: Captions, path: Path, text: str) -> str:
     rows = csv.reader(io.StringIO(text, newline=""))
     lowered = next(([name.strip().lower() for name in header] for header in rows if header), [])  # blank lines first
     at = {name: lowered.index(name) for name in MSVD_CORPUS_COLUMNS}
-    other_languages = 0
+    other_languages = joined = 0
     for fields in rows:  # one sentence a row
         if not fields:  # a blank line
             continue
@@ -548,6 +579,9 @@ def _read_msvd_corpus(captions: Captions, path: Path, text: str) -> str:
             _bad_line(captions, path, rows.line_num, f"{len(fields)} fields where the header has {len(lowered)}")
             continue
         row = {name: fields[i].strip() for name, i in at.items()}
+        if len(fields) > len(lowered) and at["description"] == len(lowered) - 1:  # its last column: a comma unquoted
+            row["description"] = ",".join(fields[at["description"]:]).strip()
+            joined += 1
         if row["language"].lower() != MSVD_LANGUAGE:
             other_languages += 1
             continue
@@ -556,7 +590,8 @@ def _read_msvd_corpus(captions: Captions, path: Path, text: str) -> str:
             continue
         _add(captions, f"{row['videoid']}_{row['start']}_{row['end']}", [row["description"]])
     skipped = f", {other_languages} sentence(s) in other languages left aside" if other_languages else ""
-    return f"MSVD's video_corpus.csv (clips VideoID_Start_End, English){skipped}"
+    whole = f", {joined} caption(s) with an unquoted comma read whole" if joined else ""
+    return f"MSVD's video_corpus.csv (clips VideoID_Start_End, English){skipped}{whole}"
 
 
 SIDECAR_SUFFIX = ".txt"
@@ -617,7 +652,7 @@ def _take_records(captions: Captions, path: Path, numbered, unit: str = "line") 
         item_id, texts, split = parsed
         _add(captions, item_id, texts)
         if split is not None:
-            captions.splits[item_id] = split
+            captions.set_split(item_id, split)
 
 
 def _json_document(text: str):
@@ -669,7 +704,7 @@ def _read_msrvtt(captions: Captions, path: Path, document: dict) -> None:
         _add(captions, sentence["video_id"], [sentence.get("caption")])
     for video in _list_of(document, "videos"):
         if isinstance(video, dict) and _is_id(video.get("video_id")) and isinstance(video.get("split"), str):
-            captions.splits[str(video["video_id"])] = video["split"]
+            captions.set_split(str(video["video_id"]), video["split"])
 
 
 def _read_karpathy(captions: Captions, path: Path, document: dict) -> None:
@@ -683,7 +718,7 @@ def _read_karpathy(captions: Captions, path: Path, document: dict) -> None:
         sentences = image.get("sentences") if isinstance(image.get("sentences"), list) else []
         _add(captions, key, [s.get("raw") if isinstance(s, dict) else None for s in sentences])
         if isinstance(image.get("split"), str):
-            captions.splits[key] = image["split"]
+            captions.set_split(key, image["split"])
 
 
 def _read_coco(captions: Captions, path: Path, document: dict) -> None:
@@ -720,7 +755,7 @@ def _read_youcook2(captions: Captions, path: Path, document: dict) -> None:
             continue
         _add(captions, video, [a.get("sentence") if isinstance(a, dict) else None for a in annotations])
         if isinstance(entry.get("subset"), str):
-            captions.splits[str(video)] = entry["subset"]
+            captions.set_split(str(video), entry["subset"])
     captions.segments = True
 
 

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from vlpcache.cache.reader import BlankWhenDamaged, DamagedShard, RegionCache
 from vlpcache.cache.schema import outdated_schema
-from vlpcache.captions import Captions, KeyMatches, caption_queries, read_captions
+from vlpcache.captions import HELD_OUT_STEMS, VALIDATION_SPLITS, Captions, KeyMatches, caption_queries, read_captions
 from vlpcache.errors import UserError
 from vlpcache.files import IMAGE_EXTENSIONS, PLUGIN_IMAGE_EXTENSIONS
 from vlpcache.model.batch import tokenize, video_batch
@@ -34,8 +34,6 @@ from vlpcache.report import items_word, printable
 from vlpcache.workspace import Workspace
 
 CAPTION_SUFFIXES = (".jsonl", ".csv")
-VALIDATION_SPLITS = {"val", "valid", "validate", "validation"}  # "validate": MSR-VTT's own annotations
-HELD_OUT_STEMS = VALIDATION_SPLITS | {"test", "testing", "devtest", "dev", "eval", "evaluation", "heldout", "holdout"}
 TRAINING_SPLITS = {"train", "training", "restval", "trainval"}  # split names that say "train on these"
 
 
@@ -378,6 +376,7 @@ class PretrainData:
     not_captions: list[str] = field(default_factory=list)  # why each file found by default was not read
     repeated_captions: int = 0  # captions that two of the files give the same id (read once)
     trained_splits: dict[str, int] = field(default_factory=dict)  # split name -> its ids in the training files (with splits)
+    split_conflicts: str = ""  # a note on items the training files give two splits (Captions.split_conflicts_line)
 
     def train_ids(self) -> list[str]:
         return [self.caches[c].ids[i] for c, i, _ in self.train.samples]
@@ -416,6 +415,8 @@ class PretrainData:
             lines.append(f"training: {self.held_out_skipped} captioned items of val/test splits left out")
         if self.trained_splits:
             lines.append(trained_splits_line(self.trained_splits))
+        if self.split_conflicts:
+            lines.append(self.split_conflicts)
         if self.validation is not None:
             queries = sum(len(c) for c in self.validation.captions)
             lines.append(f"validation ({self.validation_file}): {len(self.validation)} {self.items}, {queries} captions as queries"
@@ -481,7 +482,8 @@ def load_pretrain_data(
         train.captions_per_video = max(1, min(max_captions_per_video, train.median_captions()))
     data = PretrainData(caches, train, report, caption_files, [captions.layout for captions in per_file],
                         held_out_skipped=skipped, not_captions=not_captions, repeated_captions=training_captions.repeated,
-                        trained_splits=training_captions.split_counts(unsplit=""))
+                        trained_splits=training_captions.split_counts(unsplit=""),
+                        split_conflicts=training_captions.split_conflicts_line())
     if validation_file is not None:
         read = dict(zip(caption_files, per_file)).get(Path(validation_file))  # a training file's split: read already
         if read is None:
