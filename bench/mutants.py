@@ -429,7 +429,7 @@ MUTANTS += [
            "        if (extra := len(fields) - len(lowered)) > 0:", "        if (extra := 0) > 0:",
            "tests/test_captions.py -k hand_written", "a caption with an unquoted comma is read whole"),
     mutant("captions-csv-split-ignored", "vlpcache/captions.py",
-           "            captions.splits[row[video]] = row[CSV_SPLIT_COLUMN].strip()", "            pass",
+           "            captions.set_split(row[video], row[CSV_SPLIT_COLUMN].strip())", "            pass",
            "tests/test_captions.py -k hand_written", "a CSV's split column keeps val and test out of training"),
     mutant("captions-other-unicode-form-unmatched", "vlpcache/captions.py",
            "                named = forms.get(_normal(key)) or item_named_by(_normal(key), forms.keys())",

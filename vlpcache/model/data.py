@@ -426,6 +426,12 @@ class PretrainData:
         return lines
 
 
+def _training_notes(captions: Captions) -> dict:
+    """What PretrainData says of its training captions: those repeated, the splits trained on, items given two splits."""
+    return {"repeated_captions": captions.repeated, "trained_splits": captions.split_counts(unsplit=""),
+            "split_conflicts": captions.split_conflicts_line()}
+
+
 def load_pretrain_data(
     cache_dirs: list[Path],
     caption_files: list[Path] | None,
@@ -481,9 +487,7 @@ def load_pretrain_data(
     if captions_per_video is None:  # every caption of a typical item in each step, at most max_captions_per_video
         train.captions_per_video = max(1, min(max_captions_per_video, train.median_captions()))
     data = PretrainData(caches, train, report, caption_files, [captions.layout for captions in per_file],
-                        held_out_skipped=skipped, not_captions=not_captions, repeated_captions=training_captions.repeated,
-                        trained_splits=training_captions.split_counts(unsplit=""),
-                        split_conflicts=training_captions.split_conflicts_line())
+                        held_out_skipped=skipped, not_captions=not_captions, **_training_notes(training_captions))
     if validation_file is not None:
         read = dict(zip(caption_files, per_file)).get(Path(validation_file))  # a training file's split: read already
         if read is None:
