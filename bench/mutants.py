@@ -1909,6 +1909,18 @@ MUTANTS += [
     mutant("split-conflict-unsaid", "vlpcache/model/data.py",
            "        if self.split_conflicts:\n            lines.append(self.split_conflicts)\n", "",
            "tests/test_captions.py -k two_splits", "pretrain says items given two splits"),
+    mutant("ts-first-gop-from-a-seek", "vlpcache/extract/sampling.py",
+           "            if ts <= self.start:\n                return None, self.start\n", "            if ts <= self.start:\n                return ts, keyframe\n",
+           "tests/test_sampling.py -k first_gop", "an MPEG-TS with B-frames: its first GOP is decoded from the first packet"),
+    mutant("rewind-seeks-to-start", "vlpcache/extract/sampling.py",
+           "        later (MPEG-TS with B-frames), or fail (an input that cannot seek).\"\"\"\n        self._reopen()\n", "        later (MPEG-TS with B-frames), or fail (an input that cannot seek).\"\"\"\n        if not self._seek_to(self.start):\n            self._reopen()\n        self.demuxed = False\n",
+           "tests/test_sampling.py -k first_gop", "back to the first packet by opening again, not by a seek to the start"),
+    mutant("matroska-duration-from-zero", "vlpcache/extract/sampling.py",
+           "            if self.start > 0 and \"matroska\" in self.container.format.name and (end := self._end_by_seeking()):", "            if False and (end := self._end_by_seeking()):",
+           "tests/test_sampling.py -k starts_later", "a Matroska video starting at 10 s is sampled over its own length"),
+    mutant("pause-takes-the-next-frame", "vlpcache/extract/sampling.py",
+           "                if last is not None and nxt[1] > target:  # a frame's duration", "                if False:  # a frame's duration",
+           "tests/test_sampling.py -k 'pause or last_frame_starting'", "a target in a pause takes the frame shown then, not the one after"),
 ]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -59,7 +60,20 @@ def test_every_real_video_gives_8_frames_in_order_within_its_duration(videos_dir
     assert out.notes == []  # Megamind_bugy.avi included: its keyframe flags are odd, decoding is fine
 
 
-@pytest.mark.parametrize("name", ["box.mp4", "Megamind_bugy.avi", "vtest.avi", "cup.mp4"])
+@pytest.mark.parametrize("name", ["tree.avi", "vtest.avi", "cup.mp4"])
+def test_each_real_video_target_takes_the_last_frame_starting_at_or_before_it(videos_dir, name):
+    # tree.avi says 15 fps and has a frame every 0.33-0.47 s: a target 0.2 s after a frame's start took the next
+    # frame, which starts after the target, because the frame's duration was taken to be the nominal 1/15 s
+    out = read_item(video(videos_dir / name), T, MAX_SIDE)
+    with av.open(str(videos_dir / name)) as container:
+        stream = container.streams.video[0]
+        starts = sorted(float(f.pts * stream.time_base) for f in container.decode(stream))
+    first = starts[0]
+    shown = [max(t for t in starts if t <= first + centre + 1e-6) - first for centre in segment_centres(out.duration, T)]
+    assert out.timestamps == pytest.approx(sorted(set(shown)), abs=1e-3)
+
+
+@pytest.mark.parametrize("name", ["box.mp4", "Megamind_bugy.avi", "vtest.avi", "cup.mp4", "tree.avi"])
 def test_seeking_gives_the_same_frames_as_decoding_straight_through(videos_dir, name):
     # box.mp4 and the AVIs carry decode-order pts; vtest.avi and cup.mp4 have several GOPs
     by_seeking = read_item(video(videos_dir / name), 12, 96)
@@ -219,6 +233,56 @@ def test_streams_without_duration_or_exact_seeking_still_give_the_centre_frames(
     out = read_item(video(streamed_video(tmp_path / f"s.{ext}", fmt)), T, MAX_SIDE)
     check_frames(out)
     assert [frame_number(f) for f in out.frames] == [2, 6, 11, 15, 20, 24, 29, 33]
+
+
+def timed_video(path: Path, fmt: str | None, times_ms: list[int], gop: int = 12, bframes: int = 0) -> Path:
+    """Frame i (frame_pattern) shown from times_ms[i], in a container of `fmt` (None: by the file's extension)."""
+    codec = "libvpx-vp9" if path.suffix == ".webm" else "libx264"
+    with av.open(str(path), "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
+        stream.codec_context.gop_size = gop
+        if codec == "libx264":
+            stream.options = {"preset": "ultrafast", "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes={bframes}"}
+        for i, ms in enumerate(times_ms):
+            frame = av.VideoFrame.from_ndarray(frame_pattern(i, 48, 64), format="rgb24")
+            frame.pts, frame.time_base = ms, Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def test_the_first_gop_of_an_mpeg_ts_with_b_frames_is_sampled(tmp_path):
+    # a camcorder's .MTS or a broadcast .ts: the first keyframe's decode time precedes the stream's start, so a
+    # seek to the start landed on the second keyframe, and the targets of the first GOP took its first frame
+    path = timed_video(tmp_path / "b.ts", "mpegts", [i * 100 for i in range(36)], gop=12, bframes=3)
+    seeking, straight = read_item(video(path), T, MAX_SIDE), read_item(video(path), T, MAX_SIDE, seek=False)
+    assert [frame_number(f) for f in seeking.frames] == [2, 6, 11, 15, 20, 24, 29, 33]
+    assert [frame_number(f) for f in straight.frames] == [2, 6, 11, 15, 20, 24, 29, 33]
+    assert seeking.timestamps == pytest.approx(straight.timestamps) and seeking.notes == []
+
+
+@pytest.mark.parametrize("ext", ["mkv", "webm"])
+def test_a_matroska_video_that_starts_later_than_zero_is_sampled_over_its_own_length(tmp_path, ext):
+    # a recording whose timestamps start at 10 s (a stream saved as it came): Matroska's Duration counts from 0,
+    # so 3.6 s of video were read as 13.6 s, three targets found frames and the rest were "truncated"
+    path = timed_video(tmp_path / f"late.{ext}", None, [10_000 + i * 100 for i in range(36)])
+    out = read_item(video(path), T, MAX_SIDE)
+    assert out.duration == pytest.approx(3.6, abs=0.11) and out.notes == []
+    assert [frame_number(f) for f in out.frames] == [2, 6, 11, 15, 20, 24, 29, 33]
+    assert out.timestamps == pytest.approx([0.2, 0.6, 1.1, 1.5, 2.0, 2.4, 2.9, 3.3])
+
+
+@pytest.mark.parametrize("ext", ["mp4", "mkv", "webm"])
+def test_a_target_in_a_pause_of_a_variable_rate_video_takes_the_frame_shown_then(tmp_path, ext):
+    # a screen recording: 10 frames in the first second, nothing new until 5 s, 10 frames more. Matroska gives
+    # each frame the nominal duration (0.1 s), and targets in the pause took the frame after it, not the one shown
+    times = [i * 100 for i in range(10)] + [5000 + i * 100 for i in range(10)]
+    out = read_item(video(timed_video(tmp_path / f"pause.{ext}", None, times)), T, MAX_SIDE)
+    # centres of 8 segments of 6 s: 0.375 (frame 3), 1.125 ... 4.875 (frame 9, shown from 0.9 s to 5 s), 5.625 (frame 16)
+    assert [frame_number(f) for f in out.frames] == [3, 9, 16]
+    assert out.timestamps == pytest.approx([0.3, 0.9, 5.6])
 
 
 @pytest.mark.parametrize("fmt, ext", [("matroska", "mkv"), ("mpegts", "ts")])

@@ -177,6 +177,9 @@ class _VideoSampler:
         if stream.duration and stream.duration > 0:
             return stream.duration * tb
         if self.container.duration and self.container.duration > 0:
+            if self.start > 0 and "matroska" in self.container.format.name and (end := self._end_by_seeking()):
+                # Matroska's Duration counts from 0, not from the first frame: 4 s of video from 10 s is 14 s
+                return (end - self.start) * tb if end > self.start else self.container.duration / av.time_base
             return self.container.duration / av.time_base
         if length := header_length(stream):
             return length
@@ -228,24 +231,28 @@ class _VideoSampler:
         run = None  # the generator of decoded (frame, time) since the last seek
         run_keyframe = None  # where that run started decoding
         last: tuple[av.VideoFrame, float] | None = None  # latest frame decoded, and its time
+        ahead = None  # a frame decoded after `last` that starts past the target before: for the targets after it
         ended_at = -math.inf  # time of the last frame before the data ran out, if it did
         for target, (seek_ts, keyframe) in zip(targets, plan):
             # the keyframe the target needs lies ahead of what was decoded: jump there for free;
             # otherwise a seek would restart before our position, so decode on instead
             position = last[1] if last is not None else run_keyframe
             if run is None or (keyframe is not None and (position is None or keyframe > position)):
-                run, run_keyframe, last = self._decode_from(seek_ts), keyframe, None
+                run, run_keyframe, last, ahead = self._decode_from(seek_ts), keyframe, None, None
             chosen = None
             while chosen is None:
                 if last is not None and target < last[1] + (last[0].duration or self.frame_step):
-                    chosen = last  # shown at the target's time (or the first frame after a gap)
+                    chosen = last  # shown at the target's time
                     break
-                nxt = next(run, None)
+                nxt, ahead = ahead or next(run, None), None
                 if nxt is None:  # end of stream (or of what decodes) before the target
                     chosen = last
                     ended_at = max(ended_at, last[1] if last else self.start)
                     break
-                last = nxt
+                if last is not None and nxt[1] > target:  # a frame's duration can be the nominal one where the
+                    chosen, ahead = last, nxt  # file has none (Matroska): the frame before a gap is still shown
+                    break
+                last = nxt  # (the first frame decoded is taken even past the target: nothing earlier decodes)
             if chosen is None or (times and chosen[1] <= times[-1]):
                 continue  # nothing decoded, or the same frame as the previous target: keep each frame once
             frames.append(chosen[0])
@@ -273,23 +280,26 @@ class _VideoSampler:
         """(seek timestamp, keyframe timestamp) such that seeking there starts decoding at that keyframe,
         at or before `target`; found by demuxing, not decoding. Demuxers whose index is keyed on decode
         time (MP4 with B-frames) or that seek inexactly (MPEG-TS) can land past the target: then step
-        back, twice as far each time. (None, None): the input cannot seek.
+        back, twice as far each time. (None, None): the input cannot seek. (None, start): even a seek to the
+        start lands past the target, so decoding starts from the first packet (MPEG-TS with B-frames: its first
+        keyframe's decode time precedes the stream's start, and a seek there lands on the second keyframe).
         """
         ts, back = math.floor(target), max(4 * self.frame_step, 1.0)
         for _ in range(PROBE_MAX_STEPS_BACK):
             if not self._seek_to(ts):
                 return None, None
             keyframe = self._next_keyframe_time()
-            if (keyframe is not None and keyframe <= target) or ts <= self.start:
+            if keyframe is not None and keyframe <= target:
                 return ts, keyframe
+            if ts <= self.start:
+                return None, self.start
             ts, back = max(self.start, math.floor(ts - back)), back * 2
         return self.start, None  # unknown: decode on from wherever decoding is
 
     def _rewind(self) -> None:
-        """Back to the first packet: by seeking, or where the input cannot seek, by opening it again."""
-        if not self._seek_to(self.start):
-            self._reopen()
-        self.demuxed = False
+        """Back to the first packet, by opening the file again: a seek to the stream's start can land a GOP
+        later (MPEG-TS with B-frames), or fail (an input that cannot seek)."""
+        self._reopen()
 
     def _reopen(self) -> None:
         self.container.close()
