@@ -786,7 +786,7 @@ MUTANTS += [
            "        if not is_utf8(str(item.path)):", "        if False:",
            "tests/test_sources.py -k utf8", "a path that is not UTF-8 is one line and skipped, not a traceback"),
     mutant("extract-no-frame-folders-ignored", "vlpcache/extract/runner.py",
-           "discover_items(roots, options.frame_folders, others)", "discover_items(roots, others=others)",
+           "discover_items(roots, options.frame_folders, others, linked := {})", "discover_items(roots, others=others, linked=(linked := {}))",
            "tests/test_extract.py -k no_frame_folders", "--no-frame-folders makes each photo of a subfolder an item"),
     mutant("extract-decode-time-limit-never-checked", "vlpcache/extract/reader.py",
            "            elif worker.items and self._time_left(worker) == 0:", "            elif False:",
@@ -1921,6 +1921,15 @@ MUTANTS += [
     mutant("pause-takes-the-next-frame", "vlpcache/extract/sampling.py",
            "                if last is not None and nxt[1] > target:  # a frame's duration", "                if False:  # a frame's duration",
            "tests/test_sampling.py -k 'pause or last_frame_starting'", "a target in a pause takes the frame shown then, not the one after"),
+    mutant("folder-link-walked-first", "vlpcache/extract/sources.py",
+           "                if entry.is_symlink() and (real := self.walked_elsewhere(path)) is not None:", "                if False:",
+           "tests/test_sources.py -k own_path", "a link to a folder the walk meets by its own path is passed over for it"),
+    mutant("folder-link-to-hidden-skipped", "vlpcache/extract/sources.py",
+           "            if inside[0] != \"..\" and not any(part.startswith(\".\") and part != \".\" for part in inside):", "            if inside[0] != \"..\":",
+           "tests/test_sources.py -k own_path", "a link to a hidden folder is walked (the walk passes hidden folders over)"),
+    mutant("folder-link-cached-item-extracted-again", "vlpcache/extract/runner.py",
+           "        elif (clash := cached_through_link(path, linked or {}, cached_id)) is not None:  # by an extract before", "        elif (clash := None) is not None:  # by an extract before",
+           "tests/test_extract.py -k folder_link", "an item cached through a folder link now passed over is not extracted again"),
 ]
 
 

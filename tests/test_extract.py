@@ -396,6 +396,37 @@ def test_a_shard_job_says_how_many_items_under_its_roots_it_leaves_to_the_other_
     assert summary.other_shards == 0 and "other --shard" not in summary.line()
 
 
+def test_an_item_an_earlier_extract_cached_through_a_folder_link_now_passed_over_is_not_extracted_again(tmp_path):
+    # before, `a_link -> z_real` (sorting first) took z_real's items as a_link/x; now discovery passes the link
+    # over for z_real itself, and z_real/x would have been extracted again beside a_link/x: the same file twice
+    from vlpcache.cache.schema import CacheSettings, empty_item
+    from vlpcache.cache.writer import ShardWriter
+    from vlpcache.extract.options import ExtractOptions
+    from vlpcache.extract.progress import ExtractSummary
+    from vlpcache.extract.runner import items_to_extract, no_longer_there
+    from vlpcache.extract.sources import discover_items
+
+    root = tmp_path / "r"
+    (root / "z_real").mkdir(parents=True)
+    (root / "z_real" / "x.mp4").write_bytes(b"video" * 100)
+    (root / "z_real" / "y.mp4").write_bytes(b"other" * 100)
+    os.symlink("z_real", root / "a_link")
+    settings = CacheSettings(frames=2, regions=2, feature_dim=4, detector="test", detector_weights_sha256="0",
+                             backbone="test", backbone_weights_sha256="0")
+    with ShardWriter(tmp_path / "cache", settings) as writer:  # as the extract before this version cached it
+        writer.add("a_link/x", str(root / "a_link" / "x.mp4"), "video", empty_item(settings))
+    linked = {}
+    items, problems = discover_items([root], linked=linked)
+    assert [i.id for i in items] == ["z_real/x", "z_real/y"] and linked == {str(root / "a_link"): str(root / "z_real")}
+    cache = RegionCache(tmp_path / "cache")
+    plan = items_to_extract(items, cache, ExtractOptions(), ExtractSummary(), [root], linked)
+    assert [i.id for i in plan.todo] == ["z_real/y"]  # new: never cached by any path
+    assert plan.clashes == [(str(root / "z_real" / "x.mp4"),
+                             f"already cached as 'a_link/x' from {root / 'a_link' / 'x.mp4'}, a link to it that is now "
+                             "passed over; skipped (captions name it 'a_link/x')")]
+    assert plan.gone == [] and no_longer_there(items, cache, {}, [root], 0, 1) == ([], [])  # --prune keeps it
+
+
 def test_what_extract_redoes_follows_the_stamps_of_cached_failed_and_moved_files(tmp_path):
     from vlpcache.cache.schema import CacheSettings, empty_item
     from vlpcache.cache.writer import ShardWriter

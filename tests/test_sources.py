@@ -205,6 +205,29 @@ def test_symlink_loop_does_not_hang_and_each_folder_is_walked_once(tmp_path):
     assert [i.id for i in items] == ["a/clip"]
 
 
+def test_a_link_to_a_folder_the_walk_meets_by_its_own_path_is_passed_over_for_it_whatever_their_names(tmp_path):
+    # `a_link -> z_real` sorts first: its walk took z_real's items as a_link/x, and z_real was passed over unsaid
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    for folder in ("z_real", ".store/hidden", "sub"):
+        touch(root / folder / "x.mp4")
+    touch(elsewhere / "y.mp4")
+    os.symlink(root / "z_real", root / "a_link")
+    os.symlink(root / "z_real", root / "sub" / "b_link")
+    os.symlink(root / ".store" / "hidden", root / "from_hidden")  # a folder the walk passes over: walked by the link
+    os.symlink(elsewhere, root / "data")  # outside the root: walked by the link, as a folder of its own
+    items, problems = discover_items([root])
+    assert sorted(i.id for i in items) == ["data/y", "from_hidden/x", "sub/x", "z_real/x"]
+    assert next(i for i in items if i.id == "z_real/x").path == root / "z_real" / "x.mp4"
+    assert problems == [(str(root / "a_link"), f"a symbolic link to the folder {root / 'z_real'}, which is extracted "
+                                              "by its own path; skipped"),
+                        (str(root / "sub" / "b_link"), f"a symbolic link to the folder {root / 'z_real'}, which is "
+                                                      "extracted by its own path; skipped")]
+    # a link under one root to a folder of another root of the run: that root's walk takes it
+    items, problems = discover_items([root / "sub", root / "z_real"])
+    assert [str(i.path) for i in items] == [str(root / "sub" / "x.mp4")]  # z_real/x.mp4: the id `x` is sub's
+    assert [path for path, why in problems if "symbolic link" in why] == [str(root / "sub" / "b_link")]
+
+
 def test_broken_symlink_with_media_extension_is_reported(tmp_path):
     os.symlink(tmp_path / "gone.mp4", tmp_path / "link.mp4")
     items, problems = discover_items([tmp_path])

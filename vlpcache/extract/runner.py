@@ -59,13 +59,13 @@ class Plan:
 
 
 def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary: ExtractSummary,
-                     roots: list[Path] = ()) -> Plan:
+                     roots: list[Path] = (), linked: dict[str, str] | None = None) -> Plan:
     """This shard's items that are not cached (or cached from a source that has changed since) and not
     (unless --retry-failed, or the file changed since it failed) recorded as failed; and the (path,
     reason) of each one passed over because an earlier extract cached its id from another file (a second
-    batch of `0001.mp4`s), or its file under another id (`data` after `data/train`); and how many cached
-    ids came from files no longer there, taken to be these ones, moved; and the cached items (and failed
-    ones) under the roots that are no longer found there (Plan.gone)."""
+    batch of `0001.mp4`s), or its file under another id (`data` after `data/train`, or through a folder link in
+    `linked`); how many cached ids came from files no longer there, taken to be these ones, moved; and the
+    cached items (and failed ones) under the roots that are no longer found there (Plan.gone)."""
     shard_index, shard_count = options.shard_part()
     failed_before = cache.failures
     cached = {item_id: i for i, item_id in enumerate(cache.ids)}
@@ -126,6 +126,8 @@ def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary
         elif (real := os.path.realpath(path)) != path and real in cached_id:
             plan.clashes.append((path, f"a link to {real}, already cached as '{cached_id[real]}'; {SKIPPED} (captions "
                                        f"name it '{cached_id[real]}')"))
+        elif (clash := cached_through_link(path, linked or {}, cached_id)) is not None:  # by an extract before
+            plan.clashes.append((path, clash))
         else:
             fresh.setdefault(real, []).append(item)
     for real, same in fresh.items():  # a file and links to it found in this run: the file itself, else the first
@@ -136,6 +138,17 @@ def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary
     plan.todo.sort(key=lambda item: order[item.id])  # in discovery order, as found
     plan.gone, plan.gone_failures = no_longer_there(items, cache, failed_before, roots, shard_index, shard_count)
     return plan
+
+
+def cached_through_link(path: str, linked: dict[str, str], cached_id: dict[str, str]) -> str | None:
+    """Why `path` is passed over where an earlier extract cached it through a link to a folder that discovery now
+    passes over for the folder's own path (it walked `a_link/x.mp4` for `z_real/x.mp4`); None where none did."""
+    for link, real in linked.items():
+        if path == real or path.startswith(real.rstrip(os.sep) + os.sep):
+            if (through := link + path[len(real):]) in cached_id:
+                return (f"already cached as '{cached_id[through]}' from {through}, a link to it that is now passed "
+                        f"over; {SKIPPED} (captions name it '{cached_id[through]}')")
+    return None
 
 
 def no_longer_there(items, cache: RegionCache, failed: dict[str, dict], roots, shard_index: int, shard_count: int):
@@ -276,7 +289,7 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     others = OtherFiles()
     where = ", ".join(printable(str(root)) for root in roots[:3]) + (f" and {len(roots) - 3} more" if len(roots) > 3 else "")
     with said_if_slow(f"extract: looking for videos, images and frame folders under {where}...", sayer(options.quiet)):
-        items, problems = discover_items(roots, options.frame_folders, others)
+        items, problems = discover_items(roots, options.frame_folders, others, linked := {})
     for path, reason in problems:
         say(f"{printable(path)}: {reason}")
     if items and (line := passed_over_line(others)):
@@ -302,7 +315,7 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
         cache = RegionCache(cache_dir, say_damaged=False)  # said below, with what extract does about them
         with said_if_slow(f"extract: {len(items):,} items found; checking them against the {len(cache):,} the cache "
                           "holds (what changed, moved or failed before)...", sayer(options.quiet)):
-            plan = items_to_extract(items, cache, options, summary, roots)
+            plan = items_to_extract(items, cache, options, summary, roots, linked)
         cache.close()
         todo = plan.todo
         say_some(plan.clashes)

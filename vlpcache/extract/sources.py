@@ -178,11 +178,12 @@ def shard_of(item_id: str, n: int) -> int:
     return zlib.crc32(item_id.encode("utf-8")) % n
 
 
-def discover_items(roots: list[Path], frame_folders: bool = True,
-                   others: OtherFiles | None = None) -> tuple[list[Item], list[tuple[str, str]]]:
+def discover_items(roots: list[Path], frame_folders: bool = True, others: OtherFiles | None = None,
+                   linked: dict[str, str] | None = None) -> tuple[list[Item], list[tuple[str, str]]]:
     """All items under the roots, and the problems met on the way as (path, reason); the reason of
     a path left out says SKIPPED. `others`, where given, collects the files in the roots' folders that are
-    not media (a root file that is not is a problem).
+    not media (a root file that is not is a problem). `linked`, where given, collects each symbolic link to a
+    folder passed over for the folder's own path (its path -> the folder's).
 
     Problems: a root that does not exist or is not media, a folder that cannot be read, a broken
     symbolic link with a media extension, a path that is not UTF-8, an id already taken (the first keeps it),
@@ -190,6 +191,8 @@ def discover_items(roots: list[Path], frame_folders: bool = True,
     as one video: said, not skipped). Without frame_folders every image is an item of its own.
     """
     walk = _Walk(frame_folders, others)
+    walk.roots = [os.path.realpath(root) for root in roots if os.path.isdir(root)]
+    walk.linked = linked if linked is not None else {}
     for root in roots:
         root = Path(root)
         if not root.exists():
@@ -258,6 +261,19 @@ class _Walk:
         self.problems: list[tuple[str, str]] = []
         self._owner: dict[str, Item] = {}  # id -> the item that took it
         self._visited: set[tuple[int, int]] = set()  # (st_dev, st_ino) of folders walked
+        self.roots: list[str] = []  # the run's root folders, resolved: a link to a folder in them is not walked
+        self.linked: dict[str, str] = {}  # such a link's path -> the folder's
+
+    def walked_elsewhere(self, link: Path) -> str | None:
+        """Where a symbolic link to a folder leads, where the walk of a root meets that folder by its own path
+        (under a root, in no hidden folder); else None. A link met first in name order took that folder's items
+        under its own ids (`a_link/x` for `z_real/x`), and the folder itself was passed over unsaid."""
+        real = os.path.realpath(link)
+        for root in self.roots:
+            inside = os.path.relpath(real, root).split(os.sep)
+            if inside[0] != ".." and not any(part.startswith(".") and part != "." for part in inside):
+                return real
+        return None
 
     def add(self, item: Item) -> None:
         if not is_utf8(str(item.path)):  # bytes of another encoding, as an unzipped Windows archive leaves them
@@ -293,6 +309,11 @@ class _Walk:
         for entry in entries:
             path = folder / entry.name
             if _is_dir(entry):
+                if entry.is_symlink() and (real := self.walked_elsewhere(path)) is not None:
+                    self.linked[str(path)] = real
+                    self.problems.append((str(path), f"a symbolic link to the folder {real}, which is extracted by its "
+                                          f"own path; {SKIPPED}"))
+                    continue
                 subfolders.append(path)
             elif _is_file(entry):
                 if (kind := media_kind(path, sniff=True)) is not None:
