@@ -1930,6 +1930,15 @@ MUTANTS += [
     mutant("folder-link-cached-item-extracted-again", "vlpcache/extract/runner.py",
            "        elif (clash := cached_through_link(path, linked or {}, cached_id)) is not None:  # by an extract before", "        elif (clash := None) is not None:  # by an extract before",
            "tests/test_extract.py -k folder_link", "an item cached through a folder link now passed over is not extracted again"),
+    mutant("merge-copy-shorter-log-replaces", "vlpcache/cache/merge.py",
+           "            if written.get(dest, \"\").startswith(text) and log.suffix == \".jsonl\":", "            if False:",
+           "tests/test_merge.py -k copy", "a copy's records that grew from its original's are not replaced by the original's"),
+    mutant("merge-copies-grown-apart-unchecked", "vlpcache/cache/merge.py",
+           "    _grown_apart(readers)\n", "",
+           "tests/test_merge.py -k copy", "copies of one cache that both grew are refused in one line, nothing written"),
+    mutant("merge-copies-logs-apart-unchecked", "vlpcache/cache/merge.py",
+           "        differs = differs or _logs_apart(original.cache_dir, reader.cache_dir)\n", "",
+           "tests/test_merge.py -k copy", "copies whose failure records went two ways are refused"),
 ]
 
 

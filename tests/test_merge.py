@@ -176,6 +176,40 @@ def test_a_merge_refuses_other_settings_ids_of_other_files_and_the_target_itself
         assert files_of(target) == before
 
 
+def test_a_cache_and_its_copy_merge_where_one_grew_and_are_refused_where_both_did(tmp_path):
+    """A copy keeps its cache's collection id, which names what a merge brings: copies that both wrote since
+    collided (a shard "replaced since an earlier merge?"), and the copy's records replaced its original's."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a, ["x", "y", "z"], seed=0)  # two shards
+    with ShardWriter(a, SETTINGS, writer_name="s0of1") as writer:
+        writer.record_failure("old", "/data/old.mp4", "invalid data")
+    shutil.copytree(a, b)
+    with ShardWriter(b, SETTINGS, writer_name="s0of1", max_items=2) as writer:  # the copy grows: a shard, a failure
+        writer.add("w", "/data/w.mp4", "video", random_item(9, SETTINGS))
+        writer.record_failure("bad", "/data/bad.mp4", "invalid data")
+    for order in ([b, a], [a, b]):  # the original's log is what the copy's was: the longer stays either way
+        target = tmp_path / f"merged-{order[0].name}"
+        merge_caches(order, target, progress=False)
+        merged = RegionCache(target)
+        assert sorted(merged.ids) == ["w", "x", "y", "z"] and sorted(merged.failures) == ["bad", "old"]
+    with ShardWriter(a, SETTINGS, writer_name="s0of1", max_items=2) as writer:  # the original grows too
+        writer.add("v", "/data/v.mp4", "video", random_item(7, SETTINGS))
+    target = tmp_path / "both"
+    with pytest.raises(UserError, match=rf"^{a} and {b} are copies of one cache that have both grown since \(each has "
+                                        r"its own shard s0of1-00002\.h5\): .* nothing was written$"):
+        merge_caches([a, b], target, progress=False)
+    assert not target.exists()
+    c = tmp_path / "c"  # a copy whose shards stay as they were, and whose failures went another way than a's
+    shutil.copytree(a, c)
+    for cache, item_id in ((a, "a1"), (c, "c1")):
+        with ShardWriter(cache, SETTINGS, writer_name="s0of1") as writer:
+            writer.record_failure(item_id, f"/data/{item_id}.mp4", "invalid data")
+    with pytest.raises(UserError, match=rf"^{a} and {c} are copies of one cache that have both grown since \(each has "
+                                        r"its own records in failures/s0of1\.jsonl\): "):
+        merge_caches([a, c], target, progress=False)
+    assert not target.exists()
+
+
 def test_a_record_file_that_does_not_read_is_one_line_and_the_shards_still_come(tmp_path, capsys):
     a = tmp_path / "a"
     write(a, ["x", "y"], seed=0)

@@ -14,7 +14,9 @@ is there already is passed over.
 Before anything is written: every source must hold the same settings as the others and the target (a
 cache of other features could not be searched with them), and no id may name different files in two
 of them (the merged cache would read only one: which?). An id that two caches hold for the same file
-(overlapping extracts) is read as one cache's overlapping extracts are: the row committed last.
+(overlapping extracts) is read as one cache's overlapping extracts are: the row committed last. A copy of a
+cache keeps its collection id: it merges with its original where only one of them grew since the copy (the
+shards they share are there once, the longer record logs stay), and is refused where both did.
 """
 
 from __future__ import annotations
@@ -62,8 +64,9 @@ def merge_caches(sources: list, target, progress: bool = True, say: Say = say) -
             leftover.unlink(missing_ok=True)  # a killed merge's (this one holds the merge lock)
         collections = [collection_of(reader.cache_dir) for reader in readers]
         shards = [(collection, shard) for reader, collection in zip(readers, collections) for shard in _read_shards(reader)]
+        written: dict[Path, str] = {}  # record files this merge wrote: a copy's come after its original's
         for reader, collection in zip(readers, collections):
-            _bring_records(reader.cache_dir, target, collection, say)
+            _bring_records(reader.cache_dir, target, collection, say, written)
         with progress_bar(shards, unit="shard", desc="merge", disable=not progress, leave=False) as bar:
             for collection, shard in bar:
                 how, size = _bring_shard(shard, target / SHARD_DIR / merged_name(collection, shard.name))
@@ -104,7 +107,44 @@ def _checked_sources(sources: list[Path], target: Path, say: Say) -> tuple[list[
         if diffs := read_manifest(other).differences(settings):
             raise UserError(f"{other} holds other region features than {sources[0]} ({'; '.join(diffs[:3])}): caches "
                             "merge only with the same settings (one model reads them all)")
-    return [RegionCache(source, say=say) for source in sources], RegionCache(target, say=say) if is_cache else None
+    readers = [RegionCache(source, say=say) for source in sources]
+    _grown_apart(readers)
+    return readers, RegionCache(target, say=say) if is_cache else None
+
+
+def _grown_apart(readers: list[RegionCache]) -> None:
+    """One line refusing the merge where two sources are copies of one cache (one collection id) that have both
+    written since they were copied: a shard of the same name but other rows, or a log that is not the other's
+    with lines added. What a merge brings is named by its collection, and theirs would collide."""
+    first: dict[str, RegionCache] = {}
+    for reader in readers:
+        original = first.setdefault(collection_of(reader.cache_dir), reader)
+        if original is reader:
+            continue
+        theirs = {shard.name: shard for shard in original.shard_paths}
+        differs = next((f"each has its own shard {shard.name}" for shard in reader.shard_paths
+                        if shard.name in theirs and not _same_shard(shard, theirs[shard.name])), None)
+        differs = differs or _logs_apart(original.cache_dir, reader.cache_dir)
+        if differs:
+            raise UserError(f"{original.cache_dir} and {reader.cache_dir} are copies of one cache that have both grown "
+                            f"since ({differs}): a merge names what it brings by the cache it comes from, and theirs "
+                            f"would collide; extract the folders of one into the other (`vlpcache extract ROOT... -o "
+                            f"{original.cache_dir}`: what it holds is passed over), then merge that one; nothing was written")
+
+
+def _logs_apart(a: Path, b: Path) -> str | None:
+    """"each has its own records in failures/x.jsonl" where a record log of both is neither one the other with
+    lines added; None where none is."""
+    for log in sorted(a.glob("*/*.jsonl")):
+        other = b / log.parent.name / log.name
+        if log.parent.name in (FAILURE_DIR, MOVES_DIR, REMOVED_DIR, DAMAGED_DIR) and other.is_file():
+            try:
+                mine, theirs = log.read_bytes(), other.read_bytes()
+            except OSError:  # another user's (a umask of 077): said where the merge brings records
+                continue
+            if not (mine.startswith(theirs) or theirs.startswith(mine)):
+                return f"each has its own records in {log.parent.name}/{log.name}"
+    return None
 
 
 def _shared_ids(sources: list[RegionCache], target: RegionCache | None) -> list[str]:
@@ -172,9 +212,11 @@ def _same_shard(a: Path, b: Path) -> bool:
         return float(fa.attrs.get(COMMITTED_ATTR, 0.0)) == float(fb.attrs.get(COMMITTED_ATTR, 0.0))
 
 
-def _bring_records(source: Path, target: Path, collection: str, say: Say) -> None:
+def _bring_records(source: Path, target: Path, collection: str, say: Say, written: dict[Path, str]) -> None:
     """The source's record files under their merged names; the rows' shard names rewritten where a record
-    names one (dropped by --prune, found damaged). Written again by every merge: the source's are current."""
+    names one (dropped by --prune, found damaged). Written again by every merge: the source's are current;
+    but where a copy of a cache merged with it (one collection) wrote a log that grew from this one, the longer
+    stays (`written`: what this merge wrote; _grown_apart refused copies whose logs differ otherwise)."""
     for folder, pattern in ((FAILURE_DIR, "*.jsonl"), (FAILURE_DIR, f"*{PASSED_OVER_SUFFIX}"), (MOVES_DIR, "*.jsonl"),
                             (REMOVED_DIR, "*.jsonl"), (DAMAGED_DIR, "*.jsonl")):
         for log in sorted((source / folder).glob(pattern)):
@@ -189,6 +231,9 @@ def _bring_records(source: Path, target: Path, collection: str, say: Say) -> Non
             if folder in (REMOVED_DIR, DAMAGED_DIR):
                 text = "".join(_renamed_row(line, collection) for line in json_lines(text, keepends=True))
             dest = target / folder / merged_name(collection, log.name)
+            if written.get(dest, "").startswith(text) and log.suffix == ".jsonl":
+                continue  # a copy's log that this one's original grew from (the same, or what it was when copied)
+            written[dest] = text
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
                 replace_atomically(dest, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))
