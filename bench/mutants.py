@@ -786,7 +786,7 @@ MUTANTS += [
            "        if not is_utf8(str(item.path)):", "        if False:",
            "tests/test_sources.py -k utf8", "a path that is not UTF-8 is one line and skipped, not a traceback"),
     mutant("extract-no-frame-folders-ignored", "vlpcache/extract/runner.py",
-           "discover_items(roots, options.frame_folders, others, linked := {})", "discover_items(roots, others=others, linked=(linked := {}))",
+           "discover_items(roots, options.frame_folders, others, linked := {}", "discover_items(roots, True, others, linked := {}",
            "tests/test_extract.py -k no_frame_folders", "--no-frame-folders makes each photo of a subfolder an item"),
     mutant("extract-decode-time-limit-never-checked", "vlpcache/extract/reader.py",
            "            elif worker.items and self._time_left(worker) == 0:", "            elif False:",
@@ -1939,6 +1939,12 @@ MUTANTS += [
     mutant("merge-copies-logs-apart-unchecked", "vlpcache/cache/merge.py",
            "        differs = differs or _logs_apart(original.cache_dir, reader.cache_dir)\n", "",
            "tests/test_merge.py -k copy", "copies whose failure records went two ways are refused"),
+    mutant("photo-folder-taken-as-frames", "vlpcache/extract/sources.py",
+           "                and (str(folder) in self.known_frames or not self.photos_in(folder, list(files)))):", "                and (True or not self.photos_in(folder, list(files)))):",
+           "tests/test_sources.py -k several_sizes", "a subfolder of photos of several sizes is photos, each image an item"),
+    mutant("frames-cached-noted-kept", "vlpcache/extract/runner.py",
+           "if kind == \"frames\" and not notes.get(item_id, \"\").startswith(SIZES_DIFFER))", "if kind == \"frames\")",
+           "tests/test_extract.py -k not_looked_into", "a folder cached with the sizes-differ note is looked into again"),
 ]
 
 

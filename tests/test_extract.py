@@ -427,6 +427,24 @@ def test_an_item_an_earlier_extract_cached_through_a_folder_link_now_passed_over
     assert plan.gone == [] and no_longer_there(items, cache, {}, [root], 0, 1) == ([], [])  # --prune keeps it
 
 
+def test_the_frames_folders_a_cache_holds_of_one_size_are_not_looked_into_again(tmp_path):
+    # re-running extract over 100k cached frames folders would read 2-3 image headers of each again; a folder an
+    # extract before this version kept as one item with the note that its images differ is looked into (photos)
+    from vlpcache.cache.schema import CacheSettings, empty_item
+    from vlpcache.cache.writer import ShardWriter
+    from vlpcache.extract.runner import frames_cached
+
+    settings = CacheSettings(frames=2, regions=2, feature_dim=4, detector="test", detector_weights_sha256="0",
+                             backbone="test", backbone_weights_sha256="0")
+    assert frames_cached(tmp_path / "cache") == frozenset()  # no cache yet
+    with ShardWriter(tmp_path / "cache", settings) as writer:
+        writer.add("video1", "/data/video1", "frames", empty_item(settings))
+        writer.add("photos", "/data/photos", "frames", empty_item(settings),
+                   note="its images differ in size (500x375, 375x500): photos rather than a video's frames? ...")
+        writer.add("clip", "/data/clip.mp4", "video", empty_item(settings))
+    assert frames_cached(tmp_path / "cache") == frozenset({"/data/video1"})
+
+
 def test_what_extract_redoes_follows_the_stamps_of_cached_failed_and_moved_files(tmp_path):
     from vlpcache.cache.schema import CacheSettings, empty_item
     from vlpcache.cache.writer import ShardWriter
@@ -733,8 +751,8 @@ def test_no_frame_folders_caches_each_photo_of_a_subfolder_as_an_item(tmp_path, 
     photos = sorted((flickr_dir / "images").iterdir())[:3]
     folder = tmp_path / "coco" / "train2014"  # photos in a subfolder of the root, as COCO's are
     folder.mkdir(parents=True)
-    for photo in photos:
-        shutil.copy(photo, folder)
+    for photo in photos:  # all of one size (as a resized dataset's): without the option, one video's frames
+        Image.open(photo).resize((320, 240)).save(folder / photo.name)
     vlpcache("extract", tmp_path / "coco", "-o", tmp_path / "cache", "--no-frame-folders", "--backbone", "neck",
              cwd=tmp_path)
     cache = RegionCache(tmp_path / "cache")

@@ -262,6 +262,31 @@ def test_without_frame_folders_every_image_in_a_subfolder_is_an_item_of_its_own(
     assert problems == []
 
 
+def test_a_subfolder_of_photos_of_several_sizes_is_photos_and_one_of_frames_of_one_size_is_a_video(tmp_path):
+    """A root of frame folders beside a folder of photos: the photos became one 8-frame "video" (with a note
+    naming --no-frame-folders, which would have split every frames folder too). Frames of one video are one
+    size; photos are not: each image of such a folder is an item, said in one line for all such folders."""
+    def image(path: Path, size: tuple[int, int]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, (90, 120, 30)).save(path)
+
+    for i in range(5):
+        image(tmp_path / "mine" / "frames" / "video1" / f"{i:06d}.jpg", (320, 240))
+        image(tmp_path / "mine" / "photos" / f"p{i}.jpg", (500, 375) if i != 4 else (375, 500))  # the last stands up
+        image(tmp_path / "mine" / "more" / f"q{i}.png", (64, 48) if i != 2 else (48, 64))  # the middle one
+    touch(tmp_path / "mine" / "broken" / "a.jpg")  # does not open: one image, nothing to compare it with
+    touch(tmp_path / "mine" / "broken" / "b.jpg")
+    items, problems = discover_items([tmp_path / "mine"])
+    assert kinds_by_id(items) == {"broken": "frames", "frames/video1": "frames", **{f"more/q{i}": "image" for i in range(5)},
+                                  **{f"photos/p{i}": "image" for i in range(5)}}
+    assert problems == [(str(tmp_path / "mine" / "more"), "its images differ in size (64x48, 48x64): photos, not one "
+                         "video's frames, so each image is an item, as in 1 more such folder(s) (a folder of frames of "
+                         "one size is one item)")]
+    # a folder a cache holds as frames (its sampled frames one size) is not looked into again
+    items, problems = discover_items([tmp_path / "mine"], known_frames=frozenset({str(tmp_path / "mine" / "photos")}))
+    assert kinds_by_id(items)["photos"] == "frames" and "photos/p0" not in kinds_by_id(items)
+
+
 def test_a_frames_folder_of_images_with_captions_beside_them_is_said_in_one_line(tmp_path):
     # img2dataset's "files" output: 00000/000000000.jpg, .txt (its caption) and .json
     shard = tmp_path / "cc3m" / "00000"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from vlpcache.cache.manifest import read_failures
 from vlpcache.cache.reader import RegionCache
+from vlpcache.cache.schema import MANIFEST_NAME
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
 from vlpcache.extract.detectors.choice import choose_detector, load_detector
@@ -30,7 +31,7 @@ from vlpcache.extract.detectors.spec import DetectorSpec
 from vlpcache.extract.options import ENGINES, ExtractOptions
 from vlpcache.extract.progress import ExtractProgress, ExtractSummary
 from vlpcache.extract.reader import FrameReader, Prefetch, decoded_items_within_budget
-from vlpcache.extract.sources import (SKIPPED, OtherFiles, discover_items, other_files, passed_over_line, picture_beside,
+from vlpcache.extract.sources import (SIZES_DIFFER, SKIPPED, OtherFiles, discover_items, other_files, passed_over_line, picture_beside,
                                       shard_of)
 from vlpcache.extract.stamps import source_changed, stamp_known
 from vlpcache.interrupts import stop_if_interrupted
@@ -138,6 +139,21 @@ def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary
     plan.todo.sort(key=lambda item: order[item.id])  # in discovery order, as found
     plan.gone, plan.gone_failures = no_longer_there(items, cache, failed_before, roots, shard_index, shard_count)
     return plan
+
+
+def frames_cached(cache_dir: Path) -> frozenset[str]:
+    """The paths of the frames folders a cache holds whose frames were of one size: discovery need not look into
+    them again (a folder whose sampled images differed is looked into: an extract before this one kept it as one
+    item, with a note, where it is photos)."""
+    if not (Path(cache_dir) / MANIFEST_NAME).is_file():
+        return frozenset()
+    try:
+        with RegionCache(cache_dir, say=lambda line: None, say_damaged=False) as cache:
+            notes = cache.notes if "frames" in cache.kinds else {}
+            return frozenset(path for item_id, path, kind in zip(cache.ids, cache.paths, cache.kinds)
+                             if kind == "frames" and not notes.get(item_id, "").startswith(SIZES_DIFFER))
+    except (UserError, OSError):  # said when the cache is opened to write
+        return frozenset()
 
 
 def cached_through_link(path: str, linked: dict[str, str], cached_id: dict[str, str]) -> str | None:
@@ -289,7 +305,7 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     others = OtherFiles()
     where = ", ".join(printable(str(root)) for root in roots[:3]) + (f" and {len(roots) - 3} more" if len(roots) > 3 else "")
     with said_if_slow(f"extract: looking for videos, images and frame folders under {where}...", sayer(options.quiet)):
-        items, problems = discover_items(roots, options.frame_folders, others, linked := {})
+        items, problems = discover_items(roots, options.frame_folders, others, linked := {}, frames_cached(cache_dir))
     for path, reason in problems:
         say(f"{printable(path)}: {reason}")
     if items and (line := passed_over_line(others)):

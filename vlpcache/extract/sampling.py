@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlpcache.errors import ItemError
-from vlpcache.extract.sources import Item, frame_files, photo_extensions
+from vlpcache.extract.sources import SIZES_DIFFER, Item, frame_files, photo_extensions
 
 # Largest image decoded at full size (~600 MB as RGB); JPEGs count after DCT-domain reduction.
 MAX_IMAGE_PIXELS = 200_000_000
@@ -599,7 +599,7 @@ def _read_frames_folder(folder: Path, num_frames: int, max_side: int) -> Sampled
     notes = [f"{len(failed)} of {count} frames unreadable, e.g. {files[i].name}: {r}" for i, r in list(failed.items())[:1]]
     if len(set(sizes)) > 1:
         (h1, w1), (h2, w2) = sizes[0], next(s for s in sizes if s != sizes[0])
-        notes.append(f"its images differ in size ({w1}x{h1}, {w2}x{h2}): photos rather than a video's frames? "
+        notes.append(f"{SIZES_DIFFER} ({w1}x{h1}, {w2}x{h2}): photos rather than a video's frames? "
                      "--no-frame-folders takes each image as an item")
     return SampledFrames(frames, timestamps, float(count), size, decoded_frames=decoded, notes=notes)
 

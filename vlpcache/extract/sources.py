@@ -52,6 +52,7 @@ SNIFFED_SUFFIXES: frozenset[str] = frozenset({"", ".unknown_video", ".dat"})
 
 KINDS = ("video", "image", "frames")
 SKIPPED = "skipped"  # in the reason of each discovery problem that leaves its path out
+SIZES_DIFFER = "its images differ in size"  # a folder of photos, not frames: discovery's line, sampling's note
 
 
 @dataclass(frozen=True)
@@ -179,11 +180,14 @@ def shard_of(item_id: str, n: int) -> int:
 
 
 def discover_items(roots: list[Path], frame_folders: bool = True, others: OtherFiles | None = None,
-                   linked: dict[str, str] | None = None) -> tuple[list[Item], list[tuple[str, str]]]:
+                   linked: dict[str, str] | None = None,
+                   known_frames: frozenset[str] = frozenset()) -> tuple[list[Item], list[tuple[str, str]]]:
     """All items under the roots, and the problems met on the way as (path, reason); the reason of
     a path left out says SKIPPED. `others`, where given, collects the files in the roots' folders that are
     not media (a root file that is not is a problem). `linked`, where given, collects each symbolic link to a
-    folder passed over for the folder's own path (its path -> the folder's).
+    folder passed over for the folder's own path (its path -> the folder's). A folder of images whose first, middle
+    and last differ in size holds photos, not one video's frames: each is an item (said in one line for all such
+    folders); `known_frames`, the frames folders a cache holds as such, are not looked into again.
 
     Problems: a root that does not exist or is not media, a folder that cannot be read, a broken
     symbolic link with a media extension, a path that is not UTF-8, an id already taken (the first keeps it),
@@ -193,6 +197,7 @@ def discover_items(roots: list[Path], frame_folders: bool = True, others: OtherF
     walk = _Walk(frame_folders, others)
     walk.roots = [os.path.realpath(root) for root in roots if os.path.isdir(root)]
     walk.linked = linked if linked is not None else {}
+    walk.known_frames = known_frames
     for root in roots:
         root = Path(root)
         if not root.exists():
@@ -210,6 +215,12 @@ def discover_items(roots: list[Path], frame_folders: bool = True, others: OtherF
             walk.problems.append((str(root), f"not a video or image file ({what}); {SKIPPED}"))
         else:
             walk.add(Item(root.stem, _plain(root), kind))
+    if walk.photo_folders:
+        folder, (a, b) = walk.photo_folders[0]
+        more = len(walk.photo_folders) - 1
+        walk.problems.append((str(folder), f"{SIZES_DIFFER} ({a[0]}x{a[1]}, {b[0]}x{b[1]}): photos, not one video's "
+                              f"frames, so each image is an item{f', as in {more} more such folder(s)' if more else ''} "
+                              "(a folder of frames of one size is one item)"))
     return walk.items, walk.problems
 
 
@@ -263,6 +274,26 @@ class _Walk:
         self._visited: set[tuple[int, int]] = set()  # (st_dev, st_ino) of folders walked
         self.roots: list[str] = []  # the run's root folders, resolved: a link to a folder in them is not walked
         self.linked: dict[str, str] = {}  # such a link's path -> the folder's
+        self.known_frames: frozenset[str] = frozenset()  # folders cached as frames folders: not looked into
+        self.photo_folders: list[tuple[Path, tuple]] = []  # folders of images of several sizes, and two of them
+
+    def photos_in(self, folder: Path, images: list[Path]) -> bool:
+        """Whether a folder of images holds photos, not one video's frames: its first, middle and last image (in
+        name order) are not all one size (a video's frames are; Flickr's photos are 500x375, 500x333...). Reads
+        headers only (about 40 us an image); an image that does not open counts for nothing."""
+        from PIL import Image
+
+        sizes = []
+        for path in dict.fromkeys((images[0], images[len(images) // 2], images[-1])):
+            try:
+                with Image.open(path) as image:
+                    sizes.append(image.size)
+            except Exception:  # a corrupt or unsupported image: decoding says what it is
+                continue
+            if sizes[-1] != sizes[0]:
+                self.photo_folders.append((folder, (sizes[0], sizes[-1])))
+                return True
+        return False
 
     def walked_elsewhere(self, link: Path) -> str | None:
         """Where a symbolic link to a folder leads, where the walk of a root meets that folder by its own path
@@ -331,7 +362,8 @@ class _Walk:
             below += sub_items
             sub_has_media |= has_media
         only_images = files and all(kind == "image" for kind in files.values())
-        if only_images and not sub_has_media and not is_root and self.frame_folders:
+        if (only_images and not sub_has_media and not is_root and self.frame_folders
+                and (str(folder) in self.known_frames or not self.photos_in(folder, list(files)))):
             described = [p for p in files if p.stem in texts]
             if len(described) * 2 >= len(files):
                 self.problems.append((str(folder), f"its images have text files of the same name beside them (e.g. "
