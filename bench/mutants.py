@@ -1945,6 +1945,15 @@ MUTANTS += [
     mutant("frames-cached-noted-kept", "vlpcache/extract/runner.py",
            "if kind == \"frames\" and not notes.get(item_id, \"\").startswith(SIZES_DIFFER))", "if kind == \"frames\")",
            "tests/test_extract.py -k not_looked_into", "a folder cached with the sizes-differ note is looked into again"),
+    mutant("eval-same-content-unsaid", "vlpcache/index/evaluate.py",
+           "    return replace(seen, same_content=same) if same else seen\n", "    return seen\n",
+           "tests/test_eval.py -k another_cache", "eval says the videos it trained on by their content, from another cache or under other ids"),
+    mutant("content-key-with-mtime", "vlpcache/model/run_layout.py",
+           "    return \":\".join((parts[1], parts[3], parts[4])) if len(parts) == 5", "    return \":\".join((parts[1], parts[2], parts[3], parts[4])) if len(parts) == 5",
+           "tests/test_eval.py -k another_cache", "a file's content key leaves its modification time out (a copy)"),
+    mutant("run-content-not-recorded", "vlpcache/model/train.py",
+           "inherited_videos(run.init) if run.init else None, run.data.train_stamps(),", "inherited_videos(run.init) if run.init else None, (),",
+           "tests/test_pretrain.py -k init_fine_tunes", "a run records what its training files held"),
 ]
 
 

@@ -128,7 +128,7 @@ def test_split_evaluates_the_videos_of_one_split_of_a_file_that_has_several(root
 
 def test_a_run_moved_with_its_data_still_knows_its_training_captions(tmp_path):
     # the run's config records absolute paths: after a move, eval scored the training set without a word
-    from vlpcache.index.evaluate import seen_by_run
+    from vlpcache.index.evaluate import _seen_by_id
 
     old, new = tmp_path.resolve() / "old", tmp_path.resolve() / "new"
     (new / "data" / "cache").mkdir(parents=True)
@@ -138,9 +138,43 @@ def test_a_run_moved_with_its_data_still_knows_its_training_captions(tmp_path):
     (new / "runs" / "run-001" / "config.json").write_text(json.dumps({"train": {
         "caches": [str(old / "data" / "cache")], "captions": [str(old / "data" / "train.jsonl")],
         "val_captions": None, "made_in": str(old / "runs" / "run-001")}}))
-    seen = seen_by_run(new / "runs" / "run-001", new / "data" / "cache", new / "data" / "train.jsonl",
+    seen = _seen_by_id(new / "runs" / "run-001", new / "data" / "cache", new / "data" / "train.jsonl",
                        read_captions(new / "data" / "train.jsonl"), False)
     assert seen.trained == 3 and seen.training_files == (str(new / "data" / "train.jsonl"),)
+
+
+def test_the_same_videos_evaluated_from_another_cache_under_other_ids_are_said(tmp_path):
+    # a run trained on frames/video65xx of one cache, evaluated on val/video65xx of another (extracted again from
+    # another root): eval said nothing, and 28 of the 31 R@1 hits were videos it trained on
+    from vlpcache.captions import Captions
+    from vlpcache.index.evaluate import seen_by_run
+    from vlpcache.extract.stamps import source_stamp
+    from vlpcache.model.run_layout import save_run_videos
+    from test_pretrain import write_cache
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "copy").mkdir()
+    for i in range(4):
+        (tmp_path / "data" / f"v{i}.mp4").write_bytes(f"video {i}".encode() * 1000)
+        shutil.copy(tmp_path / "data" / f"v{i}.mp4", tmp_path / "copy" / f"v{i}.mp4")  # another time, same content
+    run = tmp_path / "runs" / "run-001"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": {
+        "caches": [str(tmp_path / "cache")], "captions": [str(tmp_path / "train.jsonl")], "val_captions": None,
+        "made_in": str(run)}}))
+    save_run_videos(run, [f"frames/v{i}" for i in range(3)], [],
+                    trained_stamps=[source_stamp(tmp_path / "data" / f"v{i}.mp4") for i in range(3)])
+    write_cache(tmp_path / "other", 4, sources=[(tmp_path / "copy" / f"v{i}.mp4", "video") for i in range(4)])
+    captions = Captions({f"v{i}": ["a dog"] for i in range(4)})
+    seen = seen_by_run(run, RegionCache(tmp_path / "other"), tmp_path / "test.jsonl", captions, False)
+    assert (seen.trained, seen.same_content) == (0, 3)
+    assert seen.line(tmp_path / "test.jsonl", 4) == (
+        "eval: 3 of these 4 videos are files the run trained on (the same content, in another cache or under other "
+        "ids): the figures say how well it fits them, not how it finds videos it has not seen; evaluate on videos "
+        "held out from training")
+    (tmp_path / "copy" / "v0.mp4").write_bytes(b"another video" * 1000)  # other content under the same name
+    write_cache(tmp_path / "again", 4, sources=[(tmp_path / "copy" / f"v{i}.mp4", "video") for i in range(4)])
+    assert seen_by_run(run, RegionCache(tmp_path / "again"), tmp_path / "test.jsonl", captions, False).same_content == 2
 
 
 def test_eval_on_the_runs_training_captions_says_the_figures_measure_fit(root, ws, monkeypatch, capsys, tmp_path):

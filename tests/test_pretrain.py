@@ -33,7 +33,7 @@ from vlpcache.model.checkpoint import load_run
 from vlpcache.model.config import ModelConfig
 from vlpcache.model.batch import video_batch
 from vlpcache.model.data import find_caption_files, load_pretrain_data
-from vlpcache.model.run_layout import LOG_NAME, read_run_videos
+from vlpcache.model.run_layout import LOG_NAME, read_run_videos, read_trained_content
 from vlpcache.model.train import run_pretrain
 from vlpcache.workspace import Workspace
 from waiting import HANG_GUARD_S, wait_until
@@ -178,7 +178,11 @@ def test_init_fine_tunes_another_runs_weights_on_other_captions_and_counts_its_v
     first = tmp_path / "first"
     run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], val_captions=corpus["val"], run_dir=first,
                  **small_options(tiny_text, epochs=1, seed=1))
-    other_ids = write_cache(tmp_path / "other", 12, prefix="w", seed=1)
+    (tmp_path / "clips").mkdir()
+    for i in range(12):  # real files: the run keeps what they hold (their stamps' content), for eval
+        (tmp_path / "clips" / f"w{i}.mp4").write_bytes(f"clip {i}".encode() * 100)
+    other_ids = write_cache(tmp_path / "other", 12, prefix="w", seed=1,
+                            sources=[(tmp_path / "clips" / f"w{i}.mp4", "video") for i in range(12)])
     other = write_captions(tmp_path / "other.jsonl", other_ids)
     # learning rates too small to move a weight: what the new run begins from is what it ends with
     still = small_options(tiny_text, epochs=1, lr=1e-12, text_lr=1e-12, frame_dropout=0.5)
@@ -196,6 +200,7 @@ def test_init_fine_tunes_another_runs_weights_on_other_captions_and_counts_its_v
     own, _, inherited = read_run_videos(tuned, inherited=False)
     assert len(own) == 12 and np.array_equal(inherited, read_run_videos(first)[0])
     assert len(read_run_videos(tuned)[0]) == 12 + 40  # what eval counts as trained on
+    assert len(read_trained_content(tuned)) == 12 and len(read_trained_content(first)) == 0  # its cache: no stamps
     capsys.readouterr()
     inspect_run(tuned)
     assert f"init        started from {ckpt.checkpoints(first)[1].resolve()} (epoch 1 of {first.resolve()}" in \

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +168,7 @@ class Seen:
     same_file: bool = True
     training_files: tuple[str, ...] = ()
     validation_file: str | None = None
+    same_content: int = 0  # videos the run trained on by their content, in another cache or under other ids
 
     def line(self, captions_file, videos: int) -> str | None:
         """What eval says about the figures, or None when the run saw none of these videos."""
@@ -183,6 +184,10 @@ class Seen:
                     if self.validated else "")
             return (f"eval: {self.trained} of these {videos} videos were trained on{how}{also}: the figures say how well "
                     f"it fits them, not how it finds videos it has not seen; evaluate on {advice}")
+        if self.same_content:
+            return (f"eval: {self.same_content} of these {videos} videos are files the run trained on (the same content, "
+                    "in another cache or under other ids): the figures say how well it fits them, not how it finds "
+                    "videos it has not seen; evaluate on videos held out from training")
         if self.validated:
             source, chosen_on = ((f"({name})", "these captions") if self.same_file
                                  else (f"(of {printable(self.validation_file or '')})", "them"))
@@ -192,7 +197,20 @@ class Seen:
         return None
 
 
-def seen_by_run(run_dir: Path, cache_dir: Path, captions_file, captions, file_has_validation_split: bool) -> Seen:
+def seen_by_run(run_dir: Path, cache, captions_file, captions, file_has_validation_split: bool) -> Seen:
+    """What the run has seen of the videos of `captions` (ids of `cache`), by id (_seen_by_id) and, where it
+    trained on none of them by id, by their content (the sources it trained on, videos.npz's trained_content)."""
+    from vlpcache.model.run_layout import content_key_each, read_trained_content
+
+    seen = _seen_by_id(run_dir, cache.cache_dir, captions_file, captions, file_has_validation_split)
+    if seen.trained or not len(content := read_trained_content(run_dir)):
+        return seen
+    stamps = [cache.sources[cache.index_of(item_id)] for item_id in captions.by_id if item_id in cache]
+    same = int(np.isin(content_key_each(stamps), content).sum())
+    return replace(seen, same_content=same) if same else seen
+
+
+def _seen_by_id(run_dir: Path, cache_dir: Path, captions_file, captions, file_has_validation_split: bool) -> Seen:
     """What the run has seen of the videos of `captions` (read from `captions_file`; ids of `cache_dir`).
 
     Where the run recorded the videos it trained and validated on (videos.npz) and the evaluated cache is
@@ -311,7 +329,7 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
         check_max_words(max_words, run.model.text_encoder.backbone, run.config.text_model or "of the run")
     say = sayer(quiet)
     say_protocol_notes(say, captions_file, captions, kept, split, paragraphs)
-    seen = seen_by_run(sources.run_dir, sources.cache_dir, captions_file, kept, file_has_validation_split)
+    seen = seen_by_run(sources.run_dir, cache, captions_file, kept, file_has_validation_split)
     if line := seen.line(captions_file, len(kept.by_id)):  # said under --quiet too: it is about what the figures mean
         say_always(line)
     say(what_is_evaluated(sources, run, cache, kept, report, captions, key_matches, device))
@@ -335,7 +353,7 @@ def run_eval(captions_file, run_dir=None, cache_dir=None, split=None, all_captio
         results["protocol"]["captions_per_video"] = "paragraph"
     results["run"] = {"run_dir": str(sources.run_dir), "epoch": run.epoch, "checkpoint_sha256": run.checkpoint_sha256,
                       "captions": str(Path(captions_file)), "split": split, "cache": str(sources.cache_dir),
-                      "videos_trained_on": seen.trained, "validation_videos": seen.validated}
+                      "videos_trained_on": seen.trained or seen.same_content, "validation_videos": seen.validated}
     if as_json:
         print(json.dumps(results, indent=2))
     else:

@@ -381,6 +381,10 @@ class PretrainData:
     def train_ids(self) -> list[str]:
         return [self.caches[c].ids[i] for c, i, _ in self.train.samples]
 
+    def train_stamps(self) -> list[str]:
+        """The source stamps of the training items (what they were extracted from: extract/stamps.py)."""
+        return [self.caches[c].sources[i] for c, i, _ in self.train.samples]
+
     @cached_property
     def items(self) -> str:
         """What a person calls the caches' items: videos, photos or items (report.items_word)."""

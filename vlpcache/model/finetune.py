@@ -22,7 +22,7 @@ import numpy as np
 from vlpcache.errors import UserError
 from vlpcache.model.config import ModelConfig, PretrainOptions, differing_model_options
 from vlpcache.model.run_layout import (CONFIG_NAME, TEXT_DIR, WEIGHTS_NAME, checkpoints, read_checkpoint_meta,
-                                       read_run_config, read_run_videos, resolve_checkpoint)
+                                       read_run_config, read_run_videos, read_trained_content, resolve_checkpoint)
 from vlpcache.report import printable
 
 # ModelConfig fields a run that starts from another may set otherwise: they shape training, not the weights
@@ -97,6 +97,11 @@ def initial_model(record: dict, config: ModelConfig, run_dir: Path):
     model = AlignmentModel(config, backbone)
     load_weights(model, checkpoint)
     return model, tokenizer
+
+
+def inherited_content(record: dict) -> np.ndarray:
+    """The content keys of the sources the init run trained on (run_layout.content_keys); empty where none kept."""
+    return read_trained_content(Path(record["run"]))
 
 
 def inherited_videos(record: dict) -> np.ndarray | None:

@@ -298,22 +298,46 @@ def latest_run(runs_dir: Path) -> Path:
 def video_keys(ids: Iterable[str]) -> np.ndarray:
     """Sorted unique 64-bit keys of item ids (the first 8 bytes of the UTF-8 id's BLAKE2b): 8 bytes a video
     whatever its id's length, with a chance of a false match of about n / 2^64 per id looked up."""
-    keys = np.fromiter((int.from_bytes(hashlib.blake2b(i.encode("utf-8", "surrogateescape"), digest_size=8).digest(),
-                                       "little") for i in ids), dtype=np.uint64)
-    return np.unique(keys)
+    return np.unique(np.fromiter(map(_key, ids), dtype=np.uint64))
+
+
+def content_keys(stamps: Iterable[str]) -> np.ndarray:
+    """Sorted unique 64-bit keys of what sources hold, wherever they are and under whatever id: a source stamp's
+    size, frame names and digest (extract/stamps.py), not its modification time; an unknown stamp gives none."""
+    return video_keys(content for content in map(_content, stamps) if content)
+
+
+def content_key_each(stamps: Iterable[str]) -> np.ndarray:
+    """content_keys of each stamp in order, unsorted, 0 for an unknown stamp (no source's key, but 1 in 2^64)."""
+    return np.fromiter((_key(content) if (content := _content(stamp)) else 0 for stamp in stamps), dtype=np.uint64)
+
+
+def _content(stamp: str) -> str:
+    parts = stamp.split(":")
+    return ":".join((parts[1], parts[3], parts[4])) if len(parts) == 5 and parts[0] == "1" else ""
+
+
+def _key(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
 
 
 def save_run_videos(run_dir: Path, trained: Iterable[str], validation: Iterable[str],
-                    inherited: np.ndarray | None = None) -> None:
+                    inherited: np.ndarray | None = None, trained_stamps: Iterable[str] = (),
+                    inherited_content: np.ndarray | None = None) -> None:
     """Record the item ids the run trains and validates on (videos.npz), whole or not at all; `inherited`:
-    the video keys that the run it started from (--init) trained on, which its weights have seen too."""
-    arrays = {"trained": video_keys(trained), "validation": video_keys(validation)}
+    the video keys that the run it started from (--init) trained on, which its weights have seen too. Also
+    the content keys (content_keys) of the sources it trains on and its --init run trained on, so that eval
+    tells the same videos in another cache or under other ids."""
+    arrays = {"trained": video_keys(trained), "validation": video_keys(validation),
+              "trained_content": np.union1d(content_keys(trained_stamps), inherited_content if inherited_content is
+                                            not None else np.zeros(0, np.uint64)).astype(np.uint64)}
     if inherited is not None:
         arrays["inherited"] = inherited
     replace_atomically(Path(run_dir) / VIDEOS_NAME, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
 
 
-def add_run_videos(run_dir: Path, trained: Iterable[str], validation: Iterable[str]) -> tuple[int, int, int, int] | None:
+def add_run_videos(run_dir: Path, trained: Iterable[str], validation: Iterable[str],
+                   trained_stamps: Iterable[str] = ()) -> tuple[int, int, int, int] | None:
     """Add the videos a resumed run trains on now to its record, where they differ from those recorded
     (a caption file or cache changed since it began): (recorded, now, recorded but not now, now but not
     recorded) training videos; None when they are the same, or the record cannot be read."""
@@ -321,11 +345,22 @@ def add_run_videos(run_dir: Path, trained: Iterable[str], validation: Iterable[s
     now = video_keys(trained)
     if recorded is None or np.array_equal(recorded[0], now):
         return None
-    arrays = {"trained": np.union1d(recorded[0], now), "validation": np.union1d(recorded[1], video_keys(validation))}
+    arrays = {"trained": np.union1d(recorded[0], now), "validation": np.union1d(recorded[1], video_keys(validation)),
+              "trained_content": np.union1d(read_trained_content(run_dir), content_keys(trained_stamps)).astype(np.uint64)}
     if len(recorded) > 2:
         arrays["inherited"] = recorded[2]
     replace_atomically(Path(run_dir) / VIDEOS_NAME, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
     return len(recorded[0]), len(now), len(np.setdiff1d(recorded[0], now)), len(np.setdiff1d(now, recorded[0]))
+
+
+def read_trained_content(run_dir: Path) -> np.ndarray:
+    """The content keys of the sources a run (and its --init run) trained on; empty where it kept none (a run
+    made before they were kept, a cache without stamps) or the record does not read."""
+    try:
+        with np.load(Path(run_dir) / VIDEOS_NAME) as stored:
+            return stored["trained_content"] if "trained_content" in stored else np.zeros(0, np.uint64)
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
+        return np.zeros(0, np.uint64)
 
 
 def read_run_videos(run_dir: Path, inherited: bool = True) -> tuple[np.ndarray, ...] | None:

@@ -54,7 +54,8 @@ from vlpcache.model.config import (
     captions_per_video_cap,
     differing_model_options,
 )
-from vlpcache.model.finetune import check_init_features, inherited_videos, init_model_config, init_record, initial_model
+from vlpcache.model.finetune import (check_init_features, inherited_content, inherited_videos, init_model_config, init_record,
+                                     initial_model)
 from vlpcache.model.model import (DEFAULT_TEXT_MODEL, AlignmentModel, PretrainLoss, build_model, check_text_model_findable,
                                   load_text_backbone, text_positions)
 from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
@@ -533,8 +534,10 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
         # captions); a run resumed from before the record was kept gets it too
         if not run.resumed or not (run.dir / VIDEOS_NAME).exists():
             save_run_videos(run.dir, run.data.train_ids(), run.data.validation_ids(),
-                            inherited_videos(run.init) if run.init else None)
-        elif last and (change := add_run_videos(run.dir, run.data.train_ids(), run.data.validation_ids())):
+                            inherited_videos(run.init) if run.init else None, run.data.train_stamps(),
+                            inherited_content(run.init) if run.init else None)
+        elif last and (change := add_run_videos(run.dir, run.data.train_ids(), run.data.validation_ids(),
+                                                run.data.train_stamps())):
             before, now, gone, new = change
             processes.say(f"note: the training videos changed since {run.dir} began ({before:,} then, {now:,} now: "
                           f"{gone:,} no longer, {new:,} new; a caption file or a cache changed): it goes on with "
