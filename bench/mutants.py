@@ -1955,6 +1955,9 @@ MUTANTS += [
     mutant("run-content-not-recorded", "vlpcache/model/train.py",
            "inherited_videos(run.init) if run.init else None, run.data.train_stamps(),", "inherited_videos(run.init) if run.init else None, (),",
            "tests/test_pretrain.py -k init_fine_tunes", "a run records what its training files held"),
+    mutant("render-font-ascii-only", "vlpcache/extract/render.py",
+           "TEXT_FONTS = (\"DejaVuSans.ttf\", \"LiberationSans-Regular.ttf\", \"NotoSans-Regular.ttf\", \"Arial.ttf\")", "TEXT_FONTS = ()",
+           "tests/test_extract.py -k accented", "a rendered picture draws the accented letters of file names"),
 ]
 
 

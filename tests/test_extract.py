@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from broken_media import damage_chunk
 
@@ -615,6 +615,28 @@ def test_a_progress_bar_written_to_a_file_is_lines_not_carriage_returns(msrvtt_d
     bar = [n for n, line in enumerate(lines) if "item/s" in line]
     assert bar and "3/3 [" in lines[bar[-1]], written  # the bar's last state, a line of its own
     assert lines[-1].startswith("extract: 3 done"), written
+
+
+def test_a_rendered_pictures_words_draw_the_accented_letters_of_file_names():
+    # Pillow's own font has ASCII only: `my holiday – café été.mp4` was drawn `my holiday▯caf▯▯▯mp4`
+    from vlpcache.extract.render import TEXT_FONTS, text_font
+
+    def on_this_system(name: str) -> bool:
+        try:
+            return bool(ImageFont.truetype(name, 11))
+        except OSError:
+            return False
+
+    if not any(map(on_this_system, ("DejaVuSans.ttf", "LiberationSans-Regular.ttf"))):
+        pytest.skip(f"none of {', '.join(TEXT_FONTS)} is on this system (Debian: fonts-dejavu-core)")
+    font = text_font()
+    def drawn(letter: str) -> bytes:
+        picture = Image.new("L", (24, 24))
+        ImageDraw.Draw(picture).text((4, 4), letter, fill=255, font=font)
+        return picture.tobytes()
+
+    missing = drawn("\U0010fffd")  # a letter no font has: what a missing one looks like
+    assert all(drawn(letter) != missing for letter in "éüß–çñ")
 
 
 def test_a_small_picture_is_rendered_large_enough_for_its_labels():

@@ -7,11 +7,12 @@ drawn on them. No torch.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from vlpcache.cache.labels import RegionNames, region_names
 from vlpcache.cache.reader import RegionCache
@@ -104,6 +105,22 @@ def named_item(cache: RegionCache, key: str) -> str:
                     "the extracted root without extension, or by a file name or path that ends in one)")
 
 
+# fonts with the accented letters of file names (é, ü, –), where the system has one: Pillow's own has ASCII only
+TEXT_FONTS = ("DejaVuSans.ttf", "LiberationSans-Regular.ttf", "NotoSans-Regular.ttf", "Arial.ttf")
+
+
+@functools.lru_cache(maxsize=1)
+def text_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """The font of a picture's words: the first of TEXT_FONTS found (Pillow looks in the system's font folders),
+    else Pillow's own, whose ASCII draws `café` as `caf` and a box."""
+    for name in TEXT_FONTS:
+        try:
+            return ImageFont.truetype(name, 11)
+        except OSError:
+            continue
+    return ImageFont.load_default()
+
+
 def render_item(cache: RegionCache, item_id: str, output: Path) -> Path:
     """Draw the item's sampled frames in a grid with boxes, labels and scores; returns the file."""
     cached = cache.get(item_id)
@@ -116,6 +133,7 @@ def render_item(cache: RegionCache, item_id: str, output: Path) -> Path:
     rows = (len(pictures) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * cell_w, rows * cell_h + TITLE_HEIGHT), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
+    draw.font = text_font()
     draw.text((6, 4), printable(f"{item_id}  ({cached['kind']}, {cached['path']})"), fill=(0, 0, 0))  # one line
     for t, picture in enumerate(pictures):
         x0, y0 = (t % columns) * cell_w, TITLE_HEIGHT + (t // columns) * cell_h
