@@ -152,21 +152,22 @@ def test_runs_says_the_settings_that_tell_each_run_from_the_others(ws, monkeypat
     other = ws / "runs" / "run-002"
     shutil.copytree(run, other)
     config = json.loads((other / CONFIG_NAME).read_text())
-    config["train"].update(lr=0.002, epochs=5, workers=3)  # epochs are listed already; workers are the machine's
+    config["train"].update(lr=0.002, epochs=5, workers=3, val_captions=None)  # epochs are listed already; workers are
+    # the machine's; a run without validation has none, which is no setting unknown
     config["model"].update(global_path=False, rwa=False)
     (other / CONFIG_NAME).write_text(json.dumps(config))
     for folder in (other, *(other / "checkpoints").iterdir()):  # it saved a checkpoint last
         os.utime(folder, (time.time() + 10, time.time() + 10))
     code, out, err = vlpcache(monkeypatch, capsys, "inspect", "--runs")
     assert code == 0, err
-    lr = json.loads((run / CONFIG_NAME).read_text())["train"]["lr"]
+    lr, val = (json.loads((run / CONFIG_NAME).read_text())["train"][key] for key in ("lr", "val_captions"))
     lines = out.splitlines()
     assert len(lines) == 4 and lines[0].startswith("run-001 ") and lines[2].startswith("run-002 ")
-    assert lines[1] == f"{'':12s} --lr {lr:g}, --global-path, rwa on"
-    assert lines[3] == f"{'':12s} --lr 0.002, --no-global-path, --no-rwa"
+    assert lines[1] == f"{'':12s} --lr {lr:g}, --global-path, rwa on, --val-captions {val}"
+    assert lines[3] == f"{'':12s} --lr 0.002, --no-global-path, --no-rwa, no --val-captions"
     listed = inspect_json(monkeypatch, capsys, "--runs")
-    assert [r["differs"] for r in listed] == [{"--lr": lr, "--global-path": True, "--rwa": True},
-                                              {"--lr": 0.002, "--global-path": False, "--rwa": False}]
+    assert [r["differs"] for r in listed] == [{"--lr": lr, "--global-path": True, "--rwa": True, "--val-captions": val},
+                                              {"--lr": 0.002, "--global-path": False, "--rwa": False, "--val-captions": None}]
     # runs alike in what is compared: one line each, as before
     shutil.copy(run / CONFIG_NAME, other / CONFIG_NAME)
     code, out, _ = vlpcache(monkeypatch, capsys, "inspect", "--runs")

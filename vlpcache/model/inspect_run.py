@@ -285,8 +285,10 @@ def setting_differences(summaries: list[dict]) -> list[dict]:
 
 def _setting_text(option: str, value) -> str:
     """One compared setting as a person reads it: `--lr 0.001`, `--no-global-path`, `--no-rwa`."""
-    if option == "--init":  # the checkpoint a run started from, or none: random weights
-        return f"--init {printable(str(value))}" if value else "no --init"
+    if option in ("--init", "--val-captions") and not value:  # random weights; no validation (not an unknown)
+        return f"no {option}"
+    if option == "--init":  # the checkpoint a run started from
+        return f"--init {printable(str(value))}"
     if value is None:
         return f"{option} not recorded"
     if option == "--rwa":
