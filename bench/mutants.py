@@ -1659,10 +1659,10 @@ MUTANTS += [
            "    if (item_id := frames_item_holding(media, cache)) is not None:", "    if (item_id := None) is not None:",
            "tests/test_search.py -k file_the_cache_does_not_hold", "an image of a cached frame folder names that folder's item, not extract commands"),
     mutant("left-out-removed-unsaid", "vlpcache/cache/reader.py",
-           "        for records in (self.removed, self.damaged):", "        for records in (self.damaged,):",
+           "        for records in (self.removed, self.damaged, failed):", "        for records in (self.damaged, failed):",
            "tests/test_extract.py -k dropped_with_prune", "an item extract --prune dropped, named later, is told as dropped with its path"),
     mutant("left-out-damaged-unsaid", "vlpcache/cache/reader.py",
-           "        for records in (self.removed, self.damaged):", "        for records in (self.removed,):",
+           "        for records in (self.removed, self.damaged, failed):", "        for records in (self.removed, failed):",
            "tests/test_cache.py -k left_out_by_every_reader", "an item left out as damaged, named later, is told as damaged"),
     mutant("render-left-out-unsaid", "vlpcache/extract/render.py",
            "        raise UserError(left_out)", "        pass",
@@ -1958,6 +1958,9 @@ MUTANTS += [
     mutant("render-font-ascii-only", "vlpcache/extract/render.py",
            "TEXT_FONTS = (\"DejaVuSans.ttf\", \"LiberationSans-Regular.ttf\", \"NotoSans-Regular.ttf\", \"Arial.ttf\")", "TEXT_FONTS = ()",
            "tests/test_extract.py -k accented", "a rendered picture draws the accented letters of file names"),
+    mutant("failed-item-named-as-nothing", "vlpcache/cache/reader.py",
+           "        for records in (self.removed, self.damaged, failed):", "        for records in (self.removed, self.damaged):",
+           "tests/test_cache.py -k failed_to_extract", "an item that failed to extract, named later, is told as failed"),
 ]
 
 

@@ -587,6 +587,21 @@ def test_a_record_whose_path_holds_a_unicode_line_separator_reads_back(tmp_path)
     assert read_failures(tmp_path)["bad\u0085clip"]["path"] == "/data/bad\u0085clip.mp4"
 
 
+def test_an_item_that_failed_to_extract_named_later_is_told_as_failed_not_as_a_name_of_nothing(tmp_path):
+    # `inspect --render empty` said "'empty' names no item ... ids look like 'frames/video6513'"
+    write_items(tmp_path, ["a"])
+    with ShardWriter(tmp_path, SETTINGS) as writer:
+        writer.record_failure("videos/empty", "/data/videos/empty.mp4", "empty file (0 bytes)")
+        writer.record_failure("a", "/data/a.mp4", "cannot open video")  # cached before: its old row is read
+    cache = RegionCache(tmp_path)
+    said = cache.left_out_line("empty")
+    assert said.startswith("'videos/empty' did not extract: empty file (0 bytes) (/data/videos/empty.mp4, on ")
+    assert said.endswith("); mend or replace the file and extract its folder again (`inspect --failures` lists every "
+                         "failure)")
+    assert cache.left_out_line("videos/empty.mp4") == said and cache.left_out_line("nothing") is None
+    assert cache.left_out_line("a") is None
+
+
 def test_json_lines_split_at_newlines_only():
     assert json_lines('{"a": "x\u2028y"}\n{"b": 1}\n') == ['{"a": "x\u2028y"}', '{"b": 1}']
     assert json_lines('{"a": "x\u0085y"}\n{"b"', keepends=True) == ['{"a": "x\u0085y"}\n', '{"b"']

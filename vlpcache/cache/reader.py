@@ -290,14 +290,19 @@ class RegionCache:
 
     def left_out_line(self, key: str) -> str | None:
         """Why `key` names no item where it names one this cache leaves out (as `captions.item_named` names
-        items): dropped by `extract --prune` because its file was gone, or its row found damaged; None where
-        it names neither."""
-        for records in (self.removed, self.damaged):
+        items): dropped by `extract --prune` because its file was gone, its row found damaged, or it failed to
+        extract; None where it names none of them."""
+        failed = {item_id: record for item_id, record in self.failures.items() if item_id not in self}
+        for records in (self.removed, self.damaged, failed):
             item_id = key if key in records else item_named(key, list(records))[0]
             if item_id is None:
                 continue
             record = records[item_id]
             when = date_text(record.get("time", 0))
+            if records is failed:
+                return (f"{item_id!r} did not extract: {printable(str(record.get('reason', 'it failed')))} "
+                        f"({printable(str(record.get('path', '')))}, on {when}); mend or replace the file and extract its "
+                        "folder again (`inspect --failures` lists every failure)")
             if records is self.removed:
                 return (f"{item_id!r} was dropped from the cache {self.cache_dir} by `vlpcache extract --prune` on {when}: "
                         f"{printable(str(record.get('path', 'its file')))} was gone; once it is back, extract its "
