@@ -1961,6 +1961,9 @@ MUTANTS += [
     mutant("failed-item-named-as-nothing", "vlpcache/cache/reader.py",
            "        for records in (self.removed, self.damaged, failed):", "        for records in (self.removed, self.damaged):",
            "tests/test_cache.py -k failed_to_extract", "an item that failed to extract, named later, is told as failed"),
+    mutant("typo-offers-every-close-name", "vlpcache/cli.py",
+           "    return scored[:1] if len(scored) > 1 and ratios[0] - ratios[1] >= 0.1 else scored", "    return scored",
+           "tests/test_user_errors.py -k 'bad_option_or_command or mistyped_option'", "a mistyped command or option is offered the one most like it"),
 ]
 
 

@@ -205,13 +205,16 @@ def test_the_last_line_of_a_command_stopped_under_a_progress_bar_starts_a_line_o
 @pytest.mark.parametrize("args, line", [
     (["extract", "--frames", "0", "videos"],
      "error: Invalid value for '--frames': 0 is not in the range 1<=x<=512 (vlpcache extract --help)"),
-    (["serch", "a dog"], "error: No such command 'serch'. (Did you mean one of: 'search', 'serve'?) (vlpcache --help)"),
+    (["serch", "a dog"], "error: No such command 'serch'. Did you mean 'search'? (vlpcache --help)"),
+    (["serach", "a dog"], "error: No such command 'serach'. Did you mean 'search'? (vlpcache --help)"),  # not extract
+    (["inspekt"], "error: No such command 'inspekt'. Did you mean 'inspect'? (vlpcache --help)"),
+    (["xyzzy"], "error: No such command 'xyzzy' (vlpcache --help)"),
     (["pretrain", "--lr", "nan"], "error: Invalid value for '--lr': 'nan' is not a finite number (vlpcache pretrain --help)"),
     (["pretrain", "--rwa-weight", "inf"],
      "error: Invalid value for '--rwa-weight': 'inf' is not a finite number (vlpcache pretrain --help)"),
     (["pretrain", "--seed", "-1"],
      "error: Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295 (vlpcache pretrain --help)"),
-], ids=["option", "command", "nan", "inf", "seed"])
+], ids=["option", "command", "command-extract-unlike", "command-one", "command-none", "nan", "inf", "seed"])
 def test_a_bad_option_or_command_is_one_error_line_like_every_other_error(args, line, monkeypatch, capsys):
     import sys
 
@@ -222,6 +225,19 @@ def test_a_bad_option_or_command_is_one_error_line_like_every_other_error(args, 
         cli.main()
     without_suggestion = re.sub(r"\. \(Did you mean one of: .*?\?\)", "", line)  # click 8.1 suggests no command
     assert exited.value.code == 2 and capsys.readouterr().err in (line + "\n", without_suggestion + "\n")
+
+
+def test_a_mistyped_option_is_offered_the_option_most_like_it_alone(monkeypatch, capsys):
+    # click offered '--host' and '--port' for `--hots`
+    import sys
+
+    from vlpcache import cli
+
+    monkeypatch.setattr(sys, "argv", ["vlpcache", "serve", "--hots", "h"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    err = capsys.readouterr().err
+    assert "--host" in err and "--port" not in err and err.endswith("(vlpcache serve --help)\n"), err
 
 
 def test_a_folder_whose_name_begins_with_a_dash_is_said_to_be_one(tmp_path, monkeypatch, capsys):

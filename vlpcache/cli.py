@@ -7,6 +7,7 @@ start without loading what they do not use; defaults come from the light modules
 
 from __future__ import annotations
 
+import difflib
 import errno
 import math
 import os
@@ -76,6 +77,22 @@ class CommandTable(click.Group):
             return super().invoke(ctx)
         except BrokenPipeError as err:
             raise OutputClosed() from err
+
+    def resolve_command(self, ctx, args):
+        """A command name that is none: "Did you mean 'search'?" for `serach`, where click offered 'extract' too."""
+        name = args[0] if args else ""
+        if not name or ctx.resilient_parsing or self.get_command(ctx, name) is not None or name.startswith("-"):
+            return super().resolve_command(ctx, args)
+        close = closest(name, difflib.get_close_matches(name, self.list_commands(ctx)))
+        ctx.fail(f"No such command {name!r}." + (f" Did you mean {' or '.join(map(repr, close))}?" if close else ""))
+
+
+def closest(word: str, candidates: list[str]) -> list[str]:
+    """The candidates most like `word` (a typed command or option), best first: the best alone where it is clearly
+    the best (difflib's ratio 0.1 above the next: `serch` is `search`, not `serve`), else all of them."""
+    scored = sorted(candidates, key=lambda c: difflib.SequenceMatcher(None, word, c).ratio(), reverse=True)
+    ratios = [difflib.SequenceMatcher(None, word, c).ratio() for c in scored]
+    return scored[:1] if len(scored) > 1 and ratios[0] - ratios[1] >= 0.1 else scored
 
 
 @click.group(cls=CommandTable, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -538,6 +555,8 @@ def main() -> None:
             exit_now(exit_status())
         except click.UsageError as err:  # a bad option or command: one line, as every other error
             command = err.ctx.command_path if err.ctx is not None else "vlpcache"
+            if isinstance(err, click.NoSuchOption) and err.possibilities:  # `--hots`: --host, not --port too
+                err.possibilities = closest(err.option_name, list(err.possibilities))
             paths = [arg for arg in sys.argv[1:] if arg.startswith("-") and len(arg) > 1 and os.path.exists(arg)]
             path = (f"; {paths[0]} is a file or folder here: pass it as ./{paths[0]}, or after --"
                     if isinstance(err, click.NoSuchOption) and paths else "")
