@@ -263,7 +263,9 @@ def merge(sources, target, quiet) -> None:
 @click.option("--runs", "list_runs", is_flag=True, help="List the workspace's pretraining runs (or those in the folder "
               "given): state, epochs, best validation, and the one index, search and eval use by default.")
 @click.option("--render", "render_id", metavar="ID", help="Draw the sampled frames of item ID with its boxes.")
-@click.option("-o", "--output", type=click.Path(), help="Image file for --render [default: ID.png].")
+@click.option("-o", "--output", type=click.Path(),
+              help="Image file for --render [default: ID.png, with _ for what is not a letter, a digit, - or .: "
+                   "clips_a.png for clips/a].")
 @json_option("Print the summary as JSON.")
 @click.option("--failures", is_flag=True, help="List every failed item with its reason, and every item kept with a "
               "note (damaged, or photos in a frames folder), and every path extraction passed over (a broken link, an "
