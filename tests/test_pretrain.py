@@ -169,6 +169,17 @@ def _largest_difference(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+def test_pretrain_without_a_cache_is_one_line_and_leaves_no_run_folder(tmp_path):
+    # it said so, and left .vlpcache/runs/ behind (a run-NNN was claimed before the cache was looked for)
+    workspace = Path(os.environ["VLPCACHE_WORKSPACE"])
+    with pytest.raises(UserError, match=rf"^{re.escape(str(workspace / 'cache'))}: no such cache directory; run "
+                                        r"`vlpcache extract` first$"):
+        run_pretrain(quiet=True, device="cpu")
+    with pytest.raises(UserError, match="no such cache directory"):
+        run_pretrain(cache_dirs=[tmp_path / "nowhere"], quiet=True, device="cpu")
+    assert not workspace.exists()
+
+
 def test_init_fine_tunes_another_runs_weights_on_other_captions_and_counts_its_videos_as_trained_on(
         tmp_path, corpus, tiny_text, monkeypatch, capsys):
     # pretrain on one collection, fine-tune on the one searched: before --init every run began from random weights

@@ -164,6 +164,7 @@ def test_offline_extract_is_one_line_naming_the_source_and_the_fetch_command(ser
     assert line.startswith(f"error: weights file {YOLOX_FILE} not found in {tmp_path / 'empty'}")
     assert f"downloads are off ({variable}=1)" in line and "`vlpcache models fetch --models DIR`" in line
     assert REGISTRY[YOLOX_FILE].sources[0].url in line
+    assert not Path(os.environ["VLPCACHE_WORKSPACE"]).exists()  # nothing recorded of a run that could not start
     assert server.requests == 0 and not (tmp_path / "cache").exists()
 
 

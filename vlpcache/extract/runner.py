@@ -314,7 +314,6 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     if not items and not options.prune:  # with --prune, a root emptied on purpose is pruned
         raise UserError(f"no videos, images or frame folders found under {', '.join(map(printable, roots))}: "
                         f"{printable(other_files(roots))}")
-    workspace.remember_roots([r for r in roots if r.exists()])
 
     if options.device == "cuda" and engine is None:  # a missing GPU fails before anything is written; auto
         # resolves while the workers decode; the ray engine asks the cluster
@@ -324,6 +323,8 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     spec = choose_detector(options.detector, options.backbone, options.weights, options.models,  # nothing loaded yet
                            options.input_scale(), options.proposals)
     settings = spec.cache_settings(options.frames, options.regions, options.score_threshold)
+    workspace.remember_roots([r for r in roots if r.exists()])  # once the detector is there: a run that cannot
+    # start records nothing
     summary = ExtractSummary(passed_over=len(passed_over))
     # the driver's writer owns the shard set: it checks the settings and removes the unfinished shards
     # of a killed run, its own and (named `<shard set>-ray-<actor>`) those of its Ray actors
