@@ -1896,7 +1896,7 @@ MUTANTS += [
            "names = {name.strip().lower() for name in next(csv.reader([first], delimiter=delimiter), [])}", "names = {name.strip().lower() for name in first.split(delimiter)}",
            "tests/test_captions.py -k text_files_of_an_id", "a .txt whose CSV header is quoted reads as CSV"),
     mutant("csv-header-blank-lines-first", "vlpcache/captions.py",
-           "for name in next((row for row in rows if row), [])]", "for name in next(rows, [])]",
+           "        header = next((row for row in rows if row), [])  # blank lines", "        header = next(rows, [])  # blank lines",
            "tests/test_captions.py -k webvid_and_clip4clip", "a CSV with blank lines before its header reads"),
     mutant("msvd-corpus-unquoted-comma-cut", "vlpcache/captions.py",
            "            row[\"description\"] = \",\".join(fields[at[\"description\"]:]).strip()\n", "",

@@ -517,7 +517,8 @@ def _read_csv(captions: Captions, path: Path, text: str) -> str:
     delimiters = sorted(CSV_DELIMITERS, key=lambda d: d != ("\t" if path.suffix.lower() == ".tsv" else ","))
     for delimiter in delimiters:
         rows = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-        lowered = [name.strip().lower() for name in next((row for row in rows if row), [])]  # `Video`, `Caption` too; blank lines first
+        header = next((row for row in rows if row), [])  # blank lines before it passed over
+        lowered = [name.strip().lower() for name in header]  # `Video`, `Caption` too
         video = next((name for name in CSV_VIDEO_COLUMNS if name in lowered), None)
         caption = next((name for name in CSV_CAPTION_COLUMNS if name in lowered), None)
         if video is not None and caption is not None:

@@ -31,8 +31,8 @@ from vlpcache.extract.detectors.spec import DetectorSpec
 from vlpcache.extract.options import ENGINES, ExtractOptions
 from vlpcache.extract.progress import ExtractProgress, ExtractSummary
 from vlpcache.extract.reader import FrameReader, Prefetch, decoded_items_within_budget
-from vlpcache.extract.sources import (SIZES_DIFFER, SKIPPED, OtherFiles, discover_items, other_files, passed_over_line, picture_beside,
-                                      shard_of)
+from vlpcache.extract.sources import (SIZES_DIFFER, SKIPPED, OtherFiles, discover_items, other_files, passed_over_line,
+                                      picture_beside, shard_of)
 from vlpcache.extract.stamps import source_changed, stamp_known
 from vlpcache.interrupts import stop_if_interrupted
 from vlpcache.report import printable, said_if_slow, say, sayer
