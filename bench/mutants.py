@@ -1965,7 +1965,7 @@ MUTANTS += [
            "    return scored[:1] if len(scored) > 1 and ratios[0] - ratios[1] >= 0.1 else scored", "    return scored",
            "tests/test_user_errors.py -k 'bad_option_or_command or mistyped_option'", "a mistyped command or option is offered the one most like it"),
     mutant("pretrain-claims-a-run-before-the-cache", "vlpcache/model/train.py",
-           "        if not Path(cache_dir).exists():  # is made for it", "        if False:  # is made for it",
+           "        if not Path(cache_dir).exists():  # (RegionCache says", "        if False:  # (RegionCache says",
            "tests/test_pretrain.py -k without_a_cache", "pretrain without a cache leaves no run folder"),
     mutant("extract-remembers-roots-of-a-run-that-cannot-start", "vlpcache/extract/runner.py",
            "    spec = choose_detector(options.detector, options.backbone, options.weights, options.models,  # nothing loaded yet",

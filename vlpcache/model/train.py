@@ -1084,8 +1084,9 @@ def run_pretrain(**options) -> dict:
 
 def _pretrain(options: PretrainOptions, processes: Processes) -> dict:
     workspace = Workspace()
-    for cache_dir in ([] if options.resume else options.cache_dirs or [workspace.cache_dir]):  # before a run folder
-        if not Path(cache_dir).exists():  # is made for it (RegionCache says the same, later, of a cache that goes)
+    claimed = not (options.resume or options.run_dir)  # a new runs/run-NNN (-o RUN_DIR: removed if it stays empty)
+    for cache_dir in (options.cache_dirs or [workspace.cache_dir]) if claimed else []:  # looked for before it is made
+        if not Path(cache_dir).exists():  # (RegionCache says the same, later, of a cache that goes)
             raise UserError(f"{cache_dir}: no such cache directory; run `vlpcache extract` first")
     run_dir, fresh = choose_run_dir(options, processes, workspace)
     with training_lock(run_dir, fresh, processes):
