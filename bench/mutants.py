@@ -610,8 +610,8 @@ MUTANTS += [
            "for (const piece of i % 2 === 0 ? pieces(part) : [part]) {", "for (const piece of [part]) {",
            "tests/test_serve.py -k fits_a_phone", "the page colours the query's words as the tokenizer split them"),
     mutant("search-index-update-not-taken-up", "vlpcache/index/search.py",
-           "            if stamp is not None and stamp != self._index_stamp:\n                try:",
-           "            if False:\n                try:",
+           "            elif stamp is not None and stamp != self._index_stamp:\n                try:",
+           "            elif False:\n                try:",
            "tests/test_search.py -k takes_up_the_videos", "a searcher takes up what index added while it is open"),
     mutant("cli-worker-error-traceback", "vlpcache/errors.py",
            'if "\\nOriginal Traceback" in message:', "if False:",
@@ -1971,6 +1971,15 @@ MUTANTS += [
            "    spec = choose_detector(options.detector, options.backbone, options.weights, options.models,  # nothing loaded yet",
            "    workspace.remember_roots([r for r in roots if r.exists()])\n    spec = choose_detector(options.detector, options.backbone, options.weights, options.models,  # nothing loaded yet",
            "tests/test_weights.py -k offline_extract", "an extract that cannot start (no weights) records nothing in the workspace"),
+    mutant("stale-query-bank-kept", "vlpcache/index/build.py",
+           "    path.unlink(missing_ok=True)  # made for other rows (or unreadable)", "    pass  # made for other rows (or unreadable)",
+           "tests/test_search.py -k never_used", "a query bank of other rows is removed when it cannot be made again"),
+    mutant("query-bank-rows-unchecked", "vlpcache/querybank.py",
+           "    if bank is None or len(bank.log_norm) != len(ids) or (bank.rows and bank.rows != rows_digest(ids)):", "    if bank is None or len(bank.log_norm) != len(ids):",
+           "tests/test_search.py -k other_rows_of_as_many", "a bank made for other rows of as many videos is not the index's"),
+    mutant("searcher-blind-to-a-new-bank", "vlpcache/index/search.py",
+           "        return found.st_ino, found.st_mtime_ns, banked", "        return found.st_ino, found.st_mtime_ns, None",
+           "tests/test_search.py -k never_used", "a Searcher takes up a query bank made after it started"),
 ]
 
 

@@ -1111,6 +1111,43 @@ def test_search_qbnorm_ranks_by_the_banks_normalised_similarity_and_the_bank_gro
     assert grown.hubs.tolist() == fresh.hubs.tolist()
 
 
+def test_a_query_bank_of_other_rows_is_never_used_and_a_searcher_takes_up_one_made_later(ws, monkeypatch, capsys):
+    """An item indexed anew moves to the end of the index, as many rows as before: a bank left from before (its
+    rebuild failed: the run's captions unreadable) ranked --qbnorm by other rows' normalisers without a word. And
+    a Searcher took up a bank that `index --qbnorm` made for an index up to date only when the index changed."""
+    from vlpcache import Searcher
+    from vlpcache.index import build
+    from vlpcache.index.layout import QUERYBANK_FILE
+    from vlpcache.querybank import bank_for
+
+    search_json(monkeypatch, capsys, "a horse", "-k", "3", "--qbnorm")  # makes the bank
+    assert bank_for(the_index(ws) / QUERYBANK_FILE, VideoIndex.load(the_index(ws)).ids) is not None
+    write_cache(ws / "cache", 1, prefix="v", seed=9)  # v0 extracted again: indexed anew, at the end
+    made = build.run_query_bank
+    monkeypatch.setattr(build, "run_query_bank", lambda *args, **kwargs: None)  # its captions cannot be read now
+    assert vlpcache(monkeypatch, capsys, "index")[0] == 0
+    index = VideoIndex.load(the_index(ws))
+    assert index.ids[-1] == "v0" and len(index) == ITEMS and not (the_index(ws) / QUERYBANK_FILE).exists()
+    searcher = Searcher(ws / "runs" / "run-001", ws / "cache")
+    with pytest.raises(UserError, match="no query bank.*index --qbnorm"):
+        searcher.search("a dog", qbnorm=True)
+    monkeypatch.setattr(build, "run_query_bank", made)
+    assert vlpcache(monkeypatch, capsys, "index", "--qbnorm")[0] == 0  # the index up to date: only the bank written
+    assert [h.id for h in searcher.search("a dog", k=3, qbnorm=True)]  # the same Searcher, at its next search
+
+
+def test_a_bank_made_for_other_rows_of_as_many_videos_is_not_the_indexs(tmp_path):
+    from vlpcache.querybank import QueryBank, bank_for
+
+    rng = np.random.default_rng(0)
+    bank = QueryBank.build(rng.standard_normal((5, 4)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32))
+    bank.of_rows(["a", "b", "c"]).save(tmp_path / "bank.npz")
+    assert bank_for(tmp_path / "bank.npz", ["a", "b", "c"]) is not None
+    assert bank_for(tmp_path / "bank.npz", ["b", "c", "a"]) is None and bank_for(tmp_path / "bank.npz", ["a", "b"]) is None
+    bank.save(tmp_path / "old.npz")  # made before banks kept their rows: taken for as many
+    assert bank_for(tmp_path / "old.npz", ["x", "y", "z"]) is not None and bank_for(tmp_path / "none.npz", ["a"]) is None
+
+
 def test_searcher_without_a_query_bank_says_how_to_make_one(ws):
     from vlpcache import Searcher
 

@@ -16,7 +16,8 @@ exactly without re-scoring the old ones against the bank.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ class QueryBank:
     log_norm: np.ndarray  # (C,) log Σ_b exp(β s(b, j)) per video j
     top_scores: np.ndarray  # (Nb, k) each bank query's k best similarities, best first
     top_videos: np.ndarray  # (Nb, k) and the videos that have them
+    rows: str = ""  # rows_digest of the index ids it was made for, in order ("": a bank made before it was kept)
 
     @classmethod
     def build(cls, bank: np.ndarray, videos: np.ndarray, beta: float = BETA, k: int = TOP_K) -> "QueryBank":
@@ -65,7 +67,11 @@ class QueryBank:
             owners = np.concatenate([owners, best + offset + part.start], 1)
             keep = np.argsort(-scores, axis=1, kind="stable")[:, : self.k]
             scores, owners = np.take_along_axis(scores, keep, 1), np.take_along_axis(owners, keep, 1)
-        return QueryBank(self.bank, self.beta, self.k, np.concatenate([self.log_norm, log_norm]), scores, owners)
+        return QueryBank(self.bank, self.beta, self.k, np.concatenate([self.log_norm, log_norm]), scores, owners, "")
+
+    def of_rows(self, ids: list[str]) -> "QueryBank":
+        """This bank, said to be made for the index rows `ids` (which its log_norm follows, in order)."""
+        return replace(self, rows=rows_digest(ids))
 
     @property
     def hubs(self) -> np.ndarray:
@@ -90,13 +96,34 @@ class QueryBank:
 
     def _write(self, tmp: Path) -> None:
         np.savez(tmp, bank=self.bank, beta=self.beta, k=self.k, log_norm=self.log_norm,
-                 top_scores=self.top_scores, top_videos=self.top_videos)
+                 top_scores=self.top_scores, top_videos=self.top_videos, rows=np.array(self.rows))
 
     @classmethod
     def load(cls, path: Path) -> "QueryBank":
         with np.load(path) as data:
             return cls(data["bank"].astype(np.float32), float(data["beta"]), int(data["k"]), data["log_norm"],
-                       data["top_scores"], data["top_videos"])
+                       data["top_scores"], data["top_videos"], str(data["rows"]) if "rows" in data else "")
+
+
+def rows_digest(ids: list[str]) -> str:
+    """Which items, in which order, an index's rows hold: a bank made for other rows (an item indexed anew moves
+    to the end, one dropped shifts the rest) normalises the wrong videos, however many there are."""
+    digest = hashlib.blake2b(digest_size=16)
+    for item_id in ids:
+        digest.update(item_id.encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()
+
+
+def bank_for(path: Path, ids: list[str]) -> QueryBank | None:
+    """The query bank in `path` where it was made for the index rows `ids`; None where there is none, it does
+    not read, or it was made for other rows (a bank made before it kept its rows: for as many)."""
+    try:
+        bank = QueryBank.load(path) if Path(path).exists() else None
+    except (OSError, ValueError, KeyError):
+        return None
+    if bank is None or len(bank.log_norm) != len(ids) or (bank.rows and bank.rows != rows_digest(ids)):
+        return None
+    return bank
 
 
 def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:

@@ -44,7 +44,7 @@ from vlpcache.index.parts import EncodedPart, EncodedParts
 from vlpcache.index.region_store import RegionStore
 from vlpcache.locks import WriterLock, holder_description
 from vlpcache.model.run_layout import being_trained_note, designated_checkpoint_sha256, latest_run, read_run_locations
-from vlpcache.querybank import BANK_SIZE, BETA, TOP_K, QueryBank, bank_captions
+from vlpcache.querybank import BANK_SIZE, BETA, TOP_K, QueryBank, bank_captions, bank_for
 from vlpcache.records import read_optional_json, write_json
 from vlpcache.report import Say, items_word, progress_bar, say, sayer
 from vlpcache.workspace import Workspace
@@ -161,12 +161,14 @@ def update_query_bank(run, index: VideoIndex, index_dir: Path, added: int, wante
     """Extend an existing query bank by the `added` videos at the end of the index; make one when
     `wanted` and missing (or made for other rows)."""
     path = index_dir / QUERYBANK_FILE
-    bank = QueryBank.load(path) if path.exists() else None
-    if bank is not None and len(bank.log_norm) + added == len(index):
+    bank = bank_for(path, index.ids[: len(index) - added])
+    if bank is not None:
         if added:
-            bank.extended(index.embeddings[len(index) - added :]).save(path)
+            bank.extended(index.embeddings[len(index) - added :]).of_rows(index.ids).save(path)
         return
-    if not (wanted or bank is not None):
+    there = path.exists()
+    path.unlink(missing_ok=True)  # made for other rows (or unreadable): never left to normalise the wrong videos
+    if not (wanted or there):
         return
     say(f"query bank: encoding up to {BANK_SIZE} training captions of run {run.run_dir} (QB-Norm)")
     started = time.monotonic()
@@ -174,6 +176,7 @@ def update_query_bank(run, index: VideoIndex, index_dir: Path, added: int, wante
     if bank is None:
         say("note: no training caption of the run can be read; no query bank, search --qbnorm is not available")
         return
+    bank = bank.of_rows(index.ids)
     bank.save(path)
     say(f"query bank: {len(bank.bank)} captions in {time.monotonic() - started:.1f} s")
 

@@ -45,7 +45,7 @@ from vlpcache.index.query_model import OnnxQueryModel, query_export_sha
 from vlpcache.index.rerank import Alignment, align
 from vlpcache.metrics import RERANK_CANDIDATES
 from vlpcache.model.run_layout import being_trained_note, designated_checkpoint_sha256, epoch_of, resolve_checkpoint
-from vlpcache.querybank import QueryBank
+from vlpcache.querybank import bank_for
 from vlpcache.records import read_optional_json
 from vlpcache.report import Say, place_text, printable, say
 from vlpcache.workspace import Workspace
@@ -168,15 +168,21 @@ class Searcher:
         self._shards, self._shards_looked = self._shards_stamp(), time.monotonic()
         self._take(index, self._stamp())
 
-    def _stamp(self) -> tuple[int, int] | None:
-        """Which index.json is in the index folder now: `vlpcache index` replaces it (a new inode) last."""
+    def _stamp(self) -> tuple | None:
+        """Which index.json is in the index folder now (`vlpcache index` replaces it, a new inode, last), and which
+        query bank: `index --qbnorm` of an index up to date writes only the bank."""
         if self.index_dir is None:  # from_parts without a folder: nothing to take up
             return None
         try:
             found = (self.index_dir / META_FILE).stat()
         except OSError:
             return None
-        return found.st_ino, found.st_mtime_ns
+        try:
+            bank = (self.index_dir / QUERYBANK_FILE).stat()
+            banked = (bank.st_ino, bank.st_mtime_ns)
+        except OSError:  # none
+            banked = None
+        return found.st_ino, found.st_mtime_ns, banked
 
     def _records_stamp(self) -> tuple:
         """The cache's records of moved and dropped items as they are now: extract appends to them
@@ -204,9 +210,8 @@ class Searcher:
     def _take(self, index: VideoIndex, stamp) -> None:
         self.index, self._index_stamp = index, stamp
         bank = self.index_dir / QUERYBANK_FILE if self.index_dir is not None else None
-        self.query_bank = QueryBank.load(bank) if bank is not None and bank.exists() else None
-        if self.query_bank is not None and len(self.query_bank.log_norm) != len(index):
-            self.query_bank = None  # made for other rows: `vlpcache index` brings it up to date
+        self.query_bank = bank_for(bank, index.ids) if bank is not None else None  # None: made for other rows, which
+        # `vlpcache index` brings up to date
         self.__dict__.pop("unshown", None)
         self._kinds = None  # counted on first ask (kinds())
         calibration = read_optional_json(self.index_dir / CALIBRATION_FILE) if self.index_dir is not None else None
@@ -226,7 +231,10 @@ class Searcher:
         if (stamp is None or stamp == self._index_stamp) and records == self._records and shards == self._shards:
             return False
         with self._lock:
-            if stamp is not None and stamp != self._index_stamp:
+            if stamp is not None and self._index_stamp is not None and stamp[:2] == self._index_stamp[:2] \
+                    and stamp != self._index_stamp:  # only the query bank is new: the index loaded is the one
+                index = self.index
+            elif stamp is not None and stamp != self._index_stamp:
                 try:
                     index = VideoIndex.load(self.index_dir)
                 except (UserError, OSError, ValueError):
@@ -827,7 +835,7 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
                 f"index -o DIR` indexes {sources.run_dir.name} where you can write, then --index DIR)")
             sources = dataclasses.replace(sources, run_dir=older)
             index_dir, index = index_of_run(sources.index_dir, sources.run_dir, cache)
-    bank_ready = not qbnorm or (index is not None and _query_bank_count(index_dir) == len(index))
+    bank_ready = not qbnorm or (index is not None and bank_for(index_dir / QUERYBANK_FILE, index.ids) is not None)
     if (index is not None and index.regions is not None and query_export_sha(index_dir) == index.meta.checkpoint_sha256
             and bank_ready):
         query_model = OnnxQueryModel(index_dir)
@@ -865,12 +873,6 @@ def _newest_indexed_run(sources, cache: RegionCache) -> Path | None:
         if run != sources.run_dir and index_of_run(sources.index_dir, run, cache)[1] is not None:
             return run
     return None
-
-
-def _query_bank_count(index_dir: Path) -> int:
-    """Videos the index's query bank was made for (-1 without one)."""
-    path = index_dir / QUERYBANK_FILE
-    return len(QueryBank.load(path).log_norm) if path.exists() else -1
 
 
 def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=None, index_dir=None,
