@@ -1980,6 +1980,9 @@ MUTANTS += [
     mutant("searcher-blind-to-a-new-bank", "vlpcache/index/search.py",
            "        return found.st_ino, found.st_mtime_ns, banked", "        return found.st_ino, found.st_mtime_ns, None",
            "tests/test_search.py -k never_used", "a Searcher takes up a query bank made after it started"),
+    mutant("compare-same-queries-reordered-refused", "vlpcache/index/compare.py",
+           "            elif pairs != first_pairs and (ranks := in_order_of(first_pairs, pairs, ranks)) is None:", "            elif pairs != first_pairs:",
+           "tests/test_compare.py -k another_order", "files of the same queries in another order are compared query by query"),
 ]
 
 

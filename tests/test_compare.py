@@ -83,6 +83,24 @@ def test_a_query_holding_a_unicode_line_separator_is_one_record(tmp_path, monkey
     assert result["queries"] == 20, result
 
 
+def test_files_of_the_same_queries_in_another_order_are_compared_query_by_query(tmp_path, monkeypatch, capsys):
+    # eval lists its queries in the cache's order: another cache of the same videos (or a row found damaged since,
+    # read last) orders them otherwise, and compare refused them as "not the same queries"
+    rng = np.random.default_rng(1)
+    queries = [(f"caption {q % 30}", f"video{q % 40}") for q in range(60)]  # a pair twice: duplicate captions
+    a_ranks, b_ranks = rng.geometric(0.2, 60), rng.geometric(0.3, 60)
+    a = write_records(tmp_path / "a.jsonl", a_ranks, queries)
+    aligned = write_records(tmp_path / "aligned.jsonl", b_ranks, queries)
+    order = rng.permutation(60)
+    shuffled = write_records(tmp_path / "shuffled.jsonl", b_ranks[order], [queries[i] for i in order])
+    expected = compare_json(monkeypatch, capsys, a, aligned, "--resamples", "200")
+    assert compare_json(monkeypatch, capsys, a, shuffled, "--resamples", "200") == {
+        **expected, "files": {"a": [str(a)], "b": [str(shuffled)]}}
+    other = write_records(tmp_path / "other.jsonl", b_ranks, [("another caption", v) for _, v in queries])
+    code, _, err = vlpcache(monkeypatch, capsys, "compare", a, other)
+    assert code == 2 and "not the same queries" in err
+
+
 def test_the_interval_of_a_recall_difference_is_the_paired_one_not_two_independent_ones():
     """B finds at rank 1 exactly the queries A does plus 5% more: the per-query difference is 0 or 1, so
     the paired interval is 5 ± 1.96 · sqrt(0.05 · 0.95 / Q) points, far narrower than the interval two

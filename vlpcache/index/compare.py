@@ -11,6 +11,7 @@ another training seed. A claim needs both.
 
 from __future__ import annotations
 
+import collections
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +92,7 @@ def read_records(path: str, ranking: str) -> tuple[list[tuple[str, str]], np.nda
 
 
 def read_sides(a_files: list[str], b_files: list[str], ranking: str) -> tuple[Side, Side, list[tuple[str, str]]]:
-    """Both sides' ranks, after checking that every file holds the same queries in the same order."""
+    """Both sides' ranks, after checking that every file holds the same queries (in the first file's order)."""
     first, first_pairs = a_files[0], None
     sides = []
     for files in (a_files, b_files):
@@ -100,11 +101,23 @@ def read_sides(a_files: list[str], b_files: list[str], ranking: str) -> tuple[Si
             pairs, ranks = read_records(path, ranking)
             if first_pairs is None:
                 first_pairs = pairs
-            elif pairs != first_pairs:
+            elif pairs != first_pairs and (ranks := in_order_of(first_pairs, pairs, ranks)) is None:
                 raise UserError(different_queries(first, first_pairs, path, pairs))
             rows.append(ranks)
         sides.append(Side(tuple(files), np.stack(rows)))
     return sides[0], sides[1], first_pairs
+
+
+def in_order_of(first_pairs: list, pairs: list, ranks: np.ndarray) -> np.ndarray | None:
+    """The ranks of `pairs` in the order of `first_pairs`, where those are the same (query, video) pairs in another
+    order (eval lists the videos in its cache's order: another cache of the same videos, or a row found damaged
+    since, which goes last, orders them otherwise); None where they are not the same pairs."""
+    if len(pairs) != len(first_pairs) or sorted(pairs) != sorted(first_pairs):
+        return None
+    rows: dict[tuple, collections.deque] = {}
+    for row, pair in enumerate(pairs):
+        rows.setdefault(pair, collections.deque()).append(row)
+    return ranks[[rows[pair].popleft() for pair in first_pairs]]
 
 
 def different_queries(first: str, first_pairs: list, other: str, pairs: list) -> str:
