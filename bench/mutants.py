@@ -1984,6 +1984,9 @@ MUTANTS += [
     mutant("compare-same-queries-reordered-refused", "vlpcache/index/compare.py",
            "            elif pairs != first_pairs and (ranks := in_order_of(first_pairs, pairs, ranks)) is None:", "            elif pairs != first_pairs:",
            "tests/test_compare.py -k another_order", "files of the same queries in another order are compared query by query"),
+    mutant("index-forgets-shards-out-of-reach", "vlpcache/index/build.py",
+           "    return sorted(set(index.meta.cache_shards or ()) | set(cache.read_shards))", "    return list(cache.read_shards)",
+           "tests/test_search.py -k out_of_reach", "a shard out of reach during one index is not new when it is back"),
 ]
 
 

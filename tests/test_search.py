@@ -1148,6 +1148,28 @@ def test_a_bank_made_for_other_rows_of_as_many_videos_is_not_the_indexs(tmp_path
     assert bank_for(tmp_path / "old.npz", ["x", "y", "z"]) is not None and bank_for(tmp_path / "none.npz", ["a"]) is None
 
 
+def test_a_shard_out_of_reach_during_one_index_is_not_new_when_it_is_back(ws, monkeypatch, capsys):
+    # an index run while a shard was unreadable recorded the shards without it; back unchanged (moved out and back,
+    # a permission mended, as the unreadable-shard line advises), its items were "extracted again since they were
+    # indexed": their matched regions hidden, and all of them encoded anew by the next index
+    from vlpcache.cache.writer import ShardWriter
+
+    assert vlpcache(monkeypatch, capsys, "index")[0] == 0
+    shard = sorted((ws / "cache" / "shards").glob("*.h5"))[-1]
+    shutil.move(shard, ws / "away.h5")
+    cache = RegionCache(ws / "cache")
+    item = {k: v for k, v in cache.get("v0").items() if k not in ("id", "path", "kind", "source")}
+    with ShardWriter(ws / "cache", cache.settings, writer_name="s1of2") as writer:  # meanwhile, a new item
+        writer.add("w0", "w0.mp4", "video", item)
+    cache.close()
+    assert vlpcache(monkeypatch, capsys, "index")[0] == 0
+    shutil.move(ws / "away.h5", shard)
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", str(ITEMS))
+    assert code == 0 and "extracted again" not in err, err
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0 and "anew" not in err and f"up to date: {ITEMS + 1} items" in err, err
+
+
 def test_searcher_without_a_query_bank_says_how_to_make_one(ws):
     from vlpcache import Searcher
 

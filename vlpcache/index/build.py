@@ -129,7 +129,7 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
             rows, index = list(range(len(cache))), None
         if index is not None and not rows:
             if dropped:
-                index.meta.cache_shards = list(cache.read_shards)
+                index.meta.cache_shards = shards_read(index, cache)
                 save_index(index, index_dir)
             parts.remove()  # left by a run killed after its index was written
             export_for_search(run, index_dir, say)
@@ -144,7 +144,7 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
         encoding_s = time.monotonic() - started  # the query bank below says its own time
         if again:
             how += f" ({len(again)} of them indexed anew, extracted again since)"
-        index.meta.cache_shards = list(cache.read_shards)
+        index.meta.cache_shards = shards_read(index, cache)
         save_index(index, index_dir)
         parts.remove()
         export_for_search(run, index_dir, say)
@@ -358,6 +358,13 @@ def missing_from_cache(index: VideoIndex, cache: RegionCache) -> int:
     """Indexed items the cache does not hold now (unreadable or left-out shards, removed items): search
     cannot show them."""
     return sum(1 for item_id in index.ids if item_id not in cache)
+
+
+def shards_read(index: VideoIndex, cache: RegionCache) -> list[str]:
+    """The shards (name@commit time) the index has read, now with the cache's: those it read before stay, so that a
+    shard unreadable during one update (moved out and back, a permission mended) is not taken for new when it
+    is read again, its items for items extracted again. A key names one shard's content: an old one hides no new."""
+    return sorted(set(index.meta.cache_shards or ()) | set(cache.read_shards))
 
 
 def extracted_again(index: VideoIndex, cache: RegionCache) -> list[str]:
