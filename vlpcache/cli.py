@@ -90,9 +90,11 @@ class CommandTable(click.Group):
 def closest(word: str, candidates: list[str]) -> list[str]:
     """The candidates most like `word` (a typed command or option), best first: the best alone where it is clearly
     the best (difflib's ratio 0.1 above the next: `serch` is `search`, not `serve`), else all of them."""
-    scored = sorted(candidates, key=lambda c: difflib.SequenceMatcher(None, word, c).ratio(), reverse=True)
-    ratios = [difflib.SequenceMatcher(None, word, c).ratio() for c in scored]
-    return scored[:1] if len(scored) > 1 and ratios[0] - ratios[1] >= 0.1 else scored
+    scored = sorted(((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in candidates), key=lambda s: s[0],
+                    reverse=True)
+    if len(scored) > 1 and scored[0][0] - scored[1][0] >= 0.1:
+        return [scored[0][1]]
+    return [c for _, c in scored]
 
 
 @click.group(cls=CommandTable, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -305,7 +305,7 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     others = OtherFiles()
     where = ", ".join(printable(str(root)) for root in roots[:3]) + (f" and {len(roots) - 3} more" if len(roots) > 3 else "")
     with said_if_slow(f"extract: looking for videos, images and frame folders under {where}...", sayer(options.quiet)):
-        items, problems = discover_items(roots, options.frame_folders, others, linked := {}, frames_cached(cache_dir))
+        items, problems = discover_items(roots, options.frame_folders, others, linked := {}, lambda: frames_cached(cache_dir))
     for path, reason in problems:
         say(f"{printable(path)}: {reason}")
     if items and (line := passed_over_line(others)):

@@ -28,6 +28,7 @@ import re
 import stat
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,13 +182,15 @@ def shard_of(item_id: str, n: int) -> int:
 
 def discover_items(roots: list[Path], frame_folders: bool = True, others: OtherFiles | None = None,
                    linked: dict[str, str] | None = None,
-                   known_frames: frozenset[str] = frozenset()) -> tuple[list[Item], list[tuple[str, str]]]:
+                   known_frames: frozenset[str] | Callable[[], frozenset[str]] = frozenset()
+                   ) -> tuple[list[Item], list[tuple[str, str]]]:
     """All items under the roots, and the problems met on the way as (path, reason); the reason of
     a path left out says SKIPPED. `others`, where given, collects the files in the roots' folders that are
     not media (a root file that is not is a problem). `linked`, where given, collects each symbolic link to a
     folder passed over for the folder's own path (its path -> the folder's). A folder of images whose first, middle
     and last differ in size holds photos, not one video's frames: each is an item (said in one line for all such
-    folders); `known_frames`, the frames folders a cache holds as such, are not looked into again.
+    folders); `known_frames`, the frames folders a cache holds as such (or what gives them, asked only where a
+    folder of images is met: a collection of videos opens no cache for it), are not looked into again.
 
     Problems: a root that does not exist or is not media, a folder that cannot be read, a broken
     symbolic link with a media extension, a path that is not UTF-8, an id already taken (the first keeps it),
@@ -274,8 +277,14 @@ class _Walk:
         self._visited: set[tuple[int, int]] = set()  # (st_dev, st_ino) of folders walked
         self.roots: list[str] = []  # the run's root folders, resolved: a link to a folder in them is not walked
         self.linked: dict[str, str] = {}  # such a link's path -> the folder's
-        self.known_frames: frozenset[str] = frozenset()  # folders cached as frames folders: not looked into
+        self.known_frames: frozenset[str] | Callable[[], frozenset[str]] = frozenset()  # folders cached as frames
+        # folders: not looked into (a function: asked for them at the first folder of images)
         self.photo_folders: list[tuple[Path, tuple]] = []  # folders of images of several sizes, and two of them
+
+    def frames_known(self) -> frozenset[str]:
+        if callable(self.known_frames):
+            self.known_frames = self.known_frames()
+        return self.known_frames
 
     def photos_in(self, folder: Path, images: list[Path]) -> bool:
         """Whether a folder of images holds photos, not one video's frames: its first, middle and last image (in
@@ -363,7 +372,7 @@ class _Walk:
             sub_has_media |= has_media
         only_images = files and all(kind == "image" for kind in files.values())
         if (only_images and not sub_has_media and not is_root and self.frame_folders
-                and (str(folder) in self.known_frames or not self.photos_in(folder, list(files)))):
+                and (str(folder) in self.frames_known() or not self.photos_in(folder, list(files)))):
             described = [p for p in files if p.stem in texts]
             if len(described) * 2 >= len(files):
                 self.problems.append((str(folder), f"its images have text files of the same name beside them (e.g. "

@@ -353,14 +353,20 @@ def add_run_videos(run_dir: Path, trained: Iterable[str], validation: Iterable[s
     return len(recorded[0]), len(now), len(np.setdiff1d(recorded[0], now)), len(np.setdiff1d(now, recorded[0]))
 
 
+def _stored_videos(run_dir: Path) -> dict[str, np.ndarray] | None:
+    """The arrays of a run's videos.npz; None where it has none, or it does not read (empty, damaged)."""
+    try:
+        with np.load(Path(run_dir) / VIDEOS_NAME) as stored:
+            return {name: stored[name] for name in stored.files}
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
 def read_trained_content(run_dir: Path) -> np.ndarray:
     """The content keys of the sources a run (and its --init run) trained on; empty where it kept none (a run
     made before they were kept, a cache without stamps) or the record does not read."""
-    try:
-        with np.load(Path(run_dir) / VIDEOS_NAME) as stored:
-            return stored["trained_content"] if "trained_content" in stored else np.zeros(0, np.uint64)
-    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
-        return np.zeros(0, np.uint64)
+    stored = _stored_videos(run_dir) or {}
+    return stored.get("trained_content", np.zeros(0, np.uint64))
 
 
 def read_run_videos(run_dir: Path, inherited: bool = True) -> tuple[np.ndarray, ...] | None:
@@ -368,12 +374,11 @@ def read_run_videos(run_dir: Path, inherited: bool = True) -> tuple[np.ndarray, 
     or one that cannot be read (empty, damaged): the record only adds to what eval and inspect say. Trained
     includes the videos of the run it started from (--init); inherited=False keeps those apart, a third array
     where there are any."""
-    try:
-        with np.load(Path(run_dir) / VIDEOS_NAME) as stored:
-            if "inherited" not in stored:
-                return stored["trained"], stored["validation"]
-            if inherited:
-                return np.union1d(stored["trained"], stored["inherited"]), stored["validation"]
-            return stored["trained"], stored["validation"], stored["inherited"]
-    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
+    stored = _stored_videos(run_dir)
+    if stored is None or "trained" not in stored or "validation" not in stored:
         return None
+    if "inherited" not in stored:
+        return stored["trained"], stored["validation"]
+    if inherited:
+        return np.union1d(stored["trained"], stored["inherited"]), stored["validation"]
+    return stored["trained"], stored["validation"], stored["inherited"]
