@@ -1988,6 +1988,9 @@ MUTANTS += [
     mutant("index-forgets-shards-out-of-reach", "vlpcache/index/build.py",
            "    return sorted(set(index.meta.cache_shards or ()) | set(cache.read_shards))", "    return list(cache.read_shards)",
            "tests/test_search.py -k out_of_reach", "a shard out of reach during one index is not new when it is back"),
+    mutant("index-rebuilt-forgets-given-factory", "vlpcache/index/build.py",
+           "            config = keep_factory(config, index.meta)\n", "            pass\n",
+           "tests/test_search.py::test_factory_string_needs_rebuild_to_change_an_existing_index", "an index made anew (every item extracted again) keeps the --factory given once"),
 ]
 
 

@@ -666,6 +666,10 @@ def test_factory_string_needs_rebuild_to_change_an_existing_index(ws, monkeypatc
     assert read_meta(the_index(ws)).factory == "HNSW16,Flat"
     [result] = search_json(monkeypatch, capsys, "a dog", "-k", "3")
     assert len(result["results"]) == 3
+    write_cache(ws / "cache", ITEMS, prefix="v", seed=9)  # every item extracted again: the index is made anew
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0 and f"{ITEMS} indexed item(s) were extracted again" in err, err
+    assert read_meta(the_index(ws)).factory == "HNSW16,Flat"  # the one given, not one chosen for the count
 
 
 def test_wordpiece_continuations_join_the_word_before():

@@ -26,7 +26,7 @@ from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import is_write_failure, remove_temporaries, system_reason, write_failure
 from vlpcache.index.export import check_export_path, export_embeddings
-from vlpcache.index.faiss_index import VideoIndex, choose_factory, new_faiss_index
+from vlpcache.index.faiss_index import VideoIndex, choose_factory, keep_factory, new_faiss_index
 from vlpcache.index.layout import (
     CALIBRATION_FILE,
     DEFAULT_MEMORY_BUDGET_MB,
@@ -114,6 +114,8 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
     check_run_reads_cache(run, cache)
     with writing_index(index_dir, say):
         index = None if rebuild else existing_index(run, cache, index_dir, config)
+        if index is not None:  # one given with --factory stays, should the index be made again from nothing
+            config = keep_factory(config, index.meta)
         parts = EncodedParts(index_dir)
         again = extracted_again(index, cache) if index is not None else []
         if again:

@@ -267,7 +267,7 @@ class VideoIndex:
         for item_id in ids:
             self._row_of[item_id] = len(self.ids)
             self.ids.append(item_id)
-        wanted, _ = choose_factory(len(self.ids), self.embeddings.shape[1], _keep_factory(config, self.meta))
+        wanted, _ = choose_factory(len(self.ids), self.embeddings.shape[1], keep_factory(config, self.meta))
         if wanted != self.meta.factory:
             self.index, factory, params, recall = _faiss_for(self.embeddings, dataclasses.replace(config, factory=wanted))
             how = f"rebuilt as {factory} ({self.meta.factory} no longer suits {len(self.ids)} vectors)"
@@ -285,7 +285,7 @@ class VideoIndex:
         if not keep:
             return None
         embeddings = self.embeddings[keep]
-        index, factory, params, recall = _faiss_for(embeddings, _keep_factory(config, self.meta))
+        index, factory, params, recall = _faiss_for(embeddings, keep_factory(config, self.meta))
         meta = dataclasses.replace(self.meta, factory=factory, search_params=params, tuned_recall=recall,
                                    count=len(keep), updated=time.time())
         regions = self.regions.take(keep) if self.regions is not None else None
@@ -346,8 +346,9 @@ class VideoIndex:
         return cls(index, ids, embeddings, meta, regions)
 
 
-def _keep_factory(config: IndexConfig, meta: IndexMeta) -> IndexConfig:
-    """A factory string the user gave once stays in force when items are added later."""
+def keep_factory(config: IndexConfig, meta: IndexMeta) -> IndexConfig:
+    """A factory string the user gave once stays in force when items are added later, or the index is built
+    again because every item it held was extracted again or dropped."""
     if config.factory or not meta.factory_given:
         return config
     return dataclasses.replace(config, factory=meta.factory)
