@@ -1991,6 +1991,12 @@ MUTANTS += [
     mutant("index-rebuilt-forgets-given-factory", "vlpcache/index/build.py",
            "            config = keep_factory(config, index.meta)\n", "            pass\n",
            "tests/test_search.py::test_factory_string_needs_rebuild_to_change_an_existing_index", "an index made anew (every item extracted again) keeps the --factory given once"),
+    mutant("captions-held-out-before-keys-matched", "vlpcache/model/data.py",
+           "    captions, key_matches = captions.matched_to(item_id for cache in caches for item_id in cache.ids)\n", "    key_matches = None\n",
+           "tests/test_captions.py::test_an_item_given_two_splits_is_held_out_where_one_of_them_is_and_the_conflict_is_said", "an item held out by one key (v3) is not trained on by another (v3.mp4)"),
+    mutant("captions-matched-split-last-wins", "vlpcache/captions.py",
+           "                matched.set_split(item, self.splits[key])\n", "                matched.splits[item] = self.splits[key]\n",
+           "tests/test_captions.py::test_an_item_given_two_splits_is_held_out_where_one_of_them_is_and_the_conflict_is_said", "two keys of one item with two splits: the held-out one wins, said"),
 ]
 
 

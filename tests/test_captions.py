@@ -436,6 +436,11 @@ def test_an_item_given_two_splits_is_held_out_where_one_of_them_is_and_the_confl
     other.write_text("video,caption,split\nv1,f,val\n")
     data = load_pretrain_data([cache], [other, rows], None, workspace=Workspace(tmp_path / "ws"))
     assert trained_captions(data) == {"v2": ["d", "e"]} and validation_captions(data) == {"v1": ["f"]}
+    named = tmp_path / "named.jsonl"  # two keys of one item, its id and its file name: the last of them won, unsaid
+    write_jsonl(named, [{"video": "v3", "captions": ["g"], "split": "test"}, {"video": "v3.mp4", "captions": ["h"], "split": "train"},
+                        {"video": "v4", "captions": ["i"], "split": "train"}])
+    data = load_pretrain_data([cache], [named], None, workspace=Workspace(tmp_path / "ws"))
+    assert trained_captions(data) == {"v4": ["i"]} and any("(the first: 'v3': test, then train)" in line for line in data.summary())
 
 
 def test_a_hand_written_csv_its_split_column_honoured_and_unquoted_commas_read_whole(tmp_path, cache):

@@ -113,7 +113,8 @@ class Captions:
         matched those ways, and the keys that end several ids (left unmatched)."""
         ids = list(ids)
         known = set(ids)
-        by_id, splits, matches, tails, forms, form_tails = {}, {}, KeyMatches(), None, None, None
+        by_id, matches, tails, forms, form_tails = {}, KeyMatches(), None, None, None
+        matched = replace(self, splits={})  # splits by item, given again: two keys of one item (`v1`, `v1.mp4`) may differ
         for key, texts in self.by_id.items():
             item, how = (key, None) if key in known else (item_named_by(key, known), matches.by_path)
             if item is None:  # in another Unicode form (macOS writes file names decomposed), or with spaces around
@@ -135,10 +136,10 @@ class Captions:
             item = item or key
             by_id.setdefault(item, []).extend(texts)
             if key in self.splits:
-                splits[item] = self.splits[key]
+                matched.set_split(item, self.splits[key])
         if not (matches.by_path or matches.by_tail or matches.by_form):
             return self, matches
-        return replace(self, by_id=by_id, splits=splits), matches
+        return replace(matched, by_id=by_id), matches
 
     def of_split(self, split: str) -> "Captions":
         """The captions of the items whose split is `split` (in any case); one error naming the splits

@@ -137,15 +137,25 @@ class CaptionReport:
         return text
 
 
-def match_captions(caches: list[RegionCache], captions: Captions,
-                   damaged: bool = False) -> tuple[list[tuple[int, int | str, list[str]]], CaptionReport]:
+def training_side(captions: Captions, caches: list[RegionCache]) -> tuple[Captions, int, KeyMatches]:
+    """The training side of captions (held_out), their keys matched to the caches' items first: two keys of one
+    item (`v1`, `v1.mp4`) held out by one of them are held out whole. Also how many were left out, how keys matched."""
+    captions, key_matches = captions.matched_to(item_id for cache in caches for item_id in cache.ids)
+    captions, skipped = held_out(captions, keep_held_out=False)
+    return captions, skipped, key_matches
+
+
+def match_captions(caches: list[RegionCache], captions: Captions, damaged: bool = False,
+                   key_matches: KeyMatches | None = None) -> tuple[list[tuple[int, int | str, list[str]]], CaptionReport]:
     """(cache index, item index, captions) of every cached item that has captions, and the counts. A
     caption key may name its item by file name or path, or the end of its id (Captions.matched_to).
     `damaged`: also (cache index, item id, captions) of the items each cache leaves out as found damaged
-    (validation keeps them as videos without frames: the same candidates every epoch, resumed or not)."""
+    (validation keeps them as videos without frames: the same candidates every epoch, resumed or not).
+    `key_matches`: how the keys were matched where the caller matched them already (training_side)."""
     left_out = [[item_id for item_id in cache.damaged if damaged] for cache in caches]
-    captions, key_matches = captions.matched_to(item_id for c, cache in enumerate(caches)
-                                                for item_id in [*cache.ids, *left_out[c]])
+    captions, matched_here = captions.matched_to(item_id for c, cache in enumerate(caches)
+                                                 for item_id in [*cache.ids, *left_out[c]])
+    key_matches = key_matches or matched_here
     samples, seen = [], set()
     report = CaptionReport(empty_captions=captions.empty_captions, bad_lines_text=captions.bad_lines_text(),
                            key_matches=key_matches)
@@ -476,8 +486,8 @@ def load_pretrain_data(
     if validation_file is None:  # a training file's own validation split (MSR-VTT's "validate", Karpathy's "val")
         validation_file = found_validation = next(
             (path for path, captions in zip(caption_files, per_file) if has_validation_split(captions)), None)
-    training_captions, skipped = held_out(merged(per_file), keep_held_out=False)
-    samples, report = match_captions(caches, training_captions)
+    training_captions, skipped, key_matches = training_side(merged(per_file), caches)
+    samples, report = match_captions(caches, training_captions, key_matches=key_matches)
     if not samples:
         example_item = next((c.ids[0] for c in caches if len(c)), None)
         example_caption = next(iter(training_captions.by_id), None)
