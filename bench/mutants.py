@@ -112,8 +112,8 @@ MUTANTS = [
            'RESUMABLE_OPTIONS = ("epochs", "workers", "save_every")',
            "tests/test_pretrain.py -k resume_may_change_it", "--resume may change the training arithmetic"),
     mutant("search-rerank-other-regions", "vlpcache/index/search.py",
-           "regions, region_mask, positions = self.index.regions.gather(rows)",
-           "regions, region_mask, positions = self.index.regions.gather(rows[1:] + rows[:1])",
+           "regions, region_mask, positions = self.index.regions.gather(rows.tolist())",
+           "regions, region_mask, positions = self.index.regions.gather(np.roll(rows, -1).tolist())",
            "tests/test_search.py -k own_regions", "a candidate is re-ranked on its own regions"),
     mutant("index-region-offsets-after-add", "vlpcache/index/region_store.py",
            "self.offsets[-1] + other.offsets[1:]", "other.offsets[1:]",
@@ -310,7 +310,8 @@ MUTANTS += [
            "    diffs = source_differences(meta.to_json(), checkpoint_sha256, cache_settings)\n    if False:\n",
            "tests/test_index_faiss.py -k refused", "an index of another checkpoint is refused"),
     mutant("index-rerank-ascending", "vlpcache/index/search.py",
-           "order = np.argsort(-score[0], kind=\"stable\")[:k]", "order = np.argsort(score[0], kind=\"stable\")[:k]",
+           "order = np.concatenate([np.argsort(-score[:head], kind=\"stable\"), tail])[:k]",
+           "order = np.concatenate([np.argsort(score[:head], kind=\"stable\"), tail])[:k]",
            "tests/test_search.py -k rerank_orders", "re-ranked results best first"),
     mutant("index-querybank-grows-wrong", "vlpcache/index/build.py",
            "bank.extended(index.embeddings[len(index) - added :])", "bank.extended(index.embeddings[:added])",
@@ -1997,6 +1998,12 @@ MUTANTS += [
     mutant("captions-matched-split-last-wins", "vlpcache/captions.py",
            "                matched.set_split(item, self.splits[key])\n", "                matched.splits[item] = self.splits[key]\n",
            "tests/test_captions.py::test_an_item_given_two_splits_is_held_out_where_one_of_them_is_and_the_conflict_is_said", "two keys of one item with two splits: the held-out one wins, said"),
+    mutant("search-rerank-pool-grows-with-k", "vlpcache/index/search.py",
+           "        head = min(self.rerank_candidates, len(rows))\n", "        head = len(rows)\n",
+           "tests/test_search.py::test_the_first_hits_are_the_same_whatever_k_in_every_ranking", "the first hits of a search are the same whatever k (a fixed head re-ordered, global order after it)"),
+    mutant("search-plain-ranks-by-faiss-scores", "vlpcache/index/search.py",
+           "        exact = self.index.embeddings[rows] @ np.asarray(query.global_, np.float32)[0]  # (P,) cosine\n", "        exact = -np.arange(len(rows), dtype=np.float32) if self.index.meta.factory != 'Flat' else self.index.embeddings[rows] @ np.asarray(query.global_, np.float32)[0]\n",
+           "tests/test_search.py -k approximate_factory", "--no-rerank orders by the exact cosine, not an approximate index's own scores"),
 ]
 
 

@@ -207,6 +207,39 @@ def test_rerank_orders_by_global_plus_weighted_region_word_score(ws, monkeypatch
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
 
 
+def test_the_first_hits_are_the_same_whatever_k_in_every_ranking(ws, monkeypatch, capsys):
+    """The re-ranked (and QB-Norm's) candidates were max(k, 32): `-k 100` re-ordered a pool `-k 10` never saw, so
+    its top 10 was not `-k 10`'s, and the page's 48 results reordered its first 12. Now the first 32 candidates
+    are re-ordered whatever k, and those after them follow by global similarity, as eval ranks them."""
+    from vlpcache import Searcher
+
+    assert vlpcache(monkeypatch, capsys, "index", "--qbnorm", "--quiet")[0] == 0
+    searcher = Searcher(ws / "runs" / "run-001", ws / "cache")
+    searcher.rerank_candidates = 6  # a head of 6 of the 24 items: what 32 of a larger collection is
+    for query in ("a horse", "a dog on grass", "the red car", "two people talk"):
+        for options in ({}, {"rerank": False}, {"qbnorm": True}):
+            every = searcher.search(query, k=ITEMS, **options)
+            assert [h.id for h in searcher.search(query, k=4, **options)] == [h.id for h in every[:4]], (query, options)
+            tail = [h.global_score for h in every[6:]]
+            assert tail == sorted(tail, reverse=True) and [h.score for h in every[6:]] == pytest.approx(tail, abs=1e-6)
+            assert min(h.global_score for h in every[:6]) >= max(tail) - 1e-6  # the head: the 6 best by global
+    weight = load_run(ws / "runs" / "run-001").config.rerank_weight
+    head = searcher.search("a horse", k=ITEMS)[:6]
+    assert [h.score for h in head] == sorted(h.score for h in head)[::-1]
+    assert [h.score for h in head] == pytest.approx([h.global_score + weight * h.local_score for h in head], abs=1e-5)
+
+
+def test_an_approximate_factory_only_chooses_the_candidates_their_order_is_the_exact_cosine(ws, monkeypatch, capsys):
+    # a PCA index's inner products are biased (centred projections): --no-rerank ranked and printed them as the score
+    assert vlpcache(monkeypatch, capsys, "index", "--factory", "PCA8,Flat", "--rebuild", "--quiet")[0] == 0
+    for options in (["--no-rerank"], ["--qbnorm"], []):
+        [result] = search_json(monkeypatch, capsys, "a horse", "-k", "8", *options)
+        hits = result["results"]
+        assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+        if options == ["--no-rerank"]:
+            assert [h["score"] for h in hits] == pytest.approx([h["global_score"] for h in hits], abs=1e-5)
+
+
 def hand_local_score(words: np.ndarray, regions: np.ndarray, lam: float) -> float:
     """S_loc of one text's real words (L, E) and one video's real regions (R, E), by the formula of
     docs/design.md written out word by word and region by region, contexts materialised."""

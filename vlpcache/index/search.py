@@ -377,39 +377,44 @@ class Searcher:
         rerank = rerank and self.can_rerank and not qbnorm
         with self._lock:
             encoded = EncodedQuery(*self.query_model.encode(query))
-            wanted = max(k, self.rerank_candidates) if rerank or qbnorm else k
+            wanted = max(k, self.rerank_candidates)  # the same candidates to re-order whatever k: the same first hits
             # candidates no longer in the cache (an unreadable shard, or rebuilt without them) cannot be
             # shown: FAISS is asked for as many more, so that k are left
             pool = min(len(self.index), wanted + self.unshown)
-            faiss_scores, faiss_rows = self.index.search(encoded.global_, pool)  # (1, pool) each
-            found = [(float(s), int(r)) for s, r in zip(faiss_scores[0], faiss_rows[0])
-                     if r >= 0 and self.index.ids[r] in self.cache][:wanted]
+            _, faiss_rows = self.index.search(encoded.global_, pool)  # (1, pool), best first by FAISS's own scores
+            found = [int(r) for r in faiss_rows[0] if r >= 0 and self.index.ids[r] in self.cache][:wanted]
             if not found:
                 return []
-            ranking = self.rank(encoded, [r for _, r in found], np.array([s for s, _ in found], np.float32), k, rerank,
-                                qbnorm)
-            return self.describe(encoded, ranking)
+            return self.describe(encoded, self.rank(encoded, found, k, rerank, qbnorm))
 
-    def rank(self, query: EncodedQuery, rows: list[int], faiss_scores: np.ndarray, k: int, rerank: bool,
-             qbnorm: bool = False) -> Ranking:
-        """The best k of the candidate rows: by global + weight * S_loc when re-ranking, by the query
-        bank's normalisation of the global similarity with `qbnorm`, else by FAISS's global similarity.
-        The one place where a score is turned into an order."""
-        regions, region_mask, positions = self.index.regions.gather(rows)  # (P, K, E), (P, K), (P, K)
+    def rank(self, query: EncodedQuery, rows: list[int], k: int, rerank: bool, qbnorm: bool = False) -> Ranking:
+        """The best k of the candidate rows (FAISS's best first). Its first rerank_candidates are ordered by
+        global + weight * S_loc when re-ranking, by the query bank's normalisation of the global similarity with
+        `qbnorm`, else by the global similarity; the candidates after them follow by global similarity, as eval
+        ranks them: the first hits are the same whatever k. The global similarity is the exact cosine of the
+        stored embeddings (an approximate index's own scores only choose the candidates). The one place where a
+        score is turned into an order."""
+        rows = np.asarray(rows, np.int64)
+        head = min(self.rerank_candidates, len(rows))
+        exact = self.index.embeddings[rows] @ np.asarray(query.global_, np.float32)[0]  # (P,) cosine
+        tail = head + np.argsort(-exact[head:], kind="stable")  # past the candidates re-ordered: global order
+        if rerank:
+            score, global_, local, attention, positions = self._rescored(query, rows)
+            order = np.concatenate([np.argsort(-score[:head], kind="stable"), tail])[:k]
+            final = np.where(order < head, score[order], global_[order]).astype(np.float32)
+            return Ranking(rows[order].tolist(), final, global_[order], local[order], attention[order], positions[order])
+        by = self.query_bank.normalise(exact[None], rows[None])[0] if qbnorm else exact  # (P,)
+        order = np.concatenate([np.argsort(-by[:head], kind="stable"), tail])[:k]
+        final = np.where(order < head, by[order], exact[order]).astype(np.float32)
+        _, global_, _, attention, positions = self._rescored(query, rows[order])  # what each hit shows: its regions
+        return Ranking(rows[order].tolist(), final, global_, None, attention, positions)
+
+    def _rescored(self, query: EncodedQuery, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(score, global, S_loc, attention, positions) of candidate rows: (P,) x 3, (P, L, K), (P, K)."""
+        regions, region_mask, positions = self.index.regions.gather(rows.tolist())  # (P, K, E), (P, K), (P, K)
         score, global_, local, attention = self.query_model.rescore(  # (1, P) x 3, (1, P, L, K)
             query.words, query.word_mask, query.global_, regions, region_mask, self.index.embeddings[rows])
-        if rerank:
-            order = np.argsort(-score[0], kind="stable")[:k]  # (k,) candidate positions, best first
-            final = score[0, order]
-        elif qbnorm:
-            normalised = self.query_bank.normalise(faiss_scores[None], np.asarray(rows)[None])[0]  # (P,)
-            order = np.argsort(-normalised, kind="stable")[:k]
-            final = normalised[order].astype(np.float32)
-        else:
-            order = np.arange(min(k, len(rows)))
-            final = faiss_scores[order]
-        return Ranking([rows[j] for j in order], final, global_[0, order], local[0, order] if rerank else None,
-                       attention[0, order], positions[order])
+        return score[0], global_[0], local[0], attention[0], positions
 
     def describe(self, query: EncodedQuery, ranking: Ranking) -> list[Hit]:
         """Hits for a ranking: the cached item of each row, its best frame and each word's region."""
