@@ -943,6 +943,9 @@ def test_a_factory_faiss_cannot_read_or_train_on_the_collection_is_one_line_erro
     assert code == 2 and err == (f"error: index type 'IVF1024,Flat' cannot be trained on the collection's {ITEMS} vectors "
                                  f"(Number of training points ({ITEMS}) should be at least as large as number of clusters "
                                  "(1024)); pass a smaller one, or leave --factory out to have one chosen\n")
+    code, _, err = vlpcache(monkeypatch, capsys, "index", "--quiet", "--factory", "IDMap2,Flat")  # was a traceback
+    assert code == 2 and err == ("error: factory string 'IDMap2,Flat': vlpcache keeps the ids of the index's rows itself "
+                                 "(ids.json); leave out IDMap2, e.g. 'Flat'\n")
 
 
 def test_importing_vlpcache_loads_neither_faiss_nor_onnxruntime():

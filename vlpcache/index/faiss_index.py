@@ -112,10 +112,14 @@ def candidate_factories(n: int, dim: int) -> list[str]:
 
 def new_faiss_index(factory: str, dim: int) -> faiss.Index:
     try:
-        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[-1] if str(err).strip() else "invalid"
         raise UserError(f"FAISS cannot build factory string {factory!r} for {dim}-d vectors ({first})") from None
+    if isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):  # takes vectors only with ids
+        raise UserError(f"factory string {factory!r}: vlpcache keeps the ids of the index's rows itself (ids.json); "
+                        f"leave out {factory.split(',')[0]}, e.g. {','.join(factory.split(',')[1:]) or 'Flat'!r}")
+    return index
 
 
 def _as_vectors(x: np.ndarray) -> np.ndarray:
