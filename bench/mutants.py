@@ -2004,6 +2004,10 @@ MUTANTS += [
     mutant("search-plain-ranks-by-faiss-scores", "vlpcache/index/search.py",
            "        exact = self.index.embeddings[rows] @ np.asarray(query.global_, np.float32)[0]  # (P,) cosine\n", "        exact = -np.arange(len(rows), dtype=np.float32) if self.index.meta.factory != 'Flat' else self.index.embeddings[rows] @ np.asarray(query.global_, np.float32)[0]\n",
            "tests/test_search.py -k approximate_factory", "--no-rerank orders by the exact cosine, not an approximate index's own scores"),
+    mutant("thumbnails-kept-off-for-good", "vlpcache/serve/thumbnails.py",
+           "        try:\n            if not (self.folder / STORE_FILE).exists():", "        if not self._writable:\n            return\n        try:\n            if not (self.folder / STORE_FILE).exists():",
+           "tests/test_serve.py::test_thumbnails_are_kept_again_after_their_folder_is_removed_or_a_write_fails",
+           "thumbnails are kept again once a write can succeed (one failure turned keeping off for good)"),
 ]
 
 

@@ -346,6 +346,33 @@ def test_a_thumbnail_store_of_another_format_is_emptied_and_begun_again(ws, own_
     assert json.loads((folder / STORE_FILE).read_text()) == {"format": STORE_FORMAT}
 
 
+def test_thumbnails_are_kept_again_after_their_folder_is_removed_or_a_write_fails(ws, own_api, monkeypatch, capsys):
+    # one failed write (the folder removed to free space, a moment of full disk) turned keeping off for the
+    # server's life: `mkdir` of a key's subfolder without its parents, and a flag never set back
+    import errno
+
+    from vlpcache.serve import thumbnails
+    from vlpcache.serve.thumbnails import STORE_FILE, STORE_FORMAT
+
+    folder = ws / "index" / "thumbnails"
+    assert own_api.get("/media/frame", params={"id": f"v{VIDEO + 1}", "t": 0}).status_code == 200
+    shutil.rmtree(folder)
+    assert own_api.get("/media/frame", params={"id": f"v{VIDEO + 1}", "t": 1}).status_code == 200
+    assert len(list(folder.glob("*/*.jpg"))) == 1 and json.loads((folder / STORE_FILE).read_text()) == {"format": STORE_FORMAT}
+    kept = thumbnails.replace_atomically
+
+    def full(path, write, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(thumbnails, "replace_atomically", full)
+    for t in (0, 1):  # two requests: one line
+        assert own_api.get("/media/frame", params={"id": f"v{VIDEO + 2}", "t": t}).status_code == 200
+    assert capsys.readouterr().err.count("note: cannot keep thumbnails") == 1
+    monkeypatch.setattr(thumbnails, "replace_atomically", kept)  # room made
+    assert own_api.get("/media/frame", params={"id": f"v{VIDEO + 2}", "t": 0}).status_code == 200
+    assert len(list(folder.glob("*/*.jpg"))) == 2
+
+
 def test_info_says_when_pretrain_saved_a_newer_checkpoint_than_the_one_answering(ws, capsys):
     run = ws / "runs" / "run-001"
     [meta_file] = (ws / "index").rglob("index.json")  # ws is a copy: its index names the template's run

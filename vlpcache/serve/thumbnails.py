@@ -69,10 +69,13 @@ class ThumbnailStore:
         try:
             if self.folder.exists():
                 shutil.rmtree(self.folder)
-            self.folder.mkdir(parents=True)
-            (self.folder / STORE_FILE).write_text(json.dumps({"format": STORE_FORMAT}))
+            self._begin_store()
         except OSError as err:
             self._not_writable(err)
+
+    def _begin_store(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / STORE_FILE).write_text(json.dumps({"format": STORE_FORMAT}))
 
     def key(self, item: dict, frame: int) -> str:
         when = f"{float(item['timestamps'][frame]):.6f}"
@@ -106,17 +109,23 @@ class ThumbnailStore:
         return Thumbnail(jpeg, key)
 
     def _store(self, path: Path, jpeg: bytes) -> None:
-        if not self._writable:
-            return
+        """Keep a thumbnail; one that cannot be kept (a full disk, the folder made read-only) is said once, and each
+        later one is tried again: room made, or the store's folder removed to free space, they are kept again."""
         try:
+            if not (self.folder / STORE_FILE).exists():  # removed while serving: begun again
+                self._begin_store()
             path.parent.mkdir(exist_ok=True)
             replace_atomically(path, lambda tmp: tmp.write_bytes(jpeg))
         except OSError as err:
             self._not_writable(err)
+        else:
+            self._writable = True
 
     def _not_writable(self, err: OSError) -> None:
+        if self._writable:  # once until one is kept again: not a line per request
+            self.say(f"note: cannot keep thumbnails in {self.folder} ({err.strerror or err}); they are decoded on each "
+                     "request until one can be kept again")
         self._writable = False
-        self.say(f"note: cannot keep thumbnails in {self.folder} ({err.strerror or err}); they are decoded on each request")
 
 
 def encode_jpeg(picture: np.ndarray) -> bytes:
