@@ -2008,6 +2008,9 @@ MUTANTS += [
            "        try:\n            if not (self.folder / STORE_FILE).exists():", "        if not self._writable:\n            return\n        try:\n            if not (self.folder / STORE_FILE).exists():",
            "tests/test_serve.py::test_thumbnails_are_kept_again_after_their_folder_is_removed_or_a_write_fails",
            "thumbnails are kept again once a write can succeed (one failure turned keeping off for good)"),
+    mutant("pretrain-fresh-start-keeps-old-places", "vlpcache/model/train.py",
+           "            for place in ckpt.partial_checkpoints(run.dir).values():\n                ckpt.remove_checkpoint(place)\n", "",
+           "tests/test_pretrain.py::test_a_run_started_again_in_a_folder_stopped_within_its_first_epoch_keeps_none_of_its_places", "a run started afresh in a folder never resumes from the place an earlier run there left"),
 ]
 
 

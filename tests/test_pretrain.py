@@ -929,6 +929,19 @@ def _stopped_in_step_3(corpus: dict, tiny_text: Path, run_dir: Path) -> subproce
     return _patched_pretrain(CTRL_C_IN_STEP_3, command, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+def test_a_run_started_again_in_a_folder_stopped_within_its_first_epoch_keeps_none_of_its_places(tmp_path, corpus,
+                                                                                                  tiny_text):
+    # the new run (other settings) kept the old one's place; killed before saving its own, --resume went on from
+    # the old run's weights, optimizer and random state, saying "within epoch 1, after 3 of its steps"
+    run_dir = tmp_path / "run"
+    assert _stopped_in_step_3(corpus, tiny_text, run_dir).returncode == 130
+    assert list(ckpt.partial_checkpoints(run_dir)) == [(1, 3)]
+    command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0", "--seed", "7")
+    done = _patched_pretrain(signal_in_step(2, signal.SIGKILL), command)
+    assert done.returncode == -signal.SIGKILL
+    assert not ckpt.partial_checkpoints(run_dir)
+
+
 def _inspect_output(run_dir: Path) -> str:
     """What `vlpcache inspect RUN` prints."""
     from vlpcache.model.inspect_run import inspect_run

@@ -512,7 +512,10 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
         ckpt.remove_temporaries(run.dir)
         if run.resumed and source is None:  # killed (or out of disk) before the first checkpoint: epoch 1 again
             keep_log_until(run.dir / LOG_NAME, 0)
-        if not run.resumed:
+        if not run.resumed:  # a folder where a run stopped within its first epoch: none of its places or lines stay
+            for place in ckpt.partial_checkpoints(run.dir).values():
+                ckpt.remove_checkpoint(place)
+            keep_log_until(run.dir / LOG_NAME, 0)
             config = {
                 "model": run.model.to_json(),
                 "train": dataclasses.asdict(run.train),
