@@ -2011,6 +2011,9 @@ MUTANTS += [
     mutant("pretrain-fresh-start-keeps-old-places", "vlpcache/model/train.py",
            "            for place in ckpt.partial_checkpoints(run.dir).values():\n                ckpt.remove_checkpoint(place)\n", "",
            "tests/test_pretrain.py::test_a_run_started_again_in_a_folder_stopped_within_its_first_epoch_keeps_none_of_its_places", "a run started afresh in a folder never resumes from the place an earlier run there left"),
+    mutant("best-json-behind-a-kill-believed", "vlpcache/model/run_layout.py",
+           "        if isinstance(meta, dict) and meta.get(\"best\"):\n", "        if False:\n",
+           "tests/test_run_layout.py::test_a_newest_checkpoint_saved_as_the_best_is_the_best_though_a_kill_came_before_best_json", "a checkpoint saved as the best is the best though a kill came before best.json"),
 ]
 
 

@@ -296,7 +296,7 @@ def test_a_validation_set_where_every_weight_ranks_alike_stores_the_smallest_and
     assert ModelConfig(feature_dim=16).rerank_weight != min(RERANK_WEIGHTS) != max(RERANK_WEIGHTS)  # neither default nor largest
     for epoch in (1, 2):
         meta = json.loads((ckpt.checkpoints(tmp_path / "run")[epoch] / "meta.json").read_text())
-        assert meta["rerank_weight"] == min(RERANK_WEIGHTS)
+        assert meta["rerank_weight"] == min(RERANK_WEIGHTS) and meta["best"] == (epoch == 1)
     # and since epoch 2 validated no better than epoch 1, epoch 1 stays the best: kept, and what the run loads
     assert ckpt.read_best(tmp_path / "run")["epoch"] == 1 and list(ckpt.checkpoints(tmp_path / "run")) == [1, 2]
     loaded = load_run(tmp_path / "run")

@@ -15,6 +15,7 @@ from vlpcache.model.run_layout import (
     designated_checkpoint_sha256,
     epoch_dir,
     latest_run,
+    read_best,
     read_run_videos,
     resolve_checkpoint,
     save_run_videos,
@@ -40,6 +41,20 @@ def test_the_designated_checkpoint_is_the_best_by_validation_else_the_last(tmp_p
     assert resolve_checkpoint(run, "last") == resolve_checkpoint(run, 7) == epoch_dir(run, 7)
     write_json(run / BEST_NAME, {"epoch": 4, "metrics": {}})  # a best epoch whose checkpoint is gone
     assert designated_checkpoint_sha256(run) == "sha-of-epoch-7"
+
+
+def test_a_newest_checkpoint_saved_as_the_best_is_the_best_though_a_kill_came_before_best_json(tmp_path):
+    # a kill between epoch 5's rename and best.json's write: best.json named epoch 4, --resume pruned epoch 5 (its
+    # training state held epoch 5's score, so no later epoch was better) and search loaded epoch 4
+    run = tmp_path / "run"
+    for epoch in (4, 5):
+        add_checkpoint(run, epoch)
+    write_json(run / BEST_NAME, {"epoch": 4, "metrics": {"r1": 1.0}})
+    assert read_best(run)["epoch"] == 4  # a checkpoint of before its meta said whether it was the best
+    write_json(epoch_dir(run, 5) / META_NAME, {"epoch": 5, "sha256": "sha-of-epoch-5", "best": True, "metrics": {"r1": 2.0}})
+    assert read_best(run) == {"epoch": 5, "metrics": {"r1": 2.0}} and resolve_checkpoint(run) == epoch_dir(run, 5)
+    write_json(epoch_dir(run, 5) / META_NAME, {"epoch": 5, "sha256": "sha-of-epoch-5", "best": False})
+    assert read_best(run)["epoch"] == 4
 
 
 def test_checkpoints_being_written_are_never_listed(tmp_path):

@@ -114,6 +114,7 @@ def save_checkpoint(
     """Write checkpoints/epoch-NNNN atomically, then drop older checkpoints except the best. A failed
     write (disk full, I/O error) is one line; the unfinished checkpoint goes, the earlier ones stay."""
     final = epoch_dir(run_dir, epoch)
+    meta = {**meta, "best": is_best}  # its own word, should a kill come before best.json says it (read_best)
     then = ("the checkpoint of epoch {epoch} is not saved, earlier ones are kept; make room and continue with "
             "`vlpcache pretrain --resume`").format(epoch=epoch)
     try:

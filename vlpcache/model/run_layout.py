@@ -171,8 +171,16 @@ def read_run_locations(run_dir: Path) -> dict:
 
 
 def read_best(run_dir: Path) -> dict | None:
-    """best.json: {"epoch", "metrics"} of the best validation so far; None for a run without validation."""
-    return read_optional_json(Path(run_dir) / BEST_NAME)
+    """best.json: {"epoch", "metrics"} of the best validation so far; None for a run without validation. Where a
+    kill came between the newest checkpoint's save and best.json's, the checkpoint's own meta says it is the best:
+    it is (the training state it holds compares the next epochs with its score; pruning must keep it)."""
+    best = read_optional_json(Path(run_dir) / BEST_NAME)
+    found = checkpoints(run_dir)
+    if found and (newest := max(found)) != (best or {}).get("epoch"):
+        meta = read_optional_json(found[newest] / META_NAME)
+        if isinstance(meta, dict) and meta.get("best"):
+            return {"epoch": newest, "metrics": meta.get("metrics", {})}
+    return best
 
 
 def read_checkpoint_meta(checkpoint: Path) -> dict:

@@ -515,7 +515,9 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
         if not run.resumed:  # a folder where a run stopped within its first epoch: none of its places or lines stay
             for place in ckpt.partial_checkpoints(run.dir).values():
                 ckpt.remove_checkpoint(place)
-            keep_log_until(run.dir / LOG_NAME, 0)
+            if (run.dir / LOG_NAME).is_file():  # a named pipe (a reader following the log) would wait for a writer
+                keep_log_until(run.dir / LOG_NAME, 0)
+            (run.dir / BEST_NAME).unlink(missing_ok=True)
             config = {
                 "model": run.model.to_json(),
                 "train": dataclasses.asdict(run.train),
