@@ -114,13 +114,26 @@ LONG_QUERY = ("a man in a red shirt walks his brown dog along the beach at sunse
               "the sand and a woman reads a book under an umbrella")  # 31 words: one past the 30 a query keeps
 
 
-@pytest.mark.parametrize("query, unread", [("a dog on the street", ""), (LONG_QUERY, "umbrella")], ids=["short", "long"])
+# 30 words read, and an end of an HTML character reference and tags, which the model reads as "& umbrella"
+TAGGED_LONG_QUERY = " ".join(LONG_QUERY.split()[:30]) + " &amp; <b>umbrella</b>"
+
+
+@pytest.mark.parametrize("query, unread", [("a dog on the street", ""), (LONG_QUERY, "umbrella"),
+                                           (TAGGED_LONG_QUERY, "&amp; <b>umbrella</b>")], ids=["short", "long", "tagged"])
 def test_search_api_gives_the_fields_of_search_json(ws, api, monkeypatch, capsys, query, unread):
     response = api.get("/api/search", params={"q": query, "k": 5})
     assert response.status_code == 200 and response.headers["server-timing"].startswith("search;dur=")
     code, out, err = vlpcache(monkeypatch, capsys, "search", query, "-k", "5", "--json")
     assert code == 0, err
     assert response.json() == json.loads(out) and response.json()["unread"] == unread
+
+
+def test_the_unread_end_and_the_unknown_parts_of_a_query_are_given_as_typed_with_its_tags_and_references(api):
+    # the page strikes out the query's end that `unread` names, and underlines the `unknown` parts where they stand
+    body = api.get("/api/search", params={"q": TAGGED_LONG_QUERY}).json()
+    assert body["unread"] == "&amp; <b>umbrella</b>" and body["query"].endswith(body["unread"])
+    body = api.get("/api/search", params={"q": "a dog and a &#x732B; <b>猫</b>"}).json()
+    assert body["unknown"] == ["&#x732B;", "猫"] and not body["reads_nothing"]  # (U+732B is 猫)
 
 
 def test_item_api_lists_the_sampled_frames_and_their_detected_regions(api):
@@ -839,6 +852,31 @@ def test_the_page_opened_with_a_query_that_is_not_utf8_names_its_byte_not_u_fffd
         assert status(browser).startswith('error: the query "caf%E9" is not UTF-8 text'), status(browser)  # not "caf" searched
     finally:
         browser.quit()
+
+
+def test_the_page_strikes_out_the_unread_end_once_and_underlines_unknown_parts_as_typed_with_tags_and_references(
+        ws, server, tmp_path):
+    """The model reads a query without its HTML tags and with its character references decoded: the page found
+    none of what it read in the query as typed, and showed the whole query, then its end again struck out."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = chromium_driver(tmp_path)
+    try:
+        wait = WebDriverWait(browser, 30)
+        browser.get(server.url + "?" + urllib.parse.urlencode({"q": TAGGED_LONG_QUERY}))
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#query-words s.unread"))
+        assert browser.find_element(By.CSS_SELECTOR, "#query-words s.unread").text == "&amp; <b>umbrella</b>"
+        assert browser.find_element(By.ID, "query-words").text == TAGGED_LONG_QUERY  # each word once
+        browser.save_screenshot(str(tmp_path / "unread-tagged.png"))
+        browser.get(server.url + "?" + urllib.parse.urlencode({"q": "a dog and a &#x732B; <b>猫</b>"}))
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#query-words .unknown"))
+        assert [part.text for part in browser.find_elements(By.CSS_SELECTOR, "#query-words .unknown")] == ["&#x732B;", "猫"]
+        assert browser.find_element(By.ID, "query-words").text == "a dog and a &#x732B; <b>猫</b>"
+    finally:
+        browser.quit()
+    if os.environ.get("VLPCACHE_SCREENSHOTS"):
+        shutil.copy(tmp_path / "unread-tagged.png", Path(os.environ["VLPCACHE_SCREENSHOTS"]) / "unread-tagged.png")
 
 
 def test_the_page_by_keyboard_and_back_button_and_when_the_server_stops_answering(ws, server, tmp_path):

@@ -322,9 +322,27 @@ HTML_BREAK_TAGS = {"br", "div", "li", "p"}
 def model_text(text: str) -> str:
     """A caption or a query as the text model is given it: CHARACTER_REFERENCE decoded, HTML_TAG left out,
     WORD_BREAKS a space, the spaces around it left out."""
-    text = CHARACTER_REFERENCE.sub(_character, text)
-    text = HTML_TAG.sub(lambda tag: " " if tag[2].lower() in HTML_BREAK_TAGS else "", text)
-    return WORD_BREAKS.sub(" ", text).strip()
+    for pattern, replacement in MODEL_TEXT_STEPS:
+        text = pattern.sub(replacement, text)
+    return text.strip()
+
+
+def model_text_origins(text: str) -> tuple[str, list[tuple[int, int]]]:
+    """model_text(text), and for each of its characters the (start, end) of the characters of `text` it comes
+    from: what the model read told as the query was typed ("&amp;" for "&"). Kept apart from model_text,
+    which reads every caption of a training set, for the cost of a pair per character."""
+    origins = [(i, i + 1) for i in range(len(text))]
+    for pattern, replacement in MODEL_TEXT_STEPS:
+        parts, moved, at = [], [], 0
+        for match in pattern.finditer(text):  # the matches pattern.sub replaces
+            written, (start, end) = replacement(match), match.span()
+            parts += [text[at:start], written]
+            whole = [(origins[start][0], origins[end - 1][1])] * len(written)
+            moved += origins[at:start] + (origins[start:end] if written == match[0] else whole)  # (a name HTML lacks)
+            at = end
+        text, origins = "".join(parts) + text[at:], moved + origins[at:]
+    start, end = len(text) - len(text.lstrip()), len(text.rstrip())
+    return text[start:end], origins[start:end]
 
 
 def _character(reference: re.Match) -> str:
@@ -333,6 +351,14 @@ def _character(reference: re.Match) -> str:
     if reference[0][1] == "#":
         return html.unescape(reference[0])
     return html5.get(reference[0][1:], reference[0])
+
+
+def _tag_text(tag: re.Match) -> str:
+    return " " if tag[2].lower() in HTML_BREAK_TAGS else ""
+
+
+# model_text's steps, in this order: a reference decoded may make a tag ("&lt;br&gt;")
+MODEL_TEXT_STEPS = ((CHARACTER_REFERENCE, _character), (HTML_TAG, _tag_text), (WORD_BREAKS, lambda _: " "))
 
 
 def _add(captions: Captions, item_id, texts) -> None:

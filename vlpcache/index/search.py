@@ -31,7 +31,7 @@ from vlpcache import report
 from vlpcache.cache.labels import region_names
 from vlpcache.cache.reader import DamagedShard, RegionCache
 from vlpcache.cache.schema import MOVES_DIR, REMOVED_DIR, SHARD_DIR, SHARD_SUFFIX, detector_name
-from vlpcache.captions import ids_like, item_named, model_text, text_lines
+from vlpcache.captions import ids_like, item_named, model_text, model_text_origins, text_lines
 from vlpcache.devices import DEFAULT_DEVICE, DEVICES, resolve_device
 from vlpcache.errors import NotComparable, UserError, WriteFailed, user_message
 from vlpcache.files import may_write, read_utf8_text, utf8_text
@@ -331,9 +331,15 @@ class Searcher:
         return self.query_model.max_words
 
     def unread(self, query: str) -> str:
-        """The end of `query` past the tokens the model reads, left out of the search ("" for most queries)."""
+        """The end of `query` past the tokens the model reads, left out of the search ("" for most queries), as
+        typed: the tags and character references in it too ("<b>run</b> fast", not "run fast")."""
+        read, origins = model_text_origins(query)
         with self._lock:
-            return self.query_model.unread(model_text(query))
+            unread = self.query_model.unread(read)
+        if not unread:
+            return ""
+        cut = len(read) - len(unread)  # the model's text ends with its unread part
+        return query[origins[cut - 1][1] if cut else 0:].strip()  # from the end of the last character read
 
     def weak(self, hits: list[Hit]) -> bool:
         """Whether a query's best match is weaker than what 99 in 100 of the run's training captions find in
@@ -347,9 +353,18 @@ class Searcher:
         return self.unknown_and_known(query)[0]
 
     def unknown_and_known(self, query: str) -> tuple[list[str], int]:
-        """unknown(query), and how many of its tokens the text model knows (0: its ranking says nothing)."""
+        """unknown(query), and how many of its tokens the text model knows (0: its ranking says nothing); each part
+        as typed, each way it was typed ("&#x732B;" and "猫" where the model read "猫" twice)."""
+        read, origins = model_text_origins(query)
         with self._lock:
-            return self.query_model.unknown(model_text(query))
+            unknown, known = self.query_model.unknown(read)
+        typed = []
+        for part in unknown:
+            at = read.find(part)
+            while at >= 0:
+                typed.append(query[origins[at][0]:origins[at + len(part) - 1][1]])
+                at = read.find(part, at + len(part))
+        return list(dict.fromkeys(typed)), known
 
     def search(self, query: str, k: int = 10, rerank: bool = True, qbnorm: bool = False) -> list[Hit]:
         """The top k indexed items for one query, best first; re-ranked by region-word score when the

@@ -118,23 +118,33 @@ function assignColours(query, hits) {
   return new Map(words.map((word, i) => [word, "c" + (i % COLOURS)]));
 }
 
-// the query's words, each matched one in its colour, those the text model does not know underlined; an end
-// the model did not read (past its tokens) struck out
+// the query's words, each matched one in its colour, the parts the text model does not know underlined; the end
+// it did not read (past its tokens) struck out. `unread` and `unknown` are the server's, as typed: the query's
+// last characters, and parts of the rest ("&#x732B;" where the model read "猫")
 function showQueryWords(query, unread, unknown = []) {
-  const strange = new Set(unknown);
   const line = $("query-words");
   line.replaceChildren();
-  const cut = unread ? query.lastIndexOf(unread) : -1;
-  const read = cut >= 0 ? query.slice(0, cut) : query;
-  for (const [i, part] of read.split(/(\s+)/).entries()) {
-    for (const piece of i % 2 === 0 ? pieces(part) : [part]) {
-      const colour = i % 2 === 0 ? colours.get(normalised(piece)) : undefined;
-      if (colour) line.append(el("mark", { class: colour }, piece));
-      else if (strange.has(piece)) line.append(el("span", { class: "unknown", title: "not known to the text model" }, piece));
-      else line.append(piece);
-    }
+  const read = query.slice(0, query.length - unread.length);
+  const longestFirst = [...unknown].sort((a, b) => b.length - a.length); // a part inside another is not cut from it
+  const strange = new RegExp(`(${longestFirst.map(literal).join("|")})`);
+  for (const [i, part] of (unknown.length ? read.split(strange) : [read]).entries()) {
+    if (i % 2 === 1) line.append(el("span", { class: "unknown", title: "not known to the text model" }, part));
+    else line.append(...colouredWords(part));
   }
   if (unread) line.append(el("s", { class: "unread", title: "not read: past the tokens the model reads" }, unread));
+}
+
+// a regular expression's source that matches `text` as written
+function literal(text) {
+  return text.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&");
+}
+
+// text and its words as nodes, each matched word a mark in its colour
+function colouredWords(text) {
+  return text.split(/(\s+)/).flatMap((part, i) => i % 2 === 1 ? [part] : pieces(part).map((piece) => {
+    const colour = colours.get(normalised(piece));
+    return colour ? el("mark", { class: colour }, piece) : piece;
+  }));
 }
 
 const WHOLE_FRAME = "frame"; // the label of the region that stands for the whole frame
@@ -274,7 +284,7 @@ async function search(query, k, written = null) {
   colours = assignColours(query, hits);
   hitsById.clear();
   hits.forEach((hit) => hitsById.set(hit.id, hit));
-  showQueryWords(query, body.unread, body.unknown);
+  showQueryWords(body.query, body.unread, body.unknown); // the query as the server read it: unread is its end
   $("results").replaceChildren(...hits.map(card));
   const ms = Math.round(performance.now() - started);
   const cut = (body.unread ? " · the end of the query, struck out below, is past what the model reads and was left out" : "") +
