@@ -166,7 +166,11 @@ def test_hits_and_info_say_what_each_item_was_extracted_from(api):
 @pytest.mark.parametrize("params, status, message", [
     ({}, 400, "missing query"),
     ({"q": "   "}, 400, "missing query"),
-    ({"q": "\u200b\x00"}, 400, "holds no words the text model reads"),  # zero-width and control characters only
+    ({"q": "\u200b\x00"}, 400, "holds no words the text model reads (only zero-width or control characters, "),
+    ({"q": "<b></b>"}, 400, '"<b></b>" holds no words the text model reads (only HTML formatting tags, which it reads as '
+                            "nothing)"),  # what it holds: not "characters it drops: zero-width or control ones"
+    ({"q": "&nbsp;"}, 400, "(only HTML character references, which it reads as nothing)"),
+    ({"q": "&lt;br&gt;"}, 400, "(only HTML formatting tags and HTML character references, which it reads as nothing)"),
     ({"q": "dog " * 60}, 400, "at most 200"),
     ({"q": "a dog", "k": "0"}, 400, "k = 0"),
     ({"q": "a dog", "k": "101"}, 400, "k = 101"),

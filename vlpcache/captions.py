@@ -345,6 +345,17 @@ def model_text_origins(text: str) -> tuple[str, list[tuple[int, int]]]:
     return text[start:end], origins[start:end]
 
 
+def left_out_kinds(text: str) -> str:
+    """What a text the model reads no token of holds, in words: model_text leaves out HTML's formatting tags (those
+    its character references make too) and decodes the references, the tokenizer drops zero-width and control
+    characters."""
+    decoded = CHARACTER_REFERENCE.sub(_character, text)
+    kinds = [kind for found, kind in ((HTML_TAG.search(decoded), "HTML formatting tags"),
+                                      (CHARACTER_REFERENCE.search(text), "HTML character references"),
+                                      (HTML_TAG.sub("", decoded).strip(), "zero-width or control characters")) if found]
+    return ", ".join(kinds[:-1]) + " and " + kinds[-1] if len(kinds) > 1 else "".join(kinds)
+
+
 def _character(reference: re.Match) -> str:
     """The character a reference stands for; a name HTML does not know stays as it is. Names are looked up
     whole: html.unescape would read "&ampfoo;" as "&" and "foo;"."""

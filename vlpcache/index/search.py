@@ -31,7 +31,7 @@ from vlpcache import report
 from vlpcache.cache.labels import region_names
 from vlpcache.cache.reader import DamagedShard, RegionCache
 from vlpcache.cache.schema import MOVES_DIR, REMOVED_DIR, SHARD_DIR, SHARD_SUFFIX, detector_name
-from vlpcache.captions import ids_like, item_named, model_text, model_text_origins, text_lines
+from vlpcache.captions import ids_like, item_named, left_out_kinds, model_text, model_text_origins, text_lines
 from vlpcache.devices import DEFAULT_DEVICE, DEVICES, resolve_device
 from vlpcache.errors import NotComparable, UserError, WriteFailed, user_message
 from vlpcache.files import may_write, read_utf8_text, utf8_text
@@ -383,9 +383,9 @@ class Searcher:
             raise UserError(f'the query "{printable(typed)}" is not UTF-8 text ({why}); give it in UTF-8 (e.g. a '
                             "terminal with LANG=C.UTF-8)")
         # as typed: unknown_and_known reads it as the model does (model_text), once, not a second time over `query`
-        if self.unknown_and_known(typed) == ([], 0):  # zero-width or control characters only: the model reads no token
-            raise UserError(f'"{printable(typed)}" holds no words the text model reads (only characters it drops: '
-                            'zero-width or control ones); give words to search for, e.g. "person cuts onion"')
+        if self.unknown_and_known(typed) == ([], 0):  # the model reads no token of it
+            raise UserError(f'"{printable(typed)}" holds no words the text model reads (only {left_out_kinds(typed)}, '
+                            'which it reads as nothing); give words to search for, e.g. "person cuts onion"')
         self.refresh()
         if qbnorm and self.query_bank is None:
             raise UserError("this index has no query bank for --qbnorm; run `vlpcache index --qbnorm` (or search --qbnorm) first")
