@@ -515,6 +515,37 @@ def test_the_page_finds_the_items_most_like_a_clip_chosen_or_dropped_and_back_re
         server.stop()
 
 
+def test_the_number_of_results_chosen_after_a_clip_is_shown_applies_to_the_items_most_like_that_clip(user, tmp_path):
+    # the select changed nothing: it acted on the box's query or the address's ?like= alone (the server keeps no
+    # upload: the page sends its file again)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from test_serve import Server, chromium_driver
+
+    server = Server(user / "ws")
+    browser = chromium_driver(tmp_path)
+    try:
+        browser.get(server.url + "?q=a+dog&k=2")
+        wait = WebDriverWait(browser, 60)
+        status = lambda: browser.find_element(By.ID, "status").text  # noqa: E731
+        wait.until(lambda b: "results for “a dog”" in status() and b.find_element(By.ID, "upload-label").is_displayed())
+        browser.find_element(By.ID, "upload").send_keys(str(VIDEOS / "tree.avi"))
+        wait.until(lambda b: status().startswith("2 items most like “tree.avi” · "))
+        Select(browser.find_element(By.ID, "k")).select_by_value("12")
+        wait.until(lambda b: status().startswith(f"{len(COLLECTION)} items most like “tree.avi” · ") or "error" in status())
+        assert "nothing added" in status() and browser.current_url == server.url + "?k=12"
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#results .card")) == len(COLLECTION)
+        browser.save_screenshot(str(tmp_path / "clip-more-results.png"))
+        browser.back()  # one step back, as before: the query's own results
+        wait.until(lambda b: "results for “a dog”" in status())
+        assert browser.current_url == server.url + "?q=a+dog&k=2"
+    finally:
+        browser.quit()
+        server.stop()
+    if os.environ.get("VLPCACHE_SCREENSHOTS"):
+        shutil.copy(tmp_path / "clip-more-results.png", Path(os.environ["VLPCACHE_SCREENSHOTS"]) / "clip-more-results.png")
+
+
 def test_the_page_through_a_jupyterhub_style_https_proxy_under_a_prefix_searches_shows_and_takes_uploads(user, tmp_path,
                                                                                                     monkeypatch):
     """As a lab's JupyterHub shows it: https://HUB/user/NAME/proxy/PORT/, the browser's Host and Origin passed on,

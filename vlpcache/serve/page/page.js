@@ -331,7 +331,7 @@ async function showLike(hits, name, example, started, how) {
 
 // a video or photo of the user's (the file input, or a file dropped on the page): sent to the server, which
 // extracts it on its own as `vlpcache search --like FILE` does, and answers the items most like it
-let shownUpload = false;
+let shownUpload = null; // the file whose items are shown: sent again for another number of results (the server keeps none)
 let maxUpload = 0; // /api/info's max_upload_bytes: a larger file is refused here, before minutes of sending it
 async function likeUpload(file) {
   if (!file) return;
@@ -360,8 +360,10 @@ async function likeUpload(file) {
     $("upload").value = ""; // the same file chosen again is sent again
   }
   $("q").value = "";
-  if (!shownUpload) history.pushState({ upload: body.like }, "", "?" + new URLSearchParams({ k }));
-  shownUpload = true;
+  const address = "?" + new URLSearchParams({ k });
+  if (shownUpload) history.replaceState({ upload: body.like }, "", address); // another file or k: no step of its own
+  else history.pushState({ upload: body.like }, "", address);
+  shownUpload = file;
   await showLike(body.results, body.like, el("span", { class: "example" }, body.like), started,
     " · extracted on its own: nothing added to the collection");
 }
@@ -514,9 +516,10 @@ async function start() {
   $("q").value = query;
   if (![...$("k").options].some((o) => o.value === k)) $("k").append(el("option", { value: k }, `${k} results`));
   $("k").value = k;
-  $("k").addEventListener("change", () => {
+  $("k").addEventListener("change", () => { // more or fewer of the results shown
     if ($("q").value.trim()) $("search").requestSubmit();
-    else if (like) location.search = "?" + new URLSearchParams({ like, k: $("k").value }); // more or fewer of those
+    else if (shownUpload) likeUpload(shownUpload);
+    else if (like) location.search = "?" + new URLSearchParams({ like, k: $("k").value });
   });
   $("detail-close").addEventListener("click", () => $("detail").close());
   $("detail").addEventListener("close", closeItem);
