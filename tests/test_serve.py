@@ -948,6 +948,42 @@ def test_the_page_by_keyboard_and_back_button_and_when_the_server_stops_answerin
         browser.quit()
 
 
+def test_a_very_tall_photo_fits_the_item_view_with_its_boxes_over_it(ws, tmp_path, monkeypatch):
+    """A photo of 40 x 4000 pixels was drawn as wide as its column: 35,000 pixels tall in the item view."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    tall = tmp_path / "tall.png"
+    Image.fromarray(np.linspace(0, 255, 4000 * 40 * 3).astype(np.uint8).reshape(4000, 40, 3)).save(tall)
+    write_cache(ws / "cache", 1, prefix="x", seed=4, real_frames=1, sources=[(tall, "image")])
+    index_workspace(monkeypatch, ws)
+    running = Server(ws)
+    browser = chromium_driver(tmp_path)
+    try:
+        [frame] = json.loads(running.get("/api/item?id=x0")[2])["frames"]
+        browser.get(running.url + "?item=x0")
+        loaded = "const i = document.querySelector('#detail-frames img'); return i && i.complete && i.naturalWidth > 0"
+        WebDriverWait(browser, 30).until(lambda b: b.execute_script(loaded))
+        picture, boxes, window_height = browser.execute_script(
+            "const rect = (e) => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };"
+            "return [rect(document.querySelector('#detail-frames img')),"
+            "  [...document.querySelectorAll('#detail-frames .box.detected')].map(rect), window.innerHeight]")
+        left, top, right, bottom = picture
+        assert bottom - top <= 0.6 * window_height + 1 and right - left < 10, picture  # its aspect kept, within sight
+        assert len(boxes) == len(frame["regions"]) == 4
+        for drawn, region in zip(boxes, frame["regions"]):  # where the item's boxes say, on the picture as drawn
+            x1, y1, x2, y2 = region["box"]
+            expected = [left + x1 * (right - left), top + y1 * (bottom - top), left + x2 * (right - left),
+                        top + y2 * (bottom - top)]
+            assert np.allclose(drawn, expected, atol=1), (drawn, expected)
+        browser.save_screenshot(str(tmp_path / "tall-photo.png"))
+    finally:
+        browser.quit()
+        running.stop()
+    if os.environ.get("VLPCACHE_SCREENSHOTS"):
+        shutil.copy(tmp_path / "tall-photo.png", Path(os.environ["VLPCACHE_SCREENSHOTS"]) / "tall-photo.png")
+
+
 def test_the_page_fits_a_phone_and_a_long_word_wraps_instead_of_widening_it(ws, server, tmp_path):
     """At 375 px the query box takes the whole width on a line of its own, nothing scrolls sideways, and
     the detail's frames fit the dialog; a query word of 175 letters wraps, at phone and desktop width."""

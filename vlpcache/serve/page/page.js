@@ -88,11 +88,11 @@ function overlap(a, b) {
   return a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
 }
 
-// a card's picture keeps its aspect inside a 4:3 frame, so that the cards of a row line up
+// a picture keeps its aspect inside its frame (page.css sizes it by --aspect): a card's 4:3 frame, so that the cards
+// of a row line up; the item view's, at most so tall that it fits the dialog (a photo of 40 x 4000 pixels)
 function fitInFrame(picture, img) {
   img.addEventListener("load", () => {
-    const aspect = img.naturalWidth / img.naturalHeight;
-    picture.style.width = aspect < 4 / 3 ? `${75 * aspect}%` : "100%";
+    picture.style.setProperty("--aspect", img.naturalWidth / img.naturalHeight);
     placeTags(picture.parentElement);
   });
 }
@@ -428,7 +428,7 @@ async function openItem(id, step = false) {
     const picture = el("div", { class: "picture" }, img);
     for (const region of frame.regions) picture.append(box(region.box, "detected", `${region.label} ${region.score.toFixed(2)}`));
     if (hit) drawMatches(picture, hit.regions, frame.frame);
-    img.addEventListener("load", () => placeTags(picture.parentElement));
+    fitInFrame(picture, img);
     const best = hit && hit.frame === frame.frame ? " · best match" : "";
     const place = placeText(item.kind, frame.time);
     const which = item.kind === "image" ? "the photo" : `frame ${i + 1} of ${item.frames.length}`;
