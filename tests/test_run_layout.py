@@ -2,6 +2,7 @@
 on real directories written the way checkpoint.save_checkpoint writes them."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def add_checkpoint(run_dir, epoch: int) -> None:
     write_json(folder / META_NAME, {"epoch": epoch, "sha256": f"sha-of-epoch-{epoch}"})
 
 
-def test_the_designated_checkpoint_is_the_best_by_validation_else_the_last(tmp_path):
+def test_the_designated_checkpoint_is_the_best_by_validation_else_the_last(tmp_path, monkeypatch):
     run = tmp_path / "run"
     for epoch in (2, 5, 7):
         add_checkpoint(run, epoch)
@@ -39,6 +40,11 @@ def test_the_designated_checkpoint_is_the_best_by_validation_else_the_last(tmp_p
     assert designated_checkpoint_sha256(run) == "sha-of-epoch-5"
     assert resolve_checkpoint(run) == resolve_checkpoint(run, "best") == epoch_dir(run, 5)
     assert resolve_checkpoint(run, "last") == resolve_checkpoint(run, 7) == epoch_dir(run, 7)
+    (tmp_path / "last").mkdir()  # a folder of that name where the command runs: `--checkpoint last` is still the name
+    (tmp_path / "7").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert resolve_checkpoint(run, "last") == resolve_checkpoint(run, "7") == epoch_dir(run, 7)
+    assert resolve_checkpoint(run, "./last") == Path("./last")
     write_json(run / BEST_NAME, {"epoch": 4, "metrics": {}})  # a best epoch whose checkpoint is gone
     assert designated_checkpoint_sha256(run) == "sha-of-epoch-7"
 

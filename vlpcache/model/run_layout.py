@@ -235,7 +235,8 @@ def resolve_checkpoint(run_dir: Path, checkpoint: str | int | os.PathLike | None
     """checkpoint: None (the best by validation, else the last), "best", "last", an epoch or a directory."""
     run_dir = Path(run_dir)
     found = checkpoints(run_dir)
-    if checkpoint is not None and Path(str(checkpoint)).is_dir():
+    named = checkpoint in ("best", "last") or str(checkpoint).isdigit()  # never a folder of that name here
+    if checkpoint is not None and not named and Path(str(checkpoint)).is_dir():
         return Path(checkpoint)
     if not found:
         if (holder := trainer_of(run_dir)) is not None:
