@@ -2029,6 +2029,15 @@ MUTANTS += [
     mutant("best-json-behind-a-kill-believed", "vlpcache/model/run_layout.py",
            "        if isinstance(meta, dict) and meta.get(\"best\"):\n", "        if False:\n",
            "tests/test_run_layout.py::test_a_newest_checkpoint_saved_as_the_best_is_the_best_though_a_kill_came_before_best_json", "a checkpoint saved as the best is the best though a kill came before best.json"),
+    mutant("text-features-key-of-cwd", "vlpcache/model/text_features.py",
+           "    if not name_or_dir:\n        from vlpcache.model.model import default_text_model\n", "    if False:\n        from vlpcache.model.model import default_text_model\n",
+           "tests/test_pretrain.py::test_the_default_text_models_features_key_is_its_weights_not_the_current_folders", "the default text model's features are keyed by its weights, not the current folder's files"),
+    mutant("pretrain-text-model-recorded-relative", "vlpcache/model/train.py",
+           "        config.text_model = str(Path(config.text_model).resolve())\n", "        pass\n",
+           "tests/test_pretrain.py::test_a_text_model_folder_given_relative_is_recorded_whole_and_resumes_from_anywhere", "a --text-model folder is recorded whole"),
+    mutant("checkpoint-name-taken-for-a-folder", "vlpcache/model/run_layout.py",
+           "    if checkpoint is not None and not named and Path(str(checkpoint)).is_dir():\n", "    if checkpoint is not None and Path(str(checkpoint)).is_dir():\n",
+           "tests/test_run_layout.py::test_the_designated_checkpoint_is_the_best_by_validation_else_the_last", "--checkpoint last is the name, whatever folders the current one holds"),
 ]
 
 

@@ -342,6 +342,39 @@ def test_frozen_text_features_are_keyed_by_the_text_models_weights(tmp_path):
     key_a, key_b, key_c = (features_key(str(tmp_path / n), "mean", 32, True, ["a dog"]) for n in "abc")
     assert key_a != key_b and key_a == key_c  # other weights, other features; a copy of the same, the same
     assert features_key(str(tmp_path / "a"), "mean", 32, True, ["a cat"]) != key_a
+    assert features_key(str(tmp_path / "a"), "mean", 32, True, ["a\nb"]) != features_key(str(tmp_path / "a"), "mean",
+                                                                                          32, True, ["a", "b"])
+
+
+def test_a_text_model_folder_given_relative_is_recorded_whole_and_resumes_from_anywhere(tmp_path, corpus, tiny_text,
+                                                                                         monkeypatch, capsys):
+    # recorded as given ("tiny-bert0"), a run stopped before its first checkpoint could not be resumed from another
+    # folder ("not a local directory"), and passing it whole was refused ("options differ")
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.chdir(tiny_text.parent)
+    run_dir = tmp_path / "run"
+    run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=run_dir,
+                 **small_options(tiny_text, text_model=tiny_text.name, epochs=1))
+    assert ckpt.read_run_config(run_dir)["model"]["text_model"] == str(tiny_text.resolve())
+    monkeypatch.chdir(tmp_path)
+    given = os.path.relpath(tiny_text, tmp_path)  # the same folder, named from here
+    summary = run_pretrain(run_dir=run_dir, resume=True, epochs=2, text_model=given, quiet=True, device="cpu")
+    assert summary["trained_epochs"] == 1  # the folder the run records: not an option that differs
+
+
+def test_the_default_text_models_features_key_is_its_weights_not_the_current_folders(tmp_path, monkeypatch):
+    # "" (a run's record of the default model) was Path("") = the current folder: its weight files hashed (or none:
+    # the sha256 of nothing), so every run started from another folder encoded all of its captions again
+    from vlpcache.model.model import default_text_model
+    from vlpcache.model.text_features import features_key
+
+    default = features_key(default_text_model(), "mean", 32, True, ["a dog"])
+    for folder, weights in (("empty", None), ("other", b"weights of another model")):
+        (tmp_path / folder).mkdir()
+        if weights:
+            (tmp_path / folder / "model.safetensors").write_bytes(weights)
+        monkeypatch.chdir(tmp_path / folder)
+        assert features_key("", "mean", 32, True, ["a dog"]) == default
 
 
 def test_a_kill_while_older_checkpoints_are_removed_never_leaves_one_listed_without_its_files(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ directory, read back on --resume and by index/search, and the defaults `vlpcache
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from vlpcache.devices import DEFAULT_DEVICE
@@ -150,11 +151,19 @@ def differing_model_options(options: PretrainOptions, config: ModelConfig) -> li
     found = []
     for option, name in MODEL_OPTIONS.items():
         value, had = getattr(options, option), getattr(config, name)
-        if value is not None and value != had:
+        if value is not None and value != had and not (name == "text_model" and same_folder(value, had)):
             if name == "text_model" and not had:  # "" is the default model of the vlpcache that trained it
                 had = "the default text model"
             found.append((name, value, f"--{option.replace('_', '-')} {value}", had))
     return found
+
+
+def same_folder(given: str, recorded: str) -> bool:
+    """Whether --text-model names the folder a run records (given relative to the current folder, say)."""
+    try:
+        return bool(recorded) and os.path.samefile(given, recorded)
+    except OSError:  # not a folder of this machine: a Hugging Face name
+        return False
 
 
 def captions_per_video_cap(trainable_layers: int | None) -> int:

@@ -61,7 +61,12 @@ PART_CAPTIONS = 16384  # captions encoded and kept together: half a minute of Mi
 
 
 def text_model_identity(name_or_dir: str) -> str:
-    """A Hugging Face name as given, or a local directory by the sha256 of its weight files."""
+    """A Hugging Face name as given, or a local directory by the sha256 of its weight files; "" (a run's record of
+    the default model) the default model's directory, never the current one's files, which Path("") names."""
+    if not name_or_dir:
+        from vlpcache.model.model import default_text_model
+
+        name_or_dir = default_text_model()
     folder = Path(name_or_dir)
     if not folder.is_dir():
         return name_or_dir
@@ -139,7 +144,8 @@ def features_key(text_model: str, pooling: str, max_words: int, with_words: bool
         "pooling": pooling,
         "max_words": max_words,
         "words": with_words,
-        "captions_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest(),
+        # as JSON: joined by newlines, ["a\nb"] and ["a", "b"] (captions may hold newlines) were one set
+        "captions_sha256": hashlib.sha256(json.dumps(captions, ensure_ascii=False).encode()).hexdigest(),
     }
 
 

@@ -389,6 +389,8 @@ def _new_model_config(options: PretrainOptions, data: PretrainData) -> tuple[Mod
         **chosen,
     )
     config.rwa = not options.no_rwa
+    if config.text_model and Path(config.text_model).is_dir():  # a folder: found again from wherever it is resumed
+        config.text_model = str(Path(config.text_model).resolve())
     notes = []
     if options.text_pooling is None:  # the text model's own, where it says (sentence-transformers models do)
         from vlpcache.model.model import default_text_model, sentence_pooling
