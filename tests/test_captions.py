@@ -78,6 +78,13 @@ def test_malformed_json_lines_are_counted_and_the_first_named_never_a_traceback(
     assert f"6 unreadable caption lines (the first: {path} line 4: " in data.train_report.line()
 
 
+def test_a_nul_in_a_caption_is_left_out_as_the_tokenizer_leaves_it(tmp_path):
+    path = tmp_path / "c.jsonl"
+    write_jsonl(path, [{"video": "v0", "captions": ["a dog\u0000 runs", "\u0000"]}, {"video": "v1", "caption": "a cat"}])
+    captions = read_captions(path)
+    assert captions.by_id == {"v0": ["a dog runs"], "v1": ["a cat"]} and captions.empty_captions == 1
+
+
 def test_a_csv_without_video_and_caption_columns_is_one_error_naming_the_file(tmp_path):
     csv = tmp_path / "c.csv"
     csv.write_text("id,text\nv0,a dog\n")
