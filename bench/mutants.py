@@ -2041,6 +2041,9 @@ MUTANTS += [
     mutant("captions-keep-nul", "vlpcache/captions.py",
            "        text = text.replace(\"\\0\", \"\").strip()\n", "",
            "tests/test_captions.py::test_a_nul_in_a_caption_is_left_out_as_the_tokenizer_leaves_it", "a NUL in a caption is left out (HDF5 cannot store it: pretrain's traceback)"),
+    mutant("extract-remembers-roots-of-a-refused-run", "vlpcache/extract/runner.py",
+           "    summary = ExtractSummary(passed_over=len(passed_over))\n", "    summary = ExtractSummary(passed_over=len(passed_over))\n    workspace.remember_roots([r for r in roots if r.exists()])\n",
+           "tests/test_extract.py::test_other_settings_are_refused_for_an_existing_cache", "an extract refused (other settings) records no root in the workspace"),
 ]
 
 

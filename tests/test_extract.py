@@ -24,6 +24,7 @@ from vlpcache.cache.schema import SHARD_DIR
 from vlpcache.extract.stamps import source_stamp
 from vlpcache.extract.sources import discover_items
 from vlpcache.files import file_sha256
+from vlpcache.workspace import Workspace
 from waiting import HANG_GUARD_S, wait_until
 
 SMALL_VIDEOS = ("tests_data_test.mp4", "bikes.mp4", "tree.avi", "cup.mp4")
@@ -550,6 +551,11 @@ def test_other_settings_are_refused_for_an_existing_cache(extracted, media):
     assert "Traceback" not in result.stderr
     result = vlpcache("extract", media, "-o", cache_dir, "--frames", 4, "--regions", 10, cwd=cache_dir.parent, check=False)
     assert "regions: 31 (30 + the whole frame) != 11 (10 + the whole frame)" in result.stderr  # as --regions counts
+    other = cache_dir.parent / "other"  # a root of its own, refused: pretrain looked for captions beside it
+    other.mkdir(exist_ok=True)
+    shutil.copy(next(media.glob("*.jpg")), other)
+    assert vlpcache("extract", other, "-o", cache_dir, "--frames", 8, cwd=cache_dir.parent, check=False).returncode == 2
+    assert str(other.resolve()) not in Workspace().extracted_roots()
 
 
 def _run_on_an_unsized_terminal(args: list[str], cwd: Path, ctrl_c_at: str | None = None) -> tuple[int, str]:

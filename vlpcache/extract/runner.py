@@ -323,12 +323,11 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     spec = choose_detector(options.detector, options.backbone, options.weights, options.models,  # nothing loaded yet
                            options.input_scale(), options.proposals)
     settings = spec.cache_settings(options.frames, options.regions, options.score_threshold)
-    workspace.remember_roots([r for r in roots if r.exists()])  # once the detector is there: a run that cannot
-    # start records nothing
     summary = ExtractSummary(passed_over=len(passed_over))
     # the driver's writer owns the shard set: it checks the settings and removes the unfinished shards
     # of a killed run, its own and (named `<shard set>-ray-<actor>`) those of its Ray actors
     with ShardWriter(cache_dir, settings, writer_name=options.shard_set(), max_items=options.items_per_shard) as writer:
+        workspace.remember_roots([r for r in roots if r.exists()])  # settings taken, shard set held: a refused run records none
         cache = RegionCache(cache_dir, say_damaged=False)  # said below, with what extract does about them
         with said_if_slow(f"extract: {len(items):,} items found; checking them against the {len(cache):,} the cache "
                           "holds (what changed, moved or failed before)...", sayer(options.quiet)):
