@@ -2044,6 +2044,9 @@ MUTANTS += [
     mutant("extract-remembers-roots-of-a-refused-run", "vlpcache/extract/runner.py",
            "    summary = ExtractSummary(passed_over=len(passed_over))\n", "    summary = ExtractSummary(passed_over=len(passed_over))\n    workspace.remember_roots([r for r in roots if r.exists()])\n",
            "tests/test_extract.py::test_other_settings_are_refused_for_an_existing_cache", "an extract refused (other settings) records no root in the workspace"),
+    mutant("extract-spelled-defaults-other-settings", "vlpcache/extract/detectors/spec.py",
+           "    proposals = None if proposals == own_proposals else proposals\n", "",
+           "tests/test_vg.py::test_options_that_vg_does_not_take_are_one_clear_error", "--proposals given as the detector's own is the plain run's setting (its cache was refused)"),
 ]
 
 

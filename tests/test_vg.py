@@ -246,3 +246,12 @@ def test_options_that_vg_does_not_take_are_one_clear_error(random_checkpoint, mo
         choose_detector("yolox", None, None, str(models_dir), scale=(300, 500))
     spec = choose_detector("vg", None, str(random_checkpoint), None, scale=(300, 500), proposals=50)
     assert spec.max_side == 500 and spec.cache_settings(2, 36, 0.2).extra == {"scale": [300, 500], "proposals": 50}
+    # the detector's own, spelled out (a script's), are the plain run's settings: its cache was refused, and merge too
+    plain = choose_detector("vg", None, str(random_checkpoint), None).cache_settings(2, 36, 0.2)
+    for given in ({"scale": (600, 1000)}, {"proposals": 300}, {"scale": (600, 1000), "proposals": 300}):
+        spelled = choose_detector("vg", None, str(random_checkpoint), None, **given)
+        assert spelled.cache_settings(2, 36, 0.2) == plain and spelled.max_side == 1000
+    small = ("frcnn", "fasterrcnn_mobilenet_v3_large_320_fpn", str(random_checkpoint), None)  # its file: hashed, not read
+    assert (choose_detector(*small, scale=(320, 640), proposals=150).cache_settings(2, 36, 0.2)
+            == choose_detector(*small).cache_settings(2, 36, 0.2))
+    assert choose_detector(*small, proposals=300).cache_settings(2, 36, 0.2).extra == {"proposals": 300}

@@ -44,6 +44,7 @@ FRCNN_SCALES = {arch: (600, 1000, 300) for arch in FRCNN_ARCHITECTURES} | {
 # vg: bottom-up attention's Visual Genome Faster R-CNN (vg.py); its test settings are the defaults
 VG_FEATURE_DIM = 2048  # res5, averaged over the region's 14x14 RoIPool
 VG_SCALES = (600, 1000)  # shorter side, longest allowed side
+VG_PROPOSALS = 300  # RPN proposals per frame, after their NMS
 VG_REGIONS = 36  # at most this many regions per frame, best first (bottom-up attention: 10-100, or 36 fixed)
 VG_MIN_REGIONS = 10  # and at least this many, even below the score threshold
 VG_SCORE_THRESHOLD = 0.2
@@ -85,6 +86,10 @@ def with_input_size(spec: DetectorSpec, scale: tuple[int, int] | None, proposals
         return spec
     if spec.detector == "yolox":
         raise UserError(f"--scale and --proposals are for frcnn and vg; yolox reads {YOLOX_INPUT_SIZE}x{YOLOX_INPUT_SIZE} frames")
+    *own_scale, own_proposals = FRCNN_SCALES.get(spec.backbone, (*VG_SCALES, VG_PROPOSALS))
+    # the detector's own, spelled out (a script's), are no other settings: its caches take the plain run's items
+    scale = None if scale is not None and tuple(scale) == tuple(own_scale) else scale
+    proposals = None if proposals == own_proposals else proposals
     return replace(spec, scale=scale, proposals=proposals, max_side=scale[1] if scale else spec.max_side)
 
 

@@ -38,6 +38,7 @@ from vlpcache.extract.detectors.spec import (
     VG_FEATURE_DIM,
     VG_MIN_REGIONS,
     VG_NMS_IOU,
+    VG_PROPOSALS,
     VG_SCALES,
     VG_SCORE_THRESHOLD,
     DetectorSpec,
@@ -66,7 +67,7 @@ class VgConfig:
     min_size: int = VG_SCALES[0]  # shorter side resized to this, longer side at most max_size
     max_size: int = VG_SCALES[1]
     pre_nms_proposals: int = 6000  # best anchors by objectness before the proposals' NMS
-    proposals: int = 300  # per frame, after it
+    proposals: int = VG_PROPOSALS  # per frame, after it
     proposal_nms_iou: float = 0.7
     selection: str = "class-aware"  # SELECTIONS
     roi_chunk: int = 1024  # regions through res5 at once: bounds the memory of big batches
