@@ -2047,6 +2047,9 @@ MUTANTS += [
     mutant("extract-spelled-defaults-other-settings", "vlpcache/extract/detectors/spec.py",
            "    proposals = None if proposals == own_proposals else proposals\n", "",
            "tests/test_vg.py::test_options_that_vg_does_not_take_are_one_clear_error", "--proposals given as the detector's own is the plain run's setting (its cache was refused)"),
+    mutant("like-answers-for-a-dropped-item", "vlpcache/index/search.py",
+           "            raise UserError(gone)  # dropped (extract --prune) since it was indexed: as text search leaves it out\n", "            pass\n",
+           "tests/test_search.py::test_items_pruned_from_the_cache_leave_the_index_on_the_next_index_run", "--like of an item dropped since it was indexed is told as dropped"),
 ]
 
 

@@ -1040,6 +1040,9 @@ def test_items_pruned_from_the_cache_leave_the_index_on_the_next_index_run(ws, m
     with ShardWriter(ws / "cache", cache.settings, writer_name="s0of2") as writer:  # as extract --prune records it
         for item_id in ("v3", "v20"):
             writer.record_removal(item_id, cache.row_of(item_id), cache.paths[cache.index_of(item_id)], "gone")
+    # before the index is run again, --like of one is told as dropped, as text search leaves it out (it answered)
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "--like", "v3")
+    assert code == 2 and "error: 'v3' was dropped from the cache " in err and "by `vlpcache extract --prune`" in err
     code, _, err = vlpcache(monkeypatch, capsys, "index")
     assert code == 0 and "2 indexed item(s) were dropped from the cache (extract --prune); dropping them" in err
     assert f"up to date: {ITEMS - 2} items" in err and "not in the cache" not in err

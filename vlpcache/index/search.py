@@ -484,9 +484,9 @@ class Searcher:
         if not isinstance(key, str):
             raise UserError(f"an item id is text (str), not {type(key).__name__}")
         self.refresh()  # an item `vlpcache index` added since this Searcher last looked is named too
-        if key in self.index:
-            return key
-        item_id, several = item_named(key, self.index.ids)
+        item_id, several = (key, []) if key in self.index else item_named(key, self.index.ids)
+        if item_id is not None and item_id not in self.cache and (gone := self.cache.left_out_line(item_id)):
+            raise UserError(gone)  # dropped (extract --prune) since it was indexed: as text search leaves it out
         if item_id is not None:
             return item_id
         raise UserError(not_indexed_line(key, self.index.ids, self.cache, several, on_disk))
