@@ -2050,6 +2050,9 @@ MUTANTS += [
     mutant("like-answers-for-a-dropped-item", "vlpcache/index/search.py",
            "            raise UserError(gone)  # dropped (extract --prune) since it was indexed: as text search leaves it out\n", "            pass\n",
            "tests/test_search.py::test_items_pruned_from_the_cache_leave_the_index_on_the_next_index_run", "--like of an item dropped since it was indexed is told as dropped"),
+    mutant("models-file-taken-for-a-folder", "vlpcache/workspace.py",
+           "    if folder.exists() and not folder.is_dir():\n", "    if False:\n",
+           "tests/test_weights.py::test_models_list_and_verify_report_present_missing_and_wrong", "--models naming a weights file is one line saying it needs the folder"),
 ]
 
 

@@ -247,6 +247,15 @@ def test_models_list_and_verify_report_present_missing_and_wrong(models_dir, tmp
     assert not verify_weights()
     assert f"{MOBILENET_FILE}: WRONG: not a readable state dict" in capsys.readouterr().out
     assert verify_weights(models_dir)
+    # the weights file named for its folder: "File exists (EEXIST)" from extract and fetch, "missing" from list
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (64, 48)).save(tmp_path / "photos" / "a.jpg")
+    for command in (["models", "list"], ["models", "fetch", YOLOX_FILE], ["extract", tmp_path / "photos"]):
+        result = cli(*command, "--models", folder / YOLOX_FILE)
+        assert result.returncode == 2 and result.stderr == (f"error: --models {folder / YOLOX_FILE}: a file, not a folder; "
+                                                            f"give the folder that holds the weights ({folder})\n")
 
 
 def test_unknown_names_to_fetch_are_one_error_listing_the_registered_ones(tmp_path):

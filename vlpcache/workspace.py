@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from vlpcache.errors import UserError
 from vlpcache.files import not_allowed
 from vlpcache.records import read_optional_json, write_json
 
@@ -78,10 +79,16 @@ def user_cache_dir() -> Path:
 
 
 def models_dir(option: str | os.PathLike | None = None) -> Path:
-    """The folder holding offline weights: --models, else $VLPCACHE_MODELS, else user_cache_dir()/models."""
+    """The folder holding offline weights: --models, else $VLPCACHE_MODELS, else user_cache_dir()/models; a file
+    there (a weights file named for its folder) is one line."""
     if option:
-        return Path(option)
-    if os.environ.get("VLPCACHE_MODELS"):
-        return Path(os.environ["VLPCACHE_MODELS"])
-    return user_cache_dir() / "models"
+        folder, given = Path(option), "--models"
+    elif os.environ.get("VLPCACHE_MODELS"):
+        folder, given = Path(os.environ["VLPCACHE_MODELS"]), "VLPCACHE_MODELS"
+    else:
+        folder, given = user_cache_dir() / "models", "the models folder"
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{given} {folder}: a file, not a folder; give the folder that holds the weights"
+                        f"{f' ({folder.parent})' if folder.parent != Path('.') else ''}")
+    return folder
 
