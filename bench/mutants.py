@@ -2053,6 +2053,9 @@ MUTANTS += [
     mutant("models-file-taken-for-a-folder", "vlpcache/workspace.py",
            "    if folder.exists() and not folder.is_dir():\n", "    if False:\n",
            "tests/test_weights.py::test_models_list_and_verify_report_present_missing_and_wrong", "--models naming a weights file is one line saying it needs the folder"),
+    mutant("render-default-name-too-long", "vlpcache/extract/render.py",
+           "    if len(safe.encode()) > PICTURE_NAME_BYTES:", "    if False:",
+           "tests/test_extract.py::test_a_default_picture_name_fits_a_file_name_whatever_the_ids_length", "inspect --render's default picture name fits a file name"),
 ]
 
 

@@ -645,6 +645,18 @@ def test_a_rendered_pictures_words_draw_the_accented_letters_of_file_names():
     assert all(drawn(letter) != missing for letter in "éüß–çñ")
 
 
+def test_a_default_picture_name_fits_a_file_name_whatever_the_ids_length():
+    # an id under a 200-character folder with a 200-character name: "File name too long", after decoding its frames,
+    # saying to "pass -o a writable file" to a user who passed no -o
+    from vlpcache.extract.render import default_picture_name
+
+    long_id = "d" * 200 + "/clip é " + "n" * 200
+    name = default_picture_name(long_id).name
+    assert len(name.encode()) <= 255 and name.endswith(".png") and name.startswith("n")
+    assert name != default_picture_name(long_id[1:]).name  # two ids, two pictures
+    assert default_picture_name("clips/bikes").name == "clips_bikes.png"
+
+
 def test_a_small_picture_is_rendered_large_enough_for_its_labels():
     from PIL import Image
 

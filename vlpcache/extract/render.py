@@ -8,6 +8,7 @@ drawn on them. No torch.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from pathlib import Path
 
@@ -164,10 +165,17 @@ def save_picture(picture: Image.Image, output: Path) -> None:
         raise write_failure(output, err, "nothing was written; pass -o a writable file") from None
 
 
+PICTURE_NAME_BYTES = 200  # of a default picture's name, its .png aside
+
+
 def default_picture_name(item_id: str) -> Path:
     """ID.png in the current folder, with anything but letters, digits, `-`, `_` and `.` replaced, and never
     a name that a shell reads as an option (leading `-`) or that hides the file (leading `.`)."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in item_id).lstrip("-.")
+    if len(safe.encode()) > PICTURE_NAME_BYTES:  # a file name has 255 bytes at most: the id's end, and a digest of it all
+        digest = hashlib.blake2b(item_id.encode("utf-8", "surrogateescape"), digest_size=4).hexdigest()
+        tail = safe.encode()[-(PICTURE_NAME_BYTES - len(digest) - 1):].decode("utf-8", "ignore").lstrip("-._")
+        safe = f"{tail}-{digest}"
     return Path(f"{safe or 'item'}.png")
 
 
