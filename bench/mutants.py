@@ -2056,6 +2056,9 @@ MUTANTS += [
     mutant("render-default-name-too-long", "vlpcache/extract/render.py",
            "    if len(safe.encode()) > PICTURE_NAME_BYTES:", "    if False:",
            "tests/test_extract.py::test_a_default_picture_name_fits_a_file_name_whatever_the_ids_length", "inspect --render's default picture name fits a file name"),
+    mutant("other-files-counts-a-pipe", "vlpcache/extract/sources.py",
+           "            if (Path(top) / name).is_file():\n                others.add(Path(top) / name)\n", "            if True:\n                others.add(Path(top) / name)\n",
+           "tests/test_sources.py::test_a_named_pipe_or_socket_with_a_media_extension_is_reported_and_never_opened", "a named pipe is not counted as a file of another extension"),
 ]
 
 

@@ -250,6 +250,8 @@ def test_a_named_pipe_or_socket_with_a_media_extension_is_reported_and_never_ope
     special = "not a file (a device, a pipe or a socket); skipped"
     assert items == [] and problems == [(str(tmp_path / "clip.mp4"), special), (str(tmp_path / "photo.jpg"), special),
                                         (str(tmp_path / "clip.mp4"), special)]
+    # and the error of a run that found nothing else: ".mp4 1" was "another extension", .mp4 listed as known
+    assert other_files([tmp_path]) == other_files([tmp_path / "clip.mp4"]) == "it holds no regular file (said above)"
 
 
 def test_without_frame_folders_every_image_in_a_subfolder_is_an_item_of_its_own(tmp_path):

@@ -436,15 +436,21 @@ def other_files(roots: list[Path], limit: int = 100_000) -> str:
     existing = [root for root in map(Path, roots) if root.exists()]
     if not existing:
         return "it does not exist" if len(roots) == 1 else "none of them exists"
-    others = OtherFiles()
+    others, special = OtherFiles(), 0
     walks = (os.walk(root) if root.is_dir() else [(root.parent, [], [root.name])] for root in existing)
     for top, folders, names in (step for walk in walks for step in walk):
         folders[:] = [f for f in folders if not f.startswith(".")]
         for name in sorted(names, key=natural_key):
-            if not name.startswith("."):
+            if name.startswith("."):
+                continue
+            if (Path(top) / name).is_file():
                 others.add(Path(top) / name)
+            else:  # a named pipe, a socket, a device: said apart, as not a file
+                special += 1
         if others.total >= limit:
             break
+    if not others.total and special:
+        return "it holds no regular file (said above)" if len(roots) == 1 else "they hold no regular file (said above)"
     if not others.total:
         return "it is empty" if len(roots) == 1 else "they are empty"
     return f"{'its' if len(roots) == 1 else 'their'} {others.total:,}{'+' if others.total >= limit else ''} " \
