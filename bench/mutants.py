@@ -2059,6 +2059,9 @@ MUTANTS += [
     mutant("other-files-counts-a-pipe", "vlpcache/extract/sources.py",
            "            if (Path(top) / name).is_file():\n                others.add(Path(top) / name)\n", "            if True:\n                others.add(Path(top) / name)\n",
            "tests/test_sources.py::test_a_named_pipe_or_socket_with_a_media_extension_is_reported_and_never_opened", "a named pipe is not counted as a file of another extension"),
+    mutant("extract-emptied-root-no-prune-hint", "vlpcache/extract/runner.py",
+           "        if gone:\n            line += (", "        if False:\n            line += (",
+           "tests/test_extract.py::test_items_no_longer_under_the_roots_are_said_and_dropped_with_prune", "a root emptied of its cached items says so and names --prune"),
 ]
 
 

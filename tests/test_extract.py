@@ -298,6 +298,12 @@ def test_items_no_longer_under_the_roots_are_said_and_dropped_with_prune(tmp_pat
     assert cached.left_out_line("b") is None and cached.left_out_line("zz") is None
     run_extract([tmp_path / "data"], cache_dir=cache, quiet=True, prune=True)
     assert "no longer there" not in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "other")  # a root emptied: "it is empty" alone, not a word of its cached item, nor --prune
+    with pytest.raises(UserError) as err:
+        run_extract([tmp_path / "other"], cache_dir=cache, quiet=True)
+    assert str(err.value) == (f"no videos, images or frame folders found under {tmp_path / 'other'}: it does not exist; "
+                              "the cache holds 1 item(s) extracted from there, no longer there (search still finds "
+                              "them): add --prune to drop them from the cache")
     # the root through a symbolic link to it: its cached items are under the root all the same
     (tmp_path / "link").symlink_to(tmp_path / "data")
     shutil.rmtree(tmp_path / "data" / "b")

@@ -291,6 +291,21 @@ def extract_engine(options: ExtractOptions):
     return ray_engine
 
 
+def nothing_found(roots: list[Path], cache_dir: Path) -> UserError:
+    """The error of a run that found no media under its roots, saying where the cache holds items of them (a root
+    emptied, or moved away: --prune drops them)."""
+    line = f"no videos, images or frame folders found under {', '.join(map(printable, roots))}: {printable(other_files(roots))}"
+    if (Path(cache_dir) / MANIFEST_NAME).exists():
+        under = [os.path.abspath(root) for root in roots]
+        with RegionCache(cache_dir, say_damaged=False) as cache:
+            gone = sum(any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in under)
+                       for path in map(os.path.abspath, cache.paths))
+        if gone:
+            line += (f"; the cache holds {gone:,} item(s) extracted from there, no longer there (search still finds "
+                     "them): add --prune to drop them from the cache")
+    return UserError(line)
+
+
 def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     """The `vlpcache extract` command; `options` are ExtractOptions fields."""
     started = time.monotonic()
@@ -312,8 +327,7 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
         say(printable(line))
     passed_over = [(path, reason) for path, reason in problems if f"; {SKIPPED}" in reason]
     if not items and not options.prune:  # with --prune, a root emptied on purpose is pruned
-        raise UserError(f"no videos, images or frame folders found under {', '.join(map(printable, roots))}: "
-                        f"{printable(other_files(roots))}")
+        raise nothing_found(roots, cache_dir)
 
     if options.device == "cuda" and engine is None:  # a missing GPU fails before anything is written; auto
         # resolves while the workers decode; the ray engine asks the cluster
