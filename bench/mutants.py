@@ -2062,6 +2062,9 @@ MUTANTS += [
     mutant("extract-emptied-root-no-prune-hint", "vlpcache/extract/runner.py",
            "        if gone:\n            line += (", "        if False:\n            line += (",
            "tests/test_extract.py::test_items_no_longer_under_the_roots_are_said_and_dropped_with_prune", "a root emptied of its cached items says so and names --prune"),
+    mutant("extract-other-shard-count-at-once", "vlpcache/cache/writer.py",
+           "                refuse_other_shard_counts(self.cache_dir, writer_name)\n", "",
+           "tests/test_cache.py::test_a_writer_of_another_shard_count_is_refused_while_one_writes", "an extract of another --shard count is refused while one writes (items stored twice)"),
 ]
 
 

@@ -198,6 +198,23 @@ def kill_9(proc: subprocess.Popen) -> None:
     proc.stdout.close()
 
 
+def test_a_writer_of_another_shard_count_is_refused_while_one_writes(tmp_path):
+    # --shard 0/1 and 0/2 at once both extracted the items they share: 17 of 35 stored twice
+    with ShardWriter(tmp_path, SETTINGS, writer_name="s0of2") as first:
+        first.add("a", "/a", "video", random_item(0))
+        with pytest.raises(UserError) as err:
+            ShardWriter(tmp_path, SETTINGS, writer_name="s0of1")
+        assert str(err.value).startswith(f"{tmp_path}: an extract with --shard 0/2 is writing it (pid {os.getpid()} on ")
+        assert str(err.value).endswith("--shard 0/1 would extract some of its items too, and the cache would hold them "
+                                       "twice: wait for it to finish, or give every job that fills this cache the same n "
+                                       "(--shard i/2)")
+        with ShardWriter(tmp_path, SETTINGS, writer_name="s1of2") as second:  # the other share: welcome
+            second.add("b", "/b", "video", random_item(1))
+    with ShardWriter(tmp_path, SETTINGS, writer_name="s0of1") as later:  # once it ended
+        later.add("c", "/c", "video", random_item(2))
+    assert sorted(RegionCache(tmp_path).ids) == ["a", "b", "c"]
+
+
 def test_a_second_writer_of_the_same_shards_is_refused_naming_the_holder(tmp_path):
     with ShardWriter(tmp_path, SETTINGS) as first:
         first.add("a", "/a", "video", random_item(0))
@@ -616,7 +633,7 @@ def test_a_writer_that_records_nothing_leaves_no_failure_log_and_empty_ones_left
     (tmp_path / "failures" / "s0of1-ray-0123456789ab.jsonl").touch()  # a Ray actor's of an earlier version
     with ShardWriter(tmp_path, SETTINGS, writer_name="s1of2") as writer:
         writer.record_failure("x", "/x.mp4", "no video stream")
-        write_items(tmp_path, ["b"])  # a writer starting removes the empty log, and keeps the other's
+        write_items(tmp_path, ["b"], writer_name="s0of2")  # a writer starting removes the empty log, keeps the other's
     assert [p.name for p in (tmp_path / "failures").iterdir()] == ["s1of2.jsonl"]
     assert set(read_failures(tmp_path)) == {"x"}
 

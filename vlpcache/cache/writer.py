@@ -123,6 +123,27 @@ def take_writer_lock(cache_dir: Path, writer_name: str, busy: Callable[[str], st
     return lock
 
 
+SHARD_SET = re.compile(r"^s(\d+)of(\d+)$")  # the writer of --shard i/n (ExtractOptions.shard_set)
+
+
+def refuse_other_shard_counts(cache_dir: Path, writer_name: str) -> None:
+    """One line where an extract of another --shard count writes the cache now: --shard 0/1 and 0/2 at once share
+    items, which both would extract and store (twice the work, and each item twice in the shards)."""
+    own = SHARD_SET.match(writer_name)
+    if own is None:
+        return
+    for path in sorted((Path(cache_dir) / LOCK_DIR).glob(f"s*of*{LOCK_SUFFIX}")):
+        other = SHARD_SET.match(path.name[: -len(LOCK_SUFFIX)])
+        if other is None or other[2] == own[2]:  # the same count: its own shard of the items (or this very one)
+            continue
+        if (lock := WriterLock.take(path)) is not None:  # left by one that ended
+            lock.release()
+            continue
+        raise UserError(f"{cache_dir}: an extract with --shard {other[1]}/{other[2]} is writing it ({holder_description(path)}); "
+                        f"--shard {own[1]}/{own[2]} would extract some of its items too, and the cache would hold them "
+                        f"twice: wait for it to finish, or give every job that fills this cache the same n (--shard i/{other[2]})")
+
+
 def wait_for_ray_actors_of(cache_dir: Path, writer_name: str) -> None:
     """Wait for the Ray actors of an earlier extract of this shard set (`<writer>-ray-<actor>`) to end: Ray
     ends them once their driver is gone (finished: within a second or two; killed on a lost login node:
@@ -276,6 +297,7 @@ class ShardWriter:
         try:
             self.lock = take_writer_lock(self.cache_dir, writer_name)
             if "-ray-" not in writer_name:  # a driver (or a local run) of the shard set: not one of its actors
+                refuse_other_shard_counts(self.cache_dir, writer_name)
                 wait_for_ray_actors_of(self.cache_dir, writer_name)
             open_cache_dir(self.cache_dir, settings)
             # the writer's record logs by folder (failures, moves, removals), each opened on its first record:
