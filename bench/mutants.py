@@ -422,7 +422,7 @@ MUTANTS += [
            "        return bool(under)",
            "tests/test_extract.py -k no_longer_under", "--prune touches only items under this run's roots"),
     mutant("cache-removed-rows-read", "vlpcache/cache/reader.py",
-           "        left_out = {**removed, **damaged}", "        left_out = dict(damaged)",
+           "        left_out = {**damaged, **removed}", "        left_out = dict(damaged)",
            "tests/test_extract.py -k no_longer_under", "a row --prune dropped is left out by every reader"),
     mutant("index-pruned-items-kept", "vlpcache/index/build.py",
            "        if dropped := [item_id for item_id in cache.removed if", "        if dropped := [item_id for item_id in () if",
@@ -2065,6 +2065,12 @@ MUTANTS += [
     mutant("extract-other-shard-count-at-once", "vlpcache/cache/writer.py",
            "                refuse_other_shard_counts(self.cache_dir, writer_name)\n", "",
            "tests/test_cache.py::test_a_writer_of_another_shard_count_is_refused_while_one_writes", "an extract of another --shard count is refused while one writes (items stored twice)"),
+    mutant("prune-passes-over-damaged-gone", "vlpcache/extract/runner.py",
+           "             if lost(item_id, record[\"path\"]) and not os.path.lexists(record[\"path\"])]", "             if False]",
+           "tests/test_extract.py::test_an_item_found_damaged_is_listed_by_inspect_and_extracted_again_by_the_next_extract", "an item found damaged whose file is gone since is said and dropped by --prune"),
+    mutant("reader-damaged-wins-over-removed", "vlpcache/cache/reader.py",
+           "        left_out = {**damaged, **removed}", "        left_out = {**removed, **damaged}",
+           "tests/test_extract.py::test_an_item_found_damaged_is_listed_by_inspect_and_extracted_again_by_the_next_extract", "a damaged row pruned since reads as dropped, not damaged"),
 ]
 
 

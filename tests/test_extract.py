@@ -229,6 +229,19 @@ def test_an_item_found_damaged_is_listed_by_inspect_and_extracted_again_by_the_n
     capsys.readouterr()
     run_extract([tmp_path / "data"], cache_dir=cache, quiet=True)
     assert "found damaged" not in capsys.readouterr().err
+    # found damaged again, then its folder deleted: --prune drops it (it stayed "unreadable" forever, extract silent)
+    with h5py.File(shard := cache / SHARD_DIR / RegionCache(cache).shard_of("b"), "r") as f:
+        damage_chunk(shard, "features", [v.decode() for v in f["ids"][:]].index("b"))
+    with pytest.raises(DamagedShard):
+        RegionCache(cache).get("b")
+    shutil.rmtree(tmp_path / "data" / "b")
+    run_extract([tmp_path / "data"], cache_dir=cache, quiet=True)
+    assert "1 cached item(s) under these roots are no longer there (e.g. 'b': " in capsys.readouterr().err
+    run_extract([tmp_path / "data"], cache_dir=cache, quiet=True, prune=True)
+    cached = RegionCache(cache)
+    assert cached.ids == ["a"] and list(cached.removed) == ["b"] and cached.damaged == {}
+    assert cached.left_out_line("b").startswith(f"'b' was dropped from the cache {cache} by `vlpcache extract --prune`")
+    assert f": {tmp_path / 'data' / 'b'} was gone; once it is back" in cached.left_out_line("b")
 
 
 def test_a_link_to_a_file_is_that_file_once_in_the_cache(tmp_path, videos_dir, capsys):

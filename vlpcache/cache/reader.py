@@ -187,7 +187,7 @@ class RegionCache:
                     others.setdefault(i, []).append(found)
         damaged = {**read_damaged(self.cache_dir), **self._found_damaged}  # (shard key, row) -> record
         removed = read_removed(self.cache_dir)  # rows of files no longer there, dropped by extract --prune
-        left_out = {**removed, **damaged}
+        left_out = {**damaged, **removed}  # a damaged row whose file is gone since, pruned: dropped
 
         def key(row: _Row) -> tuple[str, int]:
             return self._shard_keys[row.location[0]], row.location[1]
@@ -199,8 +199,11 @@ class RegionCache:
         self.removed: dict[str, dict] = {}
         for i, (row, now) in enumerate(zip(rows, current)):
             if now is None:
-                found = next(left_out[key(r)] for r in (row, *others.get(i, [])) if key(r) in left_out)
-                (self.damaged if (found["shard"], found["row"]) in damaged else self.removed)[row.id] = found
+                at = next(r for r in (row, *others.get(i, [])) if key(r) in left_out)
+                if key(at) in removed:
+                    self.removed[row.id] = left_out[key(at)]
+                else:  # with the path it was cached from: `extract --prune` drops it once that is gone
+                    self.damaged[row.id] = {"path": at.path, **left_out[key(at)]}
         rows = [row for row in current if row is not None]
         seen = {row.id: i for i, row in enumerate(rows)}
         self.moved: set[str] = set()  # cached items read from the paths extract found them at since

@@ -201,6 +201,8 @@ def no_longer_there(items, cache: RegionCache, failed: dict[str, dict], roots, s
 
     gone = [(item_id, path, "gone" if not os.path.lexists(path) else "no longer an item", cache.row_of(item_id))
             for item_id, path in zip(cache.ids, cache.paths) if lost(item_id, path)]
+    gone += [(item_id, record["path"], "gone", (record["shard"], record["row"])) for item_id, record in cache.damaged.items()
+             if lost(item_id, record["path"]) and not os.path.lexists(record["path"])]  # found damaged, then its file went
     failures = [(item_id, record["path"]) for item_id, record in failed.items()
                 if isinstance(record.get("path"), str) and lost(item_id, record["path"])
                 and not os.path.lexists(record["path"]) and item_id not in cache]
