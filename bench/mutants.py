@@ -2071,6 +2071,9 @@ MUTANTS += [
     mutant("reader-damaged-wins-over-removed", "vlpcache/cache/reader.py",
            "        left_out = {**damaged, **removed}", "        left_out = {**removed, **damaged}",
            "tests/test_extract.py::test_an_item_found_damaged_is_listed_by_inspect_and_extracted_again_by_the_next_extract", "a damaged row pruned since reads as dropped, not damaged"),
+    mutant("pretrain-full-disk-says-same-command", "vlpcache/model/train.py",
+           "                                        go_on=f\"continue with `vlpcache pretrain --resume -o {run.dir}` (the same \"\n                                              \"command would begin another run)\")", "                                        )",
+           "tests/test_pretrain.py::test_a_full_disk_while_the_captions_are_encoded_says_to_resume_the_run", "a full disk while pretrain encodes its captions says to resume the run, not to run the same command"),
 ]
 
 

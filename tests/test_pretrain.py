@@ -362,6 +362,24 @@ def test_a_text_model_folder_given_relative_is_recorded_whole_and_resumes_from_a
     assert summary["trained_epochs"] == 1  # the folder the run records: not an option that differs
 
 
+def test_a_full_disk_while_the_captions_are_encoded_says_to_resume_the_run(tmp_path, corpus, tiny_text, monkeypatch):
+    # "make room and run the same command again": the same command began run-002, run-001 left for good
+    import errno
+
+    from vlpcache.model import text_features
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setattr(text_features, "_encode_part", full)
+    with pytest.raises(UserError) as err:
+        run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=tmp_path / "run",
+                     **small_options(tiny_text, trainable_layers=0))  # a frozen text model: its outputs encoded once
+    assert str(err.value).endswith(f"make room and continue with `vlpcache pretrain --resume -o {tmp_path / 'run'}` "
+                                   "(the same command would begin another run)")
+
+
 def test_the_default_text_models_features_key_is_its_weights_not_the_current_folders(tmp_path, monkeypatch):
     # "" (a run's record of the default model) was Path("") = the current folder: its weight files hashed (or none:
     # the sha256 of nothing), so every run started from another folder encoded all of its captions again

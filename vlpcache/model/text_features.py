@@ -165,11 +165,13 @@ def model_features_key(model, with_words: bool, captions: list[str]) -> dict:
 
 def cached_text_features(model, tokenizer, captions: list[str], workspace_root: Path, with_words: bool,
                          device: torch.device, progress: bool = True,
-                         say: Callable[[str], None] | None = None, fallback_root: Path | None = None) -> TextFeatures:
+                         say: Callable[[str], None] | None = None, fallback_root: Path | None = None,
+                         go_on: str = "run the same command again to go on") -> TextFeatures:
     """TextFeatures of `captions` under the model's frozen text layers: read from the workspace when
     they were computed before, else computed now (resuming the parts a stopped run kept) and stored
     there, or in `fallback_root` (the run's folder) where this user may not write the workspace (another
-    user's, shared read-only). `say` gets a line when this resumes, waits for another process or falls back."""
+    user's, shared read-only). `say` gets a line when this resumes, waits for another process or falls back;
+    `go_on`, the end of the line of a write that fails: how to go on once there is room."""
     if not captions:
         raise ValueError("cached_text_features: no captions to encode")
     captions = sorted(set(captions))
@@ -190,7 +192,8 @@ def cached_text_features(model, tokenizer, captions: list[str], workspace_root: 
             raise
         say(f"note: cannot write the caption features in {path.parent} ({system_reason(err)}): they are kept in "
             f"{Path(fallback_root) / FEATURES_DIR} instead")
-        return cached_text_features(model, tokenizer, captions, fallback_root, with_words, device, progress, say)
+        return cached_text_features(model, tokenizer, captions, fallback_root, with_words, device, progress, say,
+                                    go_on=go_on)
     if lock is None:
         say(f"waiting for {holder_description(lock_path)}, which is encoding the same captions")
         lock = WriterLock.take(lock_path, wait=True)
@@ -200,7 +203,7 @@ def cached_text_features(model, tokenizer, captions: list[str], workspace_root: 
             say(f"{path}: unreadable ({features}); encoding the captions again")
             path.unlink()
         if not isinstance(features, TextFeatures):
-            _encode(model, tokenizer, captions, path, key, device, progress, say)
+            _encode(model, tokenizer, captions, path, key, device, progress, say, go_on)
     return TextFeatures(path)
 
 
@@ -229,7 +232,7 @@ def _open(path: Path) -> TextFeatures | str | None:
 
 
 def _encode(model, tokenizer, captions: list[str], path: Path, key: dict, device, progress: bool,
-            say: Callable[[str], None]) -> None:
+            say: Callable[[str], None], go_on: str) -> None:
     """Encode the parts of `captions` that no earlier run kept, then join every part into `path`."""
     parts = path.with_suffix(".parts")
     if others := _others_text(path):
@@ -264,7 +267,7 @@ def _encode(model, tokenizer, captions: list[str], path: Path, key: dict, device
             raise
         kept = sum(stop - start for file, (start, stop) in zip(files, spans) if _part_span(file) == (start, stop))
         raise write_failure(path.parent, err, f"the {kept} of {len(captions)} captions encoded so far are kept; "
-                                              "make room and run the same command again to go on") from None
+                                              f"make room and {go_on}") from None
     shutil.rmtree(parts, ignore_errors=True)
 
 

@@ -679,7 +679,9 @@ def _frozen_text_features(run: Run, model, tokenizer, processes: Processes, work
     if processes.main:
         features = cached_text_features(model, tokenizer, captions, workspace.root, with_words=run.model.rwa,
                                         device=processes.device, progress=not processes.quiet,
-                                        say=lambda line: processes.say(line, always=True), fallback_root=run.dir)
+                                        say=lambda line: processes.say(line, always=True), fallback_root=run.dir,
+                                        go_on=f"continue with `vlpcache pretrain --resume -o {run.dir}` (the same "
+                                              "command would begin another run)")
     processes.wait_for_main()  # however long the encoding takes
     if features is None:
         features = cached_text_features(model, tokenizer, captions, workspace.root, with_words=run.model.rwa,
