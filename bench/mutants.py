@@ -2074,6 +2074,9 @@ MUTANTS += [
     mutant("pretrain-full-disk-says-same-command", "vlpcache/model/train.py",
            "                                        go_on=f\"continue with `vlpcache pretrain --resume -o {run.dir}` (the same \"\n                                              \"command would begin another run)\")", "                                        )",
            "tests/test_pretrain.py::test_a_full_disk_while_the_captions_are_encoded_says_to_resume_the_run", "a full disk while pretrain encodes its captions says to resume the run, not to run the same command"),
+    mutant("inspect-shows-an-epoch-never-saved", "vlpcache/model/inspect_run.py",
+           "    log = [record for record in epoch_log(run_dir) if int(record[\"epoch\"]) <= done]", "    log = epoch_log(run_dir)",
+           "tests/test_inspect_run.py::test_the_log_shows_each_epoch_once_as_last_written_and_passes_over_a_torn_line", "inspect leaves out the line of an epoch whose checkpoint was never saved"),
 ]
 
 

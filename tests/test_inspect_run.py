@@ -101,10 +101,17 @@ def test_the_log_shows_each_epoch_once_as_last_written_and_passes_over_a_torn_li
     # an epoch logged without a loss or validation (a run without validation captions) shows dashes
     with open(run / LOG_NAME, "a") as log:
         log.write('\n{"epoch": 2, "epoch_seconds": 3.0}\n')
+    shutil.copytree(run / "checkpoints" / "epoch-0001", run / "checkpoints" / "epoch-0002")  # its checkpoint
+    meta = json.loads((run / "checkpoints" / "epoch-0002" / "meta.json").read_text())
+    (run / "checkpoints" / "epoch-0002" / "meta.json").write_text(json.dumps({**meta, "epoch": 2, "best": False}))
+    # and the line of an epoch whose checkpoint a kill (or a full disk) took after the line was written: not shown
+    with open(run / LOG_NAME, "a") as log:
+        log.write(json.dumps({**redone, "epoch": 3, "val": {**record["val"], "R@1": 99.0}}) + "\n")
     code, out, err = vlpcache(monkeypatch, capsys, "inspect", run)
     assert code == 0, err
-    rows = [line.split() for line in out.splitlines() if line.startswith("    1") or line.startswith("    2")]
-    assert rows[0][:3] == ["1*", "1.250", "50.0"] and rows[1] == ["2", "-", "-", "-", "-", "-", "3", "0"]
+    rows = [line.split() for line in out.splitlines() if line.startswith("    ") and line.split()[0][0].isdigit()]
+    assert rows[0][:3] == ["1*", "1.250", "50.0"] and rows[1] == ["2", "-", "-", "-", "-", "-", "3", "0"] and len(rows) == 2
+    assert "99.0" not in out and "over 2 epoch(s)" in out
 
 
 def test_a_run_of_several_caches_shows_each_ones_settings_and_a_cache_gone(tmp_path):
@@ -145,6 +152,13 @@ def test_runs_lists_every_run_and_marks_the_one_search_uses(ws, tmp_path, monkey
     shutil.copytree(ws / "runs", tmp_path / "kept")
     code, kept, _ = vlpcache(monkeypatch, capsys, "inspect", tmp_path / "kept")
     assert code == 0 and kept.splitlines()[-1].endswith("  <- the latest") and "by default" not in kept
+    begun = tmp_path / "kept" / "run-003"  # validated at the end of each epoch: none ended yet ("no validation" said)
+    shutil.copytree(ws / "runs" / "run-001", begun)
+    shutil.rmtree(begun / "checkpoints")
+    (begun / "best.json").unlink()
+    code, kept, _ = vlpcache(monkeypatch, capsys, "inspect", tmp_path / "kept")
+    assert code == 0 and [line for line in kept.splitlines() if line.startswith("run-003")][0].split("epochs")[1].startswith(
+        "  no validation yet  (")
 
 
 def test_runs_says_the_settings_that_tell_each_run_from_the_others(ws, monkeypatch, capsys):

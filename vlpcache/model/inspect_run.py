@@ -100,8 +100,10 @@ def run_summary(run_dir: Path, videos: bool = True) -> dict:
         raise UserError(f"{run_dir / CONFIG_NAME}: unreadable run config (its model and train settings are missing or "
                         "damaged); a run cannot be inspected, resumed or searched without them")
     found = checkpoints(run_dir)
-    log = epoch_log(run_dir)
     done = max(found, default=0)
+    # an epoch's line is written before its checkpoint: one whose checkpoint a kill or a full disk took is not shown
+    # (a resume trains it again, and drops the line)
+    log = [record for record in epoch_log(run_dir) if int(record["epoch"]) <= done]
     best = read_best(run_dir)
     best = best if isinstance(best, dict) else None
     size = sum(folder_bytes(path) for path in found.values())  # 0 for one the training run removes meanwhile
@@ -342,7 +344,8 @@ def list_runs(runs_dir=None, as_json: bool = False) -> None:
         best = s["best"] or {}
         metrics = best.get("metrics") or {}
         score = (f"best epoch {best['epoch']}: val R@1 {metrics['R@1']:.1f}, R@5 {metrics['R@5']:.1f}, "
-                 f"R@10 {metrics['R@10']:.1f}" if best and "R@1" in metrics else "no validation")
+                 f"R@10 {metrics['R@10']:.1f}" if best and "R@1" in metrics
+                 else "no validation yet" if (s.get("train") or {}).get("val_captions") else "no validation")
         when = date_text(s["modified"])
         mark = "" if Path(s["run"]) != latest else "  <- index, search and eval use it by default" if default else "  <- the latest"
         print(f"{printable(Path(s['run']).name):12s} {s['state']:13s} {s['epochs_done']:>3d}/{s['epochs']:<3d} epochs  "
