@@ -2077,6 +2077,9 @@ MUTANTS += [
     mutant("inspect-shows-an-epoch-never-saved", "vlpcache/model/inspect_run.py",
            "    log = [record for record in epoch_log(run_dir) if int(record[\"epoch\"]) <= done]", "    log = epoch_log(run_dir)",
            "tests/test_inspect_run.py::test_the_log_shows_each_epoch_once_as_last_written_and_passes_over_a_torn_line", "inspect leaves out the line of an epoch whose checkpoint was never saved"),
+    mutant("named-file-by-extension-alone", "vlpcache/extract/sources.py",
+           "        elif (kind := media_kind(root) or sniffed_kind(root)) is None:", "        elif (kind := media_kind(root, sniff=True)) is None:",
+           "tests/test_sources.py::test_roots_without_media_name_a_file_that_is_media_under_another_extension", "a file named as a root of its own is known by its first bytes whatever its extension"),
 ]
 
 

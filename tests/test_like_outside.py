@@ -167,7 +167,8 @@ def test_a_frames_folder_and_a_photo_outside_the_cache_and_the_lines_of_what_is_
     (user / "notes.txt").write_text("not media")
     for given, said in ((user / "two", f"error: {user / 'two'} is a folder of 2 items (videos, photos or frames "
                                        "folders): give one video, photo, or frames folder (a folder of one video's frames)"),
-                        (user / "notes.txt", f"error: {user / 'notes.txt'}: not a video or image file (unknown extension)"),
+                        (user / "notes.txt", f"error: {user / 'notes.txt'}: not a video or image file (unknown extension, "
+                                             "and its first bytes are of no known format)"),
                         (user / "broken.mp4", f"error: {user / 'broken.mp4'}: ")):
         code, out, err = vlpcache(monkeypatch, capsys, "search", "--like", str(given))
         assert code == 2 and out == "" and err.strip().splitlines()[-1].startswith(said) and "Traceback" not in err, err

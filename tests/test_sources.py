@@ -417,6 +417,11 @@ def test_roots_without_media_name_a_file_that_is_media_under_another_extension(t
     (downloads / "clip2.bin").write_bytes(b"\x00" * 64)
     (downloads / "notes.txt").write_text("not media")
     assert discover_items([downloads]) == ([], [])
+    # a file named as a root of its own (`search --like clip.bin`, an upload named IMG.JPG.txt) is what its bytes are
+    assert [(item.id, item.kind) for item in discover_items([downloads / "clip.bin"])[0]] == [("clip", "video")]
+    assert discover_items([downloads / "notes.txt"]) == ([], [(str(downloads / "notes.txt"), "not a video or image file "
+                                                              "(unknown extension, and its first bytes are of no known "
+                                                              "format); skipped")])
     said = other_files([downloads])
     assert said.startswith("its 3 file(s) have other extensions (.bin 2, .txt 1);")
     assert said.endswith(f"; {downloads / 'clip.bin'} is a video by its first bytes: such files need their "

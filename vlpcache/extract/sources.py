@@ -211,10 +211,10 @@ def discover_items(roots: list[Path], frame_folders: bool = True, others: OtherF
                 walk.add(item)
         elif not root.is_file():  # a named pipe would block its reader for good
             walk.problems.append((str(root), f"{not_a_file(root)}; {SKIPPED}"))
-        elif (kind := media_kind(root, sniff=True)) is None:
-            sniffed = root.suffix.lower() in SNIFFED_SUFFIXES
-            what = (f"{root.suffix or 'no extension'}, and its first bytes are of no known format" if sniffed
-                    else "unknown extension")
+        elif (kind := media_kind(root) or sniffed_kind(root)) is None:  # a file named: its bytes, whatever its name
+            what = (f"{root.suffix or 'no extension'}, and its first bytes are of no known format"
+                    if root.suffix.lower() in SNIFFED_SUFFIXES else "unknown extension, and its first bytes are of no "
+                    "known format")
             walk.problems.append((str(root), f"not a video or image file ({what}); {SKIPPED}"))
         else:
             walk.add(Item(root.stem, _plain(root), kind))
