@@ -2080,6 +2080,9 @@ MUTANTS += [
     mutant("named-file-by-extension-alone", "vlpcache/extract/sources.py",
            "        elif (kind := media_kind(root) or sniffed_kind(root)) is None:", "        elif (kind := media_kind(root, sniff=True)) is None:",
            "tests/test_sources.py::test_roots_without_media_name_a_file_that_is_media_under_another_extension", "a file named as a root of its own is known by its first bytes whatever its extension"),
+    mutant("render-thin-cell-unreadable", "vlpcache/extract/render.py",
+           "    return max(SMALLEST_SIDE, *(p.width for p in pictures)),", "    return max(p.width for p in pictures),",
+           "tests/test_extract.py::test_a_small_picture_is_rendered_large_enough_for_its_labels", "a thin picture's cell is wide enough for its title and captions"),
 ]
 
 

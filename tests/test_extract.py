@@ -684,6 +684,11 @@ def test_a_small_picture_is_rendered_large_enough_for_its_labels():
     assert at_least(Image.new("RGB", (150, 110))).size == (320, 235)  # a thumbnail-sized photo: its labels fit
     assert at_least(Image.new("RGB", (8, 8))).size == (320, 320)
     assert at_least(Image.new("RGB", (480, 270))).size == (480, 270)
+    # a thin one (1 x 300, scaled to 1 x 320) keeps a cell wide enough for its title and captions: they were cut to 1 px
+    from vlpcache.extract.render import CAPTION_HEIGHT, cell_size
+
+    assert cell_size([at_least(Image.new("RGB", (1, 300)))]) == (320, 320 + CAPTION_HEIGHT)
+    assert cell_size([Image.new("RGB", (480, 270)), Image.new("RGB", (320, 240))]) == (480, 270 + CAPTION_HEIGHT)
 
 
 def test_inspect_summarises_and_renders_an_item(extracted, tmp_path):

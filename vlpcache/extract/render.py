@@ -122,14 +122,19 @@ def text_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default()
 
 
+def cell_size(pictures: list[Image.Image]) -> tuple[int, int]:
+    """(width, height) of each picture's cell with its caption: at least SMALLEST_SIDE wide, so that the title and
+    the captions of a thin picture (a 1 x 300 strip) are read; the picture sits at its left, its boxes over it."""
+    return max(SMALLEST_SIDE, *(p.width for p in pictures)), max(p.height for p in pictures) + CAPTION_HEIGHT
+
+
 def render_item(cache: RegionCache, item_id: str, output: Path) -> Path:
     """Draw the item's sampled frames in a grid with boxes, labels and scores; returns the file."""
     cached = cache.get(item_id)
     pictures = source_pictures(cache, cached)
     if not pictures:
         raise UserError(f"{item_id}: no frames to render")
-    cell_w = max(p.width for p in pictures)
-    cell_h = max(p.height for p in pictures) + CAPTION_HEIGHT
+    cell_w, cell_h = cell_size(pictures)
     columns = min(COLUMNS, len(pictures))
     rows = (len(pictures) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * cell_w, rows * cell_h + TITLE_HEIGHT), (255, 255, 255))
