@@ -1030,7 +1030,7 @@ MUTANTS += [
            "tests/test_inspect_run.py -k stopped",
            "inspect RUN: a live process given a dead trainer's pid does not make the run read as training"),
     mutant("inspect-runs-marks-the-oldest", "vlpcache/model/inspect_run.py",
-           '        latest = latest_run(runs_dir)  # the rule index, search and eval follow\n',
+           '        latest = default_run(runs_dir, Workspace().cache_dir)[0] if default else latest_run(runs_dir)\n',
            '        latest = runs[0]\n',
            "tests/test_inspect_run.py -k runs_lists", "inspect --runs marks the run search uses by default"),
     mutant("serve-model-epoch-unsaid", "vlpcache/index/search.py",
@@ -2083,6 +2083,9 @@ MUTANTS += [
     mutant("render-thin-cell-unreadable", "vlpcache/extract/render.py",
            "    return max(SMALLEST_SIDE, *(p.width for p in pictures)),", "    return max(p.width for p in pictures),",
            "tests/test_extract.py::test_a_small_picture_is_rendered_large_enough_for_its_labels", "a thin picture's cell is wide enough for its title and captions"),
+    mutant("default-run-of-other-features", "vlpcache/model/run_layout.py",
+           "        if not isinstance(recorded, dict) or not settings.feature_differences(recorded):\n", "        if True:\n",
+           "tests/test_search.py::test_a_newer_run_trained_on_other_features_is_passed_for_the_latest_trained_on_the_caches_kind", "without --run, the latest run trained on features of the cache's kind answers"),
 ]
 
 

@@ -441,6 +441,25 @@ def test_a_newer_run_gets_an_index_of_its_own_on_first_search_and_the_earlier_on
     assert code == 0 and "building" not in err  # the earlier run's index is still there
 
 
+def test_a_newer_run_trained_on_other_features_is_passed_for_the_latest_trained_on_the_caches_kind(ws, monkeypatch,
+                                                                                                    capsys):
+    # the latest run answered whatever it was trained on: one of another cache's kind (another detector) stopped every
+    # search of the workspace's cache with "other region features" until --run was given
+    from vlpcache.model.run_layout import CONFIG_NAME
+
+    newer = retrained(ws)
+    config = json.loads((newer / CONFIG_NAME).read_text())
+    config["cache_settings"] = {**config["cache_settings"], "feature_dim": 2 * config["cache_settings"]["feature_dim"]}
+    (newer / CONFIG_NAME).write_text(json.dumps(config))
+    code, out, err = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", "2", "--json")
+    assert code == 0, err
+    assert (f"note: {newer.name}, the latest run, was trained on other region features than the cache {ws / 'cache'} "
+            "holds; run-001, the latest trained on features of its kind, answers (--run chooses)") in err.splitlines()
+    assert read_meta(the_index(ws)).checkpoint_sha256 == load_run(ws / "runs" / "run-001").checkpoint_sha256
+    code, listed, _ = vlpcache(monkeypatch, capsys, "inspect", "--runs")
+    assert [line for line in listed.splitlines() if line.endswith("by default")][0].startswith("run-001 ")
+
+
 def test_a_run_cache_and_index_from_a_newer_vlpcache_with_settings_unknown_here_still_load(ws, monkeypatch, capsys):
     # a later version writes settings this one does not know: they are dropped on reading, nothing is refused
     from vlpcache.cache.schema import MANIFEST_NAME

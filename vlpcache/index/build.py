@@ -43,7 +43,8 @@ from vlpcache.index.layout import (
 from vlpcache.index.parts import EncodedPart, EncodedParts
 from vlpcache.index.region_store import RegionStore
 from vlpcache.locks import WriterLock, holder_description
-from vlpcache.model.run_layout import being_trained_note, designated_checkpoint_sha256, latest_run, read_run_locations
+from vlpcache.model.run_layout import (being_trained_note, default_run, designated_checkpoint_sha256, latest_run,
+                                       read_run_locations)
 from vlpcache.querybank import BANK_SIZE, BETA, TOP_K, QueryBank, bank_captions, bank_for
 from vlpcache.records import read_optional_json, write_json
 from vlpcache.report import Say, items_word, progress_bar, say, sayer
@@ -66,7 +67,11 @@ def resolve_sources(run_dir=None, cache_dir=None, index_dir=None) -> Sources:
     cache_dir = Path(cache_dir) if cache_dir else workspace.cache_dir
     if not cache_dir.is_dir():
         raise UserError(f"no cache at {cache_dir}; {_run_caches_hint(run_dir, workspace)}")
-    run_dir = Path(run_dir) if run_dir else latest_run(workspace.runs_dir)
+    if not run_dir:
+        run_dir, note = default_run(workspace.runs_dir, cache_dir)
+        if note:
+            say(note)
+    run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"--run {run_dir}: no such run directory")
     return Sources(run_dir, cache_dir, Path(index_dir) if index_dir else workspace.index_dir)

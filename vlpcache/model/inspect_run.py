@@ -22,6 +22,7 @@ from vlpcache.model.run_layout import (
     LOG_FIELDS,
     LOG_NAME,
     checkpoints,
+    default_run,
     last_saved,
     latest_run,
     place_text,
@@ -326,8 +327,8 @@ def list_runs(runs_dir=None, as_json: bool = False) -> None:
         raise UserError(f"no pretraining run in {runs_dir}; run `vlpcache pretrain` first")
     default = runs_dir.resolve() == workspace_runs.resolve()
     summaries = [_listed_summary(run) for run in runs]
-    try:
-        latest = latest_run(runs_dir)  # the rule index, search and eval follow
+    try:  # the rule index, search and eval follow (of the workspace's runs: for its cache)
+        latest = default_run(runs_dir, Workspace().cache_dir)[0] if default else latest_run(runs_dir)
     except UserError:  # none has a checkpoint yet
         latest = None
     differences = setting_differences(summaries)

@@ -304,6 +304,27 @@ def latest_run(runs_dir: Path) -> Path:
     return runs[0]
 
 
+def default_run(runs_dir: Path, cache_dir: Path) -> tuple[Path, str]:
+    """The run index, search, serve and eval use without --run, and a note where it is not the latest: the latest
+    (latest_run) among the runs trained on region features of the kind `cache_dir` holds; the latest of all where
+    none is, or the cache cannot tell (the command then says what differs)."""
+    from vlpcache.cache.manifest import read_manifest
+
+    latest = latest_run(runs_dir)
+    try:
+        settings = read_manifest(cache_dir)
+    except UserError:
+        return latest, ""
+    for run in runs_newest_first(runs_dir):
+        recorded = (read_optional_json(run / CONFIG_NAME) or {}).get("cache_settings")
+        if not isinstance(recorded, dict) or not settings.feature_differences(recorded):
+            note = "" if run == latest else (
+                f"note: {latest.name}, the latest run, was trained on other region features than the cache {cache_dir} "
+                f"holds; {run.name}, the latest trained on features of its kind, answers (--run chooses)")
+            return run, note
+    return latest, ""
+
+
 def video_keys(ids: Iterable[str]) -> np.ndarray:
     """Sorted unique 64-bit keys of item ids (the first 8 bytes of the UTF-8 id's BLAKE2b): 8 bytes a video
     whatever its id's length, with a chance of a false match of about n / 2^64 per id looked up."""
