@@ -2086,6 +2086,9 @@ MUTANTS += [
     mutant("default-run-of-other-features", "vlpcache/model/run_layout.py",
            "        if not isinstance(recorded, dict) or not settings.feature_differences(recorded):\n", "        if True:\n",
            "tests/test_search.py::test_a_newer_run_trained_on_other_features_is_passed_for_the_latest_trained_on_the_caches_kind", "without --run, the latest run trained on features of the cache's kind answers"),
+    mutant("best-json-not-repaired-before-pruning", "vlpcache/model/checkpoint.py",
+           "        write_json(Path(run_dir) / BEST_NAME, best)  # a kill came before the last checkpoint's best.json: kept now\n", "        pass\n",
+           "tests/test_pretrain.py::test_a_kill_before_best_json_keeps_the_best_checkpoint_through_the_next_epochs", "a best checkpoint whose best.json a kill took survives the next epochs' pruning"),
 ]
 
 

@@ -419,6 +419,28 @@ def test_a_kill_while_older_checkpoints_are_removed_never_leaves_one_listed_with
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-0002"]
 
 
+def test_a_kill_before_best_json_keeps_the_best_checkpoint_through_the_next_epochs(tmp_path, monkeypatch):
+    # killed between epoch 2's save and its best.json: the resumed run's epoch 3 (no better than epoch 2, whose score
+    # its training state holds) pruned epoch 2, and best.json named epoch 1 for good
+    model = torch.nn.Linear(2, 2)
+    ckpt.save_checkpoint(tmp_path, 1, model, {"epoch": 1}, {"metrics": {"R@1": 1.0}}, is_best=True)
+    written = ckpt.write_json
+
+    def killed_before_best_json(path, data, **kwargs):
+        if Path(path).name == ckpt.BEST_NAME:
+            raise KeyboardInterrupt
+        return written(path, data, **kwargs)
+
+    monkeypatch.setattr(ckpt, "write_json", killed_before_best_json)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 2, model, {"epoch": 2}, {"metrics": {"R@1": 2.0}}, is_best=True)
+    monkeypatch.setattr(ckpt, "write_json", written)
+    assert json.loads((tmp_path / ckpt.BEST_NAME).read_text())["epoch"] == 1 and ckpt.read_best(tmp_path)["epoch"] == 2
+    ckpt.save_checkpoint(tmp_path, 3, model, {"epoch": 3}, {"metrics": {"R@1": 1.5}})  # resumed: not better
+    assert list(ckpt.checkpoints(tmp_path)) == [2, 3] and ckpt.read_best(tmp_path) == {"epoch": 2, "metrics": {"R@1": 2.0}}
+    assert json.loads((tmp_path / ckpt.BEST_NAME).read_text())["epoch"] == 2
+
+
 def test_a_checkpoint_that_the_trainer_removes_between_listing_and_reading_is_looked_up_again(tmp_path, corpus,
                                                                                                tiny_text, monkeypatch):
     """search or index of a run being trained: the checkpoint chosen can be removed (a better one landed)

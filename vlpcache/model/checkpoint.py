@@ -43,7 +43,7 @@ from vlpcache.model.run_layout import (
     resolve_checkpoint,
     temporary_checkpoint_dir,
 )
-from vlpcache.records import write_json
+from vlpcache.records import read_optional_json, write_json
 
 
 def save_run_files(run_dir: Path, config: dict, tokenizer, text_config) -> None:
@@ -114,6 +114,8 @@ def save_checkpoint(
     """Write checkpoints/epoch-NNNN atomically, then drop older checkpoints except the best. A failed
     write (disk full, I/O error) is one line; the unfinished checkpoint goes, the earlier ones stay."""
     final = epoch_dir(run_dir, epoch)
+    if (best := read_best(run_dir)) is not None and best != read_optional_json(Path(run_dir) / BEST_NAME):
+        write_json(Path(run_dir) / BEST_NAME, best)  # a kill came before the last checkpoint's best.json: kept now
     meta = {**meta, "best": is_best}  # its own word, should a kill come before best.json says it (read_best)
     then = ("the checkpoint of epoch {epoch} is not saved, earlier ones are kept; make room and continue with "
             "`vlpcache pretrain --resume`").format(epoch=epoch)
