@@ -989,6 +989,12 @@ def test_index_reports_unreadable_shards_instead_of_up_to_date_and_search_says_w
     for rerank in ("--rerank", "--no-rerank"):  # the k best of those it can show, however many it cannot
         [result] = search_json(monkeypatch, capsys, "a dog", "-k", 4, *([rerank] if rerank != "--rerank" else []))
         assert len(result["results"]) == 4, rerank
+    from vlpcache import Searcher
+
+    searcher = Searcher(ws / "runs" / "run-001", ws / "cache")
+    searcher.rerank_candidates = 4  # a pool of 4 of the 24 (of 32 in a larger collection): those it cannot show, asked again
+    for options in ({}, {"rerank": False}):
+        assert len(searcher.search("a dog", k=4, **options)) == 4, options
 
 
 def test_index_leaves_out_a_video_found_damaged_says_it_once_and_adds_it_once_extracted_again(ws, monkeypatch, capsys):
