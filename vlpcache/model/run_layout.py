@@ -310,12 +310,13 @@ def default_run(runs_dir: Path, cache_dir: Path) -> tuple[Path, str]:
     none is, or the cache cannot tell (the command then says what differs)."""
     from vlpcache.cache.manifest import read_manifest
 
-    latest = latest_run(runs_dir)
+    runs = runs_newest_first(runs_dir)  # listed once (each run's checkpoints), not again by latest_run
+    latest = runs[0] if runs else latest_run(runs_dir)  # none: latest_run's line says why
     try:
         settings = read_manifest(cache_dir)
     except UserError:
         return latest, ""
-    for run in runs_newest_first(runs_dir):
+    for run in runs:
         recorded = (read_optional_json(run / CONFIG_NAME) or {}).get("cache_settings")
         if not isinstance(recorded, dict) or not settings.feature_differences(recorded):
             note = "" if run == latest else (
