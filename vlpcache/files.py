@@ -35,6 +35,11 @@ _WIDE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
               (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
+def lies_under(path: str, roots) -> bool:
+    """Whether `path` is one of `roots` or lies below one (paths as strings, made alike: absolute, normalised)."""
+    return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
 def text_encoding(data: bytes) -> str:
     """The encoding of a text file's bytes: the UTF-32 or UTF-16 its byte-order mark names, else UTF-8
     ("utf-8-sig": a byte-order mark dropped)."""

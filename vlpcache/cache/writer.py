@@ -51,7 +51,7 @@ from vlpcache.cache.schema import (
     shard_attrs,
 )
 from vlpcache.errors import UserError
-from vlpcache.files import fsync_path, write_failure
+from vlpcache.files import fsync_path, lies_under, write_failure
 from vlpcache.locks import LOCK_SUFFIX, WriterLock, holder_description
 from vlpcache.records import write_json
 from vlpcache.report import printable, say
@@ -455,7 +455,7 @@ class ShardWriter:
 
         below = [absolute(root) for root in roots]
         kept = [record for path, record in read_passed_over(self.cache_dir, self.writer_name).items()
-                if not any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in below)
+                if not lies_under(path, below)
                 and not (drop_gone and not os.path.lexists(path))]
         now = time.time()
         records = kept + [{"path": absolute(path), "reason": printable(reason), "time": now} for path, reason in problems]

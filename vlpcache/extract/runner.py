@@ -34,6 +34,7 @@ from vlpcache.extract.reader import FrameReader, Prefetch, decoded_items_within_
 from vlpcache.extract.sources import (SIZES_DIFFER, SKIPPED, OtherFiles, discover_items, other_files, passed_over_line,
                                       picture_beside, shard_of)
 from vlpcache.extract.stamps import source_changed, stamp_known
+from vlpcache.files import lies_under
 from vlpcache.interrupts import stop_if_interrupted
 from vlpcache.report import printable, said_if_slow, say, sayer
 from vlpcache.workspace import Workspace
@@ -190,7 +191,7 @@ def no_longer_there(items, cache: RegionCache, failed: dict[str, dict], roots, s
     found_paths = {form for item in items for form in (os.path.normpath(str(item.path)), real(str(item.path)))}
 
     def within(path: str) -> bool:
-        return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in under)
+        return lies_under(path, under)
 
     def lost(item_id: str, path: str) -> bool:
         path = os.path.normpath(path)
@@ -300,8 +301,7 @@ def nothing_found(roots: list[Path], cache_dir: Path) -> UserError:
     if (Path(cache_dir) / MANIFEST_NAME).exists():
         under = [os.path.abspath(root) for root in roots]
         with RegionCache(cache_dir, say_damaged=False) as cache:
-            gone = sum(any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in under)
-                       for path in map(os.path.abspath, cache.paths))
+            gone = sum(lies_under(path, under) for path in map(os.path.abspath, cache.paths))
         if gone:
             line += (f"; the cache holds {gone:,} item(s) extracted from there, no longer there (search still finds "
                      "them): add --prune to drop them from the cache")
