@@ -130,6 +130,7 @@ def test_regions_are_those_above_threshold_at_least_min_at_most_max_best_first()
     assert kept_by_confidence(confidence, 0.6, 3, 10).tolist() == [4, 1, 2]  # at least 3, below the threshold
     assert kept_by_confidence(confidence, 0.0, 2, 3).tolist() == [4, 1, 2]  # at most 3
     assert kept_by_confidence(confidence, 0.0, 10, 30).tolist() == [4, 1, 2, 5, 0, 3]  # what there is
+    assert kept_by_confidence(confidence, 0.9, 10, 2).tolist() == [4, 1]  # --regions below the minimum: all of them
 
 
 def test_each_frame_gets_the_whole_frame_then_its_regions_with_vg_labels_and_attributes(detector, frames):

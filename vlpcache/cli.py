@@ -153,7 +153,8 @@ def backbone_help() -> str:
               help="Frames sampled per item (T).")
 @click.option("--regions", default=None, type=click.IntRange(1, 1000),
               help=f"Detected regions kept per frame; one whole-frame region is added (N = regions + 1) "
-                   f"[default: {REGIONS}; vg: {VG_REGIONS}, at least {VG_MIN_REGIONS}].")
+                   f"[default: {REGIONS}; vg: {VG_REGIONS}, keeping at least {VG_MIN_REGIONS} (all of a smaller "
+                   f"--regions) even below --score-threshold].")
 @click.option("--detector", default=ExtractOptions.detector, show_default=True, type=click.Choice(DETECTORS),
               help="yolox: YOLOX-Nano, COCO; frcnn: torchvision Faster R-CNN, COCO; vg: bottom-up attention's "
                    "Visual Genome Faster R-CNN (DemoVLP's features, with attributes).")
