@@ -1635,7 +1635,7 @@ MUTANTS += [
            "    liked = [(key, key) for key in like]",
            "tests/test_search.py -k says_why_another_names_none", "every --like id is checked before any is answered (no half output before the error)"),
     mutant("like-api-unknown-400", "vlpcache/serve/app.py",
-           "        raise ApiError(404, str(err))", "        raise ApiError(400, str(err))",
+           "        item_id = searcher.indexed_item(like)\n    except UserError as err:\n        raise ApiError(404, str(err))", "        item_id = searcher.indexed_item(like)\n    except UserError as err:\n        raise ApiError(400, str(err))",
            "tests/test_serve.py -k bad_search_requests", "/api/search?like= of an id not in the index is a 404"),
     mutant("page-like-link-unset", "vlpcache/serve/page/page.js",
            "  $(\"detail-like\").href = \"?\" + new URLSearchParams({ like: id, k: $(\"k\").value });\n", "",
@@ -2089,6 +2089,9 @@ MUTANTS += [
     mutant("best-json-not-repaired-before-pruning", "vlpcache/model/checkpoint.py",
            "        write_json(Path(run_dir) / BEST_NAME, best)  # a kill came before the last checkpoint's best.json: kept now\n", "        pass\n",
            "tests/test_pretrain.py::test_a_kill_before_best_json_keeps_the_best_checkpoint_through_the_next_epochs", "a best checkpoint whose best.json a kill took survives the next epochs' pruning"),
+    mutant("item-api-dropped-no-reason", "vlpcache/index/search.py",
+           "        if item_id not in self.cache and (gone := self.cache.left_out_line(item_id)):\n            raise UserError(gone)  # dropped (extract --prune) since it was indexed: as search and --like say\n", "",
+           "tests/test_serve.py::test_an_item_dropped_from_the_cache_since_it_was_indexed_is_refused_with_its_reason", "the page's item API says why an indexed item dropped from the cache is not shown"),
 ]
 
 

@@ -214,6 +214,21 @@ def test_frame_of_an_item_not_in_the_index_is_refused_even_if_cached(ws):
     assert one_line_error(client.get("/api/item", params={"id": "w0"}), 404) == "no such item in the index"
 
 
+def test_an_item_dropped_from_the_cache_since_it_was_indexed_is_refused_with_its_reason(ws):
+    from vlpcache.cache.reader import RegionCache
+    from vlpcache.cache.writer import ShardWriter
+
+    client, searcher = client_for(ws)
+    cache = RegionCache(ws / "cache")
+    with ShardWriter(ws / "cache", cache.settings, writer_name="pruner") as writer:  # as extract --prune records it
+        writer.record_removal("v3", cache.row_of("v3"), "/data/v3.mp4", "gone")
+    for route, params in (("/api/item", {"id": "v3"}), ("/media/frame", {"id": "v3", "t": 0}),
+                          ("/api/search", {"like": "v3"})):  # it said "no such item in the index" of an indexed item
+        said = one_line_error(client.get(route, params=params), 404)
+        assert said.startswith("'v3' was dropped from the cache ") and ": /data/v3.mp4 was gone; " in said, route
+    assert client.get("/api/item", params={"id": "v4"}).status_code == 200
+
+
 @pytest.mark.parametrize("params, status", [
     ({"id": "v0", "t": "2"}, 404),  # T = 2: frames 0 and 1
     ({"id": "v0", "t": "-1"}, 400),

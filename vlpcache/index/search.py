@@ -560,10 +560,13 @@ class Searcher:
 
     def item(self, item_id: str) -> dict:
         """One indexed item's cached arrays but its features (settings.arrays() names, plus id, path, kind
-        and note: what went wrong decoding it, "" for most)."""
+        and note: what went wrong decoding it, "" for most). KeyError where the index holds no `item_id`;
+        UserError, saying why, where the cache has dropped it since."""
         self.refresh()
         if item_id not in self.index:
             raise KeyError(f"{item_id!r} is not in the index")
+        if item_id not in self.cache and (gone := self.cache.left_out_line(item_id)):
+            raise UserError(gone)  # dropped (extract --prune) since it was indexed: as search and --like say
         with self._lock:
             shown = tuple(spec.name for spec in self.cache.settings.arrays() if spec.name != "features")
             try:

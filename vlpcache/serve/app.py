@@ -422,6 +422,8 @@ def _indexed_item(searcher: Searcher, request: Request) -> dict:
         return searcher.item(item_id)  # only ids in the index; a path never reaches the filesystem
     except KeyError:
         raise ApiError(404, "no such item in the index") from None
+    except UserError as err:  # dropped from the cache since it was indexed, as /api/search?like= says it
+        raise ApiError(404, str(err)) from None
 
 
 # ---------------------------------------------------------------- errors and guard
