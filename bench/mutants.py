@@ -1647,7 +1647,7 @@ MUTANTS += [
            "        warn=report.say,  # an item left out", "        warn=say,  # an item left out",
            "tests/test_search.py -k index_quiet_still_says", "index --quiet still says a video it leaves out, found damaged"),
     mutant("like-extracted-again-unsaid", "vlpcache/index/search.py",
-           "        if item_id in searcher.extracted_again:  # its vector", "        if False:  # its vector",
+           "    return f\"{item_id} {LIKED_EXTRACTED_AGAIN}\" if item_id in searcher.extracted_again else \"\"", "    return \"\"",
            "tests/test_search.py -k like_of_an_item_extracted_again", "search --like of an item extracted again since indexed says its old content answers"),
     mutant("search-unindexed-read-only-told-to-index", "vlpcache/index/search.py",
            "(\"run `vlpcache index` to add them\" if may_write(index_dir) else", "(\"run `vlpcache index` to add them\" if True else",
@@ -1755,7 +1755,7 @@ MUTANTS += [
            "item_id = outside(path, searcher.cache.settings, Path(folder), device=device)", "item_id = outside(path, searcher.cache.settings, Path(searcher.cache.cache_dir), device=device)",
            "tests/test_like_outside.py -k nothing_is_added", "search --like FILE adds nothing to the collection: the clip is extracted into a cache of its own"),
     mutant("like-outside-not-said", "vlpcache/index/search.py",
-           "return {\"like\": item_id, **({\"outside\": True} if outside else {}), \"results\"", "return {\"like\": item_id, **({}), \"results\"",
+           "return {\"like\": item_id, **({\"outside\": True} if outside else {}),", "return {\"like\": item_id, **({}),",
            "tests/test_like_outside.py -k nothing_is_added", "--json says that a --like FILE was extracted on its own (\"outside\": true)"),
     mutant("like-outside-leaves-its-cache", "vlpcache/index/search.py",
            "    with own_temporary_folder(\"vlpcache-like-\") as folder:", "    for folder in [tempfile.mkdtemp(prefix=\"vlpcache-like-\")]:",
@@ -2092,6 +2092,9 @@ MUTANTS += [
     mutant("item-api-dropped-no-reason", "vlpcache/index/search.py",
            "        if item_id not in self.cache and (gone := self.cache.left_out_line(item_id)):\n            raise UserError(gone)  # dropped (extract --prune) since it was indexed: as search and --like say\n", "",
            "tests/test_serve.py::test_an_item_dropped_from_the_cache_since_it_was_indexed_is_refused_with_its_reason", "the page's item API says why an indexed item dropped from the cache is not shown"),
+    mutant("like-api-no-extracted-again-note", "vlpcache/serve/app.py",
+           "    return JSONResponse(like_json(item_id, hits, note=liked_note(searcher, item_id)),", "    return JSONResponse(like_json(item_id, hits),",
+           "tests/test_serve.py::test_a_source_changed_since_extract_gives_a_placeholder_until_extracted_and_indexed_again", "/api/search?like= of an item extracted again since it was indexed says its old content answers"),
 ]
 
 

@@ -1283,6 +1283,8 @@ def test_like_of_an_item_extracted_again_since_it_was_indexed_says_its_old_conte
     assert code == 0 and out.startswith("like: v0")
     assert err.count("was extracted again since it was indexed") == 1
     assert "note: v0 was extracted again since it was indexed (its source changed): these are the items most like its old" in err
+    first, second = search_json(monkeypatch, capsys, "--like", "v0", "--like", "v1", "-k", "2")
+    assert first["note"].startswith("v0 was extracted again since it was indexed") and "note" not in second
 
 
 def test_a_searcher_open_before_an_item_was_indexed_takes_it_for_like_without_a_search_between(ws, monkeypatch, capsys):

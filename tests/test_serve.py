@@ -486,6 +486,9 @@ def test_a_source_changed_since_extract_gives_a_placeholder_until_extracted_and_
     client, _ = client_for(ws)  # until it is indexed again: found by its old vector, its old regions not drawn
     [hit] = [h for h in client.get("/api/search", params={"q": "a dog", "k": 100}).json()["results"] if h["id"] == "x0"]
     assert hit["regions"] == [] and hit["note"] == "" and "extracted again since it was indexed" in hit["outdated"]
+    liked = client.get("/api/search", params={"like": "x0", "k": 3}).json()  # as the CLI's line says (it said nothing)
+    assert liked["note"].startswith("x0 was extracted again since it was indexed (its source changed): these are the")
+    assert "note" not in client.get("/api/search", params={"like": "v0", "k": 3}).json()
     code, _, err = vlpcache(monkeypatch, capsys, "index")
     assert code == 0 and "1 indexed item(s) were extracted again since they were indexed" in err
     assert "encoded 1 videos" in err  # that one alone: the others' vectors are kept

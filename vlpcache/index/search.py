@@ -66,6 +66,9 @@ EXAMPLE_FILE_BYTES = 64 << 20  # a larger caption file is not read for a suggest
 # a hit extracted again since it was indexed (shown without matched regions: the index's are the old rows')
 EXTRACTED_AGAIN = ("extracted again since it was indexed (its source changed): found by its old content, its regions "
                    "not shown; run `vlpcache index` to index it anew")
+# --like of an item extracted again since it was indexed: the index's vector, the query, is of its old content
+LIKED_EXTRACTED_AGAIN = ("was extracted again since it was indexed (its source changed): these are the items most like "
+                         "its old content; run `vlpcache index` to index it anew")
 # a hit whose file is no longer where it was extracted from (nor where a move record says it went)
 GONE_HIT = ("its source is no longer there: found by what was cached; moved, `vlpcache extract NEW_ROOT` records where "
             "it went; deleted, `vlpcache extract ROOT --prune` drops such items from the cache")
@@ -783,10 +786,17 @@ def unread_line(searcher: Searcher, query: str, unread: str) -> str:
             f"\"{printable(query[:40])}{'...' if len(query) > 40 else ''}\" was left out: \"{printable(shown)}\"")
 
 
-def like_json(item_id: str, hits: list[Hit], outside: bool = False) -> dict:
+def like_json(item_id: str, hits: list[Hit], outside: bool = False, note: str = "") -> dict:
     """`vlpcache search --like ID --json`'s object (and serve's /api/search?like=ID); `outside`: "like" is the
-    path of a file or folder the cache does not hold, extracted on its own (`"outside": true`)."""
-    return {"like": item_id, **({"outside": True} if outside else {}), "results": [asdict(h) for h in hits]}
+    path of a file or folder the cache does not hold, extracted on its own (`"outside": true`); `note`: what is
+    off with the item asked about (liked_note), given where there is something."""
+    return {"like": item_id, **({"outside": True} if outside else {}), **({"note": note} if note else {}),
+            "results": [asdict(h) for h in hits]}
+
+
+def liked_note(searcher: Searcher, item_id: str | None) -> str:
+    """What is off with the indexed item a --like asks about ("" for most): extracted again since it was indexed."""
+    return f"{item_id} {LIKED_EXTRACTED_AGAIN}" if item_id in searcher.extracted_again else ""
 
 
 def format_hits(query: str, hits: list[Hit], head: str = "query") -> str:
@@ -922,12 +932,12 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
         say(f"note: -k {k} is more than the {shown} {'other ' if indexed_like else ''}indexed items in the cache; "
             "showing all of them")
     for _, item_id in liked:
-        if item_id in searcher.extracted_again:  # its vector in the index is of what it was
-            say(f"note: {printable(item_id)} was extracted again since it was indexed (its source changed): these are "
-                "the items most like its old content; run `vlpcache index` to index it anew")
+        if note := liked_note(searcher, item_id):  # its vector in the index is of what it was
+            say(f"note: {printable(note)}")
     for n, (key, item_id) in enumerate(liked):
         hits = searcher.like(item_id, k) if item_id is not None else like_outside(searcher, key, k, outside, device)
-        print(json.dumps(like_json(item_id or key, hits, outside=item_id is None), ensure_ascii=False) if as_json
+        print(json.dumps(like_json(item_id or key, hits, outside=item_id is None, note=liked_note(searcher, item_id)),
+                         ensure_ascii=False) if as_json
               else ("\n" if n else "") + format_hits(item_id or key, hits, head="like"), flush=True)
     cut, strange, weaker = FirstFew(), FirstFew(), FirstFew()
     for n, query in enumerate(queries):

@@ -41,7 +41,7 @@ from vlpcache.cache.labels import RegionNames, region_names
 from vlpcache.errors import UserError, WriteFailed
 from vlpcache.extract import extract_outside
 from vlpcache.files import FULL_ERRNOS, failure_errno, system_reason
-from vlpcache.index.search import Searcher, hits_json, like_json, like_outside
+from vlpcache.index.search import Searcher, hits_json, like_json, like_outside, liked_note
 from vlpcache.locks import own_temporary_folder
 from vlpcache.report import printable, say
 from vlpcache.serve.thumbnails import ThumbnailStore
@@ -200,7 +200,8 @@ def _search_like(searcher: Searcher, request: Request, like: str) -> Response:
     except UserError as err:
         raise ApiError(400, str(err)) from None
     took = 1e3 * (time.perf_counter() - started)
-    return JSONResponse(like_json(item_id, hits), headers={"server-timing": f"search;dur={took:.1f}"})
+    return JSONResponse(like_json(item_id, hits, note=liked_note(searcher, item_id)),
+                        headers={"server-timing": f"search;dur={took:.1f}"})
 
 
 # ---------------------------------------------------------------- uploads

@@ -313,7 +313,7 @@ async function searchLike(id, k) {
     event.preventDefault();
     openItem(id, true);
   });
-  await showLike(body.results, id, example, started, "");
+  await showLike(body.results, id, example, started, body.note ? ` · note: ${body.note}` : ""); // e.g. extracted again since indexed
 }
 
 // cards of the items most like an example (an indexed item, or a clip of the user's), by global similarity
