@@ -2095,6 +2095,12 @@ MUTANTS += [
     mutant("like-api-no-extracted-again-note", "vlpcache/serve/app.py",
            "    return JSONResponse(like_json(item_id, hits, note=liked_note(searcher, item_id)),", "    return JSONResponse(like_json(item_id, hits),",
            "tests/test_serve.py::test_a_source_changed_since_extract_gives_a_placeholder_until_extracted_and_indexed_again", "/api/search?like= of an item extracted again since it was indexed says its old content answers"),
+    mutant("thumbnails-never-trimmed", "vlpcache/serve/thumbnails.py",
+           "            if self._bytes > self.max_bytes:", "            if False:",
+           "tests/test_serve.py::test_the_thumbnail_store_is_kept_under_its_size_by_removing_those_least_recently_shown", "the thumbnail store is kept under its size"),
+    mutant("thumbnails-shown-not-touched", "vlpcache/serve/thumbnails.py",
+           "                os.utime(path)\n", "                pass\n",
+           "tests/test_serve.py::test_the_thumbnail_store_is_kept_under_its_size_by_removing_those_least_recently_shown", "a thumbnail shown again is among the last removed from a full store"),
 ]
 
 

@@ -405,6 +405,34 @@ def test_thumbnails_are_kept_again_after_their_folder_is_removed_or_a_write_fail
     assert len(list(folder.glob("*/*.jpg"))) == 2
 
 
+def test_the_thumbnail_store_is_kept_under_its_size_by_removing_those_least_recently_shown(ws):
+    # it grew without limit: the keys of items extracted again or moved, never asked for again, stayed for good
+    from vlpcache.cache.reader import RegionCache
+    from vlpcache.serve.thumbnails import TRIMMED_TO, ThumbnailStore
+
+    cache, folder = RegionCache(ws / "cache"), ws / "thumbs"
+    frames = [(cache.get(f"v{i}"), t) for i in range(3) for t in (0, 1)]
+    jpegs = [ThumbnailStore(ws / "sizes").get(item, t).jpeg for item, t in frames]
+    store = ThumbnailStore(folder, max_bytes=sum(map(len, jpegs)) - 1)  # the sixth goes over it
+    kept = lambda: {p.read_bytes() for p in folder.glob("??/*.jpg")}  # noqa: E731
+    for item, t in frames[:4]:
+        store.get(item, t)
+    os.utime(store.path_of(store.key(*frames[1])), (1, 1))  # shown long ago: the first to go
+    os.utime(store.path_of(store.key(*frames[0])), (2, 2))
+    assert store.get(*frames[0]).jpeg == jpegs[0]  # shown again now: among the last to go
+    assert os.stat(store.path_of(store.key(*frames[0]))).st_mtime > 1e9
+    store.get(*frames[4])
+    assert kept() == set(jpegs[:5])  # under the size: nothing removed
+    store.get(*frames[5])
+    by_last_shown = [jpegs[i] for i in (1, 2, 3, 0, 4, 5)]
+    assert jpegs[1] not in kept() and {jpegs[0], jpegs[4], jpegs[5]} <= kept()
+    assert any(kept() == set(by_last_shown[first:]) for first in range(1, 4))  # the least recently shown went
+    assert sum(map(len, kept())) <= TRIMMED_TO * store.max_bytes
+    again = ThumbnailStore(folder, max_bytes=sum(map(len, kept())) + 1)  # a server started later counts what is there
+    again.get(*frames[1])
+    assert jpegs[1] in kept() and sum(map(len, kept())) <= again.max_bytes
+
+
 def test_info_says_when_pretrain_saved_a_newer_checkpoint_than_the_one_answering(ws, capsys):
     run = ws / "runs" / "run-001"
     [meta_file] = (ws / "index").rglob("index.json")  # ws is a copy: its index names the template's run

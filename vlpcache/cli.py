@@ -431,6 +431,9 @@ def search(**options) -> None:
               help="Answer requests for this host name too: a proxy of yours the page is opened through (JupyterHub's "
                    "jupyter-server-proxy, nginx), e.g. --allow-host hub.example.org; repeatable. Its users may search; "
                    "uploads need --uploads.")
+@click.option("--thumbnails-max", "thumbnails_max", default=None, type=click.FloatRange(0.01), metavar="GB",
+              help="Space the thumbnails kept in the index's folder may take; over it, those least recently shown are "
+                   "removed [default: 2].")
 @device_option
 def serve(**options) -> None:
     """A search page and JSON API in the browser: thumbnails with the matched regions, the query in the URL."""

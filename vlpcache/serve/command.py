@@ -15,21 +15,23 @@ THUMBNAIL_DIR = "thumbnails"  # inside the index directory (layout: thumbnails.p
 
 
 def run_serve(run_dir=None, cache_dir=None, index_dir=None, host="127.0.0.1", port=8000, device=DEFAULT_DEVICE,
-              uploads: bool | None = None, allow_host=()) -> None:
+              uploads: bool | None = None, allow_host=(), thumbnails_max: float | None = None) -> None:
     """The `vlpcache serve` command: load once (building the index on first use), then serve until Ctrl+C.
     uploads: whether the page takes clips to compare (None: only where bound to loopback, no proxy named);
-    allow_host: host names of a proxy of the user's the server is reached through (JupyterHub, nginx)."""
+    allow_host: host names of a proxy of the user's the server is reached through (JupyterHub, nginx);
+    thumbnails_max: GB the kept thumbnails may take (None: THUMBNAILS_MAX_BYTES)."""
     try:
         import uvicorn
     except ImportError:
         raise UserError("vlpcache serve needs starlette and uvicorn: pip install starlette uvicorn") from None
     from vlpcache.index.search import Searcher
     from vlpcache.serve.app import allowed_hosts_for, make_app, proxy_host_names
-    from vlpcache.serve.thumbnails import ThumbnailStore
+    from vlpcache.serve.thumbnails import THUMBNAILS_MAX_BYTES, ThumbnailStore
 
     proxies = proxy_host_names(allow_host)
     searcher = Searcher(run_dir, cache_dir, index_dir, device=device)
-    thumbnails = ThumbnailStore(searcher.index_dir / THUMBNAIL_DIR)
+    max_bytes = round(thumbnails_max * 1e9) if thumbnails_max is not None else THUMBNAILS_MAX_BYTES
+    thumbnails = ThumbnailStore(searcher.index_dir / THUMBNAIL_DIR, max_bytes=max_bytes)
     listener = bind(host, port)
     address = _url_host(host)
     url = f"http://{address}:{listener.getsockname()[1]}/"

@@ -7,6 +7,11 @@ time (seeking, as extract does: vlpcache.extract.sampling.read_frames_at), and k
                                       the source's stamp),
                                       <kk> its first two hex digits
 
+The store is kept under a size (THUMBNAILS_MAX_BYTES, `serve --thumbnails-max`): once over it, the thumbnails
+least recently shown are removed until it is 80% full (a thumbnail's mtime is when it was last shown), so
+that the keys of items extracted again or moved, never asked for again, do not fill the disk. Anything in
+the folder may be removed at any time: it is decoded again when asked for.
+
 The file name is a hash: a request names an indexed item and a frame index, never a path, so nothing
 a client sends reaches the filesystem. A source moved, changed kind or re-extracted at other times
 gets a new key. A source that is missing, no longer decodes, or has changed since it was extracted
@@ -16,10 +21,12 @@ which is not stored (the source may come back, or be extracted again).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
 import json
+import os
 import shutil
 import threading
 from dataclasses import dataclass
@@ -41,6 +48,8 @@ STORE_FILE = "store.json"
 THUMBNAIL_SIDE = 480  # pixels, longer side: sharp on a high-density screen in a ~300 px card
 JPEG_QUALITY = 85
 PLACEHOLDER_GREY = (96, 96, 96)
+THUMBNAILS_MAX_BYTES = 2 * 10**9  # the store's size at most (about 50,000 frames); over it, the least recently shown go
+TRIMMED_TO = 0.8  # of the maximum, after a trim: one in a while, not one at each thumbnail kept
 
 
 @dataclass(frozen=True)
@@ -51,10 +60,13 @@ class Thumbnail:
 
 
 class ThumbnailStore:
-    def __init__(self, folder: Path, side: int = THUMBNAIL_SIDE, say: Say = say):
+    def __init__(self, folder: Path, side: int = THUMBNAIL_SIDE, say: Say = say, max_bytes: int = THUMBNAILS_MAX_BYTES):
         self.folder, self.side = Path(folder), side
         self.say = say
+        self.max_bytes = max_bytes
         self._writable = True
+        self._size_lock = threading.Lock()
+        self._bytes: int | None = None  # the store's size, counted at the first thumbnail kept
         # decoding is CPU-bound: more at once than there are cores only adds memory
         self._decoders = threading.BoundedSemaphore(usable_cores())
         self._open_store()
@@ -90,9 +102,13 @@ class ThumbnailStore:
         key = self.key(item, frame)
         path = self.path_of(key)
         try:
-            return Thumbnail(path.read_bytes(), key)
+            jpeg = path.read_bytes()
         except OSError:
             pass
+        else:
+            with contextlib.suppress(OSError):  # shown now: the last to go when the store is trimmed
+                os.utime(path)
+            return Thumbnail(jpeg, key)
         source = Item(item["id"], Path(item["path"]), item["kind"])
         try:
             if replaced(item):
@@ -120,6 +136,37 @@ class ThumbnailStore:
             self._not_writable(err)
         else:
             self._writable = True
+            self._count(len(jpeg))
+
+    def _count(self, added: int) -> None:
+        """Add a kept thumbnail's bytes to the store's size; over max_bytes, trim it (one thread at a time)."""
+        with self._size_lock:
+            self._bytes = self._bytes + added if self._bytes is not None else sum(size for _, size, _ in self._kept())
+            if self._bytes > self.max_bytes:
+                self._bytes = self._trim(int(TRIMMED_TO * self.max_bytes))
+
+    def _kept(self) -> list[tuple[float, int, Path]]:
+        """(mtime: when last shown, size, path) of each thumbnail in the store."""
+        kept = []
+        for path in self.folder.glob("??/*.jpg"):
+            try:
+                stat = path.stat()
+            except OSError:  # removed meanwhile (a trim of another server's, the user)
+                continue
+            kept.append((stat.st_mtime, stat.st_size, path))
+        return kept
+
+    def _trim(self, target: int) -> int:
+        """Remove the least recently shown thumbnails until the store holds at most `target` bytes; its size after."""
+        kept = sorted(self._kept(), key=lambda entry: entry[0])
+        total = sum(size for _, size, _ in kept)
+        for _, size, path in kept:
+            if total <= target:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            total -= size
+        return total
 
     def _not_writable(self, err: OSError) -> None:
         if self._writable:  # once until one is kept again: not a line per request
