@@ -690,7 +690,7 @@ class Server:
 
 @pytest.fixture
 def server(ws):
-    running = Server(ws)
+    running = Server(ws, "--thumbnails-max", "0.5")  # a user's own size for the thumbnails, taken through to the store
     yield running
     running.stop()
 
