@@ -1624,7 +1624,7 @@ MUTANTS += [
            "if r >= 0 and r != leave_out and self.index.ids[r] in self.cache][:k]", "if r >= 0 and self.index.ids[r] in self.cache][:k]",
            "tests/test_search.py -k like_ranks", "search --like leaves the item itself out of its own ranking"),
     mutant("like-frame-least-like", "vlpcache/index/search.py",
-           "frames.append(int(np.argmax(np.where(counts > 0, totals / np.maximum(counts, 1), -np.inf))))", "frames.append(int(np.argmin(np.where(counts > 0, totals / np.maximum(counts, 1), np.inf))))",
+           "frames.append(int(np.argmax(np.where(counts > 0, means, -np.inf))))", "frames.append(int(np.argmin(np.where(counts > 0, means, np.inf))))",
            "tests/test_search.py -k regions_are_most_like", "a like hit's frame is the one whose regions are most like the item's"),
     mutant("like-not-indexed-yet-unsaid", "vlpcache/index/search.py",
            "    if key in cache or (cached := item_named(key, cache.ids)[0]) is not None:",
@@ -2101,6 +2101,9 @@ MUTANTS += [
     mutant("thumbnails-shown-not-touched", "vlpcache/serve/thumbnails.py",
            "                os.utime(path)\n", "                pass\n",
            "tests/test_serve.py::test_the_thumbnail_store_is_kept_under_its_size_by_removing_those_least_recently_shown", "a thumbnail shown again is among the last removed from a full store"),
+    mutant("like-frame-by-float-noise", "vlpcache/index/search.py",
+           "            means = np.round(totals / np.maximum(counts, 1), LIKENESS_DECIMALS)", "            means = totals / np.maximum(counts, 1)",
+           "tests/test_search.py::test_a_like_hits_frame_is_the_one_whose_regions_are_most_like_the_items_regions", "an exact copy's frames tie for --like: the first is shown, not float rounding's choice"),
 ]
 
 

@@ -96,6 +96,7 @@ def test_a_clip_outside_the_cache_ranks_as_it_would_once_extracted_and_indexed_a
     copy, tree = results
     assert copy["like"] == str(clips / "bikes_again.mp4") and copy["outside"] is True and tree["like"] == "clips/tree.avi"
     assert copy["results"][0]["id"] == "bikes" and copy["results"][0]["score"] > 0.999  # the same frames: itself
+    assert copy["results"][0]["frame"] == 0, copy["results"][0]  # every frame its own: the first, not float noise's
     assert [len(r["results"]) for r in results] == [4, 4] and "bikes_again" not in str([r["results"] for r in results])
     assert err.count("is not in the cache: extracting it on its own to compare it (with the cache's settings; nothing "
                      "is added to the cache)") == 2

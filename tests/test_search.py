@@ -1317,6 +1317,17 @@ def test_a_like_hits_frame_is_the_one_whose_regions_are_most_like_the_items_regi
         searcher.index.regions = RegionStore(np.stack(vectors), np.array(offsets, np.int64), np.array(positions, np.int32))
         hits = searcher.like("v4", k=5)
         assert [h.frame for h in hits] == [matching_frame] * 5 and [h.time for h in hits] == [float(matching_frame)] * 5
+    # an exact copy: every frame's regions are the example's, alike but for float rounding; the first is shown
+    rng = np.random.default_rng(0)
+    regions = rng.standard_normal((3, a.shape[0])).astype(np.float16)
+    vectors, positions, offsets = [], [], [0]
+    for row in range(len(searcher.index)):
+        scales = [1.0] if row == example else [1.0 + 0.05 * row, 1.0 + 0.37 * row]  # by frame
+        vectors += [(region * scale).astype(np.float16) for scale in scales for region in regions]
+        positions += [t * N + j for t in range(len(scales)) for j in range(3)]
+        offsets.append(len(vectors))
+    searcher.index.regions = RegionStore(np.stack(vectors), np.array(offsets, np.int64), np.array(positions, np.int32))
+    assert [h.frame for h in searcher.like("v4", k=20)] == [0] * 20
 
 
 def test_like_takes_an_item_by_file_name_or_path_as_inspect_does_and_says_why_another_names_none(ws, monkeypatch,

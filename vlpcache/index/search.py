@@ -66,6 +66,9 @@ EXAMPLE_FILE_BYTES = 64 << 20  # a larger caption file is not read for a suggest
 # a hit extracted again since it was indexed (shown without matched regions: the index's are the old rows')
 EXTRACTED_AGAIN = ("extracted again since it was indexed (its source changed): found by its old content, its regions "
                    "not shown; run `vlpcache index` to index it anew")
+# a --like hit's frame: its frames' likeness to the example is compared to this many decimals (float32's rounding
+# of equal regions, an exact copy's, would choose among them)
+LIKENESS_DECIMALS = 4
 # --like of an item extracted again since it was indexed: the index's vector, the query, is of its old content
 LIKED_EXTRACTED_AGAIN = ("was extracted again since it was indexed (its source changed): these are the items most like "
                          "its old content; run `vlpcache index` to index it anew")
@@ -558,7 +561,8 @@ class Searcher:
                 continue
             totals = np.bincount(frame, weights=likeness[real])
             counts = np.bincount(frame)
-            frames.append(int(np.argmax(np.where(counts > 0, totals / np.maximum(counts, 1), -np.inf))))
+            means = np.round(totals / np.maximum(counts, 1), LIKENESS_DECIMALS)  # an exact copy's frames tie: the first
+            frames.append(int(np.argmax(np.where(counts > 0, means, -np.inf))))
         return frames
 
     def item(self, item_id: str) -> dict:
