@@ -2104,6 +2104,9 @@ MUTANTS += [
     mutant("like-frame-by-float-noise", "vlpcache/index/search.py",
            "            means = np.round(totals / np.maximum(counts, 1), LIKENESS_DECIMALS)", "            means = totals / np.maximum(counts, 1)",
            "tests/test_search.py::test_a_like_hits_frame_is_the_one_whose_regions_are_most_like_the_items_regions", "an exact copy's frames tie for --like: the first is shown, not float rounding's choice"),
+    mutant("export-damaged-without-path", "vlpcache/index/export.py",
+           "    return str(cache.damaged.get(item_id, {}).get(\"path\", \"\"))", "    return \"\"",
+           "tests/test_search.py::test_exported_parquet_holds_id_path_and_embedding", "index --export gives an item found damaged since it was indexed its file's path"),
 ]
 
 

@@ -942,6 +942,13 @@ def test_exported_parquet_holds_id_path_and_embedding(ws, tmp_path, monkeypatch,
     index = VideoIndex.load(the_index(ws))
     assert table["id"] == index.ids and table["path"] == [f"{i}.mp4" for i in index.ids]
     assert np.allclose(np.array(table["embedding"], np.float32), index.embeddings)
+    damage_chunk(sorted((ws / "cache" / "shards").glob("*.h5"))[0], "boxes", 3)
+    from vlpcache.index.search import Searcher
+
+    Searcher().search("a dog", ITEMS)  # a reader finds v3's row damaged, and records it
+    code, _, err = vlpcache(monkeypatch, capsys, "index", "--export", tmp_path / "again.parquet")
+    again = pq.read_table(tmp_path / "again.parquet").to_pydict()  # v3's path was "": its embedding is of its file
+    assert code == 0 and again["id"] == index.ids and again["path"] == [f"{i}.mp4" for i in index.ids], err
 
 
 def test_export_to_another_file_type_is_one_line_error_before_any_video_is_encoded(ws, tmp_path, monkeypatch, capsys):

@@ -7,7 +7,7 @@
 or, for a name ending in .parquet (needs pyarrow), one table of V rows:
 
     id          string
-    path        string                     the item's source as the cache records it
+    path        string                     the item's source as the cache records it (source_path)
     embedding   fixed_size_list<float32>[E]
 """
 
@@ -31,7 +31,7 @@ def export_embeddings(index, cache, path) -> list[Path]:
     check_export_path(path)
     embeddings = np.ascontiguousarray(index.embeddings, dtype=np.float32)  # (V, E)
     if path.suffix == ".parquet":
-        paths = [cache.paths[cache.index_of(i)] if i in cache else "" for i in index.ids]
+        paths = [source_path(cache, i) for i in index.ids]
         _write_together([(path, _parquet_writer(path, index.ids, paths, embeddings), "")])
         return [path]
     ids_path = path.with_name(path.name[: -len(".npy")] + IDS_SUFFIX)
@@ -40,6 +40,14 @@ def export_embeddings(index, cache, path) -> list[Path]:
         (path, lambda tmp: np.save(tmp, embeddings), ".npy"),
     ])
     return [path, ids_path]
+
+
+def source_path(cache, item_id: str) -> str:
+    """The file an indexed item was extracted from: as the cache records it, or as the record of its row found
+    damaged since (its embedding, indexed before, is still of that file); "" where the cache has neither."""
+    if item_id in cache:
+        return cache.paths[cache.index_of(item_id)]
+    return str(cache.damaged.get(item_id, {}).get("path", ""))
 
 
 def _write_together(files: list[FileWrite]) -> None:
