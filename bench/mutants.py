@@ -2107,6 +2107,9 @@ MUTANTS += [
     mutant("export-damaged-without-path", "vlpcache/index/export.py",
            "    return str(cache.damaged.get(item_id, {}).get(\"path\", \"\"))", "    return \"\"",
            "tests/test_search.py::test_exported_parquet_holds_id_path_and_embedding", "index --export gives an item found damaged since it was indexed its file's path"),
+    mutant("resume-passes-over-unsaved-newest-run", "vlpcache/model/train.py",
+           "    if unsaved:\n        newest = max(unsaved,", "    if False:\n        newest = max(unsaved,",
+           "tests/test_pretrain.py::test_a_run_stopped_before_its_settings_were_saved_says_to_run_its_command_again", "--resume without -o says the newest run was stopped before its settings were saved, not continue an older one"),
 ]
 
 

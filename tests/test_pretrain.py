@@ -669,6 +669,13 @@ def test_a_run_stopped_before_its_settings_were_saved_says_to_run_its_command_ag
                                         "they were saved; run its first command again, without --resume$"):
         run_pretrain(**options, **small_options(tiny_text, epochs=1, resume=True))
     assert run_pretrain(**options, **small_options(tiny_text, epochs=1))["trained_epochs"] == 1  # as it says
+    runs = tmp_path / "ws" / "runs"  # in the workspace: --resume without -o took an older run, "already trained"
+    assert run_pretrain(**{**options, "run_dir": None}, **small_options(tiny_text, epochs=1))["trained_epochs"] == 1
+    (runs / "run-002").mkdir()  # a kill -9 while the next run's captions load
+    (runs / "run-002" / "pretrain.lock").write_text("")
+    with pytest.raises(UserError, match=rf"^--resume: {runs / 'run-002'}, the newest run, was stopped before its settings "
+                                        rf"were saved, .*without --resume \(`--resume -o {runs / 'run-001'}` continues"):
+        run_pretrain(**{**options, "run_dir": None}, **small_options(tiny_text, epochs=1, resume=True))
     (tmp_path / "a file").write_text("")
     with pytest.raises(UserError, match=r"^-o .*a file: a file, not a run folder; pass another -o RUN_DIR$"):
         run_pretrain(**{**options, "run_dir": tmp_path / "a file"}, **small_options(tiny_text, epochs=1))

@@ -62,7 +62,7 @@ from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encod
 from vlpcache.model.run_layout import (BEST_NAME, CHECKPOINT_DIR, LOCATED, LOG_NAME, TENSORBOARD_DIR, TEXT_DIR,
                                        TRAINING_LOCK_NAME, VIDEOS_NAME, add_run_videos, location_list,
                                        place_text, read_checkpoint_meta, run_locations,
-                                       save_run_videos, saved_place)
+                                       save_run_videos, saved_place, trainer_of)
 from vlpcache.model.text_features import FEATURES_DIR, TextFeatures, cache_kind, cached_text_features
 from vlpcache.records import json_lines, write_json
 from vlpcache.report import human_duration, printable, progress_bar, say
@@ -374,10 +374,21 @@ def _check_before_loading(options: PretrainOptions, train_config: TrainConfig, p
 
 
 def _latest_started_run(workspace: Workspace) -> Path:
-    runs = [p.parent for p in workspace.runs_dir.glob(f"*/{ckpt.CONFIG_NAME}")]
-    if not runs:
+    """The run --resume continues without -o: the newest with stored settings. Where a newer one was stopped (kill
+    -9) before its settings were saved, it says so rather than continue an older run the user did not mean."""
+    started = [p for p in workspace.runs_dir.glob("*") if p.is_dir() and not p.name.startswith(".")]
+    runs = [p for p in started if (p / ckpt.CONFIG_NAME).exists()]
+    latest = max(runs, key=lambda p: p.stat().st_mtime, default=None)
+    unsaved = [p for p in started if p not in runs and not not_of_a_run(p) and trainer_of(p) is None  # not starting now
+               and (latest is None or p.stat().st_mtime > latest.stat().st_mtime)]
+    if unsaved:
+        newest = max(unsaved, key=lambda p: p.stat().st_mtime)
+        other = f" (`--resume -o {latest}` continues {latest.name})" if latest is not None else ""
+        raise UserError(f"--resume: {newest}, the newest run, was stopped before its settings were saved, so there is "
+                        f"nothing of it to resume: run its first command again, without --resume{other}")
+    if latest is None:
         raise UserError(f"--resume: no run in {workspace.runs_dir} to resume; pass -o RUN_DIR or start without --resume")
-    return max(runs, key=lambda p: p.stat().st_mtime)
+    return latest
 
 
 def _new_model_config(options: PretrainOptions, data: PretrainData) -> tuple[ModelConfig, list[str]]:
