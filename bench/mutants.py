@@ -262,8 +262,8 @@ MUTANTS += [
            "a file cached under another id (an earlier, narrower root) is not extracted a second time"),
     # ------------------------------------------------ cache
     mutant("cache-no-timed-commit", "vlpcache/cache/writer.py",
-           "if self._count >= self.max_items or time.monotonic() - self._opened_at >= self.max_seconds:",
-           "if self._count >= self.max_items:",
+           "        if self._file is not None and time.monotonic() - self._opened_at >= self.max_seconds:",
+           "        if False:",
            "tests/test_cache.py -k time_is_up", "a shard is also committed every 2 minutes"),
     mutant("cache-partial-failure-line-kept", "vlpcache/cache/writer.py",
            '            if self._file.read(1) != b"\\n":\n', "            if False:\n",
@@ -2110,6 +2110,12 @@ MUTANTS += [
     mutant("resume-passes-over-unsaved-newest-run", "vlpcache/model/train.py",
            "    if unsaved:\n        newest = max(unsaved,", "    if False:\n        newest = max(unsaved,",
            "tests/test_pretrain.py::test_a_run_stopped_before_its_settings_were_saved_says_to_run_its_command_again", "--resume without -o says the newest run was stopped before its settings were saved, not continue an older one"),
+    mutant("stalled-decode-holds-done-items", "vlpcache/extract/runner.py",
+           "stop=reader.stop, idle_after=IDLE_AFTER_S) as decoded,", "stop=reader.stop) as decoded,",
+           "tests/test_extract.py::test_items_done_while_a_decode_stalls_are_committed_when_due_not_after_it", "items done while a decode stalls are committed when due"),
+    mutant("idle-batch-not-detected", "vlpcache/extract/mapper.py",
+           "                if batch:\n                    yield from self._detect(batch)\n                batch, frames = [], 0\n                yield IDLE", "                yield IDLE",
+           "tests/test_extract.py::test_items_done_while_a_decode_stalls_are_committed_when_due_not_after_it", "frames held for a batch are detected while the decode of the next stalls"),
 ]
 
 

@@ -201,6 +201,31 @@ def test_a_source_replaced_at_its_path_is_extracted_again_and_one_only_touched_i
         assert [v.decode() for v in f["replaces"][:]] == [first_stamp]
 
 
+def test_items_done_while_a_decode_stalls_are_committed_when_due_not_after_it(tmp_path, msrvtt_dir, monkeypatch):
+    # the shard's time was looked at only when an item was added: a decode stalled on one file (up to
+    # --decode-timeout, 10 min) held the regions of the items before it in the detector's batch, uncommitted
+    from vlpcache.extract import runner
+    from vlpcache.extract.reader import FrameReader
+
+    for name, folder in zip("abc", sorted((msrvtt_dir / "frames" / "val").iterdir())[:3]):
+        shutil.copytree(folder, tmp_path / "data" / name)
+    cache, committed_during_stall = tmp_path / "cache", []
+
+    class StallingReader(FrameReader):  # the third item's decode stalls until the two before it are committed
+        def __call__(self, items):
+            for n, decoded in enumerate(super().__call__(items)):
+                if n == 2:
+                    shards = lambda: sorted((cache / SHARD_DIR).glob("*.h5"))  # noqa: E731  committed ones
+                    committed_during_stall.append(len(RegionCache(cache)) if wait_until(shards, guard_s=120) else 0)
+                yield decoded
+
+    monkeypatch.setattr(runner, "FrameReader", StallingReader)
+    monkeypatch.setattr(runner, "IDLE_AFTER_S", 0.05)
+    monkeypatch.setattr("vlpcache.cache.writer.SHARD_SECONDS", 0.2)  # 2 min, as a test waits
+    summary = runner.run_extract([tmp_path / "data"], cache_dir=cache, quiet=True, workers=1)
+    assert committed_during_stall == [2] and summary.done == 3 and len(RegionCache(cache)) == 3
+
+
 def test_an_item_found_damaged_is_listed_by_inspect_and_extracted_again_by_the_next_extract(tmp_path, msrvtt_dir, capsys):
     from vlpcache.cache.reader import DamagedShard
     from vlpcache.extract.runner import run_extract

@@ -278,13 +278,13 @@ class ShardWriter:
         settings: CacheSettings,
         writer_name: str = "s0of1",
         max_items: int = SHARD_ITEMS,
-        max_seconds: float = SHARD_SECONDS,
+        max_seconds: float | None = None,
     ):
         self.cache_dir = Path(cache_dir)
         self.settings = settings
         self.writer_name = writer_name
         self.max_items = max_items
-        self.max_seconds = max_seconds
+        self.max_seconds = SHARD_SECONDS if max_seconds is None else max_seconds
         self.shard_dir = self.cache_dir / SHARD_DIR
         self.lock: WriterLock | None = None
         self._file: h5py.File | None = None
@@ -388,7 +388,14 @@ class ShardWriter:
                 ds.resize(i + 1, axis=0)
                 ds[i] = value
         self._count += 1
-        if self._count >= self.max_items or time.monotonic() - self._opened_at >= self.max_seconds:
+        if self._count >= self.max_items:
+            self.commit()
+        self.commit_if_due()
+
+    def commit_if_due(self) -> None:
+        """Commit the shard being written if it was begun `max_seconds` ago or more (also called while no item
+        comes: a decode stalled on one file does not hold the others' regions uncommitted)."""
+        if self._file is not None and time.monotonic() - self._opened_at >= self.max_seconds:
             self.commit()
 
     def commit(self) -> None:

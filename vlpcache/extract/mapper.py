@@ -10,7 +10,7 @@ import numpy as np
 
 from vlpcache.cache.schema import CacheSettings, empty_item, not_finite
 from vlpcache.cache.writer import ShardWriter
-from vlpcache.extract.reader import DecodedItem
+from vlpcache.extract.reader import IDLE, DecodedItem
 from vlpcache.extract.detectors.regions import Detector, pack_frame_regions
 
 
@@ -53,6 +53,8 @@ class RegionMapper:
         self.detect_seconds = 0.0
 
     def __call__(self, decoded: Iterable[DecodedItem]) -> Iterator[RegionItem]:
+        """The items' regions, in batches; where `decoded` yields IDLE (its decoding stalls), the frames held are
+        detected at once, and IDLE passed on (the writer commits what is due)."""
         batch: list[DecodedItem] = []
         frames = 0
         decoded = iter(decoded)
@@ -62,6 +64,12 @@ class RegionMapper:
             self.wait_seconds += time.perf_counter() - waiting
             if item is None:
                 break
+            if item is IDLE:
+                if batch:
+                    yield from self._detect(batch)
+                batch, frames = [], 0
+                yield IDLE
+                continue
             if item.sampled is None:
                 yield RegionItem(item, None, item.error)
                 continue

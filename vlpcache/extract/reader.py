@@ -340,6 +340,10 @@ class _Todo:
 
 
 _DONE = object()
+# what a Prefetch given `idle_after` yields where its source has given nothing for that long (a decode stalled on
+# a hostile file, up to --decode-timeout): the detector runs the frames it holds, the writer commits what is due
+IDLE = object()
+IDLE_AFTER_S = 10.0
 
 
 class Prefetch:
@@ -350,7 +354,9 @@ class Prefetch:
     next batch ready instead of waiting for it. Use as a context manager: leaving it stops the thread
     and closes `iterable` (a reader generator shuts its worker pool down)."""
 
-    def __init__(self, iterable: Iterable, depth: int, stop: Callable[[], None] = lambda: None):
+    def __init__(self, iterable: Iterable, depth: int, stop: Callable[[], None] = lambda: None,
+                 idle_after: float | None = None):
+        self.idle_after = idle_after  # seconds without an element after which IDLE is yielded (None: never)
         self._buffer: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._stop_source = stop  # ends `iterable` where it blocks (a FrameReader waiting on its workers)
@@ -378,7 +384,14 @@ class Prefetch:
             getattr(iterable, "close", lambda: None)()
 
     def __iter__(self) -> Iterator:
-        while (element := self._buffer.get()) is not _DONE:
+        while True:
+            try:
+                element = self._buffer.get(timeout=self.idle_after)
+            except queue.Empty:
+                yield IDLE
+                continue
+            if element is _DONE:
+                return
             if isinstance(element, BaseException):
                 raise element
             yield element

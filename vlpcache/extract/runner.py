@@ -30,7 +30,7 @@ from vlpcache.extract.detectors.choice import choose_detector, load_detector
 from vlpcache.extract.detectors.spec import DetectorSpec
 from vlpcache.extract.options import ENGINES, ExtractOptions
 from vlpcache.extract.progress import ExtractProgress, ExtractSummary
-from vlpcache.extract.reader import FrameReader, Prefetch, decoded_items_within_budget
+from vlpcache.extract.reader import IDLE, IDLE_AFTER_S, FrameReader, Prefetch, decoded_items_within_budget
 from vlpcache.extract.sources import (SIZES_DIFFER, SKIPPED, OtherFiles, discover_items, other_files, passed_over_line,
                                       picture_beside, shard_of)
 from vlpcache.extract.stamps import source_changed, stamp_known
@@ -263,7 +263,7 @@ def detect_and_write(todo, spec: DetectorSpec, writer: ShardWriter, options: Ext
     # the workers start decoding now, while torch and the networks load, up to about 256 MB of
     # decoded frames ahead (yolox at T=8: 64 items, four CUDA batches)
     depth = decoded_items_within_budget(spec.max_side, options.frames)
-    with (Prefetch(reader(todo), depth=depth, stop=reader.stop) as decoded,
+    with (Prefetch(reader(todo), depth=depth, stop=reader.stop, idle_after=IDLE_AFTER_S) as decoded,
           ExtractProgress(summary, len(todo), options.description(), spec.detector, started, options.quiet,
                           writer.cache_dir) as progress):
         device = resolve_device(options.device).type
@@ -272,7 +272,10 @@ def detect_and_write(todo, spec: DetectorSpec, writer: ShardWriter, options: Ext
         progress.ready()
         try:
             for result in mapper(decoded):
-                progress.advance(str(result.decoded.item.path), result.write(writer), result.error, result.note)
+                if result is IDLE:  # no item for a while: what is due is committed all the same
+                    writer.commit_if_due()
+                else:
+                    progress.advance(str(result.decoded.item.path), result.write(writer), result.error, result.note)
                 stop_if_interrupted()
         finally:
             summary.detect_seconds, summary.wait_seconds = mapper.detect_seconds, mapper.wait_seconds
