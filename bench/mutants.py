@@ -2116,6 +2116,9 @@ MUTANTS += [
     mutant("idle-batch-not-detected", "vlpcache/extract/mapper.py",
            "                if batch:\n                    yield from self._detect(batch)\n                batch, frames = [], 0\n                yield IDLE", "                yield IDLE",
            "tests/test_extract.py::test_items_done_while_a_decode_stalls_are_committed_when_due_not_after_it", "frames held for a batch are detected while the decode of the next stalls"),
+    mutant("query-bank-holds-untrained-captions", "vlpcache/index/build.py",
+           "        trained = np.isin(video_key_each(ids), recorded[0]) if recorded is not None else np.ones(len(ids), bool)", "        trained = np.ones(len(ids), bool)",
+           "tests/test_eval.py::test_the_query_bank_holds_only_captions_of_videos_the_run_trained_on", "the query bank holds only captions of videos the run trained on, never eval's queries"),
 ]
 
 

@@ -412,6 +412,31 @@ def test_qbnorm_ranks_with_a_bank_of_the_runs_training_captions_and_dual_softmax
     assert "dual softmax (eval only" in out
 
 
+def test_the_query_bank_holds_only_captions_of_videos_the_run_trained_on(root, ws, tmp_path):
+    # a training file that also captions the run's validation videos and videos of no cache of the run (its test
+    # set: a caption file of a whole collection) put those captions, eval's queries, into eval's query bank
+    from types import SimpleNamespace
+
+    from vlpcache.index.build import run_training_captions
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(ws / "runs" / "run-001", run_dir)
+    train, val = read_captions(root / "train.jsonl").by_id, read_captions(root / "val.jsonl").by_id
+    lines = [{"video": f"{i}.mp4" if n % 2 else i, "captions": texts} for n, (i, texts) in enumerate(train.items())]
+    lines += [{"video": i, "captions": texts} for i, texts in val.items()] + [{"video": "elsewhere", "captions": ["a test query"]}]
+    whole = tmp_path / "whole.jsonl"
+    whole.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    config = json.loads((run_dir / "config.json").read_text())
+    config["train"]["captions"] = [str(whole)]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    said = []
+    bank = run_training_captions(SimpleNamespace(run_dir=run_dir), "query bank", False, said.append)
+    assert sorted(bank) == sorted(c for texts in train.values() for c in texts) and not said  # keys by file name too
+    (run_dir / "videos.npz").unlink()  # a run made before the record was kept: every training caption
+    assert len(run_training_captions(SimpleNamespace(run_dir=run_dir), "query bank", False, said.append)) == len(
+        [c for line in lines for c in line["captions"]])
+
+
 def test_per_query_records_give_each_querys_ranks_and_best_candidates(root, ws, monkeypatch, capsys, tmp_path):
     """--per-query FILE: one JSON line per text->video query; its ranks are the ones the table summarises,
     and a query whose video ranks first has it first among its best candidates."""

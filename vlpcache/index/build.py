@@ -202,21 +202,41 @@ def run_query_bank(run, videos: np.ndarray, device, batch_size: int, beta: float
 
 
 def run_training_captions(run, what: str, progress: bool, say: Say) -> list[str]:
-    """Every training caption of the run (the files its config names, held-out splits left out); a file
-    that cannot be read is said ("note: WHAT: ...; left out")."""
+    """The captions the run trained on: those of its training files (the files its config names, held-out
+    splits left out) whose keys name videos it trained on (its videos.npz record; every caption of a run made
+    before the record was kept). A file that also captions videos outside the run's caches (its test videos)
+    gives none of theirs, so that a query bank never holds eval's queries. A file that cannot be read is said
+    ("note: WHAT: ...; left out")."""
     from vlpcache.captions import read_captions
-    from vlpcache.model.data import held_out
-    from vlpcache.model.run_layout import read_run_locations
+    from vlpcache.model.data import held_out, training_side
+    from vlpcache.model.run_layout import read_run_locations, read_run_videos, video_key_each
 
+    locations = read_run_locations(run.run_dir)
+    recorded = read_run_videos(run.run_dir)
+    caches = _readable_caches(locations.get("caches", []))  # whose ids the caption keys are matched to
     captions = []
-    for path in read_run_locations(run.run_dir).get("captions", []):
+    for path in locations.get("captions", []):
         try:
-            training, _ = held_out(read_captions(path, progress), keep_held_out=False)
+            read = read_captions(path, progress)
         except UserError as err:
             say(f"note: {what}: {err}; left out")
             continue
-        captions += [c for texts in training.by_id.values() for c in texts]
+        training = training_side(read, caches)[0] if caches else held_out(read, keep_held_out=False)[0]
+        ids = list(training.by_id)
+        trained = np.isin(video_key_each(ids), recorded[0]) if recorded is not None else np.ones(len(ids), bool)
+        captions += [c for item_id, kept in zip(ids, trained) if kept for c in training.by_id[item_id]]
     return captions
+
+
+def _readable_caches(paths: list[str]) -> list[RegionCache]:
+    """The caches of `paths` that open (one moved or damaged since the run trained is passed over)."""
+    caches = []
+    for path in paths:
+        try:
+            caches.append(RegionCache(path))
+        except (UserError, OSError):
+            continue
+    return caches
 
 
 CALIBRATION_CAPTIONS = 1000  # training captions whose best matches set what a weak match is (a seeded sample)

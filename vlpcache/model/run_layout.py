@@ -332,6 +332,11 @@ def video_keys(ids: Iterable[str]) -> np.ndarray:
     return np.unique(np.fromiter(map(_key, ids), dtype=np.uint64))
 
 
+def video_key_each(ids: Iterable[str]) -> np.ndarray:
+    """video_keys of each id in order, unsorted (uint64)."""
+    return np.fromiter(map(_key, ids), dtype=np.uint64)
+
+
 def content_keys(stamps: Iterable[str]) -> np.ndarray:
     """Sorted unique 64-bit keys of what sources hold, wherever they are and under whatever id: a source stamp's
     size, frame names and digest (extract/stamps.py), not its modification time; an unknown stamp gives none."""
