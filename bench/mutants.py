@@ -2119,6 +2119,9 @@ MUTANTS += [
     mutant("query-bank-holds-untrained-captions", "vlpcache/index/build.py",
            "        trained = np.isin(video_key_each(ids), recorded[0]) if recorded is not None else np.ones(len(ids), bool)", "        trained = np.ones(len(ids), bool)",
            "tests/test_eval.py::test_the_query_bank_holds_only_captions_of_videos_the_run_trained_on", "the query bank holds only captions of videos the run trained on, never eval's queries"),
+    mutant("finetune-default-rerank-weight", "vlpcache/model/finetune.py",
+           "    if isinstance(chosen, (int, float)):  # the init checkpoint's", "    if False:  # the init checkpoint's",
+           "tests/test_pretrain.py::test_init_fine_tunes_another_runs_weights_on_other_captions_and_counts_its_videos_as_trained_on", "a fine-tune without validation re-ranks at the weight its init checkpoint chose"),
 ]
 
 

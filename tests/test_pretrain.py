@@ -195,6 +195,8 @@ def test_init_fine_tunes_another_runs_weights_on_other_captions_and_counts_its_v
     other_ids = write_cache(tmp_path / "other", 12, prefix="w", seed=1,
                             sources=[(tmp_path / "clips" / f"w{i}.mp4", "video") for i in range(12)])
     other = write_captions(tmp_path / "other.jsonl", other_ids)
+    first_meta = ckpt.checkpoints(first)[1] / "meta.json"  # a re-rank weight its validation chose, not the default
+    first_meta.write_text(json.dumps({**json.loads(first_meta.read_text()), "rerank_weight": 0.125}))
     # learning rates too small to move a weight: what the new run begins from is what it ends with
     still = small_options(tiny_text, epochs=1, lr=1e-12, text_lr=1e-12, frame_dropout=0.5)
     tuned, fresh = tmp_path / "tuned", tmp_path / "fresh"
@@ -208,6 +210,8 @@ def test_init_fine_tunes_another_runs_weights_on_other_captions_and_counts_its_v
     assert config["init"] == {"run": str(first.resolve()), "checkpoint": str(ckpt.checkpoints(first)[1].resolve()),
                               "epoch": 1, "sha256": meta["sha256"]}
     assert config["model"]["frame_dropout"] == 0.5 and config["model"]["width"] == 16  # training settings its own
+    # no validation of its own: it re-ranks at the weight its init checkpoint chose (it took the default, 0.5)
+    assert ckpt.load_run(tuned).config.rerank_weight == 0.125 and ckpt.load_run(fresh).config.rerank_weight == 0.5
     own, _, inherited = read_run_videos(tuned, inherited=False)
     assert len(own) == 12 and np.array_equal(inherited, read_run_videos(first)[0])
     assert len(read_run_videos(tuned)[0]) == 12 + 40  # what eval counts as trained on

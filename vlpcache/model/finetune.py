@@ -59,6 +59,9 @@ def init_model_config(options: PretrainOptions, record: dict) -> ModelConfig:
     """The model of a run that starts from `record`: the init run's, with this run's training settings;
     an option that would change the architecture is refused, all of them in one line."""
     config, _ = init_settings(record)
+    chosen = read_checkpoint_meta(Path(record["checkpoint"])).get("rerank_weight")
+    if isinstance(chosen, (int, float)):  # the init checkpoint's, chosen on its validation (this run's, if any, wins)
+        config.rerank_weight = float(chosen)
     conflicts = []
     for field, value, given, had in differing_model_options(options, config):
         if field in TRAINING_FIELDS:
