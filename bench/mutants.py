@@ -2122,6 +2122,9 @@ MUTANTS += [
     mutant("finetune-default-rerank-weight", "vlpcache/model/finetune.py",
            "    if isinstance(chosen, (int, float)):  # the init checkpoint's", "    if False:  # the init checkpoint's",
            "tests/test_pretrain.py::test_init_fine_tunes_another_runs_weights_on_other_captions_and_counts_its_videos_as_trained_on", "a fine-tune without validation re-ranks at the weight its init checkpoint chose"),
+    mutant("quality-bench-reuses-unfinished-run", "bench/quality.py",
+           "run_dir=run_dir, seed=seed, quiet=True, resume=(run_dir / CONFIG_NAME).is_file(), **given)", "run_dir=run_dir, seed=seed, quiet=True, **given) if not (run_dir / CONFIG_NAME).is_file() else None",
+           "tests/test_pretrain.py::test_the_quality_bench_resumes_a_run_it_began_and_refuses_one_of_other_settings", "bench/quality.py resumes a run it began rather than report it unfinished or of other settings"),
 ]
 
 

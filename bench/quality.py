@@ -41,6 +41,7 @@ from vlpcache.cache.reader import RegionCache
 from vlpcache.captions import read_captions
 from vlpcache.metrics import query_ranks, retrieval_metrics, selection_score
 from vlpcache.model.model import ModelConfig, build_model, whole_frame_mean
+from vlpcache.model.run_layout import CONFIG_NAME
 from vlpcache.model.text_features import cached_text_features
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,13 +258,20 @@ def train_vlpcache(options: dict, seed: int, splits: dict[str, Split], files: di
     from vlpcache.model.train import run_pretrain
 
     os.environ["VLPCACHE_WORKSPACE"] = str(workspace / "ws")
-    started = time.monotonic()
-    if not list(run_dir.glob("checkpoints/epoch-*/meta.json")) or options.get("resume"):
-        # resume=true continues a run that a kill stopped (its stored settings; the other options must agree)
-        run_pretrain(cache_dirs=[splits["select"].cache.cache_dir], captions=[files["train"]], val_captions=files["val"],
-                     run_dir=run_dir, seed=seed, quiet=True, **options)
-    minutes = (time.monotonic() - started) / 60
-    return load_run(run_dir), minutes
+    # a run an earlier call began (finished, or stopped by a kill) is resumed: trained to its epochs, or said
+    # trained already; one of other settings than the variant's is refused in one line (it was reported as it)
+    given = {key: value for key, value in options.items() if key != "resume"}
+    run_pretrain(cache_dirs=[splits["select"].cache.cache_dir], captions=[files["train"]], val_captions=files["val"],
+                 run_dir=run_dir, seed=seed, quiet=True, resume=(run_dir / CONFIG_NAME).is_file(), **given)
+    return load_run(run_dir), training_minutes(run_dir)
+
+
+def training_minutes(run_dir: Path) -> float:
+    """Minutes the run's epochs took to train and validate, from its log (an epoch redone after a resume: its last
+    line), not the time of this call, which for a run trained earlier is none."""
+    from vlpcache.model.inspect_run import epoch_log
+
+    return sum(line.get("epoch_seconds", 0) + line.get("val_seconds", 0) for line in epoch_log(run_dir)) / 60
 
 
 def evaluate_run(run, split: Split, all_captions: bool, rerank: bool, how: str | None = None) -> dict:

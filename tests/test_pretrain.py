@@ -1835,3 +1835,31 @@ def test_one_caption_shared_by_many_training_videos_is_said(tmp_path, corpus, ti
     run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], val_captions=corpus["val"],
                  run_dir=tmp_path / "fine", **small_options(tiny_text, epochs=1, quiet=False))
     assert "have the caption" not in capsys.readouterr().err
+
+
+def test_the_quality_bench_resumes_a_run_it_began_and_refuses_one_of_other_settings(tmp_path, corpus, tiny_text,
+                                                                                      monkeypatch):
+    # bench/quality.py reported a run a kill had stopped after 1 of its epochs, or a run of other settings under the
+    # variant's name, as the variant (and 0.0 minutes for it)
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))  # the bench sets it: restored after the test
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    try:
+        from quality import train_vlpcache
+    finally:
+        sys.path.pop(0)
+    splits = {"select": SimpleNamespace(cache=SimpleNamespace(cache_dir=corpus["cache"]))}
+    files = {"train": corpus["train"], "val": corpus["val"]}
+    run_dir, options = tmp_path / "runs" / "defaults-seed0", small_options(tiny_text, epochs=2)
+    run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], val_captions=corpus["val"], run_dir=run_dir,
+                 seed=0, **{**options, "epochs": 1})
+    ckpt.save_run_epochs(run_dir, 2)  # as a run of 2 epochs that a kill stopped after its first
+    run, minutes = train_vlpcache({key: v for key, v in options.items() if key != "quiet"}, 0, splits, files, run_dir,
+                                  tmp_path)
+    assert run.run_dir == run_dir and sorted(ckpt.checkpoints(run_dir)) == [1, 2]  # trained to its epochs
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert minutes == pytest.approx(sum(r["epoch_seconds"] + r["val_seconds"] for r in log) / 60) and minutes > 0
+    with pytest.raises(UserError, match="these options differ"):  # another variant's settings in this run's folder
+        train_vlpcache({**{key: v for key, v in options.items() if key != "quiet"}, "width": 32}, 0, splits, files,
+                       run_dir, tmp_path)
