@@ -2125,6 +2125,9 @@ MUTANTS += [
     mutant("quality-bench-reuses-unfinished-run", "bench/quality.py",
            "run_dir=run_dir, seed=seed, quiet=True, resume=(run_dir / CONFIG_NAME).is_file(), **given)", "run_dir=run_dir, seed=seed, quiet=True, **given) if not (run_dir / CONFIG_NAME).is_file() else None",
            "tests/test_pretrain.py::test_the_quality_bench_resumes_a_run_it_began_and_refuses_one_of_other_settings", "bench/quality.py resumes a run it began rather than report it unfinished or of other settings"),
+    mutant("page-like-note-unshown", "vlpcache/serve/page/page.js",
+           "    (note ? ` \u00b7 note: ${note}` : \"\"));", "    \"\");",
+           "tests/test_serve.py::test_the_page_says_the_items_like_one_extracted_again_since_it_was_indexed_are_like_its_old_content", "the page says the items like one extracted again since indexed are like its old content"),
 ]
 
 

@@ -1030,6 +1030,28 @@ def test_a_very_tall_photo_fits_the_item_view_with_its_boxes_over_it(ws, tmp_pat
         shutil.copy(tmp_path / "tall-photo.png", Path(os.environ["VLPCACHE_SCREENSHOTS"]) / "tall-photo.png")
 
 
+def test_the_page_says_the_items_like_one_extracted_again_since_it_was_indexed_are_like_its_old_content(ws, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    write_cache(ws / "cache", 1, prefix="v", seed=9)  # v0 extracted again: the index holds its old vector
+    running = Server(ws)
+    browser = chromium_driver(tmp_path)
+    try:
+        browser.get(running.url + "?like=v0")
+        status = lambda b: b.find_element(By.ID, "status").text  # noqa: E731
+        WebDriverWait(browser, 30).until(lambda b: "items most like" in status(b) or "error" in status(b))
+        assert status(browser).startswith("12 items most like “v0” · ") and (
+            " · note: v0 was extracted again since it was indexed (its source changed): these are the items most like "
+            "its old content; run `vlpcache index` to index it anew") in status(browser), status(browser)
+        browser.save_screenshot(str(tmp_path / "like-extracted-again.png"))
+    finally:
+        browser.quit()
+        running.stop()
+    if os.environ.get("VLPCACHE_SCREENSHOTS"):
+        shutil.copy(tmp_path / "like-extracted-again.png", Path(os.environ["VLPCACHE_SCREENSHOTS"]) / "like-extracted-again.png")
+
+
 def test_the_page_fits_a_phone_and_a_long_word_wraps_instead_of_widening_it(ws, server, tmp_path):
     """At 375 px the query box takes the whole width on a line of its own, nothing scrolls sideways, and
     the detail's frames fit the dialog; a query word of 175 letters wraps, at phone and desktop width."""

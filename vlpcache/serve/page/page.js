@@ -313,11 +313,11 @@ async function searchLike(id, k) {
     event.preventDefault();
     openItem(id, true);
   });
-  await showLike(body.results, id, example, started, body.note ? ` · note: ${body.note}` : ""); // e.g. extracted again since indexed
+  await showLike(body.results, id, example, started, "", body.note); // e.g. extracted again since it was indexed
 }
 
 // cards of the items most like an example (an indexed item, or a clip of the user's), by global similarity
-async function showLike(hits, name, example, started, how) {
+async function showLike(hits, name, example, started, how, note = "") {
   colours = new Map();
   hitsById.clear();
   hits.forEach((hit) => hitsById.set(hit.id, hit));
@@ -326,7 +326,8 @@ async function showLike(hits, name, example, started, how) {
   const ms = Math.round(performance.now() - started);
   const model = (await info)?.model;
   setStatus((hits.length ? `${hits.length} items most like “${name}” · ${ms} ms` : `nothing else to compare “${name}” with`) +
-    how + (model ? ` · ${model}` : "") + " · by their whole embeddings: no words, no matched regions");
+    how + (model ? ` · ${model}` : "") + " · by their whole embeddings: no words, no matched regions" +
+    (note ? ` · note: ${note}` : ""));
 }
 
 // a video or photo of the user's (the file input, or a file dropped on the page): sent to the server, which
