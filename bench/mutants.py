@@ -2128,6 +2128,15 @@ MUTANTS += [
     mutant("page-like-note-unshown", "vlpcache/serve/page/page.js",
            "    (note ? ` \u00b7 note: ${note}` : \"\"));", "    \"\");",
            "tests/test_serve.py::test_the_page_says_the_items_like_one_extracted_again_since_it_was_indexed_are_like_its_old_content", "the page says the items like one extracted again since indexed are like its old content"),
+    mutant("half-written-index-not-rebuilt-by-index", "vlpcache/index/build.py",
+           "    except HalfWritten as err:\n        say(f\"note:", "    except ZeroDivisionError as err:\n        say(f\"note:",
+           "tests/test_search.py::test_an_index_whose_save_a_kill_cut_among_its_renames_is_built_again_by_the_next_index_or_search", "an index a kill left half-written is built again by the next index"),
+    mutant("half-written-index-stops-search", "vlpcache/index/build.py",
+           "    except HalfWritten:  # being written now", "    except ZeroDivisionError:  # being written now",
+           "tests/test_search.py::test_an_index_whose_save_a_kill_cut_among_its_renames_is_built_again_by_the_next_index_or_search", "an index a kill left half-written is built again by the next search"),
+    mutant("index-waiter-keeps-old-cache", "vlpcache/index/build.py",
+           "        if waited:  # another process wrote the index meanwhile; extract may have added or dropped items since too\n            cache.refresh()\n", "",
+           "tests/test_search.py::test_an_index_that_waited_for_another_takes_up_what_extract_dropped_meanwhile", "an index that waited for the lock reads the cache anew"),
 ]
 
 

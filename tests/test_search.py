@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import time
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,7 +28,7 @@ from vlpcache.index.rerank import query_words
 from vlpcache.model.checkpoint import load_run
 from vlpcache.model.train import run_pretrain
 from vlpcache.workspace import Workspace
-from waiting import HANG_GUARD_S
+from waiting import HANG_GUARD_S, wait_until
 
 ITEMS = 24
 
@@ -1061,6 +1062,52 @@ def test_a_hit_found_damaged_is_shown_without_boxes_and_then_left_out_until_extr
                           "extract redoes them); search leaves them out") in err
     [result] = search_json(monkeypatch, capsys, "a dog", "-k", ITEMS)
     assert "v3" not in [hit["id"] for hit in result["results"]] and len(result["results"]) == ITEMS - 1
+
+
+@pytest.mark.parametrize("then", ["index", "search"])
+def test_an_index_whose_save_a_kill_cut_among_its_renames_is_built_again_by_the_next_index_or_search(
+        ws, monkeypatch, capsys, then):
+    # the files of two saves (a kill among replace_together's renames): every later index and search stopped with
+    # "index files disagree ...; rebuild it with --rebuild", the index and the page down until a user rebuilt it
+    from vlpcache.index.layout import IDS_FILE
+
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    before = VideoIndex.load(the_index(ws))
+    write_cache(ws / "cache", 2, prefix="w", seed=3)
+    kept = (the_index(ws) / IDS_FILE).read_bytes()
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    (the_index(ws) / IDS_FILE).write_bytes(kept)  # the ids of the save before: as a kill after the first rename leaves
+    code, out, err = vlpcache(monkeypatch, capsys, *(["index"] if then == "index" else ["search", "a dog", "--json"]))
+    assert code == 0 and "index files disagree on the item count" in err and (
+        "it was being written when its writer was stopped; building it again") in err, err
+    assert "no index of run" not in err  # there is one: half-written
+    after = VideoIndex.load(the_index(ws))
+    assert len(after) == ITEMS + 2 and after.ids[:ITEMS] == before.ids
+    np.testing.assert_allclose(after.embeddings[:ITEMS], before.embeddings, atol=1e-6)
+
+
+def test_an_index_that_waited_for_another_takes_up_what_extract_dropped_meanwhile(ws, monkeypatch, capsys):
+    # an `index` waiting for the lock read the cache before it waited: it added back the items `extract --prune`
+    # dropped meanwhile (and another `index` had dropped from the index)
+    from vlpcache.cache.reader import RegionCache
+    from vlpcache.index.build import update_index
+    from vlpcache.index.layout import LOCK_FILE, IndexConfig
+    from vlpcache.locks import WriterLock
+    from vlpcache.model.checkpoint import load_run
+
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    index_dir, cache, said = the_index(ws), RegionCache(ws / "cache"), []
+    held = WriterLock.take(index_dir / LOCK_FILE)  # another `index` writing
+    waiting = threading.Thread(target=update_index, args=(load_run(ws / "runs" / "run-001"), cache, index_dir,
+                                                          IndexConfig()),
+                               kwargs=dict(device="cpu", batch_size=8, progress=False, say=said.append))
+    waiting.start()
+    assert wait_until(lambda: any(line.startswith("waiting for ") for line in said))
+    with ShardWriter(ws / "cache", cache.settings, writer_name="s0of2") as writer:  # extract --prune, meanwhile
+        writer.record_removal("v3", cache.row_of("v3"), cache.paths[cache.index_of("v3")], "gone")
+    held.release()
+    waiting.join(HANG_GUARD_S)
+    assert "v3" not in VideoIndex.load(index_dir).ids and len(VideoIndex.load(index_dir)) == ITEMS - 1, said
 
 
 def test_items_pruned_from_the_cache_leave_the_index_on_the_next_index_run(ws, monkeypatch, capsys):

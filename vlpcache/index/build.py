@@ -24,9 +24,9 @@ from vlpcache.cache.manifest import collection_of
 from vlpcache.cache.reader import BlankWhenDamaged, RegionCache
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
-from vlpcache.files import is_write_failure, remove_temporaries, system_reason, write_failure
+from vlpcache.files import is_write_failure, may_write, remove_temporaries, system_reason, write_failure
 from vlpcache.index.export import check_export_path, export_embeddings
-from vlpcache.index.faiss_index import VideoIndex, choose_factory, keep_factory, new_faiss_index
+from vlpcache.index.faiss_index import HalfWritten, VideoIndex, choose_factory, keep_factory, new_faiss_index
 from vlpcache.index.layout import (
     CALIBRATION_FILE,
     DEFAULT_MEMORY_BUDGET_MB,
@@ -117,8 +117,10 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
     items; its query bank too (made when `qbnorm` asks, kept up to date once it exists). `warn`: where the
     line of an item found damaged, and left out, goes (default `say`; `index --quiet` says it all the same)."""
     check_run_reads_cache(run, cache)
-    with writing_index(index_dir, say):
-        index = None if rebuild else existing_index(run, cache, index_dir, config)
+    with writing_index(index_dir, say) as waited:
+        if waited:  # another process wrote the index meanwhile; extract may have added or dropped items since too
+            cache.refresh()
+        index = None if rebuild else existing_index(run, cache, index_dir, config, say)
         if index is not None:  # one given with --factory stays, should the index be made again from nothing
             config = keep_factory(config, index.meta)
         parts = EncodedParts(index_dir)
@@ -280,6 +282,7 @@ def writing_index(index_dir: Path, say: Say = say):
     try:
         index_dir.mkdir(parents=True, exist_ok=True)
         lock = WriterLock.take(index_dir / LOCK_FILE)
+        waited = lock is None
         if lock is None:
             say(f"waiting for {holder_description(index_dir / LOCK_FILE)}, which is writing the index {index_dir}")
             lock = WriterLock.take(index_dir / LOCK_FILE, wait=True)
@@ -289,15 +292,20 @@ def writing_index(index_dir: Path, say: Say = say):
                                             "-o DIR`, then search and serve take --index DIR), or pass --run a run "
                                             "indexed there already") from None
     with lock:
-        yield
+        yield waited
 
 
-def existing_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig) -> VideoIndex | None:
-    """The index already in index_dir, checked against the run and the cache; None when there is none."""
+def existing_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, say: Say = say) -> VideoIndex | None:
+    """The index already in index_dir, checked against the run and the cache; None when there is none, or
+    where a kill left its files from two saves (said: it is built again, from the videos encoded so far)."""
     if not (index_dir / META_FILE).exists():
         return None
     check_same_source(read_meta(index_dir), index_dir, run.checkpoint_sha256, cache.settings.to_json(), run.run_dir)
-    index = VideoIndex.load(index_dir)
+    try:
+        index = VideoIndex.load(index_dir)
+    except HalfWritten as err:
+        say(f"note: {str(err).split('; ')[0]}: it was being written when its writer was stopped; building it again")
+        return None
     if config.factory and config.factory != index.meta.factory:
         raise UserError(f"{index_dir}: index is {index.meta.factory}, not {config.factory}; add --rebuild to change its type")
     return index
@@ -431,7 +439,12 @@ def index_of_run(root: Path, run_dir: Path, cache: RegionCache) -> tuple[Path | 
     if run_sha is None:
         return None, None
     index_dir = index_dir_for(root, run_sha, cache.settings.to_json(), cache.cache_dir)
-    return index_dir, (VideoIndex.load(index_dir) if (index_dir / META_FILE).exists() else None)
+    try:
+        return index_dir, (VideoIndex.load(index_dir) if (index_dir / META_FILE).exists() else None)
+    except HalfWritten:  # being written now, or left so by a kill: a command that may write it builds it (update_index)
+        if not may_write(index_dir):
+            raise
+        return index_dir, None
 
 
 def new_index_line(run, root: Path, index_dir: Path) -> str:

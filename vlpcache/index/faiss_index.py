@@ -329,10 +329,13 @@ class VideoIndex:
 
     @classmethod
     def load(cls, index_dir: str | os.PathLike) -> "VideoIndex":
+        """The index in index_dir; HalfWritten where its files disagree (a kill among the renames of its save)."""
         index_dir = Path(index_dir)
         refuse_unreadable_files(index_dir)
         meta = read_meta(index_dir)
         rebuild = f"rebuild it with `vlpcache index -o {index_dir} --rebuild`"
+        if not (index_dir / IDS_FILE).exists():
+            raise HalfWritten(f"{index_dir}: incomplete index (no {IDS_FILE}); {HALF_WRITTEN_FIX}")
         try:
             ids = read_json(index_dir / IDS_FILE, missing=f"{index_dir}: incomplete index (no {IDS_FILE}); {rebuild}",
                             what="id list", fix=rebuild)
@@ -345,9 +348,17 @@ class VideoIndex:
         if regions is not None:
             counts[REGION_OFFSETS_FILE] = len(regions)
         if len(set(counts.values())) != 1:
-            raise UserError(f"{index_dir}: index files disagree on the item count ({counts}); {rebuild}")
+            raise HalfWritten(f"{index_dir}: index files disagree on the item count ({counts}); {HALF_WRITTEN_FIX}")
         apply_search_params(index, meta.search_params)
         return cls(index, ids, embeddings, meta, regions)
+
+
+# an index whose files a kill left from two saves: `vlpcache index` (and a search that builds its index) makes it again
+HALF_WRITTEN_FIX = "it was being written when its writer was stopped: run `vlpcache index` to build it again"
+
+
+class HalfWritten(UserError):
+    """An index whose files disagree: a kill came among the renames of its save (files.replace_together)."""
 
 
 def keep_factory(config: IndexConfig, meta: IndexMeta) -> IndexConfig:

@@ -29,8 +29,8 @@ index) is used as it is when it was built from the same checkpoint and cache set
 
 Every file is written under a temporary name, and only once all are written are they renamed into
 place (files.replace_together), index.json last: a failed write (disk full) leaves the old index, and a
-kill -9 among the renames one that `load` refuses as inconsistent (never one whose ids and vectors
-disagree silently).
+kill -9 among the renames one that `load` refuses as inconsistent (HalfWritten: `index`, or a search
+that may write it, builds it again; never one whose ids and vectors disagree silently).
 """
 
 from __future__ import annotations

@@ -885,7 +885,7 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
         run = load_run(sources.run_dir, device=device)
         check_run_reads_cache(run, cache)  # before "building it": a cache it cannot read gets no index
         index_dir = index_dir_for(sources.index_dir, run.checkpoint_sha256, cache.settings.to_json(), cache.cache_dir)
-        if index is None:
+        if index is None and not (index_dir / META_FILE).exists():  # (one a kill left half-written: update_index says)
             say(new_index_line(run, sources.index_dir, index_dir))
         if index is None or index.regions is None or not bank_ready:
             index = update_index(run, cache, index_dir, IndexConfig(), device=device,
