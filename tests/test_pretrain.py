@@ -1013,17 +1013,21 @@ def _stopped_in_step_3(corpus: dict, tiny_text: Path, run_dir: Path) -> subproce
     return _patched_pretrain(CTRL_C_IN_STEP_3, command, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def test_a_run_started_again_in_a_folder_stopped_within_its_first_epoch_keeps_none_of_its_places(tmp_path, corpus,
-                                                                                                  tiny_text):
-    # the new run (other settings) kept the old one's place; killed before saving its own, --resume went on from
-    # the old run's weights, optimizer and random state, saying "within epoch 1, after 3 of its steps"
+def test_a_run_started_again_in_a_folder_stopped_within_its_first_epoch_is_refused_and_its_place_kept(tmp_path, corpus,
+                                                                                                      tiny_text):
+    # the same command again (a Slurm requeue of the same script) started over and removed the place saved within
+    # epoch 1 (hours of a large first epoch); before that, a new run there kept the old one's place, and --resume
+    # went on from the old run's weights, optimizer and random state
     run_dir = tmp_path / "run"
     assert _stopped_in_step_3(corpus, tiny_text, run_dir).returncode == 130
     assert list(ckpt.partial_checkpoints(run_dir)) == [(1, 3)]
-    command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0", "--seed", "7")
-    done = _patched_pretrain(signal_in_step(2, signal.SIGKILL), command)
-    assert done.returncode == -signal.SIGKILL
-    assert not ckpt.partial_checkpoints(run_dir)
+    for extra in ([], ["--seed", "7"]):
+        command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0", *extra)
+        done = _patched_pretrain(signal_in_step(2, signal.SIGKILL), command)
+        assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+            f"error: {run_dir} holds its place in epoch 1 (after 3 of its 10 steps), saved by a run stopped within its "
+            "first epoch; pass --resume to continue it from there, or another -o RUN_DIR"), done.stderr
+        assert list(ckpt.partial_checkpoints(run_dir)) == [(1, 3)]
 
 
 def _inspect_output(run_dir: Path) -> str:

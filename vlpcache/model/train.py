@@ -285,6 +285,9 @@ def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, w
     stored = ckpt.read_run_config(run_dir) if options.resume else None
     if not options.resume and ckpt.checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or another -o RUN_DIR")
+    if not options.resume and (place := saved_place(run_dir, 0)) is not None:  # the same command again (a requeue)
+        raise UserError(f"{run_dir} holds {place_text(place)}, saved by a run stopped within its first epoch; pass "
+                        "--resume to continue it from there, or another -o RUN_DIR")
     notes = []  # a new run's lines on the defaults it resolved
     init = stored.get("init") if stored else init_record(options.init) if options.init else None
     init_config = init_model_config(options, init) if init and not stored else None  # refused before the data is read
@@ -525,9 +528,7 @@ def make_trainer(run: Run, processes: Processes, workspace: Workspace) -> Traine
         ckpt.remove_temporaries(run.dir)
         if run.resumed and source is None:  # killed (or out of disk) before the first checkpoint: epoch 1 again
             keep_log_until(run.dir / LOG_NAME, 0)
-        if not run.resumed:  # a folder where a run stopped within its first epoch: none of its places or lines stay
-            for place in ckpt.partial_checkpoints(run.dir).values():
-                ckpt.remove_checkpoint(place)
+        if not run.resumed:  # a folder a run left without a checkpoint or place (refused otherwise): none of its lines stay
             if (run.dir / LOG_NAME).is_file():  # a named pipe (a reader following the log) would wait for a writer
                 keep_log_until(run.dir / LOG_NAME, 0)
             (run.dir / BEST_NAME).unlink(missing_ok=True)
