@@ -2137,6 +2137,12 @@ MUTANTS += [
     mutant("index-waiter-keeps-old-cache", "vlpcache/index/build.py",
            "        if waited:  # another process wrote the index meanwhile; extract may have added or dropped items since too\n            cache.refresh()\n", "",
            "tests/test_search.py::test_an_index_that_waited_for_another_takes_up_what_extract_dropped_meanwhile", "an index that waited for the lock reads the cache anew"),
+    mutant("lock-file-mode-ignores-umask", "vlpcache/locks.py",
+           "        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)", "        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)",
+           "tests/test_cache.py::test_a_lock_left_by_another_user_of_a_shared_group_is_taken_over", "a lock file takes the umask's permissions: a group's writers may take each other's locks"),
+    mutant("lock-of-another-user-refused", "vlpcache/locks.py",
+           "    except PermissionError:\n        return os.open(path, os.O_RDONLY)", "    except ZeroDivisionError:\n        return os.open(path, os.O_RDONLY)",
+           "tests/test_cache.py::test_a_lock_left_by_another_user_of_a_shared_group_is_taken_over", "a lock file this user may not write is taken through a read-only open"),
 ]
 
 

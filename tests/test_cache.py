@@ -252,6 +252,51 @@ def test_a_writer_waiting_on_a_lock_holds_the_file_that_is_there_once_the_holder
 
 
 @pytest.mark.skipif(not Path("/proc/locks").exists(), reason="no kernel lock table (/proc/locks): not Linux")
+def _as_user(uid: int, gid: int, act) -> int:
+    """act()'s exit code, run in a child of this process as another Unix user (root only): forked, not started
+    anew, so that it needs no file of this user's (the interpreter may live in /root)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            os.setgroups([gid])
+            os.setgid(gid)
+            os.setuid(uid)
+            os.umask(0o002)  # a group-shared project's
+            code = act()
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to act as two other Unix users")
+def test_a_lock_left_by_another_user_of_a_shared_group_is_taken_over(tmp_path):
+    # a group-shared cache (umask 002, a setgid folder): a killed extract's lock file was made 644 whatever the
+    # umask, and every extract of the group's other users then failed, "locks/s0of2.lock: cannot write (EACCES)"
+    import tempfile
+
+    from vlpcache.locks import WriterLock
+
+    folder = Path(tempfile.mkdtemp(dir="/tmp", prefix="vlpcache-group-"))
+    try:
+        os.chown(folder, 0, 5000)
+        folder.chmod(0o2775)
+
+        def left_by_a_kill() -> int:
+            WriterLock.take(folder / "s0of2.lock")
+            os.close(os.open(folder / "old.lock", os.O_RDWR | os.O_CREAT, 0o644))  # as an older vlpcache left it
+            return 0  # exits holding the lock: the kernel frees it, the file stays
+
+        def takes_them() -> int:
+            return 0 if all(WriterLock.take(folder / name) for name in ("s0of2.lock", "old.lock")) else 1
+
+        assert _as_user(5001, 5000, left_by_a_kill) == 0
+        assert (folder / "s0of2.lock").stat().st_mode & 0o777 == 0o664 and (folder / "s0of2.lock").stat().st_uid == 5001
+        assert _as_user(5002, 5000, takes_them) == 0  # PermissionError: exit 99
+    finally:
+        shutil.rmtree(folder)
+
+
 def test_whether_a_lock_is_held_is_asked_of_the_kernel_without_taking_it(tmp_path, monkeypatch):
     from vlpcache import locks
 

@@ -123,6 +123,16 @@ def own_temporary_folder(prefix: str) -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}@{host}-")
 
 
+def _open_lock_file(path: Path) -> int:
+    """The lock file, created where absent with the permissions the umask leaves (a group-shared cache's writers,
+    umask 002, may take each other's locks); one this user may not write (another user's, of mode 644: left by a
+    kill, or by an older vlpcache) is opened to read, which flock takes all the same (its holder then goes unnamed)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY)
+
+
 class WriterLock:
     """A held lock; `release()` (or leaving the `with` block, or the process ending) frees it."""
 
@@ -136,7 +146,7 @@ class WriterLock:
         path = Path(path)
         give_up = time.monotonic() + patience
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lock_file(path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
