@@ -2143,6 +2143,9 @@ MUTANTS += [
     mutant("lock-of-another-user-refused", "vlpcache/locks.py",
            "    except PermissionError:\n        return os.open(path, os.O_RDONLY)", "    except ZeroDivisionError:\n        return os.open(path, os.O_RDONLY)",
            "tests/test_cache.py::test_a_lock_left_by_another_user_of_a_shared_group_is_taken_over", "a lock file this user may not write is taken through a read-only open"),
+    mutant("roots-json-read-before-the-lock", "vlpcache/workspace.py",
+           "                known = self.extracted_roots()  # again, under the lock", "                pass  # again, under the lock",
+           "tests/test_captions.py::test_extracts_started_together_each_keep_their_root", "extracts started together each keep their root in roots.json"),
 ]
 
 

@@ -13,6 +13,7 @@ from vlpcache.captions import Captions, read_captions
 from vlpcache.errors import UserError
 from vlpcache.model.data import find_caption_files, load_pretrain_data
 from vlpcache.workspace import Workspace
+from waiting import HANG_GUARD_S
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -514,6 +515,38 @@ def test_roots_are_remembered_once_and_a_workspace_that_cannot_be_written_keeps_
     workspace.remember_roots([dataset / "frames" / "train"])  # known: nothing to write
     workspace.remember_roots([dataset / "other"])  # new, not writable: the record stays as it was
     assert workspace.extracted_roots() == [str((dataset / "frames" / split).resolve()) for split in ("train", "val")]
+
+
+def test_extracts_started_together_each_keep_their_root(tmp_path):
+    # each read roots.json, then wrote what it read plus its own root: of 8 started together, 1 or 2 roots stayed
+    # (pretrain's default captions, found beside the extracted roots, then missed the others' caption files)
+    import multiprocessing
+    import os
+
+    from vlpcache import workspace as workspace_module
+
+    roots, read_together = [tmp_path / f"part{i}" for i in range(4)], multiprocessing.get_context("fork").Barrier(4)
+
+    def remember(root: Path) -> None:
+        first_read = [True]
+        read = workspace_module.Workspace.extracted_roots
+
+        def read_with_the_others(self):  # every process has read the record before any writes it again
+            if first_read.pop() if first_read else False:
+                read_together.wait(timeout=60)
+            return read(self)
+
+        workspace_module.Workspace.extracted_roots = read_with_the_others
+        Workspace(tmp_path / "ws").remember_roots([root])
+        os._exit(0)
+
+    workers = [multiprocessing.get_context("fork").Process(target=remember, args=(root,)) for root in roots]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(HANG_GUARD_S)
+    assert [worker.exitcode for worker in workers] == [0] * 4
+    assert sorted(Workspace(tmp_path / "ws").extracted_roots()) == sorted(str(root.resolve()) for root in roots)
 
 
 def test_default_captions_train_on_the_roots_file_and_validate_on_val_jsonl_beside_it(tmp_path, cache):

@@ -15,9 +15,11 @@ from pathlib import Path
 
 from vlpcache.errors import UserError
 from vlpcache.files import not_allowed
+from vlpcache.locks import WriterLock
 from vlpcache.records import read_optional_json, write_json
 
 ROOTS_NAME = "roots.json"
+ROOTS_LOCK = "roots.json.lock"  # held while roots.json is read and written again
 MODEL_FILES_HINT = "pass --models DIR or set VLPCACHE_MODELS to the folder that holds it"
 
 
@@ -62,7 +64,9 @@ class Workspace:
             return
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            write_json(self.root / ROOTS_NAME, known + list(dict.fromkeys(new)))
+            with WriterLock.take(self.root / ROOTS_LOCK, wait=True):  # extracts started together: each root kept
+                known = self.extracted_roots()  # again, under the lock: another may have added its own since
+                write_json(self.root / ROOTS_NAME, known + [root for root in dict.fromkeys(new) if root not in known])
         except OSError as err:
             if not not_allowed(err):
                 raise
