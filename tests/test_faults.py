@@ -205,18 +205,20 @@ def test_ctrl_c_in_the_middle_of_a_long_item_stops_at_once_without_a_traceback(m
     assert said.strip().splitlines()[-1] == "interrupted; what was committed is kept, re-run the same command to resume"
 
 
-def test_sigterm_to_the_whole_job_commits_the_shard_in_progress_and_says_so(long_root, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_sigterm_to_the_whole_job_commits_the_shard_in_progress_and_says_so(long_root, tmp_path, signum):
     # a Slurm time limit signals every process of the job, the decoding workers too; the process died of it
-    # as of kill -9, losing the shard in progress: here the first, which nothing else would have committed
+    # as of kill -9, losing the shard in progress: here the first, which nothing else would have committed.
+    # SIGHUP: the terminal or ssh connection the job ran in closed (it died of it, with no word)
     cache = tmp_path / "cache"
-    proc = start_extract(long_root, cache, tmp_path, "--items-per-shard", "1000", default=(signal.SIGTERM,))
+    proc = start_extract(long_root, cache, tmp_path, "--items-per-shard", "1000", default=(signum,))
     wait_until(lambda: (cache / SHARD_DIR).is_dir() and temporaries(cache), alive=proc)
     time.sleep(1.0)  # a few items into the shard
     assert proc.poll() is None, f"the extract ended before it could be stopped: {proc.communicate()}"
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signum)
     _, stderr = proc.communicate(timeout=HANG_GUARD_S)
-    assert proc.returncode == 143 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
-    assert stderr.strip().splitlines()[-1] == ("stopped by SIGTERM; what was committed is kept, re-run the same "
+    assert proc.returncode == 128 + signum and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (f"stopped by {signum.name}; what was committed is kept, re-run the same "
                                                "command to resume")
     stopped = RegionCache(cache)
     assert not temporaries(cache) and 0 < len(stopped) < LONG_ITEMS and not stopped.failures, stderr

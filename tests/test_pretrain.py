@@ -975,16 +975,20 @@ def patched_step(*args):
 """
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
 def test_sigterm_to_the_whole_job_stops_pretraining_with_one_line_and_the_resume_command(tmp_path, corpus, tiny_text,
-                                                                                          monkeypatch, start_method):
+                                                                                          monkeypatch, start_method,
+                                                                                          signum):
     # it died of it, as of kill -9; stopping instead, it then failed on its data-loading worker, which the
-    # same SIGTERM had killed (under forkserver, Python 3.14's: by killing the server the worker was started by)
+    # same SIGTERM had killed (under forkserver, Python 3.14's: by killing the server the worker was started by).
+    # SIGHUP (the terminal or ssh connection closed): it died of it, losing what it trained since its last save
     monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
     run_dir = tmp_path / "run"
     command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "1")
-    done = _patched_pretrain(SIGTERM_TO_THE_JOB, command, start_new_session=True)
-    assert done.returncode == 143 and "Traceback" not in done.stderr, done.stderr
-    assert done.stderr.strip().splitlines()[-1] == at_its_place("stopped by SIGTERM", run_dir, 1, 10)
+    done = _patched_pretrain(SIGTERM_TO_THE_JOB.replace("signal.SIGTERM", f"signal.{signum.name}"), command,
+                             start_new_session=True)
+    assert done.returncode == 128 + signum and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == at_its_place(f"stopped by {signum.name}", run_dir, 1, 10)
     assert run_pretrain(run_dir=run_dir, resume=True, quiet=True, device="cpu")["trained_epochs"] == 2
     assert list(ckpt.checkpoints(run_dir)) == [2]
 

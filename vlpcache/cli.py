@@ -7,6 +7,7 @@ start without loading what they do not use; defaults come from the light modules
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import math
@@ -531,6 +532,15 @@ def stopped_line() -> str:
     return f"{stopped()}; what was committed is kept, re-run the same command to resume"
 
 
+def last_line(text: str) -> None:
+    """The line a stopped command ends with, on stderr; where that is a terminal gone (SIGHUP: EIO), none."""
+    try:
+        click.echo(text, err=True)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())  # nor at the interpreter's teardown
+
+
 def exit_now(code: int) -> None:
     """Exit with `code`. After a write error, skip the interpreter's teardown: h5py would flush the
     abandoned shard once more and crash on the full disk (everything worth keeping is committed)."""
@@ -556,10 +566,7 @@ def main() -> None:
                 close_bars()
                 raise
         except click.exceptions.Abort as err:  # click turns Ctrl-C (KeyboardInterrupt) into Abort
-            if isinstance(err.__context__, KeyboardInterrupt):
-                click.echo(stopped_line(), err=True)
-            else:
-                click.echo("aborted", err=True)
+            last_line(stopped_line() if isinstance(err.__context__, KeyboardInterrupt) else "aborted")
             exit_now(exit_status())
         except click.UsageError as err:  # a bad option or command: one line, as every other error
             command = err.ctx.command_path if err.ctx is not None else "vlpcache"
@@ -593,10 +600,10 @@ def main() -> None:
             exit_now(2)
         except Interrupted as err:
             if str(err):  # else said by another process (torchrun's rank 0)
-                click.echo(str(err), err=True)
+                last_line(str(err))
             exit_now(exit_status())
         except KeyboardInterrupt:
-            click.echo(stopped_line(), err=True)
+            last_line(stopped_line())
             exit_now(exit_status())
         except Exception as err:
             if not out_of_memory(err):

@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM: stop at the next safe point, keep what was committed, never lose the request.
+"""Ctrl-C, SIGTERM and SIGHUP: stop at the next safe point, keep what was committed, never lose the request.
 
 Python runs a signal handler in the main thread, between two bytecodes of whatever runs there. When
 that is a weakref callback or a `__del__` (CI caught one in a WeakValueDictionary's callback), the
@@ -12,7 +12,8 @@ one prints nothing, since it is raised again at the next check.
 
 SIGTERM (a Slurm time limit, `kill`, a container being stopped) takes the same path as Ctrl-C, so an
 extract commits the shard in progress instead of losing it; the command then exits with 143 instead of
-130, and its last line says what stopped it.
+130, and its last line says what stopped it. So does SIGHUP (the terminal or ssh connection closed), with
+129, unless the command was started under `nohup`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import sys
 import time
 from typing import Iterator
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP: the terminal or ssh connection a command runs in went away (`nohup` ignores it: then it stays ignored)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 _requested: int | None = None  # the first signal that asked this command to stop
 _held: set[int] = set()  # the signals whose handler is ours, within stops_remembered()
@@ -173,12 +175,12 @@ def stop_if_interrupted() -> None:
 
 
 def stopped() -> str:
-    """How the line that ends a stopped command begins: "interrupted" for Ctrl-C, "stopped by SIGTERM"."""
-    return "stopped by SIGTERM" if _requested == signal.SIGTERM else "interrupted"
+    """How the line that ends a stopped command begins: "interrupted" for Ctrl-C, "stopped by SIGTERM" (SIGHUP)."""
+    return f"stopped by {signal.Signals(_requested).name}" if _requested not in (None, signal.SIGINT) else "interrupted"
 
 
 def exit_status() -> int:
-    """128 + the signal, as a shell reports a process it ended: 130 for Ctrl-C, 143 for SIGTERM."""
+    """128 + the signal, as a shell reports a process it ended: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
     return 128 + (_requested or signal.SIGINT)
 
 
@@ -192,6 +194,7 @@ def leave_stops_to_the_parent(worker_id: int = 0) -> None:
     it (ignored too, a worker stuck in a slow read outlived the training process until the read
     returned). The loader's "closing" event is the `done_event` of torch's worker loop, which calls this."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a terminal gone: the training process stops them all
     closing = sys._getframe(1).f_locals.get("done_event")
     if not callable(getattr(closing, "is_set", None)):  # another torch: keep the worker through every SIGTERM
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

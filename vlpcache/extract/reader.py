@@ -78,7 +78,7 @@ Decode = Callable[[Item, int, int], DecodedItem]  # decode_item, or a stand-in t
 
 
 def _start_worker(parent_pid: int) -> None:
-    """A decoding worker's signals: ignore Ctrl-C, die of SIGTERM, and exit once the parent is gone."""
+    """A decoding worker's signals: ignore Ctrl-C, die of SIGTERM (or SIGHUP), and exit once the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     let_ctrl_c_through()  # blocked from its start (ctrl_c_held): one that came while it imported is dropped
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
