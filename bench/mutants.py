@@ -2152,6 +2152,12 @@ MUTANTS += [
     mutant("loader-worker-dies-of-sighup", "vlpcache/interrupts.py",
            "    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a terminal gone", "    pass  # a terminal gone",
            "tests/test_pretrain.py::test_sigterm_to_the_whole_job_stops_pretraining_with_one_line_and_the_resume_command", "pretrain's data-loading workers outlive a SIGHUP to the job, which stops training cleanly"),
+    mutant("merge-while-an-extract-writes", "vlpcache/cache/merge.py",
+           "        if (path := held_writer(target, f\"s*of*{LOCK_SUFFIX}\")) is not None:", "        if (path := None) is not None:",
+           "tests/test_merge.py::test_a_merge_and_an_extract_into_one_cache_at_once_the_second_to_start_is_refused", "a merge into a cache an extract writes is refused"),
+    mutant("extract-while-a-merge-runs", "vlpcache/cache/writer.py",
+           "                refuse_while_merging(self.cache_dir)\n", "",
+           "tests/test_merge.py::test_a_merge_and_an_extract_into_one_cache_at_once_the_second_to_start_is_refused", "an extract into a cache a merge writes is refused"),
 ]
 
 

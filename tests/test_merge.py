@@ -252,6 +252,27 @@ def test_a_second_merge_into_a_cache_being_merged_into_stops_at_once_naming_the_
     assert RegionCache(tmp_path / "cache").ids == ["x"]
 
 
+def test_a_merge_and_an_extract_into_one_cache_at_once_the_second_to_start_is_refused(tmp_path):
+    # each checked ids against the cache as it was: an extract and a merge at once left one id cached from two
+    # files (the merged rows hidden), where one after the other refuses the clash
+    from vlpcache.cache.merge import MERGE_WRITER
+    from vlpcache.cache.writer import take_writer_lock
+
+    a, cache = tmp_path / "a", tmp_path / "cache"
+    write(a, ["x"], seed=0)
+    write(cache, ["y"], seed=1)
+    with ShardWriter(cache, SETTINGS, writer_name="s0of2"):  # an extract at work on it
+        with pytest.raises(UserError, match=rf"^{cache}: an extract is writing it \(pid {os.getpid()} on .*\); wait "
+                                            "for it to finish, then merge"):
+            merge_caches([a], cache, progress=False)
+    with take_writer_lock(cache, MERGE_WRITER):  # a merge at work on it
+        with pytest.raises(UserError, match=rf"^{cache}: a merge into it is running \(pid {os.getpid()} on .*\); "
+                                            "wait for it to finish, then extract$"):
+            ShardWriter(cache, SETTINGS, writer_name="s0of1")
+    merge_caches([a], cache, progress=False)  # one after the other
+    assert sorted(RegionCache(cache).ids) == ["x", "y"]
+
+
 def test_merge_command_then_index_reads_the_merged_collection(tmp_path, monkeypatch, capsys):
     from vlpcache.cli import main
 

@@ -31,14 +31,14 @@ from vlpcache.cache.manifest import collection_of, open_shard, read_manifest
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import (COMMITTED_ATTR, DAMAGED_DIR, FAILURE_DIR, MANIFEST_NAME, MOVES_DIR, PASSED_OVER_SUFFIX,
                                    REMOVED_DIR, SHARD_DIR, SHARD_SUFFIX)
-from vlpcache.cache.writer import open_cache_dir, take_writer_lock
+from vlpcache.cache.writer import MERGE_WRITER, held_writer, open_cache_dir, take_writer_lock
 from vlpcache.errors import UserError
 from vlpcache.files import fsync_path, replace_atomically, system_reason, write_failure
+from vlpcache.locks import LOCK_SUFFIX, holder_description
 from vlpcache.records import json_lines
 from vlpcache.report import Say, human_size, items_word, printable, progress_bar, say
 
 MERGED_PREFIX = "m-"
-MERGE_WRITER = "merge"  # the writer lock a merge holds on its target: a second merge into it stops at once
 PARTIAL_SUFFIX = ".merging"  # a shard being brought in: never read (not *.h5), removed by the next merge
 MERGE_AGAIN = "the shards merged before are kept; make room and run the same command again to bring the rest"
 
@@ -59,6 +59,9 @@ def merge_caches(sources: list, target, progress: bool = True, say: Say = say) -
     busy = (lambda holder: f"{target}: another merge into it is running ({holder}); wait for it to finish (it brings "
             "what this one would), then run this one again if it had other caches")
     with take_writer_lock(target, MERGE_WRITER, busy):
+        if (path := held_writer(target, f"s*of*{LOCK_SUFFIX}")) is not None:  # its ids were read before: they may clash
+            raise UserError(f"{target}: an extract is writing it ({holder_description(path)}); wait for it to finish, "
+                            "then merge (the ids it caches meanwhile are checked against the merged caches' then)")
         open_cache_dir(target, readers[0].settings)  # a new cache gets a collection id of its own
         for leftover in (target / SHARD_DIR).glob(f"*{SHARD_SUFFIX}{PARTIAL_SUFFIX}"):
             leftover.unlink(missing_ok=True)  # a killed merge's (this one holds the merge lock)

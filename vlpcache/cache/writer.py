@@ -124,6 +124,25 @@ def take_writer_lock(cache_dir: Path, writer_name: str, busy: Callable[[str], st
 
 
 SHARD_SET = re.compile(r"^s(\d+)of(\d+)$")  # the writer of --shard i/n (ExtractOptions.shard_set)
+MERGE_WRITER = "merge"  # the writer lock a merge holds on its target: a second merge into it stops at once
+
+
+def held_writer(cache_dir: Path, pattern: str) -> Path | None:
+    """The lock file (under locks/, its name matching the glob `pattern`) of a writer at work on the cache now;
+    None where there is none (a file left by one that ended is removed)."""
+    for path in sorted((Path(cache_dir) / LOCK_DIR).glob(pattern)):
+        if (lock := WriterLock.take(path)) is None:
+            return path
+        lock.release()
+    return None
+
+
+def refuse_while_merging(cache_dir: Path) -> None:
+    """One line where a merge brings other caches into this one now: its ids were checked against the cache as it
+    was, and an item this extract caches meanwhile could be another file's under one of them (each hiding the other)."""
+    if (path := held_writer(cache_dir, f"{MERGE_WRITER}{LOCK_SUFFIX}")) is not None:
+        raise UserError(f"{cache_dir}: a merge into it is running ({holder_description(path)}); wait for it to finish, "
+                        "then extract")
 
 
 def refuse_other_shard_counts(cache_dir: Path, writer_name: str) -> None:
@@ -296,7 +315,8 @@ class ShardWriter:
         self._made_dir = first_missing_folder(self.cache_dir)  # removed again by a run that fails having done nothing
         try:
             self.lock = take_writer_lock(self.cache_dir, writer_name)
-            if "-ray-" not in writer_name:  # a driver (or a local run) of the shard set: not one of its actors
+            if "-ray-" not in writer_name and writer_name != MERGE_WRITER:  # a driver (or a local run) of a shard set
+                refuse_while_merging(self.cache_dir)
                 refuse_other_shard_counts(self.cache_dir, writer_name)
                 wait_for_ray_actors_of(self.cache_dir, writer_name)
             open_cache_dir(self.cache_dir, settings)
