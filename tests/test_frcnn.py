@@ -188,3 +188,15 @@ def test_box_decoding_stays_float32_for_half_precision_heads(detector):
     decoded = coder.decode(torch.zeros(1, 4, dtype=torch.float16), proposals)  # zero deltas: the box itself
     assert decoded.dtype == torch.float32
     torch.testing.assert_close(decoded.reshape(-1, 4), proposals[0].float())
+
+
+def test_extract_help_gives_the_320_models_own_scale_and_proposals_as_their_defaults():
+    from click.testing import CliRunner
+
+    from vlpcache.cli import cli
+    from vlpcache.extract.detectors.spec import FRCNN_SCALES
+
+    text = " ".join(CliRunner().invoke(cli, ["extract", "--help"]).output.split())
+    short, long, proposals = FRCNN_SCALES["fasterrcnn_mobilenet_v3_large_320_fpn"]
+    assert f"[default: 600/1000; fasterrcnn_mobilenet_v3_large_320_fpn: {short}/{long}]" in text
+    assert f"[default: 300; fasterrcnn_mobilenet_v3_large_320_fpn: {proposals}]" in text

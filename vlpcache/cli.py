@@ -29,7 +29,10 @@ from vlpcache.extract.detectors.spec import (
     DETECTORS,
     FRCNN_ARCHITECTURES,
     FRCNN_FEATURE_DIM,
+    FRCNN_SCALES,
     REGIONS,
+    VG_PROPOSALS,
+    VG_SCALES,
     VG_MIN_REGIONS,
     VG_REGIONS,
     VG_SCORE_THRESHOLD,
@@ -145,6 +148,16 @@ def backbone_help() -> str:
             f"[default: {DEFAULT_FRCNN_ARCH}].")
 
 
+def scale_defaults(proposals: bool = False) -> str:
+    """--scale's (or --proposals') default: bottom-up attention's, and the architectures' own where other."""
+    def shown(short: int, long: int, count: int) -> str:
+        return str(count) if proposals else f"{short}/{long}"
+
+    usual = shown(*VG_SCALES, VG_PROPOSALS)
+    other = {arch: shown(*scales) for arch, scales in FRCNN_SCALES.items() if shown(*scales) != usual}
+    return "; ".join([usual, *(f"{arch}: {value}" for arch, value in other.items())])
+
+
 # ---------------------------------------------------------------- the commands
 
 @cli.command()
@@ -164,8 +177,9 @@ def backbone_help() -> str:
               help=f"frcnn: a state dict file (.pth or .safetensors) instead of torchvision's COCO weights; vg: the "
                    f"checkpoint instead of {VG_HUB_REPO}'s, fetched into the models folder.")
 @click.option("--scale", metavar="SHORT/LONG",
-              help="frcnn, vg: input size, shorter side SHORT, longest at most LONG [default: 600/1000].")
-@click.option("--proposals", type=click.IntRange(1), help="frcnn, vg: region proposals per frame [default: 300].")
+              help=f"frcnn, vg: input size, shorter side SHORT, longest at most LONG [default: {scale_defaults()}].")
+@click.option("--proposals", type=click.IntRange(1),
+              help=f"frcnn, vg: region proposals per frame [default: {scale_defaults(proposals=True)}].")
 @models_option
 @device_option
 @click.option("--batch-size", default=None, type=click.IntRange(1),
