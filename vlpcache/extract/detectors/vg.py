@@ -52,6 +52,8 @@ from vlpcache.extract.detectors.vg_model import (
     VgFasterRCNN,
     checkpoint_state,
 )
+from vlpcache.extract.detectors.weights import VG_FILE
+from vlpcache.workspace import replace_command
 
 SELECTIONS = ("class-aware", "max-class")
 MAX_CLASS_NMS_IOU = 0.5  # the LXMERT demo's (its config's ROI_HEADS.NMS_THRESH_TEST)
@@ -94,7 +96,8 @@ def build_vg_model(weights_file: str | None) -> VgFasterRCNN:
         try:
             state = checkpoint_state(path)
         except ValueError as err:
-            raise UserError(f"{path}: {err}; pass --weights with unc-nlp/frcnn-vg-finetuned's pytorch_model.bin") from None
+            fix = f"{replace_command(path)}, or" if path.name == VG_FILE else "damaged or another model's:"
+            raise UserError(f"{path}: {err}; {fix} pass --weights with unc-nlp/frcnn-vg-finetuned's pytorch_model.bin") from None
         model.load_state_dict(state, strict=True)
     return model.eval()
 

@@ -37,12 +37,11 @@ from vlpcache.errors import UserError
 from vlpcache.files import file_sha256, replace_atomically, temporary_writer
 from vlpcache.locks import process_alive
 from vlpcache.report import say
-from vlpcache.workspace import MODEL_FILES_HINT, models_dir
+from vlpcache.workspace import FETCH_COMMAND, MODEL_FILES_HINT, models_dir
 
 YOLOX_FILE = "yolox_nano_coco.onnx"
 MOBILENET_FILE = "mobilenet_v2_imagenet_features.pth"
 VG_FILE = "frcnn_vg_finetuned.bin"
-FETCH_COMMAND = "vlpcache models fetch"
 STALE_AFTER_S = 600  # a temporary that has not grown for this long belongs to a dead download
 # the models folder's problem, not the source's: one line naming the folder, no other source tried
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -58,15 +57,16 @@ class Known:
 
 
 class Source(Protocol):
-    """Where a file can come from. `obtain` writes it into `tmp` (its final place is `target`) or raises
-    Unavailable (try the next source) or Damaged (try again)."""
+    """Where a file can come from. `obtain` writes it into `tmp` (its final place is `target`) and returns the
+    copy in the source's own cache it came from (None for a download), or raises Unavailable (try the next
+    source) or Damaged (try again)."""
 
     attempts: int
     verbatim: bool  # the file arrives as published, so its sha256 must be a known one
 
     def describe(self) -> str: ...
 
-    def obtain(self, target: Path, tmp: Path, offline: bool, progress: bool | None) -> None: ...
+    def obtain(self, target: Path, tmp: Path, offline: bool, progress: bool | None) -> Path | None: ...
 
 
 @dataclass(frozen=True)
@@ -80,11 +80,12 @@ class Download:
     def describe(self) -> str:
         return self.url
 
-    def obtain(self, target: Path, tmp: Path, offline: bool, progress: bool | None) -> None:
+    def obtain(self, target: Path, tmp: Path, offline: bool, progress: bool | None) -> Path | None:
         if offline:
             raise Unavailable("downloads are off")
         say(f"downloading {target.name} from {source_url(self.url)}")
         download(self.url, tmp, target.name, progress)
+        return None
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class PackageFile:
     def describe(self) -> str:
         return f"PyPI package {self.distribution}"
 
-    def obtain(self, target: Path, tmp: Path, offline: bool, progress: bool | None) -> None:
+    def obtain(self, target: Path, tmp: Path, offline: bool, progress: bool | None) -> Path | None:
         try:
             shipped = Path(importlib.metadata.distribution(self.distribution).locate_file(self.path))
         except importlib.metadata.PackageNotFoundError:
@@ -110,6 +111,7 @@ class PackageFile:
         if not shipped.is_file() or file_sha256(shipped) != self.sha256:
             raise Unavailable(f"{shipped} is missing or not the pinned file (sha256 {self.sha256[:12]}…)")
         convert(self.convert, shipped, target.name, tmp)
+        return None  # the shipped file's sha256 is pinned: a conversion that fails is no damaged copy
 
 
 @dataclass(frozen=True)
@@ -127,8 +129,9 @@ class TorchvisionWeights:
     def describe(self) -> str:
         return f"torchvision {self.arch} {self.weights} ({self.url})"
 
-    def obtain(self, target: Path, tmp: Path, offline: bool, progress: bool | None) -> None:
+    def obtain(self, target: Path, tmp: Path, offline: bool, progress: bool | None) -> Path | None:
         convert(self.convert, torchvision_checkpoint(self.arch, self.weights, offline, progress), target.name, tmp)
+        return None  # torchvision_checkpoint refused a damaged copy in torch.hub's cache already
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,7 @@ class HubFile:
     def describe(self) -> str:
         return f"https://huggingface.co/{self.repo_id} ({self.filename}{'@' + self.revision if self.revision else ''})"
 
-    def obtain(self, target: Path, tmp: Path, offline: bool, progress: bool | None) -> None:
+    def obtain(self, target: Path, tmp: Path, offline: bool, progress: bool | None) -> Path | None:
         from huggingface_hub import hf_hub_download
 
         try:
@@ -153,6 +156,7 @@ class HubFile:
         except Exception as err:  # not in the cache offline, no network, no such repository or file
             raise Unavailable(first_line(err)) from None
         shutil.copyfile(cached, tmp)
+        return Path(cached)
 
 
 @dataclass(frozen=True)
@@ -274,7 +278,8 @@ REGISTRY: dict[str, WeightsFile] = {entry.name: entry for entry in (
 
 def torchvision_checkpoint(arch: str, name: str, offline: bool = False, progress: bool | None = None) -> Path:
     """The file of torchvision's weights `name` for `arch` in torch.hub's cache, downloaded there (hash
-    checked by torch.hub) unless offline. UserError for an unknown name; Unavailable when it cannot be had."""
+    checked by torch.hub) unless offline, also over a damaged copy there. UserError for an unknown name;
+    Unavailable when it cannot be had."""
     import torch
     from torchvision.models import get_model_weights
 
@@ -284,17 +289,40 @@ def torchvision_checkpoint(arch: str, name: str, offline: bool = False, progress
     except (KeyError, ValueError):
         raise UserError(f"unknown weights {name!r} for {arch}; choose from {', '.join(enum.__members__)}") from None
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-    if path.is_file():
+    damage = hub_copy_damage(path) if path.is_file() else "absent"
+    if damage is None:
         return path
     if offline:
-        raise Unavailable(f"downloads are off and {path} is absent")
+        raise Unavailable(f"downloads are off and {path} is absent" if damage == "absent" else
+                          f"the cached copy at {path} is damaged ({damage}); delete it")
     say(f"downloading {path.name} from {weights.url} into {path.parent}")
-    try:
-        torch.hub.load_state_dict_from_url(weights.url, progress=sys.stderr.isatty() if progress is None else progress,
-                                           check_hash=True, map_location="cpu", weights_only=True)
+    try:  # over a damaged copy too: torch.hub downloads into a temporary and moves it into place once checked
+        path.parent.mkdir(parents=True, exist_ok=True)
+        published = torch.hub.HASH_REGEX.search(path.name)
+        torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=published.group(1) if published else None,
+                                       progress=sys.stderr.isatty() if progress is None else progress)
     except Exception as err:  # offline, proxy, hash mismatch: the user needs the file, not a traceback
         raise Unavailable(str(getattr(err, "reason", err)).strip() or type(err).__name__) from None
     return path
+
+
+def hub_copy_damage(path: Path) -> str | None:
+    """Why the file at `path` in torch.hub's cache is damaged, or None. Damaged: not of the sha256 its name
+    begins with (torch.hub's check) and not readable as a state dict either (one put there by hand, as
+    fetch_torchvision_weights' message says, may be another save of the same weights)."""
+    import torch
+
+    from vlpcache.extract.detectors.state_dicts import read_state_dict
+
+    match = torch.hub.HASH_REGEX.search(path.name)
+    sha256 = file_sha256(path)
+    if match is None or sha256.startswith(match.group(1)):
+        return None
+    try:
+        read_state_dict(path)
+    except ValueError as err:
+        return f"sha256 {sha256[:12]}…, not {match.group(1)}…; {first_line(err)}"
+    return None
 
 
 def fetch_torchvision_weights(arch: str, name: str) -> Path:
@@ -327,22 +355,59 @@ def weights_file(name: str, models: str | os.PathLike | None = None, progress: b
 
 def fetch(entry: WeightsFile, folder: Path, progress: bool | None = None) -> Path:
     """Fetch `entry` into `folder` from its first source that has it, verified; UserError if none does."""
+    problems = fetch_problems(entry, folder, progress)
+    if problems:
+        raise UserError(not_fetched(entry, folder, problems))
+    return folder / entry.name
+
+
+def fetch_problems(entry: WeightsFile, folder: Path, progress: bool | None = None) -> list[str]:
+    """Fetch `entry` into `folder` (over a damaged file there) from its first source that has it, verified:
+    [] once one did, else each source's problem; the folders made for it are removed again then."""
     path = folder / entry.name
+    made = []  # the folders that are not there yet, deepest first
+    for missing in (folder, *folder.parents):
+        if os.path.lexists(missing):
+            break
+        made.append(missing)
     remove_stale_temporaries(path)
     offline = offline_variable()
     problems = []
     for source in entry.sources:
         problem = fetch_from(entry, source, path, offline is not None, progress)
         if problem is None:
-            return path
+            return []
         problems.append(problem)
+    for empty in made:  # a source that had nothing leaves no folder behind (a typo's, one of a wrong --models)
+        try:
+            empty.rmdir()
+        except OSError:  # another process's temporary or file is in it by now
+            break
+    return problems
+
+
+def not_fetched(entry: WeightsFile, folder: Path, problems: list[str]) -> str:
+    """The one line saying `entry` could not be fetched into `folder`: each source's problem and the fix."""
+    path = folder / entry.name
+    what = f"weights file {path} is damaged" if path.is_file() else f"weights file {entry.name} not found in {folder}"
+    offline = offline_variable()
     if offline:
-        sources = " or ".join(source.describe() for source in entry.sources)
-        raise UserError(f"weights file {entry.name} not found in {folder} and downloads are off ({offline}=1): run "
-                        f"`{entry.fetch_command()} --models DIR` on a machine with network (source: {sources}) and copy DIR "
-                        f"here, or {MODEL_FILES_HINT}")
-    raise UserError(f"weights file {entry.name} not found in {folder} and could not be fetched ({'; '.join(problems)}): "
-                    f"run `{entry.fetch_command()} --models DIR` where there is network and copy DIR here, or {MODEL_FILES_HINT}")
+        return (f"{what} and downloads are off ({offline}=1), tried {'; '.join(problems)}: run `{entry.fetch_command()} "
+                f"--models DIR` on a machine with network and copy DIR here, or {MODEL_FILES_HINT}")
+    return (f"{what} and could not be fetched ({'; '.join(problems)}): run `{entry.fetch_command()} --models DIR` "
+            f"where its sources can be reached and copy DIR here, or {MODEL_FILES_HINT}")
+
+
+def damage(entry: WeightsFile, path: Path) -> str | None:
+    """Why the file at `path` is not a usable `entry`, or None: one of the known files, else one that passes
+    its structure check (an export of the user's own may have another sha256)."""
+    if entry.known_as(file_sha256(path)):
+        return None
+    try:
+        entry.check(path)
+    except ValueError as err:
+        return first_line(err)
+    return None
 
 
 def fetch_from(entry: WeightsFile, source: Source, path: Path, offline: bool, progress: bool | None) -> str | None:
@@ -371,14 +436,23 @@ def fetch_from(entry: WeightsFile, source: Source, path: Path, offline: bool, pr
 
 
 def obtain_verified(entry: WeightsFile, source: Source, path: Path, tmp: Path, offline: bool, progress: bool | None) -> None:
-    source.obtain(path, tmp, offline, progress)
+    cached = source.obtain(path, tmp, offline, progress)
     sha256 = file_sha256(tmp)
     if source.verbatim and entry.known and entry.known_as(sha256) is None:
-        raise Damaged(f"sha256 {sha256[:12]}… is none of the published files' ({', '.join(k.sha256[:12] for k in entry.known)})")
+        raise damaged(f"sha256 {sha256[:12]}… is none of the published files' ({', '.join(k.sha256[:12] for k in entry.known)})",
+                      cached)
     try:
         entry.check(tmp)
     except ValueError as err:
-        raise Damaged(f"not a usable {entry.name}: {err}") from None
+        raise damaged(f"not a usable {entry.name}: {first_line(err)}", cached) from None
+
+
+def damaged(problem: str, cached: Path | None) -> Exception:
+    """Damaged (worth another try) for what a download brought; Unavailable for a copy in a source's own
+    cache, which another try would only copy again: the line names it, to be deleted."""
+    if cached is None:
+        return Damaged(problem)
+    return Unavailable(f"the cached copy at {cached} is damaged ({problem}); delete it")
 
 
 def remove_stale_temporaries(path: Path) -> None:

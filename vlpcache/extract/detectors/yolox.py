@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from vlpcache.extract.detectors.spec import DEFAULT_YOLOX_BACKBONE, DetectorSpec
 from vlpcache.extract.detectors.spec import YOLOX_INPUT_SIZE as INPUT_SIZE
 from vlpcache.extract.detectors.vision_ops import roi_align
 from vlpcache.extract.detectors.yolox_graph import batched_onnx
+from vlpcache.files import replace_atomically
 from vlpcache.report import say
 from vlpcache.workspace import user_cache_dir
 
@@ -93,24 +93,27 @@ class NormalisedTrunk(torch.nn.Module):
         return self.trunk((bgr.flip(1) - self.mean) / self.std)
 
 
-def _cached_onnx(name: str, make) -> bytes:
-    """An ONNX graph vlpcache derives from a weights file, made once by `make()` and kept in
-    user_cache_dir()/onnx under `name` (which holds the weights' sha256): later runs read the bytes."""
+def _cached_onnx(name: str, make, load):
+    """`load(graph)` of an ONNX graph vlpcache derives from a weights file, made once by `make()` and kept
+    in user_cache_dir()/onnx under `name` (which holds the weights' sha256): later runs read the bytes.
+    A kept graph that does not load (a crash cut its write short) is removed and made again."""
     cached = user_cache_dir() / "onnx" / name
     if cached.is_file():
-        return cached.read_bytes()
+        try:
+            return load(cached.read_bytes())
+        except Exception as err:  # onnxruntime's InvalidProtobuf, Fail, ...: whatever a damaged graph raises
+            say(f"note: {cached}: damaged ({type(err).__name__}); made again")
+            cached.unlink(missing_ok=True)
     data = make()
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, cached)
+        replace_atomically(cached, lambda tmp: tmp.write_bytes(data))
     except OSError:
         pass  # a read-only home only costs making it again next time
-    return data
+    return load(data)
 
 
-def _mobilenet_onnx(path: Path, sha256: str) -> bytes:
+def _mobilenet_onnx(path: Path, sha256: str, load):
     """NormalisedTrunk as ONNX, exported once per weights file.
 
     On CPU, onnxruntime runs MobileNetV2's depthwise convolutions about 5-10x faster than torch."""
@@ -129,14 +132,14 @@ def _mobilenet_onnx(path: Path, sha256: str) -> bytes:
                               opset_version=17, dynamo=False)
         return buffer.getvalue()
 
-    return _cached_onnx(f"mobilenet_v2_features-{sha256[:16]}-v3.onnx", export)
+    return _cached_onnx(f"mobilenet_v2_features-{sha256[:16]}-v3.onnx", export, load)
 
 
-def _yolox_onnx(path: Path, sha256: str, with_neck: bool) -> bytes:
+def _yolox_onnx(path: Path, sha256: str, with_neck: bool, load):
     """The YOLOX graph made batched (with its neck maps as outputs), rewritten once per weights file:
     later runs skip importing onnx and parsing the graph (about 0.8 s of each extract's start)."""
     outputs = "neck" if with_neck else "head"
-    return _cached_onnx(f"yolox-{sha256[:16]}-{outputs}-v1.onnx", lambda: batched_onnx(path, with_neck))
+    return _cached_onnx(f"yolox-{sha256[:16]}-{outputs}-v1.onnx", lambda: batched_onnx(path, with_neck), load)
 
 
 def _fit(height: int, width: int, size: int) -> tuple[int, int, float]:
@@ -241,11 +244,14 @@ class YoloxDetector:
     def _load_onnxruntime(self) -> None:
         device, threads = self.config.device, self.config.threads or quota_threads()
         autotune = self.config.autotune
-        detector = _yolox_onnx(self.spec.detector_file, self.spec.provenance["detector_weights_sha256"], self.use_neck)
-        self.session = _onnx_session(detector, device, threads, autotune)
+        def session(graph: bytes):
+            return _onnx_session(graph, device, threads, autotune)
+
+        self.session = _yolox_onnx(self.spec.detector_file, self.spec.provenance["detector_weights_sha256"],
+                                   self.use_neck, session)
         if self.use_mobilenet:
-            trunk = _mobilenet_onnx(self.spec.backbone_file, self.spec.provenance["backbone_weights_sha256"])
-            self.trunk_session = _onnx_session(trunk, device, threads, autotune)
+            self.trunk_session = _mobilenet_onnx(self.spec.backbone_file, self.spec.provenance["backbone_weights_sha256"],
+                                                 session)
 
     def _autocast(self):
         if self.device.type != "cuda" or not self.config.autocast:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlpcache.errors import UserError
+from vlpcache.workspace import replace_command
 
 INPUT_NAME, OUTPUT_NAME = "images", "output"  # the names YOLOX's export gives them
 PREDICTION_COLUMNS = 85  # x, y, w, h, objectness and 80 COCO class scores per anchor cell
@@ -45,6 +46,13 @@ def neck_outputs(graph) -> list[str]:
     return necks
 
 
+def check_inputs_outputs(graph) -> None:
+    """ValueError unless the graph reads one input `images` and gives one output `output`, as YOLOX's export."""
+    names = ([i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}], [o.name for o in graph.output])
+    if names != ([INPUT_NAME], [OUTPUT_NAME]):
+        raise ValueError(f"inputs/outputs {names}, expected ([{INPUT_NAME!r}], [{OUTPUT_NAME!r}])")
+
+
 def batched_onnx(path: Path, with_neck: bool) -> bytes:
     """The exported graph declares (1, 3, 416, 416); its reshapes follow the input's shape, so symbolic
     batch, height and width give batched inference on canvases that fit the frame (less padding to
@@ -54,16 +62,19 @@ def batched_onnx(path: Path, with_neck: bool) -> bytes:
     try:
         model = onnx.load(str(path))
     except Exception as err:  # truncated or not ONNX at all
-        raise UserError(f"{path}: not an ONNX file ({type(err).__name__}); `vlpcache models verify` checks the "
-                        "models folder") from None
+        raise UserError(f"{path}: not an ONNX file ({type(err).__name__}); {replace_command(path)}") from None
     graph = model.graph
+    try:
+        check_inputs_outputs(graph)
+        necks = neck_outputs(graph) if with_neck else []
+    except ValueError as err:  # an empty file (a touch, a failed copy) parses as an empty graph; another model's
+        raise UserError(f"{path}: not YOLOX-Nano's graph ({err}); {replace_command(path)}") from None
     for value, names in ((graph.input[0], ("batch", None, "height", "width")), (graph.output[0], ("batch", "anchors"))):
         for dim, name in zip(value.type.tensor_type.shape.dim, names):
             if name:
                 dim.dim_param = name
-    if with_neck:
-        for name in neck_outputs(graph):
-            graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    for name in necks:
+        graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     return model.SerializeToString()
 
 
@@ -78,9 +89,7 @@ def check_yolox_graph(path: Path) -> None:
         graph = onnx.load(str(path)).graph
     except Exception as err:  # truncated or not ONNX at all
         raise ValueError(f"not an ONNX file ({type(err).__name__})") from None
-    names = ([i.name for i in graph.input if i.name not in {t.name for t in graph.initializer}], [o.name for o in graph.output])
-    if names != ([INPUT_NAME], [OUTPUT_NAME]):
-        raise ValueError(f"inputs/outputs {names}, expected ([{INPUT_NAME!r}], [{OUTPUT_NAME!r}])")
+    check_inputs_outputs(graph)
     canvas = np.zeros((2, 3, 64, 96), np.float32)  # batch 2, not square, not 416: what extraction feeds it
     try:
         session = ort.InferenceSession(batched_onnx(path, with_neck=True), providers=["CPUExecutionProvider"])
