@@ -2197,6 +2197,12 @@ MUTANTS += [
     mutant("frcnn-320-defaults-unsaid", "vlpcache/cli.py",
            "for arch, scales in FRCNN_SCALES.items() if shown(*scales) != usual}", "for arch, scales in FRCNN_SCALES.items() if False}",
            "tests/test_frcnn.py -k help_gives_the_320", "extract --help gives the 320 model's own scale and proposals"),
+    mutant("vg-thin-frame-canvas-too-small", "vlpcache/extract/detectors/vg.py",
+           "        height = max(SMALLEST_CANVAS, *(i.shape[1] for i in images))", "        height = max(1, *(i.shape[1] for i in images))",
+           "tests/test_vg.py::test_a_very_thin_or_tiny_picture_alone_in_its_batch_gets_its_regions", "a very thin picture alone in its vg batch gets its regions, not a traceback that ends the extract"),
+    mutant("vg-thin-frame-resized-to-nothing", "vlpcache/extract/detectors/vg.py",
+           "    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))", "    return int(new_h + 0.5), int(new_w + 0.5)",
+           "tests/test_vg.py::test_a_very_thin_or_tiny_picture_alone_in_its_batch_gets_its_regions", "a very thin picture is resized to at least 1 px a side for vg"),
 ]
 
 

@@ -149,6 +149,13 @@ def test_each_frame_gets_the_whole_frame_then_its_regions_with_vg_labels_and_att
     assert region_names(detector.spec.provenance["detector"]).label(int(results[0].labels[1])) != "frame"
 
 
+@pytest.mark.parametrize("shape", [(20, 10000, 3), (10000, 20, 3), (1, 1, 3)], ids=["wide", "tall", "1x1"])
+def test_a_very_thin_or_tiny_picture_alone_in_its_batch_gets_its_regions(detector, shape):
+    # resized to 2 x 1000, the stem's max-pool had no output: a RuntimeError ended the whole extract
+    [regions] = detector.detect([np.full(shape, 128, np.uint8)], max_detections=36)
+    assert regions.labels[0] == FRAME_REGION_LABEL and np.all((regions.boxes >= 0) & (regions.boxes <= 1))
+
+
 def test_a_regions_attribute_is_the_attribute_heads_best_for_that_regions_own_feature(detector, frames):
     for regions in detector.detect(frames, max_detections=36):
         with torch.inference_mode():

@@ -77,6 +77,9 @@ class VgConfig:
     autotune: bool = True  # CUDA only: cuDNN's autotuning (torch.backends.cudnn.benchmark)
 
 
+SMALLEST_CANVAS = 32  # pixels a side of the network's input at least (its stride; the frame's own size is kept)
+
+
 def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
     """(height, width) with the shorter side min_size and the longer at most max_size, rounded as the
     reference rounds them (its ResizeShortestEdge)."""
@@ -85,7 +88,7 @@ def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple
     if max(new_h, new_w) > max_size:
         scale = max_size * 1.0 / max(new_h, new_w)
         new_h, new_w = new_h * scale, new_w * scale
-    return int(new_h + 0.5), int(new_w + 0.5)
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))  # a 20 x 10000 photo's shorter side: 0 px otherwise
 
 
 def build_vg_model(weights_file: str | None) -> VgFasterRCNN:
@@ -202,7 +205,10 @@ class VgDetector:
             size = resized_size(pixels.shape[0], pixels.shape[1], self.config.min_size, self.config.max_size)
             bgr = pixels.flip(-1).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
             images.append(F.interpolate(bgr, size, mode="bilinear", align_corners=False)[0] - self.pixel_means)
-        height, width = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+        # at least SMALLEST_CANVAS a side: a frame resized to 2 x 1000 (a 20 x 10000 photo) alone in its batch left
+        # the stem's max-pool no output (a batch of larger frames pads it the same way)
+        height = max(SMALLEST_CANVAS, *(i.shape[1] for i in images))
+        width = max(SMALLEST_CANVAS, *(i.shape[2] for i in images))
         batch = images[0].new_zeros((len(images), 3, height, width))
         for b, image in enumerate(images):
             batch[b, :, : image.shape[1], : image.shape[2]] = image
