@@ -2203,6 +2203,9 @@ MUTANTS += [
     mutant("vg-thin-frame-resized-to-nothing", "vlpcache/extract/detectors/vg.py",
            "    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))", "    return int(new_h + 0.5), int(new_w + 0.5)",
            "tests/test_vg.py::test_a_very_thin_or_tiny_picture_alone_in_its_batch_gets_its_regions", "a very thin picture is resized to at least 1 px a side for vg"),
+    mutant("ray-actor-load-error-raised-in-creation", "vlpcache/extract/ray_engine.py",
+           "        except UserError as err:  # (weights damaged, a full disk): raised from the first call, which the driver says in\n            self.refused = err", "        except ZeroDivisionError as err:  # (weights damaged, a full disk): raised from the first call, which the driver says in\n            self.refused = err",
+           "tests/test_ray_engine.py::test_weights_an_actor_cannot_load_are_one_line_and_leave_no_cache", "weights a Ray actor cannot load are one line, and no cache is left"),
 ]
 
 

@@ -333,6 +333,22 @@ def test_an_extract_that_fails_before_doing_anything_leaves_no_cache_where_there
     assert not (tmp_path / "new").exists()  # it held an empty manifest.json, shards/, failures/, locks/
 
 
+def test_weights_an_actor_cannot_load_are_one_line_and_leave_no_cache(ray_address, msrvtt_dir, models_dir, tmp_path):
+    # raised while the actor was made, Ray kept only the error's text: about 230 lines of its tracebacks, exit 1, and
+    # a cache folder the actor's writer lock kept (the local engine: one line, nothing left)
+    folder = sorted((msrvtt_dir / "frames" / "val").iterdir())[0]
+    shutil.copytree(folder, tmp_path / "data" / folder.name)
+    shutil.copytree(models_dir, tmp_path / "models")
+    trunk = tmp_path / "models" / "mobilenet_v2_imagenet_features.pth"
+    trunk.write_bytes(trunk.read_bytes()[: 4 << 20])  # a download cut short
+    result = vlpcache("extract", tmp_path / "data", "-o", tmp_path / "new" / "cache", "--models", tmp_path / "models",
+                      "--engine", "ray", "--ray-address", ray_address, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {trunk}: ") and "vlpcache models fetch" in last, last
+    assert not (tmp_path / "new").exists()
+
+
 def test_an_address_where_no_ray_head_answers_is_one_line_and_writes_nothing(tmp_path, msrvtt_dir):
     address = free_address()
     result = vlpcache("extract", msrvtt_dir / "frames" / "val", "-o", tmp_path / "cache", "--engine", "ray",

@@ -128,13 +128,17 @@ class RegionShardActor:
         # removes the unfinished shard of the killed one (ShardWriter) and lets the retried call skip
         # what the killed one committed between its last commit and returning
         name = f"{shard_set}-ray-{context.get_actor_id()[:12]}"
-        self.writer = ShardWriter(Path(cache_dir), settings, writer_name=name, max_items=sys.maxsize,
-                                  max_seconds=math.inf)  # commits at the end of each call only
+        self.refused: UserError | None = None
+        try:  # the detector first: an actor that cannot load it holds no writer's lock (which kept the cache folder)
+            self.mapper = RegionMapper(load_detector(spec, device, score_threshold, autotune), settings, batch_size)
+            self.writer = ShardWriter(Path(cache_dir), settings, writer_name=name, max_items=sys.maxsize,
+                                      max_seconds=math.inf)  # commits at the end of each call only
+        except UserError as err:  # (weights damaged, a full disk): raised from the first call, which the driver says in
+            self.refused = err    # one line; raised here, Ray keeps only its text, and the run ends in its tracebacks
         with warnings.catch_warnings():  # Ray 2.60 warns about its own use of a deprecated property here
             warnings.simplefilter("ignore")
             reconstructed = context.was_current_actor_reconstructed
-        self.committed = RegionCache(cache_dir) if reconstructed else None
-        self.mapper = RegionMapper(load_detector(spec, device, score_threshold, autotune), settings, batch_size)
+        self.committed = RegionCache(cache_dir) if reconstructed and self.refused is None else None
         self.ready_at = time.time()
         self.idle_since = time.perf_counter()
 
@@ -145,6 +149,8 @@ class RegionShardActor:
         return item_id in self.committed and self.committed.sources[self.committed.index_of(item_id)] == decoded.source
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.refused is not None:
+            raise self.refused
         waited = time.perf_counter() - self.idle_since
         detect_before = self.mapper.detect_seconds
         rows, fresh = [], []
