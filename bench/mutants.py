@@ -2206,6 +2206,9 @@ MUTANTS += [
     mutant("ray-actor-load-error-raised-in-creation", "vlpcache/extract/ray_engine.py",
            "        except UserError as err:  # (weights damaged, a full disk): raised from the first call, which the driver says in\n            self.refused = err", "        except ZeroDivisionError as err:  # (weights damaged, a full disk): raised from the first call, which the driver says in\n            self.refused = err",
            "tests/test_ray_engine.py::test_weights_an_actor_cannot_load_are_one_line_and_leave_no_cache", "weights a Ray actor cannot load are one line, and no cache is left"),
+    mutant("vg-frames-of-other-sizes-padded-together", "vlpcache/extract/detectors/vg.py",
+           "            groups.setdefault(size, []).append(i)", "            groups.setdefault((0, 0), []).append(i)",
+           "tests/test_vg.py::test_a_frames_regions_are_the_same_whatever_frames_share_its_batch", "a vg frame's regions do not depend on the frames that share its batch"),
 ]
 
 

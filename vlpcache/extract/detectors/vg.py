@@ -243,7 +243,19 @@ class VgDetector:
 
     @torch.inference_mode()
     def detect(self, frames: list[np.ndarray], max_detections: int) -> list[FrameRegions]:
-        return self.frame_regions(self.network(frames), max_detections) if frames else []
+        """Each frame's regions. The frames of one resized size go through the network together, each size apart:
+        zero-padded to a larger frame's size, a frame's regions changed (the deep features at its edges, proposals
+        from anchors in the padding), and a cache then depended on --batch-size and on which items shared a batch."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, frame in enumerate(frames):
+            size = resized_size(frame.shape[0], frame.shape[1], self.config.min_size, self.config.max_size)
+            groups.setdefault(size, []).append(i)
+        results: list[FrameRegions | None] = [None] * len(frames)
+        for rows in groups.values():
+            regions = self.frame_regions(self.network([frames[i] for i in rows]), max_detections)
+            for i, found in zip(rows, regions):
+                results[i] = found
+        return results
 
     @torch.inference_mode()
     def frame_regions(self, out: dict, max_detections: int) -> list[FrameRegions]:
