@@ -2209,6 +2209,12 @@ MUTANTS += [
     mutant("vg-frames-of-other-sizes-padded-together", "vlpcache/extract/detectors/vg.py",
            "            groups.setdefault(size, []).append(i)", "            groups.setdefault((0, 0), []).append(i)",
            "tests/test_vg.py::test_a_frames_regions_are_the_same_whatever_frames_share_its_batch", "a vg frame's regions do not depend on the frames that share its batch"),
+    mutant("detector-error-ends-the-run", "vlpcache/extract/mapper.py",
+           "            if len(batch) == 1:\n                raise\n", "            raise\n",
+           "tests/test_extract.py::test_an_item_whose_frames_the_detector_cannot_take_fails_alone_and_the_batch_goes_on", "an item whose frames the detector cannot take fails alone; the batch's other items are cached"),
+    mutant("detector-error-of-every-item-recorded-as-theirs", "vlpcache/extract/mapper.py",
+           "        if all(result.arrays is None for result in results):\n            raise err\n", "",
+           "tests/test_extract.py::test_an_item_whose_frames_the_detector_cannot_take_fails_alone_and_the_batch_goes_on", "a detector that fails on every item of a batch ends the run (its own trouble), not one failure record per item"),
 ]
 
 

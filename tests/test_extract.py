@@ -114,6 +114,42 @@ def test_each_cached_item_holds_the_detectors_regions_of_its_own_frames(extracte
         assert cached["timestamps"][: len(sampled.frames)].tolist() == pytest.approx(sampled.timestamps)
 
 
+def test_an_item_whose_frames_the_detector_cannot_take_fails_alone_and_the_batch_goes_on(models_dir, msrvtt_dir, tmp_path):
+    # a detector's error on one item's odd frames (vg's on a 20 x 10000 photo) ended the whole extract with its traceback
+    from vlpcache.extract.detectors.choice import choose_detector, load_detector
+    from vlpcache.extract.mapper import RegionMapper
+    from vlpcache.extract.reader import decode_item
+    from vlpcache.extract.sources import Item
+
+    spec = choose_detector("yolox", None, None, models_dir)
+    real = load_detector(spec, "cpu", 0.25)
+
+    class Picky:  # the real detector, but for frames 7 px wide
+        def __init__(self, works: bool):
+            self.works = works
+
+        def detect(self, frames, max_detections):
+            if not self.works or any(frame.shape[1] == 7 for frame in frames):
+                raise RuntimeError("Given input size: (64x500x1). Calculated output size: (64x250x0).\nOutput size is too small")
+            return real.detect(frames, max_detections)
+
+    folders = sorted((msrvtt_dir / "frames" / "val").iterdir())[:2]
+    decoded = [decode_item(Item(f.name, f, "frames"), 2, spec.max_side) for f in folders]
+    Image.fromarray(np.full((300, 7, 3), 90, np.uint8)).save(tmp_path / "thin.png")
+    thin = decode_item(Item("thin", tmp_path / "thin.png", "image"), 2, spec.max_side)
+    settings = spec.cache_settings(2, 5, 0.25)
+    results = list(RegionMapper(Picky(True), settings, batch_size=64)([decoded[0], thin, decoded[1]]))
+    assert [r.decoded.item.id for r in results] == [folders[0].name, "thin", folders[1].name]
+    assert results[1].arrays is None and results[1].error == (
+        "the detector failed on its frames (RuntimeError: Given input size: (64x500x1). Calculated output size: "
+        "(64x250x0). Output size is too small)")
+    for result in (results[0], results[2]):  # as detected in a batch of their own
+        [alone] = list(RegionMapper(real, settings, batch_size=64)([result.decoded]))
+        np.testing.assert_allclose(result.arrays["features"], alone.arrays["features"], atol=1e-3)
+    with pytest.raises(RuntimeError, match="Output size is too small"):  # every item: the detector's trouble
+        list(RegionMapper(Picky(False), settings, batch_size=64)(decoded))
+
+
 def test_rerun_skips_everything_already_cached(extracted, media):
     cache_dir, _ = extracted
     before = sorted(p.name for p in (cache_dir / SHARD_DIR).iterdir())

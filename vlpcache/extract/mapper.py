@@ -82,15 +82,40 @@ class RegionMapper:
             yield from self._detect(batch)
 
     def _detect(self, batch: list[DecodedItem]) -> Iterator[RegionItem]:
-        frames = [f for item in batch for f in item.sampled.frames]
-        started = time.perf_counter()
-        regions = self.detector.detect(frames, max_detections=self.settings.regions - 1)
-        self.detect_seconds += time.perf_counter() - started
+        try:
+            regions = self._regions([f for item in batch for f in item.sampled.frames])
+        except Exception as err:  # an odd frame the detector cannot take: not the whole run's end
+            if len(batch) == 1:
+                raise
+            yield from self._each_alone(batch, err)
+            return
         start = 0
         for item in batch:
             count = len(item.sampled.frames)
             yield RegionItem(item, self._pack(item, regions[start : start + count]))
             start += count
+
+    def _regions(self, frames: list[np.ndarray]) -> list:
+        started = time.perf_counter()
+        try:
+            return self.detector.detect(frames, max_detections=self.settings.regions - 1)
+        finally:
+            self.detect_seconds += time.perf_counter() - started
+
+    def _each_alone(self, batch: list[DecodedItem], err: Exception) -> list[RegionItem]:
+        """After the detection of a batch raised: each item's frames alone. One that raises again fails with one
+        line (the run goes on); where every one does, the trouble is the detector's (out of memory, a broken
+        install), not an item's: the batch's error is raised."""
+        results = []
+        for item in batch:
+            try:
+                results.append(RegionItem(item, self._pack(item, self._regions(item.sampled.frames))))
+            except Exception as own:
+                results.append(RegionItem(item, None, f"the detector failed on its frames ({type(own).__name__}: "
+                                                      f"{' '.join(str(own).split())[:200]})"))
+        if all(result.arrays is None for result in results):
+            raise err
+        return results
 
     def _pack(self, item: DecodedItem, frame_regions) -> dict[str, np.ndarray]:
         arrays = empty_item(self.settings)
