@@ -986,7 +986,8 @@ def test_sigterm_to_the_whole_job_stops_pretraining_with_one_line_and_the_resume
     run_dir = tmp_path / "run"
     command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "1")
     done = _patched_pretrain(SIGTERM_TO_THE_JOB.replace("signal.SIGTERM", f"signal.{signum.name}"), command,
-                             start_new_session=True)
+                             start_new_session=True,  # as a shell starts it (the suite may run under nohup)
+                             preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
     assert done.returncode == 128 + signum and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1] == at_its_place(f"stopped by {signum.name}", run_dir, 1, 10)
     assert run_pretrain(run_dir=run_dir, resume=True, quiet=True, device="cpu")["trained_epochs"] == 2

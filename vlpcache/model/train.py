@@ -381,11 +381,12 @@ def _latest_started_run(workspace: Workspace) -> Path:
     -9) before its settings were saved, it says so rather than continue an older run the user did not mean."""
     started = [p for p in workspace.runs_dir.glob("*") if p.is_dir() and not p.name.startswith(".")]
     runs = [p for p in started if (p / ckpt.CONFIG_NAME).exists()]
-    latest = max(runs, key=lambda p: p.stat().st_mtime, default=None)
+    newer = lambda p: (p.stat().st_mtime, p.name)  # noqa: E731  (run-NNN: of one clock tick, the later number)
+    latest = max(runs, key=newer, default=None)
     unsaved = [p for p in started if p not in runs and not not_of_a_run(p) and trainer_of(p) is None  # not starting now
-               and (latest is None or p.stat().st_mtime > latest.stat().st_mtime)]
+               and (latest is None or newer(p) > newer(latest))]
     if unsaved:
-        newest = max(unsaved, key=lambda p: p.stat().st_mtime)
+        newest = max(unsaved, key=newer)
         other = f" (`--resume -o {latest}` continues {latest.name})" if latest is not None else ""
         raise UserError(f"--resume: {newest}, the newest run, was stopped before its settings were saved, so there is "
                         f"nothing of it to resume: run its first command again, without --resume{other}")
