@@ -654,7 +654,8 @@ class Server:
     def __init__(self, ws: Path, *args: str):
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vlpcache", "serve", "--port", "0", *args], cwd=ws.parent,
-            env={**os.environ, "VLPCACHE_WORKSPACE": str(ws)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            env={**os.environ, "VLPCACHE_WORKSPACE": str(ws)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))  # as a shell starts it (the suite: maybe nohup)
         self.url = self._read_url()
         self.host, self.port = self.url.split("/")[2].rsplit(":", 1)
 
@@ -757,7 +758,8 @@ def test_traversal_attempts_reach_no_file_outside_the_indexed_media(ws, server):
         assert b"root:" not in body and b"schema_version" not in body and b"\n" not in body, path
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])  # SIGTERM: systemd, docker
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],  # SIGTERM: systemd, docker
+                         ids=["ctrl-c", "sigterm", "sighup"])  # SIGHUP: the terminal it was started from closed
 def test_the_command_serves_the_page_and_stops_cleanly_on_ctrl_c_or_sigterm(ws, server, signum):
     status, headers, body = server.get("/?q=a+dog")
     assert status == 200 and headers["content-type"].startswith("text/html") and b'src="page.js"' in body
