@@ -127,10 +127,12 @@ SHARD_SET = re.compile(r"^s(\d+)of(\d+)$")  # the writer of --shard i/n (Extract
 MERGE_WRITER = "merge"  # the writer lock a merge holds on its target: a second merge into it stops at once
 
 
-def held_writer(cache_dir: Path, pattern: str) -> Path | None:
-    """The lock file (under locks/, its name matching the glob `pattern`) of a writer at work on the cache now;
-    None where there is none (a file left by one that ended is removed)."""
+def held_writer(cache_dir: Path, pattern: str, wanted: Callable[[str], bool] = lambda name: True) -> Path | None:
+    """The lock file (under locks/, its name matching the glob `pattern`, its writer's name `wanted`) of a writer at
+    work on the cache now; None where there is none (a file left by one that ended is removed)."""
     for path in sorted((Path(cache_dir) / LOCK_DIR).glob(pattern)):
+        if not wanted(path.name[: -len(LOCK_SUFFIX)]):
+            continue
         if (lock := WriterLock.take(path)) is None:
             return path
         lock.release()
@@ -151,13 +153,12 @@ def refuse_other_shard_counts(cache_dir: Path, writer_name: str) -> None:
     own = SHARD_SET.match(writer_name)
     if own is None:
         return
-    for path in sorted((Path(cache_dir) / LOCK_DIR).glob(f"s*of*{LOCK_SUFFIX}")):
+
+    def of_another_count(name: str) -> bool:  # (one of the same count writes its own shard of the items, or is this one)
+        return (other := SHARD_SET.match(name)) is not None and other[2] != own[2]
+
+    if (path := held_writer(cache_dir, f"s*of*{LOCK_SUFFIX}", of_another_count)) is not None:
         other = SHARD_SET.match(path.name[: -len(LOCK_SUFFIX)])
-        if other is None or other[2] == own[2]:  # the same count: its own shard of the items (or this very one)
-            continue
-        if (lock := WriterLock.take(path)) is not None:  # left by one that ended
-            lock.release()
-            continue
         raise UserError(f"{cache_dir}: an extract with --shard {other[1]}/{other[2]} is writing it ({holder_description(path)}); "
                         f"--shard {own[1]}/{own[2]} would extract some of its items too, and the cache would hold them "
                         f"twice: wait for it to finish, or give every job that fills this cache the same n (--shard i/{other[2]})")
