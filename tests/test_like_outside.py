@@ -457,11 +457,9 @@ def test_an_upload_refused_before_it_is_read_hears_why_not_a_reset_connection(us
 def test_the_page_finds_the_items_most_like_a_clip_chosen_or_dropped_and_back_returns_to_the_query(user, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    from test_serve import Server, chromium_driver
+    from test_serve import page_served
 
-    server = Server(user / "ws")
-    browser = chromium_driver(tmp_path)
-    try:
+    with page_served(user / "ws", tmp_path) as (server, browser):
         browser.get(server.url + "?q=a+dog")
         wait = WebDriverWait(browser, 60)
         status = lambda: browser.find_element(By.ID, "status").text  # noqa: E731
@@ -512,9 +510,6 @@ def test_the_page_finds_the_items_most_like_a_clip_chosen_or_dropped_and_back_re
         browser.find_element(By.ID, "upload").send_keys(str(tmp_path / "notes.txt"))
         wait.until(lambda b: status().startswith("error: "))
         assert "notes.txt: not a video or image file" in status()
-    finally:
-        browser.quit()
-        server.stop()
 
 
 def test_the_number_of_results_chosen_after_a_clip_is_shown_applies_to_the_items_most_like_that_clip(user, tmp_path):
@@ -522,11 +517,9 @@ def test_the_number_of_results_chosen_after_a_clip_is_shown_applies_to_the_items
     # upload: the page sends its file again)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
-    from test_serve import Server, chromium_driver
+    from test_serve import keep_screenshots, page_served
 
-    server = Server(user / "ws")
-    browser = chromium_driver(tmp_path)
-    try:
+    with page_served(user / "ws", tmp_path) as (server, browser):
         browser.get(server.url + "?q=a+dog&k=2")
         wait = WebDriverWait(browser, 60)
         status = lambda: browser.find_element(By.ID, "status").text  # noqa: E731
@@ -541,11 +534,7 @@ def test_the_number_of_results_chosen_after_a_clip_is_shown_applies_to_the_items
         browser.back()  # one step back, as before: the query's own results
         wait.until(lambda b: "results for “a dog”" in status())
         assert browser.current_url == server.url + "?q=a+dog&k=2"
-    finally:
-        browser.quit()
-        server.stop()
-    if os.environ.get("VLPCACHE_SCREENSHOTS"):
-        shutil.copy(tmp_path / "clip-more-results.png", Path(os.environ["VLPCACHE_SCREENSHOTS"]) / "clip-more-results.png")
+    keep_screenshots(tmp_path, "clip-more-results.png")
 
 
 def test_the_page_through_a_jupyterhub_style_https_proxy_under_a_prefix_searches_shows_and_takes_uploads(user, tmp_path,
@@ -555,7 +544,7 @@ def test_the_page_through_a_jupyterhub_style_https_proxy_under_a_prefix_searches
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
     from proxy import PrefixProxy, certificate
-    from test_serve import Server, chromium_driver
+    from test_serve import Server, chromium_driver, keep_screenshots
 
     cert, key = certificate(tmp_path, "hub.test")
     monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/ann/")  # as in a terminal of the user's JupyterLab
@@ -609,5 +598,4 @@ def test_the_page_through_a_jupyterhub_style_https_proxy_under_a_prefix_searches
     assert ("note: answering requests for hub.test too (--allow-host): whoever that proxy lets in can search the "
             "collection and see its frames and send it clips and photos to compare (--uploads); open "
             f"https://hub.test/user/ann/proxy/{server.port}/") in server.process.stderr.read()
-    if os.environ.get("VLPCACHE_SCREENSHOTS"):
-        shutil.copy(tmp_path / "proxied.png", Path(os.environ["VLPCACHE_SCREENSHOTS"]) / "proxied.png")
+    keep_screenshots(tmp_path, "proxied.png")

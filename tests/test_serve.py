@@ -6,6 +6,7 @@ frame folders, two real videos and one file that does not exist (a placeholder).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -810,6 +811,26 @@ def chromium_driver(tmp_path: Path, *flags: str):
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 
 
+@contextlib.contextmanager
+def page_served(ws: Path, tmp_path: Path, *args: str):
+    """(`vlpcache serve` of `ws`, given `args`, in its own process; headless Chromium to open it), both stopped after."""
+    server, browser = Server(ws, *args), None
+    try:
+        browser = chromium_driver(tmp_path)
+        yield server, browser
+    finally:
+        if browser is not None:
+            browser.quit()
+        server.stop()
+
+
+def keep_screenshots(tmp_path: Path, *names: str) -> None:
+    """The screenshots a test saved in tmp_path, copied to VLPCACHE_SCREENSHOTS=DIR where set, to look at them."""
+    if folder := os.environ.get("VLPCACHE_SCREENSHOTS"):
+        for name in names:
+            shutil.copy(tmp_path / name, Path(folder) / name)
+
+
 def test_page_in_headless_chromium_shows_result_cards_with_thumbnails_and_boxes(ws, server, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -887,9 +908,7 @@ def test_page_in_headless_chromium_shows_result_cards_with_thumbnails_and_boxes(
     finally:
         browser.quit()
     assert Image.open(tmp_path / "results.png").size[0] > 0
-    if os.environ.get("VLPCACHE_SCREENSHOTS"):  # to look at them: VLPCACHE_SCREENSHOTS=DIR pytest ...
-        for name in ("results.png", "detail.png", "like.png", "unread.png"):
-            shutil.copy(tmp_path / name, Path(os.environ["VLPCACHE_SCREENSHOTS"]) / name)
+    keep_screenshots(tmp_path, "results.png", "detail.png", "like.png", "unread.png")  # VLPCACHE_SCREENSHOTS=DIR pytest ...
 
 
 def test_the_page_opened_with_a_query_that_is_not_utf8_names_its_byte_not_u_fffd(ws, server, tmp_path):
@@ -927,8 +946,7 @@ def test_the_page_strikes_out_the_unread_end_once_and_underlines_unknown_parts_a
         assert browser.find_element(By.ID, "query-words").text == "a dog and a &#x732B; <b>猫</b>"
     finally:
         browser.quit()
-    if os.environ.get("VLPCACHE_SCREENSHOTS"):
-        shutil.copy(tmp_path / "unread-tagged.png", Path(os.environ["VLPCACHE_SCREENSHOTS"]) / "unread-tagged.png")
+    keep_screenshots(tmp_path, "unread-tagged.png")
 
 
 def test_the_page_by_keyboard_and_back_button_and_when_the_server_stops_answering(ws, server, tmp_path):
@@ -998,16 +1016,13 @@ def test_the_page_by_keyboard_and_back_button_and_when_the_server_stops_answerin
 
 def test_a_very_tall_photo_fits_the_item_view_with_its_boxes_over_it(ws, tmp_path, monkeypatch):
     """A photo of 40 x 4000 pixels was drawn as wide as its column: 35,000 pixels tall in the item view."""
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     tall = tmp_path / "tall.png"
     Image.fromarray(np.linspace(0, 255, 4000 * 40 * 3).astype(np.uint8).reshape(4000, 40, 3)).save(tall)
     write_cache(ws / "cache", 1, prefix="x", seed=4, real_frames=1, sources=[(tall, "image")])
     index_workspace(monkeypatch, ws)
-    running = Server(ws)
-    browser = chromium_driver(tmp_path)
-    try:
+    with page_served(ws, tmp_path) as (running, browser):
         [frame] = json.loads(running.get("/api/item?id=x0")[2])["frames"]
         browser.get(running.url + "?item=x0")
         loaded = "const i = document.querySelector('#detail-frames img'); return i && i.complete && i.naturalWidth > 0"
@@ -1025,11 +1040,7 @@ def test_a_very_tall_photo_fits_the_item_view_with_its_boxes_over_it(ws, tmp_pat
                         top + y2 * (bottom - top)]
             assert np.allclose(drawn, expected, atol=1), (drawn, expected)
         browser.save_screenshot(str(tmp_path / "tall-photo.png"))
-    finally:
-        browser.quit()
-        running.stop()
-    if os.environ.get("VLPCACHE_SCREENSHOTS"):
-        shutil.copy(tmp_path / "tall-photo.png", Path(os.environ["VLPCACHE_SCREENSHOTS"]) / "tall-photo.png")
+    keep_screenshots(tmp_path, "tall-photo.png")
 
 
 def test_the_page_says_the_items_like_one_extracted_again_since_it_was_indexed_are_like_its_old_content(ws, tmp_path):
@@ -1037,9 +1048,7 @@ def test_the_page_says_the_items_like_one_extracted_again_since_it_was_indexed_a
     from selenium.webdriver.support.ui import WebDriverWait
 
     write_cache(ws / "cache", 1, prefix="v", seed=9)  # v0 extracted again: the index holds its old vector
-    running = Server(ws)
-    browser = chromium_driver(tmp_path)
-    try:
+    with page_served(ws, tmp_path) as (running, browser):
         browser.get(running.url + "?like=v0")
         status = lambda b: b.find_element(By.ID, "status").text  # noqa: E731
         WebDriverWait(browser, 30).until(lambda b: "items most like" in status(b) or "error" in status(b))
@@ -1047,11 +1056,7 @@ def test_the_page_says_the_items_like_one_extracted_again_since_it_was_indexed_a
             " · note: v0 was extracted again since it was indexed (its source changed): these are the items most like "
             "its old content; run `vlpcache index` to index it anew") in status(browser), status(browser)
         browser.save_screenshot(str(tmp_path / "like-extracted-again.png"))
-    finally:
-        browser.quit()
-        running.stop()
-    if os.environ.get("VLPCACHE_SCREENSHOTS"):
-        shutil.copy(tmp_path / "like-extracted-again.png", Path(os.environ["VLPCACHE_SCREENSHOTS"]) / "like-extracted-again.png")
+    keep_screenshots(tmp_path, "like-extracted-again.png")
 
 
 def test_the_page_fits_a_phone_and_a_long_word_wraps_instead_of_widening_it(ws, server, tmp_path):
@@ -1110,6 +1115,4 @@ def test_the_page_fits_a_phone_and_a_long_word_wraps_instead_of_widening_it(ws, 
         assert whole == [True] * 5, whole  # on one line, within the card's frame, over the picture's bottom
     finally:
         browser.quit()
-    if os.environ.get("VLPCACHE_SCREENSHOTS"):
-        for name in ("phone.png", "phone-detail.png", "long-word.png"):
-            shutil.copy(tmp_path / name, Path(os.environ["VLPCACHE_SCREENSHOTS"]) / name)
+    keep_screenshots(tmp_path, "phone.png", "phone-detail.png", "long-word.png")
