@@ -2215,6 +2215,9 @@ MUTANTS += [
     mutant("detector-error-of-every-item-recorded-as-theirs", "vlpcache/extract/mapper.py",
            "        if all(result.arrays is None for result in results):\n            raise err\n", "",
            "tests/test_extract.py::test_an_item_whose_frames_the_detector_cannot_take_fails_alone_and_the_batch_goes_on", "a detector that fails on every item of a batch ends the run (its own trouble), not one failure record per item"),
+    mutant("thumbnails-max-takes-nan", "vlpcache/cli.py",
+           "type=FiniteFloatRange(0.01), metavar=\"GB\",", "type=click.FloatRange(0.01), metavar=\"GB\",",
+           "tests/test_user_errors.py::test_a_bad_option_or_command_is_one_error_line_like_every_other_error", "serve --thumbnails-max nan is one line, not a traceback once the index is loaded"),
 ]
 
 

@@ -214,7 +214,10 @@ def test_the_last_line_of_a_command_stopped_under_a_progress_bar_starts_a_line_o
      "error: Invalid value for '--rwa-weight': 'inf' is not a finite number (vlpcache pretrain --help)"),
     (["pretrain", "--seed", "-1"],
      "error: Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295 (vlpcache pretrain --help)"),
-], ids=["option", "command", "command-extract-unlike", "command-one", "command-none", "nan", "inf", "seed"])
+    (["serve", "--thumbnails-max", "nan"],  # a traceback once the index was loaded (round(nan * 1e9))
+     "error: Invalid value for '--thumbnails-max': 'nan' is not a finite number (vlpcache serve --help)"),
+], ids=["option", "command", "command-extract-unlike", "command-one", "command-none", "nan", "inf", "seed",
+        "thumbnails-nan"])
 def test_a_bad_option_or_command_is_one_error_line_like_every_other_error(args, line, monkeypatch, capsys):
     import sys
 

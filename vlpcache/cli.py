@@ -446,7 +446,7 @@ def search(**options) -> None:
               help="Answer requests for this host name too: a proxy of yours the page is opened through (JupyterHub's "
                    "jupyter-server-proxy, nginx), e.g. --allow-host hub.example.org; repeatable. Its users may search; "
                    "uploads need --uploads.")
-@click.option("--thumbnails-max", "thumbnails_max", default=None, type=click.FloatRange(0.01), metavar="GB",
+@click.option("--thumbnails-max", "thumbnails_max", default=None, type=FiniteFloatRange(0.01), metavar="GB",
               help="Space the thumbnails kept in the index's folder may take; over it, those least recently shown are "
                    "removed [default: 2].")
 @device_option
