@@ -669,9 +669,6 @@ def test_a_run_stopped_before_its_settings_were_saved_says_to_run_its_command_ag
     assert not (tmp_path / "run").exists()
     (tmp_path / "run").mkdir()  # what a kill -9 there leaves
     (tmp_path / "run" / "pretrain.lock").write_text("")
-    with pytest.raises(UserError, match=r"^--resume: .*run has no stored settings \(config.json\): it was stopped before "
-                                        "they were saved; run its first command again, without --resume$"):
-        run_pretrain(**options, **small_options(tiny_text, epochs=1, resume=True))
     assert run_pretrain(**options, **small_options(tiny_text, epochs=1))["trained_epochs"] == 1  # as it says
     runs = tmp_path / "ws" / "runs"  # in the workspace: --resume without -o took an older run, "already trained"
     assert run_pretrain(**{**options, "run_dir": None}, **small_options(tiny_text, epochs=1))["trained_epochs"] == 1
@@ -683,6 +680,27 @@ def test_a_run_stopped_before_its_settings_were_saved_says_to_run_its_command_ag
     (tmp_path / "a file").write_text("")
     with pytest.raises(UserError, match=r"^-o .*a file: a file, not a run folder; pass another -o RUN_DIR$"):
         run_pretrain(**{**options, "run_dir": tmp_path / "a file"}, **small_options(tiny_text, epochs=1))
+
+
+def test_one_resume_command_begins_a_run_and_then_continues_it_as_a_requeued_job_runs_it(tmp_path, corpus, tiny_text,
+                                                                                        monkeypatch, capsys):
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    run = tmp_path / "runs" / "run"
+    command = dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=run,
+                   **small_options(tiny_text, epochs=1, resume=True, quiet=False))
+    assert run_pretrain(**command)["trained_epochs"] == 1  # the job's first start: no such folder yet
+    assert (f"--resume: {run} holds nothing to resume yet (no run began there); beginning it with the options given"
+            in capsys.readouterr().err)
+    assert ckpt.read_run_config(run)["train"]["epochs"] == 1 and list(ckpt.checkpoints(run)) == [1]
+    assert run_pretrain(**command)["trained_epochs"] == 0  # requeued after it ended: the same command, nothing more
+    assert "resuming" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()  # a kill -9 while its captions loaded, before its settings were saved
+    (other / "pretrain.lock").write_text("")
+    assert run_pretrain(**{**command, "run_dir": other})["trained_epochs"] == 1
+    assert "(its run was stopped before its settings were saved); beginning it" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"these options differ: --lr"):  # a stored run's settings still hold
+        run_pretrain(**{**command, "lr": 1e-2})
 
 
 def test_resume_with_other_epochs_records_them_so_inspect_and_a_later_resume_agree(tmp_path, corpus, tiny_text,

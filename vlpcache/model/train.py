@@ -231,8 +231,6 @@ def choose_run_dir(options: PretrainOptions, processes: Processes, workspace: Wo
         run_dir = processes.broadcast(_latest_started_run(workspace) if options.resume
                                       else workspace.new_run_dir() if processes.main else None)
         fresh = not options.resume
-    if options.resume and not run_dir.exists():
-        raise UserError(f"--resume: {run_dir} does not exist; start the run without --resume")
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"-o {run_dir}: a file, not a run folder; pass another -o RUN_DIR")
     if not fresh and not (run_dir / ckpt.CONFIG_NAME).exists() and (others := not_of_a_run(run_dir)):
@@ -242,6 +240,19 @@ def choose_run_dir(options: PretrainOptions, processes: Processes, workspace: Wo
                                               if options.resume else "a run gets a folder of its own; pass a new or "
                                               "empty -o RUN_DIR"))
     return run_dir, fresh
+
+
+def begun_if_nothing_saved(options: PretrainOptions, run_dir: Path, fresh: bool, processes: Processes) -> PretrainOptions:
+    """`--resume -o RUN` where RUN holds nothing to resume (no run began there, or one was stopped before its
+    settings were saved) begins it with the options given, so that one command serves a job requeued before
+    and after its first save (a Slurm script); where it holds settings they must agree (_stored_settings)."""
+    if not (options.resume and options.run_dir):
+        return options
+    if not processes.broadcast(not (run_dir / ckpt.CONFIG_NAME).exists() if processes.main else None):
+        return options  # rank 0 looks: the others may look after it saved them
+    why = "no run began there" if fresh else "its run was stopped before its settings were saved"
+    processes.say(f"--resume: {run_dir} holds nothing to resume yet ({why}); beginning it with the options given")
+    return dataclasses.replace(options, resume=False)
 
 
 RUN_ENTRIES = {ckpt.CONFIG_NAME, TEXT_DIR, CHECKPOINT_DIR, BEST_NAME, LOG_NAME, TRAINING_LOCK_NAME, VIDEOS_NAME,
@@ -279,9 +290,6 @@ def training_lock(run_dir: Path, fresh: bool, processes: Processes):
 
 def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, workspace: Workspace) -> Run:
     """The run's settings (the options', or the stored ones on --resume) and its data."""
-    if options.resume and not (run_dir / ckpt.CONFIG_NAME).exists():  # -o RUN: the latest run has one
-        raise UserError(f"--resume: {run_dir} has no stored settings ({ckpt.CONFIG_NAME}): it was stopped before "
-                        "they were saved; run its first command again, without --resume")
     stored = ckpt.read_run_config(run_dir) if options.resume else None
     if not options.resume and ckpt.checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or another -o RUN_DIR")
@@ -1111,6 +1119,7 @@ def _pretrain(options: PretrainOptions, processes: Processes) -> dict:
         if not Path(cache_dir).exists():  # (RegionCache says the same, later, of a cache that goes)
             raise UserError(f"{cache_dir}: no such cache directory; run `vlpcache extract` first")
     run_dir, fresh = choose_run_dir(options, processes, workspace)
+    options = begun_if_nothing_saved(options, run_dir, fresh, processes)
     with training_lock(run_dir, fresh, processes):
         try:
             run = resolve_run(options, run_dir, processes, workspace)
