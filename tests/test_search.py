@@ -1464,3 +1464,23 @@ def test_like_of_a_file_the_cache_does_not_hold_names_the_commands_that_add_it(w
     beside = ws / "mine" / "beside.mp4"  # beside a file given as a root, not in a folder given
     beside.touch()
     assert f"add it with `vlpcache extract {beside} -o" in outside_line(str(beside), other)
+
+
+@pytest.mark.parametrize("name", ["carphone_pristine.mp4", "demo_demo.mp4", "tests_data_test.mp4"])
+def test_the_time_a_frame_is_said_at_is_one_ffmpeg_ss_lands_on_that_frame_at_not_the_next(videos_dir, name):
+    import av
+    from vlpcache.extract.sampling import read_item
+    from vlpcache.extract.sources import Item
+    from vlpcache.report import clock_text, frame_time
+
+    stored = [float(np.float32(t)) for t in read_item(Item(name, videos_dir / name, "video"), 8, 480).timestamps]
+    with av.open(str(videos_dir / name)) as container:  # every frame's start, as `ffmpeg -ss` reads them
+        starts = [frame.time for frame in container.decode(video=0)]
+    rounded_up = 0
+    for t in stored:
+        said = frame_time(t)
+        assert clock_text(t) == f"{said:.2f} s"
+        landed = min(s for s in starts if s >= said)  # ffmpeg -ss: the first frame starting at or after it
+        assert abs(landed - t) < 1e-4, (t, said, landed)  # the frame used, not the one after it
+        rounded_up += round(t * 100) > round(said * 100)
+    assert rounded_up  # the nearest hundredth would have said a time of the next frame

@@ -969,9 +969,9 @@ def test_the_page_by_keyboard_and_back_button_and_when_the_server_stops_answerin
         assert {kind for kind, _ in times} == {"frames", "video"}, times  # both kinds among the 12
         assert all(re.fullmatch(r"@ image [12]" if kind == "frames" else r"@ \d+\.\d\d s", text) for kind, text in times), times
         from vlpcache.report import clock_text  # a long video's times as search says them: minutes and seconds
-        moments = [1.844, 59.996, 2475.64, 3723.5]
+        moments = [1.844, 59.996, 2475.64, 3723.5, 5 / 30, float(np.float32(0.3)), float(np.float32(3600.3))]
         assert browser.execute_script(f"return {moments}.map(clockText)") == [clock_text(t) for t in moments] == [
-            "1.84 s", "1:00.00", "41:15.64", "1:02:03.50"]
+            "1.84 s", "59.99 s", "41:15.64", "1:02:03.50", "0.16 s", "0.30 s", "1:00:00.30"]  # rounded down (below)
 
         browser.find_element(By.CSS_SELECTOR, ".card").send_keys(Keys.ENTER)
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#detail-frames figure")) == 2)

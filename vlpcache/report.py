@@ -14,6 +14,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import io
+import math
 import os
 import re
 import sys
@@ -183,10 +184,23 @@ def place_text(kind: str, time: float | None) -> str:
     return f"image {int(time) + 1}" if kind == "frames" else clock_text(time)
 
 
+def hundredths_down(seconds: float) -> int:
+    """A frame's time in whole hundredths of a second, rounded down, so that `ffmpeg -ss` of it lands on that
+    frame and not the next (a frame at 1/6 s is 0.16: at 0.17 the next one shows); the slack keeps a time
+    stored as a float32 a hair under its hundredth (0.29999998 for 0.3) from reading as the one before."""
+    return math.floor(seconds * 100 * (1 + 2e-7) + 1e-3)
+
+
+def frame_time(seconds: float) -> float:
+    """A frame's time as `--json` and the page's API give it: hundredths_down's, in seconds."""
+    return hundredths_down(seconds) / 100
+
+
 def clock_text(seconds: float) -> str:
     """A time in a video: `12.40 s` under a minute, else minutes and seconds, `41:15.64` (`1:02:03.50` past
-    an hour), as a player shows it and `ffmpeg -ss` takes it; `2475.64 s` made a person do the division."""
-    hundredths = round(seconds * 100)
+    an hour), as a player shows it and `ffmpeg -ss` takes it (rounded down: hundredths_down); `2475.64 s` made
+    a person do the division."""
+    hundredths = hundredths_down(seconds)
     if hundredths < 6000:
         return f"{hundredths / 100:.2f} s"
     minutes, hundredths = divmod(hundredths, 6000)

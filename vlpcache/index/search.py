@@ -47,7 +47,7 @@ from vlpcache.metrics import RERANK_CANDIDATES
 from vlpcache.model.run_layout import being_trained_note, designated_checkpoint_sha256, epoch_of, resolve_checkpoint
 from vlpcache.querybank import bank_for
 from vlpcache.records import read_optional_json
-from vlpcache.report import Say, place_text, printable, say
+from vlpcache.report import Say, frame_time, place_text, printable, say
 from vlpcache.workspace import Workspace
 
 
@@ -453,14 +453,14 @@ class Searcher:
                 t, n = divmod(match.region, N)
                 matched.append(RegionHit(
                     match.word, names.of(item, t, n), [round(float(v), 3) for v in item["boxes"][t, n]],
-                    round(float(item["timestamps"][t]), 2), round(match.weight, 3), t,
+                    frame_time(item["timestamps"][t]), round(match.weight, 3), t,
                 ))
             hits.append(Hit(
                 rank=rank, id=item_id, path=item["path"],
                 score=float(ranking.score[j]),
                 global_score=float(ranking.global_[j]),
                 local_score=float(ranking.local[j]) if ranking.local is not None else None,
-                time=round(float(item["timestamps"][alignment.best_frame]), 2),
+                time=frame_time(item["timestamps"][alignment.best_frame]),
                 regions=matched,
                 frame=alignment.best_frame,
                 note=note,
@@ -539,7 +539,7 @@ class Searcher:
             item, note, outdated = self._shown(self.index.ids[r])
             frame = frame if not outdated or outdated == GONE_HIT else 0  # an unreadable row's times are blank
             hits.append(Hit(rank=rank, id=self.index.ids[r], path=item["path"], score=score, global_score=score,
-                            local_score=None, time=round(float(item["timestamps"][frame]), 2), frame=frame,
+                            local_score=None, time=frame_time(item["timestamps"][frame]), frame=frame,
                             note=note, outdated=outdated, kind=item["kind"]))
         return hits
 

@@ -43,7 +43,7 @@ from vlpcache.extract import extract_outside
 from vlpcache.files import FULL_ERRNOS, failure_errno, system_reason
 from vlpcache.index.search import Searcher, hits_json, like_json, like_outside, liked_note
 from vlpcache.locks import own_temporary_folder
-from vlpcache.report import printable, say
+from vlpcache.report import frame_time, printable, say
 from vlpcache.serve.thumbnails import ThumbnailStore
 
 MAX_QUERY_CHARS = 200  # longer than any text the query model reads (it truncates at max_words tokens)
@@ -180,7 +180,7 @@ def item_frames(cached: dict, names: RegionNames) -> dict:
             if cached["region_mask"][t, n] and label >= 0:
                 regions.append({"label": names.of(cached, t, n), "score": round(float(cached["scores"][t, n]), 3),
                                 "box": [round(float(v), 3) for v in cached["boxes"][t, n]]})
-        frames.append({"frame": t, "time": round(float(cached["timestamps"][t]), 2), "regions": regions})
+        frames.append({"frame": t, "time": frame_time(cached["timestamps"][t]), "regions": regions})
     return {"id": cached["id"], "path": cached["path"], "kind": cached["kind"], "note": cached.get("note", ""),
             "unreadable": cached.get("unreadable", ""), "frames": frames}
 

@@ -160,9 +160,10 @@ function placeText(kind, time) {
   return kind === "frames" ? `image ${Math.round(time) + 1}` : clockText(time);
 }
 
-// a time in a video as report.clock_text says it: "12.40 s", "41:15.64", "1:02:03.50"
+// a time in a video as report.clock_text says it: "12.40 s", "41:15.64", "1:02:03.50", rounded down as
+// report.hundredths_down rounds it, so that `ffmpeg -ss` of it lands on that frame and not the next
 function clockText(seconds) {
-  let hundredths = Math.round(seconds * 100);
+  let hundredths = Math.floor(seconds * 100 * (1 + 2e-7) + 1e-3);
   if (hundredths < 6000) return `${(hundredths / 100).toFixed(2)} s`;
   let minutes = Math.floor(hundredths / 6000);
   hundredths -= minutes * 6000;
