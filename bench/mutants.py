@@ -642,7 +642,7 @@ MUTANTS += [
            '    return "".join(c if c.isprintable() else\n', "    return str(text) or \"\".join(c if c.isprintable() else\n",
            "tests/test_search.py -k control_characters", "ids with control characters are escaped for people"),
     mutant("cli-nothing-processable-exits-0", "vlpcache/extract/progress.py",
-           "return self.done > 0 or self.skipped_cached > 0 or self.failed == 0", "return True",
+           "return self.done > 0 or self.skipped_cached > 0 or self.failed + self.skipped_failed == 0", "return True",
            "tests/test_extract.py -k nothing_processable", "an extract that processed nothing exits non-zero"),
 ]
 
@@ -2218,6 +2218,15 @@ MUTANTS += [
     mutant("thumbnails-max-takes-nan", "vlpcache/cli.py",
            "type=FiniteFloatRange(0.01), metavar=\"GB\",", "type=click.FloatRange(0.01), metavar=\"GB\",",
            "tests/test_user_errors.py::test_a_bad_option_or_command_is_one_error_line_like_every_other_error", "serve --thumbnails-max nan is one line, not a traceback once the index is loaded"),
+    mutant("clock-time-rounded-to-nearest", "vlpcache/report.py",
+           "    return math.floor(seconds * 100 * (1 + 2e-7) + 1e-3)\n", "    return round(seconds * 100)\n",
+           "tests/test_search.py -k ffmpeg_ss", "a frame's time said rounded to the nearest hundredth: `ffmpeg -ss` of it lands on the next frame"),
+    mutant("page-clock-time-rounded-to-nearest", "vlpcache/serve/page/page.js",
+           "  let hundredths = Math.floor(seconds * 100 * (1 + 2e-7) + 1e-3);\n", "  let hundredths = Math.round(seconds * 100);\n",
+           "tests/test_serve.py -k keyboard_and_back_button", "the page says a frame's time rounded to the nearest hundredth, not as search says it"),
+    mutant("extract-rerun-of-failed-items-succeeds", "vlpcache/extract/progress.py",
+           "        return self.done > 0 or self.skipped_cached > 0 or self.failed + self.skipped_failed == 0\n", "        return self.done > 0 or self.skipped_cached > 0 or self.failed == 0\n",
+           "tests/test_extract.py -k nothing_processable", "the same extract again over items that all failed before exits 0, nothing cached"),
 ]
 
 

@@ -890,6 +890,9 @@ def test_nothing_processable_exits_non_zero_and_no_media_is_one_error(models_dir
     (tmp_path / "bad" / "x.mp4").write_bytes(b"")
     result = vlpcache("extract", tmp_path / "bad", "-o", tmp_path / "cache", cwd=tmp_path, check=False)
     assert result.returncode == 1 and "x.mp4: " in result.stderr and "0 done" in result.stderr
+    again = vlpcache("extract", tmp_path / "bad", "-o", tmp_path / "cache", cwd=tmp_path, check=False)
+    assert again.returncode == 1 and "1 skipped" in again.stderr  # the same command again (a requeue, `&& pretrain`):
+    # still nothing processed, though nothing failed this time
     (tmp_path / "empty").mkdir()
     result = vlpcache("extract", tmp_path / "empty", "-o", tmp_path / "c2", cwd=tmp_path, check=False)
     assert result.returncode == 2 and result.stderr.endswith(f"no videos, images or frame folders found under "

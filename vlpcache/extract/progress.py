@@ -32,8 +32,9 @@ class ExtractSummary:
 
     @property
     def ok(self) -> bool:
-        """False only when items failed and none of the roots' items is in the cache."""
-        return self.done > 0 or self.skipped_cached > 0 or self.failed == 0
+        """False only when items failed, now or in a run before (the same command again), and none of the
+        roots' items is in the cache."""
+        return self.done > 0 or self.skipped_cached > 0 or self.failed + self.skipped_failed == 0
 
     def line(self) -> str:
         rate = f"{self.done / self.seconds:.2f} items/s, {self.frames / self.seconds:.1f} frames/s" if self.seconds else "-"
