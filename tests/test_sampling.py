@@ -285,6 +285,22 @@ def test_a_target_in_a_pause_of_a_variable_rate_video_takes_the_frame_shown_then
     assert out.timestamps == pytest.approx([0.3, 0.9, 5.6])
 
 
+@pytest.mark.parametrize("ext", ["mp4", "mkv"])
+def test_a_variable_rate_video_with_b_frames_gives_the_frame_shown_at_each_centre_and_again_at_its_time(tmp_path, ext):
+    # 10 fps for 1 s, the last frame held to 3 s, then 40 fps, one GOP decoded on through the targets: with B-frames an
+    # MP4 frame's duration is a decode-order delta, Matroska's the nominal 0.1 s; trusting it took another frame than
+    # the one shown, and a frame read again at its stored time (the page's thumbnail) was yet another
+    times = [i * 100 for i in range(10)] + [3000 + i * 25 for i in range(20)]
+    item = video(timed_video(tmp_path / f"vfr.{ext}", None, times, gop=30, bframes=3))
+    out = read_item(item, 12, MAX_SIDE)
+    shown = sorted({max(i for i, ms in enumerate(times) if ms <= centre * 1000) for centre in segment_centres(out.duration, 12)})
+    assert shown == [1, 4, 7, 9, 15, 27]
+    assert [frame_number(f) for f in out.frames] == shown
+    assert out.timestamps == pytest.approx([times[i] / 1000 for i in shown])
+    again = read_frames_at(item, [float(np.float32(ms / 1000)) for ms in times], MAX_SIDE)
+    assert [frame_number(f) for f in again.frames] == list(range(len(times)))
+
+
 @pytest.mark.parametrize("fmt, ext", [("matroska", "mkv"), ("mpegts", "ts")])
 def test_a_long_recording_without_duration_or_index_is_measured_from_its_end_not_refused(tmp_path, monkeypatch, fmt, ext):
     # an hour-long mkv cut off before its Duration and Cues were written (OBS after a crash) is over the size

@@ -223,15 +223,16 @@ class _VideoSampler:
         tb = float(self.time_base)
         if self.times is None:
             targets = [self.start + t / tb for t in segment_centres(duration, self.num_frames)]  # time_base units
-        else:  # a frame's stored start time, a quarter frame on so that rounding cannot give the frame before
-            targets = [self.start + t / tb + self.frame_step / 4 for t in self.times]
+        else:  # a frame's stored start time (float32 in the cache), a float32 step on so that its rounding cannot
+            # give the frame before; not a share of the nominal frame: a variable-rate video's frames follow closer
+            targets = [self.start + (t + float(np.spacing(np.float32(abs(t))))) / tb for t in self.times]
         plan = [self._probe(t) for t in targets] if self.use_seek else [(None, None)] * len(targets)
 
         frames, times = [], []
         run = None  # the generator of decoded (frame, time) since the last seek
         run_keyframe = None  # where that run started decoding
         last: tuple[av.VideoFrame, float] | None = None  # latest frame decoded, and its time
-        ahead = None  # a frame decoded after `last` that starts past the target before: for the targets after it
+        ahead = None  # the frame decoded after `last` (the next one shown), not yet taken: it starts past the target
         ended_at = -math.inf  # time of the last frame before the data ran out, if it did
         for target, (seek_ts, keyframe) in zip(targets, plan):
             # the keyframe the target needs lies ahead of what was decoded: jump there for free;
@@ -239,20 +240,17 @@ class _VideoSampler:
             position = last[1] if last is not None else run_keyframe
             if run is None or (keyframe is not None and (position is None or keyframe > position)):
                 run, run_keyframe, last, ahead = self._decode_from(seek_ts), keyframe, None, None
-            chosen = None
-            while chosen is None:
-                if last is not None and target < last[1] + (last[0].duration or self.frame_step):
-                    chosen = last  # shown at the target's time
+            # the frame shown at the target is the last one starting at or before it: told by where the next
+            # frame starts, not by a frame's duration (a decode-order delta in MP4 with B-frames, the nominal
+            # one in Matroska: both wrong in a pause or a faster stretch of a variable-rate video)
+            while True:  # (the first frame decoded is taken even past the target: nothing earlier decodes)
+                ahead = ahead or next(run, None)
+                if ahead is None or (last is not None and ahead[1] > target):
                     break
-                nxt, ahead = ahead or next(run, None), None
-                if nxt is None:  # end of stream (or of what decodes) before the target
-                    chosen = last
-                    ended_at = max(ended_at, last[1] if last else self.start)
-                    break
-                if last is not None and nxt[1] > target:  # a frame's duration can be the nominal one where the
-                    chosen, ahead = last, nxt  # file has none (Matroska): the frame before a gap is still shown
-                    break
-                last = nxt  # (the first frame decoded is taken even past the target: nothing earlier decodes)
+                last, ahead = ahead, None
+            chosen = last
+            if ahead is None and (last is None or target >= last[1] + (last[0].duration or self.frame_step)):
+                ended_at = max(ended_at, last[1] if last else self.start)  # the data ran out before the target
             if chosen is None or (times and chosen[1] <= times[-1]):
                 continue  # nothing decoded, or the same frame as the previous target: keep each frame once
             frames.append(chosen[0])
