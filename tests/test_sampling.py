@@ -188,6 +188,35 @@ def test_rotated_phone_video_is_returned_upright(tmp_path):
     assert frame[56, 4].mean() < 20 and frame[4, 4].mean() > 100
 
 
+# a picture that a display matrix of a counterclockwise rotation by these degrees, then a left-right mirror, shows as `p`
+STORED_UNDER_MIRROR = {0: lambda p: p[:, ::-1], 90: lambda p: np.rot90(p[:, ::-1], k=-1)}
+
+
+@pytest.mark.skipif(not CAN_WRITE_ROTATION, reason="writing a display matrix needs PyAV >= 18 (set_display_rotation)")
+@pytest.mark.parametrize("degrees", [0, 90])
+def test_a_mirrored_video_is_returned_as_players_show_it_not_upside_down(tmp_path, degrees):
+    # a front camera's or an editor's display matrix mirrors the picture: PyAV's frame.rotation reads a mirror as a
+    # half turn (-180), and the picture came out upside down (players and ffmpeg show it upright)
+    path = tmp_path / "selfie.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stored = [STORED_UNDER_MIRROR[degrees](frame_pattern(i, 48, 64)) for i in range(4)]
+        (stream.height, stream.width), stream.pix_fmt = stored[0].shape[:2], "yuv420p"
+        try:
+            stream.set_display_rotation(degrees, hflip=True)
+        except TypeError:
+            pytest.skip("this PyAV writes no mirror (set_display_rotation without hflip)")
+        for picture in stored:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24")))
+        container.mux(stream.encode())
+    item = video(path)
+    out = read_item(item, 4, MAX_SIDE)
+    assert out.size == (48, 64) and [frame_number(f) for f in out.frames] == [0, 1, 2, 3]
+    assert all(np.abs(f.astype(int) - frame_pattern(i, 48, 64)).mean() < 8 for i, f in enumerate(out.frames))
+    [thumbnail] = read_frames_at(item, [float(np.float32(out.timestamps[2]))], MAX_SIDE).frames
+    assert np.array_equal(thumbnail, out.frames[2])
+
+
 def test_anamorphic_video_is_stretched_to_its_display_width(tmp_path):
     from fractions import Fraction
 

@@ -270,7 +270,7 @@ class _VideoSampler:
         coded = (first.height, _display_width(first, self.stream))  # before rotation
         out_h, out_w = _fit(coded, self.max_side)
         arrays = [_to_rgb(f, out_h, out_w) for f in frames]
-        size = coded[::-1] if _quarter_turns(first) % 2 else coded
+        size = coded[::-1] if _orientation(first)[1] % 2 else coded
         seconds = [min(max((t - self.start) * tb, 0.0), duration) for t in times]
         return SampledFrames(arrays, seconds, duration, size, decoded_frames=self.decoded, notes=self.notes)
 
@@ -399,14 +399,40 @@ def _display_width(frame: av.VideoFrame, stream) -> int:
 def _to_rgb(frame: av.VideoFrame, height: int, width: int) -> np.ndarray:
     # swscale converts and downscales in one pass, much cheaper than resizing the full-size RGB array
     array = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA")
-    if turns := _quarter_turns(frame):
+    mirrored, turns = _orientation(frame)
+    if mirrored:
+        array = array[:, ::-1]
+    if turns:
         array = np.rot90(array, k=turns)
     return np.ascontiguousarray(array)
 
 
-def _quarter_turns(frame: av.VideoFrame) -> int:
-    """Counterclockwise quarter turns that show the frame upright (phone videos carry a display matrix)."""
-    return round((frame.rotation or 0) / 90) % 4
+def _orientation(frame: av.VideoFrame) -> tuple[bool, int]:
+    """(whether to mirror it left to right, then how many counterclockwise quarter turns) that show the frame as
+    players do, by its display matrix (phone videos carry one; a front camera's or an editor's can mirror it).
+    PyAV's frame.rotation reads a mirror as a half turn: a mirrored video came out upside down."""
+    matrix = _display_matrix(frame)
+    if matrix is None:
+        return False, round((frame.rotation or 0) / 90) % 4
+    a, b, c, d = (float(v) for v in matrix[[0, 1, 3, 4]])  # x' = a x + c y, y' = b x + d y (FFmpeg's display.h)
+    mirrored = a * d - b * c < 0
+    if mirrored:  # the matrix is a mirror of the source's x, then a rotation: the rotation's is the matrix's without it
+        a, b = -a, -b
+    if not math.hypot(a, c) or not math.hypot(b, d):
+        return mirrored, 0
+    degrees = -math.degrees(math.atan2(b / math.hypot(b, d), a / math.hypot(a, c)))  # as av_display_rotation_get
+    return mirrored, round(degrees / 90) % 4
+
+
+def _display_matrix(frame: av.VideoFrame) -> np.ndarray | None:
+    """The frame's display matrix, FFmpeg's 9 int32 (16.16 fixed point); None where it has none."""
+    try:
+        data = frame.side_data.get("DISPLAYMATRIX")
+    except (KeyError, ValueError, AttributeError):  # a PyAV that names side data otherwise: frame.rotation
+        return None
+    if data is None or len(raw := bytes(data)) < 36:
+        return None
+    return np.frombuffer(raw[:36], dtype=np.int32)
 
 
 def _ffmpeg_reason(err: av.error.FFmpegError) -> str:
