@@ -72,6 +72,29 @@ def frame_number(frame: np.ndarray) -> int:
     return int(round(float(frame[h // 8: h * 3 // 8, w // 8: w * 3 // 8].mean()) / 7))
 
 
+def make_video_after_audio(path: Path, lead_ms: int = 2000, frames: int = 20, fps: int = 10) -> Path:
+    """Silence from 0 and frame i (frame_pattern) from lead_ms + i / fps: a video stream that starts after the
+    file's audio (ffmpeg -itsoffset, a recording cut), so the video's first frame is lead_ms into the file."""
+    with av.open(str(path), "w") as container:
+        sound = container.add_stream("aac", rate=8000)
+        sound.layout = "mono"
+        picture = container.add_stream("libx264", rate=fps)
+        picture.width, picture.height, picture.pix_fmt = 64, 48, "yuv420p"
+        picture.time_base = picture.codec_context.time_base = Fraction(1, 1000)
+        picture.options = {"preset": "ultrafast", "x264-params": "keyint=12:min-keyint=12:scenecut=0:bframes=0"}
+        for start in range(0, 8 * (lead_ms + frames * 1000 // fps), 1024):  # 8 samples a millisecond
+            chunk = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            chunk.sample_rate, chunk.pts = 8000, start
+            container.mux(sound.encode(chunk))
+        container.mux(sound.encode())
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(frame_pattern(i, 48, 64), format="rgb24")
+            frame.pts, frame.time_base = lead_ms + i * 1000 // fps, Fraction(1, 1000)
+            container.mux(picture.encode(frame))
+        container.mux(picture.encode())
+    return path
+
+
 def make_audio_only(path: Path, seconds: float = 0.5) -> Path:
     """AAC audio in an MP4 container, no video stream."""
     with av.open(str(path), "w") as container:

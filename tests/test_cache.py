@@ -65,11 +65,26 @@ def test_written_items_read_back_identical_by_index_and_id(tmp_path):
     assert cache[1]["id"] == "b/ü n"
 
 
+def test_a_shard_says_its_times_count_from_the_files_start_and_an_older_one_reads_as_from_the_videos(tmp_path):
+    # caches written before counted a video's times from its video stream's first frame: their thumbnails are read
+    # back at that count (serve), where the video starts after another stream
+    from vlpcache.cache.schema import TIMES_ATTR, TIMES_FROM_FILE, TIMES_FROM_VIDEO
+
+    write_items(tmp_path, ["a"])
+    assert RegionCache(tmp_path).get("a")["times_from"] == TIMES_FROM_FILE
+    [shard] = (tmp_path / SHARD_DIR).glob("*.h5")
+    with h5py.File(shard, "r+") as f:
+        del f.attrs[TIMES_ATTR]
+    cache = RegionCache(tmp_path)
+    assert cache.get("a")["times_from"] == TIMES_FROM_VIDEO == cache.blank("a")["times_from"]
+    assert cache.get("a", "boxes")["times_from"] == TIMES_FROM_VIDEO
+
+
 def test_reading_some_arrays_of_an_item_gives_those_alone_equal_to_a_full_read(tmp_path):
     write_items(tmp_path, ["a", "b", "c"])
     cache = RegionCache(tmp_path)
     part = cache.get("b", ("labels", "boxes"))
-    assert set(part) == {"labels", "boxes", "id", "path", "kind", "source"}
+    assert set(part) == {"labels", "boxes", "id", "path", "kind", "source", "times_from"}
     full = cache.get("b")
     assert np.array_equal(part["labels"], full["labels"]) and np.array_equal(part["boxes"], full["boxes"])
 
@@ -878,7 +893,7 @@ def test_a_cache_reads_as_a_notebook_user_tries_it(tmp_path, monkeypatch):
         monkeypatch.chdir("/")
         assert cache["b"]["id"] == "b" and [item["id"] for item in cache[0:2]] == cache.ids[:2]
         assert [item["id"] for item in cache[::-1]] == cache.ids[::-1]
-        assert set(cache.get("a", "boxes")) == {"boxes", "id", "path", "kind", "source"}
+        assert set(cache.get("a", "boxes")) == {"boxes", "id", "path", "kind", "source", "times_from"}
         np.testing.assert_allclose(cache.get("a", "boxes")["boxes"], random_item(0)["boxes"], atol=1e-3)
         assert repr(cache) == f"RegionCache({str(tmp_path / 'cache')!r}: 3 items, 3 frames x 4 regions)"
         with pytest.raises(KeyError, match="'nope' is no array of cache .*its arrays: features, boxes"):

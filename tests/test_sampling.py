@@ -21,6 +21,7 @@ from vlpcache.extract.sources import Item, discover_items
 sys.path.insert(0, str(Path(__file__).parent))
 from broken_media import (  # noqa: E402
     CAN_WRITE_ROTATION, SHARED, SHORT_VIDEO_FRAMES, frame_number, frame_pattern, make_broken_media, make_video,
+    make_video_after_audio,
 )
 
 T, MAX_SIDE = 8, 416
@@ -328,6 +329,21 @@ def test_a_variable_rate_video_with_b_frames_gives_the_frame_shown_at_each_centr
     assert out.timestamps == pytest.approx([times[i] / 1000 for i in shown])
     again = read_frames_at(item, [float(np.float32(ms / 1000)) for ms in times], MAX_SIDE)
     assert [frame_number(f) for f in again.frames] == list(range(len(times)))
+
+
+@pytest.mark.parametrize("ext", ["mp4", "mkv"])
+def test_times_of_a_video_that_starts_after_its_audio_count_from_the_files_start(tmp_path, ext):
+    # the video 2 s into the file (ffmpeg -itsoffset 2): its times counted from its own first frame, and `ffmpeg -ss`
+    # at a printed time (a player's clock) landed 2 s before the frame
+    item = video(make_video_after_audio(tmp_path / f"late.{ext}", lead_ms=2000, frames=20))
+    out = read_item(item, T, MAX_SIDE)
+    assert [frame_number(f) for f in out.frames] == [1, 3, 6, 8, 11, 13, 16, 18]  # over the video's own 2 s
+    assert out.timestamps == pytest.approx([2.1, 2.3, 2.6, 2.8, 3.1, 3.3, 3.6, 3.8]) and out.duration == pytest.approx(4.0)
+    again = read_frames_at(item, [float(np.float32(t)) for t in out.timestamps], MAX_SIDE)
+    assert [frame_number(f) for f in again.frames] == [1, 3, 6, 8, 11, 13, 16, 18]
+    # a cache written before counted from the video's start: read back by that count (schema.TIMES_ATTR)
+    older = read_frames_at(item, [float(np.float32(t - 2.0)) for t in out.timestamps], MAX_SIDE, from_video_start=True)
+    assert [frame_number(f) for f in older.frames] == [1, 3, 6, 8, 11, 13, 16, 18]
 
 
 @pytest.mark.parametrize("fmt, ext", [("matroska", "mkv"), ("mpegts", "ts")])

@@ -27,6 +27,7 @@ import selenium.webdriver as webdriver
 import starlette.testclient as starlette_testclient  # needs httpx, of the test extra
 from PIL import Image
 
+from broken_media import frame_number, make_video_after_audio
 from conftest import SHARED
 from test_model import build_tiny_text_model
 from test_pretrain import WORDS, write_cache, write_captions
@@ -481,6 +482,29 @@ def test_two_threads_storing_one_thumbnail_at_once_both_succeed(tmp_path):
         thread.join(timeout=HANG_GUARD_S)
     assert not failures and path.read_bytes() in (bytes([0]) * 1000, bytes([1]) * 1001)
     assert [p.name for p in path.parent.iterdir()] == ["thumbnail.jpg"]  # no temporary left behind
+
+
+def test_a_thumbnail_of_an_older_cache_is_read_at_the_time_it_stored_counted_as_it_counted(tmp_path):
+    # caches written before counted a video's times from its video stream's first frame, now from the file's start:
+    # where the video starts after its audio, their thumbnails must still be the frames whose boxes are drawn
+    import h5py
+
+    from vlpcache.cache.reader import RegionCache
+    from vlpcache.cache.schema import SHARD_DIR, TIMES_ATTR
+    from vlpcache.serve.thumbnails import ThumbnailStore
+
+    late = make_video_after_audio(tmp_path / "late.mp4", lead_ms=2000, frames=20)  # frame i from 2 + i / 10 s
+    write_cache(tmp_path / "cache", 1, sources=[(late, "video")])  # its frames' stored times: 0 and 1 s
+
+    def thumbnail(store: str) -> int:
+        item = RegionCache(tmp_path / "cache").get("v0")
+        return frame_number(np.asarray(Image.open(io.BytesIO(ThumbnailStore(tmp_path / store).get(item, 1).jpeg))))
+
+    assert thumbnail("now") == 0  # 1 s into the file: before the video's first frame, which is taken
+    [shard] = (tmp_path / "cache" / SHARD_DIR).glob("*.h5")
+    with h5py.File(shard, "r+") as f:
+        del f.attrs[TIMES_ATTR]  # as a shard written before
+    assert thumbnail("before") == 10  # 1 s into the video
 
 
 def test_thumbnail_survives_its_source_once_stored(template, tmp_path, monkeypatch):

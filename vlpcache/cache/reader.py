@@ -32,7 +32,8 @@ import numpy as np
 
 from vlpcache.cache.manifest import (UNREADABLE, lock_refused, open_shard, read_damaged, read_failures, read_manifest,
                                      read_moves, read_removed, shard_file_differences)
-from vlpcache.cache.schema import COMMITTED_ATTR, DAMAGED_DIR, SHARD_DIR, SHARD_SUFFIX, CacheSettings, not_finite
+from vlpcache.cache.schema import (COMMITTED_ATTR, DAMAGED_DIR, SHARD_DIR, SHARD_SUFFIX, TIMES_ATTR, TIMES_FROM_VIDEO,
+                                   CacheSettings, not_finite)
 from vlpcache.cache.writer import RecordLog
 from vlpcache.captions import item_named
 from vlpcache.errors import UserError
@@ -91,6 +92,7 @@ class _Row(NamedTuple):
     source: str  # the stamp of what it was extracted from
     replaces: str  # the stamp of the row it replaces (its source changed and extract redid it), or ""
     committed: float  # its shard's commit time, 0 for shards before it was kept
+    times_from: str  # where its timestamps count from (schema.TIMES_ATTR): its shard's
     location: tuple[int, int]  # (shard, row)
 
 
@@ -136,8 +138,8 @@ class RegionCache:
     """A read-only view of every finished shard in a cache directory.
 
     `cache[i]`, `cache[id]` and `cache.get(id)` return one video's arrays (the names of settings.arrays())
-    plus "id", "path", "kind" and "source"; `cache[i:j]` a list of them. `with RegionCache(...) as cache:`
-    closes its shard files at the end.
+    plus "id", "path", "kind", "source" and "times_from"; `cache[i:j]` a list of them. `with RegionCache(...)
+    as cache:` closes its shard files at the end.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, say: Say = say, say_damaged: bool = True):
@@ -175,11 +177,11 @@ class RegionCache:
             listing = self._list_shard(shard)
             if listing is None:
                 continue
-            *columns, when = listing
+            *columns, when, times_from = listing
             self._shard_keys[s] = f"{shard.name}@{when!r}"
             self.read_shards.append(self._shard_keys[s])
             for row, (item_id, path, kind, source, replaces) in enumerate(zip(*columns)):
-                found = _Row(item_id, path, kind, source, replaces, when, (s, row))
+                found = _Row(item_id, path, kind, source, replaces, when, times_from, (s, row))
                 if (i := seen.get(item_id)) is None:
                     seen[item_id] = len(rows)
                     rows.append(found)
@@ -221,13 +223,14 @@ class RegionCache:
         self.kinds: list[str] = [r.kind for r in rows]
         self.sources: list[str] = [r.source for r in rows]  # stamps (extract/stamps.py), "" in older shards
         self.committed: list[float] = [r.committed for r in rows]  # its shard's commit time, 0 in older shards
+        self.times_from: list[str] = [r.times_from for r in rows]  # schema.TIMES_FROM_FILE, or _VIDEO in older shards
         locations = [r.location for r in rows]
         self._index_of = seen
         self._locations = np.array(locations, dtype=np.int64).reshape(-1, 2)
 
-    def _list_shard(self, shard: Path) -> tuple[list[str], list[str], list[str], list[str], list[str], float] | None:
-        """(ids, paths, kinds, source stamps, the stamps they replace, commit time) of a shard that agrees
-        with the manifest; None, reported once, otherwise."""
+    def _list_shard(self, shard: Path) -> tuple[list[str], list[str], list[str], list[str], list[str], float, str] | None:
+        """(ids, paths, kinds, source stamps, the stamps they replace, commit time, where its times count from) of a
+        shard that agrees with the manifest; None, reported once, otherwise."""
         try:
             with open_shard(shard) as f:
                 diffs = shard_file_differences(f, self.settings)
@@ -236,7 +239,7 @@ class RegionCache:
                     sources, replaces = (_decode(f[name][:]) if name in f else [""] * len(ids)
                                          for name in ("sources", "replaces"))
                     return (ids, _decode(f["paths"][:]), _decode(f["kinds"][:]), sources, replaces,
-                            float(f.attrs.get(COMMITTED_ATTR, 0.0)))
+                            float(f.attrs.get(COMMITTED_ATTR, 0.0)), str(f.attrs.get(TIMES_ATTR, TIMES_FROM_VIDEO)))
         except UNREADABLE as err:
             if not os.access(shard, os.R_OK):  # not damaged: another user's file (a umask of 077)
                 self.unreadable_shards[shard] = "Permission denied (EACCES)"
@@ -417,7 +420,8 @@ class RegionCache:
 
     def read(self, index: int, names: tuple[str, ...] | str | None = None) -> dict:
         """One video's arrays, all of settings.arrays() or only `names` (search shows boxes without reading
-        features, the bulk of a video), plus "id", "path", "kind" and "source" (its stamp)."""
+        features, the bulk of a video), plus "id", "path", "kind", "source" (its stamp) and "times_from" (where its
+        timestamps count from: schema.TIMES_ATTR)."""
         if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
             raise TypeError(f"a cache is read by position (int), id (str) or slice, not {type(index).__name__}")
         if isinstance(names, str):
@@ -440,7 +444,7 @@ class RegionCache:
         if name := not_finite(item):
             raise self._damaged_row(index, f"its {name!r} hold values that are not numbers") from None
         item["id"], item["path"], item["kind"] = self.ids[index], self.paths[index], self.kinds[index]
-        item["source"] = self.sources[index]
+        item["source"], item["times_from"] = self.sources[index], self.times_from[index]
         return item
 
     def get(self, item_id: str, names: tuple[str, ...] | str | None = None) -> dict:
@@ -452,10 +456,10 @@ class RegionCache:
         kept)."""
         blank = {spec.name: np.zeros(self.settings.shape_of(spec), dtype=spec.dtype) for spec in self.settings.arrays()}
         if isinstance(item, str) and item in self.damaged:
-            return {**blank, "id": item, "path": "", "kind": "", "source": ""}
+            return {**blank, "id": item, "path": "", "kind": "", "source": "", "times_from": TIMES_FROM_VIDEO}
         index = self.index_of(item) if isinstance(item, str) else item
         return {**blank, "id": self.ids[index], "path": self.paths[index], "kind": self.kinds[index],
-                "source": self.sources[index]}
+                "source": self.sources[index], "times_from": self.times_from[index]}
 
     def _damaged_row(self, index: int, reason: str) -> DamagedShard:
         """Record that item `index`'s row does not read, in this reader and in the cache's log (where it can

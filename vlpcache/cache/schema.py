@@ -100,7 +100,7 @@ ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec("labels", ("T", "N"), np.int16),  # COCO class index, FRAME_REGION_LABEL for the whole frame
     ArraySpec("region_mask", ("T", "N"), np.bool_),
     ArraySpec("frame_mask", ("T",), np.bool_),
-    ArraySpec("timestamps", ("T",), np.float32),  # seconds from the start of the item
+    ArraySpec("timestamps", ("T",), np.float32),  # seconds from the file's start (older shards: TIMES_ATTR)
     ArraySpec("frame_size", ("2",), np.int32),  # original (height, width) in pixels
     ArraySpec("duration", (), np.float32),  # seconds; 0 for still images and frame folders
     # vg only: each region's best attribute (Visual Genome's 400; labels.NO_ATTRIBUTE = -1 for none) and its score
@@ -116,6 +116,12 @@ STRINGS: tuple[str, ...] = ("ids", "paths", "kinds", "notes", "sources", "replac
 # shard attribute: when the shard was committed (time.time()), 0 for shards without it; of two rows of an
 # id that neither replaces (two writers given overlapping work), the one committed last is read
 COMMITTED_ATTR = "committed"
+# shard attribute: where its videos' timestamps count from. TIMES_FROM_FILE: the file's start, as players and
+# `ffmpeg -ss` count; shards without it were written when they counted from the video stream's first frame
+# (TIMES_FROM_VIDEO), which differs only where the video starts after another stream (audio, by -itsoffset or a
+# cut): such a video's thumbnails are read back at that count, its times are printed as stored
+TIMES_ATTR = "times_from"
+TIMES_FROM_FILE, TIMES_FROM_VIDEO = "file start", "video start"
 
 
 @dataclass(frozen=True)
@@ -183,6 +189,7 @@ def shard_attrs(settings: CacheSettings, tool_version: str) -> dict[str, Any]:
     """Provenance attributes stored on every shard file, so a shard read alone is self-describing."""
     attrs = {k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in settings.to_json().items()}
     attrs["vlpcache_version"] = tool_version
+    attrs[TIMES_ATTR] = TIMES_FROM_FILE
     return attrs
 
 

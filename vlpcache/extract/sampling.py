@@ -56,8 +56,8 @@ TRUNCATED_BELOW = 0.9
 @dataclass
 class SampledFrames:
     frames: list[np.ndarray]  # each (H, W, 3) uint8 RGB, C-contiguous, max(H, W) <= max_side; same size within an item
-    timestamps: list[float]  # seconds from the start, strictly increasing
-    duration: float  # seconds (0 for an image; a frames folder counts 1 s per frame)
+    timestamps: list[float]  # seconds from the file's start (as players and `ffmpeg -ss` count), strictly increasing
+    duration: float  # seconds from the file's start to the video's end (0 for an image; a frames folder: 1 s a frame)
     size: tuple[int, int]  # original (height, width), as displayed
     decoded_frames: int = 0  # frames the decoder produced to get these (shows that seeking works)
     notes: list[str] = field(default_factory=list)  # problems survived, e.g. "2 of 40 frames unreadable"
@@ -86,14 +86,17 @@ def read_item(item: Item, num_frames: int, max_side: int, *, seek: bool = True, 
         raise ItemError(f"unknown item kind {item.kind!r}")
 
 
-def read_frames_at(item: Item, times: list[float], max_side: int) -> SampledFrames:
+def read_frames_at(item: Item, times: list[float], max_side: int, *, from_video_start: bool = False) -> SampledFrames:
     """Decode the frames shown at `times` (seconds, increasing, as read_item returned and the cache stores
     them), seeking as read_item does; e.g. one sampled frame again, for a thumbnail. A frames folder's
-    time is the frame's position in it; an image has one frame at 0. Raises ItemError(reason).
+    time is the frame's position in it; an image has one frame at 0. `from_video_start`: a video's times count
+    from its video stream's first frame, not from the file's start (caches written before: schema.TIMES_ATTR).
+    Raises ItemError(reason).
     """
     with _item_errors():
         if item.kind == "video":
-            return _VideoSampler(item.path, len(times), max_side, seek=True, threads="NONE", times=times).sample()
+            return _VideoSampler(item.path, len(times), max_side, seek=True, threads="NONE", times=times,
+                                 from_video_start=from_video_start).sample()
         if item.kind == "image":
             return _read_image_item(item.path, max_side)
         if item.kind == "frames":
@@ -125,10 +128,11 @@ def _item_errors():
 
 class _VideoSampler:
     def __init__(self, path: Path, num_frames: int, max_side: int, seek: bool, threads: str,
-                 times: list[float] | None = None) -> None:
+                 times: list[float] | None = None, from_video_start: bool = False) -> None:
         self.path, self.num_frames, self.max_side = path, num_frames, max_side
         self.use_seek, self.threads = seek, threads
         self.times = times  # seconds to decode instead of the segment centres
+        self.from_video_start = from_video_start  # whether those count from the video stream's start, not the file's
         self.decoded = 0  # frames out of the decoder
         self.decode_errors = 0  # packets the decoder rejected
         self.demuxed = False  # whether the demuxer has moved from the first packet
@@ -221,11 +225,13 @@ class _VideoSampler:
 
     def _sample(self, duration: float) -> SampledFrames:
         tb = float(self.time_base)
-        if self.times is None:
+        zero = self.start if self.from_video_start else self._file_start()  # time 0 of the times, in time_base units
+        lead = (self.start - zero) * tb  # seconds from the file's start to the video's
+        if self.times is None:  # the segments are of the video's own length
             targets = [self.start + t / tb for t in segment_centres(duration, self.num_frames)]  # time_base units
         else:  # a frame's stored start time (float32 in the cache), a float32 step on so that its rounding cannot
             # give the frame before; not a share of the nominal frame: a variable-rate video's frames follow closer
-            targets = [self.start + (t + float(np.spacing(np.float32(abs(t))))) / tb for t in self.times]
+            targets = [zero + (t + float(np.spacing(np.float32(abs(t))))) / tb for t in self.times]
         plan = [self._probe(t) for t in targets] if self.use_seek else [(None, None)] * len(targets)
 
         frames, times = [], []
@@ -271,8 +277,18 @@ class _VideoSampler:
         out_h, out_w = _fit(coded, self.max_side)
         arrays = [_to_rgb(f, out_h, out_w) for f in frames]
         size = coded[::-1] if _orientation(first)[1] % 2 else coded
-        seconds = [min(max((t - self.start) * tb, 0.0), duration) for t in times]
-        return SampledFrames(arrays, seconds, duration, size, decoded_frames=self.decoded, notes=self.notes)
+        seconds = [min(max((t - zero) * tb, lead), lead + duration) for t in times]
+        return SampledFrames(arrays, seconds, lead + duration, size, decoded_frames=self.decoded, notes=self.notes)
+
+    def _file_start(self) -> float:
+        """The timestamp (time_base units) of the file's start, time 0 as players and `ffmpeg -ss` count: the
+        earliest start of its streams, before the video's where the video starts after its audio (-itsoffset, a
+        recording cut); the video's own where the video starts first (to the microsecond the file's is kept in)."""
+        first = self.container.start_time  # AV_TIME_BASE units
+        if first is None:
+            return self.start
+        lead = self.start * float(self.time_base) * av.time_base - first  # microseconds the video starts after it
+        return self.start - lead / av.time_base / float(self.time_base) if lead > 1.5 else self.start
 
     def _probe(self, target: float) -> tuple[int | None, int | None]:
         """(seek timestamp, keyframe timestamp) such that seeking there starts decoding at that keyframe,

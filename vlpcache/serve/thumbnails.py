@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from vlpcache.cache.schema import TIMES_FROM_VIDEO
 from vlpcache.devices import usable_cores
 from vlpcache.errors import ItemError
 from vlpcache.extract.sampling import read_frames_at
@@ -114,8 +115,9 @@ class ThumbnailStore:
             if replaced(item):
                 raise ItemError("it changed since it was extracted (its boxes are of the old content); run "
                                 "`vlpcache extract` again, then `vlpcache index`")
-            with self._decoders:
-                [picture] = read_frames_at(source, [float(item["timestamps"][frame])], self.side).frames
+            with self._decoders:  # a cache's times as its shard counts them (older ones: from the video's start)
+                [picture] = read_frames_at(source, [float(item["timestamps"][frame])], self.side,
+                                           from_video_start=item.get("times_from") == TIMES_FROM_VIDEO).frames
         except (ItemError, ValueError) as err:  # ValueError: the source now has no frame at that time
             height, width = (int(v) for v in item["frame_size"])
             reason = f"source unavailable: {err}" if str(err) else "source unavailable"
