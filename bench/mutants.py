@@ -2247,6 +2247,9 @@ MUTANTS += [
     mutant("extract-rerun-of-failed-items-succeeds", "vlpcache/extract/progress.py",
            "        return self.done > 0 or self.skipped_cached > 0 or self.failed + self.skipped_failed == 0\n", "        return self.done > 0 or self.skipped_cached > 0 or self.failed == 0\n",
            "tests/test_extract.py -k nothing_processable", "the same extract again over items that all failed before exits 0, nothing cached"),
+    mutant("render-older-shard-times-from-file", "vlpcache/extract/render.py",
+           "                                from_video_start=cached.get(\"times_from\") == TIMES_FROM_VIDEO)\n", "                                from_video_start=False)\n",
+           "tests/test_sampling.py -k inspect_render", "inspect --render of an older shard's video that starts after its audio draws the boxes on frames 2 s later"),
 ]
 
 

@@ -835,7 +835,8 @@ def test_broken_files_get_one_line_each_and_the_run_goes_on(tmp_path, videos_dir
     as_json = json.loads(vlpcache("inspect", tmp_path / "cache", "--failures", "--json", cwd=tmp_path).stdout)
     assert sorted(record["path"] for record in as_json["failed_items"]) == sorted(failed)
     # items kept despite problems: one line each while extracting, their notes in the cache, listed by inspect
-    damaged = {"truncated_real": "truncated file?", "frames_one_bad": "1 of 12 frames unreadable, e.g. 4.jpg"}
+    damaged = {"truncated_real": "truncated file?", "frames_one_bad": "1 of 12 frames unreadable, e.g. 4.jpg",
+               "garbage_in_middle": "packets failed to decode"}  # (met where a target's next frame is decoded)
     assert cache.notes.keys() == damaged.keys(), cache.notes
     for item_id, words in damaged.items():
         frames = int(cache.get(item_id)["frame_mask"].sum())

@@ -585,3 +585,34 @@ def test_a_cut_avi_is_sampled_over_what_is_left_and_noted_as_truncated(videos_di
     [note] = out.notes
     assert note.startswith("video data ends at ") and note.endswith(f" s of {seconds:.1f} s (truncated file?)")
     assert read_item(video(videos_dir / name), T, MAX_SIDE).notes == []  # the whole file: nothing to say
+
+
+@pytest.mark.parametrize("older", [False, True])
+def test_inspect_render_draws_the_boxes_on_the_frames_at_their_stored_times(tmp_path, older):
+    # the frames the boxes were found on are the ones at the stored times: a sampling another vlpcache does (the
+    # variable-rate fix moved some targets) or a count of times an older shard kept (from the video's start) must
+    # not put the boxes on other frames
+    import h5py
+    from vlpcache.cache.reader import RegionCache
+    from vlpcache.cache.schema import SHARD_DIR, TIMES_ATTR, CacheSettings, empty_item
+    from vlpcache.cache.writer import ShardWriter
+    from vlpcache.extract.render import source_pictures
+    from vlpcache.extract.stamps import source_stamp
+
+    path = make_video_after_audio(tmp_path / "late.mp4", lead_ms=2000, frames=20)  # frame i from 2 + i / 10 s
+    chosen = [2, 3, 11, 17]  # not the frames today's sampling takes
+    settings = CacheSettings(frames=4, regions=2, feature_dim=8, detector="synthetic", detector_weights_sha256="0",
+                             backbone="synthetic", backbone_weights_sha256="0")
+    item = empty_item(settings)
+    item["frame_mask"][:] = True
+    item["timestamps"][:] = [np.float32(i / 10 + (0 if older else 2)) for i in chosen]
+    item["frame_size"][:] = (48, 64)
+    with ShardWriter(tmp_path / "cache", settings) as writer:
+        writer.add("late", str(path), "video", item, "", source=source_stamp(path))
+    if older:  # a shard written before times counted from the file's start
+        [shard] = (tmp_path / "cache" / SHARD_DIR).glob("*.h5")
+        with h5py.File(shard, "a") as f:
+            del f.attrs[TIMES_ATTR]
+    cache = RegionCache(tmp_path / "cache")
+    pictures = source_pictures(cache, cache.get("late"))
+    assert [frame_number(np.asarray(p.resize((64, 48)))) for p in pictures] == chosen

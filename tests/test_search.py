@@ -1154,7 +1154,7 @@ def test_ids_with_control_characters_are_escaped_for_people_and_raw_in_json(ws, 
     cache = RegionCache(ws / "cache")
     odd = "two\nlines\x1b[31m"
     with ShardWriter(ws / "cache", cache.settings, writer_name="s1of2") as writer:
-        writer.add(odd, f"/data/{odd}.mp4", "video", {k: v for k, v in cache.get("v0").items() if k not in ("id", "path", "kind", "source")})
+        writer.add(odd, f"/data/{odd}.mp4", "video", {k: v for k, v in cache.get("v0").items() if k not in ("id", "path", "kind", "source", "times_from")})
     code, out, _ = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", ITEMS + 1)
     assert code == 0 and "two\\nlines\\x1b[31m  /data/two\\nlines\\x1b[31m.mp4" in out and "\x1b" not in out
     assert all(line.startswith(("query: ", "       ")) or line[:3].strip().isdigit() for line in out.splitlines())
@@ -1168,7 +1168,7 @@ def test_a_rendered_items_default_file_name_never_starts_with_a_dash(ws, tmp_pat
 
     cache = RegionCache(ws / "cache")
     with ShardWriter(ws / "cache", cache.settings, writer_name="s1of2") as writer:
-        writer.add("-rf", "/nowhere/-rf.mp4", "video", {k: v for k, v in cache.get("v0").items() if k not in ("id", "path", "kind", "source")})
+        writer.add("-rf", "/nowhere/-rf.mp4", "video", {k: v for k, v in cache.get("v0").items() if k not in ("id", "path", "kind", "source", "times_from")})
     monkeypatch.chdir(tmp_path)
     code, out, err = vlpcache(monkeypatch, capsys, "inspect", "--render", "-rf")
     assert code == 0 and out == "wrote rf.png\n" and (tmp_path / "rf.png").is_file(), err
@@ -1185,7 +1185,7 @@ def test_a_rendered_box_falls_where_the_cache_has_it_in_its_labels_colour_and_th
     from vlpcache.extract.render import CAPTION_HEIGHT, PALETTE, TITLE_HEIGHT
 
     cache = RegionCache(ws / "cache")
-    item = {k: v.copy() for k, v in cache.get("v0").items() if k not in ("id", "path", "kind", "source")}
+    item = {k: v.copy() for k, v in cache.get("v0").items() if k not in ("id", "path", "kind", "source", "times_from")}
     item["frame_mask"][:] = [True, False]  # one frame, 320 x 240 as the cache records it, drawn 480 x 360
     item["region_mask"][:] = False
     item["region_mask"][0, :2] = True
@@ -1280,7 +1280,7 @@ def test_a_shard_out_of_reach_during_one_index_is_not_new_when_it_is_back(ws, mo
     shard = sorted((ws / "cache" / "shards").glob("*.h5"))[-1]
     shutil.move(shard, ws / "away.h5")
     cache = RegionCache(ws / "cache")
-    item = {k: v for k, v in cache.get("v0").items() if k not in ("id", "path", "kind", "source")}
+    item = {k: v for k, v in cache.get("v0").items() if k not in ("id", "path", "kind", "source", "times_from")}
     with ShardWriter(ws / "cache", cache.settings, writer_name="s1of2") as writer:  # meanwhile, a new item
         writer.add("w0", "w0.mp4", "video", item)
     cache.close()

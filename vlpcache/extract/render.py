@@ -1,8 +1,8 @@
 """`vlpcache inspect --render ID`: a picture of one cached item's frames with its boxes, labels and scores.
 
-The cache stores features, not pixels: the item's frames are re-decoded from its source path with the
-same sampling as extraction (so the boxes fall where the detector saw them) and the cached boxes are
-drawn on them. No torch.
+The cache stores features, not pixels: the item's frames are re-decoded from its source path at the times
+the cache stores (so the boxes fall where the detector saw them, whatever sampling a later vlpcache does)
+and the cached boxes are drawn on them. No torch.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vlpcache.cache.labels import RegionNames, region_names
 from vlpcache.cache.reader import RegionCache
-from vlpcache.cache.schema import FRAME_REGION_LABEL
+from vlpcache.cache.schema import FRAME_REGION_LABEL, TIMES_FROM_VIDEO
 from vlpcache.captions import ids_like, item_named
 from vlpcache.extract.stamps import replaced
 from vlpcache.errors import ItemError, UserError
-from vlpcache.extract.sampling import read_item
+from vlpcache.extract.sampling import read_frames_at
 from vlpcache.extract.sources import Item
 from vlpcache.files import may_write, replace_atomically, write_failure
 from vlpcache.report import place_text, printable, say
@@ -44,7 +44,9 @@ def source_pictures(cache: RegionCache, cached: dict) -> list[Image.Image]:
             "drawing its boxes on blank frames")
         return blank_frames(cached, frame_count)
     try:
-        source = read_item(Item(cached["id"], Path(cached["path"]), cached["kind"]), cache.settings.frames, RENDER_SIDE)
+        times = [float(t) for t in cached["timestamps"][:frame_count]]  # the frames the boxes were found on
+        source = read_frames_at(Item(cached["id"], Path(cached["path"]), cached["kind"]), times, RENDER_SIDE,
+                                from_video_start=cached.get("times_from") == TIMES_FROM_VIDEO)
         return [at_least(Image.fromarray(f)) for f in source.frames[:frame_count]]
     except (ItemError, OSError) as err:
         moved = "" if os.path.lexists(cached["path"]) else " (moved? `vlpcache extract NEW_ROOT` records where it went)"
