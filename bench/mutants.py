@@ -2250,6 +2250,9 @@ MUTANTS += [
     mutant("render-older-shard-times-from-file", "vlpcache/extract/render.py",
            "                                from_video_start=cached.get(\"times_from\") == TIMES_FROM_VIDEO)\n", "                                from_video_start=False)\n",
            "tests/test_sampling.py -k inspect_render", "inspect --render of an older shard's video that starts after its audio draws the boxes on frames 2 s later"),
+    mutant("caption-of-megabytes-read-whole", "vlpcache/captions.py",
+           "        if len(text) > CAPTION_MAX_CHARS:  # cut before the steps below, which read all of it\n", "        if False:\n",
+           "tests/test_captions.py -k megabytes", "a caption of megabytes is kept whole: pretrain and eval tokenize all of it (22 GB for 100 MB)"),
 ]
 
 

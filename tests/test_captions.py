@@ -823,3 +823,22 @@ def test_files_joined_with_cat_read_whole_though_each_began_with_a_byte_order_ma
     lines = [f"100{i}_a.jpg#0\ta cat {i}\n".encode("utf-8-sig") for i in range(2)]  # Flickr8k.token.txt's form
     (tmp_path / "all.token.txt").write_bytes(b"".join(lines))
     assert read_captions(tmp_path / "all.token.txt").by_id == {"1000_a.jpg": ["a cat 0"], "1001_a.jpg": ["a cat 1"]}
+
+
+def test_a_caption_of_megabytes_is_cut_to_ten_thousand_characters_and_said(tmp_path):
+    # a 100 MB line (a log mistaken for captions) was tokenized whole by pretrain and eval: 22 GB, then killed
+    from vlpcache.captions import CAPTION_MAX_CHARS
+
+    path = tmp_path / "caps.jsonl"
+    long = "a dog runs " * 200_000
+    path.write_text(json.dumps({"video": "v1", "captions": [long, "a cat sleeps"]}) + "\n"
+                    + json.dumps({"video": "v2", "caption": "x" * 3_000_000}) + "\n")
+    captions = read_captions(path)
+    assert captions.by_id["v1"] == [long[:CAPTION_MAX_CHARS].strip(), "a cat sleeps"]
+    assert captions.by_id["v2"] == ["x" * CAPTION_MAX_CHARS] and captions.cut == 2
+    assert captions.bad_lines_text() == ", 2 captions over 10,000 characters cut to their first 10,000"
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"video": "v3", "caption": "y" * 20_000}) + "\n{not json\n")
+    merged = read_captions(path).merge(read_captions(other))
+    assert merged.cut == 3 and merged.bad_lines_text().endswith(
+        "), 3 captions over 10,000 characters cut to their first 10,000")

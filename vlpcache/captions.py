@@ -57,6 +57,7 @@ class Captions:
     repeated: int = 0  # captions of an id that another file merged in gave it already (read once)
     layout: str = ""  # how the file was read: "JSON Lines", "CSV", a JSON_LAYOUTS name...
     segments: bool = False  # its sentences each describe a segment of their video (ActivityNet Captions, YouCook2)
+    cut: int = 0  # captions longer than CAPTION_MAX_CHARS, cut to it
     split_conflicts: int = 0  # items given two splits (set_split)
     first_split_conflict: str = ""  # "'v1': test, then train", for the report
 
@@ -80,10 +81,14 @@ class Captions:
                 "else the last, and is never trained on once held out")
 
     def bad_lines_text(self) -> str:
-        """", 3 unreadable caption lines (the first: FILE line N: why)", or "" when all were read."""
+        """", 3 unreadable caption lines (the first: FILE line N: why)", and the captions cut (", 1 caption over
+        10,000 characters cut to its first 10,000"), or "" when all were read whole."""
+        cut = (f", {self.cut} caption{'s' if self.cut != 1 else ''} over {CAPTION_MAX_CHARS:,} characters cut to "
+               f"{'their' if self.cut != 1 else 'its'} first {CAPTION_MAX_CHARS:,}" if self.cut else "")
         if not self.bad_lines:
-            return ""
-        return f", {self.bad_lines} unreadable caption line{'s' if self.bad_lines != 1 else ''} (the first: {self.first_bad_line})"
+            return cut
+        return (f", {self.bad_lines} unreadable caption line{'s' if self.bad_lines != 1 else ''} (the first: "
+                f"{self.first_bad_line}){cut}")
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -102,6 +107,7 @@ class Captions:
             self.set_split(item_id, split)
         self.empty_captions += other.empty_captions
         self.bad_lines += other.bad_lines
+        self.cut += other.cut
         self.first_bad_line = self.first_bad_line or other.first_bad_line
         self.sources += other.sources
         return self
@@ -372,9 +378,15 @@ def _tag_text(tag: re.Match) -> str:
 MODEL_TEXT_STEPS = ((CHARACTER_REFERENCE, _character), (HTML_TAG, _tag_text), (WORD_BREAKS, lambda _: " "))
 
 
+CAPTION_MAX_CHARS = 10_000  # a caption past this is cut to it: the model reads 32 tokens (--max-words at most 512),
+# and tokenizing a whole 100 MB line (a file of one JSON string, a log mistaken for captions) took 22 GB
+
+
 def _add(captions: Captions, item_id, texts) -> None:
     for text in texts:
         text = str(text).strip() if isinstance(text, (str, int, float)) and not isinstance(text, bool) else ""
+        if len(text) > CAPTION_MAX_CHARS:  # cut before the steps below, which read all of it
+            text, captions.cut = text[:CAPTION_MAX_CHARS], captions.cut + 1
         # half an emoji (a caption a scraper cut between the two halves of "\ud83d\udc36") is no text a
         # tokenizer takes (a traceback): U+FFFD, as a decoder writes for a broken byte
         text = model_text(LONE_SURROGATE.sub("\ufffd", text))
