@@ -867,6 +867,41 @@ def test_a_shard_whose_arrays_disagree_with_its_own_attributes_is_left_out(tmp_p
     assert len(cache) == 0 and cache.ignored_shards[shard] == ["boxes (3, 4, 2) per video, not (3, 4, 4)"]
 
 
+def rewrite_dataset(shard, name: str, data: np.ndarray, **options) -> None:
+    with h5py.File(shard, "r+") as f:
+        del f[name]
+        f.create_dataset(name, data=data, **options)
+
+
+@pytest.mark.parametrize("break_", ["an id too many", "a mask of integers", "ids of numbers"])
+def test_a_shard_whose_arrays_disagree_in_rows_or_dtype_is_unreadable_not_a_traceback(tmp_path, break_, capsys):
+    """Each array's shape per video agreed, but `ids` one row longer than the arrays was an IndexError in inspect,
+    index and search, and a region_mask of int64 a ValueError in inspect's totals: a shard made by hand or by
+    another program is left out as unreadable, in one line, and extract (which redoes its items) goes on."""
+    from vlpcache.cache.inspect import inspect_cache
+    from vlpcache.cache.writer import refuse_shards_of_other_settings
+
+    write_items(tmp_path / "cache", ["a", "b"])
+    write_items(tmp_path / "cache", ["c"], writer_name="s1of2")
+    shard = tmp_path / "cache" / SHARD_DIR / "s0of1-00000.h5"
+    with h5py.File(shard, "r") as f:
+        ids, mask = list(f["ids"][:]), f["region_mask"][:]
+    if break_ == "an id too many":
+        rewrite_dataset(shard, "ids", np.array([*ids, b"extra"], dtype=object), dtype=h5py.string_dtype())
+    elif break_ == "a mask of integers":
+        rewrite_dataset(shard, "region_mask", mask.astype(np.int64) * 7)
+    else:
+        rewrite_dataset(shard, "ids", np.arange(2))
+    cache = RegionCache(tmp_path / "cache")
+    assert cache.ids == ["c"] and cache.unreadable_shards[shard] == {
+        "an id too many": "'features' has 2 rows, 'ids' 3", "a mask of integers": "'region_mask' holds int64, not bool",
+        "ids of numbers": "'ids' holds int64, not strings"}[break_]
+    assert f"{shard}: unreadable shard ({cache.unreadable_shards[shard]}); its items are left out" in capsys.readouterr().err
+    inspect_cache(tmp_path / "cache")
+    assert f"unreadable  {shard.name}: {cache.unreadable_shards[shard]}" in capsys.readouterr().out
+    refuse_shards_of_other_settings(tmp_path / "cache", SETTINGS)  # not "made with other settings": redone
+
+
 def test_inspect_lists_the_shards_it_leaves_out_and_why(tmp_path, capsys):
     from vlpcache.cache.inspect import inspect_cache
 

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from vlpcache.cache.schema import (COLLECTION_KEY, DAMAGED_DIR, FAILURE_DIR, MANIFEST_NAME, MOVES_DIR, PASSED_OVER_SUFFIX,
-                                   REMOVED_DIR, CacheSettings, shard_differences)
+                                   REMOVED_DIR, STRINGS, CacheSettings, layout_damage, shard_differences)
 from vlpcache.files import system_reason
 from vlpcache.records import json_lines, read_optional_json
 from vlpcache.report import say
@@ -148,6 +148,11 @@ def lock_refused(err: BaseException) -> str:
 
 
 def shard_file_differences(shard, settings: CacheSettings) -> list[str]:
-    """schema.shard_differences of an open shard file (an h5py.File): empty when it agrees with settings."""
-    shapes = {spec.name: shard[spec.name].shape for spec in settings.arrays() if spec.name in shard}
-    return shard_differences(settings, shard.attrs, shapes)
+    """schema.shard_differences of an open shard file (an h5py.File): empty when it agrees with settings.
+    ValueError (UNREADABLE) where it agrees but its datasets break the layout of every shard (schema.layout_damage)."""
+    columns = {name: (shard[name].shape, shard[name].dtype)
+               for name in (*(spec.name for spec in settings.arrays()), *STRINGS) if name in shard}
+    diffs = shard_differences(settings, shard.attrs, {name: shape for name, (shape, _) in columns.items()})
+    if not diffs and (damage := layout_damage(settings, columns)):
+        raise ValueError(damage)
+    return diffs

@@ -217,6 +217,24 @@ def shard_differences(settings: CacheSettings, attrs, array_shapes: dict[str, tu
     return diffs
 
 
+def layout_damage(settings: CacheSettings, columns: dict[str, tuple[tuple[int, ...], np.dtype]]) -> str:
+    """How a shard's datasets ({name: (shape, dtype)}) break the layout that every shard keeps whatever its
+    settings, "" where they keep it: each array of its ArraySpec's dtype, each of STRINGS strings, and all
+    with a row per video of "ids". extract never writes such a shard (one made by hand or by another program):
+    its reader takes it as unreadable, as a shard whose data does not read."""
+    if "ids" not in columns:
+        return "no 'ids'"
+    rows = tuple(columns["ids"][0][:1])  # (V,): a scalar has none
+    for name, (shape, _) in columns.items():
+        if tuple(shape[:1]) != rows or not rows:
+            return f"{name!r} has {shape[0] if shape else 'no'} rows, 'ids' {rows[0] if rows else 'no'}"
+    for spec in settings.arrays():
+        if spec.name in columns and columns[spec.name][1] != np.dtype(spec.dtype):
+            return f"{spec.name!r} holds {columns[spec.name][1]}, not {np.dtype(spec.dtype)}"
+    return next((f"{name!r} holds {columns[name][1]}, not strings" for name in STRINGS
+                 if name in columns and columns[name][1].kind not in "OS"), "")
+
+
 def empty_item(settings: CacheSettings) -> dict[str, np.ndarray]:
     """Zero arrays of the right shapes and dtypes for one video, all masks False."""
     return {s.name: np.zeros(settings.shape_of(s), dtype=s.dtype) for s in settings.arrays()}
