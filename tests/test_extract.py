@@ -752,6 +752,25 @@ def test_a_small_picture_is_rendered_large_enough_for_its_labels():
     assert cell_size([Image.new("RGB", (480, 270)), Image.new("RGB", (320, 240))]) == (480, 270 + CAPTION_HEIGHT)
 
 
+def test_a_box_past_the_frame_is_drawn_at_its_edge():
+    # a box of 3e38 (a shard made by hand: a read leaves such a row out, but allows rounding past the frame) was a
+    # SystemError of Pillow's draw_bitmap in `inspect --render`
+    from PIL import Image, ImageDraw
+
+    from vlpcache.cache.labels import COCO
+    from vlpcache.extract.render import PALETTE, draw_regions
+
+    picture = Image.new("RGB", (100, 80), (96, 96, 96))
+    cached = {"region_mask": np.array([[True, True, True]]), "labels": np.array([[2, 3, 4]], np.int16),
+              "scores": np.array([[0.5, 0.5, 0.5]], np.float16),
+              "boxes": np.array([[[0.5, 0.5, 3e38, 3e38], [-0.0005, 0.25, 1.0005, 0.75], [0.1, 3e38, 0.2, 3e38]]],
+                                np.float32)}
+    draw_regions(ImageDraw.Draw(picture), cached, 0, (0, 0), picture.size, COCO)
+    pixels = np.asarray(picture)
+    assert tuple(pixels[79, 75]) == tuple(pixels[70, 99]) == PALETTE[2]  # the first's bottom and right: the frame's
+    assert tuple(pixels[30, 0]) == tuple(pixels[30, 99]) == PALETTE[3]  # the second's sides: the frame's too
+
+
 def test_inspect_summarises_and_renders_an_item(extracted, tmp_path):
     cache_dir, _ = extracted
     summary = json.loads(vlpcache("inspect", cache_dir, "--json", cwd=tmp_path).stdout)

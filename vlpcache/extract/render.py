@@ -82,7 +82,9 @@ def draw_regions(draw: ImageDraw.ImageDraw, cached: dict, t: int, origin: tuple[
         label = int(cached["labels"][t, n])
         if label == FRAME_REGION_LABEL:
             continue
-        x1, y1, x2, y2 = cached["boxes"][t, n] * np.array(size * 2)  # normalised -> picture pixels
+        # normalised -> picture pixels; a box past the frame (reads allow rounding past it) is drawn at its edge:
+        # one of 3e38 was a SystemError of Pillow's
+        x1, y1, x2, y2 = np.clip(cached["boxes"][t, n], 0.0, 1.0) * np.array(size * 2)
         colour = PALETTE[label % len(PALETTE)]
         box = (x0 + x1, y0 + y1, x0 + x2, y0 + y2)
         draw.rectangle(box, outline=colour, width=2)
