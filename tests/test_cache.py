@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -520,12 +521,64 @@ def test_damage_the_checksum_misses_is_caught_by_its_values_and_extract_never_wr
         assert not_finite({"x": extremes, "y": np.array(7.0, dtype)}) == ""
         for bad in (np.nan, -np.nan, np.inf, -np.inf):
             assert not_finite({"x": extremes, "y": np.array([[1.0, bad]], dtype)}) == "y", (dtype, bad)
+    assert not_finite({"duration": np.float32(np.nan)}) == "duration"  # a per-video scalar reads as np.float32
     arrays = random_item(0)
     arrays["features"][0, 0, 0] = np.inf
     failed = RegionItem(DecodedItem(Item("v", Path("/v.mp4"), "video"), None), arrays)
     assert failed.arrays is None and failed.error == ("the detector gave values that are not numbers (NaN or infinity) "
                                                       "for its features")
     assert RegionItem(DecodedItem(Item("v", Path("/v.mp4"), "video"), None), random_item(0)).error is None
+
+
+@pytest.mark.parametrize("name, index, value, said", [
+    ("boxes", (0, 0, 2), 3e38, "3e+38, not within [-0.001, 1.001]"),  # finite: passed the NaN check, made NaN embeddings
+    ("timestamps", (1,), -2.0, "-2, not within [0, inf]"),
+    ("duration", (), -1.0, "-1, not within [0, inf]"),
+    ("labels", (2, 3), 80, "80, not within [-1, 79]"),  # COCO's 80 classes: 0 to 79
+    ("labels", (0, 1), -2, "-2, not within [-1, 79]"),
+    ("features", (0, 1, 2), -5000.0, "-5000, not within [-4096, 4096]"),  # float16 holds up to 65504
+])
+def test_a_value_out_of_its_range_is_damage_and_extract_never_writes_one(tmp_path, name, index, value, said):
+    """A box of 3e38 is finite, so the NaN check passed it: `index` wrote a NaN embedding without a word, `search`
+    dropped the item, `pretrain` stopped with "the loss is nan ... a lower learning rate". A value extract never
+    writes (a box past the frame, a negative time, a label out of the detector's vocabulary, a feature no backbone
+    gives) is damage, recorded as any; a row at the edges of the ranges reads."""
+    from vlpcache.cache.reader import DamagedShard
+    from vlpcache.cache.schema import VALUE_BOUNDS, out_of_range
+    from vlpcache.extract.mapper import RegionItem
+    from vlpcache.extract.reader import DecodedItem
+    from vlpcache.extract.sources import Item
+
+    edges = random_item(0)
+    edges["boxes"][0, 0] = [-0.0005, 0.0, 1.0, 1.0005]  # rounding past the frame
+    edges["labels"][0, :2] = [-1, 79]
+    edges["features"][0, 0, :2] = [-4096.0, 4096.0]
+    edges["timestamps"][0] = edges["duration"][...] = 0.0
+    with ShardWriter(tmp_path, SETTINGS) as writer:
+        for item_id, item in zip("abc", [edges, random_item(1), random_item(2)]):
+            writer.add(item_id, f"/data/{item_id}.mp4", "video", item)
+    (shard,) = (tmp_path / SHARD_DIR).glob("*.h5")
+    with h5py.File(shard, "r+") as f:
+        f[name][(1, *index)] = value
+    cache = RegionCache(tmp_path)
+    assert cache.get("a")["labels"][0, 1] == 79 and cache.get("c") is not None
+    with pytest.raises(DamagedShard, match=rf"item 'b' cannot be read \(its {name!r} hold {re.escape(said)}\)"):
+        cache.get("b")
+    assert RegionCache(tmp_path, say=lambda line: None).ids == ["a", "c"]  # recorded: extract redoes it
+
+    arrays = random_item(1)
+    arrays[name][index] = value
+    failed = RegionItem(DecodedItem(Item("v", Path("/v.mp4"), "video"), None), arrays)
+    if name != "labels":  # the detector's own vocabulary: checked by a read, by the cache's detector
+        assert failed.arrays is None and failed.error == f"the detector gave values out of their range: {name!r} hold {said}"
+    assert out_of_range(edges, VALUE_BOUNDS) == ""
+
+
+def test_a_vg_caches_labels_and_attributes_read_within_visual_genomes_vocabulary():
+    from vlpcache.cache.labels import value_bounds
+
+    vg, coco = value_bounds("vg:vg_frcnn.pth"), value_bounds("yolox:yolox_nano_coco.onnx")
+    assert vg["labels"] == (-1, 1599) and vg["attributes"] == (-1, 399) and coco["labels"] == (-1, 79)
 
 
 def test_many_items_found_damaged_are_said_in_a_few_lines_and_all_recorded(tmp_path):

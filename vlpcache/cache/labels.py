@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 
-from vlpcache.cache.schema import FRAME_REGION_LABEL, detector_name
+from vlpcache.cache.schema import FRAME_REGION_LABEL, VALUE_BOUNDS, detector_name
 
 COCO_CLASSES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -71,3 +71,11 @@ def visual_genome() -> RegionNames:
 def region_names(detector: str) -> RegionNames:
     """The vocabulary of a cache made by `detector` (CacheSettings.detector, e.g. "vg:..." or "yolox:...")."""
     return visual_genome() if detector_name(detector) == "vg" else COCO
+
+
+def value_bounds(detector: str) -> dict[str, tuple[float, float]]:
+    """schema.VALUE_BOUNDS, with those of the labels and attributes of a cache made by `detector`: its
+    vocabulary's, or FRAME_REGION_LABEL and NO_ATTRIBUTE."""
+    names = region_names(detector)
+    return {**VALUE_BOUNDS, "labels": (FRAME_REGION_LABEL, len(names.classes) - 1),
+            "attributes": (NO_ATTRIBUTE, len(names.attributes) - 1)}

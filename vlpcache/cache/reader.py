@@ -6,12 +6,14 @@ never used in a worker.
 
 Every shard is checked against the manifest by its own attributes and array shapes: a shard made with
 other settings (copied in from another cache, or a manifest edited by hand) is left out, as is one
-that cannot be read; each is reported once per process and listed in `ignored_shards` and
+that cannot be read or whose arrays disagree in rows or dtypes (schema.layout_damage); each is reported once per process and listed in `ignored_shards` and
 `unreadable_shards`, so that no reader (inspect, pretrain, index, eval) mixes shapes or features.
 
 Shards carry a checksum per chunk (fletcher32; shards of earlier versions have none): a chunk damaged
 on disk or in a copy fails to read, and the read raises DamagedShard, one line that names the shard
-and the way out, instead of handing other numbers to training or search. An item's read that fails so
+and the way out, instead of handing other numbers to training or search; so does a row holding a value that
+extract never writes: a NaN or an infinity (schema.not_finite), one out of its array's range (schema.out_of_range:
+a box of 3e38 is finite, and made an index's embedding NaN). An item's read that fails so
 is recorded in the cache (`damaged/`, where the cache can be written): from then on every reader leaves
 that row out, as if the item had not been extracted (a reader that found it leaves it out even where
 the record could not be written), so the next `vlpcache extract` extracts it again. The commands go on without it:
@@ -30,10 +32,11 @@ from typing import NamedTuple
 import h5py
 import numpy as np
 
+from vlpcache.cache.labels import value_bounds
 from vlpcache.cache.manifest import (UNREADABLE, lock_refused, open_shard, read_damaged, read_failures, read_manifest,
                                      read_moves, read_removed, shard_file_differences)
 from vlpcache.cache.schema import (COMMITTED_ATTR, DAMAGED_DIR, SHARD_DIR, SHARD_SUFFIX, TIMES_ATTR, TIMES_FROM_VIDEO,
-                                   CacheSettings, not_finite)
+                                   CacheSettings, not_finite, out_of_range)
 from vlpcache.cache.writer import RecordLog
 from vlpcache.captions import item_named
 from vlpcache.errors import UserError
@@ -150,6 +153,7 @@ class RegionCache:
             raise UserError(f"{self.cache_dir}: no such cache directory; run `vlpcache extract` first")
         self.settings: CacheSettings = read_manifest(self.cache_dir)
         self._array_names = tuple(spec.name for spec in self.settings.arrays())
+        self._bounds = value_bounds(self.settings.detector)  # what a read takes for damage beyond: schema.out_of_range
         self._handles: dict[int, h5py.File] = {}  # the open shards, the one used longest ago first
         self._open_bound = open_shards_bound()
         self._pid = os.getpid()
@@ -443,6 +447,8 @@ class RegionCache:
             raise self._damaged_row(index, err.reason) from None
         if name := not_finite(item):
             raise self._damaged_row(index, f"its {name!r} hold values that are not numbers") from None
+        if beyond := out_of_range(item, self._bounds):
+            raise self._damaged_row(index, beyond) from None
         item["id"], item["path"], item["kind"] = self.ids[index], self.paths[index], self.kinds[index]
         item["source"], item["times_from"] = self.sources[index], self.times_from[index]
         return item

@@ -36,7 +36,7 @@ def not_finite(arrays: dict) -> str:
     writes one, so a reader takes one for damage the chunk checksum missed (fletcher32 cannot tell a 16-bit
     word of zeros from one of ones)."""
     return next((name for name, a in arrays.items()
-                 if isinstance(a, np.ndarray) and a.dtype.kind == "f" and not _all_finite(a)), "")
+                 if isinstance(a, (np.ndarray, np.generic)) and a.dtype.kind == "f" and not _all_finite(a)), "")
 
 
 # a float's bits as an unsigned integer, and its exponent's: all ones is a NaN or an infinity
@@ -52,6 +52,42 @@ def _all_finite(a: np.ndarray) -> bool:
         return bool(np.isfinite(a).all())
     kind, exponent = bits
     return not ((a.view(kind) & kind(exponent)) == kind(exponent)).any()
+
+
+# The values extract writes, (lowest, highest) per array: detectors' boxes are clipped to the frame
+# (regions.pack_frame_regions), 1e-3 past it is rounding; times and durations count seconds from the file's
+# start (sampling clamps a frame that starts before the video to the video's start); a backbone's features are
+# tens at most (mobilenet_v2's ReLU6: 6), and a projection of ones near float16's 65504 overflows in fp16
+# autocast. Labels and attributes: labels.value_bounds, by the cache's vocabulary.
+BOX_SLACK = 1e-3
+FEATURE_LIMIT = 4096.0
+VALUE_BOUNDS: dict[str, tuple[float, float]] = {
+    "boxes": (-BOX_SLACK, 1.0 + BOX_SLACK), "timestamps": (0.0, np.inf), "duration": (0.0, np.inf),
+    "features": (-FEATURE_LIMIT, FEATURE_LIMIT),
+}
+
+
+def out_of_range(arrays: dict, bounds: dict[str, tuple[float, float]]) -> str:
+    """What the first of `arrays` that has bounds holds past them ("its 'boxes' hold 3e+38, not within [-0.001,
+    1.001]"), "" when none does: extract never writes such a value (a row with one is damage no checksum saw, or
+    made by hand), and read as a number it made an index's embedding NaN and a training run's loss."""
+    for name, (low, high) in bounds.items():
+        a = arrays.get(name)
+        if not isinstance(a, (np.ndarray, np.generic)) or a.size == 0:  # a per-video scalar reads as np.float32
+            continue
+        if _within(a, low, high):
+            continue
+        least, most = float(a.min()), float(a.max())
+        return f"its {name!r} hold {least if least < low else most:.4g}, not within [{low:.4g}, {high:.4g}]"
+    return ""
+
+
+def _within(a: np.ndarray, low: float, high: float) -> bool:
+    """low <= a <= high; for float16 by the bits, where the bounds are -m and m: numpy's float16 min and max take
+    4.5 ms for an MSR-VTT item's features (8 x 31 x 1280), the largest magnitude by the bits 0.05 ms."""
+    if a.dtype == np.float16 and low == -high:
+        return float(np.array((a.view(np.uint16) & np.uint16(0x7FFF)).max(), np.uint16).view(np.float16)) <= high
+    return low <= a.min() and a.max() <= high
 
 
 MANIFEST_NAME = "manifest.json"

@@ -8,7 +8,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from vlpcache.cache.schema import CacheSettings, empty_item, not_finite
+from vlpcache.cache.schema import VALUE_BOUNDS, CacheSettings, empty_item, not_finite, out_of_range
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.extract.reader import IDLE, DecodedItem
 from vlpcache.extract.detectors.regions import Detector, pack_frame_regions
@@ -23,6 +23,8 @@ class RegionItem:
     def __post_init__(self):
         if self.arrays is not None and (name := not_finite(self.arrays)):  # never cached: a reader takes it for damage
             self.arrays, self.error = None, f"the detector gave values that are not numbers (NaN or infinity) for its {name}"
+        elif self.arrays is not None and (beyond := out_of_range(self.arrays, VALUE_BOUNDS)):  # so too
+            self.arrays, self.error = None, f"the detector gave values out of their range: {beyond.removeprefix('its ')}"
 
     @property
     def note(self) -> str:
