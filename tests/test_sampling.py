@@ -534,6 +534,42 @@ def test_very_large_jpeg_is_decoded_reduced(broken):
     assert out.size == (9000, 12000) and out.frames[0].shape == (312, 416, 3)
 
 
+# the growth of a process's peak memory while it reads one item (MB): its own process, so that nothing before counts
+PEAK_GROWTH = """import resource, sys
+from pathlib import Path
+from vlpcache.extract.sampling import read_item
+from vlpcache.extract.sources import Item
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = read_item(Item("x", Path(sys.argv[1]), sys.argv[2]), int(sys.argv[3]), 416)
+print(len(out.frames), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def peak_growth_mb(path: Path, kind: str, frames: int = T) -> tuple[int, float]:
+    """(frames read, MB the peak memory grew by) of read_item on `path` in a process of its own."""
+    done = subprocess.run([sys.executable, "-c", PEAK_GROWTH, str(path), kind, str(frames)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    count, mb = done.stdout.split()
+    return int(count), float(mb)
+
+
+@pytest.mark.parametrize("mode, bytes_per_pixel", [("I;16", 2), ("F", 4), ("RGBA", 4)])
+def test_a_large_16_bit_float_or_transparent_image_is_converted_without_full_size_temporaries(tmp_path, mode,
+                                                                                               bytes_per_pixel):
+    """A 381 KB PNG of 14000x14000 16-bit pixels took extract to 5.3 GB (a float32 TIFF 6 GB, RGBA 4.6 GB): full-size
+    float64 copies, a white canvas and a composite, all before resizing. Now the decoded image and one 8-bit copy."""
+    side = 4000
+    zeros = np.zeros((side, side, 4) if mode == "RGBA" else (side, side), {"F": np.float32}.get(mode, np.uint8))
+    picture = Image.fromarray(zeros.astype(np.uint16)) if mode == "I;16" else Image.fromarray(zeros, mode)
+    path = tmp_path / ("big.tiff" if mode == "F" else "big.png")
+    picture.save(path, compress_level=1) if path.suffix == ".png" else picture.save(path)
+    assert Image.open(path).mode == mode
+    _, grown = peak_growth_mb(path, "image")
+    allowed = side * side * (bytes_per_pixel + 3) / 2**20 + 48  # decoded, its 8-bit copy (RGB at most), some rows
+    assert grown < allowed, f"{mode}: {grown:.0f} MB, at most {allowed:.0f}"
+
+
 def test_frames_folder_replaces_a_corrupt_frame_and_notes_it(broken):
     out = read_broken(broken, "frames_one_bad")
     assert len(out.frames) == T and 3.0 not in out.timestamps  # 4.jpg, at position 3, is corrupt

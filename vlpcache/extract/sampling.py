@@ -22,6 +22,7 @@ import contextlib
 import math
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -35,6 +36,8 @@ from vlpcache.extract.sources import SIZES_DIFFER, Item, frame_files, photo_exte
 
 # Largest image decoded at full size (~600 MB as RGB); JPEGs count after DCT-domain reduction.
 MAX_IMAGE_PIXELS = 200_000_000
+# pixels of an image converted to 8 bits at a time where the conversion needs temporaries (_image_to_8bit)
+CONVERT_PIXELS = 1 << 21
 # how a video file is opened: PyAV up to 18 decodes a file's metadata as strict UTF-8 unless told to ignore
 # errors (a title in another encoding would fail the file); PyAV 19 (what pip installs on Python 3.12 and
 # later) refuses that option, which failed every video, and reads such a title without it (checked on an H200
@@ -488,33 +491,70 @@ def _read_image(path: Path, max_side: int) -> tuple[np.ndarray, tuple[int, int]]
         try:
             with _large_images_allowed():
                 image.load()
-                image = ImageOps.exif_transpose(image)
-            rgb = _image_to_rgb(image)
+                ImageOps.exif_transpose(image, in_place=True)  # not a copy of the whole image where it is upright
+            pixels = _image_to_8bit(image)
         except (OSError, SyntaxError, ValueError) as err:
             raise ItemError(f"cannot decode image: {err}") from None
-        out_h, out_w = _fit((rgb.height, rgb.width), max_side)
-        if (out_h, out_w) != (rgb.height, rgb.width):
-            rgb = rgb.resize((out_w, out_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        out_h, out_w = _fit((pixels.height, pixels.width), max_side)
+        if (out_h, out_w) != (pixels.height, pixels.width):
+            pixels = pixels.resize((out_w, out_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        rgb = pixels if pixels.mode == "RGB" else pixels.convert("RGB")  # grey made RGB once small: the same pixels
         return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)), size
 
 
-def _image_to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode as 8-bit RGB: alpha composited on white, 16-bit and float scaled to 0..255."""
+def _image_to_8bit(image: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit grey ("L") or RGB: alpha composited on white, 16-bit and float scaled to 0..255.
+    Those two are converted a few rows at a time (_by_rows): at full size their temporaries (float64 values, a
+    white canvas) took a 381 KB PNG of 14000x14000 16-bit pixels to 5 GB; the pixels are the same."""
     mode = image.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
-        values = np.asarray(image).astype(np.float64)
-        if mode.startswith("I;16") or values.max(initial=0) > 255:
-            values = values / 257.0  # 16-bit range to 8-bit
-        elif mode == "F" and values.max(initial=0) <= 1.0:
-            values = values * 255.0
-        gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray).convert("RGB")
+        return _by_rows(image, "L", _grey_scaling(image))
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if has_alpha:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image if mode == "RGB" else image.convert("RGB")
+        return _by_rows(image, "RGB", _on_white)
+    return image if mode in ("RGB", "L") else image.convert("RGB")
+
+
+def _grey_scaling(image: Image.Image) -> Callable[[Image.Image], Image.Image]:
+    """The conversion of rows of a 16-bit, 32-bit integer or float image to 8-bit grey: 16-bit (or any image with
+    values above 255) divided by 257, float within 0..1 multiplied by 255, then rounded and clipped to 0..255."""
+    mode = image.mode
+    peak = None if mode.startswith("I;16") else np.max([np.asarray(rows).max(initial=0) for rows in _rows(image)],
+                                                         initial=0)
+
+    def scale(rows: Image.Image) -> Image.Image:
+        values = np.asarray(rows).astype(np.float64)
+        if mode.startswith("I;16") or peak > 255:
+            values = values / 257.0  # 16-bit range to 8-bit
+        elif mode == "F" and peak <= 1.0:
+            values = values * 255.0
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+
+    return scale
+
+
+def _on_white(rows: Image.Image) -> Image.Image:
+    rgba = rows.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def _rows(image: Image.Image) -> Iterator[Image.Image]:
+    """The image cut across into pieces of about CONVERT_PIXELS pixels (whole rows, top to bottom)."""
+    width, height = image.size
+    step = max(1, CONVERT_PIXELS // width)
+    for top in range(0, height, step):
+        yield image.crop((0, top, width, min(height, top + step)))
+
+
+def _by_rows(image: Image.Image, mode: str, convert: Callable[[Image.Image], Image.Image]) -> Image.Image:
+    """`convert` (rows of the image to the same rows in `mode`), applied to a few rows at a time."""
+    out = Image.new(mode, image.size)
+    top = 0
+    for rows in _rows(image):
+        out.paste(convert(rows), (0, top))
+        top += rows.height
+    return out
 
 
 def _exif_orientation(image: Image.Image) -> int:
