@@ -125,6 +125,19 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
     return path
 
 
+def gif_of_a_large_canvas(path: Path, width: int, height: int, frames: int) -> Path:
+    """An animated GIF of `frames` 1x1 pixel frames (1/50 s each) on a width x height canvas: a few bytes a frame,
+    and FFmpeg decodes each to the whole canvas (4 bytes a pixel)."""
+    out = bytearray(b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\0\0\0\xff\xff\xff")
+    out += b"\x21\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00"  # loop forever
+    for i in range(frames):
+        out += b"\x21\xf9\x04\x04\x02\x00\x00\x00"  # graphic control: keep the canvas, shown 2/100 s
+        out += b"\x2c" + struct.pack("<HHHHB", i % width, 0, 1, 1, 0)  # a 1x1 image at (i, 0)
+        out += b"\x02\x02\x4c\x01\x00"  # its LZW data (minimum code size 2): clear, pixel 1, end
+    path.write_bytes(bytes(out + b"\x3b"))
+    return path
+
+
 SLOW_IMAGE_SIDE = 14_000  # 196 million pixels, just under the pixel limit: seconds to decode and scale down
 
 

@@ -20,8 +20,8 @@ from vlpcache.extract.sources import Item, discover_items
 
 sys.path.insert(0, str(Path(__file__).parent))
 from broken_media import (  # noqa: E402
-    CAN_WRITE_ROTATION, SHARED, SHORT_VIDEO_FRAMES, frame_number, frame_pattern, make_broken_media, make_video,
-    make_video_after_audio,
+    CAN_WRITE_ROTATION, SHARED, SHORT_VIDEO_FRAMES, frame_number, frame_pattern, gif_of_a_large_canvas,
+    make_broken_media, make_video, make_video_after_audio,
 )
 
 T, MAX_SIDE = 8, 416
@@ -568,6 +568,23 @@ def test_a_large_16_bit_float_or_transparent_image_is_converted_without_full_siz
     _, grown = peak_growth_mb(path, "image")
     allowed = side * side * (bytes_per_pixel + 3) / 2**20 + 48  # decoded, its 8-bit copy (RGB at most), some rows
     assert grown < allowed, f"{mode}: {grown:.0f} MB, at most {allowed:.0f}"
+
+
+def test_a_video_holds_a_few_full_size_frames_at_once_not_each_frame_taken(tmp_path):
+    """A 14 KB GIF of 600 1x1 frames on a 16000x16000 canvas took extract to 9 GB: every frame taken (1 GB each,
+    decoded to the canvas) was kept to the end, and kept even once converted, by a reference cycle through its side
+    data that only the garbage collector breaks. Now each is made small as it is taken, and freed."""
+    side, frames = 3000, 16
+    gif = gif_of_a_large_canvas(tmp_path / "canvas.gif", side, side, 200)
+    count, grown = peak_growth_mb(gif, "video", frames)
+    frame_mb = side * side * 4 / 2**20
+    assert count == frames and grown < 4 * frame_mb + 48, f"{grown:.0f} MB for {frames} frames of {frame_mb:.0f} MB"
+
+
+def test_video_frames_over_the_pixel_limit_fail_with_one_line(tmp_path):
+    gif = gif_of_a_large_canvas(tmp_path / "canvas.gif", 9000, 8000, 3)
+    with pytest.raises(ItemError, match=r"video frames too large \(9000x8000 pixels; the limit is 67,108,864 pixels\)"):
+        read_item(video(gif), T, MAX_SIDE)
 
 
 def test_frames_folder_replaces_a_corrupt_frame_and_notes_it(broken):

@@ -36,6 +36,9 @@ from vlpcache.extract.sources import SIZES_DIFFER, Item, frame_files, photo_exte
 
 # Largest image decoded at full size (~600 MB as RGB); JPEGs count after DCT-domain reduction.
 MAX_IMAGE_PIXELS = 200_000_000
+# Largest video frame decoded (coded pixels): every codec level's largest picture is 8192x4352, and 8192x8192 (a
+# stereo 360-degree video) passes; a 14 KB GIF of a 16000x16000 canvas decodes to 1 GB a frame.
+MAX_VIDEO_PIXELS = 8192 * 8192
 # pixels of an image converted to 8 bits at a time where the conversion needs temporaries (_image_to_8bit)
 CONVERT_PIXELS = 1 << 21
 # how a video file is opened: PyAV up to 18 decodes a file's metadata as strict UTF-8 unless told to ignore
@@ -151,6 +154,7 @@ class _VideoSampler:
             stream = self.stream
             if stream.codec_context is None:
                 raise ItemError("no decoder for its video codec in this FFmpeg build")
+            _check_frame_size(stream.codec_context.width, stream.codec_context.height)
             self.time_base = stream.time_base or Fraction(1, 1_000_000)
             self.start = stream.start_time if stream.start_time is not None else 0  # in time_base units
             rate = stream.guessed_rate or stream.average_rate or stream.base_rate
@@ -237,7 +241,8 @@ class _VideoSampler:
             targets = [zero + (t + float(np.spacing(np.float32(abs(t))))) / tb for t in self.times]
         plan = [self._probe(t) for t in targets] if self.use_seek else [(None, None)] * len(targets)
 
-        frames, times = [], []
+        frames, times = [], []  # frames: (H, W, 3) RGB arrays of out_size
+        size = out_size = None  # (height, width) as displayed, and as returned
         run = None  # the generator of decoded (frame, time) since the last seek
         run_keyframe = None  # where that run started decoding
         last: tuple[av.VideoFrame, float] | None = None  # latest frame decoded, and its time
@@ -262,7 +267,9 @@ class _VideoSampler:
                 ended_at = max(ended_at, last[1] if last else self.start)  # the data ran out before the target
             if chosen is None or (times and chosen[1] <= times[-1]):
                 continue  # nothing decoded, or the same frame as the previous target: keep each frame once
-            frames.append(chosen[0])
+            if size is None:  # the first frame taken sets the item's sizes
+                size, out_size = self._sizes(chosen[0])
+            frames.append(_to_rgb(chosen[0], *out_size))  # at once: a full-size frame can be a GB (a GIF's canvas)
             times.append(chosen[1])
 
         if not frames:
@@ -275,13 +282,14 @@ class _VideoSampler:
         end = (ended_at - self.start) * tb  # -inf when every target found its frame before the data ended
         if len(frames) < self.num_frames and -math.inf < end < TRUNCATED_BELOW * duration - 1.0:
             self.notes.append(f"video data ends at {end:.1f} s of {duration:.1f} s (truncated file?)")
-        first = frames[0]
-        coded = (first.height, _display_width(first, self.stream))  # before rotation
-        out_h, out_w = _fit(coded, self.max_side)
-        arrays = [_to_rgb(f, out_h, out_w) for f in frames]
-        size = coded[::-1] if _orientation(first)[1] % 2 else coded
         seconds = [min(max((t - zero) * tb, lead), lead + duration) for t in times]
-        return SampledFrames(arrays, seconds, lead + duration, size, decoded_frames=self.decoded, notes=self.notes)
+        return SampledFrames(frames, seconds, lead + duration, size, decoded_frames=self.decoded, notes=self.notes)
+
+    def _sizes(self, frame: av.VideoFrame) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(height, width) of the video as displayed, and (height, width) of the frames returned, before rotation:
+        the first frame taken sets them, and a later frame of another size is scaled to them."""
+        coded = (frame.height, _display_width(frame, self.stream))  # before rotation
+        return (coded[::-1] if _orientation(frame)[1] % 2 else coded), _fit(coded, self.max_side)
 
     def _file_start(self) -> float:
         """The timestamp (time_base units) of the file's start, time 0 as players and `ffmpeg -ss` count: the
@@ -369,6 +377,7 @@ class _VideoSampler:
             errors_in_a_row = 0
             for frame in decoded:
                 self.decoded += 1
+                _check_frame_size(frame.width, frame.height)  # a stream can change its size midway
                 yield frame, self.clock.time(frame)
 
 
@@ -405,6 +414,11 @@ class _FrameClock:
             t = 0.0 if self.last_time is None else self.last_time + self.last_duration
         self.last_time, self.last_duration = t, frame.duration or self.frame_step
         return t
+
+
+def _check_frame_size(width: int, height: int) -> None:
+    if width * height > MAX_VIDEO_PIXELS:
+        raise ItemError(f"video frames too large ({width}x{height} pixels; the limit is {MAX_VIDEO_PIXELS:,} pixels)")
 
 
 def _display_width(frame: av.VideoFrame, stream) -> int:
@@ -445,8 +459,9 @@ def _orientation(frame: av.VideoFrame) -> tuple[bool, int]:
 
 def _display_matrix(frame: av.VideoFrame) -> np.ndarray | None:
     """The frame's display matrix, FFmpeg's 9 int32 (16.16 fixed point); None where it has none."""
-    try:
-        data = frame.side_data.get("DISPLAYMATRIX")
+    try:  # a container of its own: frame.side_data's is kept by the frame and keeps it, a cycle that only the garbage
+        # collector frees, so each frame taken stayed in memory until it ran (a GIF's 16000x16000 canvas: 1 GB each)
+        data = av.sidedata.sidedata.SideDataContainer(frame).get("DISPLAYMATRIX")
     except (KeyError, ValueError, AttributeError):  # a PyAV that names side data otherwise: frame.rotation
         return None
     if data is None or len(raw := bytes(data)) < 36:
