@@ -507,6 +507,25 @@ def test_a_thumbnail_of_an_older_cache_is_read_at_the_time_it_stored_counted_as_
     assert thumbnail("before") == 10  # 1 s into the video
 
 
+def test_a_thumbnail_whose_decoding_runs_out_of_time_is_a_placeholder_not_tried_again_until_restarted(tmp_path,
+                                                                                                     monkeypatch):
+    # decoded in the server's own process: a frame an hour into a video without keyframes (or a GIF of a huge canvas,
+    # 55 s a frame before its pixel limit) held a server thread and a core for as long as it took, at each request
+    from vlpcache.cache.reader import RegionCache
+    from vlpcache.serve import thumbnails
+
+    video = make_video_after_audio(tmp_path / "clip.mp4", lead_ms=0, frames=20)
+    write_cache(tmp_path / "cache", 1, sources=[(video, "video")])
+    item = RegionCache(tmp_path / "cache").get("v0")
+    store = thumbnails.ThumbnailStore(tmp_path / "thumbnails")
+    monkeypatch.setattr(thumbnails, "THUMBNAIL_DECODE_S", 0.0)  # any decoding runs out of it
+    assert "decoding took more than 0 s" in store.get(item, 1).placeholder
+    monkeypatch.setattr(thumbnails, "THUMBNAIL_DECODE_S", 30.0)
+    assert "tried again when serve restarts" in store.get(item, 1).placeholder
+    restarted = thumbnails.ThumbnailStore(tmp_path / "thumbnails").get(item, 1)
+    assert restarted.placeholder is None and frame_number(np.asarray(Image.open(io.BytesIO(restarted.jpeg)))) == 10
+
+
 def test_thumbnail_survives_its_source_once_stored(template, tmp_path, monkeypatch):
     ws = tmp_path / "ws"
     shutil.copytree(template, ws)

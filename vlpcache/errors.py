@@ -28,6 +28,10 @@ class ItemError(Exception):
     """One input item cannot be processed (corrupt, unreadable, no video stream...); the run goes on."""
 
 
+class DecodingTooLong(ItemError):
+    """An item's decoding went past the time it was given (a thumbnail's, decoded in the server's own process)."""
+
+
 def user_message(err: UserError) -> str:
     """A UserError's line; one raised in a DataLoader worker comes back from torch as the same type whose
     message is "Caught ... Original Traceback ..." ending in the original line, which is taken."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import av
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vlpcache.errors import ItemError
+from vlpcache.errors import DecodingTooLong, ItemError
 from vlpcache.extract.sources import SIZES_DIFFER, Item, frame_files, photo_extensions
 
 # Largest image decoded at full size (~600 MB as RGB); JPEGs count after DCT-domain reduction.
@@ -92,17 +93,19 @@ def read_item(item: Item, num_frames: int, max_side: int, *, seek: bool = True, 
         raise ItemError(f"unknown item kind {item.kind!r}")
 
 
-def read_frames_at(item: Item, times: list[float], max_side: int, *, from_video_start: bool = False) -> SampledFrames:
+def read_frames_at(item: Item, times: list[float], max_side: int, *, from_video_start: bool = False,
+                   time_limit: float | None = None) -> SampledFrames:
     """Decode the frames shown at `times` (seconds, increasing, as read_item returned and the cache stores
     them), seeking as read_item does; e.g. one sampled frame again, for a thumbnail. A frames folder's
     time is the frame's position in it; an image has one frame at 0. `from_video_start`: a video's times count
     from its video stream's first frame, not from the file's start (caches written before: schema.TIMES_ATTR).
-    Raises ItemError(reason).
+    `time_limit`: seconds a video's decoding may take (None: no limit), told between packets; past it,
+    DecodingTooLong. Raises ItemError(reason).
     """
     with _item_errors():
         if item.kind == "video":
             return _VideoSampler(item.path, len(times), max_side, seek=True, threads="NONE", times=times,
-                                 from_video_start=from_video_start).sample()
+                                 from_video_start=from_video_start, time_limit=time_limit).sample()
         if item.kind == "image":
             return _read_image_item(item.path, max_side)
         if item.kind == "frames":
@@ -134,7 +137,8 @@ def _item_errors():
 
 class _VideoSampler:
     def __init__(self, path: Path, num_frames: int, max_side: int, seek: bool, threads: str,
-                 times: list[float] | None = None, from_video_start: bool = False) -> None:
+                 times: list[float] | None = None, from_video_start: bool = False,
+                 time_limit: float | None = None) -> None:
         self.path, self.num_frames, self.max_side = path, num_frames, max_side
         self.use_seek, self.threads = seek, threads
         self.times = times  # seconds to decode instead of the segment centres
@@ -143,6 +147,8 @@ class _VideoSampler:
         self.decode_errors = 0  # packets the decoder rejected
         self.demuxed = False  # whether the demuxer has moved from the first packet
         self.notes: list[str] = []
+        self.time_limit = time_limit  # seconds the decoding may take, None: no limit
+        self.deadline = time.monotonic() + time_limit if time_limit is not None else math.inf
 
     def sample(self) -> SampledFrames:
         _check_file(self.path)
@@ -365,6 +371,8 @@ class _VideoSampler:
         self.clock.restart()
         errors_in_a_row = 0
         for packet in self.container.demux(self.stream):
+            if time.monotonic() > self.deadline:
+                raise DecodingTooLong(f"decoding took more than {self.time_limit:g} s")
             try:
                 decoded = packet.decode()
             except av.error.FFmpegError:

@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vlpcache.cache.schema import TIMES_FROM_VIDEO
 from vlpcache.devices import usable_cores
-from vlpcache.errors import ItemError
+from vlpcache.errors import DecodingTooLong, ItemError
 from vlpcache.extract.sampling import read_frames_at
 from vlpcache.extract.sources import Item
 from vlpcache.extract.stamps import replaced
@@ -51,6 +51,9 @@ JPEG_QUALITY = 85
 PLACEHOLDER_GREY = (96, 96, 96)
 THUMBNAILS_MAX_BYTES = 2 * 10**9  # the store's size at most (about 50,000 frames); over it, the least recently shown go
 TRIMMED_TO = 0.8  # of the maximum, after a trim: one in a while, not one at each thumbnail kept
+# seconds a video's frame may take to decode, in the server's own process (the upload's extract has a worker and its
+# --decode-timeout): a frame an hour into a video without keyframes. Then a placeholder, not tried again until restarted
+THUMBNAIL_DECODE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class ThumbnailStore:
         self._bytes: int | None = None  # the store's size, counted at the first thumbnail kept
         # decoding is CPU-bound: more at once than there are cores only adds memory
         self._decoders = threading.BoundedSemaphore(usable_cores())
+        self._too_long: set[str] = set()  # keys of frames whose decoding ran out of time
         self._open_store()
 
     def _open_store(self) -> None:
@@ -112,13 +116,18 @@ class ThumbnailStore:
             return Thumbnail(jpeg, key)
         source = Item(item["id"], Path(item["path"]), item["kind"])
         try:
+            if key in self._too_long:
+                raise ItemError(f"its decoding took more than {THUMBNAIL_DECODE_S:g} s; tried again when serve restarts")
             if replaced(item):
                 raise ItemError("it changed since it was extracted (its boxes are of the old content); run "
                                 "`vlpcache extract` again, then `vlpcache index`")
             with self._decoders:  # a cache's times as its shard counts them (older ones: from the video's start)
                 [picture] = read_frames_at(source, [float(item["timestamps"][frame])], self.side,
-                                           from_video_start=item.get("times_from") == TIMES_FROM_VIDEO).frames
+                                           from_video_start=item.get("times_from") == TIMES_FROM_VIDEO,
+                                           time_limit=THUMBNAIL_DECODE_S).frames
         except (ItemError, ValueError) as err:  # ValueError: the source now has no frame at that time
+            if isinstance(err, DecodingTooLong):
+                self._too_long.add(key)
             height, width = (int(v) for v in item["frame_size"])
             reason = f"source unavailable: {err}" if str(err) else "source unavailable"
             return Thumbnail(placeholder_jpeg(height, width, self.side), f"placeholder-{key}", reason)
