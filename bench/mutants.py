@@ -2291,6 +2291,15 @@ MUTANTS += [
     mutant("caption-of-megabytes-read-whole", "vlpcache/captions.py",
            "        if len(text) > CAPTION_MAX_CHARS:  # cut before the steps below, which read all of it\n", "        if False:\n",
            "tests/test_captions.py -k megabytes", "a caption of megabytes is kept whole: pretrain and eval tokenize all of it (22 GB for 100 MB)"),
+    mutant("reader-open-shards-past-the-files-limit", "vlpcache/cache/reader.py",
+           "    return min(int(text) if text else MAX_OPEN_SHARDS, max(8, open_files_limit() // 2))\n", "    return int(text) if text else MAX_OPEN_SHARDS\n",
+           "tests/test_cache.py -k open_files_limit", "a reader keeps 1,024 shards open under `ulimit -n 1024`: Too many open files"),
+    mutant("reader-files-run-out-not-eased", "vlpcache/cache/reader.py",
+           "        for kept in list(self._handles)[: (len(self._handles) + 1) // 2]:\n", "        for kept in []:\n",
+           "tests/test_cache.py -k open_files_limit", "a reader whose process has no file left to open lets none of its shards go"),
+    mutant("files-soft-limit-not-raised", "vlpcache/files.py",
+           "            resource.setrlimit(resource.RLIMIT_NOFILE, (most, hard))\n", "            pass\n",
+           "tests/test_cache.py -k open_files_limit", "the soft limit on open files stays a shell's 1,024 under a higher hard one"),
 ]
 
 

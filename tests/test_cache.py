@@ -1067,3 +1067,43 @@ def test_inspect_of_a_cache_without_detections_says_so_rather_than_leaving_the_l
     assert f"found       no detections in its {frames} frames: only the whole-frame regions (score >= 0.1)" \
         in capsys.readouterr().out
 
+
+
+def _open_files_at_most(soft: int, hard: int):
+    def limit():
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return limit
+
+
+def test_a_cache_of_more_shards_than_the_open_files_limit_reads_whole_and_the_soft_limit_is_raised(tmp_path):
+    # `ulimit -n 1024` (soft and hard) and a cache of more than about 1,000 shards: inspect, index and pretrain
+    # ended in "Too many open files" (a reader kept up to 1,024 shards open); here 200 files and 260 shards
+    write_items(tmp_path / "cache", [f"v{i}" for i in range(260)], max_items=1)
+    read_all = ("from vlpcache.cache.reader import RegionCache; import resource\n"
+                "cache = RegionCache(r'%s')\n"
+                "for _ in range(2):\n"
+                "    assert all(cache.read(i)['id'] == cache.ids[i] for i in range(len(cache.ids)))\n"
+                "print(len(cache.ids), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n") % (tmp_path / "cache")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("VLPCACHE_OPEN_SHARDS", None)
+    done = subprocess.run([sys.executable, "-c", read_all], capture_output=True, text=True, env=env,
+                          preexec_fn=_open_files_at_most(200, 200))
+    assert done.returncode == 0 and done.stdout.split() == ["260", "200"], done.stderr[-2000:]
+    shown = subprocess.run([sys.executable, "-m", "vlpcache", "inspect", str(tmp_path / "cache")], capture_output=True,
+                           text=True, env=env, preexec_fn=_open_files_at_most(200, 200))
+    assert shown.returncode == 0 and "in 260 shards" in shown.stdout, shown.stderr[-2000:]
+    raised = subprocess.run([sys.executable, "-c", read_all], capture_output=True, text=True, env=env,
+                            preexec_fn=_open_files_at_most(200, 4096))  # a shell's soft limit under a higher hard one
+    assert raised.returncode == 0 and raised.stdout.split() == ["260", "4096"], raised.stderr[-2000:]
+    # the program holds files of its own (here 150): the reader lets half of its shards go and keeps fewer; where
+    # it holds none left to let go, one line
+    crowded = read_all.replace("for _ in", "taken = [os.open(os.devnull, os.O_RDONLY) for _ in range(150)]\nfor _ in")
+    crowded = "import os\n" + crowded + ("cache.close()\nwhile True:\n    try:\n        taken.append(os.open(os.devnull, "
+                                          "os.O_RDONLY))\n    except OSError:\n        break\ncache.read(0)\n")
+    full = subprocess.run([sys.executable, "-c", crowded], capture_output=True, text=True, env=env,
+                          preexec_fn=_open_files_at_most(200, 200))
+    assert full.stdout.split() == ["260", "200"], full.stderr[-2000:]
+    assert full.returncode == 1 and full.stderr.strip().splitlines()[-1] == (
+        f"vlpcache.errors.UserError: {tmp_path / 'cache'}: this process may open no more files (`ulimit -n` 200) to "
+        "read shard s0of1-00000.h5; raise `ulimit -n`, or set VLPCACHE_OPEN_SHARDS lower"), full.stderr[-2000:]

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import os
 import re
+import resource
 import threading
 from pathlib import Path
 from typing import Callable
@@ -80,6 +81,24 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+OPEN_FILES_MOST = 1 << 20  # Linux's default nr_open: the most a soft limit may be raised to
+
+
+def open_files_limit() -> int:
+    """How many files this process may hold open: its soft limit, raised first to its hard limit where it is lower
+    (a shell's 1,024 under systemd's 524,288), as a reader of a cache of many shards needs (1,024 of them kept
+    open, and a DataLoader's pipes and shared memory besides)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    most = OPEN_FILES_MOST if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_MOST)
+    if soft != resource.RLIM_INFINITY and soft < most:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (most, hard))
+            soft = most
+        except (ValueError, OSError):  # a container's seccomp, a hard limit nr_open refuses: the soft one stays
+            pass
+    return OPEN_FILES_MOST if soft == resource.RLIM_INFINITY else soft
 
 
 def fsync_path(path: Path) -> None:

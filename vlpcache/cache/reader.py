@@ -24,7 +24,9 @@ training takes another item in its place, validation and eval read it as a blank
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import resource
 import socket
 from pathlib import Path
 from typing import NamedTuple
@@ -40,7 +42,7 @@ from vlpcache.cache.schema import (COMMITTED_ATTR, DAMAGED_DIR, SHARD_DIR, SHARD
 from vlpcache.cache.writer import RecordLog
 from vlpcache.captions import item_named
 from vlpcache.errors import UserError
-from vlpcache.files import folder_bytes
+from vlpcache.files import folder_bytes, open_files_limit
 from vlpcache.report import Say, date_text, printable, say
 
 
@@ -127,14 +129,15 @@ MAX_OPEN_SHARDS = 1024
 
 
 def open_shards_bound() -> int:
-    """MAX_OPEN_SHARDS, or VLPCACHE_OPEN_SHARDS where it is set."""
+    """MAX_OPEN_SHARDS, or VLPCACHE_OPEN_SHARDS where it is set; at most half the files this process may hold
+    open (its soft limit raised to its hard one first: open_files_limit), so that `ulimit -n 1024` leaves room
+    for the rest (a DataLoader's pipes and shared memory): 1,024 shards kept open there was "Too many open files"
+    in inspect, index and pretrain of a cache of more than about 1,000 shards."""
     text = os.environ.get("VLPCACHE_OPEN_SHARDS", "").strip()
-    if not text:
-        return MAX_OPEN_SHARDS
-    if not text.isdigit() or int(text) < 1:
+    if text and (not text.isdigit() or int(text) < 1):
         raise UserError(f"VLPCACHE_OPEN_SHARDS={text!r}: give how many shard files a cache reader may keep open, "
                         f"a whole number of at least 1 (each holds about 0.8 MB; unset: {MAX_OPEN_SHARDS})")
-    return int(text)
+    return min(int(text) if text else MAX_OPEN_SHARDS, max(8, open_files_limit() // 2))
 
 
 class RegionCache:
@@ -386,9 +389,29 @@ class RegionCache:
         if f is None:
             if len(self._handles) >= self._open_bound:
                 self._close_shard(next(iter(self._handles)))  # the one used longest ago
-            f = open_shard(self.shard_paths[s])
+            f = self._open_shard_file(s)
         self._handles[s] = f  # last: the most recently used
         return f
+
+    def _open_shard_file(self, s: int) -> h5py.File:
+        """Shard s's file. Where the process has no file left to open (the rest of a program's, or a limit lowered
+        since), half of those this reader keeps go and it keeps fewer from then on; where that frees none, one line."""
+        try:
+            return open_shard(self.shard_paths[s])
+        except OSError as err:
+            if err.errno != errno.EMFILE:
+                raise
+        for kept in list(self._handles)[: (len(self._handles) + 1) // 2]:
+            self._close_shard(kept)
+        self._open_bound = max(1, len(self._handles))
+        try:
+            return open_shard(self.shard_paths[s])
+        except OSError as err:
+            if err.errno != errno.EMFILE:
+                raise
+            raise UserError(f"{self.cache_dir}: this process may open no more files (`ulimit -n` "
+                            f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]}) to read shard {self.shard_paths[s].name}"
+                            "; raise `ulimit -n`, or set VLPCACHE_OPEN_SHARDS lower") from None
 
     def _close_shard(self, s: int) -> None:
         """Let shard s go: its file closes with the last reference to it and its datasets. Not with h5py's
