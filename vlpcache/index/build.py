@@ -311,6 +311,10 @@ def existing_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig
     return index
 
 
+SAID_BUILD_ITEMS = 20_000  # from this many videos on, building the index after the encoding bar is said first (200k:
+# a minute without a word, the HNSW graph, the tuning of its search, the save)
+
+
 def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | None, config: IndexConfig, device,
                  batch_size: int, progress: bool, kept: EncodedParts, say: Say, warn: Say) -> tuple[VideoIndex, str]:
     """Encode the cache's `rows` and add them to `index` (or build one); returns it and what was done.
@@ -350,6 +354,9 @@ def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | N
                   else np.zeros((0, run.config.embed_dim), np.float32))  # (V_new, E)
     regions = RegionStore.concatenate([p.regions for p in parts], run.config.embed_dim)
     ids = [item_id for part in parts for item_id in part.ids]
+    if (total := len(ids) + (len(index) if index is not None else 0)) >= SAID_BUILD_ITEMS:  # after the bar, minutes
+        say(f"index: {'building' if index is None else 'updating'} the FAISS index of {total:,} videos (its graph, the "
+            "tuning of its search) and saving it ...")
     if index is None:
         factory, reason = choose_factory(len(ids), embeddings.shape[1], config)
         meta = IndexMeta(
