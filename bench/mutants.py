@@ -2300,6 +2300,12 @@ MUTANTS += [
     mutant("files-soft-limit-not-raised", "vlpcache/files.py",
            "            resource.setrlimit(resource.RLIMIT_NOFILE, (most, hard))\n", "            pass\n",
            "tests/test_cache.py -k open_files_limit", "the soft limit on open files stays a shell's 1,024 under a higher hard one"),
+    mutant("index-large-build-unsaid", "vlpcache/index/build.py",
+           "    if (total := len(ids) + (len(index) if index is not None else 0)) >= SAID_BUILD_ITEMS:  # after the bar, minutes\n", "    if False:\n",
+           "tests/test_search.py -k large_index_after", "index of 200k videos says nothing for a minute after its bar"),
+    mutant("prune-fsyncs-each-record", "vlpcache/cache/writer.py",
+           "            self._logs[folder].append_all(list(records))\n", "            [self._logs[folder].append(record) for record in records]\n",
+           "tests/test_cache.py -k pruned_together", "extract --prune fsyncs each dropped item's record (500k: 40 minutes on NFS)"),
 ]
 
 

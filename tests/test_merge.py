@@ -44,7 +44,7 @@ def two_tasks(tmp_path: Path) -> tuple[Path, Path]:
     cache = RegionCache(a)
     with ShardWriter(a, SETTINGS, writer_name="pruner") as writer:
         # a path holding U+0085, which str.splitlines takes for a line end: the record was not renamed with its shard
-        writer.record_removal("a2", cache.row_of("a2"), "/data/a2\u0085.mp4", "gone")  # extract --prune
+        writer.record_removals([("a2", cache.row_of("a2"), "/data/a2\u0085.mp4", "gone")])  # extract --prune
         writer.record_failure("a9", "/data/a9.mp4", "invalid data")
     with ShardWriter(b, SETTINGS, writer_name="mover") as writer:
         writer.record_move("b1", "/data/b1.mp4", "/moved/b1.mp4")

@@ -1104,7 +1104,7 @@ def test_an_index_that_waited_for_another_takes_up_what_extract_dropped_meanwhil
     waiting.start()
     assert wait_until(lambda: any(line.startswith("waiting for ") for line in said))
     with ShardWriter(ws / "cache", cache.settings, writer_name="s0of2") as writer:  # extract --prune, meanwhile
-        writer.record_removal("v3", cache.row_of("v3"), cache.paths[cache.index_of("v3")], "gone")
+        writer.record_removals([("v3", cache.row_of("v3"), cache.paths[cache.index_of("v3")], "gone")])
     held.release()
     waiting.join(HANG_GUARD_S)
     assert "v3" not in VideoIndex.load(index_dir).ids and len(VideoIndex.load(index_dir)) == ITEMS - 1, said
@@ -1118,7 +1118,7 @@ def test_items_pruned_from_the_cache_leave_the_index_on_the_next_index_run(ws, m
     cache = RegionCache(ws / "cache")
     with ShardWriter(ws / "cache", cache.settings, writer_name="s0of2") as writer:  # as extract --prune records it
         for item_id in ("v3", "v20"):
-            writer.record_removal(item_id, cache.row_of(item_id), cache.paths[cache.index_of(item_id)], "gone")
+            writer.record_removals([(item_id, cache.row_of(item_id), cache.paths[cache.index_of(item_id)], "gone")])
     # before the index is run again, --like of one is told as dropped, as text search leaves it out (it answered)
     code, _, err = vlpcache(monkeypatch, capsys, "search", "--like", "v3")
     assert code == 2 and "error: 'v3' was dropped from the cache " in err and "by `vlpcache extract --prune`" in err
@@ -1399,7 +1399,7 @@ def test_like_takes_an_item_by_file_name_or_path_as_inspect_does_and_says_why_an
     code, _, err = vlpcache(monkeypatch, capsys, "search", "--like", "w0.mp4")
     assert code == 2 and err.strip().endswith('"w0" is cached but not in the index yet; run `vlpcache index` to add it')
     with ShardWriter(ws / "cache", RegionCache(ws / "cache").settings, writer_name="pruner") as writer:
-        writer.record_removal("w0", RegionCache(ws / "cache").row_of("w0"), "/data/w0.mp4", "gone")  # extract --prune
+        writer.record_removals([("w0", RegionCache(ws / "cache").row_of("w0"), "/data/w0.mp4", "gone")])  # extract --prune
     code, _, err = vlpcache(monkeypatch, capsys, "search", "--like", "w0")
     assert code == 2 and "error: 'w0' was dropped from the cache " in err and ": /data/w0.mp4 was gone; " in err
     for args, said in ((["a dog", "--like", "v2"], "give words to search for (TEXT, --queries) or --like ID, not both"),
@@ -1484,3 +1484,16 @@ def test_the_time_a_frame_is_said_at_is_one_ffmpeg_ss_lands_on_that_frame_at_not
         assert abs(landed - t) < 1e-4, (t, said, landed)  # the frame used, not the one after it
         rounded_up += round(t * 100) > round(said * 100)
     assert rounded_up  # the nearest hundredth would have said a time of the next frame
+
+
+def test_building_a_large_index_after_the_encoding_bar_is_said_first(ws, monkeypatch, capsys):
+    # 200k videos: a minute without a word after the bar (the HNSW graph, its search tuned, the save)
+    from vlpcache.index import build
+
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0 and "building the FAISS index" not in err  # a few videos: nothing to wait for
+    monkeypatch.setattr(build, "SAID_BUILD_ITEMS", 3)
+    code, _, err = vlpcache(monkeypatch, capsys, "index", "--rebuild")
+    count = len(VideoIndex.load(the_index(ws)))
+    assert code == 0 and f"index: building the FAISS index of {count} videos (its graph, the tuning of its search) and " \
+                         "saving it ..." in err.splitlines(), err

@@ -223,7 +223,7 @@ def test_an_item_dropped_from_the_cache_since_it_was_indexed_is_refused_with_its
     client, searcher = client_for(ws)
     cache = RegionCache(ws / "cache")
     with ShardWriter(ws / "cache", cache.settings, writer_name="pruner") as writer:  # as extract --prune records it
-        writer.record_removal("v3", cache.row_of("v3"), "/data/v3.mp4", "gone")
+        writer.record_removals([("v3", cache.row_of("v3"), "/data/v3.mp4", "gone")])
     for route, params in (("/api/item", {"id": "v3"}), ("/media/frame", {"id": "v3", "t": 0}),
                           ("/api/search", {"like": "v3"})):  # it said "no such item in the index" of an indexed item
         said = one_line_error(client.get(route, params=params), 404)

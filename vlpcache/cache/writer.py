@@ -262,7 +262,7 @@ def remove_untouched_cache(cache_dir: Path, made: Path) -> None:
 
 
 class RecordLog:
-    """Append-only JSON lines (failed items, moved items), fsynced per line."""
+    """Append-only JSON lines (failed items, moved items), fsynced per record or batch of records."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -275,8 +275,13 @@ class RecordLog:
                 self._file.write(b"\n")
 
     def append(self, record: dict) -> None:
-        line = json.dumps({**record, "time": time.time()}, ensure_ascii=False)
-        self._file.write(line.encode() + b"\n")
+        self.append_all([record])
+
+    def append_all(self, records: list[dict]) -> None:
+        """The records, fsynced once: `extract --prune` of 500k items took 500k fsyncs (40 min at an NFS's 5 ms)."""
+        now = time.time()
+        self._file.write(b"".join(json.dumps({**record, "time": now}, ensure_ascii=False).encode() + b"\n"
+                                  for record in records))
         self._file.flush()
         os.fsync(self._file.fileno())
 
@@ -457,17 +462,18 @@ class ShardWriter:
         """A cached item found at `path`, its file at `before` gone: the reader gives its new path."""
         self._log(MOVES_DIR, {"id": item_id, "from": before, "to": path})
 
-    def record_removal(self, item_id: str, row: tuple[str, int], path: str, reason: str) -> None:
-        """A cached item dropped (`extract --prune`: its file is no longer there): the reader leaves its row
-        (shard key, row) out."""
-        self._log(REMOVED_DIR, {"id": item_id, "shard": row[0], "row": row[1], "path": path, "reason": reason})
+    def record_removals(self, removed: list[tuple[str, tuple[str, int], str, str]]) -> None:
+        """Cached items dropped (`extract --prune`: their files are no longer there), each (id, its row (shard key,
+        row), path, reason): the reader leaves those rows out. Written together, fsynced once."""
+        self._log(REMOVED_DIR, *({"id": item_id, "shard": row[0], "row": row[1], "path": path, "reason": reason}
+                                 for item_id, row, path, reason in removed))
 
-    def _log(self, folder: str, record: dict) -> None:
+    def _log(self, folder: str, *records: dict) -> None:
         path = self.cache_dir / folder / f"{self.writer_name}.jsonl"
         try:
             if folder not in self._logs:
                 self._logs[folder] = RecordLog(path)
-            self._logs[folder].append(record)
+            self._logs[folder].append_all(list(records))
         except OSError as err:
             raise write_failure(path, err, "the shards committed before are kept; make room and re-run the same "
                                            "command to resume") from None

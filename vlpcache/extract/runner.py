@@ -228,8 +228,8 @@ def prune(plan: Plan, writer: ShardWriter, dropping: bool) -> None:
         return
     # a failure its file's later content mended is hidden while the item is cached: it goes with the item
     recorded = read_failures(writer.cache_dir) if plan.gone else {}
+    writer.record_removals([(item_id, row, path, why) for item_id, path, why, row in plan.gone])
     for item_id, path, why, row in plan.gone:
-        writer.record_removal(item_id, row, path, why)
         if item_id in recorded:
             writer.clear_failure(item_id, recorded[item_id].get("path", path))
     for item_id, path in plan.gone_failures:
