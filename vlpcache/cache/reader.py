@@ -2,7 +2,7 @@
 
 The reader lists the finished shards and their ids once, closes every file, and opens shards lazily
 per process on first read: h5py handles do not survive fork, so a handle opened in the parent is
-never used in a worker.
+never used in a worker. refresh() lists again only the shards committed (or replaced) since.
 
 Every shard is checked against the manifest by its own attributes and array shapes: a shard made with
 other settings (copied in from another cache, or a manifest edited by hand) is left out, as is one
@@ -121,6 +121,20 @@ def _moved(path: str, moves: list[dict]) -> str:
     return path
 
 
+class _Flat:
+    """The rows of the shards a cache reads, shard after shard: a column each (positions in them are
+    `start[s] + row`), and for each shard s its commit time and where its times count from."""
+
+    def __init__(self, ids, paths, kinds, sources, replaces, start, size, committed, times_from, shard_of_key, shard,
+                 row):
+        self.ids, self.paths, self.kinds, self.sources, self.replaces = ids, paths, kinds, sources, replaces
+        self.start: dict[int, int] = start  # shard -> the position of its first row
+        self.size: dict[int, int] = size  # shard -> how many rows it holds
+        self.committed, self.times_from = committed, times_from  # by shard
+        self.shard_of_key: dict[str, int] = shard_of_key  # "<name>@<commit time>" -> shard
+        self.shard, self.row = shard, row  # (P,) int64 each: the shard and row of each position
+
+
 # an open shard holds about 0.8 MB of HDF5's own structures whatever its size, and a training epoch reads every
 # shard in random order (WebVid's 2.5M videos are 5,000 shards: 4 GB in each loading process): a reader keeps at
 # most this many open (about 0.8 GB; 524k items in shards of 512), and opens again one it let go (about 5 ms a
@@ -165,10 +179,14 @@ class RegionCache:
         # (shard key, array) whose whole read failed: read row by row from then on (a failing read of a damaged
         # string's heap reference can take seconds)
         self._row_by_row: set[tuple[str, str]] = set()
+        # shard name -> ((inode, size, mtime), _list_shard's listing): a committed shard is never written again, so
+        # a refresh lists only the shards new or changed since (a server's, at each commit of a running extract)
+        self._listings: dict[str, tuple[tuple[int, int, int], tuple]] = {}
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-list the shards (other processes may have committed more since)."""
+        """Re-list the shards (other processes may have committed more since): the shards listed before are
+        not read again (_listed), and the rows are put together a column at a time, not row by row."""
         self.close()
         self.shard_paths: list[Path] = sorted((self.cache_dir / SHARD_DIR).glob(f"*{SHARD_SUFFIX}"))
         self.unreadable_shards: dict[Path, str] = {}  # shard -> why it cannot be read
@@ -177,63 +195,125 @@ class RegionCache:
         # (a shard moved out, and extract writing its items again) is another shard
         self.read_shards: list[str] = []
         self._shard_keys: dict[int, str] = {}
-        rows: list[_Row] = []  # each id's first row, in shard order
-        seen: dict[str, int] = {}
-        others: dict[int, list[_Row]] = {}  # the other rows of an id stored more than once
-        for s, shard in enumerate(self.shard_paths):
-            listing = self._list_shard(shard)
-            if listing is None:
-                continue
-            *columns, when, times_from = listing
-            self._shard_keys[s] = f"{shard.name}@{when!r}"
-            self.read_shards.append(self._shard_keys[s])
-            for row, (item_id, path, kind, source, replaces) in enumerate(zip(*columns)):
-                found = _Row(item_id, path, kind, source, replaces, when, times_from, (s, row))
-                if (i := seen.get(item_id)) is None:
-                    seen[item_id] = len(rows)
-                    rows.append(found)
-                else:
-                    others.setdefault(i, []).append(found)
-        damaged = {**read_damaged(self.cache_dir), **self._found_damaged}  # (shard key, row) -> record
-        removed = read_removed(self.cache_dir)  # rows of files no longer there, dropped by extract --prune
-        left_out = {**damaged, **removed}  # a damaged row whose file is gone since, pruned: dropped
-
-        def key(row: _Row) -> tuple[str, int]:
-            return self._shard_keys[row.location[0]], row.location[1]
-
-        current = [_current([row, *others.get(i, [])], lambda r: key(r) not in left_out)
-                   if i in others or (left_out and key(row) in left_out) else row for i, row in enumerate(rows)]
-        # items whose current row was found damaged (left out until extract redoes them), or dropped: id -> record
-        self.damaged: dict[str, dict] = {}
-        self.removed: dict[str, dict] = {}
-        for i, (row, now) in enumerate(zip(rows, current)):
-            if now is None:
-                at = next(r for r in (row, *others.get(i, [])) if key(r) in left_out)
-                if key(at) in removed:
-                    self.removed[row.id] = left_out[key(at)]
-                else:  # with the path it was cached from: `extract --prune` drops it once that is gone
-                    self.damaged[row.id] = {"path": at.path, **left_out[key(at)]}
-        rows = [row for row in current if row is not None]
-        seen = {row.id: i for i, row in enumerate(rows)}
+        flat = self._flat_listing()
+        kept = self._current_rows(flat)  # the position in `flat` of each item's row, in order of its first row
+        if kept is None:  # each id once, none left out: the columns as they are
+            kept = np.arange(len(flat.ids), dtype=np.int64)
+            pick = lambda column: column  # noqa: E731
+        else:
+            pick = lambda column: [column[p] for p in kept.tolist()]  # noqa: E731
+        self.ids: list[str] = pick(flat.ids)
+        self.paths: list[str] = pick(flat.paths)
+        self.kinds: list[str] = pick(flat.kinds)
+        self.sources: list[str] = pick(flat.sources)  # stamps (extract/stamps.py), "" in older shards
+        self._index_of = seen = dict(zip(self.ids, range(len(self.ids))))
         self.moved: set[str] = set()  # cached items read from the paths extract found them at since
         for item_id, moves in read_moves(self.cache_dir).items():  # found at other paths since: the latest
             if (i := seen.get(item_id)) is not None:
-                rows[i] = rows[i]._replace(path=_moved(rows[i].path, moves))
+                self.paths[i] = _moved(self.paths[i], moves)
                 self.moved.add(item_id)
         if self.damaged and self._say_damaged:
             example = next(iter(self.damaged.values()))
             self._report_once(self.cache_dir, f"{self.cache_dir}: {len(self.damaged)} item(s) found damaged by an earlier "
                               f"read (e.g. {example['id']!r}, row {example['row']} of {example['shard'].split('@')[0]}) "
                               "are left out until `vlpcache extract` extracts them again")
-        self.ids: list[str] = [r.id for r in rows]
-        self.paths: list[str] = [r.path for r in rows]
-        self.kinds: list[str] = [r.kind for r in rows]
-        self.sources: list[str] = [r.source for r in rows]  # stamps (extract/stamps.py), "" in older shards
-        self.committed: list[float] = [r.committed for r in rows]  # its shard's commit time, 0 in older shards
-        self.times_from: list[str] = [r.times_from for r in rows]  # schema.TIMES_FROM_FILE, or _VIDEO in older shards
-        locations = [r.location for r in rows]
-        self._index_of = seen
-        self._locations = np.array(locations, dtype=np.int64).reshape(-1, 2)
+        shards = flat.shard[kept]
+        self.committed: list[float] = np.asarray(flat.committed, np.float64)[shards].tolist()  # its shard's commit
+        # time, 0 in older shards; where its timestamps count from: schema.TIMES_FROM_FILE, or _VIDEO in older shards
+        self.times_from: list[str] = np.asarray(flat.times_from, dtype=object)[shards].tolist()
+        self._locations = np.stack([shards, flat.row[kept]], axis=1).reshape(-1, 2)
+
+    def _flat_listing(self) -> "_Flat":
+        """Every row of the shards that agree with the manifest, shard after shard, a column each; sets
+        read_shards and _shard_keys."""
+        flat = _Flat([], [], [], [], [], {}, {}, {}, {}, {}, np.zeros(0, np.int64), np.zeros(0, np.int64))
+        shard_of, row_of = [], []
+        for s, shard in enumerate(self.shard_paths):
+            listing = self._listed(shard)
+            if listing is None:
+                continue
+            ids, paths, kinds, sources, replaces, when, times_from = listing
+            self._shard_keys[s] = f"{shard.name}@{when!r}"
+            self.read_shards.append(self._shard_keys[s])
+            flat.start[s], flat.size[s], flat.committed[s], flat.times_from[s] = len(flat.ids), len(ids), when, times_from
+            flat.shard_of_key[self._shard_keys[s]] = s
+            for column, values in zip((flat.ids, flat.paths, flat.kinds, flat.sources, flat.replaces),
+                                      (ids, paths, kinds, sources, replaces)):
+                column.extend(values)
+            shard_of.append(np.full(len(ids), s, np.int64))
+            row_of.append(np.arange(len(ids), dtype=np.int64))
+        listed = {shard.name for shard in self.shard_paths}
+        self._listings = {name: kept for name, kept in self._listings.items() if name in listed}  # moved out: let go
+        flat.committed = [flat.committed.get(s, 0.0) for s in range(len(self.shard_paths))]
+        flat.times_from = [flat.times_from.get(s, TIMES_FROM_VIDEO) for s in range(len(self.shard_paths))]
+        if shard_of:
+            flat.shard, flat.row = np.concatenate(shard_of), np.concatenate(row_of)
+        return flat
+
+    def _current_rows(self, flat: "_Flat") -> np.ndarray | None:
+        """The position in `flat` of the row read for each item (_current), in order of its first row, None
+        where that is every row (each id stored once, none left out); sets `damaged` and `removed`, the items
+        whose rows are all left out."""
+        n = len(flat.ids)
+        first = dict(zip(reversed(flat.ids), range(n - 1, -1, -1)))  # id -> the position of its first row
+        others: dict[int, list[int]] = {}  # first position -> the other rows of an id stored more than once
+        if len(first) < n:
+            for p, item_id in enumerate(flat.ids):
+                if (f := first[item_id]) != p:
+                    others.setdefault(f, []).append(p)
+        damaged = {**read_damaged(self.cache_dir), **self._found_damaged}  # (shard key, row) -> record
+        removed = read_removed(self.cache_dir)  # rows of files no longer there, dropped by extract --prune
+        left_out = {**damaged, **removed}  # a damaged row whose file is gone since, pruned: dropped
+        groups = set(others)
+        for key, row in left_out:
+            s = flat.shard_of_key.get(key)
+            if s is not None and 0 <= row < flat.size[s]:
+                groups.add(first[flat.ids[flat.start[s] + row]])
+
+        def as_row(p: int) -> _Row:
+            s, row = int(flat.shard[p]), int(flat.row[p])
+            return _Row(flat.ids[p], flat.paths[p], flat.kinds[p], flat.sources[p], flat.replaces[p],
+                        flat.committed[s], flat.times_from[s], (s, row))
+
+        def key(row: _Row) -> tuple[str, int]:
+            return self._shard_keys[row.location[0]], row.location[1]
+
+        # items whose current row was found damaged (left out until extract redoes them), or dropped: id -> record
+        self.damaged: dict[str, dict] = {}
+        self.removed: dict[str, dict] = {}
+        chosen: dict[int, int | None] = {}
+        for f in sorted(groups):
+            rows = [as_row(p) for p in (f, *others.get(f, []))]
+            now = _current(rows, lambda r: key(r) not in left_out)
+            chosen[f] = None if now is None else flat.start[now.location[0]] + now.location[1]
+            if now is None:
+                at = next(r for r in rows if key(r) in left_out)
+                if key(at) in removed:
+                    self.removed[flat.ids[f]] = left_out[key(at)]
+                else:  # with the path it was cached from: `extract --prune` drops it once that is gone
+                    self.damaged[flat.ids[f]] = {"path": at.path, **left_out[key(at)]}
+        if not chosen:
+            return None
+        firsts = sorted(first.values()) if others else range(n)
+        return np.array([p for p in (chosen.get(f, f) for f in firsts) if p is not None], dtype=np.int64)
+
+    def _listed(self, shard: Path) -> tuple | None:
+        """_list_shard's listing, the one kept where the shard's file is the one listed before (the same inode,
+        size and modification time: a name that comes back, or a shard damaged on disk, is listed again); one
+        left out is listed again at each refresh (it may be readable since)."""
+        try:
+            stat = shard.stat()
+            file = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        except OSError:  # gone meanwhile: _list_shard says so
+            file = None
+        kept = self._listings.get(shard.name)
+        if file is not None and kept is not None and kept[0] == file:
+            return kept[1]
+        self._listings.pop(shard.name, None)
+        listing = self._list_shard(shard)
+        if listing is not None and file is not None:
+            self._listings[shard.name] = (file, listing)
+        return listing
 
     def _list_shard(self, shard: Path) -> tuple[list[str], list[str], list[str], list[str], list[str], float, str] | None:
         """(ids, paths, kinds, source stamps, the stamps they replace, commit time, where its times count from) of a
@@ -580,6 +660,7 @@ class RegionCache:
         state = self.__dict__.copy()
         state["_handles"] = {}
         state["_datasets"] = {}
+        state["_listings"] = {}  # a worker reads; it lists again only where it refreshes
         return state
 
     def __del__(self):
