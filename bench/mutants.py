@@ -495,7 +495,7 @@ MUTANTS += [
            "    left_out = [[] for cache in caches]",
            "tests/test_pretrain.py -k found_damaged", "validation's candidates stay the same once a damaged item is recorded"),
     mutant("serve-unindexed-unsaid", "vlpcache/index/search.py",
-           "        self.unindexed = sum(1 for item_id in self.cache.ids if item_id not in index)", "        self.unindexed = 0",
+           "        self.unindexed = len(set(self.cache.ids).difference(index.ids))", "        self.unindexed = 0",
            "tests/test_serve.py -k does_not_read", "the page says how many cached items are not indexed yet"),
     mutant("serve-damaged-hit-frame-refused", "vlpcache/serve/app.py",
            "        if cached.get(\"unreadable\"):  # its row does not read", "        if False:  # its row does not read",

@@ -225,7 +225,8 @@ class Searcher:
         self.weak_below = float(weak_below) if isinstance(weak_below, (int, float)) else None
         # found by their old content: the regions the index holds are not the cached rows' any more
         self.extracted_again = set(extracted_again(index, self.cache))
-        self.unindexed = sum(1 for item_id in self.cache.ids if item_id not in index)  # cached since it was built
+        # cached since it was built (a set difference: at each shard commit, in a request, over every cached id)
+        self.unindexed = len(set(self.cache.ids).difference(index.ids))
 
     def refresh(self) -> bool:
         """Take up the index again if `vlpcache index` has written it since it was loaded (with the
