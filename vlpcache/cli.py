@@ -353,8 +353,9 @@ def inspect(cache_dir, list_runs, render_id, output, as_json, failures) -> None:
                    "[default: the text model's own sentence-transformers pooling, else mean].")
 @click.option("--text-head", default=None, type=click.Choice(["linear", "mlp"]),
               help=f"Text encoder -> joint space: linear, or linear plus a residual MLP [default: {M.text_head}].")
-@click.option("--resume", is_flag=True, help="Continue the run (-o, or the latest) from its last checkpoint; -o RUN that holds nothing to resume yet "
-                   "is begun with the options given (one command for a job that is requeued).")
+@click.option("--resume", is_flag=True,
+              help="Continue the run (-o, or the latest) from its last checkpoint; -o RUN that holds nothing to "
+                   "resume yet is begun with the options given (one command for a job that is requeued).")
 @click.option("--init", default=None, type=click.Path(), metavar="RUN|CHECKPOINT",
               help="Start from another run's trained weights (its best checkpoint, or the checkpoint folder given) and "
                    "fine-tune them on these caches and captions: a new run with that run's model (options that would "

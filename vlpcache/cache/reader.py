@@ -6,8 +6,8 @@ never used in a worker. refresh() lists again only the shards committed (or repl
 
 Every shard is checked against the manifest by its own attributes and array shapes: a shard made with
 other settings (copied in from another cache, or a manifest edited by hand) is left out, as is one
-that cannot be read or whose arrays disagree in rows or dtypes (schema.layout_damage); each is reported once per process and listed in `ignored_shards` and
-`unreadable_shards`, so that no reader (inspect, pretrain, index, eval) mixes shapes or features.
+that cannot be read or whose arrays disagree in rows or dtypes (schema.layout_damage); each is reported
+once per process and listed in `ignored_shards` and `unreadable_shards`, so that no reader (inspect, pretrain, index, eval) mixes shapes or features.
 
 Shards carry a checksum per chunk (fletcher32; shards of earlier versions have none): a chunk damaged
 on disk or in a copy fails to read, and the read raises DamagedShard, one line that names the shard
