@@ -2312,6 +2312,9 @@ MUTANTS += [
     mutant("prune-fsyncs-each-record", "vlpcache/cache/writer.py",
            "            self._logs[folder].append_all(list(records))\n", "            [self._logs[folder].append(record) for record in records]\n",
            "tests/test_cache.py -k pruned_together", "extract --prune fsyncs each dropped item's record (500k: 40 minutes on NFS)"),
+    mutant("link-out-of-the-roots-unsaid", "vlpcache/extract/sources.py",
+           "            if sub_items and (outside := self.outside_the_roots(sub)) is not None:  # said, not skipped\n", "            if False:\n",
+           "tests/test_sources.py -k own_path_is_passed_over", "a link in a downloaded folder to a folder outside the roots (`-> /`) is walked without a word"),
 ]
 
 

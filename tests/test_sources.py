@@ -220,6 +220,9 @@ def test_a_link_to_a_folder_the_walk_meets_by_its_own_path_is_passed_over_for_it
     assert next(i for i in items if i.id == "z_real/x").path == root / "z_real" / "x.mp4"
     assert problems == [(str(root / "a_link"), f"a symbolic link to the folder {root / 'z_real'}, which is extracted "
                                               "by its own path; skipped"),
+                        (str(root / "data"), f"a symbolic link to the folder {elsewhere}, outside the folders given: its "
+                                            "1 item(s) are extracted under the link's name"),  # said: a downloaded
+                        # folder's `photos -> /home/me/private` (or `-> /`) took files the user did not mean to give
                         (str(root / "sub" / "b_link"), f"a symbolic link to the folder {root / 'z_real'}, which is "
                                                       "extracted by its own path; skipped")]
     # a link under one root to a folder of another root of the run: that root's walk takes it

@@ -315,6 +315,14 @@ class _Walk:
                 return real
         return None
 
+    def outside_the_roots(self, folder: Path) -> str | None:
+        """Where `folder` leads where it is a symbolic link to a folder outside every root (a downloaded folder's
+        `photos -> /home/me/private`, or `-> /`, which walks the whole disk); else None."""
+        if not folder.is_symlink():
+            return None
+        real = os.path.realpath(folder)
+        return None if any(os.path.relpath(real, root).split(os.sep)[0] != ".." for root in self.roots) else real
+
     def add(self, item: Item) -> None:
         if not is_utf8(str(item.path)):  # bytes of another encoding, as an unzipped Windows archive leaves them
             self.problems.append((str(item.path), "path is not valid UTF-8, which the cache stores ids and paths in; "
@@ -370,6 +378,9 @@ class _Walk:
             sub_items, has_media = self.folder(root, sub)
             below += sub_items
             sub_has_media |= has_media
+            if sub_items and (outside := self.outside_the_roots(sub)) is not None:  # said, not skipped
+                self.problems.append((str(sub), f"a symbolic link to the folder {outside}, outside the folders given: "
+                                      f"its {len(sub_items):,} item(s) are extracted under the link's name"))
         only_images = files and all(kind == "image" for kind in files.values())
         if (only_images and not sub_has_media and not is_root and self.frame_folders
                 and (str(folder) in self.frames_known() or not self.photos_in(folder, list(files)))):
