@@ -509,3 +509,51 @@ def test_eval_tokenizes_its_queries_once_for_both_counts_cut_and_unknown(root, w
     assert protocol["queries_cut"] == sum(len(run.tokenizer(t)["input_ids"]) > 6 for t in texts) > 0
     unknown = len(captions) // 2
     assert f"note: {unknown} of the {len(texts)} queries ({unknown / len(texts):.0%}) are mostly words" in err
+
+
+def test_eval_in_blocks_of_a_few_rows_prints_and_records_what_the_whole_matrix_gives(root, ws, monkeypatch, capsys,
+                                                                                    tmp_path):
+    from vlpcache.index import evaluate
+
+    args = ["--captions", root / "val.jsonl", "--all-captions", "--qbnorm", "--dual-softmax"]
+    whole = eval_json(monkeypatch, capsys, *args, "--per-query", tmp_path / "whole.jsonl")
+    monkeypatch.setattr(evaluate, "DENSE_SCORES", 0)  # blocks of 3 or 4 rows, both directions
+    monkeypatch.setattr(evaluate, "BLOCK_SCORES", 1)
+    monkeypatch.setattr(evaluate, "MIN_BLOCK_ROWS", 3)
+    blocks = eval_json(monkeypatch, capsys, *args, "--per-query", tmp_path / "blocks.jsonl")
+    assert whole["protocol"]["queries"] > 8 and "text_to_video_rerank" in whole and "text_to_video_dual_softmax" in whole
+    for results in (whole, blocks):
+        results["protocol"].pop("seconds")
+    assert blocks == whole
+    assert (tmp_path / "blocks.jsonl").read_text() == (tmp_path / "whole.jsonl").read_text()
+
+
+def test_eval_ranks_thousands_of_candidates_without_holding_their_square(monkeypatch):
+    import tracemalloc
+
+    from vlpcache.index import evaluate
+    from vlpcache.metrics import query_ranks
+
+    monkeypatch.setattr(evaluate, "DENSE_SCORES", 0)
+    monkeypatch.setattr(evaluate, "BLOCK_SCORES", 1 << 18)  # blocks of 272 or 273 rows of 3000
+    n = 3000
+    text, video = (torch.nn.functional.normalize(torch.randn(n, 32, generator=torch.Generator().manual_seed(s)), dim=1)
+                   for s in (0, 1))
+    local = np.random.default_rng(0).random((n, 32)).astype(np.float32)
+    targets = list(range(n))
+    tracemalloc.start()
+    scores = evaluate.GlobalScores.of(text, video)  # (n, n)
+    top = evaluate.top_candidates_of(scores, 32)
+    rankings = [evaluate.Ranks(targets, keep_best=True),
+                evaluate.Ranks(targets, lambda rows, block: reranked(block, top[rows], local[rows], 0.5)),
+                evaluate.Ranks(targets, evaluate.dual_softmax_of(scores))]
+    evaluate.over_blocks(scores, *rankings)
+    video_ranks = evaluate.Ranks([[c] for c in targets])
+    evaluate.over_blocks(scores.transposed(), video_ranks)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < n * n * 8 / 3, f"{peak / 1e6:.0f} MB"  # a float64 copy of the whole (n, n) is 72 MB
+    similarity = (text @ video.T).numpy()
+    assert np.array_equal(rankings[0].ranks, query_ranks(similarity, targets))
+    assert np.array_equal(video_ranks.ranks, query_ranks(similarity.T, targets))
+    assert np.array_equal(rankings[1].ranks, query_ranks(reranked(similarity, top, local, 0.5), targets))

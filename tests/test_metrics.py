@@ -100,3 +100,30 @@ def test_reranked_metrics_follow_the_new_order_of_each_query():
     assert retrieval_metrics(reranked(similarity, top, local, 0.05), [1, 1])["MnR"] == 1.5
     assert retrieval_metrics(reranked(similarity, top, local, 0.5), [1, 1])["MnR"] == 1.5
     assert retrieval_metrics(reranked(similarity, top, local, 0.5), [1, 2])["R@1"] == 100.0
+
+
+def _ranks_of_the_whole_matrix(similarity, targets):
+    """The ranks as the metric defines them, row by row on the whole matrix (float64, NaN the lowest)."""
+    similarity = np.where(np.isnan(similarity), -np.inf, similarity.astype(np.float64))
+    ranks = []
+    for row, target in zip(similarity, targets):
+        correct = np.zeros(len(row), bool)
+        correct[np.atleast_1d(target)] = True
+        best = row[correct].max()
+        ranks.append(1 + int(np.count_nonzero(row[~correct] >= best)))
+    return np.array(ranks)
+
+
+@pytest.mark.parametrize("several", [False, True])
+def test_ranks_found_a_few_rows_at_a_time_are_those_of_the_whole_matrix_ties_and_nan_included(monkeypatch, several):
+    import vlpcache.metrics as metrics
+
+    rng = np.random.default_rng(0)
+    similarity = np.round(rng.standard_normal((101, 37)), 1).astype(np.float32)  # one decimal: many ties
+    similarity[rng.random(similarity.shape) < 0.05] = np.nan
+    targets = ([list(rng.integers(0, 37, rng.integers(1, 4))) for _ in range(101)] if several
+               else list(rng.integers(0, 37, 101)))
+    expected = _ranks_of_the_whole_matrix(similarity, targets)
+    monkeypatch.setattr(metrics, "QUERY_BLOCK", 2)
+    assert np.array_equal(metrics.query_ranks(similarity, targets), expected)
+    assert np.array_equal(metrics.query_ranks(similarity.astype(np.float16), targets), expected)  # exact in float16

@@ -54,3 +54,16 @@ def test_bank_is_a_seeded_sample_of_distinct_captions():
 def test_dual_softmax_down_weights_a_video_that_every_query_likes():
     similarity = np.array([[0.9, 0.8], [0.9, 0.2]])  # video 0 is everyone's favourite
     assert similarity[0].argmax() == 0 and dual_softmax(similarity, 20.0)[0].argmax() == 1
+
+
+def test_dual_softmax_of_blocks_of_queries_is_that_of_the_whole_matrix_to_the_last_bit():
+    from vlpcache.querybank import DualSoftmax
+
+    similarity = np.random.default_rng(1).uniform(-1, 1, (1000, 40)).astype(np.float32)  # (Q, C)
+    blocks = [similarity[start : start + 64] for start in range(0, len(similarity), 64)]
+    dual = DualSoftmax()
+    for block in blocks:
+        dual.add_maxima(block)
+    for block in blocks:
+        dual.add_sums(block)
+    assert np.array_equal(np.concatenate([dual.scores(block) for block in blocks]), dual_softmax(similarity))

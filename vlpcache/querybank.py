@@ -146,6 +146,36 @@ DUAL_TEMPERATURE = 10.0  # dual softmax's temperature (chosen on MSR-VTT val wit
 def dual_softmax(similarity: np.ndarray, temperature: float = DUAL_TEMPERATURE) -> np.ndarray:
     """Dual softmax (CAMoE): each score times the softmax over all *queries* of its column. It needs
     every test query at once, so it is an eval-only figure, never what search can do."""
-    logits = temperature * np.asarray(similarity, np.float64)
-    prior = np.exp(logits - logits.max(0, keepdims=True))
-    return similarity * prior / prior.sum(0, keepdims=True)
+    dual = DualSoftmax(temperature)
+    dual.add_maxima(similarity)
+    dual.add_sums(similarity)
+    return dual.scores(similarity)
+
+
+@dataclass
+class DualSoftmax:
+    """dual_softmax of (Q, C) scores that come a block of query rows at a time, in three passes over the same
+    blocks: every block's column maxima (add_maxima), then column sums (add_sums), then each block's scores
+    (scores); (1, C) kept between blocks, the figures those of the whole matrix to the last bit (the sums add
+    row after row, as numpy sums a matrix's column)."""
+    temperature: float = DUAL_TEMPERATURE
+    peak: np.ndarray | None = None  # (1, C) the largest logit of each column
+    total: np.ndarray | None = None  # (1, C) the sum of each column's exp(logit - peak)
+
+    def add_maxima(self, block: np.ndarray) -> None:
+        peak = self._logits(block).max(0, keepdims=True)
+        self.peak = peak if self.peak is None else np.maximum(self.peak, peak)
+
+    def add_sums(self, block: np.ndarray) -> None:
+        prior = self._prior(block)  # (b, C)
+        self.total = (prior.sum(0, keepdims=True) if self.total is None
+                      else np.concatenate([self.total, prior]).sum(0, keepdims=True))
+
+    def scores(self, block: np.ndarray) -> np.ndarray:
+        return block * self._prior(block) / self.total
+
+    def _logits(self, block: np.ndarray) -> np.ndarray:
+        return self.temperature * np.asarray(block, np.float64)
+
+    def _prior(self, block: np.ndarray) -> np.ndarray:
+        return np.exp(self._logits(block) - self.peak)

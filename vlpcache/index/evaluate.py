@@ -18,6 +18,7 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,11 +28,14 @@ from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import is_write_failure, may_write, replace_atomically, write_failure
 from vlpcache.index.build import check_run_reads_cache, open_cache, resolve_sources, run_query_bank
-from vlpcache.metrics import RERANK_CANDIDATES, query_ranks, reranked, retrieval_metrics
+from vlpcache.metrics import RERANK_CANDIDATES, block_ranks, rank_metrics, reranked, top_candidates
 from vlpcache.model.run_layout import being_trained_note
-from vlpcache.querybank import dual_softmax
+from vlpcache.querybank import DualSoftmax
 from vlpcache.report import Say, items_word, printable, sayer, silent
 from vlpcache.report import say as say_always  # under --quiet too
+
+if TYPE_CHECKING:
+    import torch
 
 
 def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: bool, device, batch_size: int,
@@ -42,8 +46,9 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
     qbnorm adds text->video ranked by query-bank normalisation (the run's training captions as bank),
     dual the dual-softmax figure, which needs every test query at once (no search can do it).
     per_query adds "per_query": a record of each text->video query (per_query_records). read: how the text
-    model reads the queries (queries_read), where the caller has it already."""
-    from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
+    model reads the queries (queries_read), where the caller has it already. The similarities are made
+    and ranked a block of rows at a time (GlobalScores): memory grows with the videos, not their square."""
+    from vlpcache.model.retrieval import encode_texts, encode_videos, local_scores
 
     ids = list(captions_by_id)
     texts, text_video = caption_queries(list(captions_by_id.values()), all_captions)
@@ -57,33 +62,37 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
                                        "nothing it shows)")
     video = encode_videos(run.model, readable, ids, device, batch_size, regions=rerank, progress=progress)
     text = encode_texts(run.model, run.tokenizer, texts, device, batch_size, progress=progress, max_words=max_words)
-    t2v = (text.global_ @ video.global_.T).numpy()  # (Q, C)
-    rankings = {}  # with per_query: the text->video scores of each ranking
-
-    def ranked(name: str, scores: np.ndarray) -> dict:
-        """The text->video metrics of one ranking (its scores kept for per_query only: Q x C floats each)."""
-        if per_query:
-            rankings[name] = scores
-        return retrieval_metrics(scores, text_video)
-
-    results = {
-        "text_to_video": ranked("global", t2v),
-        "video_to_text": retrieval_metrics(t2v.T, video_texts),
-    }
+    t2v = GlobalScores.of(text.global_, video.global_)  # (Q, C)
+    bank = run_query_bank(run, video.global_.numpy(), device, batch_size, progress=progress) if qbnorm else None
+    rankings = {"global": Ranks(text_video, keep_best=per_query)}  # text->video, by name
     if rerank:
         lam, weight = run.config.rwa_lambda, run.config.rerank_weight
-        top, local = candidate_local_scores(text, video, t2v, lam, rerank_candidates, progress=progress)
-        results["text_to_video_rerank"] = ranked("reranked", reranked(t2v, top, local, weight))
-        top, local = candidate_local_scores(text, video, t2v.T, lam, rerank_candidates, texts_are_queries=False,
-                                            progress=progress)
-        results["video_to_text_rerank"] = retrieval_metrics(reranked(t2v.T, top, local, weight), video_texts)
-    if qbnorm:
-        bank = run_query_bank(run, video.global_.numpy(), device, batch_size, progress=progress)
-        if bank is not None:
-            results["text_to_video_qbnorm"] = ranked("qbnorm", bank.normalise(t2v))
-            results["protocol"] = {"qbnorm": {"bank": len(bank.bank), "beta": bank.beta, "k": bank.k}}
+
+        def rerank_scores(scores: GlobalScores, texts_are_queries: bool):
+            """(rows, block) -> the re-ranked scores of those rows (reranked), S_loc of each row's top candidates."""
+            top = top_candidates_of(scores, rerank_candidates)  # (rows, P)
+            local = local_scores(text, video, top, lam, texts_are_queries, progress=progress)
+            return lambda rows, block: reranked(block, top[rows], local[rows], weight)
+
+        rankings["reranked"] = Ranks(text_video, rerank_scores(t2v, True), keep_best=per_query)
+    if bank is not None:
+        rankings["qbnorm"] = Ranks(text_video, lambda rows, block: bank.normalise(block))
     if dual:
-        results["text_to_video_dual_softmax"] = ranked("dual_softmax", dual_softmax(t2v))
+        rankings["dual_softmax"] = Ranks(text_video, dual_softmax_of(t2v))
+    over_blocks(t2v, *rankings.values())
+    v2t = t2v.transposed()  # (C, Q)
+    video_ranks = Ranks(video_texts)
+    video_reranks = Ranks(video_texts, rerank_scores(v2t, False)) if rerank else None
+    over_blocks(v2t, video_ranks, *([video_reranks] if rerank else []))
+    results = {"text_to_video": rankings["global"].metrics(len(ids)), "video_to_text": video_ranks.metrics(len(texts))}
+    if rerank:
+        results["text_to_video_rerank"] = rankings["reranked"].metrics(len(ids))
+        results["video_to_text_rerank"] = video_reranks.metrics(len(texts))
+    if bank is not None:
+        results["text_to_video_qbnorm"] = rankings["qbnorm"].metrics(len(ids))
+        results["protocol"] = {"qbnorm": {"bank": len(bank.bank), "beta": bank.beta, "k": bank.k}}
+    if dual:
+        results["text_to_video_dual_softmax"] = rankings["dual_softmax"].metrics(len(ids))
     if per_query:
         results["per_query"] = per_query_records(texts, text_video, ids, rankings)
     results["protocol"] = {**results.get("protocol", {}),
@@ -99,24 +108,104 @@ def evaluate(run, cache, captions_by_id: dict[str, list[str]], all_captions: boo
     return results
 
 
+DENSE_SCORES = 1 << 24  # Q x C up to this (64 MB of float32): the similarity made whole, in one product
+BLOCK_SCORES = 1 << 24  # else made and ranked in blocks of rows of about this many scores,
+MIN_BLOCK_ROWS = 256  # of this many rows at least: a product of a few rows may take another BLAS path (other last bits)
+
+
+@dataclass(frozen=True)
+class GlobalScores:
+    """The global cosines of queries (rows) against candidates, given a block of rows at a time (blocks): each
+    row to the last bit that of the whole product (queries @ candidates.T), which is made only where small."""
+    queries: torch.Tensor  # (Q, D)
+    candidates: torch.Tensor  # (C, D)
+    whole: np.ndarray | None = None  # (Q, C) float32, where Q x C <= DENSE_SCORES
+
+    @classmethod
+    def of(cls, queries: torch.Tensor, candidates: torch.Tensor) -> "GlobalScores":
+        small = len(queries) * len(candidates) <= DENSE_SCORES
+        return cls(queries, candidates, (queries @ candidates.T).numpy() if small else None)
+
+    def transposed(self) -> "GlobalScores":
+        """The candidates as queries: (C, Q)."""
+        return GlobalScores(self.candidates, self.queries, None if self.whole is None else self.whole.T)
+
+    def blocks(self):
+        """(rows, (b, C) float32 scores of those rows): consecutive slices that cover every row once."""
+        if self.whole is not None:
+            yield slice(0, len(self.queries)), self.whole
+            return
+        count = max(1, len(self.queries) // max(MIN_BLOCK_ROWS, BLOCK_SCORES // max(1, len(self.candidates))))
+        edges = [len(self.queries) * i // count for i in range(count + 1)]  # blocks of as many rows, give or take one
+        for start, end in zip(edges, edges[1:]):
+            yield slice(start, end), (self.queries[start:end] @ self.candidates.T).numpy()
+
+
+def over_blocks(scores: GlobalScores, *steps) -> None:
+    """Each step(rows, block) on every block of scores: one product of each block for all the steps."""
+    for rows, block in scores.blocks():
+        for step in steps:
+            step(rows, block)
+
+
+def top_candidates_of(scores: GlobalScores, candidates: int) -> np.ndarray:
+    """(Q, P): top_candidates of each row of scores."""
+    return np.concatenate([top_candidates(block, candidates) for _, block in scores.blocks()])
+
+
+def dual_softmax_of(scores: GlobalScores):
+    """(rows, block) -> dual_softmax's scores of those rows; its column maxima and sums found first (two passes)."""
+    dual = DualSoftmax()
+    over_blocks(scores, lambda rows, block: dual.add_maxima(block))
+    over_blocks(scores, lambda rows, block: dual.add_sums(block))
+    return lambda rows, block: dual.scores(block)
+
+
 PER_QUERY_TOP = 5  # candidates named in each per-query record
 
 
-def per_query_records(texts: list[str], targets: list[int], ids: list[str], rankings: dict[str, np.ndarray]) -> list[dict]:
+class Ranks:
+    """The ranks of one ranking's queries (targets as query_ranks takes them), found a block of rows at a time (a
+    step of over_blocks). score(rows, block): the ranking's scores of those rows from their global ones (None: the
+    global ones). keep_best: also each row's PER_QUERY_TOP best candidates and their scores (per_query_records)."""
+
+    def __init__(self, targets, score=None, keep_best: bool = False):
+        self.targets, self.score, self.keep_best = targets, score, keep_best
+        self.ranks = np.zeros(len(targets), np.int64)  # (Q,)
+        self._best: list[tuple[np.ndarray, np.ndarray]] = []  # (b, top) columns and scores of each block
+
+    def __call__(self, rows: slice, block: np.ndarray) -> None:
+        scores = block if self.score is None else self.score(rows, block)
+        self.ranks[rows] = block_ranks(scores, self.targets[rows])
+        if self.keep_best:
+            best = _best(scores)
+            self._best.append((best, np.take_along_axis(scores, best, 1)))
+
+    def metrics(self, candidates: int) -> dict:
+        return rank_metrics(self.ranks, candidates)
+
+    @property
+    def best(self) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, top) columns, best first, and (Q, top) their scores."""
+        return np.concatenate([b for b, _ in self._best]), np.concatenate([s for _, s in self._best])
+
+
+def per_query_records(texts: list[str], targets: list[int], ids: list[str], rankings: dict[str, Ranks]) -> list[dict]:
     """A record of each text->video query (targets: the column of its video in `ids`, as the metrics
     take it): its text, its video, the rank of that video under each ranking eval computed (rank: global
     similarity; rank_reranked, rank_qbnorm, rank_dual_softmax where computed), and the PER_QUERY_TOP best
     candidates by global similarity with their scores (and by the re-ranked
     order where there is one): what error analysis, or a paired comparison of two runs, needs."""
-    ranks = {name: query_ranks(scores, targets) for name, scores in rankings.items()}
-    best = {name: _best(rankings[name]) for name in ("global", "reranked") if name in rankings}  # (Q, top)
+    ranks = {name: ranking.ranks for name, ranking in rankings.items()}
+    best = {name: rankings[name].best for name in ("global", "reranked") if name in rankings}  # (Q, top) twice
     records = []
     for q, (text, target) in enumerate(zip(texts, targets)):
         record = {"query": text, "video": ids[target]}
         record.update({("rank" if name == "global" else f"rank_{name}"): int(r[q]) for name, r in ranks.items()})
-        record["top"] = [[ids[c], round(float(rankings["global"][q, c]), 4)] for c in best["global"][q]]
+        columns, scores = best["global"]
+        record["top"] = [[ids[c], round(float(score), 4)] for c, score in zip(columns[q], scores[q])]
         if "reranked" in best:
-            record["top_reranked"] = [ids[c] for c in best["reranked"][q]]
+            record["top_reranked"] = [ids[c] for c in best["reranked"][0][q]]
         records.append(record)
     return records
 

@@ -109,6 +109,14 @@ def candidate_local_scores(text: TextEmbedding, video: VideoEmbedding, similarit
     similarity is (videos, texts) and each video's candidates are texts.
     """
     top = top_candidates(similarity, candidates)  # (Q, P)
+    return top, local_scores(text, video, top, lam, texts_are_queries, chunk, progress)
+
+
+@torch.inference_mode()
+def local_scores(text: TextEmbedding, video: VideoEmbedding, top: np.ndarray, lam: float,
+                 texts_are_queries: bool = True, chunk: int = 16, progress: bool = False) -> np.ndarray:
+    """(Q, P) float32: S_loc of each query and its candidates `top` (Q, P), as candidate_local_scores gives them
+    (eval finds the top block by block, so never holds the similarity whole)."""
     sets = token_sets(text.words, text.word_mask, video.regions, video.region_mask)  # Gram matrices once
     local = np.zeros(top.shape, np.float32)
     # queries of similar length together, so that each chunk's pairs carry little padding
@@ -120,4 +128,4 @@ def candidate_local_scores(text: TextEmbedding, video: VideoEmbedding, similarit
         columns = torch.from_numpy(top[rows.numpy()])  # (c, P)
         pairs = (rows[:, None], columns) if texts_are_queries else (columns, rows[:, None])
         local[rows.numpy()] = pair_scores(sets, *pairs, lam).float().numpy()  # (c, P)
-    return top, local
+    return local
