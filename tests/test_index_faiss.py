@@ -262,7 +262,7 @@ def test_the_region_store_gives_each_video_its_own_real_regions_after_appends():
     assert regions.shape == (5, 3, 2)  # padded to the most regions among them
 
 
-def test_kept_parts_cut_to_the_wanted_videos_join_into_one_store_in_order(tmp_path):
+def test_kept_parts_cut_to_the_wanted_videos_are_written_into_one_store_in_order(tmp_path):
     from vlpcache.index.parts import EncodedPart, EncodedParts
     from vlpcache.index.region_store import RegionStore
 
@@ -284,13 +284,18 @@ def test_kept_parts_cut_to_the_wanted_videos_join_into_one_store_in_order(tmp_pa
     assert [p.ids for p in kept.load({**wanted, "v2": "shard@9"})] == [["v0"], ["v4"]]  # v2 extracted again since
     parts = kept.load(wanted)
     assert [p.ids for p in parts] == [["v0", "v2"], ["v4"]]
-    store = RegionStore.concatenate([p.regions for p in parts], 2)
+    from vlpcache.files import replace_together
+    from vlpcache.index.index_rows import row_files
+
+    (tmp_path / "index").mkdir()
+    replace_together([row_files(tmp_path / "index", parts, 2, regions=True)])  # written a part at a time, as index does
+    store = RegionStore.load(tmp_path / "index")
     assert len(store) == 3 and store.offsets.tolist() == [0, 2, 6, 7]
     regions, mask, positions = store.gather([0, 1, 2])
     expected = {0: (0, [0, 2]), 1: (2, [0, 1, 2, 3]), 2: (4, [0])}
     for i, (video, places) in expected.items():
         assert positions[i][mask[i]].tolist() == places
         assert regions[i][mask[i]].tolist() == [[video, r] for r in places]
-    assert np.concatenate([p.embeddings for p in parts])[:, 0].tolist() == [0, 2, 4]
+    assert np.load(tmp_path / "index" / "embeddings.npy")[:, 0].tolist() == [0, 2, 4]
     kept.remove()
     assert not kept.folder.exists() and kept.load({"v0": "shard@0"}) == []

@@ -1497,3 +1497,43 @@ def test_building_a_large_index_after_the_encoding_bar_is_said_first(ws, monkeyp
     count = len(VideoIndex.load(the_index(ws)))
     assert code == 0 and f"index: building the FAISS index of {count} videos (its graph, the tuning of its search) and " \
                          "saving it ..." in err.splitlines(), err
+
+
+def test_an_index_written_a_few_rows_at_a_time_equals_one_written_at_once_and_never_holds_every_region(ws, monkeypatch,
+                                                                                                      capsys):
+    # `index` held every encoded video's regions (and the old index's, to add to it) in memory: 2.3x the index at 200k
+    from vlpcache.index import build, faiss_index, index_rows
+
+    monkeypatch.setattr(build, "ENCODE_CHUNK", 5)  # parts of 5 videos
+    blocks = []
+    write = index_rows.NpyWriter.write
+
+    def noted(self, block):
+        blocks.append((Path(self.file.name).name.split(".")[1], len(block)))
+        write(self, block)
+
+    def index_twice(root: Path) -> dict[str, bytes]:
+        cache = root / "cache"
+        shutil.copytree(ws / "cache", cache)  # a copy: the same collection, grown alike below
+        args = ["index", "--cache", cache, "-o", root, "--quiet"]
+        assert vlpcache(monkeypatch, capsys, *args)[0] == 0  # built
+        write_cache(cache, 3, prefix="w", seed=5)
+        assert vlpcache(monkeypatch, capsys, *args)[0] == 0  # added to
+        return {p.name: p.read_bytes() for p in the_index(ws, root=root).iterdir()
+                if p.suffix in (".npy", ".faiss") or p.name == "ids.json"}
+
+    at_once = index_twice(ws / "at-once")
+    monkeypatch.setattr(index_rows, "READ_ROWS", 3)  # the indexed rows, 3 at a time
+    monkeypatch.setattr(faiss_index, "ADD_ROWS", 4)  # into FAISS 4 at a time
+    monkeypatch.setattr(index_rows.NpyWriter, "write", noted)
+    in_chunks = index_twice(ws / "in-chunks")
+    assert len(in_chunks) == 6 and in_chunks == at_once  # embeddings, the region store, the FAISS index, the ids
+    index = VideoIndex.load(the_index(ws, root=ws / "in-chunks"))
+    regions_of = np.diff(index.regions.offsets)  # (V,)
+    assert len(index) == ITEMS + 3 and max(regions_of) > 0
+    # the regions went to their file a part (5 videos) or 3 indexed rows at a time, never all together
+    written = [n for name, n in blocks if name == "regions"]
+    assert sum(written) == regions_of[:ITEMS].sum() + regions_of.sum()  # built, then written again with 3 more
+    assert max(written) <= max(regions_of[i : i + 5].sum() for i in range(len(index))) < regions_of[:ITEMS].sum()
+    # search maps the stored vectors rather than reading them whole
+    assert isinstance(index.embeddings, np.memmap) and isinstance(index.regions.embeddings, np.memmap)

@@ -114,8 +114,9 @@ def fsync_path(path: Path) -> None:
 # thread too, as a server's threads may write the same file at once (two requests for one thumbnail)
 TEMPORARY_GLOB = ".*.*.tmp*"
 # (path, write(tmp), suffix): `write` fills the temporary, whose name ends in `suffix` for writers that
-# add one (np.save: ".npy")
-FileWrite = tuple[Path, Callable[[Path], object], str]
+# add one (np.save: ".npy"); or ([path, ...], write([tmp, ...]), suffix): one write fills several files, in one
+# pass over what they hold (an index's embeddings and regions, index_rows.py)
+FileWrite = tuple[Path, Callable[[Path], object], str] | tuple[list[Path], Callable[[list[Path]], object], str]
 
 
 def _temporary(path: Path, suffix: str = "") -> Path:
@@ -142,10 +143,13 @@ def replace_together(files: list[FileWrite]) -> None:
     error) leaves every old file as it was and no temporary behind."""
     temporaries = []
     try:
-        for path, write, suffix in files:
-            temporaries.append((_temporary(Path(path), suffix), Path(path)))
-            write(temporaries[-1][0])
-            fsync_path(temporaries[-1][0])
+        for paths, write, suffix in files:
+            group = [Path(p) for p in paths] if isinstance(paths, list) else [Path(paths)]
+            temporaries += [(_temporary(path, suffix), path) for path in group]
+            filled = [tmp for tmp, _ in temporaries[-len(group):]]
+            write(filled if isinstance(paths, list) else filled[0])
+            for tmp in filled:
+                fsync_path(tmp)
         for tmp, path in temporaries:
             os.replace(tmp, path)
         for folder in {path.parent for _, path in temporaries}:

@@ -12,6 +12,7 @@ run adds it).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import is_write_failure, may_write, remove_temporaries, system_reason, write_failure
 from vlpcache.index.export import check_export_path, export_embeddings
-from vlpcache.index.faiss_index import HalfWritten, VideoIndex, choose_factory, keep_factory, new_faiss_index
+from vlpcache.index.faiss_index import HalfWritten, VideoIndex, keep_factory, new_faiss_index, write_index
 from vlpcache.index.layout import (
     CALIBRATION_FILE,
     DEFAULT_MEMORY_BUDGET_MB,
@@ -40,7 +41,7 @@ from vlpcache.index.layout import (
     other_indexes,
     read_meta,
 )
-from vlpcache.index.parts import EncodedPart, EncodedParts
+from vlpcache.index.parts import EncodedPart, EncodedParts, KeptPart
 from vlpcache.index.region_store import RegionStore
 from vlpcache.locks import WriterLock, holder_description
 from vlpcache.model.run_layout import (being_trained_note, default_run, designated_checkpoint_sha256, latest_run,
@@ -128,18 +129,16 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
         if again:
             say(f"index {index_dir}: {len(again)} indexed item(s) were extracted again since they were indexed (their "
                 "sources changed, or their rows were found damaged); indexing them anew")
-            index = index.without(set(again), config)  # the query bank is made again below: its rows moved
         if dropped := [item_id for item_id in cache.removed if index is not None and item_id in index]:
             say(f"index {index_dir}: {len(dropped)} indexed item(s) were dropped from the cache (extract --prune); "
                 "dropping them from the index")
-            index = index.without(set(dropped), config)
-        rows = [r for r, item_id in enumerate(cache.ids) if index is None or item_id not in index]
-        if index is not None and index.regions is None:  # made by an older vlpcache: re-rank needs regions
-            rows, index = list(range(len(cache))), None
+        leaving = set(again) | set(dropped)  # the query bank is made again below: the rows after them move
+        if index is not None and (len(leaving) == len(index) or index.regions is None):  # (no regions: made by an older
+            index = None  # vlpcache, re-rank needs them) built anew from nothing
+        rows = [r for r, item_id in enumerate(cache.ids) if index is None or item_id not in index or item_id in leaving]
         if index is not None and not rows:
             if dropped:
-                index.meta.cache_shards = shards_read(index, cache)
-                save_index(index, index_dir)
+                index, _ = write_rows(index_dir, [index.kept_rows(leaving)], index_meta(index, cache), config, index)
             parts.remove()  # left by a run killed after its index was written
             export_for_search(run, index_dir, say)
             update_query_bank(run, index, index_dir, 0, qbnorm, device, batch_size, progress, say)
@@ -148,13 +147,10 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
             return index
         if index is None:
             (index_dir / QUERYBANK_FILE).unlink(missing_ok=True)  # it described the old rows
-        started = time.monotonic()
-        index, how = _add_encoded(run, cache, rows, index, config, device, batch_size, progress, parts, say, warn or say)
-        encoding_s = time.monotonic() - started  # the query bank below says its own time
+        index, how, encoding_s = _add_encoded(run, cache, rows, index, leaving, index_dir, config, device, batch_size,
+                                              progress, parts, say, warn or say)
         if again:
             how += f" ({len(again)} of them indexed anew, extracted again since)"
-        index.meta.cache_shards = shards_read(index, cache)
-        save_index(index, index_dir)
         parts.remove()
         export_for_search(run, index_dir, say)
         update_query_bank(run, index, index_dir, len(rows), qbnorm, device, batch_size, progress, say)
@@ -315,12 +311,14 @@ SAID_BUILD_ITEMS = 20_000  # from this many videos on, building the index after 
 # a minute without a word, the HNSW graph, the tuning of its search, the save)
 
 
-def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | None, config: IndexConfig, device,
-                 batch_size: int, progress: bool, kept: EncodedParts, say: Say, warn: Say) -> tuple[VideoIndex, str]:
-    """Encode the cache's `rows` and add them to `index` (or build one); returns it and what was done.
-    Each chunk is kept as a part as soon as it is encoded; rows a kept part holds are not encoded again."""
-    from vlpcache.model.retrieval import as_numpy, encode_videos
-
+def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | None, leaving: set[str], index_dir: Path,
+                 config: IndexConfig, device, batch_size: int, progress: bool, kept: EncodedParts, say: Say,
+                 warn: Say) -> tuple[VideoIndex, str, float]:
+    """Encode the cache's `rows` and write the index of them after the rows of `index` (or of them alone) less those
+    of `leaving`; returns it, what was done and the seconds the encoding took. Each chunk is kept as a part as soon
+    as it is encoded (rows a kept part holds are not encoded again), and the index is written from the parts one at
+    a time (index_rows.py): memory holds a part and the FAISS index, not every encoded video."""
+    started = time.monotonic()
     parts = kept.load({cache.ids[r]: cache.shard_key_of(cache.ids[r]) for r in rows})
     done = {item_id for part in parts for item_id in part.ids}
     todo = [r for r in rows if cache.ids[r] not in done]
@@ -329,7 +327,45 @@ def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | N
             f"(kept in {kept.folder}); encoding the other {len(todo)}")
     # a damaged item is encoded as a blank with the others, then dropped
     readable = BlankWhenDamaged(cache, "the index leaves it out until then (`vlpcache index` after that extract adds it)", warn)
-    with progress_bar(total=len(rows), initial=len(done), unit="video", desc="encoding videos", disable=not progress,
+    parts += _encoded_parts(run, readable, todo, len(rows), len(done), device, batch_size, progress, kept)
+    encoding_s = time.monotonic() - started  # the query bank says its own time
+    sources = [*([index.kept_rows(leaving)] if index is not None else []), *parts]
+    total = sum(len(source.ids) for source in sources)
+    if total >= SAID_BUILD_ITEMS:  # after the bar, minutes
+        say(f"index: {'building' if index is None else 'updating'} the FAISS index of {total:,} videos (its graph, the "
+            "tuning of its search) and saving it ...")
+    if index is None:
+        meta = IndexMeta(
+            checkpoint_sha256=run.checkpoint_sha256,
+            cache_settings=cache.settings.to_json(),
+            embedding_dim=run.config.embed_dim,
+            factory="",
+            run_dir=str(Path(run.run_dir).resolve()),
+            checkpoint_path=str(Path(run.checkpoint_path).resolve()),
+            cache_dir=str(Path(cache.cache_dir).resolve()),
+            collection=collection_of(cache.cache_dir),
+            cache_shards=sorted(cache.read_shards),
+        )
+    else:  # a collection found by the cache's path, built before, gets the cache's
+        meta = dataclasses.replace(index_meta(index, cache), collection=collection_of(cache.cache_dir))
+    index, how = write_rows(index_dir, sources, meta, config, index)
+    if done:
+        how = f"{len(done)} of them kept from the run that did not finish; {how}"
+    if left_out := len(readable.damaged):
+        how = f"{left_out} left out, found damaged (said above); {how}"
+    if index.meta.search_params:
+        how += f", search {index.meta.search_params} (recall@10 {index.meta.tuned_recall:.3f} on indexed vectors)"
+    return index, how, encoding_s
+
+
+def _encoded_parts(run, readable: BlankWhenDamaged, todo: list[int], total: int, done: int, device, batch_size: int,
+                   progress: bool, kept: EncodedParts) -> list[KeptPart]:
+    """Encode the cache's rows `todo`, ENCODE_CHUNK at a time, each chunk kept as a part (on disk) once encoded;
+    `done` of the `total` to index were encoded before (the bar starts there)."""
+    from vlpcache.model.retrieval import as_numpy, encode_videos
+
+    cache, parts = readable.cache, []
+    with progress_bar(total=total, initial=done, unit="video", desc="encoding videos", disable=not progress,
                       leave=False) as bar:  # one over every chunk: its rate and time left are the whole index's
         for start in range(0, len(todo), ENCODE_CHUNK):  # bounded memory: region tokens are (B, T*N, E)
             chunk = todo[start : start + ENCODE_CHUNK]
@@ -339,56 +375,28 @@ def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | N
                 chunk, video = [chunk[k] for k in kept_rows], type(video)(*(t[kept_rows] for t in video))
             regions = RegionStore.empty(run.config.embed_dim)
             regions.append(video.regions.numpy(), video.region_mask.numpy())
-            parts.append(EncodedPart([cache.ids[r] for r in chunk], as_numpy(video.global_), regions,
-                                     [cache.shard_key_of(cache.ids[r]) for r in chunk]))
             try:
-                kept.add(parts[-1])
+                parts.append(kept.add(EncodedPart([cache.ids[r] for r in chunk], as_numpy(video.global_), regions,
+                                                  [cache.shard_key_of(cache.ids[r]) for r in chunk])))
             except Exception as err:
                 if not is_write_failure(err):
                     raise
-                raise write_failure(kept.folder, err, f"the index is as it was before; the {len(done) + start} videos encoded "
+                raise write_failure(kept.folder, err, f"the index is as it was before; the {done + start} videos encoded "
                                                       "before this chunk are kept; make room and run `vlpcache index` "
                                                       "again to go on") from None
-    left_out = len(readable.damaged)
-    embeddings = (np.concatenate([p.embeddings for p in parts]) if parts
-                  else np.zeros((0, run.config.embed_dim), np.float32))  # (V_new, E)
-    regions = RegionStore.concatenate([p.regions for p in parts], run.config.embed_dim)
-    ids = [item_id for part in parts for item_id in part.ids]
-    if (total := len(ids) + (len(index) if index is not None else 0)) >= SAID_BUILD_ITEMS:  # after the bar, minutes
-        say(f"index: {'building' if index is None else 'updating'} the FAISS index of {total:,} videos (its graph, the "
-            "tuning of its search) and saving it ...")
-    if index is None:
-        factory, reason = choose_factory(len(ids), embeddings.shape[1], config)
-        meta = IndexMeta(
-            checkpoint_sha256=run.checkpoint_sha256,
-            cache_settings=cache.settings.to_json(),
-            embedding_dim=embeddings.shape[1],
-            factory=factory,
-            run_dir=str(Path(run.run_dir).resolve()),
-            checkpoint_path=str(Path(run.checkpoint_path).resolve()),
-            cache_dir=str(Path(cache.cache_dir).resolve()),
-            collection=collection_of(cache.cache_dir),
-        )
-        index = VideoIndex.build(ids, embeddings, meta, config)
-        index.regions = regions
-        how = f"built {factory} ({reason})"
-    else:
-        how = index.add(ids, embeddings, config)
-        index.regions.append_store(regions)
-        index.meta.collection = collection_of(cache.cache_dir)  # one found by the cache's path, built before
-    if done:
-        how = f"{len(done)} of them kept from the run that did not finish; {how}"
-    if left_out:
-        how = f"{left_out} left out, found damaged (said above); {how}"
-    if index.meta.search_params:
-        how += f", search {index.meta.search_params} (recall@10 {index.meta.tuned_recall:.3f} on indexed vectors)"
-    return index, how
+    return parts
 
 
-def save_index(index: VideoIndex, index_dir: Path) -> None:
-    """index.save, with a failed write (disk full, I/O error) as one line: the index stays as it was."""
+def index_meta(index: VideoIndex, cache: RegionCache) -> IndexMeta:
+    """An index's meta with the shards of the cache it has now read (shards_read)."""
+    return dataclasses.replace(index.meta, cache_shards=shards_read(index, cache))
+
+
+def write_rows(index_dir: Path, sources: list, meta: IndexMeta, config: IndexConfig,
+               grown: VideoIndex | None) -> tuple[VideoIndex, str]:
+    """faiss_index.write_index, with a failed write (disk full, I/O error) as one line: the index stays as it was."""
     try:
-        index.save(index_dir)
+        return write_index(index_dir, sources, meta, config, grown)
     except Exception as err:
         if not is_write_failure(err):
             raise

@@ -11,6 +11,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 # OpenMP threads that spin while waiting make FAISS 3-4x slower on a busy machine (measured: PQ
 # training 33 s vs 9 s on 2 shared cores); sleeping threads cost nothing measurable when idle.
@@ -34,6 +35,8 @@ from vlpcache.index.layout import (
     IndexMeta,
     read_meta,
 )
+from vlpcache.index.index_rows import IndexedRows, row_files
+from vlpcache.index.parts import EncodedPart
 from vlpcache.index.region_store import RegionStore
 from vlpcache.records import json_file, read_json
 
@@ -126,23 +129,71 @@ def _as_vectors(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def train_and_add(index: faiss.Index, vectors: np.ndarray, factory: str) -> None:
-    vectors = _as_vectors(vectors)
+ADD_ROWS = 65536  # vectors added to a FAISS index (and compared with the tuning queries) at a time: 64 MB at 256-d
+
+
+class Vectors:
+    """An index's (n, E) vectors, read a block at a time: an array in memory, or rows streamed from files
+    (index_rows.py), so that building a FAISS index holds the index and a block, never every vector twice."""
+
+    def __init__(self, blocks: Callable[[], Iterable[np.ndarray]], count: int, dim: int):
+        self._blocks = blocks  # a fresh pass over the vectors, in row order, in blocks of any size
+        self.count = count
+        self.dim = dim
+
+    @classmethod
+    def of(cls, vectors: "np.ndarray | Vectors") -> "Vectors":
+        if isinstance(vectors, Vectors):
+            return vectors
+        vectors = np.asarray(vectors).reshape(len(vectors), -1)
+        return cls(lambda: [vectors], len(vectors), vectors.shape[1])
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, (<= ADD_ROWS, E) float32 block) in row order."""
+        start, pending, held = 0, [], 0
+        for block in self._blocks():
+            for cut in range(0, len(block), ADD_ROWS):
+                pending.append(block[cut : cut + ADD_ROWS])
+                held += len(pending[-1])
+                if held >= ADD_ROWS:
+                    joined = np.concatenate(pending)
+                    yield start, _as_vectors(joined[:ADD_ROWS])
+                    start, pending, held = start + ADD_ROWS, [joined[ADD_ROWS:]], held - ADD_ROWS
+        if held:
+            yield start, _as_vectors(np.concatenate(pending))
+
+    def rows(self, wanted: np.ndarray) -> np.ndarray:
+        """The vectors of rows `wanted`, in that order (one pass): (len(wanted), E) float32."""
+        wanted = np.asarray(wanted, np.int64)
+        out = np.zeros((len(wanted), self.dim), np.float32)
+        order = np.argsort(wanted, kind="stable")
+        for start, block in self:
+            lo, hi = np.searchsorted(wanted[order], [start, start + len(block)])
+            out[order[lo:hi]] = block[wanted[order[lo:hi]] - start]
+        return out
+
+
+def train_and_add(index: faiss.Index, vectors: "np.ndarray | Vectors", factory: str) -> None:
+    vectors = Vectors.of(vectors)
     if not index.is_trained:
         if len(vectors) < 2:
             raise UserError(f"index type {factory!r} needs training vectors; the collection has {len(vectors)}")
         # k-means cost grows with training points; 128 per list (and per PQ centroid) is plenty
-        sample = vectors
         limit = 128 * max(ivf_lists(len(vectors)), 256)
+        chosen = np.arange(len(vectors))
         if len(vectors) > limit:
-            sample = vectors[np.random.default_rng(0).choice(len(vectors), limit, replace=False)]
+            chosen = np.random.default_rng(0).choice(len(vectors), limit, replace=False)
         try:
-            index.train(sample)
+            index.train(vectors.rows(chosen))
         except RuntimeError as err:  # FAISS's own check: fewer vectors than its k-means clusters
             reason = str(err).strip().split("failed: ")[-1].splitlines()[-1] if str(err).strip() else "failed"
             raise UserError(f"index type {factory!r} cannot be trained on the collection's {len(vectors)} vectors "
                             f"({reason}); pass a smaller one, or leave --factory out to have one chosen") from None
-    index.add(vectors)
+    for _, block in vectors:
+        index.add(block)
 
 
 def tuning_ladder(index: faiss.Index) -> list[str]:
@@ -179,7 +230,7 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(f[:k]) & set(t)) / k for f, t in zip(found, truth)]))
 
 
-def tune_search_params(index: faiss.Index, vectors: np.ndarray, config: IndexConfig, k: int = 10) -> tuple[str, float | None]:
+def tune_search_params(index: faiss.Index, vectors: "np.ndarray | Vectors", config: IndexConfig, k: int = 10) -> tuple[str, float | None]:
     """The fastest setting of the ladder that reaches config.target_recall on indexed vectors used as
     queries; where even the most accurate setting falls short (codes too coarse: PQ without
     refinement), the fastest within 0.002 of what that setting reaches.
@@ -193,12 +244,11 @@ def tune_search_params(index: faiss.Index, vectors: np.ndarray, config: IndexCon
     ladder = tuning_ladder(index)
     if not ladder:
         return "", None
-    vectors = _as_vectors(vectors)
+    vectors = Vectors.of(vectors)
     rng = np.random.default_rng(0)
     rows = rng.choice(len(vectors), min(config.tune_queries, len(vectors)), replace=False)
-    queries = vectors[rows]
-    _, truth = faiss.knn(queries, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
-    truth = _drop_self(truth, rows, k)
+    queries = vectors.rows(rows)
+    truth = _drop_self(exact_neighbours(queries, vectors, k + 1), rows, k)
 
     def recall_with(params: str) -> float:
         apply_search_params(index, params)
@@ -212,6 +262,18 @@ def tune_search_params(index: faiss.Index, vectors: np.ndarray, config: IndexCon
             return params, recall
     apply_search_params(index, ladder[-1])
     return ladder[-1], ceiling
+
+
+def exact_neighbours(queries: np.ndarray, vectors: Vectors, k: int) -> np.ndarray:
+    """The rows of each query's k nearest vectors by inner product (Q, k), a block of vectors at a time."""
+    scores, labels = [], []
+    for start, block in vectors:
+        found_scores, found = faiss.knn(queries, block, k, metric=faiss.METRIC_INNER_PRODUCT)  # -1: fewer than k
+        scores.append(found_scores)
+        labels.append(np.where(found >= 0, found + start, -1))
+    scores, labels = np.concatenate(scores, 1), np.concatenate(labels, 1)  # (Q, k * blocks)
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(labels, best, 1)
 
 
 def _drop_self(labels: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
@@ -232,6 +294,7 @@ class VideoIndex:
         self.meta = meta
         self.regions = regions  # region embeddings per row, for re-ranking (see region_store.py)
         self._row_of = {item_id: r for r, item_id in enumerate(ids)}
+        self.folder: Path | None = None  # where its files are (load), read from there when written anew
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -248,7 +311,7 @@ class VideoIndex:
     def build(cls, ids: list[str], embeddings: np.ndarray, meta: IndexMeta, config: IndexConfig = IndexConfig()) -> "VideoIndex":
         """A new index over embeddings (V, E); meta.factory and search_params are filled in here."""
         embeddings = _as_vectors(embeddings).reshape(len(ids), -1)
-        index, factory, params, recall = _faiss_for(embeddings, config)
+        index, factory, params, recall = _faiss_for(Vectors.of(embeddings), config)
         meta = dataclasses.replace(
             meta, factory=factory, search_params=params, tuned_recall=recall, factory_given=bool(config.factory),
             count=len(ids), embedding_dim=embeddings.shape[1], updated=time.time(),
@@ -256,44 +319,26 @@ class VideoIndex:
         return cls(index, list(ids), embeddings, meta)
 
     def add(self, ids: list[str], embeddings: np.ndarray, config: IndexConfig = IndexConfig()) -> str:
-        """Append new items (ids not yet indexed). Returns what was done, in one line.
+        """Append new items (ids not yet indexed), in memory. Returns what was done, in one line.
 
         When the grown collection calls for another index type (say it crossed the exact limit), the
         FAISS index is rebuilt from the stored embeddings; nothing is re-encoded.
         """
         if not ids:
             return "nothing new to add"
-        clash = [i for i in ids if i in self._row_of]
-        if clash:
-            raise ValueError(f"{len(clash)} ids are already indexed, e.g. {clash[0]!r}")
+        _refuse_indexed(self, ids)
         embeddings = _as_vectors(embeddings).reshape(len(ids), -1)
         self.embeddings = np.concatenate([self.embeddings, embeddings]) if len(self.embeddings) else embeddings
         for item_id in ids:
             self._row_of[item_id] = len(self.ids)
             self.ids.append(item_id)
-        wanted, _ = choose_factory(len(self.ids), self.embeddings.shape[1], keep_factory(config, self.meta))
-        if wanted != self.meta.factory:
-            self.index, factory, params, recall = _faiss_for(self.embeddings, dataclasses.replace(config, factory=wanted))
-            how = f"rebuilt as {factory} ({self.meta.factory} no longer suits {len(self.ids)} vectors)"
-            self.meta = dataclasses.replace(self.meta, factory=factory, search_params=params, tuned_recall=recall)
-        else:
-            self.index.add(embeddings)
-            how = f"added to the {self.meta.factory} index"
-        self.meta = dataclasses.replace(self.meta, count=len(self.ids), updated=time.time())
-        return f"{len(ids)} new items {how}"
+        self.index, self.meta, how = _grown(self, Vectors.of(embeddings), Vectors.of(self.embeddings), config)
+        return how
 
-    def without(self, ids: set[str], config: IndexConfig = IndexConfig()) -> "VideoIndex | None":
-        """The index less the rows of `ids` (to be encoded again), its FAISS index rebuilt from the stored
-        embeddings (nothing is re-encoded); None when no row would be left."""
-        keep = [r for r, item_id in enumerate(self.ids) if item_id not in ids]
-        if not keep:
-            return None
-        embeddings = self.embeddings[keep]
-        index, factory, params, recall = _faiss_for(embeddings, keep_factory(config, self.meta))
-        meta = dataclasses.replace(self.meta, factory=factory, search_params=params, tuned_recall=recall,
-                                   count=len(keep), updated=time.time())
-        regions = self.regions.take(keep) if self.regions is not None else None
-        return VideoIndex(index, [self.ids[r] for r in keep], embeddings, meta, regions)
+    def kept_rows(self, leaving: set[str] = frozenset()) -> IndexedRows:
+        """Its rows less those of `leaving`, as the first source of an index written anew (write_index)."""
+        rows = np.array([r for r, item_id in enumerate(self.ids) if item_id not in leaving], np.int64)
+        return IndexedRows(self.embeddings, self.regions, rows, [self.ids[r] for r in rows], self.folder)
 
     # -- searching
 
@@ -317,15 +362,8 @@ class VideoIndex:
 
     def save(self, index_dir: str | os.PathLike) -> None:
         """Every file of the index, or none (files.replace_together): a failed write leaves the index as it was."""
-        index_dir = Path(index_dir)
-        index_dir.mkdir(parents=True, exist_ok=True)
-        replace_together([
-            (index_dir / EMBEDDINGS_FILE, lambda tmp: np.save(tmp, self.embeddings), ".npy"),
-            json_file(index_dir / IDS_FILE, self.ids),
-            (index_dir / INDEX_FILE, lambda tmp: faiss.write_index(self.index, str(tmp)), ""),
-            *(self.regions.files(index_dir) if self.regions is not None else []),
-            json_file(index_dir / META_FILE, self.meta.to_json()),  # last: it records the count the others must have
-        ])
+        rows = EncodedPart(self.ids, self.embeddings, self.regions, [""] * len(self.ids))
+        _write_files(Path(index_dir), [rows], self.index, self.meta)
 
     @classmethod
     def load(cls, index_dir: str | os.PathLike) -> "VideoIndex":
@@ -339,7 +377,8 @@ class VideoIndex:
         try:
             ids = read_json(index_dir / IDS_FILE, missing=f"{index_dir}: incomplete index (no {IDS_FILE}); {rebuild}",
                             what="id list", fix=rebuild)
-            embeddings = np.load(index_dir / EMBEDDINGS_FILE)
+            # memory-mapped: search reads the rows of its candidates; FAISS holds the vectors it searches itself
+            embeddings = np.load(index_dir / EMBEDDINGS_FILE, mmap_mode="r")
             index = faiss.read_index(str(index_dir / INDEX_FILE))
             regions = RegionStore.load(index_dir) if RegionStore.exists(index_dir) else None
         except (OSError, ValueError, RuntimeError) as err:
@@ -350,7 +389,9 @@ class VideoIndex:
         if len(set(counts.values())) != 1:
             raise HalfWritten(f"{index_dir}: index files disagree on the item count ({counts}); {HALF_WRITTEN_FIX}")
         apply_search_params(index, meta.search_params)
-        return cls(index, ids, embeddings, meta, regions)
+        loaded = cls(index, ids, embeddings, meta, regions)
+        loaded.folder = index_dir
+        return loaded
 
 
 # an index whose files a kill left from two saves: `vlpcache index` (and a search that builds its index) makes it again
@@ -369,13 +410,77 @@ def keep_factory(config: IndexConfig, meta: IndexMeta) -> IndexConfig:
     return dataclasses.replace(config, factory=meta.factory)
 
 
-def _faiss_for(embeddings: np.ndarray, config: IndexConfig) -> tuple[faiss.Index, str, str, float | None]:
-    factory, _ = choose_factory(len(embeddings), embeddings.shape[1], config)
-    index = new_faiss_index(factory, embeddings.shape[1])
-    train_and_add(index, embeddings, factory)
-    params, recall = tune_search_params(index, embeddings, config)
+def _faiss_for(vectors: Vectors, config: IndexConfig) -> tuple[faiss.Index, str, str, float | None]:
+    factory, _ = choose_factory(len(vectors), vectors.dim, config)
+    index = new_faiss_index(factory, vectors.dim)
+    train_and_add(index, vectors, factory)
+    params, recall = tune_search_params(index, vectors, config)
     apply_search_params(index, params)
     return index, factory, params, recall
+
+
+def _grown(index: VideoIndex, added: Vectors, every: Vectors, config: IndexConfig,
+           left: int = 0) -> tuple[faiss.Index, IndexMeta, str]:
+    """The FAISS index and meta of `index` grown by the vectors `added` (of `every`: the rows it keeps, less `left`
+    that leave it, then theirs), and what was done: added to its FAISS index, or one of the type the grown collection
+    calls for built from `every` (also where rows left: FAISS cannot take them out of every index type)."""
+    wanted, _ = choose_factory(len(every), every.dim, keep_factory(config, index.meta))
+    if wanted != index.meta.factory or left:
+        faiss_index, factory, params, recall = _faiss_for(every, dataclasses.replace(config, factory=wanted))
+        how = (f"rebuilt as {factory} ({index.meta.factory} no longer suits {len(every)} vectors)" if wanted != index.meta.factory
+               else f"added to the {factory} index (built again without the {left} rows that left it)")
+        meta = dataclasses.replace(index.meta, factory=factory, search_params=params, tuned_recall=recall)
+    else:
+        faiss_index, meta = index.index, index.meta
+        for _, block in added:
+            faiss_index.add(block)
+        how = f"added to the {index.meta.factory} index"
+    return faiss_index, dataclasses.replace(meta, count=len(every), updated=time.time()), f"{len(added)} new items {how}"
+
+
+def _refuse_indexed(index: VideoIndex, ids: list[str]) -> None:
+    if clash := [i for i in ids if i in index]:
+        raise ValueError(f"{len(clash)} ids are already indexed, e.g. {clash[0]!r}")
+
+
+def write_index(index_dir: Path, sources: list, meta: IndexMeta, config: IndexConfig,
+                grown: VideoIndex | None = None) -> tuple[VideoIndex, str]:
+    """Write the index of the rows of `sources` (index_rows.RowSource: the rows kept of the index there, then kept
+    parts) with `meta` (its factory, search parameters and count filled in here) into index_dir, a chunk at a time,
+    and load it; returns it and what was done. `grown`: the index there, whose rows sources[0] keeps: its FAISS index
+    is extended by the others' rather than built again, where its type still suits and none of its rows left. Every file or none is replaced (files.replace_together): a failed write leaves the index as it
+    was, a kill -9 one that load refuses as HalfWritten, or the old one."""
+    ids = [item_id for source in sources for item_id in source.ids]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{len(ids) - len(set(ids))} ids come twice among the rows to index")
+    dim = meta.embedding_dim
+    every = Vectors(lambda: (block for s in sources for block in s.embedding_blocks()), len(ids), dim)
+    if grown is not None:
+        kept = len(sources[0].ids)  # of grown's rows
+        added = Vectors(lambda: (block for s in sources[1:] for block in s.embedding_blocks()), len(ids) - kept, dim)
+        grown.meta = meta  # what the caller brought up to date (its cache's shards); factory and count follow
+        index, meta, how = _grown(grown, added, every, config, left=len(grown) - kept)
+    else:
+        index, factory, params, recall = _faiss_for(every, config)
+        meta = dataclasses.replace(meta, factory=factory, search_params=params, tuned_recall=recall,
+                                   factory_given=bool(config.factory), count=len(ids), updated=time.time())
+        how = f"built {factory} ({choose_factory(len(ids), dim, config)[1]})"
+    _write_files(Path(index_dir), sources, index, meta, ids)
+    return VideoIndex.load(index_dir), how
+
+
+def _write_files(index_dir: Path, sources: list, index: faiss.Index, meta: IndexMeta, ids: list[str] | None = None) -> None:
+    index_dir.mkdir(parents=True, exist_ok=True)
+    replace_together([
+        row_files(index_dir, sources, meta.embedding_dim, regions=all(_has_regions(s) for s in sources)),
+        json_file(index_dir / IDS_FILE, ids if ids is not None else [i for s in sources for i in s.ids]),
+        (index_dir / INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp)), ""),
+        json_file(index_dir / META_FILE, meta.to_json()),  # last: it records the count the others must have
+    ])
+
+
+def _has_regions(source) -> bool:
+    return getattr(source, "regions", True) is not None
 
 
 def refuse_unreadable_files(index_dir: Path) -> None:

@@ -16,7 +16,8 @@ index) is used as it is when it was built from the same checkpoint and cache set
     ids.json               item ids in FAISS label order (labels are positions, so no IndexIDMap is needed)
     embeddings.npy         (V, E) float32 global video embeddings in the same order, so that the FAISS
                            index can be rebuilt with another type without re-encoding, and eval can
-                           score video -> text exactly
+                           score video -> text exactly (memory-mapped by load; written, as the region
+                           store, a chunk at a time: index_rows.py)
     regions.npy, region_offsets.npy, region_positions.npy
                            region embeddings of every video, for re-ranking (region_store.py)
     query/                 the run's query side as ONNX, for a search without torch (query_model.py)

@@ -51,16 +51,6 @@ class RegionStore:
         self.positions = np.concatenate([self.positions, other.positions])
         self.offsets = np.concatenate([self.offsets, self.offsets[-1] + other.offsets[1:]])
 
-    @classmethod
-    def concatenate(cls, stores: list["RegionStore"], dim: int) -> "RegionStore":
-        """The videos of `stores`, one store after another (copied once, not store by store)."""
-        if not stores:
-            return cls.empty(dim)
-        starts = np.cumsum([0] + [s.offsets[-1] for s in stores[:-1]])  # each store's first row in the whole
-        return cls(np.concatenate([s.embeddings for s in stores]),
-                   np.concatenate([[0]] + [s.offsets[1:] + start for s, start in zip(stores, starts)]).astype(np.int64),
-                   np.concatenate([s.positions for s in stores]))
-
     def take(self, rows: list[int]) -> "RegionStore":
         """A store of videos `rows` alone, in that order."""
         counts = self.offsets[np.asarray(rows, np.int64) + 1] - self.offsets[rows]
