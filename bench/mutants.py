@@ -2340,6 +2340,9 @@ MUTANTS += [
     mutant("index-embeddings-read-whole", "vlpcache/index/faiss_index.py",
            'embeddings = np.load(index_dir / EMBEDDINGS_FILE, mmap_mode="r")', "embeddings = np.load(index_dir / EMBEDDINGS_FILE)",
            "tests/test_search.py -k a_few_rows_at_a_time", "search and index read every stored embedding into memory"),
+    mutant("index-hnsw-built-in-blocks", "vlpcache/index/faiss_index.py",
+           "        if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):\n", "        if False:\n",
+           "tests/test_index_faiss.py -k block_size", "an HNSW graph built block by block: other results, lower recall"),
 ]
 
 
