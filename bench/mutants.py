@@ -909,7 +909,8 @@ MUTANTS += [
            "tests/test_faults.py -k extract_on_a_full_disk",
            "an extract whose items will not fit in the free space says so after its first shard"),
     mutant("ray-driver-sigterm-left-to-ray", "vlpcache/extract/ray_engine.py",
-           "    take_sigterm_back()\n", "",
+           "        with warnings.catch_warnings(), sigterm_held(), _instance_in_its_own_session(ray):\n",
+           "        with warnings.catch_warnings(), _instance_in_its_own_session(ray):\n",
            "tests/test_ray_engine.py -k sigterm", "SIGTERM stops the ray engine's driver with one line"),
     mutant("pretrain-quiet-loading-bar", "vlpcache/model/model.py",
            "    hf_logging.disable_progress_bar()\n", "",
@@ -2343,6 +2344,15 @@ MUTANTS += [
     mutant("index-hnsw-built-in-blocks", "vlpcache/index/faiss_index.py",
            "        if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):\n", "        if False:\n",
            "tests/test_index_faiss.py -k block_size", "an HNSW graph built block by block: other results, lower recall"),
+    # ------------------------------------------------ fix-ray: a job's SIGTERM while Ray starts; a killed actor's failures
+    mutant("ray-local-instance-in-the-drivers-group", "vlpcache/extract/ray_engine.py",
+           '"start_new_session": True})', '"start_new_session": False})',
+           "tests/test_ray_engine.py -k whole_job_while_ray_starts",
+           "a SIGTERM to the whole job while the driver starts Ray stops it with one line and 143"),
+    mutant("sigterm-held-left-to-the-librarys-handler", "vlpcache/interrupts.py",
+           "        return install(signum, handler)\n\n    signal.signal = ours_kept\n", "        return install(signum, handler)\n\n",
+           "tests/test_faults.py -k dropped_ctrl_c_or_sigterm",
+           "a SIGTERM held while a library starts is ours, not the handler the library installs"),
 ]
 
 

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -298,7 +299,8 @@ def test_a_ctrl_c_while_the_command_still_imports_exits_with_130_and_prints_noth
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # pytest's report of "Exception ignored"
 def test_a_dropped_ctrl_c_or_sigterm_is_raised_at_the_next_check_and_an_ignored_ctrl_c_stays_ignored():
-    from vlpcache.interrupts import exit_status, stop_if_interrupted, stopped, stops_remembered, take_sigterm_back
+    from vlpcache.interrupts import (exit_status, sigterm_held, stop_if_interrupted, stop_requested, stopped,
+                                     stops_remembered)
 
     class Finalizer:
         def __init__(self, signum):
@@ -326,11 +328,25 @@ def test_a_dropped_ctrl_c_or_sigterm_is_raised_at_the_next_check_and_an_ignored_
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             signal.raise_signal(signal.SIGINT)
             stop_if_interrupted()
-            signal.signal(signal.SIGTERM, lambda signum, frame: None)  # a library's own, as ray.init sets
-            take_sigterm_back()
-            with pytest.raises(KeyboardInterrupt):  # SIGTERM is still taken
-                signal.raise_signal(signal.SIGTERM)
+            library_called, thread_started_before = threading.Event(), threading.Event()
+            with pytest.raises(KeyboardInterrupt):  # SIGTERM waits for the library's start, then is ours
+                with sigterm_held():
+                    signal.signal(signal.SIGTERM, lambda signum, frame: library_called.set())  # as ray.init sets
+                    signal.raise_signal(signal.SIGTERM)
+                    assert not stop_requested()  # held
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        helper = threading.Thread(target=thread_started_before.wait)  # takes SIGTERM: does not block it
+        helper.start()
+        try:
+            with stops_remembered(), pytest.raises(KeyboardInterrupt):  # ours, where a thread took it meanwhile
+                with sigterm_held():
+                    signal.signal(signal.SIGTERM, lambda signum, frame: library_called.set())
+                    os.kill(os.getpid(), signal.SIGTERM)  # to the process: the thread that does not block it
+                    while not library_called.is_set():
+                        time.sleep(0.001)
+        finally:
+            thread_started_before.set()
+            helper.join()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

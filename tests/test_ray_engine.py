@@ -492,3 +492,39 @@ def test_ctrl_c_pressed_again_and_again_stops_the_ray_engine_with_one_line(root,
         driver.kill()
     assert driver.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1] == "interrupted; what was committed is kept, re-run the same command to resume"
+
+
+def _children_named(pid: int, name: str) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            comm, fields = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        if comm.split("(", 1)[1] == name and int(fields.split()[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_sigterm_to_the_whole_job_while_ray_starts_stops_the_driver_with_one_line(ray_address, msrvtt_dir, tmp_path,
+                                                                                    monkeypatch):
+    """`timeout`, or a shell's kill of a job, signals its whole process group, where the processes of the local
+    instance that the driver starts were: they died as the driver connected (Ray's C++ then exited it with 1, or
+    aborted it), or Ray's own handlers of those seconds exited it (1 or 15), each without our line."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for folder in sorted((msrvtt_dir / "frames" / "val").iterdir())[:2]:
+        shutil.copytree(folder, tmp_path / "data" / folder.name)
+    command = ["extract", tmp_path / "data", "-o", tmp_path / "cache", *FRAMES, "--engine", "ray"]
+    driver = subprocess.Popen([sys.executable, "-m", "vlpcache", *map(str, command)], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert wait_until(lambda: _children_named(driver.pid, "raylet"), alive=driver), "no raylet started"
+        os.killpg(driver.pid, signal.SIGTERM)  # the driver, its GCS and raylet, ...
+        _, stderr = driver.communicate(timeout=HANG_GUARD_S)
+    finally:
+        driver.kill()
+    assert driver.returncode == 143 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "stopped by SIGTERM; what was committed is kept, re-run the same command to resume"
+    again = vlpcache(*command, "--ray-address", ray_address, cwd=tmp_path)
+    assert "extract: 2 done" in again.stderr and sorted(RegionCache(tmp_path / "cache").ids) == sorted(
+        folder.name for folder in (tmp_path / "data").iterdir())

@@ -23,6 +23,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Iterator
 
@@ -126,11 +127,33 @@ def stops_remembered() -> Iterator[None]:
         _requested, _raised_at = None, -math.inf
 
 
-def take_sigterm_back() -> None:
-    """After a library replaced our SIGTERM handler with its own (Ray's driver exits with status 15 and no
-    word), within `stops_remembered()`: SIGTERM stops as Ctrl-C does again."""
-    if signal.SIGTERM in _held:
-        signal.signal(signal.SIGTERM, _remember_and_raise)
+@contextlib.contextmanager
+def sigterm_held() -> Iterator[None]:
+    """Within, in the main thread under `stops_remembered()`, around a library's start (ray.init): a SIGTERM waits
+    (is blocked) until the end, and is then ours; a handler the library installs meanwhile never runs. ray.init
+    installs two (one exits with 15, the other, after ending its processes for up to 30 s, with 1, neither with a
+    word), and Ray's C++ core worker a third (absl's failure handler: a stack, then an abort 3 s later, while the
+    core worker may hold the GIL for 3 s as it connects). The threads started within inherit the block (Ray's:
+    SIGTERM then comes to this one), and so do the processes: they must unblock it themselves."""
+    if signal.SIGTERM not in _held or threading.current_thread() is not threading.main_thread() or not hasattr(
+            signal, "pthread_sigmask"):
+        yield
+        return
+    install = signal.signal
+
+    def ours_kept(signum, handler):
+        if signum == signal.SIGTERM:
+            return signal.getsignal(signum)  # as if installed (for a thread of Python's not blocking it)
+        return install(signum, handler)
+
+    signal.signal = ours_kept
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.signal = install
+        install(signal.SIGTERM, _remember_and_raise)  # over absl's, which C code installed
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # one that came meanwhile is handled now
 
 
 @contextlib.contextmanager

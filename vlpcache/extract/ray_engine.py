@@ -22,9 +22,11 @@ progress.py: the progress bar and the summary); this module only decides where t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
+import signal
 import socket
 import sys
 import time
@@ -45,7 +47,7 @@ from vlpcache.extract.options import ExtractOptions
 from vlpcache.extract.progress import ExtractProgress, ExtractSummary
 from vlpcache.extract.reader import FrameReader, decoded_items_within_budget
 from vlpcache.extract.sources import Item
-from vlpcache.interrupts import stop_if_interrupted, take_sigterm_back
+from vlpcache.interrupts import sigterm_held, stop_if_interrupted
 
 RAY_MISSING = 'the ray engine needs Ray Data: pip install "vlpcache[ray]" (or pip install "ray[data]")'
 DECODE_TASK_ITEMS = 64  # items per decoding task at most: one worker process start (about 0.5 s) each
@@ -236,10 +238,10 @@ def _connect(ray, address: str | None) -> bool:
     try:
         # no address: a new local instance, as documented, not Ray's default of the last `ray start` cluster (a
         # stale record of one whose head died, /tmp/ray/ray_current_cluster, hangs ray.init for good)
-        with warnings.catch_warnings():  # Ray up to 2.55 tells of a default a future Ray changes, at every init
-            warnings.filterwarnings("ignore", "Tip: In future versions of Ray", FutureWarning)
-            ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local",
-                     logging_level=logging.WARNING)  # its driver handler: SIGTERM exits with 15, no word
+        # a SIGTERM while Ray starts and connects waits for it to be done: Ray's handlers end the driver without a word
+        with warnings.catch_warnings(), sigterm_held(), _instance_in_its_own_session(ray):
+            warnings.filterwarnings("ignore", "Tip: In future versions of Ray", FutureWarning)  # Ray up to 2.55, every init
+            ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", logging_level=logging.WARNING)
     except ConnectionError as err:
         if "InvalidAuthToken" in str(err.__cause__):  # Ray's text after its 20 s of retries
             raise UserError(f"{address_named(address)}: the cluster wants token authentication, which this shell has "
@@ -248,8 +250,39 @@ def _connect(ray, address: str | None) -> bool:
         raise UserError(f"{address_named(address)}: {str(err).rstrip('.')}; start the cluster with `ray start --head` "
                         "or leave the address out for a local instance; a cluster with token authentication also "
                         "needs RAY_AUTH_MODE=token and its token here (~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
-    take_sigterm_back()
+    except KeyboardInterrupt:  # a SIGTERM held while Ray started (sigterm_held)
+        ray.shutdown()
+        raise
     return True
+
+
+@contextlib.contextmanager
+def _instance_in_its_own_session(ray) -> Iterator[None]:
+    """Within (ray.init, under sigterm_held): the processes of the local instance that ray.init starts (its GCS,
+    raylet, dashboard...) lead sessions of their own, with SIGTERM unblocked. A job's SIGTERM to the process group
+    (`timeout`, a shell's kill of a job) then reaches the driver only, which ends the instance itself (ray.shutdown;
+    at its exit the kernel ends them, Ray's fate sharing), as Ray keeps Ctrl-C from them: the SIGTERM that ended
+    them while the driver connected made Ray's C++ exit the driver with 1 and no line of ours."""
+    services = getattr(getattr(ray, "_private", None), "services", None)
+    popen = getattr(services, "ConsolePopen", None)
+    if popen is None:  # another Ray: its own ways
+        yield
+        return
+
+    class OwnSession(popen):
+        def __init__(self, *args, preexec_fn=None, **kwargs):
+            def in_the_child():
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked in the driver (sigterm_held)
+                if preexec_fn is not None:
+                    preexec_fn()
+
+            super().__init__(*args, **{**kwargs, "preexec_fn": in_the_child, "start_new_session": True})
+
+    services.ConsolePopen = OwnSession
+    try:
+        yield
+    finally:
+        services.ConsolePopen = popen
 
 
 def _pipeline(ray, todo: list[Item], spec: DetectorSpec, writer: ShardWriter, options: ExtractOptions):
