@@ -2353,6 +2353,10 @@ MUTANTS += [
            "        return install(signum, handler)\n\n    signal.signal = ours_kept\n", "        return install(signum, handler)\n\n",
            "tests/test_faults.py -k dropped_ctrl_c_or_sigterm",
            "a SIGTERM held while a library starts is ours, not the handler the library installs"),
+    mutant("ray-actor-failures-recorded-again", "vlpcache/extract/ray_engine.py",
+           'if failed is not None and failed.get("source", "") == decoded.source:', "if False:",
+           "tests/test_ray_engine.py -k records_each_failure_of_its_batch_once",
+           "a killed Ray actor's retried batch records each failure once"),
 ]
 
 

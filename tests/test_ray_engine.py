@@ -494,6 +494,35 @@ def test_ctrl_c_pressed_again_and_again_stops_the_ray_engine_with_one_line(root,
     assert stderr.strip().splitlines()[-1] == "interrupted; what was committed is kept, re-run the same command to resume"
 
 
+def test_a_killed_detector_actor_records_each_failure_of_its_batch_once(ray_address, videos_dir, tmp_path):
+    """The restarted actor redoes the killed one's batch: it recorded the batch's failures a second time."""
+    root = tmp_path / "root"
+    root.mkdir()
+    for name in ("bikes.mp4", "cup.mp4", "tests_data_test.mp4"):
+        shutil.copy(videos_dir / name, root / name)
+        (root / f"empty_{name}").touch()  # fails at once, while the batch's videos are still to detect
+    cache_dir = tmp_path / "cache"
+    command = [root, "-o", cache_dir, "--frames", 8, "--items-per-shard", 6, "--engine", "ray", "--ray-address", ray_address]
+    driver = subprocess.Popen([sys.executable, "-m", "vlpcache", "extract", *map(str, command)], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        def recorded():
+            return [line for log in (cache_dir / FAILURE_DIR).glob("s0of1-ray-*.jsonl") for line in log.read_text().splitlines()]
+
+        assert wait_until(lambda: cache_dir.exists() and recorded(), alive=driver, poll_s=0.002), "no failure recorded"
+        (actor,) = actor_pids(cache_dir)
+        os.kill(actor, signal.SIGKILL)
+        _, stderr = driver.communicate(timeout=HANG_GUARD_S)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, stderr
+    ids = [json.loads(line)["id"] for line in recorded()]
+    assert sorted(ids) == [f"empty_{name}" for name in ("bikes", "cup", "tests_data_test")]  # each once
+    assert "extract: 3 done, 0 already cached, 0 skipped (failed before; --retry-failed retries), 3 failed" in stderr
+    described = json.loads(vlpcache("inspect", cache_dir, "--json", cwd=tmp_path).stdout)
+    assert (described["items"], described["failures"]) == (3, 3)
+
+
 def _children_named(pid: int, name: str) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):

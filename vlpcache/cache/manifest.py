@@ -34,10 +34,11 @@ def collection_of(cache_dir: Path) -> str:
     return collection if isinstance(collection, str) and collection else f"path:{Path(cache_dir).resolve()}"
 
 
-def read_failures(cache_dir: Path) -> dict[str, dict]:
-    """id -> latest failure record, over every writer's log (none where the latest record clears it: one
-    writer may clear what another recorded); partial lines from a crash are ignored."""
-    latest = {item_id: records[-1] for item_id, records in _records(Path(cache_dir) / FAILURE_DIR).items()}
+def read_failures(cache_dir: Path, writer: str = "*") -> dict[str, dict]:
+    """id -> latest failure record, over every writer's log (or the one `writer` named: a Ray actor's own) (none
+    where the latest record clears it: one writer may clear what another recorded); partial lines from a crash
+    are ignored."""
+    latest = {item_id: records[-1] for item_id, records in _records(Path(cache_dir) / FAILURE_DIR, writer).items()}
     return {item_id: record for item_id, record in latest.items() if not record.get("cleared")}
 
 
@@ -68,11 +69,11 @@ def _row_records(folder: Path) -> dict[tuple[str, int], dict]:
     return found
 
 
-def _records(folder: Path) -> dict[str, list[dict]]:
-    """id -> its records in the JSON-lines logs of a folder, by time (writers' logs interleave); torn
-    lines are passed over."""
+def _records(folder: Path, writer: str = "*") -> dict[str, list[dict]]:
+    """id -> its records in the JSON-lines logs of a folder (those of `writer`: "*" every one), by time (writers'
+    logs interleave); torn lines are passed over."""
     found: dict[str, list[dict]] = {}
-    for log in sorted(folder.glob("*.jsonl")):
+    for log in sorted(folder.glob(f"{writer}.jsonl")):
         try:
             text = log.read_text(encoding="utf-8", errors="replace")
         except OSError as err:  # another user's file, made with a umask of 077: the others still count

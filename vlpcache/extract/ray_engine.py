@@ -37,6 +37,7 @@ from typing import Iterator
 
 import numpy as np
 
+from vlpcache.cache.manifest import read_failures
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import CacheSettings
 from vlpcache.cache.writer import ShardWriter
@@ -141,14 +142,22 @@ class RegionShardActor:
             warnings.simplefilter("ignore")
             reconstructed = context.was_current_actor_reconstructed
         self.committed = RegionCache(cache_dir) if reconstructed and self.refused is None else None
+        # and the failures it recorded: those of the retried call's items were recorded a second time
+        self.failed = read_failures(Path(cache_dir), writer=name) if self.committed is not None else {}
         self.ready_at = time.time()
         self.idle_since = time.perf_counter()
 
-    def committed_before(self, decoded) -> bool:
-        """Whether the killed incarnation committed this item (from this source: not the cache's older row
-        of a source that has changed since)."""
+    def done_before(self, decoded) -> tuple | None:
+        """The row of an item that the killed incarnation committed, or recorded as failed, from this source (not
+        the cache's older row of a source that has changed since): the retried call writes neither again."""
         item_id = decoded.item.id
-        return item_id in self.committed and self.committed.sources[self.committed.index_of(item_id)] == decoded.source
+        failed = self.failed.get(item_id)
+        if failed is not None and failed.get("source", "") == decoded.source:
+            return decoded.item, 0, failed.get("reason", ""), ""
+        cache = self.committed
+        if cache is None or item_id not in cache or cache.sources[cache.index_of(item_id)] != decoded.source:
+            return None
+        return decoded.item, int(cache.get(item_id, ("frame_mask",))["frame_mask"].sum()), "", cache.note_of(item_id)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.refused is not None:
@@ -157,10 +166,8 @@ class RegionShardActor:
         detect_before = self.mapper.detect_seconds
         rows, fresh = [], []
         for decoded in (pickle.loads(b) for b in batch["decoded"]):
-            item_id = decoded.item.id
-            if self.committed is not None and self.committed_before(decoded):
-                frames = int(self.committed.get(item_id, ("frame_mask",))["frame_mask"].sum())
-                rows.append((decoded.item, frames, "", self.committed.note_of(item_id)))
+            if (row := self.done_before(decoded)) is not None:
+                rows.append(row)
             else:
                 fresh.append(decoded)
         for result in self.mapper(fresh):
