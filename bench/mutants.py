@@ -2357,6 +2357,9 @@ MUTANTS += [
            'if failed is not None and failed.get("source", "") == decoded.source:', "if False:",
            "tests/test_ray_engine.py -k records_each_failure_of_its_batch_once",
            "a killed Ray actor's retried batch records each failure once"),
+    mutant("ray-imported-with-stops-raised", "vlpcache/extract/ray_engine.py",
+           "        with stops_deferred():\n            import ray\n", "        with contextlib.nullcontext():\n            import ray\n",
+           "tests/test_ray_engine.py -k sigterm_while_ray_imports", "a SIGTERM while Ray imports stops once the import is done, not as a traceback"),
 ]
 
 

@@ -560,3 +560,32 @@ def test_a_sigterm_to_the_whole_job_while_ray_starts_stops_the_driver_with_one_l
     again = vlpcache(*command, "--ray-address", ray_address, cwd=tmp_path)
     assert "extract: 2 done" in again.stderr and sorted(RegionCache(tmp_path / "cache").ids) == sorted(
         folder.name for folder in (tmp_path / "data").iterdir())
+
+
+IMPORT_STOPPED = """
+import importlib.abc, os, signal, sys
+from vlpcache.extract import ray_engine
+from vlpcache.interrupts import stops_remembered
+
+class SigtermWhileImporting(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "ray.data":  # the signal lands inside the import, as a job's SIGTERM in its 3 s can
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+
+sys.meta_path.insert(0, SigtermWhileImporting())
+with stops_remembered():
+    try:
+        ray_engine.require_ray()
+    except KeyboardInterrupt:
+        print("stopped after the import:", "ray.data" in sys.modules)
+    else:
+        print("not stopped")
+"""
+
+
+def test_a_sigterm_while_ray_imports_stops_once_the_import_is_done():
+    """Raised within the import, Python 3.11 may wrap the stop in another error (a traceback, exit 1): it waits."""
+    out = subprocess.run([sys.executable, "-c", IMPORT_STOPPED], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert out.stdout.strip() == "stopped after the import: True", out.stdout + out.stderr[-2000:]

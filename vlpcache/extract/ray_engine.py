@@ -48,7 +48,7 @@ from vlpcache.extract.options import ExtractOptions
 from vlpcache.extract.progress import ExtractProgress, ExtractSummary
 from vlpcache.extract.reader import FrameReader, decoded_items_within_budget
 from vlpcache.extract.sources import Item
-from vlpcache.interrupts import sigterm_held, stop_if_interrupted
+from vlpcache.interrupts import sigterm_held, stop_if_interrupted, stops_deferred
 
 RAY_MISSING = 'the ray engine needs Ray Data: pip install "vlpcache[ray]" (or pip install "ray[data]")'
 DECODE_TASK_ITEMS = 64  # items per decoding task at most: one worker process start (about 0.5 s) each
@@ -60,12 +60,16 @@ DETECTOR_ACTOR_MEMORY = 2 * 2**30
 
 
 def require_ray():
-    """The ray module, or one line saying how to install it."""
+    """The ray module, or one line saying how to install it. A Ctrl-C or SIGTERM while it imports (3 s) waits
+    for the import's end: raised within it, Python may wrap it in another error (`Error calling __set_name__`),
+    a traceback and exit 1."""
     try:
-        import ray
-        import ray.data  # noqa: F401
+        with stops_deferred():
+            import ray
+            import ray.data  # noqa: F401
     except ImportError:
         raise UserError(RAY_MISSING) from None
+    stop_if_interrupted()
     return ray
 
 
