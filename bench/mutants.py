@@ -2360,6 +2360,14 @@ MUTANTS += [
     mutant("ray-imported-with-stops-raised", "vlpcache/extract/ray_engine.py",
            "        with stops_deferred():\n            import ray\n", "        with contextlib.nullcontext():\n            import ray\n",
            "tests/test_ray_engine.py -k sigterm_while_ray_imports", "a SIGTERM while Ray imports stops once the import is done, not as a traceback"),
+    mutant("init-sha256-unchecked", "vlpcache/model/finetune.py",
+           "    if recorded and file_sha256(checkpoint / WEIGHTS_NAME) != recorded:\n", "    if False:\n",
+           "tests/test_pretrain.py -k init_resume_before",
+           "--resume before a first checkpoint loads whatever the --init run's folder holds now (retrained: other weights)"),
+    mutant("checkpoint-shape-mismatch-traceback", "vlpcache/model/checkpoint.py",
+           "    if other := next((name for name, tensor in state.items() if name in own and tensor.shape != own[name].shape), None):\n",
+           "    if other := None:\n",
+           "tests/test_pretrain.py -k init_resume_before", "a checkpoint of another width loaded: torch's size-mismatch traceback"),
 ]
 
 

@@ -272,6 +272,34 @@ def test_init_refuses_another_architecture_other_features_a_folder_that_is_no_ru
         run_pretrain(run_dir=tmp_path / "orphan", resume=True, quiet=True, device="cpu")
 
 
+def test_init_resume_before_a_checkpoint_refuses_the_init_run_trained_again_in_its_folder(
+        tmp_path, corpus, tiny_text, monkeypatch):
+    # a pipeline re-runs `pretrain -o parent` while the run that starts from it waits to be resumed: before,
+    # --resume loaded whatever the folder held then (a traceback at another width, other weights silently at its own)
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    data = dict(cache_dirs=[corpus["cache"]], captions=[corpus["train"]])
+    parent, child = tmp_path / "parent", tmp_path / "child"
+    run_pretrain(**data, run_dir=parent, **small_options(tiny_text, epochs=1, trainable_layers=0))
+    run_pretrain(**data, run_dir=child, init=str(parent), **small_options(tiny_text, epochs=1))
+    shutil.rmtree(child / "checkpoints")  # stopped before its first checkpoint
+    shutil.copytree(parent, tmp_path / "narrow")
+    refused = (rf"^{re.escape(str(child))} starts from .*parent/checkpoints/epoch-0001 \(--init, sha256 "
+               rf"{json.loads((child / 'config.json').read_text())['init']['sha256'][:12]}\), which holds other weights "
+               r"now .*and has no checkpoint of its own yet: start it anew")
+    for width, seed in ((16, 7), (32, 0)):  # trained again at its own width, then at another
+        shutil.rmtree(parent)
+        run_pretrain(**data, run_dir=parent, **small_options(tiny_text, epochs=1, trainable_layers=0, width=width,
+                                                              seed=seed))
+        with pytest.raises(UserError, match=refused):
+            run_pretrain(run_dir=child, resume=True, quiet=True, device="cpu")
+    assert not ckpt.checkpoints(child)
+    # the weights of another width, loaded by a run's model: one line naming a tensor, not torch's page of them
+    shutil.copy(ckpt.checkpoints(parent)[1] / "model.safetensors", ckpt.checkpoints(tmp_path / "narrow")[1])
+    with pytest.raises(UserError, match=r"model.safetensors: does not match the model of .*narrow/config.json \(\S+: "
+                                        r"\([\d, ]+\) in the checkpoint, \([\d, ]+\) in the model\)$"):
+        load_run(tmp_path / "narrow")
+
+
 def test_the_rerank_weight_chosen_is_the_one_whose_reranked_validation_ranks_best():
     from vlpcache.model.train import RERANK_WEIGHTS, best_rerank_weight
 

@@ -243,9 +243,13 @@ def load_weights(model: torch.nn.Module, checkpoint_dir: Path, part: bool = Fals
         state = load_file(path)
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise UserError(f"{path}: unreadable checkpoint ({_first_line(err)})") from None
+    own = model.state_dict()
     if part:
-        own = model.state_dict()
         state = {name: tensor for name, tensor in state.items() if name in own}
+    # a tensor of another shape (the weights of another width): torch would raise, naming every one
+    if other := next((name for name, tensor in state.items() if name in own and tensor.shape != own[name].shape), None):
+        raise UserError(f"{path}: does not match the model of {checkpoint_dir.parent.parent / CONFIG_NAME} ({other}: "
+                        f"{tuple(state[other].shape)} in the checkpoint, {tuple(own[other].shape)} in the model)")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(

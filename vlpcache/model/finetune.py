@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vlpcache.errors import UserError
+from vlpcache.files import file_sha256
 from vlpcache.model.config import ModelConfig, PretrainOptions, differing_model_options
 from vlpcache.model.run_layout import (CONFIG_NAME, TEXT_DIR, WEIGHTS_NAME, checkpoints, read_checkpoint_meta,
                                        read_run_config, read_run_videos, read_trained_content, resolve_checkpoint)
@@ -96,6 +97,12 @@ def initial_model(record: dict, config: ModelConfig, run_dir: Path):
         raise UserError(f"{run_dir} starts from {printable(str(checkpoint))} (--init), which is not there any more "
                         f"(moved, or removed as {printable(str(source))} trained on), and has no checkpoint of its own "
                         "yet: start it anew, with another -o or after removing it, and --init where that checkpoint is now")
+    recorded = record.get("sha256")  # None in a record older than the sha256: nothing to compare
+    if recorded and file_sha256(checkpoint / WEIGHTS_NAME) != recorded:
+        raise UserError(f"{run_dir} starts from {printable(str(checkpoint))} (--init, sha256 {recorded[:12]}), which holds "
+                        f"other weights now ({printable(str(source))} trained again, or its checkpoint replaced), and has "
+                        "no checkpoint of its own yet: start it anew, with another -o or after removing it, and --init "
+                        "the weights you mean")
     backbone, tokenizer = load_text_backbone(str(source / TEXT_DIR), weights=False)
     model = AlignmentModel(config, backbone)
     load_weights(model, checkpoint)
