@@ -2368,6 +2368,10 @@ MUTANTS += [
            "    if other := next((name for name, tensor in state.items() if name in own and tensor.shape != own[name].shape), None):\n",
            "    if other := None:\n",
            "tests/test_pretrain.py -k init_resume_before", "a checkpoint of another width loaded: torch's size-mismatch traceback"),
+    mutant("captions-two-key-forms-read-twice", "vlpcache/captions.py",
+           "                texts = [text for text in texts if text not in given]\n", "",
+           "tests/test_captions.py -k two_key_forms",
+           "`v1` in a.jsonl and `v1.mp4` in b.csv: each caption of v1 trained on twice, unsaid"),
 ]
 
 

@@ -577,6 +577,18 @@ def test_default_captions_come_from_the_nearest_folder_that_has_some_and_a_capti
     assert data.summary()[0].endswith("; 4 captions are in more than one of them, each read once")
 
 
+def test_a_caption_two_files_give_one_item_under_two_key_forms_is_read_once_and_said(tmp_path, cache):
+    # `v1` in a.jsonl, `v1.mp4` in b.csv: both name the item v1, and before, its captions were trained on twice
+    write_jsonl(tmp_path / "a.jsonl", [{"video": f"v{i}", "captions": [f"a photo {i}", f"another {i}"]} for i in range(3)])
+    (tmp_path / "b.csv").write_text("video,caption\n" + "".join(f"v{i}.mp4,a photo {i}\nv{i}.mp4,its own {i}\n"
+                                                                 for i in range(2)))
+    data = load_pretrain_data([cache], [tmp_path / "a.jsonl", tmp_path / "b.csv"], None)
+    assert trained_captions(data) == {"v0": ["a photo 0", "another 0", "its own 0"],
+                                      "v1": ["a photo 1", "another 1", "its own 1"], "v2": ["a photo 2", "another 2"]}
+    assert data.summary()[0].endswith("; 2 captions are in more than one of them, each read once")
+    assert data.train_report.key_matches.by_path == [("v0.mp4", "v0"), ("v1.mp4", "v1")]
+
+
 def test_lines_call_the_items_what_they_are():
     from vlpcache.report import items_word
 

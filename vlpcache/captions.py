@@ -116,7 +116,8 @@ class Captions:
         """These captions keyed by item id where a key names an item by file name or path (`a.mp4` for the
         item `a`, see item_named_by), or is the end of exactly one item's id (`v1` for the item
         `train/v1`, see ItemTails); keys that are ids, or name none, stay as they are. Also what was
-        matched those ways, and the keys that end several ids (left unmatched)."""
+        matched those ways, and the keys that end several ids (left unmatched). A caption that two keys of one
+        item give it (two files, `v1` in one, `v1.mp4` in the other) is kept once and counted as repeated."""
         ids = list(ids)
         known = set(ids)
         by_id, matches, tails, forms, form_tails = {}, KeyMatches(), None, None, None
@@ -140,7 +141,11 @@ class Captions:
             if item is not None and how is not None:
                 how.append((key, item))
             item = item or key
-            by_id.setdefault(item, []).extend(texts)
+            if (mine := by_id.setdefault(item, [])) and texts:  # two keys of one item (`v1`, `v1.mp4`): a caption once
+                given = set(mine)
+                texts = [text for text in texts if text not in given]
+                matched.repeated += len(self.by_id[key]) - len(texts)
+            mine.extend(texts)
             if key in self.splits:
                 matched.set_split(item, self.splits[key])
         if not (matches.by_path or matches.by_tail or matches.by_form):
