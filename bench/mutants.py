@@ -2372,6 +2372,14 @@ MUTANTS += [
            "                texts = [text for text in texts if text not in given]\n", "",
            "tests/test_captions.py -k two_key_forms",
            "`v1` in a.jsonl and `v1.mp4` in b.csv: each caption of v1 trained on twice, unsaid"),
+    mutant("eval-init-run-unread", "vlpcache/index/evaluate.py",
+           "    if own.trained or not (chain := init_runs(run_dir)):\n", "    if True:\n",
+           "tests/test_eval.py -k init_run_trained",
+           "eval of an --init run on its init run's validation videos: no note (its re-rank weight was chosen on them)"),
+    mutant("eval-init-rerank-weight-unsaid", "vlpcache/index/evaluate.py",
+           "init_chose_rerank=rerank)", "init_chose_rerank=False)",
+           "tests/test_eval.py -k init_run_trained",
+           "eval on an --init run's init validation videos: not said that its re-rank weight was chosen on them"),
 ]
 
 

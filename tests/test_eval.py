@@ -177,6 +177,44 @@ def test_the_same_videos_evaluated_from_another_cache_under_other_ids_are_said(t
     assert seen_by_run(run, RegionCache(tmp_path / "again"), tmp_path / "test.jsonl", captions, False).same_content == 2
 
 
+def test_the_videos_a_runs_init_run_trained_or_validated_on_are_said_with_the_init_as_the_reason(tmp_path):
+    # a run fine-tuned with --init on another cache re-ranks at the weight its init run chose on its validation:
+    # eval on those videos said nothing, and on the init's training videos "the same content, in another cache"
+    from vlpcache.captions import Captions
+    from vlpcache.extract.stamps import source_stamp
+    from vlpcache.index.evaluate import seen_by_run
+    from vlpcache.model.run_layout import read_trained_content, save_run_videos
+    from test_pretrain import write_cache
+
+    (tmp_path / "data").mkdir()
+    for i in range(6):
+        (tmp_path / "data" / f"v{i}.mp4").write_bytes(f"video {i}".encode() * 1000)
+    write_cache(tmp_path / "msr", 6, sources=[(tmp_path / "data" / f"v{i}.mp4", "video") for i in range(6)])
+    parent, child = tmp_path / "runs" / "parent", tmp_path / "runs" / "child"
+    for run, cache, val in ((parent, "msr", tmp_path / "val.jsonl"), (child, "flickr", None)):
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"train": {
+            "caches": [str(tmp_path / cache)], "captions": [str(tmp_path / f"{cache}.jsonl")],
+            "val_captions": val and str(val), "made_in": str(run)}, **({"init": {"run": str(parent)}} if run == child
+                                                                         else {})}))
+    stamps = [source_stamp(tmp_path / "data" / f"v{i}.mp4") for i in range(4)]
+    save_run_videos(parent, [f"v{i}" for i in range(4)], ["v4", "v5"], trained_stamps=stamps)
+    save_run_videos(child, ["w0"], [], inherited=read_run_videos(parent)[0], inherited_content=read_trained_content(parent))
+    msr = RegionCache(tmp_path / "msr")
+    seen = seen_by_run(child, msr, tmp_path / "val.jsonl", Captions({f"v{i}": ["a dog"] for i in (4, 5)}), False)
+    assert seen.line(tmp_path / "val.jsonl", 2) == (
+        f"eval: 2 of these 2 videos are the validation videos ({tmp_path / 'val.jsonl'}) of the run this one started "
+        f"from (--init: {parent}): the checkpoint it started from and its re-rank weight were chosen on these captions, "
+        "so the figures lean optimistic; report them on a test file")
+    seen = seen_by_run(child, msr, tmp_path / "msr.jsonl", Captions({f"v{i}": ["a dog"] for i in range(6)}), False)
+    assert seen.line(tmp_path / "msr.jsonl", 6) == (
+        f"eval: 4 of these 6 videos were trained on by the run this one started from (--init: {parent}) with these "
+        f"captions ({tmp_path / 'msr.jsonl'} is one of its training caption files) (2 more are its validation videos, "
+        "on which its best epoch was chosen): the figures say how well it fits them, not how it finds videos it has "
+        "not seen; evaluate on held-out captions (a val or test file, or --split test)")
+    assert seen_by_run(parent, msr, tmp_path / "val.jsonl", Captions({"v4": ["a dog"]}), False).init_run is None
+
+
 def test_eval_on_the_runs_training_captions_says_the_figures_measure_fit(root, ws, monkeypatch, capsys, tmp_path):
     code, out, err = vlpcache(monkeypatch, capsys, "eval", "--captions", root / "train.jsonl", "--json", "--quiet")
     assert code == 0 and json.loads(out)["run"]["videos_trained_on"] == 16

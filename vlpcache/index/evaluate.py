@@ -258,21 +258,25 @@ class Seen:
     training_files: tuple[str, ...] = ()
     validation_file: str | None = None
     same_content: int = 0  # videos the run trained on by their content, in another cache or under other ids
+    init_run: str | None = None  # the counts are those of the run this one started from (--init), which saw them
+    init_chose_rerank: bool = False  # this run re-ranks at the weight init_run's validation chose (none of its own)
 
     def line(self, captions_file, videos: int) -> str | None:
         """What eval says about the figures, or None when the run saw none of these videos."""
         name = printable(str(captions_file))
+        by, whose = ((f" by the run this one started from (--init: {printable(self.init_run)})", "its")
+                     if self.init_run else ("", "the run's"))
         if self.trained:
             if self.same_file:
-                how = f" with these captions ({name} is one of the run's training caption files)"
+                how = f" with these captions ({name} is one of {whose} training caption files)"
                 advice = "held-out captions (a val or test file, or --split test)"
             else:
                 files = ", ".join(map(printable, self.training_files[:2])) + (", ..." if len(self.training_files) > 2 else "")
-                how, advice = f", with the captions of the run's training files ({files})", "videos held out from training"
+                how, advice = f", with the captions of {whose} training files ({files})", "videos held out from training"
             also = (f" ({self.validated} more are its validation videos, on which its best epoch was chosen)"
                     if self.validated else "")
-            return (f"eval: {self.trained} of these {videos} videos were trained on{how}{also}: the figures say how well "
-                    f"it fits them, not how it finds videos it has not seen; evaluate on {advice}")
+            return (f"eval: {self.trained} of these {videos} videos were trained on{by}{how}{also}: the figures say how "
+                    f"well it fits them, not how it finds videos it has not seen; evaluate on {advice}")
         if self.same_content:
             return (f"eval: {self.same_content} of these {videos} videos are files the run trained on (the same content, "
                     "in another cache or under other ids): the figures say how well it fits them, not how it finds "
@@ -280,6 +284,12 @@ class Seen:
         if self.validated:
             source, chosen_on = ((f"({name})", "these captions") if self.same_file
                                  else (f"(of {printable(self.validation_file or '')})", "them"))
+            if self.init_run:
+                chosen = ("the checkpoint it started from and its re-rank weight were" if self.init_chose_rerank
+                          else "the checkpoint it started from was")
+                return (f"eval: {self.validated} of these {videos} videos are the validation videos {source} of the run "
+                        f"this one started from (--init: {printable(self.init_run)}): {chosen} chosen on {chosen_on}, so "
+                        "the figures lean optimistic; report them on a test file")
             return (f"eval: {self.validated} of these {videos} videos are the run's validation videos {source}: its best "
                     f"epoch and re-rank weight were chosen on {chosen_on}, so the figures lean optimistic; report them "
                     "on a test file")
@@ -291,12 +301,32 @@ def seen_by_run(run_dir: Path, cache, captions_file, captions, file_has_validati
     trained on none of them by id, by their content (the sources it trained on, videos.npz's trained_content)."""
     from vlpcache.model.run_layout import content_key_each, read_trained_content
 
-    seen = _seen_by_id(run_dir, cache.cache_dir, captions_file, captions, file_has_validation_split)
-    if seen.trained or not len(content := read_trained_content(run_dir)):
+    seen = _seen_by_id_or_init(run_dir, cache.cache_dir, captions_file, captions, file_has_validation_split)
+    if seen.trained or seen.init_run or not len(content := read_trained_content(run_dir)):
         return seen
     stamps = [cache.sources[cache.index_of(item_id)] for item_id in captions.by_id if item_id in cache]
     same = int(np.isin(content_key_each(stamps), content).sum())
     return replace(seen, same_content=same) if same else seen
+
+
+def _seen_by_id_or_init(run_dir: Path, cache_dir: Path, captions_file, captions, file_has_validation_split: bool) -> Seen:
+    """_seen_by_id of the run, else of the runs it started from (--init), whose weights it began with: those one
+    trained on (its cache and ids, which the run's own record need not cover), or else chose its checkpoint on."""
+    from vlpcache.model.run_layout import init_runs, read_run_locations
+
+    own = _seen_by_id(run_dir, cache_dir, captions_file, captions, file_has_validation_split)
+    if own.trained or not (chain := init_runs(run_dir)):
+        return own
+    seen = [_seen_by_id(init, cache_dir, captions_file, captions, file_has_validation_split) for init in chain]
+    trained = next(((init, s) for init, s in zip(chain, seen) if s.trained), None)
+    validated = None if own.validated else next(((init, s) for init, s in zip(chain, seen) if s.validated), None)
+    if not (found := trained or validated):
+        return own
+    try:  # without validation of its own, the run re-ranks at the weight its init checkpoint chose
+        rerank = not read_run_locations(run_dir).get("val_captions")
+    except (UserError, AttributeError, TypeError, OSError):
+        rerank = False
+    return replace(found[1], init_run=str(found[0]), init_chose_rerank=rerank)
 
 
 def _seen_by_id(run_dir: Path, cache_dir: Path, captions_file, captions, file_has_validation_split: bool) -> Seen:

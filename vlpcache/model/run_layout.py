@@ -326,6 +326,18 @@ def default_run(runs_dir: Path, cache_dir: Path) -> tuple[Path, str]:
     return latest, ""
 
 
+def init_runs(run_dir: Path) -> list[Path]:
+    """The runs a run started from (config.json's "init", --init), nearest first: its init run, that run's init...,
+    those still there; [] for a run that began from random weights."""
+    chain, run = [], Path(run_dir)
+    while isinstance(init := (read_optional_json(run / CONFIG_NAME) or {}).get("init"), dict):
+        run = Path(str(init.get("run")))
+        if not (run / CONFIG_NAME).is_file() or run.resolve() in {r.resolve() for r in [Path(run_dir), *chain]}:
+            break
+        chain.append(run)
+    return chain
+
+
 def video_keys(ids: Iterable[str]) -> np.ndarray:
     """Sorted unique 64-bit keys of item ids (the first 8 bytes of the UTF-8 id's BLAKE2b): 8 bytes a video
     whatever its id's length, with a chance of a false match of about n / 2^64 per id looked up."""
