@@ -2380,6 +2380,10 @@ MUTANTS += [
            "init_chose_rerank=rerank)", "init_chose_rerank=False)",
            "tests/test_eval.py -k init_run_trained",
            "eval on an --init run's init validation videos: not said that its re-rank weight was chosen on them"),
+    mutant("inspect-missing-run-told-as-cache", "vlpcache/cli.py",
+           "    if cache_dir is not None and not list_runs and not os.path.lexists(cache_dir):\n", "    if False:\n",
+           "tests/test_inspect_run.py -k not_there",
+           "`inspect runs/run-001` (a typo) says no such cache directory, run `vlpcache extract`"),
 ]
 
 

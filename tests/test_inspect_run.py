@@ -224,6 +224,24 @@ def test_a_cache_option_given_with_a_run_or_no_runs_at_all_is_one_line(ws, monke
     assert code == 0 and out.startswith(f"cache       {ws / 'cache'}")
 
 
+def test_inspect_of_a_path_that_is_not_there_says_no_such_run_or_cache_and_names_the_runs(ws, tmp_path, monkeypatch,
+                                                                                           capsys):
+    # `inspect runs/run-001` for .vlpcache/runs/run-001 (a typo) said "no such cache directory; run `vlpcache extract`"
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(ws / "runs" / "run-001", ws / "runs" / "run-002")
+    for epoch in (ws / "runs" / "run-002" / "checkpoints").iterdir():  # saved later: listed newest last
+        os.utime(epoch, (time.time() + 60, time.time() + 60))
+    code, _, err = vlpcache(monkeypatch, capsys, "inspect", "runs/run-001")
+    assert code == 2 and err == ("error: runs/run-001: no such run or cache; the runs in ws/runs/: ws/runs/run-001, "
+                                 "ws/runs/run-002 (`vlpcache inspect --runs ws/runs` lists them)\n")
+    code, _, err = vlpcache(monkeypatch, capsys, "inspect", ws / "runs" / "run-01")  # the runs of the folder it names
+    assert code == 2 and err.startswith(f"error: {ws / 'runs' / 'run-01'}: no such run or cache; the runs in ws/runs/: ")
+    shutil.rmtree(ws / "runs")
+    code, _, err = vlpcache(monkeypatch, capsys, "inspect", "runs/run-001")
+    assert code == 2 and err == (f"error: runs/run-001: no such run or cache; the workspace ({ws}) has no run yet: "
+                                 "`vlpcache extract` makes a cache, `vlpcache pretrain` a run\n")
+
+
 @pytest.mark.parametrize("text, says", [
     ('{"model": ', "unreadable run config (Expecting value"),  # cut short
     ("[1]", "unreadable run config (its model and train settings are missing or damaged)"),

@@ -291,9 +291,11 @@ def merge(sources, target, quiet) -> None:
 def inspect(cache_dir, list_runs, render_id, output, as_json, failures) -> None:
     """Summarise a cache (items, failures, T/N/D, provenance, size), or render one item; or a pretraining
     run (its settings and each epoch's validation), or list the runs."""
-    from vlpcache.model.inspect_run import holds_runs, inspect_run, is_run_dir
+    from vlpcache.model.inspect_run import holds_runs, inspect_run, is_run_dir, no_such_run_or_cache
     from vlpcache.model.inspect_run import list_runs as print_runs
 
+    if cache_dir is not None and not list_runs and not os.path.lexists(cache_dir):
+        raise no_such_run_or_cache(Path(cache_dir))
     run = cache_dir is not None and is_run_dir(Path(cache_dir))
     runs = list_runs or (cache_dir is not None and holds_runs(Path(cache_dir)))
     if run or runs:

@@ -54,6 +54,29 @@ def holds_runs(folder: Path) -> bool:
     return folder.is_dir() and not is_run_dir(folder) and any(p.is_dir() and is_run_dir(p) for p in folder.iterdir())
 
 
+SHOWN_RUNS = 5  # the newest runs the error of a path that is not there names
+
+
+def no_such_run_or_cache(path: Path) -> UserError:
+    """`vlpcache inspect PATH` of a path that is not there (a typo, `runs/` for `.vlpcache/runs/`): neither a run nor
+    a cache, and the runs of the folder it names if that holds runs, else the workspace's, as inspect takes them,
+    newest last."""
+    runs_dir = path.parent if holds_runs(path.parent) else Workspace().runs_dir
+    try:
+        runs = sorted((p for p in runs_dir.iterdir() if p.is_dir() and is_run_dir(p)), key=last_saved)
+    except OSError:  # no runs folder yet
+        runs = []
+    if not runs:
+        return UserError(f"{printable(str(path))}: no such run or cache; the workspace ({printable(str(runs_dir.parent))}) "
+                         "has no run yet: `vlpcache extract` makes a cache, `vlpcache pretrain` a run")
+    here = Path.cwd().resolve()
+    shown = [printable(str(p.relative_to(here) if p.is_relative_to(here) else p))
+             for p in (runs_dir.resolve(), *(run.resolve() for run in runs[-SHOWN_RUNS:]))]
+    more = f"{len(runs) - SHOWN_RUNS} older, then " if len(runs) > SHOWN_RUNS else ""
+    return UserError(f"{printable(str(path))}: no such run or cache; the runs in {shown[0]}/: {more}{', '.join(shown[1:])} "
+                     f"(`vlpcache inspect --runs {shown[0]}` lists them)")
+
+
 def epoch_log(run_dir: Path) -> list[dict]:
     """The log's record of each epoch, the last one written for an epoch that was redone after a resume;
     lines a crash cut short are passed over."""
