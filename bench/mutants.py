@@ -2384,6 +2384,15 @@ MUTANTS += [
            "    if cache_dir is not None and not list_runs and not os.path.lexists(cache_dir):\n", "    if False:\n",
            "tests/test_inspect_run.py -k not_there",
            "`inspect runs/run-001` (a typo) says no such cache directory, run `vlpcache extract`"),
+    mutant("inspect-starting-run-not-a-run", "vlpcache/model/inspect_run.py",
+           "                or (Path(path) / CHECKPOINT_DIR).is_dir() or (Path(path) / TRAINING_LOCK_NAME).is_file())\n",
+           "                or (Path(path) / CHECKPOINT_DIR).is_dir())\n",
+           "tests/test_inspect_run.py -k starting_before",
+           "inspect of a run whose pretrain has not saved config.json yet: 'not a vlpcache cache'"),
+    mutant("inspect-runs-starting-run-differs-in-all", "vlpcache/model/inspect_run.py",
+           'UNREADABLE_RUN and not s.get("starting")]', "UNREADABLE_RUN]",
+           "tests/test_inspect_run.py -k starting_before",
+           "inspect --runs beside a starting run: every other run 'differs' in every setting (the starting one has none)"),
 ]
 
 

@@ -91,6 +91,33 @@ def test_a_run_being_trained_names_the_process_training_it(ws, monkeypatch, caps
     assert out.splitlines()[1].endswith("; 1 of 3 epochs done")
 
 
+def test_a_run_starting_before_its_settings_are_saved_is_a_run_being_trained(ws, monkeypatch, capsys):
+    # pretrain takes the lock, then reads captions and caches (minutes for millions) before config.json:
+    # inspect then said "not a vlpcache cache", and --runs passed the run over
+    run = ws / "runs" / "run-002"
+    run.mkdir()
+    with WriterLock.take(run / TRAINING_LOCK_NAME):  # as pretrain holds it: this process, alive
+        code, out, err = vlpcache(monkeypatch, capsys, "inspect", run)
+        summary = inspect_json(monkeypatch, capsys, run)
+        listed = inspect_json(monkeypatch, capsys, "--runs")
+        code_runs, text, _ = vlpcache(monkeypatch, capsys, "inspect", "--runs")
+    assert code == 0, err
+    assert out.splitlines()[0] == f"run         {run}" and len(out.splitlines()) == 2
+    assert re.fullmatch(rf"state       training now: pid {os.getpid()} on .*; starting: its settings are not saved yet",
+                        out.splitlines()[1])
+    assert summary["state"] == "training" and summary["holder"]["pid"] == os.getpid() and summary["epochs_done"] == 0
+    assert [(Path(r["run"]).name, r["state"], r["differs"]) for r in listed] == [("run-001", "finished", {}),
+                                                                                 ("run-002", "training", {})]
+    assert code_runs == 0 and re.search(r"^run-002 +training +training now: pid \d+ .*; starting", text, re.M), text
+    # its pretrain killed there: a lock whose process is gone
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / TRAINING_LOCK_NAME).write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename,
+                                                      "since": time.time()}))
+    code, out, _ = vlpcache(monkeypatch, capsys, "inspect", run)
+    assert code == 0 and out.splitlines()[1] == ("state       not started: its pretrain stopped before saving its "
+                                                 "settings (config.json); run that pretrain command again")
+
+
 def test_the_log_shows_each_epoch_once_as_last_written_and_passes_over_a_torn_line(ws, monkeypatch, capsys):
     run = ws / "runs" / "run-001"
     [record] = [json.loads(line) for line in (run / LOG_NAME).read_text().splitlines()]

@@ -21,6 +21,7 @@ from vlpcache.model.run_layout import (
     CONFIG_NAME,
     LOG_FIELDS,
     LOG_NAME,
+    TRAINING_LOCK_NAME,
     checkpoints,
     default_run,
     last_saved,
@@ -40,10 +41,12 @@ from vlpcache.workspace import Workspace
 
 def is_run_dir(path: Path) -> bool:
     """Whether `path` is a pretraining run (its config.json has the model's settings, or it has a
-    checkpoints folder: a run whose config is damaged is still one), not a cache."""
+    checkpoints folder: a run whose config is damaged is still one; or its pretrain lock, taken before the
+    config is saved: a run starting), not a cache."""
     config = read_optional_json(Path(path) / CONFIG_NAME)
     try:
-        return (isinstance(config, dict) and "model" in config and "train" in config) or (Path(path) / CHECKPOINT_DIR).is_dir()
+        return ((isinstance(config, dict) and "model" in config and "train" in config)
+                or (Path(path) / CHECKPOINT_DIR).is_dir() or (Path(path) / TRAINING_LOCK_NAME).is_file())
     except PermissionError:  # another user's folder this one may not read: a run's, by its place among runs
         return Path(path).parent.name == "runs"
 
@@ -114,10 +117,30 @@ def training_state(run_dir: Path, epochs: int, done: int) -> dict:
             "text": f"stopped after {done} of {epochs} epochs{within}; {resume}"}
 
 
+def starting_summary(run_dir: Path) -> dict | None:
+    """What inspect says of a run whose pretrain holds its lock but has not saved its settings (config.json) yet:
+    it reads the captions and caches first, minutes for millions; or of one stopped then. None where the config is
+    there (or the lock is not)."""
+    if (run_dir / CONFIG_NAME).exists() or not (run_dir / TRAINING_LOCK_NAME).is_file():
+        return None
+    holder = trainer_of(run_dir)
+    if holder is not None:
+        where = " (on another machine: as its lock file records it)" if holder.elsewhere else ""
+        state, text = "training", f"training now: {holder.describe()}{where}; starting: its settings are not saved yet"
+    else:
+        state, text = "not started", ("not started: its pretrain stopped before saving its settings (config.json); "
+                                      "run that pretrain command again")
+    return {"run": str(run_dir), "state": state, "holder": vars(holder) if holder else None, "place": None,
+            "text": text, "starting": True, "epochs": 0, "epochs_done": 0, "model": None, "train": None, "init": None,
+            "best": None, "log": [], "checkpoints": [], "checkpoint_bytes": 0, "modified": last_saved(run_dir)}
+
+
 def run_summary(run_dir: Path, videos: bool = True) -> dict:
     """What inspect says of a run; videos: count the videos it trains and validates on (videos.npz, 8 bytes a
     video: tens of MB for millions, so the one-line-a-run listing leaves it out)."""
     run_dir = Path(run_dir)
+    if starting := starting_summary(run_dir):
+        return starting
     config = read_run_config(run_dir)
     model, train = (config.get("model"), config.get("train")) if isinstance(config, dict) else (None, None)
     if not (isinstance(model, dict) and isinstance(train, dict) and isinstance(train.get("epochs"), int)):
@@ -262,6 +285,9 @@ def _resumes(log: list[dict]) -> list[str]:
 
 
 def print_run_summary(summary: dict) -> None:
+    if summary.get("starting"):  # no settings to show yet
+        print(f"run         {printable(summary['run'])}\nstate       {summary['text']}")
+        return
     lines = _header(summary) + _epoch_table(summary) + _resumes(summary["log"])
     best, found = summary["best"], summary["checkpoints"]
     if best:
@@ -300,8 +326,8 @@ COMPARED_SETTINGS = ([(option, "train", option) for option in TRAIN_OPTIONS if o
 
 def setting_differences(summaries: list[dict]) -> list[dict]:
     """For each run, {"--option": value} of the settings in which the listed runs differ (COMPARED_SETTINGS);
-    {} for all where they agree, where fewer than two runs can be read, and for a run that cannot."""
-    readable = [s for s in summaries if s.get("state") != UNREADABLE_RUN]
+    {} for all where they agree, where fewer than two runs can be read, and for a run that cannot (or is starting)."""
+    readable = [s for s in summaries if s.get("state") != UNREADABLE_RUN and not s.get("starting")]  # settings known
     values = [{option: (s.get(section) or {}).get(key) for option, section, key in COMPARED_SETTINGS} for s in readable]
     differing = [option for option, _, _ in COMPARED_SETTINGS
                  if len({json.dumps(v[option], sort_keys=True) for v in values}) > 1]
@@ -364,6 +390,9 @@ def list_runs(runs_dir=None, as_json: bool = False) -> None:
         if s["state"] == UNREADABLE_RUN:
             print(f"{printable(Path(s['run']).name):12s} {s['state']:13s} {s['reason']}: another user's run? its owner "
                   "can make it readable (chmod -R a+rX)")
+            continue
+        if s.get("starting"):
+            print(f"{printable(Path(s['run']).name):12s} {s['state']:13s} {s['text']}")
             continue
         best = s["best"] or {}
         metrics = best.get("metrics") or {}
