@@ -2138,7 +2138,8 @@ MUTANTS += [
            "        left_out = {**damaged, **removed}", "        left_out = {**removed, **damaged}",
            "tests/test_extract.py::test_an_item_found_damaged_is_listed_by_inspect_and_extracted_again_by_the_next_extract", "a damaged row pruned since reads as dropped, not damaged"),
     mutant("pretrain-full-disk-says-same-command", "vlpcache/model/train.py",
-           "                                        go_on=f\"continue with `vlpcache pretrain --resume -o {run.dir}` (the same \"\n                                              \"command would begin another run)\")", "                                        )",
+           "                                        go_on=f\"{ckpt.resume_said(run.dir)} (the same command would begin another run)\")",
+           "                                        )",
            "tests/test_pretrain.py::test_a_full_disk_while_the_captions_are_encoded_says_to_resume_the_run", "a full disk while pretrain encodes its captions says to resume the run, not to run the same command"),
     mutant("inspect-shows-an-epoch-never-saved", "vlpcache/model/inspect_run.py",
            "    log = [record for record in epoch_log(run_dir) if int(record[\"epoch\"]) <= done]", "    log = epoch_log(run_dir)",
@@ -2393,6 +2394,16 @@ MUTANTS += [
            'UNREADABLE_RUN and not s.get("starting")]', "UNREADABLE_RUN]",
            "tests/test_inspect_run.py -k starting_before",
            "inspect --runs beside a starting run: every other run 'differs' in every setting (the starting one has none)"),
+    mutant("pretrain-full-disk-checkpoint-resumes-another-run", "vlpcache/model/checkpoint.py",
+           "earlier ones are kept; make room and {resume_said(run_dir)}\"",
+           "earlier ones are kept; make room and continue with `vlpcache pretrain --resume`\"",
+           "tests/test_faults.py -k checkpoint_on_a_full_disk_is_one_line",
+           "a checkpoint on a full disk says `pretrain --resume` without -o RUN: followed, it resumes the latest run"),
+    mutant("pretrain-full-disk-log-resumes-another-run", "vlpcache/model/checkpoint.py",
+           'then = f"the checkpoints saved before are kept; make room and {resume_said(run_dir)}"',
+           'then = "the checkpoints saved before are kept; make room and continue with `vlpcache pretrain --resume`"',
+           "tests/test_pretrain.py -k full_disk_when_the_log",
+           "log.jsonl on a full disk says `pretrain --resume` without -o RUN: followed, it resumes the latest run"),
 ]
 
 

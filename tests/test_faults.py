@@ -473,7 +473,9 @@ def test_pretrain_checkpoint_on_a_full_disk_is_one_line_keeps_earlier_ones_and_r
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == 2 and errors == err.splitlines()[-1:] and "Traceback" not in err, err
     assert errors[0].startswith(f"error: {run / 'checkpoints'}/.epoch-0002.tmp-"), err
-    assert "the checkpoint of epoch 2 is not saved, earlier ones are kept" in err
+    # this run's folder named: `--resume` alone resumes the workspace's latest run, another one
+    assert f"the checkpoint of epoch 2 is not saved, earlier ones are kept; make room and continue with `vlpcache " \
+           f"pretrain --resume -o {run}`" in err
     assert list(checkpoints(run)) == [1] and file_sha256(first / "model.safetensors") == weights
     assert not list((run / "checkpoints").glob(".*"))
     code, _, err = vlpcache(monkeypatch, capsys, *args)

@@ -412,6 +412,18 @@ def test_a_full_disk_while_the_captions_are_encoded_says_to_resume_the_run(tmp_p
                                    "(the same command would begin another run)")
 
 
+def test_a_full_disk_when_the_log_is_written_says_to_resume_this_run_by_its_folder(tmp_path):
+    # it said `vlpcache pretrain --resume`, which resumes the workspace's latest run, not this one
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOG_NAME).symlink_to("/dev/full")  # every write fails as on a full disk (ENOSPC)
+    with pytest.raises(UserError) as err:
+        ckpt.append_log_line(run, {"epoch": 1})
+    assert str(err.value) == (f"{run / LOG_NAME}: cannot write (No space left on device (ENOSPC)); the checkpoints "
+                              "saved before are kept; make room and continue with "
+                              f"`vlpcache pretrain --resume -o {run}`")
+
+
 def test_the_default_text_models_features_key_is_its_weights_not_the_current_folders(tmp_path, monkeypatch):
     # "" (a run's record of the default model) was Path("") = the current folder: its weight files hashed (or none:
     # the sha256 of nothing), so every run started from another folder encoded all of its captions again

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlpcache.errors import UserError
+from vlpcache.report import printable
 from vlpcache.files import (FULL_ERRNOS, current_umask, failure_errno, file_sha256, fsync_path, is_write_failure,
                             write_failure)
 from vlpcache.model.run_layout import (
@@ -117,8 +118,7 @@ def save_checkpoint(
     if (best := read_best(run_dir)) is not None and best != read_optional_json(Path(run_dir) / BEST_NAME):
         write_json(Path(run_dir) / BEST_NAME, best)  # a kill came before the last checkpoint's best.json: kept now
     meta = {**meta, "best": is_best}  # its own word, should a kill come before best.json says it (read_best)
-    then = ("the checkpoint of epoch {epoch} is not saved, earlier ones are kept; make room and continue with "
-            "`vlpcache pretrain --resume`").format(epoch=epoch)
+    then = f"the checkpoint of epoch {epoch} is not saved, earlier ones are kept; make room and {resume_said(run_dir)}"
     try:
         _write_or_fail(final, epoch, model, training_state, meta, then)
     except _NoRoom as full:
@@ -217,8 +217,13 @@ def append_log_line(run_dir: Path, record: dict) -> None:
         with open(path, "a") as log:
             log.write(json.dumps(record) + "\n")
     except OSError as err:
-        raise write_failure(path, err, "the checkpoints saved before are kept; make room and continue with "
-                                       "`vlpcache pretrain --resume`") from None
+        then = f"the checkpoints saved before are kept; make room and {resume_said(run_dir)}"
+        raise write_failure(path, err, then) from None
+
+
+def resume_said(run_dir: Path) -> str:
+    """How a run stopped by a full disk goes on: its own folder named (`--resume` alone takes the workspace's latest)."""
+    return f"continue with `vlpcache pretrain --resume -o {printable(str(run_dir))}`"
 
 
 def load_training_state(checkpoint_dir: Path) -> dict:

@@ -701,8 +701,7 @@ def _frozen_text_features(run: Run, model, tokenizer, processes: Processes, work
         features = cached_text_features(model, tokenizer, captions, workspace.root, with_words=run.model.rwa,
                                         device=processes.device, progress=not processes.quiet,
                                         say=lambda line: processes.say(line, always=True), fallback_root=run.dir,
-                                        go_on=f"continue with `vlpcache pretrain --resume -o {run.dir}` (the same "
-                                              "command would begin another run)")
+                                        go_on=f"{ckpt.resume_said(run.dir)} (the same command would begin another run)")
     processes.wait_for_main()  # however long the encoding takes
     if features is None:
         features = cached_text_features(model, tokenizer, captions, workspace.root, with_words=run.model.rwa,
