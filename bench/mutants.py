@@ -2404,6 +2404,9 @@ MUTANTS += [
            'then = "the checkpoints saved before are kept; make room and continue with `vlpcache pretrain --resume`"',
            "tests/test_pretrain.py -k full_disk_when_the_log",
            "log.jsonl on a full disk says `pretrain --resume` without -o RUN: followed, it resumes the latest run"),
+    mutant("stamp-frames-swapped-unnoticed", "vlpcache/extract/stamps.py",
+           "moved = str(mtime) != parts[2] or (len(parts) == 6 and each != parts[5])", "moved = str(mtime) != parts[2]",
+           "tests/test_extract.py -k swap_names", "frames of a folder that swap names (mv keeps times) are not extracted again"),
 ]
 
 

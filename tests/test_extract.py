@@ -623,6 +623,32 @@ def test_a_sources_stamp_notices_new_content_not_a_new_time_and_reads_the_file_o
     assert not stamps.source_changed("", video) and not stamps.source_changed("0:1:2:3", video)  # unknown: kept
 
 
+def test_frames_that_swap_names_keeping_their_times_are_a_change_but_not_under_an_older_stamp(tmp_path):
+    from vlpcache.extract import stamps
+    from vlpcache.model.run_layout import content_key_each
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for name, content in (("1.jpg", b"first" * 50), ("2.jpg", b"second" * 40), ("3.jpg", b"third" * 60)):
+        (folder / name).write_bytes(content)
+        os.utime(folder / name, ns=(10**18, 10**18 + len(content)))  # each its own time; 3.jpg the newest
+    stamp = stamps.source_stamp(folder)
+    older = stamp.rsplit(":", 1)[0]  # as vlpcache wrote it before stamps held each frame's name, size and time
+    assert not stamps.source_changed(stamp, folder) and not stamps.source_changed(older, folder)
+    assert content_key_each([stamp]).tolist() == content_key_each([older]).tolist() != [0]  # the same content
+    (folder / "1.jpg").rename(folder / "t.jpg")  # `mv` keeps each file's time: the newest time and the names stay
+    (folder / "2.jpg").rename(folder / "1.jpg")
+    (folder / "t.jpg").rename(folder / "2.jpg")
+    assert stamps.source_changed(stamp, folder)
+    assert not stamps.source_changed(older, folder)  # an existing cache's stamps: compared as they were, not all "changed"
+    (folder / "1.jpg").rename(folder / "t.jpg")  # back, then copied without their times: the same content, kept
+    (folder / "2.jpg").rename(folder / "1.jpg")
+    (folder / "t.jpg").rename(folder / "2.jpg")
+    for frame in folder.iterdir():
+        os.utime(frame, ns=(10**18, 10**18))
+    assert not stamps.source_changed(stamp, folder)
+
+
 def test_other_settings_are_refused_for_an_existing_cache(extracted, media):
     cache_dir, _ = extracted
     result = vlpcache("extract", media, "-o", cache_dir, "--frames", 8, cwd=cache_dir.parent, check=False)

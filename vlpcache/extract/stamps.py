@@ -2,15 +2,18 @@
 at the same path is noticed (extract redoes it; the page and inspect --render do not draw old boxes on
 new frames).
 
-    "1:<bytes>:<mtime_ns>:<names>:<digest>"   bytes and the newest modification time of the file (of a
-                                              frame folder's frames: the files extract reads, hidden
-                                              files and other files beside them left out), a hash of
-                                              the frames' names ("" for a file), and a hash of the first
-                                              and last 64 KiB of each file
+    "1:<bytes>:<mtime_ns>:<names>:<digest>:<files>"
+                        bytes and the newest modification time of the file (of a frame folder's frames: the
+                        files extract reads, hidden files and other files beside them left out), a hash of
+                        the frames' names ("" for a file), a hash of the first and last 64 KiB of each file,
+                        and a hash of each frame's name, size and modification time ("" for a file)
 
-Comparing costs a stat (a folder listing) while size, names and time agree; when only the time moved
-(a copy that did not keep times, a `touch`), the digest decides, so the same content is not extracted
-again. Items cached before stamps were kept have "" and are never taken to have changed.
+Comparing costs a stat (a folder listing) while size, names and times agree; when only a time moved
+(a copy that did not keep times, a `touch`), or frames of one folder swapped names (`mv` keeps each one's
+time, so the newest and the set of names stay), the digest decides, so the same content is not extracted
+again and other content under the same names is. Stamps written before the last field was kept (five
+fields) are compared without it. Items cached before stamps were kept have "" and are never taken to have
+changed. A file whose bytes changed within it while its size and time were put back is not noticed.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ SAMPLE_BYTES = 64 * 1024  # hashed at each end of a file
 def source_stamp(path: str | os.PathLike) -> str:
     """The stamp of a file or a frame folder as it is now; "" when it cannot be read."""
     try:
-        size, mtime, names, files = _listing(Path(path))
-        return f"{STAMP_FORMAT}:{size}:{mtime}:{names}:{_digest(files)}"
+        size, mtime, names, files, each = _listing(Path(path))
+        return f"{STAMP_FORMAT}:{size}:{mtime}:{names}:{_digest(files)}:{each}"
     except OSError:
         return ""
 
@@ -37,7 +40,7 @@ def source_stamp(path: str | os.PathLike) -> str:
 def stamp_known(stamp: str) -> bool:
     """Whether `stamp` is one source_changed can compare a source with (not "", not another format)."""
     parts = stamp.split(":")
-    return len(parts) == 5 and parts[0] == STAMP_FORMAT
+    return len(parts) in (5, 6) and parts[0] == STAMP_FORMAT
 
 
 def source_changed(stamp: str, path: str | os.PathLike) -> bool:
@@ -47,10 +50,11 @@ def source_changed(stamp: str, path: str | os.PathLike) -> bool:
     if not stamp_known(stamp):
         return False
     try:
-        size, mtime, names, files = _listing(Path(path))
+        size, mtime, names, files, each = _listing(Path(path))
         if (str(size), names) != (parts[1], parts[3]):
             return True
-        return str(mtime) != parts[2] and _digest(files) != parts[4]
+        moved = str(mtime) != parts[2] or (len(parts) == 6 and each != parts[5])  # an older stamp has no `each`
+        return moved and _digest(files) != parts[4]
     except OSError:
         return True
 
@@ -62,16 +66,19 @@ def replaced(cached: dict) -> bool:
     return source_changed(cached.get("source", ""), cached["path"]) and os.path.exists(cached["path"])
 
 
-def _listing(path: Path) -> tuple[int, int, str, list[Path]]:
-    """(bytes, newest mtime in ns, a hash of the frames' names, the files the digest reads): of the file
-    itself, or of a frame folder's frames."""
+def _listing(path: Path) -> tuple[int, int, str, list[Path], str]:
+    """(bytes, newest mtime in ns, a hash of the frames' names, the files the digest reads, a hash of each frame's
+    name, size and mtime): of the file itself ("" for the last), or of a frame folder's frames."""
     if not path.is_dir():
         info = path.stat()
-        return info.st_size, info.st_mtime_ns, "", [path]
+        return info.st_size, info.st_mtime_ns, "", [path], ""
     files = frame_files(path)
     infos = [f.stat() for f in files]
     names = hashlib.blake2b("\0".join(f.name for f in files).encode("utf-8", "surrogateescape"), digest_size=8)
-    return (sum(i.st_size for i in infos), max((i.st_mtime_ns for i in infos), default=0), names.hexdigest(), files)
+    each = hashlib.blake2b("\0".join(f"{f.name}/{i.st_size}/{i.st_mtime_ns}" for f, i in zip(files, infos))
+                           .encode("utf-8", "surrogateescape"), digest_size=8)
+    return (sum(i.st_size for i in infos), max((i.st_mtime_ns for i in infos), default=0), names.hexdigest(), files,
+            each.hexdigest())
 
 
 def _digest(files: list[Path]) -> str:

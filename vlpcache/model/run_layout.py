@@ -362,7 +362,7 @@ def content_key_each(stamps: Iterable[str]) -> np.ndarray:
 
 def _content(stamp: str) -> str:
     parts = stamp.split(":")
-    return ":".join((parts[1], parts[3], parts[4])) if len(parts) == 5 and parts[0] == "1" else ""
+    return ":".join((parts[1], parts[3], parts[4])) if len(parts) in (5, 6) and parts[0] == "1" else ""
 
 
 def _key(text: str) -> int:
