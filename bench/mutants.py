@@ -2407,6 +2407,10 @@ MUTANTS += [
     mutant("stamp-frames-swapped-unnoticed", "vlpcache/extract/stamps.py",
            "moved = str(mtime) != parts[2] or (len(parts) == 6 and each != parts[5])", "moved = str(mtime) != parts[2]",
            "tests/test_extract.py -k swap_names", "frames of a folder that swap names (mv keeps times) are not extracted again"),
+    mutant("index-copy-shares-the-original-index", "vlpcache/index/layout.py",
+           "collection_of(Path(recorded)) == collection:\n        return A_COPYS", "False:\n        return A_COPYS",
+           "tests/test_search.py -k copy_of_a_cache",
+           "a cp -r copy of a cache shares one index with its original: each index writes the other's vectors"),
 ]
 
 

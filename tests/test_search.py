@@ -63,15 +63,16 @@ def ws(template, tmp_path, monkeypatch) -> Path:
     return ws
 
 
-def the_index(ws: Path, run: Path | None = None, root: Path | None = None) -> Path:
-    """The index directory of a run (default run-001) over the workspace cache, in an index root (default
-    the workspace's)."""
+def the_index(ws: Path, run: Path | None = None, root: Path | None = None, cache: Path | None = None) -> Path:
+    """The index directory of a run (default run-001) over a cache (default the workspace's), in an index root
+    (default the workspace's)."""
     from vlpcache.cache.manifest import read_manifest
     from vlpcache.index.layout import index_dir_for
     from vlpcache.model.run_layout import designated_checkpoint_sha256
 
     sha = designated_checkpoint_sha256(run or ws / "runs" / "run-001")
-    return index_dir_for(root or ws / "index", sha, read_manifest(ws / "cache").to_json(), ws / "cache")
+    cache = cache or ws / "cache"
+    return index_dir_for(root or ws / "index", sha, read_manifest(cache).to_json(), cache)
 
 
 def vlpcache(monkeypatch, capsys, *args, stdin=None) -> tuple[int, str, str]:
@@ -685,8 +686,8 @@ def test_a_cache_with_other_settings_gets_an_index_of_its_own(ws, monkeypatch, c
     assert sorted(len(VideoIndex.load(p)) for p in indexes) == [4, ITEMS]
 
 
-def test_a_second_cache_of_the_same_settings_gets_an_index_of_its_own_and_a_copy_shares_it(ws, tmp_path, monkeypatch,
-                                                                                              capsys):
+def test_a_second_cache_of_the_same_settings_gets_an_index_of_its_own_and_a_move_keeps_it(ws, tmp_path, monkeypatch,
+                                                                                             capsys):
     assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
     mine = write_cache(ws / "mine", 4, prefix="mine")  # the same settings: one's own videos after training on a dataset
     [result] = search_json(monkeypatch, capsys, "a dog", "--cache", ws / "mine", "-k", "10")
@@ -694,9 +695,33 @@ def test_a_second_cache_of_the_same_settings_gets_an_index_of_its_own_and_a_copy
     indexes = sorted(p.parent for p in (ws / "index").glob("*/index.json"))
     assert len(indexes) == 2 and sorted(len(VideoIndex.load(p)) for p in indexes) == [4, ITEMS]
     assert len(search_json(monkeypatch, capsys, "a dog", "-k", "30")[0]["results"]) == ITEMS  # the first one's as it was
-    shutil.copytree(ws / "cache", tmp_path / "copy")  # a copy (or a move) is the same collection: its index serves it
-    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "--cache", tmp_path / "copy")
+    shutil.move(ws / "cache", tmp_path / "moved")  # a move is the same collection, whose index serves it
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "--cache", tmp_path / "moved")
     assert code == 0 and "building" not in err and len(list((ws / "index").glob("*/index.json"))) == 2
+
+
+def test_a_copy_of_a_cache_whose_original_is_still_there_gets_an_index_of_its_own_as_they_grow_apart(ws, tmp_path,
+                                                                                                   monkeypatch, capsys):
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    original, copy = ws / "cache", tmp_path / "copy"
+    before = VideoIndex.load(the_index(ws))
+    v0 = before.embeddings[before.row_of("v0")].copy()
+    shutil.copytree(original, copy)  # `cp -r`: the same collection id, then each is extracted into differently
+    write_cache(copy, 1, seed=7)  # v0 extracted again in the copy, from other content
+    write_cache(original, 2, prefix="w", seed=3)  # the original grows
+    code, _, err = vlpcache(monkeypatch, capsys, "index", "--cache", copy)
+    assert code == 0 and "building it in" in err
+    assert vlpcache(monkeypatch, capsys, "index")[0] == 0
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0 and "up to date" in err
+    ours, theirs = VideoIndex.load(the_index(ws)), VideoIndex.load(the_index(ws, cache=copy))
+    assert the_index(ws) != the_index(ws, cache=copy) and len(list((ws / "index").glob("*/index.json"))) == 2
+    assert sorted(ours.ids) == sorted(RegionCache(original).ids) and sorted(theirs.ids) == sorted(RegionCache(copy).ids)
+    assert np.allclose(ours.embeddings[ours.row_of("v0")], v0)  # the original's own content, not the copy's
+    assert not np.allclose(theirs.embeddings[theirs.row_of("v0")], v0)
+    [result] = search_json(monkeypatch, capsys, "a dog", "-k", "30")
+    assert sorted(hit["id"] for hit in result["results"]) == sorted(ours.ids)  # none "removed from the cache"
+    assert not [hit for hit in result["results"] if "extracted again" in hit["outdated"]]
 
 
 def test_indexed_embeddings_equal_the_models_own_encoding(ws, monkeypatch, capsys):

@@ -138,7 +138,10 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
         rows = [r for r, item_id in enumerate(cache.ids) if index is None or item_id not in index or item_id in leaving]
         if index is not None and not rows:
             if dropped:
-                index, _ = write_rows(index_dir, [index.kept_rows(leaving)], index_meta(index, cache), config, index)
+                index, _ = write_rows(index_dir, [index.kept_rows(leaving)], index_meta(index, cache, index_dir), config, index)
+            elif moved_since(index, cache, index_dir):  # recorded, so that a copy left at the old path is told apart
+                index.meta = index_meta(index, cache, index_dir)
+                write_json(index_dir / META_FILE, index.meta.to_json())
             parts.remove()  # left by a run killed after its index was written
             export_for_search(run, index_dir, say)
             update_query_bank(run, index, index_dir, 0, qbnorm, device, batch_size, progress, say)
@@ -344,10 +347,11 @@ def _add_encoded(run, cache: RegionCache, rows: list[int], index: VideoIndex | N
             checkpoint_path=str(Path(run.checkpoint_path).resolve()),
             cache_dir=str(Path(cache.cache_dir).resolve()),
             collection=collection_of(cache.cache_dir),
+            index_dir=str(index_dir.resolve()),
             cache_shards=sorted(cache.read_shards),
         )
     else:  # a collection found by the cache's path, built before, gets the cache's
-        meta = dataclasses.replace(index_meta(index, cache), collection=collection_of(cache.cache_dir))
+        meta = index_meta(index, cache, index_dir)
     index, how = write_rows(index_dir, sources, meta, config, index)
     if done:
         how = f"{len(done)} of them kept from the run that did not finish; {how}"
@@ -387,9 +391,17 @@ def _encoded_parts(run, readable: BlankWhenDamaged, todo: list[int], total: int,
     return parts
 
 
-def index_meta(index: VideoIndex, cache: RegionCache) -> IndexMeta:
-    """An index's meta with the shards of the cache it has now read (shards_read)."""
-    return dataclasses.replace(index.meta, cache_shards=shards_read(index, cache))
+def index_meta(index: VideoIndex, cache: RegionCache, index_dir: Path) -> IndexMeta:
+    """An index's meta with the shards of the cache it has now read (shards_read), and where the cache and the index
+    now are (a copy of the cache elsewhere then gets an index of its own: layout.cache_owner)."""
+    return dataclasses.replace(index.meta, cache_shards=shards_read(index, cache), collection=collection_of(cache.cache_dir),
+                               cache_dir=str(Path(cache.cache_dir).resolve()), index_dir=str(Path(index_dir).resolve()))
+
+
+def moved_since(index: VideoIndex, cache: RegionCache, index_dir: Path) -> bool:
+    """Whether the cache or the index is not where the index's last write recorded them (moved, or copied whole)."""
+    meta = index.meta
+    return (meta.cache_dir, meta.index_dir) != (str(Path(cache.cache_dir).resolve()), str(Path(index_dir).resolve()))
 
 
 def write_rows(index_dir: Path, sources: list, meta: IndexMeta, config: IndexConfig,

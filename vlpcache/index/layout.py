@@ -9,7 +9,9 @@ usable:
     <root>/<checkpoint sha256[:16]>-<cache settings sha256[:8]>/    one index (the files below)
 
 A root that holds the files below itself (an index made by vlpcache 0.1, or a folder named for one
-index) is used as it is when it was built from the same checkpoint and cache settings.
+index) is used as it is when it was built from the same checkpoint and cache settings. A `cp -r` copy of a
+cache whose original is still where the index was last written from gets one of its own (cache_owner), its
+key taking the copy's path too.
 
     index.lock             held (fcntl) by the process writing this index; others wait for it
     index.faiss            the FAISS index; its row r (FAISS label r) is the r-th item of ids.json
@@ -38,11 +40,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlpcache.cache.schema import SETTING_DEFAULTS
+from vlpcache.cache.schema import MANIFEST_NAME, SETTING_DEFAULTS
 from vlpcache.errors import UserError
 from vlpcache.records import JsonRecord, read_optional_json
 
@@ -94,8 +97,9 @@ class IndexMeta(JsonRecord):
     count: int = 0
     run_dir: str = ""
     checkpoint_path: str = ""
-    cache_dir: str = ""
+    cache_dir: str = ""  # the cache it was last written from: a copy of it elsewhere gets an index of its own (cache_owner)
     collection: str = ""  # the cache's collection (cache/manifest.collection_of): its copies and moves share it
+    index_dir: str = ""  # where it was last written: found elsewhere, it was copied or moved with its cache (cache_owner)
     tuned_recall: float | None = None  # recall@10 measured when the parameters were tuned
     factory_given: bool = False  # the user chose the factory: keep it as the collection grows
     # the cache shards whose items the last update read (RegionCache.read_shards): an indexed item the cache
@@ -138,7 +142,10 @@ def index_key(checkpoint_sha256: str, cache_settings: dict, collection: str) -> 
 def index_dir_for(root: str | Path, checkpoint_sha256: str, cache_settings: dict, cache_dir: str | Path) -> Path:
     """Where the index of this checkpoint over this cache lives (or is to be built) under `root`: root
     itself or the folder below it whose index.json names them (one built before indexes recorded the
-    cache's collection: by the cache's path), else root/index_key."""
+    cache's collection: by the cache's path), else root/index_key. Of the indexes of the cache's collection
+    (cache_owner): the one built from this cache's path, else one whose cache was moved here; a copy
+    (`cp -r`) whose original is still there gets one of its own, keyed by its path too, since the two
+    grow apart."""
     from vlpcache.cache.manifest import collection_of
 
     root = Path(root)
@@ -153,15 +160,54 @@ def index_dir_for(root: str | Path, checkpoint_sha256: str, cache_settings: dict
         return [f"cache {meta.get('cache_dir')}, not {Path(cache_dir).resolve()}"]
 
     root_meta = read_optional_json(root / META_FILE)
-    for folder in [root, *sorted(p.parent for p in root.glob(f"*/{META_FILE}"))]:
-        meta = root_meta if folder == root else read_optional_json(folder / META_FILE)
-        if isinstance(meta, dict) and not other_source(meta):
-            return folder
+    if isinstance(root_meta, dict) and not other_source(root_meta):  # an index folder given itself: that one
+        return root
     if isinstance(root_meta, dict):  # an index folder itself, of something else: never an index root
         raise UserError(f"{root} is the index of another checkpoint or cache ({'; '.join(other_source(root_meta)[:3])}); pass "
                         f"the folder that holds it, {root.parent}, where each checkpoint and cache gets an index of its "
                         "own, or the --run and --cache it was built from")
-    return root / index_key(checkpoint_sha256, cache_settings, collection)
+    found = {}  # folder -> whose it is (cache_owner), of the indexes of this checkpoint over the collection
+    for folder in sorted(p.parent for p in root.glob(f"*/{META_FILE}")):
+        meta = read_optional_json(folder / META_FILE)
+        if isinstance(meta, dict) and not other_source(meta):
+            found[folder] = cache_owner(meta, folder, cache_dir, collection)
+    for owner in (THIS_CACHE, MOVED_HERE):
+        if mine := [folder for folder, whose in found.items() if whose == owner]:
+            return mine[0]
+    # none, or only those of the copies this cache was copied from or to: its own, keyed by its path too
+    return root / index_key(checkpoint_sha256, cache_settings,
+                            f"{collection} at {Path(cache_dir).resolve()}" if found else collection)
+
+
+THIS_CACHE, MOVED_HERE, A_COPYS = "this cache", "moved here", "another copy's"
+
+
+def cache_owner(meta: dict, folder: Path, cache_dir: str | Path, collection: str) -> str:
+    """Whose index of a collection `meta` (index.json) is, asked by the cache at cache_dir: THIS_CACHE where it was
+    last written from its path; A_COPYS where it was written, in this folder, from another path that still holds a
+    cache of the collection (cache_dir is a copy of that one, or that one of it: they grow apart); else MOVED_HERE
+    (the cache it was written from is gone from there, or the index folder was copied or moved with it, a project
+    copied whole: the original has its own)."""
+    from vlpcache.cache.manifest import collection_of
+
+    recorded = meta.get("cache_dir") or ""
+    if not recorded or _same_folder(recorded, cache_dir):
+        return THIS_CACHE
+    written_in = meta.get("index_dir") or ""
+    if written_in and not _same_folder(written_in, folder):
+        return MOVED_HERE
+    if (Path(recorded) / MANIFEST_NAME).is_file() and collection_of(Path(recorded)) == collection:
+        return A_COPYS
+    return MOVED_HERE
+
+
+def _same_folder(a: str | Path, b: str | Path) -> bool:
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def other_indexes(root: str | Path, index_dir: Path) -> list[Path]:
