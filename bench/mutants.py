@@ -2411,6 +2411,14 @@ MUTANTS += [
            "collection_of(Path(recorded)) == collection:\n        return A_COPYS", "False:\n        return A_COPYS",
            "tests/test_search.py -k copy_of_a_cache",
            "a cp -r copy of a cache shares one index with its original: each index writes the other's vectors"),
+    mutant("search-failed-again-shown-as-current", "vlpcache/index/search.py",
+           "if not outdated and (failure := self.failed_again.get(item_id)):", "if False and (failure := None):",
+           "tests/test_search.py -k failed_to_extract",
+           "a hit whose file was replaced by one that failed to extract shows its old content as current, no note"),
+    mutant("search-failures-not-taken-up", "vlpcache/index/search.py",
+           "CACHE_RECORD_DIRS = (MOVES_DIR, REMOVED_DIR, FAILURE_DIR)", "CACHE_RECORD_DIRS = (MOVES_DIR, REMOVED_DIR)",
+           "tests/test_search.py -k failed_to_extract",
+           "a running serve does not take up a failure extract records: its hit stays shown as current"),
 ]
 
 

@@ -724,6 +724,37 @@ def test_a_copy_of_a_cache_whose_original_is_still_there_gets_an_index_of_its_ow
     assert not [hit for hit in result["results"] if "extracted again" in hit["outdated"]]
 
 
+def test_a_hit_whose_source_was_replaced_by_a_file_that_failed_to_extract_is_outdated_with_the_reason(ws, tmp_path,
+                                                                                                      monkeypatch, capsys):
+    from vlpcache import Searcher
+    from vlpcache.extract.stamps import source_stamp
+    from vlpcache.index.search import FAILED_AGAIN_HIT
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"old" * 1000)
+    write_cache(ws / "cache", 1, prefix="x", sources=[(clip, "video")])  # x0, a dog, cached from clip
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    searcher = Searcher(say=lambda line: None)
+
+    def x0() -> dict:
+        return next(dataclasses.asdict(hit) for hit in searcher.search("a dog", k=30) if hit.id == "x0")
+
+    assert x0()["outdated"] == "" and x0()["regions"]
+    clip.write_bytes(b"cut short" * 10)  # replaced by a download cut short: extract redoes it, and it fails
+    with ShardWriter(ws / "cache", RegionCache(ws / "cache").settings) as writer:  # what that extract records
+        writer.record_failure("x0", str(clip), "cannot open video: invalid data", source=source_stamp(clip))
+    hit = x0()  # a Searcher already open (serve's) takes the failure up
+    assert hit["outdated"].startswith(FAILED_AGAIN_HIT) and "invalid data" in hit["outdated"] and hit["regions"]
+    [result] = search_json(monkeypatch, capsys, "a dog", "-k", "30")
+    assert [h["outdated"] for h in result["results"] if h["id"] == "x0"] == [hit["outdated"]]
+    code, out, _ = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", "30")
+    assert code == 0 and FAILED_AGAIN_HIT in out
+    clip.write_bytes(b"old" * 1000)  # the old file back: the next extract clears the failure
+    with ShardWriter(ws / "cache", RegionCache(ws / "cache").settings) as writer:
+        writer.clear_failure("x0", str(clip))
+    assert x0()["outdated"] == ""
+
+
 def test_indexed_embeddings_equal_the_models_own_encoding(ws, monkeypatch, capsys):
     from vlpcache.cache.reader import RegionCache
     from vlpcache.model.batch import video_batch

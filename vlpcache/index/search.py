@@ -30,7 +30,7 @@ import numpy as np
 from vlpcache import report
 from vlpcache.cache.labels import region_names
 from vlpcache.cache.reader import DamagedShard, RegionCache
-from vlpcache.cache.schema import MOVES_DIR, REMOVED_DIR, SHARD_DIR, SHARD_SUFFIX, detector_name
+from vlpcache.cache.schema import FAILURE_DIR, MOVES_DIR, REMOVED_DIR, SHARD_DIR, SHARD_SUFFIX, detector_name
 from vlpcache.captions import ids_like, item_named, left_out_kinds, model_text, model_text_origins, text_lines
 from vlpcache.devices import DEFAULT_DEVICE, DEVICES, resolve_device
 from vlpcache.errors import NotComparable, UserError, WriteFailed, user_message
@@ -55,7 +55,7 @@ from vlpcache.workspace import Workspace
 HIT_ARRAYS = ("labels", "boxes", "timestamps")
 # extract's records of the cache, taken up without a new index when they change (not the damaged rows'
 # records, which readers write: this one's own would drop the hit it is showing)
-CACHE_RECORD_DIRS = (MOVES_DIR, REMOVED_DIR)
+CACHE_RECORD_DIRS = (MOVES_DIR, REMOVED_DIR, FAILURE_DIR)
 # shards extract commits (items added, or extracted again: their hits are told so) are looked for at most this
 # often: the cache is listed again then, which reads every shard's ids (seconds for millions of items)
 SHARDS_LOOKED_EVERY_S = 10.0
@@ -75,9 +75,34 @@ LIKED_EXTRACTED_AGAIN = ("was extracted again since it was indexed (its source c
 # a hit whose file is no longer where it was extracted from (nor where a move record says it went)
 GONE_HIT = ("its source is no longer there: found by what was cached; moved, `vlpcache extract NEW_ROOT` records where "
             "it went; deleted, `vlpcache extract ROOT --prune` drops such items from the cache")
+# a hit whose source changed since it was extracted, and whose new file then failed to extract (the cache reads the
+# old row, which the index holds too: its regions are shown, of the old content); the failure's reason follows
+FAILED_AGAIN_HIT = "its source changed since it was extracted and the new file did not extract"
 # a hit whose cached row does not read (the reader recorded it: extract redoes it, and search then leaves it out)
 UNREADABLE_HIT = ("its cached regions cannot be read (the cache's shard is damaged: a disk fault or a bad copy), so none "
                   "are shown; recorded in the cache: the next `vlpcache extract` extracts it again")
+
+
+def failed_again(cache: RegionCache) -> dict[str, dict]:
+    """Cached items whose source changed and then failed to extract: id -> the failure record (newer than the item's
+    row, of another file than the row's stamp records). The cache reads their old rows: extract keeps them, and
+    --prune drops only items whose files are gone."""
+    return {item_id: record for item_id, record in cache.failures.items()
+            if item_id in cache and record.get("source", "") != cache.sources[cache.index_of(item_id)]}
+
+
+def failed_again_hit(failure: dict) -> str:
+    """FAILED_AGAIN_HIT with the failure's reason and what to do."""
+    path = printable(str(failure.get("path", "its file")))
+    return (f"{FAILED_AGAIN_HIT} ({printable(str(failure.get('reason', 'it failed')))}): found by its old content, "
+            f"whose regions are shown; mend or replace {path} and run `vlpcache extract` again (deleted, `vlpcache "
+            "extract --prune` drops the item)")
+
+
+def shows_cached_regions(outdated: str) -> bool:
+    """Whether a hit with this Hit.outdated shows its cached row's regions and times: those of the content the index
+    holds (most hits; a source gone or changed and failed since), not of a row extracted again or unreadable."""
+    return not outdated or outdated == GONE_HIT or outdated.startswith(FAILED_AGAIN_HIT)
 
 
 def unreadable_hit(damage: DamagedShard) -> str:
@@ -113,7 +138,8 @@ class Hit:
     frame: int | None = None  # index of the best-matching frame among the item's sampled frames
     note: str = ""  # what went wrong decoding the item, kept anyway (e.g. a truncated video); "" for most
     # what is off with the hit: found by an older extraction of the item, or its cached row does not read
-    # (UNREADABLE_HIT), both shown without regions; its source is gone (GONE_HIT); "" for most
+    # (UNREADABLE_HIT), both shown without regions; its source is gone (GONE_HIT), or changed and the new file did
+    # not extract (FAILED_AGAIN_HIT); "" for most
     outdated: str = ""
     kind: str = "video"  # what the item was extracted from: "video", "frames" (a folder of a video's frames) or "image"
 
@@ -191,8 +217,9 @@ class Searcher:
         return found.st_ino, found.st_mtime_ns, banked
 
     def _records_stamp(self) -> tuple:
-        """The cache's records of moved and dropped items as they are now: extract appends to them
-        (a move recorded changes where an item's frames are, and no index is written for it)."""
+        """The cache's records of moved, dropped and failed items as they are now: extract appends to them
+        (a move recorded changes where an item's frames are, a failure whether its hits are outdated, and no
+        index is written for either)."""
         found = []
         for name in CACHE_RECORD_DIRS:
             try:
@@ -225,6 +252,7 @@ class Searcher:
         self.weak_below = float(weak_below) if isinstance(weak_below, (int, float)) else None
         # found by their old content: the regions the index holds are not the cached rows' any more
         self.extracted_again = set(extracted_again(index, self.cache))
+        self.failed_again = failed_again(self.cache)  # found by their old content, whose rows the cache still reads
         # cached since it was built (a set difference: at each shard commit, in a request, over every cached id)
         self.unindexed = len(set(self.cache.ids).difference(index.ids))
 
@@ -447,7 +475,7 @@ class Searcher:
             item, note, outdated = self._shown(item_id)
             N = item["labels"].shape[1]
             alignment = align(ranking.attention[j], query.word_mask[0], query.tokens, ranking.positions[j], N)
-            if outdated and outdated != GONE_HIT:
+            if not shows_cached_regions(outdated):
                 alignment = Alignment(0, [])
             matched, names = [], region_names(self.cache.settings.detector)
             for match in alignment.words:
@@ -480,6 +508,8 @@ class Searcher:
             item, note, outdated = self.cache.blank(self.cache.index_of(item_id)), "", unreadable_hit(damage)
         if not outdated and item["path"] and not os.path.lexists(item["path"]):
             outdated = GONE_HIT  # its regions are shown: they are the cached ones, if on no picture
+        if not outdated and (failure := self.failed_again.get(item_id)):
+            outdated = failed_again_hit(failure)
         return item, note, outdated
 
     def indexed_item(self, key: str, on_disk: bool = False) -> str:
@@ -538,7 +568,7 @@ class Searcher:
         hits = []
         for rank, ((score, r), frame) in enumerate(zip(found, frames), 1):
             item, note, outdated = self._shown(self.index.ids[r])
-            frame = frame if not outdated or outdated == GONE_HIT else 0  # an unreadable row's times are blank
+            frame = frame if shows_cached_regions(outdated) else 0  # an unreadable row's times are blank
             hits.append(Hit(rank=rank, id=self.index.ids[r], path=item["path"], score=score, global_score=score,
                             local_score=None, time=frame_time(item["timestamps"][frame]), frame=frame,
                             note=note, outdated=outdated, kind=item["kind"]))
