@@ -1575,7 +1575,7 @@ def test_an_index_written_a_few_rows_at_a_time_equals_one_written_at_once_and_ne
         assert vlpcache(monkeypatch, capsys, *args)[0] == 0  # built
         write_cache(cache, 3, prefix="w", seed=5)
         assert vlpcache(monkeypatch, capsys, *args)[0] == 0  # added to
-        return {p.name: p.read_bytes() for p in the_index(ws, root=root).iterdir()
+        return {p.name: p.read_bytes() for p in the_index(ws, root=root, cache=cache).iterdir()
                 if p.suffix in (".npy", ".faiss") or p.name == "ids.json"}
 
     at_once = index_twice(ws / "at-once")
@@ -1584,7 +1584,7 @@ def test_an_index_written_a_few_rows_at_a_time_equals_one_written_at_once_and_ne
     monkeypatch.setattr(index_rows.NpyWriter, "write", noted)
     in_chunks = index_twice(ws / "in-chunks")
     assert len(in_chunks) == 6 and in_chunks == at_once  # embeddings, the region store, the FAISS index, the ids
-    index = VideoIndex.load(the_index(ws, root=ws / "in-chunks"))
+    index = VideoIndex.load(the_index(ws, root=ws / "in-chunks", cache=ws / "in-chunks" / "cache"))
     regions_of = np.diff(index.regions.offsets)  # (V,)
     assert len(index) == ITEMS + 3 and max(regions_of) > 0
     # the regions went to their file a part (5 videos) or 3 indexed rows at a time, never all together
