@@ -2419,6 +2419,10 @@ MUTANTS += [
            "CACHE_RECORD_DIRS = (MOVES_DIR, REMOVED_DIR, FAILURE_DIR)", "CACHE_RECORD_DIRS = (MOVES_DIR, REMOVED_DIR)",
            "tests/test_search.py -k failed_to_extract",
            "a running serve does not take up a failure extract records: its hit stays shown as current"),
+    mutant("index-project-copy-rebuilds", "vlpcache/index/layout.py",
+           "    if written_in and not _same_folder(written_in, folder):\n", "    if False:\n",
+           "tests/test_search.py -k copied_whole",
+           "a project copied whole with its index builds it again, as if its cache were a copy beside the original"),
 ]
 
 

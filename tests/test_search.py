@@ -399,7 +399,7 @@ def test_without_the_workspace_cache_index_names_the_caches_the_run_was_trained_
     assert code == 2 and err == (f"error: no cache at {ws / 'cache'}; run-002 was trained on 2 caches ({caches[0]}, "
                                  f"{caches[1]}): pass one of them with --cache (index, search, serve and eval read one "
                                  "cache at a time)\n")
-    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "--run", ws / "runs" / "run-001")
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog")
     assert code == 2 and err.endswith(f"; run-001 was trained on {template / 'cache'}: pass --cache {template / 'cache'}\n")
     code, _, err = vlpcache(monkeypatch, capsys, "index", "--cache", caches[1])
     assert code == 0, err
@@ -439,7 +439,7 @@ def test_a_newer_run_gets_an_index_of_its_own_on_first_search_and_the_earlier_on
     assert f"no index of run {newer} (epoch 1" in err and f"building it in {second}" in err
     assert f"the 1 index(es) of other checkpoints or caches in {ws / 'index'} stay" in err
     assert read_meta(second).checkpoint_sha256 == load_run(newer).checkpoint_sha256
-    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "--run", ws / "runs" / "run-001")
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog")
     assert code == 0 and "building" not in err  # the earlier run's index is still there
 
 
@@ -722,6 +722,22 @@ def test_a_copy_of_a_cache_whose_original_is_still_there_gets_an_index_of_its_ow
     [result] = search_json(monkeypatch, capsys, "a dog", "-k", "30")
     assert sorted(hit["id"] for hit in result["results"]) == sorted(ours.ids)  # none "removed from the cache"
     assert not [hit for hit in result["results"] if "extracted again" in hit["outdated"]]
+
+
+def test_a_project_copied_whole_keeps_its_index_while_the_original_keeps_its_own(ws, tmp_path, monkeypatch, capsys):
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    project = tmp_path / "project"
+    shutil.copytree(ws, project)  # cache, runs and index together: the index was copied with its cache
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(project))
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog")
+    assert code == 0 and "building" not in err
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0 and "up to date" in err and len(list((project / "index").glob("*/index.json"))) == 1
+    assert read_meta(the_index(ws, root=project / "index", cache=project / "cache")).cache_dir == str(
+        (project / "cache").resolve())  # recorded: a copy of the copy's cache is now told apart
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(ws))
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0 and "up to date" in err
 
 
 def test_a_hit_whose_source_was_replaced_by_a_file_that_failed_to_extract_is_outdated_with_the_reason(ws, tmp_path,
