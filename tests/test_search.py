@@ -399,7 +399,7 @@ def test_without_the_workspace_cache_index_names_the_caches_the_run_was_trained_
     assert code == 2 and err == (f"error: no cache at {ws / 'cache'}; run-002 was trained on 2 caches ({caches[0]}, "
                                  f"{caches[1]}): pass one of them with --cache (index, search, serve and eval read one "
                                  "cache at a time)\n")
-    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog")
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "--run", ws / "runs" / "run-001")
     assert code == 2 and err.endswith(f"; run-001 was trained on {template / 'cache'}: pass --cache {template / 'cache'}\n")
     code, _, err = vlpcache(monkeypatch, capsys, "index", "--cache", caches[1])
     assert code == 0, err
@@ -439,7 +439,7 @@ def test_a_newer_run_gets_an_index_of_its_own_on_first_search_and_the_earlier_on
     assert f"no index of run {newer} (epoch 1" in err and f"building it in {second}" in err
     assert f"the 1 index(es) of other checkpoints or caches in {ws / 'index'} stay" in err
     assert read_meta(second).checkpoint_sha256 == load_run(newer).checkpoint_sha256
-    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog")
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "--run", ws / "runs" / "run-001")
     assert code == 0 and "building" not in err  # the earlier run's index is still there
 
 
