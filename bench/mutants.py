@@ -2423,6 +2423,14 @@ MUTANTS += [
            "    if written_in and not _same_folder(written_in, folder):\n", "    if False:\n",
            "tests/test_search.py -k copied_whole",
            "a project copied whole with its index builds it again, as if its cache were a copy beside the original"),
+    # ------------------------------------------------ search --like's truth (fix-search-truth)
+    mutant("like-in-faiss-order", "vlpcache/index/search.py",
+           "        order = np.argsort(-exact, kind=\"stable\")[:k]\n", "        order = np.arange(len(rows))[:k]\n",
+           "tests/test_search.py -k like_under_an_approximate", "--like under an approximate index lists FAISS's order, not the exact cosine's"),
+    mutant("like-pool-of-k", "vlpcache/index/search.py",
+           "        wanted = max(k, self.rerank_candidates)\n        pool = min(len(self.index), wanted + (leave_out",
+           "        wanted = k\n        pool = min(len(self.index), wanted + (leave_out",
+           "tests/test_search.py -k like_under_an_approximate", "--like re-scores only FAISS's own top k: the exact best it missed stay missed"),
 ]
 
 

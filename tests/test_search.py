@@ -1402,6 +1402,23 @@ def test_like_ranks_the_other_items_by_cosine_with_the_items_own_embedding_in_th
     assert " v5 " not in first and f"  {hits[0].id}  {hits[0].id}.mp4  @ " in ranked[0]
 
 
+def test_like_under_an_approximate_factory_ranks_and_scores_by_the_exact_cosine_of_the_stored_embeddings(
+        ws, monkeypatch, capsys):
+    """FAISS's own scores of an approximate index are estimates (a PCA index's are biased; under IVF-PQ an exact copy
+    scored 0.81, the others in another order): --like printed them and their order. They only choose candidates now."""
+    assert vlpcache(monkeypatch, capsys, "index", "--factory", "PCA8,Flat", "--rebuild", "--quiet")[0] == 0
+    index = VideoIndex.load(the_index(ws))
+    example = index.row_of("v0")
+    cosine = index.embeddings @ index.embeddings[example]  # (V,)
+    order = [r for r in np.argsort(-cosine, kind="stable") if r != example][:6]
+    _, faiss_rows = index.search(index.embeddings[example][None], 7)  # the item itself and 6
+    faiss_order = [r for r in faiss_rows[0] if r != example][:6]
+    assert faiss_order != order and not set(order) <= set(faiss_order)  # FAISS's own first 7 miss some of these
+    [result] = search_json(monkeypatch, capsys, "--like", "v0", "-k", "6")
+    assert [h["id"] for h in result["results"]] == [index.ids[r] for r in order]
+    assert [h["score"] for h in result["results"]] == pytest.approx(cosine[order].tolist(), abs=1e-5)
+
+
 def test_like_of_an_item_extracted_again_since_it_was_indexed_says_its_old_content_answers(ws, monkeypatch, capsys):
     assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
     write_cache(ws / "cache", 1, prefix="v", seed=9)  # v0 extracted again (a new shard): the index holds its old vector

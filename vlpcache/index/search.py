@@ -446,7 +446,7 @@ class Searcher:
         score is turned into an order."""
         rows = np.asarray(rows, np.int64)
         head = min(self.rerank_candidates, len(rows))
-        exact = self.index.embeddings[rows] @ np.asarray(query.global_, np.float32)[0]  # (P,) cosine
+        exact = self._cosines(query.global_[0], rows)  # (P,)
         tail = head + np.argsort(-exact[head:], kind="stable")  # past the candidates re-ordered: global order
         if rerank:
             score, global_, local, attention, positions = self._rescored(query, rows)
@@ -458,6 +458,11 @@ class Searcher:
         final = np.where(order < head, by[order], exact[order]).astype(np.float32)
         _, global_, _, attention, positions = self._rescored(query, rows[order])  # what each hit shows: its regions
         return Ranking(rows[order].tolist(), final, global_, None, attention, positions)
+
+    def _cosines(self, vector: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """(P,) the exact cosine of `vector` (E,) with the stored embeddings of `rows` (P,): what a hit's global
+        score is, whatever FAISS's own (an approximate index's quantised estimate) was."""
+        return self.index.embeddings[rows] @ np.asarray(vector, np.float32)
 
     def _rescored(self, query: EncodedQuery, rows: np.ndarray) -> tuple[np.ndarray, ...]:
         """(score, global, S_loc, attention, positions) of candidate rows: (P,) x 3, (P, L, K), (P, K)."""
@@ -559,11 +564,18 @@ class Searcher:
 
     def _ranked_like(self, vector: np.ndarray, example: np.ndarray | None, k: int, leave_out: int = -1) -> list[Hit]:
         """Hits of the indexed items by cosine with `vector` (E,), best first, but row `leave_out`; each hit's
-        frame the one whose regions are most like `example` (K, E), the query item's real regions (None: 0)."""
-        pool = min(len(self.index), k + (leave_out >= 0) + self.unshown)  # the item itself and what the cache cannot show
-        faiss_scores, faiss_rows = self.index.search(np.asarray(vector, np.float32)[None], pool)
-        found = [(float(s), int(r)) for s, r in zip(faiss_scores[0], faiss_rows[0])
-                 if r >= 0 and r != leave_out and self.index.ids[r] in self.cache][:k]
+        frame the one whose regions are most like `example` (K, E), the query item's real regions (None: 0).
+        FAISS only chooses the candidates, as many as text search re-ranks or k (an approximate index's own scores
+        and order are estimates: under IVF-PQ an exact copy scored 0.81, the others came in another order); their
+        order and scores are the exact cosine of the stored embeddings, as rank() gives text search's."""
+        wanted = max(k, self.rerank_candidates)
+        pool = min(len(self.index), wanted + (leave_out >= 0) + self.unshown)  # the item itself, what the cache cannot show
+        _, faiss_rows = self.index.search(np.asarray(vector, np.float32)[None], pool)  # (1, pool)
+        rows = np.array([int(r) for r in faiss_rows[0] if r >= 0 and r != leave_out and self.index.ids[r] in self.cache],
+                        np.int64)
+        exact = self._cosines(vector, rows)  # (P,)
+        order = np.argsort(-exact, kind="stable")[:k]
+        found = [(float(exact[j]), int(rows[j])) for j in order]
         frames = self._frames_like(example, [r for _, r in found])
         hits = []
         for rank, ((score, r), frame) in enumerate(zip(found, frames), 1):
