@@ -2431,6 +2431,10 @@ MUTANTS += [
            "        wanted = max(k, self.rerank_candidates)\n        pool = min(len(self.index), wanted + (leave_out",
            "        wanted = k\n        pool = min(len(self.index), wanted + (leave_out",
            "tests/test_search.py -k like_under_an_approximate", "--like re-scores only FAISS's own top k: the exact best it missed stay missed"),
+    mutant("serve-calibration-unstamped", "vlpcache/index/search.py",
+           "for name in (QUERYBANK_FILE, CALIBRATION_FILE)))", "for name in (QUERYBANK_FILE,)))",
+           "tests/test_search.py -k calibration_written_after",
+           "a running serve keeps the weak-match threshold of the index before `vlpcache index` grew it"),
 ]
 
 

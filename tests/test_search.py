@@ -609,6 +609,24 @@ def test_a_searcher_takes_up_the_videos_that_index_adds_while_it_is_open(ws, mon
     assert searcher.item("w1")["id"] == "w1"
 
 
+def test_a_searcher_takes_up_a_calibration_written_after_the_index_it_took_up(ws, monkeypatch, capsys):
+    """`vlpcache index` replaces index.json, then writes calibration.json: a server asked in between took up the new
+    index and kept the old weak-match threshold until the next index change, marking queries weak otherwise than
+    `vlpcache search` did."""
+    from vlpcache.index.search import Searcher
+    from vlpcache.records import write_json
+
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    searcher = Searcher(say=lambda line: None)
+    path = the_index(ws) / "calibration.json"
+    calibration = json.loads(path.read_text())
+    assert searcher.weak_below == calibration["weak_below"]
+    write_json(path, {**calibration, "weak_below": 2.0})  # what index writes after index.json: every match weak
+    assert searcher.weak(searcher.search("a dog on the grass", k=3)) is True and searcher.weak_below == 2.0
+    path.unlink()  # no training caption reads any more: no calibration, no match said weak
+    assert searcher.weak(searcher.search("a dog on the grass", k=3)) is False and searcher.weak_below is None
+
+
 def test_an_index_stopped_midway_resumes_and_encodes_only_what_no_kept_part_holds(ws, monkeypatch, capsys):
     import vlpcache.index.build as build
     import vlpcache.model.retrieval as retrieval

@@ -201,20 +201,19 @@ class Searcher:
         self._take(index, self._stamp())
 
     def _stamp(self) -> tuple | None:
-        """Which index.json is in the index folder now (`vlpcache index` replaces it, a new inode, last), and which
-        query bank: `index --qbnorm` of an index up to date writes only the bank."""
+        """Which index.json is in the index folder now (`vlpcache index` replaces it, a new inode, last of the index's
+        files), and which of the files _take reads beside it, which `vlpcache index` writes after it: the query bank
+        (`index --qbnorm` of an index up to date writes only the bank) and calibration.json (what a weak match is:
+        a search between the two kept the old one until the next index change). The ONNX query model is not among
+        them: it is the checkpoint's, which the index folder is of, and answers as the run loaded with torch does."""
         if self.index_dir is None:  # from_parts without a folder: nothing to take up
             return None
         try:
             found = (self.index_dir / META_FILE).stat()
         except OSError:
             return None
-        try:
-            bank = (self.index_dir / QUERYBANK_FILE).stat()
-            banked = (bank.st_ino, bank.st_mtime_ns)
-        except OSError:  # none
-            banked = None
-        return found.st_ino, found.st_mtime_ns, banked
+        return (found.st_ino, found.st_mtime_ns, *(file_stamp(self.index_dir / name)
+                                                   for name in (QUERYBANK_FILE, CALIBRATION_FILE)))
 
     def _records_stamp(self) -> tuple:
         """The cache's records of moved, dropped and failed items as they are now: extract appends to them
@@ -267,7 +266,7 @@ class Searcher:
             return False
         with self._lock:
             if stamp is not None and self._index_stamp is not None and stamp[:2] == self._index_stamp[:2] \
-                    and stamp != self._index_stamp:  # only the query bank is new: the index loaded is the one
+                    and stamp != self._index_stamp:  # only the bank or calibration is new: the index loaded is the one
                 index = self.index
             elif stamp is not None and stamp != self._index_stamp:
                 try:
@@ -628,6 +627,16 @@ class Searcher:
     def export(self, path) -> list[Path]:
         """Write the indexed embeddings and their ids for other tools (see index/export.py); the files written."""
         return export_embeddings(self.index, self.cache, path)
+
+
+def file_stamp(path: Path) -> tuple | None:
+    """Which file is at `path` now (its inode, time and size: a file replaced atomically is another inode), None where
+    there is none."""
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_ino, found.st_mtime_ns, found.st_size
 
 
 # ---------------------------------------------------------------- output
