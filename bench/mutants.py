@@ -2435,6 +2435,21 @@ MUTANTS += [
            "for name in (QUERYBANK_FILE, CALIBRATION_FILE)))", "for name in (QUERYBANK_FILE,)))",
            "tests/test_search.py -k calibration_written_after",
            "a running serve keeps the weak-match threshold of the index before `vlpcache index` grew it"),
+    mutant("thumbnails-pruned-index-made-again", "vlpcache/serve/thumbnails.py",
+           "                self._begin_store(parents=False)", "                self._begin_store()",
+           "tests/test_serve.py -k pruned_while_serving",
+           "a serve's next thumbnail makes again the index folder `index --prune` removed, which no prune removes"),
+    mutant("prune-index-leftover-passed-over", "vlpcache/index/prune.py",
+           "and index_leftover(index_dir)\n", "and (index_dir / PARTS_DIR).is_dir()\n",
+           "tests/test_search.py -k left_without_its_index",
+           "an index folder holding only a serve's thumbnails (no index.json) is never pruned"),
+    mutant("prune-leftover-of-any-content", "vlpcache/index/prune.py",
+           "        return all(entry in INDEX_ENTRIES or fnmatch.fnmatch(entry, TEMPORARY_GLOB) for entry in os.listdir(folder))\n",
+           "        return True\n",
+           "tests/test_search.py -k left_without_its_index", "prune removes a folder of the user's named like an index"),
+    mutant("prune-leftover-of-any-name", "vlpcache/index/prune.py",
+           "not (INDEX_FOLDER_NAME.fullmatch(folder.name)", "not (True",
+           "tests/test_search.py -k left_without_its_index", "prune removes a folder of the user's that holds only a thumbnails folder"),
 ]
 
 

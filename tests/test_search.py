@@ -551,6 +551,28 @@ def test_prune_removes_the_indexes_of_checkpoints_no_run_holds_and_keeps_the_res
     assert code == 0 and "prune: nothing to remove" in err and new.exists()
 
 
+def test_prune_removes_an_index_folder_left_without_its_index_and_no_folder_that_is_not_an_indexs(ws, monkeypatch,
+                                                                                                    capsys):
+    """A `serve` of an index `index --prune` removed made its thumbnails' folder again there: an index folder without
+    index.json, which prunes then passed over for good. Such folders go where no run holds their checkpoint."""
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    root, served = ws / "index", the_index(ws)
+    left = root / "0123456789abcdef-00000000-11111111"  # what the serve left: thumbnails only
+    (left / "thumbnails" / "ab").mkdir(parents=True)
+    (left / "thumbnails" / "ab" / "ab12.jpg").write_bytes(b"x" * 100)
+    held = root / (served.name.split("-")[0] + "-00000000-11111111")  # run-001's checkpoint: its index may come back
+    (held / "thumbnails").mkdir(parents=True)
+    users = root / "fedcba9876543210-00000000-11111111"  # named like one, holding a file no index has
+    (users / "thumbnails").mkdir(parents=True)
+    (users / "notes.txt").write_text("mine")
+    (root / "photos" / "thumbnails").mkdir(parents=True)  # not named as an index
+    code, _, err = vlpcache(monkeypatch, capsys, "index", "--prune")
+    assert code == 0 and "prune: removed 1 index(es) of checkpoints no run holds any more" in err and left.name in err
+    assert sorted(p.name for p in root.iterdir()) == sorted([served.name, held.name, users.name, "photos"])
+    code, _, err = vlpcache(monkeypatch, capsys, "index", "--prune")
+    assert code == 0 and "prune: nothing to remove" in err
+
+
 def test_an_index_whose_record_names_another_checkpoint_is_refused_in_one_line(ws, monkeypatch, capsys):
     assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
     meta_path = the_index(ws) / "index.json"

@@ -507,6 +507,25 @@ def test_a_thumbnail_of_an_older_cache_is_read_at_the_time_it_stored_counted_as_
     assert thumbnail("before") == 10  # 1 s into the video
 
 
+def test_thumbnails_of_an_index_pruned_while_serving_are_shown_without_making_its_folder_again(tmp_path):
+    # the next thumbnail made <index>/thumbnails/ again in the index folder `index --prune` had removed: a folder (of up
+    # to 2 GB) without index.json, which later prunes never removed
+    from vlpcache.cache.reader import RegionCache
+    from vlpcache.serve import thumbnails
+
+    video = make_video_after_audio(tmp_path / "clip.mp4", lead_ms=0, frames=20)
+    write_cache(tmp_path / "cache", 1, sources=[(video, "video")])
+    item = RegionCache(tmp_path / "cache").get("v0")
+    said = []
+    store = thumbnails.ThumbnailStore(tmp_path / "index" / "thumbnails", say=said.append)
+    assert store.get(item, 0).placeholder is None and len(list((tmp_path / "index").glob("thumbnails/*/*.jpg"))) == 1
+    shutil.rmtree(tmp_path / "index")  # `vlpcache index --prune` of the checkpoint served
+    shown = [store.get(item, 1), store.get(item, 1)]
+    assert [thumbnail.placeholder for thumbnail in shown] == [None, None] and not (tmp_path / "index").exists()
+    assert frame_number(np.asarray(Image.open(io.BytesIO(shown[1].jpeg)))) == 10
+    assert len(said) == 1 and said[0].startswith(f"note: the index folder {tmp_path / 'index'} was removed")
+
+
 def test_a_thumbnail_whose_decoding_runs_out_of_time_is_a_placeholder_not_tried_again_until_restarted(tmp_path,
                                                                                                      monkeypatch):
     # decoded in the server's own process: a frame an hour into a video without keyframes (or a GIF of a huge canvas,

@@ -29,6 +29,7 @@ key taking the copy's path too.
                            search parameters, item count
     encoding/              only while an index is being written, or after one was stopped: the videos
                            encoded so far, a part per chunk, so that running it again resumes (parts.py)
+    thumbnails/            `vlpcache serve`'s thumbnail store (serve/thumbnails.py)
 
 Every file is written under a temporary name, and only once all are written are they renamed into
 place (files.replace_together), index.json last: a failed write (disk full) leaves the old index, and a
@@ -41,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +64,12 @@ QUERYBANK_FILE = "querybank.npz"
 CALIBRATION_FILE = "calibration.json"  # how well the run's training captions match this index: what a weak match is
 LOCK_FILE = "index.lock"
 PARTS_DIR = "encoding"
+THUMBNAIL_DIR = "thumbnails"  # serve's thumbnail store (serve/thumbnails.py)
+# what an index folder may hold (but the temporaries of files being replaced, files.TEMPORARY_GLOB)
+INDEX_ENTRIES = frozenset({INDEX_FILE, IDS_FILE, EMBEDDINGS_FILE, META_FILE, REGIONS_FILE, REGION_OFFSETS_FILE,
+                           REGION_POSITIONS_FILE, QUERY_DIR, QUERYBANK_FILE, CALIBRATION_FILE, LOCK_FILE, PARTS_DIR,
+                           THUMBNAIL_DIR, f".{QUERY_DIR}.tmp"})  # (the last: an ONNX export being written)
+INDEX_FOLDER_NAME = re.compile(r"[0-9a-f]{16}(-[0-9a-f]{8}){1,2}")  # index_key's (an older one's: no collection)
 
 # Measured on this 2-core machine (bench/search_latency.py): one exact 256-d query over 50k vectors
 # costs ~3 ms, so beyond that the exact index no longer meets a 5 ms budget per query.

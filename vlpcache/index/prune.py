@@ -6,8 +6,11 @@ leaves an index (embeddings, region store, the ONNX query model: 121 MB for MSR-
 videos) that no command will open again. An index is stale when no run holds a checkpoint with its
 sha256: neither the run it records (index.json's run_dir), nor a run of the workspace, nor the run
 being indexed. Indexes of the same checkpoint over caches of other settings are not stale (those
-caches may still be searched). An index whose first build was stopped (kept parts, parts.py, and no
-index.json) is stale when no run of the workspace, nor the run being indexed, holds its checkpoint.
+caches may still be searched). A folder of an index without index.json (its first build stopped: kept parts,
+parts.py; or the thumbnails a `serve` of a pruned index went on keeping, before it stopped making the folder
+again) is stale when no run of the workspace, nor the run being indexed, holds its checkpoint, which its name
+holds; only a folder named as index_key names them, or holding kept parts, and holding nothing but an index's
+files (layout.INDEX_ENTRIES): a folder of the user's in the index root is never touched.
 
 Each stale index is removed under its own lock (an index being written is left alone, saying so):
 renamed to `.pruned-<name>` in one step, then deleted, so a kill -9 halfway leaves a folder no
@@ -16,11 +19,13 @@ command reads as an index and the next prune finishes deleting.
 
 from __future__ import annotations
 
+import fnmatch
+import os
 import shutil
 from pathlib import Path
 
-from vlpcache.files import folder_bytes
-from vlpcache.index.layout import LOCK_FILE, META_FILE, PARTS_DIR, other_indexes
+from vlpcache.files import TEMPORARY_GLOB, folder_bytes
+from vlpcache.index.layout import INDEX_ENTRIES, INDEX_FOLDER_NAME, LOCK_FILE, META_FILE, PARTS_DIR, other_indexes
 from vlpcache.locks import WriterLock
 from vlpcache.model.run_layout import META_NAME, checkpoints
 from vlpcache.records import read_optional_json
@@ -60,14 +65,26 @@ def stale_indexes(root: Path, keep: Path, run_dirs: list[Path]) -> list[Path]:
         if sha in held or (meta.get("run_dir") and sha in held_by(Path(meta["run_dir"]))):
             continue
         stale.append(index_dir)
-    # an index whose first build was stopped has kept parts and no index.json yet: its folder names its checkpoint
+    # an index folder without index.json (a first build stopped, what a serve kept of a pruned index's thumbnails):
+    # its name holds its checkpoint
     held_prefixes = {sha[:16] for sha in held}
-    for parts in sorted(Path(root).glob(f"*/{PARTS_DIR}")):
-        index_dir = parts.parent
-        if (index_dir != Path(keep) and not (index_dir / META_FILE).exists()
-                and not index_dir.name.startswith(PRUNED_PREFIX) and index_dir.name.split("-")[0] not in held_prefixes):
+    for index_dir in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.is_symlink()):
+        if (index_dir != Path(keep) and not (index_dir / META_FILE).exists() and index_leftover(index_dir)
+                and index_dir.name.split("-")[0] not in held_prefixes):
             stale.append(index_dir)
     return stale
+
+
+def index_leftover(folder: Path) -> bool:
+    """Whether `folder`, holding no index.json, is what is left of an index: named as one (layout.index_key) or
+    holding kept parts, and holding nothing an index does not (a folder of the user's is never one)."""
+    if folder.name.startswith(PRUNED_PREFIX) or not (INDEX_FOLDER_NAME.fullmatch(folder.name)
+                                                     or (folder / PARTS_DIR).is_dir()):
+        return False
+    try:
+        return all(entry in INDEX_ENTRIES or fnmatch.fnmatch(entry, TEMPORARY_GLOB) for entry in os.listdir(folder))
+    except OSError:
+        return False
 
 
 def prune_indexes(root: Path, keep: Path, run_dirs: list[Path], say: Say) -> list[Path]:

@@ -9,9 +9,8 @@ from urllib.parse import quote_plus
 
 from vlpcache.devices import DEFAULT_DEVICE
 from vlpcache.errors import UserError
+from vlpcache.index.layout import THUMBNAIL_DIR
 from vlpcache.report import printable, say
-
-THUMBNAIL_DIR = "thumbnails"  # inside the index directory (layout: thumbnails.py)
 
 
 def run_serve(run_dir=None, cache_dir=None, index_dir=None, host="127.0.0.1", port=8000, device=DEFAULT_DEVICE,

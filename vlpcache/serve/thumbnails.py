@@ -7,6 +7,9 @@ time (seeking, as extract does: vlpcache.extract.sampling.read_frames_at), and k
                                       the source's stamp),
                                       <kk> its first two hex digits
 
+A store removed while serving is begun again at the next thumbnail, but not where its index folder was removed
+(`vlpcache index --prune` of the index served): that would make again a folder that holds no index.
+
 The store is kept under a size (THUMBNAILS_MAX_BYTES, `serve --thumbnails-max`): once over it, the thumbnails
 least recently shown are removed until it is 80% full (a thumbnail's mtime is when it was last shown), so
 that the keys of items extracted again or moved, never asked for again, do not fill the disk. Anything in
@@ -90,8 +93,8 @@ class ThumbnailStore:
         except OSError as err:
             self._not_writable(err)
 
-    def _begin_store(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def _begin_store(self, parents: bool = True) -> None:
+        self.folder.mkdir(parents=parents, exist_ok=True)
         (self.folder / STORE_FILE).write_text(json.dumps({"format": STORE_FORMAT}))
 
     def key(self, item: dict, frame: int) -> str:
@@ -139,8 +142,8 @@ class ThumbnailStore:
         """Keep a thumbnail; one that cannot be kept (a full disk, the folder made read-only) is said once, and each
         later one is tried again: room made, or the store's folder removed to free space, they are kept again."""
         try:
-            if not (self.folder / STORE_FILE).exists():  # removed while serving: begun again
-                self._begin_store()
+            if not (self.folder / STORE_FILE).exists():  # removed while serving: begun again, but not in an index
+                self._begin_store(parents=False)  # folder removed (`index --prune`): one no later prune would remove
             path.parent.mkdir(exist_ok=True)
             replace_atomically(path, lambda tmp: tmp.write_bytes(jpeg))
         except OSError as err:
@@ -180,7 +183,11 @@ class ThumbnailStore:
         return total
 
     def _not_writable(self, err: OSError) -> None:
-        if self._writable:  # once until one is kept again: not a line per request
+        if self._writable and not self.folder.parent.exists():
+            self.say(f"note: the index folder {self.folder.parent} was removed (`vlpcache index --prune` removes those of "
+                     "checkpoints no run holds): thumbnails are decoded on each request and not kept; restart `vlpcache "
+                     "serve` to serve a run that is still there")
+        elif self._writable:  # once until one is kept again: not a line per request
             self.say(f"note: cannot keep thumbnails in {self.folder} ({err.strerror or err}); they are decoded on each "
                      "request until one can be kept again")
         self._writable = False
