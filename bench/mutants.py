@@ -2450,6 +2450,15 @@ MUTANTS += [
     mutant("prune-leftover-of-any-name", "vlpcache/index/prune.py",
            "not (INDEX_FOLDER_NAME.fullmatch(folder.name)", "not (True",
            "tests/test_search.py -k left_without_its_index", "prune removes a folder of the user's that holds only a thumbnails folder"),
+    mutant("like-changed-file-answers-old-content", "vlpcache/index/search.py",
+           "    if outside and changed is not None and changed_source(key, searcher, changed) is not None:\n",
+           "    if False:\n",
+           "tests/test_like_outside.py -k replaced_since",
+           "--like of a cached file replaced since extract answers for its old content, without a word"),
+    mutant("like-changed-file-unsaid-in-json", "vlpcache/index/search.py",
+           'note = liked_note(searcher, item_id) if item_id is not None else changed_line(key, was) if was is not None else ""',
+           "note = liked_note(searcher, item_id)",
+           "tests/test_like_outside.py -k replaced_since", "--like --json of a changed cached file carries no note"),
 ]
 
 

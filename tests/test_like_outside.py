@@ -176,6 +176,30 @@ def test_a_frames_folder_and_a_photo_outside_the_cache_and_the_lines_of_what_is_
     assert list(Path(tempfile.tempdir).iterdir()) == []  # the failed extract's cache removed too
 
 
+def test_a_cached_file_replaced_since_it_was_extracted_is_compared_as_it_is_now_with_a_note(user, monkeypatch, capsys):
+    # --like of a cached file replaced by another video (not extracted again yet) answered for its old content, the
+    # index's row, without a word, while the same new file at any other path was compared as it is
+    mine = user / "mine"
+    mine.mkdir()
+    shutil.copy(VIDEOS / "tree.avi", mine / "clip.avi")
+    run_extract([mine], frames=2, workers=1, quiet=True)
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    shutil.copy(VIDEOS / "vtest.avi", mine / "clip.avi")  # the user replaced the clip
+    shutil.copy(VIDEOS / "vtest.avi", user / "vtest.avi")  # the same new content elsewhere
+    [replaced], err = like_json(monkeypatch, capsys, "--like", str(mine / "clip.avi"), "-k", "3")
+    [elsewhere], _ = like_json(monkeypatch, capsys, "--like", str(user / "vtest.avi"), "-k", "3")
+    said = f'{mine / "clip.avi"} changed since it was extracted as "clip" (the cache and the index hold its old content)'
+    assert replaced["outside"] is True and replaced["note"].startswith(said) and err.count(f"note: {said}") == 1
+    assert shown(replaced) == shown(elsewhere)
+    np.testing.assert_allclose([h["score"] for h in replaced["results"]], [h["score"] for h in elsewhere["results"]],
+                               atol=1e-5)
+    from vlpcache import Searcher, like_file
+
+    lines = []
+    hits = like_file(Searcher(), mine / "clip.avi", k=3, say=lines.append)
+    assert [(h.id, h.frame) for h in hits] == shown(elsewhere) and len(lines) == 1 and lines[0].startswith(f"note: {said}")
+
+
 def test_the_index_checkpoint_is_found_in_the_run_searched_where_the_project_moved(user, monkeypatch, capsys):
     index_json = next((user / "ws" / "index").rglob("index.json"))
     meta = json.loads(index_json.read_text())

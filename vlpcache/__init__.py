@@ -13,21 +13,24 @@ __all__ = ["Searcher", "Hit", "RegionHit", "like_file", "__version__"]
 
 def like_file(searcher, path, k: int = 10, device: str = "auto", say=None):
     """The items of `searcher`'s index most like a video, photo or frames folder (`vlpcache search --like FILE`):
-    a file or folder the cache holds is its item's hits (Searcher.like); one it does not hold is extracted on
-    its own, with the cache's settings, into a temporary cache (nothing added), then ranked the same way.
+    a file or folder the cache holds is its item's hits (Searcher.like); one it does not hold, or one it holds
+    that changed since it was extracted (said in a line), is extracted on its own, with the cache's settings, into
+    a temporary cache (nothing added), then ranked the same way.
     `say`: where its line goes (default: stderr; `lambda line: None` for none)."""
     import os
 
     from vlpcache import report
-    from vlpcache.index.search import check_k, like_outside, liked_item
+    from vlpcache.extract.stamps import source_changed
+    from vlpcache.index.search import changed_source, check_k, like_outside, liked_item
 
     check_k(k)
     path = os.fspath(path)
-    if (item_id := liked_item(path, searcher, outside=True)) is not None:
+    if (item_id := liked_item(path, searcher, outside=True, changed=source_changed)) is not None:
         return searcher.like(item_id, k)
     from vlpcache.extract.outside import extract_outside
 
-    return like_outside(searcher, path, k, extract_outside, device, say or report.say)
+    return like_outside(searcher, path, k, extract_outside, device, say or report.say,
+                        changed_from=changed_source(path, searcher, source_changed))
 
 
 def __getattr__(name: str):

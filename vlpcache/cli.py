@@ -432,9 +432,10 @@ def search(**options) -> None:
     """Videos that match TEXT (or are like an indexed one, or a clip of yours), best first, with the best-matching
     time and the regions that matched the words."""
     from vlpcache.extract import extract_outside
+    from vlpcache.extract.stamps import source_changed
     from vlpcache.index.search import run_search
 
-    run_search(**options, outside=extract_outside)
+    run_search(**options, outside=extract_outside, changed=source_changed)
 
 
 @cli.command()

@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -66,6 +67,8 @@ EXAMPLE_FILE_BYTES = 64 << 20  # a larger caption file is not read for a suggest
 # a hit extracted again since it was indexed (shown without matched regions: the index's are the old rows')
 EXTRACTED_AGAIN = ("extracted again since it was indexed (its source changed): found by its old content, its regions "
                    "not shown; run `vlpcache index` to index it anew")
+# whether a cached source (a file or frames folder) is no longer what its stamp recorded: (stamp, path) -> bool
+SourceChanged = Callable[[str, str], bool]
 # a --like hit's frame: its frames' likeness to the example is compared to this many decimals (float32's rounding
 # of equal regions, an exact copy's, would choose among them)
 LIKENESS_DECIMALS = 4
@@ -695,13 +698,36 @@ def outside_line(path: str, cache: RegionCache) -> str:
             f"{options}`, index it (`vlpcache index`), then search `--like {printable(name)}`")
 
 
-def liked_item(key: str, searcher: Searcher, outside: bool) -> str | None:
+def liked_item(key: str, searcher: Searcher, outside: bool, changed: SourceChanged | None = None) -> str | None:
     """The indexed item --like KEY names (its id, a file name or path that ends in it, or its source file by
     another path: a symbolic link to it), or None for a file or folder the cache does not hold, to be extracted on
-    its own (where `outside`); else a UserError saying why it names none."""
+    its own (where `outside`), and (with `changed`) for one it holds that has changed since it was extracted, to be
+    compared as it is now (changed_source says so); else a UserError saying why it names none."""
+    if outside and changed is not None and changed_source(key, searcher, changed) is not None:
+        return None
     if outside and (source := cached_source(key, searcher.cache)) is not None and source in searcher.index:
         return source
     return None if outside and names_outside(key, searcher) else searcher.indexed_item(key, on_disk=True)
+
+
+def changed_source(path: str, searcher: Searcher, changed: SourceChanged) -> str | None:
+    """The indexed item extracted from the file or folder `path` (by that path, a link to it, or the item whose id
+    it ends in) that is no longer what it was extracted from (`changed(stamp, path)`: extract/stamps.py's
+    source_changed, which the command line passes: the index does not import extract); None where none is."""
+    if not os.path.exists(path):
+        return None
+    cache = searcher.cache
+    for item_id in [cached_source(path, cache), *(i for i in ends_in(path, searcher) if same_source(path, cache, i))]:
+        if item_id in searcher.index and item_id in cache and changed(cache.sources[cache.index_of(item_id)], path):
+            return item_id
+    return None
+
+
+def changed_line(path: str, item_id: str) -> str:
+    """What --like says of a file the cache holds that has changed since it was extracted (changed_source)."""
+    return (f"{printable(path)} changed since it was extracted as \"{printable(item_id)}\" (the cache and the index "
+            "hold its old content): compared as it is now, extracted on its own (`vlpcache extract` of its folder, "
+            "then `vlpcache index`, bring the collection up to date)")
 
 
 def cached_source(path: str, cache: RegionCache) -> str | None:
@@ -744,15 +770,18 @@ def same_source(path: str, cache: RegionCache, item_id: str) -> bool:
         return False
 
 
-def like_outside(searcher: Searcher, path: str, k: int, outside, device, say: Say = say) -> list[Hit]:
-    """search --like FILE of a file or folder the cache does not hold: extracted on its own into a temporary
-    cache with the collection's settings (nothing is added to the collection), then ranked as like() ranks."""
+def like_outside(searcher: Searcher, path: str, k: int, outside, device, say: Say = say,
+                 changed_from: str | None = None) -> list[Hit]:
+    """search --like FILE of a file or folder the cache does not hold (or, `changed_from`, the id of the item it
+    was extracted as, one that changed since: changed_source): extracted on its own into a temporary cache with the
+    collection's settings (nothing is added to the collection), then ranked as like() ranks."""
     import tempfile
 
     named = ends_in(path, searcher)
     held = (f"is not {', '.join(repr(printable(i)) for i in named[:3])} of the cache, whose id{'s' if len(named) > 1 else ''} "
             "it ends in (another file)" if named else "is not in the cache")
-    say(f"{printable(path)} {held}: extracting it on its own to compare it (with the cache's settings; nothing is "
+    say(f"note: {changed_line(path, changed_from)}" if changed_from is not None else
+        f"{printable(path)} {held}: extracting it on its own to compare it (with the cache's settings; nothing is "
         "added to the cache)")
     with own_temporary_folder("vlpcache-like-") as folder:
         try:
@@ -965,10 +994,13 @@ def _newest_indexed_run(sources, cache: RegionCache) -> Path | None:
 
 
 def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=None, index_dir=None,
-               as_json=False, no_rerank=False, device=DEFAULT_DEVICE, qbnorm=False, like=(), outside=None) -> None:
+               as_json=False, no_rerank=False, device=DEFAULT_DEVICE, qbnorm=False, like=(), outside=None,
+               changed: SourceChanged | None = None) -> None:
     """The `vlpcache search` command. outside(path, settings, folder, device=) -> id: extracts a file or folder
     the cache does not hold into a cache of its own in `folder` (extract/outside.py; the command line's), so
-    that --like FILE ranks the indexed items like it; without it, --like of such a file says how to add it."""
+    that --like FILE ranks the indexed items like it; without it, --like of such a file says how to add it.
+    changed(stamp, path): whether a cached source changed since (extract/stamps.py): --like of such a file is
+    compared as it is now, as one the cache does not hold, with a note."""
     if like and (text is not None or queries_file):
         raise UserError("give words to search for (TEXT, --queries) or --like ID, not both")
     if like and qbnorm:
@@ -981,7 +1013,7 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
         say(line)
     if rerank and not searcher.can_rerank and not like:
         say("note: the run was trained without region-word alignment; results are not re-ranked")
-    liked = [(key, liked_item(key, searcher, outside is not None)) for key in like]  # each checked before any answer
+    liked = [(key, liked_item(key, searcher, outside is not None, changed)) for key in like]  # each checked before any answer
     indexed_like = any(item_id is not None for _, item_id in liked)
     shown = len(searcher) - searcher.unshown - indexed_like  # an item is not like itself
     if k > shown:
@@ -991,8 +1023,11 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
         if note := liked_note(searcher, item_id):  # its vector in the index is of what it was
             say(f"note: {printable(note)}")
     for n, (key, item_id) in enumerate(liked):
-        hits = searcher.like(item_id, k) if item_id is not None else like_outside(searcher, key, k, outside, device)
-        print(json.dumps(like_json(item_id or key, hits, outside=item_id is None, note=liked_note(searcher, item_id)),
+        was = changed_source(key, searcher, changed) if item_id is None and changed is not None else None
+        hits = (searcher.like(item_id, k) if item_id is not None else
+                like_outside(searcher, key, k, outside, device, changed_from=was))
+        note = liked_note(searcher, item_id) if item_id is not None else changed_line(key, was) if was is not None else ""
+        print(json.dumps(like_json(item_id or key, hits, outside=item_id is None, note=note),
                          ensure_ascii=False) if as_json
               else ("\n" if n else "") + format_hits(item_id or key, hits, head="like"), flush=True)
     cut, strange, weaker = FirstFew(), FirstFew(), FirstFew()
