@@ -7,10 +7,10 @@ videos) that no command will open again. An index is stale when no run holds a c
 sha256: neither the run it records (index.json's run_dir), nor a run of the workspace, nor the run
 being indexed. Indexes of the same checkpoint over caches of other settings are not stale (those
 caches may still be searched). A folder of an index without index.json (its first build stopped: kept parts,
-parts.py; or the thumbnails a `serve` of a pruned index went on keeping, before it stopped making the folder
-again) is stale when no run of the workspace, nor the run being indexed, holds its checkpoint, which its name
-holds; only a folder named as index_key names them, or holding kept parts, and holding nothing but an index's
-files (layout.INDEX_ENTRIES): a folder of the user's in the index root is never touched.
+parts.py; or the thumbnails an older `serve` of a pruned index kept there) is stale when no run of the
+workspace, nor the run being indexed, holds its checkpoint, which its name holds; only a folder named as
+index_key names them, or holding kept parts, and holding nothing but an index's files (layout.INDEX_ENTRIES):
+a folder of the user's in the index root is never touched.
 
 Each stale index is removed under its own lock (an index being written is left alone, saying so):
 renamed to `.pruned-<name>` in one step, then deleted, so a kill -9 halfway leaves a folder no
@@ -68,7 +68,8 @@ def stale_indexes(root: Path, keep: Path, run_dirs: list[Path]) -> list[Path]:
     # an index folder without index.json (a first build stopped, what a serve kept of a pruned index's thumbnails):
     # its name holds its checkpoint
     held_prefixes = {sha[:16] for sha in held}
-    for index_dir in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.is_symlink()):
+    folders = sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.is_symlink()) if Path(root).is_dir() else []
+    for index_dir in folders:
         if (index_dir != Path(keep) and not (index_dir / META_FILE).exists() and index_leftover(index_dir)
                 and index_dir.name.split("-")[0] not in held_prefixes):
             stale.append(index_dir)
