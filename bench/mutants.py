@@ -2459,6 +2459,15 @@ MUTANTS += [
            'note = liked_note(searcher, item_id) if item_id is not None else changed_line(key, was) if was is not None else ""',
            "note = liked_note(searcher, item_id)",
            "tests/test_like_outside.py -k replaced_since", "--like --json of a changed cached file carries no note"),
+    mutant("pretrain-workers-start-with-stops-let-through", "vlpcache/model/train.py",
+           "with stops_deferred(), stop_signals_held():", "with stops_deferred():",
+           "tests/test_pretrain.py -k while_the_loading_workers_start",
+           "a job's SIGTERM as an epoch's workers start kills one: torch's traceback, exit 1, no resume line"),
+    mutant("pretrain-worker-takes-a-held-sigterm", "vlpcache/interrupts.py",
+           '    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n    if hasattr(signal, "pthread_sigmask"):  # blocked from its start',
+           '    if hasattr(signal, "pthread_sigmask"):  # blocked from its start',
+           "tests/test_pretrain.py -k while_the_loading_workers_start",
+           "a job's SIGTERM held while a worker started ends it once let through (or once the loader closes)"),
 ]
 
 

@@ -1052,6 +1052,58 @@ def test_sigterm_to_the_whole_job_stops_pretraining_with_one_line_and_the_resume
     assert list(ckpt.checkpoints(run_dir)) == [2]
 
 
+# The job's SIGTERM as a loader's workers start, before a worker's worker_init_fn set its handling: the
+# second epoch's first worker signals the run's whole group (itself too) where the real one would begin, once
+# the second has begun too; that one goes on only once the run, stopping, closes the loader
+SIGTERM_AS_THE_SECOND_EPOCHS_WORKERS_START = """
+import os, signal, sys, time
+from pathlib import Path
+
+real_init = train.leave_stops_to_the_parent
+steps = 0
+
+def patched_step(*args):
+    global steps
+    steps += 1
+    return step(*args)
+
+def patched_init(worker_id):
+    done_event = sys._getframe(1).f_locals.get("done_event")  # what the real one reads from its caller, torch's
+    if not steps:  # forked before the first epoch's steps
+        return real_init(worker_id)
+    if worker_id == 0:
+        while not Path(FOLDER, "started").exists():
+            time.sleep(0.01)
+        os.killpg(0, signal.SIGTERM)
+    else:
+        Path(FOLDER, "started").touch()
+        done_event.wait(60)
+    real_init(worker_id)
+    Path(FOLDER, f"worker {worker_id} outlived it").touch()
+
+train.leave_stops_to_the_parent = patched_init
+"""
+
+
+def test_sigterm_to_the_job_while_the_loading_workers_start_stops_with_one_line_and_resumes(tmp_path, corpus,
+                                                                                           tiny_text, monkeypatch):
+    # a worker died of it (torch's handler re-raises a SIGTERM its parent did not send), and the run stopping
+    # failed on the lost worker: a 40-line traceback, exit 1, no word of how to go on; where the SIGTERM waited
+    # in a worker still starting, it was taken for the loader's own once the stopping run closed the loader
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    run_dir = tmp_path / "run"
+    command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "2")
+    done = _patched_pretrain(f"FOLDER = {str(tmp_path)!r}\n" + SIGTERM_AS_THE_SECOND_EPOCHS_WORKERS_START, command,
+                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    # both outlived it: the second took it (held while it started) once the run, stopping, had closed the loader
+    assert sorted(p.name for p in tmp_path.glob("worker *")) == ["worker 0 outlived it", "worker 1 outlived it"], done.stderr
+    assert done.returncode == 143 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (f"stopped by SIGTERM; {run_dir} keeps its checkpoints up to epoch 1: "
+                                                    f"`vlpcache pretrain --resume -o {run_dir}` continues it")
+    assert run_pretrain(run_dir=run_dir, resume=True, quiet=True, device="cpu")["trained_epochs"] == 1
+    assert 2 in ckpt.checkpoints(run_dir)
+
+
 def signal_in_step(step: int, signum: int) -> str:
     """A patch (_patched_pretrain) that sends the run `signum` in its training step number `step`, as it begins."""
     return f"""

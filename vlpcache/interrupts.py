@@ -85,19 +85,31 @@ def quiet_while_importing() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def ctrl_c_held() -> Iterator[None]:
-    """Within, in this thread: a Ctrl-C waits (is blocked). A process started within inherits the block
-    through fork and exec, so a decoding worker that ignores Ctrl-C once it runs cannot be stopped with
-    a KeyboardInterrupt traceback while Python is still importing it (the terminal sends Ctrl-C to every
-    process of the job); the worker lets it through once ignored (`let_ctrl_c_through`)."""
+def _blocked(signums: set[int]) -> Iterator[None]:
     if not hasattr(signal, "pthread_sigmask"):  # not POSIX
         yield
         return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)  # one that came meanwhile is handled now
+
+
+def ctrl_c_held():
+    """Within, in this thread: a Ctrl-C waits (is blocked). A process started within inherits the block
+    through fork and exec, so a decoding worker that ignores Ctrl-C once it runs cannot be stopped with
+    a KeyboardInterrupt traceback while Python is still importing it (the terminal sends Ctrl-C to every
+    process of the job); the worker lets it through once ignored (`let_ctrl_c_through`)."""
+    return _blocked({signal.SIGINT})
+
+
+def stop_signals_held():
+    """Within, in this thread: Ctrl-C, SIGTERM and SIGHUP wait (are blocked), as in ctrl_c_held(). Around the
+    start of a loader's workers: a job's SIGTERM that came before a worker's `worker_init_fn` set its handling
+    killed it (torch's own handler re-raises one its parent did not send), and the stopping training process
+    failed on the lost worker; the worker lets them through once it handles them (leave_stops_to_the_parent)."""
+    return _blocked(set(STOP_SIGNALS))
 
 
 def let_ctrl_c_through() -> None:
@@ -215,12 +227,18 @@ def leave_stops_to_the_parent(worker_id: int = 0) -> None:
     SIGTERM while its loader is open, and ends when the training process closes the loader. Once the
     loader is closing, a SIGTERM is the loader's own `terminate()` of a worker that did not finish its batch within 5 s of being asked to: that one ends
     it (ignored too, a worker stuck in a slow read outlived the training process until the read
-    returned). The loader's "closing" event is the `done_event` of torch's worker loop, which calls this."""
+    returned). The loader's "closing" event is the `done_event` of torch's worker loop, which calls this.
+    The worker starts with the three blocked (stop_signals_held, in the training process), and lets them
+    through once they are ignored: one that came meanwhile is dropped."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a terminal gone: the training process stops them all
+    # ignored, a job's SIGTERM that came while it started is dropped, not taken below for the loader's own
+    # (the stopping training process, already closing the loader, failed on a worker so ended)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked from its start (stop_signals_held)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(STOP_SIGNALS))
     closing = sys._getframe(1).f_locals.get("done_event")
     if not callable(getattr(closing, "is_set", None)):  # another torch: keep the worker through every SIGTERM
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return
 
     def end_once_the_loader_is_closing(signum, frame) -> None:

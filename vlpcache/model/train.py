@@ -37,7 +37,7 @@ from vlpcache.devices import resolve_device, usable_cores
 from vlpcache.errors import Interrupted, UserError
 from vlpcache.files import replace_atomically
 from vlpcache.interrupts import (leave_stops_to_the_parent, requested_signal, stop_if_interrupted, stop_requested,
-                                 stopped, stops_deferred, take_request)
+                                 stop_signals_held, stopped, stops_deferred, take_request)
 from vlpcache.locks import WriterLock, holder_description
 from vlpcache.metrics import RERANK_CANDIDATES, reranked, retrieval_metrics, selection_score
 from vlpcache.model import checkpoint as ckpt
@@ -831,8 +831,19 @@ def close_batches(batches) -> None:
     their loader is open: interrupts.leave_stops_to_the_parent) alive until the interpreter's exit,
     where multiprocessing waits for them for ever; the command's one line came, and it never ended."""
     shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own, what its __del__ calls
-    if callable(shutdown):
-        shutdown()
+    if not callable(shutdown):
+        return
+    try:
+        shutdown()  # it ends every worker, also where it raises
+    except RuntimeError as err:  # a worker ended by a job's SIGTERM as the loader closed, taken for its terminate()
+        if not (stop_requested() and loader_worker_lost(err)):
+            raise
+
+
+def loader_worker_lost(err: RuntimeError) -> bool:
+    """Whether `err` is torch's word that a loading worker died or left (its SIGCHLD handler raises it in
+    the training process, wherever that is)."""
+    return str(err).startswith("DataLoader worker (pid")
 
 
 def say_damaged(found: list[tuple[int, str]], dataset: CaptionedRegions) -> None:
@@ -867,18 +878,28 @@ def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, proc
     samples = loader.steps_per_epoch * loader.batch * processes.world
     bar = progress_bar(total=samples, initial=place.steps_done * loader.batch * processes.world, unit="video", unit_scale=True,
                        desc=f"epoch {epoch}/{run.train.epochs}", disable=processes.quiet or not processes.main, leave=False)
-    batches = iter(loader.loader)
-    if within is not None and within.rng is not None:  # after the loader drew its seed: the next draws are the
-        ckpt.set_rng_state(within.rng)                  # uninterrupted run's
     # under torchrun a stop waits for the processes to agree on the step they stop after (agree_at)
     agreeing = processes.world > 1 and bool(run.train.save_every)
+    batches = None
     try:
+        with stops_deferred(), stop_signals_held():  # the workers start with the job's stop signals held
+            batches = iter(loader.loader)
+        if within is not None and within.rng is not None:  # after the loader drew its seed: the next draws are the
+            ckpt.set_rng_state(within.rng)                  # uninterrupted run's
+        if not agreeing:
+            stop_if_interrupted()  # one that came while the workers started
         with stops_deferred() if agreeing else nullcontext():
             _epoch_steps(epoch, run, trainer, loader, processes, tensorboard, bar, batches, place, agreeing)
     except KeyboardInterrupt:
         if stop_requested() and run.train.save_every and processes.world == 1 and not place.saved:
             save_place(run, trainer, processes, place, loader, stopping=True)
         raise
+    except RuntimeError as err:
+        if not (stop_requested() and loader_worker_lost(err)):
+            raise
+        # the stop asked for, not the loss of a worker the same signal reached (one of another program, or
+        # killed otherwise); no place saved: torch raises it wherever the training process is, a step included
+        raise KeyboardInterrupt from None
     finally:
         close_batches(batches)
     bar.close()
