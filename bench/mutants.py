@@ -2468,6 +2468,10 @@ MUTANTS += [
            '    if hasattr(signal, "pthread_sigmask"):  # blocked from its start',
            "tests/test_pretrain.py -k while_the_loading_workers_start",
            "a job's SIGTERM held while a worker started ends it once let through (or once the loader closes)"),
+    mutant("index-load-takes-files-of-two-saves", "vlpcache/index/faiss_index.py",
+           "changed = _not_as_recorded(index_dir, loaded.meta)", "changed = {}",
+           "tests/test_index_faiss.py -k lands_while_an_index_loads",
+           "a load while a save renames pairs one save's ids with the other's vectors"),
 ]
 
 

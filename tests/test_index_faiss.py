@@ -1,12 +1,13 @@
 """The FAISS layer on real FAISS indexes over small random data."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 
 from vlpcache.errors import UserError
-from vlpcache.index.faiss_index import VideoIndex, choose_factory
+from vlpcache.index.faiss_index import HalfWritten, VideoIndex, choose_factory
 from vlpcache.index.layout import IDS_FILE, INDEX_FILE, IndexConfig, IndexMeta, check_same_source, read_meta
 
 DIM = 32
@@ -194,6 +195,38 @@ def test_index_files_that_disagree_are_refused(tmp_path):
     VideoIndex.build(ids_for(30), clustered_vectors(30), meta()).save(tmp_path)
     (tmp_path / IDS_FILE).write_text(json.dumps(ids_for(29)))
     with pytest.raises(UserError, match="disagree on the item count"):
+        VideoIndex.load(tmp_path)
+
+
+def test_a_save_that_lands_while_an_index_loads_is_read_whole_not_paired_with_the_files_before(tmp_path, monkeypatch):
+    # search or serve's refresh loading while `vlpcache index` saves again with the same count (an item extracted
+    # again moves to the end): load took ids.json of the one save and the vectors of the other, every id
+    # paired with its neighbour's vector, without a word
+    x = clustered_vectors(30)
+    VideoIndex.build(ids_for(30), x, meta()).save(tmp_path)
+    moved = VideoIndex.build(ids_for(29, start=1) + ["video0"], np.concatenate([x[1:], -x[:1]]), meta())
+    real_load, saved = np.load, []
+
+    def load_as_the_save_lands(*args, **kwargs):  # between its reads of ids.json and of embeddings.npy
+        if not saved:
+            saved.append(moved.save(tmp_path))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(np, "load", load_as_the_save_lands)
+    loaded = VideoIndex.load(tmp_path)
+    assert loaded.ids == moved.ids and np.array_equal(loaded.embeddings, moved.embeddings)
+    assert loaded.ids[loaded.search(-x[:1], 1)[1][0, 0]] == "video0"
+
+
+def test_an_index_file_of_another_save_with_the_same_count_is_refused_but_a_copy_without_times_loads(tmp_path):
+    x = clustered_vectors(30)
+    VideoIndex.build(ids_for(30), x, meta()).save(tmp_path / "copy")
+    for path in (tmp_path / "copy").iterdir():  # cp -r: other times, the same bytes
+        os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    assert VideoIndex.load(tmp_path / "copy").ids == ids_for(30)
+    VideoIndex.build(ids_for(30), x, meta()).save(tmp_path)
+    (tmp_path / IDS_FILE).write_text(json.dumps([f"clip{i}" for i in range(30)]))  # as a kill among the renames leaves
+    with pytest.raises(HalfWritten, match=f"{IDS_FILE} not the one"):
         VideoIndex.load(tmp_path)
 
 

@@ -21,7 +21,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vlpcache.errors import UserError
-from vlpcache.files import replace_together
+from vlpcache.files import FileWrite, replace_together
 from vlpcache.index.layout import (
     EMBEDDINGS_FILE,
     HNSW_NEIGHBOURS,
@@ -376,10 +376,39 @@ class VideoIndex:
 
     @classmethod
     def load(cls, index_dir: str | os.PathLike) -> "VideoIndex":
-        """The index in index_dir; HalfWritten where its files disagree (a kill among the renames of its save)."""
+        """The index in index_dir; HalfWritten where its files disagree (a kill among the renames of its save).
+        A save whose renames land while it reads (search, serve's refresh beside `vlpcache index`) is read
+        again: index.json, renamed last, records the other files as written (IndexMeta.files), and a file
+        there now that is not the one recorded may have been read from the other save (same count, rows
+        moved: ids paired with other items' vectors). One that is the one recorded now was so since before
+        index.json was read (a save's file, once replaced, never comes back), hence when it was read."""
         index_dir = Path(index_dir)
         refuse_unreadable_files(index_dir)
-        meta = read_meta(index_dir)
+        before = None
+        for attempt in range(LOAD_TRIES):
+            if attempt:
+                time.sleep(LOAD_RETRY_SECONDS)
+            loaded = cls._read(index_dir)
+            changed = _not_as_recorded(index_dir, loaded.meta)
+            if not changed or changed == before:  # as recorded, or as before: no save landing now
+                break
+            before = changed
+        counts = {META_FILE: loaded.meta.count, IDS_FILE: len(loaded.ids), EMBEDDINGS_FILE: len(loaded.embeddings),
+                  INDEX_FILE: loaded.index.ntotal}
+        if loaded.regions is not None:
+            counts[REGION_OFFSETS_FILE] = len(loaded.regions)
+        if len(set(counts.values())) != 1:
+            raise HalfWritten(f"{index_dir}: index files disagree on the item count ({counts}); {HALF_WRITTEN_FIX}")
+        # of the same size, only its time another: a copy that did not keep times (cp -r), read as before
+        if other := [name for name, stamp in changed.items() if stamp is None or stamp[0] != loaded.meta.files[name][0]]:
+            raise HalfWritten(f"{index_dir}: {', '.join(other)} not the one(s) {META_FILE} records (files of two saves); "
+                              f"{HALF_WRITTEN_FIX}")
+        apply_search_params(loaded.index, loaded.meta.search_params)
+        return loaded
+
+    @classmethod
+    def _read(cls, index_dir: Path) -> "VideoIndex":
+        meta = read_meta(index_dir)  # first: it names the files of its save
         rebuild = f"rebuild it with `vlpcache index -o {index_dir} --rebuild`"
         if not (index_dir / IDS_FILE).exists():
             raise HalfWritten(f"{index_dir}: incomplete index (no {IDS_FILE}); {HALF_WRITTEN_FIX}")
@@ -392,15 +421,28 @@ class VideoIndex:
             regions = RegionStore.load(index_dir) if RegionStore.exists(index_dir) else None
         except (OSError, ValueError, RuntimeError) as err:
             raise UserError(f"{index_dir}: incomplete or unreadable index ({type(err).__name__}); {rebuild}") from None
-        counts = {META_FILE: meta.count, IDS_FILE: len(ids), EMBEDDINGS_FILE: len(embeddings), INDEX_FILE: index.ntotal}
-        if regions is not None:
-            counts[REGION_OFFSETS_FILE] = len(regions)
-        if len(set(counts.values())) != 1:
-            raise HalfWritten(f"{index_dir}: index files disagree on the item count ({counts}); {HALF_WRITTEN_FIX}")
-        apply_search_params(index, meta.search_params)
         loaded = cls(index, ids, embeddings, meta, regions)
         loaded.folder = index_dir
         return loaded
+
+
+LOAD_TRIES = 5  # reads of an index whose files are not those its index.json records, while they change: a
+LOAD_RETRY_SECONDS = 0.2  # save's renames take milliseconds
+
+
+def _not_as_recorded(index_dir: Path, meta: IndexMeta) -> dict[str, list[int] | None]:
+    """The stamps of the files in index_dir that are not as `meta` records them, by name."""
+    now = {name: _stamp(index_dir / name) for name in meta.files}
+    return {name: stamp for name, stamp in now.items() if stamp != meta.files[name]}
+
+
+def _stamp(path: Path) -> list[int] | None:
+    """[size, mtime_ns] of a file (None: gone), as IndexMeta.files records it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
 
 
 # an index whose files a kill left from two saves: `vlpcache index` (and a search that builds its index) makes it again
@@ -479,12 +521,26 @@ def write_index(index_dir: Path, sources: list, meta: IndexMeta, config: IndexCo
 
 def _write_files(index_dir: Path, sources: list, index: faiss.Index, meta: IndexMeta, ids: list[str] | None = None) -> None:
     index_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, list[int]] = {}  # each file's stamp as written (IndexMeta.files)
     replace_together([
-        row_files(index_dir, sources, meta.embedding_dim, regions=all(_has_regions(s) for s in sources)),
-        json_file(index_dir / IDS_FILE, ids if ids is not None else [i for s in sources for i in s.ids]),
-        (index_dir / INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp)), ""),
-        json_file(index_dir / META_FILE, meta.to_json()),  # last: it records the count the others must have
+        _stamped(row_files(index_dir, sources, meta.embedding_dim, regions=all(_has_regions(s) for s in sources)), written),
+        _stamped(json_file(index_dir / IDS_FILE, ids if ids is not None else [i for s in sources for i in s.ids]), written),
+        _stamped((index_dir / INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp)), ""), written),
+        # last: it records the count and the files the others must have
+        (index_dir / META_FILE, lambda tmp: json_file(tmp, dataclasses.replace(meta, files=written).to_json())[1](tmp), ""),
     ])
+
+
+def _stamped(files: FileWrite, written: dict[str, list[int]]) -> FileWrite:
+    """`files` (files.replace_together's) whose write also records each file's stamp in `written`, by name."""
+    paths, write, suffix = files
+
+    def write_and_stamp(tmps):
+        write(tmps)
+        for path, tmp in zip(*((paths, tmps) if isinstance(paths, list) else ([paths], [tmps]))):
+            written[Path(path).name] = _stamp(tmp)
+
+    return paths, write_and_stamp, suffix
 
 
 def _has_regions(source) -> bool:

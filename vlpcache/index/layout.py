@@ -114,6 +114,9 @@ class IndexMeta(JsonRecord):
     # now reads from another shard was extracted again (its source changed), and is indexed anew; empty in
     # older indexes
     cache_shards: list = field(default_factory=list)
+    # each other file's [size, mtime_ns] as its save wrote it (its temporary's, which the rename keeps): a load
+    # that finds another there read a save that landed meanwhile (faiss_index.VideoIndex.load); empty in older indexes
+    files: dict = field(default_factory=dict, compare=False)
     format: int = INDEX_FORMAT
     updated: float = field(default_factory=time.time)
 
