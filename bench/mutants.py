@@ -2472,6 +2472,10 @@ MUTANTS += [
            "changed = _not_as_recorded(index_dir, loaded.meta)", "changed = {}",
            "tests/test_index_faiss.py -k lands_while_an_index_loads",
            "a load while a save renames pairs one save's ids with the other's vectors"),
+    mutant("locks-holder-in-another-pid-namespace-unseen", "vlpcache/locks.py",
+           "return listed or _shared_lock_refused(path) is True", "return listed",
+           "tests/test_cache.py -k another_pid_namespace",
+           "inspect calls a run training in another PID namespace stopped, offering --resume"),
 ]
 
 

@@ -344,6 +344,28 @@ def test_whether_a_lock_is_held_is_asked_of_the_kernel_without_taking_it(tmp_pat
     assert locks.lock_held(path) is None and locks.holder_active(path, alive) and not locks.holder_active(path, record)
 
 
+def test_a_lock_held_by_a_process_of_another_pid_namespace_reads_as_held(tmp_path):
+    # a run training in a container with pids of its own on the same host name (Apptainer --pid): /proc/locks
+    # there hides the locks of processes outside it, and `inspect RUN` there called the training run stopped
+    from vlpcache import locks
+
+    path = tmp_path / "pretrain.lock"
+    ask = ["unshare", "-p", "-f", "--mount-proc", sys.executable, "-c",
+           "import sys; from pathlib import Path; from vlpcache.locks import PROC_LOCKS, lock_held; "
+           "print(Path(PROC_LOCKS).read_text().count(' FLOCK '), lock_held(Path(sys.argv[1])))", str(path)]
+    with locks.WriterLock.take(path):
+        try:
+            there = subprocess.run(ask, capture_output=True, text=True, timeout=HANG_GUARD_S)
+        except FileNotFoundError:
+            pytest.skip("no unshare here")
+        if there.returncode != 0 and "Traceback" not in there.stderr:
+            pytest.skip(f"no PID namespace of its own here (unshare -p, root only: {there.stderr.strip()[-80:]})")
+        assert there.stdout == "0 True\n", there.stderr  # its table lists none of ours
+        assert locks.WriterLock.take(path) is None  # the look took nothing
+    path.touch()  # released, its file removed: as a holder killed leaves it
+    assert subprocess.run(ask, capture_output=True, text=True, timeout=HANG_GUARD_S).stdout == "0 False\n"
+
+
 def test_a_holder_recorded_on_another_host_is_at_work_while_its_lock_is_held_and_gone_once_it_is_free(tmp_path):
     # a pretrain on another node of a shared workspace killed (a Slurm job cancelled): inspect went on saying
     # "training now: pid N on node2" for ever, since another machine's pids cannot be looked at

@@ -45,7 +45,8 @@ class Holder:
 
 def lock_held(path: Path) -> bool | None:
     """Whether some process on this machine holds the lock of `path` now, asked of the kernel's table of
-    locks (/proc/locks) without taking the lock; None where that table cannot tell (not Linux, no /proc).
+    locks (/proc/locks) without taking the lock (where the table does not list it, of flock: a shared
+    lock taken and let go at once); None where that table cannot tell (not Linux, no /proc).
     A holder on another machine of a shared folder is not in the table here.
 
     The table names a file by device and inode number; only the inode number is compared, since the
@@ -57,8 +58,11 @@ def lock_held(path: Path) -> bool | None:
     except OSError:
         return None
     # "1: FLOCK  ADVISORY  WRITE 12345 fe:00:5373972 0 EOF"; a waiter's line has "->" after the number
-    return any(len(fields) > 5 and fields[1] != "->" and fields[5].rsplit(":", 1)[-1] == str(inode)
-               for fields in (line.split() for line in table.splitlines()))
+    listed = any(len(fields) > 5 and fields[1] != "->" and fields[5].rsplit(":", 1)[-1] == str(inode)
+                 for fields in (line.split() for line in table.splitlines()))
+    # the table hides the locks of processes outside this one's PID namespace (a container with pids of its
+    # own, the same host name): a shared lock refused says so, across namespaces
+    return listed or _shared_lock_refused(path) is True
 
 
 def holder_active(path: Path, holder: Holder) -> bool:
@@ -72,20 +76,29 @@ def holder_active(path: Path, holder: Holder) -> bool:
 
 
 def _free_to_share(path: Path) -> bool:
-    """Whether nobody holds the lock of `path`, found by taking a shared lock and letting it go at once: the
-    way to ask about a holder on another machine of a shared folder (flock reaches it there, through NFS's
-    byte-range locks). False where that cannot tell (a file system that refuses locks): as recorded."""
+    """Whether nobody holds the lock of `path`: the way to ask about a holder on another machine of a shared
+    folder (flock reaches it there, through NFS's byte-range locks). False where that cannot tell (a file
+    system that refuses locks): as recorded."""
+    return _shared_lock_refused(path) is False
+
+
+def _shared_lock_refused(path: Path) -> bool | None:
+    """Whether a shared lock of `path` is refused now, because some process holds it, found by taking one and
+    letting it go at once; None where that cannot tell (a file system that refuses locks, a file it may not
+    open). No file: nobody holds it (its holder released it meanwhile)."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:  # its holder released it meanwhile
-        return True
-    except OSError:
+    except FileNotFoundError:
         return False
+    except OSError:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return True
-    except OSError:  # held (BlockingIOError), or locks refused
         return False
+    except BlockingIOError:  # held
+        return True
+    except OSError:  # locks refused
+        return None
     finally:
         os.close(fd)  # lets go of the shared lock
 
