@@ -2259,7 +2259,7 @@ MUTANTS += [
            '    damage = hub_copy_damage(path) if path.is_file() else "absent"', '    damage = None if path.is_file() else "absent"',
            "tests/test_weights.py -k damaged_copy_in_a_sources_own_cache", "a damaged copy in torch.hub's cache is not taken for the weights"),
     mutant("derived-onnx-damaged-kept", "vlpcache/extract/detectors/yolox.py",
-           "        except Exception as err:  # onnxruntime's InvalidProtobuf", "        except ZeroDivisionError as err:  # onnxruntime's InvalidProtobuf",
+           "        except Exception as err:\n            if not _graph_damaged", "        except ZeroDivisionError as err:\n            if not _graph_damaged",
            "tests/test_weights.py -k damaged_derived_onnx", "a damaged derived ONNX graph is made again"),
     mutant("frcnn-320-defaults-unsaid", "vlpcache/cli.py",
            "for arch, scales in FRCNN_SCALES.items() if shown(*scales) != usual}", "for arch, scales in FRCNN_SCALES.items() if False}",
@@ -2476,6 +2476,10 @@ MUTANTS += [
            "return listed or _shared_lock_refused(path) is True", "return listed",
            "tests/test_cache.py -k another_pid_namespace",
            "inspect calls a run training in another PID namespace stopped, offering --resume"),
+    mutant("yolox-any-load-error-a-damaged-graph", "vlpcache/extract/detectors/yolox.py",
+           "            if not _graph_damaged(err):", "            if False:",
+           "tests/test_yolox.py -k kept_onnx_graph_stays",
+           "an ImportError while loading a kept ONNX graph deletes the good graph as damaged"),
 ]
 
 

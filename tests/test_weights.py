@@ -455,16 +455,15 @@ def test_offline_a_damaged_copy_in_a_sources_own_cache_is_named_to_be_deleted(mo
 
 
 def test_a_damaged_derived_onnx_graph_is_made_again(tmp_path, monkeypatch, capsys):
-    from vlpcache.extract.detectors.yolox import _cached_onnx
+    from test_yolox import tiny_onnx_graph
+    from vlpcache.extract.detectors.yolox import _cached_onnx, _onnx_session
 
-    def load(graph: bytes) -> bytes:  # as onnxruntime refuses a graph cut short
-        if graph != b"graph":
-            raise ValueError("InvalidProtobuf")
-        return graph
-
+    graph = tiny_onnx_graph()
+    session = lambda data: _onnx_session(data, "cpu", 1)  # noqa: E731
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     cached = tmp_path / "vlpcache" / "onnx" / "graph-0123.onnx"
-    assert _cached_onnx(cached.name, lambda: b"graph", load) == b"graph"
-    cached.write_bytes(b"")  # renamed before its data reached the disk, then a crash
-    assert _cached_onnx(cached.name, lambda: b"graph", load) == b"graph"
-    assert cached.read_bytes() == b"graph" and f"note: {cached}: damaged (ValueError); made again" in capsys.readouterr().err
+    assert _cached_onnx(cached.name, lambda: graph, session).get_outputs()
+    for damaged, error in ((b"", "InvalidArgument"), (graph[: len(graph) // 2], "InvalidProtobuf")):
+        cached.write_bytes(damaged)  # renamed before its data reached the disk, then a crash; or cut short
+        assert _cached_onnx(cached.name, lambda: graph, session).get_outputs()
+        assert cached.read_bytes() == graph and f"note: {cached}: damaged ({error}); made again" in capsys.readouterr().err

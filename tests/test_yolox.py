@@ -213,6 +213,34 @@ def test_torchvisions_compiled_ops_called_by_path_give_torchvision_ops_numbers(m
         torch.testing.assert_close(vision_ops.roi_align(features, rois, 2, 1 / 4, 2, True), reference[1])
 
 
+def tiny_onnx_graph() -> bytes:
+    """A real ONNX graph of a few hundred bytes: one convolution."""
+    import io
+    import warnings
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the exporter's deprecation notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.nn.Conv2d(3, 4, 3), torch.zeros(1, 3, 8, 8), buffer, opset_version=17, dynamo=False)
+    return buffer.getvalue()
+
+
+def test_a_kept_onnx_graph_stays_where_onnxruntime_fails_to_import(tmp_path, monkeypatch, capsys):
+    # any error loading it counted as damage: an ImportError of a Ctrl-C during onnxruntime's import was said as
+    # "damaged ... made again", and the good graph deleted
+    from vlpcache.extract.detectors import yolox
+
+    graph = tiny_onnx_graph()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kept = tmp_path / "vlpcache" / "onnx" / "conv.onnx"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(graph)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
+    with pytest.raises(ImportError):
+        yolox._cached_onnx(kept.name, lambda: pytest.fail("made again"), lambda data: yolox._onnx_session(data, "cpu", 1))
+    assert kept.read_bytes() == graph and "damaged" not in capsys.readouterr().err
+
+
 def test_an_extract_loads_the_detector_without_torchvisions_package_or_onnx_and_finds_the_same_regions(
         people_frame, models_dir, tmp_path, msrvtt_dir):
     """torchvision's package imports torch._dynamo (1.3 s) and rewriting the YOLOX graph imports onnx (0.8 s)

@@ -101,7 +101,9 @@ def _cached_onnx(name: str, make, load):
     if cached.is_file():
         try:
             return load(cached.read_bytes())
-        except Exception as err:  # onnxruntime's InvalidProtobuf, Fail, ...: whatever a damaged graph raises
+        except Exception as err:
+            if not _graph_damaged(err):  # an ImportError of a Ctrl-C during onnxruntime's import: the graph is good
+                raise
             say(f"note: {cached}: damaged ({type(err).__name__}); made again")
             cached.unlink(missing_ok=True)
     data = make()
@@ -111,6 +113,14 @@ def _cached_onnx(name: str, make, load):
     except OSError:
         pass  # a read-only home only costs making it again next time
     return load(data)
+
+
+def _graph_damaged(err: Exception) -> bool:
+    """Whether `err`, raised by onnxruntime loading a graph, says that its bytes are bad: onnxruntime's own
+    errors (InvalidProtobuf, InvalidArgument, InvalidGraph, Fail, ...; not EPFail, a provider that failed) and
+    the UnicodeDecodeError of its error message about some damaged bytes."""
+    ours = type(err).__module__.startswith("onnxruntime") and type(err).__name__ != "EPFail"
+    return ours or isinstance(err, UnicodeDecodeError)
 
 
 def _mobilenet_onnx(path: Path, sha256: str, load):
