@@ -41,6 +41,14 @@ def lies_under(path: str, roots) -> bool:
     return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether `a` and `b` are one file or folder (os.path.samefile); False where either is not there or unreadable."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def text_encoding(data: bytes) -> str:
     """The encoding of a text file's bytes: the UTF-32 or UTF-16 its byte-order mark names, else UTF-8
     ("utf-8-sig": a byte-order mark dropped)."""

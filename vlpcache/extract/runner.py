@@ -34,7 +34,7 @@ from vlpcache.extract.reader import IDLE, IDLE_AFTER_S, FrameReader, Prefetch, d
 from vlpcache.extract.sources import (SIZES_DIFFER, SKIPPED, OtherFiles, discover_items, other_files, passed_over_line,
                                       picture_beside, shard_of)
 from vlpcache.extract.stamps import source_changed, stamp_known
-from vlpcache.files import lies_under
+from vlpcache.files import lies_under, same_file
 from vlpcache.interrupts import stop_if_interrupted
 from vlpcache.report import printable, said_if_slow, say, sayer
 from vlpcache.workspace import Workspace
@@ -88,7 +88,7 @@ def items_to_extract(items, cache: RegionCache, options: ExtractOptions, summary
         if item.id in cached:
             i = cached[item.id]
             before = cache.paths[i]
-            same = before == path or _same_file(before, path)
+            same = before == path or same_file(before, path)
             gone = not same and not os.path.lexists(before)  # moved here, if its content agrees
             copy = not (same or gone) and stamp_known(cache.sources[i]) and not source_changed(cache.sources[i], path)
             if not (same or gone or copy) and picture_beside(before, cache.kinds[i], item.path, item.kind):
@@ -235,13 +235,6 @@ def prune(plan: Plan, writer: ShardWriter, dropping: bool) -> None:
     for item_id, path in plan.gone_failures:
         writer.clear_failure(item_id, path)
     say(f"extract: dropped {what} (--prune)" + ("; `vlpcache index` drops them from the index" if plan.gone else ""))
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def say_some(problems: list[tuple[str, str]], first: int = 5) -> None:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from pathlib import Path
 
 from vlpcache.cache.schema import MANIFEST_NAME, SETTING_DEFAULTS
 from vlpcache.errors import UserError
+from vlpcache.files import same_file
 from vlpcache.records import JsonRecord, read_optional_json
 
 INDEX_FORMAT = 1
@@ -213,12 +213,7 @@ def cache_owner(meta: dict, folder: Path, cache_dir: str | Path, collection: str
 
 
 def _same_folder(a: str | Path, b: str | Path) -> bool:
-    if Path(a).resolve() == Path(b).resolve():
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
+    return Path(a).resolve() == Path(b).resolve() or same_file(a, b)
 
 
 def other_indexes(root: str | Path, index_dir: Path) -> list[Path]:
