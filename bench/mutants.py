@@ -2480,6 +2480,10 @@ MUTANTS += [
            "            if not _graph_damaged(err):", "            if False:",
            "tests/test_yolox.py -k kept_onnx_graph_stays",
            "an ImportError while loading a kept ONNX graph deletes the good graph as damaged"),
+    mutant("extract-read-only-cache-takes-the-lock", "vlpcache/extract/runner.py",
+           "    if read_only_cache(cache_dir):\n", "    if False:\n",
+           "tests/test_faults.py -k read_only_cache_that_holds_every_item",
+           "an extract into a read-only cache with nothing to do fails at its lock file instead of saying up to date"),
 ]
 
 

@@ -120,6 +120,31 @@ def unreadable(monkeypatch):
         path.chmod(0o755)  # so that pytest can remove its temporary folders
 
 
+@pytest.fixture
+def read_only():
+    """make(folder): make a folder and all below it read-only, as a shared, finished cache or workspace is to its
+    readers: chmod -R a-w where the tests run as another user than root, else (root writes whatever the modes say)
+    a read-only bind mount of it onto itself; skipped where neither can be had."""
+    made = []
+
+    def make(folder: Path) -> Path:
+        if os.geteuid() != 0:
+            subprocess.run(["chmod", "-R", "a-w", str(folder)], check=True)
+        elif (subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True).returncode
+              or subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], capture_output=True).returncode):
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+            pytest.skip("cannot make a folder read-only here (root, and no read-only bind mount)")
+        made.append(folder)
+        return folder
+
+    yield make
+    for folder in made:
+        if os.geteuid() != 0:
+            subprocess.run(["chmod", "-R", "u+w", str(folder)], check=False)  # so that pytest can remove it
+        else:
+            subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
 # ---------------------------------------------------------------- full disks
 
 

@@ -586,6 +586,32 @@ def test_extract_into_a_read_only_filesystem_is_one_line_before_anything_loads(f
                                     "nothing was written")
 
 
+def test_extract_into_a_read_only_cache_that_holds_every_item_says_up_to_date_and_with_work_one_line(
+        frames_root, together, msrvtt_dir, tmp_path, read_only):
+    # a shared, finished cache: its lock could not be taken, and "nothing to do" was refused with the lock file's error
+    cache = tmp_path / "shared" / "cache"
+    shutil.copytree(together["cache"], cache)
+    listing = sorted(str(p.relative_to(cache)) for p in cache.rglob("*"))
+    new = tmp_path / "new"
+    extra = sorted((msrvtt_dir / "frames" / "val").iterdir())[ITEMS]  # not among frames_root's
+    shutil.copytree(extra, new / extra.name)
+    read_only(cache.parent)
+
+    def extract_from(*roots: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "vlpcache", "extract", *map(str, roots), "-o", str(cache), *EXTRACT],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)
+
+    done = extract_from(frames_root)
+    assert done.returncode == 0, done.stderr
+    assert f"extract: 0 done, {ITEMS} already cached" in done.stderr and done.stderr.rstrip().endswith(
+        "s; nothing left to extract"), done.stderr
+    refused = extract_from(frames_root, new)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith(f"error: {cache}: the cache is read-only ("), refused.stderr
+    assert "this extract has 1 item(s) to extract; nothing was written" in refused.stderr, refused.stderr
+    assert sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) == listing
+
+
 @pytest.mark.parametrize("message, reason", [
     # what each library that writes our files raised on a full disk, as observed on a 1 MB tmpfs
     ("Can't flush cache (file write failed: time = Wed Dec  2 08:35:14 2026\n, filename = 'x.h5.tmp', "

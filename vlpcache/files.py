@@ -253,6 +253,17 @@ def may_write(path: Path) -> bool:
     return there is not None and os.access(there, os.W_OK)
 
 
+def read_only_reason(path: Path) -> str:
+    """Why this user may not write at `path`, as a failed write would say it: "Read-only file system (EROFS)" on a
+    read-only mount, else "Permission denied (EACCES)" (another user's folder, or one made read-only)."""
+    try:
+        mounted_read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        mounted_read_only = False
+    code = errno.EROFS if mounted_read_only else errno.EACCES
+    return f"{os.strerror(code)} ({errno.errorcode[code]})"
+
+
 def system_reason(err: BaseException, path: Path | None = None) -> str:
     """The operating system's reason for a failed file operation, e.g. "No space left on device (ENOSPC)",
     also where a library reports it only in its message, or only as a short write (numpy: "6912 requested

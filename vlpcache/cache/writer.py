@@ -66,6 +66,12 @@ def open_cache_dir(cache_dir: Path, settings: CacheSettings) -> None:
     (cache_dir / FAILURE_DIR).mkdir(parents=True, exist_ok=True)
     # the first writer's manifest stays when several start at once; theirs is compared below
     write_json(cache_dir / MANIFEST_NAME, {**settings.to_json(), COLLECTION_KEY: uuid.uuid4().hex}, keep_existing=True)
+    check_cache_settings(cache_dir, settings)
+
+
+def check_cache_settings(cache_dir: Path, settings: CacheSettings) -> None:
+    """Refuse, in one line, a cache (its manifest or a committed shard) made with other settings than `settings`;
+    reads only (an extract into a cache this user may not write checks it too)."""
     existing = read_manifest(cache_dir)
     outdated = outdated_schema(existing)
     if outdated:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from vlpcache.cache.manifest import read_failures
 from vlpcache.cache.reader import RegionCache
-from vlpcache.cache.schema import MANIFEST_NAME
-from vlpcache.cache.writer import ShardWriter
+from vlpcache.cache.schema import LOCK_DIR, MANIFEST_NAME, SHARD_DIR
+from vlpcache.cache.writer import ShardWriter, check_cache_settings
 from vlpcache.errors import UserError
 from vlpcache.extract.detectors.choice import choose_detector, load_detector
 from vlpcache.extract.detectors.spec import DetectorSpec
@@ -34,7 +34,7 @@ from vlpcache.extract.reader import IDLE, IDLE_AFTER_S, FrameReader, Prefetch, d
 from vlpcache.extract.sources import (SIZES_DIFFER, SKIPPED, OtherFiles, discover_items, other_files, passed_over_line,
                                       picture_beside, shard_of)
 from vlpcache.extract.stamps import source_changed, stamp_known
-from vlpcache.files import lies_under, same_file
+from vlpcache.files import lies_under, may_write, read_only_reason, same_file
 from vlpcache.interrupts import stop_if_interrupted
 from vlpcache.report import printable, said_if_slow, say, sayer
 from vlpcache.workspace import Workspace
@@ -210,7 +210,7 @@ def no_longer_there(items, cache: RegionCache, failed: dict[str, dict], roots, s
     return gone, failures
 
 
-def prune(plan: Plan, writer: ShardWriter, dropping: bool) -> None:
+def prune(plan: Plan, writer: ShardWriter | None, dropping: bool) -> None:
     """Say which cached items under the roots are no longer there; with --prune, drop them from the cache
     (the reader leaves their rows out) and clear the failures of files that are gone."""
     parts = []
@@ -304,6 +304,37 @@ def nothing_found(roots: list[Path], cache_dir: Path) -> UserError:
     return UserError(line)
 
 
+def read_only_cache(cache_dir: Path) -> bool:
+    """Whether `cache_dir` holds a cache this user may not write (a shared, finished one: another user's, made
+    read-only, or on a read-only mount): extract then takes no lock, which it could not, and writes nothing."""
+    cache_dir = Path(cache_dir)
+    return (cache_dir / MANIFEST_NAME).is_file() and not all(map(may_write, (cache_dir, cache_dir / LOCK_DIR,
+                                                                           cache_dir / SHARD_DIR)))
+
+
+def check_read_only_cache(items, cache_dir: Path, settings, options: ExtractOptions, summary: ExtractSummary,
+                          roots: list[Path], linked: dict[str, str]) -> None:
+    """Extract into a cache this user may not write: where it holds every item as it is now, it is up to date, said
+    as a writable cache's summary says it; where there is work (items to extract, moves or mended failures to record,
+    what --prune would drop), one line that the cache is read-only, before any detector loads."""
+    check_cache_settings(cache_dir, settings)
+    with RegionCache(cache_dir, say_damaged=False) as cache:
+        plan = items_to_extract(items, cache, options, summary, roots, linked)
+    say_some(plan.clashes)
+    summary.passed_over += len(plan.clashes)
+    work = [*([f"{len(plan.todo)} item(s) to extract"] if plan.todo else []),
+            *([f"{len(plan.moved) + len(plan.copied)} moved item(s) to record"] if plan.moved or plan.copied else []),
+            *([f"{len(plan.mended)} mended failure(s) to clear"] if plan.mended else []),
+            *([f"{len(plan.gone) + len(plan.gone_failures)} item(s) or failure(s) to drop (--prune)"]
+              if options.prune and (plan.gone or plan.gone_failures) else [])]
+    if work:
+        raise UserError(f"{cache_dir}: the cache is read-only ({read_only_reason(cache_dir)}) and this extract has "
+                        f"{', '.join(work)}; nothing was written; extract into a cache you can write (-o DIR), or ask "
+                        "its owner to run it")
+    if plan.gone or plan.gone_failures:
+        prune(plan, None, dropping=False)  # only said
+
+
 def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     """The `vlpcache extract` command; `options` are ExtractOptions fields."""
     started = time.monotonic()
@@ -336,6 +367,10 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
                            options.input_scale(), options.proposals)
     settings = spec.cache_settings(options.frames, options.regions, options.score_threshold)
     summary = ExtractSummary(passed_over=len(passed_over))
+    if read_only_cache(cache_dir):
+        check_read_only_cache(items, cache_dir, settings, options, summary, roots, linked)
+        workspace.remember_roots([r for r in roots if r.exists()])
+        return summary_said(summary, started)
     # the driver's writer owns the shard set: it checks the settings and removes the unfinished shards
     # of a killed run, its own and (named `<shard set>-ray-<actor>`) those of its Ray actors
     with ShardWriter(cache_dir, settings, writer_name=options.shard_set(), max_items=options.items_per_shard) as writer:
@@ -379,6 +414,10 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
             engine.run_on_ray(todo, spec, writer, options, summary, started)
         elif todo:
             detect_and_write(todo, spec, writer, options, summary, started)
+    return summary_said(summary, started)
+
+
+def summary_said(summary: ExtractSummary, started: float) -> ExtractSummary:
     summary.seconds = time.monotonic() - started
     say(summary.line())
     return summary
