@@ -2484,6 +2484,10 @@ MUTANTS += [
            "    if read_only_cache(cache_dir):\n", "    if False:\n",
            "tests/test_faults.py -k read_only_cache_that_holds_every_item",
            "an extract into a read-only cache with nothing to do fails at its lock file instead of saying up to date"),
+    mutant("index-read-only-takes-the-lock", "vlpcache/index/build.py",
+           "    if (index_dir / META_FILE).exists() and not may_write(index_dir):", "    if False:",
+           "tests/test_search.py -k read_only_index_root",
+           "`vlpcache index` of a read-only workspace whose index is up to date fails at the index's lock"),
 ]
 
 

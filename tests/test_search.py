@@ -513,6 +513,24 @@ def test_items_cached_since_an_index_another_user_may_not_write_are_said_with_a_
             "`vlpcache index` adds them (or `vlpcache index -o DIR` indexes them where you can write, then --index DIR)") in err
 
 
+def test_index_of_a_read_only_index_root_says_up_to_date_and_with_items_to_add_one_line(ws, monkeypatch, capsys,
+                                                                                          read_only):
+    # a shared, finished workspace: `vlpcache index` failed at the index's lock even where it had nothing to do
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    files = sorted((p.relative_to(ws / "index"), p.stat().st_mtime_ns) for p in (ws / "index").rglob("*"))
+    read_only(ws / "index")
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0 and err.splitlines()[-1] == f"index {the_index(ws)}: up to date: {ITEMS} items (Flat)", err
+    write_cache(ws / "cache", 2, prefix="w", seed=5)  # the owner extracted more, and has not indexed them yet
+    code, _, err = vlpcache(monkeypatch, capsys, "index", "--quiet")
+    reason = "Read-only file system (EROFS)" if os.geteuid() == 0 else "Permission denied (EACCES)"  # (read_only's ways)
+    assert code == 2 and err == (f"error: index {the_index(ws)}: the index is read-only ({reason}) and has 2 cached "
+                                 "item(s) to add; nothing was written; build the index where you can write (`vlpcache "
+                                 "index -o DIR`, then search and serve take --index DIR), or ask its owner to run "
+                                 "`vlpcache index`\n"), err
+    assert sorted((p.relative_to(ws / "index"), p.stat().st_mtime_ns) for p in (ws / "index").rglob("*")) == files
+
+
 def test_prune_removes_the_indexes_of_checkpoints_no_run_holds_and_keeps_the_rest(ws, tmp_path, monkeypatch, capsys):
     from vlpcache.locks import WriterLock
 

@@ -25,7 +25,7 @@ from vlpcache.cache.manifest import collection_of
 from vlpcache.cache.reader import BlankWhenDamaged, RegionCache
 from vlpcache.devices import DEFAULT_DEVICE, resolve_device
 from vlpcache.errors import UserError
-from vlpcache.files import is_write_failure, may_write, remove_temporaries, system_reason, write_failure
+from vlpcache.files import is_write_failure, may_write, read_only_reason, remove_temporaries, system_reason, write_failure
 from vlpcache.index.export import check_export_path, export_embeddings
 from vlpcache.index.faiss_index import HalfWritten, VideoIndex, keep_factory, new_faiss_index, write_index
 from vlpcache.index.layout import (
@@ -118,6 +118,8 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
     items; its query bank too (made when `qbnorm` asks, kept up to date once it exists). `warn`: where the
     line of an item found damaged, and left out, goes (default `say`; `index --quiet` says it all the same)."""
     check_run_reads_cache(run, cache)
+    if (index_dir / META_FILE).exists() and not may_write(index_dir):  # no lock to take: nothing may be written
+        return read_only_index(run, cache, index_dir, config, rebuild, qbnorm, say)
     with writing_index(index_dir, say) as waited:
         if waited:  # another process wrote the index meanwhile; extract may have added or dropped items since too
             cache.refresh()
@@ -162,6 +164,33 @@ def update_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, 
         say(f"index {index_dir}: {len(index)} items; encoded {len(rows)} {items_word(cache.kinds[r] for r in rows)} in {encoding_s:.1f} s; "
             f"{how}" + (f"; {note}" if note else ""))
         return index
+
+
+def read_only_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig, rebuild: bool, qbnorm: bool,
+                    say: Say) -> VideoIndex:
+    """The index in index_dir, which this user may not write (another user's, a shared finished workspace, a read-only
+    mount), read without its lock, which cannot be taken. Where it holds every cached item as the cache holds it, it
+    is up to date, said as of an index this user may write; where there is work (items to add, to index anew or to
+    drop, --rebuild, a query bank asked for and missing), one line that it is read-only, and nothing is written."""
+    check_same_source(read_meta(index_dir), index_dir, run.checkpoint_sha256, cache.settings.to_json(), run.run_dir)
+    index = VideoIndex.load(index_dir)  # half-written: said as search says it (its owner's `index` builds it again)
+    if config.factory and config.factory != index.meta.factory:
+        raise UserError(f"{index_dir}: index is {index.meta.factory}, not {config.factory}; add --rebuild to change its type")
+    missing = sum(1 for item_id in cache.ids if item_id not in index)
+    dropped = sum(1 for item_id in cache.removed if item_id in index)
+    work = [*(["--rebuild"] if rebuild else []),
+            *([f"{missing} cached item(s) to add"] if missing else []),
+            *([f"{len(again)} item(s) extracted again to index anew"] if (again := extracted_again(index, cache)) else []),
+            *([f"{dropped} item(s) dropped from the cache to drop"] if dropped else []),
+            *(["regions to index (made by an older vlpcache)"] if index.regions is None else []),
+            *(["a query bank to make (--qbnorm)"] if qbnorm and bank_for(index_dir / QUERYBANK_FILE, index.ids) is None
+              else [])]
+    if work:
+        raise UserError(f"index {index_dir}: the index is read-only ({read_only_reason(index_dir)}) and has "
+                        f"{', '.join(work)}; nothing was written; build the index where you can write (`vlpcache index "
+                        "-o DIR`, then search and serve take --index DIR), or ask its owner to run `vlpcache index`")
+    say(f"index {index_dir}: {coverage(index, cache) or 'up to date'}: {len(index)} items ({index.meta.factory})")
+    return index
 
 
 def update_query_bank(run, index: VideoIndex, index_dir: Path, added: int, wanted: bool, device, batch_size: int,
