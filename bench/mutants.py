@@ -2488,6 +2488,18 @@ MUTANTS += [
            "    if (index_dir / META_FILE).exists() and not may_write(index_dir):", "    if False:",
            "tests/test_search.py -k read_only_index_root",
            "`vlpcache index` of a read-only workspace whose index is up to date fails at the index's lock"),
+    mutant("index-copy-without-times-never-restamped", "vlpcache/index/faiss_index.py",
+           "        if changed:  # of the sizes recorded, other times", "        if False:  # of the sizes recorded, other times",
+           "tests/test_index_faiss.py -k restamped_by_a_load",
+           "every load of an index copied without its times (cp -r) reads it twice, 0.2 s apart, until the next save"),
+    mutant("index-restamps-a-save-stopped-midway", "vlpcache/index/faiss_index.py",
+           'if (any(index_dir.glob(f".{META_FILE}.*.tmp*")) or _not_as_recorded', "if (_not_as_recorded",
+           "tests/test_index_faiss.py -k restamped_by_a_load",
+           "a load records the times of files a killed save left, as if they were index.json's own"),
+    mutant("index-under-its-lock-never-restamps", "vlpcache/index/build.py",
+           "VideoIndex.load(index_dir, locked=True)", "VideoIndex.load(index_dir)",
+           "tests/test_search.py -k times_of_its_files_copied_without_them",
+           "`vlpcache index` of an index copied without its times leaves every later load reading it twice"),
 ]
 
 

@@ -230,6 +230,45 @@ def test_an_index_file_of_another_save_with_the_same_count_is_refused_but_a_copy
         VideoIndex.load(tmp_path)
 
 
+def test_an_index_copied_without_its_times_is_restamped_by_a_load_and_then_read_once(tmp_path, monkeypatch, read_only):
+    # cp -r or rsync without -t: every load (each search, serve's refreshes) read the index twice, LOAD_RETRY_SECONDS
+    # apart, until the next save; a load that finds only other times records them where it may write
+    import time
+
+    from vlpcache.index.faiss_index import LOAD_RETRY_SECONDS
+    from vlpcache.index.layout import LOCK_FILE, META_FILE
+    from vlpcache.locks import WriterLock
+
+    def copied_without_times(folder):
+        VideoIndex.build(ids_for(30), clustered_vectors(30), meta()).save(folder)
+        recorded = json.loads((folder / META_FILE).read_text())
+        (folder / META_FILE).write_text(json.dumps({**recorded, "a_later_key": 1}))  # a later vlpcache's: it stays
+        for path in folder.iterdir():
+            os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+        return folder
+
+    def stamps(folder) -> dict:
+        return {name: [os.stat(folder / name).st_size, os.stat(folder / name).st_mtime_ns] for name in read_meta(folder).files}
+
+    real_sleep, sleeps = time.sleep, []
+    monkeypatch.setattr(time, "sleep", lambda s: sleeps.append(s) or real_sleep(s))
+    copy = copied_without_times(tmp_path / "copy")
+    assert VideoIndex.load(copy).meta.files == stamps(copy) and sleeps == [LOAD_RETRY_SECONDS]  # read twice, recorded
+    assert read_meta(copy).files == stamps(copy) and json.loads((copy / META_FILE).read_text())["a_later_key"] == 1
+    sleeps.clear()
+    assert VideoIndex.load(copy).ids == ids_for(30) and sleeps == []  # read once since
+    stopped = copied_without_times(tmp_path / "stopped")  # a save killed among its renames: its index.json's temporary
+    (stopped / f".{META_FILE}.4321-1.tmp").write_text("{}")
+    held = copied_without_times(tmp_path / "held")  # a save under way holds the lock
+    shared = copied_without_times(tmp_path / "shared")  # another user's, or a read-only mount
+    before = {folder: (folder / META_FILE).read_bytes() for folder in (stopped, held, shared)}
+    read_only(shared)
+    with WriterLock.take(held / LOCK_FILE):
+        for folder in (stopped, held, shared):
+            assert VideoIndex.load(folder).ids == ids_for(30)  # loaded as before, nothing recorded
+            assert (folder / META_FILE).read_bytes() == before[folder]
+
+
 def test_an_index_file_this_user_may_not_read_is_one_line_naming_it_and_chmod(tmp_path, unreadable):
     # another user's index made with umask 077: search and serve said "incomplete or unreadable index
     # (PermissionError); rebuild it", which this user may not do there

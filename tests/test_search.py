@@ -531,6 +531,20 @@ def test_index_of_a_read_only_index_root_says_up_to_date_and_with_items_to_add_o
     assert sorted((p.relative_to(ws / "index"), p.stat().st_mtime_ns) for p in (ws / "index").rglob("*")) == files
 
 
+def test_index_up_to_date_records_the_times_of_its_files_copied_without_them(ws, monkeypatch, capsys):
+    # restored with cp -r: `vlpcache index` had nothing to write, and every load then read the index twice until a save
+    from vlpcache.index.faiss_index import _not_as_recorded
+
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    shutil.copytree(ws / "index", ws / "index.copy", copy_function=shutil.copyfile)  # contents, not times
+    shutil.rmtree(ws / "index")
+    (ws / "index.copy").rename(ws / "index")
+    assert _not_as_recorded(the_index(ws), read_meta(the_index(ws)))  # as copied
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0 and err.splitlines()[-1] == f"index {the_index(ws)}: up to date: {ITEMS} items (Flat)", err
+    assert _not_as_recorded(the_index(ws), read_meta(the_index(ws))) == {}
+
+
 def test_prune_removes_the_indexes_of_checkpoints_no_run_holds_and_keeps_the_rest(ws, tmp_path, monkeypatch, capsys):
     from vlpcache.locks import WriterLock
 

@@ -330,7 +330,7 @@ def existing_index(run, cache: RegionCache, index_dir: Path, config: IndexConfig
         return None
     check_same_source(read_meta(index_dir), index_dir, run.checkpoint_sha256, cache.settings.to_json(), run.run_dir)
     try:
-        index = VideoIndex.load(index_dir)
+        index = VideoIndex.load(index_dir, locked=True)  # (update_index holds its lock)
     except HalfWritten as err:
         say(f"note: {str(err).split('; ')[0]}: it was being written when its writer was stopped; building it again")
         return None

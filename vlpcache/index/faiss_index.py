@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -21,12 +22,13 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vlpcache.errors import UserError
-from vlpcache.files import FileWrite, replace_together
+from vlpcache.files import FileWrite, may_write, replace_together
 from vlpcache.index.layout import (
     EMBEDDINGS_FILE,
     HNSW_NEIGHBOURS,
     IDS_FILE,
     INDEX_FILE,
+    LOCK_FILE,
     META_FILE,
     REGION_OFFSETS_FILE,
     REGION_POSITIONS_FILE,
@@ -38,7 +40,8 @@ from vlpcache.index.layout import (
 from vlpcache.index.index_rows import IndexedRows, row_files
 from vlpcache.index.parts import EncodedPart
 from vlpcache.index.region_store import RegionStore
-from vlpcache.records import json_file, read_json
+from vlpcache.locks import WriterLock
+from vlpcache.records import json_file, read_json, read_optional_json
 
 
 # ---------------------------------------------------------------- choosing the index type
@@ -375,13 +378,14 @@ class VideoIndex:
         _write_files(Path(index_dir), [rows], self.index, self.meta)
 
     @classmethod
-    def load(cls, index_dir: str | os.PathLike) -> "VideoIndex":
+    def load(cls, index_dir: str | os.PathLike, locked: bool = False) -> "VideoIndex":
         """The index in index_dir; HalfWritten where its files disagree (a kill among the renames of its save).
         A save whose renames land while it reads (search, serve's refresh beside `vlpcache index`) is read
         again: index.json, renamed last, records the other files as written (IndexMeta.files), and a file
         there now that is not the one recorded may have been read from the other save (same count, rows
         moved: ids paired with other items' vectors). One that is the one recorded now was so since before
-        index.json was read (a save's file, once replaced, never comes back), hence when it was read."""
+        index.json was read (a save's file, once replaced, never comes back), hence when it was read. `locked`: the
+        caller holds the index's lock (`vlpcache index`)."""
         index_dir = Path(index_dir)
         refuse_unreadable_files(index_dir)
         before = None
@@ -404,6 +408,8 @@ class VideoIndex:
             raise HalfWritten(f"{index_dir}: {', '.join(other)} not the one(s) {META_FILE} records (files of two saves); "
                               f"{HALF_WRITTEN_FIX}")
         apply_search_params(loaded.index, loaded.meta.search_params)
+        if changed:  # of the sizes recorded, other times: a copy that did not keep them (cp -r, rsync without -t)
+            loaded.meta = _restamped(index_dir, loaded.meta, changed, locked)
         return loaded
 
     @classmethod
@@ -434,6 +440,27 @@ def _not_as_recorded(index_dir: Path, meta: IndexMeta) -> dict[str, list[int] | 
     """The stamps of the files in index_dir that are not as `meta` records them, by name."""
     now = {name: _stamp(index_dir / name) for name in meta.files}
     return {name: stamp for name, stamp in now.items() if stamp != meta.files[name]}
+
+
+def _restamped(index_dir: Path, meta: IndexMeta, changed: dict[str, list[int]], locked: bool) -> IndexMeta:
+    """`meta` with the stamps in `changed` (files of the sizes it records, found so by two reads), recorded in
+    index.json where this user may write it, so that later loads read once rather than twice with LOAD_RETRY_SECONDS
+    between. Only under the index's lock (no save under way) and where no save was stopped midway (its index.json's
+    temporary is there until its rename: files of two saves may share sizes), while index.json and the files are
+    still as this load found them; otherwise `meta` as it was, and nothing written. `locked`: the caller holds it."""
+    if not may_write(index_dir) or (lock := nullcontext() if locked else WriterLock.take(index_dir / LOCK_FILE)) is None:
+        return meta
+    with lock:
+        recorded = read_optional_json(index_dir / META_FILE)  # as written: keys of a later vlpcache stay
+        if (any(index_dir.glob(f".{META_FILE}.*.tmp*")) or _not_as_recorded(index_dir, meta) != changed
+                or not isinstance(recorded, dict) or IndexMeta.from_json(recorded).to_json() != meta.to_json()):
+            return meta
+        files = {**meta.files, **changed}
+        try:
+            replace_together([json_file(index_dir / META_FILE, {**recorded, "files": files})])
+        except OSError:  # a full disk: read twice, as before
+            return meta
+    return dataclasses.replace(meta, files=files)
 
 
 def _stamp(path: Path) -> list[int] | None:
