@@ -2500,6 +2500,12 @@ MUTANTS += [
            "VideoIndex.load(index_dir, locked=True)", "VideoIndex.load(index_dir)",
            "tests/test_search.py -k times_of_its_files_copied_without_them",
            "`vlpcache index` of an index copied without its times leaves every later load reading it twice"),
+    mutant("search-qbnorm-past-32-by-cosine", "vlpcache/index/search.py",
+           '            order = np.argsort(-by, kind="stable")[:k]\n',
+           '            order = np.concatenate([np.argsort(-by[:head], kind="stable"), tail])[:k]\n'
+           '            by = np.where(np.arange(len(by)) < head, by, exact)\n',
+           "tests/test_search.py -k qbnorm_ranks_every_hit",
+           "search --qbnorm -k 50 shows QB-Norm's scores for 32 hits and cosines after them, in global order"),
 ]
 
 

@@ -1377,6 +1377,33 @@ def test_search_qbnorm_ranks_by_the_banks_normalised_similarity_and_the_bank_gro
     assert grown.hubs.tolist() == fresh.hubs.tolist()
 
 
+def test_search_qbnorm_ranks_every_hit_by_the_normalised_score_past_the_first_32_too(ws, monkeypatch, capsys):
+    """-k 44 --qbnorm gave QB-Norm's scores (its log-softmax, about -3) to the first 32 hits and plain cosines (about
+    -0.04) to the hits after them, in global order: the score rose down the list, and the order past 32 ignored
+    QB-Norm."""
+    from vlpcache.index.layout import QUERYBANK_FILE
+    from vlpcache.querybank import QueryBank
+
+    write_cache(ws / "cache", 20, prefix="w", seed=5)  # 44 items: more than the 32 candidates search re-orders
+    k = ITEMS + 20
+    assert vlpcache(monkeypatch, capsys, "index", "--qbnorm", "--quiet")[0] == 0
+    [plain] = search_json(monkeypatch, capsys, "a horse", "-k", str(k), "--no-rerank")  # every item a candidate
+    [result] = search_json(monkeypatch, capsys, "a horse", "-k", str(k), "--qbnorm")
+    bank, index = QueryBank.load(the_index(ws) / QUERYBANK_FILE), VideoIndex.load(the_index(ws))
+    rows = np.array([index.ids.index(h["id"]) for h in plain["results"]])
+    globals_ = np.array([h["global_score"] for h in plain["results"]])
+    assert bank.hubs[rows[0]]  # the query's best is a hub: its every score is normalised
+    expected = bank.normalise(globals_[None], rows[None])[0]
+    order = np.argsort(-expected, kind="stable")
+    assert [h["id"] for h in result["results"]] == [plain["results"][j]["id"] for j in order]
+    scores = [h["score"] for h in result["results"]]
+    np.testing.assert_allclose(scores, expected[order], rtol=1e-5)
+    assert len(scores) == k and scores == sorted(scores, reverse=True) and max(scores) < 0
+    code, out, _ = vlpcache(monkeypatch, capsys, "search", "a horse", "-k", str(k), "--qbnorm")
+    printed = [float(line.split()[1]) for line in out.splitlines()[1:] if line[:3].strip().isdigit()]
+    assert code == 0 and printed == sorted(printed, reverse=True) and len(printed) == k
+
+
 def test_a_query_bank_of_other_rows_is_never_used_and_a_searcher_takes_up_one_made_later(ws, monkeypatch, capsys):
     """An item indexed anew moves to the end of the index, as many rows as before: a bank left from before (its
     rebuild failed: the run's captions unreadable) ranked --qbnorm by other rows' normalisers without a word. And

@@ -406,7 +406,8 @@ class Searcher:
     def search(self, query: str, k: int = 10, rerank: bool = True, qbnorm: bool = False) -> list[Hit]:
         """The top k indexed items for one query, best first; re-ranked by region-word score when the
         run can (`rerank=False`: global similarity alone); `qbnorm`: the top candidates by global
-        similarity ordered by its query-bank normalisation instead (the index's bank; no re-rank)."""
+        similarity (max(k, rerank_candidates) of them) all ordered by its query-bank normalisation instead, each
+        hit's score the normalised one (the index's bank; no re-rank)."""
         if not isinstance(query, str):
             raise UserError(f"a query is text (str), not {type(query).__name__}")
         check_k(k)
@@ -441,9 +442,10 @@ class Searcher:
 
     def rank(self, query: EncodedQuery, rows: list[int], k: int, rerank: bool, qbnorm: bool = False) -> Ranking:
         """The best k of the candidate rows (FAISS's best first). Its first rerank_candidates are ordered by
-        global + weight * S_loc when re-ranking, by the query bank's normalisation of the global similarity with
-        `qbnorm`, else by the global similarity; the candidates after them follow by global similarity, as eval
-        ranks them: the first hits are the same whatever k. The global similarity is the exact cosine of the
+        global + weight * S_loc when re-ranking, else by the global similarity; the candidates after them follow by
+        global similarity, as eval ranks them: the first hits are the same whatever k. With `qbnorm` every candidate
+        is ordered by the query bank's normalisation of the global similarity, whose scores (β·s − log Z, negative)
+        are no cosines: a hit past the first rerank_candidates by cosine would show a higher score below them. The global similarity is the exact cosine of the
         stored embeddings (an approximate index's own scores only choose the candidates). The one place where a
         score is turned into an order."""
         rows = np.asarray(rows, np.int64)
@@ -455,9 +457,12 @@ class Searcher:
             order = np.concatenate([np.argsort(-score[:head], kind="stable"), tail])[:k]
             final = np.where(order < head, score[order], global_[order]).astype(np.float32)
             return Ranking(rows[order].tolist(), final, global_[order], local[order], attention[order], positions[order])
-        by = self.query_bank.normalise(exact[None], rows[None])[0] if qbnorm else exact  # (P,)
-        order = np.concatenate([np.argsort(-by[:head], kind="stable"), tail])[:k]
-        final = np.where(order < head, by[order], exact[order]).astype(np.float32)
+        if qbnorm:  # a scale of its own (a log-softmax, not a cosine): every candidate ranks by it, one order
+            by = self.query_bank.normalise(exact[None], rows[None])[0]  # (P,)
+            order = np.argsort(-by, kind="stable")[:k]
+        else:
+            by, order = exact, np.concatenate([np.argsort(-exact[:head], kind="stable"), tail])[:k]
+        final = by[order].astype(np.float32)
         _, global_, _, attention, positions = self._rescored(query, rows[order])  # what each hit shows: its regions
         return Ranking(rows[order].tolist(), final, global_, None, attention, positions)
 
