@@ -2506,6 +2506,10 @@ MUTANTS += [
            '            by = np.where(np.arange(len(by)) < head, by, exact)\n',
            "tests/test_search.py -k qbnorm_ranks_every_hit",
            "search --qbnorm -k 50 shows QB-Norm's scores for 32 hits and cosines after them, in global order"),
+    mutant("serve-item-id-only-as-stored", "vlpcache/serve/app.py",
+           "        return searcher.item(searcher.indexed_item(item_id))\n", "        return searcher.item(item_id)\n",
+           "tests/test_serve.py -k another_unicode_form",
+           "/api/item and /media/frame of an id in NFD (a macOS file name) are 404s, where search --like takes it"),
 ]
 
 

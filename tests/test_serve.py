@@ -212,8 +212,29 @@ def test_frame_of_an_item_not_in_the_index_is_refused_even_if_cached(ws):
     write_cache(ws / "cache", 2, prefix="w", seed=3, sources=[(SHARED / "data" / "videos" / "cup.mp4", "video")])
     client, searcher = client_for(ws)  # opened after the cache grew: w0 is cached, not indexed
     assert "w0" in searcher.cache and "w0" not in searcher.index
-    assert one_line_error(client.get("/media/frame", params={"id": "w0", "t": 0}), 404) == "no such item in the index"
-    assert one_line_error(client.get("/api/item", params={"id": "w0"}), 404) == "no such item in the index"
+    said = '"w0" is cached but not in the index yet; run `vlpcache index` to add it'  # as /api/search?like=w0 says
+    assert one_line_error(client.get("/media/frame", params={"id": "w0", "t": 0}), 404) == said
+    assert one_line_error(client.get("/api/item", params={"id": "w0"}), 404) == said
+    assert one_line_error(client.get("/api/item", params={"id": "nothing"}), 404).startswith(
+        '"nothing" names no item of the index')
+
+
+def test_item_and_frame_take_an_id_in_another_unicode_form_as_search_like_does(ws, monkeypatch, capsys):
+    # /api/item?id= of "café-0" typed in NFD (e + a combining accent: a macOS file name pasted) was a 404, where
+    # `search --like` and /api/search?like= take it
+    import unicodedata
+
+    write_cache(ws / "cache", 1, prefix="café-", seed=3, sources=[(SHARED / "data" / "videos" / "cup.mp4", "video")])
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    decomposed = unicodedata.normalize("NFD", "café-0")
+    assert decomposed != "café-0" and vlpcache(monkeypatch, capsys, "search", "--like", decomposed, "-k", "2")[0] == 0
+    client, _ = client_for(ws)
+    assert client.get("/api/search", params={"like": decomposed, "k": 2}).json()["like"] == "café-0"
+    item = client.get("/api/item", params={"id": decomposed})
+    assert item.status_code == 200, item.text
+    assert item.json()["id"] == "café-0" and item.json() == client.get("/api/item", params={"id": "café-0"}).json()
+    frame = client.get("/media/frame", params={"id": decomposed, "t": 0})
+    assert frame.status_code == 200 and frame.content == client.get("/media/frame", params={"id": "café-0", "t": 0}).content
 
 
 def test_an_item_dropped_from_the_cache_since_it_was_indexed_is_refused_with_its_reason(ws):

@@ -420,10 +420,12 @@ def _indexed_item(searcher: Searcher, request: Request) -> dict:
     if not item_id:
         raise ApiError(400, "missing id: add ?id=ITEM (an id from the search results)")
     try:
-        return searcher.item(item_id)  # only ids in the index; a path never reaches the filesystem
-    except KeyError:
+        # as `search --like` and /api/search?like= name one: the id in another Unicode form (a macOS file name's
+        # NFD), or a file name ending in it; looked up among the index's ids, a path never reaches the filesystem
+        return searcher.item(searcher.indexed_item(item_id))
+    except KeyError:  # an index rebuilt without it in between
         raise ApiError(404, "no such item in the index") from None
-    except UserError as err:  # dropped from the cache since it was indexed, as /api/search?like= says it
+    except UserError as err:  # none of the index's, or dropped from the cache since it was indexed: why, as like= says
         raise ApiError(404, str(err)) from None
 
 
