@@ -496,7 +496,8 @@ MUTANTS += [
            "    left_out = [[] for cache in caches]",
            "tests/test_pretrain.py -k found_damaged", "validation's candidates stay the same once a damaged item is recorded"),
     mutant("serve-unindexed-unsaid", "vlpcache/index/search.py",
-           "        self.unindexed = len(set(self.cache.ids).difference(index.ids))", "        self.unindexed = 0",
+           "        self.unindexed = len(set(self.cache.ids).difference(index.ids)) + len(self.extracted_again)",
+           "        self.unindexed = 0",
            "tests/test_serve.py -k does_not_read", "the page says how many cached items are not indexed yet"),
     mutant("serve-damaged-hit-frame-refused", "vlpcache/serve/app.py",
            "        if cached.get(\"unreadable\"):  # its row does not read", "        if False:  # its row does not read",
@@ -2510,6 +2511,10 @@ MUTANTS += [
            "        return searcher.item(searcher.indexed_item(item_id))\n", "        return searcher.item(item_id)\n",
            "tests/test_serve.py -k another_unicode_form",
            "/api/item and /media/frame of an id in NFD (a macOS file name) are 404s, where search --like takes it"),
+    mutant("serve-unindexed-leaves-out-extracted-again", "vlpcache/index/search.py",
+           " + len(self.extracted_again)\n", "\n",
+           "tests/test_serve.py -k extracted_again_since_the_index_was_built",
+           "/api/info's \"unindexed\" (and the page's line) leave out items extracted again since the index was built"),
 ]
 
 

@@ -255,8 +255,9 @@ class Searcher:
         # found by their old content: the regions the index holds are not the cached rows' any more
         self.extracted_again = set(extracted_again(index, self.cache))
         self.failed_again = failed_again(self.cache)  # found by their old content, whose rows the cache still reads
-        # cached since it was built (a set difference: at each shard commit, in a request, over every cached id)
-        self.unindexed = len(set(self.cache.ids).difference(index.ids))
+        # cached since it was built (a set difference: at each shard commit, in a request, over every cached id), and
+        # extracted again since (the index's row is of the old content): what `vlpcache index` would encode
+        self.unindexed = len(set(self.cache.ids).difference(index.ids)) + len(self.extracted_again)
 
     def refresh(self) -> bool:
         """Take up the index again if `vlpcache index` has written it since it was loaded (with the

@@ -3,8 +3,9 @@
     GET /                          the search page; the query lives in the URL: /?q=person+cuts+onion[&k=20][&item=ID]
     GET /page.js, /page.css        its script and style (fixed names: no path from a request is ever opened)
     GET /api/info                  {"items", "rerank", "model", "unindexed", "example", "newer"}: what is searched, by which
-                                   run, what is not yet indexed, a caption of the run's to suggest, and a note when
-                                   the run has a newer checkpoint than the one answering ("" for most)
+                                   run, what is not yet indexed (or only as it was before extracted again), a caption
+                                   of the run's to suggest, and a note when the run has a newer checkpoint than the
+                                   one answering ("" for most)
     GET /api/search?q=&k=&rerank=  {"query", "results"}: the fields of `vlpcache search --json`
     GET /api/search?like=ID&k=     {"like", "results"}: the items most like an indexed one (`search --like ID --json`)
     GET /api/item?id=              one indexed item: its sampled frames and every cached region on them
