@@ -1694,7 +1694,7 @@ MUTANTS += [
            "        warn=report.say,  # an item left out", "        warn=say,  # an item left out",
            "tests/test_search.py -k index_quiet_still_says", "index --quiet still says a video it leaves out, found damaged"),
     mutant("like-extracted-again-unsaid", "vlpcache/index/search.py",
-           "    return f\"{item_id} {LIKED_EXTRACTED_AGAIN}\" if item_id in searcher.extracted_again else \"\"", "    return \"\"",
+           "    if item_id in searcher.extracted_again:\n", "    if False:\n",
            "tests/test_search.py -k like_of_an_item_extracted_again", "search --like of an item extracted again since indexed says its old content answers"),
     mutant("search-unindexed-read-only-told-to-index", "vlpcache/index/search.py",
            "(\"run `vlpcache index` to add them\" if may_write(index_dir) else", "(\"run `vlpcache index` to add them\" if True else",
@@ -2515,6 +2515,16 @@ MUTANTS += [
            " + len(self.extracted_again)\n", "\n",
            "tests/test_serve.py -k extracted_again_since_the_index_was_built",
            "/api/info's \"unindexed\" (and the page's line) leave out items extracted again since the index was built"),
+    mutant("like-failed-again-unsaid", "vlpcache/index/search.py",
+           "    if item_id is not None and (failure := searcher.failed_again.get(item_id)):\n",
+           "    if False:\n",
+           "tests/test_search.py -k source_failed_again",
+           "search --like of an item whose changed source failed to extract says nothing of its old content answering"),
+    mutant("index-failed-again-up-to-date", "vlpcache/index/build.py",
+           "    if failed := [(item_id, record) for item_id, record in failed_again(cache).items() if item_id in index]:",
+           "    if failed := []:",
+           "tests/test_search.py -k source_failed_again",
+           "vlpcache index calls an index up to date that holds an item whose changed source failed to extract"),
 ]
 
 

@@ -843,6 +843,31 @@ def test_a_hit_whose_source_was_replaced_by_a_file_that_failed_to_extract_is_out
     assert x0()["outdated"] == ""
 
 
+def test_like_of_an_item_whose_source_failed_again_says_so_and_index_does_not_call_it_up_to_date(ws, tmp_path,
+                                                                                                  monkeypatch, capsys):
+    # search hits of such an item were marked outdated with the failure's reason, but `--like x0` said nothing of it
+    # (its old content answers) and `vlpcache index` said "up to date"
+    from vlpcache.extract.stamps import source_stamp
+    from vlpcache.index.search import FAILED_AGAIN_HIT
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"old" * 1000)
+    write_cache(ws / "cache", 1, prefix="x", sources=[(clip, "video")])
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    clip.write_bytes(b"cut short" * 10)  # replaced by a download cut short: extract redoes it, and it fails
+    with ShardWriter(ws / "cache", RegionCache(ws / "cache").settings) as writer:
+        writer.record_failure("x0", str(clip), "cannot open video: invalid data", source=source_stamp(clip))
+    said = f"x0: {FAILED_AGAIN_HIT} (cannot open video: invalid data): these are the items most like its old content"
+    code, out, err = vlpcache(monkeypatch, capsys, "search", "--like", "x0", "-k", "3")
+    assert code == 0 and f"note: {said}" in err and out.startswith("like: x0")
+    [liked] = search_json(monkeypatch, capsys, "--like", "x0", "-k", "3")
+    assert liked["note"].startswith(said) and "--prune" in liked["note"]
+    assert "note" not in search_json(monkeypatch, capsys, "--like", "v1", "-k", "3")[0]
+    code, _, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0 and "up to date" not in err
+    assert "1 of its item(s) changed at their source and the new file did not extract (x0: cannot open video" in err
+
+
 def test_indexed_embeddings_equal_the_models_own_encoding(ws, monkeypatch, capsys):
     from vlpcache.cache.reader import RegionCache
     from vlpcache.model.batch import video_batch

@@ -48,7 +48,7 @@ from vlpcache.model.run_layout import (being_trained_note, default_run, designat
                                        read_run_locations)
 from vlpcache.querybank import BANK_SIZE, BETA, TOP_K, QueryBank, bank_captions, bank_for
 from vlpcache.records import read_optional_json, write_json
-from vlpcache.report import Say, items_word, progress_bar, say, sayer
+from vlpcache.report import Say, items_word, printable, progress_bar, say, sayer
 from vlpcache.workspace import Workspace
 
 ENCODE_CHUNK = 1024  # videos encoded, then kept on disk as one part (parts.py), at a time
@@ -469,9 +469,18 @@ def extracted_again(index: VideoIndex, cache: RegionCache) -> list[str]:
     return [cache.ids[r] for r in later if cache.ids[r] in index]
 
 
+def failed_again(cache: RegionCache) -> dict[str, dict]:
+    """Cached items whose source changed and then failed to extract: id -> the failure record (newer than the item's
+    row, of another file than the row's stamp records). The cache reads their old rows: extract keeps them, and
+    --prune drops only items whose files are gone."""
+    return {item_id: record for item_id, record in cache.failures.items()
+            if item_id in cache and record.get("source", "") != cache.sources[cache.index_of(item_id)]}
+
+
 def coverage(index: VideoIndex, cache: RegionCache) -> str:
-    """What a user should know about items the index has and the cache lacks, or holds anew; "" when
-    there are none."""
+    """What a user should know about items the index has and the cache lacks, or holds anew, or holds as they were
+    though their sources changed (the new file failed to extract: extract, not index, mends them); "" when there are
+    none."""
     notes = []
     if missing := missing_from_cache(index, cache):
         shards = len(cache.unreadable_shards) + len(cache.ignored_shards)
@@ -485,6 +494,12 @@ def coverage(index: VideoIndex, cache: RegionCache) -> str:
         notes.append(f"{len(again)} of its item(s) were extracted again since they were indexed (their sources changed): "
                      "found by their old content and shown without matched regions; run `vlpcache index` to index "
                      "them anew")
+    if failed := [(item_id, record) for item_id, record in failed_again(cache).items() if item_id in index]:
+        item_id, record = failed[0]
+        notes.append(f"{len(failed)} of its item(s) changed at their source and the new file did not extract "
+                     f"({printable(item_id)}: {printable(str(record.get('reason', 'it failed')))}"
+                     f"{', ...' if len(failed) > 1 else ''}): found by their old content, which the cache still holds; "
+                     "mend or replace those files and run `vlpcache extract` again (deleted, `extract --prune` drops them)")
     return "; ".join(notes)
 
 

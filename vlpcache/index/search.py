@@ -37,8 +37,8 @@ from vlpcache.devices import DEFAULT_DEVICE, DEVICES, resolve_device
 from vlpcache.errors import NotComparable, UserError, WriteFailed, user_message
 from vlpcache.files import may_write, read_utf8_text, utf8_text
 from vlpcache.locks import own_temporary_folder
-from vlpcache.index.build import (check_run_reads_cache, coverage, extracted_again, index_of_run, missing_from_cache,
-                                  new_index_line, open_cache, resolve_sources, update_index)
+from vlpcache.index.build import (check_run_reads_cache, coverage, extracted_again, failed_again, index_of_run,
+                                  missing_from_cache, new_index_line, open_cache, resolve_sources, update_index)
 from vlpcache.index.export import export_embeddings
 from vlpcache.index.faiss_index import VideoIndex
 from vlpcache.index.layout import CALIBRATION_FILE, META_FILE, QUERYBANK_FILE, IndexConfig, index_dir_for
@@ -86,20 +86,11 @@ UNREADABLE_HIT = ("its cached regions cannot be read (the cache's shard is damag
                   "are shown; recorded in the cache: the next `vlpcache extract` extracts it again")
 
 
-def failed_again(cache: RegionCache) -> dict[str, dict]:
-    """Cached items whose source changed and then failed to extract: id -> the failure record (newer than the item's
-    row, of another file than the row's stamp records). The cache reads their old rows: extract keeps them, and
-    --prune drops only items whose files are gone."""
-    return {item_id: record for item_id, record in cache.failures.items()
-            if item_id in cache and record.get("source", "") != cache.sources[cache.index_of(item_id)]}
-
-
-def failed_again_hit(failure: dict) -> str:
-    """FAILED_AGAIN_HIT with the failure's reason and what to do."""
+def failed_again_hit(failure: dict, answers: str = "found by its old content, whose regions are shown") -> str:
+    """FAILED_AGAIN_HIT with the failure's reason, what `answers` for the item, and what to do."""
     path = printable(str(failure.get("path", "its file")))
-    return (f"{FAILED_AGAIN_HIT} ({printable(str(failure.get('reason', 'it failed')))}): found by its old content, "
-            f"whose regions are shown; mend or replace {path} and run `vlpcache extract` again (deleted, `vlpcache "
-            "extract --prune` drops the item)")
+    return (f"{FAILED_AGAIN_HIT} ({printable(str(failure.get('reason', 'it failed')))}): {answers}; mend or replace "
+            f"{path} and run `vlpcache extract` again (deleted, `vlpcache extract --prune` drops the item)")
 
 
 def shows_cached_regions(outdated: str) -> bool:
@@ -886,8 +877,13 @@ def like_json(item_id: str, hits: list[Hit], outside: bool = False, note: str = 
 
 
 def liked_note(searcher: Searcher, item_id: str | None) -> str:
-    """What is off with the indexed item a --like asks about ("" for most): extracted again since it was indexed."""
-    return f"{item_id} {LIKED_EXTRACTED_AGAIN}" if item_id in searcher.extracted_again else ""
+    """What is off with the indexed item a --like asks about ("" for most): extracted again since it was indexed, or
+    its source changed and the new file did not extract (its old content answers, as for its search hits)."""
+    if item_id in searcher.extracted_again:
+        return f"{item_id} {LIKED_EXTRACTED_AGAIN}"
+    if item_id is not None and (failure := searcher.failed_again.get(item_id)):
+        return f"{item_id}: {failed_again_hit(failure, 'these are the items most like its old content')}"
+    return ""
 
 
 def format_hits(query: str, hits: list[Hit], head: str = "query") -> str:
