@@ -212,7 +212,8 @@ def test_rerank_orders_by_global_plus_weighted_region_word_score(ws, monkeypatch
 def test_the_first_hits_are_the_same_whatever_k_in_every_ranking(ws, monkeypatch, capsys):
     """The re-ranked (and QB-Norm's) candidates were max(k, 32): `-k 100` re-ordered a pool `-k 10` never saw, so
     its top 10 was not `-k 10`'s, and the page's 48 results reordered its first 12. Now the first 32 candidates
-    are re-ordered whatever k, and those after them follow by global similarity, as eval ranks them."""
+    are re-ordered whatever k, and those after them follow by global similarity, as eval ranks them; QB-Norm
+    ranks every item by its own score (test_search_qbnorm_ranks_every_hit_...)."""
     from vlpcache import Searcher
 
     assert vlpcache(monkeypatch, capsys, "index", "--qbnorm", "--quiet")[0] == 0
@@ -222,6 +223,8 @@ def test_the_first_hits_are_the_same_whatever_k_in_every_ranking(ws, monkeypatch
         for options in ({}, {"rerank": False}, {"qbnorm": True}):
             every = searcher.search(query, k=ITEMS, **options)
             assert [h.id for h in searcher.search(query, k=4, **options)] == [h.id for h in every[:4]], (query, options)
+            if options.get("qbnorm"):
+                continue
             tail = [h.global_score for h in every[6:]]
             assert tail == sorted(tail, reverse=True) and [h.score for h in every[6:]] == pytest.approx(tail, abs=1e-6)
             assert min(h.global_score for h in every[:6]) >= max(tail) - 1e-6  # the head: the 6 best by global
@@ -1405,7 +1408,7 @@ def test_search_qbnorm_ranks_by_the_banks_normalised_similarity_and_the_bank_gro
 def test_search_qbnorm_ranks_every_hit_by_the_normalised_score_past_the_first_32_too(ws, monkeypatch, capsys):
     """-k 44 --qbnorm gave QB-Norm's scores (its log-softmax, about -3) to the first 32 hits and plain cosines (about
     -0.04) to the hits after them, in global order: the score rose down the list, and the order past 32 ignored
-    QB-Norm."""
+    QB-Norm. Every item is now ranked by its normalised score, as eval ranks them: the first hits whatever k."""
     from vlpcache.index.layout import QUERYBANK_FILE
     from vlpcache.querybank import QueryBank
 
@@ -1427,6 +1430,9 @@ def test_search_qbnorm_ranks_every_hit_by_the_normalised_score_past_the_first_32
     code, out, _ = vlpcache(monkeypatch, capsys, "search", "a horse", "-k", str(k), "--qbnorm")
     printed = [float(line.split()[1]) for line in out.splitlines()[1:] if line[:3].strip().isdigit()]
     assert code == 0 and printed == sorted(printed, reverse=True) and len(printed) == k
+    for first in (3, 10):  # every item ranked by its normalised score: the first hits whatever k, as before
+        [fewer] = search_json(monkeypatch, capsys, "a horse", "-k", str(first), "--qbnorm")
+        assert [h["id"] for h in fewer["results"]] == [h["id"] for h in result["results"][:first]]
 
 
 def test_a_query_bank_of_other_rows_is_never_used_and_a_searcher_takes_up_one_made_later(ws, monkeypatch, capsys):

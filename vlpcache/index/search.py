@@ -64,6 +64,9 @@ EXAMPLE_QUERY = "person cuts onion"  # serve's suggestion where the run's captio
 EXAMPLE_WORDS = (3, 6)  # a suggested caption's words, at least and at most
 EXAMPLE_VIDEOS = 2000  # the first videos of the run's first caption file looked at for one
 EXAMPLE_FILE_BYTES = 64 << 20  # a larger caption file is not read for a suggestion (CC3M's take minutes)
+# --qbnorm's candidates at most (unless -k asks for more): 64 MB of 256-d embeddings gathered, where a loose bound would
+# take every item of a million
+NORMALISED_CANDIDATES = 65_536
 # a hit extracted again since it was indexed (shown without matched regions: the index's are the old rows')
 EXTRACTED_AGAIN = ("extracted again since it was indexed (its source changed): found by its old content, its regions "
                    "not shown; run `vlpcache index` to index it anew")
@@ -124,7 +127,7 @@ class Hit:
     rank: int
     id: str
     path: str
-    score: float  # what the ranking used: global + weight * S_loc after re-rank, else global cosine
+    score: float  # what the ranking used: global + weight * S_loc after re-rank, QB-Norm's β·s − log Z, else global cosine
     global_score: float
     local_score: float | None  # S_loc; None without re-rank
     time: float | None  # the best-matching frame's time: seconds of a video, a frames folder's or photo's place 0, 1, ...
@@ -397,9 +400,8 @@ class Searcher:
 
     def search(self, query: str, k: int = 10, rerank: bool = True, qbnorm: bool = False) -> list[Hit]:
         """The top k indexed items for one query, best first; re-ranked by region-word score when the
-        run can (`rerank=False`: global similarity alone); `qbnorm`: the top candidates by global
-        similarity (max(k, rerank_candidates) of them) all ordered by its query-bank normalisation instead, each
-        hit's score the normalised one (the index's bank; no re-rank)."""
+        run can (`rerank=False`: global similarity alone); `qbnorm`: every indexed item ranked by its
+        query-bank normalisation instead, each hit's score the normalised one (the index's bank; no re-rank)."""
         if not isinstance(query, str):
             raise UserError(f"a query is text (str), not {type(query).__name__}")
         check_k(k)
@@ -422,24 +424,51 @@ class Searcher:
         rerank = rerank and self.can_rerank and not qbnorm
         with self._lock:
             encoded = EncodedQuery(*self.query_model.encode(query))
-            wanted = max(k, self.rerank_candidates)  # the same candidates to re-order whatever k: the same first hits
-            # candidates no longer in the cache (an unreadable shard, or rebuilt without them) cannot be
-            # shown: FAISS is asked for as many more, so that k are left
-            pool = min(len(self.index), wanted + self.unshown)
-            _, faiss_rows = self.index.search(encoded.global_, pool)  # (1, pool), best first by FAISS's own scores
-            found = [int(r) for r in faiss_rows[0] if r >= 0 and self.index.ids[r] in self.cache][:wanted]
+            found = self._candidates(encoded.global_, max(k, self.rerank_candidates))  # the same candidates to
+            # re-order whatever k: the same first hits
+            if qbnorm and found:
+                found = self._normalised_candidates(encoded, found, k)
             if not found:
                 return []
             return self.describe(encoded, self.rank(encoded, found, k, rerank, qbnorm))
+
+    def _candidates(self, vector: np.ndarray, wanted: int) -> list[int]:
+        """The index rows of the `wanted` best items by FAISS's own scores with `vector` (1, E), best first, of those
+        the cache can show: candidates no longer in it (an unreadable shard, or rebuilt without them) cannot be
+        shown, so FAISS is asked for as many more, so that `wanted` are left."""
+        pool = min(len(self.index), wanted + self.unshown)
+        _, faiss_rows = self.index.search(vector, pool)  # (1, pool)
+        return [int(r) for r in faiss_rows[0] if r >= 0 and self.index.ids[r] in self.cache][:wanted]
+
+    def _normalised_candidates(self, query: EncodedQuery, rows: list[int], k: int) -> list[int]:
+        """Candidates (`rows` and more, by global similarity) enough that QB-Norm's best k among them are its best k of
+        every indexed item, as eval ranks them: the first hits whatever k, each scored on one scale. A hub query's
+        score β·s − log Z of an item not among them is at most β·(the least s among them) − (the least log Z): more
+        are taken until the k-th best score is above that, up to NORMALISED_CANDIDATES. (A query whose best item is no
+        hub ranks by s itself.)"""
+        bank, floor = self.query_bank, float(self.query_bank.log_norm.min())
+        while True:
+            found = np.asarray(rows, np.int64)
+            exact = self._cosines(query.global_[0], found)  # (P,)
+            if not bank.hubs[found[exact.argmax()]]:
+                return rows
+            scores = bank.beta * exact.astype(np.float64) - bank.log_norm[found]  # (P,) as normalise() gives them
+            bound = bank.beta * float(exact.min()) - floor  # the most an item not taken can score
+            if np.sort(scores)[-min(k, len(scores))] >= bound or len(rows) >= max(k, NORMALISED_CANDIDATES):
+                return rows
+            more = self._candidates(query.global_, min(4 * len(rows), max(k, NORMALISED_CANDIDATES)))
+            if len(more) <= len(rows):  # every item the cache can show
+                return rows
+            rows = more
 
     def rank(self, query: EncodedQuery, rows: list[int], k: int, rerank: bool, qbnorm: bool = False) -> Ranking:
         """The best k of the candidate rows (FAISS's best first). Its first rerank_candidates are ordered by
         global + weight * S_loc when re-ranking, else by the global similarity; the candidates after them follow by
         global similarity, as eval ranks them: the first hits are the same whatever k. With `qbnorm` every candidate
         is ordered by the query bank's normalisation of the global similarity, whose scores (β·s − log Z, negative)
-        are no cosines: a hit past the first rerank_candidates by cosine would show a higher score below them. The global similarity is the exact cosine of the
-        stored embeddings (an approximate index's own scores only choose the candidates). The one place where a
-        score is turned into an order."""
+        are no cosines: a hit past the first rerank_candidates by cosine would show a higher score below them. The
+        global similarity is the exact cosine of the stored embeddings (an approximate index's own scores only choose
+        the candidates). The one place where a score is turned into an order."""
         rows = np.asarray(rows, np.int64)
         head = min(self.rerank_candidates, len(rows))
         exact = self._cosines(query.global_[0], rows)  # (P,)

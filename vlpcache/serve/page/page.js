@@ -537,7 +537,8 @@ async function start() {
   } else {
     about.then((i) => setStatus(`Search ${kindsText(i.kinds, i.items)} by what happens in them` +
       (i.model ? ` (model: ${i.model}).` : ".") +
-      (i.unindexed ? ` ${i.unindexed.toLocaleString()} cached items are new or extracted again since the index was built: run \`vlpcache index\`.` : "") +
+      (i.unindexed ? ` ${i.unindexed.toLocaleString()} cached ${i.unindexed === 1 ? "item is" : "items are"} new or ` +
+        "extracted again since the index was built: run `vlpcache index`." : "") +
       (i.newer ? ` Note: ${i.newer}.` : "")),
       (err) => setStatus(`error: ${err.message}`, true));
   }
