@@ -2533,6 +2533,10 @@ MUTANTS += [
            "    if failed := []:",
            "tests/test_search.py -k source_failed_again",
            "vlpcache index calls an index up to date that holds an item whose changed source failed to extract"),
+    mutant("shard-written-in-the-latest-hdf5-format", "vlpcache/cache/writer.py",
+           'h5py.File(self._tmp_path, "w", libver=HDF5_FORMAT)', 'h5py.File(self._tmp_path, "w", libver="latest")',
+           "tests/test_cache.py -k hdf5_1_10s_format",
+           "shards are written in the writing HDF5's own format: HDF5 2.0's, which h5py on HDF5 1.12 cannot read"),
 ]
 
 

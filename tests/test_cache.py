@@ -17,13 +17,14 @@ import pytest
 import torch
 
 from vlpcache.cache.reader import RegionCache
-from vlpcache.cache.schema import (LOCK_DIR, MANIFEST_NAME, SCHEMA_VERSION, SHARD_DIR, SHARD_SECONDS, CacheSettings,
-                                   empty_item)
+from vlpcache.cache.schema import (LOCK_DIR, MANIFEST_NAME, SCHEMA_VERSION, SHARD_DIR, SHARD_SECONDS, STRINGS,
+                                   CacheSettings, empty_item)
 from vlpcache.cache.manifest import passed_over_path, read_failures, read_passed_over
 from vlpcache.records import json_lines
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
 from broken_media import damage_chunk
+from hdf5_format import layout_message_versions, superblock_version
 from waiting import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1091,6 +1092,17 @@ def test_a_shard_this_user_may_not_read_is_not_called_damaged(tmp_path, monkeypa
     assert cache.ids == ["a"] and cache.unreadable_shards == {locked: "Permission denied (EACCES)"}
     assert capsys.readouterr().err == (f"{locked}: this user may not read it (Permission denied (EACCES)); its items are "
                                        "left out: another user's file? its owner can make it readable (chmod a+r)\n")
+
+
+def test_shards_are_written_in_hdf5_1_10s_format_which_every_admitted_h5py_reads(tmp_path):
+    # libver="latest" wrote the writing HDF5's own format: HDF5 2.0's layout messages (version 5), which h5py 3.9 on
+    # HDF5 1.12 cannot read ("bad version number for layout message"): its items vanished, extract cached them twice
+    write_items(tmp_path, ["a", "b"])
+    (shard,) = (tmp_path / SHARD_DIR).glob("*.h5")
+    versions = layout_message_versions(shard)
+    assert len(versions) == len(SETTINGS.arrays()) + len(STRINGS)  # every dataset's header was read
+    assert superblock_version(shard) <= 3 and max(versions) <= 4  # HDF5 1.10's: 3 and 4 (HDF5 2.0's layout is 5)
+    assert RegionCache(tmp_path).ids == ["a", "b"]
 
 
 def test_inspect_of_a_cache_without_detections_says_so_rather_than_leaving_the_line_out(tmp_path, capsys):

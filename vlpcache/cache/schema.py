@@ -102,6 +102,10 @@ REMOVED_DIR = "removed"  # rows of items whose files are no longer there, droppe
 PASSED_OVER_SUFFIX = ".passed-over.json"  # failures/<writer>.passed-over.json: paths discovery left out
 LOCK_DIR = "locks"
 SHARD_SUFFIX = ".h5"
+# HDF5 file format bounds of every .h5 file vlpcache writes: HDF5 1.10's (its chunk indexes for arrays appended to,
+# which "latest" chose before), which every h5py this package admits reads (3.9 on HDF5 1.10 or 1.12 included).
+# "latest" is the writing library's own: HDF5 2.0's wrote layout messages HDF5 1.12 cannot read
+HDF5_FORMAT = ("v110", "v110")
 TMP_SUFFIX = ".tmp"
 
 # label of the whole-frame region that every frame carries at region index 0

@@ -36,6 +36,7 @@ from vlpcache.cache.schema import (
     COLLECTION_KEY,
     COMMITTED_ATTR,
     FAILURE_DIR,
+    HDF5_FORMAT,
     LOCK_DIR,
     MANIFEST_NAME,
     MOVES_DIR,
@@ -377,7 +378,7 @@ class ShardWriter:
     def _open_shard(self) -> None:
         name = f"{self.writer_name}-{self._next_seq():05d}{SHARD_SUFFIX}"
         self._tmp_path = self.shard_dir / (name + TMP_SUFFIX)
-        f = self._file = h5py.File(self._tmp_path, "w", libver="latest")
+        f = self._file = h5py.File(self._tmp_path, "w", libver=HDF5_FORMAT)
         rows = min(256, self.max_items)  # per chunk of a per-video scalar or string: a small shard stays small
         for key, value in shard_attrs(self.settings, __version__).items():
             f.attrs[key] = value

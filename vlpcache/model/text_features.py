@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from vlpcache import __version__
+from vlpcache.cache.schema import HDF5_FORMAT
 from vlpcache.files import (file_sha256, folder_bytes, is_write_failure, not_allowed, remove_temporaries,
                             replace_atomically, system_reason, write_failure)
 from vlpcache.interrupts import stop_if_interrupted
@@ -367,7 +368,7 @@ def _join(files: list[Path], captions: list[str], tmp: Path, key: dict) -> None:
     width = _npz_shape(files[0], "tokens")[1]
     with_pooled, with_ids = "pooled" in names, "token_ids" in names
     offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts), dtype=np.int64)])
-    with h5py.File(tmp, "w") as f:
+    with h5py.File(tmp, "w", libver=HDF5_FORMAT) as f:  # as the cache's shards: older h5py reads it
         tokens = f.create_dataset("tokens", (int(offsets[-1]), width), np.float16)
         pooled = f.create_dataset("pooled", (len(captions), width), np.float16) if with_pooled else None
         token_ids = f.create_dataset("token_ids", (int(offsets[-1]),), np.int32) if with_ids else None
