@@ -2537,6 +2537,15 @@ MUTANTS += [
            'h5py.File(self._tmp_path, "w", libver=HDF5_FORMAT)', 'h5py.File(self._tmp_path, "w", libver="latest")',
            "tests/test_cache.py -k hdf5_1_10s_format",
            "shards are written in the writing HDF5's own format: HDF5 2.0's, which h5py on HDF5 1.12 cannot read"),
+    mutant("extract-redoes-a-newer-hdf5s-shard", "vlpcache/cache/writer.py",
+           "if fix := newer_hdf5(reason := first_line(err)):", "if fix := newer_hdf5(reason := first_line(err)) and False:",
+           "tests/test_extract.py -k newer_hdf5",
+           "extract into a cache holding a shard a newer HDF5 wrote extracts its items again beside it"),
+    mutant("newer-hdf5s-shard-called-damaged", "vlpcache/cache/reader.py",
+           "way = (lock_refused(err) or newer_hdf5(self.unreadable_shards[shard])\n",
+           "way = (lock_refused(err)\n",
+           "tests/test_cache.py -k newer_hdf5",
+           "a shard a newer HDF5 wrote is said unreadable, to be moved out and extracted again, not to upgrade h5py"),
 ]
 
 

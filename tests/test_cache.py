@@ -24,7 +24,7 @@ from vlpcache.records import json_lines
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
 from broken_media import damage_chunk
-from hdf5_format import layout_message_versions, superblock_version
+from hdf5_format import layout_message_versions, set_layout_message_versions, superblock_version
 from waiting import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1103,6 +1103,33 @@ def test_shards_are_written_in_hdf5_1_10s_format_which_every_admitted_h5py_reads
     assert len(versions) == len(SETTINGS.arrays()) + len(STRINGS)  # every dataset's header was read
     assert superblock_version(shard) <= 3 and max(versions) <= 4  # HDF5 1.10's: 3 and 4 (HDF5 2.0's layout is 5)
     assert RegionCache(tmp_path).ids == ["a", "b"]
+
+
+def test_a_shard_a_newer_hdf5_wrote_is_not_called_damaged_and_extract_refuses_to_cache_its_items_twice(tmp_path,
+                                                                                                       capsys):
+    # as h5py 3.9 (HDF5 1.12) met a shard of HDF5 2.0's: "unreadable shard (... bad version number for layout message);
+    # move it out of the cache and run extract again", and extract cached its items again beside it
+    from vlpcache.cache.inspect import inspect_cache
+
+    write_items(tmp_path, ["a", "b"])
+    write_items(tmp_path, ["c"])
+    newer = sorted((tmp_path / SHARD_DIR).glob("*.h5"))[0]
+    assert set_layout_message_versions(newer, 9) == len(SETTINGS.arrays()) + len(STRINGS)  # a version of no HDF5 yet
+    cache = RegionCache(tmp_path)
+    assert cache.ids == ["c"] and "bad version number for layout message" in cache.unreadable_shards[newer]
+    said = capsys.readouterr().err
+    assert said.startswith(f"{newer}: unreadable shard (") and "; its items are left out: written by a newer HDF5 " \
+        f"than this h5py {h5py.version.version} (HDF5 {h5py.version.hdf5_version}) reads, not damaged: upgrade h5py" in said
+    inspect_cache(tmp_path)
+    listed = capsys.readouterr().out
+    assert f"unreadable  {newer.name}: " in listed and "written by a newer HDF5" in listed and "move it out" not in listed
+    shards = sorted(p.name for p in (tmp_path / SHARD_DIR).iterdir())
+    for _ in range(2):  # the lock is let go: said the same way again
+        with pytest.raises(UserError, match=rf"^{re.escape(str(newer))}: unreadable \(.*bad version number.*\): written "
+                                            r"by a newer HDF5 .*; nothing was written, as its items would have been "
+                                            r"extracted again$"):
+            ShardWriter(tmp_path, SETTINGS)  # as extract (and merge) open the cache: before anything is extracted
+    assert sorted(p.name for p in (tmp_path / SHARD_DIR).iterdir()) == shards
 
 
 def test_inspect_of_a_cache_without_detections_says_so_rather_than_leaving_the_line_out(tmp_path, capsys):

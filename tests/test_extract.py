@@ -16,6 +16,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from broken_media import damage_chunk
+from hdf5_format import set_layout_message_versions
 
 from vlpcache.cache.labels import COCO
 from vlpcache.cache.reader import RegionCache
@@ -303,6 +304,26 @@ def test_an_item_found_damaged_is_listed_by_inspect_and_extracted_again_by_the_n
     assert cached.ids == ["a"] and list(cached.removed) == ["b"] and cached.damaged == {}
     assert cached.left_out_line("b").startswith(f"'b' was dropped from the cache {cache} by `vlpcache extract --prune`")
     assert f": {tmp_path / 'data' / 'b'} was gone; once it is back" in cached.left_out_line("b")
+
+
+def test_a_shard_a_newer_hdf5_wrote_stops_extract_instead_of_extracting_its_items_again(tmp_path, msrvtt_dir):
+    # h5py 3.9 (HDF5 1.12) under a cache of HDF5 2.0's shards: extract cached every item again (the cache doubled),
+    # and --prune could not drop the items it could not see
+    from vlpcache.extract.runner import run_extract
+
+    for name, folder in zip("ab", sorted((msrvtt_dir / "frames" / "val").iterdir())[:2]):
+        shutil.copytree(folder, tmp_path / "data" / name)
+    cache = tmp_path / "cache"
+    run_extract([tmp_path / "data"], cache_dir=cache, quiet=True)
+    (shard,) = (cache / SHARD_DIR).glob("*.h5")
+    set_layout_message_versions(shard, 9)  # a layout message of a format newer than this HDF5's
+    shutil.rmtree(tmp_path / "data" / "b")
+    for prune in (False, True):
+        with pytest.raises(UserError, match=rf"^{re.escape(str(shard))}: unreadable \(.*\): written by a newer HDF5 "):
+            run_extract([tmp_path / "data"], cache_dir=cache, quiet=True, prune=prune)
+    assert list((cache / SHARD_DIR).iterdir()) == [shard]
+    listed = vlpcache("inspect", cache, cwd=tmp_path).stdout
+    assert f"unreadable  {shard.name}: " in listed and ": written by a newer HDF5 than this h5py" in listed
 
 
 def test_a_link_to_a_file_is_that_file_once_in_the_cache(tmp_path, videos_dir, capsys):

@@ -12,7 +12,7 @@ import json
 import numpy as np
 
 from vlpcache.cache.labels import region_names
-from vlpcache.cache.manifest import read_passed_over
+from vlpcache.cache.manifest import newer_hdf5, read_passed_over
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import outdated_schema
 from vlpcache.cache.writer import unfinished_shards
@@ -121,8 +121,8 @@ def print_summary(summary: dict) -> None:
         lines.append(f"ignored     {name}: made with other settings than the manifest ({'; '.join(diffs)}); "
                      "its items are left out")
     for name, reason in summary["unreadable_shards"].items():
-        lines.append(f"unreadable  {name}: {reason}; its items are left out: move it out of the cache and run "
-                     "`vlpcache extract` again to redo them")
+        lines.append(f"unreadable  {name}: {reason}; its items are left out: " + (
+            newer_hdf5(reason) or "move it out of the cache and run `vlpcache extract` again to redo them"))
     for name in summary["unfinished_shards"]:
         lines.append(f"unfinished  {name}: a shard being written, or left by an extract that was stopped (the next "
                      "extract into this cache removes it and extracts its items)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 from pathlib import Path
 
 from vlpcache.cache.schema import (COLLECTION_KEY, DAMAGED_DIR, FAILURE_DIR, MANIFEST_NAME, MOVES_DIR, PASSED_OVER_SUFFIX,
@@ -134,6 +135,11 @@ def open_shard(path: Path):
     return h5py.File(path, "r", rdcc_nbytes=0)
 
 
+def first_line(err: BaseException) -> str:
+    """Why h5py could not read a shard, as unreadable_shards and the lines about a shard give it."""
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
 def lock_refused(err: BaseException) -> str:
     """What to do where HDF5 could not lock a shard (its message says "unable to lock file"), or the
     process holds it open with other locking flags, else ""."""
@@ -146,6 +152,25 @@ def lock_refused(err: BaseException) -> str:
     return ("HDF5 could not lock the file: a file system without lock support (some NFS mounts)? set "
             "HDF5_USE_FILE_LOCKING=FALSE in the environment and run again (shards are never written once "
             "committed), or another program holds it open for writing")
+
+
+# HDF5's words for a file or object of a format version it does not know: "bad version number for layout message",
+# "bad object header version number", "bad superblock version number", "incorrect ... version", "... out of bounds"
+_NEWER_FORMAT = re.compile(r"\b(bad|wrong|incorrect|unknown|unsupported)\b[^()]*\bversion\b|\bversion\b[^()]*\bout of bounds\b",
+                           re.IGNORECASE)
+
+
+def newer_hdf5(reason: str) -> str:
+    """Where HDF5 could not read a shard (`reason`: h5py's first line) for a format version it does not know,
+    which a newer HDF5 wrote (HDF5 2.0's, for one, writing "latest" as vlpcache did before schema.HDF5_FORMAT):
+    what it is and what to do, else "". Such a shard is not damaged: its items are not to be extracted again."""
+    import h5py
+
+    if not _NEWER_FORMAT.search(re.sub(r"name = '[^']*'", "", reason)):  # not a word of the file's own name
+        return ""
+    return (f"written by a newer HDF5 than this h5py {h5py.version.version} (HDF5 {h5py.version.hdf5_version}) reads, "
+            "not damaged: upgrade h5py (pip install -U 'h5py>=3.16'; built on HDF5 2.0, it reads every shard vlpcache "
+            "has written)")
 
 
 def shard_file_differences(shard, settings: CacheSettings) -> list[str]:

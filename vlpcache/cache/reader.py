@@ -35,8 +35,8 @@ import h5py
 import numpy as np
 
 from vlpcache.cache.labels import value_bounds
-from vlpcache.cache.manifest import (UNREADABLE, lock_refused, open_shard, read_damaged, read_failures, read_manifest,
-                                     read_moves, read_removed, shard_file_differences)
+from vlpcache.cache.manifest import (UNREADABLE, first_line, lock_refused, newer_hdf5, open_shard, read_damaged,
+                                     read_failures, read_manifest, read_moves, read_removed, shard_file_differences)
 from vlpcache.cache.schema import (COMMITTED_ATTR, DAMAGED_DIR, SHARD_DIR, SHARD_SUFFIX, TIMES_ATTR, TIMES_FROM_VIDEO,
                                    CacheSettings, not_finite, out_of_range)
 from vlpcache.cache.writer import RecordLog
@@ -81,7 +81,7 @@ def reading(shard: Path, what: str):
     try:
         yield
     except OSError as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         raise DamagedShard(f"{_damage(shard, what, reason)}; move it out of {shard.parent} and run `vlpcache extract` "
                            "again to redo its items", reason) from None
 
@@ -333,8 +333,9 @@ class RegionCache:
                 self._report_once(shard, f"{shard}: this user may not read it (Permission denied (EACCES)); its items "
                                   "are left out: another user's file? its owner can make it readable (chmod a+r)")
                 return None
-            self.unreadable_shards[shard] = str(err).splitlines()[0] if str(err) else type(err).__name__
-            way = lock_refused(err) or "move it out of the cache and run extract again to redo them"
+            self.unreadable_shards[shard] = first_line(err)
+            way = (lock_refused(err) or newer_hdf5(self.unreadable_shards[shard])
+                   or "move it out of the cache and run extract again to redo them")
             self._report_once(shard, f"{shard}: unreadable shard ({self.unreadable_shards[shard]}); its items are left out: "
                                 f"{way}")
             return None

@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 
 from vlpcache import __version__
-from vlpcache.cache.manifest import UNREADABLE, open_shard, passed_over_path, read_manifest, read_passed_over, shard_file_differences
+from vlpcache.cache.manifest import UNREADABLE, first_line, newer_hdf5, open_shard, passed_over_path, read_manifest, read_passed_over, shard_file_differences
 from vlpcache.cache.schema import (
     COLLECTION_KEY,
     COMMITTED_ATTR,
@@ -88,12 +88,15 @@ def check_cache_settings(cache_dir: Path, settings: CacheSettings) -> None:
 
 def refuse_shards_of_other_settings(cache_dir: Path, settings: CacheSettings) -> None:
     """Every committed shard must have been made with `settings`, whatever the manifest says (it may
-    have been edited, or a shard copied in from another cache)."""
+    have been edited, or a shard copied in from another cache), and be one this h5py reads the format of."""
     for shard in sorted((cache_dir / SHARD_DIR).glob(f"*{SHARD_SUFFIX}")):
         try:
             with open_shard(shard) as f:
                 diffs = shard_file_differences(f, settings)
-        except UNREADABLE:  # readers report it and leave it out; its items are extracted again
+        except UNREADABLE as err:  # readers report it and leave it out; its items are extracted again,
+            if fix := newer_hdf5(reason := first_line(err)):  # unless only this h5py cannot read it: cached twice
+                raise UserError(f"{shard}: unreadable ({reason}): {fix}; nothing was written, as its items would have "
+                                "been extracted again") from None
             continue
         if diffs:
             raise UserError(f"{shard}: made with other settings than this extract ({'; '.join(diffs[:3])}); move it "
