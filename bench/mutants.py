@@ -2546,6 +2546,10 @@ MUTANTS += [
            "way = (lock_refused(err)\n",
            "tests/test_cache.py -k newer_hdf5",
            "a shard a newer HDF5 wrote is said unreadable, to be moved out and extracted again, not to upgrade h5py"),
+    mutant("no-shard-read-move-newer-hdf5s-out", "vlpcache/cache/reader.py",
+           "newer = any(map(newer_hdf5, self.unreadable_shards.values()))", "newer = False",
+           "tests/test_cache.py -k newer_hdf5",
+           "pretrain and index over a cache of shards a newer HDF5 wrote say to move them out and extract again"),
 ]
 
 

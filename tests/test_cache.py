@@ -1130,6 +1130,10 @@ def test_a_shard_a_newer_hdf5_wrote_is_not_called_damaged_and_extract_refuses_to
                                             r"extracted again$"):
             ShardWriter(tmp_path, SETTINGS)  # as extract (and merge) open the cache: before anything is extracted
     assert sorted(p.name for p in (tmp_path / SHARD_DIR).iterdir()) == shards
+    set_layout_message_versions(tmp_path / SHARD_DIR / shards[1], 9)
+    with pytest.raises(UserError, match=r"none of its 2 shard\(s\) can be read as its manifest describes \(reported "
+                                        r"above\); upgrade h5py for those a newer HDF5 wrote, move the others out"):
+        RegionCache(tmp_path).check_not_empty()  # as pretrain and index begin
 
 
 def test_inspect_of_a_cache_without_detections_says_so_rather_than_leaving_the_line_out(tmp_path, capsys):

@@ -425,9 +425,11 @@ class RegionCache:
         if len(self):
             return
         left_out = len(self.unreadable_shards) + len(self.ignored_shards)
+        newer = any(map(newer_hdf5, self.unreadable_shards.values()))  # not damaged: moved out, they would be lost
         if left_out:
             raise UserError(f"{self.cache_dir}: none of its {left_out} shard(s) can be read as its manifest describes "
-                            "(reported above); move them out and extract again, or pass another cache")
+                            f"(reported above); {'upgrade h5py for those a newer HDF5 wrote, ' if newer else ''}"
+                            f"move {'the others' if newer else 'them'} out and extract again, or pass another cache")
         raise UserError(f"cache {self.cache_dir} holds no items yet; run `vlpcache extract` first")
 
     def ids_in_shards(self, keys: set[str]) -> list[str]:
