@@ -2550,6 +2550,18 @@ MUTANTS += [
            "newer = any(map(newer_hdf5, self.unreadable_shards.values()))", "newer = False",
            "tests/test_cache.py -k newer_hdf5",
            "pretrain and index over a cache of shards a newer HDF5 wrote say to move them out and extract again"),
+    mutant("yolox-check-too-new-called-damaged", "vlpcache/extract/detectors/yolox_graph.py",
+           "        if (too_new := graph_too_new(str(path), err, EXPORT_OLDER)) is not None:\n", "        if False:\n",
+           "tests/test_weights.py -k 'stamped_newer and ir_version'",
+           "models verify calls a YOLOX graph stamped newer than onnxruntime reads damaged, and fetch replaces it"),
+    mutant("onnx-made-too-new-traceback", "vlpcache/extract/detectors/yolox.py",
+           "        if (too_new := graph_too_new(what, err, otherwise)) is not None:\n", "        if False:\n",
+           "tests/test_weights.py -k 'stamped_newer and ir_version'",
+           "extract of a YOLOX graph stamped newer than onnxruntime reads is a traceback, not one line"),
+    mutant("onnx-kept-too-new-called-damaged", "vlpcache/extract/detectors/yolox.py",
+           "            stamped_newer = unreadable_version(err) is not None\n", "            stamped_newer = False\n",
+           "tests/test_weights.py -k derived_graph_stamped_newer",
+           "a kept graph a newer install stamped beyond this onnxruntime is said to be damaged"),
 ]
 
 

@@ -339,7 +339,7 @@ def test_xdg_cache_home_holds_the_models_and_the_derived_onnx_graphs(tmp_path, m
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "scratch"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert models_dir() == tmp_path / "scratch" / "vlpcache" / "models"
-    assert _cached_onnx("graph-0123.onnx", lambda: b"graph", bytes) == b"graph"
+    assert _cached_onnx("graph-0123.onnx", lambda: b"graph", bytes, "graph", "") == b"graph"
     assert (tmp_path / "scratch" / "vlpcache" / "onnx" / "graph-0123.onnx").read_bytes() == b"graph"
     assert not (tmp_path / "home").exists()
 
@@ -462,8 +462,73 @@ def test_a_damaged_derived_onnx_graph_is_made_again(tmp_path, monkeypatch, capsy
     session = lambda data: _onnx_session(data, "cpu", 1)  # noqa: E731
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     cached = tmp_path / "vlpcache" / "onnx" / "graph-0123.onnx"
-    assert _cached_onnx(cached.name, lambda: graph, session).get_outputs()
+    assert _cached_onnx(cached.name, lambda: graph, session, "graph", "").get_outputs()
     for damaged, error in ((b"", "InvalidArgument"), (graph[: len(graph) // 2], "InvalidProtobuf")):
         cached.write_bytes(damaged)  # renamed before its data reached the disk, then a crash; or cut short
-        assert _cached_onnx(cached.name, lambda: graph, session).get_outputs()
+        assert _cached_onnx(cached.name, lambda: graph, session, "graph", "").get_outputs()
         assert cached.read_bytes() == graph and f"note: {cached}: damaged ({error}); made again" in capsys.readouterr().err
+
+
+def stamped_newer(graph: bytes, stamp: str) -> bytes:
+    """`graph` stamped with an IR version or an opset beyond any onnxruntime's (as an IR 10 / opset 21 export is
+    beyond onnxruntime 1.17's): the same bytes of weights, which onnxruntime refuses for the stamp alone."""
+    import onnx
+
+    model = onnx.load_from_string(graph)
+    if stamp == "ir_version":
+        model.ir_version = onnx.IR_VERSION + 50
+    else:
+        for opset in model.opset_import:
+            if opset.domain in ("", "ai.onnx"):
+                opset.version = onnx.defs.onnx_opset_version() + 50
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("stamp", ["ir_version", "opset"])
+def test_a_yolox_file_stamped_newer_than_onnxruntime_reads_is_one_line_naming_a_newer_onnxruntime_not_damage(
+        models_dir, videos_dir, tmp_path, capsys, stamp):
+    import onnxruntime
+
+    # onnxruntime 1.17 (admitted by pyproject) on a user's IR 10 export: extract gave a 60-line traceback, and
+    # `models verify` called the file damaged, proposing `models fetch` to replace the user's model
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copy(models_dir / MOBILENET_FILE, folder)
+    (folder / YOLOX_FILE).write_bytes(stamped_newer((models_dir / YOLOX_FILE).read_bytes(), stamp))
+    before = (folder / YOLOX_FILE).read_bytes()
+    stamp_words = "ONNX IR version" if stamp == "ir_version" else "opset"
+    runtime = f", newer than onnxruntime {onnxruntime.__version__} reads ("
+    fix = "`pip install -U onnxruntime`, or export it again with an older IR version and opset"
+
+    assert not verify_weights(folder)
+    said = capsys.readouterr().out
+    assert f"{YOLOX_FILE}: not damaged, but this install cannot run it: " in said and fix in said
+    assert "WRONG" not in said and "replaces it" not in said
+    extract = cli("extract", videos_dir / "tests_data_test.mp4", "-o", tmp_path / "cache", "--models", folder, "--frames", 1)
+    assert extract.returncode == 2 and "Traceback" not in extract.stderr
+    error = extract.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: {folder / YOLOX_FILE}: {stamp_words} ") and runtime in error and error.endswith(fix)
+    fetched = cli("models", "fetch", YOLOX_FILE, "--models", folder)
+    assert fetched.returncode == 2 and fix in fetched.stderr and "damaged (" not in fetched.stderr
+    assert (folder / YOLOX_FILE).read_bytes() == before  # the user's model is kept
+
+
+def test_a_derived_graph_stamped_newer_is_made_again_here_and_one_made_so_here_names_its_source(tmp_path, monkeypatch,
+                                                                                                capsys):
+    # a newer install's graph in a shared home, read by an older onnxruntime, was "damaged"; one this install
+    # makes that its onnxruntime cannot read was a traceback
+    from test_yolox import tiny_onnx_graph
+    from vlpcache.errors import GraphTooNew
+    from vlpcache.extract.detectors.yolox import _cached_onnx, _onnx_session
+
+    graph = tiny_onnx_graph()
+    session = lambda data: _onnx_session(data, "cpu", 1)  # noqa: E731
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cached = tmp_path / "vlpcache" / "onnx" / "graph-0123.onnx"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(stamped_newer(graph, "ir_version"))
+    assert _cached_onnx(cached.name, lambda: graph, session, "weights.pth", "").get_outputs()
+    assert cached.read_bytes() == graph and "damaged" not in capsys.readouterr().err
+    with pytest.raises(GraphTooNew, match=r"^weights.pth: opset \d+ of ai.onnx, newer than onnxruntime .* reads "
+                                          r"\(opset \d+ at most\); `pip install -U onnxruntime`, or an older torch$"):
+        _cached_onnx("other.onnx", lambda: stamped_newer(graph, "opset"), session, "weights.pth", "an older torch")

@@ -237,7 +237,8 @@ def test_a_kept_onnx_graph_stays_where_onnxruntime_fails_to_import(tmp_path, mon
     kept.write_bytes(graph)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
     with pytest.raises(ImportError):
-        yolox._cached_onnx(kept.name, lambda: pytest.fail("made again"), lambda data: yolox._onnx_session(data, "cpu", 1))
+        yolox._cached_onnx(kept.name, lambda: pytest.fail("made again"), lambda data: yolox._onnx_session(data, "cpu", 1),
+                          "conv", "")
     assert kept.read_bytes() == graph and "damaged" not in capsys.readouterr().err
 
 

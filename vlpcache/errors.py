@@ -19,6 +19,11 @@ class WriteFailed(UserError):
         self.reason, self.full = reason, full
 
 
+class GraphTooNew(UserError):
+    """An ONNX file the installed onnxruntime cannot load for its IR version or opset alone: not damaged, a newer
+    onnxruntime reads it (onnx_versions.graph_too_new)."""
+
+
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM, with what was kept and how to go on: the CLI prints it as one line, exit status 130
     or 143."""

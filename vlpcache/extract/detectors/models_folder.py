@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlpcache.errors import UserError
+from vlpcache.errors import GraphTooNew, UserError
 from vlpcache.extract.detectors.weights import (
     REGISTRY,
     WeightsFile,
@@ -66,7 +66,11 @@ def fetch_weights(names: tuple[str, ...] = (), models: str | None = None) -> Non
     for entry in registered(names):
         path = folder / entry.name
         if path.is_file():
-            wrong = damage(entry, path)
+            try:
+                wrong = damage(entry, path)
+            except GraphTooNew as err:  # not damaged: another copy would not help, a newer onnxruntime does
+                failures.append(f"{err} (kept: not damaged)")
+                continue
             if wrong is None:
                 say(f"{path}: present")
                 continue
@@ -99,6 +103,10 @@ def verify_weights(models: str | None = None) -> bool:
             entry.check(path)
         except ValueError as err:
             print(f"{entry.name}: WRONG: {err}; {replace_command(path)}")
+            right = False
+            continue
+        except GraphTooNew as err:
+            print(f"{entry.name}: not damaged, but this install cannot run it: {err}")
             right = False
             continue
         print(f"{entry.name}: ok, " + (f"sha256 matches {known.origin}" if known else "structure checked (sha256 not among the known files)"))

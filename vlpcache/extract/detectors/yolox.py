@@ -26,8 +26,9 @@ from vlpcache.extract.detectors.regions import FrameRegions, select_detections, 
 from vlpcache.extract.detectors.spec import DEFAULT_YOLOX_BACKBONE, DetectorSpec, yolox_spec
 from vlpcache.extract.detectors.spec import YOLOX_INPUT_SIZE as INPUT_SIZE
 from vlpcache.extract.detectors.vision_ops import roi_align
-from vlpcache.extract.detectors.yolox_graph import batched_onnx
+from vlpcache.extract.detectors.yolox_graph import EXPORT_OLDER, batched_onnx
 from vlpcache.files import replace_atomically
+from vlpcache.onnx_versions import graph_too_new, unreadable_version
 from vlpcache.report import say
 from vlpcache.workspace import user_cache_dir
 
@@ -93,18 +94,22 @@ class NormalisedTrunk(torch.nn.Module):
         return self.trunk((bgr.flip(1) - self.mean) / self.std)
 
 
-def _cached_onnx(name: str, make, load):
-    """`load(graph)` of an ONNX graph vlpcache derives from a weights file, made once by `make()` and kept
-    in user_cache_dir()/onnx under `name` (which holds the weights' sha256): later runs read the bytes.
-    A kept graph that does not load (a crash cut its write short) is removed and made again."""
+def _cached_onnx(name: str, make, load, what: str, otherwise: str):
+    """`load(graph)` of an ONNX graph vlpcache derives from a weights file (`what`), made once by `make()` and
+    kept in user_cache_dir()/onnx under `name` (which holds the weights' sha256): later runs read the bytes.
+    A kept graph that does not load (a crash cut its write short) is removed and made again; so is one stamped
+    newer than this onnxruntime reads (a newer install's, in a shared home). A graph made here that this
+    onnxruntime cannot read for its stamp is one line naming `what`: a newer onnxruntime, or `otherwise`."""
     cached = user_cache_dir() / "onnx" / name
     if cached.is_file():
         try:
             return load(cached.read_bytes())
         except Exception as err:
-            if not _graph_damaged(err):  # an ImportError of a Ctrl-C during onnxruntime's import: the graph is good
-                raise
-            say(f"note: {cached}: damaged ({type(err).__name__}); made again")
+            stamped_newer = unreadable_version(err) is not None
+            if not stamped_newer and not _graph_damaged(err):  # an ImportError of a Ctrl-C during onnxruntime's
+                raise  # import: the graph is good
+            if not stamped_newer:
+                say(f"note: {cached}: damaged ({type(err).__name__}); made again")
             cached.unlink(missing_ok=True)
     data = make()
     try:
@@ -112,7 +117,12 @@ def _cached_onnx(name: str, make, load):
         replace_atomically(cached, lambda tmp: tmp.write_bytes(data))
     except OSError:
         pass  # a read-only home only costs making it again next time
-    return load(data)
+    try:
+        return load(data)
+    except Exception as err:
+        if (too_new := graph_too_new(what, err, otherwise)) is not None:
+            raise too_new from None
+        raise
 
 
 def _graph_damaged(err: Exception) -> bool:
@@ -142,14 +152,16 @@ def _mobilenet_onnx(path: Path, sha256: str, load):
                               opset_version=17, dynamo=False)
         return buffer.getvalue()
 
-    return _cached_onnx(f"mobilenet_v2_features-{sha256[:16]}-v3.onnx", export, load)
+    return _cached_onnx(f"mobilenet_v2_features-{sha256[:16]}-v3.onnx", export, load,
+                        f"{path} as torch {torch.__version__} exports it", "a torch as old as this onnxruntime")
 
 
 def _yolox_onnx(path: Path, sha256: str, with_neck: bool, load):
     """The YOLOX graph made batched (with its neck maps as outputs), rewritten once per weights file:
     later runs skip importing onnx and parsing the graph (about 0.8 s of each extract's start)."""
     outputs = "neck" if with_neck else "head"
-    return _cached_onnx(f"yolox-{sha256[:16]}-{outputs}-v1.onnx", lambda: batched_onnx(path, with_neck), load)
+    return _cached_onnx(f"yolox-{sha256[:16]}-{outputs}-v1.onnx", lambda: batched_onnx(path, with_neck), load,
+                        str(path), EXPORT_OLDER)
 
 
 def _fit(height: int, width: int, size: int) -> tuple[int, int, float]:

@@ -6,11 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlpcache.errors import UserError
+from vlpcache.onnx_versions import graph_too_new
 from vlpcache.workspace import replace_command
 
 INPUT_NAME, OUTPUT_NAME = "images", "output"  # the names YOLOX's export gives them
 PREDICTION_COLUMNS = 85  # x, y, w, h, objectness and 80 COCO class scores per anchor cell
 NECK_CHANNELS = (64, 128, 256)  # YOLOX-Nano's neck maps at strides 8, 16, 32
+# the other way out for a user's graph stamped newer than the installed onnxruntime reads (not `models fetch`:
+# that would swap the user's model for YOLOX's release)
+EXPORT_OLDER = "export it again with an older IR version and opset"
 
 
 def neck_outputs(graph) -> list[str]:
@@ -80,7 +84,8 @@ def batched_onnx(path: Path, with_neck: bool) -> bytes:
 
 def check_yolox_graph(path: Path) -> None:
     """Raise ValueError unless `path` is a YOLOX-Nano graph as vlpcache runs it: input `images`, output
-    `output` with 85 columns, batched on a canvas of another size with its three neck maps."""
+    `output` with 85 columns, batched on a canvas of another size with its three neck maps. GraphTooNew (no
+    ValueError: the file is not damaged) when the installed onnxruntime cannot read its IR version or opset."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -95,6 +100,8 @@ def check_yolox_graph(path: Path) -> None:
         session = ort.InferenceSession(batched_onnx(path, with_neck=True), providers=["CPUExecutionProvider"])
         outputs = session.run(None, {INPUT_NAME: canvas})
     except Exception as err:  # fixed reshapes, a head of another shape: not a graph extraction can batch
+        if (too_new := graph_too_new(str(path), err, EXPORT_OLDER)) is not None:
+            raise too_new from None
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise ValueError(f"does not run on a batch of 2 canvases of 64x96 ({first})") from None
     cells = sum((64 // s) * (96 // s) for s in (8, 16, 32))
