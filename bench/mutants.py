@@ -2562,6 +2562,14 @@ MUTANTS += [
            "            stamped_newer = unreadable_version(err) is not None\n", "            stamped_newer = False\n",
            "tests/test_weights.py -k derived_graph_stamped_newer",
            "a kept graph a newer install stamped beyond this onnxruntime is said to be damaged"),
+    mutant("bf16-no-cpuinfo-fallback", "vlpcache/model/train.py",
+           "    flags = cpu_flags(cpuinfo)\n", "    flags = set()\n",
+           "tests/test_pretrain.py -k 'bf16_checks or nothing_tells'",
+           "a torch without its bf16 checks (2.4) says an AVX512-BF16 CPU has none: fp32, and --resume of bf16 refused"),
+    mutant("bf16-unknown-said-absent", "vlpcache/model/train.py",
+           "    if precision == \"bf16\" and native is False:", "    if precision == \"bf16\" and not native:",
+           "tests/test_pretrain.py -k nothing_tells",
+           "where nothing tells whether the CPU has native bf16, --precision bf16 is refused as if it had none"),
 ]
 
 

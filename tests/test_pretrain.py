@@ -1759,6 +1759,44 @@ def test_without_omp_num_threads_training_takes_the_cores_a_loading_worker_leave
     assert torch.get_num_threads() == 7
 
 
+CPUINFO = "processor\t: {n}\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx512f {extra}\n\n"
+
+
+@pytest.mark.parametrize("extra, native", [("avx512_bf16", True), ("amx_tile amx_bf16", True), ("avx512_vnni", False)])
+def test_a_torch_without_its_bf16_checks_reads_the_cpus_flags(monkeypatch, tmp_path, extra, native):
+    # torch 2.4 (admitted) has no torch.cpu._is_avx512_bf16_supported / _is_amx_tile_supported: a CPU with
+    # avx512_bf16 was said to have no native bf16, trained in fp32 and refused --resume of a bf16 run
+    from vlpcache.model import train
+
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("".join(CPUINFO.format(n=n, extra=extra) for n in range(2)))
+    detect = train.cpu_has_native_bf16
+    assert detect(cpuinfo) is native
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: detect(cpuinfo))
+    label = train.autocast_for(torch.device("cpu")).label
+    assert label == ("bf16" if native else "fp32")
+
+
+def test_where_nothing_tells_native_bf16_auto_is_fp32_and_bf16_is_as_asked_saying_torch_cannot_tell(monkeypatch,
+                                                                                                   tmp_path):
+    from vlpcache.model import train
+
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert train.cpu_has_native_bf16(tmp_path / "no-cpuinfo") is None  # macOS: no /proc
+    (tmp_path / "arm").write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert train.cpu_has_native_bf16(tmp_path / "arm") is None  # no x86 flags line
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: None)
+    cpu = torch.device("cpu")
+    auto, asked = train.autocast_for(cpu), train.autocast_for(cpu, "bf16")  # asked: --resume of a bf16 run too
+    assert auto.label == "fp32" and asked.label == "bf16"
+    for precision in (auto, asked):
+        assert f"torch {torch.__version__} cannot tell whether this CPU multiplies bf16 natively" in precision.reason
+        assert "has no native bf16" not in precision.reason
+
+
 def test_training_arithmetic_follows_the_cpu_and_an_explicit_choice(monkeypatch):
     from vlpcache.model import train
 

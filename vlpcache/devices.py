@@ -100,6 +100,20 @@ def _quota_in(folder: Path) -> int | None:
     return math.ceil(quota / period) if quota > 0 and period > 0 else None
 
 
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
+    """The CPU's feature flags as Linux lists them in `cpuinfo` (x86's `flags` line: avx512_bf16, amx_bf16, ...),
+    or None where it cannot tell (no such file: not Linux; no `flags` line: not x86)."""
+    try:
+        lines = cpuinfo.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if colon and name.strip() == "flags":
+            return set(value.split())
+    return None
+
+
 def resolve_device(device: str) -> torch.device:
     """auto: CUDA when torch sees a GPU, else CPU; cuda without a GPU is one clear error. Every command that
     computes with torch comes here first, so its CPU threads are kept within a cgroup's quota here too."""

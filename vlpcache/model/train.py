@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from vlpcache import __version__
 from vlpcache.cache.reader import say_damage
-from vlpcache.devices import resolve_device, usable_cores
+from vlpcache.devices import cpu_flags, resolve_device, usable_cores
 from vlpcache.errors import Interrupted, UserError
 from vlpcache.files import replace_atomically
 from vlpcache.interrupts import (leave_stops_to_the_parent, requested_signal, stop_if_interrupted, stop_requested,
@@ -162,11 +162,21 @@ def start_processes(device: str, quiet: bool) -> Processes:
     return Processes(dist.get_rank(), world, device, quiet, patient)
 
 
-def cpu_has_native_bf16() -> bool:
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # /proc/cpuinfo's names for AVX512-BF16 and AMX's bf16
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where autocast made MSR-VTT
-    pretraining about 1.5x faster than fp32; elsewhere bf16 is emulated, about 19x slower."""
-    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
-    return any(check is not None and check() for check in checks)
+    pretraining about 1.5x faster than fp32; elsewhere bf16 is emulated, about 19x slower. torch's own checks
+    where it has them (torch 2.4, admitted, has neither), else the CPU's flags in `cpuinfo` (Linux); None where
+    nothing can tell (an older torch on macOS)."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(check is not None and check() for check in checks):
+        return True
+    if all(check is not None for check in checks):
+        return False
+    flags = cpu_flags(cpuinfo)
+    return None if flags is None else bool(flags & NATIVE_BF16_FLAGS)
 
 
 @dataclass
@@ -194,14 +204,18 @@ def autocast_for(device: torch.device, precision: str = "auto") -> Precision:
     if device.type != "cpu":
         return Precision(nullcontext, None, "fp32", f"autocast is not used on {device.type}")
     native = cpu_has_native_bf16()
-    if precision == "bf16" and not native:  # emulated, a linear layer ran 10x and a batched matmul 35x slower (AVX2)
+    if precision == "bf16" and native is False:  # emulated, a linear layer ran 10x and a batched matmul 35x slower (AVX2)
         raise UserError("--precision bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), and emulated bf16 makes "
                         "training 10x slower or more than fp32; pass --precision auto (fp32 on this CPU) or "
                         "--precision fp32 (with --resume too, where the run was started with bf16)")
-    if not native:
+    unknown = f"torch {torch.__version__} cannot tell whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX)"
+    if native is None and precision == "auto":
+        return Precision(nullcontext, None, "fp32", f"{unknown}; --precision bf16 where it does")
+    if native is False:
         return Precision(nullcontext, None, "fp32", "this CPU has no native bf16 (AVX512-BF16 or AMX)")
     return Precision(lambda: torch.autocast("cpu", dtype=torch.bfloat16), None, "bf16",
-                     "autocast; this CPU multiplies bf16 natively")
+                     "autocast; this CPU multiplies bf16 natively" if native else
+                     f"autocast, as asked; {unknown}: emulated, bf16 is 10x slower or more")
 
 
 # ---------------------------------------------------------------- step 1: the run
