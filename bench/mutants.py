@@ -2570,6 +2570,14 @@ MUTANTS += [
            "    if precision == \"bf16\" and native is False:", "    if precision == \"bf16\" and not native:",
            "tests/test_pretrain.py -k nothing_tells",
            "where nothing tells whether the CPU has native bf16, --precision bf16 is refused as if it had none"),
+    mutant("query-export-too-new-traceback", "vlpcache/index/query_model.py",
+           "        if (too_new := graph_too_new(str(graph), err, \"\")) is not None:\n", "        if False:\n",
+           "tests/test_search.py -k stamped_newer",
+           "search over an index export stamped newer than onnxruntime reads is a traceback"),
+    mutant("query-export-too-new-no-torch-fallback", "vlpcache/index/search.py",
+           "        except GraphTooNew as err:  #", "        except ImportError as err:  #",
+           "tests/test_search.py -k stamped_newer",
+           "search over an index export stamped newer than onnxruntime reads stops, where the run's model answers alike"),
 ]
 
 

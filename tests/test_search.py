@@ -1756,3 +1756,20 @@ def test_an_index_written_a_few_rows_at_a_time_equals_one_written_at_once_and_ne
     assert max(written) <= max(regions_of[i : i + 5].sum() for i in range(len(index))) < regions_of[:ITEMS].sum()
     # search maps the stored vectors rather than reading them whole
     assert isinstance(index.embeddings, np.memmap) and isinstance(index.regions.embeddings, np.memmap)
+
+
+def test_an_index_export_stamped_newer_than_onnxruntime_reads_searches_with_the_runs_model(ws, monkeypatch, capsys):
+    # an index a newer install built in a shared folder, searched by an older onnxruntime (pyproject admits 1.17):
+    # its ONNX export's load was a traceback
+    from test_weights import stamped_newer
+
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    code, before, _ = vlpcache(monkeypatch, capsys, "search", "a dog runs", "--json", "-k", 3)
+    assert code == 0
+    graph = the_index(ws) / "query" / "text_encoder.onnx"
+    graph.write_bytes(stamped_newer(graph.read_bytes(), "ir_version"))
+    code, after, err = vlpcache(monkeypatch, capsys, "search", "a dog runs", "--json", "-k", 3)
+    assert code == 0 and "Traceback" not in err
+    assert f"note: {graph}: ONNX IR version " in err and "; searching with the run's model (torch) meanwhile" in err
+    hits = lambda out: [(hit["id"], round(hit["score"], 3)) for hit in json.loads(out)["results"]]  # noqa: E731
+    assert hits(before) and hits(after) == hits(before)

@@ -17,7 +17,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlpcache.index.query_model import QUERY_CONFIG, QUERY_DIR, RERANK_GRAPH, TEXT_GRAPH, TOKENIZER_FILE, unknown_parts, unread_tail
+from vlpcache.index.query_model import (
+    QUERY_CONFIG,
+    QUERY_DIR,
+    RERANK_GRAPH,
+    TEXT_GRAPH,
+    TOKENIZER_FILE,
+    query_session,
+    unknown_parts,
+    unread_tail,
+)
 from vlpcache.model.batch import tokenize
 from vlpcache.model.losses import region_word_alignment, region_word_score, rerank_score
 from vlpcache.records import write_json
@@ -163,9 +172,8 @@ def _check_text_graph(run, folder: Path) -> None:
     """Raise unless the exported text graph embeds queries of other lengths than the one it was traced
     with as the model does: a text model whose forward bakes a traced length into the graph would
     otherwise give search other embeddings than the index's model, silently."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(folder / TEXT_GRAPH), providers=["CPUExecutionProvider"])
+    # one line, not a traceback, where this torch exports a graph newer than this onnxruntime reads
+    session = query_session(folder / TEXT_GRAPH, None, ["CPUExecutionProvider"])
     for query in CHECK_QUERIES:
         input_ids, attention_mask = tokenize(run.tokenizer, [query], run.config.max_words)  # (1, L) each
         with torch.no_grad():

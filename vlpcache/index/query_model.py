@@ -21,6 +21,7 @@ import numpy as np
 from vlpcache.captions import unknown_tokens
 from vlpcache.devices import quota_threads
 from vlpcache.index.layout import QUERY_DIR
+from vlpcache.onnx_versions import graph_too_new
 from vlpcache.records import read_json, read_optional_json
 
 TEXT_GRAPH = "text_encoder.onnx"
@@ -55,6 +56,19 @@ def unknown_parts(text: str, ids, words, offsets, special_mask, unk_id: int | No
     return list(dict.fromkeys(text[start:end] for start, end in spans.values())), flags.count(False)
 
 
+def query_session(graph: Path, options, providers: list[str]):
+    """An onnxruntime session of one graph of the index's export; GraphTooNew where this onnxruntime cannot read
+    its IR version or opset (an export a newer install made in a shared index folder)."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(graph), options, providers=providers)
+    except Exception as err:
+        if (too_new := graph_too_new(str(graph), err, "")) is not None:
+            raise too_new from None
+        raise
+
+
 class OnnxQueryModel:
     def __init__(self, index_dir: Path):
         import onnxruntime as ort
@@ -76,8 +90,7 @@ class OnnxQueryModel:
         if threads := quota_threads():  # within a cgroup's CPU quota (docker --cpus): onnxruntime knows none
             options.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]
-        self.text = ort.InferenceSession(str(folder / TEXT_GRAPH), options, providers=providers)
-        self.rerank = ort.InferenceSession(str(folder / RERANK_GRAPH), options, providers=providers)
+        self.text, self.rerank = (query_session(folder / name, options, providers) for name in (TEXT_GRAPH, RERANK_GRAPH))
 
     def encode(self, text: str):
         encoding = self.tokenizer.encode(text)

@@ -34,7 +34,7 @@ from vlpcache.cache.reader import DamagedShard, RegionCache
 from vlpcache.cache.schema import FAILURE_DIR, MOVES_DIR, REMOVED_DIR, SHARD_DIR, SHARD_SUFFIX, detector_name
 from vlpcache.captions import ids_like, item_named, left_out_kinds, model_text, model_text_origins, text_lines
 from vlpcache.devices import DEFAULT_DEVICE, DEVICES, resolve_device
-from vlpcache.errors import NotComparable, UserError, WriteFailed, user_message
+from vlpcache.errors import GraphTooNew, NotComparable, UserError, WriteFailed, user_message
 from vlpcache.files import may_write, read_utf8_text, utf8_text
 from vlpcache.locks import own_temporary_folder
 from vlpcache.index.build import (check_run_reads_cache, coverage, extracted_again, failed_again, index_of_run,
@@ -985,10 +985,14 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
             sources = dataclasses.replace(sources, run_dir=older)
             index_dir, index = index_of_run(sources.index_dir, sources.run_dir, cache)
     bank_ready = not qbnorm or (index is not None and bank_for(index_dir / QUERYBANK_FILE, index.ids) is not None)
+    query_model = None
     if (index is not None and index.regions is not None and query_export_sha(index_dir) == index.meta.checkpoint_sha256
             and bank_ready):
-        query_model = OnnxQueryModel(index_dir)
-    else:
+        try:
+            query_model = OnnxQueryModel(index_dir)
+        except GraphTooNew as err:  # an export a newer install made: the run's own model answers alike
+            say(f"note: {err}; searching with the run's model (torch) meanwhile")
+    if query_model is None:
         from vlpcache.model.retrieval import default_batch_size
         from vlpcache.index.query_graphs import TorchQueryModel
         from vlpcache.model.checkpoint import load_run
