@@ -2578,6 +2578,14 @@ MUTANTS += [
            "        except GraphTooNew as err:  #", "        except ImportError as err:  #",
            "tests/test_search.py -k stamped_newer",
            "search over an index export stamped newer than onnxruntime reads stops, where the run's model answers alike"),
+    mutant("serve-idle-connection-held", "vlpcache/serve/connections.py",
+           "        else:\n            self._await_request_head()\n", "        else:\n            pass\n",
+           "tests/test_serve.py -k send_no_request",
+           "a connection that never sends a request is held for ever: enough of them stop the server for everyone"),
+    mutant("serve-connections-unbounded", "vlpcache/serve/connections.py",
+           "        if len(self.connections) > self.most:\n", "        if False:\n",
+           "tests/test_serve.py -k send_no_request",
+           "connections are taken up to the open-file limit: accept fails with Too many open files, in the log each time"),
 ]
 
 

@@ -12,6 +12,7 @@ import io
 import json
 import re
 import os
+import resource
 import shutil
 import socket
 import signal
@@ -752,11 +753,16 @@ def test_serving_with_an_exported_index_never_imports_torch(ws):
 class Server:
     """`vlpcache serve --port 0` in its own process, as a user starts it; stopped with Ctrl+C."""
 
-    def __init__(self, ws: Path, *args: str):
+    def __init__(self, ws: Path, *args: str, env: dict | None = None, open_files: int | None = None):
+        def as_a_shell_starts_it():  # (the suite: maybe nohup); open_files: `ulimit -n` (soft and hard)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            if open_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vlpcache", "serve", "--port", "0", *args], cwd=ws.parent,
-            env={**os.environ, "VLPCACHE_WORKSPACE": str(ws)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))  # as a shell starts it (the suite: maybe nohup)
+            env={**os.environ, "VLPCACHE_WORKSPACE": str(ws), **(env or {})}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, preexec_fn=as_a_shell_starts_it)
         self.url = self._read_url()
         self.host, self.port = self.url.split("/")[2].rsplit(":", 1)
 
@@ -870,6 +876,34 @@ def test_the_command_serves_the_page_and_stops_cleanly_on_ctrl_c_or_sigterm(ws, 
     out, err = server.process.communicate()
     assert server.process.returncode == 0 and out.splitlines()[-1] == "stopped" and not err, err
     assert server.suggestion == f"try {server.url}?q=the+{WORDS[0]}+here"  # a caption of the run's, not of cooking
+
+
+def _answer(connection: socket.socket) -> bytes:
+    """What the server wrote on a connection until it closed it (a guard against a server that never does)."""
+    connection.settimeout(120)  # far beyond the deadlines the tests below set: it fails only a server that holds on
+    answer = b""
+    while chunk := connection.recv(65536):
+        answer += chunk
+    return answer
+
+
+def test_connections_that_send_no_request_are_closed_and_the_server_answers_beyond_its_open_file_limit(ws):
+    running = Server(ws, env={"VLPCACHE_REQUEST_HEAD_S": "1"}, open_files=256)  # holds 64 connections: a quarter
+    try:
+        idle = [socket.create_connection((running.host, int(running.port))) for _ in range(300)]  # never send a byte
+        half = socket.create_connection((running.host, int(running.port)))
+        half.sendall(b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # a head never finished (a slowloris)
+        answers = [_answer(connection) for connection in [*idle, half]]
+        status, _, body = running.get("/api/info")
+        assert status == 200 and json.loads(body)["items"] == ITEMS
+    finally:
+        running.stop()
+        for connection in [*idle, half]:
+            connection.close()
+    refused = [a for a in answers if a]  # those beyond what it holds: a 503 at once; the others closed unanswered
+    assert refused and all(a.startswith(b"HTTP/1.1 503 ") for a in refused) and len(refused) < len(answers)
+    err = running.process.stderr.read()
+    assert err.count("connections are open, as many as this server holds") == 1 and "Too many open files" not in err
 
 
 def test_a_port_in_use_is_one_line_error(ws, server):

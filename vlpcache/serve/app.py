@@ -25,6 +25,7 @@ at once (received side by side, compared one at a time), into a temporary folder
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -356,6 +357,21 @@ async def _receive_upload(request: Request, path: Path, name: str) -> int:
     if not size:
         raise ApiError(400, "no file: send the clip or photo as the request's body")
     return size
+
+
+def seconds_setting(variable: str, default: float) -> float:
+    """A time limit of the server's: `default`, or the seconds the environment variable gives (a test's short one,
+    or a slow network's longer one)."""
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return default
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise UserError(f"{variable}={text!r}: give seconds, a number above 0 (unset: {default:g})")
+    return seconds
 
 
 # ---------------------------------------------------------------- request parameters

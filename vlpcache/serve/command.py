@@ -12,6 +12,8 @@ from vlpcache.errors import UserError
 from vlpcache.index.layout import THUMBNAIL_DIR
 from vlpcache.report import printable, say
 
+ACCEPT_BACKLOG = 128  # connections waiting to be accepted, and accepted at once (each a file until refused)
+
 
 def run_serve(run_dir=None, cache_dir=None, index_dir=None, host="127.0.0.1", port=8000, device=DEFAULT_DEVICE,
               uploads: bool | None = None, allow_host=(), thumbnails_max: float | None = None) -> None:
@@ -24,13 +26,15 @@ def run_serve(run_dir=None, cache_dir=None, index_dir=None, host="127.0.0.1", po
     except ImportError:
         raise UserError("vlpcache serve needs starlette and uvicorn: pip install starlette uvicorn") from None
     from vlpcache.index.search import Searcher
-    from vlpcache.serve.app import allowed_hosts_for, make_app, proxy_host_names
+    from vlpcache.serve.app import allowed_hosts_for, make_app, proxy_host_names, seconds_setting
+    from vlpcache.serve.connections import REQUEST_HEAD_S, bounded_connections, connection_bound
     from vlpcache.serve.thumbnails import THUMBNAILS_MAX_BYTES, ThumbnailStore
 
     proxies = proxy_host_names(allow_host)
     searcher = Searcher(run_dir, cache_dir, index_dir, device=device)
     max_bytes = round(thumbnails_max * 1e9) if thumbnails_max is not None else THUMBNAILS_MAX_BYTES
     thumbnails = ThumbnailStore(searcher.index_dir / THUMBNAIL_DIR, max_bytes=max_bytes)
+    protocol = bounded_connections(connection_bound(), seconds_setting("VLPCACHE_REQUEST_HEAD_S", REQUEST_HEAD_S))
     listener = bind(host, port)
     address = _url_host(host)
     url = f"http://{address}:{listener.getsockname()[1]}/"
@@ -39,7 +43,8 @@ def run_serve(run_dir=None, cache_dir=None, index_dir=None, host="127.0.0.1", po
     print(f"serving {len(searcher) - searcher.unshown} items{model} at {url}  (Ctrl+C to stop)", flush=True)
     print(f"try {url}?q={quote_plus(searcher.example_query)}", flush=True)
     config = uvicorn.Config(make_app(searcher, thumbnails, allowed_hosts_for(host), device, uploads, proxies), log_level="warning",
-                            access_log=False, lifespan="off", server_header=False)
+                            access_log=False, lifespan="off", server_header=False, http=protocol,
+                            backlog=ACCEPT_BACKLOG)
     try:
         uvicorn.Server(config).run(sockets=[listener])
     except KeyboardInterrupt:  # uvicorn stops on Ctrl+C, then raises it again: stopping is what the user asked for
@@ -84,7 +89,7 @@ def bind(host: str, port: int) -> socket.socket:
             raise UserError(f"cannot listen on {host}:{port} ({err.strerror}): --host {host} is not an address of this "
                             "machine; pass one of its addresses, 127.0.0.1 (this machine only) or 0.0.0.0 (all)") from None
         raise UserError(f"cannot listen on {host}:{port} ({err.strerror}); pass another --port, or stop what uses it") from None
-    listener.listen(128)
+    listener.listen(ACCEPT_BACKLOG)
     return listener
 
 
