@@ -2586,6 +2586,10 @@ MUTANTS += [
            "        if len(self.connections) > self.most:\n", "        if False:\n",
            "tests/test_serve.py -k send_no_request",
            "connections are taken up to the open-file limit: accept fails with Too many open files, in the log each time"),
+    mutant("serve-stalled-upload-held", "vlpcache/serve/app.py",
+           "            yield await asyncio.wait_for(anext(chunks), stall_s)\n", "            yield await anext(chunks)\n",
+           "tests/test_serve.py -k stalled_upload",
+           "an upload whose sender stalls holds its slot and its file for ever: four such refuse every later upload"),
 ]
 
 

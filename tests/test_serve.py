@@ -906,6 +906,39 @@ def test_connections_that_send_no_request_are_closed_and_the_server_answers_beyo
     assert err.count("connections are open, as many as this server holds") == 1 and "Too many open files" not in err
 
 
+def _stalled_upload(server: Server, name: str, declared: int) -> socket.socket:
+    """An upload to the page's API that declares `declared` bytes, sends 64 KB of them and then nothing."""
+    connection = socket.create_connection((server.host, int(server.port)))
+    connection.sendall(f"POST /api/like HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nOrigin: {server.url[:-1]}\r\n"
+                       f"x-vlpcache-filename: {name}\r\nContent-Length: {declared}\r\n\r\n".encode() + bytes(65536))
+    return connection
+
+
+def _uploads_in(temporary: Path) -> list[Path]:
+    return [path for path in temporary.iterdir() if path.name.startswith("vlpcache-upload-")]
+
+
+def test_a_stalled_upload_is_dropped_with_408_freeing_its_slot_and_its_file(ws, tmp_path):
+    temporary = tmp_path / "tmpdir"
+    temporary.mkdir()
+    running = Server(ws, env={"VLPCACHE_UPLOAD_STALL_S": "1", "TMPDIR": str(temporary)})
+    try:
+        stalled = [_stalled_upload(running, f"clip{i}.mp4", 50_000_000) for i in range(4)]  # every upload slot
+        answers = [_answer(connection) for connection in stalled]
+        later = http.client.HTTPConnection(running.host, int(running.port), timeout=HANG_GUARD_S)
+        later.request("POST", "/api/like", body=b"not a clip", headers={"x-vlpcache-filename": "later.mp4"})
+        status = later.getresponse().status
+    finally:
+        running.stop()
+        for connection in stalled:
+            connection.close()
+    assert all(a.startswith(b"HTTP/1.1 408 ") and b"nothing of the file came for 1 s" in a for a in answers), answers
+    assert status == 400  # read, and found no clip: not a 503 for four uploads held
+    assert not _uploads_in(temporary)  # their partial files removed
+    err = running.process.stderr.read()
+    assert err.count("stopped after 0.1 MB: nothing more came for 1 s (its sender stalled?); dropped") == 4, err
+
+
 def test_a_port_in_use_is_one_line_error(ws, server):
     code, _, err = _run_cli(ws, "serve", "--port", server.port)
     assert code == 2 and err.startswith("error: cannot listen on 127.0.0.1:") and "--port" in err

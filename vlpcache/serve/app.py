@@ -20,11 +20,13 @@ queries bounded in length and k; a Host header check against DNS rebinding when 
 a proxy of the user's, --allow-host, answered too); uploads only where bound to loopback and reached by this machine's
 names (this machine's user's own files) unless asked for, from its own page (no other site's form: the file's name in
 a header of its own, the Origin's host this server's, by whichever scheme a proxy hands it on), at most MAX_UPLOAD_BYTES, MAX_HELD_UPLOADS
-at once (received side by side, compared one at a time), into a temporary folder removed after; every error is a 4xx (or 500) with one line of JSON, {"error": "..."}.
+at once (received side by side, compared one at a time; one of which nothing comes for UPLOAD_STALL_S dropped with
+a 408), into a temporary folder removed after; every error is a 4xx (or 500) with one line of JSON, {"error": "..."}.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import threading
@@ -56,6 +58,7 @@ MAX_UPLOAD_BYTES = 2 << 30  # a clip to compare: a phone's few minutes of 4K (on
 UPLOAD_NAME_CHARS = 200
 MAX_HELD_UPLOADS = 4  # received side by side (each may take minutes over a network, and 2 GiB of TMPDIR), then compared
 COMPARE_WAIT_S = 120.0  # one at a time: how long a received upload waits for those before it
+UPLOAD_STALL_S = 60.0  # an upload of which nothing comes for this long is dropped (408): its slot and file freed
 DRAIN_BYTES = 64 << 20  # an upload refused before it is read is read this far, so that its sender hears why
 REFUSED_HOSTS_SAID = 20  # Host names a server's log names as refused (a page rebinding names would fill it)
 PAGE_DIR = Path(__file__).parent / "page"
@@ -273,12 +276,27 @@ async def _drain(request: Request) -> None:
     still arriving is reset, and the sender sees that (a proxy's 502, the page's "does not answer"), not why."""
     read = 0
     try:
-        async for chunk in request.stream():
+        async for chunk in _arriving(request):
             read += len(chunk)
             if read > DRAIN_BYTES:
                 return
-    except ClientDisconnect:
+    except (ClientDisconnect, ApiError):  # gone, or stalled: nothing more to tell it
         pass
+
+
+async def _arriving(request: Request):
+    """The request's body, chunk by chunk as it comes; a 408 where nothing comes for UPLOAD_STALL_S (a sender
+    whose network went, a laptop closed: its connection stays, no bytes come), which would otherwise hold an upload
+    slot and its file for ever."""
+    stall_s = seconds_setting("VLPCACHE_UPLOAD_STALL_S", UPLOAD_STALL_S)
+    chunks = request.stream()
+    while True:
+        try:
+            yield await asyncio.wait_for(anext(chunks), stall_s)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"nothing of the file came for {stall_s:g} s; send it again") from None
 
 
 def _check_own_page(request: Request) -> None:
@@ -341,7 +359,7 @@ async def _receive_upload(request: Request, path: Path, name: str) -> int:
     size = 0
     try:
         with open(path, "wb") as out:
-            async for chunk in request.stream():
+            async for chunk in _arriving(request):
                 size += len(chunk)
                 if size > MAX_UPLOAD_BYTES:
                     raise ApiError(413, f"the file is over {MAX_UPLOAD_BYTES / 2**20:.0f} MB")
@@ -349,6 +367,11 @@ async def _receive_upload(request: Request, path: Path, name: str) -> int:
     except ClientDisconnect:  # nobody is left to answer: the log says it, the folder is removed
         say(f"note: the upload of {name} stopped after {size / 2**20:.1f} MB: its sender went away (a page closed?)")
         raise ApiError(400, "the upload did not arrive whole") from None
+    except ApiError as err:
+        if err.status_code == 408:  # the sender stalled: the log says it, the slot and the folder are freed
+            say(f"note: the upload of {name} stopped after {size / 2**20:.1f} MB: nothing more came for "
+                f"{seconds_setting('VLPCACHE_UPLOAD_STALL_S', UPLOAD_STALL_S):g} s (its sender stalled?); dropped")
+        raise
     except OSError as err:  # the server's temporary folder is full (or not writable)
         raise _server_side(507 if failure_errno(err) in FULL_ERRNOS else 500,
                            f"the server could not keep the file while comparing it: a write to its temporary folder "
