@@ -2590,6 +2590,14 @@ MUTANTS += [
            "            yield await asyncio.wait_for(anext(chunks), stall_s)\n", "            yield await anext(chunks)\n",
            "tests/test_serve.py -k stalled_upload",
            "an upload whose sender stalls holds its slot and its file for ever: four such refuse every later upload"),
+    mutant("serve-stop-waits-for-requests", "vlpcache/serve/command.py",
+           "timeout_graceful_shutdown=GRACEFUL_STOP_S)", "timeout_graceful_shutdown=None)",
+           "tests/test_serve.py -k still_arriving",
+           "SIGTERM or Ctrl-C does not stop serve while a slow upload is arriving"),
+    mutant("serve-stop-cancelled-request-traceback", "vlpcache/serve/app.py",
+           "        except asyncio.CancelledError:  # the server stops", "        except ():  # the server stops",
+           "tests/test_serve.py -k still_arriving",
+           "a request dropped as serve stops fills its log with a traceback rather than getting a 503"),
 ]
 
 

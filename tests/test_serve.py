@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from vlpcache.cli import main
 from vlpcache.extract.sampling import read_frames_at
 from vlpcache.extract.sources import Item
 from vlpcache.model.train import run_pretrain
-from waiting import HANG_GUARD_S
+from waiting import HANG_GUARD_S, wait_until
 
 
 ITEMS = 24
@@ -937,6 +938,31 @@ def test_a_stalled_upload_is_dropped_with_408_freeing_its_slot_and_its_file(ws, 
     assert not _uploads_in(temporary)  # their partial files removed
     err = running.process.stderr.read()
     assert err.count("stopped after 0.1 MB: nothing more came for 1 s (its sender stalled?); dropped") == 4, err
+
+
+def test_sigterm_stops_the_server_while_an_upload_is_still_arriving(ws, tmp_path):
+    temporary = tmp_path / "tmpdir"
+    temporary.mkdir()
+    running = Server(ws, env={"TMPDIR": str(temporary)})
+    slow = _stalled_upload(running, "slow.mp4", 1_000_000)
+    wait_until(lambda: _uploads_in(temporary), alive=running.process, guard_s=120)  # its file begun
+
+    def trickle():  # a slow network: a few bytes at a time, until the server goes (its grace is not a stall's)
+        with contextlib.suppress(OSError):
+            while running.process.poll() is None:
+                slow.sendall(bytes(10))
+                time.sleep(0.2)
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    running.process.send_signal(signal.SIGTERM)
+    try:
+        out, err = running.process.communicate(timeout=120)  # (uvicorn alone waited for the upload's end)
+    finally:
+        running.stop()
+        slow.close()
+    assert running.process.returncode == 0 and out.splitlines()[-1] == "stopped", err
+    assert "Traceback" not in err and not _uploads_in(temporary)  # the upload's file removed
 
 
 def test_a_port_in_use_is_one_line_error(ws, server):

@@ -500,12 +500,22 @@ class Guard:
         if self.allowed_hosts is not None and (host := _host_name(scope)) not in self.allowed_hosts:
             return await JSONResponse({"error": self.refuse(host)}, status_code=400)(scope, receive, send)
 
+        started = False
+
         async def send_with_headers(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except asyncio.CancelledError:  # the server stops (Ctrl+C, SIGTERM) and this request outlasted its grace
+            if started:  # (uvicorn cancels it; its traceback in the log would say nothing more)
+                raise
+            await JSONResponse({"error": "the server is stopping; try again once it is started again"},
+                               status_code=503)(scope, receive, send)
 
     def refuse(self, host: str) -> str:
         """The line a request for another Host name gets; said in the server's log too, once a name: the page a

@@ -13,6 +13,7 @@ from vlpcache.index.layout import THUMBNAIL_DIR
 from vlpcache.report import printable, say
 
 ACCEPT_BACKLOG = 128  # connections waiting to be accepted, and accepted at once (each a file until refused)
+GRACEFUL_STOP_S = 3  # Ctrl+C or SIGTERM: how long requests in flight may go on (a slow upload is then dropped)
 
 
 def run_serve(run_dir=None, cache_dir=None, index_dir=None, host="127.0.0.1", port=8000, device=DEFAULT_DEVICE,
@@ -44,7 +45,7 @@ def run_serve(run_dir=None, cache_dir=None, index_dir=None, host="127.0.0.1", po
     print(f"try {url}?q={quote_plus(searcher.example_query)}", flush=True)
     config = uvicorn.Config(make_app(searcher, thumbnails, allowed_hosts_for(host), device, uploads, proxies), log_level="warning",
                             access_log=False, lifespan="off", server_header=False, http=protocol,
-                            backlog=ACCEPT_BACKLOG)
+                            backlog=ACCEPT_BACKLOG, timeout_graceful_shutdown=GRACEFUL_STOP_S)
     try:
         uvicorn.Server(config).run(sockets=[listener])
     except KeyboardInterrupt:  # uvicorn stops on Ctrl+C, then raises it again: stopping is what the user asked for
