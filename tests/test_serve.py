@@ -891,9 +891,9 @@ def _answer(connection: socket.socket) -> bytes:
 def test_connections_that_send_no_request_are_closed_and_the_server_answers_beyond_its_open_file_limit(ws):
     running = Server(ws, env={"VLPCACHE_REQUEST_HEAD_S": "1"}, open_files=256)  # holds 64 connections: a quarter
     try:
-        idle = [socket.create_connection((running.host, int(running.port))) for _ in range(300)]  # never send a byte
-        half = socket.create_connection((running.host, int(running.port)))
+        half = socket.create_connection((running.host, int(running.port)))  # first: held, not refused unread
         half.sendall(b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # a head never finished (a slowloris)
+        idle = [socket.create_connection((running.host, int(running.port))) for _ in range(300)]  # never send a byte
         answers = [_answer(connection) for connection in [*idle, half]]
         status, _, body = running.get("/api/info")
         assert status == 200 and json.loads(body)["items"] == ITEMS
