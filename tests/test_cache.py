@@ -719,6 +719,44 @@ def test_cache_with_different_settings_is_refused(tmp_path):
         ShardWriter(tmp_path, other)
 
 
+def test_a_trunk_is_the_same_weights_by_its_tensors_where_both_record_them_else_by_its_file(tmp_path):
+    # torch.save writes the same tensors as other bytes under other torch versions (README: Detector weights)
+    trunk = dataclasses.replace(SETTINGS, backbone_tensors_sha256="t" * 64)
+    resaved = dataclasses.replace(trunk, backbone_weights_sha256="c" * 64)
+    with ShardWriter(tmp_path, trunk) as writer:
+        writer.add("a", "/data/a.mp4", "video", random_item(0))
+    with ShardWriter(tmp_path, resaved, writer_name="s1of2") as writer:
+        writer.add("b", "/data/b.mp4", "video", random_item(1))
+    cache = RegionCache(tmp_path)
+    assert cache.ids == ["a", "b"] and not cache.ignored_shards and cache.settings == trunk
+    changed = dataclasses.replace(trunk, backbone_tensors_sha256="u" * 64)
+    with pytest.raises(UserError, match=f"different settings \\(backbone_tensors_sha256: '{'t' * 64}' != '{'u' * 64}'\\); "
+                                        "use another output directory \\(-o\\) or the same settings$"):
+        ShardWriter(tmp_path, changed)
+    # a run records the settings of the cache it was trained on: one that records no tensors is compared by file
+    run = {key: value for key, value in resaved.to_json().items() if key != "backbone_tensors_sha256"}
+    assert trunk.feature_differences(resaved.to_json()) == [] and trunk.feature_differences(changed) != []
+    assert trunk.feature_differences(run) == [f"backbone_weights_sha256: {'b' * 64!r} != {'c' * 64!r}"]
+    assert trunk.feature_differences({**run, "backbone_weights_sha256": "b" * 64}) == []
+
+
+def test_a_cache_from_before_trunks_were_known_by_their_tensors_names_the_file_to_extend_it_with(tmp_path):
+    write_items(tmp_path, ["a"])
+    manifest = tmp_path / MANIFEST_NAME
+    manifest.write_text(manifest.read_text().replace('"backbone_tensors_sha256": "",', ""))
+    (shard,) = (tmp_path / SHARD_DIR).glob("*.h5")
+    with h5py.File(shard, "r+") as f:
+        del f.attrs["backbone_tensors_sha256"]  # as vlpcache wrote shards before the setting existed
+    trunk = dataclasses.replace(SETTINGS, backbone_tensors_sha256="t" * 64)
+    with ShardWriter(tmp_path, trunk, writer_name="s1of2") as writer:  # its file: the cache's weights
+        writer.add("b", "/data/b.mp4", "video", random_item(1))
+    assert RegionCache(tmp_path).ids == ["a", "b"]
+    with pytest.raises(UserError, match=f"backbone_weights_sha256: {'b' * 64!r} != {'c' * 64!r}.*same settings; this cache "
+                                        f"records its backbone's weights by their file only \\(sha256 {'b' * 12}…\\): to "
+                                        "extend it, put the file it was made with in the models folder"):
+        ShardWriter(tmp_path, dataclasses.replace(trunk, backbone_weights_sha256="c" * 64))
+
+
 def test_cache_of_an_older_schema_is_refused_with_what_changed_and_the_fix(tmp_path):
     write_items(tmp_path, ["a"])
     manifest = tmp_path / MANIFEST_NAME

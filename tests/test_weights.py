@@ -532,3 +532,80 @@ def test_a_derived_graph_stamped_newer_is_made_again_here_and_one_made_so_here_n
     with pytest.raises(GraphTooNew, match=r"^weights.pth: opset \d+ of ai.onnx, newer than onnxruntime .* reads "
                                           r"\(opset \d+ at most\); `pip install -U onnxruntime`, or an older torch$"):
         _cached_onnx("other.onnx", lambda: stamped_newer(graph, "opset"), session, "weights.pth", "an older torch")
+def trunk_folder(models_dir: Path, folder: Path, save=None) -> Path:
+    """A models folder of the shared YOLOX file and the shared trunk, saved again by `save(state, path)` if given."""
+    import torch
+
+    folder.mkdir()
+    shutil.copy(models_dir / YOLOX_FILE, folder)
+    if save is None:
+        shutil.copy(models_dir / MOBILENET_FILE, folder)
+    else:
+        save(torch.load(models_dir / MOBILENET_FILE, weights_only=True), folder / MOBILENET_FILE)
+    return folder
+
+
+def test_the_same_trunk_saved_by_another_torch_extends_a_cache_and_a_changed_one_is_refused(models_dir, videos_dir,
+                                                                                               tmp_path):
+    # torch.save writes the same tensors as other bytes under other torch versions: a cache records them by their
+    # tensors too, so the trunk converted on a cluster's older torch and on a laptop's newer one extend one cache
+    import torch
+
+    def legacy(state, path):  # torch's pre-1.6 format: other bytes, as another torch version's save is
+        torch.save(state, path, _use_new_zipfile_serialization=False)
+
+    def changed(state, path):
+        state["0.0.weight"][0, 0, 0, 0] += 1e-3
+        torch.save(state, path)
+
+    shared, other = trunk_folder(models_dir, tmp_path / "shared"), trunk_folder(models_dir, tmp_path / "other", legacy)
+    assert file_sha256(shared / MOBILENET_FILE) != file_sha256(other / MOBILENET_FILE)
+    cache = tmp_path / "cache"
+    for folder, video in ((shared, "tests_data_test.mp4"), (other, "bikes.mp4")):
+        result = cli("extract", videos_dir / video, "-o", cache, "--models", folder, "--frames", 1)
+        assert result.returncode == 0, result.stderr
+    from vlpcache.cache.reader import RegionCache
+
+    with RegionCache(cache) as reader:
+        assert len(reader) == 2 and reader.settings.backbone_weights_sha256 == file_sha256(shared / MOBILENET_FILE)
+    refused = cli("extract", videos_dir / "box.mp4", "-o", cache, "--models", trunk_folder(models_dir, tmp_path / "changed",
+                                                                                            changed), "--frames", 1)
+    assert refused.returncode == 2 and "cache was made with different settings (backbone_tensors_sha256: " in refused.stderr
+
+
+def test_the_registry_knows_the_tensors_of_its_trunk_files_as_any_save_of_them_hashes(models_dir, tmp_path):
+    import torch
+
+    from vlpcache.extract.detectors.state_dicts import read_state_dict, tensors_sha256
+    from vlpcache.extract.detectors.weights import trunk_tensors_sha256
+
+    shared = models_dir / MOBILENET_FILE
+    assert REGISTRY[MOBILENET_FILE].known_as(file_sha256(shared)).tensors_sha256 == tensors_sha256(read_state_dict(shared))
+    state = torch.load(shared, weights_only=True)
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    legacy = tmp_path / "legacy.pth"
+    assert trunk_tensors_sha256(legacy, file_sha256(legacy)) == trunk_tensors_sha256(shared, file_sha256(shared))
+    state["1.conv.0.0.weight"] = state["1.conv.0.0.weight"].double()  # the same values, another dtype
+    torch.save(state, legacy)
+    assert trunk_tensors_sha256(legacy, file_sha256(legacy)) != trunk_tensors_sha256(shared, file_sha256(shared))
+
+
+def test_the_tensors_of_a_trunk_the_registry_does_not_know_are_hashed_once_and_kept(models_dir, tmp_path, monkeypatch):
+    # a later command reads the kept hash: one whose items are all cached imports no torch for it
+    import torch
+
+    from vlpcache.extract.detectors.state_dicts import read_state_dict, tensors_sha256
+    from vlpcache.extract.detectors.weights import trunk_tensors_sha256
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "scratch"))
+    torch.save(torch.load(models_dir / MOBILENET_FILE, weights_only=True), tmp_path / "trunk.pth",
+               _use_new_zipfile_serialization=False)
+    trunk, sha256 = tmp_path / "trunk.pth", file_sha256(tmp_path / "trunk.pth")
+    assert REGISTRY[MOBILENET_FILE].known_as(sha256) is None
+    tensors = trunk_tensors_sha256(trunk, sha256)
+    assert tensors == tensors_sha256(read_state_dict(trunk))
+    assert (tmp_path / "scratch" / "vlpcache" / "tensors" / sha256).read_text() == tensors
+    probe = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from vlpcache.extract.detectors."
+                            "weights import trunk_tensors_sha256 as t; print(t(Path(sys.argv[1]), sys.argv[2]), "
+                            "'torch' in sys.modules)", str(trunk), sha256], capture_output=True, text=True, check=True)
+    assert probe.stdout.split() == [tensors, "False"]

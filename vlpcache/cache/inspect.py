@@ -104,7 +104,8 @@ def print_summary(summary: dict) -> None:
         f"shape       T={summary['T']} frames, N={summary['N']} regions (incl. whole frame), D={summary['D']}",
         f"frames      {summary['frames']} sampled, {summary['mean_regions_per_frame']} regions per frame on average",
         f"detector    {p['detector']}  sha256 {p['detector_weights_sha256'][:12]}",
-        f"backbone    {p['backbone']}  sha256 {p['backbone_weights_sha256'][:12]}",
+        f"backbone    {p['backbone']}  sha256 {p['backbone_weights_sha256'][:12]}"
+        + (f"  tensors {p['backbone_tensors_sha256'][:12]}" if p.get("backbone_tensors_sha256") else ""),
         f"labels      {summary['labels']}" + (", with each region's best attribute" if p.get("attributes") else ""),
         *([f"found       {summary['detections']:,} detections (none in "
            f"{summary['frames_without_detections'] / max(1, summary['frames']):.0%} of the frames): "

@@ -122,6 +122,22 @@ SHARD_SECONDS = 120.0  # a shard is also committed after this long
 FEATURE_SETTINGS = (
     "schema_version", "feature_dim", "detector", "detector_weights_sha256", "backbone", "backbone_weights_sha256",
 )
+# the backbone's weights are the same where both records name the same tensors (backbone_tensors_sha256: torch.save
+# of the same state dict is another file, of another sha256, under another torch version), else where they name the
+# same file; compared by weights_difference, not key by key
+WEIGHTS_FILE, WEIGHTS_TENSORS = "backbone_weights_sha256", "backbone_tensors_sha256"
+
+
+def weights_difference(mine: dict, theirs: dict) -> tuple[str, Any, Any] | None:
+    """(key, my value, theirs) of the backbone weights in which two settings records differ, None where they are
+    the same weights (see WEIGHTS_TENSORS). A record that names no weights file (a run's, partly) is not compared."""
+    if WEIGHTS_FILE not in theirs or WEIGHTS_FILE not in mine:
+        return None
+    if mine.get(WEIGHTS_TENSORS) and theirs.get(WEIGHTS_TENSORS):
+        key = WEIGHTS_TENSORS
+    else:  # one of them was written before trunks were identified by their tensors: by the file
+        key = WEIGHTS_FILE
+    return None if mine[key] == theirs[key] else (key, mine[key], theirs[key])
 
 
 @dataclass(frozen=True)
@@ -174,7 +190,10 @@ class CacheSettings(JsonRecord):
     detector: str
     detector_weights_sha256: str
     backbone: str
-    backbone_weights_sha256: str
+    backbone_weights_sha256: str  # of the file; frcnn and vg: their one weights file
+    # the sha256 of the trunk's tensors (state_dicts.tensors_sha256), of yolox's MobileNetV2 trunk file; "" for the
+    # others and in caches written before it was recorded (see weights_difference)
+    backbone_tensors_sha256: str = ""
     sampling: str = "segment-centres"
     score_threshold: float = SCORE_THRESHOLD
     nms_iou: float = NMS_IOU
@@ -197,7 +216,10 @@ class CacheSettings(JsonRecord):
         def shown(key: str, value) -> str:  # regions count the whole-frame region; --regions does not
             return f"{value!r} ({value - 1} + the whole frame)" if key == "regions" and isinstance(value, int) else repr(value)
 
-        return [f"{k}: {shown(k, mine[k])} != {shown(k, theirs.get(k))}" for k in mine if mine[k] != theirs.get(k)]
+        diffs = [f"{k}: {shown(k, mine[k])} != {shown(k, theirs.get(k))}" for k in mine
+                 if k not in (WEIGHTS_FILE, WEIGHTS_TENSORS) and mine[k] != theirs.get(k)]
+        weights = weights_difference(mine, theirs)
+        return diffs + ([f"{weights[0]}: {weights[1]!r} != {weights[2]!r}"] if weights else [])
 
     def feature_differences(self, other: "CacheSettings | dict") -> list[str]:
         """Human-readable list of the FEATURE_SETTINGS in which `other` differs: empty when a model
@@ -205,7 +227,10 @@ class CacheSettings(JsonRecord):
         settings a run recorded (a dict); settings it does not record are not compared."""
         mine = self.to_json()
         theirs = other if isinstance(other, dict) else other.to_json()
-        return [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in FEATURE_SETTINGS if k in theirs and theirs[k] != mine[k]]
+        diffs = [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in FEATURE_SETTINGS
+                 if k != WEIGHTS_FILE and k in theirs and theirs[k] != mine[k]]
+        weights = weights_difference(mine, theirs)
+        return diffs + ([f"{weights[0]}: {weights[1]!r} != {weights[2]!r}"] if weights else [])
 
 
 def detector_name(detector: str) -> str:
@@ -237,18 +262,22 @@ def shard_differences(settings: CacheSettings, attrs, array_shapes: dict[str, tu
     """How a shard file disagrees with `settings` (the manifest's, or what extract is asked for), by its own
     attributes (shard_attrs) and the shapes of its arrays; empty when it agrees. Each entry reads
     "frames 4, not 8": the shard's value, then the one of `settings`."""
-    diffs = []
-    for key, expected in settings.to_json().items():
+    diffs, expected_record, recorded = [], settings.to_json(), {}
+    for key, expected in expected_record.items():
         if key not in attrs:
-            if expected != SETTING_DEFAULTS.get(key, MISSING):  # a setting newer than the shard reads as its default
+            # a setting newer than the shard reads as its default; its trunk is then known by its file
+            if expected != SETTING_DEFAULTS.get(key, MISSING) and key != WEIGHTS_TENSORS:
                 diffs.append(f"{key} missing, not {expected!r}")
             continue
         value = attrs[key]
         value = value.item() if isinstance(value, np.generic) else value
         if isinstance(expected, dict) and isinstance(value, str):
             value = json.loads(value)
-        if value != expected:
+        recorded[key] = value
+        if key not in (WEIGHTS_FILE, WEIGHTS_TENSORS) and value != expected:
             diffs.append(f"{key} {value!r}, not {expected!r}")
+    if weights := weights_difference(recorded, expected_record):
+        diffs.append(f"{weights[0]} {weights[1]!r}, not {weights[2]!r}")
     if not diffs:  # attributes agree: the arrays must have the shapes they promise
         for spec in settings.arrays():
             shape = array_shapes.get(spec.name)

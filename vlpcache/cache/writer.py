@@ -50,6 +50,7 @@ from vlpcache.cache.schema import (
     CacheSettings,
     outdated_schema,
     shard_attrs,
+    weights_difference,
 )
 from vlpcache.errors import UserError
 from vlpcache.files import fsync_path, lies_under, write_failure
@@ -81,9 +82,21 @@ def check_cache_settings(cache_dir: Path, settings: CacheSettings) -> None:
     if diffs:
         raise UserError(
             f"{cache_dir}: cache was made with different settings ({'; '.join(diffs)}); "
-            "use another output directory (-o) or the same settings"
+            "use another output directory (-o) or the same settings" + trunk_file_hint(existing, settings)
         )
     refuse_shards_of_other_settings(cache_dir, settings)
+
+
+def trunk_file_hint(existing: CacheSettings, settings: CacheSettings) -> str:
+    """What to do where a cache written before caches recorded their trunk's tensors names another trunk file: it may
+    hold the same tensors (saved by another torch version), but only that file is known to be its weights."""
+    if existing.backbone_tensors_sha256 or not settings.backbone_tensors_sha256:
+        return ""
+    if weights_difference(existing.to_json(), settings.to_json()) is None:
+        return ""
+    return (f"; this cache records its backbone's weights by their file only (sha256 {existing.backbone_weights_sha256[:12]}…): "
+            "to extend it, put the file it was made with in the models folder (--models DIR or VLPCACHE_MODELS) "
+            "in place of this one")
 
 
 def refuse_shards_of_other_settings(cache_dir: Path, settings: CacheSettings) -> None:

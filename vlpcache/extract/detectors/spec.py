@@ -14,7 +14,14 @@ from pathlib import Path
 from vlpcache.cache.schema import NMS_IOU, SCORE_THRESHOLD, CacheSettings
 from vlpcache.errors import UserError
 from vlpcache.files import file_sha256
-from vlpcache.extract.detectors.weights import MOBILENET_FILE, VG_FILE, VG_HUB_REPO, YOLOX_FILE, weights_file
+from vlpcache.extract.detectors.weights import (
+    MOBILENET_FILE,
+    VG_FILE,
+    VG_HUB_REPO,
+    YOLOX_FILE,
+    trunk_tensors_sha256,
+    weights_file,
+)
 
 DETECTORS = ("yolox", "frcnn", "vg")
 REGIONS = 30  # detections kept per frame when the command line does not say (vg: VG_REGIONS)
@@ -117,11 +124,14 @@ def yolox_spec(backbone: str, models: str | None) -> DetectorSpec:
     yolox = weights_file(YOLOX_FILE, models)
     mobilenet = weights_file(MOBILENET_FILE, models) if "mobilenet_v2" in backbone else None
     yolox_sha256 = file_sha256(yolox)
+    mobilenet_sha256 = file_sha256(mobilenet) if mobilenet else ""
     provenance = {
         "detector": f"yolox:{YOLOX_FILE}",
         "detector_weights_sha256": yolox_sha256,
         "backbone": backbone,
-        "backbone_weights_sha256": file_sha256(mobilenet) if mobilenet else yolox_sha256,
+        "backbone_weights_sha256": mobilenet_sha256 or yolox_sha256,
+        # the same trunk converted by another torch version is another file: its tensors are the same weights
+        "backbone_tensors_sha256": trunk_tensors_sha256(mobilenet, mobilenet_sha256) if mobilenet else "",
     }
     return DetectorSpec("yolox", backbone, feature_dim, YOLOX_INPUT_SIZE, provenance, yolox, mobilenet)
 

