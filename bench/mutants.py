@@ -2614,6 +2614,10 @@ MUTANTS += [
            "    if existing.backbone_tensors_sha256 or not settings.backbone_tensors_sha256:\n", "    if True:\n",
            "tests/test_cache.py -k before_trunks_were_known",
            "extract into a cache that records its trunk by file alone does not say to use the file it was made with"),
+    mutant("trunk-old-cache-refused", "vlpcache/extract/detectors/spec.py",
+           "        return settings if cache is None else as_recorded_by(settings, cache)\n", "        return settings\n",
+           "tests/test_weights.py -k takes_a_save_of_the_registrys_trunk",
+           "a cache made before trunks were known by their tensors refuses a save of the registry's trunk by another torch"),
 ]
 
 

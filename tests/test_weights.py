@@ -590,6 +590,38 @@ def test_the_registry_knows_the_tensors_of_its_trunk_files_as_any_save_of_them_h
     assert trunk_tensors_sha256(legacy, file_sha256(legacy)) != trunk_tensors_sha256(shared, file_sha256(shared))
 
 
+def test_a_cache_from_before_trunks_were_known_by_their_tensors_takes_a_save_of_the_registrys_trunk(models_dir,
+                                                                                                    videos_dir, tmp_path):
+    # its manifest and shards name the shared file alone; another save of the same tensors extends it, its shards
+    # naming the file the cache names
+    import h5py
+    import torch
+
+    from vlpcache.cache.reader import RegionCache
+
+    def legacy(state, path):
+        torch.save(state, path, _use_new_zipfile_serialization=False)
+
+    cache = tmp_path / "cache"
+    result = cli("extract", videos_dir / "tests_data_test.mp4", "-o", cache, "--models",
+                 trunk_folder(models_dir, tmp_path / "shared"), "--frames", 1)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((cache / "manifest.json").read_text())
+    del manifest["backbone_tensors_sha256"]
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    for shard in (cache / "shards").glob("*.h5"):
+        with h5py.File(shard, "r+") as f:
+            del f.attrs["backbone_tensors_sha256"]
+    result = cli("extract", videos_dir / "bikes.mp4", "-o", cache, "--models",
+                 trunk_folder(models_dir, tmp_path / "other", legacy), "--frames", 1)
+    assert result.returncode == 0, result.stderr
+    with RegionCache(cache) as reader:
+        assert len(reader) == 2 and not reader.ignored_shards
+    for shard in (cache / "shards").glob("*.h5"):
+        with h5py.File(shard, "r") as f:
+            assert f.attrs["backbone_weights_sha256"] == file_sha256(models_dir / MOBILENET_FILE)
+
+
 def test_the_tensors_of_a_trunk_the_registry_does_not_know_are_hashed_once_and_kept(models_dir, tmp_path, monkeypatch):
     # a later command reads the kept hash: one whose items are all cached imports no torch for it
     import torch

@@ -45,7 +45,7 @@ def extract_outside(path: str, settings: CacheSettings, folder: Path, models: st
                                options.input_scale(), options.proposals)
     except UserError as err:  # not this machine's detector, or its weights not found
         raise NotComparable(str(err)) from None
-    own = spec.cache_settings(options.frames, options.regions, options.score_threshold)
+    own = spec.cache_settings(options.frames, options.regions, options.score_threshold, settings)
     if differences := own.differences(settings):  # e.g. a cache extracted with --weights FILE
         raise NotComparable(f"this machine's {options.detector} gives other settings: {'; '.join(differences)}")
     summary = ExtractSummary()

@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlpcache.cache.manifest import read_failures
+from vlpcache.cache.manifest import read_failures, read_manifest
 from vlpcache.cache.reader import RegionCache
-from vlpcache.cache.schema import LOCK_DIR, MANIFEST_NAME, SHARD_DIR
+from vlpcache.cache.schema import LOCK_DIR, MANIFEST_NAME, SHARD_DIR, CacheSettings
 from vlpcache.cache.writer import ShardWriter, check_cache_settings
 from vlpcache.errors import UserError
 from vlpcache.extract.detectors.choice import choose_detector, load_detector
@@ -304,6 +304,11 @@ def nothing_found(roots: list[Path], cache_dir: Path) -> UserError:
     return UserError(line)
 
 
+def existing_settings(cache_dir: Path) -> CacheSettings | None:
+    """The settings of the cache in `cache_dir`, None where there is none yet."""
+    return read_manifest(cache_dir) if (Path(cache_dir) / MANIFEST_NAME).is_file() else None
+
+
 def read_only_cache(cache_dir: Path) -> bool:
     """Whether `cache_dir` holds a cache this user may not write (a shared, finished one: another user's, made
     read-only, or on a read-only mount): extract then takes no lock, which it could not, and writes nothing."""
@@ -365,7 +370,7 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
         resolve_device(options.device)
     spec = choose_detector(options.detector, options.backbone, options.weights, options.models,  # nothing loaded yet
                            options.input_scale(), options.proposals)
-    settings = spec.cache_settings(options.frames, options.regions, options.score_threshold)
+    settings = spec.cache_settings(options.frames, options.regions, options.score_threshold, existing_settings(cache_dir))
     summary = ExtractSummary(passed_over=len(passed_over))
     if read_only_cache(cache_dir):
         check_read_only_cache(items, cache_dir, settings, options, summary, roots, linked)

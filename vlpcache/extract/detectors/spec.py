@@ -16,6 +16,7 @@ from vlpcache.errors import UserError
 from vlpcache.files import file_sha256
 from vlpcache.extract.detectors.weights import (
     MOBILENET_FILE,
+    REGISTRY,
     VG_FILE,
     VG_HUB_REPO,
     YOLOX_FILE,
@@ -77,14 +78,29 @@ class DetectorSpec:
     scale: tuple[int, int] | None = None
     proposals: int | None = None
 
-    def cache_settings(self, frames: int, regions: int, score_threshold: float) -> CacheSettings:
+    def cache_settings(self, frames: int, regions: int, score_threshold: float,
+                       cache: CacheSettings | None = None) -> CacheSettings:
         """regions: detections kept per frame; the whole-frame region makes N = regions + 1. A scale or
-        proposal count other than the detector's own is recorded too (caches of other ones do not mix)."""
+        proposal count other than the detector's own is recorded too (caches of other ones do not mix).
+        cache: the settings of the cache they are for, if it exists (see as_recorded_by)."""
         extra = {"scale": list(self.scale)} if self.scale else {}
         extra |= {"proposals": self.proposals} if self.proposals else {}
-        return CacheSettings(frames=frames, regions=regions + 1, feature_dim=self.feature_dim,
-                             score_threshold=score_threshold, nms_iou=self.nms_iou, attributes=self.attributes,
-                             extra=extra, **self.provenance)
+        settings = CacheSettings(frames=frames, regions=regions + 1, feature_dim=self.feature_dim,
+                                 score_threshold=score_threshold, nms_iou=self.nms_iou, attributes=self.attributes,
+                                 extra=extra, **self.provenance)
+        return settings if cache is None else as_recorded_by(settings, cache)
+
+
+def as_recorded_by(settings: CacheSettings, cache: CacheSettings) -> CacheSettings:
+    """`settings` naming the trunk file that `cache` names where that cache, written before caches recorded their
+    trunk's tensors, names a file the registry knows to hold these tensors (another torch version's save of the
+    same trunk): its items and these are of the same weights. Otherwise `settings`."""
+    if cache.backbone_tensors_sha256 or not settings.backbone_tensors_sha256:
+        return settings
+    known = REGISTRY[MOBILENET_FILE].known_as(cache.backbone_weights_sha256)
+    if known is None or known.tensors_sha256 != settings.backbone_tensors_sha256:
+        return settings
+    return replace(settings, backbone_weights_sha256=cache.backbone_weights_sha256)
 
 
 def with_input_size(spec: DetectorSpec, scale: tuple[int, int] | None, proposals: int | None) -> DetectorSpec:
