@@ -500,7 +500,7 @@ MUTANTS += [
            "        self.unindexed = 0",
            "tests/test_serve.py -k does_not_read", "the page says how many cached items are not indexed yet"),
     mutant("serve-damaged-hit-frame-refused", "vlpcache/serve/app.py",
-           "        if cached.get(\"unreadable\"):  # its row does not read", "        if False:  # its row does not read",
+           "    if cached.get(\"unreadable\"):  # its row does not read", "    if False:  # its row does not read",
            "tests/test_serve.py -k does_not_read", "a damaged hit's card shows its source's first frame"),
     mutant("extract-link-to-a-cached-file-extracted", "vlpcache/extract/runner.py",
            "elif (real := os.path.realpath(path)) != path and real in cached_id:",
@@ -2618,6 +2618,15 @@ MUTANTS += [
            "        return settings if cache is None else as_recorded_by(settings, cache)\n", "        return settings\n",
            "tests/test_weights.py -k takes_a_save_of_the_registrys_trunk",
            "a cache made before trunks were known by their tensors refuses a save of the registry's trunk by another torch"),
+    mutant("serve-thumbnail-decoded-per-asker", "vlpcache/serve/thumbnails.py",
+           "            first = pending is None\n", "            first = True\n",
+           "tests/test_serve.py -k asked_by_several_at_once",
+           "a frame asked for by several clients at once is decoded once per client (5 clients: 5 decodes)"),
+    mutant("serve-thumbnails-in-the-shared-threads", "vlpcache/serve/app.py",
+           "        return await asyncio.get_running_loop().run_in_executor(thumbnail_threads, work)\n",
+           "        return await run_in_threadpool(work)\n",
+           "tests/test_serve.py -k many_thumbnails_wait",
+           "thumbnails waiting for their decoding hold the threads the page, info and search share: the page starves"),
 ]
 
 

@@ -568,6 +568,119 @@ def test_a_thumbnail_whose_decoding_runs_out_of_time_is_a_placeholder_not_tried_
     assert restarted.placeholder is None and frame_number(np.asarray(Image.open(io.BytesIO(restarted.jpeg)))) == 10
 
 
+def blocked_in_thumbnails(threads=None) -> int:
+    """How many threads (of `threads`; all where None) wait on a lock or event within ThumbnailStore.get: a held
+    decode, another's decode of the same frame, a core's turn."""
+    from vlpcache.serve import thumbnails
+
+    idents = None if threads is None else {thread.ident for thread in threads}
+    count = 0
+    for ident, frame in sys._current_frames().items():
+        if (idents is not None and ident not in idents) or frame.f_code.co_name != "wait":
+            continue
+        while frame is not None and not (frame.f_code.co_name == "get" and frame.f_code.co_filename == thumbnails.__file__):
+            frame = frame.f_back
+        count += frame is not None
+    return count
+
+
+def held_decodes(monkeypatch) -> tuple[list, threading.Event]:
+    """Decoding of thumbnails held until the event is set; the list gets one entry per decode begun."""
+    from vlpcache.serve import thumbnails
+
+    begun, go = [], threading.Event()
+
+    def held(*args, **kwargs):
+        begun.append(args[1])
+        go.wait(timeout=HANG_GUARD_S)
+        return read_frames_at(*args, **kwargs)
+
+    monkeypatch.setattr(thumbnails, "read_frames_at", held)
+    return begun, go
+
+
+def test_one_frame_asked_by_several_at_once_is_decoded_once_and_each_gets_it(tmp_path, monkeypatch):
+    # an item's view opened by 5 people at once decoded each of its frames 5 times (a 4-minute video without
+    # keyframes: 41 s for all of them instead of 6)
+    from vlpcache.cache.reader import RegionCache
+    from vlpcache.serve import thumbnails
+
+    video = make_video_after_audio(tmp_path / "clip.mp4", lead_ms=0, frames=20)
+    write_cache(tmp_path / "cache", 1, sources=[(video, "video")])
+    item = RegionCache(tmp_path / "cache").get("v0")
+    store = thumbnails.ThumbnailStore(tmp_path / "thumbnails")
+    begun, go = held_decodes(monkeypatch)
+    shown = []
+    askers = [threading.Thread(target=lambda: shown.append(store.get(item, 1))) for _ in range(5)]
+    for asker in askers:
+        asker.start()
+    wait_until(lambda: blocked_in_thumbnails(askers) == len(askers))  # each past the store's file, none served yet
+    go.set()
+    for asker in askers:
+        asker.join(timeout=HANG_GUARD_S)
+    assert len(begun) == 1 and len(shown) == 5
+    assert {thumbnail.placeholder for thumbnail in shown} == {None} and len({t.jpeg for t in shown}) == 1
+    assert frame_number(np.asarray(Image.open(io.BytesIO(shown[0].jpeg)))) == 10
+    assert store.get(item, 1).jpeg == shown[0].jpeg and len(begun) == 1  # kept: read, not decoded again
+
+
+@contextlib.contextmanager
+def served_in_thread(app):
+    """The app under uvicorn in a thread of this process (so that a test can hold its decodes); its base URL."""
+    import uvicorn
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]})
+    thread.start()
+    try:
+        wait_until(lambda: server.started or not thread.is_alive())
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=HANG_GUARD_S)
+        listener.close()
+
+
+def test_the_page_info_and_search_answer_while_many_thumbnails_wait_for_their_decoding(ws, monkeypatch):
+    # ~80 cold thumbnails asked at once held every thread that the page, info and search share while waiting for
+    # a core: the page took 18 s, a search 10 s (0.02 s alone)
+    import requests
+
+    from vlpcache.index.search import Searcher
+    from vlpcache.serve import app as served
+    from vlpcache.serve.thumbnails import ThumbnailStore
+
+    shared = 40  # anyio's default thread limiter: the threads starlette's sync handlers share
+    monkeypatch.setattr(served, "THUMBNAIL_THREADS", shared)  # as many: every thread a thumbnail can hold, held
+    searcher = Searcher(run=ws / "runs" / "run-001", cache=ws / "cache", index=ws / "index")
+    app = served.make_app(searcher, ThumbnailStore(ws / "index" / "thumbnails"))
+    begun, go = held_decodes(monkeypatch)
+    answered = []
+
+    def ask_the_rest():
+        for path, params in [("/", {}), ("/api/info", {}), ("/api/search", {"q": WORDS[0]}), ("/page.js", {})]:
+            answered.append(requests.get(url + path, params=params, timeout=HANG_GUARD_S).status_code)
+
+    with served_in_thread(app) as url:
+        frames = [threading.Thread(target=requests.get, args=(f"{url}/media/frame",),
+                                   kwargs={"params": {"id": f"v{VIDEO + n % 3}", "t": n % 2}, "timeout": HANG_GUARD_S})
+                  for n in range(shared + 8)]
+        others = threading.Thread(target=ask_the_rest)
+        try:
+            for frame in frames:
+                frame.start()
+            wait_until(lambda: blocked_in_thumbnails() == shared)  # the rest wait for a thread of theirs
+            others.start()
+            # failing is waiting until the decodes are let go: they are not, until all answered or a minute passed
+            wait_until(lambda: len(answered) == 4, guard_s=60)
+            assert answered == [200] * 4 and len(begun) <= 6  # 3 items' 2 frames, each decoded once
+        finally:
+            go.set()
+            for thread in [*frames, others] if others.ident else frames:
+                thread.join(timeout=HANG_GUARD_S)
+
+
 def test_thumbnail_survives_its_source_once_stored(template, tmp_path, monkeypatch):
     ws = tmp_path / "ws"
     shutil.copytree(template, ws)

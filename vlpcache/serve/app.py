@@ -32,6 +32,8 @@ import re
 import threading
 import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -61,6 +63,9 @@ COMPARE_WAIT_S = 120.0  # one at a time: how long a received upload waits for th
 UPLOAD_STALL_S = 60.0  # an upload of which nothing comes for this long is dropped (408): its slot and file freed
 DRAIN_BYTES = 64 << 20  # an upload refused before it is read is read this far, so that its sender hears why
 REFUSED_HOSTS_SAID = 20  # Host names a server's log names as refused (a page rebinding names would fill it)
+# threads of their own for /media/frame: a request waiting for a decode (a core's turn, another's decode of the same
+# frame) holds one, and 80 cold thumbnails held all of the 40 that the page, info and search share (a page took 18 s)
+THUMBNAIL_THREADS = 32
 PAGE_DIR = Path(__file__).parent / "page"
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
               "/page.js": ("page.js", "text/javascript; charset=utf-8"),
@@ -89,8 +94,9 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
     if allowed_hosts is not None:
         allowed_hosts = allowed_hosts | proxy_hosts
     slots = UploadSlots()
+    thumbnail_threads = ThreadPoolExecutor(THUMBNAIL_THREADS, thread_name_prefix="vlpcache-thumbnail")
 
-    def page(request: Request) -> Response:
+    async def page(request: Request) -> Response:  # on the event loop: no thread to wait for
         body, media = pages[request.url.path]
         return Response(body, media_type=media, headers={"cache-control": "no-cache"})
 
@@ -127,22 +133,9 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
         cached = _indexed_item(searcher, request)
         return JSONResponse(item_frames(cached, region_names(searcher.cache.settings.detector)))
 
-    def frame(request: Request) -> Response:
-        cached = _indexed_item(searcher, request)
-        t = _int_param(request, "t", None, 0, MAX_FRAMES)
-        if cached.get("unreadable"):  # its row does not read, its frames' times with it: the source's first frame
-            t = 0
-        elif t >= len(cached["frame_mask"]) or not cached["frame_mask"][t]:
-            raise ApiError(404, f"item {cached['id']!r} has no sampled frame {t}")
-        picture = thumbnails.get(cached, t)
-        etag = f'"{picture.etag}"'
-        # asked again each time (a 304 while the same): a frame's URL stays when its item is extracted again
-        headers = {"etag": etag, "cache-control": "no-store" if picture.placeholder else "private, no-cache"}
-        if picture.placeholder:
-            headers["x-vlpcache-placeholder"] = picture.placeholder.encode("ascii", "replace").decode()
-        if request.headers.get("if-none-match") == etag:
-            return Response(status_code=304, headers=headers)
-        return Response(picture.jpeg, media_type="image/jpeg", headers=headers)
+    async def frame(request: Request) -> Response:  # those waiting meanwhile queue without holding a thread
+        work = partial(_frame, searcher, thumbnails, request)
+        return await asyncio.get_running_loop().run_in_executor(thumbnail_threads, work)
 
     async def like_upload(request: Request) -> Response:
         return await _like_upload(request, searcher, None if uploads else why_not, slots, device)
@@ -157,6 +150,25 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error})
     return Guard(app, allowed_hosts)
+
+
+def _frame(searcher: Searcher, thumbnails: ThumbnailStore, request: Request) -> Response:
+    """/media/frame, in a thread of the thumbnails' own (it may wait for a decode)."""
+    cached = _indexed_item(searcher, request)
+    t = _int_param(request, "t", None, 0, MAX_FRAMES)
+    if cached.get("unreadable"):  # its row does not read, its frames' times with it: the source's first frame
+        t = 0
+    elif t >= len(cached["frame_mask"]) or not cached["frame_mask"][t]:
+        raise ApiError(404, f"item {cached['id']!r} has no sampled frame {t}")
+    picture = thumbnails.get(cached, t)
+    etag = f'"{picture.etag}"'
+    # asked again each time (a 304 while the same): a frame's URL stays when its item is extracted again
+    headers = {"etag": etag, "cache-control": "no-store" if picture.placeholder else "private, no-cache"}
+    if picture.placeholder:
+        headers["x-vlpcache-placeholder"] = picture.placeholder.encode("ascii", "replace").decode()
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    return Response(picture.jpeg, media_type="image/jpeg", headers=headers)
 
 
 def _uploads_taken(allowed_hosts: frozenset[str] | None, uploads: bool | None,

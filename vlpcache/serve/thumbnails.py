@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,10 @@ class ThumbnailStore:
         # decoding is CPU-bound: more at once than there are cores only adds memory
         self._decoders = threading.BoundedSemaphore(usable_cores())
         self._too_long: set[str] = set()  # keys of frames whose decoding ran out of time
+        # frames being decoded, by key: another asker of one waits for that decode rather than decoding it again
+        # (an item's view opened by several people at once: each of its frames once, not once each)
+        self._decoding: dict[str, Future] = {}
+        self._decoding_lock = threading.Lock()
         self._open_store()
 
     def _open_store(self) -> None:
@@ -117,6 +122,25 @@ class ThumbnailStore:
             with contextlib.suppress(OSError):  # shown now: the last to go when the store is trimmed
                 os.utime(path)
             return Thumbnail(jpeg, key)
+        with self._decoding_lock:
+            pending = self._decoding.get(key)
+            first = pending is None
+            if first:
+                pending = self._decoding[key] = Future()
+        if not first:
+            return pending.result()  # its decode's thumbnail (or error), as the asker that started it gets it
+        try:
+            pending.set_result(self._decode(item, frame, key, path))
+        except BaseException as err:
+            pending.set_exception(err)
+        finally:
+            with self._decoding_lock:
+                del self._decoding[key]
+        return pending.result()
+
+    def _decode(self, item: dict, frame: int, key: str, path: Path) -> Thumbnail:
+        """Frame `frame` decoded from the item's source and kept at `path`; a placeholder where the source cannot
+        give it."""
         source = Item(item["id"], Path(item["path"]), item["kind"])
         try:
             if key in self._too_long:
