@@ -2627,6 +2627,14 @@ MUTANTS += [
            "        return await run_in_threadpool(work)\n",
            "tests/test_serve.py -k many_thumbnails_wait",
            "thumbnails waiting for their decoding hold the threads the page, info and search share: the page starves"),
+    mutant("page-late-item-answer-shown", "vlpcache/serve/page/page.js",
+           "  if (asked !== itemShown) return;\n  if (!hit)", "  if (!hit)",
+           "tests/test_serve.py -k comes_late",
+           "item A's /api/item answer, come after B was opened, fills B's dialog with A's frames"),
+    mutant("page-closed-item-answer-shown", "vlpcache/serve/page/page.js",
+           "  itemShown++; // the answer still awaited for it, dropped\n", "",
+           "tests/test_serve.py -k comes_late",
+           "an item closed before its /api/item answer came fills the closed dialog, its thumbnails asked for nobody"),
 ]
 
 

@@ -1320,6 +1320,74 @@ def test_the_page_by_keyboard_and_back_button_and_when_the_server_stops_answerin
         browser.quit()
 
 
+# the page's fetch, with the /api/item answers of the ids given to hold() kept back until release(id); done[id] once
+# the page has read that answer (a task after its JSON: openItem has done with it)
+HOLD_ITEM_ANSWERS = """
+window.held = {}; window.done = {};
+const realFetch = window.fetch;
+window.hold = (id) => { let release; const gate = new Promise((r) => { release = r; }); held[id] = { gate, release }; };
+window.release = (id) => held[id].release();
+window.fetch = async (url, ...rest) => {
+  const response = await realFetch(url, ...rest);
+  const id = String(url).startsWith("api/item?") && new URLSearchParams(String(url).split("?")[1]).get("id");
+  if (!id || !(id in held)) return response;
+  await held[id].gate;
+  delete held[id];
+  const json = response.json.bind(response);
+  response.json = async () => { const body = await json(); setTimeout(() => { done[id] = true; }); return body; };
+  return response;
+};
+"""
+
+
+def test_an_item_answer_that_comes_late_is_dropped_not_shown_under_another_item(ws, server, tmp_path):
+    # a busy server answered item A's /api/item after A was closed and B opened: B's dialog showed A's frames
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    shown = "return [...document.querySelectorAll('#detail-frames img')].map((i) => new URL(i.src).searchParams.get('id'))"
+    is_open = "return document.getElementById('detail').open"
+    browser = chromium_driver(tmp_path)
+    try:
+        wait = WebDriverWait(browser, 30)
+        browser.get(server.url + "?" + urllib.parse.urlencode({"q": "a man with a dog"}))
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".card")) == 12)
+        cards = browser.find_elements(By.CSS_SELECTOR, ".card")
+        a, b = (card.get_attribute("data-id") for card in cards[:2])
+        browser.execute_script(HOLD_ITEM_ANSWERS)
+
+        browser.execute_script("hold(arguments[0])", a)
+        cards[0].click()
+        wait.until(lambda br: br.execute_script(is_open))
+        browser.find_element(By.ID, "detail").send_keys(Keys.ESCAPE)  # closed before its frames came
+        wait.until(lambda br: not br.execute_script(is_open))
+        browser.execute_script("release(arguments[0])", a)
+        wait.until(lambda br: br.execute_script("return done[arguments[0]] === true", a))
+        assert browser.execute_script(shown) == []  # no thumbnails asked for a dialog nobody sees
+        cards[1].click()
+        wait.until(lambda br: br.execute_script(shown) == [b, b])
+        assert browser.find_element(By.ID, "detail-title").text == b
+        meta = browser.find_element(By.ID, "detail-meta").text
+        assert meta.startswith("#2 · score "), meta
+
+        browser.find_element(By.ID, "detail").send_keys(Keys.ESCAPE)
+        wait.until(lambda br: not br.execute_script(is_open))
+        browser.execute_script("hold(arguments[0]); hold(arguments[1]); done = {}", a, b)
+        cards[0].click()
+        wait.until(lambda br: br.execute_script(is_open) and "item=" in br.current_url)
+        browser.back()  # closed by Back, then B opened, and A's answer comes after B's
+        wait.until(lambda br: not br.execute_script(is_open) and "item=" not in br.current_url)
+        cards[1].click()
+        browser.execute_script("release(arguments[0])", b)
+        wait.until(lambda br: br.execute_script(shown) == [b, b])
+        browser.execute_script("release(arguments[0])", a)
+        wait.until(lambda br: br.execute_script("return done[arguments[0]] === true", a))
+        assert browser.execute_script(shown) == [b, b] and browser.find_element(By.ID, "detail-title").text == b
+    finally:
+        browser.quit()
+
+
 def test_a_very_tall_photo_fits_the_item_view_with_its_boxes_over_it(ws, tmp_path, monkeypatch):
     """A photo of 40 x 4000 pixels was drawn as wide as its column: 35,000 pixels tall in the item view."""
     from selenium.webdriver.support.ui import WebDriverWait

@@ -16,6 +16,7 @@ const params = new URLSearchParams(location.search);
 const hitsById = new Map();
 let colours = new Map(); // query word -> colour class
 let info = null; // /api/info, once: how many items, and which run and epoch answer
+let itemShown = 0; // counts the items opened and dialogs closed: an /api/item answer that comes late is dropped
 
 const $ = (id) => document.getElementById(id);
 
@@ -405,6 +406,7 @@ function unknownText(unknown, readsNothing) {
 // Back closes it, as a phone's Back closes an overlay; else (a link or a reload with &item=, Forward)
 // the address as it is
 async function openItem(id, step = false) {
+  const asked = ++itemShown;
   const dialog = $("detail");
   const hit = hitsById.get(id);
   $("detail-title").textContent = id;
@@ -420,10 +422,13 @@ async function openItem(id, step = false) {
   try {
     item = await getJson("api/item?" + new URLSearchParams({ id }));
   } catch (err) {
+    if (asked !== itemShown) return;
     const said = $("detail-meta").textContent; // what the results already told of it stays
     $("detail-meta").textContent = (said ? said + " · " : "") + `error: ${err.message}`;
     return;
   }
+  // another item opened since, or the dialog closed (Escape, Back): its answer would show frames under another id
+  if (asked !== itemShown) return;
   if (!hit) $("detail-meta").textContent = `${item.path}${noted(item)}`;
   const frames = item.frames.map((frame, i) => {
     const img = el("img", { src: frameUrl(id, frame.frame), alt: `frame ${frame.frame}` });
@@ -442,6 +447,7 @@ async function openItem(id, step = false) {
 
 // the dialog closed (×, Escape, Back): the step opening it made is taken back, or the address loses its item
 function closeItem() {
+  itemShown++; // the answer still awaited for it, dropped
   if (history.state?.item && new URLSearchParams(location.search).get("item") === history.state.item) {
     history.back();
     return;
