@@ -2212,7 +2212,7 @@ MUTANTS += [
            "    except PermissionError:\n        return os.open(path, os.O_RDONLY)", "    except ZeroDivisionError:\n        return os.open(path, os.O_RDONLY)",
            "tests/test_cache.py::test_a_lock_left_by_another_user_of_a_shared_group_is_taken_over", "a lock file this user may not write is taken through a read-only open"),
     mutant("roots-json-read-before-the-lock", "vlpcache/workspace.py",
-           "                known = self.extracted_roots()  # again, under the lock", "                pass  # again, under the lock",
+           "            known = self.extracted_roots()  # again, under the lock", "            pass  # again, under the lock",
            "tests/test_captions.py::test_extracts_started_together_each_keep_their_root", "extracts started together each keep their root in roots.json"),
     mutant("sighup-not-a-stop-signal", "vlpcache/interrupts.py",
            "STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)", "STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)",
@@ -2635,6 +2635,16 @@ MUTANTS += [
            "  itemShown++; // the answer still awaited for it, dropped\n", "",
            "tests/test_serve.py -k comes_late",
            "an item closed before its /api/item answer came fills the closed dialog, its thumbnails asked for nobody"),
+    mutant("like-outside-weights-file-not-looked-up", "vlpcache/extract/outside.py",
+           "                          weights=weights_given(settings), models=models,\n",
+           "                          models=models,\n",
+           "tests/test_like_outside.py -k weights_file",
+           "search --like FILE and uploads of a cache extracted with --weights FILE ask for torchvision's weights, refused"),
+    mutant("extract-weights-file-not-recorded", "vlpcache/extract/runner.py",
+           "        workspace.remember_weights(spec.provenance[\"detector_weights_sha256\"], spec.detector_file)\n",
+           "        pass\n",
+           "tests/test_like_outside.py -k weights_file",
+           "extract --weights FILE keeps no record of the file: --like FILE of its cache cannot find it"),
 ]
 
 

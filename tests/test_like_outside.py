@@ -623,3 +623,36 @@ def test_the_page_through_a_jupyterhub_style_https_proxy_under_a_prefix_searches
             "collection and see its frames and send it clips and photos to compare (--uploads); open "
             f"https://hub.test/user/ann/proxy/{server.port}/") in server.process.stderr.read()
     keep_screenshots(tmp_path, "proxied.png")
+
+
+def test_a_clip_outside_a_cache_extracted_with_weights_file_is_extracted_with_that_file(tmp_path, monkeypatch):
+    # a cache extracted with `--detector frcnn --weights FILE`: --like FILE (and every upload to the page) asked for
+    # torchvision's own weights instead, and so refused each clip ("cannot download ... weights")
+    import torch
+    from torchvision.models import get_model_builder
+
+    from broken_media import make_video_after_audio
+    from vlpcache.errors import NotComparable
+    from vlpcache.extract.outside import extract_outside
+
+    arch = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    torch.manual_seed(0)
+    model = get_model_builder(arch)(weights=None, weights_backbone=None, num_classes=91)
+    torch.save(model.state_dict(), tmp_path / "ours.pth")
+    (tmp_path / "collection").mkdir()
+    make_video_after_audio(tmp_path / "collection" / "a.mp4", lead_ms=0, frames=20)
+    clip = make_video_after_audio(tmp_path / "clip.mp4", lead_ms=0, frames=30)
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setenv("VLPCACHE_OFFLINE", "1")  # torchvision's weights neither downloaded nor needed
+    run_extract([tmp_path / "collection"], detector="frcnn", backbone=arch, weights=str(tmp_path / "ours.pth"),
+                frames=2, workers=1, quiet=True)
+    settings = RegionCache(tmp_path / "ws" / "cache").settings
+    item_id = extract_outside(str(clip), settings, tmp_path / "outside")
+    with RegionCache(tmp_path / "outside") as outside:
+        assert outside.ids == [item_id] and not outside.settings.differences(settings)
+
+    (tmp_path / "ours.pth").rename(tmp_path / "moved.pth")
+    with pytest.raises(NotComparable) as gone:
+        extract_outside(str(clip), settings, tmp_path / "again")
+    assert str(gone.value) == (f"the cache's frcnn weights, {tmp_path / 'ours.pth'} (given to extract as --weights), "
+                               "are gone: put the file back there")

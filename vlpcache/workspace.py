@@ -6,6 +6,8 @@ The workspace is `.vlpcache/` in the current directory, or $VLPCACHE_WORKSPACE:
     .vlpcache/runs/<name>/     pretraining runs (checkpoints, logs)
     .vlpcache/index/           the FAISS index of the latest run
     .vlpcache/roots.json       the roots `extract` was given (to find caption files beside them)
+    .vlpcache/weights.json     {sha256: path} of the files `extract --weights FILE` was given (to extract a clip
+                               outside the cache as its items were: `search --like FILE`, the page's uploads)
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from vlpcache.records import read_optional_json, write_json
 
 ROOTS_NAME = "roots.json"
 ROOTS_LOCK = "roots.json.lock"  # held while roots.json is read and written again
+WEIGHTS_NAME = "weights.json"
+WEIGHTS_LOCK = "weights.json.lock"
 MODEL_FILES_HINT = "pass --models DIR or set VLPCACHE_MODELS to the folder that holds it"
 FETCH_COMMAND = "vlpcache models fetch"
 
@@ -64,14 +68,35 @@ class Workspace:
         new = [str(root.resolve()) for root in roots if str(root.resolve()) not in known]
         if not new:
             return
+
+        def with_new() -> list[str]:
+            known = self.extracted_roots()  # again, under the lock: another may have added its own since
+            return known + [root for root in dict.fromkeys(new) if root not in known]
+
+        self._write_record(ROOTS_NAME, ROOTS_LOCK, with_new)
+
+    def remember_weights(self, sha256: str, path: Path) -> None:
+        """Record the weights file `extract --weights` was given, by its sha256 (as a cache records it); a
+        workspace this user cannot write keeps its record as it is, as for roots."""
+        path = str(path.expanduser().resolve())
+        if self.weights_files().get(sha256) != path:
+            self._write_record(WEIGHTS_NAME, WEIGHTS_LOCK, lambda: {**self.weights_files(), sha256: path})
+
+    def _write_record(self, name: str, lock: str, content) -> None:
+        """Write the record `name` as content() gives it, under `lock` (extracts started together: each one's part
+        kept); a workspace this user cannot write (another's, shared read-only) keeps it as it is."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            with WriterLock.take(self.root / ROOTS_LOCK, wait=True):  # extracts started together: each root kept
-                known = self.extracted_roots()  # again, under the lock: another may have added its own since
-                write_json(self.root / ROOTS_NAME, known + [root for root in dict.fromkeys(new) if root not in known])
+            with WriterLock.take(self.root / lock, wait=True):
+                write_json(self.root / name, content())
         except OSError as err:
             if not not_allowed(err):
                 raise
+
+    def weights_files(self) -> dict[str, str]:
+        """{sha256: path} of the weights files extract was given (remember_weights)."""
+        files = read_optional_json(self.root / WEIGHTS_NAME)
+        return files if isinstance(files, dict) else {}
 
     def extracted_roots(self) -> list[str]:
         roots = read_optional_json(self.root / ROOTS_NAME)

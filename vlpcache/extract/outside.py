@@ -18,18 +18,33 @@ from vlpcache.extract.progress import ExtractSummary
 from vlpcache.extract.runner import detect_and_write
 from vlpcache.extract.sources import one_item
 from vlpcache.report import printable
+from vlpcache.workspace import Workspace
 
 
 def options_like(settings: CacheSettings, models: str | None = None, device: str = "cpu") -> ExtractOptions:
-    """The extract options that give a cache of `settings` (the detector named in them, with its own weights:
-    a cache extracted with `--weights FILE` gives other weights' hashes, said by extract_outside)."""
+    """The extract options that give a cache of `settings` (the detector named in them, with its own weights: the
+    file `extract --weights FILE` was given where the workspace recorded it; else the detector's usual ones, and a
+    cache extracted with other weights gives other hashes, said by extract_outside)."""
     detector = detector_name(settings.detector)
     backbone = {"yolox": settings.backbone, "frcnn": settings.detector.partition(":")[2]}.get(detector)
     scale = settings.extra.get("scale")
     return ExtractOptions(frames=settings.frames, regions=settings.regions - 1, detector=detector, backbone=backbone or None,
-                          models=models, scale="/".join(map(str, scale)) if scale else None,
+                          weights=weights_given(settings), models=models,
+                          scale="/".join(map(str, scale)) if scale else None,
                           proposals=settings.extra.get("proposals"), score_threshold=settings.score_threshold,
                           device=device, workers=1, quiet=True)
+
+
+def weights_given(settings: CacheSettings) -> str | None:
+    """The file `extract --weights FILE` was given for a cache of `settings` (the workspace's record, by the
+    sha256 the cache holds); None where it was given none. NotComparable where that file is gone."""
+    if detector_name(settings.detector) == "yolox":  # its files come from the models folder, never --weights
+        return None
+    path = Workspace().weights_files().get(settings.detector_weights_sha256)
+    if path is not None and not Path(path).is_file():
+        raise NotComparable(f"the cache's {detector_name(settings.detector)} weights, {printable(path)} (given to "
+                            "extract as --weights), are gone: put the file back there")
+    return path
 
 
 def extract_outside(path: str, settings: CacheSettings, folder: Path, models: str | None = None,

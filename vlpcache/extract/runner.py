@@ -340,6 +340,14 @@ def check_read_only_cache(items, cache_dir: Path, settings, options: ExtractOpti
         prune(plan, None, dropping=False)  # only said
 
 
+def remember_given(workspace: Workspace, roots: list[Path], spec: DetectorSpec, options: ExtractOptions) -> None:
+    """Record in the workspace what extract was given: its roots (pretrain finds caption files beside them), and a
+    --weights file (`search --like FILE` extracts a clip outside the cache with it, by the sha256 the cache holds)."""
+    workspace.remember_roots([r for r in roots if r.exists()])
+    if options.weights and spec.detector_file is not None:
+        workspace.remember_weights(spec.provenance["detector_weights_sha256"], spec.detector_file)
+
+
 def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     """The `vlpcache extract` command; `options` are ExtractOptions fields."""
     started = time.monotonic()
@@ -379,7 +387,7 @@ def run_extract(roots, cache_dir=None, **options) -> ExtractSummary:
     # the driver's writer owns the shard set: it checks the settings and removes the unfinished shards
     # of a killed run, its own and (named `<shard set>-ray-<actor>`) those of its Ray actors
     with ShardWriter(cache_dir, settings, writer_name=options.shard_set(), max_items=options.items_per_shard) as writer:
-        workspace.remember_roots([r for r in roots if r.exists()])  # settings taken, shard set held: a refused run records none
+        remember_given(workspace, roots, spec, options)  # settings taken, shard set held: a refused run records none
         cache = RegionCache(cache_dir, say_damaged=False)  # said below, with what extract does about them
         with said_if_slow(f"extract: {len(items):,} items found; checking them against the {len(cache):,} the cache "
                           "holds (what changed, moved or failed before)...", sayer(options.quiet)):
