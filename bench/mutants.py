@@ -2645,6 +2645,10 @@ MUTANTS += [
            "        pass\n",
            "tests/test_like_outside.py -k weights_file",
            "extract --weights FILE keeps no record of the file: --like FILE of its cache cannot find it"),
+    mutant("text-model-loads-in-threads-at-once", "vlpcache/model/model.py",
+           "    with _LOADING_TRANSFORMERS:\n", "    with contextlib.nullcontext():\n",
+           "tests/test_search.py -k threads_of_a_new_process",
+           "Searchers made at once in threads of a new process fail importing transformers (\"cannot import name 'AutoConfig'\")"),
 ]
 
 

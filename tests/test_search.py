@@ -1076,6 +1076,28 @@ def test_searcher_refuses_an_empty_query_and_k_below_one(ws):
         searcher.search("a dog", k=0)
 
 
+def test_searchers_made_at_once_in_threads_of_a_new_process_build_one_index_and_all_answer(ws, tmp_path):
+    """Each thread's Searcher loads the run's text model (its index is new) as the first import of transformers in the
+    process: its lazy module failed the imports of two threads at once ("cannot import name 'AutoConfig'"). The index
+    lock leaves one index."""
+    import subprocess
+
+    probe = ("import json, threading\nfrom vlpcache import Searcher\nout = {}\n"
+             "def build(n):\n    try:\n"
+             f"        searcher = Searcher(index={str(tmp_path / 'indexes')!r}, say=lambda line: None)\n"
+             "        out[n] = [h.id for h in searcher.search('a dog', k=2)]\n"
+             "    except Exception as err:\n        out[n] = f'{type(err).__name__}: {err}'\n"
+             "threads = [threading.Thread(target=build, args=(n,)) for n in range(3)]\n"
+             "[t.start() for t in threads]\n[t.join() for t in threads]\nprint(json.dumps(out))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert result.returncode == 0, result.stderr
+    answers = json.loads(result.stdout.splitlines()[-1])
+    assert len(answers) == 3 and all(isinstance(ids, list) and len(ids) == 2 for ids in answers.values()), answers
+    assert len({tuple(ids) for ids in answers.values()}) == 1
+    assert [p.parent for p in (tmp_path / "indexes").rglob("index.json")] == [the_index(ws, root=tmp_path / "indexes")]
+    assert read_meta(the_index(ws, root=tmp_path / "indexes")).count == ITEMS
+
+
 def test_exported_npy_and_ids_are_the_index_embeddings_in_order(ws, tmp_path):
     from vlpcache import Searcher
 

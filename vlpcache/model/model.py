@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import socket
+import threading
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -71,13 +72,23 @@ def _hub_usable() -> bool:
     return offline_variable() is None and _huggingface_reachable()
 
 
+# transformers' lazy module is not safe for imports that two threads make at once: a Searcher built in each of three
+# threads failed "cannot import name 'AutoConfig' from 'transformers'"; its model classes import lazily as they load too
+_LOADING_TRANSFORMERS = threading.Lock()
+
+
 def load_text_backbone(name_or_dir: str, weights: bool = True):
     """(transformers model, tokenizer) from a local directory or a Hugging Face name.
 
     weights=False builds the architecture only (a run directory restores its own weights).
     Offline, a name that is not in the local Hugging Face cache fails at once with one clear line
-    instead of transformers' minute of retries.
+    instead of transformers' minute of retries. One thread at a time loads (_LOADING_TRANSFORMERS).
     """
+    with _LOADING_TRANSFORMERS:
+        return _load_text_backbone(name_or_dir, weights)
+
+
+def _load_text_backbone(name_or_dir: str, weights: bool):
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     local = Path(name_or_dir).is_dir()
