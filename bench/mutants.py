@@ -2649,6 +2649,16 @@ MUTANTS += [
            "    with _LOADING_TRANSFORMERS:\n", "    with contextlib.nullcontext():\n",
            "tests/test_search.py -k threads_of_a_new_process",
            "Searchers made at once in threads of a new process fail importing transformers (\"cannot import name 'AutoConfig'\")"),
+    mutant("search-takes-uncalibrated-index-as-finished", "vlpcache/index/search.py",
+           "    finished = index is not None and (calibrated(index_dir, index.meta.checkpoint_sha256) or not may_write(index_dir))\n",
+           "    finished = index is not None\n",
+           "tests/test_search.py -k stopped_in_its_calibration",
+           "a Searcher's first-use build stopped during calibration leaves an index every later Searcher, search and serve "
+           "take as complete: no match is said weak until `vlpcache index`"),
+    mutant("calibration-unrecorded-without-captions", "vlpcache/index/build.py",
+           "        write_json(path, {\"videos\": len(index), \"captions\": 0,", "        path.unlink(missing_ok=True); (path, {\"videos\": len(index), \"captions\": 0,",
+           "tests/test_search.py -k no_readable_training_caption",
+           "an index whose run has no readable training caption has no calibration.json: search loads torch and the run every time"),
 ]
 
 

@@ -177,6 +177,50 @@ def test_index_says_what_a_weak_match_is_and_search_says_when_a_query_finds_only
         assert search_json(monkeypatch, capsys, "a dog on the grass", "-k", "3")[0]["weak"] == weak
 
 
+@pytest.mark.parametrize("again", ["Searcher", "search", "index"])
+def test_an_index_build_stopped_in_its_calibration_is_finished_by_the_next_searcher_search_or_index(ws, monkeypatch,
+                                                                                                     capsys, again):
+    """A Searcher's first-use build interrupted (Ctrl-C in a notebook) after index.json and the query export were
+    written, while the weak-match calibration ran: every later Searcher, search and serve took the index as complete,
+    and no match was said weak for good."""
+    import vlpcache.index.build as build
+    from vlpcache.index.query_model import QUERY_DIR
+    from vlpcache.index.search import Searcher
+
+    captions = build.run_training_captions
+
+    def stopped(run, what, progress, say):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "run_training_captions", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        Searcher(say=lambda line: None)
+    index_dir = the_index(ws)
+    assert (index_dir / "index.json").exists() and (index_dir / QUERY_DIR).is_dir()
+    assert not (index_dir / "calibration.json").exists()
+    monkeypatch.setattr(build, "run_training_captions", captions)
+    if again == "Searcher":
+        weak_below = Searcher(say=lambda line: None).weak_below
+    else:
+        assert vlpcache(monkeypatch, capsys, again, *(["a dog"] if again == "search" else []))[0] == 0
+        weak_below = Searcher(say=lambda line: None).weak_below
+    calibration = json.loads((index_dir / "calibration.json").read_text())
+    assert calibration["captions"] > 0 and weak_below == calibration["weak_below"] is not None
+
+
+def test_an_index_whose_run_has_no_readable_training_caption_is_complete_without_a_weak_match(ws, monkeypatch, capsys):
+    """calibration.json records that none reads ("weak_below": null): search then takes the ONNX export, no torch."""
+    import vlpcache.index.build as build
+    from vlpcache.index.search import open_parts
+    from vlpcache.index.query_model import OnnxQueryModel
+
+    monkeypatch.setattr(build, "run_training_captions", lambda run, what, progress, say: [])  # its files moved away
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    calibration = json.loads((the_index(ws) / "calibration.json").read_text())
+    assert calibration["captions"] == 0 and calibration["weak_below"] is None
+    assert isinstance(open_parts(say=lambda line: None)[0], OnnxQueryModel)
+
+
 def test_json_results_carry_scores_times_and_regions_of_real_frames(ws, monkeypatch, capsys):
     [result] = search_json(monkeypatch, capsys, "a cat", "-k", "5")
     assert result["query"] == "a cat" and [h["rank"] for h in result["results"]] == [1, 2, 3, 4, 5]

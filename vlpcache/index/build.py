@@ -277,19 +277,21 @@ def update_calibration(run, index: VideoIndex, index_dir: Path, device, batch_si
     """What a weak match is for this index: the best global similarity that all but WEAK_PERCENTILE % of
     a sample of the run's training captions find in it (calibration.json); made again when the index's
     size has changed by more than a tenth since (a larger collection holds closer matches; reading a
-    caption file of millions on every small update would cost minutes), removed where no training caption
-    reads."""
+    caption file of millions on every small update would cost minutes), "weak_below": null where no training
+    caption reads (looked for again at the next update). Written last: an index without it is one whose build
+    was stopped (calibrated)."""
     from vlpcache.model.retrieval import encode_texts
 
     path = index_dir / CALIBRATION_FILE
     current = read_optional_json(path)
-    if (isinstance(current, dict) and current.get("checkpoint_sha256") == run.checkpoint_sha256
+    if (calibrated(index_dir, run.checkpoint_sha256) and current.get("weak_below") is not None
             and isinstance(current.get("videos"), int) and abs(len(index) - current["videos"]) <= current["videos"] / 10):
         return
     started = time.monotonic()
     captions = run_training_captions(run, "weak-match calibration", False, say) if len(index) else []
     if not captions:
-        path.unlink(missing_ok=True)
+        write_json(path, {"videos": len(index), "captions": 0, "percentile": WEAK_PERCENTILE, "weak_below": None,
+                          "checkpoint_sha256": run.checkpoint_sha256})
         return
     sample = bank_captions(captions, CALIBRATION_CAPTIONS)
     text = encode_texts(run.model, run.tokenizer, sample, device, batch_size).global_.numpy()  # (S, E)
@@ -301,6 +303,13 @@ def update_calibration(run, index: VideoIndex, index_dir: Path, device, batch_si
                       "weak_below": weak_below, "checkpoint_sha256": run.checkpoint_sha256})
     say(f"index {index_dir}: a weak match is one below {weak_below:.3f}, what 99 in 100 of {len(sample):,} training "
         f"captions find ({time.monotonic() - started:.1f} s)")
+
+
+def calibrated(index_dir: Path, checkpoint_sha256: str) -> bool:
+    """Whether update_calibration ran on the index in index_dir for this checkpoint: the last step of building it,
+    so an index without it (a Searcher's first-use build stopped, Ctrl-C in a notebook) is built on by open_parts."""
+    current = read_optional_json(index_dir / CALIBRATION_FILE)
+    return isinstance(current, dict) and current.get("checkpoint_sha256") == checkpoint_sha256
 
 
 @contextmanager

@@ -61,7 +61,8 @@ REGION_OFFSETS_FILE = "region_offsets.npy"
 REGION_POSITIONS_FILE = "region_positions.npy"
 QUERY_DIR = "query"
 QUERYBANK_FILE = "querybank.npz"
-CALIBRATION_FILE = "calibration.json"  # how well the run's training captions match this index: what a weak match is
+CALIBRATION_FILE = "calibration.json"  # how well the run's training captions match this index: what a weak match is;
+# written last: an index without it was stopped while being built (build.calibrated)
 LOCK_FILE = "index.lock"
 PARTS_DIR = "encoding"
 THUMBNAIL_DIR = "thumbnails"  # serve's thumbnail store (serve/thumbnails.py)

@@ -37,8 +37,9 @@ from vlpcache.devices import DEFAULT_DEVICE, DEVICES, resolve_device
 from vlpcache.errors import GraphTooNew, NotComparable, UserError, WriteFailed, user_message
 from vlpcache.files import may_write, read_utf8_text, utf8_text
 from vlpcache.locks import own_temporary_folder
-from vlpcache.index.build import (check_run_reads_cache, coverage, extracted_again, failed_again, index_of_run,
-                                  missing_from_cache, new_index_line, open_cache, resolve_sources, update_index)
+from vlpcache.index.build import (calibrated, check_run_reads_cache, coverage, extracted_again, failed_again,
+                                  index_of_run, missing_from_cache, new_index_line, open_cache, resolve_sources,
+                                  update_index)
 from vlpcache.index.export import export_embeddings
 from vlpcache.index.faiss_index import VideoIndex
 from vlpcache.index.layout import CALIBRATION_FILE, META_FILE, QUERYBANK_FILE, IndexConfig, index_dir_for
@@ -986,7 +987,9 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
             index_dir, index = index_of_run(sources.index_dir, sources.run_dir, cache)
     bank_ready = not qbnorm or (index is not None and bank_for(index_dir / QUERYBANK_FILE, index.ids) is not None)
     query_model = None
-    if (index is not None and index.regions is not None and query_export_sha(index_dir) == index.meta.checkpoint_sha256
+    # an index without calibration.json was stopped while being built (its query export written): built on here
+    finished = index is not None and (calibrated(index_dir, index.meta.checkpoint_sha256) or not may_write(index_dir))
+    if (finished and index.regions is not None and query_export_sha(index_dir) == index.meta.checkpoint_sha256
             and bank_ready):
         try:
             query_model = OnnxQueryModel(index_dir)
@@ -1003,7 +1006,7 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
         index_dir = index_dir_for(sources.index_dir, run.checkpoint_sha256, cache.settings.to_json(), cache.cache_dir)
         if index is None and not (index_dir / META_FILE).exists():  # (one a kill left half-written: update_index says)
             say(new_index_line(run, sources.index_dir, index_dir))
-        if index is None or index.regions is None or not bank_ready:
+        if not finished or index.regions is None or not bank_ready:
             index = update_index(run, cache, index_dir, IndexConfig(), device=device,
                                  batch_size=default_batch_size(device), progress=progress, say=say, qbnorm=qbnorm)
         query_model = TorchQueryModel(run)
