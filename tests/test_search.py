@@ -1142,6 +1142,38 @@ def test_searchers_made_at_once_in_threads_of_a_new_process_build_one_index_and_
     assert read_meta(the_index(ws, root=tmp_path / "indexes")).count == ITEMS
 
 
+@pytest.mark.parametrize("first", ["torch", "vlpcache"])
+def test_torch_imported_before_vlpcache_encodes_with_a_core_left_while_its_threads_spin(ws, tmp_path, first):
+    """OMP_WAIT_POLICY=PASSIVE, which vlpcache sets as FAISS loads, is read by torch's OpenMP only as torch loads: after
+    a notebook's `import torch` its threads spin while idle, and an index's calibration took 100 s instead of 7.5 s on
+    2 busy cores. Then the encoding (videos, captions, queries) runs with one core left; after vlpcache, as set."""
+    import subprocess
+
+    probe = ("import json, sys\n"
+             + ("import torch\n" if first == "torch" else "from vlpcache.index import faiss_index\nimport torch\n")
+             + "from vlpcache.devices import usable_cores\nthreads = usable_cores() + 1\ntorch.set_num_threads(threads)\n"
+             "import vlpcache.model.retrieval as retrieval, vlpcache.index.query_graphs as graphs\n"
+             "from vlpcache import Searcher\nseen = {}\n"
+             "def watched(name, encode):\n"
+             "    def encoding(*args, **kwargs):\n"
+             "        seen.setdefault(name, set()).add(torch.get_num_threads())\n"
+             "        return encode(*args, **kwargs)\n"
+             "    return encoding\n"
+             "retrieval.encode_texts = watched('captions', retrieval.encode_texts)\n"
+             "retrieval.encode_videos = watched('videos', retrieval.encode_videos)\n"
+             "graphs.TextGraph.forward = watched('query', graphs.TextGraph.forward)\n"
+             f"Searcher(index={str(tmp_path / 'indexes')!r}, say=lambda line: None).search('a dog', k=2)\n"
+             "print(json.dumps({'seen': {k: sorted(v) for k, v in seen.items()}, 'after': torch.get_num_threads(), "
+             "'threads': threads, 'cores': usable_cores()}))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=HANG_GUARD_S, env=env)
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout.splitlines()[-1])
+    encoding = max(1, got["cores"] - 1) if first == "torch" else got["threads"]
+    assert got["seen"] == {"captions": [encoding], "videos": [encoding], "query": [encoding]}, got
+    assert got["after"] == got["threads"]  # as the user set it, once the encoding is done
+
+
 def test_exported_npy_and_ids_are_the_index_embeddings_in_order(ws, tmp_path):
     from vlpcache import Searcher
 

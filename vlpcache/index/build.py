@@ -23,7 +23,7 @@ import numpy as np
 from vlpcache import report
 from vlpcache.cache.manifest import collection_of
 from vlpcache.cache.reader import BlankWhenDamaged, RegionCache
-from vlpcache.devices import DEFAULT_DEVICE, resolve_device
+from vlpcache.devices import DEFAULT_DEVICE, encoding_threads, resolve_device
 from vlpcache.errors import UserError
 from vlpcache.files import is_write_failure, may_write, read_only_reason, remove_temporaries, system_reason, write_failure
 from vlpcache.index.export import check_export_path, export_embeddings
@@ -227,7 +227,8 @@ def run_query_bank(run, videos: np.ndarray, device, batch_size: int, beta: float
     captions = run_training_captions(run, "query bank", progress, say)
     if not captions:
         return None
-    bank = encode_texts(run.model, run.tokenizer, bank_captions(captions), device, batch_size, progress=progress)
+    with encoding_threads():
+        bank = encode_texts(run.model, run.tokenizer, bank_captions(captions), device, batch_size, progress=progress)
     return QueryBank.build(bank.global_.numpy(), videos, beta, k)
 
 
@@ -294,7 +295,8 @@ def update_calibration(run, index: VideoIndex, index_dir: Path, device, batch_si
                           "checkpoint_sha256": run.checkpoint_sha256})
         return
     sample = bank_captions(captions, CALIBRATION_CAPTIONS)
-    text = encode_texts(run.model, run.tokenizer, sample, device, batch_size).global_.numpy()  # (S, E)
+    with encoding_threads():
+        text = encode_texts(run.model, run.tokenizer, sample, device, batch_size).global_.numpy()  # (S, E)
     best = np.full(len(sample), -np.inf, np.float32)
     for start in range(0, len(index), 65536):  # (S, chunk) at a time: a million videos fit in memory
         best = np.maximum(best, (text @ index.embeddings[start : start + 65536].T).max(1))
@@ -411,7 +413,8 @@ def _encoded_parts(run, readable: BlankWhenDamaged, todo: list[int], total: int,
                       leave=False) as bar:  # one over every chunk: its rate and time left are the whole index's
         for start in range(0, len(todo), ENCODE_CHUNK):  # bounded memory: region tokens are (B, T*N, E)
             chunk = todo[start : start + ENCODE_CHUNK]
-            video = encode_videos(run.model, readable, chunk, device, batch_size, regions=True, bar=bar)
+            with encoding_threads():
+                video = encode_videos(run.model, readable, chunk, device, batch_size, regions=True, bar=bar)
             if readable.damaged.intersection(chunk):  # encoded as blanks: dropped
                 kept_rows = [k for k, r in enumerate(chunk) if r not in readable.damaged]
                 chunk, video = [chunk[k] for k in kept_rows], type(video)(*(t[kept_rows] for t in video))
@@ -544,7 +547,8 @@ def export_for_search(run, index_dir: Path, say) -> None:
     if query_export_sha(index_dir) == run.checkpoint_sha256:
         return
     try:
-        export_query_model(run, index_dir)
+        with encoding_threads():  # torch traces the model
+            export_query_model(run, index_dir)
     except Exception as err:  # search still works through torch, only slower to start
         if is_write_failure(err):  # a full disk is the user's to fix, not a note that --quiet hides
             raise write_failure(index_dir, err, "the index is kept, without its query model (ONNX), which makes search "

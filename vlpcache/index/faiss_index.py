@@ -14,9 +14,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-# OpenMP threads that spin while waiting make FAISS 3-4x slower on a busy machine (measured: PQ
-# training 33 s vs 9 s on 2 shared cores); sleeping threads cost nothing measurable when idle.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from vlpcache.devices import ask_openmp_threads_to_sleep
+
+ask_openmp_threads_to_sleep()  # before FAISS loads its OpenMP runtime, which reads the policy then
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vlpcache.devices import encoding_threads
 from vlpcache.index.query_model import (
     QUERY_CONFIG,
     QUERY_DIR,
@@ -107,15 +108,17 @@ class TorchQueryModel:
     @torch.inference_mode()
     def encode(self, text: str):
         input_ids, attention_mask = tokenize(self.run.tokenizer, [text], self.run.config.max_words)  # (1, L) each
-        global_, words = TextGraph(self.run.model)(input_ids.to(self.device), attention_mask.to(self.device))  # (1, E), (1, L, E)
+        with encoding_threads():
+            global_, words = TextGraph(self.run.model)(input_ids.to(self.device), attention_mask.to(self.device))  # (1, E), (1, L, E)
         word_mask = attention_mask.bool().numpy() & ~np.isin(input_ids.numpy(), self.special)  # (1, L) real words
         tokens = self.run.tokenizer.convert_ids_to_tokens(input_ids[0].tolist())
         return global_.float().cpu().numpy(), words.float().cpu().numpy(), word_mask, tokens
 
     @torch.inference_mode()
     def rescore(self, words, word_mask, text_global, regions, region_mask, video_global):
-        outputs = self.rerank(*(torch.from_numpy(np.ascontiguousarray(x)) for x in
-                                (words, word_mask, text_global, regions, region_mask, video_global)))
+        with encoding_threads():
+            outputs = self.rerank(*(torch.from_numpy(np.ascontiguousarray(x)) for x in
+                                    (words, word_mask, text_global, regions, region_mask, video_global)))
         return [o.numpy() for o in outputs]
 
 
