@@ -2660,7 +2660,7 @@ MUTANTS += [
            "tests/test_search.py -k no_readable_training_caption",
            "an index whose run has no readable training caption has no calibration.json: search loads torch and the run every time"),
     mutant("torch-first-encodes-with-spinning-threads", "vlpcache/devices.py",
-           '        _OpenMPWait.torch_spins = "torch" in sys.modules\n', "        _OpenMPWait.torch_spins = False\n",
+           '        _torch_threads_spin = "torch" in sys.modules\n', "        _torch_threads_spin = False\n",
            "tests/test_search.py -k core_left_while_its_threads_spin",
            "after a notebook's `import torch`, the index build encodes with every torch thread spinning: 9-13x slower on 2 busy cores"),
 ]

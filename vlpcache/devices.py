@@ -9,7 +9,6 @@ import ctypes
 import math
 import os
 import sys
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,14 +55,7 @@ def fit_torch_threads() -> None:
         torch.set_num_threads(threads)
 
 
-class _OpenMPWait:
-    """Whether torch's OpenMP threads spin while idle, and the encoding phases that narrow them meanwhile (one
-    setting for the whole process: the first phase to begin narrows, the last to end restores)."""
-
-    torch_spins = False  # torch was loaded, reading the wait policy, before ask_openmp_threads_to_sleep
-    lock = threading.Lock()
-    phases = 0
-    threads_before = 0
+_torch_threads_spin = False  # torch was loaded, reading the wait policy, before ask_openmp_threads_to_sleep
 
 
 def ask_openmp_threads_to_sleep() -> None:
@@ -71,8 +63,9 @@ def ask_openmp_threads_to_sleep() -> None:
     slower on a busy machine (PQ training 33 s vs 9 s on 2 shared cores), and torch's text encoding 5x. Each OpenMP
     runtime reads it once, as it loads: torch loaded before (a notebook's `import torch` first) keeps spinning threads,
     which encoding_threads narrows."""
+    global _torch_threads_spin
     if "OMP_WAIT_POLICY" not in os.environ:
-        _OpenMPWait.torch_spins = "torch" in sys.modules
+        _torch_threads_spin = "torch" in sys.modules
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
@@ -80,31 +73,25 @@ def encoding_threads_where_spinning() -> int | None:
     """torch's CPU threads for an encoding phase where its threads spin (None elsewhere: torch's own count): one core
     left to the rest of the process and machine, which a spinning pool as wide as the cores starved (1,000 captions:
     70 s with 2 threads against 13 s with 1 on 2 busy cores; torch loaded after vlpcache, 2 sleeping threads: 15 s)."""
-    return max(1, usable_cores() - 1) if _OpenMPWait.torch_spins else None
+    return max(1, usable_cores() - 1) if _torch_threads_spin else None
 
 
 @contextmanager
 def encoding_threads():
-    """Within: torch encodes with encoding_threads_where_spinning() threads where its OpenMP threads spin (at most
-    its own count); as it is elsewhere."""
+    """Within: torch encodes with encoding_threads_where_spinning() threads where its OpenMP threads spin (at most as
+    many as it had; OpenMP's count is the calling thread's own, so each thread narrows and restores its own)."""
     wanted = encoding_threads_where_spinning()
     if wanted is None:
         yield
         return
     import torch
 
-    with _OpenMPWait.lock:
-        if _OpenMPWait.phases == 0:
-            _OpenMPWait.threads_before = torch.get_num_threads()
-            torch.set_num_threads(min(wanted, _OpenMPWait.threads_before))
-        _OpenMPWait.phases += 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(wanted, before))
     try:
         yield
     finally:
-        with _OpenMPWait.lock:
-            _OpenMPWait.phases -= 1
-            if _OpenMPWait.phases == 0:
-                torch.set_num_threads(_OpenMPWait.threads_before)
+        torch.set_num_threads(before)
 
 
 def cgroup_quota(cgroup: Path, proc: Path) -> int | None:

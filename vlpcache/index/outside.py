@@ -54,12 +54,13 @@ def encode_item(meta: IndexMeta, cache: RegionCache, item_id: str, device: str, 
     the items of the index `meta` describes; `run`: that checkpoint already loaded (a search's torch query
     model), else its video side is loaded on `device`, found as index_checkpoint_dir finds it (`run_dir`: the
     run searched with)."""
-    from vlpcache.devices import resolve_device
+    from vlpcache.devices import encoding_threads, resolve_device
     from vlpcache.model.retrieval import as_numpy, encode_videos
 
     if run is None or run.checkpoint_sha256 != meta.checkpoint_sha256:
         run = index_checkpoint(index_checkpoint_dir(meta, run_dir), meta.checkpoint_sha256, str(resolve_device(device)))
     device = next(run.model.parameters()).device
     check_run_reads_cache(run, cache)
-    video = encode_videos(run.model, cache, [cache.index_of(item_id)], device, 1, regions=True, progress=False)
+    with encoding_threads():
+        video = encode_videos(run.model, cache, [cache.index_of(item_id)], device, 1, regions=True, progress=False)
     return as_numpy(video.global_)[0], as_numpy(video.regions[0][video.region_mask[0]])
