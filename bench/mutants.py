@@ -1483,7 +1483,8 @@ MUTANTS += [
            "    elif path.suffix.lower() in CSV_SUFFIXES and _msvd_corpus_header(text):", "    elif False:",
            "tests/test_captions.py -k msvd_video_corpus", "MSVD's video_corpus.csv is read"),
     mutant("cli-ctrl-c-while-importing-traceback", "vlpcache/__main__.py",
-           "    with quiet_while_importing():\n        from vlpcache.cli", "    if True:\n        from vlpcache.cli",
+           "    with quiet_while_importing() if own else contextlib.nullcontext():\n        from vlpcache.cli",
+           "    if True:\n        from vlpcache.cli",
            "tests/test_faults.py -k still_imports", "a Ctrl-C while the command imports exits quietly"),
     mutant("extract-worker-ctrl-c-while-importing", "vlpcache/extract/reader.py",
            "        with ctrl_c_held():\n            self.process.start()", "        if True:\n            self.process.start()",
@@ -2663,6 +2664,21 @@ MUTANTS += [
            '        _torch_threads_spin = "torch" in sys.modules\n', "        _torch_threads_spin = False\n",
            "tests/test_search.py -k core_left_while_its_threads_spin",
            "after a notebook's `import torch`, the index build encodes with every torch thread spinning: 9-13x slower on 2 busy cores"),
+    # ------------------------------------------------ the command and the API in another program's process (fnb1)
+    mutant("cli-extract-in-process-ends-the-process", "vlpcache/cli.py",
+           "    if _own_process and (teardown_needless or", "    if (teardown_needless or",
+           "tests/test_in_process.py -k extract_called_in_a_program",
+           "main() of extract in a notebook or script ends the whole process (os._exit): nothing after the call runs"),
+    mutant("cli-own-process-unrecognised", "vlpcache/__main__.py",
+           "    return Path(getattr(top, \"__file__\", None) or \"\").name == CONSOLE_SCRIPT",
+           "    return False",
+           "tests/test_in_process.py -k extract_called_in_a_program",
+           "the console script runs the interpreter's teardown after extract (about 1 s of every run)"),
+    mutant("cli-ctrl-c-while-importing-in-process-exits", "vlpcache/__main__.py",
+           "    with quiet_while_importing() if own else contextlib.nullcontext():",
+           "    with quiet_while_importing():",
+           "tests/test_faults.py -k main_imports",
+           "a notebook's interrupt while main() imports ends the kernel with 130, not a KeyboardInterrupt"),
 ]
 
 

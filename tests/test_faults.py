@@ -277,15 +277,16 @@ class CtrlCOnClick(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, CtrlCOnClick())
 sys.argv = ["vlpcache", "--version"]
-from vlpcache.__main__ import main  # what the `vlpcache` script runs
-main()
+from vlpcache.__main__ import main  # as the `vlpcache` script pip writes does
 """
 
 
 @pytest.mark.parametrize("background", [False, True])
-def test_a_ctrl_c_while_the_command_still_imports_exits_with_130_and_prints_nothing(background):
+def test_a_ctrl_c_while_the_command_still_imports_exits_with_130_and_prints_nothing(background, tmp_path):
     # the first 0.1-0.2 s of every command: Python printed its KeyboardInterrupt traceback
-    done = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_IMPORTING], capture_output=True, text=True,
+    script = tmp_path / "vlpcache"  # the console script: its file's name, and `main()` at its top level
+    script.write_text(CTRL_C_WHILE_IMPORTING + "sys.exit(main())\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=HANG_GUARD_S, preexec_fn=lambda: signal.signal(
                               signal.SIGINT, signal.SIG_IGN if background else signal.SIG_DFL))
     if background:  # started with `&` or `nohup`: Ctrl-C stays ignored, and the command runs
@@ -295,6 +296,15 @@ def test_a_ctrl_c_while_the_command_still_imports_exits_with_130_and_prints_noth
     from importlib.metadata import entry_points
 
     assert entry_points(group="console_scripts")["vlpcache"].value == "vlpcache.__main__:main"
+
+
+def test_a_ctrl_c_while_main_imports_in_another_program_is_that_program_s_keyboard_interrupt():
+    # a notebook's kernel (its SIGINT handler Python's default one) called main(): the interrupt ended the whole
+    # process at once with 130, the notebook's state lost, where it raises KeyboardInterrupt into the cell
+    caller = CTRL_C_WHILE_IMPORTING + "try:\n    main()\nexcept KeyboardInterrupt:\n    print('KeyboardInterrupt')\nprint('went on')\n"
+    done = subprocess.run([sys.executable, "-c", caller], capture_output=True, text=True, timeout=HANG_GUARD_S,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert (done.returncode, done.stdout.split(), done.stderr) == (0, ["KeyboardInterrupt", "went", "on"], "")
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # pytest's report of "Exception ignored"

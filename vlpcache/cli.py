@@ -214,11 +214,9 @@ def extract(**options) -> None:
     from vlpcache.extract.runner import run_extract
 
     summary = run_extract(**options)
-    # Everything is committed by now (shards renamed and fsynced, failure log closed): skip the
-    # interpreter's teardown of torch, torchvision and onnxruntime, about 1 s of every run.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0 if summary.ok else 1)
+    # Everything is committed by now (shards renamed and fsynced, failure log closed): the command's own
+    # process skips the interpreter's teardown of torch, torchvision and onnxruntime, about 1 s of every run.
+    exit_now(0 if summary.ok else 1, teardown_needless=True)
 
 
 @cli.group(name="models")
@@ -560,18 +558,28 @@ def last_line(text: str) -> None:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())  # nor at the interpreter's teardown
 
 
-def exit_now(code: int) -> None:
-    """Exit with `code`. After a write error, skip the interpreter's teardown: h5py would flush the
-    abandoned shard once more and crash on the full disk (everything worth keeping is committed)."""
+# whether main() runs in the vlpcache command's own process (the console script, python -m vlpcache), not in
+# a notebook or another program that called it: only there may a command end the process at once
+_own_process = False
+
+
+def exit_now(code: int, teardown_needless: bool = False) -> None:
+    """Exit with `code`. In the command's own process, skip the interpreter's teardown where it is needless
+    (`teardown_needless`) and after a write error: h5py would flush the abandoned shard once more and crash
+    on the full disk (everything worth keeping is committed). Called by another program, raise SystemExit:
+    its code after the call, finally blocks and atexit still run."""
     writer = sys.modules.get("vlpcache.cache.writer")
-    if writer is not None and writer.ABANDONED:
+    if _own_process and (teardown_needless or (writer is not None and writer.ABANDONED)):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
 
 
-def main() -> None:
+def main(own_process: bool = False) -> None:
+    """The command line: `own_process` where the process is the vlpcache command's (vlpcache.__main__)."""
+    global _own_process
+    _own_process = own_process
     escape_what_stdout_cannot_encode()
     bars_locked_in_this_process()
     with stops_remembered():  # a Ctrl-C or SIGTERM that lands where Python drops it still stops the long loops
@@ -632,4 +640,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(own_process=True)
