@@ -2679,6 +2679,18 @@ MUTANTS += [
            "    with quiet_while_importing():",
            "tests/test_faults.py -k main_imports",
            "a notebook's interrupt while main() imports ends the kernel with 130, not a KeyboardInterrupt"),
+    mutant("like-file-decodes-in-a-spawned-worker", "vlpcache/__init__.py",
+           "functools.partial(extract_outside, workers=0)", "extract_outside",
+           "tests/test_like_outside.py -k main_guard",
+           "like_file from a script without a main guard runs its top-level code again in a spawned worker, and fails"),
+    mutant("extract-unguarded-script-unsaid", "vlpcache/extract/reader.py",
+           "        if (line := unguarded_script_line()) is not None:", "        if (line := None) is not None:",
+           "tests/test_in_process.py -k main_guard",
+           "extract from a script's unguarded top level fails after ~30 s of dying workers, naming no main guard"),
+    mutant("extract-guarded-script-refused", "vlpcache/extract/reader.py",
+           "    if any(guard.lineno <= frame.f_lineno <= guard.end_lineno for guard in guards):", "    if False:",
+           "tests/test_in_process.py -k main_guard",
+           "extract called under `if __name__ == \"__main__\":` is refused as if unguarded"),
 ]
 
 

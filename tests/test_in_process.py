@@ -56,3 +56,26 @@ def test_extract_called_in_a_program_raises_system_exit_and_the_program_goes_on(
         done = _python(*command, "extract", root, "-o", cache, "--quiet", "--frames", "2", tmp_path=tmp_path)
         assert (done.returncode, done.stdout) == (0, ""), done.stderr
         assert "1 already cached" in done.stderr
+
+
+def test_extract_from_a_script_s_top_level_without_a_main_guard_says_so_and_with_one_extracts(tmp_path, videos_dir):
+    # spawned decoding workers import the script and run its top-level code again: each died, and after ~30 s the
+    # command said "decoding workers die before they are ready", naming no cause and a fix (--workers 0) only
+    root, cache = tmp_path / "clips", tmp_path / "cache"
+    root.mkdir()
+    shutil.copy(videos_dir / "tests_data_test.mp4", root / "clip.mp4")
+    call = CALLER.format(root=str(root), cache=str(cache)).replace(', "--workers", "0"', "")
+    script = tmp_path / "script.py"
+    script.write_text('print("top-level ran")' + call)
+    done = _python(script, tmp_path=tmp_path)
+    line = 1 + call.splitlines().index("    main()")
+    assert done.stdout.splitlines() == ["top-level ran", "SystemExit 2", "finally ran", "went on", "teardown ran"]
+    assert done.stderr == (f"error: {script}:{line}: starts vlpcache's decoding worker processes from the script's "
+                           "top-level code, which each of them runs again as it starts (they are spawned): put that "
+                           "code under `if __name__ == \"__main__\":`, or decode in this process (--workers 0)\n")
+
+    guarded = "\n".join(["import sys", "if __name__ == '__main__':", *("    " + row for row in call.splitlines())])
+    script.write_text(guarded + "\n")
+    done = _python(script, tmp_path=tmp_path)
+    assert done.stdout.splitlines()[:3] == ["SystemExit 0", "finally ran", "went on"], done.stderr
+    assert "1 done" in done.stderr

@@ -176,6 +176,21 @@ def test_a_frames_folder_and_a_photo_outside_the_cache_and_the_lines_of_what_is_
     assert list(Path(tempfile.tempdir).iterdir()) == []  # the failed extract's cache removed too
 
 
+def test_like_file_from_a_script_without_a_main_guard_decodes_the_clip_in_its_own_process(user):
+    # the clip was decoded by a spawned worker, which imports the calling script: its top-level code ran again in
+    # each, and after ~30 s like_file failed, "decoding workers die before they are ready ... --workers 0"
+    script = user / "script.py"  # as the README's example, no `if __name__ == "__main__":`
+    script.write_text("import vlpcache\nfrom vlpcache import Searcher\ns = Searcher(say=lambda line: None)\n"
+                      "print('top-level ran')\n"
+                      f"print(*[h.id for h in vlpcache.like_file(s, {str(VIDEOS / 'tree.avi')!r}, k=3)])\n")
+    done = subprocess.run([sys.executable, str(script)], cwd=user, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert done.returncode == 0, done.stderr
+    ran, hits = done.stdout.splitlines()
+    assert ran == "top-level ran" and len(hits.split()) == 3
+    assert set(hits.split()) <= {Path(name).stem for name in COLLECTION}
+    assert "tree.avi is not in the cache: extracting it on its own" in done.stderr
+
+
 def test_a_cached_file_replaced_since_it_was_extracted_is_compared_as_it_is_now_with_a_note(user, monkeypatch, capsys):
     # --like of a cached file replaced by another video (not extracted again yet) answered for its old content, the
     # index's row, without a word, while the same new file at any other path was compared as it is

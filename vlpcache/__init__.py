@@ -17,6 +17,7 @@ def like_file(searcher, path, k: int = 10, device: str = "auto", say=None):
     that changed since it was extracted (said in a line), is extracted on its own, with the cache's settings, into
     a temporary cache (nothing added), then ranked the same way.
     `say`: where its line goes (default: stderr; `lambda line: None` for none)."""
+    import functools
     import os
 
     from vlpcache import report
@@ -29,7 +30,8 @@ def like_file(searcher, path, k: int = 10, device: str = "auto", say=None):
         return searcher.like(item_id, k)
     from vlpcache.extract.outside import extract_outside
 
-    return like_outside(searcher, path, k, extract_outside, device, say or report.say,
+    # decoded in this process: a spawned worker would run a calling script's top-level code again (no main guard)
+    return like_outside(searcher, path, k, functools.partial(extract_outside, workers=0), device, say or report.say,
                         changed_from=changed_source(path, searcher, source_changed))
 
 

@@ -21,7 +21,8 @@ from vlpcache.report import printable
 from vlpcache.workspace import Workspace
 
 
-def options_like(settings: CacheSettings, models: str | None = None, device: str = "cpu") -> ExtractOptions:
+def options_like(settings: CacheSettings, models: str | None = None, device: str = "cpu",
+                 workers: int = 1) -> ExtractOptions:
     """The extract options that give a cache of `settings` (the detector named in them, with its own weights: the
     file `extract --weights FILE` was given where the workspace recorded it; else the detector's usual ones, and a
     cache extracted with other weights gives other hashes, said by extract_outside)."""
@@ -32,7 +33,7 @@ def options_like(settings: CacheSettings, models: str | None = None, device: str
                           weights=weights_given(settings), models=models,
                           scale="/".join(map(str, scale)) if scale else None,
                           proposals=settings.extra.get("proposals"), score_threshold=settings.score_threshold,
-                          device=device, workers=1, quiet=True)
+                          device=device, workers=workers, quiet=True)
 
 
 def weights_given(settings: CacheSettings) -> str | None:
@@ -48,13 +49,15 @@ def weights_given(settings: CacheSettings) -> str | None:
 
 
 def extract_outside(path: str, settings: CacheSettings, folder: Path, models: str | None = None,
-                    device: str = "cpu") -> str:
+                    device: str = "cpu", workers: int = 1) -> str:
     """Extract the one item `path` is (a video or photo file, or a frames folder) into a new cache in `folder`,
     as a cache of `settings` holds its items; its id there. One clear error where `path` is no such item or
     does not decode; NotComparable where this machine's detector would give other settings (other weights, none
-    found)."""
+    found). `workers`: 1 decodes it in a worker process (the page's uploads: a file that hangs the decoder is
+    stopped after --decode-timeout's default, one that crashes it takes the worker, not the server); 0 in this
+    process (vlpcache.like_file, whose caller's script a spawned worker would run again)."""
     item = one_item(Path(path))
-    options = options_like(settings, models, device)
+    options = options_like(settings, models, device, workers)
     try:
         spec = choose_detector(options.detector, options.backbone, options.weights, options.models,
                                options.input_scale(), options.proposals)

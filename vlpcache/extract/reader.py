@@ -16,6 +16,7 @@ extract alone), also in the middle of decoding a long video.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import multiprocessing
@@ -24,11 +25,13 @@ import multiprocessing.resource_tracker as resource_tracker
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from vlpcache.extract.stamps import source_stamp
@@ -173,11 +176,41 @@ class _Died:
     again: bool  # worth decoding again, alone (a crash); not after a decoder overran the time limit
 
 
+def _is_main_test(test: ast.expr) -> bool:
+    return ast.unparse(test).replace("'", '"') in ('__name__ == "__main__"', '"__main__" == __name__')
+
+
+def unguarded_script_line() -> str | None:
+    """Where the script Python runs (its __main__ file) is running vlpcache from top-level code outside
+    `if __name__ == "__main__":` ("script.py:12"). A spawned worker imports that script as it starts, so it would
+    run that code again and die. None where it is not: a notebook, `python -c`, the vlpcache command, a guarded
+    call, a script whose source cannot be read."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    frame = sys._current_frames().get(threading.main_thread().ident)  # (a Prefetch thread's reader asks too)
+    while frame is not None and not (frame.f_code.co_name == "<module>" and frame.f_globals is vars(main)):
+        frame = frame.f_back
+    if path is None or frame is None:
+        return None
+    try:
+        tree = ast.parse(Path(path).read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    guards = [node for node in ast.walk(tree) if isinstance(node, ast.If) and _is_main_test(node.test)]
+    if any(guard.lineno <= frame.f_lineno <= guard.end_lineno for guard in guards):
+        return None
+    return f"{path}:{frame.f_lineno}"
+
+
 class _WorkerPool:
     """Decoding workers, each fed through its own pipe; one that dies is replaced by a new one."""
 
     def __init__(self, size: int, decode: Decode, num_frames: int, max_side: int, timeout: float | None,
                  stopping: threading.Event):
+        if (line := unguarded_script_line()) is not None:  # each worker would fail to start, after ~30 s of tries
+            raise UserError(f"{line}: starts vlpcache's decoding worker processes from the script's top-level code, "
+                            "which each of them runs again as it starts (they are spawned): put that code under "
+                            "`if __name__ == \"__main__\":`, or decode in this process (--workers 0)")
         self._start = functools.partial(_Worker, multiprocessing.get_context("spawn"), decode, num_frames, max_side)
         self.workers = [self._start() for _ in range(size)]
         self.timeout = timeout  # seconds one item may take, None: no limit
