@@ -4,6 +4,7 @@ model package's own pretraining code, real FAISS indexes, the CLI entry point in
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -1172,6 +1173,24 @@ def test_torch_imported_before_vlpcache_encodes_with_a_core_left_while_its_threa
     encoding = max(1, got["cores"] - 1) if first == "torch" else got["threads"]
     assert got["seen"] == {"captions": [encoding], "videos": [encoding], "query": [encoding]}, got
     assert got["after"] == got["threads"]  # as the user set it, once the encoding is done
+def test_bad_input_to_the_api_is_one_user_error_line_and_say_none_is_stderr(ws, tmp_path, capsys):
+    # unread(None), unknown(None) and like_file(s, None) were TypeErrors, like_item of an id its cache does not
+    # hold a bare KeyError, a missing file "names no item of the index", and say=None a TypeError at the first line
+    import vlpcache
+    from vlpcache import Searcher
+
+    searcher = Searcher(run=ws / "runs" / "run-001", cache=ws / "cache", index=tmp_path / "index", say=None)
+    assert "building it" in capsys.readouterr().err
+    for call in (searcher.unread, searcher.unknown, lambda query: searcher.search(query)):
+        with pytest.raises(UserError, match=r"^a query is text \(str\), not NoneType$"):
+            call(None)
+    with pytest.raises(UserError, match=r"^like_file takes the path of a video, photo or frames folder \(str or "
+                                        r"Path\), not NoneType$"):
+        vlpcache.like_file(searcher, None)
+    with pytest.raises(UserError, match=f"^{re.escape(str(tmp_path / 'nope.mp4'))}: no such file or folder, and "):
+        vlpcache.like_file(searcher, tmp_path / "nope.mp4")
+    with pytest.raises(UserError, match=f'^"nope" is not an item of the cache {re.escape(str(ws / "cache"))}$'):
+        searcher.like_item(RegionCache(ws / "cache"), "nope")
 
 
 def test_exported_npy_and_ids_are_the_index_embeddings_in_order(ws, tmp_path):

@@ -21,12 +21,22 @@ def like_file(searcher, path, k: int = 10, device: str = "auto", say=None):
     import os
 
     from vlpcache import report
+    from vlpcache.errors import UserError, user_message
     from vlpcache.extract.stamps import source_changed
     from vlpcache.index.search import changed_source, check_k, like_outside, liked_item
 
     check_k(k)
+    if not isinstance(path, (str, os.PathLike)):
+        raise UserError(f"like_file takes the path of a video, photo or frames folder (str or Path), not "
+                        f"{type(path).__name__}")
     path = os.fspath(path)
-    if (item_id := liked_item(path, searcher, outside=True, changed=source_changed)) is not None:
+    try:
+        item_id = liked_item(path, searcher, outside=True, changed=source_changed)
+    except UserError as err:
+        if os.path.exists(path):
+            raise
+        raise UserError(f"{report.printable(path)}: no such file or folder, and {user_message(err)}") from None
+    if item_id is not None:
         return searcher.like(item_id, k)
     from vlpcache.extract.outside import extract_outside
 

@@ -50,6 +50,7 @@ from vlpcache.model.run_layout import being_trained_note, designated_checkpoint_
 from vlpcache.querybank import bank_for
 from vlpcache.records import read_optional_json
 from vlpcache.report import Say, frame_time, place_text, printable, say
+from vlpcache.report import say as report_say
 from vlpcache.workspace import Workspace
 
 
@@ -177,9 +178,9 @@ class Searcher:
     next search takes it up (refresh).
     """
 
-    def __init__(self, run=None, cache=None, index=None, *, device: str = DEFAULT_DEVICE, say: Say = say,
+    def __init__(self, run=None, cache=None, index=None, *, device: str = DEFAULT_DEVICE, say: Say | None = say,
                  qbnorm: bool = False):
-        self._attach(*open_parts(run, cache, index, device, say, qbnorm))
+        self._attach(*open_parts(run, cache, index, device, say or report_say, qbnorm))  # None: stderr, as like_file
 
     @classmethod
     def from_parts(cls, query_model, cache: RegionCache, index: VideoIndex, index_dir: Path | None = None) -> "Searcher":
@@ -366,6 +367,7 @@ class Searcher:
     def unread(self, query: str) -> str:
         """The end of `query` past the tokens the model reads, left out of the search ("" for most queries), as
         typed: the tags and character references in it too ("<b>run</b> fast", not "run fast")."""
+        check_query(query)
         read, origins = model_text_origins(query)
         with self._lock:
             unread = self.query_model.unread(read)
@@ -388,6 +390,7 @@ class Searcher:
     def unknown_and_known(self, query: str) -> tuple[list[str], int]:
         """unknown(query), and how many of its tokens the text model knows (0: its ranking says nothing); each part
         as typed, each way it was typed ("&#x732B;" and "猫" where the model read "猫" twice)."""
+        check_query(query)
         read, origins = model_text_origins(query)
         with self._lock:
             unknown, known = self.query_model.unknown(read)
@@ -403,8 +406,7 @@ class Searcher:
         """The top k indexed items for one query, best first; re-ranked by region-word score when the
         run can (`rerank=False`: global similarity alone); `qbnorm`: every indexed item ranked by its
         query-bank normalisation instead, each hit's score the normalised one (the index's bank; no re-rank)."""
-        if not isinstance(query, str):
-            raise UserError(f"a query is text (str), not {type(query).__name__}")
+        check_query(query)
         check_k(k)
         typed, query = query.strip(), model_text(query)
         if not typed:
@@ -584,6 +586,8 @@ class Searcher:
         collection does not hold, extracted on its own: `search --like FILE`), as like() ranks them. The item is
         encoded by the index's checkpoint (loaded on first use; torch)."""
         check_k(k)
+        if item_id not in cache:
+            raise UserError(f"\"{printable(str(item_id))}\" is not an item of the cache {cache.cache_dir}")
         from vlpcache.index.outside import encode_item
 
         global_, regions = encode_item(self.index.meta, cache, item_id, device, getattr(self.query_model, "run", None),
@@ -670,6 +674,12 @@ def file_stamp(path: Path) -> tuple | None:
 
 
 # ---------------------------------------------------------------- output
+
+
+def check_query(query) -> None:
+    """A query is text."""
+    if not isinstance(query, str):
+        raise UserError(f"a query is text (str), not {type(query).__name__}")
 
 
 def check_k(k) -> None:
