@@ -2712,6 +2712,12 @@ MUTANTS += [
            "        if item_id not in cache:\n            raise UserError(f\"\\\"{printable(str(item_id))}", 
            "        if False:\n            raise UserError(f\"\\\"{printable(str(item_id))}",
            "tests/test_search.py -k bad_input_to_the_api", "like_item of an id its cache does not hold is a bare KeyError"),
+    mutant("cache-other-normal-form-key-error", "vlpcache/cache/reader.py",
+           "        return next(iter(forms)) if len(forms) == 1 else None", "        return None",
+           "tests/test_cache.py -k normal_form", "cache[\"café\"] typed NFC of an item extracted NFD is a KeyError"),
+    mutant("cache-ambiguous-normal-form-taken", "vlpcache/cache/reader.py",
+           "        return next(iter(forms)) if len(forms) == 1 else None", "        return next(iter(forms), None)",
+           "tests/test_cache.py -k normal_form", "an id in a mixed form reads one of two items held in NFC and NFD"),
 ]
 
 

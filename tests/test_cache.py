@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import h5py
@@ -65,6 +66,22 @@ def test_written_items_read_back_identical_by_index_and_id(tmp_path):
             np.testing.assert_array_equal(got[spec.name], expected[spec.name].astype(spec.dtype))
         assert got["path"] == f"/data/{item_id}.mp4" and got["kind"] == "video"
     assert cache[1]["id"] == "b/ü n"
+
+
+def test_an_id_typed_in_the_other_unicode_normal_form_reads_the_one_item_held_so(tmp_path):
+    # cache["café"] typed composed (NFC) of an item extracted from a decomposed (NFD) file name was a KeyError,
+    # where Searcher.like found it
+    nfc, nfd = (unicodedata.normalize(form, "café") for form in ("NFC", "NFD"))
+    write_items(tmp_path / "one", [nfd, "x"])
+    cache = RegionCache(tmp_path / "one")
+    assert nfc in cache and cache[nfc]["id"] == nfd and cache.get(nfc, "features")["id"] == nfd
+    assert cache.index_of(nfc) == 0 and "cafe" not in cache
+    composed, decomposed, mixed = "\u00e9\u00fc", "e\u0301u\u0308", "\u00e9u\u0308"  # "éü": NFC, NFD, neither
+    write_items(tmp_path / "both", [composed, decomposed])  # two files whose names differ in form alone
+    both = RegionCache(tmp_path / "both")
+    assert (both.index_of(composed), both.index_of(decomposed)) == (0, 1) and mixed not in both  # which one: neither
+    with pytest.raises(KeyError):
+        both[mixed]
 
 
 def test_a_shard_says_its_times_count_from_the_files_start_and_an_older_one_reads_as_from_the_videos(tmp_path):

@@ -28,6 +28,7 @@ import errno
 import os
 import resource
 import socket
+import unicodedata
 from pathlib import Path
 from typing import NamedTuple
 
@@ -386,7 +387,7 @@ class RegionCache:
         """Why `key` names no item where it names one this cache leaves out (as `captions.item_named` names
         items): dropped by `extract --prune` because its file was gone, its row found damaged, or it failed to
         extract; None where it names none of them."""
-        failed = {item_id: record for item_id, record in self.failures.items() if item_id not in self}
+        failed = {item_id: record for item_id, record in self.failures.items() if item_id not in self._index_of}
         for records in (self.removed, self.damaged, failed):
             item_id = key if key in records else item_named(key, list(records))[0]
             if item_id is None:
@@ -456,13 +457,23 @@ class RegionCache:
         return self.shard_paths[int(self._locations[self.index_of(item_id)][0])].name
 
     def __contains__(self, item_id: str) -> bool:
-        return item_id in self._index_of
+        return self._held_id(item_id) is not None
 
     def index_of(self, item_id: str) -> int:
-        try:
-            return self._index_of[item_id]
-        except KeyError:
-            raise KeyError(f"{item_id!r} is not in cache {self.cache_dir}") from None
+        if (held := self._held_id(item_id)) is None:
+            raise KeyError(f"{item_id!r} is not in cache {self.cache_dir}")
+        return self._index_of[held]
+
+    def _held_id(self, item_id: str) -> str | None:
+        """The id the cache holds `item_id` by: itself, or the same in the other Unicode normal form where the cache
+        holds one item so (an id typed composed, NFC, where the file's name was decomposed, NFD: macOS, some zips;
+        as Searcher.indexed_item takes it); None where it holds none."""
+        if item_id in self._index_of:
+            return item_id
+        if not isinstance(item_id, str):
+            return None
+        forms = {unicodedata.normalize(form, item_id) for form in ("NFC", "NFD")} & self._index_of.keys()
+        return next(iter(forms)) if len(forms) == 1 else None
 
     def _shard(self, s: int) -> h5py.File:
         if os.getpid() != self._pid:  # forked into a worker: the parent's handles are not ours to use
