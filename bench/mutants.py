@@ -2718,6 +2718,9 @@ MUTANTS += [
     mutant("cache-ambiguous-normal-form-taken", "vlpcache/cache/reader.py",
            "        return next(iter(forms)) if len(forms) == 1 else None", "        return next(iter(forms), None)",
            "tests/test_cache.py -k normal_form", "an id in a mixed form reads one of two items held in NFC and NFD"),
+    mutant("serve-sighup-an-exception-in-the-loop", "vlpcache/serve/command.py",
+           "previous = signal.signal(hangup, lambda signum, frame: server.handle_exit(signal.SIGTERM, frame))", "previous = signal.signal(hangup, lambda signum, frame: None)",
+           "tests/test_serve.py -k sighup_stops_the_server", "SIGHUP stops serve through uvicorn's own exit"),
 ]
 
 

@@ -1490,3 +1490,18 @@ def test_the_page_fits_a_phone_and_a_long_word_wraps_instead_of_widening_it(ws, 
     finally:
         browser.quit()
     keep_screenshots(tmp_path, "phone.png", "phone-detail.png", "long-word.png")
+
+
+def test_sighup_stops_the_server_by_uvicorns_own_exit_and_its_handler_is_given_back():
+    # uvicorn takes Ctrl-C and SIGTERM; vlpcache's handler made SIGHUP a KeyboardInterrupt anywhere in uvicorn's event
+    # loop, and a server so stopped now and then hung at its end (killed after 20 s, under load)
+    import uvicorn
+
+    from vlpcache.serve.command import hangup_stops
+
+    before = signal.getsignal(signal.SIGHUP)
+    server = uvicorn.Server(uvicorn.Config(app=None))
+    with hangup_stops(server):
+        signal.raise_signal(signal.SIGHUP)  # handled before raise_signal returns: no exception in the loop's code
+        assert server.should_exit
+    assert signal.getsignal(signal.SIGHUP) is before
