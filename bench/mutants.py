@@ -2721,6 +2721,9 @@ MUTANTS += [
     mutant("serve-sighup-an-exception-in-the-loop", "vlpcache/serve/command.py",
            "previous = signal.signal(hangup, lambda signum, frame: server.handle_exit(signal.SIGTERM, frame))", "previous = signal.signal(hangup, lambda signum, frame: None)",
            "tests/test_serve.py -k sighup_stops_the_server", "SIGHUP stops serve through uvicorn's own exit"),
+    mutant("serve-refused-connections-said-each-time", "vlpcache/serve/connections.py",
+           "        if time.monotonic() - self.refusal_said_at >= REFUSAL_SAID_EVERY_S:\n", "        if True:\n",
+           "tests/test_serve.py -k send_no_request", "connections refused beyond the bound are said once in ten minutes, not at each refusal"),
 ]
 
 

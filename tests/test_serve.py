@@ -1499,9 +1499,20 @@ def test_sighup_stops_the_server_by_uvicorns_own_exit_and_its_handler_is_given_b
 
     from vlpcache.serve.command import hangup_stops
 
-    before = signal.getsignal(signal.SIGHUP)
-    server = uvicorn.Server(uvicorn.Config(app=None))
-    with hangup_stops(server):
-        signal.raise_signal(signal.SIGHUP)  # handled before raise_signal returns: no exception in the loop's code
-        assert server.should_exit
-    assert signal.getsignal(signal.SIGHUP) is before
+    def stop_handler(signum, frame):  # vlpcache's own, or the default (the suite may run under nohup: SIGHUP ignored)
+        raise AssertionError("SIGHUP reached the command's stop handler")
+
+    outside = signal.signal(signal.SIGHUP, stop_handler)
+    try:
+        server = uvicorn.Server(uvicorn.Config(app=None))
+        with hangup_stops(server):
+            signal.raise_signal(signal.SIGHUP)  # handled before raise_signal returns: no exception in the loop's code
+            assert server.should_exit
+        assert signal.getsignal(signal.SIGHUP) is stop_handler
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # under nohup it stays ignored
+        with hangup_stops(ignored := uvicorn.Server(uvicorn.Config(app=None))):
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGHUP)
+        assert not ignored.should_exit
+    finally:
+        signal.signal(signal.SIGHUP, outside)

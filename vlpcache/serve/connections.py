@@ -1,6 +1,6 @@
 """How `vlpcache serve` holds its connections, over uvicorn's h11 protocol: each must send a whole request's head
 within REQUEST_HEAD_S of opening (or of its last answer), or it is closed; and at most connection_bound() are
-held, those beyond answered 503 at once and closed (said once in the log).
+held, those beyond answered 503 at once and closed (said in the log once in ten minutes at most).
 
 uvicorn alone holds a connection that never completes a request for ever (its keep-alive timer starts only after
 an answer): idle or half-sent ones (a client that stalled, a port scanner, a slowloris), as many as the open-file
@@ -9,6 +9,9 @@ nor for the cache's reads (a 500 for everyone else)."""
 
 from __future__ import annotations
 
+import math
+import time
+
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -16,6 +19,8 @@ from vlpcache.files import open_files_limit
 from vlpcache.report import say
 
 REQUEST_HEAD_S = 20.0  # from a connection's opening (or its last answer) to its request's last header line
+# refused connections are said once in so long: idle ones closing and new ones refused make many episodes a second
+REFUSAL_SAID_EVERY_S = 600.0
 MAX_CONNECTIONS = 1000  # a lab's server: a browser opens 6 at most; more are kept from fewer open files
 
 
@@ -37,7 +42,7 @@ class BoundedConnection(H11Protocol):
 
     most = MAX_CONNECTIONS
     request_head_s = REQUEST_HEAD_S
-    refusing = False  # whether the log has said that connections are refused (until fewer are held again)
+    refusal_said_at = -math.inf  # when the log last said that connections are refused (monotonic seconds)
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -56,8 +61,6 @@ class BoundedConnection(H11Protocol):
         if self.head_deadline is not None:
             self.head_deadline.cancel()
         super().connection_lost(exc)
-        if self.refusing and len(self.connections) < self.most:
-            type(self).refusing = False
 
     def _await_request_head(self) -> None:
         if self.head_deadline is not None:
@@ -71,8 +74,8 @@ class BoundedConnection(H11Protocol):
 
     def _refuse(self) -> None:
         """A 503 written at once (its request unread), then the connection closed: its file is free again."""
-        if not self.refusing:
-            type(self).refusing = True
+        if time.monotonic() - self.refusal_said_at >= REFUSAL_SAID_EVERY_S:
+            type(self).refusal_said_at = time.monotonic()
             say(f"note: {len(self.connections) - 1} connections are open, as many as this server holds (a quarter of "
                 "the files it may open: `ulimit -n`); those beyond are answered 503 until some close")
         body = (b'{"error": "the server holds as many connections as it may; try again in a moment"}')
