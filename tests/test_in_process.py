@@ -8,7 +8,10 @@ import sys
 
 from waiting import HANG_GUARD_S
 
-SITE_TEARDOWN = 'import atexit\natexit.register(lambda: print("teardown ran", flush=True))\n'
+# only in the process the test starts: its spawned children (decoding workers, multiprocessing's resource tracker)
+# read this sitecustomize too, and theirs said "teardown ran" out of order, or failed on a closed stdout
+SITE_TEARDOWN = ('import atexit, os\nif os.environ.pop("VLPCACHE_TEST_TEARDOWN_PROBE", None):\n'
+                 '    atexit.register(lambda: print("teardown ran", flush=True))\n')
 
 CALLER = """
 import sys
@@ -29,7 +32,7 @@ def _python(*args, tmp_path) -> subprocess.CompletedProcess:
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(SITE_TEARDOWN)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "VLPCACHE_TEST_TEARDOWN_PROBE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
     return subprocess.run([sys.executable, *map(str, args)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=HANG_GUARD_S)
 
@@ -77,5 +80,5 @@ def test_extract_from_a_script_s_top_level_without_a_main_guard_says_so_and_with
     guarded = "\n".join(["import sys", "if __name__ == '__main__':", *("    " + row for row in call.splitlines())])
     script.write_text(guarded + "\n")
     done = _python(script, tmp_path=tmp_path)
-    assert done.stdout.splitlines()[:3] == ["SystemExit 0", "finally ran", "went on"], done.stderr
+    assert done.stdout.splitlines() == ["SystemExit 0", "finally ran", "went on", "teardown ran"], done.stderr
     assert "1 done" in done.stderr
