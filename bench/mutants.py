@@ -1815,7 +1815,7 @@ MUTANTS += [
            "encode_item(self.index.meta, cache, item_id, device, getattr(self.query_model, \"run\", None),", "encode_item(self.index.meta, cache, item_id, device, None,",
            "tests/test_like_outside.py -k frames_folder", "a search that runs the checkpoint through torch encodes a --like FILE with it, not loading it a second time"),
     mutant("video-side-load-refused", "vlpcache/model/checkpoint.py",
-           "            load_weights(model, checkpoint_dir, part=video_only)", "            load_weights(model, checkpoint_dir)",
+           "    load_weights(model, checkpoint_dir, part=video_only)", "    load_weights(model, checkpoint_dir)",
            "tests/test_pretrain.py -k writes_checkpoints", "the video side alone loads from a whole checkpoint (search --like FILE without the text encoder)"),
     mutant("like-cached-file-taken-as-another", "vlpcache/index/search.py",
            "        return os.path.samefile(path, cache.paths[cache.index_of(item_id)])", "        return os.path.samefile(path, cache.paths[-1])",
@@ -2724,6 +2724,10 @@ MUTANTS += [
     mutant("serve-refused-connections-said-each-time", "vlpcache/serve/connections.py",
            "        if time.monotonic() - self.refusal_said_at >= REFUSAL_SAID_EVERY_S:\n", "        if True:\n",
            "tests/test_serve.py -k send_no_request", "connections refused beyond the bound are said once in ten minutes, not at each refusal"),
+    mutant("index-up-to-date-makes-the-model", "vlpcache/model/checkpoint.py",
+           "            parts = (lambda: _run_model(config, run_dir, checkpoint_dir, device, video_only)) if model_when_used else \\\n",
+           "            parts = _run_model(config, run_dir, checkpoint_dir, device, video_only) if model_when_used else \\\n",
+           "tests/test_search.py -k makes_no_model", "`index` of an index up to date makes no model (the text model took seconds to say so)"),
 ]
 
 

@@ -570,7 +570,7 @@ def run_index(run_dir=None, cache_dir=None, index_dir=None, factory=None, memory
     sources = resolve_sources(run_dir, cache_dir, index_dir)
     cache = open_cache(sources.cache_dir)
     device = resolve_device(device)
-    run = load_run(sources.run_dir, device=device, checkpoint=checkpoint)
+    run = load_run(sources.run_dir, device=device, checkpoint=checkpoint, model_when_used=True)  # none: up to date
     config = IndexConfig(factory=factory or None, memory_budget_mb=memory_budget_mb)
     if config.factory:  # a string FAISS cannot read fails now, not after every video is encoded
         new_faiss_index(config.factory, run.config.embed_dim)

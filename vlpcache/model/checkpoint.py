@@ -13,7 +13,8 @@ import json
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -265,8 +266,6 @@ def load_weights(model: torch.nn.Module, checkpoint_dir: Path, part: bool = Fals
 
 @dataclass
 class LoadedRun:
-    model: torch.nn.Module  # AlignmentModel, eval mode
-    tokenizer: object
     config: object  # ModelConfig
     checkpoint_path: Path
     checkpoint_sha256: str
@@ -274,41 +273,52 @@ class LoadedRun:
     epoch: int
     metrics: dict
     run_dir: Path
+    parts: tuple | Callable[[], tuple] = field(repr=False)  # (model, tokenizer), or what makes them at first use
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """AlignmentModel, eval mode."""
+        return self._made()[0]
+
+    @property
+    def tokenizer(self):
+        return self._made()[1]
+
+    def _made(self) -> tuple:
+        if callable(self.parts):
+            self.parts = self.parts()
+        return self.parts
 
 
 RELOOKS = 3  # times load_run looks for the run's checkpoint again when the one it chose went meanwhile
 
 
-def load_run(run_dir, device: str | torch.device = "cpu", checkpoint=None, video_only: bool = False) -> LoadedRun:
+def load_run(run_dir, device: str | torch.device = "cpu", checkpoint=None, video_only: bool = False,
+             model_when_used: bool = False) -> LoadedRun:
     """The trained model of a run directory, ready for encoding (eval mode, on `device`). `video_only`: its
     video side alone (no text encoder, no tokenizer: encode_video only), without loading transformers' model
-    code (about 3.5 s on 2 CPU cores)."""
-    from vlpcache.model.model import AlignmentModel, ModelConfig, load_text_backbone
+    code (about 3.5 s on 2 CPU cores). `model_when_used`: the model and tokenizer are made at their first use
+    (`index` of an index up to date uses neither: the text model's code and weights took seconds to say so)."""
+    from vlpcache.model.model import ModelConfig
 
     run_dir = Path(run_dir)
     stored = read_run_config(run_dir)
-    checkpoint_dir = resolve_checkpoint(run_dir, checkpoint)
     config = ModelConfig.from_json(stored["model"])
-    backbone, tokenizer = (None, None) if video_only else load_text_backbone(str(run_dir / TEXT_DIR), weights=False)
-    model = AlignmentModel(config, backbone)
     for attempt in range(RELOOKS + 1):
-        if attempt:
-            checkpoint_dir = resolve_checkpoint(run_dir, checkpoint)
+        # a run being trained removes its older checkpoints as better ones land: one listed a moment
+        # ago may be gone now, and the run's best or last is another one
+        checkpoint_dir = resolve_checkpoint(run_dir, checkpoint)
         try:
-            load_weights(model, checkpoint_dir, part=video_only)
             meta = read_checkpoint_meta(checkpoint_dir)
+            parts = (lambda: _run_model(config, run_dir, checkpoint_dir, device, video_only)) if model_when_used else \
+                _run_model(config, run_dir, checkpoint_dir, device, video_only)
             break
         except UserError:
-            # a run being trained removes its older checkpoints as better ones land: one listed a moment
-            # ago may be gone now, and the run's best or last is another one
             if checkpoint_dir.exists() or attempt == RELOOKS:
                 raise
-    model.to(device).eval()
     if "rerank_weight" in meta:  # chosen on the validation set when this checkpoint was saved
         config.rerank_weight = float(meta["rerank_weight"])
     return LoadedRun(
-        model=model,
-        tokenizer=tokenizer,
         config=config,
         checkpoint_path=checkpoint_dir / WEIGHTS_NAME,
         checkpoint_sha256=meta.get("sha256") or file_sha256(checkpoint_dir / WEIGHTS_NAME),
@@ -316,4 +326,15 @@ def load_run(run_dir, device: str | torch.device = "cpu", checkpoint=None, video
         epoch=int(meta.get("epoch", 0)),
         metrics=meta.get("metrics", {}),
         run_dir=run_dir,
+        parts=parts,
     )
+
+
+def _run_model(config, run_dir: Path, checkpoint_dir: Path, device, video_only: bool) -> tuple:
+    """A run's model with a checkpoint's weights, in eval mode on `device`, and its tokenizer (None: video_only)."""
+    from vlpcache.model.model import AlignmentModel, load_text_backbone
+
+    backbone, tokenizer = (None, None) if video_only else load_text_backbone(str(run_dir / TEXT_DIR), weights=False)
+    model = AlignmentModel(config, backbone)
+    load_weights(model, checkpoint_dir, part=video_only)
+    return model.to(device).eval(), tokenizer
