@@ -2728,6 +2728,10 @@ MUTANTS += [
            "            parts = (lambda: _run_model(config, run_dir, checkpoint_dir, device, video_only)) if model_when_used else \\\n",
            "            parts = _run_model(config, run_dir, checkpoint_dir, device, video_only) if model_when_used else \\\n",
            "tests/test_search.py -k makes_no_model", "`index` of an index up to date makes no model (the text model took seconds to say so)"),
+    mutant("like-outside-unrecorded-weights-file-asks-torchvision", "vlpcache/extract/outside.py",
+           "    if path is None and not torchvisions_own(settings):\n", "    if False:\n",
+           "tests/test_like_outside.py -k before_weights_json",
+           "a frcnn cache extracted with --weights FILE before weights.json: --like FILE asks for torchvision's weights and names no way out"),
 ]
 
 

@@ -671,3 +671,47 @@ def test_a_clip_outside_a_cache_extracted_with_weights_file_is_extracted_with_th
         extract_outside(str(clip), settings, tmp_path / "again")
     assert str(gone.value) == (f"the cache's frcnn weights, {tmp_path / 'ours.pth'} (given to extract as --weights), "
                                "are gone: put the file back there")
+
+
+def test_a_frcnn_cache_from_before_weights_json_names_the_extract_that_records_its_weights_file(tmp_path, monkeypatch):
+    # a workspace of a release before weights.json (9085d6e): its frcnn cache, extracted with --weights FILE, has no
+    # record of the file; --like FILE and uploads asked for torchvision's weights ("cannot download ...", online a
+    # 20-160 MB download, then refused as other weights), and named no way out
+    import dataclasses
+
+    import torch
+    from torchvision.models import get_model_builder
+
+    from broken_media import make_video_after_audio
+    from vlpcache.errors import NotComparable
+    from vlpcache.extract.outside import extract_outside
+    from vlpcache.workspace import WEIGHTS_NAME
+
+    arch = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    torch.manual_seed(0)
+    torch.save(get_model_builder(arch)(weights=None, weights_backbone=None, num_classes=91).state_dict(), tmp_path / "ours.pth")
+    (tmp_path / "collection").mkdir()
+    make_video_after_audio(tmp_path / "collection" / "a.mp4", lead_ms=0, frames=20)
+    clip = make_video_after_audio(tmp_path / "clip.mp4", lead_ms=0, frames=30)
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setenv("VLPCACHE_OFFLINE", "1")
+    given = dict(detector="frcnn", backbone=arch, weights=str(tmp_path / "ours.pth"), frames=2, workers=1, quiet=True)
+    run_extract([tmp_path / "collection"], **given)
+    (tmp_path / "ws" / WEIGHTS_NAME).unlink()  # as the older release left the workspace
+    settings = RegionCache(tmp_path / "ws" / "cache").settings
+    with pytest.raises(NotComparable) as unknown:
+        extract_outside(str(clip), settings, tmp_path / "outside")
+    assert str(unknown.value) == (
+        f"the cache's frcnn weights (sha256 {settings.detector_weights_sha256[:12]}…) are a file given to extract as "
+        "--weights that this workspace has no record of (extracted before vlpcache recorded it in weights.json, or in "
+        "another workspace): run that extract again with the same --weights FILE, which extracts nothing again and "
+        "records the file")
+    # torchvision's own weights (the sha256 its file's name begins) are still looked for as before: here offline
+    own = dataclasses.replace(settings, detector_weights_sha256="907ea3f9" + "0" * 56)
+    with pytest.raises(NotComparable, match="cannot download fasterrcnn_mobilenet_v3_large_320_fpn weights"):
+        extract_outside(str(clip), own, tmp_path / "torchvisions")
+
+    assert run_extract([tmp_path / "collection"], **given).done == 0  # the way out it names: nothing extracted again
+    item_id = extract_outside(str(clip), settings, tmp_path / "again")
+    with RegionCache(tmp_path / "again") as outside:
+        assert outside.ids == [item_id] and not outside.settings.differences(settings)

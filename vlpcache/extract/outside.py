@@ -45,7 +45,26 @@ def weights_given(settings: CacheSettings) -> str | None:
     if path is not None and not Path(path).is_file():
         raise NotComparable(f"the cache's {detector_name(settings.detector)} weights, {printable(path)} (given to "
                             "extract as --weights), are gone: put the file back there")
+    if path is None and not torchvisions_own(settings):
+        raise NotComparable(f"the cache's frcnn weights (sha256 {settings.detector_weights_sha256[:12]}…) are a file "
+                            "given to extract as --weights that this workspace has no record of (extracted before "
+                            "vlpcache recorded it in weights.json, or in another workspace): run that extract again "
+                            "with the same --weights FILE, which extracts nothing again and records the file")
     return path
+
+
+def torchvisions_own(settings: CacheSettings) -> bool:
+    """Whether a frcnn cache's weights are torchvision's own for its architecture (the sha256 its published file's
+    name begins, as torch.hub checks it), else a file given as --weights; True for the other detectors. Asked before
+    torchvision's file is looked for: a cache of another file would download it, then refuse it."""
+    if detector_name(settings.detector) != "frcnn":
+        return True
+    import torch
+    from torchvision.models import get_model_weights
+
+    url = get_model_weights(settings.detector.partition(":")[2]).DEFAULT.url
+    prefix = torch.hub.HASH_REGEX.search(url.rsplit("/", 1)[-1])
+    return prefix is None or settings.detector_weights_sha256.startswith(prefix.group(1))
 
 
 def extract_outside(path: str, settings: CacheSettings, folder: Path, models: str | None = None,
