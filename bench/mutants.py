@@ -2732,6 +2732,10 @@ MUTANTS += [
            "    if path is None and not torchvisions_own(settings):\n", "    if False:\n",
            "tests/test_like_outside.py -k before_weights_json",
            "a frcnn cache extracted with --weights FILE before weights.json: --like FILE asks for torchvision's weights and names no way out"),
+    mutant("like-outside-vg-unrecorded-weights-no-way-out", "vlpcache/extract/outside.py",
+           "    if options.detector != \"vg\" or options.weights:\n", "    if True:\n",
+           "tests/test_like_outside.py -k vg_cache_without",
+           "a vg cache extracted with --weights FILE before weights.json: --like FILE names no extract that records the file"),
 ]
 
 

@@ -715,3 +715,28 @@ def test_a_frcnn_cache_from_before_weights_json_names_the_extract_that_records_i
     item_id = extract_outside(str(clip), settings, tmp_path / "again")
     with RegionCache(tmp_path / "again") as outside:
         assert outside.ids == [item_id] and not outside.settings.differences(settings)
+
+
+def test_a_vg_cache_without_a_record_of_its_weights_file_names_the_extract_that_records_it(tmp_path, monkeypatch):
+    # a vg cache extracted with --weights FILE by a release before weights.json: --like FILE looked for the models
+    # folder's checkpoint and said "or pass --weights FILE", which search and the page do not take
+    from vlpcache.cache.schema import CacheSettings
+    from vlpcache.errors import NotComparable
+    from vlpcache.extract.detectors.spec import VG_DETECTOR
+    from vlpcache.extract.outside import extract_outside
+
+    monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setenv("VLPCACHE_MODELS", str(tmp_path / "models"))  # empty: the published checkpoint is not there
+    monkeypatch.setenv("VLPCACHE_OFFLINE", "1")
+    settings = CacheSettings(frames=2, regions=11, feature_dim=2048, detector=VG_DETECTOR, detector_weights_sha256="ab" * 32,
+                             backbone="vg", backbone_weights_sha256="ab" * 32, attributes=True)
+    from PIL import Image
+
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (64, 48), (120, 80, 40)).save(photo)
+    with pytest.raises(NotComparable) as unknown:
+        extract_outside(str(photo), settings, tmp_path / "outside")
+    assert str(unknown.value).endswith(
+        "; where the cache was extracted with --weights FILE (before vlpcache recorded it in weights.json, or in "
+        "another workspace), run that extract again with the same --weights FILE, which extracts nothing again and "
+        "records the file")

@@ -53,6 +53,16 @@ def weights_given(settings: CacheSettings) -> str | None:
     return path
 
 
+def unrecorded_weights(options: ExtractOptions) -> str:
+    """What to do where a vg cache was extracted with --weights FILE that the workspace has no record of (the
+    published checkpoint is not pinned by a hash: such a cache is told from one of the models folder's by nothing)."""
+    if options.detector != "vg" or options.weights:
+        return ""
+    return ("; where the cache was extracted with --weights FILE (before vlpcache recorded it in weights.json, or in "
+            "another workspace), run that extract again with the same --weights FILE, which extracts nothing again "
+            "and records the file")
+
+
 def torchvisions_own(settings: CacheSettings) -> bool:
     """Whether a frcnn cache's weights are torchvision's own for its architecture (the sha256 its published file's
     name begins, as torch.hub checks it), else a file given as --weights; True for the other detectors. Asked before
@@ -81,10 +91,11 @@ def extract_outside(path: str, settings: CacheSettings, folder: Path, models: st
         spec = choose_detector(options.detector, options.backbone, options.weights, options.models,
                                options.input_scale(), options.proposals)
     except UserError as err:  # not this machine's detector, or its weights not found
-        raise NotComparable(str(err)) from None
+        raise NotComparable(str(err) + unrecorded_weights(options)) from None
     own = spec.cache_settings(options.frames, options.regions, options.score_threshold, settings)
     if differences := own.differences(settings):  # e.g. a cache extracted with --weights FILE
-        raise NotComparable(f"this machine's {options.detector} gives other settings: {'; '.join(differences)}")
+        raise NotComparable(f"this machine's {options.detector} gives other settings: {'; '.join(differences)}"
+                            + unrecorded_weights(options))
     summary = ExtractSummary()
     with ShardWriter(folder, own, writer_name="s0of1") as writer:
         detect_and_write([item], spec, writer, options, summary, time.monotonic())
