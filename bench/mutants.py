@@ -2706,7 +2706,7 @@ MUTANTS += [
            "    if not isinstance(path, (str, os.PathLike)):", "    if False:",
            "tests/test_search.py -k bad_input_to_the_api", "like_file(s, None) is a TypeError, not one UserError line"),
     mutant("like-file-missing-file-unsaid", "vlpcache/__init__.py",
-           "        if os.path.exists(path):\n            raise\n", "        if True:\n            raise\n",
+           "        if os.path.exists(path) or names_a_file(path):", "        if True:",
            "tests/test_search.py -k bad_input_to_the_api", "like_file of a missing file says only that it names no item"),
     mutant("like-item-unknown-id-key-error", "vlpcache/index/search.py",
            "        if item_id not in cache:\n            raise UserError(f\"\\\"{printable(str(item_id))}", 
@@ -2736,6 +2736,10 @@ MUTANTS += [
            "    if options.detector != \"vg\" or options.weights:\n", "    if True:\n",
            "tests/test_like_outside.py -k vg_cache_without",
            "a vg cache extracted with --weights FILE before weights.json: --like FILE names no extract that records the file"),
+    mutant("like-missing-path-said-an-id", "vlpcache/index/search.py",
+           "    if on_disk and not several and names_a_file(key) and not os.path.exists(key):", "    if False:",
+           "tests/test_search.py -k path_that_is_no_file",
+           "search --like /missing/file says only that it names no item, not that there is no such file"),
 ]
 
 

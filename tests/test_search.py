@@ -1207,8 +1207,9 @@ def test_bad_input_to_the_api_is_one_user_error_line_and_say_none_is_stderr(ws, 
     with pytest.raises(UserError, match=r"^like_file takes the path of a video, photo or frames folder \(str or "
                                         r"Path\), not NoneType$"):
         vlpcache.like_file(searcher, None)
-    with pytest.raises(UserError, match=f"^{re.escape(str(tmp_path / 'nope.mp4'))}: no such file or folder, and "):
-        vlpcache.like_file(searcher, tmp_path / "nope.mp4")
+    for path in (tmp_path / "nope.mp4", "nope"):  # a file of no folder or extension too: like_file takes files
+        with pytest.raises(UserError, match=f"^{re.escape(str(path))}: no such file or folder, and "):
+            vlpcache.like_file(searcher, path)
     with pytest.raises(UserError, match=f'^"nope" is not an item of the cache {re.escape(str(ws / "cache"))}$'):
         searcher.like_item(RegionCache(ws / "cache"), "nope")
 
@@ -1738,6 +1739,17 @@ def test_a_like_hits_frame_is_the_one_whose_regions_are_most_like_the_items_regi
         offsets.append(len(vectors))
     searcher.index.regions = RegionStore(np.stack(vectors), np.array(offsets, np.int64), np.array(positions, np.int32))
     assert [h.frame for h in searcher.like("v4", k=20)] == [0] * 20
+
+
+def test_like_of_a_path_that_is_no_file_says_so_and_that_no_item_has_that_id(ws, monkeypatch, capsys):
+    # it said only that "/missing/file" names no item of the index, as if it were a mistyped id
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    missing = str(ws / "gone" / "clip.mp4")
+    for key, said in ((missing, f'{missing}: no such file or folder, and "{missing}" names no item of the index; '),
+                      ("clip", '"clip" names no item of the index; ')):  # an id alone is not said to be no file
+        code, out, err = vlpcache(monkeypatch, capsys, "search", "--like", key)
+        assert (code, out) == (2, "") and err.startswith(f"error: {said}give an id as search prints it") and \
+            len(err.strip().splitlines()) == 1, err
 
 
 def test_like_takes_an_item_by_file_name_or_path_as_inspect_does_and_says_why_another_names_none(ws, monkeypatch,

@@ -23,7 +23,7 @@ def like_file(searcher, path, k: int = 10, device: str = "auto", say=None):
     from vlpcache import report
     from vlpcache.errors import UserError, user_message
     from vlpcache.extract.stamps import source_changed
-    from vlpcache.index.search import changed_source, check_k, like_outside, liked_item
+    from vlpcache.index.search import changed_source, check_k, like_outside, liked_item, names_a_file
 
     check_k(k)
     if not isinstance(path, (str, os.PathLike)):
@@ -33,7 +33,7 @@ def like_file(searcher, path, k: int = 10, device: str = "auto", say=None):
     try:
         item_id = liked_item(path, searcher, outside=True, changed=source_changed)
     except UserError as err:
-        if os.path.exists(path):
+        if os.path.exists(path) or names_a_file(path):  # a path's line says it is no file already
             raise
         raise UserError(f"{report.printable(path)}: no such file or folder, and {user_message(err)}") from None
     if item_id is not None:

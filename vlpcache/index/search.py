@@ -710,7 +710,16 @@ def not_indexed_line(key: str, ids: list[str], cache: RegionCache, several: list
                 f'"{printable(ids[0])}")')
     else:
         hint = ""
-    return f'"{printable(key)}" names no item of the index{hint}'
+    line = f'"{printable(key)}" names no item of the index{hint}'
+    if on_disk and not several and names_a_file(key) and not os.path.exists(key):
+        return f"{printable(key)}: no such file or folder, and {line}"
+    return line
+
+
+def names_a_file(key: str) -> bool:
+    """Whether --like KEY reads as the path of a file or folder (a folder in it, an extension) rather than as an id
+    alone, so that, named nowhere, it is said to be no file either."""
+    return "/" in key or os.sep in key or bool(Path(key).suffix)
 
 
 def outside_line(path: str, cache: RegionCache) -> str:
