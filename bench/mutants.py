@@ -2740,6 +2740,10 @@ MUTANTS += [
            "    if on_disk and not several and names_a_file(key) and not os.path.exists(key):", "    if False:",
            "tests/test_search.py -k path_that_is_no_file",
            "search --like /missing/file says only that it names no item, not that there is no such file"),
+    mutant("models-verify-too-new-names-file-twice", "vlpcache/extract/detectors/models_folder.py",
+           "cannot run it: {err.why}\")", "cannot run it: {err}\")",
+           "tests/test_weights.py -k yolox_file_stamped_newer",
+           "models verify's line for a graph too new for onnxruntime names the file twice"),
 ]
 
 

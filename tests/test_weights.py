@@ -502,7 +502,8 @@ def test_a_yolox_file_stamped_newer_than_onnxruntime_reads_is_one_line_naming_a_
 
     assert not verify_weights(folder)
     said = capsys.readouterr().out
-    assert f"{YOLOX_FILE}: not damaged, but this install cannot run it: " in said and fix in said
+    assert f"{YOLOX_FILE}: not damaged, but this install cannot run it: {stamp_words} " in said and fix in said
+    assert str(folder) not in said  # the file is named once, as each line of verify names it (it said its path again)
     assert "WRONG" not in said and "replaces it" not in said
     extract = cli("extract", videos_dir / "tests_data_test.mp4", "-o", tmp_path / "cache", "--models", folder, "--frames", 1)
     assert extract.returncode == 2 and "Traceback" not in extract.stderr

@@ -21,7 +21,12 @@ class WriteFailed(UserError):
 
 class GraphTooNew(UserError):
     """An ONNX file the installed onnxruntime cannot load for its IR version or opset alone: not damaged, a newer
-    onnxruntime reads it (onnx_versions.graph_too_new)."""
+    onnxruntime reads it (onnx_versions.graph_too_new). `why` is the line less the file it names, for a line that
+    names the file already."""
+
+    def __init__(self, message: str, why: str = ""):
+        super().__init__(message)
+        self.why = why or message
 
 
 class Interrupted(Exception):

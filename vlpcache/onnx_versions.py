@@ -38,4 +38,5 @@ def graph_too_new(what: str, err: BaseException, otherwise: str) -> GraphTooNew 
     phrase = unreadable_version(err)
     if phrase is None:
         return None
-    return GraphTooNew(f"{what}: {phrase}; {NEWER_RUNTIME}" + (f", or {otherwise}" if otherwise else ""))
+    why = f"{phrase}; {NEWER_RUNTIME}" + (f", or {otherwise}" if otherwise else "")
+    return GraphTooNew(f"{what}: {why}", why)

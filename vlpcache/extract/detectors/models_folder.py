@@ -106,7 +106,7 @@ def verify_weights(models: str | None = None) -> bool:
             right = False
             continue
         except GraphTooNew as err:
-            print(f"{entry.name}: not damaged, but this install cannot run it: {err}")
+            print(f"{entry.name}: not damaged, but this install cannot run it: {err.why}")  # the file named once
             right = False
             continue
         print(f"{entry.name}: ok, " + (f"sha256 matches {known.origin}" if known else "structure checked (sha256 not among the known files)"))
