@@ -1058,6 +1058,27 @@ def test_an_export_that_embeds_other_lengths_otherwise_than_the_model_is_dropped
     [result] = search_json(monkeypatch, capsys, "a dog", "-k", "2")  # through torch
     assert len(result["results"]) == 2
 
+def test_a_query_export_this_onnxruntime_cannot_read_is_a_note_naming_the_index_not_its_temporary_folder(
+        ws, monkeypatch, capsys):
+    # the self-check's note named the export's temporary folder (.../.query.tmp/text_encoder.onnx), gone as it was read
+    from test_weights import stamped_newer
+    from vlpcache.index.query_model import QUERY_DIR
+
+    export = torch.onnx.export
+
+    def export_stamped_newer(model, args, path, **options):  # as a newer torch's export, read by an older onnxruntime
+        export(model, args, path, **options)
+        Path(path).write_bytes(stamped_newer(Path(path).read_bytes(), "ir_version"))
+
+    monkeypatch.setattr(torch.onnx, "export", export_stamped_newer)
+    code, out, err = vlpcache(monkeypatch, capsys, "index")
+    assert code == 0 and "Traceback" not in err
+    [note] = [line for line in (out + err).splitlines() if "no ONNX export" in line]
+    assert f".{QUERY_DIR}.tmp" not in note and str(the_index(ws)) in note, note
+    assert "ONNX IR version " in note and note.endswith("; search will load it with torch"), note
+    assert not (the_index(ws) / QUERY_DIR).exists() and not list(the_index(ws).glob(f".{QUERY_DIR}*"))
+
+
 def test_a_full_disk_while_exporting_the_query_model_is_an_error_and_the_next_index_run_writes_it(
         ws, monkeypatch, capsys):
     """The index itself is kept; the query model, without which search starts several times slower, is

@@ -24,7 +24,7 @@ from vlpcache import report
 from vlpcache.cache.manifest import collection_of
 from vlpcache.cache.reader import BlankWhenDamaged, RegionCache
 from vlpcache.devices import DEFAULT_DEVICE, encoding_threads, resolve_device
-from vlpcache.errors import UserError
+from vlpcache.errors import GraphTooNew, UserError
 from vlpcache.files import is_write_failure, may_write, read_only_reason, remove_temporaries, system_reason, write_failure
 from vlpcache.index.export import check_export_path, export_embeddings
 from vlpcache.index.faiss_index import HalfWritten, VideoIndex, keep_factory, new_faiss_index, write_index
@@ -549,6 +549,9 @@ def export_for_search(run, index_dir: Path, say) -> None:
     try:
         with encoding_threads():  # torch traces the model
             export_query_model(run, index_dir)
+    except GraphTooNew as err:  # its file was in a temporary folder, gone now: the index is what the user knows
+        say(f"note: no ONNX export of the query model of the index {index_dir}: this torch exports {err.why}; search "
+            "will load it with torch")
     except Exception as err:  # search still works through torch, only slower to start
         if is_write_failure(err):  # a full disk is the user's to fix, not a note that --quiet hides
             raise write_failure(index_dir, err, "the index is kept, without its query model (ONNX), which makes search "

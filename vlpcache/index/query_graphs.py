@@ -176,7 +176,7 @@ def _check_text_graph(run, folder: Path) -> None:
     with as the model does: a text model whose forward bakes a traced length into the graph would
     otherwise give search other embeddings than the index's model, silently."""
     # one line, not a traceback, where this torch exports a graph newer than this onnxruntime reads
-    session = query_session(folder / TEXT_GRAPH, None, ["CPUExecutionProvider"])
+    session = query_session(folder / TEXT_GRAPH, None, ["CPUExecutionProvider"], f"an older torch than {torch.__version__}")
     for query in CHECK_QUERIES:
         input_ids, attention_mask = tokenize(run.tokenizer, [query], run.config.max_words)  # (1, L) each
         with torch.no_grad():

@@ -56,15 +56,16 @@ def unknown_parts(text: str, ids, words, offsets, special_mask, unk_id: int | No
     return list(dict.fromkeys(text[start:end] for start, end in spans.values())), flags.count(False)
 
 
-def query_session(graph: Path, options, providers: list[str]):
+def query_session(graph: Path, options, providers: list[str], otherwise: str = ""):
     """An onnxruntime session of one graph of the index's export; GraphTooNew where this onnxruntime cannot read
-    its IR version or opset (an export a newer install made in a shared index folder)."""
+    its IR version or opset (an export a newer install made in a shared index folder), `otherwise` its other way
+    out."""
     import onnxruntime as ort
 
     try:
         return ort.InferenceSession(str(graph), options, providers=providers)
     except Exception as err:
-        if (too_new := graph_too_new(str(graph), err, "")) is not None:
+        if (too_new := graph_too_new(str(graph), err, otherwise)) is not None:
             raise too_new from None
         raise
 
