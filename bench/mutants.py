@@ -1698,7 +1698,7 @@ MUTANTS += [
            "    if item_id in searcher.extracted_again:\n", "    if False:\n",
            "tests/test_search.py -k like_of_an_item_extracted_again", "search --like of an item extracted again since indexed says its old content answers"),
     mutant("search-unindexed-read-only-told-to-index", "vlpcache/index/search.py",
-           "(\"run `vlpcache index` to add them\" if may_write(index_dir) else", "(\"run `vlpcache index` to add them\" if True else",
+           "    if may_write(index_dir):\n        how = \"run `vlpcache index` to add them\"", "    if True:\n        how = \"run `vlpcache index` to add them\"",
            "tests/test_search.py -k items_cached_since_an_index_another_user", "a reader who may not write the index is told a way they can take to index new items"),
     mutant("like-index-not-taken-up", "vlpcache/index/search.py",
            "        self.refresh()  # an item `vlpcache index` added since", "        pass  # an item `vlpcache index` added since",
@@ -2749,6 +2749,10 @@ MUTANTS += [
            "    except NotImplementedError as err:  # its file was in a temporary folder",
            "tests/test_search.py -k query_export_this_onnxruntime",
            "index's note of a query export too new for onnxruntime names its temporary folder, cut before the reason"),
+    mutant("search-extracted-again-said-apart-from-new-items", "vlpcache/index/search.py",
+           "coverage(index, cache, with_again=not unindexed)", "coverage(index, cache, with_again=True)",
+           "tests/test_search.py -k one_note_counting_each",
+           "search says items extracted again in a second note beside the new items', each telling to run index"),
 ]
 
 

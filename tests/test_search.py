@@ -561,6 +561,19 @@ def test_items_cached_since_an_index_another_user_may_not_write_are_said_with_a_
             "`vlpcache index` adds them (or `vlpcache index -o DIR` indexes them where you can write, then --index DIR)") in err
 
 
+def test_items_cached_and_extracted_again_since_the_index_are_one_note_counting_each(ws, monkeypatch, capsys):
+    # two notes, each saying to run `vlpcache index`, the first counting the new items alone
+    assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0
+    write_cache(ws / "cache", 2, prefix="w", seed=5)  # new
+    write_cache(ws / "cache", 3, prefix="v", seed=9)  # v0-v2 extracted again (their sources changed)
+    code, _, err = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", "2")
+    assert code == 0
+    assert [line for line in err.splitlines() if "vlpcache index" in line] == [
+        "note: 2 cached item(s) are not in the index yet, and 3 indexed item(s) were extracted again since (their "
+        "sources changed): found by their old content and shown without matched regions; run `vlpcache index` to add "
+        "them and index those anew"]
+
+
 def test_index_of_a_read_only_index_root_says_up_to_date_and_with_items_to_add_one_line(ws, monkeypatch, capsys,
                                                                                           read_only):
     # a shared, finished workspace: `vlpcache index` failed at the index's lock even where it had nothing to do

@@ -489,10 +489,10 @@ def failed_again(cache: RegionCache) -> dict[str, dict]:
             if item_id in cache and record.get("source", "") != cache.sources[cache.index_of(item_id)]}
 
 
-def coverage(index: VideoIndex, cache: RegionCache) -> str:
-    """What a user should know about items the index has and the cache lacks, or holds anew, or holds as they were
-    though their sources changed (the new file failed to extract: extract, not index, mends them); "" when there are
-    none."""
+def coverage(index: VideoIndex, cache: RegionCache, with_again: bool = True) -> str:
+    """What a user should know about items the index has and the cache lacks, or holds anew (unless not
+    `with_again`: said with the new items), or holds as they were though their sources changed (the new file failed
+    to extract: extract, not index, mends them); "" when there are none."""
     notes = []
     if missing := missing_from_cache(index, cache):
         shards = len(cache.unreadable_shards) + len(cache.ignored_shards)
@@ -502,7 +502,7 @@ def coverage(index: VideoIndex, cache: RegionCache) -> str:
                         ) or "removed from the cache"
         notes.append(f"{len(index) - missing} of its {len(index)} items can be shown, {missing} not in the cache "
                      f"({why}); search leaves them out")
-    if again := extracted_again(index, cache):
+    if with_again and (again := extracted_again(index, cache)):
         notes.append(f"{len(again)} of its item(s) were extracted again since they were indexed (their sources changed): "
                      "found by their old content and shown without matched regions; run `vlpcache index` to index "
                      "them anew")

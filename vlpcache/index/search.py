@@ -1031,13 +1031,24 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
         query_model = TorchQueryModel(run)
     unindexed = sum(1 for item_id in cache.ids if item_id not in index)
     if unindexed:
-        how = ("run `vlpcache index` to add them" if may_write(index_dir) else
-               f"this user may not write {index_dir}: its owner's `vlpcache index` adds them (or `vlpcache index -o DIR` "
-               "indexes them where you can write, then --index DIR)")
-        say(f"note: {unindexed} cached item(s) are not in the index yet; {how}")
-    if note := coverage(index, cache):
+        say(unindexed_line(unindexed, len(extracted_again(index, cache)), index_dir))
+    if note := coverage(index, cache, with_again=not unindexed):  # items extracted again: said above with new ones
         say(f"note: index {index_dir}: {note}")
     return query_model, cache, index, index_dir, sources.run_dir
+
+
+def unindexed_line(unindexed: int, again: int, index_dir: Path) -> str:
+    """The note of `unindexed` cached items the index lacks and (in the same line, as one `vlpcache index` mends
+    both) of `again` indexed ones it holds by their old content: extracted again since (their sources changed)."""
+    also = (f", and {again} indexed item(s) were extracted again since (their sources changed): found by their old "
+            "content and shown without matched regions" if again else "")
+    if may_write(index_dir):
+        how = "run `vlpcache index` to add them" + (" and index those anew" if again else "")
+    else:
+        how = (f"this user may not write {index_dir}: its owner's `vlpcache index` adds them"
+               + (" and indexes those anew" if again else "") +
+               " (or `vlpcache index -o DIR` indexes them where you can write, then --index DIR)")
+    return f"note: {unindexed} cached item(s) are not in the index yet{also}; {how}"
 
 
 def _newest_indexed_run(sources, cache: RegionCache) -> Path | None:
