@@ -2061,7 +2061,7 @@ MUTANTS += [
            "    path.unlink(missing_ok=True)  # made for other rows (or unreadable)", "    pass  # made for other rows (or unreadable)",
            "tests/test_search.py -k never_used", "a query bank of other rows is removed when it cannot be made again"),
     mutant("query-bank-rows-unchecked", "vlpcache/querybank.py",
-           "    if bank is None or len(bank.log_norm) != len(ids) or (bank.rows and bank.rows != rows_digest(ids)):", "    if bank is None or len(bank.log_norm) != len(ids):",
+           "    return videos == len(ids) and (not rows or rows == rows_digest(ids))", "    return videos == len(ids)",
            "tests/test_search.py -k other_rows_of_as_many", "a bank made for other rows of as many videos is not the index's"),
     mutant("searcher-blind-to-a-new-bank", "vlpcache/index/search.py",
            "for name in (QUERYBANK_FILE, CALIBRATION_FILE)))", "for name in (CALIBRATION_FILE,)))",
@@ -2753,6 +2753,9 @@ MUTANTS += [
            "coverage(index, cache, with_again=not unindexed)", "coverage(index, cache, with_again=True)",
            "tests/test_search.py -k one_note_counting_each",
            "search says items extracted again in a second note beside the new items', each telling to run index"),
+    mutant("search-qbnorm-bank-read-twice", "vlpcache/index/search.py",
+           "bank_fits(index_dir / QUERYBANK_FILE, index.ids))", "bank_for(index_dir / QUERYBANK_FILE, index.ids) is not None)",
+           "tests/test_search.py -k reads_the_query_bank_once", "search --qbnorm reads the query bank whole twice"),
 ]
 
 

@@ -1577,6 +1577,17 @@ def test_search_qbnorm_ranks_by_the_banks_normalised_similarity_and_the_bank_gro
     assert grown.hubs.tolist() == fresh.hubs.tolist()
 
 
+def test_search_qbnorm_reads_the_query_bank_once(ws, monkeypatch, capsys):
+    # it was read whole twice per command: once to see that it fits the index, once to use it
+    from vlpcache.querybank import QueryBank
+
+    assert vlpcache(monkeypatch, capsys, "index", "--qbnorm", "--quiet")[0] == 0
+    reads, load = [], QueryBank.load.__func__
+    monkeypatch.setattr(QueryBank, "load", classmethod(lambda cls, path: reads.append(path) or load(cls, path)))
+    [result] = search_json(monkeypatch, capsys, "a horse", "-k", "3", "--qbnorm")
+    assert len(result["results"]) == 3 and len(reads) == 1, reads
+
+
 def test_search_qbnorm_ranks_every_hit_by_the_normalised_score_past_the_first_32_too(ws, monkeypatch, capsys):
     """-k 44 --qbnorm gave QB-Norm's scores (its log-softmax, about -3) to the first 32 hits and plain cosines (about
     -0.04) to the hits after them, in global order: the score rose down the list, and the order past 32 ignored

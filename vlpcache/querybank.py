@@ -17,6 +17,7 @@ exactly without re-scoring the old ones against the bank.
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -116,14 +117,28 @@ def rows_digest(ids: list[str]) -> str:
 
 def bank_for(path: Path, ids: list[str]) -> QueryBank | None:
     """The query bank in `path` where it was made for the index rows `ids`; None where there is none, it does
-    not read, or it was made for other rows (a bank made before it kept its rows: for as many)."""
+    not read, or it was made for other rows."""
     try:
         bank = QueryBank.load(path) if Path(path).exists() else None
     except (OSError, ValueError, KeyError):
         return None
-    if bank is None or len(bank.log_norm) != len(ids) or (bank.rows and bank.rows != rows_digest(ids)):
-        return None
-    return bank
+    return bank if bank is not None and made_for(len(bank.log_norm), bank.rows, ids) else None
+
+
+def bank_fits(path: Path, ids: list[str]) -> bool:
+    """Whether `path` holds a query bank made for the index rows `ids`, read without its embeddings (those are
+    read once, by the search that uses it)."""
+    try:
+        with np.load(path) if Path(path).exists() else nullcontext() as data:
+            return data is not None and made_for(len(data["log_norm"]), str(data["rows"]) if "rows" in data else "", ids)
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def made_for(videos: int, rows: str, ids: list[str]) -> bool:
+    """Whether a bank of `videos` columns made for the rows `rows` (rows_digest; "": a bank made before it kept its
+    rows, taken for as many) normalises the index rows `ids`."""
+    return videos == len(ids) and (not rows or rows == rows_digest(ids))
 
 
 def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:

@@ -47,7 +47,7 @@ from vlpcache.index.query_model import OnnxQueryModel, query_export_sha
 from vlpcache.index.rerank import Alignment, align
 from vlpcache.metrics import RERANK_CANDIDATES
 from vlpcache.model.run_layout import being_trained_note, designated_checkpoint_sha256, epoch_of, resolve_checkpoint
-from vlpcache.querybank import bank_for
+from vlpcache.querybank import bank_fits, bank_for
 from vlpcache.records import read_optional_json
 from vlpcache.report import Say, frame_time, place_text, printable, say
 from vlpcache.report import say as report_say
@@ -1004,7 +1004,7 @@ def open_parts(run_dir=None, cache_dir=None, index_dir=None, device=DEFAULT_DEVI
                 f"index -o DIR` indexes {sources.run_dir.name} where you can write, then --index DIR)")
             sources = dataclasses.replace(sources, run_dir=older)
             index_dir, index = index_of_run(sources.index_dir, sources.run_dir, cache)
-    bank_ready = not qbnorm or (index is not None and bank_for(index_dir / QUERYBANK_FILE, index.ids) is not None)
+    bank_ready = not qbnorm or (index is not None and bank_fits(index_dir / QUERYBANK_FILE, index.ids))
     query_model = None
     # an index without calibration.json was stopped while being built (its query export written): built on here
     finished = index is not None and (calibrated(index_dir, index.meta.checkpoint_sha256) or not may_write(index_dir))
