@@ -1679,8 +1679,8 @@ MUTANTS += [
   "    if False:",
            "tests/test_search.py -k says_why_another_names_none", "an id cached since the index was built says to run vlpcache index"),
     mutant("like-answers-before-a-bad-id", "vlpcache/index/search.py",
-           "    liked = [(key, liked_item(key, searcher, outside is not None, changed)) for key in like]",
-           "    liked = [(key, key) for key in like]",
+           "    liked = [(key, *liked_item(key, searcher, outside is not None, changed)) for key in like]",
+           "    liked = [(key, key, None) for key in like]",
            "tests/test_search.py -k says_why_another_names_none", "every --like id is checked before any is answered (no half output before the error)"),
     mutant("like-api-unknown-400", "vlpcache/serve/app.py",
            "        item_id = searcher.indexed_item(like)\n    except UserError as err:\n        raise ApiError(404, str(err))", "        item_id = searcher.indexed_item(like)\n    except UserError as err:\n        raise ApiError(400, str(err))",
@@ -2453,7 +2453,7 @@ MUTANTS += [
            "not (INDEX_FOLDER_NAME.fullmatch(folder.name)", "not (True",
            "tests/test_search.py -k left_without_its_index", "prune removes a folder of the user's that holds only a thumbnails folder"),
     mutant("like-changed-file-answers-old-content", "vlpcache/index/search.py",
-           "    if outside and changed is not None and changed_source(key, searcher, changed) is not None:\n",
+           "    if changed is not None and (was := changed_source(key, searcher, changed, source, named)) is not None:\n",
            "    if False:\n",
            "tests/test_like_outside.py -k replaced_since",
            "--like of a cached file replaced since extract answers for its old content, without a word"),
@@ -2756,6 +2756,10 @@ MUTANTS += [
     mutant("search-qbnorm-bank-read-twice", "vlpcache/index/search.py",
            "bank_fits(index_dir / QUERYBANK_FILE, index.ids))", "bank_for(index_dir / QUERYBANK_FILE, index.ids) is not None)",
            "tests/test_search.py -k reads_the_query_bank_once", "search --qbnorm reads the query bank whole twice"),
+    mutant("like-file-ids-looked-through-again", "vlpcache/index/search.py",
+           "if names_outside(key, searcher, named) else", "if names_outside(key, searcher, ends_in(key, searcher)) else",
+           "tests/test_search.py -k looks_through_the_cache_sources_once",
+           "search --like FILE looks through the ids by the ends of its path again for each question it asks"),
 ]
 
 

@@ -1797,6 +1797,24 @@ def test_like_of_a_path_that_is_no_file_says_so_and_that_no_item_has_that_id(ws,
             len(err.strip().splitlines()) == 1, err
 
 
+def test_like_of_a_file_looks_through_the_cache_sources_once_and_its_ids_once_to_name_it(ws, tmp_path, monkeypatch,
+                                                                                         capsys, videos_dir):
+    # the sources were looked through three times and the ids (by the ends of the path) four, before extracting
+    from vlpcache.index import search
+
+    calls = {"cached_source": 0, "ends_in": 0}
+    for name in calls:
+        def counted(*args, real=getattr(search, name), name=name):
+            calls[name] += 1
+            return real(*args)
+        monkeypatch.setattr(search, name, counted)
+    clip = tmp_path / "clip.mp4"
+    shutil.copy(videos_dir / "tests_data_test.mp4", clip)  # not in the cache (whose detector is a synthetic one)
+    code, out, err = vlpcache(monkeypatch, capsys, "search", "--like", str(clip))
+    assert f"{clip} is not in the cache: extracting it on its own" in err
+    assert calls == {"cached_source": 1, "ends_in": 2}, calls  # ends_in: to name it, and for the line above
+
+
 def test_like_takes_an_item_by_file_name_or_path_as_inspect_does_and_says_why_another_names_none(ws, monkeypatch,
                                                                                                  capsys):
     assert vlpcache(monkeypatch, capsys, "index", "--quiet")[0] == 0

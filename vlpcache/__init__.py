@@ -23,7 +23,7 @@ def like_file(searcher, path, k: int = 10, device: str = "auto", say=None):
     from vlpcache import report
     from vlpcache.errors import UserError, user_message
     from vlpcache.extract.stamps import source_changed
-    from vlpcache.index.search import changed_source, check_k, like_outside, liked_item, names_a_file
+    from vlpcache.index.search import check_k, like_outside, liked_item, names_a_file
 
     check_k(k)
     if not isinstance(path, (str, os.PathLike)):
@@ -31,7 +31,7 @@ def like_file(searcher, path, k: int = 10, device: str = "auto", say=None):
                         f"{type(path).__name__}")
     path = os.fspath(path)
     try:
-        item_id = liked_item(path, searcher, outside=True, changed=source_changed)
+        item_id, was = liked_item(path, searcher, outside=True, changed=source_changed)
     except UserError as err:
         if os.path.exists(path) or names_a_file(path):  # a path's line says it is no file already
             raise
@@ -42,7 +42,7 @@ def like_file(searcher, path, k: int = 10, device: str = "auto", say=None):
 
     # decoded in this process: a spawned worker would run a calling script's top-level code again (no main guard)
     return like_outside(searcher, path, k, functools.partial(extract_outside, workers=0), device, say or report.say,
-                        changed_from=changed_source(path, searcher, source_changed))
+                        changed_from=was)
 
 
 def __getattr__(name: str):

@@ -744,26 +744,31 @@ def outside_line(path: str, cache: RegionCache) -> str:
             f"{options}`, index it (`vlpcache index`), then search `--like {printable(name)}`")
 
 
-def liked_item(key: str, searcher: Searcher, outside: bool, changed: SourceChanged | None = None) -> str | None:
-    """The indexed item --like KEY names (its id, a file name or path that ends in it, or its source file by
-    another path: a symbolic link to it), or None for a file or folder the cache does not hold, to be extracted on
-    its own (where `outside`), and (with `changed`) for one it holds that has changed since it was extracted, to be
-    compared as it is now (changed_source says so); else a UserError saying why it names none."""
-    if outside and changed is not None and changed_source(key, searcher, changed) is not None:
-        return None
-    if outside and (source := cached_source(key, searcher.cache)) is not None and source in searcher.index:
-        return source
-    return None if outside and names_outside(key, searcher) else searcher.indexed_item(key, on_disk=True)
+def liked_item(key: str, searcher: Searcher, outside: bool,
+               changed: SourceChanged | None = None) -> tuple[str | None, str | None]:
+    """(the indexed item --like KEY names: its id, a file name or path that ends in it, or its source file by
+    another path, a symbolic link to it; None), or (None, None) for a file or folder the cache does not hold, to be
+    extracted on its own (where `outside`), or (None, the id it was extracted as) for one it holds that has changed
+    since (with `changed`: changed_source), to be compared as it is now; else a UserError saying why it names none.
+    The cache's ids and sources are looked through once for each."""
+    if not outside or not os.path.exists(key):  # no file: an id, or a file name or path that ends in one
+        return searcher.indexed_item(key, on_disk=True), None
+    source, named = cached_source(key, searcher.cache), ends_in(key, searcher)
+    if changed is not None and (was := changed_source(key, searcher, changed, source, named)) is not None:
+        return None, was
+    if source is not None and source in searcher.index:
+        return source, None
+    return (None, None) if names_outside(key, searcher, named) else (searcher.indexed_item(key, on_disk=True), None)
 
 
-def changed_source(path: str, searcher: Searcher, changed: SourceChanged) -> str | None:
-    """The indexed item extracted from the file or folder `path` (by that path, a link to it, or the item whose id
-    it ends in) that is no longer what it was extracted from (`changed(stamp, path)`: extract/stamps.py's
-    source_changed, which the command line passes: the index does not import extract); None where none is."""
-    if not os.path.exists(path):
-        return None
+def changed_source(path: str, searcher: Searcher, changed: SourceChanged, source: str | None,
+                   named: list[str]) -> str | None:
+    """The indexed item extracted from the file or folder `path` (by that path or a link to it: `source`, its
+    cached_source; or an item whose id it ends in, among `named`: ends_in) that is no longer what it was extracted
+    from (`changed(stamp, path)`: extract/stamps.py's source_changed, which the command line passes: the index does
+    not import extract); None where none is."""
     cache = searcher.cache
-    for item_id in [cached_source(path, cache), *(i for i in ends_in(path, searcher) if same_source(path, cache, i))]:
+    for item_id in [source, *(i for i in named if same_source(path, cache, i))]:
         if item_id in searcher.index and item_id in cache and changed(cache.sources[cache.index_of(item_id)], path):
             return item_id
     return None
@@ -785,13 +790,13 @@ def cached_source(path: str, cache: RegionCache) -> str | None:
     return next((item_id for item_id, source in zip(cache.ids, cache.paths) if source in wanted), None)
 
 
-def names_outside(key: str, searcher: Searcher) -> bool:
+def names_outside(key: str, searcher: Searcher, named: list[str]) -> bool:
     """Whether `key` is a file or folder of this machine that the cache does not hold: not an id, not the source
     of an item whose id its name or path ends in (`~/new/clip.mp4` is another file than the cached `clip` from
-    `/data/clip.mp4`), no item the cache dropped, and no frame of a cached frames folder."""
+    `/data/clip.mp4`), no item the cache dropped, and no frame of a cached frames folder. `named`: the ids it ends
+    in (ends_in)."""
     if key in searcher.index or key in searcher.cache:
         return False
-    named = ends_in(key, searcher)
     if named:
         return os.path.exists(key) and not any(same_source(key, searcher.cache, item_id) for item_id in named)
     return (os.path.exists(key) and searcher.cache.left_out_line(key) is None
@@ -1081,17 +1086,16 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
         say(line)
     if rerank and not searcher.can_rerank and not like:
         say("note: the run was trained without region-word alignment; results are not re-ranked")
-    liked = [(key, liked_item(key, searcher, outside is not None, changed)) for key in like]  # each checked before any answer
-    indexed_like = any(item_id is not None for _, item_id in liked)
+    liked = [(key, *liked_item(key, searcher, outside is not None, changed)) for key in like]  # each checked before any answer
+    indexed_like = any(item_id is not None for _, item_id, _ in liked)
     shown = len(searcher) - searcher.unshown - indexed_like  # an item is not like itself
     if k > shown:
         say(f"note: -k {k} is more than the {shown} {'other ' if indexed_like else ''}indexed items in the cache; "
             "showing all of them")
-    for _, item_id in liked:
+    for _, item_id, _ in liked:
         if note := liked_note(searcher, item_id):  # its vector in the index is of what it was
             say(f"note: {printable(note)}")
-    for n, (key, item_id) in enumerate(liked):
-        was = changed_source(key, searcher, changed) if item_id is None and changed is not None else None
+    for n, (key, item_id, was) in enumerate(liked):
         hits = (searcher.like(item_id, k) if item_id is not None else
                 like_outside(searcher, key, k, outside, device, changed_from=was))
         note = liked_note(searcher, item_id) if item_id is not None else changed_line(key, was) if was is not None else ""
