@@ -2760,6 +2760,12 @@ MUTANTS += [
            "if names_outside(key, searcher, named) else", "if names_outside(key, searcher, ends_in(key, searcher)) else",
            "tests/test_search.py -k looks_through_the_cache_sources_once",
            "search --like FILE looks through the ids by the ends of its path again for each question it asks"),
+    mutant("search-json-names-no-run", "vlpcache/index/search.py",
+           "hits_json(query, hits, unread, unknown, weak, known, searcher.model_label)", "hits_json(query, hits, unread, unknown, weak, known)",
+           "tests/test_search.py -k names_the_run_that_ranked", "search --json names no run that ranked its hits"),
+    mutant("search-plain-names-no-run", "vlpcache/index/search.py",
+           "    if not as_json and searcher.model_label:", "    if False:",
+           "tests/test_search.py -k names_the_run_that_ranked", "plain search names no run that ranked its hits"),
 ]
 
 

@@ -1704,7 +1704,8 @@ def test_like_ranks_the_other_items_by_cosine_with_the_items_own_embedding_in_th
     assert all(h.score == h.global_score and h.local_score is None and h.regions == [] for h in hits)
     assert all(h.path == f"{h.id}.mp4" and h.time == float(h.frame) for h in hits)  # frames stamped 0 s, 1 s
     [result] = search_json(monkeypatch, capsys, "--like", "v5", "-k", "6")
-    assert result == {"like": "v5", "results": json.loads(json.dumps([dataclasses.asdict(h) for h in hits]))}
+    assert result == {"like": "v5", "model": "run-001, epoch 1",
+                      "results": json.loads(json.dumps([dataclasses.asdict(h) for h in hits]))}
     code, out, err = vlpcache(monkeypatch, capsys, "search", "--like", "v5", "--like", "v7", "-k", "30")
     assert code == 0, err
     assert f"-k 30 is more than the {ITEMS - 1} other indexed items in the cache" in err
@@ -1813,6 +1814,20 @@ def test_like_of_a_file_looks_through_the_cache_sources_once_and_its_ids_once_to
     code, out, err = vlpcache(monkeypatch, capsys, "search", "--like", str(clip))
     assert f"{clip} is not in the cache: extracting it on its own" in err
     assert calls == {"cached_source": 1, "ends_in": 2}, calls  # ends_in: to name it, and for the line above
+
+
+def test_search_names_the_run_that_ranked_its_hits_once_on_stderr_and_in_each_json_object(ws, monkeypatch, capsys):
+    # with several runs, nothing said which one's model ranked the hits
+    retrained(ws)  # run-002, the newest: search takes it
+    for args, model in (([], "run-002, epoch 1"), (["--run", str(ws / "runs" / "run-001")], "run-001, epoch 1")):
+        code, out, err = vlpcache(monkeypatch, capsys, "search", "a dog", "--queries", "-", "-k", "2", *args,
+                                  stdin="a cat\n")
+        assert code == 0 and out.startswith("query: a dog\n") and "\n\nquery: a cat\n" in out  # stdout as it was
+        assert err.count("searching with") == 1 and f"searching with {model}\n" in err, err
+        code, out, err = vlpcache(monkeypatch, capsys, "search", "a dog", "-k", "2", "--json", *args)
+        assert code == 0 and "searching with" not in err  # --json: the field says it
+        results = [json.loads(out)] + search_json(monkeypatch, capsys, "--like", "v3", "-k", "2", *args)
+        assert [result["model"] for result in results] == [model, model]
 
 
 def test_like_takes_an_item_by_file_name_or_path_as_inspect_does_and_says_why_another_names_none(ws, monkeypatch,

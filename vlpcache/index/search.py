@@ -875,11 +875,12 @@ def extracted_roots(cache: RegionCache) -> list[Path]:
 
 
 def hits_json(query: str, hits: list[Hit], unread: str = "", unknown: list[str] | None = None,
-              weak: bool = False, known: int | None = None) -> dict:
+              weak: bool = False, known: int | None = None, model: str = "") -> dict:
     """`unread`: the end of the query past the tokens the model reads (Searcher.unread); `unknown`: its
     parts the text model does not know, `known`: how many of its tokens it knows (Searcher.unknown_and_known;
-    "reads_nothing" where there are unknown parts and nothing else); `weak`: its best match is weak (Searcher.weak)."""
-    return {"query": query, "unread": unread, "unknown": unknown or [], "reads_nothing": bool(unknown) and known == 0,
+    "reads_nothing" where there are unknown parts and nothing else); `weak`: its best match is weak (Searcher.weak);
+    `model`: the run that ranked them (Searcher.model_label)."""
+    return {"query": query, "model": model, "unread": unread, "unknown": unknown or [], "reads_nothing": bool(unknown) and known == 0,
             "weak": weak, "results": [asdict(h) for h in hits]}
 
 
@@ -922,11 +923,11 @@ def unread_line(searcher: Searcher, query: str, unread: str) -> str:
             f"\"{printable(query[:40])}{'...' if len(query) > 40 else ''}\" was left out: \"{printable(shown)}\"")
 
 
-def like_json(item_id: str, hits: list[Hit], outside: bool = False, note: str = "") -> dict:
+def like_json(item_id: str, hits: list[Hit], outside: bool = False, note: str = "", model: str = "") -> dict:
     """`vlpcache search --like ID --json`'s object (and serve's /api/search?like=ID); `outside`: "like" is the
     path of a file or folder the cache does not hold, extracted on its own (`"outside": true`); `note`: what is
-    off with the item asked about (liked_note), given where there is something."""
-    return {"like": item_id, **({"outside": True} if outside else {}), **({"note": note} if note else {}),
+    off with the item asked about (liked_note), given where there is something; `model`: the run that ranked them."""
+    return {"like": item_id, "model": model, **({"outside": True} if outside else {}), **({"note": note} if note else {}),
             "results": [asdict(h) for h in hits]}
 
 
@@ -1084,6 +1085,8 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
     rerank = not no_rerank and not qbnorm
     if (run := searcher.index.meta.run_dir) and (line := being_trained_note(Path(run), searcher.epoch)):
         say(line)
+    if not as_json and searcher.model_label:  # which of the user's runs ranks these (--json: each object's "model")
+        say(f"searching with {searcher.model_label}")
     if rerank and not searcher.can_rerank and not like:
         say("note: the run was trained without region-word alignment; results are not re-ranked")
     liked = [(key, *liked_item(key, searcher, outside is not None, changed)) for key in like]  # each checked before any answer
@@ -1099,7 +1102,7 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
         hits = (searcher.like(item_id, k) if item_id is not None else
                 like_outside(searcher, key, k, outside, device, changed_from=was))
         note = liked_note(searcher, item_id) if item_id is not None else changed_line(key, was) if was is not None else ""
-        print(json.dumps(like_json(item_id or key, hits, outside=item_id is None, note=note),
+        print(json.dumps(like_json(item_id or key, hits, outside=item_id is None, note=note, model=searcher.model_label),
                          ensure_ascii=False) if as_json
               else ("\n" if n else "") + format_hits(item_id or key, hits, head="like"), flush=True)
     cut, strange, weaker = FirstFew(), FirstFew(), FirstFew()
@@ -1113,7 +1116,8 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
         if weak := searcher.weak(hits):
             weaker.say(lambda: weak_line(searcher, query, hits))
         if as_json:
-            print(json.dumps(hits_json(query, hits, unread, unknown, weak, known), ensure_ascii=False), flush=True)
+            print(json.dumps(hits_json(query, hits, unread, unknown, weak, known, searcher.model_label), ensure_ascii=False),
+                  flush=True)
         else:
             print(("\n" if n else "") + format_hits(query, hits), flush=True)
     for counted, what, key in ((cut, f"were longer than the {searcher.max_words} tokens the model reads and cut there",

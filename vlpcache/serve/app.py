@@ -126,7 +126,8 @@ def make_app(searcher: Searcher, thumbnails: ThumbnailStore, allowed_hosts: froz
             raise ApiError(400, str(err)) from None
         took = 1e3 * (time.perf_counter() - started)
         unknown, known = searcher.unknown_and_known(query)
-        return JSONResponse(hits_json(query, hits, searcher.unread(query), unknown, searcher.weak(hits), known),
+        return JSONResponse(hits_json(query, hits, searcher.unread(query), unknown, searcher.weak(hits), known,
+                                      searcher.model_label),
                             headers={"server-timing": f"search;dur={took:.1f}"})
 
     def item(request: Request) -> Response:
@@ -217,7 +218,7 @@ def _search_like(searcher: Searcher, request: Request, like: str) -> Response:
     except UserError as err:
         raise ApiError(400, str(err)) from None
     took = 1e3 * (time.perf_counter() - started)
-    return JSONResponse(like_json(item_id, hits, note=liked_note(searcher, item_id)),
+    return JSONResponse(like_json(item_id, hits, note=liked_note(searcher, item_id), model=searcher.model_label),
                         headers={"server-timing": f"search;dur={took:.1f}"})
 
 
@@ -280,7 +281,7 @@ async def _like_upload(request: Request, searcher: Searcher, refused: str | None
     finally:
         slots.held -= 1
     say(f"compared {printable(name)} ({size / 2**20:.1f} MB) with the collection in {took:.1f} s")
-    return JSONResponse(like_json(name, hits, outside=True), headers={"server-timing": f"like;dur={1e3 * took:.1f}"})
+    return JSONResponse(like_json(name, hits, outside=True, model=searcher.model_label), headers={"server-timing": f"like;dur={1e3 * took:.1f}"})
 
 
 async def _drain(request: Request) -> None:
