@@ -2766,6 +2766,10 @@ MUTANTS += [
     mutant("search-plain-names-no-run", "vlpcache/index/search.py",
            "    if not as_json and searcher.model_label:", "    if False:",
            "tests/test_search.py -k names_the_run_that_ranked", "plain search names no run that ranked its hits"),
+    mutant("init-resume-refused-after-reading-captions", "vlpcache/model/train.py",
+           "        if init and not done and saved_place(run_dir, 0) is None:", "        if False:",
+           "tests/test_pretrain.py -k init_resume_before",
+           "a refused --resume of an --init run reads the captions and caches before refusing"),
 ]
 
 

@@ -286,13 +286,19 @@ def test_init_resume_before_a_checkpoint_refuses_the_init_run_trained_again_in_i
     refused = (rf"^{re.escape(str(child))} starts from .*parent/checkpoints/epoch-0001 \(--init, sha256 "
                rf"{json.loads((child / 'config.json').read_text())['init']['sha256'][:12]}\), which holds other weights "
                r"now .*and has no checkpoint of its own yet: start it anew")
+    from vlpcache.model import train
+
+    read, load_data = [], train.load_pretrain_data
     for width, seed in ((16, 7), (32, 0)):  # trained again at its own width, then at another
         shutil.rmtree(parent)
         run_pretrain(**data, run_dir=parent, **small_options(tiny_text, epochs=1, trainable_layers=0, width=width,
                                                               seed=seed))
+        # refused before its captions and caches are read (they were, first: minutes on a big collection)
+        monkeypatch.setattr(train, "load_pretrain_data", lambda *args, **kw: read.append(args) or load_data(*args, **kw))
         with pytest.raises(UserError, match=refused):
             run_pretrain(run_dir=child, resume=True, quiet=True, device="cpu")
-    assert not ckpt.checkpoints(child)
+        monkeypatch.setattr(train, "load_pretrain_data", load_data)
+    assert not ckpt.checkpoints(child) and read == []
     # the weights of another width, loaded by a run's model: one line naming a tensor, not torch's page of them
     shutil.copy(ckpt.checkpoints(parent)[1] / "model.safetensors", ckpt.checkpoints(tmp_path / "narrow")[1])
     with pytest.raises(UserError, match=r"model.safetensors: does not match the model of .*narrow/config.json \(\S+: "

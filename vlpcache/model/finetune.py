@@ -92,6 +92,15 @@ def initial_model(record: dict, config: ModelConfig, run_dir: Path):
     from vlpcache.model.checkpoint import load_weights
     from vlpcache.model.model import AlignmentModel, load_text_backbone
 
+    check_init_source(record, run_dir)
+    backbone, tokenizer = load_text_backbone(str(Path(record["run"]) / TEXT_DIR), weights=False)
+    model = AlignmentModel(config, backbone)
+    load_weights(model, Path(record["checkpoint"]))
+    return model, tokenizer
+
+
+def check_init_source(record: dict, run_dir: Path) -> None:
+    """The checkpoint a run starts from (--init) must be there still, with the weights it had when the run began."""
     checkpoint, source = Path(record["checkpoint"]), Path(record["run"])
     if not (checkpoint / WEIGHTS_NAME).is_file() or not (source / TEXT_DIR).is_dir():
         raise UserError(f"{run_dir} starts from {printable(str(checkpoint))} (--init), which is not there any more "
@@ -103,10 +112,6 @@ def initial_model(record: dict, config: ModelConfig, run_dir: Path):
                         f"other weights now ({printable(str(source))} trained again, or its checkpoint replaced), and has "
                         "no checkpoint of its own yet: start it anew, with another -o or after removing it, and --init "
                         "the weights you mean")
-    backbone, tokenizer = load_text_backbone(str(source / TEXT_DIR), weights=False)
-    model = AlignmentModel(config, backbone)
-    load_weights(model, checkpoint)
-    return model, tokenizer
 
 
 def inherited_content(record: dict) -> np.ndarray:

@@ -54,8 +54,8 @@ from vlpcache.model.config import (
     captions_per_video_cap,
     differing_model_options,
 )
-from vlpcache.model.finetune import (check_init_features, inherited_content, inherited_videos, init_model_config, init_record,
-                                     initial_model)
+from vlpcache.model.finetune import (check_init_features, check_init_source, inherited_content, inherited_videos,
+                                     init_model_config, init_record, initial_model)
 from vlpcache.model.model import (DEFAULT_TEXT_MODEL, AlignmentModel, PretrainLoss, build_model, check_text_model_findable,
                                   load_text_backbone, text_positions)
 from vlpcache.model.retrieval import candidate_local_scores, encode_texts, encode_videos
@@ -322,6 +322,8 @@ def resolve_run(options: PretrainOptions, run_dir: Path, processes: Processes, w
         if train_config.epochs == done and (run_dir / VIDEOS_NAME).exists():  # said before the captions and
             # caches are read (seconds, or minutes); a run from before the videos' record reads them to write it
             return Run(run_dir, train_config, model_config, None, resumed=True, init=init)
+        if init and not done and saved_place(run_dir, 0) is None:  # it starts from the init checkpoint: refused, if
+            check_init_source(init, run_dir)  # it must be, before the captions are read (minutes on a big collection)
         for key, name in LOCATION_OPTIONS:
             if missing := [p for p in location_list(getattr(train_config, key)) if not os.path.exists(p)]:
                 raise UserError(f"--resume: {run_dir} reads {printable(missing[0])}, which is not there (moved or "
