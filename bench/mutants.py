@@ -2770,6 +2770,10 @@ MUTANTS += [
            "        if init and not done and saved_place(run_dir, 0) is None:", "        if False:",
            "tests/test_pretrain.py -k init_resume_before",
            "a refused --resume of an --init run reads the captions and caches before refusing"),
+    mutant("inspect-batch-asked-not-taken", "vlpcache/model/train.py",
+           "        \"batch\": loader.batch,", "        \"batch\": run.train.batch_size,",
+           "tests/test_inspect_run.py -k batch_size_larger",
+           "inspect shows the --batch-size asked of a run whose steps took fewer training videos"),
 ]
 
 

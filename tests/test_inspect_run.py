@@ -63,6 +63,24 @@ def test_a_finished_run_shows_its_settings_each_epochs_validation_and_the_best(w
     assert set(summary["log"][0]) == set(LOG_FIELDS) and summary["log"][0]["resumed"] is None
 
 
+def test_a_batch_size_larger_than_the_training_videos_shows_the_batch_a_step_took_too(template, ws, monkeypatch, capsys):
+    # inspect showed "batch 64" of a run whose 16 training videos made every step a batch of 16
+    from vlpcache.model.train import run_pretrain
+
+    run = ws / "runs" / "run-002"
+    run_pretrain(cache_dirs=[ws / "cache"], captions=[template.parent / "train.jsonl"], run_dir=run,
+                 text_model=str(template.parent / "tiny-bert"), width=16, layers=1, batch_size=64, epochs=1, workers=0,
+                 quiet=True, device="cpu")
+    code, out, err = vlpcache(monkeypatch, capsys, "inspect", run)
+    assert code == 0, err
+    [line] = [line for line in out.splitlines() if line.startswith("training    ")]
+    assert line.startswith("training    batch 64 (16 as logged: a step takes at most the training videos a process "
+                           "has), lr "), line
+    assert inspect_json(monkeypatch, capsys, run)["log"][0]["batch"] == 16
+    code, out, _ = vlpcache(monkeypatch, capsys, "inspect", ws / "runs" / "run-001")  # batch 8 of 16 videos: as asked
+    assert code == 0 and "training    batch 8, lr " in out
+
+
 def test_a_run_stopped_before_its_last_epoch_says_how_to_continue_it(ws, monkeypatch, capsys):
     run = ws / "runs" / "run-001"
     set_epochs(run, 3)

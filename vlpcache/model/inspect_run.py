@@ -205,7 +205,7 @@ def _header(summary: dict) -> list[str]:
         f"video       region transformer {m.get('width')} wide, {m.get('layers')} layer(s); frame time "
         f"{_said(m.get('frame_time'))}; global path {'on' if m.get('global_path') else 'off'}; region-word alignment "
         f"{rwa}; dropout: frames {_said(m.get('frame_dropout'))}, regions {_said(m.get('region_dropout'))}",
-        f"training    batch {t.get('batch_size')}, lr {t.get('lr')}, text lr {t.get('text_lr')}, seed {t.get('seed')}, "
+        f"training    batch {_batch(t, summary['log'])}, lr {t.get('lr')}, text lr {t.get('text_lr')}, seed {t.get('seed')}, "
         f"precision {_precision(t, summary['log'])}",
         *_began(summary.get("init")),
     ]
@@ -238,6 +238,17 @@ def _caches(summary: dict) -> str:
         return ", ".join(f"{name} ({_features(c)})" for name, c in zip(named, each))
     first = summary["cache_settings"]
     return ", ".join(named) + (f" ({_features(first)})" if first else "")
+
+
+def _batch(train: dict, log: list[dict]) -> str:
+    """The run's --batch-size, and the batch its logged epochs took where that differs: a process's training videos,
+    where they are fewer ("64 (16 as logged: ...)")."""
+    asked = train.get("batch_size")
+    used = sorted({r["batch"] for r in log if isinstance(r.get("batch"), int)})
+    if not used or used == [asked]:
+        return str(asked)
+    return (f"{asked} ({', '.join(map(str, used))} as logged: a step takes at most the training videos a process "
+            "has)")
 
 
 def _precision(train: dict, log: list[dict]) -> str:

@@ -54,6 +54,8 @@ LOG_FIELDS = {  # written by train.py, read by name by inspect_run.py (and by pe
     "precision": "the training step's arithmetic in the epoch (bf16, fp16 or fp32: what --precision resolved to "
                  "on the machine); absent in runs made before it was logged",
     "temperature": "the contrastive loss's learned temperature at the end of the epoch",
+    "batch": "videos a step and process in the epoch: --batch-size, or the training videos a process has where they "
+             "are fewer; absent in runs made before it was logged",
     "val": "validation metrics (R@1, R@5, R@10, MdR, MnR, queries, candidates, rerank_weight and rerank: "
            "the metrics of each re-rank weight tried); absent without validation captions",
     "val_seconds": "seconds the validation took; there when val is",

@@ -929,6 +929,7 @@ def train_one_epoch(epoch: int, run: Run, trainer: Trainer, loader: Loader, proc
         "epoch_seconds": place.seconds,
         "precision": trainer.arithmetic,
         "temperature": float(1 / trainer.model.logit_scale.detach().exp()),
+        "batch": loader.batch,  # --batch-size, or fewer where a process has fewer training videos
     }
 
 
