@@ -1085,11 +1085,11 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
     rerank = not no_rerank and not qbnorm
     if (run := searcher.index.meta.run_dir) and (line := being_trained_note(Path(run), searcher.epoch)):
         say(line)
-    if not as_json and searcher.model_label:  # which of the user's runs ranks these (--json: each object's "model")
-        say(f"searching with {searcher.model_label}")
     if rerank and not searcher.can_rerank and not like:
         say("note: the run was trained without region-word alignment; results are not re-ranked")
     liked = [(key, *liked_item(key, searcher, outside is not None, changed)) for key in like]  # each checked before any answer
+    if not as_json and searcher.model_label:  # which of the user's runs ranks these (--json: each object's "model")
+        say(f"searching with {searcher.model_label}")
     indexed_like = any(item_id is not None for _, item_id, _ in liked)
     shown = len(searcher) - searcher.unshown - indexed_like  # an item is not like itself
     if k > shown:
