@@ -2764,7 +2764,7 @@ MUTANTS += [
            "hits_json(query, hits, unread, unknown, weak, known, searcher.model_label)", "hits_json(query, hits, unread, unknown, weak, known)",
            "tests/test_search.py -k names_the_run_that_ranked", "search --json names no run that ranked its hits"),
     mutant("search-plain-names-no-run", "vlpcache/index/search.py",
-           "    if not as_json and searcher.model_label:", "    if False:",
+           "    if not as_json and searcher.model_label:\n        say(f\"searching with", "    if False:\n        say(f\"searching with",
            "tests/test_search.py -k names_the_run_that_ranked", "plain search names no run that ranked its hits"),
     mutant("init-resume-refused-after-reading-captions", "vlpcache/model/train.py",
            "        if init and not done and saved_place(run_dir, 0) is None:", "        if False:",

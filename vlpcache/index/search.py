@@ -1057,6 +1057,13 @@ def unindexed_line(unindexed: int, again: int, index_dir: Path) -> str:
     return f"note: {unindexed} cached item(s) are not in the index yet{also}; {how}"
 
 
+def say_model(searcher: Searcher, as_json: bool) -> None:
+    """Which of the user's runs ranks the hits, said once, as the first are printed (after any error that stops
+    the command first); --json says it in each object's "model"."""
+    if not as_json and searcher.model_label:
+        say(f"searching with {searcher.model_label}")
+
+
 def _newest_indexed_run(sources, cache: RegionCache) -> Path | None:
     """The newest run of the workspace, other than sources.run_dir, with an index over `cache`."""
     from vlpcache.model.run_layout import runs_newest_first
@@ -1088,8 +1095,6 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
     if rerank and not searcher.can_rerank and not like:
         say("note: the run was trained without region-word alignment; results are not re-ranked")
     liked = [(key, *liked_item(key, searcher, outside is not None, changed)) for key in like]  # each checked before any answer
-    if not as_json and searcher.model_label:  # which of the user's runs ranks these (--json: each object's "model")
-        say(f"searching with {searcher.model_label}")
     indexed_like = any(item_id is not None for _, item_id, _ in liked)
     shown = len(searcher) - searcher.unshown - indexed_like  # an item is not like itself
     if k > shown:
@@ -1102,12 +1107,16 @@ def run_search(text=None, queries_file=None, *, k: int, run_dir=None, cache_dir=
         hits = (searcher.like(item_id, k) if item_id is not None else
                 like_outside(searcher, key, k, outside, device, changed_from=was))
         note = liked_note(searcher, item_id) if item_id is not None else changed_line(key, was) if was is not None else ""
+        if n == 0:
+            say_model(searcher, as_json)
         print(json.dumps(like_json(item_id or key, hits, outside=item_id is None, note=note, model=searcher.model_label),
                          ensure_ascii=False) if as_json
               else ("\n" if n else "") + format_hits(item_id or key, hits, head="like"), flush=True)
     cut, strange, weaker = FirstFew(), FirstFew(), FirstFew()
     for n, query in enumerate(queries):
         hits = searcher.search(query, k, rerank=rerank, qbnorm=qbnorm)
+        if n == 0:
+            say_model(searcher, as_json)
         if unread := searcher.unread(query):
             cut.say(lambda: unread_line(searcher, query, unread))
         unknown, known = searcher.unknown_and_known(query)
