@@ -303,11 +303,13 @@ def load_run(run_dir, device: str | torch.device = "cpu", checkpoint=None, video
 
     run_dir = Path(run_dir)
     stored = read_run_config(run_dir)
+    checkpoint_dir = resolve_checkpoint(run_dir, checkpoint)
     config = ModelConfig.from_json(stored["model"])
+    # a run being trained removes its older checkpoints as better ones land: one listed a moment
+    # ago may be gone now, and the run's best or last is another one
     for attempt in range(RELOOKS + 1):
-        # a run being trained removes its older checkpoints as better ones land: one listed a moment
-        # ago may be gone now, and the run's best or last is another one
-        checkpoint_dir = resolve_checkpoint(run_dir, checkpoint)
+        if attempt:
+            checkpoint_dir = resolve_checkpoint(run_dir, checkpoint)
         try:
             meta = read_checkpoint_meta(checkpoint_dir)
             parts = (lambda: _run_model(config, run_dir, checkpoint_dir, device, video_only)) if model_when_used else \
