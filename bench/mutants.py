@@ -2774,6 +2774,9 @@ MUTANTS += [
            "        \"batch\": loader.batch,", "        \"batch\": run.train.batch_size,",
            "tests/test_inspect_run.py -k batch_size_larger",
            "inspect shows the --batch-size asked of a run whose steps took fewer training videos"),
+    mutant("query-bank-cut-short-traceback", "vlpcache/querybank.py",
+           "UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)", "UNREADABLE = (OSError, ValueError, KeyError)",
+           "tests/test_search.py -k cut_short", "a query bank cut short is made again, not a BadZipFile traceback"),
 ]
 
 

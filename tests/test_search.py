@@ -1588,6 +1588,20 @@ def test_search_qbnorm_reads_the_query_bank_once(ws, monkeypatch, capsys):
     assert len(result["results"]) == 3 and len(reads) == 1, reads
 
 
+def test_search_qbnorm_over_a_query_bank_cut_short_makes_it_again(ws, monkeypatch, capsys):
+    # a bank file cut short (a copy stopped halfway, a damaged disk) was a zipfile.BadZipFile traceback
+    from vlpcache.index.layout import QUERYBANK_FILE
+    from vlpcache.querybank import QueryBank
+
+    assert vlpcache(monkeypatch, capsys, "index", "--qbnorm", "--quiet")[0] == 0
+    path = the_index(ws) / QUERYBANK_FILE
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    [result] = search_json(monkeypatch, capsys, "a horse", "-k", "3", "--qbnorm")
+    assert len(result["results"]) == 3
+    assert len(QueryBank.load(path).log_norm) == ITEMS
+
+
 def test_search_qbnorm_ranks_every_hit_by_the_normalised_score_past_the_first_32_too(ws, monkeypatch, capsys):
     """-k 44 --qbnorm gave QB-Norm's scores (its log-softmax, about -3) to the first 32 hits and plain cosines (about
     -0.04) to the hits after them, in global order: the score rose down the list, and the order past 32 ignored

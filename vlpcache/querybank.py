@@ -17,6 +17,7 @@ exactly without re-scoring the old ones against the bank.
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -115,12 +116,15 @@ def rows_digest(ids: list[str]) -> str:
     return digest.hexdigest()
 
 
+UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)  # a bank cut short or damaged: made again
+
+
 def bank_for(path: Path, ids: list[str]) -> QueryBank | None:
     """The query bank in `path` where it was made for the index rows `ids`; None where there is none, it does
     not read, or it was made for other rows."""
     try:
         bank = QueryBank.load(path) if Path(path).exists() else None
-    except (OSError, ValueError, KeyError):
+    except UNREADABLE:
         return None
     return bank if bank is not None and made_for(len(bank.log_norm), bank.rows, ids) else None
 
@@ -131,7 +135,7 @@ def bank_fits(path: Path, ids: list[str]) -> bool:
     try:
         with np.load(path) if Path(path).exists() else nullcontext() as data:
             return data is not None and made_for(len(data["log_norm"]), str(data["rows"]) if "rows" in data else "", ids)
-    except (OSError, ValueError, KeyError):
+    except UNREADABLE:
         return False
 
 
