@@ -107,11 +107,20 @@ def actor_pids(cache_dir: Path) -> set[int]:
     pids = set()
     for fds in Path("/proc").glob("[0-9]*/fd"):
         try:
-            if any(os.readlink(fd).startswith(prefix) for fd in fds.iterdir()):
+            if any(_link(fd).startswith(prefix) for fd in fds.iterdir()):
                 pids.add(int(fds.parent.name))
-        except OSError:  # gone meanwhile, or not ours to read
+        except OSError:  # the process gone meanwhile, or not ours to read
             continue
     return pids
+
+
+def _link(fd: Path) -> str:
+    """Where an open file descriptor points; "" for one closed meanwhile (its process goes on: an actor that
+    holds the lock and opens and closes other files was passed over whole, 1 scan in 200)."""
+    try:
+        return os.readlink(fd)
+    except FileNotFoundError:
+        return ""
 
 
 def start_ray_extract(root: Path, cache_dir: Path, ray_address: str) -> subprocess.Popen:
