@@ -140,6 +140,12 @@ def weights_difference(mine: dict, theirs: dict) -> tuple[str, Any, Any] | None:
     return None if mine[key] == theirs[key] else (key, mine[key], theirs[key])
 
 
+def weights_differences(mine: dict, theirs: dict) -> list[str]:
+    """weights_difference as CacheSettings.differences words each setting: ["key: mine != theirs"], or []."""
+    weights = weights_difference(mine, theirs)
+    return [f"{weights[0]}: {weights[1]!r} != {weights[2]!r}"] if weights else []
+
+
 @dataclass(frozen=True)
 class ArraySpec:
     name: str
@@ -218,8 +224,7 @@ class CacheSettings(JsonRecord):
 
         diffs = [f"{k}: {shown(k, mine[k])} != {shown(k, theirs.get(k))}" for k in mine
                  if k not in (WEIGHTS_FILE, WEIGHTS_TENSORS) and mine[k] != theirs.get(k)]
-        weights = weights_difference(mine, theirs)
-        return diffs + ([f"{weights[0]}: {weights[1]!r} != {weights[2]!r}"] if weights else [])
+        return diffs + weights_differences(mine, theirs)
 
     def feature_differences(self, other: "CacheSettings | dict") -> list[str]:
         """Human-readable list of the FEATURE_SETTINGS in which `other` differs: empty when a model
@@ -229,8 +234,7 @@ class CacheSettings(JsonRecord):
         theirs = other if isinstance(other, dict) else other.to_json()
         diffs = [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in FEATURE_SETTINGS
                  if k != WEIGHTS_FILE and k in theirs and theirs[k] != mine[k]]
-        weights = weights_difference(mine, theirs)
-        return diffs + ([f"{weights[0]}: {weights[1]!r} != {weights[2]!r}"] if weights else [])
+        return diffs + weights_differences(mine, theirs)
 
 
 def detector_name(detector: str) -> str:
