@@ -20,6 +20,9 @@ from vlpcache.extract.sources import one_item
 from vlpcache.report import printable
 from vlpcache.workspace import Workspace
 
+# the way out where a cache's --weights FILE is not in the workspace's record (weights.json)
+RERUN_WITH_WEIGHTS = "run that extract again with the same --weights FILE, which extracts nothing again and records the file"
+
 
 def options_like(settings: CacheSettings, models: str | None = None, device: str = "cpu",
                  workers: int = 1) -> ExtractOptions:
@@ -48,8 +51,7 @@ def weights_given(settings: CacheSettings) -> str | None:
     if path is None and not torchvisions_own(settings):
         raise NotComparable(f"the cache's frcnn weights (sha256 {settings.detector_weights_sha256[:12]}…) are a file "
                             "given to extract as --weights that this workspace has no record of (extracted before "
-                            "vlpcache recorded it in weights.json, or in another workspace): run that extract again "
-                            "with the same --weights FILE, which extracts nothing again and records the file")
+                            f"vlpcache recorded it in weights.json, or in another workspace): {RERUN_WITH_WEIGHTS}")
     return path
 
 
@@ -59,8 +61,7 @@ def unrecorded_weights(options: ExtractOptions) -> str:
     if options.detector != "vg" or options.weights:
         return ""
     return ("; where the cache was extracted with --weights FILE (before vlpcache recorded it in weights.json, or in "
-            "another workspace), run that extract again with the same --weights FILE, which extracts nothing again "
-            "and records the file")
+            f"another workspace), {RERUN_WITH_WEIGHTS}")
 
 
 def torchvisions_own(settings: CacheSettings) -> bool:
