@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import sys
+from contextlib import contextmanager
 
 from vlpcache.errors import GraphTooNew
 
@@ -40,3 +41,15 @@ def graph_too_new(what: str, err: BaseException, otherwise: str) -> GraphTooNew 
         return None
     why = f"{phrase}; {NEWER_RUNTIME}" + (f", or {otherwise}" if otherwise else "")
     return GraphTooNew(f"{what}: {why}", why)
+
+
+@contextmanager
+def too_new_said(what: str, otherwise: str = ""):
+    """Within: loading an ONNX graph (`what`, a file) that fails for its version stamp alone raises that one line
+    (graph_too_new); any other error is raised as it was."""
+    try:
+        yield
+    except Exception as err:
+        if (too_new := graph_too_new(what, err, otherwise)) is not None:
+            raise too_new from None
+        raise

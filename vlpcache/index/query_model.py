@@ -21,7 +21,7 @@ import numpy as np
 from vlpcache.captions import unknown_tokens
 from vlpcache.devices import quota_threads
 from vlpcache.index.layout import QUERY_DIR
-from vlpcache.onnx_versions import graph_too_new
+from vlpcache.onnx_versions import too_new_said
 from vlpcache.records import read_json, read_optional_json
 
 TEXT_GRAPH = "text_encoder.onnx"
@@ -62,12 +62,8 @@ def query_session(graph: Path, options, providers: list[str], otherwise: str = "
     out."""
     import onnxruntime as ort
 
-    try:
+    with too_new_said(str(graph), otherwise):
         return ort.InferenceSession(str(graph), options, providers=providers)
-    except Exception as err:
-        if (too_new := graph_too_new(str(graph), err, otherwise)) is not None:
-            raise too_new from None
-        raise
 
 
 class OnnxQueryModel:

@@ -28,7 +28,7 @@ from vlpcache.extract.detectors.spec import YOLOX_INPUT_SIZE as INPUT_SIZE
 from vlpcache.extract.detectors.vision_ops import roi_align
 from vlpcache.extract.detectors.yolox_graph import EXPORT_OLDER, batched_onnx
 from vlpcache.files import replace_atomically
-from vlpcache.onnx_versions import graph_too_new, unreadable_version
+from vlpcache.onnx_versions import too_new_said, unreadable_version
 from vlpcache.report import say
 from vlpcache.workspace import user_cache_dir
 
@@ -117,12 +117,8 @@ def _cached_onnx(name: str, make, load, what: str, otherwise: str):
         replace_atomically(cached, lambda tmp: tmp.write_bytes(data))
     except OSError:
         pass  # a read-only home only costs making it again next time
-    try:
+    with too_new_said(what, otherwise):
         return load(data)
-    except Exception as err:
-        if (too_new := graph_too_new(what, err, otherwise)) is not None:
-            raise too_new from None
-        raise
 
 
 def _graph_damaged(err: Exception) -> bool:
