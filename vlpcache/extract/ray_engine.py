@@ -52,7 +52,9 @@ from vlpcache.interrupts import sigterm_held, stop_if_interrupted, stops_deferre
 
 RAY_MISSING = 'the ray engine needs Ray Data: pip install "vlpcache[ray]" (or pip install "ray[data]")'
 DECODE_TASK_ITEMS = 64  # items per decoding task at most: one worker process start (about 0.5 s) each
-DECODE_TASKS_PER_CPU = 4  # at least this many tasks per CPU, for balance, where there are items enough
+DECODE_TASK_MIN_ITEMS = 16  # and at least, where the decoders have a task each: 8 tasks of 2 items each made a
+# 17-item extract 12 s long on 2 cores, 1 task 7.2 s (BENCHMARKS.md)
+DECODE_TASKS_PER_DECODER = 4  # this many tasks per decoder where there are items enough, for balance
 # memory Ray reserves for each detector actor: the networks, a batch of decoded items and its regions
 # (yolox on CPU: 1.2-1.7 GB resident). Asking for it also keeps Ray Data from fusing the decoding
 # tasks into the actors on CPU, where both would otherwise ask for one CPU and nothing else
@@ -313,7 +315,7 @@ def _pipeline(ray, todo: list[Item], spec: DetectorSpec, writer: ShardWriter, op
         # a CPU each, two extracts on a 2-CPU cluster held them all, and neither decoded anything, for good
         actor_device, actors, resources = "cpu", sum(1 for n in ray.nodes() if n["Alive"]), {"num_cpus": 0}
         decoders = options.workers or max(1, cpus - actors)  # as many as when the actors held their CPU
-    tasks = min(len(todo), max(DECODE_TASKS_PER_CPU * cpus, -(-len(todo) // DECODE_TASK_ITEMS)))
+    tasks = decode_tasks(len(todo), decoders or cpus)
     rows = [{"id": item.id, "path": str(item.path.absolute()), "kind": item.kind, "replaces": item.replaces}
             for item in todo]
     spec = replace(spec, detector_file=spec.detector_file and spec.detector_file.absolute(),  # for workers whose
@@ -335,6 +337,14 @@ def _pipeline(ray, todo: list[Item], spec: DetectorSpec, writer: ShardWriter, op
                          "score_threshold": options.score_threshold, "shard_set": options.shard_set(),
                          "autotune": options.autotune})
     )
+
+
+def decode_tasks(items: int, decoders: int) -> int:
+    """How many decoding tasks share `items` among `decoders` at once: a few per decoder for balance, at most
+    DECODE_TASK_ITEMS items each, and no fewer than DECODE_TASK_MIN_ITEMS where that still gives each decoder
+    one (each task starts a worker process)."""
+    balanced = max(DECODE_TASKS_PER_DECODER * decoders, math.ceil(items / DECODE_TASK_ITEMS))
+    return max(1, min(items, balanced, max(decoders, items // DECODE_TASK_MIN_ITEMS)))
 
 
 def _collect(dataset, progress: ExtractProgress, summary: ExtractSummary, started: float) -> None:
