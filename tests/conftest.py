@@ -24,6 +24,26 @@ os.environ.setdefault("VLPCACHE_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
+# the files that take longest, longest first (seconds in one of two test processes, 2026-12-07): pytest-xdist gives each
+# test process a whole file at a time, and by default the files with the most tests first, which started the Ray
+# engine's 25 tests (about 300 s) late, while the other process had run out of files
+LONGEST_FIRST = ("test_ray_engine", "test_pretrain", "test_faults", "test_search", "test_like_outside", "test_extract",
+                 "test_weights", "test_serve", "test_vg", "test_cache", "test_sampling")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist 3.7 and later: keep the order set below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files in LONGEST_FIRST order, then the others as collected; each file's tests in their own order."""
+    def rank(item) -> int:
+        name = Path(str(item.fspath)).stem
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep pytest's order
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_workspace(tmp_path_factory):
