@@ -39,7 +39,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     """Files in LONGEST_FIRST order, then the others as collected; each file's tests in their own order."""
     def rank(item) -> int:
-        name = Path(str(item.fspath)).stem
+        name = item.path.stem
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: the rest keep pytest's order

@@ -604,11 +604,12 @@ def test_a_sigterm_while_ray_imports_stops_once_the_import_is_done():
                                              (10_000, 1), (5, 4)])
 def test_decoding_tasks_are_few_on_small_jobs_and_many_enough_on_large_ones(items, decoders):
     """Each task starts a worker process (0.5 s): 8 tasks of 2 items each made a 17-item extract 12 s long here."""
-    from vlpcache.extract.ray_engine import DECODE_TASK_ITEMS, DECODE_TASK_MIN_ITEMS, decode_tasks
+    from vlpcache.extract.ray_engine import (DECODE_TASK_ITEMS, DECODE_TASK_MIN_ITEMS, DECODE_TASKS_PER_DECODER,
+                                             decode_tasks)
 
     tasks = decode_tasks(items, decoders)
     assert 1 <= tasks <= items and -(-items // tasks) <= DECODE_TASK_ITEMS  # every item in a task of at most 64
     assert tasks >= min(items, decoders)  # each decoder has one
     if tasks > decoders:  # more tasks than decoders only for balance, of DECODE_TASK_MIN_ITEMS items at least
         assert items // tasks >= DECODE_TASK_MIN_ITEMS
-    assert tasks >= min(4 * decoders, items // DECODE_TASK_MIN_ITEMS)  # and balance where there are items enough
+    assert tasks >= min(DECODE_TASKS_PER_DECODER * decoders, items // DECODE_TASK_MIN_ITEMS)  # balance, items enough
