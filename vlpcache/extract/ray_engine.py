@@ -344,7 +344,7 @@ def decode_tasks(items: int, decoders: int) -> int:
     DECODE_TASK_ITEMS items each, and no fewer than DECODE_TASK_MIN_ITEMS where that still gives each decoder
     one (each task starts a worker process)."""
     balanced = max(DECODE_TASKS_PER_DECODER * decoders, math.ceil(items / DECODE_TASK_ITEMS))
-    return max(1, min(items, balanced, max(decoders, items // DECODE_TASK_MIN_ITEMS)))
+    return min(items, balanced, max(decoders, items // DECODE_TASK_MIN_ITEMS))
 
 
 def _collect(dataset, progress: ExtractProgress, summary: ExtractSummary, started: float) -> None:
