@@ -12,7 +12,6 @@ import io
 import json
 import re
 import os
-import resource
 import shutil
 import socket
 import signal
@@ -864,19 +863,26 @@ def test_serving_with_an_exported_index_never_imports_torch(ws):
 # ---------------------------------------------------------------- the command, as a user starts it
 
 
+AS_A_SHELL_STARTS_IT = """import os, resource, signal, sys
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
+if sys.argv[1]:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[1])))
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
 class Server:
     """`vlpcache serve --port 0` in its own process, as a user starts it; stopped with Ctrl+C."""
 
     def __init__(self, ws: Path, *args: str, env: dict | None = None, open_files: int | None = None):
-        def as_a_shell_starts_it():  # (the suite: maybe nohup); open_files: `ulimit -n` (soft and hard)
-            signal.signal(signal.SIGHUP, signal.SIG_DFL)
-            if open_files is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
-
+        # as a shell starts it (the suite: maybe nohup), open_files its `ulimit -n` (soft and hard): set by a Python
+        # that then execs the command, not by a preexec_fn, whose Python code in the forked child of this threaded
+        # test process deadlocked there once (a clean clone's test process waited 10 minutes in the fork)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "vlpcache", "serve", "--port", "0", *args], cwd=ws.parent,
+            [sys.executable, "-c", AS_A_SHELL_STARTS_IT, str(open_files or ""), "-m", "vlpcache", "serve", "--port", "0",
+             *args], cwd=ws.parent,
             env={**os.environ, "VLPCACHE_WORKSPACE": str(ws), **(env or {})}, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, preexec_fn=as_a_shell_starts_it)
+            stderr=subprocess.PIPE, text=True)
         self.url = self._read_url()
         self.host, self.port = self.url.split("/")[2].rsplit(":", 1)
 
