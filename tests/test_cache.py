@@ -24,6 +24,7 @@ from vlpcache.cache.manifest import passed_over_path, read_failures, read_passed
 from vlpcache.records import json_lines
 from vlpcache.cache.writer import ShardWriter
 from vlpcache.errors import UserError
+from as_a_shell import as_a_shell_starts_it
 from broken_media import damage_chunk
 from hdf5_format import layout_message_versions, set_layout_message_versions, superblock_version
 from waiting import HANG_GUARD_S
@@ -285,22 +286,24 @@ def test_a_writer_waiting_on_a_lock_holds_the_file_that_is_there_once_the_holder
         assert third.held
 
 
-@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="no kernel lock table (/proc/locks): not Linux")
-def _as_user(uid: int, gid: int, act) -> int:
-    """act()'s exit code, run in a child of this process as another Unix user (root only): forked, not started
-    anew, so that it needs no file of this user's (the interpreter may live in /root)."""
-    pid = os.fork()
-    if pid == 0:
-        code = 99
-        try:
-            os.setgroups([gid])
-            os.setgid(gid)
-            os.setuid(uid)
-            os.umask(0o002)  # a group-shared project's
-            code = act()
-        finally:
-            os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+AS_ANOTHER_USER = """import os, sys
+from pathlib import Path
+from vlpcache.locks import WriterLock  # imported while still root: the other user may not read root's files
+uid, gid = int(sys.argv[1]), int(sys.argv[2])
+os.setgroups([gid])
+os.setgid(gid)
+os.setuid(uid)
+os.umask(0o002)  # a group-shared project's
+folder = Path(sys.argv[3])
+"""
+
+
+def _as_user(uid: int, gid: int, folder: Path, act: str) -> subprocess.CompletedProcess:
+    """`act` (Python code that sees `folder` and WriterLock) run as another Unix user (root only), by a new process
+    that imports first and then becomes that user (the interpreter may live in /root): not a fork of this test
+    process, whose other threads' objects the forked child freed (an av frame reformatter waited for ever there)."""
+    return subprocess.run([sys.executable, "-c", AS_ANOTHER_USER + act, str(uid), str(gid), str(folder)],
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to act as two other Unix users")
@@ -309,28 +312,24 @@ def test_a_lock_left_by_another_user_of_a_shared_group_is_taken_over(tmp_path):
     # umask, and every extract of the group's other users then failed, "locks/s0of2.lock: cannot write (EACCES)"
     import tempfile
 
-    from vlpcache.locks import WriterLock
-
     folder = Path(tempfile.mkdtemp(dir="/tmp", prefix="vlpcache-group-"))
     try:
         os.chown(folder, 0, 5000)
         folder.chmod(0o2775)
-
-        def left_by_a_kill() -> int:
-            WriterLock.take(folder / "s0of2.lock")
-            os.close(os.open(folder / "old.lock", os.O_RDWR | os.O_CREAT, 0o644))  # as an older vlpcache left it
-            return 0  # exits holding the lock: the kernel frees it, the file stays
-
-        def takes_them() -> int:
-            return 0 if all(WriterLock.take(folder / name) for name in ("s0of2.lock", "old.lock")) else 1
-
-        assert _as_user(5001, 5000, left_by_a_kill) == 0
+        left_by_a_kill = ("held = WriterLock.take(folder / 's0of2.lock')\n"
+                          "os.close(os.open(folder / 'old.lock', os.O_RDWR | os.O_CREAT, 0o644))  # as an older vlpcache left it\n"
+                          "os._exit(0 if held else 1)  # killed holding the lock: the kernel frees it, the file stays\n")
+        takes_them = "os._exit(0 if all(WriterLock.take(folder / name) for name in ('s0of2.lock', 'old.lock')) else 1)\n"
+        killed = _as_user(5001, 5000, folder, left_by_a_kill)
+        assert killed.returncode == 0, killed.stderr
         assert (folder / "s0of2.lock").stat().st_mode & 0o777 == 0o664 and (folder / "s0of2.lock").stat().st_uid == 5001
-        assert _as_user(5002, 5000, takes_them) == 0  # PermissionError: exit 99
+        taken = _as_user(5002, 5000, folder, takes_them)
+        assert taken.returncode == 0, taken.stderr  # PermissionError: exit 1 and its traceback
     finally:
         shutil.rmtree(folder)
 
 
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="no kernel lock table (/proc/locks): not Linux")
 def test_whether_a_lock_is_held_is_asked_of_the_kernel_without_taking_it(tmp_path, monkeypatch):
     from vlpcache import locks
 
@@ -1207,11 +1206,9 @@ def test_inspect_of_a_cache_without_detections_says_so_rather_than_leaving_the_l
 
 
 
-def _open_files_at_most(soft: int, hard: int):
-    def limit():
-        import resource
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    return limit
+def _open_files_at_most(soft: int, hard: int, command: list[str]) -> list[str]:
+    """`command` under `ulimit -Sn soft -Hn hard`."""
+    return as_a_shell_starts_it(command, limits={"RLIMIT_NOFILE": (soft, hard)})
 
 
 def test_a_cache_of_more_shards_than_the_open_files_limit_reads_whole_and_the_soft_limit_is_raised(tmp_path):
@@ -1225,22 +1222,22 @@ def test_a_cache_of_more_shards_than_the_open_files_limit_reads_whole_and_the_so
                 "print(len(cache.ids), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n") % (tmp_path / "cache")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("VLPCACHE_OPEN_SHARDS", None)
-    done = subprocess.run([sys.executable, "-c", read_all], capture_output=True, text=True, env=env,
-                          preexec_fn=_open_files_at_most(200, 200))
+    done = subprocess.run(_open_files_at_most(200, 200, [sys.executable, "-c", read_all]), capture_output=True,
+                          text=True, env=env)
     assert done.returncode == 0 and done.stdout.split() == ["260", "200"], done.stderr[-2000:]
-    shown = subprocess.run([sys.executable, "-m", "vlpcache", "inspect", str(tmp_path / "cache")], capture_output=True,
-                           text=True, env=env, preexec_fn=_open_files_at_most(200, 200))
+    shown = subprocess.run(_open_files_at_most(200, 200, [sys.executable, "-m", "vlpcache", "inspect",
+                                                          str(tmp_path / "cache")]), capture_output=True, text=True, env=env)
     assert shown.returncode == 0 and "in 260 shards" in shown.stdout, shown.stderr[-2000:]
-    raised = subprocess.run([sys.executable, "-c", read_all], capture_output=True, text=True, env=env,
-                            preexec_fn=_open_files_at_most(200, 4096))  # a shell's soft limit under a higher hard one
+    raised = subprocess.run(_open_files_at_most(200, 4096, [sys.executable, "-c", read_all]),  # a shell's soft limit
+                            capture_output=True, text=True, env=env)                        # under a higher hard one
     assert raised.returncode == 0 and raised.stdout.split() == ["260", "4096"], raised.stderr[-2000:]
     # the program holds files of its own (here 150): the reader lets half of its shards go and keeps fewer; where
     # it holds none left to let go, one line
     crowded = read_all.replace("for _ in", "taken = [os.open(os.devnull, os.O_RDONLY) for _ in range(150)]\nfor _ in")
     crowded = "import os\n" + crowded + ("cache.close()\nwhile True:\n    try:\n        taken.append(os.open(os.devnull, "
                                           "os.O_RDONLY))\n    except OSError:\n        break\ncache.read(0)\n")
-    full = subprocess.run([sys.executable, "-c", crowded], capture_output=True, text=True, env=env,
-                          preexec_fn=_open_files_at_most(200, 200))
+    full = subprocess.run(_open_files_at_most(200, 200, [sys.executable, "-c", crowded]), capture_output=True,
+                          text=True, env=env)
     assert full.stdout.split() == ["260", "200"], full.stderr[-2000:]
     assert full.returncode == 1 and full.stderr.strip().splitlines()[-1] == (
         f"vlpcache.errors.UserError: {tmp_path / 'cache'}: this process may open no more files (`ulimit -n` 200) to "

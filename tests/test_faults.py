@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from as_a_shell import as_a_shell_starts_it
 from conftest import Disk
 from test_extract import _assert_same_content
 from vlpcache import __version__
@@ -45,10 +46,9 @@ SEED = int(os.environ.get("VLPCACHE_FAULT_SEED", random.SystemRandom().randrange
 def start_extract(root: Path, cache: Path, cwd: Path, *extra: str, default: tuple = ()) -> subprocess.Popen:
     """`vlpcache extract` as its own process group, so that a kill takes its decoding workers too; `extra`
     options override EXTRACT's, and the signals in `default` are not ignored there even where ours are."""
-    return subprocess.Popen([sys.executable, "-m", "vlpcache", "extract", str(root), "-o", str(cache), *EXTRACT, *extra],
-                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=(lambda: [signal.signal(signum, signal.SIG_DFL) for signum in default])
-                            if default else None)
+    command = [sys.executable, "-m", "vlpcache", "extract", str(root), "-o", str(cache), *EXTRACT, *extra]
+    return subprocess.Popen(as_a_shell_starts_it(command, default=default) if default else command, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def extract(root: Path, cache: Path, cwd: Path, timeout: float = HANG_GUARD_S) -> subprocess.CompletedProcess:
@@ -256,9 +256,9 @@ main()
 
 def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_extract_with_one_line(long_root, tmp_path):
     cache = tmp_path / "cache"
-    done = subprocess.run([sys.executable, "-c", CTRL_C_IN_A_FINALIZER, str(long_root), "-o", str(cache), *EXTRACT],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    command = [sys.executable, "-c", CTRL_C_IN_A_FINALIZER, str(long_root), "-o", str(cache), *EXTRACT]
+    done = subprocess.run(as_a_shell_starts_it(command, default=[signal.SIGINT]), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 130, done.stderr
     assert "Exception ignored" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "interrupted; what was committed is kept, re-run the same command to resume"
@@ -286,9 +286,9 @@ def test_a_ctrl_c_while_the_command_still_imports_exits_with_130_and_prints_noth
     # the first 0.1-0.2 s of every command: Python printed its KeyboardInterrupt traceback
     script = tmp_path / "vlpcache"  # the console script: its file's name, and `main()` at its top level
     script.write_text(CTRL_C_WHILE_IMPORTING + "sys.exit(main())\n")
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=HANG_GUARD_S, preexec_fn=lambda: signal.signal(
-                              signal.SIGINT, signal.SIG_IGN if background else signal.SIG_DFL))
+    as_started = {"ignore" if background else "default": [signal.SIGINT]}
+    done = subprocess.run(as_a_shell_starts_it([sys.executable, str(script)], **as_started), capture_output=True,
+                          text=True, timeout=HANG_GUARD_S)
     if background:  # started with `&` or `nohup`: Ctrl-C stays ignored, and the command runs
         assert (done.returncode, done.stdout.split(), done.stderr) == (0, ["vlpcache,", "version", __version__], "")
     else:
@@ -302,8 +302,8 @@ def test_a_ctrl_c_while_main_imports_in_another_program_is_that_program_s_keyboa
     # a notebook's kernel (its SIGINT handler Python's default one) called main(): the interrupt ended the whole
     # process at once with 130, the notebook's state lost, where it raises KeyboardInterrupt into the cell
     caller = CTRL_C_WHILE_IMPORTING + "try:\n    main()\nexcept KeyboardInterrupt:\n    print('KeyboardInterrupt')\nprint('went on')\n"
-    done = subprocess.run([sys.executable, "-c", caller], capture_output=True, text=True, timeout=HANG_GUARD_S,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    done = subprocess.run(as_a_shell_starts_it([sys.executable, "-c", caller], default=[signal.SIGINT]),
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert (done.returncode, done.stdout.split(), done.stderr) == (0, ["KeyboardInterrupt", "went", "on"], "")
 
 

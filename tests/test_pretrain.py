@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from as_a_shell import as_a_shell_starts_it
 from broken_media import damage_chunk
 from test_model import build_tiny_text_model
 from vlpcache.cache.reader import RegionCache
@@ -931,9 +932,9 @@ def test_ctrl_c_mid_run_says_what_is_kept_and_how_to_continue_and_the_resume_fin
     run_dir.mkdir()
     os.mkfifo(run_dir / LOG_NAME)
     # --save-every 0: no place within an epoch is saved, on a stop either (tests below stop at a place)
-    process = subprocess.Popen(_pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0", "--save-every", "0"),
-                               env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if ours ignores it
+    command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0", "--save-every", "0")
+    process = subprocess.Popen(as_a_shell_starts_it(command, default=[signal.SIGINT]),  # even if ours ignores it
+                               env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _let_one_log_line_through(run_dir / LOG_NAME, process)
     wait_until(lambda: 1 in ckpt.checkpoints(run_dir), alive=process)
     assert process.poll() is None, process.stderr.read()
@@ -948,13 +949,15 @@ def test_ctrl_c_mid_run_says_what_is_kept_and_how_to_continue_and_the_resume_fin
     assert list(ckpt.checkpoints(run_dir)) == [2]
 
 
-def _patched_pretrain(patch: str, command: list[str], **popen) -> subprocess.CompletedProcess:
+def _patched_pretrain(patch: str, command: list[str], default: tuple = (signal.SIGINT,),
+                      **popen) -> subprocess.CompletedProcess:
     """`command` (a `vlpcache pretrain`) run with the training step replaced by `patch`'s `patched_step`, which
-    may call the real one, `step`."""
+    may call the real one, `step`; the signals in `default` at their default action, even if ours ignores them."""
     script = ("import sys\nfrom vlpcache.cli import main\nfrom vlpcache.model import train\n\nstep = train.train_step\n"
               f"{patch}\ntrain.train_step = patched_step\nsys.argv = ['vlpcache', *sys.argv[1:]]\nmain()\n")
-    return subprocess.run([sys.executable, "-c", script, *command[3:]], env=dict(os.environ), capture_output=True,
-                          text=True, timeout=HANG_GUARD_S, **popen)
+    command = [sys.executable, "-c", script, *command[3:]]
+    return subprocess.run(as_a_shell_starts_it(command, default=default) if default else command, env=dict(os.environ),
+                          capture_output=True, text=True, timeout=HANG_GUARD_S, **popen)
 
 
 def before_the_first_checkpoint(stopped: str, run_dir: Path) -> str:
@@ -991,7 +994,7 @@ def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_pretraining_at_the_next_
     monkeypatch.setenv("VLPCACHE_WORKSPACE", str(tmp_path / "ws"))
     run_dir = tmp_path / "run"
     command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0", "--save-every", "0")
-    done = _patched_pretrain(CTRL_C_IN_A_FINALIZER, command, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    done = _patched_pretrain(CTRL_C_IN_A_FINALIZER, command)
     assert done.returncode == 130 and "Exception ignored" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1] == before_the_first_checkpoint("interrupted", run_dir)
     assert not ckpt.checkpoints(run_dir) and not ckpt.partial_checkpoints(run_dir)
@@ -1002,7 +1005,7 @@ def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_pretraining_at_the_next_
 # SIGTERM once the worker has died of it or ignores it: the order in which a run busy in a long forward pass
 # finds them
 SIGTERM_TO_THE_JOB = """
-import os, signal, time
+import os, signal, subprocess, sys, time
 from pathlib import Path
 
 def stat(pid):
@@ -1024,12 +1027,9 @@ def patched_step(*args):
     values = step(*args)
     workers = [int(p.name) for p in Path("/proc").glob("[0-9]*") if stat(p.name)[1] == str(os.getpid())]
     assert workers, "no data-loading worker"
-    sender = os.fork()
-    if sender == 0:
-        for pid in workers:
-            os.kill(pid, signal.SIGTERM)
-        os._exit(0)
-    os.waitpid(sender, 0)
+    # another process sends it (a new one: a fork of this one may wait for ever on what its other threads held)
+    subprocess.run([sys.executable, "-c", "import os, signal, sys; [os.kill(int(pid), signal.SIGTERM) for pid in "
+                    "sys.argv[1:]]", *map(str, workers)], check=True)
     while any(stat(pid)[0] not in "ZX" and not took_sigterm(pid) for pid in workers):
         time.sleep(0.01)
     # a worker gone now fails the stopping run (torch watches SIGCHLD), though not on every run: ask directly
@@ -1050,8 +1050,7 @@ def test_sigterm_to_the_whole_job_stops_pretraining_with_one_line_and_the_resume
     run_dir = tmp_path / "run"
     command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "1")
     done = _patched_pretrain(SIGTERM_TO_THE_JOB.replace("signal.SIGTERM", f"signal.{signum.name}"), command,
-                             start_new_session=True,  # as a shell starts it (the suite may run under nohup)
-                             preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
+                             default=[signum], start_new_session=True)  # as a shell starts it (the suite: nohup?)
     assert done.returncode == 128 + signum and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1] == at_its_place(f"stopped by {signum.name}", run_dir, 1, 10)
     assert run_pretrain(run_dir=run_dir, resume=True, quiet=True, device="cpu")["trained_epochs"] == 2
@@ -1100,7 +1099,7 @@ def test_sigterm_to_the_job_while_the_loading_workers_start_stops_with_one_line_
     run_dir = tmp_path / "run"
     command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "2")
     done = _patched_pretrain(f"FOLDER = {str(tmp_path)!r}\n" + SIGTERM_AS_THE_SECOND_EPOCHS_WORKERS_START, command,
-                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+                             default=[signal.SIGTERM], start_new_session=True)
     # both outlived it: the second took it (held while it started) once the run, stopping, had closed the loader
     assert sorted(p.name for p in tmp_path.glob("worker *")) == ["worker 0 outlived it", "worker 1 outlived it"], done.stderr
     assert done.returncode == 143 and "Traceback" not in done.stderr, done.stderr
@@ -1131,7 +1130,7 @@ CTRL_C_IN_STEP_3 = signal_in_step(3, signal.SIGINT)
 
 def _stopped_in_step_3(corpus: dict, tiny_text: Path, run_dir: Path) -> subprocess.CompletedProcess:
     command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0")
-    return _patched_pretrain(CTRL_C_IN_STEP_3, command, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return _patched_pretrain(CTRL_C_IN_STEP_3, command)
 
 
 def test_a_run_started_again_in_a_folder_stopped_within_its_first_epoch_is_refused_and_its_place_kept(tmp_path, corpus,
@@ -1144,7 +1143,7 @@ def test_a_run_started_again_in_a_folder_stopped_within_its_first_epoch_is_refus
     assert list(ckpt.partial_checkpoints(run_dir)) == [(1, 3)]
     for extra in ([], ["--seed", "7"]):
         command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0", *extra)
-        done = _patched_pretrain(signal_in_step(2, signal.SIGKILL), command)
+        done = _patched_pretrain(signal_in_step(2, signal.SIGKILL), command, default=())
         assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
             f"error: {run_dir} holds its place in epoch 1 (after 3 of its 10 steps), saved by a run stopped within its "
             "first epoch; pass --resume to continue it from there, or another -o RUN_DIR"), done.stderr
@@ -1227,7 +1226,7 @@ def test_ctrl_c_in_an_epochs_validation_keeps_its_steps_as_its_place(tmp_path, c
     run_pretrain(**options, run_dir=tmp_path / "whole", **small_options(tiny_text, batch_size=4))
     run_dir = tmp_path / "stopped"
     command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0", "--val-captions", str(corpus["val"]))
-    done = _patched_pretrain(CTRL_C_IN_VALIDATION, command, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    done = _patched_pretrain(CTRL_C_IN_VALIDATION, command)
     assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines()[-1] == at_its_place("interrupted", run_dir, 10, 10)
     assert not ckpt.checkpoints(run_dir) and list(ckpt.partial_checkpoints(run_dir)) == [(1, 10)]
@@ -1260,7 +1259,7 @@ def test_kill_9_within_an_epoch_resumes_from_the_place_saved_last_and_ends_as_an
     run_dir = tmp_path / "killed"
     # --save-every of a few microseconds: a place after every step
     command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0", "--save-every", "1e-7")
-    done = _patched_pretrain(KILL_IN_STEP_5, command)
+    done = _patched_pretrain(KILL_IN_STEP_5, command, default=())
     assert done.returncode == -signal.SIGKILL, done.stderr
     assert list(ckpt.partial_checkpoints(run_dir)) == [(1, 4)]  # each place saved went once the next was
     assert run_pretrain(run_dir=run_dir, resume=True, quiet=True, device="cpu")["trained_epochs"] == 2

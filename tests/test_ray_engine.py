@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import ray  # the ray extra, part of the test extra
 
+from as_a_shell import as_a_shell_starts_it
 from test_extract import vlpcache
 from vlpcache.cache.reader import RegionCache
 from vlpcache.cache.schema import FAILURE_DIR, LOCK_DIR, SHARD_DIR, SHARD_SUFFIX
@@ -126,9 +127,9 @@ def _link(fd: Path) -> str:
 def start_ray_extract(root: Path, cache_dir: Path, ray_address: str) -> subprocess.Popen:
     """A driver that takes Ctrl-C even where the suite was started with SIGINT ignored (`&`, nohup)."""
     args = [root, "-o", cache_dir, *FRAMES, "--items-per-shard", 3, "--engine", "ray", "--ray-address", ray_address]
-    return subprocess.Popen([sys.executable, "-m", "vlpcache", "extract", *map(str, args)], cwd=cache_dir.parent,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    command = [sys.executable, "-m", "vlpcache", "extract", *map(str, args)]
+    return subprocess.Popen(as_a_shell_starts_it(command, default=[signal.SIGINT]), cwd=cache_dir.parent,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def test_the_ray_engine_caches_the_same_items_once_with_the_local_engines_features(local, on_ray):

@@ -28,6 +28,7 @@ import selenium.webdriver as webdriver
 import starlette.testclient as starlette_testclient  # needs httpx, of the test extra
 from PIL import Image
 
+from as_a_shell import as_a_shell_starts_it
 from broken_media import frame_number, make_video_after_audio
 from conftest import SHARED
 from test_model import build_tiny_text_model
@@ -863,24 +864,15 @@ def test_serving_with_an_exported_index_never_imports_torch(ws):
 # ---------------------------------------------------------------- the command, as a user starts it
 
 
-AS_A_SHELL_STARTS_IT = """import os, resource, signal, sys
-signal.signal(signal.SIGHUP, signal.SIG_DFL)
-if sys.argv[1]:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[1])))
-os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
-"""
-
-
 class Server:
     """`vlpcache serve --port 0` in its own process, as a user starts it; stopped with Ctrl+C."""
 
     def __init__(self, ws: Path, *args: str, env: dict | None = None, open_files: int | None = None):
-        # as a shell starts it (the suite: maybe nohup), open_files its `ulimit -n` (soft and hard): set by a Python
-        # that then execs the command, not by a preexec_fn, whose Python code in the forked child of this threaded
-        # test process deadlocked there once (a clean clone's test process waited 10 minutes in the fork)
+        # as a shell starts it (the suite: maybe nohup), open_files its `ulimit -n` (soft and hard)
+        limits = {"RLIMIT_NOFILE": (open_files, open_files)} if open_files else {}
         self.process = subprocess.Popen(
-            [sys.executable, "-c", AS_A_SHELL_STARTS_IT, str(open_files or ""), "-m", "vlpcache", "serve", "--port", "0",
-             *args], cwd=ws.parent,
+            as_a_shell_starts_it([sys.executable, "-m", "vlpcache", "serve", "--port", "0", *args],
+                                 default=[signal.SIGHUP], limits=limits), cwd=ws.parent,
             env={**os.environ, "VLPCACHE_WORKSPACE": str(ws), **(env or {})}, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True)
         self.url = self._read_url()

@@ -15,6 +15,7 @@ from typing import Callable
 
 import pytest
 
+from as_a_shell import as_a_shell_starts_it
 from test_search import build_tiny_workspace, the_index, vlpcache
 from waiting import HANG_GUARD_S
 
@@ -364,11 +365,10 @@ def test_a_memory_cap_that_torch_cannot_load_under_is_one_line(tmp_path):
     ids = write_cache(tmp_path / "cache", 4)
     write_captions(tmp_path / "train.jsonl", ids)
 
-    def capped():
-        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**29, resource.RLIM_INFINITY))  # 1.5 GiB
-
-    result = subprocess.run([sys.executable, "-m", "vlpcache", "pretrain", "--cache", str(tmp_path / "cache"),
-                             "--captions", str(tmp_path / "train.jsonl"), "--epochs", "1", "-o", str(tmp_path / "run")],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S, preexec_fn=capped)
+    command = [sys.executable, "-m", "vlpcache", "pretrain", "--cache", str(tmp_path / "cache"), "--captions",
+               str(tmp_path / "train.jsonl"), "--epochs", "1", "-o", str(tmp_path / "run")]
+    capped = {"RLIMIT_AS": (3 * 2**29, resource.RLIM_INFINITY)}  # 1.5 GiB
+    result = subprocess.run(as_a_shell_starts_it(command, limits=capped), cwd=tmp_path, capture_output=True, text=True,
+                            timeout=HANG_GUARD_S)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.splitlines()[-1].startswith("error: out of memory: this process may use 1.5 GiB"), result.stderr

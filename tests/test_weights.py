@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from as_a_shell import as_a_shell_starts_it
 from weights_server import WeightsServer
 
 from vlpcache.errors import UserError
@@ -140,15 +141,11 @@ def test_a_kill_during_download_leaves_no_file_that_passes_for_whole(server, mod
 
 
 def test_a_models_folder_that_cannot_take_the_file_is_one_line_naming_it(server, tmp_path):
-    def small_files():  # files above 1 MB cannot be written, as on a full disk (EFBIG instead of ENOSPC)
-        import resource
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-
     folder = tmp_path / "models"
-    result = subprocess.run([sys.executable, "-m", "vlpcache", "models", "fetch", "--models", str(folder)],
-                            capture_output=True, text=True, timeout=HANG_GUARD_S, preexec_fn=small_files)
+    command = [sys.executable, "-m", "vlpcache", "models", "fetch", "--models", str(folder)]
+    # files above 1 MB cannot be written, as on a full disk (EFBIG instead of ENOSPC)
+    small_files = as_a_shell_starts_it(command, ignore=[signal.SIGXFSZ], limits={"RLIMIT_FSIZE": (1 << 20, 1 << 20)})
+    result = subprocess.run(small_files, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith(f"error: {folder}: cannot write {YOLOX_FILE} (File too large)") and "--models DIR" in line
