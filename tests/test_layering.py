@@ -148,3 +148,21 @@ def test_tests_run_in_a_workspace_of_their_own_never_the_current_directorys():
     root = Workspace().root.resolve()
     assert root != (Path.cwd() / ".vlpcache").resolve()
     assert Path(os.environ["VLPCACHE_WORKSPACE"]).resolve() == root and not root.exists()
+
+
+def _runs_python_in_a_fork(node: ast.AST) -> bool:
+    """A call with a preexec_fn, or os.fork / os.forkpty."""
+    if not isinstance(node, ast.Call):
+        return False
+    forks = (isinstance(node.func, ast.Attribute) and node.func.attr in ("fork", "forkpty")
+             and isinstance(node.func.value, ast.Name) and node.func.value.id == "os")
+    return forks or any(keyword.arg == "preexec_fn" for keyword in node.keywords)
+
+
+def test_no_test_runs_python_in_a_forked_child_of_the_test_process():
+    # the test process has threads (pytest-xdist's, tqdm's monitor, the page's thumbnail pool, Ray's): a child forked
+    # from it that runs Python may wait for ever on what they held, and CI's suite hung in one until its time ran
+    # out; tests/as_a_shell.py starts a command with its signals and limits set instead
+    found = [f"{path.name}:{node.lineno}" for path in sorted(Path(__file__).parent.glob("*.py"))
+             for node in ast.walk(ast.parse(path.read_text())) if _runs_python_in_a_fork(node)]
+    assert found == [], found
