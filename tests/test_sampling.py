@@ -675,3 +675,47 @@ def test_inspect_render_draws_the_boxes_on_the_frames_at_their_stored_times(tmp_
     cache = RegionCache(tmp_path / "cache")
     pictures = source_pictures(cache, cache.get("late"))
     assert [frame_number(np.asarray(p.resize((64, 48)))) for p in pictures] == chosen
+
+
+# A fresh Python: a thread scales a frame as extract and the page's thumbnails do and keeps it (here in its thread-local
+# storage) while the main thread forks, as a DataLoader starts its workers; the forked child frees that thread's
+# objects and exits at once. Up to 60 s for it: far beyond the milliseconds it takes, only against a hang.
+FRAME_KEPT_BY_ANOTHER_THREAD_AT_A_FORK = """
+import os, sys, threading, time
+import av
+from vlpcache.extract.sampling import _to_rgb
+
+kept, ready, done = threading.local(), threading.Event(), threading.Event()
+
+def scale_and_keep():
+    with av.open(sys.argv[1]) as container:
+        frame = next(container.decode(video=0))
+    _to_rgb(frame, frame.height // 2, frame.width // 2)
+    kept.frame = frame
+    del frame
+    ready.set()
+    done.wait()
+
+threading.Thread(target=scale_and_keep, daemon=True).start()
+ready.wait()
+child = os.fork()
+if child == 0:
+    os._exit(0)
+started = time.monotonic()
+while time.monotonic() - started < 60:
+    if os.waitpid(child, os.WNOHANG)[0]:
+        print("the child exited")
+        break
+    time.sleep(0.05)
+else:
+    os.kill(child, 9)
+    print("the child hung")
+"""
+
+
+def test_a_frame_another_thread_keeps_does_not_hang_a_forked_child(videos_dir):
+    # PyAV 17 and later scale a frame with a thread per core; a child forked while another thread kept such a frame
+    # freed it and waited for ever for scaling threads the child does not have: CI's suite hung in os.fork, twice
+    done = subprocess.run([sys.executable, "-c", FRAME_KEPT_BY_ANOTHER_THREAD_AT_A_FORK, str(videos_dir / "bikes.mp4")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "the child exited", done.stdout + done.stderr

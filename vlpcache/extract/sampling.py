@@ -47,6 +47,11 @@ CONVERT_PIXELS = 1 << 21
 # later) refuses that option, which failed every video, and reads such a title without it (checked on an H200
 # machine's Python 3.12 with PyAV 19.0.2: tests/test_sampling.py passes)
 OPEN_OPTIONS = {"metadata_errors": "ignore"} if int(av.__version__.split(".")[0]) < 19 else {}
+# how a frame is scaled: PyAV 17 and later scale with a thread per core by default, a pool started and joined for
+# every frame (slower, one decoding process per core already: a 640x272 frame 0.36 against 0.14 ms here), and a
+# frame kept by another thread and freed in a forked child of the process (a DataLoader worker) waited there for
+# ever for the pool's threads, which the child does not have
+SCALE_OPTIONS = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
 # Give up on a stretch of video after this many packets in a row that fail to decode.
 MAX_CONSECUTIVE_DECODE_ERRORS = 100
 # Packets read after a seek in search of the keyframe where decoding will start.
@@ -439,7 +444,7 @@ def _display_width(frame: av.VideoFrame, stream) -> int:
 
 def _to_rgb(frame: av.VideoFrame, height: int, width: int) -> np.ndarray:
     # swscale converts and downscales in one pass, much cheaper than resizing the full-size RGB array
-    array = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA")
+    array = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA", **SCALE_OPTIONS)
     mirrored, turns = _orientation(frame)
     if mirrored:
         array = array[:, ::-1]
