@@ -1000,13 +1000,16 @@ def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_pretraining_at_the_next_
     assert not ckpt.checkpoints(run_dir) and not ckpt.partial_checkpoints(run_dir)
 
 
-# A Slurm time limit signals every process of the job. Here, after a training step, a child process signals
-# the run's data-loading worker (a worker that its own parent signals just exits), and the run takes its own
-# SIGTERM once the worker has died of it or ignores it: the order in which a run busy in a long forward pass
-# finds them
+# A Slurm time limit signals every process of the job. Here, after the first training step, a child process
+# signals the run's data-loading worker (a worker that its own parent signals just exits), and the run takes its
+# own SIGTERM three steps later, once the loader has asked the worker for batches since (under torchrun a run
+# stops up to 5 steps after the signal, where its processes agree to): a worker the signal ended fails the run
+# there, and is gone by then, where a look at once could find it still ending
 SIGTERM_TO_THE_JOB = """
 import os, signal, subprocess, sys, time
 from pathlib import Path
+
+steps, workers = 0, []
 
 def stat(pid):
     try:
@@ -1024,17 +1027,23 @@ def took_sigterm(pid):
     return not bit("SigPnd") and not bit("ShdPnd") and (bit("SigIgn") or bit("SigCgt"))
 
 def patched_step(*args):
+    global steps
     values = step(*args)
-    workers = [int(p.name) for p in Path("/proc").glob("[0-9]*") if stat(p.name)[1] == str(os.getpid())]
-    assert workers, "no data-loading worker"
-    # another process sends it (a new one: a fork of this one may wait for ever on what its other threads held)
-    subprocess.run([sys.executable, "-c", "import os, signal, sys; [os.kill(int(pid), signal.SIGTERM) for pid in "
-                    "sys.argv[1:]]", *map(str, workers)], check=True)
-    while any(stat(pid)[0] not in "ZX" and not took_sigterm(pid) for pid in workers):
-        time.sleep(0.01)
-    # a worker gone now fails the stopping run (torch watches SIGCHLD), though not on every run: ask directly
-    assert all(stat(pid)[0] not in "ZX" for pid in workers), "the loading worker died of the job's SIGTERM"
-    signal.raise_signal(signal.SIGTERM)
+    steps += 1
+    if steps == 1:
+        workers.extend(int(p.name) for p in Path("/proc").glob("[0-9]*") if stat(p.name)[1] == str(os.getpid()))
+        assert workers, "no data-loading worker"
+        # another process sends it (a new one: a fork of this one may wait for ever on what its other threads held)
+        subprocess.run([sys.executable, "-c", "import os, signal, sys; [os.kill(int(pid), signal.SIGTERM) for pid in "
+                        "sys.argv[1:]]", *map(str, workers)], check=True)
+        started = time.monotonic()  # a worker takes it at once: 60 s bound only a worker that never does
+        while any(stat(pid)[0] not in "ZX" and not took_sigterm(pid) for pid in workers):
+            assert time.monotonic() - started < 60, "the loading worker has not taken the job's SIGTERM (blocked?)"
+            time.sleep(0.01)
+    elif steps == 4:
+        # a worker gone fails the stopping run (torch watches SIGCHLD), though not on every run: ask directly
+        assert all(stat(pid)[0] not in "ZX" for pid in workers), "the loading worker died of the job's SIGTERM"
+        signal.raise_signal(signal.SIGTERM)
     return values
 """
 
@@ -1052,7 +1061,7 @@ def test_sigterm_to_the_whole_job_stops_pretraining_with_one_line_and_the_resume
     done = _patched_pretrain(SIGTERM_TO_THE_JOB.replace("signal.SIGTERM", f"signal.{signum.name}"), command,
                              default=[signum], start_new_session=True)  # as a shell starts it (the suite: nohup?)
     assert done.returncode == 128 + signum and "Traceback" not in done.stderr, done.stderr
-    assert done.stderr.strip().splitlines()[-1] == at_its_place(f"stopped by {signum.name}", run_dir, 1, 10)
+    assert done.stderr.strip().splitlines()[-1] == at_its_place(f"stopped by {signum.name}", run_dir, 4, 10)
     assert run_pretrain(run_dir=run_dir, resume=True, quiet=True, device="cpu")["trained_epochs"] == 2
     assert list(ckpt.checkpoints(run_dir)) == [2]
 
