@@ -32,7 +32,10 @@ def as_a_shell_starts_it(command: Sequence[str], *, default: Iterable[signal.Sig
                          limits: dict[str, tuple[int, int]] | None = None) -> list[str]:
     """The argv that runs `command` (its first word a path, as sys.executable) with the signals in `default`
     at their default action (Ctrl-C taken even where the suite runs under nohup or `&`), those in `ignore`
-    ignored (both kept across exec) and `limits` set: resource names, e.g. {"RLIMIT_NOFILE": (200, 200)}."""
+    ignored (both kept across exec) and `limits` set: resource names, e.g. {"RLIMIT_NOFILE": (200, 200)}.
+    With nothing to set, `command` itself."""
     spec = {"default": [signal.Signals(s).name for s in default], "ignore": [signal.Signals(s).name for s in ignore],
             "limits": dict(limits or {})}
+    if not any(spec.values()):
+        return list(map(str, command))
     return [sys.executable, "-c", PRELUDE, json.dumps(spec), *map(str, command)]

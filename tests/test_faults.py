@@ -47,7 +47,7 @@ def start_extract(root: Path, cache: Path, cwd: Path, *extra: str, default: tupl
     """`vlpcache extract` as its own process group, so that a kill takes its decoding workers too; `extra`
     options override EXTRACT's, and the signals in `default` are not ignored there even where ours are."""
     command = [sys.executable, "-m", "vlpcache", "extract", str(root), "-o", str(cache), *EXTRACT, *extra]
-    return subprocess.Popen(as_a_shell_starts_it(command, default=default) if default else command, cwd=cwd,
+    return subprocess.Popen(as_a_shell_starts_it(command, default=default), cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 

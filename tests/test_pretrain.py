@@ -956,7 +956,7 @@ def _patched_pretrain(patch: str, command: list[str], default: tuple = (signal.S
     script = ("import sys\nfrom vlpcache.cli import main\nfrom vlpcache.model import train\n\nstep = train.train_step\n"
               f"{patch}\ntrain.train_step = patched_step\nsys.argv = ['vlpcache', *sys.argv[1:]]\nmain()\n")
     command = [sys.executable, "-c", script, *command[3:]]
-    return subprocess.run(as_a_shell_starts_it(command, default=default) if default else command, env=dict(os.environ),
+    return subprocess.run(as_a_shell_starts_it(command, default=default), env=dict(os.environ),
                           capture_output=True, text=True, timeout=HANG_GUARD_S, **popen)
 
 
