@@ -229,32 +229,6 @@ def test_a_killed_detector_actor_is_restarted_by_ray_and_every_item_lands_once(r
     assert len({name.rsplit("-", 1)[0] for name in shards(cache_dir)}) == 1
 
 
-def test_a_driver_killed_with_kill_9_resumes_without_redoing_committed_shards(root, ray_address, local, tmp_path):
-    cache_dir = tmp_path / "cache"
-    driver = start_ray_extract(root, cache_dir, ray_address)
-    try:
-        assert wait_until(lambda: len(shards(cache_dir)) >= 2 if cache_dir.exists() else None, alive=driver), \
-            "no shards committed"
-        actors = actor_pids(cache_dir)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
-    finally:
-        driver.kill()
-    # Ray ends a dead driver's actors; a re-run started while they still write would race with them
-    assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in actors))
-    committed = shards(cache_dir)
-    partial = RegionCache(cache_dir)
-    assert 0 < len(partial) < len(local), "the kill should land mid-run"
-
-    again = vlpcache("extract", root, "-o", cache_dir, *FRAMES, "--items-per-shard", 3, "--engine", "ray",
-                     "--ray-address", ray_address, cwd=tmp_path)
-    assert f"{len(partial)} already cached" in again.stderr
-    after = shards(cache_dir)
-    assert {name: after.get(name) for name in committed} == committed  # not rewritten
-    assert_same_cache(RegionCache(cache_dir), local)
-    assert not list((cache_dir / SHARD_DIR).glob("*.tmp"))
-
-
 def _stop_a_ray_extract(root: Path, cache_dir: Path, ray_address: str, signum: int) -> None:
     """Start (or resume) a ray extract, send it `signum` once it committed a shard more, wait for its actors
     to end."""
@@ -274,16 +248,38 @@ def _stop_a_ray_extract(root: Path, cache_dir: Path, ray_address: str, signum: i
     assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in actors))
 
 
-def test_ctrl_c_or_sigterm_stops_the_ray_engine_with_one_line_and_a_rerun_finishes(root, ray_address, local, tmp_path):
-    # SIGTERM: Ray's driver handler took it to exit with 15 and no word
+def test_ctrl_c_sigterm_and_kill_9_stop_the_ray_engine_and_the_rerun_finishes_without_redoing_committed_shards(
+        root, ray_address, local, tmp_path):
+    """One cache stopped three times, each run a re-run of the last: Ctrl-C, SIGTERM (Ray's driver handler took it
+    to exit with 15 and no word), kill -9 of the driver; the fourth run finishes it."""
     cache_dir = tmp_path / "cache"
     _stop_a_ray_extract(root, cache_dir, ray_address, signal.SIGINT)
     stopped_once = len(RegionCache(cache_dir))
     assert 0 < stopped_once < len(local), "the Ctrl-C should land mid-run"
-    _stop_a_ray_extract(root, cache_dir, ray_address, signal.SIGTERM)  # the re-run, stopped in turn
-    assert stopped_once < len(RegionCache(cache_dir)) < len(local), "the SIGTERM should land mid-run"
-    vlpcache("extract", root, "-o", cache_dir, *FRAMES, "--items-per-shard", 3, "--engine", "ray",
-             "--ray-address", ray_address, cwd=tmp_path)
+    _stop_a_ray_extract(root, cache_dir, ray_address, signal.SIGTERM)
+    stopped_twice = len(RegionCache(cache_dir))
+    assert stopped_once < stopped_twice < len(local), "the SIGTERM should land mid-run"
+
+    before = len(shards(cache_dir))
+    driver = start_ray_extract(root, cache_dir, ray_address)
+    try:
+        assert wait_until(lambda: len(shards(cache_dir)) > before, alive=driver), "no shard committed"
+        actors = actor_pids(cache_dir)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        driver.kill()
+    # Ray ends a dead driver's actors; a re-run started while they still write would race with them
+    assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in actors))
+    committed = shards(cache_dir)
+    partial = RegionCache(cache_dir)
+    assert stopped_twice < len(partial) < len(local), "the kill should land mid-run"
+
+    again = vlpcache("extract", root, "-o", cache_dir, *FRAMES, "--items-per-shard", 3, "--engine", "ray",
+                     "--ray-address", ray_address, cwd=tmp_path)
+    assert f"{len(partial)} already cached" in again.stderr
+    after = shards(cache_dir)
+    assert {name: after.get(name) for name in committed} == committed  # not rewritten
     assert_same_cache(RegionCache(cache_dir), local)
     assert not list((cache_dir / SHARD_DIR).glob("*.tmp"))
 
