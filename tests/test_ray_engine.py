@@ -208,27 +208,6 @@ def test_inspect_cannot_tell_the_engines_apart(local, on_ray, tmp_path):
     assert len(provenance) == 1  # every shard of both caches describes itself alike
 
 
-def test_a_killed_detector_actor_is_restarted_by_ray_and_every_item_lands_once(root, ray_address, local, tmp_path):
-    cache_dir = tmp_path / "cache"
-    driver = start_ray_extract(root, cache_dir, ray_address)
-    try:
-        assert wait_until(lambda: shards(cache_dir) if cache_dir.exists() else None, alive=driver), "no shard committed"
-        (actor,) = actor_pids(cache_dir)
-        committed_before_the_kill = len(RegionCache(cache_dir))
-        os.kill(actor, signal.SIGKILL)
-        _, stderr = driver.communicate(timeout=HANG_GUARD_S)
-    finally:
-        driver.kill()
-    assert driver.returncode == 0, stderr
-    assert committed_before_the_kill < len(local), "the kill should land mid-run"
-    cache = RegionCache(cache_dir)
-    assert_same_cache(cache, local)
-    assert reasons(cache) == reasons(local)
-    assert not list((cache_dir / SHARD_DIR).glob("*.tmp"))
-    # the restarted actor keeps its id, hence its writer name: its shards continue one sequence
-    assert len({name.rsplit("-", 1)[0] for name in shards(cache_dir)}) == 1
-
-
 def _stop_a_ray_extract(root: Path, cache_dir: Path, ray_address: str, signum: int) -> None:
     """Start (or resume) a ray extract, send it `signum` once it committed a shard more, wait for its actors
     to end."""
@@ -248,10 +227,10 @@ def _stop_a_ray_extract(root: Path, cache_dir: Path, ray_address: str, signum: i
     assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in actors))
 
 
-def test_ctrl_c_sigterm_and_kill_9_stop_the_ray_engine_and_the_rerun_finishes_without_redoing_committed_shards(
+def test_a_ray_extract_stopped_by_ctrl_c_sigterm_and_kill_9_is_finished_by_a_rerun_whose_killed_actor_ray_restarts(
         root, ray_address, local, tmp_path):
-    """One cache stopped three times, each run a re-run of the last: Ctrl-C, SIGTERM (Ray's driver handler took it
-    to exit with 15 and no word), kill -9 of the driver; the fourth run finishes it."""
+    """One cache, each run a re-run of the last: stopped by Ctrl-C, by SIGTERM (Ray's driver handler took it to exit
+    with 15 and no word), by kill -9 of the driver; the fourth run finishes it though its detector actor is killed."""
     cache_dir = tmp_path / "cache"
     _stop_a_ray_extract(root, cache_dir, ray_address, signal.SIGINT)
     stopped_once = len(RegionCache(cache_dir))
@@ -273,15 +252,28 @@ def test_ctrl_c_sigterm_and_kill_9_stop_the_ray_engine_and_the_rerun_finishes_wi
     assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in actors))
     committed = shards(cache_dir)
     partial = RegionCache(cache_dir)
-    assert stopped_twice < len(partial) < len(local), "the kill should land mid-run"
+    assert stopped_twice < len(partial) < len(local), "the kill -9 should land mid-run"
 
-    again = vlpcache("extract", root, "-o", cache_dir, *FRAMES, "--items-per-shard", 3, "--engine", "ray",
-                     "--ray-address", ray_address, cwd=tmp_path)
-    assert f"{len(partial)} already cached" in again.stderr
+    driver = start_ray_extract(root, cache_dir, ray_address)
+    try:
+        assert wait_until(lambda: len(shards(cache_dir)) > len(committed), alive=driver), "no shard committed"
+        (actor,) = actor_pids(cache_dir)
+        committed_before_the_kill = len(RegionCache(cache_dir))
+        os.kill(actor, signal.SIGKILL)
+        _, stderr = driver.communicate(timeout=HANG_GUARD_S)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, stderr
+    assert f"{len(partial)} already cached" in stderr
+    assert committed_before_the_kill < len(local), "the actor's kill should land mid-run"
     after = shards(cache_dir)
     assert {name: after.get(name) for name in committed} == committed  # not rewritten
-    assert_same_cache(RegionCache(cache_dir), local)
+    cache = RegionCache(cache_dir)
+    assert_same_cache(cache, local)
+    assert reasons(cache) == reasons(local)
     assert not list((cache_dir / SHARD_DIR).glob("*.tmp"))
+    # the restarted actor keeps its id, hence its writer name: the last run's shards continue one sequence
+    assert len({name.rsplit("-", 1)[0] for name in after if name not in committed}) == 1
 
 
 def test_a_full_disk_stops_the_ray_engine_with_one_line_keeping_whole_shards(root, ray_address, local, tmp_path):
