@@ -2225,7 +2225,7 @@ MUTANTS += [
            "tests/test_captions.py::test_extracts_started_together_each_keep_their_root", "extracts started together each keep their root in roots.json"),
     mutant("sighup-not-a-stop-signal", "vlpcache/interrupts.py",
            "STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)", "STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)",
-           "tests/test_faults.py::test_sigterm_to_the_whole_job_commits_the_shard_in_progress_and_says_so", "a SIGHUP (terminal gone) stops an extract as SIGTERM does, committing its shard"),
+           "tests/test_faults.py::test_sigterm_or_sighup_to_the_whole_job_and_a_ctrl_c_stops_extract_with_one_line_and_a_rerun_finishes", "a SIGHUP (terminal gone) stops an extract as SIGTERM does, committing its shard"),
     mutant("merge-while-an-extract-writes", "vlpcache/cache/merge.py",
            "        if (path := held_writer(target, f\"s*of*{LOCK_SUFFIX}\")) is not None:", "        if (path := None) is not None:",
            "tests/test_merge.py::test_a_merge_and_an_extract_into_one_cache_at_once_the_second_to_start_is_refused", "a merge into a cache an extract writes is refused"),

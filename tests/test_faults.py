@@ -175,19 +175,6 @@ def running(pid: int) -> bool:
     return False
 
 
-def test_ctrl_c_stops_extract_and_its_workers_with_one_line_and_a_rerun_finishes(long_root, tmp_path):
-    cache = tmp_path / "cache"
-    proc = start_extract_at_work(long_root, cache, tmp_path)
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
-    _, stderr = proc.communicate(timeout=HANG_GUARD_S)
-    assert proc.returncode == 130 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
-    assert stderr.strip().splitlines()[-1] == "interrupted; what was committed is kept, re-run the same command to resume"
-    assert not temporaries(cache) and 0 < len(RegionCache(cache)) < LONG_ITEMS
-    assert extract(long_root, cache, tmp_path).returncode == 0
-    finished = RegionCache(cache)
-    assert len(finished) == LONG_ITEMS and len(set(finished.ids)) == LONG_ITEMS
-
-
 def test_ctrl_c_in_the_middle_of_a_long_item_stops_at_once_without_a_traceback(models_dir, tmp_path):
     # the reader's thread waited on a worker busy with an hour of video: the command waited 5 s for it, and
     # as it exited the reader replaced the workers it found killed, each new one dying with a traceback
@@ -206,23 +193,39 @@ def test_ctrl_c_in_the_middle_of_a_long_item_stops_at_once_without_a_traceback(m
     assert said.strip().splitlines()[-1] == "interrupted; what was committed is kept, re-run the same command to resume"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
-def test_sigterm_to_the_whole_job_commits_the_shard_in_progress_and_says_so(long_root, tmp_path, signum):
-    # a Slurm time limit signals every process of the job, the decoding workers too; the process died of it
-    # as of kill -9, losing the shard in progress: here the first, which nothing else would have committed.
-    # SIGHUP: the terminal or ssh connection the job ran in closed (it died of it, with no word)
+def test_sigterm_or_sighup_to_the_whole_job_and_a_ctrl_c_stops_extract_with_one_line_and_a_rerun_finishes(long_root,
+                                                                                                          tmp_path):
+    """One cache, each run a re-run of the last: a SIGTERM to the whole job (a Slurm time limit signals every process
+    of the job, the decoding workers too: the process died of it as of kill -9, losing the shard in progress, here
+    the run's first, which nothing else would have committed); a SIGHUP (the terminal or ssh connection the job ran in
+    closed: it died of it, with no word); a Ctrl-C (a terminal's: the whole foreground group, once a shard is
+    committed); then a re-run finishes the cache."""
     cache = tmp_path / "cache"
-    proc = start_extract(long_root, cache, tmp_path, "--items-per-shard", "1000", default=(signum,))
-    wait_until(lambda: (cache / SHARD_DIR).is_dir() and temporaries(cache), alive=proc)
-    time.sleep(1.0)  # a few items into the shard
-    assert proc.poll() is None, f"the extract ended before it could be stopped: {proc.communicate()}"
-    os.killpg(proc.pid, signum)
+    stopped = 0
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        proc = start_extract(long_root, cache, tmp_path, "--items-per-shard", "1000", default=(signum,))
+        wait_until(lambda: (cache / SHARD_DIR).is_dir() and temporaries(cache), alive=proc)
+        time.sleep(1.0)  # a few items into the shard
+        assert proc.poll() is None, f"the extract ended before it could be stopped: {proc.communicate()}"
+        os.killpg(proc.pid, signum)
+        _, stderr = proc.communicate(timeout=HANG_GUARD_S)
+        assert proc.returncode == 128 + signum and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+        assert stderr.strip().splitlines()[-1] == (f"stopped by {signum.name}; what was committed is kept, re-run the "
+                                                   "same command to resume")
+        cache_now = RegionCache(cache)
+        assert not temporaries(cache) and stopped < len(cache_now) < LONG_ITEMS and not cache_now.failures, stderr
+        stopped = len(cache_now)
+
+    committed = len(list((cache / SHARD_DIR).glob("*.h5")))
+    proc = start_extract(long_root, cache, tmp_path, default=(signal.SIGINT,))
+    wait_until(lambda: len(list((cache / SHARD_DIR).glob("*.h5"))) > committed, alive=proc)
+    assert proc.poll() is None, f"the extract ended before it could be interrupted: {proc.communicate()}"
+    os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=HANG_GUARD_S)
-    assert proc.returncode == 128 + signum and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
-    assert stderr.strip().splitlines()[-1] == (f"stopped by {signum.name}; what was committed is kept, re-run the same "
-                                               "command to resume")
-    stopped = RegionCache(cache)
-    assert not temporaries(cache) and 0 < len(stopped) < LONG_ITEMS and not stopped.failures, stderr
+    assert proc.returncode == 130 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted; what was committed is kept, re-run the same command to resume"
+    assert not temporaries(cache) and stopped < len(RegionCache(cache)) < LONG_ITEMS
+
     assert extract(long_root, cache, tmp_path).returncode == 0
     finished = RegionCache(cache)
     assert len(finished) == LONG_ITEMS and len(set(finished.ids)) == LONG_ITEMS and not finished.failures
