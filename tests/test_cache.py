@@ -1213,8 +1213,9 @@ def _open_files_at_most(soft: int, hard: int, command: list[str]) -> list[str]:
 
 def test_a_cache_of_more_shards_than_the_open_files_limit_reads_whole_and_the_soft_limit_is_raised(tmp_path):
     # `ulimit -n 1024` (soft and hard) and a cache of more than about 1,000 shards: inspect, index and pretrain
-    # ended in "Too many open files" (a reader kept up to 1,024 shards open); here 200 files and 260 shards
-    write_items(tmp_path / "cache", [f"v{i}" for i in range(260)], max_items=1)
+    # ended in "Too many open files" (a reader kept up to 1,024 shards open); here 64 files and 80 shards (a reader
+    # keeps at most half the limit open: 32)
+    write_items(tmp_path / "cache", [f"v{i}" for i in range(80)], max_items=1)
     read_all = ("from vlpcache.cache.reader import RegionCache; import resource\n"
                 "cache = RegionCache(r'%s')\n"
                 "for _ in range(2):\n"
@@ -1222,25 +1223,25 @@ def test_a_cache_of_more_shards_than_the_open_files_limit_reads_whole_and_the_so
                 "print(len(cache.ids), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n") % (tmp_path / "cache")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("VLPCACHE_OPEN_SHARDS", None)
-    done = subprocess.run(_open_files_at_most(200, 200, [sys.executable, "-c", read_all]), capture_output=True,
+    done = subprocess.run(_open_files_at_most(64, 64, [sys.executable, "-c", read_all]), capture_output=True,
                           text=True, env=env)
-    assert done.returncode == 0 and done.stdout.split() == ["260", "200"], done.stderr[-2000:]
-    shown = subprocess.run(_open_files_at_most(200, 200, [sys.executable, "-m", "vlpcache", "inspect",
+    assert done.returncode == 0 and done.stdout.split() == ["80", "64"], done.stderr[-2000:]
+    shown = subprocess.run(_open_files_at_most(64, 64, [sys.executable, "-m", "vlpcache", "inspect",
                                                           str(tmp_path / "cache")]), capture_output=True, text=True, env=env)
-    assert shown.returncode == 0 and "in 260 shards" in shown.stdout, shown.stderr[-2000:]
-    raised = subprocess.run(_open_files_at_most(200, 4096, [sys.executable, "-c", read_all]),  # a shell's soft limit
+    assert shown.returncode == 0 and "in 80 shards" in shown.stdout, shown.stderr[-2000:]
+    raised = subprocess.run(_open_files_at_most(64, 4096, [sys.executable, "-c", read_all]),  # a shell's soft limit
                             capture_output=True, text=True, env=env)                        # under a higher hard one
-    assert raised.returncode == 0 and raised.stdout.split() == ["260", "4096"], raised.stderr[-2000:]
-    # the program holds files of its own (here 150): the reader lets half of its shards go and keeps fewer; where
+    assert raised.returncode == 0 and raised.stdout.split() == ["80", "4096"], raised.stderr[-2000:]
+    # the program holds files of its own (here 48): the reader lets half of its shards go and keeps fewer; where
     # it holds none left to let go, one line
-    crowded = read_all.replace("for _ in", "taken = [os.open(os.devnull, os.O_RDONLY) for _ in range(150)]\nfor _ in")
+    crowded = read_all.replace("for _ in", "taken = [os.open(os.devnull, os.O_RDONLY) for _ in range(48)]\nfor _ in")
     crowded = "import os\n" + crowded + ("cache.close()\nwhile True:\n    try:\n        taken.append(os.open(os.devnull, "
                                           "os.O_RDONLY))\n    except OSError:\n        break\ncache.read(0)\n")
-    full = subprocess.run(_open_files_at_most(200, 200, [sys.executable, "-c", crowded]), capture_output=True,
+    full = subprocess.run(_open_files_at_most(64, 64, [sys.executable, "-c", crowded]), capture_output=True,
                           text=True, env=env)
-    assert full.stdout.split() == ["260", "200"], full.stderr[-2000:]
+    assert full.stdout.split() == ["80", "64"], full.stderr[-2000:]
     assert full.returncode == 1 and full.stderr.strip().splitlines()[-1] == (
-        f"vlpcache.errors.UserError: {tmp_path / 'cache'}: this process may open no more files (`ulimit -n` 200) to "
+        f"vlpcache.errors.UserError: {tmp_path / 'cache'}: this process may open no more files (`ulimit -n` 64) to "
         "read shard s0of1-00000.h5; raise `ulimit -n`, or set VLPCACHE_OPEN_SHARDS lower"), full.stderr[-2000:]
 
 
