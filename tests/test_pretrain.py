@@ -1153,13 +1153,17 @@ def test_a_run_started_again_in_a_folder_stopped_within_its_first_epoch_is_refus
     run_dir = tmp_path / "run"
     assert _stopped_in_step_3(corpus, tiny_text, run_dir).returncode == 130
     assert list(ckpt.partial_checkpoints(run_dir)) == [(1, 3)]
-    for extra in ([], ["--seed", "7"]):
-        command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0", *extra)
-        done = _patched_pretrain(signal_in_step(2, signal.SIGKILL), command, default=())
-        assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
-            f"error: {run_dir} holds its place in epoch 1 (after 3 of its 10 steps), saved by a run stopped within its "
-            "first epoch; pass --resume to continue it from there, or another -o RUN_DIR"), done.stderr
-        assert list(ckpt.partial_checkpoints(run_dir)) == [(1, 3)]
+    refused = (f"{run_dir} holds its place in epoch 1 (after 3 of its 10 steps), saved by a run stopped within its first "
+               "epoch; pass --resume to continue it from there, or another -o RUN_DIR")
+    command = _pretrain_command(corpus, tiny_text, run_dir, 2, "--workers", "0")  # the same command again
+    done = _patched_pretrain(signal_in_step(2, signal.SIGKILL), command, default=())
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == f"error: {refused}", done.stderr
+    assert list(ckpt.partial_checkpoints(run_dir)) == [(1, 3)]
+    with pytest.raises(UserError) as other_seed:  # another run's settings there (in this process: no step is taken)
+        run_pretrain(cache_dirs=[corpus["cache"]], captions=[corpus["train"]], run_dir=run_dir,
+                     **small_options(tiny_text, batch_size=4, workers=0, seed=7))
+    assert str(other_seed.value) == refused
+    assert list(ckpt.partial_checkpoints(run_dir)) == [(1, 3)]
 
 
 def _inspect_output(run_dir: Path) -> str:
