@@ -152,10 +152,16 @@ def long_root(tmp_path_factory, msrvtt_dir) -> Path:
     return root
 
 
+def committed_shards(cache: Path) -> int:
+    return len(list((cache / SHARD_DIR).glob("*.h5")))
+
+
 def start_extract_at_work(root: Path, cache: Path, cwd: Path) -> subprocess.Popen:
-    """An extract (its own process group, Ctrl-C not ignored even where ours is) past its first shard."""
+    """An extract (its own process group, Ctrl-C not ignored even where ours is) past a shard of its own: the
+    cache's first, or one more than a stopped run left."""
+    before = committed_shards(cache)
     proc = start_extract(root, cache, cwd, default=(signal.SIGINT,))
-    wait_until(lambda: (cache / SHARD_DIR).is_dir() and list((cache / SHARD_DIR).glob("*.h5")), alive=proc)
+    wait_until(lambda: committed_shards(cache) > before, alive=proc)
     assert proc.poll() is None, f"the extract ended before it could be interrupted: {proc.communicate()}"
     return proc
 
@@ -216,10 +222,7 @@ def test_sigterm_or_sighup_to_the_whole_job_and_a_ctrl_c_stops_extract_with_one_
         assert not temporaries(cache) and stopped < len(cache_now) < LONG_ITEMS and not cache_now.failures, stderr
         stopped = len(cache_now)
 
-    committed = len(list((cache / SHARD_DIR).glob("*.h5")))
-    proc = start_extract(long_root, cache, tmp_path, default=(signal.SIGINT,))
-    wait_until(lambda: len(list((cache / SHARD_DIR).glob("*.h5"))) > committed, alive=proc)
-    assert proc.poll() is None, f"the extract ended before it could be interrupted: {proc.communicate()}"
+    proc = start_extract_at_work(long_root, cache, tmp_path)
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 130 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr

@@ -124,12 +124,20 @@ def _link(fd: Path) -> str:
         return ""
 
 
-def start_ray_extract(root: Path, cache_dir: Path, ray_address: str) -> subprocess.Popen:
-    """A driver that takes Ctrl-C even where the suite was started with SIGINT ignored (`&`, nohup)."""
+def start_ray_extract_at_work(root: Path, cache_dir: Path, ray_address: str) -> subprocess.Popen:
+    """A driver that takes Ctrl-C even where the suite was started with SIGINT ignored (`&`, nohup), past a shard
+    of its own: the cache's first, or one more than a stopped run left."""
     args = [root, "-o", cache_dir, *FRAMES, "--items-per-shard", 3, "--engine", "ray", "--ray-address", ray_address]
     command = [sys.executable, "-m", "vlpcache", "extract", *map(str, args)]
-    return subprocess.Popen(as_a_shell_starts_it(command, default=[signal.SIGINT]), cwd=cache_dir.parent,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    before = len(shards(cache_dir))
+    driver = subprocess.Popen(as_a_shell_starts_it(command, default=[signal.SIGINT]), cwd=cache_dir.parent,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: len(shards(cache_dir)) > before, alive=driver), "no shard committed"
+    except BaseException:
+        driver.kill()
+        raise
+    return driver
 
 
 def test_the_ray_engine_caches_the_same_items_once_with_the_local_engines_features(local, on_ray):
@@ -211,11 +219,8 @@ def test_inspect_cannot_tell_the_engines_apart(local, on_ray, tmp_path):
 def _stop_a_ray_extract(root: Path, cache_dir: Path, ray_address: str, signum: int) -> None:
     """Start (or resume) a ray extract, send it `signum` once it committed a shard more, wait for its actors
     to end."""
-    before = len(shards(cache_dir)) if cache_dir.exists() else 0
-    driver = start_ray_extract(root, cache_dir, ray_address)
+    driver = start_ray_extract_at_work(root, cache_dir, ray_address)
     try:
-        assert wait_until(lambda: len(shards(cache_dir)) > before if cache_dir.exists() else None, alive=driver), \
-            "no shard committed"
         actors = actor_pids(cache_dir)
         driver.send_signal(signum)
         _, stderr = driver.communicate(timeout=HANG_GUARD_S)
@@ -239,10 +244,8 @@ def test_a_ray_extract_stopped_by_ctrl_c_sigterm_and_kill_9_is_finished_by_a_rer
     stopped_twice = len(RegionCache(cache_dir))
     assert stopped_once < stopped_twice < len(local), "the SIGTERM should land mid-run"
 
-    before = len(shards(cache_dir))
-    driver = start_ray_extract(root, cache_dir, ray_address)
+    driver = start_ray_extract_at_work(root, cache_dir, ray_address)
     try:
-        assert wait_until(lambda: len(shards(cache_dir)) > before, alive=driver), "no shard committed"
         actors = actor_pids(cache_dir)
         driver.send_signal(signal.SIGKILL)
         driver.wait()
@@ -254,9 +257,8 @@ def test_a_ray_extract_stopped_by_ctrl_c_sigterm_and_kill_9_is_finished_by_a_rer
     partial = RegionCache(cache_dir)
     assert stopped_twice < len(partial) < len(local), "the kill -9 should land mid-run"
 
-    driver = start_ray_extract(root, cache_dir, ray_address)
+    driver = start_ray_extract_at_work(root, cache_dir, ray_address)
     try:
-        assert wait_until(lambda: len(shards(cache_dir)) > len(committed), alive=driver), "no shard committed"
         (actor,) = actor_pids(cache_dir)
         committed_before_the_kill = len(RegionCache(cache_dir))
         os.kill(actor, signal.SIGKILL)
@@ -479,9 +481,8 @@ def test_ctrl_c_pressed_again_and_again_stops_the_ray_engine_with_one_line(root,
     """Each Ctrl-C raised again inside the stopping (a lock's release in Ray Data's queue, ray.shutdown, the
     interpreter's teardown): tracebacks and exit -2."""
     cache_dir = tmp_path / "cache"
-    driver = start_ray_extract(root, cache_dir, ray_address)
+    driver = start_ray_extract_at_work(root, cache_dir, ray_address)
     try:
-        assert wait_until(lambda: shards(cache_dir) if cache_dir.exists() else None, alive=driver), "no shard committed"
         for _ in range(40):  # a key held down
             driver.send_signal(signal.SIGINT)
             time.sleep(0.001)
